@@ -1,0 +1,223 @@
+//! Flags shared by every command, and the optional TOML file.
+//!
+//! Precedence: a flag beats its environment variable (clap does that), and
+//! both beat the file, which beats the documented default. Flags are parsed
+//! as `Option`s for that reason; the defaults are applied here, once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use microbatch_core::config::{
+    parse_property, ConfigError, KafkaConfig, SaslMechanism, Secret, SecurityProtocol,
+};
+use serde::Deserialize;
+
+pub const DEFAULT_BOOTSTRAP: &str = "127.0.0.1:9092";
+
+fn parse_protocol(s: &str) -> Result<SecurityProtocol, String> {
+    s.parse()
+}
+
+fn parse_mechanism(s: &str) -> Result<SaslMechanism, String> {
+    s.parse()
+}
+
+/// Where Kafka is and how to log in: the same flags on every command.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Kafka connection")]
+pub struct KafkaArgs {
+    /// Brokers, comma-separated host:port [default: 127.0.0.1:9092].
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: Option<String>,
+    /// PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL [default: PLAINTEXT].
+    #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", value_parser = parse_protocol)]
+    pub security_protocol: Option<SecurityProtocol>,
+    /// PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 [default with SASL: SCRAM-SHA-512].
+    #[arg(long, env = "KAFKA_SASL_MECHANISM", value_parser = parse_mechanism)]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name.
+    #[arg(long, env = "KAFKA_USERNAME")]
+    pub username: Option<String>,
+    /// SASL password (prefer the environment variable to the flag: flags show in `ps`).
+    #[arg(long, env = "KAFKA_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// PEM file of the CA that signed the brokers' certificates (system CAs if unset).
+    #[arg(long, env = "KAFKA_SSL_CA_LOCATION")]
+    pub ssl_ca_location: Option<PathBuf>,
+    /// Any librdkafka property, key=value; repeatable; wins over ours.
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    pub kafka_property: Vec<(String, String)>,
+    /// TOML file with defaults for any flag (keys are flag names with `_`).
+    #[arg(long = "config", env = "MICROBATCH_CONFIG", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+}
+
+/// The optional TOML file: one key per flag (`max_records = 100`), plus a
+/// `[kafka_properties]` table. Unknown keys are errors, so typos surface.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub bootstrap_servers: Option<String>,
+    pub security_protocol: Option<String>,
+    pub sasl_mechanism: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ssl_ca_location: Option<PathBuf>,
+    #[serde(default)]
+    pub kafka_properties: BTreeMap<String, String>,
+    pub topic: Option<String>,
+    pub group: Option<String>,
+    pub max_records: Option<usize>,
+    pub max_bytes: Option<usize>,
+    pub max_wait_ms: Option<u64>,
+    pub handler: Option<String>,
+    pub process_time_ms: Option<u64>,
+    pub failure_rate: Option<f64>,
+    pub command: Option<String>,
+    pub url: Option<String>,
+    pub handler_timeout_ms: Option<u64>,
+    pub ordering: Option<String>,
+    pub concurrency: Option<usize>,
+    pub commit_interval_ms: Option<u64>,
+    pub drain_timeout_ms: Option<u64>,
+    pub retry_initial_ms: Option<u64>,
+    pub retry_max_ms: Option<u64>,
+    pub max_attempts: Option<u32>,
+    pub max_record_age_ms: Option<u64>,
+    pub dlq: Option<String>,
+    pub dlq_topic: Option<String>,
+    pub max_records_per_partition: Option<usize>,
+    pub max_records_held: Option<usize>,
+    pub http_port: Option<u16>,
+    pub http_host: Option<String>,
+    pub offset_reset: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            ConfigError::new("--config", format!("{}: {}", path.display(), e.message())).into()
+        })
+    }
+}
+
+/// Parses a file value with the same parser as its flag, naming the flag on error.
+pub fn parse_file_value<T: std::str::FromStr<Err = String>>(
+    field: &'static str,
+    value: Option<&str>,
+) -> Result<Option<T>, ConfigError> {
+    value
+        .map(|v| v.parse::<T>().map_err(|rule| ConfigError::new(field, rule)))
+        .transpose()
+}
+
+impl KafkaArgs {
+    /// Flags and environment first, then the file, then defaults; validated.
+    pub fn resolve(&self, file: &FileConfig) -> anyhow::Result<KafkaConfig> {
+        let security_protocol = match self.security_protocol {
+            Some(p) => p,
+            None => parse_file_value("--security-protocol", file.security_protocol.as_deref())?
+                .unwrap_or(SecurityProtocol::Plaintext),
+        };
+        let sasl_mechanism = match self.sasl_mechanism {
+            Some(m) => Some(m),
+            None => parse_file_value("--sasl-mechanism", file.sasl_mechanism.as_deref())?,
+        };
+        let mut properties: Vec<(String, String)> =
+            file.kafka_properties.clone().into_iter().collect();
+        properties.extend(self.kafka_property.iter().cloned());
+        let cfg = KafkaConfig {
+            bootstrap_servers: self
+                .bootstrap_servers
+                .clone()
+                .or_else(|| file.bootstrap_servers.clone())
+                .unwrap_or_else(|| DEFAULT_BOOTSTRAP.to_string()),
+            security_protocol,
+            sasl_mechanism,
+            username: self
+                .username
+                .clone()
+                .or_else(|| file.username.clone())
+                .filter(|u| !u.is_empty()),
+            password: self
+                .password
+                .clone()
+                .or_else(|| file.password.clone())
+                .filter(|p| !p.is_empty())
+                .map(Secret::new),
+            ssl_ca_location: self
+                .ssl_ca_location
+                .clone()
+                .or_else(|| file.ssl_ca_location.clone()),
+            properties,
+        };
+        Ok(cfg.validate()?)
+    }
+
+    /// Whether the user named any broker (flag, environment or file).
+    pub fn names_a_broker(&self, file: &FileConfig) -> bool {
+        self.bootstrap_servers.is_some() || file.bootstrap_servers.is_some()
+    }
+
+    pub fn load_file(&self) -> anyhow::Result<FileConfig> {
+        FileConfig::load(self.config_file.as_deref()).context("reading the configuration file")
+    }
+}
+
+/// Picks flag, then file, then default; `field` names the flag in errors.
+pub fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
+    flag.or(file).unwrap_or(default)
+}
+
+/// Like [`pick`] for a value that must be given somewhere.
+pub fn require<T>(
+    flag: Option<T>,
+    file: Option<T>,
+    field: &'static str,
+    env: &str,
+) -> Result<T, ConfigError> {
+    flag.or(file).ok_or_else(|| {
+        ConfigError::new(
+            field,
+            format!("is required (flag, {env}, or the config file)"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_rejects_unknown_keys_and_names_the_flag() {
+        let dir = std::env::temp_dir().join(format!("mb-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "max_recordz = 3\n").unwrap();
+        let err = FileConfig::load(Some(&path)).unwrap_err();
+        assert!(err.to_string().contains("--config"), "{err:#}");
+        std::fs::write(
+            &path,
+            "max_records = 3\n[kafka_properties]\n\"fetch.min.bytes\" = \"1\"\n",
+        )
+        .unwrap();
+        let f = FileConfig::load(Some(&path)).unwrap();
+        assert_eq!(f.max_records, Some(3));
+        assert_eq!(f.kafka_properties["fetch.min.bytes"], "1");
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        assert_eq!(pick(Some(1), Some(2), 3), 1);
+        assert_eq!(pick(None, Some(2), 3), 2);
+        assert_eq!(pick(None, None, 3), 3);
+    }
+}

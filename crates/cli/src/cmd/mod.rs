@@ -1,0 +1,77 @@
+//! One module per subcommand, each with its `Args` and `execute`.
+
+pub mod demo;
+pub mod lag;
+pub mod produce;
+pub mod run;
+pub mod supervise;
+pub mod topic;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::logging::LogArgs;
+
+/// Kafka microbatch processing that autoscales on consumer-group lag.
+///
+/// Start with `microbatch demo`: it runs the whole system on an embedded
+/// broker. Every flag can also come from its environment variable (shown in
+/// brackets) or from a TOML file given with --config.
+#[derive(Debug, Parser)]
+#[command(
+    name = "microbatch",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one worker: a consumer-group member that processes microbatches.
+    Run(run::Args),
+    /// Produce test load: a count or a rate, sized and keyed, aimed at partitions.
+    Produce(produce::Args),
+    /// Show the group's lag per partition, and what each scaling policy would do.
+    Lag(lag::Args),
+    /// Manage topics.
+    #[command(subcommand)]
+    Topic(topic::Command),
+    /// Run 1..N workers on this machine and scale them on lag.
+    Supervise(supervise::Args),
+    /// Run the whole system end to end, on an embedded broker unless one is named.
+    Demo(demo::Args),
+}
+
+pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("microbatch")
+        .build()?;
+    match cli.command {
+        Command::Run(args) => runtime.block_on(run::execute(args)),
+        Command::Produce(args) => runtime.block_on(produce::execute(args)),
+        Command::Lag(args) => runtime.block_on(lag::execute(args)),
+        Command::Topic(cmd) => runtime.block_on(topic::execute(cmd)),
+        Command::Supervise(args) => runtime.block_on(supervise::execute(args)),
+        Command::Demo(args) => demo::execute(args, &runtime),
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term =
+        signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler cannot fail");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+    }
+}

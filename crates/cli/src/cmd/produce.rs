@@ -1,0 +1,209 @@
+//! `microbatch produce`: load for tests and demos.
+//!
+//! Record `i` has key `key-{i % keys}` (none with `--keys 0`) and a value that
+//! starts with `{i}` and is padded to `--size` bytes, so consumers can check
+//! order and completeness.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use microbatch_core::config::{ConfigError, KafkaConfig};
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+
+use crate::args::KafkaArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Topic to produce to.
+    #[arg(long, env = "KAFKA_TOPIC")]
+    pub topic: String,
+    /// Records to produce.
+    #[arg(long, default_value_t = 10_000)]
+    pub count: u64,
+    /// Records per second; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Distinct keys (key-0 …); 0 = no keys.
+    #[arg(long, default_value_t = 100)]
+    pub keys: u64,
+    /// Aim every record at these partitions, round-robin (e.g. `0,3`).
+    #[arg(long, value_delimiter = ',')]
+    pub partitions: Vec<i32>,
+    /// First sequence number (to continue an earlier run's numbering).
+    #[arg(long, default_value_t = 0)]
+    pub start_seq: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Counts delivery reports.
+#[derive(Default)]
+pub struct Deliveries {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, _)) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                self.first_error
+                    .lock()
+                    .expect("lock poisoned")
+                    .get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
+/// What a produce run did.
+pub struct ProduceSummary {
+    pub delivered: u64,
+    pub failed: u64,
+    pub elapsed: Duration,
+}
+
+/// Produces `count` records; blocking (run it off the async runtime).
+pub fn produce_blocking(
+    kafka: &KafkaConfig,
+    args: &Args,
+    bar: &ProgressBar,
+) -> anyhow::Result<ProduceSummary> {
+    let producer: ThreadedProducer<Deliveries> = kafka
+        .client_config()
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("partitioner", "murmur2_random")
+        .set("message.timeout.ms", "60000")
+        .create_with_context(Deliveries::default())
+        .context("creating the producer")?;
+    let context = producer.context().clone();
+    let started = Instant::now();
+    let mut value = vec![b'x'; args.size.max(20)];
+    value.truncate(args.size.max(1));
+    let mut key = String::new();
+    for i in 0..args.count {
+        let seq = args.start_seq + i;
+        if args.rate > 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        let digits = seq.to_string();
+        let n = digits.len().min(value.len());
+        value[..n].copy_from_slice(&digits.as_bytes()[..n]);
+        if n < value.len() {
+            value[n] = b' ';
+        }
+        let mut record: BaseRecord<'_, str, [u8], ()> =
+            BaseRecord::to(&args.topic).payload(&value[..]);
+        if args.keys > 0 {
+            key.clear();
+            use std::fmt::Write;
+            let _ = write!(key, "key-{}", seq % args.keys);
+            record = record.key(key.as_str());
+        }
+        if !args.partitions.is_empty() {
+            record = record.partition(args.partitions[(i % args.partitions.len() as u64) as usize]);
+        }
+        let mut pending = record;
+        loop {
+            match producer.send(pending) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    pending = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e).context("producing"),
+            }
+        }
+        if i % 1024 == 0 {
+            bar.set_position(context.ok.load(Ordering::Relaxed));
+        }
+    }
+    while producer.in_flight_count() > 0 {
+        bar.set_position(context.ok.load(Ordering::Relaxed));
+        let _ = producer.flush(Duration::from_millis(200));
+        if started.elapsed()
+            > Duration::from_secs(60)
+                + Duration::from_secs_f64(args.count as f64 / args.rate.max(1) as f64)
+        {
+            break;
+        }
+    }
+    bar.set_position(context.ok.load(Ordering::Relaxed));
+    let failed = context.failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        if let Some(e) = context.first_error.lock().expect("lock poisoned").as_ref() {
+            tracing::error!(failed, first_error = %e, "some records were not delivered");
+        }
+    }
+    Ok(ProduceSummary {
+        delivered: context.ok.load(Ordering::Relaxed),
+        failed: failed + producer.in_flight_count() as u64,
+        elapsed: started.elapsed(),
+    })
+}
+
+pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
+    let file = args.kafka.load_file()?;
+    let kafka = args.kafka.resolve(&file)?;
+    if args.size == 0 {
+        return Err(ConfigError::new("--size", "must be at least 1").into());
+    }
+    let bar = ProgressBar::new(args.count);
+    if args.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {bar:40} {pos}/{len} records  {per_sec}  eta {eta}",
+        )
+        .expect("the template is valid"),
+    );
+    let task_bar = bar.clone();
+    let summary = tokio::task::spawn_blocking(move || {
+        produce_blocking(&kafka, &args, &task_bar).map(|s| (s, args))
+    })
+    .await
+    .context("producer thread")??;
+    bar.finish_and_clear();
+    let (s, args) = summary;
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "produced {} records ({:.1} MB) to {} in {:.2}s: {:.0} records/s, {:.1} MB/s; {} failed",
+        s.delivered,
+        (s.delivered as f64 * args.size as f64) / 1e6,
+        args.topic,
+        secs,
+        s.delivered as f64 / secs,
+        s.delivered as f64 * args.size as f64 / 1e6 / secs,
+        s.failed
+    );
+    Ok(if s.failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

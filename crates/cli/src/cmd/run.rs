@@ -1,0 +1,350 @@
+//! `microbatch run`: one worker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::ValueEnum;
+use microbatch_core::config::{
+    BatchLimits, ConfigError, OffsetReset, Ordering, RetryPolicy, WorkerConfig,
+};
+use microbatch_core::handler::{ExecHandler, Handler, HttpHandler, SimulateHandler};
+use microbatch_core::{Telemetry, Worker};
+
+use crate::args::{parse_file_value, pick, require, KafkaArgs};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HandlerKind {
+    /// Sleep --process-time-ms per record (the replaced system's handler).
+    Simulate,
+    /// A long-lived child process: one JSON line per batch in, one line out.
+    Exec,
+    /// POST each batch as JSON to --url.
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DlqMode {
+    On,
+    Off,
+}
+
+fn parse_ordering(s: &str) -> Result<Ordering, String> {
+    s.parse()
+}
+
+fn parse_reset(s: &str) -> Result<OffsetReset, String> {
+    s.parse()
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Topic to consume.
+    #[arg(long, env = "KAFKA_TOPIC")]
+    pub topic: Option<String>,
+    /// Consumer group.
+    #[arg(long, env = "CONSUMER_GROUP")]
+    pub group: Option<String>,
+
+    /// Records per batch at most [default: 100].
+    #[arg(long, env = "BATCH_SIZE", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Batching")]
+    pub max_records: Option<u64>,
+    /// Key + value bytes per batch at most [default: 1048576].
+    #[arg(long, env = "MICROBATCH_MAX_BYTES", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Batching")]
+    pub max_bytes: Option<u64>,
+    /// Close a batch this long after its first record [default: 500].
+    #[arg(long, env = "MICROBATCH_MAX_WAIT_MS", help_heading = "Batching")]
+    pub max_wait_ms: Option<u64>,
+
+    /// What processes a batch [default: simulate].
+    #[arg(long, env = "MICROBATCH_HANDLER", value_enum, help_heading = "Handler")]
+    pub handler: Option<HandlerKind>,
+    /// simulate: milliseconds per record [default: 0].
+    #[arg(long, env = "MICROBATCH_PROCESS_TIME_MS", help_heading = "Handler")]
+    pub process_time_ms: Option<u64>,
+    /// simulate: seconds per record, as the replaced system's variable.
+    #[arg(long, env = "PROCESS_TIME_SECONDS", hide = true)]
+    pub process_time_seconds: Option<f64>,
+    /// simulate: probability that a record fails (retryable), 0..1 [default: 0].
+    #[arg(long, env = "MICROBATCH_FAILURE_RATE", help_heading = "Handler")]
+    pub failure_rate: Option<f64>,
+    /// exec: shell command to start once per slot (`sh -c`).
+    #[arg(long, env = "MICROBATCH_COMMAND", help_heading = "Handler")]
+    pub command: Option<String>,
+    /// http: URL to POST batches to.
+    #[arg(long, env = "MICROBATCH_URL", help_heading = "Handler")]
+    pub url: Option<String>,
+    /// A batch not answered within this fails (retryable) [default: 60000].
+    #[arg(long, env = "MICROBATCH_HANDLER_TIMEOUT_MS", help_heading = "Handler")]
+    pub handler_timeout_ms: Option<u64>,
+
+    /// partition: one batch in flight per partition; key: per-key order, many
+    /// slots per partition; none: any record on any slot [default: key].
+    #[arg(long, env = "MICROBATCH_ORDERING", value_parser = parse_ordering, help_heading = "Parallelism")]
+    pub ordering: Option<Ordering>,
+    /// Batches in flight at once in this worker [default: 8].
+    #[arg(long, env = "MICROBATCH_CONCURRENCY", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Parallelism")]
+    pub concurrency: Option<u64>,
+    /// Records held per partition before it is paused [default: 10000].
+    #[arg(
+        long,
+        env = "MICROBATCH_MAX_RECORDS_PER_PARTITION",
+        help_heading = "Parallelism"
+    )]
+    pub max_records_per_partition: Option<usize>,
+    /// Records held by the worker before all partitions pause [default: 50000].
+    #[arg(
+        long,
+        env = "MICROBATCH_MAX_RECORDS_HELD",
+        help_heading = "Parallelism"
+    )]
+    pub max_records_held: Option<usize>,
+
+    /// Commit done offsets this often [default: 1000].
+    #[arg(long, env = "MICROBATCH_COMMIT_INTERVAL_MS", help_heading = "Delivery")]
+    pub commit_interval_ms: Option<u64>,
+    /// On SIGTERM or revoke, wait this long for in-flight batches [default: 30000].
+    #[arg(long, env = "MICROBATCH_DRAIN_TIMEOUT_MS", help_heading = "Delivery")]
+    pub drain_timeout_ms: Option<u64>,
+    /// First retry back-off ceiling; doubles per attempt, full jitter [default: 100].
+    #[arg(long, env = "MICROBATCH_RETRY_INITIAL_MS", help_heading = "Delivery")]
+    pub retry_initial_ms: Option<u64>,
+    /// Largest retry back-off ceiling [default: 10000].
+    #[arg(long, env = "MICROBATCH_RETRY_MAX_MS", help_heading = "Delivery")]
+    pub retry_max_ms: Option<u64>,
+    /// Attempts per record before it is dead-lettered [default: 5].
+    #[arg(long, env = "MICROBATCH_MAX_ATTEMPTS", help_heading = "Delivery")]
+    pub max_attempts: Option<u32>,
+    /// Dead-letter a failing record older than this instead of retrying.
+    #[arg(long, env = "MICROBATCH_MAX_RECORD_AGE_MS", help_heading = "Delivery")]
+    pub max_record_age_ms: Option<u64>,
+    /// on: failed records go to --dlq-topic; off: the worker stops instead [default: on].
+    #[arg(long, env = "MICROBATCH_DLQ", value_enum, help_heading = "Delivery")]
+    pub dlq: Option<DlqMode>,
+    /// Dead-letter topic [default: <topic>.dlq].
+    #[arg(long, env = "MICROBATCH_DLQ_TOPIC", help_heading = "Delivery")]
+    pub dlq_topic: Option<String>,
+    /// Where to start without a committed offset: earliest or latest [default: earliest].
+    #[arg(long, env = "MICROBATCH_OFFSET_RESET", value_parser = parse_reset, help_heading = "Delivery")]
+    pub offset_reset: Option<OffsetReset>,
+    /// Append `partition offset` per processed record to FILE (for verification).
+    #[arg(
+        long,
+        env = "MICROBATCH_AUDIT_LOG",
+        value_name = "FILE",
+        help_heading = "Delivery"
+    )]
+    pub audit_log: Option<PathBuf>,
+
+    /// Port for /healthz, /readyz and /metrics; 0 picks a free one [default: 8080].
+    #[arg(long, env = "MICROBATCH_HTTP_PORT", help_heading = "Operations")]
+    pub http_port: Option<u16>,
+    /// Address to bind the HTTP port on [default: 0.0.0.0].
+    #[arg(long, env = "MICROBATCH_HTTP_HOST", help_heading = "Operations")]
+    pub http_host: Option<String>,
+}
+
+/// The validated outcome of `Args`: worker config, handler and HTTP address.
+pub struct Resolved {
+    pub config: WorkerConfig,
+    pub handler: Arc<dyn Handler>,
+    pub http: SocketAddr,
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+impl Args {
+    pub fn resolve(&self) -> anyhow::Result<Resolved> {
+        let file = self.kafka.load_file()?;
+        let kafka = self.kafka.resolve(&file)?;
+        let topic = require(
+            self.topic.clone(),
+            file.topic.clone(),
+            "--topic",
+            "KAFKA_TOPIC",
+        )?;
+        let group = require(
+            self.group.clone(),
+            file.group.clone(),
+            "--group",
+            "CONSUMER_GROUP",
+        )?;
+        let batch = BatchLimits::new(
+            pick(self.max_records.map(|v| v as usize), file.max_records, 100),
+            pick(self.max_bytes.map(|v| v as usize), file.max_bytes, 1 << 20),
+            ms(pick(self.max_wait_ms, file.max_wait_ms, 500)),
+        )?;
+        let mut config = WorkerConfig::new(kafka, topic.clone(), group);
+        config.batch = batch;
+        config.ordering = match self.ordering {
+            Some(o) => o,
+            None => {
+                parse_file_value("--ordering", file.ordering.as_deref())?.unwrap_or(Ordering::Key)
+            }
+        };
+        config.concurrency = pick(self.concurrency.map(|v| v as usize), file.concurrency, 8);
+        config.commit_interval = ms(pick(self.commit_interval_ms, file.commit_interval_ms, 1000));
+        config.drain_timeout = ms(pick(self.drain_timeout_ms, file.drain_timeout_ms, 30_000));
+        config.handler_timeout = ms(pick(
+            self.handler_timeout_ms,
+            file.handler_timeout_ms,
+            60_000,
+        ));
+        config.retry = RetryPolicy {
+            initial: ms(pick(self.retry_initial_ms, file.retry_initial_ms, 100)),
+            max: ms(pick(self.retry_max_ms, file.retry_max_ms, 10_000)),
+            max_attempts: pick(self.max_attempts, file.max_attempts, 5),
+            max_record_age: self.max_record_age_ms.or(file.max_record_age_ms).map(ms),
+        };
+        let dlq = match self.dlq {
+            Some(d) => d,
+            None => match file.dlq.as_deref() {
+                None | Some("on") => DlqMode::On,
+                Some("off") => DlqMode::Off,
+                Some(_) => return Err(ConfigError::new("--dlq", "expected on or off").into()),
+            },
+        };
+        config.dlq_topic = match dlq {
+            DlqMode::On => Some(
+                self.dlq_topic
+                    .clone()
+                    .or(file.dlq_topic.clone())
+                    .unwrap_or_else(|| format!("{topic}.dlq")),
+            ),
+            DlqMode::Off => None,
+        };
+        config.max_records_per_partition = pick(
+            self.max_records_per_partition,
+            file.max_records_per_partition,
+            10_000,
+        )
+        .max(config.batch.max_records);
+        config.max_records_held = pick(self.max_records_held, file.max_records_held, 50_000);
+        config.offset_reset = match self.offset_reset {
+            Some(r) => r,
+            None => parse_file_value("--offset-reset", file.offset_reset.as_deref())?
+                .unwrap_or(OffsetReset::Earliest),
+        };
+        config.audit_log = self.audit_log.clone();
+        let config = config.validate()?;
+
+        let kind = match self.handler {
+            Some(h) => h,
+            None => match file.handler.as_deref() {
+                None => HandlerKind::Simulate,
+                Some(h) => HandlerKind::from_str(h, true).map_err(|_| {
+                    ConfigError::new("--handler", "expected simulate, exec or http")
+                })?,
+            },
+        };
+        let handler: Arc<dyn Handler> = match kind {
+            HandlerKind::Simulate => {
+                let per_record = match (self.process_time_ms, self.process_time_seconds) {
+                    (Some(v), _) => ms(v),
+                    (None, Some(secs)) if secs.is_finite() && secs >= 0.0 => {
+                        Duration::from_secs_f64(secs)
+                    }
+                    (None, Some(_)) => {
+                        return Err(ConfigError::new(
+                            "PROCESS_TIME_SECONDS",
+                            "must be a non-negative number",
+                        )
+                        .into())
+                    }
+                    (None, None) => ms(file.process_time_ms.unwrap_or(0)),
+                };
+                let failure_rate = pick(self.failure_rate, file.failure_rate, 0.0);
+                if !(0.0..=1.0).contains(&failure_rate) {
+                    return Err(
+                        ConfigError::new("--failure-rate", "must be between 0 and 1").into(),
+                    );
+                }
+                Arc::new(SimulateHandler {
+                    process_time: per_record,
+                    failure_rate,
+                })
+            }
+            HandlerKind::Exec => {
+                let command = require(
+                    self.command.clone(),
+                    file.command.clone(),
+                    "--command",
+                    "MICROBATCH_COMMAND",
+                )?;
+                Arc::new(ExecHandler::new(command))
+            }
+            HandlerKind::Http => {
+                let url = require(
+                    self.url.clone(),
+                    file.url.clone(),
+                    "--url",
+                    "MICROBATCH_URL",
+                )?;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(
+                        ConfigError::new("--url", "must start with http:// or https://").into(),
+                    );
+                }
+                Arc::new(
+                    HttpHandler::new(url, config.handler_timeout)
+                        .context("creating the HTTP client")?,
+                )
+            }
+        };
+        let host = self
+            .http_host
+            .clone()
+            .or(file.http_host.clone())
+            .unwrap_or_else(|| "0.0.0.0".into());
+        let port = pick(self.http_port, file.http_port, 8080);
+        let http: SocketAddr = format!("{host}:{port}")
+            .parse()
+            .map_err(|_| ConfigError::new("--http-host", format!("not an IP address: {host}")))?;
+        Ok(Resolved {
+            config,
+            handler,
+            http,
+        })
+    }
+}
+
+pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
+    let Resolved {
+        config,
+        handler,
+        http,
+    } = args.resolve()?;
+    let telemetry = Arc::new(Telemetry::default());
+    let listener = tokio::net::TcpListener::bind(http)
+        .await
+        .with_context(|| format!("binding the HTTP port {http}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(microbatch_core::http::serve(
+        listener,
+        telemetry.clone(),
+        async move {
+            let _ = http_stop_rx.await;
+        },
+    ));
+    let worker = Worker::new(config, handler, telemetry);
+    let result = worker.run(super::shutdown_signal()).await;
+    let _ = http_stop_tx.send(());
+    let _ = server.await;
+    let report = result?;
+    if report.abandoned_batches > 0 {
+        tracing::warn!(
+            batches = report.abandoned_batches,
+            "stopped with unfinished batches; they will be redelivered"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

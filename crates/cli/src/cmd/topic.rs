@@ -1,0 +1,55 @@
+//! `microbatch topic create`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use microbatch_core::kafka::create_topic;
+
+use crate::args::KafkaArgs;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create a topic (an existing one is left as it is).
+    Create(CreateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Topic name.
+    #[arg(long, env = "KAFKA_TOPIC")]
+    pub topic: String,
+    /// Number of partitions.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(i32).range(1..))]
+    pub partitions: i32,
+    /// Replication factor.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
+    pub replication_factor: i32,
+}
+
+pub async fn execute(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Create(args) => {
+            let file = args.kafka.load_file()?;
+            let kafka = args.kafka.resolve(&file)?;
+            let created = create_topic(
+                &kafka,
+                &args.topic,
+                args.partitions,
+                args.replication_factor,
+                Duration::from_secs(30),
+            )
+            .await?;
+            if created {
+                println!(
+                    "created topic {} with {} partitions",
+                    args.topic, args.partitions
+                );
+            } else {
+                println!("topic {} already exists", args.topic);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! Typed, validated configuration.
+//!
+//! The binary collects raw values from flags, the environment and a TOML file;
+//! this module turns them into the types below, once, and every error names the
+//! field and the rule it broke. Nothing downstream re-checks these values.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// A configuration value that was missing or broke a rule.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("invalid {field}: {rule}")]
+pub struct ConfigError {
+    /// The flag (or key) the value came from, e.g. `--max-records`.
+    pub field: &'static str,
+    /// What was wrong, in a few words.
+    pub rule: String,
+}
+
+impl ConfigError {
+    pub fn new(field: &'static str, rule: impl Into<String>) -> Self {
+        Self {
+            field,
+            rule: rule.into(),
+        }
+    }
+}
+
+/// A secret string: its `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is handed to the Kafka client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+macro_rules! kafka_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [&'static str] = &[$($text),+];
+
+            /// The spelling Kafka and librdkafka use.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                let upper = s.trim().to_ascii_uppercase().replace('_', "-");
+                $(if upper == $text.replace('_', "-") { return Ok(Self::$variant); })+
+                Err(format!("expected one of {}", Self::ALL.join(", ")))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+kafka_enum!(
+    /// How the client talks to the brokers.
+    SecurityProtocol {
+        Plaintext => "PLAINTEXT",
+        Ssl => "SSL",
+        SaslPlaintext => "SASL_PLAINTEXT",
+        SaslSsl => "SASL_SSL",
+    }
+);
+
+kafka_enum!(
+    /// SASL mechanism for the SASL_* protocols.
+    SaslMechanism {
+        Plain => "PLAIN",
+        ScramSha256 => "SCRAM-SHA-256",
+        ScramSha512 => "SCRAM-SHA-512",
+    }
+);
+
+impl SecurityProtocol {
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+}
+
+/// Parses one `--kafka-property key=value`.
+pub fn parse_property(raw: &str) -> Result<(String, String), String> {
+    let (key, value) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, got {raw:?}"))?;
+    let key = key.trim();
+    if key.is_empty() || key.contains(char::is_whitespace) {
+        return Err(format!(
+            "expected key=value with a non-empty key, got {raw:?}"
+        ));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+/// Where the brokers are and how to authenticate: shared by every command.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    pub security_protocol: SecurityProtocol,
+    pub sasl_mechanism: Option<SaslMechanism>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub ssl_ca_location: Option<PathBuf>,
+    /// librdkafka properties passed through as given; applied last, so they win.
+    pub properties: Vec<(String, String)>,
+}
+
+/// Whether a librdkafka property holds a secret, so its value is never shown.
+pub fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password") || key.contains("secret") || key.contains("sasl.oauthbearer.config")
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: Vec<String> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                if is_secret_property(k) {
+                    format!("{k}=***")
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("properties", &properties)
+            .finish()
+    }
+}
+
+impl KafkaConfig {
+    /// Checks that the parts fit together: SASL needs a user and a password,
+    /// credentials need a SASL protocol to be sent at all.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err(ConfigError::new(
+                "--bootstrap-servers",
+                "must name at least one host:port",
+            ));
+        }
+        for server in self.bootstrap_servers.split(',') {
+            let server = server.trim();
+            let port_ok = server
+                .rsplit_once(':')
+                .map(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+                .unwrap_or(false);
+            if !port_ok {
+                return Err(ConfigError::new(
+                    "--bootstrap-servers",
+                    format!("expected host:port, got {server:?}"),
+                ));
+            }
+        }
+        if self.security_protocol.uses_sasl() {
+            if self.username.as_deref().unwrap_or("").is_empty() {
+                return Err(ConfigError::new(
+                    "--username",
+                    format!(
+                        "required with --security-protocol {}",
+                        self.security_protocol
+                    ),
+                ));
+            }
+            if self
+                .password
+                .as_ref()
+                .map(|p| p.expose().is_empty())
+                .unwrap_or(true)
+            {
+                return Err(ConfigError::new(
+                    "--password",
+                    format!(
+                        "required with --security-protocol {}",
+                        self.security_protocol
+                    ),
+                ));
+            }
+        } else if self.username.is_some() || self.password.is_some() {
+            return Err(ConfigError::new(
+                "--security-protocol",
+                format!(
+                    "{} sends no credentials, but --username/--password are set; \
+                     use SASL_SSL or SASL_PLAINTEXT",
+                    self.security_protocol
+                ),
+            ));
+        }
+        if let Some(ca) = &self.ssl_ca_location {
+            if !ca.exists() {
+                return Err(ConfigError::new(
+                    "--ssl-ca-location",
+                    format!("file {} does not exist", ca.display()),
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    /// The SASL mechanism in force: SCRAM-SHA-512 unless named (MSK's choice).
+    pub fn effective_mechanism(&self) -> Option<SaslMechanism> {
+        self.security_protocol
+            .uses_sasl()
+            .then(|| self.sasl_mechanism.unwrap_or(SaslMechanism::ScramSha512))
+    }
+
+    /// A local plaintext broker, for tests and examples.
+    pub fn plaintext(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            security_protocol: SecurityProtocol::Plaintext,
+            sasl_mechanism: None,
+            username: None,
+            password: None,
+            ssl_ca_location: None,
+            properties: Vec::new(),
+        }
+    }
+}
+
+/// How records of one partition may be spread over processing slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    /// One batch in flight per partition: partition order is kept.
+    Partition,
+    /// A partition's records spread over slots by key: per-key order is kept.
+    Key,
+    /// Any record on any free slot.
+    None,
+}
+
+impl FromStr for Ordering {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "partition" => Ok(Self::Partition),
+            "key" => Ok(Self::Key),
+            "none" => Ok(Self::None),
+            _ => Err("expected one of partition, key, none".into()),
+        }
+    }
+}
+
+impl fmt::Display for Ordering {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Partition => "partition",
+            Self::Key => "key",
+            Self::None => "none",
+        })
+    }
+}
+
+/// When a batch is closed and handed to the handler. See [`crate::batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// At most this many records (>= 1).
+    pub max_records: usize,
+    /// At most this many key + value bytes; a single larger record still forms
+    /// a batch of its own.
+    pub max_bytes: usize,
+    /// At most this long after the batch's first record arrived.
+    pub max_wait: Duration,
+}
+
+impl BatchLimits {
+    pub fn new(
+        max_records: usize,
+        max_bytes: usize,
+        max_wait: Duration,
+    ) -> Result<Self, ConfigError> {
+        if max_records == 0 {
+            return Err(ConfigError::new("--max-records", "must be at least 1"));
+        }
+        if max_bytes == 0 {
+            return Err(ConfigError::new("--max-bytes", "must be at least 1"));
+        }
+        Ok(Self {
+            max_records,
+            max_bytes,
+            max_wait,
+        })
+    }
+}
+
+/// Retry schedule for failed records: exponential back-off with full jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+    /// Attempts in all (the first included) before a record is dead-lettered.
+    pub max_attempts: u32,
+    /// A record older than this (by its timestamp) is dead-lettered instead of
+    /// retried again. `None`: no limit.
+    pub max_record_age: Option<Duration>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+            max_attempts: 5,
+            max_record_age: None,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The upper bound of the back-off before attempt `attempt + 1`; the actual
+    /// wait is drawn uniformly from zero to this ("full jitter").
+    pub fn backoff_ceiling(&self, attempt: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1).min(20))
+            .unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// Everything one worker needs, validated.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub kafka: KafkaConfig,
+    pub topic: String,
+    pub group: String,
+    pub batch: BatchLimits,
+    pub ordering: Ordering,
+    /// Batches in flight at once in this worker (>= 1).
+    pub concurrency: usize,
+    pub commit_interval: Duration,
+    /// How long shutdown and revocation wait for in-flight batches.
+    pub drain_timeout: Duration,
+    pub handler_timeout: Duration,
+    pub retry: RetryPolicy,
+    /// Dead-letter topic; `None` stops the worker on a record that exhausts its retries.
+    pub dlq_topic: Option<String>,
+    /// Records held per partition (queued and in flight) before it is paused.
+    pub max_records_per_partition: usize,
+    /// Records held by the whole worker before every partition is paused.
+    pub max_records_held: usize,
+    /// Appends `partition offset` for every processed record (verification).
+    pub audit_log: Option<PathBuf>,
+    /// `auto.offset.reset` for partitions without a committed offset.
+    pub offset_reset: OffsetReset,
+}
+
+/// Where a partition without a committed offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+}
+
+impl FromStr for OffsetReset {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "earliest" => Ok(Self::Earliest),
+            "latest" => Ok(Self::Latest),
+            _ => Err("expected earliest or latest".into()),
+        }
+    }
+}
+
+impl OffsetReset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Earliest => "earliest",
+            Self::Latest => "latest",
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// A config with the documented defaults, for library users and tests.
+    pub fn new(kafka: KafkaConfig, topic: impl Into<String>, group: impl Into<String>) -> Self {
+        Self {
+            kafka,
+            topic: topic.into(),
+            group: group.into(),
+            batch: BatchLimits {
+                max_records: 100,
+                max_bytes: 1 << 20,
+                max_wait: Duration::from_millis(500),
+            },
+            ordering: Ordering::Key,
+            concurrency: 8,
+            commit_interval: Duration::from_millis(1000),
+            drain_timeout: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(60),
+            retry: RetryPolicy::default(),
+            dlq_topic: None,
+            max_records_per_partition: 10_000,
+            max_records_held: 50_000,
+            audit_log: None,
+            offset_reset: OffsetReset::Earliest,
+        }
+    }
+
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
+        self.kafka = self.kafka.validate()?;
+        if self.topic.trim().is_empty() {
+            return Err(ConfigError::new("--topic", "must not be empty"));
+        }
+        if self.group.trim().is_empty() {
+            return Err(ConfigError::new("--group", "must not be empty"));
+        }
+        if self.concurrency == 0 {
+            return Err(ConfigError::new("--concurrency", "must be at least 1"));
+        }
+        if self.max_records_per_partition < self.batch.max_records {
+            return Err(ConfigError::new(
+                "--max-records-per-partition",
+                format!(
+                    "must be at least --max-records ({})",
+                    self.batch.max_records
+                ),
+            ));
+        }
+        if self.max_records_held < self.max_records_per_partition {
+            return Err(ConfigError::new(
+                "--max-records-held",
+                "must be at least --max-records-per-partition",
+            ));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(ConfigError::new("--max-attempts", "must be at least 1"));
+        }
+        if self.retry.initial > self.retry.max {
+            return Err(ConfigError::new(
+                "--retry-initial-ms",
+                "must not exceed --retry-max-ms",
+            ));
+        }
+        if self.commit_interval.is_zero() {
+            return Err(ConfigError::new(
+                "--commit-interval-ms",
+                "must be at least 1",
+            ));
+        }
+        if self.dlq_topic.as_deref() == Some(self.topic.as_str()) {
+            return Err(ConfigError::new(
+                "--dlq-topic",
+                "must differ from --topic, or failures would loop",
+            ));
+        }
+        Ok(self)
+    }
+
+    /// Processing slots one partition may use at once under the ordering mode.
+    pub fn slots_per_partition(&self) -> usize {
+        match self.ordering {
+            Ordering::Partition => 1,
+            Ordering::Key | Ordering::None => self.concurrency,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_is_never_formatted() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?} {s}").contains("hunter2"));
+    }
+
+    #[test]
+    fn property_needs_key_and_equals() {
+        assert_eq!(
+            parse_property("a.b=c=d").unwrap(),
+            ("a.b".into(), "c=d".into())
+        );
+        assert!(parse_property("novalue").is_err());
+        assert!(parse_property("=x").is_err());
+    }
+
+    #[test]
+    fn enums_parse_loosely_and_print_strictly() {
+        assert_eq!(
+            "sasl_ssl".parse::<SecurityProtocol>().unwrap(),
+            SecurityProtocol::SaslSsl
+        );
+        assert_eq!(
+            "scram-sha-512".parse::<SaslMechanism>().unwrap().as_str(),
+            "SCRAM-SHA-512"
+        );
+        assert_eq!(
+            "SCRAM_SHA_256".parse::<SaslMechanism>().unwrap(),
+            SaslMechanism::ScramSha256
+        );
+        assert!("kerberos".parse::<SaslMechanism>().is_err());
+    }
+
+    #[test]
+    fn sasl_requires_credentials_and_credentials_require_sasl() {
+        let mut k = KafkaConfig::plaintext("localhost:9092");
+        k.username = Some("u".into());
+        assert_eq!(
+            k.clone().validate().unwrap_err().field,
+            "--security-protocol"
+        );
+        k.security_protocol = SecurityProtocol::SaslSsl;
+        assert_eq!(k.clone().validate().unwrap_err().field, "--password");
+        k.password = Some(Secret::new("p"));
+        let k = k.validate().unwrap();
+        assert_eq!(k.effective_mechanism(), Some(SaslMechanism::ScramSha512));
+    }
+
+    #[test]
+    fn bootstrap_servers_need_ports() {
+        assert!(KafkaConfig::plaintext("a:1,b:2").validate().is_ok());
+        assert_eq!(
+            KafkaConfig::plaintext("a").validate().unwrap_err().field,
+            "--bootstrap-servers"
+        );
+    }
+
+    #[test]
+    fn batch_limits_reject_zero() {
+        assert_eq!(
+            BatchLimits::new(0, 1, Duration::ZERO).unwrap_err().field,
+            "--max-records"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(1000),
+            ..RetryPolicy::default()
+        };
+        assert_eq!(p.backoff_ceiling(1), Duration::from_millis(100));
+        assert_eq!(p.backoff_ceiling(2), Duration::from_millis(200));
+        assert_eq!(p.backoff_ceiling(4), Duration::from_millis(800));
+        assert_eq!(p.backoff_ceiling(5), Duration::from_millis(1000));
+        assert_eq!(p.backoff_ceiling(60), Duration::from_millis(1000));
+    }
+}

@@ -1,0 +1,242 @@
+//! The JSON shape of a batch and of a handler's answer, shared by the `exec`
+//! and `http` handlers (see the README's protocol section).
+
+use base64::Engine;
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+
+use super::{BatchOutcome, Failure};
+use crate::batch::{Batch, Header, Record};
+
+struct JsonRecord<'a>(Record<'a>);
+struct JsonHeaders<'a>(&'a [Header], bool);
+
+fn utf8(bytes: &[u8]) -> Option<&str> {
+    std::str::from_utf8(bytes).ok()
+}
+
+impl Serialize for JsonHeaders<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (headers, want_text) = (self.0, self.1);
+        let mut map = s.serialize_map(None)?;
+        for h in headers {
+            let value = h.value.as_deref().unwrap_or(b"");
+            match (utf8(value), want_text) {
+                (Some(text), true) => map.serialize_entry(&h.name, text)?,
+                (None, false) => map.serialize_entry(
+                    &h.name,
+                    &base64::engine::general_purpose::STANDARD.encode(value),
+                )?,
+                _ => {}
+            }
+        }
+        map.end()
+    }
+}
+
+impl Serialize for JsonRecord<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let r = &self.0;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("topic", r.topic)?;
+        map.serialize_entry("partition", &r.partition)?;
+        map.serialize_entry("offset", &r.offset)?;
+        for (name, bytes) in [("key", r.key), ("value", r.value)] {
+            match bytes {
+                None => map.serialize_entry(name, &())?,
+                Some(b) => match utf8(b) {
+                    Some(text) => map.serialize_entry(name, text)?,
+                    None => map.serialize_entry(
+                        &format!("{name}_base64"),
+                        &base64::engine::general_purpose::STANDARD.encode(b),
+                    )?,
+                },
+            }
+        }
+        map.serialize_entry("headers", &JsonHeaders(r.headers, true))?;
+        if r.headers
+            .iter()
+            .any(|h| utf8(h.value.as_deref().unwrap_or(b"")).is_none())
+        {
+            map.serialize_entry("headers_base64", &JsonHeaders(r.headers, false))?;
+        }
+        map.serialize_entry("timestamp_ms", &r.timestamp_ms)?;
+        map.end()
+    }
+}
+
+struct JsonBatch<'a>(&'a Batch);
+
+impl Serialize for JsonBatch<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let b = self.0;
+        let mut map = s.serialize_map(Some(4))?;
+        map.serialize_entry(
+            "batch_id",
+            &format!("{}-{}-{}", b.topic(), b.partition(), b.id()),
+        )?;
+        map.serialize_entry("attempt", &(b.attempt + 1))?;
+        map.serialize_entry("records", &JsonRecords(b))?;
+        map.end()
+    }
+}
+
+struct JsonRecords<'a>(&'a Batch);
+
+impl Serialize for JsonRecords<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.records().map(JsonRecord))
+    }
+}
+
+/// Writes a batch as one line of JSON (with the trailing newline) into `out`.
+pub fn encode_batch(batch: &Batch, out: &mut Vec<u8>) {
+    serde_json::to_writer(&mut *out, &JsonBatch(batch)).expect("writing JSON to a Vec cannot fail");
+    out.push(b'\n');
+}
+
+#[derive(Debug, Deserialize)]
+struct FailedRecord {
+    #[serde(default)]
+    partition: Option<i32>,
+    offset: i64,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default = "default_true")]
+    retryable: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A handler's answer: `{"failed":[{"partition","offset","error","retryable"}]}`,
+/// or `{"error":"…","retryable":false}` to fail the whole batch.
+#[derive(Debug, Deserialize)]
+pub struct FailureReport {
+    #[serde(default)]
+    failed: Vec<FailedRecord>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default = "default_true")]
+    retryable: bool,
+}
+
+impl FailureReport {
+    /// Reads an answer; anything but a valid report fails the batch (retryable).
+    pub fn parse(text: &[u8], batch: &Batch) -> BatchOutcome {
+        if text.iter().all(|b| b.is_ascii_whitespace()) {
+            return BatchOutcome::Success;
+        }
+        match serde_json::from_slice::<FailureReport>(text) {
+            Ok(report) => report.into_outcome(batch),
+            Err(e) => BatchOutcome::Failed(Failure::retryable(format!(
+                "handler answer is not valid JSON ({e}): {}",
+                String::from_utf8_lossy(&text[..text.len().min(200)])
+            ))),
+        }
+    }
+
+    fn into_outcome(self, batch: &Batch) -> BatchOutcome {
+        if let Some(error) = self.error {
+            return BatchOutcome::Failed(Failure {
+                error,
+                retryable: self.retryable,
+            });
+        }
+        let failed: Vec<(i64, Failure)> = self
+            .failed
+            .into_iter()
+            .filter(|f| f.partition.is_none_or(|p| p == batch.partition()))
+            .filter(|f| batch.offsets().any(|o| o == f.offset))
+            .map(|f| {
+                let error = f.error.unwrap_or_else(|| "failed by handler".into());
+                (
+                    f.offset,
+                    Failure {
+                        error,
+                        retryable: f.retryable,
+                    },
+                )
+            })
+            .collect();
+        if failed.is_empty() {
+            BatchOutcome::Success
+        } else {
+            BatchOutcome::Partial(failed)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn batch() -> Batch {
+        let mut b = Batch::new(7, Arc::from("orders"), 2);
+        b.push(
+            40,
+            Some(1000),
+            Some(b"k1"),
+            Some(b"hello"),
+            [Header {
+                name: "h".into(),
+                value: Some(b"v".to_vec()),
+            }],
+        );
+        b.push(41, None, None, Some(&[0xff, 0xfe]), []);
+        b
+    }
+
+    #[test]
+    fn encodes_the_documented_shape() {
+        let mut out = Vec::new();
+        encode_batch(&batch(), &mut out);
+        assert_eq!(out.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["batch_id"], "orders-2-7");
+        let r0 = &v["records"][0];
+        assert_eq!(r0["topic"], "orders");
+        assert_eq!(r0["partition"], 2);
+        assert_eq!(r0["offset"], 40);
+        assert_eq!(r0["key"], "k1");
+        assert_eq!(r0["value"], "hello");
+        assert_eq!(r0["headers"]["h"], "v");
+        assert_eq!(r0["timestamp_ms"], 1000);
+        let r1 = &v["records"][1];
+        assert!(r1["key"].is_null());
+        assert_eq!(r1["value_base64"], "//4=");
+    }
+
+    #[test]
+    fn parses_answers() {
+        let b = batch();
+        assert_eq!(
+            FailureReport::parse(br#"{"failed":[]}"#, &b),
+            BatchOutcome::Success
+        );
+        match FailureReport::parse(
+            br#"{"failed":[{"partition":2,"offset":41,"error":"bad","retryable":false}]}"#,
+            &b,
+        ) {
+            BatchOutcome::Partial(f) => {
+                assert_eq!(f.len(), 1);
+                assert_eq!(f[0].0, 41);
+                assert!(!f[0].1.retryable);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            FailureReport::parse(br#"{"error":"down"}"#, &b),
+            BatchOutcome::Failed(Failure {
+                retryable: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            FailureReport::parse(b"nope", &b),
+            BatchOutcome::Failed(_)
+        ));
+    }
+}

@@ -1,0 +1,66 @@
+//! Handlers: what is done with a batch.
+//!
+//! A [`Handler`] receives a [`Batch`] and answers with a [`BatchOutcome`]: all
+//! done, some records failed, or the whole batch failed. Each failure says
+//! whether trying again may help. The worker owns retries, timeouts and dead
+//! letters; a handler only reports.
+
+mod exec;
+mod http;
+mod json;
+mod simulate;
+
+use async_trait::async_trait;
+
+pub use exec::ExecHandler;
+pub use http::HttpHandler;
+pub use json::{encode_batch, FailureReport};
+pub use simulate::SimulateHandler;
+
+use crate::batch::Batch;
+
+/// Why a record or batch failed, and whether a retry may succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub error: String,
+    /// False for permanent failures (bad input): no retry, straight to the DLQ.
+    pub retryable: bool,
+}
+
+impl Failure {
+    pub fn retryable(error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+            retryable: true,
+        }
+    }
+
+    pub fn permanent(error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+            retryable: false,
+        }
+    }
+}
+
+/// The handler's verdict on a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Every record is done.
+    Success,
+    /// The named records failed; all others are done.
+    Partial(Vec<(i64, Failure)>),
+    /// No record is done.
+    Failed(Failure),
+}
+
+/// Processes microbatches. Implement this to plug native Rust code into the
+/// worker; `handle` may be called for several batches at once (up to the
+/// worker's concurrency), never twice at once for records whose order matters.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    async fn handle(&self, batch: &Batch) -> BatchOutcome;
+
+    /// Called once when the worker stops, after the last batch.
+    async fn shutdown(&self) {}
+}

@@ -1,0 +1,145 @@
+//! Kafka client set-up: one place turns a [`KafkaConfig`] into librdkafka
+//! properties, so security settings mean the same for every command.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::ClientConfig;
+use thiserror::Error;
+
+use crate::config::{KafkaConfig, SecurityProtocol};
+
+/// Errors from talking to the brokers, sorted by what the caller can do.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("authentication failed: {0} (check --username, --password and --sasl-mechanism)")]
+    Authentication(String),
+    #[error("brokers unreachable at {servers}: {reason}")]
+    Unreachable { servers: String, reason: String },
+    #[error("topic {topic:?} does not exist")]
+    UnknownTopic { topic: String },
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+impl ClientError {
+    /// Sorts a raw client error into the cases above.
+    pub fn classify(err: KafkaError, servers: &str) -> Self {
+        let text = err.to_string();
+        match err.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Authentication)
+            | Some(RDKafkaErrorCode::SaslAuthenticationFailed) => Self::Authentication(text),
+            Some(RDKafkaErrorCode::AllBrokersDown)
+            | Some(RDKafkaErrorCode::BrokerTransportFailure)
+            | Some(RDKafkaErrorCode::OperationTimedOut) => Self::Unreachable {
+                servers: servers.to_string(),
+                reason: text,
+            },
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+            | Some(RDKafkaErrorCode::UnknownTopic) => Self::UnknownTopic {
+                topic: String::new(),
+            },
+            _ => Self::Kafka(err),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// librdkafka properties for any client of ours.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.bootstrap_servers)
+            .set(
+                "security.protocol",
+                self.security_protocol.as_str().to_ascii_lowercase(),
+            )
+            // Connection failures are reported through our error callback,
+            // throttled; librdkafka's own copies would repeat every attempt.
+            .set("log.connection.close", "false")
+            .set_log_level(RDKafkaLogLevel::Warning);
+        if let Some(mechanism) = self.effective_mechanism() {
+            cfg.set("sasl.mechanisms", mechanism.as_str());
+        }
+        if let Some(user) = &self.username {
+            cfg.set("sasl.username", user);
+        }
+        if let Some(password) = &self.password {
+            cfg.set("sasl.password", password.expose());
+        }
+        if self.security_protocol.uses_tls() {
+            if let Some(ca) = &self.ssl_ca_location {
+                cfg.set("ssl.ca.location", ca.to_string_lossy());
+            }
+        }
+        for (key, value) in &self.properties {
+            cfg.set(key, value);
+        }
+        cfg
+    }
+
+    /// Whether this config speaks TLS (for messages that explain failures).
+    pub fn is_tls(&self) -> bool {
+        self.security_protocol != SecurityProtocol::Plaintext
+            && self.security_protocol != SecurityProtocol::SaslPlaintext
+    }
+}
+
+/// Creates a topic through the admin API; an existing topic is not an error.
+pub async fn create_topic(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+    timeout: Duration,
+) -> Result<bool, ClientError> {
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    let results = admin
+        .create_topics(&[new_topic], &opts)
+        .await
+        .map_err(|e| ClientError::classify(e, &kafka.bootstrap_servers))?;
+    match results.into_iter().next() {
+        Some(Ok(_)) => Ok(true),
+        Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(false),
+        Some(Err((_, code))) => Err(ClientError::classify(
+            KafkaError::AdminOp(code),
+            &kafka.bootstrap_servers,
+        )),
+        None => Ok(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{SaslMechanism, Secret};
+
+    #[test]
+    fn sasl_ssl_sets_every_security_property() {
+        let mut k = KafkaConfig::plaintext("b:9096");
+        k.security_protocol = SecurityProtocol::SaslSsl;
+        k.username = Some("user".into());
+        k.password = Some(Secret::new("pw"));
+        k.sasl_mechanism = Some(SaslMechanism::ScramSha256);
+        k.properties.push(("fetch.max.bytes".into(), "1000".into()));
+        let cfg = k.client_config();
+        assert_eq!(cfg.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(cfg.get("sasl.mechanisms"), Some("SCRAM-SHA-256"));
+        assert_eq!(cfg.get("sasl.username"), Some("user"));
+        assert_eq!(cfg.get("sasl.password"), Some("pw"));
+        assert_eq!(cfg.get("fetch.max.bytes"), Some("1000"));
+    }
+
+    #[test]
+    fn plaintext_sets_no_sasl() {
+        let cfg = KafkaConfig::plaintext("b:9092").client_config();
+        assert_eq!(cfg.get("sasl.mechanisms"), None);
+        assert_eq!(cfg.get("security.protocol"), Some("plaintext"));
+    }
+}

@@ -1,0 +1,34 @@
+//! microbatch-core: Kafka microbatch processing with at-least-once delivery.
+//!
+//! # Layout
+//! - [`config`]: typed, validated configuration (Kafka security, batching,
+//!   ordering, retries); every error names its flag.
+//! - [`kafka`]: turns configuration into librdkafka clients; admin helpers.
+//! - [`batch`]: the [`batch::Batch`] type and the batch rule.
+//! - [`offsets`]: the offset rule: what may be committed per partition.
+//! - [`handler`]: the [`handler::Handler`] trait and the `simulate`, `exec`
+//!   and `http` handlers.
+//! - [`dlq`]: the dead-letter topic writer and its context headers.
+//! - [`worker`]: the consumer-group member: poll loop, lanes, dispatch,
+//!   retries, commits, rebalance and shutdown states.
+//! - [`telemetry`]: metrics (stable names) and readiness.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! A library user implements [`handler::Handler`] and runs a
+//! [`worker::Worker`]; the `microbatch` binary does the same from flags.
+
+pub mod batch;
+pub mod config;
+pub mod dlq;
+pub mod handler;
+pub mod http;
+pub mod kafka;
+pub mod offsets;
+pub mod telemetry;
+pub mod worker;
+
+pub use batch::{Batch, Record};
+pub use config::{KafkaConfig, WorkerConfig};
+pub use handler::{BatchOutcome, Failure, Handler};
+pub use telemetry::Telemetry;
+pub use worker::{Worker, WorkerError, WorkerReport};

@@ -1,0 +1,350 @@
+//! Metrics and readiness: every metric the worker exports is defined here,
+//! with its stable name.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// The worker's metrics (names in the Prometheus text start `microbatch_`).
+pub struct Metrics {
+    pub records_processed: Counter,
+    pub records_failed: Counter,
+    pub records_retried: Counter,
+    pub records_dead_lettered: Counter,
+    pub batches_processed: Counter,
+    pub batches_failed: Counter,
+    pub batch_size: Histogram,
+    pub batch_duration: Histogram,
+    pub commits: Family<ResultLabel, Counter>,
+    pub rebalances: Family<KindLabel, Counter>,
+    pub client_errors: Family<KindLabel, Counter>,
+    pub assigned_partitions: Gauge,
+    pub partition_lag: Family<PartitionLabel, Gauge>,
+    pub records_held: Gauge,
+    pub slots_busy: Gauge,
+    pub paused_partitions: Gauge,
+    pub commit_watermark_distance: Gauge,
+    pub circuit_open: Gauge,
+    pub ready: Gauge,
+}
+
+impl Metrics {
+    fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            records_processed: Counter::default(),
+            records_failed: Counter::default(),
+            records_retried: Counter::default(),
+            records_dead_lettered: Counter::default(),
+            batches_processed: Counter::default(),
+            batches_failed: Counter::default(),
+            batch_size: Histogram::new([
+                1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0,
+            ]),
+            batch_duration: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ]),
+            commits: Family::default(),
+            rebalances: Family::default(),
+            client_errors: Family::default(),
+            assigned_partitions: Gauge::default(),
+            partition_lag: Family::default(),
+            records_held: Gauge::default(),
+            slots_busy: Gauge::default(),
+            paused_partitions: Gauge::default(),
+            commit_watermark_distance: Gauge::default(),
+            circuit_open: Gauge::default(),
+            ready: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("microbatch");
+        r.register(
+            "records_processed",
+            "Records the handler finished",
+            m.records_processed.clone(),
+        );
+        r.register(
+            "records_failed",
+            "Record failures reported by the handler (each attempt)",
+            m.records_failed.clone(),
+        );
+        r.register(
+            "records_retried",
+            "Records scheduled for another attempt",
+            m.records_retried.clone(),
+        );
+        r.register(
+            "records_dead_lettered",
+            "Records written to the dead-letter topic",
+            m.records_dead_lettered.clone(),
+        );
+        r.register(
+            "batches_processed",
+            "Batches the handler finished without failure",
+            m.batches_processed.clone(),
+        );
+        r.register(
+            "batches_failed",
+            "Batches with at least one failed record",
+            m.batches_failed.clone(),
+        );
+        r.register(
+            "batch_size_records",
+            "Records per batch handed to the handler",
+            m.batch_size.clone(),
+        );
+        r.register(
+            "batch_duration_seconds",
+            "Time the handler took per batch",
+            m.batch_duration.clone(),
+        );
+        r.register("commits", "Offset commits by result", m.commits.clone());
+        r.register(
+            "rebalances",
+            "Rebalance events by kind (assign, revoke)",
+            m.rebalances.clone(),
+        );
+        r.register(
+            "client_errors",
+            "Kafka client errors by kind",
+            m.client_errors.clone(),
+        );
+        r.register(
+            "assigned_partitions",
+            "Partitions assigned to this worker",
+            m.assigned_partitions.clone(),
+        );
+        r.register(
+            "partition_lag",
+            "Consumer lag per assigned partition (from the client)",
+            m.partition_lag.clone(),
+        );
+        r.register(
+            "records_held",
+            "Records held: buffered, queued or in flight",
+            m.records_held.clone(),
+        );
+        r.register(
+            "slots_busy",
+            "Batches in flight at the handler",
+            m.slots_busy.clone(),
+        );
+        r.register(
+            "paused_partitions",
+            "Partitions paused by back-pressure or the circuit breaker",
+            m.paused_partitions.clone(),
+        );
+        r.register(
+            "commit_watermark_distance",
+            "Records done but above the commit watermark, summed over partitions",
+            m.commit_watermark_distance.clone(),
+        );
+        r.register(
+            "circuit_open",
+            "1 while the downstream circuit breaker is open",
+            m.circuit_open.clone(),
+        );
+        r.register(
+            "ready",
+            "1 when the worker has joined its group and reaches the brokers",
+            m.ready.clone(),
+        );
+        m
+    }
+}
+
+/// Why the worker is not ready, if it is not.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    joined: AtomicBool,
+    brokers_up: AtomicBool,
+    circuit_open: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Readiness {
+    pub fn set_joined(&self, joined: bool) {
+        self.joined.store(joined, Ordering::Relaxed);
+    }
+
+    pub fn set_brokers_up(&self, up: bool) {
+        self.brokers_up.store(up, Ordering::Relaxed);
+        if up {
+            *self.last_error.lock().expect("readiness lock poisoned") = None;
+        }
+    }
+
+    pub fn set_circuit_open(&self, open: bool) {
+        self.circuit_open.store(open, Ordering::Relaxed);
+    }
+
+    pub fn set_error(&self, error: String) {
+        self.brokers_up.store(false, Ordering::Relaxed);
+        *self.last_error.lock().expect("readiness lock poisoned") = Some(error);
+    }
+
+    /// `Ok` when ready, else a one-line reason.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(e) = self
+            .last_error
+            .lock()
+            .expect("readiness lock poisoned")
+            .as_ref()
+        {
+            return Err(format!("kafka error: {e}"));
+        }
+        if !self.brokers_up.load(Ordering::Relaxed) {
+            return Err("no broker connection yet".into());
+        }
+        if !self.joined.load(Ordering::Relaxed) {
+            return Err("not joined to the consumer group yet".into());
+        }
+        if self.circuit_open.load(Ordering::Relaxed) {
+            return Err("downstream circuit breaker open: consumption paused".into());
+        }
+        Ok(())
+    }
+}
+
+/// Metrics registry plus readiness, shared by the worker and its HTTP server.
+pub struct Telemetry {
+    pub registry: Registry,
+    pub metrics: Metrics,
+    pub readiness: Readiness,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        Self {
+            registry,
+            metrics,
+            readiness: Readiness::default(),
+        }
+    }
+}
+
+impl Telemetry {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        self.metrics
+            .ready
+            .set(i64::from(self.readiness.check().is_ok()));
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing metrics to a String cannot fail");
+        out
+    }
+}
+
+/// Logs a repeating problem once per back-off step (1 s, 2 s, 4 s … 60 s) so a
+/// broker outage gives a few clear lines instead of a flood.
+#[derive(Debug)]
+pub struct LogThrottle {
+    next_at: Mutex<Option<(Instant, Duration)>>,
+    suppressed: AtomicU64,
+}
+
+impl Default for LogThrottle {
+    fn default() -> Self {
+        Self {
+            next_at: Mutex::new(None),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LogThrottle {
+    /// Whether to log now; when it says yes it also returns how many were
+    /// suppressed since the last line.
+    pub fn allow(&self, now: Instant) -> Option<u64> {
+        let mut next = self.next_at.lock().expect("throttle lock poisoned");
+        match *next {
+            Some((at, _)) if now < at => {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Some((_, step)) => {
+                let step = (step * 2).min(Duration::from_secs(60));
+                *next = Some((now + step, step));
+                Some(self.suppressed.swap(0, Ordering::Relaxed))
+            }
+            None => {
+                *next = Some((now + Duration::from_secs(1), Duration::from_secs(1)));
+                Some(self.suppressed.swap(0, Ordering::Relaxed))
+            }
+        }
+    }
+
+    /// The problem went away: the next occurrence is logged at once.
+    pub fn reset(&self) {
+        *self.next_at.lock().expect("throttle lock poisoned") = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_backs_off_and_resets() {
+        let t = LogThrottle::default();
+        let t0 = Instant::now();
+        assert_eq!(t.allow(t0), Some(0));
+        assert_eq!(t.allow(t0 + Duration::from_millis(500)), None);
+        assert_eq!(t.allow(t0 + Duration::from_millis(1000)), Some(1));
+        assert_eq!(
+            t.allow(t0 + Duration::from_millis(2500)),
+            None,
+            "second step is 2 s"
+        );
+        assert_eq!(t.allow(t0 + Duration::from_millis(3000)), Some(1));
+        t.reset();
+        assert_eq!(t.allow(t0 + Duration::from_millis(3001)), Some(0));
+    }
+
+    #[test]
+    fn readiness_reports_the_reason() {
+        let r = Readiness::default();
+        assert!(r.check().unwrap_err().contains("broker"));
+        r.set_brokers_up(true);
+        assert!(r.check().unwrap_err().contains("group"));
+        r.set_joined(true);
+        assert!(r.check().is_ok());
+        r.set_error("SASL authentication error".into());
+        assert!(r.check().unwrap_err().contains("SASL"));
+    }
+
+    #[test]
+    fn metrics_have_stable_names() {
+        let t = Telemetry::default();
+        t.metrics.records_processed.inc_by(3);
+        let text = t.encode();
+        assert!(text.contains("microbatch_records_processed_total 3"));
+        assert!(text.contains("microbatch_batch_duration_seconds_bucket"));
+        assert!(text.contains("microbatch_ready 0"));
+    }
+}

@@ -1,0 +1,12 @@
+//! microbatch-scaling: consumer-group lag and what to do about it.
+//!
+//! # Layout
+//! - [`lag`]: lag per partition (high − max(committed, low)), totals, rates.
+//! - [`policy`]: the `keda` policy (KEDA's kafka scaler and HPA arithmetic)
+//!   and the `rate` policy (time to drain).
+//! - [`supervisor`]: the single-machine autoscaler that runs `microbatch run`
+//!   children and scales them on lag.
+
+pub mod lag;
+pub mod policy;
+pub mod supervisor;

@@ -1,0 +1,1 @@
+//! The single-machine autoscaler: see `Supervisor`.
