@@ -162,11 +162,6 @@ impl KafkaArgs {
         Ok(cfg.validate()?)
     }
 
-    /// Whether the user named any broker (flag, environment or file).
-    pub fn names_a_broker(&self, file: &FileConfig) -> bool {
-        self.bootstrap_servers.is_some() || file.bootstrap_servers.is_some()
-    }
-
     pub fn load_file(&self) -> anyhow::Result<FileConfig> {
         FileConfig::load(self.config_file.as_deref()).context("reading the configuration file")
     }

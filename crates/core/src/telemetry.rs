@@ -205,6 +205,16 @@ impl Readiness {
         *self.last_error.lock().expect("readiness lock poisoned") = Some(error);
     }
 
+    /// Records an error unless a more specific one is already known (an
+    /// authentication failure also shows as "all brokers down" afterwards).
+    pub fn set_error_unless_known(&self, error: String) {
+        self.brokers_up.store(false, Ordering::Relaxed);
+        let mut last = self.last_error.lock().expect("readiness lock poisoned");
+        if last.is_none() {
+            *last = Some(error);
+        }
+    }
+
     /// `Ok` when ready, else a one-line reason.
     pub fn check(&self) -> Result<(), String> {
         if let Some(e) = self

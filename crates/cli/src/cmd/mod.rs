@@ -33,6 +33,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run one worker: a consumer-group member that processes microbatches.
     Run(run::Args),

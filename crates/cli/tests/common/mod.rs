@@ -1,0 +1,402 @@
+//! Test harness: a broker per test run, a topic and group per test, and the
+//! real `microbatch` binary run as child processes.
+//!
+//! The broker is real Kafka when `MICROBATCH_TEST_BOOTSTRAP` names it (as
+//! `scripts/test.sh` does). Outside CI, without it, tests fall back to
+//! librdkafka's mock cluster, started in this process; with `CI=true` they
+//! refuse to, so CI always proves behaviour against real Kafka.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::mocking::MockCluster;
+use rdkafka::ClientConfig;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_microbatch");
+
+/// Where the tests' broker is.
+pub enum Broker {
+    Real { bootstrap: String },
+    Mock { bootstrap: String },
+}
+
+struct MockHolder(MockCluster<'static, rdkafka::producer::DefaultProducerContext>);
+// The mock cluster is only created once and then used through its own
+// thread-safe C API (create_topic), never moved between threads mid-call.
+unsafe impl Send for MockHolder {}
+unsafe impl Sync for MockHolder {}
+
+static MOCK: OnceLock<MockHolder> = OnceLock::new();
+static BROKER: OnceLock<Broker> = OnceLock::new();
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+pub fn broker() -> &'static Broker {
+    BROKER.get_or_init(|| match std::env::var("MICROBATCH_TEST_BOOTSTRAP") {
+        Ok(b) if !b.is_empty() => Broker::Real { bootstrap: b },
+        _ => {
+            assert!(
+                !in_ci(),
+                "CI=true but MICROBATCH_TEST_BOOTSTRAP is not set: CI must test against real Kafka (run scripts/test.sh)"
+            );
+            eprintln!("note: no MICROBATCH_TEST_BOOTSTRAP; using librdkafka's mock cluster");
+            let mock = MOCK.get_or_init(|| MockHolder(MockCluster::new(3).expect("starting the mock cluster")));
+            Broker::Mock {
+                bootstrap: mock.0.bootstrap_servers(),
+            }
+        }
+    })
+}
+
+impl Broker {
+    pub fn bootstrap(&self) -> &str {
+        match self {
+            Broker::Real { bootstrap } | Broker::Mock { bootstrap } => bootstrap,
+        }
+    }
+
+    pub fn is_real(&self) -> bool {
+        matches!(self, Broker::Real { .. })
+    }
+}
+
+/// The SCRAM listener's settings from `.kafka-local/scram.env`, if known.
+pub fn scram_env() -> Option<BTreeMap<String, String>> {
+    let path = std::env::var("MICROBATCH_TEST_SCRAM_ENV").ok()?;
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A unique name for this test's topic or group.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            % 100_000
+    )
+}
+
+pub fn create_topic(topic: &str, partitions: i32) {
+    match broker() {
+        Broker::Mock { .. } => {
+            MOCK.get()
+                .expect("mock started with the broker")
+                .0
+                .create_topic(topic, partitions, 1)
+                .expect("creating a mock topic");
+        }
+        Broker::Real { bootstrap } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", bootstrap)
+                    .create()
+                    .unwrap();
+                let res = admin
+                    .create_topics(
+                        &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+                    )
+                    .await
+                    .expect("create_topics");
+                for r in res {
+                    r.expect("topic created");
+                }
+            });
+        }
+    }
+}
+
+/// A directory of this test's own, removed at the end unless the test failed.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("microbatch-test-{}", unique(name)));
+        std::fs::create_dir_all(&dir).unwrap();
+        TestDir(dir)
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            eprintln!("test files kept in {}", self.0.display());
+        }
+    }
+}
+
+/// The binary with an environment cleared of our variables, so a developer's
+/// shell cannot change what a test means.
+pub fn command() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KAFKA_")
+            || k.starts_with("MICROBATCH_")
+            || ["BATCH_SIZE", "PROCESS_TIME_SECONDS", "CONSUMER_GROUP"].contains(&k.as_str())
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("MICROBATCH_LOG", "info");
+    cmd
+}
+
+/// Runs the binary to completion; returns (status, stdout, stderr).
+pub fn run_to_end(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = command()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running microbatch");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn produce(topic: &str, count: u64, extra: &[&str]) {
+    let count = count.to_string();
+    let mut args = vec![
+        "produce",
+        "--bootstrap-servers",
+        broker().bootstrap(),
+        "--topic",
+        topic,
+        "--count",
+        &count,
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    let (status, out, err) = run_to_end(&args);
+    assert!(status.success(), "produce failed: {out}\n{err}");
+}
+
+/// A child process killed (SIGKILL) if the test ends while it runs.
+pub struct Proc {
+    pub child: Child,
+    pub stderr_path: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, stderr_path: PathBuf) -> Self {
+        let err = std::fs::File::create(&stderr_path).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("spawning microbatch");
+        Proc { child, stderr_path }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `microbatch run` against the test broker with an audit log.
+pub fn spawn_worker(
+    dir: &TestDir,
+    name: &str,
+    topic: &str,
+    group: &str,
+    port: u16,
+    extra: &[&str],
+) -> Proc {
+    let mut cmd = command();
+    cmd.args([
+        "run",
+        "--bootstrap-servers",
+        broker().bootstrap(),
+        "--topic",
+        topic,
+        "--group",
+        group,
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        &port.to_string(),
+        "--audit-log",
+        dir.path(&format!("{name}.audit")).to_str().unwrap(),
+        "--max-wait-ms",
+        "100",
+        "--commit-interval-ms",
+        "200",
+    ]);
+    cmd.args(extra);
+    Proc::spawn(cmd, dir.path(&format!("{name}.stderr")))
+}
+
+/// A plain HTTP/1.1 GET over TCP: (status code, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Polls `check` until it returns true or `limit` passes.
+pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The group's lag as `microbatch lag --json` reports it.
+pub fn lag_json(topic: &str, group: &str) -> serde_json::Value {
+    let (status, out, err) = run_to_end(&[
+        "lag",
+        "--bootstrap-servers",
+        broker().bootstrap(),
+        "--topic",
+        topic,
+        "--group",
+        group,
+        "--json",
+    ]);
+    assert!(status.success(), "lag failed: {err}");
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("lag --json is not JSON ({e}): {out}"))
+}
+
+pub fn total_lag(topic: &str, group: &str) -> i64 {
+    lag_json(topic, group)["total_lag"]
+        .as_i64()
+        .expect("total_lag is a number")
+}
+
+/// (partition, offset) pairs from audit logs, with how often each was seen.
+pub fn audited(paths: &[PathBuf]) -> BTreeMap<(i32, i64), u32> {
+    let mut seen = BTreeMap::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).unwrap_or_default();
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            let (Some(p), Some(o)) = (it.next(), it.next()) else {
+                continue;
+            };
+            *seen
+                .entry((p.parse().unwrap(), o.parse().unwrap()))
+                .or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+/// Asserts every offset below each partition's high watermark was processed.
+pub fn assert_all_processed(topic: &str, group: &str, paths: &[PathBuf]) -> (usize, usize) {
+    let lag = lag_json(topic, group);
+    let seen = audited(paths);
+    let keys: BTreeSet<(i32, i64)> = seen.keys().copied().collect();
+    let mut expected = 0;
+    for p in lag["partitions"].as_array().unwrap() {
+        let partition = p["partition"].as_i64().unwrap() as i32;
+        let (low, high) = (p["low"].as_i64().unwrap(), p["high"].as_i64().unwrap());
+        for o in low..high {
+            expected += 1;
+            assert!(
+                keys.contains(&(partition, o)),
+                "offset {partition}/{o} was never processed"
+            );
+        }
+    }
+    let duplicates: usize = seen.values().map(|n| (*n as usize).saturating_sub(1)).sum();
+    (expected, duplicates)
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
