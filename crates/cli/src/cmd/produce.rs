@@ -39,6 +39,10 @@ pub struct Args {
     /// Aim every record at these partitions, round-robin (e.g. `0,3`).
     #[arg(long, value_delimiter = ',')]
     pub partitions: Vec<i32>,
+    /// Mark every Nth record as poison (its value contains `POISON`), for
+    /// trying failure handling with `run --poison-marker POISON`; 0 = none.
+    #[arg(long, default_value_t = 0)]
+    pub poison_every: u64,
     /// First sequence number (to continue an earlier run's numbering).
     #[arg(long, default_value_t = 0)]
     pub start_seq: u64,
@@ -46,6 +50,9 @@ pub struct Args {
     #[arg(long)]
     pub quiet: bool,
 }
+
+/// The text `--poison-every` puts in a record's value.
+pub const POISON: &[u8] = b"POISON";
 
 /// Counts delivery reports.
 #[derive(Default)]
@@ -116,6 +123,12 @@ pub fn produce_blocking(
         if n < value.len() {
             value[n] = b' ';
         }
+        let poison = args.poison_every > 0 && seq % args.poison_every == args.poison_every - 1;
+        let marker_at = n + 1;
+        if marker_at + POISON.len() <= value.len() {
+            let filler: &[u8] = if poison { POISON } else { b"xxxxxx" };
+            value[marker_at..marker_at + POISON.len()].copy_from_slice(filler);
+        }
         let mut record: BaseRecord<'_, str, [u8], ()> =
             BaseRecord::to(&args.topic).payload(&value[..]);
         if args.keys > 0 {
@@ -171,6 +184,11 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let kafka = args.kafka.resolve(&file)?;
     if args.size == 0 {
         return Err(ConfigError::new("--size", "must be at least 1").into());
+    }
+    if args.poison_every > 0 && args.size < 28 {
+        return Err(
+            ConfigError::new("--size", "must be at least 28 bytes with --poison-every").into(),
+        );
     }
     let bar = ProgressBar::new(args.count);
     if args.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {

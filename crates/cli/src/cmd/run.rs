@@ -74,6 +74,9 @@ pub struct Args {
     /// simulate: probability that a record fails (retryable), 0..1 [default: 0].
     #[arg(long, env = "MICROBATCH_FAILURE_RATE", help_heading = "Handler")]
     pub failure_rate: Option<f64>,
+    /// simulate: records whose value contains this text fail for good (poison).
+    #[arg(long, env = "MICROBATCH_POISON_MARKER", help_heading = "Handler")]
+    pub poison_marker: Option<String>,
     /// exec: shell command to start once per slot (`sh -c`).
     #[arg(long, env = "MICROBATCH_COMMAND", help_heading = "Handler")]
     pub command: Option<String>,
@@ -270,6 +273,7 @@ impl Args {
                 Arc::new(SimulateHandler {
                     process_time: per_record,
                     failure_rate,
+                    poison_marker: self.poison_marker.clone().filter(|m| !m.is_empty()),
                 })
             }
             HandlerKind::Exec => {

@@ -1,9 +1,218 @@
-//! `microbatch supervise`.
+//! `microbatch supervise`: the single-machine autoscaler.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::routing::get;
+use microbatch_core::config::{ConfigError, KafkaConfig};
+use microbatch_scaling::lag::LagReader;
+use microbatch_scaling::supervisor::{Policy, Supervisor, SupervisorConfig};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::lag::{PolicyArgs, PolicyKind};
+use crate::args::{require, KafkaArgs};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Topic the workers consume.
+    #[arg(long, env = "KAFKA_TOPIC")]
+    pub topic: Option<String>,
+    /// The workers' consumer group.
+    #[arg(long, env = "CONSUMER_GROUP")]
+    pub group: Option<String>,
+    /// Scaling policy.
+    #[arg(long, value_enum, default_value = "rate")]
+    pub policy: PolicyKind,
+    #[command(flatten)]
+    pub policy_args: PolicyArgs,
+    /// How often to read lag and decide.
+    #[arg(long, default_value_t = 1000)]
+    pub polling_interval_ms: u64,
+    /// Workers' drain deadline; a stopped worker is killed 5 s after it.
+    #[arg(long, default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
+    /// Write one JSON line per poll: {"t_ms","total_lag","replicas","desired","rate_per_replica",…}.
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<PathBuf>,
+    /// Directory for the workers' logs (worker-N.log); inherited stderr if unset.
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
+    /// Port for the supervisor's /healthz and /metrics; 0 picks one.
+    #[arg(long, default_value_t = 9100, env = "MICROBATCH_SUPERVISOR_HTTP_PORT")]
+    pub http_port: u16,
+    /// Arguments for each `microbatch run` child, after `--`; `{n}` becomes the
+    /// child's number. --topic, --group, --http-port 0 and the connection
+    /// settings are added for you.
+    #[arg(last = true, value_name = "RUN ARGS")]
+    pub run_args: Vec<String>,
+}
 
-pub async fn execute(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not yet")
+/// Connection settings as environment variables for child workers.
+pub fn kafka_env(kafka: &KafkaConfig) -> Vec<(String, String)> {
+    let mut env = vec![
+        (
+            "KAFKA_BOOTSTRAP_SERVERS".to_string(),
+            kafka.bootstrap_servers.clone(),
+        ),
+        (
+            "KAFKA_SECURITY_PROTOCOL".to_string(),
+            kafka.security_protocol.to_string(),
+        ),
+    ];
+    if let Some(m) = kafka.sasl_mechanism {
+        env.push(("KAFKA_SASL_MECHANISM".into(), m.to_string()));
+    }
+    if let Some(u) = &kafka.username {
+        env.push(("KAFKA_USERNAME".into(), u.clone()));
+    }
+    if let Some(p) = &kafka.password {
+        env.push(("KAFKA_PASSWORD".into(), p.expose().to_string()));
+    }
+    if let Some(ca) = &kafka.ssl_ca_location {
+        env.push(("KAFKA_SSL_CA_LOCATION".into(), ca.display().to_string()));
+    }
+    env
+}
+
+/// Builds the chosen policy from its flags.
+pub fn make_policy(kind: PolicyKind, args: &PolicyArgs) -> Policy {
+    match kind {
+        PolicyKind::Keda => Policy::Keda(args.keda()),
+        PolicyKind::Rate => Policy::Rate(args.rate()),
+    }
+}
+
+pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
+    let file = args.kafka.load_file()?;
+    let kafka = args.kafka.resolve(&file)?;
+    let topic = require(
+        args.topic.clone(),
+        file.topic.clone(),
+        "--topic",
+        "KAFKA_TOPIC",
+    )?;
+    let group = require(
+        args.group.clone(),
+        file.group.clone(),
+        "--group",
+        "CONSUMER_GROUP",
+    )?;
+    if args.policy_args.min_replicas > args.policy_args.max_replicas {
+        return Err(ConfigError::new("--min", "must not exceed --max").into());
+    }
+    if !args.kafka.kafka_property.is_empty() {
+        tracing::info!("--kafka-property applies to the supervisor's lag reads; pass worker properties after --");
+    }
+    let mut run_args = args.run_args.clone();
+    run_args.extend([
+        "--topic".into(),
+        topic.clone(),
+        "--group".into(),
+        group.clone(),
+    ]);
+    if !run_args.iter().any(|a| a == "--http-port") {
+        run_args.extend([
+            "--http-port".into(),
+            "0".into(),
+            "--http-host".into(),
+            "127.0.0.1".into(),
+        ]);
+    }
+    let config = SupervisorConfig {
+        program: std::env::current_exe().context("locating the microbatch binary")?,
+        run_args,
+        min_replicas: args.policy_args.min_replicas,
+        max_replicas: args.policy_args.max_replicas,
+        kill_after: Duration::from_millis(args.drain_timeout_ms) + Duration::from_secs(5),
+        log_dir: args.log_dir.clone(),
+        timeline: args.timeline.clone(),
+        invalid_offset: args.policy_args.invalid_offset(),
+        env: kafka_env(&kafka),
+    };
+    let reader = LagReader::new(&kafka, &group, &topic, Duration::from_secs(10))?;
+    let policy = make_policy(args.policy, &args.policy_args);
+
+    let mut registry = Registry::default();
+    let replicas = Gauge::<i64>::default();
+    let desired = Gauge::<i64>::default();
+    let total_lag = Gauge::<i64>::default();
+    let sub = registry.sub_registry_with_prefix("microbatch_supervisor");
+    sub.register("replicas", "Workers running", replicas.clone());
+    sub.register(
+        "desired_replicas",
+        "Workers the policy asks for",
+        desired.clone(),
+    );
+    sub.register("total_lag", "The group's total lag", total_lag.clone());
+    let registry = Arc::new(registry);
+    let addr: SocketAddr = ([0, 0, 0, 0], args.http_port).into();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /healthz and /metrics");
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut out = String::new();
+                    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+                    out
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_flag = stop.clone();
+    tokio::spawn(async move {
+        super::shutdown_signal().await;
+        stop_flag.store(true, Ordering::SeqCst);
+    });
+    let interval = Duration::from_millis(args.polling_interval_ms.max(100));
+    // One long-lived thread spawns every child (their parent-death signal
+    // follows it) and runs the loop.
+    let handle = std::thread::Builder::new()
+        .name("supervisor".into())
+        .spawn(move || -> anyhow::Result<()> {
+            let mut sup = Supervisor::new(config, policy, reader)?;
+            tracing::info!(policy = sup.policy_name(), "supervisor started");
+            while !stop.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                if let Some(p) = sup.tick()? {
+                    replicas.set(i64::from(p.replicas));
+                    desired.set(i64::from(p.desired));
+                    total_lag.set(p.total_lag);
+                    tracing::info!(
+                        lag = p.total_lag,
+                        replicas = p.replicas,
+                        desired = p.desired,
+                        "{}",
+                        p.reason
+                    );
+                }
+                while started.elapsed() < interval && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            tracing::info!("stopping all workers");
+            sup.shutdown();
+            Ok(())
+        })?;
+    tokio::task::spawn_blocking(move || handle.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the supervisor thread panicked"))??;
+    Ok(ExitCode::SUCCESS)
 }
