@@ -1010,6 +1010,10 @@ fn create_consumer(worker: &Worker) -> Result<BaseConsumer<WorkerContext>, Worke
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("auto.offset.reset", cfg.offset_reset.as_str())
         .set("statistics.interval.ms", "1000")
+        // A crashed worker's partitions move on after 10 s instead of Kafka's
+        // 45 s default: an autoscaled group changes often.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "3000")
         // Bounds librdkafka's prefetch per partition; our own caps bound the rest.
         .set("queued.max.messages.kbytes", "16384")
         .set("fetch.wait.max.ms", "100");

@@ -1,9 +1,765 @@
-//! `microbatch demo`.
+//! `microbatch demo`: the whole system end to end.
+//!
+//! With no broker named it starts librdkafka's mock cluster in this process
+//! (three brokers on 127.0.0.1 ports), so worker processes connect to it like
+//! to any Kafka. A supervisor scales `microbatch run` children on lag through
+//! four scenarios; every processed offset is audited, and the dead-letter
+//! topic is read back, so the closing "lost" figure is checked, not assumed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::ProgressBar;
+use microbatch_core::config::{ConfigError, KafkaConfig};
+use microbatch_core::dlq::headers;
+use microbatch_scaling::lag::{InvalidOffsetPolicy, LagReader};
+use microbatch_scaling::policy::{KedaParams, KedaPolicy, RateParams, RatePolicy};
+use microbatch_scaling::supervisor::{Policy, Supervisor, SupervisorConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::lag::PolicyKind;
+use super::produce::{self, produce_blocking};
+use super::supervise::kafka_env;
+use crate::args::KafkaArgs;
+use crate::report::{self, PolicyRun, Report, Sample, ScenarioResult};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Every scenario in turn.
+    All,
+    /// A burst spread over 8 partitions, more slots than partitions.
+    Fanout,
+    /// A burst aimed at two partitions.
+    Hot,
+    /// No traffic: replicas fall back to the minimum.
+    Idle,
+    /// A worker killed mid-burst; poison records go to the dead-letter topic.
+    Failure,
+}
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Which scenario to run.
+    #[arg(long, value_enum, default_value = "all")]
+    pub scenario: Scenario,
+    /// Scaling policy.
+    #[arg(long, value_enum, default_value = "rate")]
+    pub policy: PolicyKind,
+    /// Run the same load under both policies and compare them.
+    #[arg(long)]
+    pub compare: bool,
+    /// A short run (smaller bursts, shorter windows), as CI uses.
+    #[arg(long)]
+    pub quick: bool,
+    /// Most workers.
+    #[arg(long, default_value_t = 6)]
+    pub max_replicas: u32,
+    /// Records per burst [default: 16000, --quick: 4000].
+    #[arg(long)]
+    pub burst: Option<u64>,
+    /// Simulated processing time per record, milliseconds.
+    #[arg(long, default_value_t = 5)]
+    pub process_time_ms: u64,
+    /// Processing slots per worker (`--concurrency`, key-ordered).
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: u32,
+    /// keda policy: lag per replica (the replaced system used 3).
+    #[arg(long, default_value_t = 3)]
+    pub lag_threshold: i64,
+    /// Write the HTML report here [default: microbatch-demo/report.html].
+    #[arg(long, value_name = "FILE")]
+    pub report_html: Option<PathBuf>,
+    /// Write the JSON report here [default: microbatch-demo/report.json].
+    #[arg(long, value_name = "FILE")]
+    pub report_json: Option<PathBuf>,
+}
 
-pub fn execute(_args: Args, _rt: &tokio::runtime::Runtime) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not yet")
+/// The broker the demo runs on.
+enum DemoBroker {
+    Embedded(MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+    External(KafkaConfig),
+}
+
+impl DemoBroker {
+    fn kafka(&self) -> KafkaConfig {
+        match self {
+            DemoBroker::Embedded(mock) => KafkaConfig::plaintext(mock.bootstrap_servers()),
+            DemoBroker::External(k) => k.clone(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            DemoBroker::Embedded(m) => format!(
+                "embedded (librdkafka mock cluster, 3 brokers at {})",
+                m.bootstrap_servers()
+            ),
+            DemoBroker::External(k) => k.bootstrap_servers.clone(),
+        }
+    }
+
+    fn create_topic(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        topic: &str,
+        partitions: i32,
+    ) -> anyhow::Result<()> {
+        match self {
+            DemoBroker::Embedded(mock) => mock
+                .create_topic(topic, partitions, 1)
+                .with_context(|| format!("creating {topic} on the embedded broker")),
+            DemoBroker::External(k) => {
+                runtime
+                    .block_on(microbatch_core::kafka::create_topic(
+                        k,
+                        topic,
+                        partitions,
+                        1,
+                        Duration::from_secs(30),
+                    ))
+                    .with_context(|| format!("creating {topic}"))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Timings that --quick shortens.
+struct Plan {
+    burst: u64,
+    window: Duration,
+    tick: Duration,
+    phase_timeout: Duration,
+}
+
+pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<ExitCode> {
+    let file = args.kafka.load_file()?;
+    let named = args.kafka.bootstrap_servers.is_some() || file.bootstrap_servers.is_some();
+    if args.max_replicas == 0 {
+        return Err(ConfigError::new("--max-replicas", "must be at least 1").into());
+    }
+    if args.concurrency == 0 {
+        return Err(ConfigError::new("--concurrency", "must be at least 1").into());
+    }
+    let broker = if named {
+        DemoBroker::External(args.kafka.resolve(&file)?)
+    } else {
+        DemoBroker::Embedded(MockCluster::new(3).context("starting the embedded broker")?)
+    };
+    let plan = Plan {
+        burst: args.burst.unwrap_or(if args.quick { 4000 } else { 16_000 }),
+        window: Duration::from_secs(if args.quick { 4 } else { 10 }),
+        tick: Duration::from_millis(500),
+        phase_timeout: Duration::from_secs(if args.quick { 60 } else { 90 }),
+    };
+    let out_dir = PathBuf::from("microbatch-demo");
+    let html_path = args
+        .report_html
+        .clone()
+        .unwrap_or_else(|| out_dir.join("report.html"));
+    let json_path = args
+        .report_json
+        .clone()
+        .unwrap_or_else(|| out_dir.join("report.json"));
+    for p in [&html_path, &json_path] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    let work = std::env::temp_dir().join(format!("microbatch-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        runtime.spawn(async move {
+            super::shutdown_signal().await;
+            flag.store(true, Ordering::SeqCst);
+        });
+    }
+
+    eprintln!("microbatch demo on {}", broker.describe());
+    let policies: Vec<PolicyKind> = if args.compare {
+        vec![PolicyKind::Keda, PolicyKind::Rate]
+    } else {
+        vec![args.policy]
+    };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut runs = Vec::new();
+    for kind in policies {
+        let name = match kind {
+            PolicyKind::Keda => "keda",
+            PolicyKind::Rate => "rate",
+        };
+        let topic = format!("microbatch-demo-{stamp}-{name}");
+        let dlq = format!("{topic}.dlq");
+        broker.create_topic(runtime, &topic, 8)?;
+        broker.create_topic(runtime, &dlq, 1)?;
+        let run_dir = work.join(name);
+        std::fs::create_dir_all(&run_dir)?;
+        let run = run_policy(
+            &args,
+            &plan,
+            &broker.kafka(),
+            kind,
+            &topic,
+            &run_dir,
+            &interrupted,
+        )?;
+        runs.push(run);
+        if interrupted.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    let lost = runs.iter().map(|r| r.lost).sum();
+    let report = Report {
+        broker: broker.describe(),
+        quick: args.quick,
+        lost,
+        runs,
+    };
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    std::fs::write(&html_path, report::html(&report))
+        .with_context(|| format!("writing {}", html_path.display()))?;
+    print_summary(&report);
+    println!(
+        "report: {} (JSON: {})",
+        html_path.display(),
+        json_path.display()
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    if interrupted.load(Ordering::SeqCst) {
+        eprintln!("interrupted; every worker was stopped");
+        return Ok(ExitCode::from(130));
+    }
+    Ok(if lost == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn make_policy(kind: PolicyKind, args: &Args, plan: &Plan) -> Policy {
+    match kind {
+        PolicyKind::Keda => Policy::Keda(KedaPolicy::new(KedaParams {
+            lag_threshold: args.lag_threshold.max(1),
+            activation_lag_threshold: 1,
+            min_replicas: 1,
+            max_replicas: args.max_replicas,
+            scale_down_stabilization: plan.window,
+            cooldown: plan.window,
+            offset_reset_latest: false,
+            ..KedaParams::default()
+        })),
+        PolicyKind::Rate => {
+            // A slot finishes a record every process_time: the cold-start guess.
+            let per_slot = 1000.0 / args.process_time_ms.max(1) as f64;
+            Policy::Rate(RatePolicy::new(RateParams {
+                target_drain: Duration::from_secs(if args.quick { 5 } else { 10 }),
+                min_replicas: 1,
+                max_replicas: args.max_replicas,
+                slots_per_partition: args.concurrency,
+                slots_per_replica: args.concurrency,
+                initial_rate_per_replica: per_slot * f64::from(args.concurrency),
+                scale_down_stabilization: plan.window,
+                tolerance: 0.1,
+            }))
+        }
+    }
+}
+
+fn start_burst(
+    kafka: &KafkaConfig,
+    topic: &str,
+    count: u64,
+    partitions: Vec<i32>,
+    poison_every: u64,
+    start_seq: u64,
+) -> JoinHandle<u64> {
+    let kafka = kafka.clone();
+    let args = produce::Args {
+        kafka: KafkaArgs {
+            bootstrap_servers: None,
+            security_protocol: None,
+            sasl_mechanism: None,
+            username: None,
+            password: None,
+            ssl_ca_location: None,
+            kafka_property: Vec::new(),
+            config_file: None,
+        },
+        topic: topic.to_string(),
+        count,
+        rate: 0,
+        size: 100,
+        keys: 1000,
+        partitions,
+        poison_every,
+        start_seq,
+        quiet: true,
+    };
+    std::thread::spawn(
+        move || match produce_blocking(&kafka, &args, &ProgressBar::hidden()) {
+            Ok(s) => s.delivered,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "producing the burst failed");
+                0
+            }
+        },
+    )
+}
+
+/// Runs the scenarios under one policy and checks the outcome.
+fn run_policy(
+    args: &Args,
+    plan: &Plan,
+    kafka: &KafkaConfig,
+    kind: PolicyKind,
+    topic: &str,
+    dir: &Path,
+    interrupted: &AtomicBool,
+) -> anyhow::Result<PolicyRun> {
+    let group = format!("{topic}-group");
+    let dlq = format!("{topic}.dlq");
+    let audit = dir.join("w{n}.audit");
+    let run_args: Vec<String> = [
+        "--topic",
+        topic,
+        "--group",
+        &group,
+        "--handler",
+        "simulate",
+        "--process-time-ms",
+        &args.process_time_ms.to_string(),
+        "--poison-marker",
+        "POISON",
+        "--max-records",
+        "10",
+        "--max-wait-ms",
+        "50",
+        "--ordering",
+        "key",
+        "--concurrency",
+        &args.concurrency.to_string(),
+        "--commit-interval-ms",
+        "250",
+        "--drain-timeout-ms",
+        "5000",
+        "--retry-initial-ms",
+        "20",
+        "--retry-max-ms",
+        "200",
+        "--max-attempts",
+        "3",
+        "--dlq-topic",
+        &dlq,
+        "--audit-log",
+        audit.to_str().context("the work directory is not UTF-8")?,
+        "--http-port",
+        "0",
+        "--http-host",
+        "127.0.0.1",
+        "--log-format",
+        "json",
+        // Notice the killed worker sooner (the broker's minimum).
+        "--kafka-property",
+        "session.timeout.ms=6000",
+        "--kafka-property",
+        "heartbeat.interval.ms=1500",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let min_replicas = 1;
+    let config = SupervisorConfig {
+        program: std::env::current_exe().context("locating the microbatch binary")?,
+        run_args,
+        min_replicas,
+        max_replicas: args.max_replicas,
+        kill_after: Duration::from_secs(10),
+        log_dir: Some(dir.to_path_buf()),
+        timeline: None,
+        invalid_offset: InvalidOffsetPolicy::Earliest,
+        env: kafka_env(kafka),
+    };
+    let reader = LagReader::new(kafka, &group, topic, Duration::from_secs(10))?;
+    let dlq_watch = watermark_reader(kafka)?;
+    let mut sup = Supervisor::new(config, make_policy(kind, args, plan), reader)?;
+    let scenarios: Vec<Scenario> = match args.scenario {
+        Scenario::All => vec![
+            Scenario::Fanout,
+            Scenario::Hot,
+            Scenario::Idle,
+            Scenario::Failure,
+        ],
+        s => vec![s],
+    };
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut timeline: Vec<Sample> = Vec::new();
+    let mut results = Vec::new();
+    let mut produced_total = 0u64;
+    let mut seq = 0u64;
+    let mut view = LiveView::new(tty, sup.policy_name());
+
+    for scenario in scenarios {
+        if interrupted.load(Ordering::SeqCst) {
+            break;
+        }
+        let name = format!("{scenario:?}").to_lowercase();
+        let phase_start = Instant::now();
+        let (partitions, poison_every, count) = match scenario {
+            Scenario::Fanout => (Vec::new(), 0, plan.burst),
+            Scenario::Hot => (vec![0, 1], 0, plan.burst / 2),
+            Scenario::Failure => (Vec::new(), 200, plan.burst),
+            Scenario::Idle | Scenario::All => (Vec::new(), 0, 0),
+        };
+        let mut producer =
+            (count > 0).then(|| start_burst(kafka, topic, count, partitions, poison_every, seq));
+        seq += count;
+        let mut produced = 0;
+        let mut peak = sup.replicas();
+        let mut killed = 0;
+        let mut drained_at = None;
+        let mut saw_lag = false;
+        loop {
+            if interrupted.load(Ordering::SeqCst) {
+                break;
+            }
+            let tick_start = Instant::now();
+            let point = sup.tick()?;
+            if let Some(h) = producer.take_if(|h| h.is_finished()) {
+                produced = h.join().unwrap_or(0);
+            }
+            let dead = dlq_total(&dlq_watch, &dlq);
+            if let Some(p) = &point {
+                peak = peak.max(p.replicas);
+                saw_lag |= p.total_lag > 0;
+                timeline.push(Sample {
+                    t_ms: started.elapsed().as_millis() as u64,
+                    scenario: name.clone(),
+                    total_lag: p.total_lag,
+                    replicas: p.replicas,
+                    desired: p.desired,
+                    processed_per_sec: p.processed_per_sec,
+                    dead_lettered: dead,
+                    partition_lag: p.partition_lag.clone(),
+                });
+                view.draw(&name, phase_start.elapsed(), p, dead);
+                // Kill a worker once the burst is being worked on by several.
+                if scenario == Scenario::Failure
+                    && killed == 0
+                    && p.total_lag > 0
+                    && p.processed_per_sec > 0.0
+                    && p.replicas >= 2
+                    && sup.kill_one(0).is_some()
+                {
+                    killed += 1;
+                }
+                let burst_done = producer.is_none() && count > 0;
+                if burst_done && p.total_lag == 0 && saw_lag {
+                    drained_at = Some(phase_start.elapsed());
+                    break;
+                }
+                if scenario == Scenario::Idle
+                    && p.replicas == min_replicas
+                    && phase_start.elapsed() >= plan.window
+                {
+                    break;
+                }
+            }
+            if phase_start.elapsed() > plan.phase_timeout {
+                break;
+            }
+            let spent = tick_start.elapsed();
+            if spent < plan.tick {
+                std::thread::sleep(plan.tick - spent);
+            }
+        }
+        if let Some(h) = producer.take() {
+            produced = h.join().unwrap_or(0);
+        }
+        produced_total += produced;
+        let replicas_at_end = sup.replicas();
+        let (passed, note) = match scenario {
+            Scenario::Idle => (
+                replicas_at_end == min_replicas,
+                format!("replicas back to {replicas_at_end} (min {min_replicas})"),
+            ),
+            Scenario::Failure => (
+                drained_at.is_some() && killed > 0,
+                format!("{killed} worker killed with SIGKILL; drained"),
+            ),
+            _ => (drained_at.is_some(), "drained".to_string()),
+        };
+        results.push(ScenarioResult {
+            name,
+            produced,
+            drain_seconds: drained_at.map(|d| d.as_secs_f64()),
+            peak_replicas: peak,
+            replicas_at_end,
+            workers_killed: killed,
+            passed,
+            note,
+        });
+    }
+    view.finish();
+    let replica_seconds = sup.replica_seconds;
+    let policy = sup.policy_name().to_string();
+    drop(sup); // stops every worker: SIGTERM, drain, SIGKILL only past the deadline
+
+    let verification = verify(kafka, topic, &group, dir, &dlq)?;
+    let peak_replicas = timeline.iter().map(|s| s.replicas).max().unwrap_or(0);
+    let rose = results
+        .iter()
+        .filter(|r| r.name != "idle")
+        .any(|r| r.peak_replicas > min_replicas);
+    let fell = results
+        .iter()
+        .find(|r| r.name == "idle")
+        .map(|r| r.replicas_at_end == min_replicas)
+        .unwrap_or(true);
+    Ok(PolicyRun {
+        policy,
+        topic: topic.to_string(),
+        group,
+        produced: produced_total,
+        processed: verification.succeeded + verification.dead_lettered,
+        succeeded: verification.succeeded,
+        dead_lettered: verification.dead_lettered,
+        duplicates: verification.duplicates,
+        lost: verification.lost,
+        peak_replicas,
+        replica_seconds,
+        min_replicas,
+        max_replicas: args.max_replicas,
+        replicas_rose_during_burst: rose,
+        replicas_fell_back_when_idle: fell,
+        scenarios: results,
+        timeline,
+    })
+}
+
+struct Verification {
+    succeeded: u64,
+    dead_lettered: u64,
+    duplicates: u64,
+    lost: u64,
+}
+
+fn watermark_reader(kafka: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
+    kafka
+        .client_config()
+        .create()
+        .context("creating a watermark reader")
+}
+
+fn dlq_total(consumer: &BaseConsumer, dlq: &str) -> i64 {
+    consumer
+        .fetch_watermarks(dlq, 0, Duration::from_secs(5))
+        .map(|(low, high)| high - low)
+        .unwrap_or(0)
+}
+
+/// Checks every offset of the topic was processed or dead-lettered.
+fn verify(
+    kafka: &KafkaConfig,
+    topic: &str,
+    group: &str,
+    dir: &Path,
+    dlq: &str,
+) -> anyhow::Result<Verification> {
+    let mut seen: BTreeMap<(i32, i64), u64> = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "audit") {
+            for line in std::fs::read_to_string(&path)?.lines() {
+                let mut it = line.split_whitespace();
+                if let (Some(p), Some(o)) = (it.next(), it.next()) {
+                    if let (Ok(p), Ok(o)) = (p.parse(), o.parse()) {
+                        *seen.entry((p, o)).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+    }
+    let dead = read_dead_letters(kafka, dlq)?;
+    let reader = LagReader::new(kafka, group, topic, Duration::from_secs(10))?;
+    let lag = reader.read(InvalidOffsetPolicy::Earliest)?;
+    let mut lost = 0;
+    for p in &lag.partitions {
+        for o in p.low..p.high {
+            if !seen.contains_key(&(p.partition, o)) && !dead.contains(&(p.partition, o)) {
+                lost += 1;
+            }
+        }
+    }
+    Ok(Verification {
+        succeeded: seen.len() as u64,
+        dead_lettered: dead.len() as u64,
+        duplicates: seen.values().map(|n| n - 1).sum(),
+        lost,
+    })
+}
+
+/// (partition, offset) of every dead letter, from their context headers.
+fn read_dead_letters(kafka: &KafkaConfig, dlq: &str) -> anyhow::Result<BTreeSet<(i32, i64)>> {
+    // assign() needs a group id; this reader never commits.
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .set("group.id", format!("{dlq}-reader"))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let (low, high) = consumer.fetch_watermarks(dlq, 0, Duration::from_secs(10))?;
+    let mut out = BTreeSet::new();
+    if high <= low {
+        return Ok(out);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(dlq, 0, Offset::Offset(low))?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut next = low;
+    while next < high && Instant::now() < deadline {
+        let Some(Ok(msg)) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        next = msg.offset() + 1;
+        let header = |name: &str| -> Option<i64> {
+            msg.headers()?
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+        };
+        if let (Some(p), Some(o)) = (
+            header(headers::ORIGINAL_PARTITION),
+            header(headers::ORIGINAL_OFFSET),
+        ) {
+            out.insert((p as i32, o));
+        }
+    }
+    Ok(out)
+}
+
+/// The live view: a redrawn block on a terminal, plain lines otherwise.
+struct LiveView {
+    tty: bool,
+    policy: &'static str,
+    lines_drawn: usize,
+    last_plain: Option<Instant>,
+}
+
+impl LiveView {
+    fn new(tty: bool, policy: &'static str) -> Self {
+        Self {
+            tty,
+            policy,
+            lines_drawn: 0,
+            last_plain: None,
+        }
+    }
+
+    fn draw(
+        &mut self,
+        scenario: &str,
+        elapsed: Duration,
+        p: &microbatch_scaling::supervisor::TimelinePoint,
+        dead: i64,
+    ) {
+        let mut err = std::io::stderr().lock();
+        if !self.tty {
+            if self
+                .last_plain
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
+            {
+                return;
+            }
+            self.last_plain = Some(Instant::now());
+            let _ = writeln!(
+                err,
+                "[{}] {scenario:<8} t={:>5.1}s lag={:<7} replicas={}/{} committed/s={:<6.0} dlq={}",
+                self.policy,
+                elapsed.as_secs_f64(),
+                p.total_lag,
+                p.replicas,
+                p.desired,
+                p.processed_per_sec,
+                dead
+            );
+            return;
+        }
+        if self.lines_drawn > 0 {
+            let _ = write!(err, "\x1b[{}A", self.lines_drawn);
+        }
+        let max = p.partition_lag.iter().copied().max().unwrap_or(0).max(1);
+        let mut lines = vec![
+            format!(
+                "\x1b[2Kpolicy {}  scenario {scenario}  {:.1}s",
+                self.policy,
+                elapsed.as_secs_f64()
+            ),
+            format!(
+                "\x1b[2Klag {:<8} replicas {} (desired {})  committed {:.0}/s  dead letters {}",
+                p.total_lag, p.replicas, p.desired, p.processed_per_sec, dead
+            ),
+        ];
+        for (i, lag) in p.partition_lag.iter().enumerate() {
+            let width = (*lag as f64 / max as f64 * 40.0).round() as usize;
+            lines.push(format!("\x1b[2K  p{i:<2} {:<40} {lag}", "█".repeat(width)));
+        }
+        for l in &lines {
+            let _ = writeln!(err, "{l}");
+        }
+        self.lines_drawn = lines.len();
+    }
+
+    fn finish(&mut self) {
+        self.lines_drawn = 0;
+    }
+}
+
+fn print_summary(report: &Report) {
+    println!();
+    for run in &report.runs {
+        println!(
+            "policy {:<5} produced {:>7}  processed {:>7}  dead-lettered {:>4}  duplicates {:>5}  lost {}  peak replicas {}  replica-seconds {:.0}",
+            run.policy,
+            run.produced,
+            run.processed,
+            run.dead_lettered,
+            run.duplicates,
+            run.lost,
+            run.peak_replicas,
+            run.replica_seconds
+        );
+        for s in &run.scenarios {
+            println!(
+                "  {:<8} produced {:>6}  drain {:>7}  peak replicas {:>2}  end replicas {:>2}  {} {}",
+                s.name,
+                s.produced,
+                s.drain_seconds.map(|d| format!("{d:.1}s")).unwrap_or_else(|| "-".into()),
+                s.peak_replicas,
+                s.replicas_at_end,
+                if s.passed { "ok" } else { "FAILED" },
+                s.note
+            );
+        }
+    }
+    println!("lost = {}", report.lost);
 }

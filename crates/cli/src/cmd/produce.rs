@@ -103,6 +103,21 @@ pub fn produce_blocking(
         .set("message.timeout.ms", "60000")
         .create_with_context(Deliveries::default())
         .context("creating the producer")?;
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(&args.topic), Duration::from_secs(15))
+        .map_err(|e| microbatch_core::kafka::ClientError::classify(e, &kafka.bootstrap_servers))?;
+    let exists = metadata
+        .topics()
+        .iter()
+        .any(|t| t.name() == args.topic && t.error().is_none() && !t.partitions().is_empty());
+    if !exists {
+        anyhow::bail!(
+            "topic {:?} does not exist (create it with `microbatch topic create --topic {}`)",
+            args.topic,
+            args.topic
+        );
+    }
     let context = producer.context().clone();
     let started = Instant::now();
     let mut value = vec![b'x'; args.size.max(20)];

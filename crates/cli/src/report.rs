@@ -1,0 +1,297 @@
+//! The demo's report: the numbers that prove the run (JSON) and a
+//! self-contained HTML page with inline SVG charts (no network to view it).
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// One timeline sample, tagged with the scenario running at the time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub t_ms: u64,
+    pub scenario: String,
+    pub total_lag: i64,
+    pub replicas: u32,
+    pub desired: u32,
+    pub processed_per_sec: f64,
+    pub dead_lettered: i64,
+    pub partition_lag: Vec<i64>,
+}
+
+/// What one scenario did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    pub name: String,
+    pub produced: u64,
+    /// Seconds from the burst's first record to lag 0 (None: no burst, or not drained).
+    pub drain_seconds: Option<f64>,
+    pub peak_replicas: u32,
+    pub replicas_at_end: u32,
+    pub workers_killed: u32,
+    pub passed: bool,
+    pub note: String,
+}
+
+/// One policy's whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyRun {
+    pub policy: String,
+    pub topic: String,
+    pub group: String,
+    pub produced: u64,
+    /// Distinct records finished: handled successfully or dead-lettered.
+    pub processed: u64,
+    pub succeeded: u64,
+    pub dead_lettered: u64,
+    /// Records handled more than once (at-least-once redeliveries).
+    pub duplicates: u64,
+    /// Records neither processed nor dead-lettered. Must be 0.
+    pub lost: u64,
+    pub peak_replicas: u32,
+    pub replica_seconds: f64,
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    pub replicas_rose_during_burst: bool,
+    pub replicas_fell_back_when_idle: bool,
+    pub scenarios: Vec<ScenarioResult>,
+    pub timeline: Vec<Sample>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub broker: String,
+    pub quick: bool,
+    pub lost: u64,
+    pub runs: Vec<PolicyRun>,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A named, coloured series of (seconds, value) points.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
+/// A line chart: one or more series over time, phase boundaries marked.
+fn chart(title: &str, unit: &str, series: &[Series<'_>], phases: &[(f64, String)]) -> String {
+    let (w, h, left, right, top, bottom) = (760.0, 220.0, 60.0, 20.0, 28.0, 30.0);
+    let max_x = series
+        .iter()
+        .flat_map(|(_, _, pts)| pts.iter().map(|p| p.0))
+        .fold(1.0f64, f64::max);
+    let max_y = series
+        .iter()
+        .flat_map(|(_, _, pts)| pts.iter().map(|p| p.1))
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let sx = |x: f64| left + x / max_x * (w - left - right);
+    let sy = |y: f64| h - bottom - y / max_y * (h - top - bottom);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{t}">"#,
+        t = esc(title)
+    );
+    let _ = write!(
+        svg,
+        r##"<text x="{left}" y="18" font-size="14" font-weight="bold">{} <tspan font-weight="normal" font-size="11">({})</tspan></text>"##,
+        esc(title),
+        esc(unit)
+    );
+    for i in 0..=4 {
+        let y = max_y * f64::from(i) / 4.0;
+        let _ = write!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" font-size="10" text-anchor="end">{}</text>"##,
+            w - right,
+            left - 4.0,
+            sy(y) + 3.0,
+            if y >= 10.0 {
+                format!("{y:.0}")
+            } else {
+                format!("{y:.1}")
+            },
+            py = sy(y)
+        );
+    }
+    for (x, name) in phases {
+        let _ = write!(
+            svg,
+            r##"<line x1="{px:.1}" x2="{px:.1}" y1="{top}" y2="{}" stroke="#999" stroke-dasharray="3,3"/><text x="{:.1}" y="{}" font-size="10" fill="#555">{}</text>"##,
+            h - bottom,
+            sx(*x) + 3.0,
+            top + 10.0,
+            esc(name),
+            px = sx(*x)
+        );
+    }
+    let _ = write!(
+        svg,
+        r##"<text x="{}" y="{}" font-size="10" text-anchor="end">{max_x:.0} s</text>"##,
+        w - right,
+        h - 8.0,
+    );
+    for (i, (name, color, pts)) in series.iter().enumerate() {
+        let points: Vec<String> = pts
+            .iter()
+            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+            .collect();
+        let _ = write!(
+            svg,
+            r##"<polyline class="series" data-name="{}" fill="none" stroke="{color}" stroke-width="2" points="{}"/>"##,
+            esc(name),
+            points.join(" ")
+        );
+        let lx = left + 10.0 + 140.0 * i as f64;
+        let _ = write!(
+            svg,
+            r##"<rect x="{lx}" y="{}" width="10" height="3" fill="{color}"/><text x="{}" y="{}" font-size="10">{}</text>"##,
+            h - 12.0,
+            lx + 14.0,
+            h - 8.0,
+            esc(name)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn run_section(run: &PolicyRun) -> String {
+    let secs = |t: u64| t as f64 / 1000.0;
+    let lag: Vec<(f64, f64)> = run
+        .timeline
+        .iter()
+        .map(|s| (secs(s.t_ms), s.total_lag as f64))
+        .collect();
+    let replicas: Vec<(f64, f64)> = run
+        .timeline
+        .iter()
+        .map(|s| (secs(s.t_ms), f64::from(s.replicas)))
+        .collect();
+    let desired: Vec<(f64, f64)> = run
+        .timeline
+        .iter()
+        .map(|s| (secs(s.t_ms), f64::from(s.desired)))
+        .collect();
+    let rate: Vec<(f64, f64)> = run
+        .timeline
+        .iter()
+        .map(|s| (secs(s.t_ms), s.processed_per_sec))
+        .collect();
+    let mut phases = Vec::new();
+    let mut last = "";
+    for s in &run.timeline {
+        if s.scenario != last {
+            phases.push((secs(s.t_ms), s.scenario.clone()));
+            last = &s.scenario;
+        }
+    }
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<section><h2>policy <code>{}</code></h2><table><tr><th>produced</th><th>processed</th><th>dead-lettered</th><th>duplicates</th><th>lost</th><th>peak replicas</th><th>replica-seconds</th></tr><tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{:.0}</td></tr></table>",
+        esc(&run.policy),
+        run.produced,
+        run.processed,
+        run.dead_lettered,
+        run.duplicates,
+        if run.lost == 0 { "ok" } else { "bad" },
+        run.lost,
+        run.peak_replicas,
+        run.replica_seconds
+    );
+    html.push_str("<table><tr><th>scenario</th><th>produced</th><th>time to drain</th><th>peak replicas</th><th>replicas at end</th><th>result</th></tr>");
+    for s in &run.scenarios {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
+            esc(&s.name),
+            s.produced,
+            s.drain_seconds.map(|d| format!("{d:.1} s")).unwrap_or_else(|| "-".into()),
+            s.peak_replicas,
+            s.replicas_at_end,
+            if s.passed { "ok" } else { "bad" },
+            esc(&s.note)
+        );
+    }
+    html.push_str("</table>");
+    html.push_str(&chart(
+        "Total lag",
+        "records",
+        &[("lag", "#c0392b", lag)],
+        &phases,
+    ));
+    html.push_str(&chart(
+        "Replicas",
+        "workers",
+        &[
+            ("running", "#2471a3", replicas),
+            ("desired", "#f39c12", desired),
+        ],
+        &phases,
+    ));
+    html.push_str(&chart(
+        "Throughput",
+        "records/s",
+        &[("committed/s", "#27ae60", rate)],
+        &phases,
+    ));
+    html.push_str("</section>");
+    html
+}
+
+/// The whole report as one HTML file.
+pub fn html(report: &Report) -> String {
+    let mut body = String::new();
+    for run in &report.runs {
+        body.push_str(&run_section(run));
+    }
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>microbatch demo report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 820px; }}
+table {{ border-collapse: collapse; margin: 0.8em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+th {{ background: #f4f4f4; }}
+.ok {{ color: #1e8449; font-weight: bold; }} .bad {{ color: #c0392b; font-weight: bold; }}
+svg.chart {{ display: block; margin: 0.8em 0; border: 1px solid #eee; }}
+</style></head>
+<body>
+<h1>microbatch demo</h1>
+<p>Broker: {broker}. Lost records across all runs: <span class="{lost_class}">{lost}</span>.</p>
+{body}
+</body></html>
+"#,
+        broker = esc(&report.broker),
+        lost_class = if report.lost == 0 { "ok" } else { "bad" },
+        lost = report.lost,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_have_points_and_escape_text() {
+        let svg = chart(
+            "a<b",
+            "x",
+            &[("s", "#000", vec![(0.0, 1.0), (1.0, 2.0), (2.0, 0.0)])],
+            &[(0.0, "fanout".into())],
+        );
+        assert!(svg.contains("a&lt;b"));
+        let points = svg
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        assert_eq!(points.split(' ').count(), 3);
+    }
+}
