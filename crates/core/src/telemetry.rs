@@ -163,12 +163,12 @@ impl Metrics {
         );
         r.register(
             "circuit_open",
-            "1 while the downstream circuit breaker is open",
+            "Whether the downstream circuit breaker is open (1) or closed (0)",
             m.circuit_open.clone(),
         );
         r.register(
             "ready",
-            "1 when the worker has joined its group and reaches the brokers",
+            "Whether the worker has joined its group and reaches the brokers (1) or not (0)",
             m.ready.clone(),
         );
         m
@@ -215,26 +215,30 @@ impl Readiness {
         }
     }
 
-    /// `Ok` when ready, else a one-line reason.
+    /// `Ok` when ready, else every reason it is not, on one line.
     pub fn check(&self) -> Result<(), String> {
+        let mut reasons = Vec::new();
         if let Some(e) = self
             .last_error
             .lock()
             .expect("readiness lock poisoned")
             .as_ref()
         {
-            return Err(format!("kafka error: {e}"));
-        }
-        if !self.brokers_up.load(Ordering::Relaxed) {
-            return Err("no broker connection yet".into());
+            reasons.push(format!("kafka error: {e}"));
+        } else if !self.brokers_up.load(Ordering::Relaxed) {
+            reasons.push("no broker connection yet".to_string());
         }
         if !self.joined.load(Ordering::Relaxed) {
-            return Err("not joined to the consumer group yet".into());
+            reasons.push("not joined to the consumer group yet".into());
         }
         if self.circuit_open.load(Ordering::Relaxed) {
-            return Err("downstream circuit breaker open: consumption paused".into());
+            reasons.push("downstream circuit breaker open: consumption paused".into());
         }
-        Ok(())
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons.join("; "))
+        }
     }
 }
 

@@ -400,3 +400,85 @@ pub fn assert_all_processed(topic: &str, group: &str, paths: &[PathBuf]) -> (usi
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
+
+/// Every record of a topic (partition 0..n), read from the beginning:
+/// (partition, offset, key, value, headers).
+pub type Consumed = (i32, i64, Option<String>, String, BTreeMap<String, String>);
+
+pub fn read_topic(topic: &str, bootstrap: &str) -> Vec<Consumed> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0;
+    let mut highs = BTreeMap::new();
+    for p in &parts {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *p, Duration::from_secs(10))
+            .unwrap();
+        tpl.add_partition_offset(topic, *p, Offset::Offset(low))
+            .unwrap();
+        remaining += high - low;
+        highs.insert(*p, high);
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while remaining > 0 && Instant::now() < deadline {
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        if m.offset() >= highs[&m.partition()] {
+            continue;
+        }
+        remaining -= 1;
+        let headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            String::from_utf8_lossy(h.value.unwrap_or(b"")).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((
+            m.partition(),
+            m.offset(),
+            m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            String::from_utf8_lossy(m.payload().unwrap_or(b"")).into_owned(),
+            headers,
+        ));
+    }
+    assert_eq!(remaining, 0, "read the whole topic {topic}");
+    out
+}
+
+pub fn scripts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts")
+}
+
+/// The value of a metric sample (`name value` line, no labels) in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Reads one metric from a worker's /metrics.
+pub fn worker_metric(port: u16, name: &str) -> Option<f64> {
+    http_get(port, "/metrics").and_then(|(_, m)| metric(&m, name))
+}

@@ -1,0 +1,301 @@
+//! Nothing lost: poison records, a downstream outage, ordering under skew.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::*;
+
+const SIGTERM: i32 = 15;
+
+/// 1% of records fail for good: exactly those reach the dead-letter topic with
+/// their context headers; every other record is processed; lag ends at 0.
+#[test]
+fn poison_records_go_to_the_dlq_with_context_and_nothing_else_does() {
+    let dir = TestDir::new("poison");
+    let topic = unique("poison");
+    let dlq = format!("{topic}.dlq");
+    let group = unique("g");
+    create_topic(&topic, 8);
+    create_topic(&dlq, 1);
+    produce(&topic, 5000, &["--poison-every", "100", "--keys", "300"]);
+    let mut w = spawn_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &[
+            "--poison-marker",
+            "POISON",
+            "--max-records",
+            "50",
+            "--retry-initial-ms",
+            "10",
+        ],
+    );
+    wait_until(Duration::from_secs(120), "lag 0", || {
+        total_lag(&topic, &group) == 0
+    });
+    w.signal(SIGTERM);
+    assert!(
+        w.wait_for_exit(Duration::from_secs(60)).unwrap().success(),
+        "{}",
+        w.stderr()
+    );
+
+    let source = read_topic(&topic, broker().bootstrap());
+    let poison: BTreeSet<(i32, i64)> = source
+        .iter()
+        .filter(|r| r.3.contains("POISON"))
+        .map(|r| (r.0, r.1))
+        .collect();
+    assert_eq!(poison.len(), 50, "1% of 5000 records are poison");
+    let dead = read_topic(&dlq, broker().bootstrap());
+    let mut dead_offsets = BTreeSet::new();
+    for (_, _, key, value, headers) in &dead {
+        let p: i32 = headers["microbatch.original.partition"].parse().unwrap();
+        let o: i64 = headers["microbatch.original.offset"].parse().unwrap();
+        assert_eq!(headers["microbatch.original.topic"], topic);
+        assert_eq!(headers["microbatch.consumer.group"], group);
+        assert!(
+            headers["microbatch.error"].contains("poison"),
+            "{headers:?}"
+        );
+        assert_eq!(
+            headers["microbatch.attempts"], "1",
+            "permanent failures are not retried"
+        );
+        assert!(
+            headers["microbatch.original.timestamp_ms"]
+                .parse::<i64>()
+                .unwrap()
+                > 0
+        );
+        let original = source
+            .iter()
+            .find(|r| r.0 == p && r.1 == o)
+            .expect("the original exists");
+        assert_eq!(
+            (&original.2, &original.3),
+            (key, value),
+            "key and value are the original's"
+        );
+        dead_offsets.insert((p, o));
+    }
+    assert_eq!(
+        dead_offsets, poison,
+        "exactly the poison records are dead-lettered"
+    );
+    let processed: BTreeSet<(i32, i64)> = audited(&[dir.path("w.audit")]).into_keys().collect();
+    for r in &source {
+        let id = (r.0, r.1);
+        assert!(
+            processed.contains(&id) != poison.contains(&id),
+            "{id:?} processed xor dead-lettered"
+        );
+    }
+}
+
+/// The handler fails everything for a while: no record is dead-lettered, the
+/// circuit opens (consumption pauses, /readyz 503), then it closes and every
+/// record is processed.
+#[test]
+fn a_downstream_outage_pauses_and_resumes_without_dead_letters() {
+    let dir = TestDir::new("outage");
+    let topic = unique("outage");
+    let dlq = format!("{topic}.dlq");
+    let group = unique("g");
+    create_topic(&topic, 4);
+    create_topic(&dlq, 1);
+    produce(&topic, 2000, &[]);
+    let down_flag = dir.path("down");
+    std::fs::write(&down_flag, "").unwrap();
+    let handler = dir.path("handler.py");
+    std::fs::write(
+        &handler,
+        format!(
+            "import sys, os, json\nfor line in sys.stdin:\n    json.loads(line)\n    if os.path.exists({flag:?}):\n        print(json.dumps({{'error': 'downstream unavailable'}}), flush=True)\n    else:\n        print('{{\"failed\":[]}}', flush=True)\n",
+            flag = down_flag.display().to_string()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let cmd = format!("python3 {}", handler.display());
+    let mut w = spawn_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        port,
+        &[
+            "--handler",
+            "exec",
+            "--command",
+            &cmd,
+            "--max-attempts",
+            "3",
+            "--retry-initial-ms",
+            "50",
+            "--retry-max-ms",
+            "200",
+        ],
+    );
+    wait_until(Duration::from_secs(60), "the circuit to open", || {
+        worker_metric(port, "microbatch_circuit_open") == Some(1.0)
+    });
+    let (status, body) = http_get(port, "/readyz").unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("circuit"), "{body}");
+    // Well past max-attempts × back-off: had attempts been spent, records
+    // would be in the DLQ by now.
+    std::thread::sleep(Duration::from_secs(20));
+    assert_eq!(audited(&[dir.path("w.audit")]).len(), 0);
+    assert_eq!(
+        worker_metric(port, "microbatch_records_dead_lettered_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        worker_metric(port, "microbatch_paused_partitions"),
+        Some(4.0),
+        "consumption paused"
+    );
+    assert_eq!(
+        worker_metric(port, "microbatch_circuit_open"),
+        Some(1.0),
+        "still open while down"
+    );
+    std::fs::remove_file(&down_flag).unwrap();
+    wait_until(Duration::from_secs(120), "lag 0 after recovery", || {
+        total_lag(&topic, &group) == 0
+    });
+    w.signal(SIGTERM);
+    assert!(w.wait_for_exit(Duration::from_secs(60)).unwrap().success());
+    let (expected, _) = assert_all_processed(&topic, &group, &[dir.path("w.audit")]);
+    assert_eq!(expected, 2000);
+    assert!(
+        read_topic(&dlq, broker().bootstrap()).is_empty(),
+        "an outage dead-letters nothing"
+    );
+    assert!(w.stderr().contains("circuit closed"), "{}", w.stderr());
+}
+
+/// Checks the exec handler's record of "key seq" lines: per key, sequence
+/// numbers only ever rise (Kafka keeps a key's records in one partition).
+fn assert_key_order(log: &str) -> usize {
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    let mut n = 0;
+    for line in log.lines() {
+        let (key, seq) = line.split_once(' ').expect("key seq");
+        let seq: u64 = seq.parse().unwrap();
+        if let Some(prev) = last.insert(key.to_string(), seq) {
+            assert!(seq > prev, "key {key}: {seq} handled after {prev}");
+        }
+        n += 1;
+    }
+    n
+}
+
+fn order_checking_handler(dir: &TestDir) -> String {
+    let handler = dir.path("order.py");
+    let log = dir.path("order.log");
+    std::fs::write(
+        &handler,
+        format!(
+            "import sys, json, os\nfd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    out = ''.join('%s %s\\n' % (r['key'], r['value'].split(' ')[0]) for r in b['records'])\n    os.write(fd, out.encode())\n    print('{{\"failed\":[]}}', flush=True)\n",
+            log = log.display().to_string()
+        ),
+    )
+    .unwrap();
+    format!("python3 {}", handler.display())
+}
+
+/// A skewed burst (all records on 2 of 8 partitions, 200 keys) in `key` mode:
+/// per-key order holds, nothing is lost, lag ends at 0.
+#[test]
+fn key_ordering_under_a_skewed_burst_keeps_per_key_order() {
+    let dir = TestDir::new("skew");
+    let topic = unique("skew");
+    let group = unique("g");
+    create_topic(&topic, 8);
+    produce(&topic, 6000, &["--keys", "200", "--partitions", "0,5"]);
+    let cmd = order_checking_handler(&dir);
+    let mut w = spawn_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &[
+            "--handler",
+            "exec",
+            "--command",
+            &cmd,
+            "--ordering",
+            "key",
+            "--concurrency",
+            "12",
+            "--max-records",
+            "10",
+        ],
+    );
+    wait_until(Duration::from_secs(120), "lag 0", || {
+        total_lag(&topic, &group) == 0
+    });
+    w.signal(SIGTERM);
+    assert!(
+        w.wait_for_exit(Duration::from_secs(60)).unwrap().success(),
+        "{}",
+        w.stderr()
+    );
+    let handled = assert_key_order(&read(&dir.path("order.log")));
+    assert_eq!(handled, 6000);
+    let (expected, _) = assert_all_processed(&topic, &group, &[dir.path("w.audit")]);
+    assert_eq!(expected, 6000);
+}
+
+/// SIGKILL of a `key`-mode worker mid-burst (a skewed burst), then a
+/// restart: nothing lost.
+#[test]
+fn sigkill_in_key_mode_then_restart_loses_nothing() {
+    let dir = TestDir::new("keykill");
+    let topic = unique("keykill");
+    let group = unique("g");
+    create_topic(&topic, 8);
+    produce(&topic, 6000, &["--keys", "200", "--partitions", "0,5"]);
+    let extra = [
+        "--ordering",
+        "key",
+        "--concurrency",
+        "12",
+        "--max-records",
+        "10",
+        "--process-time-ms",
+        "2",
+    ];
+    let mut first = spawn_worker(&dir, "first", &topic, &group, free_port(), &extra);
+    wait_until(Duration::from_secs(60), "progress", || {
+        audited(&[dir.path("first.audit")]).len() >= 1000
+    });
+    first.signal(9);
+    first
+        .wait_for_exit(Duration::from_secs(30))
+        .expect("killed");
+    let mut second = spawn_worker(&dir, "second", &topic, &group, free_port(), &extra);
+    wait_until(Duration::from_secs(180), "lag 0", || {
+        total_lag(&topic, &group) == 0
+    });
+    second.signal(SIGTERM);
+    assert!(second
+        .wait_for_exit(Duration::from_secs(60))
+        .unwrap()
+        .success());
+    let (expected, duplicates) = assert_all_processed(
+        &topic,
+        &group,
+        &[dir.path("first.audit"), dir.path("second.audit")],
+    );
+    assert_eq!(expected, 6000);
+    eprintln!("duplicates after SIGKILL: {duplicates}");
+}
