@@ -8,6 +8,7 @@
 //! - [`offsets`]: the offset rule: what may be committed per partition.
 //! - [`handler`]: the [`handler::Handler`] trait and the `simulate`, `exec`
 //!   and `http` handlers.
+//! - [`commit`]: asynchronous commits whose results come back.
 //! - [`dlq`]: the dead-letter topic writer and its context headers.
 //! - [`worker`]: the consumer-group member: poll loop, lanes, dispatch,
 //!   retries, commits, rebalance and shutdown states.
@@ -18,6 +19,7 @@
 //! [`worker::Worker`]; the `microbatch` binary does the same from flags.
 
 pub mod batch;
+pub mod commit;
 pub mod config;
 pub mod dlq;
 pub mod handler;

@@ -38,7 +38,7 @@ use rand::Rng;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
@@ -46,6 +46,7 @@ use thiserror::Error;
 use tokio::runtime::Handle;
 
 use crate::batch::{Batch, Batcher, Header};
+use crate::commit::{CommitQueue, CommitResult, CommittedPartition};
 use crate::config::{Ordering, WorkerConfig};
 use crate::dlq::DeadLetterWriter;
 use crate::handler::{BatchOutcome, Failure, Handler};
@@ -243,6 +244,7 @@ struct Pipeline {
     events_rx: Receiver<Event>,
     dlq: Option<DeadLetterWriter>,
     audit: Option<BufWriter<File>>,
+    commits: CommitQueue,
     partitions: BTreeMap<i32, PartitionState>,
     next_epoch: u64,
     next_batch_id: u64,
@@ -809,13 +811,56 @@ impl Pipeline {
         if tpl.count() == 0 {
             return;
         }
-        match consumer.commit(&tpl, mode) {
-            Ok(()) if matches!(mode, CommitMode::Sync) => {
-                consumer.context().on_commit(Ok(()), &tpl)
+        let ctx = consumer.context();
+        match mode {
+            CommitMode::Async => {
+                if let Err(e) = self.commits.commit(consumer, &tpl) {
+                    ctx.on_commit(failed_commit(&tpl, e));
+                }
             }
-            Ok(()) => {}
-            Err(e) => consumer.context().on_commit(Err(e), &tpl),
+            CommitMode::Sync => {
+                let result = match consumer.commit(&tpl, CommitMode::Sync) {
+                    Ok(()) => CommitResult {
+                        error: None,
+                        partitions: committed(&tpl),
+                    },
+                    Err(e) => failed_commit(&tpl, e),
+                };
+                ctx.on_commit(result);
+            }
         }
+    }
+
+    /// Reads the results of asynchronous commits that have arrived.
+    fn collect_commit_results(&mut self, ctx: &WorkerContext) {
+        while let Some(result) = self.commits.poll() {
+            ctx.on_commit(result);
+        }
+    }
+}
+
+fn committed(tpl: &TopicPartitionList) -> Vec<CommittedPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| CommittedPartition {
+            topic: e.topic().to_string(),
+            partition: e.partition(),
+            offset: match e.offset() {
+                Offset::Offset(o) => o,
+                _ => -1,
+            },
+            error: None,
+        })
+        .collect()
+}
+
+fn failed_commit(tpl: &TopicPartitionList, e: KafkaError) -> CommitResult {
+    CommitResult {
+        error: Some(
+            e.rdkafka_error_code()
+                .unwrap_or(rdkafka::error::RDKafkaErrorCode::Fail),
+        ),
+        partitions: committed(tpl),
     }
 }
 
@@ -837,26 +882,33 @@ impl WorkerContext {
         guard.as_mut().map(f)
     }
 
-    fn on_commit(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+    fn on_commit(&self, result: CommitResult) {
         let m = &self.telemetry.metrics;
-        match result {
-            Ok(()) => {
-                m.commits.get_or_create(&ResultLabel { result: "ok" }).inc();
-                let mut acked = self.acked.lock().expect("acked lock poisoned");
-                for e in offsets.elements_for_topic(&self.topic) {
-                    if let (Offset::Offset(o), Ok(())) = (e.offset(), e.error()) {
-                        let slot = acked.entry(e.partition()).or_insert(o);
-                        *slot = (*slot).max(o);
+        if result.error == Some(rdkafka::error::RDKafkaErrorCode::NoOffset) {
+            return;
+        }
+        // A commit can succeed as a request and still fail per partition.
+        let mut failed = Vec::new();
+        {
+            let mut acked = self.acked.lock().expect("acked lock poisoned");
+            for p in result.partitions.iter().filter(|p| p.topic == self.topic) {
+                match p.error.or(result.error) {
+                    None if p.offset >= 0 => {
+                        let slot = acked.entry(p.partition).or_insert(p.offset);
+                        *slot = (*slot).max(p.offset);
                     }
+                    None => {}
+                    Some(code) => failed.push(format!("{}@{}: {code}", p.partition, p.offset)),
                 }
             }
-            Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                m.commits
-                    .get_or_create(&ResultLabel { result: "error" })
-                    .inc();
-                tracing::warn!(error = %e, "offset commit failed; it is retried at the next interval");
-            }
+        }
+        if failed.is_empty() {
+            m.commits.get_or_create(&ResultLabel { result: "ok" }).inc();
+        } else {
+            m.commits
+                .get_or_create(&ResultLabel { result: "error" })
+                .inc();
+            tracing::warn!(partitions = %failed.join(", "), "offset commit failed; it is retried at the next interval");
         }
     }
 }
@@ -973,10 +1025,6 @@ impl ConsumerContext for WorkerContext {
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        self.on_commit(result, offsets);
-    }
 }
 
 fn open_audit(path: &Path) -> Result<BufWriter<File>, WorkerError> {
@@ -1037,6 +1085,7 @@ fn poll_loop(
         None => None,
     };
     let (events_tx, events_rx) = mpsc::channel();
+    let commits = CommitQueue::new(&consumer);
     let pipeline = Pipeline {
         topic: Arc::from(cfg.topic.as_str()),
         config: cfg.clone(),
@@ -1047,6 +1096,7 @@ fn poll_loop(
         events_rx,
         dlq,
         audit,
+        commits,
         partitions: BTreeMap::new(),
         next_epoch: 0,
         next_batch_id: 0,
@@ -1123,6 +1173,7 @@ fn poll_loop(
                 while let Ok(event) = p.events_rx.try_recv() {
                     p.on_event(event, false);
                 }
+                p.collect_commit_results(ctx);
                 let batch_deadline = p.close_expired(now);
                 let retry_at = p.dispatch(now);
                 p.apply_backpressure(&consumer);
@@ -1162,6 +1213,8 @@ fn poll_loop(
     consumer.unsubscribe();
     // Serve the final revoke so the group sees us leave promptly.
     let _ = consumer.poll(Duration::from_millis(100));
+    // The commit queue must go before the client it belongs to.
+    drop(ctx.pipeline.lock().expect("pipeline lock poisoned").take());
     drop(consumer);
     tracing::info!(
         processed = report.records_processed,

@@ -482,3 +482,45 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 pub fn worker_metric(port: u16, name: &str) -> Option<f64> {
     http_get(port, "/metrics").and_then(|(_, m)| metric(&m, name))
 }
+
+/// Stops the broker and starts it again (real Kafka through
+/// scripts/kafka-local.sh; the mock cluster by taking its brokers down).
+pub fn restart_broker(down_for: Duration) {
+    match broker() {
+        Broker::Real { .. } => {
+            let script = scripts_dir().join("kafka-local.sh");
+            let status = Command::new(&script)
+                .arg("stop")
+                .status()
+                .expect("kafka-local.sh stop");
+            assert!(status.success(), "stopping the broker");
+            std::thread::sleep(down_for);
+            let status = Command::new(&script)
+                .arg("start")
+                .status()
+                .expect("kafka-local.sh start");
+            assert!(status.success(), "starting the broker again");
+        }
+        Broker::Mock { .. } => {
+            let mock = &MOCK.get().expect("mock started with the broker").0;
+            for id in 1..=3 {
+                mock.broker_down(id).expect("mock broker down");
+            }
+            std::thread::sleep(down_for);
+            for id in 1..=3 {
+                mock.broker_up(id).expect("mock broker up");
+            }
+        }
+    }
+}
+
+/// A labelled metric sample, e.g. `microbatch_commits_total{result="error"}`.
+pub fn labelled_metric(text: &str, name_with_labels: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(name_with_labels)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
