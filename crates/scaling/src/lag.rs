@@ -167,6 +167,17 @@ impl LagReader {
         Ok(ids)
     }
 
+    /// Members of the group now (None when the broker cannot list groups,
+    /// as librdkafka's mock cluster cannot).
+    pub fn members(&self) -> Option<usize> {
+        let list = self
+            .consumer
+            .fetch_group_list(Some(&self.group), self.timeout)
+            .ok()?;
+        let group = list.groups().iter().find(|g| g.name() == self.group)?;
+        Some(group.members().len())
+    }
+
     /// Measures lag now.
     pub fn read(&self, policy: InvalidOffsetPolicy) -> Result<GroupLag, ClientError> {
         let ids = self.partitions()?;

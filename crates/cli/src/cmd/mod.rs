@@ -4,6 +4,7 @@ pub mod demo;
 pub mod lag;
 pub mod produce;
 pub mod run;
+pub mod scaler;
 pub mod supervise;
 pub mod topic;
 
@@ -45,6 +46,8 @@ pub enum Command {
     /// Manage topics.
     #[command(subcommand)]
     Topic(topic::Command),
+    /// Serve KEDA's external scaler gRPC API with our scaling policies.
+    Scaler(scaler::Args),
     /// Run 1..N workers on this machine and scale them on lag.
     Supervise(supervise::Args),
     /// Run the whole system end to end, on an embedded broker unless one is named.
@@ -61,6 +64,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Produce(args) => runtime.block_on(produce::execute(args)),
         Command::Lag(args) => runtime.block_on(lag::execute(args)),
         Command::Topic(cmd) => runtime.block_on(topic::execute(cmd)),
+        Command::Scaler(args) => runtime.block_on(scaler::execute(args)),
         Command::Supervise(args) => runtime.block_on(supervise::execute(args)),
         Command::Demo(args) => demo::execute(args, &runtime),
     }

@@ -1,0 +1,92 @@
+//! `microbatch scaler`: KEDA external scaler (gRPC), with gRPC health and
+//! reflection, plus /healthz and /metrics over HTTP.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::routing::get;
+use microbatch_scaling::scaler::proto::external_scaler_server::ExternalScalerServer;
+use microbatch_scaling::scaler::{proto, Scaler};
+
+use crate::args::KafkaArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// gRPC port KEDA connects to (the trigger's scalerAddress).
+    #[arg(long, env = "MICROBATCH_GRPC_PORT", default_value_t = 9090)]
+    pub grpc_port: u16,
+    /// HTTP port for /healthz and /metrics; 0 picks one.
+    #[arg(long, env = "MICROBATCH_HTTP_PORT", default_value_t = 8080)]
+    pub http_port: u16,
+    /// Address to bind both ports on.
+    #[arg(long, env = "MICROBATCH_HTTP_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// How often StreamIsActive re-checks lag (it pushes only changes).
+    #[arg(long, env = "MICROBATCH_STREAM_INTERVAL_MS", default_value_t = 5000)]
+    pub stream_interval_ms: u64,
+}
+
+pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
+    let file = args.kafka.load_file()?;
+    let kafka = args.kafka.resolve(&file)?;
+    let host: std::net::IpAddr = args.host.parse().map_err(|_| {
+        microbatch_core::config::ConfigError::new(
+            "--host",
+            format!("not an IP address: {}", args.host),
+        )
+    })?;
+    let scaler = Arc::new(Scaler::new(
+        kafka,
+        Duration::from_millis(args.stream_interval_ms.max(100)),
+    ));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ExternalScalerServer<Arc<Scaler>>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+
+    let http_listener = tokio::net::TcpListener::bind(SocketAddr::new(host, args.http_port))
+        .await
+        .with_context(|| format!("binding the HTTP port {}", args.http_port))?;
+    let grpc_listener = tokio::net::TcpListener::bind(SocketAddr::new(host, args.grpc_port))
+        .await
+        .with_context(|| format!("binding the gRPC port {}", args.grpc_port))?;
+    tracing::info!(
+        grpc = %grpc_listener.local_addr()?,
+        http = %http_listener.local_addr()?,
+        "KEDA external scaler serving externalscaler.ExternalScaler, grpc.health.v1 and reflection"
+    );
+    let app = axum::Router::new()
+        .route(microbatch_core::http::HEALTHZ, get(|| async { "ok\n" }))
+        .route(
+            microbatch_core::http::METRICS,
+            get(|| async { "# microbatch scaler: see the workers' metrics\n" }),
+        );
+    let http = tokio::spawn(async move {
+        let _ = axum::serve(http_listener, app)
+            .with_graceful_shutdown(super::shutdown_signal())
+            .await;
+    });
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ExternalScalerServer::new(scaler))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            super::shutdown_signal(),
+        )
+        .await
+        .context("serving gRPC")?;
+    let _ = http.await;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,247 @@
+//! `microbatch scaler` through a gRPC client generated from the same proto,
+//! with real lag on a real broker.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use microbatch_scaling::scaler::proto::external_scaler_client::ExternalScalerClient;
+use microbatch_scaling::scaler::proto::{GetMetricsRequest, ScaledObjectRef};
+use tonic::transport::Channel;
+
+fn object(topic: &str, group: &str, extra: &[(&str, &str)]) -> ScaledObjectRef {
+    let mut scaler_metadata: HashMap<String, String> = [("topic", topic), ("consumerGroup", group)]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    scaler_metadata
+        .entry("offsetResetPolicy".into())
+        .or_insert_with(|| "earliest".into());
+    ScaledObjectRef {
+        name: "orders".into(),
+        namespace: "microbatch".into(),
+        scaler_metadata,
+    }
+}
+
+async fn connect(port: u16) -> Channel {
+    let endpoint = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if let Ok(ch) = Channel::from_shared(endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+        {
+            return ch;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the scaler did not come up on {endpoint}");
+}
+
+fn lag_policy_json(topic: &str, group: &str, threshold: &str) -> serde_json::Value {
+    let (status, out, err) = run_to_end(&[
+        "lag",
+        "--bootstrap-servers",
+        broker().bootstrap(),
+        "--topic",
+        topic,
+        "--group",
+        group,
+        "--json",
+        "--policy",
+        "keda",
+        "--lag-threshold",
+        threshold,
+    ]);
+    assert!(status.success(), "{err}");
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+#[test]
+fn scaler_serves_keda_metrics_that_agree_with_lag() {
+    if !broker().is_real() {
+        eprintln!("skipped: the scaler test needs a real broker (group listing)");
+        return;
+    }
+    let dir = TestDir::new("scaler");
+    let topic = unique("scaler");
+    let group = unique("g");
+    create_topic(&topic, 4);
+    produce(&topic, 400, &[]);
+    let grpc = free_port();
+    let mut cmd = command();
+    cmd.args([
+        "scaler",
+        "--bootstrap-servers",
+        broker().bootstrap(),
+        "--host",
+        "127.0.0.1",
+    ]);
+    cmd.args([
+        "--grpc-port",
+        &grpc.to_string(),
+        "--http-port",
+        "0",
+        "--stream-interval-ms",
+        "300",
+    ]);
+    let _scaler = Proc::spawn(cmd, dir.path("scaler.stderr"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(exercise(&dir, &topic, &group, grpc));
+}
+
+async fn exercise(dir: &TestDir, topic: &str, group: &str, grpc: u16) {
+    let (topic, group) = (topic.to_string(), group.to_string());
+    let channel = connect(grpc).await;
+    let mut client = ExternalScalerClient::new(channel.clone());
+
+    // Health service answers SERVING for the scaler.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "externalscaler.ExternalScaler".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // Uncapped: the metric is the lag `microbatch lag` reports.
+    let uncapped = object(
+        &topic,
+        &group,
+        &[("lagThreshold", "50"), ("allowIdleConsumers", "true")],
+    );
+    let spec = client
+        .get_metric_spec(uncapped.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(spec.metric_specs[0].target_size, 50);
+    let metrics = client
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(uncapped.clone()),
+            metric_name: spec.metric_specs[0].metric_name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let lag = lag_policy_json(&topic, &group, "50");
+    assert_eq!(
+        metrics.metric_values[0].metric_value,
+        lag["total_lag"].as_i64().unwrap()
+    );
+    assert_eq!(metrics.metric_values[0].metric_value, 400);
+
+    // Capped at partitions × lagThreshold, as KEDA does; `lag --policy keda` agrees.
+    let capped = object(&topic, &group, &[("lagThreshold", "50")]);
+    let value = client
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(capped),
+            metric_name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .metric_values[0]
+        .metric_value;
+    assert_eq!(value, 4 * 50);
+    assert_eq!(lag["policy"]["metric_value"].as_i64().unwrap(), value);
+
+    // IsActive flips with activationLagThreshold.
+    let high = object(&topic, &group, &[("activationLagThreshold", "1000")]);
+    let low = object(&topic, &group, &[("activationLagThreshold", "10")]);
+    assert!(!client.is_active(high).await.unwrap().into_inner().result);
+    assert!(
+        client
+            .is_active(low.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+    );
+
+    // Bad metadata is an error naming the key.
+    let err = client
+        .is_active(object(&topic, &group, &[("lagThreshold", "lots")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("lagThreshold"), "{}", err.message());
+
+    // StreamIsActive pushes a change: drain the lag and the stream says false.
+    let mut stream = client.stream_is_active(low).await.unwrap().into_inner();
+    assert!(
+        stream.message().await.unwrap().unwrap().result,
+        "active while lag is 400"
+    );
+    let mut worker = spawn_worker(dir, "w", &topic, &group, free_port(), &[]);
+    let next = tokio::time::timeout(Duration::from_secs(120), stream.message())
+        .await
+        .expect("a change was pushed")
+        .unwrap()
+        .unwrap();
+    assert!(!next.result, "inactive once the lag is drained");
+    assert_eq!(total_lag(&topic, &group), 0);
+    worker.signal(15);
+    worker.wait_for_exit(Duration::from_secs(60));
+
+    // The rate policy targets 1 and its metric is a replica count.
+    let rate = object(
+        &topic,
+        &group,
+        &[("policy", "rate"), ("targetDrainSeconds", "10")],
+    );
+    let spec = client
+        .get_metric_spec(rate.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(spec.metric_specs[0].target_size, 1);
+    let replicas = client
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(rate),
+            metric_name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .metric_values[0]
+        .metric_value;
+    assert!(
+        replicas >= 1,
+        "the rate policy asks for at least its minimum: {replicas}"
+    );
+
+    // Anything newer than the four methods is Unimplemented.
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/externalscaler.ExternalScaler/GetMetricsAndActivity",
+    );
+    let codec: tonic_prost::ProstCodec<
+        GetMetricsRequest,
+        microbatch_scaling::scaler::proto::GetMetricsResponse,
+    > = tonic_prost::ProstCodec::default();
+    let err = grpc
+        .unary(
+            tonic::Request::new(GetMetricsRequest::default()),
+            path,
+            codec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+}
