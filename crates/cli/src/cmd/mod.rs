@@ -6,6 +6,7 @@ pub mod produce;
 pub mod run;
 pub mod scaler;
 pub mod supervise;
+pub mod top;
 pub mod topic;
 
 use std::process::ExitCode;
@@ -50,6 +51,8 @@ pub enum Command {
     Scaler(scaler::Args),
     /// Run 1..N workers on this machine and scale them on lag.
     Supervise(supervise::Args),
+    /// Live dashboard for any group: lag per partition, lag over time, rates, members.
+    Top(top::Args),
     /// Run the whole system end to end, on an embedded broker unless one is named.
     Demo(demo::Args),
 }
@@ -67,6 +70,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Scaler(args) => runtime.block_on(scaler::execute(args)),
         Command::Supervise(args) => runtime.block_on(supervise::execute(args)),
         Command::Demo(args) => demo::execute(args, &runtime),
+        Command::Top(args) => top::execute(args, &runtime),
     }
 }
 
