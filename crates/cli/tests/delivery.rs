@@ -299,3 +299,123 @@ fn sigkill_in_key_mode_then_restart_loses_nothing() {
     assert_eq!(expected, 6000);
     eprintln!("duplicates after SIGKILL: {duplicates}");
 }
+
+/// One key keeps failing (retryable) for a while: its retries never stall
+/// other partitions, nor other keys of its own partition; once it recovers,
+/// everything completes and nothing was dead-lettered.
+#[test]
+fn retries_of_one_key_do_not_stall_other_keys_or_partitions() {
+    let dir = TestDir::new("nostall");
+    let topic = unique("nostall");
+    let dlq = format!("{topic}.dlq");
+    let group = unique("g");
+    create_topic(&topic, 4);
+    create_topic(&dlq, 1);
+    produce(&topic, 4000, &["--keys", "100"]);
+    let flag = dir.path("failing");
+    std::fs::write(&flag, "").unwrap();
+    let seen = dir.path("seen.log");
+    let handler = dir.path("h.py");
+    std::fs::write(
+        &handler,
+        format!(
+            "import sys, os, json\nfd = os.open({seen:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    bad = os.path.exists({flag:?})\n    failed = [dict(partition=r['partition'], offset=r['offset'], error='key-7 unavailable') for r in b['records'] if bad and r['key'] == 'key-7']\n    done = ''.join('%d %s\\n' % (r['partition'], r['key']) for r in b['records'] if not (bad and r['key'] == 'key-7'))\n    os.write(fd, done.encode())\n    print(json.dumps(dict(failed=failed)), flush=True)\n",
+            seen = seen.display().to_string(),
+            flag = flag.display().to_string()
+        ),
+    )
+    .unwrap();
+    let cmd = format!("python3 {}", handler.display());
+    let mut w = spawn_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &[
+            "--handler",
+            "exec",
+            "--command",
+            &cmd,
+            "--ordering",
+            "key",
+            "--concurrency",
+            "8",
+            "--max-records",
+            "20",
+            "--max-attempts",
+            "1000",
+            "--retry-initial-ms",
+            "200",
+            "--retry-max-ms",
+            "1000",
+        ],
+    );
+    let source = read_topic(&topic, broker().bootstrap());
+    let key7_partition = source
+        .iter()
+        .find(|r| r.2.as_deref() == Some("key-7"))
+        .unwrap()
+        .0;
+    let key7 = source
+        .iter()
+        .filter(|r| r.2.as_deref() == Some("key-7"))
+        .count();
+    let same_partition_others = source
+        .iter()
+        .filter(|r| r.0 == key7_partition && r.2.as_deref() != Some("key-7"))
+        .count();
+    // While key-7 keeps failing, every other partition drains completely and
+    // other keys of key-7's partition make progress.
+    wait_until(
+        Duration::from_secs(120),
+        "other partitions to drain while key-7 fails",
+        || {
+            let lag = lag_json(&topic, &group);
+            lag["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["partition"].as_i64().unwrap() as i32 != key7_partition)
+                .all(|p| p["lag"] == 0)
+        },
+    );
+    let handled_same_partition = read(&seen)
+        .lines()
+        .filter(|l| l.starts_with(&format!("{key7_partition} ")))
+        .count();
+    assert!(
+        handled_same_partition >= same_partition_others / 2,
+        "other keys of partition {key7_partition} progressed ({handled_same_partition} of {same_partition_others})"
+    );
+    assert!(
+        !read(&seen).contains(" key-7\n"),
+        "key-7 has not succeeded yet"
+    );
+    assert!(
+        total_lag(&topic, &group) > 0,
+        "key-7's records hold their partition's commit"
+    );
+    std::fs::remove_file(&flag).unwrap();
+    wait_until(
+        Duration::from_secs(120),
+        "lag 0 after key-7 recovers",
+        || total_lag(&topic, &group) == 0,
+    );
+    w.signal(SIGTERM);
+    assert!(w.wait_for_exit(Duration::from_secs(60)).unwrap().success());
+    assert_eq!(
+        read(&seen)
+            .lines()
+            .filter(|l| l.ends_with(" key-7"))
+            .count(),
+        key7,
+        "every key-7 record done once it recovered"
+    );
+    assert!(
+        read_topic(&dlq, broker().bootstrap()).is_empty(),
+        "retryable failures within max-attempts dead-letter nothing"
+    );
+    let (expected, _) = assert_all_processed(&topic, &group, &[dir.path("w.audit")]);
+    assert_eq!(expected, 4000);
+}
