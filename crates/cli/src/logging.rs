@@ -26,7 +26,16 @@ pub struct LogArgs {
 }
 
 pub fn init(args: &LogArgs) {
-    let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // The rdkafka crate repeats every client error through `log`; the
+    // worker reports them itself, throttled, so the crate's copies
+    // (target `librdkafka`) are off unless asked for.
+    let directives = if args.log_level.contains("rdkafka") {
+        args.log_level.clone()
+    } else {
+        format!("{},rdkafka=off,librdkafka=off", args.log_level)
+    };
+    let filter = EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=off,librdkafka=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -48,9 +48,12 @@ fn two_workers_process_every_offset_and_exit_cleanly() {
     let (s, metrics) = http_get(pa, "/metrics").expect("metrics answer");
     assert_eq!(s, 200);
     assert!(
-        metrics.contains("microbatch_records_processed_total"),
+        metric(&metrics, "microbatch_records_processed_total").unwrap() > 0.0,
         "{metrics}"
     );
+    let commits_ok = labelled_metric(&metrics, "microbatch_commits_total{result=\"ok\"}");
+    assert!(commits_ok.unwrap_or(0.0) >= 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, "microbatch_ready"), Some(1.0));
     assert_eq!(http_get(pa, "/healthz").map(|(s, _)| s), Some(200));
 
     a.signal(SIGTERM);

@@ -17,6 +17,7 @@ use rdkafka::util::Timeout;
 use crate::batch::Batch;
 use crate::config::KafkaConfig;
 use crate::handler::Failure;
+use crate::kafka::QuietContext;
 
 /// Header names added to every dead letter.
 pub mod headers {
@@ -32,7 +33,7 @@ pub mod headers {
 /// Writes dead letters to one topic.
 #[derive(Clone)]
 pub struct DeadLetterWriter {
-    producer: FutureProducer,
+    producer: FutureProducer<QuietContext>,
     topic: String,
     group: String,
 }
@@ -43,13 +44,16 @@ impl DeadLetterWriter {
         topic: &str,
         group: &str,
     ) -> Result<Self, rdkafka::error::KafkaError> {
-        let producer: FutureProducer = kafka
+        let producer: FutureProducer<QuietContext> = kafka
             .client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000")
-            .create()?;
+            // Fail (and say so) within 10 s when the topic is missing or the
+            // broker down; the write is retried until it succeeds.
+            .set("message.timeout.ms", "10000")
+            .set("topic.metadata.propagation.max.ms", "10000")
+            .create_with_context(QuietContext)?;
         Ok(Self {
             producer,
             topic: topic.to_string(),
@@ -119,7 +123,7 @@ impl DeadLetterWriter {
                 }
                 match self
                     .producer
-                    .send(rec, Timeout::After(Duration::from_secs(30)))
+                    .send(rec, Timeout::After(Duration::from_secs(10)))
                     .await
                 {
                     Ok(_) => break,

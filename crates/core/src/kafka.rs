@@ -87,6 +87,49 @@ impl KafkaConfig {
     }
 }
 
+/// Sends a librdkafka log line to `tracing` (target `kafka`). Connection and
+/// authentication failures also reach the clients' error callbacks, which
+/// report them once per back-off step, so librdkafka's own copies of those
+/// (facilities FAIL, ERROR) go to debug.
+pub fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+            tracing::error!(target: "kafka", facility, "{message}")
+        }
+        RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning
+            if matches!(facility, "FAIL" | "ERROR") =>
+        {
+            tracing::debug!(target: "kafka", facility, "{message}")
+        }
+        RDKafkaLogLevel::Error => tracing::error!(target: "kafka", facility, "{message}"),
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "kafka", facility, "{message}"),
+        _ => tracing::debug!(target: "kafka", facility, "{message}"),
+    }
+}
+
+/// A client context for helper clients (dead-letter producer, lag reader):
+/// logs go through [`forward_log`]; errors at debug, because their callers
+/// report the failures that matter, with context.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QuietContext;
+
+impl rdkafka::ClientContext for QuietContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        forward_log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(target: "kafka", error = %error, "{reason}");
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietContext {}
+
+impl rdkafka::producer::ProducerContext for QuietContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
 /// Creates a topic through the admin API; an existing topic is not an error.
 pub async fn create_topic(
     kafka: &KafkaConfig,

@@ -187,12 +187,24 @@ pub struct Readiness {
 impl Readiness {
     pub fn set_joined(&self, joined: bool) {
         self.joined.store(joined, Ordering::Relaxed);
+        if joined {
+            // Joining proves the connection and the credentials.
+            *self.last_error.lock().expect("readiness lock poisoned") = None;
+        }
     }
 
+    /// A broker connection is up. It clears connection errors, but not an
+    /// authentication failure: that stands until the group is joined.
     pub fn set_brokers_up(&self, up: bool) {
         self.brokers_up.store(up, Ordering::Relaxed);
         if up {
-            *self.last_error.lock().expect("readiness lock poisoned") = None;
+            let mut last = self.last_error.lock().expect("readiness lock poisoned");
+            if last
+                .as_deref()
+                .is_some_and(|e| !e.starts_with("authentication"))
+            {
+                *last = None;
+            }
         }
     }
 
@@ -205,8 +217,8 @@ impl Readiness {
         *self.last_error.lock().expect("readiness lock poisoned") = Some(error);
     }
 
-    /// Records an error unless a more specific one is already known (an
-    /// authentication failure also shows as "all brokers down" afterwards).
+    /// Records an error unless one is already known (an authentication
+    /// failure also shows as "all brokers down" afterwards).
     pub fn set_error_unless_known(&self, error: String) {
         self.brokers_up.store(false, Ordering::Relaxed);
         let mut last = self.last_error.lock().expect("readiness lock poisoned");
@@ -348,8 +360,17 @@ mod tests {
         assert!(r.check().unwrap_err().contains("group"));
         r.set_joined(true);
         assert!(r.check().is_ok());
-        r.set_error("SASL authentication error".into());
+        r.set_error("authentication: SASL authentication error".into());
         assert!(r.check().unwrap_err().contains("SASL"));
+        r.set_brokers_up(true);
+        assert!(
+            r.check().unwrap_err().contains("authentication"),
+            "stands until joined"
+        );
+        r.set_error_unless_known("all_brokers_down: x".into());
+        assert!(r.check().unwrap_err().contains("authentication"));
+        r.set_joined(true);
+        assert!(r.check().is_ok());
     }
 
     #[test]

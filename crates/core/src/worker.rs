@@ -915,18 +915,7 @@ impl WorkerContext {
 
 impl ClientContext for WorkerContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", facility = fac, "{message}")
-            }
-            RDKafkaLogLevel::Warning => {
-                tracing::warn!(target: "librdkafka", facility = fac, "{message}")
-            }
-            _ => tracing::debug!(target: "librdkafka", facility = fac, "{message}"),
-        }
+        crate::kafka::forward_log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -942,10 +931,16 @@ impl ClientContext for WorkerContext {
             .client_errors
             .get_or_create(&KindLabel { kind })
             .inc();
-        if matches!(kind, "authentication" | "all_brokers_down" | "tls") {
-            self.telemetry
+        match kind {
+            "authentication" | "tls" => self
+                .telemetry
                 .readiness
-                .set_error(format!("{kind}: {reason}"));
+                .set_error(format!("{kind}: {reason}")),
+            "all_brokers_down" => self
+                .telemetry
+                .readiness
+                .set_error_unless_known(format!("{kind}: {reason}")),
+            _ => {}
         }
         if let Some(suppressed) = self.error_throttle.allow(Instant::now()) {
             if kind == "authentication" {
