@@ -172,6 +172,18 @@ pub fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
     flag.or(file).unwrap_or(default)
 }
 
+/// The topic and group, which every group-level command needs.
+pub fn topic_and_group(
+    topic: Option<String>,
+    group: Option<String>,
+    file: &FileConfig,
+) -> Result<(String, String), ConfigError> {
+    Ok((
+        require(topic, file.topic.clone(), "--topic", "KAFKA_TOPIC")?,
+        require(group, file.group.clone(), "--group", "CONSUMER_GROUP")?,
+    ))
+}
+
 /// Like [`pick`] for a value that must be given somewhere.
 pub fn require<T>(
     flag: Option<T>,

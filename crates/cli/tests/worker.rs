@@ -17,7 +17,6 @@ fn two_workers_process_every_offset_and_exit_cleanly() {
     let topic = unique("two-workers");
     let group = unique("g");
     create_topic(&topic, 8);
-    produce(&topic, 20_000, &["--keys", "500"]);
 
     let handler = dir.path("handler.py");
     std::fs::write(
@@ -36,14 +35,18 @@ fn two_workers_process_every_offset_and_exit_cleanly() {
         pb,
         &["--handler", "exec", "--command", &cmd],
     );
-
-    wait_until(Duration::from_secs(120), "lag 0", || {
-        total_lag(&topic, &group) == 0
-    });
-    wait_until(Duration::from_secs(30), "both workers ready", || {
+    // Both members own partitions before the records arrive, so both work.
+    wait_until(Duration::from_secs(60), "both workers ready", || {
         [pa, pb]
             .iter()
             .all(|p| http_get(*p, "/readyz").is_some_and(|(s, _)| s == 200))
+            && [pa, pb]
+                .iter()
+                .all(|p| worker_metric(*p, "microbatch_assigned_partitions") == Some(4.0))
+    });
+    produce(&topic, 20_000, &["--keys", "500"]);
+    wait_until(Duration::from_secs(120), "lag 0", || {
+        total_lag(&topic, &group) == 0
     });
     let (s, metrics) = http_get(pa, "/metrics").expect("metrics answer");
     assert_eq!(s, 200);

@@ -32,6 +32,47 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// The HPA's scale-down stabilization: a count below the current one is
+/// applied only once every recommendation within the window agrees, so the
+/// highest recommendation in the window wins.
+#[derive(Debug, Default)]
+struct ScaleDownWindow {
+    recommendations: VecDeque<(Instant, u32)>,
+}
+
+impl ScaleDownWindow {
+    /// Records `desired`; returns the count to apply and whether the window
+    /// held it above `desired`.
+    fn apply(&mut self, now: Instant, window: Duration, desired: u32, current: u32) -> (u32, bool) {
+        self.recommendations.push_back((now, desired));
+        while self
+            .recommendations
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > window)
+        {
+            self.recommendations.pop_front();
+        }
+        if desired >= current {
+            return (desired, false);
+        }
+        let highest = self
+            .recommendations
+            .iter()
+            .map(|(_, r)| *r)
+            .max()
+            .unwrap_or(desired);
+        if highest > desired {
+            (highest.min(current), true)
+        } else {
+            (desired, false)
+        }
+    }
+
+    fn clear(&mut self) {
+        self.recommendations.clear();
+    }
+}
+
 /// KEDA kafka trigger metadata and the ScaledObject's replica bounds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KedaParams {
@@ -75,8 +116,7 @@ pub struct KedaPolicy {
     pub params: KedaParams,
     /// Previous committed offset per partition (for `excludePersistentLag`).
     previous_offsets: HashMap<i32, i64>,
-    /// Recommendations within the scale-down window.
-    recommendations: VecDeque<(Instant, u32)>,
+    scale_down: ScaleDownWindow,
     /// Replica counts at scale-up events within the last period.
     scale_events: VecDeque<(Instant, u32)>,
     last_active: Option<Instant>,
@@ -87,7 +127,7 @@ impl KedaPolicy {
         Self {
             params,
             previous_offsets: HashMap::new(),
-            recommendations: VecDeque::new(),
+            scale_down: ScaleDownWindow::default(),
             scale_events: VecDeque::new(),
             last_active: None,
         }
@@ -161,7 +201,7 @@ impl KedaPolicy {
                 .last_active
                 .is_none_or(|t| now.duration_since(t) >= p.cooldown);
             if current == 0 || cooled {
-                self.recommendations.clear();
+                self.scale_down.clear();
                 return Decision {
                     desired: 0,
                     metric_value: metric,
@@ -191,30 +231,13 @@ impl KedaPolicy {
             "ceil(lag {metric} / lagThreshold {}) = {raw}, usage ratio {usage_ratio:.2}",
             p.lag_threshold
         );
-        // Scale-down stabilization: the highest recommendation in the window.
-        self.recommendations.push_back((now, desired));
-        while self
-            .recommendations
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > p.scale_down_stabilization)
-        {
-            self.recommendations.pop_front();
+        let (held, stabilized) =
+            self.scale_down
+                .apply(now, p.scale_down_stabilization, desired, current);
+        if stabilized {
+            reason.push_str(&format!("; held at {held} by the scale-down window"));
         }
-        if desired < current {
-            let stabilized = self
-                .recommendations
-                .iter()
-                .map(|(_, r)| *r)
-                .max()
-                .unwrap_or(desired);
-            if stabilized > desired {
-                reason.push_str(&format!(
-                    "; held at {} by the scale-down window",
-                    stabilized.min(current)
-                ));
-                desired = stabilized.min(current);
-            }
-        }
+        desired = held;
         // Scale-up limit: max(double, +4) relative to the count a period ago.
         if desired > current {
             while self
@@ -284,7 +307,7 @@ impl Default for RateParams {
 pub struct RatePolicy {
     pub params: RateParams,
     rate_per_replica: Option<f64>,
-    recommendations: VecDeque<(Instant, u32)>,
+    scale_down: ScaleDownWindow,
 }
 
 impl RatePolicy {
@@ -292,7 +315,7 @@ impl RatePolicy {
         Self {
             params,
             rate_per_replica: None,
-            recommendations: VecDeque::new(),
+            scale_down: ScaleDownWindow::default(),
         }
     }
 
@@ -346,26 +369,13 @@ impl RatePolicy {
                 reason.push_str("; within tolerance");
             }
         }
-        self.recommendations.push_back((now, desired));
-        while self
-            .recommendations
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > p.scale_down_stabilization)
-        {
-            self.recommendations.pop_front();
+        let (held, stabilized) =
+            self.scale_down
+                .apply(now, p.scale_down_stabilization, desired, current);
+        if stabilized {
+            reason.push_str("; held by the scale-down window");
         }
-        if desired < current {
-            let stabilized = self
-                .recommendations
-                .iter()
-                .map(|(_, r)| *r)
-                .max()
-                .unwrap_or(desired);
-            if stabilized > desired {
-                desired = stabilized.min(current);
-                reason.push_str("; held by the scale-down window");
-            }
-        }
+        desired = held;
         Decision {
             desired,
             metric_value: total,

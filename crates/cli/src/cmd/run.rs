@@ -14,7 +14,7 @@ use microbatch_core::config::{
 use microbatch_core::handler::{ExecHandler, Handler, HttpHandler, SimulateHandler};
 use microbatch_core::{Telemetry, Worker};
 
-use crate::args::{parse_file_value, pick, require, KafkaArgs};
+use crate::args::{parse_file_value, pick, require, topic_and_group, KafkaArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum HandlerKind {
@@ -168,18 +168,7 @@ impl Args {
     pub fn resolve(&self) -> anyhow::Result<Resolved> {
         let file = self.kafka.load_file()?;
         let kafka = self.kafka.resolve(&file)?;
-        let topic = require(
-            self.topic.clone(),
-            file.topic.clone(),
-            "--topic",
-            "KAFKA_TOPIC",
-        )?;
-        let group = require(
-            self.group.clone(),
-            file.group.clone(),
-            "--group",
-            "CONSUMER_GROUP",
-        )?;
+        let (topic, group) = topic_and_group(self.topic.clone(), self.group.clone(), &file)?;
         let batch = BatchLimits::new(
             pick(self.max_records.map(|v| v as usize), file.max_records, 100),
             pick(self.max_bytes.map(|v| v as usize), file.max_bytes, 1 << 20),

@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::lag::{PolicyArgs, PolicyKind};
-use crate::args::{require, KafkaArgs};
+use crate::args::{topic_and_group, KafkaArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -93,18 +93,7 @@ pub fn make_policy(kind: PolicyKind, args: &PolicyArgs) -> Policy {
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let file = args.kafka.load_file()?;
     let kafka = args.kafka.resolve(&file)?;
-    let topic = require(
-        args.topic.clone(),
-        file.topic.clone(),
-        "--topic",
-        "KAFKA_TOPIC",
-    )?;
-    let group = require(
-        args.group.clone(),
-        file.group.clone(),
-        "--group",
-        "CONSUMER_GROUP",
-    )?;
+    let (topic, group) = topic_and_group(args.topic.clone(), args.group.clone(), &file)?;
     if args.policy_args.min_replicas > args.policy_args.max_replicas {
         return Err(ConfigError::new("--min", "must not exceed --max").into());
     }
