@@ -189,6 +189,7 @@ impl Readiness {
         self.joined.store(joined, Ordering::Relaxed);
         if joined {
             // Joining proves the connection and the credentials.
+            self.brokers_up.store(true, Ordering::Relaxed);
             *self.last_error.lock().expect("readiness lock poisoned") = None;
         }
     }

@@ -117,7 +117,7 @@ pub struct KedaPolicy {
     /// Previous committed offset per partition (for `excludePersistentLag`).
     previous_offsets: HashMap<i32, i64>,
     scale_down: ScaleDownWindow,
-    /// Replica counts at scale-up events within the last period.
+    /// Replicas added by scale-ups within the last period.
     scale_events: VecDeque<(Instant, u32)>,
     last_active: Option<Instant>,
 }
@@ -238,7 +238,7 @@ impl KedaPolicy {
             reason.push_str(&format!("; held at {held} by the scale-down window"));
         }
         desired = held;
-        // Scale-up limit: max(double, +4) relative to the count a period ago.
+        // Scale-up limit: max(double, +4) per 15 s period.
         if desired > current {
             while self
                 .scale_events
@@ -247,17 +247,18 @@ impl KedaPolicy {
             {
                 self.scale_events.pop_front();
             }
-            let base = self
-                .scale_events
-                .front()
-                .map(|(_, r)| *r)
-                .unwrap_or(current);
+            // As the HPA: the count at the period's start is the current
+            // count less what was added within the period.
+            let added: u32 = self.scale_events.iter().map(|(_, n)| *n).sum();
+            let base = current.saturating_sub(added);
             let limit = (base * 2).max(base + 4);
             if desired > limit {
                 reason.push_str(&format!("; limited to {limit} by the HPA scale-up policy"));
                 desired = limit;
             }
-            self.scale_events.push_back((now, current));
+            if desired > current {
+                self.scale_events.push_back((now, desired - current));
+            }
         }
         Decision {
             desired,
@@ -456,13 +457,14 @@ mod tests {
                 want: 2,
                 want_metric: 26,
             },
+            // 31 / (10 x 3) = 1.03: inside the 10% band, no change.
             Case {
                 name: "tolerance band holds",
-                parts: vec![(Some(0), 31)],
+                parts: vec![(Some(0), 8), (Some(0), 8), (Some(0), 8), (Some(0), 7)],
                 threshold: 10,
                 current: 3,
                 want: 3,
-                want_metric: 10,
+                want_metric: 31,
             },
             Case {
                 name: "invalid offset latest counts 1",
@@ -547,6 +549,7 @@ mod tests {
     fn keda_scale_down_waits_for_the_window_and_zero_for_cooldown() {
         let mut k = keda(10);
         k.params.min_replicas = 0;
+        k.params.allow_idle_consumers = true;
         k.params.scale_down_stabilization = Duration::from_secs(300);
         k.params.cooldown = Duration::from_secs(60);
         let t0 = Instant::now();
@@ -569,10 +572,17 @@ mod tests {
         let mut k = keda(1);
         k.params.allow_idle_consumers = true;
         k.params.max_replicas = 100;
-        let d = k.evaluate(Instant::now(), &lag_of(&[(Some(0), 100)]), 2);
-        assert_eq!(d.desired, 6, "{}", d.reason);
-        let d = k.evaluate(Instant::now(), &lag_of(&[(Some(0), 100)]), 10);
-        assert_eq!(d.desired, 20);
+        let t0 = Instant::now();
+        let lag = lag_of(&[(Some(0), 100)]);
+        let d = k.evaluate(t0, &lag, 2);
+        assert_eq!(d.desired, 6, "doubling gives 4, +4 gives 6: {}", d.reason);
+        // Within the same period the base is still 2 (6 - the 4 added): 6.
+        assert_eq!(k.evaluate(t0 + Duration::from_secs(5), &lag, 6).desired, 6);
+        // A new period: from 10, doubling (20) beats +4 (14).
+        assert_eq!(
+            k.evaluate(t0 + Duration::from_secs(20), &lag, 10).desired,
+            20
+        );
     }
 
     #[test]
@@ -595,7 +605,10 @@ mod tests {
 
     #[test]
     fn rate_policy_learns_and_does_not_flap() {
-        let mut r = RatePolicy::new(RateParams::default());
+        let mut r = RatePolicy::new(RateParams {
+            slots_per_partition: 10,
+            ..RateParams::default()
+        });
         r.observe(1000.0, 2, 100);
         assert!((r.rate_per_replica() - 500.0).abs() < 1e-9);
         r.observe(5000.0, 2, 0);
