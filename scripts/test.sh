@@ -23,7 +23,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test"
-cargo test --all-targets "$@"
+cargo test --all-targets --no-fail-fast "$@"
 if [ -d deploy/check ]; then
 	echo "== deploy/check (kustomize overlays, manifests, scripts)"
 	(cd deploy/check && go test ./...)
