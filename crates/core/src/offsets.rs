@@ -22,6 +22,8 @@ pub struct PartitionOffsets {
     /// One past the highest offset seen.
     next: Option<i64>,
     done_ahead: usize,
+    /// The highest offset marked done.
+    max_done: Option<i64>,
 }
 
 impl PartitionOffsets {
@@ -58,6 +60,7 @@ impl PartitionOffsets {
         if !self.pending[i].1 {
             self.pending[i].1 = true;
             self.done_ahead += 1;
+            self.max_done = Some(self.max_done.map_or(offset, |m| m.max(offset)));
         }
         while let Some((_, true)) = self.pending.front() {
             self.pending.pop_front();
@@ -83,6 +86,12 @@ impl PartitionOffsets {
         self.done_ahead
     }
 
+    /// Whether finishing the record at `offset` would move the watermark
+    /// towards records already done: a "hole" below a done record.
+    pub fn is_hole(&self, offset: i64) -> bool {
+        self.done_ahead > 0 && self.max_done.is_some_and(|m| offset < m)
+    }
+
     /// The highest offset seen, if any.
     pub fn last_seen(&self) -> Option<i64> {
         self.next.map(|n| n - 1)
@@ -104,6 +113,8 @@ mod tests {
         p.mark_done(7);
         p.mark_done(6);
         assert_eq!(p.watermark(), Some(5));
+        assert!(p.is_hole(5), "5 holds back the done 6 and 7");
+        assert!(!p.is_hole(8), "nothing done above 8");
         p.mark_done(5);
         assert_eq!(p.watermark(), Some(8));
         p.mark_done(9);
