@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# bench/run.sh - throughput benchmark: `microbatch run` against Kafka's Java
+# kafka-consumer-perf-test and a Python (confluent-kafka) baseline, on the same
+# local broker and the same data, with fresh consumer groups, alternating the
+# contenders. See bench/README.md for the method; `bench/run.sh --help`.
+set -euo pipefail
+
+# shellcheck source=lib/common.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib/common.sh"
+
+RECORDS=${RECORDS:-2000000}
+SIZE=${SIZE:-100}
+PARTITIONS=${PARTITIONS:-8}
+RUNS=${RUNS:-3}
+KEYS=${KEYS:-1000}
+BATCH_SIZE=${BATCH_SIZE:-500}
+CONTENDERS=${CONTENDERS:-microbatch microbatch-tuned java python}
+MB_ARGS=${MB_ARGS:---handler simulate --process-time-ms 0 --max-records 500 --commit-interval-ms 100}
+MB_TUNED_ARGS=${MB_TUNED_ARGS:---kafka-property fetch.queue.backoff.ms=10 --kafka-property queued.min.messages=5000}
+TOPIC=${TOPIC:-}
+
+usage() {
+	cat <<EOF
+Usage: bench/run.sh [options]
+
+Produces RECORDS records of SIZE bytes to a fresh topic of PARTITIONS
+partitions on the local broker (scripts/kafka-local.sh, started if needed),
+then consumes them RUNS times with each contender, in rotating order, each
+time with a fresh consumer group, and writes
+bench/results/<date>-throughput.md and .json.
+
+Contenders (CONTENDERS, space-separated):
+  microbatch        microbatch run \$MB_ARGS
+  microbatch-tuned  microbatch run \$MB_ARGS \$MB_TUNED_ARGS
+  java              scripts/kafka-local.sh tool consumer-perf-test
+  python            bench/python_consumer.py (confluent-kafka, BATCH_SIZE per
+                    consume(), synchronous commit after each batch)
+
+Options (environment variable in brackets, default after it):
+  --records N       [RECORDS]     $RECORDS
+  --size BYTES      [SIZE]        $SIZE
+  --partitions N    [PARTITIONS]  $PARTITIONS
+  --runs N          [RUNS]        $RUNS
+  --keys N          [KEYS]        $KEYS distinct keys (microbatch produce --keys)
+  --batch-size N    [BATCH_SIZE]  $BATCH_SIZE (Python baseline)
+  --contenders LIST [CONTENDERS]  "$CONTENDERS"
+  --topic NAME      [TOPIC]       reuse an existing topic holding exactly
+                                  RECORDS records instead of producing
+  -h, --help
+
+Other environment:
+  MICROBATCH_BIN   binary to test [target/release/microbatch, built if missing]
+  MB_ARGS          "$MB_ARGS"
+  MB_TUNED_ARGS    "$MB_TUNED_ARGS"
+  RESULTS_DIR      where results go [bench/results]
+  BENCH_COMMIT     the commit MICROBATCH_BIN was built from, for the results
+  BENCH_STOP_KAFKA 1: stop the broker at the end if this script started it
+EOF
+}
+
+while [[ $# -gt 0 ]]; do
+	case $1 in
+	--records) RECORDS=$2 && shift 2 ;;
+	--size) SIZE=$2 && shift 2 ;;
+	--partitions) PARTITIONS=$2 && shift 2 ;;
+	--runs) RUNS=$2 && shift 2 ;;
+	--keys) KEYS=$2 && shift 2 ;;
+	--batch-size) BATCH_SIZE=$2 && shift 2 ;;
+	--contenders) CONTENDERS=$2 && shift 2 ;;
+	--topic) TOPIC=$2 && shift 2 ;;
+	-h | --help) usage && exit 0 ;;
+	*) usage >&2 && die "unknown option $1" ;;
+	esac
+done
+for v in RECORDS SIZE PARTITIONS RUNS KEYS BATCH_SIZE; do
+	if ! is_uint "${!v}" || ((${!v} == 0)); then
+		die "$v must be a positive integer, got '${!v}'"
+	fi
+done
+read -r -a contenders <<<"$CONTENDERS"
+for c in "${contenders[@]}"; do
+	case $c in microbatch | microbatch-tuned | java | python) ;; *) die "unknown contender '$c'" ;; esac
+done
+read -r -a mb_args <<<"$MB_ARGS"
+read -r -a mb_tuned_args <<<"$MB_TUNED_ARGS"
+
+need_tools jq python3 curl
+resolve_binary
+ensure_kafka
+trap stop_kafka_if_ours EXIT
+ensure_venv
+
+WORK=$BENCH_DIR/work/throughput-$STAMP
+mkdir -p "$WORK" "$RESULTS_DIR"
+RUNS_FILE=$WORK/runs.jsonl
+: >"$RUNS_FILE"
+MACHINE=$(machine_json)
+log "machine: $(jq -c . <<<"$MACHINE")"
+
+if [[ -z $TOPIC ]]; then
+	TOPIC=bench-tput-$STAMP
+	create_topic "$TOPIC" "$PARTITIONS"
+	log "producing $RECORDS records of $SIZE bytes ($KEYS keys) to $TOPIC"
+	produce "$TOPIC" "$RECORDS" "$SIZE" "$KEYS" | tee "$WORK/produce.txt" >&2
+fi
+available=$("$MB" lag --bootstrap-servers "$BOOTSTRAP" --topic "$TOPIC" \
+	--group "bench-probe-$STAMP" --json | jq .total_lag)
+[[ $available == "$RECORDS" ]] || die "topic $TOPIC holds $available records, expected $RECORDS"
+
+run_one() { # contender run
+	local c=$1 run=$2
+	local -a pre=() post=()
+	case $c in
+	microbatch)
+		pre=(microbatch --log "$WORK/$c-r$run.log")
+		post=("${mb_args[@]}")
+		;;
+	microbatch-tuned)
+		pre=(microbatch --label microbatch-tuned --log "$WORK/$c-r$run.log")
+		post=("${mb_args[@]}" "${mb_tuned_args[@]}")
+		;;
+	java)
+		pre=(java --kafka-local "$KAFKA_LOCAL")
+		;;
+	python)
+		pre=(python --python "$PY" --script "$BENCH_DIR/python_consumer.py")
+		post=(--batch-size "$BATCH_SIZE")
+		;;
+	esac
+	log "run $run/$RUNS: $c"
+	# Arguments after `--` go to the contender itself.
+	if ! "$PY" "$BENCH_DIR/lib/measure.py" "${pre[@]}" --bin "$MB" --bootstrap "$BOOTSTRAP" \
+		--topic "$TOPIC" --group "bench-$c-r$run-$STAMP" --records "$RECORDS" --size "$SIZE" \
+		--run "$run" -- "${post[@]}" >>"$RUNS_FILE"; then
+		log "warning: $c run $run reported an error (see ${RUNS_FILE#"$ROOT"/})"
+	fi
+	tail -n1 "$RUNS_FILE" | jq -r '"  -> \(.records / ((.t_done // .t0) - (.t_assigned // .t0)) | floor) records/s after assignment, CPU \(.cpu_done) s, peak RSS \(.max_rss_kib / 1024 | floor) MiB, lag after \(.lag_after)"' >&2 || true
+}
+
+n=${#contenders[@]}
+for ((run = 1; run <= RUNS; run++)); do
+	# Rotate the order each run so no contender always goes first.
+	for ((k = 0; k < n; k++)); do
+		run_one "${contenders[$(((k + run - 1) % n))]}" "$run"
+	done
+done
+
+base=$RESULTS_DIR/$DATE_UTC-throughput
+params=$(jq -n --arg topic "$TOPIC" --argjson records "$RECORDS" --argjson size "$SIZE" \
+	--argjson partitions "$PARTITIONS" --argjson runs "$RUNS" --argjson keys "$KEYS" \
+	--argjson batch_size "$BATCH_SIZE" --arg mb_args "$MB_ARGS" --arg mb_tuned_args "$MB_TUNED_ARGS" \
+	--arg contenders "$CONTENDERS" --arg loadavg_end "$(cut -d' ' -f1-3 /proc/loadavg)" \
+	'{topic: $topic, records: $records, size: $size, partitions: $partitions, runs: $runs,
+	  keys: $keys, python_batch_size: $batch_size, microbatch_args: $mb_args,
+	  microbatch_tuned_args: $mb_tuned_args, contenders: $contenders, loadavg_at_end: $loadavg_end}')
+"$PY" "$BENCH_DIR/lib/report.py" throughput --runs "$RUNS_FILE" --machine "$MACHINE" \
+	--params "$params" --date "$DATE_UTC" --md "$base.md" --json "$base.json"
+log "results: ${base#"$ROOT"/}.md and .json (logs in ${WORK#"$ROOT"/})"
