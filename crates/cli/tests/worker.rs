@@ -398,6 +398,21 @@ fn scram_over_tls_works_and_a_wrong_password_is_clear() {
     );
     bad.signal(SIGTERM);
     assert!(bad.wait_for_exit(Duration::from_secs(60)).is_some());
+    // Short-lived commands say so too, and exit instead of hanging.
+    let mut lag_cmd = command();
+    lag_cmd
+        .args(["lag", "--topic", &topic, "--group", &group])
+        .args(scram_args(wrong));
+    let started = Instant::now();
+    let out = lag_cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(!err.contains(wrong));
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "lag failed fast enough"
+    );
     let log = bad.stderr();
     assert!(!log.contains(wrong), "the password appeared in the log");
 }

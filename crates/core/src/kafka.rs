@@ -109,9 +109,29 @@ pub fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
 
 /// A client context for helper clients (dead-letter producer, lag reader):
 /// logs go through [`forward_log`]; errors at debug, because their callers
-/// report the failures that matter, with context.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct QuietContext;
+/// report the failures that matter, with context. An authentication failure
+/// is kept, since the client itself only ever reports "transport failure".
+#[derive(Debug, Default)]
+pub struct QuietContext {
+    auth_error: std::sync::Mutex<Option<String>>,
+}
+
+impl QuietContext {
+    /// The last authentication failure, if one happened.
+    pub fn auth_error(&self) -> Option<String> {
+        self.auth_error
+            .lock()
+            .expect("auth error lock poisoned")
+            .clone()
+    }
+}
+
+/// Keeps an authentication failure's reason in `slot`.
+pub fn note_auth_error(slot: &std::sync::Mutex<Option<String>>, error: &KafkaError, reason: &str) {
+    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication) {
+        *slot.lock().expect("auth error lock poisoned") = Some(reason.to_string());
+    }
+}
 
 impl rdkafka::ClientContext for QuietContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -119,6 +139,7 @@ impl rdkafka::ClientContext for QuietContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        note_auth_error(&self.auth_error, &error, reason);
         tracing::debug!(target: "kafka", error = %error, "{reason}");
     }
 }

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use microbatch_core::config::KafkaConfig;
-use microbatch_core::kafka::ClientError;
+use microbatch_core::kafka::{ClientError, QuietContext};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -107,7 +107,7 @@ impl GroupLag {
 
 /// Reads committed offsets and watermarks for a group; one client, reused.
 pub struct LagReader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<QuietContext>,
     servers: String,
     group: String,
     topic: String,
@@ -121,11 +121,11 @@ impl LagReader {
         topic: &str,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let consumer: BaseConsumer = kafka
+        let consumer: BaseConsumer<QuietContext> = kafka
             .client_config()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
-            .create()?;
+            .create_with_context(QuietContext::default())?;
         Ok(Self {
             consumer,
             servers: kafka.bootstrap_servers.clone(),
@@ -136,6 +136,17 @@ impl LagReader {
     }
 
     fn classify(&self, e: rdkafka::error::KafkaError) -> ClientError {
+        // Client errors arrive as events; serve them so an authentication
+        // failure is told as such, not as a transport failure.
+        for _ in 0..20 {
+            let _ = self.consumer.poll(Duration::from_millis(5));
+            if self.consumer.context().auth_error().is_some() {
+                break;
+            }
+        }
+        if let Some(reason) = self.consumer.context().auth_error() {
+            return ClientError::Authentication(reason);
+        }
         match ClientError::classify(e, &self.servers) {
             ClientError::UnknownTopic { .. } => ClientError::UnknownTopic {
                 topic: self.topic.clone(),

@@ -293,17 +293,7 @@ fn start_burst(
     start_seq: u64,
 ) -> JoinHandle<u64> {
     let kafka = kafka.clone();
-    let args = produce::Args {
-        kafka: KafkaArgs {
-            bootstrap_servers: None,
-            security_protocol: None,
-            sasl_mechanism: None,
-            username: None,
-            password: None,
-            ssl_ca_location: None,
-            kafka_property: Vec::new(),
-            config_file: None,
-        },
+    let load = produce::Load {
         topic: topic.to_string(),
         count,
         rate: 0,
@@ -312,10 +302,9 @@ fn start_burst(
         partitions,
         poison_every,
         start_seq,
-        quiet: true,
     };
     std::thread::spawn(
-        move || match produce_blocking(&kafka, &args, &ProgressBar::hidden()) {
+        move || match produce_blocking(&kafka, &load, &ProgressBar::hidden()) {
             Ok(s) => s.delivered,
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "producing the burst failed");

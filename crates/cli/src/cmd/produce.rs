@@ -21,6 +21,16 @@ use crate::args::KafkaArgs;
 pub struct Args {
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub load: Load,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// What to produce: shared by `produce` and the demo's bursts.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Load {
     /// Topic to produce to.
     #[arg(long, env = "KAFKA_TOPIC")]
     pub topic: String,
@@ -46,9 +56,6 @@ pub struct Args {
     /// First sequence number (to continue an earlier run's numbering).
     #[arg(long, default_value_t = 0)]
     pub start_seq: u64,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
 }
 
 /// The text `--poison-every` puts in a record's value.
@@ -60,9 +67,19 @@ pub struct Deliveries {
     pub ok: AtomicU64,
     pub failed: AtomicU64,
     first_error: std::sync::Mutex<Option<String>>,
+    auth_error: std::sync::Mutex<Option<String>>,
 }
 
-impl ClientContext for Deliveries {}
+impl ClientContext for Deliveries {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        microbatch_core::kafka::forward_log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        microbatch_core::kafka::note_auth_error(&self.auth_error, &error, reason);
+        tracing::debug!(error = %error, "{reason}");
+    }
+}
 
 impl ProducerContext for Deliveries {
     type DeliveryOpaque = ();
@@ -92,7 +109,7 @@ pub struct ProduceSummary {
 /// Produces `count` records; blocking (run it off the async runtime).
 pub fn produce_blocking(
     kafka: &KafkaConfig,
-    args: &Args,
+    args: &Load,
     bar: &ProgressBar,
 ) -> anyhow::Result<ProduceSummary> {
     let producer: ThreadedProducer<Deliveries> = kafka
@@ -106,7 +123,18 @@ pub fn produce_blocking(
     let metadata = producer
         .client()
         .fetch_metadata(Some(&args.topic), Duration::from_secs(15))
-        .map_err(|e| microbatch_core::kafka::ClientError::classify(e, &kafka.bootstrap_servers))?;
+        .map_err(|e| {
+            match producer
+                .context()
+                .auth_error
+                .lock()
+                .expect("lock poisoned")
+                .clone()
+            {
+                Some(reason) => microbatch_core::kafka::ClientError::Authentication(reason),
+                None => microbatch_core::kafka::ClientError::classify(e, &kafka.bootstrap_servers),
+            }
+        })?;
     let exists = metadata
         .topics()
         .iter()
@@ -197,15 +225,16 @@ pub fn produce_blocking(
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let file = args.kafka.load_file()?;
     let kafka = args.kafka.resolve(&file)?;
-    if args.size == 0 {
+    let load = args.load;
+    if load.size == 0 {
         return Err(ConfigError::new("--size", "must be at least 1").into());
     }
-    if args.poison_every > 0 && args.size < 28 {
+    if load.poison_every > 0 && load.size < 28 {
         return Err(
             ConfigError::new("--size", "must be at least 28 bytes with --poison-every").into(),
         );
     }
-    let bar = ProgressBar::new(args.count);
+    let bar = ProgressBar::new(load.count);
     if args.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
@@ -216,22 +245,19 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         .expect("the template is valid"),
     );
     let task_bar = bar.clone();
-    let summary = tokio::task::spawn_blocking(move || {
-        produce_blocking(&kafka, &args, &task_bar).map(|s| (s, args))
-    })
-    .await
-    .context("producer thread")??;
+    let task_load = load.clone();
+    let s = tokio::task::spawn_blocking(move || produce_blocking(&kafka, &task_load, &task_bar))
+        .await
+        .context("producer thread")??;
     bar.finish_and_clear();
-    let (s, args) = summary;
     let secs = s.elapsed.as_secs_f64().max(1e-9);
+    let mb = s.delivered as f64 * load.size as f64 / 1e6;
     println!(
-        "produced {} records ({:.1} MB) to {} in {:.2}s: {:.0} records/s, {:.1} MB/s; {} failed",
+        "produced {} records ({mb:.1} MB) to {} in {secs:.2}s: {:.0} records/s, {:.1} MB/s; {} failed",
         s.delivered,
-        (s.delivered as f64 * args.size as f64) / 1e6,
-        args.topic,
-        secs,
+        load.topic,
         s.delivered as f64 / secs,
-        s.delivered as f64 * args.size as f64 / 1e6 / secs,
+        mb / secs,
         s.failed
     );
     Ok(if s.failed > 0 {
