@@ -1,9 +1,29 @@
 #!/usr/bin/env bash
-# Every check the project has, on a fresh machine: starts a real Kafka broker
-# (scripts/kafka-local.sh), then formatting, lints and all tests against it.
+# Every check the project has, on a fresh machine: installs the system
+# packages the tests use (when run as root with apt), starts a real Kafka
+# broker (scripts/kafka-local.sh), then formatting, lints and all tests
+# against it, and the deployment kit's checks.
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Build: libssl-dev zlib1g-dev pkg-config (librdkafka); Kafka: openssl unzip
+# (and Java 17+ with Maven); tests: shellcheck, chromium (report rendering),
+# tmux (terminal dashboard).
+packages=(libssl-dev zlib1g-dev pkg-config openssl unzip shellcheck chromium tmux)
+missing=()
+for pkg in "${packages[@]}"; do
+	dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+		echo "== installing ${missing[*]}"
+		apt-get update -qq
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+	else
+		echo "note: missing packages ${missing[*]}; tests that need them skip (or fail with CI=true)" >&2
+	fi
+fi
 
 started_kafka=false
 if ! scripts/kafka-local.sh status >/dev/null 2>&1; then
@@ -24,7 +44,5 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --all-targets --no-fail-fast "$@"
-if [ -d deploy/check ]; then
-	echo "== deploy/check (kustomize overlays, manifests, scripts)"
-	(cd deploy/check && go test ./...)
-fi
+echo "== deploy/check (kustomize overlays, manifests, scripts)"
+(cd deploy/check && go test ./...)
