@@ -309,7 +309,18 @@ pub struct RatePolicy {
     pub params: RateParams,
     rate_per_replica: Option<f64>,
     scale_down: ScaleDownWindow,
+    /// Sustained arrival rate and when it was last updated.
+    arrival: Option<(Instant, f64)>,
+    /// The replica count observed last, and since when.
+    replicas_since: Option<(u32, Instant)>,
 }
+
+/// How long the replica count must hold before its processed rate counts as
+/// a measurement: joining workers process nothing while the group rebalances.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Time constant of the sustained arrival rate.
+const ARRIVAL_SMOOTHING: Duration = Duration::from_secs(30);
 
 impl RatePolicy {
     pub fn new(params: RateParams) -> Self {
@@ -317,6 +328,8 @@ impl RatePolicy {
             params,
             rate_per_replica: None,
             scale_down: ScaleDownWindow::default(),
+            arrival: None,
+            replicas_since: None,
         }
     }
 
@@ -328,9 +341,18 @@ impl RatePolicy {
 
     /// Feeds a measurement: the group's processed rate while `replicas` ran.
     /// Only readings taken with lag waiting count, since without a backlog the
-    /// rate shows the arrivals, not what a replica can do.
-    pub fn observe(&mut self, processed_per_sec: f64, replicas: u32, lag: i64) {
-        if replicas == 0 || lag <= 0 || processed_per_sec <= 0.0 {
+    /// rate shows the arrivals, not what a replica can do; and only once the
+    /// replica count has held for a few seconds, since workers that just
+    /// joined do nothing while the group rebalances.
+    pub fn observe(&mut self, now: Instant, processed_per_sec: f64, replicas: u32, lag: i64) {
+        match self.replicas_since {
+            Some((n, _)) if n == replicas => {}
+            _ => self.replicas_since = Some((replicas, now)),
+        }
+        let settled = self
+            .replicas_since
+            .is_some_and(|(_, since)| now.duration_since(since) >= SETTLE);
+        if !settled || replicas == 0 || lag <= 0 || processed_per_sec <= 0.0 {
             return;
         }
         let sample = processed_per_sec / f64::from(replicas);
@@ -347,6 +369,19 @@ impl RatePolicy {
         arrival_per_sec: f64,
         current: u32,
     ) -> Decision {
+        // The arrival rate that needs keeping up with is the sustained one:
+        // a burst's records are already counted once, in the lag.
+        let sustained = match self.arrival {
+            Some((then, previous)) => {
+                let alpha = (now.duration_since(then).as_secs_f64()
+                    / ARRIVAL_SMOOTHING.as_secs_f64())
+                .min(1.0);
+                previous + alpha * (arrival_per_sec - previous)
+            }
+            None => 0.0,
+        };
+        self.arrival = Some((now, sustained));
+        let arrival_per_sec = sustained;
         let p = &self.params;
         let total = lag.total_lag;
         let rate = self.rate_per_replica().max(1e-6);
@@ -595,12 +630,22 @@ mod tests {
             ..RateParams::default()
         });
         let t0 = Instant::now();
-        // lag 5000 over 10 s = 500/s + 100/s arriving = 600/s -> 6 replicas.
+        // lag 5000 over 10 s = 500/s; no sustained arrivals known yet -> 5.
         let lag = lag_of(&[(Some(0), 2500), (Some(0), 2500)]);
-        assert_eq!(r.evaluate(t0, &lag, 100.0, 1).desired, 6);
+        assert_eq!(r.evaluate(t0, &lag, 100.0, 1).desired, 5);
+        // 100/s sustained for 30 s: 600/s -> 6 replicas.
+        assert_eq!(
+            r.evaluate(t0 + Duration::from_secs(30), &lag, 100.0, 5)
+                .desired,
+            6
+        );
         // capacity: 2 partitions x 3 slots = 6 replicas at most.
         let big = lag_of(&[(Some(0), 250_000), (Some(0), 250_000)]);
-        assert_eq!(r.evaluate(t0, &big, 0.0, 1).desired, 6);
+        assert_eq!(
+            r.evaluate(t0 + Duration::from_secs(31), &big, 0.0, 6)
+                .desired,
+            6
+        );
     }
 
     #[test]
@@ -609,22 +654,53 @@ mod tests {
             slots_per_partition: 10,
             ..RateParams::default()
         });
-        r.observe(1000.0, 2, 100);
+        let t = Instant::now();
+        r.observe(t, 1000.0, 2, 100);
+        assert!(
+            (r.rate_per_replica() - 100.0).abs() < 1e-9,
+            "count just changed: no sample"
+        );
+        r.observe(t + Duration::from_secs(6), 1000.0, 2, 100);
         assert!((r.rate_per_replica() - 500.0).abs() < 1e-9);
-        r.observe(5000.0, 2, 0);
+        r.observe(t + Duration::from_secs(7), 5000.0, 2, 0);
         assert!(
             (r.rate_per_replica() - 500.0).abs() < 1e-9,
             "no backlog: no sample"
         );
-        let t0 = Instant::now();
+        let t0 = Instant::now() + Duration::from_secs(10);
         let lag = lag_of(&[(Some(0), 10)]);
-        // need = 1050/s + 10/30 -> 3 replicas at 500/s; at 3 it stays.
-        assert_eq!(r.evaluate(t0, &lag, 1050.0, 3).desired, 3);
+        r.evaluate(t0, &lag, 1050.0, 3);
+        // Sustained 1050/s + 10/30 -> 3 replicas at 500/s; at 3 it stays.
         assert_eq!(
-            r.evaluate(t0 + Duration::from_secs(1), &lag, 1000.0, 3)
+            r.evaluate(t0 + Duration::from_secs(30), &lag, 1050.0, 3)
                 .desired,
             3
         );
+        assert_eq!(
+            r.evaluate(t0 + Duration::from_secs(31), &lag, 1000.0, 3)
+                .desired,
+            3
+        );
+    }
+
+    #[test]
+    fn rate_policy_does_not_count_a_burst_twice() {
+        // 8,000 records produced in half a second: 16,000/s "arriving", but
+        // they are all in the lag already.
+        let mut r = RatePolicy::new(RateParams {
+            target_drain: Duration::from_secs(10),
+            initial_rate_per_replica: 800.0,
+            slots_per_partition: 4,
+            slots_per_replica: 4,
+            max_replicas: 8,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        r.evaluate(t0, &lag_of(&[(Some(0), 0); 8]), 0.0, 1);
+        let burst = lag_of(&[(Some(0), 1000); 8]);
+        let d = r.evaluate(t0 + Duration::from_millis(500), &burst, 16_000.0, 1);
+        // 16,000 x 0.5/30 = 267/s sustained + 800/s to drain = 1,067/s -> 2 replicas.
+        assert_eq!(d.desired, 2, "{}", d.reason);
     }
 
     #[test]

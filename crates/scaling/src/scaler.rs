@@ -222,7 +222,7 @@ impl TriggerState {
                 let now = Instant::now();
                 let measured = rates.observe(now, &lag);
                 let current = self.reader.members().unwrap_or(*last_desired as usize) as u32;
-                r.observe(measured.processed_per_sec, current, lag.total_lag);
+                r.observe(now, measured.processed_per_sec, current, lag.total_lag);
                 let decision = r.evaluate(now, &lag, measured.arrival_per_sec, current);
                 *last_desired = decision.desired;
                 (

@@ -61,7 +61,7 @@ impl Policy {
         match self {
             Policy::Keda(k) => (k.evaluate(now, lag, current), 0.0),
             Policy::Rate(r) => {
-                r.observe(rates.processed_per_sec, current, lag.total_lag);
+                r.observe(now, rates.processed_per_sec, current, lag.total_lag);
                 let d = r.evaluate(now, lag, rates.arrival_per_sec, current);
                 (d, r.rate_per_replica())
             }

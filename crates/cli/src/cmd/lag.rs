@@ -160,7 +160,7 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         let decision: Option<(&str, Decision)> = match policy {
             Some(PolicyKind::Keda) => Some(("keda", keda.evaluate(now, &lag, replicas))),
             Some(PolicyKind::Rate) => {
-                rate.observe(r.processed_per_sec, replicas, lag.total_lag);
+                rate.observe(now, r.processed_per_sec, replicas, lag.total_lag);
                 Some((
                     "rate",
                     rate.evaluate(now, &lag, r.arrival_per_sec, replicas),
