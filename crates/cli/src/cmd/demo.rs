@@ -451,12 +451,13 @@ fn run_policy(
                     partition_lag: p.partition_lag.clone(),
                 });
                 view.draw(&name, phase_start.elapsed(), p, dead);
-                // Kill a worker once the burst is being worked on by several.
+                // Kill a worker once the burst is being worked on by several
+                // (or, failing that, a few seconds in, whatever runs).
+                let working = p.processed_per_sec > 0.0 && p.replicas >= 2;
                 if scenario == Scenario::Failure
                     && killed == 0
                     && p.total_lag > 0
-                    && p.processed_per_sec > 0.0
-                    && p.replicas >= 2
+                    && (working || phase_start.elapsed() > Duration::from_secs(3))
                     && sup.kill_one(0).is_some()
                 {
                     killed += 1;
