@@ -104,9 +104,7 @@ fn sigkill_storm_and_a_broker_restart_lose_nothing() {
         "every record was produced: {}",
         producer.stderr()
     );
-    wait_until(Duration::from_secs(300), "lag 0", || {
-        total_lag(&topic, &group) == 0
-    });
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(300));
     for w in &workers {
         w.signal(15);
     }

@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use common::*;
 
-const SIGTERM: i32 = 15;
-
 /// 1% of records fail for good: exactly those reach the dead-letter topic with
 /// their context headers; every other record is processed; lag ends at 0.
 #[test]
@@ -35,15 +33,8 @@ fn poison_records_go_to_the_dlq_with_context_and_nothing_else_does() {
             "10",
         ],
     );
-    wait_until(Duration::from_secs(120), "lag 0", || {
-        total_lag(&topic, &group) == 0
-    });
-    w.signal(SIGTERM);
-    assert!(
-        w.wait_for_exit(Duration::from_secs(60)).unwrap().success(),
-        "{}",
-        w.stderr()
-    );
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
 
     let source = read_topic(&topic, broker().bootstrap());
     let poison: BTreeSet<(i32, i64)> = source
@@ -170,8 +161,7 @@ fn a_downstream_outage_pauses_and_resumes_without_dead_letters() {
     wait_until(Duration::from_secs(120), "lag 0 after recovery", || {
         total_lag(&topic, &group) == 0
     });
-    w.signal(SIGTERM);
-    assert!(w.wait_for_exit(Duration::from_secs(60)).unwrap().success());
+    w.terminate();
     let (expected, _) = assert_all_processed(&topic, &group, &[dir.path("w.audit")]);
     assert_eq!(expected, 2000);
     assert!(
@@ -240,15 +230,8 @@ fn key_ordering_under_a_skewed_burst_keeps_per_key_order() {
             "10",
         ],
     );
-    wait_until(Duration::from_secs(120), "lag 0", || {
-        total_lag(&topic, &group) == 0
-    });
-    w.signal(SIGTERM);
-    assert!(
-        w.wait_for_exit(Duration::from_secs(60)).unwrap().success(),
-        "{}",
-        w.stderr()
-    );
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
     let handled = assert_key_order(&read(&dir.path("order.log")));
     assert_eq!(handled, 6000);
     let (expected, _) = assert_all_processed(&topic, &group, &[dir.path("w.audit")]);
@@ -283,14 +266,8 @@ fn sigkill_in_key_mode_then_restart_loses_nothing() {
         .wait_for_exit(Duration::from_secs(30))
         .expect("killed");
     let mut second = spawn_worker(&dir, "second", &topic, &group, free_port(), &extra);
-    wait_until(Duration::from_secs(180), "lag 0", || {
-        total_lag(&topic, &group) == 0
-    });
-    second.signal(SIGTERM);
-    assert!(second
-        .wait_for_exit(Duration::from_secs(60))
-        .unwrap()
-        .success());
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
+    second.terminate();
     let (expected, duplicates) = assert_all_processed(
         &topic,
         &group,
@@ -402,8 +379,7 @@ fn retries_of_one_key_do_not_stall_other_keys_or_partitions() {
         "lag 0 after key-7 recovers",
         || total_lag(&topic, &group) == 0,
     );
-    w.signal(SIGTERM);
-    assert!(w.wait_for_exit(Duration::from_secs(60)).unwrap().success());
+    w.terminate();
     assert_eq!(
         read(&seen)
             .lines()

@@ -12,8 +12,6 @@ use std::time::Duration;
 
 use common::*;
 
-const SIGTERM: i32 = 15;
-
 fn poison_offsets(topic: &str) -> BTreeSet<(i32, i64)> {
     read_topic(topic, broker().bootstrap())
         .into_iter()
@@ -67,11 +65,8 @@ fn whole_batch_failures_are_bisected_down_to_the_bad_record() {
             "64",
         ],
     );
-    wait_until(Duration::from_secs(120), "lag 0", || {
-        total_lag(&topic, &group) == 0
-    });
-    w.signal(SIGTERM);
-    assert!(w.wait_for_exit(Duration::from_secs(60)).unwrap().success());
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
     let poison = poison_offsets(&topic);
     assert_eq!(poison.len(), 10);
     assert_eq!(
@@ -169,15 +164,8 @@ fn http_handler_retries_5xx_and_dead_letters_named_records() {
             "50",
         ],
     );
-    wait_until(Duration::from_secs(120), "lag 0", || {
-        total_lag(&topic, &group) == 0
-    });
-    w.signal(SIGTERM);
-    assert!(
-        w.wait_for_exit(Duration::from_secs(60)).unwrap().success(),
-        "{}",
-        w.stderr()
-    );
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
     assert!(requests.load(Ordering::SeqCst) > 3, "the 503s were retried");
     let poison = poison_offsets(&topic);
     assert_eq!(poison.len(), 10);
@@ -251,7 +239,6 @@ fn an_unwritable_dlq_holds_the_commit_until_it_can_be_written() {
         "lag 0 once the DLQ exists",
         || total_lag(&topic, &group) == 0,
     );
-    w.signal(SIGTERM);
-    assert!(w.wait_for_exit(Duration::from_secs(60)).unwrap().success());
+    w.terminate();
     assert_eq!(dead_lettered(&dlq), poison);
 }

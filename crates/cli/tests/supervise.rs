@@ -15,26 +15,6 @@ fn timeline(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().unwrap_or("");
-        let ppid: u32 = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        if ppid == pid && state != "Z" {
-            out.push(p);
-        }
-    }
-    out
-}
-
 fn supervise(dir: &TestDir, topic: &str, group: &str, policy: &[&str]) -> Proc {
     let mut cmd = command();
     cmd.args([
@@ -128,9 +108,7 @@ fn rate_policy_scales_up_drains_and_scales_back_and_a_killed_child_loses_nothing
     unsafe {
         libc::kill(children[0] as i32, 9);
     }
-    wait_until(Duration::from_secs(180), "lag 0", || {
-        total_lag(&topic, &group) == 0
-    });
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
     wait_until(
         Duration::from_secs(60),
         "replicas back to the minimum",
@@ -182,9 +160,7 @@ fn keda_policy_caps_at_partitions_and_scales_back() {
         &["--policy", "keda", "--lag-threshold", "3"],
     );
     let tl = dir.path("timeline.jsonl");
-    wait_until(Duration::from_secs(180), "lag 0", || {
-        total_lag(&topic, &group) == 0
-    });
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
     wait_until(
         Duration::from_secs(60),
         "replicas back to the minimum",

@@ -45,9 +45,7 @@ fn two_workers_process_every_offset_and_exit_cleanly() {
                 .all(|p| worker_metric(*p, "microbatch_assigned_partitions") == Some(4.0))
     });
     produce(&topic, 20_000, &["--keys", "500"]);
-    wait_until(Duration::from_secs(120), "lag 0", || {
-        total_lag(&topic, &group) == 0
-    });
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
     let (s, metrics) = http_get(pa, "/metrics").expect("metrics answer");
     assert_eq!(s, 200);
     assert!(
@@ -115,14 +113,8 @@ fn sigterm_mid_run_then_restart_loses_nothing() {
     );
 
     let mut second = spawn_worker(&dir, "second", &topic, &group, port, &extra);
-    wait_until(Duration::from_secs(120), "lag 0", || {
-        total_lag(&topic, &group) == 0
-    });
-    second.signal(SIGTERM);
-    assert!(second
-        .wait_for_exit(Duration::from_secs(60))
-        .unwrap()
-        .success());
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    second.terminate();
     let (expected, duplicates) = assert_all_processed(
         &topic,
         &group,
@@ -360,8 +352,7 @@ fn scram_over_tls_works_and_a_wrong_password_is_clear() {
     wait_until(Duration::from_secs(30), "ready", || {
         http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
     });
-    w.signal(SIGTERM);
-    assert!(w.wait_for_exit(Duration::from_secs(60)).unwrap().success());
+    w.terminate();
     assert_eq!(audited(&[dir.path("w.audit")]).len(), 2000);
     assert!(!w.stderr().contains(&env["KAFKA_PASSWORD"]));
 

@@ -249,6 +249,15 @@ impl Proc {
         }
     }
 
+    /// SIGTERM, then asserts a clean exit within a minute.
+    pub fn terminate(&mut self) {
+        self.signal(15);
+        let status = self
+            .wait_for_exit(Duration::from_secs(60))
+            .expect("exits within a minute of SIGTERM");
+        assert!(status.success(), "{status:?}\n{}", self.stderr());
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
@@ -523,4 +532,31 @@ pub fn labelled_metric(text: &str, name_with_labels: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// Waits until the group's committed lag on the topic is 0.
+pub fn wait_for_lag_zero(topic: &str, group: &str, limit: Duration) {
+    wait_until(limit, "lag 0", || total_lag(topic, group) == 0);
+}
+
+/// Live (not zombie) children of a process, from /proc.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // After the command name: state, ppid, ...
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let ppid: u32 = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        if ppid == pid && state != "Z" {
+            out.push(p);
+        }
+    }
+    out
 }
