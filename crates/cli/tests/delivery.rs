@@ -103,17 +103,11 @@ fn a_downstream_outage_pauses_and_resumes_without_dead_letters() {
     produce(&topic, 2000, &[]);
     let down_flag = dir.path("down");
     std::fs::write(&down_flag, "").unwrap();
-    let handler = dir.path("handler.py");
-    std::fs::write(
-        &handler,
-        format!(
-            "import sys, os, json\nfor line in sys.stdin:\n    json.loads(line)\n    if os.path.exists({flag:?}):\n        print(json.dumps({{'error': 'downstream unavailable'}}), flush=True)\n    else:\n        print('{{\"failed\":[]}}', flush=True)\n",
-            flag = down_flag.display().to_string()
-        ),
-    )
-    .unwrap();
     let port = free_port();
-    let cmd = format!("python3 {}", handler.display());
+    let cmd = python_handler(&dir, "handler.py", format!(
+        "import sys, os, json\nfor line in sys.stdin:\n    json.loads(line)\n    if os.path.exists({flag:?}):\n        print(json.dumps({{'error': 'downstream unavailable'}}), flush=True)\n    else:\n        print('{{\"failed\":[]}}', flush=True)\n",
+        flag = down_flag.display().to_string()
+    ));
     let mut w = spawn_worker(
         &dir,
         "w",
@@ -188,17 +182,15 @@ fn assert_key_order(log: &str) -> usize {
 }
 
 fn order_checking_handler(dir: &TestDir) -> String {
-    let handler = dir.path("order.py");
     let log = dir.path("order.log");
-    std::fs::write(
-        &handler,
+    python_handler(
+        dir,
+        "order.py",
         format!(
             "import sys, json, os\nfd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    out = ''.join('%s %s\\n' % (r['key'], r['value'].split(' ')[0]) for r in b['records'])\n    os.write(fd, out.encode())\n    print('{{\"failed\":[]}}', flush=True)\n",
             log = log.display().to_string()
         ),
     )
-    .unwrap();
-    format!("python3 {}", handler.display())
 }
 
 /// A skewed burst (all records on 2 of 8 partitions, 200 keys) in `key` mode:
@@ -292,17 +284,11 @@ fn retries_of_one_key_do_not_stall_other_keys_or_partitions() {
     let flag = dir.path("failing");
     std::fs::write(&flag, "").unwrap();
     let seen = dir.path("seen.log");
-    let handler = dir.path("h.py");
-    std::fs::write(
-        &handler,
-        format!(
-            "import sys, os, json\nfd = os.open({seen:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    bad = os.path.exists({flag:?})\n    failed = [dict(partition=r['partition'], offset=r['offset'], error='key-7 unavailable') for r in b['records'] if bad and r['key'] == 'key-7']\n    done = ''.join('%d %s\\n' % (r['partition'], r['key']) for r in b['records'] if not (bad and r['key'] == 'key-7'))\n    os.write(fd, done.encode())\n    print(json.dumps(dict(failed=failed)), flush=True)\n",
-            seen = seen.display().to_string(),
-            flag = flag.display().to_string()
-        ),
-    )
-    .unwrap();
-    let cmd = format!("python3 {}", handler.display());
+    let cmd = python_handler(&dir, "h.py", format!(
+        "import sys, os, json\nfd = os.open({seen:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    bad = os.path.exists({flag:?})\n    failed = [dict(partition=r['partition'], offset=r['offset'], error='key-7 unavailable') for r in b['records'] if bad and r['key'] == 'key-7']\n    done = ''.join('%d %s\\n' % (r['partition'], r['key']) for r in b['records'] if not (bad and r['key'] == 'key-7'))\n    os.write(fd, done.encode())\n    print(json.dumps(dict(failed=failed)), flush=True)\n",
+        seen = seen.display().to_string(),
+        flag = flag.display().to_string()
+    ));
     let mut w = spawn_worker(
         &dir,
         "w",

@@ -43,13 +43,7 @@ fn whole_batch_failures_are_bisected_down_to_the_bad_record() {
     create_topic(&topic, 2);
     create_topic(&dlq, 1);
     produce(&topic, 1000, &["--poison-every", "100"]);
-    let handler = dir.path("h.py");
-    std::fs::write(
-        &handler,
-        "import sys, json\nfor line in sys.stdin:\n    b = json.loads(line)\n    if any('POISON' in (r['value'] or '') for r in b['records']):\n        print(json.dumps({'error': 'batch rejected: bad record inside', 'retryable': False}), flush=True)\n    else:\n        print('{\"failed\":[]}', flush=True)\n",
-    )
-    .unwrap();
-    let cmd = format!("python3 {}", handler.display());
+    let cmd = python_handler(&dir, "h.py", "import sys, json\nfor line in sys.stdin:\n    b = json.loads(line)\n    if any('POISON' in (r['value'] or '') for r in b['records']):\n        print(json.dumps({'error': 'batch rejected: bad record inside', 'retryable': False}), flush=True)\n    else:\n        print('{\"failed\":[]}', flush=True)\n");
     let mut w = spawn_worker(
         &dir,
         "w",

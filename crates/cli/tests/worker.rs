@@ -18,15 +18,9 @@ fn two_workers_process_every_offset_and_exit_cleanly() {
     let group = unique("g");
     create_topic(&topic, 8);
 
-    let handler = dir.path("handler.py");
-    std::fs::write(
-        &handler,
-        "import sys, json\nfor line in sys.stdin:\n    json.loads(line)\n    print('{\"failed\":[]}', flush=True)\n",
-    )
-    .unwrap();
     let (pa, pb) = (free_port(), free_port());
     let mut a = spawn_worker(&dir, "a", &topic, &group, pa, &["--process-time-ms", "0"]);
-    let cmd = format!("python3 {}", handler.display());
+    let cmd = python_handler(&dir, "handler.py", "import sys, json\nfor line in sys.stdin:\n    json.loads(line)\n    print('{\"failed\":[]}', flush=True)\n");
     let mut b = spawn_worker(
         &dir,
         "b",

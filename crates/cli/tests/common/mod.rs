@@ -560,3 +560,11 @@ pub fn children_of(pid: u32) -> Vec<u32> {
     }
     out
 }
+
+/// Writes a Python exec handler into the test's directory and returns the
+/// `--command` that runs it.
+pub fn python_handler(dir: &TestDir, name: &str, source: impl AsRef<str>) -> String {
+    let path = dir.path(name);
+    std::fs::write(&path, source.as_ref()).expect("writing the handler script");
+    format!("python3 {}", path.display())
+}
