@@ -220,6 +220,23 @@ def pct(values, p):
     return s[k]
 
 
+def write_report(a, md, machine, params, header, rows, rows_in):
+    """Appends the machine line and the table to `md`; writes it and the JSON."""
+    md.append("")
+    md.append(
+        f"Machine: {machine['cpu_model']}, {machine['nproc']} CPUs, {machine['mem_gib']} GiB; "
+        f"{machine['microbatch_version']} (commit {machine['git_commit']}); load average "
+        f"{machine['loadavg_at_start']} at start, {params['loadavg_at_end']} at end."
+    )
+    md.append("")
+    md.append(md_table(header, rows))
+    md.append("")
+    with open(a.md, "w") as f:
+        f.write("\n".join(md))
+    with open(a.json, "w") as f:
+        json.dump({"date": a.date, "machine": machine, "params": params, "results": rows_in}, f, indent=1)
+
+
 def latency(a):
     """Reads the per-setting JSON lines written by bench/lib/latency.py."""
     rows_in = [json.loads(line) for line in open(a.runs) if line.strip()]
@@ -250,19 +267,7 @@ def latency(a):
         "after parsing the batch; method audit = `--handler simulate --process-time-ms 0 --audit-log` "
         "with the log tailed every 1 ms."
     )
-    md.append("")
-    md.append(
-        f"Machine: {machine['cpu_model']}, {machine['nproc']} CPUs, {machine['mem_gib']} GiB; "
-        f"{machine['microbatch_version']} (commit {machine['git_commit']}); load average "
-        f"{machine['loadavg_at_start']} at start, {params['loadavg_at_end']} at end."
-    )
-    md.append("")
-    md.append(md_table(header, rows))
-    md.append("")
-    with open(a.md, "w") as f:
-        f.write("\n".join(md))
-    with open(a.json, "w") as f:
-        json.dump({"date": a.date, "machine": machine, "params": params, "results": rows_in}, f, indent=1)
+    write_report(a, md, machine, params, header, rows, rows_in)
 
 
 def ordering(a):
@@ -295,19 +300,7 @@ def ordering(a):
         "ordering and concurrency; several workers share one group and are started together. "
         "Time is from starting the workers; lag 0 is read with `microbatch lag --json`."
     )
-    md.append("")
-    md.append(
-        f"Machine: {machine['cpu_model']}, {machine['nproc']} CPUs, {machine['mem_gib']} GiB; "
-        f"{machine['microbatch_version']} (commit {machine['git_commit']}); load average "
-        f"{machine['loadavg_at_start']} at start, {params['loadavg_at_end']} at end."
-    )
-    md.append("")
-    md.append(md_table(header, rows))
-    md.append("")
-    with open(a.md, "w") as f:
-        f.write("\n".join(md))
-    with open(a.json, "w") as f:
-        json.dump({"date": a.date, "machine": machine, "params": params, "results": rows_in}, f, indent=1)
+    write_report(a, md, machine, params, header, rows, rows_in)
 
 
 def main():
