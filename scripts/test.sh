@@ -45,4 +45,4 @@ cargo clippy --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --all-targets --no-fail-fast "$@"
 echo "== deploy/check (kustomize overlays, manifests, scripts)"
-(cd deploy/check && go test ./...)
+(cd deploy/check && go test -count=1 ./...)

@@ -172,16 +172,35 @@ pub fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
     flag.or(file).unwrap_or(default)
 }
 
-/// The topic and group, which every group-level command needs.
-pub fn topic_and_group(
-    topic: Option<String>,
-    group: Option<String>,
-    file: &FileConfig,
-) -> Result<(String, String), ConfigError> {
-    Ok((
-        require(topic, file.topic.clone(), "--topic", "KAFKA_TOPIC")?,
-        require(group, file.group.clone(), "--group", "CONSUMER_GROUP")?,
-    ))
+/// The topic and consumer group of the workers (flag, environment or file).
+#[derive(Debug, Clone, Args)]
+pub struct GroupArgs {
+    /// Topic the workers consume.
+    #[arg(long, env = "KAFKA_TOPIC")]
+    pub topic: Option<String>,
+    /// The workers' consumer group.
+    #[arg(long, env = "CONSUMER_GROUP")]
+    pub group: Option<String>,
+}
+
+impl GroupArgs {
+    /// Both are required; the file fills in what flags and environment lack.
+    pub fn resolve(&self, file: &FileConfig) -> Result<(String, String), ConfigError> {
+        Ok((
+            require(
+                self.topic.clone(),
+                file.topic.clone(),
+                "--topic",
+                "KAFKA_TOPIC",
+            )?,
+            require(
+                self.group.clone(),
+                file.group.clone(),
+                "--group",
+                "CONSUMER_GROUP",
+            )?,
+        ))
+    }
 }
 
 /// Like [`pick`] for a value that must be given somewhere.

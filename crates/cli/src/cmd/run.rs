@@ -14,7 +14,7 @@ use microbatch_core::config::{
 use microbatch_core::handler::{ExecHandler, Handler, HttpHandler, SimulateHandler};
 use microbatch_core::{Telemetry, Worker};
 
-use crate::args::{parse_file_value, pick, require, topic_and_group, KafkaArgs};
+use crate::args::{parse_file_value, pick, require, GroupArgs, KafkaArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum HandlerKind {
@@ -44,13 +44,8 @@ fn parse_reset(s: &str) -> Result<OffsetReset, String> {
 pub struct Args {
     #[command(flatten)]
     pub kafka: KafkaArgs,
-
-    /// Topic to consume.
-    #[arg(long, env = "KAFKA_TOPIC")]
-    pub topic: Option<String>,
-    /// Consumer group.
-    #[arg(long, env = "CONSUMER_GROUP")]
-    pub group: Option<String>,
+    #[command(flatten)]
+    pub workers: GroupArgs,
 
     /// Records per batch at most [default: 100].
     #[arg(long, env = "BATCH_SIZE", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Batching")]
@@ -168,7 +163,7 @@ impl Args {
     pub fn resolve(&self) -> anyhow::Result<Resolved> {
         let file = self.kafka.load_file()?;
         let kafka = self.kafka.resolve(&file)?;
-        let (topic, group) = topic_and_group(self.topic.clone(), self.group.clone(), &file)?;
+        let (topic, group) = self.workers.resolve(&file)?;
         let batch = BatchLimits::new(
             pick(self.max_records.map(|v| v as usize), file.max_records, 100),
             pick(self.max_bytes.map(|v| v as usize), file.max_bytes, 1 << 20),

@@ -16,18 +16,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::lag::{PolicyArgs, PolicyKind};
-use crate::args::{topic_and_group, KafkaArgs};
+use crate::args::{GroupArgs, KafkaArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// Topic the workers consume.
-    #[arg(long, env = "KAFKA_TOPIC")]
-    pub topic: Option<String>,
-    /// The workers' consumer group.
-    #[arg(long, env = "CONSUMER_GROUP")]
-    pub group: Option<String>,
+    #[command(flatten)]
+    pub workers: GroupArgs,
     /// Scaling policy.
     #[arg(long, value_enum, default_value = "rate")]
     pub policy: PolicyKind,
@@ -93,7 +89,7 @@ pub fn make_policy(kind: PolicyKind, args: &PolicyArgs) -> Policy {
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let file = args.kafka.load_file()?;
     let kafka = args.kafka.resolve(&file)?;
-    let (topic, group) = topic_and_group(args.topic.clone(), args.group.clone(), &file)?;
+    let (topic, group) = args.workers.resolve(&file)?;
     if args.policy_args.min_replicas > args.policy_args.max_replicas {
         return Err(ConfigError::new("--min", "must not exceed --max").into());
     }
