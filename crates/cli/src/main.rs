@@ -12,6 +12,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc for Rust and, through `override`, for librdkafka's C code too:
+/// librdkafka allocates every fetched record on its broker thread and the
+/// poll thread frees it, which glibc's arenas serve under a contended lock.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = cmd::Cli::parse();
     logging::init(&cli.log);

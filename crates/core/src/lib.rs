@@ -8,6 +8,7 @@
 //! - [`offsets`]: the offset rule: what may be committed per partition.
 //! - [`handler`]: the [`handler::Handler`] trait and the `simulate`, `exec`
 //!   and `http` handlers.
+//! - [`fetch`]: fetched records, taken from librdkafka a burst at a time.
 //! - [`commit`]: asynchronous commits whose results come back.
 //! - [`dlq`]: the dead-letter topic writer and its context headers.
 //! - [`worker`]: the consumer-group member: poll loop, lanes, dispatch,
@@ -22,6 +23,7 @@ pub mod batch;
 pub mod commit;
 pub mod config;
 pub mod dlq;
+pub mod fetch;
 pub mod handler;
 pub mod http;
 pub mod kafka;

@@ -50,12 +50,19 @@ use crate::batch::{Batch, Batcher, Header};
 use crate::commit::{CommitQueue, CommitResult, CommittedPartition};
 use crate::config::{Ordering, WorkerConfig};
 use crate::dlq::DeadLetterWriter;
+use crate::fetch::{FetchQueue, FetchedMessage};
 use crate::handler::{BatchOutcome, Failure, Handler};
 use crate::offsets::PartitionOffsets;
 use crate::telemetry::{KindLabel, LogThrottle, PartitionLabel, ResultLabel, Telemetry};
 
 /// Records taken from the client per poll-loop round.
 const MAX_BURST: usize = 2048;
+
+/// librdkafka's prefetch, in records, for all partitions together.
+const PREFETCH_RECORDS: usize = 20_000;
+
+/// Consumer-queue events (rebalances, errors, statistics) served per round.
+const MAX_EVENTS_PER_ROUND: usize = 16;
 
 /// Consecutive failed batches that open the circuit breaker.
 const CIRCUIT_THRESHOLD: u32 = 5;
@@ -279,6 +286,9 @@ struct Pipeline {
     dlq: Option<DeadLetterWriter>,
     audit: Option<BufWriter<File>>,
     commits: CommitQueue,
+    fetch: FetchQueue,
+    /// Whether the handler or the dead-letter writer reads record headers.
+    keep_headers: bool,
     partitions: BTreeMap<i32, PartitionState>,
     next_epoch: u64,
     next_batch_id: u64,
@@ -393,8 +403,15 @@ impl Pipeline {
         self.telemetry.metrics.records_held.set(self.held as i64);
     }
 
+    /// Routes the partitions about to be assigned to the fetch queue.
+    fn route(&self, consumer: &BaseConsumer<WorkerContext>, tpl: &TopicPartitionList) {
+        for elem in tpl.elements_for_topic(&self.topic) {
+            self.fetch.route(consumer, &self.topic, elem.partition());
+        }
+    }
+
     /// Takes one consumed record into its partition's lane.
-    fn ingest(&mut self, msg: &BorrowedMessage<'_>, now: Instant) {
+    fn ingest(&mut self, msg: &impl ConsumedRecord, now: Instant) {
         let partition = msg.partition();
         let ordering = self.config.ordering;
         let batch_id = self.next_batch_id + 1;
@@ -407,6 +424,7 @@ impl Pipeline {
             return;
         }
         let lane_idx = ps.lane_for(ordering, msg.key(), offset);
+        let keep_headers = self.keep_headers;
         let mut opened = false;
         let closed = ps.lanes[lane_idx].batcher.push(
             now,
@@ -415,20 +433,17 @@ impl Pipeline {
                 Batch::new(batch_id, topic, partition)
             },
             |batch| {
-                let headers = msg.headers().map(|hs| {
-                    hs.iter()
-                        .map(|h| Header {
-                            name: h.key.to_string(),
-                            value: h.value.map(<[u8]>::to_vec),
-                        })
-                        .collect::<Vec<_>>()
-                });
+                let headers = if keep_headers {
+                    msg.headers()
+                } else {
+                    Vec::new()
+                };
                 batch.push(
                     offset,
-                    msg.timestamp().to_millis(),
+                    msg.timestamp_ms(),
                     msg.key(),
                     msg.payload(),
-                    headers.into_iter().flatten(),
+                    headers,
                 );
             },
         );
@@ -793,20 +808,26 @@ impl Pipeline {
         }
     }
 
+    /// Whether the worker holds all it may (`--max-records-held`). The poll
+    /// loop then stops taking records from the fetch queue, and librdkafka,
+    /// its prefetch full, stops fetching; nothing is paused, so nothing
+    /// already fetched is thrown away (pausing drops a partition's prefetch).
+    fn is_full(&self) -> bool {
+        self.held >= self.config.max_records_held
+    }
+
     /// Pauses partitions that hold too much (or all, while draining or while
     /// the circuit is open); resumes them once they hold half their cap.
     fn apply_backpressure(&mut self, consumer: &BaseConsumer<WorkerContext>) {
         let per_partition = self.config.max_records_per_partition;
-        let global_full = self.held >= self.config.max_records_held;
-        let global_low = self.held <= self.config.max_records_held / 2;
         let stop_all = self.draining || self.circuit.open;
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
         for (p, ps) in self.partitions.iter_mut() {
-            if !ps.paused && (stop_all || global_full || ps.held >= per_partition) {
+            if !ps.paused && (stop_all || ps.held >= per_partition) {
                 ps.paused = true;
                 pause.add_partition(&self.topic, *p);
-            } else if ps.paused && !stop_all && global_low && ps.held <= per_partition / 2 {
+            } else if ps.paused && !stop_all && ps.held <= per_partition / 2 {
                 ps.paused = false;
                 resume.add_partition(&self.topic, *p);
             }
@@ -1039,6 +1060,10 @@ impl ClientContext for WorkerContext {
 
 impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // Before librdkafka starts fetching them; see `fetch`.
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.with_pipeline(|p| p.route(consumer, tpl));
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             self.telemetry
                 .metrics
@@ -1079,6 +1104,68 @@ impl ConsumerContext for WorkerContext {
     }
 }
 
+/// A record as the pipeline takes it, from the fetch queue or (for a
+/// partition that was somehow not routed there) the consumer queue.
+trait ConsumedRecord {
+    fn partition(&self) -> i32;
+    fn offset(&self) -> i64;
+    fn timestamp_ms(&self) -> Option<i64>;
+    fn key(&self) -> Option<&[u8]>;
+    fn payload(&self) -> Option<&[u8]>;
+    fn headers(&self) -> Vec<Header>;
+}
+
+impl ConsumedRecord for FetchedMessage {
+    fn partition(&self) -> i32 {
+        FetchedMessage::partition(self)
+    }
+    fn offset(&self) -> i64 {
+        FetchedMessage::offset(self)
+    }
+    fn timestamp_ms(&self) -> Option<i64> {
+        FetchedMessage::timestamp_ms(self)
+    }
+    fn key(&self) -> Option<&[u8]> {
+        FetchedMessage::key(self)
+    }
+    fn payload(&self) -> Option<&[u8]> {
+        FetchedMessage::payload(self)
+    }
+    fn headers(&self) -> Vec<Header> {
+        FetchedMessage::headers(self)
+    }
+}
+
+impl ConsumedRecord for BorrowedMessage<'_> {
+    fn partition(&self) -> i32 {
+        Message::partition(self)
+    }
+    fn offset(&self) -> i64 {
+        Message::offset(self)
+    }
+    fn timestamp_ms(&self) -> Option<i64> {
+        Message::timestamp(self).to_millis()
+    }
+    fn key(&self) -> Option<&[u8]> {
+        Message::key(self)
+    }
+    fn payload(&self) -> Option<&[u8]> {
+        Message::payload(self)
+    }
+    fn headers(&self) -> Vec<Header> {
+        Message::headers(self)
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| Header {
+                        name: h.key.to_string(),
+                        value: h.value.map(<[u8]>::to_vec),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
 fn open_audit(path: &Path) -> Result<BufWriter<File>, WorkerError> {
     OpenOptions::new()
         .create(true)
@@ -1102,7 +1189,7 @@ fn create_consumer(worker: &Worker) -> Result<BaseConsumer<WorkerContext>, Worke
         acked: Mutex::new(HashMap::new()),
         error_throttle: LogThrottle::default(),
     };
-    let queued_min = (4 * cfg.batch.max_records).max(5000);
+    let queued_min = (4 * cfg.batch.max_records).max(PREFETCH_RECORDS);
     let mut client = cfg.kafka.client_config();
     client
         .set("group.id", &cfg.group)
@@ -1116,15 +1203,21 @@ fn create_consumer(worker: &Worker) -> Result<BaseConsumer<WorkerContext>, Worke
         .set("session.timeout.ms", "10000")
         // Frequent heartbeats let a joining worker get its partitions sooner.
         .set("heartbeat.interval.ms", "1000")
-        // librdkafka's prefetch: 5,000 records (or four batches) per partition, at
-        // most 16 MiB in all (its defaults, 100,000 records and 64 MiB, cost
-        // memory for nothing); our own caps bound what is held after polling.
+        // librdkafka's prefetch. Both limits count the queue a partition's
+        // records are forwarded to, here the one fetch queue of all
+        // partitions: 20,000 records (or four batches) and 16 MiB of
+        // payload in all. Its defaults (100,000 and 64 MiB) cost memory for
+        // nothing; our own caps bound what is held after that.
         .set("queued.min.messages", queued_min.to_string())
         .set("queued.max.messages.kbytes", "16384")
-        // When that queue is full librdkafka waits this long before fetching
-        // again; its default of 1 s starves a fast handler (measured in
-        // bench/: 192k records/s with it, 1.16M/s with 10 ms).
-        .set("fetch.queue.backoff.ms", "10")
+        // When that queue is full librdkafka looks again after this long; its
+        // default of 1 s starves a fast handler, and even 10 ms leaves the
+        // poll thread idle (bench/README.md, findings 1 and 10).
+        .set("fetch.queue.backoff.ms", "1")
+        // Smaller fetch responses than the 1 MiB default: each stays in
+        // memory until its last record is copied, and smaller ones keep the
+        // queue topped up more evenly.
+        .set("max.partition.fetch.bytes", "262144")
         .set("fetch.wait.max.ms", "100");
     // Users' pass-through properties win over our defaults.
     for (k, v) in &cfg.kafka.properties {
@@ -1147,6 +1240,8 @@ fn poll_loop(
     };
     let (events_tx, events_rx) = mpsc::channel();
     let commits = CommitQueue::new(&consumer);
+    let fetch = FetchQueue::new(&consumer, MAX_BURST);
+    let keep_headers = worker.handler.reads_headers() || dlq.is_some();
     let pipeline = Pipeline {
         topic: Arc::from(cfg.topic.as_str()),
         config: cfg.clone(),
@@ -1158,6 +1253,8 @@ fn poll_loop(
         dlq,
         audit,
         commits,
+        fetch,
+        keep_headers,
         partitions: BTreeMap::new(),
         next_epoch: 0,
         next_batch_id: 0,
@@ -1186,6 +1283,7 @@ fn poll_loop(
     let mut next_commit = Instant::now() + cfg.commit_interval;
     let mut drain_deadline: Option<Instant> = None;
     let mut wake_at = Instant::now();
+    let mut burst: Vec<FetchedMessage> = Vec::with_capacity(MAX_BURST);
     loop {
         let now = Instant::now();
         if drain_deadline.is_none()
@@ -1215,33 +1313,58 @@ fn poll_loop(
         // library spins through any remainder.
         let timeout = wake_at.saturating_duration_since(now).min(cap);
         let timeout = Duration::from_millis(timeout.as_micros().div_ceil(1000) as u64);
-        // Take a burst of records, then the pipeline lock and the clock once
-        // for all of them. (Not under the lock: rebalance callbacks run
-        // inside poll and take it; a record of a partition revoked meanwhile
-        // is simply ignored by `ingest`.)
-        let mut burst = Vec::new();
-        let mut next = consumer.poll(timeout);
-        while let Some(result) = next {
-            match result {
-                Ok(msg) => burst.push(msg),
-                Err(e) => tracing::debug!(error = %e, "poll error"),
-            }
-            if burst.len() >= MAX_BURST {
-                break;
-            }
-            next = consumer.poll(Duration::ZERO);
-        }
-        let now = Instant::now();
-        if !burst.is_empty() {
-            ctx.with_pipeline(|p| {
-                if !p.draining {
-                    for msg in &burst {
-                        p.ingest(msg, now);
-                    }
+        // Rebalances, errors and statistics first: their callbacks take the
+        // pipeline lock. A bounded number, so records keep flowing.
+        let mut events = 0;
+        while events < MAX_EVENTS_PER_ROUND
+            && ctx
+                .with_pipeline(|p| p.fetch.consumer_events_waiting())
+                .unwrap_or(false)
+        {
+            events += 1;
+            match consumer.poll(Duration::ZERO) {
+                // Only a record of a partition not routed to the fetch queue.
+                Some(Ok(msg)) => {
+                    ctx.with_pipeline(|p| {
+                        if !p.draining {
+                            p.ingest(&msg, Instant::now());
+                        }
+                    });
                 }
-            });
-            drop(burst);
+                Some(Err(e)) => tracing::debug!(error = %e, "poll error"),
+                None => {}
+            }
         }
+        let timeout = if ctx
+            .with_pipeline(|p| p.fetch.consumer_events_waiting())
+            .unwrap_or(false)
+        {
+            Duration::ZERO
+        } else {
+            timeout
+        };
+        // Then a burst of records, with the clock read once for all of them.
+        // No rebalance can run between taking them and `ingest`, and
+        // librdkafka drops those fetched before a revoke or pause.
+        ctx.with_pipeline(|p| {
+            if p.is_full() {
+                // Wait for a batch to finish instead: that is what frees room.
+                if let Ok(event) = p.events_rx.recv_timeout(timeout) {
+                    p.on_event(event, false);
+                }
+                return;
+            }
+            p.fetch.consume(timeout, &mut burst);
+            let now = Instant::now();
+            for msg in burst.drain(..) {
+                if let Some(code) = msg.error() {
+                    tracing::debug!(error = %code, detail = %msg.error_text(), partition = msg.partition(), "fetch error");
+                } else if !p.draining {
+                    p.ingest(&msg, now);
+                }
+            }
+        });
+        let now = Instant::now();
         let (done, next_deadline) = ctx
             .with_pipeline(|p| {
                 while let Ok(event) = p.events_rx.try_recv() {

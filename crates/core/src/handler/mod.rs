@@ -61,6 +61,13 @@ pub enum BatchOutcome {
 pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, batch: &Batch) -> BatchOutcome;
 
+    /// Whether the handler reads record headers. Copying them costs the poll
+    /// thread an allocation per record, so a handler that never looks may
+    /// say no (headers are still kept when a dead-letter topic is set).
+    fn reads_headers(&self) -> bool {
+        true
+    }
+
     /// Called once when the worker stops, after the last batch.
     async fn shutdown(&self) {}
 }

@@ -55,6 +55,10 @@ impl Handler for SimulateHandler {
             BatchOutcome::Partial(failed)
         }
     }
+
+    fn reads_headers(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,165 @@
+//! The worker's own fetch queue against a real broker: partitions that come
+//! back after a rebalance are fetched again, headers still reach handlers
+//! that read them, and `--max-records-held` bounds what is taken in.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
+
+const SIGTERM: i32 = 15;
+
+fn assigned(port: u16) -> Option<f64> {
+    worker_metric(port, "microbatch_assigned_partitions")
+}
+
+/// Partitions revoked from a worker and given back to it later are routed to
+/// its fetch queue again (librdkafka clears the route when it stops fetching
+/// a partition): records produced after they come back are all processed.
+#[test]
+fn partitions_given_back_after_a_rebalance_are_fetched_again() {
+    let dir = TestDir::new("given-back");
+    let topic = unique("given-back");
+    let group = unique("g");
+    create_topic(&topic, 4);
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = spawn_worker(&dir, "a", &topic, &group, pa, &["--process-time-ms", "0"]);
+    wait_until(Duration::from_secs(60), "a owns all 4 partitions", || {
+        assigned(pa) == Some(4.0)
+    });
+    produce(&topic, 2_000, &["--keys", "100"]);
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+
+    let mut b = spawn_worker(&dir, "b", &topic, &group, pb, &["--process-time-ms", "0"]);
+    wait_until(
+        Duration::from_secs(60),
+        "a and b share the partitions",
+        || assigned(pa) == Some(2.0) && assigned(pb) == Some(2.0),
+    );
+    produce(&topic, 2_000, &["--keys", "100"]);
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    b.signal(SIGTERM);
+    let status = b.wait_for_exit(Duration::from_secs(60)).expect("b exits");
+    assert!(status.success(), "{}", b.stderr());
+    wait_until(Duration::from_secs(60), "a owns all 4 again", || {
+        assigned(pa) == Some(4.0)
+    });
+
+    produce(&topic, 2_000, &["--keys", "100"]);
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    let (_, metrics) = http_get(pa, "/metrics").expect("metrics answer");
+    let assigns = labelled_metric(&metrics, "microbatch_rebalances_total{kind=\"assign\"}");
+    assert!(assigns.unwrap_or(0.0) >= 2.0, "{metrics}");
+    a.terminate();
+    let (expected, _) =
+        assert_all_processed(&topic, &group, &[dir.path("a.audit"), dir.path("b.audit")]);
+    assert_eq!(expected, 6_000);
+}
+
+/// Record headers reach a handler that reads them (`exec`), byte for byte.
+#[test]
+fn headers_reach_an_exec_handler() {
+    let dir = TestDir::new("headers");
+    let topic = unique("headers");
+    let group = unique("g");
+    create_topic(&topic, 2);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker().bootstrap())
+        .create()
+        .expect("producer");
+    for i in 0..50 {
+        let (key, value, trace) = (format!("k{i}"), format!("v{i}"), format!("t-{i}"));
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "trace",
+            value: Some(&trace),
+        });
+        producer
+            .send(
+                BaseRecord::to(&topic)
+                    .key(&key)
+                    .payload(&value)
+                    .headers(headers),
+            )
+            .expect("enqueue");
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+
+    let seen = dir.path("seen.jsonl");
+    let cmd = python_handler(
+        &dir,
+        "handler.py",
+        format!(
+            "import sys, json\nout = open({:?}, 'a')\nfor line in sys.stdin:\n    for r in json.loads(line)['records']:\n        out.write(json.dumps([r['value'], r['headers']]) + '\\n')\n    out.flush()\n    print('{{\"failed\":[]}}', flush=True)\n",
+            seen.display().to_string()
+        ),
+    );
+    let port = free_port();
+    let mut w = spawn_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        port,
+        &["--handler", "exec", "--command", &cmd],
+    );
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
+    let text = std::fs::read_to_string(&seen).expect("the handler wrote what it saw");
+    let mut values = Vec::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let value = v[0].as_str().unwrap().to_string();
+        let n = value.trim_start_matches('v');
+        assert_eq!(v[1]["trace"], format!("t-{n}"), "{line}");
+        values.push(value);
+    }
+    values.sort();
+    values.dedup();
+    assert_eq!(values.len(), 50, "{text}");
+}
+
+/// Past `--max-records-held` the worker stops taking records in: the number
+/// held stays within the cap plus one burst (2,048) even though the
+/// per-partition caps alone would allow four times the cap.
+#[test]
+fn the_held_cap_bounds_intake() {
+    let dir = TestDir::new("held-cap");
+    let topic = unique("held-cap");
+    let group = unique("g");
+    create_topic(&topic, 4);
+    produce(&topic, 20_000, &["--keys", "200"]);
+    let port = free_port();
+    let mut w = spawn_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        port,
+        &[
+            "--process-time-ms",
+            "1",
+            "--max-records",
+            "50",
+            "--max-records-per-partition",
+            "2000",
+            "--max-records-held",
+            "2000",
+        ],
+    );
+    let mut peak = 0.0f64;
+    wait_until(Duration::from_secs(180), "lag 0", || {
+        if let Some(held) = worker_metric(port, "microbatch_records_held") {
+            peak = peak.max(held);
+        }
+        total_lag(&topic, &group) == 0
+    });
+    w.terminate();
+    assert!(peak >= 2_000.0, "the cap was reached (peak {peak})");
+    assert!(peak <= 4_048.0, "held stayed near the cap (peak {peak})");
+    let (expected, _) = assert_all_processed(&topic, &group, &[dir.path("w.audit")]);
+    assert_eq!(expected, 20_000);
+}

@@ -1,0 +1,251 @@
+//! Fetched records, taken from librdkafka many at a time.
+//!
+//! The consumer's own queue carries rebalances, errors and statistics as well
+//! as records, and the client library hands it out one event per call: a
+//! queue lock, three clock reads and an event wrapper for every record. The
+//! worker instead routes each assigned partition's fetch queue to a
+//! [`FetchQueue`] of its own and drains it with `rd_kafka_consume_batch_queue`
+//! (up to a burst of records per call), while rebalances and the rest stay on
+//! the consumer queue, polled separately.
+//!
+//! librdkafka's version barriers still apply: records fetched before a
+//! partition was paused, revoked or seeked are dropped inside the batch call,
+//! exactly as on the consumer queue.
+
+use std::ffi::{CStr, CString};
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use rdkafka::bindings as rd;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::RDKafkaErrorCode;
+
+use crate::batch::Header;
+
+/// A librdkafka queue that receives the records of the partitions routed to it.
+pub struct FetchQueue {
+    queue: NonNull<rd::rd_kafka_queue_t>,
+    /// The consumer's own queue, only to ask whether it has events waiting.
+    consumer_queue: NonNull<rd::rd_kafka_queue_t>,
+    slots: Vec<*mut rd::rd_kafka_message_t>,
+}
+
+// SAFETY: librdkafka queues are thread-safe; the handles are only pointers,
+// and `slots` holds no message between calls.
+unsafe impl Send for FetchQueue {}
+
+impl FetchQueue {
+    /// A queue on `consumer` taking up to `burst` records per call; drop it
+    /// before the consumer.
+    pub fn new<C: ConsumerContext>(consumer: &BaseConsumer<C>, burst: usize) -> Self {
+        let rk = consumer.client().native_ptr();
+        // SAFETY: the client pointer is valid while the consumer lives.
+        let (queue, consumer_queue) = unsafe {
+            (
+                rd::rd_kafka_queue_new(rk),
+                rd::rd_kafka_queue_get_consumer(rk),
+            )
+        };
+        Self {
+            queue: NonNull::new(queue).expect("librdkafka could not allocate a queue"),
+            consumer_queue: NonNull::new(consumer_queue)
+                .expect("a subscribing consumer has a consumer queue"),
+            slots: vec![std::ptr::null_mut(); burst.max(1)],
+        }
+    }
+
+    /// Sends a partition's fetched records here. Call it before each
+    /// assignment of the partition: librdkafka clears the route when it
+    /// stops fetching, and without one it would keep the records in the
+    /// partition's own queue, where nobody reads them.
+    pub fn route<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        topic: &str,
+        partition: i32,
+    ) {
+        let Ok(topic) = CString::new(topic) else {
+            return;
+        };
+        // SAFETY: valid client and C string; the partition queue handle is
+        // released right after forwarding, which outlives the handle.
+        unsafe {
+            let partition_queue = rd::rd_kafka_queue_get_partition(
+                consumer.client().native_ptr(),
+                topic.as_ptr(),
+                partition,
+            );
+            if partition_queue.is_null() {
+                return;
+            }
+            rd::rd_kafka_queue_forward(partition_queue, self.queue.as_ptr());
+            rd::rd_kafka_queue_destroy(partition_queue);
+        }
+    }
+
+    /// Whether the consumer queue (rebalances, errors, statistics) has events.
+    pub fn consumer_events_waiting(&self) -> bool {
+        // SAFETY: valid queue handle.
+        unsafe { rd::rd_kafka_queue_length(self.consumer_queue.as_ptr()) > 0 }
+    }
+
+    /// Appends up to one burst of fetched records (and fetch errors) to
+    /// `out`, waiting up to `timeout` (whole milliseconds) for the first.
+    pub fn consume(&mut self, timeout: Duration, out: &mut Vec<FetchedMessage>) -> usize {
+        // librdkafka's batch call waits until the burst is full or the time
+        // is up, however many records it holds by then: a fixed delay for a
+        // slow stream, and a wake-up per enqueued record for a fast one. So
+        // take what is there, and only when nothing is, wait for one record.
+        let mut n = self.take(0, 0);
+        if n == 0 {
+            let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+            if timeout_ms > 0 && self.take_one(timeout_ms) {
+                n = 1 + self.take(1, 0);
+            }
+        }
+        out.reserve(n);
+        out.extend(
+            self.slots[..n]
+                .iter()
+                .filter_map(|&m| NonNull::new(m).map(FetchedMessage)),
+        );
+        n
+    }
+
+    /// Fills `slots[from..]` without waiting longer than `timeout_ms`.
+    fn take(&mut self, from: usize, timeout_ms: i32) -> usize {
+        let room = &mut self.slots[from..];
+        // SAFETY: `room` has space for `room.len()` pointers; librdkafka
+        // fills the first `n` with messages we now own.
+        let n = unsafe {
+            rd::rd_kafka_consume_batch_queue(
+                self.queue.as_ptr(),
+                timeout_ms,
+                room.as_mut_ptr(),
+                room.len(),
+            )
+        };
+        usize::try_from(n).unwrap_or(0)
+    }
+
+    fn take_one(&mut self, timeout_ms: i32) -> bool {
+        // SAFETY: as in `take`, for one slot.
+        let n = unsafe {
+            rd::rd_kafka_consume_batch_queue(
+                self.queue.as_ptr(),
+                timeout_ms,
+                self.slots.as_mut_ptr(),
+                1,
+            )
+        };
+        n == 1
+    }
+}
+
+impl Drop for FetchQueue {
+    fn drop(&mut self) {
+        // SAFETY: both handles were obtained in `new` and are released once;
+        // records still queued are freed with the queue.
+        unsafe {
+            rd::rd_kafka_queue_destroy(self.queue.as_ptr());
+            rd::rd_kafka_queue_destroy(self.consumer_queue.as_ptr());
+        }
+    }
+}
+
+/// One fetched record (or a fetch error), owned until dropped.
+pub struct FetchedMessage(NonNull<rd::rd_kafka_message_t>);
+
+// SAFETY: a message may be read and destroyed from any thread.
+unsafe impl Send for FetchedMessage {}
+
+impl FetchedMessage {
+    fn raw(&self) -> &rd::rd_kafka_message_t {
+        // SAFETY: owned and valid until drop.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// The fetch error this message reports instead of a record, if any.
+    pub fn error(&self) -> Option<RDKafkaErrorCode> {
+        let err = self.raw().err;
+        (err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then(|| err.into())
+    }
+
+    /// The error's text (librdkafka puts it in the payload), for logs.
+    pub fn error_text(&self) -> String {
+        String::from_utf8_lossy(self.payload().unwrap_or_default()).into_owned()
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.raw().partition
+    }
+
+    pub fn offset(&self) -> i64 {
+        self.raw().offset
+    }
+
+    /// Create or log-append time in milliseconds, if the record has one.
+    pub fn timestamp_ms(&self) -> Option<i64> {
+        let mut kind = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
+        // SAFETY: valid message; `kind` is written by the call.
+        let ts = unsafe { rd::rd_kafka_message_timestamp(self.0.as_ptr(), &mut kind) };
+        (kind != rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE && ts >= 0)
+            .then_some(ts)
+    }
+
+    pub fn key(&self) -> Option<&[u8]> {
+        let m = self.raw();
+        // SAFETY: librdkafka keeps `key_len` bytes at `key` while the message lives.
+        (!m.key.is_null())
+            .then(|| unsafe { std::slice::from_raw_parts(m.key.cast::<u8>(), m.key_len) })
+    }
+
+    pub fn payload(&self) -> Option<&[u8]> {
+        let m = self.raw();
+        // SAFETY: as for the key.
+        (!m.payload.is_null())
+            .then(|| unsafe { std::slice::from_raw_parts(m.payload.cast::<u8>(), m.len) })
+    }
+
+    /// The record's headers, copied. Parsing them costs an allocation even
+    /// when there are none, so the worker asks only when something reads them.
+    pub fn headers(&self) -> Vec<Header> {
+        let mut headers = Vec::new();
+        // SAFETY: valid message; the header list belongs to the message, and
+        // names and values are copied before it goes.
+        unsafe {
+            let mut list: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+            if rd::rd_kafka_message_headers(self.0.as_ptr(), &mut list)
+                != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                || list.is_null()
+            {
+                return headers;
+            }
+            let mut idx = 0;
+            loop {
+                let mut name: *const std::os::raw::c_char = std::ptr::null();
+                let mut value: *const std::os::raw::c_void = std::ptr::null();
+                let mut size = 0usize;
+                if rd::rd_kafka_header_get_all(list, idx, &mut name, &mut value, &mut size)
+                    != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                {
+                    break;
+                }
+                headers.push(Header {
+                    name: CStr::from_ptr(name).to_string_lossy().into_owned(),
+                    value: (!value.is_null())
+                        .then(|| std::slice::from_raw_parts(value.cast::<u8>(), size).to_vec()),
+                });
+                idx += 1;
+            }
+        }
+        headers
+    }
+}
+
+impl Drop for FetchedMessage {
+    fn drop(&mut self) {
+        // SAFETY: owned since `consume`; destroyed once.
+        unsafe { rd::rd_kafka_message_destroy(self.0.as_ptr()) };
+    }
+}
