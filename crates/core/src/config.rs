@@ -383,7 +383,8 @@ pub struct WorkerConfig {
     pub dlq_topic: Option<String>,
     /// Records held per partition (queued and in flight) before it is paused.
     pub max_records_per_partition: usize,
-    /// Records held by the whole worker before every partition is paused.
+    /// Records held by the whole worker before it stops taking records from
+    /// the fetch queue (nothing is paused; librdkafka stops fetching).
     pub max_records_held: usize,
     /// Appends `partition offset` for every processed record (verification).
     pub audit_log: Option<PathBuf>,

@@ -96,7 +96,7 @@ pub struct Args {
         help_heading = "Parallelism"
     )]
     pub max_records_per_partition: Option<usize>,
-    /// Records held by the worker before all partitions pause [default: 50000].
+    /// Records held by the worker before it stops taking more in [default: 50000].
     #[arg(
         long,
         env = "MICROBATCH_MAX_RECORDS_HELD",
