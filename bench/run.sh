@@ -16,8 +16,9 @@ KEYS=${KEYS:-1000}
 BATCH_SIZE=${BATCH_SIZE:-500}
 CONTENDERS=${CONTENDERS:-microbatch java python}
 MB_ARGS=${MB_ARGS:---handler simulate --process-time-ms 0 --max-records 500 --commit-interval-ms 100}
-# The settings before the fetch-queue change, as a control when asked for.
-MB_TUNED_ARGS=${MB_TUNED_ARGS:---kafka-property fetch.queue.backoff.ms=10 --kafka-property queued.min.messages=5000}
+# The settings before the fetch-queue change, as a control when asked for;
+# set but empty means no extra arguments.
+MB_TUNED_ARGS=${MB_TUNED_ARGS---kafka-property fetch.queue.backoff.ms=10 --kafka-property queued.min.messages=5000}
 TOPIC=${TOPIC:-}
 
 usage() {
