@@ -502,11 +502,43 @@ impl WorkerConfig {
             Ordering::Key | Ordering::None => self.concurrency,
         }
     }
+
+    /// A warning for caps that make a paused partition wait: below
+    /// lanes × `--max-records` a partition can be paused with every record
+    /// in a batch still open, and those close only after `--max-wait-ms`.
+    pub fn backpressure_warning(&self) -> Option<String> {
+        let enough = self.slots_per_partition() * self.batch.max_records;
+        (self.max_records_per_partition < enough).then(|| {
+            format!(
+                "--max-records-per-partition {} is below {} lanes x --max-records {} = {enough}: \
+                 a paused partition's open batches then wait --max-wait-ms ({} ms) to close",
+                self.max_records_per_partition,
+                self.slots_per_partition(),
+                self.batch.max_records,
+                self.batch.max_wait.as_millis()
+            )
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_per_partition_caps_are_warned_about() {
+        let mut c = WorkerConfig::new(KafkaConfig::plaintext("localhost:9092"), "t", "g");
+        c.batch.max_records = 500;
+        c.concurrency = 8;
+        c.max_records_per_partition = 2_500;
+        let w = c.backpressure_warning().expect("2,500 < 8 x 500");
+        assert!(w.contains("4000"), "{w}");
+        c.max_records_per_partition = 4_000;
+        assert_eq!(c.backpressure_warning(), None);
+        c.ordering = Ordering::Partition;
+        c.max_records_per_partition = 500;
+        assert_eq!(c.backpressure_warning(), None);
+    }
 
     #[test]
     fn secret_is_never_formatted() {

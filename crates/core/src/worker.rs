@@ -1278,6 +1278,9 @@ fn poll_loop(
         .expect("pipeline lock poisoned") = Some(pipeline);
     consumer.subscribe(&[&cfg.topic])?;
     tracing::info!(topic = %cfg.topic, group = %cfg.group, ordering = %cfg.ordering, concurrency = cfg.concurrency, "worker started");
+    if let Some(warning) = cfg.backpressure_warning() {
+        tracing::warn!("{warning}");
+    }
 
     let ctx = consumer.context();
     let mut next_commit = Instant::now() + cfg.commit_interval;
