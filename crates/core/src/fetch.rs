@@ -96,11 +96,12 @@ impl FetchQueue {
         // is up, however many records it holds by then: a fixed delay for a
         // slow stream, and a wake-up per enqueued record for a fast one. So
         // take what is there, and only when nothing is, wait for one record.
-        let mut n = self.take(0, 0);
+        let all = self.slots.len();
+        let mut n = self.take(0, all, 0);
         if n == 0 {
             let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-            if timeout_ms > 0 && self.take_one(timeout_ms) {
-                n = 1 + self.take(1, 0);
+            if timeout_ms > 0 && self.take(0, 1, timeout_ms) == 1 {
+                n = 1 + self.take(1, all, 0);
             }
         }
         out.reserve(n);
@@ -112,9 +113,10 @@ impl FetchQueue {
         n
     }
 
-    /// Fills `slots[from..]` without waiting longer than `timeout_ms`.
-    fn take(&mut self, from: usize, timeout_ms: i32) -> usize {
-        let room = &mut self.slots[from..];
+    /// Fills `slots[from..to]`, waiting until it is full or `timeout_ms`
+    /// has passed.
+    fn take(&mut self, from: usize, to: usize, timeout_ms: i32) -> usize {
+        let room = &mut self.slots[from..to];
         // SAFETY: `room` has space for `room.len()` pointers; librdkafka
         // fills the first `n` with messages we now own.
         let n = unsafe {
@@ -126,19 +128,6 @@ impl FetchQueue {
             )
         };
         usize::try_from(n).unwrap_or(0)
-    }
-
-    fn take_one(&mut self, timeout_ms: i32) -> bool {
-        // SAFETY: as in `take`, for one slot.
-        let n = unsafe {
-            rd::rd_kafka_consume_batch_queue(
-                self.queue.as_ptr(),
-                timeout_ms,
-                self.slots.as_mut_ptr(),
-                1,
-            )
-        };
-        n == 1
     }
 }
 
