@@ -564,7 +564,10 @@ cmd_start() {
 		if ! $ready_log && [[ -f $SERVER_LOG ]]; then
 			# The log may have been rolled over since we noted its size.
 			(($(wc -c <"$SERVER_LOG") < log_offset)) && log_offset=0
-			if tail -c +"$((log_offset + 1))" "$SERVER_LOG" | grep -q 'Kafka Server started'; then
+			# grep -q stops at the first match, and tail, still writing a
+			# long log (a broker with many groups logs each at start), dies
+			# of SIGPIPE: under pipefail that would read as "not started".
+			if { tail -c +"$((log_offset + 1))" "$SERVER_LOG" || true; } | grep -q 'Kafka Server started'; then
 				ready_log=true
 			fi
 		fi
