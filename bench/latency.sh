@@ -99,6 +99,7 @@ for method in "${methods[@]}"; do
 			log "warning: this setting reported an error or lost records (see ${RUNS_FILE#"$ROOT"/})"
 		fi
 		tail -n1 "$RUNS_FILE" | jq -r '"  -> p50 \(.p50) ms, p99 \(.p99) ms, max \(.max) ms; \(.measured) records measured, \(.missing) missing, mean batch \(.mean_batch)"' >&2 || true
+		delete_topic "$topic"
 	done
 done
 

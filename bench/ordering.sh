@@ -112,4 +112,5 @@ params=$(jq -n --argjson records "$RECORDS" --argjson partitions "$PARTITIONS" -
 	'{records: $records, partitions: $partitions, keys: $keys, mb_args: $mb_args, loadavg_at_end: $loadavg_end}')
 "$PY" "$BENCH_DIR/lib/report.py" ordering --runs "$RUNS_FILE" --machine "$MACHINE" \
 	--params "$params" --date "$DATE_UTC" --md "$base.md" --json "$base.json"
+delete_topic "$TOPIC"
 log "results: ${base#"$ROOT"/}.md and .json (logs in ${WORK#"$ROOT"/})"

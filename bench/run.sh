@@ -58,6 +58,7 @@ Other environment:
   RESULTS_DIR      where results go [bench/results]
   BENCH_COMMIT     the commit MICROBATCH_BIN was built from, for the results
   BENCH_STOP_KAFKA 1: stop the broker at the end if this script started it
+  BENCH_KEEP_TOPICS 1: keep the topic this script made (deleted by default)
 EOF
 }
 
@@ -100,7 +101,9 @@ RUNS_FILE=$WORK/runs.jsonl
 MACHINE=$(machine_json)
 log "machine: $(jq -c . <<<"$MACHINE")"
 
+created_topic=false
 if [[ -z $TOPIC ]]; then
+	created_topic=true
 	TOPIC=bench-tput-$STAMP
 	create_topic "$TOPIC" "$PARTITIONS"
 	log "producing $RECORDS records of $SIZE bytes ($KEYS keys) to $TOPIC"
@@ -158,4 +161,5 @@ params=$(jq -n --arg topic "$TOPIC" --argjson records "$RECORDS" --argjson size 
 	  microbatch_tuned_args: $mb_tuned_args, contenders: $contenders, loadavg_at_end: $loadavg_end}')
 "$PY" "$BENCH_DIR/lib/report.py" throughput --runs "$RUNS_FILE" --machine "$MACHINE" \
 	--params "$params" --date "$DATE_UTC" --md "$base.md" --json "$base.json"
+$created_topic && delete_topic "$TOPIC"
 log "results: ${base#"$ROOT"/}.md and .json (logs in ${WORK#"$ROOT"/})"

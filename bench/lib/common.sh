@@ -85,6 +85,14 @@ create_topic() { # topic partitions
 	"$MB" topic create --bootstrap-servers "$BOOTSTRAP" --topic "$1" --partitions "$2" >&2
 }
 
+# Benchmark topics hold millions of records; a broker that keeps them all
+# grows by gigabytes a run. BENCH_KEEP_TOPICS=1 keeps them for a look.
+delete_topic() { # topic
+	[[ ${BENCH_KEEP_TOPICS:-0} == 1 ]] && return 0
+	"$MB" topic delete --bootstrap-servers "$BOOTSTRAP" --topic "$1" >&2 ||
+		log "warning: could not delete topic $1"
+}
+
 produce() { # topic count size keys [more produce flags]
 	local topic=$1 count=$2 size=$3 keys=$4
 	shift 4

@@ -179,6 +179,30 @@ pub async fn create_topic(
     }
 }
 
+/// Deletes a topic. `Ok(false)`: there was no such topic.
+pub async fn delete_topic(
+    kafka: &KafkaConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<bool, ClientError> {
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    let results = admin
+        .delete_topics(&[topic], &opts)
+        .await
+        .map_err(|e| ClientError::classify(e, &kafka.bootstrap_servers))?;
+    match results.into_iter().next() {
+        Some(Ok(_)) => Ok(true),
+        Some(Err((_, RDKafkaErrorCode::UnknownTopicOrPartition))) | None => Ok(false),
+        Some(Err((_, code))) => Err(ClientError::classify(
+            KafkaError::AdminOp(code),
+            &kafka.bootstrap_servers,
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

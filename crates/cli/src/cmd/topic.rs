@@ -1,9 +1,9 @@
-//! `microbatch topic create`.
+//! `microbatch topic create` and `microbatch topic delete`.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use microbatch_core::kafka::create_topic;
+use microbatch_core::kafka::{create_topic, delete_topic};
 
 use crate::args::KafkaArgs;
 
@@ -11,6 +11,17 @@ use crate::args::KafkaArgs;
 pub enum Command {
     /// Create a topic (an existing one is left as it is).
     Create(CreateArgs),
+    /// Delete a topic and all its records (a missing one is not an error).
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Topic name.
+    #[arg(long, env = "KAFKA_TOPIC")]
+    pub topic: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -48,6 +59,16 @@ pub async fn execute(cmd: Command) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 println!("topic {} already exists", args.topic);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete(args) => {
+            let file = args.kafka.load_file()?;
+            let kafka = args.kafka.resolve(&file)?;
+            if delete_topic(&kafka, &args.topic, Duration::from_secs(30)).await? {
+                println!("deleted topic {}", args.topic);
+            } else {
+                println!("topic {} does not exist", args.topic);
             }
             Ok(ExitCode::SUCCESS)
         }
