@@ -37,6 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import BROKER_DOWN, Http, PROCESSED, proc_cpu, wait_rusage  # noqa: E402
+import passthrough  # noqa: E402
 
 BATCHES = re.compile(r"^microbatch_batches_processed_total (\d+)", re.M)
 
@@ -133,12 +134,7 @@ def main():
     ap.add_argument("--work", required=True, help="directory for logs and handler output")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the exec handler")
     ap.add_argument("--tail-ms", type=float, default=1.0)
-    argv = sys.argv[1:]
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1 :]
-    a = ap.parse_args(argv)
+    a, extra = passthrough.parse(ap)
     os.makedirs(a.work, exist_ok=True)
     count = int(a.rate * a.seconds)
     skipped = int(a.rate * a.skip_s)

@@ -39,6 +39,8 @@ import sys
 import threading
 import time
 
+import passthrough
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -266,6 +268,22 @@ JAVA_LINE = re.compile(
 )
 
 
+def run_sampled(cmd, a, stderr):
+    """Runs `cmd` to its end while sampling its CPU; returns
+    (t0, exit code, rusage, sampler, stdout as text)."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL)
+    sampler = Sampler(proc.pid, a.sample_ms / 1000)
+    sampler.start()
+    out_chunks = []
+    reader = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    code, usage, _ = wait_rusage(proc, a.timeout)
+    reader.join(5)
+    sampler.stopped.set()
+    return t0, code, usage, sampler, b"".join(out_chunks).decode(errors="replace")
+
+
 def run_java(a):
     fmt = "yyyy-MM-dd HH:mm:ss.SSS Z"
     cmd = [
@@ -277,17 +295,7 @@ def run_java(a):
         "--timeout", "30000",
         "--date-format", fmt,
     ] + a.extra
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    sampler = Sampler(proc.pid, a.sample_ms / 1000)
-    sampler.start()
-    out_chunks = []
-    reader = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True)
-    reader.start()
-    code, usage, _ = wait_rusage(proc, a.timeout)
-    reader.join(5)
-    sampler.stopped.set()
-    out = b"".join(out_chunks).decode(errors="replace")
+    t0, code, usage, sampler, out = run_sampled(cmd, a, subprocess.STDOUT)
     res = {"contender": "java", "t0": t0, "cmd": " ".join(cmd[1:]), "exit_code": code}
     m = JAVA_LINE.search(out)
     if not m:
@@ -328,17 +336,8 @@ def run_python(a):
         "--group", a.group,
         "--messages", str(a.records),
     ] + a.extra
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, stdin=subprocess.DEVNULL)
-    sampler = Sampler(proc.pid, a.sample_ms / 1000)
-    sampler.start()
-    out_chunks = []
-    reader = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True)
-    reader.start()
-    code, usage, _ = wait_rusage(proc, a.timeout)
-    reader.join(5)
-    sampler.stopped.set()
-    out = b"".join(out_chunks).decode(errors="replace").strip().splitlines()
+    t0, code, usage, sampler, text = run_sampled(cmd, a, None)
+    out = text.strip().splitlines()
     shown = ["bench/" + os.path.basename(a.script)] + cmd[2:]
     res = {"contender": "python", "t0": t0, "cmd": " ".join(shown), "exit_code": code}
     try:
@@ -384,12 +383,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--poll-ms", type=float, default=20, help="microbatch: /metrics poll interval")
     ap.add_argument("--sample-ms", type=float, default=20, help="CPU sample interval")
-    argv = sys.argv[1:]
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1 :]
-    a = ap.parse_args(argv)
+    a, extra = passthrough.parse(ap)
     a.extra = extra  # arguments after `--` go to the contender
     runner = {"microbatch": run_microbatch, "java": run_java, "python": run_python}[a.contender]
     with open("/proc/loadavg") as f:

@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import BROKER_DOWN, PROCESSED, Http, parse_log_time, wait_rusage  # noqa: E402
+import passthrough  # noqa: E402
 
 ASSIGNS = re.compile(r'^microbatch_rebalances_total\{kind="assign"\} (\d+)', re.M)
 
@@ -37,12 +38,7 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--lag-ms", type=float, default=250)
-    argv = sys.argv[1:]
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1 :]
-    a = ap.parse_args(argv)
+    a, extra = passthrough.parse(ap)
     os.makedirs(a.work, exist_ok=True)
     base = [a.bin, "run", "--bootstrap-servers", a.bootstrap, "--topic", a.topic, "--group", a.group,
             "--http-port", "0", "--http-host", "127.0.0.1"] + extra

@@ -109,17 +109,14 @@ fn a_downstream_outage_pauses_and_resumes_without_dead_letters() {
         "import sys, os, json\nfor line in sys.stdin:\n    json.loads(line)\n    if os.path.exists({flag:?}):\n        print(json.dumps({{'error': 'downstream unavailable'}}), flush=True)\n    else:\n        print('{{\"failed\":[]}}', flush=True)\n",
         flag = down_flag.display().to_string()
     ));
-    let mut w = spawn_worker(
+    let mut w = spawn_exec_worker(
         &dir,
         "w",
         &topic,
         &group,
         port,
+        &cmd,
         &[
-            "--handler",
-            "exec",
-            "--command",
-            &cmd,
             "--max-attempts",
             "3",
             "--retry-initial-ms",
@@ -209,17 +206,14 @@ fn key_ordering_under_a_skewed_burst_keeps_per_key_order() {
     create_topic(&topic, 8);
     produce(&topic, 6000, &["--keys", "200", "--partitions", "0,5"]);
     let cmd = order_checking_handler(&dir);
-    let mut w = spawn_worker(
+    let mut w = spawn_exec_worker(
         &dir,
         "w",
         &topic,
         &group,
         free_port(),
+        &cmd,
         &[
-            "--handler",
-            "exec",
-            "--command",
-            &cmd,
             "--ordering",
             "key",
             "--concurrency",
@@ -295,17 +289,14 @@ fn retries_of_one_key_do_not_stall_other_keys_or_partitions() {
         seen = seen.display().to_string(),
         flag = flag.display().to_string()
     ));
-    let mut w = spawn_worker(
+    let mut w = spawn_exec_worker(
         &dir,
         "w",
         &topic,
         &group,
         free_port(),
+        &cmd,
         &[
-            "--handler",
-            "exec",
-            "--command",
-            &cmd,
             "--ordering",
             "key",
             "--concurrency",

@@ -98,14 +98,7 @@ fn headers_reach_an_exec_handler() {
         ),
     );
     let port = free_port();
-    let mut w = spawn_worker(
-        &dir,
-        "w",
-        &topic,
-        &group,
-        port,
-        &["--handler", "exec", "--command", &cmd],
-    );
+    let mut w = spawn_exec_worker(&dir, "w", &topic, &group, port, &cmd, &[]);
     wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
     w.terminate();
     let text = std::fs::read_to_string(&seen).expect("the handler wrote what it saw");

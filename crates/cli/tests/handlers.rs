@@ -44,20 +44,14 @@ fn whole_batch_failures_are_bisected_down_to_the_bad_record() {
     create_topic(&dlq, 1);
     produce(&topic, 1000, &["--poison-every", "100"]);
     let cmd = python_handler(&dir, "h.py", "import sys, json\nfor line in sys.stdin:\n    b = json.loads(line)\n    if any('POISON' in (r['value'] or '') for r in b['records']):\n        print(json.dumps({'error': 'batch rejected: bad record inside', 'retryable': False}), flush=True)\n    else:\n        print('{\"failed\":[]}', flush=True)\n");
-    let mut w = spawn_worker(
+    let mut w = spawn_exec_worker(
         &dir,
         "w",
         &topic,
         &group,
         free_port(),
-        &[
-            "--handler",
-            "exec",
-            "--command",
-            &cmd,
-            "--max-records",
-            "64",
-        ],
+        &cmd,
+        &["--max-records", "64"],
     );
     wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
     w.terminate();

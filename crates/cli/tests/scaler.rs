@@ -43,20 +43,11 @@ async fn connect(port: u16) -> Channel {
 }
 
 fn lag_policy_json(topic: &str, group: &str, threshold: &str) -> serde_json::Value {
-    let (status, out, err) = run_to_end(&[
-        "lag",
-        "--bootstrap-servers",
-        broker().bootstrap(),
-        "--topic",
+    let (status, out, err) = run_lag(
         topic,
-        "--group",
         group,
-        "--json",
-        "--policy",
-        "keda",
-        "--lag-threshold",
-        threshold,
-    ]);
+        &["--json", "--policy", "keda", "--lag-threshold", threshold],
+    );
     assert!(status.success(), "{err}");
     serde_json::from_str(out.trim()).unwrap()
 }

@@ -21,15 +21,7 @@ fn topic_cmd(action: &str, topic: &str, extra: &[&str]) -> (bool, String, String
 }
 
 fn lag_says(topic: &str) -> String {
-    let (_, out, err) = run_to_end(&[
-        "lag",
-        "--bootstrap-servers",
-        broker().bootstrap(),
-        "--topic",
-        topic,
-        "--group",
-        "g-topic-test",
-    ]);
+    let (_, out, err) = run_lag(topic, "g-topic-test", &[]);
     out + &err
 }
 

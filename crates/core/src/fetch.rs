@@ -19,6 +19,7 @@ use std::time::Duration;
 use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use crate::batch::Header;
 
@@ -164,17 +165,31 @@ impl FetchedMessage {
     pub fn error_text(&self) -> String {
         String::from_utf8_lossy(self.payload().unwrap_or_default()).into_owned()
     }
+}
 
-    pub fn partition(&self) -> i32 {
+/// A consumed record as the worker takes it in: from the fetch queue, or
+/// (for a partition that was somehow not routed there) the consumer queue.
+pub trait ConsumedRecord {
+    fn partition(&self) -> i32;
+    fn offset(&self) -> i64;
+    /// Create or log-append time in milliseconds, if the record has one.
+    fn timestamp_ms(&self) -> Option<i64>;
+    fn key(&self) -> Option<&[u8]>;
+    fn payload(&self) -> Option<&[u8]>;
+    /// The record's headers, copied.
+    fn headers(&self) -> Vec<Header>;
+}
+
+impl ConsumedRecord for FetchedMessage {
+    fn partition(&self) -> i32 {
         self.raw().partition
     }
 
-    pub fn offset(&self) -> i64 {
+    fn offset(&self) -> i64 {
         self.raw().offset
     }
 
-    /// Create or log-append time in milliseconds, if the record has one.
-    pub fn timestamp_ms(&self) -> Option<i64> {
+    fn timestamp_ms(&self) -> Option<i64> {
         let mut kind = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
         // SAFETY: valid message; `kind` is written by the call.
         let ts = unsafe { rd::rd_kafka_message_timestamp(self.0.as_ptr(), &mut kind) };
@@ -182,23 +197,23 @@ impl FetchedMessage {
             .then_some(ts)
     }
 
-    pub fn key(&self) -> Option<&[u8]> {
+    fn key(&self) -> Option<&[u8]> {
         let m = self.raw();
         // SAFETY: librdkafka keeps `key_len` bytes at `key` while the message lives.
         (!m.key.is_null())
             .then(|| unsafe { std::slice::from_raw_parts(m.key.cast::<u8>(), m.key_len) })
     }
 
-    pub fn payload(&self) -> Option<&[u8]> {
+    fn payload(&self) -> Option<&[u8]> {
         let m = self.raw();
         // SAFETY: as for the key.
         (!m.payload.is_null())
             .then(|| unsafe { std::slice::from_raw_parts(m.payload.cast::<u8>(), m.len) })
     }
 
-    /// The record's headers, copied. Parsing them costs an allocation even
-    /// when there are none, so the worker asks only when something reads them.
-    pub fn headers(&self) -> Vec<Header> {
+    /// Parsing the headers costs an allocation even when there are none,
+    /// so the worker asks only when something reads them.
+    fn headers(&self) -> Vec<Header> {
         let mut headers = Vec::new();
         // SAFETY: valid message; the header list belongs to the message, and
         // names and values are copied before it goes.
@@ -229,6 +244,36 @@ impl FetchedMessage {
             }
         }
         headers
+    }
+}
+
+impl ConsumedRecord for BorrowedMessage<'_> {
+    fn partition(&self) -> i32 {
+        Message::partition(self)
+    }
+    fn offset(&self) -> i64 {
+        Message::offset(self)
+    }
+    fn timestamp_ms(&self) -> Option<i64> {
+        Message::timestamp(self).to_millis()
+    }
+    fn key(&self) -> Option<&[u8]> {
+        Message::key(self)
+    }
+    fn payload(&self) -> Option<&[u8]> {
+        Message::payload(self)
+    }
+    fn headers(&self) -> Vec<Header> {
+        Message::headers(self)
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| Header {
+                        name: h.key.to_string(),
+                        value: h.value.map(<[u8]>::to_vec),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 

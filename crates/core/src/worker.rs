@@ -40,17 +40,16 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
 use tokio::runtime::Handle;
 
-use crate::batch::{Batch, Batcher, Header};
+use crate::batch::{Batch, Batcher};
 use crate::commit::{CommitQueue, CommitResult, CommittedPartition};
 use crate::config::{Ordering, WorkerConfig};
 use crate::dlq::DeadLetterWriter;
-use crate::fetch::{FetchQueue, FetchedMessage};
+use crate::fetch::{ConsumedRecord, FetchQueue, FetchedMessage};
 use crate::handler::{BatchOutcome, Failure, Handler};
 use crate::offsets::PartitionOffsets;
 use crate::telemetry::{KindLabel, LogThrottle, PartitionLabel, ResultLabel, Telemetry};
@@ -1101,68 +1100,6 @@ impl ConsumerContext for WorkerContext {
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
-    }
-}
-
-/// A record as the pipeline takes it, from the fetch queue or (for a
-/// partition that was somehow not routed there) the consumer queue.
-trait ConsumedRecord {
-    fn partition(&self) -> i32;
-    fn offset(&self) -> i64;
-    fn timestamp_ms(&self) -> Option<i64>;
-    fn key(&self) -> Option<&[u8]>;
-    fn payload(&self) -> Option<&[u8]>;
-    fn headers(&self) -> Vec<Header>;
-}
-
-impl ConsumedRecord for FetchedMessage {
-    fn partition(&self) -> i32 {
-        FetchedMessage::partition(self)
-    }
-    fn offset(&self) -> i64 {
-        FetchedMessage::offset(self)
-    }
-    fn timestamp_ms(&self) -> Option<i64> {
-        FetchedMessage::timestamp_ms(self)
-    }
-    fn key(&self) -> Option<&[u8]> {
-        FetchedMessage::key(self)
-    }
-    fn payload(&self) -> Option<&[u8]> {
-        FetchedMessage::payload(self)
-    }
-    fn headers(&self) -> Vec<Header> {
-        FetchedMessage::headers(self)
-    }
-}
-
-impl ConsumedRecord for BorrowedMessage<'_> {
-    fn partition(&self) -> i32 {
-        Message::partition(self)
-    }
-    fn offset(&self) -> i64 {
-        Message::offset(self)
-    }
-    fn timestamp_ms(&self) -> Option<i64> {
-        Message::timestamp(self).to_millis()
-    }
-    fn key(&self) -> Option<&[u8]> {
-        Message::key(self)
-    }
-    fn payload(&self) -> Option<&[u8]> {
-        Message::payload(self)
-    }
-    fn headers(&self) -> Vec<Header> {
-        Message::headers(self)
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| Header {
-                        name: h.key.to_string(),
-                        value: h.value.map(<[u8]>::to_vec),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
     }
 }
 

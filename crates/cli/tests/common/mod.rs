@@ -313,6 +313,21 @@ pub fn spawn_worker(
     Proc::spawn(cmd, dir.path(&format!("{name}.stderr")))
 }
 
+/// `spawn_worker` with the `exec` handler running `command`.
+pub fn spawn_exec_worker(
+    dir: &TestDir,
+    name: &str,
+    topic: &str,
+    group: &str,
+    port: u16,
+    command: &str,
+    extra: &[&str],
+) -> Proc {
+    let mut args = vec!["--handler", "exec", "--command", command];
+    args.extend_from_slice(extra);
+    spawn_worker(dir, name, topic, group, port, &args)
+}
+
 /// A plain HTTP/1.1 GET over TCP: (status code, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -345,8 +360,9 @@ pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) 
 }
 
 /// The group's lag as `microbatch lag --json` reports it.
-pub fn lag_json(topic: &str, group: &str) -> serde_json::Value {
-    let (status, out, err) = run_to_end(&[
+/// Runs `microbatch lag` for the group with `extra` flags.
+pub fn run_lag(topic: &str, group: &str, extra: &[&str]) -> (ExitStatus, String, String) {
+    let mut args = vec![
         "lag",
         "--bootstrap-servers",
         broker().bootstrap(),
@@ -354,8 +370,13 @@ pub fn lag_json(topic: &str, group: &str) -> serde_json::Value {
         topic,
         "--group",
         group,
-        "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    run_to_end(&args)
+}
+
+pub fn lag_json(topic: &str, group: &str) -> serde_json::Value {
+    let (status, out, err) = run_lag(topic, group, &["--json"]);
     assert!(status.success(), "lag failed: {err}");
     serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("lag --json is not JSON ({e}): {out}"))
