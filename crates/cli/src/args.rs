@@ -12,6 +12,7 @@ use clap::Args;
 use microbatch_core::config::{
     parse_property, ConfigError, KafkaConfig, SaslMechanism, Secret, SecurityProtocol,
 };
+use microbatch_scaling::lag::LagReader;
 use serde::Deserialize;
 
 pub const DEFAULT_BOOTSTRAP: &str = "127.0.0.1:9092";
@@ -170,6 +171,28 @@ impl KafkaArgs {
 /// Picks flag, then file, then default; `field` names the flag in errors.
 pub fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
     flag.or(file).unwrap_or(default)
+}
+
+/// Whose lag to read: a consumer group on a topic (`lag`, `top`).
+#[derive(Debug, Args)]
+pub struct LagTarget {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Topic.
+    #[arg(long, env = "KAFKA_TOPIC")]
+    pub topic: String,
+    /// Consumer group.
+    #[arg(long, env = "CONSUMER_GROUP")]
+    pub group: String,
+}
+
+impl LagTarget {
+    /// A lag reader for the group, its broker calls bounded by `timeout`.
+    pub fn reader(&self, timeout: std::time::Duration) -> anyhow::Result<LagReader> {
+        let file = self.kafka.load_file()?;
+        let kafka = self.kafka.resolve(&file)?;
+        Ok(LagReader::new(&kafka, &self.group, &self.topic, timeout)?)
+    }
 }
 
 /// The topic and consumer group of the workers (flag, environment or file).

@@ -4,10 +4,10 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use microbatch_scaling::lag::{InvalidOffsetPolicy, LagReader};
+use microbatch_scaling::lag::InvalidOffsetPolicy;
 use microbatch_scaling::policy::{Decision, KedaParams, KedaPolicy, RateParams, RatePolicy};
 
-use crate::args::KafkaArgs;
+use crate::args::LagTarget;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PolicyKind {
@@ -114,13 +114,7 @@ impl PolicyArgs {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    pub kafka: KafkaArgs,
-    /// Topic.
-    #[arg(long, env = "KAFKA_TOPIC")]
-    pub topic: String,
-    /// Consumer group.
-    #[arg(long, env = "CONSUMER_GROUP")]
-    pub group: String,
+    pub target: LagTarget,
     /// Print JSON: {"group","topic","total_lag","partitions":[{"partition","committed","low","high","lag"}]}.
     #[arg(long)]
     pub json: bool,
@@ -141,9 +135,7 @@ pub struct Args {
 }
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
-    let file = args.kafka.load_file()?;
-    let kafka = args.kafka.resolve(&file)?;
-    let reader = LagReader::new(&kafka, &args.group, &args.topic, Duration::from_secs(10))?;
+    let reader = args.target.reader(Duration::from_secs(10))?;
     let mut keda = args.policy_args.keda();
     let mut rate = args.policy_args.rate();
     let policy = args.policy;

@@ -14,18 +14,12 @@ use ratatui::text::Line;
 use ratatui::widgets::{Bar, BarChart, BarGroup, Block, Paragraph, Sparkline};
 use ratatui::Frame;
 
-use crate::args::KafkaArgs;
+use crate::args::LagTarget;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    pub kafka: KafkaArgs,
-    /// Topic.
-    #[arg(long, env = "KAFKA_TOPIC")]
-    pub topic: String,
-    /// Consumer group.
-    #[arg(long, env = "CONSUMER_GROUP")]
-    pub group: String,
+    pub target: LagTarget,
     /// Refresh interval.
     #[arg(long, default_value_t = 1000)]
     pub interval_ms: u64,
@@ -90,8 +84,8 @@ fn draw(frame: &mut Frame<'_>, args: &Args, snap: &Snapshot, history: &VecDeque<
     let total = snap.lag.as_ref().map(|l| l.total_lag).unwrap_or(0);
     let mut lines = vec![Line::from(format!(
         "group {}   topic {}   members {}",
-        args.group,
-        args.topic,
+        args.target.group,
+        args.target.topic,
         members_text(snap.members)
     ))];
     lines.push(Line::from(format!(
@@ -162,9 +156,7 @@ fn plain_line(snap: &Snapshot) -> String {
 }
 
 pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<ExitCode> {
-    let file = args.kafka.load_file()?;
-    let kafka = args.kafka.resolve(&file)?;
-    let reader = LagReader::new(&kafka, &args.group, &args.topic, Duration::from_secs(5))?;
+    let reader = args.target.reader(Duration::from_secs(5))?;
     let mut dash = Dashboard {
         reader,
         rates: RateTracker::default(),
