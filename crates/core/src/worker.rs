@@ -1255,13 +1255,15 @@ fn poll_loop(
         let timeout = Duration::from_millis(timeout.as_micros().div_ceil(1000) as u64);
         // Rebalances, errors and statistics first: their callbacks take the
         // pipeline lock. A bounded number, so records keep flowing.
-        let mut events = 0;
-        while events < MAX_EVENTS_PER_ROUND
-            && ctx
-                .with_pipeline(|p| p.fetch.consumer_events_waiting())
+        let events_waiting = || {
+            ctx.with_pipeline(|p| p.fetch.consumer_events_waiting())
                 .unwrap_or(false)
-        {
-            events += 1;
+        };
+        let mut waiting = events_waiting();
+        for _ in 0..MAX_EVENTS_PER_ROUND {
+            if !waiting {
+                break;
+            }
             match consumer.poll(Duration::ZERO) {
                 // Only a record of a partition not routed to the fetch queue.
                 Some(Ok(msg)) => {
@@ -1274,15 +1276,10 @@ fn poll_loop(
                 Some(Err(e)) => tracing::debug!(error = %e, "poll error"),
                 None => {}
             }
+            waiting = events_waiting();
         }
-        let timeout = if ctx
-            .with_pipeline(|p| p.fetch.consumer_events_waiting())
-            .unwrap_or(false)
-        {
-            Duration::ZERO
-        } else {
-            timeout
-        };
+        // Events left for the next round: take what records there are now.
+        let timeout = if waiting { Duration::ZERO } else { timeout };
         // Then a burst of records, with the clock read once for all of them.
         // No rebalance can run between taking them and `ingest`, and
         // librdkafka drops those fetched before a revoke or pause.
