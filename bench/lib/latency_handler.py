@@ -6,7 +6,7 @@ microbatch starts one of these per slot and writes one JSON line per batch
 stdin. For every record it notes the record's sequence number (the digits
 `microbatch produce` puts at the start of the value) and
 `now - timestamp_ms`, taken after the batch was parsed, just before the
-answer `{"failed":[]}` goes back: the latency from the record's timestamp to
+answer `{"batch_id":…,"failed":[]}` goes back: the latency from the record's timestamp to
 the handler's completion. Per batch it also notes how long json.loads took,
 the part of that latency that is this Python handler's own.
 
@@ -38,7 +38,7 @@ def main() -> int:
                 if ts is not None and seq.isdigit():
                     rows.append(f"{seq} {done_ms - ts:.3f}\n")
             rows.append(f"# {len(batch['records'])} {(t_parsed - t_read) * 1000.0:.3f}\n")
-            sys.stdout.write('{"failed":[]}\n')
+            sys.stdout.write('{"batch_id":%s,"failed":[]}\n' % json.dumps(batch["batch_id"]))
             sys.stdout.flush()
             out.write("".join(rows))
     return 0

@@ -20,6 +20,8 @@ fn injected_broker_faults_lose_nothing_and_are_counted() {
     let topic = unique("faults");
     let group = unique("g");
     mock.create_topic(&topic, 4, 1).unwrap();
+    // The mock cluster cannot create topics through the admin API.
+    mock.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
     let (status, out, err) = run_to_end(&[
         "produce",
         "--bootstrap-servers",

@@ -93,7 +93,7 @@ fn headers_reach_an_exec_handler() {
         &dir,
         "handler.py",
         format!(
-            "import sys, json\nout = open({:?}, 'a')\nfor line in sys.stdin:\n    for r in json.loads(line)['records']:\n        out.write(json.dumps([r['value'], r['headers']]) + '\\n')\n    out.flush()\n    print('{{\"failed\":[]}}', flush=True)\n",
+            "import sys, json\nout = open({:?}, 'a')\nfor line in sys.stdin:\n    b = json.loads(line)\n    for r in b['records']:\n        out.write(json.dumps([r['value'], r['headers']]) + '\\n')\n    out.flush()\n    print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n",
             seen.display().to_string()
         ),
     );

@@ -4,33 +4,13 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-
-fn poison_offsets(topic: &str) -> BTreeSet<(i32, i64)> {
-    read_topic(topic, broker().bootstrap())
-        .into_iter()
-        .filter(|r| r.3.contains("POISON"))
-        .map(|r| (r.0, r.1))
-        .collect()
-}
-
-fn dead_lettered(dlq: &str) -> BTreeSet<(i32, i64)> {
-    read_topic(dlq, broker().bootstrap())
-        .into_iter()
-        .map(|r| {
-            (
-                r.4["microbatch.original.partition"].parse().unwrap(),
-                r.4["microbatch.original.offset"].parse().unwrap(),
-            )
-        })
-        .collect()
-}
 
 /// A handler that rejects whole batches holding a bad record: bisecting finds
 /// the bad records, and only they are dead-lettered.
@@ -43,7 +23,7 @@ fn whole_batch_failures_are_bisected_down_to_the_bad_record() {
     create_topic(&topic, 2);
     create_topic(&dlq, 1);
     produce(&topic, 1000, &["--poison-every", "100"]);
-    let cmd = python_handler(&dir, "h.py", "import sys, json\nfor line in sys.stdin:\n    b = json.loads(line)\n    if any('POISON' in (r['value'] or '') for r in b['records']):\n        print(json.dumps({'error': 'batch rejected: bad record inside', 'retryable': False}), flush=True)\n    else:\n        print('{\"failed\":[]}', flush=True)\n");
+    let cmd = python_handler(&dir, "h.py", "import sys, json\nfor line in sys.stdin:\n    b = json.loads(line)\n    if any('POISON' in (r['value'] or '') for r in b['records']):\n        print(json.dumps({'batch_id': b['batch_id'], 'error': 'batch rejected: bad record inside', 'retryable': False}), flush=True)\n    else:\n        print(json.dumps({'batch_id': b['batch_id'], 'failed': []}), flush=True)\n");
     let mut w = spawn_exec_worker(
         &dir,
         "w",
@@ -74,24 +54,9 @@ fn downstream(listener: TcpListener, requests: Arc<AtomicUsize>) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let n = requests.fetch_add(1, Ordering::SeqCst);
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap_or(0);
-            }
-            if line == "\r\n" {
-                break;
-            }
-        }
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
+        let Some(body) = read_http_body(&stream) else {
             continue;
-        }
+        };
         let (status, answer) = if n < 3 {
             (
                 "503 Service Unavailable",
@@ -158,35 +123,14 @@ fn http_handler_retries_5xx_and_dead_letters_named_records() {
     let poison = poison_offsets(&topic);
     assert_eq!(poison.len(), 10);
     assert_eq!(dead_lettered(&dlq), poison);
-    let (expected, _) = assert_all_processed_or_dead(&topic, &group, &dir, &poison);
+    let (expected, _) = assert_recorded_or_dead(&topic, &group, &[dir.path("w.audit")], &poison);
     assert_eq!(expected, 600);
 }
 
-fn assert_all_processed_or_dead(
-    topic: &str,
-    group: &str,
-    dir: &TestDir,
-    dead: &BTreeSet<(i32, i64)>,
-) -> (usize, usize) {
-    let seen = audited(&[dir.path("w.audit")]);
-    let lag = lag_json(topic, group);
-    let mut n = 0;
-    for p in lag["partitions"].as_array().unwrap() {
-        let partition = p["partition"].as_i64().unwrap() as i32;
-        for o in p["low"].as_i64().unwrap()..p["high"].as_i64().unwrap() {
-            n += 1;
-            assert!(
-                seen.contains_key(&(partition, o)) || dead.contains(&(partition, o)),
-                "{partition}/{o} lost"
-            );
-        }
-    }
-    (n, seen.values().map(|c| *c as usize - 1).sum())
-}
-
-/// The dead-letter topic cannot be written (it does not exist and the broker
-/// does not create topics): the worker says so loudly, commits nothing past
-/// the failed record, and completes once the topic exists.
+/// The dead-letter topic cannot be written (deleted after the worker
+/// checked it): the worker says so loudly, `/readyz` and `/metrics` show the
+/// backlog, nothing is committed past the failed record, and all completes
+/// once the topic exists again.
 #[test]
 fn an_unwritable_dlq_holds_the_commit_until_it_can_be_written() {
     if !broker().is_real() {
@@ -198,20 +142,38 @@ fn an_unwritable_dlq_holds_the_commit_until_it_can_be_written() {
     let dlq = format!("{topic}.dlq");
     let group = unique("g");
     create_topic(&topic, 1);
-    produce(&topic, 300, &["--poison-every", "100"]);
+    let port = free_port();
     let mut w = spawn_worker(
         &dir,
         "w",
         &topic,
         &group,
-        free_port(),
+        port,
         &["--poison-marker", "POISON", "--max-records", "10"],
     );
+    wait_until(Duration::from_secs(60), "the worker is ready", || {
+        http_get(port, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    let (status, out, err) = run_to_end(&[
+        "topic",
+        "delete",
+        "--bootstrap-servers",
+        broker().bootstrap(),
+        "--topic",
+        &dlq,
+    ]);
+    assert!(status.success(), "{out}{err}");
+    produce(&topic, 300, &["--poison-every", "100"]);
     wait_until(
         Duration::from_secs(90),
         "a loud dead-letter failure",
-        || w.stderr().contains("dead letter not written"),
+        || w.stderr().contains("dead letters not written"),
     );
+    wait_until(Duration::from_secs(30), "/readyz names the backlog", || {
+        http_get(port, "/readyz")
+            .is_some_and(|(code, body)| code == 503 && body.contains("dead-letter backlog"))
+    });
+    assert!(worker_metric(port, "microbatch_dead_letter_backlog_records").unwrap_or(0.0) >= 1.0);
     let poison = poison_offsets(&topic);
     let first_poison = poison.iter().next().unwrap().1;
     let committed = lag_json(&topic, &group)["partitions"][0]["committed"]
@@ -226,6 +188,13 @@ fn an_unwritable_dlq_holds_the_commit_until_it_can_be_written() {
         Duration::from_secs(120),
         "lag 0 once the DLQ exists",
         || total_lag(&topic, &group) == 0,
+    );
+    wait_until(Duration::from_secs(30), "ready again", || {
+        http_get(port, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    assert_eq!(
+        worker_metric(port, "microbatch_dead_letter_backlog_records"),
+        Some(0.0)
     );
     w.terminate();
     assert_eq!(dead_lettered(&dlq), poison);

@@ -20,7 +20,7 @@ fn two_workers_process_every_offset_and_exit_cleanly() {
 
     let (pa, pb) = (free_port(), free_port());
     let mut a = spawn_worker(&dir, "a", &topic, &group, pa, &["--process-time-ms", "0"]);
-    let cmd = python_handler(&dir, "handler.py", "import sys, json\nfor line in sys.stdin:\n    json.loads(line)\n    print('{\"failed\":[]}', flush=True)\n");
+    let cmd = python_handler(&dir, "handler.py", "import sys, json\nfor line in sys.stdin:\n    b = json.loads(line)\n    print(json.dumps({'batch_id': b['batch_id'], 'failed': []}), flush=True)\n");
     let mut b = spawn_exec_worker(&dir, "b", &topic, &group, pb, &cmd, &[]);
     // Both members own partitions before the records arrive, so both work.
     wait_until(Duration::from_secs(60), "both workers ready", || {

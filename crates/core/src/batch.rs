@@ -48,6 +48,24 @@ pub struct Batch {
     headers: Vec<Header>,
     /// How many times these records were handed to the handler before.
     pub attempt: u32,
+    /// Where these records were first batched, for failure decisions.
+    pub lineage: Lineage,
+}
+
+/// The history of a batch's records that failure handling needs (see
+/// [`crate::failure`]). Copied into retries and bisection pieces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lineage {
+    /// The id of the batch the records were first handed out in.
+    pub root: u64,
+    /// A piece made by bisection: a failure is being narrowed down to the
+    /// record that causes it.
+    pub isolating: bool,
+    /// The pipeline's count of successful batches when these records first
+    /// failed: a later count proves the downstream works for other records.
+    pub successes_at_first_failure: Option<u64>,
+    /// Held back as a suspected outage rather than a bad record.
+    pub suspect: bool,
 }
 
 /// A view of one record of a batch.
@@ -72,6 +90,10 @@ impl Batch {
             data: Vec::new(),
             headers: Vec::new(),
             attempt: 0,
+            lineage: Lineage {
+                root: id,
+                ..Lineage::default()
+            },
         }
     }
 
@@ -175,6 +197,7 @@ impl Batch {
     pub fn select(&self, id: u64, mut keep: impl FnMut(i64) -> bool) -> Batch {
         let mut out = Batch::new(id, self.topic.clone(), self.partition);
         out.attempt = self.attempt;
+        out.lineage = self.lineage;
         for meta in self.metas.iter().filter(|m| keep(m.offset)) {
             let r = self.view(meta);
             out.push(
@@ -186,6 +209,18 @@ impl Batch {
             );
         }
         out
+    }
+
+    /// The two halves of a batch of two or more records, with this batch's
+    /// id (the pipeline gives every batch it hands out a fresh one).
+    pub fn halves(&self) -> (Batch, Batch) {
+        self.split(self.id)
+            .expect("halves of a batch of two or more records")
+    }
+
+    /// Gives the batch a new id, as each hand-out to the handler does.
+    pub fn set_id(&mut self, id: u64) {
+        self.id = id;
     }
 
     /// Splits in two halves (for bisecting a failed batch); `None` for one record.

@@ -379,8 +379,8 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     pub handler_timeout: Duration,
     pub retry: RetryPolicy,
-    /// Dead-letter topic; `None` stops the worker on a record that exhausts its retries.
-    pub dlq_topic: Option<String>,
+    /// Dead-letter topic; `None` stops the worker on a record that fails for good.
+    pub dlq: Option<DeadLetterConfig>,
     /// Records held per partition (queued and in flight) before it is paused.
     pub max_records_per_partition: usize,
     /// Records held by the whole worker before it stops taking records from
@@ -390,6 +390,30 @@ pub struct WorkerConfig {
     pub audit_log: Option<PathBuf>,
     /// `auto.offset.reset` for partitions without a committed offset.
     pub offset_reset: OffsetReset,
+}
+
+/// The dead-letter topic and how to create it when it is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterConfig {
+    pub topic: String,
+    /// Partitions of a topic created at start; `None`: the source topic's count.
+    pub partitions: Option<i32>,
+    /// Replication factor of a topic created at start; `None`: the broker's default.
+    pub replication_factor: Option<i32>,
+    /// Whether a missing topic is created at start (else the worker stops).
+    pub create: bool,
+}
+
+impl DeadLetterConfig {
+    /// `<topic>.dlq`, created when missing with the defaults above.
+    pub fn for_topic(topic: &str) -> Self {
+        Self {
+            topic: format!("{topic}.dlq"),
+            partitions: None,
+            replication_factor: None,
+            create: true,
+        }
+    }
 }
 
 /// Where a partition without a committed offset starts.
@@ -437,7 +461,7 @@ impl WorkerConfig {
             drain_timeout: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),
-            dlq_topic: None,
+            dlq: None,
             max_records_per_partition: 10_000,
             max_records_held: 50_000,
             audit_log: None,
@@ -486,7 +510,21 @@ impl WorkerConfig {
                 "must be at least 1",
             ));
         }
-        if self.dlq_topic.as_deref() == Some(self.topic.as_str()) {
+        if let Some(dlq) = &self.dlq {
+            if dlq.partitions.is_some_and(|p| p < 1) {
+                return Err(ConfigError::new("--dlq-partitions", "must be at least 1"));
+            }
+            if dlq.replication_factor.is_some_and(|r| r < 1) {
+                return Err(ConfigError::new(
+                    "--dlq-replication-factor",
+                    "must be at least 1",
+                ));
+            }
+            if dlq.topic.trim().is_empty() {
+                return Err(ConfigError::new("--dlq-topic", "must not be empty"));
+            }
+        }
+        if self.dlq.as_ref().is_some_and(|d| d.topic == self.topic) {
             return Err(ConfigError::new(
                 "--dlq-topic",
                 "must differ from --topic, or failures would loop",

@@ -5,19 +5,125 @@
 //! `.timestamp_ms`, `microbatch.error`, `microbatch.attempts`,
 //! `microbatch.consumer.group`). It is produced idempotently with `acks=all`,
 //! and the source record counts as done only once the broker acknowledged it.
-//! A write that fails is retried with back-off, loudly, for as long as it
-//! takes: nothing is committed past a record whose dead letter is not stored.
+//! A write that fails is retried by the pipeline with back-off, loudly, for
+//! as long as it takes: nothing is committed past a record whose dead letter
+//! is not stored, and `/readyz` and `/metrics` show the backlog.
+//!
+//! **Somewhere to go before the first record is taken.** At start
+//! [`DeadLetterWriter::prepare`] looks the topic up; when it is missing it is
+//! created (as Kafka Connect does for its DLQ: the source topic's partition
+//! count unless `--dlq-partitions`, the broker's default replication factor
+//! unless `--dlq-replication-factor`). When it cannot be created, or may not
+//! be read, the worker stops before consuming, naming the topic and the fix.
 
 use std::time::Duration;
 
+use futures::future::join_all;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use thiserror::Error;
 
 use crate::batch::Batch;
-use crate::config::KafkaConfig;
+use crate::config::{DeadLetterConfig, KafkaConfig};
 use crate::handler::Failure;
-use crate::kafka::QuietContext;
+use crate::kafka::{create_topic, ClientError, QuietContext};
+
+/// Why the dead-letter topic is not ready; each names the topic and the fix.
+#[derive(Debug, Error)]
+pub enum DlqError {
+    #[error(
+        "the dead-letter topic {topic:?} does not exist and --dlq-create is off: create it \
+         (microbatch topic create --topic {topic}), or allow --dlq-create on, or set --dlq off"
+    )]
+    Missing { topic: String },
+    #[error(
+        "the dead-letter topic {topic:?} does not exist and could not be created: {reason}. \
+         Create it yourself (microbatch topic create --topic {topic}), or grant this principal \
+         CREATE on it, or fix --dlq-partitions / --dlq-replication-factor"
+    )]
+    CannotCreate { topic: String, reason: String },
+    #[error(
+        "not allowed to use the dead-letter topic {topic:?} ({reason}): grant this principal \
+         DESCRIBE and WRITE on it, or name another with --dlq-topic"
+    )]
+    NotAuthorized { topic: String, reason: String },
+    #[error("could not look up the dead-letter topic {topic:?}: {reason}")]
+    Lookup { topic: String, reason: String },
+    #[error("could not create the dead-letter producer: {0}")]
+    Producer(#[from] rdkafka::error::KafkaError),
+}
+
+impl DlqError {
+    /// Whether waiting may help (the brokers are not reachable yet).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Lookup { .. })
+    }
+}
+
+/// What the metadata says of a topic.
+enum TopicState {
+    Exists,
+    Missing,
+    Denied(String),
+}
+
+/// Looks topics up in the cluster's metadata; one client for every try, so
+/// an authentication failure it saw is reported, not just "no answer".
+pub struct TopicLookup {
+    client: std::sync::Arc<BaseConsumer<QuietContext>>,
+}
+
+impl TopicLookup {
+    pub fn new(kafka: &KafkaConfig) -> Result<Self, DlqError> {
+        let client = kafka
+            .client_config()
+            .create_with_context(QuietContext::default())?;
+        Ok(Self {
+            client: std::sync::Arc::new(client),
+        })
+    }
+
+    async fn state(&self, topic: &str, timeout: Duration) -> Result<(TopicState, usize), DlqError> {
+        let client = self.client.clone();
+        let name = topic.to_string();
+        let looked_up = tokio::task::spawn_blocking(move || {
+            let metadata = client.fetch_metadata(Some(&name), timeout).map_err(|e| {
+                // Errors reach the context only when the client is polled.
+                let _ = client.poll(Duration::from_millis(100));
+                match client.context().auth_error() {
+                    Some(auth) => format!(
+                        "authentication failed: {auth} (check --username, --password and --sasl-mechanism)"
+                    ),
+                    None => e.to_string(),
+                }
+            })?;
+            let Some(t) = metadata.topics().iter().find(|t| t.name() == name) else {
+                return Ok((TopicState::Missing, 0));
+            };
+            let partitions = t.partitions().len();
+            let state = match t.error().map(RDKafkaErrorCode::from) {
+                None if partitions > 0 => TopicState::Exists,
+                None
+                | Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+                | Some(RDKafkaErrorCode::UnknownTopic) => TopicState::Missing,
+                Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {
+                    TopicState::Denied("TOPIC_AUTHORIZATION_FAILED".into())
+                }
+                Some(code) => return Err(code.to_string()),
+            };
+            Ok((state, partitions))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        looked_up.map_err(|reason| DlqError::Lookup {
+            topic: topic.to_string(),
+            reason,
+        })
+    }
+}
 
 /// Header names added to every dead letter.
 pub mod headers {
@@ -39,6 +145,63 @@ pub struct DeadLetterWriter {
 }
 
 impl DeadLetterWriter {
+    /// Makes sure the dead-letter topic exists (see the module docs), then
+    /// returns its writer. `source_topic` lends its partition count.
+    pub async fn prepare(
+        kafka: &KafkaConfig,
+        lookup: &TopicLookup,
+        dlq: &DeadLetterConfig,
+        source_topic: &str,
+        group: &str,
+    ) -> Result<Self, DlqError> {
+        let timeout = Duration::from_secs(10);
+        match lookup.state(&dlq.topic, timeout).await? {
+            (TopicState::Exists, _) => {}
+            (TopicState::Denied(reason), _) => {
+                return Err(DlqError::NotAuthorized {
+                    topic: dlq.topic.clone(),
+                    reason,
+                })
+            }
+            (TopicState::Missing, _) if !dlq.create => {
+                return Err(DlqError::Missing {
+                    topic: dlq.topic.clone(),
+                })
+            }
+            (TopicState::Missing, _) => {
+                let partitions = match dlq.partitions {
+                    Some(p) => p,
+                    None => match lookup.state(source_topic, timeout).await? {
+                        (TopicState::Exists, n) => n as i32,
+                        _ => 1,
+                    },
+                };
+                let replication = dlq.replication_factor.unwrap_or(-1);
+                match create_topic(kafka, &dlq.topic, partitions, replication, timeout).await {
+                    Ok(_) => tracing::info!(
+                        dlq_topic = %dlq.topic,
+                        partitions,
+                        replication_factor = replication,
+                        "created the dead-letter topic"
+                    ),
+                    Err(e @ ClientError::Unreachable { .. }) => {
+                        return Err(DlqError::Lookup {
+                            topic: dlq.topic.clone(),
+                            reason: e.to_string(),
+                        })
+                    }
+                    Err(e) => {
+                        return Err(DlqError::CannotCreate {
+                            topic: dlq.topic.clone(),
+                            reason: e.to_string(),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(Self::new(kafka, &dlq.topic, group)?)
+    }
+
     pub fn new(
         kafka: &KafkaConfig,
         topic: &str,
@@ -65,16 +228,17 @@ impl DeadLetterWriter {
         &self.topic
     }
 
-    /// Writes one dead letter per record of `batch`, each with its failure,
-    /// retrying until every one is acknowledged. Returns the offsets written.
+    /// Writes one dead letter per record of `batch`, each with its failure.
+    /// Returns the offsets the broker acknowledged and, if some were not,
+    /// why (the pipeline tries those again).
     pub async fn write(
         &self,
         batch: &Batch,
         failures: &[(i64, Failure)],
         attempts: u32,
-    ) -> Vec<i64> {
-        let mut written = Vec::with_capacity(batch.len());
-        for record in batch.records() {
+    ) -> (Vec<i64>, Option<String>) {
+        let attempts = attempts.to_string();
+        let sends = batch.records().map(|record| {
             let error = failures
                 .iter()
                 .find(|(o, _)| *o == record.offset)
@@ -93,7 +257,6 @@ impl DeadLetterWriter {
                 .timestamp_ms
                 .map(|t| t.to_string())
                 .unwrap_or_default();
-            let attempts = attempts.to_string();
             for (key, value) in [
                 (headers::ORIGINAL_TOPIC, record.topic),
                 (headers::ORIGINAL_PARTITION, partition.as_str()),
@@ -108,41 +271,33 @@ impl DeadLetterWriter {
                     value: Some(value.as_bytes()),
                 });
             }
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                let mut rec: FutureRecord<'_, [u8], [u8]> =
-                    FutureRecord::to(&self.topic).headers(headers.clone());
-                if let Some(k) = record.key {
-                    rec = rec.key(k);
-                }
-                if let Some(v) = record.value {
-                    rec = rec.payload(v);
-                }
-                if let Some(ts) = record.timestamp_ms {
-                    rec = rec.timestamp(ts);
-                }
-                match self
-                    .producer
-                    .send(rec, Timeout::After(Duration::from_secs(10)))
-                    .await
-                {
-                    Ok(_) => break,
-                    Err((e, _)) => {
-                        tracing::error!(
-                            dlq_topic = %self.topic,
-                            partition = record.partition,
-                            offset = record.offset,
-                            error = %e,
-                            retry_in_ms = backoff.as_millis() as u64,
-                            "dead letter not written; nothing past this record is committed until it is"
-                        );
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
+            let mut rec: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.topic).headers(headers);
+            if let Some(k) = record.key {
+                rec = rec.key(k);
+            }
+            if let Some(v) = record.value {
+                rec = rec.payload(v);
+            }
+            if let Some(ts) = record.timestamp_ms {
+                rec = rec.timestamp(ts);
+            }
+            let offset = record.offset;
+            let send = self
+                .producer
+                .send(rec, Timeout::After(Duration::from_secs(10)));
+            async move { (offset, send.await.map_err(|(e, _)| e.to_string())) }
+        });
+        let mut written = Vec::with_capacity(batch.len());
+        let mut error = None;
+        for (offset, result) in join_all(sends).await {
+            match result {
+                Ok(_) => written.push(offset),
+                Err(e) => {
+                    error.get_or_insert(format!("dead-letter topic {}: {e}", self.topic));
                 }
             }
-            written.push(record.offset);
         }
-        written
+        (written, error)
     }
 }

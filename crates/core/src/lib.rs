@@ -11,8 +11,12 @@
 //! - [`fetch`]: fetched records, taken from librdkafka a burst at a time.
 //! - [`commit`]: asynchronous commits whose results come back.
 //! - [`dlq`]: the dead-letter topic writer and its context headers.
-//! - [`worker`]: the consumer-group member: poll loop, lanes, dispatch,
-//!   retries, commits, rebalance and shutdown states.
+//! - [`pipeline`]: the worker's decisions as a state machine without I/O:
+//!   lanes, dispatch, commits, rebalance and shutdown phases.
+//! - [`failure`]: retry, bisection, dead-lettering and the circuit breaker,
+//!   as pure functions.
+//! - [`worker`]: the consumer-group member: the adapter that feeds the
+//!   pipeline from librdkafka and the handler and carries out its intents.
 //! - [`telemetry`]: metrics (stable names) and readiness.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 //!
@@ -23,11 +27,13 @@ pub mod batch;
 pub mod commit;
 pub mod config;
 pub mod dlq;
+pub mod failure;
 pub mod fetch;
 pub mod handler;
 pub mod http;
 pub mod kafka;
 pub mod offsets;
+pub mod pipeline;
 pub mod telemetry;
 pub mod worker;
 

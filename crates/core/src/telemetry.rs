@@ -49,6 +49,8 @@ pub struct Metrics {
     pub commit_watermark_distance: Gauge,
     pub circuit_open: Gauge,
     pub ready: Gauge,
+    pub dead_letter_backlog: Gauge,
+    pub offset_resets: Counter,
 }
 
 impl Metrics {
@@ -78,6 +80,8 @@ impl Metrics {
             commit_watermark_distance: Gauge::default(),
             circuit_open: Gauge::default(),
             ready: Gauge::default(),
+            dead_letter_backlog: Gauge::default(),
+            offset_resets: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("microbatch");
         r.register(
@@ -167,6 +171,16 @@ impl Metrics {
             m.circuit_open.clone(),
         );
         r.register(
+            "dead_letter_backlog_records",
+            "Records waiting for their dead letter to be acknowledged (they hold their partition's commit)",
+            m.dead_letter_backlog.clone(),
+        );
+        r.register(
+            "offset_resets",
+            "Times a partition's offsets went backwards (a reset after truncation) and tracking restarted",
+            m.offset_resets.clone(),
+        );
+        r.register(
             "ready",
             "Whether the worker has joined its group and reaches the brokers (1) or not (0)",
             m.ready.clone(),
@@ -182,6 +196,7 @@ pub struct Readiness {
     brokers_up: AtomicBool,
     circuit_open: AtomicBool,
     last_error: Mutex<Option<String>>,
+    dead_letter_error: Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -211,6 +226,18 @@ impl Readiness {
 
     pub fn set_circuit_open(&self, open: bool) {
         self.circuit_open.store(open, Ordering::Relaxed);
+    }
+
+    /// Dead letters that could not be written (they hold their partitions'
+    /// commits), or `None` once none wait.
+    pub fn set_dead_letter_error(&self, error: Option<String>) {
+        let mut current = self
+            .dead_letter_error
+            .lock()
+            .expect("readiness lock poisoned");
+        if current.is_some() || error.is_some() {
+            *current = error;
+        }
     }
 
     pub fn set_error(&self, error: String) {
@@ -246,6 +273,14 @@ impl Readiness {
         }
         if self.circuit_open.load(Ordering::Relaxed) {
             reasons.push("downstream circuit breaker open: consumption paused".into());
+        }
+        if let Some(e) = self
+            .dead_letter_error
+            .lock()
+            .expect("readiness lock poisoned")
+            .as_ref()
+        {
+            reasons.push(format!("dead-letter backlog: {e}"));
         }
         if reasons.is_empty() {
             Ok(())

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::ValueEnum;
 use microbatch_core::config::{
-    BatchLimits, ConfigError, OffsetReset, Ordering, RetryPolicy, WorkerConfig,
+    BatchLimits, ConfigError, DeadLetterConfig, OffsetReset, Ordering, RetryPolicy, WorkerConfig,
 };
 use microbatch_core::handler::{ExecHandler, Handler, HttpHandler, SimulateHandler};
 use microbatch_core::{Telemetry, Worker};
@@ -125,9 +125,25 @@ pub struct Args {
     /// on: failed records go to --dlq-topic; off: the worker stops instead [default: on].
     #[arg(long, env = "MICROBATCH_DLQ", value_enum, help_heading = "Delivery")]
     pub dlq: Option<DlqMode>,
-    /// Dead-letter topic [default: <topic>.dlq].
+    /// Dead-letter topic [default: <topic>.dlq]. It is looked up at start
+    /// and created when missing (see --dlq-create).
     #[arg(long, env = "MICROBATCH_DLQ_TOPIC", help_heading = "Delivery")]
     pub dlq_topic: Option<String>,
+    /// on: create a missing dead-letter topic at start; off: stop instead,
+    /// naming it [default: on].
+    #[arg(
+        long,
+        env = "MICROBATCH_DLQ_CREATE",
+        value_enum,
+        help_heading = "Delivery"
+    )]
+    pub dlq_create: Option<DlqMode>,
+    /// Partitions of a dead-letter topic created at start [default: the topic's].
+    #[arg(long, env = "MICROBATCH_DLQ_PARTITIONS", value_parser = clap::value_parser!(i32).range(1..), help_heading = "Delivery")]
+    pub dlq_partitions: Option<i32>,
+    /// Replication factor of a dead-letter topic created at start [default: the broker's].
+    #[arg(long, env = "MICROBATCH_DLQ_REPLICATION_FACTOR", value_parser = clap::value_parser!(i32).range(1..), help_heading = "Delivery")]
+    pub dlq_replication_factor: Option<i32>,
     /// Where to start without a committed offset: earliest or latest [default: earliest].
     #[arg(long, env = "MICROBATCH_OFFSET_RESET", value_parser = parse_reset, help_heading = "Delivery")]
     pub offset_reset: Option<OffsetReset>,
@@ -191,21 +207,27 @@ impl Args {
             max_attempts: pick(self.max_attempts, file.max_attempts, 5),
             max_record_age: self.max_record_age_ms.or(file.max_record_age_ms).map(ms),
         };
-        let dlq = match self.dlq {
-            Some(d) => d,
-            None => match file.dlq.as_deref() {
-                None | Some("on") => DlqMode::On,
-                Some("off") => DlqMode::Off,
-                Some(_) => return Err(ConfigError::new("--dlq", "expected on or off").into()),
+        let on_off = |flag: Option<DlqMode>, file: Option<&str>, name: &'static str| match flag {
+            Some(d) => Ok(d),
+            None => match file {
+                None | Some("on") => Ok(DlqMode::On),
+                Some("off") => Ok(DlqMode::Off),
+                Some(_) => Err(ConfigError::new(name, "expected on or off")),
             },
         };
-        config.dlq_topic = match dlq {
-            DlqMode::On => Some(
-                self.dlq_topic
-                    .clone()
-                    .or(file.dlq_topic.clone())
-                    .unwrap_or_else(|| format!("{topic}.dlq")),
-            ),
+        config.dlq = match on_off(self.dlq, file.dlq.as_deref(), "--dlq")? {
+            DlqMode::On => {
+                let mut dlq = DeadLetterConfig::for_topic(&topic);
+                if let Some(t) = self.dlq_topic.clone().or(file.dlq_topic.clone()) {
+                    dlq.topic = t;
+                }
+                dlq.partitions = self.dlq_partitions.or(file.dlq_partitions);
+                dlq.replication_factor =
+                    self.dlq_replication_factor.or(file.dlq_replication_factor);
+                dlq.create = on_off(self.dlq_create, file.dlq_create.as_deref(), "--dlq-create")?
+                    == DlqMode::On;
+                Some(dlq)
+            }
             DlqMode::Off => None,
         };
         config.max_records_per_partition = pick(

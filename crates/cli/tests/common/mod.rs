@@ -589,3 +589,83 @@ pub fn python_handler(dir: &TestDir, name: &str, source: impl AsRef<str>) -> Str
     std::fs::write(&path, source.as_ref()).expect("writing the handler script");
     format!("python3 {}", path.display())
 }
+
+/// The records of a topic whose value holds `POISON` (`produce --poison-every`).
+pub fn poison_offsets(topic: &str) -> BTreeSet<(i32, i64)> {
+    read_topic(topic, broker().bootstrap())
+        .into_iter()
+        .filter(|r| r.3.contains("POISON"))
+        .map(|r| (r.0, r.1))
+        .collect()
+}
+
+/// The source records a dead-letter topic holds, read with another client
+/// (a record written twice counts once).
+pub fn dead_lettered(dlq: &str) -> BTreeSet<(i32, i64)> {
+    read_topic(dlq, broker().bootstrap())
+        .into_iter()
+        .map(|r| {
+            (
+                r.4["microbatch.original.partition"].parse().unwrap(),
+                r.4["microbatch.original.offset"].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Asserts that every record below each partition's high watermark was
+/// recorded in `records` (files of `partition offset` lines, written by the
+/// handler itself or an audit log) or is in `dead`, and that the group's
+/// committed offsets reach the end. Returns (records, duplicates).
+pub fn assert_recorded_or_dead(
+    topic: &str,
+    group: &str,
+    records: &[PathBuf],
+    dead: &BTreeSet<(i32, i64)>,
+) -> (usize, usize) {
+    let seen = audited(records);
+    let lag = lag_json(topic, group);
+    let mut n = 0;
+    for p in lag["partitions"].as_array().unwrap() {
+        let partition = p["partition"].as_i64().unwrap() as i32;
+        let (low, high) = (p["low"].as_i64().unwrap(), p["high"].as_i64().unwrap());
+        if high > low {
+            assert_eq!(
+                p["committed"].as_i64(),
+                Some(high),
+                "partition {partition}: committed offset is not the end"
+            );
+        }
+        for o in low..high {
+            n += 1;
+            assert!(
+                seen.contains_key(&(partition, o)) || dead.contains(&(partition, o)),
+                "{partition}/{o} lost: neither recorded nor dead-lettered"
+            );
+        }
+    }
+    (n, seen.values().map(|c| *c as usize - 1).sum())
+}
+
+/// Reads one HTTP/1.1 request from `stream` and returns its body (the
+/// request line and headers are skipped; the length is Content-Length).
+pub fn read_http_body(stream: &TcpStream) -> Option<Vec<u8>> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(stream.try_clone().ok()?);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(body)
+}

@@ -1,10 +1,14 @@
 //! `exec`: a long-lived child process per slot, speaking NDJSON.
 //!
 //! Each batch is one JSON line on the child's stdin; the child answers with one
-//! line on stdout (see [`super::FailureReport`]). A child that dies, answers
-//! garbage or is timed out by the worker is dropped (and killed); the next
-//! batch starts a fresh one, after a back-off that grows while children keep
-//! dying, so a broken command does not spin.
+//! line on stdout that names the batch (`batch_id`, see [`super::Line`]).
+//! Other lines on stdout (logs, blank lines) are skipped and logged, at most
+//! once per back-off step, never taken for an answer. A child that dies,
+//! answers for another batch, answers something unreadable or is timed out
+//! by the worker is dropped (and killed), and the batch fails (retryable):
+//! its later answers could belong to the wrong batch. The next batch starts
+//! a fresh child, after a back-off that grows while children keep dying, so
+//! a broken command does not spin.
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,8 +19,9 @@ use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use super::{encode_batch, BatchOutcome, Failure, FailureReport, Handler};
+use super::{encode_batch, BatchOutcome, Failure, FailureReport, Handler, Line};
 use crate::batch::Batch;
+use crate::telemetry::LogThrottle;
 
 struct ExecChild {
     _child: Child,
@@ -29,6 +34,7 @@ pub struct ExecHandler {
     command: String,
     idle: Mutex<Vec<ExecChild>>,
     consecutive_deaths: AtomicU32,
+    noise: LogThrottle,
 }
 
 impl ExecHandler {
@@ -37,6 +43,7 @@ impl ExecHandler {
             command: command.into(),
             idle: Mutex::new(Vec::new()),
             consecutive_deaths: AtomicU32::new(0),
+            noise: LogThrottle::default(),
         }
     }
 
@@ -67,17 +74,44 @@ impl ExecHandler {
         })
     }
 
-    async fn exchange(child: &mut ExecChild, request: &[u8]) -> std::io::Result<Vec<u8>> {
-        child.stdin.write_all(request).await?;
-        child.stdin.flush().await?;
+    /// Sends the batch and reads lines until the one that answers it.
+    async fn exchange(
+        &self,
+        child: &mut ExecChild,
+        request: &[u8],
+        batch: &Batch,
+    ) -> Result<BatchOutcome, String> {
+        let io = |e: std::io::Error| format!("handler process failed: {e}");
+        child.stdin.write_all(request).await.map_err(io)?;
+        child.stdin.flush().await.map_err(io)?;
         let mut line = Vec::new();
-        if child.stdout.read_until(b'\n', &mut line).await? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "handler process closed its stdout (did it exit?)",
-            ));
+        loop {
+            line.clear();
+            if child
+                .stdout
+                .read_until(b'\n', &mut line)
+                .await
+                .map_err(io)?
+                == 0
+            {
+                return Err("handler process closed its stdout (did it exit?)".into());
+            }
+            match FailureReport::classify(&line, batch) {
+                Line::Answer(outcome) => return Ok(outcome),
+                Line::Broken(error) => return Err(error),
+                Line::Noise => {
+                    if let Some(suppressed) = self.noise.allow(std::time::Instant::now()) {
+                        let text = String::from_utf8_lossy(&line[..line.len().min(200)]);
+                        tracing::warn!(
+                            suppressed,
+                            line = %text.trim_end(),
+                            "the handler printed a line on stdout that is not an answer; \
+                             skipped (log to stderr instead)"
+                        );
+                    }
+                }
+            }
         }
-        Ok(line)
     }
 }
 
@@ -95,18 +129,19 @@ impl Handler for ExecHandler {
         };
         let mut request = Vec::with_capacity(64 + batch.payload_bytes() * 2 + batch.len() * 96);
         encode_batch(batch, &mut request);
-        match Self::exchange(&mut child, &request).await {
-            Ok(line) => {
+        match self.exchange(&mut child, &request, batch).await {
+            Ok(outcome) => {
                 self.consecutive_deaths.store(0, Ordering::Relaxed);
                 self.idle
                     .lock()
                     .expect("exec pool lock poisoned")
                     .push(child);
-                FailureReport::parse(&line, batch)
+                outcome
             }
+            // The child is dropped here, and killed.
             Err(e) => {
                 self.consecutive_deaths.fetch_add(1, Ordering::Relaxed);
-                BatchOutcome::Failed(Failure::retryable(format!("handler process failed: {e}")))
+                BatchOutcome::Failed(Failure::retryable(e))
             }
         }
     }
@@ -137,7 +172,7 @@ mod tests {
     #[tokio::test]
     async fn a_child_answers_and_is_reused() {
         let h = ExecHandler::new(
-            r#"while read -r line; do echo '{"failed":[{"offset":2,"error":"x"}]}'; done"#,
+            r#"while read -r line; do echo '{"log":"hi"}'; echo; echo '{"batch_id":"t-0-1","failed":[{"offset":2,"error":"x"}]}'; done"#,
         );
         for _ in 0..2 {
             match h.handle(&batch()).await {
@@ -147,6 +182,17 @@ mod tests {
         }
         assert_eq!(h.idle.lock().unwrap().len(), 1);
         h.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_answer_for_another_batch_fails_it_and_replaces_the_child() {
+        let h = ExecHandler::new(
+            r#"while read -r line; do echo '{"batch_id":"t-0-9","failed":[]}'; done"#,
+        );
+        assert!(
+            matches!(h.handle(&batch()).await, BatchOutcome::Failed(f) if f.retryable && f.error.contains("t-0-9"))
+        );
+        assert_eq!(h.idle.lock().unwrap().len(), 0, "the child is not reused");
     }
 
     #[tokio::test]

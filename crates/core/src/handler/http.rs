@@ -1,8 +1,12 @@
 //! `http`: POST each batch as JSON to a URL.
 //!
-//! 2xx with an empty body or `{"failed":[…]}` reports per-record results;
-//! 5xx, 429, timeouts and connection errors are retryable; other 4xx answers
-//! are permanent (the request itself is wrong).
+//! 2xx with an empty body or `{"failed":[…]}` (whose `batch_id`, if given,
+//! must name the batch) reports per-record results. A body that cannot be
+//! read in full is a retryable failure, never a success. 5xx, 408, 429,
+//! timeouts and connection errors are retryable, and so are 401, 403, 404
+//! and 407: they say the endpoint or its credentials are wrong, which is an
+//! outage for the circuit breaker, not a bad record. Other 4xx answers are
+//! permanent (the records are rejected).
 
 use std::time::Duration;
 
@@ -48,7 +52,15 @@ impl Handler for HttpHandler {
             }
         };
         let status = response.status();
-        let text = response.bytes().await.unwrap_or_default();
+        let text = match response.bytes().await {
+            Ok(text) => text,
+            Err(e) => {
+                return BatchOutcome::Failed(Failure::retryable(format!(
+                    "POST {} answered {status} but its body could not be read in full: {e}",
+                    self.url
+                )))
+            }
+        };
         if status.is_success() {
             return FailureReport::parse(&text, batch);
         }
@@ -57,7 +69,8 @@ impl Handler for HttpHandler {
             self.url,
             String::from_utf8_lossy(&text[..text.len().min(200)])
         );
-        if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+        if status.is_server_error() || matches!(status.as_u16(), 401 | 403 | 404 | 407 | 408 | 429)
+        {
             BatchOutcome::Failed(Failure::retryable(error))
         } else {
             BatchOutcome::Failed(Failure::permanent(error))

@@ -71,10 +71,7 @@ impl Serialize for JsonBatch<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let b = self.0;
         let mut map = s.serialize_map(Some(4))?;
-        map.serialize_entry(
-            "batch_id",
-            &format!("{}-{}-{}", b.topic(), b.partition(), b.id()),
-        )?;
+        map.serialize_entry("batch_id", &batch_id(b))?;
         map.serialize_entry("attempt", &(b.attempt + 1))?;
         map.serialize_entry("records", &JsonRecords(b))?;
         map.end()
@@ -87,6 +84,11 @@ impl Serialize for JsonRecords<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(self.0.records().map(JsonRecord))
     }
+}
+
+/// The id a batch carries on the wire, and its answer must name.
+pub fn batch_id(batch: &Batch) -> String {
+    format!("{}-{}-{}", batch.topic(), batch.partition(), batch.id())
 }
 
 /// Writes a batch as one line of JSON (with the trailing newline) into `out`.
@@ -110,10 +112,12 @@ fn default_true() -> bool {
     true
 }
 
-/// A handler's answer: `{"failed":[{"partition","offset","error","retryable"}]}`,
-/// or `{"error":"…","retryable":false}` to fail the whole batch.
+/// A handler's answer: `{"batch_id":"…","failed":[{"partition","offset","error","retryable"}]}`,
+/// or `{"batch_id":"…","error":"…","retryable":false}` to fail the whole batch.
 #[derive(Debug, Deserialize)]
 pub struct FailureReport {
+    #[serde(default)]
+    batch_id: Option<String>,
     #[serde(default)]
     failed: Vec<FailedRecord>,
     #[serde(default)]
@@ -122,14 +126,65 @@ pub struct FailureReport {
     retryable: bool,
 }
 
+/// What one line from an `exec` child is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// Not an answer (a log line, a blank line): skipped.
+    Noise,
+    /// The answer for this batch.
+    Answer(BatchOutcome),
+    /// An answer that cannot be trusted (another batch's, unreadable, or in
+    /// the old protocol without `batch_id`): the batch fails and the child
+    /// is replaced, since its next answers may be off by one.
+    Broken(String),
+}
+
+/// The keys of an answer; an object with only these and no `batch_id` is an
+/// answer in the protocol before `batch_id`.
+const ANSWER_KEYS: [&str; 4] = ["batch_id", "failed", "error", "retryable"];
+
 impl FailureReport {
-    /// Reads an answer; anything but a valid report fails the batch (retryable).
+    /// Reads one line of an `exec` child's stdout while `batch` waits for
+    /// its answer. See [`Line`].
+    pub fn classify(line: &[u8], batch: &Batch) -> Line {
+        let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(line) else {
+            return Line::Noise;
+        };
+        let expected = batch_id(batch);
+        match object.get("batch_id") {
+            None if !object.is_empty() && object.keys().any(|k| !ANSWER_KEYS.contains(&k.as_str())) => {
+                Line::Noise
+            }
+            None => Line::Broken(format!(
+                "the handler answered without \"batch_id\" (the protocol before it): \
+                 answer {{\"batch_id\":\"{expected}\",\"failed\":[…]}} (see the README's exec protocol)"
+            )),
+            Some(serde_json::Value::String(id)) if *id == expected => {
+                match serde_json::from_value::<FailureReport>(serde_json::Value::Object(object)) {
+                    Ok(report) => Line::Answer(report.into_outcome(batch)),
+                    Err(e) => Line::Broken(format!("the answer for {expected} cannot be read: {e}")),
+                }
+            }
+            Some(other) => Line::Broken(format!(
+                "the handler answered batch {other} while batch {expected} was waiting"
+            )),
+        }
+    }
+
+    /// Reads an HTTP response body: empty is success; else an answer whose
+    /// `batch_id`, if given, names this batch. Anything else fails the
+    /// batch (retryable).
     pub fn parse(text: &[u8], batch: &Batch) -> BatchOutcome {
         if text.iter().all(|b| b.is_ascii_whitespace()) {
             return BatchOutcome::Success;
         }
         match serde_json::from_slice::<FailureReport>(text) {
-            Ok(report) => report.into_outcome(batch),
+            Ok(report) => match &report.batch_id {
+                Some(id) if *id != batch_id(batch) => BatchOutcome::Failed(Failure::retryable(
+                    format!("the answer names batch {id}, not {}", batch_id(batch)),
+                )),
+                _ => report.into_outcome(batch),
+            },
             Err(e) => BatchOutcome::Failed(Failure::retryable(format!(
                 "handler answer is not valid JSON ({e}): {}",
                 String::from_utf8_lossy(&text[..text.len().min(200)])
@@ -210,6 +265,43 @@ mod tests {
     }
 
     #[test]
+    fn classifies_exec_lines() {
+        let b = batch();
+        let id = batch_id(&b);
+        assert_eq!(id, "orders-2-7");
+        for noise in [
+            &b""[..],
+            b"\n",
+            b"starting up",
+            br#"{"level":"info","msg":"connected"}"#,
+            br#"{"level":"error","error":"db slow"}"#,
+            b"[1,2]",
+        ] {
+            assert_eq!(FailureReport::classify(noise, &b), Line::Noise, "{noise:?}");
+        }
+        assert_eq!(
+            FailureReport::classify(br#"{"batch_id":"orders-2-7","failed":[]}"#, &b),
+            Line::Answer(BatchOutcome::Success)
+        );
+        assert!(matches!(
+            FailureReport::classify(br#"{"batch_id":"orders-2-6","failed":[]}"#, &b),
+            Line::Broken(e) if e.contains("orders-2-6")
+        ));
+        assert!(matches!(
+            FailureReport::classify(br#"{"failed":[]}"#, &b),
+            Line::Broken(e) if e.contains("batch_id")
+        ));
+        assert!(matches!(
+            FailureReport::classify(br#"{}"#, &b),
+            Line::Broken(_)
+        ));
+        assert!(matches!(
+            FailureReport::classify(br#"{"batch_id":"orders-2-7","failed":7}"#, &b),
+            Line::Broken(_)
+        ));
+    }
+
+    #[test]
     fn parses_answers() {
         let b = batch();
         assert_eq!(
@@ -237,6 +329,13 @@ mod tests {
         assert!(matches!(
             FailureReport::parse(b"nope", &b),
             BatchOutcome::Failed(_)
+        ));
+        assert!(matches!(
+            FailureReport::parse(br#"{"batch_id":"x-1-1","failed":[]}"#, &b),
+            BatchOutcome::Failed(Failure {
+                retryable: true,
+                ..
+            })
         ));
     }
 }

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 
 pub use exec::ExecHandler;
 pub use http::HttpHandler;
-pub use json::{encode_batch, FailureReport};
+pub use json::{batch_id, encode_batch, FailureReport, Line};
 pub use simulate::SimulateHandler;
 
 use crate::batch::Batch;

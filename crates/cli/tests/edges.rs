@@ -1,0 +1,385 @@
+//! The edges of "nothing lost" that real handlers and autoscaling create,
+//! against the real broker. Evidence comes from outside the worker: what the
+//! handler process itself recorded, the committed offsets, and the
+//! dead-letter topic read with another client.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+/// An exec handler that records every record it finishes, one `partition
+/// offset` line each, in `log`, and names records whose value holds POISON
+/// as failed for good. `before` is Python run before each answer.
+fn recording_handler(dir: &TestDir, log: &std::path::Path, before: &str) -> String {
+    python_handler(
+        dir,
+        "recording.py",
+        format!(
+            "import sys, json, os\n\
+             fd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n\
+             for line in sys.stdin:\n\
+             \x20   b = json.loads(line)\n\
+             \x20   bad = [r for r in b['records'] if 'POISON' in (r['value'] or '')]\n\
+             \x20   ok = [r for r in b['records'] if 'POISON' not in (r['value'] or '')]\n\
+             \x20   os.write(fd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in ok).encode())\n\
+             {before}\
+             \x20   failed = [{{'partition': r['partition'], 'offset': r['offset'], 'error': 'poison', 'retryable': False}} for r in bad]\n\
+             \x20   print(json.dumps({{'batch_id': b['batch_id'], 'failed': failed}}), flush=True)\n"
+        ),
+    )
+}
+
+/// A handler that prints a JSON log line and a blank line on stdout before
+/// every answer loses nothing and dead-letters exactly the poison records.
+#[test]
+fn a_chatty_exec_handler_loses_nothing() {
+    let dir = TestDir::new("chatty");
+    let topic = unique("chatty");
+    let group = unique("g");
+    create_topic(&topic, 4);
+    produce(&topic, 2000, &["--poison-every", "100"]);
+    let log = dir.path("handled.txt");
+    let chatter = "    print(json.dumps({'level': 'info', 'msg': 'batch', 'records': len(b['records'])}), flush=True)\n    print('', flush=True)\n";
+    let cmd = recording_handler(&dir, &log, chatter);
+    let mut w = spawn_exec_worker(&dir, "w", &topic, &group, free_port(), &cmd, &[]);
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
+    let poison = poison_offsets(&topic);
+    assert_eq!(poison.len(), 20);
+    assert_eq!(dead_lettered(&format!("{topic}.dlq")), poison);
+    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &poison);
+    assert_eq!(n, 2000);
+    assert!(
+        w.stderr().contains("not an answer"),
+        "the skipped lines are logged"
+    );
+}
+
+/// A record that makes the handler exit, at offset 0 of a 64-record
+/// partition with the default settings: it is dead-lettered after
+/// --max-attempts, every other record is processed, lag 0.
+#[test]
+fn a_record_that_kills_the_handler_is_isolated_and_dead_lettered() {
+    let dir = TestDir::new("killer");
+    let topic = unique("killer");
+    let group = unique("g");
+    create_topic(&topic, 1);
+    produce(&topic, 64, &[]);
+    let log = dir.path("handled.txt");
+    let cmd = python_handler(
+        &dir,
+        "killer.py",
+        format!(
+            "import sys, json, os\n\
+             fd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n\
+             for line in sys.stdin:\n\
+             \x20   b = json.loads(line)\n\
+             \x20   if any(r['offset'] == 0 for r in b['records']):\n\
+             \x20       os._exit(3)\n\
+             \x20   os.write(fd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in b['records']).encode())\n\
+             \x20   print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n"
+        ),
+    );
+    let mut w = spawn_exec_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &cmd,
+        &["--ordering", "partition", "--max-records", "64"],
+    );
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(240));
+    w.terminate();
+    let dead = dead_lettered(&format!("{topic}.dlq"));
+    assert_eq!(
+        dead,
+        BTreeSet::from([(0, 0)]),
+        "only the killer is dead-lettered"
+    );
+    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &dead);
+    assert_eq!(n, 64);
+    let attempts = read_topic(&format!("{topic}.dlq"), broker().bootstrap())[0].4
+        ["microbatch.attempts"]
+        .parse::<u32>()
+        .unwrap();
+    assert!(
+        attempts >= 5,
+        "dead-lettered after --max-attempts: {attempts}"
+    );
+}
+
+/// A downstream whose first answer to each batch is a 200 cut off mid-body:
+/// the batch is retried, never taken as done. It records what it accepted.
+fn cutting_downstream(listener: TcpListener, accepted: Arc<Mutex<Vec<(i64, i64)>>>) {
+    let mut cut: HashSet<String> = HashSet::new();
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let Some(body) = read_http_body(&stream) else {
+            continue;
+        };
+        let batch: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let records = batch["records"].as_array().unwrap();
+        let key: String = records
+            .iter()
+            .map(|r| format!("{}/{},", r["partition"], r["offset"]))
+            .collect();
+        let failed: Vec<serde_json::Value> = records
+            .iter()
+            .filter(|r| r["value"].as_str().unwrap_or("").contains("POISON"))
+            .map(|r| serde_json::json!({"partition": r["partition"], "offset": r["offset"], "error": "rejected", "retryable": false}))
+            .collect();
+        let answer =
+            serde_json::json!({ "batch_id": batch["batch_id"], "failed": failed }).to_string();
+        if cut.insert(key) {
+            // Promise the whole answer, send a piece of it, hang up.
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+                answer.len(),
+                &answer[..answer.len() / 3]
+            );
+            continue;
+        }
+        let mut done = accepted.lock().unwrap();
+        for r in records {
+            if !r["value"].as_str().unwrap_or("").contains("POISON") {
+                done.push((
+                    r["partition"].as_i64().unwrap(),
+                    r["offset"].as_i64().unwrap(),
+                ));
+            }
+        }
+        drop(done);
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+            answer.len()
+        );
+    }
+}
+
+#[test]
+fn a_cut_off_200_is_retried() {
+    let dir = TestDir::new("cut");
+    let topic = unique("cut");
+    let group = unique("g");
+    create_topic(&topic, 2);
+    produce(&topic, 400, &["--poison-every", "50"]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/batches", listener.local_addr().unwrap());
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let seen = accepted.clone();
+    std::thread::spawn(move || cutting_downstream(listener, seen));
+    let mut w = spawn_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &[
+            "--handler",
+            "http",
+            "--url",
+            &url,
+            "--retry-initial-ms",
+            "20",
+            "--max-records",
+            "50",
+        ],
+    );
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
+    let poison = poison_offsets(&topic);
+    assert_eq!(poison.len(), 8);
+    assert_eq!(dead_lettered(&format!("{topic}.dlq")), poison);
+    let log = dir.path("accepted.txt");
+    let lines: String = accepted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(p, o)| format!("{p} {o}\n"))
+        .collect();
+    std::fs::write(&log, lines).unwrap();
+    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &poison);
+    assert_eq!(n, 400);
+    assert!(
+        w.stderr().contains("could not be read in full"),
+        "the cut-off answers were seen as failures"
+    );
+}
+
+/// A partition paused by its cap when it is revoked is fetched again when
+/// it comes back (librdkafka keeps an application's pause across a revoke).
+#[test]
+fn a_partition_paused_when_revoked_is_fetched_again_when_it_returns() {
+    let dir = TestDir::new("paused");
+    let topic = unique("paused");
+    let group = unique("g");
+    create_topic(&topic, 4);
+    produce(&topic, 1200, &[]);
+    let log = dir.path("handled.txt");
+    let slow = "    import time; time.sleep(0.05)\n";
+    let cmd = recording_handler(&dir, &log, slow);
+    let caps = [
+        "--ordering",
+        "partition",
+        "--max-records",
+        "10",
+        "--max-records-per-partition",
+        "10",
+        "--concurrency",
+        "1",
+    ];
+    let port_a = free_port();
+    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, port_a, &cmd, &caps);
+    wait_until(Duration::from_secs(60), "A holds paused partitions", || {
+        worker_metric(port_a, "microbatch_paused_partitions").unwrap_or(0.0) >= 3.0
+    });
+    // B takes some partitions from A (paused there), then gives them back.
+    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, free_port(), &cmd, &caps);
+    wait_until(Duration::from_secs(60), "B has partitions", || {
+        worker_metric(port_a, "microbatch_assigned_partitions") == Some(2.0)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    b.terminate();
+    wait_until(
+        Duration::from_secs(60),
+        "A has all partitions again",
+        || worker_metric(port_a, "microbatch_assigned_partitions") == Some(4.0),
+    );
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
+    a.terminate();
+    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    assert_eq!(n, 1200);
+}
+
+/// Failures that arrive while some partitions are being revoked are retried
+/// for the partitions the member keeps, which reach lag 0.
+#[test]
+fn failures_during_a_revoke_are_retried_for_the_kept_partitions() {
+    let dir = TestDir::new("revoke-fail");
+    let topic = unique("revoke-fail");
+    let group = unique("g");
+    create_topic(&topic, 4);
+    produce(&topic, 800, &[]);
+    let log = dir.path("handled.txt");
+    // A fifth of the records fail (named, retryable) on their first
+    // attempt, a while after the batch started, so failures of the kept
+    // partitions arrive while the revoked ones drain.
+    let cmd = python_handler(
+        &dir,
+        "flaky.py",
+        format!(
+            "import sys, json, os, time\n\
+             fd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n\
+             seen = set()\n\
+             for line in sys.stdin:\n\
+             \x20   b = json.loads(line)\n\
+             \x20   time.sleep(0.3)\n\
+             \x20   failed, ok = [], []\n\
+             \x20   for r in b['records']:\n\
+             \x20       key = (r['partition'], r['offset'])\n\
+             \x20       if r['offset'] % 5 == 0 and key not in seen:\n\
+             \x20           seen.add(key)\n\
+             \x20           failed.append({{'partition': key[0], 'offset': key[1], 'error': 'try again'}})\n\
+             \x20       else:\n\
+             \x20           ok.append(key)\n\
+             \x20   os.write(fd, ''.join('%d %d\\n' % k for k in ok).encode())\n\
+             \x20   print(json.dumps({{'batch_id': b['batch_id'], 'failed': failed}}), flush=True)\n"
+        ),
+    );
+    let opts = [
+        "--max-records",
+        "20",
+        "--concurrency",
+        "4",
+        "--retry-initial-ms",
+        "10",
+        "--max-attempts",
+        "100",
+    ];
+    let port_a = free_port();
+    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, port_a, &cmd, &opts);
+    wait_until(Duration::from_secs(60), "A is busy", || {
+        worker_metric(port_a, "microbatch_records_failed_total").unwrap_or(0.0) > 0.0
+    });
+    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, free_port(), &cmd, &opts);
+    wait_until(Duration::from_secs(60), "a revoke happened", || {
+        worker_metric(port_a, "microbatch_assigned_partitions") == Some(2.0)
+    });
+    // B stops while work is left; A takes everything back and finishes it.
+    std::thread::sleep(Duration::from_secs(2));
+    b.terminate();
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
+    a.terminate();
+    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    assert_eq!(n, 800);
+}
+
+/// `run` on a topic whose dead-letter topic does not exist creates it, with
+/// the source topic's partitions.
+#[test]
+fn a_missing_dead_letter_topic_is_created_at_start() {
+    let dir = TestDir::new("dlq-create");
+    let topic = unique("dlq-create");
+    let group = unique("g");
+    create_topic(&topic, 3);
+    let port = free_port();
+    let mut w = spawn_worker(&dir, "w", &topic, &group, port, &[]);
+    wait_until(Duration::from_secs(60), "the worker is ready", || {
+        http_get(port, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    w.terminate();
+    assert!(w.stderr().contains("created the dead-letter topic"));
+    let (status, out, err) = run_lag(&format!("{topic}.dlq"), &group, &["--json"]);
+    assert!(status.success(), "{out}{err}");
+    let lag: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(lag["partitions"].as_array().unwrap().len(), 3);
+}
+
+/// When the dead-letter topic cannot be made, the worker stops before it
+/// takes a record, naming the topic and the fix.
+#[test]
+fn a_dead_letter_topic_that_cannot_be_made_stops_the_worker_before_consuming() {
+    let dir = TestDir::new("dlq-refused");
+    let topic = unique("dlq-refused");
+    let group = unique("g");
+    create_topic(&topic, 2);
+    produce(&topic, 50, &[]);
+    let log = dir.path("handled.txt");
+    let cmd = recording_handler(&dir, &log, "");
+    let dlq = format!("{topic}.dlq");
+    for (why, extra) in [
+        // One broker cannot hold three replicas: the broker refuses.
+        (
+            "could not be created",
+            &["--dlq-replication-factor", "3"][..],
+        ),
+        ("--dlq-create is off", &["--dlq-create", "off"][..]),
+    ] {
+        let mut w = spawn_exec_worker(&dir, "w", &topic, &group, free_port(), &cmd, extra);
+        let status = w
+            .wait_for_exit(Duration::from_secs(60))
+            .expect("the worker stops by itself");
+        assert_eq!(status.code(), Some(1));
+        let err = w.stderr();
+        assert!(err.contains(why), "{err}");
+        assert!(err.contains(&dlq), "names the topic: {err}");
+        assert!(
+            err.contains("microbatch topic create"),
+            "says the fix: {err}"
+        );
+    }
+    assert!(!log.exists(), "the handler never saw a record");
+    let lag = lag_json(&topic, &group);
+    for p in lag["partitions"].as_array().unwrap() {
+        assert!(p["committed"].is_null(), "nothing committed: {p}");
+    }
+}

@@ -1,0 +1,437 @@
+//! What happens to records that failed: retry, bisect, dead-letter, and when
+//! the downstream as a whole is out (the circuit breaker).
+//!
+//! Pure functions of the batch, the failure, the policy and the clock; the
+//! pipeline carries out what they return.
+//!
+//! **The failure rules.**
+//! 1. A record the handler names as failed is its own fault: a permanent
+//!    failure goes to the dead-letter topic at once; a retryable one is tried
+//!    again with back-off until `max_attempts`, then dead-lettered. One batch
+//!    may hold both kinds; each record follows its own rule.
+//! 2. A batch that fails as a whole is tried again whole while attempts are
+//!    left. Then (or at once for a permanent failure) it is bisected: both
+//!    halves are tried, and the half that fails is bisected again, so one bad
+//!    record is isolated and its neighbours are processed.
+//! 3. A single record that fails as a whole with its attempts spent is
+//!    dead-lettered only when the downstream was seen to succeed on some other
+//!    batch since the record first failed. Without that proof the failure is
+//!    as likely an outage as a bad record: the record is held (retried with
+//!    the longest back-off, never dead-lettered) and the circuit opens.
+//! 4. The circuit opens when [`CIRCUIT_THRESHOLD`] batches in a row fail as a
+//!    whole and they are of at least two different batches' records (several
+//!    partitions or lanes failing, not one batch retried), or when rule 3
+//!    holds a record. While it is open, one batch at a time probes the
+//!    downstream (records other than held ones first), records the handler
+//!    names as failed spend no attempts and `max_record_age` is not applied.
+//!    Whole-batch failures still spend attempts and bisect, so a bad record
+//!    is isolated whatever the circuit does, and rule 3 keeps an outage from
+//!    dead-lettering anything. Any success closes it.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::batch::Batch;
+use crate::config::RetryPolicy;
+use crate::handler::Failure;
+
+/// Whole-batch failures in a row (of at least two batches) that open the circuit.
+pub const CIRCUIT_THRESHOLD: u32 = 5;
+
+/// The longest wait between two probes while the circuit is open: one
+/// batch every few seconds does not hurt a downstream that is down, and a
+/// bad record being isolated by probes is not held up for long.
+const MAX_PROBE_BACKOFF: Duration = Duration::from_secs(5);
+const FIRST_PROBE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What to do with (some of) the records of a failed batch.
+#[derive(Debug)]
+pub enum Plan {
+    /// Hand these records to the handler again, not before `at`.
+    Retry { batch: Batch, at: Instant },
+    /// Try both halves now, the first first.
+    Bisect(Batch, Batch),
+    /// Write these records to the dead-letter topic, each with its failure.
+    DeadLetter {
+        batch: Batch,
+        failures: Vec<(i64, Failure)>,
+    },
+}
+
+/// What a batch's outcome tells the circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Some record succeeded: the downstream works.
+    Success,
+    /// The batch failed as a whole; `root` names its records' first batch.
+    Failure { root: u64 },
+    /// Bisection found no healthy record (rule 3): likely an outage.
+    Suspect,
+    /// Nothing the circuit should count (a failure being isolated).
+    Nothing,
+}
+
+/// The state a failure decision reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    pub now: Instant,
+    /// Milliseconds since the Unix epoch at `now`, for record ages.
+    pub wall_ms: i64,
+    pub circuit_open: bool,
+    /// Successful batches so far (rule 3's proof of health).
+    pub successes: u64,
+}
+
+/// Decides for a batch that failed as a whole (rules 2 and 3).
+pub fn whole_batch_failed(
+    mut batch: Batch,
+    failure: &Failure,
+    policy: &RetryPolicy,
+    ctx: Context,
+    rng: &mut impl Rng,
+) -> (Plan, Signal) {
+    let lineage = &mut batch.lineage;
+    let first_failure = *lineage
+        .successes_at_first_failure
+        .get_or_insert(ctx.successes);
+    let isolating = lineage.isolating;
+    let signal = if isolating {
+        Signal::Nothing
+    } else {
+        Signal::Failure { root: lineage.root }
+    };
+    batch.attempt += 1;
+    let exhausted = !failure.retryable
+        || batch.attempt >= policy.max_attempts
+        || (!ctx.circuit_open && too_old(&batch, policy, ctx.wall_ms));
+    if !exhausted {
+        let at = ctx.now + backoff(policy, batch.attempt, rng);
+        return (Plan::Retry { batch, at }, signal);
+    }
+    if batch.len() > 1 {
+        batch.lineage.isolating = true;
+        let (a, b) = batch.halves();
+        return (Plan::Bisect(a, b), signal);
+    }
+    if !failure.retryable || ctx.successes > first_failure {
+        let failures = batch.offsets().map(|o| (o, failure.clone())).collect();
+        return (Plan::DeadLetter { batch, failures }, Signal::Nothing);
+    }
+    // Rule 3: no proof that the downstream works for anything else.
+    batch.attempt = policy.max_attempts.saturating_sub(1);
+    batch.lineage.suspect = true;
+    let at = ctx.now + backoff(policy, policy.max_attempts, rng);
+    (Plan::Retry { batch, at }, Signal::Suspect)
+}
+
+/// Decides for the records a handler named as failed (rule 1). `batch`
+/// holds exactly those records; `failures` says why, per offset.
+pub fn records_failed(
+    mut batch: Batch,
+    failures: Vec<(i64, Failure)>,
+    policy: &RetryPolicy,
+    ctx: Context,
+    rng: &mut impl Rng,
+) -> Vec<Plan> {
+    if !ctx.circuit_open || batch.lineage.isolating {
+        batch.attempt += 1;
+    }
+    let exhausted = batch.attempt >= policy.max_attempts
+        || (!ctx.circuit_open && too_old(&batch, policy, ctx.wall_ms));
+    let (dead, retry): (Vec<_>, Vec<_>) = failures
+        .into_iter()
+        .partition(|(_, f)| !f.retryable || exhausted);
+    let mut plans = Vec::with_capacity(2);
+    if !dead.is_empty() {
+        let dead_batch = batch.select(batch.id(), |o| dead.iter().any(|(d, _)| *d == o));
+        plans.push(Plan::DeadLetter {
+            batch: dead_batch,
+            failures: dead,
+        });
+    }
+    if !retry.is_empty() {
+        let retry_batch = if plans.is_empty() {
+            batch
+        } else {
+            batch.select(batch.id(), |o| retry.iter().any(|(r, _)| *r == o))
+        };
+        let at = ctx.now + backoff(policy, retry_batch.attempt, rng);
+        plans.push(Plan::Retry {
+            batch: retry_batch,
+            at,
+        });
+    }
+    plans
+}
+
+fn backoff(policy: &RetryPolicy, attempt: u32, rng: &mut impl Rng) -> Duration {
+    let ceiling = policy.backoff_ceiling(attempt);
+    rng.random_range(Duration::ZERO..=ceiling)
+}
+
+fn too_old(batch: &Batch, policy: &RetryPolicy, wall_ms: i64) -> bool {
+    policy.max_record_age.is_some_and(|age| {
+        batch
+            .records()
+            .filter_map(|r| r.timestamp_ms)
+            .any(|ts| wall_ms - ts > age.as_millis() as i64)
+    })
+}
+
+/// The circuit breaker (rule 4).
+#[derive(Debug, Clone)]
+pub struct Circuit {
+    open: bool,
+    /// Whole-batch failures since the last success.
+    streak: u32,
+    /// Distinct roots in the streak, up to two (all the rule needs).
+    roots: [Option<u64>; 2],
+    probe_after: Instant,
+    probe_backoff: Duration,
+}
+
+/// A change of the circuit's state, for logs and readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Opened,
+    Closed,
+}
+
+impl Circuit {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            open: false,
+            streak: 0,
+            roots: [None; 2],
+            probe_after: now,
+            probe_backoff: FIRST_PROBE_BACKOFF,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Failures in a row since the last success.
+    pub fn streak(&self) -> u32 {
+        self.streak
+    }
+
+    /// While open: when the next probe may start.
+    pub fn probe_after(&self) -> Instant {
+        self.probe_after
+    }
+
+    pub fn observe(&mut self, signal: Signal, now: Instant) -> Option<Transition> {
+        match signal {
+            Signal::Nothing => None,
+            Signal::Success => {
+                self.streak = 0;
+                self.roots = [None; 2];
+                self.probe_backoff = FIRST_PROBE_BACKOFF;
+                std::mem::take(&mut self.open).then_some(Transition::Closed)
+            }
+            Signal::Failure { root } => {
+                self.streak += 1;
+                if self.roots[0].is_none() {
+                    self.roots[0] = Some(root);
+                } else if self.roots[0] != Some(root) {
+                    self.roots[1] = Some(root);
+                }
+                let spread = self.roots[1].is_some();
+                if self.open {
+                    self.back_off(now);
+                    None
+                } else if self.streak >= CIRCUIT_THRESHOLD && spread {
+                    self.open_now(now)
+                } else {
+                    None
+                }
+            }
+            Signal::Suspect => {
+                if self.open {
+                    self.back_off(now);
+                    None
+                } else {
+                    self.open_now(now)
+                }
+            }
+        }
+    }
+
+    fn open_now(&mut self, now: Instant) -> Option<Transition> {
+        self.open = true;
+        self.probe_after = now + self.probe_backoff;
+        Some(Transition::Opened)
+    }
+
+    fn back_off(&mut self, now: Instant) {
+        self.probe_backoff = (self.probe_backoff * 2).min(MAX_PROBE_BACKOFF);
+        self.probe_after = now + self.probe_backoff;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use std::sync::Arc;
+
+    fn batch(id: u64, offsets: std::ops::Range<i64>) -> Batch {
+        let mut b = Batch::new(id, Arc::from("t"), 0);
+        for o in offsets {
+            b.push(o, Some(1_000), None, Some(b"v"), []);
+        }
+        b
+    }
+
+    fn ctx(successes: u64, circuit_open: bool) -> Context {
+        Context {
+            now: Instant::now(),
+            wall_ms: 2_000,
+            circuit_open,
+            successes,
+        }
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy::default()
+    }
+
+    #[test]
+    fn a_whole_failure_is_retried_then_bisected() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut b = batch(1, 0..8);
+        let retry = Failure::retryable("down");
+        for attempt in 1..5 {
+            match whole_batch_failed(b, &retry, &policy(), ctx(0, false), &mut rng) {
+                (Plan::Retry { batch, .. }, Signal::Failure { root: 1 }) => {
+                    assert_eq!(batch.attempt, attempt);
+                    b = batch;
+                }
+                other => panic!("attempt {attempt}: {other:?}"),
+            }
+        }
+        match whole_batch_failed(b, &retry, &policy(), ctx(0, false), &mut rng) {
+            (Plan::Bisect(a, b), Signal::Failure { root: 1 }) => {
+                assert_eq!(a.offsets().collect::<Vec<_>>(), [0, 1, 2, 3]);
+                assert_eq!(b.offsets().collect::<Vec<_>>(), [4, 5, 6, 7]);
+                assert!(a.lineage.isolating && b.lineage.isolating);
+                assert_eq!(a.lineage.root, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_permanent_whole_failure_bisects_at_once_and_never_dead_letters_a_group() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let bad = Failure::permanent("bad");
+        let (plan, _) = whole_batch_failed(batch(1, 0..4), &bad, &policy(), ctx(0, true), &mut rng);
+        assert!(
+            matches!(plan, Plan::Bisect(..)),
+            "even with the circuit open"
+        );
+        let (plan, _) = whole_batch_failed(batch(1, 0..1), &bad, &policy(), ctx(0, true), &mut rng);
+        assert!(matches!(plan, Plan::DeadLetter { .. }));
+    }
+
+    #[test]
+    fn an_isolated_record_waits_for_proof_that_the_downstream_works() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let retry = Failure::retryable("child exited");
+        let mut single = batch(1, 0..1);
+        single.attempt = 4;
+        single.lineage.isolating = true;
+        single.lineage.successes_at_first_failure = Some(10);
+        let (plan, signal) =
+            whole_batch_failed(single.clone(), &retry, &policy(), ctx(10, false), &mut rng);
+        match plan {
+            Plan::Retry { batch, .. } => {
+                assert!(batch.lineage.suspect);
+                assert_eq!(batch.attempt, 4, "held at the last attempt");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(signal, Signal::Suspect);
+        let (plan, signal) =
+            whole_batch_failed(single, &retry, &policy(), ctx(11, false), &mut rng);
+        assert!(matches!(plan, Plan::DeadLetter { .. }), "{plan:?}");
+        assert_eq!(signal, Signal::Nothing);
+    }
+
+    #[test]
+    fn an_open_circuit_spends_no_attempts_on_named_failures_but_isolation_goes_on() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let retry = Failure::retryable("down");
+        let failures = vec![(0, retry.clone())];
+        let plans = records_failed(batch(1, 0..1), failures, &policy(), ctx(0, true), &mut rng);
+        assert!(matches!(plans[..], [Plan::Retry { ref batch, .. }] if batch.attempt == 0));
+        let mut piece = batch(1, 0..4);
+        piece.lineage.isolating = true;
+        let (plan, signal) = whole_batch_failed(piece, &retry, &policy(), ctx(0, true), &mut rng);
+        assert!(matches!(plan, Plan::Retry { ref batch, .. } if batch.attempt == 1));
+        assert_eq!(signal, Signal::Nothing);
+    }
+
+    #[test]
+    fn named_failures_follow_their_own_rule() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let failures = vec![
+            (0, Failure::permanent("bad")),
+            (1, Failure::retryable("busy")),
+            (2, Failure::retryable("busy")),
+        ];
+        let plans = records_failed(batch(1, 0..3), failures, &policy(), ctx(0, false), &mut rng);
+        assert_eq!(plans.len(), 2);
+        match &plans[0] {
+            Plan::DeadLetter { batch, failures } => {
+                assert_eq!(batch.offsets().collect::<Vec<_>>(), [0]);
+                assert_eq!(failures.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &plans[1] {
+            Plan::Retry { batch, .. } => {
+                assert_eq!(batch.offsets().collect::<Vec<_>>(), [1, 2]);
+                assert_eq!(batch.attempt, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn old_records_are_not_dead_lettered_while_the_circuit_is_open() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let p = RetryPolicy {
+            max_record_age: Some(Duration::from_millis(500)),
+            ..policy()
+        };
+        let failures = vec![(0, Failure::retryable("busy"))];
+        let plans = records_failed(batch(1, 0..1), failures.clone(), &p, ctx(0, true), &mut rng);
+        assert!(matches!(plans[..], [Plan::Retry { .. }]));
+        let plans = records_failed(batch(1, 0..1), failures, &p, ctx(0, false), &mut rng);
+        assert!(matches!(plans[..], [Plan::DeadLetter { .. }]));
+    }
+
+    #[test]
+    fn the_circuit_needs_two_batches_to_open() {
+        let now = Instant::now();
+        let mut c = Circuit::new(now);
+        for _ in 0..10 {
+            assert_eq!(c.observe(Signal::Failure { root: 1 }, now), None);
+        }
+        assert!(!c.is_open(), "one batch retried is not an outage");
+        for root in 2..6 {
+            let t = c.observe(Signal::Failure { root }, now);
+            assert_eq!(t.is_some(), root == 2, "opens once, at the second batch");
+        }
+        assert!(c.is_open());
+        assert!(c.probe_after() > now);
+        assert_eq!(c.observe(Signal::Success, now), Some(Transition::Closed));
+        assert_eq!(c.streak(), 0);
+        assert_eq!(c.observe(Signal::Suspect, now), Some(Transition::Opened));
+    }
+}

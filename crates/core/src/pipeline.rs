@@ -1,0 +1,1272 @@
+//! The worker's pipeline: a state machine without I/O.
+//!
+//! Events go in (records fetched, verdicts, dead letters acknowledged,
+//! assignments, revocations, commit acknowledgements, shutdown, the clock);
+//! intents come out (start a batch, write dead letters, commit, pause,
+//! resume). The worker's adapter (see [`crate::worker`]) feeds it from
+//! librdkafka and the handler tasks and carries the intents out; tests and
+//! the seeded simulation drive it directly with a clock they set.
+//!
+//! Methods by kind, as in a sans-I/O protocol:
+//! - getters: [`Pipeline::phase`], [`Pipeline::is_full`], [`Pipeline::report`], ...
+//! - `handle_*`: events from the consumer, the handler and the clock;
+//! - commands: [`Pipeline::begin_revoke`] / [`Pipeline::complete_revoke`],
+//!   [`Pipeline::shutdown`], [`Pipeline::close`];
+//! - `poll_*`: [`Pipeline::poll_intent`] hands out what to do,
+//!   [`Pipeline::poll_timeout`] when to call [`Pipeline::handle_tick`] next.
+//!
+//! **Phases.** *Consuming*; then *draining* once shutdown is asked, with one
+//! deadline (`drain_timeout` after the request): no new batches except those
+//! that fill a hole below done records, so the final commit covers as much
+//! finished work as possible; then *closed* after the final commit. A
+//! revocation drains the revoked partitions the same way, within
+//! `drain_timeout` or the shutdown deadline, whichever is sooner, while the
+//! partitions the member keeps go on as before.
+//!
+//! The delivery guarantee this upholds is stated in [`crate::worker`]; the
+//! commit rule in [`crate::offsets`], the failure rules in [`crate::failure`].
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::batch::{Batch, Batcher};
+use crate::config::{Ordering, WorkerConfig};
+use crate::failure::{self, Circuit, Plan, Signal, Transition};
+use crate::fetch::ConsumedRecord;
+use crate::handler::{BatchOutcome, Failure};
+use crate::offsets::PartitionOffsets;
+use crate::telemetry::{LogThrottle, Telemetry};
+
+const FIRST_DEAD_LETTER_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_DEAD_LETTER_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Names the slot a batch runs in; `epoch` tells a stale event (for a
+/// partition revoked, and perhaps assigned again, meanwhile) from a current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub partition: i32,
+    pub epoch: u64,
+    pub lane: usize,
+}
+
+/// Names one dead-letter write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLetterSlot {
+    pub partition: i32,
+    pub epoch: u64,
+    pub id: u64,
+}
+
+/// What the adapter is asked to do.
+#[derive(Debug)]
+pub enum Intent {
+    /// Hand `batch` to the handler; answer with [`Pipeline::handle_verdict`].
+    Start {
+        slot: Slot,
+        batch: Batch,
+    },
+    /// Write these records to the dead-letter topic; answer with
+    /// [`Pipeline::handle_dead_lettered`].
+    DeadLetter {
+        slot: DeadLetterSlot,
+        batch: Batch,
+        failures: Vec<(i64, Failure)>,
+        attempts: u32,
+    },
+    /// Commit these next offsets; answer with [`Pipeline::handle_committed`].
+    Commit {
+        offsets: Vec<(i32, i64)>,
+        sync: bool,
+    },
+    Pause(Vec<i32>),
+    Resume(Vec<i32>),
+    /// These records were processed (for the audit log, when it is on).
+    Processed {
+        partition: i32,
+        offsets: Vec<i64>,
+    },
+}
+
+/// Where the pipeline is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Consuming,
+    Draining { deadline: Instant },
+    Closed,
+}
+
+/// A record that failed for good while the dead-letter topic is off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undeliverable {
+    pub partition: i32,
+    pub offset: i64,
+    pub error: String,
+}
+
+/// What a pipeline did, for the worker's report.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub records_processed: u64,
+    pub records_dead_lettered: u64,
+    /// Batches still in flight when a drain deadline passed (not committed).
+    pub abandoned_batches: usize,
+}
+
+#[derive(Debug)]
+struct Lane {
+    batcher: Batcher,
+    /// Closed batches waiting for this lane's slot, oldest first.
+    ready: VecDeque<Batch>,
+    /// Failed records to try again, with when; they go before `ready`.
+    retry: VecDeque<(Batch, Instant)>,
+    in_flight: bool,
+}
+
+#[derive(Debug)]
+struct PendingDeadLetter {
+    batch: Batch,
+    failures: Vec<(i64, Failure)>,
+    attempts: u32,
+    at: Instant,
+    backoff: Duration,
+}
+
+#[derive(Debug)]
+struct PartitionState {
+    epoch: u64,
+    offsets: PartitionOffsets,
+    lanes: Vec<Lane>,
+    /// Records buffered, queued, in flight or waiting for their dead letter.
+    held: usize,
+    paused: bool,
+    /// For `Ordering::None`: the lane being filled.
+    fill_lane: usize,
+    /// Being given up (shutdown or revoke): only batches that fill a hole
+    /// below done records are still started.
+    finishing: bool,
+    /// Set while revoked: when the revocation stops waiting.
+    revoke_deadline: Option<Instant>,
+    /// Dead letters waiting for their (next) write.
+    dead_letters: VecDeque<PendingDeadLetter>,
+    /// Dead-letter writes under way.
+    dead_letters_in_flight: HashMap<u64, PendingDeadLetter>,
+    /// The highest offset the broker acknowledged as committed.
+    acked: Option<i64>,
+}
+
+impl PartitionState {
+    fn new(epoch: u64, config: &WorkerConfig) -> Self {
+        let lanes = (0..config.slots_per_partition())
+            .map(|_| Lane {
+                batcher: Batcher::new(config.batch),
+                ready: VecDeque::new(),
+                retry: VecDeque::new(),
+                in_flight: false,
+            })
+            .collect();
+        Self {
+            epoch,
+            offsets: PartitionOffsets::new(),
+            lanes,
+            held: 0,
+            paused: false,
+            fill_lane: 0,
+            finishing: false,
+            revoke_deadline: None,
+            dead_letters: VecDeque::new(),
+            dead_letters_in_flight: HashMap::new(),
+            acked: None,
+        }
+    }
+
+    /// Closes open batches and marks the partition finishing.
+    fn start_finishing(&mut self) {
+        self.finishing = true;
+        for lane in &mut self.lanes {
+            if let Some(batch) = lane.batcher.take() {
+                lane.ready.push_back(batch);
+            }
+        }
+    }
+
+    /// Whether a lane's next batch still fills a hole.
+    fn next_is_hole(&self, lane: &Lane) -> bool {
+        let next = lane.retry.front().map(|(b, _)| b).or(lane.ready.front());
+        next.and_then(Batch::first_offset)
+            .is_some_and(|o| self.offsets.is_hole(o))
+    }
+
+    /// Whether any work is left that finishing would still do.
+    fn has_finishing_work(&self) -> bool {
+        !self.dead_letters_in_flight.is_empty()
+            || !self.dead_letters.is_empty()
+            || self
+                .lanes
+                .iter()
+                .any(|l| l.in_flight || self.next_is_hole(l))
+    }
+
+    fn dead_letter_backlog(&self) -> usize {
+        self.dead_letters
+            .iter()
+            .chain(self.dead_letters_in_flight.values())
+            .map(|d| d.batch.len())
+            .sum()
+    }
+
+    fn lane_for(&self, ordering: Ordering, key: Option<&[u8]>, offset: i64) -> usize {
+        let lanes = self.lanes.len();
+        if lanes == 1 {
+            return 0;
+        }
+        match (ordering, key) {
+            (Ordering::Partition, _) => 0,
+            (Ordering::Key, Some(key)) => {
+                let mut h = DefaultHasher::new();
+                key.hash(&mut h);
+                (h.finish() % lanes as u64) as usize
+            }
+            (Ordering::Key, None) => (offset.unsigned_abs() % lanes as u64) as usize,
+            (Ordering::None, _) => self.fill_lane,
+        }
+    }
+}
+
+/// Which batch a lane would start next, if any.
+enum Next {
+    Retry,
+    Ready,
+    /// A retry is waiting for its time.
+    Wait,
+    Nothing,
+}
+
+/// Which batches a probe takes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prefer {
+    /// Only batches that have not failed yet.
+    Fresh,
+    /// Anything but a held record.
+    NotHeld,
+    Any,
+}
+
+/// Deliberate defects for the simulation's self-test: each breaks one
+/// invariant, to prove the simulation would catch it.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Sabotage {
+    pub commit_one_past: bool,
+    pub drop_retries: bool,
+    pub ignore_lane_busy: bool,
+    pub dead_letter_first_failure: bool,
+    pub never_pause: bool,
+}
+
+/// How a pipeline is set up, beside its [`WorkerConfig`].
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Whether records that fail for good are dead-lettered (else the first
+    /// one is fatal).
+    pub dead_letters: bool,
+    /// Whether to emit [`Intent::Processed`].
+    pub audit: bool,
+    /// Whether batches carry record headers.
+    pub keep_headers: bool,
+    /// Seeds the back-off jitter.
+    pub seed: u64,
+}
+
+/// The pipeline of one worker. See the module docs.
+pub struct Pipeline {
+    config: WorkerConfig,
+    topic: Arc<str>,
+    telemetry: Arc<Telemetry>,
+    dlq_enabled: bool,
+    audit: bool,
+    keep_headers: bool,
+    rng: StdRng,
+    /// The wall clock at `started`, for record ages.
+    started: Instant,
+    started_wall_ms: i64,
+    partitions: BTreeMap<i32, PartitionState>,
+    /// Handler batches still running for lanes of a partition revoked or
+    /// reset meanwhile; the lane starts nothing until they end, so two
+    /// batches of one key never run at once.
+    zombies: HashMap<(i32, usize), u32>,
+    intents: VecDeque<Intent>,
+    next_epoch: u64,
+    next_batch_id: u64,
+    next_dead_letter_id: u64,
+    /// The partition dispatch starts from next (round-robin).
+    dispatch_cursor: i32,
+    in_flight: usize,
+    held: usize,
+    successes: u64,
+    circuit: Circuit,
+    phase: Phase,
+    next_commit: Instant,
+    fatal: Option<Undeliverable>,
+    report: Report,
+    /// Handler failures are logged at most once per back-off step.
+    failure_log: LogThrottle,
+    #[cfg(test)]
+    pub(crate) sabotage: Sabotage,
+}
+
+impl Pipeline {
+    /// `wall_ms`: the wall clock at `now`, in milliseconds since the epoch.
+    pub fn new(
+        config: WorkerConfig,
+        options: Options,
+        telemetry: Arc<Telemetry>,
+        now: Instant,
+        wall_ms: i64,
+    ) -> Self {
+        let Options {
+            dead_letters: dlq_enabled,
+            audit,
+            keep_headers,
+            seed,
+        } = options;
+        Self {
+            topic: Arc::from(config.topic.as_str()),
+            next_commit: now + config.commit_interval,
+            config,
+            telemetry,
+            dlq_enabled,
+            audit,
+            keep_headers,
+            rng: StdRng::seed_from_u64(seed),
+            started: now,
+            started_wall_ms: wall_ms,
+            partitions: BTreeMap::new(),
+            zombies: HashMap::new(),
+            intents: VecDeque::new(),
+            next_epoch: 0,
+            next_batch_id: 0,
+            next_dead_letter_id: 0,
+            dispatch_cursor: 0,
+            in_flight: 0,
+            held: 0,
+            successes: 0,
+            circuit: Circuit::new(now),
+            phase: Phase::Consuming,
+            fatal: None,
+            report: Report::default(),
+            failure_log: LogThrottle::default(),
+            #[cfg(test)]
+            sabotage: Sabotage::default(),
+        }
+    }
+
+    // ------------------------------------------------------------ getters
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Whether the worker holds all it may (`--max-records-held`): the
+    /// adapter then stops taking records, and librdkafka, its prefetch
+    /// full, stops fetching. Nothing is paused, so nothing fetched is lost.
+    pub fn is_full(&self) -> bool {
+        self.held >= self.config.max_records_held
+    }
+
+    /// Handler batches running (stale ones included).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub fn report(&self) -> &Report {
+        &self.report
+    }
+
+    /// A record failed for good with the dead-letter topic off: the worker
+    /// must stop (it drains first).
+    pub fn fatal(&self) -> Option<&Undeliverable> {
+        self.fatal.as_ref()
+    }
+
+    pub fn circuit_open(&self) -> bool {
+        self.circuit.is_open()
+    }
+
+    /// Records waiting for their dead letter to be acknowledged.
+    pub fn dead_letter_backlog(&self) -> usize {
+        self.partitions
+            .values()
+            .map(PartitionState::dead_letter_backlog)
+            .sum()
+    }
+
+    /// Records held: buffered, queued, in flight or waiting for a dead letter.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// Records held by one partition.
+    pub fn held_by(&self, partition: i32) -> usize {
+        self.partitions.get(&partition).map_or(0, |p| p.held)
+    }
+
+    pub fn assigned(&self) -> impl Iterator<Item = i32> + '_ {
+        self.partitions.keys().copied()
+    }
+
+    /// The offset the pipeline would commit for a partition now.
+    pub fn watermark(&self, partition: i32) -> Option<i64> {
+        self.partitions
+            .get(&partition)
+            .and_then(|p| p.offsets.watermark())
+    }
+
+    pub fn is_paused(&self, partition: i32) -> bool {
+        self.partitions.get(&partition).is_some_and(|p| p.paused)
+    }
+
+    /// Whether a revocation is under way and still has work to wait for.
+    pub fn revoke_settled(&self, now: Instant) -> bool {
+        self.partitions.values().all(|p| match p.revoke_deadline {
+            None => true,
+            Some(deadline) => now >= deadline || !p.has_finishing_work(),
+        })
+    }
+
+    /// Whether draining is over: nothing left to wait for, or the deadline passed.
+    pub fn drained(&self, now: Instant) -> bool {
+        match self.phase {
+            Phase::Consuming => false,
+            Phase::Closed => true,
+            Phase::Draining { deadline } => {
+                now >= deadline
+                    || (self.in_flight == 0
+                        && !self
+                            .partitions
+                            .values()
+                            .any(PartitionState::has_finishing_work))
+            }
+        }
+    }
+
+    fn wall_ms(&self, now: Instant) -> i64 {
+        self.started_wall_ms + now.saturating_duration_since(self.started).as_millis() as i64
+    }
+
+    /// A one-line picture of the state, for the simulation's failure reports.
+    #[cfg(test)]
+    pub(crate) fn debug_state(&self, now: Instant) -> String {
+        let mut out = format!(
+            "phase {:?} in_flight {} held {} circuit_open {} probe in {:?} ms, zombies {:?};",
+            self.phase,
+            self.in_flight,
+            self.held,
+            self.circuit.is_open(),
+            self.circuit
+                .probe_after()
+                .saturating_duration_since(now)
+                .as_millis(),
+            self.zombies
+        );
+        for (p, ps) in &self.partitions {
+            out += &format!(
+                " p{p}[epoch {} wm {:?} held {} paused {} finishing {} dlq {}+{} lanes:",
+                ps.epoch,
+                ps.offsets.watermark(),
+                ps.held,
+                ps.paused,
+                ps.finishing,
+                ps.dead_letters.len(),
+                ps.dead_letters_in_flight.len()
+            );
+            for lane in &ps.lanes {
+                out += &format!(
+                    " (busy {} open {} ready {:?} retry {:?})",
+                    lane.in_flight,
+                    lane.batcher.len(),
+                    lane.ready
+                        .iter()
+                        .map(|b| b.offsets().collect::<Vec<_>>())
+                        .collect::<Vec<_>>(),
+                    lane.retry
+                        .iter()
+                        .map(|(b, due)| (
+                            b.offsets().collect::<Vec<_>>(),
+                            b.attempt,
+                            b.lineage.suspect,
+                            due.saturating_duration_since(now).as_millis()
+                        ))
+                        .collect::<Vec<_>>()
+                );
+            }
+            out += "]";
+        }
+        out
+    }
+
+    // ------------------------------------------------------------ events
+
+    /// Partitions assigned to this member. Each starts afresh; it is
+    /// resumed, since librdkafka keeps a pause the application set before
+    /// the partition was revoked, and this state starts unpaused.
+    pub fn handle_assign(&mut self, partitions: &[i32]) {
+        let mut resumed = Vec::with_capacity(partitions.len());
+        for &p in partitions {
+            self.next_epoch += 1;
+            let state = PartitionState::new(self.next_epoch, &self.config);
+            if let Some(old) = self.partitions.insert(p, state) {
+                self.forget(p, old);
+            }
+            resumed.push(p);
+        }
+        if !resumed.is_empty() {
+            self.intents.push_back(Intent::Resume(resumed));
+        }
+        self.telemetry
+            .metrics
+            .assigned_partitions
+            .set(self.partitions.len() as i64);
+    }
+
+    /// Takes one consumed record into its partition's lane.
+    pub fn handle_record(&mut self, msg: &impl ConsumedRecord, now: Instant) {
+        if self.phase != Phase::Consuming {
+            return;
+        }
+        let partition = msg.partition();
+        let offset = msg.offset();
+        let Some(ps) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        if ps.finishing {
+            return;
+        }
+        if ps.offsets.last_seen().is_some_and(|last| offset <= last) {
+            // The consumer's position moved back (an offset reset after the
+            // log was truncated, or a seek): what was tracked is void.
+            tracing::warn!(
+                partition,
+                offset,
+                last_seen = ps.offsets.last_seen(),
+                "offsets went backwards; the partition restarts from the new offset"
+            );
+            self.telemetry.metrics.offset_resets.inc();
+            self.next_epoch += 1;
+            let state = PartitionState::new(self.next_epoch, &self.config);
+            let old = self
+                .partitions
+                .insert(partition, state)
+                .expect("partition present");
+            self.forget(partition, old);
+        }
+        let ordering = self.config.ordering;
+        let keep_headers = self.keep_headers;
+        let batch_id = self.next_batch_id + 1;
+        let topic = self.topic.clone();
+        let ps = self
+            .partitions
+            .get_mut(&partition)
+            .expect("partition present");
+        ps.offsets.track(offset);
+        let lane_idx = ps.lane_for(ordering, msg.key(), offset);
+        let mut opened = false;
+        let closed = ps.lanes[lane_idx].batcher.push(
+            now,
+            || {
+                opened = true;
+                Batch::new(batch_id, topic, partition)
+            },
+            |batch| {
+                let headers = if keep_headers {
+                    msg.headers()
+                } else {
+                    Vec::new()
+                };
+                batch.push(
+                    offset,
+                    msg.timestamp_ms(),
+                    msg.key(),
+                    msg.payload(),
+                    headers,
+                );
+            },
+        );
+        if opened {
+            self.next_batch_id += 1;
+        }
+        ps.held += 1;
+        self.held += 1;
+        if let Some(batch) = closed {
+            ps.lanes[lane_idx].ready.push_back(batch);
+            if ordering == Ordering::None {
+                ps.fill_lane = (ps.fill_lane + 1) % ps.lanes.len();
+            }
+        }
+    }
+
+    /// The handler's verdict on a batch started with [`Intent::Start`].
+    pub fn handle_verdict(
+        &mut self,
+        slot: Slot,
+        batch: Batch,
+        outcome: BatchOutcome,
+        now: Instant,
+    ) {
+        self.in_flight -= 1;
+        if !self.is_current(slot.partition, slot.epoch) {
+            let key = (slot.partition, slot.lane);
+            if let Some(n) = self.zombies.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.zombies.remove(&key);
+                }
+            }
+            return;
+        }
+        self.lane_mut(slot).in_flight = false;
+        let m = &self.telemetry.metrics;
+        let ctx = failure::Context {
+            now,
+            wall_ms: self.wall_ms(now),
+            circuit_open: self.circuit.is_open(),
+            successes: self.successes,
+        };
+        match outcome {
+            BatchOutcome::Success => {
+                m.records_processed.inc_by(batch.len() as u64);
+                m.batches_processed.inc();
+                self.report.records_processed += batch.len() as u64;
+                self.observe(Signal::Success, now);
+                self.processed(slot.partition, batch.offsets().collect());
+            }
+            BatchOutcome::Partial(failed) => {
+                let failed: HashMap<i64, Failure> = failed
+                    .into_iter()
+                    .filter(|(o, _)| batch.offsets().any(|b| b == *o))
+                    .collect();
+                m.batches_failed.inc();
+                m.records_failed.inc_by(failed.len() as u64);
+                let done: Vec<i64> = batch
+                    .offsets()
+                    .filter(|o| !failed.contains_key(o))
+                    .collect();
+                m.records_processed.inc_by(done.len() as u64);
+                self.report.records_processed += done.len() as u64;
+                let signal = if done.is_empty() {
+                    Signal::Failure {
+                        root: batch.lineage.root,
+                    }
+                } else {
+                    Signal::Success
+                };
+                self.observe(signal, now);
+                self.processed(slot.partition, done);
+                let Some((offset, first)) = failed.iter().next() else {
+                    return;
+                };
+                if let Some(suppressed) = self.failure_log.allow(now) {
+                    tracing::warn!(partition = slot.partition, offset, records = failed.len(), error = %first.error, retryable = first.retryable, suppressed, "the handler failed records");
+                }
+                let rest = batch.select(batch.id(), |o| failed.contains_key(&o));
+                let failures: Vec<(i64, Failure)> = failed.into_iter().collect();
+                let plans =
+                    failure::records_failed(rest, failures, &self.config.retry, ctx, &mut self.rng);
+                for plan in plans {
+                    self.carry_out(slot, plan, now);
+                }
+            }
+            BatchOutcome::Failed(f) => {
+                m.batches_failed.inc();
+                m.records_failed.inc_by(batch.len() as u64);
+                if let Some(suppressed) = self.failure_log.allow(now) {
+                    tracing::warn!(partition = slot.partition, records = batch.len(), error = %f.error, retryable = f.retryable, suppressed, "the batch failed as a whole");
+                }
+                let (plan, signal) =
+                    failure::whole_batch_failed(batch, &f, &self.config.retry, ctx, &mut self.rng);
+                if let Plan::Bisect(ref a, _) = plan {
+                    tracing::info!(
+                        partition = slot.partition,
+                        records = a.len() * 2,
+                        error = %f.error,
+                        "batch failed as a whole; bisecting to isolate the failing record"
+                    );
+                }
+                self.observe(signal, now);
+                self.carry_out(slot, plan, now);
+            }
+        }
+    }
+
+    /// A dead-letter write ended: `written` are acknowledged by the broker;
+    /// `error` says why the rest were not.
+    pub fn handle_dead_lettered(
+        &mut self,
+        slot: DeadLetterSlot,
+        written: &[i64],
+        error: Option<String>,
+        now: Instant,
+    ) {
+        if !self.is_current(slot.partition, slot.epoch) {
+            return;
+        }
+        let ps = self
+            .partitions
+            .get_mut(&slot.partition)
+            .expect("checked current");
+        let Some(mut pending) = ps.dead_letters_in_flight.remove(&slot.id) else {
+            return;
+        };
+        self.telemetry
+            .metrics
+            .records_dead_lettered
+            .inc_by(written.len() as u64);
+        self.report.records_dead_lettered += written.len() as u64;
+        self.mark_done(slot.partition, written.iter().copied());
+        let Some(error) = error else {
+            return;
+        };
+        let rest = pending
+            .batch
+            .select(pending.batch.id(), |o| !written.contains(&o));
+        if rest.is_empty() {
+            return;
+        }
+        tracing::error!(
+            partition = slot.partition,
+            records = rest.len(),
+            retry_in_ms = pending.backoff.as_millis() as u64,
+            error = %error,
+            "dead letters not written; nothing past them is committed until they are"
+        );
+        self.telemetry
+            .readiness
+            .set_dead_letter_error(Some(format!("{} records waiting: {error}", rest.len())));
+        pending.batch = rest;
+        pending.at = now + pending.backoff;
+        pending.backoff = (pending.backoff * 2).min(MAX_DEAD_LETTER_BACKOFF);
+        let ps = self
+            .partitions
+            .get_mut(&slot.partition)
+            .expect("checked current");
+        ps.dead_letters.push_back(pending);
+    }
+
+    /// The broker acknowledged a commit of `offset` (the next offset) for `partition`.
+    pub fn handle_committed(&mut self, partition: i32, offset: i64) {
+        if let Some(ps) = self.partitions.get_mut(&partition) {
+            ps.acked = Some(ps.acked.map_or(offset, |a| a.max(offset)));
+        }
+    }
+
+    /// The clock: closes batches whose wait is over, starts batches and
+    /// dead-letter writes, applies back-pressure, commits when due.
+    pub fn handle_tick(&mut self, now: Instant) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.close_expired(now);
+        self.dispatch(now);
+        self.dispatch_dead_letters(now);
+        self.apply_backpressure();
+        if now >= self.next_commit {
+            self.next_commit = now + self.config.commit_interval;
+            self.commit(false, |ps| ps.revoke_deadline.is_none());
+        }
+    }
+
+    // ------------------------------------------------------------ commands
+
+    /// Shutdown asked: drain until `drain_timeout` from now (or from the
+    /// first request, if asked again).
+    pub fn shutdown(&mut self, now: Instant) {
+        let Phase::Consuming = self.phase else {
+            return;
+        };
+        let deadline = now + self.config.drain_timeout;
+        self.phase = Phase::Draining { deadline };
+        for ps in self.partitions.values_mut() {
+            ps.start_finishing();
+            if let Some(d) = ps.revoke_deadline.as_mut() {
+                *d = (*d).min(deadline);
+            }
+        }
+        tracing::info!(
+            in_flight = self.in_flight,
+            "draining: no new batches; waiting for those in flight"
+        );
+    }
+
+    /// Revocation starts: the partitions finish what fills holes, until
+    /// `drain_timeout` (or the shutdown deadline). Returns whether any of
+    /// them was ours.
+    pub fn begin_revoke(&mut self, partitions: &[i32], now: Instant) -> bool {
+        let mut deadline = now + self.config.drain_timeout;
+        if let Phase::Draining { deadline: d } = self.phase {
+            deadline = deadline.min(d);
+        }
+        let mut any = false;
+        for p in partitions {
+            if let Some(ps) = self.partitions.get_mut(p) {
+                ps.start_finishing();
+                ps.revoke_deadline = Some(deadline);
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// Revocation ends: commits what is done of the revoked partitions
+    /// (synchronously) and forgets them. Their batches still running are
+    /// abandoned; their records will be redelivered to the new owner.
+    pub fn complete_revoke(&mut self) {
+        self.commit(true, |ps| ps.revoke_deadline.is_some());
+        let revoked: Vec<i32> = self
+            .partitions
+            .iter()
+            .filter(|(_, ps)| ps.revoke_deadline.is_some())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in revoked {
+            let ps = self.partitions.remove(&p).expect("listed above");
+            if ps.has_finishing_work() {
+                tracing::warn!(
+                    partition = p,
+                    "revoke deadline passed with work unfinished; it will be redelivered"
+                );
+            }
+            self.forget(p, ps);
+            self.telemetry
+                .metrics
+                .partition_lag
+                .remove(&crate::telemetry::PartitionLabel {
+                    topic: self.topic.to_string(),
+                    partition: p,
+                });
+        }
+        self.telemetry
+            .metrics
+            .assigned_partitions
+            .set(self.partitions.len() as i64);
+        self.update_gauges();
+    }
+
+    /// The end: the final synchronous commit of everything done.
+    pub fn close(&mut self) {
+        if self.in_flight > 0 {
+            tracing::warn!(
+                in_flight = self.in_flight,
+                "drain deadline passed; unfinished batches are not committed and will be redelivered"
+            );
+        }
+        self.report.abandoned_batches = self.in_flight;
+        self.commit(true, |_| true);
+        self.phase = Phase::Closed;
+    }
+
+    // ------------------------------------------------------------ polls
+
+    pub fn poll_intent(&mut self) -> Option<Intent> {
+        self.intents.pop_front()
+    }
+
+    /// When [`Self::handle_tick`] has something to do next, at the latest.
+    /// Work that waits for a verdict (a busy lane, full slots, a probe
+    /// under way) is not counted: the verdict's arrival wakes the loop.
+    pub fn poll_timeout(&self) -> Instant {
+        let mut next = self.next_commit;
+        let mut consider = |t: Instant| next = next.min(t);
+        if let Phase::Draining { deadline } = self.phase {
+            consider(deadline);
+        }
+        let slots_free = self.in_flight < self.config.concurrency;
+        if self.circuit.is_open() && self.in_flight == 0 {
+            consider(self.circuit.probe_after());
+        }
+        let retries_can_start = slots_free && !self.circuit.is_open();
+        for (p, ps) in &self.partitions {
+            if let Some(d) = ps.revoke_deadline {
+                consider(d);
+            }
+            for d in &ps.dead_letters {
+                consider(d.at);
+            }
+            for (i, lane) in ps.lanes.iter().enumerate() {
+                if let Some(d) = lane.batcher.deadline() {
+                    consider(d);
+                }
+                let blocked = lane.in_flight || self.zombies.contains_key(&(*p, i));
+                if let (Some((_, due)), true) = (lane.retry.front(), retries_can_start && !blocked)
+                {
+                    consider(*due);
+                }
+            }
+        }
+        next
+    }
+
+    // ------------------------------------------------------------ inside
+
+    fn is_current(&self, partition: i32, epoch: u64) -> bool {
+        self.partitions
+            .get(&partition)
+            .is_some_and(|ps| ps.epoch == epoch)
+    }
+
+    fn lane_mut(&mut self, slot: Slot) -> &mut Lane {
+        let ps = self
+            .partitions
+            .get_mut(&slot.partition)
+            .expect("slot checked current");
+        &mut ps.lanes[slot.lane]
+    }
+
+    /// Drops a partition's state: its records no longer count as held, and
+    /// its lanes still running become zombies.
+    fn forget(&mut self, partition: i32, ps: PartitionState) {
+        self.held -= ps.held;
+        for (i, lane) in ps.lanes.iter().enumerate() {
+            if lane.in_flight {
+                *self.zombies.entry((partition, i)).or_insert(0) += 1;
+            }
+        }
+    }
+
+    fn observe(&mut self, signal: Signal, now: Instant) {
+        if signal == Signal::Success {
+            self.successes += 1;
+        }
+        match self.circuit.observe(signal, now) {
+            Some(Transition::Opened) => {
+                self.telemetry.metrics.circuit_open.set(1);
+                self.telemetry.readiness.set_circuit_open(true);
+                tracing::warn!(
+                    consecutive_failures = self.circuit.streak(),
+                    "downstream failing; circuit open: probing with one batch at a time"
+                );
+            }
+            Some(Transition::Closed) => {
+                self.telemetry.metrics.circuit_open.set(0);
+                self.telemetry.readiness.set_circuit_open(false);
+                tracing::info!("downstream recovered; circuit closed");
+            }
+            None => {}
+        }
+    }
+
+    fn processed(&mut self, partition: i32, offsets: Vec<i64>) {
+        self.mark_done(partition, offsets.iter().copied());
+        if self.audit && !offsets.is_empty() {
+            self.intents
+                .push_back(Intent::Processed { partition, offsets });
+        }
+    }
+
+    fn mark_done(&mut self, partition: i32, offsets: impl Iterator<Item = i64>) {
+        let Some(ps) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        let mut n = 0;
+        for o in offsets {
+            ps.offsets.mark_done(o);
+            n += 1;
+        }
+        ps.held -= n;
+        self.held -= n;
+    }
+
+    fn carry_out(&mut self, slot: Slot, plan: Plan, now: Instant) {
+        #[cfg(test)]
+        let Some(plan) = self.sabotaged(plan) else {
+            return;
+        };
+        match plan {
+            Plan::Retry { batch, at } => {
+                self.telemetry
+                    .metrics
+                    .records_retried
+                    .inc_by(batch.len() as u64);
+                self.lane_mut(slot).retry.push_back((batch, at));
+            }
+            Plan::Bisect(a, b) => {
+                let lane = self.lane_mut(slot);
+                lane.retry.push_front((b, now));
+                lane.retry.push_front((a, now));
+            }
+            Plan::DeadLetter { batch, failures } => {
+                if !self.dlq_enabled {
+                    let (offset, failure) = failures
+                        .into_iter()
+                        .next()
+                        .expect("a dead letter names its failure");
+                    tracing::error!(partition = slot.partition, offset, error = %failure.error, "record failed for good and --dlq is off; stopping");
+                    self.fatal.get_or_insert(Undeliverable {
+                        partition: slot.partition,
+                        offset,
+                        error: failure.error,
+                    });
+                    return;
+                }
+                for (offset, failure) in &failures {
+                    tracing::warn!(
+                        partition = slot.partition,
+                        offset,
+                        attempts = batch.attempt,
+                        error = %failure.error,
+                        "record failed for good; writing it to the dead-letter topic"
+                    );
+                }
+                let attempts = batch.attempt;
+                let ps = self
+                    .partitions
+                    .get_mut(&slot.partition)
+                    .expect("slot checked current");
+                ps.dead_letters.push_back(PendingDeadLetter {
+                    batch,
+                    failures,
+                    attempts,
+                    at: now,
+                    backoff: FIRST_DEAD_LETTER_BACKOFF,
+                });
+                self.dispatch_dead_letters(now);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn sabotaged(&mut self, plan: Plan) -> Option<Plan> {
+        match plan {
+            // Forget the records: nothing will ever finish them.
+            Plan::Retry { .. } if self.sabotage.drop_retries => None,
+            Plan::Retry { batch, .. } if self.sabotage.dead_letter_first_failure => {
+                let failures = batch
+                    .offsets()
+                    .map(|o| (o, Failure::retryable("sabotage")))
+                    .collect();
+                Some(Plan::DeadLetter { batch, failures })
+            }
+            plan => Some(plan),
+        }
+    }
+
+    /// Closes batches whose wait is over.
+    fn close_expired(&mut self, now: Instant) {
+        let none_mode = self.config.ordering == Ordering::None;
+        for ps in self.partitions.values_mut() {
+            let lanes = ps.lanes.len();
+            for (i, lane) in ps.lanes.iter_mut().enumerate() {
+                if let Some(batch) = lane.batcher.poll_expired(now) {
+                    lane.ready.push_back(batch);
+                    if none_mode && i == ps.fill_lane {
+                        ps.fill_lane = (ps.fill_lane + 1) % lanes;
+                    }
+                }
+            }
+        }
+    }
+
+    /// What a lane would start next, under a probe's preference (or `Any`
+    /// while the circuit is closed).
+    fn next_for(ps: &PartitionState, lane: &Lane, now: Instant, prefer: Prefer) -> Next {
+        if ps.finishing && !ps.next_is_hole(lane) {
+            return Next::Nothing;
+        }
+        let suspect = lane.retry.front().is_some_and(|(b, _)| b.lineage.suspect);
+        match (lane.retry.front(), prefer) {
+            (_, Prefer::Fresh) if lane.ready.is_empty() => Next::Nothing,
+            // A fresh batch overtakes a held record, never a plain retry,
+            // which keeps its lane's order.
+            (None, Prefer::Fresh) => Next::Ready,
+            (Some(_), Prefer::Fresh) if suspect => Next::Ready,
+            (Some(_), Prefer::Fresh) => Next::Nothing,
+            (Some(_), Prefer::NotHeld) if suspect => Next::Nothing,
+            (Some((_, due)), _) if *due > now => Next::Wait,
+            (Some(_), _) => Next::Retry,
+            (None, _) if lane.ready.is_empty() => Next::Nothing,
+            (None, _) => Next::Ready,
+        }
+    }
+
+    /// Starts batches on free slots, round-robin over partitions.
+    fn dispatch(&mut self, now: Instant) {
+        let probing = self.circuit.is_open();
+        let limit = if probing {
+            if now < self.circuit.probe_after() || self.in_flight > 0 {
+                return;
+            }
+            1
+        } else {
+            self.config.concurrency
+        };
+        // While probing, batches that have not failed yet go first, then
+        // retries, then held records: the record that keeps failing must not
+        // keep the circuit open for ever.
+        let rounds: &[Prefer] = if probing {
+            &[Prefer::Fresh, Prefer::NotHeld, Prefer::Any]
+        } else {
+            &[Prefer::Any]
+        };
+        let mut starts = Vec::new();
+        for &prefer in rounds {
+            let cursor = self.dispatch_cursor;
+            let passes = [
+                (Bound::Included(cursor), Bound::Unbounded),
+                (Bound::Unbounded, Bound::Excluded(cursor)),
+            ];
+            'outer: for range in passes {
+                for (p, ps) in self.partitions.range_mut(range) {
+                    for i in 0..ps.lanes.len() {
+                        if self.in_flight + starts.len() >= limit {
+                            break 'outer;
+                        }
+                        #[cfg(test)]
+                        let busy = ps.lanes[i].in_flight && !self.sabotage.ignore_lane_busy;
+                        #[cfg(not(test))]
+                        let busy = ps.lanes[i].in_flight;
+                        if busy || (!self.zombies.is_empty() && self.zombies.contains_key(&(*p, i)))
+                        {
+                            continue;
+                        }
+                        let batch = match Self::next_for(ps, &ps.lanes[i], now, prefer) {
+                            Next::Retry => ps.lanes[i].retry.pop_front().map(|(b, _)| b),
+                            Next::Ready => ps.lanes[i].ready.pop_front(),
+                            Next::Wait | Next::Nothing => None,
+                        };
+                        if let Some(mut batch) = batch {
+                            ps.lanes[i].in_flight = true;
+                            self.next_batch_id += 1;
+                            batch.set_id(self.next_batch_id);
+                            starts.push((
+                                Slot {
+                                    partition: *p,
+                                    epoch: ps.epoch,
+                                    lane: i,
+                                },
+                                batch,
+                            ));
+                        }
+                    }
+                }
+            }
+            if !starts.is_empty() {
+                break;
+            }
+        }
+        if let Some((last, _)) = starts.last() {
+            self.dispatch_cursor = last.partition + 1;
+        }
+        for (slot, batch) in starts {
+            self.in_flight += 1;
+            self.telemetry
+                .metrics
+                .batch_size
+                .observe(batch.len() as f64);
+            self.intents.push_back(Intent::Start { slot, batch });
+        }
+    }
+
+    /// Hands out dead-letter writes that are due.
+    fn dispatch_dead_letters(&mut self, now: Instant) {
+        for (p, ps) in self.partitions.iter_mut() {
+            while ps.dead_letters.front().is_some_and(|d| d.at <= now) {
+                let pending = ps.dead_letters.pop_front().expect("checked above");
+                self.next_dead_letter_id += 1;
+                let slot = DeadLetterSlot {
+                    partition: *p,
+                    epoch: ps.epoch,
+                    id: self.next_dead_letter_id,
+                };
+                self.intents.push_back(Intent::DeadLetter {
+                    slot,
+                    batch: pending.batch.clone(),
+                    failures: pending.failures.clone(),
+                    attempts: pending.attempts,
+                });
+                ps.dead_letters_in_flight.insert(slot.id, pending);
+            }
+        }
+    }
+
+    /// Pauses partitions that hold too much (or all, while draining);
+    /// resumes them once they hold half their cap. An open circuit pauses
+    /// nothing: the caps bound what is held, and newly fetched records are
+    /// what lets a probe tell an outage from one bad record.
+    fn apply_backpressure(&mut self) {
+        let per_partition = self.config.max_records_per_partition;
+        let stop_all = self.phase != Phase::Consuming;
+        #[cfg(test)]
+        let never = self.sabotage.never_pause;
+        #[cfg(not(test))]
+        let never = false;
+        let mut pause = Vec::new();
+        let mut resume = Vec::new();
+        for (p, ps) in self.partitions.iter_mut() {
+            if ps.revoke_deadline.is_some() || never {
+                continue;
+            }
+            if !ps.paused && (stop_all || ps.held >= per_partition) {
+                ps.paused = true;
+                pause.push(*p);
+            } else if ps.paused && !stop_all && ps.held <= per_partition / 2 {
+                ps.paused = false;
+                resume.push(*p);
+            }
+        }
+        if !pause.is_empty() {
+            self.intents.push_back(Intent::Pause(pause));
+        }
+        if !resume.is_empty() {
+            self.intents.push_back(Intent::Resume(resume));
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.telemetry.metrics;
+        m.slots_busy.set(self.in_flight as i64);
+        m.paused_partitions
+            .set(self.partitions.values().filter(|p| p.paused).count() as i64);
+        m.records_held.set(self.held as i64);
+        m.commit_watermark_distance.set(
+            self.partitions
+                .values()
+                .map(|p| p.offsets.done_above_watermark() as i64)
+                .sum(),
+        );
+        let backlog = self.dead_letter_backlog();
+        m.dead_letter_backlog.set(backlog as i64);
+        if backlog == 0 {
+            self.telemetry.readiness.set_dead_letter_error(None);
+        }
+    }
+
+    /// Emits a commit of every chosen partition whose watermark moved past
+    /// what the broker acknowledged.
+    fn commit(&mut self, sync: bool, choose: impl Fn(&PartitionState) -> bool) {
+        #[cfg(test)]
+        let extra = i64::from(self.sabotage.commit_one_past);
+        #[cfg(not(test))]
+        let extra = 0;
+        let offsets: Vec<(i32, i64)> = self
+            .partitions
+            .iter()
+            .filter(|(_, ps)| choose(ps))
+            .filter_map(|(p, ps)| {
+                let wm = ps.offsets.watermark()? + extra;
+                (ps.acked.is_none_or(|a| a < wm)).then_some((*p, wm))
+            })
+            .collect();
+        if !offsets.is_empty() {
+            self.intents.push_back(Intent::Commit { offsets, sync });
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod sim;
