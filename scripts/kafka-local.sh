@@ -27,6 +27,8 @@ SCRAM_PORT=${KAFKA_SCRAM_PORT:-9096}
 HOST=127.0.0.1
 SCRAM_USER=${KAFKA_SCRAM_USER:-microbatch}
 AUTO_CREATE_TOPICS=${KAFKA_AUTO_CREATE_TOPICS:-false}
+CONSUMER_SESSION_TIMEOUT_MS=${KAFKA_CONSUMER_SESSION_TIMEOUT_MS:-10000}
+CONSUMER_HEARTBEAT_MS=${KAFKA_CONSUMER_HEARTBEAT_MS:-1000}
 HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xmx512m -Xms256m}
 TOOL_HEAP_OPTS=${KAFKA_TOOL_HEAP_OPTS:--Xmx512m}
 START_TIMEOUT=${KAFKA_LOCAL_START_TIMEOUT:-90}
@@ -91,6 +93,8 @@ Broker settings worth knowing:
   explicitly (e.g. with 'tool topics --create'). Set KAFKA_AUTO_CREATE_TOPICS=true
   before 'start' to change that. Replication factor 1 everywhere,
   num.partitions=1, group.initial.rebalance.delay.ms=0, no authorizer.
+  Both group protocols: classic and consumer (KIP-848), the latter with a
+  session of ${CONSUMER_SESSION_TIMEOUT_MS} ms and heartbeats every ${CONSUMER_HEARTBEAT_MS} ms.
 
 Files written by 'start' (in .kafka-local/):
   scram.env                 KAFKA_BOOTSTRAP_SERVERS, KAFKA_SECURITY_PROTOCOL,
@@ -115,6 +119,7 @@ Environment overrides (defaults in brackets):
   KAFKA_LOCAL_DIR     state directory [.kafka-local]
   KAFKA_PLAINTEXT_PORT [9092]  KAFKA_SCRAM_PORT [9096]  KAFKA_CONTROLLER_PORT [9093]
   KAFKA_AUTO_CREATE_TOPICS [false]  KAFKA_SCRAM_USER [microbatch]
+  KAFKA_CONSUMER_SESSION_TIMEOUT_MS [10000]  KAFKA_CONSUMER_HEARTBEAT_MS [1000]
   KAFKA_HEAP_OPTS [-Xmx512m -Xms256m]  KAFKA_TOOL_HEAP_OPTS [-Xmx512m]
   KAFKA_LOCAL_START_TIMEOUT [90]  KAFKA_LOCAL_STOP_TIMEOUT [30]  JAVA_HOME
 
@@ -147,6 +152,8 @@ check_settings() {
 	check_port_number KAFKA_PLAINTEXT_PORT "$PLAINTEXT_PORT"
 	check_port_number KAFKA_SCRAM_PORT "$SCRAM_PORT"
 	check_port_number KAFKA_CONTROLLER_PORT "$CONTROLLER_PORT"
+	[[ $CONSUMER_SESSION_TIMEOUT_MS =~ ^[0-9]+$ ]] || die "KAFKA_CONSUMER_SESSION_TIMEOUT_MS must be a number of milliseconds"
+	[[ $CONSUMER_HEARTBEAT_MS =~ ^[0-9]+$ ]] || die "KAFKA_CONSUMER_HEARTBEAT_MS must be a number of milliseconds"
 	if [[ $PLAINTEXT_PORT == "$SCRAM_PORT" || $PLAINTEXT_PORT == "$CONTROLLER_PORT" || $SCRAM_PORT == "$CONTROLLER_PORT" ]]; then
 		die "KAFKA_PLAINTEXT_PORT, KAFKA_SCRAM_PORT and KAFKA_CONTROLLER_PORT must differ"
 	fi
@@ -407,6 +414,14 @@ transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# The consumer group protocol (KIP-848) beside the classic one, with the
+# session and heartbeat of an autoscaled group rather than the broker's
+# defaults (45 s and 5 s); the minimums are lowered to allow them.
+group.coordinator.rebalance.protocols=classic,consumer
+group.consumer.session.timeout.ms=$CONSUMER_SESSION_TIMEOUT_MS
+group.consumer.min.session.timeout.ms=$CONSUMER_SESSION_TIMEOUT_MS
+group.consumer.heartbeat.interval.ms=$CONSUMER_HEARTBEAT_MS
+group.consumer.min.heartbeat.interval.ms=$CONSUMER_HEARTBEAT_MS
 num.network.threads=2
 num.io.threads=4
 num.recovery.threads.per.data.dir=1

@@ -97,6 +97,7 @@ pub struct FileConfig {
     pub http_port: Option<u16>,
     pub http_host: Option<String>,
     pub offset_reset: Option<String>,
+    pub group_protocol: Option<String>,
 }
 
 impl FileConfig {

@@ -1,7 +1,11 @@
-//! Chaos: workers killed with SIGKILL again and again and the broker restarted
-//! while records keep arriving; at the end every offset was processed at least
-//! once and committed lag is 0. The only test in its binary, because it
-//! restarts the shared broker (test binaries run one after another).
+//! Chaos: while records keep arriving, workers are killed with SIGKILL again
+//! and again, the group scales up and down, the broker is restarted, and the
+//! handler fails: 1% of records are poison (failed for good), 1% fail at
+//! random (retryable), and the dead-letter topic does not exist beforehand.
+//! At the end every record was recorded by the handler process itself or is
+//! in the dead-letter topic, which holds exactly the poison records, and the
+//! committed lag is 0. The only test in its binary, because it restarts the
+//! broker (test binaries run one after another).
 
 mod common;
 
@@ -11,14 +15,19 @@ use common::*;
 
 const RECORDS: u64 = 50_000;
 const WORKERS: usize = 3;
+const MAX_RECORDS: u64 = 20;
+const CONCURRENCY: u64 = 4;
+/// What `spawn_worker` sets.
+const COMMIT_INTERVAL_MS: u64 = 200;
+const RATE: u64 = 1_000;
 
 #[test]
-fn sigkill_storm_and_a_broker_restart_lose_nothing() {
+fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
     let dir = TestDir::new("chaos");
     let topic = unique("chaos");
+    let dlq = format!("{topic}.dlq");
     let group = unique("g");
     create_topic(&topic, 8);
-    create_topic(&format!("{topic}.dlq"), 1);
 
     // Records arrive for the whole run, about 50 s.
     let mut producer_cmd = command();
@@ -33,66 +42,110 @@ fn sigkill_storm_and_a_broker_restart_lose_nothing() {
         "--count",
         &RECORDS.to_string(),
         "--rate",
-        "1000",
+        &RATE.to_string(),
         "--keys",
         "1000",
+        "--poison-every",
+        "100",
         "--quiet",
     ]);
     let mut producer = Proc::spawn(producer_cmd, dir.path("producer.stderr"));
 
+    let handler = recording_handler(
+        &dir,
+        HandlerBehaviour {
+            failure_rate: 0.01,
+            ms_per_record: 0,
+        },
+    );
     let extra = [
-        "--process-time-ms",
-        "1",
+        "--handler",
+        "exec",
+        "--command",
+        &handler,
         "--max-records",
-        "20",
+        &MAX_RECORDS.to_string(),
         "--concurrency",
-        "4",
-        "--kafka-property",
-        "session.timeout.ms=6000",
-        "--kafka-property",
-        "heartbeat.interval.ms=1500",
+        &CONCURRENCY.to_string(),
+        "--retry-initial-ms",
+        "20",
     ];
+    // A dead worker's partitions move on sooner: the client's setting under
+    // the classic protocol; the broker's (scripts/kafka-local.sh) under KIP-848.
+    let classic = std::env::var("MICROBATCH_TEST_GROUP_PROTOCOL").as_deref() != Ok("consumer");
+    let session: &[&str] = if classic {
+        &[
+            "--kafka-property",
+            "session.timeout.ms=6000",
+            "--kafka-property",
+            "heartbeat.interval.ms=1500",
+        ]
+    } else {
+        &[]
+    };
+    let extra: Vec<&str> = extra.iter().chain(session).copied().collect();
     let mut incarnation = 0;
-    let mut audits = Vec::new();
-    let spawn = |incarnation: &mut usize, audits: &mut Vec<std::path::PathBuf>| {
+    let spawn = |incarnation: &mut usize| {
         *incarnation += 1;
         let name = format!("w{incarnation}");
-        audits.push(dir.path(&format!("{name}.audit")));
         spawn_worker(&dir, &name, &topic, &group, free_port(), &extra)
     };
-    let mut workers: Vec<Proc> = (0..WORKERS)
-        .map(|_| spawn(&mut incarnation, &mut audits))
-        .collect();
+    let mut workers: Vec<Proc> = (0..WORKERS).map(|_| spawn(&mut incarnation)).collect();
 
     let started = Instant::now();
     let mut kills = 0;
     let mut restarted_broker = false;
+    let mut scaled_up = false;
+    let mut scaled_down = false;
     let mut seed = std::process::id() as u64;
-    while kills < 10 || !restarted_broker {
+    // (when, what) of every disruption, to tell whose duplicates are whose.
+    let mut events: Vec<(f64, String)> = Vec::new();
+    while kills < 10 || !restarted_broker || !scaled_down {
         assert!(
-            started.elapsed() < Duration::from_secs(240),
+            started.elapsed() < Duration::from_secs(300),
             "chaos phase took too long"
         );
         std::thread::sleep(Duration::from_millis(2500 + seed % 2000));
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
+        if kills == 2 && !scaled_up {
+            eprintln!("scaling up to {} at {:?}", WORKERS + 1, started.elapsed());
+            events.push((unix_now(), "scale-up".into()));
+            workers.push(spawn(&mut incarnation));
+            scaled_up = true;
+            continue;
+        }
         if kills == 5 && !restarted_broker {
             eprintln!("restarting the broker at {:?}", started.elapsed());
+            events.push((unix_now(), "broker restart".into()));
             restart_broker(Duration::from_secs(2));
             restarted_broker = true;
             continue;
         }
+        if kills == 8 && !scaled_down {
+            eprintln!("scaling down to {WORKERS} at {:?}", started.elapsed());
+            let mut leaving = workers.pop().expect("a worker to stop");
+            events.push((unix_now(), "scale-down (SIGTERM)".into()));
+            leaving.signal(15);
+            let status = leaving
+                .wait_for_exit(Duration::from_secs(60))
+                .expect("SIGTERM ends a worker");
+            assert!(status.success(), "{}", leaving.stderr());
+            scaled_down = true;
+            continue;
+        }
         let victim = (seed >> 33) as usize % workers.len();
+        events.push((unix_now(), format!("SIGKILL {}", kills + 1)));
         workers[victim].signal(9);
         workers[victim]
             .wait_for_exit(Duration::from_secs(30))
             .expect("SIGKILL ends a worker");
         kills += 1;
-        workers[victim] = spawn(&mut incarnation, &mut audits);
+        workers[victim] = spawn(&mut incarnation);
     }
     eprintln!(
-        "{kills} kills and a broker restart in {:?}",
+        "{kills} kills, a scale-up, a scale-down and a broker restart in {:?}",
         started.elapsed()
     );
 
@@ -114,11 +167,44 @@ fn sigkill_storm_and_a_broker_restart_lose_nothing() {
             .expect("workers exit on SIGTERM");
         assert!(status.success(), "{}", w.stderr());
     }
-    let (expected, duplicates) = assert_all_processed(&topic, &group, &audits);
+    let poison = poison_offsets(&topic);
+    assert_eq!(poison.len() as u64, RECORDS / 100);
+    assert_eq!(
+        dead_lettered(&dlq),
+        poison,
+        "exactly the poison records are dead-lettered"
+    );
+    let (expected, duplicates) =
+        assert_recorded_or_dead(&topic, &group, &handled_files(&dir), &poison);
     assert_eq!(expected as u64, RECORDS);
     assert_eq!(total_lag(&topic, &group), 0);
+    // What a SIGKILL may replay: the batches in flight, plus one commit
+    // interval of a worker's share of the rate.
+    let per_kill = CONCURRENCY * MAX_RECORDS + RATE * COMMIT_INTERVAL_MS / 1000 / WORKERS as u64;
+    // Each duplicate belongs to the last disruption before it was handled again.
+    let again = redelivery_times(&handled_files(&dir));
+    let mut per_event = vec![0usize; events.len()];
+    for t in &again {
+        if let Some(i) = events.iter().rposition(|(at, _)| at <= t) {
+            per_event[i] += 1;
+        }
+    }
+    for ((_, what), n) in events.iter().zip(&per_event) {
+        eprintln!("chaos: {what}: {n} records handled twice");
+    }
+    let kill_counts: Vec<usize> = events
+        .iter()
+        .zip(&per_event)
+        .filter(|((_, what), _)| what.starts_with("SIGKILL"))
+        .map(|(_, n)| *n)
+        .collect();
+    let over = kill_counts.iter().filter(|n| **n as u64 > per_kill).count();
     eprintln!(
-        "chaos: {expected} records, {kills} SIGKILLs, 1 broker restart, {duplicates} duplicates ({:.2}%)",
-        duplicates as f64 * 100.0 / expected as f64
+        "chaos: {expected} records, {kills} SIGKILLs, 1 scale-up, 1 scale-down, 1 broker restart, \
+         {duplicates} duplicates ({:.2}%); per SIGKILL {kill_counts:?} against a bound of {per_kill} \
+         (in flight {} + one commit interval {}), {over} over it",
+        duplicates as f64 * 100.0 / expected as f64,
+        CONCURRENCY * MAX_RECORDS,
+        RATE * COMMIT_INTERVAL_MS / 1000 / WORKERS as u64,
     );
 }

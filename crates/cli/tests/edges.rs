@@ -16,7 +16,7 @@ use common::*;
 /// An exec handler that records every record it finishes, one `partition
 /// offset` line each, in `log`, and names records whose value holds POISON
 /// as failed for good. `before` is Python run before each answer.
-fn recording_handler(dir: &TestDir, log: &std::path::Path, before: &str) -> String {
+fn logging_handler(dir: &TestDir, log: &std::path::Path, before: &str) -> String {
     python_handler(
         dir,
         "recording.py",
@@ -46,7 +46,7 @@ fn a_chatty_exec_handler_loses_nothing() {
     produce(&topic, 2000, &["--poison-every", "100"]);
     let log = dir.path("handled.txt");
     let chatter = "    print(json.dumps({'level': 'info', 'msg': 'batch', 'records': len(b['records'])}), flush=True)\n    print('', flush=True)\n";
-    let cmd = recording_handler(&dir, &log, chatter);
+    let cmd = logging_handler(&dir, &log, chatter);
     let mut w = spawn_exec_worker(&dir, "w", &topic, &group, free_port(), &cmd, &[]);
     wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
     w.terminate();
@@ -226,7 +226,7 @@ fn a_partition_paused_when_revoked_is_fetched_again_when_it_returns() {
     produce(&topic, 1200, &[]);
     let log = dir.path("handled.txt");
     let slow = "    import time; time.sleep(0.05)\n";
-    let cmd = recording_handler(&dir, &log, slow);
+    let cmd = logging_handler(&dir, &log, slow);
     let caps = [
         "--ordering",
         "partition",
@@ -354,7 +354,7 @@ fn a_dead_letter_topic_that_cannot_be_made_stops_the_worker_before_consuming() {
     create_topic(&topic, 2);
     produce(&topic, 50, &[]);
     let log = dir.path("handled.txt");
-    let cmd = recording_handler(&dir, &log, "");
+    let cmd = logging_handler(&dir, &log, "");
     let dlq = format!("{topic}.dlq");
     for (why, extra) in [
         // One broker cannot hold three replicas: the broker refuses.
@@ -382,4 +382,54 @@ fn a_dead_letter_topic_that_cannot_be_made_stops_the_worker_before_consuming() {
     for p in lag["partitions"].as_array().unwrap() {
         assert!(p["committed"].is_null(), "nothing committed: {p}");
     }
+}
+
+/// On a transactional topic each commit marker takes an offset the consumer
+/// never sees: lag still reaches 0 (the commit follows the consumer's
+/// position past the marker once every record before it is done).
+#[test]
+fn lag_reaches_zero_on_a_transactional_topic() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::ClientConfig;
+    let dir = TestDir::new("txn");
+    let topic = unique("txn");
+    let group = unique("g");
+    create_topic(&topic, 2);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker().bootstrap())
+        .set("transactional.id", unique("txn-producer"))
+        .create()
+        .expect("a transactional producer");
+    producer
+        .init_transactions(Duration::from_secs(30))
+        .expect("init transactions");
+    for txn in 0..5 {
+        producer.begin_transaction().expect("begin");
+        for i in 0..20 {
+            let key = format!("k{i}");
+            let value = format!("{txn}-{i}");
+            producer
+                .send(BaseRecord::to(&topic).key(&key).payload(&value))
+                .expect("send");
+        }
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .expect("commit");
+    }
+    drop(producer);
+    let log = dir.path("handled.txt");
+    let cmd = logging_handler(&dir, &log, "");
+    let mut w = spawn_exec_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &cmd,
+        &["--kafka-property", "isolation.level=read_committed"],
+    );
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(60));
+    w.terminate();
+    let seen = audited(&[log]);
+    assert_eq!(seen.len(), 100, "every record reached the handler");
 }

@@ -390,6 +390,8 @@ pub struct WorkerConfig {
     pub audit_log: Option<PathBuf>,
     /// `auto.offset.reset` for partitions without a committed offset.
     pub offset_reset: OffsetReset,
+    /// The group protocol; a `group.protocol` pass-through property wins.
+    pub group_protocol: GroupProtocol,
 }
 
 /// The dead-letter topic and how to create it when it is missing.
@@ -413,6 +415,43 @@ impl DeadLetterConfig {
             replication_factor: None,
             create: true,
         }
+    }
+}
+
+/// The consumer group protocol: `classic` (the client-side assignor,
+/// cooperative-sticky here, with JoinGroup/SyncGroup rounds) or `consumer`
+/// (KIP-848: the broker assigns partitions and revokes only those that move;
+/// Kafka 4.0+ brokers, MSK 4.x).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupProtocol {
+    #[default]
+    Classic,
+    Consumer,
+}
+
+impl GroupProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Consumer => "consumer",
+        }
+    }
+}
+
+impl FromStr for GroupProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "classic" => Ok(Self::Classic),
+            "consumer" => Ok(Self::Consumer),
+            _ => Err("expected classic or consumer".into()),
+        }
+    }
+}
+
+impl fmt::Display for GroupProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -466,11 +505,22 @@ impl WorkerConfig {
             max_records_held: 50_000,
             audit_log: None,
             offset_reset: OffsetReset::Earliest,
+            group_protocol: GroupProtocol::default(),
         }
     }
 
     pub fn validate(mut self) -> Result<Self, ConfigError> {
         self.kafka = self.kafka.validate()?;
+        if let Some((_, v)) = self
+            .kafka
+            .properties
+            .iter()
+            .find(|(k, _)| k == "group.protocol")
+        {
+            self.group_protocol = v.parse().map_err(|e: String| {
+                ConfigError::new("--kafka-property", format!("group.protocol: {e}"))
+            })?;
+        }
         if self.topic.trim().is_empty() {
             return Err(ConfigError::new("--topic", "must not be empty"));
         }

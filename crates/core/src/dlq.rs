@@ -177,7 +177,9 @@ impl DeadLetterWriter {
                     },
                 };
                 let replication = dlq.replication_factor.unwrap_or(-1);
-                match create_topic(kafka, &dlq.topic, partitions, replication, timeout).await {
+                let create_timeout = Duration::from_secs(30);
+                match create_topic(kafka, &dlq.topic, partitions, replication, create_timeout).await
+                {
                     Ok(_) => tracing::info!(
                         dlq_topic = %dlq.topic,
                         partitions,

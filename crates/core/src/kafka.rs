@@ -29,12 +29,17 @@ impl ClientError {
     /// Sorts a raw client error into the cases above.
     pub fn classify(err: KafkaError, servers: &str) -> Self {
         let text = err.to_string();
-        match err.rdkafka_error_code() {
+        let code = match &err {
+            KafkaError::AdminOp(code) => Some(*code),
+            _ => err.rdkafka_error_code(),
+        };
+        match code {
             Some(RDKafkaErrorCode::Authentication)
             | Some(RDKafkaErrorCode::SaslAuthenticationFailed) => Self::Authentication(text),
             Some(RDKafkaErrorCode::AllBrokersDown)
             | Some(RDKafkaErrorCode::BrokerTransportFailure)
-            | Some(RDKafkaErrorCode::OperationTimedOut) => Self::Unreachable {
+            | Some(RDKafkaErrorCode::OperationTimedOut)
+            | Some(RDKafkaErrorCode::RequestTimedOut) => Self::Unreachable {
                 servers: servers.to_string(),
                 reason: text,
             },

@@ -92,6 +92,17 @@ impl PartitionOffsets {
         self.done_ahead > 0 && self.max_done.is_some_and(|m| offset < m)
     }
 
+    /// The consumer's position moved past offsets it never handed out (a
+    /// transaction's control record): when every tracked record is done,
+    /// the watermark may follow it. Returns whether it moved.
+    pub fn skip_to(&mut self, position: i64) -> bool {
+        if !self.pending.is_empty() || self.next.is_some_and(|n| n >= position) {
+            return false;
+        }
+        self.next = Some(position);
+        true
+    }
+
     /// The highest offset seen, if any.
     pub fn last_seen(&self) -> Option<i64> {
         self.next.map(|n| n - 1)
@@ -135,6 +146,21 @@ mod tests {
         assert_eq!(p.watermark(), Some(14));
         p.mark_done(999);
         assert_eq!(p.watermark(), Some(14));
+    }
+
+    #[test]
+    fn the_watermark_follows_the_position_past_control_records_once_all_is_done() {
+        let mut p = PartitionOffsets::new();
+        p.track(0);
+        p.track(1);
+        p.mark_done(0);
+        assert!(!p.skip_to(3), "record 1 is not done");
+        p.mark_done(1);
+        assert_eq!(p.watermark(), Some(2));
+        assert!(p.skip_to(3));
+        assert_eq!(p.watermark(), Some(3));
+        assert!(!p.skip_to(2), "never backwards");
+        assert!(p.track(3), "the next record follows");
     }
 
     proptest! {

@@ -92,6 +92,9 @@ pub enum Intent {
         partition: i32,
         offsets: Vec<i64>,
     },
+    /// Read the consumer's position of these partitions, which have nothing
+    /// outstanding; answer with [`Pipeline::handle_position`].
+    ReadPositions(Vec<i32>),
 }
 
 /// Where the pipeline is in its life.
@@ -765,6 +768,18 @@ impl Pipeline {
         }
     }
 
+    /// The consumer's position (the next offset it will hand out) of an
+    /// idle partition. On a transactional topic it lies past the commit
+    /// markers, which are never handed out; without this the commit would
+    /// stay one short of the end.
+    pub fn handle_position(&mut self, partition: i32, position: i64) {
+        if let Some(ps) = self.partitions.get_mut(&partition) {
+            if !ps.finishing {
+                ps.offsets.skip_to(position);
+            }
+        }
+    }
+
     /// The clock: closes batches whose wait is over, starts batches and
     /// dead-letter writes, applies back-pressure, commits when due.
     pub fn handle_tick(&mut self, now: Instant) {
@@ -778,6 +793,15 @@ impl Pipeline {
         if now >= self.next_commit {
             self.next_commit = now + self.config.commit_interval;
             self.commit(false, |ps| ps.revoke_deadline.is_none());
+            let idle: Vec<i32> = self
+                .partitions
+                .iter()
+                .filter(|(_, ps)| ps.offsets.outstanding() == 0 && !ps.finishing)
+                .map(|(p, _)| *p)
+                .collect();
+            if !idle.is_empty() {
+                self.intents.push_back(Intent::ReadPositions(idle));
+            }
         }
     }
 
@@ -807,10 +831,12 @@ impl Pipeline {
     /// `drain_timeout` (or the shutdown deadline). Returns whether any of
     /// them was ours.
     pub fn begin_revoke(&mut self, partitions: &[i32], now: Instant) -> bool {
-        let mut deadline = now + self.config.drain_timeout;
-        if let Phase::Draining { deadline: d } = self.phase {
-            deadline = deadline.min(d);
-        }
+        let deadline = match self.phase {
+            Phase::Consuming => now + self.config.drain_timeout,
+            Phase::Draining { deadline } => deadline.min(now + self.config.drain_timeout),
+            // The final commit is made: nothing is waited for any more.
+            Phase::Closed => now,
+        };
         let mut any = false;
         for p in partitions {
             if let Some(ps) = self.partitions.get_mut(p) {

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub batch_duration: Histogram,
     pub commits: Family<ResultLabel, Counter>,
     pub rebalances: Family<KindLabel, Counter>,
+    /// Time spent in rebalance callbacks (a revoke drains its partitions there).
+    pub rebalance_seconds: Family<KindLabel, Counter<f64, AtomicU64>>,
     pub client_errors: Family<KindLabel, Counter>,
     pub assigned_partitions: Gauge,
     pub partition_lag: Family<PartitionLabel, Gauge>,
@@ -71,6 +73,7 @@ impl Metrics {
             ]),
             commits: Family::default(),
             rebalances: Family::default(),
+            rebalance_seconds: Family::default(),
             client_errors: Family::default(),
             assigned_partitions: Gauge::default(),
             partition_lag: Family::default(),
@@ -129,6 +132,11 @@ impl Metrics {
             "rebalances",
             "Rebalance events by kind (assign, revoke)",
             m.rebalances.clone(),
+        );
+        r.register(
+            "rebalance_seconds",
+            "Time spent in rebalance callbacks by kind (a revoke drains its partitions there)",
+            m.rebalance_seconds.clone(),
         );
         r.register(
             "client_errors",

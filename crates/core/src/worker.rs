@@ -44,7 +44,7 @@ use tokio::runtime::Handle;
 
 use crate::batch::Batch;
 use crate::commit::{CommitQueue, CommitResult, CommittedPartition};
-use crate::config::{DeadLetterConfig, WorkerConfig};
+use crate::config::{DeadLetterConfig, GroupProtocol, WorkerConfig};
 use crate::dlq::{DeadLetterWriter, DlqError, TopicLookup};
 use crate::fetch::{ConsumedRecord, FetchQueue, FetchedMessage};
 use crate::handler::{BatchOutcome, Failure, Handler};
@@ -56,6 +56,9 @@ const MAX_BURST: usize = 2048;
 
 /// librdkafka's prefetch, in records, for all partitions together.
 const PREFETCH_RECORDS: usize = 20_000;
+
+/// How long the worker waits for the Kafka client to close after the final commit.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Consumer-queue events (rebalances, errors, statistics) served per round.
 const MAX_EVENTS_PER_ROUND: usize = 16;
@@ -246,6 +249,8 @@ struct Adapter {
     audit: Option<BufWriter<File>>,
     commits: CommitQueue,
     fetch: FetchQueue,
+    /// Failed commits are logged at most once per back-off step.
+    commit_log: LogThrottle,
 }
 
 impl Adapter {
@@ -283,6 +288,17 @@ impl Adapter {
                     }
                 }
                 Intent::Processed { partition, offsets } => self.audit(partition, &offsets),
+                Intent::ReadPositions(partitions) => {
+                    if let Ok(positions) = consumer.position() {
+                        for e in positions.elements_for_topic(&self.topic) {
+                            if let (Offset::Offset(o), true) =
+                                (e.offset(), partitions.contains(&e.partition()))
+                            {
+                                self.pipeline.handle_position(e.partition(), o);
+                            }
+                        }
+                    }
+                }
             }
         }
     }
@@ -420,11 +436,14 @@ impl Adapter {
         }
         if failed.is_empty() {
             m.commits.get_or_create(&ResultLabel { result: "ok" }).inc();
+            self.commit_log.reset();
         } else {
             m.commits
                 .get_or_create(&ResultLabel { result: "error" })
                 .inc();
-            tracing::warn!(partitions = %failed.join(", "), "offset commit failed; it is retried at the next interval");
+            if let Some(suppressed) = self.commit_log.allow(Instant::now()) {
+                tracing::warn!(partitions = %failed.join(", "), suppressed, "offset commit failed; it is retried at the next interval");
+            }
         }
     }
 
@@ -617,7 +636,13 @@ impl ConsumerContext for WorkerContext {
                     partitions = tpl.count(),
                     "partitions revoked; finishing their in-flight batches"
                 );
+                let started = Instant::now();
                 self.with_adapter(|a| a.revoke(consumer, tpl, &self.stop));
+                self.telemetry
+                    .metrics
+                    .rebalance_seconds
+                    .get_or_create(&KindLabel { kind: "revoke" })
+                    .inc_by(started.elapsed().as_secs_f64());
             }
             Rebalance::Error(_) => {}
         }
@@ -640,10 +665,16 @@ impl ConsumerContext for WorkerContext {
                 // An assignment proves the group is joined; statistics
                 // (every second) keep readiness current after that.
                 self.telemetry.readiness.set_joined(true);
+                let started = Instant::now();
                 self.with_adapter(|a| {
                     a.pipeline.handle_assign(&list);
                     a.execute(consumer);
                 });
+                self.telemetry
+                    .metrics
+                    .rebalance_seconds
+                    .get_or_create(&KindLabel { kind: "assign" })
+                    .inc_by(started.elapsed().as_secs_f64());
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -681,14 +712,8 @@ fn create_consumer(
         .set("group.id", &cfg.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("auto.offset.reset", cfg.offset_reset.as_str())
         .set("statistics.interval.ms", "1000")
-        // A crashed worker's partitions move on after 10 s instead of Kafka's
-        // 45 s default: an autoscaled group changes often.
-        .set("session.timeout.ms", "10000")
-        // Frequent heartbeats let a joining worker get its partitions sooner.
-        .set("heartbeat.interval.ms", "1000")
         // librdkafka's prefetch. Both limits count the queue a partition's
         // records are forwarded to, here the one fetch queue of all
         // partitions: 20,000 records (or four batches) and 16 MiB of
@@ -705,6 +730,22 @@ fn create_consumer(
         // queue topped up more evenly.
         .set("max.partition.fetch.bytes", "262144")
         .set("fetch.wait.max.ms", "100");
+    match cfg.group_protocol {
+        GroupProtocol::Classic => {
+            client
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                // A crashed worker's partitions move on after 10 s instead of
+                // Kafka's 45 s default: an autoscaled group changes often.
+                .set("session.timeout.ms", "10000")
+                // Frequent heartbeats let a joining worker get its partitions sooner.
+                .set("heartbeat.interval.ms", "1000");
+        }
+        // The broker assigns partitions and owns the session and heartbeat
+        // settings (group.consumer.*); librdkafka refuses the classic ones.
+        GroupProtocol::Consumer => {
+            client.set("group.protocol", "consumer");
+        }
+    }
     // Users' pass-through properties win over our defaults.
     for (k, v) in &cfg.kafka.properties {
         client.set(k, v);
@@ -750,6 +791,7 @@ fn poll_loop(
         audit,
         commits: CommitQueue::new(&consumer),
         fetch: FetchQueue::new(&consumer, MAX_BURST),
+        commit_log: LogThrottle::default(),
     };
     *consumer
         .context()
@@ -757,7 +799,7 @@ fn poll_loop(
         .lock()
         .expect("adapter lock poisoned") = Some(adapter);
     consumer.subscribe(&[&cfg.topic])?;
-    tracing::info!(topic = %cfg.topic, group = %cfg.group, ordering = %cfg.ordering, concurrency = cfg.concurrency, "worker started");
+    tracing::info!(topic = %cfg.topic, group = %cfg.group, group_protocol = %cfg.group_protocol, ordering = %cfg.ordering, concurrency = cfg.concurrency, "worker started");
     if let Some(warning) = cfg.backpressure_warning() {
         tracing::warn!("{warning}");
     }
@@ -862,9 +904,22 @@ fn poll_loop(
     consumer.unsubscribe();
     // Serve the final revoke so the group sees us leave promptly.
     let _ = consumer.poll(Duration::from_millis(100));
-    // The commit queue must go before the client it belongs to.
-    drop(ctx.adapter.lock().expect("adapter lock poisoned").take());
-    drop(consumer);
+    // Closing the client waits for the group coordinator, which may be gone
+    // (a broker restart): the worker does not wait for it past a bound.
+    let (closed_tx, closed_rx) = mpsc::channel();
+    let adapter = ctx.adapter.lock().expect("adapter lock poisoned").take();
+    std::thread::spawn(move || {
+        // The commit queue must go before the client it belongs to.
+        drop(adapter);
+        drop(consumer);
+        let _ = closed_tx.send(());
+    });
+    if closed_rx.recv_timeout(CLOSE_TIMEOUT).is_err() {
+        tracing::warn!(
+            timeout_ms = CLOSE_TIMEOUT.as_millis() as u64,
+            "the Kafka client did not close in time (group coordinator unreachable?); leaving without it"
+        );
+    }
     tracing::info!(
         processed = report.records_processed,
         dead_lettered = report.records_dead_lettered,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::ProgressBar;
-use microbatch_core::config::{ConfigError, KafkaConfig};
+use microbatch_core::config::{ConfigError, GroupProtocol, KafkaConfig};
 use microbatch_core::dlq::headers;
 use microbatch_scaling::lag::{InvalidOffsetPolicy, LagReader};
 use microbatch_scaling::policy::{KedaParams, KedaPolicy, RateParams, RatePolicy};
@@ -84,6 +84,15 @@ pub struct Args {
     /// Write the JSON report here [default: microbatch-demo/report.json].
     #[arg(long, value_name = "FILE")]
     pub report_json: Option<PathBuf>,
+    /// The workers' consumer group protocol: classic or consumer (KIP-848,
+    /// Kafka 4.0+; with --bootstrap-servers only: the embedded broker
+    /// serves classic) [default: classic].
+    #[arg(long, env = "MICROBATCH_GROUP_PROTOCOL", value_parser = parse_group_protocol)]
+    pub group_protocol: Option<GroupProtocol>,
+}
+
+fn parse_group_protocol(s: &str) -> Result<GroupProtocol, String> {
+    s.parse()
 }
 
 /// The broker the demo runs on.
@@ -190,7 +199,11 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
         });
     }
 
-    eprintln!("microbatch demo on {}", broker.describe());
+    eprintln!(
+        "microbatch demo on {}, group protocol {}",
+        broker.describe(),
+        args.group_protocol.unwrap_or_default()
+    );
     let policies: Vec<PolicyKind> = if args.compare {
         vec![PolicyKind::Keda, PolicyKind::Rate]
     } else {
@@ -366,15 +379,27 @@ fn run_policy(
         "127.0.0.1",
         "--log-format",
         "json",
-        // Notice the killed worker sooner (the broker's minimum).
-        "--kafka-property",
-        "session.timeout.ms=6000",
-        "--kafka-property",
-        "heartbeat.interval.ms=1500",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let mut run_args = run_args;
+    match args.group_protocol.unwrap_or_default() {
+        // Notice the killed worker sooner (the broker's minimum).
+        GroupProtocol::Classic => run_args.extend(
+            [
+                "--kafka-property",
+                "session.timeout.ms=6000",
+                "--kafka-property",
+                "heartbeat.interval.ms=1500",
+            ]
+            .map(String::from),
+        ),
+        // The broker's group.consumer.* settings decide.
+        GroupProtocol::Consumer => {
+            run_args.extend(["--group-protocol", "consumer"].map(String::from))
+        }
+    }
     let min_replicas = 1;
     let config = SupervisorConfig {
         program: std::env::current_exe().context("locating the microbatch binary")?,

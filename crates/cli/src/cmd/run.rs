@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::ValueEnum;
 use microbatch_core::config::{
-    BatchLimits, ConfigError, DeadLetterConfig, OffsetReset, Ordering, RetryPolicy, WorkerConfig,
+    BatchLimits, ConfigError, DeadLetterConfig, GroupProtocol, OffsetReset, Ordering, RetryPolicy,
+    WorkerConfig,
 };
 use microbatch_core::handler::{ExecHandler, Handler, HttpHandler, SimulateHandler};
 use microbatch_core::{Telemetry, Worker};
@@ -37,6 +38,10 @@ fn parse_ordering(s: &str) -> Result<Ordering, String> {
 }
 
 fn parse_reset(s: &str) -> Result<OffsetReset, String> {
+    s.parse()
+}
+
+fn parse_group_protocol(s: &str) -> Result<GroupProtocol, String> {
     s.parse()
 }
 
@@ -144,6 +149,11 @@ pub struct Args {
     /// Replication factor of a dead-letter topic created at start [default: the broker's].
     #[arg(long, env = "MICROBATCH_DLQ_REPLICATION_FACTOR", value_parser = clap::value_parser!(i32).range(1..), help_heading = "Delivery")]
     pub dlq_replication_factor: Option<i32>,
+    /// Consumer group protocol: classic (client-side cooperative-sticky
+    /// assignor; any broker) or consumer (KIP-848: the broker assigns and
+    /// moves only the partitions that change owner; Kafka 4.0+) [default: classic].
+    #[arg(long, env = "MICROBATCH_GROUP_PROTOCOL", value_parser = parse_group_protocol, help_heading = "Delivery")]
+    pub group_protocol: Option<GroupProtocol>,
     /// Where to start without a committed offset: earliest or latest [default: earliest].
     #[arg(long, env = "MICROBATCH_OFFSET_RESET", value_parser = parse_reset, help_heading = "Delivery")]
     pub offset_reset: Option<OffsetReset>,
@@ -243,6 +253,11 @@ impl Args {
                 .unwrap_or(OffsetReset::Earliest),
         };
         config.audit_log = self.audit_log.clone();
+        config.group_protocol = match self.group_protocol {
+            Some(p) => p,
+            None => parse_file_value("--group-protocol", file.group_protocol.as_deref())?
+                .unwrap_or_default(),
+        };
         let config = config.validate()?;
 
         let kind = match self.handler {

@@ -152,7 +152,7 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        if !std::thread::panicking() && std::env::var_os("MICROBATCH_TEST_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.0);
         } else {
             eprintln!("test files kept in {}", self.0.display());
@@ -173,6 +173,11 @@ pub fn command() -> Command {
         }
     }
     cmd.env("MICROBATCH_LOG", "info");
+    // The group protocol the whole run tests (scripts/test.sh runs the
+    // rebalance tests under both).
+    if let Ok(protocol) = std::env::var("MICROBATCH_TEST_GROUP_PROTOCOL") {
+        cmd.env("MICROBATCH_GROUP_PROTOCOL", protocol);
+    }
     cmd
 }
 
@@ -668,4 +673,95 @@ pub fn read_http_body(stream: &TcpStream) -> Option<Vec<u8>> {
     let mut body = vec![0; length];
     reader.read_exact(&mut body).ok()?;
     Some(body)
+}
+
+/// How the test's own exec handler behaves (see [`recording_handler`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HandlerBehaviour {
+    /// Per record and attempt: the chance of a retryable failure.
+    pub failure_rate: f64,
+    /// Milliseconds of work per record.
+    pub ms_per_record: u64,
+}
+
+/// Writes an exec handler that records every record it finishes, one
+/// `partition offset unix-seconds` line each, in a file of its own process
+/// (`handled-<pid>.txt` in the test's directory): the evidence of what was
+/// processed, from outside the worker. Records whose value holds POISON are
+/// answered as failed for good; others fail (retryable) at random as
+/// `behaviour` says. Returns the `--command`.
+pub fn recording_handler(dir: &TestDir, behaviour: HandlerBehaviour) -> String {
+    let out = dir.0.display().to_string();
+    python_handler(
+        dir,
+        "recording_handler.py",
+        format!(
+            "import sys, json, os, random, time\n\
+             fd = os.open(os.path.join({out:?}, 'handled-%d.txt' % os.getpid()), os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n\
+             for line in sys.stdin:\n\
+             \x20   b = json.loads(line)\n\
+             \x20   time.sleep({ms} * len(b['records']) / 1000.0)\n\
+             \x20   failed, done = [], []\n\
+             \x20   for r in b['records']:\n\
+             \x20       if 'POISON' in (r['value'] or ''):\n\
+             \x20           failed.append({{'partition': r['partition'], 'offset': r['offset'], 'error': 'poison', 'retryable': False}})\n\
+             \x20       elif random.random() < {rate}:\n\
+             \x20           failed.append({{'partition': r['partition'], 'offset': r['offset'], 'error': 'busy'}})\n\
+             \x20       else:\n\
+             \x20           done.append('%d %d %.3f\\n' % (r['partition'], r['offset'], time.time()))\n\
+             \x20   os.write(fd, ''.join(done).encode())\n\
+             \x20   print(json.dumps({{'batch_id': b['batch_id'], 'failed': failed}}), flush=True)\n",
+            ms = behaviour.ms_per_record,
+            rate = behaviour.failure_rate,
+        ),
+    )
+}
+
+/// The record files [`recording_handler`] processes wrote in `dir`.
+pub fn handled_files(dir: &TestDir) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir.0)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("handled-") && n.ends_with(".txt"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// When each record was handled again after its first time, from the
+/// `partition offset unix-seconds` lines of [`recording_handler`]'s files.
+pub fn redelivery_times(paths: &[PathBuf]) -> Vec<f64> {
+    let mut first: BTreeMap<(i32, i64), f64> = BTreeMap::new();
+    let mut again = Vec::new();
+    let mut lines: Vec<(f64, (i32, i64))> = Vec::new();
+    for p in paths {
+        for line in std::fs::read_to_string(p).unwrap_or_default().lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if let [p, o, t] = f[..] {
+                lines.push((t.parse().unwrap(), (p.parse().unwrap(), o.parse().unwrap())));
+            }
+        }
+    }
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (t, key) in lines {
+        if first.insert(key, t).is_some() {
+            again.push(t);
+        }
+    }
+    again
+}
+
+/// Seconds since the Unix epoch, as the handler's records have them.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }

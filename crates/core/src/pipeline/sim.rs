@@ -269,6 +269,14 @@ impl Sim {
                     .iter()
                     .for_each(|p| self.parts[*p as usize].paused = false),
                 Intent::Processed { .. } => {}
+                Intent::ReadPositions(ps) => {
+                    for p in ps {
+                        let part = &self.parts[p as usize];
+                        if part.owner == Owner::Me {
+                            self.pipeline.handle_position(p, part.position);
+                        }
+                    }
+                }
             }
         }
         self.check_caps()
