@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::lag::GroupLag;
+use crate::lag::{GroupLag, PartitionLag};
 
 /// The HPA's default tolerance: no change while usage is within 10% of target.
 pub const HPA_TOLERANCE: f64 = 0.1;
@@ -74,12 +74,21 @@ impl ScaleDownWindow {
 }
 
 /// KEDA kafka trigger metadata and the ScaledObject's replica bounds.
+///
+/// The rules for which combinations KEDA accepts are in
+/// [`crate::keda_trigger`], which also reads them from trigger metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KedaParams {
     pub lag_threshold: i64,
     pub activation_lag_threshold: i64,
     pub allow_idle_consumers: bool,
     pub limit_to_partitions_with_lag: bool,
+    /// `ensureEvenDistributionOfPartitions`: the metric is raised to
+    /// lagThreshold × the next factor of the partition count, so each
+    /// replica gets as many partitions as the others.
+    pub ensure_even_distribution_of_partitions: bool,
+    /// `partitionLimitation`: only these partitions count (None: all).
+    pub partition_limitation: Option<Vec<i32>>,
     pub exclude_persistent_lag: bool,
     /// `offsetResetPolicy: latest` (else earliest).
     pub offset_reset_latest: bool,
@@ -99,6 +108,8 @@ impl Default for KedaParams {
             activation_lag_threshold: 0,
             allow_idle_consumers: false,
             limit_to_partitions_with_lag: false,
+            ensure_even_distribution_of_partitions: false,
+            partition_limitation: None,
             exclude_persistent_lag: false,
             offset_reset_latest: true,
             scale_to_zero_on_invalid_offset: false,
@@ -133,22 +144,27 @@ impl KedaPolicy {
         }
     }
 
-    /// Lag as KEDA computes it: high − committed, with no regard for the low
-    /// watermark (a quirk: retention-deleted records count); a partition with
-    /// no commit counts 1 or 0 under `latest`, and the whole high watermark
-    /// (not high − low) under `earliest`.
-    fn partition_lag(&mut self, partition: i32, committed: Option<i64>, high: i64) -> (i64, i64) {
-        let p = &self.params;
-        let Some(c) = committed else {
-            if p.offset_reset_latest {
-                let v = i64::from(!p.scale_to_zero_on_invalid_offset);
-                return (v, v);
+    /// Lag as KEDA v2.21 computes it: high − committed, with no regard for
+    /// the low watermark (a quirk: retention-deleted records count). A
+    /// partition with no commit counts 0 with `scaleToZeroOnInvalidOffset`
+    /// (under both reset policies since v2.19), else 1 under `latest` and
+    /// the retained records, high − low, under `earliest`.
+    fn partition_lag(&mut self, p: &PartitionLag) -> (i64, i64) {
+        let params = &self.params;
+        let Some(c) = p.committed else {
+            if params.scale_to_zero_on_invalid_offset {
+                return (0, 0);
             }
-            return (high, high);
+            let v = if params.offset_reset_latest {
+                1
+            } else {
+                (p.high - p.low).max(0)
+            };
+            return (v, v);
         };
-        let lag = high - c;
-        if p.exclude_persistent_lag {
-            let previous = self.previous_offsets.insert(partition, c);
+        let lag = p.high - c;
+        if params.exclude_persistent_lag {
+            let previous = self.previous_offsets.insert(p.partition, c);
             if previous == Some(c) && lag > 0 {
                 return (0, lag);
             }
@@ -161,20 +177,34 @@ impl KedaPolicy {
         let mut total = 0;
         let mut with_persistent = 0;
         let mut partitions_with_lag = 0i64;
+        let mut partitions = 0i64;
         for p in &lag.partitions {
-            let (l, lp) = self.partition_lag(p.partition, p.committed, p.high);
+            if let Some(only) = &self.params.partition_limitation {
+                if !only.contains(&p.partition) {
+                    continue;
+                }
+            }
+            let (l, lp) = self.partition_lag(p);
             total += l;
             with_persistent += lp;
+            partitions += 1;
             if l > 0 {
                 partitions_with_lag += 1;
             }
         }
         let params = &self.params;
-        if !params.allow_idle_consumers || params.limit_to_partitions_with_lag {
+        if !params.allow_idle_consumers
+            || params.limit_to_partitions_with_lag
+            || params.ensure_even_distribution_of_partitions
+        {
+            if params.ensure_even_distribution_of_partitions {
+                total = next_factor_at_or_above(partitions, total, params.lag_threshold)
+                    * params.lag_threshold;
+            }
             let upper = if params.limit_to_partitions_with_lag {
                 partitions_with_lag
             } else {
-                lag.partitions.len() as i64
+                partitions
             };
             // Integer division, as in KEDA: the cap bites only when the
             // quotient is strictly above the bound.
@@ -221,7 +251,7 @@ impl KedaPolicy {
         }
         let target = p.lag_threshold as f64;
         let usage_ratio = metric as f64 / (target * f64::from(current));
-        let raw = if (usage_ratio - 1.0).abs() <= HPA_TOLERANCE {
+        let raw = if within_hpa_tolerance(usage_ratio) {
             current
         } else {
             (metric as f64 / target).ceil().max(0.0) as u32
@@ -267,6 +297,23 @@ impl KedaPolicy {
             reason,
         }
     }
+}
+
+/// The smallest factor f of `partitions` with f × threshold ≥ lag (all of
+/// them when none is): how many replicas share the partitions evenly.
+fn next_factor_at_or_above(partitions: i64, lag: i64, threshold: i64) -> i64 {
+    (1..=partitions)
+        .filter(|f| partitions % f == 0)
+        .find(|f| f * threshold >= lag)
+        .unwrap_or(partitions)
+}
+
+/// The HPA keeps the count while the usage ratio is within the tolerance,
+/// bounds included: Kubernetes 1.33 compares the ratio with 1 ± tolerance,
+/// so a ratio of exactly 1.1 holds (before, |1 − ratio| ≤ 0.1 in floating
+/// point scaled at 1.1).
+fn within_hpa_tolerance(usage_ratio: f64) -> bool {
+    ((1.0 - HPA_TOLERANCE)..=(1.0 + HPA_TOLERANCE)).contains(&usage_ratio)
 }
 
 /// Parameters of the time-to-drain policy.
@@ -545,13 +592,65 @@ mod tests {
     }
 
     #[test]
-    fn keda_earliest_invalid_offset_uses_the_high_watermark() {
+    fn keda_earliest_invalid_offset_counts_retained_records() {
+        // KEDA v2.21: high − low, so records retention deleted are no lag.
         let mut k = keda(1);
         k.params.offset_reset_latest = false;
         k.params.allow_idle_consumers = true;
         let mut lag = lag_of(&[(None, 50)]);
         lag.partitions[0].low = 40;
-        assert_eq!(k.total_lag(&lag).0, 50, "KEDA ignores the low watermark");
+        assert_eq!(k.total_lag(&lag), (10, 10));
+        // Since v2.19 scaleToZeroOnInvalidOffset counts 0 under earliest too.
+        k.params.scale_to_zero_on_invalid_offset = true;
+        assert_eq!(k.total_lag(&lag), (0, 0));
+    }
+
+    #[test]
+    fn keda_committed_partitions_ignore_the_low_watermark() {
+        let mut k = keda(1);
+        k.params.allow_idle_consumers = true;
+        let mut lag = lag_of(&[(Some(10), 50)]);
+        lag.partitions[0].low = 40;
+        assert_eq!(k.total_lag(&lag).0, 40, "KEDA counts high − committed");
+    }
+
+    #[test]
+    fn keda_even_distribution_rounds_up_to_a_factor_of_the_partitions() {
+        // 12 partitions: factors 1, 2, 3, 4, 6, 12; threshold 10.
+        let mut k = keda(10);
+        k.params.ensure_even_distribution_of_partitions = true;
+        let mut parts = vec![(Some(0), 0); 12];
+        parts[0] = (Some(0), 41);
+        // 41 needs 5 replicas; 5 does not divide 12, so 6: metric 60.
+        assert_eq!(k.total_lag(&lag_of(&parts)).0, 60);
+        parts[0] = (Some(0), 0);
+        // No lag at all still asks for the first factor, 1 (a KEDA quirk).
+        assert_eq!(k.total_lag(&lag_of(&parts)).0, 10);
+        parts[0] = (Some(0), 1000);
+        assert_eq!(k.total_lag(&lag_of(&parts)).0, 120, "capped at 12");
+        // It applies even with allowIdleConsumers.
+        k.params.allow_idle_consumers = true;
+        assert_eq!(k.total_lag(&lag_of(&parts)).0, 120);
+    }
+
+    #[test]
+    fn keda_partition_limitation_counts_only_the_listed_partitions() {
+        let mut k = keda(1);
+        k.params.partition_limitation = Some(vec![1, 2]);
+        let lag = lag_of(&[(Some(0), 100), (Some(0), 5), (Some(0), 7), (None, 9)]);
+        // Lag 12 from partitions 1 and 2, capped at their count: 2.
+        assert_eq!(k.total_lag(&lag), (2, 12));
+    }
+
+    #[test]
+    fn keda_holds_at_a_usage_ratio_of_exactly_1_1() {
+        // Kubernetes >= 1.33 holds within [0.9, 1.1], bounds included:
+        // lag 11, threshold 10, 1 replica is a ratio of exactly 1.1.
+        let mut k = keda(10);
+        let d = k.evaluate(Instant::now(), &lag_of(&[(Some(0), 11), (Some(0), 0)]), 1);
+        assert_eq!(d.desired, 1, "{}", d.reason);
+        let d = k.evaluate(Instant::now(), &lag_of(&[(Some(0), 12), (Some(0), 0)]), 1);
+        assert_eq!(d.desired, 2, "{}", d.reason);
     }
 
     #[test]

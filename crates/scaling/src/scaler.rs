@@ -2,8 +2,11 @@
 //! serving our policies.
 //!
 //! The trigger's metadata names the group, topic and policy with its
-//! parameters; Kafka credentials come from the scaler's own configuration,
-//! never from metadata. Metric and target are chosen so that the HPA's
+//! parameters, takes KEDA's kafka trigger options (checked as KEDA checks
+//! them, [`crate::keda_trigger`]) and may name the cluster
+//! (`bootstrapServers`); Kafka credentials come from the scaler's own
+//! configuration, never from metadata (`sasl: none` and `tls: disable`,
+//! which carry none, are accepted). Metric and target are chosen so that the HPA's
 //! AverageValue arithmetic (desired = ceil(metric / target)) lands on the
 //! policy's answer:
 //!
@@ -48,6 +51,9 @@ enum PolicySpec {
 /// A trigger's metadata, validated.
 #[derive(Debug, Clone, PartialEq)]
 struct TriggerSpec {
+    /// `bootstrapServers` from the trigger: this ScaledObject's cluster,
+    /// reached with the scaler's own credentials (None: the scaler's).
+    bootstrap_servers: Option<String>,
     topic: String,
     group: String,
     policy: PolicySpec,
@@ -80,52 +86,46 @@ impl TriggerSpec {
         let group = get(meta, "consumerGroup")
             .ok_or_else(|| Status::invalid_argument("scalerMetadata.consumerGroup is required"))?
             .to_string();
-        for secret in ["password", "sasl", "username", "tls"] {
-            if meta.contains_key(secret) {
+        // `sasl: none` and `tls: disable`, as copied from a kafka trigger,
+        // hand over nothing and are fine.
+        for (secret, harmless) in [
+            ("password", None),
+            ("username", None),
+            ("sasl", Some("none")),
+            ("tls", Some("disable")),
+        ] {
+            let Some(value) = meta.get(secret) else {
+                continue;
+            };
+            if harmless != Some(value.trim()) {
                 return Err(Status::invalid_argument(format!(
                     "scalerMetadata.{secret}: credentials belong in the scaler's own environment, not in trigger metadata"
                 )));
             }
         }
-        let latest = match get(meta, "offsetResetPolicy").unwrap_or("latest") {
-            "latest" => true,
-            "earliest" => false,
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "scalerMetadata.offsetResetPolicy: expected latest or earliest, got {other:?}"
-                )))
+        let min_replicas = parse(meta, "minReplicas", 1u32)?;
+        let max_replicas = parse(meta, "maxReplicas", 100u32)?;
+        // KEDA's options, checked as KEDA checks them, whichever the policy:
+        // the reset policy and activation mean the same to both.
+        let keda = crate::keda_trigger::params_from_metadata(
+            meta,
+            KedaParams {
+                min_replicas,
+                max_replicas,
+                ..KedaParams::default()
+            },
+        )
+        .map_err(|e| Status::invalid_argument(format!("scalerMetadata.{e}")))?;
+        let invalid_offset = if keda.offset_reset_latest {
+            InvalidOffsetPolicy::Latest {
+                scale_to_zero: keda.scale_to_zero_on_invalid_offset,
             }
-        };
-        let scale_to_zero = parse(meta, "scaleToZeroOnInvalidOffset", false)?;
-        let invalid_offset = if latest {
-            InvalidOffsetPolicy::Latest { scale_to_zero }
         } else {
             InvalidOffsetPolicy::Earliest
         };
-        let activation_lag_threshold = parse(meta, "activationLagThreshold", 0i64)?;
-        let min_replicas = parse(meta, "minReplicas", 1u32)?;
-        let max_replicas = parse(meta, "maxReplicas", 100u32)?;
+        let activation_lag_threshold = keda.activation_lag_threshold;
         let policy = match get(meta, "policy").unwrap_or("keda") {
-            "keda" => {
-                let lag_threshold = parse(meta, "lagThreshold", 10i64)?;
-                if lag_threshold < 1 {
-                    return Err(Status::invalid_argument(
-                        "scalerMetadata.lagThreshold must be at least 1",
-                    ));
-                }
-                PolicySpec::Keda(KedaParams {
-                    lag_threshold,
-                    activation_lag_threshold,
-                    allow_idle_consumers: parse(meta, "allowIdleConsumers", false)?,
-                    limit_to_partitions_with_lag: parse(meta, "limitToPartitionsWithLag", false)?,
-                    exclude_persistent_lag: parse(meta, "excludePersistentLag", false)?,
-                    offset_reset_latest: latest,
-                    scale_to_zero_on_invalid_offset: scale_to_zero,
-                    min_replicas,
-                    max_replicas,
-                    ..KedaParams::default()
-                })
-            }
+            "keda" => PolicySpec::Keda(keda),
             "rate" => {
                 let target = parse(meta, "targetDrainSeconds", 30u64)?;
                 if target == 0 {
@@ -152,6 +152,7 @@ impl TriggerSpec {
             }
         };
         Ok(Self {
+            bootstrap_servers: get(meta, "bootstrapServers").map(str::to_string),
             topic,
             group,
             policy,
@@ -265,13 +266,12 @@ impl Scaler {
         if let Some(s) = states.get(&key) {
             return Ok(s.clone());
         }
-        let reader = LagReader::new(
-            &self.kafka,
-            &spec.group,
-            &spec.topic,
-            Duration::from_secs(10),
-        )
-        .map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
+        let mut kafka = self.kafka.clone();
+        if let Some(servers) = &spec.bootstrap_servers {
+            kafka.bootstrap_servers = servers.clone();
+        }
+        let reader = LagReader::new(&kafka, &spec.group, &spec.topic, Duration::from_secs(10))
+            .map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
         let policy = match &spec.policy {
             PolicySpec::Keda(p) => PolicyState::Keda(KedaPolicy::new(p.clone())),
             PolicySpec::Rate(p) => PolicyState::Rate(
@@ -436,5 +436,37 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(rate.target(), 1);
+    }
+
+    #[test]
+    fn a_copied_kafka_trigger_is_read_as_keda_reads_it() {
+        let base = [
+            ("topic", "t"),
+            ("consumerGroup", "g"),
+            ("bootstrapServers", "kafka-1:9092,kafka-2:9092"),
+        ];
+        let spec = TriggerSpec::from_metadata(&meta(
+            &[&base[..], &[("sasl", "none"), ("tls", "disable")]].concat(),
+        ))
+        .expect("sasl: none and tls: disable carry no credentials");
+        assert_eq!(
+            spec.bootstrap_servers.as_deref(),
+            Some("kafka-1:9092,kafka-2:9092")
+        );
+        for refused in [("sasl", "scram_sha512"), ("tls", "enable")] {
+            let err =
+                TriggerSpec::from_metadata(&meta(&[&base[..], &[refused]].concat())).unwrap_err();
+            assert!(err.message().contains(refused.0), "{}", err.message());
+        }
+        for (key, value) in [
+            ("activationLagThreshold", "-1"),
+            ("allowIdleConsumers", "true"),
+        ] {
+            let mut pairs = base.to_vec();
+            pairs.push((key, value));
+            pairs.push(("limitToPartitionsWithLag", "true"));
+            let err = TriggerSpec::from_metadata(&meta(&pairs)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{key}");
+        }
     }
 }

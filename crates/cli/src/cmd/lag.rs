@@ -4,6 +4,8 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use microbatch_core::config::ConfigError;
+use microbatch_scaling::keda_trigger::{self, TriggerError};
 use microbatch_scaling::lag::InvalidOffsetPolicy;
 use microbatch_scaling::policy::{Decision, KedaParams, KedaPolicy, RateParams, RatePolicy};
 
@@ -37,16 +39,25 @@ pub struct PolicyArgs {
     /// keda: cap replicas at partitions that have lag.
     #[arg(long)]
     pub limit_to_partitions_with_lag: bool,
+    /// keda: raise the metric to lagThreshold × a factor of the partition
+    /// count, so every replica gets as many partitions.
+    #[arg(long)]
+    pub ensure_even_distribution_of_partitions: bool,
+    /// keda: count only these partitions, e.g. `0,2,4-6` (KEDA `partitionLimitation`).
+    #[arg(long, value_name = "IDS")]
+    pub partition_limitation: Option<String>,
     /// keda: ignore lag of partitions whose offset did not move.
     #[arg(long)]
     pub exclude_persistent_lag: bool,
-    /// keda: partitions without a commit count 0 instead of 1 under `latest`.
+    /// keda: partitions without a commit count 0 (instead of 1 under
+    /// `latest`, or their retained records under `earliest`).
     #[arg(long)]
     pub scale_to_zero_on_invalid_offset: bool,
-    /// Partitions without a committed offset: earliest (all retained records
-    /// are lag) or latest (KEDA's default).
-    #[arg(long, value_enum, default_value = "earliest")]
-    pub offset_reset_policy: ResetPolicy,
+    /// Partitions without a committed offset: latest (1 record of lag) or
+    /// earliest (all retained records). Default: latest for `lag`, as KEDA;
+    /// earliest for `supervise`, as the workers' own --offset-reset.
+    #[arg(long, value_enum)]
+    pub offset_reset_policy: Option<ResetPolicy>,
     /// rate: drain the lag within this many seconds.
     #[arg(long, default_value_t = 30)]
     pub target_drain_seconds: u64,
@@ -69,11 +80,34 @@ pub struct PolicyArgs {
     /// Scale-down stabilization window, seconds (the HPA's default is 300).
     #[arg(long, default_value_t = 300)]
     pub scale_down_seconds: u64,
+    /// keda: seconds without activity before scaling to zero with --min 0
+    /// (KEDA `cooldownPeriod`).
+    #[arg(long, default_value_t = 300)]
+    pub cooldown_seconds: u64,
 }
 
+/// KEDA's metadata keys and the flags that set them, for error messages.
+const KEDA_FLAGS: [(&str, &str); 6] = [
+    ("lagThreshold", "--lag-threshold"),
+    ("activationLagThreshold", "--activation-lag-threshold"),
+    ("limitToPartitionsWithLag", "--limit-to-partitions-with-lag"),
+    (
+        "ensureEvenDistributionOfPartitions",
+        "--ensure-even-distribution-of-partitions",
+    ),
+    ("partitionLimitation", "--partition-limitation"),
+    ("allowIdleConsumers", "--allow-idle-consumers"),
+];
+
 impl PolicyArgs {
+    fn reset_policy(&self) -> ResetPolicy {
+        // `supervise` and `demo` start workers, whose own default is earliest;
+        // `lag` sets KEDA's latest before it gets here.
+        self.offset_reset_policy.unwrap_or(ResetPolicy::Earliest)
+    }
+
     pub fn invalid_offset(&self) -> InvalidOffsetPolicy {
-        match self.offset_reset_policy {
+        match self.reset_policy() {
             ResetPolicy::Earliest => InvalidOffsetPolicy::Earliest,
             ResetPolicy::Latest => InvalidOffsetPolicy::Latest {
                 scale_to_zero: self.scale_to_zero_on_invalid_offset,
@@ -81,20 +115,46 @@ impl PolicyArgs {
         }
     }
 
-    pub fn keda(&self) -> KedaPolicy {
-        KedaPolicy::new(KedaParams {
-            lag_threshold: self.lag_threshold.max(1),
+    /// The keda options, refused where KEDA refuses them (naming the flag).
+    pub fn keda_params(&self) -> Result<KedaParams, ConfigError> {
+        let to_config_error = |e: TriggerError| {
+            let flag = KEDA_FLAGS
+                .iter()
+                .find(|(key, _)| *key == e.key)
+                .map_or(e.key, |(_, flag)| flag);
+            ConfigError::new(flag, e.rule)
+        };
+        let partition_limitation = self
+            .partition_limitation
+            .as_deref()
+            .map(keda_trigger::parse_partition_limitation)
+            .transpose()
+            .map_err(to_config_error)?;
+        let params = KedaParams {
+            lag_threshold: self.lag_threshold,
             activation_lag_threshold: self.activation_lag_threshold,
             allow_idle_consumers: self.allow_idle_consumers,
             limit_to_partitions_with_lag: self.limit_to_partitions_with_lag,
+            ensure_even_distribution_of_partitions: self.ensure_even_distribution_of_partitions,
+            partition_limitation,
             exclude_persistent_lag: self.exclude_persistent_lag,
-            offset_reset_latest: self.offset_reset_policy == ResetPolicy::Latest,
+            offset_reset_latest: self.reset_policy() == ResetPolicy::Latest,
             scale_to_zero_on_invalid_offset: self.scale_to_zero_on_invalid_offset,
             min_replicas: self.min_replicas,
             max_replicas: self.max_replicas,
             scale_down_stabilization: Duration::from_secs(self.scale_down_seconds),
-            cooldown: Duration::from_secs(self.scale_down_seconds),
-        })
+            cooldown: Duration::from_secs(self.cooldown_seconds),
+        };
+        keda_trigger::validate(&params, true).map_err(to_config_error)?;
+        Ok(params)
+    }
+
+    /// The keda policy; commands check [`Self::keda_params`] at start.
+    pub fn keda(&self) -> KedaPolicy {
+        KedaPolicy::new(
+            self.keda_params()
+                .expect("the keda options were checked when the command started"),
+        )
     }
 
     pub fn rate(&self) -> RatePolicy {
@@ -134,7 +194,12 @@ pub struct Args {
     pub policy_args: PolicyArgs,
 }
 
-pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
+pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
+    // KEDA's default, so `lag --policy keda` previews KEDA with no flags.
+    args.policy_args
+        .offset_reset_policy
+        .get_or_insert(ResetPolicy::Latest);
+    args.policy_args.keda_params()?;
     let reader = args.target.reader(Duration::from_secs(10))?;
     let mut keda = args.policy_args.keda();
     let mut rate = args.policy_args.rate();

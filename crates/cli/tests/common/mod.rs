@@ -360,7 +360,8 @@ pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) 
 }
 
 /// The group's lag as `microbatch lag --json` reports it.
-/// Runs `microbatch lag` for the group with `extra` flags.
+/// Runs `microbatch lag` for the group with `extra` flags, counting
+/// partitions without a commit from their start, as the workers read them.
 pub fn run_lag(topic: &str, group: &str, extra: &[&str]) -> (ExitStatus, String, String) {
     let mut args = vec![
         "lag",
@@ -370,6 +371,8 @@ pub fn run_lag(topic: &str, group: &str, extra: &[&str]) -> (ExitStatus, String,
         topic,
         "--group",
         group,
+        "--offset-reset-policy",
+        "earliest",
     ];
     args.extend_from_slice(extra);
     run_to_end(&args)
