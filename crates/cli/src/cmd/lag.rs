@@ -117,12 +117,17 @@ impl PolicyArgs {
 
     /// The keda options, refused where KEDA refuses them (naming the flag).
     pub fn keda_params(&self) -> Result<KedaParams, ConfigError> {
-        let to_config_error = |e: TriggerError| {
-            let flag = KEDA_FLAGS
+        let flag_of = |key: &'static str| {
+            KEDA_FLAGS
                 .iter()
-                .find(|(key, _)| *key == e.key)
-                .map_or(e.key, |(_, flag)| flag);
-            ConfigError::new(flag, e.rule)
+                .find(|(k, _)| *k == key)
+                .map_or(key, |(_, flag)| flag)
+        };
+        let to_config_error = |e: TriggerError| {
+            let rule = KEDA_FLAGS
+                .iter()
+                .fold(e.rule, |rule, (key, flag)| rule.replace(key, flag));
+            ConfigError::new(flag_of(e.key), rule)
         };
         let partition_limitation = self
             .partition_limitation

@@ -1,0 +1,497 @@
+//! The `keda` policy against KEDA itself: KEDA v2.21.0's own kafka scaler
+//! (`keda-diff/`, a Go program importing `github.com/kedacore/keda/v2/pkg/scalers`)
+//! and microbatch (`lag --policy keda --json` and `scaler`'s GetMetrics and
+//! IsActive) read the same engineered lag states on a real broker, with the
+//! same trigger metadata, and must give the same metric and activity.
+//!
+//! The states: commits placed with the admin API (AlterConsumerGroupOffsets),
+//! records deleted for retention (DeleteRecords) below a commit and on a
+//! partition without one, partitions without commits (one empty), lag that
+//! persists over two polls, and a commit that moves between polls.
+
+mod common;
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use microbatch_scaling::scaler::proto::external_scaler_client::ExternalScalerClient;
+use microbatch_scaling::scaler::proto::{GetMetricsRequest, ScaledObjectRef};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::bindings as rd;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tonic::transport::Channel;
+
+/// Records produced per partition, and where each partition's state ends up.
+const RECORDS: [i64; 6] = [20, 20, 20, 20, 0, 20];
+/// Committed offsets placed with the admin API (None: never committed).
+const COMMITTED: [Option<i64>; 6] = [Some(5), Some(20), None, Some(2), None, Some(0)];
+/// Records deleted from the start of a partition (the new low watermark).
+const DELETED_BEFORE: [(i32, i64); 2] = [(2, 8), (3, 10)];
+
+/// Trigger metadata to compare (besides topic, consumerGroup, bootstrapServers).
+const TRIGGERS: &[&[(&str, &str)]] = &[
+    &[],
+    &[("offsetResetPolicy", "earliest")],
+    &[
+        ("offsetResetPolicy", "earliest"),
+        ("scaleToZeroOnInvalidOffset", "true"),
+    ],
+    &[("scaleToZeroOnInvalidOffset", "true")],
+    &[("lagThreshold", "1"), ("activationLagThreshold", "100")],
+    &[
+        ("lagThreshold", "1"),
+        ("offsetResetPolicy", "earliest"),
+        ("activationLagThreshold", "65"),
+    ],
+    &[("lagThreshold", "1"), ("limitToPartitionsWithLag", "true")],
+    &[("lagThreshold", "1"), ("allowIdleConsumers", "true")],
+    &[
+        ("lagThreshold", "7"),
+        ("ensureEvenDistributionOfPartitions", "true"),
+    ],
+    &[
+        ("lagThreshold", "4"),
+        ("ensureEvenDistributionOfPartitions", "true"),
+        ("allowIdleConsumers", "true"),
+        ("offsetResetPolicy", "earliest"),
+    ],
+    &[("lagThreshold", "2"), ("partitionLimitation", "0,2-3")],
+    &[("lagThreshold", "3"), ("excludePersistentLag", "true")],
+    &[
+        ("lagThreshold", "1"),
+        ("excludePersistentLag", "true"),
+        ("limitToPartitionsWithLag", "true"),
+        ("activationLagThreshold", "40"),
+    ],
+];
+
+/// Triggers KEDA refuses; microbatch must refuse them too.
+const REFUSED: &[&[(&str, &str)]] = &[
+    &[
+        ("allowIdleConsumers", "true"),
+        ("limitToPartitionsWithLag", "true"),
+    ],
+    &[("activationLagThreshold", "-1")],
+    &[("lagThreshold", "0")],
+    &[
+        ("limitToPartitionsWithLag", "true"),
+        ("ensureEvenDistributionOfPartitions", "true"),
+    ],
+    &[("partitionLimitation", "1,two")],
+    &[("offsetResetPolicy", "smallest")],
+];
+
+/// One answer: the metric (whole records) and whether the trigger is active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Answer {
+    metric: i64,
+    active: bool,
+}
+
+/// Builds `keda-diff` with Go (module and build caches are Go's own, outside
+/// the repository, so later runs only link).
+fn keda_diff_binary() -> Option<PathBuf> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keda-diff");
+    let binary = Path::new(env!("CARGO_TARGET_TMPDIR")).join("keda-diff");
+    if Command::new("go").arg("version").output().is_err() {
+        assert!(
+            !in_ci(),
+            "CI=true but Go is not installed: the KEDA comparison needs it"
+        );
+        eprintln!("skipped: Go is not installed (the KEDA comparison builds KEDA's scaler)");
+        return None;
+    }
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(".")
+        .current_dir(&source)
+        .output()
+        .expect("running go build");
+    assert!(
+        out.status.success(),
+        "go build of keda-diff failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(binary)
+}
+
+/// KEDA's kafka scaler, created once for a trigger and polled on demand.
+struct Keda {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Keda {
+    fn start(binary: &Path, metadata: &[(String, String)]) -> Self {
+        let mut child = Command::new(binary)
+            .args(metadata.iter().map(|(k, v)| format!("{k}={v}")))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting keda-diff");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        Keda {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// One GetMetricsAndActivity; Err is KEDA's error (a refused trigger).
+    fn poll(&mut self) -> Result<Answer, String> {
+        if let Some(stdin) = &mut self.stdin {
+            // A refused trigger has exited already: its answer is waiting.
+            let _ = writeln!(stdin, "poll").and_then(|_| stdin.flush());
+        }
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("reading keda-diff");
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("keda-diff printed {line:?}: {e}"));
+        if let Some(error) = v["error"].as_str() {
+            return Err(error.to_string());
+        }
+        let milli = v["metric_milli"].as_i64().expect("metric_milli");
+        assert_eq!(milli % 1000, 0, "a lag metric is whole records");
+        Ok(Answer {
+            metric: milli / 1000,
+            active: v["active"].as_bool().expect("active"),
+        })
+    }
+}
+
+impl Drop for Keda {
+    fn drop(&mut self) {
+        self.stdin.take();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `lag` flags that say what a trigger's metadata says.
+fn lag_flags(trigger: &[(&str, &str)]) -> Vec<String> {
+    let mut flags = vec!["--offset-reset-policy".to_string(), "latest".to_string()];
+    for (key, value) in trigger {
+        let flag = match *key {
+            "lagThreshold" => "--lag-threshold",
+            "activationLagThreshold" => "--activation-lag-threshold",
+            "partitionLimitation" => "--partition-limitation",
+            "offsetResetPolicy" => {
+                flags[1] = value.to_string();
+                continue;
+            }
+            "allowIdleConsumers" => "--allow-idle-consumers",
+            "limitToPartitionsWithLag" => "--limit-to-partitions-with-lag",
+            "excludePersistentLag" => "--exclude-persistent-lag",
+            "scaleToZeroOnInvalidOffset" => "--scale-to-zero-on-invalid-offset",
+            "ensureEvenDistributionOfPartitions" => "--ensure-even-distribution-of-partitions",
+            other => panic!("no lag flag for {other}"),
+        };
+        // `--flag=value`, so a negative number is not read as a flag.
+        flags.push(match *value {
+            "true" => flag.to_string(),
+            value => format!("{flag}={value}"),
+        });
+    }
+    flags
+}
+
+/// `lag --policy keda --json --watch`: the first `polls` readings.
+fn lag_polls(topic: &str, group: &str, trigger: &[(&str, &str)], polls: usize) -> Vec<Answer> {
+    let mut child = command()
+        .args(["lag", "--bootstrap-servers", broker().bootstrap()])
+        .args(["--topic", topic, "--group", group, "--json"])
+        .args(["--policy", "keda", "--watch", "--interval-ms", "100"])
+        .args(lag_flags(trigger))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting microbatch lag");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let answers = (0..polls)
+        .map(|_| {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("reading lag");
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("lag printed {line:?}: {e}"));
+            Answer {
+                metric: v["policy"]["metric_value"].as_i64().expect("metric_value"),
+                active: v["policy"]["active"].as_bool().expect("active"),
+            }
+        })
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    answers
+}
+
+/// The trigger's metadata as KEDA and our scaler get it.
+fn metadata(topic: &str, group: &str, trigger: &[(&str, &str)]) -> Vec<(String, String)> {
+    [
+        ("topic", topic),
+        ("consumerGroup", group),
+        ("bootstrapServers", broker().bootstrap()),
+    ]
+    .iter()
+    .chain(trigger)
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn scaled_object(name: String, metadata: &[(String, String)]) -> ScaledObjectRef {
+    ScaledObjectRef {
+        name,
+        namespace: "keda-parity".into(),
+        scaler_metadata: metadata.iter().cloned().collect::<HashMap<_, _>>(),
+    }
+}
+
+/// One poll of `microbatch scaler`, as KEDA makes it: GetMetrics, then IsActive.
+async fn scaler_poll(
+    client: &mut ExternalScalerClient<Channel>,
+    object: &ScaledObjectRef,
+) -> Result<Answer, tonic::Status> {
+    let metrics = client
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(object.clone()),
+            metric_name: String::new(),
+        })
+        .await?
+        .into_inner();
+    let active = client.is_active(object.clone()).await?.into_inner().result;
+    Ok(Answer {
+        metric: metrics.metric_values[0].metric_value,
+        active,
+    })
+}
+
+fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", broker().bootstrap())
+        .create()
+        .expect("admin client")
+}
+
+/// Places committed offsets for a group with the admin API
+/// (AlterConsumerGroupOffsets, which rust-rdkafka does not wrap).
+fn alter_group_offsets(group: &str, topic: &str, offsets: &[(i32, i64)]) {
+    let admin = admin();
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in offsets {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            .expect("a valid offset");
+    }
+    let group = CString::new(group).expect("no NUL in a group name");
+    // SAFETY: every pointer comes from librdkafka or from values that outlive
+    // the calls; the request and the event are destroyed once, here.
+    unsafe {
+        let rk = admin.inner().native_ptr();
+        let queue = rd::rd_kafka_queue_new(rk);
+        let mut request = rd::rd_kafka_AlterConsumerGroupOffsets_new(group.as_ptr(), tpl.ptr());
+        rd::rd_kafka_AlterConsumerGroupOffsets(rk, &mut request, 1, std::ptr::null(), queue);
+        rd::rd_kafka_AlterConsumerGroupOffsets_destroy(request);
+        let event = rd::rd_kafka_queue_poll(queue, 30_000);
+        assert!(!event.is_null(), "AlterConsumerGroupOffsets timed out");
+        let error = rd::rd_kafka_event_error(event);
+        assert_eq!(
+            error,
+            rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR,
+            "AlterConsumerGroupOffsets: {}",
+            CStr::from_ptr(rd::rd_kafka_event_error_string(event)).to_string_lossy()
+        );
+        let result = rd::rd_kafka_event_AlterConsumerGroupOffsets_result(event);
+        let mut count = 0;
+        let groups = rd::rd_kafka_AlterConsumerGroupOffsets_result_groups(result, &mut count);
+        assert_eq!(count, 1);
+        let group_result = *groups;
+        assert!(
+            rd::rd_kafka_group_result_error(group_result).is_null(),
+            "AlterConsumerGroupOffsets refused for the group"
+        );
+        let partitions = &*rd::rd_kafka_group_result_partitions(group_result);
+        for i in 0..partitions.cnt as usize {
+            let p = &*partitions.elems.add(i);
+            assert_eq!(
+                p.err,
+                rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR,
+                "offset of partition {} refused",
+                p.partition
+            );
+        }
+        rd::rd_kafka_event_destroy(event);
+        rd::rd_kafka_queue_destroy(queue);
+    }
+}
+
+/// Deletes records before `offset` (what retention does), with DeleteRecords.
+fn delete_records_before(topic: &str, partitions: &[(i32, i64)]) {
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in partitions {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            .expect("a valid offset");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let done = runtime
+        .block_on(admin().delete_records(&tpl, &AdminOptions::new()))
+        .expect("DeleteRecords");
+    for element in done.elements() {
+        element.error().expect("records deleted");
+    }
+}
+
+fn produce_per_partition(topic: &str, counts: &[i64]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker().bootstrap())
+        .create()
+        .expect("producer");
+    for (partition, count) in counts.iter().enumerate() {
+        for i in 0..*count {
+            let payload = format!("record {i}");
+            producer
+                .send(
+                    BaseRecord::<(), _>::to(topic)
+                        .partition(partition as i32)
+                        .payload(&payload),
+                )
+                .expect("queued");
+        }
+    }
+    producer.flush(Duration::from_secs(30)).expect("flushed");
+}
+
+#[test]
+fn keda_policy_matches_kedas_own_kafka_scaler() {
+    if !broker().is_real() {
+        assert!(!in_ci(), "CI=true needs the real broker");
+        eprintln!("skipped: the KEDA comparison needs a real broker (admin APIs)");
+        return;
+    }
+    let Some(keda_diff) = keda_diff_binary() else {
+        return;
+    };
+    let dir = TestDir::new("keda-parity");
+    let topic = unique("13-keda");
+    let group = unique("13-keda-g");
+    create_topic(&topic, RECORDS.len() as i32);
+    produce_per_partition(&topic, &RECORDS);
+    delete_records_before(&topic, &DELETED_BEFORE);
+    let committed: Vec<(i32, i64)> = COMMITTED
+        .iter()
+        .enumerate()
+        .filter_map(|(p, c)| c.map(|c| (p as i32, c)))
+        .collect();
+    alter_group_offsets(&group, &topic, &committed);
+
+    // The scaler's own bootstrap servers lead nowhere: the triggers'
+    // bootstrapServers must be what it reads.
+    let grpc = free_port();
+    let mut cmd = command();
+    cmd.args(["scaler", "--bootstrap-servers", "127.0.0.1:9"])
+        .args(["--host", "127.0.0.1", "--http-port", "0"])
+        .args(["--grpc-port", &grpc.to_string()]);
+    let _scaler = Proc::spawn(cmd, dir.path("scaler.stderr"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let mut client = runtime.block_on(async {
+        let endpoint = format!("http://127.0.0.1:{grpc}");
+        for _ in 0..100 {
+            if let Ok(client) = ExternalScalerClient::connect(endpoint.clone()).await {
+                return client;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the scaler did not come up on {endpoint}");
+    });
+
+    let mut report = Vec::new();
+    let mut mismatches = Vec::new();
+    let mut check = |what: String, keda: Answer, ours: Answer| {
+        let line = format!("{what}: KEDA {keda:?}, microbatch {ours:?}");
+        if keda != ours {
+            mismatches.push(line.clone());
+        }
+        report.push(line);
+    };
+
+    // Two polls of the same state (lag that persists), then one after
+    // partition 0's commit moved on.
+    let mut kedas = Vec::new();
+    let mut objects = Vec::new();
+    for (i, trigger) in TRIGGERS.iter().enumerate() {
+        let meta = metadata(&topic, &group, trigger);
+        let mut keda = Keda::start(&keda_diff, &meta);
+        let object = scaled_object(format!("trigger-{i}"), &meta);
+        let lag = lag_polls(&topic, &group, trigger, 2);
+        for (poll, lag) in lag.into_iter().enumerate() {
+            let k = keda
+                .poll()
+                .unwrap_or_else(|e| panic!("KEDA refused {trigger:?}: {e}"));
+            let s = runtime
+                .block_on(scaler_poll(&mut client, &object))
+                .unwrap_or_else(|e| panic!("scaler refused {trigger:?}: {e}"));
+            check(format!("{trigger:?} poll {} lag", poll + 1), k, lag);
+            check(format!("{trigger:?} poll {} scaler", poll + 1), k, s);
+        }
+        kedas.push(keda);
+        objects.push(object);
+    }
+    alter_group_offsets(&group, &topic, &[(0, 10)]);
+    for ((trigger, keda), object) in TRIGGERS.iter().zip(&mut kedas).zip(&objects) {
+        let k = keda.poll().expect("KEDA answers");
+        let s = runtime
+            .block_on(scaler_poll(&mut client, object))
+            .expect("scaler answers");
+        check(format!("{trigger:?} poll 3 (commit moved) scaler"), k, s);
+        // A fresh reader on the new state: no history on either side.
+        let mut fresh = Keda::start(&keda_diff, &metadata(&topic, &group, trigger));
+        let k = fresh.poll().expect("KEDA answers");
+        let lag = lag_polls(&topic, &group, trigger, 1)[0];
+        check(format!("{trigger:?} after the move, fresh lag"), k, lag);
+    }
+
+    for (i, trigger) in REFUSED.iter().enumerate() {
+        let meta = metadata(&topic, &group, trigger);
+        let keda = Keda::start(&keda_diff, &meta).poll();
+        assert!(keda.is_err(), "KEDA accepts {trigger:?}: {keda:?}");
+        let mut args = vec!["lag", "--bootstrap-servers", broker().bootstrap()];
+        args.extend(["--topic", &topic, "--group", &group, "--policy", "keda"]);
+        let flags = lag_flags(trigger);
+        args.extend(flags.iter().map(String::as_str));
+        let (status, _, err) = run_to_end(&args);
+        assert_eq!(status.code(), Some(2), "lag accepts {trigger:?}: {err}");
+        let object = scaled_object(format!("refused-{i}"), &meta);
+        let status = runtime
+            .block_on(scaler_poll(&mut client, &object))
+            .expect_err("the scaler refuses it");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{trigger:?}");
+        report.push(format!(
+            "{trigger:?}: refused by KEDA ({}), lag ({}) and the scaler ({})",
+            keda.unwrap_err(),
+            err.trim(),
+            status.message()
+        ));
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "microbatch differs from KEDA v2.21.0:\n{}",
+        mismatches.join("\n")
+    );
+}
