@@ -278,3 +278,46 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        policy: PolicyArgs,
+    }
+
+    fn keda_params(flags: &[&str]) -> Result<KedaParams, ConfigError> {
+        let flags = Flags::try_parse_from(std::iter::once("lag").chain(flags.iter().copied()))
+            .expect("flags parse");
+        flags.policy.keda_params()
+    }
+
+    #[test]
+    fn the_cooldown_is_its_own_setting() {
+        let p = keda_params(&["--scale-down-seconds", "60"]).unwrap();
+        assert_eq!(p.scale_down_stabilization, Duration::from_secs(60));
+        assert_eq!(p.cooldown, Duration::from_secs(300), "KEDA's default");
+        let p = keda_params(&["--cooldown-seconds", "30"]).unwrap();
+        assert_eq!(p.cooldown, Duration::from_secs(30));
+        assert_eq!(p.scale_down_stabilization, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn keda_refusals_name_the_flags() {
+        let err =
+            keda_params(&["--allow-idle-consumers", "--limit-to-partitions-with-lag"]).unwrap_err();
+        assert_eq!(err.field, "--limit-to-partitions-with-lag");
+        assert!(err.rule.contains("--allow-idle-consumers"), "{err}");
+        let err = keda_params(&["--activation-lag-threshold=-1"]).unwrap_err();
+        assert_eq!(err.field, "--activation-lag-threshold");
+        let err = keda_params(&["--partition-limitation", "0,x"]).unwrap_err();
+        assert_eq!(err.field, "--partition-limitation");
+        let p = keda_params(&["--partition-limitation", "0,3-4"]).unwrap();
+        assert_eq!(p.partition_limitation, Some(vec![0, 3, 4]));
+    }
+}

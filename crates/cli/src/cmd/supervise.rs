@@ -230,3 +230,21 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         .map_err(|_| anyhow::anyhow!("the supervisor thread panicked"))??;
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supervise_flags_after_the_separator_are_named() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let err =
+            reject_misplaced_flags(&args(&["--concurrency", "4", "--topic", "t"])).unwrap_err();
+        assert_eq!(err.field, "--topic");
+        assert!(err.to_string().contains("before `--`"), "{err}");
+        let err = reject_misplaced_flags(&args(&["--password=s3cr3t"])).unwrap_err();
+        assert_eq!(err.field, "--password");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        assert!(reject_misplaced_flags(&args(&["--kafka-property", "a=b"])).is_ok());
+    }
+}
