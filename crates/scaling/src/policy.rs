@@ -332,6 +332,9 @@ pub struct RateParams {
     pub scale_down_stabilization: Duration,
     /// Below this relative change the current count is kept (no flapping).
     pub tolerance: f64,
+    /// While the oldest waiting record is older than this, ask for one
+    /// replica more than now (needs lag in seconds in the readings).
+    pub max_lag: Option<Duration>,
 }
 
 impl Default for RateParams {
@@ -345,6 +348,7 @@ impl Default for RateParams {
             initial_rate_per_replica: 100.0,
             scale_down_stabilization: Duration::from_secs(60),
             tolerance: 0.1,
+            max_lag: None,
         }
     }
 }
@@ -433,7 +437,12 @@ impl RatePolicy {
         let total = lag.total_lag;
         let rate = self.rate_per_replica().max(1e-6);
         let need = arrival_per_sec + total as f64 / p.target_drain.as_secs_f64().max(0.001);
-        let raw = (need / rate).ceil().max(0.0) as u32;
+        let mut raw = (need / rate).ceil().max(0.0) as u32;
+        if let (Some(limit), Some(age_ms)) = (p.max_lag, lag.lag_ms) {
+            if age_ms as u128 > limit.as_millis() {
+                raw = raw.max(current + 1);
+            }
+        }
         let partitions = lag.partitions.len() as u32;
         let capacity = (partitions * p.slots_per_partition)
             .div_ceil(p.slots_per_replica.max(1))
@@ -800,6 +809,32 @@ mod tests {
         let d = r.evaluate(t0 + Duration::from_millis(500), &burst, 16_000.0, 1);
         // 16,000 x 0.5/30 = 267/s sustained + 800/s to drain = 1,067/s -> 2 replicas.
         assert_eq!(d.desired, 2, "{}", d.reason);
+    }
+
+    #[test]
+    fn rate_policy_adds_a_replica_while_records_wait_too_long() {
+        let mut r = RatePolicy::new(RateParams {
+            max_lag: Some(Duration::from_secs(20)),
+            initial_rate_per_replica: 1000.0,
+            slots_per_partition: 4,
+            ..RateParams::default()
+        });
+        let mut lag = lag_of(&[(Some(0), 10), (Some(0), 10)]);
+        let t0 = Instant::now();
+        assert_eq!(
+            r.evaluate(t0, &lag, 0.0, 2).desired,
+            1,
+            "age unknown: lag alone"
+        );
+        lag.set_ages(100_000, &HashMap::from([(0, 75_000)]));
+        let d = r.evaluate(t0 + Duration::from_secs(1), &lag, 0.0, 2);
+        assert_eq!(d.desired, 3, "25 s old: one more: {}", d.reason);
+        lag.set_ages(100_000, &HashMap::from([(0, 90_000)]));
+        assert_eq!(
+            r.evaluate(t0 + Duration::from_secs(2), &lag, 0.0, 3)
+                .desired,
+            3
+        );
     }
 
     #[test]

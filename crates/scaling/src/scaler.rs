@@ -143,6 +143,7 @@ impl TriggerSpec {
                     // The HPA keeps its own scale-down window.
                     scale_down_stabilization: Duration::ZERO,
                     tolerance: 0.0,
+                    max_lag: None,
                 })
             }
             other => {

@@ -61,6 +61,11 @@ pub struct PolicyArgs {
     /// rate: drain the lag within this many seconds.
     #[arg(long, default_value_t = 30)]
     pub target_drain_seconds: u64,
+    /// rate: while the oldest record not committed is older than this,
+    /// ask for one replica more (reads lag in seconds: one record per
+    /// lagging partition per poll).
+    #[arg(long, value_name = "SECONDS")]
+    pub max_lag_seconds: Option<u64>,
     /// rate: records/s one replica is assumed to do until measured.
     #[arg(long, default_value_t = 100.0)]
     pub rate_per_replica: f64,
@@ -172,6 +177,7 @@ impl PolicyArgs {
             initial_rate_per_replica: self.rate_per_replica,
             scale_down_stabilization: Duration::from_secs(self.scale_down_seconds),
             tolerance: 0.1,
+            max_lag: self.max_lag_seconds.map(Duration::from_secs),
         })
     }
 }
@@ -180,7 +186,9 @@ impl PolicyArgs {
 pub struct Args {
     #[command(flatten)]
     pub target: LagTarget,
-    /// Print JSON: {"group","topic","total_lag","partitions":[{"partition","committed","low","high","lag"}]}.
+    /// Print JSON: {"group","topic","total_lag","lag_seconds","partitions":[{"partition","committed","low","high","lag","lag_seconds"}]};
+    /// lag_seconds is the age of the oldest record not committed (null when
+    /// unknown), the group's is the oldest partition's.
     #[arg(long)]
     pub json: bool,
     /// Refresh every --interval-ms until interrupted.
@@ -205,7 +213,10 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
         .offset_reset_policy
         .get_or_insert(ResetPolicy::Latest);
     args.policy_args.keda_params()?;
-    let reader = args.target.reader(Duration::from_secs(10))?;
+    let reader = args
+        .target
+        .reader(Duration::from_secs(10))?
+        .with_record_ages();
     let mut keda = args.policy_args.keda();
     let mut rate = args.policy_args.rate();
     let policy = args.policy;
@@ -244,8 +255,8 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
             writeln!(out, "GROUP {}  TOPIC {}", lag.group, lag.topic)?;
             writeln!(
                 out,
-                "{:>9} {:>12} {:>12} {:>12} {:>10}",
-                "PARTITION", "COMMITTED", "LOW", "HIGH", "LAG"
+                "{:>9} {:>12} {:>12} {:>12} {:>10} {:>11}",
+                "PARTITION", "COMMITTED", "LOW", "HIGH", "LAG", "LAG SECONDS"
             )?;
             for p in &lag.partitions {
                 let committed = p
@@ -254,14 +265,24 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
                     .unwrap_or_else(|| "-".into());
                 writeln!(
                     out,
-                    "{:>9} {:>12} {:>12} {:>12} {:>10}",
-                    p.partition, committed, p.low, p.high, p.lag
+                    "{:>9} {:>12} {:>12} {:>12} {:>10} {:>11}",
+                    p.partition,
+                    committed,
+                    p.low,
+                    p.high,
+                    p.lag,
+                    seconds(p.lag_ms)
                 )?;
             }
             writeln!(
                 out,
-                "{:>9} {:>12} {:>12} {:>12} {:>10}",
-                "TOTAL", "", "", "", lag.total_lag
+                "{:>9} {:>12} {:>12} {:>12} {:>10} {:>11}",
+                "TOTAL",
+                "",
+                "",
+                "",
+                lag.total_lag,
+                seconds(lag.lag_ms)
             )?;
             if let Some((name, d)) = &decision {
                 writeln!(out, "policy {name}: {} replicas ({})", d.desired, d.reason)?;
@@ -277,6 +298,11 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
             _ = super::shutdown_signal() => return Ok(ExitCode::SUCCESS),
         }
     }
+}
+
+/// Lag in seconds for the table: one decimal, `-` when unknown.
+pub fn seconds(ms: Option<i64>) -> String {
+    ms.map_or_else(|| "-".into(), |ms| format!("{:.1}", ms as f64 / 1000.0))
 }
 
 #[cfg(test)]

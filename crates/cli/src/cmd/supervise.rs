@@ -151,7 +151,10 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         invalid_offset: args.policy_args.invalid_offset(),
         env: kafka_env(&kafka),
     };
-    let reader = LagReader::new(&kafka, &group, &topic, Duration::from_secs(10))?;
+    let mut reader = LagReader::new(&kafka, &group, &topic, Duration::from_secs(10))?;
+    if args.policy_args.max_lag_seconds.is_some() {
+        reader = reader.with_record_ages();
+    }
     let policy = make_policy(args.policy, &args.policy_args);
 
     let mut registry = Registry::default();

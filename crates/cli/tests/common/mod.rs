@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod admin;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
