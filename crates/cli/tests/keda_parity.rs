@@ -7,7 +7,8 @@
 //! The states: commits placed with the admin API (AlterConsumerGroupOffsets),
 //! records deleted for retention (DeleteRecords) below a commit and on a
 //! partition without one, partitions without commits (one empty), lag that
-//! persists over two polls, and a commit that moves between polls.
+//! persists over two polls, and a commit that moves between polls; and
+//! triggers without a topic, over the two topics the group committed on.
 
 mod common;
 
@@ -66,6 +67,21 @@ const TRIGGERS: &[&[(&str, &str)]] = &[
         ("activationLagThreshold", "40"),
     ],
 ];
+
+/// Triggers without a topic: every topic the group has committed offsets
+/// for (compared with the scaler; `lag` always names one topic).
+const GROUP_WIDE: &[&[(&str, &str)]] = &[
+    &[],
+    &[("offsetResetPolicy", "earliest"), ("lagThreshold", "3")],
+    &[("lagThreshold", "1"), ("activationLagThreshold", "70")],
+    &[("excludePersistentLag", "true"), ("lagThreshold", "2")],
+    // Ignored without a topic, by KEDA and by us.
+    &[("partitionLimitation", "0"), ("lagThreshold", "5")],
+];
+
+/// A second topic of the group: records per partition, and its commits.
+const OTHER_RECORDS: [i64; 2] = [7, 7];
+const OTHER_COMMITTED: [(i32, i64); 1] = [(0, 3)];
 
 /// Triggers KEDA refuses; microbatch must refuse them too.
 const REFUSED: &[&[(&str, &str)]] = &[
@@ -203,43 +219,28 @@ fn lag_flags(trigger: &[(&str, &str)]) -> Vec<String> {
 
 /// `lag --policy keda --json --watch`: the first `polls` readings.
 fn lag_polls(topic: &str, group: &str, trigger: &[(&str, &str)], polls: usize) -> Vec<Answer> {
-    let mut child = command()
-        .args(["lag", "--bootstrap-servers", broker().bootstrap()])
-        .args(["--topic", topic, "--group", group, "--json"])
-        .args(["--policy", "keda", "--watch", "--interval-ms", "100"])
-        .args(lag_flags(trigger))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting microbatch lag");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout is piped"));
-    let answers = (0..polls)
-        .map(|_| {
-            let mut line = String::new();
-            out.read_line(&mut line).expect("reading lag");
-            let v: serde_json::Value =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("lag printed {line:?}: {e}"));
-            Answer {
-                metric: v["policy"]["metric_value"].as_i64().expect("metric_value"),
-                active: v["policy"]["active"].as_bool().expect("active"),
-            }
+    let mut flags = vec!["--policy".to_string(), "keda".to_string()];
+    flags.extend(lag_flags(trigger));
+    lag_watch_json(topic, group, &flags, polls)
+        .iter()
+        .map(|v| Answer {
+            metric: v["policy"]["metric_value"].as_i64().expect("metric_value"),
+            active: v["policy"]["active"].as_bool().expect("active"),
         })
-        .collect();
-    let _ = child.kill();
-    let _ = child.wait();
-    answers
+        .collect()
 }
 
-/// The trigger's metadata as KEDA and our scaler get it.
-fn metadata(topic: &str, group: &str, trigger: &[(&str, &str)]) -> Vec<(String, String)> {
+/// The trigger's metadata as KEDA and our scaler get it (no topic: the
+/// group's topics).
+fn metadata(topic: Option<&str>, group: &str, trigger: &[(&str, &str)]) -> Vec<(String, String)> {
+    let topic = topic.map(|t| ("topic", t));
     [
-        ("topic", topic),
         ("consumerGroup", group),
         ("bootstrapServers", broker().bootstrap()),
     ]
-    .iter()
-    .chain(trigger)
+    .into_iter()
+    .chain(topic)
+    .chain(trigger.iter().copied())
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect()
 }
@@ -271,6 +272,47 @@ async fn scaler_poll(
     })
 }
 
+/// One poll of KEDA's scaler and of ours on the same trigger.
+fn poll_both(
+    runtime: &tokio::runtime::Runtime,
+    client: &mut ExternalScalerClient<Channel>,
+    keda: &mut Keda,
+    object: &ScaledObjectRef,
+) -> (Answer, Answer) {
+    let name = &object.name;
+    let k = keda
+        .poll()
+        .unwrap_or_else(|e| panic!("KEDA refused {name}: {e}"));
+    let s = runtime
+        .block_on(scaler_poll(client, object))
+        .unwrap_or_else(|e| panic!("the scaler refused {name}: {e}"));
+    (k, s)
+}
+
+/// A new topic with `records` per partition, records deleted before the
+/// offsets in `deleted`, and the group's commits placed at `committed`.
+fn engineer(
+    prefix: &str,
+    group: &str,
+    records: &[i64],
+    deleted: &[(i32, i64)],
+    committed: &[(i32, i64)],
+) -> String {
+    let topic = unique(prefix);
+    create_topic(&topic, records.len() as i32);
+    let records: Vec<(i32, i64, Option<i64>)> = records
+        .iter()
+        .enumerate()
+        .map(|(p, n)| (p as i32, *n, None))
+        .collect();
+    produce_records(&topic, &records);
+    if !deleted.is_empty() {
+        delete_records_before(&topic, deleted);
+    }
+    alter_group_offsets(group, &topic, committed);
+    topic
+}
+
 #[test]
 fn keda_policy_matches_kedas_own_kafka_scaler() {
     if !broker().is_real() {
@@ -281,22 +323,20 @@ fn keda_policy_matches_kedas_own_kafka_scaler() {
         return;
     };
     let dir = TestDir::new("keda-parity");
-    let topic = unique("13-keda");
     let group = unique("13-keda-g");
-    create_topic(&topic, RECORDS.len() as i32);
-    let records: Vec<(i32, i64, Option<i64>)> = RECORDS
-        .iter()
-        .enumerate()
-        .map(|(p, n)| (p as i32, *n, None))
-        .collect();
-    produce_records(&topic, &records);
-    delete_records_before(&topic, &DELETED_BEFORE);
     let committed: Vec<(i32, i64)> = COMMITTED
         .iter()
         .enumerate()
         .filter_map(|(p, c)| c.map(|c| (p as i32, c)))
         .collect();
-    alter_group_offsets(&group, &topic, &committed);
+    let topic = engineer("13-keda", &group, &RECORDS, &DELETED_BEFORE, &committed);
+    engineer(
+        "13-keda-other",
+        &group,
+        &OTHER_RECORDS,
+        &[],
+        &OTHER_COMMITTED,
+    );
 
     // The scaler's own bootstrap servers lead nowhere: the triggers'
     // bootstrapServers must be what it reads.
@@ -337,39 +377,50 @@ fn keda_policy_matches_kedas_own_kafka_scaler() {
     let mut kedas = Vec::new();
     let mut objects = Vec::new();
     for (i, trigger) in TRIGGERS.iter().enumerate() {
-        let meta = metadata(&topic, &group, trigger);
+        let meta = metadata(Some(&topic), &group, trigger);
         let mut keda = Keda::start(&keda_diff, &meta);
         let object = scaled_object(format!("trigger-{i}"), &meta);
         let lag = lag_polls(&topic, &group, trigger, 2);
         for (poll, lag) in lag.into_iter().enumerate() {
-            let k = keda
-                .poll()
-                .unwrap_or_else(|e| panic!("KEDA refused {trigger:?}: {e}"));
-            let s = runtime
-                .block_on(scaler_poll(&mut client, &object))
-                .unwrap_or_else(|e| panic!("scaler refused {trigger:?}: {e}"));
+            let (k, s) = poll_both(&runtime, &mut client, &mut keda, &object);
             check(format!("{trigger:?} poll {} lag", poll + 1), k, lag);
             check(format!("{trigger:?} poll {} scaler", poll + 1), k, s);
         }
         kedas.push(keda);
         objects.push(object);
     }
+    let mut group_wide = Vec::new();
+    for (i, trigger) in GROUP_WIDE.iter().enumerate() {
+        let meta = metadata(None, &group, trigger);
+        let mut keda = Keda::start(&keda_diff, &meta);
+        let object = scaled_object(format!("group-wide-{i}"), &meta);
+        for poll in 1..=2 {
+            let (k, s) = poll_both(&runtime, &mut client, &mut keda, &object);
+            check(format!("no topic {trigger:?} poll {poll} scaler"), k, s);
+        }
+        group_wide.push((trigger, keda, object));
+    }
     alter_group_offsets(&group, &topic, &[(0, 10)]);
+    for (trigger, keda, object) in &mut group_wide {
+        let (k, s) = poll_both(&runtime, &mut client, keda, object);
+        check(
+            format!("no topic {trigger:?} poll 3 (commit moved) scaler"),
+            k,
+            s,
+        );
+    }
     for ((trigger, keda), object) in TRIGGERS.iter().zip(&mut kedas).zip(&objects) {
-        let k = keda.poll().expect("KEDA answers");
-        let s = runtime
-            .block_on(scaler_poll(&mut client, object))
-            .expect("scaler answers");
+        let (k, s) = poll_both(&runtime, &mut client, keda, object);
         check(format!("{trigger:?} poll 3 (commit moved) scaler"), k, s);
         // A fresh reader on the new state: no history on either side.
-        let mut fresh = Keda::start(&keda_diff, &metadata(&topic, &group, trigger));
+        let mut fresh = Keda::start(&keda_diff, &metadata(Some(&topic), &group, trigger));
         let k = fresh.poll().expect("KEDA answers");
         let lag = lag_polls(&topic, &group, trigger, 1)[0];
         check(format!("{trigger:?} after the move, fresh lag"), k, lag);
     }
 
     for (i, trigger) in REFUSED.iter().enumerate() {
-        let meta = metadata(&topic, &group, trigger);
+        let meta = metadata(Some(&topic), &group, trigger);
         let keda = Keda::start(&keda_diff, &meta).poll();
         assert!(keda.is_err(), "KEDA accepts {trigger:?}: {keda:?}");
         let mut args = vec!["lag", "--bootstrap-servers", broker().bootstrap()];

@@ -32,13 +32,14 @@ fn lag_seconds_is_the_age_of_the_oldest_record_not_committed() {
     }
     let topic = unique("13-lag-seconds");
     let group = unique("13-lag-seconds-g");
-    create_topic(&topic, 3);
+    create_topic(&topic, 4);
     let produced_at = now_ms();
     let started = Instant::now();
     // Partition 0: 5 records two minutes old, then 5 one minute old; the
     // group committed the first 5, so the oldest waiting is a minute old.
     // Partition 1: 3 records 30 s old, never committed. Partition 2: all
-    // committed.
+    // committed. Partition 3: 6 records 45 s old, the first 4 deleted as
+    // retention would, committed at 1: the oldest waiting is offset 4.
     produce_records(
         &topic,
         &[
@@ -46,9 +47,11 @@ fn lag_seconds_is_the_age_of_the_oldest_record_not_committed() {
             (0, 5, Some(produced_at - 60_000)),
             (1, 3, Some(produced_at - 30_000)),
             (2, 4, Some(produced_at - 90_000)),
+            (3, 6, Some(produced_at - 45_000)),
         ],
     );
-    alter_group_offsets(&group, &topic, &[(0, 5), (2, 4)]);
+    delete_records_before(&topic, &[(3, 4)]);
+    alter_group_offsets(&group, &topic, &[(0, 5), (2, 4), (3, 1)]);
 
     let earliest = lag(&topic, &group, &["--offset-reset-policy", "earliest"]);
     // The ages can only have grown since the records were produced.
@@ -69,6 +72,8 @@ fn lag_seconds_is_the_age_of_the_oldest_record_not_committed() {
     within(&parts[1]["lag_seconds"], 30.0);
     assert_eq!(parts[2]["lag"], 0);
     assert_eq!(parts[2]["lag_seconds"], 0.0);
+    assert_eq!(parts[3]["lag"], 2);
+    within(&parts[3]["lag_seconds"], 45.0);
     within(&earliest["lag_seconds"], 60.0);
 
     // KEDA's default, latest: a partition without a commit counts 1 record
@@ -77,6 +82,19 @@ fn lag_seconds_is_the_age_of_the_oldest_record_not_committed() {
     assert_eq!(latest["partitions"][1]["lag"], 1, "{latest}");
     assert!(latest["partitions"][1]["lag_seconds"].is_null(), "{latest}");
     within(&latest["lag_seconds"], 60.0);
+
+    // Every reading of a --watch measures them, not only the first.
+    let readings = lag_watch_json(
+        &topic,
+        &group,
+        &["--offset-reset-policy=earliest".into()],
+        2,
+    );
+    let slack = started.elapsed().as_secs_f64() + 1.0;
+    for reading in &readings {
+        let got = age(&reading["partitions"][0]["lag_seconds"]);
+        assert!((60.0..60.0 + slack).contains(&got), "{reading}");
+    }
 
     // The table shows them too.
     let (status, table, err) = run_lag(&topic, &group, &[]);

@@ -207,17 +207,24 @@ impl LagReader {
     /// fetching only those partitions, one record each (each is paused once
     /// its record is in). Partitions whose record does not come within the
     /// timeout, or has no timestamp, are left out.
-    fn oldest_timestamps(&self, wanted: &[(i32, i64)]) -> Result<HashMap<i32, i64>, ClientError> {
+    fn oldest_timestamps(
+        &self,
+        topic: &str,
+        wanted: &[(i32, i64)],
+    ) -> Result<HashMap<i32, i64>, ClientError> {
         let mut found = HashMap::new();
         if wanted.is_empty() {
             return Ok(found);
         }
         let mut tpl = TopicPartitionList::new();
         for (partition, offset) in wanted {
-            tpl.add_partition_offset(&self.topic, *partition, Offset::Offset(*offset))
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
                 .map_err(|e| self.classify(e))?;
         }
         self.consumer.assign(&tpl).map_err(|e| self.classify(e))?;
+        // A partition paused by the previous read stays paused when assigned
+        // again: resume them all.
+        self.consumer.resume(&tpl).map_err(|e| self.classify(e))?;
         let deadline = Instant::now() + self.timeout;
         let mut seen = 0;
         while seen < wanted.len() && Instant::now() < deadline {
@@ -233,7 +240,7 @@ impl LagReader {
                 found.insert(partition, ts);
             }
             let mut one = TopicPartitionList::new();
-            one.add_partition(&self.topic, partition);
+            one.add_partition(topic, partition);
             let _ = self.consumer.pause(&one);
         }
         self.consumer.unassign().map_err(|e| self.classify(e))?;
@@ -262,21 +269,24 @@ impl LagReader {
 
     /// The topic's partition ids.
     pub fn partitions(&self) -> Result<Vec<i32>, ClientError> {
+        self.partitions_of(&self.topic)
+    }
+
+    fn partitions_of(&self, name: &str) -> Result<Vec<i32>, ClientError> {
+        let unknown = || ClientError::UnknownTopic {
+            topic: name.to_string(),
+        };
         let md = self
             .consumer
-            .fetch_metadata(Some(&self.topic), self.timeout)
+            .fetch_metadata(Some(name), self.timeout)
             .map_err(|e| self.classify(e))?;
         let topic = md
             .topics()
             .iter()
-            .find(|t| t.name() == self.topic)
-            .ok_or_else(|| ClientError::UnknownTopic {
-                topic: self.topic.clone(),
-            })?;
+            .find(|t| t.name() == name)
+            .ok_or_else(unknown)?;
         if topic.error().is_some() || topic.partitions().is_empty() {
-            return Err(ClientError::UnknownTopic {
-                topic: self.topic.clone(),
-            });
+            return Err(unknown());
         }
         let mut ids: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
         ids.sort_unstable();
@@ -296,10 +306,47 @@ impl LagReader {
 
     /// Measures lag now.
     pub fn read(&self, policy: InvalidOffsetPolicy) -> Result<GroupLag, ClientError> {
-        let ids = self.partitions()?;
+        self.read_topic(&self.topic, policy)
+    }
+
+    /// The topics the group has committed offsets for (what a KEDA trigger
+    /// without a topic scales on), sorted.
+    pub fn committed_topics(&self) -> Result<Vec<String>, ClientError> {
+        let md = self
+            .consumer
+            .fetch_metadata(None, self.timeout)
+            .map_err(|e| self.classify(e))?;
+        let mut tpl = TopicPartitionList::new();
+        for topic in md.topics() {
+            for p in topic.partitions() {
+                tpl.add_partition(topic.name(), p.id());
+            }
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, self.timeout)
+            .map_err(|e| self.classify(e))?;
+        let mut topics: Vec<String> = committed
+            .elements()
+            .iter()
+            .filter(|e| matches!(e.offset(), Offset::Offset(o) if o >= 0))
+            .map(|e| e.topic().to_string())
+            .collect();
+        topics.sort_unstable();
+        topics.dedup();
+        Ok(topics)
+    }
+
+    /// Measures the group's lag on `topic` now.
+    pub fn read_topic(
+        &self,
+        topic: &str,
+        policy: InvalidOffsetPolicy,
+    ) -> Result<GroupLag, ClientError> {
+        let ids = self.partitions_of(topic)?;
         let mut tpl = TopicPartitionList::new();
         for p in &ids {
-            tpl.add_partition(&self.topic, *p);
+            tpl.add_partition(topic, *p);
         }
         let committed = self
             .consumer
@@ -309,24 +356,24 @@ impl LagReader {
         for p in ids {
             let (low, high) = self
                 .consumer
-                .fetch_watermarks(&self.topic, p, self.timeout)
+                .fetch_watermarks(topic, p, self.timeout)
                 .map_err(|e| self.classify(e))?;
             let c = committed
-                .find_partition(&self.topic, p)
+                .find_partition(topic, p)
                 .and_then(|e| match e.offset() {
                     Offset::Offset(o) if o >= 0 => Some(o),
                     _ => None,
                 });
             partitions.push(PartitionLag::compute(p, c, low, high, policy));
         }
-        let mut lag = GroupLag::new(&self.group, &self.topic, partitions);
+        let mut lag = GroupLag::new(&self.group, topic, partitions);
         if self.record_ages {
             let wanted: Vec<(i32, i64)> = lag
                 .partitions
                 .iter()
                 .filter_map(|p| p.oldest_waiting(policy).map(|o| (p.partition, o)))
                 .collect();
-            let timestamps = self.oldest_timestamps(&wanted)?;
+            let timestamps = self.oldest_timestamps(topic, &wanted)?;
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);

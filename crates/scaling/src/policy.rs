@@ -125,8 +125,9 @@ impl Default for KedaParams {
 #[derive(Debug)]
 pub struct KedaPolicy {
     pub params: KedaParams,
-    /// Previous committed offset per partition (for `excludePersistentLag`).
-    previous_offsets: HashMap<i32, i64>,
+    /// Previous committed offset per topic and partition (for
+    /// `excludePersistentLag`).
+    previous_offsets: HashMap<(String, i32), i64>,
     scale_down: ScaleDownWindow,
     /// Replicas added by scale-ups within the last period.
     scale_events: VecDeque<(Instant, u32)>,
@@ -149,7 +150,7 @@ impl KedaPolicy {
     /// partition with no commit counts 0 with `scaleToZeroOnInvalidOffset`
     /// (under both reset policies since v2.19), else 1 under `latest` and
     /// the retained records, high − low, under `earliest`.
-    fn partition_lag(&mut self, p: &PartitionLag) -> (i64, i64) {
+    fn partition_lag(&mut self, topic: &str, p: &PartitionLag) -> (i64, i64) {
         let params = &self.params;
         let Some(c) = p.committed else {
             if params.scale_to_zero_on_invalid_offset {
@@ -164,7 +165,9 @@ impl KedaPolicy {
         };
         let lag = p.high - c;
         if params.exclude_persistent_lag {
-            let previous = self.previous_offsets.insert(p.partition, c);
+            let previous = self
+                .previous_offsets
+                .insert((topic.to_string(), p.partition), c);
             if previous == Some(c) && lag > 0 {
                 return (0, lag);
             }
@@ -174,17 +177,26 @@ impl KedaPolicy {
 
     /// KEDA's `getTotalLag`: (lag used for the metric, lag with persistent).
     pub fn total_lag(&mut self, lag: &GroupLag) -> (i64, i64) {
+        self.total_lag_of(std::slice::from_ref(lag))
+    }
+
+    /// [`Self::total_lag`] over several topics, as a trigger without a topic
+    /// counts every topic the group has committed offsets for.
+    pub fn total_lag_of(&mut self, topics: &[GroupLag]) -> (i64, i64) {
         let mut total = 0;
         let mut with_persistent = 0;
         let mut partitions_with_lag = 0i64;
         let mut partitions = 0i64;
-        for p in &lag.partitions {
+        let all = topics
+            .iter()
+            .flat_map(|t| t.partitions.iter().map(move |p| (&t.topic, p)));
+        for (topic, p) in all {
             if let Some(only) = &self.params.partition_limitation {
                 if !only.contains(&p.partition) {
                     continue;
                 }
             }
-            let (l, lp) = self.partition_lag(p);
+            let (l, lp) = self.partition_lag(topic, p);
             total += l;
             with_persistent += lp;
             partitions += 1;

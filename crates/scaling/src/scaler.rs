@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status};
 
 use crate::lag::{GroupLag, InvalidOffsetPolicy, LagReader, RateTracker};
 use crate::policy::{KedaParams, KedaPolicy, RateParams, RatePolicy};
+use microbatch_core::kafka::ClientError;
 
 /// Generated from `proto/externalscaler.proto`.
 pub mod proto {
@@ -54,7 +55,9 @@ struct TriggerSpec {
     /// `bootstrapServers` from the trigger: this ScaledObject's cluster,
     /// reached with the scaler's own credentials (None: the scaler's).
     bootstrap_servers: Option<String>,
-    topic: String,
+    /// None: every topic the group has committed offsets for (as KEDA's
+    /// kafka trigger without `topic`; `keda` policy only).
+    topic: Option<String>,
     group: String,
     policy: PolicySpec,
     activation_lag_threshold: i64,
@@ -80,9 +83,12 @@ fn parse<T: std::str::FromStr>(
 
 impl TriggerSpec {
     fn from_metadata(meta: &HashMap<String, String>) -> Result<Self, Status> {
-        let topic = get(meta, "topic")
-            .ok_or_else(|| Status::invalid_argument("scalerMetadata.topic is required"))?
-            .to_string();
+        let topic = get(meta, "topic").map(str::to_string);
+        if topic.is_none() && get(meta, "policy").is_some_and(|p| p != "keda") {
+            return Err(Status::invalid_argument(
+                "scalerMetadata.topic is required unless the policy is keda",
+            ));
+        }
         let group = get(meta, "consumerGroup")
             .ok_or_else(|| Status::invalid_argument("scalerMetadata.consumerGroup is required"))?
             .to_string();
@@ -167,7 +173,8 @@ impl TriggerSpec {
             PolicySpec::Keda(_) => "keda",
             PolicySpec::Rate(_) => "rate",
         };
-        let raw = format!("microbatch-{policy}-{}-{}", self.topic, self.group);
+        let topics = self.topic.as_deref().unwrap_or("topics");
+        let raw = format!("microbatch-{policy}-{topics}-{}", self.group);
         raw.chars()
             .map(|c| {
                 if c.is_ascii_alphanumeric() {
@@ -210,7 +217,35 @@ pub struct Evaluation {
 }
 
 impl TriggerState {
+    /// A `keda` trigger without a topic: KEDA's lag over every topic the
+    /// group has committed offsets for.
+    fn evaluate_group_topics(&mut self) -> Result<Evaluation, Status> {
+        let unavailable = |e: ClientError| {
+            Status::unavailable(format!("reading lag of {}: {e}", self.spec.group))
+        };
+        let topics = self.reader.committed_topics().map_err(unavailable)?;
+        let lags = topics
+            .iter()
+            .map(|t| self.reader.read_topic(t, self.spec.invalid_offset))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unavailable)?;
+        let PolicyState::Keda(k) = &mut self.policy else {
+            return Err(Status::invalid_argument("scalerMetadata.topic is required"));
+        };
+        let (metric_value, with_persistent) = k.total_lag_of(&lags);
+        Ok(Evaluation {
+            metric_name: self.spec.metric_name(),
+            metric_value,
+            target: self.spec.target(),
+            active: with_persistent > self.spec.activation_lag_threshold,
+            total_lag: lags.iter().map(|l| l.total_lag).sum(),
+        })
+    }
+
     fn evaluate(&mut self) -> Result<Evaluation, Status> {
+        if self.spec.topic.is_none() {
+            return self.evaluate_group_topics();
+        }
         let lag: GroupLag = self
             .reader
             .read(self.spec.invalid_offset)
@@ -271,7 +306,8 @@ impl Scaler {
         if let Some(servers) = &spec.bootstrap_servers {
             kafka.bootstrap_servers = servers.clone();
         }
-        let reader = LagReader::new(&kafka, &spec.group, &spec.topic, Duration::from_secs(10))
+        let topic = spec.topic.as_deref().unwrap_or_default();
+        let reader = LagReader::new(&kafka, &spec.group, topic, Duration::from_secs(10))
             .map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
         let policy = match &spec.policy {
             PolicySpec::Keda(p) => PolicyState::Keda(KedaPolicy::new(p.clone())),
@@ -406,8 +442,15 @@ mod tests {
 
     #[test]
     fn metadata_is_validated_and_names_the_key() {
-        let err = TriggerSpec::from_metadata(&meta(&[("consumerGroup", "g")])).unwrap_err();
+        let err = TriggerSpec::from_metadata(&meta(&[("consumerGroup", "g"), ("policy", "rate")]))
+            .unwrap_err();
         assert!(err.message().contains("topic"));
+        let all = TriggerSpec::from_metadata(&meta(&[("consumerGroup", "g")])).unwrap();
+        assert_eq!(
+            all.topic, None,
+            "keda without a topic: all the group's topics"
+        );
+        assert_eq!(all.metric_name(), "microbatch-keda-topics-g");
         let err = TriggerSpec::from_metadata(&meta(&[
             ("topic", "t"),
             ("consumerGroup", "g"),

@@ -380,6 +380,37 @@ pub fn run_lag(topic: &str, group: &str, extra: &[&str]) -> (ExitStatus, String,
     run_to_end(&args)
 }
 
+/// The first `readings` JSON lines of `microbatch lag --watch --json` with
+/// `extra` flags, read from one process (whose state carries over).
+pub fn lag_watch_json(
+    topic: &str,
+    group: &str,
+    extra: &[String],
+    readings: usize,
+) -> Vec<serde_json::Value> {
+    let mut child = command()
+        .args(["lag", "--bootstrap-servers", broker().bootstrap()])
+        .args(["--topic", topic, "--group", group, "--json"])
+        .args(["--watch", "--interval-ms", "100"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting microbatch lag");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let lines = (0..readings)
+        .map(|_| {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut out, &mut line).expect("reading lag");
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("lag printed {line:?}: {e}"))
+        })
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
+
 pub fn lag_json(topic: &str, group: &str) -> serde_json::Value {
     let (status, out, err) = run_lag(topic, group, &["--json"]);
     assert!(status.success(), "lag failed: {err}");
