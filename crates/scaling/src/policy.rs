@@ -148,7 +148,7 @@ impl KedaPolicy {
     /// Lag as KEDA v2.21 computes it: high − committed, with no regard for
     /// the low watermark (a quirk: retention-deleted records count). A
     /// partition with no commit counts 0 with `scaleToZeroOnInvalidOffset`
-    /// (under both reset policies since v2.19), else 1 under `latest` and
+    /// (under both reset policies, as KEDA has since v2.15), else 1 under `latest` and
     /// the retained records, high − low, under `earliest`.
     fn partition_lag(&mut self, topic: &str, p: &PartitionLag) -> (i64, i64) {
         let params = &self.params;
@@ -621,7 +621,7 @@ mod tests {
         let mut lag = lag_of(&[(None, 50)]);
         lag.partitions[0].low = 40;
         assert_eq!(k.total_lag(&lag), (10, 10));
-        // Since v2.19 scaleToZeroOnInvalidOffset counts 0 under earliest too.
+        // scaleToZeroOnInvalidOffset counts 0 under earliest too (KEDA #5689).
         k.params.scale_to_zero_on_invalid_offset = true;
         assert_eq!(k.total_lag(&lag), (0, 0));
     }
