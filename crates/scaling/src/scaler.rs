@@ -4,7 +4,7 @@
 //! The trigger's metadata names the group, topic and policy with its
 //! parameters, takes KEDA's kafka trigger options (checked as KEDA checks
 //! them, [`crate::keda_trigger`]) and may name the cluster
-//! (`bootstrapServers`); Kafka credentials come from the scaler's own
+//! (`bootstrapServers`, [`cluster_for`]); Kafka credentials come from the scaler's own
 //! configuration, never from metadata (`sasl: none` and `tls: disable`,
 //! which carry none, are accepted). Metric and target are chosen so that the HPA's
 //! AverageValue arithmetic (desired = ceil(metric / target)) lands on the
@@ -52,8 +52,7 @@ enum PolicySpec {
 /// A trigger's metadata, validated.
 #[derive(Debug, Clone, PartialEq)]
 struct TriggerSpec {
-    /// `bootstrapServers` from the trigger: this ScaledObject's cluster,
-    /// reached with the scaler's own credentials (None: the scaler's).
+    /// `bootstrapServers` from the trigger (see [`cluster_for`]).
     bootstrap_servers: Option<String>,
     /// None: every topic the group has committed offsets for (as KEDA's
     /// kafka trigger without `topic`; `keda` policy only).
@@ -302,10 +301,7 @@ impl Scaler {
         if let Some(s) = states.get(&key) {
             return Ok(s.clone());
         }
-        let mut kafka = self.kafka.clone();
-        if let Some(servers) = &spec.bootstrap_servers {
-            kafka.bootstrap_servers = servers.clone();
-        }
+        let kafka = cluster_for(&self.kafka, spec.bootstrap_servers.as_deref())?;
         let topic = spec.topic.as_deref().unwrap_or_default();
         let reader = LagReader::new(&kafka, &spec.group, topic, Duration::from_secs(10))
             .map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
@@ -337,6 +333,35 @@ impl Scaler {
         .await
         .map_err(|e| Status::internal(format!("evaluation task failed: {e}")))?
     }
+}
+
+/// The cluster a trigger is read from: its `bootstrapServers` if it names
+/// them, else the scaler's own. Credentials are only ever sent to the
+/// scaler's own brokers, so a scaler that has some refuses other servers
+/// (whoever writes a ScaledObject could otherwise collect them).
+fn cluster_for(own: &KafkaConfig, servers: Option<&str>) -> Result<KafkaConfig, Status> {
+    let set = |s: &str| {
+        let mut v: Vec<String> = s.split(',').map(|h| h.trim().to_string()).collect();
+        v.sort_unstable();
+        v
+    };
+    let mut kafka = own.clone();
+    let Some(servers) = servers.filter(|s| set(s) != set(&own.bootstrap_servers)) else {
+        return Ok(kafka);
+    };
+    let has_credentials = own.password.is_some()
+        || own
+            .properties
+            .iter()
+            .any(|(k, _)| microbatch_core::config::is_secret_property(k));
+    if has_credentials {
+        return Err(Status::invalid_argument(format!(
+            "scalerMetadata.bootstrapServers: {servers} is not the scaler's own cluster ({}), and the scaler sends its credentials only there",
+            own.bootstrap_servers
+        )));
+    }
+    kafka.bootstrap_servers = servers.to_string();
+    Ok(kafka)
 }
 
 type ActiveStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, Status>> + Send>>;
@@ -480,6 +505,27 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(rate.target(), 1);
+    }
+
+    #[test]
+    fn trigger_servers_never_receive_the_scalers_credentials() {
+        let own = KafkaConfig::plaintext("b1:9092,b2:9092");
+        let same = cluster_for(&own, Some(" b2:9092, b1:9092")).unwrap();
+        assert_eq!(same.bootstrap_servers, "b1:9092,b2:9092");
+        let other = cluster_for(&own, Some("other:9092")).unwrap();
+        assert_eq!(other.bootstrap_servers, "other:9092");
+        let mut secure = own.clone();
+        secure.username = Some("u".into());
+        secure.password = Some(microbatch_core::config::Secret::new("s3cr3t"));
+        assert!(cluster_for(&secure, Some("b2:9092,b1:9092")).is_ok());
+        let err = cluster_for(&secure, Some("evil:9092")).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains("bootstrapServers"),
+            "{}",
+            err.message()
+        );
+        assert!(!err.message().contains("s3cr3t"));
     }
 
     #[test]
