@@ -73,6 +73,17 @@ impl ScaleDownWindow {
     }
 }
 
+/// Which KEDA release's kafka scaler the `keda` policy reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KedaVersion {
+    /// v2.20: a partition without a commit counts its whole high watermark
+    /// under `earliest`, records retention deleted included.
+    V2_20,
+    /// v2.21: such a partition counts the records retained, high − low.
+    #[default]
+    V2_21,
+}
+
 /// KEDA kafka trigger metadata and the ScaledObject's replica bounds.
 ///
 /// The rules for which combinations KEDA accepts are in
@@ -99,6 +110,7 @@ pub struct KedaParams {
     pub scale_down_stabilization: Duration,
     /// KEDA `cooldownPeriod`: only for going to zero (default 300 s).
     pub cooldown: Duration,
+    pub version: KedaVersion,
 }
 
 impl Default for KedaParams {
@@ -117,6 +129,7 @@ impl Default for KedaParams {
             max_replicas: 100,
             scale_down_stabilization: Duration::from_secs(300),
             cooldown: Duration::from_secs(300),
+            version: KedaVersion::default(),
         }
     }
 }
@@ -158,6 +171,8 @@ impl KedaPolicy {
             }
             let v = if params.offset_reset_latest {
                 1
+            } else if params.version == KedaVersion::V2_20 {
+                p.high
             } else {
                 (p.high - p.low).max(0)
             };
@@ -621,6 +636,9 @@ mod tests {
         let mut lag = lag_of(&[(None, 50)]);
         lag.partitions[0].low = 40;
         assert_eq!(k.total_lag(&lag), (10, 10));
+        // KEDA v2.20 and before counted the whole high watermark.
+        k.params.version = KedaVersion::V2_20;
+        assert_eq!(k.total_lag(&lag), (50, 50));
         // scaleToZeroOnInvalidOffset counts 0 under earliest too (KEDA #5689).
         k.params.scale_to_zero_on_invalid_offset = true;
         assert_eq!(k.total_lag(&lag), (0, 0));

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use microbatch_core::config::ConfigError;
 use microbatch_scaling::keda_trigger::{self, TriggerError};
 use microbatch_scaling::lag::InvalidOffsetPolicy;
-use microbatch_scaling::policy::{Decision, KedaParams, KedaPolicy, RateParams, RatePolicy};
+use microbatch_scaling::policy::{
+    Decision, KedaParams, KedaPolicy, KedaVersion, RateParams, RatePolicy,
+};
 
 use crate::args::LagTarget;
 
@@ -15,6 +17,18 @@ use crate::args::LagTarget;
 pub enum PolicyKind {
     Keda,
     Rate,
+}
+
+/// KEDA releases whose kafka scaler `keda` can reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KedaRelease {
+    /// v2.21 (the newest).
+    #[value(name = "2.21")]
+    V2_21,
+    /// v2.20: under earliest a partition without a commit counts its whole
+    /// high watermark.
+    #[value(name = "2.20")]
+    V2_20,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -89,6 +103,9 @@ pub struct PolicyArgs {
     /// (KEDA `cooldownPeriod`).
     #[arg(long, default_value_t = 300)]
     pub cooldown_seconds: u64,
+    /// keda: the KEDA release to reproduce.
+    #[arg(long, value_enum, default_value = "2.21")]
+    pub keda_version: KedaRelease,
 }
 
 /// KEDA's metadata keys and the flags that set them, for error messages.
@@ -154,6 +171,10 @@ impl PolicyArgs {
             max_replicas: self.max_replicas,
             scale_down_stabilization: Duration::from_secs(self.scale_down_seconds),
             cooldown: Duration::from_secs(self.cooldown_seconds),
+            version: match self.keda_version {
+                KedaRelease::V2_21 => KedaVersion::V2_21,
+                KedaRelease::V2_20 => KedaVersion::V2_20,
+            },
         };
         keda_trigger::validate(&params, true).map_err(to_config_error)?;
         Ok(params)
@@ -328,6 +349,9 @@ mod tests {
         let p = keda_params(&["--scale-down-seconds", "60"]).unwrap();
         assert_eq!(p.scale_down_stabilization, Duration::from_secs(60));
         assert_eq!(p.cooldown, Duration::from_secs(300), "KEDA's default");
+        assert_eq!(p.version, KedaVersion::V2_21, "the newest KEDA by default");
+        let p = keda_params(&["--keda-version", "2.20"]).unwrap();
+        assert_eq!(p.version, KedaVersion::V2_20);
         let p = keda_params(&["--cooldown-seconds", "30"]).unwrap();
         assert_eq!(p.cooldown, Duration::from_secs(30));
         assert_eq!(p.scale_down_stabilization, Duration::from_secs(300));
