@@ -4,7 +4,8 @@
 //! IsActive) read the same engineered lag states on a real broker, with the
 //! same trigger metadata, and must give the same metric and activity.
 //!
-//! The states: commits placed with the admin API (AlterConsumerGroupOffsets),
+//! The states: commits placed with the admin API (AlterConsumerGroupOffsets,
+//! one past the partition's end),
 //! records deleted for retention (DeleteRecords) below a commit and on a
 //! partition without one, partitions without commits (one empty), lag that
 //! persists over two polls, and a commit that moves between polls; and
@@ -25,9 +26,10 @@ use microbatch_scaling::scaler::proto::{GetMetricsRequest, ScaledObjectRef};
 use tonic::transport::Channel;
 
 /// Records produced per partition, and where each partition's state ends up.
-const RECORDS: [i64; 6] = [20, 20, 20, 20, 0, 20];
-/// Committed offsets placed with the admin API (None: never committed).
-const COMMITTED: [Option<i64>; 6] = [Some(5), Some(20), None, Some(2), None, Some(0)];
+const RECORDS: [i64; 7] = [20, 20, 20, 20, 0, 20, 0];
+/// Committed offsets placed with the admin API (None: never committed);
+/// partition 6's is past its end (the admin API allows it): lag −3.
+const COMMITTED: [Option<i64>; 7] = [Some(5), Some(20), None, Some(2), None, Some(0), Some(3)];
 /// Records deleted from the start of a partition (the new low watermark).
 const DELETED_BEFORE: [(i32, i64); 2] = [(2, 8), (3, 10)];
 
@@ -59,6 +61,8 @@ const TRIGGERS: &[&[(&str, &str)]] = &[
         ("offsetResetPolicy", "earliest"),
     ],
     &[("lagThreshold", "2"), ("partitionLimitation", "0,2-3")],
+    // Only the partition committed past its end: a negative total.
+    &[("lagThreshold", "2"), ("partitionLimitation", "6")],
     &[("lagThreshold", "3"), ("excludePersistentLag", "true")],
     &[
         ("lagThreshold", "1"),

@@ -183,7 +183,9 @@ impl KedaPolicy {
             let previous = self
                 .previous_offsets
                 .insert((topic.to_string(), p.partition), c);
-            if previous == Some(c) && lag > 0 {
+            // KEDA leaves an offset that did not move out whatever its lag,
+            // a negative one (a commit past the end) included.
+            if previous == Some(c) {
                 return (0, lag);
             }
         }
@@ -239,7 +241,9 @@ impl KedaPolicy {
                 total = upper * params.lag_threshold;
             }
         }
-        (total, with_persistent)
+        // Commits past the end make lag negative; KEDA reports the metric
+        // as 0 then (activation still sees the sum).
+        (total.max(0), with_persistent)
     }
 
     /// One evaluation: what KEDA and the HPA would set replicas to, given
@@ -642,6 +646,19 @@ mod tests {
         // scaleToZeroOnInvalidOffset counts 0 under earliest too (KEDA #5689).
         k.params.scale_to_zero_on_invalid_offset = true;
         assert_eq!(k.total_lag(&lag), (0, 0));
+    }
+
+    #[test]
+    fn keda_commits_past_the_end_report_zero_and_persist_like_any_other() {
+        let mut k = keda(1);
+        k.params.exclude_persistent_lag = true;
+        k.params.allow_idle_consumers = true;
+        let lag = lag_of(&[(Some(13), 10), (Some(0), 2)]);
+        assert_eq!(k.total_lag(&lag), (0, -1), "-3 + 2: the metric is 0");
+        // Second poll, nothing moved: both are left out of the metric.
+        assert_eq!(k.total_lag(&lag), (0, -1));
+        let lag = lag_of(&[(Some(13), 10), (Some(1), 2)]);
+        assert_eq!(k.total_lag(&lag), (1, -2), "the moved partition counts");
     }
 
     #[test]
