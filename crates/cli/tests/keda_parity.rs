@@ -79,6 +79,9 @@ const GROUP_WIDE: &[&[(&str, &str)]] = &[
     &[("offsetResetPolicy", "earliest"), ("lagThreshold", "3")],
     &[("lagThreshold", "1"), ("activationLagThreshold", "70")],
     &[("excludePersistentLag", "true"), ("lagThreshold", "2")],
+    // Go's spellings of true.
+    &[("allowIdleConsumers", "True"), ("lagThreshold", "1")],
+    &[("excludePersistentLag", "1"), ("lagThreshold", "4")],
     // Ignored without a topic, by KEDA and by us.
     &[("partitionLimitation", "0"), ("lagThreshold", "5")],
 ];
@@ -86,6 +89,13 @@ const GROUP_WIDE: &[&[(&str, &str)]] = &[
 /// A second topic of the group: records per partition, and its commits.
 const OTHER_RECORDS: [i64; 2] = [7, 7];
 const OTHER_COMMITTED: [(i32, i64); 1] = [(0, 3)];
+
+/// Metadata spellings KEDA refuses (a flag of `lag` is not metadata).
+const REFUSED_SPELLINGS: &[&[(&str, &str)]] = &[
+    &[("lagThreshold", "+5")],
+    &[("lagThreshold", "05")],
+    &[("allowIdleConsumers", "yes")],
+];
 
 /// Triggers KEDA refuses; microbatch must refuse them too.
 const REFUSED: &[&[(&str, &str)]] = &[
@@ -423,6 +433,17 @@ fn keda_policy_matches_kedas_own_kafka_scaler() {
         check(format!("{trigger:?} after the move, fresh lag"), k, lag);
     }
 
+    for (i, trigger) in REFUSED_SPELLINGS.iter().enumerate() {
+        let meta = metadata(Some(&topic), &group, trigger);
+        let keda = Keda::start(&keda_diff, &meta).poll();
+        assert!(keda.is_err(), "KEDA accepts {trigger:?}: {keda:?}");
+        let object = scaled_object(format!("refused-spelling-{i}"), &meta);
+        let status = runtime
+            .block_on(scaler_poll(&mut client, &object))
+            .err()
+            .unwrap_or_else(|| panic!("the scaler accepts {trigger:?}"));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{trigger:?}");
+    }
     for (i, trigger) in REFUSED.iter().enumerate() {
         let meta = metadata(Some(&topic), &group, trigger);
         let keda = Keda::start(&keda_diff, &meta).poll();

@@ -122,9 +122,16 @@ fn number(
     key: &'static str,
     default: i64,
 ) -> Result<i64, TriggerError> {
+    // KEDA reads numbers as JSON: no `+`, no leading zeros.
+    let json_integer = |v: &str| {
+        let digits = v.strip_prefix('-').unwrap_or(v);
+        !digits.starts_with('+') && (digits == "0" || !digits.starts_with('0'))
+    };
     get(meta, key).map_or(Ok(default), |v| {
         v.parse()
-            .map_err(|_| TriggerError::new(key, format!("cannot parse {v:?} as a number")))
+            .ok()
+            .filter(|_| json_integer(v))
+            .ok_or_else(|| TriggerError::new(key, format!("cannot parse {v:?} as a number")))
     })
 }
 
@@ -201,6 +208,9 @@ mod tests {
             "activationLagThreshold"
         );
         assert_eq!(refused(&[("lagThreshold", "0")]).key, "lagThreshold");
+        for spelling in ["+5", "05", "5.0", "five"] {
+            assert_eq!(refused(&[("lagThreshold", spelling)]).key, "lagThreshold");
+        }
         assert_eq!(
             refused(&[
                 ("limitToPartitionsWithLag", "true"),
