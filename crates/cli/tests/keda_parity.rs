@@ -61,6 +61,11 @@ const TRIGGERS: &[&[(&str, &str)]] = &[
         ("offsetResetPolicy", "earliest"),
     ],
     &[("lagThreshold", "2"), ("partitionLimitation", "0,2-3")],
+    // Spaces around values and range bounds.
+    &[
+        ("lagThreshold", " 3 "),
+        ("partitionLimitation", " 0 , 2 - 3 "),
+    ],
     // Only the partition committed past its end: a negative total.
     &[("lagThreshold", "2"), ("partitionLimitation", "6")],
     &[("lagThreshold", "3"), ("excludePersistentLag", "true")],
@@ -95,6 +100,7 @@ const REFUSED_SPELLINGS: &[&[(&str, &str)]] = &[
     &[("lagThreshold", "+5")],
     &[("lagThreshold", "05")],
     &[("allowIdleConsumers", "yes")],
+    &[("offsetResetPolicy", "Earliest")],
 ];
 
 /// Triggers KEDA refuses; microbatch must refuse them too.
@@ -212,7 +218,7 @@ fn lag_flags(trigger: &[(&str, &str)]) -> Vec<String> {
             "activationLagThreshold" => "--activation-lag-threshold",
             "partitionLimitation" => "--partition-limitation",
             "offsetResetPolicy" => {
-                flags[1] = value.to_string();
+                flags[1] = value.trim().to_string();
                 continue;
             }
             "allowIdleConsumers" => "--allow-idle-consumers",
@@ -223,7 +229,7 @@ fn lag_flags(trigger: &[(&str, &str)]) -> Vec<String> {
             other => panic!("no lag flag for {other}"),
         };
         // `--flag=value`, so a negative number is not read as a flag.
-        flags.push(match *value {
+        flags.push(match value.trim() {
             "true" => flag.to_string(),
             value => format!("{flag}={value}"),
         });
