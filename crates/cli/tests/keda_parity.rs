@@ -103,6 +103,9 @@ const REFUSED_SPELLINGS: &[&[(&str, &str)]] = &[
     &[("offsetResetPolicy", "Earliest")],
 ];
 
+/// Triggers KEDA accepts but whose every reading fails.
+const FAILING: &[&[(&str, &str)]] = &[&[("partitionLimitation", "40-41")]];
+
 /// Triggers KEDA refuses; microbatch must refuse them too.
 const REFUSED: &[&[(&str, &str)]] = &[
     &[
@@ -248,6 +251,20 @@ fn lag_polls(topic: &str, group: &str, trigger: &[(&str, &str)], polls: usize) -
             active: v["policy"]["active"].as_bool().expect("active"),
         })
         .collect()
+}
+
+/// One `lag --policy keda` for the trigger: its exit status and stderr.
+fn lag_once(
+    topic: &str,
+    group: &str,
+    trigger: &[(&str, &str)],
+) -> (std::process::ExitStatus, String) {
+    let mut args = vec!["lag", "--bootstrap-servers", broker().bootstrap()];
+    args.extend(["--topic", topic, "--group", group, "--policy", "keda"]);
+    let flags = lag_flags(trigger);
+    args.extend(flags.iter().map(String::as_str));
+    let (status, _, err) = run_to_end(&args);
+    (status, err)
 }
 
 /// The trigger's metadata as KEDA and our scaler get it (no topic: the
@@ -439,6 +456,24 @@ fn keda_policy_matches_kedas_own_kafka_scaler() {
         check(format!("{trigger:?} after the move, fresh lag"), k, lag);
     }
 
+    for (i, trigger) in FAILING.iter().enumerate() {
+        let meta = metadata(Some(&topic), &group, trigger);
+        let keda = Keda::start(&keda_diff, &meta).poll();
+        assert!(keda.is_err(), "KEDA reads {trigger:?}: {keda:?}");
+        let (status, err) = lag_once(&topic, &group, trigger);
+        assert_eq!(status.code(), Some(1), "lag reads {trigger:?}: {err}");
+        let object = scaled_object(format!("failing-{i}"), &meta);
+        let status = runtime
+            .block_on(scaler_poll(&mut client, &object))
+            .err()
+            .unwrap_or_else(|| panic!("the scaler reads {trigger:?}"));
+        report.push(format!(
+            "{trigger:?}: fails in KEDA ({}), lag ({}) and the scaler ({})",
+            keda.unwrap_err(),
+            err.trim(),
+            status.message()
+        ));
+    }
     for (i, trigger) in REFUSED_SPELLINGS.iter().enumerate() {
         let meta = metadata(Some(&topic), &group, trigger);
         let keda = Keda::start(&keda_diff, &meta).poll();
@@ -454,11 +489,7 @@ fn keda_policy_matches_kedas_own_kafka_scaler() {
         let meta = metadata(Some(&topic), &group, trigger);
         let keda = Keda::start(&keda_diff, &meta).poll();
         assert!(keda.is_err(), "KEDA accepts {trigger:?}: {keda:?}");
-        let mut args = vec!["lag", "--bootstrap-servers", broker().bootstrap()];
-        args.extend(["--topic", &topic, "--group", &group, "--policy", "keda"]);
-        let flags = lag_flags(trigger);
-        args.extend(flags.iter().map(String::as_str));
-        let (status, _, err) = run_to_end(&args);
+        let (status, err) = lag_once(&topic, &group, trigger);
         assert_eq!(status.code(), Some(2), "lag accepts {trigger:?}: {err}");
         let object = scaled_object(format!("refused-{i}"), &meta);
         let status = runtime

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 
 use thiserror::Error;
 
+use crate::lag::GroupLag;
 use crate::policy::KedaParams;
 
 /// A trigger option KEDA would refuse, named by its metadata key.
@@ -75,6 +76,20 @@ pub fn validate(params: &KedaParams, has_topic: bool) -> Result<(), TriggerError
         ));
     }
     Ok(())
+}
+
+/// KEDA fails a reading whose `partitionLimitation` leaves none of the
+/// topic's partitions.
+pub fn check_partitions(params: &KedaParams, lag: &GroupLag) -> Result<(), TriggerError> {
+    match &params.partition_limitation {
+        Some(only) if !lag.partitions.iter().any(|p| only.contains(&p.partition)) => {
+            Err(TriggerError::new(
+                "partitionLimitation",
+                format!("lists none of the partitions of {}", lag.topic),
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Parses `partitionLimitation`: ids and inclusive ranges, comma-separated.

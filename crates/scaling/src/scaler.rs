@@ -251,6 +251,8 @@ impl TriggerState {
             .map_err(|e| Status::unavailable(format!("reading lag of {}: {e}", self.spec.group)))?;
         let (metric_value, active) = match &mut self.policy {
             PolicyState::Keda(k) => {
+                crate::keda_trigger::check_partitions(&k.params, &lag)
+                    .map_err(|e| Status::failed_precondition(format!("scalerMetadata.{e}")))?;
                 let (metric, with_persistent) = k.total_lag(&lag);
                 (metric, with_persistent > self.spec.activation_lag_threshold)
             }

@@ -252,7 +252,11 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
         let now = Instant::now();
         let r = rates.observe(now, &lag);
         let decision: Option<(&str, Decision)> = match policy {
-            Some(PolicyKind::Keda) => Some(("keda", keda.evaluate(now, &lag, replicas))),
+            Some(PolicyKind::Keda) => {
+                keda_trigger::check_partitions(&keda.params, &lag)
+                    .map_err(|e| anyhow::anyhow!("--partition-limitation {}", e.rule))?;
+                Some(("keda", keda.evaluate(now, &lag, replicas)))
+            }
             Some(PolicyKind::Rate) => {
                 rate.observe(now, r.processed_per_sec, replicas, lag.total_lag);
                 Some((
