@@ -110,7 +110,7 @@ if [[ -z $TOPIC ]]; then
 	produce "$TOPIC" "$RECORDS" "$SIZE" "$KEYS" | tee "$WORK/produce.txt" >&2
 fi
 available=$("$MB" lag --bootstrap-servers "$BOOTSTRAP" --topic "$TOPIC" \
-	--group "bench-probe-$STAMP" --json | jq .total_lag)
+	--group "bench-probe-$STAMP" --offset-reset-policy earliest --json | jq .total_lag)
 [[ $available == "$RECORDS" ]] || die "topic $TOPIC holds $available records, expected $RECORDS"
 
 run_one() { # contender run

@@ -57,7 +57,8 @@ type binaryFacts struct {
 	// Defaults of `microbatch run` the manifests depend on.
 	defaultHTTPPort    int
 	defaultDrainMillis int
-	// Trigger metadata keys `microbatch scaler` reads (crates/scaling/src/scaler.rs).
+	// Trigger metadata keys `microbatch scaler` reads (crates/scaling/src/scaler.rs
+	// and the KEDA options in keda_trigger.rs).
 	scalerKeys []string
 }
 
@@ -97,7 +98,7 @@ var (
 	subcmdEnum   = regexp.MustCompile(`(?s)#\[derive\([^)]*Subcommand[^)]*\)\](?:\s*(?:#\[[^\n]*\]|//[^\n]*))*\s*pub enum \w+\s*\{(.*?)\n\}`)
 	variant      = regexp.MustCompile(`(?m)^\s*([A-Z][A-Za-z0-9]*)\s*(?:\(|\{|,)`)
 	httpDefault  = regexp.MustCompile(`pick\(self\.http_port,\s*file\.http_port,\s*([0-9_]+)\)`)
-	scalerKey    = regexp.MustCompile(`\b(?:get|parse)\(\s*meta,\s*"([A-Za-z]+)"`)
+	scalerKey    = regexp.MustCompile(`\b(?:get|parse|flag|number)\(\s*meta,\s*"([A-Za-z]+)"`)
 	drainDefault = regexp.MustCompile(`pick\(self\.drain_timeout_ms,\s*file\.drain_timeout_ms,\s*([0-9_]+)\)`)
 )
 
@@ -193,7 +194,9 @@ func parseFacts(root string) (*binaryFacts, string) {
 		return nil, err.Error()
 	}
 	seen := map[string]bool{}
-	for _, m := range scalerKey.FindAllStringSubmatch(readFileNoT(filepath.Join(root, "crates", "scaling", "src", "scaler.rs")), -1) {
+	scalerSources := readFileNoT(filepath.Join(root, "crates", "scaling", "src", "scaler.rs")) +
+		readFileNoT(filepath.Join(root, "crates", "scaling", "src", "keda_trigger.rs"))
+	for _, m := range scalerKey.FindAllStringSubmatch(scalerSources, -1) {
 		if !seen[m[1]] {
 			seen[m[1]] = true
 			f.scalerKeys = append(f.scalerKeys, m[1])

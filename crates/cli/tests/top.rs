@@ -97,5 +97,13 @@ fn top_prints_plain_lines_when_not_a_terminal() {
     assert!(status.success());
     let first = read(&out_path).lines().next().unwrap().to_string();
     assert!(first.starts_with("total_lag=50 "), "{first}");
-    assert!(first.contains("p0=0 p1=50"), "{first}");
+    assert!(first.contains("p0=0/0.0s p1=50/"), "{first}");
+    // Lag in seconds: the 50 records were produced moments ago.
+    let age: f64 = first
+        .split("p1=50/")
+        .nth(1)
+        .and_then(|rest| rest.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("p1's lag seconds in {first}"));
+    assert!((0.0..60.0).contains(&age), "{first}");
 }

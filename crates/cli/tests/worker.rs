@@ -187,6 +187,23 @@ fn bad_input_exits_2_and_names_the_flag() {
             "--kafka-property",
         ),
         (&["run", "--group", "g"], "--topic"),
+        // A supervise flag after `--` is named, not reported missing.
+        (
+            &["supervise", "--group", "g", "--", "--topic", "t"],
+            "--topic: given after `--`; put it before `--`",
+        ),
+        (
+            &[
+                "lag",
+                "--topic",
+                "t",
+                "--group",
+                "g",
+                "--allow-idle-consumers",
+                "--limit-to-partitions-with-lag",
+            ],
+            "--limit-to-partitions-with-lag",
+        ),
         (
             &["run", "--topic", "t", "--group", "g", "--handler", "exec"],
             "--command",

@@ -4,12 +4,21 @@
 //! records that retention already deleted are not lag. A partition without a
 //! committed offset follows the reset policy, as KEDA's kafka scaler does:
 //! `earliest`: high − low; `latest`: 1, or 0 with `scale_to_zero_on_invalid`.
+//!
+//! **Lag in seconds** of a partition = now − the timestamp of the oldest
+//! record not yet committed (the one at max(committed, low), or at low for a
+//! partition without a commit under `earliest`); 0 without lag. It costs one
+//! fetch, so [`LagReader`] measures it only when asked
+//! ([`LagReader::with_record_ages`]) and only for partitions with lag, one
+//! record each. The group's figure is the oldest partition's.
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use microbatch_core::config::KafkaConfig;
 use microbatch_core::kafka::{ClientError, QuietContext};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
@@ -31,9 +40,33 @@ pub struct PartitionLag {
     pub low: i64,
     pub high: i64,
     pub lag: i64,
+    /// Age of the oldest record not committed, in ms (shown in seconds): 0
+    /// without lag; None when not measured, or under `latest` without a
+    /// commit (the group would start at the end: no record waits).
+    #[serde(rename = "lag_seconds", serialize_with = "as_seconds")]
+    pub lag_ms: Option<i64>,
+}
+
+fn as_seconds<S: serde::Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    match ms {
+        Some(ms) => s.serialize_f64(*ms as f64 / 1000.0),
+        None => s.serialize_none(),
+    }
 }
 
 impl PartitionLag {
+    /// Where the oldest record not yet committed is, if one waits.
+    pub fn oldest_waiting(&self, policy: InvalidOffsetPolicy) -> Option<i64> {
+        if self.lag <= 0 {
+            return None;
+        }
+        match (self.committed, policy) {
+            (Some(c), _) => Some(c.max(self.low)),
+            (None, InvalidOffsetPolicy::Earliest) => Some(self.low),
+            (None, InvalidOffsetPolicy::Latest { .. }) => None,
+        }
+    }
+
     pub fn compute(
         partition: i32,
         committed: Option<i64>,
@@ -63,6 +96,7 @@ impl PartitionLag {
             low,
             high,
             lag,
+            lag_ms: (lag == 0).then_some(0),
         }
     }
 }
@@ -73,17 +107,38 @@ pub struct GroupLag {
     pub group: String,
     pub topic: String,
     pub total_lag: i64,
+    /// The oldest partition's lag in seconds (ms here), None if unmeasured.
+    #[serde(rename = "lag_seconds", serialize_with = "as_seconds")]
+    pub lag_ms: Option<i64>,
     pub partitions: Vec<PartitionLag>,
 }
 
 impl GroupLag {
     pub fn new(group: &str, topic: &str, partitions: Vec<PartitionLag>) -> Self {
-        Self {
+        let mut lag = Self {
             group: group.to_string(),
             topic: topic.to_string(),
             total_lag: partitions.iter().map(|p| p.lag).sum(),
+            lag_ms: None,
             partitions,
+        };
+        lag.lag_ms = lag.oldest_ms();
+        lag
+    }
+
+    fn oldest_ms(&self) -> Option<i64> {
+        self.partitions.iter().filter_map(|p| p.lag_ms).max()
+    }
+
+    /// Sets each partition's age from the timestamp (ms since the epoch) of
+    /// its oldest waiting record, as of `now_ms`.
+    pub fn set_ages(&mut self, now_ms: i64, timestamps: &HashMap<i32, i64>) {
+        for p in &mut self.partitions {
+            if let Some(ts) = timestamps.get(&p.partition) {
+                p.lag_ms = Some((now_ms - ts).max(0));
+            }
         }
+        self.lag_ms = self.oldest_ms();
     }
 
     pub fn partitions_with_lag(&self) -> usize {
@@ -112,6 +167,8 @@ pub struct LagReader {
     group: String,
     topic: String,
     timeout: Duration,
+    /// Whether [`Self::read`] also measures lag in seconds.
+    record_ages: bool,
 }
 
 impl LagReader {
@@ -125,6 +182,10 @@ impl LagReader {
             .client_config()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
+            // Ages need one record per partition: fetch one batch, not 1 MiB.
+            .set("max.partition.fetch.bytes", "1024")
+            // A record deleted meanwhile: take the next one still there.
+            .set("auto.offset.reset", "earliest")
             .create_with_context(QuietContext::default())?;
         Ok(Self {
             consumer,
@@ -132,7 +193,58 @@ impl LagReader {
             group: group.to_string(),
             topic: topic.to_string(),
             timeout,
+            record_ages: false,
         })
+    }
+
+    /// Makes [`Self::read`] measure lag in seconds too (one fetch per read).
+    pub fn with_record_ages(mut self) -> Self {
+        self.record_ages = true;
+        self
+    }
+
+    /// Timestamps of the oldest waiting record of each partition asked for,
+    /// fetching only those partitions, one record each (each is paused once
+    /// its record is in). Partitions whose record does not come within the
+    /// timeout, or has no timestamp, are left out.
+    fn oldest_timestamps(
+        &self,
+        topic: &str,
+        wanted: &[(i32, i64)],
+    ) -> Result<HashMap<i32, i64>, ClientError> {
+        let mut found = HashMap::new();
+        if wanted.is_empty() {
+            return Ok(found);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in wanted {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                .map_err(|e| self.classify(e))?;
+        }
+        self.consumer.assign(&tpl).map_err(|e| self.classify(e))?;
+        // A partition paused by the previous read stays paused when assigned
+        // again: resume them all.
+        self.consumer.resume(&tpl).map_err(|e| self.classify(e))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut seen = 0;
+        while seen < wanted.len() && Instant::now() < deadline {
+            let Some(Ok(message)) = self.consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let partition = message.partition();
+            if found.contains_key(&partition) {
+                continue;
+            }
+            seen += 1;
+            if let Some(ts) = message.timestamp().to_millis() {
+                found.insert(partition, ts);
+            }
+            let mut one = TopicPartitionList::new();
+            one.add_partition(topic, partition);
+            let _ = self.consumer.pause(&one);
+        }
+        self.consumer.unassign().map_err(|e| self.classify(e))?;
+        Ok(found)
     }
 
     fn classify(&self, e: rdkafka::error::KafkaError) -> ClientError {
@@ -157,21 +269,24 @@ impl LagReader {
 
     /// The topic's partition ids.
     pub fn partitions(&self) -> Result<Vec<i32>, ClientError> {
+        self.partitions_of(&self.topic)
+    }
+
+    fn partitions_of(&self, name: &str) -> Result<Vec<i32>, ClientError> {
+        let unknown = || ClientError::UnknownTopic {
+            topic: name.to_string(),
+        };
         let md = self
             .consumer
-            .fetch_metadata(Some(&self.topic), self.timeout)
+            .fetch_metadata(Some(name), self.timeout)
             .map_err(|e| self.classify(e))?;
         let topic = md
             .topics()
             .iter()
-            .find(|t| t.name() == self.topic)
-            .ok_or_else(|| ClientError::UnknownTopic {
-                topic: self.topic.clone(),
-            })?;
+            .find(|t| t.name() == name)
+            .ok_or_else(unknown)?;
         if topic.error().is_some() || topic.partitions().is_empty() {
-            return Err(ClientError::UnknownTopic {
-                topic: self.topic.clone(),
-            });
+            return Err(unknown());
         }
         let mut ids: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
         ids.sort_unstable();
@@ -191,10 +306,47 @@ impl LagReader {
 
     /// Measures lag now.
     pub fn read(&self, policy: InvalidOffsetPolicy) -> Result<GroupLag, ClientError> {
-        let ids = self.partitions()?;
+        self.read_topic(&self.topic, policy)
+    }
+
+    /// The topics the group has committed offsets for (what a KEDA trigger
+    /// without a topic scales on), sorted.
+    pub fn committed_topics(&self) -> Result<Vec<String>, ClientError> {
+        let md = self
+            .consumer
+            .fetch_metadata(None, self.timeout)
+            .map_err(|e| self.classify(e))?;
+        let mut tpl = TopicPartitionList::new();
+        for topic in md.topics() {
+            for p in topic.partitions() {
+                tpl.add_partition(topic.name(), p.id());
+            }
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, self.timeout)
+            .map_err(|e| self.classify(e))?;
+        let mut topics: Vec<String> = committed
+            .elements()
+            .iter()
+            .filter(|e| matches!(e.offset(), Offset::Offset(o) if o >= 0))
+            .map(|e| e.topic().to_string())
+            .collect();
+        topics.sort_unstable();
+        topics.dedup();
+        Ok(topics)
+    }
+
+    /// Measures the group's lag on `topic` now.
+    pub fn read_topic(
+        &self,
+        topic: &str,
+        policy: InvalidOffsetPolicy,
+    ) -> Result<GroupLag, ClientError> {
+        let ids = self.partitions_of(topic)?;
         let mut tpl = TopicPartitionList::new();
         for p in &ids {
-            tpl.add_partition(&self.topic, *p);
+            tpl.add_partition(topic, *p);
         }
         let committed = self
             .consumer
@@ -204,17 +356,30 @@ impl LagReader {
         for p in ids {
             let (low, high) = self
                 .consumer
-                .fetch_watermarks(&self.topic, p, self.timeout)
+                .fetch_watermarks(topic, p, self.timeout)
                 .map_err(|e| self.classify(e))?;
             let c = committed
-                .find_partition(&self.topic, p)
+                .find_partition(topic, p)
                 .and_then(|e| match e.offset() {
                     Offset::Offset(o) if o >= 0 => Some(o),
                     _ => None,
                 });
             partitions.push(PartitionLag::compute(p, c, low, high, policy));
         }
-        Ok(GroupLag::new(&self.group, &self.topic, partitions))
+        let mut lag = GroupLag::new(&self.group, topic, partitions);
+        if self.record_ages {
+            let wanted: Vec<(i32, i64)> = lag
+                .partitions
+                .iter()
+                .filter_map(|p| p.oldest_waiting(policy).map(|o| (p.partition, o)))
+                .collect();
+            let timestamps = self.oldest_timestamps(topic, &wanted)?;
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            lag.set_ages(now_ms, &timestamps);
+        }
+        Ok(lag)
     }
 }
 
@@ -304,6 +469,45 @@ mod tests {
             .lag,
             0
         );
+    }
+
+    #[test]
+    fn lag_seconds_are_the_oldest_waiting_record_age() {
+        let earliest = InvalidOffsetPolicy::Earliest;
+        let latest = InvalidOffsetPolicy::Latest {
+            scale_to_zero: false,
+        };
+        let committed = PartitionLag::compute(0, Some(10), 20, 80, earliest);
+        assert_eq!(
+            committed.oldest_waiting(earliest),
+            Some(20),
+            "past the deleted"
+        );
+        let fresh = PartitionLag::compute(1, None, 5, 9, latest);
+        assert_eq!(
+            fresh.oldest_waiting(latest),
+            None,
+            "latest starts at the end"
+        );
+        assert_eq!(fresh.oldest_waiting(earliest), Some(5));
+        let done = PartitionLag::compute(2, Some(7), 0, 7, earliest);
+        assert_eq!(
+            (done.oldest_waiting(earliest), done.lag_ms),
+            (None, Some(0))
+        );
+        let mut lag = GroupLag::new("g", "t", vec![committed, fresh, done]);
+        assert_eq!(
+            lag.lag_ms,
+            Some(0),
+            "only the partition without lag is known"
+        );
+        lag.set_ages(100_000, &HashMap::from([(0, 40_000), (1, 99_500)]));
+        assert_eq!(lag.partitions[0].lag_ms, Some(60_000));
+        assert_eq!(lag.partitions[1].lag_ms, Some(500));
+        assert_eq!(lag.lag_ms, Some(60_000), "the oldest partition's");
+        let json = serde_json::to_value(&lag).unwrap();
+        assert_eq!(json["lag_seconds"], 60.0);
+        assert_eq!(json["partitions"][2]["lag_seconds"], 0.0);
     }
 
     #[test]

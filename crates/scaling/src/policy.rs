@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::lag::GroupLag;
+use crate::lag::{GroupLag, PartitionLag};
 
 /// The HPA's default tolerance: no change while usage is within 10% of target.
 pub const HPA_TOLERANCE: f64 = 0.1;
@@ -73,13 +73,33 @@ impl ScaleDownWindow {
     }
 }
 
+/// Which KEDA release's kafka scaler the `keda` policy reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KedaVersion {
+    /// v2.20: a partition without a commit counts its whole high watermark
+    /// under `earliest`, records retention deleted included.
+    V2_20,
+    /// v2.21: such a partition counts the records retained, high − low.
+    #[default]
+    V2_21,
+}
+
 /// KEDA kafka trigger metadata and the ScaledObject's replica bounds.
+///
+/// The rules for which combinations KEDA accepts are in
+/// [`crate::keda_trigger`], which also reads them from trigger metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KedaParams {
     pub lag_threshold: i64,
     pub activation_lag_threshold: i64,
     pub allow_idle_consumers: bool,
     pub limit_to_partitions_with_lag: bool,
+    /// `ensureEvenDistributionOfPartitions`: the metric is raised to
+    /// lagThreshold × the next factor of the partition count, so each
+    /// replica gets as many partitions as the others.
+    pub ensure_even_distribution_of_partitions: bool,
+    /// `partitionLimitation`: only these partitions count (None: all).
+    pub partition_limitation: Option<Vec<i32>>,
     pub exclude_persistent_lag: bool,
     /// `offsetResetPolicy: latest` (else earliest).
     pub offset_reset_latest: bool,
@@ -90,6 +110,7 @@ pub struct KedaParams {
     pub scale_down_stabilization: Duration,
     /// KEDA `cooldownPeriod`: only for going to zero (default 300 s).
     pub cooldown: Duration,
+    pub version: KedaVersion,
 }
 
 impl Default for KedaParams {
@@ -99,6 +120,8 @@ impl Default for KedaParams {
             activation_lag_threshold: 0,
             allow_idle_consumers: false,
             limit_to_partitions_with_lag: false,
+            ensure_even_distribution_of_partitions: false,
+            partition_limitation: None,
             exclude_persistent_lag: false,
             offset_reset_latest: true,
             scale_to_zero_on_invalid_offset: false,
@@ -106,6 +129,7 @@ impl Default for KedaParams {
             max_replicas: 100,
             scale_down_stabilization: Duration::from_secs(300),
             cooldown: Duration::from_secs(300),
+            version: KedaVersion::default(),
         }
     }
 }
@@ -114,8 +138,9 @@ impl Default for KedaParams {
 #[derive(Debug)]
 pub struct KedaPolicy {
     pub params: KedaParams,
-    /// Previous committed offset per partition (for `excludePersistentLag`).
-    previous_offsets: HashMap<i32, i64>,
+    /// Previous committed offset per topic and partition (for
+    /// `excludePersistentLag`).
+    previous_offsets: HashMap<(String, i32), i64>,
     scale_down: ScaleDownWindow,
     /// Replicas added by scale-ups within the last period.
     scale_events: VecDeque<(Instant, u32)>,
@@ -133,23 +158,34 @@ impl KedaPolicy {
         }
     }
 
-    /// Lag as KEDA computes it: high − committed, with no regard for the low
-    /// watermark (a quirk: retention-deleted records count); a partition with
-    /// no commit counts 1 or 0 under `latest`, and the whole high watermark
-    /// (not high − low) under `earliest`.
-    fn partition_lag(&mut self, partition: i32, committed: Option<i64>, high: i64) -> (i64, i64) {
-        let p = &self.params;
-        let Some(c) = committed else {
-            if p.offset_reset_latest {
-                let v = i64::from(!p.scale_to_zero_on_invalid_offset);
-                return (v, v);
+    /// Lag as KEDA v2.21 computes it: high − committed, with no regard for
+    /// the low watermark (a quirk: retention-deleted records count). A
+    /// partition with no commit counts 0 with `scaleToZeroOnInvalidOffset`
+    /// (under both reset policies, as KEDA has since v2.15), else 1 under `latest` and
+    /// the retained records, high − low, under `earliest`.
+    fn partition_lag(&mut self, topic: &str, p: &PartitionLag) -> (i64, i64) {
+        let params = &self.params;
+        let Some(c) = p.committed else {
+            if params.scale_to_zero_on_invalid_offset {
+                return (0, 0);
             }
-            return (high, high);
+            let v = if params.offset_reset_latest {
+                1
+            } else if params.version == KedaVersion::V2_20 {
+                p.high
+            } else {
+                (p.high - p.low).max(0)
+            };
+            return (v, v);
         };
-        let lag = high - c;
-        if p.exclude_persistent_lag {
-            let previous = self.previous_offsets.insert(partition, c);
-            if previous == Some(c) && lag > 0 {
+        let lag = p.high - c;
+        if params.exclude_persistent_lag {
+            let previous = self
+                .previous_offsets
+                .insert((topic.to_string(), p.partition), c);
+            // KEDA leaves an offset that did not move out whatever its lag,
+            // a negative one (a commit past the end) included.
+            if previous == Some(c) {
                 return (0, lag);
             }
         }
@@ -158,23 +194,46 @@ impl KedaPolicy {
 
     /// KEDA's `getTotalLag`: (lag used for the metric, lag with persistent).
     pub fn total_lag(&mut self, lag: &GroupLag) -> (i64, i64) {
+        self.total_lag_of(std::slice::from_ref(lag))
+    }
+
+    /// [`Self::total_lag`] over several topics, as a trigger without a topic
+    /// counts every topic the group has committed offsets for.
+    pub fn total_lag_of(&mut self, topics: &[GroupLag]) -> (i64, i64) {
         let mut total = 0;
         let mut with_persistent = 0;
         let mut partitions_with_lag = 0i64;
-        for p in &lag.partitions {
-            let (l, lp) = self.partition_lag(p.partition, p.committed, p.high);
+        let mut partitions = 0i64;
+        let all = topics
+            .iter()
+            .flat_map(|t| t.partitions.iter().map(move |p| (&t.topic, p)));
+        for (topic, p) in all {
+            if let Some(only) = &self.params.partition_limitation {
+                if !only.contains(&p.partition) {
+                    continue;
+                }
+            }
+            let (l, lp) = self.partition_lag(topic, p);
             total += l;
             with_persistent += lp;
+            partitions += 1;
             if l > 0 {
                 partitions_with_lag += 1;
             }
         }
         let params = &self.params;
-        if !params.allow_idle_consumers || params.limit_to_partitions_with_lag {
+        if !params.allow_idle_consumers
+            || params.limit_to_partitions_with_lag
+            || params.ensure_even_distribution_of_partitions
+        {
+            if params.ensure_even_distribution_of_partitions {
+                total = next_factor_at_or_above(partitions, total, params.lag_threshold)
+                    * params.lag_threshold;
+            }
             let upper = if params.limit_to_partitions_with_lag {
                 partitions_with_lag
             } else {
-                lag.partitions.len() as i64
+                partitions
             };
             // Integer division, as in KEDA: the cap bites only when the
             // quotient is strictly above the bound.
@@ -182,7 +241,9 @@ impl KedaPolicy {
                 total = upper * params.lag_threshold;
             }
         }
-        (total, with_persistent)
+        // Commits past the end make lag negative; KEDA reports the metric
+        // as 0 then (activation still sees the sum).
+        (total.max(0), with_persistent)
     }
 
     /// One evaluation: what KEDA and the HPA would set replicas to, given
@@ -221,7 +282,7 @@ impl KedaPolicy {
         }
         let target = p.lag_threshold as f64;
         let usage_ratio = metric as f64 / (target * f64::from(current));
-        let raw = if (usage_ratio - 1.0).abs() <= HPA_TOLERANCE {
+        let raw = if within_hpa_tolerance(usage_ratio) {
             current
         } else {
             (metric as f64 / target).ceil().max(0.0) as u32
@@ -269,6 +330,23 @@ impl KedaPolicy {
     }
 }
 
+/// The smallest factor f of `partitions` with f × threshold ≥ lag (all of
+/// them when none is): how many replicas share the partitions evenly.
+fn next_factor_at_or_above(partitions: i64, lag: i64, threshold: i64) -> i64 {
+    (1..=partitions)
+        .filter(|f| partitions % f == 0)
+        .find(|f| f * threshold >= lag)
+        .unwrap_or(partitions)
+}
+
+/// The HPA keeps the count while the usage ratio is within the tolerance,
+/// bounds included: Kubernetes 1.33 compares the ratio with 1 ± tolerance,
+/// so a ratio of exactly 1.1 holds (before, |1 − ratio| ≤ 0.1 in floating
+/// point scaled at 1.1).
+fn within_hpa_tolerance(usage_ratio: f64) -> bool {
+    ((1.0 - HPA_TOLERANCE)..=(1.0 + HPA_TOLERANCE)).contains(&usage_ratio)
+}
+
 /// Parameters of the time-to-drain policy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateParams {
@@ -285,6 +363,9 @@ pub struct RateParams {
     pub scale_down_stabilization: Duration,
     /// Below this relative change the current count is kept (no flapping).
     pub tolerance: f64,
+    /// While the oldest waiting record is older than this, ask for one
+    /// replica more than now (needs lag in seconds in the readings).
+    pub max_lag: Option<Duration>,
 }
 
 impl Default for RateParams {
@@ -298,6 +379,7 @@ impl Default for RateParams {
             initial_rate_per_replica: 100.0,
             scale_down_stabilization: Duration::from_secs(60),
             tolerance: 0.1,
+            max_lag: None,
         }
     }
 }
@@ -386,7 +468,12 @@ impl RatePolicy {
         let total = lag.total_lag;
         let rate = self.rate_per_replica().max(1e-6);
         let need = arrival_per_sec + total as f64 / p.target_drain.as_secs_f64().max(0.001);
-        let raw = (need / rate).ceil().max(0.0) as u32;
+        let mut raw = (need / rate).ceil().max(0.0) as u32;
+        if let (Some(limit), Some(age_ms)) = (p.max_lag, lag.lag_ms) {
+            if age_ms as u128 > limit.as_millis() {
+                raw = raw.max(current + 1);
+            }
+        }
         let partitions = lag.partitions.len() as u32;
         let capacity = (partitions * p.slots_per_partition)
             .div_ceil(p.slots_per_replica.max(1))
@@ -545,13 +632,81 @@ mod tests {
     }
 
     #[test]
-    fn keda_earliest_invalid_offset_uses_the_high_watermark() {
+    fn keda_earliest_invalid_offset_counts_retained_records() {
+        // KEDA v2.21: high − low, so records retention deleted are no lag.
         let mut k = keda(1);
         k.params.offset_reset_latest = false;
         k.params.allow_idle_consumers = true;
         let mut lag = lag_of(&[(None, 50)]);
         lag.partitions[0].low = 40;
-        assert_eq!(k.total_lag(&lag).0, 50, "KEDA ignores the low watermark");
+        assert_eq!(k.total_lag(&lag), (10, 10));
+        // KEDA v2.20 and before counted the whole high watermark.
+        k.params.version = KedaVersion::V2_20;
+        assert_eq!(k.total_lag(&lag), (50, 50));
+        // scaleToZeroOnInvalidOffset counts 0 under earliest too (KEDA #5689).
+        k.params.scale_to_zero_on_invalid_offset = true;
+        assert_eq!(k.total_lag(&lag), (0, 0));
+    }
+
+    #[test]
+    fn keda_commits_past_the_end_report_zero_and_persist_like_any_other() {
+        let mut k = keda(1);
+        k.params.exclude_persistent_lag = true;
+        k.params.allow_idle_consumers = true;
+        let lag = lag_of(&[(Some(13), 10), (Some(0), 2)]);
+        assert_eq!(k.total_lag(&lag), (0, -1), "-3 + 2: the metric is 0");
+        // Second poll, nothing moved: both are left out of the metric.
+        assert_eq!(k.total_lag(&lag), (0, -1));
+        let lag = lag_of(&[(Some(13), 10), (Some(1), 2)]);
+        assert_eq!(k.total_lag(&lag), (1, -2), "the moved partition counts");
+    }
+
+    #[test]
+    fn keda_committed_partitions_ignore_the_low_watermark() {
+        let mut k = keda(1);
+        k.params.allow_idle_consumers = true;
+        let mut lag = lag_of(&[(Some(10), 50)]);
+        lag.partitions[0].low = 40;
+        assert_eq!(k.total_lag(&lag).0, 40, "KEDA counts high − committed");
+    }
+
+    #[test]
+    fn keda_even_distribution_rounds_up_to_a_factor_of_the_partitions() {
+        // 12 partitions: factors 1, 2, 3, 4, 6, 12; threshold 10.
+        let mut k = keda(10);
+        k.params.ensure_even_distribution_of_partitions = true;
+        let mut parts = vec![(Some(0), 0); 12];
+        parts[0] = (Some(0), 41);
+        // 41 needs 5 replicas; 5 does not divide 12, so 6: metric 60.
+        assert_eq!(k.total_lag(&lag_of(&parts)).0, 60);
+        parts[0] = (Some(0), 0);
+        // No lag at all still asks for the first factor, 1 (a KEDA quirk).
+        assert_eq!(k.total_lag(&lag_of(&parts)).0, 10);
+        parts[0] = (Some(0), 1000);
+        assert_eq!(k.total_lag(&lag_of(&parts)).0, 120, "capped at 12");
+        // It applies even with allowIdleConsumers.
+        k.params.allow_idle_consumers = true;
+        assert_eq!(k.total_lag(&lag_of(&parts)).0, 120);
+    }
+
+    #[test]
+    fn keda_partition_limitation_counts_only_the_listed_partitions() {
+        let mut k = keda(1);
+        k.params.partition_limitation = Some(vec![1, 2]);
+        let lag = lag_of(&[(Some(0), 100), (Some(0), 5), (Some(0), 7), (None, 9)]);
+        // Lag 12 from partitions 1 and 2, capped at their count: 2.
+        assert_eq!(k.total_lag(&lag), (2, 12));
+    }
+
+    #[test]
+    fn keda_holds_at_a_usage_ratio_of_exactly_1_1() {
+        // Kubernetes >= 1.33 holds within [0.9, 1.1], bounds included:
+        // lag 11, threshold 10, 1 replica is a ratio of exactly 1.1.
+        let mut k = keda(10);
+        let d = k.evaluate(Instant::now(), &lag_of(&[(Some(0), 11), (Some(0), 0)]), 1);
+        assert_eq!(d.desired, 1, "{}", d.reason);
+        let d = k.evaluate(Instant::now(), &lag_of(&[(Some(0), 12), (Some(0), 0)]), 1);
+        assert_eq!(d.desired, 2, "{}", d.reason);
     }
 
     #[test]
@@ -701,6 +856,32 @@ mod tests {
         let d = r.evaluate(t0 + Duration::from_millis(500), &burst, 16_000.0, 1);
         // 16,000 x 0.5/30 = 267/s sustained + 800/s to drain = 1,067/s -> 2 replicas.
         assert_eq!(d.desired, 2, "{}", d.reason);
+    }
+
+    #[test]
+    fn rate_policy_adds_a_replica_while_records_wait_too_long() {
+        let mut r = RatePolicy::new(RateParams {
+            max_lag: Some(Duration::from_secs(20)),
+            initial_rate_per_replica: 1000.0,
+            slots_per_partition: 4,
+            ..RateParams::default()
+        });
+        let mut lag = lag_of(&[(Some(0), 10), (Some(0), 10)]);
+        let t0 = Instant::now();
+        assert_eq!(
+            r.evaluate(t0, &lag, 0.0, 2).desired,
+            1,
+            "age unknown: lag alone"
+        );
+        lag.set_ages(100_000, &HashMap::from([(0, 75_000)]));
+        let d = r.evaluate(t0 + Duration::from_secs(1), &lag, 0.0, 2);
+        assert_eq!(d.desired, 3, "25 s old: one more: {}", d.reason);
+        lag.set_ages(100_000, &HashMap::from([(0, 90_000)]));
+        assert_eq!(
+            r.evaluate(t0 + Duration::from_secs(2), &lag, 0.0, 3)
+                .desired,
+            3
+        );
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! serving our policies.
 //!
 //! The trigger's metadata names the group, topic and policy with its
-//! parameters; Kafka credentials come from the scaler's own configuration,
-//! never from metadata. Metric and target are chosen so that the HPA's
+//! parameters, takes KEDA's kafka trigger options (checked as KEDA checks
+//! them, [`crate::keda_trigger`]) and may name the cluster
+//! (`bootstrapServers`, [`cluster_for`]); Kafka credentials come from the scaler's own
+//! configuration, never from metadata (`sasl: none` and `tls: disable`,
+//! which carry none, are accepted). Metric and target are chosen so that the HPA's
 //! AverageValue arithmetic (desired = ceil(metric / target)) lands on the
 //! policy's answer:
 //!
@@ -22,6 +25,7 @@ use tonic::{Request, Response, Status};
 
 use crate::lag::{GroupLag, InvalidOffsetPolicy, LagReader, RateTracker};
 use crate::policy::{KedaParams, KedaPolicy, RateParams, RatePolicy};
+use microbatch_core::kafka::ClientError;
 
 /// Generated from `proto/externalscaler.proto`.
 pub mod proto {
@@ -48,7 +52,11 @@ enum PolicySpec {
 /// A trigger's metadata, validated.
 #[derive(Debug, Clone, PartialEq)]
 struct TriggerSpec {
-    topic: String,
+    /// `bootstrapServers` from the trigger (see [`cluster_for`]).
+    bootstrap_servers: Option<String>,
+    /// None: every topic the group has committed offsets for (as KEDA's
+    /// kafka trigger without `topic`; `keda` policy only).
+    topic: Option<String>,
     group: String,
     policy: PolicySpec,
     activation_lag_threshold: i64,
@@ -74,58 +82,55 @@ fn parse<T: std::str::FromStr>(
 
 impl TriggerSpec {
     fn from_metadata(meta: &HashMap<String, String>) -> Result<Self, Status> {
-        let topic = get(meta, "topic")
-            .ok_or_else(|| Status::invalid_argument("scalerMetadata.topic is required"))?
-            .to_string();
+        let topic = get(meta, "topic").map(str::to_string);
+        if topic.is_none() && get(meta, "policy").is_some_and(|p| p != "keda") {
+            return Err(Status::invalid_argument(
+                "scalerMetadata.topic is required unless the policy is keda",
+            ));
+        }
         let group = get(meta, "consumerGroup")
             .ok_or_else(|| Status::invalid_argument("scalerMetadata.consumerGroup is required"))?
             .to_string();
-        for secret in ["password", "sasl", "username", "tls"] {
-            if meta.contains_key(secret) {
+        // `sasl: none` and `tls: disable`, as copied from a kafka trigger,
+        // hand over nothing and are fine.
+        for (secret, harmless) in [
+            ("password", None),
+            ("username", None),
+            ("sasl", Some("none")),
+            ("tls", Some("disable")),
+        ] {
+            let Some(value) = meta.get(secret) else {
+                continue;
+            };
+            if harmless != Some(value.trim()) {
                 return Err(Status::invalid_argument(format!(
                     "scalerMetadata.{secret}: credentials belong in the scaler's own environment, not in trigger metadata"
                 )));
             }
         }
-        let latest = match get(meta, "offsetResetPolicy").unwrap_or("latest") {
-            "latest" => true,
-            "earliest" => false,
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "scalerMetadata.offsetResetPolicy: expected latest or earliest, got {other:?}"
-                )))
+        let min_replicas = parse(meta, "minReplicas", 1u32)?;
+        let max_replicas = parse(meta, "maxReplicas", 100u32)?;
+        // KEDA's options, checked as KEDA checks them, whichever the policy:
+        // the reset policy and activation mean the same to both.
+        let keda = crate::keda_trigger::params_from_metadata(
+            meta,
+            KedaParams {
+                min_replicas,
+                max_replicas,
+                ..KedaParams::default()
+            },
+        )
+        .map_err(|e| Status::invalid_argument(format!("scalerMetadata.{e}")))?;
+        let invalid_offset = if keda.offset_reset_latest {
+            InvalidOffsetPolicy::Latest {
+                scale_to_zero: keda.scale_to_zero_on_invalid_offset,
             }
-        };
-        let scale_to_zero = parse(meta, "scaleToZeroOnInvalidOffset", false)?;
-        let invalid_offset = if latest {
-            InvalidOffsetPolicy::Latest { scale_to_zero }
         } else {
             InvalidOffsetPolicy::Earliest
         };
-        let activation_lag_threshold = parse(meta, "activationLagThreshold", 0i64)?;
-        let min_replicas = parse(meta, "minReplicas", 1u32)?;
-        let max_replicas = parse(meta, "maxReplicas", 100u32)?;
+        let activation_lag_threshold = keda.activation_lag_threshold;
         let policy = match get(meta, "policy").unwrap_or("keda") {
-            "keda" => {
-                let lag_threshold = parse(meta, "lagThreshold", 10i64)?;
-                if lag_threshold < 1 {
-                    return Err(Status::invalid_argument(
-                        "scalerMetadata.lagThreshold must be at least 1",
-                    ));
-                }
-                PolicySpec::Keda(KedaParams {
-                    lag_threshold,
-                    activation_lag_threshold,
-                    allow_idle_consumers: parse(meta, "allowIdleConsumers", false)?,
-                    limit_to_partitions_with_lag: parse(meta, "limitToPartitionsWithLag", false)?,
-                    exclude_persistent_lag: parse(meta, "excludePersistentLag", false)?,
-                    offset_reset_latest: latest,
-                    scale_to_zero_on_invalid_offset: scale_to_zero,
-                    min_replicas,
-                    max_replicas,
-                    ..KedaParams::default()
-                })
-            }
+            "keda" => PolicySpec::Keda(keda),
             "rate" => {
                 let target = parse(meta, "targetDrainSeconds", 30u64)?;
                 if target == 0 {
@@ -143,6 +148,7 @@ impl TriggerSpec {
                     // The HPA keeps its own scale-down window.
                     scale_down_stabilization: Duration::ZERO,
                     tolerance: 0.0,
+                    max_lag: None,
                 })
             }
             other => {
@@ -152,6 +158,7 @@ impl TriggerSpec {
             }
         };
         Ok(Self {
+            bootstrap_servers: get(meta, "bootstrapServers").map(str::to_string),
             topic,
             group,
             policy,
@@ -165,7 +172,8 @@ impl TriggerSpec {
             PolicySpec::Keda(_) => "keda",
             PolicySpec::Rate(_) => "rate",
         };
-        let raw = format!("microbatch-{policy}-{}-{}", self.topic, self.group);
+        let topics = self.topic.as_deref().unwrap_or("topics");
+        let raw = format!("microbatch-{policy}-{topics}-{}", self.group);
         raw.chars()
             .map(|c| {
                 if c.is_ascii_alphanumeric() {
@@ -208,13 +216,43 @@ pub struct Evaluation {
 }
 
 impl TriggerState {
+    /// A `keda` trigger without a topic: KEDA's lag over every topic the
+    /// group has committed offsets for.
+    fn evaluate_group_topics(&mut self) -> Result<Evaluation, Status> {
+        let unavailable = |e: ClientError| {
+            Status::unavailable(format!("reading lag of {}: {e}", self.spec.group))
+        };
+        let topics = self.reader.committed_topics().map_err(unavailable)?;
+        let lags = topics
+            .iter()
+            .map(|t| self.reader.read_topic(t, self.spec.invalid_offset))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unavailable)?;
+        let PolicyState::Keda(k) = &mut self.policy else {
+            return Err(Status::invalid_argument("scalerMetadata.topic is required"));
+        };
+        let (metric_value, with_persistent) = k.total_lag_of(&lags);
+        Ok(Evaluation {
+            metric_name: self.spec.metric_name(),
+            metric_value,
+            target: self.spec.target(),
+            active: with_persistent > self.spec.activation_lag_threshold,
+            total_lag: lags.iter().map(|l| l.total_lag).sum(),
+        })
+    }
+
     fn evaluate(&mut self) -> Result<Evaluation, Status> {
+        if self.spec.topic.is_none() {
+            return self.evaluate_group_topics();
+        }
         let lag: GroupLag = self
             .reader
             .read(self.spec.invalid_offset)
             .map_err(|e| Status::unavailable(format!("reading lag of {}: {e}", self.spec.group)))?;
         let (metric_value, active) = match &mut self.policy {
             PolicyState::Keda(k) => {
+                crate::keda_trigger::check_partitions(&k.params, &lag)
+                    .map_err(|e| Status::failed_precondition(format!("scalerMetadata.{e}")))?;
                 let (metric, with_persistent) = k.total_lag(&lag);
                 (metric, with_persistent > self.spec.activation_lag_threshold)
             }
@@ -265,13 +303,10 @@ impl Scaler {
         if let Some(s) = states.get(&key) {
             return Ok(s.clone());
         }
-        let reader = LagReader::new(
-            &self.kafka,
-            &spec.group,
-            &spec.topic,
-            Duration::from_secs(10),
-        )
-        .map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
+        let kafka = cluster_for(&self.kafka, spec.bootstrap_servers.as_deref())?;
+        let topic = spec.topic.as_deref().unwrap_or_default();
+        let reader = LagReader::new(&kafka, &spec.group, topic, Duration::from_secs(10))
+            .map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
         let policy = match &spec.policy {
             PolicySpec::Keda(p) => PolicyState::Keda(KedaPolicy::new(p.clone())),
             PolicySpec::Rate(p) => PolicyState::Rate(
@@ -300,6 +335,35 @@ impl Scaler {
         .await
         .map_err(|e| Status::internal(format!("evaluation task failed: {e}")))?
     }
+}
+
+/// The cluster a trigger is read from: its `bootstrapServers` if it names
+/// them, else the scaler's own. Credentials are only ever sent to the
+/// scaler's own brokers, so a scaler that has some refuses other servers
+/// (whoever writes a ScaledObject could otherwise collect them).
+fn cluster_for(own: &KafkaConfig, servers: Option<&str>) -> Result<KafkaConfig, Status> {
+    let set = |s: &str| {
+        let mut v: Vec<String> = s.split(',').map(|h| h.trim().to_string()).collect();
+        v.sort_unstable();
+        v
+    };
+    let mut kafka = own.clone();
+    let Some(servers) = servers.filter(|s| set(s) != set(&own.bootstrap_servers)) else {
+        return Ok(kafka);
+    };
+    let has_credentials = own.password.is_some()
+        || own
+            .properties
+            .iter()
+            .any(|(k, _)| microbatch_core::config::is_secret_property(k));
+    if has_credentials {
+        return Err(Status::invalid_argument(format!(
+            "scalerMetadata.bootstrapServers: {servers} is not the scaler's own cluster ({}), and the scaler sends its credentials only there",
+            own.bootstrap_servers
+        )));
+    }
+    kafka.bootstrap_servers = servers.to_string();
+    Ok(kafka)
 }
 
 type ActiveStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, Status>> + Send>>;
@@ -405,8 +469,15 @@ mod tests {
 
     #[test]
     fn metadata_is_validated_and_names_the_key() {
-        let err = TriggerSpec::from_metadata(&meta(&[("consumerGroup", "g")])).unwrap_err();
+        let err = TriggerSpec::from_metadata(&meta(&[("consumerGroup", "g"), ("policy", "rate")]))
+            .unwrap_err();
         assert!(err.message().contains("topic"));
+        let all = TriggerSpec::from_metadata(&meta(&[("consumerGroup", "g")])).unwrap();
+        assert_eq!(
+            all.topic, None,
+            "keda without a topic: all the group's topics"
+        );
+        assert_eq!(all.metric_name(), "microbatch-keda-topics-g");
         let err = TriggerSpec::from_metadata(&meta(&[
             ("topic", "t"),
             ("consumerGroup", "g"),
@@ -436,5 +507,58 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(rate.target(), 1);
+    }
+
+    #[test]
+    fn trigger_servers_never_receive_the_scalers_credentials() {
+        let own = KafkaConfig::plaintext("b1:9092,b2:9092");
+        let same = cluster_for(&own, Some(" b2:9092, b1:9092")).unwrap();
+        assert_eq!(same.bootstrap_servers, "b1:9092,b2:9092");
+        let other = cluster_for(&own, Some("other:9092")).unwrap();
+        assert_eq!(other.bootstrap_servers, "other:9092");
+        let mut secure = own.clone();
+        secure.username = Some("u".into());
+        secure.password = Some(microbatch_core::config::Secret::new("s3cr3t"));
+        assert!(cluster_for(&secure, Some("b2:9092,b1:9092")).is_ok());
+        let err = cluster_for(&secure, Some("evil:9092")).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains("bootstrapServers"),
+            "{}",
+            err.message()
+        );
+        assert!(!err.message().contains("s3cr3t"));
+    }
+
+    #[test]
+    fn a_copied_kafka_trigger_is_read_as_keda_reads_it() {
+        let base = [
+            ("topic", "t"),
+            ("consumerGroup", "g"),
+            ("bootstrapServers", "kafka-1:9092,kafka-2:9092"),
+        ];
+        let spec = TriggerSpec::from_metadata(&meta(
+            &[&base[..], &[("sasl", "none"), ("tls", "disable")]].concat(),
+        ))
+        .expect("sasl: none and tls: disable carry no credentials");
+        assert_eq!(
+            spec.bootstrap_servers.as_deref(),
+            Some("kafka-1:9092,kafka-2:9092")
+        );
+        for refused in [("sasl", "scram_sha512"), ("tls", "enable")] {
+            let err =
+                TriggerSpec::from_metadata(&meta(&[&base[..], &[refused]].concat())).unwrap_err();
+            assert!(err.message().contains(refused.0), "{}", err.message());
+        }
+        for (key, value) in [
+            ("activationLagThreshold", "-1"),
+            ("allowIdleConsumers", "true"),
+        ] {
+            let mut pairs = base.to_vec();
+            pairs.push((key, value));
+            pairs.push(("limitToPartitionsWithLag", "true"));
+            let err = TriggerSpec::from_metadata(&meta(&pairs)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{key}");
+        }
     }
 }

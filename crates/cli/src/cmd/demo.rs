@@ -292,6 +292,7 @@ fn make_policy(kind: PolicyKind, args: &Args, plan: &Plan) -> Policy {
                 initial_rate_per_replica: per_slot * f64::from(args.concurrency),
                 scale_down_stabilization: plan.window,
                 tolerance: 0.1,
+                max_lag: None,
             }))
         }
     }

@@ -4,8 +4,12 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use microbatch_core::config::ConfigError;
+use microbatch_scaling::keda_trigger::{self, TriggerError};
 use microbatch_scaling::lag::InvalidOffsetPolicy;
-use microbatch_scaling::policy::{Decision, KedaParams, KedaPolicy, RateParams, RatePolicy};
+use microbatch_scaling::policy::{
+    Decision, KedaParams, KedaPolicy, KedaVersion, RateParams, RatePolicy,
+};
 
 use crate::args::LagTarget;
 
@@ -13,6 +17,18 @@ use crate::args::LagTarget;
 pub enum PolicyKind {
     Keda,
     Rate,
+}
+
+/// KEDA releases whose kafka scaler `keda` can reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KedaRelease {
+    /// v2.21 (the newest).
+    #[value(name = "2.21")]
+    V2_21,
+    /// v2.20: under earliest a partition without a commit counts its whole
+    /// high watermark.
+    #[value(name = "2.20")]
+    V2_20,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,19 +53,33 @@ pub struct PolicyArgs {
     /// keda: cap replicas at partitions that have lag.
     #[arg(long)]
     pub limit_to_partitions_with_lag: bool,
+    /// keda: raise the metric to lagThreshold × a factor of the partition
+    /// count, so every replica gets as many partitions.
+    #[arg(long)]
+    pub ensure_even_distribution_of_partitions: bool,
+    /// keda: count only these partitions, e.g. `0,2,4-6` (KEDA `partitionLimitation`).
+    #[arg(long, value_name = "IDS")]
+    pub partition_limitation: Option<String>,
     /// keda: ignore lag of partitions whose offset did not move.
     #[arg(long)]
     pub exclude_persistent_lag: bool,
-    /// keda: partitions without a commit count 0 instead of 1 under `latest`.
+    /// keda: partitions without a commit count 0 (instead of 1 under
+    /// `latest`, or their retained records under `earliest`).
     #[arg(long)]
     pub scale_to_zero_on_invalid_offset: bool,
-    /// Partitions without a committed offset: earliest (all retained records
-    /// are lag) or latest (KEDA's default).
-    #[arg(long, value_enum, default_value = "earliest")]
-    pub offset_reset_policy: ResetPolicy,
+    /// Partitions without a committed offset: latest (1 record of lag) or
+    /// earliest (all retained records). Default: latest for `lag`, as KEDA;
+    /// earliest for `supervise`, as the workers' own --offset-reset.
+    #[arg(long, value_enum)]
+    pub offset_reset_policy: Option<ResetPolicy>,
     /// rate: drain the lag within this many seconds.
     #[arg(long, default_value_t = 30)]
     pub target_drain_seconds: u64,
+    /// rate: while the oldest record not committed is older than this,
+    /// ask for one replica more (reads lag in seconds: one record per
+    /// lagging partition per poll).
+    #[arg(long, value_name = "SECONDS")]
+    pub max_lag_seconds: Option<u64>,
     /// rate: records/s one replica is assumed to do until measured.
     #[arg(long, default_value_t = 100.0)]
     pub rate_per_replica: f64,
@@ -69,11 +99,37 @@ pub struct PolicyArgs {
     /// Scale-down stabilization window, seconds (the HPA's default is 300).
     #[arg(long, default_value_t = 300)]
     pub scale_down_seconds: u64,
+    /// keda: seconds without activity before scaling to zero with --min 0
+    /// (KEDA `cooldownPeriod`).
+    #[arg(long, default_value_t = 300)]
+    pub cooldown_seconds: u64,
+    /// keda: the KEDA release to reproduce.
+    #[arg(long, value_enum, default_value = "2.21")]
+    pub keda_version: KedaRelease,
 }
 
+/// KEDA's metadata keys and the flags that set them, for error messages.
+const KEDA_FLAGS: [(&str, &str); 6] = [
+    ("lagThreshold", "--lag-threshold"),
+    ("activationLagThreshold", "--activation-lag-threshold"),
+    ("limitToPartitionsWithLag", "--limit-to-partitions-with-lag"),
+    (
+        "ensureEvenDistributionOfPartitions",
+        "--ensure-even-distribution-of-partitions",
+    ),
+    ("partitionLimitation", "--partition-limitation"),
+    ("allowIdleConsumers", "--allow-idle-consumers"),
+];
+
 impl PolicyArgs {
+    fn reset_policy(&self) -> ResetPolicy {
+        // `supervise` and `demo` start workers, whose own default is earliest;
+        // `lag` sets KEDA's latest before it gets here.
+        self.offset_reset_policy.unwrap_or(ResetPolicy::Earliest)
+    }
+
     pub fn invalid_offset(&self) -> InvalidOffsetPolicy {
-        match self.offset_reset_policy {
+        match self.reset_policy() {
             ResetPolicy::Earliest => InvalidOffsetPolicy::Earliest,
             ResetPolicy::Latest => InvalidOffsetPolicy::Latest {
                 scale_to_zero: self.scale_to_zero_on_invalid_offset,
@@ -81,20 +137,55 @@ impl PolicyArgs {
         }
     }
 
-    pub fn keda(&self) -> KedaPolicy {
-        KedaPolicy::new(KedaParams {
-            lag_threshold: self.lag_threshold.max(1),
+    /// The keda options, refused where KEDA refuses them (naming the flag).
+    pub fn keda_params(&self) -> Result<KedaParams, ConfigError> {
+        let flag_of = |key: &'static str| {
+            KEDA_FLAGS
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map_or(key, |(_, flag)| flag)
+        };
+        let to_config_error = |e: TriggerError| {
+            let rule = KEDA_FLAGS
+                .iter()
+                .fold(e.rule, |rule, (key, flag)| rule.replace(key, flag));
+            ConfigError::new(flag_of(e.key), rule)
+        };
+        let partition_limitation = self
+            .partition_limitation
+            .as_deref()
+            .map(keda_trigger::parse_partition_limitation)
+            .transpose()
+            .map_err(to_config_error)?;
+        let params = KedaParams {
+            lag_threshold: self.lag_threshold,
             activation_lag_threshold: self.activation_lag_threshold,
             allow_idle_consumers: self.allow_idle_consumers,
             limit_to_partitions_with_lag: self.limit_to_partitions_with_lag,
+            ensure_even_distribution_of_partitions: self.ensure_even_distribution_of_partitions,
+            partition_limitation,
             exclude_persistent_lag: self.exclude_persistent_lag,
-            offset_reset_latest: self.offset_reset_policy == ResetPolicy::Latest,
+            offset_reset_latest: self.reset_policy() == ResetPolicy::Latest,
             scale_to_zero_on_invalid_offset: self.scale_to_zero_on_invalid_offset,
             min_replicas: self.min_replicas,
             max_replicas: self.max_replicas,
             scale_down_stabilization: Duration::from_secs(self.scale_down_seconds),
-            cooldown: Duration::from_secs(self.scale_down_seconds),
-        })
+            cooldown: Duration::from_secs(self.cooldown_seconds),
+            version: match self.keda_version {
+                KedaRelease::V2_21 => KedaVersion::V2_21,
+                KedaRelease::V2_20 => KedaVersion::V2_20,
+            },
+        };
+        keda_trigger::validate(&params, true).map_err(to_config_error)?;
+        Ok(params)
+    }
+
+    /// The keda policy; commands check [`Self::keda_params`] at start.
+    pub fn keda(&self) -> KedaPolicy {
+        KedaPolicy::new(
+            self.keda_params()
+                .expect("the keda options were checked when the command started"),
+        )
     }
 
     pub fn rate(&self) -> RatePolicy {
@@ -107,6 +198,7 @@ impl PolicyArgs {
             initial_rate_per_replica: self.rate_per_replica,
             scale_down_stabilization: Duration::from_secs(self.scale_down_seconds),
             tolerance: 0.1,
+            max_lag: self.max_lag_seconds.map(Duration::from_secs),
         })
     }
 }
@@ -115,7 +207,9 @@ impl PolicyArgs {
 pub struct Args {
     #[command(flatten)]
     pub target: LagTarget,
-    /// Print JSON: {"group","topic","total_lag","partitions":[{"partition","committed","low","high","lag"}]}.
+    /// Print JSON: {"group","topic","total_lag","lag_seconds","partitions":[{"partition","committed","low","high","lag","lag_seconds"}]};
+    /// lag_seconds is the age of the oldest record not committed (null when
+    /// unknown), the group's is the oldest partition's.
     #[arg(long)]
     pub json: bool,
     /// Refresh every --interval-ms until interrupted.
@@ -134,8 +228,16 @@ pub struct Args {
     pub policy_args: PolicyArgs,
 }
 
-pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
-    let reader = args.target.reader(Duration::from_secs(10))?;
+pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
+    // KEDA's default, so `lag --policy keda` previews KEDA with no flags.
+    args.policy_args
+        .offset_reset_policy
+        .get_or_insert(ResetPolicy::Latest);
+    args.policy_args.keda_params()?;
+    let reader = args
+        .target
+        .reader(Duration::from_secs(10))?
+        .with_record_ages();
     let mut keda = args.policy_args.keda();
     let mut rate = args.policy_args.rate();
     let policy = args.policy;
@@ -150,7 +252,11 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         let now = Instant::now();
         let r = rates.observe(now, &lag);
         let decision: Option<(&str, Decision)> = match policy {
-            Some(PolicyKind::Keda) => Some(("keda", keda.evaluate(now, &lag, replicas))),
+            Some(PolicyKind::Keda) => {
+                keda_trigger::check_partitions(&keda.params, &lag)
+                    .map_err(|e| anyhow::anyhow!("--partition-limitation {}", e.rule))?;
+                Some(("keda", keda.evaluate(now, &lag, replicas)))
+            }
             Some(PolicyKind::Rate) => {
                 rate.observe(now, r.processed_per_sec, replicas, lag.total_lag);
                 Some((
@@ -174,8 +280,8 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             writeln!(out, "GROUP {}  TOPIC {}", lag.group, lag.topic)?;
             writeln!(
                 out,
-                "{:>9} {:>12} {:>12} {:>12} {:>10}",
-                "PARTITION", "COMMITTED", "LOW", "HIGH", "LAG"
+                "{:>9} {:>12} {:>12} {:>12} {:>10} {:>11}",
+                "PARTITION", "COMMITTED", "LOW", "HIGH", "LAG", "LAG SECONDS"
             )?;
             for p in &lag.partitions {
                 let committed = p
@@ -184,14 +290,24 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                     .unwrap_or_else(|| "-".into());
                 writeln!(
                     out,
-                    "{:>9} {:>12} {:>12} {:>12} {:>10}",
-                    p.partition, committed, p.low, p.high, p.lag
+                    "{:>9} {:>12} {:>12} {:>12} {:>10} {:>11}",
+                    p.partition,
+                    committed,
+                    p.low,
+                    p.high,
+                    p.lag,
+                    seconds(p.lag_ms)
                 )?;
             }
             writeln!(
                 out,
-                "{:>9} {:>12} {:>12} {:>12} {:>10}",
-                "TOTAL", "", "", "", lag.total_lag
+                "{:>9} {:>12} {:>12} {:>12} {:>10} {:>11}",
+                "TOTAL",
+                "",
+                "",
+                "",
+                lag.total_lag,
+                seconds(lag.lag_ms)
             )?;
             if let Some((name, d)) = &decision {
                 writeln!(out, "policy {name}: {} replicas ({})", d.desired, d.reason)?;
@@ -206,5 +322,56 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             _ = tokio::time::sleep(interval) => {}
             _ = super::shutdown_signal() => return Ok(ExitCode::SUCCESS),
         }
+    }
+}
+
+/// Lag in seconds for the table: one decimal, `-` when unknown.
+pub fn seconds(ms: Option<i64>) -> String {
+    ms.map_or_else(|| "-".into(), |ms| format!("{:.1}", ms as f64 / 1000.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        policy: PolicyArgs,
+    }
+
+    fn keda_params(flags: &[&str]) -> Result<KedaParams, ConfigError> {
+        let flags = Flags::try_parse_from(std::iter::once("lag").chain(flags.iter().copied()))
+            .expect("flags parse");
+        flags.policy.keda_params()
+    }
+
+    #[test]
+    fn the_cooldown_is_its_own_setting() {
+        let p = keda_params(&["--scale-down-seconds", "60"]).unwrap();
+        assert_eq!(p.scale_down_stabilization, Duration::from_secs(60));
+        assert_eq!(p.cooldown, Duration::from_secs(300), "KEDA's default");
+        assert_eq!(p.version, KedaVersion::V2_21, "the newest KEDA by default");
+        let p = keda_params(&["--keda-version", "2.20"]).unwrap();
+        assert_eq!(p.version, KedaVersion::V2_20);
+        let p = keda_params(&["--cooldown-seconds", "30"]).unwrap();
+        assert_eq!(p.cooldown, Duration::from_secs(30));
+        assert_eq!(p.scale_down_stabilization, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn keda_refusals_name_the_flags() {
+        let err =
+            keda_params(&["--allow-idle-consumers", "--limit-to-partitions-with-lag"]).unwrap_err();
+        assert_eq!(err.field, "--limit-to-partitions-with-lag");
+        assert!(err.rule.contains("--allow-idle-consumers"), "{err}");
+        let err = keda_params(&["--activation-lag-threshold=-1"]).unwrap_err();
+        assert_eq!(err.field, "--activation-lag-threshold");
+        let err = keda_params(&["--partition-limitation", "0,x"]).unwrap_err();
+        assert_eq!(err.field, "--partition-limitation");
+        let p = keda_params(&["--partition-limitation", "0,3-4"]).unwrap();
+        assert_eq!(p.partition_limitation, Some(vec![0, 3, 4]));
     }
 }

@@ -78,6 +78,33 @@ pub fn kafka_env(kafka: &KafkaConfig) -> Vec<(String, String)> {
     env
 }
 
+/// Flags that belong to supervise itself, which hands them to every worker.
+const SUPERVISE_ONLY_FLAGS: [&str; 8] = [
+    "--bootstrap-servers",
+    "--security-protocol",
+    "--sasl-mechanism",
+    "--username",
+    "--password",
+    "--ssl-ca-location",
+    "--topic",
+    "--group",
+];
+
+/// Refuses a connection, topic or group flag given after `--`, where it
+/// would reach the workers twice (or never reach supervise).
+fn reject_misplaced_flags(run_args: &[String]) -> Result<(), ConfigError> {
+    for arg in run_args {
+        let name = arg.split_once('=').map_or(arg.as_str(), |(name, _)| name);
+        if let Some(flag) = SUPERVISE_ONLY_FLAGS.iter().find(|f| **f == name) {
+            return Err(ConfigError::new(
+                flag,
+                "given after `--`; put it before `--` (supervise passes it on to every worker)",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Builds the chosen policy from its flags.
 pub fn make_policy(kind: PolicyKind, args: &PolicyArgs) -> Policy {
     match kind {
@@ -88,6 +115,8 @@ pub fn make_policy(kind: PolicyKind, args: &PolicyArgs) -> Policy {
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let file = args.kafka.load_file()?;
+    reject_misplaced_flags(&args.run_args)?;
+    args.policy_args.keda_params()?;
     let kafka = args.kafka.resolve(&file)?;
     let (topic, group) = args.workers.resolve(&file)?;
     if args.policy_args.min_replicas > args.policy_args.max_replicas {
@@ -122,7 +151,10 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         invalid_offset: args.policy_args.invalid_offset(),
         env: kafka_env(&kafka),
     };
-    let reader = LagReader::new(&kafka, &group, &topic, Duration::from_secs(10))?;
+    let mut reader = LagReader::new(&kafka, &group, &topic, Duration::from_secs(10))?;
+    if args.policy_args.max_lag_seconds.is_some() {
+        reader = reader.with_record_ages();
+    }
     let policy = make_policy(args.policy, &args.policy_args);
 
     let mut registry = Registry::default();
@@ -200,4 +232,22 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         .await?
         .map_err(|_| anyhow::anyhow!("the supervisor thread panicked"))??;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supervise_flags_after_the_separator_are_named() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let err =
+            reject_misplaced_flags(&args(&["--concurrency", "4", "--topic", "t"])).unwrap_err();
+        assert_eq!(err.field, "--topic");
+        assert!(err.to_string().contains("before `--`"), "{err}");
+        let err = reject_misplaced_flags(&args(&["--password=s3cr3t"])).unwrap_err();
+        assert_eq!(err.field, "--password");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        assert!(reject_misplaced_flags(&args(&["--kafka-property", "a=b"])).is_ok());
+    }
 }

@@ -14,6 +14,7 @@ use ratatui::text::Line;
 use ratatui::widgets::{Bar, BarChart, BarGroup, Block, Paragraph, Sparkline};
 use ratatui::Frame;
 
+use super::lag::seconds;
 use crate::args::LagTarget;
 
 #[derive(Debug, clap::Args)]
@@ -75,7 +76,7 @@ fn members_text(m: Option<usize>) -> String {
 
 fn draw(frame: &mut Frame<'_>, args: &Args, snap: &Snapshot, history: &VecDeque<u64>) {
     let [header, spark, bars, footer] = Layout::vertical([
-        Constraint::Length(4),
+        Constraint::Length(5),
         Constraint::Length(8),
         Constraint::Min(6),
         Constraint::Length(1),
@@ -88,10 +89,19 @@ fn draw(frame: &mut Frame<'_>, args: &Args, snap: &Snapshot, history: &VecDeque<
         args.target.topic,
         members_text(snap.members)
     ))];
+    let oldest = seconds(snap.lag.as_ref().and_then(|l| l.lag_ms));
     lines.push(Line::from(format!(
-        "total lag {total}   arriving {:.0}/s   committed {:.0}/s",
+        "total lag {total}   oldest waiting {oldest} s   arriving {:.0}/s   committed {:.0}/s",
         snap.rates.arrival_per_sec, snap.rates.processed_per_sec
     )));
+    if let Some(lag) = &snap.lag {
+        let ages: Vec<String> = lag
+            .partitions
+            .iter()
+            .map(|p| format!("p{} {}", p.partition, seconds(p.lag_ms)))
+            .collect();
+        lines.push(Line::from(format!("lag seconds   {}", ages.join("  "))));
+    }
     if let Some(e) = &snap.error {
         lines.push(Line::styled(
             format!("error: {e}"),
@@ -140,11 +150,12 @@ fn plain_line(snap: &Snapshot) -> String {
             let parts: Vec<String> = lag
                 .partitions
                 .iter()
-                .map(|p| format!("p{}={}", p.partition, p.lag))
+                .map(|p| format!("p{}={}/{}s", p.partition, p.lag, seconds(p.lag_ms)))
                 .collect();
             format!(
-                "total_lag={} arriving/s={:.0} committed/s={:.0} members={} {}",
+                "total_lag={} lag_seconds={} arriving/s={:.0} committed/s={:.0} members={} {}",
                 lag.total_lag,
+                seconds(lag.lag_ms),
                 snap.rates.arrival_per_sec,
                 snap.rates.processed_per_sec,
                 members_text(snap.members),
@@ -156,7 +167,10 @@ fn plain_line(snap: &Snapshot) -> String {
 }
 
 pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<ExitCode> {
-    let reader = args.target.reader(Duration::from_secs(5))?;
+    let reader = args
+        .target
+        .reader(Duration::from_secs(5))?
+        .with_record_ages();
     let mut dash = Dashboard {
         reader,
         rates: RateTracker::default(),

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod admin;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -365,7 +367,8 @@ pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) 
 }
 
 /// The group's lag as `microbatch lag --json` reports it.
-/// Runs `microbatch lag` for the group with `extra` flags.
+/// Runs `microbatch lag` for the group with `extra` flags, counting
+/// partitions without a commit from their start, as the workers read them.
 pub fn run_lag(topic: &str, group: &str, extra: &[&str]) -> (ExitStatus, String, String) {
     let mut args = vec![
         "lag",
@@ -375,9 +378,42 @@ pub fn run_lag(topic: &str, group: &str, extra: &[&str]) -> (ExitStatus, String,
         topic,
         "--group",
         group,
+        "--offset-reset-policy",
+        "earliest",
     ];
     args.extend_from_slice(extra);
     run_to_end(&args)
+}
+
+/// The first `readings` JSON lines of `microbatch lag --watch --json` with
+/// `extra` flags, read from one process (whose state carries over).
+pub fn lag_watch_json(
+    topic: &str,
+    group: &str,
+    extra: &[String],
+    readings: usize,
+) -> Vec<serde_json::Value> {
+    let mut child = command()
+        .args(["lag", "--bootstrap-servers", broker().bootstrap()])
+        .args(["--topic", topic, "--group", group, "--json"])
+        .args(["--watch", "--interval-ms", "100"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting microbatch lag");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let lines = (0..readings)
+        .map(|_| {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut out, &mut line).expect("reading lag");
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("lag printed {line:?}: {e}"))
+        })
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
 }
 
 pub fn lag_json(topic: &str, group: &str) -> serde_json::Value {
