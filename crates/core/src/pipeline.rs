@@ -516,12 +516,22 @@ impl Pipeline {
 
     // ------------------------------------------------------------ events
 
-    /// Partitions assigned to this member. Each starts afresh; it is
+    /// Partitions assigned to this member. Each new one starts afresh and is
     /// resumed, since librdkafka keeps a pause the application set before
-    /// the partition was revoked, and this state starts unpaused.
+    /// the partition was revoked, and this state starts unpaused. One this
+    /// member owns already goes on as it is.
     pub fn handle_assign(&mut self, partitions: &[i32]) {
         let mut resumed = Vec::with_capacity(partitions.len());
         for &p in partitions {
+            if self
+                .partitions
+                .get(&p)
+                .is_some_and(|ps| ps.revoke_deadline.is_none())
+            {
+                // Ours already (an assignment can name it again): starting
+                // afresh would forget what is in flight and commit past it.
+                continue;
+            }
             self.next_epoch += 1;
             let state = PartitionState::new(self.next_epoch, &self.config);
             if let Some(old) = self.partitions.insert(p, state) {
