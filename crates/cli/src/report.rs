@@ -25,6 +25,11 @@ pub struct ScenarioResult {
     pub produced: u64,
     /// Seconds from the burst's first record to lag 0 (None: no burst, or not drained).
     pub drain_seconds: Option<f64>,
+    /// The longest plateau: time a partition's lag stayed above 0 without
+    /// moving (nothing of it committed), between samples.
+    pub longest_stall_seconds: f64,
+    /// Why that plateau lasted, when the scenario explains it.
+    pub stall_cause: String,
     pub peak_replicas: u32,
     pub replicas_at_end: u32,
     pub workers_killed: u32,
@@ -203,14 +208,20 @@ fn run_section(run: &PolicyRun) -> String {
         run.peak_replicas,
         run.replica_seconds
     );
-    html.push_str("<table><tr><th>scenario</th><th>produced</th><th>time to drain</th><th>peak replicas</th><th>replicas at end</th><th>result</th></tr>");
+    html.push_str("<table><tr><th>scenario</th><th>produced</th><th>time to drain</th><th>longest stall</th><th>peak replicas</th><th>replicas at end</th><th>result</th></tr>");
     for s in &run.scenarios {
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
             esc(&s.name),
             s.produced,
             s.drain_seconds.map(|d| format!("{d:.1} s")).unwrap_or_else(|| "-".into()),
+            s.longest_stall_seconds,
+            if s.stall_cause.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", esc(&s.stall_cause))
+            },
             s.peak_replicas,
             s.replicas_at_end,
             if s.passed { "ok" } else { "bad" },
@@ -293,5 +304,88 @@ mod tests {
             .next()
             .unwrap();
         assert_eq!(points.split(' ').count(), 3);
+    }
+}
+
+/// A plateau in the lag chart: a partition whose lag stayed above 0 and
+/// unchanged across consecutive samples (nothing of it committed, nothing
+/// arrived).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plateau {
+    pub partition: usize,
+    pub from_ms: u64,
+    pub to_ms: u64,
+}
+
+impl Plateau {
+    pub fn seconds(&self) -> f64 {
+        (self.to_ms - self.from_ms) as f64 / 1000.0
+    }
+}
+
+/// The longest plateau of any partition, if any partition had lag.
+pub fn longest_plateau(samples: &[Sample]) -> Option<Plateau> {
+    let partitions = samples.iter().map(|s| s.partition_lag.len()).max().unwrap_or(0);
+    let mut longest: Option<Plateau> = None;
+    for p in 0..partitions {
+        let mut since: Option<(u64, i64)> = None;
+        for s in samples {
+            let lag = s.partition_lag.get(p).copied().unwrap_or(0);
+            match since {
+                Some((t0, l)) if l == lag && lag > 0 => {
+                    if longest.is_none_or(|b| s.t_ms - t0 > b.to_ms - b.from_ms) {
+                        longest = Some(Plateau {
+                            partition: p,
+                            from_ms: t0,
+                            to_ms: s.t_ms,
+                        });
+                    }
+                }
+                _ => since = (lag > 0).then_some((s.t_ms, lag)),
+            }
+        }
+    }
+    longest
+}
+
+#[cfg(test)]
+mod plateau_tests {
+    use super::*;
+
+    fn sample(t_ms: u64, lags: &[i64]) -> Sample {
+        Sample {
+            t_ms,
+            scenario: "s".into(),
+            total_lag: lags.iter().sum(),
+            replicas: 1,
+            desired: 1,
+            processed_per_sec: 0.0,
+            dead_lettered: 0,
+            partition_lag: lags.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_plateau_is_lag_above_zero_that_does_not_move() {
+        let samples = [
+            sample(0, &[5, 0]),
+            sample(500, &[5, 0]),
+            sample(1000, &[5, 3]),
+            sample(1500, &[4, 3]),
+            sample(2000, &[4, 3]),
+            sample(2500, &[0, 3]),
+            sample(3000, &[0, 0]),
+        ];
+        // Partition 1 stays at 3 from 1000 to 2500 ms.
+        assert_eq!(
+            longest_plateau(&samples),
+            Some(Plateau {
+                partition: 1,
+                from_ms: 1000,
+                to_ms: 2500
+            })
+        );
+        assert_eq!(longest_plateau(&samples[..2]).map(|p| p.seconds()), Some(0.5));
+        assert_eq!(longest_plateau(&[sample(0, &[0]), sample(900, &[0])]), None);
     }
 }

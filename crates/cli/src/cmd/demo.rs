@@ -31,7 +31,7 @@ use super::lag::PolicyKind;
 use super::produce::{self, produce_blocking};
 use super::supervise::kafka_env;
 use crate::args::KafkaArgs;
-use crate::report::{self, PolicyRun, Report, Sample, ScenarioResult};
+use crate::report::{self, longest_plateau, PolicyRun, Report, Sample, ScenarioResult};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
@@ -524,10 +524,45 @@ fn run_policy(
             ),
             _ => (drained_at.is_some(), "drained".to_string()),
         };
+        let own: Vec<Sample> = timeline
+            .iter()
+            .filter(|s| s.scenario == name)
+            .cloned()
+            .collect();
+        let plateau = longest_plateau(&own);
+        let longest_stall_seconds = plateau.map_or(0.0, |p| p.seconds());
+        // What happened while it lasted, from the samples themselves.
+        let stall_cause = match plateau.filter(|p| p.seconds() > 2.0) {
+            None => String::new(),
+            Some(p) => {
+                let during: Vec<&Sample> = own
+                    .iter()
+                    .filter(|s| (p.from_ms..=p.to_ms).contains(&s.t_ms))
+                    .collect();
+                let lo = during.iter().map(|s| s.replicas).min().unwrap_or(0);
+                let hi = during.iter().map(|s| s.replicas).max().unwrap_or(0);
+                match (killed > 0, lo != hi) {
+                    (true, _) => format!(
+                        "partition {}: a worker was killed in this scenario; its partitions wait for its session to time out",
+                        p.partition
+                    ),
+                    (false, true) => format!(
+                        "partition {}: replicas changed between {lo} and {hi} meanwhile (a rebalance)",
+                        p.partition
+                    ),
+                    (false, false) => format!(
+                        "partition {}: no scale step meanwhile ({lo} replicas): waiting for a batch or a commit",
+                        p.partition
+                    ),
+                }
+            }
+        };
         results.push(ScenarioResult {
             name,
             produced,
             drain_seconds: drained_at.map(|d| d.as_secs_f64()),
+            longest_stall_seconds,
+            stall_cause,
             peak_replicas: peak,
             replicas_at_end,
             workers_killed: killed,
@@ -766,14 +801,20 @@ fn print_summary(report: &Report) {
         );
         for s in &run.scenarios {
             println!(
-                "  {:<8} produced {:>6}  drain {:>7}  peak replicas {:>2}  end replicas {:>2}  {} {}",
+                "  {:<8} produced {:>6}  drain {:>7}  longest stall {:>5.1}s  peak replicas {:>2}  end replicas {:>2}  {} {}{}",
                 s.name,
                 s.produced,
                 s.drain_seconds.map(|d| format!("{d:.1}s")).unwrap_or_else(|| "-".into()),
+                s.longest_stall_seconds,
                 s.peak_replicas,
                 s.replicas_at_end,
                 if s.passed { "ok" } else { "FAILED" },
-                s.note
+                s.note,
+                if s.stall_cause.is_empty() {
+                    String::new()
+                } else {
+                    format!("; stall: {}", s.stall_cause)
+                }
             );
         }
     }
