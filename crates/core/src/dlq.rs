@@ -53,7 +53,7 @@ impl DeadLetterWriter {
             // broker down; the write is retried until it succeeds.
             .set("message.timeout.ms", "10000")
             .set("topic.metadata.propagation.max.ms", "10000")
-            .create_with_context(QuietContext::default())?;
+            .create_with_context(QuietContext::new(kafka))?;
         Ok(Self {
             producer,
             topic: topic.to_string(),

@@ -175,16 +175,37 @@ impl Metrics {
     }
 }
 
+/// A readiness condition kept outside the Kafka client (the MSK IAM token
+/// refresher): `Err` says why the worker is not ready.
+pub type ReadinessCheck = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// Why the worker is not ready, if it is not.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Readiness {
     joined: AtomicBool,
     brokers_up: AtomicBool,
     circuit_open: AtomicBool,
     last_error: Mutex<Option<String>>,
+    checks: Mutex<Vec<ReadinessCheck>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("check", &self.check())
+            .finish()
+    }
 }
 
 impl Readiness {
+    /// Adds a condition that must also hold for the worker to be ready.
+    pub fn add_check(&self, check: ReadinessCheck) {
+        self.checks
+            .lock()
+            .expect("readiness lock poisoned")
+            .push(check);
+    }
+
     pub fn set_joined(&self, joined: bool) {
         self.joined.store(joined, Ordering::Relaxed);
         if joined {
@@ -246,6 +267,11 @@ impl Readiness {
         }
         if self.circuit_open.load(Ordering::Relaxed) {
             reasons.push("downstream circuit breaker open: consumption paused".into());
+        }
+        for check in self.checks.lock().expect("readiness lock poisoned").iter() {
+            if let Err(reason) = check() {
+                reasons.push(reason);
+            }
         }
         if reasons.is_empty() {
             Ok(())

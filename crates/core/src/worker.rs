@@ -946,6 +946,7 @@ pub struct WorkerContext {
     closing: AtomicBool,
     acked: Mutex<HashMap<i32, i64>>,
     error_throttle: LogThrottle,
+    oauth: crate::aws_iam::OauthHook,
 }
 
 impl WorkerContext {
@@ -986,6 +987,8 @@ impl WorkerContext {
 }
 
 impl ClientContext for WorkerContext {
+    crate::delegate_oauth_token!(oauth);
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         crate::kafka::forward_log(level, fac, message);
     }
@@ -1125,6 +1128,7 @@ fn create_consumer(worker: &Worker) -> Result<BaseConsumer<WorkerContext>, Worke
         closing: AtomicBool::new(false),
         acked: Mutex::new(HashMap::new()),
         error_throttle: LogThrottle::default(),
+        oauth: cfg.kafka.oauth_hook(),
     };
     let queued_min = (4 * cfg.batch.max_records).max(PREFETCH_RECORDS);
     let mut client = cfg.kafka.client_config();

@@ -125,7 +125,8 @@ impl LagReader {
             .client_config()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
-            .create_with_context(QuietContext::default())?;
+            .create_with_context(QuietContext::new(kafka))?;
+        kafka.oauth_hook().prime(consumer.client());
         Ok(Self {
             consumer,
             servers: kafka.bootstrap_servers.clone(),
@@ -157,6 +158,9 @@ impl LagReader {
 
     /// The topic's partition ids.
     pub fn partitions(&self) -> Result<Vec<i32>, ClientError> {
+        // Serves queued client events: librdkafka asks for a fresh
+        // OAUTHBEARER token there (MSK IAM) before the old one expires.
+        let _ = self.consumer.poll(Duration::ZERO);
         let md = self
             .consumer
             .fetch_metadata(Some(&self.topic), self.timeout)

@@ -33,7 +33,7 @@ pub struct Args {
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let file = args.kafka.load_file()?;
-    let kafka = args.kafka.resolve(&file)?;
+    let kafka = args.kafka.resolve(&file)?.start_msk_iam()?;
     let host: std::net::IpAddr = args.host.parse().map_err(|_| {
         microbatch_core::config::ConfigError::new(
             "--host",
