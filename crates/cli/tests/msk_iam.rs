@@ -442,3 +442,140 @@ fn auth_msk_iam_token_prints_one_token_and_its_expiry() {
     assert!(help.contains("AWS_MSK_IAM"), "{help}");
     assert_no_secrets(&[&help], &iam_secrets(&env));
 }
+
+#[test]
+fn supervise_children_inherit_msk_iam_without_credentials_on_their_command_line() {
+    let Some(env) = iam_env() else { return };
+    let dir = TestDir::new("iam-supervise");
+    let topic = unique("15-iam-sup");
+    let group = unique("15-iam-sup-g");
+    create_topic(&topic, 2);
+    produce(&topic, 1000, &[]);
+    let mut cmd = iam_command(&dir, &env);
+    cmd.args([
+        "supervise",
+        "--topic",
+        &topic,
+        "--group",
+        &group,
+        "--min",
+        "1",
+        "--max",
+        "2",
+        "--polling-interval-ms",
+        "500",
+        "--http-port",
+        "0",
+        "--drain-timeout-ms",
+        "5000",
+        "--log-dir",
+        dir.0.to_str().unwrap(),
+        "--",
+        "--process-time-ms",
+        "1",
+        "--audit-log",
+        dir.path("w{n}.audit").to_str().unwrap(),
+    ]);
+    let mut sup = Proc::spawn(cmd, dir.path("supervise.stderr"));
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(90));
+    let children = children_of(sup.child.id());
+    assert!(!children.is_empty(), "no workers: {}", sup.stderr());
+    let mut outputs = vec![sup.stderr()];
+    for pid in &children {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        outputs.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+    }
+    let audits: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "audit"))
+        .collect();
+    let (expected, _) = assert_all_processed(&topic, &group, &audits);
+    assert_eq!(expected, 1000);
+    sup.terminate();
+    for entry in std::fs::read_dir(&dir.0).unwrap().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "log") {
+            outputs.push(read(&entry.path()));
+        }
+    }
+    let texts: Vec<&str> = outputs.iter().map(String::as_str).collect();
+    assert_no_secrets(&texts, &iam_secrets(&env));
+}
+
+#[test]
+fn scaler_reads_lag_through_msk_iam() {
+    use microbatch_scaling::scaler::proto::external_scaler_client::ExternalScalerClient;
+    use microbatch_scaling::scaler::proto::{GetMetricsRequest, ScaledObjectRef};
+
+    let Some(env) = iam_env() else { return };
+    let dir = TestDir::new("iam-scaler");
+    let topic = unique("15-iam-scaler");
+    create_topic(&topic, 2);
+    produce(&topic, 300, &[]);
+    let grpc = free_port();
+    let mut cmd = iam_command(&dir, &env);
+    cmd.args([
+        "scaler",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        &grpc.to_string(),
+    ]);
+    cmd.args(["--http-port", "0"]);
+    let mut scaler = Proc::spawn(cmd, dir.path("scaler.stderr"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let lag = runtime.block_on(async {
+        let endpoint = format!("http://127.0.0.1:{grpc}");
+        let mut channel = None;
+        for _ in 0..100 {
+            if let Ok(ch) = tonic::transport::Channel::from_shared(endpoint.clone())
+                .unwrap()
+                .connect()
+                .await
+            {
+                channel = Some(ch);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut client = ExternalScalerClient::new(channel.expect("the scaler listens"));
+        let object = ScaledObjectRef {
+            name: "orders".into(),
+            namespace: "microbatch".into(),
+            scaler_metadata: [
+                ("topic", topic.as_str()),
+                ("consumerGroup", "15-iam-scaler-g"),
+                ("offsetResetPolicy", "earliest"),
+                ("lagThreshold", "10"),
+                ("allowIdleConsumers", "true"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        };
+        let spec = client
+            .get_metric_spec(object.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        client
+            .get_metrics(GetMetricsRequest {
+                scaled_object_ref: Some(object),
+                metric_name: spec.metric_specs[0].metric_name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .metric_values[0]
+            .metric_value
+    });
+    assert_eq!(lag, 300, "{}", scaler.stderr());
+    // Closes the gRPC connection, which a graceful shutdown waits for.
+    drop(runtime);
+    scaler.terminate();
+    assert_no_secrets(&[&scaler.stderr()], &iam_secrets(&env));
+}
