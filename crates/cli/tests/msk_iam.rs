@@ -579,3 +579,68 @@ fn scaler_reads_lag_through_msk_iam() {
     scaler.terminate();
     assert_no_secrets(&[&scaler.stderr()], &iam_secrets(&env));
 }
+
+#[test]
+fn failed_refresh_keeps_the_last_token_shows_in_readyz_and_recovers() {
+    let Some(env) = iam_env() else { return };
+    let dir = TestDir::new("iam-refresh-fails");
+    let topic = unique("15-iam-refail");
+    create_topic(&topic, 1);
+    let web_token = "eyJhbGciOiJSUzI1NiJ9.refresh-test-token.sig";
+    std::fs::write(dir.path("token"), web_token).unwrap();
+    let session = "IQoJb3JpZ2luX2VjREFRESH/session+token=";
+    let sts = StsStandIn::start(
+        web_token.to_string(),
+        env["AWS_ACCESS_KEY_ID"].clone(),
+        env["AWS_SECRET_ACCESS_KEY"].clone(),
+        session.to_string(),
+    );
+    let mut cmd = iam_command(&dir, &env);
+    cmd.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("AWS_WEB_IDENTITY_TOKEN_FILE", dir.path("token"))
+        .env("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/worker")
+        .env(
+            "AWS_ENDPOINT_URL_STS",
+            format!("http://127.0.0.1:{}", sts.port),
+        )
+        // Refreshed every 10 s; a token outlives a failed refresh by 10 s.
+        .env("MSK_IAM_TOKEN_LIFETIME_S", "20");
+    let port = free_port();
+    let mut worker = spawn_iam_worker(&dir, cmd, "w", &topic, &unique("15-g"), port);
+    wait_until(Duration::from_secs(60), "the worker is ready", || {
+        http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    // STS now refuses the pod's token: the next refresh fails.
+    std::fs::write(dir.path("token"), "a-token-sts-refuses").unwrap();
+    let mut body = String::new();
+    wait_until(
+        Duration::from_secs(30),
+        "/readyz to show the failing refresh",
+        || match http_get(port, "/readyz") {
+            Some((503, b)) if b.contains("MSK IAM token refresh failing") => {
+                body = b;
+                true
+            }
+            _ => false,
+        },
+    );
+    assert!(body.contains("the last good token expires in"), "{body}");
+    assert!(worker.stderr().contains("MSK IAM token refresh failed"));
+    // STS accepts it again: the next attempt succeeds and the worker is ready.
+    std::fs::write(dir.path("token"), web_token).unwrap();
+    wait_until(Duration::from_secs(45), "/readyz 200 again", || {
+        http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
+    });
+    worker.terminate();
+    let log = worker.stderr();
+    let failures = log.matches("MSK IAM token refresh failed").count();
+    assert!(
+        (1..=6).contains(&failures),
+        "once per back-off step, not per poll: {failures}\n{log}"
+    );
+    let mut secrets = iam_secrets(&env);
+    secrets.push(session);
+    secrets.push(web_token);
+    assert_no_secrets(&[&log, &body], &secrets);
+}

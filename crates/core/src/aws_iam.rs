@@ -36,7 +36,9 @@ use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
 use base64::Engine;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use rdkafka::client::OAuthToken;
+/// What librdkafka takes from a token callback (re-exported for
+/// [`delegate_oauth_token!`]).
+pub use rdkafka::client::OAuthToken;
 use thiserror::Error;
 
 use crate::config::Secret;
@@ -607,7 +609,7 @@ macro_rules! delegate_oauth_token {
         fn generate_oauth_token(
             &self,
             _config: Option<&str>,
-        ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        ) -> Result<$crate::aws_iam::OAuthToken, Box<dyn std::error::Error>> {
             self.$field.generate()
         }
     };

@@ -401,6 +401,24 @@ mod tests {
     }
 
     #[test]
+    fn an_added_check_holds_readiness_back_with_its_reason() {
+        let r = Readiness::default();
+        r.set_joined(true);
+        let failing = std::sync::Arc::new(AtomicBool::new(true));
+        let flag = failing.clone();
+        r.add_check(Box::new(move || {
+            if flag.load(Ordering::Relaxed) {
+                Err("MSK IAM token refresh failing".into())
+            } else {
+                Ok(())
+            }
+        }));
+        assert!(r.check().unwrap_err().contains("MSK IAM"));
+        failing.store(false, Ordering::Relaxed);
+        assert!(r.check().is_ok());
+    }
+
+    #[test]
     fn metrics_have_stable_names() {
         let t = Telemetry::default();
         t.metrics.records_processed.inc_by(3);
