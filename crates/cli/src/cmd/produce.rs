@@ -231,7 +231,7 @@ pub fn produce_blocking(
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let file = args.kafka.load_file()?;
-    let kafka = args.kafka.resolve(&file)?.start_msk_iam()?;
+    let kafka = args.kafka.resolve(&file)?;
     let load = args.load;
     if load.size == 0 {
         return Err(ConfigError::new("--size", "must be at least 1").into());
@@ -241,6 +241,8 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             ConfigError::new("--size", "must be at least 28 bytes with --poison-every").into(),
         );
     }
+    // Credentials are fetched only once the flags are known to be valid.
+    let kafka = kafka.start_msk_iam()?;
     let bar = ProgressBar::new(load.count);
     if args.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_draw_target(ProgressDrawTarget::hidden());

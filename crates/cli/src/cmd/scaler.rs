@@ -33,13 +33,14 @@ pub struct Args {
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let file = args.kafka.load_file()?;
-    let kafka = args.kafka.resolve(&file)?.start_msk_iam()?;
+    let kafka = args.kafka.resolve(&file)?;
     let host: std::net::IpAddr = args.host.parse().map_err(|_| {
         microbatch_core::config::ConfigError::new(
             "--host",
             format!("not an IP address: {}", args.host),
         )
     })?;
+    let kafka = kafka.start_msk_iam()?;
     let scaler = Arc::new(Scaler::new(
         kafka,
         Duration::from_millis(args.stream_interval_ms.max(100)),

@@ -97,11 +97,12 @@ pub fn make_policy(kind: PolicyKind, args: &PolicyArgs) -> Policy {
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let file = args.kafka.load_file()?;
-    let kafka = args.kafka.resolve(&file)?.start_msk_iam()?;
+    let kafka = args.kafka.resolve(&file)?;
     let (topic, group) = args.workers.resolve(&file)?;
     if args.policy_args.min_replicas > args.policy_args.max_replicas {
         return Err(ConfigError::new("--min", "must not exceed --max").into());
     }
+    let kafka = kafka.start_msk_iam()?;
     if !args.kafka.kafka_property.is_empty() {
         tracing::info!("--kafka-property applies to the supervisor's lag reads; pass worker properties after --");
     }
