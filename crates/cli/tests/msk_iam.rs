@@ -667,3 +667,28 @@ fn failed_refresh_keeps_the_last_token_shows_in_readyz_and_recovers() {
     secrets.push(web_token);
     assert_no_secrets(&[&log, &body], &secrets);
 }
+
+#[test]
+fn demo_runs_end_to_end_through_msk_iam() {
+    let Some(env) = iam_env() else { return };
+    let dir = TestDir::new("iam-demo");
+    let json = dir.path("report.json");
+    let mut cmd = iam_command(&dir, &env);
+    cmd.current_dir(&dir.0).args([
+        "demo",
+        "--quick",
+        "--report-json",
+        json.to_str().unwrap(),
+        "--report-html",
+        dir.path("report.html").to_str().unwrap(),
+    ]);
+    let (ok, out) = output(cmd, &[]);
+    assert!(ok, "demo failed: {out}");
+    let report: serde_json::Value = serde_json::from_str(&read(&json)).expect("the JSON report");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert!(
+        report["runs"][0]["produced"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_no_secrets(&[&out], &iam_secrets(&env));
+}
