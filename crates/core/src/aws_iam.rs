@@ -361,7 +361,7 @@ pub async fn fetch_and_sign(
     let credentials = provider
         .provide_credentials()
         .await
-        .map_err(|e| MskIamError::Credentials(aws_smithy_types_display(&e)))?;
+        .map_err(|e| MskIamError::Credentials(error_chain(&e)))?;
     sign_token(
         &settings.region,
         &credentials,
@@ -372,7 +372,7 @@ pub async fn fetch_and_sign(
 
 /// The whole chain of an error's sources on one line (the SDK's errors keep
 /// their useful part in the sources).
-fn aws_smithy_types_display(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
