@@ -2,7 +2,7 @@
 # kafka-local.sh - a real single-node Apache Kafka 4.x (KRaft) broker for tests
 # and local development. Run `scripts/kafka-local.sh --help` for details.
 #
-# Needs: bash, java (17+), mvn, openssl, and either unzip or jar.
+# Needs: bash, java and javac (17+), mvn, openssl, and either unzip or jar.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
@@ -24,6 +24,10 @@ CACHE_SPEC="rev=2 kafka_2.13,kafka-tools=$KAFKA_VERSION log4j-slf4j-impl,log4j-c
 PLAINTEXT_PORT=${KAFKA_PLAINTEXT_PORT:-9092}
 CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
 SCRAM_PORT=${KAFKA_SCRAM_PORT:-9096}
+MSK_IAM_PORT=${KAFKA_MSK_IAM_PORT:-9098}
+MSK_IAM_REGION=${KAFKA_MSK_IAM_REGION:-us-east-1}
+# The MSK_IAM listener honours a token for at most this long after signing.
+MSK_IAM_TOKEN_MAX_AGE=${KAFKA_MSK_IAM_TOKEN_MAX_AGE_S:-60}
 HOST=127.0.0.1
 SCRAM_USER=${KAFKA_SCRAM_USER:-microbatch}
 AUTO_CREATE_TOPICS=${KAFKA_AUTO_CREATE_TOPICS:-false}
@@ -49,8 +53,13 @@ SCRAM_ENV=$STATE_DIR/scram.env
 PLAINTEXT_ENV=$STATE_DIR/plaintext.env
 CLIENT_SCRAM_PROPS=$STATE_DIR/client-scram.properties
 CLIENT_PLAINTEXT_PROPS=$STATE_DIR/client-plaintext.properties
+MSK_IAM_ENV=$STATE_DIR/msk-iam.env
+MSK_IAM_SRC=$SCRIPT_DIR/kafka-local/MskIamTokenValidator.java
+MSK_IAM_CLASSES=$STATE_DIR/msk-iam-classes
+MSK_IAM_CLASS=local.microbatch.MskIamTokenValidator
 
 JAVA=${JAVA_HOME:+$JAVA_HOME/bin/}java
+JAVAC=${JAVA_HOME:+$JAVA_HOME/bin/}javac
 
 log() { printf 'kafka-local: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -86,6 +95,11 @@ Commands:
 Listeners (all on 127.0.0.1 only):
   PLAINTEXT   127.0.0.1:$PLAINTEXT_PORT   no auth, also used inter-broker
   SASL_SSL    127.0.0.1:$SCRAM_PORT   SCRAM-SHA-512 over TLS (MSK's port), user '$SCRAM_USER'
+  MSK_IAM     127.0.0.1:$MSK_IAM_PORT   SASL_SSL + OAUTHBEARER with MSK IAM tokens (MSK's IAM port):
+              SigV4-signed by the test access key in msk-iam.env for region
+              $MSK_IAM_REGION, checked by scripts/kafka-local/MskIamTokenValidator.java
+              (compiled at start); a token is honoured for at most
+              ${MSK_IAM_TOKEN_MAX_AGE}s after signing, so clients must re-authenticate
   CONTROLLER  127.0.0.1:$CONTROLLER_PORT   KRaft controller, not for clients
 
 Broker settings worth knowing:
@@ -103,6 +117,11 @@ Files written by 'start' (in .kafka-local/):
   plaintext.env             KAFKA_BOOTSTRAP_SERVERS for the PLAINTEXT listener
   client-scram.properties   Java client config for the SASL_SSL listener
   client-plaintext.properties
+  msk-iam.env               KAFKA_BOOTSTRAP_SERVERS, KAFKA_SECURITY_PROTOCOL,
+                            KAFKA_SASL_MECHANISM=AWS_MSK_IAM, AWS_REGION,
+                            AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (test values
+                            the MSK_IAM listener accepts), KAFKA_SSL_CA_LOCATION,
+                            MSK_IAM_TOKEN_LIFETIME_S (short enough for the listener)
   tls/ca.pem                CA certificate that signed the broker certificate
   logs/server.log           broker log (logs/kafka.out: JVM stdout/stderr)
   Use them with:  set -a; . .kafka-local/scram.env; set +a
@@ -118,6 +137,8 @@ Environment overrides (defaults in brackets):
   KAFKA_LOCAL_CACHE   jar cache [.kafka-local/cache]
   KAFKA_LOCAL_DIR     state directory [.kafka-local]
   KAFKA_PLAINTEXT_PORT [9092]  KAFKA_SCRAM_PORT [9096]  KAFKA_CONTROLLER_PORT [9093]
+  KAFKA_MSK_IAM_PORT [9098]  KAFKA_MSK_IAM_REGION [us-east-1]
+  KAFKA_MSK_IAM_TOKEN_MAX_AGE_S [60] (0: honour a token until it expires)
   KAFKA_AUTO_CREATE_TOPICS [false]  KAFKA_SCRAM_USER [microbatch]
   KAFKA_CONSUMER_SESSION_TIMEOUT_MS [10000]  KAFKA_CONSUMER_HEARTBEAT_MS [1000]
   KAFKA_HEAP_OPTS [-Xmx512m -Xms256m]  KAFKA_TOOL_HEAP_OPTS [-Xmx512m]
@@ -154,9 +175,12 @@ check_settings() {
 	check_port_number KAFKA_CONTROLLER_PORT "$CONTROLLER_PORT"
 	[[ $CONSUMER_SESSION_TIMEOUT_MS =~ ^[0-9]+$ ]] || die "KAFKA_CONSUMER_SESSION_TIMEOUT_MS must be a number of milliseconds"
 	[[ $CONSUMER_HEARTBEAT_MS =~ ^[0-9]+$ ]] || die "KAFKA_CONSUMER_HEARTBEAT_MS must be a number of milliseconds"
-	if [[ $PLAINTEXT_PORT == "$SCRAM_PORT" || $PLAINTEXT_PORT == "$CONTROLLER_PORT" || $SCRAM_PORT == "$CONTROLLER_PORT" ]]; then
-		die "KAFKA_PLAINTEXT_PORT, KAFKA_SCRAM_PORT and KAFKA_CONTROLLER_PORT must differ"
+	check_port_number KAFKA_MSK_IAM_PORT "$MSK_IAM_PORT"
+	if [[ $(printf '%s\n' "$PLAINTEXT_PORT" "$SCRAM_PORT" "$CONTROLLER_PORT" "$MSK_IAM_PORT" | sort -u | wc -l) != 4 ]]; then
+		die "KAFKA_PLAINTEXT_PORT, KAFKA_SCRAM_PORT, KAFKA_CONTROLLER_PORT and KAFKA_MSK_IAM_PORT must differ"
 	fi
+	[[ $MSK_IAM_REGION =~ ^[a-z0-9-]+$ ]] || die "KAFKA_MSK_IAM_REGION must look like us-east-1"
+	[[ $MSK_IAM_TOKEN_MAX_AGE =~ ^[0-9]+$ ]] || die "KAFKA_MSK_IAM_TOKEN_MAX_AGE_S must be a number of seconds"
 	[[ $AUTO_CREATE_TOPICS == true || $AUTO_CREATE_TOPICS == false ]] ||
 		die "KAFKA_AUTO_CREATE_TOPICS must be true or false"
 	[[ $SCRAM_USER =~ ^[A-Za-z0-9._-]+$ ]] || die "KAFKA_SCRAM_USER may only contain [A-Za-z0-9._-]"
@@ -304,9 +328,21 @@ ensure_secrets() {
 			printf 'SCRAM_PASSWORD=%s\nKEYSTORE_PASSWORD=%s\n' "$(random_secret)" "$(random_secret)" >"$SECRETS_FILE"
 		)
 	fi
+	# State made by an older version of this script has no MSK IAM test
+	# credentials yet: add them, keeping everything else.
+	if ! grep -q '^MSK_IAM_ACCESS_KEY_ID=' "$SECRETS_FILE"; then
+		(
+			umask 077
+			printf 'MSK_IAM_ACCESS_KEY_ID=AKIA%s\nMSK_IAM_SECRET_ACCESS_KEY=%s\n' \
+				"$(openssl rand -hex 8 | tr 'a-f' 'A-F')" "$(openssl rand -base64 30)" >>"$SECRETS_FILE"
+		)
+	fi
 	SCRAM_PASSWORD=$(sed -n 's/^SCRAM_PASSWORD=//p' "$SECRETS_FILE")
 	KEYSTORE_PASSWORD=$(sed -n 's/^KEYSTORE_PASSWORD=//p' "$SECRETS_FILE")
-	[[ -n $SCRAM_PASSWORD && -n $KEYSTORE_PASSWORD ]] || die "$SECRETS_FILE is incomplete; run 'reset'"
+	MSK_IAM_ACCESS_KEY_ID=$(sed -n 's/^MSK_IAM_ACCESS_KEY_ID=//p' "$SECRETS_FILE")
+	MSK_IAM_SECRET_ACCESS_KEY=$(sed -n 's/^MSK_IAM_SECRET_ACCESS_KEY=//p' "$SECRETS_FILE")
+	[[ -n $SCRAM_PASSWORD && -n $KEYSTORE_PASSWORD && -n $MSK_IAM_ACCESS_KEY_ID && -n $MSK_IAM_SECRET_ACCESS_KEY ]] ||
+		die "$SECRETS_FILE is incomplete; run 'reset'"
 }
 
 ensure_tls() {
@@ -360,6 +396,21 @@ EOF
 	}
 }
 
+# Compile the MSK_IAM listener's token validator when it is missing or older
+# than its source.
+build_msk_iam_validator() {
+	local class_file=$MSK_IAM_CLASSES/${MSK_IAM_CLASS//.//}.class
+	if [[ -f $class_file && $class_file -nt $MSK_IAM_SRC ]]; then
+		return 0
+	fi
+	need "$JAVAC" "a JDK (not just a JRE) compiles the MSK IAM token validator"
+	log "compiling $(basename "$MSK_IAM_SRC")"
+	rm -rf "$MSK_IAM_CLASSES"
+	mkdir -p "$MSK_IAM_CLASSES"
+	"$JAVAC" -nowarn -d "$MSK_IAM_CLASSES" -cp "$LIB_DIR/*" "$MSK_IAM_SRC" >&2 ||
+		die "javac failed on $MSK_IAM_SRC"
+}
+
 write_tools_log4j() {
 	cat >"$TOOLS_LOG4J" <<'EOF'
 <?xml version="1.0" encoding="UTF-8"?>
@@ -387,14 +438,22 @@ process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$CONTROLLER_PORT
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://$HOST:$PLAINTEXT_PORT,SASL_SSL://$HOST:$SCRAM_PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$PLAINTEXT_PORT,SASL_SSL://$HOST:$SCRAM_PORT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+listeners=PLAINTEXT://$HOST:$PLAINTEXT_PORT,SASL_SSL://$HOST:$SCRAM_PORT,MSK_IAM://$HOST:$MSK_IAM_PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$PLAINTEXT_PORT,SASL_SSL://$HOST:$SCRAM_PORT,MSK_IAM://$HOST:$MSK_IAM_PORT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,MSK_IAM:SASL_SSL
 inter.broker.listener.name=PLAINTEXT
 
 # SASL_SSL listener: SCRAM-SHA-512 over TLS, like MSK's port 9096.
 listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+# MSK_IAM listener: SASL_SSL with OAUTHBEARER tokens checked as MSK checks
+# IAM tokens (scripts/kafka-local/MskIamTokenValidator.java). Sessions end
+# with their token, so clients re-authenticate (KIP-368) with fresh ones.
+listener.name.msk_iam.sasl.enabled.mechanisms=OAUTHBEARER
+listener.name.msk_iam.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required unsecuredLoginStringClaim_sub="broker" accessKeyId="$MSK_IAM_ACCESS_KEY_ID" secretAccessKey="$MSK_IAM_SECRET_ACCESS_KEY" region="$MSK_IAM_REGION" tokenMaxAgeSeconds="$MSK_IAM_TOKEN_MAX_AGE";
+listener.name.msk_iam.oauthbearer.sasl.server.callback.handler.class=$MSK_IAM_CLASS
+listener.name.msk_iam.oauthbearer.connections.max.reauth.ms=3600000
+
 ssl.keystore.type=PKCS12
 ssl.keystore.location=$TLS_DIR/broker.p12
 ssl.keystore.password=$KEYSTORE_PASSWORD
@@ -480,6 +539,30 @@ ssl.truststore.type=PEM
 ssl.truststore.location=$ca
 EOF
 	)
+	# Clients refresh half-way through a token's lifetime; half the
+	# listener's honour period keeps them within it.
+	local iam_lifetime=900
+	if ((MSK_IAM_TOKEN_MAX_AGE > 0)); then
+		iam_lifetime=$((MSK_IAM_TOKEN_MAX_AGE / 2))
+		((iam_lifetime < 10)) && iam_lifetime=10
+		((iam_lifetime > 900)) && iam_lifetime=900
+	fi
+	(
+		umask 077
+		{
+			echo "# Generated by scripts/kafka-local.sh. Use: set -a; . .kafka-local/msk-iam.env; set +a"
+			echo "# Test credentials that only this broker's MSK_IAM listener accepts."
+			printf 'KAFKA_BOOTSTRAP_SERVERS=%q\n' "$HOST:$MSK_IAM_PORT"
+			printf 'KAFKA_SECURITY_PROTOCOL=%q\n' SASL_SSL
+			printf 'KAFKA_SASL_MECHANISM=%q\n' AWS_MSK_IAM
+			printf 'AWS_REGION=%q\n' "$MSK_IAM_REGION"
+			printf 'AWS_ACCESS_KEY_ID=%q\n' "$MSK_IAM_ACCESS_KEY_ID"
+			printf 'AWS_SECRET_ACCESS_KEY=%q\n' "$MSK_IAM_SECRET_ACCESS_KEY"
+			printf 'KAFKA_SSL_CA_LOCATION=%q\n' "$ca"
+			printf 'MSK_IAM_TOKEN_LIFETIME_S=%q\n' "$iam_lifetime"
+			printf 'KAFKA_MSK_IAM_TOKEN_MAX_AGE_S=%q\n' "$MSK_IAM_TOKEN_MAX_AGE"
+		} >"$MSK_IAM_ENV"
+	)
 	{
 		echo "# Generated by scripts/kafka-local.sh. Use: set -a; . .kafka-local/plaintext.env; set +a"
 		printf 'KAFKA_BOOTSTRAP_SERVERS=%q\n' "$HOST:$PLAINTEXT_PORT"
@@ -494,6 +577,11 @@ EOF
 
 classpath() {
 	printf '%s/*' "$LIB_DIR"
+}
+
+# The broker's class path: the jars and the MSK IAM token validator.
+broker_classpath() {
+	printf '%s/*:%s' "$LIB_DIR" "$MSK_IAM_CLASSES"
 }
 
 format_storage() {
@@ -517,6 +605,7 @@ print_connection_info() {
 	cat <<EOF
   PLAINTEXT  $HOST:$PLAINTEXT_PORT   (env: ${PLAINTEXT_ENV#"$ROOT"/})
   SASL_SSL   $HOST:$SCRAM_PORT   SCRAM-SHA-512 user '$SCRAM_USER' (env: ${SCRAM_ENV#"$ROOT"/}, CA: ${TLS_DIR#"$ROOT"/}/ca.pem)
+  MSK_IAM    $HOST:$MSK_IAM_PORT   SASL_SSL + AWS_MSK_IAM, region $MSK_IAM_REGION (env: ${MSK_IAM_ENV#"$ROOT"/})
 EOF
 }
 
@@ -544,14 +633,15 @@ cmd_start() {
 	check_java
 	need openssl
 	local port
-	for port in "$PLAINTEXT_PORT" "$SCRAM_PORT" "$CONTROLLER_PORT"; do
+	for port in "$PLAINTEXT_PORT" "$SCRAM_PORT" "$CONTROLLER_PORT" "$MSK_IAM_PORT"; do
 		if port_open "$port"; then
-			die "port $port on $HOST is already in use by another process (set KAFKA_PLAINTEXT_PORT / KAFKA_SCRAM_PORT / KAFKA_CONTROLLER_PORT)"
+			die "port $port on $HOST is already in use by another process (set KAFKA_PLAINTEXT_PORT / KAFKA_SCRAM_PORT / KAFKA_CONTROLLER_PORT / KAFKA_MSK_IAM_PORT)"
 		fi
 	done
 	ensure_jars
 	ensure_secrets
 	ensure_tls
+	build_msk_iam_validator
 	write_configs
 	write_client_files
 	format_storage
@@ -564,7 +654,7 @@ cmd_start() {
 	nohup "$JAVA" "${heap[@]}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
 		-XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
 		-Dlog4j2.configurationFile="$SERVER_LOG4J" -Dkafka.logs.dir="$LOG_DIR" \
-		-cp "$(classpath)" kafka.Kafka "$SERVER_PROPS" \
+		-cp "$(broker_classpath)" kafka.Kafka "$SERVER_PROPS" \
 		</dev/null >"$STDOUT_LOG" 2>&1 9>&- &
 	pid=$!
 	echo "$pid" >"$PID_FILE"
@@ -586,7 +676,7 @@ cmd_start() {
 				ready_log=true
 			fi
 		fi
-		if $ready_log && port_open "$PLAINTEXT_PORT" && port_open "$SCRAM_PORT"; then
+		if $ready_log && port_open "$PLAINTEXT_PORT" && port_open "$SCRAM_PORT" && port_open "$MSK_IAM_PORT"; then
 			echo "kafka-local: Kafka $KAFKA_VERSION started (pid $pid) in $((SECONDS - started))s"
 			print_connection_info
 			return 0
@@ -664,8 +754,8 @@ cmd_logs() {
 cmd_reset() {
 	cmd_stop
 	log "deleting data, logs, certificates and credentials in $STATE_DIR (keeping the jar cache)"
-	rm -rf "$DATA_DIR" "$LOG_DIR" "$TLS_DIR" "$CONFIG_DIR"
-	rm -f "$SECRETS_FILE" "$SCRAM_ENV" "$PLAINTEXT_ENV" "$CLIENT_SCRAM_PROPS" "$CLIENT_PLAINTEXT_PROPS" "$PID_FILE"
+	rm -rf "$DATA_DIR" "$LOG_DIR" "$TLS_DIR" "$CONFIG_DIR" "$MSK_IAM_CLASSES"
+	rm -f "$SECRETS_FILE" "$SCRAM_ENV" "$PLAINTEXT_ENV" "$CLIENT_SCRAM_PROPS" "$CLIENT_PLAINTEXT_PROPS" "$MSK_IAM_ENV" "$PID_FILE"
 	echo "kafka-local: reset done"
 }
 

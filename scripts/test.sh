@@ -37,6 +37,11 @@ trap cleanup EXIT
 
 export MICROBATCH_TEST_BOOTSTRAP="127.0.0.1:${KAFKA_PLAINTEXT_PORT:-9092}"
 export MICROBATCH_TEST_SCRAM_ENV="$PWD/.kafka-local/scram.env"
+export MICROBATCH_TEST_MSK_IAM_ENV="$PWD/.kafka-local/msk-iam.env"
+if [ ! -s "$MICROBATCH_TEST_MSK_IAM_ENV" ]; then
+	echo "note: $MICROBATCH_TEST_MSK_IAM_ENV is missing: the running broker predates the MSK_IAM listener;" \
+		"restart it (scripts/kafka-local.sh stop; scripts/kafka-local.sh start)" >&2
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -1,6 +1,7 @@
 package check
 
 import (
+	"encoding/json"
 	"fmt"
 	"net"
 	"path/filepath"
@@ -34,7 +35,7 @@ const (
 
 // Every overlay the kit ships (the test fails if a directory is added
 // without being listed here, so each gets its specific checks).
-var overlays = []string{"msk-scram", "external-scaler", "plaintext"}
+var overlays = []string{"msk-scram", "msk-iam", "external-scaler", "plaintext"}
 
 // KEDA kafka trigger metadata keys (keda.sh docs, scalers/apache-kafka).
 var kafkaTriggerKeys = []string{
@@ -211,6 +212,8 @@ func TestOverlays(t *testing.T) {
 			switch name {
 			case "msk-scram":
 				checkMSKScram(t, r)
+			case "msk-iam":
+				checkMSKIAM(t, r, filepath.Join(root, overlaysDirName, name))
 			case "external-scaler":
 				checkExternalScaler(t, r)
 			case "plaintext":
@@ -425,7 +428,17 @@ func checkCommon(t *testing.T, r rendered, f *binaryFacts, secret *corev1.Secret
 		if (md["tls"] == "enable") != wantTLS {
 			t.Errorf("trigger tls %q with KAFKA_SECURITY_PROTOCOL %s", md["tls"], protocol)
 		}
-		wantSASL := map[string]string{"SCRAM-SHA-512": "scram_sha512", "SCRAM-SHA-256": "scram_sha256", "PLAIN": "plaintext", "": "scram_sha512"}[cfg["KAFKA_SASL_MECHANISM"]]
+		wantSASL := map[string]string{"SCRAM-SHA-512": "scram_sha512", "SCRAM-SHA-256": "scram_sha256", "PLAIN": "plaintext",
+			"AWS_MSK_IAM": "oauthbearer", "": "scram_sha512"}[cfg["KAFKA_SASL_MECHANISM"]]
+		// MSK IAM: KEDA signs its own tokens, for the workers' region.
+		if cfg["KAFKA_SASL_MECHANISM"] == "AWS_MSK_IAM" {
+			if md["saslTokenProvider"] != "aws_msk_iam" || md["awsRegion"] != cfg["AWS_REGION"] || cfg["AWS_REGION"] == "" {
+				t.Errorf("trigger saslTokenProvider %q awsRegion %q; the workers use AWS_MSK_IAM in %q",
+					md["saslTokenProvider"], md["awsRegion"], cfg["AWS_REGION"])
+			}
+		} else if md["saslTokenProvider"] != "" {
+			t.Errorf("trigger saslTokenProvider %q, but the workers use %s", md["saslTokenProvider"], cfg["KAFKA_SASL_MECHANISM"])
+		}
 		if strings.HasPrefix(protocol, "SASL_") {
 			if md["sasl"] != wantSASL {
 				t.Errorf("trigger sasl %q, the workers use %s", md["sasl"], cfg["KAFKA_SASL_MECHANISM"])
@@ -466,8 +479,13 @@ func checkCommon(t *testing.T, r rendered, f *binaryFacts, secret *corev1.Secret
 		if trig.AuthenticationRef == nil || trig.AuthenticationRef.Name != ta.Name {
 			t.Errorf("TriggerAuthentication/%s is not used by the trigger", ta.Name)
 		}
-		if len(ta.Spec.SecretTargetRef) == 0 {
-			t.Errorf("TriggerAuthentication/%s reads no Secret", ta.Name)
+		awsIdentity := ta.Spec.PodIdentity != nil && ta.Spec.PodIdentity.Provider == "aws"
+		if len(ta.Spec.SecretTargetRef) == 0 && !awsIdentity {
+			t.Errorf("TriggerAuthentication/%s reads no Secret and uses no AWS pod identity", ta.Name)
+		}
+		if awsIdentity != (cfg["KAFKA_SASL_MECHANISM"] == "AWS_MSK_IAM") {
+			t.Errorf("TriggerAuthentication/%s: podIdentity aws goes with AWS_MSK_IAM, the workers use %q",
+				ta.Name, cfg["KAFKA_SASL_MECHANISM"])
 		}
 		for _, s := range ta.Spec.SecretTargetRef {
 			if s.Name != secret.Name {
@@ -676,11 +694,13 @@ func checkContainer(t *testing.T, cid string, c *corev1.Container, f *binaryFact
 			t.Errorf("%s: env %s: %s", cid, name, msg)
 		}
 	}
-	// The binary refuses credentials it would not send, and needs both with SASL.
+	// The binary refuses credentials it would not send, and needs both with
+	// SASL, except with AWS_MSK_IAM, whose identity is the pod's IAM role.
 	if p, ok := env["KAFKA_SECURITY_PROTOCOL"]; ok && p != "<configmap>" {
 		_, hasUser := env["KAFKA_USERNAME"]
 		_, hasPass := env["KAFKA_PASSWORD"]
-		if strings.HasPrefix(p, "SASL_") != (hasUser && hasPass) || hasUser != hasPass {
+		wantCredentials := strings.HasPrefix(p, "SASL_") && env["KAFKA_SASL_MECHANISM"] != "AWS_MSK_IAM"
+		if wantCredentials != (hasUser && hasPass) || hasUser != hasPass {
 			t.Errorf("%s: KAFKA_SECURITY_PROTOCOL=%s with username set %v, password set %v", cid, p, hasUser, hasPass)
 		}
 		if !slices.Contains([]string{"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}, p) {
@@ -923,6 +943,129 @@ func checkMSKScram(t *testing.T, r rendered) {
 	if len(r.all("TriggerAuthentication")) != 1 {
 		t.Errorf("msk-scram: want the TriggerAuthentication")
 	}
+}
+
+// The IAM actions the worker's role needs, per kind of resource.
+var mskIAMWorkerActions = map[string][]string{
+	"cluster": {"kafka-cluster:Connect", "kafka-cluster:WriteDataIdempotently"},
+	"topic":   {"kafka-cluster:DescribeTopic", "kafka-cluster:ReadData", "kafka-cluster:WriteData"},
+	"group":   {"kafka-cluster:DescribeGroup", "kafka-cluster:AlterGroup"},
+}
+
+// KEDA's operator reads lag only.
+var mskIAMKedaActions = map[string][]string{
+	"cluster": {"kafka-cluster:Connect"},
+	"topic":   {"kafka-cluster:DescribeTopic"},
+	"group":   {"kafka-cluster:DescribeGroup"},
+}
+
+var mskResourceARN = regexp.MustCompile(`^arn:aws:kafka:REGION:ACCOUNT_ID:(cluster|topic|group)/CLUSTER_NAME/CLUSTER_UUID(/[A-Za-z0-9._-]+)?$`)
+
+// checkIAMPolicy: a valid policy document granting `want` on MSK resources
+// of the right kind, and nothing with a wildcard action or resource.
+func checkIAMPolicy(t *testing.T, path string, want map[string][]string, forbidden []string) {
+	t.Helper()
+	var doc struct {
+		Version   string
+		Statement []struct {
+			Sid      string
+			Effect   string
+			Action   []string
+			Resource string
+		}
+	}
+	dec := json.NewDecoder(strings.NewReader(readFile(t, path)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&doc); err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	if doc.Version != "2012-10-17" {
+		t.Errorf("%s: Version %q, want 2012-10-17", path, doc.Version)
+	}
+	granted := map[string]map[string]bool{}
+	for _, st := range doc.Statement {
+		m := mskResourceARN.FindStringSubmatch(st.Resource)
+		if st.Effect != "Allow" || m == nil {
+			t.Errorf("%s: statement %s: want Allow on an MSK cluster, topic or group ARN, got %s %q", path, st.Sid, st.Effect, st.Resource)
+			continue
+		}
+		if (m[1] == "cluster") != (m[2] == "") {
+			t.Errorf("%s: statement %s: resource %q", path, st.Sid, st.Resource)
+		}
+		for _, a := range st.Action {
+			if strings.Contains(a, "*") || slices.Contains(forbidden, a) {
+				t.Errorf("%s: statement %s grants %s", path, st.Sid, a)
+			}
+			if granted[m[1]] == nil {
+				granted[m[1]] = map[string]bool{}
+			}
+			granted[m[1]][a] = true
+		}
+	}
+	for kind, actions := range want {
+		for _, a := range actions {
+			if !granted[kind][a] {
+				t.Errorf("%s: no %s on a %s", path, a, kind)
+			}
+		}
+	}
+}
+
+func checkMSKIAM(t *testing.T, r rendered, dir string) {
+	t.Helper()
+	so := r.all("ScaledObject")[0].Obj.(*ScaledObject)
+	md := so.Spec.Triggers[0].Metadata
+	want := map[string]string{"lagThreshold": "3", "activationLagThreshold": "1", "sasl": "oauthbearer",
+		"saslTokenProvider": "aws_msk_iam", "tls": "enable", "allowIdleConsumers": "false"}
+	for k, v := range want {
+		if md[k] != v {
+			t.Errorf("msk-iam: trigger %s %q, want %q", k, md[k], v)
+		}
+	}
+	for _, hp := range strings.Split(md["bootstrapServers"], ",") {
+		if _, port, _ := net.SplitHostPort(hp); port != "9098" {
+			t.Errorf("msk-iam: broker %q is not on MSK's IAM port 9098", hp)
+		}
+	}
+	cm := r.all("ConfigMap")[0].Obj.(*corev1.ConfigMap)
+	if cm.Data["KAFKA_SECURITY_PROTOCOL"] != "SASL_SSL" || cm.Data["KAFKA_SASL_MECHANISM"] != "AWS_MSK_IAM" {
+		t.Errorf("msk-iam: workers must use SASL_SSL with AWS_MSK_IAM")
+	}
+	if !regexp.MustCompile(`^[a-z]{2}(-[a-z]+)+-[0-9]+$`).MatchString(cm.Data["AWS_REGION"]) {
+		t.Errorf("msk-iam: AWS_REGION %q", cm.Data["AWS_REGION"])
+	}
+	// No password anywhere: no Secret reference in any pod.
+	for _, d := range r.deployments() {
+		for _, c := range d.Spec.Template.Spec.Containers {
+			for _, e := range c.Env {
+				if e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil {
+					t.Errorf("msk-iam: Deployment/%s reads Secret key %s into %s", d.Name, e.ValueFrom.SecretKeyRef.Key, e.Name)
+				}
+			}
+		}
+		if sc := d.Spec.Template.Spec.SecurityContext; d.Name == workerName && (sc == nil || sc.FSGroup == nil) {
+			t.Errorf("msk-iam: the non-root worker needs fsGroup to read the projected web identity token")
+		}
+	}
+	sa, ok := r.get("ServiceAccount", workerName)
+	if !ok {
+		t.Fatalf("msk-iam: no ServiceAccount %s", workerName)
+	}
+	role := sa.Obj.(*corev1.ServiceAccount).Annotations["eks.amazonaws.com/role-arn"]
+	if !regexp.MustCompile(`^arn:aws:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_-]+$`).MatchString(role) {
+		t.Errorf("msk-iam: ServiceAccount role-arn annotation %q is no IAM role ARN", role)
+	}
+	tas := r.all("TriggerAuthentication")
+	if len(tas) != 1 {
+		t.Fatalf("msk-iam: want the TriggerAuthentication")
+	}
+	ta := tas[0].Obj.(*TriggerAuthentication)
+	if ta.Spec.PodIdentity == nil || ta.Spec.PodIdentity.Provider != "aws" || len(ta.Spec.SecretTargetRef) != 0 {
+		t.Errorf("msk-iam: TriggerAuthentication must use podIdentity aws and no Secret")
+	}
+	checkIAMPolicy(t, filepath.Join(dir, "iam-policy.json"), mskIAMWorkerActions, nil)
+	checkIAMPolicy(t, filepath.Join(dir, "keda-iam-policy.json"), mskIAMKedaActions,
+		[]string{"kafka-cluster:ReadData", "kafka-cluster:WriteData", "kafka-cluster:AlterGroup"})
 }
 
 func checkExternalScaler(t *testing.T, r rendered) {

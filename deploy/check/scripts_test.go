@@ -110,10 +110,10 @@ var mskEnv = []string{
 	"MSK_CLIENT_SECURITY_GROUP_ID=sg-0a1b2c3d4e5f60020",
 }
 
-func dryRunMSK(t *testing.T) string {
+func dryRunMSK(t *testing.T, extraEnv ...string) string {
 	t.Helper()
 	bin, marker := fakeBin(t, "aws", "kubectl")
-	env := append([]string{"PATH=" + bin + ":/usr/bin:/bin"}, mskEnv...)
+	env := append(append([]string{"PATH=" + bin + ":/usr/bin:/bin"}, mskEnv...), extraEnv...)
 	out, errOut, code := runScript(t, env, "setup-msk.sh", "--dry-run")
 	if code != 0 {
 		t.Fatalf("setup-msk.sh --dry-run: exit %d\n%s", code, errOut)
@@ -332,6 +332,73 @@ func TestSetupMSKDryRun(t *testing.T) {
 	}
 }
 
+// --auth iam: IAM access control on port 9098, no secret, and the two
+// policies made from the msk-iam overlay's documents for this cluster.
+func TestSetupMSKIAMDryRun(t *testing.T) {
+	out := dryRunMSK(t, "MSK_AUTH=iam", "KAFKA_TOPIC=orders", "CONSUMER_GROUP=orders-workers")
+	cmds := awsCommands(t, out)
+	for _, op := range [][2]string{{"kms", "create-key"}, {"secretsmanager", "create-secret"},
+		{"secretsmanager", "get-random-password"}, {"kafka", "batch-associate-scram-secret"}} {
+		if findCmd(cmds, op[0], op[1]) != nil {
+			t.Errorf("--auth iam runs aws %s %s", op[0], op[1])
+		}
+	}
+	var prov struct {
+		ClientAuthentication struct {
+			Sasl struct {
+				Scram struct{ Enabled bool }
+				Iam   struct{ Enabled bool }
+			}
+			Unauthenticated struct{ Enabled bool }
+		}
+	}
+	if err := json.Unmarshal([]byte(printedFile(t, out, "provisioned.json")), &prov); err != nil {
+		t.Fatalf("provisioned.json: %v", err)
+	}
+	if ca := prov.ClientAuthentication; !ca.Sasl.Iam.Enabled || ca.Sasl.Scram.Enabled || ca.Unauthenticated.Enabled {
+		t.Errorf("cluster authentication %+v: want IAM only", ca)
+	}
+	sg := findCmd(cmds, "ec2", "authorize-security-group-ingress")
+	if v, _ := flagValue(sg, "--port"); v != "9098" {
+		t.Errorf("authorize-security-group-ingress --port %q, want MSK's IAM port 9098", v)
+	}
+	if q, _ := flagValue(findCmd(cmds, "kafka", "get-bootstrap-brokers"), "--query"); q != "BootstrapBrokerStringSaslIam" {
+		t.Errorf("get-bootstrap-brokers --query %q, want BootstrapBrokerStringSaslIam", q)
+	}
+	var policies []string
+	for _, c := range cmds {
+		if slices.Contains(c, "create-policy") {
+			name, _ := flagValue(c, "--policy-name")
+			policies = append(policies, name)
+			doc := printedFile(t, out, name+".json")
+			for _, left := range []string{"REGION", "ACCOUNT_ID", "CLUSTER_NAME", "CLUSTER_UUID", "/TOPIC", "/GROUP"} {
+				if strings.Contains(doc, left) {
+					t.Errorf("%s: placeholder %s left in\n%s", name, left, doc)
+				}
+			}
+			var pd struct{ Statement []struct{ Resource string } }
+			if err := json.Unmarshal([]byte(doc), &pd); err != nil {
+				t.Errorf("%s: %v", name, err)
+			}
+			for _, st := range pd.Statement {
+				if !strings.HasPrefix(st.Resource, "arn:aws:kafka:eu-west-1:<account-id>:") ||
+					!strings.Contains(st.Resource, "/microbatch-test/<cluster-uuid>") {
+					t.Errorf("%s: resource %q is not of cluster microbatch-test in eu-west-1", name, st.Resource)
+				}
+			}
+			if !strings.Contains(doc, "/orders\"") || !strings.Contains(doc, "/orders-workers\"") {
+				t.Errorf("%s: not for topic orders and group orders-workers:\n%s", name, doc)
+			}
+		}
+	}
+	if !slices.Equal(policies, []string{"microbatch-microbatch-test-worker", "microbatch-microbatch-test-keda"}) {
+		t.Errorf("policies %v", policies)
+	}
+	if !strings.Contains(printedFile(t, out, "microbatch-microbatch-test-worker.json"), "/orders.dlq\"") {
+		t.Errorf("the workers' policy does not cover the dead-letter topic orders.dlq")
+	}
+}
+
 func TestSetupMSKRejectsBadInput(t *testing.T) {
 	bin, marker := fakeBin(t, "aws")
 	path := "PATH=" + bin + ":/usr/bin:/bin"
@@ -342,6 +409,7 @@ func TestSetupMSKRejectsBadInput(t *testing.T) {
 		"world-open cidr":      {"AWS_REGION=eu-west-1", "MSK_SUBNET_IDS=subnet-0a1b2c3d4e5f60001,subnet-0a1b2c3d4e5f60002", "MSK_SECURITY_GROUP_ID=sg-0a1b2c3d4e5f60010", "MSK_CLIENT_CIDR=0.0.0.0/0"},
 		"no client":            {"AWS_REGION=eu-west-1", "MSK_SUBNET_IDS=subnet-0a1b2c3d4e5f60001,subnet-0a1b2c3d4e5f60002", "MSK_SECURITY_GROUP_ID=sg-0a1b2c3d4e5f60010"},
 		"no region":            {"MSK_SUBNET_IDS=subnet-0a1b2c3d4e5f60001,subnet-0a1b2c3d4e5f60002", "MSK_SECURITY_GROUP_ID=sg-0a1b2c3d4e5f60010", "MSK_CLIENT_CIDR=10.0.0.0/16"},
+		"unknown auth":         {"AWS_REGION=eu-west-1", "MSK_SUBNET_IDS=subnet-0a1b2c3d4e5f60001,subnet-0a1b2c3d4e5f60002", "MSK_SECURITY_GROUP_ID=sg-0a1b2c3d4e5f60010", "MSK_CLIENT_CIDR=10.0.0.0/16", "MSK_AUTH=kerberos"},
 		"brokers not multiple": {"AWS_REGION=eu-west-1", "MSK_SUBNET_IDS=subnet-0a1b2c3d4e5f60001,subnet-0a1b2c3d4e5f60002", "MSK_SECURITY_GROUP_ID=sg-0a1b2c3d4e5f60010", "MSK_CLIENT_CIDR=10.0.0.0/16", "MSK_BROKERS=3"},
 	}
 	for name, env := range cases {
@@ -365,10 +433,22 @@ func TestSetupMSKCommandsValidate(t *testing.T) {
 	if err != nil {
 		t.Skip("the AWS CLI is not installed: parameter validation not run")
 	}
-	out := dryRunMSK(t)
+	files := map[string][]string{
+		"scram": {"scram-secret.json", "provisioned.json"},
+		"iam":   {"provisioned.json", "microbatch-microbatch-test-worker.json", "microbatch-microbatch-test-keda.json"},
+	}
+	for _, auth := range []string{"scram", "iam"} {
+		t.Run(auth, func(t *testing.T) { validateSetupMSK(t, awsPath, auth, files[auth]) })
+	}
+}
+
+func validateSetupMSK(t *testing.T, awsPath, auth string, files []string) {
+	out := dryRunMSK(t, "MSK_AUTH="+auth)
 	dir := t.TempDir()
-	for _, name := range []string{"scram-secret.json", "provisioned.json"} {
-		content := strings.ReplaceAll(printedFile(t, out, name), "<generated>", "Abcdefgh12345678Abcdefgh12345678")
+	ids := strings.NewReplacer("<generated>", "Abcdefgh12345678Abcdefgh12345678",
+		"<account-id>", "111122223333", "<cluster-uuid>", "abcd1234-0123-4567-89ab-cdef01234567-1")
+	for _, name := range files {
+		content := ids.Replace(printedFile(t, out, name))
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -465,14 +545,15 @@ func TestSetupMSKCommandsValidate(t *testing.T) {
 			if err := json.Unmarshal([]byte(r.body), &body); err != nil {
 				t.Errorf("create-cluster-v2 body: %v", err)
 			}
-			if body.ClusterName != "microbatch-test" || !body.Provisioned.ClientAuthentication.Sasl.Scram.Enabled ||
+			if body.ClusterName != "microbatch-test" || body.Provisioned.ClientAuthentication.Sasl.Scram.Enabled != (auth == "scram") ||
 				body.Provisioned.ClientAuthentication.Unauthenticated.Enabled {
 				t.Errorf("create-cluster-v2 would send %s", r.body)
 			}
 		}
 		if strings.Contains(r.body, "Action=AuthorizeSecurityGroupIngress") {
 			form, _ := url.ParseQuery(r.body)
-			if form.Get("IpPermissions.1.FromPort") != "9096" || form.Get("IpPermissions.1.ToPort") != "9096" {
+			port := map[string]string{"scram": "9096", "iam": "9098"}[auth]
+			if form.Get("IpPermissions.1.FromPort") != port || form.Get("IpPermissions.1.ToPort") != port {
 				t.Errorf("authorize-security-group-ingress would send %s", r.body)
 			}
 		}

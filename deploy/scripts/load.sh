@@ -119,12 +119,15 @@ if ! $PRINT; then
 	if [[ -z $SECRET ]] && ! $NO_SECRET; then
 		SECRET=$(jp "$worker.env[?(@.name==\"KAFKA_PASSWORD\")].valueFrom.secretKeyRef.name}")
 	fi
+	# With MSK IAM the Job signs its tokens with the workers' IAM role.
+	SERVICE_ACCOUNT=$(jp '{.spec.template.spec.serviceAccountName}')
 fi
 [[ -n $IMAGE ]] || IMAGE=ghcr.io/microbatch/microbatch:0.1.0
 [[ -n $CONFIGMAP ]] || CONFIGMAP=microbatch-config
 if [[ -z $SECRET ]] && ! $NO_SECRET && $PRINT; then SECRET=microbatch-kafka; fi
 if $NO_SECRET; then SECRET=""; fi
-for v in IMAGE CONFIGMAP SECRET; do
+SERVICE_ACCOUNT=${SERVICE_ACCOUNT:-}
+for v in IMAGE CONFIGMAP SECRET SERVICE_ACCOUNT; do
 	[[ ${!v} =~ ^[A-Za-z0-9._/:@-]*$ ]] || die "$v: unexpected characters in '${!v}'"
 done
 
@@ -214,9 +217,13 @@ spec:
         runAsNonRoot: true
         runAsUser: 65532
         runAsGroup: 65532
+        fsGroup: 65532
         seccompProfile:
           type: RuntimeDefault
 EOF
+	if [[ -n $SERVICE_ACCOUNT ]]; then
+		echo "      serviceAccountName: $SERVICE_ACCOUNT"
+	fi
 	if $CREATE_TOPIC; then
 		echo "      initContainers:"
 		container create-topic topic create --topic "$topic_ref" \

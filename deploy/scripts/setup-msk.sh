@@ -3,12 +3,20 @@
 # SASL/SCRAM-SHA-512 over TLS (port 9096), its credentials in a Secrets
 # Manager secret named AmazonMSK_... encrypted with a customer managed KMS
 # key, the secret associated with the cluster, and port 9096 opened to the
-# EKS workers' security group. Run `deploy/scripts/setup-msk.sh --help`.
+# EKS workers' security group. With --auth iam: IAM access control (port
+# 9098) instead, no secret, and the IAM policies of the workers and of KEDA.
+# Run `deploy/scripts/setup-msk.sh --help`.
 #
 # --dry-run prints every AWS CLI command (and the JSON it would pass) and runs
 # none; values that earlier commands would return show as <placeholders>.
 set -euo pipefail
 
+SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+IAM_OVERLAY=$SCRIPT_DIR/../k8s/overlays/msk-iam
+
+AUTH=${MSK_AUTH:-scram}
+TOPIC=${KAFKA_TOPIC:-events}
+GROUP=${CONSUMER_GROUP:-microbatch}
 REGION=${AWS_REGION:-${AWS_DEFAULT_REGION:-}}
 CLUSTER_NAME=${MSK_CLUSTER_NAME:-microbatch}
 SUBNET_IDS=${MSK_SUBNET_IDS:-}
@@ -22,7 +30,6 @@ BROKERS=${MSK_BROKERS:-}
 SCRAM_USERNAME=${MSK_SCRAM_USERNAME:-microbatch}
 WAIT_MINUTES=${MSK_WAIT_MINUTES:-60}
 DRY_RUN=false
-SCRAM_PORT=9096
 
 log() { printf 'setup-msk: %s\n' "$*" >&2; }
 die() {
@@ -39,14 +46,15 @@ usage() {
 	cat <<EOF
 Usage: deploy/scripts/setup-msk.sh [options]
 
-Creates, in this order (each step reuses what an earlier run already made):
+Creates, in this order (each step reuses what an earlier run already made),
+with --auth scram (the default):
   1. a customer managed KMS key (with rotation) and alias alias/<cluster>-msk-scram:
      MSK accepts SCRAM secrets only when a customer managed key encrypts them;
   2. a Secrets Manager secret 'AmazonMSK_<cluster>' (the prefix MSK requires)
      holding {"username": ..., "password": <32 random characters>};
   3. the MSK cluster: SASL/SCRAM on, unauthenticated access off, IAM off,
      TLS between clients and brokers and inside the cluster;
-  4. an ingress rule on the brokers' security group: TCP $SCRAM_PORT from the
+  4. an ingress rule on the brokers' security group: TCP 9096 from the
      EKS workers' security group (or a CIDR);
   5. waits for the cluster to be ACTIVE (20-40 minutes) and associates the
      secret with it;
@@ -55,14 +63,23 @@ Creates, in this order (each step reuses what an earlier run already made):
 The password is never printed, and never on a command line: it goes to the
 AWS CLI in a file readable only by you, deleted on exit.
 
+With --auth iam: no KMS key and no secret; the cluster has IAM access
+control on (SASL/SCRAM and unauthenticated access off), port 9098 is
+opened, and two customer managed IAM policies are created from
+deploy/k8s/overlays/msk-iam/{iam-policy,keda-iam-policy}.json for this
+cluster, --topic and --group: microbatch-<cluster>-worker (for the workers'
+role, IRSA or EKS Pod Identity) and microbatch-<cluster>-keda (for KEDA's
+operator role). It prints how to attach them.
+
 Options (or the environment variable in brackets):
+  --auth scram|iam              [MSK_AUTH]                    [$AUTH]
   --region R                    [AWS_REGION]                  required
   --cluster-name N              [MSK_CLUSTER_NAME]            [$CLUSTER_NAME]
   --subnets ID,ID,...           [MSK_SUBNET_IDS]              required: private subnets
                                 in 2 or 3 AZs of the EKS VPC, one broker per subnet
   --security-group ID           [MSK_SECURITY_GROUP_ID]       required: for the brokers
   --client-security-group ID    [MSK_CLIENT_SECURITY_GROUP_ID] the EKS nodes' (or pods')
-                                security group, allowed to reach port $SCRAM_PORT
+                                security group, allowed to reach port 9096 (iam: 9098)
   --client-cidr CIDR            [MSK_CLIENT_CIDR]             instead of a group
   --kafka-version V             [MSK_KAFKA_VERSION]           [$KAFKA_VERSION]
                                 (aws kafka list-kafka-versions)
@@ -70,6 +87,9 @@ Options (or the environment variable in brackets):
   --volume-size GIB             [MSK_VOLUME_SIZE]             [$VOLUME_SIZE]
   --brokers N                   [MSK_BROKERS]                 [one per subnet]
   --scram-username U            [MSK_SCRAM_USERNAME]          [$SCRAM_USERNAME]
+  --topic T                     [KAFKA_TOPIC]                 [$TOPIC] (iam: the policies' topic;
+                                its dead letters go to T.dlq)
+  --group G                     [CONSUMER_GROUP]              [$GROUP] (iam: the policies' group)
   --wait-minutes M              [MSK_WAIT_MINUTES]            [$WAIT_MINUTES]
   --dry-run                     Print every command; run none (needs no AWS access)
   -h, --help                    Show this help
@@ -83,6 +103,9 @@ EOF
 
 while (($#)); do
 	case $1 in
+	--auth) AUTH=${2:?}; shift 2 ;;
+	--topic) TOPIC=${2:?}; shift 2 ;;
+	--group) GROUP=${2:?}; shift 2 ;;
 	--region) REGION=${2:?}; shift 2 ;;
 	--cluster-name) CLUSTER_NAME=${2:?}; shift 2 ;;
 	--subnets) SUBNET_IDS=${2:?}; shift 2 ;;
@@ -103,6 +126,13 @@ done
 
 # Validate everything before the first AWS call: the values end up in JSON
 # and on command lines, so they must be exactly what they claim to be.
+case $AUTH in
+scram) PORT=9096 ;;
+iam) PORT=9098 ;;
+*) usage_error "--auth: scram or iam, got '$AUTH'" ;;
+esac
+[[ $TOPIC =~ ^[A-Za-z0-9._-]{1,249}$ ]] || usage_error "--topic: letters, digits, '.', '_', '-' only: '$TOPIC'"
+[[ $GROUP =~ ^[A-Za-z0-9._-]{1,255}$ ]] || usage_error "--group: letters, digits, '.', '_', '-' only: '$GROUP'"
 [[ -n $REGION ]] || usage_error "--region (or AWS_REGION) is required"
 [[ $REGION =~ ^[a-z]{2}(-[a-z]+)+-[0-9]+$ ]] || usage_error "--region: not an AWS region: '$REGION'"
 [[ $CLUSTER_NAME =~ ^[A-Za-z][A-Za-z0-9-]{0,63}$ ]] ||
@@ -124,7 +154,7 @@ elif [[ -n $CLIENT_CIDR ]]; then
 		usage_error "--client-cidr: not an IPv4 CIDR: '$CLIENT_CIDR'"
 	[[ $CLIENT_CIDR != 0.0.0.0/0 ]] || usage_error "--client-cidr 0.0.0.0/0 would open the brokers to everyone"
 else
-	usage_error "--client-security-group or --client-cidr is required (who may reach port $SCRAM_PORT)"
+	usage_error "--client-security-group or --client-cidr is required (who may reach port $PORT)"
 fi
 [[ $KAFKA_VERSION =~ ^[0-9]+(\.[0-9]+)+(\.x)?(\.kraft)?$|^[0-9]+(\.[0-9]+)*\.x(\.kraft)?$ ]] ||
 	usage_error "--kafka-version: not an MSK Kafka version: '$KAFKA_VERSION'"
@@ -150,6 +180,7 @@ else
 fi
 # Set by capture/lookup below.
 versions="" secret_arn="" key_id="" password="" cluster_arn="" state="" unprocessed="" bootstrap=""
+worker_policy_arn="" keda_policy_arn=""
 
 # Prints a command as a copy-pasteable shell line.
 show() {
@@ -227,7 +258,7 @@ step() {
 
 if $DRY_RUN; then
 	echo "# setup-msk.sh --dry-run: nothing below was run."
-	echo "# region=$REGION cluster=$CLUSTER_NAME brokers=$BROKERS kafka=$KAFKA_VERSION"
+	echo "# region=$REGION cluster=$CLUSTER_NAME brokers=$BROKERS kafka=$KAFKA_VERSION auth=$AUTH"
 fi
 
 step "0. the Kafka version must be one MSK offers"
@@ -238,6 +269,7 @@ if ! $DRY_RUN && ! tr -s '[:space:]' '\n' <<<"$versions" | grep -qx "$KAFKA_VERS
 	die "MSK in $REGION offers no Kafka $KAFKA_VERSION; active versions: $versions"
 fi
 
+if [[ $AUTH == scram ]]; then
 step "1. KMS key for the SCRAM secret (MSK rejects secrets under the default aws/secretsmanager key)"
 lookup secret_arn aws --region "$REGION" secretsmanager describe-secret \
 	--secret-id "$SECRET_NAME" --query ARN --output text
@@ -270,8 +302,12 @@ else
 		--query ARN --output text
 	$DRY_RUN || rm -f "$WORK/scram-secret.json"
 fi
+else
+	step "1-2. no KMS key and no secret: with IAM access control each pod signs its own tokens"
+fi
 
-step "3. the MSK cluster: SASL/SCRAM only, TLS in transit"
+if [[ $AUTH == iam ]]; then scram_on=false iam_on=true; else scram_on=true iam_on=false; fi
+step "3. the MSK cluster: SASL/$(tr '[:lower:]' '[:upper:]' <<<"$AUTH") only, TLS in transit"
 lookup cluster_arn aws --region "$REGION" kafka list-clusters-v2 \
 	--cluster-name-filter "$CLUSTER_NAME" \
 	--query "ClusterInfoList[?ClusterName=='$CLUSTER_NAME'].ClusterArn | [0]" --output text
@@ -289,7 +325,7 @@ else
   \"KafkaVersion\": \"$KAFKA_VERSION\",
   \"NumberOfBrokerNodes\": $BROKERS,
   \"ClientAuthentication\": {
-    \"Sasl\": {\"Scram\": {\"Enabled\": true}, \"Iam\": {\"Enabled\": false}},
+    \"Sasl\": {\"Scram\": {\"Enabled\": $scram_on}, \"Iam\": {\"Enabled\": $iam_on}},
     \"Unauthenticated\": {\"Enabled\": false}
   },
   \"EncryptionInfo\": {
@@ -304,7 +340,7 @@ else
 		--query ClusterArn --output text
 fi
 
-step "4. port $SCRAM_PORT (SASL/SCRAM over TLS) from the clients to the brokers"
+step "4. port $PORT (SASL/$AUTH over TLS) from the clients to the brokers"
 if [[ -n $CLIENT_SECURITY_GROUP_ID ]]; then
 	source_args=(--source-group "$CLIENT_SECURITY_GROUP_ID")
 else
@@ -312,18 +348,18 @@ else
 fi
 if $DRY_RUN; then
 	aws_ ec2 authorize-security-group-ingress --group-id "$SECURITY_GROUP_ID" \
-		--protocol tcp --port "$SCRAM_PORT" "${source_args[@]}"
+		--protocol tcp --port "$PORT" "${source_args[@]}"
 else
 	printf '+ %s\n' "$(show aws --region "$REGION" ec2 authorize-security-group-ingress \
-		--group-id "$SECURITY_GROUP_ID" --protocol tcp --port "$SCRAM_PORT" "${source_args[@]}")" >&2
+		--group-id "$SECURITY_GROUP_ID" --protocol tcp --port "$PORT" "${source_args[@]}")" >&2
 	if ! err=$(aws --region "$REGION" ec2 authorize-security-group-ingress --group-id "$SECURITY_GROUP_ID" \
-		--protocol tcp --port "$SCRAM_PORT" "${source_args[@]}" 2>&1 >/dev/null); then
+		--protocol tcp --port "$PORT" "${source_args[@]}" 2>&1 >/dev/null); then
 		grep -q 'InvalidPermission.Duplicate' <<<"$err" || die "$err"
 		log "the rule exists already"
 	fi
 fi
 
-step "5. wait for ACTIVE (repeated every 30 s, at most $WAIT_MINUTES minutes), then associate the secret"
+step "5. wait for ACTIVE (repeated every 30 s, at most $WAIT_MINUTES minutes)${secret_arn:+, then associate the secret}"
 deadline=$((SECONDS + WAIT_MINUTES * 60))
 while :; do
 	capture state ACTIVE aws --region "$REGION" kafka describe-cluster-v2 \
@@ -336,16 +372,85 @@ while :; do
 	((SECONDS < deadline)) || die "cluster not ACTIVE after $WAIT_MINUTES minutes (state $state); run again later"
 	sleep 30
 done
-capture unprocessed '' aws --region "$REGION" kafka batch-associate-scram-secret \
-	--cluster-arn "$cluster_arn" --secret-arn-list "$secret_arn" \
-	--query 'UnprocessedScramSecrets[].ErrorMessage' --output text
-if [[ -n $unprocessed && $unprocessed != None ]]; then
-	die "MSK did not associate $secret_arn: $unprocessed"
+if [[ $AUTH == scram ]]; then
+	capture unprocessed '' aws --region "$REGION" kafka batch-associate-scram-secret \
+		--cluster-arn "$cluster_arn" --secret-arn-list "$secret_arn" \
+		--query 'UnprocessedScramSecrets[].ErrorMessage' --output text
+	if [[ -n $unprocessed && $unprocessed != None ]]; then
+		die "MSK did not associate $secret_arn: $unprocessed"
+	fi
 fi
 
 step "6. what the workers need"
-capture bootstrap '<bootstrap-brokers-sasl-scram>' aws --region "$REGION" kafka get-bootstrap-brokers \
-	--cluster-arn "$cluster_arn" --query BootstrapBrokerStringSaslScram --output text
+if [[ $AUTH == iam ]]; then
+	capture bootstrap '<bootstrap-brokers-sasl-iam>' aws --region "$REGION" kafka get-bootstrap-brokers \
+		--cluster-arn "$cluster_arn" --query BootstrapBrokerStringSaslIam --output text
+else
+	capture bootstrap '<bootstrap-brokers-sasl-scram>' aws --region "$REGION" kafka get-bootstrap-brokers \
+		--cluster-arn "$cluster_arn" --query BootstrapBrokerStringSaslScram --output text
+fi
+
+# policy_from TEMPLATE: the template with this cluster's ARNs, topic and group.
+policy_from() {
+	local account=ACCOUNT_ID uuid=CLUSTER_UUID
+	# arn:aws:kafka:<region>:<account>:cluster/<name>/<uuid>
+	if [[ $cluster_arn =~ ^arn:aws[a-z-]*:kafka:[a-z0-9-]+:([0-9]{12}):cluster/[^/]+/([A-Za-z0-9-]+)$ ]]; then
+		account=${BASH_REMATCH[1]} uuid=${BASH_REMATCH[2]}
+	elif $DRY_RUN; then
+		account='<account-id>' uuid='<cluster-uuid>'
+	else
+		die "unexpected cluster ARN '$cluster_arn'"
+	fi
+	sed -e "s/REGION/$REGION/g" -e "s/ACCOUNT_ID/$account/g" -e "s/CLUSTER_NAME/$CLUSTER_NAME/g" \
+		-e "s/CLUSTER_UUID/$uuid/g" -e "s/\/TOPIC\"/\/$TOPIC\"/g" -e "s/\/TOPIC\.dlq\"/\/$TOPIC.dlq\"/g" \
+		-e "s/\/GROUP\"/\/$GROUP\"/g" "$1"
+}
+
+# ensure_policy VAR NAME FILE: the customer managed policy NAME, created from
+# FILE unless it exists; VAR gets its ARN.
+ensure_policy() {
+	local var=$1 name=$2 file=$3 arn
+	lookup arn aws --region "$REGION" iam list-policies --scope Local \
+		--query "Policies[?PolicyName=='$name'].Arn | [0]" --output text
+	if [[ -n $arn ]]; then
+		log "policy $name exists ($arn): reusing it (update it with aws iam create-policy-version if the topic or group changed)"
+	else
+		write_file "$WORK/$name.json" "$(policy_from "$file")"
+		capture arn "<$name-arn>" aws --region "$REGION" iam create-policy \
+			--policy-name "$name" \
+			--description "microbatch: MSK IAM access to cluster $CLUSTER_NAME, topic $TOPIC, group $GROUP" \
+			--policy-document "file://$WORK/$name.json" \
+			--tags Key=project,Value=microbatch \
+			--query Policy.Arn --output text
+	fi
+	printf -v "$var" '%s' "$arn"
+}
+
+if [[ $AUTH == iam ]]; then
+	step "7. IAM policies: the workers' (topic $TOPIC, $TOPIC.dlq, group $GROUP) and KEDA's (read lag)"
+	ensure_policy worker_policy_arn "microbatch-$CLUSTER_NAME-worker" "$IAM_OVERLAY/iam-policy.json"
+	ensure_policy keda_policy_arn "microbatch-$CLUSTER_NAME-keda" "$IAM_OVERLAY/keda-iam-policy.json"
+	cat <<EOF
+
+# Next steps:
+# 1. In deploy/k8s/overlays/msk-iam/kustomization.yaml set
+#      KAFKA_BOOTSTRAP_SERVERS=$bootstrap
+#      AWS_REGION=$REGION
+# 2. A role for the workers' ServiceAccount microbatch/microbatch with
+#    $worker_policy_arn, either with IRSA:
+#      eksctl create iamserviceaccount --cluster <eks-cluster> --namespace microbatch \\
+#          --name microbatch --role-name microbatch-$CLUSTER_NAME-msk-iam --role-only \\
+#          --attach-policy-arn $worker_policy_arn --approve
+#    and its ARN in the overlay's eks.amazonaws.com/role-arn annotation; or with
+#    EKS Pod Identity (then delete the annotation):
+#      aws eks create-pod-identity-association --cluster-name <eks-cluster> \\
+#          --namespace microbatch --service-account microbatch --role-arn <role-arn>
+# 3. Attach $keda_policy_arn to KEDA's operator role
+#    (the TriggerAuthentication uses podIdentity provider aws).
+# 4. deploy/scripts/deploy.sh msk-iam   (no Kubernetes Secret is needed)
+EOF
+	exit 0
+fi
 
 cat <<EOF
 

@@ -35,7 +35,11 @@ pub struct KafkaArgs {
     /// PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL [default: PLAINTEXT].
     #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", value_parser = parse_protocol)]
     pub security_protocol: Option<SecurityProtocol>,
-    /// PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 [default with SASL: SCRAM-SHA-512].
+    /// PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or AWS_MSK_IAM [default with SASL:
+    /// SCRAM-SHA-512]. AWS_MSK_IAM (Amazon MSK with IAM access control, port
+    /// 9098) implies SASL_SSL and takes its identity from the standard AWS
+    /// credential chain: environment, shared profile, web identity token
+    /// (IRSA, EKS Pod Identity), container and instance metadata.
     #[arg(long, env = "KAFKA_SASL_MECHANISM", value_parser = parse_mechanism)]
     pub sasl_mechanism: Option<SaslMechanism>,
     /// SASL user name.
@@ -44,6 +48,13 @@ pub struct KafkaArgs {
     /// SASL password (prefer the environment variable to the flag: flags show in `ps`).
     #[arg(long, env = "KAFKA_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// AWS region of the MSK cluster, for AWS_MSK_IAM.
+    #[arg(long, env = "AWS_REGION")]
+    pub aws_region: Option<String>,
+    /// Lifetime of each MSK IAM token in seconds, 10..=900 [default: 900, as
+    /// AWS's signers]. Tokens are refreshed half-way through.
+    #[arg(long, env = "MSK_IAM_TOKEN_LIFETIME_S")]
+    pub msk_iam_token_lifetime_s: Option<u64>,
     /// PEM file of the CA that signed the brokers' certificates (system CAs if unset).
     #[arg(long, env = "KAFKA_SSL_CA_LOCATION")]
     pub ssl_ca_location: Option<PathBuf>,
@@ -66,6 +77,8 @@ pub struct FileConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     pub ssl_ca_location: Option<PathBuf>,
+    pub aws_region: Option<String>,
+    pub msk_iam_token_lifetime_s: Option<u64>,
     #[serde(default)]
     pub kafka_properties: BTreeMap<String, String>,
     pub topic: Option<String>,
@@ -127,14 +140,20 @@ pub fn parse_file_value<T: std::str::FromStr<Err = String>>(
 impl KafkaArgs {
     /// Flags and environment first, then the file, then defaults; validated.
     pub fn resolve(&self, file: &FileConfig) -> anyhow::Result<KafkaConfig> {
-        let security_protocol = match self.security_protocol {
-            Some(p) => p,
-            None => parse_file_value("--security-protocol", file.security_protocol.as_deref())?
-                .unwrap_or(SecurityProtocol::Plaintext),
-        };
         let sasl_mechanism = match self.sasl_mechanism {
             Some(m) => Some(m),
             None => parse_file_value("--sasl-mechanism", file.sasl_mechanism.as_deref())?,
+        };
+        // MSK IAM only exists over SASL_SSL, so naming it is enough.
+        let default_protocol = if sasl_mechanism == Some(SaslMechanism::AwsMskIam) {
+            SecurityProtocol::SaslSsl
+        } else {
+            SecurityProtocol::Plaintext
+        };
+        let security_protocol = match self.security_protocol {
+            Some(p) => p,
+            None => parse_file_value("--security-protocol", file.security_protocol.as_deref())?
+                .unwrap_or(default_protocol),
         };
         let mut properties: Vec<(String, String)> =
             file.kafka_properties.clone().into_iter().collect();
@@ -163,6 +182,17 @@ impl KafkaArgs {
                 .clone()
                 .or_else(|| file.ssl_ca_location.clone()),
             properties,
+            aws_region: self
+                .aws_region
+                .clone()
+                .or_else(|| file.aws_region.clone())
+                .filter(|r| !r.is_empty()),
+            msk_iam_token_lifetime: std::time::Duration::from_secs(pick(
+                self.msk_iam_token_lifetime_s,
+                file.msk_iam_token_lifetime_s,
+                microbatch_core::aws_iam::DEFAULT_TOKEN_LIFETIME.as_secs(),
+            )),
+            msk_iam: None,
         };
         Ok(cfg.validate()?)
     }
@@ -194,7 +224,7 @@ impl LagTarget {
     /// A lag reader for the group, its broker calls bounded by `timeout`.
     pub fn reader(&self, timeout: std::time::Duration) -> anyhow::Result<LagReader> {
         let file = self.kafka.load_file()?;
-        let kafka = self.kafka.resolve(&file)?;
+        let kafka = self.kafka.resolve(&file)?.start_msk_iam()?;
         Ok(LagReader::new(&kafka, &self.group, &self.topic, timeout)?)
     }
 }

@@ -325,7 +325,11 @@ impl Plateau {
 
 /// The longest plateau of any partition, if any partition had lag.
 pub fn longest_plateau(samples: &[Sample]) -> Option<Plateau> {
-    let partitions = samples.iter().map(|s| s.partition_lag.len()).max().unwrap_or(0);
+    let partitions = samples
+        .iter()
+        .map(|s| s.partition_lag.len())
+        .max()
+        .unwrap_or(0);
     let mut longest: Option<Plateau> = None;
     for p in 0..partitions {
         let mut since: Option<(u64, i64)> = None;
@@ -385,7 +389,10 @@ mod plateau_tests {
                 to_ms: 2500
             })
         );
-        assert_eq!(longest_plateau(&samples[..2]).map(|p| p.seconds()), Some(0.5));
+        assert_eq!(
+            longest_plateau(&samples[..2]).map(|p| p.seconds()),
+            Some(0.5)
+        );
         assert_eq!(longest_plateau(&[sample(0, &[0]), sample(900, &[0])]), None);
     }
 }

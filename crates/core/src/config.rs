@@ -105,8 +105,19 @@ kafka_enum!(
         Plain => "PLAIN",
         ScramSha256 => "SCRAM-SHA-256",
         ScramSha512 => "SCRAM-SHA-512",
+        AwsMskIam => "AWS_MSK_IAM",
     }
 );
+
+impl SaslMechanism {
+    /// The name librdkafka knows: MSK IAM is OAUTHBEARER with our token.
+    pub fn librdkafka_name(self) -> &'static str {
+        match self {
+            Self::AwsMskIam => "OAUTHBEARER",
+            other => other.as_str(),
+        }
+    }
+}
 
 impl SecurityProtocol {
     pub fn uses_sasl(self) -> bool {
@@ -143,6 +154,13 @@ pub struct KafkaConfig {
     pub ssl_ca_location: Option<PathBuf>,
     /// librdkafka properties passed through as given; applied last, so they win.
     pub properties: Vec<(String, String)>,
+    /// The AWS region of the MSK cluster, for `AWS_MSK_IAM`.
+    pub aws_region: Option<String>,
+    /// Lifetime of each MSK IAM token (`X-Amz-Expires`).
+    pub msk_iam_token_lifetime: Duration,
+    /// The running token refresher, once [`KafkaConfig::start_msk_iam`]
+    /// started it; every client made from this config shares it.
+    pub msk_iam: Option<crate::aws_iam::MskIamTokens>,
 }
 
 /// Whether a librdkafka property holds a secret, so its value is never shown.
@@ -172,6 +190,8 @@ impl fmt::Debug for KafkaConfig {
             .field("password", &self.password)
             .field("ssl_ca_location", &self.ssl_ca_location)
             .field("properties", &properties)
+            .field("aws_region", &self.aws_region)
+            .field("msk_iam_token_lifetime", &self.msk_iam_token_lifetime)
             .finish()
     }
 }
@@ -199,7 +219,14 @@ impl KafkaConfig {
                 ));
             }
         }
-        if self.security_protocol.uses_sasl() {
+        if self.sasl_mechanism == Some(SaslMechanism::AwsMskIam) {
+            self.check_msk_iam()?;
+        } else if self.aws_region.is_some() && self.security_protocol.uses_sasl() {
+            return Err(ConfigError::new(
+                "--aws-region",
+                "is only used with --sasl-mechanism AWS_MSK_IAM",
+            ));
+        } else if self.security_protocol.uses_sasl() {
             if self.username.as_deref().unwrap_or("").is_empty() {
                 return Err(ConfigError::new(
                     "--username",
@@ -244,6 +271,82 @@ impl KafkaConfig {
         Ok(self)
     }
 
+    /// MSK IAM: SASL_SSL, a region, no user or password (the AWS credential
+    /// chain gives the identity), a token lifetime AWS accepts.
+    fn check_msk_iam(&self) -> Result<(), ConfigError> {
+        if self.security_protocol != SecurityProtocol::SaslSsl {
+            return Err(ConfigError::new(
+                "--security-protocol",
+                format!("AWS_MSK_IAM needs SASL_SSL, got {}", self.security_protocol),
+            ));
+        }
+        match self.aws_region.as_deref() {
+            None | Some("") => {
+                return Err(ConfigError::new(
+                    "--aws-region",
+                    "required with --sasl-mechanism AWS_MSK_IAM (or set AWS_REGION)",
+                ))
+            }
+            Some(r)
+                if !r
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
+            {
+                return Err(ConfigError::new(
+                    "--aws-region",
+                    format!("expected a region name like us-east-1, got {r:?}"),
+                ))
+            }
+            Some(_) => {}
+        }
+        if self.username.is_some() || self.password.is_some() {
+            return Err(ConfigError::new(
+                "--username",
+                "AWS_MSK_IAM takes its identity from the AWS credential chain; \
+                 unset --username/--password",
+            ));
+        }
+        let lifetime = self.msk_iam_token_lifetime;
+        if lifetime < crate::aws_iam::MIN_TOKEN_LIFETIME
+            || lifetime > crate::aws_iam::DEFAULT_TOKEN_LIFETIME
+        {
+            return Err(ConfigError::new(
+                "--msk-iam-token-lifetime-s",
+                format!(
+                    "must be {}..={} seconds, got {}",
+                    crate::aws_iam::MIN_TOKEN_LIFETIME.as_secs(),
+                    crate::aws_iam::DEFAULT_TOKEN_LIFETIME.as_secs(),
+                    lifetime.as_secs()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Starts the MSK IAM token refresher when the mechanism asks for it
+    /// (once; clones share it). Fails when no credentials can be found.
+    pub fn start_msk_iam(mut self) -> Result<Self, crate::aws_iam::MskIamError> {
+        if self.sasl_mechanism == Some(SaslMechanism::AwsMskIam) && self.msk_iam.is_none() {
+            self.msk_iam = Some(crate::aws_iam::MskIamTokens::start(
+                self.msk_iam_settings(),
+            )?);
+        }
+        Ok(self)
+    }
+
+    /// The refresher's settings from this config.
+    pub fn msk_iam_settings(&self) -> crate::aws_iam::MskIamSettings {
+        crate::aws_iam::MskIamSettings {
+            region: self.aws_region.clone().unwrap_or_default(),
+            policy: crate::aws_iam::RefreshPolicy::with_lifetime(self.msk_iam_token_lifetime),
+        }
+    }
+
+    /// What this config's client contexts answer librdkafka's token requests with.
+    pub fn oauth_hook(&self) -> crate::aws_iam::OauthHook {
+        crate::aws_iam::OauthHook::new(self.msk_iam.clone())
+    }
+
     /// The SASL mechanism in force: SCRAM-SHA-512 unless named (MSK's choice).
     pub fn effective_mechanism(&self) -> Option<SaslMechanism> {
         self.security_protocol
@@ -261,6 +364,9 @@ impl KafkaConfig {
             password: None,
             ssl_ca_location: None,
             properties: Vec::new(),
+            aws_region: None,
+            msk_iam_token_lifetime: crate::aws_iam::DEFAULT_TOKEN_LIFETIME,
+            msk_iam: None,
         }
     }
 }
@@ -659,6 +765,39 @@ mod tests {
             SaslMechanism::ScramSha256
         );
         assert!("kerberos".parse::<SaslMechanism>().is_err());
+    }
+
+    #[test]
+    fn msk_iam_needs_sasl_ssl_a_region_and_no_password() {
+        let iam = || {
+            let mut k = KafkaConfig::plaintext("b:9098");
+            k.security_protocol = SecurityProtocol::SaslSsl;
+            k.sasl_mechanism = Some("aws_msk_iam".parse().unwrap());
+            k.aws_region = Some("us-east-1".into());
+            k
+        };
+        assert!(iam().validate().is_ok());
+        let field = |k: KafkaConfig| k.validate().unwrap_err().field;
+        let mut k = iam();
+        k.aws_region = None;
+        assert_eq!(field(k), "--aws-region");
+        let mut k = iam();
+        k.aws_region = Some("US East".into());
+        assert_eq!(field(k), "--aws-region");
+        let mut k = iam();
+        k.security_protocol = SecurityProtocol::SaslPlaintext;
+        assert_eq!(field(k), "--security-protocol");
+        let mut k = iam();
+        k.password = Some(Secret::new("pw"));
+        assert_eq!(field(k), "--username");
+        let mut k = iam();
+        k.msk_iam_token_lifetime = Duration::from_secs(901);
+        assert_eq!(field(k), "--msk-iam-token-lifetime-s");
+        let mut k = iam();
+        k.sasl_mechanism = Some(SaslMechanism::ScramSha512);
+        k.username = Some("u".into());
+        k.password = Some(Secret::new("p"));
+        assert_eq!(field(k), "--aws-region");
     }
 
     #[test]

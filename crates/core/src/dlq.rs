@@ -78,9 +78,10 @@ pub struct TopicLookup {
 
 impl TopicLookup {
     pub fn new(kafka: &KafkaConfig) -> Result<Self, DlqError> {
-        let client = kafka
+        let client: BaseConsumer<QuietContext> = kafka
             .client_config()
-            .create_with_context(QuietContext::default())?;
+            .create_with_context(QuietContext::new(kafka))?;
+        kafka.oauth_hook().prime(client.client());
         Ok(Self {
             client: std::sync::Arc::new(client),
         })
@@ -95,7 +96,7 @@ impl TopicLookup {
                 let _ = client.poll(Duration::from_millis(100));
                 match client.context().auth_error() {
                     Some(auth) => format!(
-                        "authentication failed: {auth} (check --username, --password and --sasl-mechanism)"
+                        "authentication failed: {auth} (check the credentials and --sasl-mechanism)"
                     ),
                     None => e.to_string(),
                 }
@@ -218,7 +219,7 @@ impl DeadLetterWriter {
             // broker down; the write is retried until it succeeds.
             .set("message.timeout.ms", "10000")
             .set("topic.metadata.propagation.max.ms", "10000")
-            .create_with_context(QuietContext::default())?;
+            .create_with_context(QuietContext::new(kafka))?;
         Ok(Self {
             producer,
             topic: topic.to_string(),

@@ -4,18 +4,18 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientConfig;
 use thiserror::Error;
 
+use crate::aws_iam::OauthHook;
 use crate::config::{KafkaConfig, SecurityProtocol};
 
 /// Errors from talking to the brokers, sorted by what the caller can do.
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("authentication failed: {0} (check --username, --password and --sasl-mechanism)")]
+    #[error("authentication failed: {0} (check the credentials and --sasl-mechanism)")]
     Authentication(String),
     #[error("brokers unreachable at {servers}: {reason}")]
     Unreachable { servers: String, reason: String },
@@ -66,7 +66,7 @@ impl KafkaConfig {
             .set("log.connection.close", "false")
             .set_log_level(RDKafkaLogLevel::Warning);
         if let Some(mechanism) = self.effective_mechanism() {
-            cfg.set("sasl.mechanisms", mechanism.as_str());
+            cfg.set("sasl.mechanisms", mechanism.librdkafka_name());
         }
         if let Some(user) = &self.username {
             cfg.set("sasl.username", user);
@@ -112,16 +112,26 @@ pub fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
     }
 }
 
-/// A client context for helper clients (dead-letter producer, lag reader):
-/// logs go through [`forward_log`]; errors at debug, because their callers
-/// report the failures that matter, with context. An authentication failure
-/// is kept, since the client itself only ever reports "transport failure".
+/// A client context for helper clients (dead-letter producer, lag reader,
+/// admin): logs go through [`forward_log`]; errors at debug, because their
+/// callers report the failures that matter, with context. An authentication
+/// failure is kept, since the client itself only ever reports "transport
+/// failure". OAUTHBEARER tokens come from the config's [`OauthHook`].
 #[derive(Debug, Default)]
 pub struct QuietContext {
     auth_error: std::sync::Mutex<Option<String>>,
+    oauth: OauthHook,
 }
 
 impl QuietContext {
+    /// A context for clients made from `kafka`.
+    pub fn new(kafka: &KafkaConfig) -> Self {
+        Self {
+            auth_error: Default::default(),
+            oauth: kafka.oauth_hook(),
+        }
+    }
+
     /// The last authentication failure, if one happened.
     pub fn auth_error(&self) -> Option<String> {
         self.auth_error
@@ -139,6 +149,8 @@ pub fn note_auth_error(slot: &std::sync::Mutex<Option<String>>, error: &KafkaErr
 }
 
 impl rdkafka::ClientContext for QuietContext {
+    crate::delegate_oauth_token!(oauth);
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         forward_log(level, fac, log_message);
     }
@@ -156,6 +168,16 @@ impl rdkafka::producer::ProducerContext for QuietContext {
     fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
 }
 
+/// An admin client for `kafka`. Nobody polls its main queue, where
+/// librdkafka would ask for an OAUTHBEARER token, so it gets one at once.
+pub fn admin_client(kafka: &KafkaConfig) -> Result<AdminClient<QuietContext>, ClientError> {
+    let admin: AdminClient<QuietContext> = kafka
+        .client_config()
+        .create_with_context(QuietContext::new(kafka))?;
+    kafka.oauth_hook().prime(admin.inner());
+    Ok(admin)
+}
+
 /// Creates a topic through the admin API; an existing topic is not an error.
 pub async fn create_topic(
     kafka: &KafkaConfig,
@@ -164,7 +186,7 @@ pub async fn create_topic(
     replication: i32,
     timeout: Duration,
 ) -> Result<bool, ClientError> {
-    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    let admin = admin_client(kafka)?;
     let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
     let opts = AdminOptions::new()
         .operation_timeout(Some(timeout))
@@ -190,7 +212,7 @@ pub async fn delete_topic(
     topic: &str,
     timeout: Duration,
 ) -> Result<bool, ClientError> {
-    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    let admin = admin_client(kafka)?;
     let opts = AdminOptions::new()
         .operation_timeout(Some(timeout))
         .request_timeout(Some(timeout));
@@ -227,6 +249,20 @@ mod tests {
         assert_eq!(cfg.get("sasl.username"), Some("user"));
         assert_eq!(cfg.get("sasl.password"), Some("pw"));
         assert_eq!(cfg.get("fetch.max.bytes"), Some("1000"));
+    }
+
+    #[test]
+    fn msk_iam_is_oauthbearer_over_tls_without_a_password() {
+        let mut k = KafkaConfig::plaintext("b-1.msk:9098");
+        k.security_protocol = SecurityProtocol::SaslSsl;
+        k.sasl_mechanism = Some(SaslMechanism::AwsMskIam);
+        k.aws_region = Some("eu-west-1".into());
+        let k = k.validate().unwrap();
+        let cfg = k.client_config();
+        assert_eq!(cfg.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(cfg.get("sasl.mechanisms"), Some("OAUTHBEARER"));
+        assert_eq!(cfg.get("sasl.username"), None);
+        assert_eq!(cfg.get("sasl.password"), None);
     }
 
     #[test]

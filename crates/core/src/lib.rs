@@ -4,6 +4,8 @@
 //! - [`config`]: typed, validated configuration (Kafka security, batching,
 //!   ordering, retries); every error names its flag.
 //! - [`kafka`]: turns configuration into librdkafka clients; admin helpers.
+//! - [`aws_iam`]: Amazon MSK IAM tokens (SigV4-signed OAUTHBEARER) and
+//!   their background refresher.
 //! - [`batch`]: the [`batch::Batch`] type and the batch rule.
 //! - [`offsets`]: the offset rule: what may be committed per partition.
 //! - [`handler`]: the [`handler::Handler`] trait and the `simulate`, `exec`
@@ -23,6 +25,7 @@
 //! A library user implements [`handler::Handler`] and runs a
 //! [`worker::Worker`]; the `microbatch` binary does the same from flags.
 
+pub mod aws_iam;
 pub mod batch;
 pub mod commit;
 pub mod config;

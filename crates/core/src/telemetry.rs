@@ -197,17 +197,38 @@ impl Metrics {
     }
 }
 
+/// A readiness condition kept outside the Kafka client (the MSK IAM token
+/// refresher): `Err` says why the worker is not ready.
+pub type ReadinessCheck = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// Why the worker is not ready, if it is not.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Readiness {
     joined: AtomicBool,
     brokers_up: AtomicBool,
     circuit_open: AtomicBool,
     last_error: Mutex<Option<String>>,
     dead_letter_error: Mutex<Option<String>>,
+    checks: Mutex<Vec<ReadinessCheck>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("check", &self.check())
+            .finish()
+    }
 }
 
 impl Readiness {
+    /// Adds a condition that must also hold for the worker to be ready.
+    pub fn add_check(&self, check: ReadinessCheck) {
+        self.checks
+            .lock()
+            .expect("readiness lock poisoned")
+            .push(check);
+    }
+
     pub fn set_joined(&self, joined: bool) {
         self.joined.store(joined, Ordering::Relaxed);
         if joined {
@@ -289,6 +310,11 @@ impl Readiness {
             .as_ref()
         {
             reasons.push(format!("dead-letter backlog: {e}"));
+        }
+        for check in self.checks.lock().expect("readiness lock poisoned").iter() {
+            if let Err(reason) = check() {
+                reasons.push(reason);
+            }
         }
         if reasons.is_empty() {
             Ok(())
@@ -414,6 +440,24 @@ mod tests {
         r.set_error_unless_known("all_brokers_down: x".into());
         assert!(r.check().unwrap_err().contains("authentication"));
         r.set_joined(true);
+        assert!(r.check().is_ok());
+    }
+
+    #[test]
+    fn an_added_check_holds_readiness_back_with_its_reason() {
+        let r = Readiness::default();
+        r.set_joined(true);
+        let failing = std::sync::Arc::new(AtomicBool::new(true));
+        let flag = failing.clone();
+        r.add_check(Box::new(move || {
+            if flag.load(Ordering::Relaxed) {
+                Err("MSK IAM token refresh failing".into())
+            } else {
+                Ok(())
+            }
+        }));
+        assert!(r.check().unwrap_err().contains("MSK IAM"));
+        failing.store(false, Ordering::Relaxed);
         assert!(r.check().is_ok());
     }
 

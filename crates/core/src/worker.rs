@@ -534,6 +534,7 @@ pub struct WorkerContext {
     topic: String,
     stop: Arc<AtomicBool>,
     error_throttle: LogThrottle,
+    oauth: crate::aws_iam::OauthHook,
 }
 
 impl WorkerContext {
@@ -544,6 +545,8 @@ impl WorkerContext {
 }
 
 impl ClientContext for WorkerContext {
+    crate::delegate_oauth_token!(oauth);
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         crate::kafka::forward_log(level, fac, message);
     }
@@ -574,7 +577,11 @@ impl ClientContext for WorkerContext {
         }
         if let Some(suppressed) = self.error_throttle.allow(Instant::now()) {
             if kind == "authentication" {
-                tracing::error!(kind, suppressed, "authentication failed: {reason} (check --username, --password and --sasl-mechanism)");
+                tracing::error!(
+                    kind,
+                    suppressed,
+                    "authentication failed: {reason} (check the credentials and --sasl-mechanism)"
+                );
             } else {
                 tracing::error!(kind, suppressed, "kafka client error: {reason}");
             }
@@ -705,6 +712,7 @@ fn create_consumer(
         topic: cfg.topic.clone(),
         stop,
         error_throttle: LogThrottle::default(),
+        oauth: cfg.kafka.oauth_hook(),
     };
     let queued_min = (4 * cfg.batch.max_records).max(PREFETCH_RECORDS);
     let mut client = cfg.kafka.client_config();

@@ -186,7 +186,8 @@ impl LagReader {
             .set("max.partition.fetch.bytes", "1024")
             // A record deleted meanwhile: take the next one still there.
             .set("auto.offset.reset", "earliest")
-            .create_with_context(QuietContext::default())?;
+            .create_with_context(QuietContext::new(kafka))?;
+        kafka.oauth_hook().prime(consumer.client());
         Ok(Self {
             consumer,
             servers: kafka.bootstrap_servers.clone(),
@@ -273,6 +274,9 @@ impl LagReader {
     }
 
     fn partitions_of(&self, name: &str) -> Result<Vec<i32>, ClientError> {
+        // Serves queued client events: librdkafka asks for a fresh
+        // OAUTHBEARER token there (MSK IAM) before the old one expires.
+        let _ = self.consumer.poll(Duration::ZERO);
         let unknown = || ClientError::UnknownTopic {
             topic: name.to_string(),
         };

@@ -19,6 +19,7 @@ use anyhow::Context;
 use indicatif::ProgressBar;
 use microbatch_core::config::{ConfigError, GroupProtocol, KafkaConfig};
 use microbatch_core::dlq::headers;
+use microbatch_core::kafka::QuietContext;
 use microbatch_scaling::lag::{InvalidOffsetPolicy, LagReader};
 use microbatch_scaling::policy::{KedaParams, KedaPolicy, RateParams, RatePolicy};
 use microbatch_scaling::supervisor::{Policy, Supervisor, SupervisorConfig};
@@ -163,7 +164,7 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
         return Err(ConfigError::new("--concurrency", "must be at least 1").into());
     }
     let broker = if named {
-        DemoBroker::External(args.kafka.resolve(&file)?)
+        DemoBroker::External(args.kafka.resolve(&file)?.start_msk_iam()?)
     } else {
         DemoBroker::Embedded(MockCluster::new(3).context("starting the embedded broker")?)
     };
@@ -614,14 +615,16 @@ struct Verification {
     lost: u64,
 }
 
-fn watermark_reader(kafka: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
-    kafka
+fn watermark_reader(kafka: &KafkaConfig) -> anyhow::Result<BaseConsumer<QuietContext>> {
+    let consumer: BaseConsumer<QuietContext> = kafka
         .client_config()
-        .create()
-        .context("creating a watermark reader")
+        .create_with_context(QuietContext::new(kafka))
+        .context("creating a watermark reader")?;
+    kafka.oauth_hook().prime(consumer.client());
+    Ok(consumer)
 }
 
-fn dlq_total(consumer: &BaseConsumer, dlq: &str) -> i64 {
+fn dlq_total(consumer: &BaseConsumer<QuietContext>, dlq: &str) -> i64 {
     consumer
         .fetch_watermarks(dlq, 0, Duration::from_secs(5))
         .map(|(low, high)| high - low)
@@ -672,11 +675,12 @@ fn verify(
 /// (partition, offset) of every dead letter, from their context headers.
 fn read_dead_letters(kafka: &KafkaConfig, dlq: &str) -> anyhow::Result<BTreeSet<(i32, i64)>> {
     // assign() needs a group id; this reader never commits.
-    let consumer: BaseConsumer = kafka
+    let consumer: BaseConsumer<QuietContext> = kafka
         .client_config()
         .set("group.id", format!("{dlq}-reader"))
         .set("enable.auto.commit", "false")
-        .create()?;
+        .create_with_context(QuietContext::new(kafka))?;
+    kafka.oauth_hook().prime(consumer.client());
     let (low, high) = consumer.fetch_watermarks(dlq, 0, Duration::from_secs(10))?;
     let mut out = BTreeSet::new();
     if high <= low {

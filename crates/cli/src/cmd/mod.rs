@@ -1,5 +1,6 @@
 //! One module per subcommand, each with its `Args` and `execute`.
 
+pub mod auth;
 pub mod demo;
 pub mod lag;
 pub mod produce;
@@ -55,6 +56,9 @@ pub enum Command {
     Top(top::Args),
     /// Run the whole system end to end, on an embedded broker unless one is named.
     Demo(demo::Args),
+    /// Authentication helpers (an Amazon MSK IAM token, for debugging access).
+    #[command(subcommand)]
+    Auth(auth::Command),
 }
 
 pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -71,6 +75,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Supervise(args) => runtime.block_on(supervise::execute(args)),
         Command::Demo(args) => demo::execute(args, &runtime),
         Command::Top(args) => top::execute(args, &runtime),
+        Command::Auth(cmd) => auth::execute(cmd),
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use microbatch_core::aws_iam::OauthHook;
 use microbatch_core::config::{ConfigError, KafkaConfig};
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -68,9 +69,12 @@ pub struct Deliveries {
     pub failed: AtomicU64,
     first_error: std::sync::Mutex<Option<String>>,
     auth_error: std::sync::Mutex<Option<String>>,
+    oauth: OauthHook,
 }
 
 impl ClientContext for Deliveries {
+    microbatch_core::delegate_oauth_token!(oauth);
+
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
         microbatch_core::kafka::forward_log(level, fac, message);
     }
@@ -118,7 +122,10 @@ pub fn produce_blocking(
         .set("linger.ms", "5")
         .set("partitioner", "murmur2_random")
         .set("message.timeout.ms", "60000")
-        .create_with_context(Deliveries::default())
+        .create_with_context(Deliveries {
+            oauth: kafka.oauth_hook(),
+            ..Deliveries::default()
+        })
         .context("creating the producer")?;
     let metadata = producer
         .client()
@@ -234,6 +241,8 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             ConfigError::new("--size", "must be at least 28 bytes with --poison-every").into(),
         );
     }
+    // Credentials are fetched only once the flags are known to be valid.
+    let kafka = kafka.start_msk_iam()?;
     let bar = ProgressBar::new(load.count);
     if args.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_draw_target(ProgressDrawTarget::hidden());

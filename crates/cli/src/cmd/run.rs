@@ -347,7 +347,14 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         handler,
         http,
     } = args.resolve()?;
+    let mut config = config;
+    config.kafka = config.kafka.start_msk_iam()?;
     let telemetry = Arc::new(Telemetry::default());
+    if let Some(tokens) = config.kafka.msk_iam.clone() {
+        telemetry
+            .readiness
+            .add_check(Box::new(move || tokens.health()));
+    }
     let listener = tokio::net::TcpListener::bind(http)
         .await
         .with_context(|| format!("binding the HTTP port {http}"))?;

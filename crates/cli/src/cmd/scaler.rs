@@ -40,6 +40,7 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             format!("not an IP address: {}", args.host),
         )
     })?;
+    let kafka = kafka.start_msk_iam()?;
     let scaler = Arc::new(Scaler::new(
         kafka,
         Duration::from_millis(args.stream_interval_ms.max(100)),

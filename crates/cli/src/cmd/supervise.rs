@@ -75,6 +75,15 @@ pub fn kafka_env(kafka: &KafkaConfig) -> Vec<(String, String)> {
     if let Some(ca) = &kafka.ssl_ca_location {
         env.push(("KAFKA_SSL_CA_LOCATION".into(), ca.display().to_string()));
     }
+    // MSK IAM: the region and token lifetime; the AWS credentials reach the
+    // children through the environment (or files) they inherit, never here.
+    if let Some(region) = &kafka.aws_region {
+        env.push(("AWS_REGION".into(), region.clone()));
+        env.push((
+            "MSK_IAM_TOKEN_LIFETIME_S".into(),
+            kafka.msk_iam_token_lifetime.as_secs().to_string(),
+        ));
+    }
     env
 }
 
@@ -122,6 +131,7 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     if args.policy_args.min_replicas > args.policy_args.max_replicas {
         return Err(ConfigError::new("--min", "must not exceed --max").into());
     }
+    let kafka = kafka.start_msk_iam()?;
     if !args.kafka.kafka_property.is_empty() {
         tracing::info!("--kafka-property applies to the supervisor's lag reads; pass worker properties after --");
     }

@@ -43,7 +43,7 @@ pub async fn execute(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Create(args) => {
             let file = args.kafka.load_file()?;
-            let kafka = args.kafka.resolve(&file)?;
+            let kafka = args.kafka.resolve(&file)?.start_msk_iam()?;
             let created = create_topic(
                 &kafka,
                 &args.topic,
@@ -64,7 +64,7 @@ pub async fn execute(cmd: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Delete(args) => {
             let file = args.kafka.load_file()?;
-            let kafka = args.kafka.resolve(&file)?;
+            let kafka = args.kafka.resolve(&file)?.start_msk_iam()?;
             if delete_topic(&kafka, &args.topic, Duration::from_secs(30)).await? {
                 println!("deleted topic {}", args.topic);
             } else {

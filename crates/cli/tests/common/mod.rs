@@ -297,10 +297,22 @@ pub fn spawn_worker(
     extra: &[&str],
 ) -> Proc {
     let mut cmd = command();
+    cmd.args(["run", "--bootstrap-servers", broker().bootstrap()]);
+    spawn_worker_with(cmd, dir, name, topic, group, port, extra)
+}
+
+/// `spawn_worker` from a prepared command (`run` and its connection flags
+/// or environment already set).
+pub fn spawn_worker_with(
+    mut cmd: Command,
+    dir: &TestDir,
+    name: &str,
+    topic: &str,
+    group: &str,
+    port: u16,
+    extra: &[&str],
+) -> Proc {
     cmd.args([
-        "run",
-        "--bootstrap-servers",
-        broker().bootstrap(),
         "--topic",
         topic,
         "--group",
