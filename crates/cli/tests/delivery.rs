@@ -18,20 +18,15 @@ fn poison_records_go_to_the_dlq_with_context_and_nothing_else_does() {
     create_topic(&topic, 8);
     create_topic(&dlq, 1);
     produce(&topic, 5000, &["--poison-every", "100", "--keys", "300"]);
-    let mut w = spawn_worker(
+    let cmd = recording_handler(&dir, HandlerBehaviour::default());
+    let mut w = spawn_exec_worker(
         &dir,
         "w",
         &topic,
         &group,
         free_port(),
-        &[
-            "--poison-marker",
-            "POISON",
-            "--max-records",
-            "50",
-            "--retry-initial-ms",
-            "10",
-        ],
+        &cmd,
+        &["--max-records", "50", "--retry-initial-ms", "10"],
     );
     wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
     w.terminate();
@@ -79,7 +74,8 @@ fn poison_records_go_to_the_dlq_with_context_and_nothing_else_does() {
         dead_offsets, poison,
         "exactly the poison records are dead-lettered"
     );
-    let processed: BTreeSet<(i32, i64)> = audited(&[dir.path("w.audit")]).into_keys().collect();
+    let processed: BTreeSet<(i32, i64)> = audited(&handled_files(&dir)).into_keys().collect();
+    assert_recorded_or_dead(&topic, &group, &handled_files(&dir), &poison);
     for r in &source {
         let id = (r.0, r.1);
         assert!(
@@ -238,6 +234,13 @@ fn sigkill_in_key_mode_then_restart_loses_nothing() {
     let group = unique("g");
     create_topic(&topic, 8);
     produce(&topic, 6000, &["--keys", "200", "--partitions", "0,5"]);
+    let cmd = recording_handler(
+        &dir,
+        HandlerBehaviour {
+            ms_per_record: 2,
+            ..HandlerBehaviour::default()
+        },
+    );
     let extra = [
         "--ordering",
         "key",
@@ -245,25 +248,20 @@ fn sigkill_in_key_mode_then_restart_loses_nothing() {
         "12",
         "--max-records",
         "10",
-        "--process-time-ms",
-        "2",
     ];
-    let mut first = spawn_worker(&dir, "first", &topic, &group, free_port(), &extra);
+    let mut first = spawn_exec_worker(&dir, "first", &topic, &group, free_port(), &cmd, &extra);
     wait_until(Duration::from_secs(60), "progress", || {
-        audited(&[dir.path("first.audit")]).len() >= 1000
+        audited(&handled_files(&dir)).len() >= 1000
     });
     first.signal(9);
     first
         .wait_for_exit(Duration::from_secs(30))
         .expect("killed");
-    let mut second = spawn_worker(&dir, "second", &topic, &group, free_port(), &extra);
+    let mut second = spawn_exec_worker(&dir, "second", &topic, &group, free_port(), &cmd, &extra);
     wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
     second.terminate();
-    let (expected, duplicates) = assert_all_processed(
-        &topic,
-        &group,
-        &[dir.path("first.audit"), dir.path("second.audit")],
-    );
+    let (expected, duplicates) =
+        assert_recorded_or_dead(&topic, &group, &handled_files(&dir), &Default::default());
     assert_eq!(expected, 6000);
     eprintln!("duplicates after SIGKILL: {duplicates}");
 }

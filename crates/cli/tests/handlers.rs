@@ -23,7 +23,8 @@ fn whole_batch_failures_are_bisected_down_to_the_bad_record() {
     create_topic(&topic, 2);
     create_topic(&dlq, 1);
     produce(&topic, 1000, &["--poison-every", "100"]);
-    let cmd = python_handler(&dir, "h.py", "import sys, json\nfor line in sys.stdin:\n    b = json.loads(line)\n    if any('POISON' in (r['value'] or '') for r in b['records']):\n        print(json.dumps({'batch_id': b['batch_id'], 'error': 'batch rejected: bad record inside', 'retryable': False}), flush=True)\n    else:\n        print(json.dumps({'batch_id': b['batch_id'], 'failed': []}), flush=True)\n");
+    let log = dir.path("handled.txt");
+    let cmd = python_handler(&dir, "h.py", format!("import sys, json, os\nfd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    if any('POISON' in (r['value'] or '') for r in b['records']):\n        print(json.dumps({{'batch_id': b['batch_id'], 'error': 'batch rejected: bad record inside', 'retryable': False}}), flush=True)\n    else:\n        os.write(fd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in b['records']).encode())\n        print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n"));
     let mut w = spawn_exec_worker(
         &dir,
         "w",
@@ -43,14 +44,15 @@ fn whole_batch_failures_are_bisected_down_to_the_bad_record() {
         "only the bad records are dead-lettered"
     );
     assert!(w.stderr().contains("bisecting"), "the log says it bisected");
-    let processed: BTreeSet<(i32, i64)> = audited(&[dir.path("w.audit")]).into_keys().collect();
+    let processed: BTreeSet<(i32, i64)> = audited(&[log.clone()]).into_keys().collect();
     assert_eq!(processed.len(), 990, "every good neighbour was processed");
+    assert_recorded_or_dead(&topic, &group, &[log], &poison);
     assert!(processed.is_disjoint(&poison));
 }
 
 /// A small HTTP downstream: 503 for the first requests, then 200 naming the
 /// poison records as failed for good.
-fn downstream(listener: TcpListener, requests: Arc<AtomicUsize>) {
+fn downstream(listener: TcpListener, requests: Arc<AtomicUsize>, log: std::path::PathBuf) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let n = requests.fetch_add(1, Ordering::SeqCst);
@@ -71,6 +73,20 @@ fn downstream(listener: TcpListener, requests: Arc<AtomicUsize>) {
                 .filter(|r| r["value"].as_str().unwrap_or("").contains("POISON"))
                 .map(|r| serde_json::json!({"partition": r["partition"], "offset": r["offset"], "error": "rejected", "retryable": false}))
                 .collect();
+            // What this downstream accepted: the evidence, outside the worker.
+            let accepted: String = batch["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| !r["value"].as_str().unwrap_or("").contains("POISON"))
+                .map(|r| format!("{} {}\n", r["partition"], r["offset"]))
+                .collect();
+            let mut out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap();
+            out.write_all(accepted.as_bytes()).unwrap();
             (
                 "200 OK",
                 serde_json::json!({ "failed": failed }).to_string(),
@@ -99,7 +115,9 @@ fn http_handler_retries_5xx_and_dead_letters_named_records() {
     let url = format!("http://{}/batches", listener.local_addr().unwrap());
     let requests = Arc::new(AtomicUsize::new(0));
     let counter = requests.clone();
-    std::thread::spawn(move || downstream(listener, counter));
+    let log = dir.path("accepted.txt");
+    let accepted = log.clone();
+    std::thread::spawn(move || downstream(listener, counter, accepted));
     let mut w = spawn_worker(
         &dir,
         "w",
@@ -123,7 +141,7 @@ fn http_handler_retries_5xx_and_dead_letters_named_records() {
     let poison = poison_offsets(&topic);
     assert_eq!(poison.len(), 10);
     assert_eq!(dead_lettered(&dlq), poison);
-    let (expected, _) = assert_recorded_or_dead(&topic, &group, &[dir.path("w.audit")], &poison);
+    let (expected, _) = assert_recorded_or_dead(&topic, &group, &[log], &poison);
     assert_eq!(expected, 600);
 }
 

@@ -19,8 +19,9 @@ fn two_workers_process_every_offset_and_exit_cleanly() {
     create_topic(&topic, 8);
 
     let (pa, pb) = (free_port(), free_port());
-    let mut a = spawn_worker(&dir, "a", &topic, &group, pa, &["--process-time-ms", "0"]);
-    let cmd = python_handler(&dir, "handler.py", "import sys, json\nfor line in sys.stdin:\n    b = json.loads(line)\n    print(json.dumps({'batch_id': b['batch_id'], 'failed': []}), flush=True)\n");
+    // The handler processes record what they handled: the evidence.
+    let cmd = recording_handler(&dir, HandlerBehaviour::default());
+    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, pa, &cmd, &[]);
     let mut b = spawn_exec_worker(&dir, "b", &topic, &group, pb, &cmd, &[]);
     // Both members own partitions before the records arrive, so both work.
     wait_until(Duration::from_secs(60), "both workers ready", || {
@@ -56,12 +57,16 @@ fn two_workers_process_every_offset_and_exit_cleanly() {
     assert!(sb.success(), "worker b: {sb:?}\n{}", b.stderr());
 
     let (expected, duplicates) =
-        assert_all_processed(&topic, &group, &[dir.path("a.audit"), dir.path("b.audit")]);
+        assert_recorded_or_dead(&topic, &group, &handled_files(&dir), &Default::default());
     assert_eq!(expected, 20_000);
     eprintln!("duplicates: {duplicates}");
     assert_eq!(total_lag(&topic, &group), 0);
-    let b_seen = audited(&[dir.path("b.audit")]).len();
-    assert!(b_seen > 0, "the exec worker processed records too");
+    for w in ["a", "b"] {
+        assert!(
+            !audited(&[dir.path(&format!("{w}.audit"))]).is_empty(),
+            "worker {w} processed records too"
+        );
+    }
 }
 
 /// SIGTERM mid-run, then a restart: nothing is lost across the two runs.
@@ -74,9 +79,14 @@ fn sigterm_mid_run_then_restart_loses_nothing() {
     produce(&topic, 4000, &[]);
     let port = free_port();
     // Small caps on records held, so the stop comes well before the end.
+    let cmd = recording_handler(
+        &dir,
+        HandlerBehaviour {
+            ms_per_record: 1,
+            ..HandlerBehaviour::default()
+        },
+    );
     let extra = [
-        "--process-time-ms",
-        "1",
         "--max-records",
         "20",
         "--max-records-per-partition",
@@ -84,29 +94,26 @@ fn sigterm_mid_run_then_restart_loses_nothing() {
         "--max-records-held",
         "400",
     ];
-    let mut first = spawn_worker(&dir, "first", &topic, &group, port, &extra);
+    let mut first = spawn_exec_worker(&dir, "first", &topic, &group, port, &cmd, &extra);
     wait_until(Duration::from_secs(60), "some progress", || {
-        audited(&[dir.path("first.audit")]).len() >= 400
+        audited(&handled_files(&dir)).len() >= 400
     });
     first.signal(SIGTERM);
     let status = first
         .wait_for_exit(Duration::from_secs(60))
         .expect("exits after SIGTERM");
     assert!(status.success(), "{}", first.stderr());
-    let done_first = audited(&[dir.path("first.audit")]).len();
+    let done_first = audited(&handled_files(&dir)).len();
     assert!(
         done_first < 4000,
         "the first run was stopped before the end ({done_first})"
     );
 
-    let mut second = spawn_worker(&dir, "second", &topic, &group, port, &extra);
+    let mut second = spawn_exec_worker(&dir, "second", &topic, &group, port, &cmd, &extra);
     wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
     second.terminate();
-    let (expected, duplicates) = assert_all_processed(
-        &topic,
-        &group,
-        &[dir.path("first.audit"), dir.path("second.audit")],
-    );
+    let (expected, duplicates) =
+        assert_recorded_or_dead(&topic, &group, &handled_files(&dir), &Default::default());
     assert_eq!(expected, 4000);
     // Only records held at the stop (at most 400) may be seen twice.
     assert!(duplicates <= 400, "too many duplicates: {duplicates}");
