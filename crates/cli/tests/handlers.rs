@@ -44,7 +44,7 @@ fn whole_batch_failures_are_bisected_down_to_the_bad_record() {
         "only the bad records are dead-lettered"
     );
     assert!(w.stderr().contains("bisecting"), "the log says it bisected");
-    let processed: BTreeSet<(i32, i64)> = audited(&[log.clone()]).into_keys().collect();
+    let processed: BTreeSet<(i32, i64)> = audited(std::slice::from_ref(&log)).into_keys().collect();
     assert_eq!(processed.len(), 990, "every good neighbour was processed");
     assert_recorded_or_dead(&topic, &group, &[log], &poison);
     assert!(processed.is_disjoint(&poison));
