@@ -87,8 +87,8 @@ jq -s --argjson machine "$MACHINE" --arg args "$REB_ARGS" --arg date "$DATE_UTC"
 	echo
 	echo "Records at $RATE/s through $PARTITIONS partitions; a scale step every $STEP_S s; workers: \`microbatch run --handler exec $REB_ARGS\`. Stall = the longest time a partition's committed offset did not move while it had lag, from a sample every 50 ms; *moved* = partitions assigned anew in that step."
 	echo
-	echo "| protocol | event | longest stall (s) | moved (s) | stayed (s) | median (s) | handled twice |"
-	echo "|---|---|---|---|---|---|---|"
-	jq -r '.protocol as $p | .events[] | "| \($p) | \(.event) | \(.longest_stall_s) | \(.longest_stall_moved_s) | \(.longest_stall_kept_s) | \(.median_stall_s) | \(.duplicates) |"' "$RUNS_FILE"
+	echo "| protocol | event | longest stall (s) | moved (s) | stayed (s) | median (s) | handled twice | longest gap between samples (s) |"
+	echo "|---|---|---|---|---|---|---|---|"
+	jq -r '.protocol as $p | .events[] | "| \($p) | \(.event) | \(.longest_stall_s) | \(.longest_stall_moved_s) | \(.longest_stall_kept_s) | \(.median_stall_s) | \(.duplicates) | \(.max_sample_gap_s) |"' "$RUNS_FILE"
 } >"$base.md"
 log "results: ${base#"$ROOT"/}.md and .json (logs in ${WORK#"$ROOT"/})"

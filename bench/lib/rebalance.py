@@ -102,6 +102,18 @@ def record(out, windows, p, start, end):
             return
 
 
+def sample_gaps(samples, events):
+    """The longest time between two samples in each event's window: a stall
+    shorter than that cannot be told from a slow sample."""
+    windows = [e["t"] for e in events] + [float("inf")]
+    out = [0.0] * len(events)
+    for (a, _, _), (b, _, _) in zip(samples, samples[1:]):
+        for i in range(len(events)):
+            if windows[i] <= a < windows[i + 1]:
+                out[i] = max(out[i], b - a)
+    return out
+
+
 def moved(work, events, procs):
     """Partitions assigned to some worker within each event's window."""
     windows = [e["t"] for e in events] + [float("inf")]
@@ -212,9 +224,10 @@ def main():
     per_event = stalls(sampler.samples, events, a.partitions)
     moves = moved(a.work, events, procs)
     dups, distinct = duplicates(a.work, events)
+    gaps = sample_gaps(sampler.samples, events)
     t0 = events[0]["t"]
     out = {"protocol": a.protocol, "rate": a.rate, "records": distinct, "events": []}
-    for e, s, m, d in zip(events, per_event, moves, dups):
+    for e, s, m, d, g in zip(events, per_event, moves, dups, gaps):
         vals = list(s.values())
         kept = [s[p] for p in s if p not in m]
         out["events"].append({
@@ -222,7 +235,7 @@ def main():
             "longest_stall_s": round(max(vals), 2), "median_stall_s": round(statistics.median(vals), 2),
             "longest_stall_moved_s": round(max([s[p] for p in m], default=0.0), 2),
             "longest_stall_kept_s": round(max(kept, default=0.0), 2),
-            "moved": m, "duplicates": d,
+            "moved": m, "duplicates": d, "max_sample_gap_s": round(g, 2),
         })
     print(json.dumps(out))
 

@@ -102,8 +102,9 @@ fn a_downstream_outage_opens_the_circuit_and_dead_letters_nothing() {
     let outage_started = Instant::now();
     let port = free_port();
     let cmd = python_handler(&dir, "handler.py", format!(
-        "import sys, os, json\nfor line in sys.stdin:\n    b = json.loads(line)\n    if os.path.exists({flag:?}):\n        print(json.dumps({{'batch_id': b['batch_id'], 'error': 'downstream unavailable'}}), flush=True)\n    else:\n        print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n",
-        flag = down_flag.display().to_string()
+        "import sys, os, json\nfd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    if os.path.exists({flag:?}):\n        print(json.dumps({{'batch_id': b['batch_id'], 'error': 'downstream unavailable'}}), flush=True)\n    else:\n        os.write(fd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in b['records']).encode())\n        print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n",
+        flag = down_flag.display().to_string(),
+        log = dir.path("handled.txt").display().to_string()
     ));
     let mut w = spawn_exec_worker(
         &dir,
@@ -135,7 +136,7 @@ fn a_downstream_outage_opens_the_circuit_and_dead_letters_nothing() {
             .saturating_sub(outage_started.elapsed())
             .max(Duration::from_secs(5)),
     );
-    assert_eq!(audited(&[dir.path("w.audit")]).len(), 0);
+    assert_eq!(audited(&[dir.path("handled.txt")]).len(), 0);
     assert_eq!(
         worker_metric(port, "microbatch_records_dead_lettered_total"),
         Some(0.0)
@@ -154,7 +155,12 @@ fn a_downstream_outage_opens_the_circuit_and_dead_letters_nothing() {
         total_lag(&topic, &group) == 0
     });
     w.terminate();
-    let (expected, _) = assert_all_processed(&topic, &group, &[dir.path("w.audit")]);
+    let (expected, _) = assert_recorded_or_dead(
+        &topic,
+        &group,
+        &[dir.path("handled.txt")],
+        &Default::default(),
+    );
     assert_eq!(expected, 2000);
     assert!(
         read_topic(&dlq, broker().bootstrap()).is_empty(),
@@ -185,8 +191,9 @@ fn order_checking_handler(dir: &TestDir) -> String {
         dir,
         "order.py",
         format!(
-            "import sys, json, os\nfd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    out = ''.join('%s %s\\n' % (r['key'], r['value'].split(' ')[0]) for r in b['records'])\n    os.write(fd, out.encode())\n    print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n",
-            log = log.display().to_string()
+            "import sys, json, os\nfd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nrfd = os.open({records:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    out = ''.join('%s %s\\n' % (r['key'], r['value'].split(' ')[0]) for r in b['records'])\n    os.write(fd, out.encode())\n    os.write(rfd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in b['records']).encode())\n    print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n",
+            log = log.display().to_string(),
+            records = dir.path("handled.txt").display().to_string()
         ),
     )
 }
@@ -221,7 +228,12 @@ fn key_ordering_under_a_skewed_burst_keeps_per_key_order() {
     w.terminate();
     let handled = assert_key_order(&read(&dir.path("order.log")));
     assert_eq!(handled, 6000);
-    let (expected, _) = assert_all_processed(&topic, &group, &[dir.path("w.audit")]);
+    let (expected, _) = assert_recorded_or_dead(
+        &topic,
+        &group,
+        &[dir.path("handled.txt")],
+        &Default::default(),
+    );
     assert_eq!(expected, 6000);
 }
 
@@ -282,9 +294,10 @@ fn retries_of_one_key_do_not_stall_other_keys_or_partitions() {
     std::fs::write(&flag, "").unwrap();
     let seen = dir.path("seen.log");
     let cmd = python_handler(&dir, "h.py", format!(
-        "import sys, os, json\nfd = os.open({seen:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    bad = os.path.exists({flag:?})\n    failed = [dict(partition=r['partition'], offset=r['offset'], error='key-7 unavailable') for r in b['records'] if bad and r['key'] == 'key-7']\n    done = ''.join('%d %s\\n' % (r['partition'], r['key']) for r in b['records'] if not (bad and r['key'] == 'key-7'))\n    os.write(fd, done.encode())\n    print(json.dumps(dict(batch_id=b['batch_id'], failed=failed)), flush=True)\n",
+        "import sys, os, json\nfd = os.open({seen:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nrfd = os.open({records:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    bad = os.path.exists({flag:?})\n    failed = [dict(partition=r['partition'], offset=r['offset'], error='key-7 unavailable') for r in b['records'] if bad and r['key'] == 'key-7']\n    done = ''.join('%d %s\\n' % (r['partition'], r['key']) for r in b['records'] if not (bad and r['key'] == 'key-7'))\n    os.write(fd, done.encode())\n    os.write(rfd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in b['records'] if not (bad and r['key'] == 'key-7')).encode())\n    print(json.dumps(dict(batch_id=b['batch_id'], failed=failed)), flush=True)\n",
         seen = seen.display().to_string(),
-        flag = flag.display().to_string()
+        flag = flag.display().to_string(),
+        records = dir.path("handled.txt").display().to_string()
     ));
     let mut w = spawn_exec_worker(
         &dir,
@@ -372,6 +385,11 @@ fn retries_of_one_key_do_not_stall_other_keys_or_partitions() {
         read_topic(&dlq, broker().bootstrap()).is_empty(),
         "retryable failures within max-attempts dead-letter nothing"
     );
-    let (expected, _) = assert_all_processed(&topic, &group, &[dir.path("w.audit")]);
+    let (expected, _) = assert_recorded_or_dead(
+        &topic,
+        &group,
+        &[dir.path("handled.txt")],
+        &Default::default(),
+    );
     assert_eq!(expected, 4000);
 }
