@@ -5,6 +5,8 @@
 //!   ordering, retries); every error names its flag.
 //! - [`kafka`]: turns configuration into librdkafka clients; admin helpers.
 //! - [`batch`]: the [`batch::Batch`] type and the batch rule.
+//! - [`capacity`]: how busy the slots are and what that says the worker
+//!   could do; carried to the scaling side in commit metadata.
 //! - [`offsets`]: the offset rule: what may be committed per partition.
 //! - [`handler`]: the [`handler::Handler`] trait and the `simulate`, `exec`
 //!   and `http` handlers.
@@ -20,6 +22,7 @@
 //! [`worker::Worker`]; the `microbatch` binary does the same from flags.
 
 pub mod batch;
+pub mod capacity;
 pub mod commit;
 pub mod config;
 pub mod dlq;

@@ -46,6 +46,7 @@ use thiserror::Error;
 use tokio::runtime::Handle;
 
 use crate::batch::{Batch, Batcher};
+use crate::capacity::{unix_ms_now, CapacityMeter, DEFAULT_WINDOW};
 use crate::commit::{CommitQueue, CommitResult, CommittedPartition};
 use crate::config::{Ordering, WorkerConfig};
 use crate::dlq::DeadLetterWriter;
@@ -299,6 +300,7 @@ struct Pipeline {
     circuit: Circuit,
     fatal: Option<WorkerError>,
     report: WorkerReport,
+    capacity: CapacityMeter,
 }
 
 impl Pipeline {
@@ -330,6 +332,12 @@ impl Pipeline {
             .metrics
             .assigned_partitions
             .set(self.partitions.len() as i64);
+        self.capacity.set_slots(Instant::now(), self.usable_slots());
+    }
+
+    /// Slots the assigned partitions can keep busy at once.
+    fn usable_slots(&self) -> usize {
+        (self.partitions.len() * self.config.slots_per_partition()).min(self.config.concurrency)
     }
 
     /// Revocation: stop dispatching the partitions, let their in-flight
@@ -399,6 +407,7 @@ impl Pipeline {
             .metrics
             .assigned_partitions
             .set(self.partitions.len() as i64);
+        self.capacity.set_slots(Instant::now(), self.usable_slots());
         self.telemetry.metrics.records_held.set(self.held as i64);
     }
 
@@ -544,6 +553,7 @@ impl Pipeline {
     fn start(&mut self, slot: SlotKey, batch: Batch) {
         self.in_flight += 1;
         self.telemetry.metrics.slots_busy.set(self.in_flight as i64);
+        self.capacity.set_busy(Instant::now(), self.in_flight);
         self.telemetry
             .metrics
             .batch_size
@@ -580,6 +590,7 @@ impl Pipeline {
             } => {
                 self.in_flight -= 1;
                 self.telemetry.metrics.slots_busy.set(self.in_flight as i64);
+                self.capacity.set_busy(Instant::now(), self.in_flight);
                 self.telemetry
                     .metrics
                     .batch_duration
@@ -593,6 +604,7 @@ impl Pipeline {
             Event::DeadLettered { slot, offsets } => {
                 self.in_flight -= 1;
                 self.telemetry.metrics.slots_busy.set(self.in_flight as i64);
+                self.capacity.set_busy(Instant::now(), self.in_flight);
                 self.telemetry
                     .metrics
                     .records_dead_lettered
@@ -630,6 +642,7 @@ impl Pipeline {
         }
         ps.held -= n;
         self.held -= n;
+        self.capacity.processed(n);
     }
 
     fn audit(&mut self, partition: i32, offsets: impl Iterator<Item = i64>) {
@@ -866,6 +879,11 @@ impl Pipeline {
             .lock()
             .expect("acked lock poisoned")
             .clone();
+        let report = self.capacity.report(Instant::now(), unix_ms_now()).cloned();
+        if let Some(r) = &report {
+            self.telemetry.metrics.observe_capacity(r);
+        }
+        let metadata = report.map(|r| r.encode()).unwrap_or_default();
         let mut tpl = TopicPartitionList::new();
         for (p, ps) in &self.partitions {
             if only.is_some_and(|o| !o.contains(p)) {
@@ -877,8 +895,10 @@ impl Pipeline {
             if acked.get(p).is_some_and(|a| *a >= wm) {
                 continue;
             }
-            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(wm))
+            let mut elem = tpl.add_partition(&self.topic, *p);
+            elem.set_offset(Offset::Offset(wm))
                 .expect("a fresh offset is always valid");
+            elem.set_metadata(&metadata);
         }
         if tpl.count() == 0 {
             return;
@@ -1207,6 +1227,11 @@ fn poll_loop(
         },
         fatal: None,
         report: WorkerReport::default(),
+        capacity: CapacityMeter::new(
+            CapacityMeter::process_worker_id(),
+            DEFAULT_WINDOW,
+            Instant::now(),
+        ),
     };
     *consumer
         .context()
