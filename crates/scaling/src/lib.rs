@@ -8,7 +8,10 @@
 //! - [`supervisor`]: the single-machine autoscaler that runs `microbatch run`
 //!   children and scales them on lag.
 
+pub mod capacity;
 pub mod lag;
+pub mod observe;
 pub mod policy;
 pub mod scaler;
 pub mod supervisor;
+pub mod watermarks;

@@ -2,9 +2,10 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use microbatch_scaling::lag::InvalidOffsetPolicy;
+use microbatch_scaling::observe::Observer;
 use microbatch_scaling::policy::{Decision, KedaParams, KedaPolicy, RateParams, RatePolicy};
 
 use crate::args::LagTarget;
@@ -136,33 +137,26 @@ pub struct Args {
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let reader = args.target.reader(Duration::from_secs(10))?;
-    let mut keda = args.policy_args.keda();
-    let mut rate = args.policy_args.rate();
-    let policy = args.policy;
+    let mut policy = args
+        .policy
+        .map(|kind| super::supervise::make_policy(kind, &args.policy_args));
     let json = args.json;
-    let invalid = args.policy_args.invalid_offset();
+    let mut observer = Observer::new(reader, args.policy_args.invalid_offset());
     let replicas = args.replicas;
     let watch = args.watch;
     let interval = Duration::from_millis(args.interval_ms.max(100));
-    let mut rates = microbatch_scaling::lag::RateTracker::default();
     loop {
-        let lag = tokio::task::block_in_place(|| reader.read(invalid))?;
-        let now = Instant::now();
-        let r = rates.observe(now, &lag);
-        let decision: Option<(&str, Decision)> = match policy {
-            Some(PolicyKind::Keda) => Some(("keda", keda.evaluate(now, &lag, replicas))),
-            Some(PolicyKind::Rate) => {
-                rate.observe(now, r.processed_per_sec, replicas, lag.total_lag);
-                Some((
-                    "rate",
-                    rate.evaluate(now, &lag, r.arrival_per_sec, replicas),
-                ))
-            }
-            None => None,
-        };
+        let reading = tokio::task::block_in_place(|| observer.read(false))?;
+        let lag = &reading.lag;
+        let decision: Option<(&str, Decision)> = policy.as_mut().map(|p| {
+            (
+                p.name(),
+                p.decide(reading.at, &reading.observation(replicas)),
+            )
+        });
         let mut out = std::io::stdout().lock();
         if json {
-            let mut v = serde_json::to_value(&lag)?;
+            let mut v = serde_json::to_value(lag)?;
             if let Some((name, d)) = &decision {
                 v["policy"] = serde_json::json!({"name": name, "desired_replicas": d.desired, "metric_value": d.metric_value, "active": d.active, "reason": d.reason});
             }
