@@ -13,5 +13,6 @@ pub mod lag;
 pub mod observe;
 pub mod policy;
 pub mod scaler;
+pub mod sim;
 pub mod supervisor;
 pub mod watermarks;

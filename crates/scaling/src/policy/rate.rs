@@ -2,8 +2,12 @@
 //! drain the backlog within a target time, sized by what one replica *can*
 //! do, not by what it happened to do.
 //!
-//! replicas = ceil((sustained arrival + lag / target drain) / capacity per
-//! replica), at most the partition count (replicas past it are idle).
+//! Each partition needs its sustained arrival rate plus its lag ÷ the target
+//! drain time. The group's assignors spread partitions by count, not load,
+//! so with n replicas one of them holds the ⌈P/n⌉ neediest partitions: the
+//! policy asks for the fewest replicas whose busiest one can serve those,
+//! which is at least ceil(total need ÷ capacity per replica) and at most the
+//! partition count (replicas past it are idle).
 //!
 //! **Capacity per replica** comes, in order of preference, from
 //! 1. the workers' own reports (commit metadata): their processed rate ÷
@@ -17,12 +21,14 @@
 //! Learned values are smoothed with time-weighted averages, so how often the
 //! policy is asked does not change what it learns.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::decide::{Observation, Policy};
 use super::{Decision, ScaleDownWindow};
+use crate::lag::{GroupLag, RATE_MIN_INTERVAL};
 
 /// Parameters of the time-to-drain policy.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,12 +91,36 @@ const CAPACITY_SMOOTHING: Duration = Duration::from_secs(30);
 /// replicas saturated.
 const IN_FLIGHT_SECONDS: f64 = 2.0;
 
+/// On the guess alone the count at most doubles once per this long: by the
+/// next step the new replicas' reports tell what they can do, and a wrong
+/// guess costs a scale-down window of idle replicas.
+const GUESS_STEP: Duration = Duration::from_secs(15);
+
 /// A time-weighted step of an exponential average: the weight of `sample`
 /// grows with the time it stands for, so many close samples weigh what one
 /// sample over the same span would.
 fn smooth(previous: f64, sample: f64, elapsed: Duration, time_constant: Duration) -> f64 {
     let alpha = 1.0 - (-elapsed.as_secs_f64() / time_constant.as_secs_f64()).exp();
     previous + alpha * (sample - previous)
+}
+
+/// The fewest replicas such that, partitions spread evenly by count, the one
+/// holding the ⌈P/n⌉ neediest partitions can serve them. A partition's need
+/// counts at most one replica's capacity: it cannot be split further.
+fn replicas_for(needs: &[f64], capacity: f64) -> u32 {
+    let mut needs: Vec<f64> = needs.iter().map(|n| n.clamp(0.0, capacity)).collect();
+    if needs.iter().all(|n| *n <= 0.0) {
+        return 0;
+    }
+    needs.sort_by(|a, b| b.total_cmp(a));
+    let partitions = needs.len();
+    let mut busiest = vec![0.0; partitions + 1];
+    for (i, n) in needs.iter().enumerate() {
+        busiest[i + 1] = busiest[i] + n;
+    }
+    (1..=partitions)
+        .find(|n| busiest[partitions.div_ceil(*n)] <= capacity * (1.0 + 1e-9))
+        .unwrap_or(partitions) as u32
 }
 
 /// Scales on arrival rate plus lag to drain, divided by the capacity of one
@@ -102,12 +132,16 @@ pub struct RatePolicy {
     capacity: Option<(f64, Instant)>,
     source: CapacitySource,
     scale_down: ScaleDownWindow,
-    /// Sustained arrival rate and when it was last updated.
-    arrival: Option<(Instant, f64)>,
+    /// Per partition: high watermark at the last update and the sustained
+    /// arrival rate; and when they were last updated.
+    partition_arrivals: HashMap<i32, (i64, f64)>,
+    arrivals_at: Option<Instant>,
     /// The replica count observed last, and since when.
     replicas_since: Option<(u32, Instant)>,
     /// The previous observation's total lag.
     last_lag: Option<i64>,
+    /// When the last scale-up made on the guess alone was asked for.
+    guess_step_at: Option<Instant>,
 }
 
 impl RatePolicy {
@@ -117,9 +151,11 @@ impl RatePolicy {
             capacity: None,
             source: CapacitySource::Guess,
             scale_down: ScaleDownWindow::default(),
-            arrival: None,
+            partition_arrivals: HashMap::new(),
+            arrivals_at: None,
             replicas_since: None,
             last_lag: None,
+            guess_step_at: None,
         }
     }
 
@@ -152,6 +188,43 @@ impl RatePolicy {
         };
         self.capacity = Some((smoothed, now));
         self.source = source;
+    }
+
+    /// Sustained arrival rate per partition (in `lag`'s order), from the
+    /// high watermarks' progress over intervals of at least
+    /// [`RATE_MIN_INTERVAL`], time-weighted. Starts from 0: the records of a
+    /// burst are counted once, in the lag, not again as an arrival rate.
+    fn sustained_arrivals(&mut self, now: Instant, lag: &GroupLag, idle: bool) -> Vec<f64> {
+        let elapsed = self.arrivals_at.map(|t| now.saturating_duration_since(t));
+        let update = elapsed.is_none_or(|e| e >= RATE_MIN_INTERVAL);
+        let sustained = lag
+            .partitions
+            .iter()
+            .map(|p| {
+                let (high0, rate0) = self
+                    .partition_arrivals
+                    .get(&p.partition)
+                    .copied()
+                    .unwrap_or((p.high, 0.0));
+                if !update && !idle {
+                    return rate0;
+                }
+                let s = match elapsed {
+                    _ if idle => 0.0,
+                    Some(e) if !e.is_zero() => {
+                        let rate = (p.high - high0).max(0) as f64 / e.as_secs_f64();
+                        smooth(rate0, rate, e, ARRIVAL_SMOOTHING)
+                    }
+                    _ => rate0,
+                };
+                self.partition_arrivals.insert(p.partition, (p.high, s));
+                s
+            })
+            .collect();
+        if update || idle {
+            self.arrivals_at = Some(now);
+        }
+        sustained
     }
 
     /// Takes what the observation says about capacity.
@@ -197,24 +270,21 @@ impl Policy for RatePolicy {
         // and there is nothing to keep up with (an average that only decays
         // would keep one replica for hours).
         let idle = lag <= 0 && o.rates.arrival_per_sec <= 0.0;
-        // The arrival rate that needs keeping up with is the sustained one:
-        // a burst's records are already counted once, in the lag.
-        let sustained = match self.arrival {
-            _ if idle => 0.0,
-            Some((then, previous)) => smooth(
-                previous,
-                o.rates.arrival_per_sec,
-                now.saturating_duration_since(then),
-                ARRIVAL_SMOOTHING,
-            ),
-            None => 0.0,
-        };
-        self.arrival = Some((now, sustained));
+        let arrivals = self.sustained_arrivals(now, o.lag, idle);
+        let sustained: f64 = arrivals.iter().sum();
         self.measure(now, o, sustained);
         let p = &self.params;
         let rate = self.capacity_per_replica().max(1e-6);
-        let need = sustained + lag.max(0) as f64 / p.target_drain.as_secs_f64().max(0.001);
-        let raw = (need / rate).ceil().max(0.0) as u32;
+        let drain = p.target_drain.as_secs_f64().max(0.001);
+        let needs: Vec<f64> = o
+            .lag
+            .partitions
+            .iter()
+            .zip(&arrivals)
+            .map(|(part, arrival)| arrival + part.lag.max(0) as f64 / drain)
+            .collect();
+        let need: f64 = needs.iter().sum();
+        let raw = replicas_for(&needs, rate);
         let partitions = o.lag.partitions.len() as u32;
         // Replicas past the partition count get no partition. On the guess
         // alone, the slots bound it further (a guess is not a demand).
@@ -230,18 +300,36 @@ impl Policy for RatePolicy {
             desired = 1;
         }
         let mut reason = format!(
-            "ceil(({sustained:.0}/s + lag {lag} / {}s) / {rate:.0}/s per replica ({})) = {raw}, cap {cap}",
+            "need {need:.0}/s ({sustained:.0}/s arriving + lag {lag} / {}s) at {rate:.0}/s per replica ({}): {raw} (ceil of the total: {}), cap {cap}",
             p.target_drain.as_secs(),
             match self.source {
                 CapacitySource::Guess => "guess",
                 CapacitySource::LagGrowth => "from lag growth",
                 CapacitySource::Workers => "workers' capacity",
-            }
+            },
+            (need / rate).ceil()
         );
         if idle {
             reason.push_str("; idle");
         }
         let current = o.current;
+        if self.source == CapacitySource::Guess && desired > current {
+            let recent = self
+                .guess_step_at
+                .is_some_and(|t| now.saturating_duration_since(t) < GUESS_STEP);
+            let allowed = if recent {
+                current
+            } else {
+                (current * 2).max(1)
+            };
+            if desired > allowed {
+                desired = allowed.max(p.min_replicas);
+                reason.push_str("; on the guess alone: at most double per 15 s");
+            }
+            if desired > current {
+                self.guess_step_at = Some(now);
+            }
+        }
         if current > 0 && desired != current && lag > 0 {
             let change = (f64::from(desired) - f64::from(current)).abs() / f64::from(current);
             if change <= p.tolerance {
@@ -382,7 +470,8 @@ mod tests {
     fn the_capacity_cap_follows_measured_demand_up_to_the_partitions() {
         // `--ordering partition` with 4 slots per worker: the slot arithmetic
         // says ceil(8 x 1 / 4) = 2 replicas, but each replica measured does
-        // 1,000/s and 6,000/s arrive: 6 replicas, each with a partition.
+        // 1,000/s and 3,600/s arrive (450/s per partition): 2 partitions per
+        // replica fit, 4 replicas.
         let mut r = RatePolicy::new(RateParams {
             max_replicas: 24,
             slots_per_partition: 1,
@@ -391,30 +480,27 @@ mod tests {
             ..RateParams::default()
         });
         let t0 = Instant::now();
-        let lag = lag_of(&[(0, 100); 8]);
         let report = workers(2, 1000.0, 1.0);
-        let mut d = decide(&mut r, t0, &lag, rates(6000.0, 2000.0), Some(&report), 2);
-        for s in 1..=300 {
-            d = decide(
+        let mut d = None;
+        for s in 0..=300i64 {
+            let lag = lag_of(&[(450 * s, 450 * s + 100); 8]);
+            d = Some(decide(
                 &mut r,
-                t0 + Duration::from_secs(s),
+                t0 + Duration::from_secs(s as u64),
                 &lag,
-                rates(6000.0, 2000.0),
+                rates(3600.0, 2000.0),
                 Some(&report),
                 2,
-            );
+            ));
         }
-        assert_eq!(
-            d.desired, 7,
-            "6,000/s + lag 800 / 30 s over 1,000/s: {}",
-            d.reason
-        );
-        let huge = lag_of(&[(0, 1_000_000); 8]);
+        let d = d.unwrap();
+        assert_eq!(d.desired, 4, "{}", d.reason);
+        let huge = lag_of(&[(450 * 300, 1_000_000); 8]);
         let d = decide(
             &mut r,
             t0 + Duration::from_secs(301),
             &huge,
-            rates(6000.0, 2000.0),
+            rates(3600.0, 2000.0),
             Some(&report),
             2,
         );
@@ -455,6 +541,39 @@ mod tests {
         }
         let zero_at = zero_at.expect("reaches zero");
         assert!(zero_at <= 301, "zero after {zero_at} s of idle");
+    }
+
+    #[test]
+    fn on_the_guess_alone_the_count_at_most_doubles_per_step() {
+        let mut r = RatePolicy::new(RateParams {
+            initial_rate_per_replica: 100.0,
+            max_replicas: 8,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        let burst = lag_of(&[(0, 30_000); 8]);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let d = decide(&mut r, at(0), &burst, rates(0.0, 0.0), None, 1);
+        assert_eq!(d.desired, 2, "{}", d.reason);
+        assert_eq!(
+            decide(&mut r, at(1000), &burst, rates(0.0, 0.0), None, 2).desired,
+            2
+        );
+        assert_eq!(
+            decide(&mut r, at(15_000), &burst, rates(0.0, 0.0), None, 2).desired,
+            4
+        );
+        // Measured, the demand decides at once: 8,000/s of drain at 1,600/s.
+        let two = workers(2, 1600.0, 1.0);
+        let d = decide(
+            &mut r,
+            at(16_000),
+            &burst,
+            rates(0.0, 3200.0),
+            Some(&two),
+            4,
+        );
+        assert_eq!(d.desired, 8, "{}", d.reason);
     }
 
     #[test]
@@ -521,14 +640,33 @@ mod tests {
         let burst = lag_of(&[(0, 1000); 8]);
         let d = decide(
             &mut r,
-            t0 + Duration::from_millis(500),
+            t0 + Duration::from_secs(1),
             &burst,
-            rates(16_000.0, 0.0),
+            rates(8_000.0, 0.0),
             None,
             1,
         );
-        // 16,000 x (1 - e^(-0.5/30)) = 264/s sustained + 800/s to drain -> 2.
+        // 8,000 x (1 - e^(-1/30)) = 262/s sustained + 800/s to drain = 1,062/s
+        // -> 2 replicas at 800/s (each 4 partitions of 133/s).
         assert_eq!(d.desired, 2, "{}", d.reason);
+    }
+
+    #[test]
+    fn partitions_spread_by_count_decide_not_the_total_alone() {
+        // 9,000/s over 8 partitions, 1,760/s per replica: the total says 6,
+        // but 6 replicas leave two of them 2 partitions (2,250/s): 8.
+        assert_eq!(replicas_for(&[1125.0; 8], 1760.0), 8);
+        // 5,600/s: 700/s each, 2 per replica fit: 4 (the total also says 4).
+        assert_eq!(replicas_for(&[700.0; 8], 1760.0), 4);
+        // One hot partition with 7 quiet ones fits one replica.
+        let mut hot = [50.0; 8];
+        hot[0] = 1200.0;
+        assert_eq!(replicas_for(&hot, 1760.0), 1);
+        // A partition beyond one replica's capacity fills a replica of its
+        // own, so every other partition gets one too: none waits behind it.
+        hot[0] = 5000.0;
+        assert_eq!(replicas_for(&hot, 1760.0), 8);
+        assert_eq!(replicas_for(&[0.0; 8], 1760.0), 0);
     }
 
     #[test]
@@ -541,8 +679,9 @@ mod tests {
         });
         let t0 = Instant::now();
         let lag = lag_of(&[(0, 15_000); 10]);
+        let one = workers(1, 100.0, 1.0);
         assert_eq!(
-            decide(&mut r, t0, &lag, rates(0.0, 0.0), None, 1).desired,
+            decide(&mut r, t0, &lag, rates(0.0, 0.0), Some(&one), 1).desired,
             10
         );
         let idle = lag_of(&[(100, 100); 10]);
@@ -555,13 +694,13 @@ mod tests {
             decide(&mut r, at(11), &idle, rates(0.0, 0.0), None, 10).desired,
             1
         );
-        // 10 replicas asked to become 11 by a 5% change: kept while lag remains.
+        // 10 replicas asked to become 11 by a 10% change: kept while lag remains.
         let mut r = RatePolicy::new(RateParams {
             initial_rate_per_replica: 100.0,
             max_replicas: 20,
             ..RateParams::default()
         });
-        let lag = lag_of(&[(0, 1575); 20]); // 31,500 / 30 s = 1,050/s
+        let lag = lag_of(&[(0, 1800); 11]); // 60/s per partition: 11 replicas
         let d = decide(&mut r, t0, &lag, rates(0.0, 0.0), None, 10);
         assert_eq!(d.desired, 10, "{}", d.reason);
     }
