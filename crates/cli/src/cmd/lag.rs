@@ -51,11 +51,13 @@ pub struct PolicyArgs {
     /// rate: drain the lag within this many seconds.
     #[arg(long, default_value_t = 30)]
     pub target_drain_seconds: u64,
-    /// rate: records/s one replica is assumed to do until measured.
+    /// rate: records/s one replica is assumed to do until its workers report
+    /// their capacity (busy fraction and processed rate, in commit metadata).
     #[arg(long, default_value_t = 100.0)]
     pub rate_per_replica: f64,
     /// rate: processing slots per partition in the workers (1 for
-    /// `--ordering partition`, the concurrency for `key`/`none`).
+    /// `--ordering partition`, the concurrency for `key`/`none`); with
+    /// --slots-per-replica it bounds only the cold-start guess.
     #[arg(long, default_value_t = 1)]
     pub slots_per_partition: u32,
     /// rate: processing slots per replica (the workers' concurrency).
