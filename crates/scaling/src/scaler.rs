@@ -451,6 +451,7 @@ impl Scaler {
             }
             keep
         });
+        self.metrics.scaled_objects.set(states.len() as i64);
         if let Some(s) = states.get(&key) {
             let same = s.lock().expect("trigger state lock poisoned").spec == spec;
             if same {
@@ -606,6 +607,65 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    fn object(name: &str, pairs: &[(&str, &str)]) -> ScaledObjectRef {
+        ScaledObjectRef {
+            name: name.into(),
+            namespace: "ns".into(),
+            scaler_metadata: meta(pairs),
+        }
+    }
+
+    #[test]
+    fn state_is_replaced_on_edit_and_dropped_once_not_asked_about() {
+        // No broker is needed: a lag reader connects only when it reads.
+        let scaler = Scaler::new(
+            KafkaConfig::plaintext("127.0.0.1:1"),
+            ScalerConfig {
+                state_ttl: Duration::from_millis(200),
+                ..ScalerConfig::default()
+            },
+        );
+        let a = object("a", &[("topic", "t"), ("consumerGroup", "g")]);
+        let first = scaler.state(&a).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &scaler.state(&a).unwrap()),
+            "kept while unchanged"
+        );
+        let edited = object(
+            "a",
+            &[
+                ("topic", "t"),
+                ("consumerGroup", "g"),
+                ("lagThreshold", "5"),
+            ],
+        );
+        let second = scaler.state(&edited).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second), "an edit starts afresh");
+        assert_eq!(
+            scaler.scaled_objects(),
+            1,
+            "the edited object's old state is gone"
+        );
+        assert_eq!(
+            Arc::strong_count(&first),
+            1,
+            "and nothing but this test holds it"
+        );
+        drop(second);
+        std::thread::sleep(Duration::from_millis(250));
+        scaler
+            .state(&object("b", &[("topic", "t"), ("consumerGroup", "g")]))
+            .unwrap();
+        assert_eq!(
+            scaler.scaled_objects(),
+            1,
+            "a, not asked about for the TTL, is dropped"
+        );
+        assert!(scaler
+            .encode_metrics()
+            .contains("microbatch_scaler_scaled_objects 1"));
     }
 
     #[test]
