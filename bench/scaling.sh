@@ -45,7 +45,10 @@ SHAPE_PROCESS_TIME_MS=${SHAPE_PROCESS_TIME_MS:-2}
 if [ ! -x "$BIN" ]; then
 	cargo build --release -p microbatch
 fi
-scripts/kafka-local.sh start
+# A broker already listening (any checkout's) is used as it is.
+if ! (: >/dev/tcp/127.0.0.1/9092) 2>/dev/null; then
+	scripts/kafka-local.sh start
+fi
 mkdir -p bench/results
 stamp=$(date -u +%Y-%m-%dT%H%M%SZ)
 json=bench/results/$stamp-scaling.json
