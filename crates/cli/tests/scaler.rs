@@ -27,6 +27,24 @@ fn object(topic: &str, group: &str, extra: &[(&str, &str)]) -> ScaledObjectRef {
     }
 }
 
+/// `microbatch scaler` on 127.0.0.1 against the test broker.
+fn spawn_scaler(dir: &TestDir, grpc: u16, http: u16, extra: &[&str]) -> Proc {
+    let mut cmd = command();
+    cmd.args([
+        "scaler",
+        "--bootstrap-servers",
+        broker().bootstrap(),
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        &grpc.to_string(),
+        "--http-port",
+        &http.to_string(),
+    ]);
+    cmd.args(extra);
+    Proc::spawn(cmd, dir.path("scaler.stderr"))
+}
+
 async fn connect(port: u16) -> Channel {
     let endpoint = format!("http://127.0.0.1:{port}");
     for _ in 0..100 {
@@ -64,23 +82,7 @@ fn scaler_serves_keda_metrics_that_agree_with_lag() {
     create_topic(&topic, 4);
     produce(&topic, 400, &[]);
     let grpc = free_port();
-    let mut cmd = command();
-    cmd.args([
-        "scaler",
-        "--bootstrap-servers",
-        broker().bootstrap(),
-        "--host",
-        "127.0.0.1",
-    ]);
-    cmd.args([
-        "--grpc-port",
-        &grpc.to_string(),
-        "--http-port",
-        "0",
-        "--stream-interval-ms",
-        "300",
-    ]);
-    let _scaler = Proc::spawn(cmd, dir.path("scaler.stderr"));
+    let _scaler = spawn_scaler(&dir, grpc, 0, &["--stream-interval-ms", "300"]);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -235,4 +237,126 @@ async fn exercise(dir: &TestDir, topic: &str, group: &str, grpc: u16) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented);
+}
+
+fn named(name: &str, topic: &str, group: &str, extra: &[(&str, &str)]) -> ScaledObjectRef {
+    ScaledObjectRef {
+        name: name.into(),
+        ..object(topic, group, extra)
+    }
+}
+
+/// KEDA's operator and metrics server ask IsActive and GetMetrics for the
+/// same ScaledObject a few ms apart. A ScaledObject asked that way gets the
+/// same replica count as one asked once per round, on steady load: the rate
+/// policy holds one replica (one worker does about 2,000/s; 1,000/s arrive).
+#[test]
+fn paired_calls_get_the_decisions_single_calls_get_and_metrics_are_real() {
+    if !broker().is_real() {
+        eprintln!("skipped: the scaler test needs a real broker (group listing)");
+        return;
+    }
+    let dir = TestDir::new("scaler-paired");
+    let topic = unique("16-paired");
+    let group = unique("16-g");
+    create_topic(&topic, 8);
+    let mut worker = spawn_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &["--process-time-ms", "2", "--concurrency", "4"],
+    );
+    let mut load = command();
+    load.args([
+        "produce",
+        "--bootstrap-servers",
+        broker().bootstrap(),
+        "--topic",
+        &topic,
+        "--count",
+        "40000",
+        "--rate",
+        "1000",
+        "--quiet",
+    ]);
+    let mut producer = Proc::spawn(load, dir.path("produce.stderr"));
+    let (grpc, http) = (free_port(), free_port());
+    let mut scaler = spawn_scaler(&dir, grpc, http, &["--polling-interval-ms", "1000"]);
+    let meta = [
+        ("policy", "rate"),
+        ("minReplicas", "1"),
+        ("maxReplicas", "8"),
+        ("targetDrainSeconds", "30"),
+    ];
+    let single = named("single", &topic, &group, &meta);
+    let paired = named("paired", &topic, &group, &meta);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rounds: Vec<(i64, i64, bool)> = rt.block_on(async {
+        let mut client = ExternalScalerClient::new(connect(grpc).await);
+        let metrics = |o: &ScaledObjectRef| GetMetricsRequest {
+            scaled_object_ref: Some(o.clone()),
+            metric_name: String::new(),
+        };
+        let mut rounds = Vec::new();
+        for _ in 0..24 {
+            let s = client.get_metrics(metrics(&single)).await.unwrap();
+            let p = client.get_metrics(metrics(&paired)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(4)).await;
+            let active = client.is_active(paired.clone()).await.unwrap();
+            rounds.push((
+                s.into_inner().metric_values[0].metric_value,
+                p.into_inner().metric_values[0].metric_value,
+                active.into_inner().result,
+            ));
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+        }
+        rounds
+    });
+    let text = http_get(http, "/metrics")
+        .expect("the scaler serves /metrics")
+        .1;
+    producer.signal(9);
+    producer.wait_for_exit(Duration::from_secs(10));
+    scaler.terminate();
+    worker.signal(15);
+    worker.wait_for_exit(Duration::from_secs(60));
+    eprintln!("rounds (single, paired, paired active): {rounds:?}");
+    // Past the first ~10 s (the worker's first capacity reports), both hold one.
+    for (i, (s, p, active)) in rounds.iter().enumerate().skip(8) {
+        assert_eq!(
+            s, p,
+            "round {i}: single and paired calls disagree: {rounds:?}"
+        );
+        assert_eq!(
+            *s, 1,
+            "round {i}: steady 1,000/s needs one replica: {rounds:?}"
+        );
+        assert!(active, "round {i}: records arrive, so active");
+    }
+    assert!(
+        rounds.iter().all(|(s, p, _)| *s <= 2 && *p <= 2),
+        "2 at most while learning: {rounds:?}"
+    );
+    // Each paired IsActive came within the polling interval: served cached.
+    let cached = labelled_metric(
+        &text,
+        "microbatch_scaler_evaluations_total{outcome=\"cached\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(cached >= 24.0, "cached evaluations {cached}:\n{text}");
+    assert_eq!(
+        metric(&text, "microbatch_scaler_scaled_objects"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        labelled_metric(
+            &text,
+            "microbatch_scaler_desired_replicas{scaled_object=\"microbatch/paired\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
 }

@@ -15,7 +15,8 @@ fn timeline(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn supervise(dir: &TestDir, topic: &str, group: &str, policy: &[&str]) -> Proc {
+/// `supervise` against the test broker, its timeline and logs in `dir`.
+fn supervise_command(dir: &TestDir, topic: &str, group: &str) -> std::process::Command {
     let mut cmd = command();
     cmd.args([
         "supervise",
@@ -26,6 +27,13 @@ fn supervise(dir: &TestDir, topic: &str, group: &str, policy: &[&str]) -> Proc {
         "--group",
         group,
     ]);
+    cmd.args(["--timeline", dir.path("timeline.jsonl").to_str().unwrap()]);
+    cmd.args(["--log-dir", dir.0.to_str().unwrap()]);
+    cmd
+}
+
+fn supervise(dir: &TestDir, topic: &str, group: &str, policy: &[&str]) -> Proc {
+    let mut cmd = supervise_command(dir, topic, group);
     cmd.args([
         "--min",
         "1",
@@ -37,8 +45,6 @@ fn supervise(dir: &TestDir, topic: &str, group: &str, policy: &[&str]) -> Proc {
         "500",
     ]);
     cmd.args(["--http-port", "0", "--drain-timeout-ms", "5000"]);
-    cmd.args(["--timeline", dir.path("timeline.jsonl").to_str().unwrap()]);
-    cmd.args(["--log-dir", dir.0.to_str().unwrap()]);
     cmd.args(policy);
     cmd.arg("--");
     cmd.args([
@@ -187,4 +193,109 @@ fn keda_policy_caps_at_partitions_and_scales_back() {
         .success());
     let (expected, _) = assert_all_processed(&topic, &group, &audits(&dir));
     assert_eq!(expected, 8000);
+}
+
+/// `supervise --min N --max N` on an empty topic, with `run_args` after `--`.
+fn supervise_fixed(dir: &TestDir, topic: &str, replicas: &str, run_args: &[&str]) -> Proc {
+    let mut cmd = supervise_command(dir, topic, &unique("16-g"));
+    cmd.args([
+        "--policy",
+        "keda",
+        "--min",
+        replicas,
+        "--max",
+        replicas,
+        "--polling-interval-ms",
+        "200",
+        "--http-port",
+        "0",
+        "--drain-timeout-ms",
+        "2000",
+    ]);
+    cmd.arg("--");
+    cmd.args(run_args);
+    Proc::spawn(cmd, dir.path("supervise.stderr"))
+}
+
+#[test]
+fn a_child_that_exits_at_once_is_restarted_with_growing_back_off() {
+    let dir = TestDir::new("supervise-backoff");
+    let topic = unique("16-backoff");
+    create_topic(&topic, 2);
+    // A worker refusing its arguments exits with status 2 at once.
+    let mut sup = supervise_fixed(&dir, &topic, "1", &["--concurrency", "0"]);
+    let tl = dir.path("timeline.jsonl");
+    wait_until(Duration::from_secs(30), "three restarts", || {
+        timeline(&tl)
+            .iter()
+            .any(|p| p["restarts"].as_u64() >= Some(3))
+    });
+    let backoffs: Vec<u64> = timeline(&tl)
+        .iter()
+        .filter_map(|p| p["restart_backoff_ms"].as_u64())
+        .filter(|b| *b > 0)
+        .fold(Vec::new(), |mut seen, b| {
+            if seen.last() != Some(&b) {
+                seen.push(b);
+            }
+            seen
+        });
+    assert!(
+        backoffs.starts_with(&[1000, 2000, 4000]),
+        "the back-off doubles while the child dies young: {backoffs:?}"
+    );
+    // And the restarts themselves spread out: the second gap is about twice the first.
+    let mut restarted_at = Vec::new();
+    let mut seen = 0;
+    for p in timeline(&tl) {
+        let restarts = p["restarts"].as_u64().unwrap_or(0);
+        if restarts > seen {
+            seen = restarts;
+            restarted_at.push(p["t_ms"].as_u64().unwrap());
+        }
+    }
+    let gaps: Vec<u64> = restarted_at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.len() >= 2 && gaps[1] >= gaps[0] + 700,
+        "gaps between restarts (ms): {gaps:?}"
+    );
+    assert!(
+        sup.wait_for_exit(Duration::from_millis(10)).is_none(),
+        "supervise keeps going"
+    );
+    sup.signal(15);
+    assert!(sup.wait_for_exit(Duration::from_secs(30)).is_some());
+}
+
+#[test]
+fn a_failed_spawn_leaves_the_other_children_running() {
+    let dir = TestDir::new("supervise-spawn-fails");
+    let topic = unique("16-spawn");
+    create_topic(&topic, 2);
+    // The second child's log file cannot be created: a directory is in the way.
+    std::fs::create_dir_all(dir.path("worker-2.log")).unwrap();
+    let mut sup = supervise_fixed(&dir, &topic, "2", &["--process-time-ms", "1"]);
+    let tl = dir.path("timeline.jsonl");
+    wait_until(Duration::from_secs(30), "a first child", || {
+        !children_of(sup.pid() as u32).is_empty()
+    });
+    let first = children_of(sup.pid() as u32)[0];
+    wait_until(
+        Duration::from_secs(30),
+        "two children after the failure",
+        || {
+            timeline(&tl)
+                .last()
+                .is_some_and(|p| p["replicas"] == 2 && p["restarts"].as_u64() >= Some(1))
+        },
+    );
+    assert!(
+        children_of(sup.pid() as u32).contains(&first),
+        "the first child kept running through the failed start"
+    );
+    assert!(read(&dir.path("supervise.stderr")).contains("could not start a worker"));
+    assert!(dir.path("worker-3.log").exists(), "the next child started");
+    sup.signal(15);
+    let status = sup.wait_for_exit(Duration::from_secs(30)).expect("exits");
+    assert!(status.success(), "{}", sup.stderr());
 }

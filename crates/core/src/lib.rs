@@ -7,6 +7,8 @@
 //! - [`aws_iam`]: Amazon MSK IAM tokens (SigV4-signed OAUTHBEARER) and
 //!   their background refresher.
 //! - [`batch`]: the [`batch::Batch`] type and the batch rule.
+//! - [`capacity`]: how busy the slots are and what that says the worker
+//!   could do; carried to the scaling side in commit metadata.
 //! - [`offsets`]: the offset rule: what may be committed per partition.
 //! - [`handler`]: the [`handler::Handler`] trait and the `simulate`, `exec`
 //!   and `http` handlers.
@@ -27,6 +29,7 @@
 
 pub mod aws_iam;
 pub mod batch;
+pub mod capacity;
 pub mod commit;
 pub mod config;
 pub mod dlq;

@@ -37,6 +37,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::batch::{Batch, Batcher};
+use crate::capacity::{CapacityMeter, DEFAULT_WINDOW};
 use crate::config::{Ordering, WorkerConfig};
 use crate::failure::{self, Circuit, Plan, Signal, Transition};
 use crate::fetch::ConsumedRecord;
@@ -80,10 +81,13 @@ pub enum Intent {
         failures: Vec<(i64, Failure)>,
         attempts: u32,
     },
-    /// Commit these next offsets; answer with [`Pipeline::handle_committed`].
+    /// Commit these next offsets, each with `metadata` (the worker's
+    /// capacity report, see [`crate::capacity`]); answer with
+    /// [`Pipeline::handle_committed`].
     Commit {
         offsets: Vec<(i32, i64)>,
         sync: bool,
+        metadata: String,
     },
     Pause(Vec<i32>),
     Resume(Vec<i32>),
@@ -320,6 +324,10 @@ pub struct Pipeline {
     report: Report,
     /// Handler failures are logged at most once per back-off step.
     failure_log: LogThrottle,
+    /// How busy the slots are and how much gets done: sent with commits.
+    capacity: CapacityMeter,
+    /// The latest time an event brought.
+    clock: Instant,
     #[cfg(test)]
     pub(crate) sabotage: Sabotage,
 }
@@ -365,6 +373,8 @@ impl Pipeline {
             fatal: None,
             report: Report::default(),
             failure_log: LogThrottle::default(),
+            capacity: CapacityMeter::new(CapacityMeter::process_worker_id(), DEFAULT_WINDOW, now),
+            clock: now,
             #[cfg(test)]
             sabotage: Sabotage::default(),
         }
@@ -546,6 +556,13 @@ impl Pipeline {
             .metrics
             .assigned_partitions
             .set(self.partitions.len() as i64);
+        self.capacity.set_slots(self.clock, self.usable_slots());
+    }
+
+    /// Slots this member can fill: its concurrency, or fewer when its
+    /// partitions have fewer lanes.
+    fn usable_slots(&self) -> usize {
+        (self.partitions.len() * self.config.slots_per_partition()).min(self.config.concurrency)
     }
 
     /// Takes one consumed record into its partition's lane.
@@ -632,7 +649,9 @@ impl Pipeline {
         outcome: BatchOutcome,
         now: Instant,
     ) {
+        self.clock = self.clock.max(now);
         self.in_flight -= 1;
+        self.capacity.set_busy(now, self.in_flight);
         if !self.is_current(slot.partition, slot.epoch) {
             let key = (slot.partition, slot.lane);
             if let Some(n) = self.zombies.get_mut(&key) {
@@ -793,6 +812,7 @@ impl Pipeline {
     /// The clock: closes batches whose wait is over, starts batches and
     /// dead-letter writes, applies back-pressure, commits when due.
     pub fn handle_tick(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
         if self.phase == Phase::Closed {
             return;
         }
@@ -890,6 +910,7 @@ impl Pipeline {
             .metrics
             .assigned_partitions
             .set(self.partitions.len() as i64);
+        self.capacity.set_slots(self.clock, self.usable_slots());
         self.update_gauges();
     }
 
@@ -1015,6 +1036,7 @@ impl Pipeline {
         }
         ps.held -= n;
         self.held -= n;
+        self.capacity.processed(n);
     }
 
     fn carry_out(&mut self, slot: Slot, plan: Plan, now: Instant) {
@@ -1199,6 +1221,7 @@ impl Pipeline {
         }
         for (slot, batch) in starts {
             self.in_flight += 1;
+            self.capacity.set_busy(now, self.in_flight);
             self.telemetry
                 .metrics
                 .batch_size
@@ -1299,7 +1322,17 @@ impl Pipeline {
             })
             .collect();
         if !offsets.is_empty() {
-            self.intents.push_back(Intent::Commit { offsets, sync });
+            let now = self.clock;
+            let report = self.capacity.report(now, self.wall_ms(now) as u64).cloned();
+            if let Some(r) = &report {
+                self.telemetry.metrics.observe_capacity(r);
+            }
+            let metadata = report.map(|r| r.encode()).unwrap_or_default();
+            self.intents.push_back(Intent::Commit {
+                offsets,
+                sync,
+                metadata,
+            });
         }
     }
 }

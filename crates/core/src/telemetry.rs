@@ -2,6 +2,8 @@
 //! with its stable name.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::capacity::CapacityReport;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -53,6 +55,9 @@ pub struct Metrics {
     pub ready: Gauge,
     pub dead_letter_backlog: Gauge,
     pub offset_resets: Counter,
+    pub slots_busy_ratio: Gauge<f64, AtomicU64>,
+    pub processed_per_second: Gauge<f64, AtomicU64>,
+    pub capacity_per_second: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -85,6 +90,9 @@ impl Metrics {
             ready: Gauge::default(),
             dead_letter_backlog: Gauge::default(),
             offset_resets: Counter::default(),
+            slots_busy_ratio: Gauge::default(),
+            processed_per_second: Gauge::default(),
+            capacity_per_second: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("microbatch");
         r.register(
@@ -193,7 +201,30 @@ impl Metrics {
             "Whether the worker has joined its group and reaches the brokers (1) or not (0)",
             m.ready.clone(),
         );
+        r.register(
+            "slots_busy_ratio",
+            "Slot time in the handler over slot time available, last capacity window",
+            m.slots_busy_ratio.clone(),
+        );
+        r.register(
+            "processed_per_second",
+            "Records finished per second, last capacity window",
+            m.processed_per_second.clone(),
+        );
+        r.register(
+            "capacity_per_second",
+            "Records per second this worker could do with every slot busy (processed rate over busy ratio; 0 while too idle to tell)",
+            m.capacity_per_second.clone(),
+        );
         m
+    }
+
+    /// Shows a capacity window's figures.
+    pub fn observe_capacity(&self, report: &CapacityReport) {
+        self.slots_busy_ratio.set(report.busy_fraction);
+        self.processed_per_second.set(report.processed_per_sec);
+        self.capacity_per_second
+            .set(report.capacity_per_sec().unwrap_or(0.0));
     }
 }
 

@@ -276,7 +276,11 @@ impl Adapter {
                         });
                     });
                 }
-                Intent::Commit { offsets, sync } => self.commit(consumer, &offsets, sync),
+                Intent::Commit {
+                    offsets,
+                    sync,
+                    metadata,
+                } => self.commit(consumer, &offsets, sync, &metadata),
                 Intent::Pause(partitions) => {
                     if let Err(e) = consumer.pause(&self.list(&partitions)) {
                         tracing::warn!(error = %e, "pausing partitions failed");
@@ -393,11 +397,14 @@ impl Adapter {
         consumer: &BaseConsumer<WorkerContext>,
         offsets: &[(i32, i64)],
         sync: bool,
+        metadata: &str,
     ) {
         let mut tpl = TopicPartitionList::with_capacity(offsets.len());
         for (p, o) in offsets {
-            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o))
+            let mut elem = tpl.add_partition(&self.topic, *p);
+            elem.set_offset(Offset::Offset(*o))
                 .expect("a fresh offset is always valid");
+            elem.set_metadata(metadata);
         }
         if sync {
             let result = match consumer.commit(&tpl, CommitMode::Sync) {

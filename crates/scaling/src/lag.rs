@@ -111,6 +111,9 @@ pub struct GroupLag {
     #[serde(rename = "lag_seconds", serialize_with = "as_seconds")]
     pub lag_ms: Option<i64>,
     pub partitions: Vec<PartitionLag>,
+    /// The committed offsets' metadata strings (workers' capacity reports).
+    #[serde(skip)]
+    pub commit_metadata: Vec<String>,
 }
 
 impl GroupLag {
@@ -121,6 +124,7 @@ impl GroupLag {
             total_lag: partitions.iter().map(|p| p.lag).sum(),
             lag_ms: None,
             partitions,
+            commit_metadata: Vec::new(),
         };
         lag.lag_ms = lag.oldest_ms();
         lag
@@ -356,12 +360,11 @@ impl LagReader {
             .consumer
             .committed_offsets(tpl, self.timeout)
             .map_err(|e| self.classify(e))?;
+        let watermarks = crate::watermarks::fetch(&self.consumer, topic, &ids, self.timeout)
+            .map_err(|e| self.classify(e))?;
         let mut partitions = Vec::with_capacity(ids.len());
         for p in ids {
-            let (low, high) = self
-                .consumer
-                .fetch_watermarks(topic, p, self.timeout)
-                .map_err(|e| self.classify(e))?;
+            let (low, high) = watermarks[&p];
             let c = committed
                 .find_partition(topic, p)
                 .and_then(|e| match e.offset() {
@@ -371,6 +374,7 @@ impl LagReader {
             partitions.push(PartitionLag::compute(p, c, low, high, policy));
         }
         let mut lag = GroupLag::new(&self.group, topic, partitions);
+        lag.commit_metadata = crate::capacity::commit_metadata(&committed);
         if self.record_ages {
             let wanted: Vec<(i32, i64)> = lag
                 .partitions
@@ -394,35 +398,49 @@ pub struct Rates {
     pub processed_per_sec: f64,
 }
 
-/// Keeps the previous reading to turn watermark and commit progress into rates,
-/// smoothed over a few readings so one slow commit does not look like a stall.
+/// Turns watermark and commit progress into rates that do not depend on how
+/// often they are asked for: a reading closer than [`RATE_MIN_INTERVAL`] to
+/// the previous one returns the rates already known (KEDA asks GetMetrics and
+/// IsActive a few ms apart, and a 4 ms interval with no commit in it would
+/// read 0), and each interval weighs by its length in an exponential average
+/// with time constant [`RATE_SMOOTHING`].
 #[derive(Debug, Default)]
 pub struct RateTracker {
-    last: Option<(Instant, i64, i64)>,
+    /// The reading the current interval started from: time, Σ high, Σ committed.
+    base: Option<(Instant, i64, i64)>,
     smoothed: Option<Rates>,
 }
+
+/// Readings closer together than this add no interval.
+pub const RATE_MIN_INTERVAL: Duration = Duration::from_millis(900);
+/// Time constant of the rates' exponential average.
+pub const RATE_SMOOTHING: Duration = Duration::from_secs(5);
 
 impl RateTracker {
     pub fn observe(&mut self, at: Instant, lag: &GroupLag) -> Rates {
         let high = lag.total_high();
         let consumed = lag.total_consumed_position();
-        let rates = match self.last {
-            Some((t0, h0, c0)) if at > t0 => {
-                let secs = (at - t0).as_secs_f64();
-                Rates {
-                    arrival_per_sec: ((high - h0).max(0)) as f64 / secs,
-                    processed_per_sec: ((consumed - c0).max(0)) as f64 / secs,
-                }
-            }
-            _ => Rates::default(),
+        let Some((t0, h0, c0)) = self.base else {
+            self.base = Some((at, high, consumed));
+            return Rates::default();
         };
-        self.last = Some((at, high, consumed));
-        let alpha = 0.5;
+        let elapsed = at.saturating_duration_since(t0);
+        if elapsed < RATE_MIN_INTERVAL {
+            return self.smoothed.unwrap_or_default();
+        }
+        self.base = Some((at, high, consumed));
+        let secs = elapsed.as_secs_f64();
+        let rates = Rates {
+            arrival_per_sec: ((high - h0).max(0)) as f64 / secs,
+            processed_per_sec: ((consumed - c0).max(0)) as f64 / secs,
+        };
+        let alpha = 1.0 - (-secs / RATE_SMOOTHING.as_secs_f64()).exp();
         let smoothed = match self.smoothed {
             Some(s) => Rates {
-                arrival_per_sec: alpha * rates.arrival_per_sec + (1.0 - alpha) * s.arrival_per_sec,
-                processed_per_sec: alpha * rates.processed_per_sec
-                    + (1.0 - alpha) * s.processed_per_sec,
+                arrival_per_sec: s.arrival_per_sec
+                    + alpha * (rates.arrival_per_sec - s.arrival_per_sec),
+                processed_per_sec: s.processed_per_sec
+                    + alpha * (rates.processed_per_sec - s.processed_per_sec),
             },
             None => rates,
         };
@@ -533,7 +551,47 @@ mod tests {
         };
         r.observe(t0, &g(0, 100));
         let rates = r.observe(t0 + Duration::from_secs(2), &g(40, 300));
-        assert!((rates.arrival_per_sec - 50.0).abs() < 1e-9, "{rates:?}");
-        assert!((rates.processed_per_sec - 10.0).abs() < 1e-9);
+        assert!((rates.arrival_per_sec - 100.0).abs() < 1e-9, "{rates:?}");
+        assert!((rates.processed_per_sec - 20.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn paired_readings_a_few_ms_apart_do_not_skew_the_rates() {
+        // KEDA's pattern: GetMetrics and IsActive 4 ms apart, every 15 s,
+        // against one reading every 15 s; commits land between the pairs.
+        let g = |c, h| {
+            GroupLag::new(
+                "g",
+                "t",
+                vec![PartitionLag::compute(
+                    0,
+                    Some(c),
+                    0,
+                    h,
+                    InvalidOffsetPolicy::Earliest,
+                )],
+            )
+        };
+        let t0 = Instant::now();
+        let mut single = RateTracker::default();
+        let mut paired = RateTracker::default();
+        let (mut last_single, mut last_paired) = (Rates::default(), Rates::default());
+        for i in 0..40u64 {
+            let at = t0 + Duration::from_secs(15 * i);
+            let (c, h) = (i as i64 * 15_000, i as i64 * 15_000 + 500);
+            last_single = single.observe(at, &g(c, h));
+            paired.observe(at, &g(c, h));
+            // The second call of the pair sees one more commit of 10 records.
+            last_paired = paired.observe(at + Duration::from_millis(4), &g(c + 10, h + 10));
+        }
+        assert!(
+            (last_single.processed_per_sec - 1000.0).abs() < 1.0,
+            "{last_single:?}"
+        );
+        assert!(
+            (last_paired.processed_per_sec - last_single.processed_per_sec).abs() < 1.0,
+            "paired {last_paired:?} vs single {last_single:?}"
+        );
+        assert!((last_paired.arrival_per_sec - 1000.0).abs() < 1.0);
     }
 }

@@ -3,7 +3,8 @@
 //! - [`KedaPolicy`] reproduces KEDA's kafka scaler and the HPA's arithmetic,
 //!   quirks included, so a user can preview what KEDA will do.
 //! - [`RatePolicy`] scales on time to drain: replicas =
-//!   ceil((arrival + lag / target_drain) / rate per replica).
+//!   ceil((arrival + lag / target_drain) / capacity per replica).
+//! - [`Policy`] is the one interface callers decide through.
 //!
 //! Both are pure: they take a lag reading and the time, and keep only the
 //! history their windows need, so they are tested with made-up clocks.
@@ -14,6 +15,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::lag::{GroupLag, PartitionLag};
+
+mod decide;
+mod rate;
+pub use decide::{Observation, Policy};
+pub use rate::{CapacitySource, RateParams, RatePolicy};
 
 /// The HPA's default tolerance: no change while usage is within 10% of target.
 pub const HPA_TOLERANCE: f64 = 0.1;
@@ -142,8 +148,10 @@ pub struct KedaPolicy {
     /// `excludePersistentLag`).
     previous_offsets: HashMap<(String, i32), i64>,
     scale_down: ScaleDownWindow,
-    /// Replicas added by scale-ups within the last period.
+    /// Replicas added by scale-ups within the last period, as observed in
+    /// the current count (what was applied, not what was asked for).
     scale_events: VecDeque<(Instant, u32)>,
+    last_current: Option<u32>,
     last_active: Option<Instant>,
 }
 
@@ -154,6 +162,7 @@ impl KedaPolicy {
             previous_offsets: HashMap::new(),
             scale_down: ScaleDownWindow::default(),
             scale_events: VecDeque::new(),
+            last_current: None,
             last_active: None,
         }
     }
@@ -249,6 +258,11 @@ impl KedaPolicy {
     /// One evaluation: what KEDA and the HPA would set replicas to, given
     /// the current replica count.
     pub fn evaluate(&mut self, now: Instant, lag: &GroupLag, current: u32) -> Decision {
+        if let Some(previous) = self.last_current.replace(current) {
+            if current > previous {
+                self.scale_events.push_back((now, current - previous));
+            }
+        }
         let (metric, with_persistent) = self.total_lag(lag);
         let p = self.params.clone();
         let active = with_persistent > p.activation_lag_threshold;
@@ -317,9 +331,6 @@ impl KedaPolicy {
                 reason.push_str(&format!("; limited to {limit} by the HPA scale-up policy"));
                 desired = limit;
             }
-            if desired > current {
-                self.scale_events.push_back((now, desired - current));
-            }
         }
         Decision {
             desired,
@@ -345,167 +356,6 @@ fn next_factor_at_or_above(partitions: i64, lag: i64, threshold: i64) -> i64 {
 /// point scaled at 1.1).
 fn within_hpa_tolerance(usage_ratio: f64) -> bool {
     ((1.0 - HPA_TOLERANCE)..=(1.0 + HPA_TOLERANCE)).contains(&usage_ratio)
-}
-
-/// Parameters of the time-to-drain policy.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RateParams {
-    /// Drain the current lag within this long (on top of keeping up).
-    pub target_drain: Duration,
-    pub min_replicas: u32,
-    pub max_replicas: u32,
-    /// Parallel capacity: partitions × slots per partition; replicas beyond
-    /// what can be busy are never asked for.
-    pub slots_per_partition: u32,
-    pub slots_per_replica: u32,
-    /// Records/s one replica is assumed to do until one is measured.
-    pub initial_rate_per_replica: f64,
-    pub scale_down_stabilization: Duration,
-    /// Below this relative change the current count is kept (no flapping).
-    pub tolerance: f64,
-    /// While the oldest waiting record is older than this, ask for one
-    /// replica more than now (needs lag in seconds in the readings).
-    pub max_lag: Option<Duration>,
-}
-
-impl Default for RateParams {
-    fn default() -> Self {
-        Self {
-            target_drain: Duration::from_secs(30),
-            min_replicas: 1,
-            max_replicas: 24,
-            slots_per_partition: 1,
-            slots_per_replica: 1,
-            initial_rate_per_replica: 100.0,
-            scale_down_stabilization: Duration::from_secs(60),
-            tolerance: 0.1,
-            max_lag: None,
-        }
-    }
-}
-
-/// Scales on arrival rate plus lag to drain, divided by the measured rate of
-/// one replica.
-#[derive(Debug)]
-pub struct RatePolicy {
-    pub params: RateParams,
-    rate_per_replica: Option<f64>,
-    scale_down: ScaleDownWindow,
-    /// Sustained arrival rate and when it was last updated.
-    arrival: Option<(Instant, f64)>,
-    /// The replica count observed last, and since when.
-    replicas_since: Option<(u32, Instant)>,
-}
-
-/// How long the replica count must hold before its processed rate counts as
-/// a measurement: joining workers process nothing while the group rebalances.
-const SETTLE: Duration = Duration::from_secs(5);
-
-/// Time constant of the sustained arrival rate.
-const ARRIVAL_SMOOTHING: Duration = Duration::from_secs(30);
-
-impl RatePolicy {
-    pub fn new(params: RateParams) -> Self {
-        Self {
-            params,
-            rate_per_replica: None,
-            scale_down: ScaleDownWindow::default(),
-            arrival: None,
-            replicas_since: None,
-        }
-    }
-
-    /// Records/s per replica: measured when known, else the cold-start guess.
-    pub fn rate_per_replica(&self) -> f64 {
-        self.rate_per_replica
-            .unwrap_or(self.params.initial_rate_per_replica)
-    }
-
-    /// Feeds a measurement: the group's processed rate while `replicas` ran.
-    /// Only readings taken with lag waiting count, since without a backlog the
-    /// rate shows the arrivals, not what a replica can do; and only once the
-    /// replica count has held for a few seconds, since workers that just
-    /// joined do nothing while the group rebalances.
-    pub fn observe(&mut self, now: Instant, processed_per_sec: f64, replicas: u32, lag: i64) {
-        match self.replicas_since {
-            Some((n, _)) if n == replicas => {}
-            _ => self.replicas_since = Some((replicas, now)),
-        }
-        let settled = self
-            .replicas_since
-            .is_some_and(|(_, since)| now.duration_since(since) >= SETTLE);
-        if !settled || replicas == 0 || lag <= 0 || processed_per_sec <= 0.0 {
-            return;
-        }
-        let sample = processed_per_sec / f64::from(replicas);
-        self.rate_per_replica = Some(match self.rate_per_replica {
-            Some(r) => 0.7 * r + 0.3 * sample,
-            None => sample,
-        });
-    }
-
-    pub fn evaluate(
-        &mut self,
-        now: Instant,
-        lag: &GroupLag,
-        arrival_per_sec: f64,
-        current: u32,
-    ) -> Decision {
-        // The arrival rate that needs keeping up with is the sustained one:
-        // a burst's records are already counted once, in the lag.
-        let sustained = match self.arrival {
-            Some((then, previous)) => {
-                let alpha = (now.duration_since(then).as_secs_f64()
-                    / ARRIVAL_SMOOTHING.as_secs_f64())
-                .min(1.0);
-                previous + alpha * (arrival_per_sec - previous)
-            }
-            None => 0.0,
-        };
-        self.arrival = Some((now, sustained));
-        let arrival_per_sec = sustained;
-        let p = &self.params;
-        let total = lag.total_lag;
-        let rate = self.rate_per_replica().max(1e-6);
-        let need = arrival_per_sec + total as f64 / p.target_drain.as_secs_f64().max(0.001);
-        let mut raw = (need / rate).ceil().max(0.0) as u32;
-        if let (Some(limit), Some(age_ms)) = (p.max_lag, lag.lag_ms) {
-            if age_ms as u128 > limit.as_millis() {
-                raw = raw.max(current + 1);
-            }
-        }
-        let partitions = lag.partitions.len() as u32;
-        let capacity = (partitions * p.slots_per_partition)
-            .div_ceil(p.slots_per_replica.max(1))
-            .max(1);
-        let mut desired = raw
-            .min(capacity)
-            .clamp(p.min_replicas, p.max_replicas.max(p.min_replicas));
-        let mut reason = format!(
-            "ceil(({arrival_per_sec:.0}/s + lag {total} / {}s) / {rate:.0}/s per replica) = {raw}, capacity {capacity}",
-            p.target_drain.as_secs()
-        );
-        if current > 0 && desired != current {
-            let change = (f64::from(desired) - f64::from(current)).abs() / f64::from(current);
-            if change <= p.tolerance && total > 0 {
-                desired = current;
-                reason.push_str("; within tolerance");
-            }
-        }
-        let (held, stabilized) =
-            self.scale_down
-                .apply(now, p.scale_down_stabilization, desired, current);
-        if stabilized {
-            reason.push_str("; held by the scale-down window");
-        }
-        desired = held;
-        Decision {
-            desired,
-            metric_value: total,
-            active: total > 0 || arrival_per_sec > 0.0,
-            reason,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -758,6 +608,20 @@ mod tests {
     }
 
     #[test]
+    fn keda_scale_up_limit_counts_applied_changes_not_answers() {
+        // `lag --watch --policy keda --replicas 8`: the count stays 8, so the
+        // period's base is 8 on every reading, never 8 less the answers given.
+        let mut k = keda(1);
+        k.params.allow_idle_consumers = true;
+        k.params.max_replicas = 100;
+        let t0 = Instant::now();
+        let lag = lag_of(&[(Some(0), 100)]);
+        assert_eq!(k.evaluate(t0, &lag, 8).desired, 16);
+        let second = k.evaluate(t0 + Duration::from_secs(2), &lag, 8);
+        assert_eq!(second.desired, 16, "{}", second.reason);
+    }
+
+    #[test]
     fn keda_scale_up_limited_to_double_or_plus_four() {
         let mut k = keda(1);
         k.params.allow_idle_consumers = true;
@@ -768,147 +632,10 @@ mod tests {
         assert_eq!(d.desired, 6, "doubling gives 4, +4 gives 6: {}", d.reason);
         // Within the same period the base is still 2 (6 - the 4 added): 6.
         assert_eq!(k.evaluate(t0 + Duration::from_secs(5), &lag, 6).desired, 6);
-        // A new period: from 10, doubling (20) beats +4 (14).
+        // A new period: from 6, doubling (12) beats +4 (10).
         assert_eq!(
-            k.evaluate(t0 + Duration::from_secs(20), &lag, 10).desired,
-            20
-        );
-    }
-
-    #[test]
-    fn rate_policy_drains_in_time_and_respects_capacity() {
-        let mut r = RatePolicy::new(RateParams {
-            target_drain: Duration::from_secs(10),
-            max_replicas: 24,
-            slots_per_partition: 3,
-            initial_rate_per_replica: 100.0,
-            ..RateParams::default()
-        });
-        let t0 = Instant::now();
-        // lag 5000 over 10 s = 500/s; no sustained arrivals known yet -> 5.
-        let lag = lag_of(&[(Some(0), 2500), (Some(0), 2500)]);
-        assert_eq!(r.evaluate(t0, &lag, 100.0, 1).desired, 5);
-        // 100/s sustained for 30 s: 600/s -> 6 replicas.
-        assert_eq!(
-            r.evaluate(t0 + Duration::from_secs(30), &lag, 100.0, 5)
-                .desired,
-            6
-        );
-        // capacity: 2 partitions x 3 slots = 6 replicas at most.
-        let big = lag_of(&[(Some(0), 250_000), (Some(0), 250_000)]);
-        assert_eq!(
-            r.evaluate(t0 + Duration::from_secs(31), &big, 0.0, 6)
-                .desired,
-            6
-        );
-    }
-
-    #[test]
-    fn rate_policy_learns_and_does_not_flap() {
-        let mut r = RatePolicy::new(RateParams {
-            slots_per_partition: 10,
-            ..RateParams::default()
-        });
-        let t = Instant::now();
-        r.observe(t, 1000.0, 2, 100);
-        assert!(
-            (r.rate_per_replica() - 100.0).abs() < 1e-9,
-            "count just changed: no sample"
-        );
-        r.observe(t + Duration::from_secs(6), 1000.0, 2, 100);
-        assert!((r.rate_per_replica() - 500.0).abs() < 1e-9);
-        r.observe(t + Duration::from_secs(7), 5000.0, 2, 0);
-        assert!(
-            (r.rate_per_replica() - 500.0).abs() < 1e-9,
-            "no backlog: no sample"
-        );
-        let t0 = Instant::now() + Duration::from_secs(10);
-        let lag = lag_of(&[(Some(0), 10)]);
-        r.evaluate(t0, &lag, 1050.0, 3);
-        // Sustained 1050/s + 10/30 -> 3 replicas at 500/s; at 3 it stays.
-        assert_eq!(
-            r.evaluate(t0 + Duration::from_secs(30), &lag, 1050.0, 3)
-                .desired,
-            3
-        );
-        assert_eq!(
-            r.evaluate(t0 + Duration::from_secs(31), &lag, 1000.0, 3)
-                .desired,
-            3
-        );
-    }
-
-    #[test]
-    fn rate_policy_does_not_count_a_burst_twice() {
-        // 8,000 records produced in half a second: 16,000/s "arriving", but
-        // they are all in the lag already.
-        let mut r = RatePolicy::new(RateParams {
-            target_drain: Duration::from_secs(10),
-            initial_rate_per_replica: 800.0,
-            slots_per_partition: 4,
-            slots_per_replica: 4,
-            max_replicas: 8,
-            ..RateParams::default()
-        });
-        let t0 = Instant::now();
-        r.evaluate(t0, &lag_of(&[(Some(0), 0); 8]), 0.0, 1);
-        let burst = lag_of(&[(Some(0), 1000); 8]);
-        let d = r.evaluate(t0 + Duration::from_millis(500), &burst, 16_000.0, 1);
-        // 16,000 x 0.5/30 = 267/s sustained + 800/s to drain = 1,067/s -> 2 replicas.
-        assert_eq!(d.desired, 2, "{}", d.reason);
-    }
-
-    #[test]
-    fn rate_policy_adds_a_replica_while_records_wait_too_long() {
-        let mut r = RatePolicy::new(RateParams {
-            max_lag: Some(Duration::from_secs(20)),
-            initial_rate_per_replica: 1000.0,
-            slots_per_partition: 4,
-            ..RateParams::default()
-        });
-        let mut lag = lag_of(&[(Some(0), 10), (Some(0), 10)]);
-        let t0 = Instant::now();
-        assert_eq!(
-            r.evaluate(t0, &lag, 0.0, 2).desired,
-            1,
-            "age unknown: lag alone"
-        );
-        lag.set_ages(100_000, &HashMap::from([(0, 75_000)]));
-        let d = r.evaluate(t0 + Duration::from_secs(1), &lag, 0.0, 2);
-        assert_eq!(d.desired, 3, "25 s old: one more: {}", d.reason);
-        lag.set_ages(100_000, &HashMap::from([(0, 90_000)]));
-        assert_eq!(
-            r.evaluate(t0 + Duration::from_secs(2), &lag, 0.0, 3)
-                .desired,
-            3
-        );
-    }
-
-    #[test]
-    fn rate_policy_scale_down_is_stabilized() {
-        let mut r = RatePolicy::new(RateParams {
-            scale_down_stabilization: Duration::from_secs(10),
-            initial_rate_per_replica: 100.0,
-            max_replicas: 10,
-            slots_per_partition: 10,
-            ..RateParams::default()
-        });
-        let t0 = Instant::now();
-        assert_eq!(
-            r.evaluate(t0, &lag_of(&[(Some(0), 15_000)]), 0.0, 1)
-                .desired,
-            5
-        );
-        let idle = lag_of(&[(Some(100), 100)]);
-        assert_eq!(
-            r.evaluate(t0 + Duration::from_secs(5), &idle, 0.0, 5)
-                .desired,
-            5
-        );
-        assert_eq!(
-            r.evaluate(t0 + Duration::from_secs(11), &idle, 0.0, 5)
-                .desired,
-            1
+            k.evaluate(t0 + Duration::from_secs(21), &lag, 6).desired,
+            12
         );
     }
 }

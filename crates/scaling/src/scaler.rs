@@ -13,18 +13,32 @@
 //! - `keda`: metric = KEDA's capped total lag, target = `lagThreshold`, so the
 //!   HPA does exactly what KEDA's own kafka trigger would make it do;
 //! - `rate`: metric = the replicas the rate policy wants, target = 1.
+//!
+//! KEDA asks IsActive and GetMetrics for the same ScaledObject a few ms
+//! apart (operator and metrics server), so one evaluation per ScaledObject
+//! is reused for the polling interval: every caller within it gets the same
+//! answer, and the policies see readings at the pace they were built for.
+//! State per ScaledObject is replaced when its metadata changes and dropped
+//! once KEDA has not asked for it for a while, so edits and deletions leave
+//! no Kafka client behind.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
 use microbatch_core::config::KafkaConfig;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tonic::{Request, Response, Status};
 
-use crate::lag::{GroupLag, InvalidOffsetPolicy, LagReader, RateTracker};
-use crate::policy::{KedaParams, KedaPolicy, RateParams, RatePolicy};
+use crate::lag::{InvalidOffsetPolicy, LagReader};
+use crate::observe::Observer;
+use crate::policy::{KedaParams, KedaPolicy, Policy, RateParams, RatePolicy};
 use microbatch_core::kafka::ClientError;
 
 /// Generated from `proto/externalscaler.proto`.
@@ -193,16 +207,18 @@ impl TriggerSpec {
     }
 }
 
-enum PolicyState {
-    Keda(KedaPolicy),
-    Rate(RatePolicy, RateTracker, u32),
-}
-
 /// What the scaler keeps per ScaledObject between calls.
 struct TriggerState {
     spec: TriggerSpec,
-    reader: LagReader,
-    policy: PolicyState,
+    observer: Observer,
+    policy: Box<dyn Policy>,
+    /// For a `keda` trigger without a topic: the policy over all the
+    /// group's topics.
+    group_topics: Option<KedaPolicy>,
+    /// The last evaluation and when it was made.
+    last: Option<(Instant, Evaluation)>,
+    /// When KEDA last asked about this ScaledObject.
+    used: Instant,
 }
 
 /// One evaluation for a trigger.
@@ -213,6 +229,10 @@ pub struct Evaluation {
     pub target: i64,
     pub active: bool,
     pub total_lag: i64,
+    /// Replicas the policy asked for, and the replicas it saw running.
+    pub desired: u32,
+    pub current: u32,
+    pub capacity_per_replica: Option<f64>,
 }
 
 impl TriggerState {
@@ -222,13 +242,14 @@ impl TriggerState {
         let unavailable = |e: ClientError| {
             Status::unavailable(format!("reading lag of {}: {e}", self.spec.group))
         };
-        let topics = self.reader.committed_topics().map_err(unavailable)?;
+        let reader = self.observer.reader();
+        let topics = reader.committed_topics().map_err(unavailable)?;
         let lags = topics
             .iter()
-            .map(|t| self.reader.read_topic(t, self.spec.invalid_offset))
+            .map(|t| reader.read_topic(t, self.spec.invalid_offset))
             .collect::<Result<Vec<_>, _>>()
             .map_err(unavailable)?;
-        let PolicyState::Keda(k) = &mut self.policy else {
+        let Some(k) = self.group_topics.as_mut() else {
             return Err(Status::invalid_argument("scalerMetadata.topic is required"));
         };
         let (metric_value, with_persistent) = k.total_lag_of(&lags);
@@ -238,99 +259,300 @@ impl TriggerState {
             target: self.spec.target(),
             active: with_persistent > self.spec.activation_lag_threshold,
             total_lag: lags.iter().map(|l| l.total_lag).sum(),
+            desired: 0,
+            current: 0,
+            capacity_per_replica: None,
         })
     }
 
-    fn evaluate(&mut self) -> Result<Evaluation, Status> {
-        if self.spec.topic.is_none() {
-            return self.evaluate_group_topics();
-        }
-        let lag: GroupLag = self
-            .reader
-            .read(self.spec.invalid_offset)
-            .map_err(|e| Status::unavailable(format!("reading lag of {}: {e}", self.spec.group)))?;
-        let (metric_value, active) = match &mut self.policy {
-            PolicyState::Keda(k) => {
-                crate::keda_trigger::check_partitions(&k.params, &lag)
-                    .map_err(|e| Status::failed_precondition(format!("scalerMetadata.{e}")))?;
-                let (metric, with_persistent) = k.total_lag(&lag);
-                (metric, with_persistent > self.spec.activation_lag_threshold)
-            }
-            PolicyState::Rate(r, rates, last_desired) => {
-                let now = Instant::now();
-                let measured = rates.observe(now, &lag);
-                let current = self.reader.members().unwrap_or(*last_desired as usize) as u32;
-                r.observe(now, measured.processed_per_sec, current, lag.total_lag);
-                let decision = r.evaluate(now, &lag, measured.arrival_per_sec, current);
-                *last_desired = decision.desired;
-                (
-                    i64::from(decision.desired),
-                    lag.total_lag > self.spec.activation_lag_threshold,
-                )
-            }
+    fn new(spec: TriggerSpec, reader: LagReader, now: Instant) -> Self {
+        let policy: Box<dyn Policy> = match &spec.policy {
+            PolicySpec::Keda(p) => Box::new(KedaPolicy::new(p.clone())),
+            PolicySpec::Rate(p) => Box::new(RatePolicy::new(p.clone())),
         };
-        Ok(Evaluation {
+        let group_topics = match (&spec.policy, &spec.topic) {
+            (PolicySpec::Keda(p), None) => Some(KedaPolicy::new(p.clone())),
+            _ => None,
+        };
+        Self {
+            observer: Observer::new(reader, spec.invalid_offset),
+            spec,
+            policy,
+            group_topics,
+            last: None,
+            used: now,
+        }
+    }
+
+    /// The evaluation of the last `interval`, or a new one.
+    fn evaluate(&mut self, interval: Duration) -> Result<(Evaluation, bool), Status> {
+        let now = Instant::now();
+        self.used = now;
+        if let Some((at, e)) = &self.last {
+            if now.saturating_duration_since(*at) < interval {
+                return Ok((e.clone(), true));
+            }
+        }
+        if self.spec.topic.is_none() {
+            let e = self.evaluate_group_topics()?;
+            self.last = Some((now, e.clone()));
+            return Ok((e, false));
+        }
+        let rate = matches!(self.spec.policy, PolicySpec::Rate(_));
+        let reading = self
+            .observer
+            .read(rate)
+            .map_err(|e| Status::unavailable(format!("reading lag of {}: {e}", self.spec.group)))?;
+        if let PolicySpec::Keda(p) = &self.spec.policy {
+            crate::keda_trigger::check_partitions(p, &reading.lag)
+                .map_err(|e| Status::failed_precondition(format!("scalerMetadata.{e}")))?;
+        }
+        // The replicas running, as the group tells: never the policy's own
+        // last answer, which the HPA may not have applied.
+        let current = reading.replicas_seen().unwrap_or(0);
+        let decision = self
+            .policy
+            .decide(reading.at, &reading.observation(current));
+        let (metric_value, active) = if rate {
+            // Active while records wait or arrive: idle, KEDA takes it to
+            // zero after its cooldown (when minReplicaCount is 0).
+            (
+                i64::from(decision.desired),
+                reading.lag.total_lag > self.spec.activation_lag_threshold
+                    || reading.rates.arrival_per_sec > 0.0,
+            )
+        } else {
+            (decision.metric_value, decision.active)
+        };
+        let e = Evaluation {
             metric_name: self.spec.metric_name(),
             metric_value,
             target: self.spec.target(),
             active,
-            total_lag: lag.total_lag,
-        })
+            total_lag: reading.lag.total_lag,
+            desired: decision.desired,
+            current,
+            capacity_per_replica: self.policy.rate_per_replica(),
+        };
+        self.last = Some((now, e.clone()));
+        Ok((e, false))
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ObjectLabel {
+    scaled_object: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// The scaler's metrics (names start `microbatch_scaler_`).
+#[derive(Default)]
+struct ScalerMetrics {
+    evaluations: Family<OutcomeLabel, Counter>,
+    scaled_objects: Gauge,
+    total_lag: Family<ObjectLabel, Gauge>,
+    metric_value: Family<ObjectLabel, Gauge>,
+    active: Family<ObjectLabel, Gauge>,
+    desired: Family<ObjectLabel, Gauge>,
+    current: Family<ObjectLabel, Gauge>,
+}
+
+impl ScalerMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("microbatch_scaler");
+        r.register(
+            "evaluations",
+            "Evaluations by outcome: evaluated, cached (reused within the polling interval), error",
+            self.evaluations.clone(),
+        );
+        r.register(
+            "scaled_objects",
+            "ScaledObjects the scaler holds state for",
+            self.scaled_objects.clone(),
+        );
+        r.register(
+            "total_lag",
+            "Total lag per ScaledObject",
+            self.total_lag.clone(),
+        );
+        r.register(
+            "metric_value",
+            "The metric value served to KEDA per ScaledObject",
+            self.metric_value.clone(),
+        );
+        r.register(
+            "active",
+            "Whether the ScaledObject is active (1) or not (0)",
+            self.active.clone(),
+        );
+        r.register(
+            "desired_replicas",
+            "Replicas the policy asks for per ScaledObject",
+            self.desired.clone(),
+        );
+        r.register(
+            "current_replicas",
+            "Replicas the scaler saw running (group members or reporting workers)",
+            self.current.clone(),
+        );
+    }
+
+    fn observe(&self, object: &str, e: &Evaluation) {
+        let l = ObjectLabel {
+            scaled_object: object.to_string(),
+        };
+        self.total_lag.get_or_create(&l).set(e.total_lag);
+        self.metric_value.get_or_create(&l).set(e.metric_value);
+        self.active.get_or_create(&l).set(i64::from(e.active));
+        self.desired.get_or_create(&l).set(i64::from(e.desired));
+        self.current.get_or_create(&l).set(i64::from(e.current));
+    }
+
+    fn forget(&self, object: &str) {
+        let l = ObjectLabel {
+            scaled_object: object.to_string(),
+        };
+        self.total_lag.remove(&l);
+        self.metric_value.remove(&l);
+        self.active.remove(&l);
+        self.desired.remove(&l);
+        self.current.remove(&l);
+    }
+}
+
+/// How the scaler paces and keeps its state.
+#[derive(Debug, Clone, Copy)]
+pub struct ScalerConfig {
+    /// StreamIsActive re-checks this often.
+    pub stream_interval: Duration,
+    /// An evaluation is reused for this long.
+    pub polling_interval: Duration,
+    /// State of a ScaledObject nobody asked about for this long is dropped.
+    pub state_ttl: Duration,
+}
+
+impl Default for ScalerConfig {
+    fn default() -> Self {
+        Self {
+            stream_interval: Duration::from_secs(5),
+            polling_interval: Duration::from_secs(5),
+            state_ttl: Duration::from_secs(600),
+        }
     }
 }
 
 /// The gRPC service: a plain struct, one state per ScaledObject.
 pub struct Scaler {
     kafka: KafkaConfig,
+    config: ScalerConfig,
     states: Mutex<HashMap<String, Arc<Mutex<TriggerState>>>>,
-    stream_interval: Duration,
+    metrics: ScalerMetrics,
+    registry: Registry,
 }
 
 impl Scaler {
-    pub fn new(kafka: KafkaConfig, stream_interval: Duration) -> Self {
+    pub fn new(kafka: KafkaConfig, config: ScalerConfig) -> Self {
+        let metrics = ScalerMetrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
         Self {
             kafka,
+            config,
             states: Mutex::new(HashMap::new()),
-            stream_interval,
+            metrics,
+            registry,
         }
+    }
+
+    /// The scaler's metrics in the Prometheus text format.
+    pub fn encode_metrics(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// ScaledObjects held now.
+    pub fn scaled_objects(&self) -> usize {
+        self.states
+            .lock()
+            .expect("scaler state lock poisoned")
+            .len()
+    }
+
+    fn key(r: &ScaledObjectRef) -> String {
+        format!("{}/{}", r.namespace, r.name)
     }
 
     fn state(&self, r: &ScaledObjectRef) -> Result<Arc<Mutex<TriggerState>>, Status> {
         let spec = TriggerSpec::from_metadata(&r.scaler_metadata)?;
-        let sorted: BTreeMap<_, _> = r.scaler_metadata.iter().collect();
-        let key = format!("{}/{}/{sorted:?}", r.namespace, r.name);
+        let key = Self::key(r);
+        let now = Instant::now();
         let mut states = self.states.lock().expect("scaler state lock poisoned");
+        // Drop what KEDA stopped asking about (deleted ScaledObjects).
+        let ttl = self.config.state_ttl;
+        states.retain(|k, s| {
+            let keep = *k == key
+                || s.try_lock()
+                    .map_or(true, |s| now.saturating_duration_since(s.used) < ttl);
+            if !keep {
+                tracing::info!(scaled_object = %k, "dropping the state of a ScaledObject not asked about");
+                self.metrics.forget(k);
+            }
+            keep
+        });
+        self.metrics.scaled_objects.set(states.len() as i64);
         if let Some(s) = states.get(&key) {
-            return Ok(s.clone());
+            let same = s.lock().expect("trigger state lock poisoned").spec == spec;
+            if same {
+                return Ok(s.clone());
+            }
+            // An edited ScaledObject starts afresh; its old client goes.
+            tracing::info!(scaled_object = %key, "trigger metadata changed; starting afresh");
+            states.remove(&key);
         }
         let kafka = cluster_for(&self.kafka, spec.bootstrap_servers.as_deref())?;
         let topic = spec.topic.as_deref().unwrap_or_default();
         let reader = LagReader::new(&kafka, &spec.group, topic, Duration::from_secs(10))
             .map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
-        let policy = match &spec.policy {
-            PolicySpec::Keda(p) => PolicyState::Keda(KedaPolicy::new(p.clone())),
-            PolicySpec::Rate(p) => PolicyState::Rate(
-                RatePolicy::new(p.clone()),
-                RateTracker::default(),
-                p.min_replicas,
-            ),
-        };
-        let state = Arc::new(Mutex::new(TriggerState {
-            spec,
-            reader,
-            policy,
-        }));
+        let state = Arc::new(Mutex::new(TriggerState::new(spec, reader, now)));
         states.insert(key, state.clone());
+        self.metrics.scaled_objects.set(states.len() as i64);
         Ok(state)
     }
 
-    async fn evaluate(&self, r: &ScaledObjectRef) -> Result<Evaluation, Status> {
+    /// Evaluates a ScaledObject (or reuses its evaluation of the polling
+    /// interval).
+    pub async fn evaluate(self: &Arc<Self>, r: &ScaledObjectRef) -> Result<Evaluation, Status> {
         let state = self.state(r)?;
+        let interval = self.config.polling_interval;
+        let this = self.clone();
+        let key = Self::key(r);
         tokio::task::spawn_blocking(move || {
-            state
+            let result = state
                 .lock()
                 .expect("trigger state lock poisoned")
-                .evaluate()
+                .evaluate(interval);
+            let outcome = match &result {
+                Ok((e, cached)) => {
+                    this.metrics.observe(&key, e);
+                    if *cached {
+                        "cached"
+                    } else {
+                        "evaluated"
+                    }
+                }
+                Err(_) => "error",
+            };
+            this.metrics
+                .evaluations
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc();
+            result.map(|(e, _)| e)
         })
         .await
         .map_err(|e| Status::internal(format!("evaluation task failed: {e}")))?
@@ -408,7 +630,7 @@ impl ExternalScaler for Arc<Scaler> {
                     }
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(scaler.stream_interval) => {}
+                    _ = tokio::time::sleep(scaler.config.stream_interval) => {}
                     _ = tx.closed() => return,
                 }
             }
@@ -465,6 +687,65 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    fn object(name: &str, pairs: &[(&str, &str)]) -> ScaledObjectRef {
+        ScaledObjectRef {
+            name: name.into(),
+            namespace: "ns".into(),
+            scaler_metadata: meta(pairs),
+        }
+    }
+
+    #[test]
+    fn state_is_replaced_on_edit_and_dropped_once_not_asked_about() {
+        // No broker is needed: a lag reader connects only when it reads.
+        let scaler = Scaler::new(
+            KafkaConfig::plaintext("127.0.0.1:1"),
+            ScalerConfig {
+                state_ttl: Duration::from_millis(200),
+                ..ScalerConfig::default()
+            },
+        );
+        let a = object("a", &[("topic", "t"), ("consumerGroup", "g")]);
+        let first = scaler.state(&a).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &scaler.state(&a).unwrap()),
+            "kept while unchanged"
+        );
+        let edited = object(
+            "a",
+            &[
+                ("topic", "t"),
+                ("consumerGroup", "g"),
+                ("lagThreshold", "5"),
+            ],
+        );
+        let second = scaler.state(&edited).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second), "an edit starts afresh");
+        assert_eq!(
+            scaler.scaled_objects(),
+            1,
+            "the edited object's old state is gone"
+        );
+        assert_eq!(
+            Arc::strong_count(&first),
+            1,
+            "and nothing but this test holds it"
+        );
+        drop(second);
+        std::thread::sleep(Duration::from_millis(250));
+        scaler
+            .state(&object("b", &[("topic", "t"), ("consumerGroup", "g")]))
+            .unwrap();
+        assert_eq!(
+            scaler.scaled_objects(),
+            1,
+            "a, not asked about for the TTL, is dropped"
+        );
+        assert!(scaler
+            .encode_metrics()
+            .contains("microbatch_scaler_scaled_objects 1"));
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! them on lag.
 //!
 //! Each [`Supervisor::tick`] reaps children that died (restarting them with
-//! back-off), reads the group's lag, asks the policy for a replica count and
-//! starts or stops children to match. Stopping is SIGTERM (the worker drains
+//! a back-off that grows while they keep dying young, see
+//! [`RestartBackoff`]), reads the group's lag, asks the policy for a replica
+//! count and starts or stops children to match. A child that cannot be
+//! started, or a timeline line that cannot be written, is logged and tried
+//! again; it never stops the children that run. Stopping is SIGTERM (the worker drains
 //! and commits); SIGKILL only once the drain deadline has passed. Children are
 //! started with a parent-death signal, so they never outlive the supervisor.
 //!
@@ -19,8 +22,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::lag::{GroupLag, InvalidOffsetPolicy, LagReader, RateTracker, Rates};
-use crate::policy::{Decision, KedaPolicy, RatePolicy};
+use crate::lag::{InvalidOffsetPolicy, LagReader};
+use crate::observe::Observer;
+use crate::policy::Policy;
 
 #[derive(Debug, Error)]
 pub enum SupervisorError {
@@ -36,35 +40,54 @@ pub enum SupervisorError {
     },
 }
 
-/// Which policy decides.
-pub enum Policy {
-    Keda(KedaPolicy),
-    Rate(RatePolicy),
+/// How soon a crashed child is started again. The delay doubles (1 s, 2 s,
+/// 4 s, … up to 60 s) while children die within [`RestartBackoff::STABLE`]
+/// of their start, and falls back to 1 s once one has run that long: a
+/// crash-looping worker costs a rebalance a minute, not one a second.
+#[derive(Debug, Clone)]
+pub struct RestartBackoff {
+    next: Duration,
+    /// The delay of the last failure, and when it ends.
+    not_before: Option<(Duration, Instant)>,
 }
 
-impl Policy {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Policy::Keda(_) => "keda",
-            Policy::Rate(_) => "rate",
+impl Default for RestartBackoff {
+    fn default() -> Self {
+        Self {
+            next: Self::INITIAL,
+            not_before: None,
         }
     }
+}
 
-    /// Evaluates the policy; `rates` feeds the rate policy's measurement.
-    pub fn decide(
-        &mut self,
-        now: Instant,
-        lag: &GroupLag,
-        rates: Rates,
-        current: u32,
-    ) -> (Decision, f64) {
-        match self {
-            Policy::Keda(k) => (k.evaluate(now, lag, current), 0.0),
-            Policy::Rate(r) => {
-                r.observe(now, rates.processed_per_sec, current, lag.total_lag);
-                let d = r.evaluate(now, lag, rates.arrival_per_sec, current);
-                (d, r.rate_per_replica())
-            }
+impl RestartBackoff {
+    pub const INITIAL: Duration = Duration::from_secs(1);
+    pub const MAX: Duration = Duration::from_secs(60);
+    /// A child that ran this long counts as healthy.
+    pub const STABLE: Duration = Duration::from_secs(30);
+
+    /// A child died (or could not be started) after running `ran_for`;
+    /// returns the delay before the next start.
+    pub fn on_failure(&mut self, now: Instant, ran_for: Duration) -> Duration {
+        if ran_for >= Self::STABLE {
+            self.next = Self::INITIAL;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        self.not_before = Some((delay, now + delay));
+        delay
+    }
+
+    /// Whether a child may be started now.
+    pub fn allows(&self, now: Instant) -> bool {
+        self.not_before.is_none_or(|(_, t)| now >= t)
+    }
+
+    /// The delay the last failure imposed, while it lasts.
+    pub fn current_delay(&self, now: Instant) -> Duration {
+        match self.not_before {
+            Some((delay, t)) if now < t => delay,
+            _ => Duration::ZERO,
         }
     }
 }
@@ -104,12 +127,20 @@ pub struct TimelinePoint {
     pub processed_per_sec: f64,
     pub partition_lag: Vec<i64>,
     pub reason: String,
+    /// Children that died or could not be started, so far.
     pub restarts: u32,
+    /// The back-off before the next start, 0 when none is pending.
+    pub restart_backoff_ms: u64,
+    /// Workers whose capacity report is fresh, and what they say one fully
+    /// busy replica does.
+    pub workers_reporting: u32,
+    pub capacity_per_replica: Option<f64>,
 }
 
 struct Running {
     n: u32,
     child: Child,
+    started: Instant,
 }
 
 struct Stopping {
@@ -119,17 +150,17 @@ struct Stopping {
 
 pub struct Supervisor {
     config: SupervisorConfig,
-    policy: Policy,
-    reader: LagReader,
-    rates: RateTracker,
+    policy: Box<dyn Policy>,
+    observer: Observer,
     running: Vec<Running>,
     stopping: Vec<Stopping>,
     next_n: u32,
     started: Instant,
     restarts: u32,
-    restart_backoff: Duration,
-    restart_not_before: Instant,
+    backoff: RestartBackoff,
     timeline: Option<std::io::BufWriter<std::fs::File>>,
+    /// Whether the last timeline write failed (logged once per run of failures).
+    timeline_failing: bool,
     /// Replica-seconds so far (integral of running children over time).
     pub replica_seconds: f64,
     last_tick: Instant,
@@ -138,7 +169,7 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(
         config: SupervisorConfig,
-        policy: Policy,
+        policy: Box<dyn Policy>,
         reader: LagReader,
     ) -> Result<Self, SupervisorError> {
         let timeline = match &config.timeline {
@@ -151,19 +182,19 @@ impl Supervisor {
             None => None,
         };
         let now = Instant::now();
+        let observer = Observer::new(reader, config.invalid_offset);
         Ok(Self {
             config,
             policy,
-            reader,
-            rates: RateTracker::default(),
+            observer,
             running: Vec::new(),
             stopping: Vec::new(),
             next_n: 1,
             started: now,
             restarts: 0,
-            restart_backoff: Duration::from_secs(1),
-            restart_not_before: now,
+            backoff: RestartBackoff::default(),
             timeline,
+            timeline_failing: false,
             replica_seconds: 0.0,
             last_tick: now,
         })
@@ -221,8 +252,24 @@ impl Supervisor {
             source,
         })?;
         tracing::info!(worker = n, pid = child.id(), "started worker");
-        self.running.push(Running { n, child });
+        self.running.push(Running {
+            n,
+            child,
+            started: Instant::now(),
+        });
         Ok(())
+    }
+
+    /// Starts children up to `target` while the back-off allows; a child
+    /// that cannot be started counts as a failure and waits its turn.
+    fn spawn_up_to(&mut self, now: Instant, target: u32) {
+        while (self.running.len() as u32) < target && self.backoff.allows(now) {
+            if let Err(e) = self.spawn() {
+                self.restarts += 1;
+                let delay = self.backoff.on_failure(now, Duration::ZERO);
+                tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "could not start a worker; the others keep running");
+            }
+        }
     }
 
     fn stop_newest(&mut self) {
@@ -254,12 +301,12 @@ impl Supervisor {
         Some(pid)
     }
 
-    fn reap(&mut self, now: Instant) -> Result<(), SupervisorError> {
-        let mut crashed = 0;
+    fn reap(&mut self, now: Instant) {
+        let mut crashed = Vec::new();
         self.running.retain_mut(|r| match r.child.try_wait() {
             Ok(Some(status)) => {
                 tracing::warn!(worker = r.n, %status, "worker exited unexpectedly; it will be restarted");
-                crashed += 1;
+                crashed.push(now.saturating_duration_since(r.started));
                 false
             }
             _ => true,
@@ -280,72 +327,77 @@ impl Supervisor {
                 }
             }
         });
-        if crashed > 0 {
-            self.restarts += crashed;
-            if now >= self.restart_not_before {
-                self.restart_backoff = Duration::from_secs(1);
-            } else {
-                self.restart_backoff = (self.restart_backoff * 2).min(Duration::from_secs(30));
-            }
-            self.restart_not_before = now + self.restart_backoff;
+        for ran_for in crashed {
+            self.restarts += 1;
+            let delay = self.backoff.on_failure(now, ran_for);
+            tracing::info!(
+                ran_for_ms = ran_for.as_millis() as u64,
+                restart_in_ms = delay.as_millis() as u64,
+                "restart back-off"
+            );
         }
-        Ok(())
     }
 
     /// One round: reap, measure, decide, scale. Lag read errors are logged
-    /// and the replica count is left as it is.
-    pub fn tick(&mut self) -> Result<Option<TimelinePoint>, SupervisorError> {
+    /// and the replica count is left as it is (at least `--min`).
+    pub fn tick(&mut self) -> Option<TimelinePoint> {
         let now = Instant::now();
         self.replica_seconds +=
             self.running.len() as f64 * now.duration_since(self.last_tick).as_secs_f64();
         self.last_tick = now;
-        self.reap(now)?;
-        let lag = match self.reader.read(self.config.invalid_offset) {
-            Ok(lag) => lag,
+        self.reap(now);
+        let reading = match self.observer.read(false) {
+            Ok(reading) => reading,
             Err(e) => {
                 tracing::warn!(error = %e, "reading lag failed; keeping the replica count");
-                while (self.running.len() as u32) < self.config.min_replicas {
-                    self.spawn()?;
-                }
-                return Ok(None);
+                self.spawn_up_to(now, self.config.min_replicas);
+                return None;
             }
         };
-        let rates = self.rates.observe(now, &lag);
         let current = self.running.len() as u32;
-        let (decision, rate_per_replica) = self.policy.decide(now, &lag, rates, current);
+        let decision = self.policy.decide(now, &reading.observation(current));
         let desired = decision.desired.clamp(
             self.config.min_replicas,
             self.config.max_replicas.max(self.config.min_replicas),
         );
-        // Crashed children come back no sooner than their back-off allows;
-        // scale-ups the policy asks for are not delayed.
-        let crashed_gap = now < self.restart_not_before && self.restarts > 0;
-        while (self.running.len() as u32) < desired {
-            if crashed_gap && self.running.len() as u32 >= current {
-                break;
-            }
-            self.spawn()?;
-        }
+        self.spawn_up_to(now, desired);
         while self.running.len() as u32 > desired {
             self.stop_newest();
         }
         let point = TimelinePoint {
             t_ms: now.duration_since(self.started).as_millis() as u64,
-            total_lag: lag.total_lag,
+            total_lag: reading.lag.total_lag,
             replicas: self.running.len() as u32,
             desired: decision.desired,
-            rate_per_replica,
-            arrival_per_sec: rates.arrival_per_sec,
-            processed_per_sec: rates.processed_per_sec,
-            partition_lag: lag.partitions.iter().map(|p| p.lag).collect(),
+            rate_per_replica: self.policy.rate_per_replica().unwrap_or(0.0),
+            arrival_per_sec: reading.rates.arrival_per_sec,
+            processed_per_sec: reading.rates.processed_per_sec,
+            partition_lag: reading.lag.partitions.iter().map(|p| p.lag).collect(),
             reason: decision.reason,
             restarts: self.restarts,
+            restart_backoff_ms: self.backoff.current_delay(now).as_millis() as u64,
+            workers_reporting: reading.capacity.as_ref().map_or(0, |c| c.workers),
+            capacity_per_replica: reading
+                .capacity
+                .as_ref()
+                .and_then(|c| c.capacity_per_replica),
         };
-        if let Some(out) = self.timeline.as_mut() {
-            let line = serde_json::to_string(&point).expect("a timeline point always serializes");
-            writeln!(out, "{line}")
-                .and_then(|_| out.flush())
-                .map_err(|source| SupervisorError::Timeline {
+        self.write_timeline(&point);
+        Some(point)
+    }
+
+    /// Appends a timeline line; a failure is logged (once until a write
+    /// succeeds again) and never stops the children.
+    fn write_timeline(&mut self, point: &TimelinePoint) {
+        let Some(out) = self.timeline.as_mut() else {
+            return;
+        };
+        let line = serde_json::to_string(point).expect("a timeline point always serializes");
+        match writeln!(out, "{line}").and_then(|_| out.flush()) {
+            Ok(()) => self.timeline_failing = false,
+            Err(source) if !self.timeline_failing => {
+                self.timeline_failing = true;
+                let e = SupervisorError::Timeline {
                     path: self
                         .config
                         .timeline
@@ -353,9 +405,11 @@ impl Supervisor {
                         .map(|p| p.display().to_string())
                         .unwrap_or_default(),
                     source,
-                })?;
+                };
+                tracing::error!(error = %e, "the workers keep running");
+            }
+            Err(_) => {}
         }
-        Ok(Some(point))
     }
 
     /// Stops every child: SIGTERM, then SIGKILL after the drain deadline.
@@ -391,5 +445,28 @@ fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on a pid we own and have not reaped.
     unsafe {
         libc::kill(child.id() as i32, sig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn back_off_grows_while_children_die_young_and_resets_after_a_stable_run() {
+        let mut b = RestartBackoff::default();
+        let t0 = Instant::now();
+        let young = Duration::from_millis(200);
+        let delays: Vec<u64> = (0..8)
+            .map(|i| b.on_failure(t0 + Duration::from_secs(i), young).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
+        // The last failure, at 7 s, holds starts until 67 s.
+        let at = |s| t0 + Duration::from_secs(s);
+        assert!(!b.allows(at(30)) && b.allows(at(67)));
+        assert_eq!(b.current_delay(at(30)), Duration::from_secs(60));
+        assert_eq!(b.current_delay(at(67)), Duration::ZERO);
+        assert_eq!(b.on_failure(at(70), RestartBackoff::STABLE).as_secs(), 1);
+        assert_eq!(b.on_failure(at(71), young).as_secs(), 2);
     }
 }

@@ -21,8 +21,8 @@ use microbatch_core::config::{ConfigError, GroupProtocol, KafkaConfig};
 use microbatch_core::dlq::headers;
 use microbatch_core::kafka::QuietContext;
 use microbatch_scaling::lag::{InvalidOffsetPolicy, LagReader};
-use microbatch_scaling::policy::{KedaParams, KedaPolicy, RateParams, RatePolicy};
-use microbatch_scaling::supervisor::{Policy, Supervisor, SupervisorConfig};
+use microbatch_scaling::policy::{KedaParams, KedaPolicy, Policy, RateParams, RatePolicy};
+use microbatch_scaling::supervisor::{Supervisor, SupervisorConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
@@ -269,9 +269,9 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
     })
 }
 
-fn make_policy(kind: PolicyKind, args: &Args, plan: &Plan) -> Policy {
+fn make_policy(kind: PolicyKind, args: &Args, plan: &Plan) -> Box<dyn Policy> {
     match kind {
-        PolicyKind::Keda => Policy::Keda(KedaPolicy::new(KedaParams {
+        PolicyKind::Keda => Box::new(KedaPolicy::new(KedaParams {
             lag_threshold: args.lag_threshold.max(1),
             activation_lag_threshold: 1,
             min_replicas: 1,
@@ -284,7 +284,7 @@ fn make_policy(kind: PolicyKind, args: &Args, plan: &Plan) -> Policy {
         PolicyKind::Rate => {
             // A slot finishes a record every process_time: the cold-start guess.
             let per_slot = 1000.0 / args.process_time_ms.max(1) as f64;
-            Policy::Rate(RatePolicy::new(RateParams {
+            Box::new(RatePolicy::new(RateParams {
                 target_drain: Duration::from_secs(if args.quick { 5 } else { 10 }),
                 min_replicas: 1,
                 max_replicas: args.max_replicas,
@@ -459,7 +459,7 @@ fn run_policy(
                 break;
             }
             let tick_start = Instant::now();
-            let point = sup.tick()?;
+            let point = sup.tick();
             if let Some(h) = producer.take_if(|h| h.is_finished()) {
                 produced = h.join().unwrap_or(0);
             }

@@ -2,11 +2,12 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use microbatch_core::config::ConfigError;
 use microbatch_scaling::keda_trigger::{self, TriggerError};
 use microbatch_scaling::lag::InvalidOffsetPolicy;
+use microbatch_scaling::observe::Observer;
 use microbatch_scaling::policy::{
     Decision, KedaParams, KedaPolicy, KedaVersion, RateParams, RatePolicy,
 };
@@ -80,11 +81,13 @@ pub struct PolicyArgs {
     /// lagging partition per poll).
     #[arg(long, value_name = "SECONDS")]
     pub max_lag_seconds: Option<u64>,
-    /// rate: records/s one replica is assumed to do until measured.
+    /// rate: records/s one replica is assumed to do until its workers report
+    /// their capacity (busy fraction and processed rate, in commit metadata).
     #[arg(long, default_value_t = 100.0)]
     pub rate_per_replica: f64,
     /// rate: processing slots per partition in the workers (1 for
-    /// `--ordering partition`, the concurrency for `key`/`none`).
+    /// `--ordering partition`, the concurrency for `key`/`none`); with
+    /// --slots-per-replica it bounds only the cold-start guess.
     #[arg(long, default_value_t = 1)]
     pub slots_per_partition: u32,
     /// rate: processing slots per replica (the workers' concurrency).
@@ -233,42 +236,35 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
     args.policy_args
         .offset_reset_policy
         .get_or_insert(ResetPolicy::Latest);
-    args.policy_args.keda_params()?;
+    let keda_params = args.policy_args.keda_params()?;
     let reader = args
         .target
         .reader(Duration::from_secs(10))?
         .with_record_ages();
-    let mut keda = args.policy_args.keda();
-    let mut rate = args.policy_args.rate();
-    let policy = args.policy;
+    let mut policy = args
+        .policy
+        .map(|kind| super::supervise::make_policy(kind, &args.policy_args));
     let json = args.json;
-    let invalid = args.policy_args.invalid_offset();
+    let mut observer = Observer::new(reader, args.policy_args.invalid_offset());
     let replicas = args.replicas;
     let watch = args.watch;
     let interval = Duration::from_millis(args.interval_ms.max(100));
-    let mut rates = microbatch_scaling::lag::RateTracker::default();
     loop {
-        let lag = tokio::task::block_in_place(|| reader.read(invalid))?;
-        let now = Instant::now();
-        let r = rates.observe(now, &lag);
-        let decision: Option<(&str, Decision)> = match policy {
-            Some(PolicyKind::Keda) => {
-                keda_trigger::check_partitions(&keda.params, &lag)
-                    .map_err(|e| anyhow::anyhow!("--partition-limitation {}", e.rule))?;
-                Some(("keda", keda.evaluate(now, &lag, replicas)))
-            }
-            Some(PolicyKind::Rate) => {
-                rate.observe(now, r.processed_per_sec, replicas, lag.total_lag);
-                Some((
-                    "rate",
-                    rate.evaluate(now, &lag, r.arrival_per_sec, replicas),
-                ))
-            }
-            None => None,
-        };
+        let reading = tokio::task::block_in_place(|| observer.read(false))?;
+        let lag = &reading.lag;
+        if args.policy == Some(PolicyKind::Keda) {
+            keda_trigger::check_partitions(&keda_params, lag)
+                .map_err(|e| anyhow::anyhow!("--partition-limitation {}", e.rule))?;
+        }
+        let decision: Option<(&str, Decision)> = policy.as_mut().map(|p| {
+            (
+                p.name(),
+                p.decide(reading.at, &reading.observation(replicas)),
+            )
+        });
         let mut out = std::io::stdout().lock();
         if json {
-            let mut v = serde_json::to_value(&lag)?;
+            let mut v = serde_json::to_value(lag)?;
             if let Some((name, d)) = &decision {
                 v["policy"] = serde_json::json!({"name": name, "desired_replicas": d.desired, "metric_value": d.metric_value, "active": d.active, "reason": d.reason});
             }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::routing::get;
 use microbatch_scaling::scaler::proto::external_scaler_server::ExternalScalerServer;
-use microbatch_scaling::scaler::{proto, Scaler};
+use microbatch_scaling::scaler::{proto, Scaler, ScalerConfig};
 
 use crate::args::KafkaArgs;
 
@@ -29,6 +29,15 @@ pub struct Args {
     /// How often StreamIsActive re-checks lag (it pushes only changes).
     #[arg(long, env = "MICROBATCH_STREAM_INTERVAL_MS", default_value_t = 5000)]
     pub stream_interval_ms: u64,
+    /// Reuse a ScaledObject's evaluation for this long: KEDA asks IsActive
+    /// and GetMetrics a few ms apart, and every caller within the interval
+    /// gets the same answer.
+    #[arg(long, env = "MICROBATCH_POLLING_INTERVAL_MS", default_value_t = 5000)]
+    pub polling_interval_ms: u64,
+    /// Drop the state (and Kafka client) of a ScaledObject KEDA has not
+    /// asked about for this long.
+    #[arg(long, env = "MICROBATCH_STATE_TTL_SECONDS", default_value_t = 600)]
+    pub state_ttl_seconds: u64,
 }
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
@@ -43,7 +52,11 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let kafka = kafka.start_msk_iam()?;
     let scaler = Arc::new(Scaler::new(
         kafka,
-        Duration::from_millis(args.stream_interval_ms.max(100)),
+        ScalerConfig {
+            stream_interval: Duration::from_millis(args.stream_interval_ms.max(100)),
+            polling_interval: Duration::from_millis(args.polling_interval_ms),
+            state_ttl: Duration::from_secs(args.state_ttl_seconds.max(1)),
+        },
     ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -71,7 +84,10 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         .route(microbatch_core::http::HEALTHZ, get(|| async { "ok\n" }))
         .route(
             microbatch_core::http::METRICS,
-            get(|| async { "# microbatch scaler: see the workers' metrics\n" }),
+            get({
+                let scaler = scaler.clone();
+                move || async move { scaler.encode_metrics() }
+            }),
         );
     let http = tokio::spawn(async move {
         let _ = axum::serve(http_listener, app)

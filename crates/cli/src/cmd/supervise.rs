@@ -11,7 +11,8 @@ use anyhow::Context;
 use axum::routing::get;
 use microbatch_core::config::{ConfigError, KafkaConfig};
 use microbatch_scaling::lag::LagReader;
-use microbatch_scaling::supervisor::{Policy, Supervisor, SupervisorConfig};
+use microbatch_scaling::policy::Policy;
+use microbatch_scaling::supervisor::{Supervisor, SupervisorConfig};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -115,11 +116,46 @@ fn reject_misplaced_flags(run_args: &[String]) -> Result<(), ConfigError> {
 }
 
 /// Builds the chosen policy from its flags.
-pub fn make_policy(kind: PolicyKind, args: &PolicyArgs) -> Policy {
+pub fn make_policy(kind: PolicyKind, args: &PolicyArgs) -> Box<dyn Policy> {
     match kind {
-        PolicyKind::Keda => Policy::Keda(args.keda()),
-        PolicyKind::Rate => Policy::Rate(args.rate()),
+        PolicyKind::Keda => Box::new(args.keda()),
+        PolicyKind::Rate => Box::new(args.rate()),
     }
+}
+
+/// Whether `flag` (`--name`) is among `args`, as `--name V` or `--name=V`.
+fn has_flag(args: &[String], flag: &str) -> bool {
+    args.iter().any(|a| {
+        a == flag
+            || a.strip_prefix(flag)
+                .is_some_and(|rest| rest.starts_with('='))
+    })
+}
+
+/// The arguments after `run` for every child: the user's, then the group,
+/// and what the supervisor needs unless the user chose it: a port of its
+/// own per child, and the supervisor's drain deadline (so a stopped child
+/// drains within what the supervisor waits before SIGKILL).
+fn child_args(user: &[String], topic: &str, group: &str, drain_timeout_ms: u64) -> Vec<String> {
+    let mut run_args = user.to_vec();
+    run_args.extend([
+        "--topic".into(),
+        topic.to_string(),
+        "--group".into(),
+        group.to_string(),
+    ]);
+    if !has_flag(user, "--http-port") {
+        run_args.extend([
+            "--http-port".into(),
+            "0".into(),
+            "--http-host".into(),
+            "127.0.0.1".into(),
+        ]);
+    }
+    if !has_flag(user, "--drain-timeout-ms") {
+        run_args.extend(["--drain-timeout-ms".into(), drain_timeout_ms.to_string()]);
+    }
+    run_args
 }
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
@@ -135,21 +171,7 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     if !args.kafka.kafka_property.is_empty() {
         tracing::info!("--kafka-property applies to the supervisor's lag reads; pass worker properties after --");
     }
-    let mut run_args = args.run_args.clone();
-    run_args.extend([
-        "--topic".into(),
-        topic.clone(),
-        "--group".into(),
-        group.clone(),
-    ]);
-    if !run_args.iter().any(|a| a == "--http-port") {
-        run_args.extend([
-            "--http-port".into(),
-            "0".into(),
-            "--http-host".into(),
-            "127.0.0.1".into(),
-        ]);
-    }
+    let run_args = child_args(&args.run_args, &topic, &group, args.drain_timeout_ms);
     let config = SupervisorConfig {
         program: std::env::current_exe().context("locating the microbatch binary")?,
         run_args,
@@ -218,7 +240,7 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             tracing::info!(policy = sup.policy_name(), "supervisor started");
             while !stop.load(Ordering::SeqCst) {
                 let started = Instant::now();
-                if let Some(p) = sup.tick()? {
+                if let Some(p) = sup.tick() {
                     replicas.set(i64::from(p.replicas));
                     desired.set(i64::from(p.desired));
                     total_lag.set(p.total_lag);
@@ -259,5 +281,48 @@ mod tests {
         assert_eq!(err.field, "--password");
         assert!(!err.to_string().contains("s3cr3t"), "{err}");
         assert!(reject_misplaced_flags(&args(&["--kafka-property", "a=b"])).is_ok());
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn children_get_the_drain_deadline_and_a_port_unless_given() {
+        let args = child_args(&strings(&["--process-time-ms", "2"]), "t", "g", 7000);
+        assert_eq!(
+            args,
+            strings(&[
+                "--process-time-ms",
+                "2",
+                "--topic",
+                "t",
+                "--group",
+                "g",
+                "--http-port",
+                "0",
+                "--http-host",
+                "127.0.0.1",
+                "--drain-timeout-ms",
+                "7000"
+            ])
+        );
+    }
+
+    #[test]
+    fn flags_after_the_separator_count_in_both_spellings() {
+        for user in [
+            strings(&["--http-port=9200", "--drain-timeout-ms=100"]),
+            strings(&["--http-port", "9200", "--drain-timeout-ms", "100"]),
+        ] {
+            let args = child_args(&user, "t", "g", 7000);
+            assert_eq!(
+                args.iter().filter(|a| a.starts_with("--http-port")).count(),
+                1,
+                "{args:?}"
+            );
+            assert!(!args.contains(&"7000".to_string()), "{args:?}");
+        }
+        assert!(!has_flag(&strings(&["--http-portal=1"]), "--http-port"));
     }
 }

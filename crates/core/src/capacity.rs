@@ -1,0 +1,332 @@
+//! What a worker can do, measured while it works: how busy its processing
+//! slots are and how many records it finishes, so whoever scales can learn
+//! capacity instead of mistaking throughput for it.
+//!
+//! **Capacity** of a worker = processed rate ÷ busy fraction, where the busy
+//! fraction is slot time spent in the handler ÷ slot time available (wall
+//! time × the slots the worker could use). A worker that processes 800
+//! records/s with its slots busy 40% of the time could do about 2,000/s.
+//! Below [`MIN_BUSY_FOR_CAPACITY`] the extrapolation is too long to trust and
+//! no capacity is claimed.
+//!
+//! [`CapacityMeter`] is pure: the caller feeds it "this many slots busy
+//! now", "n records done" and the clock, and it answers one
+//! [`CapacityReport`] per completed window. The worker sends the report as
+//! the metadata string of its offset commits (Kafka keeps it per partition
+//! beside the committed offset, and any admin client reads it back), so the
+//! scaling side needs no extra infrastructure; [`CapacityReport::decode`] reads
+//! it there.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+/// Below this busy fraction the measured rate says little about what the
+/// worker could do (the extrapolation would be more than 20-fold).
+pub const MIN_BUSY_FOR_CAPACITY: f64 = 0.05;
+
+/// How long one measurement window lasts by default.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(5);
+
+/// The prefix that marks commit metadata written by a microbatch worker.
+const PREFIX: &str = "microbatch-capacity/1";
+
+/// One worker's measurement over one window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapacityReport {
+    /// Identifies the worker process (stable for its life).
+    pub worker: String,
+    /// Wall clock at the end of the window, Unix milliseconds.
+    pub at_unix_ms: u64,
+    pub window: Duration,
+    /// Slot time in the handler ÷ slot time available, 0..=1.
+    pub busy_fraction: f64,
+    /// Records finished per second (processed or dead-lettered).
+    pub processed_per_sec: f64,
+    /// Slots the worker could use at the end of the window.
+    pub slots: u32,
+}
+
+impl CapacityReport {
+    /// Records/s this worker could do with every slot busy, when the window
+    /// was busy enough to tell.
+    pub fn capacity_per_sec(&self) -> Option<f64> {
+        if self.busy_fraction < MIN_BUSY_FOR_CAPACITY || self.processed_per_sec <= 0.0 {
+            return None;
+        }
+        Some(self.processed_per_sec / self.busy_fraction.min(1.0))
+    }
+
+    /// The commit-metadata form: `microbatch-capacity/1 worker=… at=… …`.
+    pub fn encode(&self) -> String {
+        let mut s = String::with_capacity(96);
+        // Writing to a String cannot fail.
+        let _ = write!(
+            s,
+            "{PREFIX} worker={} at={} window_ms={} busy={:.4} rate={:.2} slots={}",
+            self.worker,
+            self.at_unix_ms,
+            self.window.as_millis(),
+            self.busy_fraction,
+            self.processed_per_sec,
+            self.slots
+        );
+        s
+    }
+
+    /// Reads [`Self::encode`]'s form; anything else (other clients' metadata,
+    /// a newer version, damage) is `None`.
+    pub fn decode(s: &str) -> Option<Self> {
+        let mut fields = s.split_ascii_whitespace();
+        if fields.next()? != PREFIX {
+            return None;
+        }
+        let (mut worker, mut at, mut window, mut busy, mut rate, mut slots) =
+            (None, None, None, None, None, None);
+        for field in fields {
+            let (key, value) = field.split_once('=')?;
+            match key {
+                "worker" => worker = Some(value.to_string()),
+                "at" => at = Some(value.parse().ok()?),
+                "window_ms" => window = Some(Duration::from_millis(value.parse().ok()?)),
+                "busy" => busy = Some(value.parse::<f64>().ok()?),
+                "rate" => rate = Some(value.parse::<f64>().ok()?),
+                "slots" => slots = Some(value.parse().ok()?),
+                _ => {} // fields a later version adds
+            }
+        }
+        let busy = busy.filter(|b| b.is_finite() && (0.0..=1.0).contains(b))?;
+        let rate = rate.filter(|r| r.is_finite() && *r >= 0.0)?;
+        Some(Self {
+            worker: worker.filter(|w| !w.is_empty())?,
+            at_unix_ms: at?,
+            window: window?,
+            busy_fraction: busy,
+            processed_per_sec: rate,
+            slots: slots?,
+        })
+    }
+}
+
+/// Measures busy slot time and finished records over fixed windows.
+#[derive(Debug)]
+pub struct CapacityMeter {
+    worker: String,
+    window: Duration,
+    window_start: Instant,
+    last_change: Instant,
+    busy_slots: u32,
+    slots: u32,
+    /// Slot-seconds in the handler within the current window.
+    busy_slot_secs: f64,
+    /// Slot-seconds available within the current window.
+    available_slot_secs: f64,
+    processed: u64,
+    last: Option<CapacityReport>,
+}
+
+impl CapacityMeter {
+    pub fn new(worker: impl Into<String>, window: Duration, now: Instant) -> Self {
+        Self {
+            worker: worker.into(),
+            window: window.max(Duration::from_millis(100)),
+            window_start: now,
+            last_change: now,
+            busy_slots: 0,
+            slots: 0,
+            busy_slot_secs: 0.0,
+            available_slot_secs: 0.0,
+            processed: 0,
+            last: None,
+        }
+    }
+
+    /// A name for this process that no other worker shares: pid and start
+    /// time, so a restarted worker counts as a new one.
+    pub fn process_worker_id() -> String {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        format!("{}-{:x}", std::process::id(), started.as_millis() as u64)
+    }
+
+    fn advance(&mut self, now: Instant) {
+        let dt = now
+            .saturating_duration_since(self.last_change)
+            .as_secs_f64();
+        self.busy_slot_secs += f64::from(self.busy_slots) * dt;
+        // Busy slots the worker was not told about still count as available.
+        self.available_slot_secs += f64::from(self.slots.max(self.busy_slots)) * dt;
+        self.last_change = self.last_change.max(now);
+    }
+
+    /// Slots in the handler now (batches in flight).
+    pub fn set_busy(&mut self, now: Instant, busy_slots: usize) {
+        self.advance(now);
+        self.busy_slots = busy_slots as u32;
+    }
+
+    /// Slots the worker could use now: its concurrency, or fewer when its
+    /// partitions cannot feed that many (one lane each under partition order).
+    pub fn set_slots(&mut self, now: Instant, slots: usize) {
+        self.advance(now);
+        self.slots = slots as u32;
+    }
+
+    /// Records finished (processed or dead-lettered).
+    pub fn processed(&mut self, records: usize) {
+        self.processed += records as u64;
+    }
+
+    /// The latest completed window's report (closing the current window
+    /// first if it has run its length); `None` before the first one.
+    pub fn report(&mut self, now: Instant, now_unix_ms: u64) -> Option<&CapacityReport> {
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed >= self.window {
+            self.advance(now);
+            let secs = elapsed.as_secs_f64();
+            let busy = if self.available_slot_secs > 0.0 {
+                (self.busy_slot_secs / self.available_slot_secs).clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            self.last = Some(CapacityReport {
+                worker: self.worker.clone(),
+                at_unix_ms: now_unix_ms,
+                window: elapsed,
+                busy_fraction: busy,
+                processed_per_sec: self.processed as f64 / secs,
+                slots: self.slots,
+            });
+            self.window_start = now;
+            self.busy_slot_secs = 0.0;
+            self.available_slot_secs = 0.0;
+            self.processed = 0;
+        }
+        self.last.as_ref()
+    }
+}
+
+/// Wall clock now in Unix milliseconds (0 if the clock is before 1970).
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn busy_fraction_is_slot_time_in_the_handler_over_slot_time_available() {
+        let t0 = Instant::now();
+        let mut m = CapacityMeter::new("w", ms(1000), t0);
+        m.set_slots(t0, 4);
+        // Two slots busy for the first half, one for the second half.
+        m.set_busy(t0, 2);
+        m.set_busy(t0 + ms(500), 1);
+        m.processed(300);
+        let r = m
+            .report(t0 + ms(1000), 42)
+            .cloned()
+            .expect("a window closed");
+        // (2 x 0.5 + 1 x 0.5) / (4 x 1) = 0.375
+        assert!((r.busy_fraction - 0.375).abs() < 1e-9, "{r:?}");
+        assert!((r.processed_per_sec - 300.0).abs() < 1e-9);
+        assert_eq!((r.slots, r.at_unix_ms), (4, 42));
+        assert!((r.capacity_per_sec().unwrap() - 800.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn no_report_before_a_window_completes_and_the_last_one_holds_between() {
+        let t0 = Instant::now();
+        let mut m = CapacityMeter::new("w", ms(1000), t0);
+        m.set_slots(t0, 1);
+        m.set_busy(t0, 1);
+        m.processed(10);
+        assert!(m.report(t0 + ms(999), 1).is_none());
+        let first = m.report(t0 + ms(1000), 2).cloned().unwrap();
+        m.processed(1000);
+        let held = m.report(t0 + ms(1500), 3).cloned().unwrap();
+        assert_eq!(first, held, "the window in progress does not leak out");
+        let next = m.report(t0 + ms(2000), 4).cloned().unwrap();
+        assert!((next.processed_per_sec - 1000.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn slot_changes_within_a_window_are_time_weighted() {
+        let t0 = Instant::now();
+        let mut m = CapacityMeter::new("w", ms(1000), t0);
+        // 8 slots for 0.25 s, then a revoke leaves 2 for 0.75 s, busy 2 throughout.
+        m.set_slots(t0, 8);
+        m.set_busy(t0, 2);
+        m.set_slots(t0 + ms(250), 2);
+        m.processed(100);
+        let r = m.report(t0 + ms(1000), 0).cloned().unwrap();
+        // busy 2 x 1 = 2 slot-s; available 8 x 0.25 + 2 x 0.75 = 3.5 slot-s.
+        assert!((r.busy_fraction - 2.0 / 3.5).abs() < 1e-9, "{r:?}");
+    }
+
+    #[test]
+    fn more_busy_slots_than_known_slots_never_exceed_one() {
+        let t0 = Instant::now();
+        let mut m = CapacityMeter::new("w", ms(1000), t0);
+        m.set_busy(t0, 3); // slots not told yet
+        m.processed(30);
+        let r = m.report(t0 + ms(1000), 0).cloned().unwrap();
+        assert!((r.busy_fraction - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn an_idle_window_claims_no_capacity() {
+        let t0 = Instant::now();
+        let mut m = CapacityMeter::new("w", ms(1000), t0);
+        m.set_slots(t0, 4);
+        m.set_busy(t0, 1);
+        m.set_busy(t0 + ms(100), 0);
+        m.processed(5);
+        let r = m.report(t0 + ms(1000), 0).cloned().unwrap();
+        // busy 0.1 / 4 = 0.025: below the floor.
+        assert!(r.busy_fraction < MIN_BUSY_FOR_CAPACITY);
+        assert_eq!(r.capacity_per_sec(), None);
+    }
+
+    #[test]
+    fn metadata_round_trips_and_foreign_metadata_is_ignored() {
+        let r = CapacityReport {
+            worker: "123-abc".into(),
+            at_unix_ms: 1_700_000_000_123,
+            window: ms(5000),
+            busy_fraction: 0.4213,
+            processed_per_sec: 812.5,
+            slots: 4,
+        };
+        let s = r.encode();
+        assert!(
+            s.len() < 256,
+            "fits any broker's offset.metadata.max.bytes: {s}"
+        );
+        assert_eq!(CapacityReport::decode(&s), Some(r));
+        for foreign in [
+            "",
+            "checkpoint 17",
+            "microbatch-capacity/2 worker=a",
+            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=2.5 rate=1 slots=1",
+            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=-1 slots=1",
+            "microbatch-capacity/1 worker=a at=x window_ms=5 busy=0.5 rate=1 slots=1",
+            "microbatch-capacity/1 at=1 window_ms=5 busy=0.5 rate=1 slots=1",
+        ] {
+            assert_eq!(CapacityReport::decode(foreign), None, "{foreign:?}");
+        }
+        let newer = format!("{s} queue=7");
+        assert!(
+            CapacityReport::decode(&newer).is_some(),
+            "unknown fields are skipped"
+        );
+    }
+}

@@ -1,0 +1,721 @@
+//! The `rate` policy: enough replicas to keep up with what arrives and to
+//! drain the backlog within a target time, sized by what one replica *can*
+//! do, not by what it happened to do.
+//!
+//! Each partition needs its sustained arrival rate plus its lag ÷ the target
+//! drain time. The group's assignors spread partitions by count, not load,
+//! so with n replicas one of them holds the ⌈P/n⌉ neediest partitions: the
+//! policy asks for the fewest replicas whose busiest one can serve those,
+//! which is at least ceil(total need ÷ capacity per replica) and at most the
+//! partition count (replicas past it are idle).
+//!
+//! **Capacity per replica** comes, in order of preference, from
+//! 1. the workers' own reports (commit metadata): their processed rate ÷
+//!    busy fraction, so a replica at 50% busy doing 1,000/s counts as
+//!    2,000/s, however little is arriving;
+//! 2. where no worker reports (other consumers in the group): the group's
+//!    committed rate ÷ replicas, sampled only while the lag grows past what
+//!    is in flight, the one moment the replicas are known to be saturated;
+//! 3. the configured guess (`--rate-per-replica`).
+//!
+//! Learned values are smoothed with time-weighted averages, so how often the
+//! policy is asked does not change what it learns.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::decide::{Observation, Policy};
+use super::{Decision, ScaleDownWindow};
+use crate::lag::{GroupLag, RATE_MIN_INTERVAL};
+
+/// Parameters of the time-to-drain policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateParams {
+    /// Drain the current lag within this long (on top of keeping up).
+    pub target_drain: Duration,
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// Parallel slots per partition and per replica: they bound the
+    /// replicas asked for on the configured guess alone (before any
+    /// measurement), never a measured demand.
+    pub slots_per_partition: u32,
+    pub slots_per_replica: u32,
+    /// Records/s one replica is assumed to do until one is measured.
+    pub initial_rate_per_replica: f64,
+    pub scale_down_stabilization: Duration,
+    /// Below this relative change the current count is kept (no flapping).
+    pub tolerance: f64,
+    /// `--max-lag-seconds`: while the oldest record waiting is older than
+    /// this, ask for one replica more than run now.
+    pub max_lag: Option<Duration>,
+}
+
+impl Default for RateParams {
+    fn default() -> Self {
+        Self {
+            target_drain: Duration::from_secs(30),
+            min_replicas: 1,
+            max_replicas: 24,
+            slots_per_partition: 1,
+            slots_per_replica: 1,
+            initial_rate_per_replica: 100.0,
+            scale_down_stabilization: Duration::from_secs(60),
+            tolerance: 0.1,
+            max_lag: None,
+        }
+    }
+}
+
+/// Where the capacity per replica in use comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CapacitySource {
+    /// `--rate-per-replica`, nothing measured yet.
+    Guess,
+    /// Committed progress while the lag grew (no worker reports).
+    LagGrowth,
+    /// The workers' busy fraction and processed rate.
+    Workers,
+}
+
+/// How long the replica count must hold before progress ÷ replicas counts as
+/// a measurement: joining workers process nothing while the group rebalances.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Time constant of the sustained arrival rate.
+const ARRIVAL_SMOOTHING: Duration = Duration::from_secs(30);
+
+/// Time constant of the learned capacity.
+const CAPACITY_SMOOTHING: Duration = Duration::from_secs(30);
+
+/// Lag below this many seconds of arrivals is records in flight (fetched,
+/// batched, waiting for the next commit), not a backlog that proves the
+/// replicas saturated.
+const IN_FLIGHT_SECONDS: f64 = 2.0;
+
+/// On the guess alone the count at most doubles once per this long: by the
+/// next step the new replicas' reports tell what they can do, and a wrong
+/// guess costs a scale-down window of idle replicas.
+const GUESS_STEP: Duration = Duration::from_secs(15);
+
+/// A time-weighted step of an exponential average: the weight of `sample`
+/// grows with the time it stands for, so many close samples weigh what one
+/// sample over the same span would.
+fn smooth(previous: f64, sample: f64, elapsed: Duration, time_constant: Duration) -> f64 {
+    let alpha = 1.0 - (-elapsed.as_secs_f64() / time_constant.as_secs_f64()).exp();
+    previous + alpha * (sample - previous)
+}
+
+/// The fewest replicas such that, partitions spread evenly by count, the one
+/// holding the ⌈P/n⌉ neediest partitions can serve them. A partition's need
+/// counts at most one replica's capacity: it cannot be split further.
+fn replicas_for(needs: &[f64], capacity: f64) -> u32 {
+    let mut needs: Vec<f64> = needs.iter().map(|n| n.clamp(0.0, capacity)).collect();
+    if needs.iter().all(|n| *n <= 0.0) {
+        return 0;
+    }
+    needs.sort_by(|a, b| b.total_cmp(a));
+    let partitions = needs.len();
+    let mut busiest = vec![0.0; partitions + 1];
+    for (i, n) in needs.iter().enumerate() {
+        busiest[i + 1] = busiest[i] + n;
+    }
+    (1..=partitions)
+        .find(|n| busiest[partitions.div_ceil(*n)] <= capacity * (1.0 + 1e-9))
+        .unwrap_or(partitions) as u32
+}
+
+/// Scales on arrival rate plus lag to drain, divided by the capacity of one
+/// replica.
+#[derive(Debug)]
+pub struct RatePolicy {
+    pub params: RateParams,
+    /// Learned capacity per replica, and when it was last updated.
+    capacity: Option<(f64, Instant)>,
+    source: CapacitySource,
+    scale_down: ScaleDownWindow,
+    /// Per partition: high watermark at the last update and the sustained
+    /// arrival rate; and when they were last updated.
+    partition_arrivals: HashMap<i32, (i64, f64)>,
+    arrivals_at: Option<Instant>,
+    /// The replica count observed last, and since when.
+    replicas_since: Option<(u32, Instant)>,
+    /// The previous observation's total lag.
+    last_lag: Option<i64>,
+    /// When the last scale-up made on the guess alone was asked for.
+    guess_step_at: Option<Instant>,
+}
+
+impl RatePolicy {
+    pub fn new(params: RateParams) -> Self {
+        Self {
+            params,
+            capacity: None,
+            source: CapacitySource::Guess,
+            scale_down: ScaleDownWindow::default(),
+            partition_arrivals: HashMap::new(),
+            arrivals_at: None,
+            replicas_since: None,
+            last_lag: None,
+            guess_step_at: None,
+        }
+    }
+
+    /// Records/s per replica: learned when known, else the cold-start guess.
+    pub fn capacity_per_replica(&self) -> f64 {
+        self.capacity
+            .map(|(c, _)| c)
+            .unwrap_or(self.params.initial_rate_per_replica)
+    }
+
+    pub fn capacity_source(&self) -> CapacitySource {
+        self.source
+    }
+
+    fn learn(&mut self, now: Instant, sample: f64, source: CapacitySource) {
+        if !sample.is_finite() || sample <= 0.0 {
+            return;
+        }
+        let smoothed = match (self.capacity, self.source, source) {
+            // The workers' own figure stands against an inference.
+            (_, CapacitySource::Workers, CapacitySource::LagGrowth) => return,
+            (Some((c, then)), held, new) if held == new => smooth(
+                c,
+                sample,
+                now.saturating_duration_since(then),
+                CAPACITY_SMOOTHING,
+            ),
+            // A first measurement, or a better kind, replaces what was held.
+            _ => sample,
+        };
+        self.capacity = Some((smoothed, now));
+        self.source = source;
+    }
+
+    /// Sustained arrival rate per partition (in `lag`'s order), from the
+    /// high watermarks' progress over intervals of at least
+    /// [`RATE_MIN_INTERVAL`], time-weighted. Starts from 0: the records of a
+    /// burst are counted once, in the lag, not again as an arrival rate.
+    fn sustained_arrivals(&mut self, now: Instant, lag: &GroupLag, idle: bool) -> Vec<f64> {
+        let elapsed = self.arrivals_at.map(|t| now.saturating_duration_since(t));
+        let update = elapsed.is_none_or(|e| e >= RATE_MIN_INTERVAL);
+        let sustained = lag
+            .partitions
+            .iter()
+            .map(|p| {
+                let (high0, rate0) = self
+                    .partition_arrivals
+                    .get(&p.partition)
+                    .copied()
+                    .unwrap_or((p.high, 0.0));
+                if !update && !idle {
+                    return rate0;
+                }
+                let s = match elapsed {
+                    _ if idle => 0.0,
+                    Some(e) if !e.is_zero() => {
+                        let rate = (p.high - high0).max(0) as f64 / e.as_secs_f64();
+                        smooth(rate0, rate, e, ARRIVAL_SMOOTHING)
+                    }
+                    _ => rate0,
+                };
+                self.partition_arrivals.insert(p.partition, (p.high, s));
+                s
+            })
+            .collect();
+        if update || idle {
+            self.arrivals_at = Some(now);
+        }
+        sustained
+    }
+
+    /// Takes what the observation says about capacity.
+    fn measure(&mut self, now: Instant, o: &Observation<'_>, sustained: f64) {
+        match self.replicas_since {
+            Some((n, _)) if n == o.current => {}
+            _ => self.replicas_since = Some((o.current, now)),
+        }
+        let settled = self
+            .replicas_since
+            .is_some_and(|(_, since)| now.duration_since(since) >= SETTLE);
+        let lag = o.lag.total_lag;
+        let grew = self.last_lag.is_some_and(|previous| lag > previous);
+        self.last_lag = Some(lag);
+        if let Some(c) = o.capacity.and_then(|c| c.capacity_per_replica) {
+            self.learn(now, c, CapacitySource::Workers);
+            return;
+        }
+        if o.capacity.is_some() {
+            // Workers report but were too idle to tell: nothing to learn.
+            return;
+        }
+        let backlog = lag as f64 > sustained.max(o.rates.arrival_per_sec) * IN_FLIGHT_SECONDS;
+        if settled && grew && backlog && o.current > 0 && o.rates.processed_per_sec > 0.0 {
+            let sample = o.rates.processed_per_sec / f64::from(o.current);
+            self.learn(now, sample, CapacitySource::LagGrowth);
+        }
+    }
+}
+
+impl Policy for RatePolicy {
+    fn name(&self) -> &'static str {
+        "rate"
+    }
+
+    fn rate_per_replica(&self) -> Option<f64> {
+        Some(self.capacity_per_replica())
+    }
+
+    fn decide(&mut self, now: Instant, o: &Observation<'_>) -> Decision {
+        let lag = o.lag.total_lag;
+        // Nothing waiting and nothing arrived since the last reading: idle,
+        // and there is nothing to keep up with (an average that only decays
+        // would keep one replica for hours).
+        let idle = lag <= 0 && o.rates.arrival_per_sec <= 0.0;
+        let arrivals = self.sustained_arrivals(now, o.lag, idle);
+        let sustained: f64 = arrivals.iter().sum();
+        self.measure(now, o, sustained);
+        let p = &self.params;
+        let rate = self.capacity_per_replica().max(1e-6);
+        let drain = p.target_drain.as_secs_f64().max(0.001);
+        let needs: Vec<f64> = o
+            .lag
+            .partitions
+            .iter()
+            .zip(&arrivals)
+            .map(|(part, arrival)| arrival + part.lag.max(0) as f64 / drain)
+            .collect();
+        let need: f64 = needs.iter().sum();
+        let mut raw = replicas_for(&needs, rate);
+        let too_old = match (p.max_lag, o.lag.lag_ms) {
+            (Some(limit), Some(age_ms)) => age_ms as u128 > limit.as_millis(),
+            _ => false,
+        };
+        if too_old {
+            raw = raw.max(o.current + 1);
+        }
+        let partitions = o.lag.partitions.len() as u32;
+        // Replicas past the partition count get no partition. On the guess
+        // alone, the slots bound it further (a guess is not a demand).
+        let mut cap = partitions.max(1);
+        if self.source == CapacitySource::Guess {
+            let slots = (partitions * p.slots_per_partition).div_ceil(p.slots_per_replica.max(1));
+            cap = cap.min(slots.max(1));
+        }
+        let mut desired = raw
+            .min(cap)
+            .clamp(p.min_replicas, p.max_replicas.max(p.min_replicas));
+        if !idle && desired == 0 && p.max_replicas > 0 {
+            desired = 1;
+        }
+        let mut reason = format!(
+            "need {need:.0}/s ({sustained:.0}/s arriving + lag {lag} / {}s) at {rate:.0}/s per replica ({}): {raw} (ceil of the total: {}), cap {cap}",
+            p.target_drain.as_secs(),
+            match self.source {
+                CapacitySource::Guess => "guess",
+                CapacitySource::LagGrowth => "from lag growth",
+                CapacitySource::Workers => "workers' capacity",
+            },
+            (need / rate).ceil()
+        );
+        if idle {
+            reason.push_str("; idle");
+        }
+        if too_old {
+            reason.push_str("; records wait longer than --max-lag-seconds: one more");
+        }
+        let current = o.current;
+        if self.source == CapacitySource::Guess && desired > current {
+            let recent = self
+                .guess_step_at
+                .is_some_and(|t| now.saturating_duration_since(t) < GUESS_STEP);
+            let allowed = if recent {
+                current
+            } else {
+                (current * 2).max(1)
+            };
+            if desired > allowed {
+                desired = allowed.max(p.min_replicas);
+                reason.push_str("; on the guess alone: at most double per 15 s");
+            }
+            if desired > current {
+                self.guess_step_at = Some(now);
+            }
+        }
+        if current > 0 && desired != current && lag > 0 {
+            let change = (f64::from(desired) - f64::from(current)).abs() / f64::from(current);
+            if change <= p.tolerance {
+                desired = current;
+                reason.push_str("; within tolerance");
+            }
+        }
+        let (held, stabilized) =
+            self.scale_down
+                .apply(now, p.scale_down_stabilization, desired, current);
+        if stabilized {
+            reason.push_str("; held by the scale-down window");
+        }
+        Decision {
+            desired: held,
+            metric_value: lag,
+            active: held > 0,
+            reason,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::WorkerCapacity;
+    use crate::lag::{GroupLag, InvalidOffsetPolicy, PartitionLag, Rates};
+
+    fn lag_of(parts: &[(i64, i64)]) -> GroupLag {
+        let ps = parts
+            .iter()
+            .enumerate()
+            .map(|(i, (c, h))| {
+                PartitionLag::compute(i as i32, Some(*c), 0, *h, InvalidOffsetPolicy::Earliest)
+            })
+            .collect();
+        GroupLag::new("g", "t", ps)
+    }
+
+    fn rates(arrival: f64, processed: f64) -> Rates {
+        Rates {
+            arrival_per_sec: arrival,
+            processed_per_sec: processed,
+        }
+    }
+
+    fn decide(
+        r: &mut RatePolicy,
+        at: Instant,
+        lag: &GroupLag,
+        rates: Rates,
+        capacity: Option<&WorkerCapacity>,
+        current: u32,
+    ) -> Decision {
+        r.decide(
+            at,
+            &Observation {
+                lag,
+                rates,
+                capacity,
+                current,
+            },
+        )
+    }
+
+    fn workers(n: u32, processed_each: f64, busy: f64) -> WorkerCapacity {
+        WorkerCapacity::from_parts(n, processed_each * f64::from(n), busy)
+    }
+
+    #[test]
+    fn steady_load_below_one_replica_holds_one_replica() {
+        // The reported defect: 1,000/s arriving, one replica able to do about
+        // 1,600/s, always a little lag waiting for its commit. Progress ÷
+        // replicas reads 1,000/s, 500/s, ... and asked for one more each time.
+        let mut r = RatePolicy::new(RateParams {
+            max_replicas: 8,
+            initial_rate_per_replica: 100.0,
+            scale_down_stabilization: Duration::from_secs(300),
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        let lag = lag_of(&[(0, 150); 8]); // 1,200 records in flight
+        let mut current = 1;
+        for s in 0..300 {
+            let report = workers(
+                current,
+                1000.0 / f64::from(current),
+                0.6 / f64::from(current),
+            );
+            let d = decide(
+                &mut r,
+                t0 + Duration::from_secs(s),
+                &lag,
+                rates(1000.0, 1000.0),
+                Some(&report),
+                current,
+            );
+            assert!(d.desired <= 2, "second {s}: {}", d.reason);
+            current = d.desired;
+        }
+        assert_eq!(current, 1);
+        assert!((r.capacity_per_replica() - 1000.0 / 0.6).abs() < 1.0);
+        assert_eq!(r.capacity_source(), CapacitySource::Workers);
+    }
+
+    #[test]
+    fn drains_in_time_and_never_asks_past_the_partitions() {
+        let mut r = RatePolicy::new(RateParams {
+            target_drain: Duration::from_secs(10),
+            max_replicas: 24,
+            slots_per_partition: 3,
+            initial_rate_per_replica: 100.0,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        // lag 5000 over 10 s = 500/s at 100/s per replica -> 5, but the guess
+        // is bounded by 2 partitions x 3 slots = 6 and 2 partitions: 2.
+        let lag = lag_of(&[(0, 2500), (0, 2500)]);
+        assert_eq!(
+            decide(&mut r, t0, &lag, rates(0.0, 0.0), None, 1).desired,
+            2
+        );
+        // Measured: 200/s per replica (busy 1.0); 500/s of drain needs 3,
+        // which 2 partitions cannot use: 2. Quirk 4 of docs/scaling.md.
+        let report = workers(2, 200.0, 1.0);
+        let d = decide(
+            &mut r,
+            t0 + Duration::from_secs(1),
+            &lag,
+            rates(0.0, 400.0),
+            Some(&report),
+            2,
+        );
+        assert_eq!(d.desired, 2, "{}", d.reason);
+    }
+
+    #[test]
+    fn the_capacity_cap_follows_measured_demand_up_to_the_partitions() {
+        // `--ordering partition` with 4 slots per worker: the slot arithmetic
+        // says ceil(8 x 1 / 4) = 2 replicas, but each replica measured does
+        // 1,000/s and 3,600/s arrive (450/s per partition): 2 partitions per
+        // replica fit, 4 replicas.
+        let mut r = RatePolicy::new(RateParams {
+            max_replicas: 24,
+            slots_per_partition: 1,
+            slots_per_replica: 4,
+            tolerance: 0.0,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        let report = workers(2, 1000.0, 1.0);
+        let mut d = None;
+        for s in 0..=300i64 {
+            let lag = lag_of(&[(450 * s, 450 * s + 100); 8]);
+            d = Some(decide(
+                &mut r,
+                t0 + Duration::from_secs(s as u64),
+                &lag,
+                rates(3600.0, 2000.0),
+                Some(&report),
+                2,
+            ));
+        }
+        let d = d.unwrap();
+        assert_eq!(d.desired, 4, "{}", d.reason);
+        let huge = lag_of(&[(450 * 300, 1_000_000); 8]);
+        let d = decide(
+            &mut r,
+            t0 + Duration::from_secs(301),
+            &huge,
+            rates(3600.0, 2000.0),
+            Some(&report),
+            2,
+        );
+        assert_eq!(d.desired, 8, "never above the partitions: {}", d.reason);
+    }
+
+    #[test]
+    fn min_zero_reaches_zero_within_the_scale_down_window() {
+        let mut r = RatePolicy::new(RateParams {
+            min_replicas: 0,
+            scale_down_stabilization: Duration::from_secs(300),
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        let busy = lag_of(&[(0, 3000)]);
+        let report = workers(1, 1000.0, 1.0);
+        for s in 0..60 {
+            decide(
+                &mut r,
+                t0 + Duration::from_secs(s),
+                &busy,
+                rates(1000.0, 1000.0),
+                Some(&report),
+                1,
+            );
+        }
+        let idle = lag_of(&[(3000, 3000)]);
+        let idle_from = t0 + Duration::from_secs(60);
+        let mut zero_at = None;
+        for s in 0..400 {
+            let at = idle_from + Duration::from_secs(s);
+            let d = decide(&mut r, at, &idle, rates(0.0, 0.0), None, 1);
+            if d.desired == 0 {
+                assert!(!d.active);
+                zero_at = Some(s);
+                break;
+            }
+        }
+        let zero_at = zero_at.expect("reaches zero");
+        assert!(zero_at <= 301, "zero after {zero_at} s of idle");
+    }
+
+    #[test]
+    fn on_the_guess_alone_the_count_at_most_doubles_per_step() {
+        let mut r = RatePolicy::new(RateParams {
+            initial_rate_per_replica: 100.0,
+            max_replicas: 8,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        let burst = lag_of(&[(0, 30_000); 8]);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let d = decide(&mut r, at(0), &burst, rates(0.0, 0.0), None, 1);
+        assert_eq!(d.desired, 2, "{}", d.reason);
+        assert_eq!(
+            decide(&mut r, at(1000), &burst, rates(0.0, 0.0), None, 2).desired,
+            2
+        );
+        assert_eq!(
+            decide(&mut r, at(15_000), &burst, rates(0.0, 0.0), None, 2).desired,
+            4
+        );
+        // Measured, the demand decides at once: 8,000/s of drain at 1,600/s.
+        let two = workers(2, 1600.0, 1.0);
+        let d = decide(
+            &mut r,
+            at(16_000),
+            &burst,
+            rates(0.0, 3200.0),
+            Some(&two),
+            4,
+        );
+        assert_eq!(d.desired, 8, "{}", d.reason);
+    }
+
+    #[test]
+    fn falls_back_to_lag_growth_only_without_worker_reports() {
+        let mut r = RatePolicy::new(RateParams {
+            initial_rate_per_replica: 100.0,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        // Standing lag that does not grow: the committed rate is arrivals,
+        // not capacity, and is not learned.
+        for s in 0..20 {
+            decide(
+                &mut r,
+                t0 + Duration::from_secs(s),
+                &lag_of(&[(0, 500 + (s as i64 % 2) * 10)]),
+                rates(1000.0, 1000.0),
+                None,
+                2,
+            );
+        }
+        assert_eq!(r.capacity_source(), CapacitySource::Guess);
+        // A growing backlog past what is in flight: 2 replicas do 1,500/s.
+        for s in 20..30 {
+            decide(
+                &mut r,
+                t0 + Duration::from_secs(s),
+                &lag_of(&[(0, 10_000 + s as i64 * 1000)]),
+                rates(2500.0, 1500.0),
+                None,
+                2,
+            );
+        }
+        assert_eq!(r.capacity_source(), CapacitySource::LagGrowth);
+        assert!((r.capacity_per_replica() - 750.0).abs() < 1.0);
+        // Workers that report replace it.
+        let report = workers(2, 900.0, 0.5);
+        decide(
+            &mut r,
+            t0 + Duration::from_secs(31),
+            &lag_of(&[(0, 100)]),
+            rates(1000.0, 1800.0),
+            Some(&report),
+            2,
+        );
+        assert_eq!(r.capacity_source(), CapacitySource::Workers);
+        assert!((r.capacity_per_replica() - 1800.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn does_not_count_a_burst_twice() {
+        // 8,000 records produced in half a second: 16,000/s "arriving", but
+        // they are all in the lag already.
+        let mut r = RatePolicy::new(RateParams {
+            target_drain: Duration::from_secs(10),
+            initial_rate_per_replica: 800.0,
+            slots_per_partition: 4,
+            slots_per_replica: 4,
+            max_replicas: 8,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        decide(&mut r, t0, &lag_of(&[(0, 0); 8]), rates(0.0, 0.0), None, 1);
+        let burst = lag_of(&[(0, 1000); 8]);
+        let d = decide(
+            &mut r,
+            t0 + Duration::from_secs(1),
+            &burst,
+            rates(8_000.0, 0.0),
+            None,
+            1,
+        );
+        // 8,000 x (1 - e^(-1/30)) = 262/s sustained + 800/s to drain = 1,062/s
+        // -> 2 replicas at 800/s (each 4 partitions of 133/s).
+        assert_eq!(d.desired, 2, "{}", d.reason);
+    }
+
+    #[test]
+    fn partitions_spread_by_count_decide_not_the_total_alone() {
+        // 9,000/s over 8 partitions, 1,760/s per replica: the total says 6,
+        // but 6 replicas leave two of them 2 partitions (2,250/s): 8.
+        assert_eq!(replicas_for(&[1125.0; 8], 1760.0), 8);
+        // 5,600/s: 700/s each, 2 per replica fit: 4 (the total also says 4).
+        assert_eq!(replicas_for(&[700.0; 8], 1760.0), 4);
+        // One hot partition with 7 quiet ones fits one replica.
+        let mut hot = [50.0; 8];
+        hot[0] = 1200.0;
+        assert_eq!(replicas_for(&hot, 1760.0), 1);
+        // A partition beyond one replica's capacity fills a replica of its
+        // own, so every other partition gets one too: none waits behind it.
+        hot[0] = 5000.0;
+        assert_eq!(replicas_for(&hot, 1760.0), 8);
+        assert_eq!(replicas_for(&[0.0; 8], 1760.0), 0);
+    }
+
+    #[test]
+    fn scale_down_is_stabilized_and_small_changes_are_ignored() {
+        let mut r = RatePolicy::new(RateParams {
+            scale_down_stabilization: Duration::from_secs(10),
+            initial_rate_per_replica: 100.0,
+            max_replicas: 10,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        let lag = lag_of(&[(0, 15_000); 10]);
+        let one = workers(1, 100.0, 1.0);
+        assert_eq!(
+            decide(&mut r, t0, &lag, rates(0.0, 0.0), Some(&one), 1).desired,
+            10
+        );
+        let idle = lag_of(&[(100, 100); 10]);
+        let at = |s| t0 + Duration::from_secs(s);
+        assert_eq!(
+            decide(&mut r, at(5), &idle, rates(0.0, 0.0), None, 10).desired,
+            10
+        );
+        assert_eq!(
+            decide(&mut r, at(11), &idle, rates(0.0, 0.0), None, 10).desired,
+            1
+        );
+        // 10 replicas asked to become 11 by a 10% change: kept while lag remains.
+        let mut r = RatePolicy::new(RateParams {
+            initial_rate_per_replica: 100.0,
+            max_replicas: 20,
+            ..RateParams::default()
+        });
+        let lag = lag_of(&[(0, 1800); 11]); // 60/s per partition: 11 replicas
+        let d = decide(&mut r, t0, &lag, rates(0.0, 0.0), None, 10);
+        assert_eq!(d.desired, 10, "{}", d.reason);
+    }
+}
