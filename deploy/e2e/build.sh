@@ -24,6 +24,10 @@ K8S_VERSION=$(pinned kubernetes k8s.io/kubernetes)
 KEDA_VERSION=$(pinned keda github.com/kedacore/keda/v2)
 ETCD_VERSION=$(pinned etcd go.etcd.io/etcd/server/v3)
 GO_VERSION=$(go env GOVERSION)
+# Prometheus Operator's ServiceMonitor CRD (the msk-scram and external-scaler
+# overlays have a ServiceMonitor; deploy.sh checks for its CRD). Only the CRD
+# is used, taken from the operator's Go module.
+PROMETHEUS_OPERATOR_VERSION=v0.85.0
 
 # key NAME VERSION: the cache directory of one module's binaries.
 key_dir() {
@@ -104,9 +108,11 @@ if [[ ${1:-} == --print-dir ]]; then
 	built etcd "$ETCD_VERSION" "${etcd_bins[@]}" &&
 		built kubernetes "$K8S_VERSION" "${kubernetes_bins[@]}" &&
 		built keda "$KEDA_VERSION" "${keda_bins[@]}" || exit 1
-	printf 'ETCD_BIN=%s\nKUBE_BIN=%s\nKEDA_BIN=%s\n' \
+	[[ -d $(key_dir keda "$KEDA_VERSION")/crd && -d $CACHE/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/crd ]] || exit 1
+	printf 'ETCD_BIN=%s\nKUBE_BIN=%s\nKEDA_BIN=%s\nKEDA_CRDS=%s\nSERVICEMONITOR_CRDS=%s\n' \
 		"$(bin_dir_of etcd "$ETCD_VERSION")" "$(bin_dir_of kubernetes "$K8S_VERSION")" \
-		"$(bin_dir_of keda "$KEDA_VERSION")"
+		"$(bin_dir_of keda "$KEDA_VERSION")" "$(key_dir keda "$KEDA_VERSION")/crd" \
+		"$CACHE/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/crd"
 	exit 0
 fi
 
@@ -120,6 +126,19 @@ if [[ ! -d $crds ]]; then
 	src=$(cd "$E2E_DIR/build/keda" && go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)
 	mkdir -p "$crds.tmp.$$"
 	cp "$src"/config/crd/bases/*.yaml "$crds.tmp.$$/"
+	chmod -R u+w "$crds.tmp.$$"
+	mv "$crds.tmp.$$" "$crds"
+fi
+crds=$CACHE/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/crd
+if [[ ! -d $crds ]]; then
+	src=$(GOFLAGS=-mod=mod go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
+		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+	[[ -n $src ]] || {
+		log "could not download github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION"
+		exit 1
+	}
+	mkdir -p "$crds.tmp.$$"
+	cp "$src/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" "$crds.tmp.$$/"
 	chmod -R u+w "$crds.tmp.$$"
 	mv "$crds.tmp.$$" "$crds"
 fi

@@ -21,10 +21,10 @@ set -euo pipefail
 E2E_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 STATE=${E2E_STATE_DIR:-$E2E_DIR/.cluster}
 BASE=${E2E_PORT_BASE:-27100}
-[[ $BASE =~ ^[0-9]+$ ]] && ((BASE > 1024 && BASE < 65500)) || {
+if ! [[ $BASE =~ ^[0-9]+$ ]] || ((BASE <= 1024 || BASE >= 65500)); then
 	echo "cluster: E2E_PORT_BASE: expected a port number, got '$BASE'" >&2
 	exit 2
-}
+fi
 ETCD_PORT=$BASE
 ETCD_PEER_PORT=$((BASE + 1))
 APISERVER_PORT=$((BASE + 2))
@@ -101,13 +101,17 @@ start_part() {
 	echo $! >"$STATE/pids/$part"
 }
 
-# wait_for WHAT SECONDS CMD...: retry CMD until it succeeds.
+# wait_for PART SECONDS CMD...: retry CMD until it succeeds, while PART runs.
 wait_for() {
-	local what=$1 seconds=$2 deadline
+	local part=$1 seconds=$2 deadline
 	shift 2
 	deadline=$((SECONDS + seconds))
 	until "$@" >/dev/null 2>&1; do
-		((SECONDS < deadline)) || die "$what not ready after ${seconds} s"
+		if ! running "$part"; then
+			tail -n 20 "$STATE/logs/$part.log" >&2
+			die "$part exited (log: $STATE/logs/$part.log)"
+		fi
+		((SECONDS < deadline)) || die "$part not ready after ${seconds} s (log: $STATE/logs/$part.log)"
 		sleep 0.5
 	done
 }
@@ -212,8 +216,6 @@ cmd_start() {
 	local bins
 	bins=$("$E2E_DIR/build.sh") || die "build failed"
 	eval "$bins"
-	local crds
-	crds=$(dirname "$KEDA_BIN")/crd
 	local part port
 	for part in "${PARTS[@]}"; do
 		! running "$part" || die "$part is already running (pid $(cat "$STATE/pids/$part")); run '$0 stop' first"
@@ -267,11 +269,13 @@ cmd_start() {
 		--service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
 		--horizontal-pod-autoscaler-sync-period "${HPA_SYNC_SECONDS}s" \
 		--profiling=false --v 1
+	# Its ServiceAccount controller makes every namespace's "default" account.
+	wait_for kube-controller-manager 120 "${kubectl[@]}" -n default get serviceaccount default
 
-	log "KEDA's CRDs, namespace and APIService"
-	"${kubectl[@]}" apply --server-side -f "$crds" >/dev/null
+	log "KEDA's CRDs, Prometheus Operator's ServiceMonitor CRD, KEDA's namespace and APIService"
+	"${kubectl[@]}" apply --server-side -f "$KEDA_CRDS" -f "$SERVICEMONITOR_CRDS" >/dev/null
 	apiservice_manifest | "${kubectl[@]}" apply -f - >/dev/null
-	"${kubectl[@]}" wait --for condition=Established --timeout 60s -f "$crds" >/dev/null
+	"${kubectl[@]}" wait --for condition=Established --timeout 60s -f "$KEDA_CRDS" -f "$SERVICEMONITOR_CRDS" >/dev/null
 
 	local keda_ca=${E2E_KEDA_CA_DIR:-$STATE/no-ca}
 	mkdir -p "$keda_ca"
@@ -294,8 +298,8 @@ cmd_start() {
 		--lister-kubeconfig "$STATE/kubeconfig" \
 		--metrics-service-address "127.0.0.1:$OPERATOR_GRPC_PORT" --port "$ADAPTER_METRICS_PORT" \
 		--zap-log-level info --zap-encoder console
-	"${kubectl[@]}" wait --for condition=Available --timeout 120s apiservice/v1beta1.external.metrics.k8s.io >/dev/null ||
-		die "the APIService v1beta1.external.metrics.k8s.io did not become Available (logs/keda-adapter.log)"
+	wait_for keda-adapter 120 "${kubectl[@]}" get --raw /apis/external.metrics.k8s.io/v1beta1
+	"${kubectl[@]}" wait --for condition=Available --timeout 60s apiservice/v1beta1.external.metrics.k8s.io >/dev/null
 	trap - EXIT
 
 	cat >"$STATE/env" <<EOF

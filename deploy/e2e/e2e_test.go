@@ -561,7 +561,8 @@ func TestExternalScalerOverlay(t *testing.T) {
 		}
 	}
 	// The replicas follow the rate policy: after each GetMetrics (the HPA's
-	// sync), within one sync period the Deployment has that many replicas.
+	// sync), within one sync period (plus the scale-down window, when it
+	// asks for fewer) the Deployment has that many replicas.
 	var followed, checked int
 	for _, m := range metrics {
 		at := m.Timestamp.Sub(burstAt)
@@ -571,7 +572,7 @@ func TestExternalScalerOverlay(t *testing.T) {
 		}
 		checked++
 		for _, st := range steps {
-			if st.at >= at && st.at <= at+cluster.hpaSync+2*time.Second && st.replicas == int32(v) {
+			if st.at >= at && st.at <= at+cluster.hpaSync+scaleDownWindowSecs*time.Second+2*time.Second && st.replicas == int32(v) {
 				followed++
 				break
 			}

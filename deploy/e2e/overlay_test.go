@@ -79,7 +79,10 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 		fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/consumerGroup", "value": %q}`, o.group),
 	}
 	if o.base == "external-scaler" {
-		so = append(so, fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/scalerAddress", "value": %q}`, o.scalerAddr))
+		so = append(so, fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/scalerAddress", "value": %q}`, o.scalerAddr),
+			// Drain a burst within 10 s instead of 60: the test's burst then
+			// asks for more than one replica.
+			`{"op": "replace", "path": "/spec/triggers/0/metadata/targetDrainSeconds", "value": "10"}`)
 	} else {
 		so = append(so, fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/bootstrapServers", "value": %q}`, o.worker["KAFKA_BOOTSTRAP_SERVERS"]))
 	}
