@@ -236,8 +236,9 @@ func (s *session) produce(n int) {
 }
 
 // watch samples the timeline every second until done says stop or the
-// time is up; predict adds the keda policy's answer.
-func (s *session) watch(within time.Duration, predict bool, done func([]sample) bool) ([]sample, error) {
+// time is up; predict adds the keda policy's answer. With kick, one step is
+// taken first, then kick runs (the burst), and times count from it.
+func (s *session) watch(within time.Duration, predict bool, kick func(), done func([]sample) bool) ([]sample, error) {
 	ctx, cancel := s.ctx(within + time.Minute)
 	defer cancel()
 	var policyArgs []string
@@ -265,6 +266,16 @@ func (s *session) watch(within time.Duration, predict bool, done func([]sample) 
 			st.predicted = l.Policy.DesiredReplicas
 		}
 		steps = append(steps, st)
+		if kick != nil {
+			// The step before the burst: what the HPA may still act on
+			// during its first sync period after it.
+			kick()
+			kick = nil
+			kicked := time.Now()
+			steps[0].at = -kicked.Sub(start)
+			start = kicked
+			continue
+		}
 		if done(steps) {
 			return steps, nil
 		}
@@ -328,17 +339,18 @@ func (s *session) kafkaTriggerScenario() {
 	t := s.t
 	minR := int32(s.o.minReplica)
 	// Before the burst: the minimum, and as many processes as replicas.
-	if _, err := s.watch(90*time.Second, false, func(st []sample) bool {
+	if _, err := s.watch(90*time.Second, false, nil, func(st []sample) bool {
 		l := st[len(st)-1]
 		return l.replicas == minR && l.running == int(minR)
 	}); err != nil {
 		t.Fatalf("before the burst, replicas did not settle at %d: %v", minR, err)
 	}
-	s.produce(burst)
-	t.Logf("burst: %d records produced at once", burst)
 	var peak int32
 	var peakAt, drainedAt, backAt time.Duration
-	steps, err := s.watch(4*time.Minute, true, func(st []sample) bool {
+	steps, err := s.watch(4*time.Minute, true, func() {
+		s.produce(burst)
+		t.Logf("burst: %d records produced at once", burst)
+	}, func(st []sample) bool {
 		l := st[len(st)-1]
 		if l.replicas > peak {
 			peak, peakAt = l.replicas, l.at
@@ -501,7 +513,7 @@ func TestExternalScalerOverlay(t *testing.T) {
 	s.checkKeda()
 
 	// Idle, minReplicaCount 0: KEDA scales the workers to zero after the cooldown.
-	steps, err := s.watch(2*time.Minute, false, func(st []sample) bool {
+	steps, err := s.watch(2*time.Minute, false, nil, func(st []sample) bool {
 		l := st[len(st)-1]
 		return l.replicas == 0 && l.running == 0
 	})
@@ -510,12 +522,14 @@ func TestExternalScalerOverlay(t *testing.T) {
 	}
 	t.Logf("idle: scaled to zero at +%.0fs (cooldown %ds)", steps[len(steps)-1].at.Seconds(), cooldownSeconds)
 
-	s.produce(burst)
-	burstAt := time.Now()
-	t.Logf("burst: %d records produced at once", burst)
+	var burstAt time.Time
 	var woke, peak time.Duration
 	var top int32
-	steps, err = s.watch(5*time.Minute, false, func(st []sample) bool {
+	steps, err = s.watch(5*time.Minute, false, func() {
+		s.produce(burst)
+		burstAt = time.Now()
+		t.Logf("burst: %d records produced at once", burst)
+	}, func(st []sample) bool {
 		l := st[len(st)-1]
 		if l.replicas > 0 && woke == 0 {
 			woke = l.at
@@ -555,8 +569,26 @@ func TestExternalScalerOverlay(t *testing.T) {
 			t.Errorf("the scaler's log shows no %s call", c)
 		}
 	}
+	// The wake from zero came through the stream: the scaler pushed
+	// "active" after the burst and before the first replica.
+	pushed := false
 	for _, l := range logs {
-		if m := l.message(); strings.HasPrefix(m, "GetMetricSpec") || strings.HasPrefix(m, "StreamIsActive") {
+		if l.message() == "StreamIsActive: pushed" && l.Fields["active"] == true &&
+			l.Timestamp.After(burstAt.Add(-time.Second)) && l.Timestamp.Before(burstAt.Add(woke+time.Second)) {
+			pushed = true
+			t.Logf("StreamIsActive pushed active at +%.1fs; the first replica came at +%.0fs",
+				l.Timestamp.Sub(burstAt).Seconds(), woke.Seconds())
+		}
+	}
+	if !pushed {
+		t.Errorf("no StreamIsActive push of active=true between the burst and the wake at +%.0fs", woke.Seconds())
+	}
+	// The first lines of each kind, as the scaler wrote them.
+	shown := map[string]int{}
+	for _, l := range logs {
+		m := l.message()
+		if calls[m] > 0 && shown[m] < 2 {
+			shown[m]++
 			t.Logf("scaler: %s", l.Raw)
 		}
 	}

@@ -82,7 +82,12 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 		so = append(so, fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/scalerAddress", "value": %q}`, o.scalerAddr),
 			// Drain a burst within 10 s instead of 60: the test's burst then
 			// asks for more than one replica.
-			`{"op": "replace", "path": "/spec/triggers/0/metadata/targetDrainSeconds", "value": "10"}`)
+			`{"op": "replace", "path": "/spec/triggers/0/metadata/targetDrainSeconds", "value": "10"}`,
+			// external-push: KEDA keeps StreamIsActive open and wakes the
+			// workers from zero when the scaler pushes "active", instead of
+			// polling IsActive every pollingInterval. The metric calls
+			// (GetMetricSpec, GetMetrics) are the same for both types.
+			`{"op": "replace", "path": "/spec/triggers/0/type", "value": "external-push"}`)
 	} else {
 		so = append(so, fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/bootstrapServers", "value": %q}`, o.worker["KAFKA_BOOTSTRAP_SERVERS"]))
 	}
