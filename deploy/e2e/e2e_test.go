@@ -269,9 +269,9 @@ func (s *session) watch(within time.Duration, predict bool, kick func(), done fu
 		if kick != nil {
 			// The step before the burst: what the HPA may still act on
 			// during its first sync period after it.
+			kicked := time.Now()
 			kick()
 			kick = nil
-			kicked := time.Now()
 			steps[0].at = -kicked.Sub(start)
 			start = kicked
 			continue
@@ -525,14 +525,15 @@ func TestExternalScalerOverlay(t *testing.T) {
 	var burstAt time.Time
 	var woke, peak time.Duration
 	var top int32
+	awake := false
 	steps, err = s.watch(5*time.Minute, false, func() {
-		s.produce(burst)
 		burstAt = time.Now()
+		s.produce(burst)
 		t.Logf("burst: %d records produced at once", burst)
 	}, func(st []sample) bool {
 		l := st[len(st)-1]
-		if l.replicas > 0 && woke == 0 {
-			woke = l.at
+		if l.replicas > 0 && !awake {
+			awake, woke = true, l.at
 		}
 		if l.replicas > top {
 			top, peak = l.replicas, l.at
@@ -548,6 +549,9 @@ func TestExternalScalerOverlay(t *testing.T) {
 	t.Logf("woke from zero at +%.0fs; peak %d replicas at +%.0fs; back to zero at +%.0fs",
 		woke.Seconds(), top, peak.Seconds(), steps[len(steps)-1].at.Seconds())
 
+	if steps[0].replicas != 0 {
+		t.Errorf("the workers were not at zero when the burst came (%d replicas)", steps[0].replicas)
+	}
 	// The scaler's own log: each KEDA call, and the metric values it gave.
 	logs := readScalerLog(s.standIn.logsOf("scaler"))
 	calls := map[string]int{}
