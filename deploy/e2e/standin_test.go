@@ -273,29 +273,24 @@ func (s *standIn) containerEnv(ctx context.Context, pod *corev1.Pod, c corev1.Co
 		values[k] = v
 	}
 	for _, from := range c.EnvFrom {
+		kind, name, opt := "ConfigMap", "", (*bool)(nil)
 		switch {
 		case from.ConfigMapRef != nil:
-			cm, err := s.cs.CoreV1().ConfigMaps(pod.Namespace).Get(ctx, from.ConfigMapRef.Name, metav1.GetOptions{})
-			if err != nil {
-				if optional(from.ConfigMapRef.Optional) {
-					continue
-				}
-				return nil, fmt.Errorf("configmap %q not found", from.ConfigMapRef.Name)
-			}
-			for k, v := range cm.Data {
-				set(from.Prefix+k, v)
-			}
+			name, opt = from.ConfigMapRef.Name, from.ConfigMapRef.Optional
 		case from.SecretRef != nil:
-			sec, err := s.cs.CoreV1().Secrets(pod.Namespace).Get(ctx, from.SecretRef.Name, metav1.GetOptions{})
-			if err != nil {
-				if optional(from.SecretRef.Optional) {
-					continue
-				}
-				return nil, fmt.Errorf("secret %q not found", from.SecretRef.Name)
+			kind, name, opt = "Secret", from.SecretRef.Name, from.SecretRef.Optional
+		default:
+			continue
+		}
+		data, err := s.data(ctx, pod.Namespace, kind, name)
+		if err != nil {
+			if optional(opt) {
+				continue
 			}
-			for k, v := range sec.Data {
-				set(from.Prefix+k, string(v))
-			}
+			return nil, err
+		}
+		for k, v := range data {
+			set(from.Prefix+k, v)
 		}
 	}
 	for _, e := range c.Env {
@@ -304,38 +299,22 @@ func (s *standIn) containerEnv(ctx context.Context, pod *corev1.Pod, c corev1.Co
 			set(e.Name, e.Value)
 		case e.ValueFrom.ConfigMapKeyRef != nil:
 			ref := e.ValueFrom.ConfigMapKeyRef
-			cm, err := s.cs.CoreV1().ConfigMaps(pod.Namespace).Get(ctx, ref.Name, metav1.GetOptions{})
+			v, ok, err := s.keyRef(ctx, pod.Namespace, "ConfigMap", ref.Name, ref.Key, ref.Optional)
 			if err != nil {
-				if optional(ref.Optional) {
-					continue
-				}
-				return nil, fmt.Errorf("configmap %q not found", ref.Name)
+				return nil, err
 			}
-			v, ok := cm.Data[ref.Key]
-			if !ok {
-				if optional(ref.Optional) {
-					continue
-				}
-				return nil, fmt.Errorf("couldn't find key %s in ConfigMap %s/%s", ref.Key, pod.Namespace, ref.Name)
+			if ok {
+				set(e.Name, v)
 			}
-			set(e.Name, v)
 		case e.ValueFrom.SecretKeyRef != nil:
 			ref := e.ValueFrom.SecretKeyRef
-			sec, err := s.cs.CoreV1().Secrets(pod.Namespace).Get(ctx, ref.Name, metav1.GetOptions{})
+			v, ok, err := s.keyRef(ctx, pod.Namespace, "Secret", ref.Name, ref.Key, ref.Optional)
 			if err != nil {
-				if optional(ref.Optional) {
-					continue
-				}
-				return nil, fmt.Errorf("secret %q not found", ref.Name)
+				return nil, err
 			}
-			v, ok := sec.Data[ref.Key]
-			if !ok {
-				if optional(ref.Optional) {
-					continue
-				}
-				return nil, fmt.Errorf("couldn't find key %s in Secret %s/%s", ref.Key, pod.Namespace, ref.Name)
+			if ok {
+				set(e.Name, v)
 			}
-			set(e.Name, string(v))
 		case e.ValueFrom.FieldRef != nil:
 			switch e.ValueFrom.FieldRef.FieldPath {
 			case "metadata.name":
@@ -357,6 +336,46 @@ func (s *standIn) containerEnv(ctx context.Context, pod *corev1.Pod, c corev1.Co
 }
 
 func optional(b *bool) bool { return b != nil && *b }
+
+// data is a ConfigMap's or a Secret's data, by kind ("ConfigMap", "Secret").
+func (s *standIn) data(ctx context.Context, ns, kind, name string) (map[string]string, error) {
+	if kind == "ConfigMap" {
+		cm, err := s.cs.CoreV1().ConfigMaps(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("configmap %q not found", name)
+		}
+		return cm.Data, nil
+	}
+	sec, err := s.cs.CoreV1().Secrets(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("secret %q not found", name)
+	}
+	data := map[string]string{}
+	for k, v := range sec.Data {
+		data[k] = string(v)
+	}
+	return data, nil
+}
+
+// keyRef resolves one key as the kubelet does: ok is false when the
+// reference is optional and the object or key is missing.
+func (s *standIn) keyRef(ctx context.Context, ns, kind, name, key string, opt *bool) (string, bool, error) {
+	data, err := s.data(ctx, ns, kind, name)
+	if err != nil {
+		if optional(opt) {
+			return "", false, nil
+		}
+		return "", false, err
+	}
+	v, ok := data[key]
+	if !ok {
+		if optional(opt) {
+			return "", false, nil
+		}
+		return "", false, fmt.Errorf("couldn't find key %s in %s %s/%s", key, kind, ns, name)
+	}
+	return v, true, nil
+}
 
 func (s *standIn) reportConfigError(ctx context.Context, pod *corev1.Pod, err error) {
 	msg := err.Error()
