@@ -178,7 +178,7 @@ func (e *env) diagnose(ctx context.Context, si *standIn) error {
 		triggers, _, _ := unstructured.NestedSlice(so.Object, "spec", "triggers")
 		for i, t := range triggers {
 			tm, _ := t.(map[string]any)
-			if tm["type"] != "external" {
+			if tm["type"] != "external" && tm["type"] != "external-push" {
 				continue
 			}
 			addr, _, _ := unstructured.NestedString(tm, "metadata", "scalerAddress")
