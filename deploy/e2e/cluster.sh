@@ -10,10 +10,12 @@
 #           wait until the APIService is Available
 #   stop    stop what start started (by the PIDs it wrote), nothing else
 #   status  exit 0 if every part started is still running
-#   env     print KUBECONFIG=... for `eval`
+#   env     print the running cluster's settings (KUBECONFIG=..., kubectl's
+#           directory, the HPA sync period, the log directory)
 # Environment:
 #   E2E_STATE_DIR   where state, certificates and logs go [deploy/e2e/.cluster]
-#   E2E_PORT_BASE   first of the 10 local ports used [27100]
+#   E2E_PORT_BASE   first of the 8 local ports used [27100]
+#   E2E_HPA_SYNC_SECONDS  the HPA controller's sync period [5] (Kubernetes: 15)
 #   E2E_KEDA_CA_DIR a directory of CA certificates KEDA's scalers trust for
 #                   TLS (KEDA's --ca-dir, e.g. the Kafka broker's CA)
 set -euo pipefail
