@@ -48,6 +48,7 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
 		return 1
 	}
+	code := 1
 	envFile := os.Getenv("E2E_CLUSTER_ENV")
 	if envFile == "" {
 		// Start our own cluster and stop it afterwards.
@@ -78,6 +79,13 @@ func run(m *testing.M) int {
 		defer func() {
 			if err := clusterCmd("stop"); err != nil {
 				fmt.Fprintln(os.Stderr, "e2e: cluster.sh stop:", err)
+				return
+			}
+			// Keep the control plane's logs only when something failed.
+			if code == 0 {
+				_ = os.RemoveAll(state)
+			} else {
+				fmt.Fprintf(os.Stderr, "e2e: the control plane's logs: %s/logs\n", state)
 			}
 		}()
 		envFile = filepath.Join(state, "env")
@@ -88,7 +96,8 @@ func run(m *testing.M) int {
 		return 1
 	}
 	cluster = c
-	return m.Run()
+	code = m.Run()
+	return code
 }
 
 // kafkaCADir copies the SCRAM listener's CA into a directory of its own.
