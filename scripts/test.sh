@@ -51,3 +51,10 @@ echo "== cargo test"
 cargo test --all-targets --no-fail-fast "$@"
 echo "== deploy/check (kustomize overlays, manifests, scripts)"
 (cd deploy/check && go test -count=1 ./...)
+# The kit applied to a local control plane (etcd, kube-apiserver,
+# kube-controller-manager, KEDA), built once from source and cached outside
+# the clone (deploy/e2e/README.md); the workers are target/debug/microbatch.
+echo "== deploy/e2e (the overlays on a live control plane, scaled by KEDA)"
+cargo build -p microbatch
+deploy/e2e/build.sh
+(cd deploy/e2e && go test -v -count=1 -timeout 45m ./...)

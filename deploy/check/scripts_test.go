@@ -61,7 +61,12 @@ func TestScriptsPassShellcheck(t *testing.T) {
 		}
 		t.Skip("shellcheck is not installed (apt-get install -y shellcheck); in CI (CI=true) this fails instead")
 	}
-	for _, s := range scripts(t) {
+	// The e2e's control-plane scripts too (deploy/e2e runs them).
+	e2e, _ := filepath.Glob(filepath.Join(repoRoot(t), "deploy", "e2e", "*.sh"))
+	if len(e2e) == 0 {
+		t.Error("no scripts in deploy/e2e")
+	}
+	for _, s := range append(scripts(t), e2e...) {
 		out, err := exec.Command(sc, "--external-sources", s).CombinedOutput()
 		if err != nil {
 			t.Errorf("shellcheck %s:\n%s", filepath.Base(s), out)

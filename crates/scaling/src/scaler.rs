@@ -610,6 +610,7 @@ impl ExternalScaler for Arc<Scaler> {
         let object = request.into_inner();
         // Validate up front so a bad trigger fails the call, not the stream.
         self.state(&object)?;
+        tracing::debug!(scaled_object = %object.name, namespace = %object.namespace, "StreamIsActive");
         let scaler = self.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -622,6 +623,7 @@ impl ExternalScaler for Arc<Scaler> {
                 };
                 if changed {
                     if let Ok(active) = &item {
+                        tracing::debug!(scaled_object = %object.name, active = *active, "StreamIsActive: pushed");
                         last = Some(*active);
                     }
                     let message = item.map(|result| IsActiveResponse { result });
@@ -645,6 +647,7 @@ impl ExternalScaler for Arc<Scaler> {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
         let spec = TriggerSpec::from_metadata(&request.get_ref().scaler_metadata)?;
+        tracing::debug!(metric = %spec.metric_name(), target = spec.target(), "GetMetricSpec");
         Ok(Response::new(GetMetricSpecResponse {
             metric_specs: vec![MetricSpec {
                 metric_name: spec.metric_name(),
