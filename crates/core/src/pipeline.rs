@@ -1339,3 +1339,182 @@ impl Pipeline {
 
 #[cfg(test)]
 pub(crate) mod sim;
+
+#[cfg(test)]
+mod tests {
+    //! The edges, one event at a time, on a clock the test sets.
+    use super::*;
+    use crate::batch::Header;
+    use crate::config::{BatchLimits, KafkaConfig};
+
+    struct Rec(i32, i64);
+
+    impl ConsumedRecord for Rec {
+        fn partition(&self) -> i32 {
+            self.0
+        }
+        fn offset(&self) -> i64 {
+            self.1
+        }
+        fn timestamp_ms(&self) -> Option<i64> {
+            Some(1_000)
+        }
+        fn key(&self) -> Option<&[u8]> {
+            Some(b"k")
+        }
+        fn payload(&self) -> Option<&[u8]> {
+            Some(b"v")
+        }
+        fn headers(&self) -> Vec<Header> {
+            Vec::new()
+        }
+    }
+
+    fn pipeline(t0: Instant) -> Pipeline {
+        let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+        c.batch = BatchLimits::new(2, 1 << 20, Duration::from_millis(10)).unwrap();
+        c.ordering = Ordering::Partition;
+        c.drain_timeout = Duration::from_secs(10);
+        c.retry.max_attempts = 1;
+        let options = Options {
+            dead_letters: true,
+            audit: false,
+            keep_headers: false,
+            seed: 1,
+        };
+        Pipeline::new(c, options, Arc::new(Telemetry::default()), t0, 0)
+    }
+
+    fn intents(p: &mut Pipeline) -> Vec<Intent> {
+        std::iter::from_fn(|| p.poll_intent()).collect()
+    }
+
+    fn starts(p: &mut Pipeline) -> Vec<(Slot, Batch)> {
+        intents(p)
+            .into_iter()
+            .filter_map(|i| match i {
+                Intent::Start { slot, batch } => Some((slot, batch)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sigterm_during_a_revoke_takes_one_drain_deadline() {
+        let t0 = Instant::now();
+        let mut p = pipeline(t0);
+        p.handle_assign(&[0]);
+        p.handle_record(&Rec(0, 0), t0);
+        p.handle_record(&Rec(0, 1), t0);
+        p.handle_tick(t0);
+        assert_eq!(starts(&mut p).len(), 1);
+        assert!(p.begin_revoke(&[0], t0));
+        // SIGTERM 8 s into the revoke: the deadline stays 10 s after it at
+        // most, not 10 s for the revoke and 10 more for the shutdown.
+        let signal = t0 + Duration::from_secs(8);
+        p.shutdown(signal);
+        assert!(!p.revoke_settled(t0 + Duration::from_secs(9)));
+        assert!(p.revoke_settled(t0 + Duration::from_secs(10)));
+        let Phase::Draining { deadline } = p.phase() else {
+            panic!("draining");
+        };
+        assert_eq!(deadline, signal + Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_revoke_waits_for_dead_letters_being_written() {
+        let t0 = Instant::now();
+        let mut p = pipeline(t0);
+        p.handle_assign(&[0]);
+        p.handle_record(&Rec(0, 0), t0);
+        p.handle_record(&Rec(0, 1), t0);
+        p.handle_tick(t0);
+        let (slot, batch) = starts(&mut p).pop().unwrap();
+        p.handle_verdict(
+            slot,
+            batch,
+            BatchOutcome::Partial(vec![(0, Failure::permanent("bad"))]),
+            t0,
+        );
+        let dead = intents(&mut p)
+            .into_iter()
+            .find_map(|i| match i {
+                Intent::DeadLetter { slot, .. } => Some(slot),
+                _ => None,
+            })
+            .expect("a dead letter to write");
+        assert!(p.begin_revoke(&[0], t0));
+        assert!(
+            !p.revoke_settled(t0),
+            "the dead letter is still being written"
+        );
+        p.handle_dead_lettered(dead, &[0], None, t0);
+        assert!(p.revoke_settled(t0));
+        p.complete_revoke();
+        let committed: Vec<(i32, i64)> = intents(&mut p)
+            .into_iter()
+            .filter_map(|i| match i {
+                Intent::Commit {
+                    offsets,
+                    sync: true,
+                    ..
+                } => Some(offsets),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(
+            committed,
+            [(0, 2)],
+            "both records done, the commit passes them"
+        );
+    }
+
+    #[test]
+    fn a_batch_abandoned_at_the_revoke_deadline_blocks_its_lane_when_the_partition_returns() {
+        let t0 = Instant::now();
+        let mut p = pipeline(t0);
+        p.handle_assign(&[0]);
+        p.handle_record(&Rec(0, 0), t0);
+        p.handle_record(&Rec(0, 1), t0);
+        p.handle_tick(t0);
+        let (old_slot, old_batch) = starts(&mut p).pop().unwrap();
+        assert!(p.begin_revoke(&[0], t0));
+        let late = t0 + Duration::from_secs(11);
+        assert!(p.revoke_settled(late), "the deadline passed");
+        p.complete_revoke();
+        p.handle_assign(&[0]);
+        p.handle_record(&Rec(0, 0), late);
+        p.handle_record(&Rec(0, 1), late);
+        p.handle_tick(late);
+        assert!(starts(&mut p).is_empty(), "the abandoned batch still runs");
+        p.handle_verdict(old_slot, old_batch, BatchOutcome::Success, late);
+        p.handle_tick(late);
+        assert_eq!(starts(&mut p).len(), 1, "its lane is free again");
+    }
+
+    #[test]
+    fn offsets_that_go_backwards_restart_the_partition() {
+        let t0 = Instant::now();
+        let mut p = pipeline(t0);
+        p.handle_assign(&[0]);
+        for o in [10, 11] {
+            p.handle_record(&Rec(0, o), t0);
+        }
+        p.handle_tick(t0);
+        let (old_slot, old_batch) = starts(&mut p).pop().unwrap();
+        // A reset to earliest after truncation: offset 3 comes next.
+        p.handle_record(&Rec(0, 3), t0);
+        p.handle_record(&Rec(0, 4), t0);
+        assert_eq!(p.watermark(0), Some(3), "tracked again from the new offset");
+        // The batch of the old offsets ends: it counts for nothing now, and
+        // frees its lane.
+        p.handle_verdict(old_slot, old_batch, BatchOutcome::Success, t0);
+        assert_eq!(p.watermark(0), Some(3));
+        p.handle_tick(t0);
+        let (slot, batch) = starts(&mut p).pop().expect("the new records start");
+        assert_eq!(batch.offsets().collect::<Vec<_>>(), [3, 4]);
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+        assert_eq!(p.watermark(0), Some(5));
+    }
+}
