@@ -77,3 +77,55 @@ impl Handler for HttpHandler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server on 127.0.0.1 that answers every request with `status`.
+    async fn answering(status: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0; 64 * 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            }
+        });
+        url
+    }
+
+    fn batch() -> Batch {
+        let mut b = Batch::new(1, Arc::from("t"), 0);
+        b.push(1, None, None, Some(b"a"), []);
+        b
+    }
+
+    #[tokio::test]
+    async fn a_wrong_endpoint_or_credentials_is_an_outage_not_a_bad_record() {
+        for (status, retryable) in [
+            ("401 Unauthorized", true),
+            ("403 Forbidden", true),
+            ("404 Not Found", true),
+            ("503 Service Unavailable", true),
+            ("400 Bad Request", false),
+            ("422 Unprocessable Entity", false),
+        ] {
+            let h = HttpHandler::new(answering(status).await, Duration::from_secs(5)).unwrap();
+            match h.handle(&batch()).await {
+                BatchOutcome::Failed(f) => assert_eq!(f.retryable, retryable, "{status}"),
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+    }
+}
