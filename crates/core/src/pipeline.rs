@@ -166,6 +166,10 @@ struct PartitionState {
     dead_letters_in_flight: HashMap<u64, PendingDeadLetter>,
     /// The highest offset the broker acknowledged as committed.
     acked: Option<i64>,
+    /// (offset, timestamp) of the records taken in and not yet below the
+    /// watermark, oldest first: the front is the age of the lag
+    /// (`microbatch_partition_lag_seconds`).
+    timestamps: VecDeque<(i64, i64)>,
 }
 
 impl PartitionState {
@@ -190,6 +194,7 @@ impl PartitionState {
             dead_letters: VecDeque::new(),
             dead_letters_in_flight: HashMap::new(),
             acked: None,
+            timestamps: VecDeque::new(),
         }
     }
 
@@ -605,6 +610,9 @@ impl Pipeline {
             .get_mut(&partition)
             .expect("partition present");
         ps.offsets.track(offset);
+        if let Some(ts) = msg.timestamp_ms() {
+            ps.timestamps.push_back((offset, ts));
+        }
         let lane_idx = ps.lane_for(ordering, msg.key(), offset);
         let mut opened = false;
         let closed = ps.lanes[lane_idx].batcher.push(
@@ -823,6 +831,7 @@ impl Pipeline {
         if now >= self.next_commit {
             self.next_commit = now + self.config.commit_interval;
             self.commit(false, |ps| ps.revoke_deadline.is_none());
+            self.update_lag_ages();
             let idle: Vec<i32> = self
                 .partitions
                 .iter()
@@ -898,13 +907,12 @@ impl Pipeline {
                 );
             }
             self.forget(p, ps);
-            self.telemetry
-                .metrics
-                .partition_lag
-                .remove(&crate::telemetry::PartitionLabel {
-                    topic: self.topic.to_string(),
-                    partition: p,
-                });
+            let label = crate::telemetry::PartitionLabel {
+                topic: self.topic.to_string(),
+                partition: p,
+            };
+            self.telemetry.metrics.partition_lag.remove(&label);
+            self.telemetry.metrics.partition_lag_seconds.remove(&label);
         }
         self.telemetry
             .metrics
@@ -1033,6 +1041,11 @@ impl Pipeline {
         for o in offsets {
             ps.offsets.mark_done(o);
             n += 1;
+        }
+        if let Some(wm) = ps.offsets.watermark() {
+            while ps.timestamps.front().is_some_and(|(o, _)| *o < wm) {
+                ps.timestamps.pop_front();
+            }
         }
         ps.held -= n;
         self.held -= n;
@@ -1286,6 +1299,26 @@ impl Pipeline {
         self.update_gauges();
     }
 
+    /// Per partition, the age of the oldest record held that is not done
+    /// (updated once per commit interval: it allocates a label each).
+    fn update_lag_ages(&self) {
+        let now_ms = self.wall_ms(self.clock);
+        for (p, ps) in &self.partitions {
+            let age_ms = match (ps.offsets.watermark(), ps.timestamps.front()) {
+                (Some(wm), Some((offset, ts))) if *offset >= wm => (now_ms - ts).max(0),
+                _ => 0,
+            };
+            self.telemetry
+                .metrics
+                .partition_lag_seconds
+                .get_or_create(&crate::telemetry::PartitionLabel {
+                    topic: self.topic.to_string(),
+                    partition: *p,
+                })
+                .set(age_ms as f64 / 1000.0);
+        }
+    }
+
     fn update_gauges(&self) {
         let m = &self.telemetry.metrics;
         m.slots_busy.set(self.in_flight as i64);
@@ -1300,6 +1333,7 @@ impl Pipeline {
         );
         let backlog = self.dead_letter_backlog();
         m.dead_letter_backlog.set(backlog as i64);
+
         if backlog == 0 {
             self.telemetry.readiness.set_dead_letter_error(None);
         }
@@ -1491,6 +1525,40 @@ mod tests {
         p.handle_verdict(old_slot, old_batch, BatchOutcome::Success, late);
         p.handle_tick(late);
         assert_eq!(starts(&mut p).len(), 1, "its lane is free again");
+    }
+
+    #[test]
+    fn lag_in_seconds_is_the_age_of_the_oldest_record_not_done() {
+        let t0 = Instant::now();
+        let telemetry = Arc::new(Telemetry::default());
+        let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+        c.batch = BatchLimits::new(1, 1 << 20, Duration::from_millis(10)).unwrap();
+        c.commit_interval = Duration::from_secs(1);
+        let options = Options {
+            dead_letters: true,
+            audit: false,
+            keep_headers: false,
+            seed: 1,
+        };
+        // The wall clock reads 31 s when the record stamped 1 s arrives.
+        let mut p = Pipeline::new(c, options, telemetry.clone(), t0, 31_000);
+        p.handle_assign(&[0]);
+        p.handle_record(&Rec(0, 0), t0);
+        p.handle_tick(t0 + Duration::from_secs(1));
+        let age = |t: &Telemetry| {
+            t.metrics
+                .partition_lag_seconds
+                .get_or_create(&crate::telemetry::PartitionLabel {
+                    topic: "t".into(),
+                    partition: 0,
+                })
+                .get()
+        };
+        assert_eq!(age(&telemetry), 31.0, "32 s on the wall clock minus 1 s");
+        let (slot, batch) = starts(&mut p).pop().unwrap();
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+        p.handle_tick(t0 + Duration::from_secs(2));
+        assert_eq!(age(&telemetry), 0.0, "nothing held");
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub client_errors: Family<KindLabel, Counter>,
     pub assigned_partitions: Gauge,
     pub partition_lag: Family<PartitionLabel, Gauge>,
+    /// Age of the oldest record taken in and not yet committable, per partition.
+    pub partition_lag_seconds: Family<PartitionLabel, Gauge<f64, AtomicU64>>,
     pub records_held: Gauge,
     pub slots_busy: Gauge,
     pub paused_partitions: Gauge,
@@ -82,6 +84,7 @@ impl Metrics {
             client_errors: Family::default(),
             assigned_partitions: Gauge::default(),
             partition_lag: Family::default(),
+            partition_lag_seconds: Family::default(),
             records_held: Gauge::default(),
             slots_busy: Gauge::default(),
             paused_partitions: Gauge::default(),
@@ -155,6 +158,11 @@ impl Metrics {
             "assigned_partitions",
             "Partitions assigned to this worker",
             m.assigned_partitions.clone(),
+        );
+        r.register(
+            "partition_lag_seconds",
+            "Age (now - record timestamp) of the oldest record this worker holds that is not done, per partition; 0 when it holds none",
+            m.partition_lag_seconds.clone(),
         );
         r.register(
             "partition_lag",
