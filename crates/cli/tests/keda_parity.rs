@@ -381,7 +381,10 @@ fn keda_policy_matches_kedas_own_kafka_scaler() {
     let mut cmd = command();
     cmd.args(["scaler", "--bootstrap-servers", "127.0.0.1:9"])
         .args(["--host", "127.0.0.1", "--http-port", "0"])
-        .args(["--grpc-port", &grpc.to_string()]);
+        .args(["--grpc-port", &grpc.to_string()])
+        // Every poll of this test is a reading of its own, as KEDA's
+        // kafka scaler makes one per call (no evaluation reused).
+        .args(["--polling-interval-ms", "0"]);
     let _scaler = Proc::spawn(cmd, dir.path("scaler.stderr"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
