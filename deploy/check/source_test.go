@@ -92,7 +92,7 @@ var (
 	longWord     = regexp.MustCompile(`(^|[\s,(])long\s*(,|$)`)
 	fieldAfter   = regexp.MustCompile(`^(?:\s*(?:#\[[^\n]*\]|///[^\n]*|//[^\n]*))*\s*(?:pub(?:\([^)]*\))?\s+)?([a-z_][a-z0-9_]*)\s*:`)
 	routeConst   = regexp.MustCompile(`pub const (HEALTHZ|READYZ|METRICS): &str = "([^"]+)";`)
-	metricsField = regexp.MustCompile(`pub ([a-z_]+): (Counter|Gauge|Histogram|Family<[A-Za-z]+, (Counter|Gauge|Histogram)>)(?:<f64, AtomicU64>)?,`)
+	metricsField = regexp.MustCompile(`pub ([a-z_]+): (Counter|Gauge|Histogram|Family<[A-Za-z]+, (Counter|Gauge|Histogram)(?:<f64, AtomicU64>)?>)(?:<f64, AtomicU64>)?,`)
 	registerCall = regexp.MustCompile(`(?s)\.register\(\s*"([a-z_]+)",\s*"[^"]*",\s*m\.([a-z_]+)\.clone\(\)`)
 	prefixCall   = regexp.MustCompile(`sub_registry_with_prefix\("([a-z_]+)"\)`)
 	subcmdEnum   = regexp.MustCompile(`(?s)#\[derive\([^)]*Subcommand[^)]*\)\](?:\s*(?:#\[[^\n]*\]|//[^\n]*))*\s*pub enum \w+\s*\{(.*?)\n\}`)
