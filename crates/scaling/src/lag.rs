@@ -416,6 +416,10 @@ pub const RATE_MIN_INTERVAL: Duration = Duration::from_millis(900);
 /// Time constant of the rates' exponential average.
 pub const RATE_SMOOTHING: Duration = Duration::from_secs(5);
 
+/// Below this many records a second, with nothing moved in the last
+/// interval, a smoothed rate is taken as 0.
+const IDLE_RATE: f64 = 0.5;
+
 impl RateTracker {
     pub fn observe(&mut self, at: Instant, lag: &GroupLag) -> Rates {
         let high = lag.total_high();
@@ -435,12 +439,26 @@ impl RateTracker {
             processed_per_sec: ((consumed - c0).max(0)) as f64 / secs,
         };
         let alpha = 1.0 - (-secs / RATE_SMOOTHING.as_secs_f64()).exp();
+        // An average that only decays never reads 0: once nothing moved in
+        // an interval and it is below half a record a second, it is 0 (so an
+        // idle group reads as idle and can scale to zero).
+        let settle = |smoothed: f64, raw: f64| {
+            if raw == 0.0 && smoothed < IDLE_RATE {
+                0.0
+            } else {
+                smoothed
+            }
+        };
         let smoothed = match self.smoothed {
             Some(s) => Rates {
-                arrival_per_sec: s.arrival_per_sec
-                    + alpha * (rates.arrival_per_sec - s.arrival_per_sec),
-                processed_per_sec: s.processed_per_sec
-                    + alpha * (rates.processed_per_sec - s.processed_per_sec),
+                arrival_per_sec: settle(
+                    s.arrival_per_sec + alpha * (rates.arrival_per_sec - s.arrival_per_sec),
+                    rates.arrival_per_sec,
+                ),
+                processed_per_sec: settle(
+                    s.processed_per_sec + alpha * (rates.processed_per_sec - s.processed_per_sec),
+                    rates.processed_per_sec,
+                ),
             },
             None => rates,
         };
@@ -452,6 +470,38 @@ impl RateTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_group_reads_zero_arrivals_soon() {
+        let mut t = RateTracker::default();
+        let at = Instant::now();
+        let lag = |high: i64| {
+            GroupLag::new(
+                "g",
+                "t",
+                vec![PartitionLag::compute(
+                    0,
+                    Some(high),
+                    0,
+                    high,
+                    InvalidOffsetPolicy::Earliest,
+                )],
+            )
+        };
+        t.observe(at, &lag(0));
+        let busy = t.observe(at + Duration::from_secs(5), &lag(3_000));
+        assert!(busy.arrival_per_sec > 0.0);
+        let mut zero_after = None;
+        for i in 2..60u64 {
+            let r = t.observe(at + Duration::from_secs(5 * i), &lag(3_000));
+            if r.arrival_per_sec == 0.0 {
+                zero_after = Some(5 * i);
+                break;
+            }
+        }
+        let zero_after = zero_after.expect("the decaying average reaches 0");
+        assert!(zero_after <= 60, "idle read after {zero_after} s");
+    }
 
     #[test]
     fn retention_deleted_records_are_not_lag() {
