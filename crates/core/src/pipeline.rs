@@ -1419,6 +1419,16 @@ mod tests {
         Pipeline::new(c, options, Arc::new(Telemetry::default()), t0, 0)
     }
 
+    /// Partition 0 assigned, records 0 and 1 taken in, their batch started.
+    fn with_one_batch(t0: Instant) -> Pipeline {
+        let mut p = pipeline(t0);
+        p.handle_assign(&[0]);
+        p.handle_record(&Rec(0, 0), t0);
+        p.handle_record(&Rec(0, 1), t0);
+        p.handle_tick(t0);
+        p
+    }
+
     fn intents(p: &mut Pipeline) -> Vec<Intent> {
         std::iter::from_fn(|| p.poll_intent()).collect()
     }
@@ -1436,11 +1446,7 @@ mod tests {
     #[test]
     fn sigterm_during_a_revoke_takes_one_drain_deadline() {
         let t0 = Instant::now();
-        let mut p = pipeline(t0);
-        p.handle_assign(&[0]);
-        p.handle_record(&Rec(0, 0), t0);
-        p.handle_record(&Rec(0, 1), t0);
-        p.handle_tick(t0);
+        let mut p = with_one_batch(t0);
         assert_eq!(starts(&mut p).len(), 1);
         assert!(p.begin_revoke(&[0], t0));
         // SIGTERM 8 s into the revoke: the deadline stays 10 s after it at
@@ -1458,11 +1464,7 @@ mod tests {
     #[test]
     fn a_revoke_waits_for_dead_letters_being_written() {
         let t0 = Instant::now();
-        let mut p = pipeline(t0);
-        p.handle_assign(&[0]);
-        p.handle_record(&Rec(0, 0), t0);
-        p.handle_record(&Rec(0, 1), t0);
-        p.handle_tick(t0);
+        let mut p = with_one_batch(t0);
         let (slot, batch) = starts(&mut p).pop().unwrap();
         p.handle_verdict(
             slot,
@@ -1507,11 +1509,7 @@ mod tests {
     #[test]
     fn a_batch_abandoned_at_the_revoke_deadline_blocks_its_lane_when_the_partition_returns() {
         let t0 = Instant::now();
-        let mut p = pipeline(t0);
-        p.handle_assign(&[0]);
-        p.handle_record(&Rec(0, 0), t0);
-        p.handle_record(&Rec(0, 1), t0);
-        p.handle_tick(t0);
+        let mut p = with_one_batch(t0);
         let (old_slot, old_batch) = starts(&mut p).pop().unwrap();
         assert!(p.begin_revoke(&[0], t0));
         let late = t0 + Duration::from_secs(11);
