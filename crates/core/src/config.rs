@@ -481,6 +481,10 @@ pub struct WorkerConfig {
     /// Batches in flight at once in this worker (>= 1).
     pub concurrency: usize,
     pub commit_interval: Duration,
+    /// How long finished records may wait for their commit before their
+    /// partition starts no new batches (what a crash may replay); `None`:
+    /// [`WorkerConfig::uncommitted_limit`]'s default; zero: no limit.
+    pub max_uncommitted: Option<Duration>,
     /// How long shutdown and revocation wait for in-flight batches.
     pub drain_timeout: Duration,
     pub handler_timeout: Duration,
@@ -603,6 +607,7 @@ impl WorkerConfig {
             ordering: Ordering::Key,
             concurrency: 8,
             commit_interval: Duration::from_millis(1000),
+            max_uncommitted: None,
             drain_timeout: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),
@@ -666,6 +671,15 @@ impl WorkerConfig {
                 "must be at least 1",
             ));
         }
+        if self
+            .max_uncommitted
+            .is_some_and(|m| !m.is_zero() && m < self.commit_interval)
+        {
+            return Err(ConfigError::new(
+                "--max-uncommitted-ms",
+                "must be 0 (no limit) or at least --commit-interval-ms",
+            ));
+        }
         if let Some(dlq) = &self.dlq {
             if dlq.partitions.is_some_and(|p| p < 1) {
                 return Err(ConfigError::new("--dlq-partitions", "must be at least 1"));
@@ -687,6 +701,18 @@ impl WorkerConfig {
             ));
         }
         Ok(self)
+    }
+
+    /// How long finished records may wait uncommitted before their partition
+    /// starts no new batches: `--max-uncommitted-ms`, by default one and a
+    /// half commit intervals (a commit is sent every interval; the half
+    /// leaves room for its acknowledgement). `None`: no limit.
+    pub fn uncommitted_limit(&self) -> Option<Duration> {
+        match self.max_uncommitted {
+            None => Some(self.commit_interval * 3 / 2),
+            Some(limit) if limit.is_zero() => None,
+            Some(limit) => Some(limit),
+        }
     }
 
     /// Processing slots one partition may use at once under the ordering mode.

@@ -24,6 +24,8 @@ pub struct PartitionOffsets {
     done_ahead: usize,
     /// The highest offset marked done.
     max_done: Option<i64>,
+    /// The first offset tracked.
+    first: Option<i64>,
 }
 
 impl PartitionOffsets {
@@ -39,6 +41,7 @@ impl PartitionOffsets {
         }
         self.pending.push_back((offset, false));
         self.next = Some(offset + 1);
+        self.first.get_or_insert(offset);
         true
     }
 
@@ -101,6 +104,11 @@ impl PartitionOffsets {
         }
         self.next = Some(position);
         true
+    }
+
+    /// The first offset tracked, if any.
+    pub fn first_seen(&self) -> Option<i64> {
+        self.first
     }
 
     /// The highest offset seen, if any.

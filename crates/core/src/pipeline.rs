@@ -45,6 +45,9 @@ use crate::handler::{BatchOutcome, Failure};
 use crate::offsets::PartitionOffsets;
 use crate::telemetry::{LogThrottle, Telemetry};
 
+/// Commits remembered per partition while unacknowledged (async commits
+/// overlap only when the broker is slow; older ones are superseded).
+const MAX_COMMITS_REMEMBERED: usize = 16;
 const FIRST_DEAD_LETTER_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_DEAD_LETTER_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -170,6 +173,14 @@ struct PartitionState {
     /// watermark, oldest first: the front is the age of the lag
     /// (`microbatch_partition_lag_seconds`).
     timestamps: VecDeque<(i64, i64)>,
+    /// Since when records below the watermark wait for the broker to
+    /// acknowledge their commit; a crash now would replay them.
+    unacked_since: Option<Instant>,
+    /// Since when done records wait above the watermark for an unfinished
+    /// one (a retry, a dead letter being written); a crash would replay them.
+    held_back_since: Option<Instant>,
+    /// Commits sent and not acknowledged yet: (offset, when sent).
+    commits_sent: VecDeque<(i64, Instant)>,
 }
 
 impl PartitionState {
@@ -195,7 +206,52 @@ impl PartitionState {
             dead_letters_in_flight: HashMap::new(),
             acked: None,
             timestamps: VecDeque::new(),
+            unacked_since: None,
+            held_back_since: None,
+            commits_sent: VecDeque::new(),
         }
+    }
+
+    /// Whether the watermark lies past what the broker acknowledged.
+    fn watermark_unacked(&self) -> bool {
+        let Some(wm) = self.offsets.watermark() else {
+            return false;
+        };
+        self.acked
+            .or(self.offsets.first_seen())
+            .is_some_and(|a| wm > a)
+    }
+
+    /// What the partition may start while finished work a crash would
+    /// replay has waited longer than `limit` for its commit. Open while a
+    /// record waits for a success to prove it bad.
+    fn gate(&self, now: Instant, limit: Option<Duration>, successes: u64) -> Gate {
+        let Some(max) = limit else {
+            return Gate::Open;
+        };
+        let over = |since: Option<Instant>| {
+            since.is_some_and(|at| now.saturating_duration_since(at) > max)
+        };
+        if !over(self.unacked_since) && !over(self.held_back_since) || self.awaits_proof(successes)
+        {
+            return Gate::Open;
+        }
+        match self.offsets.watermark() {
+            Some(wm) if !over(self.unacked_since) => Gate::Watermark(wm),
+            _ => Gate::Closed,
+        }
+    }
+
+    /// Whether a record held as a suspected outage waits for a batch to
+    /// succeed after it first failed (the proof it is the record, not the
+    /// downstream): then fresh batches must start, exposed or not.
+    fn awaits_proof(&self, successes: u64) -> bool {
+        self.lanes.iter().flat_map(|l| &l.retry).any(|(b, _)| {
+            b.lineage.suspect
+                && b.lineage
+                    .successes_at_first_failure
+                    .is_some_and(|at| successes <= at)
+        })
     }
 
     /// Closes open batches and marks the partition finishing.
@@ -251,7 +307,31 @@ impl PartitionState {
     }
 }
 
+/// Which fresh batches a partition may start while its finished work waits
+/// for its commit (`--max-uncommitted-ms`); retries always may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Open,
+    /// Done records wait above the watermark: only the batch that holds the
+    /// watermark's record, which lets the commit move.
+    Watermark(i64),
+    /// The broker has not acknowledged a commit for too long: nothing new,
+    /// since moving the watermark cannot help.
+    Closed,
+}
+
+impl Gate {
+    fn allows(self, fresh: Option<&Batch>) -> bool {
+        match self {
+            Gate::Open => true,
+            Gate::Watermark(wm) => fresh.and_then(Batch::first_offset) == Some(wm),
+            Gate::Closed => false,
+        }
+    }
+}
+
 /// Which batch a lane would start next, if any.
+#[derive(PartialEq, Eq)]
 enum Next {
     Retry,
     Ready,
@@ -800,8 +880,21 @@ impl Pipeline {
 
     /// The broker acknowledged a commit of `offset` (the next offset) for `partition`.
     pub fn handle_committed(&mut self, partition: i32, offset: i64) {
-        if let Some(ps) = self.partitions.get_mut(&partition) {
-            ps.acked = Some(ps.acked.map_or(offset, |a| a.max(offset)));
+        let Some(ps) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        let acked = ps.acked.map_or(offset, |a| a.max(offset));
+        ps.acked = Some(acked);
+        // What was done when the acknowledged commit was sent is safe; what
+        // is unacknowledged now was done after it was sent.
+        let mut sent_at = None;
+        while ps.commits_sent.front().is_some_and(|(o, _)| *o <= acked) {
+            sent_at = ps.commits_sent.pop_front().map(|(_, at)| at);
+        }
+        if !ps.watermark_unacked() {
+            ps.unacked_since = None;
+        } else if let Some(at) = sent_at {
+            ps.unacked_since = Some(at);
         }
     }
 
@@ -1047,6 +1140,15 @@ impl Pipeline {
                 ps.timestamps.pop_front();
             }
         }
+        let now = self.clock;
+        if ps.watermark_unacked() {
+            ps.unacked_since.get_or_insert(now);
+        }
+        if ps.offsets.done_above_watermark() == 0 {
+            ps.held_back_since = None;
+        } else {
+            ps.held_back_since.get_or_insert(now);
+        }
         ps.held -= n;
         self.held -= n;
         self.capacity.processed(n);
@@ -1144,10 +1246,27 @@ impl Pipeline {
 
     /// What a lane would start next, under a probe's preference (or `Any`
     /// while the circuit is closed).
-    fn next_for(ps: &PartitionState, lane: &Lane, now: Instant, prefer: Prefer) -> Next {
+    /// `gate`: which fresh batch may start while the partition's finished
+    /// work waits for its commit (so a crash replays no more than
+    /// `--max-uncommitted-ms` of it).
+    fn next_for(
+        ps: &PartitionState,
+        lane: &Lane,
+        now: Instant,
+        prefer: Prefer,
+        gate: Gate,
+    ) -> Next {
         if ps.finishing && !ps.next_is_hole(lane) {
             return Next::Nothing;
         }
+        let next = Self::next_ungated(lane, now, prefer);
+        if next == Next::Ready && !gate.allows(lane.ready.front()) {
+            return Next::Nothing;
+        }
+        next
+    }
+
+    fn next_ungated(lane: &Lane, now: Instant, prefer: Prefer) -> Next {
         let suspect = lane.retry.front().is_some_and(|(b, _)| b.lineage.suspect);
         match (lane.retry.front(), prefer) {
             (_, Prefer::Fresh) if lane.ready.is_empty() => Next::Nothing,
@@ -1183,6 +1302,7 @@ impl Pipeline {
         } else {
             &[Prefer::Any]
         };
+        let uncommitted_limit = self.config.uncommitted_limit();
         let mut starts = Vec::new();
         for &prefer in rounds {
             let cursor = self.dispatch_cursor;
@@ -1192,6 +1312,7 @@ impl Pipeline {
             ];
             'outer: for range in passes {
                 for (p, ps) in self.partitions.range_mut(range) {
+                    let gate = ps.gate(now, uncommitted_limit, self.successes);
                     for i in 0..ps.lanes.len() {
                         if self.in_flight + starts.len() >= limit {
                             break 'outer;
@@ -1204,7 +1325,7 @@ impl Pipeline {
                         {
                             continue;
                         }
-                        let batch = match Self::next_for(ps, &ps.lanes[i], now, prefer) {
+                        let batch = match Self::next_for(ps, &ps.lanes[i], now, prefer, gate) {
                             Next::Retry => ps.lanes[i].retry.pop_front().map(|(b, _)| b),
                             Next::Ready => ps.lanes[i].ready.pop_front(),
                             Next::Wait | Next::Nothing => None,
@@ -1324,6 +1445,13 @@ impl Pipeline {
         m.slots_busy.set(self.in_flight as i64);
         m.paused_partitions
             .set(self.partitions.values().filter(|p| p.paused).count() as i64);
+        let limit = self.config.uncommitted_limit();
+        m.partitions_waiting_for_commit.set(
+            self.partitions
+                .values()
+                .filter(|p| p.gate(self.clock, limit, self.successes) != Gate::Open)
+                .count() as i64,
+        );
         m.records_held.set(self.held as i64);
         m.commit_watermark_distance.set(
             self.partitions
@@ -1346,17 +1474,24 @@ impl Pipeline {
         let extra = i64::from(self.sabotage.commit_one_past);
         #[cfg(not(test))]
         let extra = 0;
+        let now = self.clock;
         let offsets: Vec<(i32, i64)> = self
             .partitions
-            .iter()
+            .iter_mut()
             .filter(|(_, ps)| choose(ps))
             .filter_map(|(p, ps)| {
                 let wm = ps.offsets.watermark()? + extra;
-                (ps.acked.is_none_or(|a| a < wm)).then_some((*p, wm))
+                if ps.acked.is_some_and(|a| a >= wm) {
+                    return None;
+                }
+                if ps.commits_sent.len() == MAX_COMMITS_REMEMBERED {
+                    ps.commits_sent.pop_front();
+                }
+                ps.commits_sent.push_back((wm, now));
+                Some((*p, wm))
             })
             .collect();
         if !offsets.is_empty() {
-            let now = self.clock;
             let report = self.capacity.report(now, self.wall_ms(now) as u64).cloned();
             if let Some(r) = &report {
                 self.telemetry.metrics.observe_capacity(r);
@@ -1582,5 +1717,175 @@ mod tests {
         assert_eq!(batch.offsets().collect::<Vec<_>>(), [3, 4]);
         p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
         assert_eq!(p.watermark(0), Some(5));
+    }
+
+    /// A record whose key the test chooses.
+    struct Keyed(i64, &'static [u8]);
+
+    impl ConsumedRecord for Keyed {
+        fn partition(&self) -> i32 {
+            0
+        }
+        fn offset(&self) -> i64 {
+            self.0
+        }
+        fn timestamp_ms(&self) -> Option<i64> {
+            Some(1_000)
+        }
+        fn key(&self) -> Option<&[u8]> {
+            Some(self.1)
+        }
+        fn payload(&self) -> Option<&[u8]> {
+            Some(b"v")
+        }
+        fn headers(&self) -> Vec<Header> {
+            Vec::new()
+        }
+    }
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    #[test]
+    fn finished_work_the_broker_has_not_acknowledged_stops_new_batches_until_it_has() {
+        let t0 = Instant::now();
+        let mut p = with_one_batch(t0);
+        let limit = p.config.uncommitted_limit().expect("a limit by default");
+        assert_eq!(limit, p.config.commit_interval * 3 / 2);
+        let (slot, batch) = starts(&mut p).pop().unwrap();
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+        // The commit goes out after one interval; the broker never answers
+        // (a rebalance that waits for a dead member, a broker restart).
+        p.handle_tick(t0 + p.config.commit_interval);
+        assert!(intents(&mut p)
+            .iter()
+            .any(|i| matches!(i, Intent::Commit { .. })));
+        let late = t0 + limit + secs(0.01);
+        p.handle_record(&Rec(0, 2), late);
+        p.handle_record(&Rec(0, 3), late);
+        p.handle_tick(late);
+        assert!(
+            starts(&mut p).is_empty(),
+            "no new work while a crash would replay more than the limit"
+        );
+        assert_eq!(p.telemetry.metrics.partitions_waiting_for_commit.get(), 1);
+        p.handle_committed(0, 2);
+        p.handle_tick(late);
+        let (_, batch) = starts(&mut p).pop().expect("acknowledged: work goes on");
+        assert_eq!(batch.offsets().collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(p.telemetry.metrics.partitions_waiting_for_commit.get(), 0);
+    }
+
+    #[test]
+    fn commits_acknowledged_every_interval_never_stop_work() {
+        let t0 = Instant::now();
+        let mut p = pipeline(t0);
+        p.handle_assign(&[0]);
+        let step = secs(0.05);
+        let mut now = t0;
+        let mut offset = 0;
+        let mut pending_ack = None;
+        for _ in 0..200 {
+            p.handle_record(&Rec(0, offset), now);
+            p.handle_record(&Rec(0, offset + 1), now);
+            offset += 2;
+            p.handle_tick(now);
+            let mut started = false;
+            for intent in intents(&mut p) {
+                match intent {
+                    Intent::Start { slot, batch } => {
+                        started = true;
+                        p.handle_verdict(slot, batch, BatchOutcome::Success, now);
+                    }
+                    Intent::Commit { offsets, .. } => pending_ack = Some(offsets),
+                    _ => {}
+                }
+            }
+            assert!(started, "a batch starts at every step");
+            now += step;
+            // Each commit is acknowledged one step after it was sent.
+            if let Some(offsets) = pending_ack.take() {
+                for (partition, o) in offsets {
+                    p.handle_committed(partition, o);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn records_held_back_by_a_retry_stop_new_batches_of_other_keys_but_not_the_retry() {
+        let t0 = Instant::now();
+        let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+        c.batch = BatchLimits::new(1, 1 << 20, Duration::from_millis(10)).unwrap();
+        c.ordering = Ordering::Key;
+        c.concurrency = 2;
+        c.retry.initial = secs(5.0);
+        c.retry.max = secs(5.0);
+        let options = Options {
+            dead_letters: true,
+            audit: false,
+            keep_headers: false,
+            seed: 1,
+        };
+        let mut p = Pipeline::new(c, options, Arc::new(Telemetry::default()), t0, 0);
+        p.handle_assign(&[0]);
+        // Keys that land in different lanes.
+        let a: &'static [u8] = b"a";
+        let lane = |k: &[u8]| p.partitions[&0].lane_for(Ordering::Key, Some(k), 0);
+        let b: &'static [u8] = [b"b", b"c", b"d", b"e"]
+            .into_iter()
+            .find(|k| lane(&k[..]) != lane(a))
+            .expect("a key in the other lane");
+        p.handle_record(&Keyed(0, a), t0);
+        p.handle_record(&Keyed(1, b), t0);
+        p.handle_tick(t0);
+        let mut started = starts(&mut p);
+        assert_eq!(started.len(), 2);
+        started.sort_by_key(|(_, b)| b.first_offset());
+        let (slot_b, batch_b) = started.pop().unwrap();
+        let (slot_a, batch_a) = started.pop().unwrap();
+        p.handle_verdict(
+            slot_a,
+            batch_a,
+            BatchOutcome::Failed(Failure::retryable("busy")),
+            t0,
+        );
+        p.handle_verdict(slot_b, batch_b, BatchOutcome::Success, t0);
+        // Key b goes on while offset 1 has waited less than the limit.
+        let soon = t0 + secs(0.5);
+        p.handle_record(&Keyed(2, b), soon);
+        p.handle_tick(soon);
+        let (slot, batch) = starts(&mut p).pop().expect("key b goes on");
+        p.handle_verdict(slot, batch, BatchOutcome::Success, soon);
+        // Past the limit, key b waits for the retry of offset 0.
+        let late = t0 + p.config.uncommitted_limit().unwrap() + secs(0.01);
+        p.handle_record(&Keyed(3, b), late);
+        p.handle_tick(late);
+        assert!(
+            starts(&mut p).is_empty(),
+            "offsets 1 and 2 wait uncommitted"
+        );
+        let due = t0 + secs(5.0);
+        p.handle_tick(due);
+        let (slot, batch) = starts(&mut p).pop().expect("the retry still starts");
+        assert_eq!(batch.offsets().collect::<Vec<_>>(), [0]);
+        p.handle_verdict(slot, batch, BatchOutcome::Success, due);
+        assert_eq!(p.watermark(0), Some(3));
+        p.handle_tick(due);
+        let (_, batch) = starts(&mut p)
+            .pop()
+            .expect("the commit may move: key b goes on");
+        assert_eq!(batch.offsets().collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn no_limit_when_max_uncommitted_is_zero() {
+        let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+        c.max_uncommitted = Some(Duration::ZERO);
+        assert_eq!(c.uncommitted_limit(), None);
+        c.max_uncommitted = Some(Duration::from_millis(10));
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("--max-uncommitted-ms"), "{err}");
     }
 }

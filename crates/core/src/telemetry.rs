@@ -52,6 +52,7 @@ pub struct Metrics {
     pub records_held: Gauge,
     pub slots_busy: Gauge,
     pub paused_partitions: Gauge,
+    pub partitions_waiting_for_commit: Gauge,
     pub commit_watermark_distance: Gauge,
     pub circuit_open: Gauge,
     pub ready: Gauge,
@@ -88,6 +89,7 @@ impl Metrics {
             records_held: Gauge::default(),
             slots_busy: Gauge::default(),
             paused_partitions: Gauge::default(),
+            partitions_waiting_for_commit: Gauge::default(),
             commit_watermark_distance: Gauge::default(),
             circuit_open: Gauge::default(),
             ready: Gauge::default(),
@@ -183,6 +185,11 @@ impl Metrics {
             "paused_partitions",
             "Partitions paused by back-pressure or the circuit breaker",
             m.paused_partitions.clone(),
+        );
+        r.register(
+            "partitions_waiting_for_commit",
+            "Partitions starting no new batches until their finished work is committed (--max-uncommitted-ms)",
+            m.partitions_waiting_for_commit.clone(),
         );
         r.register(
             "commit_watermark_distance",

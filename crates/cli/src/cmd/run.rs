@@ -112,6 +112,12 @@ pub struct Args {
     /// Commit done offsets this often [default: 1000].
     #[arg(long, env = "MICROBATCH_COMMIT_INTERVAL_MS", help_heading = "Delivery")]
     pub commit_interval_ms: Option<u64>,
+    /// Finished records may wait this long for their commit; then their
+    /// partition starts no new batches (only retries and records that let
+    /// the commit move) until the broker acknowledges it. Bounds what a
+    /// crash replays; 0: no limit [default: 1.5 x --commit-interval-ms].
+    #[arg(long, env = "MICROBATCH_MAX_UNCOMMITTED_MS", help_heading = "Delivery")]
+    pub max_uncommitted_ms: Option<u64>,
     /// On SIGTERM or revoke, wait this long for in-flight batches [default: 30000].
     #[arg(long, env = "MICROBATCH_DRAIN_TIMEOUT_MS", help_heading = "Delivery")]
     pub drain_timeout_ms: Option<u64>,
@@ -205,6 +211,7 @@ impl Args {
         };
         config.concurrency = pick(self.concurrency.map(|v| v as usize), file.concurrency, 8);
         config.commit_interval = ms(pick(self.commit_interval_ms, file.commit_interval_ms, 1000));
+        config.max_uncommitted = self.max_uncommitted_ms.or(file.max_uncommitted_ms).map(ms);
         config.drain_timeout = ms(pick(self.drain_timeout_ms, file.drain_timeout_ms, 30_000));
         config.handler_timeout = ms(pick(
             self.handler_timeout_ms,

@@ -312,6 +312,8 @@ pub fn spawn_worker_with(
     port: u16,
     extra: &[&str],
 ) -> Proc {
+    // The recording handler names its files after the worker that runs it.
+    cmd.env("MICROBATCH_TEST_WORKER", name);
     cmd.args([
         "--topic",
         topic,
@@ -745,7 +747,8 @@ pub fn recording_handler(dir: &TestDir, behaviour: HandlerBehaviour) -> String {
         "recording_handler.py",
         format!(
             "import sys, json, os, random, time\n\
-             fd = os.open(os.path.join({out:?}, 'handled-%d.txt' % os.getpid()), os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n\
+             worker = os.environ.get('MICROBATCH_TEST_WORKER', 'worker')\n\
+             fd = os.open(os.path.join({out:?}, 'handled-%s-%d.txt' % (worker, os.getpid())), os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n\
              for line in sys.stdin:\n\
              \x20   b = json.loads(line)\n\
              \x20   time.sleep({ms} * len(b['records']) / 1000.0)\n\
@@ -781,6 +784,45 @@ pub fn handled_files(dir: &TestDir) -> Vec<PathBuf> {
         .unwrap_or_default();
     files.sort();
     files
+}
+
+/// The worker whose handler wrote a [`recording_handler`] file.
+pub fn handled_by(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let rest = name.strip_prefix("handled-").unwrap_or(name);
+    rest.rsplit_once('-').map_or(rest, |(w, _)| w).to_string()
+}
+
+/// Per worker ([`handled_by`]): the times its handlers finished records,
+/// and how many records it handled first that were handled again later.
+pub fn first_handlers(paths: &[PathBuf]) -> BTreeMap<String, (Vec<f64>, usize)> {
+    let mut lines: Vec<(f64, (i32, i64), String)> = Vec::new();
+    for p in paths {
+        let worker = handled_by(p);
+        for line in std::fs::read_to_string(p).unwrap_or_default().lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if let [p, o, t] = f[..] {
+                let key = (p.parse().unwrap(), o.parse().unwrap());
+                lines.push((t.parse().unwrap(), key, worker.clone()));
+            }
+        }
+    }
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut first: BTreeMap<(i32, i64), String> = BTreeMap::new();
+    let mut out: BTreeMap<String, (Vec<f64>, usize)> = BTreeMap::new();
+    for (t, key, worker) in lines {
+        match first.get(&key) {
+            Some(by) => out.entry(by.clone()).or_default().1 += 1,
+            None => {
+                out.entry(worker.clone()).or_default().0.push(t);
+                first.insert(key, worker);
+            }
+        }
+    }
+    out
 }
 
 /// When each record was handled again after its first time, from the
