@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use microbatch_scaling::scaler::proto::external_scaler_client::ExternalScalerClient;
@@ -80,18 +80,26 @@ fn scaler_serves_keda_metrics_that_agree_with_lag() {
     let topic = unique("scaler");
     let group = unique("g");
     create_topic(&topic, 4);
+    let before_produce = Instant::now();
     produce(&topic, 400, &[]);
     let grpc = free_port();
-    let _scaler = spawn_scaler(&dir, grpc, 0, &["--stream-interval-ms", "300"]);
+    let http = free_port();
+    let _scaler = spawn_scaler(&dir, grpc, http, &["--stream-interval-ms", "300"]);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(exercise(&dir, &topic, &group, grpc));
+    runtime.block_on(exercise(&dir, &topic, &group, grpc, (http, before_produce)));
 }
 
-async fn exercise(dir: &TestDir, topic: &str, group: &str, grpc: u16) {
+async fn exercise(
+    dir: &TestDir,
+    topic: &str,
+    group: &str,
+    grpc: u16,
+    (http, before_produce): (u16, Instant),
+) {
     let (topic, group) = (topic.to_string(), group.to_string());
     let channel = connect(grpc).await;
     let mut client = ExternalScalerClient::new(channel.clone());
@@ -137,6 +145,20 @@ async fn exercise(dir: &TestDir, topic: &str, group: &str, grpc: u16) {
         lag["total_lag"].as_i64().unwrap()
     );
     assert_eq!(metrics.metric_values[0].metric_value, 400);
+    // Beside the count, the age of the oldest waiting record.
+    let text = http_get(http, "/metrics")
+        .expect("the scaler serves /metrics")
+        .1;
+    let seconds = labelled_metric(
+        &text,
+        "microbatch_scaler_lag_seconds{scaled_object=\"microbatch/orders\"}",
+    )
+    .unwrap_or_else(|| panic!("no lag seconds:\n{text}"));
+    let most = before_produce.elapsed().as_secs_f64();
+    assert!(
+        seconds > 0.0 && seconds <= most,
+        "lag {seconds} s: the records were produced within the last {most} s"
+    );
 
     // Capped at partitions × lagThreshold, as KEDA does; `lag --policy keda` agrees.
     let capped = object(&topic, &group, &[("lagThreshold", "50")]);

@@ -24,6 +24,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -229,6 +230,8 @@ pub struct Evaluation {
     pub target: i64,
     pub active: bool,
     pub total_lag: i64,
+    /// The oldest partition's lag in seconds, when measured.
+    pub lag_seconds: Option<f64>,
     /// Replicas the policy asked for, and the replicas it saw running.
     pub desired: u32,
     pub current: u32,
@@ -259,6 +262,7 @@ impl TriggerState {
             target: self.spec.target(),
             active: with_persistent > self.spec.activation_lag_threshold,
             total_lag: lags.iter().map(|l| l.total_lag).sum(),
+            lag_seconds: None,
             desired: 0,
             current: 0,
             capacity_per_replica: None,
@@ -330,6 +334,7 @@ impl TriggerState {
             target: self.spec.target(),
             active,
             total_lag: reading.lag.total_lag,
+            lag_seconds: reading.lag.lag_ms.map(|ms| ms as f64 / 1000.0),
             desired: decision.desired,
             current,
             capacity_per_replica: self.policy.rate_per_replica(),
@@ -355,6 +360,7 @@ struct ScalerMetrics {
     evaluations: Family<OutcomeLabel, Counter>,
     scaled_objects: Gauge,
     total_lag: Family<ObjectLabel, Gauge>,
+    lag_seconds: Family<ObjectLabel, Gauge<f64, AtomicU64>>,
     metric_value: Family<ObjectLabel, Gauge>,
     active: Family<ObjectLabel, Gauge>,
     desired: Family<ObjectLabel, Gauge>,
@@ -378,6 +384,11 @@ impl ScalerMetrics {
             "total_lag",
             "Total lag per ScaledObject",
             self.total_lag.clone(),
+        );
+        r.register(
+            "lag_seconds",
+            "Age of the oldest record not committed, in seconds, per ScaledObject (the oldest partition's)",
+            self.lag_seconds.clone(),
         );
         r.register(
             "metric_value",
@@ -406,6 +417,9 @@ impl ScalerMetrics {
             scaled_object: object.to_string(),
         };
         self.total_lag.get_or_create(&l).set(e.total_lag);
+        if let Some(seconds) = e.lag_seconds {
+            self.lag_seconds.get_or_create(&l).set(seconds);
+        }
         self.metric_value.get_or_create(&l).set(e.metric_value);
         self.active.get_or_create(&l).set(i64::from(e.active));
         self.desired.get_or_create(&l).set(i64::from(e.desired));
@@ -417,6 +431,7 @@ impl ScalerMetrics {
             scaled_object: object.to_string(),
         };
         self.total_lag.remove(&l);
+        self.lag_seconds.remove(&l);
         self.metric_value.remove(&l);
         self.active.remove(&l);
         self.desired.remove(&l);
@@ -517,8 +532,12 @@ impl Scaler {
         }
         let kafka = cluster_for(&self.kafka, spec.bootstrap_servers.as_deref())?;
         let topic = spec.topic.as_deref().unwrap_or_default();
-        let reader = LagReader::new(&kafka, &spec.group, topic, Duration::from_secs(10))
+        let mut reader = LagReader::new(&kafka, &spec.group, topic, Duration::from_secs(10))
             .map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
+        if spec.topic.is_some() {
+            // One record per partition with lag, for microbatch_scaler_lag_seconds.
+            reader = reader.with_record_ages();
+        }
         let state = Arc::new(Mutex::new(TriggerState::new(spec, reader, now)));
         states.insert(key, state.clone());
         self.metrics.scaled_objects.set(states.len() as i64);
