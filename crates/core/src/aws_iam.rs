@@ -13,6 +13,19 @@
 //! background thread keeps a fresh token in a shared cell, and the callback
 //! only reads that cell.
 //!
+//! The callback runs only when the client's main queue is polled, which a
+//! busy poll loop may do late, and librdkafka re-authenticates each
+//! connection (KIP-368) with whatever token it holds. A broker keeps a
+//! connection authenticated no longer than its token is valid, so with an
+//! old token each re-authentication is due sooner than the last, until one
+//! comes less than 1 s after the previous one and the broker refuses it
+//! ("Request not valid in current SASL state"): librdkafka drops the
+//! connection and a consumer may lose its group. So the background thread
+//! also hands every new token at once to each client made with
+//! [`KafkaConfig::create_client`](crate::config::KafkaConfig::create_client),
+//! and librdkafka always holds one with about half its lifetime left or
+//! more.
+//!
 //! # Layout
 //! - [`sign_token`]: one token from credentials, a region and a signing time
 //!   (no I/O; the differential test drives it against AWS's Go signer).
@@ -22,10 +35,12 @@
 //!   standard AWS credential chain.
 //! - [`OauthHook`]: what every rdkafka client context delegates
 //!   `generate_oauth_token` to.
+//! - [`WithTokens`]: a client the refresher hands every new token to.
 
 use std::borrow::Cow;
+use std::ffi::{c_char, CStr, CString};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_credential_types::provider::ProvideCredentials;
 use aws_credential_types::Credentials;
@@ -39,9 +54,12 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 /// What librdkafka takes from a token callback (re-exported for
 /// [`delegate_oauth_token!`]).
 pub use rdkafka::client::OAuthToken;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::types::{RDKafka, RDKafkaRespErr};
 use thiserror::Error;
 
 use crate::config::Secret;
+use crate::telemetry::LogThrottle;
 
 /// The SigV4 service name MSK's IAM tokens are signed for.
 pub const SIGNING_NAME: &str = "kafka-cluster";
@@ -400,9 +418,133 @@ pub fn token_once(settings: &MskIamSettings) -> Result<MskIamToken, MskIamError>
 
 struct Shared {
     state: Mutex<TokenState>,
+    /// The clients each new token is handed to. Whoever needs both locks
+    /// takes this one first.
+    clients: Mutex<Clients>,
+    /// Failures to hand a token over: logged once per back-off step.
+    push_errors: LogThrottle,
     /// Set when the last handle is dropped, so the refresher ends.
     stopped: Mutex<bool>,
     wake: Condvar,
+}
+
+/// One registered client's librdkafka handle.
+struct ClientHandle(*mut RDKafka);
+
+// SAFETY: librdkafka's handles may be used from any thread, and the one
+// call made with this pointer, `rd_kafka_oauthbearer_set_token`, takes the
+// handle's own lock. The pointer is only used while its `Registration`
+// lives, under the `clients` lock, and a `WithTokens` drops its
+// registration (which takes that lock) before the client destroys the
+// handle.
+unsafe impl Send for ClientHandle {}
+
+#[derive(Default)]
+struct Clients {
+    next_id: u64,
+    handles: Vec<(u64, ClientHandle)>,
+}
+
+impl Shared {
+    fn new(state: TokenState) -> Self {
+        Self {
+            state: Mutex::new(state),
+            clients: Mutex::default(),
+            push_errors: LogThrottle::default(),
+            stopped: Mutex::new(false),
+            wake: Condvar::new(),
+        }
+    }
+
+    /// Hands the current token to `handles`, if one is valid (else
+    /// librdkafka keeps what it has and asks through its callback, which
+    /// answers with the reason). The caller holds the `clients` lock.
+    /// Returns how many clients refused it.
+    fn push(&self, handles: &[(u64, ClientHandle)]) -> usize {
+        let token = {
+            let state = self.state.lock().expect("token lock poisoned");
+            match state.token(SystemTime::now()) {
+                Ok(token) => token.clone(),
+                Err(_) => return 0,
+            }
+        };
+        // A base64url token and a fixed principal hold no NUL.
+        let (Ok(value), Ok(principal)) =
+            (CString::new(token.token.expose()), CString::new(PRINCIPAL))
+        else {
+            return 0;
+        };
+        let mut failed = 0;
+        let mut first_error = None;
+        for (_, handle) in handles {
+            if let Err(e) = set_token(handle, &value, token.expires_at_ms(), &principal) {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            None => self.push_errors.reset(),
+            Some(e) => {
+                if let Some(suppressed) = self.push_errors.allow(Instant::now()) {
+                    tracing::warn!(
+                        clients = failed,
+                        suppressed,
+                        "handing the MSK IAM token to a Kafka client failed: {e}"
+                    );
+                }
+            }
+        }
+        failed
+    }
+}
+
+/// `rd_kafka_oauthbearer_set_token` for one client. The error never holds
+/// the token.
+fn set_token(
+    handle: &ClientHandle,
+    value: &CStr,
+    expires_at_ms: i64,
+    principal: &CStr,
+) -> Result<(), String> {
+    let mut err = [0 as c_char; 512];
+    // SAFETY: the handle is a live client (see `ClientHandle`); the strings
+    // are NUL-terminated and outlive the call, which copies what it keeps;
+    // the error buffer's size is passed with it.
+    let code: RDKafkaRespErr = unsafe {
+        rdkafka::bindings::rd_kafka_oauthbearer_set_token(
+            handle.0,
+            value.as_ptr(),
+            expires_at_ms,
+            principal.as_ptr(),
+            std::ptr::null_mut(),
+            0,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if code == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        return Ok(());
+    }
+    let bytes: Vec<u8> = err.iter().map(|&c| c as u8).collect();
+    let text = CStr::from_bytes_until_nul(&bytes)
+        .map(|t| t.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let token = value.to_str().unwrap_or_default();
+    Err(format!(
+        "{}: {}",
+        RDKafkaErrorCode::from(code),
+        without_token(&text, token)
+    ))
+}
+
+/// `text` cut where `token` starts in it: librdkafka quotes a token value
+/// it refuses.
+fn without_token(text: &str, token: &str) -> String {
+    let head = &token[..token.len().min(16)];
+    match text.find(head) {
+        Some(at) if !head.is_empty() => format!("{}<token>", &text[..at]),
+        _ => text.to_string(),
+    }
 }
 
 /// A token kept fresh by a background thread, shared by every client of the
@@ -438,11 +580,10 @@ impl MskIamTokens {
     /// without credentials fails here, at start, with the chain's reason.
     /// Later failures keep the last good token and show in [`Self::health`].
     pub fn start(settings: MskIamSettings) -> Result<Self, MskIamError> {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(TokenState::new(settings.policy, SystemTime::now())),
-            stopped: Mutex::new(false),
-            wake: Condvar::new(),
-        });
+        let shared = Arc::new(Shared::new(TokenState::new(
+            settings.policy,
+            SystemTime::now(),
+        )));
         let (first_tx, first_rx) = std::sync::mpsc::channel();
         let thread_shared = shared.clone();
         std::thread::Builder::new()
@@ -487,6 +628,118 @@ impl MskIamTokens {
             .lock()
             .expect("token lock poisoned")
             .health(SystemTime::now())
+    }
+
+    /// Hands the current token, and from now on every new one, to the
+    /// client whose handle `client` is, until the registration is dropped.
+    fn register(&self, client: ClientHandle) -> Registration {
+        let mut clients = self.shared.clients.lock().expect("clients lock poisoned");
+        let id = clients.next_id;
+        clients.next_id += 1;
+        let new = [(id, client)];
+        self.shared.push(&new);
+        clients.handles.extend(new);
+        Registration {
+            shared: self.shared.clone(),
+            id,
+        }
+    }
+}
+
+/// While it lives, the refresher hands every new token to one client.
+struct Registration {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // Once the lock is ours no token is being handed to this client,
+        // and none will be.
+        self.shared
+            .clients
+            .lock()
+            .expect("clients lock poisoned")
+            .handles
+            .retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// A client type whose librdkafka handle tokens can be handed to.
+///
+/// # Safety
+/// `native_handle` returns the client's own handle, which stays valid until
+/// the client is dropped.
+pub unsafe trait NativeHandle {
+    fn native_handle(&self) -> *mut RDKafka;
+}
+
+// SAFETY: each client owns its handle (rdkafka's `NativeClient`) and
+// destroys it only when dropped.
+unsafe impl<C: rdkafka::consumer::ConsumerContext> NativeHandle
+    for rdkafka::consumer::BaseConsumer<C>
+{
+    fn native_handle(&self) -> *mut RDKafka {
+        rdkafka::consumer::Consumer::client(self).native_ptr()
+    }
+}
+
+// SAFETY: as for `BaseConsumer`.
+unsafe impl<C, P> NativeHandle for rdkafka::producer::ThreadedProducer<C, P>
+where
+    C: rdkafka::producer::ProducerContext<P> + 'static,
+    P: rdkafka::producer::Partitioner + Send + Sync + 'static,
+{
+    fn native_handle(&self) -> *mut RDKafka {
+        rdkafka::producer::Producer::client(self).native_ptr()
+    }
+}
+
+// SAFETY: as for `BaseConsumer`.
+unsafe impl<C, R> NativeHandle for rdkafka::producer::FutureProducer<C, R>
+where
+    C: rdkafka::ClientContext + 'static,
+    R: rdkafka::util::AsyncRuntime,
+{
+    fn native_handle(&self) -> *mut RDKafka {
+        rdkafka::producer::Producer::client(self).native_ptr()
+    }
+}
+
+// SAFETY: as for `BaseConsumer`.
+unsafe impl<C: rdkafka::ClientContext> NativeHandle for rdkafka::admin::AdminClient<C> {
+    fn native_handle(&self) -> *mut RDKafka {
+        self.inner().native_ptr()
+    }
+}
+
+/// A client the MSK IAM refresher hands every new token to, so librdkafka
+/// always holds a fresh one however late its main queue is polled. Made by
+/// [`KafkaConfig::create_client`](crate::config::KafkaConfig::create_client);
+/// derefs to the client. There is no `DerefMut` and no way to take the
+/// client out: the registration must end before this very client goes.
+pub struct WithTokens<T> {
+    // Declared first, so dropped first: the refresher is done with the
+    // handle before the client destroys it.
+    _registration: Option<Registration>,
+    client: T,
+}
+
+impl<T: NativeHandle> WithTokens<T> {
+    /// Registers `client` with `tokens` (nothing to do without MSK IAM).
+    pub(crate) fn new(tokens: Option<&MskIamTokens>, client: T) -> Self {
+        let registration = tokens.map(|t| t.register(ClientHandle(client.native_handle())));
+        Self {
+            _registration: registration,
+            client,
+        }
+    }
+}
+
+impl<T> std::ops::Deref for WithTokens<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.client
     }
 }
 
@@ -549,6 +802,10 @@ fn refresh_loop(
                     }
                     tracing::debug!(valid_s = valid.as_secs(), "MSK IAM token refreshed");
                     state.on_refreshed(token);
+                    drop(state);
+                    let clients = shared.clients.lock().expect("clients lock poisoned");
+                    shared.push(&clients.handles);
+                    drop(clients);
                     if let Some(tx) = first.take() {
                         let _ = tx.send(Ok(()));
                     }
@@ -631,38 +888,6 @@ impl OauthHook {
         match &self.0 {
             Some(tokens) => Ok(tokens.oauth_token()?),
             None => Err("OAUTHBEARER is only supported with --sasl-mechanism AWS_MSK_IAM".into()),
-        }
-    }
-
-    /// Hands the current token to a client whose main queue nobody polls
-    /// (the admin client), where librdkafka's refresh request would wait
-    /// forever. Long-lived clients are refreshed through their poll.
-    pub fn prime<C: rdkafka::ClientContext>(&self, client: &rdkafka::client::Client<C>) {
-        let Some(tokens) = &self.0 else { return };
-        let Ok(token) = tokens.oauth_token() else {
-            return;
-        };
-        let (Ok(value), Ok(principal)) = (
-            std::ffi::CString::new(token.token),
-            std::ffi::CString::new(token.principal_name),
-        ) else {
-            return;
-        };
-        let mut err = [0 as std::ffi::c_char; 256];
-        // SAFETY: the pointers are valid NUL-terminated strings for the
-        // call, the error buffer's size is passed with it, and librdkafka
-        // copies what it keeps.
-        unsafe {
-            rdkafka::bindings::rd_kafka_oauthbearer_set_token(
-                client.native_ptr(),
-                value.as_ptr(),
-                token.lifetime_ms,
-                principal.as_ptr(),
-                std::ptr::null_mut(),
-                0,
-                err.as_mut_ptr(),
-                err.len(),
-            );
         }
     }
 }
@@ -790,6 +1015,107 @@ mod tests {
         s.on_failed("no credentials in the chain".into(), at(0));
         let err = s.token(at(1)).unwrap_err().to_string();
         assert!(err.contains("no credentials in the chain"), "{err}");
+    }
+
+    /// Tokens that stay as made: no refresher thread, no credentials.
+    fn fixed_tokens(token: MskIamToken) -> MskIamTokens {
+        let mut state = TokenState::new(RefreshPolicy::default(), SystemTime::now());
+        state.on_refreshed(token);
+        let shared = Arc::new(Shared::new(state));
+        MskIamTokens {
+            _stop: Arc::new(StopOnDrop(shared.clone())),
+            shared,
+        }
+    }
+
+    fn valid_token() -> MskIamToken {
+        let now = SystemTime::now();
+        MskIamToken {
+            token: Secret::new("aHR0cHM6Ly9rYWZrYS5leGFtcGxl"),
+            signed_at: now,
+            expires_at: now + Duration::from_secs(60),
+        }
+    }
+
+    /// A consumer that never reaches a broker (nothing listens on port 1).
+    fn consumer(
+        mechanism: Option<&str>,
+    ) -> rdkafka::consumer::BaseConsumer<crate::kafka::QuietContext> {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", "127.0.0.1:1");
+        if let Some(mechanism) = mechanism {
+            config
+                .set("security.protocol", "sasl_plaintext")
+                .set("sasl.mechanisms", mechanism);
+        }
+        config
+            .create_with_context(crate::kafka::QuietContext::default())
+            .expect("a client")
+    }
+
+    fn registered(tokens: &MskIamTokens) -> usize {
+        tokens.shared.clients.lock().unwrap().handles.len()
+    }
+
+    #[test]
+    fn registered_clients_take_each_new_token_until_dropped() {
+        let tokens = fixed_tokens(valid_token());
+        let first = WithTokens::new(Some(&tokens), consumer(Some("OAUTHBEARER")));
+        let second = WithTokens::new(Some(&tokens), consumer(Some("OAUTHBEARER")));
+        assert_eq!(registered(&tokens), 2);
+        let refused = tokens
+            .shared
+            .push(&tokens.shared.clients.lock().unwrap().handles);
+        assert_eq!(refused, 0, "librdkafka takes the token");
+        drop(first);
+        assert_eq!(registered(&tokens), 1);
+        drop(second);
+        assert_eq!(registered(&tokens), 0);
+        // Without MSK IAM nothing is registered.
+        assert!(WithTokens::new(None, consumer(None))
+            ._registration
+            .is_none());
+    }
+
+    #[test]
+    fn a_client_that_refuses_tokens_is_counted() {
+        let tokens = fixed_tokens(valid_token());
+        let _plain = WithTokens::new(Some(&tokens), consumer(None));
+        let refused = tokens
+            .shared
+            .push(&tokens.shared.clients.lock().unwrap().handles);
+        assert_eq!(refused, 1);
+    }
+
+    #[test]
+    fn set_token_errors_never_show_the_token() {
+        let client = consumer(Some("OAUTHBEARER"));
+        let handle = ClientHandle(rdkafka::consumer::Consumer::client(&client).native_ptr());
+        let principal = CString::new(PRINCIPAL).unwrap();
+        let later = millis_since_epoch(SystemTime::now() + Duration::from_secs(60));
+        // librdkafka quotes a value it refuses.
+        let bad = CString::new("aHR0cHM6Ly9rYWZrYS\x01secret-part").unwrap();
+        let err = set_token(&handle, &bad, later, &principal).unwrap_err();
+        assert!(err.contains("<token>"), "{err}");
+        assert!(
+            !err.contains("aHR0cHM6") && !err.contains("secret-part"),
+            "{err}"
+        );
+        let good = CString::new("aHR0cHM6Ly9rYWZrYS5leGFtcGxl").unwrap();
+        let err = set_token(&handle, &good, 1_000, &principal).unwrap_err();
+        assert!(err.contains("unexpired"), "{err}");
+        set_token(&handle, &good, later, &principal).unwrap();
+    }
+
+    #[test]
+    fn without_token_cuts_where_the_token_starts() {
+        let token = "aHR0cHM6Ly9rYWZrYS5leGFtcGxlLmNvbS8_QWN0aW9u";
+        assert_eq!(
+            without_token(&format!("bad value: {} (x)", &token[..30]), token),
+            "bad value: <token>"
+        );
+        assert_eq!(without_token("no token here", token), "no token here");
+        assert_eq!(without_token("text", ""), "text");
     }
 
     #[test]

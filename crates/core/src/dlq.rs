@@ -26,6 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use thiserror::Error;
 
+use crate::aws_iam::WithTokens;
 use crate::batch::Batch;
 use crate::config::{DeadLetterConfig, KafkaConfig};
 use crate::handler::Failure;
@@ -73,15 +74,12 @@ enum TopicState {
 /// Looks topics up in the cluster's metadata; one client for every try, so
 /// an authentication failure it saw is reported, not just "no answer".
 pub struct TopicLookup {
-    client: std::sync::Arc<BaseConsumer<QuietContext>>,
+    client: std::sync::Arc<WithTokens<BaseConsumer<QuietContext>>>,
 }
 
 impl TopicLookup {
     pub fn new(kafka: &KafkaConfig) -> Result<Self, DlqError> {
-        let client: BaseConsumer<QuietContext> = kafka
-            .client_config()
-            .create_with_context(QuietContext::new(kafka))?;
-        kafka.oauth_hook().prime(client.client());
+        let client = kafka.create_client(&kafka.client_config(), QuietContext::new(kafka))?;
         Ok(Self {
             client: std::sync::Arc::new(client),
         })
@@ -140,7 +138,7 @@ pub mod headers {
 /// Writes dead letters to one topic.
 #[derive(Clone)]
 pub struct DeadLetterWriter {
-    producer: FutureProducer<QuietContext>,
+    producer: std::sync::Arc<WithTokens<FutureProducer<QuietContext>>>,
     topic: String,
     group: String,
 }
@@ -210,18 +208,20 @@ impl DeadLetterWriter {
         topic: &str,
         group: &str,
     ) -> Result<Self, rdkafka::error::KafkaError> {
-        let producer: FutureProducer<QuietContext> = kafka
-            .client_config()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            // Fail (and say so) within 10 s when the topic is missing or the
-            // broker down; the write is retried until it succeeds.
-            .set("message.timeout.ms", "10000")
-            .set("topic.metadata.propagation.max.ms", "10000")
-            .create_with_context(QuietContext::new(kafka))?;
+        let producer = kafka.create_client(
+            kafka
+                .client_config()
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("linger.ms", "5")
+                // Fail (and say so) within 10 s when the topic is missing or
+                // the broker down; the write is retried until it succeeds.
+                .set("message.timeout.ms", "10000")
+                .set("topic.metadata.propagation.max.ms", "10000"),
+            QuietContext::new(kafka),
+        )?;
         Ok(Self {
-            producer,
+            producer: std::sync::Arc::new(producer),
             topic: topic.to_string(),
             group: group.to_string(),
         })

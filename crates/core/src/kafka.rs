@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::ClientConfig;
+use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::{ClientConfig, ClientContext};
 use thiserror::Error;
 
-use crate::aws_iam::OauthHook;
+use crate::aws_iam::{NativeHandle, OauthHook, WithTokens};
 use crate::config::{KafkaConfig, SecurityProtocol};
 
 /// Errors from talking to the brokers, sorted by what the caller can do.
@@ -83,6 +83,24 @@ impl KafkaConfig {
             cfg.set(key, value);
         }
         cfg
+    }
+
+    /// Every client of ours is made here, from `config` (usually
+    /// [`Self::client_config`] with the caller's additions) and `context`:
+    /// with MSK IAM on, the token refresher hands it the current token at
+    /// once and every new one after, whether or not its main queue (where
+    /// librdkafka asks for tokens) is polled.
+    pub fn create_client<T, C>(
+        &self,
+        config: &ClientConfig,
+        context: C,
+    ) -> KafkaResult<WithTokens<T>>
+    where
+        C: ClientContext,
+        T: FromClientConfigAndContext<C> + NativeHandle,
+    {
+        let client = config.create_with_context(context)?;
+        Ok(WithTokens::new(self.msk_iam.as_ref(), client))
     }
 
     /// Whether this config speaks TLS (for messages that explain failures).
@@ -168,14 +186,11 @@ impl rdkafka::producer::ProducerContext for QuietContext {
     fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
 }
 
-/// An admin client for `kafka`. Nobody polls its main queue, where
-/// librdkafka would ask for an OAUTHBEARER token, so it gets one at once.
-pub fn admin_client(kafka: &KafkaConfig) -> Result<AdminClient<QuietContext>, ClientError> {
-    let admin: AdminClient<QuietContext> = kafka
-        .client_config()
-        .create_with_context(QuietContext::new(kafka))?;
-    kafka.oauth_hook().prime(admin.inner());
-    Ok(admin)
+/// An admin client for `kafka`.
+pub fn admin_client(
+    kafka: &KafkaConfig,
+) -> Result<WithTokens<AdminClient<QuietContext>>, ClientError> {
+    Ok(kafka.create_client(&kafka.client_config(), QuietContext::new(kafka))?)
 }
 
 /// Creates a topic through the admin API; an existing topic is not an error.

@@ -42,6 +42,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
 use tokio::runtime::Handle;
 
+use crate::aws_iam::WithTokens;
 use crate::batch::Batch;
 use crate::commit::{CommitQueue, CommitResult, CommittedPartition};
 use crate::config::{DeadLetterConfig, GroupProtocol, WorkerConfig};
@@ -711,7 +712,7 @@ fn open_audit(path: &Path) -> Result<BufWriter<File>, WorkerError> {
 fn create_consumer(
     worker: &Worker,
     stop: Arc<AtomicBool>,
-) -> Result<BaseConsumer<WorkerContext>, WorkerError> {
+) -> Result<WithTokens<BaseConsumer<WorkerContext>>, WorkerError> {
     let cfg = &worker.config;
     let context = WorkerContext {
         adapter: Mutex::new(None),
@@ -765,7 +766,7 @@ fn create_consumer(
     for (k, v) in &cfg.kafka.properties {
         client.set(k, v);
     }
-    Ok(client.create_with_context(context)?)
+    Ok(cfg.kafka.create_client(&client, context)?)
 }
 
 fn poll_loop(

@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use microbatch_core::aws_iam::WithTokens;
 use microbatch_core::config::KafkaConfig;
 use microbatch_core::kafka::{ClientError, QuietContext};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -166,7 +167,7 @@ impl GroupLag {
 
 /// Reads committed offsets and watermarks for a group; one client, reused.
 pub struct LagReader {
-    consumer: BaseConsumer<QuietContext>,
+    consumer: WithTokens<BaseConsumer<QuietContext>>,
     servers: String,
     group: String,
     topic: String,
@@ -182,16 +183,17 @@ impl LagReader {
         topic: &str,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let consumer: BaseConsumer<QuietContext> = kafka
-            .client_config()
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            // Ages need one record per partition: fetch one batch, not 1 MiB.
-            .set("max.partition.fetch.bytes", "1024")
-            // A record deleted meanwhile: take the next one still there.
-            .set("auto.offset.reset", "earliest")
-            .create_with_context(QuietContext::new(kafka))?;
-        kafka.oauth_hook().prime(consumer.client());
+        let consumer = kafka.create_client(
+            kafka
+                .client_config()
+                .set("group.id", group)
+                .set("enable.auto.commit", "false")
+                // Ages need one record per partition: fetch one batch, not 1 MiB.
+                .set("max.partition.fetch.bytes", "1024")
+                // A record deleted meanwhile: take the next one still there.
+                .set("auto.offset.reset", "earliest"),
+            QuietContext::new(kafka),
+        )?;
         Ok(Self {
             consumer,
             servers: kafka.bootstrap_servers.clone(),

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::ProgressBar;
+use microbatch_core::aws_iam::WithTokens;
 use microbatch_core::config::{ConfigError, GroupProtocol, KafkaConfig};
 use microbatch_core::dlq::headers;
 use microbatch_core::kafka::QuietContext;
@@ -615,13 +616,10 @@ struct Verification {
     lost: u64,
 }
 
-fn watermark_reader(kafka: &KafkaConfig) -> anyhow::Result<BaseConsumer<QuietContext>> {
-    let consumer: BaseConsumer<QuietContext> = kafka
-        .client_config()
-        .create_with_context(QuietContext::new(kafka))
-        .context("creating a watermark reader")?;
-    kafka.oauth_hook().prime(consumer.client());
-    Ok(consumer)
+fn watermark_reader(kafka: &KafkaConfig) -> anyhow::Result<WithTokens<BaseConsumer<QuietContext>>> {
+    kafka
+        .create_client(&kafka.client_config(), QuietContext::new(kafka))
+        .context("creating a watermark reader")
 }
 
 fn dlq_total(consumer: &BaseConsumer<QuietContext>, dlq: &str) -> i64 {
@@ -675,12 +673,13 @@ fn verify(
 /// (partition, offset) of every dead letter, from their context headers.
 fn read_dead_letters(kafka: &KafkaConfig, dlq: &str) -> anyhow::Result<BTreeSet<(i32, i64)>> {
     // assign() needs a group id; this reader never commits.
-    let consumer: BaseConsumer<QuietContext> = kafka
-        .client_config()
-        .set("group.id", format!("{dlq}-reader"))
-        .set("enable.auto.commit", "false")
-        .create_with_context(QuietContext::new(kafka))?;
-    kafka.oauth_hook().prime(consumer.client());
+    let consumer: WithTokens<BaseConsumer<QuietContext>> = kafka.create_client(
+        kafka
+            .client_config()
+            .set("group.id", format!("{dlq}-reader"))
+            .set("enable.auto.commit", "false"),
+        QuietContext::new(kafka),
+    )?;
     let (low, high) = consumer.fetch_watermarks(dlq, 0, Duration::from_secs(10))?;
     let mut out = BTreeSet::new();
     if high <= low {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use microbatch_core::aws_iam::OauthHook;
+use microbatch_core::aws_iam::{OauthHook, WithTokens};
 use microbatch_core::config::{ConfigError, KafkaConfig};
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -116,16 +116,19 @@ pub fn produce_blocking(
     args: &Load,
     bar: &ProgressBar,
 ) -> anyhow::Result<ProduceSummary> {
-    let producer: ThreadedProducer<Deliveries> = kafka
-        .client_config()
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("partitioner", "murmur2_random")
-        .set("message.timeout.ms", "60000")
-        .create_with_context(Deliveries {
-            oauth: kafka.oauth_hook(),
-            ..Deliveries::default()
-        })
+    let producer: WithTokens<ThreadedProducer<Deliveries>> = kafka
+        .create_client(
+            kafka
+                .client_config()
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "5")
+                .set("partitioner", "murmur2_random")
+                .set("message.timeout.ms", "60000"),
+            Deliveries {
+                oauth: kafka.oauth_hook(),
+                ..Deliveries::default()
+            },
+        )
         .context("creating the producer")?;
     let metadata = producer
         .client()
