@@ -19,7 +19,8 @@ fn assigned(port: u16) -> Option<f64> {
 
 /// Partitions revoked from a worker and given back to it later are routed to
 /// its fetch queue again (librdkafka clears the route when it stops fetching
-/// a partition): records produced after they come back are all processed.
+/// a partition): records produced after they come back are all processed,
+/// as the handler processes themselves recorded.
 #[test]
 fn partitions_given_back_after_a_rebalance_are_fetched_again() {
     let dir = TestDir::new("given-back");
@@ -27,14 +28,15 @@ fn partitions_given_back_after_a_rebalance_are_fetched_again() {
     let group = unique("g");
     create_topic(&topic, 4);
     let (pa, pb) = (free_port(), free_port());
-    let mut a = spawn_worker(&dir, "a", &topic, &group, pa, &["--process-time-ms", "0"]);
+    let cmd = recording_handler(&dir, HandlerBehaviour::default());
+    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, pa, &cmd, &[]);
     wait_until(Duration::from_secs(60), "a owns all 4 partitions", || {
         assigned(pa) == Some(4.0)
     });
     produce(&topic, 2_000, &["--keys", "100"]);
     wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
 
-    let mut b = spawn_worker(&dir, "b", &topic, &group, pb, &["--process-time-ms", "0"]);
+    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, pb, &cmd, &[]);
     wait_until(
         Duration::from_secs(60),
         "a and b share the partitions",
@@ -55,8 +57,7 @@ fn partitions_given_back_after_a_rebalance_are_fetched_again() {
     let assigns = labelled_metric(&metrics, "microbatch_rebalances_total{kind=\"assign\"}");
     assert!(assigns.unwrap_or(0.0) >= 2.0, "{metrics}");
     a.terminate();
-    let (expected, _) =
-        assert_all_processed(&topic, &group, &[dir.path("a.audit"), dir.path("b.audit")]);
+    let (expected, _) = assert_all_handled(&dir, &topic, &group);
     assert_eq!(expected, 6_000);
 }
 
@@ -126,15 +127,21 @@ fn the_held_cap_bounds_intake() {
     create_topic(&topic, 4);
     produce(&topic, 20_000, &["--keys", "200"]);
     let port = free_port();
-    let mut w = spawn_worker(
+    let cmd = recording_handler(
+        &dir,
+        HandlerBehaviour {
+            ms_per_record: 1,
+            ..HandlerBehaviour::default()
+        },
+    );
+    let mut w = spawn_exec_worker(
         &dir,
         "w",
         &topic,
         &group,
         port,
+        &cmd,
         &[
-            "--process-time-ms",
-            "1",
             "--max-records",
             "50",
             "--max-records-per-partition",
@@ -153,6 +160,6 @@ fn the_held_cap_bounds_intake() {
     w.terminate();
     assert!(peak >= 2_000.0, "the cap was reached (peak {peak})");
     assert!(peak <= 4_048.0, "held stayed near the cap (peak {peak})");
-    let (expected, _) = assert_all_processed(&topic, &group, &[dir.path("w.audit")]);
+    let (expected, _) = assert_all_handled(&dir, &topic, &group);
     assert_eq!(expected, 20_000);
 }

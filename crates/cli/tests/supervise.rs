@@ -1,6 +1,7 @@
 //! `microbatch supervise` on real Kafka: replicas rise on a burst, lag drains,
 //! replicas fall back to the minimum after the (shortened) window, and a
-//! child killed mid-run loses nothing.
+//! child killed mid-run loses nothing (as the handler processes the children
+//! run recorded, and the group's committed offsets, show).
 
 mod common;
 
@@ -46,10 +47,19 @@ fn supervise(dir: &TestDir, topic: &str, group: &str, policy: &[&str]) -> Proc {
     ]);
     cmd.args(["--http-port", "0", "--drain-timeout-ms", "5000"]);
     cmd.args(policy);
+    // The children inherit the environment: their handlers name their
+    // record files after it.
+    cmd.env("MICROBATCH_TEST_WORKER", "supervised");
+    let handler = recording_handler(
+        dir,
+        HandlerBehaviour {
+            ms_per_record: 2,
+            ..HandlerBehaviour::default()
+        },
+    );
     cmd.arg("--");
+    cmd.args(["--handler", "exec", "--command", &handler]);
     cmd.args([
-        "--process-time-ms",
-        "2",
         "--max-records",
         "10",
         "--concurrency",
@@ -63,17 +73,7 @@ fn supervise(dir: &TestDir, topic: &str, group: &str, policy: &[&str]) -> Proc {
         "--kafka-property",
         "session.timeout.ms=6000",
     ]);
-    cmd.args(["--audit-log", dir.path("w{n}.audit").to_str().unwrap()]);
     Proc::spawn(cmd, dir.path("supervise.stderr"))
-}
-
-fn audits(dir: &TestDir) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(&dir.0)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "audit"))
-        .collect()
 }
 
 #[test]
@@ -144,7 +144,7 @@ fn rate_policy_scales_up_drains_and_scales_back_and_a_killed_child_loses_nothing
         .expect("supervise exits on SIGTERM");
     assert!(status.success(), "{}", sup.stderr());
     assert!(children_of(sup.pid() as u32).is_empty());
-    let (expected, duplicates) = assert_all_processed(&topic, &group, &audits(&dir));
+    let (expected, duplicates) = assert_all_handled(&dir, &topic, &group);
     assert_eq!(expected, 20_000);
     eprintln!(
         "supervise: {} timeline points, {duplicates} duplicates",
@@ -191,7 +191,7 @@ fn keda_policy_caps_at_partitions_and_scales_back() {
         .wait_for_exit(Duration::from_secs(60))
         .unwrap()
         .success());
-    let (expected, _) = assert_all_processed(&topic, &group, &audits(&dir));
+    let (expected, _) = assert_all_handled(&dir, &topic, &group);
     assert_eq!(expected, 8000);
 }
 

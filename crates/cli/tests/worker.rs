@@ -8,9 +8,9 @@ use common::*;
 
 const SIGTERM: i32 = 15;
 
-/// 20,000 keyed records on 8 partitions, two workers (one `simulate`, one
-/// `exec`): every offset reaches a handler, committed lag ends at 0, and both
-/// exit 0 on SIGTERM.
+/// 20,000 keyed records on 8 partitions, two `exec` workers: every offset
+/// reaches a handler (as the handler processes recorded), committed lag ends
+/// at 0, and both exit 0 on SIGTERM.
 #[test]
 fn two_workers_process_every_offset_and_exit_cleanly() {
     let dir = TestDir::new("two-workers");
@@ -56,15 +56,16 @@ fn two_workers_process_every_offset_and_exit_cleanly() {
     assert!(sa.success(), "worker a: {sa:?}\n{}", a.stderr());
     assert!(sb.success(), "worker b: {sb:?}\n{}", b.stderr());
 
-    let (expected, duplicates) =
-        assert_recorded_or_dead(&topic, &group, &handled_files(&dir), &Default::default());
+    let (expected, duplicates) = assert_all_handled(&dir, &topic, &group);
     assert_eq!(expected, 20_000);
     eprintln!("duplicates: {duplicates}");
     assert_eq!(total_lag(&topic, &group), 0);
     for w in ["a", "b"] {
         assert!(
-            !audited(&[dir.path(&format!("{w}.audit"))]).is_empty(),
-            "worker {w} processed records too"
+            handled_files(&dir)
+                .iter()
+                .any(|f| handled_by(f) == w && !read(f).is_empty()),
+            "worker {w}'s handler processed records too"
         );
     }
 }
@@ -96,14 +97,14 @@ fn sigterm_mid_run_then_restart_loses_nothing() {
     ];
     let mut first = spawn_exec_worker(&dir, "first", &topic, &group, port, &cmd, &extra);
     wait_until(Duration::from_secs(60), "some progress", || {
-        audited(&handled_files(&dir)).len() >= 400
+        handled(&dir).len() >= 400
     });
     first.signal(SIGTERM);
     let status = first
         .wait_for_exit(Duration::from_secs(60))
         .expect("exits after SIGTERM");
     assert!(status.success(), "{}", first.stderr());
-    let done_first = audited(&handled_files(&dir)).len();
+    let done_first = handled(&dir).len();
     assert!(
         done_first < 4000,
         "the first run was stopped before the end ({done_first})"
@@ -112,8 +113,7 @@ fn sigterm_mid_run_then_restart_loses_nothing() {
     let mut second = spawn_exec_worker(&dir, "second", &topic, &group, port, &cmd, &extra);
     wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
     second.terminate();
-    let (expected, duplicates) =
-        assert_recorded_or_dead(&topic, &group, &handled_files(&dir), &Default::default());
+    let (expected, duplicates) = assert_all_handled(&dir, &topic, &group);
     assert_eq!(expected, 4000);
     // Only records held at the stop (at most 400) may be seen twice.
     assert!(duplicates <= 400, "too many duplicates: {duplicates}");
@@ -284,7 +284,8 @@ fn bad_input_exits_2_and_names_the_flag() {
     );
 }
 
-/// SCRAM-SHA-512 over TLS (MSK's port 9096): records flow; a wrong password
+/// SCRAM-SHA-512 over TLS (MSK's port 9096): records flow (every one
+/// recorded by the handler, committed offsets at the end); a wrong password
 /// gives a clear authentication error, /readyz stays non-200, and the
 /// password never appears in the logs.
 #[test]
@@ -335,28 +336,11 @@ fn scram_over_tls_works_and_a_wrong_password_is_clear() {
     );
 
     let port = free_port();
+    let handler = recording_handler(&dir, HandlerBehaviour::default());
     let mut cmd = command();
-    cmd.args([
-        "run",
-        "--topic",
-        &topic,
-        "--group",
-        &group,
-        "--http-host",
-        "127.0.0.1",
-        "--http-port",
-        &port.to_string(),
-    ]);
-    cmd.args([
-        "--audit-log",
-        dir.path("w.audit").to_str().unwrap(),
-        "--max-wait-ms",
-        "100",
-        "--commit-interval-ms",
-        "200",
-    ]);
-    cmd.args(&good);
-    let mut w = Proc::spawn(cmd, dir.path("w.stderr"));
+    cmd.arg("run").args(&good);
+    cmd.args(["--handler", "exec", "--command", &handler]);
+    let mut w = spawn_worker_with(cmd, &dir, "w", &topic, &group, port, &[]);
     wait_until(Duration::from_secs(120), "lag 0 over SCRAM", || {
         total_lag(&topic, &group) == 0
     });
@@ -364,7 +348,9 @@ fn scram_over_tls_works_and_a_wrong_password_is_clear() {
         http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
     });
     w.terminate();
-    assert_eq!(audited(&[dir.path("w.audit")]).len(), 2000);
+    // Read back over the plain listener of the same cluster.
+    let (expected, _) = assert_all_handled(&dir, &topic, &group);
+    assert_eq!(expected, 2000);
     assert!(!w.stderr().contains(&env["KAFKA_PASSWORD"]));
 
     let wrong = "definitely-Wrong-pa55";

@@ -384,10 +384,20 @@ pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) 
 /// Runs `microbatch lag` for the group with `extra` flags, counting
 /// partitions without a commit from their start, as the workers read them.
 pub fn run_lag(topic: &str, group: &str, extra: &[&str]) -> (ExitStatus, String, String) {
+    run_lag_on(broker().bootstrap(), topic, group, extra)
+}
+
+/// [`run_lag`] on the cluster at `bootstrap`.
+pub fn run_lag_on(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    extra: &[&str],
+) -> (ExitStatus, String, String) {
     let mut args = vec![
         "lag",
         "--bootstrap-servers",
-        broker().bootstrap(),
+        bootstrap,
         "--topic",
         topic,
         "--group",
@@ -431,7 +441,12 @@ pub fn lag_watch_json(
 }
 
 pub fn lag_json(topic: &str, group: &str) -> serde_json::Value {
-    let (status, out, err) = run_lag(topic, group, &["--json"]);
+    lag_json_on(broker().bootstrap(), topic, group)
+}
+
+/// [`lag_json`] on the cluster at `bootstrap` (a test's own mock cluster).
+pub fn lag_json_on(bootstrap: &str, topic: &str, group: &str) -> serde_json::Value {
+    let (status, out, err) = run_lag_on(bootstrap, topic, group, &["--json"]);
     assert!(status.success(), "lag failed: {err}");
     serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("lag --json is not JSON ({e}): {out}"))
@@ -678,8 +693,19 @@ pub fn assert_recorded_or_dead(
     records: &[PathBuf],
     dead: &BTreeSet<(i32, i64)>,
 ) -> (usize, usize) {
+    assert_recorded_or_dead_on(broker().bootstrap(), topic, group, records, dead)
+}
+
+/// [`assert_recorded_or_dead`] on the cluster at `bootstrap`.
+pub fn assert_recorded_or_dead_on(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    records: &[PathBuf],
+    dead: &BTreeSet<(i32, i64)>,
+) -> (usize, usize) {
     let seen = audited(records);
-    let lag = lag_json(topic, group);
+    let lag = lag_json_on(bootstrap, topic, group);
     let mut n = 0;
     for p in lag["partitions"].as_array().unwrap() {
         let partition = p["partition"].as_i64().unwrap() as i32;
@@ -784,6 +810,19 @@ pub fn handled_files(dir: &TestDir) -> Vec<PathBuf> {
         .unwrap_or_default();
     files.sort();
     files
+}
+
+/// The records [`recording_handler`] processes in `dir` finished, with how
+/// often each was finished.
+pub fn handled(dir: &TestDir) -> BTreeMap<(i32, i64), u32> {
+    audited(&handled_files(dir))
+}
+
+/// Asserts, from what [`recording_handler`] processes in `dir` recorded and
+/// the group's committed offsets, that every record of the topic was
+/// handled; returns (records, duplicates).
+pub fn assert_all_handled(dir: &TestDir, topic: &str, group: &str) -> (usize, usize) {
+    assert_recorded_or_dead(topic, group, &handled_files(dir), &BTreeSet::new())
 }
 
 /// The worker whose handler wrote a [`recording_handler`] file.
