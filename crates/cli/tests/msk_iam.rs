@@ -94,6 +94,7 @@ fn spawn_iam_worker(
     port: u16,
 ) -> Proc {
     cmd.arg("run");
+    let handler = recording_handler(dir, HandlerBehaviour::default());
     spawn_worker_with(
         cmd,
         dir,
@@ -101,7 +102,7 @@ fn spawn_iam_worker(
         topic,
         group,
         port,
-        &["--process-time-ms", "0"],
+        &["--handler", "exec", "--command", &handler],
     )
 }
 
@@ -152,7 +153,7 @@ fn worker_drains_a_topic_through_msk_iam() {
         http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
     });
     wait_for_lag_zero(&topic, &group, Duration::from_secs(60));
-    let (expected, _) = assert_all_processed(&topic, &group, &[dir.path("w.audit")]);
+    let (expected, _) = assert_all_handled(&dir, &topic, &group);
     assert_eq!(expected, 3000);
     let (ok, lag) = output(
         iam_command(&dir, &env),
@@ -268,7 +269,7 @@ fn token_is_refreshed_during_a_run_longer_than_its_lifetime() {
         producer.stderr()
     );
     wait_for_lag_zero(&topic, &group, Duration::from_secs(60));
-    let (expected, _) = assert_all_processed(&topic, &group, &[dir.path("w.audit")]);
+    let (expected, _) = assert_all_handled(&dir, &topic, &group);
     assert_eq!(expected, 3500);
     wait_until(Duration::from_secs(30), "ready at the end", || {
         http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
@@ -504,10 +505,10 @@ fn supervise_children_inherit_msk_iam_without_credentials_on_their_command_line(
         "--log-dir",
         dir.0.to_str().unwrap(),
         "--",
-        "--process-time-ms",
-        "1",
-        "--audit-log",
-        dir.path("w{n}.audit").to_str().unwrap(),
+        "--handler",
+        "exec",
+        "--command",
+        &recording_handler(&dir, HandlerBehaviour::default()),
     ]);
     let mut sup = Proc::spawn(cmd, dir.path("supervise.stderr"));
     wait_for_lag_zero(&topic, &group, Duration::from_secs(90));
@@ -518,13 +519,7 @@ fn supervise_children_inherit_msk_iam_without_credentials_on_their_command_line(
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         outputs.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
     }
-    let audits: Vec<_> = std::fs::read_dir(&dir.0)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "audit"))
-        .collect();
-    let (expected, _) = assert_all_processed(&topic, &group, &audits);
+    let (expected, _) = assert_all_handled(&dir, &topic, &group);
     assert_eq!(expected, 1000);
     sup.terminate();
     for entry in std::fs::read_dir(&dir.0).unwrap().flatten() {

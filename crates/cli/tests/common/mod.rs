@@ -476,27 +476,6 @@ pub fn audited(paths: &[PathBuf]) -> BTreeMap<(i32, i64), u32> {
     seen
 }
 
-/// Asserts every offset below each partition's high watermark was processed.
-pub fn assert_all_processed(topic: &str, group: &str, paths: &[PathBuf]) -> (usize, usize) {
-    let lag = lag_json(topic, group);
-    let seen = audited(paths);
-    let keys: BTreeSet<(i32, i64)> = seen.keys().copied().collect();
-    let mut expected = 0;
-    for p in lag["partitions"].as_array().unwrap() {
-        let partition = p["partition"].as_i64().unwrap() as i32;
-        let (low, high) = (p["low"].as_i64().unwrap(), p["high"].as_i64().unwrap());
-        for o in low..high {
-            expected += 1;
-            assert!(
-                keys.contains(&(partition, o)),
-                "offset {partition}/{o} was never processed"
-            );
-        }
-    }
-    let duplicates: usize = seen.values().map(|n| (*n as usize).saturating_sub(1)).sum();
-    (expected, duplicates)
-}
-
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
