@@ -288,7 +288,10 @@ impl TriggerState {
         }
     }
 
-    /// The evaluation of the last `interval`, or a new one.
+    /// The evaluation of the last `interval`, or a new one. The interval
+    /// counts from when an evaluation ended: reading lag (and the oldest
+    /// records' ages) takes a while, and a call KEDA makes right after
+    /// another must get the same answer.
     fn evaluate(&mut self, interval: Duration) -> Result<(Evaluation, bool), Status> {
         let now = Instant::now();
         self.used = now;
@@ -299,7 +302,7 @@ impl TriggerState {
         }
         if self.spec.topic.is_none() {
             let e = self.evaluate_group_topics()?;
-            self.last = Some((now, e.clone()));
+            self.last = Some((Instant::now(), e.clone()));
             return Ok((e, false));
         }
         let rate = matches!(self.spec.policy, PolicySpec::Rate(_));
@@ -339,7 +342,7 @@ impl TriggerState {
             current,
             capacity_per_replica: self.policy.rate_per_replica(),
         };
-        self.last = Some((now, e.clone()));
+        self.last = Some((Instant::now(), e.clone()));
         Ok((e, false))
     }
 }
