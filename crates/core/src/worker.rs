@@ -437,7 +437,14 @@ impl Adapter {
         let mut failed = Vec::new();
         for p in result.partitions.iter().filter(|p| *p.topic == *self.topic) {
             match p.error.or(result.error) {
-                None if p.offset >= 0 => self.pipeline.handle_committed(p.partition, p.offset),
+                None if p.offset >= 0 => {
+                    tracing::debug!(
+                        partition = p.partition,
+                        offset = p.offset,
+                        "commit acknowledged"
+                    );
+                    self.pipeline.handle_committed(p.partition, p.offset)
+                }
                 None => {}
                 Some(code) => failed.push(format!("{}@{}: {code}", p.partition, p.offset)),
             }
@@ -509,6 +516,8 @@ impl Adapter {
     }
 }
 
+/// The partitions of a commit, with the error librdkafka set on each (a
+/// synchronous commit writes per-partition results into the list it sent).
 fn committed(tpl: &TopicPartitionList) -> Vec<CommittedPartition> {
     tpl.elements()
         .iter()
@@ -519,7 +528,10 @@ fn committed(tpl: &TopicPartitionList) -> Vec<CommittedPartition> {
                 Offset::Offset(o) => o,
                 _ => -1,
             },
-            error: None,
+            error: e.error().err().map(|err| {
+                err.rdkafka_error_code()
+                    .unwrap_or(rdkafka::error::RDKafkaErrorCode::Fail)
+            }),
         })
         .collect()
 }
