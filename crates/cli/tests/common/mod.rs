@@ -174,7 +174,9 @@ pub fn command() -> Command {
             cmd.env_remove(k);
         }
     }
-    cmd.env("MICROBATCH_LOG", "info");
+    // MICROBATCH_TEST_LOG: a log filter for every process a test starts.
+    let log = std::env::var("MICROBATCH_TEST_LOG").unwrap_or_else(|_| "info".into());
+    cmd.env("MICROBATCH_LOG", log);
     // The group protocol the whole run tests (scripts/test.sh runs the
     // rebalance tests under both).
     if let Ok(protocol) = std::env::var("MICROBATCH_TEST_GROUP_PROTOCOL") {
@@ -814,9 +816,15 @@ pub fn handled_by(path: &Path) -> String {
     rest.rsplit_once('-').map_or(rest, |(w, _)| w).to_string()
 }
 
-/// Per worker ([`handled_by`]): the times its handlers finished records,
-/// and how many records it handled first that were handled again later.
-pub fn first_handlers(paths: &[PathBuf]) -> BTreeMap<String, (Vec<f64>, usize)> {
+/// What each worker ([`handled_by`]) finished first, by when: every
+/// record, and those another handling did again later.
+#[derive(Debug, Default, Clone)]
+pub struct FirstHandled {
+    pub finished: Vec<f64>,
+    pub replayed: Vec<f64>,
+}
+
+pub fn first_handlers(paths: &[PathBuf]) -> BTreeMap<String, FirstHandled> {
     let mut lines: Vec<(f64, (i32, i64), String)> = Vec::new();
     for p in paths {
         let worker = handled_by(p);
@@ -829,18 +837,37 @@ pub fn first_handlers(paths: &[PathBuf]) -> BTreeMap<String, (Vec<f64>, usize)> 
         }
     }
     lines.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut first: BTreeMap<(i32, i64), String> = BTreeMap::new();
-    let mut out: BTreeMap<String, (Vec<f64>, usize)> = BTreeMap::new();
+    // (who, when, counted as replayed yet) of each record's first handling.
+    let mut first: BTreeMap<(i32, i64), (String, f64, bool)> = BTreeMap::new();
+    let mut out: BTreeMap<String, FirstHandled> = BTreeMap::new();
     for (t, key, worker) in lines {
-        match first.get(&key) {
-            Some(by) => out.entry(by.clone()).or_default().1 += 1,
+        match first.get_mut(&key) {
+            Some((by, at, counted)) => {
+                if !*counted {
+                    *counted = true;
+                    out.entry(by.clone()).or_default().replayed.push(*at);
+                }
+            }
             None => {
-                out.entry(worker.clone()).or_default().0.push(t);
-                first.insert(key, worker);
+                out.entry(worker.clone()).or_default().finished.push(t);
+                first.insert(key, (worker, t, false));
             }
         }
     }
     out
+}
+
+/// The most of `times` (sorted) inside any window of `width` seconds.
+pub fn densest_window(times: &[f64], width: f64) -> usize {
+    let mut best = 0;
+    let mut start = 0;
+    for (end, t) in times.iter().enumerate() {
+        while times[start] < t - width {
+            start += 1;
+        }
+        best = best.max(end + 1 - start);
+    }
+    best
 }
 
 /// When each record was handled again after its first time, from the
