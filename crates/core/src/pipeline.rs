@@ -176,8 +176,9 @@ struct PartitionState {
     /// Since when records below the watermark wait for the broker to
     /// acknowledge their commit; a crash now would replay them.
     unacked_since: Option<Instant>,
-    /// Since when done records wait above the watermark for an unfinished
-    /// one (a retry, a dead letter being written); a crash would replay them.
+    /// Since when done records wait above a watermark that has not moved,
+    /// for an unfinished record (a retry, a dead letter being written); a
+    /// crash would replay them.
     held_back_since: Option<Instant>,
     /// Commits sent and not acknowledged yet: (offset, when sent).
     commits_sent: VecDeque<(i64, Instant)>,
@@ -1130,6 +1131,7 @@ impl Pipeline {
         let Some(ps) = self.partitions.get_mut(&partition) else {
             return;
         };
+        let watermark_before = ps.offsets.watermark();
         let mut n = 0;
         for o in offsets {
             ps.offsets.mark_done(o);
@@ -1144,8 +1146,13 @@ impl Pipeline {
         if ps.watermark_unacked() {
             ps.unacked_since.get_or_insert(now);
         }
+        // Held back since the watermark last moved: under key order, lanes
+        // finish out of order all the time, and only a watermark that stays
+        // put means a record in front is stuck.
         if ps.offsets.done_above_watermark() == 0 {
             ps.held_back_since = None;
+        } else if ps.offsets.watermark() != watermark_before {
+            ps.held_back_since = Some(now);
         } else {
             ps.held_back_since.get_or_insert(now);
         }
@@ -1747,6 +1754,34 @@ mod tests {
         Duration::from_secs_f64(s)
     }
 
+    /// Key order, two lanes, one record a batch; partition 0 assigned.
+    /// Returns it with two keys that land in different lanes.
+    fn two_lanes(
+        t0: Instant,
+        tweak: impl FnOnce(&mut WorkerConfig),
+    ) -> (Pipeline, &'static [u8], &'static [u8]) {
+        let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+        c.batch = BatchLimits::new(1, 1 << 20, Duration::from_millis(10)).unwrap();
+        c.ordering = Ordering::Key;
+        c.concurrency = 2;
+        tweak(&mut c);
+        let options = Options {
+            dead_letters: true,
+            audit: false,
+            keep_headers: false,
+            seed: 1,
+        };
+        let mut p = Pipeline::new(c, options, Arc::new(Telemetry::default()), t0, 0);
+        p.handle_assign(&[0]);
+        let a: &'static [u8] = b"a";
+        let lane = |k: &[u8]| p.partitions[&0].lane_for(Ordering::Key, Some(k), 0);
+        let b: &'static [u8] = [b"b", b"c", b"d", b"e"]
+            .into_iter()
+            .find(|k| lane(&k[..]) != lane(a))
+            .expect("a key in the other lane");
+        (p, a, b)
+    }
+
     #[test]
     fn finished_work_the_broker_has_not_acknowledged_stops_new_batches_until_it_has() {
         let t0 = Instant::now();
@@ -1816,27 +1851,10 @@ mod tests {
     #[test]
     fn records_held_back_by_a_retry_stop_new_batches_of_other_keys_but_not_the_retry() {
         let t0 = Instant::now();
-        let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
-        c.batch = BatchLimits::new(1, 1 << 20, Duration::from_millis(10)).unwrap();
-        c.ordering = Ordering::Key;
-        c.concurrency = 2;
-        c.retry.initial = secs(5.0);
-        c.retry.max = secs(5.0);
-        let options = Options {
-            dead_letters: true,
-            audit: false,
-            keep_headers: false,
-            seed: 1,
-        };
-        let mut p = Pipeline::new(c, options, Arc::new(Telemetry::default()), t0, 0);
-        p.handle_assign(&[0]);
-        // Keys that land in different lanes.
-        let a: &'static [u8] = b"a";
-        let lane = |k: &[u8]| p.partitions[&0].lane_for(Ordering::Key, Some(k), 0);
-        let b: &'static [u8] = [b"b", b"c", b"d", b"e"]
-            .into_iter()
-            .find(|k| lane(&k[..]) != lane(a))
-            .expect("a key in the other lane");
+        let (mut p, a, b) = two_lanes(t0, |c| {
+            c.retry.initial = secs(5.0);
+            c.retry.max = secs(5.0);
+        });
         p.handle_record(&Keyed(0, a), t0);
         p.handle_record(&Keyed(1, b), t0);
         p.handle_tick(t0);
@@ -1877,6 +1895,54 @@ mod tests {
             .pop()
             .expect("the commit may move: key b goes on");
         assert_eq!(batch.offsets().collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn lanes_finishing_out_of_order_all_the_time_never_stop_work() {
+        // Under key order a done record nearly always waits above the
+        // watermark; only a watermark that stays put means work is stuck.
+        let t0 = Instant::now();
+        let (mut p, a, b) = two_lanes(t0, |_| {});
+        let mut now = t0;
+        let mut slow: Option<(Slot, Batch)> = None;
+        for k in 0..40i64 {
+            // Key b's record finishes at once, key a's one step later: a done
+            // record of b always waits above a's unfinished one.
+            p.handle_record(&Keyed(2 * k, a), now);
+            p.handle_record(&Keyed(2 * k + 1, b), now);
+            p.handle_tick(now);
+            let mut fast = None;
+            let mut commits = Vec::new();
+            for intent in intents(&mut p) {
+                match intent {
+                    Intent::Start { slot, batch } if batch.first_offset() == Some(2 * k + 1) => {
+                        fast = Some((slot, batch))
+                    }
+                    Intent::Start { slot, batch } => slow = Some((slot, batch)),
+                    Intent::Commit { offsets, .. } => commits.extend(offsets),
+                    _ => {}
+                }
+            }
+            let (slot, batch) =
+                fast.unwrap_or_else(|| panic!("step {k}: key b's batch did not start"));
+            p.handle_verdict(slot, batch, BatchOutcome::Success, now);
+            if k > 0 {
+                let (slot, batch) = slow.take().expect("key a's batch in flight");
+                p.handle_verdict(slot, batch, BatchOutcome::Success, now);
+            }
+            p.handle_tick(now);
+            for intent in intents(&mut p) {
+                match intent {
+                    Intent::Start { slot, batch } => slow = Some((slot, batch)),
+                    Intent::Commit { offsets, .. } => commits.extend(offsets),
+                    _ => {}
+                }
+            }
+            for (partition, offset) in commits {
+                p.handle_committed(partition, offset);
+            }
+            now += secs(0.2);
+        }
     }
 
     #[test]
