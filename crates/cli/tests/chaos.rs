@@ -72,8 +72,7 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
     ];
     // A dead worker's partitions move on sooner: the client's setting under
     // the classic protocol; the broker's (scripts/kafka-local.sh) under KIP-848.
-    let classic = std::env::var("MICROBATCH_TEST_GROUP_PROTOCOL").as_deref() != Ok("consumer");
-    let session: &[&str] = if classic {
+    let session: &[&str] = if classic_protocol() {
         &[
             "--kafka-property",
             "session.timeout.ms=6000",

@@ -470,6 +470,14 @@ impl RetryPolicy {
     }
 }
 
+/// Client properties of the classic group protocol that librdkafka refuses
+/// under KIP-848, where the broker owns them.
+const CLASSIC_ONLY_PROPERTIES: &[&str] = &[
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "partition.assignment.strategy",
+];
+
 /// Everything one worker needs, validated.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -632,6 +640,22 @@ impl WorkerConfig {
                 ConfigError::new("--kafka-property", format!("group.protocol: {e}"))
             })?;
         }
+        if self.group_protocol == GroupProtocol::Consumer {
+            if let Some((k, _)) = self
+                .kafka
+                .properties
+                .iter()
+                .find(|(k, _)| CLASSIC_ONLY_PROPERTIES.contains(&k.as_str()))
+            {
+                return Err(ConfigError::new(
+                    "--kafka-property",
+                    format!(
+                        "{k} is the broker's under --group-protocol consumer \
+                         (group.consumer.* settings); drop it, or use --group-protocol classic"
+                    ),
+                ));
+            }
+        }
         if self.topic.trim().is_empty() {
             return Err(ConfigError::new("--topic", "must not be empty"));
         }
@@ -758,6 +782,21 @@ mod tests {
         c.ordering = Ordering::Partition;
         c.max_records_per_partition = 500;
         assert_eq!(c.backpressure_warning(), None);
+    }
+
+    #[test]
+    fn classic_session_settings_are_refused_under_the_consumer_protocol() {
+        let mut c = WorkerConfig::new(KafkaConfig::plaintext("localhost:9092"), "t", "g");
+        c.kafka
+            .properties
+            .push(("session.timeout.ms".into(), "6000".into()));
+        assert!(c.clone().validate().is_ok(), "classic takes it");
+        c.group_protocol = GroupProtocol::Consumer;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("--kafka-property") && err.contains("session.timeout.ms"),
+            "{err}"
+        );
     }
 
     #[test]

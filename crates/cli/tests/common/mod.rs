@@ -162,6 +162,13 @@ impl Drop for TestDir {
     }
 }
 
+/// Whether the tests run under the classic group protocol (the default;
+/// MICROBATCH_TEST_GROUP_PROTOCOL=consumer runs them under KIP-848, where
+/// session settings are the broker's and the client refuses them).
+pub fn classic_protocol() -> bool {
+    std::env::var("MICROBATCH_TEST_GROUP_PROTOCOL").as_deref() != Ok("consumer")
+}
+
 /// The binary with an environment cleared of our variables, so a developer's
 /// shell cannot change what a test means.
 pub fn command() -> Command {
