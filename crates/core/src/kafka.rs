@@ -211,47 +211,13 @@ pub async fn create_topic(
         .await
         .map_err(|e| ClientError::classify(e, &kafka.bootstrap_servers))?;
     match results.into_iter().next() {
-        Some(Ok(_)) => {
-            wait_until_visible(&admin, topic, partitions, timeout).await;
-            Ok(true)
-        }
+        Some(Ok(_)) => Ok(true),
         Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(false),
         Some(Err((_, code))) => Err(ClientError::classify(
             KafkaError::AdminOp(code),
             &kafka.bootstrap_servers,
         )),
         None => Ok(false),
-    }
-}
-
-/// Waits (up to `timeout`) until the broker's metadata shows a topic just
-/// created with every partition led: the controller has made it before
-/// the brokers know it, and a producer started at once (the demo, a script
-/// running `topic create` then `produce`) would be told it does not exist.
-async fn wait_until_visible(
-    admin: &AdminClient<QuietContext>,
-    topic: &str,
-    partitions: i32,
-    timeout: Duration,
-) {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        let visible = admin
-            .inner()
-            .fetch_metadata(Some(topic), Duration::from_millis(500))
-            .ok()
-            .and_then(|m| {
-                m.topics().iter().find(|t| t.name() == topic).map(|t| {
-                    t.error().is_none()
-                        && t.partitions().len() == partitions as usize
-                        && t.partitions().iter().all(|p| p.leader() >= 0)
-                })
-            })
-            .unwrap_or(false);
-        if visible {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
