@@ -832,18 +832,7 @@ pub struct FirstHandled {
 }
 
 pub fn first_handlers(paths: &[PathBuf]) -> BTreeMap<String, FirstHandled> {
-    let mut lines: Vec<(f64, (i32, i64), String)> = Vec::new();
-    for p in paths {
-        let worker = handled_by(p);
-        for line in std::fs::read_to_string(p).unwrap_or_default().lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if let [p, o, t] = f[..] {
-                let key = (p.parse().unwrap(), o.parse().unwrap());
-                lines.push((t.parse().unwrap(), key, worker.clone()));
-            }
-        }
-    }
-    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let lines = handled_lines(paths);
     // (who, when, counted as replayed yet) of each record's first handling.
     let mut first: BTreeMap<(i32, i64), (String, f64, bool)> = BTreeMap::new();
     let mut out: BTreeMap<String, FirstHandled> = BTreeMap::new();
@@ -880,24 +869,30 @@ pub fn densest_window(times: &[f64], width: f64) -> usize {
 /// When each record was handled again after its first time, from the
 /// `partition offset unix-seconds` lines of [`recording_handler`]'s files.
 pub fn redelivery_times(paths: &[PathBuf]) -> Vec<f64> {
-    let mut first: BTreeMap<(i32, i64), f64> = BTreeMap::new();
-    let mut again = Vec::new();
-    let mut lines: Vec<(f64, (i32, i64))> = Vec::new();
+    let mut first: BTreeSet<(i32, i64)> = BTreeSet::new();
+    handled_lines(paths)
+        .into_iter()
+        .filter(|(_, key, _)| !first.insert(*key))
+        .map(|(t, _, _)| t)
+        .collect()
+}
+
+/// Every `partition offset unix-seconds` line of [`recording_handler`]'s
+/// files, with the worker that wrote it ([`handled_by`]), oldest first.
+fn handled_lines(paths: &[PathBuf]) -> Vec<(f64, (i32, i64), String)> {
+    let mut lines: Vec<(f64, (i32, i64), String)> = Vec::new();
     for p in paths {
+        let worker = handled_by(p);
         for line in std::fs::read_to_string(p).unwrap_or_default().lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if let [p, o, t] = f[..] {
-                lines.push((t.parse().unwrap(), (p.parse().unwrap(), o.parse().unwrap())));
+                let key = (p.parse().unwrap(), o.parse().unwrap());
+                lines.push((t.parse().unwrap(), key, worker.clone()));
             }
         }
     }
     lines.sort_by(|a, b| a.0.total_cmp(&b.0));
-    for (t, key) in lines {
-        if first.insert(key, t).is_some() {
-            again.push(t);
-        }
-    }
-    again
+    lines
 }
 
 /// Seconds since the Unix epoch, as the handler's records have them.
