@@ -96,6 +96,7 @@ pub struct FileConfig {
     pub concurrency: Option<usize>,
     pub commit_interval_ms: Option<u64>,
     pub max_uncommitted_ms: Option<u64>,
+    pub max_uncommitted_records: Option<usize>,
     pub drain_timeout_ms: Option<u64>,
     pub retry_initial_ms: Option<u64>,
     pub retry_max_ms: Option<u64>,

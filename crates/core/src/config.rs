@@ -493,6 +493,10 @@ pub struct WorkerConfig {
     /// partition starts no new batches (what a crash may replay); `None`:
     /// [`WorkerConfig::uncommitted_limit`]'s default; zero: no limit.
     pub max_uncommitted: Option<Duration>,
+    /// Finished records a crash may replay, in all partitions together: at
+    /// this many a commit goes out at once, and no new batch starts until
+    /// the broker acknowledges it (`--max-uncommitted-records`); 0: no cap.
+    pub max_uncommitted_records: usize,
     /// How long shutdown and revocation wait for in-flight batches.
     pub drain_timeout: Duration,
     pub handler_timeout: Duration,
@@ -616,6 +620,7 @@ impl WorkerConfig {
             concurrency: 8,
             commit_interval: Duration::from_millis(1000),
             max_uncommitted: None,
+            max_uncommitted_records: 0,
             drain_timeout: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),

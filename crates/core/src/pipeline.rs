@@ -243,6 +243,25 @@ impl PartitionState {
         }
     }
 
+    /// Finished records a crash now would replay: those done at or past
+    /// the last commit the broker acknowledged.
+    fn replayable(&self) -> usize {
+        let Some(wm) = self.offsets.watermark() else {
+            return 0;
+        };
+        let base = self.acked.or(self.offsets.first_seen()).unwrap_or(wm);
+        usize::try_from(wm - base).unwrap_or(0) + self.offsets.done_above_watermark()
+    }
+
+    /// Whether the watermark lies past every commit sent (and acknowledged).
+    fn watermark_unsent(&self) -> bool {
+        let Some(wm) = self.offsets.watermark() else {
+            return false;
+        };
+        let sent = self.commits_sent.back().map(|(o, _)| *o);
+        wm > sent.max(self.acked).unwrap_or(i64::MIN) && self.watermark_unacked()
+    }
+
     /// Whether a record held as a suspected outage waits for a batch to
     /// succeed after it first failed (the proof it is the record, not the
     /// downstream): then fresh batches must start, exposed or not.
@@ -321,6 +340,67 @@ enum Gate {
     Closed,
 }
 
+/// `--max-uncommitted-records` while one dispatch round runs: a fresh batch
+/// starts only while the finished records a crash would replay, the records
+/// in flight and the batch itself stay within the cap. Retries always may,
+/// and so may the batch that holds a partition's watermark while done
+/// records wait above it and none below: moving it is what lets the commit
+/// shrink the replay.
+struct RecordsCap {
+    cap: usize,
+    /// Replayable and in flight, including what this round started.
+    exposed: usize,
+    refused: bool,
+}
+
+impl RecordsCap {
+    fn new(cap: usize, partitions: &BTreeMap<i32, PartitionState>, in_flight: usize) -> Self {
+        let exposed = if cap == 0 {
+            0
+        } else {
+            partitions
+                .values()
+                .map(PartitionState::replayable)
+                .sum::<usize>()
+                + in_flight
+        };
+        Self {
+            cap,
+            exposed,
+            refused: false,
+        }
+    }
+
+    fn admits(&mut self, ps: &PartitionState, fresh: Option<&Batch>) -> bool {
+        let Some(batch) = fresh else {
+            return true;
+        };
+        // Only while nothing below the watermark waits for an
+        // acknowledgement: else moving it helps nothing, and batch after
+        // batch at the watermark would pass the cap.
+        let done_above = ps.offsets.done_above_watermark();
+        let moves_watermark = done_above > 0
+            && ps.replayable() == done_above
+            && batch.first_offset().is_some()
+            && batch.first_offset() == ps.offsets.watermark();
+        let admitted = self.cap == 0
+            || self.exposed + batch.len() <= self.cap
+            // One batch larger than the cap still goes alone.
+            || self.exposed == 0
+            || moves_watermark;
+        if !admitted {
+            self.refused = true;
+        }
+        admitted
+    }
+
+    fn started(&mut self, records: usize) {
+        if self.cap > 0 {
+            self.exposed += records;
+        }
+    }
+}
+
 impl Gate {
     fn allows(self, fresh: Option<&Batch>) -> bool {
         match self {
@@ -361,6 +441,7 @@ pub(crate) struct Sabotage {
     pub ignore_lane_busy: bool,
     pub dead_letter_first_failure: bool,
     pub never_pause: bool,
+    pub ignore_records_cap: bool,
 }
 
 /// How a pipeline is set up, beside its [`WorkerConfig`].
@@ -401,6 +482,11 @@ pub struct Pipeline {
     /// The partition dispatch starts from next (round-robin).
     dispatch_cursor: i32,
     in_flight: usize,
+    /// Records in the batches in flight.
+    in_flight_records: usize,
+    /// Whether fresh batches wait for a commit's acknowledgement
+    /// (`--max-uncommitted-records`).
+    waiting_for_ack: bool,
     held: usize,
     successes: u64,
     circuit: Circuit,
@@ -452,6 +538,8 @@ impl Pipeline {
             next_dead_letter_id: 0,
             dispatch_cursor: 0,
             in_flight: 0,
+            in_flight_records: 0,
+            waiting_for_ack: false,
             held: 0,
             successes: 0,
             circuit: Circuit::new(now),
@@ -480,6 +568,12 @@ impl Pipeline {
     }
 
     /// Handler batches running (stale ones included).
+    /// Whether fresh batches wait for a commit's acknowledgement
+    /// (`--max-uncommitted-records`): the caller should look for it soon.
+    pub fn waiting_for_ack(&self) -> bool {
+        self.waiting_for_ack
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }
@@ -559,6 +653,26 @@ impl Pipeline {
         self.started_wall_ms + now.saturating_duration_since(self.started).as_millis() as i64
     }
 
+    /// Whether a record held as a suspected outage waits for a fresh batch
+    /// to succeed.
+    pub(crate) fn awaits_proof(&self) -> bool {
+        self.partitions
+            .values()
+            .any(|ps| ps.awaits_proof(self.successes))
+    }
+
+    /// (replayable finished records, records in flight), for the simulation.
+    #[cfg(test)]
+    pub(crate) fn exposure(&self) -> (usize, usize) {
+        (
+            self.partitions
+                .values()
+                .map(PartitionState::replayable)
+                .sum(),
+            self.in_flight_records,
+        )
+    }
+
     /// A one-line picture of the state, for the simulation's failure reports.
     #[cfg(test)]
     pub(crate) fn debug_state(&self, now: Instant) -> String {
@@ -629,11 +743,18 @@ impl Pipeline {
                 continue;
             }
             self.next_epoch += 1;
-            let state = PartitionState::new(self.next_epoch, &self.config);
+            let mut state = PartitionState::new(self.next_epoch, &self.config);
+            if self.phase == Phase::Consuming {
+                resumed.push(p);
+            } else {
+                // Given while draining (the group rebalances as this member
+                // leaves): it takes nothing in, so nothing of it is
+                // committed, and its records go to the next owner.
+                state.start_finishing();
+            }
             if let Some(old) = self.partitions.insert(p, state) {
                 self.forget(p, old);
             }
-            resumed.push(p);
         }
         if !resumed.is_empty() {
             self.intents.push_back(Intent::Resume(resumed));
@@ -740,6 +861,7 @@ impl Pipeline {
     ) {
         self.clock = self.clock.max(now);
         self.in_flight -= 1;
+        self.in_flight_records = self.in_flight_records.saturating_sub(batch.len());
         self.capacity.set_busy(now, self.in_flight);
         if !self.is_current(slot.partition, slot.epoch) {
             let key = (slot.partition, slot.lane);
@@ -904,6 +1026,10 @@ impl Pipeline {
     /// markers, which are never handed out; without this the commit would
     /// stay one short of the end.
     pub fn handle_position(&mut self, partition: i32, position: i64) {
+        // Draining, records handed out are dropped: the position says nothing.
+        if self.phase != Phase::Consuming {
+            return;
+        }
         if let Some(ps) = self.partitions.get_mut(&partition) {
             if !ps.finishing {
                 ps.offsets.skip_to(position);
@@ -1292,6 +1418,7 @@ impl Pipeline {
 
     /// Starts batches on free slots, round-robin over partitions.
     fn dispatch(&mut self, now: Instant) {
+        self.waiting_for_ack = false;
         let probing = self.circuit.is_open();
         let limit = if probing {
             if now < self.circuit.probe_after() || self.in_flight > 0 {
@@ -1310,6 +1437,17 @@ impl Pipeline {
             &[Prefer::Any]
         };
         let uncommitted_limit = self.config.uncommitted_limit();
+        #[cfg(test)]
+        let cap = if self.sabotage.ignore_records_cap {
+            0
+        } else {
+            self.config.max_uncommitted_records
+        };
+        #[cfg(not(test))]
+        let cap = self.config.max_uncommitted_records;
+        // A record held as a suspected outage needs a fresh batch to succeed.
+        let cap = if self.awaits_proof() { 0 } else { cap };
+        let mut records_cap = RecordsCap::new(cap, &self.partitions, self.in_flight_records);
         let mut starts = Vec::new();
         for &prefer in rounds {
             let cursor = self.dispatch_cursor;
@@ -1334,9 +1472,14 @@ impl Pipeline {
                         }
                         let batch = match Self::next_for(ps, &ps.lanes[i], now, prefer, gate) {
                             Next::Retry => ps.lanes[i].retry.pop_front().map(|(b, _)| b),
-                            Next::Ready => ps.lanes[i].ready.pop_front(),
-                            Next::Wait | Next::Nothing => None,
+                            Next::Ready if records_cap.admits(ps, ps.lanes[i].ready.front()) => {
+                                ps.lanes[i].ready.pop_front()
+                            }
+                            Next::Ready | Next::Wait | Next::Nothing => None,
                         };
+                        if let Some(batch) = &batch {
+                            records_cap.started(batch.len());
+                        }
                         if let Some(mut batch) = batch {
                             ps.lanes[i].in_flight = true;
                             self.next_batch_id += 1;
@@ -1360,8 +1503,18 @@ impl Pipeline {
         if let Some((last, _)) = starts.last() {
             self.dispatch_cursor = last.partition + 1;
         }
+        // Held back by the cap: the commit that lifts it goes out now, not
+        // at the next interval.
+        self.waiting_for_ack =
+            records_cap.refused && self.partitions.values().any(|ps| ps.replayable() > 0);
+        if self.waiting_for_ack {
+            self.commit(false, |ps| {
+                ps.revoke_deadline.is_none() && ps.watermark_unsent()
+            });
+        }
         for (slot, batch) in starts {
             self.in_flight += 1;
+            self.in_flight_records += batch.len();
             self.capacity.set_busy(now, self.in_flight);
             self.telemetry
                 .metrics
@@ -1456,7 +1609,10 @@ impl Pipeline {
         m.partitions_waiting_for_commit.set(
             self.partitions
                 .values()
-                .filter(|p| p.gate(self.clock, limit, self.successes) != Gate::Open)
+                .filter(|p| {
+                    p.gate(self.clock, limit, self.successes) != Gate::Open
+                        || self.waiting_for_ack && p.replayable() > 0
+                })
                 .count() as i64,
         );
         m.records_held.set(self.held as i64);
@@ -1552,6 +1708,11 @@ mod tests {
         c.ordering = Ordering::Partition;
         c.drain_timeout = Duration::from_secs(10);
         c.retry.max_attempts = 1;
+        with_config(c, t0)
+    }
+
+    /// A pipeline with dead letters on and no partition assigned yet.
+    fn with_config(c: WorkerConfig, t0: Instant) -> Pipeline {
         let options = Options {
             dead_letters: true,
             audit: false,
@@ -1765,13 +1926,7 @@ mod tests {
         c.ordering = Ordering::Key;
         c.concurrency = 2;
         tweak(&mut c);
-        let options = Options {
-            dead_letters: true,
-            audit: false,
-            keep_headers: false,
-            seed: 1,
-        };
-        let mut p = Pipeline::new(c, options, Arc::new(Telemetry::default()), t0, 0);
+        let mut p = with_config(c, t0);
         p.handle_assign(&[0]);
         let a: &'static [u8] = b"a";
         let lane = |k: &[u8]| p.partitions[&0].lane_for(Ordering::Key, Some(k), 0);
@@ -1943,6 +2098,145 @@ mod tests {
             }
             now += secs(0.2);
         }
+    }
+
+    #[test]
+    fn a_partition_assigned_while_draining_is_not_committed_past_records_it_dropped() {
+        let t0 = Instant::now();
+        let mut p = with_one_batch(t0);
+        let (slot, batch) = starts(&mut p).pop().unwrap();
+        p.shutdown(t0);
+        // The group gives this member a partition while it drains: the
+        // consumer hands out its records, which a draining pipeline drops.
+        p.handle_assign(&[1]);
+        for o in 0..5 {
+            p.handle_record(&Rec(1, o), t0);
+        }
+        let later = t0 + p.config.commit_interval;
+        p.handle_tick(later);
+        for intent in intents(&mut p) {
+            if let Intent::ReadPositions(partitions) = intent {
+                for partition in partitions {
+                    // The consumer's position: past the records dropped.
+                    p.handle_position(partition, 5);
+                }
+            }
+        }
+        p.handle_verdict(slot, batch, BatchOutcome::Success, later);
+        p.handle_tick(later);
+        p.begin_revoke(&[1], later);
+        p.complete_revoke();
+        p.close();
+        let committed: Vec<(i32, i64)> = intents(&mut p)
+            .into_iter()
+            .filter_map(|i| match i {
+                Intent::Commit { offsets, .. } => Some(offsets),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(committed.contains(&(0, 2)), "{committed:?}");
+        assert!(
+            committed.iter().all(|(partition, _)| *partition != 1),
+            "nothing of partition 1 was handled: {committed:?}"
+        );
+    }
+
+    /// Ordering none, batches of two, four slots, a cap of four finished
+    /// records; partition 0 assigned with records 0..10 taken in.
+    fn capped(t0: Instant) -> Pipeline {
+        let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+        c.batch = BatchLimits::new(2, 1 << 20, Duration::from_millis(10)).unwrap();
+        c.ordering = Ordering::None;
+        c.concurrency = 4;
+        c.max_uncommitted_records = 4;
+        let mut p = with_config(c, t0);
+        p.handle_assign(&[0]);
+        for o in 0..10 {
+            p.handle_record(&Rec(0, o), t0);
+        }
+        p
+    }
+
+    #[test]
+    fn the_records_cap_stops_fresh_batches_until_the_commit_is_acknowledged() {
+        let t0 = Instant::now();
+        let mut p = capped(t0);
+        p.handle_tick(t0);
+        let started = starts(&mut p);
+        assert_eq!(
+            started.len(),
+            2,
+            "four records in flight fill a cap of four: {started:?}"
+        );
+        for (slot, batch) in started {
+            p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+        }
+        // Long before the commit interval: the commit goes out at once.
+        let soon = t0 + secs(0.001);
+        p.handle_tick(soon);
+        let sent = intents(&mut p);
+        assert!(
+            sent.iter()
+                .any(|i| matches!(i, Intent::Commit { offsets, .. } if offsets == &[(0, 4)])),
+            "{sent:?}"
+        );
+        assert!(!sent.iter().any(|i| matches!(i, Intent::Start { .. })));
+        assert!(p.waiting_for_ack());
+        assert_eq!(p.telemetry.metrics.partitions_waiting_for_commit.get(), 1);
+        // Still unacknowledged: nothing new, and the same commit is not sent again.
+        p.handle_tick(soon);
+        assert!(intents(&mut p).is_empty());
+        p.handle_committed(0, 4);
+        p.handle_tick(soon);
+        let started = starts(&mut p);
+        let offsets: Vec<i64> = started.iter().flat_map(|(_, b)| b.offsets()).collect();
+        assert_eq!(offsets.len(), 4, "acknowledged: the cap is free again");
+        assert!(offsets.iter().all(|o| *o >= 4), "{offsets:?}");
+        assert!(!p.waiting_for_ack());
+    }
+
+    #[test]
+    fn the_records_cap_lets_the_batch_that_moves_the_watermark_start() {
+        // Records 2..4 finish while 0..2 failed: they wait above the
+        // watermark, the cap is full, and only the retry and the batch at
+        // the watermark may run, or the cap would never empty.
+        let t0 = Instant::now();
+        let mut p = capped(t0);
+        p.handle_tick(t0);
+        let mut started = starts(&mut p);
+        started.sort_by_key(|(_, b)| b.first_offset());
+        let (slot1, batch1) = started.pop().unwrap();
+        let (slot0, batch0) = started.pop().unwrap();
+        p.handle_verdict(slot1, batch1, BatchOutcome::Success, t0);
+        p.handle_verdict(
+            slot0,
+            batch0,
+            BatchOutcome::Failed(Failure::retryable("busy")),
+            t0,
+        );
+        let later = t0 + secs(1.0);
+        p.handle_tick(later);
+        let started = starts(&mut p);
+        let offsets: Vec<i64> = started.iter().flat_map(|(_, b)| b.offsets()).collect();
+        assert_eq!(
+            offsets,
+            [0, 1],
+            "only the retry: 2 + 2 in flight fill the cap"
+        );
+        for (slot, batch) in started {
+            p.handle_verdict(slot, batch, BatchOutcome::Success, later);
+        }
+        assert_eq!(p.watermark(0), Some(4));
+    }
+
+    #[test]
+    fn no_records_cap_by_default() {
+        let t0 = Instant::now();
+        let mut p = capped(t0);
+        p.config.max_uncommitted_records = 0;
+        p.handle_tick(t0);
+        assert_eq!(starts(&mut p).len(), 4);
     }
 
     #[test]

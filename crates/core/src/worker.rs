@@ -845,10 +845,11 @@ fn poll_loop(
                 {
                     p.shutdown(now);
                 }
-                p.in_flight() > 0
+                p.in_flight() > 0 || p.waiting_for_ack()
             })
             .expect("adapter installed before polling");
-        // While batches run, poll briefly so a finished one frees its slot quickly.
+        // While batches run (or wait for a commit's acknowledgement), poll
+        // briefly so a finished one frees its slot quickly.
         let cap = if busy {
             Duration::from_millis(1)
         } else {

@@ -118,6 +118,18 @@ pub struct Args {
     /// crash replays; 0: no limit [default: 1.5 x --commit-interval-ms].
     #[arg(long, env = "MICROBATCH_MAX_UNCOMMITTED_MS", help_heading = "Delivery")]
     pub max_uncommitted_ms: Option<u64>,
+    /// At most this many finished records, in all partitions together, may
+    /// wait for the broker to acknowledge their commit: then a commit goes
+    /// out at once and no new batch starts (only retries and records that
+    /// let the commit move) until it is acknowledged. A crash then replays
+    /// at most this many finished records beside those in flight; the cost
+    /// is a commit per that many records. 0: no cap [default: 0].
+    #[arg(
+        long,
+        env = "MICROBATCH_MAX_UNCOMMITTED_RECORDS",
+        help_heading = "Delivery"
+    )]
+    pub max_uncommitted_records: Option<usize>,
     /// On SIGTERM or revoke, wait this long for in-flight batches [default: 30000].
     #[arg(long, env = "MICROBATCH_DRAIN_TIMEOUT_MS", help_heading = "Delivery")]
     pub drain_timeout_ms: Option<u64>,
@@ -212,6 +224,11 @@ impl Args {
         config.concurrency = pick(self.concurrency.map(|v| v as usize), file.concurrency, 8);
         config.commit_interval = ms(pick(self.commit_interval_ms, file.commit_interval_ms, 1000));
         config.max_uncommitted = self.max_uncommitted_ms.or(file.max_uncommitted_ms).map(ms);
+        config.max_uncommitted_records = pick(
+            self.max_uncommitted_records,
+            file.max_uncommitted_records,
+            config.max_uncommitted_records,
+        );
         config.drain_timeout = ms(pick(self.drain_timeout_ms, file.drain_timeout_ms, 30_000));
         config.handler_timeout = ms(pick(
             self.handler_timeout_ms,

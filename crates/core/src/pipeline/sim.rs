@@ -2,8 +2,9 @@
 //! fetches, verdicts (success, retryable, permanent, panic, timeout, a
 //! record that kills the handler), dead-letter writes that fail, outages,
 //! assignments and revocations (the partition coming back to this member or
-//! after another member worked on it), pauses and shutdown, on a clock the
-//! simulation sets. After every step it checks the invariants:
+//! after another member worked on it, also while it drains), pauses and
+//! shutdown, on a clock the simulation sets. After every step it checks
+//! the invariants:
 //!
 //! 1. no committed offset passes a record that is not done (processed, or
 //!    its dead letter acknowledged);
@@ -13,7 +14,11 @@
 //!    ordering) in flight at once;
 //! 4. nothing is dead-lettered that did not fail for good or fail at least
 //!    `max_attempts` times;
-//! 5. the records held stay within the caps (plus one fetched burst).
+//! 5. the records held stay within the caps (plus one fetched burst);
+//! 6. under `--max-uncommitted-records`, a batch never tried before starts
+//!    only while the finished records a crash would replay (done at or past
+//!    the last acknowledged commit), the records in flight and the batch
+//!    fit the cap, or nothing is exposed, or it holds the watermark's record.
 //!
 //! `MICROBATCH_SIM_SCHEDULES` sets how many schedules the test runs
 //! (10,000 by default); a failing seed is printed and belongs in
@@ -36,7 +41,9 @@ use crate::telemetry::Telemetry;
 /// Seeds that once failed; each runs on every test run.
 /// 4490: a killer record waited for a success that the commit limit
 /// (`--max-uncommitted-ms`) kept any fresh batch from giving.
-const REGRESSION_SEEDS: &[u64] = &[4490];
+/// 28: a partition given to the member while it drained was committed at
+/// the consumer's position, past the records the drain had dropped.
+const REGRESSION_SEEDS: &[u64] = &[4490, 28];
 
 /// Records fetched per partition in one fetch step.
 const BURST: usize = 4;
@@ -63,6 +70,11 @@ struct PartitionModel {
     keys: Vec<u8>,
     kinds: Vec<Kind>,
     committed: i64,
+    /// The last commit whose acknowledgement reached the pipeline (or where
+    /// this member took the partition).
+    acked: i64,
+    /// Where this member took the partition.
+    taken_at: i64,
     owner: Owner,
     /// The consumer's next fetch offset while this member owns it.
     position: i64,
@@ -112,6 +124,13 @@ struct Sim {
     pipeline: Pipeline,
     parts: Vec<PartitionModel>,
     in_flight: Vec<(Slot, Batch)>,
+    /// Records done, and records started, since this member last took each
+    /// partition.
+    done_here: HashSet<(i32, i64)>,
+    started_here: HashSet<(i32, i64)>,
+    /// (partition, epoch) of the batches and dead letters under way when
+    /// this member took a partition again: the pipeline ignores their results.
+    stale: HashSet<(i32, u64)>,
     dead_letters: Vec<(DeadLetterSlot, Batch)>,
     done: HashSet<(i32, i64)>,
     failures: HashMap<(i32, i64), u32>,
@@ -146,7 +165,12 @@ fn config(rng: &mut StdRng) -> WorkerConfig {
 impl Sim {
     fn new(seed: u64, sabotage: Sabotage) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let config = config(&mut rng);
+        let mut config = config(&mut rng);
+        // Its own stream, so that adding it left every older schedule as it was.
+        let mut cap_rng = StdRng::seed_from_u64(seed ^ 0x5eed_ca95);
+        if cap_rng.random_bool(0.5) {
+            config.max_uncommitted_records = cap_rng.random_range(1..=12);
+        }
         let partitions = rng.random_range(1..=3);
         let parts = (0..partitions)
             .map(|_| {
@@ -164,6 +188,8 @@ impl Sim {
                     keys,
                     kinds,
                     committed: -1,
+                    acked: 0,
+                    taken_at: 0,
                     owner: Owner::Nobody,
                     position: 0,
                     paused: false,
@@ -193,6 +219,9 @@ impl Sim {
             pipeline,
             parts,
             in_flight: Vec::new(),
+            done_here: HashSet::new(),
+            started_here: HashSet::new(),
+            stale: HashSet::new(),
             dead_letters: Vec::new(),
             done: HashSet::new(),
             failures: HashMap::new(),
@@ -231,15 +260,19 @@ impl Sim {
                 Intent::Start { slot, batch } => {
                     if self.trace {
                         eprintln!(
-                            "t={} start p{} {:?} circuit_open {} calm {}",
+                            "t={} start p{} {:?} circuit_open {} calm {} exposure {:?}",
                             (self.now - self.base).as_millis(),
                             slot.partition,
                             batch.offsets().collect::<Vec<_>>(),
                             self.pipeline.circuit_open(),
-                            self.calm
+                            self.calm,
+                            self.pipeline.exposure()
                         );
                     }
                     self.check_key_order(slot, &batch)?;
+                    self.check_records_cap(slot, &batch)?;
+                    self.started_here
+                        .extend(batch.offsets().map(|o| (slot.partition, o)));
                     self.in_flight.push((slot, batch));
                 }
                 Intent::DeadLetter { slot, batch, .. } => self.dead_letters.push((slot, batch)),
@@ -261,6 +294,7 @@ impl Sim {
                         // Sometimes the acknowledgement is lost.
                         if self.rng.random_bool(0.9) {
                             self.pipeline.handle_committed(p, offset);
+                            part.acked = part.acked.max(offset);
                         }
                     }
                 }
@@ -309,6 +343,48 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    fn check_records_cap(&self, slot: Slot, batch: &Batch) -> Result<(), Violation> {
+        let cap = self.config.max_uncommitted_records;
+        let p = slot.partition;
+        let fresh = batch
+            .offsets()
+            .all(|o| !self.started_here.contains(&(p, o)));
+        // A record held as a suspected outage needs a fresh batch to succeed.
+        if cap == 0 || !fresh || self.pipeline.awaits_proof() {
+            return Ok(());
+        }
+        let replayable = self
+            .done_here
+            .iter()
+            .filter(|(q, o)| {
+                let part = &self.parts[*q as usize];
+                part.owner == Owner::Me && *o >= part.acked
+            })
+            .count();
+        let in_flight: usize = self.in_flight.iter().map(|(_, b)| b.len()).sum();
+        let exposed = replayable + in_flight;
+        let part = &self.parts[p as usize];
+        let watermark = (part.taken_at..).find(|o| !self.done_here.contains(&(p, *o)));
+        // Only while nothing below the watermark waits for an acknowledgement:
+        // else moving it helps nothing, and batch after batch at the
+        // watermark would pass the cap.
+        let at_watermark =
+            watermark.is_some_and(|w| part.acked >= w && batch.offsets().any(|o| o == w));
+        if exposed + batch.len() <= cap || exposed == 0 || at_watermark {
+            return Ok(());
+        }
+        Err(self.violation(
+            6,
+            format!(
+                "batch {:?} of partition {p} started with {replayable} finished records \
+                 unacknowledged and {in_flight} in flight (cap {cap}); done here {:?}, acked {:?}",
+                batch.offsets().collect::<Vec<_>>(),
+                self.done_here,
+                self.parts.iter().map(|p| p.acked).collect::<Vec<_>>()
+            ),
+        ))
     }
 
     fn check_caps(&self) -> Result<(), Violation> {
@@ -403,15 +479,22 @@ impl Sim {
         let (slot, batch) = self.in_flight.swap_remove(i);
         let outcome = self.outcome(slot.partition, &batch);
         let p = slot.partition;
+        let current = !self.stale.contains(&(p, slot.epoch));
         match &outcome {
             BatchOutcome::Success => {
                 self.done.extend(batch.offsets().map(|o| (p, o)));
+                if current {
+                    self.done_here.extend(batch.offsets().map(|o| (p, o)));
+                }
             }
             BatchOutcome::Partial(failed) => {
                 for o in batch.offsets() {
                     match failed.iter().find(|(f, _)| *f == o) {
                         None => {
                             self.done.insert((p, o));
+                            if current {
+                                self.done_here.insert((p, o));
+                            }
                         }
                         Some((_, f)) => {
                             *self.failures.entry((p, o)).or_insert(0) += 1;
@@ -458,6 +541,9 @@ impl Sim {
                 ));
             }
             self.done.insert((p, *o));
+            if !self.stale.contains(&(p, slot.epoch)) {
+                self.done_here.insert((p, *o));
+            }
         }
         let error = (written.len() < offsets.len()).then(|| "broker unavailable".to_string());
         self.pipeline
@@ -483,6 +569,17 @@ impl Sim {
             }
             part.owner = Owner::Me;
             part.position = part.committed.max(0);
+            part.acked = part.position;
+            part.taken_at = part.position;
+            self.done_here.retain(|(q, _)| *q != p);
+            self.started_here.retain(|(q, _)| *q != p);
+            let under_way = self.in_flight.iter().map(|(s, _)| (s.partition, s.epoch));
+            let writing = self
+                .dead_letters
+                .iter()
+                .map(|(s, _)| (s.partition, s.epoch));
+            self.stale
+                .extend(under_way.chain(writing).filter(|(q, _)| *q == p));
         }
         self.pipeline.handle_assign(&partitions);
         self.execute()
@@ -629,14 +726,52 @@ impl Sim {
             }
             self.step()?;
         }
+        // Work in flight when the drain starts, and sometimes a partition
+        // elsewhere, to be given back while the drain lasts.
+        for part in &mut self.parts {
+            for _ in 0..4 {
+                part.keys.push(0);
+                part.kinds.push(Kind::Normal);
+            }
+        }
+        self.fetch();
+        self.tick()?;
+        let mine = self.owned(Owner::Me);
+        if mine.len() > 1 && self.rng.random_bool(0.5) {
+            self.revoke(vec![mine[0]])?;
+        }
         self.pipeline.shutdown(self.now);
-        for _ in 0..2_000 {
+        // The handler is slow for a while: the drain outlasts a commit interval.
+        let mut slow = self.rng.random_range(0..30);
+        for step in 0..2_000 {
             if self.pipeline.drained(self.now) {
                 break;
             }
-            match self.rng.random_range(0..3) {
-                0 => self.complete_batch()?,
-                1 => self.complete_dead_letter()?,
+            // The group goes on while this member drains: partitions are
+            // taken from it and given to it, and the consumer keeps handing
+            // out records of those not paused yet.
+            match self.rng.random_range(0..8) {
+                0..=1 if step < slow => self.advance(10),
+                0..=1 => self.complete_batch()?,
+                2 => self.complete_dead_letter()?,
+                3 => self.fetch(),
+                4 => {
+                    let mine = self.owned(Owner::Me);
+                    if let Some(&p) = mine.get(self.rng.random_range(0..mine.len().max(1))) {
+                        self.revoke(vec![p])?;
+                    }
+                }
+                5 => {
+                    let free = [self.owned(Owner::Other), self.owned(Owner::Nobody)].concat();
+                    if !free.is_empty() {
+                        self.assign(free)?;
+                        // Records the consumer fetched before the next pause.
+                        if self.rng.random_bool(0.5) {
+                            self.fetch();
+                        }
+                        slow = slow.max(step + self.rng.random_range(0..20));
+                    }
+                }
                 _ => self.advance(30),
             }
             self.tick()?;
@@ -744,6 +879,17 @@ fn dead_lettering_too_soon_is_caught() {
             ..Sabotage::default()
         },
         4,
+    );
+}
+
+#[test]
+fn ignoring_the_records_cap_is_caught() {
+    caught(
+        Sabotage {
+            ignore_records_cap: true,
+            ..Sabotage::default()
+        },
+        6,
     );
 }
 
