@@ -323,6 +323,88 @@ fn failures_during_a_revoke_are_retried_for_the_kept_partitions() {
     assert_eq!(n, 800);
 }
 
+/// SIGTERM while a revoke waits for a batch that never ends: the revoke and
+/// the shutdown share one drain deadline, from the revoke's start at most,
+/// instead of one after the other.
+#[test]
+fn sigterm_during_a_revoke_waits_one_drain_deadline_and_leaves_no_handler_behind() {
+    const DRAIN_S: u64 = 8;
+    let dir = TestDir::new("revoke-sigterm");
+    let topic = unique("revoke-sigterm");
+    let group = unique("g");
+    create_topic(&topic, 2);
+    produce(&topic, 20, &[]);
+    let hang = python_handler(
+        &dir,
+        "hang.py",
+        "import sys, time
+for line in sys.stdin:
+    time.sleep(3600)
+",
+    );
+    let drain_ms = (DRAIN_S * 1000).to_string();
+    // One slot per partition: two busy slots are a batch of each.
+    let opts = [
+        "--ordering",
+        "partition",
+        "--max-records",
+        "5",
+        "--concurrency",
+        "2",
+        "--handler-timeout-ms",
+        "600000",
+        "--drain-timeout-ms",
+        &drain_ms,
+    ];
+    let port_a = free_port();
+    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, port_a, &hang, &opts);
+    wait_until(
+        Duration::from_secs(60),
+        "A runs a batch of each partition",
+        || worker_metric(port_a, "microbatch_slots_busy") == Some(2.0),
+    );
+    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, free_port(), &hang, &opts);
+    wait_until(Duration::from_secs(60), "A revokes a partition", || {
+        a.stderr()
+            .contains("partitions revoked; finishing their in-flight batches")
+    });
+    let revoke_seen = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    a.signal(libc::SIGTERM);
+    let status = a
+        .wait_for_exit(Duration::from_secs(4 * DRAIN_S))
+        .expect("A exits");
+    let took = revoke_seen.elapsed();
+    assert!(status.success(), "{}", a.stderr());
+    eprintln!("revoke to exit: {took:?} (drain deadline {DRAIN_S} s)");
+    // One deadline: about DRAIN_S from the revoke. Two would be 2 x DRAIN_S.
+    assert!(
+        took < Duration::from_secs(DRAIN_S * 3 / 2),
+        "A took {took:?} from the revoke to exit, drain deadline {DRAIN_S} s"
+    );
+    b.terminate();
+    // The handler processes still busy at exit went with their workers.
+    let script = dir.path("hang.py");
+    let script = script.to_str().expect("a UTF-8 path");
+    wait_until(Duration::from_secs(10), "no handler process left", || {
+        processes_running(script).is_empty()
+    });
+}
+
+/// Pids of the processes whose command line names `needle`.
+fn processes_running(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
 /// `run` on a topic whose dead-letter topic does not exist creates it, with
 /// the source topic's partitions.
 #[test]

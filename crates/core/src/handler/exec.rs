@@ -9,6 +9,11 @@
 //! its later answers could belong to the wrong batch. The next batch starts
 //! a fresh child, after a back-off that grows while children keep dying, so
 //! a broken command does not spin.
+//!
+//! Each child leads a process group of its own, and a child dropped while
+//! it runs is killed with its whole group: `sh -c` forks the command, so
+//! killing `sh` alone would leave the handler itself running, orphaned,
+//! after every timeout and at every exit with batches in flight.
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,9 +29,24 @@ use crate::batch::Batch;
 use crate::telemetry::LogThrottle;
 
 struct ExecChild {
-    _child: Child,
-    stdin: ChildStdin,
+    child: Child,
+    /// `None` once closed, to ask the child to finish.
+    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
+}
+
+impl Drop for ExecChild {
+    fn drop(&mut self) {
+        // Only while `sh` has not been reaped: its pid, and so the group's
+        // id, cannot have been given to another process yet.
+        if let (Ok(None), Some(pid)) = (self.child.try_wait(), self.child.id()) {
+            let group = pid as libc::pid_t;
+            // SAFETY: signals the group this child leads; no memory involved.
+            unsafe {
+                libc::kill(-group, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 /// Runs `sh -c <command>` children and feeds them batches.
@@ -63,13 +83,14 @@ impl ExecHandler {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()?;
         let stdin = child.stdin.take().expect("stdin was piped");
         let stdout = BufReader::new(child.stdout.take().expect("stdout was piped"));
         Ok(ExecChild {
-            _child: child,
-            stdin,
+            child,
+            stdin: Some(stdin),
             stdout,
         })
     }
@@ -82,8 +103,9 @@ impl ExecHandler {
         batch: &Batch,
     ) -> Result<BatchOutcome, String> {
         let io = |e: std::io::Error| format!("handler process failed: {e}");
-        child.stdin.write_all(request).await.map_err(io)?;
-        child.stdin.flush().await.map_err(io)?;
+        let stdin = child.stdin.as_mut().expect("open until shutdown");
+        stdin.write_all(request).await.map_err(io)?;
+        stdin.flush().await.map_err(io)?;
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -150,9 +172,10 @@ impl Handler for ExecHandler {
         let children: Vec<ExecChild> =
             std::mem::take(&mut *self.idle.lock().expect("exec pool lock poisoned"));
         for mut child in children {
-            // Closing stdin asks the child to finish; it is killed if it lingers.
-            drop(child.stdin);
-            let _ = tokio::time::timeout(Duration::from_secs(2), child._child.wait()).await;
+            // Closing stdin asks the child to finish; it is killed, with its
+            // group, if it lingers.
+            child.stdin = None;
+            let _ = tokio::time::timeout(Duration::from_secs(2), child.child.wait()).await;
         }
     }
 }
@@ -199,5 +222,43 @@ mod tests {
     async fn a_dead_child_fails_the_batch() {
         let h = ExecHandler::new("exit 3");
         assert!(matches!(h.handle(&batch()).await, BatchOutcome::Failed(f) if f.retryable));
+    }
+
+    fn alive(pid: i32) -> bool {
+        // A zombie has exited; only its parent has not reaped it yet.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    }
+
+    #[tokio::test]
+    async fn a_child_timed_out_is_killed_with_what_it_started() {
+        // `sh -c` forks the command: the handler proper is sh's child.
+        let pid_file = std::env::temp_dir().join(format!("exec-orphan-{}", std::process::id()));
+        let h = ExecHandler::new(format!(
+            "sleep 300 & echo $! > {}; wait",
+            pid_file.display()
+        ));
+        let timed_out = tokio::time::timeout(Duration::from_millis(500), h.handle(&batch())).await;
+        assert!(timed_out.is_err(), "the batch never ends");
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .expect("the command wrote its child's pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while alive(pid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !alive(pid),
+            "the command's own child {pid} outlived the timeout"
+        );
     }
 }
