@@ -52,3 +52,33 @@ fn topics_are_created_and_deleted_idempotently() {
     assert!(ok, "{err}");
     assert!(out.contains("does not exist"), "{out}");
 }
+
+/// `produce` right after `topic create` finds the topic (its metadata may
+/// lag the controller for a moment), and on a topic that does not exist it
+/// fails with a message that names the topic and the fix.
+#[test]
+fn produce_finds_a_new_topic_and_names_a_missing_one() {
+    for _ in 0..3 {
+        let topic = unique("topic-new");
+        let (ok, _, err) = topic_cmd("create", &topic, &["--partitions", "8"]);
+        assert!(ok, "{err}");
+        produce(&topic, 10, &[]);
+        assert_eq!(lag_json(&topic, "g-topic-test")["total_lag"], 10);
+    }
+    let missing = unique("topic-missing");
+    let (status, _, err) = run_to_end(&[
+        "produce",
+        "--bootstrap-servers",
+        broker().bootstrap(),
+        "--topic",
+        &missing,
+        "--count",
+        "1",
+    ]);
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!("topic \"{missing}\" does not exist"))
+            && err.contains("microbatch topic create"),
+        "{err}"
+    );
+}

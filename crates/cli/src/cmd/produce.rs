@@ -18,6 +18,9 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 
 use crate::args::KafkaArgs;
 
+/// How long `produce` looks for a topic that its metadata does not show yet.
+const NEW_TOPIC_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
@@ -130,31 +133,47 @@ pub fn produce_blocking(
             },
         )
         .context("creating the producer")?;
-    let metadata = producer
-        .client()
-        .fetch_metadata(Some(&args.topic), Duration::from_secs(15))
-        .map_err(|e| {
-            match producer
-                .context()
-                .auth_error
-                .lock()
-                .expect("lock poisoned")
-                .clone()
-            {
-                Some(reason) => microbatch_core::kafka::ClientError::Authentication(reason),
-                None => microbatch_core::kafka::ClientError::classify(e, &kafka.bootstrap_servers),
-            }
-        })?;
-    let exists = metadata
-        .topics()
-        .iter()
-        .any(|t| t.name() == args.topic && t.error().is_none() && !t.partitions().is_empty());
-    if !exists {
-        anyhow::bail!(
-            "topic {:?} does not exist (create it with `microbatch topic create --topic {}`)",
-            args.topic,
-            args.topic
-        );
+    // A topic created a moment ago (`topic create` then `produce`, the
+    // demo) is known to the controller before every broker's metadata
+    // shows it: look again for a while before calling it missing.
+    let looking_since = Instant::now();
+    loop {
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(&args.topic), Duration::from_secs(15))
+            .map_err(|e| {
+                match producer
+                    .context()
+                    .auth_error
+                    .lock()
+                    .expect("lock poisoned")
+                    .clone()
+                {
+                    Some(reason) => microbatch_core::kafka::ClientError::Authentication(reason),
+                    None => {
+                        microbatch_core::kafka::ClientError::classify(e, &kafka.bootstrap_servers)
+                    }
+                }
+            })?;
+        let exists = metadata.topics().iter().any(|t| {
+            t.name() == args.topic
+                && t.error().is_none()
+                && !t.partitions().is_empty()
+                && t.partitions().iter().all(|p| p.leader() >= 0)
+        });
+        if exists {
+            break;
+        }
+        if looking_since.elapsed() >= NEW_TOPIC_WAIT {
+            anyhow::bail!(
+                "topic {:?} does not exist, or has partitions without a leader, after {} s \
+                 (create it with `microbatch topic create --topic {}`)",
+                args.topic,
+                NEW_TOPIC_WAIT.as_secs(),
+                args.topic
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     let context = producer.context().clone();
     let started = Instant::now();
