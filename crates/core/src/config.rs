@@ -768,11 +768,38 @@ impl WorkerConfig {
             )
         })
     }
+
+    /// A `--max-uncommitted-records` below what the slots hold at once
+    /// keeps some of them idle.
+    pub fn records_cap_warning(&self) -> Option<String> {
+        let in_flight = self.concurrency * self.batch.max_records;
+        let cap = self.max_uncommitted_records;
+        (cap > 0 && cap < in_flight).then(|| {
+            format!(
+                "--max-uncommitted-records {cap} is below --concurrency {} x --max-records {} = \
+                 {in_flight}: not every slot can be busy at once",
+                self.concurrency, self.batch.max_records
+            )
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_records_cap_below_the_slots_is_warned_about() {
+        let mut c = WorkerConfig::new(KafkaConfig::plaintext("localhost:9092"), "t", "g");
+        c.batch.max_records = 500;
+        c.concurrency = 8;
+        assert_eq!(c.records_cap_warning(), None, "off by default");
+        c.max_uncommitted_records = 3_999;
+        let w = c.records_cap_warning().expect("3,999 < 8 x 500");
+        assert!(w.contains("4000"), "{w}");
+        c.max_uncommitted_records = 4_000;
+        assert_eq!(c.records_cap_warning(), None);
+    }
 
     #[test]
     fn small_per_partition_caps_are_warned_about() {

@@ -253,13 +253,12 @@ impl PartitionState {
         usize::try_from(wm - base).unwrap_or(0) + self.offsets.done_above_watermark()
     }
 
-    /// Whether the watermark lies past every commit sent (and acknowledged).
-    fn watermark_unsent(&self) -> bool {
-        let Some(wm) = self.offsets.watermark() else {
-            return false;
-        };
-        let sent = self.commits_sent.back().map(|(o, _)| *o);
-        wm > sent.max(self.acked).unwrap_or(i64::MIN) && self.watermark_unacked()
+    /// Whether a commit sent now would cover more than the broker has
+    /// acknowledged, with none on its way: commits wait in line at the
+    /// coordinator, so one that waits for the one before it would carry an
+    /// older watermark than one sent when that is acknowledged.
+    fn commit_due_early(&self) -> bool {
+        self.commits_sent.is_empty() && self.watermark_unacked()
     }
 
     /// Whether a record held as a suspected outage waits for a batch to
@@ -350,11 +349,20 @@ struct RecordsCap {
     cap: usize,
     /// Replayable and in flight, including what this round started.
     exposed: usize,
+    /// Records in flight, including what this round started.
+    in_flight: usize,
+    /// A record held as a suspected outage waits for some batch to succeed.
+    proof_wanted: bool,
     refused: bool,
 }
 
 impl RecordsCap {
-    fn new(cap: usize, partitions: &BTreeMap<i32, PartitionState>, in_flight: usize) -> Self {
+    fn new(
+        cap: usize,
+        partitions: &BTreeMap<i32, PartitionState>,
+        in_flight: usize,
+        proof_wanted: bool,
+    ) -> Self {
         let exposed = if cap == 0 {
             0
         } else {
@@ -367,6 +375,8 @@ impl RecordsCap {
         Self {
             cap,
             exposed,
+            in_flight,
+            proof_wanted,
             refused: false,
         }
     }
@@ -387,14 +397,29 @@ impl RecordsCap {
             || self.exposed + batch.len() <= self.cap
             // One batch larger than the cap still goes alone.
             || self.exposed == 0
-            || moves_watermark;
+            || moves_watermark
+            // The proof a held record waits for: one batch, when nothing
+            // in flight could give it.
+            || self.proof_wanted && self.in_flight == 0;
         if !admitted {
             self.refused = true;
         }
         admitted
     }
 
+    /// Whether the finished records waiting for their commit (leaving out
+    /// `in_flight`) fill half the cap.
+    fn half_full(&self, in_flight: usize) -> bool {
+        self.cap > 0 && self.exposed.saturating_sub(in_flight) * 2 >= self.cap
+    }
+
+    /// Whether a full fresh batch would not fit.
+    fn is_full(&self, batch_records: usize) -> bool {
+        self.cap > 0 && self.exposed + batch_records > self.cap
+    }
+
     fn started(&mut self, records: usize) {
+        self.in_flight += records;
         if self.cap > 0 {
             self.exposed += records;
         }
@@ -1445,9 +1470,29 @@ impl Pipeline {
         };
         #[cfg(not(test))]
         let cap = self.config.max_uncommitted_records;
-        // A record held as a suspected outage needs a fresh batch to succeed.
-        let cap = if self.awaits_proof() { 0 } else { cap };
-        let mut records_cap = RecordsCap::new(cap, &self.partitions, self.in_flight_records);
+        let mut records_cap = RecordsCap::new(
+            cap,
+            &self.partitions,
+            self.in_flight_records,
+            self.awaits_proof(),
+        );
+        if records_cap.is_full(self.config.batch.max_records) {
+            // The record the commit waits for may sit in a batch still
+            // filling (a quiet key's lane, under key order): it goes now,
+            // or the cap would wait for its --max-wait-ms.
+            for ps in self.partitions.values_mut() {
+                let wm = ps.offsets.watermark();
+                if ps.offsets.done_above_watermark() == 0 || wm.is_none() {
+                    continue;
+                }
+                for lane in &mut ps.lanes {
+                    if lane.batcher.first_offset() == wm {
+                        let batch = lane.batcher.take().expect("open");
+                        lane.ready.push_back(batch);
+                    }
+                }
+            }
+        }
         let mut starts = Vec::new();
         for &prefer in rounds {
             let cursor = self.dispatch_cursor;
@@ -1507,9 +1552,11 @@ impl Pipeline {
         // at the next interval.
         self.waiting_for_ack =
             records_cap.refused && self.partitions.values().any(|ps| ps.replayable() > 0);
-        if self.waiting_for_ack {
+        // From half the cap on, the commit goes out at once: it is on its
+        // way (the broker takes a few milliseconds) before the cap is full.
+        if self.waiting_for_ack || records_cap.half_full(self.in_flight_records) {
             self.commit(false, |ps| {
-                ps.revoke_deadline.is_none() && ps.watermark_unsent()
+                ps.revoke_deadline.is_none() && ps.commit_due_early()
             });
         }
         for (slot, batch) in starts {

@@ -828,7 +828,10 @@ fn poll_loop(
         .expect("adapter lock poisoned") = Some(adapter);
     consumer.subscribe(&[&cfg.topic])?;
     tracing::info!(topic = %cfg.topic, group = %cfg.group, group_protocol = %cfg.group_protocol, ordering = %cfg.ordering, concurrency = cfg.concurrency, "worker started");
-    if let Some(warning) = cfg.backpressure_warning() {
+    for warning in [cfg.backpressure_warning(), cfg.records_cap_warning()]
+        .into_iter()
+        .flatten()
+    {
         tracing::warn!("{warning}");
     }
 

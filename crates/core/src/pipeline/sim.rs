@@ -351,8 +351,7 @@ impl Sim {
         let fresh = batch
             .offsets()
             .all(|o| !self.started_here.contains(&(p, o)));
-        // A record held as a suspected outage needs a fresh batch to succeed.
-        if cap == 0 || !fresh || self.pipeline.awaits_proof() {
+        if cap == 0 || !fresh {
             return Ok(());
         }
         let replayable = self
@@ -372,7 +371,10 @@ impl Sim {
         // watermark would pass the cap.
         let at_watermark =
             watermark.is_some_and(|w| part.acked >= w && batch.offsets().any(|o| o == w));
-        if exposed + batch.len() <= cap || exposed == 0 || at_watermark {
+        // A record held as a suspected outage waits for a batch to succeed:
+        // one may start when nothing in flight could.
+        let proof = self.pipeline.awaits_proof() && in_flight == 0;
+        if exposed + batch.len() <= cap || exposed == 0 || at_watermark || proof {
             return Ok(());
         }
         Err(self.violation(
