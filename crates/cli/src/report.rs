@@ -352,9 +352,104 @@ pub fn longest_plateau(samples: &[Sample]) -> Option<Plateau> {
     longest
 }
 
+/// Plateaus longer than this get a cause in the report.
+pub const STALL_EXPLAINED_S: f64 = 2.0;
+
+/// How long before a plateau a scale step counts as its cause: the demo's
+/// workers' classic session timeout, the longest a rebalance it starts
+/// waits for a member.
+const STEP_BEFORE_MS: u64 = 6_000;
+
+/// Why a plateau lasted, from the samples themselves (empty when it was
+/// short).
+pub fn stall_cause(samples: &[Sample], p: Plateau, killed: u32) -> String {
+    if p.seconds() <= STALL_EXPLAINED_S {
+        return String::new();
+    }
+    let partition = p.partition;
+    if killed > 0 {
+        return format!(
+            "partition {partition}: a worker was killed in this scenario; its partitions wait for its session to time out"
+        );
+    }
+    let during: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| (p.from_ms..=p.to_ms).contains(&s.t_ms))
+        .collect();
+    let lo = during.iter().map(|s| s.replicas).min().unwrap_or(0);
+    let hi = during.iter().map(|s| s.replicas).max().unwrap_or(0);
+    if lo != hi {
+        return format!(
+            "partition {partition}: replicas changed between {lo} and {hi} meanwhile (a rebalance)"
+        );
+    }
+    // The last scale step before it began: its rebalance can stop a
+    // partition a moment later (when it is revoked) and for a while.
+    let step = samples
+        .windows(2)
+        .rev()
+        .find(|w| w[1].t_ms <= p.from_ms && w[0].replicas != w[1].replicas)
+        .filter(|w| p.from_ms - w[1].t_ms <= STEP_BEFORE_MS);
+    match step {
+        Some(w) => format!(
+            "partition {partition}: began {:.1} s after the scale step from {} to {} replicas; \
+             nothing of it is committed while the rebalance moves it",
+            (p.from_ms - w[1].t_ms) as f64 / 1000.0,
+            w[0].replicas,
+            w[1].replicas
+        ),
+        None => format!(
+            "partition {partition}: no scale step during it or in the {} s before ({lo} replicas): \
+             its records waited for a batch or a commit",
+            STEP_BEFORE_MS / 1000
+        ),
+    }
+}
+
 #[cfg(test)]
 mod plateau_tests {
     use super::*;
+
+    fn with_replicas(t_ms: u64, replicas: u32, lags: &[i64]) -> Sample {
+        Sample {
+            replicas,
+            desired: replicas,
+            ..sample(t_ms, lags)
+        }
+    }
+
+    #[test]
+    fn a_plateau_soon_after_a_scale_step_is_put_down_to_its_rebalance() {
+        let samples = [
+            with_replicas(0, 1, &[9]),
+            with_replicas(500, 4, &[8]),
+            with_replicas(1500, 4, &[7]),
+            with_replicas(4000, 4, &[7]),
+            with_replicas(4500, 4, &[3]),
+        ];
+        let p = longest_plateau(&samples).unwrap();
+        let cause = stall_cause(&samples, p, 0);
+        assert!(
+            cause.contains("began 1.0 s after the scale step from 1 to 4 replicas"),
+            "{cause}"
+        );
+        assert!(stall_cause(&samples, p, 1).contains("killed"));
+        // Long after the step: not its doing.
+        let late = [
+            with_replicas(0, 1, &[9]),
+            with_replicas(500, 4, &[8]),
+            with_replicas(8000, 4, &[7]),
+            with_replicas(11000, 4, &[7]),
+            with_replicas(11500, 4, &[3]),
+        ];
+        let p = longest_plateau(&late).unwrap();
+        assert!(stall_cause(&late, p, 0).contains("no scale step"));
+        let short = Plateau {
+            to_ms: p.from_ms + 2_000,
+            ..p
+        };
+        assert_eq!(stall_cause(&late, short, 0), "");
+    }
 
     fn sample(t_ms: u64, lags: &[i64]) -> Sample {
         Sample {

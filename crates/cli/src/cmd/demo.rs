@@ -533,32 +533,9 @@ fn run_policy(
             .collect();
         let plateau = longest_plateau(&own);
         let longest_stall_seconds = plateau.map_or(0.0, |p| p.seconds());
-        // What happened while it lasted, from the samples themselves.
-        let stall_cause = match plateau.filter(|p| p.seconds() > 2.0) {
-            None => String::new(),
-            Some(p) => {
-                let during: Vec<&Sample> = own
-                    .iter()
-                    .filter(|s| (p.from_ms..=p.to_ms).contains(&s.t_ms))
-                    .collect();
-                let lo = during.iter().map(|s| s.replicas).min().unwrap_or(0);
-                let hi = during.iter().map(|s| s.replicas).max().unwrap_or(0);
-                match (killed > 0, lo != hi) {
-                    (true, _) => format!(
-                        "partition {}: a worker was killed in this scenario; its partitions wait for its session to time out",
-                        p.partition
-                    ),
-                    (false, true) => format!(
-                        "partition {}: replicas changed between {lo} and {hi} meanwhile (a rebalance)",
-                        p.partition
-                    ),
-                    (false, false) => format!(
-                        "partition {}: no scale step meanwhile ({lo} replicas): waiting for a batch or a commit",
-                        p.partition
-                    ),
-                }
-            }
-        };
+        let stall_cause = plateau
+            .map(|p| crate::report::stall_cause(&own, p, killed))
+            .unwrap_or_default();
         results.push(ScenarioResult {
             name,
             produced,
