@@ -95,6 +95,11 @@ impl PartitionOffsets {
         self.done_ahead > 0 && self.max_done.is_some_and(|m| offset < m)
     }
 
+    /// The highest offset marked done, if any.
+    pub fn max_done(&self) -> Option<i64> {
+        self.max_done
+    }
+
     /// The consumer's position moved past offsets it never handed out (a
     /// transaction's control record): when every tracked record is done,
     /// the watermark may follow it. Returns whether it moved.

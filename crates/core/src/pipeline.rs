@@ -48,6 +48,12 @@ use crate::telemetry::{LogThrottle, Telemetry};
 /// Commits remembered per partition while unacknowledged (async commits
 /// overlap only when the broker is slow; older ones are superseded).
 const MAX_COMMITS_REMEMBERED: usize = 16;
+/// How long a partition being given up (revoke, shutdown) still starts
+/// batches that fill holes below done records, so that its last commit
+/// covers them; after that it waits only for the batches in flight. The
+/// partition is stopped for the whole revoke: a scale step's goal is that a
+/// moving partition resumes within about a second.
+const HOLE_FILL_BUDGET: Duration = Duration::from_secs(1);
 const FIRST_DEAD_LETTER_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_DEAD_LETTER_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -161,6 +167,15 @@ struct PartitionState {
     /// Being given up (shutdown or revoke): only batches that fill a hole
     /// below done records are still started.
     finishing: bool,
+    /// While finishing: holes lie below this offset, the highest one handed
+    /// to the handler when finishing began. A bound that rose with every hole
+    /// filled would take a backlog through, lane by lane, before the
+    /// partition moves on.
+    holes_below: i64,
+    /// The highest offset of any batch started.
+    max_started: Option<i64>,
+    /// While finishing: until when holes are still filled.
+    fill_holes_until: Option<Instant>,
     /// Set while revoked: when the revocation stops waiting.
     revoke_deadline: Option<Instant>,
     /// Dead letters waiting for their (next) write.
@@ -202,6 +217,9 @@ impl PartitionState {
             paused: false,
             fill_lane: 0,
             finishing: false,
+            holes_below: i64::MIN,
+            max_started: None,
+            fill_holes_until: None,
             revoke_deadline: None,
             dead_letters: VecDeque::new(),
             dead_letters_in_flight: HashMap::new(),
@@ -274,7 +292,15 @@ impl PartitionState {
     }
 
     /// Closes open batches and marks the partition finishing.
-    fn start_finishing(&mut self) {
+    fn start_finishing(&mut self, now: Instant) {
+        if !self.finishing {
+            self.fill_holes_until = Some(now + HOLE_FILL_BUDGET);
+            self.holes_below = self
+                .offsets
+                .max_done()
+                .max(self.max_started)
+                .unwrap_or(i64::MIN);
+        }
         self.finishing = true;
         for lane in &mut self.lanes {
             if let Some(batch) = lane.batcher.take() {
@@ -287,7 +313,7 @@ impl PartitionState {
     fn next_is_hole(&self, lane: &Lane) -> bool {
         let next = lane.retry.front().map(|(b, _)| b).or(lane.ready.front());
         next.and_then(Batch::first_offset)
-            .is_some_and(|o| self.offsets.is_hole(o))
+            .is_some_and(|o| self.offsets.is_hole(o) && o < self.holes_below)
     }
 
     /// Whether any work is left that finishing would still do.
@@ -385,6 +411,10 @@ impl RecordsCap {
         let Some(batch) = fresh else {
             return true;
         };
+        // Being given up: only holes below done records start (see dispatch).
+        if ps.finishing {
+            return true;
+        }
         // Only while nothing below the watermark waits for an
         // acknowledgement: else moving it helps nothing, and batch after
         // batch at the watermark would pass the cap.
@@ -775,7 +805,7 @@ impl Pipeline {
                 // Given while draining (the group rebalances as this member
                 // leaves): it takes nothing in, so nothing of it is
                 // committed, and its records go to the next owner.
-                state.start_finishing();
+                state.start_finishing(self.clock);
             }
             if let Some(old) = self.partitions.insert(p, state) {
                 self.forget(p, old);
@@ -1070,6 +1100,12 @@ impl Pipeline {
             return;
         }
         self.close_expired(now);
+        for ps in self.partitions.values_mut() {
+            if ps.fill_holes_until.is_some_and(|t| now >= t) {
+                ps.fill_holes_until = None;
+                ps.holes_below = i64::MIN;
+            }
+        }
         self.dispatch(now);
         self.dispatch_dead_letters(now);
         self.apply_backpressure();
@@ -1100,7 +1136,7 @@ impl Pipeline {
         let deadline = now + self.config.drain_timeout;
         self.phase = Phase::Draining { deadline };
         for ps in self.partitions.values_mut() {
-            ps.start_finishing();
+            ps.start_finishing(now);
             if let Some(d) = ps.revoke_deadline.as_mut() {
                 *d = (*d).min(deadline);
             }
@@ -1124,7 +1160,7 @@ impl Pipeline {
         let mut any = false;
         for p in partitions {
             if let Some(ps) = self.partitions.get_mut(p) {
-                ps.start_finishing();
+                ps.start_finishing(now);
                 ps.revoke_deadline = Some(deadline);
                 any = true;
             }
@@ -1203,6 +1239,9 @@ impl Pipeline {
         for (p, ps) in &self.partitions {
             if let Some(d) = ps.revoke_deadline {
                 consider(d);
+            }
+            if let Some(t) = ps.fill_holes_until {
+                consider(t);
             }
             for d in &ps.dead_letters {
                 consider(d.at);
@@ -1502,7 +1541,16 @@ impl Pipeline {
             ];
             'outer: for range in passes {
                 for (p, ps) in self.partitions.range_mut(range) {
-                    let gate = ps.gate(now, uncommitted_limit, self.successes);
+                    // A partition being given up starts only batches that
+                    // fill holes below done records, so that its last
+                    // commit covers them: holding those back for a commit
+                    // the rebalance refuses would keep the revoke waiting
+                    // until its deadline, and replay them.
+                    let gate = if ps.finishing {
+                        Gate::Open
+                    } else {
+                        ps.gate(now, uncommitted_limit, self.successes)
+                    };
                     for i in 0..ps.lanes.len() {
                         if self.in_flight + starts.len() >= limit {
                             break 'outer;
@@ -1524,6 +1572,7 @@ impl Pipeline {
                         };
                         if let Some(batch) = &batch {
                             records_cap.started(batch.len());
+                            ps.max_started = ps.max_started.max(batch.last_offset());
                         }
                         if let Some(mut batch) = batch {
                             ps.lanes[i].in_flight = true;
@@ -2097,6 +2146,128 @@ mod tests {
             .pop()
             .expect("the commit may move: key b goes on");
         assert_eq!(batch.offsets().collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn a_revoke_fills_holes_while_the_broker_refuses_commits() {
+        // A rebalance refuses commits (IllegalGeneration) past the limit,
+        // and the revoked partition has a hole below done records: the
+        // revoke must fill it rather than wait for its deadline and replay.
+        let t0 = Instant::now();
+        let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+        c.batch = BatchLimits::new(1, 1 << 20, Duration::from_millis(10)).unwrap();
+        c.ordering = Ordering::None;
+        c.concurrency = 2;
+        let mut p = with_config(c, t0);
+        p.handle_assign(&[0]);
+        for o in 0..5 {
+            p.handle_record(&Rec(0, o), t0);
+        }
+        p.handle_tick(t0);
+        let mut slow = None;
+        let mut pending: VecDeque<(Slot, Batch)> = starts(&mut p).into();
+        while let Some((slot, batch)) = pending.pop_front() {
+            if batch.first_offset() == Some(1) {
+                slow = Some((slot, batch));
+                continue;
+            }
+            p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+            p.handle_tick(t0);
+            pending.extend(starts(&mut p));
+        }
+        assert_eq!(
+            p.watermark(0),
+            Some(1),
+            "offset 1 runs; others wait behind it"
+        );
+        let late = t0 + p.config.uncommitted_limit().unwrap() + secs(0.01);
+        p.handle_tick(late);
+        assert!(intents(&mut p)
+            .iter()
+            .any(|i| matches!(i, Intent::Commit { .. })));
+        // The commit is never acknowledged; the revoke begins.
+        assert!(p.begin_revoke(&[0], late));
+        let (slot, batch) = slow.expect("offset 1 in flight");
+        p.handle_verdict(slot, batch, BatchOutcome::Success, late);
+        let hole = p.watermark(0).expect("a watermark");
+        assert!(
+            p.partitions[&0].offsets.is_hole(hole),
+            "{hole} below done records"
+        );
+        p.handle_tick(late);
+        let (slot3, batch3) = starts(&mut p)
+            .pop()
+            .expect("the revoke fills the hole at once");
+        assert_eq!(batch3.first_offset(), Some(hole));
+        p.handle_verdict(slot3, batch3, BatchOutcome::Success, late);
+        assert!(p.revoke_settled(late), "settled long before its deadline");
+    }
+
+    #[test]
+    fn a_revoke_fills_the_holes_below_what_was_started_and_no_more() {
+        let t0 = Instant::now();
+        let (mut p, a, b) = two_lanes(t0, |_| {});
+        // Lane a: 0, 2, 4; lane b: 1, 3, 5.
+        for (o, k) in [(0, a), (1, b), (2, a), (3, b), (4, a), (5, b)] {
+            p.handle_record(&Keyed(o, k), t0);
+        }
+        p.handle_tick(t0);
+        let mut started = starts(&mut p);
+        started.sort_by_key(|(_, b)| b.first_offset());
+        let (slot1, batch1) = started.pop().unwrap();
+        let (slot0, batch0) = started.pop().unwrap();
+        p.handle_verdict(slot1, batch1, BatchOutcome::Success, t0);
+        p.handle_tick(t0);
+        let (slot3, batch3) = starts(&mut p).pop().expect("key b goes on");
+        assert_eq!(batch3.first_offset(), Some(3));
+        // The revoke begins with 0 and 3 in flight: 3 is the highest started.
+        assert!(p.begin_revoke(&[0], t0));
+        p.handle_verdict(slot3, batch3, BatchOutcome::Success, t0);
+        p.handle_verdict(slot0, batch0, BatchOutcome::Success, t0);
+        p.handle_tick(t0);
+        let (slot2, batch2) = starts(&mut p).pop().expect("2 lies below 3: it is filled");
+        assert_eq!(batch2.offsets().collect::<Vec<_>>(), [2]);
+        p.handle_verdict(slot2, batch2, BatchOutcome::Success, t0);
+        p.handle_tick(t0);
+        assert!(
+            starts(&mut p).is_empty(),
+            "4 and 5 were never started: they go to the next owner"
+        );
+        assert!(p.revoke_settled(t0));
+        assert_eq!(p.watermark(0), Some(4));
+    }
+
+    #[test]
+    fn a_revoke_fills_holes_for_a_second_at_most() {
+        let t0 = Instant::now();
+        let (mut p, a, b) = two_lanes(t0, |_| {});
+        for (o, k) in [(0, a), (1, b), (2, a)] {
+            p.handle_record(&Keyed(o, k), t0);
+        }
+        p.handle_tick(t0);
+        let mut started = starts(&mut p);
+        started.sort_by_key(|(_, b)| b.first_offset());
+        let (slot1, batch1) = started.pop().unwrap();
+        let (slot0, batch0) = started.pop().unwrap();
+        p.handle_verdict(slot1, batch1, BatchOutcome::Success, t0);
+        assert!(p.begin_revoke(&[0], t0));
+        // Offset 0 fails: its retry fills a hole below 1, for a while.
+        p.handle_verdict(
+            slot0,
+            batch0,
+            BatchOutcome::Failed(Failure::retryable("busy")),
+            t0,
+        );
+        assert!(
+            !p.revoke_settled(t0 + secs(0.5)),
+            "the hole is still filled"
+        );
+        let later = t0 + HOLE_FILL_BUDGET;
+        p.handle_tick(later);
+        assert!(
+            p.revoke_settled(later),
+            "past the budget the revoke waits for nothing more"
+        );
     }
 
     #[test]

@@ -131,6 +131,9 @@ struct Sim {
     /// (partition, epoch) of the batches and dead letters under way when
     /// this member took a partition again: the pipeline ignores their results.
     stale: HashSet<(i32, u64)>,
+    /// Partitions being given up: revoked, or all while draining.
+    giving_up: HashSet<i32>,
+    draining: bool,
     dead_letters: Vec<(DeadLetterSlot, Batch)>,
     done: HashSet<(i32, i64)>,
     failures: HashMap<(i32, i64), u32>,
@@ -222,6 +225,8 @@ impl Sim {
             done_here: HashSet::new(),
             started_here: HashSet::new(),
             stale: HashSet::new(),
+            giving_up: HashSet::new(),
+            draining: false,
             dead_letters: Vec::new(),
             done: HashSet::new(),
             failures: HashMap::new(),
@@ -364,6 +369,22 @@ impl Sim {
             .count();
         let in_flight: usize = self.in_flight.iter().map(|(_, b)| b.len()).sum();
         let exposed = replayable + in_flight;
+        // A partition being given up fills holes below done records, so
+        // that its last commit covers them.
+        let max_done = self
+            .done_here
+            .iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, o)| *o)
+            .max();
+        let fills_hole = (self.draining || self.giving_up.contains(&p))
+            && batch
+                .first_offset()
+                .zip(max_done)
+                .is_some_and(|(f, m)| f < m);
+        if fills_hole {
+            return Ok(());
+        }
         let part = &self.parts[p as usize];
         let watermark = (part.taken_at..).find(|o| !self.done_here.contains(&(p, *o)));
         // Only while nothing below the watermark waits for an acknowledgement:
@@ -591,6 +612,7 @@ impl Sim {
         if !self.pipeline.begin_revoke(&partitions, self.now) {
             return Ok(());
         }
+        self.giving_up.extend(partitions.iter().copied());
         for _ in 0..500 {
             self.tick()?;
             if self.pipeline.revoke_settled(self.now) {
@@ -604,6 +626,9 @@ impl Sim {
         }
         self.pipeline.complete_revoke();
         self.execute()?;
+        for p in &partitions {
+            self.giving_up.remove(p);
+        }
         for p in partitions {
             self.parts[p as usize].owner = if self.rng.random_bool(0.5) {
                 Owner::Other
@@ -743,6 +768,7 @@ impl Sim {
             self.revoke(vec![mine[0]])?;
         }
         self.pipeline.shutdown(self.now);
+        self.draining = true;
         // The handler is slow for a while: the drain outlasts a commit interval.
         let mut slow = self.rng.random_range(0..30);
         for step in 0..2_000 {
