@@ -2203,19 +2203,32 @@ mod tests {
         assert!(p.revoke_settled(late), "settled long before its deadline");
     }
 
+    /// Takes `records` in and returns the two batches that start first
+    /// (one record each, two lanes), in offset order.
+    fn first_two(
+        p: &mut Pipeline,
+        t0: Instant,
+        records: &[(i64, &'static [u8])],
+    ) -> [(Slot, Batch); 2] {
+        for &(o, k) in records {
+            p.handle_record(&Keyed(o, k), t0);
+        }
+        p.handle_tick(t0);
+        let mut started = starts(p);
+        started.sort_by_key(|(_, b)| b.first_offset());
+        started.try_into().expect("two batches start")
+    }
+
     #[test]
     fn a_revoke_fills_the_holes_below_what_was_started_and_no_more() {
         let t0 = Instant::now();
         let (mut p, a, b) = two_lanes(t0, |_| {});
         // Lane a: 0, 2, 4; lane b: 1, 3, 5.
-        for (o, k) in [(0, a), (1, b), (2, a), (3, b), (4, a), (5, b)] {
-            p.handle_record(&Keyed(o, k), t0);
-        }
-        p.handle_tick(t0);
-        let mut started = starts(&mut p);
-        started.sort_by_key(|(_, b)| b.first_offset());
-        let (slot1, batch1) = started.pop().unwrap();
-        let (slot0, batch0) = started.pop().unwrap();
+        let [(slot0, batch0), (slot1, batch1)] = first_two(
+            &mut p,
+            t0,
+            &[(0, a), (1, b), (2, a), (3, b), (4, a), (5, b)],
+        );
         p.handle_verdict(slot1, batch1, BatchOutcome::Success, t0);
         p.handle_tick(t0);
         let (slot3, batch3) = starts(&mut p).pop().expect("key b goes on");
@@ -2241,14 +2254,7 @@ mod tests {
     fn a_revoke_fills_holes_for_a_second_at_most() {
         let t0 = Instant::now();
         let (mut p, a, b) = two_lanes(t0, |_| {});
-        for (o, k) in [(0, a), (1, b), (2, a)] {
-            p.handle_record(&Keyed(o, k), t0);
-        }
-        p.handle_tick(t0);
-        let mut started = starts(&mut p);
-        started.sort_by_key(|(_, b)| b.first_offset());
-        let (slot1, batch1) = started.pop().unwrap();
-        let (slot0, batch0) = started.pop().unwrap();
+        let [(slot0, batch0), (slot1, batch1)] = first_two(&mut p, t0, &[(0, a), (1, b), (2, a)]);
         p.handle_verdict(slot1, batch1, BatchOutcome::Success, t0);
         assert!(p.begin_revoke(&[0], t0));
         // Offset 0 fails: its retry fills a hole below 1, for a while.
