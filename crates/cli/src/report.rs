@@ -355,10 +355,10 @@ pub fn longest_plateau(samples: &[Sample]) -> Option<Plateau> {
 /// Plateaus longer than this get a cause in the report.
 pub const STALL_EXPLAINED_S: f64 = 2.0;
 
-/// How long before a plateau a scale step counts as its cause: the demo's
-/// workers' classic session timeout, the longest a rebalance it starts
-/// waits for a member.
-const STEP_BEFORE_MS: u64 = 6_000;
+/// How long before a plateau a scale step counts as its cause: two rounds
+/// of a classic rebalance (a cooperative one revokes, then assigns), each
+/// waiting up to the demo's workers' session timeout (6 s) for members.
+const STEP_BEFORE_MS: u64 = 12_000;
 
 /// Why a plateau lasted, from the samples themselves (empty when it was
 /// short).
@@ -438,9 +438,9 @@ mod plateau_tests {
         let late = [
             with_replicas(0, 1, &[9]),
             with_replicas(500, 4, &[8]),
-            with_replicas(8000, 4, &[7]),
-            with_replicas(11000, 4, &[7]),
-            with_replicas(11500, 4, &[3]),
+            with_replicas(14000, 4, &[7]),
+            with_replicas(17000, 4, &[7]),
+            with_replicas(17500, 4, &[3]),
         ];
         let p = longest_plateau(&late).unwrap();
         assert!(stall_cause(&late, p, 0).contains("no scale step"));

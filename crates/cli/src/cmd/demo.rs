@@ -98,6 +98,10 @@ fn parse_group_protocol(s: &str) -> Result<GroupProtocol, String> {
 }
 
 /// The broker the demo runs on.
+/// The workers' classic session timeout: the broker's minimum, so that a
+/// killed worker is noticed soon.
+const DEMO_SESSION_TIMEOUT_MS: u64 = 6_000;
+
 enum DemoBroker {
     Embedded(MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
     External(KafkaConfig),
@@ -227,15 +231,7 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
         broker.create_topic(runtime, &dlq, 1)?;
         let run_dir = work.join(name);
         std::fs::create_dir_all(&run_dir)?;
-        let run = run_policy(
-            &args,
-            &plan,
-            &broker.kafka(),
-            kind,
-            &topic,
-            &run_dir,
-            &interrupted,
-        )?;
+        let run = run_policy(&args, &plan, &broker, kind, &topic, &run_dir, &interrupted)?;
         runs.push(run);
         if interrupted.load(Ordering::SeqCst) {
             break;
@@ -334,12 +330,14 @@ fn start_burst(
 fn run_policy(
     args: &Args,
     plan: &Plan,
-    kafka: &KafkaConfig,
+    broker: &DemoBroker,
     kind: PolicyKind,
     topic: &str,
     dir: &Path,
     interrupted: &AtomicBool,
 ) -> anyhow::Result<PolicyRun> {
+    let kafka = &broker.kafka();
+    let embedded = matches!(broker, DemoBroker::Embedded(_));
     let group = format!("{topic}-group");
     let dlq = format!("{topic}.dlq");
     let audit = dir.join("w{n}.audit");
@@ -386,13 +384,14 @@ fn run_policy(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let session_timeout = format!("session.timeout.ms={DEMO_SESSION_TIMEOUT_MS}");
     let mut run_args = run_args;
     match args.group_protocol.unwrap_or_default() {
         // Notice the killed worker sooner (the broker's minimum).
         GroupProtocol::Classic => run_args.extend(
             [
                 "--kafka-property",
-                "session.timeout.ms=6000",
+                &session_timeout,
                 "--kafka-property",
                 "heartbeat.interval.ms=1500",
             ]
@@ -533,9 +532,19 @@ fn run_policy(
             .collect();
         let plateau = longest_plateau(&own);
         let longest_stall_seconds = plateau.map_or(0.0, |p| p.seconds());
-        let stall_cause = plateau
+        let mut stall_cause = plateau
             .map(|p| crate::report::stall_cause(&own, p, killed))
             .unwrap_or_default();
+        let classic = args.group_protocol.unwrap_or_default() == GroupProtocol::Classic;
+        if embedded && classic && killed == 0 && !stall_cause.is_empty() {
+            // librdkafka's mock cluster, not the worker: it gives members
+            // that long to rejoin in every classic rebalance round.
+            stall_cause.push_str(&format!(
+                "; the embedded broker waits session.timeout.ms - 1 s ({} s) for members \
+                 to rejoin in each classic rebalance round, and a scale step takes two",
+                DEMO_SESSION_TIMEOUT_MS / 1000 - 1
+            ));
+        }
         results.push(ScenarioResult {
             name,
             produced,
