@@ -289,11 +289,6 @@ impl Batcher {
         }
     }
 
-    /// The first offset of the open batch, if one is open.
-    pub fn first_offset(&self) -> Option<i64> {
-        self.open.as_ref().and_then(|(b, _)| b.first_offset())
-    }
-
     /// Closes the open batch whatever its age.
     pub fn take(&mut self) -> Option<Batch> {
         self.open.take().map(|(b, _)| b)

@@ -367,10 +367,12 @@ enum Gate {
 
 /// `--max-uncommitted-records` while one dispatch round runs: a fresh batch
 /// starts only while the finished records a crash would replay, the records
-/// in flight and the batch itself stay within the cap. Retries always may,
-/// and so may the batch that holds a partition's watermark while done
-/// records wait above it and none below: moving it is what lets the commit
-/// shrink the replay.
+/// in flight and the batch itself stay within the cap. Retries always may;
+/// so may the batch that holds a partition's watermark while done records
+/// wait above it and none below (moving it is what lets the commit shrink
+/// the replay), a partition's holes while it is given up, and one batch
+/// when a held record waits for proof of an outage and nothing in flight
+/// could give it.
 struct RecordsCap {
     cap: usize,
     /// Replayable and in flight, including what this round started.
@@ -437,15 +439,9 @@ impl RecordsCap {
         admitted
     }
 
-    /// Whether the finished records waiting for their commit (leaving out
-    /// `in_flight`) fill half the cap.
-    fn half_full(&self, in_flight: usize) -> bool {
-        self.cap > 0 && self.exposed.saturating_sub(in_flight) * 2 >= self.cap
-    }
-
-    /// Whether a full fresh batch would not fit.
-    fn is_full(&self, batch_records: usize) -> bool {
-        self.cap > 0 && self.exposed + batch_records > self.cap
+    /// Whether the finished records waiting for their commit fill half the cap.
+    fn half_full(&self) -> bool {
+        self.cap > 0 && self.exposed.saturating_sub(self.in_flight) * 2 >= self.cap
     }
 
     fn started(&mut self, records: usize) {
@@ -1515,23 +1511,6 @@ impl Pipeline {
             self.in_flight_records,
             self.awaits_proof(),
         );
-        if records_cap.is_full(self.config.batch.max_records) {
-            // The record the commit waits for may sit in a batch still
-            // filling (a quiet key's lane, under key order): it goes now,
-            // or the cap would wait for its --max-wait-ms.
-            for ps in self.partitions.values_mut() {
-                let wm = ps.offsets.watermark();
-                if ps.offsets.done_above_watermark() == 0 || wm.is_none() {
-                    continue;
-                }
-                for lane in &mut ps.lanes {
-                    if lane.batcher.first_offset() == wm {
-                        let batch = lane.batcher.take().expect("open");
-                        lane.ready.push_back(batch);
-                    }
-                }
-            }
-        }
         let mut starts = Vec::new();
         for &prefer in rounds {
             let cursor = self.dispatch_cursor;
@@ -1603,7 +1582,7 @@ impl Pipeline {
             records_cap.refused && self.partitions.values().any(|ps| ps.replayable() > 0);
         // From half the cap on, the commit goes out at once: it is on its
         // way (the broker takes a few milliseconds) before the cap is full.
-        if self.waiting_for_ack || records_cap.half_full(self.in_flight_records) {
+        if self.waiting_for_ack || records_cap.half_full() {
             self.commit(false, |ps| {
                 ps.revoke_deadline.is_none() && ps.commit_due_early()
             });
