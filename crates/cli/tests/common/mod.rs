@@ -824,11 +824,12 @@ pub fn handled_by(path: &Path) -> String {
 }
 
 /// What each worker ([`handled_by`]) finished first, by when: every
-/// record, and those another handling did again later.
+/// record, and those another handling did again later, with when that was.
 #[derive(Debug, Default, Clone)]
 pub struct FirstHandled {
     pub finished: Vec<f64>,
-    pub replayed: Vec<f64>,
+    /// (first finished, handled again) of each record handled again.
+    pub replayed: Vec<(f64, f64)>,
 }
 
 pub fn first_handlers(paths: &[PathBuf]) -> BTreeMap<String, FirstHandled> {
@@ -841,7 +842,7 @@ pub fn first_handlers(paths: &[PathBuf]) -> BTreeMap<String, FirstHandled> {
             Some((by, at, counted)) => {
                 if !*counted {
                     *counted = true;
-                    out.entry(by.clone()).or_default().replayed.push(*at);
+                    out.entry(by.clone()).or_default().replayed.push((*at, t));
                 }
             }
             None => {
