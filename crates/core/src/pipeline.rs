@@ -439,6 +439,11 @@ impl RecordsCap {
         admitted
     }
 
+    /// Whether any finished record waits for its commit.
+    fn has_replayable(&self) -> bool {
+        self.exposed > self.in_flight
+    }
+
     /// Whether the finished records waiting for their commit fill half the cap.
     fn half_full(&self) -> bool {
         self.cap > 0 && self.exposed.saturating_sub(self.in_flight) * 2 >= self.cap
@@ -1509,7 +1514,7 @@ impl Pipeline {
             cap,
             &self.partitions,
             self.in_flight_records,
-            self.awaits_proof(),
+            cap > 0 && self.awaits_proof(),
         );
         let mut starts = Vec::new();
         for &prefer in rounds {
@@ -1578,8 +1583,7 @@ impl Pipeline {
         }
         // Held back by the cap: the commit that lifts it goes out now, not
         // at the next interval.
-        self.waiting_for_ack =
-            records_cap.refused && self.partitions.values().any(|ps| ps.replayable() > 0);
+        self.waiting_for_ack = records_cap.refused && records_cap.has_replayable();
         // From half the cap on, the commit goes out at once: it is on its
         // way (the broker takes a few milliseconds) before the cap is full.
         if self.waiting_for_ack || records_cap.half_full() {
