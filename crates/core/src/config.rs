@@ -769,10 +769,15 @@ impl WorkerConfig {
         })
     }
 
+    /// The most records the slots hold at once: `--concurrency` full batches.
+    pub fn max_records_in_flight(&self) -> usize {
+        self.concurrency * self.batch.max_records
+    }
+
     /// A `--max-uncommitted-records` below what the slots hold at once
     /// keeps some of them idle.
     pub fn records_cap_warning(&self) -> Option<String> {
-        let in_flight = self.concurrency * self.batch.max_records;
+        let in_flight = self.max_records_in_flight();
         let cap = self.max_uncommitted_records;
         (cap > 0 && cap < in_flight).then(|| {
             format!(

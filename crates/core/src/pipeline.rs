@@ -283,12 +283,43 @@ impl PartitionState {
     /// succeed after it first failed (the proof it is the record, not the
     /// downstream): then fresh batches must start, exposed or not.
     fn awaits_proof(&self, successes: u64) -> bool {
-        self.lanes.iter().flat_map(|l| &l.retry).any(|(b, _)| {
-            b.lineage.suspect
-                && b.lineage
-                    .successes_at_first_failure
-                    .is_some_and(|at| successes <= at)
-        })
+        self.lanes
+            .iter()
+            .flat_map(|l| &l.retry)
+            .any(|(b, _)| Self::batch_awaits_proof(b, successes))
+    }
+
+    fn batch_awaits_proof(batch: &Batch, successes: u64) -> bool {
+        batch.lineage.suspect
+            && batch
+                .lineage
+                .successes_at_first_failure
+                .is_some_and(|at| successes <= at)
+    }
+
+    /// Records taken to the handler that are neither in flight nor done:
+    /// failed ones waiting for their retry, held ones, dead letters not yet
+    /// acknowledged. Each is on its way to being done, and a crash replays
+    /// it then: the records cap counts them from the first start.
+    fn waiting_to_finish(&self) -> usize {
+        self.lanes
+            .iter()
+            .flat_map(|l| &l.retry)
+            .map(|(b, _)| b.len())
+            .sum::<usize>()
+            + self.dead_letter_backlog()
+    }
+
+    /// Whether a waiting record moves on by itself (a retry after its
+    /// backoff, a dead letter being written), not only after a fresh batch
+    /// succeeds.
+    fn has_waits_that_move(&self, successes: u64) -> bool {
+        self.dead_letter_backlog() > 0
+            || self
+                .lanes
+                .iter()
+                .flat_map(|l| &l.retry)
+                .any(|(b, _)| !Self::batch_awaits_proof(b, successes))
     }
 
     /// Closes open batches and marks the partition finishing.
@@ -365,56 +396,86 @@ enum Gate {
     Closed,
 }
 
-/// `--max-uncommitted-records` while one dispatch round runs: a fresh batch
-/// starts only while the finished records a crash would replay, the records
-/// in flight and the batch itself stay within the cap. Retries always may;
-/// so may the batch that holds a partition's watermark while done records
-/// wait above it and none below (moving it is what lets the commit shrink
-/// the replay), a partition's holes while it is given up, and one batch
-/// when a held record waits for proof of an outage and nothing in flight
-/// could give it.
+/// Logged when one batch passes `--max-uncommitted-records` plus one set
+/// of slots, the only way on.
+pub const RECORDS_CAP_LAST_RESORT: &str =
+    "a batch passes the records cap as the last resort: nothing else could lift it";
+
+/// `--max-uncommitted-records` while one dispatch round runs. What a crash
+/// would replay is the finished records waiting for their commit and the
+/// records in flight; counted with them are the records that failed and
+/// wait to finish (retries, held records, dead letters), which become one
+/// or the other. A fresh batch starts only while all of that and the batch
+/// stay within the cap. A retry moves records from waiting to in flight,
+/// so it always may. Some fresh batches are let past the cap, by at most
+/// one set of slots (`--concurrency` x `--max-records`): the batch that
+/// holds a partition's watermark while done records wait above it and none
+/// below (moving it is what lets the commit shrink the replay), a
+/// partition's holes while it is given up, and one batch when a held record
+/// waits for proof of an outage and nothing in flight could give it. So a
+/// crash replays at most cap + one set of slots; past that only as the last
+/// resort, when nothing else could move (see `Pipeline::pick_starts`).
 struct RecordsCap {
     cap: usize,
-    /// Replayable and in flight, including what this round started.
-    exposed: usize,
+    /// How far past the cap the exempt batches may go.
+    slack: usize,
+    replayable: usize,
     /// Records in flight, including what this round started.
     in_flight: usize,
-    /// A record held as a suspected outage waits for some batch to succeed.
+    waiting: usize,
+    /// A record held as a suspected outage, or an open circuit, waits for
+    /// some batch to succeed.
     proof_wanted: bool,
+    /// Nothing in flight, nothing acknowledged to wait for and nothing
+    /// waiting that moves by itself: one exempt batch goes whatever the cap.
+    last_resort: bool,
     refused: bool,
+    /// An exempt batch was refused: the last resort would start it.
+    refused_exempt: bool,
 }
 
 impl RecordsCap {
     fn new(
+        config: &WorkerConfig,
         cap: usize,
         partitions: &BTreeMap<i32, PartitionState>,
         in_flight: usize,
         proof_wanted: bool,
     ) -> Self {
-        let exposed = if cap == 0 {
-            0
+        let (replayable, waiting) = if cap == 0 {
+            (0, 0)
         } else {
-            partitions
-                .values()
-                .map(PartitionState::replayable)
-                .sum::<usize>()
-                + in_flight
+            partitions.values().fold((0, 0), |(r, w), ps| {
+                (r + ps.replayable(), w + ps.waiting_to_finish())
+            })
         };
         Self {
             cap,
-            exposed,
+            slack: config.max_records_in_flight(),
+            replayable,
             in_flight,
+            waiting,
             proof_wanted,
+            last_resort: false,
             refused: false,
+            refused_exempt: false,
         }
+    }
+
+    fn exposed(&self) -> usize {
+        self.replayable + self.in_flight + self.waiting
     }
 
     fn admits(&mut self, ps: &PartitionState, fresh: Option<&Batch>) -> bool {
         let Some(batch) = fresh else {
             return true;
         };
-        // Being given up: only holes below done records start (see dispatch).
-        if ps.finishing {
+        let exposed = self.exposed();
+        if self.cap == 0
+            || exposed + batch.len() <= self.cap
+            // One batch larger than the cap still goes alone.
+            || exposed == 0
+        {
             return true;
         }
         // Only while nothing below the watermark waits for an
@@ -425,34 +486,40 @@ impl RecordsCap {
             && ps.replayable() == done_above
             && batch.first_offset().is_some()
             && batch.first_offset() == ps.offsets.watermark();
-        let admitted = self.cap == 0
-            || self.exposed + batch.len() <= self.cap
-            // One batch larger than the cap still goes alone.
-            || self.exposed == 0
-            || moves_watermark
-            // The proof a held record waits for: one batch, when nothing
-            // in flight could give it.
-            || self.proof_wanted && self.in_flight == 0;
-        if !admitted {
-            self.refused = true;
+        // The proof a held record waits for, or the probe an open circuit
+        // waits for: one batch, when nothing in flight could give it.
+        let gives_proof = self.proof_wanted && self.in_flight == 0;
+        // Being given up: only holes below done records start (see dispatch).
+        let exempt = ps.finishing || moves_watermark || gives_proof;
+        if exempt && exposed + batch.len() <= self.cap + self.slack {
+            return true;
         }
-        admitted
+        // A partition given up is left to its next owner, not forced.
+        if exempt && !ps.finishing {
+            if self.last_resort {
+                self.last_resort = false;
+                return true;
+            }
+            self.refused_exempt = true;
+        }
+        self.refused = true;
+        false
     }
 
     /// Whether any finished record waits for its commit.
     fn has_replayable(&self) -> bool {
-        self.exposed > self.in_flight
+        self.replayable > 0
     }
 
     /// Whether the finished records waiting for their commit fill half the cap.
     fn half_full(&self) -> bool {
-        self.cap > 0 && self.exposed.saturating_sub(self.in_flight) * 2 >= self.cap
+        self.cap > 0 && self.replayable * 2 >= self.cap
     }
 
-    fn started(&mut self, records: usize) {
+    fn started(&mut self, records: usize, retry: bool) {
         self.in_flight += records;
-        if self.cap > 0 {
-            self.exposed += records;
+        if retry {
+            self.waiting = self.waiting.saturating_sub(records);
         }
     }
 }
@@ -498,6 +565,10 @@ pub(crate) struct Sabotage {
     pub dead_letter_first_failure: bool,
     pub never_pause: bool,
     pub ignore_records_cap: bool,
+    /// The records cap leaves out records waiting for a retry.
+    pub uncounted_retries: bool,
+    /// Batches exempt from the records cap pass it by any amount.
+    pub unbounded_exemptions: bool,
 }
 
 /// How a pipeline is set up, beside its [`WorkerConfig`].
@@ -1501,7 +1572,6 @@ impl Pipeline {
         } else {
             &[Prefer::Any]
         };
-        let uncommitted_limit = self.config.uncommitted_limit();
         #[cfg(test)]
         let cap = if self.sabotage.ignore_records_cap {
             0
@@ -1511,73 +1581,22 @@ impl Pipeline {
         #[cfg(not(test))]
         let cap = self.config.max_uncommitted_records;
         let mut records_cap = RecordsCap::new(
+            &self.config,
             cap,
             &self.partitions,
             self.in_flight_records,
-            cap > 0 && self.awaits_proof(),
+            cap > 0 && (probing || self.awaits_proof()),
         );
-        let mut starts = Vec::new();
-        for &prefer in rounds {
-            let cursor = self.dispatch_cursor;
-            let passes = [
-                (Bound::Included(cursor), Bound::Unbounded),
-                (Bound::Unbounded, Bound::Excluded(cursor)),
-            ];
-            'outer: for range in passes {
-                for (p, ps) in self.partitions.range_mut(range) {
-                    // A partition being given up starts only batches that
-                    // fill holes below done records, so that its last
-                    // commit covers them: holding those back for a commit
-                    // the rebalance refuses would keep the revoke waiting
-                    // until its deadline, and replay them.
-                    let gate = if ps.finishing {
-                        Gate::Open
-                    } else {
-                        ps.gate(now, uncommitted_limit, self.successes)
-                    };
-                    for i in 0..ps.lanes.len() {
-                        if self.in_flight + starts.len() >= limit {
-                            break 'outer;
-                        }
-                        #[cfg(test)]
-                        let busy = ps.lanes[i].in_flight && !self.sabotage.ignore_lane_busy;
-                        #[cfg(not(test))]
-                        let busy = ps.lanes[i].in_flight;
-                        if busy || (!self.zombies.is_empty() && self.zombies.contains_key(&(*p, i)))
-                        {
-                            continue;
-                        }
-                        let batch = match Self::next_for(ps, &ps.lanes[i], now, prefer, gate) {
-                            Next::Retry => ps.lanes[i].retry.pop_front().map(|(b, _)| b),
-                            Next::Ready if records_cap.admits(ps, ps.lanes[i].ready.front()) => {
-                                ps.lanes[i].ready.pop_front()
-                            }
-                            Next::Ready | Next::Wait | Next::Nothing => None,
-                        };
-                        if let Some(batch) = &batch {
-                            records_cap.started(batch.len());
-                            ps.max_started = ps.max_started.max(batch.last_offset());
-                        }
-                        if let Some(mut batch) = batch {
-                            ps.lanes[i].in_flight = true;
-                            self.next_batch_id += 1;
-                            batch.set_id(self.next_batch_id);
-                            starts.push((
-                                Slot {
-                                    partition: *p,
-                                    epoch: ps.epoch,
-                                    lane: i,
-                                },
-                                batch,
-                            ));
-                        }
-                    }
-                }
+        #[cfg(test)]
+        {
+            if self.sabotage.uncounted_retries {
+                records_cap.waiting = 0;
             }
-            if !starts.is_empty() {
-                break;
+            if self.sabotage.unbounded_exemptions {
+                records_cap.slack = usize::MAX / 2;
             }
         }
+        let starts = self.pick_starts(now, rounds, limit, &mut records_cap);
         if let Some((last, _)) = starts.last() {
             self.dispatch_cursor = last.partition + 1;
         }
@@ -1601,6 +1620,118 @@ impl Pipeline {
                 .observe(batch.len() as f64);
             self.intents.push_back(Intent::Start { slot, batch });
         }
+    }
+
+    /// The batches free slots start now: the first round of preference
+    /// that starts any. When the records cap refused the only batch that
+    /// could move things on and nothing else will free it, that batch goes
+    /// past the cap (in the same round: a later one might start a held
+    /// record again instead, which is what keeps it waiting), or the
+    /// partition would stall for good.
+    fn pick_starts(
+        &mut self,
+        now: Instant,
+        rounds: &[Prefer],
+        limit: usize,
+        records_cap: &mut RecordsCap,
+    ) -> Vec<(Slot, Batch)> {
+        let mut starts = Vec::new();
+        for &prefer in rounds {
+            self.pick_round(now, prefer, limit, records_cap, &mut starts);
+            if starts.is_empty() && records_cap.refused_exempt && self.nothing_else_moves() {
+                records_cap.last_resort = true;
+                self.pick_round(now, prefer, limit, records_cap, &mut starts);
+                records_cap.last_resort = false;
+                if let Some((slot, batch)) = starts.first() {
+                    tracing::info!(
+                        partition = slot.partition,
+                        records = batch.len(),
+                        "{RECORDS_CAP_LAST_RESORT}"
+                    );
+                }
+            }
+            if !starts.is_empty() {
+                break;
+            }
+        }
+        starts
+    }
+
+    fn pick_round(
+        &mut self,
+        now: Instant,
+        prefer: Prefer,
+        limit: usize,
+        records_cap: &mut RecordsCap,
+        starts: &mut Vec<(Slot, Batch)>,
+    ) {
+        let uncommitted_limit = self.config.uncommitted_limit();
+        let cursor = self.dispatch_cursor;
+        let passes = [
+            (Bound::Included(cursor), Bound::Unbounded),
+            (Bound::Unbounded, Bound::Excluded(cursor)),
+        ];
+        'outer: for range in passes {
+            for (p, ps) in self.partitions.range_mut(range) {
+                // A partition being given up starts only batches that
+                // fill holes below done records, so that its last
+                // commit covers them: holding those back for a commit
+                // the rebalance refuses would keep the revoke waiting
+                // until its deadline, and replay them.
+                let gate = if ps.finishing {
+                    Gate::Open
+                } else {
+                    ps.gate(now, uncommitted_limit, self.successes)
+                };
+                for i in 0..ps.lanes.len() {
+                    if self.in_flight + starts.len() >= limit {
+                        break 'outer;
+                    }
+                    #[cfg(test)]
+                    let busy = ps.lanes[i].in_flight && !self.sabotage.ignore_lane_busy;
+                    #[cfg(not(test))]
+                    let busy = ps.lanes[i].in_flight;
+                    if busy || (!self.zombies.is_empty() && self.zombies.contains_key(&(*p, i))) {
+                        continue;
+                    }
+                    let next = Self::next_for(ps, &ps.lanes[i], now, prefer, gate);
+                    let batch = match next {
+                        Next::Retry => ps.lanes[i].retry.pop_front().map(|(b, _)| b),
+                        Next::Ready if records_cap.admits(ps, ps.lanes[i].ready.front()) => {
+                            ps.lanes[i].ready.pop_front()
+                        }
+                        Next::Ready | Next::Wait | Next::Nothing => None,
+                    };
+                    if let Some(batch) = &batch {
+                        records_cap.started(batch.len(), next == Next::Retry);
+                        ps.max_started = ps.max_started.max(batch.last_offset());
+                    }
+                    if let Some(mut batch) = batch {
+                        ps.lanes[i].in_flight = true;
+                        self.next_batch_id += 1;
+                        batch.set_id(self.next_batch_id);
+                        starts.push((
+                            Slot {
+                                partition: *p,
+                                epoch: ps.epoch,
+                                lane: i,
+                            },
+                            batch,
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether nothing in flight, no commit to acknowledge and no waiting
+    /// record that moves by itself could lift the records cap.
+    fn nothing_else_moves(&self) -> bool {
+        self.in_flight == 0
+            && self
+                .partitions
+                .values()
+                .all(|ps| !ps.watermark_unacked() && !ps.has_waits_that_move(self.successes))
     }
 
     /// Hands out dead-letter writes that are due.
@@ -2365,6 +2496,25 @@ mod tests {
         p
     }
 
+    /// `capped` after its first two batches: the `failing`th (by offset)
+    /// failed, retryable, and the other succeeded.
+    fn capped_with_a_failure(t0: Instant, failing: usize) -> Pipeline {
+        let mut p = capped(t0);
+        p.handle_tick(t0);
+        let mut started = starts(&mut p);
+        started.sort_by_key(|(_, b)| b.first_offset());
+        assert_eq!(started.len(), 2);
+        for (i, (slot, batch)) in started.into_iter().enumerate() {
+            let outcome = if i == failing {
+                BatchOutcome::Failed(Failure::retryable("busy"))
+            } else {
+                BatchOutcome::Success
+            };
+            p.handle_verdict(slot, batch, outcome, t0);
+        }
+        p
+    }
+
     #[test]
     fn the_records_cap_stops_fresh_batches_until_the_commit_is_acknowledged() {
         let t0 = Instant::now();
@@ -2409,19 +2559,7 @@ mod tests {
         // watermark, the cap is full, and only the retry and the batch at
         // the watermark may run, or the cap would never empty.
         let t0 = Instant::now();
-        let mut p = capped(t0);
-        p.handle_tick(t0);
-        let mut started = starts(&mut p);
-        started.sort_by_key(|(_, b)| b.first_offset());
-        let (slot1, batch1) = started.pop().unwrap();
-        let (slot0, batch0) = started.pop().unwrap();
-        p.handle_verdict(slot1, batch1, BatchOutcome::Success, t0);
-        p.handle_verdict(
-            slot0,
-            batch0,
-            BatchOutcome::Failed(Failure::retryable("busy")),
-            t0,
-        );
+        let mut p = capped_with_a_failure(t0, 0);
         let later = t0 + secs(1.0);
         p.handle_tick(later);
         let started = starts(&mut p);
@@ -2435,6 +2573,26 @@ mod tests {
             p.handle_verdict(slot, batch, BatchOutcome::Success, later);
         }
         assert_eq!(p.watermark(0), Some(4));
+    }
+
+    #[test]
+    fn records_waiting_for_a_retry_count_against_the_records_cap() {
+        // 2..4 fail and wait for their retry: a crash replays them once they
+        // are done, so they hold their place in the cap.
+        let t0 = Instant::now();
+        let mut p = capped_with_a_failure(t0, 1);
+        p.handle_committed(0, 2);
+        p.handle_tick(t0);
+        let fresh: Vec<i64> = starts(&mut p)
+            .iter()
+            .flat_map(|(_, b)| b.offsets())
+            .filter(|o| *o >= 4)
+            .collect();
+        assert_eq!(
+            fresh.len(),
+            2,
+            "2 waiting + 2 fresh fill a cap of four: {fresh:?}"
+        );
     }
 
     #[test]

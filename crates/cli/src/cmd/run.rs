@@ -118,12 +118,13 @@ pub struct Args {
     /// crash replays; 0: no limit [default: 1.5 x --commit-interval-ms].
     #[arg(long, env = "MICROBATCH_MAX_UNCOMMITTED_MS", help_heading = "Delivery")]
     pub max_uncommitted_ms: Option<u64>,
-    /// At most this many finished records, in all partitions together, may
-    /// wait for the broker to acknowledge their commit: then a commit goes
-    /// out at once and no new batch starts (only retries and records that
-    /// let the commit move) until it is acknowledged. A crash then replays
-    /// at most this many finished records beside those in flight; the cost
-    /// is a commit per that many records. 0: no cap [default: 0].
+    /// At most this many records, in all partitions together, finished and
+    /// waiting for the broker to acknowledge their commit, in flight, or
+    /// waiting for a retry: past it a commit goes out at once and no new
+    /// batch starts (only retries and batches that let the commit move)
+    /// until it is acknowledged. A crash then replays at most this +
+    /// --concurrency x --max-records; the cost is a commit per that many
+    /// records. 0: no cap [default: 0].
     #[arg(
         long,
         env = "MICROBATCH_MAX_UNCOMMITTED_RECORDS",
