@@ -48,11 +48,12 @@ use crate::telemetry::{LogThrottle, Telemetry};
 /// Commits remembered per partition while unacknowledged (async commits
 /// overlap only when the broker is slow; older ones are superseded).
 const MAX_COMMITS_REMEMBERED: usize = 16;
-/// How long a partition being given up (revoke, shutdown) still starts
-/// batches that fill holes below done records, so that its last commit
-/// covers them; after that it waits only for the batches in flight. The
-/// partition is stopped for the whole revoke: a scale step's goal is that a
-/// moving partition resumes within about a second.
+/// How long a revoked partition still starts batches that fill holes below
+/// done records, so that its last commit covers them; after that it waits
+/// only for the batches in flight. The partition is stopped for the whole
+/// revoke: a scale step's goal is that a moving partition resumes within
+/// about a second. A shutdown fills its holes until the drain deadline:
+/// it hands over nothing done twice, and the group waits for it anyway.
 const HOLE_FILL_BUDGET: Duration = Duration::from_secs(1);
 const FIRST_DEAD_LETTER_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_DEAD_LETTER_BACKOFF: Duration = Duration::from_secs(30);
@@ -322,10 +323,11 @@ impl PartitionState {
                 .any(|(b, _)| !Self::batch_awaits_proof(b, successes))
     }
 
-    /// Closes open batches and marks the partition finishing.
-    fn start_finishing(&mut self, now: Instant) {
+    /// Closes open batches and marks the partition finishing; holes are
+    /// filled for `hole_budget` (None: until the deadline).
+    fn start_finishing(&mut self, now: Instant, hole_budget: Option<Duration>) {
         if !self.finishing {
-            self.fill_holes_until = Some(now + HOLE_FILL_BUDGET);
+            self.fill_holes_until = hole_budget.map(|b| now + b);
             self.holes_below = self
                 .offsets
                 .max_done()
@@ -338,6 +340,21 @@ impl PartitionState {
                 lane.ready.push_back(batch);
             }
         }
+    }
+
+    /// A batch a finishing lane starts, cut to the records below
+    /// `holes_below`; the rest goes back to the front of the lane. Records
+    /// of a lane lie far apart, so a whole batch would finish records above
+    /// the bound, whose holes are not filled, and a commit stopped at those
+    /// holes would hand them to the next owner to do again.
+    fn trim_to_holes(&mut self, lane: usize, batch: Batch) -> Batch {
+        if !self.finishing || batch.last_offset().is_none_or(|o| o < self.holes_below) {
+            return batch;
+        }
+        let bound = self.holes_below;
+        let rest = batch.select(batch.id(), |o| o >= bound);
+        self.lanes[lane].ready.push_front(rest);
+        batch.select(batch.id(), |o| o < bound)
     }
 
     /// Whether a lane's next batch still fills a hole.
@@ -877,7 +894,7 @@ impl Pipeline {
                 // Given while draining (the group rebalances as this member
                 // leaves): it takes nothing in, so nothing of it is
                 // committed, and its records go to the next owner.
-                state.start_finishing(self.clock);
+                state.start_finishing(self.clock, None);
             }
             if let Some(old) = self.partitions.insert(p, state) {
                 self.forget(p, old);
@@ -1208,7 +1225,7 @@ impl Pipeline {
         let deadline = now + self.config.drain_timeout;
         self.phase = Phase::Draining { deadline };
         for ps in self.partitions.values_mut() {
-            ps.start_finishing(now);
+            ps.start_finishing(now, None);
             if let Some(d) = ps.revoke_deadline.as_mut() {
                 *d = (*d).min(deadline);
             }
@@ -1232,7 +1249,7 @@ impl Pipeline {
         let mut any = false;
         for p in partitions {
             if let Some(ps) = self.partitions.get_mut(p) {
-                ps.start_finishing(now);
+                ps.start_finishing(now, Some(HOLE_FILL_BUDGET));
                 ps.revoke_deadline = Some(deadline);
                 any = true;
             }
@@ -1697,9 +1714,11 @@ impl Pipeline {
                     let next = Self::next_for(ps, &ps.lanes[i], now, prefer, gate);
                     let batch = match next {
                         Next::Retry => ps.lanes[i].retry.pop_front().map(|(b, _)| b),
-                        Next::Ready if records_cap.admits(ps, ps.lanes[i].ready.front()) => {
-                            ps.lanes[i].ready.pop_front()
-                        }
+                        Next::Ready if records_cap.admits(ps, ps.lanes[i].ready.front()) => ps
+                            .lanes[i]
+                            .ready
+                            .pop_front()
+                            .map(|b| ps.trim_to_holes(i, b)),
                         Next::Ready | Next::Wait | Next::Nothing => None,
                     };
                     if let Some(batch) = &batch {
@@ -2362,6 +2381,55 @@ mod tests {
         );
         assert!(p.revoke_settled(t0));
         assert_eq!(p.watermark(0), Some(4));
+    }
+
+    #[test]
+    fn a_hole_filled_at_a_revoke_finishes_no_record_above_the_bound() {
+        let t0 = Instant::now();
+        let (mut p, a, b) = two_lanes(t0, |c| {
+            c.batch = BatchLimits::new(2, 1 << 20, Duration::from_millis(10)).unwrap();
+        });
+        // Lane a: [0, 2], [4, 8]; lane b: [1, 3], [5, 6], [7].
+        let [(slot0, batch0), (slot1, batch1)] = first_two(
+            &mut p,
+            t0,
+            &[
+                (0, a),
+                (1, b),
+                (2, a),
+                (3, b),
+                (4, a),
+                (5, b),
+                (6, b),
+                (7, b),
+                (8, a),
+            ],
+        );
+        p.handle_verdict(slot1, batch1, BatchOutcome::Success, t0);
+        p.handle_tick(t0);
+        let (slot, batch) = starts(&mut p).pop().expect("lane b goes on");
+        assert_eq!(batch.offsets().collect::<Vec<_>>(), [5, 6]);
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+        // Holes lie below 6, the highest started.
+        assert!(p.begin_revoke(&[0], t0));
+        p.handle_verdict(slot0, batch0, BatchOutcome::Success, t0);
+        p.handle_tick(t0);
+        let (slot, batch) = starts(&mut p).pop().expect("4 fills a hole");
+        assert_eq!(
+            batch.offsets().collect::<Vec<_>>(),
+            [4],
+            "8 would finish a record above 7, a hole the revoke leaves"
+        );
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+        p.handle_tick(t0);
+        assert!(starts(&mut p).is_empty());
+        assert!(p.revoke_settled(t0));
+        assert_eq!(p.watermark(0), Some(7));
+        assert_eq!(
+            p.partitions[&0].offsets.done_above_watermark(),
+            0,
+            "nothing done is left for the next owner to do again"
+        );
     }
 
     #[test]
