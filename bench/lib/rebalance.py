@@ -5,8 +5,9 @@ group join and leave on a fixed schedule (scale up 1 -> 2 -> 4 -> 8, down
 8 -> 4 -> 1 with SIGTERM, then one more worker and a SIGKILL of it). A
 sampler reads the group's committed offsets and the high watermarks every
 SAMPLE_S. For each event and partition the *stall* is the longest time,
-starting in that event's window, during which the partition's committed
-offset did not move while it had lag. The workers run an exec handler that
+starting in that event's window (or less than LEAD_S before it and lasting
+past it), during which the partition's committed offset did not move while
+it had lag. The workers run an exec handler that
 notes every record with the time it handled it, so a record handled twice is
 counted against the event before its second handling.
 
@@ -95,9 +96,18 @@ def stalls(samples, events, partitions):
     return out
 
 
+# A partition's committed offset last moves up to a commit interval and a
+# batch before an event: a stall that began this long before an event and
+# lasts past it is that event's (a SIGKILL's wait for the session timeout).
+LEAD_S = 1.0
+
+
 def record(out, windows, p, start, end):
     for i in range(len(windows) - 1):
         if windows[i] <= start < windows[i + 1]:
+            nxt = windows[i + 1]
+            if i + 1 < len(out) and nxt - LEAD_S <= start and end > nxt:
+                i += 1
             out[i][p] = max(out[i][p], end - start)
             return
 
@@ -164,7 +174,7 @@ def main():
     with open(handler, "w") as f:
         f.write(HANDLER % a.work)
     extra = [x for x in a.worker_args if x != "--"]
-    env = dict(os.environ, MICROBATCH_GROUP_PROTOCOL=a.protocol, MICROBATCH_LOG="info")
+    env = dict(os.environ, MICROBATCH_GROUP_PROTOCOL=a.protocol, MICROBATCH_LOG=os.environ.get("MICROBATCH_LOG", "info"))
     procs = []
 
     def spawn():
