@@ -127,6 +127,18 @@ fn replicas_for(needs: &[f64], capacity: f64) -> u32 {
         .unwrap_or(partitions) as u32
 }
 
+/// The fewest replicas, at most `n`, whose busiest one holds as many
+/// partitions as with `n`: partitions spread by count, so when fewer
+/// replicas than the need can be had, those past this hold no more than
+/// one partition less anywhere and drain nothing sooner.
+fn fewest_with_the_same_share(partitions: u32, n: u32) -> u32 {
+    if partitions == 0 || n == 0 {
+        return n;
+    }
+    let share = partitions.div_ceil(n);
+    partitions.div_ceil(share)
+}
+
 /// Scales on arrival rate plus lag to drain, divided by the capacity of one
 /// replica.
 #[derive(Debug)]
@@ -304,9 +316,16 @@ impl Policy for RatePolicy {
             let slots = (partitions * p.slots_per_partition).div_ceil(p.slots_per_replica.max(1));
             cap = cap.min(slots.max(1));
         }
-        let mut desired = raw
+        let reachable = raw
             .min(cap)
             .clamp(p.min_replicas, p.max_replicas.max(p.min_replicas));
+        // Held short of the need: only replicas that shrink the busiest
+        // one's share of partitions help.
+        let mut desired = if reachable < raw {
+            fewest_with_the_same_share(partitions, reachable).max(p.min_replicas)
+        } else {
+            reachable
+        };
         if !idle && desired == 0 && p.max_replicas > 0 {
             desired = 1;
         }
@@ -326,6 +345,12 @@ impl Policy for RatePolicy {
         if too_old {
             reason.push_str("; records wait longer than --max-lag-seconds: one more");
         }
+        if desired < reachable {
+            reason.push_str(&format!(
+                "; {desired} give the busiest replica {} partitions, as {reachable} would",
+                partitions.div_ceil(desired.max(1))
+            ));
+        }
         let current = o.current;
         if self.source == CapacitySource::Guess && desired > current {
             let recent = self
@@ -340,7 +365,8 @@ impl Policy for RatePolicy {
                 desired = allowed.max(p.min_replicas);
                 reason.push_str("; on the guess alone: at most double per 15 s");
             }
-            if desired > current {
+            // Starting the first replicas (`--min`) is no step on the guess.
+            if desired > current.max(p.min_replicas) {
                 self.guess_step_at = Some(now);
             }
         }
@@ -588,6 +614,60 @@ mod tests {
             4,
         );
         assert_eq!(d.desired, 8, "{}", d.reason);
+    }
+
+    #[test]
+    fn starting_the_first_replica_is_no_step_on_the_guess() {
+        // The supervisor's first reading finds no replica and an idle topic:
+        // it starts `--min`. A burst a moment later may still double.
+        let mut r = RatePolicy::new(RateParams {
+            target_drain: Duration::from_secs(10),
+            initial_rate_per_replica: 800.0,
+            slots_per_partition: 4,
+            slots_per_replica: 4,
+            max_replicas: 6,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        let d = decide(&mut r, t0, &lag_of(&[(0, 0); 8]), rates(0.0, 0.0), None, 0);
+        assert_eq!(d.desired, 1, "{}", d.reason);
+        let burst = lag_of(&[(0, 3750); 8]);
+        let d = decide(
+            &mut r,
+            t0 + Duration::from_secs(3),
+            &burst,
+            rates(0.0, 0.0),
+            None,
+            1,
+        );
+        assert_eq!(d.desired, 2, "{}", d.reason);
+    }
+
+    #[test]
+    fn held_short_of_the_need_asks_only_for_replicas_that_shrink_the_busiest_share() {
+        // 450/s per partition at 800/s per replica: 8 partitions want 8
+        // replicas; at most 6: 6 would leave two of them 2 partitions, as 4
+        // do, and drain nothing sooner.
+        let mut r = RatePolicy::new(RateParams {
+            target_drain: Duration::from_secs(10),
+            max_replicas: 6,
+            ..RateParams::default()
+        });
+        let burst = lag_of(&[(0, 4500); 8]);
+        let one = workers(1, 800.0, 1.0);
+        let d = decide(
+            &mut r,
+            Instant::now(),
+            &burst,
+            rates(0.0, 800.0),
+            Some(&one),
+            1,
+        );
+        assert_eq!(d.desired, 4, "{}", d.reason);
+        assert_eq!(fewest_with_the_same_share(8, 6), 4);
+        assert_eq!(fewest_with_the_same_share(8, 3), 3);
+        assert_eq!(fewest_with_the_same_share(12, 5), 4);
+        assert_eq!(fewest_with_the_same_share(8, 8), 8);
     }
 
     #[test]
