@@ -128,9 +128,8 @@ fn replicas_for(needs: &[f64], capacity: f64) -> u32 {
 }
 
 /// The fewest replicas, at most `n`, whose busiest one holds as many
-/// partitions as with `n`: partitions spread by count, so when fewer
-/// replicas than the need can be had, those past this hold no more than
-/// one partition less anywhere and drain nothing sooner.
+/// partitions as it does with `n`. Partitions spread by count: when fewer
+/// replicas than the need can be had, any past this drain nothing sooner.
 fn fewest_with_the_same_share(partitions: u32, n: u32) -> u32 {
     if partitions == 0 || n == 0 {
         return n;
