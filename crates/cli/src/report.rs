@@ -420,13 +420,18 @@ mod plateau_tests {
 
     #[test]
     fn a_plateau_soon_after_a_scale_step_is_put_down_to_its_rebalance() {
-        let samples = [
-            with_replicas(0, 1, &[9]),
-            with_replicas(500, 4, &[8]),
-            with_replicas(1500, 4, &[7]),
-            with_replicas(4000, 4, &[7]),
-            with_replicas(4500, 4, &[3]),
-        ];
+        // A scale step from 1 to 4 at 0.5 s, then lag 7 stands from
+        // `from` for `lasting` ms.
+        let run = |from: u64, lasting: u64| {
+            [
+                with_replicas(0, 1, &[9]),
+                with_replicas(500, 4, &[8]),
+                with_replicas(from, 4, &[7]),
+                with_replicas(from + lasting, 4, &[7]),
+                with_replicas(from + lasting + 500, 4, &[3]),
+            ]
+        };
+        let samples = run(1500, 2500);
         let p = longest_plateau(&samples).unwrap();
         let cause = stall_cause(&samples, p, 0);
         assert!(
@@ -435,13 +440,7 @@ mod plateau_tests {
         );
         assert!(stall_cause(&samples, p, 1).contains("killed"));
         // Long after the step: not its doing.
-        let late = [
-            with_replicas(0, 1, &[9]),
-            with_replicas(500, 4, &[8]),
-            with_replicas(14000, 4, &[7]),
-            with_replicas(17000, 4, &[7]),
-            with_replicas(17500, 4, &[3]),
-        ];
+        let late = run(14_000, 3_000);
         let p = longest_plateau(&late).unwrap();
         assert!(stall_cause(&late, p, 0).contains("no scale step"));
         let short = Plateau {

@@ -506,7 +506,8 @@ impl RecordsCap {
         // The proof a held record waits for, or the probe an open circuit
         // waits for: one batch, when nothing in flight could give it.
         let gives_proof = self.proof_wanted && self.in_flight == 0;
-        // Being given up: only holes below done records start (see dispatch).
+        // Being given up: only holes below done records start (see
+        // `pick_round`).
         let exempt = ps.finishing || moves_watermark || gives_proof;
         if exempt && exposed + batch.len() <= self.cap + self.slack {
             return true;
@@ -1721,11 +1722,9 @@ impl Pipeline {
                             .map(|b| ps.trim_to_holes(i, b)),
                         Next::Ready | Next::Wait | Next::Nothing => None,
                     };
-                    if let Some(batch) = &batch {
+                    if let Some(mut batch) = batch {
                         records_cap.started(batch.len(), next == Next::Retry);
                         ps.max_started = ps.max_started.max(batch.last_offset());
-                    }
-                    if let Some(mut batch) = batch {
                         ps.lanes[i].in_flight = true;
                         self.next_batch_id += 1;
                         batch.set_id(self.next_batch_id);

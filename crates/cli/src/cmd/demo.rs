@@ -97,11 +97,11 @@ fn parse_group_protocol(s: &str) -> Result<GroupProtocol, String> {
     s.parse()
 }
 
-/// The broker the demo runs on.
 /// The workers' classic session timeout: the broker's minimum, so that a
 /// killed worker is noticed soon.
 const DEMO_SESSION_TIMEOUT_MS: u64 = 6_000;
 
+/// The broker the demo runs on.
 enum DemoBroker {
     Embedded(MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
     External(KafkaConfig),

@@ -615,18 +615,23 @@ mod tests {
         assert_eq!(d.desired, 8, "{}", d.reason);
     }
 
-    #[test]
-    fn starting_the_first_replica_is_no_step_on_the_guess() {
-        // The supervisor's first reading finds no replica and an idle topic:
-        // it starts `--min`. A burst a moment later may still double.
-        let mut r = RatePolicy::new(RateParams {
+    /// The demo's `rate`: 10 s to drain, 4 slots of 200/s per replica.
+    fn demo_like(max_replicas: u32) -> RatePolicy {
+        RatePolicy::new(RateParams {
             target_drain: Duration::from_secs(10),
             initial_rate_per_replica: 800.0,
             slots_per_partition: 4,
             slots_per_replica: 4,
-            max_replicas: 6,
+            max_replicas,
             ..RateParams::default()
-        });
+        })
+    }
+
+    #[test]
+    fn starting_the_first_replica_is_no_step_on_the_guess() {
+        // The supervisor's first reading finds no replica and an idle topic:
+        // it starts `--min`. A burst a moment later may still double.
+        let mut r = demo_like(6);
         let t0 = Instant::now();
         let d = decide(&mut r, t0, &lag_of(&[(0, 0); 8]), rates(0.0, 0.0), None, 0);
         assert_eq!(d.desired, 1, "{}", d.reason);
@@ -720,14 +725,7 @@ mod tests {
     fn does_not_count_a_burst_twice() {
         // 8,000 records produced in half a second: 16,000/s "arriving", but
         // they are all in the lag already.
-        let mut r = RatePolicy::new(RateParams {
-            target_drain: Duration::from_secs(10),
-            initial_rate_per_replica: 800.0,
-            slots_per_partition: 4,
-            slots_per_replica: 4,
-            max_replicas: 8,
-            ..RateParams::default()
-        });
+        let mut r = demo_like(8);
         let t0 = Instant::now();
         decide(&mut r, t0, &lag_of(&[(0, 0); 8]), rates(0.0, 0.0), None, 1);
         let burst = lag_of(&[(0, 1000); 8]);
