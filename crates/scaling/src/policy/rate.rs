@@ -364,8 +364,12 @@ impl Policy for RatePolicy {
                 desired = allowed.max(p.min_replicas);
                 reason.push_str("; on the guess alone: at most double per 15 s");
             }
-            // Starting the first replicas (`--min`) is no step on the guess.
-            if desired > current.max(p.min_replicas) {
+            // Starting the first replicas counts as the guess's step too:
+            // with a wrong guess (the default 100/s) a steady load met at
+            // the first reading would double and hold the extra replica
+            // for a scale-down window, while the workers' own report comes
+            // within one 5 s window.
+            if desired > current {
                 self.guess_step_at = Some(now);
             }
         }
@@ -628,9 +632,10 @@ mod tests {
     }
 
     #[test]
-    fn starting_the_first_replica_is_no_step_on_the_guess() {
+    fn starting_the_first_replica_spends_the_guess_step() {
         // The supervisor's first reading finds no replica and an idle topic:
-        // it starts `--min`. A burst a moment later may still double.
+        // it starts `--min`. Load a moment later waits for the workers'
+        // report rather than doubling on the guess.
         let mut r = demo_like(6);
         let t0 = Instant::now();
         let d = decide(&mut r, t0, &lag_of(&[(0, 0); 8]), rates(0.0, 0.0), None, 0);
@@ -644,7 +649,7 @@ mod tests {
             None,
             1,
         );
-        assert_eq!(d.desired, 2, "{}", d.reason);
+        assert_eq!(d.desired, 1, "{}", d.reason);
     }
 
     #[test]
