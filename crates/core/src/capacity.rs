@@ -11,7 +11,11 @@
 //!
 //! [`CapacityMeter`] is pure: the caller feeds it "this many slots busy
 //! now", "n records done" and the clock, and it answers one
-//! [`CapacityReport`] per completed window. The worker sends the report as
+//! [`CapacityReport`] per completed window. A window that follows no claim
+//! of capacity (the worker's first, or one after an idle window) closes as
+//! soon as it has run [`EARLY_WINDOW`] and every slot has finished a batch:
+//! a burst on an idle worker is measured within about a second, not a whole
+//! window, and counting whole batches keeps slow batches from inflating it. The worker sends the report as
 //! the metadata string of its offset commits (Kafka keeps it per partition
 //! beside the committed offset, and any admin client reads it back), so the
 //! scaling side needs no extra infrastructure; [`CapacityReport::decode`] reads
@@ -26,6 +30,9 @@ pub const MIN_BUSY_FOR_CAPACITY: f64 = 0.05;
 
 /// How long one measurement window lasts by default.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(5);
+
+/// The shortest window that may close early (see the module docs).
+pub const EARLY_WINDOW: Duration = Duration::from_secs(1);
 
 /// The prefix that marks commit metadata written by a microbatch worker.
 const PREFIX: &str = "microbatch-capacity/1";
@@ -121,6 +128,8 @@ pub struct CapacityMeter {
     /// Slot-seconds available within the current window.
     available_slot_secs: f64,
     processed: u64,
+    /// Batches finished within the current window.
+    batches: u64,
     last: Option<CapacityReport>,
 }
 
@@ -136,6 +145,7 @@ impl CapacityMeter {
             busy_slot_secs: 0.0,
             available_slot_secs: 0.0,
             processed: 0,
+            batches: 0,
             last: None,
         }
     }
@@ -172,16 +182,31 @@ impl CapacityMeter {
         self.slots = slots as u32;
     }
 
-    /// Records finished (processed or dead-lettered).
+    /// One batch finished with this many records (processed or
+    /// dead-lettered).
     pub fn processed(&mut self, records: usize) {
         self.processed += records as u64;
+        self.batches += 1;
+    }
+
+    /// Whether the current window may close before its length: nothing
+    /// claimed capacity before it, it has run [`EARLY_WINDOW`], and each
+    /// slot has finished a batch.
+    fn closes_early(&self, elapsed: Duration) -> bool {
+        let claimed = self
+            .last
+            .as_ref()
+            .is_some_and(|r| r.capacity_per_sec().is_some());
+        !claimed
+            && elapsed >= EARLY_WINDOW
+            && self.batches >= u64::from(self.slots.max(self.busy_slots).max(1))
     }
 
     /// The latest completed window's report (closing the current window
     /// first if it has run its length); `None` before the first one.
     pub fn report(&mut self, now: Instant, now_unix_ms: u64) -> Option<&CapacityReport> {
         let elapsed = now.saturating_duration_since(self.window_start);
-        if elapsed >= self.window {
+        if elapsed >= self.window || self.closes_early(elapsed) {
             self.advance(now);
             let secs = elapsed.as_secs_f64();
             let busy = if self.available_slot_secs > 0.0 {
@@ -201,6 +226,7 @@ impl CapacityMeter {
             self.busy_slot_secs = 0.0;
             self.available_slot_secs = 0.0;
             self.processed = 0;
+            self.batches = 0;
         }
         self.last.as_ref()
     }
@@ -294,6 +320,65 @@ mod tests {
         // busy 0.1 / 4 = 0.025: below the floor.
         assert!(r.busy_fraction < MIN_BUSY_FOR_CAPACITY);
         assert_eq!(r.capacity_per_sec(), None);
+    }
+
+    #[test]
+    fn a_burst_on_an_idle_worker_is_reported_once_every_slot_finished_a_batch() {
+        let t0 = Instant::now();
+        let mut m = CapacityMeter::new("w", ms(5000), t0);
+        m.set_slots(t0, 4);
+        // Idle for 0.5 s, then all four slots busy.
+        m.set_busy(t0 + ms(500), 4);
+        for _ in 0..3 {
+            m.processed(20);
+        }
+        assert!(
+            m.report(t0 + ms(1100), 0).is_none(),
+            "one slot has not finished a batch yet"
+        );
+        m.processed(20);
+        let r = m.report(t0 + ms(1200), 0).cloned().expect("closed early");
+        assert_eq!(r.window, ms(1200));
+        // 80 records in 4 x 0.7 slot-s: 28.6 per slot-s, 114 per s on 4 slots.
+        let capacity = r.capacity_per_sec().unwrap();
+        assert!((capacity - 80.0 / 2.8 * 4.0).abs() < 1e-6, "{r:?}");
+        // Capacity claimed: the next window runs its whole length.
+        for _ in 0..40 {
+            m.processed(20);
+        }
+        assert_eq!(m.report(t0 + ms(3000), 0), Some(&r));
+        let next = m.report(t0 + ms(6200), 0).cloned().unwrap();
+        assert_eq!(next.window, ms(5000));
+    }
+
+    #[test]
+    fn slow_batches_keep_an_early_window_open_until_each_slot_finished_one() {
+        let t0 = Instant::now();
+        let mut m = CapacityMeter::new("w", ms(5000), t0);
+        m.set_slots(t0, 4);
+        m.set_busy(t0, 4);
+        assert!(m.report(t0 + ms(2000), 0).is_none(), "no batch finished");
+        // Each slot's 500-record batch took 3 s: 4 x 500 / 3 s = 667/s.
+        for _ in 0..4 {
+            m.processed(500);
+        }
+        let r = m.report(t0 + ms(3000), 0).cloned().unwrap();
+        assert!((r.capacity_per_sec().unwrap() - 2000.0 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_window_after_an_idle_one_closes_early_again() {
+        let t0 = Instant::now();
+        let mut m = CapacityMeter::new("w", ms(5000), t0);
+        m.set_slots(t0, 2);
+        let idle = m.report(t0 + ms(5000), 0).cloned().unwrap();
+        assert_eq!(idle.capacity_per_sec(), None);
+        m.set_busy(t0 + ms(5000), 2);
+        m.processed(10);
+        m.processed(10);
+        let r = m.report(t0 + ms(6000), 0).cloned().unwrap();
+        assert_eq!(r.window, ms(1000));
+        assert!((r.capacity_per_sec().unwrap() - 20.0).abs() < 1e-6);
     }
 
     #[test]
