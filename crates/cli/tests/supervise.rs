@@ -18,6 +18,16 @@ fn timeline(path: &std::path::Path) -> Vec<serde_json::Value> {
 
 /// `supervise` against the test broker, its timeline and logs in `dir`.
 fn supervise_command(dir: &TestDir, topic: &str, group: &str) -> std::process::Command {
+    supervise_command_logging_to(dir, topic, group, &dir.0)
+}
+
+/// The same with the workers' logs in `log_dir`.
+fn supervise_command_logging_to(
+    dir: &TestDir,
+    topic: &str,
+    group: &str,
+    log_dir: &std::path::Path,
+) -> std::process::Command {
     let mut cmd = command();
     cmd.args([
         "supervise",
@@ -29,7 +39,7 @@ fn supervise_command(dir: &TestDir, topic: &str, group: &str) -> std::process::C
         group,
     ]);
     cmd.args(["--timeline", dir.path("timeline.jsonl").to_str().unwrap()]);
-    cmd.args(["--log-dir", dir.0.to_str().unwrap()]);
+    cmd.args(["--log-dir", log_dir.to_str().unwrap()]);
     cmd
 }
 
@@ -293,8 +303,36 @@ fn a_failed_spawn_leaves_the_other_children_running() {
         children_of(sup.pid() as u32).contains(&first),
         "the first child kept running through the failed start"
     );
-    assert!(read(&dir.path("supervise.stderr")).contains("could not start a worker"));
+    let stderr = read(&dir.path("supervise.stderr"));
+    assert!(
+        stderr.contains("could not create the worker log") && stderr.contains("worker-2.log"),
+        "the error names the log file, not the program: {stderr}"
+    );
     assert!(dir.path("worker-3.log").exists(), "the next child started");
+    sup.signal(15);
+    let status = sup.wait_for_exit(Duration::from_secs(30)).expect("exits");
+    assert!(status.success(), "{}", sup.stderr());
+}
+
+#[test]
+fn a_log_dir_that_does_not_exist_yet_is_created() {
+    let dir = TestDir::new("supervise-log-dir");
+    let topic = unique("16-log-dir");
+    create_topic(&topic, 1);
+    let logs = dir.path("not/there/yet");
+    let mut cmd = supervise_command_logging_to(&dir, &topic, &unique("16-g"), &logs);
+    cmd.args(["--policy", "keda", "--min", "1", "--max", "1"]);
+    cmd.args(["--polling-interval-ms", "200", "--http-port", "0"]);
+    cmd.args(["--", "--process-time-ms", "1"]);
+    let mut sup = Proc::spawn(cmd, dir.path("supervise.stderr"));
+    wait_until(Duration::from_secs(30), "the first worker's log", || {
+        logs.join("worker-1.log").exists()
+    });
+    assert!(
+        !read(&dir.path("supervise.stderr")).contains("could not start a worker"),
+        "{}",
+        sup.stderr()
+    );
     sup.signal(15);
     let status = sup.wait_for_exit(Duration::from_secs(30)).expect("exits");
     assert!(status.success(), "{}", sup.stderr());

@@ -33,6 +33,11 @@ pub enum SupervisorError {
         program: String,
         source: std::io::Error,
     },
+    #[error("could not create the worker log {path}: {source}")]
+    WorkerLog {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("could not write the timeline {path}: {source}")]
     Timeline {
         path: String,
@@ -228,12 +233,12 @@ impl Supervisor {
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
         match &self.config.log_dir {
             Some(dir) => {
-                let file = std::fs::File::create(dir.join(format!("worker-{n}.log"))).map_err(
-                    |source| SupervisorError::Spawn {
-                        program: self.config.program.display().to_string(),
+                let path = dir.join(format!("worker-{n}.log"));
+                let file =
+                    std::fs::File::create(&path).map_err(|source| SupervisorError::WorkerLog {
+                        path: path.display().to_string(),
                         source,
-                    },
-                )?;
+                    })?;
                 cmd.stderr(file);
             }
             None => {

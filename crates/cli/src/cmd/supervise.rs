@@ -39,7 +39,8 @@ pub struct Args {
     /// Write one JSON line per poll: {"t_ms","total_lag","replicas","desired","rate_per_replica",…}.
     #[arg(long, value_name = "FILE")]
     pub timeline: Option<PathBuf>,
-    /// Directory for the workers' logs (worker-N.log); inherited stderr if unset.
+    /// Directory for the workers' logs (worker-N.log), created if missing;
+    /// inherited stderr if unset.
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
     /// Port for the supervisor's /healthz and /metrics; 0 picks one.
@@ -172,6 +173,10 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         tracing::info!("--kafka-property applies to the supervisor's lag reads; pass worker properties after --");
     }
     let run_args = child_args(&args.run_args, &topic, &group, args.drain_timeout_ms);
+    if let Some(dir) = &args.log_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating --log-dir {}", dir.display()))?;
+    }
     let config = SupervisorConfig {
         program: std::env::current_exe().context("locating the microbatch binary")?,
         run_args,
