@@ -15,7 +15,9 @@
 //! of capacity (the worker's first, or one after an idle window) closes as
 //! soon as it has run [`EARLY_WINDOW`] and every slot has finished a batch:
 //! a burst on an idle worker is measured within about a second, not a whole
-//! window, and counting whole batches keeps slow batches from inflating it. The worker sends the report as
+//! window. Its busy time is that of the batches it finished: nothing was in
+//! flight when it began, and the batches still in flight when it closes
+//! would otherwise count their time without their records, and read low. The worker sends the report as
 //! the metadata string of its offset commits (Kafka keeps it per partition
 //! beside the committed offset, and any admin client reads it back), so the
 //! scaling side needs no extra infrastructure; [`CapacityReport::decode`] reads
@@ -128,8 +130,10 @@ pub struct CapacityMeter {
     /// Slot-seconds available within the current window.
     available_slot_secs: f64,
     processed: u64,
-    /// Batches finished within the current window.
+    /// Batches finished within the current window, and their slot time in
+    /// the handler.
     batches: u64,
+    finished_slot_secs: f64,
     last: Option<CapacityReport>,
 }
 
@@ -146,6 +150,7 @@ impl CapacityMeter {
             available_slot_secs: 0.0,
             processed: 0,
             batches: 0,
+            finished_slot_secs: 0.0,
             last: None,
         }
     }
@@ -183,10 +188,16 @@ impl CapacityMeter {
     }
 
     /// One batch finished with this many records (processed or
-    /// dead-lettered).
-    pub fn processed(&mut self, records: usize) {
+    /// dead-lettered) after this long in the handler.
+    pub fn processed(&mut self, records: usize, handler_time: Duration) {
         self.processed += records as u64;
         self.batches += 1;
+        self.finished_slot_secs += handler_time.as_secs_f64();
+    }
+
+    /// Records dead-lettered (finished without a batch of the handler's).
+    pub fn dead_lettered(&mut self, records: usize) {
+        self.processed += records as u64;
     }
 
     /// Whether the current window may close before its length: nothing
@@ -206,11 +217,17 @@ impl CapacityMeter {
     /// first if it has run its length); `None` before the first one.
     pub fn report(&mut self, now: Instant, now_unix_ms: u64) -> Option<&CapacityReport> {
         let elapsed = now.saturating_duration_since(self.window_start);
-        if elapsed >= self.window || self.closes_early(elapsed) {
+        let early = elapsed < self.window && self.closes_early(elapsed);
+        if elapsed >= self.window || early {
             self.advance(now);
             let secs = elapsed.as_secs_f64();
+            let busy_slot_secs = if early {
+                self.finished_slot_secs
+            } else {
+                self.busy_slot_secs
+            };
             let busy = if self.available_slot_secs > 0.0 {
-                (self.busy_slot_secs / self.available_slot_secs).clamp(0.0, 1.0)
+                (busy_slot_secs / self.available_slot_secs).clamp(0.0, 1.0)
             } else {
                 0.0
             };
@@ -227,6 +244,7 @@ impl CapacityMeter {
             self.available_slot_secs = 0.0;
             self.processed = 0;
             self.batches = 0;
+            self.finished_slot_secs = 0.0;
         }
         self.last.as_ref()
     }
@@ -256,7 +274,7 @@ mod tests {
         // Two slots busy for the first half, one for the second half.
         m.set_busy(t0, 2);
         m.set_busy(t0 + ms(500), 1);
-        m.processed(300);
+        m.processed(300, ms(0));
         let r = m
             .report(t0 + ms(1000), 42)
             .cloned()
@@ -274,10 +292,10 @@ mod tests {
         let mut m = CapacityMeter::new("w", ms(1000), t0);
         m.set_slots(t0, 1);
         m.set_busy(t0, 1);
-        m.processed(10);
+        m.processed(10, ms(0));
         assert!(m.report(t0 + ms(999), 1).is_none());
         let first = m.report(t0 + ms(1000), 2).cloned().unwrap();
-        m.processed(1000);
+        m.processed(1000, ms(0));
         let held = m.report(t0 + ms(1500), 3).cloned().unwrap();
         assert_eq!(first, held, "the window in progress does not leak out");
         let next = m.report(t0 + ms(2000), 4).cloned().unwrap();
@@ -292,7 +310,7 @@ mod tests {
         m.set_slots(t0, 8);
         m.set_busy(t0, 2);
         m.set_slots(t0 + ms(250), 2);
-        m.processed(100);
+        m.processed(100, ms(0));
         let r = m.report(t0 + ms(1000), 0).cloned().unwrap();
         // busy 2 x 1 = 2 slot-s; available 8 x 0.25 + 2 x 0.75 = 3.5 slot-s.
         assert!((r.busy_fraction - 2.0 / 3.5).abs() < 1e-9, "{r:?}");
@@ -303,7 +321,7 @@ mod tests {
         let t0 = Instant::now();
         let mut m = CapacityMeter::new("w", ms(1000), t0);
         m.set_busy(t0, 3); // slots not told yet
-        m.processed(30);
+        m.processed(30, ms(0));
         let r = m.report(t0 + ms(1000), 0).cloned().unwrap();
         assert!((r.busy_fraction - 1.0).abs() < 1e-9);
     }
@@ -315,7 +333,7 @@ mod tests {
         m.set_slots(t0, 4);
         m.set_busy(t0, 1);
         m.set_busy(t0 + ms(100), 0);
-        m.processed(5);
+        m.processed(5, ms(0));
         let r = m.report(t0 + ms(1000), 0).cloned().unwrap();
         // busy 0.1 / 4 = 0.025: below the floor.
         assert!(r.busy_fraction < MIN_BUSY_FOR_CAPACITY);
@@ -327,28 +345,47 @@ mod tests {
         let t0 = Instant::now();
         let mut m = CapacityMeter::new("w", ms(5000), t0);
         m.set_slots(t0, 4);
-        // Idle for 0.5 s, then all four slots busy.
+        // Idle for 0.5 s, then all four slots busy with 20-record batches.
         m.set_busy(t0 + ms(500), 4);
         for _ in 0..3 {
-            m.processed(20);
+            m.processed(20, ms(600));
         }
         assert!(
             m.report(t0 + ms(1100), 0).is_none(),
             "one slot has not finished a batch yet"
         );
-        m.processed(20);
+        m.processed(20, ms(700));
         let r = m.report(t0 + ms(1200), 0).cloned().expect("closed early");
         assert_eq!(r.window, ms(1200));
-        // 80 records in 4 x 0.7 slot-s: 28.6 per slot-s, 114 per s on 4 slots.
+        // 80 records in 2.5 slot-s of finished batches, on 4 slots.
         let capacity = r.capacity_per_sec().unwrap();
-        assert!((capacity - 80.0 / 2.8 * 4.0).abs() < 1e-6, "{r:?}");
+        assert!((capacity - 80.0 / 2.5 * 4.0).abs() < 1e-6, "{r:?}");
         // Capacity claimed: the next window runs its whole length.
         for _ in 0..40 {
-            m.processed(20);
+            m.processed(20, ms(600));
         }
         assert_eq!(m.report(t0 + ms(3000), 0), Some(&r));
         let next = m.report(t0 + ms(6200), 0).cloned().unwrap();
         assert_eq!(next.window, ms(5000));
+    }
+
+    #[test]
+    fn batches_in_flight_when_an_early_window_closes_do_not_lower_it() {
+        let t0 = Instant::now();
+        let mut m = CapacityMeter::new("w", ms(5000), t0);
+        m.set_slots(t0, 4);
+        m.set_busy(t0, 4);
+        // Each slot does 10 records per 0.4 s (100/s on 4 slots), the slots
+        // 0.1 s apart: by 1 s seven batches are done and three are half way.
+        for _ in 0..7 {
+            m.processed(10, ms(400));
+        }
+        let r = m.report(t0 + ms(1000), 0).cloned().unwrap();
+        // Slot time busy would read 70/s: 4 slot-s for 70 records.
+        assert!(
+            (r.capacity_per_sec().unwrap() - 100.0).abs() < 1e-6,
+            "{r:?}"
+        );
     }
 
     #[test]
@@ -360,7 +397,7 @@ mod tests {
         assert!(m.report(t0 + ms(2000), 0).is_none(), "no batch finished");
         // Each slot's 500-record batch took 3 s: 4 x 500 / 3 s = 667/s.
         for _ in 0..4 {
-            m.processed(500);
+            m.processed(500, ms(3000));
         }
         let r = m.report(t0 + ms(3000), 0).cloned().unwrap();
         assert!((r.capacity_per_sec().unwrap() - 2000.0 / 3.0).abs() < 1e-6);
@@ -374,8 +411,8 @@ mod tests {
         let idle = m.report(t0 + ms(5000), 0).cloned().unwrap();
         assert_eq!(idle.capacity_per_sec(), None);
         m.set_busy(t0 + ms(5000), 2);
-        m.processed(10);
-        m.processed(10);
+        m.processed(10, ms(1000));
+        m.processed(10, ms(1000));
         let r = m.report(t0 + ms(6000), 0).cloned().unwrap();
         assert_eq!(r.window, ms(1000));
         assert!((r.capacity_per_sec().unwrap() - 20.0).abs() < 1e-6);

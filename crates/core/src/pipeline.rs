@@ -143,7 +143,8 @@ struct Lane {
     ready: VecDeque<Batch>,
     /// Failed records to try again, with when; they go before `ready`.
     retry: VecDeque<(Batch, Instant)>,
-    in_flight: bool,
+    /// When the batch in this lane's slot started, while one is in flight.
+    in_flight_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -207,7 +208,7 @@ impl PartitionState {
                 batcher: Batcher::new(config.batch),
                 ready: VecDeque::new(),
                 retry: VecDeque::new(),
-                in_flight: false,
+                in_flight_since: None,
             })
             .collect();
         Self {
@@ -371,7 +372,7 @@ impl PartitionState {
             || self
                 .lanes
                 .iter()
-                .any(|l| l.in_flight || self.next_is_hole(l))
+                .any(|l| l.in_flight_since.is_some() || self.next_is_hole(l))
     }
 
     fn dead_letter_backlog(&self) -> usize {
@@ -847,7 +848,7 @@ impl Pipeline {
             for lane in &ps.lanes {
                 out += &format!(
                     " (busy {} open {} ready {:?} retry {:?})",
-                    lane.in_flight,
+                    lane.in_flight_since.is_some(),
                     lane.batcher.len(),
                     lane.ready
                         .iter()
@@ -1018,7 +1019,12 @@ impl Pipeline {
             }
             return;
         }
-        self.lane_mut(slot).in_flight = false;
+        let handler_time = self
+            .lane_mut(slot)
+            .in_flight_since
+            .take()
+            .map(|started| now.saturating_duration_since(started))
+            .unwrap_or_default();
         let m = &self.telemetry.metrics;
         let ctx = failure::Context {
             now,
@@ -1032,7 +1038,7 @@ impl Pipeline {
                 m.batches_processed.inc();
                 self.report.records_processed += batch.len() as u64;
                 self.observe(Signal::Success, now);
-                self.processed(slot.partition, batch.offsets().collect());
+                self.processed(slot.partition, batch.offsets().collect(), handler_time);
             }
             BatchOutcome::Partial(failed) => {
                 let failed: HashMap<i64, Failure> = failed
@@ -1055,7 +1061,7 @@ impl Pipeline {
                     Signal::Success
                 };
                 self.observe(signal, now);
-                self.processed(slot.partition, done);
+                self.processed(slot.partition, done, handler_time);
                 let Some((offset, first)) = failed.iter().next() else {
                     return;
                 };
@@ -1117,6 +1123,7 @@ impl Pipeline {
             .inc_by(written.len() as u64);
         self.report.records_dead_lettered += written.len() as u64;
         self.mark_done(slot.partition, written.iter().copied());
+        self.capacity.dead_lettered(written.len());
         let Some(error) = error else {
             return;
         };
@@ -1340,7 +1347,7 @@ impl Pipeline {
                 if let Some(d) = lane.batcher.deadline() {
                     consider(d);
                 }
-                let blocked = lane.in_flight || self.zombies.contains_key(&(*p, i));
+                let blocked = lane.in_flight_since.is_some() || self.zombies.contains_key(&(*p, i));
                 if let (Some((_, due)), true) = (lane.retry.front(), retries_can_start && !blocked)
                 {
                     consider(*due);
@@ -1371,7 +1378,7 @@ impl Pipeline {
     fn forget(&mut self, partition: i32, ps: PartitionState) {
         self.held -= ps.held;
         for (i, lane) in ps.lanes.iter().enumerate() {
-            if lane.in_flight {
+            if lane.in_flight_since.is_some() {
                 *self.zombies.entry((partition, i)).or_insert(0) += 1;
             }
         }
@@ -1399,8 +1406,9 @@ impl Pipeline {
         }
     }
 
-    fn processed(&mut self, partition: i32, offsets: Vec<i64>) {
+    fn processed(&mut self, partition: i32, offsets: Vec<i64>, handler_time: Duration) {
         self.mark_done(partition, offsets.iter().copied());
+        self.capacity.processed(offsets.len(), handler_time);
         if self.audit && !offsets.is_empty() {
             self.intents
                 .push_back(Intent::Processed { partition, offsets });
@@ -1438,7 +1446,6 @@ impl Pipeline {
         }
         ps.held -= n;
         self.held -= n;
-        self.capacity.processed(n);
     }
 
     fn carry_out(&mut self, slot: Slot, plan: Plan, now: Instant) {
@@ -1706,9 +1713,10 @@ impl Pipeline {
                         break 'outer;
                     }
                     #[cfg(test)]
-                    let busy = ps.lanes[i].in_flight && !self.sabotage.ignore_lane_busy;
+                    let busy =
+                        ps.lanes[i].in_flight_since.is_some() && !self.sabotage.ignore_lane_busy;
                     #[cfg(not(test))]
-                    let busy = ps.lanes[i].in_flight;
+                    let busy = ps.lanes[i].in_flight_since.is_some();
                     if busy || (!self.zombies.is_empty() && self.zombies.contains_key(&(*p, i))) {
                         continue;
                     }
@@ -1725,7 +1733,7 @@ impl Pipeline {
                     if let Some(mut batch) = batch {
                         records_cap.started(batch.len(), next == Next::Retry);
                         ps.max_started = ps.max_started.max(batch.last_offset());
-                        ps.lanes[i].in_flight = true;
+                        ps.lanes[i].in_flight_since = Some(now);
                         self.next_batch_id += 1;
                         batch.set_id(self.next_batch_id);
                         starts.push((
