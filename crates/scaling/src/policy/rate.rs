@@ -21,7 +21,7 @@
 //! Learned values are smoothed with time-weighted averages, so how often the
 //! policy is asked does not change what it learns.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -87,6 +87,52 @@ const SETTLE: Duration = Duration::from_secs(5);
 /// Time constant of the sustained arrival rate.
 const ARRIVAL_SMOOTHING: Duration = Duration::from_secs(30);
 
+/// A rate that every reading over this long has met counts as sustained at
+/// once, without waiting for the average to climb to it: steady load is
+/// recognised in seconds, while a burst (one reading's worth) never is.
+const HELD_RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// One partition's arrivals: the high watermark at the last update, the
+/// smoothed rate, and the readings of the last [`HELD_RATE_WINDOW`].
+#[derive(Debug, Default)]
+struct PartitionArrivals {
+    high: i64,
+    smoothed: f64,
+    readings: VecDeque<(Instant, i64)>,
+}
+
+impl PartitionArrivals {
+    /// The lowest rate between consecutive readings, once they span the
+    /// whole window; 0 before.
+    fn held_rate(&mut self, now: Instant, high: i64) -> f64 {
+        self.readings.push_back((now, high));
+        let start = now.checked_sub(HELD_RATE_WINDOW);
+        while self.readings.len() > 2 && start.is_some_and(|start| self.readings[1].0 <= start) {
+            self.readings.pop_front();
+        }
+        let spans = match (self.readings.front(), start) {
+            (Some((first, _)), Some(start)) => *first <= start,
+            _ => false,
+        };
+        if !spans {
+            return 0.0;
+        }
+        self.readings
+            .iter()
+            .zip(self.readings.iter().skip(1))
+            .map(|((t0, h0), (t1, h1))| {
+                let secs = t1.saturating_duration_since(*t0).as_secs_f64();
+                if secs > 0.0 {
+                    (h1 - h0).max(0) as f64 / secs
+                } else {
+                    f64::INFINITY
+                }
+            })
+            .fold(f64::INFINITY, f64::min)
+            .min(f64::MAX)
+    }
+}
+
 /// Time constant of the learned capacity.
 const CAPACITY_SMOOTHING: Duration = Duration::from_secs(30);
 
@@ -147,9 +193,9 @@ pub struct RatePolicy {
     capacity: Option<(f64, Instant)>,
     source: CapacitySource,
     scale_down: ScaleDownWindow,
-    /// Per partition: high watermark at the last update and the sustained
-    /// arrival rate; and when they were last updated.
-    partition_arrivals: HashMap<i32, (i64, f64)>,
+    /// Per partition: what its arrivals have been; and when they were last
+    /// updated.
+    partition_arrivals: HashMap<i32, PartitionArrivals>,
     arrivals_at: Option<Instant>,
     /// The replica count observed last, and since when.
     replicas_since: Option<(u32, Instant)>,
@@ -216,24 +262,28 @@ impl RatePolicy {
             .partitions
             .iter()
             .map(|p| {
-                let (high0, rate0) = self
+                let arrivals = self
                     .partition_arrivals
-                    .get(&p.partition)
-                    .copied()
-                    .unwrap_or((p.high, 0.0));
+                    .entry(p.partition)
+                    .or_insert_with(|| PartitionArrivals {
+                        high: p.high,
+                        ..PartitionArrivals::default()
+                    });
                 if !update && !idle {
-                    return rate0;
+                    return arrivals.smoothed;
                 }
-                let s = match elapsed {
+                let held = arrivals.held_rate(now, p.high);
+                let smoothed = match elapsed {
                     _ if idle => 0.0,
                     Some(e) if !e.is_zero() => {
-                        let rate = (p.high - high0).max(0) as f64 / e.as_secs_f64();
-                        smooth(rate0, rate, e, ARRIVAL_SMOOTHING)
+                        let rate = (p.high - arrivals.high).max(0) as f64 / e.as_secs_f64();
+                        smooth(arrivals.smoothed, rate, e, ARRIVAL_SMOOTHING).max(held)
                     }
-                    _ => rate0,
+                    _ => arrivals.smoothed,
                 };
-                self.partition_arrivals.insert(p.partition, (p.high, s));
-                s
+                arrivals.high = p.high;
+                arrivals.smoothed = smoothed;
+                smoothed
             })
             .collect();
         if update || idle {
@@ -745,6 +795,37 @@ mod tests {
         // 8,000 x (1 - e^(-1/30)) = 262/s sustained + 800/s to drain = 1,062/s
         // -> 2 replicas at 800/s (each 4 partitions of 133/s).
         assert_eq!(d.desired, 2, "{}", d.reason);
+    }
+
+    #[test]
+    fn a_rate_held_for_the_whole_window_counts_as_sustained_at_once() {
+        // 5,000/s starts on an idle group, 625/s on each of 8 partitions;
+        // each replica can do 2,000/s. Three replicas serve it (the busiest
+        // holds 3 partitions, 1,875/s); the 30 s average alone would read
+        // 906/s after 6 s and keep one replica while the lag grows.
+        let mut r = RatePolicy::new(RateParams {
+            max_replicas: 8,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        let mut current = 1;
+        let mut desired = Vec::new();
+        for s in 0..=6 {
+            let high = 625 * s + 100;
+            let report = workers(current, 1000.0, 0.5);
+            let d = decide(
+                &mut r,
+                t0 + Duration::from_secs(s as u64),
+                &lag_of(&[(high - 100, high); 8]),
+                rates(5000.0, 5000.0),
+                Some(&report),
+                current,
+            );
+            current = d.desired;
+            desired.push(d.desired);
+        }
+        assert_eq!(desired.last(), Some(&3), "{desired:?}");
+        assert!(desired[..5].iter().all(|d| *d < 3), "{desired:?}");
     }
 
     #[test]
