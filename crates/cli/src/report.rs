@@ -360,17 +360,38 @@ pub const STALL_EXPLAINED_S: f64 = 2.0;
 /// waiting up to the demo's workers' session timeout (6 s) for members.
 const STEP_BEFORE_MS: u64 = 12_000;
 
-/// Why a plateau lasted, from the samples themselves (empty when it was
-/// short).
-pub fn stall_cause(samples: &[Sample], p: Plateau, killed: u32) -> String {
+/// Why a plateau lasted, from the samples themselves.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StallCause {
+    /// Short enough to need none.
+    None,
+    /// A worker was killed in the scenario.
+    Killed(String),
+    /// A scale step's rebalance: replicas changed meanwhile, or just before.
+    Rebalance(String),
+    /// No scale step near it: its records waited for a batch or a commit.
+    Waiting(String),
+}
+
+impl StallCause {
+    /// The sentence for the report ("" when none is needed).
+    pub fn text(&self) -> &str {
+        match self {
+            Self::None => "",
+            Self::Killed(t) | Self::Rebalance(t) | Self::Waiting(t) => t,
+        }
+    }
+}
+
+pub fn stall_cause(samples: &[Sample], p: Plateau, killed: u32) -> StallCause {
     if p.seconds() <= STALL_EXPLAINED_S {
-        return String::new();
+        return StallCause::None;
     }
     let partition = p.partition;
     if killed > 0 {
-        return format!(
+        return StallCause::Killed(format!(
             "partition {partition}: a worker was killed in this scenario; its partitions wait for its session to time out"
-        );
+        ));
     }
     let during: Vec<&Sample> = samples
         .iter()
@@ -379,9 +400,9 @@ pub fn stall_cause(samples: &[Sample], p: Plateau, killed: u32) -> String {
     let lo = during.iter().map(|s| s.replicas).min().unwrap_or(0);
     let hi = during.iter().map(|s| s.replicas).max().unwrap_or(0);
     if lo != hi {
-        return format!(
+        return StallCause::Rebalance(format!(
             "partition {partition}: replicas changed between {lo} and {hi} meanwhile (a rebalance)"
-        );
+        ));
     }
     // The last scale step before it began: its rebalance can stop a
     // partition a moment later (when it is revoked) and for a while.
@@ -391,18 +412,18 @@ pub fn stall_cause(samples: &[Sample], p: Plateau, killed: u32) -> String {
         .find(|w| w[1].t_ms <= p.from_ms && w[0].replicas != w[1].replicas)
         .filter(|w| p.from_ms - w[1].t_ms <= STEP_BEFORE_MS);
     match step {
-        Some(w) => format!(
+        Some(w) => StallCause::Rebalance(format!(
             "partition {partition}: began {:.1} s after the scale step from {} to {} replicas; \
              nothing of it is committed while the rebalance moves it",
             (p.from_ms - w[1].t_ms) as f64 / 1000.0,
             w[0].replicas,
             w[1].replicas
-        ),
-        None => format!(
+        )),
+        None => StallCause::Waiting(format!(
             "partition {partition}: no scale step during it or in the {} s before ({lo} replicas): \
              its records waited for a batch or a commit",
             STEP_BEFORE_MS / 1000
-        ),
+        )),
     }
 }
 
@@ -435,19 +456,23 @@ mod plateau_tests {
         let p = longest_plateau(&samples).unwrap();
         let cause = stall_cause(&samples, p, 0);
         assert!(
-            cause.contains("began 1.0 s after the scale step from 1 to 4 replicas"),
-            "{cause}"
+            matches!(&cause, StallCause::Rebalance(t) if t.contains("began 1.0 s after the scale step from 1 to 4 replicas")),
+            "{cause:?}"
         );
-        assert!(stall_cause(&samples, p, 1).contains("killed"));
+        assert!(
+            matches!(stall_cause(&samples, p, 1), StallCause::Killed(t) if t.contains("killed"))
+        );
         // Long after the step: not its doing.
         let late = run(14_000, 3_000);
         let p = longest_plateau(&late).unwrap();
-        assert!(stall_cause(&late, p, 0).contains("no scale step"));
+        assert!(
+            matches!(stall_cause(&late, p, 0), StallCause::Waiting(t) if t.contains("no scale step"))
+        );
         let short = Plateau {
             to_ms: p.from_ms + 2_000,
             ..p
         };
-        assert_eq!(stall_cause(&late, short, 0), "");
+        assert_eq!(stall_cause(&late, short, 0), StallCause::None);
     }
 
     fn sample(t_ms: u64, lags: &[i64]) -> Sample {
