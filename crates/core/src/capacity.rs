@@ -17,11 +17,12 @@
 //! a burst on an idle worker is measured within about a second, not a whole
 //! window. Its busy time is that of the batches it finished: nothing was in
 //! flight when it began, and the batches still in flight when it closes
-//! would otherwise count their time without their records, and read low. The worker sends the report as
-//! the metadata string of its offset commits (Kafka keeps it per partition
-//! beside the committed offset, and any admin client reads it back), so the
-//! scaling side needs no extra infrastructure; [`CapacityReport::decode`] reads
-//! it there.
+//! would otherwise count their time without their records, and read low.
+//!
+//! The worker sends the report as the metadata string of its offset commits
+//! (Kafka keeps it per partition beside the committed offset, and any admin
+//! client reads it back), so the scaling side needs no extra infrastructure;
+//! [`CapacityReport::decode`] reads it there.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -187,8 +188,8 @@ impl CapacityMeter {
         self.slots = slots as u32;
     }
 
-    /// One batch finished with this many records (processed or
-    /// dead-lettered) after this long in the handler.
+    /// One of the handler's batches finished, with this many records done,
+    /// after this long in the handler.
     pub fn processed(&mut self, records: usize, handler_time: Duration) {
         self.processed += records as u64;
         self.batches += 1;
@@ -214,7 +215,8 @@ impl CapacityMeter {
     }
 
     /// The latest completed window's report (closing the current window
-    /// first if it has run its length); `None` before the first one.
+    /// first if it has run its length, or may close early); `None` before
+    /// the first one.
     pub fn report(&mut self, now: Instant, now_unix_ms: u64) -> Option<&CapacityReport> {
         let elapsed = now.saturating_duration_since(self.window_start);
         let early = elapsed < self.window && self.closes_early(elapsed);
