@@ -1153,13 +1153,26 @@ impl Pipeline {
         ps.dead_letters.push_back(pending);
     }
 
-    /// The broker acknowledged a commit of `offset` (the next offset) for `partition`.
+    /// The broker acknowledged a commit of `offset` (the next offset) for
+    /// `partition`. The latest acknowledgement is what the broker holds: one
+    /// older than an earlier one (a commit retried after a coordinator
+    /// outage, applied after a newer one) moved the committed offset back,
+    /// and the next interval commits the watermark again.
     pub fn handle_committed(&mut self, partition: i32, offset: i64) {
         let Some(ps) = self.partitions.get_mut(&partition) else {
             return;
         };
-        let acked = ps.acked.map_or(offset, |a| a.max(offset));
-        ps.acked = Some(acked);
+        let went_back = ps.acked.is_some_and(|a| offset < a);
+        ps.acked = Some(offset);
+        let acked = offset;
+        if went_back {
+            tracing::debug!(
+                partition,
+                offset,
+                "an older commit was acknowledged last; committing again"
+            );
+            ps.unacked_since.get_or_insert(self.clock);
+        }
         // What was done when the acknowledged commit was sent is safe; what
         // is unacknowledged now was done after it was sent.
         let mut sent_at = None;
@@ -2201,6 +2214,57 @@ mod tests {
         let (_, batch) = starts(&mut p).pop().expect("acknowledged: work goes on");
         assert_eq!(batch.offsets().collect::<Vec<_>>(), [2, 3]);
         assert_eq!(p.telemetry.metrics.partitions_waiting_for_commit.get(), 0);
+    }
+
+    #[test]
+    fn an_older_commit_acknowledged_after_a_newer_one_is_committed_again() {
+        // After the coordinator was down, librdkafka can send a retried older
+        // commit after a newer one: the broker then holds the older offset,
+        // and a worker that kept the highest acknowledgement never commits
+        // again while idle, so the partition's lag never reaches 0.
+        let t0 = Instant::now();
+        let mut p = pipeline(t0);
+        p.handle_assign(&[0]);
+        let mut now = t0;
+        let mut committed = Vec::new();
+        for o in [0, 2] {
+            p.handle_record(&Rec(0, o), now);
+            p.handle_record(&Rec(0, o + 1), now);
+            p.handle_tick(now);
+            for (slot, batch) in starts(&mut p) {
+                p.handle_verdict(slot, batch, BatchOutcome::Success, now);
+            }
+            now += p.config.commit_interval;
+            p.handle_tick(now);
+            for intent in intents(&mut p) {
+                if let Intent::Commit { offsets, .. } = intent {
+                    committed.extend(offsets);
+                }
+            }
+        }
+        assert_eq!(committed.last(), Some(&(0, 4)), "{committed:?}");
+        p.handle_committed(0, 4);
+        p.handle_committed(0, 2);
+        now += p.config.commit_interval;
+        p.handle_tick(now);
+        let again: Vec<_> = intents(&mut p)
+            .into_iter()
+            .filter_map(|i| match i {
+                Intent::Commit { offsets, .. } => Some(offsets),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(again, [(0, 4)], "the broker holds 2: commit 4 again");
+        p.handle_committed(0, 4);
+        now += p.config.commit_interval;
+        p.handle_tick(now);
+        assert!(
+            !intents(&mut p)
+                .iter()
+                .any(|i| matches!(i, Intent::Commit { .. })),
+            "acknowledged in order: nothing more to commit"
+        );
     }
 
     #[test]
