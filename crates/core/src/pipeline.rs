@@ -1985,6 +1985,18 @@ mod tests {
         std::iter::from_fn(|| p.poll_intent()).collect()
     }
 
+    /// The offsets of the commits asked for, in order.
+    fn commits(p: &mut Pipeline) -> Vec<(i32, i64)> {
+        intents(p)
+            .into_iter()
+            .filter_map(|i| match i {
+                Intent::Commit { offsets, .. } => Some(offsets),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     fn starts(p: &mut Pipeline) -> Vec<(Slot, Batch)> {
         intents(p)
             .into_iter()
@@ -2236,33 +2248,20 @@ mod tests {
             }
             now += p.config.commit_interval;
             p.handle_tick(now);
-            for intent in intents(&mut p) {
-                if let Intent::Commit { offsets, .. } = intent {
-                    committed.extend(offsets);
-                }
-            }
+            committed.extend(commits(&mut p));
         }
         assert_eq!(committed.last(), Some(&(0, 4)), "{committed:?}");
         p.handle_committed(0, 4);
         p.handle_committed(0, 2);
         now += p.config.commit_interval;
         p.handle_tick(now);
-        let again: Vec<_> = intents(&mut p)
-            .into_iter()
-            .filter_map(|i| match i {
-                Intent::Commit { offsets, .. } => Some(offsets),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let again = commits(&mut p);
         assert_eq!(again, [(0, 4)], "the broker holds 2: commit 4 again");
         p.handle_committed(0, 4);
         now += p.config.commit_interval;
         p.handle_tick(now);
         assert!(
-            !intents(&mut p)
-                .iter()
-                .any(|i| matches!(i, Intent::Commit { .. })),
+            commits(&mut p).is_empty(),
             "acknowledged in order: nothing more to commit"
         );
     }
@@ -2604,14 +2603,7 @@ mod tests {
         p.begin_revoke(&[1], later);
         p.complete_revoke();
         p.close();
-        let committed: Vec<(i32, i64)> = intents(&mut p)
-            .into_iter()
-            .filter_map(|i| match i {
-                Intent::Commit { offsets, .. } => Some(offsets),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let committed = commits(&mut p);
         assert!(committed.contains(&(0, 2)), "{committed:?}");
         assert!(
             committed.iter().all(|(partition, _)| *partition != 1),
