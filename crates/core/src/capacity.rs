@@ -165,13 +165,18 @@ impl CapacityMeter {
         format!("{}-{:x}", std::process::id(), started.as_millis() as u64)
     }
 
+    /// Slots the worker could use: busy slots it was not told about still
+    /// count.
+    fn known_slots(&self) -> u32 {
+        self.slots.max(self.busy_slots)
+    }
+
     fn advance(&mut self, now: Instant) {
         let dt = now
             .saturating_duration_since(self.last_change)
             .as_secs_f64();
         self.busy_slot_secs += f64::from(self.busy_slots) * dt;
-        // Busy slots the worker was not told about still count as available.
-        self.available_slot_secs += f64::from(self.slots.max(self.busy_slots)) * dt;
+        self.available_slot_secs += f64::from(self.known_slots()) * dt;
         self.last_change = self.last_change.max(now);
     }
 
@@ -209,9 +214,7 @@ impl CapacityMeter {
             .last
             .as_ref()
             .is_some_and(|r| r.capacity_per_sec().is_some());
-        !claimed
-            && elapsed >= EARLY_WINDOW
-            && self.batches >= u64::from(self.slots.max(self.busy_slots).max(1))
+        !claimed && elapsed >= EARLY_WINDOW && self.batches >= u64::from(self.known_slots().max(1))
     }
 
     /// The latest completed window's report (closing the current window

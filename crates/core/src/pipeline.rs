@@ -147,6 +147,13 @@ struct Lane {
     in_flight_since: Option<Instant>,
 }
 
+impl Lane {
+    /// A batch of this lane is in the handler.
+    fn busy(&self) -> bool {
+        self.in_flight_since.is_some()
+    }
+}
+
 #[derive(Debug)]
 struct PendingDeadLetter {
     batch: Batch,
@@ -369,10 +376,7 @@ impl PartitionState {
     fn has_finishing_work(&self) -> bool {
         !self.dead_letters_in_flight.is_empty()
             || !self.dead_letters.is_empty()
-            || self
-                .lanes
-                .iter()
-                .any(|l| l.in_flight_since.is_some() || self.next_is_hole(l))
+            || self.lanes.iter().any(|l| l.busy() || self.next_is_hole(l))
     }
 
     fn dead_letter_backlog(&self) -> usize {
@@ -848,7 +852,7 @@ impl Pipeline {
             for lane in &ps.lanes {
                 out += &format!(
                     " (busy {} open {} ready {:?} retry {:?})",
-                    lane.in_flight_since.is_some(),
+                    lane.busy(),
                     lane.batcher.len(),
                     lane.ready
                         .iter()
@@ -1164,7 +1168,6 @@ impl Pipeline {
         };
         let went_back = ps.acked.is_some_and(|a| offset < a);
         ps.acked = Some(offset);
-        let acked = offset;
         if went_back {
             tracing::debug!(
                 partition,
@@ -1176,7 +1179,7 @@ impl Pipeline {
         // What was done when the acknowledged commit was sent is safe; what
         // is unacknowledged now was done after it was sent.
         let mut sent_at = None;
-        while ps.commits_sent.front().is_some_and(|(o, _)| *o <= acked) {
+        while ps.commits_sent.front().is_some_and(|(o, _)| *o <= offset) {
             sent_at = ps.commits_sent.pop_front().map(|(_, at)| at);
         }
         if !ps.watermark_unacked() {
@@ -1360,7 +1363,7 @@ impl Pipeline {
                 if let Some(d) = lane.batcher.deadline() {
                     consider(d);
                 }
-                let blocked = lane.in_flight_since.is_some() || self.zombies.contains_key(&(*p, i));
+                let blocked = lane.busy() || self.zombies.contains_key(&(*p, i));
                 if let (Some((_, due)), true) = (lane.retry.front(), retries_can_start && !blocked)
                 {
                     consider(*due);
@@ -1391,7 +1394,7 @@ impl Pipeline {
     fn forget(&mut self, partition: i32, ps: PartitionState) {
         self.held -= ps.held;
         for (i, lane) in ps.lanes.iter().enumerate() {
-            if lane.in_flight_since.is_some() {
+            if lane.busy() {
                 *self.zombies.entry((partition, i)).or_insert(0) += 1;
             }
         }
@@ -1726,10 +1729,9 @@ impl Pipeline {
                         break 'outer;
                     }
                     #[cfg(test)]
-                    let busy =
-                        ps.lanes[i].in_flight_since.is_some() && !self.sabotage.ignore_lane_busy;
+                    let busy = ps.lanes[i].busy() && !self.sabotage.ignore_lane_busy;
                     #[cfg(not(test))]
-                    let busy = ps.lanes[i].in_flight_since.is_some();
+                    let busy = ps.lanes[i].busy();
                     if busy || (!self.zombies.is_empty() && self.zombies.contains_key(&(*p, i))) {
                         continue;
                     }

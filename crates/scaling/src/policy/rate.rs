@@ -92,11 +92,10 @@ const ARRIVAL_SMOOTHING: Duration = Duration::from_secs(30);
 /// recognised in seconds, while a burst (one reading's worth) never is.
 const HELD_RATE_WINDOW: Duration = Duration::from_secs(5);
 
-/// One partition's arrivals: the high watermark at the last update, the
-/// smoothed rate, and the readings of the last [`HELD_RATE_WINDOW`].
+/// One partition's arrivals: the smoothed rate, and the high watermarks
+/// read over the last [`HELD_RATE_WINDOW`] (the newest is the last update's).
 #[derive(Debug, Default)]
 struct PartitionArrivals {
-    high: i64,
     smoothed: f64,
     readings: VecDeque<(Instant, i64)>,
 }
@@ -117,19 +116,20 @@ impl PartitionArrivals {
         if !spans {
             return 0.0;
         }
-        self.readings
+        let lowest = self
+            .readings
             .iter()
             .zip(self.readings.iter().skip(1))
-            .map(|((t0, h0), (t1, h1))| {
+            .filter_map(|((t0, h0), (t1, h1))| {
                 let secs = t1.saturating_duration_since(*t0).as_secs_f64();
-                if secs > 0.0 {
-                    (h1 - h0).max(0) as f64 / secs
-                } else {
-                    f64::INFINITY
-                }
+                (secs > 0.0).then(|| (h1 - h0).max(0) as f64 / secs)
             })
-            .fold(f64::INFINITY, f64::min)
-            .min(f64::MAX)
+            .fold(f64::INFINITY, f64::min);
+        if lowest.is_finite() {
+            lowest
+        } else {
+            0.0
+        }
     }
 }
 
@@ -262,26 +262,20 @@ impl RatePolicy {
             .partitions
             .iter()
             .map(|p| {
-                let arrivals = self
-                    .partition_arrivals
-                    .entry(p.partition)
-                    .or_insert_with(|| PartitionArrivals {
-                        high: p.high,
-                        ..PartitionArrivals::default()
-                    });
+                let arrivals = self.partition_arrivals.entry(p.partition).or_default();
                 if !update && !idle {
                     return arrivals.smoothed;
                 }
+                let previous = arrivals.readings.back().map_or(p.high, |(_, h)| *h);
                 let held = arrivals.held_rate(now, p.high);
                 let smoothed = match elapsed {
                     _ if idle => 0.0,
                     Some(e) if !e.is_zero() => {
-                        let rate = (p.high - arrivals.high).max(0) as f64 / e.as_secs_f64();
+                        let rate = (p.high - previous).max(0) as f64 / e.as_secs_f64();
                         smooth(arrivals.smoothed, rate, e, ARRIVAL_SMOOTHING).max(held)
                     }
                     _ => arrivals.smoothed,
                 };
-                arrivals.high = p.high;
                 arrivals.smoothed = smoothed;
                 smoothed
             })
