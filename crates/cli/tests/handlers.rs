@@ -1,5 +1,6 @@
-//! Failure reporting through the exec and http handlers, bisecting, and a
-//! dead-letter topic that cannot be written.
+//! Failure reporting through the exec and http handlers, bisecting, a
+//! dead-letter topic that cannot be written, and exec children started
+//! with the worker.
 
 mod common;
 
@@ -216,4 +217,54 @@ fn an_unwritable_dlq_holds_the_commit_until_it_can_be_written() {
     );
     w.terminate();
     assert_eq!(dead_lettered(&dlq), poison);
+}
+
+/// A worker starts its exec children when it starts, before it has a
+/// partition: the partitions a scale step hands it wait for the group's
+/// join, not for an interpreter's start-up after it.
+#[test]
+fn exec_children_start_with_the_worker_before_any_batch() {
+    let dir = TestDir::new("exec-prepare");
+    let topic = unique("exec-prepare");
+    let group = unique("g");
+    create_topic(&topic, 1);
+    let started = dir.path("started.txt");
+    let log = dir.path("handled.txt");
+    let cmd = python_handler(&dir, "h.py", format!("import sys, json, os\nwith open({started:?}, 'a') as f:\n    f.write('%d\\n' % os.getpid())\nfd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    os.write(fd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in b['records']).encode())\n    print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n"));
+    let children = || {
+        std::fs::read_to_string(&started)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let mut w = spawn_exec_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &cmd,
+        &["--concurrency", "3"],
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "a handler child per slot, with nothing to handle yet",
+        || children() == 3,
+    );
+    assert!(
+        audited(std::slice::from_ref(&log)).is_empty(),
+        "no batch was sent yet"
+    );
+    produce(&topic, 300, &[]);
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
+    assert_eq!(
+        audited(std::slice::from_ref(&log)).len(),
+        300,
+        "every record reached a child"
+    );
+    assert_eq!(
+        children(),
+        3,
+        "the batches went to the children started first"
+    );
 }

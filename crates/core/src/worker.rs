@@ -136,6 +136,7 @@ impl Worker {
             None => None,
         };
         let handler = self.handler.clone();
+        handler.prepare(self.config.concurrency).await;
         let runtime = Handle::current();
         let result = tokio::task::spawn_blocking(move || poll_loop(self, dlq, runtime, stop))
             .await

@@ -77,7 +77,8 @@ pub struct Args {
     /// simulate: records whose value contains this text fail for good (poison).
     #[arg(long, env = "MICROBATCH_POISON_MARKER", help_heading = "Handler")]
     pub poison_marker: Option<String>,
-    /// exec: shell command to start once per slot (`sh -c`).
+    /// exec: shell command to start once per slot (`sh -c`), when the worker
+    /// starts.
     #[arg(long, env = "MICROBATCH_COMMAND", help_heading = "Handler")]
     pub command: Option<String>,
     /// http: URL to POST batches to.

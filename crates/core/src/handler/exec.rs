@@ -77,6 +77,10 @@ impl ExecHandler {
                 Duration::from_millis(100u64 << deaths.min(7)).min(Duration::from_secs(10));
             tokio::time::sleep(backoff).await;
         }
+        self.spawn()
+    }
+
+    fn spawn(&self) -> std::io::Result<ExecChild> {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(&self.command)
@@ -168,6 +172,26 @@ impl Handler for ExecHandler {
         }
     }
 
+    /// One child per slot, started while the worker joins its group: a
+    /// child's own start-up (an interpreter, its imports) then overlaps the
+    /// join instead of stopping the first batches of the partitions it gets.
+    async fn prepare(&self, slots: usize) {
+        let mut started = Vec::with_capacity(slots);
+        for _ in 0..slots {
+            match self.spawn() {
+                Ok(child) => started.push(child),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start the handler command; the first batch tries again");
+                    break;
+                }
+            }
+        }
+        self.idle
+            .lock()
+            .expect("exec pool lock poisoned")
+            .extend(started);
+    }
+
     async fn shutdown(&self) {
         let children: Vec<ExecChild> =
             std::mem::take(&mut *self.idle.lock().expect("exec pool lock poisoned"));
@@ -205,6 +229,34 @@ mod tests {
         }
         assert_eq!(h.idle.lock().unwrap().len(), 1);
         h.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn prepare_starts_a_child_per_slot_that_batches_then_use() {
+        let dir = std::env::temp_dir().join(format!("exec-prepare-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let started = dir.join("started");
+        let h = ExecHandler::new(format!(
+            r#"echo $$ >> '{}'; while read -r line; do echo '{{"batch_id":"t-0-1","failed":[]}}'; done"#,
+            started.display()
+        ));
+        h.prepare(2).await;
+        assert_eq!(
+            h.idle.lock().unwrap().len(),
+            2,
+            "a child per slot, before any batch"
+        );
+        let (one, two) = (batch(), batch());
+        let (a, b) = tokio::join!(h.handle(&one), h.handle(&two));
+        assert_eq!((a, b), (BatchOutcome::Success, BatchOutcome::Success));
+        let lines = std::fs::read_to_string(&started).unwrap();
+        assert_eq!(
+            lines.lines().count(),
+            2,
+            "the batches used the children started: {lines}"
+        );
+        h.shutdown().await;
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

@@ -68,6 +68,12 @@ pub trait Handler: Send + Sync + 'static {
         true
     }
 
+    /// Called once when the worker starts, before it joins its group, with
+    /// the number of batches it may run at once. A handler whose start-up
+    /// is slow (a child process) begins it here: the partitions a scale
+    /// step hands to a new worker should not wait for it.
+    async fn prepare(&self, _slots: usize) {}
+
     /// Called once when the worker stops, after the last batch.
     async fn shutdown(&self) {}
 }
