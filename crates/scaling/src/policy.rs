@@ -259,7 +259,10 @@ impl KedaPolicy {
     /// the current replica count.
     pub fn evaluate(&mut self, now: Instant, lag: &GroupLag, current: u32) -> Decision {
         if let Some(previous) = self.last_current.replace(current) {
-            if current > previous {
+            // From zero the replicas are KEDA's activation (or the
+            // Deployment's own start), not a scale event the HPA recorded:
+            // its scale-up limit counts from the replicas it found.
+            if previous > 0 && current > previous {
                 self.scale_events.push_back((now, current - previous));
             }
         }
@@ -619,6 +622,21 @@ mod tests {
         assert_eq!(k.evaluate(t0, &lag, 8).desired, 16);
         let second = k.evaluate(t0 + Duration::from_secs(2), &lag, 8);
         assert_eq!(second.desired, 16, "{}", second.reason);
+    }
+
+    #[test]
+    fn keda_activation_from_zero_is_not_an_hpa_scale_event() {
+        // A supervisor starting its first replica, or KEDA activating from
+        // zero, then a burst: the HPA found 1 replica, so it may go to 5.
+        let mut k = keda(3);
+        k.params.max_replicas = 6;
+        let t0 = Instant::now();
+        let idle = lag_of(&vec![(Some(0), 0); 8]);
+        k.evaluate(t0, &idle, 0);
+        k.evaluate(t0 + Duration::from_secs(1), &idle, 1);
+        let burst = lag_of(&vec![(Some(0), 3750); 8]);
+        let d = k.evaluate(t0 + Duration::from_secs(2), &burst, 1);
+        assert_eq!(d.desired, 5, "max(1 x 2, 1 + 4): {}", d.reason);
     }
 
     #[test]
