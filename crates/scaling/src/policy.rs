@@ -631,10 +631,10 @@ mod tests {
         let mut k = keda(3);
         k.params.max_replicas = 6;
         let t0 = Instant::now();
-        let idle = lag_of(&vec![(Some(0), 0); 8]);
+        let idle = lag_of(&[(Some(0), 0); 8]);
         k.evaluate(t0, &idle, 0);
         k.evaluate(t0 + Duration::from_secs(1), &idle, 1);
-        let burst = lag_of(&vec![(Some(0), 3750); 8]);
+        let burst = lag_of(&[(Some(0), 3750); 8]);
         let d = k.evaluate(t0 + Duration::from_secs(2), &burst, 1);
         assert_eq!(d.desired, 5, "max(1 x 2, 1 + 4): {}", d.reason);
     }
