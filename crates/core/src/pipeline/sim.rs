@@ -317,23 +317,21 @@ impl Sim {
                                 ));
                             }
                         }
-                        match self.late.is_some() {
-                            true if !sync => self.outbox.push((p, offset)),
-                            true => {
-                                // A synchronous commit waits for those before it.
-                                self.coordinator_away = false;
-                                self.land_commits(usize::MAX);
-                                self.land(p, offset);
+                        if self.late.is_none() {
+                            self.parts[p as usize].committed = offset;
+                            // Sometimes the acknowledgement is lost.
+                            if self.rng.random_bool(0.9) {
+                                self.pipeline.handle_committed(p, offset);
+                                let part = &mut self.parts[p as usize];
+                                part.acked = part.acked.max(offset);
                             }
-                            false => {
-                                self.parts[p as usize].committed = offset;
-                                // Sometimes the acknowledgement is lost.
-                                if self.rng.random_bool(0.9) {
-                                    self.pipeline.handle_committed(p, offset);
-                                    let part = &mut self.parts[p as usize];
-                                    part.acked = part.acked.max(offset);
-                                }
-                            }
+                        } else if !sync {
+                            self.outbox.push((p, offset));
+                        } else {
+                            // A synchronous commit waits for those before it.
+                            self.coordinator_away = false;
+                            self.land_commits(usize::MAX);
+                            self.land(p, offset);
                         }
                     }
                 }
