@@ -426,6 +426,51 @@ fn a_missing_dead_letter_topic_is_created_at_start() {
     assert_eq!(lag["partitions"].as_array().unwrap().len(), 3);
 }
 
+/// `run` on a topic that does not exist yet (created later, or a typo in
+/// `--topic`) waits for it: `/readyz` says why, and no dead-letter topic is
+/// made for it. Once the topic is created its records are all handled, and
+/// the dead-letter topic gets the source topic's partitions.
+#[test]
+fn a_worker_waits_for_a_missing_topic_and_makes_no_dead_letter_topic_for_it() {
+    let dir = TestDir::new("late-topic");
+    let topic = unique("late-topic");
+    let group = unique("g");
+    let log = dir.path("handled.txt");
+    let cmd = logging_handler(&dir, &log, "");
+    let port = free_port();
+    let mut w = spawn_exec_worker(&dir, "w", &topic, &group, port, &cmd, &[]);
+    wait_until(
+        Duration::from_secs(60),
+        "/readyz names the missing topic",
+        || {
+            http_get(port, "/readyz")
+                .is_some_and(|(code, body)| code == 503 && body.contains("does not exist"))
+        },
+    );
+    // Two lookups later there is still no dead-letter topic.
+    std::thread::sleep(Duration::from_secs(3));
+    let dlq = format!("{topic}.dlq");
+    let (status, out, err) = run_lag(&dlq, &group, &["--json"]);
+    assert!(
+        !status.success() && err.contains("does not exist"),
+        "no dead-letter topic for a missing topic: {out}{err}"
+    );
+    create_topic(&topic, 3);
+    produce(&topic, 300, &[]);
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
+    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    assert_eq!(n, 300);
+    let (status, out, err) = run_lag(&dlq, &group, &["--json"]);
+    assert!(status.success(), "{out}{err}");
+    let lag: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(lag["partitions"].as_array().unwrap().len(), 3);
+    assert!(
+        w.stderr().contains("fix --topic"),
+        "the log says what to do"
+    );
+}
+
 /// When the dead-letter topic cannot be made, the worker stops before it
 /// takes a record, naming the topic and the fix.
 #[test]

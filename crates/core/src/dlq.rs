@@ -19,8 +19,6 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -30,7 +28,7 @@ use crate::aws_iam::WithTokens;
 use crate::batch::Batch;
 use crate::config::{DeadLetterConfig, KafkaConfig};
 use crate::handler::Failure;
-use crate::kafka::{create_topic, ClientError, QuietContext};
+use crate::kafka::{create_topic, ClientError, QuietContext, TopicLookup, TopicState};
 
 /// Why the dead-letter topic is not ready; each names the topic and the fix.
 #[derive(Debug, Error)]
@@ -64,66 +62,6 @@ impl DlqError {
     }
 }
 
-/// What the metadata says of a topic.
-enum TopicState {
-    Exists,
-    Missing,
-    Denied(String),
-}
-
-/// Looks topics up in the cluster's metadata; one client for every try, so
-/// an authentication failure it saw is reported, not just "no answer".
-pub struct TopicLookup {
-    client: std::sync::Arc<WithTokens<BaseConsumer<QuietContext>>>,
-}
-
-impl TopicLookup {
-    pub fn new(kafka: &KafkaConfig) -> Result<Self, DlqError> {
-        let client = kafka.create_client(&kafka.client_config(), QuietContext::new(kafka))?;
-        Ok(Self {
-            client: std::sync::Arc::new(client),
-        })
-    }
-
-    async fn state(&self, topic: &str, timeout: Duration) -> Result<(TopicState, usize), DlqError> {
-        let client = self.client.clone();
-        let name = topic.to_string();
-        let looked_up = tokio::task::spawn_blocking(move || {
-            let metadata = client.fetch_metadata(Some(&name), timeout).map_err(|e| {
-                // Errors reach the context only when the client is polled.
-                let _ = client.poll(Duration::from_millis(100));
-                match client.context().auth_error() {
-                    Some(auth) => format!(
-                        "authentication failed: {auth} (check the credentials and --sasl-mechanism)"
-                    ),
-                    None => e.to_string(),
-                }
-            })?;
-            let Some(t) = metadata.topics().iter().find(|t| t.name() == name) else {
-                return Ok((TopicState::Missing, 0));
-            };
-            let partitions = t.partitions().len();
-            let state = match t.error().map(RDKafkaErrorCode::from) {
-                None if partitions > 0 => TopicState::Exists,
-                None
-                | Some(RDKafkaErrorCode::UnknownTopicOrPartition)
-                | Some(RDKafkaErrorCode::UnknownTopic) => TopicState::Missing,
-                Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {
-                    TopicState::Denied("TOPIC_AUTHORIZATION_FAILED".into())
-                }
-                Some(code) => return Err(code.to_string()),
-            };
-            Ok((state, partitions))
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-        looked_up.map_err(|reason| DlqError::Lookup {
-            topic: topic.to_string(),
-            reason,
-        })
-    }
-}
-
 /// Header names added to every dead letter.
 pub mod headers {
     pub const ORIGINAL_TOPIC: &str = "microbatch.original.topic";
@@ -154,7 +92,13 @@ impl DeadLetterWriter {
         group: &str,
     ) -> Result<Self, DlqError> {
         let timeout = Duration::from_secs(10);
-        match lookup.state(&dlq.topic, timeout).await? {
+        match lookup
+            .state(&dlq.topic, timeout)
+            .await
+            .map_err(|reason| DlqError::Lookup {
+                topic: dlq.topic.clone(),
+                reason,
+            })? {
             (TopicState::Exists, _) => {}
             (TopicState::Denied(reason), _) => {
                 return Err(DlqError::NotAuthorized {
@@ -170,8 +114,8 @@ impl DeadLetterWriter {
             (TopicState::Missing, _) => {
                 let partitions = match dlq.partitions {
                     Some(p) => p,
-                    None => match lookup.state(source_topic, timeout).await? {
-                        (TopicState::Exists, n) => n as i32,
+                    None => match lookup.state(source_topic, timeout).await {
+                        Ok((TopicState::Exists, n)) => n as i32,
                         _ => 1,
                     },
                 };

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, ClientContext};
 use thiserror::Error;
@@ -242,6 +243,68 @@ pub async fn delete_topic(
             KafkaError::AdminOp(code),
             &kafka.bootstrap_servers,
         )),
+    }
+}
+
+/// What the metadata says of a topic.
+pub enum TopicState {
+    Exists,
+    Missing,
+    Denied(String),
+}
+
+/// Looks topics up in the cluster's metadata; one client for every try, so
+/// an authentication failure it saw is reported, not just "no answer".
+pub struct TopicLookup {
+    client: std::sync::Arc<WithTokens<BaseConsumer<QuietContext>>>,
+}
+
+impl TopicLookup {
+    pub fn new(kafka: &KafkaConfig) -> KafkaResult<Self> {
+        let client = kafka.create_client(&kafka.client_config(), QuietContext::new(kafka))?;
+        Ok(Self {
+            client: std::sync::Arc::new(client),
+        })
+    }
+
+    /// The topic's state and partition count; `Err` says why the metadata
+    /// could not be read.
+    pub async fn state(
+        &self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<(TopicState, usize), String> {
+        let client = self.client.clone();
+        let name = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let metadata = client.fetch_metadata(Some(&name), timeout).map_err(|e| {
+                // Errors reach the context only when the client is polled.
+                let _ = client.poll(Duration::from_millis(100));
+                match client.context().auth_error() {
+                    Some(auth) => format!(
+                        "authentication failed: {auth} (check the credentials and --sasl-mechanism)"
+                    ),
+                    None => e.to_string(),
+                }
+            })?;
+            let Some(t) = metadata.topics().iter().find(|t| t.name() == name) else {
+                return Ok((TopicState::Missing, 0));
+            };
+            let partitions = t.partitions().len();
+            let state = match t.error().map(RDKafkaErrorCode::from) {
+                None if partitions > 0 => TopicState::Exists,
+                None
+                | Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+                | Some(RDKafkaErrorCode::UnknownTopic) => TopicState::Missing,
+                Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {
+                    TopicState::Denied("TOPIC_AUTHORIZATION_FAILED".into())
+                }
+                Some(code) => return Err(code.to_string()),
+            };
+            Ok((state, partitions))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
     }
 }
 

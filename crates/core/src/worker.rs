@@ -46,9 +46,10 @@ use crate::aws_iam::WithTokens;
 use crate::batch::Batch;
 use crate::commit::{CommitQueue, CommitResult, CommittedPartition};
 use crate::config::{DeadLetterConfig, GroupProtocol, WorkerConfig};
-use crate::dlq::{DeadLetterWriter, DlqError, TopicLookup};
+use crate::dlq::{DeadLetterWriter, DlqError};
 use crate::fetch::{ConsumedRecord, FetchQueue, FetchedMessage};
 use crate::handler::{BatchOutcome, Failure, Handler};
+use crate::kafka::{TopicLookup, TopicState};
 use crate::pipeline::{DeadLetterSlot, Intent, Options, Phase, Pipeline, Slot};
 use crate::telemetry::{KindLabel, LogThrottle, PartitionLabel, ResultLabel, Telemetry};
 
@@ -120,9 +121,14 @@ impl Worker {
             shutdown.await;
             stop_on_signal.store(true, AtomicOrdering::SeqCst);
         });
+        let lookup = TopicLookup::new(&self.config.kafka)?;
+        if !self.wait_for_topic(&lookup, &stop).await {
+            signal_task.abort();
+            return Ok(WorkerReport::default());
+        }
         // Dead letters need somewhere to go before the first record is taken.
         let dlq = match &self.config.dlq {
-            Some(dlq) => match self.prepare_dead_letters(dlq, &stop).await {
+            Some(dlq) => match self.prepare_dead_letters(&lookup, dlq, &stop).await {
                 Ok(Some(writer)) => Some(writer),
                 Ok(None) => {
                     signal_task.abort();
@@ -151,15 +157,14 @@ impl Worker {
     /// with `/readyz` saying why.
     async fn prepare_dead_letters(
         &self,
+        lookup: &TopicLookup,
         dlq: &DeadLetterConfig,
         stop: &AtomicBool,
     ) -> Result<Option<DeadLetterWriter>, DlqError> {
         let cfg = &self.config;
-        let lookup = TopicLookup::new(&cfg.kafka)?;
         let mut backoff = Duration::from_millis(500);
         loop {
-            match DeadLetterWriter::prepare(&cfg.kafka, &lookup, dlq, &cfg.topic, &cfg.group).await
-            {
+            match DeadLetterWriter::prepare(&cfg.kafka, lookup, dlq, &cfg.topic, &cfg.group).await {
                 Ok(writer) => return Ok(Some(writer)),
                 Err(e) if e.is_transient() => {
                     tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "dead-letter topic not checked yet");
@@ -167,16 +172,65 @@ impl Worker {
                 }
                 Err(e) => return Err(e),
             }
-            let until = Instant::now() + backoff;
-            while Instant::now() < until {
-                if stop.load(AtomicOrdering::SeqCst) {
-                    return Ok(None);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            if !sleep_unless_stopped(backoff, stop).await {
+                return Ok(None);
             }
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
+
+    /// Waits while the topic does not exist, so that a topic created later
+    /// (or a typo in `--topic`) gets neither a member that looks healthy nor
+    /// a dead-letter topic of its own. `false` if shutdown came first. A
+    /// lookup that fails otherwise is left to the steps after, which report
+    /// it.
+    async fn wait_for_topic(&self, lookup: &TopicLookup, stop: &AtomicBool) -> bool {
+        let topic = &self.config.topic;
+        let throttle = LogThrottle::default();
+        let mut waited = false;
+        loop {
+            match lookup.state(topic, TOPIC_LOOKUP_TIMEOUT).await {
+                Ok((TopicState::Missing, _)) => {
+                    let reason = format!(
+                        "topic {topic:?} does not exist: waiting for it (create it with \
+                         microbatch topic create --topic {topic}, or fix --topic)"
+                    );
+                    if let Some(suppressed) = throttle.allow(Instant::now()) {
+                        tracing::warn!(suppressed, "{reason}");
+                    }
+                    self.telemetry.readiness.set_error(reason);
+                    waited = true;
+                }
+                _ => {
+                    if waited {
+                        tracing::info!(topic = %topic, "topic exists now");
+                    }
+                    return true;
+                }
+            }
+            if !sleep_unless_stopped(TOPIC_RECHECK, stop).await {
+                return false;
+            }
+        }
+    }
+}
+
+/// How often a worker looks again for a topic that does not exist.
+const TOPIC_RECHECK: Duration = Duration::from_secs(2);
+
+/// How long one metadata lookup may take.
+const TOPIC_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sleeps for `duration`; `false` as soon as `stop` is set.
+async fn sleep_unless_stopped(duration: Duration, stop: &AtomicBool) -> bool {
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        if stop.load(AtomicOrdering::SeqCst) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    !stop.load(AtomicOrdering::SeqCst)
 }
 
 enum Event {

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use microbatch_core::telemetry::LogThrottle;
 use serde::Serialize;
 use thiserror::Error;
 
@@ -169,6 +170,8 @@ pub struct Supervisor {
     /// Replica-seconds so far (integral of running children over time).
     pub replica_seconds: f64,
     last_tick: Instant,
+    /// Lag read errors repeat every tick while they last (a missing topic).
+    lag_error_log: LogThrottle,
 }
 
 impl Supervisor {
@@ -202,6 +205,7 @@ impl Supervisor {
             timeline_failing: false,
             replica_seconds: 0.0,
             last_tick: now,
+            lag_error_log: LogThrottle::default(),
         })
     }
 
@@ -352,9 +356,14 @@ impl Supervisor {
         self.last_tick = now;
         self.reap(now);
         let reading = match self.observer.read(false) {
-            Ok(reading) => reading,
+            Ok(reading) => {
+                self.lag_error_log.reset();
+                reading
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "reading lag failed; keeping the replica count");
+                if let Some(suppressed) = self.lag_error_log.allow(now) {
+                    tracing::warn!(error = %e, suppressed, "reading lag failed; keeping the replica count");
+                }
                 self.spawn_up_to(now, self.config.min_replicas);
                 return None;
             }
