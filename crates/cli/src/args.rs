@@ -59,6 +59,8 @@ pub struct KafkaArgs {
     #[arg(long, env = "KAFKA_SSL_CA_LOCATION")]
     pub ssl_ca_location: Option<PathBuf>,
     /// Any librdkafka property, key=value; repeatable; wins over ours.
+    /// `debug=cgrp` (or any librdkafka debug context) logs at debug level,
+    /// target `kafka`: show it with `--log-level info,kafka=debug`.
     #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
     pub kafka_property: Vec<(String, String)>,
     /// TOML file with defaults for any flag (keys are flag names with `_`).

@@ -83,6 +83,11 @@ impl KafkaConfig {
         for (key, value) in &self.properties {
             cfg.set(key, value);
         }
+        // librdkafka's `debug` contexts log at debug level, which the level
+        // above would drop; they reach `tracing` as target `kafka`.
+        if self.properties.iter().any(|(key, _)| key == "debug") {
+            cfg.set_log_level(RDKafkaLogLevel::Debug);
+        }
         cfg
     }
 
