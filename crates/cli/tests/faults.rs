@@ -1,5 +1,5 @@
 //! Broker faults injected with librdkafka's mock cluster: failed commits, a
-//! broker going down, added latency. Nothing is lost, the log says what
+//! broker going down, added latency, a final commit refused. Nothing is lost, the log says what
 //! happened and the metrics count it. (Fault injection exists only in the mock
 //! cluster, so this test uses it in CI too; the chaos test does the same
 //! against real Kafka.) The evidence comes from outside the worker, as on
@@ -25,17 +25,7 @@ fn injected_broker_faults_lose_nothing_and_are_counted() {
     mock.create_topic(&topic, 4, 1).unwrap();
     // The mock cluster cannot create topics through the admin API.
     mock.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
-    let (status, out, err) = run_to_end(&[
-        "produce",
-        "--bootstrap-servers",
-        &bootstrap,
-        "--topic",
-        &topic,
-        "--count",
-        "3000",
-        "--quiet",
-    ]);
-    assert!(status.success(), "{out}{err}");
+    produce_on(&bootstrap, &topic, 3000, &[]);
 
     let port = free_port();
     let handler = recording_handler(
@@ -110,4 +100,45 @@ fn injected_broker_faults_lose_nothing_and_are_counted() {
         &BTreeSet::new(),
     );
     assert_eq!(expected, 3000, "every record was handled");
+}
+
+/// A final commit the group coordinator refuses (REBALANCE_IN_PROGRESS, as
+/// when other workers stop at the same moment and the group rebalances) is
+/// tried again before the worker leaves, so the next owner does not run
+/// finished records again.
+#[test]
+fn a_refused_final_commit_is_tried_again_before_the_worker_leaves() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = mock.bootstrap_servers();
+    let dir = TestDir::new("final-commit");
+    let topic = unique("final-commit");
+    let group = unique("g");
+    mock.create_topic(&topic, 2, 1).unwrap();
+    produce_on(&bootstrap, &topic, 300, &[]);
+    let handler = recording_handler(&dir, HandlerBehaviour::default());
+    let mut cmd = command();
+    cmd.args(["run", "--bootstrap-servers", &bootstrap, "--topic", &topic])
+        .args(["--group", &group, "--group-protocol", "classic"])
+        .args(["--handler", "exec", "--command", &handler, "--dlq", "off"])
+        .args(["--http-host", "127.0.0.1", "--http-port", "0"])
+        // No commit before the final one, which meets the refusals.
+        .args(["--commit-interval-ms", "600000"]);
+    let mut w = Proc::spawn(cmd, dir.path("w.stderr"));
+    wait_until(Duration::from_secs(60), "300 records handled", || {
+        handled(&dir).len() == 300
+    });
+    mock.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 3],
+    );
+    w.terminate();
+    let (n, twice) = assert_recorded_or_dead_on(
+        &bootstrap,
+        &topic,
+        &group,
+        &handled_files(&dir),
+        &BTreeSet::new(),
+    );
+    assert_eq!((n, twice), (300, 0));
+    assert!(w.stderr().contains("the final commit was refused"));
 }

@@ -654,6 +654,9 @@ pub struct Pipeline {
     successes: u64,
     circuit: Circuit,
     phase: Phase,
+    /// After `close`: until when a final commit the broker refused is
+    /// tried again (the drain deadline).
+    final_commit_until: Option<Instant>,
     next_commit: Instant,
     fatal: Option<Undeliverable>,
     report: Report,
@@ -685,6 +688,7 @@ impl Pipeline {
         Self {
             topic: Arc::from(config.topic.as_str()),
             next_commit: now + config.commit_interval,
+            final_commit_until: None,
             config,
             telemetry,
             dlq_enabled,
@@ -1344,7 +1348,32 @@ impl Pipeline {
         }
         self.report.abandoned_batches = self.in_flight;
         self.commit(true, |_| true);
+        self.final_commit_until = match self.phase {
+            Phase::Draining { deadline } => Some(deadline),
+            _ => None,
+        };
         self.phase = Phase::Closed;
+    }
+
+    /// Whether, after `close`, done work is still unacknowledged while the
+    /// drain deadline allows another try. Under the classic protocol the
+    /// broker refuses commits while the group rebalances (another worker
+    /// stopping at the same moment): leaving then would hand records that
+    /// are done to the next owner as not done. The worker goes on serving
+    /// the group, so the rebalance can end, and calls
+    /// [`Self::retry_final_commit`].
+    pub fn final_commit_pending(&self, now: Instant) -> bool {
+        self.phase == Phase::Closed
+            && self.final_commit_until.is_some_and(|until| now < until)
+            && self
+                .partitions
+                .values()
+                .any(PartitionState::watermark_unacked)
+    }
+
+    /// Commits again, synchronously, what the broker has not acknowledged.
+    pub fn retry_final_commit(&mut self) {
+        self.commit(true, |_| true);
     }
 
     // ------------------------------------------------------------ polls
@@ -2039,6 +2068,41 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A final commit the broker refused (the group rebalancing as another
+    /// worker stops) is asked for again until it is acknowledged, and not
+    /// past the drain deadline.
+    #[test]
+    fn a_refused_final_commit_is_retried_until_acknowledged_or_the_deadline() {
+        let t0 = Instant::now();
+        let mut p = with_one_batch(t0);
+        let (slot, batch) = starts(&mut p).pop().unwrap();
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+        p.shutdown(t0);
+        assert!(p.drained(t0));
+        p.close();
+        assert_eq!(commits(&mut p), vec![(0, 2)]);
+        // No acknowledgement: the broker refused it.
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(p.final_commit_pending(t1));
+        p.retry_final_commit();
+        assert_eq!(commits(&mut p), vec![(0, 2)]);
+        p.handle_committed(0, 2);
+        assert!(!p.final_commit_pending(t1));
+        p.retry_final_commit();
+        assert_eq!(commits(&mut p), vec![], "nothing left to commit");
+
+        let mut p = with_one_batch(t0);
+        let (slot, batch) = starts(&mut p).pop().unwrap();
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+        p.shutdown(t0);
+        p.close();
+        assert!(p.final_commit_pending(t0 + Duration::from_millis(9_999)));
+        assert!(
+            !p.final_commit_pending(t0 + Duration::from_secs(10)),
+            "the drain deadline ends the tries"
+        );
     }
 
     #[test]

@@ -62,6 +62,9 @@ const PREFETCH_RECORDS: usize = 20_000;
 /// How long the worker waits for the Kafka client to close after the final commit.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often a refused final commit is tried again.
+const FINAL_COMMIT_RETRY: Duration = Duration::from_millis(100);
+
 /// Consumer-queue events (rebalances, errors, statistics) served per round.
 const MAX_EVENTS_PER_ROUND: usize = 16;
 
@@ -988,6 +991,24 @@ fn poll_loop(
             (a.pipeline.report().clone(), fatal)
         })
         .expect("adapter installed before polling");
+    // A final commit refused while the group rebalances is tried again until
+    // the drain deadline; polling lets the rebalance finish.
+    let mut retrying = false;
+    while ctx
+        .with_adapter(|a| a.pipeline.final_commit_pending(Instant::now()))
+        .unwrap_or(false)
+    {
+        if !retrying {
+            tracing::info!("the final commit was refused; trying again while the group rebalances");
+            retrying = true;
+        }
+        let _ = consumer.poll(FINAL_COMMIT_RETRY);
+        ctx.with_adapter(|a| {
+            a.drain_events();
+            a.pipeline.retry_final_commit();
+            a.execute(&consumer);
+        });
+    }
     consumer.unsubscribe();
     // Serve the final revoke so the group sees us leave promptly.
     let _ = consumer.poll(Duration::from_millis(100));

@@ -207,11 +207,16 @@ pub fn run_to_end(args: &[&str]) -> (ExitStatus, String, String) {
 }
 
 pub fn produce(topic: &str, count: u64, extra: &[&str]) {
+    produce_on(broker().bootstrap(), topic, count, extra)
+}
+
+/// `produce` to the brokers at `bootstrap` (a mock cluster of the test's own).
+pub fn produce_on(bootstrap: &str, topic: &str, count: u64, extra: &[&str]) {
     let count = count.to_string();
     let mut args = vec![
         "produce",
         "--bootstrap-servers",
-        broker().bootstrap(),
+        bootstrap,
         "--topic",
         topic,
         "--count",
