@@ -748,7 +748,7 @@ impl ConsumerContext for WorkerContext {
                     .collect();
                 tracing::info!(partitions = ?list, "partitions assigned");
                 // An assignment proves the group is joined; statistics
-                // (every second) keep readiness current after that.
+                // (twice a second) keep readiness current after that.
                 self.telemetry.readiness.set_joined(true);
                 let started = Instant::now();
                 self.with_adapter(|a| {
@@ -799,7 +799,10 @@ fn create_consumer(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", cfg.offset_reset.as_str())
-        .set("statistics.interval.ms", "1000")
+        // Also the classic protocol's clock: librdkafka sends its heartbeats
+        // only when its main loop wakes, at least once a second, or on this
+        // timer (bench/README.md, "Rebalance stalls").
+        .set("statistics.interval.ms", "500")
         // librdkafka's prefetch. Both limits count the queue a partition's
         // records are forwarded to, here the one fetch queue of all
         // partitions: 20,000 records (or four batches) and 16 MiB of
@@ -823,8 +826,9 @@ fn create_consumer(
                 // A crashed worker's partitions move on after 10 s instead of
                 // Kafka's 45 s default: an autoscaled group changes often.
                 .set("session.timeout.ms", "10000")
-                // Frequent heartbeats let a joining worker get its partitions sooner.
-                .set("heartbeat.interval.ms", "1000");
+                // Frequent heartbeats let the others notice a worker that
+                // joins or leaves sooner: a SIGTERM hands over in 0.5 s, not 1 s.
+                .set("heartbeat.interval.ms", "500");
         }
         // The broker assigns partitions and owns the session and heartbeat
         // settings (group.consumer.*); librdkafka refuses the classic ones.
