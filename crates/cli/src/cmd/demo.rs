@@ -389,25 +389,19 @@ fn run_policy(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let (session_ms, heartbeat_ms) = if embedded {
-        (EMBEDDED_SESSION_TIMEOUT_MS, 1_000)
+    let session_ms = if embedded {
+        EMBEDDED_SESSION_TIMEOUT_MS
     } else {
-        (DEMO_SESSION_TIMEOUT_MS, 1_500)
+        DEMO_SESSION_TIMEOUT_MS
     };
     let session_timeout = format!("session.timeout.ms={session_ms}");
-    let heartbeat = format!("heartbeat.interval.ms={heartbeat_ms}");
     let mut run_args = run_args;
     match args.group_protocol.unwrap_or_default() {
-        // Notice the killed worker sooner (see the constants).
-        GroupProtocol::Classic => run_args.extend(
-            [
-                "--kafka-property",
-                &session_timeout,
-                "--kafka-property",
-                &heartbeat,
-            ]
-            .map(String::from),
-        ),
+        // Notice the killed worker sooner (see the constants); the worker's
+        // own heartbeat (500 ms) fits either session.
+        GroupProtocol::Classic => {
+            run_args.extend(["--kafka-property", &session_timeout].map(String::from))
+        }
         // The broker's group.consumer.* settings decide.
         GroupProtocol::Consumer => {
             run_args.extend(["--group-protocol", "consumer"].map(String::from))
