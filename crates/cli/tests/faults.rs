@@ -105,33 +105,40 @@ fn injected_broker_faults_lose_nothing_and_are_counted() {
 /// A final commit the group coordinator refuses (REBALANCE_IN_PROGRESS, as
 /// when other workers stop at the same moment and the group rebalances) is
 /// tried again before the worker leaves, so the next owner does not run
-/// finished records again.
+/// finished records again. A refusal no rebalance ends is not.
 #[test]
 fn a_refused_final_commit_is_tried_again_before_the_worker_leaves() {
     let mock = MockCluster::new(1).expect("mock cluster");
     let bootstrap = mock.bootstrap_servers();
-    let dir = TestDir::new("final-commit");
     let topic = unique("final-commit");
-    let group = unique("g");
     mock.create_topic(&topic, 2, 1).unwrap();
     produce_on(&bootstrap, &topic, 300, &[]);
-    let handler = recording_handler(&dir, HandlerBehaviour::default());
-    let mut cmd = command();
-    cmd.args(["run", "--bootstrap-servers", &bootstrap, "--topic", &topic])
-        .args(["--group", &group, "--group-protocol", "classic"])
-        .args(["--handler", "exec", "--command", &handler, "--dlq", "off"])
-        .args(["--http-host", "127.0.0.1", "--http-port", "0"])
-        // No commit before the final one, which meets the refusals.
-        .args(["--commit-interval-ms", "600000"]);
-    let mut w = Proc::spawn(cmd, dir.path("w.stderr"));
-    wait_until(Duration::from_secs(60), "300 records handled", || {
-        handled(&dir).len() == 300
-    });
-    mock.request_errors(
-        RDKafkaApiKey::OffsetCommit,
+    // A worker of `group` handles all 300 records and commits nothing
+    // before its final commit, which meets `refusals`; returns the worker's
+    // log and its handler's files.
+    let stop_with_refused_commits = |group: &str, refusals: &[RDKafkaRespErr]| {
+        let dir = TestDir::new("final-commit");
+        let handler = recording_handler(&dir, HandlerBehaviour::default());
+        let mut cmd = command();
+        cmd.args(["run", "--bootstrap-servers", &bootstrap, "--topic", &topic])
+            .args(["--group", group, "--group-protocol", "classic"])
+            .args(["--handler", "exec", "--command", &handler, "--dlq", "off"])
+            .args(["--http-host", "127.0.0.1", "--http-port", "0"])
+            .args(["--commit-interval-ms", "600000"]);
+        let mut w = Proc::spawn(cmd, dir.path(&format!("{group}.stderr")));
+        wait_until(Duration::from_secs(60), "300 records handled", || {
+            handled(&dir).len() == 300
+        });
+        mock.request_errors(RDKafkaApiKey::OffsetCommit, refusals);
+        w.terminate();
+        (w.stderr(), dir)
+    };
+
+    let group = unique("g");
+    let (log, dir) = stop_with_refused_commits(
+        &group,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 3],
     );
-    w.terminate();
     let (n, twice) = assert_recorded_or_dead_on(
         &bootstrap,
         &topic,
@@ -140,5 +147,16 @@ fn a_refused_final_commit_is_tried_again_before_the_worker_leaves() {
         &BTreeSet::new(),
     );
     assert_eq!((n, twice), (300, 0));
-    assert!(w.stderr().contains("the final commit was refused"));
+    assert!(log.contains("the final commit was refused"), "{log}");
+
+    // A refusal that stays: the worker leaves without trying again.
+    let group = unique("g");
+    let (log, _) = stop_with_refused_commits(
+        &group,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED; 50],
+    );
+    assert!(!log.contains("the final commit was refused"), "{log}");
+    mock.clear_request_errors(RDKafkaApiKey::OffsetCommit);
+    let lag = lag_json_on(&bootstrap, &topic, &group);
+    assert_eq!(lag["total_lag"], 300, "nothing committed: {lag}");
 }

@@ -36,7 +36,7 @@ use futures::FutureExt;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
@@ -61,6 +61,23 @@ const PREFETCH_RECORDS: usize = 20_000;
 
 /// How long the worker waits for the Kafka client to close after the final commit.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether a commit failed for a reason a finished rebalance (or a found
+/// coordinator) clears, so that trying again can succeed.
+fn refused_while_rebalancing(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        RebalanceInProgress
+            | IllegalGeneration
+            | StaleMemberEpoch
+            | NotCoordinator
+            | CoordinatorNotAvailable
+            | CoordinatorLoadInProgress
+            | RequestTimedOut
+            | WaitingForCoordinator
+    )
+}
 
 /// How often a refused final commit is tried again.
 const FINAL_COMMIT_RETRY: Duration = Duration::from_millis(100);
@@ -310,6 +327,8 @@ struct Adapter {
     fetch: FetchQueue,
     /// Failed commits are logged at most once per back-off step.
     commit_log: LogThrottle,
+    /// Why the last commit failed, if it did.
+    last_commit_error: Option<RDKafkaErrorCode>,
 }
 
 impl Adapter {
@@ -488,12 +507,16 @@ impl Adapter {
 
     fn on_commit(&mut self, result: CommitResult) {
         let m = &self.telemetry.metrics;
-        if result.error == Some(rdkafka::error::RDKafkaErrorCode::NoOffset) {
+        if result.error == Some(RDKafkaErrorCode::NoOffset) {
             return;
         }
         // A commit can succeed as a request and still fail per partition.
         let mut failed = Vec::new();
+        self.last_commit_error = None;
         for p in result.partitions.iter().filter(|p| *p.topic == *self.topic) {
+            if let Some(code) = p.error.or(result.error) {
+                self.last_commit_error = Some(code);
+            }
             match p.error.or(result.error) {
                 None if p.offset >= 0 => {
                     tracing::debug!(
@@ -586,20 +609,17 @@ fn committed(tpl: &TopicPartitionList) -> Vec<CommittedPartition> {
                 Offset::Offset(o) => o,
                 _ => -1,
             },
-            error: e.error().err().map(|err| {
-                err.rdkafka_error_code()
-                    .unwrap_or(rdkafka::error::RDKafkaErrorCode::Fail)
-            }),
+            error: e
+                .error()
+                .err()
+                .map(|err| err.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail)),
         })
         .collect()
 }
 
 fn failed_commit(tpl: &TopicPartitionList, e: KafkaError) -> CommitResult {
     CommitResult {
-        error: Some(
-            e.rdkafka_error_code()
-                .unwrap_or(rdkafka::error::RDKafkaErrorCode::Fail),
-        ),
+        error: Some(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail)),
         partitions: committed(tpl),
     }
 }
@@ -631,10 +651,10 @@ impl ClientContext for WorkerContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         let kind = match error.rdkafka_error_code() {
-            Some(rdkafka::error::RDKafkaErrorCode::Authentication) => "authentication",
-            Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown) => "all_brokers_down",
-            Some(rdkafka::error::RDKafkaErrorCode::BrokerTransportFailure) => "transport",
-            Some(rdkafka::error::RDKafkaErrorCode::SSL) => "tls",
+            Some(RDKafkaErrorCode::Authentication) => "authentication",
+            Some(RDKafkaErrorCode::AllBrokersDown) => "all_brokers_down",
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => "transport",
+            Some(RDKafkaErrorCode::SSL) => "tls",
             _ => "other",
         };
         self.telemetry
@@ -882,6 +902,7 @@ fn poll_loop(
         commits: CommitQueue::new(&consumer),
         fetch: FetchQueue::new(&consumer, MAX_BURST),
         commit_log: LogThrottle::default(),
+        last_commit_error: None,
     };
     *consumer
         .context()
@@ -999,7 +1020,10 @@ fn poll_loop(
     // the drain deadline; polling lets the rebalance finish.
     let mut retrying = false;
     while ctx
-        .with_adapter(|a| a.pipeline.final_commit_pending(Instant::now()))
+        .with_adapter(|a| {
+            a.last_commit_error.is_some_and(refused_while_rebalancing)
+                && a.pipeline.final_commit_pending(Instant::now())
+        })
         .unwrap_or(false)
     {
         if !retrying {
