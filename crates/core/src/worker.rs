@@ -821,7 +821,7 @@ fn create_consumer(
         .set("auto.offset.reset", cfg.offset_reset.as_str())
         // Also the classic protocol's clock: librdkafka sends its heartbeats
         // only when its main loop wakes, at least once a second, or on this
-        // timer (bench/README.md, "Rebalance stalls").
+        // timer (bench/README.md, "Classic heartbeats twice a second").
         .set("statistics.interval.ms", "500")
         // librdkafka's prefetch. Both limits count the queue a partition's
         // records are forwarded to, here the one fetch queue of all
