@@ -91,9 +91,8 @@ impl DeadLetterWriter {
         source_topic: &str,
         group: &str,
     ) -> Result<Self, DlqError> {
-        let timeout = Duration::from_secs(10);
         match lookup
-            .state(&dlq.topic, timeout)
+            .state(&dlq.topic)
             .await
             .map_err(|reason| DlqError::Lookup {
                 topic: dlq.topic.clone(),
@@ -114,7 +113,7 @@ impl DeadLetterWriter {
             (TopicState::Missing, _) => {
                 let partitions = match dlq.partitions {
                     Some(p) => p,
-                    None => match lookup.state(source_topic, timeout).await {
+                    None => match lookup.state(source_topic).await {
                         Ok((TopicState::Exists, n)) => n as i32,
                         _ => 1,
                     },

@@ -251,6 +251,9 @@ pub async fn delete_topic(
     }
 }
 
+/// How long one metadata lookup of a topic may take.
+pub const TOPIC_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the metadata says of a topic.
 pub enum TopicState {
     Exists,
@@ -273,25 +276,23 @@ impl TopicLookup {
     }
 
     /// The topic's state and partition count; `Err` says why the metadata
-    /// could not be read.
-    pub async fn state(
-        &self,
-        topic: &str,
-        timeout: Duration,
-    ) -> Result<(TopicState, usize), String> {
+    /// could not be read within [`TOPIC_LOOKUP_TIMEOUT`].
+    pub async fn state(&self, topic: &str) -> Result<(TopicState, usize), String> {
         let client = self.client.clone();
         let name = topic.to_string();
         tokio::task::spawn_blocking(move || {
-            let metadata = client.fetch_metadata(Some(&name), timeout).map_err(|e| {
-                // Errors reach the context only when the client is polled.
-                let _ = client.poll(Duration::from_millis(100));
-                match client.context().auth_error() {
-                    Some(auth) => format!(
+            let metadata = client
+                .fetch_metadata(Some(&name), TOPIC_LOOKUP_TIMEOUT)
+                .map_err(|e| {
+                    // Errors reach the context only when the client is polled.
+                    let _ = client.poll(Duration::from_millis(100));
+                    match client.context().auth_error() {
+                        Some(auth) => format!(
                         "authentication failed: {auth} (check the credentials and --sasl-mechanism)"
                     ),
-                    None => e.to_string(),
-                }
-            })?;
+                        None => e.to_string(),
+                    }
+                })?;
             let Some(t) = metadata.topics().iter().find(|t| t.name() == name) else {
                 return Ok((TopicState::Missing, 0));
             };

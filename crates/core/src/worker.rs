@@ -209,7 +209,7 @@ impl Worker {
         let throttle = LogThrottle::default();
         let mut waited = false;
         loop {
-            match lookup.state(topic, TOPIC_LOOKUP_TIMEOUT).await {
+            match lookup.state(topic).await {
                 Ok((TopicState::Missing, _)) => {
                     let reason = format!(
                         "topic {topic:?} does not exist: waiting for it (create it with \
@@ -237,9 +237,6 @@ impl Worker {
 
 /// How often a worker looks again for a topic that does not exist.
 const TOPIC_RECHECK: Duration = Duration::from_secs(2);
-
-/// How long one metadata lookup may take.
-const TOPIC_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sleeps for `duration`; `false` as soon as `stop` is set.
 async fn sleep_unless_stopped(duration: Duration, stop: &AtomicBool) -> bool {
@@ -514,10 +511,11 @@ impl Adapter {
         let mut failed = Vec::new();
         self.last_commit_error = None;
         for p in result.partitions.iter().filter(|p| *p.topic == *self.topic) {
-            if let Some(code) = p.error.or(result.error) {
-                self.last_commit_error = Some(code);
+            let error = p.error.or(result.error);
+            if error.is_some() {
+                self.last_commit_error = error;
             }
-            match p.error.or(result.error) {
+            match error {
                 None if p.offset >= 0 => {
                     tracing::debug!(
                         partition = p.partition,
