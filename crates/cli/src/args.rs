@@ -92,6 +92,7 @@ pub struct FileConfig {
     pub process_time_ms: Option<u64>,
     pub failure_rate: Option<f64>,
     pub command: Option<String>,
+    pub handler_env: Option<Vec<String>>,
     pub url: Option<String>,
     pub handler_timeout_ms: Option<u64>,
     pub ordering: Option<String>,

@@ -13,28 +13,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// An exec handler that records every record it finishes, one `partition
-/// offset` line each, in `log`, and names records whose value holds POISON
-/// as failed for good. `before` is Python run before each answer.
-fn logging_handler(dir: &TestDir, log: &std::path::Path, before: &str) -> String {
-    python_handler(
-        dir,
-        "recording.py",
-        format!(
-            "import sys, json, os\n\
-             fd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n\
-             for line in sys.stdin:\n\
-             \x20   b = json.loads(line)\n\
-             \x20   bad = [r for r in b['records'] if 'POISON' in (r['value'] or '')]\n\
-             \x20   ok = [r for r in b['records'] if 'POISON' not in (r['value'] or '')]\n\
-             \x20   os.write(fd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in ok).encode())\n\
-             {before}\
-             \x20   failed = [{{'partition': r['partition'], 'offset': r['offset'], 'error': 'poison', 'retryable': False}} for r in bad]\n\
-             \x20   print(json.dumps({{'batch_id': b['batch_id'], 'failed': failed}}), flush=True)\n"
-        ),
-    )
-}
-
 /// A handler that prints a JSON log line and a blank line on stdout before
 /// every answer loses nothing and dead-letters exactly the poison records.
 #[test]

@@ -268,3 +268,349 @@ fn exec_children_start_with_the_worker_before_any_batch() {
         "the batches went to the children started first"
     );
 }
+
+/// A downstream that misbehaves for its first `bad` requests, then accepts
+/// every batch and writes what it accepted to `log`: the evidence, outside
+/// the worker. `misbehave(n, batch)` gives the status line, extra headers
+/// and body of a bad answer.
+fn flaky_downstream(
+    listener: TcpListener,
+    bad: usize,
+    log: std::path::PathBuf,
+    misbehave: impl Fn(usize, &serde_json::Value) -> (String, String, String) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        let requests = AtomicUsize::new(0);
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let Some(body) = read_http_body(&stream) else {
+                continue;
+            };
+            let n = requests.fetch_add(1, Ordering::SeqCst);
+            let batch: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let (status, headers, answer) = if n < bad {
+                misbehave(n, &batch)
+            } else {
+                let accepted: String = batch["records"]
+                    .as_array()
+                    .map(|records| {
+                        records
+                            .iter()
+                            .map(|r| format!("{} {}\n", r["partition"], r["offset"]))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let mut out = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap();
+                out.write_all(accepted.as_bytes()).unwrap();
+                ("200 OK".into(), String::new(), "{\"failed\":[]}".into())
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+}
+
+/// A worker with the http handler on `url`, quick retries, small batches.
+fn http_worker(dir: &TestDir, topic: &str, group: &str, url: &str) -> Proc {
+    spawn_worker(
+        dir,
+        "w",
+        topic,
+        group,
+        free_port(),
+        &[
+            "--handler",
+            "http",
+            "--url",
+            url,
+            "--retry-initial-ms",
+            "20",
+            "--retry-max-ms",
+            "200",
+            "--max-records",
+            "20",
+        ],
+    )
+}
+
+/// An endpoint that answers 301 (its target answering `200 {}` to the GET a
+/// redirect-following client sends) loses nothing: the redirect is a
+/// retryable failure, and every record reaches the endpoint once it answers
+/// itself. Before the fix the POST was followed as a bodiless GET and all
+/// 200 records were committed unseen.
+#[test]
+fn a_redirecting_endpoint_gets_every_record_once_it_answers_itself() {
+    let dir = TestDir::new("http-redirect");
+    let topic = unique("http-redirect");
+    let group = unique("g");
+    create_topic(&topic, 2);
+    produce(&topic, 200, &[]);
+    // The target: 200 with an empty JSON object to anything, counting calls.
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target_url = format!("http://{}/moved", target.local_addr().unwrap());
+    let target_calls = Arc::new(AtomicUsize::new(0));
+    let calls = target_calls.clone();
+    std::thread::spawn(move || {
+        for stream in target.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = read_http_body(&stream);
+            calls.fetch_add(1, Ordering::SeqCst);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+            );
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/batches", listener.local_addr().unwrap());
+    let log = dir.path("accepted.txt");
+    let location = target_url.clone();
+    flaky_downstream(listener, 12, log.clone(), move |_, _| {
+        (
+            "301 Moved Permanently".into(),
+            format!("Location: {location}\r\n"),
+            String::new(),
+        )
+    });
+    let mut w = http_worker(&dir, &topic, &group, &url);
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
+    assert_eq!(
+        target_calls.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
+    let (expected, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    assert_eq!(expected, 200);
+    assert!(
+        w.stderr().contains("redirects are not followed") && w.stderr().contains(&target_url),
+        "the log names the redirect and where it points"
+    );
+}
+
+/// An endpoint that names records its batch does not hold (here: every
+/// offset + 1,000,000, as a handler counting from the wrong base would)
+/// gave a broken answer: the batch is tried again, nothing is committed
+/// past it, and every record reaches the endpoint once it answers right.
+/// Before the fix the unknown entries were dropped and the batch taken as
+/// done: all 200 committed, none accepted.
+#[test]
+fn an_answer_naming_records_outside_the_batch_commits_nothing() {
+    let dir = TestDir::new("http-outside");
+    let topic = unique("http-outside");
+    let group = unique("g");
+    create_topic(&topic, 2);
+    produce(&topic, 200, &[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/batches", listener.local_addr().unwrap());
+    let log = dir.path("accepted.txt");
+    flaky_downstream(listener, 12, log.clone(), |n, batch| {
+        let failed: Vec<serde_json::Value> = batch["records"]
+            .as_array()
+            .map(|records| {
+                records
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        // Half the bad answers count offsets from a wrong
+                        // base, half count positions within the batch.
+                        let offset = if n % 2 == 0 {
+                            r["offset"].as_i64().unwrap_or(0) + 1_000_000
+                        } else {
+                            i as i64 + 10_000
+                        };
+                        serde_json::json!({"offset": offset, "error": "x", "retryable": false})
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        (
+            "200 OK".into(),
+            String::new(),
+            serde_json::json!({ "failed": failed }).to_string(),
+        )
+    });
+    let mut w = http_worker(&dir, &topic, &group, &url);
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
+    let (expected, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    assert_eq!(expected, 200);
+    assert!(
+        w.stderr().contains("which the batch does not hold"),
+        "the log says why the answer was refused"
+    );
+}
+
+/// The exec child gets none of the worker's own credentials (the SCRAM
+/// password, AWS keys) unless `--handler-env` names one; the worker's log
+/// shows none of them either.
+#[test]
+fn exec_children_get_none_of_the_workers_credentials() {
+    let Some(env) = scram_env() else {
+        assert!(
+            !in_ci(),
+            "CI must test SCRAM: MICROBATCH_TEST_SCRAM_ENV not set"
+        );
+        eprintln!("skipped: no SCRAM listener (run scripts/test.sh)");
+        return;
+    };
+    let dir = TestDir::new("exec-env");
+    let topic = unique("exec-env");
+    let group = unique("g");
+    create_topic(&topic, 1);
+    produce(&topic, 50, &[]);
+    let seen = dir.path("env.txt");
+    let log = dir.path("handled.txt");
+    let handler = logging_handler_with(
+        &dir,
+        &log,
+        &format!("with open({seen:?}, 'w') as f:\n    json.dump(dict(os.environ), f)\n"),
+        "",
+    );
+    let (secret_key, session_token) = ("aws-secret-7f3e", "aws-session-91ab");
+    let mut cmd = command();
+    cmd.arg("run")
+        .env("KAFKA_BOOTSTRAP_SERVERS", &env["KAFKA_BOOTSTRAP_SERVERS"])
+        .env("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+        .env("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+        .env("KAFKA_USERNAME", &env["KAFKA_USERNAME"])
+        .env("KAFKA_PASSWORD", &env["KAFKA_PASSWORD"])
+        .env("KAFKA_SSL_CA_LOCATION", &env["KAFKA_SSL_CA_LOCATION"])
+        .env("AWS_ACCESS_KEY_ID", "AKIATESTPASSEDON")
+        .env("AWS_SECRET_ACCESS_KEY", secret_key)
+        .env("AWS_SESSION_TOKEN", session_token);
+    let mut w = spawn_worker_with(
+        cmd,
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &[
+            "--handler",
+            "exec",
+            "--command",
+            &handler,
+            "--handler-env",
+            "AWS_ACCESS_KEY_ID",
+        ],
+    );
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
+    assert_eq!(audited(std::slice::from_ref(&log)).len(), 50);
+    let child: serde_json::Value = serde_json::from_str(&read(&seen)).unwrap();
+    let child = child.as_object().unwrap();
+    for name in [
+        "KAFKA_PASSWORD",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ] {
+        assert!(!child.contains_key(name), "the child inherited {name}");
+    }
+    let text = read(&seen);
+    for secret in [env["KAFKA_PASSWORD"].as_str(), secret_key, session_token] {
+        assert!(!text.contains(secret), "a secret reached the child");
+        assert!(!w.stderr().contains(secret), "a secret reached the log");
+    }
+    assert_eq!(
+        child.get("AWS_ACCESS_KEY_ID").and_then(|v| v.as_str()),
+        Some("AKIATESTPASSEDON"),
+        "--handler-env passes a named variable on"
+    );
+    assert_eq!(
+        child.get("KAFKA_USERNAME").and_then(|v| v.as_str()),
+        Some(env["KAFKA_USERNAME"].as_str()),
+        "what is not a secret is left alone"
+    );
+}
+
+/// A handler command that cannot start for its first 20 s (it exits at
+/// once, as one waiting for a dependency would) with a handler timeout of
+/// 5 s: once it can start, every record is handled. Before the fix the
+/// restart back-off (up to 10 s) was slept inside the 5 s timeout, every
+/// start was cancelled, and the records waited for ever.
+#[test]
+fn a_handler_slow_to_start_is_started_once_it_can() {
+    let dir = TestDir::new("exec-slow-start");
+    let topic = unique("exec-slow-start");
+    let group = unique("g");
+    create_topic(&topic, 2);
+    produce(&topic, 400, &[]);
+    let gate = dir.path("can-start");
+    let log = dir.path("handled.txt");
+    let handler = logging_handler(&dir, &log, "");
+    let command = format!("[ -e '{}' ] || exit 1; {handler}", gate.display());
+    let mut w = spawn_exec_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &command,
+        &["--handler-timeout-ms", "5000", "--retry-initial-ms", "50"],
+    );
+    std::thread::sleep(Duration::from_secs(20));
+    assert!(
+        audited(std::slice::from_ref(&log)).is_empty(),
+        "nothing could be handled yet"
+    );
+    std::fs::write(&gate, "").unwrap();
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(90));
+    w.terminate();
+    let (expected, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    assert_eq!(expected, 400);
+}
+
+/// Poison records of 2 MB on a topic that takes 3 MB records: the
+/// dead-letter topic made at start takes them too (with room for the
+/// context headers), and the producer sends them. Before the fix each dead
+/// letter failed with "message size too large" for ever and the partition
+/// stood still (lag 6 after 120 s in the report that found it).
+#[test]
+fn large_poison_records_are_dead_lettered() {
+    if !broker().is_real() {
+        eprintln!("skipped: the mock cluster has no topic configs");
+        return;
+    }
+    let dir = TestDir::new("dlq-large");
+    let topic = unique("dlq-large");
+    let dlq = format!("{topic}.dlq");
+    let group = unique("g");
+    create_topic_with_configs(&topic, 1, &[("max.message.bytes", "3000000")]);
+    produce(
+        &topic,
+        6,
+        &[
+            "--size",
+            "2000000",
+            "--poison-every",
+            "2",
+            "--kafka-property",
+            "message.max.bytes=3000000",
+        ],
+    );
+    let mut w = spawn_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &["--poison-marker", "POISON", "--max-records", "2"],
+    );
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    w.terminate();
+    let poison = poison_offsets(&topic);
+    assert_eq!(poison.len(), 3);
+    assert_eq!(dead_lettered(&dlq), poison);
+    assert!(
+        w.stderr().contains("created the dead-letter topic") && w.stderr().contains("3016384"),
+        "the dead-letter topic is made with room for the source's records"
+    );
+}

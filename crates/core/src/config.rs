@@ -163,10 +163,24 @@ pub struct KafkaConfig {
     pub msk_iam: Option<crate::aws_iam::MskIamTokens>,
 }
 
-/// Whether a librdkafka property holds a secret, so its value is never shown.
+/// Whether a librdkafka property holds a secret, so its value is never
+/// shown: passwords and passphrases, private keys given inline
+/// (`ssl.key.pem`, `ssl_key`, `sasl.oauthbearer.assertion.private.key.*`),
+/// client secrets and OAUTHBEARER configurations.
 pub fn is_secret_property(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    key.contains("password") || key.contains("secret") || key.contains("sasl.oauthbearer.config")
+    [
+        "password",
+        "passphrase",
+        "secret",
+        "sasl.oauthbearer.config",
+        "private.key",
+        "token",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
+        || key == "ssl.key.pem"
+        || key == "ssl_key"
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -791,6 +805,34 @@ impl WorkerConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn secret_properties_are_recognised() {
+        for key in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "ssl.key.pem",
+            "SSL.KEY.PEM",
+            "ssl_key",
+            "ssl.key.passphrase",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.config",
+            "sasl.oauthbearer.assertion.private.key.pem",
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+            "sasl.oauthbearer.assertion.private.key.file",
+        ] {
+            assert!(is_secret_property(key), "{key}");
+        }
+        for key in [
+            "bootstrap.servers",
+            "ssl.ca.location",
+            "client.id",
+            "sasl.username",
+        ] {
+            assert!(!is_secret_property(key), "{key}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -12,9 +12,20 @@
 //! **Somewhere to go before the first record is taken.** At start
 //! [`DeadLetterWriter::prepare`] looks the topic up; when it is missing it is
 //! created (as Kafka Connect does for its DLQ: the source topic's partition
-//! count unless `--dlq-partitions`, the broker's default replication factor
-//! unless `--dlq-replication-factor`). When it cannot be created, or may not
+//! count unless `--dlq-partitions`). When it cannot be created, or may not
 //! be read, the worker stops before consuming, naming the topic and the fix.
+//!
+//! **As durable as the source, and room for every record it accepts.** An
+//! acknowledged dead letter lets the source offset be committed, so the
+//! dead-letter topic is created with the source topic's replication factor
+//! (at most the broker count) unless `--dlq-replication-factor`, its
+//! `min.insync.replicas`, and a `max.message.bytes` of the source's plus
+//! [`DEAD_LETTER_HEADROOM`] for the context headers. The producer's own
+//! size limit is raised to match, so a record near the source's limit is
+//! not refused before it is sent. An existing dead-letter topic that is
+//! smaller than the source is named in a warning at start with the fix;
+//! its dead letters that do not fit stay in the backlog (below), visibly.
+//! The error text a dead letter carries is cut to [`MAX_ERROR_HEADER_BYTES`].
 
 use std::time::Duration;
 
@@ -28,7 +39,20 @@ use crate::aws_iam::WithTokens;
 use crate::batch::Batch;
 use crate::config::{DeadLetterConfig, KafkaConfig};
 use crate::handler::Failure;
-use crate::kafka::{create_topic, ClientError, QuietContext, TopicLookup, TopicState};
+use crate::kafka::{
+    create_topic_with, topic_settings, ClientError, QuietContext, TopicLookup, TopicSettings,
+    TopicState, KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+};
+
+/// Room on top of the source topic's `max.message.bytes` for the headers a
+/// dead letter adds (seven names, numbers, the group and the error text).
+pub const DEAD_LETTER_HEADROOM: i64 = 16 << 10;
+
+/// The longest error text a dead letter's `microbatch.error` carries.
+pub const MAX_ERROR_HEADER_BYTES: usize = 4 << 10;
+
+/// librdkafka's own default `message.max.bytes`, below which we never go.
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: i64 = 1_000_000;
 
 /// Why the dead-letter topic is not ready; each names the topic and the fix.
 #[derive(Debug, Error)]
@@ -73,6 +97,49 @@ pub mod headers {
     pub const CONSUMER_GROUP: &str = "microbatch.consumer.group";
 }
 
+/// The replication factor and topic configs of a dead-letter topic made for
+/// a source topic with `source`'s settings (see the module docs).
+pub fn creation_settings(
+    dlq: &DeadLetterConfig,
+    source: &TopicSettings,
+) -> (i32, Vec<(&'static str, String)>) {
+    let replication = dlq.replication_factor.unwrap_or_else(|| {
+        match (source.replication_factor, source.brokers) {
+            (Some(r), Some(b)) => r.min(b).max(1),
+            (Some(r), None) => r.max(1),
+            // The broker's default.
+            _ => -1,
+        }
+    });
+    let mut configs = vec![(
+        "max.message.bytes",
+        (source
+            .max_message_bytes
+            .unwrap_or(KAFKA_DEFAULT_MAX_MESSAGE_BYTES)
+            + DEAD_LETTER_HEADROOM)
+            .to_string(),
+    )];
+    if let Some(min_isr) = source.min_insync_replicas {
+        // More in-sync replicas than replicas would refuse every write.
+        if replication < 0 || min_isr <= replication {
+            configs.push(("min.insync.replicas", min_isr.to_string()));
+        }
+    }
+    (replication, configs)
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Writes dead letters to one topic.
 #[derive(Clone)]
 pub struct DeadLetterWriter {
@@ -91,6 +158,18 @@ impl DeadLetterWriter {
         source_topic: &str,
         group: &str,
     ) -> Result<Self, DlqError> {
+        let timeout = Duration::from_secs(30);
+        let source = match topic_settings(kafka, source_topic, timeout).await {
+            Ok(settings) => settings,
+            Err(e) => {
+                tracing::warn!(source_topic, error = %e, "could not read the source topic's settings; the dead-letter topic gets the broker's defaults");
+                TopicSettings::default()
+            }
+        };
+        let source_max = source
+            .max_message_bytes
+            .unwrap_or(KAFKA_DEFAULT_MAX_MESSAGE_BYTES);
+        let needed_max = source_max + DEAD_LETTER_HEADROOM;
         match lookup
             .state(&dlq.topic)
             .await
@@ -98,7 +177,24 @@ impl DeadLetterWriter {
                 topic: dlq.topic.clone(),
                 reason,
             })? {
-            (TopicState::Exists, _) => {}
+            (TopicState::Exists, _) => {
+                let dlq_max = topic_settings(kafka, &dlq.topic, timeout)
+                    .await
+                    .ok()
+                    .and_then(|s| s.max_message_bytes);
+                if let Some(dlq_max) = dlq_max.filter(|&m| m < needed_max) {
+                    tracing::warn!(
+                        dlq_topic = %dlq.topic,
+                        dlq_max_message_bytes = dlq_max,
+                        source_max_message_bytes = source_max,
+                        "the dead-letter topic takes smaller records than the source topic: a rejected \
+                         record near the source's limit cannot be dead-lettered and holds its partition. \
+                         Fix: kafka-configs.sh --alter --entity-type topics --entity-name {} \
+                         --add-config max.message.bytes={needed_max}",
+                        dlq.topic
+                    );
+                }
+            }
             (TopicState::Denied(reason), _) => {
                 return Err(DlqError::NotAuthorized {
                     topic: dlq.topic.clone(),
@@ -118,14 +214,24 @@ impl DeadLetterWriter {
                         _ => 1,
                     },
                 };
-                let replication = dlq.replication_factor.unwrap_or(-1);
-                let create_timeout = Duration::from_secs(30);
-                match create_topic(kafka, &dlq.topic, partitions, replication, create_timeout).await
+                let (replication, configs) = creation_settings(dlq, &source);
+                let config_refs: Vec<(&str, String)> =
+                    configs.iter().map(|(k, v)| (*k, v.clone())).collect();
+                match create_topic_with(
+                    kafka,
+                    &dlq.topic,
+                    partitions,
+                    replication,
+                    &config_refs,
+                    timeout,
+                )
+                .await
                 {
                     Ok(_) => tracing::info!(
                         dlq_topic = %dlq.topic,
                         partitions,
                         replication_factor = replication,
+                        configs = ?configs,
                         "created the dead-letter topic"
                     ),
                     Err(e @ ClientError::Unreachable { .. }) => {
@@ -143,17 +249,21 @@ impl DeadLetterWriter {
                 }
             }
         }
-        Ok(Self::new(kafka, &dlq.topic, group)?)
+        Ok(Self::new(kafka, &dlq.topic, group, needed_max)?)
     }
 
+    /// A writer whose producer takes records up to `max_message_bytes`.
     pub fn new(
         kafka: &KafkaConfig,
         topic: &str,
         group: &str,
+        max_message_bytes: i64,
     ) -> Result<Self, rdkafka::error::KafkaError> {
+        let max_message_bytes = max_message_bytes.max(LIBRDKAFKA_MESSAGE_MAX_BYTES);
         let producer = kafka.create_client(
             kafka
                 .client_config()
+                .set("message.max.bytes", max_message_bytes.to_string())
                 .set("enable.idempotence", "true")
                 .set("acks", "all")
                 .set("linger.ms", "5")
@@ -188,7 +298,7 @@ impl DeadLetterWriter {
             let error = failures
                 .iter()
                 .find(|(o, _)| *o == record.offset)
-                .map(|(_, f)| f.error.as_str())
+                .map(|(_, f)| cut(&f.error, MAX_ERROR_HEADER_BYTES))
                 .unwrap_or("failed");
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 7);
             for h in record.headers {
@@ -245,5 +355,61 @@ impl DeadLetterWriter {
             }
         }
         (written, error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_topic_is_as_durable_as_its_source_and_takes_its_records() {
+        let dlq = DeadLetterConfig::for_topic("orders");
+        let source = TopicSettings {
+            replication_factor: Some(3),
+            brokers: Some(6),
+            max_message_bytes: Some(8 << 20),
+            min_insync_replicas: Some(2),
+        };
+        let (replication, configs) = creation_settings(&dlq, &source);
+        assert_eq!(replication, 3);
+        assert!(configs.contains(&(
+            "max.message.bytes",
+            ((8 << 20) + DEAD_LETTER_HEADROOM).to_string()
+        )));
+        assert!(configs.contains(&("min.insync.replicas", "2".into())));
+        // Never more replicas than brokers; never more in-sync replicas than replicas.
+        let small = TopicSettings {
+            brokers: Some(1),
+            ..source.clone()
+        };
+        let (replication, configs) = creation_settings(&dlq, &small);
+        assert_eq!(replication, 1);
+        assert!(!configs.iter().any(|(k, _)| *k == "min.insync.replicas"));
+        // An explicit factor wins; unknown settings fall back to the broker's.
+        let explicit = DeadLetterConfig {
+            replication_factor: Some(2),
+            ..dlq.clone()
+        };
+        assert_eq!(creation_settings(&explicit, &source).0, 2);
+        let (replication, configs) = creation_settings(&dlq, &TopicSettings::default());
+        assert_eq!(replication, -1);
+        assert_eq!(
+            configs,
+            vec![(
+                "max.message.bytes",
+                (KAFKA_DEFAULT_MAX_MESSAGE_BYTES + DEAD_LETTER_HEADROOM).to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn error_headers_are_cut_on_a_character_boundary() {
+        assert_eq!(cut("abc", 10), "abc");
+        assert_eq!(cut("aé", 2), "a");
+        assert_eq!(
+            cut(&"x".repeat(10_000), MAX_ERROR_HEADER_BYTES).len(),
+            MAX_ERROR_HEADER_BYTES
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
@@ -199,6 +199,65 @@ pub fn admin_client(
     Ok(kafka.create_client(&kafka.client_config(), QuietContext::new(kafka))?)
 }
 
+/// Kafka's default `max.message.bytes` for a topic that does not set it
+/// (the broker's `message.max.bytes`, 1 MiB + 12 bytes of batch overhead).
+pub const KAFKA_DEFAULT_MAX_MESSAGE_BYTES: i64 = 1_048_588;
+
+/// What the cluster says of an existing topic, for another topic that must
+/// hold its records (a dead-letter topic). `None`: not readable here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicSettings {
+    /// Replicas of its first partition.
+    pub replication_factor: Option<i32>,
+    /// Brokers in the cluster.
+    pub brokers: Option<i32>,
+    /// Its `max.message.bytes`, set or inherited from the broker.
+    pub max_message_bytes: Option<i64>,
+    /// Its `min.insync.replicas`, set or inherited from the broker.
+    pub min_insync_replicas: Option<i32>,
+}
+
+/// Reads [`TopicSettings`] of `topic`: the replication from the metadata,
+/// the rest from DescribeConfigs, which a principal without
+/// DESCRIBE_CONFIGS on the topic may not read (those fields stay `None`).
+pub async fn topic_settings(
+    kafka: &KafkaConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<TopicSettings, ClientError> {
+    let admin = std::sync::Arc::new(admin_client(kafka)?);
+    let mut settings = TopicSettings::default();
+    let (client, name) = (admin.clone(), topic.to_string());
+    let metadata =
+        tokio::task::spawn_blocking(move || client.inner().fetch_metadata(Some(&name), timeout))
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                servers: kafka.bootstrap_servers.clone(),
+                reason: e.to_string(),
+            })?
+            .map_err(|e| ClientError::classify(e, &kafka.bootstrap_servers))?;
+    settings.brokers = Some(metadata.brokers().len() as i32);
+    settings.replication_factor = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .and_then(|t| t.partitions().first())
+        .map(|p| p.replicas().len() as i32);
+    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    if let Ok(results) = admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
+        .await
+    {
+        if let Some(Ok(resource)) = results.into_iter().next() {
+            let value = |name: &str| resource.get(name).and_then(|e| e.value.clone());
+            settings.max_message_bytes = value("max.message.bytes").and_then(|v| v.parse().ok());
+            settings.min_insync_replicas =
+                value("min.insync.replicas").and_then(|v| v.parse().ok());
+        }
+    }
+    Ok(settings)
+}
+
 /// Creates a topic through the admin API; an existing topic is not an error.
 pub async fn create_topic(
     kafka: &KafkaConfig,
@@ -207,8 +266,23 @@ pub async fn create_topic(
     replication: i32,
     timeout: Duration,
 ) -> Result<bool, ClientError> {
+    create_topic_with(kafka, topic, partitions, replication, &[], timeout).await
+}
+
+/// [`create_topic`] with topic configs (`max.message.bytes`, ...).
+pub async fn create_topic_with(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+    configs: &[(&str, String)],
+    timeout: Duration,
+) -> Result<bool, ClientError> {
     let admin = admin_client(kafka)?;
-    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    for (key, value) in configs {
+        new_topic = new_topic.set(key, value);
+    }
     let opts = AdminOptions::new()
         .operation_timeout(Some(timeout))
         .request_timeout(Some(timeout));

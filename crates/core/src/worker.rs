@@ -400,6 +400,9 @@ impl Adapter {
             started: Instant::now(),
         };
         self.runtime.spawn(async move {
+            // A handler's own back-off is not part of its time on the batch.
+            handler.ready().await;
+            verdict.started = Instant::now();
             // A panicking handler fails its batch like any other error.
             let handled = AssertUnwindSafe(tokio::time::timeout(timeout, handler.handle(&batch)))
                 .catch_unwind()

@@ -81,7 +81,15 @@ pub struct Args {
     /// starts.
     #[arg(long, env = "MICROBATCH_COMMAND", help_heading = "Handler")]
     pub command: Option<String>,
-    /// http: URL to POST batches to.
+    /// exec: a variable of the worker's environment that the handler may
+    /// see although it is one of the worker's own credentials
+    /// (KAFKA_PASSWORD, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_SESSION_TOKEN, ...), which children do not inherit otherwise.
+    /// Repeat for several.
+    #[arg(long, value_name = "NAME", help_heading = "Handler")]
+    pub handler_env: Vec<String>,
+    /// http: URL to POST batches to. Redirects are not followed; user,
+    /// password and query values are masked in logs and errors.
     #[arg(long, env = "MICROBATCH_URL", help_heading = "Handler")]
     pub url: Option<String>,
     /// A batch not answered within this fails (retryable) [default: 60000].
@@ -330,7 +338,12 @@ impl Args {
                     "--command",
                     "MICROBATCH_COMMAND",
                 )?;
-                Arc::new(ExecHandler::new(command))
+                let passed = if self.handler_env.is_empty() {
+                    file.handler_env.clone().unwrap_or_default()
+                } else {
+                    self.handler_env.clone()
+                };
+                Arc::new(ExecHandler::with_env(command, &passed))
             }
             HandlerKind::Http => {
                 let url = require(
@@ -394,7 +407,7 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         },
     ));
     let worker = Worker::new(config, handler, telemetry);
-    let result = worker.run(super::shutdown_signal()).await;
+    let result = worker.run(shutdown_then_force()).await;
     let _ = http_stop_tx.send(());
     let _ = server.await;
     let report = result?;
@@ -405,4 +418,32 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves at the first SIGTERM or SIGINT, which starts the orderly drain;
+/// a second one stops the process at once (exit 130): its in-flight
+/// records are not committed and their next owner handles them again.
+async fn shutdown_then_force() {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Both handlers stay installed from the start, so a second signal that
+    // comes at once is not missed.
+    let mut term =
+        signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler cannot fail");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; shutting down (a second one stops at once)"),
+        _ = int.recv() => tracing::info!("SIGINT received; shutting down (a second one stops at once)"),
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::error!(
+            "second signal: stopping now without finishing in-flight batches; \
+             their records are not committed and will be handled again"
+        );
+        microbatch_core::handler::kill_children();
+        std::process::exit(130);
+    });
 }

@@ -104,6 +104,12 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub fn create_topic(topic: &str, partitions: i32) {
+    create_topic_with_configs(topic, partitions, &[]);
+}
+
+/// [`create_topic`] with topic configs (`max.message.bytes`), which the
+/// mock cluster ignores.
+pub fn create_topic_with_configs(topic: &str, partitions: i32, configs: &[(&str, &str)]) {
     match broker() {
         Broker::Mock { .. } => {
             MOCK.get()
@@ -122,9 +128,13 @@ pub fn create_topic(topic: &str, partitions: i32) {
                     .set("bootstrap.servers", bootstrap)
                     .create()
                     .unwrap();
+                let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+                for (key, value) in configs {
+                    new_topic = new_topic.set(key, value);
+                }
                 let res = admin
                     .create_topics(
-                        &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                        &[new_topic],
                         &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
                     )
                     .await
@@ -651,6 +661,34 @@ pub fn python_handler(dir: &TestDir, name: &str, source: impl AsRef<str>) -> Str
     let path = dir.path(name);
     std::fs::write(&path, source.as_ref()).expect("writing the handler script");
     format!("python3 {}", path.display())
+}
+
+/// An exec handler that records every record it finishes, one `partition
+/// offset` line each, in `log`, and names records whose value holds POISON
+/// as failed for good. `before` is Python run before each answer.
+pub fn logging_handler(dir: &TestDir, log: &Path, before: &str) -> String {
+    logging_handler_with(dir, log, "", before)
+}
+
+/// [`logging_handler`] that first runs `prelude` (Python, once at start).
+pub fn logging_handler_with(dir: &TestDir, log: &Path, prelude: &str, before: &str) -> String {
+    python_handler(
+        dir,
+        "recording.py",
+        format!(
+            "import sys, json, os\n\
+             {prelude}\
+             fd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n\
+             for line in sys.stdin:\n\
+             \x20   b = json.loads(line)\n\
+             \x20   bad = [r for r in b['records'] if 'POISON' in (r['value'] or '')]\n\
+             \x20   ok = [r for r in b['records'] if 'POISON' not in (r['value'] or '')]\n\
+             \x20   os.write(fd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in ok).encode())\n\
+             {before}\
+             \x20   failed = [{{'partition': r['partition'], 'offset': r['offset'], 'error': 'poison', 'retryable': False}} for r in bad]\n\
+             \x20   print(json.dumps({{'batch_id': b['batch_id'], 'failed': failed}}), flush=True)\n"
+        ),
+    )
 }
 
 /// The records of a topic whose value holds `POISON` (`produce --poison-every`).

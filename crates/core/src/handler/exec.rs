@@ -8,7 +8,15 @@
 //! by the worker is dropped (and killed), and the batch fails (retryable):
 //! its later answers could belong to the wrong batch. The next batch starts
 //! a fresh child, after a back-off that grows while children keep dying, so
-//! a broken command does not spin.
+//! a broken command does not spin. The back-off ends at a fixed instant
+//! after the last death and is waited out in [`Handler::ready`], before the
+//! worker starts the handler timeout: a timeout shorter than the back-off
+//! can neither cancel every start nor push the next one further away.
+//!
+//! An answer line longer than [`MAX_ANSWER_BYTES`] is a broken answer.
+//!
+//! Children do not inherit the worker's own credentials
+//! ([`SCRUBBED_ENV`]); `--handler-env NAME` passes one on purpose.
 //!
 //! Each child leads a process group of its own, and a child dropped while
 //! it runs is killed with its whole group: `sh -c` forks the command, so
@@ -16,27 +24,52 @@
 //! after every timeout and at every exit with batches in flight.
 
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use super::{encode_batch, BatchOutcome, Failure, FailureReport, Handler, Line};
+use super::{encode_batch, BatchOutcome, Failure, FailureReport, Handler, Line, MAX_ANSWER_BYTES};
 use crate::batch::Batch;
 use crate::telemetry::LogThrottle;
 
 struct ExecChild {
     child: Child,
+    /// The process group the child leads (its pid at spawn).
+    group: Option<u32>,
     /// `None` once closed, to ask the child to finish.
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
 }
 
+/// The process groups of the children alive in this process, so that a
+/// worker told to stop at once can end them ([`kill_children`]).
+static LIVE_GROUPS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn live_groups() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    // A panic while the list was held leaves it whole: plain pushes and removes.
+    LIVE_GROUPS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Kills every exec child this process started, with its process group:
+/// for an exit that cannot wait for the children to finish (a second
+/// SIGTERM), which would otherwise leave them running, orphaned.
+pub fn kill_children() {
+    for &group in live_groups().iter() {
+        // SAFETY: signals a group one of our children leads; no memory involved.
+        unsafe {
+            libc::kill(-(group as libc::pid_t), libc::SIGKILL);
+        }
+    }
+}
+
 impl Drop for ExecChild {
     fn drop(&mut self) {
+        if let Some(group) = self.group {
+            live_groups().retain(|&g| g != group);
+        }
         // Only while `sh` has not been reaped: its pid, and so the group's
         // id, cannot have been given to another process yet.
         if let (Ok(None), Some(pid)) = (self.child.try_wait(), self.child.id()) {
@@ -49,39 +82,105 @@ impl Drop for ExecChild {
     }
 }
 
+/// The worker's own credentials, which a child does not inherit unless
+/// `--handler-env` names them: the Kafka password and the AWS keys that
+/// sign MSK IAM tokens. A handler that needs AWS for its own work passes
+/// them on purpose (or uses its pod's role, which this list leaves alone).
+pub const SCRUBBED_ENV: &[&str] = &[
+    "KAFKA_PASSWORD",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+];
+
+/// The longest wait before a child is started again after deaths in a row.
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Children that died in a row, and when the next may start.
+#[derive(Debug, Default)]
+struct Restarts {
+    deaths: u32,
+    not_before: Option<Instant>,
+}
+
+impl Restarts {
+    fn died(&mut self, now: Instant) {
+        self.deaths += 1;
+        let backoff = Duration::from_millis(100u64 << self.deaths.min(7)).min(MAX_RESTART_BACKOFF);
+        self.not_before = Some(now + backoff);
+    }
+}
+
 /// Runs `sh -c <command>` children and feeds them batches.
 pub struct ExecHandler {
     command: String,
+    /// Variables of the worker's environment removed from the children's.
+    scrubbed: Vec<String>,
     idle: Mutex<Vec<ExecChild>>,
-    consecutive_deaths: AtomicU32,
+    restarts: Mutex<Restarts>,
     noise: LogThrottle,
 }
 
 impl ExecHandler {
+    /// A handler whose children get none of [`SCRUBBED_ENV`].
     pub fn new(command: impl Into<String>) -> Self {
+        Self::with_env(command, &[])
+    }
+
+    /// A handler whose children get none of [`SCRUBBED_ENV`] but those
+    /// named in `passed`.
+    pub fn with_env(command: impl Into<String>, passed: &[String]) -> Self {
         Self {
             command: command.into(),
+            scrubbed: SCRUBBED_ENV
+                .iter()
+                .filter(|name| !passed.iter().any(|p| p == *name))
+                .map(|name| name.to_string())
+                .collect(),
             idle: Mutex::new(Vec::new()),
-            consecutive_deaths: AtomicU32::new(0),
+            restarts: Mutex::new(Restarts::default()),
             noise: LogThrottle::default(),
         }
+    }
+
+    fn restarts(&self) -> std::sync::MutexGuard<'_, Restarts> {
+        self.restarts.lock().expect("exec restarts lock poisoned")
+    }
+
+    /// When the next child may start, if that is still to come and no idle
+    /// child is waiting.
+    fn start_not_before(&self) -> Option<Instant> {
+        if !self
+            .idle
+            .lock()
+            .expect("exec pool lock poisoned")
+            .is_empty()
+        {
+            return None;
+        }
+        self.restarts().not_before.filter(|&at| at > Instant::now())
     }
 
     async fn checkout(&self) -> std::io::Result<ExecChild> {
         if let Some(child) = self.idle.lock().expect("exec pool lock poisoned").pop() {
             return Ok(child);
         }
-        let deaths = self.consecutive_deaths.load(Ordering::Relaxed);
-        if deaths > 0 {
-            let backoff =
-                Duration::from_millis(100u64 << deaths.min(7)).min(Duration::from_secs(10));
-            tokio::time::sleep(backoff).await;
+        // Normally waited out in `ready` already; a fixed instant, so a
+        // cancelled wait does not move it.
+        if let Some(at) = self.start_not_before() {
+            tokio::time::sleep_until(at.into()).await;
         }
         self.spawn()
     }
 
     fn spawn(&self) -> std::io::Result<ExecChild> {
-        let mut child = Command::new("sh")
+        let mut command = Command::new("sh");
+        for name in &self.scrubbed {
+            command.env_remove(name);
+        }
+        let mut child = command
             .arg("-c")
             .arg(&self.command)
             .stdin(Stdio::piped())
@@ -90,10 +189,15 @@ impl ExecHandler {
             .process_group(0)
             .kill_on_drop(true)
             .spawn()?;
+        let group = child.id();
+        if let Some(group) = group {
+            live_groups().push(group);
+        }
         let stdin = child.stdin.take().expect("stdin was piped");
         let stdout = BufReader::new(child.stdout.take().expect("stdout was piped"));
         Ok(ExecChild {
             child,
+            group,
             stdin: Some(stdin),
             stdout,
         })
@@ -113,14 +217,20 @@ impl ExecHandler {
         let mut line = Vec::new();
         loop {
             line.clear();
-            if child
-                .stdout
+            let limit = MAX_ANSWER_BYTES as u64 + 1;
+            if (&mut child.stdout)
+                .take(limit)
                 .read_until(b'\n', &mut line)
                 .await
                 .map_err(io)?
                 == 0
             {
                 return Err("handler process closed its stdout (did it exit?)".into());
+            }
+            if line.len() > MAX_ANSWER_BYTES {
+                return Err(format!(
+                    "the handler printed a line over {MAX_ANSWER_BYTES} bytes on stdout"
+                ));
             }
             match FailureReport::classify(&line, batch) {
                 Line::Answer(outcome) => return Ok(outcome),
@@ -147,7 +257,7 @@ impl Handler for ExecHandler {
         let mut child = match self.checkout().await {
             Ok(child) => child,
             Err(e) => {
-                self.consecutive_deaths.fetch_add(1, Ordering::Relaxed);
+                self.restarts().died(Instant::now());
                 return BatchOutcome::Failed(Failure::retryable(format!(
                     "could not start handler command: {e}"
                 )));
@@ -157,7 +267,7 @@ impl Handler for ExecHandler {
         encode_batch(batch, &mut request);
         match self.exchange(&mut child, &request, batch).await {
             Ok(outcome) => {
-                self.consecutive_deaths.store(0, Ordering::Relaxed);
+                *self.restarts() = Restarts::default();
                 self.idle
                     .lock()
                     .expect("exec pool lock poisoned")
@@ -166,9 +276,15 @@ impl Handler for ExecHandler {
             }
             // The child is dropped here, and killed.
             Err(e) => {
-                self.consecutive_deaths.fetch_add(1, Ordering::Relaxed);
+                self.restarts().died(Instant::now());
                 BatchOutcome::Failed(Failure::retryable(e))
             }
+        }
+    }
+
+    async fn ready(&self) {
+        if let Some(at) = self.start_not_before() {
+            tokio::time::sleep_until(at.into()).await;
         }
     }
 
@@ -195,12 +311,13 @@ impl Handler for ExecHandler {
     async fn shutdown(&self) {
         let children: Vec<ExecChild> =
             std::mem::take(&mut *self.idle.lock().expect("exec pool lock poisoned"));
-        for mut child in children {
-            // Closing stdin asks the child to finish; it is killed, with its
-            // group, if it lingers.
+        // Closing stdin asks each child to finish; all are given the same
+        // 2 s together, and one that lingers is killed, with its group.
+        let waits = children.into_iter().map(|mut child| async move {
             child.stdin = None;
             let _ = tokio::time::timeout(Duration::from_secs(2), child.child.wait()).await;
-        }
+        });
+        futures::future::join_all(waits).await;
     }
 }
 

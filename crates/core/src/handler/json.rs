@@ -133,9 +133,10 @@ pub enum Line {
     Noise,
     /// The answer for this batch.
     Answer(BatchOutcome),
-    /// An answer that cannot be trusted (another batch's, unreadable, or in
-    /// the old protocol without `batch_id`): the batch fails and the child
-    /// is replaced, since its next answers may be off by one.
+    /// An answer that cannot be trusted (another batch's, unreadable, naming
+    /// records outside the batch, or in the old protocol without
+    /// `batch_id`): the batch fails and the child is replaced, since its next
+    /// answers may be off by one.
     Broken(String),
 }
 
@@ -161,7 +162,10 @@ impl FailureReport {
             )),
             Some(serde_json::Value::String(id)) if *id == expected => {
                 match serde_json::from_value::<FailureReport>(serde_json::Value::Object(object)) {
-                    Ok(report) => Line::Answer(report.into_outcome(batch)),
+                    Ok(report) => match report.into_outcome(batch) {
+                        Ok(outcome) => Line::Answer(outcome),
+                        Err(broken) => Line::Broken(broken),
+                    },
                     Err(e) => Line::Broken(format!("the answer for {expected} cannot be read: {e}")),
                 }
             }
@@ -172,8 +176,8 @@ impl FailureReport {
     }
 
     /// Reads an HTTP response body: empty is success; else an answer whose
-    /// `batch_id`, if given, names this batch. Anything else fails the
-    /// batch (retryable).
+    /// `batch_id`, if given, names this batch and whose `failed` entries
+    /// name only its records. Anything else fails the batch (retryable).
     pub fn parse(text: &[u8], batch: &Batch) -> BatchOutcome {
         if text.iter().all(|b| b.is_ascii_whitespace()) {
             return BatchOutcome::Success;
@@ -183,7 +187,9 @@ impl FailureReport {
                 Some(id) if *id != batch_id(batch) => BatchOutcome::Failed(Failure::retryable(
                     format!("the answer names batch {id}, not {}", batch_id(batch)),
                 )),
-                _ => report.into_outcome(batch),
+                _ => report
+                    .into_outcome(batch)
+                    .unwrap_or_else(|broken| BatchOutcome::Failed(Failure::retryable(broken))),
             },
             Err(e) => BatchOutcome::Failed(Failure::retryable(format!(
                 "handler answer is not valid JSON ({e}): {}",
@@ -192,34 +198,60 @@ impl FailureReport {
         }
     }
 
-    fn into_outcome(self, batch: &Batch) -> BatchOutcome {
+    /// The verdict this answer gives `batch`, or why it cannot be one.
+    ///
+    /// Every record an answer names must be in the batch: an entry for
+    /// another partition or an offset the batch does not hold (a handler
+    /// that counts positions within the batch, or answers from a stale
+    /// request) is a broken answer, never skipped. Skipping it would take
+    /// the records it meant as done, as Lambda refuses an unknown item
+    /// identifier for the same reason. An offset named twice counts once,
+    /// with its first entry.
+    fn into_outcome(self, batch: &Batch) -> Result<BatchOutcome, String> {
         if let Some(error) = self.error {
-            return BatchOutcome::Failed(Failure {
+            return Ok(BatchOutcome::Failed(Failure {
                 error,
                 retryable: self.retryable,
-            });
+            }));
         }
-        let failed: Vec<(i64, Failure)> = self
-            .failed
-            .into_iter()
-            .filter(|f| f.partition.is_none_or(|p| p == batch.partition()))
-            .filter(|f| batch.offsets().any(|o| o == f.offset))
-            .map(|f| {
-                let error = f.error.unwrap_or_else(|| "failed by handler".into());
-                (
+        if self.failed.is_empty() {
+            return Ok(BatchOutcome::Success);
+        }
+        let mut held: Vec<i64> = batch.offsets().collect();
+        held.sort_unstable();
+        let mut named = std::collections::HashSet::with_capacity(self.failed.len());
+        let mut failed = Vec::with_capacity(self.failed.len());
+        for f in self.failed {
+            if let Some(p) = f.partition.filter(|&p| p != batch.partition()) {
+                return Err(format!(
+                    "the answer for {} names partition {p}, but the batch holds partition {} only",
+                    batch_id(batch),
+                    batch.partition()
+                ));
+            }
+            if held.binary_search(&f.offset).is_err() {
+                return Err(format!(
+                    "the answer for {} names offset {}, which the batch does not hold                      (it holds {} records, offsets {}..={}); name records by their Kafka                      offset, not their position in the batch",
+                    batch_id(batch),
                     f.offset,
-                    Failure {
-                        error,
-                        retryable: f.retryable,
-                    },
-                )
-            })
-            .collect();
-        if failed.is_empty() {
-            BatchOutcome::Success
-        } else {
-            BatchOutcome::Partial(failed)
+                    held.len(),
+                    held.first().copied().unwrap_or_default(),
+                    held.last().copied().unwrap_or_default(),
+                ));
+            }
+            if !named.insert(f.offset) {
+                continue;
+            }
+            let error = f.error.unwrap_or_else(|| "failed by handler".into());
+            failed.push((
+                f.offset,
+                Failure {
+                    error,
+                    retryable: f.retryable,
+                },
+            ));
         }
+        Ok(BatchOutcome::Partial(failed))
     }
 }
 
@@ -299,6 +331,44 @@ mod tests {
             FailureReport::classify(br#"{"batch_id":"orders-2-7","failed":7}"#, &b),
             Line::Broken(_)
         ));
+    }
+
+    #[test]
+    fn an_answer_naming_records_outside_the_batch_is_broken() {
+        let b = batch();
+        for answer in [
+            // Positions within the batch instead of offsets.
+            &br#"{"batch_id":"orders-2-7","failed":[{"offset":0}]}"#[..],
+            br#"{"batch_id":"orders-2-7","failed":[{"offset":1000041}]}"#,
+            br#"{"batch_id":"orders-2-7","failed":[{"partition":3,"offset":41}]}"#,
+            // One good entry does not make the bad one acceptable.
+            br#"{"batch_id":"orders-2-7","failed":[{"offset":41},{"offset":42}]}"#,
+        ] {
+            assert!(
+                matches!(FailureReport::classify(answer, &b), Line::Broken(e) if e.contains("does not hold") || e.contains("partition 3")),
+                "exec: {}",
+                String::from_utf8_lossy(answer)
+            );
+            assert!(
+                matches!(
+                    FailureReport::parse(answer, &b),
+                    BatchOutcome::Failed(Failure {
+                        retryable: true,
+                        ..
+                    })
+                ),
+                "http: {}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+        // An offset named twice is one failure, with its first entry.
+        assert_eq!(
+            FailureReport::parse(
+                br#"{"failed":[{"offset":41,"error":"a"},{"offset":41,"error":"b"}]}"#,
+                &b
+            ),
+            BatchOutcome::Partial(vec![(41, Failure::retryable("a"))])
+        );
     }
 
     #[test]

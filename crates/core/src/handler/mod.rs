@@ -12,8 +12,8 @@ mod simulate;
 
 use async_trait::async_trait;
 
-pub use exec::ExecHandler;
-pub use http::HttpHandler;
+pub use exec::{kill_children, ExecHandler, SCRUBBED_ENV};
+pub use http::{redact_url, HttpHandler, MAX_ANSWER_BYTES};
 pub use json::{batch_id, encode_batch, FailureReport, Line};
 pub use simulate::SimulateHandler;
 
@@ -73,6 +73,11 @@ pub trait Handler: Send + Sync + 'static {
     /// is slow (a child process) begins it here: the partitions a scale
     /// step hands to a new worker should not wait for it.
     async fn prepare(&self, _slots: usize) {}
+
+    /// Waits until the handler can take a batch without a wait of its own
+    /// (an exec child's restart back-off). The worker awaits it before the
+    /// handler timeout starts, so such a wait never eats the timeout.
+    async fn ready(&self) {}
 
     /// Called once when the worker stops, after the last batch.
     async fn shutdown(&self) {}
