@@ -538,3 +538,94 @@ fn lag_reaches_zero_on_a_transactional_topic() {
     let seen = audited(&[log]);
     assert_eq!(seen.len(), 100, "every record reached the handler");
 }
+
+/// A worker frozen past its session timeout (SIGSTOP, as a long GC pause or
+/// a throttled container would) has lost its partitions when it wakes: it
+/// drops them at once, commits nothing for them, and its group goes on
+/// without losing a record. Before, a lost assignment was handled as a
+/// revoke: the member drained and committed partitions another member
+/// already owned.
+#[test]
+fn a_worker_frozen_past_its_session_drops_its_lost_partitions() {
+    let dir = TestDir::new("lost");
+    let topic = unique("lost");
+    let group = unique("g");
+    create_topic(&topic, 4);
+    produce(&topic, 2000, &[]);
+    let log = dir.path("handled.txt");
+    let cmd = logging_handler(&dir, &log, "    import time; time.sleep(0.05)\n");
+    let caps = ["--max-records", "10", "--concurrency", "2"];
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, port_a, &cmd, &caps);
+    wait_until(Duration::from_secs(60), "A works", || {
+        !audited(std::slice::from_ref(&log)).is_empty()
+    });
+    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, port_b, &cmd, &caps);
+    wait_until(Duration::from_secs(60), "B has partitions", || {
+        worker_metric(port_b, "microbatch_assigned_partitions") == Some(2.0)
+    });
+    a.signal(libc::SIGSTOP);
+    wait_until(Duration::from_secs(60), "B took every partition", || {
+        worker_metric(port_b, "microbatch_assigned_partitions") == Some(4.0)
+    });
+    a.signal(libc::SIGCONT);
+    wait_until(Duration::from_secs(60), "A knows it lost them", || {
+        a.stderr().contains("partitions lost")
+    });
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
+    a.terminate();
+    b.terminate();
+    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    assert_eq!(n, 2000);
+}
+
+/// A second SIGTERM stops the worker at once (exit 130) instead of waiting
+/// out the drain deadline, and takes its exec children with it; nothing
+/// it had not finished is committed, so the next worker handles it all.
+#[test]
+fn a_second_sigterm_stops_at_once_and_loses_nothing() {
+    let dir = TestDir::new("second-term");
+    let topic = unique("second-term");
+    let group = unique("g");
+    create_topic(&topic, 2);
+    produce(&topic, 100, &[]);
+    let log = dir.path("handled.txt");
+    let gate = dir.path("go");
+    // Handles nothing until the gate file exists: every batch stays in flight.
+    let cmd = logging_handler(
+        &dir,
+        &log,
+        &format!("    import time\n    while not os.path.exists({gate:?}): time.sleep(0.05)\n"),
+    );
+    let port = free_port();
+    let opts = [
+        "--drain-timeout-ms",
+        "600000",
+        "--handler-timeout-ms",
+        "600000",
+    ];
+    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, port, &cmd, &opts);
+    wait_until(Duration::from_secs(60), "batches in flight", || {
+        worker_metric(port, "microbatch_slots_busy").unwrap_or(0.0) >= 1.0
+    });
+    a.signal(libc::SIGTERM);
+    wait_until(Duration::from_secs(10), "the drain begins", || {
+        a.stderr().contains("SIGTERM received")
+    });
+    a.signal(libc::SIGTERM);
+    let status = a
+        .wait_for_exit(Duration::from_secs(10))
+        .expect("the second SIGTERM stops it within seconds, not the 600 s drain");
+    assert_eq!(status.code(), Some(130), "{}", a.stderr());
+    let script = dir.path("recording.py");
+    let script = script.to_str().expect("a UTF-8 path");
+    wait_until(Duration::from_secs(10), "no handler process left", || {
+        processes_running(script).is_empty()
+    });
+    std::fs::write(&gate, "").unwrap();
+    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, free_port(), &cmd, &[]);
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    b.terminate();
+    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    assert_eq!(n, 100);
+}

@@ -1303,6 +1303,37 @@ impl Pipeline {
         any
     }
 
+    /// The group took these partitions away without a revoke (the session
+    /// timed out, or the member was fenced): another member may own them
+    /// already, so nothing of theirs is drained, started or committed; they
+    /// are forgotten at once. Their batches still running are abandoned, as
+    /// at a revoke deadline, and their records are redelivered to the owner.
+    pub fn handle_lost(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            let Some(ps) = self.partitions.remove(p) else {
+                continue;
+            };
+            tracing::warn!(
+                partition = p,
+                "partition lost (session timed out or fenced): dropped without a commit; \
+                 its unfinished records go to its new owner"
+            );
+            self.forget(*p, ps);
+            let label = crate::telemetry::PartitionLabel {
+                topic: self.topic.to_string(),
+                partition: *p,
+            };
+            self.telemetry.metrics.partition_lag.remove(&label);
+            self.telemetry.metrics.partition_lag_seconds.remove(&label);
+        }
+        self.telemetry
+            .metrics
+            .assigned_partitions
+            .set(self.partitions.len() as i64);
+        self.capacity.set_slots(self.clock, self.usable_slots());
+        self.update_gauges();
+    }
+
     /// Revocation ends: commits what is done of the revoked partitions
     /// (synchronously) and forgets them. Their batches still running are
     /// abandoned; their records will be redelivered to the new owner.
@@ -2103,6 +2134,30 @@ mod tests {
             !p.final_commit_pending(t0 + Duration::from_secs(10)),
             "the drain deadline ends the tries"
         );
+    }
+
+    #[test]
+    fn a_lost_partition_is_dropped_at_once_and_never_committed() {
+        let t0 = Instant::now();
+        let mut p = with_one_batch(t0);
+        let (slot, batch) = starts(&mut p).pop().expect("a batch started");
+        p.handle_lost(&[0]);
+        assert_eq!(p.assigned().count(), 0, "forgotten at once, not drained");
+        assert_eq!(p.held(), 0);
+        // Its batch finishes after the loss, and records fetched before the
+        // loss arrive late: none of it may start work or commit.
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+        p.handle_record(&Rec(0, 2), t0);
+        let later = t0 + Duration::from_secs(5);
+        p.handle_tick(later);
+        let after = intents(&mut p);
+        assert!(
+            !after
+                .iter()
+                .any(|i| matches!(i, Intent::Commit { .. } | Intent::Start { .. })),
+            "{after:?}"
+        );
+        assert!(p.revoke_settled(later), "nothing left to wait for");
     }
 
     #[test]

@@ -552,6 +552,16 @@ impl Adapter {
         self.execute(consumer);
     }
 
+    /// Lost partitions: forgotten at once, neither drained nor committed.
+    fn lose(&mut self, tpl: &TopicPartitionList) {
+        let lost: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        self.pipeline.handle_lost(&lost);
+    }
+
     /// Revocation: drains the revoked partitions while the others go on,
     /// until they are done or the deadline passes, then commits them and
     /// forgets them. Runs inside librdkafka's rebalance callback.
@@ -731,6 +741,18 @@ impl ConsumerContext for WorkerContext {
                         a.fetch.route(consumer, &self.topic, elem.partition());
                     }
                 });
+            }
+            Rebalance::Revoke(tpl) if consumer.assignment_lost() => {
+                self.telemetry
+                    .metrics
+                    .rebalances
+                    .get_or_create(&KindLabel { kind: "lost" })
+                    .inc();
+                tracing::warn!(
+                    partitions = tpl.count(),
+                    "partitions lost (session timed out or fenced); dropping them without a commit"
+                );
+                self.with_adapter(|a| a.lose(tpl));
             }
             Rebalance::Revoke(tpl) => {
                 self.telemetry
