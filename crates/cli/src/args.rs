@@ -126,7 +126,12 @@ impl FileConfig {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
         })?;
-        toml::from_str(&text).map_err(|e| {
+        Self::parse(&text, path)
+    }
+
+    /// Reads the file's text; every error names `--config` and the file.
+    pub fn parse(text: &str, path: &Path) -> anyhow::Result<Self> {
+        toml::from_str(text).map_err(|e| {
             ConfigError::new("--config", format!("{}: {}", path.display(), e.message())).into()
         })
     }
@@ -283,6 +288,37 @@ pub fn require<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("MICROBATCH_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000)
+        ))]
+
+        /// Any text, and any line made of our keys with values of any
+        /// type, is read or refused with an error that names the flag:
+        /// never a panic.
+        #[test]
+        fn any_config_file_is_read_or_refused_naming_the_flag(
+            text in prop_oneof![
+                "[ -~\\n]{0,200}",
+                (
+                    prop_oneof![
+                        proptest::sample::select(["max_records", "handler_env", "dlq", "url", "kafka_properties"].map(String::from).to_vec()),
+                        "[a-z_]{1,12}",
+                    ],
+                    prop_oneof![
+                        proptest::sample::select(["3", "-1", "\"x\"", "[\"A\"]", "{}", "1e400", "true"].map(String::from).to_vec()),
+                        "[ -~]{0,12}",
+                    ],
+                ).prop_map(|(k, v)| format!("{k} = {v}\n")),
+            ]
+        ) {
+            if let Err(e) = FileConfig::parse(&text, Path::new("f.toml")) {
+                prop_assert!(e.to_string().contains("--config"), "{e:#}");
+            }
+        }
+    }
 
     #[test]
     fn file_rejects_unknown_keys_and_names_the_flag() {

@@ -579,7 +579,7 @@ fn a_worker_frozen_past_its_session_drops_its_lost_partitions() {
     assert_eq!(n, 2000);
 }
 
-/// A second SIGTERM stops the worker at once (exit 130) instead of waiting
+/// A second SIGTERM stops the worker at once (exit 143) instead of waiting
 /// out the drain deadline, and takes its exec children with it; nothing
 /// it had not finished is committed, so the next worker handles it all.
 #[test]
@@ -616,7 +616,7 @@ fn a_second_sigterm_stops_at_once_and_loses_nothing() {
     let status = a
         .wait_for_exit(Duration::from_secs(10))
         .expect("the second SIGTERM stops it within seconds, not the 600 s drain");
-    assert_eq!(status.code(), Some(130), "{}", a.stderr());
+    assert_eq!(status.code(), Some(143), "{}", a.stderr());
     let script = dir.path("recording.py");
     let script = script.to_str().expect("a UTF-8 path");
     wait_until(Duration::from_secs(10), "no handler process left", || {

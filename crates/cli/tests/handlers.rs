@@ -614,3 +614,36 @@ fn large_poison_records_are_dead_lettered() {
         "the dead-letter topic is made with room for the source's records"
     );
 }
+
+/// An exec command that answers every batch in the protocol before
+/// `batch_id` is a configuration error: the worker says how to answer and
+/// exits with status 1, committing nothing it did not see answered. Before,
+/// it retried for ever with a warning, as if the downstream were out.
+#[test]
+fn a_handler_answering_in_the_old_shape_stops_the_worker() {
+    let dir = TestDir::new("exec-old-shape");
+    let topic = unique("exec-old-shape");
+    let group = unique("g");
+    create_topic(&topic, 1);
+    produce(&topic, 20, &[]);
+    let old = python_handler(
+        &dir,
+        "old.py",
+        "import sys, json\nfor line in sys.stdin:\n    print(json.dumps({'failed': []}), flush=True)\n",
+    );
+    let mut w = spawn_exec_worker(&dir, "w", &topic, &group, free_port(), &old, &[]);
+    let status = w
+        .wait_for_exit(Duration::from_secs(60))
+        .expect("the worker stops by itself");
+    assert_eq!(status.code(), Some(1), "{}", w.stderr());
+    assert!(
+        w.stderr().contains("without \"batch_id\"") && w.stderr().contains("misconfigured"),
+        "{}",
+        w.stderr()
+    );
+    let committed = lag_json(&topic, &group)["partitions"][0]["committed"].as_i64();
+    assert!(
+        committed.unwrap_or(0) == 0,
+        "nothing was answered, nothing may be committed: {committed:?}"
+    );
+}

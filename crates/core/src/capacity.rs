@@ -456,4 +456,56 @@ mod tests {
             "unknown fields are skipped"
         );
     }
+
+    /// Commit metadata is written by other workers (and other clients):
+    /// any text decodes to a well-formed report or to nothing, never a
+    /// panic, a busy fraction outside 0..=1 or a negative rate.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn field() -> impl Strategy<Value = String> {
+            let value = prop_oneof![
+                "[0-9]{0,22}",
+                "-?[0-9]{1,3}\\.[0-9]{0,6}",
+                Just("NaN".to_string()),
+                Just("inf".to_string()),
+                Just("-1".to_string()),
+                "[a-z=]{0,6}",
+            ];
+            (
+                prop_oneof![
+                    Just("worker"),
+                    Just("at"),
+                    Just("window_ms"),
+                    Just("busy"),
+                    Just("rate"),
+                    Just("slots"),
+                    Just("x"),
+                ],
+                value,
+            )
+                .prop_map(|(k, v)| format!("{k}={v}"))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(
+                std::env::var("MICROBATCH_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
+            ))]
+
+            #[test]
+            fn any_metadata_decodes_to_a_sane_report_or_nothing(
+                prefix in prop_oneof![Just(PREFIX.to_string()), "[ -~]{0,24}"],
+                fields in proptest::collection::vec(field(), 0..9),
+                noise in "[ -~]{0,16}",
+            ) {
+                let text = format!("{prefix} {} {noise}", fields.join(" "));
+                if let Some(r) = CapacityReport::decode(&text) {
+                    prop_assert!((0.0..=1.0).contains(&r.busy_fraction));
+                    prop_assert!(r.processed_per_sec.is_finite() && r.processed_per_sec >= 0.0);
+                    prop_assert!(!r.worker.is_empty());
+                }
+            }
+        }
+    }
 }

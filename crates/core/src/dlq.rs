@@ -20,9 +20,13 @@
 //! dead-letter topic is created with the source topic's replication factor
 //! (at most the broker count) unless `--dlq-replication-factor`, its
 //! `min.insync.replicas`, and a `max.message.bytes` of the source's plus
-//! [`DEAD_LETTER_HEADROOM`] for the context headers. The producer's own
-//! size limit is raised to match, so a record near the source's limit is
-//! not refused before it is sent. An existing dead-letter topic that is
+//! [`DEAD_LETTER_HEADROOM`] for the context headers. The producer
+//! compresses (zstd) and lets records of up to 256 MiB through to the broker,
+//! which checks the topic's limit on the compressed batch as it did for the
+//! source: a record near the source's limit, or one the source took
+//! compressed, is not refused before it is sent. A cluster that refuses the
+//! topic's configs (a provider's cap) gets the topic without its
+//! `max.message.bytes`, with a warning. An existing dead-letter topic that is
 //! smaller than the source is named in a warning at start with the fix;
 //! its dead letters that do not fit stay in the backlog (below), visibly.
 //! The error text a dead letter carries is cut to [`MAX_ERROR_HEADER_BYTES`].
@@ -30,6 +34,7 @@
 use std::time::Duration;
 
 use futures::future::join_all;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -51,8 +56,14 @@ pub const DEAD_LETTER_HEADROOM: i64 = 16 << 10;
 /// The longest error text a dead letter's `microbatch.error` carries.
 pub const MAX_ERROR_HEADER_BYTES: usize = 4 << 10;
 
-/// librdkafka's own default `message.max.bytes`, below which we never go.
-const LIBRDKAFKA_MESSAGE_MAX_BYTES: i64 = 1_000_000;
+/// The producer's `message.max.bytes`: librdkafka checks it against a
+/// record before compression, the broker checks the topic's limit after,
+/// so a record the source took compressed may be far larger than the
+/// topic's limit. The producer lets such a record through to the broker,
+/// compressed (`compression.type` zstd), which decides; librdkafka allows
+/// at most 1,000,000,000.
+const PRODUCER_MESSAGE_MAX_BYTES: i64 = 256 << 20;
+const LIBRDKAFKA_MAX_MESSAGE_MAX_BYTES: i64 = 1_000_000_000;
 
 /// Why the dead-letter topic is not ready; each names the topic and the fix.
 #[derive(Debug, Error)]
@@ -97,6 +108,40 @@ pub mod headers {
     pub const CONSUMER_GROUP: &str = "microbatch.consumer.group";
 }
 
+/// How long the settings of a source topic may take to read before its
+/// dead-letter topic is made with the broker's defaults.
+const SETTINGS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Warns when the existing dead-letter topic takes smaller records than
+/// its source topic, with the command that fixes it.
+async fn warn_if_smaller(kafka: KafkaConfig, source_topic: String, dlq_topic: String) {
+    let max = |topic: String| {
+        let kafka = kafka.clone();
+        async move {
+            topic_settings(&kafka, &topic, SETTINGS_TIMEOUT)
+                .await
+                .ok()
+                .and_then(|s| s.max_message_bytes)
+        }
+    };
+    let (Some(source_max), Some(dlq_max)) = (max(source_topic).await, max(dlq_topic.clone()).await)
+    else {
+        return;
+    };
+    let needed_max = source_max + DEAD_LETTER_HEADROOM;
+    if dlq_max < needed_max {
+        tracing::warn!(
+            dlq_topic = %dlq_topic,
+            dlq_max_message_bytes = dlq_max,
+            source_max_message_bytes = source_max,
+            "the dead-letter topic takes smaller records than the source topic: a rejected \
+             record near the source's limit cannot be dead-lettered and holds its partition. \
+             Fix: kafka-configs.sh --alter --entity-type topics --entity-name {dlq_topic} \
+             --add-config max.message.bytes={needed_max}"
+        );
+    }
+}
+
 /// The replication factor and topic configs of a dead-letter topic made for
 /// a source topic with `source`'s settings (see the module docs).
 pub fn creation_settings(
@@ -119,11 +164,16 @@ pub fn creation_settings(
             + DEAD_LETTER_HEADROOM)
             .to_string(),
     )];
-    if let Some(min_isr) = source.min_insync_replicas {
+    match (source.min_insync_replicas, replication) {
         // More in-sync replicas than replicas would refuse every write.
-        if replication < 0 || min_isr <= replication {
-            configs.push(("min.insync.replicas", min_isr.to_string()));
+        (Some(min_isr), r) if r > 0 => {
+            configs.push(("min.insync.replicas", min_isr.min(r).max(1).to_string()))
         }
+        (Some(min_isr), _) => configs.push(("min.insync.replicas", min_isr.to_string())),
+        // Unknown: the broker's default, which may exceed a small factor
+        // given by --dlq-replication-factor; 1 is the only safe value then.
+        (None, 1) => configs.push(("min.insync.replicas", "1".into())),
+        (None, _) => {}
     }
     (replication, configs)
 }
@@ -159,17 +209,6 @@ impl DeadLetterWriter {
         group: &str,
     ) -> Result<Self, DlqError> {
         let timeout = Duration::from_secs(30);
-        let source = match topic_settings(kafka, source_topic, timeout).await {
-            Ok(settings) => settings,
-            Err(e) => {
-                tracing::warn!(source_topic, error = %e, "could not read the source topic's settings; the dead-letter topic gets the broker's defaults");
-                TopicSettings::default()
-            }
-        };
-        let source_max = source
-            .max_message_bytes
-            .unwrap_or(KAFKA_DEFAULT_MAX_MESSAGE_BYTES);
-        let needed_max = source_max + DEAD_LETTER_HEADROOM;
         match lookup
             .state(&dlq.topic)
             .await
@@ -178,22 +217,14 @@ impl DeadLetterWriter {
                 reason,
             })? {
             (TopicState::Exists, _) => {
-                let dlq_max = topic_settings(kafka, &dlq.topic, timeout)
-                    .await
-                    .ok()
-                    .and_then(|s| s.max_message_bytes);
-                if let Some(dlq_max) = dlq_max.filter(|&m| m < needed_max) {
-                    tracing::warn!(
-                        dlq_topic = %dlq.topic,
-                        dlq_max_message_bytes = dlq_max,
-                        source_max_message_bytes = source_max,
-                        "the dead-letter topic takes smaller records than the source topic: a rejected \
-                         record near the source's limit cannot be dead-lettered and holds its partition. \
-                         Fix: kafka-configs.sh --alter --entity-type topics --entity-name {} \
-                         --add-config max.message.bytes={needed_max}",
-                        dlq.topic
-                    );
-                }
+                // Only a warning hangs on it, so it does not hold up the
+                // start (a cluster that does not answer DescribeConfigs,
+                // as librdkafka's mock does not, would for the timeout).
+                tokio::spawn(warn_if_smaller(
+                    kafka.clone(),
+                    source_topic.to_string(),
+                    dlq.topic.clone(),
+                ));
             }
             (TopicState::Denied(reason), _) => {
                 return Err(DlqError::NotAuthorized {
@@ -207,6 +238,13 @@ impl DeadLetterWriter {
                 })
             }
             (TopicState::Missing, _) => {
+                let source = match topic_settings(kafka, source_topic, SETTINGS_TIMEOUT).await {
+                    Ok(settings) => settings,
+                    Err(e) => {
+                        tracing::warn!(source_topic, error = %e, "could not read the source topic's settings; the dead-letter topic gets the broker's defaults");
+                        TopicSettings::default()
+                    }
+                };
                 let partitions = match dlq.partitions {
                     Some(p) => p,
                     None => match lookup.state(source_topic).await {
@@ -214,19 +252,41 @@ impl DeadLetterWriter {
                         _ => 1,
                     },
                 };
-                let (replication, configs) = creation_settings(dlq, &source);
-                let config_refs: Vec<(&str, String)> =
-                    configs.iter().map(|(k, v)| (*k, v.clone())).collect();
-                match create_topic_with(
-                    kafka,
-                    &dlq.topic,
-                    partitions,
-                    replication,
-                    &config_refs,
-                    timeout,
-                )
-                .await
-                {
+                let (replication, mut configs) = creation_settings(dlq, &source);
+                let mut created;
+                loop {
+                    created = create_topic_with(
+                        kafka,
+                        &dlq.topic,
+                        partitions,
+                        replication,
+                        &configs,
+                        timeout,
+                    )
+                    .await;
+                    let Err(ClientError::Kafka(KafkaError::AdminOp(
+                        code
+                        @ (RDKafkaErrorCode::InvalidConfig | RDKafkaErrorCode::PolicyViolation),
+                    ))) = &created
+                    else {
+                        break;
+                    };
+                    if !configs.iter().any(|(k, _)| *k == "max.message.bytes") {
+                        break;
+                    }
+                    // A provider's cap on max.message.bytes: the broker's
+                    // default then, and the smaller topic named loudly.
+                    tracing::warn!(
+                        dlq_topic = %dlq.topic,
+                        error = %code,
+                        configs = ?configs,
+                        "the cluster refused the dead-letter topic's configs; creating it with the \
+                         broker's max.message.bytes: a rejected record larger than that cannot be \
+                         dead-lettered and holds its partition"
+                    );
+                    configs.retain(|(k, _)| *k != "max.message.bytes");
+                }
+                match created {
                     Ok(_) => tracing::info!(
                         dlq_topic = %dlq.topic,
                         partitions,
@@ -249,21 +309,24 @@ impl DeadLetterWriter {
                 }
             }
         }
-        Ok(Self::new(kafka, &dlq.topic, group, needed_max)?)
+        Ok(Self::new(kafka, &dlq.topic, group, 0)?)
     }
 
-    /// A writer whose producer takes records up to `max_message_bytes`.
+    /// A writer whose producer takes records up to `max_message_bytes`, or
+    /// 256 MiB when that is more (see the module docs).
     pub fn new(
         kafka: &KafkaConfig,
         topic: &str,
         group: &str,
         max_message_bytes: i64,
     ) -> Result<Self, rdkafka::error::KafkaError> {
-        let max_message_bytes = max_message_bytes.max(LIBRDKAFKA_MESSAGE_MAX_BYTES);
+        let max_message_bytes =
+            max_message_bytes.clamp(PRODUCER_MESSAGE_MAX_BYTES, LIBRDKAFKA_MAX_MESSAGE_MAX_BYTES);
         let producer = kafka.create_client(
             kafka
                 .client_config()
                 .set("message.max.bytes", max_message_bytes.to_string())
+                .set("compression.type", "zstd")
                 .set("enable.idempotence", "true")
                 .set("acks", "all")
                 .set("linger.ms", "5")
@@ -385,13 +448,26 @@ mod tests {
         };
         let (replication, configs) = creation_settings(&dlq, &small);
         assert_eq!(replication, 1);
-        assert!(!configs.iter().any(|(k, _)| *k == "min.insync.replicas"));
+        assert!(configs.contains(&("min.insync.replicas", "1".into())));
         // An explicit factor wins; unknown settings fall back to the broker's.
         let explicit = DeadLetterConfig {
             replication_factor: Some(2),
             ..dlq.clone()
         };
-        assert_eq!(creation_settings(&explicit, &source).0, 2);
+        let (replication, configs) = creation_settings(&explicit, &source);
+        assert_eq!(replication, 2);
+        assert!(configs.contains(&("min.insync.replicas", "2".into())));
+        let one = DeadLetterConfig {
+            replication_factor: Some(1),
+            ..dlq.clone()
+        };
+        let (_, configs) = creation_settings(&one, &source);
+        assert!(
+            configs.contains(&("min.insync.replicas", "1".into())),
+            "min.insync.replicas 2 on 1 replica refuses every write"
+        );
+        let (_, configs) = creation_settings(&one, &TopicSettings::default());
+        assert!(configs.contains(&("min.insync.replicas", "1".into())));
         let (replication, configs) = creation_settings(&dlq, &TopicSettings::default());
         assert_eq!(replication, -1);
         assert_eq!(

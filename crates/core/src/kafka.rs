@@ -244,16 +244,29 @@ pub async fn topic_settings(
         .and_then(|t| t.partitions().first())
         .map(|p| p.replicas().len() as i32);
     let opts = AdminOptions::new().request_timeout(Some(timeout));
-    if let Ok(results) = admin
+    let described = admin
         .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
         .await
-    {
-        if let Some(Ok(resource)) = results.into_iter().next() {
+        .map_err(|e| e.to_string())
+        .and_then(|results| match results.into_iter().next() {
+            Some(Ok(resource)) => Ok(resource),
+            Some(Err(code)) => Err(code.to_string()),
+            None => Err("no answer".into()),
+        });
+    match described {
+        Ok(resource) => {
             let value = |name: &str| resource.get(name).and_then(|e| e.value.clone());
             settings.max_message_bytes = value("max.message.bytes").and_then(|v| v.parse().ok());
             settings.min_insync_replicas =
                 value("min.insync.replicas").and_then(|v| v.parse().ok());
         }
+        Err(reason) => tracing::warn!(
+            topic,
+            %reason,
+            "could not read the topic's configs (DescribeConfigs; grant DESCRIBE_CONFIGS, or on MSK \
+             kafka-cluster:DescribeTopicDynamicConfiguration): its max.message.bytes and \
+             min.insync.replicas are taken as the broker's defaults"
+        ),
     }
     Ok(settings)
 }
@@ -275,7 +288,7 @@ pub async fn create_topic_with(
     topic: &str,
     partitions: i32,
     replication: i32,
-    configs: &[(&str, String)],
+    configs: &[(&'static str, String)],
     timeout: Duration,
 ) -> Result<bool, ClientError> {
     let admin = admin_client(kafka)?;

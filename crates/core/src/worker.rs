@@ -107,6 +107,8 @@ pub enum WorkerError {
     },
     #[error("the poll loop panicked")]
     Panicked,
+    #[error("the handler is misconfigured: {0}")]
+    HandlerMisconfigured(String),
 }
 
 /// What a worker did, returned when it stops.
@@ -400,19 +402,32 @@ impl Adapter {
             started: Instant::now(),
         };
         self.runtime.spawn(async move {
-            // A handler's own back-off is not part of its time on the batch.
-            handler.ready().await;
-            verdict.started = Instant::now();
-            // A panicking handler fails its batch like any other error.
-            let handled = AssertUnwindSafe(tokio::time::timeout(timeout, handler.handle(&batch)))
-                .catch_unwind()
-                .await;
+            // A panicking handler fails its batch like any other error, in
+            // `ready` as in `handle`.
+            let handled = AssertUnwindSafe(async {
+                // A handler's own back-off is not part of its time on the
+                // batch; it too is bounded by the timeout.
+                let _ = tokio::time::timeout(timeout, handler.ready()).await;
+                let started = Instant::now();
+                (
+                    started,
+                    tokio::time::timeout(timeout, handler.handle(&batch)).await,
+                )
+            })
+            .catch_unwind()
+            .await;
             let outcome = match handled {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(_)) => BatchOutcome::Failed(Failure::retryable(format!(
-                    "handler timed out after {} ms",
-                    timeout.as_millis()
-                ))),
+                Ok((started, Ok(outcome))) => {
+                    verdict.started = started;
+                    outcome
+                }
+                Ok((started, Err(_))) => {
+                    verdict.started = started;
+                    BatchOutcome::Failed(Failure::retryable(format!(
+                        "handler timed out after {} ms",
+                        timeout.as_millis()
+                    )))
+                }
                 Err(panic) => {
                     let what = panic
                         .downcast_ref::<&str>()
@@ -950,7 +965,9 @@ fn poll_loop(
             .with_adapter(|a| {
                 let p = &mut a.pipeline;
                 if p.phase() == Phase::Consuming
-                    && (stop.load(AtomicOrdering::SeqCst) || p.fatal().is_some())
+                    && (stop.load(AtomicOrdering::SeqCst)
+                        || p.fatal().is_some()
+                        || a.handler.misconfigured().is_some())
                 {
                     p.shutdown(now);
                 }
@@ -1031,11 +1048,19 @@ fn poll_loop(
             a.collect_commit_results();
             a.pipeline.close();
             a.execute(&consumer);
-            let fatal = a.pipeline.fatal().map(|u| WorkerError::Undeliverable {
-                partition: u.partition,
-                offset: u.offset,
-                error: u.error.clone(),
-            });
+            let fatal = a
+                .pipeline
+                .fatal()
+                .map(|u| WorkerError::Undeliverable {
+                    partition: u.partition,
+                    offset: u.offset,
+                    error: u.error.clone(),
+                })
+                .or_else(|| {
+                    a.handler
+                        .misconfigured()
+                        .map(WorkerError::HandlerMisconfigured)
+                });
             (a.pipeline.report().clone(), fatal)
         })
         .expect("adapter installed before polling");

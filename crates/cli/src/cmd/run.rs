@@ -12,7 +12,9 @@ use microbatch_core::config::{
     BatchLimits, ConfigError, DeadLetterConfig, GroupProtocol, OffsetReset, Ordering, RetryPolicy,
     WorkerConfig,
 };
-use microbatch_core::handler::{ExecHandler, Handler, HttpHandler, SimulateHandler};
+use microbatch_core::handler::{
+    ExecHandler, Handler, HttpHandler, HttpHandlerError, SimulateHandler,
+};
 use microbatch_core::{Telemetry, Worker};
 
 use crate::args::{parse_file_value, pick, require, GroupArgs, KafkaArgs};
@@ -90,7 +92,12 @@ pub struct Args {
     pub handler_env: Vec<String>,
     /// http: URL to POST batches to. Redirects are not followed; user,
     /// password and query values are masked in logs and errors.
-    #[arg(long, env = "MICROBATCH_URL", help_heading = "Handler")]
+    #[arg(
+        long,
+        env = "MICROBATCH_URL",
+        hide_env_values = true,
+        help_heading = "Handler"
+    )]
     pub url: Option<String>,
     /// A batch not answered within this fails (retryable) [default: 60000].
     #[arg(long, env = "MICROBATCH_HANDLER_TIMEOUT_MS", help_heading = "Handler")]
@@ -343,6 +350,13 @@ impl Args {
                 } else {
                     self.handler_env.clone()
                 };
+                // The children run as our user: without this they could read
+                // our environment and command line (credentials) from
+                // /proc/<our pid>, scrubbed environment or not. Root still can.
+                // SAFETY: a plain prctl on this process; no memory involved.
+                unsafe {
+                    libc::prctl(libc::PR_SET_DUMPABLE, 0);
+                }
                 Arc::new(ExecHandler::with_env(command, &passed))
             }
             HandlerKind::Http => {
@@ -352,15 +366,13 @@ impl Args {
                     "--url",
                     "MICROBATCH_URL",
                 )?;
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(
-                        ConfigError::new("--url", "must start with http:// or https://").into(),
-                    );
+                match HttpHandler::new(&url, config.handler_timeout) {
+                    Ok(handler) => Arc::new(handler),
+                    Err(HttpHandlerError::InvalidUrl(why)) => {
+                        return Err(ConfigError::new("--url", why).into())
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Arc::new(
-                    HttpHandler::new(url, config.handler_timeout)
-                        .context("creating the HTTP client")?,
-                )
             }
         };
         let host = self
@@ -421,8 +433,11 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// Resolves at the first SIGTERM or SIGINT, which starts the orderly drain;
-/// a second one stops the process at once (exit 130): its in-flight
-/// records are not committed and their next owner handles them again.
+/// a second signal of the same kind stops the process at once (exit 143
+/// for SIGTERM, 130 for SIGINT): its in-flight records are not committed
+/// and their next owner handles them again. Only the same kind counts:
+/// Ctrl-C on `supervise` sends each worker a SIGINT from the terminal and
+/// then a SIGTERM from the supervisor, which must drain, not stop.
 async fn shutdown_then_force() {
     use tokio::signal::unix::{signal, SignalKind};
     // Both handlers stay installed from the start, so a second signal that
@@ -430,20 +445,27 @@ async fn shutdown_then_force() {
     let mut term =
         signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler cannot fail");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received; shutting down (a second one stops at once)"),
-        _ = int.recv() => tracing::info!("SIGINT received; shutting down (a second one stops at once)"),
-    }
+    let first = tokio::select! {
+        _ = term.recv() => libc::SIGTERM,
+        _ = int.recv() => libc::SIGINT,
+    };
+    let name = if first == libc::SIGTERM {
+        "SIGTERM"
+    } else {
+        "SIGINT"
+    };
+    tracing::info!("{name} received; shutting down (a second {name} stops at once)");
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        if first == libc::SIGTERM {
+            term.recv().await;
+        } else {
+            int.recv().await;
         }
         tracing::error!(
-            "second signal: stopping now without finishing in-flight batches; \
+            "second {name}: stopping now without finishing in-flight batches; \
              their records are not committed and will be handled again"
         );
         microbatch_core::handler::kill_children();
-        std::process::exit(130);
+        std::process::exit(128 + first);
     });
 }

@@ -24,6 +24,7 @@
 //! after every timeout and at every exit with batches in flight.
 
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -95,6 +96,10 @@ pub const SCRUBBED_ENV: &[&str] = &[
     "AWS_CONTAINER_AUTHORIZATION_TOKEN",
 ];
 
+/// Answers in the protocol before `batch_id` in a row, each from a fresh
+/// child, that make the command a configuration error.
+pub const OLD_PROTOCOL_ANSWERS_TO_STOP: u32 = 3;
+
 /// The longest wait before a child is started again after deaths in a row.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -120,6 +125,8 @@ pub struct ExecHandler {
     scrubbed: Vec<String>,
     idle: Mutex<Vec<ExecChild>>,
     restarts: Mutex<Restarts>,
+    /// Answers without `batch_id` in a row (see [`Handler::misconfigured`]).
+    old_protocol_answers: AtomicU32,
     noise: LogThrottle,
 }
 
@@ -141,6 +148,7 @@ impl ExecHandler {
                 .collect(),
             idle: Mutex::new(Vec::new()),
             restarts: Mutex::new(Restarts::default()),
+            old_protocol_answers: AtomicU32::new(0),
             noise: LogThrottle::default(),
         }
     }
@@ -233,8 +241,15 @@ impl ExecHandler {
                 ));
             }
             match FailureReport::classify(&line, batch) {
-                Line::Answer(outcome) => return Ok(outcome),
+                Line::Answer(outcome) => {
+                    self.old_protocol_answers.store(0, Ordering::Relaxed);
+                    return Ok(outcome);
+                }
                 Line::Broken(error) => return Err(error),
+                Line::OldProtocol(error) => {
+                    self.old_protocol_answers.fetch_add(1, Ordering::Relaxed);
+                    return Err(error);
+                }
                 Line::Noise => {
                     if let Some(suppressed) = self.noise.allow(std::time::Instant::now()) {
                         let text = String::from_utf8_lossy(&line[..line.len().min(200)]);
@@ -280,6 +295,17 @@ impl Handler for ExecHandler {
                 BatchOutcome::Failed(Failure::retryable(e))
             }
         }
+    }
+
+    fn misconfigured(&self) -> Option<String> {
+        let n = self.old_protocol_answers.load(Ordering::Relaxed);
+        (n >= OLD_PROTOCOL_ANSWERS_TO_STOP).then(|| {
+            format!(
+                "the exec handler answered {n} batches in a row without \"batch_id\" (the protocol \
+                 before it), each from a fresh child: answer {{\"batch_id\":\"<the batch's>\",\"failed\":[…]}} \
+                 (see the README's exec protocol)"
+            )
+        })
     }
 
     async fn ready(&self) {

@@ -1,8 +1,9 @@
 //! `http`: POST each batch as JSON to a URL.
 //!
-//! 2xx with an empty body or `{"failed":[…]}` (whose `batch_id`, if given,
-//! must name the batch, and whose entries must name its records) reports
-//! per-record results. A body that cannot be read in full, or is larger
+//! 2xx with `{"failed":[…]}` (whose `batch_id`, if given, must name the
+//! batch, and whose entries must name its records) reports per-record
+//! results; an empty 2xx body is a success only when its end is certain
+//! (204, `Content-Length: 0`, or a chunked body that ended). A body that cannot be read in full, or is larger
 //! than [`MAX_ANSWER_BYTES`], is a retryable failure, never a success.
 //! 5xx, 408, 429, timeouts and connection errors are retryable, and so are
 //! 401, 403, 404 and 407: they say the endpoint or its credentials are
@@ -15,9 +16,10 @@
 //! a retryable failure that names its `Location`: the URL is wrong, which is
 //! an outage until it is fixed, not a bad record.
 //!
-//! The URL is never shown whole: credentials in it (`user:pass@`) and the
-//! values of its query (`?token=…`) are masked in every log line and error,
-//! and so in dead letters' `microbatch.error` header.
+//! The URL is never shown whole: credentials in it (`user:pass@`), the
+//! values of its query (`?token=…`), its fragment and long path segments
+//! (a webhook's token) are masked in every log line and error, and so in
+//! dead letters' `microbatch.error` header.
 
 use std::time::Duration;
 
@@ -32,22 +34,40 @@ use crate::batch::Batch;
 pub const MAX_ANSWER_BYTES: usize = 16 << 20;
 
 pub struct HttpHandler {
-    url: String,
+    url: reqwest::Url,
     /// `url` as logs and errors show it: see [`redact_url`].
     shown: String,
     client: reqwest::Client,
 }
 
+/// Why an http handler cannot be made; never shows the URL itself, which
+/// may hold a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpHandlerError {
+    #[error("not a valid http:// or https:// URL ({0})")]
+    InvalidUrl(String),
+    #[error("could not create the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
 impl HttpHandler {
-    pub fn new(url: impl Into<String>, timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, HttpHandlerError> {
+        let url =
+            reqwest::Url::parse(url).map_err(|e| HttpHandlerError::InvalidUrl(e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
+            return Err(HttpHandlerError::InvalidUrl(format!(
+                "scheme {:?}, host {:?}",
+                url.scheme(),
+                url.host_str().unwrap_or("")
+            )));
+        }
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .pool_max_idle_per_host(64)
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        let url = url.into();
         Ok(Self {
-            shown: redact_url(&url),
+            shown: show_url(&url),
             url,
             client,
         })
@@ -81,40 +101,56 @@ impl HttpHandler {
     }
 }
 
-/// `url` with what may be a secret masked: the user and password before
-/// `@`, and the value of every query parameter (a token is often one).
+/// Path segments at least this long are masked: webhook URLs carry their
+/// token as one (`/services/T0/B0/<token>`).
+const LONG_PATH_SEGMENT: usize = 16;
+
+/// `url` with what may be a secret masked: the user and password, the value
+/// of every query parameter, the fragment and long path segments. A text
+/// that is not a URL is not shown at all.
 pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (Some(scheme), rest),
-        None => (None, url),
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let host = match authority.rsplit_once('@') {
-        Some((_, host)) => format!("***@{host}"),
-        None => authority.to_string(),
-    };
-    let (path, fragment) = match tail.split_once('#') {
-        Some((path, _)) => (path, "#***"),
-        None => (tail, ""),
-    };
-    let path = match path.split_once('?') {
-        Some((path, query)) => {
-            let masked: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((name, _)) => format!("{name}=***"),
-                    None => pair.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", masked.join("&"))
-        }
-        None => path.to_string(),
-    };
-    match scheme {
-        Some(scheme) => format!("{scheme}://{host}{path}{fragment}"),
-        None => format!("{host}{path}{fragment}"),
+    match reqwest::Url::parse(url) {
+        Ok(url) => show_url(&url),
+        Err(_) => "<a URL that cannot be parsed, not shown>".into(),
     }
+}
+
+fn show_url(url: &reqwest::Url) -> String {
+    let mut shown = format!("{}://", url.scheme());
+    if !url.username().is_empty() || url.password().is_some() {
+        shown.push_str("***@");
+    }
+    shown.push_str(url.host_str().unwrap_or(""));
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    let path: Vec<&str> = url
+        .path()
+        .split('/')
+        .map(|segment| {
+            if segment.len() >= LONG_PATH_SEGMENT {
+                "***"
+            } else {
+                segment
+            }
+        })
+        .collect();
+    shown.push_str(&path.join("/"));
+    if let Some(query) = url.query() {
+        let masked: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) => format!("{name}=***"),
+                None => "***".to_string(),
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&masked.join("&"));
+    }
+    if url.fragment().is_some() {
+        shown.push_str("#***");
+    }
+    shown
 }
 
 #[async_trait]
@@ -124,7 +160,7 @@ impl Handler for HttpHandler {
         encode_batch(batch, &mut body);
         let response = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -141,10 +177,16 @@ impl Handler for HttpHandler {
         };
         let status = response.status();
         if status.is_redirection() {
+            // A Location may be relative (`/v2`, `//host/v2`): shown resolved.
             let location = response
                 .headers()
                 .get(reqwest::header::LOCATION)
-                .map(|l| redact_url(&String::from_utf8_lossy(l.as_bytes())))
+                .map(
+                    |l| match self.url.join(&String::from_utf8_lossy(l.as_bytes())) {
+                        Ok(target) => show_url(&target),
+                        Err(_) => "<a Location that cannot be parsed, not shown>".into(),
+                    },
+                )
                 .unwrap_or_else(|| "nowhere (no Location header)".into());
             return BatchOutcome::Failed(Failure::retryable(format!(
                 "POST {} answered {status}, a redirect to {location}; redirects are not \
@@ -152,11 +194,31 @@ impl Handler for HttpHandler {
                 self.shown
             )));
         }
+        // An empty body is a success only when it says it is complete: a
+        // body ended by closing the connection cannot tell a handler that
+        // answered nothing from one that died after the status line.
+        let delimited = status == reqwest::StatusCode::NO_CONTENT
+            || response.content_length() == Some(0)
+            || response
+                .headers()
+                .get(reqwest::header::TRANSFER_ENCODING)
+                .is_some_and(|te| te.as_bytes().ends_with(b"chunked"));
         let text = match self.read_answer(response).await {
             Ok(text) => text,
             Err(e) => return BatchOutcome::Failed(Failure::retryable(e)),
         };
         if status.is_success() {
+            if text.iter().all(u8::is_ascii_whitespace) {
+                if delimited && text.is_empty() {
+                    return BatchOutcome::Success;
+                }
+                return BatchOutcome::Failed(Failure::retryable(format!(
+                    "POST {} answered {status} with an empty body of no stated length, which a \
+                     handler that died after the status line also sends: answer 204, or \
+                     Content-Length: 0, or {{\"failed\":[]}}",
+                    self.shown
+                )));
+            }
             return FailureReport::parse(&text, batch);
         }
         let error = format!(
@@ -164,7 +226,9 @@ impl Handler for HttpHandler {
             self.shown,
             String::from_utf8_lossy(&text[..text.len().min(200)])
         );
-        if status.is_server_error() || matches!(status.as_u16(), 401 | 403 | 404 | 407 | 408 | 429)
+        if status.is_server_error()
+            || status.is_informational()
+            || matches!(status.as_u16(), 401 | 403 | 404 | 407 | 408 | 429)
         {
             BatchOutcome::Failed(Failure::retryable(error))
         } else {
@@ -221,7 +285,7 @@ mod tests {
             ("400 Bad Request", false),
             ("422 Unprocessable Entity", false),
         ] {
-            let h = HttpHandler::new(answering(status).await, Duration::from_secs(5)).unwrap();
+            let h = HttpHandler::new(&answering(status).await, Duration::from_secs(5)).unwrap();
             match h.handle(&batch()).await {
                 BatchOutcome::Failed(f) => assert_eq!(f.retryable, retryable, "{status}"),
                 other => panic!("{status}: {other:?}"),
@@ -244,7 +308,7 @@ mod tests {
             let headers: &'static str =
                 Box::leak(format!("Location: {target}?token=hunter2\r\n").into_boxed_str());
             let h = HttpHandler::new(
-                answering_with(status, headers).await,
+                &answering_with(status, headers).await,
                 Duration::from_secs(5),
             )
             .unwrap();
@@ -262,17 +326,61 @@ mod tests {
     #[test]
     fn urls_are_shown_without_their_secrets() {
         for (url, shown) in [
-            ("http://h:80/p", "http://h:80/p"),
+            ("http://h:81/p", "http://h:81/p"),
             (
                 "https://user:pw@h/p?token=abc&x",
-                "https://***@h/p?token=***&x",
+                "https://***@h/p?token=***&***",
             ),
             ("http://h/p?a=1&b=2#frag", "http://h/p?a=***&b=***#***"),
-            ("http://u@h", "http://***@h"),
-            ("h/p?k=v", "h/p?k=***"),
+            ("http://u@h", "http://***@h/"),
             ("http://a@b@h/x", "http://***@h/x"),
+            (
+                "https://hooks.example.com/services/T0/B0/XyZ0123456789abcdef",
+                "https://hooks.example.com/services/T0/B0/***",
+            ),
+            // Not URLs a client would take: nothing of them is shown.
+            (
+                "http://u:p/ss@h/x",
+                "<a URL that cannot be parsed, not shown>",
+            ),
+            ("h/p?k=v", "<a URL that cannot be parsed, not shown>"),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
+        }
+        for bad in ["http://u:p/ss@h/x", "ftp://h/x", "not a url"] {
+            assert!(
+                matches!(HttpHandler::new(bad, Duration::from_secs(1)), Err(HttpHandlerError::InvalidUrl(e)) if !e.contains("ss@")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_answer_is_a_success_only_when_its_end_is_certain() {
+        for (status, headers, success) in [
+            ("204 No Content", "", true),
+            ("200 OK", "Content-Length: 0\r\n", true),
+            // Ended by closing the connection: maybe a handler that died.
+            ("200 OK", "", false),
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/", listener.local_addr().unwrap());
+            tokio::spawn(async move {
+                if let Ok((mut s, _)) = listener.accept().await {
+                    let mut buf = vec![0; 64 * 1024];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(format!("HTTP/1.0 {status}\r\n{headers}\r\n").as_bytes())
+                        .await;
+                }
+            });
+            let h = HttpHandler::new(&url, Duration::from_secs(5)).unwrap();
+            let outcome = h.handle(&batch()).await;
+            assert_eq!(
+                outcome == BatchOutcome::Success,
+                success,
+                "{status} {headers:?}: {outcome:?}"
+            );
         }
     }
 
@@ -313,7 +421,7 @@ mod tests {
                 let _ = s.write_all(&vec![b' '; MAX_ANSWER_BYTES + 1]).await;
             }
         });
-        let h = HttpHandler::new(url, Duration::from_secs(10)).unwrap();
+        let h = HttpHandler::new(&url, Duration::from_secs(10)).unwrap();
         assert!(
             matches!(h.handle(&batch()).await, BatchOutcome::Failed(f) if f.retryable && f.error.contains("over")),
             "a body of blanks would otherwise be an empty answer: success"

@@ -114,12 +114,15 @@ fn default_true() -> bool {
 
 /// A handler's answer: `{"batch_id":"…","failed":[{"partition","offset","error","retryable"}]}`,
 /// or `{"batch_id":"…","error":"…","retryable":false}` to fail the whole batch.
+/// An answer must say one or the other: an object with neither `failed` nor
+/// `error` (the request echoed back, a GraphQL `{"data":…,"errors":…}`) is
+/// not an answer. Other keys are allowed; a key given twice is refused.
 #[derive(Debug, Deserialize)]
 pub struct FailureReport {
     #[serde(default)]
     batch_id: Option<String>,
     #[serde(default)]
-    failed: Vec<FailedRecord>,
+    failed: Option<Vec<FailedRecord>>,
     #[serde(default)]
     error: Option<String>,
     #[serde(default = "default_true")]
@@ -133,11 +136,13 @@ pub enum Line {
     Noise,
     /// The answer for this batch.
     Answer(BatchOutcome),
-    /// An answer that cannot be trusted (another batch's, unreadable, naming
-    /// records outside the batch, or in the old protocol without
-    /// `batch_id`): the batch fails and the child is replaced, since its next
-    /// answers may be off by one.
+    /// An answer that cannot be trusted (another batch's, unreadable, or
+    /// naming records outside the batch): the batch fails and the child is
+    /// replaced, since its next answers may be off by one.
     Broken(String),
+    /// An answer in the protocol before `batch_id`: broken as above, and a
+    /// sign the command was written for another version of the protocol.
+    OldProtocol(String),
 }
 
 /// The keys of an answer; an object with only these and no `batch_id` is an
@@ -156,12 +161,14 @@ impl FailureReport {
             None if !object.is_empty() && object.keys().any(|k| !ANSWER_KEYS.contains(&k.as_str())) => {
                 Line::Noise
             }
-            None => Line::Broken(format!(
+            None => Line::OldProtocol(format!(
                 "the handler answered without \"batch_id\" (the protocol before it): \
                  answer {{\"batch_id\":\"{expected}\",\"failed\":[…]}} (see the README's exec protocol)"
             )),
             Some(serde_json::Value::String(id)) if *id == expected => {
-                match serde_json::from_value::<FailureReport>(serde_json::Value::Object(object)) {
+                // Read again from the text, not the map: the map keeps the
+                // last of a key given twice, the struct refuses it.
+                match serde_json::from_slice::<FailureReport>(line) {
                     Ok(report) => match report.into_outcome(batch) {
                         Ok(outcome) => Line::Answer(outcome),
                         Err(broken) => Line::Broken(broken),
@@ -175,12 +182,16 @@ impl FailureReport {
         }
     }
 
-    /// Reads an HTTP response body: empty is success; else an answer whose
-    /// `batch_id`, if given, names this batch and whose `failed` entries
-    /// name only its records. Anything else fails the batch (retryable).
+    /// Reads an HTTP response body that is not empty (the caller decides
+    /// what an empty one means): an answer object whose `batch_id`, if
+    /// given, names this batch and whose `failed` entries name only its
+    /// records. Anything else fails the batch (retryable).
     pub fn parse(text: &[u8], batch: &Batch) -> BatchOutcome {
-        if text.iter().all(|b| b.is_ascii_whitespace()) {
-            return BatchOutcome::Success;
+        if !text.trim_ascii_start().starts_with(b"{") {
+            return BatchOutcome::Failed(Failure::retryable(format!(
+                "handler answer is not a JSON object: {}",
+                String::from_utf8_lossy(&text[..text.len().min(200)])
+            )));
         }
         match serde_json::from_slice::<FailureReport>(text) {
             Ok(report) => match &report.batch_id {
@@ -214,14 +225,21 @@ impl FailureReport {
                 retryable: self.retryable,
             }));
         }
-        if self.failed.is_empty() {
+        let Some(entries) = self.failed else {
+            return Err(format!(
+                "the answer for {} has neither \"failed\" nor \"error\": answer \
+                 {{\"failed\":[]}} when every record succeeded",
+                batch_id(batch)
+            ));
+        };
+        if entries.is_empty() {
             return Ok(BatchOutcome::Success);
         }
         let mut held: Vec<i64> = batch.offsets().collect();
         held.sort_unstable();
-        let mut named = std::collections::HashSet::with_capacity(self.failed.len());
-        let mut failed = Vec::with_capacity(self.failed.len());
-        for f in self.failed {
+        let mut named = std::collections::HashSet::with_capacity(entries.len());
+        let mut failed = Vec::with_capacity(entries.len());
+        for f in entries {
             if let Some(p) = f.partition.filter(|&p| p != batch.partition()) {
                 return Err(format!(
                     "the answer for {} names partition {p}, but the batch holds partition {} only",
@@ -231,7 +249,9 @@ impl FailureReport {
             }
             if held.binary_search(&f.offset).is_err() {
                 return Err(format!(
-                    "the answer for {} names offset {}, which the batch does not hold                      (it holds {} records, offsets {}..={}); name records by their Kafka                      offset, not their position in the batch",
+                    "the answer for {} names offset {}, which the batch does not hold \
+                     (it holds {} records, offsets {}..={}); name records by their Kafka \
+                     offset, not their position in the batch",
                     batch_id(batch),
                     f.offset,
                     held.len(),
@@ -321,11 +341,11 @@ mod tests {
         ));
         assert!(matches!(
             FailureReport::classify(br#"{"failed":[]}"#, &b),
-            Line::Broken(e) if e.contains("batch_id")
+            Line::OldProtocol(e) if e.contains("batch_id")
         ));
         assert!(matches!(
             FailureReport::classify(br#"{}"#, &b),
-            Line::Broken(_)
+            Line::OldProtocol(_)
         ));
         assert!(matches!(
             FailureReport::classify(br#"{"batch_id":"orders-2-7","failed":7}"#, &b),
@@ -372,6 +392,46 @@ mod tests {
     }
 
     #[test]
+    fn an_object_that_says_neither_failed_nor_error_is_no_answer() {
+        let b = batch();
+        // The request echoed back (`--command cat`, a debugging print).
+        let mut echo = Vec::new();
+        encode_batch(&b, &mut echo);
+        assert!(matches!(
+            FailureReport::classify(&echo, &b),
+            Line::Broken(_)
+        ));
+        // A key given twice: the last would win in a map.
+        assert!(matches!(
+            FailureReport::classify(
+                br#"{"batch_id":"orders-2-7","failed":[{"offset":41}],"failed":[]}"#,
+                &b
+            ),
+            Line::Broken(_)
+        ));
+        for body in [
+            &br#"{"batch_id":"orders-2-7"}"#[..],
+            b"{}",
+            b"[]",
+            br#"{"data":null,"errors":[{"message":"boom"}]}"#,
+            br#"{"failed":[{"offset":41}],"failed":[]}"#,
+            b"   ",
+        ] {
+            assert!(
+                matches!(
+                    FailureReport::parse(body, &b),
+                    BatchOutcome::Failed(Failure {
+                        retryable: true,
+                        ..
+                    })
+                ),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
     fn parses_answers() {
         let b = batch();
         assert_eq!(
@@ -407,5 +467,172 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// Outside input, fuzzed: any bytes and any JSON a handler may print
+    /// or answer. Nothing panics, and nothing is a success by accident: an
+    /// answer is a success only if it names the batch (exec; http when it
+    /// names one at all) and fails no record and not the batch; a partial
+    /// answer names only the batch's records. `MICROBATCH_FUZZ_CASES` runs
+    /// more cases than the default.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::{json, Value};
+
+        fn cases() -> u32 {
+            std::env::var("MICROBATCH_FUZZ_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2_000)
+        }
+
+        /// Offsets near and in the batch (40, 41), positions, huge and negative.
+        fn offset() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(json!(40)),
+                Just(json!(41)),
+                (-3i64..50).prop_map(|o| json!(o)),
+                any::<i64>().prop_map(|o| json!(o)),
+                Just(json!(41.0)),
+                Just(json!("41")),
+                Just(Value::Null),
+            ]
+        }
+
+        fn scalar() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                "[a-z0-9 -]{0,12}".prop_map(Value::String),
+                Just(json!("orders-2-7")),
+                Just(json!("orders-2-6")),
+            ]
+        }
+
+        fn entry() -> impl Strategy<Value = Value> {
+            (
+                proptest::option::of(prop_oneof![Just(json!(2)), Just(json!(3)), scalar()]),
+                proptest::option::of(offset()),
+                proptest::option::of(scalar()),
+                proptest::option::of(prop_oneof![any::<bool>().prop_map(Value::Bool), scalar()]),
+            )
+                .prop_map(|(partition, offset, error, retryable)| {
+                    let mut m = serde_json::Map::new();
+                    for (k, v) in [
+                        ("partition", partition),
+                        ("offset", offset),
+                        ("error", error),
+                        ("retryable", retryable),
+                    ] {
+                        if let Some(v) = v {
+                            m.insert(k.into(), v);
+                        }
+                    }
+                    Value::Object(m)
+                })
+        }
+
+        /// Objects built from the answer's keys and others, with values of
+        /// the right and the wrong types.
+        fn answer() -> impl Strategy<Value = Value> {
+            (
+                proptest::option::of(scalar()),
+                proptest::option::of(prop_oneof![
+                    proptest::collection::vec(entry(), 0..4).prop_map(Value::Array),
+                    scalar(),
+                ]),
+                proptest::option::of(scalar()),
+                proptest::option::of(scalar()),
+                proptest::option::of(("[a-z]{1,6}", scalar())),
+            )
+                .prop_map(|(batch_id, failed, error, retryable, other)| {
+                    let mut m = serde_json::Map::new();
+                    for (k, v) in [
+                        ("batch_id", batch_id),
+                        ("failed", failed),
+                        ("error", error),
+                        ("retryable", retryable),
+                    ] {
+                        if let Some(v) = v {
+                            m.insert(k.into(), v);
+                        }
+                    }
+                    if let Some((k, v)) = other {
+                        m.insert(k, v);
+                    }
+                    Value::Object(m)
+                })
+        }
+
+        /// Whether `v` may be read as a success for the batch "orders-2-7":
+        /// no record failed and not the batch.
+        fn fails_nothing(v: &Value) -> bool {
+            let failed_none = match v.get("failed") {
+                None => true,
+                Some(Value::Array(a)) => a.is_empty(),
+                Some(_) => false,
+            };
+            let error_none = matches!(v.get("error"), None | Some(Value::Null));
+            failed_none && error_none
+        }
+
+        fn check_partial(outcome: &BatchOutcome) -> Result<(), TestCaseError> {
+            if let BatchOutcome::Partial(failed) = outcome {
+                prop_assert!(!failed.is_empty());
+                for (offset, _) in failed {
+                    prop_assert!(
+                        *offset == 40 || *offset == 41,
+                        "offset {offset} is not in the batch"
+                    );
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+            #[test]
+            fn any_bytes_are_classified_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                let b = batch();
+                let _ = FailureReport::classify(&bytes, &b);
+                let outcome = FailureReport::parse(&bytes, &b);
+                if outcome == BatchOutcome::Success {
+                    let text = std::str::from_utf8(&bytes).unwrap_or("x");
+                    prop_assert!(
+                        text.trim().is_empty() || serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object() && fails_nothing(&v)),
+                        "success from {bytes:?}"
+                    );
+                }
+                check_partial(&outcome)?;
+            }
+
+            #[test]
+            fn any_answer_is_a_success_only_when_it_says_so(v in answer()) {
+                let b = batch();
+                let line = serde_json::to_vec(&v).expect("a JSON value serialises");
+                match FailureReport::classify(&line, &b) {
+                    Line::Answer(outcome) => {
+                        prop_assert_eq!(v.get("batch_id"), Some(&json!("orders-2-7")), "an answer must name its batch");
+                        if outcome == BatchOutcome::Success {
+                            prop_assert!(fails_nothing(&v), "success from {}", v);
+                        }
+                        check_partial(&outcome)?;
+                    }
+                    Line::Broken(_) | Line::OldProtocol(_) | Line::Noise => {}
+                }
+                let outcome = FailureReport::parse(&line, &b);
+                if outcome == BatchOutcome::Success {
+                    prop_assert!(fails_nothing(&v), "success from {}", v);
+                    prop_assert!(
+                        matches!(v.get("batch_id"), None | Some(Value::Null)) || v.get("batch_id") == Some(&json!("orders-2-7")),
+                        "success for another batch: {}", v
+                    );
+                }
+                check_partial(&outcome)?;
+            }
+        }
     }
 }

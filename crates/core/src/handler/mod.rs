@@ -13,7 +13,7 @@ mod simulate;
 use async_trait::async_trait;
 
 pub use exec::{kill_children, ExecHandler, SCRUBBED_ENV};
-pub use http::{redact_url, HttpHandler, MAX_ANSWER_BYTES};
+pub use http::{redact_url, HttpHandler, HttpHandlerError, MAX_ANSWER_BYTES};
 pub use json::{batch_id, encode_batch, FailureReport, Line};
 pub use simulate::SimulateHandler;
 
@@ -78,6 +78,15 @@ pub trait Handler: Send + Sync + 'static {
     /// (an exec child's restart back-off). The worker awaits it before the
     /// handler timeout starts, so such a wait never eats the timeout.
     async fn ready(&self) {}
+
+    /// A configuration error the handler found in its own answers (an exec
+    /// command that answers in a shape the worker cannot use, batch after
+    /// batch, with fresh children): the worker stops taking work, commits
+    /// what is done and exits with this error, rather than retrying for
+    /// ever as if the downstream were out.
+    fn misconfigured(&self) -> Option<String> {
+        None
+    }
 
     /// Called once when the worker stops, after the last batch.
     async fn shutdown(&self) {}
