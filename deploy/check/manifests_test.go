@@ -565,6 +565,9 @@ func checkPodSpec(t *testing.T, id string, tpl *corev1.PodTemplateSpec, f *binar
 	if spec.AutomountServiceAccountToken == nil || *spec.AutomountServiceAccountToken {
 		t.Errorf("%s: automountServiceAccountToken must be false (the binary never calls the Kubernetes API)", id)
 	}
+	if spec.ShareProcessNamespace == nil || !*spec.ShareProcessNamespace {
+		t.Errorf("%s: shareProcessNamespace must be true (the pause process, PID 1, reaps orphaned handler processes)", id)
+	}
 	psc := spec.SecurityContext
 	if psc == nil || psc.RunAsNonRoot == nil || !*psc.RunAsNonRoot {
 		t.Errorf("%s: pod securityContext.runAsNonRoot must be true", id)

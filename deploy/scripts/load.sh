@@ -213,6 +213,7 @@ spec:
     spec:
       restartPolicy: Never
       automountServiceAccountToken: false
+      shareProcessNamespace: true
       securityContext:
         runAsNonRoot: true
         runAsUser: 65532

@@ -1243,6 +1243,16 @@ impl Pipeline {
         }
         self.dispatch(now);
         self.dispatch_dead_letters(now);
+        if self.circuit.is_open()
+            && self.in_flight == 0
+            && self.held == 0
+            && self.dead_letter_backlog() == 0
+            && self.circuit.nothing_to_probe().is_some()
+        {
+            self.telemetry.metrics.circuit_open.set(0);
+            self.telemetry.readiness.set_circuit_open(false);
+            tracing::info!("nothing left to probe the downstream with; circuit closed");
+        }
         self.apply_backpressure();
         if now >= self.next_commit {
             self.next_commit = now + self.config.commit_interval;
@@ -2134,6 +2144,54 @@ mod tests {
             !p.final_commit_pending(t0 + Duration::from_secs(10)),
             "the drain deadline ends the tries"
         );
+    }
+
+    #[test]
+    fn the_circuit_closes_when_nothing_is_left_to_probe_with() {
+        let t0 = Instant::now();
+        let mut p = pipeline(t0);
+        p.handle_assign(&[0, 1]);
+        // Whole batches rejected for good on two partitions: the circuit
+        // opens, bisection dead-letters every record, and then nothing is
+        // held. An open circuit would keep /readyz at 503 until the next
+        // success, which an idle topic never brings.
+        for o in 0..6 {
+            p.handle_record(&Rec(0, o), t0);
+            p.handle_record(&Rec(1, o), t0);
+        }
+        let mut now = t0;
+        let mut opened = false;
+        for _ in 0..200 {
+            now += Duration::from_millis(50);
+            p.handle_tick(now);
+            opened |= p.circuit_open();
+            let pending = intents(&mut p);
+            if pending.is_empty() && p.in_flight() == 0 && p.held() == 0 {
+                break;
+            }
+            for intent in pending {
+                match intent {
+                    Intent::Start { slot, batch } => p.handle_verdict(
+                        slot,
+                        batch,
+                        BatchOutcome::Failed(Failure::permanent("rejected")),
+                        now,
+                    ),
+                    Intent::DeadLetter { slot, batch, .. } => {
+                        let written: Vec<i64> = batch.offsets().collect();
+                        p.handle_dead_lettered(slot, &written, None, now);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert!(
+            opened,
+            "five whole failures of two partitions open the circuit"
+        );
+        assert_eq!(p.held(), 0, "every record dead-lettered");
+        p.handle_tick(now + Duration::from_millis(50));
+        assert!(!p.circuit_open(), "nothing is left to probe with");
     }
 
     #[test]
