@@ -112,6 +112,7 @@ pub struct FileConfig {
     pub dlq_create: Option<String>,
     pub max_records_per_partition: Option<usize>,
     pub max_records_held: Option<usize>,
+    pub max_held_bytes: Option<usize>,
     pub http_port: Option<u16>,
     pub http_host: Option<String>,
     pub offset_reset: Option<String>,

@@ -161,6 +161,14 @@ impl Batch {
         self.data.len()
     }
 
+    /// Key and value bytes of the records whose offset `keep` takes.
+    pub fn payload_bytes_where(&self, mut keep: impl FnMut(i64) -> bool) -> usize {
+        self.records()
+            .filter(|r| keep(r.offset))
+            .map(|r| r.key.map_or(0, <[u8]>::len) + r.value.map_or(0, <[u8]>::len))
+            .sum()
+    }
+
     fn slice(&self, span: Option<Span>) -> Option<&[u8]> {
         span.map(|s| &self.data[s.start as usize..(s.start + s.len) as usize])
     }

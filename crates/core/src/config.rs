@@ -11,6 +11,11 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+/// Key and value bytes a worker holds before it stops taking records in:
+/// with librdkafka's prefetch (16 MiB), the batches' JSON copies and the
+/// process itself, this fits the kit's 512 MiB memory limit with room.
+pub const DEFAULT_MAX_HELD_BYTES: usize = 128 << 20;
+
 /// A configuration value that was missing or broke a rule.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("invalid {field}: {rule}")]
@@ -522,6 +527,10 @@ pub struct WorkerConfig {
     /// Records held by the whole worker before it stops taking records from
     /// the fetch queue (nothing is paused; librdkafka stops fetching).
     pub max_records_held: usize,
+    /// Key and value bytes held by the whole worker before it stops taking
+    /// records in, as `max_records_held` does: large records reach the
+    /// memory limit long before the records cap.
+    pub max_held_bytes: usize,
     /// Appends `partition offset` for every processed record (verification).
     pub audit_log: Option<PathBuf>,
     /// `auto.offset.reset` for partitions without a committed offset.
@@ -641,6 +650,7 @@ impl WorkerConfig {
             dlq: None,
             max_records_per_partition: 10_000,
             max_records_held: 50_000,
+            max_held_bytes: DEFAULT_MAX_HELD_BYTES,
             audit_log: None,
             offset_reset: OffsetReset::Earliest,
             group_protocol: GroupProtocol::default(),
@@ -698,6 +708,9 @@ impl WorkerConfig {
                 "--max-records-held",
                 "must be at least --max-records-per-partition",
             ));
+        }
+        if self.max_held_bytes == 0 {
+            return Err(ConfigError::new("--max-held-bytes", "must be at least 1"));
         }
         if self.retry.max_attempts == 0 {
             return Err(ConfigError::new("--max-attempts", "must be at least 1"));

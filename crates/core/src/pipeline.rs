@@ -177,6 +177,8 @@ struct PartitionState {
     lanes: Vec<Lane>,
     /// Records buffered, queued, in flight or waiting for their dead letter.
     held: usize,
+    /// Their key and value bytes.
+    held_bytes: usize,
     paused: bool,
     /// For `Ordering::None`: the lane being filled.
     fill_lane: usize,
@@ -230,6 +232,7 @@ impl PartitionState {
             offsets: PartitionOffsets::new(),
             lanes,
             held: 0,
+            held_bytes: 0,
             paused: false,
             fill_lane: 0,
             finishing: false,
@@ -651,6 +654,8 @@ pub struct Pipeline {
     /// (`--max-uncommitted-records`).
     waiting_for_ack: bool,
     held: usize,
+    /// Key and value bytes of the records held (`--max-held-bytes`).
+    held_bytes: usize,
     successes: u64,
     circuit: Circuit,
     phase: Phase,
@@ -709,6 +714,7 @@ impl Pipeline {
             in_flight_records: 0,
             waiting_for_ack: false,
             held: 0,
+            held_bytes: 0,
             successes: 0,
             circuit: Circuit::new(now),
             phase: Phase::Consuming,
@@ -728,11 +734,18 @@ impl Pipeline {
         self.phase
     }
 
-    /// Whether the worker holds all it may (`--max-records-held`): the
-    /// adapter then stops taking records, and librdkafka, its prefetch
-    /// full, stops fetching. Nothing is paused, so nothing fetched is lost.
+    /// Whether the worker holds all it may (`--max-records-held`, or
+    /// `--max-held-bytes` of keys and values): the adapter then stops taking
+    /// records, and librdkafka, its prefetch full, stops fetching. Nothing
+    /// is paused, so nothing fetched is lost. One record is always taken
+    /// when none is held, however large.
     pub fn is_full(&self) -> bool {
-        self.held >= self.config.max_records_held
+        self.held >= self.config.max_records_held || self.held_bytes >= self.config.max_held_bytes
+    }
+
+    /// Key and value bytes of the records held.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     /// Handler batches running (stale ones included).
@@ -1009,8 +1022,11 @@ impl Pipeline {
         if opened {
             self.next_batch_id += 1;
         }
+        let bytes = msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len);
         ps.held += 1;
+        ps.held_bytes += bytes;
         self.held += 1;
+        self.held_bytes += bytes;
         if let Some(batch) = closed {
             ps.lanes[lane_idx].ready.push_back(batch);
             if ordering == Ordering::None {
@@ -1060,7 +1076,12 @@ impl Pipeline {
                 m.batches_processed.inc();
                 self.report.records_processed += batch.len() as u64;
                 self.observe(Signal::Success, now);
-                self.processed(slot.partition, batch.offsets().collect(), handler_time);
+                self.processed(
+                    slot.partition,
+                    batch.offsets().collect(),
+                    batch.payload_bytes(),
+                    handler_time,
+                );
             }
             BatchOutcome::Partial(failed) => {
                 let failed: HashMap<i64, Failure> = failed
@@ -1083,7 +1104,8 @@ impl Pipeline {
                     Signal::Success
                 };
                 self.observe(signal, now);
-                self.processed(slot.partition, done, handler_time);
+                let bytes = batch.payload_bytes_where(|o| !failed.contains_key(&o));
+                self.processed(slot.partition, done, bytes, handler_time);
                 let Some((offset, first)) = failed.iter().next() else {
                     return;
                 };
@@ -1144,7 +1166,8 @@ impl Pipeline {
             .records_dead_lettered
             .inc_by(written.len() as u64);
         self.report.records_dead_lettered += written.len() as u64;
-        self.mark_done(slot.partition, written.iter().copied());
+        let bytes = pending.batch.payload_bytes_where(|o| written.contains(&o));
+        self.mark_done(slot.partition, written.iter().copied(), bytes);
         self.capacity.dead_lettered(written.len());
         let Some(error) = error else {
             return;
@@ -1481,6 +1504,7 @@ impl Pipeline {
     /// its lanes still running become zombies.
     fn forget(&mut self, partition: i32, ps: PartitionState) {
         self.held -= ps.held;
+        self.held_bytes = self.held_bytes.saturating_sub(ps.held_bytes);
         for (i, lane) in ps.lanes.iter().enumerate() {
             if lane.busy() {
                 *self.zombies.entry((partition, i)).or_insert(0) += 1;
@@ -1510,8 +1534,14 @@ impl Pipeline {
         }
     }
 
-    fn processed(&mut self, partition: i32, offsets: Vec<i64>, handler_time: Duration) {
-        self.mark_done(partition, offsets.iter().copied());
+    fn processed(
+        &mut self,
+        partition: i32,
+        offsets: Vec<i64>,
+        bytes: usize,
+        handler_time: Duration,
+    ) {
+        self.mark_done(partition, offsets.iter().copied(), bytes);
         self.capacity.processed(offsets.len(), handler_time);
         if self.audit && !offsets.is_empty() {
             self.intents
@@ -1519,7 +1549,7 @@ impl Pipeline {
         }
     }
 
-    fn mark_done(&mut self, partition: i32, offsets: impl Iterator<Item = i64>) {
+    fn mark_done(&mut self, partition: i32, offsets: impl Iterator<Item = i64>, bytes: usize) {
         let Some(ps) = self.partitions.get_mut(&partition) else {
             return;
         };
@@ -1550,6 +1580,10 @@ impl Pipeline {
         }
         ps.held -= n;
         self.held -= n;
+        debug_assert!(ps.held_bytes >= bytes, "released more bytes than were held");
+        // A miscount must never leave the worker full for good.
+        ps.held_bytes = ps.held_bytes.saturating_sub(bytes);
+        self.held_bytes = self.held_bytes.saturating_sub(bytes);
     }
 
     fn carry_out(&mut self, slot: Slot, plan: Plan, now: Instant) {
@@ -1969,6 +2003,7 @@ impl Pipeline {
                 .count() as i64,
         );
         m.records_held.set(self.held as i64);
+        m.held_bytes.set(self.held_bytes as i64);
         m.commit_watermark_distance.set(
             self.partitions
                 .values()
@@ -2192,6 +2227,29 @@ mod tests {
         assert_eq!(p.held(), 0, "every record dead-lettered");
         p.handle_tick(now + Duration::from_millis(50));
         assert!(!p.circuit_open(), "nothing is left to probe with");
+    }
+
+    #[test]
+    fn the_bytes_cap_stops_taking_records_and_one_is_always_taken() {
+        let t0 = Instant::now();
+        let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+        c.batch = BatchLimits::new(2, 1 << 20, Duration::from_millis(10)).unwrap();
+        c.ordering = Ordering::Partition;
+        // Each test record is two bytes (key "k", value "v").
+        c.max_held_bytes = 3;
+        let mut p = with_config(c, t0);
+        p.handle_assign(&[0]);
+        assert!(!p.is_full(), "one record is always taken");
+        p.handle_record(&Rec(0, 0), t0);
+        assert!(!p.is_full());
+        p.handle_record(&Rec(0, 1), t0);
+        assert_eq!(p.held_bytes(), 4);
+        assert!(p.is_full(), "4 bytes held, the cap is 3");
+        p.handle_tick(t0);
+        let (slot, batch) = starts(&mut p).pop().expect("the batch starts");
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+        assert_eq!(p.held_bytes(), 0);
+        assert!(!p.is_full());
     }
 
     #[test]

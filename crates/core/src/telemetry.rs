@@ -50,6 +50,7 @@ pub struct Metrics {
     /// Age of the oldest record taken in and not yet committable, per partition.
     pub partition_lag_seconds: Family<PartitionLabel, Gauge<f64, AtomicU64>>,
     pub records_held: Gauge,
+    pub held_bytes: Gauge,
     pub slots_busy: Gauge,
     pub paused_partitions: Gauge,
     pub partitions_waiting_for_commit: Gauge,
@@ -87,6 +88,7 @@ impl Metrics {
             partition_lag: Family::default(),
             partition_lag_seconds: Family::default(),
             records_held: Gauge::default(),
+            held_bytes: Gauge::default(),
             slots_busy: Gauge::default(),
             paused_partitions: Gauge::default(),
             partitions_waiting_for_commit: Gauge::default(),
@@ -175,6 +177,11 @@ impl Metrics {
             "records_held",
             "Records held: buffered, queued or in flight",
             m.records_held.clone(),
+        );
+        r.register(
+            "held_bytes",
+            "Key and value bytes of the records held (--max-held-bytes)",
+            m.held_bytes.clone(),
         );
         r.register(
             "slots_busy",

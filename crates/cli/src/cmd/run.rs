@@ -124,6 +124,10 @@ pub struct Args {
         help_heading = "Parallelism"
     )]
     pub max_records_held: Option<usize>,
+    /// Key and value bytes held by the worker before it stops taking more
+    /// in, as --max-records-held does [default: 134217728, 128 MiB].
+    #[arg(long, env = "MICROBATCH_MAX_HELD_BYTES", help_heading = "Parallelism")]
+    pub max_held_bytes: Option<usize>,
 
     /// Commit done offsets this often [default: 1000].
     #[arg(long, env = "MICROBATCH_COMMIT_INTERVAL_MS", help_heading = "Delivery")]
@@ -288,6 +292,11 @@ impl Args {
         )
         .max(config.batch.max_records);
         config.max_records_held = pick(self.max_records_held, file.max_records_held, 50_000);
+        config.max_held_bytes = pick(
+            self.max_held_bytes,
+            file.max_held_bytes,
+            microbatch_core::config::DEFAULT_MAX_HELD_BYTES,
+        );
         config.offset_reset = match self.offset_reset {
             Some(r) => r,
             None => parse_file_value("--offset-reset", file.offset_reset.as_deref())?

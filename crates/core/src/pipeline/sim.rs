@@ -426,6 +426,16 @@ impl Sim {
         if held > self.config.max_records_held + BURST * self.parts.len() {
             return Err(self.violation(5, format!("{held} records held in all")));
         }
+        // Every simulated record has a one-byte key and a one-byte value.
+        if self.pipeline.held_bytes() != 2 * held {
+            return Err(self.violation(
+                5,
+                format!(
+                    "{} bytes held for {held} records",
+                    self.pipeline.held_bytes()
+                ),
+            ));
+        }
         for p in 0..self.parts.len() as i32 {
             let by = self.pipeline.held_by(p);
             if by > self.config.max_records_per_partition + BURST {
