@@ -579,9 +579,10 @@ fn a_worker_frozen_past_its_session_drops_its_lost_partitions() {
     assert_eq!(n, 2000);
 }
 
-/// A second SIGTERM stops the worker at once (exit 143) instead of waiting
-/// out the drain deadline, and takes its exec children with it; nothing
-/// it had not finished is committed, so the next worker handles it all.
+/// A second SIGTERM a second or more after the first stops the worker at
+/// once (exit 143) instead of waiting out the drain deadline, and takes its
+/// exec children with it; nothing it had not finished is committed, so the
+/// next worker handles it all. A repeat within the second does not.
 #[test]
 fn a_second_sigterm_stops_at_once_and_loses_nothing() {
     let dir = TestDir::new("second-term");
@@ -612,6 +613,14 @@ fn a_second_sigterm_stops_at_once_and_loses_nothing() {
     wait_until(Duration::from_secs(10), "the drain begins", || {
         a.stderr().contains("SIGTERM received")
     });
+    // A repeat at once (systemd signalling a supervise unit's whole group,
+    // then the supervisor) is one request: the worker goes on draining.
+    a.signal(libc::SIGTERM);
+    assert!(
+        a.wait_for_exit(Duration::from_millis(1500)).is_none(),
+        "an immediate repeat forced the exit: {}",
+        a.stderr()
+    );
     a.signal(libc::SIGTERM);
     let status = a
         .wait_for_exit(Duration::from_secs(10))

@@ -271,20 +271,25 @@ impl DeadLetterWriter {
                     else {
                         break;
                     };
-                    if !configs.iter().any(|(k, _)| *k == "max.message.bytes") {
+                    if configs.is_empty() {
                         break;
                     }
-                    // A provider's cap on max.message.bytes: the broker's
-                    // default then, and the smaller topic named loudly.
+                    // A provider's cap on max.message.bytes (or a refused
+                    // min.insync.replicas): the broker's defaults then,
+                    // max.message.bytes first, and the smaller topic named.
                     tracing::warn!(
                         dlq_topic = %dlq.topic,
                         error = %code,
                         configs = ?configs,
                         "the cluster refused the dead-letter topic's configs; creating it with the \
-                         broker's max.message.bytes: a rejected record larger than that cannot be \
-                         dead-lettered and holds its partition"
+                         broker's defaults: a rejected record larger than the broker's \
+                         max.message.bytes cannot be dead-lettered and holds its partition"
                     );
-                    configs.retain(|(k, _)| *k != "max.message.bytes");
+                    if configs.iter().any(|(k, _)| *k == "max.message.bytes") {
+                        configs.retain(|(k, _)| *k != "max.message.bytes");
+                    } else {
+                        configs.clear();
+                    }
                 }
                 match created {
                     Ok(_) => tracing::info!(

@@ -26,8 +26,8 @@
 //!    names as failed spend no attempts and `max_record_age` is not applied.
 //!    Whole-batch failures still spend attempts and bisect, so a bad record
 //!    is isolated whatever the circuit does, and rule 3 keeps an outage from
-//!    dead-lettering anything. Any success closes it, and so does having
-//!    nothing left to probe with (no record held, in flight or waiting).
+//!    dead-lettering anything. Any success closes it. (Readiness reports
+//!    an open circuit only while records are held: see the pipeline.)
 
 use std::time::{Duration, Instant};
 
@@ -259,17 +259,6 @@ impl Circuit {
                 }
             }
         }
-    }
-
-    /// Closes the circuit when nothing is left to probe with (every record
-    /// done or dead-lettered, none held): an open circuit then only says
-    /// "not ready" about a downstream nobody is waiting for. The next
-    /// failures count from zero.
-    pub fn nothing_to_probe(&mut self) -> Option<Transition> {
-        self.streak = 0;
-        self.roots = [None; 2];
-        self.probe_backoff = FIRST_PROBE_BACKOFF;
-        std::mem::take(&mut self.open).then_some(Transition::Closed)
     }
 
     fn open_now(&mut self, now: Instant) -> Option<Transition> {

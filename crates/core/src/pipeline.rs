@@ -656,6 +656,8 @@ pub struct Pipeline {
     held: usize,
     /// Key and value bytes of the records held (`--max-held-bytes`).
     held_bytes: usize,
+    /// Whether readiness says the circuit is open (see `handle_tick`).
+    readiness_shows_circuit: bool,
     successes: u64,
     circuit: Circuit,
     phase: Phase,
@@ -715,6 +717,7 @@ impl Pipeline {
             waiting_for_ack: false,
             held: 0,
             held_bytes: 0,
+            readiness_shows_circuit: false,
             successes: 0,
             circuit: Circuit::new(now),
             phase: Phase::Consuming,
@@ -1166,7 +1169,10 @@ impl Pipeline {
             .records_dead_lettered
             .inc_by(written.len() as u64);
         self.report.records_dead_lettered += written.len() as u64;
-        let bytes = pending.batch.payload_bytes_where(|o| written.contains(&o));
+        let written_set: std::collections::HashSet<i64> = written.iter().copied().collect();
+        let bytes = pending
+            .batch
+            .payload_bytes_where(|o| written_set.contains(&o));
         self.mark_done(slot.partition, written.iter().copied(), bytes);
         self.capacity.dead_lettered(written.len());
         let Some(error) = error else {
@@ -1266,15 +1272,15 @@ impl Pipeline {
         }
         self.dispatch(now);
         self.dispatch_dead_letters(now);
-        if self.circuit.is_open()
-            && self.in_flight == 0
-            && self.held == 0
-            && self.dead_letter_backlog() == 0
-            && self.circuit.nothing_to_probe().is_some()
-        {
-            self.telemetry.metrics.circuit_open.set(0);
-            self.telemetry.readiness.set_circuit_open(false);
-            tracing::info!("nothing left to probe the downstream with; circuit closed");
+        // The circuit stays open until a success (an outage outlives a
+        // rebalance that empties the pipeline), but readiness reports it
+        // only while records wait on the downstream: permanent failures
+        // that drained an idle topic leave nothing waiting, and a 503 then
+        // would only say "no success since" about a downstream nobody needs.
+        let waiting = self.circuit.is_open() && (self.held > 0 || self.in_flight > 0);
+        if waiting != self.readiness_shows_circuit {
+            self.readiness_shows_circuit = waiting;
+            self.telemetry.readiness.set_circuit_open(waiting);
         }
         self.apply_backpressure();
         if now >= self.next_commit {
@@ -1519,6 +1525,7 @@ impl Pipeline {
         match self.circuit.observe(signal, now) {
             Some(Transition::Opened) => {
                 self.telemetry.metrics.circuit_open.set(1);
+                self.readiness_shows_circuit = true;
                 self.telemetry.readiness.set_circuit_open(true);
                 tracing::warn!(
                     consecutive_failures = self.circuit.streak(),
@@ -1527,6 +1534,7 @@ impl Pipeline {
             }
             Some(Transition::Closed) => {
                 self.telemetry.metrics.circuit_open.set(0);
+                self.readiness_shows_circuit = false;
                 self.telemetry.readiness.set_circuit_open(false);
                 tracing::info!("downstream recovered; circuit closed");
             }
@@ -1939,6 +1947,7 @@ impl Pipeline {
     /// what lets a probe tell an outage from one bad record.
     fn apply_backpressure(&mut self) {
         let per_partition = self.config.max_records_per_partition;
+        let bytes_per_partition = self.config.max_held_bytes / 2;
         let stop_all = self.phase != Phase::Consuming;
         #[cfg(test)]
         let never = self.sabotage.never_pause;
@@ -1950,10 +1959,19 @@ impl Pipeline {
             if ps.revoke_deadline.is_some() || never {
                 continue;
             }
-            if !ps.paused && (stop_all || ps.held >= per_partition) {
+            // Bytes too, at half the worker's cap: one partition of large
+            // records must not fill the worker, or the others could bring
+            // no success, the proof its held records wait for.
+            if !ps.paused
+                && (stop_all || ps.held >= per_partition || ps.held_bytes >= bytes_per_partition)
+            {
                 ps.paused = true;
                 pause.push(*p);
-            } else if ps.paused && !stop_all && ps.held <= per_partition / 2 {
+            } else if ps.paused
+                && !stop_all
+                && ps.held <= per_partition / 2
+                && ps.held_bytes <= bytes_per_partition / 2
+            {
                 ps.paused = false;
                 resume.push(*p);
             }
@@ -2182,7 +2200,7 @@ mod tests {
     }
 
     #[test]
-    fn the_circuit_closes_when_nothing_is_left_to_probe_with() {
+    fn readiness_forgets_an_open_circuit_when_nothing_waits_on_it() {
         let t0 = Instant::now();
         let mut p = pipeline(t0);
         p.handle_assign(&[0, 1]);
@@ -2226,7 +2244,21 @@ mod tests {
         );
         assert_eq!(p.held(), 0, "every record dead-lettered");
         p.handle_tick(now + Duration::from_millis(50));
-        assert!(!p.circuit_open(), "nothing is left to probe with");
+        assert!(
+            p.circuit_open(),
+            "open until a success: an outage outlives an empty pipeline"
+        );
+        let circuit_shown = |p: &Pipeline| {
+            p.telemetry
+                .readiness
+                .check()
+                .is_err_and(|e| e.contains("circuit"))
+        };
+        assert!(!circuit_shown(&p), "nothing waits on the downstream");
+        // A new record that waits on the open circuit makes it show again.
+        p.handle_record(&Rec(0, 6), now);
+        p.handle_tick(now + Duration::from_millis(100));
+        assert!(circuit_shown(&p), "a record waits on the open circuit");
     }
 
     #[test]
@@ -2250,6 +2282,30 @@ mod tests {
         p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
         assert_eq!(p.held_bytes(), 0);
         assert!(!p.is_full());
+    }
+
+    #[test]
+    fn a_partition_of_large_records_is_paused_before_it_fills_the_worker() {
+        let t0 = Instant::now();
+        let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+        c.batch = BatchLimits::new(100, 1 << 20, Duration::from_secs(10)).unwrap();
+        c.max_held_bytes = 8;
+        let mut p = with_config(c, t0);
+        p.handle_assign(&[0, 1]);
+        // Partition 0's records (2 bytes each) wait, say for a proof of
+        // health that only another partition's success can bring.
+        p.handle_record(&Rec(0, 0), t0);
+        p.handle_record(&Rec(0, 1), t0);
+        p.handle_tick(t0);
+        assert!(
+            intents(&mut p)
+                .iter()
+                .any(|i| matches!(i, Intent::Pause(ps) if ps == &vec![0])),
+            "partition 0 holds half the worker's bytes: paused"
+        );
+        assert!(!p.is_full(), "the other partitions still come in");
+        p.handle_record(&Rec(1, 0), t0);
+        assert_eq!(p.held_by(1), 1);
     }
 
     #[test]

@@ -354,7 +354,9 @@ impl Readiness {
             reasons.push("not joined to the consumer group yet".into());
         }
         if self.circuit_open.load(Ordering::Relaxed) {
-            reasons.push("downstream circuit breaker open: consumption paused".into());
+            reasons.push(
+                "downstream circuit breaker open: probing it with one batch at a time".into(),
+            );
         }
         if let Some(e) = self
             .dead_letter_error

@@ -235,6 +235,10 @@ impl Supervisor {
         );
         cmd.envs(self.config.env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        // A group of its own: Ctrl-C in the terminal reaches the supervisor
+        // alone, which sends each worker one SIGTERM. A worker that also got
+        // the terminal's SIGINT would be signalled twice.
+        cmd.process_group(0);
         match &self.config.log_dir {
             Some(dir) => {
                 let path = dir.join(format!("worker-{n}.log"));

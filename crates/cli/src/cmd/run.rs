@@ -359,13 +359,6 @@ impl Args {
                 } else {
                     self.handler_env.clone()
                 };
-                // The children run as our user: without this they could read
-                // our environment and command line (credentials) from
-                // /proc/<our pid>, scrubbed environment or not. Root still can.
-                // SAFETY: a plain prctl on this process; no memory involved.
-                unsafe {
-                    libc::prctl(libc::PR_SET_DUMPABLE, 0);
-                }
                 Arc::new(ExecHandler::with_env(command, &passed))
             }
             HandlerKind::Http => {
@@ -402,6 +395,14 @@ impl Args {
 }
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
+    // Processes of our user (an exec handler's children, another container
+    // of the pod, which shares its process namespace) could otherwise read
+    // our environment and command line, credentials among them, from
+    // /proc/<our pid>. Root still can.
+    // SAFETY: a plain prctl on this process; no memory involved.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0);
+    }
     let Resolved {
         config,
         handler,
@@ -441,12 +442,17 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A repeat of the first signal sooner than this after it is not a request
+/// to stop at once: systemd's `KillMode=control-group` signals every process
+/// of a `supervise` unit, and the supervisor then sends its own SIGTERM.
+const FORCE_AFTER: Duration = Duration::from_secs(1);
+
 /// Resolves at the first SIGTERM or SIGINT, which starts the orderly drain;
-/// a second signal of the same kind stops the process at once (exit 143
-/// for SIGTERM, 130 for SIGINT): its in-flight records are not committed
-/// and their next owner handles them again. Only the same kind counts:
-/// Ctrl-C on `supervise` sends each worker a SIGINT from the terminal and
-/// then a SIGTERM from the supervisor, which must drain, not stop.
+/// a second signal of the same kind, at least [`FORCE_AFTER`] later, stops
+/// the process at once (exit 143 for SIGTERM, 130 for SIGINT): its
+/// in-flight records are not committed and their next owner handles them
+/// again. Only the same kind counts: a SIGINT from a terminal and a
+/// SIGTERM from a supervisor are one request to stop.
 async fn shutdown_then_force() {
     use tokio::signal::unix::{signal, SignalKind};
     // Both handlers stay installed from the start, so a second signal that
@@ -458,6 +464,7 @@ async fn shutdown_then_force() {
         _ = term.recv() => libc::SIGTERM,
         _ = int.recv() => libc::SIGINT,
     };
+    let at = tokio::time::Instant::now();
     let name = if first == libc::SIGTERM {
         "SIGTERM"
     } else {
@@ -465,10 +472,16 @@ async fn shutdown_then_force() {
     };
     tracing::info!("{name} received; shutting down (a second {name} stops at once)");
     tokio::spawn(async move {
-        if first == libc::SIGTERM {
-            term.recv().await;
-        } else {
-            int.recv().await;
+        loop {
+            if first == libc::SIGTERM {
+                term.recv().await;
+            } else {
+                int.recv().await;
+            }
+            if at.elapsed() >= FORCE_AFTER {
+                break;
+            }
+            tracing::info!("{name} again within {FORCE_AFTER:?}: still draining");
         }
         tracing::error!(
             "second {name}: stopping now without finishing in-flight batches; \

@@ -127,6 +127,10 @@ pub struct ExecHandler {
     restarts: Mutex<Restarts>,
     /// Answers without `batch_id` in a row (see [`Handler::misconfigured`]).
     old_protocol_answers: AtomicU32,
+    /// Set once the answers above reach [`OLD_PROTOCOL_ANSWERS_TO_STOP`];
+    /// never cleared, so a batch answered right during the drain cannot
+    /// turn the stop into a clean exit.
+    misconfigured: std::sync::OnceLock<String>,
     noise: LogThrottle,
 }
 
@@ -149,6 +153,7 @@ impl ExecHandler {
             idle: Mutex::new(Vec::new()),
             restarts: Mutex::new(Restarts::default()),
             old_protocol_answers: AtomicU32::new(0),
+            misconfigured: std::sync::OnceLock::new(),
             noise: LogThrottle::default(),
         }
     }
@@ -247,7 +252,14 @@ impl ExecHandler {
                 }
                 Line::Broken(error) => return Err(error),
                 Line::OldProtocol(error) => {
-                    self.old_protocol_answers.fetch_add(1, Ordering::Relaxed);
+                    let n = self.old_protocol_answers.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n >= OLD_PROTOCOL_ANSWERS_TO_STOP {
+                        let _ = self.misconfigured.set(format!(
+                            "the exec handler answered {n} batches in a row without \"batch_id\" \
+                             (the protocol before it), each from a fresh child: answer \
+                             {{\"batch_id\":\"<the batch's>\",\"failed\":[…]}} (see the README's exec protocol)"
+                        ));
+                    }
                     return Err(error);
                 }
                 Line::Noise => {
@@ -298,14 +310,7 @@ impl Handler for ExecHandler {
     }
 
     fn misconfigured(&self) -> Option<String> {
-        let n = self.old_protocol_answers.load(Ordering::Relaxed);
-        (n >= OLD_PROTOCOL_ANSWERS_TO_STOP).then(|| {
-            format!(
-                "the exec handler answered {n} batches in a row without \"batch_id\" (the protocol \
-                 before it), each from a fresh child: answer {{\"batch_id\":\"<the batch's>\",\"failed\":[…]}} \
-                 (see the README's exec protocol)"
-            )
-        })
+        self.misconfigured.get().cloned()
     }
 
     async fn ready(&self) {

@@ -161,6 +161,12 @@ impl FailureReport {
             None if !object.is_empty() && object.keys().any(|k| !ANSWER_KEYS.contains(&k.as_str())) => {
                 Line::Noise
             }
+            // Only the old protocol's answer shape counts as one: a bare
+            // `{"error":"…"}` may as well be a log line of the handler's.
+            None if !object.contains_key("failed") => Line::Broken(format!(
+                "the handler printed {{\"error\":…}} without \"batch_id\" while batch {expected} \
+                 was waiting: answer {{\"batch_id\":\"{expected}\",\"error\":…}}, and log to stderr"
+            )),
             None => Line::OldProtocol(format!(
                 "the handler answered without \"batch_id\" (the protocol before it): \
                  answer {{\"batch_id\":\"{expected}\",\"failed\":[…]}} (see the README's exec protocol)"
@@ -345,8 +351,15 @@ mod tests {
         ));
         assert!(matches!(
             FailureReport::classify(br#"{}"#, &b),
-            Line::OldProtocol(_)
+            Line::Broken(_)
         ));
+        assert!(
+            matches!(
+                FailureReport::classify(br#"{"error":"db down"}"#, &b),
+                Line::Broken(_)
+            ),
+            "a bare error line is broken, not a sign of the old protocol"
+        );
         assert!(matches!(
             FailureReport::classify(br#"{"batch_id":"orders-2-7","failed":7}"#, &b),
             Line::Broken(_)
