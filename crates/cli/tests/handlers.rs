@@ -449,8 +449,8 @@ fn an_answer_naming_records_outside_the_batch_commits_nothing() {
 }
 
 /// The exec child gets none of the worker's own credentials (the SCRAM
-/// password, AWS keys) unless `--handler-env` names one; the worker's log
-/// shows none of them either.
+/// password, AWS keys) unless `--handler-env` names one; the worker's log,
+/// `/metrics` and `/readyz` show none of them either.
 #[test]
 fn exec_children_get_none_of_the_workers_credentials() {
     let Some(env) = scram_env() else {
@@ -486,13 +486,14 @@ fn exec_children_get_none_of_the_workers_credentials() {
         .env("AWS_ACCESS_KEY_ID", "AKIATESTPASSEDON")
         .env("AWS_SECRET_ACCESS_KEY", secret_key)
         .env("AWS_SESSION_TOKEN", session_token);
+    let port = free_port();
     let mut w = spawn_worker_with(
         cmd,
         &dir,
         "w",
         &topic,
         &group,
-        free_port(),
+        port,
         &[
             "--handler",
             "exec",
@@ -503,7 +504,15 @@ fn exec_children_get_none_of_the_workers_credentials() {
         ],
     );
     wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    let (_, metrics) = http_get(port, "/metrics").expect("the worker serves /metrics");
+    let (_, ready) = http_get(port, "/readyz").expect("the worker serves /readyz");
     w.terminate();
+    for secret in [env["KAFKA_PASSWORD"].as_str(), secret_key, session_token] {
+        assert!(
+            !metrics.contains(secret) && !ready.contains(secret),
+            "a secret reached /metrics or /readyz"
+        );
+    }
     assert_eq!(audited(std::slice::from_ref(&log)).len(), 50);
     let child: serde_json::Value = serde_json::from_str(&read(&seen)).unwrap();
     let child = child.as_object().unwrap();
