@@ -419,6 +419,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_line_over_the_answer_limit_is_broken_and_replaces_the_child() {
+        let h = ExecHandler::new(format!(
+            "while read -r line; do head -c {} /dev/zero | tr '\\0' x; echo; done",
+            MAX_ANSWER_BYTES + 1
+        ));
+        assert!(
+            matches!(h.handle(&batch()).await, BatchOutcome::Failed(f) if f.retryable && f.error.contains("over")),
+            "an endless line must not be read into memory, nor taken as noise"
+        );
+        assert_eq!(h.idle.lock().unwrap().len(), 0, "the child is not reused");
+    }
+
+    #[tokio::test]
     async fn a_dead_child_fails_the_batch() {
         let h = ExecHandler::new("exit 3");
         assert!(matches!(h.handle(&batch()).await, BatchOutcome::Failed(f) if f.retryable));
