@@ -95,6 +95,7 @@ pub struct FileConfig {
     pub handler_env: Option<Vec<String>>,
     pub url: Option<String>,
     pub handler_timeout_ms: Option<u64>,
+    pub handler_startup_ms: Option<u64>,
     pub ordering: Option<String>,
     pub concurrency: Option<usize>,
     pub commit_interval_ms: Option<u64>,

@@ -656,3 +656,31 @@ fn a_handler_answering_in_the_old_shape_stops_the_worker() {
         "nothing was answered, nothing may be committed: {committed:?}"
     );
 }
+
+/// A handler whose start-up (3 s, an interpreter's imports or a JVM) is
+/// longer than `--handler-timeout-ms` (1 s) gets its first batch through:
+/// a child's first batch has `--handler-startup-ms` on top. Before, each
+/// first batch timed out, the child was killed and started again, for ever.
+#[test]
+fn a_handler_slower_to_start_than_its_timeout_gets_its_first_batch_through() {
+    let dir = TestDir::new("exec-startup");
+    let topic = unique("exec-startup");
+    let group = unique("g");
+    create_topic(&topic, 1);
+    produce(&topic, 50, &[]);
+    let log = dir.path("handled.txt");
+    let handler = logging_handler_with(&dir, &log, "import time\ntime.sleep(3)\n", "");
+    let mut w = spawn_exec_worker(
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &handler,
+        &["--handler-timeout-ms", "1000", "--concurrency", "1"],
+    );
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(60));
+    w.terminate();
+    let (expected, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    assert_eq!(expected, 50);
+}

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+/// Extra time an exec child's first batch gets for the child's start-up.
+pub const DEFAULT_HANDLER_STARTUP_MS: u64 = 30_000;
+
 /// Key and value bytes a worker holds before it stops taking records in:
 /// with librdkafka's prefetch (16 MiB), the batches' JSON copies and the
 /// process itself, this fits the kit's 512 MiB memory limit with room.

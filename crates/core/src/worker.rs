@@ -394,7 +394,7 @@ impl Adapter {
 
     fn start(&mut self, slot: Slot, batch: Batch) {
         let handler = self.handler.clone();
-        let timeout = self.handler_timeout;
+        let timeout = self.handler.max_time(self.handler_timeout);
         let mut verdict = Verdict {
             tx: self.events_tx.clone(),
             slot,

@@ -102,6 +102,11 @@ pub struct Args {
     /// A batch not answered within this fails (retryable) [default: 60000].
     #[arg(long, env = "MICROBATCH_HANDLER_TIMEOUT_MS", help_heading = "Handler")]
     pub handler_timeout_ms: Option<u64>,
+    /// exec: extra time a child's first batch gets on top of
+    /// --handler-timeout-ms, for the child's own start-up (an interpreter's
+    /// imports, a JVM) [default: 30000].
+    #[arg(long, env = "MICROBATCH_HANDLER_STARTUP_MS", help_heading = "Handler")]
+    pub handler_startup_ms: Option<u64>,
 
     /// partition: one batch in flight per partition; key: per-key order, many
     /// slots per partition; none: any record on any slot [default: key].
@@ -359,7 +364,15 @@ impl Args {
                 } else {
                     self.handler_env.clone()
                 };
-                Arc::new(ExecHandler::with_env(command, &passed))
+                let startup = ms(pick(
+                    self.handler_startup_ms,
+                    file.handler_startup_ms,
+                    microbatch_core::config::DEFAULT_HANDLER_STARTUP_MS,
+                ));
+                Arc::new(
+                    ExecHandler::with_env(command, &passed)
+                        .with_startup(config.handler_timeout, startup),
+                )
             }
             HandlerKind::Http => {
                 let url = require(

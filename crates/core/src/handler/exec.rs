@@ -40,6 +40,8 @@ struct ExecChild {
     child: Child,
     /// The process group the child leads (its pid at spawn).
     group: Option<u32>,
+    /// Whether it has answered a batch: its start-up is over.
+    answered: bool,
     /// `None` once closed, to ask the child to finish.
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
@@ -131,6 +133,11 @@ pub struct ExecHandler {
     /// never cleared, so a batch answered right during the drain cannot
     /// turn the stop into a clean exit.
     misconfigured: std::sync::OnceLock<String>,
+    /// The configured handler timeout, enforced here for children that
+    /// have answered before; `None`: the worker's timeout alone.
+    timeout: Option<Duration>,
+    /// Extra time a child's first batch gets, for its start-up.
+    startup: Duration,
     noise: LogThrottle,
 }
 
@@ -154,8 +161,20 @@ impl ExecHandler {
             restarts: Mutex::new(Restarts::default()),
             old_protocol_answers: AtomicU32::new(0),
             misconfigured: std::sync::OnceLock::new(),
+            timeout: None,
+            startup: Duration::ZERO,
             noise: LogThrottle::default(),
         }
+    }
+
+    /// Gives a child's first batch `startup` on top of `timeout`: an
+    /// interpreter or a JVM that takes longer to start than a batch takes
+    /// would otherwise be killed and started again for ever. Later batches
+    /// of the same child get `timeout` alone.
+    pub fn with_startup(mut self, timeout: Duration, startup: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self.startup = startup;
+        self
     }
 
     fn restarts(&self) -> std::sync::MutexGuard<'_, Restarts> {
@@ -211,6 +230,7 @@ impl ExecHandler {
         Ok(ExecChild {
             child,
             group,
+            answered: false,
             stdin: Some(stdin),
             stdout,
         })
@@ -292,8 +312,19 @@ impl Handler for ExecHandler {
         };
         let mut request = Vec::with_capacity(64 + batch.payload_bytes() * 2 + batch.len() * 96);
         encode_batch(batch, &mut request);
-        match self.exchange(&mut child, &request, batch).await {
+        let exchanged = match self.timeout.filter(|_| child.answered) {
+            // A child past its start-up: the configured timeout, here, since
+            // the worker allows every batch the start-up on top.
+            Some(limit) => tokio::time::timeout(limit, self.exchange(&mut child, &request, batch))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!("handler timed out after {} ms", limit.as_millis()))
+                }),
+            None => self.exchange(&mut child, &request, batch).await,
+        };
+        match exchanged {
             Ok(outcome) => {
+                child.answered = true;
                 *self.restarts() = Restarts::default();
                 self.idle
                     .lock()
@@ -311,6 +342,10 @@ impl Handler for ExecHandler {
 
     fn misconfigured(&self) -> Option<String> {
         self.misconfigured.get().cloned()
+    }
+
+    fn max_time(&self, timeout: Duration) -> Duration {
+        timeout + self.startup
     }
 
     async fn ready(&self) {
@@ -429,6 +464,38 @@ mod tests {
             "an endless line must not be read into memory, nor taken as noise"
         );
         assert_eq!(h.idle.lock().unwrap().len(), 0, "the child is not reused");
+    }
+
+    #[tokio::test]
+    async fn a_childs_first_batch_gets_its_start_up_and_later_ones_the_timeout() {
+        // Slow to start (1 s, a JVM's part), then quick once, then hangs.
+        let h = ExecHandler::new(
+            r#"sleep 1; read -r line; echo '{"batch_id":"t-0-1","failed":[]}'; read -r line; sleep 300"#,
+        )
+        .with_startup(Duration::from_millis(300), Duration::from_secs(30));
+        assert_eq!(
+            h.max_time(Duration::from_millis(300)),
+            Duration::from_millis(30_300)
+        );
+        // The worker's limit: the timeout plus the start-up.
+        let first =
+            tokio::time::timeout(h.max_time(Duration::from_millis(300)), h.handle(&batch()))
+                .await
+                .expect("the first batch waits for the start-up");
+        assert_eq!(first, BatchOutcome::Success);
+        // The same child, past its start-up: the timeout alone, enforced by
+        // the handler well before the worker's longer limit.
+        let second = tokio::time::timeout(Duration::from_secs(10), h.handle(&batch()))
+            .await
+            .expect("the handler's own timeout, not the start-up allowance");
+        assert!(
+            matches!(second, BatchOutcome::Failed(f) if f.retryable && f.error.contains("timed out"))
+        );
+        assert_eq!(
+            h.idle.lock().unwrap().len(),
+            0,
+            "the hung child is not reused"
+        );
     }
 
     #[tokio::test]

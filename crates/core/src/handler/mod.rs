@@ -74,6 +74,14 @@ pub trait Handler: Send + Sync + 'static {
     /// step hands to a new worker should not wait for it.
     async fn prepare(&self, _slots: usize) {}
 
+    /// The longest a batch may take, given the configured handler timeout.
+    /// A handler that allows some batches more (an exec child's first
+    /// batch, which waits for the child's own start-up) enforces the
+    /// configured timeout itself for the others.
+    fn max_time(&self, timeout: std::time::Duration) -> std::time::Duration {
+        timeout
+    }
+
     /// Waits until the handler can take a batch without a wait of its own
     /// (an exec child's restart back-off). The worker awaits it before the
     /// handler timeout starts, so such a wait never eats the timeout.
