@@ -42,6 +42,8 @@ struct ExecChild {
     group: Option<u32>,
     /// Whether it has answered a batch: its start-up is over.
     answered: bool,
+    /// When it was started: its start-up allowance counts from here.
+    spawned_at: Instant,
     /// `None` once closed, to ask the child to finish.
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
@@ -167,10 +169,11 @@ impl ExecHandler {
         }
     }
 
-    /// Gives a child's first batch `startup` on top of `timeout`: an
-    /// interpreter or a JVM that takes longer to start than a batch takes
-    /// would otherwise be killed and started again for ever. Later batches
-    /// of the same child get `timeout` alone.
+    /// Gives each new child's first batch what is left of `startup`,
+    /// counted from the child's start, on top of `timeout`: an interpreter
+    /// or a JVM that takes longer to start than a batch takes would
+    /// otherwise be killed and started again for ever. Later batches of the
+    /// same child get `timeout` alone. `timeout` must be the worker's.
     pub fn with_startup(mut self, timeout: Duration, startup: Duration) -> Self {
         self.timeout = Some(timeout);
         self.startup = startup;
@@ -231,6 +234,7 @@ impl ExecHandler {
             child,
             group,
             answered: false,
+            spawned_at: Instant::now(),
             stdin: Some(stdin),
             stdout,
         })
@@ -312,14 +316,33 @@ impl Handler for ExecHandler {
         };
         let mut request = Vec::with_capacity(64 + batch.payload_bytes() * 2 + batch.len() * 96);
         encode_batch(batch, &mut request);
-        let exchanged = match self.timeout.filter(|_| child.answered) {
-            // A child past its start-up: the configured timeout, here, since
-            // the worker allows every batch the start-up on top.
-            Some(limit) => tokio::time::timeout(limit, self.exchange(&mut child, &request, batch))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(format!("handler timed out after {} ms", limit.as_millis()))
-                }),
+        // The worker allows every batch the start-up on top of the timeout;
+        // the handler holds each to its own share of it: the timeout, plus
+        // what is left of the start-up allowance for a child that has not
+        // answered yet (counted from its start, so a child started with the
+        // worker long ago gets none).
+        let limit = self.timeout.map(|timeout| {
+            if child.answered {
+                timeout
+            } else {
+                timeout.saturating_add(self.startup.saturating_sub(child.spawned_at.elapsed()))
+            }
+        });
+        let exchanged = match limit {
+            Some(limit) => {
+                match tokio::time::timeout(limit, self.exchange(&mut child, &request, batch)).await
+                {
+                    Ok(exchanged) => exchanged,
+                    // A timeout is not a death: no restart back-off, as
+                    // when the worker's own timeout cancels a batch.
+                    Err(_) => {
+                        return BatchOutcome::Failed(Failure::retryable(format!(
+                            "handler timed out after {} ms",
+                            limit.as_millis()
+                        )))
+                    }
+                }
+            }
             None => self.exchange(&mut child, &request, batch).await,
         };
         match exchanged {
@@ -345,7 +368,7 @@ impl Handler for ExecHandler {
     }
 
     fn max_time(&self, timeout: Duration) -> Duration {
-        timeout + self.startup
+        timeout.saturating_add(self.startup)
     }
 
     async fn ready(&self) {
@@ -495,6 +518,23 @@ mod tests {
             h.idle.lock().unwrap().len(),
             0,
             "the hung child is not reused"
+        );
+        assert_eq!(h.restarts().deaths, 0, "a timeout is not a death");
+    }
+
+    #[tokio::test]
+    async fn a_child_started_long_before_its_first_batch_has_used_its_allowance() {
+        let h = ExecHandler::new("while read -r line; do sleep 300; done")
+            .with_startup(Duration::from_millis(300), Duration::from_secs(1));
+        h.prepare(1).await;
+        // The allowance counts from the child's start, not the batch's.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let outcome = tokio::time::timeout(Duration::from_secs(10), h.handle(&batch()))
+            .await
+            .expect("the handler's own timeout");
+        assert!(
+            matches!(&outcome, BatchOutcome::Failed(f) if f.error.contains("timed out after 300 ms")),
+            "no allowance was left: {outcome:?}"
         );
     }
 
