@@ -656,8 +656,6 @@ pub struct Pipeline {
     held: usize,
     /// Key and value bytes of the records held (`--max-held-bytes`).
     held_bytes: usize,
-    /// Whether readiness says the circuit is open (see `handle_tick`).
-    readiness_shows_circuit: bool,
     successes: u64,
     circuit: Circuit,
     phase: Phase,
@@ -717,7 +715,6 @@ impl Pipeline {
             waiting_for_ack: false,
             held: 0,
             held_bytes: 0,
-            readiness_shows_circuit: false,
             successes: 0,
             circuit: Circuit::new(now),
             phase: Phase::Consuming,
@@ -1278,10 +1275,7 @@ impl Pipeline {
         // that drained an idle topic leave nothing waiting, and a 503 then
         // would only say "no success since" about a downstream nobody needs.
         let waiting = self.circuit.is_open() && (self.held > 0 || self.in_flight > 0);
-        if waiting != self.readiness_shows_circuit {
-            self.readiness_shows_circuit = waiting;
-            self.telemetry.readiness.set_circuit_open(waiting);
-        }
+        self.telemetry.readiness.set_circuit_open(waiting);
         self.apply_backpressure();
         if now >= self.next_commit {
             self.next_commit = now + self.config.commit_interval;
@@ -1525,7 +1519,8 @@ impl Pipeline {
         match self.circuit.observe(signal, now) {
             Some(Transition::Opened) => {
                 self.telemetry.metrics.circuit_open.set(1);
-                self.readiness_shows_circuit = true;
+                // At once, not at the next tick: the failure that opened it
+                // is a record waiting on it.
                 self.telemetry.readiness.set_circuit_open(true);
                 tracing::warn!(
                     consecutive_failures = self.circuit.streak(),
@@ -1534,7 +1529,6 @@ impl Pipeline {
             }
             Some(Transition::Closed) => {
                 self.telemetry.metrics.circuit_open.set(0);
-                self.readiness_shows_circuit = false;
                 self.telemetry.readiness.set_circuit_open(false);
                 tracing::info!("downstream recovered; circuit closed");
             }
@@ -2109,11 +2103,17 @@ mod tests {
     }
 
     fn pipeline(t0: Instant) -> Pipeline {
+        pipeline_with(t0, |_| {})
+    }
+
+    /// [`pipeline`] with `change` made to its config first.
+    fn pipeline_with(t0: Instant, change: impl FnOnce(&mut WorkerConfig)) -> Pipeline {
         let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
         c.batch = BatchLimits::new(2, 1 << 20, Duration::from_millis(10)).unwrap();
         c.ordering = Ordering::Partition;
         c.drain_timeout = Duration::from_secs(10);
         c.retry.max_attempts = 1;
+        change(&mut c);
         with_config(c, t0)
     }
 
@@ -2264,12 +2264,8 @@ mod tests {
     #[test]
     fn the_bytes_cap_stops_taking_records_and_one_is_always_taken() {
         let t0 = Instant::now();
-        let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
-        c.batch = BatchLimits::new(2, 1 << 20, Duration::from_millis(10)).unwrap();
-        c.ordering = Ordering::Partition;
         // Each test record is two bytes (key "k", value "v").
-        c.max_held_bytes = 3;
-        let mut p = with_config(c, t0);
+        let mut p = pipeline_with(t0, |c| c.max_held_bytes = 3);
         p.handle_assign(&[0]);
         assert!(!p.is_full(), "one record is always taken");
         p.handle_record(&Rec(0, 0), t0);
@@ -2287,10 +2283,7 @@ mod tests {
     #[test]
     fn a_partition_of_large_records_is_paused_before_it_fills_the_worker() {
         let t0 = Instant::now();
-        let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
-        c.batch = BatchLimits::new(100, 1 << 20, Duration::from_secs(10)).unwrap();
-        c.max_held_bytes = 8;
-        let mut p = with_config(c, t0);
+        let mut p = pipeline_with(t0, |c| c.max_held_bytes = 8);
         p.handle_assign(&[0, 1]);
         // Partition 0's records (2 bytes each) wait, say for a proof of
         // health that only another partition's success can bring.

@@ -87,6 +87,20 @@ pub fn scram_env() -> Option<BTreeMap<String, String>> {
     )
 }
 
+/// [`scram_env`] for a test that needs the SCRAM listener: outside CI a
+/// missing listener skips the test (`None`, said on stderr); in CI it fails.
+pub fn scram_listener() -> Option<BTreeMap<String, String>> {
+    let env = scram_env();
+    if env.is_none() {
+        assert!(
+            !in_ci(),
+            "CI must test SCRAM: MICROBATCH_TEST_SCRAM_ENV not set"
+        );
+        eprintln!("skipped: no SCRAM listener (run scripts/test.sh)");
+    }
+    env
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A unique name for this test's topic or group.

@@ -250,20 +250,23 @@ mod tests {
 
     /// The same, with extra header lines (each ending in `\r\n`).
     async fn answering_with(status: &'static str, headers: &'static str) -> String {
+        serving(
+            format!("HTTP/1.1 {status}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n")
+                .into_bytes(),
+        )
+        .await
+    }
+
+    /// A server on 127.0.0.1 that reads each request and answers it with
+    /// `response`, byte for byte, then closes the connection.
+    async fn serving(response: Vec<u8>) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap());
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 let mut buf = vec![0; 64 * 1024];
                 let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(
-                        format!(
-                            "HTTP/1.1 {status}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
-                        )
-                        .as_bytes(),
-                    )
-                    .await;
+                let _ = s.write_all(&response).await;
             }
         });
         url
@@ -363,17 +366,7 @@ mod tests {
             // Ended by closing the connection: maybe a handler that died.
             ("200 OK", "", false),
         ] {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}/", listener.local_addr().unwrap());
-            tokio::spawn(async move {
-                if let Ok((mut s, _)) = listener.accept().await {
-                    let mut buf = vec![0; 64 * 1024];
-                    let _ = s.read(&mut buf).await;
-                    let _ = s
-                        .write_all(format!("HTTP/1.0 {status}\r\n{headers}\r\n").as_bytes())
-                        .await;
-                }
-            });
+            let url = serving(format!("HTTP/1.0 {status}\r\n{headers}\r\n").into_bytes()).await;
             let h = HttpHandler::new(&url, Duration::from_secs(5)).unwrap();
             let outcome = h.handle(&batch()).await;
             assert_eq!(
@@ -407,20 +400,13 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_over_the_size_limit_fails_the_batch() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                let mut buf = vec![0; 64 * 1024];
-                let _ = s.read(&mut buf).await;
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    MAX_ANSWER_BYTES + 1
-                );
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(&vec![b' '; MAX_ANSWER_BYTES + 1]).await;
-            }
-        });
+        let mut response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            MAX_ANSWER_BYTES + 1
+        )
+        .into_bytes();
+        response.resize(response.len() + MAX_ANSWER_BYTES + 1, b' ');
+        let url = serving(response).await;
         let h = HttpHandler::new(&url, Duration::from_secs(10)).unwrap();
         assert!(
             matches!(h.handle(&batch()).await, BatchOutcome::Failed(f) if f.retryable && f.error.contains("over")),
