@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use microbatch_core::config::{
+use microbatch_kafka::config::{
     parse_property, ConfigError, KafkaConfig, SaslMechanism, Secret, SecurityProtocol,
 };
 use microbatch_scaling::lag::LagReader;
@@ -202,7 +202,7 @@ impl KafkaArgs {
             msk_iam_token_lifetime: std::time::Duration::from_secs(pick(
                 self.msk_iam_token_lifetime_s,
                 file.msk_iam_token_lifetime_s,
-                microbatch_core::aws_iam::DEFAULT_TOKEN_LIFETIME.as_secs(),
+                microbatch_kafka::aws_iam::DEFAULT_TOKEN_LIFETIME.as_secs(),
             )),
             msk_iam: None,
         };

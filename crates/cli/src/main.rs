@@ -6,6 +6,7 @@
 mod args;
 mod cmd;
 mod logging;
+mod policy_args;
 mod report;
 
 use std::process::ExitCode;
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
             }
             eprintln!("error: {err:#}");
             if err
-                .downcast_ref::<microbatch_core::config::ConfigError>()
+                .downcast_ref::<microbatch_kafka::ConfigError>()
                 .is_some()
             {
                 ExitCode::from(2)

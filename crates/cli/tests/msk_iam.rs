@@ -215,7 +215,7 @@ fn token_is_refreshed_during_a_run_longer_than_its_lifetime() {
     let mut cmd = iam_command(&dir, &env);
     // Tokens live 10 s: the run below lasts several lifetimes.
     cmd.env("MSK_IAM_TOKEN_LIFETIME_S", "10")
-        .env("MICROBATCH_LOG", "info,microbatch_core::aws_iam=debug");
+        .env("MICROBATCH_LOG", "info,microbatch_kafka::aws_iam=debug");
     let mut worker = spawn_iam_worker(&dir, cmd, "w", &topic, &group, port);
     wait_until(Duration::from_secs(60), "the worker is ready", || {
         http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)

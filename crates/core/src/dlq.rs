@@ -40,14 +40,16 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use thiserror::Error;
 
-use crate::aws_iam::WithTokens;
 use crate::batch::Batch;
-use crate::config::{DeadLetterConfig, KafkaConfig};
+use crate::config::DeadLetterConfig;
 use crate::handler::Failure;
-use crate::kafka::{
-    create_topic_with, topic_settings, ClientError, QuietContext, TopicLookup, TopicSettings,
-    TopicState, KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+use microbatch_kafka::admin::{
+    create_topic_with, topic_settings, TopicLookup, TopicSettings, TopicState,
+    KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
 };
+use microbatch_kafka::aws_iam::WithTokens;
+use microbatch_kafka::client::{ClientError, QuietContext};
+use microbatch_kafka::KafkaConfig;
 
 /// Room on top of the source topic's `max.message.bytes` for the headers a
 /// dead letter adds (seven names, numbers, the group and the error text).

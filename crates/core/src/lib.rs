@@ -1,11 +1,10 @@
 //! microbatch-core: Kafka microbatch processing with at-least-once delivery.
 //!
 //! # Layout
-//! - [`config`]: typed, validated configuration (Kafka security, batching,
-//!   ordering, retries); every error names its flag.
-//! - [`kafka`]: turns configuration into librdkafka clients; admin helpers.
-//! - [`aws_iam`]: Amazon MSK IAM tokens (SigV4-signed OAUTHBEARER) and
-//!   their background refresher.
+//! - [`config`]: typed, validated worker configuration (batching, ordering,
+//!   retries, dead letters); every error names its flag. The connection
+//!   (brokers, security, MSK IAM, clients) is the `microbatch-kafka`
+//!   crate's, re-exported here as [`kafka`].
 //! - [`batch`]: the [`batch::Batch`] type and the batch rule.
 //! - [`capacity`]: how busy the slots are and what that says the worker
 //!   could do; carried to the scaling side in commit metadata.
@@ -27,7 +26,6 @@
 //! A library user implements [`handler::Handler`] and runs a
 //! [`worker::Worker`]; the `microbatch` binary does the same from flags.
 
-pub mod aws_iam;
 pub mod batch;
 pub mod capacity;
 pub mod commit;
@@ -37,14 +35,15 @@ pub mod failure;
 pub mod fetch;
 pub mod handler;
 pub mod http;
-pub mod kafka;
 pub mod offsets;
 pub mod pipeline;
 pub mod telemetry;
 pub mod worker;
 
 pub use batch::{Batch, Record};
-pub use config::{KafkaConfig, WorkerConfig};
+pub use config::WorkerConfig;
 pub use handler::{BatchOutcome, Failure, Handler};
+pub use microbatch_kafka as kafka;
+pub use microbatch_kafka::KafkaConfig;
 pub use telemetry::Telemetry;
 pub use worker::{Worker, WorkerError, WorkerReport};

@@ -43,7 +43,8 @@ use crate::failure::{self, Circuit, Plan, Signal, Transition};
 use crate::fetch::ConsumedRecord;
 use crate::handler::{BatchOutcome, Failure};
 use crate::offsets::PartitionOffsets;
-use crate::telemetry::{LogThrottle, Telemetry};
+use crate::telemetry::Telemetry;
+use microbatch_kafka::LogThrottle;
 
 /// Commits remembered per partition while unacknowledged (async commits
 /// overlap only when the broker is slow; older ones are superseded).
@@ -2077,7 +2078,8 @@ mod tests {
     //! The edges, one event at a time, on a clock the test sets.
     use super::*;
     use crate::batch::Header;
-    use crate::config::{BatchLimits, KafkaConfig};
+    use crate::config::BatchLimits;
+    use microbatch_kafka::KafkaConfig;
 
     struct Rec(i32, i64);
 

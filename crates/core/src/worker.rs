@@ -42,16 +42,17 @@ use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
 use tokio::runtime::Handle;
 
-use crate::aws_iam::WithTokens;
 use crate::batch::Batch;
 use crate::commit::{CommitQueue, CommitResult, CommittedPartition};
 use crate::config::{DeadLetterConfig, GroupProtocol, WorkerConfig};
 use crate::dlq::{DeadLetterWriter, DlqError};
 use crate::fetch::{ConsumedRecord, FetchQueue, FetchedMessage};
 use crate::handler::{BatchOutcome, Failure, Handler};
-use crate::kafka::{TopicLookup, TopicState};
 use crate::pipeline::{DeadLetterSlot, Intent, Options, Phase, Pipeline, Slot};
-use crate::telemetry::{KindLabel, LogThrottle, PartitionLabel, ResultLabel, Telemetry};
+use crate::telemetry::{KindLabel, PartitionLabel, ResultLabel, Telemetry};
+use microbatch_kafka::admin::{TopicLookup, TopicState};
+use microbatch_kafka::aws_iam::WithTokens;
+use microbatch_kafka::LogThrottle;
 
 /// Records taken from the client per poll-loop round.
 const MAX_BURST: usize = 2048;
@@ -658,7 +659,7 @@ pub struct WorkerContext {
     topic: String,
     stop: Arc<AtomicBool>,
     error_throttle: LogThrottle,
-    oauth: crate::aws_iam::OauthHook,
+    oauth: microbatch_kafka::aws_iam::OauthHook,
 }
 
 impl WorkerContext {
@@ -669,10 +670,10 @@ impl WorkerContext {
 }
 
 impl ClientContext for WorkerContext {
-    crate::delegate_oauth_token!(oauth);
+    microbatch_kafka::delegate_oauth_token!(oauth);
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        crate::kafka::forward_log(level, fac, message);
+        microbatch_kafka::client::forward_log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use microbatch_core::config::{BatchLimits, KafkaConfig, WorkerConfig};
+use microbatch_core::config::{BatchLimits, WorkerConfig};
+use microbatch_core::KafkaConfig;
 use microbatch_core::{Batch, BatchOutcome, Handler, Telemetry, Worker};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;

@@ -1,7 +1,7 @@
 //! What the workers say they can do, read back from their offset commits.
 //!
 //! Each worker writes a [`CapacityReport`] as the metadata of the offsets it
-//! commits (see `microbatch_core::capacity`); Kafka keeps it per partition
+//! commits (see `microbatch_kafka::capacity_report`); Kafka keeps it per partition
 //! beside the committed offset, so the committed-offsets request that lag
 //! needs anyway brings it back. [`WorkerCapacity`] keeps the newest report
 //! of each worker, drops stale ones (a worker that stopped, or that idles and
@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use microbatch_core::capacity::{CapacityReport, MIN_BUSY_FOR_CAPACITY};
+use microbatch_kafka::capacity_report::{CapacityReport, MIN_BUSY_FOR_CAPACITY};
 use rdkafka::TopicPartitionList;
 use serde::Serialize;
 

@@ -15,9 +15,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use microbatch_core::aws_iam::WithTokens;
-use microbatch_core::config::KafkaConfig;
-use microbatch_core::kafka::{ClientError, QuietContext};
+use microbatch_kafka::aws_iam::WithTokens;
+use microbatch_kafka::client::{ClientError, QuietContext};
+use microbatch_kafka::KafkaConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};

@@ -4,8 +4,8 @@
 
 use std::time::Instant;
 
-use microbatch_core::capacity::unix_ms_now;
-use microbatch_core::kafka::ClientError;
+use microbatch_kafka::capacity_report::unix_ms_now;
+use microbatch_kafka::ClientError;
 
 use crate::capacity::WorkerCapacity;
 use crate::lag::{GroupLag, InvalidOffsetPolicy, LagReader, RateTracker, Rates};

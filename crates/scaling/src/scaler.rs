@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use microbatch_core::config::KafkaConfig;
+use microbatch_kafka::KafkaConfig;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -40,7 +40,7 @@ use tonic::{Request, Response, Status};
 use crate::lag::{InvalidOffsetPolicy, LagReader};
 use crate::observe::Observer;
 use crate::policy::{KedaParams, KedaPolicy, Policy, RateParams, RatePolicy};
-use microbatch_core::kafka::ClientError;
+use microbatch_kafka::ClientError;
 
 /// Generated from `proto/externalscaler.proto`.
 pub mod proto {
@@ -599,7 +599,7 @@ fn cluster_for(own: &KafkaConfig, servers: Option<&str>) -> Result<KafkaConfig, 
         || own
             .properties
             .iter()
-            .any(|(k, _)| microbatch_core::config::is_secret_property(k));
+            .any(|(k, _)| microbatch_kafka::config::is_secret_property(k));
     if has_credentials {
         return Err(Status::invalid_argument(format!(
             "scalerMetadata.bootstrapServers: {servers} is not the scaler's own cluster ({}), and the scaler sends its credentials only there",
@@ -824,7 +824,7 @@ mod tests {
         assert_eq!(other.bootstrap_servers, "other:9092");
         let mut secure = own.clone();
         secure.username = Some("u".into());
-        secure.password = Some(microbatch_core::config::Secret::new("s3cr3t"));
+        secure.password = Some(microbatch_kafka::Secret::new("s3cr3t"));
         assert!(cluster_for(&secure, Some("b2:9092,b1:9092")).is_ok());
         let err = cluster_for(&secure, Some("evil:9092")).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);

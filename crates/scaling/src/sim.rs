@@ -27,7 +27,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use microbatch_core::capacity::CapacityReport;
+use microbatch_kafka::capacity_report::CapacityReport;
 use serde::Serialize;
 
 use crate::capacity::WorkerCapacity;

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use microbatch_core::telemetry::LogThrottle;
+use microbatch_kafka::LogThrottle;
 use serde::Serialize;
 use thiserror::Error;
 

@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use microbatch_core::aws_iam::{token_once, MskIamSettings, RefreshPolicy, DEFAULT_TOKEN_LIFETIME};
-use microbatch_core::config::{ConfigError, KafkaConfig, SaslMechanism, SecurityProtocol};
+use microbatch_kafka::aws_iam::{
+    token_once, MskIamSettings, RefreshPolicy, DEFAULT_TOKEN_LIFETIME,
+};
+use microbatch_kafka::config::{ConfigError, KafkaConfig, SaslMechanism, SecurityProtocol};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {

@@ -17,22 +17,25 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::ProgressBar;
-use microbatch_core::aws_iam::WithTokens;
-use microbatch_core::config::{ConfigError, GroupProtocol, KafkaConfig};
+use microbatch_core::config::GroupProtocol;
 use microbatch_core::dlq::headers;
-use microbatch_core::kafka::QuietContext;
+use microbatch_kafka::aws_iam::WithTokens;
+use microbatch_kafka::client::QuietContext;
+use microbatch_kafka::{ConfigError, KafkaConfig};
 use microbatch_scaling::lag::{InvalidOffsetPolicy, LagReader};
-use microbatch_scaling::policy::{KedaParams, KedaPolicy, Policy, RateParams, RatePolicy};
+use microbatch_scaling::policy::{
+    KedaParams, KedaPolicy, Policy, RateParams, RatePolicy, HPA_TOLERANCE,
+};
 use microbatch_scaling::supervisor::{Supervisor, SupervisorConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::lag::PolicyKind;
 use super::produce::{self, produce_blocking};
 use super::supervise::kafka_env;
 use crate::args::KafkaArgs;
+use crate::policy_args::PolicyKind;
 use crate::report::{self, longest_plateau, PolicyRun, Report, Sample, ScenarioResult};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -142,7 +145,7 @@ impl DemoBroker {
                 .with_context(|| format!("creating {topic} on the embedded broker")),
             DemoBroker::External(k) => {
                 runtime
-                    .block_on(microbatch_core::kafka::create_topic(
+                    .block_on(microbatch_kafka::admin::create_topic(
                         k,
                         topic,
                         partitions,
@@ -271,7 +274,9 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
     })
 }
 
-fn make_policy(kind: PolicyKind, args: &Args, plan: &Plan) -> Box<dyn Policy> {
+/// The demo's own settings for each policy: a short drain target and a
+/// cold-start guess from the simulated handler's time per record.
+fn demo_policy(kind: PolicyKind, args: &Args, plan: &Plan) -> Box<dyn Policy> {
     match kind {
         PolicyKind::Keda => Box::new(KedaPolicy::new(KedaParams {
             lag_threshold: args.lag_threshold.max(1),
@@ -294,7 +299,7 @@ fn make_policy(kind: PolicyKind, args: &Args, plan: &Plan) -> Box<dyn Policy> {
                 slots_per_replica: args.concurrency,
                 initial_rate_per_replica: per_slot * f64::from(args.concurrency),
                 scale_down_stabilization: plan.window,
-                tolerance: 0.1,
+                tolerance: HPA_TOLERANCE,
                 max_lag: None,
             }))
         }
@@ -421,7 +426,7 @@ fn run_policy(
     };
     let reader = LagReader::new(kafka, &group, topic, Duration::from_secs(10))?;
     let dlq_watch = watermark_reader(kafka)?;
-    let mut sup = Supervisor::new(config, make_policy(kind, args, plan), reader)?;
+    let mut sup = Supervisor::new(config, demo_policy(kind, args, plan), reader)?;
     let scenarios: Vec<Scenario> = match args.scenario {
         Scenario::All => vec![
             Scenario::Fanout,

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use microbatch_core::aws_iam::{OauthHook, WithTokens};
-use microbatch_core::config::{ConfigError, KafkaConfig};
+use microbatch_kafka::aws_iam::{OauthHook, WithTokens};
+use microbatch_kafka::{ConfigError, KafkaConfig};
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -76,14 +76,14 @@ pub struct Deliveries {
 }
 
 impl ClientContext for Deliveries {
-    microbatch_core::delegate_oauth_token!(oauth);
+    microbatch_kafka::delegate_oauth_token!(oauth);
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        microbatch_core::kafka::forward_log(level, fac, message);
+        microbatch_kafka::client::forward_log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        microbatch_core::kafka::note_auth_error(&self.auth_error, &error, reason);
+        microbatch_kafka::client::note_auth_error(&self.auth_error, &error, reason);
         tracing::debug!(error = %error, "{reason}");
     }
 }
@@ -149,10 +149,8 @@ pub fn produce_blocking(
                     .expect("lock poisoned")
                     .clone()
                 {
-                    Some(reason) => microbatch_core::kafka::ClientError::Authentication(reason),
-                    None => {
-                        microbatch_core::kafka::ClientError::classify(e, &kafka.bootstrap_servers)
-                    }
+                    Some(reason) => microbatch_kafka::ClientError::Authentication(reason),
+                    None => microbatch_kafka::ClientError::classify(e, &kafka.bootstrap_servers),
                 }
             })?;
         let exists = metadata.topics().iter().any(|t| {

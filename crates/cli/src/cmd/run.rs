@@ -9,13 +9,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::ValueEnum;
 use microbatch_core::config::{
-    BatchLimits, ConfigError, DeadLetterConfig, GroupProtocol, OffsetReset, Ordering, RetryPolicy,
-    WorkerConfig,
+    BatchLimits, DeadLetterConfig, GroupProtocol, OffsetReset, Ordering, RetryPolicy, WorkerConfig,
 };
 use microbatch_core::handler::{
     ExecHandler, Handler, HttpHandler, HttpHandlerError, SimulateHandler,
 };
 use microbatch_core::{Telemetry, Worker};
+use microbatch_kafka::ConfigError;
 
 use crate::args::{parse_file_value, pick, require, GroupArgs, KafkaArgs};
 

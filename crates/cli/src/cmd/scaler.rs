@@ -44,10 +44,7 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let file = args.kafka.load_file()?;
     let kafka = args.kafka.resolve(&file)?;
     let host: std::net::IpAddr = args.host.parse().map_err(|_| {
-        microbatch_core::config::ConfigError::new(
-            "--host",
-            format!("not an IP address: {}", args.host),
-        )
+        microbatch_kafka::ConfigError::new("--host", format!("not an IP address: {}", args.host))
     })?;
     let kafka = kafka.start_msk_iam()?;
     let scaler = Arc::new(Scaler::new(

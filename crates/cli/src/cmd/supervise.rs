@@ -9,15 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::routing::get;
-use microbatch_core::config::{ConfigError, KafkaConfig};
+use microbatch_kafka::{ConfigError, KafkaConfig};
 use microbatch_scaling::lag::LagReader;
-use microbatch_scaling::policy::Policy;
 use microbatch_scaling::supervisor::{Supervisor, SupervisorConfig};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use super::lag::{PolicyArgs, PolicyKind};
 use crate::args::{GroupArgs, KafkaArgs};
+use crate::policy_args::{make_policy, PolicyArgs, PolicyKind};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -114,14 +113,6 @@ fn reject_misplaced_flags(run_args: &[String]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
-}
-
-/// Builds the chosen policy from its flags.
-pub fn make_policy(kind: PolicyKind, args: &PolicyArgs) -> Box<dyn Policy> {
-    match kind {
-        PolicyKind::Keda => Box::new(args.keda()),
-        PolicyKind::Rate => Box::new(args.rate()),
-    }
 }
 
 /// Whether `flag` (`--name`) is among `args`, as `--name V` or `--name=V`.

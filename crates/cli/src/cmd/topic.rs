@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use microbatch_core::kafka::{create_topic, delete_topic};
+use microbatch_kafka::admin::{create_topic, delete_topic};
 
 use crate::args::KafkaArgs;
 

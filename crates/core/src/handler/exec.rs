@@ -34,7 +34,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use super::{encode_batch, BatchOutcome, Failure, FailureReport, Handler, Line, MAX_ANSWER_BYTES};
 use crate::batch::Batch;
-use crate::telemetry::LogThrottle;
+use microbatch_kafka::LogThrottle;
 
 struct ExecChild {
     child: Child,

@@ -38,10 +38,11 @@ use rand::{Rng, SeedableRng};
 
 use super::{DeadLetterSlot, Intent, Options, Pipeline, Sabotage, Slot};
 use crate::batch::{Batch, Header};
-use crate::config::{BatchLimits, KafkaConfig, Ordering, RetryPolicy, WorkerConfig};
+use crate::config::{BatchLimits, Ordering, RetryPolicy, WorkerConfig};
 use crate::fetch::ConsumedRecord;
 use crate::handler::{BatchOutcome, Failure};
 use crate::telemetry::Telemetry;
+use microbatch_kafka::KafkaConfig;
 
 /// Seeds that once failed; each runs on every test run.
 /// 4490: a killer record waited for a success that the commit limit

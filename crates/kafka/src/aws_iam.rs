@@ -58,8 +58,8 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::types::{RDKafka, RDKafkaRespErr};
 use thiserror::Error;
 
-use crate::config::Secret;
-use crate::telemetry::LogThrottle;
+use crate::log_throttle::LogThrottle;
+use crate::secret::Secret;
 
 /// The SigV4 service name MSK's IAM tokens are signed for.
 pub const SIGNING_NAME: &str = "kafka-cluster";
@@ -1040,7 +1040,7 @@ mod tests {
     /// A consumer that never reaches a broker (nothing listens on port 1).
     fn consumer(
         mechanism: Option<&str>,
-    ) -> rdkafka::consumer::BaseConsumer<crate::kafka::QuietContext> {
+    ) -> rdkafka::consumer::BaseConsumer<crate::client::QuietContext> {
         let mut config = rdkafka::ClientConfig::new();
         config.set("bootstrap.servers", "127.0.0.1:1");
         if let Some(mechanism) = mechanism {
@@ -1049,7 +1049,7 @@ mod tests {
                 .set("sasl.mechanisms", mechanism);
         }
         config
-            .create_with_context(crate::kafka::QuietContext::default())
+            .create_with_context(crate::client::QuietContext::default())
             .expect("a client")
     }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_credential_types::Credentials;
 use base64::Engine;
-use microbatch_core::aws_iam::{sign_token, DEFAULT_TOKEN_LIFETIME};
+use microbatch_kafka::aws_iam::{sign_token, DEFAULT_TOKEN_LIFETIME};
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")

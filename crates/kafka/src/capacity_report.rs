@@ -1,0 +1,195 @@
+//! The capacity report: what a worker measured of itself over one window,
+//! in the form it travels in, the metadata string of its offset commits
+//! (Kafka keeps it per partition beside the committed offset, and any admin
+//! client reads it back), so the scaling side needs no extra infrastructure.
+//! The worker's measuring lives with the worker; this is only the format.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Below this busy fraction the measured rate says little about what the
+/// worker could do (the extrapolation would be more than 20-fold).
+pub const MIN_BUSY_FOR_CAPACITY: f64 = 0.05;
+
+/// The prefix that marks commit metadata written by a microbatch worker.
+const PREFIX: &str = "microbatch-capacity/1";
+
+/// One worker's measurement over one window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapacityReport {
+    /// Identifies the worker process (stable for its life).
+    pub worker: String,
+    /// Wall clock at the end of the window, Unix milliseconds.
+    pub at_unix_ms: u64,
+    pub window: Duration,
+    /// Slot time in the handler ÷ slot time available, 0..=1.
+    pub busy_fraction: f64,
+    /// Records finished per second (processed or dead-lettered).
+    pub processed_per_sec: f64,
+    /// Slots the worker could use at the end of the window.
+    pub slots: u32,
+}
+
+impl CapacityReport {
+    /// Records/s this worker could do with every slot busy, when the window
+    /// was busy enough to tell.
+    pub fn capacity_per_sec(&self) -> Option<f64> {
+        if self.busy_fraction < MIN_BUSY_FOR_CAPACITY || self.processed_per_sec <= 0.0 {
+            return None;
+        }
+        Some(self.processed_per_sec / self.busy_fraction.min(1.0))
+    }
+
+    /// The commit-metadata form: `microbatch-capacity/1 worker=… at=… …`.
+    pub fn encode(&self) -> String {
+        let mut s = String::with_capacity(96);
+        // Writing to a String cannot fail.
+        let _ = write!(
+            s,
+            "{PREFIX} worker={} at={} window_ms={} busy={:.4} rate={:.2} slots={}",
+            self.worker,
+            self.at_unix_ms,
+            self.window.as_millis(),
+            self.busy_fraction,
+            self.processed_per_sec,
+            self.slots
+        );
+        s
+    }
+
+    /// Reads [`Self::encode`]'s form; anything else (other clients' metadata,
+    /// a newer version, damage) is `None`.
+    pub fn decode(s: &str) -> Option<Self> {
+        let mut fields = s.split_ascii_whitespace();
+        if fields.next()? != PREFIX {
+            return None;
+        }
+        let (mut worker, mut at, mut window, mut busy, mut rate, mut slots) =
+            (None, None, None, None, None, None);
+        for field in fields {
+            let (key, value) = field.split_once('=')?;
+            match key {
+                "worker" => worker = Some(value.to_string()),
+                "at" => at = Some(value.parse().ok()?),
+                "window_ms" => window = Some(Duration::from_millis(value.parse().ok()?)),
+                "busy" => busy = Some(value.parse::<f64>().ok()?),
+                "rate" => rate = Some(value.parse::<f64>().ok()?),
+                "slots" => slots = Some(value.parse().ok()?),
+                _ => {} // fields a later version adds
+            }
+        }
+        let busy = busy.filter(|b| b.is_finite() && (0.0..=1.0).contains(b))?;
+        let rate = rate.filter(|r| r.is_finite() && *r >= 0.0)?;
+        Some(Self {
+            worker: worker.filter(|w| !w.is_empty())?,
+            at_unix_ms: at?,
+            window: window?,
+            busy_fraction: busy,
+            processed_per_sec: rate,
+            slots: slots?,
+        })
+    }
+}
+
+/// Wall clock now in Unix milliseconds (0 if the clock is before 1970).
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn metadata_round_trips_and_foreign_metadata_is_ignored() {
+        let r = CapacityReport {
+            worker: "123-abc".into(),
+            at_unix_ms: 1_700_000_000_123,
+            window: ms(5000),
+            busy_fraction: 0.4213,
+            processed_per_sec: 812.5,
+            slots: 4,
+        };
+        let s = r.encode();
+        assert!(
+            s.len() < 256,
+            "fits any broker's offset.metadata.max.bytes: {s}"
+        );
+        assert_eq!(CapacityReport::decode(&s), Some(r));
+        for foreign in [
+            "",
+            "checkpoint 17",
+            "microbatch-capacity/2 worker=a",
+            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=2.5 rate=1 slots=1",
+            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=-1 slots=1",
+            "microbatch-capacity/1 worker=a at=x window_ms=5 busy=0.5 rate=1 slots=1",
+            "microbatch-capacity/1 at=1 window_ms=5 busy=0.5 rate=1 slots=1",
+        ] {
+            assert_eq!(CapacityReport::decode(foreign), None, "{foreign:?}");
+        }
+        let newer = format!("{s} queue=7");
+        assert!(
+            CapacityReport::decode(&newer).is_some(),
+            "unknown fields are skipped"
+        );
+    }
+
+    /// Commit metadata is written by other workers (and other clients):
+    /// any text decodes to a well-formed report or to nothing, never a
+    /// panic, a busy fraction outside 0..=1 or a negative rate.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn field() -> impl Strategy<Value = String> {
+            let value = prop_oneof![
+                "[0-9]{0,22}",
+                "-?[0-9]{1,3}\\.[0-9]{0,6}",
+                Just("NaN".to_string()),
+                Just("inf".to_string()),
+                Just("-1".to_string()),
+                "[a-z=]{0,6}",
+            ];
+            (
+                prop_oneof![
+                    Just("worker"),
+                    Just("at"),
+                    Just("window_ms"),
+                    Just("busy"),
+                    Just("rate"),
+                    Just("slots"),
+                    Just("x"),
+                ],
+                value,
+            )
+                .prop_map(|(k, v)| format!("{k}={v}"))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(
+                std::env::var("MICROBATCH_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
+            ))]
+
+            #[test]
+            fn any_metadata_decodes_to_a_sane_report_or_nothing(
+                prefix in prop_oneof![Just(PREFIX.to_string()), "[ -~]{0,24}"],
+                fields in proptest::collection::vec(field(), 0..9),
+                noise in "[ -~]{0,16}",
+            ) {
+                let text = format!("{prefix} {} {noise}", fields.join(" "));
+                if let Some(r) = CapacityReport::decode(&text) {
+                    prop_assert!((0.0..=1.0).contains(&r.busy_fraction));
+                    prop_assert!(r.processed_per_sec.is_finite() && r.processed_per_sec >= 0.0);
+                    prop_assert!(!r.worker.is_empty());
+                }
+            }
+        }
+    }
+}
