@@ -134,6 +134,11 @@ impl CapacityMeter {
         !claimed && elapsed >= EARLY_WINDOW && self.batches >= u64::from(self.known_slots().max(1))
     }
 
+    /// The last window's report, without closing one.
+    pub fn last(&self) -> Option<&CapacityReport> {
+        self.last.as_ref()
+    }
+
     /// The latest completed window's report (closing the current window
     /// first if it has run its length, or may close early); `None` before
     /// the first one.

@@ -168,6 +168,51 @@ pub struct WorkerConfig {
     pub group_protocol: GroupProtocol,
 }
 
+/// What the pipeline needs: batching, ordering, slots, caps and deadlines
+/// (see [`WorkerConfig`] for each field); no connection settings.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub topic: String,
+    pub batch: BatchLimits,
+    pub ordering: Ordering,
+    pub concurrency: usize,
+    pub commit_interval: Duration,
+    pub max_uncommitted: Option<Duration>,
+    pub max_uncommitted_records: usize,
+    pub drain_timeout: Duration,
+    pub retry: RetryPolicy,
+    pub max_records_per_partition: usize,
+    pub max_records_held: usize,
+    pub max_held_bytes: usize,
+}
+
+impl PipelineConfig {
+    /// How long finished records may wait uncommitted before their partition
+    /// starts no new batches: `--max-uncommitted-ms`, by default one and a
+    /// half commit intervals (a commit is sent every interval; the half
+    /// leaves room for its acknowledgement). `None`: no limit.
+    pub fn uncommitted_limit(&self) -> Option<Duration> {
+        match self.max_uncommitted {
+            None => Some(self.commit_interval * 3 / 2),
+            Some(limit) if limit.is_zero() => None,
+            Some(limit) => Some(limit),
+        }
+    }
+
+    /// Processing slots one partition may use at once under the ordering mode.
+    pub fn slots_per_partition(&self) -> usize {
+        match self.ordering {
+            Ordering::Partition => 1,
+            Ordering::Key | Ordering::None => self.concurrency,
+        }
+    }
+
+    /// The most records the slots hold at once: `--concurrency` full batches.
+    pub fn max_records_in_flight(&self) -> usize {
+        self.concurrency * self.batch.max_records
+    }
+}
+
 /// The dead-letter topic and how to create it when it is missing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterConfig {
@@ -388,24 +433,32 @@ impl WorkerConfig {
         Ok(self)
     }
 
-    /// How long finished records may wait uncommitted before their partition
-    /// starts no new batches: `--max-uncommitted-ms`, by default one and a
-    /// half commit intervals (a commit is sent every interval; the half
-    /// leaves room for its acknowledgement). `None`: no limit.
-    pub fn uncommitted_limit(&self) -> Option<Duration> {
-        match self.max_uncommitted {
-            None => Some(self.commit_interval * 3 / 2),
-            Some(limit) if limit.is_zero() => None,
-            Some(limit) => Some(limit),
+    /// What the pipeline needs of this configuration (no credentials).
+    pub fn pipeline(&self) -> PipelineConfig {
+        PipelineConfig {
+            topic: self.topic.clone(),
+            batch: self.batch,
+            ordering: self.ordering,
+            concurrency: self.concurrency,
+            commit_interval: self.commit_interval,
+            max_uncommitted: self.max_uncommitted,
+            max_uncommitted_records: self.max_uncommitted_records,
+            drain_timeout: self.drain_timeout,
+            retry: self.retry,
+            max_records_per_partition: self.max_records_per_partition,
+            max_records_held: self.max_records_held,
+            max_held_bytes: self.max_held_bytes,
         }
     }
 
-    /// Processing slots one partition may use at once under the ordering mode.
+    /// See [`PipelineConfig::uncommitted_limit`].
+    pub fn uncommitted_limit(&self) -> Option<Duration> {
+        self.pipeline().uncommitted_limit()
+    }
+
+    /// See [`PipelineConfig::slots_per_partition`].
     pub fn slots_per_partition(&self) -> usize {
-        match self.ordering {
-            Ordering::Partition => 1,
-            Ordering::Key | Ordering::None => self.concurrency,
-        }
+        self.pipeline().slots_per_partition()
     }
 
     /// A warning for caps that make a paused partition wait: below
@@ -425,9 +478,9 @@ impl WorkerConfig {
         })
     }
 
-    /// The most records the slots hold at once: `--concurrency` full batches.
+    /// See [`PipelineConfig::max_records_in_flight`].
     pub fn max_records_in_flight(&self) -> usize {
-        self.concurrency * self.batch.max_records
+        self.pipeline().max_records_in_flight()
     }
 
     /// A `--max-uncommitted-records` below what the slots hold at once

@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use microbatch_kafka::capacity_report::CapacityReport;
+
+use crate::pipeline::{Counters, Stats};
 use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -374,6 +376,89 @@ impl Readiness {
             Ok(())
         } else {
             Err(reasons.join("; "))
+        }
+    }
+}
+
+/// Writes the pipeline's [`Stats`] to the metrics and readiness: counters
+/// grow by what was counted since the last export, gauges take the values,
+/// and partitions no longer held lose their per-partition series.
+#[derive(Debug, Default)]
+pub struct StatsExporter {
+    last: Counters,
+    /// Partitions with per-partition series.
+    partitions: Vec<i32>,
+    lag_seconds: Vec<(i32, f64)>,
+    capacity: Option<CapacityReport>,
+}
+
+impl StatsExporter {
+    pub fn export(&mut self, stats: &Stats<'_>, topic: &str, telemetry: &Telemetry) {
+        let m = &telemetry.metrics;
+        let (now, last) = (stats.counted, self.last);
+        m.records_processed
+            .inc_by(now.records_processed - last.records_processed);
+        m.batches_processed
+            .inc_by(now.batches_processed - last.batches_processed);
+        m.records_failed
+            .inc_by(now.records_failed - last.records_failed);
+        m.batches_failed
+            .inc_by(now.batches_failed - last.batches_failed);
+        m.records_retried
+            .inc_by(now.records_retried - last.records_retried);
+        m.records_dead_lettered
+            .inc_by(now.records_dead_lettered - last.records_dead_lettered);
+        m.offset_resets
+            .inc_by(now.offset_resets - last.offset_resets);
+        self.last = now;
+
+        m.assigned_partitions.set(stats.partitions.len() as i64);
+        m.slots_busy.set(stats.slots_busy as i64);
+        m.paused_partitions.set(stats.paused_partitions as i64);
+        m.partitions_waiting_for_commit
+            .set(stats.partitions_waiting_for_commit as i64);
+        m.records_held.set(stats.records_held as i64);
+        m.held_bytes.set(stats.held_bytes as i64);
+        m.commit_watermark_distance
+            .set(stats.commit_watermark_distance as i64);
+        m.dead_letter_backlog.set(stats.dead_letter_backlog as i64);
+        m.circuit_open.set(i64::from(stats.circuit_open));
+        telemetry.readiness.set_circuit_open(stats.circuit_waiting);
+        telemetry
+            .readiness
+            .set_dead_letter_error(stats.dead_letter_error.map(str::to_string));
+
+        if stats.capacity != self.capacity.as_ref() {
+            if let Some(report) = stats.capacity {
+                m.observe_capacity(report);
+            }
+            self.capacity = stats.capacity.cloned();
+        }
+        if stats.lag_seconds != self.lag_seconds {
+            let label = |partition: i32| PartitionLabel {
+                topic: topic.to_string(),
+                partition,
+            };
+            for (p, age) in stats.lag_seconds {
+                m.partition_lag_seconds.get_or_create(&label(*p)).set(*age);
+            }
+            self.lag_seconds = stats.lag_seconds.to_vec();
+        }
+        // Series of partitions given up go with them.
+        if stats.partitions != self.partitions {
+            for gone in self
+                .partitions
+                .iter()
+                .filter(|p| !stats.partitions.contains(p))
+            {
+                let label = PartitionLabel {
+                    topic: topic.to_string(),
+                    partition: *gone,
+                };
+                m.partition_lag.remove(&label);
+                m.partition_lag_seconds.remove(&label);
+            }
+            self.partitions.clone_from(&stats.partitions);
         }
     }
 }

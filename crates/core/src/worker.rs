@@ -43,13 +43,14 @@ use thiserror::Error;
 use tokio::runtime::Handle;
 
 use crate::batch::Batch;
+use crate::capacity::CapacityMeter;
 use crate::commit::{CommitQueue, CommitResult, CommittedPartition};
 use crate::config::{DeadLetterConfig, GroupProtocol, WorkerConfig};
 use crate::dlq::{DeadLetterWriter, DlqError};
 use crate::fetch::{ConsumedRecord, FetchQueue, FetchedMessage};
 use crate::handler::{BatchOutcome, Failure, Handler};
 use crate::pipeline::{DeadLetterSlot, Intent, Options, Phase, Pipeline, Slot};
-use crate::telemetry::{KindLabel, PartitionLabel, ResultLabel, Telemetry};
+use crate::telemetry::{KindLabel, PartitionLabel, ResultLabel, StatsExporter, Telemetry};
 use microbatch_kafka::admin::{TopicLookup, TopicState};
 use microbatch_kafka::aws_iam::WithTokens;
 use microbatch_kafka::LogThrottle;
@@ -329,11 +330,19 @@ struct Adapter {
     commit_log: LogThrottle,
     /// Why the last commit failed, if it did.
     last_commit_error: Option<RDKafkaErrorCode>,
+    /// Writes the pipeline's numbers to the metrics.
+    stats: StatsExporter,
 }
 
 impl Adapter {
     /// Carries out every intent the pipeline has.
     fn execute(&mut self, consumer: &BaseConsumer<WorkerContext>) {
+        self.carry_out(consumer);
+        self.stats
+            .export(&self.pipeline.stats(), &self.topic, &self.telemetry);
+    }
+
+    fn carry_out(&mut self, consumer: &BaseConsumer<WorkerContext>) {
         while let Some(intent) = self.pipeline.poll_intent() {
             match intent {
                 Intent::Start { slot, batch } => self.start(slot, batch),
@@ -394,6 +403,10 @@ impl Adapter {
     }
 
     fn start(&mut self, slot: Slot, batch: Batch) {
+        self.telemetry
+            .metrics
+            .batch_size
+            .observe(batch.len() as f64);
         let handler = self.handler.clone();
         let timeout = self.handler.max_time(self.handler_timeout);
         let mut verdict = Verdict {
@@ -860,7 +873,7 @@ fn create_consumer(
         .set("auto.offset.reset", cfg.offset_reset.as_str())
         // Also the classic protocol's clock: librdkafka sends its heartbeats
         // only when its main loop wakes, at least once a second, or on this
-        // timer (bench/README.md, "Classic heartbeats twice a second").
+        // timer (docs/performance.md, "Classic heartbeats twice a second").
         .set("statistics.interval.ms", "500")
         // librdkafka's prefetch. Both limits count the queue a partition's
         // records are forwarded to, here the one fetch queue of all
@@ -871,7 +884,7 @@ fn create_consumer(
         .set("queued.max.messages.kbytes", "16384")
         // When that queue is full librdkafka looks again after this long; its
         // default of 1 s starves a fast handler, and even 10 ms leaves the
-        // poll thread idle (bench/README.md, findings 1 and 10).
+        // poll thread idle (docs/performance.md, findings 1 and 10).
         .set("fetch.queue.backoff.ms", "1")
         // Smaller fetch responses than the 1 MiB default: each stays in
         // memory until its last record is copied, and smaller ones keep the
@@ -921,9 +934,9 @@ fn poll_loop(
         seed,
     };
     let pipeline = Pipeline::new(
-        cfg.clone(),
+        cfg.pipeline(),
         options,
-        worker.telemetry.clone(),
+        CapacityMeter::process_worker_id(),
         Instant::now(),
         wall_ms(),
     );
@@ -942,6 +955,7 @@ fn poll_loop(
         fetch: FetchQueue::new(&consumer, MAX_BURST),
         commit_log: LogThrottle::default(),
         last_commit_error: None,
+        stats: StatsExporter::default(),
     };
     *consumer
         .context()

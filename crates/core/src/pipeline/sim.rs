@@ -30,7 +30,6 @@
 //! [`REGRESSION_SEEDS`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -41,7 +40,6 @@ use crate::batch::{Batch, Header};
 use crate::config::{BatchLimits, Ordering, RetryPolicy, WorkerConfig};
 use crate::fetch::ConsumedRecord;
 use crate::handler::{BatchOutcome, Failure};
-use crate::telemetry::Telemetry;
 use microbatch_kafka::KafkaConfig;
 
 /// Seeds that once failed; each runs on every test run.
@@ -229,13 +227,7 @@ impl Sim {
             keep_headers: false,
             seed,
         };
-        let mut pipeline = Pipeline::new(
-            config.clone(),
-            options,
-            Arc::new(Telemetry::default()),
-            base,
-            10_000,
-        );
+        let mut pipeline = Pipeline::new(config.pipeline(), options, "sim".into(), base, 10_000);
         pipeline.sabotage = sabotage;
         let mut sim = Self {
             rng,

@@ -1,0 +1,362 @@
+//! One partition's state: its lanes, its offsets and commit ledger, what it
+//! holds, its dead letters, and whether it is still ours or being given up.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use crate::batch::{Batch, Batcher};
+use crate::config::{BatchLimits, Ordering};
+use crate::offsets::PartitionOffsets;
+
+use super::dead_letters::PendingDeadLetter;
+use super::ledger::Ledger;
+
+#[derive(Debug)]
+pub(super) struct Lane {
+    pub batcher: Batcher,
+    /// Closed batches waiting for this lane's slot, oldest first.
+    pub ready: VecDeque<Batch>,
+    /// Failed records to try again, with when; they go before `ready`.
+    pub retry: VecDeque<(Batch, Instant)>,
+    /// When the batch in this lane's slot started, while one is in flight.
+    pub in_flight_since: Option<Instant>,
+}
+
+impl Lane {
+    /// A batch of this lane is in the handler.
+    pub fn busy(&self) -> bool {
+        self.in_flight_since.is_some()
+    }
+
+    /// The lowest offset waiting here to start, as a retry or a closed batch.
+    pub fn oldest_waiting(&self) -> Option<i64> {
+        let retry = self.retry.front().and_then(|(b, _)| b.first_offset());
+        let ready = self.ready.front().and_then(Batch::first_offset);
+        retry.into_iter().chain(ready).min()
+    }
+}
+
+/// Whether the partition is still this member's to work on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ownership {
+    /// Records are taken in and batches started.
+    Owned,
+    /// Being given up (shutdown, revoke, or assigned while draining): only
+    /// batches that fill a hole below done records still start.
+    Finishing {
+        /// Holes lie below this offset, the highest one handed to the
+        /// handler when finishing began (a bound that rose with every hole
+        /// filled would take a backlog through, lane by lane, before the
+        /// partition moves on). `None`: no hole is filled any more.
+        holes_below: Option<i64>,
+        /// Until when holes are still filled (`None`: until the deadline).
+        fill_holes_until: Option<Instant>,
+        /// Set when revoked: when the revocation stops waiting.
+        revoke_deadline: Option<Instant>,
+    },
+}
+
+#[derive(Debug)]
+pub(super) struct PartitionState {
+    pub epoch: u64,
+    pub offsets: PartitionOffsets,
+    pub ledger: Ledger,
+    pub lanes: Vec<Lane>,
+    pub ownership: Ownership,
+    /// Records buffered, queued, in flight or waiting for their dead letter.
+    pub held: usize,
+    /// Their key and value bytes.
+    pub held_bytes: usize,
+    pub paused: bool,
+    /// For `Ordering::None`: the lane being filled.
+    pub fill_lane: usize,
+    /// The highest offset of any batch started.
+    pub max_started: Option<i64>,
+    /// Dead letters waiting for their (next) write.
+    pub dead_letters: VecDeque<PendingDeadLetter>,
+    /// Dead-letter writes under way.
+    pub dead_letters_in_flight: HashMap<u64, PendingDeadLetter>,
+    /// (offset, timestamp) of the records taken in and not yet below the
+    /// watermark, oldest first: the front is the age of the lag
+    /// (`microbatch_partition_lag_seconds`).
+    pub timestamps: VecDeque<(i64, i64)>,
+}
+
+/// Which fresh batches a partition may start while its finished work waits
+/// for its commit (`--max-uncommitted-ms`); retries always may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gate {
+    Open,
+    /// Done records wait above the watermark: only the batch that holds the
+    /// watermark's record, which lets the commit move.
+    Watermark(i64),
+    /// The broker has not acknowledged a commit for too long: nothing new,
+    /// since moving the watermark cannot help.
+    Closed,
+}
+
+impl Gate {
+    pub fn allows(self, fresh: Option<&Batch>) -> bool {
+        match self {
+            Gate::Open => true,
+            Gate::Watermark(wm) => fresh.and_then(Batch::first_offset) == Some(wm),
+            Gate::Closed => false,
+        }
+    }
+}
+
+impl PartitionState {
+    pub fn new(epoch: u64, lanes: usize, batch: BatchLimits) -> Self {
+        let lanes = (0..lanes)
+            .map(|_| Lane {
+                batcher: Batcher::new(batch),
+                ready: VecDeque::new(),
+                retry: VecDeque::new(),
+                in_flight_since: None,
+            })
+            .collect();
+        Self {
+            epoch,
+            offsets: PartitionOffsets::new(),
+            ledger: Ledger::default(),
+            lanes,
+            ownership: Ownership::Owned,
+            held: 0,
+            held_bytes: 0,
+            paused: false,
+            fill_lane: 0,
+            max_started: None,
+            dead_letters: VecDeque::new(),
+            dead_letters_in_flight: HashMap::new(),
+            timestamps: VecDeque::new(),
+        }
+    }
+
+    // ------------------------------------------------------------ ownership
+
+    /// Being given up: only holes are still filled.
+    pub fn finishing(&self) -> bool {
+        matches!(self.ownership, Ownership::Finishing { .. })
+    }
+
+    /// When a revocation of this partition stops waiting, while one is
+    /// under way.
+    pub fn revoke_deadline(&self) -> Option<Instant> {
+        match self.ownership {
+            Ownership::Finishing {
+                revoke_deadline, ..
+            } => revoke_deadline,
+            Ownership::Owned => None,
+        }
+    }
+
+    pub fn revoked(&self) -> bool {
+        self.revoke_deadline().is_some()
+    }
+
+    /// Until when holes are still filled, while that is limited.
+    pub fn fill_holes_until(&self) -> Option<Instant> {
+        match self.ownership {
+            Ownership::Finishing {
+                fill_holes_until, ..
+            } => fill_holes_until,
+            Ownership::Owned => None,
+        }
+    }
+
+    fn holes_below(&self) -> Option<i64> {
+        match self.ownership {
+            Ownership::Finishing { holes_below, .. } => holes_below,
+            Ownership::Owned => None,
+        }
+    }
+
+    /// Closes open batches and marks the partition finishing; holes are
+    /// filled for `hole_budget` (None: until the deadline).
+    pub fn start_finishing(&mut self, now: Instant, hole_budget: Option<Duration>) {
+        if !self.finishing() {
+            self.ownership = Ownership::Finishing {
+                holes_below: self.offsets.max_done().max(self.max_started),
+                fill_holes_until: hole_budget.map(|b| now + b),
+                revoke_deadline: None,
+            };
+        }
+        for lane in &mut self.lanes {
+            if let Some(batch) = lane.batcher.take() {
+                lane.ready.push_back(batch);
+            }
+        }
+    }
+
+    /// A revocation of this finishing partition stops waiting at `deadline`
+    /// (at the latest: an earlier one stands).
+    pub fn revoke_by(&mut self, deadline: Instant) {
+        if let Ownership::Finishing {
+            revoke_deadline, ..
+        } = &mut self.ownership
+        {
+            *revoke_deadline = Some(revoke_deadline.map_or(deadline, |d| d.min(deadline)));
+        }
+    }
+
+    /// Sets the revocation's deadline, whatever it was.
+    pub fn set_revoke_deadline(&mut self, deadline: Instant) {
+        if let Ownership::Finishing {
+            revoke_deadline, ..
+        } = &mut self.ownership
+        {
+            *revoke_deadline = Some(deadline);
+        }
+    }
+
+    /// Once the time for filling holes has passed, no hole is filled any more.
+    pub fn stop_filling_holes_after(&mut self, now: Instant) {
+        if let Ownership::Finishing {
+            holes_below,
+            fill_holes_until,
+            ..
+        } = &mut self.ownership
+        {
+            if fill_holes_until.is_some_and(|t| now >= t) {
+                *fill_holes_until = None;
+                *holes_below = None;
+            }
+        }
+    }
+
+    /// A batch a finishing lane starts, cut to the records below
+    /// the holes' bound; the rest goes back to the front of the lane.
+    /// Records of a lane lie far apart, so a whole batch would finish
+    /// records above the bound, whose holes are not filled, and a commit
+    /// stopped at those holes would hand them to the next owner to do again.
+    pub fn trim_to_holes(&mut self, lane: usize, batch: Batch) -> Batch {
+        let bound = self.holes_below().unwrap_or(i64::MIN);
+        if !self.finishing() || batch.last_offset().is_none_or(|o| o < bound) {
+            return batch;
+        }
+        let rest = batch.select(batch.id(), |o| o >= bound);
+        self.lanes[lane].ready.push_front(rest);
+        batch.select(batch.id(), |o| o < bound)
+    }
+
+    /// Whether a lane's next batch still fills a hole.
+    pub fn next_is_hole(&self, lane: &Lane) -> bool {
+        let next = lane.retry.front().map(|(b, _)| b).or(lane.ready.front());
+        let below = self.holes_below();
+        next.and_then(Batch::first_offset)
+            .is_some_and(|o| self.offsets.is_hole(o) && below.is_some_and(|b| o < b))
+    }
+
+    /// Whether any work is left that finishing would still do.
+    pub fn has_finishing_work(&self) -> bool {
+        !self.dead_letters_in_flight.is_empty()
+            || !self.dead_letters.is_empty()
+            || self.lanes.iter().any(|l| l.busy() || self.next_is_hole(l))
+    }
+
+    // ------------------------------------------------------------ commits
+
+    /// Whether the watermark lies past what the broker acknowledged.
+    pub fn watermark_unacked(&self) -> bool {
+        self.ledger.watermark_unacked(&self.offsets)
+    }
+
+    /// Finished records a crash now would replay.
+    pub fn replayable(&self) -> usize {
+        self.ledger.replayable(&self.offsets)
+    }
+
+    /// Whether a commit should go out now rather than at the interval.
+    pub fn commit_due_early(&self) -> bool {
+        self.ledger.commit_due_early(&self.offsets)
+    }
+
+    /// What the partition may start while finished work a crash would
+    /// replay has waited longer than `limit` for its commit. Open while a
+    /// record waits for a success to prove it bad.
+    pub fn gate(&self, now: Instant, limit: Option<Duration>, successes: u64) -> Gate {
+        let Some(max) = limit else {
+            return Gate::Open;
+        };
+        let overdue = self.ledger.waited_too_long(now, max);
+        if !overdue.unacked && !overdue.held_back || self.awaits_proof(successes) {
+            return Gate::Open;
+        }
+        match self.offsets.watermark() {
+            Some(wm) if !overdue.unacked => Gate::Watermark(wm),
+            _ => Gate::Closed,
+        }
+    }
+
+    // ------------------------------------------------------------ waits
+
+    /// Whether a record held as a suspected outage waits for a batch to
+    /// succeed after it first failed (the proof it is the record, not the
+    /// downstream): then fresh batches must start, exposed or not.
+    pub fn awaits_proof(&self, successes: u64) -> bool {
+        self.lanes
+            .iter()
+            .flat_map(|l| &l.retry)
+            .any(|(b, _)| Self::batch_awaits_proof(b, successes))
+    }
+
+    fn batch_awaits_proof(batch: &Batch, successes: u64) -> bool {
+        batch.lineage.suspect
+            && batch
+                .lineage
+                .successes_at_first_failure
+                .is_some_and(|at| successes <= at)
+    }
+
+    /// Records taken to the handler that are neither in flight nor done:
+    /// failed ones waiting for their retry, held ones, dead letters not yet
+    /// acknowledged. Each is on its way to being done, and a crash replays
+    /// it then: the records cap counts them from the first start.
+    pub fn waiting_to_finish(&self) -> usize {
+        self.lanes
+            .iter()
+            .flat_map(|l| &l.retry)
+            .map(|(b, _)| b.len())
+            .sum::<usize>()
+            + self.dead_letter_backlog()
+    }
+
+    /// Whether a waiting record moves on by itself (a retry after its
+    /// backoff, a dead letter being written), not only after a fresh batch
+    /// succeeds.
+    pub fn has_waits_that_move(&self, successes: u64) -> bool {
+        self.dead_letter_backlog() > 0
+            || self
+                .lanes
+                .iter()
+                .flat_map(|l| &l.retry)
+                .any(|(b, _)| !Self::batch_awaits_proof(b, successes))
+    }
+
+    pub fn dead_letter_backlog(&self) -> usize {
+        self.dead_letters
+            .iter()
+            .chain(self.dead_letters_in_flight.values())
+            .map(|d| d.batch.len())
+            .sum()
+    }
+
+    pub fn lane_for(&self, ordering: Ordering, key: Option<&[u8]>, offset: i64) -> usize {
+        let lanes = self.lanes.len();
+        if lanes == 1 {
+            return 0;
+        }
+        match (ordering, key) {
+            (Ordering::Partition, _) => 0,
+            (Ordering::Key, Some(key)) => {
+                let mut h = DefaultHasher::new();
+                key.hash(&mut h);
+                (h.finish() % lanes as u64) as usize
+            }
+            (Ordering::Key, None) => (offset.unsigned_abs() % lanes as u64) as usize,
+            (Ordering::None, _) => self.fill_lane,
+        }
+    }
+}

@@ -1,0 +1,1023 @@
+//! The pipeline's edges, one event at a time, on a clock the test sets.
+
+use super::*;
+use crate::batch::Header;
+use crate::config::BatchLimits;
+use crate::config::WorkerConfig;
+use crate::telemetry::{StatsExporter, Telemetry};
+use microbatch_kafka::KafkaConfig;
+
+struct Rec(i32, i64);
+
+impl ConsumedRecord for Rec {
+    fn partition(&self) -> i32 {
+        self.0
+    }
+    fn offset(&self) -> i64 {
+        self.1
+    }
+    fn timestamp_ms(&self) -> Option<i64> {
+        Some(1_000)
+    }
+    fn key(&self) -> Option<&[u8]> {
+        Some(b"k")
+    }
+    fn payload(&self) -> Option<&[u8]> {
+        Some(b"v")
+    }
+    fn headers(&self) -> Vec<Header> {
+        Vec::new()
+    }
+}
+
+fn pipeline(t0: Instant) -> Pipeline {
+    pipeline_with(t0, |_| {})
+}
+
+/// [`pipeline`] with `change` made to its config first.
+fn pipeline_with(t0: Instant, change: impl FnOnce(&mut WorkerConfig)) -> Pipeline {
+    let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+    c.batch = BatchLimits::new(2, 1 << 20, Duration::from_millis(10)).unwrap();
+    c.ordering = Ordering::Partition;
+    c.drain_timeout = Duration::from_secs(10);
+    c.retry.max_attempts = 1;
+    change(&mut c);
+    with_config(c, t0)
+}
+
+/// A pipeline with dead letters on and no partition assigned yet.
+fn with_config(c: WorkerConfig, t0: Instant) -> Pipeline {
+    let options = Options {
+        dead_letters: true,
+        audit: false,
+        keep_headers: false,
+        seed: 1,
+    };
+    Pipeline::new(c.pipeline(), options, "w".into(), t0, 0)
+}
+
+/// The pipeline's numbers as the worker exports them.
+fn exported(p: &Pipeline) -> Telemetry {
+    let telemetry = Telemetry::default();
+    StatsExporter::default().export(&p.stats(), "t", &telemetry);
+    telemetry
+}
+
+/// Partition 0 assigned, records 0 and 1 taken in, their batch started.
+fn with_one_batch(t0: Instant) -> Pipeline {
+    let mut p = pipeline(t0);
+    p.handle_assign(&[0]);
+    p.handle_record(&Rec(0, 0), t0);
+    p.handle_record(&Rec(0, 1), t0);
+    p.handle_tick(t0);
+    p
+}
+
+fn intents(p: &mut Pipeline) -> Vec<Intent> {
+    std::iter::from_fn(|| p.poll_intent()).collect()
+}
+
+/// The offsets of the commits asked for, in order.
+fn commits(p: &mut Pipeline) -> Vec<(i32, i64)> {
+    intents(p)
+        .into_iter()
+        .filter_map(|i| match i {
+            Intent::Commit { offsets, .. } => Some(offsets),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn starts(p: &mut Pipeline) -> Vec<(Slot, Batch)> {
+    intents(p)
+        .into_iter()
+        .filter_map(|i| match i {
+            Intent::Start { slot, batch } => Some((slot, batch)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A final commit the broker refused (the group rebalancing as another
+/// worker stops) is asked for again until it is acknowledged, and not
+/// past the drain deadline.
+#[test]
+fn a_refused_final_commit_is_retried_until_acknowledged_or_the_deadline() {
+    let t0 = Instant::now();
+    let mut p = with_one_batch(t0);
+    let (slot, batch) = starts(&mut p).pop().unwrap();
+    p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+    p.shutdown(t0);
+    assert!(p.drained(t0));
+    p.close();
+    assert_eq!(commits(&mut p), vec![(0, 2)]);
+    // No acknowledgement: the broker refused it.
+    let t1 = t0 + Duration::from_secs(1);
+    assert!(p.final_commit_pending(t1));
+    p.retry_final_commit();
+    assert_eq!(commits(&mut p), vec![(0, 2)]);
+    p.handle_committed(0, 2);
+    assert!(!p.final_commit_pending(t1));
+    p.retry_final_commit();
+    assert_eq!(commits(&mut p), vec![], "nothing left to commit");
+
+    let mut p = with_one_batch(t0);
+    let (slot, batch) = starts(&mut p).pop().unwrap();
+    p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+    p.shutdown(t0);
+    p.close();
+    assert!(p.final_commit_pending(t0 + Duration::from_millis(9_999)));
+    assert!(
+        !p.final_commit_pending(t0 + Duration::from_secs(10)),
+        "the drain deadline ends the tries"
+    );
+}
+
+#[test]
+fn readiness_forgets_an_open_circuit_when_nothing_waits_on_it() {
+    let t0 = Instant::now();
+    let mut p = pipeline(t0);
+    p.handle_assign(&[0, 1]);
+    // Whole batches rejected for good on two partitions: the circuit
+    // opens, bisection dead-letters every record, and then nothing is
+    // held. An open circuit would keep /readyz at 503 until the next
+    // success, which an idle topic never brings.
+    for o in 0..6 {
+        p.handle_record(&Rec(0, o), t0);
+        p.handle_record(&Rec(1, o), t0);
+    }
+    let mut now = t0;
+    let mut opened = false;
+    for _ in 0..200 {
+        now += Duration::from_millis(50);
+        p.handle_tick(now);
+        opened |= p.circuit_open();
+        let pending = intents(&mut p);
+        if pending.is_empty() && p.in_flight() == 0 && p.held() == 0 {
+            break;
+        }
+        for intent in pending {
+            match intent {
+                Intent::Start { slot, batch } => p.handle_verdict(
+                    slot,
+                    batch,
+                    BatchOutcome::Failed(Failure::permanent("rejected")),
+                    now,
+                ),
+                Intent::DeadLetter { slot, batch, .. } => {
+                    let written: Vec<i64> = batch.offsets().collect();
+                    p.handle_dead_lettered(slot, &written, None, now);
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        opened,
+        "five whole failures of two partitions open the circuit"
+    );
+    assert_eq!(p.held(), 0, "every record dead-lettered");
+    p.handle_tick(now + Duration::from_millis(50));
+    assert!(
+        p.circuit_open(),
+        "open until a success: an outage outlives an empty pipeline"
+    );
+    let circuit_shown = |p: &Pipeline| {
+        exported(p)
+            .readiness
+            .check()
+            .is_err_and(|e| e.contains("circuit"))
+    };
+    assert!(!circuit_shown(&p), "nothing waits on the downstream");
+    // A new record that waits on the open circuit makes it show again.
+    p.handle_record(&Rec(0, 6), now);
+    p.handle_tick(now + Duration::from_millis(100));
+    assert!(circuit_shown(&p), "a record waits on the open circuit");
+}
+
+#[test]
+fn the_bytes_cap_stops_taking_records_and_one_is_always_taken() {
+    let t0 = Instant::now();
+    // Each test record is two bytes (key "k", value "v").
+    let mut p = pipeline_with(t0, |c| c.max_held_bytes = 3);
+    p.handle_assign(&[0]);
+    assert!(!p.is_full(), "one record is always taken");
+    p.handle_record(&Rec(0, 0), t0);
+    assert!(!p.is_full());
+    p.handle_record(&Rec(0, 1), t0);
+    assert_eq!(p.held_bytes(), 4);
+    assert!(p.is_full(), "4 bytes held, the cap is 3");
+    p.handle_tick(t0);
+    let (slot, batch) = starts(&mut p).pop().expect("the batch starts");
+    p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+    assert_eq!(p.held_bytes(), 0);
+    assert!(!p.is_full());
+}
+
+#[test]
+fn a_partition_of_large_records_is_paused_before_it_fills_the_worker() {
+    let t0 = Instant::now();
+    let mut p = pipeline_with(t0, |c| c.max_held_bytes = 8);
+    p.handle_assign(&[0, 1]);
+    // Partition 0's records (2 bytes each) wait, say for a proof of
+    // health that only another partition's success can bring.
+    p.handle_record(&Rec(0, 0), t0);
+    p.handle_record(&Rec(0, 1), t0);
+    p.handle_tick(t0);
+    assert!(
+        intents(&mut p)
+            .iter()
+            .any(|i| matches!(i, Intent::Pause(ps) if ps == &vec![0])),
+        "partition 0 holds half the worker's bytes: paused"
+    );
+    assert!(!p.is_full(), "the other partitions still come in");
+    p.handle_record(&Rec(1, 0), t0);
+    assert_eq!(p.held_by(1), 1);
+}
+
+#[test]
+fn a_lost_partition_is_dropped_at_once_and_never_committed() {
+    let t0 = Instant::now();
+    let mut p = with_one_batch(t0);
+    let (slot, batch) = starts(&mut p).pop().expect("a batch started");
+    p.handle_lost(&[0]);
+    assert_eq!(p.assigned().count(), 0, "forgotten at once, not drained");
+    assert_eq!(p.held(), 0);
+    // Its batch finishes after the loss, and records fetched before the
+    // loss arrive late: none of it may start work or commit.
+    p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+    p.handle_record(&Rec(0, 2), t0);
+    let later = t0 + Duration::from_secs(5);
+    p.handle_tick(later);
+    let after = intents(&mut p);
+    assert!(
+        !after
+            .iter()
+            .any(|i| matches!(i, Intent::Commit { .. } | Intent::Start { .. })),
+        "{after:?}"
+    );
+    assert!(p.revoke_settled(later), "nothing left to wait for");
+}
+
+#[test]
+fn sigterm_during_a_revoke_takes_one_drain_deadline() {
+    let t0 = Instant::now();
+    let mut p = with_one_batch(t0);
+    assert_eq!(starts(&mut p).len(), 1);
+    assert!(p.begin_revoke(&[0], t0));
+    // SIGTERM 8 s into the revoke: the deadline stays 10 s after it at
+    // most, not 10 s for the revoke and 10 more for the shutdown.
+    let signal = t0 + Duration::from_secs(8);
+    p.shutdown(signal);
+    assert!(!p.revoke_settled(t0 + Duration::from_secs(9)));
+    assert!(p.revoke_settled(t0 + Duration::from_secs(10)));
+    let Phase::Draining { deadline } = p.phase() else {
+        panic!("draining");
+    };
+    assert_eq!(deadline, signal + Duration::from_secs(10));
+}
+
+#[test]
+fn a_revoke_waits_for_dead_letters_being_written() {
+    let t0 = Instant::now();
+    let mut p = with_one_batch(t0);
+    let (slot, batch) = starts(&mut p).pop().unwrap();
+    p.handle_verdict(
+        slot,
+        batch,
+        BatchOutcome::Partial(vec![(0, Failure::permanent("bad"))]),
+        t0,
+    );
+    let dead = intents(&mut p)
+        .into_iter()
+        .find_map(|i| match i {
+            Intent::DeadLetter { slot, .. } => Some(slot),
+            _ => None,
+        })
+        .expect("a dead letter to write");
+    assert!(p.begin_revoke(&[0], t0));
+    assert!(
+        !p.revoke_settled(t0),
+        "the dead letter is still being written"
+    );
+    p.handle_dead_lettered(dead, &[0], None, t0);
+    assert!(p.revoke_settled(t0));
+    p.complete_revoke();
+    let committed: Vec<(i32, i64)> = intents(&mut p)
+        .into_iter()
+        .filter_map(|i| match i {
+            Intent::Commit {
+                offsets,
+                sync: true,
+                ..
+            } => Some(offsets),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        committed,
+        [(0, 2)],
+        "both records done, the commit passes them"
+    );
+}
+
+#[test]
+fn a_batch_abandoned_at_the_revoke_deadline_blocks_its_lane_when_the_partition_returns() {
+    let t0 = Instant::now();
+    let mut p = with_one_batch(t0);
+    let (old_slot, old_batch) = starts(&mut p).pop().unwrap();
+    assert!(p.begin_revoke(&[0], t0));
+    let late = t0 + Duration::from_secs(11);
+    assert!(p.revoke_settled(late), "the deadline passed");
+    p.complete_revoke();
+    p.handle_assign(&[0]);
+    p.handle_record(&Rec(0, 0), late);
+    p.handle_record(&Rec(0, 1), late);
+    p.handle_tick(late);
+    assert!(starts(&mut p).is_empty(), "the abandoned batch still runs");
+    p.handle_verdict(old_slot, old_batch, BatchOutcome::Success, late);
+    p.handle_tick(late);
+    assert_eq!(starts(&mut p).len(), 1, "its lane is free again");
+}
+
+#[test]
+fn lag_in_seconds_is_the_age_of_the_oldest_record_not_done() {
+    let t0 = Instant::now();
+    let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+    c.batch = BatchLimits::new(1, 1 << 20, Duration::from_millis(10)).unwrap();
+    c.commit_interval = Duration::from_secs(1);
+    let options = Options {
+        dead_letters: true,
+        audit: false,
+        keep_headers: false,
+        seed: 1,
+    };
+    // The wall clock reads 31 s when the record stamped 1 s arrives.
+    let mut p = Pipeline::new(c.pipeline(), options, "w".into(), t0, 31_000);
+    p.handle_assign(&[0]);
+    p.handle_record(&Rec(0, 0), t0);
+    p.handle_tick(t0 + Duration::from_secs(1));
+    let age = |p: &Pipeline| {
+        exported(p)
+            .metrics
+            .partition_lag_seconds
+            .get_or_create(&crate::telemetry::PartitionLabel {
+                topic: "t".into(),
+                partition: 0,
+            })
+            .get()
+    };
+    assert_eq!(age(&p), 31.0, "32 s on the wall clock minus 1 s");
+    let (slot, batch) = starts(&mut p).pop().unwrap();
+    p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+    p.handle_tick(t0 + Duration::from_secs(2));
+    assert_eq!(age(&p), 0.0, "nothing held");
+}
+
+#[test]
+fn offsets_that_go_backwards_restart_the_partition() {
+    let t0 = Instant::now();
+    let mut p = pipeline(t0);
+    p.handle_assign(&[0]);
+    for o in [10, 11] {
+        p.handle_record(&Rec(0, o), t0);
+    }
+    p.handle_tick(t0);
+    let (old_slot, old_batch) = starts(&mut p).pop().unwrap();
+    // A reset to earliest after truncation: offset 3 comes next.
+    p.handle_record(&Rec(0, 3), t0);
+    p.handle_record(&Rec(0, 4), t0);
+    assert_eq!(p.watermark(0), Some(3), "tracked again from the new offset");
+    // The batch of the old offsets ends: it counts for nothing now, and
+    // frees its lane.
+    p.handle_verdict(old_slot, old_batch, BatchOutcome::Success, t0);
+    assert_eq!(p.watermark(0), Some(3));
+    p.handle_tick(t0);
+    let (slot, batch) = starts(&mut p).pop().expect("the new records start");
+    assert_eq!(batch.offsets().collect::<Vec<_>>(), [3, 4]);
+    p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+    assert_eq!(p.watermark(0), Some(5));
+}
+
+/// A record whose key the test chooses.
+struct Keyed(i64, &'static [u8]);
+
+impl ConsumedRecord for Keyed {
+    fn partition(&self) -> i32 {
+        0
+    }
+    fn offset(&self) -> i64 {
+        self.0
+    }
+    fn timestamp_ms(&self) -> Option<i64> {
+        Some(1_000)
+    }
+    fn key(&self) -> Option<&[u8]> {
+        Some(self.1)
+    }
+    fn payload(&self) -> Option<&[u8]> {
+        Some(b"v")
+    }
+    fn headers(&self) -> Vec<Header> {
+        Vec::new()
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+/// Key order, two lanes, one record a batch; partition 0 assigned.
+/// Returns it with two keys that land in different lanes.
+fn two_lanes(
+    t0: Instant,
+    tweak: impl FnOnce(&mut WorkerConfig),
+) -> (Pipeline, &'static [u8], &'static [u8]) {
+    let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+    c.batch = BatchLimits::new(1, 1 << 20, Duration::from_millis(10)).unwrap();
+    c.ordering = Ordering::Key;
+    c.concurrency = 2;
+    tweak(&mut c);
+    let mut p = with_config(c, t0);
+    p.handle_assign(&[0]);
+    let a: &'static [u8] = b"a";
+    let lane = |k: &[u8]| p.partitions[&0].lane_for(Ordering::Key, Some(k), 0);
+    let b: &'static [u8] = [b"b", b"c", b"d", b"e"]
+        .into_iter()
+        .find(|k| lane(&k[..]) != lane(a))
+        .expect("a key in the other lane");
+    (p, a, b)
+}
+
+#[test]
+fn a_free_slot_takes_the_lane_holding_the_oldest_record() {
+    let t0 = Instant::now();
+    let (mut p, a, b) = two_lanes(t0, |_| {});
+    // Name the keys by lane: `first` lands in lane 0, `second` in lane 1.
+    let lane_of_a = p.partitions[&0].lane_for(Ordering::Key, Some(a), 0);
+    let (first, second) = if lane_of_a == 0 { (a, b) } else { (b, a) };
+    p.handle_assign(&[1]);
+    // Partition 1 holds one of the two slots.
+    p.handle_record(&Rec(1, 0), t0);
+    p.handle_tick(t0);
+    assert_eq!(starts(&mut p).len(), 1);
+    // Partition 0: its oldest record waits in lane 1, a newer one in lane 0.
+    p.handle_record(&Keyed(0, second), t0);
+    p.handle_record(&Keyed(1, first), t0);
+    p.handle_tick(t0);
+    let started = starts(&mut p);
+    assert_eq!(started.len(), 1, "one slot was free");
+    assert_eq!(
+        started[0].1.offsets().collect::<Vec<_>>(),
+        [0],
+        "the lane whose record holds the commit back goes first"
+    );
+}
+
+#[test]
+fn finished_work_the_broker_has_not_acknowledged_stops_new_batches_until_it_has() {
+    let t0 = Instant::now();
+    let mut p = with_one_batch(t0);
+    let limit = p.config.uncommitted_limit().expect("a limit by default");
+    assert_eq!(limit, p.config.commit_interval * 3 / 2);
+    let (slot, batch) = starts(&mut p).pop().unwrap();
+    p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+    // The commit goes out after one interval; the broker never answers
+    // (a rebalance that waits for a dead member, a broker restart).
+    p.handle_tick(t0 + p.config.commit_interval);
+    assert!(intents(&mut p)
+        .iter()
+        .any(|i| matches!(i, Intent::Commit { .. })));
+    let late = t0 + limit + secs(0.01);
+    p.handle_record(&Rec(0, 2), late);
+    p.handle_record(&Rec(0, 3), late);
+    p.handle_tick(late);
+    assert!(
+        starts(&mut p).is_empty(),
+        "no new work while a crash would replay more than the limit"
+    );
+    assert_eq!(exported(&p).metrics.partitions_waiting_for_commit.get(), 1);
+    p.handle_committed(0, 2);
+    p.handle_tick(late);
+    let (_, batch) = starts(&mut p).pop().expect("acknowledged: work goes on");
+    assert_eq!(batch.offsets().collect::<Vec<_>>(), [2, 3]);
+    assert_eq!(exported(&p).metrics.partitions_waiting_for_commit.get(), 0);
+}
+
+#[test]
+fn an_older_commit_acknowledged_after_a_newer_one_is_committed_again() {
+    // After the coordinator was down, librdkafka can send a retried older
+    // commit after a newer one: the broker then holds the older offset,
+    // and a worker that kept the highest acknowledgement never commits
+    // again while idle, so the partition's lag never reaches 0.
+    let t0 = Instant::now();
+    let mut p = pipeline(t0);
+    p.handle_assign(&[0]);
+    let mut now = t0;
+    let mut committed = Vec::new();
+    for o in [0, 2] {
+        p.handle_record(&Rec(0, o), now);
+        p.handle_record(&Rec(0, o + 1), now);
+        p.handle_tick(now);
+        for (slot, batch) in starts(&mut p) {
+            p.handle_verdict(slot, batch, BatchOutcome::Success, now);
+        }
+        now += p.config.commit_interval;
+        p.handle_tick(now);
+        committed.extend(commits(&mut p));
+    }
+    assert_eq!(committed.last(), Some(&(0, 4)), "{committed:?}");
+    p.handle_committed(0, 4);
+    p.handle_committed(0, 2);
+    now += p.config.commit_interval;
+    p.handle_tick(now);
+    let again = commits(&mut p);
+    assert_eq!(again, [(0, 4)], "the broker holds 2: commit 4 again");
+    p.handle_committed(0, 4);
+    now += p.config.commit_interval;
+    p.handle_tick(now);
+    assert!(
+        commits(&mut p).is_empty(),
+        "acknowledged in order: nothing more to commit"
+    );
+}
+
+#[test]
+fn commits_acknowledged_every_interval_never_stop_work() {
+    let t0 = Instant::now();
+    let mut p = pipeline(t0);
+    p.handle_assign(&[0]);
+    let step = secs(0.05);
+    let mut now = t0;
+    let mut offset = 0;
+    let mut pending_ack = None;
+    for _ in 0..200 {
+        p.handle_record(&Rec(0, offset), now);
+        p.handle_record(&Rec(0, offset + 1), now);
+        offset += 2;
+        p.handle_tick(now);
+        let mut started = false;
+        for intent in intents(&mut p) {
+            match intent {
+                Intent::Start { slot, batch } => {
+                    started = true;
+                    p.handle_verdict(slot, batch, BatchOutcome::Success, now);
+                }
+                Intent::Commit { offsets, .. } => pending_ack = Some(offsets),
+                _ => {}
+            }
+        }
+        assert!(started, "a batch starts at every step");
+        now += step;
+        // Each commit is acknowledged one step after it was sent.
+        if let Some(offsets) = pending_ack.take() {
+            for (partition, o) in offsets {
+                p.handle_committed(partition, o);
+            }
+        }
+    }
+}
+
+#[test]
+fn records_held_back_by_a_retry_stop_new_batches_of_other_keys_but_not_the_retry() {
+    let t0 = Instant::now();
+    let (mut p, a, b) = two_lanes(t0, |c| {
+        c.retry.initial = secs(5.0);
+        c.retry.max = secs(5.0);
+    });
+    p.handle_record(&Keyed(0, a), t0);
+    p.handle_record(&Keyed(1, b), t0);
+    p.handle_tick(t0);
+    let mut started = starts(&mut p);
+    assert_eq!(started.len(), 2);
+    started.sort_by_key(|(_, b)| b.first_offset());
+    let (slot_b, batch_b) = started.pop().unwrap();
+    let (slot_a, batch_a) = started.pop().unwrap();
+    p.handle_verdict(
+        slot_a,
+        batch_a,
+        BatchOutcome::Failed(Failure::retryable("busy")),
+        t0,
+    );
+    p.handle_verdict(slot_b, batch_b, BatchOutcome::Success, t0);
+    // Key b goes on while offset 1 has waited less than the limit.
+    let soon = t0 + secs(0.5);
+    p.handle_record(&Keyed(2, b), soon);
+    p.handle_tick(soon);
+    let (slot, batch) = starts(&mut p).pop().expect("key b goes on");
+    p.handle_verdict(slot, batch, BatchOutcome::Success, soon);
+    // Past the limit, key b waits for the retry of offset 0.
+    let late = t0 + p.config.uncommitted_limit().unwrap() + secs(0.01);
+    p.handle_record(&Keyed(3, b), late);
+    p.handle_tick(late);
+    assert!(
+        starts(&mut p).is_empty(),
+        "offsets 1 and 2 wait uncommitted"
+    );
+    let due = t0 + secs(5.0);
+    p.handle_tick(due);
+    let (slot, batch) = starts(&mut p).pop().expect("the retry still starts");
+    assert_eq!(batch.offsets().collect::<Vec<_>>(), [0]);
+    p.handle_verdict(slot, batch, BatchOutcome::Success, due);
+    assert_eq!(p.watermark(0), Some(3));
+    p.handle_tick(due);
+    let (_, batch) = starts(&mut p)
+        .pop()
+        .expect("the commit may move: key b goes on");
+    assert_eq!(batch.offsets().collect::<Vec<_>>(), [3]);
+}
+
+#[test]
+fn a_revoke_fills_holes_while_the_broker_refuses_commits() {
+    // A rebalance refuses commits (IllegalGeneration) past the limit,
+    // and the revoked partition has a hole below done records: the
+    // revoke must fill it rather than wait for its deadline and replay.
+    let t0 = Instant::now();
+    let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+    c.batch = BatchLimits::new(1, 1 << 20, Duration::from_millis(10)).unwrap();
+    c.ordering = Ordering::None;
+    c.concurrency = 2;
+    let mut p = with_config(c, t0);
+    p.handle_assign(&[0]);
+    for o in 0..5 {
+        p.handle_record(&Rec(0, o), t0);
+    }
+    p.handle_tick(t0);
+    let mut slow = None;
+    let mut pending: VecDeque<(Slot, Batch)> = starts(&mut p).into();
+    while let Some((slot, batch)) = pending.pop_front() {
+        if batch.first_offset() == Some(1) {
+            slow = Some((slot, batch));
+            continue;
+        }
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+        p.handle_tick(t0);
+        pending.extend(starts(&mut p));
+    }
+    assert_eq!(
+        p.watermark(0),
+        Some(1),
+        "offset 1 runs; others wait behind it"
+    );
+    let late = t0 + p.config.uncommitted_limit().unwrap() + secs(0.01);
+    p.handle_tick(late);
+    assert!(intents(&mut p)
+        .iter()
+        .any(|i| matches!(i, Intent::Commit { .. })));
+    // The commit is never acknowledged; the revoke begins.
+    assert!(p.begin_revoke(&[0], late));
+    let (slot, batch) = slow.expect("offset 1 in flight");
+    p.handle_verdict(slot, batch, BatchOutcome::Success, late);
+    let hole = p.watermark(0).expect("a watermark");
+    assert!(
+        p.partitions[&0].offsets.is_hole(hole),
+        "{hole} below done records"
+    );
+    p.handle_tick(late);
+    let (slot3, batch3) = starts(&mut p)
+        .pop()
+        .expect("the revoke fills the hole at once");
+    assert_eq!(batch3.first_offset(), Some(hole));
+    p.handle_verdict(slot3, batch3, BatchOutcome::Success, late);
+    assert!(p.revoke_settled(late), "settled long before its deadline");
+}
+
+/// Takes `records` in and returns the two batches that start first
+/// (one record each, two lanes), in offset order.
+fn first_two(
+    p: &mut Pipeline,
+    t0: Instant,
+    records: &[(i64, &'static [u8])],
+) -> [(Slot, Batch); 2] {
+    for &(o, k) in records {
+        p.handle_record(&Keyed(o, k), t0);
+    }
+    p.handle_tick(t0);
+    let mut started = starts(p);
+    started.sort_by_key(|(_, b)| b.first_offset());
+    started.try_into().expect("two batches start")
+}
+
+#[test]
+fn a_revoke_fills_the_holes_below_what_was_started_and_no_more() {
+    let t0 = Instant::now();
+    let (mut p, a, b) = two_lanes(t0, |_| {});
+    // Lane a: 0, 2, 4; lane b: 1, 3, 5.
+    let [(slot0, batch0), (slot1, batch1)] = first_two(
+        &mut p,
+        t0,
+        &[(0, a), (1, b), (2, a), (3, b), (4, a), (5, b)],
+    );
+    p.handle_verdict(slot1, batch1, BatchOutcome::Success, t0);
+    p.handle_tick(t0);
+    let (slot3, batch3) = starts(&mut p).pop().expect("key b goes on");
+    assert_eq!(batch3.first_offset(), Some(3));
+    // The revoke begins with 0 and 3 in flight: 3 is the highest started.
+    assert!(p.begin_revoke(&[0], t0));
+    p.handle_verdict(slot3, batch3, BatchOutcome::Success, t0);
+    p.handle_verdict(slot0, batch0, BatchOutcome::Success, t0);
+    p.handle_tick(t0);
+    let (slot2, batch2) = starts(&mut p).pop().expect("2 lies below 3: it is filled");
+    assert_eq!(batch2.offsets().collect::<Vec<_>>(), [2]);
+    p.handle_verdict(slot2, batch2, BatchOutcome::Success, t0);
+    p.handle_tick(t0);
+    assert!(
+        starts(&mut p).is_empty(),
+        "4 and 5 were never started: they go to the next owner"
+    );
+    assert!(p.revoke_settled(t0));
+    assert_eq!(p.watermark(0), Some(4));
+}
+
+#[test]
+fn a_hole_filled_at_a_revoke_finishes_no_record_above_the_bound() {
+    let t0 = Instant::now();
+    let (mut p, a, b) = two_lanes(t0, |c| {
+        c.batch = BatchLimits::new(2, 1 << 20, Duration::from_millis(10)).unwrap();
+    });
+    // Lane a: [0, 2], [4, 8]; lane b: [1, 3], [5, 6], [7].
+    let [(slot0, batch0), (slot1, batch1)] = first_two(
+        &mut p,
+        t0,
+        &[
+            (0, a),
+            (1, b),
+            (2, a),
+            (3, b),
+            (4, a),
+            (5, b),
+            (6, b),
+            (7, b),
+            (8, a),
+        ],
+    );
+    p.handle_verdict(slot1, batch1, BatchOutcome::Success, t0);
+    p.handle_tick(t0);
+    let (slot, batch) = starts(&mut p).pop().expect("lane b goes on");
+    assert_eq!(batch.offsets().collect::<Vec<_>>(), [5, 6]);
+    p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+    // Holes lie below 6, the highest started.
+    assert!(p.begin_revoke(&[0], t0));
+    p.handle_verdict(slot0, batch0, BatchOutcome::Success, t0);
+    p.handle_tick(t0);
+    let (slot, batch) = starts(&mut p).pop().expect("4 fills a hole");
+    assert_eq!(
+        batch.offsets().collect::<Vec<_>>(),
+        [4],
+        "8 would finish a record above 7, a hole the revoke leaves"
+    );
+    p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+    p.handle_tick(t0);
+    assert!(starts(&mut p).is_empty());
+    assert!(p.revoke_settled(t0));
+    assert_eq!(p.watermark(0), Some(7));
+    assert_eq!(
+        p.partitions[&0].offsets.done_above_watermark(),
+        0,
+        "nothing done is left for the next owner to do again"
+    );
+}
+
+#[test]
+fn a_revoke_fills_holes_for_a_second_at_most() {
+    let t0 = Instant::now();
+    let (mut p, a, b) = two_lanes(t0, |_| {});
+    let [(slot0, batch0), (slot1, batch1)] = first_two(&mut p, t0, &[(0, a), (1, b), (2, a)]);
+    p.handle_verdict(slot1, batch1, BatchOutcome::Success, t0);
+    assert!(p.begin_revoke(&[0], t0));
+    // Offset 0 fails: its retry fills a hole below 1, for a while.
+    p.handle_verdict(
+        slot0,
+        batch0,
+        BatchOutcome::Failed(Failure::retryable("busy")),
+        t0,
+    );
+    assert!(
+        !p.revoke_settled(t0 + secs(0.5)),
+        "the hole is still filled"
+    );
+    let later = t0 + HOLE_FILL_BUDGET;
+    p.handle_tick(later);
+    assert!(
+        p.revoke_settled(later),
+        "past the budget the revoke waits for nothing more"
+    );
+}
+
+#[test]
+fn lanes_finishing_out_of_order_all_the_time_never_stop_work() {
+    // Under key order a done record nearly always waits above the
+    // watermark; only a watermark that stays put means work is stuck.
+    let t0 = Instant::now();
+    let (mut p, a, b) = two_lanes(t0, |_| {});
+    let mut now = t0;
+    let mut slow: Option<(Slot, Batch)> = None;
+    for k in 0..40i64 {
+        // Key b's record finishes at once, key a's one step later: a done
+        // record of b always waits above a's unfinished one.
+        p.handle_record(&Keyed(2 * k, a), now);
+        p.handle_record(&Keyed(2 * k + 1, b), now);
+        p.handle_tick(now);
+        let mut fast = None;
+        let mut commits = Vec::new();
+        for intent in intents(&mut p) {
+            match intent {
+                Intent::Start { slot, batch } if batch.first_offset() == Some(2 * k + 1) => {
+                    fast = Some((slot, batch))
+                }
+                Intent::Start { slot, batch } => slow = Some((slot, batch)),
+                Intent::Commit { offsets, .. } => commits.extend(offsets),
+                _ => {}
+            }
+        }
+        let (slot, batch) = fast.unwrap_or_else(|| panic!("step {k}: key b's batch did not start"));
+        p.handle_verdict(slot, batch, BatchOutcome::Success, now);
+        if k > 0 {
+            let (slot, batch) = slow.take().expect("key a's batch in flight");
+            p.handle_verdict(slot, batch, BatchOutcome::Success, now);
+        }
+        p.handle_tick(now);
+        for intent in intents(&mut p) {
+            match intent {
+                Intent::Start { slot, batch } => slow = Some((slot, batch)),
+                Intent::Commit { offsets, .. } => commits.extend(offsets),
+                _ => {}
+            }
+        }
+        for (partition, offset) in commits {
+            p.handle_committed(partition, offset);
+        }
+        now += secs(0.2);
+    }
+}
+
+#[test]
+fn a_partition_assigned_while_draining_is_not_committed_past_records_it_dropped() {
+    let t0 = Instant::now();
+    let mut p = with_one_batch(t0);
+    let (slot, batch) = starts(&mut p).pop().unwrap();
+    p.shutdown(t0);
+    // The group gives this member a partition while it drains: the
+    // consumer hands out its records, which a draining pipeline drops.
+    p.handle_assign(&[1]);
+    for o in 0..5 {
+        p.handle_record(&Rec(1, o), t0);
+    }
+    let later = t0 + p.config.commit_interval;
+    p.handle_tick(later);
+    for intent in intents(&mut p) {
+        if let Intent::ReadPositions(partitions) = intent {
+            for partition in partitions {
+                // The consumer's position: past the records dropped.
+                p.handle_position(partition, 5);
+            }
+        }
+    }
+    p.handle_verdict(slot, batch, BatchOutcome::Success, later);
+    p.handle_tick(later);
+    p.begin_revoke(&[1], later);
+    p.complete_revoke();
+    p.close();
+    let committed = commits(&mut p);
+    assert!(committed.contains(&(0, 2)), "{committed:?}");
+    assert!(
+        committed.iter().all(|(partition, _)| *partition != 1),
+        "nothing of partition 1 was handled: {committed:?}"
+    );
+}
+
+/// Ordering none, batches of two, four slots, a cap of four finished
+/// records; partition 0 assigned with records 0..10 taken in.
+fn capped(t0: Instant) -> Pipeline {
+    let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+    c.batch = BatchLimits::new(2, 1 << 20, Duration::from_millis(10)).unwrap();
+    c.ordering = Ordering::None;
+    c.concurrency = 4;
+    c.max_uncommitted_records = 4;
+    let mut p = with_config(c, t0);
+    p.handle_assign(&[0]);
+    for o in 0..10 {
+        p.handle_record(&Rec(0, o), t0);
+    }
+    p
+}
+
+/// `capped` after its first two batches: the `failing`th (by offset)
+/// failed, retryable, and the other succeeded.
+fn capped_with_a_failure(t0: Instant, failing: usize) -> Pipeline {
+    let mut p = capped(t0);
+    p.handle_tick(t0);
+    let mut started = starts(&mut p);
+    started.sort_by_key(|(_, b)| b.first_offset());
+    assert_eq!(started.len(), 2);
+    for (i, (slot, batch)) in started.into_iter().enumerate() {
+        let outcome = if i == failing {
+            BatchOutcome::Failed(Failure::retryable("busy"))
+        } else {
+            BatchOutcome::Success
+        };
+        p.handle_verdict(slot, batch, outcome, t0);
+    }
+    p
+}
+
+#[test]
+fn the_records_cap_stops_fresh_batches_until_the_commit_is_acknowledged() {
+    let t0 = Instant::now();
+    let mut p = capped(t0);
+    p.handle_tick(t0);
+    let started = starts(&mut p);
+    assert_eq!(
+        started.len(),
+        2,
+        "four records in flight fill a cap of four: {started:?}"
+    );
+    for (slot, batch) in started {
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+    }
+    // Long before the commit interval: the commit goes out at once.
+    let soon = t0 + secs(0.001);
+    p.handle_tick(soon);
+    let sent = intents(&mut p);
+    assert!(
+        sent.iter()
+            .any(|i| matches!(i, Intent::Commit { offsets, .. } if offsets == &[(0, 4)])),
+        "{sent:?}"
+    );
+    assert!(!sent.iter().any(|i| matches!(i, Intent::Start { .. })));
+    assert!(p.waiting_for_ack());
+    assert_eq!(exported(&p).metrics.partitions_waiting_for_commit.get(), 1);
+    // Still unacknowledged: nothing new, and the same commit is not sent again.
+    p.handle_tick(soon);
+    assert!(intents(&mut p).is_empty());
+    p.handle_committed(0, 4);
+    p.handle_tick(soon);
+    let started = starts(&mut p);
+    let offsets: Vec<i64> = started.iter().flat_map(|(_, b)| b.offsets()).collect();
+    assert_eq!(offsets.len(), 4, "acknowledged: the cap is free again");
+    assert!(offsets.iter().all(|o| *o >= 4), "{offsets:?}");
+    assert!(!p.waiting_for_ack());
+}
+
+#[test]
+fn the_records_cap_lets_the_batch_that_moves_the_watermark_start() {
+    // Records 2..4 finish while 0..2 failed: they wait above the
+    // watermark, the cap is full, and only the retry and the batch at
+    // the watermark may run, or the cap would never empty.
+    let t0 = Instant::now();
+    let mut p = capped_with_a_failure(t0, 0);
+    let later = t0 + secs(1.0);
+    p.handle_tick(later);
+    let started = starts(&mut p);
+    let offsets: Vec<i64> = started.iter().flat_map(|(_, b)| b.offsets()).collect();
+    assert_eq!(
+        offsets,
+        [0, 1],
+        "only the retry: 2 + 2 in flight fill the cap"
+    );
+    for (slot, batch) in started {
+        p.handle_verdict(slot, batch, BatchOutcome::Success, later);
+    }
+    assert_eq!(p.watermark(0), Some(4));
+}
+
+#[test]
+fn records_waiting_for_a_retry_count_against_the_records_cap() {
+    // 2..4 fail and wait for their retry: a crash replays them once they
+    // are done, so they hold their place in the cap.
+    let t0 = Instant::now();
+    let mut p = capped_with_a_failure(t0, 1);
+    p.handle_committed(0, 2);
+    p.handle_tick(t0);
+    let fresh: Vec<i64> = starts(&mut p)
+        .iter()
+        .flat_map(|(_, b)| b.offsets())
+        .filter(|o| *o >= 4)
+        .collect();
+    assert_eq!(
+        fresh.len(),
+        2,
+        "2 waiting + 2 fresh fill a cap of four: {fresh:?}"
+    );
+}
+
+#[test]
+fn no_records_cap_by_default() {
+    let t0 = Instant::now();
+    let mut p = capped(t0);
+    p.config.max_uncommitted_records = 0;
+    p.handle_tick(t0);
+    assert_eq!(starts(&mut p).len(), 4);
+}
+
+#[test]
+fn no_limit_when_max_uncommitted_is_zero() {
+    let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+    c.max_uncommitted = Some(Duration::ZERO);
+    assert_eq!(c.uncommitted_limit(), None);
+    c.max_uncommitted = Some(Duration::from_millis(10));
+    let err = c.validate().unwrap_err();
+    assert!(err.to_string().contains("--max-uncommitted-ms"), "{err}");
+}
