@@ -35,6 +35,9 @@ Contenders (CONTENDERS, space-separated):
   microbatch        microbatch run \$MB_ARGS
   microbatch-tuned  microbatch run \$MB_ARGS \$MB_TUNED_ARGS (not run unless
                     named: extra flags or --kafka-property settings to try)
+  microbatch-base   MICROBATCH_BASE_BIN run \$MB_ARGS (not run unless named:
+                    another build, e.g. the commit before a change, compared
+                    with MICROBATCH_BIN in the same run)
   java              scripts/kafka-local.sh tool consumer-perf-test
   python            bench/python_consumer.py (confluent-kafka, BATCH_SIZE per
                     consume(), synchronous commit after each batch)
@@ -53,6 +56,8 @@ Options (environment variable in brackets, default after it):
 
 Other environment:
   MICROBATCH_BIN   binary to test [target/release/microbatch, built if missing]
+  MICROBATCH_BASE_BIN  the microbatch-base contender's binary
+  BASE_COMMIT      the commit MICROBATCH_BASE_BIN was built from, for the results
   MB_ARGS          "$MB_ARGS"
   MB_TUNED_ARGS    "$MB_TUNED_ARGS"
   RESULTS_DIR      where results go [bench/results]
@@ -83,7 +88,10 @@ for v in RECORDS SIZE PARTITIONS RUNS KEYS BATCH_SIZE; do
 done
 read -r -a contenders <<<"$CONTENDERS"
 for c in "${contenders[@]}"; do
-	case $c in microbatch | microbatch-tuned | java | python) ;; *) die "unknown contender '$c'" ;; esac
+	case $c in microbatch | microbatch-tuned | java | python) ;;
+	microbatch-base) [[ -x ${MICROBATCH_BASE_BIN:-} ]] || die "microbatch-base needs MICROBATCH_BASE_BIN, an executable" ;;
+	*) die "unknown contender '$c'" ;;
+	esac
 done
 read -r -a mb_args <<<"$MB_ARGS"
 read -r -a mb_tuned_args <<<"$MB_TUNED_ARGS"
@@ -116,6 +124,7 @@ available=$("$MB" lag --bootstrap-servers "$BOOTSTRAP" --topic "$TOPIC" \
 run_one() { # contender run
 	local c=$1 run=$2
 	local -a pre=() post=()
+	local bin=$MB
 	case $c in
 	microbatch)
 		pre=(microbatch --log "$WORK/$c-r$run.log")
@@ -124,6 +133,11 @@ run_one() { # contender run
 	microbatch-tuned)
 		pre=(microbatch --label microbatch-tuned --log "$WORK/$c-r$run.log")
 		post=("${mb_args[@]}" "${mb_tuned_args[@]}")
+		;;
+	microbatch-base)
+		pre=(microbatch --label microbatch-base --log "$WORK/$c-r$run.log")
+		post=("${mb_args[@]}")
+		bin=$MICROBATCH_BASE_BIN
 		;;
 	java)
 		pre=(java --kafka-local "$KAFKA_LOCAL")
@@ -135,7 +149,7 @@ run_one() { # contender run
 	esac
 	log "run $run/$RUNS: $c"
 	# Arguments after `--` go to the contender itself.
-	if ! "$PY" "$BENCH_DIR/lib/measure.py" "${pre[@]}" --bin "$MB" --bootstrap "$BOOTSTRAP" \
+	if ! "$PY" "$BENCH_DIR/lib/measure.py" "${pre[@]}" --bin "$bin" --bootstrap "$BOOTSTRAP" \
 		--topic "$TOPIC" --group "bench-$c-r$run-$STAMP" --records "$RECORDS" --size "$SIZE" \
 		--run "$run" -- "${post[@]}" >>"$RUNS_FILE"; then
 		log "warning: $c run $run reported an error (see ${RUNS_FILE#"$ROOT"/})"
@@ -156,9 +170,11 @@ params=$(jq -n --arg topic "$TOPIC" --argjson records "$RECORDS" --argjson size 
 	--argjson partitions "$PARTITIONS" --argjson runs "$RUNS" --argjson keys "$KEYS" \
 	--argjson batch_size "$BATCH_SIZE" --arg mb_args "$MB_ARGS" --arg mb_tuned_args "$MB_TUNED_ARGS" \
 	--arg contenders "$CONTENDERS" --arg loadavg_end "$(cut -d' ' -f1-3 /proc/loadavg)" \
+	--arg base_commit "${BASE_COMMIT:-}" \
 	'{topic: $topic, records: $records, size: $size, partitions: $partitions, runs: $runs,
 	  keys: $keys, python_batch_size: $batch_size, microbatch_args: $mb_args,
-	  microbatch_tuned_args: $mb_tuned_args, contenders: $contenders, loadavg_at_end: $loadavg_end}')
+	  microbatch_tuned_args: $mb_tuned_args, contenders: $contenders, loadavg_at_end: $loadavg_end,
+	  base_commit: $base_commit}')
 "$PY" "$BENCH_DIR/lib/report.py" throughput --runs "$RUNS_FILE" --machine "$MACHINE" \
 	--params "$params" --date "$DATE_UTC" --md "$base.md" --json "$base.json"
 $created_topic && delete_topic "$TOPIC"

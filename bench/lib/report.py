@@ -7,7 +7,7 @@ import json
 import statistics
 import sys
 
-ORDER = ["microbatch", "microbatch-tuned", "java", "python"]
+ORDER = ["microbatch", "microbatch-tuned", "microbatch-base", "java", "python"]
 GOAL_RSS_MIB = 64
 GOAL_READY_S = 1.0
 GOAL_PYTHON_RATIO = 20
@@ -113,7 +113,7 @@ def throughput(a):
 
     ratios = {}
     for mb in [c for c in ("microbatch", "microbatch-tuned") if c in summary]:
-        for other in [c for c in ("java", "python") if c in summary]:
+        for other in [c for c in ("microbatch-base", "java", "python") if c in summary]:
             ratios[f"{mb}/{other}"] = {
                 k: ratio(med(mb, k), med(other, k))
                 for k in ("records_per_s", "cpu_s_per_million", "cpu_s_per_million_after_assign", "peak_rss_mib")
@@ -175,6 +175,10 @@ def throughput(a):
     md.append(f"- microbatch: `microbatch run {params['microbatch_args']}` (defaults otherwise)")
     if "microbatch-tuned" in labels:
         md.append(f"- microbatch-tuned: the same plus `{params['microbatch_tuned_args']}`")
+    if "microbatch-base" in labels:
+        md.append(
+            f"- microbatch-base: the same flags, another build (commit {params.get('base_commit') or 'not named'})"
+        )
     md.append("- java: `kafka-consumer-perf-test` (Kafka 4.1.1, default consumer settings)")
     md.append(
         f"- python: `bench/python_consumer.py --batch-size {params['python_batch_size']}` "
