@@ -115,7 +115,8 @@ pub struct Args {
     /// Batches in flight at once in this worker [default: 8].
     #[arg(long, env = "MICROBATCH_CONCURRENCY", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Parallelism")]
     pub concurrency: Option<u64>,
-    /// Records held per partition before it is paused [default: 10000].
+    /// Records held per partition before it is paused; at least
+    /// --max-records [default: 10000, or --max-records if larger].
     #[arg(
         long,
         env = "MICROBATCH_MAX_RECORDS_PER_PARTITION",
@@ -234,37 +235,68 @@ impl Args {
         let file = self.kafka.load_file()?;
         let kafka = self.kafka.resolve(&file)?;
         let (topic, group) = self.workers.resolve(&file)?;
-        let batch = BatchLimits::new(
-            pick(self.max_records.map(|v| v as usize), file.max_records, 100),
-            pick(self.max_bytes.map(|v| v as usize), file.max_bytes, 1 << 20),
-            ms(pick(self.max_wait_ms, file.max_wait_ms, 500)),
-        )?;
+        // The library's defaults, overridden by what the flags and the file give.
         let mut config = WorkerConfig::new(kafka, topic.clone(), group);
-        config.batch = batch;
+        let d = config.clone();
+        config.batch = BatchLimits::new(
+            pick(
+                self.max_records.map(|v| v as usize),
+                file.max_records,
+                d.batch.max_records,
+            ),
+            pick(
+                self.max_bytes.map(|v| v as usize),
+                file.max_bytes,
+                d.batch.max_bytes,
+            ),
+            ms(pick(
+                self.max_wait_ms,
+                file.max_wait_ms,
+                d.batch.max_wait.as_millis() as u64,
+            )),
+        )?;
         config.ordering = match self.ordering {
             Some(o) => o,
-            None => {
-                parse_file_value("--ordering", file.ordering.as_deref())?.unwrap_or(Ordering::Key)
-            }
+            None => parse_file_value("--ordering", file.ordering.as_deref())?.unwrap_or(d.ordering),
         };
-        config.concurrency = pick(self.concurrency.map(|v| v as usize), file.concurrency, 8);
-        config.commit_interval = ms(pick(self.commit_interval_ms, file.commit_interval_ms, 1000));
+        config.concurrency = pick(
+            self.concurrency.map(|v| v as usize),
+            file.concurrency,
+            d.concurrency,
+        );
+        config.commit_interval = ms(pick(
+            self.commit_interval_ms,
+            file.commit_interval_ms,
+            d.commit_interval.as_millis() as u64,
+        ));
         config.max_uncommitted = self.max_uncommitted_ms.or(file.max_uncommitted_ms).map(ms);
         config.max_uncommitted_records = pick(
             self.max_uncommitted_records,
             file.max_uncommitted_records,
             config.max_uncommitted_records,
         );
-        config.drain_timeout = ms(pick(self.drain_timeout_ms, file.drain_timeout_ms, 30_000));
+        config.drain_timeout = ms(pick(
+            self.drain_timeout_ms,
+            file.drain_timeout_ms,
+            d.drain_timeout.as_millis() as u64,
+        ));
         config.handler_timeout = ms(pick(
             self.handler_timeout_ms,
             file.handler_timeout_ms,
-            60_000,
+            d.handler_timeout.as_millis() as u64,
         ));
         config.retry = RetryPolicy {
-            initial: ms(pick(self.retry_initial_ms, file.retry_initial_ms, 100)),
-            max: ms(pick(self.retry_max_ms, file.retry_max_ms, 10_000)),
-            max_attempts: pick(self.max_attempts, file.max_attempts, 5),
+            initial: ms(pick(
+                self.retry_initial_ms,
+                file.retry_initial_ms,
+                d.retry.initial.as_millis() as u64,
+            )),
+            max: ms(pick(
+                self.retry_max_ms,
+                file.retry_max_ms,
+                d.retry.max.as_millis() as u64,
+            )),
+            max_attempts: pick(self.max_attempts, file.max_attempts, d.retry.max_attempts),
             max_record_age: self.max_record_age_ms.or(file.max_record_age_ms).map(ms),
         };
         let on_off = |flag: Option<DlqMode>, file: Option<&str>, name: &'static str| match flag {
@@ -290,24 +322,24 @@ impl Args {
             }
             DlqMode::Off => None,
         };
-        config.max_records_per_partition = pick(
-            self.max_records_per_partition,
-            file.max_records_per_partition,
-            10_000,
-        )
-        .max(config.batch.max_records);
-        config.max_records_held = pick(self.max_records_held, file.max_records_held, 50_000);
-        config.max_held_bytes = pick(
-            self.max_held_bytes,
-            file.max_held_bytes,
-            microbatch_core::config::DEFAULT_MAX_HELD_BYTES,
+        // A value given below --max-records is refused (by the config's
+        // rule, naming the flag); only the default grows to one batch.
+        config.max_records_per_partition = self
+            .max_records_per_partition
+            .or(file.max_records_per_partition)
+            .unwrap_or_else(|| d.max_records_per_partition.max(config.batch.max_records));
+        config.max_records_held = pick(
+            self.max_records_held,
+            file.max_records_held,
+            d.max_records_held,
         );
+        config.max_held_bytes = pick(self.max_held_bytes, file.max_held_bytes, d.max_held_bytes);
         config.offset_reset = match self.offset_reset {
             Some(r) => r,
             None => parse_file_value("--offset-reset", file.offset_reset.as_deref())?
-                .unwrap_or(OffsetReset::Earliest),
+                .unwrap_or(d.offset_reset),
         };
-        config.audit_log = self.audit_log.clone();
+        config.audit_log = self.audit_log.clone().or(file.audit_log.clone());
         config.group_protocol = match self.group_protocol {
             Some(p) => p,
             None => parse_file_value("--group-protocol", file.group_protocol.as_deref())?
@@ -349,7 +381,11 @@ impl Args {
                 Arc::new(SimulateHandler {
                     process_time: per_record,
                     failure_rate,
-                    poison_marker: self.poison_marker.clone().filter(|m| !m.is_empty()),
+                    poison_marker: self
+                        .poison_marker
+                        .clone()
+                        .or(file.poison_marker.clone())
+                        .filter(|m| !m.is_empty()),
                 })
             }
             HandlerKind::Exec => {
