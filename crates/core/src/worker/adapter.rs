@@ -1,0 +1,427 @@
+//! The adapter: carries out the pipeline's intents (handler tasks,
+//! dead-letter writes, commits, pauses) and feeds it verdicts,
+//! acknowledgements and rebalances.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::runtime::Handle;
+
+use crate::batch::Batch;
+use crate::commit::{CommitQueue, CommitResult, CommittedPartition};
+use crate::dlq::DeadLetterWriter;
+use crate::fetch::FetchQueue;
+use crate::handler::{BatchOutcome, Failure, Handler};
+use crate::pipeline::{DeadLetterSlot, Intent, Pipeline, Slot};
+use crate::telemetry::{ResultLabel, StatsExporter, Telemetry};
+use microbatch_kafka::LogThrottle;
+
+pub(super) enum Event {
+    Handled {
+        slot: Slot,
+        batch: Batch,
+        outcome: BatchOutcome,
+        elapsed: Duration,
+    },
+    DeadLettered {
+        slot: DeadLetterSlot,
+        written: Vec<i64>,
+        error: Option<String>,
+    },
+}
+
+/// Sends a failure if dropped before a verdict (a cancelled handler task),
+/// so a batch can never vanish and never be counted as done.
+pub(super) struct Verdict {
+    pub(super) tx: Sender<Event>,
+    pub(super) slot: Slot,
+    pub(super) batch: Option<Batch>,
+    pub(super) started: Instant,
+}
+
+impl Verdict {
+    pub(super) fn deliver(mut self, outcome: BatchOutcome) {
+        let batch = self.batch.take().expect("a verdict is delivered once");
+        let _ = self.tx.send(Event::Handled {
+            slot: self.slot,
+            batch,
+            outcome,
+            elapsed: self.started.elapsed(),
+        });
+    }
+}
+
+impl Drop for Verdict {
+    fn drop(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            let _ = self.tx.send(Event::Handled {
+                slot: self.slot,
+                batch,
+                outcome: BatchOutcome::Failed(Failure::retryable(
+                    "handler task ended without a verdict",
+                )),
+                elapsed: self.started.elapsed(),
+            });
+        }
+    }
+}
+
+pub(super) struct Adapter {
+    pub(super) pipeline: Pipeline,
+    pub(super) topic: Arc<str>,
+    pub(super) handler: Arc<dyn Handler>,
+    pub(super) handler_timeout: Duration,
+    pub(super) telemetry: Arc<Telemetry>,
+    pub(super) runtime: Handle,
+    pub(super) events_tx: Sender<Event>,
+    pub(super) events_rx: Receiver<Event>,
+    pub(super) dlq: Option<DeadLetterWriter>,
+    pub(super) audit: Option<BufWriter<File>>,
+    pub(super) commits: CommitQueue,
+    pub(super) fetch: FetchQueue,
+    /// Failed commits are logged at most once per back-off step.
+    pub(super) commit_log: LogThrottle,
+    /// Why the last commit failed, if it did.
+    pub(super) last_commit_error: Option<RDKafkaErrorCode>,
+    /// Writes the pipeline's numbers to the metrics.
+    pub(super) stats: StatsExporter,
+}
+
+impl Adapter {
+    /// Carries out every intent the pipeline has.
+    pub(super) fn execute<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        self.carry_out(consumer);
+        self.stats
+            .export(&self.pipeline.stats(), &self.topic, &self.telemetry);
+    }
+
+    pub(super) fn carry_out<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        while let Some(intent) = self.pipeline.poll_intent() {
+            match intent {
+                Intent::Start { slot, batch } => self.start(slot, batch),
+                Intent::DeadLetter {
+                    slot,
+                    batch,
+                    failures,
+                    attempts,
+                } => {
+                    let writer = self.dlq.clone().expect("dead letters only with a writer");
+                    let tx = self.events_tx.clone();
+                    self.runtime.spawn(async move {
+                        let (written, error) = writer.write(&batch, &failures, attempts).await;
+                        let _ = tx.send(Event::DeadLettered {
+                            slot,
+                            written,
+                            error,
+                        });
+                    });
+                }
+                Intent::Commit {
+                    offsets,
+                    sync,
+                    metadata,
+                } => self.commit(consumer, &offsets, sync, &metadata),
+                Intent::Pause(partitions) => {
+                    if let Err(e) = consumer.pause(&self.list(&partitions)) {
+                        tracing::warn!(error = %e, "pausing partitions failed");
+                    }
+                }
+                Intent::Resume(partitions) => {
+                    if let Err(e) = consumer.resume(&self.list(&partitions)) {
+                        tracing::warn!(error = %e, "resuming partitions failed");
+                    }
+                }
+                Intent::Processed { partition, offsets } => self.audit(partition, &offsets),
+                Intent::ReadPositions(partitions) => {
+                    if let Ok(positions) = consumer.position() {
+                        for e in positions.elements_for_topic(&self.topic) {
+                            if let (Offset::Offset(o), true) =
+                                (e.offset(), partitions.contains(&e.partition()))
+                            {
+                                self.pipeline.handle_position(e.partition(), o);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn list(&self, partitions: &[i32]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+        for p in partitions {
+            tpl.add_partition(&self.topic, *p);
+        }
+        tpl
+    }
+
+    pub(super) fn start(&mut self, slot: Slot, batch: Batch) {
+        self.telemetry
+            .metrics
+            .batch_size
+            .observe(batch.len() as f64);
+        let handler = self.handler.clone();
+        let timeout = self.handler.max_time(self.handler_timeout);
+        let mut verdict = Verdict {
+            tx: self.events_tx.clone(),
+            slot,
+            batch: None,
+            started: Instant::now(),
+        };
+        self.runtime.spawn(async move {
+            // A panicking handler fails its batch like any other error, in
+            // `ready` as in `handle`.
+            let handled = AssertUnwindSafe(async {
+                // A handler's own back-off is not part of its time on the
+                // batch; it too is bounded by the timeout.
+                let _ = tokio::time::timeout(timeout, handler.ready()).await;
+                let started = Instant::now();
+                (
+                    started,
+                    tokio::time::timeout(timeout, handler.handle(&batch)).await,
+                )
+            })
+            .catch_unwind()
+            .await;
+            let outcome = match handled {
+                Ok((started, Ok(outcome))) => {
+                    verdict.started = started;
+                    outcome
+                }
+                Ok((started, Err(_))) => {
+                    verdict.started = started;
+                    BatchOutcome::Failed(Failure::retryable(format!(
+                        "handler timed out after {} ms",
+                        timeout.as_millis()
+                    )))
+                }
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    BatchOutcome::Failed(Failure::retryable(format!("handler panicked: {what}")))
+                }
+            };
+            verdict.batch = Some(batch);
+            verdict.deliver(outcome);
+        });
+    }
+
+    pub(super) fn on_event(&mut self, event: Event) {
+        let now = Instant::now();
+        match event {
+            Event::Handled {
+                slot,
+                batch,
+                outcome,
+                elapsed,
+            } => {
+                self.telemetry
+                    .metrics
+                    .batch_duration
+                    .observe(elapsed.as_secs_f64());
+                self.pipeline.handle_verdict(slot, batch, outcome, now);
+            }
+            Event::DeadLettered {
+                slot,
+                written,
+                error,
+            } => self
+                .pipeline
+                .handle_dead_lettered(slot, &written, error, now),
+        }
+    }
+
+    /// Serves every verdict and acknowledgement that has arrived.
+    pub(super) fn drain_events(&mut self) {
+        while let Ok(event) = self.events_rx.try_recv() {
+            self.on_event(event);
+        }
+    }
+
+    pub(super) fn audit(&mut self, partition: i32, offsets: &[i64]) {
+        if let Some(out) = self.audit.as_mut() {
+            for o in offsets {
+                let _ = writeln!(out, "{partition} {o}");
+            }
+            if let Err(e) = out.flush() {
+                tracing::error!(error = %e, "audit log write failed");
+            }
+        }
+    }
+
+    pub(super) fn commit<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        offsets: &[(i32, i64)],
+        sync: bool,
+        metadata: &str,
+    ) {
+        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+        for (p, o) in offsets {
+            let mut elem = tpl.add_partition(&self.topic, *p);
+            elem.set_offset(Offset::Offset(*o))
+                .expect("a fresh offset is always valid");
+            elem.set_metadata(metadata);
+        }
+        if sync {
+            let result = match consumer.commit(&tpl, CommitMode::Sync) {
+                Ok(()) => CommitResult {
+                    error: None,
+                    partitions: committed(&tpl),
+                },
+                Err(e) => failed_commit(&tpl, e),
+            };
+            self.on_commit(result);
+        } else if let Err(e) = self.commits.commit(consumer, &tpl) {
+            self.on_commit(failed_commit(&tpl, e));
+        }
+    }
+
+    /// Reads the results of asynchronous commits that have arrived.
+    pub(super) fn collect_commit_results(&mut self) {
+        while let Some(result) = self.commits.poll() {
+            self.on_commit(result);
+        }
+    }
+
+    pub(super) fn on_commit(&mut self, result: CommitResult) {
+        let m = &self.telemetry.metrics;
+        if result.error == Some(RDKafkaErrorCode::NoOffset) {
+            return;
+        }
+        // A commit can succeed as a request and still fail per partition.
+        let mut failed = Vec::new();
+        self.last_commit_error = None;
+        for p in result.partitions.iter().filter(|p| *p.topic == *self.topic) {
+            let error = p.error.or(result.error);
+            if error.is_some() {
+                self.last_commit_error = error;
+            }
+            match error {
+                None if p.offset >= 0 => {
+                    tracing::debug!(
+                        partition = p.partition,
+                        offset = p.offset,
+                        "commit acknowledged"
+                    );
+                    self.pipeline.handle_committed(p.partition, p.offset)
+                }
+                None => {}
+                Some(code) => failed.push(format!("{}@{}: {code}", p.partition, p.offset)),
+            }
+        }
+        if failed.is_empty() {
+            m.commits.get_or_create(&ResultLabel { result: "ok" }).inc();
+            self.commit_log.reset();
+        } else {
+            m.commits
+                .get_or_create(&ResultLabel { result: "error" })
+                .inc();
+            if let Some(suppressed) = self.commit_log.allow(Instant::now()) {
+                tracing::warn!(partitions = %failed.join(", "), suppressed, "offset commit failed; it is retried at the next interval");
+            }
+        }
+    }
+
+    /// One round of the pipeline: verdicts in, clock, intents out.
+    pub(super) fn turn<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, now: Instant) {
+        self.drain_events();
+        self.collect_commit_results();
+        self.pipeline.handle_tick(now);
+        self.execute(consumer);
+    }
+
+    /// Lost partitions: forgotten at once, neither drained nor committed.
+    pub(super) fn lose(&mut self, tpl: &TopicPartitionList) {
+        let lost: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        self.pipeline.handle_lost(&lost);
+    }
+
+    /// Revocation: drains the revoked partitions while the others go on,
+    /// until they are done or the deadline passes, then commits them and
+    /// forgets them. Runs inside librdkafka's rebalance callback.
+    pub(super) fn revoke<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        tpl: &TopicPartitionList,
+        stop: &AtomicBool,
+    ) {
+        let revoked: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        if !self.pipeline.begin_revoke(&revoked, Instant::now()) {
+            return;
+        }
+        loop {
+            let now = Instant::now();
+            if stop.load(AtomicOrdering::SeqCst) {
+                // One drain deadline from the signal, revoke included.
+                self.pipeline.shutdown(now);
+            }
+            self.turn(consumer, now);
+            if self.pipeline.revoke_settled(now) {
+                break;
+            }
+            let wait = self
+                .pipeline
+                .poll_timeout()
+                .min(now + Duration::from_millis(50))
+                .saturating_duration_since(now);
+            match self
+                .events_rx
+                .recv_timeout(wait.max(Duration::from_millis(1)))
+            {
+                Ok(event) => self.on_event(event),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.pipeline.complete_revoke();
+        self.execute(consumer);
+    }
+}
+
+/// The partitions of a commit, with the error librdkafka set on each (a
+/// synchronous commit writes per-partition results into the list it sent).
+fn committed(tpl: &TopicPartitionList) -> Vec<CommittedPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| CommittedPartition {
+            topic: e.topic().to_string(),
+            partition: e.partition(),
+            offset: match e.offset() {
+                Offset::Offset(o) => o,
+                _ => -1,
+            },
+            error: e
+                .error()
+                .err()
+                .map(|err| err.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail)),
+        })
+        .collect()
+}
+
+fn failed_commit(tpl: &TopicPartitionList, e: KafkaError) -> CommitResult {
+    CommitResult {
+        error: Some(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail)),
+        partitions: committed(tpl),
+    }
+}
