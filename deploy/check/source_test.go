@@ -97,9 +97,9 @@ var (
 	prefixCall   = regexp.MustCompile(`sub_registry_with_prefix\("([a-z_]+)"\)`)
 	subcmdEnum   = regexp.MustCompile(`(?s)#\[derive\([^)]*Subcommand[^)]*\)\](?:\s*(?:#\[[^\n]*\]|//[^\n]*))*\s*pub enum \w+\s*\{(.*?)\n\}`)
 	variant      = regexp.MustCompile(`(?m)^\s*([A-Z][A-Za-z0-9]*)\s*(?:\(|\{|,)`)
-	httpDefault  = regexp.MustCompile(`pick\(self\.http_port,\s*file\.http_port,\s*([0-9_]+)\)`)
+	httpDefault  = regexp.MustCompile(`DEFAULT_HTTP_PORT:\s*u16\s*=\s*([0-9_]+);`)
 	scalerKey    = regexp.MustCompile(`\b(?:get|parse|flag|number)\(\s*meta,\s*"([A-Za-z]+)"`)
-	drainDefault = regexp.MustCompile(`pick\(self\.drain_timeout_ms,\s*file\.drain_timeout_ms,\s*([0-9_]+)\)`)
+	drainDefault = regexp.MustCompile(`DRAIN_TIMEOUT_MS:\s*u64\s*=\s*([0-9_]+);`)
 )
 
 func kebab(s string) string { return strings.ReplaceAll(s, "_", "-") }
@@ -253,7 +253,9 @@ func parseFacts(root string) (*binaryFacts, string) {
 	if m := httpDefault.FindStringSubmatch(run); m != nil {
 		f.defaultHTTPPort, _ = strconv.Atoi(strings.ReplaceAll(m[1], "_", ""))
 	}
-	if m := drainDefault.FindStringSubmatch(run); m != nil {
+	// The worker's defaults live in the library (crates/core/src/config.rs).
+	workerDefaults := readFileNoT(filepath.Join(root, "crates", "core", "src", "config.rs"))
+	if m := drainDefault.FindStringSubmatch(workerDefaults); m != nil {
 		f.defaultDrainMillis, _ = strconv.Atoi(strings.ReplaceAll(m[1], "_", ""))
 	}
 
@@ -271,7 +273,7 @@ func parseFacts(root string) (*binaryFacts, string) {
 	case len(f.metrics) < 10:
 		return nil, "crates/core/src/telemetry.rs: found fewer than 10 metrics"
 	case f.defaultHTTPPort == 0 || f.defaultDrainMillis == 0:
-		return nil, "crates/cli/src/cmd/run.rs: cannot find the defaults of --http-port and --drain-timeout-ms"
+		return nil, "cannot find the defaults of --http-port (crates/cli/src/cmd/run.rs) and --drain-timeout-ms (crates/core/src/config.rs)"
 	}
 	return f, ""
 }

@@ -2,16 +2,26 @@
 //!
 //! Exit status: 0 success (and a closed pipe), 1 a runtime failure, 2 bad
 //! usage or invalid configuration (reported before any connection is made).
+//!
+//! # Layout
+//! - `cmd`: one module per subcommand, each with its `Args` (both the clap
+//!   parser and the serde shape of its `--config` file) and `execute`.
+//! - `args`: the connection and group flags every command shares.
+//! - `config_file`: the `--config` TOML layer under flags and environment.
+//! - `policy_args`: the scaling policies' flags (`lag`, `supervise`, `demo`).
+//! - `report`: the demo's HTML and JSON report.
+//! - `logging`: `--log-format` and `--log-level`.
 
 mod args;
 mod cmd;
+mod config_file;
 mod logging;
 mod policy_args;
 mod report;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 /// mimalloc for Rust and, through `override`, for librdkafka's C code too:
 /// librdkafka allocates every fetched record on its broker thread and the
@@ -20,9 +30,13 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = cmd::Cli::parse();
+    let matches = cmd::Cli::command().get_matches();
+    let cli = match cmd::Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     logging::init(&cli.log);
-    match cmd::execute(cli) {
+    match cmd::execute(cli, &matches) {
         Ok(code) => code,
         Err(err) => {
             if is_broken_pipe(&err) {

@@ -9,6 +9,7 @@ use microbatch_scaling::lag::InvalidOffsetPolicy;
 use microbatch_scaling::policy::{
     KedaParams, KedaPolicy, KedaVersion, Policy, RateParams, RatePolicy, HPA_TOLERANCE,
 };
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PolicyKind {
@@ -34,8 +35,10 @@ pub enum ResetPolicy {
     Latest,
 }
 
+crate::serde_value_enum!(PolicyKind, KedaRelease, ResetPolicy);
+
 /// Parameters of both scaling policies, shared by `lag`, `supervise` and `demo`.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
 #[command(next_help_heading = "Scaling policy")]
 pub struct PolicyArgs {
     /// keda: lag per replica (KEDA `lagThreshold`).

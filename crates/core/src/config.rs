@@ -11,13 +11,57 @@ use std::time::Duration;
 
 use microbatch_kafka::{ConfigError, KafkaConfig};
 
-/// Extra time an exec child's first batch gets for the child's start-up.
-pub const DEFAULT_HANDLER_STARTUP_MS: u64 = 30_000;
+/// Every default of a worker, in one place: [`WorkerConfig::new`] and the
+/// binary's flags (and so `--help`) read them from here.
+pub mod defaults {
+    use super::{GroupProtocol, OffsetReset, Ordering};
 
-/// Key and value bytes a worker holds before it stops taking records in:
-/// with librdkafka's prefetch (16 MiB), the batches' JSON copies and the
-/// process itself, this fits the kit's 512 MiB memory limit with room.
-pub const DEFAULT_MAX_HELD_BYTES: usize = 128 << 20;
+    pub const MAX_RECORDS: usize = 100;
+    pub const MAX_BYTES: usize = 1 << 20;
+    pub const MAX_WAIT_MS: u64 = 500;
+    pub const ORDERING: Ordering = Ordering::Key;
+    pub const CONCURRENCY: usize = 8;
+    pub const COMMIT_INTERVAL_MS: u64 = 1_000;
+    /// No cap on records a crash may replay (0).
+    pub const MAX_UNCOMMITTED_RECORDS: usize = 0;
+    pub const DRAIN_TIMEOUT_MS: u64 = 30_000;
+    pub const HANDLER_TIMEOUT_MS: u64 = 60_000;
+    /// Extra time an exec child's first batch gets for the child's start-up.
+    pub const HANDLER_STARTUP_MS: u64 = 30_000;
+    pub const RETRY_INITIAL_MS: u64 = 100;
+    pub const RETRY_MAX_MS: u64 = 10_000;
+    pub const MAX_ATTEMPTS: u32 = 5;
+    /// Raised to one batch (`MAX_RECORDS` as set) when that is larger.
+    pub const MAX_RECORDS_PER_PARTITION: usize = 10_000;
+    pub const MAX_RECORDS_HELD: usize = 50_000;
+    /// Key and value bytes a worker holds before it stops taking records in:
+    /// with librdkafka's prefetch (16 MiB), the batches' JSON copies and the
+    /// process itself, this fits the kit's 512 MiB memory limit with room.
+    pub const MAX_HELD_BYTES: usize = 128 << 20;
+    pub const OFFSET_RESET: OffsetReset = OffsetReset::Earliest;
+    pub const GROUP_PROTOCOL: GroupProtocol = GroupProtocol::Classic;
+}
+
+/// Serde through the same spelling as the flag (`FromStr` and `Display`),
+/// so a TOML file says `ordering = "key"` as the command line does.
+macro_rules! serde_as_str {
+    ($($ty:ty),+) => {$(
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )+};
+}
+
+serde_as_str!(Ordering, OffsetReset, GroupProtocol);
 
 /// How records of one partition may be spread over processing slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,9 +143,9 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(10),
-            max_attempts: 5,
+            initial: Duration::from_millis(defaults::RETRY_INITIAL_MS),
+            max: Duration::from_millis(defaults::RETRY_MAX_MS),
+            max_attempts: defaults::MAX_ATTEMPTS,
             max_record_age: None,
         }
     }
@@ -241,9 +285,8 @@ impl DeadLetterConfig {
 /// cooperative-sticky here, with JoinGroup/SyncGroup rounds) or `consumer`
 /// (KIP-848: the broker assigns partitions and revokes only those that move;
 /// Kafka 4.0+ brokers, MSK 4.x).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupProtocol {
-    #[default]
     Classic,
     Consumer,
 }
@@ -301,6 +344,12 @@ impl OffsetReset {
     }
 }
 
+impl fmt::Display for OffsetReset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl WorkerConfig {
     /// A config with the documented defaults, for library users and tests.
     pub fn new(kafka: KafkaConfig, topic: impl Into<String>, group: impl Into<String>) -> Self {
@@ -309,25 +358,25 @@ impl WorkerConfig {
             topic: topic.into(),
             group: group.into(),
             batch: BatchLimits {
-                max_records: 100,
-                max_bytes: 1 << 20,
-                max_wait: Duration::from_millis(500),
+                max_records: defaults::MAX_RECORDS,
+                max_bytes: defaults::MAX_BYTES,
+                max_wait: Duration::from_millis(defaults::MAX_WAIT_MS),
             },
-            ordering: Ordering::Key,
-            concurrency: 8,
-            commit_interval: Duration::from_millis(1000),
+            ordering: defaults::ORDERING,
+            concurrency: defaults::CONCURRENCY,
+            commit_interval: Duration::from_millis(defaults::COMMIT_INTERVAL_MS),
             max_uncommitted: None,
-            max_uncommitted_records: 0,
-            drain_timeout: Duration::from_secs(30),
-            handler_timeout: Duration::from_secs(60),
+            max_uncommitted_records: defaults::MAX_UNCOMMITTED_RECORDS,
+            drain_timeout: Duration::from_millis(defaults::DRAIN_TIMEOUT_MS),
+            handler_timeout: Duration::from_millis(defaults::HANDLER_TIMEOUT_MS),
             retry: RetryPolicy::default(),
             dlq: None,
-            max_records_per_partition: 10_000,
-            max_records_held: 50_000,
-            max_held_bytes: DEFAULT_MAX_HELD_BYTES,
+            max_records_per_partition: defaults::MAX_RECORDS_PER_PARTITION,
+            max_records_held: defaults::MAX_RECORDS_HELD,
+            max_held_bytes: defaults::MAX_HELD_BYTES,
             audit_log: None,
-            offset_reset: OffsetReset::Earliest,
-            group_protocol: GroupProtocol::default(),
+            offset_reset: defaults::OFFSET_RESET,
+            group_protocol: defaults::GROUP_PROTOCOL,
         }
     }
 

@@ -59,6 +59,19 @@ macro_rules! kafka_enum {
                 f.write_str(self.as_str())
             }
         }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
     };
 }
 
@@ -101,6 +114,9 @@ impl SecurityProtocol {
         matches!(self, Self::Ssl | Self::SaslSsl)
     }
 }
+
+/// The brokers when none are named: a local broker.
+pub const DEFAULT_BOOTSTRAP_SERVERS: &str = "127.0.0.1:9092";
 
 /// Parses one `--kafka-property key=value`.
 pub fn parse_property(raw: &str) -> Result<(String, String), String> {

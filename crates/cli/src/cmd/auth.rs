@@ -27,9 +27,9 @@ pub struct MskIamTokenArgs {
     /// AWS region of the MSK cluster.
     #[arg(long, env = "AWS_REGION")]
     pub aws_region: Option<String>,
-    /// Token lifetime in seconds, 10..=900 [default: 900].
-    #[arg(long, env = "MSK_IAM_TOKEN_LIFETIME_S")]
-    pub msk_iam_token_lifetime_s: Option<u64>,
+    /// Token lifetime in seconds, 10..=900.
+    #[arg(long, env = "MSK_IAM_TOKEN_LIFETIME_S", default_value_t = DEFAULT_TOKEN_LIFETIME.as_secs())]
+    pub msk_iam_token_lifetime_s: u64,
     /// Print {"token", "expires_at_ms", "region"} as JSON instead.
     #[arg(long)]
     pub json: bool,
@@ -47,10 +47,7 @@ fn msk_iam_token(args: MskIamTokenArgs) -> anyhow::Result<ExitCode> {
     kafka.security_protocol = SecurityProtocol::SaslSsl;
     kafka.sasl_mechanism = Some(SaslMechanism::AwsMskIam);
     kafka.aws_region = args.aws_region.filter(|r| !r.is_empty());
-    kafka.msk_iam_token_lifetime = args
-        .msk_iam_token_lifetime_s
-        .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+    kafka.msk_iam_token_lifetime = Duration::from_secs(args.msk_iam_token_lifetime_s);
     let kafka = kafka.validate().map_err(|mut e: ConfigError| {
         if e.field == "--bootstrap-servers" {
             e.field = "--aws-region";

@@ -34,7 +34,10 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::produce::{self, produce_blocking};
 use super::supervise::kafka_env;
+use serde::{Deserialize, Serialize};
+
 use crate::args::KafkaArgs;
+use crate::config_file::FromFile;
 use crate::policy_args::PolicyKind;
 use crate::report::{self, longest_plateau, PolicyRun, Report, Sample, ScenarioResult};
 
@@ -52,9 +55,12 @@ pub enum Scenario {
     Failure,
 }
 
-#[derive(Debug, clap::Args)]
+crate::serde_value_enum!(Scenario);
+
+#[derive(Debug, clap::Args, Serialize, Deserialize)]
 pub struct Args {
     #[command(flatten)]
+    #[serde(flatten)]
     pub kafka: KafkaArgs,
     /// Which scenario to run.
     #[arg(long, value_enum, default_value = "all")]
@@ -91,9 +97,9 @@ pub struct Args {
     pub report_json: Option<PathBuf>,
     /// The workers' consumer group protocol: classic or consumer (KIP-848,
     /// Kafka 4.0+; with --bootstrap-servers only: the embedded broker
-    /// serves classic) [default: classic].
-    #[arg(long, env = "MICROBATCH_GROUP_PROTOCOL", value_parser = parse_group_protocol)]
-    pub group_protocol: Option<GroupProtocol>,
+    /// serves classic).
+    #[arg(long, env = "MICROBATCH_GROUP_PROTOCOL", default_value_t = microbatch_core::config::defaults::GROUP_PROTOCOL, value_parser = parse_group_protocol)]
+    pub group_protocol: GroupProtocol,
 }
 
 fn parse_group_protocol(s: &str) -> Result<GroupProtocol, String> {
@@ -168,8 +174,7 @@ struct Plan {
 }
 
 pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<ExitCode> {
-    let file = args.kafka.load_file()?;
-    let named = args.kafka.bootstrap_servers.is_some() || file.bootstrap_servers.is_some();
+    let named = args.kafka.bootstrap_servers.is_some();
     if args.max_replicas == 0 {
         return Err(ConfigError::new("--max-replicas", "must be at least 1").into());
     }
@@ -177,7 +182,7 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
         return Err(ConfigError::new("--concurrency", "must be at least 1").into());
     }
     let broker = if named {
-        DemoBroker::External(args.kafka.resolve(&file)?.start_msk_iam()?)
+        DemoBroker::External(args.kafka.resolve()?.start_msk_iam()?)
     } else {
         DemoBroker::Embedded(MockCluster::new(3).context("starting the embedded broker")?)
     };
@@ -216,7 +221,7 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
     eprintln!(
         "microbatch demo on {}, group protocol {}",
         broker.describe(),
-        args.group_protocol.unwrap_or_default()
+        args.group_protocol
     );
     let policies: Vec<PolicyKind> = if args.compare {
         vec![PolicyKind::Keda, PolicyKind::Rate]
@@ -401,7 +406,7 @@ fn run_policy(
     };
     let session_timeout = format!("session.timeout.ms={session_ms}");
     let mut run_args = run_args;
-    match args.group_protocol.unwrap_or_default() {
+    match args.group_protocol {
         // Notice the killed worker sooner (see the constants); the worker's
         // own heartbeat (500 ms) fits either session.
         GroupProtocol::Classic => {
@@ -436,7 +441,7 @@ fn run_policy(
         ],
         s => vec![s],
     };
-    let classic = args.group_protocol.unwrap_or_default() == GroupProtocol::Classic;
+    let classic = args.group_protocol == GroupProtocol::Classic;
     if classic {
         wait_for_first_assignment(&mut sup, &dlq_watch, &group, interrupted);
     }
@@ -851,4 +856,10 @@ fn print_summary(report: &Report) {
         }
     }
     println!("lost = {}", report.lost);
+}
+
+impl FromFile for Args {
+    fn config_file(&self) -> Option<&std::path::Path> {
+        self.kafka.config_file()
+    }
 }

@@ -8,12 +8,16 @@ use microbatch_scaling::keda_trigger;
 use microbatch_scaling::observe::Observer;
 use microbatch_scaling::policy::Decision;
 
+use serde::{Deserialize, Serialize};
+
 use crate::args::LagTarget;
+use crate::config_file::FromFile;
 use crate::policy_args::{PolicyArgs, PolicyKind, ResetPolicy};
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Args, Serialize, Deserialize)]
 pub struct Args {
     #[command(flatten)]
+    #[serde(flatten)]
     pub target: LagTarget,
     /// Print JSON: {"group","topic","total_lag","lag_seconds","partitions":[{"partition","committed","low","high","lag","lag_seconds"}]};
     /// lag_seconds is the age of the oldest record not committed (null when
@@ -33,7 +37,14 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
     #[command(flatten)]
+    #[serde(flatten)]
     pub policy_args: PolicyArgs,
+}
+
+impl FromFile for Args {
+    fn config_file(&self) -> Option<&std::path::Path> {
+        self.target.kafka.config_file()
+    }
 }
 
 pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {

@@ -12,7 +12,9 @@ pub mod topic;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, Parser, Subcommand};
+
+use crate::config_file;
 
 use crate::logging::LogArgs;
 
@@ -61,20 +63,51 @@ pub enum Command {
     Auth(auth::Command),
 }
 
-pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+/// Runs the command `cli` holds; `matches` is the parse it came from,
+/// which tells the `--config` file which flags were left unset.
+pub fn execute(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("microbatch")
         .build()?;
+    let parser = Cli::command();
+    let (name, sub) = matches.subcommand().expect("clap requires a subcommand");
+    let command = parser
+        .find_subcommand(name)
+        .expect("the subcommand just parsed");
     match cli.command {
-        Command::Run(args) => runtime.block_on(run::execute(args)),
-        Command::Produce(args) => runtime.block_on(produce::execute(args)),
-        Command::Lag(args) => runtime.block_on(lag::execute(args)),
-        Command::Topic(cmd) => runtime.block_on(topic::execute(cmd)),
-        Command::Scaler(args) => runtime.block_on(scaler::execute(args)),
-        Command::Supervise(args) => runtime.block_on(supervise::execute(args)),
-        Command::Demo(args) => demo::execute(args, &runtime),
-        Command::Top(args) => top::execute(args, &runtime),
+        Command::Run(args) => {
+            runtime.block_on(run::execute(config_file::apply(args, command, sub)?))
+        }
+        Command::Produce(args) => {
+            runtime.block_on(produce::execute(config_file::apply(args, command, sub)?))
+        }
+        Command::Lag(args) => {
+            runtime.block_on(lag::execute(config_file::apply(args, command, sub)?))
+        }
+        Command::Topic(cmd) => {
+            let (name, sub) = sub.subcommand().expect("clap requires a subcommand");
+            let command = command
+                .find_subcommand(name)
+                .expect("the subcommand just parsed");
+            let cmd = match cmd {
+                topic::Command::Create(args) => {
+                    topic::Command::Create(config_file::apply(args, command, sub)?)
+                }
+                topic::Command::Delete(args) => {
+                    topic::Command::Delete(config_file::apply(args, command, sub)?)
+                }
+            };
+            runtime.block_on(topic::execute(cmd))
+        }
+        Command::Scaler(args) => {
+            runtime.block_on(scaler::execute(config_file::apply(args, command, sub)?))
+        }
+        Command::Supervise(args) => {
+            runtime.block_on(supervise::execute(config_file::apply(args, command, sub)?))
+        }
+        Command::Demo(args) => demo::execute(config_file::apply(args, command, sub)?, &runtime),
+        Command::Top(args) => top::execute(config_file::apply(args, command, sub)?, &runtime),
         Command::Auth(cmd) => auth::execute(cmd),
     }
 }

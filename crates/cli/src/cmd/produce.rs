@@ -16,16 +16,21 @@ use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
+use serde::{Deserialize, Serialize};
+
 use crate::args::KafkaArgs;
+use crate::config_file::FromFile;
 
 /// How long `produce` looks for a topic that its metadata does not show yet.
 const NEW_TOPIC_WAIT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Args, Serialize, Deserialize)]
 pub struct Args {
     #[command(flatten)]
+    #[serde(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
+    #[serde(flatten)]
     pub load: Load,
     /// No progress bar.
     #[arg(long)]
@@ -33,7 +38,7 @@ pub struct Args {
 }
 
 /// What to produce: shared by `produce` and the demo's bursts.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
 pub struct Load {
     /// Topic to produce to.
     #[arg(long, env = "KAFKA_TOPIC")]
@@ -250,8 +255,7 @@ pub fn produce_blocking(
 }
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
-    let file = args.kafka.load_file()?;
-    let kafka = args.kafka.resolve(&file)?;
+    let kafka = args.kafka.resolve()?;
     let load = args.load;
     if load.size == 0 {
         return Err(ConfigError::new("--size", "must be at least 1").into());
@@ -294,4 +298,10 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+impl FromFile for Args {
+    fn config_file(&self) -> Option<&std::path::Path> {
+        self.kafka.config_file()
+    }
 }

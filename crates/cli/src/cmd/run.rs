@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::ValueEnum;
 use microbatch_core::config::{
-    BatchLimits, DeadLetterConfig, GroupProtocol, OffsetReset, Ordering, RetryPolicy, WorkerConfig,
+    defaults, BatchLimits, DeadLetterConfig, GroupProtocol, OffsetReset, Ordering, RetryPolicy,
+    WorkerConfig,
 };
 use microbatch_core::handler::{
     ExecHandler, Handler, HttpHandler, HttpHandlerError, SimulateHandler,
@@ -17,7 +18,10 @@ use microbatch_core::handler::{
 use microbatch_core::{Telemetry, Worker};
 use microbatch_kafka::ConfigError;
 
-use crate::args::{parse_file_value, pick, require, GroupArgs, KafkaArgs};
+use serde::{Deserialize, Serialize};
+
+use crate::args::{require, GroupArgs, KafkaArgs};
+use crate::config_file::FromFile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum HandlerKind {
@@ -35,6 +39,12 @@ pub enum DlqMode {
     Off,
 }
 
+crate::serde_value_enum!(HandlerKind, DlqMode);
+
+/// Where the HTTP server listens by default.
+pub const DEFAULT_HTTP_PORT: u16 = 8080;
+pub const DEFAULT_HTTP_HOST: &str = "0.0.0.0";
+
 fn parse_ordering(s: &str) -> Result<Ordering, String> {
     s.parse()
 }
@@ -47,35 +57,42 @@ fn parse_group_protocol(s: &str) -> Result<GroupProtocol, String> {
     s.parse()
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Args, Serialize, Deserialize)]
 pub struct Args {
     #[command(flatten)]
+    #[serde(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
+    #[serde(flatten)]
     pub workers: GroupArgs,
 
-    /// Records per batch at most [default: 100].
-    #[arg(long, env = "BATCH_SIZE", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Batching")]
-    pub max_records: Option<u64>,
-    /// Key + value bytes per batch at most [default: 1048576].
-    #[arg(long, env = "MICROBATCH_MAX_BYTES", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Batching")]
-    pub max_bytes: Option<u64>,
-    /// Close a batch this long after its first record [default: 500].
-    #[arg(long, env = "MICROBATCH_MAX_WAIT_MS", help_heading = "Batching")]
-    pub max_wait_ms: Option<u64>,
+    /// Records per batch at most.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = defaults::MAX_RECORDS as u64, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Batching")]
+    pub max_records: u64,
+    /// Key + value bytes per batch at most.
+    #[arg(long, env = "MICROBATCH_MAX_BYTES", default_value_t = defaults::MAX_BYTES as u64, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Batching")]
+    pub max_bytes: u64,
+    /// Close a batch this long after its first record.
+    #[arg(long, env = "MICROBATCH_MAX_WAIT_MS", default_value_t = defaults::MAX_WAIT_MS, help_heading = "Batching")]
+    pub max_wait_ms: u64,
 
-    /// What processes a batch [default: simulate].
-    #[arg(long, env = "MICROBATCH_HANDLER", value_enum, help_heading = "Handler")]
-    pub handler: Option<HandlerKind>,
+    /// What processes a batch.
+    #[arg(long, env = "MICROBATCH_HANDLER", value_enum, default_value_t = HandlerKind::Simulate, help_heading = "Handler")]
+    pub handler: HandlerKind,
     /// simulate: milliseconds per record [default: 0].
     #[arg(long, env = "MICROBATCH_PROCESS_TIME_MS", help_heading = "Handler")]
     pub process_time_ms: Option<u64>,
     /// simulate: seconds per record, as the replaced system's variable.
     #[arg(long, env = "PROCESS_TIME_SECONDS", hide = true)]
     pub process_time_seconds: Option<f64>,
-    /// simulate: probability that a record fails (retryable), 0..1 [default: 0].
-    #[arg(long, env = "MICROBATCH_FAILURE_RATE", help_heading = "Handler")]
-    pub failure_rate: Option<f64>,
+    /// simulate: probability that a record fails (retryable), 0..1.
+    #[arg(
+        long,
+        env = "MICROBATCH_FAILURE_RATE",
+        default_value_t = 0.0,
+        help_heading = "Handler"
+    )]
+    pub failure_rate: f64,
     /// simulate: records whose value contains this text fail for good (poison).
     #[arg(long, env = "MICROBATCH_POISON_MARKER", help_heading = "Handler")]
     pub poison_marker: Option<String>,
@@ -99,22 +116,22 @@ pub struct Args {
         help_heading = "Handler"
     )]
     pub url: Option<String>,
-    /// A batch not answered within this fails (retryable) [default: 60000].
-    #[arg(long, env = "MICROBATCH_HANDLER_TIMEOUT_MS", help_heading = "Handler")]
-    pub handler_timeout_ms: Option<u64>,
+    /// A batch not answered within this fails (retryable).
+    #[arg(long, env = "MICROBATCH_HANDLER_TIMEOUT_MS", default_value_t = defaults::HANDLER_TIMEOUT_MS, help_heading = "Handler")]
+    pub handler_timeout_ms: u64,
     /// exec: extra time a child's first batch gets on top of
     /// --handler-timeout-ms, for the child's own start-up (an interpreter's
-    /// imports, a JVM) [default: 30000].
-    #[arg(long, env = "MICROBATCH_HANDLER_STARTUP_MS", help_heading = "Handler")]
-    pub handler_startup_ms: Option<u64>,
+    /// imports, a JVM).
+    #[arg(long, env = "MICROBATCH_HANDLER_STARTUP_MS", default_value_t = defaults::HANDLER_STARTUP_MS, help_heading = "Handler")]
+    pub handler_startup_ms: u64,
 
     /// partition: one batch in flight per partition; key: per-key order, many
-    /// slots per partition; none: any record on any slot [default: key].
-    #[arg(long, env = "MICROBATCH_ORDERING", value_parser = parse_ordering, help_heading = "Parallelism")]
-    pub ordering: Option<Ordering>,
-    /// Batches in flight at once in this worker [default: 8].
-    #[arg(long, env = "MICROBATCH_CONCURRENCY", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Parallelism")]
-    pub concurrency: Option<u64>,
+    /// slots per partition; none: any record on any slot.
+    #[arg(long, env = "MICROBATCH_ORDERING", default_value_t = defaults::ORDERING, value_parser = parse_ordering, help_heading = "Parallelism")]
+    pub ordering: Ordering,
+    /// Batches in flight at once in this worker.
+    #[arg(long, env = "MICROBATCH_CONCURRENCY", default_value_t = defaults::CONCURRENCY as u64, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Parallelism")]
+    pub concurrency: u64,
     /// Records held per partition before it is paused; at least
     /// --max-records [default: 10000, or --max-records if larger].
     #[arg(
@@ -123,21 +140,22 @@ pub struct Args {
         help_heading = "Parallelism"
     )]
     pub max_records_per_partition: Option<usize>,
-    /// Records held by the worker before it stops taking more in [default: 50000].
+    /// Records held by the worker before it stops taking more in.
     #[arg(
         long,
         env = "MICROBATCH_MAX_RECORDS_HELD",
+        default_value_t = defaults::MAX_RECORDS_HELD,
         help_heading = "Parallelism"
     )]
-    pub max_records_held: Option<usize>,
+    pub max_records_held: usize,
     /// Key and value bytes held by the worker before it stops taking more
-    /// in, as --max-records-held does [default: 134217728, 128 MiB].
-    #[arg(long, env = "MICROBATCH_MAX_HELD_BYTES", help_heading = "Parallelism")]
-    pub max_held_bytes: Option<usize>,
+    /// in, as --max-records-held does (128 MiB).
+    #[arg(long, env = "MICROBATCH_MAX_HELD_BYTES", default_value_t = defaults::MAX_HELD_BYTES, help_heading = "Parallelism")]
+    pub max_held_bytes: usize,
 
-    /// Commit done offsets this often [default: 1000].
-    #[arg(long, env = "MICROBATCH_COMMIT_INTERVAL_MS", help_heading = "Delivery")]
-    pub commit_interval_ms: Option<u64>,
+    /// Commit done offsets this often.
+    #[arg(long, env = "MICROBATCH_COMMIT_INTERVAL_MS", default_value_t = defaults::COMMIT_INTERVAL_MS, help_heading = "Delivery")]
+    pub commit_interval_ms: u64,
     /// Finished records may wait this long for their commit; then their
     /// partition starts no new batches (only retries and records that let
     /// the commit move) until the broker acknowledges it. Bounds what a
@@ -150,44 +168,46 @@ pub struct Args {
     /// batch starts (only retries and batches that let the commit move)
     /// until it is acknowledged. A crash then replays at most this +
     /// --concurrency x --max-records; the cost is a commit per that many
-    /// records. 0: no cap [default: 0].
+    /// records. 0: no cap.
     #[arg(
         long,
         env = "MICROBATCH_MAX_UNCOMMITTED_RECORDS",
+        default_value_t = defaults::MAX_UNCOMMITTED_RECORDS,
         help_heading = "Delivery"
     )]
-    pub max_uncommitted_records: Option<usize>,
-    /// On SIGTERM or revoke, wait this long for in-flight batches [default: 30000].
-    #[arg(long, env = "MICROBATCH_DRAIN_TIMEOUT_MS", help_heading = "Delivery")]
-    pub drain_timeout_ms: Option<u64>,
-    /// First retry back-off ceiling; doubles per attempt, full jitter [default: 100].
-    #[arg(long, env = "MICROBATCH_RETRY_INITIAL_MS", help_heading = "Delivery")]
-    pub retry_initial_ms: Option<u64>,
-    /// Largest retry back-off ceiling [default: 10000].
-    #[arg(long, env = "MICROBATCH_RETRY_MAX_MS", help_heading = "Delivery")]
-    pub retry_max_ms: Option<u64>,
-    /// Attempts per record before it is dead-lettered [default: 5].
-    #[arg(long, env = "MICROBATCH_MAX_ATTEMPTS", help_heading = "Delivery")]
-    pub max_attempts: Option<u32>,
+    pub max_uncommitted_records: usize,
+    /// On SIGTERM or revoke, wait this long for in-flight batches.
+    #[arg(long, env = "MICROBATCH_DRAIN_TIMEOUT_MS", default_value_t = defaults::DRAIN_TIMEOUT_MS, help_heading = "Delivery")]
+    pub drain_timeout_ms: u64,
+    /// First retry back-off ceiling; doubles per attempt, full jitter.
+    #[arg(long, env = "MICROBATCH_RETRY_INITIAL_MS", default_value_t = defaults::RETRY_INITIAL_MS, help_heading = "Delivery")]
+    pub retry_initial_ms: u64,
+    /// Largest retry back-off ceiling.
+    #[arg(long, env = "MICROBATCH_RETRY_MAX_MS", default_value_t = defaults::RETRY_MAX_MS, help_heading = "Delivery")]
+    pub retry_max_ms: u64,
+    /// Attempts per record before it is dead-lettered.
+    #[arg(long, env = "MICROBATCH_MAX_ATTEMPTS", default_value_t = defaults::MAX_ATTEMPTS, help_heading = "Delivery")]
+    pub max_attempts: u32,
     /// Dead-letter a failing record older than this instead of retrying.
     #[arg(long, env = "MICROBATCH_MAX_RECORD_AGE_MS", help_heading = "Delivery")]
     pub max_record_age_ms: Option<u64>,
-    /// on: failed records go to --dlq-topic; off: the worker stops instead [default: on].
-    #[arg(long, env = "MICROBATCH_DLQ", value_enum, help_heading = "Delivery")]
-    pub dlq: Option<DlqMode>,
+    /// on: failed records go to --dlq-topic; off: the worker stops instead.
+    #[arg(long, env = "MICROBATCH_DLQ", value_enum, default_value_t = DlqMode::On, help_heading = "Delivery")]
+    pub dlq: DlqMode,
     /// Dead-letter topic [default: <topic>.dlq]. It is looked up at start
     /// and created when missing (see --dlq-create).
     #[arg(long, env = "MICROBATCH_DLQ_TOPIC", help_heading = "Delivery")]
     pub dlq_topic: Option<String>,
     /// on: create a missing dead-letter topic at start; off: stop instead,
-    /// naming it [default: on].
+    /// naming it.
     #[arg(
         long,
         env = "MICROBATCH_DLQ_CREATE",
         value_enum,
+        default_value_t = DlqMode::On,
         help_heading = "Delivery"
     )]
-    pub dlq_create: Option<DlqMode>,
+    pub dlq_create: DlqMode,
     /// Partitions of a dead-letter topic created at start [default: the topic's].
     #[arg(long, env = "MICROBATCH_DLQ_PARTITIONS", value_parser = clap::value_parser!(i32).range(1..), help_heading = "Delivery")]
     pub dlq_partitions: Option<i32>,
@@ -196,12 +216,12 @@ pub struct Args {
     pub dlq_replication_factor: Option<i32>,
     /// Consumer group protocol: classic (client-side cooperative-sticky
     /// assignor; any broker) or consumer (KIP-848: the broker assigns and
-    /// moves only the partitions that change owner; Kafka 4.0+) [default: classic].
-    #[arg(long, env = "MICROBATCH_GROUP_PROTOCOL", value_parser = parse_group_protocol, help_heading = "Delivery")]
-    pub group_protocol: Option<GroupProtocol>,
-    /// Where to start without a committed offset: earliest or latest [default: earliest].
-    #[arg(long, env = "MICROBATCH_OFFSET_RESET", value_parser = parse_reset, help_heading = "Delivery")]
-    pub offset_reset: Option<OffsetReset>,
+    /// moves only the partitions that change owner; Kafka 4.0+).
+    #[arg(long, env = "MICROBATCH_GROUP_PROTOCOL", default_value_t = defaults::GROUP_PROTOCOL, value_parser = parse_group_protocol, help_heading = "Delivery")]
+    pub group_protocol: GroupProtocol,
+    /// Where to start without a committed offset: earliest or latest.
+    #[arg(long, env = "MICROBATCH_OFFSET_RESET", default_value_t = defaults::OFFSET_RESET, value_parser = parse_reset, help_heading = "Delivery")]
+    pub offset_reset: OffsetReset,
     /// Append `partition offset` per processed record to FILE (for verification).
     #[arg(
         long,
@@ -211,12 +231,18 @@ pub struct Args {
     )]
     pub audit_log: Option<PathBuf>,
 
-    /// Port for /healthz, /readyz and /metrics; 0 picks a free one [default: 8080].
-    #[arg(long, env = "MICROBATCH_HTTP_PORT", help_heading = "Operations")]
-    pub http_port: Option<u16>,
-    /// Address to bind the HTTP port on [default: 0.0.0.0].
-    #[arg(long, env = "MICROBATCH_HTTP_HOST", help_heading = "Operations")]
-    pub http_host: Option<String>,
+    /// Port for /healthz, /readyz and /metrics; 0 picks a free one.
+    #[arg(long, env = "MICROBATCH_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT, help_heading = "Operations")]
+    pub http_port: u16,
+    /// Address to bind the HTTP port on.
+    #[arg(long, env = "MICROBATCH_HTTP_HOST", default_value = DEFAULT_HTTP_HOST, help_heading = "Operations")]
+    pub http_host: String,
+}
+
+impl FromFile for Args {
+    fn config_file(&self) -> Option<&std::path::Path> {
+        self.kafka.config_file()
+    }
 }
 
 /// The validated outcome of `Args`: worker config, handler and HTTP address.
@@ -232,92 +258,36 @@ fn ms(v: u64) -> Duration {
 
 impl Args {
     pub fn resolve(&self) -> anyhow::Result<Resolved> {
-        let file = self.kafka.load_file()?;
-        let kafka = self.kafka.resolve(&file)?;
-        let (topic, group) = self.workers.resolve(&file)?;
-        // The library's defaults, overridden by what the flags and the file give.
+        let kafka = self.kafka.resolve()?;
+        let (topic, group) = self.workers.resolve()?;
         let mut config = WorkerConfig::new(kafka, topic.clone(), group);
-        let d = config.clone();
         config.batch = BatchLimits::new(
-            pick(
-                self.max_records.map(|v| v as usize),
-                file.max_records,
-                d.batch.max_records,
-            ),
-            pick(
-                self.max_bytes.map(|v| v as usize),
-                file.max_bytes,
-                d.batch.max_bytes,
-            ),
-            ms(pick(
-                self.max_wait_ms,
-                file.max_wait_ms,
-                d.batch.max_wait.as_millis() as u64,
-            )),
+            self.max_records as usize,
+            self.max_bytes as usize,
+            ms(self.max_wait_ms),
         )?;
-        config.ordering = match self.ordering {
-            Some(o) => o,
-            None => parse_file_value("--ordering", file.ordering.as_deref())?.unwrap_or(d.ordering),
-        };
-        config.concurrency = pick(
-            self.concurrency.map(|v| v as usize),
-            file.concurrency,
-            d.concurrency,
-        );
-        config.commit_interval = ms(pick(
-            self.commit_interval_ms,
-            file.commit_interval_ms,
-            d.commit_interval.as_millis() as u64,
-        ));
-        config.max_uncommitted = self.max_uncommitted_ms.or(file.max_uncommitted_ms).map(ms);
-        config.max_uncommitted_records = pick(
-            self.max_uncommitted_records,
-            file.max_uncommitted_records,
-            config.max_uncommitted_records,
-        );
-        config.drain_timeout = ms(pick(
-            self.drain_timeout_ms,
-            file.drain_timeout_ms,
-            d.drain_timeout.as_millis() as u64,
-        ));
-        config.handler_timeout = ms(pick(
-            self.handler_timeout_ms,
-            file.handler_timeout_ms,
-            d.handler_timeout.as_millis() as u64,
-        ));
+        config.ordering = self.ordering;
+        config.concurrency = self.concurrency as usize;
+        config.commit_interval = ms(self.commit_interval_ms);
+        config.max_uncommitted = self.max_uncommitted_ms.map(ms);
+        config.max_uncommitted_records = self.max_uncommitted_records;
+        config.drain_timeout = ms(self.drain_timeout_ms);
+        config.handler_timeout = ms(self.handler_timeout_ms);
         config.retry = RetryPolicy {
-            initial: ms(pick(
-                self.retry_initial_ms,
-                file.retry_initial_ms,
-                d.retry.initial.as_millis() as u64,
-            )),
-            max: ms(pick(
-                self.retry_max_ms,
-                file.retry_max_ms,
-                d.retry.max.as_millis() as u64,
-            )),
-            max_attempts: pick(self.max_attempts, file.max_attempts, d.retry.max_attempts),
-            max_record_age: self.max_record_age_ms.or(file.max_record_age_ms).map(ms),
+            initial: ms(self.retry_initial_ms),
+            max: ms(self.retry_max_ms),
+            max_attempts: self.max_attempts,
+            max_record_age: self.max_record_age_ms.map(ms),
         };
-        let on_off = |flag: Option<DlqMode>, file: Option<&str>, name: &'static str| match flag {
-            Some(d) => Ok(d),
-            None => match file {
-                None | Some("on") => Ok(DlqMode::On),
-                Some("off") => Ok(DlqMode::Off),
-                Some(_) => Err(ConfigError::new(name, "expected on or off")),
-            },
-        };
-        config.dlq = match on_off(self.dlq, file.dlq.as_deref(), "--dlq")? {
+        config.dlq = match self.dlq {
             DlqMode::On => {
                 let mut dlq = DeadLetterConfig::for_topic(&topic);
-                if let Some(t) = self.dlq_topic.clone().or(file.dlq_topic.clone()) {
+                if let Some(t) = self.dlq_topic.clone() {
                     dlq.topic = t;
                 }
-                dlq.partitions = self.dlq_partitions.or(file.dlq_partitions);
-                dlq.replication_factor =
-                    self.dlq_replication_factor.or(file.dlq_replication_factor);
-                dlq.create = on_off(self.dlq_create, file.dlq_create.as_deref(), "--dlq-create")?
-                    == DlqMode::On;
+                dlq.partitions = self.dlq_partitions;
+                dlq.replication_factor = self.dlq_replication_factor;
+                dlq.create = self.dlq_create == DlqMode::On;
                 Some(dlq)
             }
             DlqMode::Off => None,
@@ -326,37 +296,15 @@ impl Args {
         // rule, naming the flag); only the default grows to one batch.
         config.max_records_per_partition = self
             .max_records_per_partition
-            .or(file.max_records_per_partition)
-            .unwrap_or_else(|| d.max_records_per_partition.max(config.batch.max_records));
-        config.max_records_held = pick(
-            self.max_records_held,
-            file.max_records_held,
-            d.max_records_held,
-        );
-        config.max_held_bytes = pick(self.max_held_bytes, file.max_held_bytes, d.max_held_bytes);
-        config.offset_reset = match self.offset_reset {
-            Some(r) => r,
-            None => parse_file_value("--offset-reset", file.offset_reset.as_deref())?
-                .unwrap_or(d.offset_reset),
-        };
-        config.audit_log = self.audit_log.clone().or(file.audit_log.clone());
-        config.group_protocol = match self.group_protocol {
-            Some(p) => p,
-            None => parse_file_value("--group-protocol", file.group_protocol.as_deref())?
-                .unwrap_or_default(),
-        };
+            .unwrap_or_else(|| defaults::MAX_RECORDS_PER_PARTITION.max(config.batch.max_records));
+        config.max_records_held = self.max_records_held;
+        config.max_held_bytes = self.max_held_bytes;
+        config.offset_reset = self.offset_reset;
+        config.audit_log = self.audit_log.clone();
+        config.group_protocol = self.group_protocol;
         let config = config.validate()?;
 
-        let kind = match self.handler {
-            Some(h) => h,
-            None => match file.handler.as_deref() {
-                None => HandlerKind::Simulate,
-                Some(h) => HandlerKind::from_str(h, true).map_err(|_| {
-                    ConfigError::new("--handler", "expected simulate, exec or http")
-                })?,
-            },
-        };
-        let handler: Arc<dyn Handler> = match kind {
+        let handler: Arc<dyn Handler> = match self.handler {
             HandlerKind::Simulate => {
                 let per_record = match (self.process_time_ms, self.process_time_seconds) {
                     (Some(v), _) => ms(v),
@@ -370,53 +318,28 @@ impl Args {
                         )
                         .into())
                     }
-                    (None, None) => ms(file.process_time_ms.unwrap_or(0)),
+                    (None, None) => Duration::ZERO,
                 };
-                let failure_rate = pick(self.failure_rate, file.failure_rate, 0.0);
-                if !(0.0..=1.0).contains(&failure_rate) {
+                if !(0.0..=1.0).contains(&self.failure_rate) {
                     return Err(
                         ConfigError::new("--failure-rate", "must be between 0 and 1").into(),
                     );
                 }
                 Arc::new(SimulateHandler {
                     process_time: per_record,
-                    failure_rate,
-                    poison_marker: self
-                        .poison_marker
-                        .clone()
-                        .or(file.poison_marker.clone())
-                        .filter(|m| !m.is_empty()),
+                    failure_rate: self.failure_rate,
+                    poison_marker: self.poison_marker.clone().filter(|m| !m.is_empty()),
                 })
             }
             HandlerKind::Exec => {
-                let command = require(
-                    self.command.clone(),
-                    file.command.clone(),
-                    "--command",
-                    "MICROBATCH_COMMAND",
-                )?;
-                let passed = if self.handler_env.is_empty() {
-                    file.handler_env.clone().unwrap_or_default()
-                } else {
-                    self.handler_env.clone()
-                };
-                let startup = ms(pick(
-                    self.handler_startup_ms,
-                    file.handler_startup_ms,
-                    microbatch_core::config::DEFAULT_HANDLER_STARTUP_MS,
-                ));
+                let command = require(self.command.clone(), "--command", "MICROBATCH_COMMAND")?;
                 Arc::new(
-                    ExecHandler::with_env(command, &passed)
-                        .with_startup(config.handler_timeout, startup),
+                    ExecHandler::with_env(command, &self.handler_env)
+                        .with_startup(config.handler_timeout, ms(self.handler_startup_ms)),
                 )
             }
             HandlerKind::Http => {
-                let url = require(
-                    self.url.clone(),
-                    file.url.clone(),
-                    "--url",
-                    "MICROBATCH_URL",
-                )?;
+                let url = require(self.url.clone(), "--url", "MICROBATCH_URL")?;
                 match HttpHandler::new(&url, config.handler_timeout) {
                     Ok(handler) => Arc::new(handler),
                     Err(HttpHandlerError::InvalidUrl(why)) => {
@@ -426,13 +349,8 @@ impl Args {
                 }
             }
         };
-        let host = self
-            .http_host
-            .clone()
-            .or(file.http_host.clone())
-            .unwrap_or_else(|| "0.0.0.0".into());
-        let port = pick(self.http_port, file.http_port, 8080);
-        let http: SocketAddr = format!("{host}:{port}")
+        let host = &self.http_host;
+        let http: SocketAddr = format!("{host}:{}", self.http_port)
             .parse()
             .map_err(|_| ConfigError::new("--http-host", format!("not an IP address: {host}")))?;
         Ok(Resolved {

@@ -11,11 +11,15 @@ use axum::routing::get;
 use microbatch_scaling::scaler::proto::external_scaler_server::ExternalScalerServer;
 use microbatch_scaling::scaler::{proto, Scaler, ScalerConfig};
 
-use crate::args::KafkaArgs;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, clap::Args)]
+use crate::args::KafkaArgs;
+use crate::config_file::FromFile;
+
+#[derive(Debug, clap::Args, Serialize, Deserialize)]
 pub struct Args {
     #[command(flatten)]
+    #[serde(flatten)]
     pub kafka: KafkaArgs,
     /// gRPC port KEDA connects to (the trigger's scalerAddress).
     #[arg(long, env = "MICROBATCH_GRPC_PORT", default_value_t = 9090)]
@@ -41,8 +45,7 @@ pub struct Args {
 }
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
-    let file = args.kafka.load_file()?;
-    let kafka = args.kafka.resolve(&file)?;
+    let kafka = args.kafka.resolve()?;
     let host: std::net::IpAddr = args.host.parse().map_err(|_| {
         microbatch_kafka::ConfigError::new("--host", format!("not an IP address: {}", args.host))
     })?;
@@ -103,4 +106,10 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         .context("serving gRPC")?;
     let _ = http.await;
     Ok(ExitCode::SUCCESS)
+}
+
+impl FromFile for Args {
+    fn config_file(&self) -> Option<&std::path::Path> {
+        self.kafka.config_file()
+    }
 }

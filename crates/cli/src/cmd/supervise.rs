@@ -16,24 +16,30 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::args::{GroupArgs, KafkaArgs};
+use serde::{Deserialize, Serialize};
+
+use crate::config_file::FromFile;
 use crate::policy_args::{make_policy, PolicyArgs, PolicyKind};
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Args, Serialize, Deserialize)]
 pub struct Args {
     #[command(flatten)]
+    #[serde(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
+    #[serde(flatten)]
     pub workers: GroupArgs,
     /// Scaling policy.
-    #[arg(long, value_enum, default_value = "rate")]
+    #[arg(long, value_enum, default_value_t = PolicyKind::Rate)]
     pub policy: PolicyKind,
     #[command(flatten)]
+    #[serde(flatten)]
     pub policy_args: PolicyArgs,
     /// How often to read lag and decide.
     #[arg(long, default_value_t = 1000)]
     pub polling_interval_ms: u64,
     /// Workers' drain deadline; a stopped worker is killed 5 s after it.
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = microbatch_core::config::defaults::DRAIN_TIMEOUT_MS)]
     pub drain_timeout_ms: u64,
     /// Write one JSON line per poll: {"t_ms","total_lag","replicas","desired","rate_per_replica",…}.
     #[arg(long, value_name = "FILE")]
@@ -50,6 +56,12 @@ pub struct Args {
     /// settings are added for you.
     #[arg(last = true, value_name = "RUN ARGS")]
     pub run_args: Vec<String>,
+}
+
+impl FromFile for Args {
+    fn config_file(&self) -> Option<&std::path::Path> {
+        self.kafka.config_file()
+    }
 }
 
 /// Connection settings as environment variables for child workers.
@@ -151,11 +163,10 @@ fn child_args(user: &[String], topic: &str, group: &str, drain_timeout_ms: u64) 
 }
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
-    let file = args.kafka.load_file()?;
     reject_misplaced_flags(&args.run_args)?;
     args.policy_args.keda_params()?;
-    let kafka = args.kafka.resolve(&file)?;
-    let (topic, group) = args.workers.resolve(&file)?;
+    let kafka = args.kafka.resolve()?;
+    let (topic, group) = args.workers.resolve()?;
     if args.policy_args.min_replicas > args.policy_args.max_replicas {
         return Err(ConfigError::new("--min", "must not exceed --max").into());
     }

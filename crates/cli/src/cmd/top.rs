@@ -15,11 +15,15 @@ use ratatui::widgets::{Bar, BarChart, BarGroup, Block, Paragraph, Sparkline};
 use ratatui::Frame;
 
 use super::lag::seconds;
-use crate::args::LagTarget;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, clap::Args)]
+use crate::args::LagTarget;
+use crate::config_file::FromFile;
+
+#[derive(Debug, clap::Args, Serialize, Deserialize)]
 pub struct Args {
     #[command(flatten)]
+    #[serde(flatten)]
     pub target: LagTarget,
     /// Refresh interval.
     #[arg(long, default_value_t = 1000)]
@@ -212,4 +216,10 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
     })();
     ratatui::restore();
     result.map(|()| ExitCode::SUCCESS)
+}
+
+impl FromFile for Args {
+    fn config_file(&self) -> Option<&std::path::Path> {
+        self.target.kafka.config_file()
+    }
 }

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use microbatch_kafka::admin::{create_topic, delete_topic};
 
+use serde::{Deserialize, Serialize};
+
 use crate::args::KafkaArgs;
+use crate::config_file::FromFile;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -15,18 +18,20 @@ pub enum Command {
     Delete(DeleteArgs),
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Args, Serialize, Deserialize)]
 pub struct DeleteArgs {
     #[command(flatten)]
+    #[serde(flatten)]
     pub kafka: KafkaArgs,
     /// Topic name.
     #[arg(long, env = "KAFKA_TOPIC")]
     pub topic: String,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Args, Serialize, Deserialize)]
 pub struct CreateArgs {
     #[command(flatten)]
+    #[serde(flatten)]
     pub kafka: KafkaArgs,
     /// Topic name.
     #[arg(long, env = "KAFKA_TOPIC")]
@@ -42,8 +47,7 @@ pub struct CreateArgs {
 pub async fn execute(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Create(args) => {
-            let file = args.kafka.load_file()?;
-            let kafka = args.kafka.resolve(&file)?.start_msk_iam()?;
+            let kafka = args.kafka.resolve()?.start_msk_iam()?;
             let created = create_topic(
                 &kafka,
                 &args.topic,
@@ -63,8 +67,7 @@ pub async fn execute(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Delete(args) => {
-            let file = args.kafka.load_file()?;
-            let kafka = args.kafka.resolve(&file)?.start_msk_iam()?;
+            let kafka = args.kafka.resolve()?.start_msk_iam()?;
             if delete_topic(&kafka, &args.topic, Duration::from_secs(30)).await? {
                 println!("deleted topic {}", args.topic);
             } else {
@@ -72,5 +75,17 @@ pub async fn execute(cmd: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+impl FromFile for CreateArgs {
+    fn config_file(&self) -> Option<&std::path::Path> {
+        self.kafka.config_file()
+    }
+}
+
+impl FromFile for DeleteArgs {
+    fn config_file(&self) -> Option<&std::path::Path> {
+        self.kafka.config_file()
     }
 }

@@ -1,0 +1,451 @@
+//! The optional TOML file (`--config FILE`): one key per flag, the flag's
+//! name with `_` for `-` (`max_records = 500`), plus a `[kafka_properties]`
+//! table. A key fills its flag only where the command line and the
+//! environment left it unset (clap's value source tells them from a
+//! default), so the order is: flag, environment, file, the library's
+//! default. Each command's `Args` is both the clap parser and the serde
+//! shape of its file; unknown keys and wrong types are errors that name the
+//! key, so typos surface.
+
+use std::path::Path;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Command, ValueEnum};
+use microbatch_kafka::ConfigError;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Keys of the file that are tables, not flags.
+const TABLES: &[&str] = &["kafka_properties"];
+
+/// A command's arguments that can take values from the file.
+pub trait FromFile: Serialize + DeserializeOwned {
+    /// The file named by `--config` (or `MICROBATCH_CONFIG`), if any.
+    fn config_file(&self) -> Option<&Path>;
+}
+
+/// `args` with the file's values for the flags left unset; `command` and
+/// `matches` are the parser and the parse of the command `args` came from.
+pub fn apply<T: FromFile>(
+    args: T,
+    command: &Command,
+    matches: &ArgMatches,
+) -> Result<T, ConfigError> {
+    let Some(path) = args.config_file().map(Path::to_path_buf) else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+    })?;
+    merge(args, command, matches, &text, &path)
+}
+
+/// [`apply`] on the file's text.
+pub fn merge<T: FromFile>(
+    args: T,
+    command: &Command,
+    matches: &ArgMatches,
+    text: &str,
+    path: &Path,
+) -> Result<T, ConfigError> {
+    let error = |rule: String| ConfigError::new("--config", format!("{}: {rule}", path.display()));
+    let file: toml::Table = toml::from_str(text).map_err(|e| error(e.message().to_string()))?;
+    let given =
+        toml::Table::try_from(&args).map_err(|e| error(format!("cannot hold these flags: {e}")))?;
+    let mut merged = given.clone();
+    for (key, value) in file {
+        if TABLES.contains(&key.as_str()) {
+            merged.insert(key, value);
+            continue;
+        }
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long().is_some_and(|l| l.replace('-', "_") == key))
+            .ok_or_else(|| {
+                error(format!(
+                    "unknown key `{key}`: no --{} flag",
+                    key.replace('_', "-")
+                ))
+            })?;
+        let id = arg.get_id().as_str();
+        if id == "config_file" {
+            return Err(error("`config` cannot name another file".into()));
+        }
+        // A flag or variable given beats the file.
+        if matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        // Checked one key at a time, so an error names its key.
+        let mut alone = given.clone();
+        alone.insert(id.to_string(), value.clone());
+        if let Err(e) = toml::Value::Table(alone).try_into::<T>() {
+            return Err(error(format!("`{key}`: {}", e.message())));
+        }
+        merged.insert(id.to_string(), value);
+    }
+    toml::Value::Table(merged)
+        .try_into()
+        .map_err(|e: toml::de::Error| error(e.message().to_string()))
+}
+
+/// Serde for a clap `ValueEnum`, through the names clap shows, so the file
+/// spells a value as the command line does.
+pub mod value_enum {
+    use super::*;
+
+    pub fn serialize<T: ValueEnum, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        let value = v
+            .to_possible_value()
+            .ok_or_else(|| serde::ser::Error::custom("a hidden value"))?;
+        s.serialize_str(value.get_name())
+    }
+
+    pub fn deserialize<'de, T: ValueEnum, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        T::from_str(&text, true).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Implements serde for clap `ValueEnum`s through [`value_enum`].
+#[macro_export]
+macro_rules! serde_value_enum {
+    ($($ty:ty),+ $(,)?) => {$(
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                $crate::config_file::value_enum::serialize(self, s)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                $crate::config_file::value_enum::deserialize(d)
+            }
+        }
+    )+};
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::cmd::{Cli, Command as Sub};
+
+    /// Parses `line` (after `microbatch`) and layers `text` as its file.
+    fn layered(line: &str, text: &str) -> Result<Sub, ConfigError> {
+        let words = std::iter::once("microbatch").chain(line.split_whitespace());
+        let matches = Cli::command()
+            .try_get_matches_from(words)
+            .expect("the line parses");
+        let cli = Cli::from_arg_matches(&matches).expect("the line parses");
+        let parser = Cli::command();
+        let (name, sub) = matches.subcommand().unwrap();
+        let command = parser.find_subcommand(name).unwrap();
+        let path = Path::new("f.toml");
+        Ok(match cli.command {
+            Sub::Run(a) => Sub::Run(merge(a, command, sub, text, path)?),
+            Sub::Supervise(a) => Sub::Supervise(merge(a, command, sub, text, path)?),
+            Sub::Lag(a) => Sub::Lag(merge(a, command, sub, text, path)?),
+            Sub::Scaler(a) => Sub::Scaler(merge(a, command, sub, text, path)?),
+            Sub::Produce(a) => Sub::Produce(merge(a, command, sub, text, path)?),
+            Sub::Top(a) => Sub::Top(merge(a, command, sub, text, path)?),
+            Sub::Demo(a) => Sub::Demo(merge(a, command, sub, text, path)?),
+            other => other,
+        })
+    }
+
+    /// The layered arguments as the file's table.
+    fn as_table(sub: &Sub) -> toml::Table {
+        let table = match sub {
+            Sub::Run(a) => toml::Table::try_from(a),
+            Sub::Supervise(a) => toml::Table::try_from(a),
+            Sub::Lag(a) => toml::Table::try_from(a),
+            Sub::Scaler(a) => toml::Table::try_from(a),
+            Sub::Produce(a) => toml::Table::try_from(a),
+            Sub::Top(a) => toml::Table::try_from(a),
+            Sub::Demo(a) => toml::Table::try_from(a),
+            _ => unreachable!(),
+        };
+        table.expect("serializes")
+    }
+
+    fn run(line: &str, text: &str) -> crate::cmd::run::Args {
+        match layered(&format!("run {line}"), text).expect("layered") {
+            Sub::Run(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Each command's minimal line, and flags that are not file keys.
+    const COMMANDS: &[(&str, &str)] = &[
+        ("run", "run"),
+        ("supervise", "supervise"),
+        ("lag", "lag --topic t --group g"),
+        ("scaler", "scaler"),
+        ("produce", "produce --topic t"),
+        ("top", "top --topic t --group g"),
+        ("demo", "demo"),
+    ];
+
+    /// Values of the flag's kind, other than its default, for a file that
+    /// sets it: a value the file names but the merge drops would then show
+    /// as the default.
+    fn samples(arg: &clap::Arg) -> Vec<toml::Value> {
+        // Flags whose values a parser function checks, not a list.
+        let text = |v: &str| vec![toml::Value::String(v.into())];
+        match arg.get_long() {
+            Some("security-protocol") => return text("SASL_SSL"),
+            Some("sasl-mechanism") => return text("PLAIN"),
+            Some("ordering") => return text("partition"),
+            Some("offset-reset") => return text("latest"),
+            Some("group-protocol") => return text("consumer"),
+            Some("kafka-property") => {
+                let pair = vec![
+                    toml::Value::String("a".into()),
+                    toml::Value::String("b".into()),
+                ];
+                return vec![toml::Value::Array(vec![toml::Value::Array(pair)])];
+            }
+            _ => {}
+        }
+        let default = arg
+            .get_default_values()
+            .first()
+            .map(|v| v.to_string_lossy().into_owned());
+        let possible: Vec<String> = arg
+            .get_possible_values()
+            .iter()
+            .map(|p| p.get_name().to_string())
+            .filter(|p| Some(p) != default.as_ref())
+            .collect();
+        match arg.get_action() {
+            clap::ArgAction::SetTrue => return vec![toml::Value::Boolean(true)],
+            clap::ArgAction::Append => {
+                return vec![
+                    toml::Value::Array(vec![toml::Value::String("a=b".into())]),
+                    toml::Value::Array(vec![toml::Value::Integer(1)]),
+                ]
+            }
+            _ => {}
+        }
+        if let Some(p) = possible.first() {
+            return vec![toml::Value::String(p.clone())];
+        }
+        if let Some(d) = &default {
+            if let Ok(n) = d.parse::<i64>() {
+                return vec![toml::Value::Integer(n + 1)];
+            }
+            if let Ok(x) = d.parse::<f64>() {
+                return vec![toml::Value::Float(x + 0.5)];
+            }
+        }
+        vec![
+            toml::Value::Integer(1),
+            toml::Value::String("1.2.3.4".into()),
+        ]
+    }
+
+    /// Equal as the flag sees it (an integer in the file fills a float).
+    fn same(a: Option<&toml::Value>, b: Option<&toml::Value>) -> bool {
+        let num = |v: Option<&toml::Value>| match v {
+            Some(toml::Value::Integer(n)) => Some(*n as f64),
+            Some(toml::Value::Float(x)) => Some(*x),
+            _ => None,
+        };
+        a == b || num(a).is_some() && num(a) == num(b)
+    }
+
+    #[test]
+    fn every_flag_of_every_command_is_a_key_of_the_file() {
+        let parser = Cli::command();
+        for (name, line) in COMMANDS {
+            let command = parser.find_subcommand(name).expect("the command exists");
+            let mut keys = 0;
+            for arg in command.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                // The line's own flags beat the file (tested below).
+                if ["config", "help"].contains(&long) || line.contains(&format!("--{long} ")) {
+                    continue;
+                }
+                let key = long.replace('-', "_");
+                let mut reached = false;
+                let mut last = None;
+                for value in samples(arg) {
+                    let mut table = toml::Table::new();
+                    table.insert(key.clone(), value.clone());
+                    match layered(line, &toml::to_string(&table).unwrap()) {
+                        Ok(sub) => {
+                            let got = as_table(&sub);
+                            assert!(
+                                same(got.get(arg.get_id().as_str()), Some(&value)),
+                                "{name} --{long}: the file's `{key}` = {value} did not reach \
+                                 the flag: {:?}",
+                                got.get(arg.get_id().as_str())
+                            );
+                            reached = true;
+                            break;
+                        }
+                        Err(e) => {
+                            assert!(
+                                !e.rule.contains("unknown key"),
+                                "{name} --{long}: the file has no key `{key}`: {e}"
+                            );
+                            assert!(e.rule.contains(&format!("`{key}`")), "{name} --{long}: {e}");
+                            last = Some(e);
+                        }
+                    }
+                }
+                assert!(
+                    reached,
+                    "{name} --{long}: no sample value was accepted: {last:?}"
+                );
+                keys += 1;
+            }
+            assert!(keys >= 3, "{name}: only {keys} flags found");
+        }
+    }
+
+    #[test]
+    fn a_flag_beats_the_file_which_beats_the_default() {
+        let a = run(
+            "--topic t --group g --max-records 7",
+            "max_records = 3\nconcurrency = 5\nordering = \"partition\"\n",
+        );
+        assert_eq!(a.max_records, 7, "the flag wins");
+        assert_eq!(a.concurrency, 5, "the file fills what the line left unset");
+        assert_eq!(a.ordering, microbatch_core::config::Ordering::Partition);
+        assert_eq!(
+            a.max_wait_ms,
+            microbatch_core::config::defaults::MAX_WAIT_MS,
+            "the library's default for the rest"
+        );
+    }
+
+    #[test]
+    fn the_file_gives_kafka_properties_and_required_values() {
+        let a = run(
+            "",
+            "topic = \"t\"\ngroup = \"g\"\npoison_marker = \"bad\"\naudit_log = \"/tmp/a\"\n\
+             [kafka_properties]\n\"fetch.min.bytes\" = \"1\"\n",
+        );
+        assert_eq!(a.workers.resolve().unwrap(), ("t".into(), "g".into()));
+        assert_eq!(a.poison_marker.as_deref(), Some("bad"));
+        assert_eq!(a.audit_log.as_deref(), Some(Path::new("/tmp/a")));
+        assert_eq!(a.kafka.kafka_properties["fetch.min.bytes"], "1");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_key() {
+        let e = layered("run", "max_recordz = 3\n").unwrap_err();
+        assert_eq!(e.field, "--config");
+        assert!(e.rule.contains("max_recordz"), "{e}");
+        let e = layered("run", "max_records = \"many\"\n").unwrap_err();
+        assert!(e.rule.contains("`max_records`"), "{e}");
+        let e = layered("run", "ordering = \"sideways\"\n").unwrap_err();
+        assert!(e.rule.contains("`ordering`"), "{e}");
+        let e = layered("run", "config = \"other.toml\"\n").unwrap_err();
+        assert!(e.rule.contains("another file"), "{e}");
+    }
+
+    /// `run`'s flags with a default: (long flag, environment variable, default).
+    fn run_defaults() -> Vec<(String, Option<String>, String)> {
+        let parser = Cli::command();
+        let run = parser.find_subcommand("run").unwrap();
+        run.get_arguments()
+            .filter_map(|a| {
+                let default = a
+                    .get_default_values()
+                    .first()?
+                    .to_string_lossy()
+                    .into_owned();
+                let env = a.get_env().map(|e| e.to_string_lossy().into_owned());
+                Some((a.get_long()?.to_string(), env, default))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_table_shows_each_default_of_run() {
+        let readme = include_str!("../../../README.md");
+        let mut checked = 0;
+        for (long, _, default) in run_defaults() {
+            let flag = format!("`--{long}`");
+            let row = readme
+                .lines()
+                .filter(|l| l.starts_with("| `--"))
+                .find(|l| {
+                    let first = l.split('|').nth(1).unwrap_or("");
+                    first.contains(&flag) || first.contains(&format!("`--{long} "))
+                })
+                .unwrap_or_else(|| panic!("README's flag table has no row for --{long}"));
+            let cell = row.split('|').nth(3).unwrap_or("").replace('`', "");
+            assert!(
+                cell.split(|c: char| c.is_whitespace() || c == '/' || c == ',')
+                    .any(|w| w == default),
+                "README says `{}` for --{long}, the binary's default is {default}",
+                cell.trim()
+            );
+            checked += 1;
+        }
+        assert!(checked > 20, "only {checked} defaults checked");
+    }
+
+    #[test]
+    fn the_kits_config_shows_the_binarys_defaults_where_it_says_so() {
+        let env = include_str!("../../../deploy/k8s/base/config.env");
+        let (_, ours) = env
+            .split_once("# Ours")
+            .expect("config.env marks the binary's own variables");
+        let defaults = run_defaults();
+        let mut checked = 0;
+        for line in ours
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains('='))
+        {
+            let (key, value) = line.split_once('=').unwrap();
+            if let Some((long, _, default)) =
+                defaults.iter().find(|(_, e, _)| e.as_deref() == Some(key))
+            {
+                assert_eq!(value, default, "config.env {key} (--{long})");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 5, "only {checked} variables checked");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("MICROBATCH_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000)
+        ))]
+
+        /// Any text, and any line made of our keys with values of any
+        /// type, is read or refused with an error that names the file:
+        /// never a panic.
+        #[test]
+        fn any_config_file_is_read_or_refused_naming_the_file(
+            text in prop_oneof![
+                "[ -~\\n]{0,200}",
+                (
+                    prop_oneof![
+                        proptest::sample::select(["max_records", "handler_env", "dlq", "url", "kafka_properties", "ordering", "kafka_property"].map(String::from).to_vec()),
+                        "[a-z_]{1,12}",
+                    ],
+                    prop_oneof![
+                        proptest::sample::select(["3", "-1", "\"x\"", "[\"A\"]", "{}", "1e400", "true", "[[\"a\", \"b\"]]"].map(String::from).to_vec()),
+                        "[ -~]{0,12}",
+                    ],
+                ).prop_map(|(k, v)| format!("{k} = {v}\n")),
+            ]
+        ) {
+            if let Err(e) = layered("run", &text) {
+                prop_assert_eq!(e.field, "--config", "{}", e);
+            }
+        }
+    }
+}
