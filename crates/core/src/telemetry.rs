@@ -386,6 +386,7 @@ impl Readiness {
 #[derive(Debug, Default)]
 pub struct StatsExporter {
     last: Counters,
+    dead_letter_error: Option<String>,
     /// Partitions with per-partition series.
     partitions: Vec<i32>,
     lag_seconds: Vec<(i32, f64)>,
@@ -396,21 +397,37 @@ impl StatsExporter {
     pub fn export(&mut self, stats: &Stats<'_>, topic: &str, telemetry: &Telemetry) {
         let m = &telemetry.metrics;
         let (now, last) = (stats.counted, self.last);
-        m.records_processed
-            .inc_by(now.records_processed - last.records_processed);
-        m.batches_processed
-            .inc_by(now.batches_processed - last.batches_processed);
-        m.records_failed
-            .inc_by(now.records_failed - last.records_failed);
-        m.batches_failed
-            .inc_by(now.batches_failed - last.batches_failed);
-        m.records_retried
-            .inc_by(now.records_retried - last.records_retried);
-        m.records_dead_lettered
-            .inc_by(now.records_dead_lettered - last.records_dead_lettered);
-        m.offset_resets
-            .inc_by(now.offset_resets - last.offset_resets);
-        self.last = now;
+        if now != last {
+            let add = |counter: &Counter, now: u64, last: u64| {
+                if now > last {
+                    counter.inc_by(now - last);
+                }
+            };
+            add(
+                &m.records_processed,
+                now.records_processed,
+                last.records_processed,
+            );
+            add(
+                &m.batches_processed,
+                now.batches_processed,
+                last.batches_processed,
+            );
+            add(&m.records_failed, now.records_failed, last.records_failed);
+            add(&m.batches_failed, now.batches_failed, last.batches_failed);
+            add(
+                &m.records_retried,
+                now.records_retried,
+                last.records_retried,
+            );
+            add(
+                &m.records_dead_lettered,
+                now.records_dead_lettered,
+                last.records_dead_lettered,
+            );
+            add(&m.offset_resets, now.offset_resets, last.offset_resets);
+            self.last = now;
+        }
 
         m.assigned_partitions.set(stats.partitions.len() as i64);
         m.slots_busy.set(stats.slots_busy as i64);
@@ -424,9 +441,12 @@ impl StatsExporter {
         m.dead_letter_backlog.set(stats.dead_letter_backlog as i64);
         m.circuit_open.set(i64::from(stats.circuit_open));
         telemetry.readiness.set_circuit_open(stats.circuit_waiting);
-        telemetry
-            .readiness
-            .set_dead_letter_error(stats.dead_letter_error.map(str::to_string));
+        if stats.dead_letter_error != self.dead_letter_error.as_deref() {
+            self.dead_letter_error = stats.dead_letter_error.map(str::to_string);
+            telemetry
+                .readiness
+                .set_dead_letter_error(self.dead_letter_error.clone());
+        }
 
         if stats.capacity != self.capacity.as_ref() {
             if let Some(report) = stats.capacity {
@@ -445,7 +465,7 @@ impl StatsExporter {
             self.lag_seconds = stats.lag_seconds.to_vec();
         }
         // Series of partitions given up go with them.
-        if stats.partitions != self.partitions {
+        if stats.partitions != self.partitions.as_slice() {
             for gone in self
                 .partitions
                 .iter()
@@ -458,7 +478,7 @@ impl StatsExporter {
                 m.partition_lag.remove(&label);
                 m.partition_lag_seconds.remove(&label);
             }
-            self.partitions.clone_from(&stats.partitions);
+            self.partitions = stats.partitions.to_vec();
         }
     }
 }

@@ -25,6 +25,20 @@
 //!
 //! The delivery guarantee this upholds is stated in [`crate::worker`]; the
 //! commit rule in [`crate::offsets`], the failure rules in [`crate::failure`].
+//!
+//! # Layout
+//! - this module: the public shape (intents, phases, getters, `handle_*`,
+//!   commands, polls) and the events' bookkeeping;
+//! - `partition`: one partition's lanes, holdings and ownership
+//!   state (owned, or finishing with its holes and deadlines);
+//! - `dispatch`: which batches start on free slots (lanes, the commit gate,
+//!   the records cap) and which partitions pause;
+//! - `ledger` and `commits`: per partition, the commits sent and
+//!   acknowledged, and what to commit now;
+//! - `dead_letters`: records failed for good, waiting for their write;
+//! - `stats`: the numbers the worker exports ([`Stats`]);
+//! - `sabotage`: planted defects for the simulation's self-test (empty
+//!   outside tests); `inspect`, `sim` and `tests`: test-only.
 
 mod commits;
 mod dead_letters;
@@ -167,6 +181,8 @@ pub struct Pipeline {
     started: Instant,
     started_wall_ms: i64,
     partitions: BTreeMap<i32, PartitionState>,
+    /// The keys of `partitions`, kept for [`Stats::partitions`].
+    assigned: Vec<i32>,
     /// Handler batches still running for lanes of a partition revoked or
     /// reset meanwhile; the lane starts nothing until they end, so two
     /// batches of one key never run at once.
@@ -240,6 +256,7 @@ impl Pipeline {
             started: now,
             started_wall_ms: wall_ms,
             partitions: BTreeMap::new(),
+            assigned: Vec::new(),
             zombies: HashMap::new(),
             intents: VecDeque::new(),
             next_epoch: 0,
@@ -412,6 +429,8 @@ impl Pipeline {
             self.intents.push_back(Intent::Resume(resumed));
         }
         self.capacity.set_slots(self.clock, self.usable_slots());
+        self.assigned.clear();
+        self.assigned.extend(self.partitions.keys());
     }
 
     /// A fresh state for a partition assigned (or reset), under a new epoch.
@@ -724,6 +743,8 @@ impl Pipeline {
             self.forget(*p, ps);
         }
         self.capacity.set_slots(self.clock, self.usable_slots());
+        self.assigned.clear();
+        self.assigned.extend(self.partitions.keys());
     }
 
     /// Revocation ends: commits what is done of the revoked partitions
@@ -748,6 +769,8 @@ impl Pipeline {
             self.forget(p, ps);
         }
         self.capacity.set_slots(self.clock, self.usable_slots());
+        self.assigned.clear();
+        self.assigned.extend(self.partitions.keys());
     }
 
     /// The end: the final synchronous commit of everything done.

@@ -25,7 +25,7 @@ pub struct Counters {
 pub struct Stats<'a> {
     pub counted: Counters,
     /// The partitions assigned, in order.
-    pub partitions: Vec<i32>,
+    pub partitions: &'a [i32],
     /// Handler batches running.
     pub slots_busy: usize,
     pub paused_partitions: usize,
@@ -57,7 +57,7 @@ impl Pipeline {
         let dead_letter_backlog = self.dead_letter_backlog();
         Stats {
             counted: self.counted,
-            partitions: self.partitions.keys().copied().collect(),
+            partitions: &self.assigned,
             slots_busy: self.in_flight,
             paused_partitions: self.partitions.values().filter(|p| p.paused).count(),
             partitions_waiting_for_commit: self

@@ -22,6 +22,15 @@
 //! A revocation is served inside librdkafka's rebalance callback: the
 //! revoked partitions drain (see [`crate::pipeline`]) while the others go
 //! on, so nothing is ever committed for a partition this member no longer owns.
+//!
+//! # Layout
+//! - this module: [`Worker`], its start (topic checks, the dead-letter
+//!   writer, the consumer) and the poll loop;
+//! - `adapter`: carries out the pipeline's intents (handler tasks,
+//!   dead-letter writes, commits, pauses) and feeds back verdicts and
+//!   acknowledgements; drains a revocation;
+//! - `context`: librdkafka's callbacks (logs, errors, statistics,
+//!   rebalances), which reach the adapter.
 
 mod adapter;
 mod context;
