@@ -18,6 +18,10 @@ use serde::Serialize;
 /// Keys of the file that are tables, not flags.
 const TABLES: &[&str] = &["kafka_properties"];
 
+/// Keys whose values may hold credentials: an error about them does not
+/// quote the value (serde's messages do).
+const SECRET_KEYS: &[&str] = &["password", "url", "kafka_property", "kafka_properties"];
+
 /// A command's arguments that can take values from the file.
 pub trait FromFile: Serialize + DeserializeOwned {
     /// The file named by `--config` (or `MICROBATCH_CONFIG`), if any.
@@ -53,8 +57,22 @@ pub fn merge<T: FromFile>(
     let given =
         toml::Table::try_from(&args).map_err(|e| error(format!("cannot hold these flags: {e}")))?;
     let mut merged = given.clone();
+    let refused = |key: &str, e: toml::de::Error| {
+        if SECRET_KEYS.contains(&key) {
+            error(format!(
+                "`{key}`: not a valid value (not shown: it may hold a secret)"
+            ))
+        } else {
+            error(format!("`{key}`: {}", e.message()))
+        }
+    };
     for (key, value) in file {
         if TABLES.contains(&key.as_str()) {
+            let mut alone = given.clone();
+            alone.insert(key.clone(), value.clone());
+            if let Err(e) = toml::Value::Table(alone).try_into::<T>() {
+                return Err(refused(&key, e));
+            }
             merged.insert(key, value);
             continue;
         }
@@ -82,13 +100,14 @@ pub fn merge<T: FromFile>(
         let mut alone = given.clone();
         alone.insert(id.to_string(), value.clone());
         if let Err(e) = toml::Value::Table(alone).try_into::<T>() {
-            return Err(error(format!("`{key}`: {}", e.message())));
+            return Err(refused(&key, e));
         }
         merged.insert(id.to_string(), value);
     }
+    // Each key was checked alone; together they are read the same way.
     toml::Value::Table(merged)
         .try_into()
-        .map_err(|e: toml::de::Error| error(e.message().to_string()))
+        .map_err(|_| error("the keys do not fit together".into()))
 }
 
 /// Serde for a clap `ValueEnum`, through the names clap shows, so the file
@@ -349,6 +368,13 @@ mod tests {
         assert!(e.rule.contains("`max_records`"), "{e}");
         let e = layered("run", "ordering = \"sideways\"\n").unwrap_err();
         assert!(e.rule.contains("`ordering`"), "{e}");
+        let e = layered("run", "password = 424242\n").unwrap_err();
+        assert!(
+            e.rule.contains("`password`") && !e.rule.contains("424242"),
+            "{e}"
+        );
+        let e = layered("run", "[kafka_properties]\n\"sasl.password\" = 424242\n").unwrap_err();
+        assert!(!e.rule.contains("424242"), "{e}");
         let e = layered("run", "config = \"other.toml\"\n").unwrap_err();
         assert!(e.rule.contains("another file"), "{e}");
     }
