@@ -445,6 +445,99 @@ mod tests {
         assert!(checked >= 5, "only {checked} variables checked");
     }
 
+    /// Every (command, long flag, default) of the binary.
+    fn all_defaults() -> Vec<(String, String, String)> {
+        let parser = Cli::command();
+        parser
+            .get_subcommands()
+            .flat_map(|cmd| {
+                cmd.get_arguments()
+                    .filter_map(|a| {
+                        let default = a.get_default_values().first()?.to_string_lossy();
+                        Some((
+                            cmd.get_name().to_string(),
+                            a.get_long()?.to_string(),
+                            default.into_owned(),
+                        ))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Where the docs state a flag's default in prose ("`--x` (default 1
+    /// s)", "`--x`, 300 by default", "`--x` (600)"), the number is one of
+    /// the binary's defaults for that flag (the same flag may differ by
+    /// command: `--http-port`).
+    #[test]
+    fn the_docs_state_each_default_as_the_binary_has_it() {
+        let docs = [
+            ("README.md", include_str!("../../../README.md")),
+            (
+                "docs/delivery.md",
+                include_str!("../../../docs/delivery.md"),
+            ),
+            ("docs/scaling.md", include_str!("../../../docs/scaling.md")),
+            ("docs/deploy.md", include_str!("../../../docs/deploy.md")),
+            ("docs/design.md", include_str!("../../../docs/design.md")),
+        ];
+        let defaults = all_defaults();
+        let mut checked = 0;
+        for (file, text) in docs {
+            let text = text.replace('\n', " ");
+            for (at, _) in text.match_indices("`--") {
+                let rest = &text[at + 1..];
+                let Some(end) = rest.find('`') else { continue };
+                let long = &rest[2..end];
+                let after = &rest[end + 1..];
+                // The number and its unit, in one of the three forms.
+                let stated = if let Some(t) = after.strip_prefix(" (default ") {
+                    Some(t)
+                } else if let Some(t) = after.strip_prefix(", ") {
+                    t.split_once(" by default")
+                        .map(|(n, _)| n)
+                        .filter(|n| n.len() < 12)
+                } else {
+                    after
+                        .strip_prefix(" (")
+                        .filter(|t| t.starts_with(|c: char| c.is_ascii_digit()))
+                };
+                let Some(stated) = stated else { continue };
+                let number: String = stated
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ',')
+                    .filter(|c| *c != ',')
+                    .collect();
+                let Ok(value) = number.parse::<f64>() else {
+                    continue;
+                };
+                let unit = stated[number.len()..].trim_start();
+                let mine: Vec<&String> = defaults
+                    .iter()
+                    .filter(|(_, l, _)| l == long)
+                    .map(|(_, _, d)| d)
+                    .collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                let in_flag_unit = value
+                    * match unit.split(|c: char| !c.is_ascii_alphabetic()).next() {
+                        Some("s") if long.ends_with("-ms") => 1000.0,
+                        Some("KiB") => 1024.0,
+                        Some("MiB") => 1024.0 * 1024.0,
+                        Some("GiB") => 1024.0 * 1024.0 * 1024.0,
+                        _ => 1.0,
+                    };
+                assert!(
+                    mine.iter().any(|d| d.parse::<f64>() == Ok(in_flag_unit)),
+                    "{file} states {number} {unit:.4} for --{long}; the binary's defaults are {mine:?}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 6, "only {checked} stated defaults checked");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(
             std::env::var("MICROBATCH_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000)

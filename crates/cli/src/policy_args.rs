@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use microbatch_kafka::ConfigError;
+use microbatch_scaling::defaults;
 use microbatch_scaling::keda_trigger::{self, TriggerError};
 use microbatch_scaling::lag::InvalidOffsetPolicy;
 use microbatch_scaling::policy::{
@@ -42,10 +43,10 @@ crate::serde_value_enum!(PolicyKind, KedaRelease, ResetPolicy);
 #[command(next_help_heading = "Scaling policy")]
 pub struct PolicyArgs {
     /// keda: lag per replica (KEDA `lagThreshold`).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = defaults::LAG_THRESHOLD)]
     pub lag_threshold: i64,
     /// keda: active above this lag (KEDA `activationLagThreshold`).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = defaults::ACTIVATION_LAG_THRESHOLD)]
     pub activation_lag_threshold: i64,
     /// keda: allow more replicas than partitions.
     #[arg(long)]
@@ -73,7 +74,7 @@ pub struct PolicyArgs {
     #[arg(long, value_enum)]
     pub offset_reset_policy: Option<ResetPolicy>,
     /// rate: drain the lag within this many seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = defaults::TARGET_DRAIN_SECONDS)]
     pub target_drain_seconds: u64,
     /// rate: while the oldest record not committed is older than this,
     /// ask for one replica more (reads lag in seconds: one record per
@@ -82,28 +83,28 @@ pub struct PolicyArgs {
     pub max_lag_seconds: Option<u64>,
     /// rate: records/s one replica is assumed to do until its workers report
     /// their capacity (busy fraction and processed rate, in commit metadata).
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = defaults::RATE_PER_REPLICA)]
     pub rate_per_replica: f64,
     /// rate: processing slots per partition in the workers (1 for
     /// `--ordering partition`, the concurrency for `key`/`none`); with
     /// --slots-per-replica it bounds only the cold-start guess.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = defaults::SLOTS_PER_PARTITION)]
     pub slots_per_partition: u32,
     /// rate: processing slots per replica (the workers' concurrency).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = defaults::SLOTS_PER_REPLICA)]
     pub slots_per_replica: u32,
     /// Fewest replicas.
-    #[arg(long = "min", default_value_t = 1)]
+    #[arg(long = "min", default_value_t = defaults::MIN_REPLICAS)]
     pub min_replicas: u32,
     /// Most replicas.
-    #[arg(long = "max", default_value_t = 24)]
+    #[arg(long = "max", default_value_t = defaults::MAX_REPLICAS)]
     pub max_replicas: u32,
     /// Scale-down stabilization window, seconds (the HPA's default is 300).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = defaults::SCALE_DOWN_SECONDS)]
     pub scale_down_seconds: u64,
     /// keda: seconds without activity before scaling to zero with --min 0
     /// (KEDA `cooldownPeriod`).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = defaults::COOLDOWN_SECONDS)]
     pub cooldown_seconds: u64,
     /// keda: the KEDA release to reproduce.
     #[arg(long, value_enum, default_value = "2.21")]
@@ -229,6 +230,22 @@ mod tests {
         let flags = Flags::try_parse_from(std::iter::once("lag").chain(flags.iter().copied()))
             .expect("flags parse");
         flags.policy.keda_params()
+    }
+
+    /// The flags' defaults are the library's: the policies built from no
+    /// flags are the policies' own defaults (but the reset policy, which
+    /// follows the workers' earliest).
+    #[test]
+    fn no_flags_give_the_policies_defaults() {
+        let flags = Flags::try_parse_from(["supervise"]).unwrap();
+        assert_eq!(flags.policy.rate().params, RateParams::default());
+        assert_eq!(
+            flags.policy.keda_params().unwrap(),
+            KedaParams {
+                offset_reset_latest: false,
+                ..KedaParams::default()
+            }
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! microbatch-scaling: consumer-group lag and what to do about it.
 //!
 //! # Layout
+//! - [`defaults`]: every scaling default, once.
 //! - [`lag`]: lag per partition (high − max(committed, low)), totals, rates.
 //! - [`keda_trigger`]: the kafka trigger options KEDA accepts, and their
 //!   combinations, read from metadata or flags.
@@ -18,6 +19,7 @@
 //!   children and scales them on lag.
 
 pub mod capacity;
+pub mod defaults;
 pub mod keda_trigger;
 pub mod lag;
 pub mod observe;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::defaults;
 use crate::lag::{GroupLag, PartitionLag};
 
 mod decide;
@@ -122,8 +123,8 @@ pub struct KedaParams {
 impl Default for KedaParams {
     fn default() -> Self {
         Self {
-            lag_threshold: 10,
-            activation_lag_threshold: 0,
+            lag_threshold: defaults::LAG_THRESHOLD,
+            activation_lag_threshold: defaults::ACTIVATION_LAG_THRESHOLD,
             allow_idle_consumers: false,
             limit_to_partitions_with_lag: false,
             ensure_even_distribution_of_partitions: false,
@@ -131,10 +132,10 @@ impl Default for KedaParams {
             exclude_persistent_lag: false,
             offset_reset_latest: true,
             scale_to_zero_on_invalid_offset: false,
-            min_replicas: 0,
-            max_replicas: 100,
-            scale_down_stabilization: Duration::from_secs(300),
-            cooldown: Duration::from_secs(300),
+            min_replicas: defaults::MIN_REPLICAS,
+            max_replicas: defaults::MAX_REPLICAS,
+            scale_down_stabilization: defaults::secs(defaults::SCALE_DOWN_SECONDS),
+            cooldown: defaults::secs(defaults::COOLDOWN_SECONDS),
             version: KedaVersion::default(),
         }
     }

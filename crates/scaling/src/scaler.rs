@@ -37,6 +37,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tonic::{Request, Response, Status};
 
+use crate::defaults;
 use crate::lag::{InvalidOffsetPolicy, LagReader};
 use crate::observe::Observer;
 use crate::policy::{KedaParams, KedaPolicy, Policy, RateParams, RatePolicy};
@@ -123,8 +124,8 @@ impl TriggerSpec {
                 )));
             }
         }
-        let min_replicas = parse(meta, "minReplicas", 1u32)?;
-        let max_replicas = parse(meta, "maxReplicas", 100u32)?;
+        let min_replicas = parse(meta, "minReplicas", defaults::MIN_REPLICAS)?;
+        let max_replicas = parse(meta, "maxReplicas", defaults::MAX_REPLICAS)?;
         // KEDA's options, checked as KEDA checks them, whichever the policy:
         // the reset policy and activation mean the same to both.
         let keda = crate::keda_trigger::params_from_metadata(
@@ -147,7 +148,7 @@ impl TriggerSpec {
         let policy = match get(meta, "policy").unwrap_or("keda") {
             "keda" => PolicySpec::Keda(keda),
             "rate" => {
-                let target = parse(meta, "targetDrainSeconds", 30u64)?;
+                let target = parse(meta, "targetDrainSeconds", defaults::TARGET_DRAIN_SECONDS)?;
                 if target == 0 {
                     return Err(Status::invalid_argument(
                         "scalerMetadata.targetDrainSeconds must be at least 1",
@@ -157,9 +158,19 @@ impl TriggerSpec {
                     target_drain: Duration::from_secs(target),
                     min_replicas,
                     max_replicas,
-                    slots_per_partition: parse(meta, "slotsPerPartition", 1u32)?.max(1),
-                    slots_per_replica: parse(meta, "slotsPerReplica", 1u32)?.max(1),
-                    initial_rate_per_replica: parse(meta, "ratePerReplica", 100.0f64)?,
+                    slots_per_partition: parse(
+                        meta,
+                        "slotsPerPartition",
+                        defaults::SLOTS_PER_PARTITION,
+                    )?
+                    .max(1),
+                    slots_per_replica: parse(meta, "slotsPerReplica", defaults::SLOTS_PER_REPLICA)?
+                        .max(1),
+                    initial_rate_per_replica: parse(
+                        meta,
+                        "ratePerReplica",
+                        defaults::RATE_PER_REPLICA,
+                    )?,
                     // The HPA keeps its own scale-down window.
                     scale_down_stabilization: Duration::ZERO,
                     tolerance: 0.0,
@@ -456,9 +467,9 @@ pub struct ScalerConfig {
 impl Default for ScalerConfig {
     fn default() -> Self {
         Self {
-            stream_interval: Duration::from_secs(5),
-            polling_interval: Duration::from_secs(5),
-            state_ttl: Duration::from_secs(600),
+            stream_interval: Duration::from_millis(defaults::SCALER_STREAM_INTERVAL_MS),
+            polling_interval: Duration::from_millis(defaults::SCALER_POLLING_INTERVAL_MS),
+            state_ttl: defaults::secs(defaults::SCALER_STATE_TTL_SECONDS),
         }
     }
 }
@@ -813,6 +824,29 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(rate.target(), 1);
+    }
+
+    /// Keys left out take the library's defaults, as `supervise` and `lag`
+    /// do; only the HPA's own window and tolerance are left to the HPA.
+    #[test]
+    fn metadata_left_out_takes_the_policies_defaults() {
+        let keda =
+            TriggerSpec::from_metadata(&meta(&[("topic", "t"), ("consumerGroup", "g")])).unwrap();
+        assert_eq!(keda.policy, PolicySpec::Keda(KedaParams::default()));
+        let rate = TriggerSpec::from_metadata(&meta(&[
+            ("topic", "t"),
+            ("consumerGroup", "g"),
+            ("policy", "rate"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            rate.policy,
+            PolicySpec::Rate(RateParams {
+                scale_down_stabilization: Duration::ZERO,
+                tolerance: 0.0,
+                ..RateParams::default()
+            })
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use microbatch_scaling::defaults;
 use microbatch_scaling::keda_trigger;
 use microbatch_scaling::observe::Observer;
 use microbatch_scaling::policy::Decision;
@@ -28,7 +29,7 @@ pub struct Args {
     #[arg(long)]
     pub watch: bool,
     /// Refresh interval for --watch.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = defaults::LAG_WATCH_INTERVAL_MS)]
     pub interval_ms: u64,
     /// Also print the replicas this policy would ask for now (current replicas: --replicas).
     #[arg(long, value_enum)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::routing::get;
+use microbatch_scaling::defaults;
 use microbatch_scaling::scaler::proto::external_scaler_server::ExternalScalerServer;
 use microbatch_scaling::scaler::{proto, Scaler, ScalerConfig};
 
@@ -22,25 +23,25 @@ pub struct Args {
     #[serde(flatten)]
     pub kafka: KafkaArgs,
     /// gRPC port KEDA connects to (the trigger's scalerAddress).
-    #[arg(long, env = "MICROBATCH_GRPC_PORT", default_value_t = 9090)]
+    #[arg(long, env = "MICROBATCH_GRPC_PORT", default_value_t = defaults::SCALER_GRPC_PORT)]
     pub grpc_port: u16,
     /// HTTP port for /healthz and /metrics; 0 picks one.
-    #[arg(long, env = "MICROBATCH_HTTP_PORT", default_value_t = 8080)]
+    #[arg(long, env = "MICROBATCH_HTTP_PORT", default_value_t = defaults::SCALER_HTTP_PORT)]
     pub http_port: u16,
     /// Address to bind both ports on.
-    #[arg(long, env = "MICROBATCH_HTTP_HOST", default_value = "0.0.0.0")]
+    #[arg(long, env = "MICROBATCH_HTTP_HOST", default_value = defaults::SCALER_HOST)]
     pub host: String,
     /// How often StreamIsActive re-checks lag (it pushes only changes).
-    #[arg(long, env = "MICROBATCH_STREAM_INTERVAL_MS", default_value_t = 5000)]
+    #[arg(long, env = "MICROBATCH_STREAM_INTERVAL_MS", default_value_t = defaults::SCALER_STREAM_INTERVAL_MS)]
     pub stream_interval_ms: u64,
     /// Reuse a ScaledObject's evaluation for this long: KEDA asks IsActive
     /// and GetMetrics a few ms apart, and every caller within the interval
     /// gets the same answer.
-    #[arg(long, env = "MICROBATCH_POLLING_INTERVAL_MS", default_value_t = 5000)]
+    #[arg(long, env = "MICROBATCH_POLLING_INTERVAL_MS", default_value_t = defaults::SCALER_POLLING_INTERVAL_MS)]
     pub polling_interval_ms: u64,
     /// Drop the state (and Kafka client) of a ScaledObject KEDA has not
     /// asked about for this long.
-    #[arg(long, env = "MICROBATCH_STATE_TTL_SECONDS", default_value_t = 600)]
+    #[arg(long, env = "MICROBATCH_STATE_TTL_SECONDS", default_value_t = defaults::SCALER_STATE_TTL_SECONDS)]
     pub state_ttl_seconds: u64,
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use axum::routing::get;
 use microbatch_kafka::{ConfigError, KafkaConfig};
+use microbatch_scaling::defaults;
 use microbatch_scaling::lag::LagReader;
 use microbatch_scaling::supervisor::{Supervisor, SupervisorConfig};
 use prometheus_client::metrics::gauge::Gauge;
@@ -36,7 +37,7 @@ pub struct Args {
     #[serde(flatten)]
     pub policy_args: PolicyArgs,
     /// How often to read lag and decide.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = defaults::SUPERVISE_POLLING_INTERVAL_MS)]
     pub polling_interval_ms: u64,
     /// Workers' drain deadline; a stopped worker is killed 5 s after it.
     #[arg(long, default_value_t = microbatch_core::config::defaults::DRAIN_TIMEOUT_MS)]
@@ -49,7 +50,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
     /// Port for the supervisor's /healthz and /metrics; 0 picks one.
-    #[arg(long, default_value_t = 9100, env = "MICROBATCH_SUPERVISOR_HTTP_PORT")]
+    #[arg(long, default_value_t = defaults::SUPERVISE_HTTP_PORT, env = "MICROBATCH_SUPERVISOR_HTTP_PORT")]
     pub http_port: u16,
     /// Arguments for each `microbatch run` child, after `--`; `{n}` becomes the
     /// child's number. --topic, --group, --http-port 0 and the connection

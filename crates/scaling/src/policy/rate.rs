@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use super::decide::{Observation, Policy};
 use super::{Decision, ScaleDownWindow};
+use crate::defaults;
 use crate::lag::{GroupLag, RATE_MIN_INTERVAL};
 
 /// Parameters of the time-to-drain policy.
@@ -55,14 +56,14 @@ pub struct RateParams {
 impl Default for RateParams {
     fn default() -> Self {
         Self {
-            target_drain: Duration::from_secs(30),
-            min_replicas: 1,
-            max_replicas: 24,
-            slots_per_partition: 1,
-            slots_per_replica: 1,
-            initial_rate_per_replica: 100.0,
-            scale_down_stabilization: Duration::from_secs(60),
-            tolerance: 0.1,
+            target_drain: defaults::secs(defaults::TARGET_DRAIN_SECONDS),
+            min_replicas: defaults::MIN_REPLICAS,
+            max_replicas: defaults::MAX_REPLICAS,
+            slots_per_partition: defaults::SLOTS_PER_PARTITION,
+            slots_per_replica: defaults::SLOTS_PER_REPLICA,
+            initial_rate_per_replica: defaults::RATE_PER_REPLICA,
+            scale_down_stabilization: defaults::secs(defaults::SCALE_DOWN_SECONDS),
+            tolerance: super::HPA_TOLERANCE,
             max_lag: None,
         }
     }
