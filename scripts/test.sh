@@ -52,8 +52,9 @@ cargo test --all-targets --no-fail-fast "$@"
 # The tests that rebalance a group, again under KIP-848 (the broker's
 # assignor, incremental revocations only).
 echo "== cargo test (rebalancing tests, --group-protocol consumer)"
-MICROBATCH_TEST_GROUP_PROTOCOL=consumer cargo test -p microbatch --no-fail-fast \
-	--test chaos --test edges --test delivery --test fetch --test supervise --test worker "$@"
+MICROBATCH_TEST_GROUP_PROTOCOL=consumer cargo test -p microbatch --no-fail-fast --test chaos "$@"
+MICROBATCH_TEST_GROUP_PROTOCOL=consumer cargo test -p microbatch --no-fail-fast --test it "$@" -- \
+	edges:: delivery:: fetch:: supervise:: worker::
 echo "== deploy/check (kustomize overlays, manifests, scripts)"
 (cd deploy/check && go test -count=1 ./...)
 # The kit applied to a local control plane (etcd, kube-apiserver,

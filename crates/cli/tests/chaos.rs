@@ -7,11 +7,16 @@
 //! committed lag is 0. The only test in its binary, because it restarts the
 //! broker (test binaries run one after another).
 
-mod common;
+// The harness of `tests/it`; this binary uses part of it.
+#[allow(dead_code, unused_imports)]
+#[path = "it/harness/mod.rs"]
+mod harness;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::*;
 
 const RECORDS: u64 = 50_000;
 const WORKERS: usize = 3;
@@ -265,4 +270,85 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
         "SIGKILLs replayed more of the dead worker's finished records than in flight + the \
          records cap ((worker, replayed, bound)): {over:?}"
     );
+}
+
+/// What each worker ([`harness::handled_by`]) finished first, by when: every
+/// record, and those another handling did again later, with when that was.
+#[derive(Debug, Default, Clone)]
+struct FirstHandled {
+    pub finished: Vec<f64>,
+    /// (first finished, handled again) of each record handled again.
+    pub replayed: Vec<(f64, f64)>,
+}
+
+fn first_handlers(paths: &[PathBuf]) -> BTreeMap<String, FirstHandled> {
+    let lines = handled_lines(paths);
+    // (who, when, counted as replayed yet) of each record's first handling.
+    let mut first: BTreeMap<(i32, i64), (String, f64, bool)> = BTreeMap::new();
+    let mut out: BTreeMap<String, FirstHandled> = BTreeMap::new();
+    for (t, key, worker) in lines {
+        match first.get_mut(&key) {
+            Some((by, at, counted)) => {
+                if !*counted {
+                    *counted = true;
+                    out.entry(by.clone()).or_default().replayed.push((*at, t));
+                }
+            }
+            None => {
+                out.entry(worker.clone()).or_default().finished.push(t);
+                first.insert(key, (worker, t, false));
+            }
+        }
+    }
+    out
+}
+
+/// The most of `times` (sorted) inside any window of `width` seconds.
+fn densest_window(times: &[f64], width: f64) -> usize {
+    let mut best = 0;
+    let mut start = 0;
+    for (end, t) in times.iter().enumerate() {
+        while times[start] < t - width {
+            start += 1;
+        }
+        best = best.max(end + 1 - start);
+    }
+    best
+}
+
+/// When each record was handled again after its first time, from the
+/// `partition offset unix-seconds` lines of [`harness::recording_handler`]'s files.
+fn redelivery_times(paths: &[PathBuf]) -> Vec<f64> {
+    let mut first: BTreeSet<(i32, i64)> = BTreeSet::new();
+    handled_lines(paths)
+        .into_iter()
+        .filter(|(_, key, _)| !first.insert(*key))
+        .map(|(t, _, _)| t)
+        .collect()
+}
+
+/// Every `partition offset unix-seconds` line of [`harness::recording_handler`]'s
+/// files, with the worker that wrote it ([`harness::handled_by`]), oldest first.
+fn handled_lines(paths: &[PathBuf]) -> Vec<(f64, (i32, i64), String)> {
+    let mut lines: Vec<(f64, (i32, i64), String)> = Vec::new();
+    for p in paths {
+        let worker = handled_by(p);
+        for line in std::fs::read_to_string(p).unwrap_or_default().lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if let [p, o, t] = f[..] {
+                let key = (p.parse().unwrap(), o.parse().unwrap());
+                lines.push((t.parse().unwrap(), key, worker.clone()));
+            }
+        }
+    }
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    lines
+}
+
+/// Seconds since the Unix epoch, as the handler's records have them.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }

@@ -2,8 +2,6 @@
 //! dead-letter topic that cannot be written, and exec children started
 //! with the worker.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::TcpListener;
@@ -11,33 +9,22 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 /// A handler that rejects whole batches holding a bad record: bisecting finds
 /// the bad records, and only they are dead-lettered.
 #[test]
 fn whole_batch_failures_are_bisected_down_to_the_bad_record() {
-    let dir = TestDir::new("bisect");
-    let topic = unique("bisect");
-    let dlq = format!("{topic}.dlq");
-    let group = unique("g");
-    create_topic(&topic, 2);
-    create_topic(&dlq, 1);
-    produce(&topic, 1000, &["--poison-every", "100"]);
+    let sc = Scenario::new("bisect", 2);
+    let Scenario { dir, topic, group } = &sc;
+    let dlq = sc.dead_letter_topic(1);
+    sc.produce(1000, &["--poison-every", "100"]);
     let log = dir.path("handled.txt");
-    let cmd = python_handler(&dir, "h.py", format!("import sys, json, os\nfd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    if any('POISON' in (r['value'] or '') for r in b['records']):\n        print(json.dumps({{'batch_id': b['batch_id'], 'error': 'batch rejected: bad record inside', 'retryable': False}}), flush=True)\n    else:\n        os.write(fd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in b['records']).encode())\n        print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n"));
-    let mut w = spawn_exec_worker(
-        &dir,
-        "w",
-        &topic,
-        &group,
-        free_port(),
-        &cmd,
-        &["--max-records", "64"],
-    );
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    let cmd = python_handler(dir, "h.py", format!("import sys, json, os\nfd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    if any('POISON' in (r['value'] or '') for r in b['records']):\n        print(json.dumps({{'batch_id': b['batch_id'], 'error': 'batch rejected: bad record inside', 'retryable': False}}), flush=True)\n    else:\n        os.write(fd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in b['records']).encode())\n        print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n"));
+    let mut w = sc.exec_worker("w", free_port(), &cmd, &["--max-records", "64"]);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     w.terminate();
-    let poison = poison_offsets(&topic);
+    let poison = poison_offsets(topic);
     assert_eq!(poison.len(), 10);
     assert_eq!(
         dead_lettered(&dlq),
@@ -47,7 +34,7 @@ fn whole_batch_failures_are_bisected_down_to_the_bad_record() {
     assert!(w.stderr().contains("bisecting"), "the log says it bisected");
     let processed: BTreeSet<(i32, i64)> = audited(std::slice::from_ref(&log)).into_keys().collect();
     assert_eq!(processed.len(), 990, "every good neighbour was processed");
-    assert_recorded_or_dead(&topic, &group, &[log], &poison);
+    assert_recorded_or_dead(topic, group, &[log], &poison);
     assert!(processed.is_disjoint(&poison));
 }
 
@@ -105,13 +92,10 @@ fn downstream(listener: TcpListener, requests: Arc<AtomicUsize>, log: std::path:
 /// dead-lettered, everything else is processed.
 #[test]
 fn http_handler_retries_5xx_and_dead_letters_named_records() {
-    let dir = TestDir::new("http");
-    let topic = unique("http");
-    let dlq = format!("{topic}.dlq");
-    let group = unique("g");
-    create_topic(&topic, 2);
-    create_topic(&dlq, 1);
-    produce(&topic, 600, &["--poison-every", "60"]);
+    let sc = Scenario::new("http", 2);
+    let Scenario { dir, topic, group } = &sc;
+    let dlq = sc.dead_letter_topic(1);
+    sc.produce(600, &["--poison-every", "60"]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/batches", listener.local_addr().unwrap());
     let requests = Arc::new(AtomicUsize::new(0));
@@ -119,11 +103,8 @@ fn http_handler_retries_5xx_and_dead_letters_named_records() {
     let log = dir.path("accepted.txt");
     let accepted = log.clone();
     std::thread::spawn(move || downstream(listener, counter, accepted));
-    let mut w = spawn_worker(
-        &dir,
+    let mut w = sc.worker(
         "w",
-        &topic,
-        &group,
         free_port(),
         &[
             "--handler",
@@ -136,13 +117,13 @@ fn http_handler_retries_5xx_and_dead_letters_named_records() {
             "50",
         ],
     );
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     w.terminate();
     assert!(requests.load(Ordering::SeqCst) > 3, "the 503s were retried");
-    let poison = poison_offsets(&topic);
+    let poison = poison_offsets(topic);
     assert_eq!(poison.len(), 10);
     assert_eq!(dead_lettered(&dlq), poison);
-    let (expected, _) = assert_recorded_or_dead(&topic, &group, &[log], &poison);
+    let (expected, _) = assert_recorded_or_dead(topic, group, &[log], &poison);
     assert_eq!(expected, 600);
 }
 
@@ -156,17 +137,12 @@ fn an_unwritable_dlq_holds_the_commit_until_it_can_be_written() {
         eprintln!("skipped: the mock cluster creates topics on demand");
         return;
     }
-    let dir = TestDir::new("dlq-down");
-    let topic = unique("dlq-down");
+    let sc = Scenario::new("dlq-down", 1);
+    let Scenario { topic, group, .. } = &sc;
     let dlq = format!("{topic}.dlq");
-    let group = unique("g");
-    create_topic(&topic, 1);
     let port = free_port();
-    let mut w = spawn_worker(
-        &dir,
+    let mut w = sc.worker(
         "w",
-        &topic,
-        &group,
         port,
         &["--poison-marker", "POISON", "--max-records", "10"],
     );
@@ -182,7 +158,7 @@ fn an_unwritable_dlq_holds_the_commit_until_it_can_be_written() {
         &dlq,
     ]);
     assert!(status.success(), "{out}{err}");
-    produce(&topic, 300, &["--poison-every", "100"]);
+    sc.produce(300, &["--poison-every", "100"]);
     wait_until(
         Duration::from_secs(90),
         "a loud dead-letter failure",
@@ -193,9 +169,9 @@ fn an_unwritable_dlq_holds_the_commit_until_it_can_be_written() {
             .is_some_and(|(code, body)| code == 503 && body.contains("dead-letter backlog"))
     });
     assert!(worker_metric(port, "microbatch_dead_letter_backlog_records").unwrap_or(0.0) >= 1.0);
-    let poison = poison_offsets(&topic);
+    let poison = poison_offsets(topic);
     let first_poison = poison.iter().next().unwrap().1;
-    let committed = lag_json(&topic, &group)["partitions"][0]["committed"]
+    let committed = lag_json(topic, group)["partitions"][0]["committed"]
         .as_i64()
         .unwrap_or(0);
     assert!(
@@ -206,7 +182,7 @@ fn an_unwritable_dlq_holds_the_commit_until_it_can_be_written() {
     wait_until(
         Duration::from_secs(120),
         "lag 0 once the DLQ exists",
-        || total_lag(&topic, &group) == 0,
+        || sc.total_lag() == 0,
     );
     wait_until(Duration::from_secs(30), "ready again", || {
         http_get(port, "/readyz").is_some_and(|(code, _)| code == 200)
@@ -224,27 +200,17 @@ fn an_unwritable_dlq_holds_the_commit_until_it_can_be_written() {
 /// join, not for an interpreter's start-up after it.
 #[test]
 fn exec_children_start_with_the_worker_before_any_batch() {
-    let dir = TestDir::new("exec-prepare");
-    let topic = unique("exec-prepare");
-    let group = unique("g");
-    create_topic(&topic, 1);
+    let sc = Scenario::new("exec-prepare", 1);
+    let Scenario { dir, .. } = &sc;
     let started = dir.path("started.txt");
     let log = dir.path("handled.txt");
-    let cmd = python_handler(&dir, "h.py", format!("import sys, json, os\nwith open({started:?}, 'a') as f:\n    f.write('%d\\n' % os.getpid())\nfd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    os.write(fd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in b['records']).encode())\n    print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n"));
+    let cmd = python_handler(dir, "h.py", format!("import sys, json, os\nwith open({started:?}, 'a') as f:\n    f.write('%d\\n' % os.getpid())\nfd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    os.write(fd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in b['records']).encode())\n    print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n"));
     let children = || {
         std::fs::read_to_string(&started)
             .map(|s| s.lines().count())
             .unwrap_or(0)
     };
-    let mut w = spawn_exec_worker(
-        &dir,
-        "w",
-        &topic,
-        &group,
-        free_port(),
-        &cmd,
-        &["--concurrency", "3"],
-    );
+    let mut w = sc.exec_worker("w", free_port(), &cmd, &["--concurrency", "3"]);
     wait_until(
         Duration::from_secs(60),
         "a handler child per slot, with nothing to handle yet",
@@ -254,8 +220,8 @@ fn exec_children_start_with_the_worker_before_any_batch() {
         audited(std::slice::from_ref(&log)).is_empty(),
         "no batch was sent yet"
     );
-    produce(&topic, 300, &[]);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    sc.produce(300, &[]);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     w.terminate();
     assert_eq!(
         audited(std::slice::from_ref(&log)).len(),
@@ -347,11 +313,9 @@ fn http_worker(dir: &TestDir, topic: &str, group: &str, url: &str) -> Proc {
 /// 200 records were committed unseen.
 #[test]
 fn a_redirecting_endpoint_gets_every_record_once_it_answers_itself() {
-    let dir = TestDir::new("http-redirect");
-    let topic = unique("http-redirect");
-    let group = unique("g");
-    create_topic(&topic, 2);
-    produce(&topic, 200, &[]);
+    let sc = Scenario::new("http-redirect", 2);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(200, &[]);
     // The target: 200 with an empty JSON object to anything, counting calls.
     let target = TcpListener::bind("127.0.0.1:0").unwrap();
     let target_url = format!("http://{}/moved", target.local_addr().unwrap());
@@ -379,15 +343,15 @@ fn a_redirecting_endpoint_gets_every_record_once_it_answers_itself() {
             String::new(),
         )
     });
-    let mut w = http_worker(&dir, &topic, &group, &url);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    let mut w = http_worker(dir, topic, group, &url);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     w.terminate();
     assert_eq!(
         target_calls.load(Ordering::SeqCst),
         0,
         "the redirect was followed"
     );
-    let (expected, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    let (expected, _) = assert_recorded_or_dead(topic, group, &[log], &BTreeSet::new());
     assert_eq!(expected, 200);
     assert!(
         w.stderr().contains("redirects are not followed") && w.stderr().contains(&target_url),
@@ -403,11 +367,9 @@ fn a_redirecting_endpoint_gets_every_record_once_it_answers_itself() {
 /// done: all 200 committed, none accepted.
 #[test]
 fn an_answer_naming_records_outside_the_batch_commits_nothing() {
-    let dir = TestDir::new("http-outside");
-    let topic = unique("http-outside");
-    let group = unique("g");
-    create_topic(&topic, 2);
-    produce(&topic, 200, &[]);
+    let sc = Scenario::new("http-outside", 2);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(200, &[]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/batches", listener.local_addr().unwrap());
     let log = dir.path("accepted.txt");
@@ -437,10 +399,10 @@ fn an_answer_naming_records_outside_the_batch_commits_nothing() {
             serde_json::json!({ "failed": failed }).to_string(),
         )
     });
-    let mut w = http_worker(&dir, &topic, &group, &url);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    let mut w = http_worker(dir, topic, group, &url);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     w.terminate();
-    let (expected, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    let (expected, _) = assert_recorded_or_dead(topic, group, &[log], &BTreeSet::new());
     assert_eq!(expected, 200);
     assert!(
         w.stderr().contains("which the batch does not hold"),
@@ -456,15 +418,13 @@ fn exec_children_get_none_of_the_workers_credentials() {
     let Some(env) = scram_listener() else {
         return;
     };
-    let dir = TestDir::new("exec-env");
-    let topic = unique("exec-env");
-    let group = unique("g");
-    create_topic(&topic, 1);
-    produce(&topic, 50, &[]);
+    let sc = Scenario::new("exec-env", 1);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(50, &[]);
     let seen = dir.path("env.txt");
     let log = dir.path("handled.txt");
     let handler = logging_handler_with(
-        &dir,
+        dir,
         &log,
         &format!("with open({seen:?}, 'w') as f:\n    json.dump(dict(os.environ), f)\n"),
         "",
@@ -484,10 +444,10 @@ fn exec_children_get_none_of_the_workers_credentials() {
     let port = free_port();
     let mut w = spawn_worker_with(
         cmd,
-        &dir,
+        dir,
         "w",
-        &topic,
-        &group,
+        topic,
+        group,
         port,
         &[
             "--handler",
@@ -498,7 +458,7 @@ fn exec_children_get_none_of_the_workers_credentials() {
             "AWS_ACCESS_KEY_ID",
         ],
     );
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     let (_, metrics) = http_get(port, "/metrics").expect("the worker serves /metrics");
     let (_, ready) = http_get(port, "/readyz").expect("the worker serves /readyz");
     w.terminate();
@@ -542,20 +502,15 @@ fn exec_children_get_none_of_the_workers_credentials() {
 /// start was cancelled, and the records waited for ever.
 #[test]
 fn a_handler_slow_to_start_is_started_once_it_can() {
-    let dir = TestDir::new("exec-slow-start");
-    let topic = unique("exec-slow-start");
-    let group = unique("g");
-    create_topic(&topic, 2);
-    produce(&topic, 400, &[]);
+    let sc = Scenario::new("exec-slow-start", 2);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(400, &[]);
     let gate = dir.path("can-start");
     let log = dir.path("handled.txt");
-    let handler = logging_handler(&dir, &log, "");
+    let handler = logging_handler(dir, &log, "");
     let command = format!("[ -e '{}' ] || exit 1; {handler}", gate.display());
-    let mut w = spawn_exec_worker(
-        &dir,
+    let mut w = sc.exec_worker(
         "w",
-        &topic,
-        &group,
         free_port(),
         &command,
         &["--handler-timeout-ms", "5000", "--retry-initial-ms", "50"],
@@ -566,9 +521,9 @@ fn a_handler_slow_to_start_is_started_once_it_can() {
         "nothing could be handled yet"
     );
     std::fs::write(&gate, "").unwrap();
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(90));
+    sc.wait_for_lag_zero(Duration::from_secs(90));
     w.terminate();
-    let (expected, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    let (expected, _) = assert_recorded_or_dead(topic, group, &[log], &BTreeSet::new());
     assert_eq!(expected, 400);
 }
 
@@ -583,13 +538,10 @@ fn large_poison_records_are_dead_lettered() {
         eprintln!("skipped: the mock cluster has no topic configs");
         return;
     }
-    let dir = TestDir::new("dlq-large");
-    let topic = unique("dlq-large");
+    let sc = Scenario::with_topic_configs("dlq-large", 1, &[("max.message.bytes", "3000000")]);
+    let Scenario { topic, .. } = &sc;
     let dlq = format!("{topic}.dlq");
-    let group = unique("g");
-    create_topic_with_configs(&topic, 1, &[("max.message.bytes", "3000000")]);
-    produce(
-        &topic,
+    sc.produce(
         6,
         &[
             "--size",
@@ -600,17 +552,14 @@ fn large_poison_records_are_dead_lettered() {
             "message.max.bytes=3000000",
         ],
     );
-    let mut w = spawn_worker(
-        &dir,
+    let mut w = sc.worker(
         "w",
-        &topic,
-        &group,
         free_port(),
         &["--poison-marker", "POISON", "--max-records", "2"],
     );
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     w.terminate();
-    let poison = poison_offsets(&topic);
+    let poison = poison_offsets(topic);
     assert_eq!(poison.len(), 3);
     assert_eq!(dead_lettered(&dlq), poison);
     assert!(
@@ -625,17 +574,15 @@ fn large_poison_records_are_dead_lettered() {
 /// it retried for ever with a warning, as if the downstream were out.
 #[test]
 fn a_handler_answering_in_the_old_shape_stops_the_worker() {
-    let dir = TestDir::new("exec-old-shape");
-    let topic = unique("exec-old-shape");
-    let group = unique("g");
-    create_topic(&topic, 1);
-    produce(&topic, 20, &[]);
+    let sc = Scenario::new("exec-old-shape", 1);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(20, &[]);
     let old = python_handler(
-        &dir,
+        dir,
         "old.py",
         "import sys, json\nfor line in sys.stdin:\n    print(json.dumps({'failed': []}), flush=True)\n",
     );
-    let mut w = spawn_exec_worker(&dir, "w", &topic, &group, free_port(), &old, &[]);
+    let mut w = sc.exec_worker("w", free_port(), &old, &[]);
     let status = w
         .wait_for_exit(Duration::from_secs(60))
         .expect("the worker stops by itself");
@@ -645,7 +592,7 @@ fn a_handler_answering_in_the_old_shape_stops_the_worker() {
         "{}",
         w.stderr()
     );
-    let committed = lag_json(&topic, &group)["partitions"][0]["committed"].as_i64();
+    let committed = lag_json(topic, group)["partitions"][0]["committed"].as_i64();
     assert!(
         committed.unwrap_or(0) == 0,
         "nothing was answered, nothing may be committed: {committed:?}"
@@ -658,24 +605,119 @@ fn a_handler_answering_in_the_old_shape_stops_the_worker() {
 /// first batch timed out, the child was killed and started again, for ever.
 #[test]
 fn a_handler_slower_to_start_than_its_timeout_gets_its_first_batch_through() {
-    let dir = TestDir::new("exec-startup");
-    let topic = unique("exec-startup");
-    let group = unique("g");
-    create_topic(&topic, 1);
-    produce(&topic, 50, &[]);
+    let sc = Scenario::new("exec-startup", 1);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(50, &[]);
     let log = dir.path("handled.txt");
-    let handler = logging_handler_with(&dir, &log, "import time\ntime.sleep(3)\n", "");
-    let mut w = spawn_exec_worker(
-        &dir,
+    let handler = logging_handler_with(dir, &log, "import time\ntime.sleep(3)\n", "");
+    let mut w = sc.exec_worker(
         "w",
-        &topic,
-        &group,
         free_port(),
         &handler,
         &["--handler-timeout-ms", "1000", "--concurrency", "1"],
     );
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(60));
+    sc.wait_for_lag_zero(Duration::from_secs(60));
     w.terminate();
-    let (expected, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    let (expected, _) = assert_recorded_or_dead(topic, group, &[log], &BTreeSet::new());
     assert_eq!(expected, 50);
+}
+
+/// No secret reaches a dead letter: records an HTTP endpoint refuses (400)
+/// are dead-lettered by a worker that reads Kafka with a SCRAM password and
+/// calls a URL carrying a user, a password and a token in its query. The
+/// dead letters, read with another client, carry why (the 400) and none of
+/// the three secrets in any header, key or value; nor do the worker's log,
+/// `/metrics` or `/readyz`.
+#[test]
+fn no_secret_reaches_a_dead_letter_a_log_or_a_metric() {
+    let Some(env) = scram_listener() else {
+        return;
+    };
+    let sc = Scenario::new("dlq-secrets", 1);
+    let Scenario { dir, topic, group } = &sc;
+    let dlq = sc.dead_letter_topic(1);
+    sc.produce(100, &["--poison-every", "20"]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (url_password, url_token) = ("urlpass-5c1d", "qtok-88e2");
+    let url = format!(
+        "http://svc:{url_password}@{}/batches?token={url_token}",
+        listener.local_addr().unwrap()
+    );
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let Some(body) = read_http_body(&stream) else {
+                continue;
+            };
+            let (status, answer) = if String::from_utf8_lossy(&body).contains("POISON") {
+                ("400 Bad Request", "{\"error\":\"schema mismatch\"}")
+            } else {
+                ("200 OK", "{\"failed\":[]}")
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    let mut cmd = command();
+    cmd.arg("run")
+        .env("KAFKA_BOOTSTRAP_SERVERS", &env["KAFKA_BOOTSTRAP_SERVERS"])
+        .env("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+        .env("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+        .env("KAFKA_USERNAME", &env["KAFKA_USERNAME"])
+        .env("KAFKA_PASSWORD", &env["KAFKA_PASSWORD"])
+        .env("KAFKA_SSL_CA_LOCATION", &env["KAFKA_SSL_CA_LOCATION"]);
+    let port = free_port();
+    let mut w = spawn_worker_with(
+        cmd,
+        dir,
+        "w",
+        topic,
+        group,
+        port,
+        &[
+            "--handler",
+            "http",
+            "--url",
+            &url,
+            "--max-records",
+            "10",
+            "--log-level",
+            "debug",
+        ],
+    );
+    sc.wait_for_lag_zero(Duration::from_secs(120));
+    let (_, metrics) = http_get(port, "/metrics").expect("the worker serves /metrics");
+    let (_, ready) = http_get(port, "/readyz").expect("the worker serves /readyz");
+    w.terminate();
+    let letters = read_topic(&dlq, broker().bootstrap());
+    assert_eq!(
+        letters.len(),
+        poison_offsets(topic).len(),
+        "every refused record was dead-lettered once"
+    );
+    let secrets = [env["KAFKA_PASSWORD"].as_str(), url_password, url_token];
+    for (partition, offset, key, value, headers) in &letters {
+        let error = headers.get("microbatch.error").map(String::as_str);
+        assert!(
+            error
+                .is_some_and(|e| e.contains("400") && e.contains("***@") && e.contains("/batches")),
+            "dead letter {partition}/{offset} says why, naming the endpoint masked: {headers:?}"
+        );
+        let text = format!("{key:?} {value} {headers:?}");
+        for secret in secrets {
+            assert!(
+                !text.contains(secret),
+                "a secret reached dead letter {partition}/{offset}: {headers:?}"
+            );
+        }
+    }
+    let log = w.stderr();
+    for secret in secrets {
+        for (what, text) in [("log", &log), ("/metrics", &metrics), ("/readyz", &ready)] {
+            assert!(!text.contains(secret), "a secret reached the {what}");
+        }
+    }
 }

@@ -3,35 +3,31 @@
 //! handler process itself recorded, the committed offsets, and the
 //! dead-letter topic read with another client.
 
-mod common;
-
 use std::collections::{BTreeSet, HashSet};
 use std::io::Write;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 /// A handler that prints a JSON log line and a blank line on stdout before
 /// every answer loses nothing and dead-letters exactly the poison records.
 #[test]
 fn a_chatty_exec_handler_loses_nothing() {
-    let dir = TestDir::new("chatty");
-    let topic = unique("chatty");
-    let group = unique("g");
-    create_topic(&topic, 4);
-    produce(&topic, 2000, &["--poison-every", "100"]);
+    let sc = Scenario::new("chatty", 4);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(2000, &["--poison-every", "100"]);
     let log = dir.path("handled.txt");
     let chatter = "    print(json.dumps({'level': 'info', 'msg': 'batch', 'records': len(b['records'])}), flush=True)\n    print('', flush=True)\n";
-    let cmd = logging_handler(&dir, &log, chatter);
-    let mut w = spawn_exec_worker(&dir, "w", &topic, &group, free_port(), &cmd, &[]);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    let cmd = logging_handler(dir, &log, chatter);
+    let mut w = sc.exec_worker("w", free_port(), &cmd, &[]);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     w.terminate();
-    let poison = poison_offsets(&topic);
+    let poison = poison_offsets(topic);
     assert_eq!(poison.len(), 20);
     assert_eq!(dead_lettered(&format!("{topic}.dlq")), poison);
-    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &poison);
+    let (n, _) = assert_recorded_or_dead(topic, group, &[log], &poison);
     assert_eq!(n, 2000);
     assert!(
         w.stderr().contains("not an answer"),
@@ -44,14 +40,12 @@ fn a_chatty_exec_handler_loses_nothing() {
 /// --max-attempts, every other record is processed, lag 0.
 #[test]
 fn a_record_that_kills_the_handler_is_isolated_and_dead_lettered() {
-    let dir = TestDir::new("killer");
-    let topic = unique("killer");
-    let group = unique("g");
-    create_topic(&topic, 1);
-    produce(&topic, 64, &[]);
+    let sc = Scenario::new("killer", 1);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(64, &[]);
     let log = dir.path("handled.txt");
     let cmd = python_handler(
-        &dir,
+        dir,
         "killer.py",
         format!(
             "import sys, json, os\n\
@@ -64,16 +58,13 @@ fn a_record_that_kills_the_handler_is_isolated_and_dead_lettered() {
              \x20   print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n"
         ),
     );
-    let mut w = spawn_exec_worker(
-        &dir,
+    let mut w = sc.exec_worker(
         "w",
-        &topic,
-        &group,
         free_port(),
         &cmd,
         &["--ordering", "partition", "--max-records", "64"],
     );
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(240));
+    sc.wait_for_lag_zero(Duration::from_secs(240));
     w.terminate();
     let dead = dead_lettered(&format!("{topic}.dlq"));
     assert_eq!(
@@ -81,7 +72,7 @@ fn a_record_that_kills_the_handler_is_isolated_and_dead_lettered() {
         BTreeSet::from([(0, 0)]),
         "only the killer is dead-lettered"
     );
-    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &dead);
+    let (n, _) = assert_recorded_or_dead(topic, group, &[log], &dead);
     assert_eq!(n, 64);
     let attempts = read_topic(&format!("{topic}.dlq"), broker().bootstrap())[0].4
         ["microbatch.attempts"]
@@ -145,21 +136,16 @@ fn cutting_downstream(listener: TcpListener, accepted: Arc<Mutex<Vec<(i64, i64)>
 
 #[test]
 fn a_cut_off_200_is_retried() {
-    let dir = TestDir::new("cut");
-    let topic = unique("cut");
-    let group = unique("g");
-    create_topic(&topic, 2);
-    produce(&topic, 400, &["--poison-every", "50"]);
+    let sc = Scenario::new("cut", 2);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(400, &["--poison-every", "50"]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/batches", listener.local_addr().unwrap());
     let accepted = Arc::new(Mutex::new(Vec::new()));
     let seen = accepted.clone();
     std::thread::spawn(move || cutting_downstream(listener, seen));
-    let mut w = spawn_worker(
-        &dir,
+    let mut w = sc.worker(
         "w",
-        &topic,
-        &group,
         free_port(),
         &[
             "--handler",
@@ -172,9 +158,9 @@ fn a_cut_off_200_is_retried() {
             "50",
         ],
     );
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     w.terminate();
-    let poison = poison_offsets(&topic);
+    let poison = poison_offsets(topic);
     assert_eq!(poison.len(), 8);
     assert_eq!(dead_lettered(&format!("{topic}.dlq")), poison);
     let log = dir.path("accepted.txt");
@@ -185,7 +171,7 @@ fn a_cut_off_200_is_retried() {
         .map(|(p, o)| format!("{p} {o}\n"))
         .collect();
     std::fs::write(&log, lines).unwrap();
-    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &poison);
+    let (n, _) = assert_recorded_or_dead(topic, group, &[log], &poison);
     assert_eq!(n, 400);
     assert!(
         w.stderr().contains("could not be read in full"),
@@ -197,14 +183,12 @@ fn a_cut_off_200_is_retried() {
 /// it comes back (librdkafka keeps an application's pause across a revoke).
 #[test]
 fn a_partition_paused_when_revoked_is_fetched_again_when_it_returns() {
-    let dir = TestDir::new("paused");
-    let topic = unique("paused");
-    let group = unique("g");
-    create_topic(&topic, 4);
-    produce(&topic, 1200, &[]);
+    let sc = Scenario::new("paused", 4);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(1200, &[]);
     let log = dir.path("handled.txt");
     let slow = "    import time; time.sleep(0.05)\n";
-    let cmd = logging_handler(&dir, &log, slow);
+    let cmd = logging_handler(dir, &log, slow);
     let caps = [
         "--ordering",
         "partition",
@@ -216,12 +200,12 @@ fn a_partition_paused_when_revoked_is_fetched_again_when_it_returns() {
         "1",
     ];
     let port_a = free_port();
-    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, port_a, &cmd, &caps);
+    let mut a = sc.exec_worker("a", port_a, &cmd, &caps);
     wait_until(Duration::from_secs(60), "A holds paused partitions", || {
         worker_metric(port_a, "microbatch_paused_partitions").unwrap_or(0.0) >= 3.0
     });
     // B takes some partitions from A (paused there), then gives them back.
-    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, free_port(), &cmd, &caps);
+    let mut b = sc.exec_worker("b", free_port(), &cmd, &caps);
     wait_until(Duration::from_secs(60), "B has partitions", || {
         worker_metric(port_a, "microbatch_assigned_partitions") == Some(2.0)
     });
@@ -232,9 +216,9 @@ fn a_partition_paused_when_revoked_is_fetched_again_when_it_returns() {
         "A has all partitions again",
         || worker_metric(port_a, "microbatch_assigned_partitions") == Some(4.0),
     );
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
+    sc.wait_for_lag_zero(Duration::from_secs(180));
     a.terminate();
-    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    let (n, _) = assert_recorded_or_dead(topic, group, &[log], &BTreeSet::new());
     assert_eq!(n, 1200);
 }
 
@@ -242,17 +226,15 @@ fn a_partition_paused_when_revoked_is_fetched_again_when_it_returns() {
 /// for the partitions the member keeps, which reach lag 0.
 #[test]
 fn failures_during_a_revoke_are_retried_for_the_kept_partitions() {
-    let dir = TestDir::new("revoke-fail");
-    let topic = unique("revoke-fail");
-    let group = unique("g");
-    create_topic(&topic, 4);
-    produce(&topic, 800, &[]);
+    let sc = Scenario::new("revoke-fail", 4);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(800, &[]);
     let log = dir.path("handled.txt");
     // A fifth of the records fail (named, retryable) on their first
     // attempt, a while after the batch started, so failures of the kept
     // partitions arrive while the revoked ones drain.
     let cmd = python_handler(
-        &dir,
+        dir,
         "flaky.py",
         format!(
             "import sys, json, os, time\n\
@@ -284,20 +266,20 @@ fn failures_during_a_revoke_are_retried_for_the_kept_partitions() {
         "100",
     ];
     let port_a = free_port();
-    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, port_a, &cmd, &opts);
+    let mut a = sc.exec_worker("a", port_a, &cmd, &opts);
     wait_until(Duration::from_secs(60), "A is busy", || {
         worker_metric(port_a, "microbatch_records_failed_total").unwrap_or(0.0) > 0.0
     });
-    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, free_port(), &cmd, &opts);
+    let mut b = sc.exec_worker("b", free_port(), &cmd, &opts);
     wait_until(Duration::from_secs(60), "a revoke happened", || {
         worker_metric(port_a, "microbatch_assigned_partitions") == Some(2.0)
     });
     // B stops while work is left; A takes everything back and finishes it.
     std::thread::sleep(Duration::from_secs(2));
     b.terminate();
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
+    sc.wait_for_lag_zero(Duration::from_secs(180));
     a.terminate();
-    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    let (n, _) = assert_recorded_or_dead(topic, group, &[log], &BTreeSet::new());
     assert_eq!(n, 800);
 }
 
@@ -307,13 +289,11 @@ fn failures_during_a_revoke_are_retried_for_the_kept_partitions() {
 #[test]
 fn sigterm_during_a_revoke_waits_one_drain_deadline_and_leaves_no_handler_behind() {
     const DRAIN_S: u64 = 8;
-    let dir = TestDir::new("revoke-sigterm");
-    let topic = unique("revoke-sigterm");
-    let group = unique("g");
-    create_topic(&topic, 2);
-    produce(&topic, 20, &[]);
+    let sc = Scenario::new("revoke-sigterm", 2);
+    let Scenario { dir, .. } = &sc;
+    sc.produce(20, &[]);
     let hang = python_handler(
-        &dir,
+        dir,
         "hang.py",
         "import sys, time
 for line in sys.stdin:
@@ -335,13 +315,13 @@ for line in sys.stdin:
         &drain_ms,
     ];
     let port_a = free_port();
-    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, port_a, &hang, &opts);
+    let mut a = sc.exec_worker("a", port_a, &hang, &opts);
     wait_until(
         Duration::from_secs(60),
         "A runs a batch of each partition",
         || worker_metric(port_a, "microbatch_slots_busy") == Some(2.0),
     );
-    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, free_port(), &hang, &opts);
+    let mut b = sc.exec_worker("b", free_port(), &hang, &opts);
     wait_until(Duration::from_secs(60), "A revokes a partition", || {
         a.stderr()
             .contains("partitions revoked; finishing their in-flight batches")
@@ -387,18 +367,16 @@ fn processes_running(needle: &str) -> Vec<u32> {
 /// the source topic's partitions.
 #[test]
 fn a_missing_dead_letter_topic_is_created_at_start() {
-    let dir = TestDir::new("dlq-create");
-    let topic = unique("dlq-create");
-    let group = unique("g");
-    create_topic(&topic, 3);
+    let sc = Scenario::new("dlq-create", 3);
+    let Scenario { topic, group, .. } = &sc;
     let port = free_port();
-    let mut w = spawn_worker(&dir, "w", &topic, &group, port, &[]);
+    let mut w = sc.worker("w", port, &[]);
     wait_until(Duration::from_secs(60), "the worker is ready", || {
         http_get(port, "/readyz").is_some_and(|(code, _)| code == 200)
     });
     w.terminate();
     assert!(w.stderr().contains("created the dead-letter topic"));
-    let (status, out, err) = run_lag(&format!("{topic}.dlq"), &group, &["--json"]);
+    let (status, out, err) = run_lag(&format!("{topic}.dlq"), group, &["--json"]);
     assert!(status.success(), "{out}{err}");
     let lag: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(lag["partitions"].as_array().unwrap().len(), 3);
@@ -410,13 +388,12 @@ fn a_missing_dead_letter_topic_is_created_at_start() {
 /// the dead-letter topic gets the source topic's partitions.
 #[test]
 fn a_worker_waits_for_a_missing_topic_and_makes_no_dead_letter_topic_for_it() {
-    let dir = TestDir::new("late-topic");
-    let topic = unique("late-topic");
-    let group = unique("g");
+    let sc = Scenario::without_topic("late-topic");
+    let Scenario { dir, topic, group } = &sc;
     let log = dir.path("handled.txt");
-    let cmd = logging_handler(&dir, &log, "");
+    let cmd = logging_handler(dir, &log, "");
     let port = free_port();
-    let mut w = spawn_exec_worker(&dir, "w", &topic, &group, port, &cmd, &[]);
+    let mut w = sc.exec_worker("w", port, &cmd, &[]);
     wait_until(
         Duration::from_secs(60),
         "/readyz names the missing topic",
@@ -428,18 +405,18 @@ fn a_worker_waits_for_a_missing_topic_and_makes_no_dead_letter_topic_for_it() {
     // Two lookups later there is still no dead-letter topic.
     std::thread::sleep(Duration::from_secs(3));
     let dlq = format!("{topic}.dlq");
-    let (status, out, err) = run_lag(&dlq, &group, &["--json"]);
+    let (status, out, err) = run_lag(&dlq, group, &["--json"]);
     assert!(
         !status.success() && err.contains("does not exist"),
         "no dead-letter topic for a missing topic: {out}{err}"
     );
-    create_topic(&topic, 3);
-    produce(&topic, 300, &[]);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    create_topic(topic, 3);
+    sc.produce(300, &[]);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     w.terminate();
-    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    let (n, _) = assert_recorded_or_dead(topic, group, &[log], &BTreeSet::new());
     assert_eq!(n, 300);
-    let (status, out, err) = run_lag(&dlq, &group, &["--json"]);
+    let (status, out, err) = run_lag(&dlq, group, &["--json"]);
     assert!(status.success(), "{out}{err}");
     let lag: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(lag["partitions"].as_array().unwrap().len(), 3);
@@ -453,13 +430,11 @@ fn a_worker_waits_for_a_missing_topic_and_makes_no_dead_letter_topic_for_it() {
 /// takes a record, naming the topic and the fix.
 #[test]
 fn a_dead_letter_topic_that_cannot_be_made_stops_the_worker_before_consuming() {
-    let dir = TestDir::new("dlq-refused");
-    let topic = unique("dlq-refused");
-    let group = unique("g");
-    create_topic(&topic, 2);
-    produce(&topic, 50, &[]);
+    let sc = Scenario::new("dlq-refused", 2);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(50, &[]);
     let log = dir.path("handled.txt");
-    let cmd = logging_handler(&dir, &log, "");
+    let cmd = logging_handler(dir, &log, "");
     let dlq = format!("{topic}.dlq");
     for (why, extra) in [
         // One broker cannot hold three replicas: the broker refuses.
@@ -469,7 +444,7 @@ fn a_dead_letter_topic_that_cannot_be_made_stops_the_worker_before_consuming() {
         ),
         ("--dlq-create is off", &["--dlq-create", "off"][..]),
     ] {
-        let mut w = spawn_exec_worker(&dir, "w", &topic, &group, free_port(), &cmd, extra);
+        let mut w = sc.exec_worker("w", free_port(), &cmd, extra);
         let status = w
             .wait_for_exit(Duration::from_secs(60))
             .expect("the worker stops by itself");
@@ -483,7 +458,7 @@ fn a_dead_letter_topic_that_cannot_be_made_stops_the_worker_before_consuming() {
         );
     }
     assert!(!log.exists(), "the handler never saw a record");
-    let lag = lag_json(&topic, &group);
+    let lag = lag_json(topic, group);
     for p in lag["partitions"].as_array().unwrap() {
         assert!(p["committed"].is_null(), "nothing committed: {p}");
     }
@@ -496,10 +471,8 @@ fn a_dead_letter_topic_that_cannot_be_made_stops_the_worker_before_consuming() {
 fn lag_reaches_zero_on_a_transactional_topic() {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     use rdkafka::ClientConfig;
-    let dir = TestDir::new("txn");
-    let topic = unique("txn");
-    let group = unique("g");
-    create_topic(&topic, 2);
+    let sc = Scenario::new("txn", 2);
+    let Scenario { dir, topic, .. } = &sc;
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", broker().bootstrap())
         .set("transactional.id", unique("txn-producer"))
@@ -514,7 +487,7 @@ fn lag_reaches_zero_on_a_transactional_topic() {
             let key = format!("k{i}");
             let value = format!("{txn}-{i}");
             producer
-                .send(BaseRecord::to(&topic).key(&key).payload(&value))
+                .send(BaseRecord::to(topic).key(&key).payload(&value))
                 .expect("send");
         }
         producer
@@ -523,17 +496,14 @@ fn lag_reaches_zero_on_a_transactional_topic() {
     }
     drop(producer);
     let log = dir.path("handled.txt");
-    let cmd = logging_handler(&dir, &log, "");
-    let mut w = spawn_exec_worker(
-        &dir,
+    let cmd = logging_handler(dir, &log, "");
+    let mut w = sc.exec_worker(
         "w",
-        &topic,
-        &group,
         free_port(),
         &cmd,
         &["--kafka-property", "isolation.level=read_committed"],
     );
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(60));
+    sc.wait_for_lag_zero(Duration::from_secs(60));
     w.terminate();
     let seen = audited(&[log]);
     assert_eq!(seen.len(), 100, "every record reached the handler");
@@ -547,20 +517,18 @@ fn lag_reaches_zero_on_a_transactional_topic() {
 /// already owned.
 #[test]
 fn a_worker_frozen_past_its_session_drops_its_lost_partitions() {
-    let dir = TestDir::new("lost");
-    let topic = unique("lost");
-    let group = unique("g");
-    create_topic(&topic, 4);
-    produce(&topic, 2000, &[]);
+    let sc = Scenario::new("lost", 4);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(2000, &[]);
     let log = dir.path("handled.txt");
-    let cmd = logging_handler(&dir, &log, "    import time; time.sleep(0.05)\n");
+    let cmd = logging_handler(dir, &log, "    import time; time.sleep(0.05)\n");
     let caps = ["--max-records", "10", "--concurrency", "2"];
     let (port_a, port_b) = (free_port(), free_port());
-    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, port_a, &cmd, &caps);
+    let mut a = sc.exec_worker("a", port_a, &cmd, &caps);
     wait_until(Duration::from_secs(60), "A works", || {
         !audited(std::slice::from_ref(&log)).is_empty()
     });
-    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, port_b, &cmd, &caps);
+    let mut b = sc.exec_worker("b", port_b, &cmd, &caps);
     wait_until(Duration::from_secs(60), "B has partitions", || {
         worker_metric(port_b, "microbatch_assigned_partitions") == Some(2.0)
     });
@@ -572,10 +540,10 @@ fn a_worker_frozen_past_its_session_drops_its_lost_partitions() {
     wait_until(Duration::from_secs(60), "A knows it lost them", || {
         a.stderr().contains("partitions lost")
     });
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
+    sc.wait_for_lag_zero(Duration::from_secs(180));
     a.terminate();
     b.terminate();
-    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    let (n, _) = assert_recorded_or_dead(topic, group, &[log], &BTreeSet::new());
     assert_eq!(n, 2000);
 }
 
@@ -585,16 +553,14 @@ fn a_worker_frozen_past_its_session_drops_its_lost_partitions() {
 /// next worker handles it all. A repeat within the second does not.
 #[test]
 fn a_second_sigterm_stops_at_once_and_loses_nothing() {
-    let dir = TestDir::new("second-term");
-    let topic = unique("second-term");
-    let group = unique("g");
-    create_topic(&topic, 2);
-    produce(&topic, 100, &[]);
+    let sc = Scenario::new("second-term", 2);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(100, &[]);
     let log = dir.path("handled.txt");
     let gate = dir.path("go");
     // Handles nothing until the gate file exists: every batch stays in flight.
     let cmd = logging_handler(
-        &dir,
+        dir,
         &log,
         &format!("    import time\n    while not os.path.exists({gate:?}): time.sleep(0.05)\n"),
     );
@@ -605,7 +571,7 @@ fn a_second_sigterm_stops_at_once_and_loses_nothing() {
         "--handler-timeout-ms",
         "600000",
     ];
-    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, port, &cmd, &opts);
+    let mut a = sc.exec_worker("a", port, &cmd, &opts);
     wait_until(Duration::from_secs(60), "batches in flight", || {
         worker_metric(port, "microbatch_slots_busy").unwrap_or(0.0) >= 1.0
     });
@@ -632,9 +598,9 @@ fn a_second_sigterm_stops_at_once_and_loses_nothing() {
         processes_running(script).is_empty()
     });
     std::fs::write(&gate, "").unwrap();
-    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, free_port(), &cmd, &[]);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    let mut b = sc.exec_worker("b", free_port(), &cmd, &[]);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     b.terminate();
-    let (n, _) = assert_recorded_or_dead(&topic, &group, &[log], &BTreeSet::new());
+    let (n, _) = assert_recorded_or_dead(topic, group, &[log], &BTreeSet::new());
     assert_eq!(n, 100);
 }

@@ -1,12 +1,10 @@
 //! `microbatch scaler` through a gRPC client generated from the same proto,
 //! with real lag on a real broker.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use microbatch_scaling::scaler::proto::external_scaler_client::ExternalScalerClient;
 use microbatch_scaling::scaler::proto::{GetMetricsRequest, ScaledObjectRef};
 use tonic::transport::Channel;
@@ -76,21 +74,19 @@ fn scaler_serves_keda_metrics_that_agree_with_lag() {
         eprintln!("skipped: the scaler test needs a real broker (group listing)");
         return;
     }
-    let dir = TestDir::new("scaler");
-    let topic = unique("scaler");
-    let group = unique("g");
-    create_topic(&topic, 4);
+    let sc = Scenario::new("scaler", 4);
+    let Scenario { dir, topic, group } = &sc;
     let before_produce = Instant::now();
-    produce(&topic, 400, &[]);
+    sc.produce(400, &[]);
     let grpc = free_port();
     let http = free_port();
-    let _scaler = spawn_scaler(&dir, grpc, http, &["--stream-interval-ms", "300"]);
+    let _scaler = spawn_scaler(dir, grpc, http, &["--stream-interval-ms", "300"]);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(exercise(&dir, &topic, &group, grpc, (http, before_produce)));
+    runtime.block_on(exercise(dir, topic, group, grpc, (http, before_produce)));
 }
 
 async fn exercise(
@@ -278,15 +274,10 @@ fn paired_calls_get_the_decisions_single_calls_get_and_metrics_are_real() {
         eprintln!("skipped: the scaler test needs a real broker (group listing)");
         return;
     }
-    let dir = TestDir::new("scaler-paired");
-    let topic = unique("16-paired");
-    let group = unique("16-g");
-    create_topic(&topic, 8);
-    let mut worker = spawn_worker(
-        &dir,
+    let sc = Scenario::new("scaler-paired", 8);
+    let Scenario { dir, topic, group } = &sc;
+    let mut worker = sc.worker(
         "w",
-        &topic,
-        &group,
         free_port(),
         &["--process-time-ms", "2", "--concurrency", "4"],
     );
@@ -296,7 +287,7 @@ fn paired_calls_get_the_decisions_single_calls_get_and_metrics_are_real() {
         "--bootstrap-servers",
         broker().bootstrap(),
         "--topic",
-        &topic,
+        topic,
         "--count",
         "40000",
         "--rate",
@@ -305,15 +296,15 @@ fn paired_calls_get_the_decisions_single_calls_get_and_metrics_are_real() {
     ]);
     let mut producer = Proc::spawn(load, dir.path("produce.stderr"));
     let (grpc, http) = (free_port(), free_port());
-    let mut scaler = spawn_scaler(&dir, grpc, http, &["--polling-interval-ms", "1000"]);
+    let mut scaler = spawn_scaler(dir, grpc, http, &["--polling-interval-ms", "1000"]);
     let meta = [
         ("policy", "rate"),
         ("minReplicas", "1"),
         ("maxReplicas", "8"),
         ("targetDrainSeconds", "30"),
     ];
-    let single = named("single", &topic, &group, &meta);
-    let paired = named("paired", &topic, &group, &meta);
+    let single = named("single", topic, group, &meta);
+    let paired = named("paired", topic, group, &meta);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let rounds: Vec<(i64, i64, bool)> = rt.block_on(async {
         let mut client = ExternalScalerClient::new(connect(grpc).await);

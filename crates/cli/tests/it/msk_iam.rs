@@ -5,8 +5,6 @@
 //! or from a web identity token file exchanged at a local STS stand-in.
 //! Every output of these tests is searched for the secrets.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -14,7 +12,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 /// The MSK_IAM listener's client settings (`.kafka-local/msk-iam.env`).
 fn iam_env() -> Option<BTreeMap<String, String>> {

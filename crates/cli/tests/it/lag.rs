@@ -1,12 +1,10 @@
 //! `microbatch lag`: lag in records and in seconds, checked against records
 //! produced with known timestamps on a real broker.
 
-mod common;
-
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use common::admin::*;
-use common::*;
+use crate::harness::admin::*;
+use crate::harness::*;
 
 fn now_ms() -> i64 {
     SystemTime::now()

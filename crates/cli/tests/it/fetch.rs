@@ -2,11 +2,9 @@
 //! back after a rebalance are fetched again, headers still reach handlers
 //! that read them, and `--max-records-held` bounds what is taken in.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
@@ -23,27 +21,25 @@ fn assigned(port: u16) -> Option<f64> {
 /// as the handler processes themselves recorded.
 #[test]
 fn partitions_given_back_after_a_rebalance_are_fetched_again() {
-    let dir = TestDir::new("given-back");
-    let topic = unique("given-back");
-    let group = unique("g");
-    create_topic(&topic, 4);
+    let sc = Scenario::new("given-back", 4);
+    let Scenario { dir, .. } = &sc;
     let (pa, pb) = (free_port(), free_port());
-    let cmd = recording_handler(&dir, HandlerBehaviour::default());
-    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, pa, &cmd, &[]);
+    let cmd = recording_handler(dir, HandlerBehaviour::default());
+    let mut a = sc.exec_worker("a", pa, &cmd, &[]);
     wait_until(Duration::from_secs(60), "a owns all 4 partitions", || {
         assigned(pa) == Some(4.0)
     });
-    produce(&topic, 2_000, &["--keys", "100"]);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    sc.produce(2_000, &["--keys", "100"]);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
 
-    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, pb, &cmd, &[]);
+    let mut b = sc.exec_worker("b", pb, &cmd, &[]);
     wait_until(
         Duration::from_secs(60),
         "a and b share the partitions",
         || assigned(pa) == Some(2.0) && assigned(pb) == Some(2.0),
     );
-    produce(&topic, 2_000, &["--keys", "100"]);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    sc.produce(2_000, &["--keys", "100"]);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     b.signal(SIGTERM);
     let status = b.wait_for_exit(Duration::from_secs(60)).expect("b exits");
     assert!(status.success(), "{}", b.stderr());
@@ -51,23 +47,21 @@ fn partitions_given_back_after_a_rebalance_are_fetched_again() {
         assigned(pa) == Some(4.0)
     });
 
-    produce(&topic, 2_000, &["--keys", "100"]);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    sc.produce(2_000, &["--keys", "100"]);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     let (_, metrics) = http_get(pa, "/metrics").expect("metrics answer");
     let assigns = labelled_metric(&metrics, "microbatch_rebalances_total{kind=\"assign\"}");
     assert!(assigns.unwrap_or(0.0) >= 2.0, "{metrics}");
     a.terminate();
-    let (expected, _) = assert_all_handled(&dir, &topic, &group);
+    let (expected, _) = sc.assert_all_handled();
     assert_eq!(expected, 6_000);
 }
 
 /// Record headers reach a handler that reads them (`exec`), byte for byte.
 #[test]
 fn headers_reach_an_exec_handler() {
-    let dir = TestDir::new("headers");
-    let topic = unique("headers");
-    let group = unique("g");
-    create_topic(&topic, 2);
+    let sc = Scenario::new("headers", 2);
+    let Scenario { dir, topic, .. } = &sc;
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", broker().bootstrap())
         .create()
@@ -80,7 +74,7 @@ fn headers_reach_an_exec_handler() {
         });
         producer
             .send(
-                BaseRecord::to(&topic)
+                BaseRecord::to(topic)
                     .key(&key)
                     .payload(&value)
                     .headers(headers),
@@ -91,7 +85,7 @@ fn headers_reach_an_exec_handler() {
 
     let seen = dir.path("seen.jsonl");
     let cmd = python_handler(
-        &dir,
+        dir,
         "handler.py",
         format!(
             "import sys, json\nout = open({:?}, 'a')\nfor line in sys.stdin:\n    b = json.loads(line)\n    for r in b['records']:\n        out.write(json.dumps([r['value'], r['headers']]) + '\\n')\n    out.flush()\n    print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n",
@@ -99,8 +93,8 @@ fn headers_reach_an_exec_handler() {
         ),
     );
     let port = free_port();
-    let mut w = spawn_exec_worker(&dir, "w", &topic, &group, port, &cmd, &[]);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    let mut w = sc.exec_worker("w", port, &cmd, &[]);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     w.terminate();
     let text = std::fs::read_to_string(&seen).expect("the handler wrote what it saw");
     let mut values = Vec::new();
@@ -121,24 +115,19 @@ fn headers_reach_an_exec_handler() {
 /// per-partition caps alone would allow four times the cap.
 #[test]
 fn the_held_cap_bounds_intake() {
-    let dir = TestDir::new("held-cap");
-    let topic = unique("held-cap");
-    let group = unique("g");
-    create_topic(&topic, 4);
-    produce(&topic, 20_000, &["--keys", "200"]);
+    let sc = Scenario::new("held-cap", 4);
+    let Scenario { dir, .. } = &sc;
+    sc.produce(20_000, &["--keys", "200"]);
     let port = free_port();
     let cmd = recording_handler(
-        &dir,
+        dir,
         HandlerBehaviour {
             ms_per_record: 1,
             ..HandlerBehaviour::default()
         },
     );
-    let mut w = spawn_exec_worker(
-        &dir,
+    let mut w = sc.exec_worker(
         "w",
-        &topic,
-        &group,
         port,
         &cmd,
         &[
@@ -155,11 +144,11 @@ fn the_held_cap_bounds_intake() {
         if let Some(held) = worker_metric(port, "microbatch_records_held") {
             peak = peak.max(held);
         }
-        total_lag(&topic, &group) == 0
+        sc.total_lag() == 0
     });
     w.terminate();
     assert!(peak >= 2_000.0, "the cap was reached (peak {peak})");
     assert!(peak <= 4_048.0, "held stayed near the cap (peak {peak})");
-    let (expected, _) = assert_all_handled(&dir, &topic, &group);
+    let (expected, _) = sc.assert_all_handled();
     assert_eq!(expected, 20_000);
 }

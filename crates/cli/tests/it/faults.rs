@@ -6,12 +6,10 @@
 //! real Kafka: what the recording exec handler's processes finished, and the
 //! group's committed offsets read from the mock cluster with `microbatch lag`.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 

@@ -1,14 +1,16 @@
-//! Test harness: a broker per test run, a topic and group per test, and the
-//! real `microbatch` binary run as child processes.
+//! Test harness: a broker per test run, a [`Scenario`] (directory, topic,
+//! group, workers) per test, and the real `microbatch` binary run as child
+//! processes.
 //!
 //! The broker is real Kafka when `MICROBATCH_TEST_BOOTSTRAP` names it (as
 //! `scripts/test.sh` does). Outside CI, without it, tests fall back to
 //! librdkafka's mock cluster, started in this process; with `CI=true` they
 //! refuse to, so CI always proves behaviour against real Kafka.
 
-#![allow(dead_code)]
-
 pub mod admin;
+mod scenario;
+
+pub use scenario::Scenario;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -584,6 +586,7 @@ pub fn read_topic(topic: &str, bootstrap: &str) -> Vec<Consumed> {
     out
 }
 
+#[allow(dead_code)] // tests/chaos.rs
 pub fn scripts_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts")
 }
@@ -602,6 +605,7 @@ pub fn worker_metric(port: u16, name: &str) -> Option<f64> {
 
 /// Stops the broker and starts it again (real Kafka through
 /// scripts/kafka-local.sh; the mock cluster by taking its brokers down).
+#[allow(dead_code)] // tests/chaos.rs
 pub fn restart_broker(down_for: Duration) {
     match broker() {
         Broker::Real { .. } => {
@@ -878,85 +882,4 @@ pub fn handled_by(path: &Path) -> String {
         .unwrap_or_default();
     let rest = name.strip_prefix("handled-").unwrap_or(name);
     rest.rsplit_once('-').map_or(rest, |(w, _)| w).to_string()
-}
-
-/// What each worker ([`handled_by`]) finished first, by when: every
-/// record, and those another handling did again later, with when that was.
-#[derive(Debug, Default, Clone)]
-pub struct FirstHandled {
-    pub finished: Vec<f64>,
-    /// (first finished, handled again) of each record handled again.
-    pub replayed: Vec<(f64, f64)>,
-}
-
-pub fn first_handlers(paths: &[PathBuf]) -> BTreeMap<String, FirstHandled> {
-    let lines = handled_lines(paths);
-    // (who, when, counted as replayed yet) of each record's first handling.
-    let mut first: BTreeMap<(i32, i64), (String, f64, bool)> = BTreeMap::new();
-    let mut out: BTreeMap<String, FirstHandled> = BTreeMap::new();
-    for (t, key, worker) in lines {
-        match first.get_mut(&key) {
-            Some((by, at, counted)) => {
-                if !*counted {
-                    *counted = true;
-                    out.entry(by.clone()).or_default().replayed.push((*at, t));
-                }
-            }
-            None => {
-                out.entry(worker.clone()).or_default().finished.push(t);
-                first.insert(key, (worker, t, false));
-            }
-        }
-    }
-    out
-}
-
-/// The most of `times` (sorted) inside any window of `width` seconds.
-pub fn densest_window(times: &[f64], width: f64) -> usize {
-    let mut best = 0;
-    let mut start = 0;
-    for (end, t) in times.iter().enumerate() {
-        while times[start] < t - width {
-            start += 1;
-        }
-        best = best.max(end + 1 - start);
-    }
-    best
-}
-
-/// When each record was handled again after its first time, from the
-/// `partition offset unix-seconds` lines of [`recording_handler`]'s files.
-pub fn redelivery_times(paths: &[PathBuf]) -> Vec<f64> {
-    let mut first: BTreeSet<(i32, i64)> = BTreeSet::new();
-    handled_lines(paths)
-        .into_iter()
-        .filter(|(_, key, _)| !first.insert(*key))
-        .map(|(t, _, _)| t)
-        .collect()
-}
-
-/// Every `partition offset unix-seconds` line of [`recording_handler`]'s
-/// files, with the worker that wrote it ([`handled_by`]), oldest first.
-fn handled_lines(paths: &[PathBuf]) -> Vec<(f64, (i32, i64), String)> {
-    let mut lines: Vec<(f64, (i32, i64), String)> = Vec::new();
-    for p in paths {
-        let worker = handled_by(p);
-        for line in std::fs::read_to_string(p).unwrap_or_default().lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if let [p, o, t] = f[..] {
-                let key = (p.parse().unwrap(), o.parse().unwrap());
-                lines.push((t.parse().unwrap(), key, worker.clone()));
-            }
-        }
-    }
-    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
-    lines
-}
-
-/// Seconds since the Unix epoch, as the handler's records have them.
-pub fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
 }

@@ -1,11 +1,9 @@
 //! `microbatch top` in a real terminal (tmux), and its plain-line mode.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 fn tmux(args: &[&str]) -> String {
     let out = Command::new("tmux")
@@ -22,10 +20,9 @@ fn top_draws_lag_per_partition_in_a_terminal_and_quits_on_q() {
         eprintln!("skipped: no tmux");
         return;
     }
-    let topic = unique("top");
-    let group = unique("g");
-    create_topic(&topic, 4);
-    produce(&topic, 300, &["--partitions", "0,1,2"]);
+    let sc = Scenario::new("top", 4);
+    let Scenario { topic, group, .. } = &sc;
+    sc.produce(300, &["--partitions", "0,1,2"]);
     let session = unique("mbtop");
     let cmdline = format!(
         "{BIN} top --bootstrap-servers {} --topic {topic} --group {group} --interval-ms 300",
@@ -68,20 +65,18 @@ fn top_draws_lag_per_partition_in_a_terminal_and_quits_on_q() {
 
 #[test]
 fn top_prints_plain_lines_when_not_a_terminal() {
-    let dir = TestDir::new("top-plain");
-    let topic = unique("top-plain");
-    let group = unique("g");
-    create_topic(&topic, 2);
-    produce(&topic, 50, &["--partitions", "1"]);
+    let sc = Scenario::new("top-plain", 2);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(50, &["--partitions", "1"]);
     let mut cmd = command();
     cmd.args([
         "top",
         "--bootstrap-servers",
         broker().bootstrap(),
         "--topic",
-        &topic,
+        topic,
         "--group",
-        &group,
+        group,
     ]);
     cmd.args(["--interval-ms", "200"]);
     let out_path = dir.path("out.txt");

@@ -11,16 +11,14 @@
 //! persists over two polls, and a commit that moves between polls; and
 //! triggers without a topic, over the two topics the group committed on.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
-use common::admin::*;
-use common::*;
+use crate::harness::admin::*;
+use crate::harness::*;
 use microbatch_scaling::scaler::proto::external_scaler_client::ExternalScalerClient;
 use microbatch_scaling::scaler::proto::{GetMetricsRequest, ScaledObjectRef};
 use tonic::transport::Channel;

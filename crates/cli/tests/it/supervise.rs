@@ -3,11 +3,9 @@
 //! child killed mid-run loses nothing (as the handler processes the children
 //! run recorded, and the group's committed offsets, show).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 fn timeline(path: &std::path::Path) -> Vec<serde_json::Value> {
     read(path)
@@ -88,15 +86,13 @@ fn supervise(dir: &TestDir, topic: &str, group: &str, policy: &[&str]) -> Proc {
 
 #[test]
 fn rate_policy_scales_up_drains_and_scales_back_and_a_killed_child_loses_nothing() {
-    let dir = TestDir::new("supervise-rate");
-    let topic = unique("supervise");
-    let group = unique("g");
-    create_topic(&topic, 8);
-    produce(&topic, 20_000, &["--keys", "1000"]);
+    let sc = Scenario::new("supervise-rate", 8);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(20_000, &["--keys", "1000"]);
     let mut sup = supervise(
-        &dir,
-        &topic,
-        &group,
+        dir,
+        topic,
+        group,
         &[
             "--policy",
             "rate",
@@ -117,14 +113,14 @@ fn rate_policy_scales_up_drains_and_scales_back_and_a_killed_child_loses_nothing
             .any(|p| p["replicas"].as_u64().unwrap() > 1)
     });
     wait_until(Duration::from_secs(60), "progress", || {
-        total_lag(&topic, &group) < 18_000
+        sc.total_lag() < 18_000
     });
     let children = children_of(sup.pid() as u32);
     assert!(children.len() >= 2, "several workers run: {children:?}");
     unsafe {
         libc::kill(children[0] as i32, 9);
     }
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
+    sc.wait_for_lag_zero(Duration::from_secs(180));
     wait_until(
         Duration::from_secs(60),
         "replicas back to the minimum",
@@ -154,7 +150,7 @@ fn rate_policy_scales_up_drains_and_scales_back_and_a_killed_child_loses_nothing
         .expect("supervise exits on SIGTERM");
     assert!(status.success(), "{}", sup.stderr());
     assert!(children_of(sup.pid() as u32).is_empty());
-    let (expected, duplicates) = assert_all_handled(&dir, &topic, &group);
+    let (expected, duplicates) = sc.assert_all_handled();
     assert_eq!(expected, 20_000);
     eprintln!(
         "supervise: {} timeline points, {duplicates} duplicates",
@@ -164,19 +160,17 @@ fn rate_policy_scales_up_drains_and_scales_back_and_a_killed_child_loses_nothing
 
 #[test]
 fn keda_policy_caps_at_partitions_and_scales_back() {
-    let dir = TestDir::new("supervise-keda");
-    let topic = unique("supervise-keda");
-    let group = unique("g");
-    create_topic(&topic, 4);
-    produce(&topic, 8000, &["--keys", "1000"]);
+    let sc = Scenario::new("supervise-keda", 4);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(8000, &["--keys", "1000"]);
     let mut sup = supervise(
-        &dir,
-        &topic,
-        &group,
+        dir,
+        topic,
+        group,
         &["--policy", "keda", "--lag-threshold", "3"],
     );
     let tl = dir.path("timeline.jsonl");
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
+    sc.wait_for_lag_zero(Duration::from_secs(180));
     wait_until(
         Duration::from_secs(60),
         "replicas back to the minimum",
@@ -201,7 +195,7 @@ fn keda_policy_caps_at_partitions_and_scales_back() {
         .wait_for_exit(Duration::from_secs(60))
         .unwrap()
         .success());
-    let (expected, _) = assert_all_handled(&dir, &topic, &group);
+    let (expected, _) = sc.assert_all_handled();
     assert_eq!(expected, 8000);
 }
 

@@ -1,13 +1,11 @@
 //! `microbatch demo --quick`: the main job, on the embedded broker and on real
 //! Kafka, with its report checked and its HTML rendered in headless Chromium.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 fn check_report(json: &Path) -> serde_json::Value {
     let report: serde_json::Value =

@@ -1,10 +1,8 @@
 //! `microbatch topic create` and `topic delete` against a real broker.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 fn topic_cmd(action: &str, topic: &str, extra: &[&str]) -> (bool, String, String) {
     let mut args = vec![

@@ -1,10 +1,8 @@
 //! `microbatch run` against a real broker: delivery, shutdown, security, bad input.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 const SIGTERM: i32 = 15;
 
@@ -13,16 +11,14 @@ const SIGTERM: i32 = 15;
 /// at 0, and both exit 0 on SIGTERM.
 #[test]
 fn two_workers_process_every_offset_and_exit_cleanly() {
-    let dir = TestDir::new("two-workers");
-    let topic = unique("two-workers");
-    let group = unique("g");
-    create_topic(&topic, 8);
+    let sc = Scenario::new("two-workers", 8);
+    let Scenario { dir, .. } = &sc;
 
     let (pa, pb) = (free_port(), free_port());
     // The handler processes record what they handled: the evidence.
-    let cmd = recording_handler(&dir, HandlerBehaviour::default());
-    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, pa, &cmd, &[]);
-    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, pb, &cmd, &[]);
+    let cmd = recording_handler(dir, HandlerBehaviour::default());
+    let mut a = sc.exec_worker("a", pa, &cmd, &[]);
+    let mut b = sc.exec_worker("b", pb, &cmd, &[]);
     // Both members own partitions before the records arrive, so both work.
     wait_until(Duration::from_secs(60), "both workers ready", || {
         [pa, pb]
@@ -32,8 +28,8 @@ fn two_workers_process_every_offset_and_exit_cleanly() {
                 .iter()
                 .all(|p| worker_metric(*p, "microbatch_assigned_partitions") == Some(4.0))
     });
-    produce(&topic, 20_000, &["--keys", "500"]);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    sc.produce(20_000, &["--keys", "500"]);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     let (s, metrics) = http_get(pa, "/metrics").expect("metrics answer");
     assert_eq!(s, 200);
     assert!(
@@ -56,13 +52,13 @@ fn two_workers_process_every_offset_and_exit_cleanly() {
     assert!(sa.success(), "worker a: {sa:?}\n{}", a.stderr());
     assert!(sb.success(), "worker b: {sb:?}\n{}", b.stderr());
 
-    let (expected, duplicates) = assert_all_handled(&dir, &topic, &group);
+    let (expected, duplicates) = sc.assert_all_handled();
     assert_eq!(expected, 20_000);
     eprintln!("duplicates: {duplicates}");
-    assert_eq!(total_lag(&topic, &group), 0);
+    assert_eq!(sc.total_lag(), 0);
     for w in ["a", "b"] {
         assert!(
-            handled_files(&dir)
+            handled_files(dir)
                 .iter()
                 .any(|f| handled_by(f) == w && !read(f).is_empty()),
             "worker {w}'s handler processed records too"
@@ -75,27 +71,25 @@ fn two_workers_process_every_offset_and_exit_cleanly() {
 /// is handled twice (as the handler processes recorded) and none is lost.
 #[test]
 fn a_worker_that_joins_and_one_that_leaves_on_sigterm_hand_over_nothing_twice() {
-    let dir = TestDir::new("handover");
-    let topic = unique("handover");
-    let group = unique("g");
-    create_topic(&topic, 8);
+    let sc = Scenario::new("handover", 8);
+    let Scenario { dir, topic, .. } = &sc;
     let mut producer = {
         let mut cmd = command();
         cmd.args(["produce", "--bootstrap-servers", broker().bootstrap()]);
-        cmd.args(["--topic", &topic, "--count", "24000", "--rate", "2000"]);
+        cmd.args(["--topic", topic, "--count", "24000", "--rate", "2000"]);
         cmd.args(["--keys", "10000", "--quiet"]);
         Proc::spawn(cmd, dir.path("produce.stderr"))
     };
-    let cmd = recording_handler(&dir, HandlerBehaviour::default());
+    let cmd = recording_handler(dir, HandlerBehaviour::default());
     // Several lanes per partition finish out of order: a handover must fill
     // the holes below what its lanes finished.
     let extra = ["--max-records", "50", "--concurrency", "2"];
     let (pa, pb) = (free_port(), free_port());
-    let mut a = spawn_exec_worker(&dir, "a", &topic, &group, pa, &cmd, &extra);
+    let mut a = sc.exec_worker("a", pa, &cmd, &extra);
     wait_until(Duration::from_secs(60), "a handles records", || {
-        handled(&dir).len() >= 2000
+        handled(dir).len() >= 2000
     });
-    let mut b = spawn_exec_worker(&dir, "b", &topic, &group, pb, &cmd, &extra);
+    let mut b = sc.exec_worker("b", pb, &cmd, &extra);
     let b_handled = |dir: &TestDir| {
         handled_files(dir)
             .iter()
@@ -104,7 +98,7 @@ fn a_worker_that_joins_and_one_that_leaves_on_sigterm_hand_over_nothing_twice() 
             .sum::<usize>()
     };
     wait_until(Duration::from_secs(60), "b handles records", || {
-        b_handled(&dir) >= 2000
+        b_handled(dir) >= 2000
     });
     b.signal(SIGTERM);
     let status = b.wait_for_exit(Duration::from_secs(60)).expect("b exits");
@@ -113,9 +107,9 @@ fn a_worker_that_joins_and_one_that_leaves_on_sigterm_hand_over_nothing_twice() 
         .wait_for_exit(Duration::from_secs(120))
         .expect("the producer finishes");
     assert!(status.success(), "{}", producer.stderr());
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     a.terminate();
-    let (expected, duplicates) = assert_all_handled(&dir, &topic, &group);
+    let (expected, duplicates) = sc.assert_all_handled();
     assert_eq!(expected, 24_000);
     assert_eq!(
         duplicates, 0,
@@ -126,15 +120,13 @@ fn a_worker_that_joins_and_one_that_leaves_on_sigterm_hand_over_nothing_twice() 
 /// SIGTERM mid-run, then a restart: nothing is lost across the two runs.
 #[test]
 fn sigterm_mid_run_then_restart_loses_nothing() {
-    let dir = TestDir::new("restart");
-    let topic = unique("restart");
-    let group = unique("g");
-    create_topic(&topic, 4);
-    produce(&topic, 4000, &[]);
+    let sc = Scenario::new("restart", 4);
+    let Scenario { dir, .. } = &sc;
+    sc.produce(4000, &[]);
     let port = free_port();
     // Small caps on records held, so the stop comes well before the end.
     let cmd = recording_handler(
-        &dir,
+        dir,
         HandlerBehaviour {
             ms_per_record: 1,
             ..HandlerBehaviour::default()
@@ -148,25 +140,25 @@ fn sigterm_mid_run_then_restart_loses_nothing() {
         "--max-records-held",
         "400",
     ];
-    let mut first = spawn_exec_worker(&dir, "first", &topic, &group, port, &cmd, &extra);
+    let mut first = sc.exec_worker("first", port, &cmd, &extra);
     wait_until(Duration::from_secs(60), "some progress", || {
-        handled(&dir).len() >= 400
+        handled(dir).len() >= 400
     });
     first.signal(SIGTERM);
     let status = first
         .wait_for_exit(Duration::from_secs(60))
         .expect("exits after SIGTERM");
     assert!(status.success(), "{}", first.stderr());
-    let done_first = handled(&dir).len();
+    let done_first = handled(dir).len();
     assert!(
         done_first < 4000,
         "the first run was stopped before the end ({done_first})"
     );
 
-    let mut second = spawn_exec_worker(&dir, "second", &topic, &group, port, &cmd, &extra);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    let mut second = sc.exec_worker("second", port, &cmd, &extra);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     second.terminate();
-    let (expected, duplicates) = assert_all_handled(&dir, &topic, &group);
+    let (expected, duplicates) = sc.assert_all_handled();
     assert_eq!(expected, 4000);
     // Only records held at the stop (at most 400) may be seen twice.
     assert!(duplicates <= 400, "too many duplicates: {duplicates}");
@@ -176,17 +168,12 @@ fn sigterm_mid_run_then_restart_loses_nothing() {
 /// its records are not committed (they are redelivered).
 #[test]
 fn drain_deadline_is_honoured() {
-    let dir = TestDir::new("drain");
-    let topic = unique("drain");
-    let group = unique("g");
-    create_topic(&topic, 1);
-    produce(&topic, 10, &[]);
+    let sc = Scenario::new("drain", 1);
+    let Scenario { dir, .. } = &sc;
+    sc.produce(10, &[]);
     let port = free_port();
-    let mut w = spawn_worker(
-        &dir,
+    let mut w = sc.worker(
         "w",
-        &topic,
-        &group,
         port,
         &[
             "--process-time-ms",
@@ -216,7 +203,7 @@ fn drain_deadline_is_honoured() {
         "the unfinished batch was not recorded as done"
     );
     assert_eq!(
-        total_lag(&topic, &group),
+        sc.total_lag(),
         10,
         "nothing was committed past the unfinished batch"
     );
@@ -346,10 +333,8 @@ fn scram_over_tls_works_and_a_wrong_password_is_clear() {
     let Some(env) = scram_listener() else {
         return;
     };
-    let dir = TestDir::new("scram");
-    let topic = unique("scram");
-    let group = unique("g");
-    create_topic(&topic, 8);
+    let sc = Scenario::new("scram", 8);
+    let Scenario { dir, topic, group } = &sc;
     let scram_args = |password: &str| -> Vec<String> {
         vec![
             "--bootstrap-servers".into(),
@@ -384,20 +369,20 @@ fn scram_over_tls_works_and_a_wrong_password_is_clear() {
     );
 
     let port = free_port();
-    let handler = recording_handler(&dir, HandlerBehaviour::default());
+    let handler = recording_handler(dir, HandlerBehaviour::default());
     let mut cmd = command();
     cmd.arg("run").args(&good);
     cmd.args(["--handler", "exec", "--command", &handler]);
-    let mut w = spawn_worker_with(cmd, &dir, "w", &topic, &group, port, &[]);
+    let mut w = spawn_worker_with(cmd, dir, "w", topic, group, port, &[]);
     wait_until(Duration::from_secs(120), "lag 0 over SCRAM", || {
-        total_lag(&topic, &group) == 0
+        sc.total_lag() == 0
     });
     wait_until(Duration::from_secs(30), "ready", || {
         http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
     });
     w.terminate();
     // Read back over the plain listener of the same cluster.
-    let (expected, _) = assert_all_handled(&dir, &topic, &group);
+    let (expected, _) = sc.assert_all_handled();
     assert_eq!(expected, 2000);
     assert!(!w.stderr().contains(&env["KAFKA_PASSWORD"]));
 
@@ -407,7 +392,7 @@ fn scram_over_tls_works_and_a_wrong_password_is_clear() {
     cmd.args([
         "run",
         "--topic",
-        &topic,
+        topic,
         "--group",
         &unique("g"),
         "--http-host",
@@ -437,7 +422,7 @@ fn scram_over_tls_works_and_a_wrong_password_is_clear() {
     // Short-lived commands say so too, and exit instead of hanging.
     let mut lag_cmd = command();
     lag_cmd
-        .args(["lag", "--topic", &topic, "--group", &group])
+        .args(["lag", "--topic", topic, "--group", group])
         .args(scram_args(wrong));
     let started = Instant::now();
     let out = lag_cmd.output().unwrap();

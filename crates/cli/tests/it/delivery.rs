@@ -1,37 +1,29 @@
 //! Nothing lost: poison records, a downstream outage, ordering under skew.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 /// 1% of records fail for good: exactly those reach the dead-letter topic with
 /// their context headers; every other record is processed; lag ends at 0.
 #[test]
 fn poison_records_go_to_the_dlq_with_context_and_nothing_else_does() {
-    let dir = TestDir::new("poison");
-    let topic = unique("poison");
-    let dlq = format!("{topic}.dlq");
-    let group = unique("g");
-    create_topic(&topic, 8);
-    create_topic(&dlq, 1);
-    produce(&topic, 5000, &["--poison-every", "100", "--keys", "300"]);
-    let cmd = recording_handler(&dir, HandlerBehaviour::default());
-    let mut w = spawn_exec_worker(
-        &dir,
+    let sc = Scenario::new("poison", 8);
+    let Scenario { dir, topic, group } = &sc;
+    let dlq = sc.dead_letter_topic(1);
+    sc.produce(5000, &["--poison-every", "100", "--keys", "300"]);
+    let cmd = recording_handler(dir, HandlerBehaviour::default());
+    let mut w = sc.exec_worker(
         "w",
-        &topic,
-        &group,
         free_port(),
         &cmd,
         &["--max-records", "50", "--retry-initial-ms", "10"],
     );
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     w.terminate();
 
-    let source = read_topic(&topic, broker().bootstrap());
+    let source = read_topic(topic, broker().bootstrap());
     let poison: BTreeSet<(i32, i64)> = source
         .iter()
         .filter(|r| r.3.contains("POISON"))
@@ -43,8 +35,8 @@ fn poison_records_go_to_the_dlq_with_context_and_nothing_else_does() {
     for (_, _, key, value, headers) in &dead {
         let p: i32 = headers["microbatch.original.partition"].parse().unwrap();
         let o: i64 = headers["microbatch.original.offset"].parse().unwrap();
-        assert_eq!(headers["microbatch.original.topic"], topic);
-        assert_eq!(headers["microbatch.consumer.group"], group);
+        assert_eq!(headers["microbatch.original.topic"], *topic);
+        assert_eq!(headers["microbatch.consumer.group"], *group);
         assert!(
             headers["microbatch.error"].contains("poison"),
             "{headers:?}"
@@ -74,8 +66,8 @@ fn poison_records_go_to_the_dlq_with_context_and_nothing_else_does() {
         dead_offsets, poison,
         "exactly the poison records are dead-lettered"
     );
-    let processed: BTreeSet<(i32, i64)> = audited(&handled_files(&dir)).into_keys().collect();
-    assert_recorded_or_dead(&topic, &group, &handled_files(&dir), &poison);
+    let processed: BTreeSet<(i32, i64)> = audited(&handled_files(dir)).into_keys().collect();
+    assert_recorded_or_dead(topic, group, &handled_files(dir), &poison);
     for r in &source {
         let id = (r.0, r.1);
         assert!(
@@ -90,27 +82,21 @@ fn poison_records_go_to_the_dlq_with_context_and_nothing_else_does() {
 /// record is processed.
 #[test]
 fn a_downstream_outage_opens_the_circuit_and_dead_letters_nothing() {
-    let dir = TestDir::new("outage");
-    let topic = unique("outage");
-    let dlq = format!("{topic}.dlq");
-    let group = unique("g");
-    create_topic(&topic, 4);
-    create_topic(&dlq, 1);
-    produce(&topic, 2000, &[]);
+    let sc = Scenario::new("outage", 4);
+    let Scenario { dir, topic, group } = &sc;
+    let dlq = sc.dead_letter_topic(1);
+    sc.produce(2000, &[]);
     let down_flag = dir.path("down");
     std::fs::write(&down_flag, "").unwrap();
     let outage_started = Instant::now();
     let port = free_port();
-    let cmd = python_handler(&dir, "handler.py", format!(
+    let cmd = python_handler(dir, "handler.py", format!(
         "import sys, os, json\nfd = os.open({log:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    if os.path.exists({flag:?}):\n        print(json.dumps({{'batch_id': b['batch_id'], 'error': 'downstream unavailable'}}), flush=True)\n    else:\n        os.write(fd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in b['records']).encode())\n        print(json.dumps({{'batch_id': b['batch_id'], 'failed': []}}), flush=True)\n",
         flag = down_flag.display().to_string(),
         log = dir.path("handled.txt").display().to_string()
     ));
-    let mut w = spawn_exec_worker(
-        &dir,
+    let mut w = sc.exec_worker(
         "w",
-        &topic,
-        &group,
         port,
         &cmd,
         &[
@@ -152,12 +138,12 @@ fn a_downstream_outage_opens_the_circuit_and_dead_letters_nothing() {
     );
     std::fs::remove_file(&down_flag).unwrap();
     wait_until(Duration::from_secs(120), "lag 0 after recovery", || {
-        total_lag(&topic, &group) == 0
+        sc.total_lag() == 0
     });
     w.terminate();
     let (expected, _) = assert_recorded_or_dead(
-        &topic,
-        &group,
+        topic,
+        group,
         &[dir.path("handled.txt")],
         &Default::default(),
     );
@@ -202,17 +188,12 @@ fn order_checking_handler(dir: &TestDir) -> String {
 /// per-key order holds, nothing is lost, lag ends at 0.
 #[test]
 fn key_ordering_under_a_skewed_burst_keeps_per_key_order() {
-    let dir = TestDir::new("skew");
-    let topic = unique("skew");
-    let group = unique("g");
-    create_topic(&topic, 8);
-    produce(&topic, 6000, &["--keys", "200", "--partitions", "0,5"]);
-    let cmd = order_checking_handler(&dir);
-    let mut w = spawn_exec_worker(
-        &dir,
+    let sc = Scenario::new("skew", 8);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(6000, &["--keys", "200", "--partitions", "0,5"]);
+    let cmd = order_checking_handler(dir);
+    let mut w = sc.exec_worker(
         "w",
-        &topic,
-        &group,
         free_port(),
         &cmd,
         &[
@@ -224,13 +205,13 @@ fn key_ordering_under_a_skewed_burst_keeps_per_key_order() {
             "10",
         ],
     );
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(120));
+    sc.wait_for_lag_zero(Duration::from_secs(120));
     w.terminate();
     let handled = assert_key_order(&read(&dir.path("order.log")));
     assert_eq!(handled, 6000);
     let (expected, _) = assert_recorded_or_dead(
-        &topic,
-        &group,
+        topic,
+        group,
         &[dir.path("handled.txt")],
         &Default::default(),
     );
@@ -241,13 +222,11 @@ fn key_ordering_under_a_skewed_burst_keeps_per_key_order() {
 /// restart: nothing lost.
 #[test]
 fn sigkill_in_key_mode_then_restart_loses_nothing() {
-    let dir = TestDir::new("keykill");
-    let topic = unique("keykill");
-    let group = unique("g");
-    create_topic(&topic, 8);
-    produce(&topic, 6000, &["--keys", "200", "--partitions", "0,5"]);
+    let sc = Scenario::new("keykill", 8);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(6000, &["--keys", "200", "--partitions", "0,5"]);
     let cmd = recording_handler(
-        &dir,
+        dir,
         HandlerBehaviour {
             ms_per_record: 2,
             ..HandlerBehaviour::default()
@@ -261,19 +240,19 @@ fn sigkill_in_key_mode_then_restart_loses_nothing() {
         "--max-records",
         "10",
     ];
-    let mut first = spawn_exec_worker(&dir, "first", &topic, &group, free_port(), &cmd, &extra);
+    let mut first = sc.exec_worker("first", free_port(), &cmd, &extra);
     wait_until(Duration::from_secs(60), "progress", || {
-        audited(&handled_files(&dir)).len() >= 1000
+        audited(&handled_files(dir)).len() >= 1000
     });
     first.signal(9);
     first
         .wait_for_exit(Duration::from_secs(30))
         .expect("killed");
-    let mut second = spawn_exec_worker(&dir, "second", &topic, &group, free_port(), &cmd, &extra);
-    wait_for_lag_zero(&topic, &group, Duration::from_secs(180));
+    let mut second = sc.exec_worker("second", free_port(), &cmd, &extra);
+    sc.wait_for_lag_zero(Duration::from_secs(180));
     second.terminate();
     let (expected, duplicates) =
-        assert_recorded_or_dead(&topic, &group, &handled_files(&dir), &Default::default());
+        assert_recorded_or_dead(topic, group, &handled_files(dir), &Default::default());
     assert_eq!(expected, 6000);
     eprintln!("duplicates after SIGKILL: {duplicates}");
 }
@@ -283,27 +262,21 @@ fn sigkill_in_key_mode_then_restart_loses_nothing() {
 /// everything completes and nothing was dead-lettered.
 #[test]
 fn retries_of_one_key_do_not_stall_other_keys_or_partitions() {
-    let dir = TestDir::new("nostall");
-    let topic = unique("nostall");
-    let dlq = format!("{topic}.dlq");
-    let group = unique("g");
-    create_topic(&topic, 4);
-    create_topic(&dlq, 1);
-    produce(&topic, 4000, &["--keys", "100"]);
+    let sc = Scenario::new("nostall", 4);
+    let Scenario { dir, topic, group } = &sc;
+    let dlq = sc.dead_letter_topic(1);
+    sc.produce(4000, &["--keys", "100"]);
     let flag = dir.path("failing");
     std::fs::write(&flag, "").unwrap();
     let seen = dir.path("seen.log");
-    let cmd = python_handler(&dir, "h.py", format!(
+    let cmd = python_handler(dir, "h.py", format!(
         "import sys, os, json\nfd = os.open({seen:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nrfd = os.open({records:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\nfor line in sys.stdin:\n    b = json.loads(line)\n    bad = os.path.exists({flag:?})\n    failed = [dict(partition=r['partition'], offset=r['offset'], error='key-7 unavailable') for r in b['records'] if bad and r['key'] == 'key-7']\n    done = ''.join('%d %s\\n' % (r['partition'], r['key']) for r in b['records'] if not (bad and r['key'] == 'key-7'))\n    os.write(fd, done.encode())\n    os.write(rfd, ''.join('%d %d\\n' % (r['partition'], r['offset']) for r in b['records'] if not (bad and r['key'] == 'key-7')).encode())\n    print(json.dumps(dict(batch_id=b['batch_id'], failed=failed)), flush=True)\n",
         seen = seen.display().to_string(),
         flag = flag.display().to_string(),
         records = dir.path("handled.txt").display().to_string()
     ));
-    let mut w = spawn_exec_worker(
-        &dir,
+    let mut w = sc.exec_worker(
         "w",
-        &topic,
-        &group,
         free_port(),
         &cmd,
         &[
@@ -321,7 +294,7 @@ fn retries_of_one_key_do_not_stall_other_keys_or_partitions() {
             "1000",
         ],
     );
-    let source = read_topic(&topic, broker().bootstrap());
+    let source = read_topic(topic, broker().bootstrap());
     let key7_partition = source
         .iter()
         .find(|r| r.2.as_deref() == Some("key-7"))
@@ -341,7 +314,7 @@ fn retries_of_one_key_do_not_stall_other_keys_or_partitions() {
         Duration::from_secs(120),
         "other partitions to drain while key-7 fails",
         || {
-            let lag = lag_json(&topic, &group);
+            let lag = lag_json(topic, group);
             lag["partitions"]
                 .as_array()
                 .unwrap()
@@ -363,14 +336,14 @@ fn retries_of_one_key_do_not_stall_other_keys_or_partitions() {
         "key-7 has not succeeded yet"
     );
     assert!(
-        total_lag(&topic, &group) > 0,
+        sc.total_lag() > 0,
         "key-7's records hold their partition's commit"
     );
     std::fs::remove_file(&flag).unwrap();
     wait_until(
         Duration::from_secs(120),
         "lag 0 after key-7 recovers",
-        || total_lag(&topic, &group) == 0,
+        || sc.total_lag() == 0,
     );
     w.terminate();
     assert_eq!(
@@ -386,8 +359,8 @@ fn retries_of_one_key_do_not_stall_other_keys_or_partitions() {
         "retryable failures within max-attempts dead-letter nothing"
     );
     let (expected, _) = assert_recorded_or_dead(
-        &topic,
-        &group,
+        topic,
+        group,
         &[dir.path("handled.txt")],
         &Default::default(),
     );
