@@ -101,7 +101,11 @@ impl KafkaArgs {
                 .map(Secret::new),
             ssl_ca_location: self.ssl_ca_location.clone(),
             properties,
-            aws_region: self.aws_region.clone().filter(|r| !r.is_empty()),
+            aws_region: region_for(
+                self.sasl_mechanism,
+                self.aws_region.as_deref(),
+                std::env::var("AWS_REGION").ok().as_deref(),
+            ),
             msk_iam_token_lifetime: std::time::Duration::from_secs(self.msk_iam_token_lifetime_s),
             msk_iam: None,
         };
@@ -111,6 +115,23 @@ impl KafkaArgs {
     pub fn config_file(&self) -> Option<&Path> {
         self.config_file.as_deref()
     }
+}
+
+/// The region the client signs MSK IAM tokens for. `AWS_REGION` is set in
+/// every pod on AWS, whatever the cluster's login: a region that is only
+/// that ambient variable is dropped for other mechanisms, while one named
+/// for this client (flag or file) with another mechanism stays, so
+/// validation refuses the mistake.
+fn region_for(
+    mechanism: Option<SaslMechanism>,
+    region: Option<&str>,
+    ambient: Option<&str>,
+) -> Option<String> {
+    let region = region.filter(|r| !r.is_empty())?;
+    if mechanism != Some(SaslMechanism::AwsMskIam) && Some(region) == ambient {
+        return None;
+    }
+    Some(region.to_string())
 }
 
 /// Whose lag to read: a consumer group on a topic (`lag`, `top`).
@@ -164,4 +185,31 @@ pub fn require<T>(value: Option<T>, field: &'static str, env: &str) -> Result<T,
             format!("is required (flag, {env}, or the config file)"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ambient_aws_region_does_not_break_other_logins() {
+        use SaslMechanism::*;
+        let iam = Some(AwsMskIam);
+        let scram = Some(ScramSha512);
+        assert_eq!(
+            region_for(scram, Some("eu-west-1"), Some("eu-west-1")),
+            None
+        );
+        assert_eq!(region_for(None, Some("eu-west-1"), Some("eu-west-1")), None);
+        assert_eq!(
+            region_for(scram, Some("eu-west-1"), None).as_deref(),
+            Some("eu-west-1"),
+            "named for this client: validation refuses it"
+        );
+        assert_eq!(
+            region_for(iam, Some("eu-west-1"), Some("eu-west-1")).as_deref(),
+            Some("eu-west-1")
+        );
+        assert_eq!(region_for(iam, Some(""), None), None);
+    }
 }

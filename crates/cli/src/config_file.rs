@@ -4,8 +4,10 @@
 //! environment left it unset (clap's value source tells them from a
 //! default), so the order is: flag, environment, file, the library's
 //! default. Each command's `Args` is both the clap parser and the serde
-//! shape of its file; unknown keys and wrong types are errors that name the
-//! key, so typos surface.
+//! shape of its file; a key of another command is passed over, so one file
+//! serves `run`, `supervise` and the workers supervise starts; keys no
+//! command knows and wrong types are errors that name the key, so typos
+//! surface.
 
 use std::path::Path;
 
@@ -17,6 +19,10 @@ use serde::Serialize;
 
 /// Keys of the file that are tables, not flags.
 const TABLES: &[&str] = &["kafka_properties"];
+
+/// Flags that set one value in two spellings: a file key yields to its
+/// twin given on the command line or in the environment.
+const TWINS: &[(&str, &str)] = &[("process_time_ms", "process_time_seconds")];
 
 /// Keys whose values may hold credentials: an error about them does not
 /// quote the value (serde's messages do).
@@ -76,24 +82,37 @@ pub fn merge<T: FromFile>(
             merged.insert(key, value);
             continue;
         }
-        let arg = command
-            .get_arguments()
-            .find(|a| a.get_long().is_some_and(|l| l.replace('-', "_") == key))
-            .ok_or_else(|| {
-                error(format!(
-                    "unknown key `{key}`: no --{} flag",
-                    key.replace('_', "-")
-                ))
-            })?;
+        let Some(arg) = flag_for(command, &key) else {
+            // One file serves every command (supervise hands its file to
+            // the workers it starts): another command's key is not ours.
+            if another_commands_key(&key) {
+                continue;
+            }
+            return Err(error(format!(
+                "unknown key `{key}`: no --{} flag of any command",
+                key.replace('_', "-")
+            )));
+        };
         let id = arg.get_id().as_str();
         if id == "config_file" {
             return Err(error("`config` cannot name another file".into()));
         }
-        // A flag or variable given beats the file.
-        if matches!(
-            matches.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        ) {
+        // A flag or variable given beats the file, as does its twin.
+        let given_explicitly = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        let twin = TWINS
+            .iter()
+            .find_map(|&(a, b)| match id {
+                _ if id == a => Some(b),
+                _ if id == b => Some(a),
+                _ => None,
+            })
+            .filter(|t| command.get_arguments().any(|a| a.get_id() == t));
+        if given_explicitly(id) || twin.is_some_and(given_explicitly) {
             continue;
         }
         // Checked one key at a time, so an error names its key.
@@ -108,6 +127,24 @@ pub fn merge<T: FromFile>(
     toml::Value::Table(merged)
         .try_into()
         .map_err(|_| error("the keys do not fit together".into()))
+}
+
+/// The flag of `command` that file key `key` names.
+fn flag_for<'a>(command: &'a Command, key: &str) -> Option<&'a clap::Arg> {
+    command
+        .get_arguments()
+        .find(|a| a.get_long().is_some_and(|l| l.replace('-', "_") == key))
+}
+
+/// Whether `key` names a flag of any of the binary's commands.
+fn another_commands_key(key: &str) -> bool {
+    use clap::CommandFactory;
+    let root = crate::cmd::Cli::command();
+    let found = root
+        .get_subcommands()
+        .flat_map(|c| std::iter::once(c).chain(c.get_subcommands()))
+        .any(|c| flag_for(c, key).is_some());
+    found
 }
 
 /// Serde for a clap `ValueEnum`, through the names clap shows, so the file
@@ -377,6 +414,44 @@ mod tests {
         assert!(!e.rule.contains("424242"), "{e}");
         let e = layered("run", "config = \"other.toml\"\n").unwrap_err();
         assert!(e.rule.contains("another file"), "{e}");
+    }
+
+    /// The replaced system's `PROCESS_TIME_SECONDS` (or
+    /// `--process-time-seconds`) given beats the file's `process_time_ms`:
+    /// the file is below the environment for the one value both name.
+    #[test]
+    fn a_given_twin_beats_the_files_spelling() {
+        let a = run("--process-time-seconds 0.25", "process_time_ms = 5\n");
+        assert_eq!(a.process_time_ms, None, "the file's ms yields");
+        assert_eq!(a.process_time_seconds, Some(0.25));
+        let a = run("--process-time-ms 7", "process_time_seconds = 3.0\n");
+        assert_eq!(a.process_time_seconds, None);
+        assert_eq!(a.process_time_ms, Some(7));
+        let a = run("", "process_time_ms = 5\n");
+        assert_eq!(a.process_time_ms, Some(5), "alone, the file fills it");
+    }
+
+    /// A file written for `supervise` (policy, lag threshold) is also the
+    /// file of the `run` workers it starts (they inherit
+    /// `MICROBATCH_CONFIG`): each command takes its own keys and passes
+    /// over the others'. Refusing them made every worker exit 2, restarted
+    /// forever.
+    #[test]
+    fn one_file_serves_every_command() {
+        let text = "topic = \"t\"\ngroup = \"g\"\nmax_records = 7\n\
+                    policy = \"rate\"\nlag_threshold = 50\npartitions = 3\n";
+        let a = run("", text);
+        assert_eq!(a.max_records, 7);
+        match layered("supervise", text).expect("supervise reads the same file") {
+            Sub::Supervise(s) => assert_eq!(s.workers.resolve().unwrap().0, "t"),
+            _ => unreachable!(),
+        }
+        layered("lag --topic t --group g", text).expect("lag reads the same file");
+        let e = layered("supervise", "lag_treshold = 5\n").unwrap_err();
+        assert!(
+            e.rule.contains("`lag_treshold`"),
+            "a typo is still refused: {e}"
+        );
     }
 
     /// `run`'s flags with a default: (long flag, environment variable, default).

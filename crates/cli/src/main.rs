@@ -30,7 +30,10 @@ use clap::{CommandFactory, FromArgMatches};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let matches = cmd::Cli::command().get_matches();
+    let matches = match cmd::Cli::command().try_get_matches() {
+        Ok(matches) => matches,
+        Err(e) => exit_quietly(e),
+    };
     let cli = match cmd::Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -53,6 +56,31 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Flags whose values may hold credentials: clap quotes an invalid value
+/// back, so their errors are told without it.
+const SECRET_FLAGS: &[&str] = &["--kafka-property", "--password", "--url"];
+
+/// Exits as clap does for `e` (usage errors 2, `--help` 0), except that an
+/// invalid value of a [`SECRET_FLAGS`] flag is not shown.
+fn exit_quietly(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() == ErrorKind::ValueValidation {
+        if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) {
+            if SECRET_FLAGS
+                .iter()
+                .any(|f| arg.split(' ').next() == Some(*f))
+            {
+                let why = std::error::Error::source(&e)
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default();
+                eprintln!("error: invalid value for '{arg}'{why}");
+                std::process::exit(2);
+            }
+        }
+    }
+    e.exit()
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {

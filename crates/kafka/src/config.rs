@@ -120,14 +120,18 @@ pub const DEFAULT_BOOTSTRAP_SERVERS: &str = "127.0.0.1:9092";
 
 /// Parses one `--kafka-property key=value`.
 pub fn parse_property(raw: &str) -> Result<(String, String), String> {
+    // The text is not quoted back: `sasl.password hunter2` is a typo that
+    // holds a secret.
     let (key, value) = raw
         .split_once('=')
-        .ok_or_else(|| format!("expected key=value, got {raw:?}"))?;
+        .ok_or("expected key=value, got no `=` (the text is not shown: it may hold a secret)")?;
     let key = key.trim();
     if key.is_empty() || key.contains(char::is_whitespace) {
-        return Err(format!(
-            "expected key=value with a non-empty key, got {raw:?}"
-        ));
+        return Err(
+            "expected key=value with a non-empty key without spaces (the text is not shown: \
+             it may hold a secret)"
+                .into(),
+        );
     }
     Ok((key.to_string(), value.to_string()))
 }
@@ -361,6 +365,10 @@ mod tests {
             ("a.b".into(), "c=d".into())
         );
         assert!(parse_property("novalue").is_err());
+        for typo in ["sasl.password hunter2", "sasl.password hunter2=x"] {
+            let e = parse_property(typo).unwrap_err();
+            assert!(!e.contains("hunter2"), "{e}");
+        }
         assert!(parse_property("=x").is_err());
     }
 

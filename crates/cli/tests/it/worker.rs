@@ -312,6 +312,20 @@ fn bad_input_exits_2_and_names_the_flag() {
         !out.contains(secret) && !err.contains(secret),
         "password printed: {err}"
     );
+    // A property typed without `=` (or with a space in its key) is refused
+    // naming the flag, not quoting the text, which holds the password.
+    for typo in [
+        format!("sasl.password {secret}"),
+        format!("sasl password={secret}"),
+    ] {
+        let (status, out, err) = run_to_end(&["run", "--kafka-property", &typo]);
+        assert_eq!(status.code(), Some(2), "{err}");
+        assert!(err.contains("--kafka-property"), "{err}");
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "property text printed: {err}"
+        );
+    }
     let out = command()
         .args(["run", "--help"])
         .env("KAFKA_PASSWORD", secret)

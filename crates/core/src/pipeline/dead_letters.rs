@@ -120,6 +120,11 @@ impl Pipeline {
             );
         }
         let attempts = batch.attempt;
+        // An error about records no longer held (their partition revoked
+        // or lost) is not this dead letter's.
+        if self.dead_letter_backlog() == 0 {
+            self.dead_letter_error = None;
+        }
         let ps = self
             .partitions
             .get_mut(&slot.partition)

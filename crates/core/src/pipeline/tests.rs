@@ -1021,3 +1021,49 @@ fn no_limit_when_max_uncommitted_is_zero() {
     let err = c.validate().unwrap_err();
     assert!(err.to_string().contains("--max-uncommitted-ms"), "{err}");
 }
+
+/// The dead-letter error in /readyz speaks of records still held: a
+/// partition lost while its dead letter could not be written takes the
+/// error with it, and a later dead letter does not show it again.
+#[test]
+fn a_dead_letter_error_leaves_with_the_records_it_was_about() {
+    let t0 = Instant::now();
+    let mut p = with_one_batch(t0);
+    let dead_letter_slot = |p: &mut Pipeline| {
+        intents(p)
+            .into_iter()
+            .find_map(|i| match i {
+                Intent::DeadLetter { slot, .. } => Some(slot),
+                _ => None,
+            })
+            .expect("a dead letter to write")
+    };
+    let (slot, batch) = starts(&mut p).pop().unwrap();
+    let permanent = |o| BatchOutcome::Partial(vec![(o, Failure::permanent("bad"))]);
+    p.handle_verdict(slot, batch, permanent(0), t0);
+    let dead = dead_letter_slot(&mut p);
+    p.handle_dead_lettered(dead, &[], Some("TOPIC_AUTHORIZATION_FAILED".into()), t0);
+    assert!(
+        p.stats().dead_letter_error.is_some(),
+        "the failed write shows"
+    );
+    p.handle_lost(&[0]);
+    assert_eq!(
+        p.stats().dead_letter_error,
+        None,
+        "nothing held, nothing said"
+    );
+
+    p.handle_assign(&[0]);
+    p.handle_record(&Rec(0, 2), t0);
+    p.handle_record(&Rec(0, 3), t0);
+    p.handle_tick(t0);
+    let (slot, batch) = starts(&mut p).pop().unwrap();
+    p.handle_verdict(slot, batch, permanent(2), t0);
+    let _being_written = dead_letter_slot(&mut p);
+    assert_eq!(
+        p.stats().dead_letter_error,
+        None,
+        "a new dead letter, not yet refused, brings back no old error"
+    );
+}
