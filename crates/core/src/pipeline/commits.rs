@@ -3,8 +3,24 @@
 //!
 //! [`Ledger`]: super::ledger::Ledger
 
+use std::time::{Duration, Instant};
+
 use super::partition::PartitionState;
-use super::{Intent, Pipeline};
+use super::{Intent, Phase, Pipeline};
+
+/// How long after a refusal a final commit is tried again.
+pub const FINAL_COMMIT_RETRY: Duration = Duration::from_millis(100);
+
+/// Why the broker refused a commit, as far as the pipeline cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitRefusal {
+    /// The group is between generations or its coordinator is moving
+    /// (rebalance in progress, stale epoch, coordinator not available):
+    /// the same commit succeeds once the group settles.
+    GroupBusy,
+    /// Anything else.
+    Other,
+}
 
 impl Pipeline {
     /// The broker acknowledged a commit of `offset` (the next offset) for
@@ -28,6 +44,55 @@ impl Pipeline {
             );
         }
         ps.ledger.acknowledged(&ps.offsets, offset, self.clock);
+    }
+
+    /// The broker refused a commit. While consuming, the next interval
+    /// commits again. After [`Self::close`], a commit refused because the
+    /// group is busy (under the classic protocol the broker refuses commits
+    /// while the group rebalances, as when another worker stops at the
+    /// same moment) is tried again [`FINAL_COMMIT_RETRY`] later until it is
+    /// acknowledged or the drain deadline passes: leaving then would hand
+    /// records that are done to the next owner as not done. The worker
+    /// keeps serving the group meanwhile, so the rebalance can end.
+    pub fn handle_commit_refused(&mut self, refusal: CommitRefusal, now: Instant) {
+        self.clock = self.clock.max(now);
+        if self.phase != Phase::Closed
+            || refusal != CommitRefusal::GroupBusy
+            || !self.final_commit_unacked(now)
+        {
+            self.final_commit_retry_at = None;
+            return;
+        }
+        if self.final_commit_retry_at.is_none() {
+            tracing::info!("the final commit was refused; trying again while the group rebalances");
+        }
+        self.final_commit_retry_at = Some(now + FINAL_COMMIT_RETRY);
+    }
+
+    /// Whether, after `close`, done work is still unacknowledged while the
+    /// drain deadline allows another try.
+    pub(super) fn final_commit_unacked(&self, now: Instant) -> bool {
+        self.phase == Phase::Closed
+            && self.final_commit_until.is_some_and(|until| now < until)
+            && self
+                .partitions
+                .values()
+                .any(PartitionState::watermark_unacked)
+    }
+
+    /// After `close`: commits again, synchronously, what the broker has not
+    /// acknowledged, once a refused final commit's retry is due.
+    pub(super) fn retry_final_commit_when_due(&mut self, now: Instant) {
+        let Some(at) = self.final_commit_retry_at else {
+            return;
+        };
+        if now < at {
+            return;
+        }
+        self.final_commit_retry_at = None;
+        if self.final_commit_unacked(now) {
+            self.commit(true, |_| true);
+        }
     }
 
     /// Emits a commit of every chosen partition whose watermark moved past

@@ -65,6 +65,7 @@ use crate::fetch::ConsumedRecord;
 use crate::handler::{BatchOutcome, Failure};
 use microbatch_kafka::LogThrottle;
 
+pub use commits::{CommitRefusal, FINAL_COMMIT_RETRY};
 pub use dispatch::RECORDS_CAP_LAST_RESORT;
 use partition::{Lane, PartitionState};
 pub(crate) use sabotage::Sabotage;
@@ -211,6 +212,8 @@ pub struct Pipeline {
     /// After `close`: until when a final commit the broker refused is
     /// tried again (the drain deadline).
     final_commit_until: Option<Instant>,
+    /// When a refused final commit is tried again.
+    final_commit_retry_at: Option<Instant>,
     next_commit: Instant,
     fatal: Option<Undeliverable>,
     report: Report,
@@ -248,6 +251,7 @@ impl Pipeline {
             topic: Arc::from(config.topic.as_str()),
             next_commit: now + config.commit_interval,
             final_commit_until: None,
+            final_commit_retry_at: None,
             config,
             dlq_enabled,
             audit,
@@ -657,6 +661,7 @@ impl Pipeline {
     pub fn handle_tick(&mut self, now: Instant) {
         self.clock = self.clock.max(now);
         if self.phase == Phase::Closed {
+            self.retry_final_commit_when_due(now);
             return;
         }
         self.close_expired(now);
@@ -790,25 +795,11 @@ impl Pipeline {
         self.phase = Phase::Closed;
     }
 
-    /// Whether, after `close`, done work is still unacknowledged while the
-    /// drain deadline allows another try. Under the classic protocol the
-    /// broker refuses commits while the group rebalances (another worker
-    /// stopping at the same moment): leaving then would hand records that
-    /// are done to the next owner as not done. The worker goes on serving
-    /// the group, so the rebalance can end, and calls
-    /// [`Self::retry_final_commit`].
-    pub fn final_commit_pending(&self, now: Instant) -> bool {
+    /// Whether the pipeline's life is over: closed, and no refused final
+    /// commit waits to be tried again ([`Self::handle_commit_refused`]).
+    pub fn finished(&self, now: Instant) -> bool {
         self.phase == Phase::Closed
-            && self.final_commit_until.is_some_and(|until| now < until)
-            && self
-                .partitions
-                .values()
-                .any(PartitionState::watermark_unacked)
-    }
-
-    /// Commits again, synchronously, what the broker has not acknowledged.
-    pub fn retry_final_commit(&mut self) {
-        self.commit(true, |_| true);
+            && !(self.final_commit_retry_at.is_some() && self.final_commit_unacked(now))
     }
 
     // ------------------------------------------------------------ polls
@@ -821,10 +812,19 @@ impl Pipeline {
     /// Work that waits for a verdict (a busy lane, full slots, a probe
     /// under way) is not counted: the verdict's arrival wakes the loop.
     pub fn poll_timeout(&self) -> Instant {
+        if self.phase == Phase::Closed {
+            // Only a refused final commit's retry is left to do.
+            return self
+                .final_commit_retry_at
+                .unwrap_or(self.clock + FINAL_COMMIT_RETRY);
+        }
         let mut next = self.next_commit;
         let mut consider = |t: Instant| next = next.min(t);
         if let Phase::Draining { deadline } = self.phase {
             consider(deadline);
+        }
+        if let Some(t) = self.final_commit_retry_at {
+            consider(t);
         }
         let slots_free = self.in_flight < self.config.concurrency;
         if self.circuit.is_open() && self.in_flight == 0 {

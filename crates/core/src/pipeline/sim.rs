@@ -908,7 +908,24 @@ impl Sim {
             self.tick()?;
         }
         self.pipeline.close();
-        self.execute()
+        self.execute()?;
+        // The broker refuses the final commit while the group rebalances:
+        // the pipeline asks again until acknowledged or the drain deadline,
+        // and those commits too pass nothing not done (invariant 1).
+        for _ in 0..self.rng.random_range(0..4) {
+            self.pipeline
+                .handle_commit_refused(super::CommitRefusal::GroupBusy, self.now);
+            self.advance(200);
+            self.tick()?;
+        }
+        for _ in 0..1_000 {
+            if self.pipeline.finished(self.now) {
+                return Ok(());
+            }
+            self.advance(200);
+            self.tick()?;
+        }
+        Err(self.violation(1, "the pipeline never finished after close".into()))
     }
 }
 

@@ -101,37 +101,53 @@ fn starts(p: &mut Pipeline) -> Vec<(Slot, Batch)> {
 
 /// A final commit the broker refused (the group rebalancing as another
 /// worker stops) is asked for again until it is acknowledged, and not
-/// past the drain deadline.
+/// past the drain deadline; any other refusal ends the pipeline's life.
 #[test]
 fn a_refused_final_commit_is_retried_until_acknowledged_or_the_deadline() {
+    let closed = |t0| {
+        let mut p = with_one_batch(t0);
+        let (slot, batch) = starts(&mut p).pop().unwrap();
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+        p.shutdown(t0);
+        assert!(p.drained(t0));
+        p.close();
+        assert_eq!(commits(&mut p), vec![(0, 2)]);
+        p
+    };
     let t0 = Instant::now();
-    let mut p = with_one_batch(t0);
-    let (slot, batch) = starts(&mut p).pop().unwrap();
-    p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
-    p.shutdown(t0);
-    assert!(p.drained(t0));
-    p.close();
-    assert_eq!(commits(&mut p), vec![(0, 2)]);
-    // No acknowledgement: the broker refused it.
-    let t1 = t0 + Duration::from_secs(1);
-    assert!(p.final_commit_pending(t1));
-    p.retry_final_commit();
-    assert_eq!(commits(&mut p), vec![(0, 2)]);
+    let mut p = closed(t0);
+    assert!(
+        p.finished(t0),
+        "no refusal yet: the sync commit was answered"
+    );
+    p.handle_commit_refused(CommitRefusal::GroupBusy, t0);
+    assert!(!p.finished(t0), "a retry waits");
+    assert_eq!(p.poll_timeout(), t0 + FINAL_COMMIT_RETRY);
+    p.handle_tick(t0 + FINAL_COMMIT_RETRY / 2);
+    assert_eq!(commits(&mut p), vec![], "not before its time");
+    let t1 = t0 + FINAL_COMMIT_RETRY;
+    p.handle_tick(t1);
+    assert_eq!(commits(&mut p), vec![(0, 2)], "asked for again");
+    p.handle_commit_refused(CommitRefusal::GroupBusy, t1);
+    p.handle_tick(t1 + FINAL_COMMIT_RETRY);
+    assert_eq!(commits(&mut p), vec![(0, 2)], "and again");
     p.handle_committed(0, 2);
-    assert!(!p.final_commit_pending(t1));
-    p.retry_final_commit();
+    assert!(p.finished(t1 + FINAL_COMMIT_RETRY), "acknowledged: done");
+    p.handle_tick(t1 + FINAL_COMMIT_RETRY * 3);
     assert_eq!(commits(&mut p), vec![], "nothing left to commit");
 
-    let mut p = with_one_batch(t0);
-    let (slot, batch) = starts(&mut p).pop().unwrap();
-    p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
-    p.shutdown(t0);
-    p.close();
-    assert!(p.final_commit_pending(t0 + Duration::from_millis(9_999)));
-    assert!(
-        !p.final_commit_pending(t0 + Duration::from_secs(10)),
-        "the drain deadline ends the tries"
-    );
+    let mut p = closed(t0);
+    p.handle_commit_refused(CommitRefusal::Other, t0);
+    assert!(p.finished(t0), "only a busy group is waited out");
+
+    let mut p = closed(t0);
+    let late = t0 + Duration::from_millis(9_950);
+    p.handle_commit_refused(CommitRefusal::GroupBusy, late);
+    assert!(!p.finished(late));
+    let deadline = t0 + Duration::from_secs(10);
+    assert!(p.finished(deadline), "the drain deadline ends the tries");
+    p.handle_tick(late + FINAL_COMMIT_RETRY);
+    assert_eq!(commits(&mut p), vec![], "no commit past the deadline");
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,9 +21,11 @@ use crate::commit::{CommitQueue, CommitResult, CommittedPartition};
 use crate::dlq::DeadLetterWriter;
 use crate::fetch::FetchQueue;
 use crate::handler::{BatchOutcome, Failure, Handler};
-use crate::pipeline::{DeadLetterSlot, Intent, Pipeline, Slot};
+use crate::pipeline::{CommitRefusal, DeadLetterSlot, Intent, Pipeline, Slot};
 use crate::telemetry::{ResultLabel, StatsExporter, Telemetry};
 use microbatch_kafka::LogThrottle;
+
+use super::driver::{turn_until, Next};
 
 pub(super) enum Event {
     Handled {
@@ -90,8 +92,6 @@ pub(super) struct Adapter {
     pub(super) fetch: FetchQueue,
     /// Failed commits are logged at most once per back-off step.
     pub(super) commit_log: LogThrottle,
-    /// Why the last commit failed, if it did.
-    pub(super) last_commit_error: Option<RDKafkaErrorCode>,
     /// Writes the pipeline's numbers to the metrics.
     pub(super) stats: StatsExporter,
 }
@@ -303,11 +303,11 @@ impl Adapter {
         }
         // A commit can succeed as a request and still fail per partition.
         let mut failed = Vec::new();
-        self.last_commit_error = None;
+        let mut refused = None;
         for p in result.partitions.iter().filter(|p| *p.topic == *self.topic) {
             let error = p.error.or(result.error);
-            if error.is_some() {
-                self.last_commit_error = error;
+            if let Some(code) = error {
+                refused = Some(refusal(code));
             }
             match error {
                 None if p.offset >= 0 => {
@@ -332,6 +332,9 @@ impl Adapter {
             if let Some(suppressed) = self.commit_log.allow(Instant::now()) {
                 tracing::warn!(partitions = %failed.join(", "), suppressed, "offset commit failed; it is retried at the next interval");
             }
+        }
+        if let Some(refusal) = refused {
+            self.pipeline.handle_commit_refused(refusal, Instant::now());
         }
     }
 
@@ -370,32 +373,51 @@ impl Adapter {
         if !self.pipeline.begin_revoke(&revoked, Instant::now()) {
             return;
         }
-        loop {
-            let now = Instant::now();
-            if stop.load(AtomicOrdering::SeqCst) {
-                // One drain deadline from the signal, revoke included.
-                self.pipeline.shutdown(now);
-            }
-            self.turn(consumer, now);
-            if self.pipeline.revoke_settled(now) {
-                break;
-            }
-            let wait = self
-                .pipeline
-                .poll_timeout()
-                .min(now + Duration::from_millis(50))
-                .saturating_duration_since(now);
-            match self
-                .events_rx
-                .recv_timeout(wait.max(Duration::from_millis(1)))
-            {
-                Ok(event) => self.on_event(event),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        }
+        // Inside the callback the consumer cannot be polled: verdicts and
+        // dead-letter acknowledgements are what move a revocation on.
+        turn_until(
+            self,
+            |a, now| {
+                if stop.load(AtomicOrdering::SeqCst) {
+                    // One drain deadline from the signal, revoke included.
+                    a.pipeline.shutdown(now);
+                }
+                a.turn(consumer, now);
+                if a.pipeline.revoke_settled(now) {
+                    Next::Done
+                } else {
+                    Next::TurnBy(a.pipeline.poll_timeout().min(now + REVOKE_TURN))
+                }
+            },
+            |a, left| {
+                // The adapter holds a sender: the channel cannot close.
+                if let Ok(event) = a.events_rx.recv_timeout(left.max(Duration::from_millis(1))) {
+                    a.on_event(event);
+                }
+            },
+        );
         self.pipeline.complete_revoke();
         self.execute(consumer);
+    }
+}
+
+/// A revocation's drain turns at least this often (the stop flag).
+const REVOKE_TURN: Duration = Duration::from_millis(50);
+
+/// How the pipeline sees a commit error: a group between generations (or a
+/// coordinator moving) accepts the same commit once it settles.
+fn refusal(code: RDKafkaErrorCode) -> CommitRefusal {
+    use RDKafkaErrorCode::*;
+    match code {
+        RebalanceInProgress
+        | IllegalGeneration
+        | StaleMemberEpoch
+        | NotCoordinator
+        | CoordinatorNotAvailable
+        | CoordinatorLoadInProgress
+        | RequestTimedOut
+        | WaitingForCoordinator => CommitRefusal::GroupBusy,
+        _ => CommitRefusal::Other,
     }
 }
 

@@ -30,10 +30,14 @@
 //!   dead-letter writes, commits, pauses) and feeds back verdicts and
 //!   acknowledgements; drains a revocation;
 //! - `context`: librdkafka's callbacks (logs, errors, statistics,
-//!   rebalances), which reach the adapter.
+//!   rebalances), which reach the adapter;
+//! - `driver`: the one loop (turn the pipeline until a condition holds,
+//!   waiting between turns) that the poll loop, a revocation's drain and
+//!   the final commit's retries share.
 
 mod adapter;
 mod context;
+mod driver;
 
 use std::fs::{File, OpenOptions};
 use std::io::BufWriter;
@@ -44,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use thiserror::Error;
 use tokio::runtime::Handle;
 
@@ -62,6 +66,7 @@ use microbatch_kafka::LogThrottle;
 
 use adapter::Adapter;
 use context::WorkerContext;
+use driver::{turn_until, Next};
 
 /// Records taken from the client per poll-loop round.
 const MAX_BURST: usize = 2048;
@@ -71,26 +76,6 @@ const PREFETCH_RECORDS: usize = 20_000;
 
 /// How long the worker waits for the Kafka client to close after the final commit.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Whether a commit failed for a reason a finished rebalance (or a found
-/// coordinator) clears, so that trying again can succeed.
-fn refused_while_rebalancing(code: RDKafkaErrorCode) -> bool {
-    use RDKafkaErrorCode::*;
-    matches!(
-        code,
-        RebalanceInProgress
-            | IllegalGeneration
-            | StaleMemberEpoch
-            | NotCoordinator
-            | CoordinatorNotAvailable
-            | CoordinatorLoadInProgress
-            | RequestTimedOut
-            | WaitingForCoordinator
-    )
-}
-
-/// How often a refused final commit is tried again.
-const FINAL_COMMIT_RETRY: Duration = Duration::from_millis(100);
 
 /// Consumer-queue events (rebalances, errors, statistics) served per round.
 const MAX_EVENTS_PER_ROUND: usize = 16;
@@ -347,6 +332,63 @@ fn create_consumer(
     Ok(cfg.kafka.create_client(&client, context)?)
 }
 
+/// The poll loop's wait: rebalances, errors and statistics first (their
+/// callbacks take the adapter lock), then a burst of records, waiting up to
+/// `left` for them (or, with the pipeline full, for a verdict instead).
+fn take_records(
+    consumer: &BaseConsumer<WorkerContext>,
+    left: Duration,
+    burst: &mut Vec<FetchedMessage>,
+) {
+    let ctx = consumer.context();
+    // Whole milliseconds: librdkafka waits in milliseconds and the client
+    // library spins through any remainder.
+    let timeout = Duration::from_millis(left.as_micros().div_ceil(1000) as u64);
+    // A bounded number of events, so records keep flowing.
+    let events_waiting = || {
+        ctx.with_adapter(|a| a.fetch.consumer_events_waiting())
+            .unwrap_or(false)
+    };
+    let mut waiting = events_waiting();
+    for _ in 0..MAX_EVENTS_PER_ROUND {
+        if !waiting {
+            break;
+        }
+        match consumer.poll(Duration::ZERO) {
+            // Only a record of a partition not routed to the fetch queue.
+            Some(Ok(msg)) => {
+                ctx.with_adapter(|a| a.pipeline.handle_record(&msg, Instant::now()));
+            }
+            Some(Err(e)) => tracing::debug!(error = %e, "poll error"),
+            None => {}
+        }
+        waiting = events_waiting();
+    }
+    // Events left for the next round: take what records there are now.
+    let timeout = if waiting { Duration::ZERO } else { timeout };
+    // The clock is read once for the whole burst. No rebalance can run
+    // between taking records and `handle_record`, and librdkafka drops
+    // those fetched before a revoke or pause.
+    ctx.with_adapter(|a| {
+        if a.pipeline.is_full() {
+            // Wait for a batch to finish instead: that is what frees room.
+            if let Ok(event) = a.events_rx.recv_timeout(timeout) {
+                a.on_event(event);
+            }
+            return;
+        }
+        a.fetch.consume(timeout, burst);
+        let now = Instant::now();
+        for msg in burst.drain(..) {
+            if let Some(code) = msg.error() {
+                tracing::debug!(error = %code, detail = %msg.error_text(), partition = msg.partition(), "fetch error");
+            } else {
+                a.pipeline.handle_record(&msg, now);
+            }
+        }
+    });
+}
+
 fn poll_loop(
     worker: Worker,
     dlq: Option<DeadLetterWriter>,
@@ -386,7 +428,6 @@ fn poll_loop(
         commits: CommitQueue::new(&consumer),
         fetch: FetchQueue::new(&consumer, MAX_BURST),
         commit_log: LogThrottle::default(),
-        last_commit_error: None,
         stats: StatsExporter::default(),
     };
     *consumer
@@ -404,12 +445,11 @@ fn poll_loop(
     }
 
     let ctx = consumer.context();
-    let mut wake_at = Instant::now();
     let mut burst: Vec<FetchedMessage> = Vec::with_capacity(MAX_BURST);
-    loop {
-        let now = Instant::now();
-        let busy = ctx
-            .with_adapter(|a| {
+    turn_until(
+        &mut burst,
+        |_, now| {
+            ctx.with_adapter(|a| {
                 let p = &mut a.pipeline;
                 if p.phase() == Phase::Consuming
                     && (stop.load(AtomicOrdering::SeqCst)
@@ -418,76 +458,24 @@ fn poll_loop(
                 {
                     p.shutdown(now);
                 }
-                p.in_flight() > 0 || p.waiting_for_ack()
-            })
-            .expect("adapter installed before polling");
-        // While batches run (or wait for a commit's acknowledgement), poll
-        // briefly so a finished one frees its slot quickly.
-        let cap = if busy {
-            Duration::from_millis(1)
-        } else {
-            Duration::from_millis(100)
-        };
-        // Whole milliseconds: librdkafka waits in milliseconds and the client
-        // library spins through any remainder.
-        let timeout = wake_at.saturating_duration_since(now).min(cap);
-        let timeout = Duration::from_millis(timeout.as_micros().div_ceil(1000) as u64);
-        // Rebalances, errors and statistics first: their callbacks take the
-        // adapter lock. A bounded number, so records keep flowing.
-        let events_waiting = || {
-            ctx.with_adapter(|a| a.fetch.consumer_events_waiting())
-                .unwrap_or(false)
-        };
-        let mut waiting = events_waiting();
-        for _ in 0..MAX_EVENTS_PER_ROUND {
-            if !waiting {
-                break;
-            }
-            match consumer.poll(Duration::ZERO) {
-                // Only a record of a partition not routed to the fetch queue.
-                Some(Ok(msg)) => {
-                    ctx.with_adapter(|a| a.pipeline.handle_record(&msg, Instant::now()));
-                }
-                Some(Err(e)) => tracing::debug!(error = %e, "poll error"),
-                None => {}
-            }
-            waiting = events_waiting();
-        }
-        // Events left for the next round: take what records there are now.
-        let timeout = if waiting { Duration::ZERO } else { timeout };
-        // Then a burst of records, with the clock read once for all of them.
-        // No rebalance can run between taking them and `handle_record`, and
-        // librdkafka drops those fetched before a revoke or pause.
-        ctx.with_adapter(|a| {
-            if a.pipeline.is_full() {
-                // Wait for a batch to finish instead: that is what frees room.
-                if let Ok(event) = a.events_rx.recv_timeout(timeout) {
-                    a.on_event(event);
-                }
-                return;
-            }
-            a.fetch.consume(timeout, &mut burst);
-            let now = Instant::now();
-            for msg in burst.drain(..) {
-                if let Some(code) = msg.error() {
-                    tracing::debug!(error = %code, detail = %msg.error_text(), partition = msg.partition(), "fetch error");
-                } else {
-                    a.pipeline.handle_record(&msg, now);
-                }
-            }
-        });
-        let now = Instant::now();
-        let (done, next) = ctx
-            .with_adapter(|a| {
                 a.turn(&consumer, now);
-                (a.pipeline.drained(now), a.pipeline.poll_timeout())
+                let p = &a.pipeline;
+                if p.drained(now) {
+                    return Next::Done;
+                }
+                // While batches run (or wait for a commit's acknowledgement),
+                // wait briefly so a finished one frees its slot quickly.
+                let cap = if p.in_flight() > 0 || p.waiting_for_ack() {
+                    Duration::from_millis(1)
+                } else {
+                    Duration::from_millis(100)
+                };
+                Next::TurnBy(p.poll_timeout().min(now + cap))
             })
-            .expect("adapter installed before polling");
-        wake_at = next;
-        if done {
-            break;
-        }
-    }
+            .expect("adapter installed before polling")
+        },
+        |burst, left| take_records(&consumer, left, burst),
+    );
 
     let (report, fatal) = ctx
         .with_adapter(|a| {
@@ -511,27 +499,25 @@ fn poll_loop(
             (a.pipeline.report().clone(), fatal)
         })
         .expect("adapter installed before polling");
-    // A final commit refused while the group rebalances is tried again until
-    // the drain deadline; polling lets the rebalance finish.
-    let mut retrying = false;
-    while ctx
-        .with_adapter(|a| {
-            a.last_commit_error.is_some_and(refused_while_rebalancing)
-                && a.pipeline.final_commit_pending(Instant::now())
-        })
-        .unwrap_or(false)
-    {
-        if !retrying {
-            tracing::info!("the final commit was refused; trying again while the group rebalances");
-            retrying = true;
-        }
-        let _ = consumer.poll(FINAL_COMMIT_RETRY);
-        ctx.with_adapter(|a| {
-            a.drain_events();
-            a.pipeline.retry_final_commit();
-            a.execute(&consumer);
-        });
-    }
+    // A final commit refused while the group rebalances is the pipeline's
+    // to try again; polling serves the rebalance meanwhile, so it can end.
+    turn_until(
+        &mut (),
+        |_, now| {
+            ctx.with_adapter(|a| {
+                a.turn(&consumer, now);
+                if a.pipeline.finished(now) {
+                    Next::Done
+                } else {
+                    Next::TurnBy(a.pipeline.poll_timeout())
+                }
+            })
+            .unwrap_or(Next::Done)
+        },
+        |_, left| {
+            let _ = consumer.poll(left);
+        },
+    );
     consumer.unsubscribe();
     // Serve the final revoke so the group sees us leave promptly.
     let _ = consumer.poll(Duration::from_millis(100));
