@@ -45,8 +45,14 @@ pub struct KafkaArgs {
     /// SASL user name.
     #[arg(long, env = "KAFKA_USERNAME")]
     pub username: Option<String>,
-    /// SASL password (prefer the environment variable to the flag: flags show in `ps`).
-    #[arg(long, env = "KAFKA_PASSWORD", hide_env_values = true)]
+    /// SASL password (prefer the environment variable to the flag: flags
+    /// show in `ps`); a value starting with `-` is the value, not a flag.
+    #[arg(
+        long,
+        env = "KAFKA_PASSWORD",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
     pub password: Option<String>,
     /// AWS region of the MSK cluster, for AWS_MSK_IAM.
     #[arg(long, env = "AWS_REGION")]
@@ -61,7 +67,7 @@ pub struct KafkaArgs {
     /// Any librdkafka property, key=value; repeatable; wins over ours.
     /// `debug=cgrp` (or any librdkafka debug context) logs at debug level,
     /// target `kafka`: show it with `--log-level info,kafka=debug`.
-    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property, allow_hyphen_values = true)]
     pub kafka_property: Vec<(String, String)>,
     /// The file's `[kafka_properties]` table; `--kafka-property` wins.
     #[arg(skip)]

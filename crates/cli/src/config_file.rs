@@ -4,10 +4,10 @@
 //! environment left it unset (clap's value source tells them from a
 //! default), so the order is: flag, environment, file, the library's
 //! default. Each command's `Args` is both the clap parser and the serde
-//! shape of its file; a key of another command is passed over, so one file
-//! serves `run`, `supervise` and the workers supervise starts; keys no
-//! command knows and wrong types are errors that name the key, so typos
-//! surface.
+//! shape of its file; a key of another command is checked by that
+//! command's parser and passed over (logged), so one file serves `run`,
+//! `supervise` and the workers supervise starts; keys no command knows and
+//! wrong types are errors that name the key, so typos surface.
 
 use std::path::Path;
 
@@ -35,9 +35,11 @@ pub trait FromFile: Serialize + DeserializeOwned {
 }
 
 /// `args` with the file's values for the flags left unset; `command` and
-/// `matches` are the parser and the parse of the command `args` came from.
+/// `matches` are the parser and the parse of the command `args` came from,
+/// `root` the binary's parser (whose other commands' keys are passed over).
 pub fn apply<T: FromFile>(
     args: T,
+    root: &Command,
     command: &Command,
     matches: &ArgMatches,
 ) -> Result<T, ConfigError> {
@@ -47,12 +49,13 @@ pub fn apply<T: FromFile>(
     let text = std::fs::read_to_string(&path).map_err(|e| {
         ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
     })?;
-    merge(args, command, matches, &text, &path)
+    merge(args, root, command, matches, &text, &path)
 }
 
 /// [`apply`] on the file's text.
 pub fn merge<T: FromFile>(
     args: T,
+    root: &Command,
     command: &Command,
     matches: &ArgMatches,
     text: &str,
@@ -84,14 +87,42 @@ pub fn merge<T: FromFile>(
         }
         let Some(arg) = flag_for(command, &key) else {
             // One file serves every command (supervise hands its file to
-            // the workers it starts): another command's key is not ours.
-            if another_commands_key(&key) {
-                continue;
+            // the workers it starts): another command's key is not ours,
+            // but it must be right for its own command, whose start would
+            // otherwise be refused over and over.
+            let owners = owners_of(root, &key);
+            if owners.is_empty() {
+                if flag_for(root, &key).is_some() {
+                    return Err(error(format!(
+                        "`{key}`: --{} is read before the file; give it as a flag or in its \
+                         environment variable",
+                        key.replace('_', "-")
+                    )));
+                }
+                return Err(error(format!(
+                    "unknown key `{key}`: no --{} flag of any command",
+                    key.replace('_', "-")
+                )));
             }
-            return Err(error(format!(
-                "unknown key `{key}`: no --{} flag of any command",
-                key.replace('_', "-")
-            )));
+            let names: Vec<&str> = owners.iter().map(|(c, _)| c.get_name()).collect();
+            if !owners.iter().any(|(_, a)| fits(a, &value)) {
+                let shown = if SECRET_KEYS.contains(&key.as_str()) {
+                    "(not shown: it may hold a secret)".to_string()
+                } else {
+                    value.to_string()
+                };
+                return Err(error(format!(
+                    "`{key}` (a key of `{}`): not a valid value {shown}",
+                    names.join("`, `")
+                )));
+            }
+            tracing::info!(
+                key = %key,
+                of = %names.join(", "),
+                "the config file's key is another command's; `{}` passes over it",
+                command.get_name()
+            );
+            continue;
         };
         let id = arg.get_id().as_str();
         if id == "config_file" {
@@ -136,15 +167,63 @@ fn flag_for<'a>(command: &'a Command, key: &str) -> Option<&'a clap::Arg> {
         .find(|a| a.get_long().is_some_and(|l| l.replace('-', "_") == key))
 }
 
-/// Whether `key` names a flag of any of the binary's commands.
-fn another_commands_key(key: &str) -> bool {
-    use clap::CommandFactory;
-    let root = crate::cmd::Cli::command();
-    let found = root
-        .get_subcommands()
+/// The commands under `root` (subcommands of subcommands too) with a flag
+/// that file key `key` names, and that flag.
+fn owners_of<'a>(root: &'a Command, key: &str) -> Vec<(&'a Command, &'a clap::Arg)> {
+    root.get_subcommands()
         .flat_map(|c| std::iter::once(c).chain(c.get_subcommands()))
-        .any(|c| flag_for(c, key).is_some());
-    found
+        .filter_map(|c| Some((c, flag_for(c, key)?)))
+        .collect()
+}
+
+/// Whether `value` is one that `arg` takes, by the flag's own parser (a
+/// list: each item).
+fn fits(arg: &clap::Arg, value: &toml::Value) -> bool {
+    let scalar = |v: &toml::Value| match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(n) => Some(n.to_string()),
+        toml::Value::Float(x) => Some(x.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    };
+    let items: Vec<Option<String>> = match value {
+        toml::Value::Array(items) => items.iter().map(scalar).collect(),
+        v => vec![scalar(v)],
+    };
+    if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+        return matches!(value, toml::Value::Boolean(_));
+    }
+    // A one-flag parser with the flag's value parser: the flag itself may
+    // name others (conflicts, requirements) that this one does not have.
+    let probe = Command::new("check").arg(
+        clap::Arg::new("value")
+            .long("value")
+            .value_parser(arg.get_value_parser().clone())
+            .allow_hyphen_values(true),
+    );
+    let accepts = |text: &str| {
+        probe
+            .clone()
+            .try_get_matches_from(["check", "--value", text])
+            .is_ok()
+    };
+    // The file's types are the flag's: text for a number (`"500"`) is as
+    // wrong as a number for text, though the command line reads both.
+    let free_text = accepts("not a number or a choice");
+    let number = !free_text && accepts("1");
+    let kinds_fit = |v: &toml::Value| match v {
+        toml::Value::String(_) => !number,
+        toml::Value::Integer(_) | toml::Value::Float(_) => !free_text,
+        _ => true,
+    };
+    let items_of_value: Vec<&toml::Value> = match value {
+        toml::Value::Array(items) => items.iter().collect(),
+        v => vec![v],
+    };
+    items_of_value.into_iter().all(kinds_fit)
+        && items
+            .into_iter()
+            .all(|item| item.is_some_and(|text| accepts(&text)))
 }
 
 /// Serde for a clap `ValueEnum`, through the names clap shows, so the file
@@ -186,460 +265,4 @@ macro_rules! serde_value_enum {
 }
 
 #[cfg(test)]
-mod tests {
-    use clap::{CommandFactory, FromArgMatches};
-    use proptest::prelude::*;
-
-    use super::*;
-    use crate::cmd::{Cli, Command as Sub};
-
-    /// Parses `line` (after `microbatch`) and layers `text` as its file.
-    fn layered(line: &str, text: &str) -> Result<Sub, ConfigError> {
-        let words = std::iter::once("microbatch").chain(line.split_whitespace());
-        let matches = Cli::command()
-            .try_get_matches_from(words)
-            .expect("the line parses");
-        let cli = Cli::from_arg_matches(&matches).expect("the line parses");
-        let parser = Cli::command();
-        let (name, sub) = matches.subcommand().unwrap();
-        let command = parser.find_subcommand(name).unwrap();
-        let path = Path::new("f.toml");
-        Ok(match cli.command {
-            Sub::Run(a) => Sub::Run(merge(a, command, sub, text, path)?),
-            Sub::Supervise(a) => Sub::Supervise(merge(a, command, sub, text, path)?),
-            Sub::Lag(a) => Sub::Lag(merge(a, command, sub, text, path)?),
-            Sub::Scaler(a) => Sub::Scaler(merge(a, command, sub, text, path)?),
-            Sub::Produce(a) => Sub::Produce(merge(a, command, sub, text, path)?),
-            Sub::Top(a) => Sub::Top(merge(a, command, sub, text, path)?),
-            Sub::Demo(a) => Sub::Demo(merge(a, command, sub, text, path)?),
-            other => other,
-        })
-    }
-
-    /// The layered arguments as the file's table.
-    fn as_table(sub: &Sub) -> toml::Table {
-        let table = match sub {
-            Sub::Run(a) => toml::Table::try_from(a),
-            Sub::Supervise(a) => toml::Table::try_from(a),
-            Sub::Lag(a) => toml::Table::try_from(a),
-            Sub::Scaler(a) => toml::Table::try_from(a),
-            Sub::Produce(a) => toml::Table::try_from(a),
-            Sub::Top(a) => toml::Table::try_from(a),
-            Sub::Demo(a) => toml::Table::try_from(a),
-            _ => unreachable!(),
-        };
-        table.expect("serializes")
-    }
-
-    fn run(line: &str, text: &str) -> crate::cmd::run::Args {
-        match layered(&format!("run {line}"), text).expect("layered") {
-            Sub::Run(a) => a,
-            _ => unreachable!(),
-        }
-    }
-
-    /// Each command's minimal line, and flags that are not file keys.
-    const COMMANDS: &[(&str, &str)] = &[
-        ("run", "run"),
-        ("supervise", "supervise"),
-        ("lag", "lag --topic t --group g"),
-        ("scaler", "scaler"),
-        ("produce", "produce --topic t"),
-        ("top", "top --topic t --group g"),
-        ("demo", "demo"),
-    ];
-
-    /// Values of the flag's kind, other than its default, for a file that
-    /// sets it: a value the file names but the merge drops would then show
-    /// as the default.
-    fn samples(arg: &clap::Arg) -> Vec<toml::Value> {
-        // Flags whose values a parser function checks, not a list.
-        let text = |v: &str| vec![toml::Value::String(v.into())];
-        match arg.get_long() {
-            Some("security-protocol") => return text("SASL_SSL"),
-            Some("sasl-mechanism") => return text("PLAIN"),
-            Some("ordering") => return text("partition"),
-            Some("offset-reset") => return text("latest"),
-            Some("group-protocol") => return text("consumer"),
-            Some("kafka-property") => {
-                let pair = vec![
-                    toml::Value::String("a".into()),
-                    toml::Value::String("b".into()),
-                ];
-                return vec![toml::Value::Array(vec![toml::Value::Array(pair)])];
-            }
-            _ => {}
-        }
-        let default = arg
-            .get_default_values()
-            .first()
-            .map(|v| v.to_string_lossy().into_owned());
-        let possible: Vec<String> = arg
-            .get_possible_values()
-            .iter()
-            .map(|p| p.get_name().to_string())
-            .filter(|p| Some(p) != default.as_ref())
-            .collect();
-        match arg.get_action() {
-            clap::ArgAction::SetTrue => return vec![toml::Value::Boolean(true)],
-            clap::ArgAction::Append => {
-                return vec![
-                    toml::Value::Array(vec![toml::Value::String("a=b".into())]),
-                    toml::Value::Array(vec![toml::Value::Integer(1)]),
-                ]
-            }
-            _ => {}
-        }
-        if let Some(p) = possible.first() {
-            return vec![toml::Value::String(p.clone())];
-        }
-        if let Some(d) = &default {
-            if let Ok(n) = d.parse::<i64>() {
-                return vec![toml::Value::Integer(n + 1)];
-            }
-            if let Ok(x) = d.parse::<f64>() {
-                return vec![toml::Value::Float(x + 0.5)];
-            }
-        }
-        vec![
-            toml::Value::Integer(1),
-            toml::Value::String("1.2.3.4".into()),
-        ]
-    }
-
-    /// Equal as the flag sees it (an integer in the file fills a float).
-    fn same(a: Option<&toml::Value>, b: Option<&toml::Value>) -> bool {
-        let num = |v: Option<&toml::Value>| match v {
-            Some(toml::Value::Integer(n)) => Some(*n as f64),
-            Some(toml::Value::Float(x)) => Some(*x),
-            _ => None,
-        };
-        a == b || num(a).is_some() && num(a) == num(b)
-    }
-
-    #[test]
-    fn every_flag_of_every_command_is_a_key_of_the_file() {
-        let parser = Cli::command();
-        for (name, line) in COMMANDS {
-            let command = parser.find_subcommand(name).expect("the command exists");
-            let mut keys = 0;
-            for arg in command.get_arguments() {
-                let Some(long) = arg.get_long() else { continue };
-                // The line's own flags beat the file (tested below).
-                if ["config", "help"].contains(&long) || line.contains(&format!("--{long} ")) {
-                    continue;
-                }
-                let key = long.replace('-', "_");
-                let mut reached = false;
-                let mut last = None;
-                for value in samples(arg) {
-                    let mut table = toml::Table::new();
-                    table.insert(key.clone(), value.clone());
-                    match layered(line, &toml::to_string(&table).unwrap()) {
-                        Ok(sub) => {
-                            let got = as_table(&sub);
-                            assert!(
-                                same(got.get(arg.get_id().as_str()), Some(&value)),
-                                "{name} --{long}: the file's `{key}` = {value} did not reach \
-                                 the flag: {:?}",
-                                got.get(arg.get_id().as_str())
-                            );
-                            reached = true;
-                            break;
-                        }
-                        Err(e) => {
-                            assert!(
-                                !e.rule.contains("unknown key"),
-                                "{name} --{long}: the file has no key `{key}`: {e}"
-                            );
-                            assert!(e.rule.contains(&format!("`{key}`")), "{name} --{long}: {e}");
-                            last = Some(e);
-                        }
-                    }
-                }
-                assert!(
-                    reached,
-                    "{name} --{long}: no sample value was accepted: {last:?}"
-                );
-                keys += 1;
-            }
-            assert!(keys >= 3, "{name}: only {keys} flags found");
-        }
-    }
-
-    #[test]
-    fn a_flag_beats_the_file_which_beats_the_default() {
-        let a = run(
-            "--topic t --group g --max-records 7",
-            "max_records = 3\nconcurrency = 5\nordering = \"partition\"\n",
-        );
-        assert_eq!(a.max_records, 7, "the flag wins");
-        assert_eq!(a.concurrency, 5, "the file fills what the line left unset");
-        assert_eq!(a.ordering, microbatch_core::config::Ordering::Partition);
-        assert_eq!(
-            a.max_wait_ms,
-            microbatch_core::config::defaults::MAX_WAIT_MS,
-            "the library's default for the rest"
-        );
-    }
-
-    #[test]
-    fn the_file_gives_kafka_properties_and_required_values() {
-        let a = run(
-            "",
-            "topic = \"t\"\ngroup = \"g\"\npoison_marker = \"bad\"\naudit_log = \"/tmp/a\"\n\
-             [kafka_properties]\n\"fetch.min.bytes\" = \"1\"\n",
-        );
-        assert_eq!(a.workers.resolve().unwrap(), ("t".into(), "g".into()));
-        assert_eq!(a.poison_marker.as_deref(), Some("bad"));
-        assert_eq!(a.audit_log.as_deref(), Some(Path::new("/tmp/a")));
-        assert_eq!(a.kafka.kafka_properties["fetch.min.bytes"], "1");
-    }
-
-    #[test]
-    fn unknown_keys_and_wrong_types_name_the_key() {
-        let e = layered("run", "max_recordz = 3\n").unwrap_err();
-        assert_eq!(e.field, "--config");
-        assert!(e.rule.contains("max_recordz"), "{e}");
-        let e = layered("run", "max_records = \"many\"\n").unwrap_err();
-        assert!(e.rule.contains("`max_records`"), "{e}");
-        let e = layered("run", "ordering = \"sideways\"\n").unwrap_err();
-        assert!(e.rule.contains("`ordering`"), "{e}");
-        let e = layered("run", "password = 424242\n").unwrap_err();
-        assert!(
-            e.rule.contains("`password`") && !e.rule.contains("424242"),
-            "{e}"
-        );
-        let e = layered("run", "[kafka_properties]\n\"sasl.password\" = 424242\n").unwrap_err();
-        assert!(!e.rule.contains("424242"), "{e}");
-        let e = layered("run", "config = \"other.toml\"\n").unwrap_err();
-        assert!(e.rule.contains("another file"), "{e}");
-    }
-
-    /// The replaced system's `PROCESS_TIME_SECONDS` (or
-    /// `--process-time-seconds`) given beats the file's `process_time_ms`:
-    /// the file is below the environment for the one value both name.
-    #[test]
-    fn a_given_twin_beats_the_files_spelling() {
-        let a = run("--process-time-seconds 0.25", "process_time_ms = 5\n");
-        assert_eq!(a.process_time_ms, None, "the file's ms yields");
-        assert_eq!(a.process_time_seconds, Some(0.25));
-        let a = run("--process-time-ms 7", "process_time_seconds = 3.0\n");
-        assert_eq!(a.process_time_seconds, None);
-        assert_eq!(a.process_time_ms, Some(7));
-        let a = run("", "process_time_ms = 5\n");
-        assert_eq!(a.process_time_ms, Some(5), "alone, the file fills it");
-    }
-
-    /// A file written for `supervise` (policy, lag threshold) is also the
-    /// file of the `run` workers it starts (they inherit
-    /// `MICROBATCH_CONFIG`): each command takes its own keys and passes
-    /// over the others'. Refusing them made every worker exit 2, restarted
-    /// forever.
-    #[test]
-    fn one_file_serves_every_command() {
-        let text = "topic = \"t\"\ngroup = \"g\"\nmax_records = 7\n\
-                    policy = \"rate\"\nlag_threshold = 50\npartitions = 3\n";
-        let a = run("", text);
-        assert_eq!(a.max_records, 7);
-        match layered("supervise", text).expect("supervise reads the same file") {
-            Sub::Supervise(s) => assert_eq!(s.workers.resolve().unwrap().0, "t"),
-            _ => unreachable!(),
-        }
-        layered("lag --topic t --group g", text).expect("lag reads the same file");
-        let e = layered("supervise", "lag_treshold = 5\n").unwrap_err();
-        assert!(
-            e.rule.contains("`lag_treshold`"),
-            "a typo is still refused: {e}"
-        );
-    }
-
-    /// `run`'s flags with a default: (long flag, environment variable, default).
-    fn run_defaults() -> Vec<(String, Option<String>, String)> {
-        let parser = Cli::command();
-        let run = parser.find_subcommand("run").unwrap();
-        run.get_arguments()
-            .filter_map(|a| {
-                let default = a
-                    .get_default_values()
-                    .first()?
-                    .to_string_lossy()
-                    .into_owned();
-                let env = a.get_env().map(|e| e.to_string_lossy().into_owned());
-                Some((a.get_long()?.to_string(), env, default))
-            })
-            .collect()
-    }
-
-    #[test]
-    fn the_readme_table_shows_each_default_of_run() {
-        let readme = include_str!("../../../README.md");
-        let mut checked = 0;
-        for (long, _, default) in run_defaults() {
-            let flag = format!("`--{long}`");
-            let row = readme
-                .lines()
-                .filter(|l| l.starts_with("| `--"))
-                .find(|l| {
-                    let first = l.split('|').nth(1).unwrap_or("");
-                    first.contains(&flag) || first.contains(&format!("`--{long} "))
-                })
-                .unwrap_or_else(|| panic!("README's flag table has no row for --{long}"));
-            let cell = row.split('|').nth(3).unwrap_or("").replace('`', "");
-            assert!(
-                cell.split(|c: char| c.is_whitespace() || c == '/' || c == ',')
-                    .any(|w| w == default),
-                "README says `{}` for --{long}, the binary's default is {default}",
-                cell.trim()
-            );
-            checked += 1;
-        }
-        assert!(checked > 20, "only {checked} defaults checked");
-    }
-
-    #[test]
-    fn the_kits_config_shows_the_binarys_defaults_where_it_says_so() {
-        let env = include_str!("../../../deploy/k8s/base/config.env");
-        let (_, ours) = env
-            .split_once("# Ours")
-            .expect("config.env marks the binary's own variables");
-        let defaults = run_defaults();
-        let mut checked = 0;
-        for line in ours
-            .lines()
-            .filter(|l| !l.starts_with('#') && l.contains('='))
-        {
-            let (key, value) = line.split_once('=').unwrap();
-            if let Some((long, _, default)) =
-                defaults.iter().find(|(_, e, _)| e.as_deref() == Some(key))
-            {
-                assert_eq!(value, default, "config.env {key} (--{long})");
-                checked += 1;
-            }
-        }
-        assert!(checked >= 5, "only {checked} variables checked");
-    }
-
-    /// Every (command, long flag, default) of the binary.
-    fn all_defaults() -> Vec<(String, String, String)> {
-        let parser = Cli::command();
-        parser
-            .get_subcommands()
-            .flat_map(|cmd| {
-                cmd.get_arguments()
-                    .filter_map(|a| {
-                        let default = a.get_default_values().first()?.to_string_lossy();
-                        Some((
-                            cmd.get_name().to_string(),
-                            a.get_long()?.to_string(),
-                            default.into_owned(),
-                        ))
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    }
-
-    /// Where the docs state a flag's default in prose ("`--x` (default 1
-    /// s)", "`--x`, 300 by default", "`--x` (600)"), the number is one of
-    /// the binary's defaults for that flag (the same flag may differ by
-    /// command: `--http-port`).
-    #[test]
-    fn the_docs_state_each_default_as_the_binary_has_it() {
-        let docs = [
-            ("README.md", include_str!("../../../README.md")),
-            (
-                "docs/delivery.md",
-                include_str!("../../../docs/delivery.md"),
-            ),
-            ("docs/scaling.md", include_str!("../../../docs/scaling.md")),
-            ("docs/deploy.md", include_str!("../../../docs/deploy.md")),
-            ("docs/design.md", include_str!("../../../docs/design.md")),
-        ];
-        let defaults = all_defaults();
-        let mut checked = 0;
-        for (file, text) in docs {
-            let text = text.replace('\n', " ");
-            for (at, _) in text.match_indices("`--") {
-                let rest = &text[at + 1..];
-                let Some(end) = rest.find('`') else { continue };
-                let long = &rest[2..end];
-                let after = &rest[end + 1..];
-                // The number and its unit, in one of the three forms.
-                let stated = if let Some(t) = after.strip_prefix(" (default ") {
-                    Some(t)
-                } else if let Some(t) = after.strip_prefix(", ") {
-                    t.split_once(" by default")
-                        .map(|(n, _)| n)
-                        .filter(|n| n.len() < 12)
-                } else {
-                    after
-                        .strip_prefix(" (")
-                        .filter(|t| t.starts_with(|c: char| c.is_ascii_digit()))
-                };
-                let Some(stated) = stated else { continue };
-                let number: String = stated
-                    .chars()
-                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ',')
-                    .filter(|c| *c != ',')
-                    .collect();
-                let Ok(value) = number.parse::<f64>() else {
-                    continue;
-                };
-                let unit = stated[number.len()..].trim_start();
-                let mine: Vec<&String> = defaults
-                    .iter()
-                    .filter(|(_, l, _)| l == long)
-                    .map(|(_, _, d)| d)
-                    .collect();
-                if mine.is_empty() {
-                    continue;
-                }
-                let in_flag_unit = value
-                    * match unit.split(|c: char| !c.is_ascii_alphabetic()).next() {
-                        Some("s") if long.ends_with("-ms") => 1000.0,
-                        Some("KiB") => 1024.0,
-                        Some("MiB") => 1024.0 * 1024.0,
-                        Some("GiB") => 1024.0 * 1024.0 * 1024.0,
-                        _ => 1.0,
-                    };
-                assert!(
-                    mine.iter().any(|d| d.parse::<f64>() == Ok(in_flag_unit)),
-                    "{file} states {number} {unit:.4} for --{long}; the binary's defaults are {mine:?}"
-                );
-                checked += 1;
-            }
-        }
-        assert!(checked >= 6, "only {checked} stated defaults checked");
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("MICROBATCH_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000)
-        ))]
-
-        /// Any text, and any line made of our keys with values of any
-        /// type, is read or refused with an error that names the file:
-        /// never a panic.
-        #[test]
-        fn any_config_file_is_read_or_refused_naming_the_file(
-            text in prop_oneof![
-                "[ -~\\n]{0,200}",
-                (
-                    prop_oneof![
-                        proptest::sample::select(["max_records", "handler_env", "dlq", "url", "kafka_properties", "ordering", "kafka_property"].map(String::from).to_vec()),
-                        "[a-z_]{1,12}",
-                    ],
-                    prop_oneof![
-                        proptest::sample::select(["3", "-1", "\"x\"", "[\"A\"]", "{}", "1e400", "true", "[[\"a\", \"b\"]]"].map(String::from).to_vec()),
-                        "[ -~]{0,12}",
-                    ],
-                ).prop_map(|(k, v)| format!("{k} = {v}\n")),
-            ]
-        ) {
-            if let Err(e) = layered("run", &text) {
-                prop_assert_eq!(e.field, "--config", "{}", e);
-            }
-        }
-    }
-}
+mod tests;

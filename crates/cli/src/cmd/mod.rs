@@ -76,15 +76,15 @@ pub fn execute(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         .find_subcommand(name)
         .expect("the subcommand just parsed");
     match cli.command {
-        Command::Run(args) => {
-            runtime.block_on(run::execute(config_file::apply(args, command, sub)?))
-        }
-        Command::Produce(args) => {
-            runtime.block_on(produce::execute(config_file::apply(args, command, sub)?))
-        }
-        Command::Lag(args) => {
-            runtime.block_on(lag::execute(config_file::apply(args, command, sub)?))
-        }
+        Command::Run(args) => runtime.block_on(run::execute(config_file::apply(
+            args, &parser, command, sub,
+        )?)),
+        Command::Produce(args) => runtime.block_on(produce::execute(config_file::apply(
+            args, &parser, command, sub,
+        )?)),
+        Command::Lag(args) => runtime.block_on(lag::execute(config_file::apply(
+            args, &parser, command, sub,
+        )?)),
         Command::Topic(cmd) => {
             let (name, sub) = sub.subcommand().expect("clap requires a subcommand");
             let command = command
@@ -92,22 +92,26 @@ pub fn execute(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 .expect("the subcommand just parsed");
             let cmd = match cmd {
                 topic::Command::Create(args) => {
-                    topic::Command::Create(config_file::apply(args, command, sub)?)
+                    topic::Command::Create(config_file::apply(args, &parser, command, sub)?)
                 }
                 topic::Command::Delete(args) => {
-                    topic::Command::Delete(config_file::apply(args, command, sub)?)
+                    topic::Command::Delete(config_file::apply(args, &parser, command, sub)?)
                 }
             };
             runtime.block_on(topic::execute(cmd))
         }
-        Command::Scaler(args) => {
-            runtime.block_on(scaler::execute(config_file::apply(args, command, sub)?))
+        Command::Scaler(args) => runtime.block_on(scaler::execute(config_file::apply(
+            args, &parser, command, sub,
+        )?)),
+        Command::Supervise(args) => runtime.block_on(supervise::execute(config_file::apply(
+            args, &parser, command, sub,
+        )?)),
+        Command::Demo(args) => {
+            demo::execute(config_file::apply(args, &parser, command, sub)?, &runtime)
         }
-        Command::Supervise(args) => {
-            runtime.block_on(supervise::execute(config_file::apply(args, command, sub)?))
+        Command::Top(args) => {
+            top::execute(config_file::apply(args, &parser, command, sub)?, &runtime)
         }
-        Command::Demo(args) => demo::execute(config_file::apply(args, command, sub)?, &runtime),
-        Command::Top(args) => top::execute(config_file::apply(args, command, sub)?, &runtime),
         Command::Auth(cmd) => auth::execute(cmd),
     }
 }

@@ -113,6 +113,7 @@ pub struct Args {
         long,
         env = "MICROBATCH_URL",
         hide_env_values = true,
+        allow_hyphen_values = true,
         help_heading = "Handler"
     )]
     pub url: Option<String>,

@@ -296,22 +296,31 @@ fn bad_input_exits_2_and_names_the_flag() {
         );
     }
     let secret = "s3cr3t-Pa55word";
-    let (status, out, err) = run_to_end(&[
-        "run",
-        "--topic",
-        "t",
-        "--group",
-        "g",
-        "--username",
-        "u",
-        "--password",
-        secret,
-    ]);
-    assert_eq!(status.code(), Some(2));
-    assert!(
-        !out.contains(secret) && !err.contains(secret),
-        "password printed: {err}"
-    );
+    // A password is never printed, also one that starts with `-`: that is
+    // the password, not a flag quoted back in an error, nor `-h` printing
+    // help and exiting 0.
+    for password in [
+        secret.to_string(),
+        format!("-{secret}"),
+        format!("--{secret}"),
+    ] {
+        let (status, out, err) = run_to_end(&[
+            "run",
+            "--topic",
+            "t",
+            "--group",
+            "g",
+            "--username",
+            "u",
+            "--password",
+            &password,
+        ]);
+        assert_eq!(status.code(), Some(2), "{out}{err}");
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "password printed: {out}{err}"
+        );
+    }
     // A property typed without `=` (or with a space in its key) is refused
     // naming the flag, not quoting the text, which holds the password.
     for typo in [

@@ -46,16 +46,22 @@ impl Pipeline {
         ps.ledger.acknowledged(&ps.offsets, offset, self.clock);
     }
 
-    /// The broker refused a commit. While consuming, the next interval
-    /// commits again. After [`Self::close`], a commit refused because the
+    /// The broker refused a commit (`sync`: one of the synchronous commits
+    /// asked for at the end). While consuming, the next interval commits
+    /// again. After [`Self::close`], a final commit refused because the
     /// group is busy (under the classic protocol the broker refuses commits
     /// while the group rebalances, as when another worker stops at the
     /// same moment) is tried again [`FINAL_COMMIT_RETRY`] later until it is
     /// acknowledged or the drain deadline passes: leaving then would hand
     /// records that are done to the next owner as not done. The worker
-    /// keeps serving the group meanwhile, so the rebalance can end.
-    pub fn handle_commit_refused(&mut self, refusal: CommitRefusal, now: Instant) {
+    /// keeps serving the group meanwhile, so the rebalance can end. A late
+    /// answer to an interval's asynchronous commit says nothing about the
+    /// final one and changes nothing.
+    pub fn handle_commit_refused(&mut self, refusal: CommitRefusal, sync: bool, now: Instant) {
         self.clock = self.clock.max(now);
+        if !sync {
+            return;
+        }
         if self.phase != Phase::Closed
             || refusal != CommitRefusal::GroupBusy
             || !self.final_commit_unacked(now)

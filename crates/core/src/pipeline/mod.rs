@@ -823,9 +823,6 @@ impl Pipeline {
         if let Phase::Draining { deadline } = self.phase {
             consider(deadline);
         }
-        if let Some(t) = self.final_commit_retry_at {
-            consider(t);
-        }
         let slots_free = self.in_flight < self.config.concurrency;
         if self.circuit.is_open() && self.in_flight == 0 {
             consider(self.circuit.probe_after());

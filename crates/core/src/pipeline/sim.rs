@@ -912,9 +912,14 @@ impl Sim {
         // The broker refuses the final commit while the group rebalances:
         // the pipeline asks again until acknowledged or the drain deadline,
         // and those commits too pass nothing not done (invariant 1).
+        use super::CommitRefusal::{GroupBusy, Other};
         for _ in 0..self.rng.random_range(0..4) {
             self.pipeline
-                .handle_commit_refused(super::CommitRefusal::GroupBusy, self.now);
+                .handle_commit_refused(GroupBusy, true, self.now);
+            // A late answer to an earlier interval's commit.
+            if self.rng.random_bool(0.3) {
+                self.pipeline.handle_commit_refused(Other, false, self.now);
+            }
             self.advance(200);
             self.tick()?;
         }

@@ -120,15 +120,20 @@ fn a_refused_final_commit_is_retried_until_acknowledged_or_the_deadline() {
         p.finished(t0),
         "no refusal yet: the sync commit was answered"
     );
-    p.handle_commit_refused(CommitRefusal::GroupBusy, t0);
+    p.handle_commit_refused(CommitRefusal::GroupBusy, true, t0);
     assert!(!p.finished(t0), "a retry waits");
+    p.handle_commit_refused(CommitRefusal::Other, false, t0);
+    assert!(
+        !p.finished(t0),
+        "a late answer to an interval's commit does not cancel the retry"
+    );
     assert_eq!(p.poll_timeout(), t0 + FINAL_COMMIT_RETRY);
     p.handle_tick(t0 + FINAL_COMMIT_RETRY / 2);
     assert_eq!(commits(&mut p), vec![], "not before its time");
     let t1 = t0 + FINAL_COMMIT_RETRY;
     p.handle_tick(t1);
     assert_eq!(commits(&mut p), vec![(0, 2)], "asked for again");
-    p.handle_commit_refused(CommitRefusal::GroupBusy, t1);
+    p.handle_commit_refused(CommitRefusal::GroupBusy, true, t1);
     p.handle_tick(t1 + FINAL_COMMIT_RETRY);
     assert_eq!(commits(&mut p), vec![(0, 2)], "and again");
     p.handle_committed(0, 2);
@@ -137,12 +142,12 @@ fn a_refused_final_commit_is_retried_until_acknowledged_or_the_deadline() {
     assert_eq!(commits(&mut p), vec![], "nothing left to commit");
 
     let mut p = closed(t0);
-    p.handle_commit_refused(CommitRefusal::Other, t0);
+    p.handle_commit_refused(CommitRefusal::Other, true, t0);
     assert!(p.finished(t0), "only a busy group is waited out");
 
     let mut p = closed(t0);
     let late = t0 + Duration::from_millis(9_950);
-    p.handle_commit_refused(CommitRefusal::GroupBusy, late);
+    p.handle_commit_refused(CommitRefusal::GroupBusy, true, late);
     assert!(!p.finished(late));
     let deadline = t0 + Duration::from_secs(10);
     assert!(p.finished(deadline), "the drain deadline ends the tries");

@@ -283,20 +283,21 @@ impl Adapter {
                 },
                 Err(e) => failed_commit(&tpl, e),
             };
-            self.on_commit(result);
+            self.on_commit(result, true);
         } else if let Err(e) = self.commits.commit(consumer, &tpl) {
-            self.on_commit(failed_commit(&tpl, e));
+            self.on_commit(failed_commit(&tpl, e), false);
         }
     }
 
     /// Reads the results of asynchronous commits that have arrived.
     pub(super) fn collect_commit_results(&mut self) {
         while let Some(result) = self.commits.poll() {
-            self.on_commit(result);
+            self.on_commit(result, false);
         }
     }
 
-    pub(super) fn on_commit(&mut self, result: CommitResult) {
+    /// `sync`: the result of a synchronous commit (the final ones).
+    pub(super) fn on_commit(&mut self, result: CommitResult, sync: bool) {
         let m = &self.telemetry.metrics;
         if result.error == Some(RDKafkaErrorCode::NoOffset) {
             return;
@@ -307,7 +308,11 @@ impl Adapter {
         for p in result.partitions.iter().filter(|p| *p.topic == *self.topic) {
             let error = p.error.or(result.error);
             if let Some(code) = error {
-                refused = Some(refusal(code));
+                // One partition in a busy group makes the whole commit worth
+                // trying again.
+                if refused != Some(CommitRefusal::GroupBusy) {
+                    refused = Some(refusal(code));
+                }
             }
             match error {
                 None if p.offset >= 0 => {
@@ -334,7 +339,8 @@ impl Adapter {
             }
         }
         if let Some(refusal) = refused {
-            self.pipeline.handle_commit_refused(refusal, Instant::now());
+            self.pipeline
+                .handle_commit_refused(refusal, sync, Instant::now());
         }
     }
 

@@ -22,11 +22,11 @@ pub(super) fn turn_until<S>(
     mut wait: impl FnMut(&mut S, Duration),
 ) {
     loop {
-        let now = Instant::now();
-        let Next::TurnBy(due) = turn(state, now) else {
+        let Next::TurnBy(due) = turn(state, Instant::now()) else {
             return;
         };
-        wait(state, due.saturating_duration_since(now));
+        // From after the turn: a turn can take long (a synchronous commit).
+        wait(state, due.saturating_duration_since(Instant::now()));
     }
 }
 

@@ -332,6 +332,12 @@ fn create_consumer(
     Ok(cfg.kafka.create_client(&client, context)?)
 }
 
+/// `wait` rounded up to whole milliseconds: librdkafka waits in
+/// milliseconds and the client library spins through any remainder.
+fn whole_ms(wait: Duration) -> Duration {
+    Duration::from_millis(wait.as_micros().div_ceil(1000) as u64)
+}
+
 /// The poll loop's wait: rebalances, errors and statistics first (their
 /// callbacks take the adapter lock), then a burst of records, waiting up to
 /// `left` for them (or, with the pipeline full, for a verdict instead).
@@ -341,9 +347,7 @@ fn take_records(
     burst: &mut Vec<FetchedMessage>,
 ) {
     let ctx = consumer.context();
-    // Whole milliseconds: librdkafka waits in milliseconds and the client
-    // library spins through any remainder.
-    let timeout = Duration::from_millis(left.as_micros().div_ceil(1000) as u64);
+    let timeout = whole_ms(left);
     // A bounded number of events, so records keep flowing.
     let events_waiting = || {
         ctx.with_adapter(|a| a.fetch.consumer_events_waiting())
@@ -515,7 +519,7 @@ fn poll_loop(
             .unwrap_or(Next::Done)
         },
         |_, left| {
-            let _ = consumer.poll(left);
+            let _ = consumer.poll(whole_ms(left));
         },
     );
     consumer.unsubscribe();
