@@ -89,8 +89,13 @@ impl KafkaArgs {
         } else {
             SecurityProtocol::Plaintext
         };
+        // The file's table, then the environment's, then the flags: the
+        // later one wins.
         let mut properties: Vec<(String, String)> =
             self.kafka_properties.clone().into_iter().collect();
+        properties.extend(properties_from_env(
+            std::env::var(KAFKA_PROPERTIES_ENV).ok().as_deref(),
+        )?);
         properties.extend(self.kafka_property.iter().cloned());
         let cfg = KafkaConfig {
             bootstrap_servers: self
@@ -121,6 +126,44 @@ impl KafkaArgs {
     pub fn config_file(&self) -> Option<&Path> {
         self.config_file.as_deref()
     }
+}
+
+/// librdkafka properties as a JSON object of strings
+/// (`{"ssl.key.pem": "-----BEGIN…"}`): how `supervise` hands its properties
+/// to the workers it starts without showing them in `ps`, and a way to set
+/// them in a pod spec. Below `--kafka-property`, above the file's table.
+pub const KAFKA_PROPERTIES_ENV: &str = "MICROBATCH_KAFKA_PROPERTIES";
+
+/// The properties in [`KAFKA_PROPERTIES_ENV`]'s value, if set. An error
+/// names the variable, never the value (it may hold a password).
+fn properties_from_env(value: Option<&str>) -> Result<Vec<(String, String)>, ConfigError> {
+    let Some(text) = value.filter(|t| !t.trim().is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let refused = || {
+        ConfigError::new(
+            KAFKA_PROPERTIES_ENV,
+            "expected a JSON object of strings, {\"key\": \"value\"} (the value is not shown: it may \
+             hold a secret)",
+        )
+    };
+    let map: BTreeMap<String, String> = serde_json::from_str(text).map_err(|_| refused())?;
+    if map
+        .keys()
+        .any(|k| k.is_empty() || k.contains(char::is_whitespace))
+    {
+        return Err(refused());
+    }
+    Ok(map.into_iter().collect())
+}
+
+/// The properties for [`KAFKA_PROPERTIES_ENV`].
+pub fn properties_to_env(properties: &[(String, String)]) -> String {
+    let map: BTreeMap<&str, &str> = properties
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    serde_json::to_string(&map).expect("a map of strings serializes")
 }
 
 /// The region the client signs MSK IAM tokens for. `AWS_REGION` is set in
@@ -196,6 +239,31 @@ pub fn require<T>(value: Option<T>, field: &'static str, env: &str) -> Result<T,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn properties_travel_through_the_environment_and_errors_do_not_show_them() {
+        let pem = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n";
+        let sent = vec![
+            (
+                "sasl.password".to_string(),
+                "hunter2, with = and \"".to_string(),
+            ),
+            ("ssl.key.pem".to_string(), pem.to_string()),
+        ];
+        let text = properties_to_env(&sent);
+        assert_eq!(properties_from_env(Some(&text)).unwrap(), sent);
+        assert_eq!(properties_from_env(None).unwrap(), vec![]);
+        assert_eq!(properties_from_env(Some(" ")).unwrap(), vec![]);
+        for bad in [
+            "sasl.password=hunter2",
+            "{\"sasl.password\": 7}",
+            "{\"a b\": \"hunter2\"}",
+        ] {
+            let e = properties_from_env(Some(bad)).unwrap_err();
+            assert_eq!(e.field, KAFKA_PROPERTIES_ENV);
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
 
     #[test]
     fn the_ambient_aws_region_does_not_break_other_logins() {

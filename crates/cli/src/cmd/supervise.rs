@@ -16,7 +16,7 @@ use microbatch_scaling::supervisor::{Supervisor, SupervisorConfig};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::args::{GroupArgs, KafkaArgs};
+use crate::args::{properties_to_env, GroupArgs, KafkaArgs, KAFKA_PROPERTIES_ENV};
 use serde::{Deserialize, Serialize};
 
 use crate::config_file::FromFile;
@@ -89,6 +89,14 @@ pub fn kafka_env(kafka: &KafkaConfig) -> Vec<(String, String)> {
     if let Some(ca) = &kafka.ssl_ca_location {
         env.push(("KAFKA_SSL_CA_LOCATION".into(), ca.display().to_string()));
     }
+    // Properties too (a CA or key given as a property, mTLS), as JSON in
+    // one variable: flags would show them in `ps`.
+    if !kafka.properties.is_empty() {
+        env.push((
+            KAFKA_PROPERTIES_ENV.into(),
+            properties_to_env(&kafka.properties),
+        ));
+    }
     // MSK IAM: the region and token lifetime; the AWS credentials reach the
     // children through the environment (or files) they inherit, never here.
     if let Some(region) = &kafka.aws_region {
@@ -99,6 +107,21 @@ pub fn kafka_env(kafka: &KafkaConfig) -> Vec<(String, String)> {
         ));
     }
     env
+}
+
+/// The workers' environment on top of the supervisor's: the connection,
+/// and the `--config` file (the workers read their own keys of it).
+fn child_env(
+    kafka: &KafkaConfig,
+    config_file: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut env = kafka_env(kafka);
+    if let Some(file) = config_file {
+        let file = std::path::absolute(file)
+            .with_context(|| format!("locating --config {}", file.display()))?;
+        env.push(("MICROBATCH_CONFIG".into(), file.display().to_string()));
+    }
+    Ok(env)
 }
 
 /// Flags that belong to supervise itself, which hands them to every worker.
@@ -137,6 +160,21 @@ fn has_flag(args: &[String], flag: &str) -> bool {
     })
 }
 
+/// The workers' drain deadline: the one given after `--`, else the
+/// supervisor's, which it hands them.
+fn workers_drain_timeout_ms(user: &[String], own: u64) -> u64 {
+    let mut given = None;
+    let mut args = user.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--drain-timeout-ms" {
+            given = args.next().and_then(|v| v.parse().ok());
+        } else if let Some(v) = arg.strip_prefix("--drain-timeout-ms=") {
+            given = v.parse().ok();
+        }
+    }
+    given.unwrap_or(own)
+}
+
 /// The arguments after `run` for every child: the user's, then the group,
 /// and what the supervisor needs unless the user chose it: a port of its
 /// own per child, and the supervisor's drain deadline (so a stopped child
@@ -172,9 +210,6 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         return Err(ConfigError::new("--min", "must not exceed --max").into());
     }
     let kafka = kafka.start_msk_iam()?;
-    if !args.kafka.kafka_property.is_empty() {
-        tracing::info!("--kafka-property applies to the supervisor's lag reads; pass worker properties after --");
-    }
     let run_args = child_args(&args.run_args, &topic, &group, args.drain_timeout_ms);
     if let Some(dir) = &args.log_dir {
         std::fs::create_dir_all(dir)
@@ -185,11 +220,15 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         run_args,
         min_replicas: args.policy_args.min_replicas,
         max_replicas: args.policy_args.max_replicas,
-        kill_after: Duration::from_millis(args.drain_timeout_ms) + Duration::from_secs(5),
+        // A worker given a longer drain deadline after `--` gets it in full.
+        kill_after: Duration::from_millis(workers_drain_timeout_ms(
+            &args.run_args,
+            args.drain_timeout_ms,
+        )) + Duration::from_secs(5),
         log_dir: args.log_dir.clone(),
         timeline: args.timeline.clone(),
         invalid_offset: args.policy_args.invalid_offset(),
-        env: kafka_env(&kafka),
+        env: child_env(&kafka, args.kafka.config_file())?,
     };
     let mut reader = LagReader::new(&kafka, &group, &topic, Duration::from_secs(10))?;
     if args.policy_args.max_lag_seconds.is_some() {
@@ -332,5 +371,44 @@ mod tests {
             assert!(!args.contains(&"7000".to_string()), "{args:?}");
         }
         assert!(!has_flag(&strings(&["--http-portal=1"]), "--http-port"));
+    }
+
+    /// A worker given a longer drain deadline after `--` is not killed
+    /// 5 s after the supervisor's own (shorter) one.
+    #[test]
+    fn the_kill_waits_for_the_workers_drain_deadline() {
+        assert_eq!(
+            workers_drain_timeout_ms(&strings(&["--x", "1"]), 30_000),
+            30_000
+        );
+        for user in [
+            strings(&["--drain-timeout-ms", "90000"]),
+            strings(&["--drain-timeout-ms=90000"]),
+        ] {
+            assert_eq!(workers_drain_timeout_ms(&user, 30_000), 90_000);
+        }
+    }
+
+    /// The workers get the supervisor's properties (in one variable, not
+    /// in `ps`) and its `--config` file, by an absolute path.
+    #[test]
+    fn children_get_the_properties_and_the_config_file() {
+        let mut kafka = KafkaConfig::plaintext("b:9092");
+        kafka.properties = vec![("ssl.ca.location".into(), "/ca.pem".into())];
+        let env = child_env(&kafka, Some(std::path::Path::new("conf/f.toml"))).unwrap();
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(
+            get(KAFKA_PROPERTIES_ENV).as_deref(),
+            Some(r#"{"ssl.ca.location":"/ca.pem"}"#)
+        );
+        let file = get("MICROBATCH_CONFIG").unwrap();
+        assert!(
+            file.starts_with('/') && file.ends_with("conf/f.toml"),
+            "{file}"
+        );
+        let env = child_env(&KafkaConfig::plaintext("b:9092"), None).unwrap();
+        assert!(env
+            .iter()
+            .all(|(k, _)| k != KAFKA_PROPERTIES_ENV && k != "MICROBATCH_CONFIG"));
     }
 }

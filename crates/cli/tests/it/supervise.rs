@@ -331,3 +331,67 @@ fn a_log_dir_that_does_not_exist_yet_is_created() {
     let status = sup.wait_for_exit(Duration::from_secs(30)).expect("exits");
     assert!(status.success(), "{}", sup.stderr());
 }
+
+/// The workers get what the supervisor was given as Kafka properties (here
+/// the brokers' CA, and no `--ssl-ca-location`) and its `--config` file.
+/// Before, only a fixed set of variables reached them: they could not
+/// verify the brokers and the topic never drained while the supervisor
+/// itself read lag without trouble.
+#[test]
+fn workers_get_the_supervisors_kafka_properties_and_config_file() {
+    let Some(env) = scram_listener() else {
+        return;
+    };
+    let sc = Scenario::new("sup-props", 2);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(200, &[]);
+    // A run key in supervise's file: the workers read it from there.
+    let file = dir.path("microbatch.toml");
+    std::fs::write(&file, "concurrency = 3\n").unwrap();
+    let mut cmd = command();
+    cmd.args([
+        "supervise",
+        "--config",
+        file.to_str().unwrap(),
+        "--security-protocol",
+        "SASL_SSL",
+        "--sasl-mechanism",
+        "SCRAM-SHA-512",
+        "--topic",
+        topic,
+        "--group",
+        group,
+        "--kafka-property",
+        &format!("ssl.ca.location={}", env["KAFKA_SSL_CA_LOCATION"]),
+        "--policy",
+        "keda",
+        "--min",
+        "1",
+        "--max",
+        "1",
+        "--polling-interval-ms",
+        "200",
+        "--http-port",
+        "0",
+        "--drain-timeout-ms",
+        "2000",
+        "--log-dir",
+        dir.0.to_str().unwrap(),
+    ])
+    .env("KAFKA_BOOTSTRAP_SERVERS", &env["KAFKA_BOOTSTRAP_SERVERS"])
+    .env("KAFKA_USERNAME", &env["KAFKA_USERNAME"])
+    .env("KAFKA_PASSWORD", &env["KAFKA_PASSWORD"]);
+    let mut sup = Proc::spawn(cmd, dir.path("supervise.stderr"));
+    sc.wait_for_lag_zero(Duration::from_secs(90));
+    sup.signal(15);
+    assert!(sup.wait_for_exit(Duration::from_secs(30)).is_some());
+    let log = std::fs::read_to_string(dir.path("worker-1.log")).unwrap_or_default();
+    assert!(
+        log.contains("worker started") && log.contains("concurrency=3"),
+        "the worker read its key from supervise's file: {log}"
+    );
+    assert!(
+        !log.contains(env["KAFKA_PASSWORD"].as_str()),
+        "the password reached the worker's log"
+    );
+}
