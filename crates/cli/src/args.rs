@@ -64,7 +64,9 @@ pub struct KafkaArgs {
     /// PEM file of the CA that signed the brokers' certificates (system CAs if unset).
     #[arg(long, env = "KAFKA_SSL_CA_LOCATION")]
     pub ssl_ca_location: Option<PathBuf>,
-    /// Any librdkafka property, key=value; repeatable; wins over ours.
+    /// Any librdkafka property, key=value; repeatable; wins over ours and
+    /// over MICROBATCH_KAFKA_PROPERTIES (a JSON object of them, which
+    /// `supervise` hands its workers).
     /// `debug=cgrp` (or any librdkafka debug context) logs at debug level,
     /// target `kafka`: show it with `--log-level info,kafka=debug`.
     #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property, allow_hyphen_values = true)]
@@ -93,10 +95,8 @@ impl KafkaArgs {
         // later one wins.
         let mut properties: Vec<(String, String)> =
             self.kafka_properties.clone().into_iter().collect();
-        properties.extend(properties_from_env(
-            std::env::var(KAFKA_PROPERTIES_ENV).ok().as_deref(),
-        )?);
-        properties.extend(self.kafka_property.iter().cloned());
+        properties.extend(self.properties_to_hand_down()?);
+        let properties = last_of_each(properties);
         let cfg = KafkaConfig {
             bootstrap_servers: self
                 .bootstrap_servers
@@ -126,6 +126,31 @@ impl KafkaArgs {
     pub fn config_file(&self) -> Option<&Path> {
         self.config_file.as_deref()
     }
+
+    /// The properties of the environment and the flags, the later winning:
+    /// what `supervise` hands its workers in [`KAFKA_PROPERTIES_ENV`]. The
+    /// file's table is not among them: the workers read the file itself,
+    /// as it is when each starts, below these.
+    pub fn properties_to_hand_down(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut properties =
+            properties_from_env(std::env::var(KAFKA_PROPERTIES_ENV).ok().as_deref())?;
+        properties.extend(self.kafka_property.iter().cloned());
+        Ok(last_of_each(properties))
+    }
+}
+
+/// Each key once, with its last value, where it first appeared: librdkafka
+/// applies the last, and a reader that takes the first (group.protocol)
+/// then agrees with it.
+fn last_of_each(properties: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut kept: Vec<(String, String)> = Vec::with_capacity(properties.len());
+    for (key, value) in properties {
+        match kept.iter_mut().find(|(k, _)| *k == key) {
+            Some(entry) => entry.1 = value,
+            None => kept.push((key, value)),
+        }
+    }
+    kept
 }
 
 /// librdkafka properties as a JSON object of strings
@@ -263,6 +288,19 @@ mod tests {
             assert_eq!(e.field, KAFKA_PROPERTIES_ENV);
             assert!(!e.to_string().contains("hunter2"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_property_given_twice_keeps_its_last_value() {
+        let p = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            last_of_each(vec![
+                p("group.protocol", "classic"),
+                p("a", "1"),
+                p("group.protocol", "consumer"),
+            ]),
+            vec![p("group.protocol", "consumer"), p("a", "1")]
+        );
     }
 
     #[test]

@@ -386,7 +386,8 @@ impl WorkerConfig {
             .kafka
             .properties
             .iter()
-            .find(|(k, _)| k == "group.protocol")
+            // librdkafka applies the last of a key given twice.
+            .rfind(|(k, _)| k == "group.protocol")
         {
             self.group_protocol = v.parse().map_err(|e: String| {
                 ConfigError::new("--kafka-property", format!("group.protocol: {e}"))

@@ -101,7 +101,9 @@ impl KafkaConfig {
         C: ClientContext,
         T: FromClientConfigAndContext<C> + NativeHandle,
     {
-        let client = config.create_with_context(context)?;
+        let client = config
+            .create_with_context(context)
+            .map_err(without_secret_values)?;
         Ok(WithTokens::new(self.msk_iam.as_ref(), client))
     }
 
@@ -109,6 +111,25 @@ impl KafkaConfig {
     pub fn is_tls(&self) -> bool {
         self.security_protocol != SecurityProtocol::Plaintext
             && self.security_protocol != SecurityProtocol::SaslPlaintext
+    }
+}
+
+/// A client error with the value of a secret property left out: librdkafka
+/// refuses a property naming key and value (`sasl.oauthbearer.client.secret`
+/// where the build has no OIDC), and rust-rdkafka prints both.
+fn without_secret_values(e: KafkaError) -> KafkaError {
+    match e {
+        KafkaError::ClientConfig(code, description, key, value)
+            if crate::secret::is_secret_property(&key) =>
+        {
+            let description = if value.is_empty() {
+                description
+            } else {
+                description.replace(&value, "***")
+            };
+            KafkaError::ClientConfig(code, description, key, "(value not shown)".into())
+        }
+        other => other,
     }
 }
 
@@ -191,6 +212,27 @@ impl rdkafka::producer::ProducerContext for QuietContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_secret_property_is_not_shown() {
+        use rdkafka::types::RDKafkaConfRes;
+        let refused = |key: &str| {
+            without_secret_values(KafkaError::ClientConfig(
+                RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+                "Invalid value \"hunter2\" for configuration property".into(),
+                key.into(),
+                "hunter2".into(),
+            ))
+            .to_string()
+        };
+        let shown = refused("sasl.oauthbearer.client.secret");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("sasl.oauthbearer.client.secret"), "{shown}");
+        assert!(
+            refused("fetch.min.bytes").contains("hunter2"),
+            "a value that is not a secret still helps"
+        );
+    }
     use crate::config::{SaslMechanism, Secret};
 
     #[test]

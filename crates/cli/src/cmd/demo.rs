@@ -427,7 +427,7 @@ fn run_policy(
         log_dir: Some(dir.to_path_buf()),
         timeline: None,
         invalid_offset: InvalidOffsetPolicy::Earliest,
-        env: kafka_env(kafka),
+        env: kafka_env(kafka, &kafka.properties),
     };
     let reader = LagReader::new(kafka, &group, topic, Duration::from_secs(10))?;
     let dlq_watch = watermark_reader(kafka)?;

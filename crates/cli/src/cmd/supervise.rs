@@ -39,7 +39,8 @@ pub struct Args {
     /// How often to read lag and decide.
     #[arg(long, default_value_t = defaults::SUPERVISE_POLLING_INTERVAL_MS)]
     pub polling_interval_ms: u64,
-    /// Workers' drain deadline; a stopped worker is killed 5 s after it.
+    /// Workers' drain deadline; a stopped worker is killed 15 s after it (or
+    /// after a longer one given to the workers after `--`).
     #[arg(long, default_value_t = microbatch_core::config::defaults::DRAIN_TIMEOUT_MS)]
     pub drain_timeout_ms: u64,
     /// Write one JSON line per poll: {"t_ms","total_lag","replicas","desired","rate_per_replica",…}.
@@ -65,8 +66,10 @@ impl FromFile for Args {
     }
 }
 
-/// Connection settings as environment variables for child workers.
-pub fn kafka_env(kafka: &KafkaConfig) -> Vec<(String, String)> {
+/// Connection settings as environment variables for child workers, with
+/// `properties` for [`KAFKA_PROPERTIES_ENV`] (set even when empty, so a
+/// child never reads one it inherited).
+pub fn kafka_env(kafka: &KafkaConfig, properties: &[(String, String)]) -> Vec<(String, String)> {
     let mut env = vec![
         (
             "KAFKA_BOOTSTRAP_SERVERS".to_string(),
@@ -91,12 +94,12 @@ pub fn kafka_env(kafka: &KafkaConfig) -> Vec<(String, String)> {
     }
     // Properties too (a CA or key given as a property, mTLS), as JSON in
     // one variable: flags would show them in `ps`.
-    if !kafka.properties.is_empty() {
-        env.push((
-            KAFKA_PROPERTIES_ENV.into(),
-            properties_to_env(&kafka.properties),
-        ));
-    }
+    let handed_down = if properties.is_empty() {
+        String::new()
+    } else {
+        properties_to_env(properties)
+    };
+    env.push((KAFKA_PROPERTIES_ENV.into(), handed_down));
     // MSK IAM: the region and token lifetime; the AWS credentials reach the
     // children through the environment (or files) they inherit, never here.
     if let Some(region) = &kafka.aws_region {
@@ -110,12 +113,31 @@ pub fn kafka_env(kafka: &KafkaConfig) -> Vec<(String, String)> {
 }
 
 /// The workers' environment on top of the supervisor's: the connection,
-/// and the `--config` file (the workers read their own keys of it).
+/// the properties of the environment and flags, and the `--config` file
+/// (the workers read their own keys and its properties from it).
 fn child_env(
     kafka: &KafkaConfig,
+    properties: &[(String, String)],
     config_file: Option<&std::path::Path>,
 ) -> anyhow::Result<Vec<(String, String)>> {
-    let mut env = kafka_env(kafka);
+    let mut env = kafka_env(kafka, properties);
+    // Linux takes no longer `NAME=value` (MAX_ARG_STRLEN): every start of
+    // a worker would fail.
+    let size = env
+        .iter()
+        .find(|(k, _)| k == KAFKA_PROPERTIES_ENV)
+        .map_or(0, |(k, v)| k.len() + 1 + v.len());
+    if size >= MAX_VARIABLE {
+        return Err(ConfigError::new(
+            "--kafka-property",
+            format!(
+                "the properties for the workers take {size} bytes, more than one environment \
+                 variable holds ({MAX_VARIABLE}); put the large ones (PEM) in the --config \
+                 file's [kafka_properties], or name files (ssl.ca.location)"
+            ),
+        )
+        .into());
+    }
     if let Some(file) = config_file {
         let file = std::path::absolute(file)
             .with_context(|| format!("locating --config {}", file.display()))?;
@@ -123,6 +145,14 @@ fn child_env(
     }
     Ok(env)
 }
+
+/// The longest `NAME=value` Linux passes to a program (MAX_ARG_STRLEN).
+const MAX_VARIABLE: usize = 128 * 1024;
+
+/// How long after its drain deadline a stopped worker is killed: its final
+/// commit is over by the deadline, and closing its client takes at most
+/// 10 s (the worker's own bound), then some.
+const KILL_MARGIN: Duration = Duration::from_secs(15);
 
 /// Flags that belong to supervise itself, which hands them to every worker.
 const SUPERVISE_ONLY_FLAGS: [&str; 8] = [
@@ -160,10 +190,10 @@ fn has_flag(args: &[String], flag: &str) -> bool {
     })
 }
 
-/// The workers' drain deadline: the one given after `--`, else the
-/// supervisor's, which it hands them.
+/// The longest drain deadline a worker can have: the supervisor's own
+/// (which it hands them), or a longer one given after `--`.
 fn workers_drain_timeout_ms(user: &[String], own: u64) -> u64 {
-    let mut given = None;
+    let mut given: Option<u64> = None;
     let mut args = user.iter();
     while let Some(arg) = args.next() {
         if arg == "--drain-timeout-ms" {
@@ -172,7 +202,7 @@ fn workers_drain_timeout_ms(user: &[String], own: u64) -> u64 {
             given = v.parse().ok();
         }
     }
-    given.unwrap_or(own)
+    given.map_or(own, |given| given.max(own))
 }
 
 /// The arguments after `run` for every child: the user's, then the group,
@@ -220,15 +250,20 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         run_args,
         min_replicas: args.policy_args.min_replicas,
         max_replicas: args.policy_args.max_replicas,
-        // A worker given a longer drain deadline after `--` gets it in full.
+        // A worker given a longer drain deadline after `--` gets it in full,
+        // and after it the time to close its client.
         kill_after: Duration::from_millis(workers_drain_timeout_ms(
             &args.run_args,
             args.drain_timeout_ms,
-        )) + Duration::from_secs(5),
+        )) + KILL_MARGIN,
         log_dir: args.log_dir.clone(),
         timeline: args.timeline.clone(),
         invalid_offset: args.policy_args.invalid_offset(),
-        env: child_env(&kafka, args.kafka.config_file())?,
+        env: child_env(
+            &kafka,
+            &args.kafka.properties_to_hand_down()?,
+            args.kafka.config_file(),
+        )?,
     };
     let mut reader = LagReader::new(&kafka, &group, &topic, Duration::from_secs(10))?;
     if args.policy_args.max_lag_seconds.is_some() {
@@ -387,15 +422,26 @@ mod tests {
         ] {
             assert_eq!(workers_drain_timeout_ms(&user, 30_000), 90_000);
         }
+        let shorter = strings(&["--drain-timeout-ms", "1000"]);
+        assert_eq!(
+            workers_drain_timeout_ms(&shorter, 30_000),
+            30_000,
+            "a shorter one does not bring the kill forward"
+        );
     }
 
     /// The workers get the supervisor's properties (in one variable, not
     /// in `ps`) and its `--config` file, by an absolute path.
     #[test]
     fn children_get_the_properties_and_the_config_file() {
-        let mut kafka = KafkaConfig::plaintext("b:9092");
-        kafka.properties = vec![("ssl.ca.location".into(), "/ca.pem".into())];
-        let env = child_env(&kafka, Some(std::path::Path::new("conf/f.toml"))).unwrap();
+        let kafka = KafkaConfig::plaintext("b:9092");
+        let properties = vec![("ssl.ca.location".to_string(), "/ca.pem".to_string())];
+        let env = child_env(
+            &kafka,
+            &properties,
+            Some(std::path::Path::new("conf/f.toml")),
+        )
+        .unwrap();
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         assert_eq!(
             get(KAFKA_PROPERTIES_ENV).as_deref(),
@@ -406,9 +452,20 @@ mod tests {
             file.starts_with('/') && file.ends_with("conf/f.toml"),
             "{file}"
         );
-        let env = child_env(&KafkaConfig::plaintext("b:9092"), None).unwrap();
-        assert!(env
-            .iter()
-            .all(|(k, _)| k != KAFKA_PROPERTIES_ENV && k != "MICROBATCH_CONFIG"));
+        let env = child_env(&kafka, &[], None).unwrap();
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(
+            get(KAFKA_PROPERTIES_ENV).as_deref(),
+            Some(""),
+            "set empty, so a child does not read one it inherited"
+        );
+        assert_eq!(get("MICROBATCH_CONFIG"), None);
+        let pem = vec![("ssl.ca.pem".to_string(), "A".repeat(MAX_VARIABLE))];
+        let e = child_env(&kafka, &pem, None).unwrap_err();
+        let e = e.downcast_ref::<ConfigError>().expect("a usage error");
+        assert!(
+            e.field == "--kafka-property" && e.rule.contains("--config"),
+            "{e}"
+        );
     }
 }

@@ -430,6 +430,8 @@ fn exec_children_get_none_of_the_workers_credentials() {
         "",
     );
     let (secret_key, session_token) = ("aws-secret-7f3e", "aws-session-91ab");
+    // As supervise hands properties down (a key's password, unused here).
+    let property_secret = "key-pass-52c0";
     let mut cmd = command();
     cmd.arg("run")
         .env("KAFKA_BOOTSTRAP_SERVERS", &env["KAFKA_BOOTSTRAP_SERVERS"])
@@ -440,7 +442,11 @@ fn exec_children_get_none_of_the_workers_credentials() {
         .env("KAFKA_SSL_CA_LOCATION", &env["KAFKA_SSL_CA_LOCATION"])
         .env("AWS_ACCESS_KEY_ID", "AKIATESTPASSEDON")
         .env("AWS_SECRET_ACCESS_KEY", secret_key)
-        .env("AWS_SESSION_TOKEN", session_token);
+        .env("AWS_SESSION_TOKEN", session_token)
+        .env(
+            "MICROBATCH_KAFKA_PROPERTIES",
+            format!("{{\"ssl.key.password\": \"{property_secret}\"}}"),
+        );
     let port = free_port();
     let mut w = spawn_worker_with(
         cmd,
@@ -462,7 +468,13 @@ fn exec_children_get_none_of_the_workers_credentials() {
     let (_, metrics) = http_get(port, "/metrics").expect("the worker serves /metrics");
     let (_, ready) = http_get(port, "/readyz").expect("the worker serves /readyz");
     w.terminate();
-    for secret in [env["KAFKA_PASSWORD"].as_str(), secret_key, session_token] {
+    let secrets = [
+        env["KAFKA_PASSWORD"].as_str(),
+        secret_key,
+        session_token,
+        property_secret,
+    ];
+    for secret in secrets {
         assert!(
             !metrics.contains(secret) && !ready.contains(secret),
             "a secret reached /metrics or /readyz"
@@ -475,11 +487,12 @@ fn exec_children_get_none_of_the_workers_credentials() {
         "KAFKA_PASSWORD",
         "AWS_SECRET_ACCESS_KEY",
         "AWS_SESSION_TOKEN",
+        "MICROBATCH_KAFKA_PROPERTIES",
     ] {
         assert!(!child.contains_key(name), "the child inherited {name}");
     }
     let text = read(&seen);
-    for secret in [env["KAFKA_PASSWORD"].as_str(), secret_key, session_token] {
+    for secret in secrets {
         assert!(!text.contains(secret), "a secret reached the child");
         assert!(!w.stderr().contains(secret), "a secret reached the log");
     }

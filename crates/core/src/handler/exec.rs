@@ -98,6 +98,8 @@ pub const SCRUBBED_ENV: &[&str] = &[
     "AWS_SESSION_TOKEN",
     "AWS_SECURITY_TOKEN",
     "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    // Kafka properties handed down by `supervise` (passwords, keys).
+    "MICROBATCH_KAFKA_PROPERTIES",
 ];
 
 /// Answers in the protocol before `batch_id` in a row, each from a fresh
