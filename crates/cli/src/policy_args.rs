@@ -18,6 +18,24 @@ pub enum PolicyKind {
     Rate,
 }
 
+impl From<KedaVersion> for KedaRelease {
+    fn from(v: KedaVersion) -> Self {
+        match v {
+            KedaVersion::V2_21 => KedaRelease::V2_21,
+            KedaVersion::V2_20 => KedaRelease::V2_20,
+        }
+    }
+}
+
+impl From<KedaRelease> for KedaVersion {
+    fn from(r: KedaRelease) -> Self {
+        match r {
+            KedaRelease::V2_21 => KedaVersion::V2_21,
+            KedaRelease::V2_20 => KedaVersion::V2_20,
+        }
+    }
+}
+
 /// KEDA releases whose kafka scaler `keda` can reproduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KedaRelease {
@@ -107,7 +125,7 @@ pub struct PolicyArgs {
     #[arg(long, default_value_t = defaults::COOLDOWN_SECONDS)]
     pub cooldown_seconds: u64,
     /// keda: the KEDA release to reproduce.
-    #[arg(long, value_enum, default_value = "2.21")]
+    #[arg(long, value_enum, default_value_t = KedaRelease::from(KedaVersion::default()))]
     pub keda_version: KedaRelease,
 }
 
@@ -174,10 +192,7 @@ impl PolicyArgs {
             max_replicas: self.max_replicas,
             scale_down_stabilization: Duration::from_secs(self.scale_down_seconds),
             cooldown: Duration::from_secs(self.cooldown_seconds),
-            version: match self.keda_version {
-                KedaRelease::V2_21 => KedaVersion::V2_21,
-                KedaRelease::V2_20 => KedaVersion::V2_20,
-            },
+            version: self.keda_version.into(),
         };
         keda_trigger::validate(&params, true).map_err(to_config_error)?;
         Ok(params)
