@@ -98,6 +98,27 @@ impl RestartBackoff {
     }
 }
 
+/// How many children to start now, toward `target` with `running` running
+/// and `to_restart` crashed and not yet replaced: the replacements wait for
+/// the restart back-off (`restart_allowed`), while children beyond what ran
+/// before the crash start at once. A crash of every child during an outage
+/// then does not hold back the scale-up the backlog behind it asks for;
+/// and since each new child that crashes becomes one to restart, a
+/// crash-looping worker still starts at most `--max` children at once and
+/// then waits out the back-off.
+/// Returns (replacements, fresh).
+pub fn children_to_start(
+    running: u32,
+    to_restart: u32,
+    target: u32,
+    restart_allowed: bool,
+) -> (u32, u32) {
+    let missing = target.saturating_sub(running);
+    let replacements = missing.min(to_restart);
+    let fresh = missing - replacements;
+    (if restart_allowed { replacements } else { 0 }, fresh)
+}
+
 /// How to run and bound the children.
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
@@ -164,6 +185,9 @@ pub struct Supervisor {
     started: Instant,
     restarts: u32,
     backoff: RestartBackoff,
+    /// Children that crashed (or could not be started) and are not yet
+    /// replaced: they wait for the back-off.
+    to_restart: u32,
     timeline: Option<std::io::BufWriter<std::fs::File>>,
     /// Whether the last timeline write failed (logged once per run of failures).
     timeline_failing: bool,
@@ -201,6 +225,7 @@ impl Supervisor {
             started: now,
             restarts: 0,
             backoff: RestartBackoff::default(),
+            to_restart: 0,
             timeline,
             timeline_failing: false,
             replica_seconds: 0.0,
@@ -273,14 +298,30 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Starts children up to `target` while the back-off allows; a child
-    /// that cannot be started counts as a failure and waits its turn.
+    /// Starts children up to `target` ([`children_to_start`]); a child that
+    /// cannot be started counts as a failure and waits its turn.
     fn spawn_up_to(&mut self, now: Instant, target: u32) {
-        while (self.running.len() as u32) < target && self.backoff.allows(now) {
+        // Crashed children no longer wanted are not restarted.
+        self.to_restart = self
+            .to_restart
+            .min(target.saturating_sub(self.running.len() as u32));
+        let (replacements, fresh) = children_to_start(
+            self.running.len() as u32,
+            self.to_restart,
+            target,
+            self.backoff.allows(now),
+        );
+        for i in 0..replacements + fresh {
+            if i < replacements {
+                self.to_restart -= 1;
+            }
             if let Err(e) = self.spawn() {
                 self.restarts += 1;
+                self.to_restart += 1;
                 let delay = self.backoff.on_failure(now, Duration::ZERO);
                 tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "could not start a worker; the others keep running");
+                // The same error awaits every other start: wait as well.
+                break;
             }
         }
     }
@@ -342,6 +383,7 @@ impl Supervisor {
         });
         for ran_for in crashed {
             self.restarts += 1;
+            self.to_restart += 1;
             let delay = self.backoff.on_failure(now, ran_for);
             tracing::info!(
                 ran_for_ms = ran_for.as_millis() as u64,
@@ -469,6 +511,24 @@ fn signal(child: &Child, sig: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Replacements of crashed children wait for the back-off; a scale-up
+    /// beyond what ran before does not.
+    #[test]
+    fn only_replacements_wait_for_the_back_off() {
+        // 4 ran, all crashed, the policy now wants 8: 4 new at once, the 4
+        // replacements after the back-off.
+        assert_eq!(children_to_start(0, 4, 8, false), (0, 4));
+        assert_eq!(children_to_start(0, 4, 8, true), (4, 4));
+        // Next round, the 4 new ones running: the replacements still wait.
+        assert_eq!(children_to_start(4, 4, 8, false), (0, 0));
+        // Nothing crashed: a scale-up is never held.
+        assert_eq!(children_to_start(2, 0, 5, false), (0, 3));
+        // Fewer wanted than crashed: only replacements, all waiting.
+        assert_eq!(children_to_start(1, 2, 3, false), (0, 0));
+        assert_eq!(children_to_start(1, 2, 3, true), (2, 0));
+        assert_eq!(children_to_start(5, 0, 3, true), (0, 0));
+    }
 
     #[test]
     fn back_off_grows_while_children_die_young_and_resets_after_a_stable_run() {
