@@ -17,6 +17,10 @@ use serde::Serialize;
 /// A report older than this says nothing about now.
 pub const REPORT_MAX_AGE: Duration = Duration::from_secs(30);
 
+/// A report dated further ahead than this comes from a clock that is wrong
+/// (or a writer that lies): it would never grow stale, so it is dropped.
+pub const REPORT_MAX_AHEAD: Duration = Duration::from_secs(5);
+
 /// The workers' fresh reports, taken together.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WorkerCapacity {
@@ -41,7 +45,10 @@ impl WorkerCapacity {
         let mut newest: HashMap<String, CapacityReport> = HashMap::new();
         for report in metadata.into_iter().filter_map(CapacityReport::decode) {
             let age = now_unix_ms.saturating_sub(report.at_unix_ms);
-            if age > REPORT_MAX_AGE.as_millis() as u64 {
+            let ahead = report.at_unix_ms.saturating_sub(now_unix_ms);
+            if age > REPORT_MAX_AGE.as_millis() as u64
+                || ahead > REPORT_MAX_AHEAD.as_millis() as u64
+            {
                 continue;
             }
             match newest.get(&report.worker) {
@@ -127,11 +134,13 @@ mod tests {
             report("a", now - 6000, 0.9, 100.0), // older report of a: ignored
             report("b", now - 2000, 0.3, 600.0),
             report("gone", now - 31_000, 1.0, 5000.0), // stale
+            report("ahead", now + 3_600_000, 1.0, 9000.0), // never stale: dropped
+            report("skewed", now + 4_000, 0.0, 0.0),   // within the skew: kept
             "someone else's metadata".to_string(),
             String::new(),
         ];
         let c = WorkerCapacity::from_metadata(meta.iter().map(String::as_str), now).unwrap();
-        assert_eq!(c.workers, 2);
+        assert_eq!(c.workers, 3, "a, b and skewed");
         assert!((c.processed_per_sec - 1400.0).abs() < 1e-9);
         // (800 + 600) / (0.5 + 0.3) = 1,750/s per fully busy worker.
         assert!((c.capacity_per_replica.unwrap() - 1750.0).abs() < 1e-6);
