@@ -118,11 +118,6 @@ impl CapacityMeter {
         self.finished_slot_secs += handler_time.as_secs_f64();
     }
 
-    /// Records dead-lettered (finished without a batch of the handler's).
-    pub fn dead_lettered(&mut self, records: usize) {
-        self.processed += records as u64;
-    }
-
     /// Whether the current window may close before its length: nothing
     /// claimed capacity before it, it has run [`EARLY_WINDOW`], and each
     /// slot has finished a batch.

@@ -231,7 +231,7 @@ impl Metrics {
         );
         r.register(
             "processed_per_second",
-            "Records finished per second, last capacity window",
+            "Records the handler finished per second (dead letters not counted), last capacity window",
             m.processed_per_second.clone(),
         );
         r.register(

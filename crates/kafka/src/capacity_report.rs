@@ -24,7 +24,7 @@ pub struct CapacityReport {
     pub window: Duration,
     /// Slot time in the handler ÷ slot time available, 0..=1.
     pub busy_fraction: f64,
-    /// Records finished per second (processed or dead-lettered).
+    /// Records the handler finished per second (dead letters not counted).
     pub processed_per_sec: f64,
     /// Slots the worker could use at the end of the window.
     pub slots: u32,

@@ -49,7 +49,7 @@ impl Pipeline {
             .batch
             .payload_bytes_where(|o| written_set.contains(&o));
         self.mark_done(slot.partition, written.iter().copied(), bytes);
-        self.capacity.dead_lettered(written.len());
+        // Not counted as processed: the capacity report measures the handler.
         let Some(error) = error else {
             if self.dead_letter_backlog() == 0 {
                 self.dead_letter_error = None;

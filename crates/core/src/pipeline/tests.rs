@@ -1088,3 +1088,31 @@ fn a_dead_letter_error_leaves_with_the_records_it_was_about() {
         "a new dead letter, not yet refused, brings back no old error"
     );
 }
+
+/// Records dead-lettered are not the handler's work: a worker that only
+/// dead-letters reports none processed, so the scaler does not take the
+/// speed of writing dead letters for what a replica can handle.
+#[test]
+fn dead_letters_are_not_reported_as_processed() {
+    let t0 = Instant::now();
+    let mut p = with_one_batch(t0);
+    let (slot, batch) = starts(&mut p).pop().unwrap();
+    let both = vec![
+        (0, Failure::permanent("bad")),
+        (1, Failure::permanent("bad")),
+    ];
+    p.handle_verdict(slot, batch, BatchOutcome::Partial(both), t0);
+    let dead = intents(&mut p)
+        .into_iter()
+        .find_map(|i| match i {
+            Intent::DeadLetter { slot, .. } => Some(slot),
+            _ => None,
+        })
+        .expect("a dead letter to write");
+    p.handle_dead_lettered(dead, &[0, 1], None, t0);
+    let later = t0 + crate::capacity::DEFAULT_WINDOW + Duration::from_secs(1);
+    p.handle_tick(later);
+    assert_eq!(commits(&mut p), vec![(0, 2)], "both done and committed");
+    let report = p.stats().capacity.cloned().expect("the window closed");
+    assert_eq!(report.processed_per_sec, 0.0, "{report:?}");
+}
