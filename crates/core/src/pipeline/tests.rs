@@ -89,6 +89,17 @@ fn commits(p: &mut Pipeline) -> Vec<(i32, i64)> {
         .collect()
 }
 
+/// The dead letter the pipeline asks to write now.
+fn dead_letter_slot(p: &mut Pipeline) -> DeadLetterSlot {
+    intents(p)
+        .into_iter()
+        .find_map(|i| match i {
+            Intent::DeadLetter { slot, .. } => Some(slot),
+            _ => None,
+        })
+        .expect("a dead letter to write")
+}
+
 fn starts(p: &mut Pipeline) -> Vec<(Slot, Batch)> {
     intents(p)
         .into_iter()
@@ -310,13 +321,7 @@ fn a_revoke_waits_for_dead_letters_being_written() {
         BatchOutcome::Partial(vec![(0, Failure::permanent("bad"))]),
         t0,
     );
-    let dead = intents(&mut p)
-        .into_iter()
-        .find_map(|i| match i {
-            Intent::DeadLetter { slot, .. } => Some(slot),
-            _ => None,
-        })
-        .expect("a dead letter to write");
+    let dead = dead_letter_slot(&mut p);
     assert!(p.begin_revoke(&[0], t0));
     assert!(
         !p.revoke_settled(t0),
@@ -1050,15 +1055,6 @@ fn no_limit_when_max_uncommitted_is_zero() {
 fn a_dead_letter_error_leaves_with_the_records_it_was_about() {
     let t0 = Instant::now();
     let mut p = with_one_batch(t0);
-    let dead_letter_slot = |p: &mut Pipeline| {
-        intents(p)
-            .into_iter()
-            .find_map(|i| match i {
-                Intent::DeadLetter { slot, .. } => Some(slot),
-                _ => None,
-            })
-            .expect("a dead letter to write")
-    };
     let (slot, batch) = starts(&mut p).pop().unwrap();
     let permanent = |o| BatchOutcome::Partial(vec![(o, Failure::permanent("bad"))]);
     p.handle_verdict(slot, batch, permanent(0), t0);
@@ -1102,13 +1098,7 @@ fn dead_letters_are_not_reported_as_processed() {
         (1, Failure::permanent("bad")),
     ];
     p.handle_verdict(slot, batch, BatchOutcome::Partial(both), t0);
-    let dead = intents(&mut p)
-        .into_iter()
-        .find_map(|i| match i {
-            Intent::DeadLetter { slot, .. } => Some(slot),
-            _ => None,
-        })
-        .expect("a dead letter to write");
+    let dead = dead_letter_slot(&mut p);
     p.handle_dead_lettered(dead, &[0, 1], None, t0);
     let later = t0 + crate::capacity::DEFAULT_WINDOW + Duration::from_secs(1);
     p.handle_tick(later);
