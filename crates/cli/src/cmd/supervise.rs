@@ -151,8 +151,9 @@ const MAX_VARIABLE: usize = 128 * 1024;
 
 /// How long after its drain deadline a stopped worker is killed: its final
 /// commit is over by the deadline, and closing its client takes at most
-/// 10 s (the worker's own bound), then some.
-const KILL_MARGIN: Duration = Duration::from_secs(15);
+/// the worker's own bound, then some.
+const KILL_MARGIN: Duration =
+    Duration::from_secs(microbatch_core::worker::CLOSE_TIMEOUT.as_secs() + 5);
 
 /// Flags that belong to supervise itself, which hands them to every worker.
 const SUPERVISE_ONLY_FLAGS: [&str; 8] = [

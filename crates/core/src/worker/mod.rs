@@ -74,8 +74,9 @@ const MAX_BURST: usize = 2048;
 /// librdkafka's prefetch, in records, for all partitions together.
 const PREFETCH_RECORDS: usize = 20_000;
 
-/// How long the worker waits for the Kafka client to close after the final commit.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the worker waits for the Kafka client to close after the final
+/// commit (a supervisor's SIGKILL comes later than this past the deadline).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Consumer-queue events (rebalances, errors, statistics) served per round.
 const MAX_EVENTS_PER_ROUND: usize = 16;
