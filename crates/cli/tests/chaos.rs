@@ -39,26 +39,13 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
     create_topic(&topic, 8);
 
     // Records arrive for the whole run, about 50 s.
-    let mut producer_cmd = command();
-    producer_cmd.args([
-        "produce",
-        "--bootstrap-servers",
-        broker().bootstrap(),
-        "--topic",
+    let mut producer = produce_steadily(
+        &dir,
         &topic,
-    ]);
-    producer_cmd.args([
-        "--count",
-        &RECORDS.to_string(),
-        "--rate",
-        &RATE.to_string(),
-        "--keys",
-        "1000",
-        "--poison-every",
-        "100",
-        "--quiet",
-    ]);
-    let mut producer = Proc::spawn(producer_cmd, dir.path("producer.stderr"));
+        RECORDS,
+        RATE,
+        &["--keys", "1000", "--poison-every", "100"],
+    );
 
     let handler = recording_handler(
         &dir,

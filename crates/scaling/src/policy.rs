@@ -18,6 +18,7 @@ use crate::defaults;
 use crate::lag::{GroupLag, PartitionLag};
 
 mod decide;
+pub mod outage;
 mod rate;
 pub use decide::{Observation, Policy};
 pub use rate::{CapacitySource, RateParams, RatePolicy};
@@ -37,6 +38,9 @@ pub struct Decision {
     pub active: bool,
     /// A short account of how `desired` came about.
     pub reason: String,
+    /// Scale-ups held: replicas run and records wait, but no committed
+    /// offset has moved for a while (see [`outage`]).
+    pub scale_up_held: bool,
 }
 
 /// The HPA's scale-down stabilization: a count below the current one is
@@ -286,6 +290,7 @@ impl KedaPolicy {
                     metric_value: metric,
                     active,
                     reason: "inactive: KEDA scales to zero after its cooldown".into(),
+                    scale_up_held: false,
                 };
             }
         }
@@ -296,6 +301,7 @@ impl KedaPolicy {
                 metric_value: metric,
                 active,
                 reason: "KEDA activates from zero".into(),
+                scale_up_held: false,
             };
         }
         let target = p.lag_threshold as f64;
@@ -341,6 +347,7 @@ impl KedaPolicy {
             metric_value: metric,
             active,
             reason,
+            scale_up_held: false,
         }
     }
 }

@@ -247,6 +247,8 @@ pub struct Evaluation {
     pub desired: u32,
     pub current: u32,
     pub capacity_per_replica: Option<f64>,
+    /// Scale-ups held while the workers get nowhere (`rate` only).
+    pub scale_up_held: bool,
 }
 
 impl TriggerState {
@@ -277,6 +279,7 @@ impl TriggerState {
             desired: 0,
             current: 0,
             capacity_per_replica: None,
+            scale_up_held: false,
         })
     }
 
@@ -352,6 +355,7 @@ impl TriggerState {
             desired: decision.desired,
             current,
             capacity_per_replica: self.policy.rate_per_replica(),
+            scale_up_held: decision.scale_up_held,
         };
         self.last = Some((Instant::now(), e.clone()));
         Ok((e, false))
@@ -379,6 +383,7 @@ struct ScalerMetrics {
     active: Family<ObjectLabel, Gauge>,
     desired: Family<ObjectLabel, Gauge>,
     current: Family<ObjectLabel, Gauge>,
+    scale_up_held: Family<ObjectLabel, Gauge>,
 }
 
 impl ScalerMetrics {
@@ -424,6 +429,11 @@ impl ScalerMetrics {
             "Replicas the scaler saw running (group members or reporting workers)",
             self.current.clone(),
         );
+        r.register(
+            "scale_up_held",
+            "1 while scale-ups are held: records wait and no committed offset moves (a downstream outage)",
+            self.scale_up_held.clone(),
+        );
     }
 
     fn observe(&self, object: &str, e: &Evaluation) {
@@ -438,6 +448,9 @@ impl ScalerMetrics {
         self.active.get_or_create(&l).set(i64::from(e.active));
         self.desired.get_or_create(&l).set(i64::from(e.desired));
         self.current.get_or_create(&l).set(i64::from(e.current));
+        self.scale_up_held
+            .get_or_create(&l)
+            .set(i64::from(e.scale_up_held));
     }
 
     fn forget(&self, object: &str) {
@@ -450,6 +463,7 @@ impl ScalerMetrics {
         self.active.remove(&l);
         self.desired.remove(&l);
         self.current.remove(&l);
+        self.scale_up_held.remove(&l);
     }
 }
 

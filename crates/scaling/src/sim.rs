@@ -92,10 +92,13 @@ pub enum Shape {
     BurstOnSteady,
     /// One partition at 1,200/s, the other seven at 50/s each, for an hour.
     HotPartition,
+    /// 2,400/s for 30 min; from 10 min to 12 min the downstream is down:
+    /// nothing finishes, nothing is committed, no worker reports.
+    OutageOnSteady,
 }
 
 impl Shape {
-    pub const ALL: [Shape; 7] = [
+    pub const ALL: [Shape; 8] = [
         Shape::SteadyBelowOne,
         Shape::SteadyAtThreeAndAHalf,
         Shape::Diurnal,
@@ -103,6 +106,7 @@ impl Shape {
         Shape::BurstOnIdle,
         Shape::BurstOnSteady,
         Shape::HotPartition,
+        Shape::OutageOnSteady,
     ];
 
     pub fn name(self) -> &'static str {
@@ -114,6 +118,7 @@ impl Shape {
             Shape::BurstOnIdle => "burst of 30,000 on idle",
             Shape::BurstOnSteady => "burst of 60,000 on 1,000/s",
             Shape::HotPartition => "one hot partition (1,200/s + 7 x 50/s)",
+            Shape::OutageOnSteady => "2 min downstream outage under 2,400/s",
         }
     }
 
@@ -123,6 +128,7 @@ impl Shape {
             Shape::Ramp => 5400,
             Shape::BurstOnIdle => 1800,
             Shape::BurstOnSteady => 2400,
+            Shape::OutageOnSteady => 1800,
             _ => 3600,
         })
     }
@@ -149,6 +155,7 @@ impl Shape {
             }
             Shape::Ramp => even(500.0 + 8500.0 * (t / 3600.0).min(1.0)),
             Shape::BurstOnIdle => 0.0,
+            Shape::OutageOnSteady => even(2400.0),
             Shape::HotPartition => {
                 if partition == 0 {
                     1200.0
@@ -167,6 +174,21 @@ impl Shape {
             _ => None,
         }
     }
+
+    /// A downstream outage: from when, until when (seconds).
+    pub fn outage(self) -> Option<(f64, f64)> {
+        match self {
+            Shape::OutageOnSteady => Some((600.0, 720.0)),
+            _ => None,
+        }
+    }
+
+    /// When a backlog starts to be drained: a burst lands, or an outage ends.
+    fn drain_from(self) -> Option<f64> {
+        self.burst()
+            .map(|(at, _)| at)
+            .or(self.outage().map(|(_, end)| end))
+    }
 }
 
 /// What one run cost and how it served.
@@ -174,13 +196,17 @@ impl Shape {
 pub struct Outcome {
     pub replica_seconds: f64,
     pub worst_lag_seconds: f64,
-    /// From the burst until no partition lags more than `drained_below`.
+    /// From the burst (or the outage's end) until no partition lags more
+    /// than `drained_below`.
     pub drain_seconds: Option<f64>,
     pub peak_replicas: u32,
     /// The most replicas held after [`WARMUP`].
     pub max_replicas_after_warmup: u32,
     /// The worst lag in seconds after [`WARMUP`].
     pub worst_lag_seconds_after_warmup: f64,
+    /// Replicas asked for during the outage beyond those running when it
+    /// began (shapes with an outage).
+    pub added_during_outage: Option<u32>,
 }
 
 struct Replica {
@@ -307,8 +333,13 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
         peak_replicas: replicas.len() as u32,
         max_replicas_after_warmup: 0,
         worst_lag_seconds_after_warmup: 0.0,
+        added_during_outage: None,
     };
     let burst = shape.burst();
+    let outage = shape.outage();
+    let in_outage = |t: f64| outage.is_some_and(|(from, to)| t >= from && t < to);
+    let mut at_outage_start: Option<u32> = None;
+    let drain_from = shape.drain_from();
     let mut burst_done = false;
     // Each partition's high watermark just after the burst.
     let mut burst_mark: Vec<i64> = Vec::new();
@@ -343,7 +374,10 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
         }
         // Processing: each working replica shares its capacity over its
         // partitions with backlog, handing what one cannot use to the others.
-        for r in replicas.iter_mut().filter(|r| r.works_from <= t) {
+        for r in replicas
+            .iter_mut()
+            .filter(|r| r.works_from <= t && !in_outage(t))
+        {
             let mut budget = cfg.capacity_per_replica * dt;
             let mine = owned.get(&r.id).map(Vec::as_slice).unwrap_or_default();
             for _ in 0..mine.len() {
@@ -372,11 +406,13 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
         for (i, p) in parts.iter_mut().enumerate() {
             p.high += shape.rate(t, i, cfg.partitions) * dt;
         }
-        if let Some((at, records)) = burst {
+        if let Some(at) = drain_from {
             if !burst_done && t >= at {
                 burst_done = true;
-                for p in parts.iter_mut() {
-                    p.high += records / cfg.partitions as f64;
+                if let Some((_, records)) = burst {
+                    for p in parts.iter_mut() {
+                        p.high += records / cfg.partitions as f64;
+                    }
                 }
                 burst_mark = parts.iter().map(|p| p.high.floor() as i64).collect();
             }
@@ -384,12 +420,16 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
         for p in parts.iter_mut() {
             p.arrivals.push_back((t, p.high));
         }
-        // Capacity reports close every window.
+        // Capacity reports close every window; a worker that finishes
+        // nothing commits nothing, so no report reaches the group.
         if t >= next_report {
             next_report += cfg.report_window.as_secs_f64();
             let window = cfg.report_window.as_secs_f64();
             let reported = cfg.capacity_per_replica * cfg.reported_capacity_factor;
-            for r in replicas.iter_mut().filter(|r| r.works_from <= t) {
+            let reporting = replicas
+                .iter_mut()
+                .filter(|r| r.works_from <= t && !in_outage(t));
+            for r in reporting {
                 let rate = r.done_in_window / window;
                 r.report = Some(CapacityReport {
                     worker: format!("sim-{}", r.id),
@@ -420,7 +460,7 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
             out.max_replicas_after_warmup =
                 out.max_replicas_after_warmup.max(replicas.len() as u32);
         }
-        if let Some((at, _)) = burst {
+        if let Some(at) = drain_from {
             let past_burst = burst_done
                 && parts
                     .iter()
@@ -430,6 +470,11 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
             {
                 out.drain_seconds = Some(t - at);
             }
+        }
+        if in_outage(t) {
+            let start = *at_outage_start.get_or_insert(replicas.len() as u32);
+            let added = (replicas.len() as u32).saturating_sub(start);
+            out.added_during_outage = Some(out.added_during_outage.unwrap_or(0).max(added));
         }
         out.replica_seconds += replicas.len() as f64 * dt;
         out.peak_replicas = out.peak_replicas.max(replicas.len() as u32);

@@ -162,6 +162,9 @@ pub struct TimelinePoint {
     /// busy replica does.
     pub workers_reporting: u32,
     pub capacity_per_replica: Option<f64>,
+    /// Scale-ups held: replicas run and records wait, but no committed
+    /// offset moves (a downstream outage); the reason says for how long.
+    pub scale_up_held: bool,
 }
 
 struct Running {
@@ -434,6 +437,7 @@ impl Supervisor {
             processed_per_sec: reading.rates.processed_per_sec,
             partition_lag: reading.lag.partitions.iter().map(|p| p.lag).collect(),
             reason: decision.reason,
+            scale_up_held: decision.scale_up_held,
             restarts: self.restarts,
             restart_backoff_ms: self.backoff.current_delay(now).as_millis() as u64,
             workers_reporting: reading.capacity.as_ref().map_or(0, |c| c.workers),

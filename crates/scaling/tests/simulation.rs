@@ -65,6 +65,27 @@ fn rate_costs_no_more_than_keda_serves_in_time_and_holds_steady_load() {
                 TARGET_DRAIN.as_secs()
             ));
         }
+        if shape.outage().is_some() {
+            for policy in PolicyCase::ALL {
+                let o = &find(&rows, shape, policy).outcome;
+                println!(
+                    "{}: {} added {:?} replicas during the outage",
+                    shape.name(),
+                    policy.name(),
+                    o.added_during_outage
+                );
+            }
+            if rate.added_during_outage != Some(0) {
+                failures.push(format!(
+                    "{}: rate added {:?} replicas while the downstream was down",
+                    shape.name(),
+                    rate.added_during_outage
+                ));
+            }
+        }
+        if shape.outage().is_some() && rate.drain_seconds.is_none() {
+            failures.push(format!("{}: rate never drained", shape.name()));
+        }
         if shape == Shape::BurstOnIdle || shape == Shape::BurstOnSteady {
             let drain = rate.drain_seconds.unwrap_or(f64::INFINITY);
             if drain > TARGET_DRAIN.as_secs_f64() {

@@ -83,7 +83,7 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
         if json {
             let mut v = serde_json::to_value(lag)?;
             if let Some((name, d)) = &decision {
-                v["policy"] = serde_json::json!({"name": name, "desired_replicas": d.desired, "metric_value": d.metric_value, "active": d.active, "reason": d.reason});
+                v["policy"] = serde_json::json!({"name": name, "desired_replicas": d.desired, "metric_value": d.metric_value, "active": d.active, "reason": d.reason, "scale_up_held": d.scale_up_held});
             }
             writeln!(out, "{}", serde_json::to_string(&v)?)?;
         } else {

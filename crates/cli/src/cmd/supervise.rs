@@ -276,6 +276,7 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let replicas = Gauge::<i64>::default();
     let desired = Gauge::<i64>::default();
     let total_lag = Gauge::<i64>::default();
+    let scale_up_held = Gauge::<i64>::default();
     let sub = registry.sub_registry_with_prefix("microbatch_supervisor");
     sub.register("replicas", "Workers running", replicas.clone());
     sub.register(
@@ -284,6 +285,11 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         desired.clone(),
     );
     sub.register("total_lag", "The group's total lag", total_lag.clone());
+    sub.register(
+        "scale_up_held",
+        "1 while scale-ups are held: records wait and no committed offset moves (a downstream outage)",
+        scale_up_held.clone(),
+    );
     let registry = Arc::new(registry);
     let addr: SocketAddr = ([0, 0, 0, 0], args.http_port).into();
     let listener = tokio::net::TcpListener::bind(addr)
@@ -327,6 +333,7 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                     replicas.set(i64::from(p.replicas));
                     desired.set(i64::from(p.desired));
                     total_lag.set(p.total_lag);
+                    scale_up_held.set(i64::from(p.scale_up_held));
                     tracing::info!(
                         lag = p.total_lag,
                         replicas = p.replicas,

@@ -219,20 +219,7 @@ fn token_is_refreshed_during_a_run_longer_than_its_lifetime() {
         http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
     });
     // 35 s of steady load at 100 records/s, through the plaintext listener.
-    let mut producer = command();
-    producer.args([
-        "produce",
-        "--bootstrap-servers",
-        broker().bootstrap(),
-        "--topic",
-        &topic,
-        "--count",
-        "3500",
-        "--rate",
-        "100",
-        "--quiet",
-    ]);
-    let mut producer = Proc::spawn(producer, dir.path("producer.stderr"));
+    let mut producer = produce_steadily(&dir, &topic, 3500, 100, &[]);
     // Progress and readiness are sampled all along: consumption must not
     // stop, and the worker must stay ready, across every re-authentication.
     let started = Instant::now();

@@ -281,20 +281,7 @@ fn paired_calls_get_the_decisions_single_calls_get_and_metrics_are_real() {
         free_port(),
         &["--process-time-ms", "2", "--concurrency", "4"],
     );
-    let mut load = command();
-    load.args([
-        "produce",
-        "--bootstrap-servers",
-        broker().bootstrap(),
-        "--topic",
-        topic,
-        "--count",
-        "40000",
-        "--rate",
-        "1000",
-        "--quiet",
-    ]);
-    let mut producer = Proc::spawn(load, dir.path("produce.stderr"));
+    let mut producer = sc.produce_steadily(40_000, 1000, &[]);
     let (grpc, http) = (free_port(), free_port());
     let mut scaler = spawn_scaler(dir, grpc, http, &["--polling-interval-ms", "1000"]);
     let meta = [

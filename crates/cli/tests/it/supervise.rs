@@ -158,6 +158,116 @@ fn rate_policy_scales_up_drains_and_scales_back_and_a_killed_child_loses_nothing
     );
 }
 
+/// `rate` does not scale up into a downstream outage: under steady load,
+/// with the HTTP downstream refusing connections for 50 s, the supervisor
+/// keeps the replicas it ran when the outage began, says why (timeline,
+/// `/metrics`), and once the downstream is back every record reaches it.
+/// Before the hold, the lag growing by every arrival raised the need past
+/// the replicas' capacity and more replicas were started to probe the
+/// refusing downstream.
+#[test]
+fn rate_policy_adds_no_replica_while_the_downstream_is_down() {
+    let sc = Scenario::new("supervise-outage", 8);
+    let Scenario { dir, topic, group } = &sc;
+    let downstream_port = free_port();
+    let accepted = dir.path("accepted.txt");
+    // 200/s arrive; one replica does several times that. Drained within
+    // 5 s, the lag of the outage's first 5 s (1,000) asks 400/s, which one
+    // replica serves; 50 s of it (10,000) asks 2,200/s, which it does not.
+    let delay = Duration::from_millis(2);
+    let up = downstream_on(downstream_port, delay, accepted.clone());
+    let mut producer = sc.produce_steadily(20_000, 200, &["--keys", "100"]);
+    let metrics_port = free_port();
+    let mut cmd = supervise_command(dir, topic, group);
+    cmd.args([
+        "--policy",
+        "rate",
+        "--min",
+        "1",
+        "--max",
+        "4",
+        "--target-drain-seconds",
+        "5",
+        "--rate-per-replica",
+        "400",
+        "--scale-down-seconds",
+        "300",
+        "--polling-interval-ms",
+        "500",
+        "--drain-timeout-ms",
+        "5000",
+        "--http-port",
+        &metrics_port.to_string(),
+    ]);
+    let url = format!("http://127.0.0.1:{downstream_port}/batches");
+    cmd.args(["--", "--handler", "http", "--url", &url]);
+    cmd.args([
+        "--max-records",
+        "10",
+        "--concurrency",
+        "1",
+        "--max-wait-ms",
+        "50",
+    ]);
+    cmd.args(["--retry-initial-ms", "50", "--retry-max-ms", "500"]);
+    cmd.args(["--commit-interval-ms", "200"]);
+    let mut sup = Proc::spawn(cmd, dir.path("supervise.stderr"));
+    let tl = dir.path("timeline.jsonl");
+    // Healthy first: the workers report what they can do.
+    wait_until(Duration::from_secs(60), "the workers' first report", || {
+        timeline(&tl)
+            .last()
+            .is_some_and(|p| p["workers_reporting"].as_u64() >= Some(1))
+    });
+    std::thread::sleep(Duration::from_secs(15));
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    let outage_from = timeline(&tl).len();
+    let running_at_outage = timeline(&tl)[outage_from - 1]["replicas"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(50));
+    let held_metric = http_get(metrics_port, "/metrics")
+        .and_then(|(_, text)| metric(&text, "microbatch_supervisor_scale_up_held"));
+    let during: Vec<serde_json::Value> = timeline(&tl)[outage_from..].to_vec();
+    let _up_again = downstream_on(downstream_port, delay, accepted.clone());
+    let most = during
+        .iter()
+        .filter_map(|p| p["replicas"].as_u64())
+        .max()
+        .unwrap();
+    let lag_then = during.last().unwrap()["total_lag"].as_i64().unwrap();
+    eprintln!(
+        "outage: {running_at_outage} replicas when it began, at most {most} during it, lag {lag_then} at its end"
+    );
+    assert!(lag_then > 5_000, "the outage held records back: {lag_then}");
+    assert!(
+        most <= running_at_outage,
+        "a replica was added while the downstream refused connections: {running_at_outage} -> {most}; {}",
+        during.last().unwrap()["reason"]
+    );
+    let held = during.iter().find(|p| p["scale_up_held"] == true);
+    let held = held.expect("the timeline shows the hold");
+    assert!(
+        held["reason"].as_str().unwrap().contains("scale-up held"),
+        "{}",
+        held["reason"]
+    );
+    assert_eq!(held_metric, Some(1.0), "/metrics shows the hold");
+    // Back: everything produced reaches the downstream; nothing was
+    // dead-lettered because of the outage.
+    producer
+        .wait_for_exit(Duration::from_secs(120))
+        .expect("the producer finishes");
+    sc.wait_for_lag_zero(Duration::from_secs(180));
+    sup.signal(15);
+    sup.wait_for_exit(Duration::from_secs(60))
+        .expect("supervise exits on SIGTERM");
+    let (expected, _) = assert_recorded_or_dead(topic, group, &[accepted], &Default::default());
+    assert_eq!(expected, 20_000);
+    assert!(
+        timeline(&tl).last().unwrap()["scale_up_held"] == false,
+        "the hold ends with the outage"
+    );
+}
+
 #[test]
 fn keda_policy_caps_at_partitions_and_scales_back() {
     let sc = Scenario::new("supervise-keda", 4);

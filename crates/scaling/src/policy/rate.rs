@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::decide::{Observation, Policy};
+use super::outage::ProgressWatch;
 use super::{Decision, ScaleDownWindow};
 use crate::defaults;
 use crate::lag::{GroupLag, RATE_MIN_INTERVAL};
@@ -204,6 +205,8 @@ pub struct RatePolicy {
     last_lag: Option<i64>,
     /// When the last scale-up made on the guess alone was asked for.
     guess_step_at: Option<Instant>,
+    /// Whether the workers get anywhere: no scale-up while they do not.
+    progress: ProgressWatch,
 }
 
 impl RatePolicy {
@@ -218,6 +221,7 @@ impl RatePolicy {
             replicas_since: None,
             last_lag: None,
             guess_step_at: None,
+            progress: ProgressWatch::default(),
         }
     }
 
@@ -287,8 +291,9 @@ impl RatePolicy {
         sustained
     }
 
-    /// Takes what the observation says about capacity.
-    fn measure(&mut self, now: Instant, o: &Observation<'_>, sustained: f64) {
+    /// Takes what the observation says about capacity; nothing is learned
+    /// from workers that get nowhere (`progressing` false).
+    fn measure(&mut self, now: Instant, o: &Observation<'_>, sustained: f64, progressing: bool) {
         match self.replicas_since {
             Some((n, _)) if n == o.current => {}
             _ => self.replicas_since = Some((o.current, now)),
@@ -299,6 +304,9 @@ impl RatePolicy {
         let lag = o.lag.total_lag;
         let grew = self.last_lag.is_some_and(|previous| lag > previous);
         self.last_lag = Some(lag);
+        if !progressing {
+            return;
+        }
         if let Some(c) = o.capacity.and_then(|c| c.capacity_per_replica) {
             self.learn(now, c, CapacitySource::Workers);
             return;
@@ -332,7 +340,8 @@ impl Policy for RatePolicy {
         let idle = lag <= 0 && o.rates.arrival_per_sec <= 0.0;
         let arrivals = self.sustained_arrivals(now, o.lag, idle);
         let sustained: f64 = arrivals.iter().sum();
-        self.measure(now, o, sustained);
+        let hold = self.progress.observe(now, o.lag, o.current);
+        self.measure(now, o, sustained, hold.is_none());
         let p = &self.params;
         let rate = self.capacity_per_replica().max(1e-6);
         let drain = p.target_drain.as_secs_f64().max(0.001);
@@ -425,6 +434,20 @@ impl Policy for RatePolicy {
                 reason.push_str("; within tolerance");
             }
         }
+        if let Some(hold) = hold {
+            reason.push_str(&format!(
+                "; scale-up held: no committed offset moved for {} s while records wait (a downstream outage?)",
+                hold.stalled_for.as_secs()
+            ));
+            if desired > current {
+                reason.push_str(&format!(": {desired} asked, {current} kept"));
+                desired = current;
+            }
+            if desired < hold.floor {
+                desired = hold.floor;
+                reason.push_str("; no lower than what ran when the hold began");
+            }
+        }
         let (held, stabilized) =
             self.scale_down
                 .apply(now, p.scale_down_stabilization, desired, current);
@@ -436,6 +459,7 @@ impl Policy for RatePolicy {
             metric_value: lag,
             active: held > 0,
             reason,
+            scale_up_held: hold.is_some(),
         }
     }
 }
@@ -521,6 +545,64 @@ mod tests {
         assert_eq!(current, 1);
         assert!((r.capacity_per_replica() - 1000.0 / 0.6).abs() < 1.0);
         assert_eq!(r.capacity_source(), CapacitySource::Workers);
+    }
+
+    #[test]
+    fn no_scale_up_into_a_downstream_outage_and_a_drain_once_it_ends() {
+        // The reported defect: 480/s arriving on 8 partitions, one replica
+        // able to do 1,000/s; the downstream refuses connections for 150 s,
+        // so nothing is committed and the workers' reports go stale. Lag ÷
+        // 30 s grew the need past one replica and the count climbed.
+        let mut r = RatePolicy::new(RateParams {
+            max_replicas: 8,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let report = workers(1, 480.0, 0.48);
+        let mut committed = 0i64;
+        for s in 0..60 {
+            committed = 60 * s as i64;
+            let d = decide(
+                &mut r,
+                at(s),
+                &lag_of(&[(committed, committed + 10); 8]),
+                rates(480.0, 480.0),
+                Some(&report),
+                1,
+            );
+            assert_eq!(d.desired, 1, "second {s}: {}", d.reason);
+        }
+        let mut held_seen = false;
+        let mut high = committed + 10;
+        for s in 60..210 {
+            high += 60;
+            // Reports older than 30 s are dropped by WorkerCapacity.
+            let fresh = (s < 90).then_some(&report);
+            let d = decide(
+                &mut r,
+                at(s),
+                &lag_of(&[(committed, high); 8]),
+                rates(480.0, 0.0),
+                fresh,
+                1,
+            );
+            assert_eq!(d.desired, 1, "second {s} of the outage: {}", d.reason);
+            held_seen |= d.scale_up_held;
+        }
+        assert!(held_seen, "the hold is visible in the decision");
+        // The downstream is back: 72,000 waiting, drained within 30 s, needs
+        // 2,880/s at 1,000/s per replica.
+        let d = decide(
+            &mut r,
+            at(210),
+            &lag_of(&[(committed + 500, high); 8]),
+            rates(480.0, 4000.0),
+            Some(&workers(1, 1000.0, 1.0)),
+            1,
+        );
+        assert!(!d.scale_up_held, "{}", d.reason);
+        assert!(d.desired >= 3, "{}", d.reason);
     }
 
     #[test]
@@ -647,6 +729,8 @@ mod tests {
             decide(&mut r, at(1000), &burst, rates(0.0, 0.0), None, 2).desired,
             2
         );
+        // The two replicas get somewhere (a committed offset moved).
+        let burst = lag_of(&[(100, 30_000); 8]);
         assert_eq!(
             decide(&mut r, at(15_000), &burst, rates(0.0, 0.0), None, 2).desired,
             4
@@ -737,7 +821,7 @@ mod tests {
             decide(
                 &mut r,
                 t0 + Duration::from_secs(s),
-                &lag_of(&[(0, 500 + (s as i64 % 2) * 10)]),
+                &lag_of(&[(s as i64 * 1000, s as i64 * 1000 + 500 + (s as i64 % 2) * 10)]),
                 rates(1000.0, 1000.0),
                 None,
                 2,
@@ -749,7 +833,7 @@ mod tests {
             decide(
                 &mut r,
                 t0 + Duration::from_secs(s),
-                &lag_of(&[(0, 10_000 + s as i64 * 1000)]),
+                &lag_of(&[(s as i64 * 1500, 10_000 + s as i64 * 2500)]),
                 rates(2500.0, 1500.0),
                 None,
                 2,

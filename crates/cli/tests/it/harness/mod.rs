@@ -28,6 +28,17 @@ use rdkafka::ClientConfig;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_microbatch");
 
+/// `microbatch produce` of `count` records at `rate` a second into `topic`,
+/// in the background (its stderr in `dir`); `extra` adds its flags.
+pub fn produce_steadily(dir: &TestDir, topic: &str, count: u64, rate: u64, extra: &[&str]) -> Proc {
+    let mut cmd = command();
+    cmd.args(["produce", "--bootstrap-servers", broker().bootstrap()]);
+    cmd.args(["--topic", topic, "--quiet"]);
+    cmd.args(["--count", &count.to_string(), "--rate", &rate.to_string()]);
+    cmd.args(extra);
+    Proc::spawn(cmd, dir.path("produce.stderr"))
+}
+
 /// Where the tests' broker is.
 pub enum Broker {
     Real { bootstrap: String },
@@ -798,6 +809,70 @@ pub fn read_http_body(stream: &TcpStream) -> Option<Vec<u8>> {
     let mut body = vec![0; length];
     reader.read_exact(&mut body).ok()?;
     Some(body)
+}
+
+/// Writes each record of an HTTP batch as "partition offset" to `log`: the
+/// downstream's own record of what it accepted, outside the worker.
+pub fn accept_batch(body: &[u8], log: &Path) {
+    let batch: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let accepted: String = batch["records"]
+        .as_array()
+        .map(|records| {
+            records
+                .iter()
+                .map(|r| format!("{} {}\n", r["partition"], r["offset"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap()
+        .write_all(accepted.as_bytes())
+        .unwrap();
+}
+
+/// An HTTP downstream on 127.0.0.1:`port` that accepts every batch into
+/// `log` (see [`accept_batch`]), each request taking `delay`, until the
+/// returned flag is set; then it closes its socket, so connections to the
+/// port are refused.
+pub fn downstream_on(
+    port: u16,
+    delay: Duration,
+    log: PathBuf,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        while !flag.load(Ordering::SeqCst) {
+            let mut stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+            };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let _ = stream.set_nonblocking(false);
+                let Some(body) = read_http_body(&stream) else {
+                    return;
+                };
+                std::thread::sleep(delay);
+                accept_batch(&body, &log);
+                let answer = "{\"failed\":[]}";
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+            });
+        }
+    });
+    stop
 }
 
 /// How the test's own exec handler behaves (see [`recording_handler`]).

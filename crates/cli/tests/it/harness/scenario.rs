@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use super::{
-    assert_all_handled, create_topic_with_configs, produce, spawn_exec_worker, spawn_worker,
-    total_lag, unique, wait_for_lag_zero, Proc, TestDir,
+    assert_all_handled, create_topic_with_configs, produce, produce_steadily, spawn_exec_worker,
+    spawn_worker, total_lag, unique, wait_for_lag_zero, Proc, TestDir,
 };
 
 /// A directory, a topic and a consumer group, all named after the test.
@@ -50,6 +50,11 @@ impl Scenario {
     /// `count` records from `microbatch produce` (its flags in `extra`).
     pub fn produce(&self, count: u64, extra: &[&str]) {
         produce(&self.topic, count, extra);
+    }
+
+    /// `count` records at `rate` a second, in the background.
+    pub fn produce_steadily(&self, count: u64, rate: u64, extra: &[&str]) -> Proc {
+        produce_steadily(&self.dir, &self.topic, count, rate, extra)
     }
 
     /// `microbatch run` on the topic and group, serving HTTP on `port`.
