@@ -15,16 +15,18 @@
 //! - `rate`: metric = the replicas the rate policy wants, target = 1.
 //!
 //! KEDA asks IsActive and GetMetrics for the same ScaledObject a few ms
-//! apart (operator and metrics server), so one evaluation per ScaledObject
-//! is reused for the polling interval: every caller within it gets the same
+//! apart (operator and metrics server), so one evaluation per trigger is
+//! reused for the polling interval: every caller within it gets the same
 //! answer, and the policies see readings at the pace they were built for.
-//! State per ScaledObject is replaced when its metadata changes and dropped
+//! State is kept per trigger (the object and the trigger's metadata: KEDA
+//! sends each trigger of an object under the object's name) and dropped
 //! once KEDA has not asked for it for a while, so edits and deletions leave
-//! no Kafka client behind.
+//! no Kafka client behind. A slow cluster holds up only its own triggers:
+//! see [`Scaler::evaluate`].
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -219,7 +221,8 @@ impl TriggerSpec {
     }
 }
 
-/// What the scaler keeps per ScaledObject between calls.
+/// What an evaluation needs and changes: the Kafka reader and the
+/// policies' memory. Only evaluations take it, in a blocking thread.
 struct TriggerState {
     spec: TriggerSpec,
     observer: Observer,
@@ -227,10 +230,6 @@ struct TriggerState {
     /// For a `keda` trigger without a topic: the policy over all the
     /// group's topics.
     group_topics: Option<KedaPolicy>,
-    /// The last evaluation and when it was made.
-    last: Option<(Instant, Evaluation)>,
-    /// When KEDA last asked about this ScaledObject.
-    used: Instant,
 }
 
 /// One evaluation for a trigger.
@@ -283,7 +282,7 @@ impl TriggerState {
         })
     }
 
-    fn new(spec: TriggerSpec, reader: LagReader, now: Instant) -> Self {
+    fn new(spec: TriggerSpec, reader: LagReader) -> Self {
         let policy: Box<dyn Policy> = match &spec.policy {
             PolicySpec::Keda(p) => Box::new(KedaPolicy::new(p.clone())),
             PolicySpec::Rate(p) => Box::new(RatePolicy::new(p.clone())),
@@ -297,27 +296,13 @@ impl TriggerState {
             spec,
             policy,
             group_topics,
-            last: None,
-            used: now,
         }
     }
 
-    /// The evaluation of the last `interval`, or a new one. The interval
-    /// counts from when an evaluation ended: reading lag (and the oldest
-    /// records' ages) takes a while, and a call KEDA makes right after
-    /// another must get the same answer.
-    fn evaluate(&mut self, interval: Duration) -> Result<(Evaluation, bool), Status> {
-        let now = Instant::now();
-        self.used = now;
-        if let Some((at, e)) = &self.last {
-            if now.saturating_duration_since(*at) < interval {
-                return Ok((e.clone(), true));
-            }
-        }
+    /// Reads the lag and asks the policy.
+    fn evaluate(&mut self) -> Result<Evaluation, Status> {
         if self.spec.topic.is_none() {
-            let e = self.evaluate_group_topics()?;
-            self.last = Some((Instant::now(), e.clone()));
-            return Ok((e, false));
+            return self.evaluate_group_topics();
         }
         let rate = matches!(self.spec.policy, PolicySpec::Rate(_));
         let reading = self
@@ -357,14 +342,85 @@ impl TriggerState {
             capacity_per_replica: self.policy.rate_per_replica(),
             scale_up_held: decision.scale_up_held,
         };
-        self.last = Some((Instant::now(), e.clone()));
-        Ok((e, false))
+        Ok(e)
+    }
+}
+
+/// A failed evaluation is answered from memory for this long after the
+/// first failure, doubling with each one after it up to
+/// [`ERROR_BACKOFF_MAX`]: a cluster that does not answer costs one
+/// reading per back-off, not one per call.
+const ERROR_BACKOFF_MIN: Duration = Duration::from_secs(5);
+const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// A call waits at most this long for its answer; past it KEDA gets an
+/// error (and its fallback) while the evaluation goes on for later calls.
+pub const EVALUATION_TIMEOUT: Duration = Duration::from_secs(12);
+
+/// The last answer for a trigger and until when it stands.
+struct Answer {
+    result: Result<Evaluation, Status>,
+    until: Instant,
+}
+
+/// One trigger of one ScaledObject (or ScaledJob): KEDA sends each
+/// trigger's metadata under its object's name, so the metadata is part of
+/// its identity: an edit is a new trigger. The last answer is read
+/// without waiting for an evaluation in progress.
+struct Trigger {
+    labels: ObjectLabel,
+    /// When KEDA last asked, in ms since the scaler started.
+    used_ms: AtomicU64,
+    answer: Mutex<Option<Answer>>,
+    /// Consecutive failed evaluations.
+    failures: Mutex<u32>,
+    work: Mutex<TriggerState>,
+}
+
+impl Trigger {
+    /// The last answer, while it stands.
+    fn standing(&self, now: Instant) -> Option<Result<Evaluation, Status>> {
+        let answer = self.answer.lock().expect("trigger answer lock poisoned");
+        answer
+            .as_ref()
+            .filter(|a| now < a.until)
+            .map(|a| a.result.clone())
+    }
+
+    /// Keeps `result` for the polling interval, an error for its back-off.
+    /// The interval counts from when an evaluation ended: reading lag takes
+    /// a while, and a call KEDA makes right after another must get the
+    /// same answer.
+    fn keep(&self, result: &Result<Evaluation, Status>, interval: Duration) {
+        let mut failures = self
+            .failures
+            .lock()
+            .expect("trigger failures lock poisoned");
+        let stands = match result {
+            Ok(_) => {
+                *failures = 0;
+                interval
+            }
+            Err(_) => {
+                *failures = failures.saturating_add(1);
+                let doubled = ERROR_BACKOFF_MIN.saturating_mul(1 << (*failures - 1).min(6));
+                doubled.min(ERROR_BACKOFF_MAX)
+            }
+        };
+        *self.answer.lock().expect("trigger answer lock poisoned") = Some(Answer {
+            result: result.clone(),
+            until: Instant::now() + stands,
+        });
     }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ObjectLabel {
+    /// namespace/name
     scaled_object: String,
+    /// The trigger's metric name (policy, topic and group): one object's
+    /// triggers each have their own series.
+    metric: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -391,27 +447,23 @@ impl ScalerMetrics {
         let r = registry.sub_registry_with_prefix("microbatch_scaler");
         r.register(
             "evaluations",
-            "Evaluations by outcome: evaluated, cached (reused within the polling interval), error",
+            "Evaluations by outcome: evaluated, cached (reused within the polling interval), error (failed, or a failure answered from memory), timeout",
             self.evaluations.clone(),
         );
         r.register(
             "scaled_objects",
-            "ScaledObjects the scaler holds state for",
+            "Triggers (ScaledObject or ScaledJob, and metadata) the scaler holds state for",
             self.scaled_objects.clone(),
         );
-        r.register(
-            "total_lag",
-            "Total lag per ScaledObject",
-            self.total_lag.clone(),
-        );
+        r.register("total_lag", "Total lag per trigger", self.total_lag.clone());
         r.register(
             "lag_seconds",
-            "Age of the oldest record not committed, in seconds, per ScaledObject (the oldest partition's)",
+            "Age of the oldest record not committed, in seconds, per trigger (the oldest partition's)",
             self.lag_seconds.clone(),
         );
         r.register(
             "metric_value",
-            "The metric value served to KEDA per ScaledObject",
+            "The metric value served to KEDA per trigger",
             self.metric_value.clone(),
         );
         r.register(
@@ -421,7 +473,7 @@ impl ScalerMetrics {
         );
         r.register(
             "desired_replicas",
-            "Replicas the policy asks for per ScaledObject",
+            "Replicas the policy asks for per trigger",
             self.desired.clone(),
         );
         r.register(
@@ -436,34 +488,28 @@ impl ScalerMetrics {
         );
     }
 
-    fn observe(&self, object: &str, e: &Evaluation) {
-        let l = ObjectLabel {
-            scaled_object: object.to_string(),
-        };
-        self.total_lag.get_or_create(&l).set(e.total_lag);
+    fn observe(&self, l: &ObjectLabel, e: &Evaluation) {
+        self.total_lag.get_or_create(l).set(e.total_lag);
         if let Some(seconds) = e.lag_seconds {
-            self.lag_seconds.get_or_create(&l).set(seconds);
+            self.lag_seconds.get_or_create(l).set(seconds);
         }
-        self.metric_value.get_or_create(&l).set(e.metric_value);
-        self.active.get_or_create(&l).set(i64::from(e.active));
-        self.desired.get_or_create(&l).set(i64::from(e.desired));
-        self.current.get_or_create(&l).set(i64::from(e.current));
+        self.metric_value.get_or_create(l).set(e.metric_value);
+        self.active.get_or_create(l).set(i64::from(e.active));
+        self.desired.get_or_create(l).set(i64::from(e.desired));
+        self.current.get_or_create(l).set(i64::from(e.current));
         self.scale_up_held
-            .get_or_create(&l)
+            .get_or_create(l)
             .set(i64::from(e.scale_up_held));
     }
 
-    fn forget(&self, object: &str) {
-        let l = ObjectLabel {
-            scaled_object: object.to_string(),
-        };
-        self.total_lag.remove(&l);
-        self.lag_seconds.remove(&l);
-        self.metric_value.remove(&l);
-        self.active.remove(&l);
-        self.desired.remove(&l);
-        self.current.remove(&l);
-        self.scale_up_held.remove(&l);
+    fn forget(&self, l: &ObjectLabel) {
+        self.total_lag.remove(l);
+        self.lag_seconds.remove(l);
+        self.metric_value.remove(l);
+        self.active.remove(l);
+        self.desired.remove(l);
+        self.current.remove(l);
+        self.scale_up_held.remove(l);
     }
 }
 
@@ -488,11 +534,14 @@ impl Default for ScalerConfig {
     }
 }
 
-/// The gRPC service: a plain struct, one state per ScaledObject.
+/// The gRPC service: a plain struct, one state per trigger.
 pub struct Scaler {
     kafka: KafkaConfig,
     config: ScalerConfig,
-    states: Mutex<HashMap<String, Arc<Mutex<TriggerState>>>>,
+    /// Held only to look up, add or drop a trigger: never across a lock of
+    /// one, nor across I/O.
+    triggers: Mutex<HashMap<String, Arc<Trigger>>>,
+    started: Instant,
     metrics: ScalerMetrics,
     registry: Registry,
 }
@@ -505,7 +554,8 @@ impl Scaler {
         Self {
             kafka,
             config,
-            states: Mutex::new(HashMap::new()),
+            triggers: Mutex::new(HashMap::new()),
+            started: Instant::now(),
             metrics,
             registry,
         }
@@ -519,45 +569,54 @@ impl Scaler {
         out
     }
 
-    /// ScaledObjects held now.
+    /// Triggers held now.
     pub fn scaled_objects(&self) -> usize {
-        self.states
+        self.triggers
             .lock()
-            .expect("scaler state lock poisoned")
+            .expect("scaler trigger map lock poisoned")
             .len()
     }
 
+    /// A trigger's identity: its object and its metadata, in key order.
     fn key(r: &ScaledObjectRef) -> String {
-        format!("{}/{}", r.namespace, r.name)
+        let mut pairs: Vec<_> = r.scaler_metadata.iter().collect();
+        pairs.sort_unstable();
+        let mut key = format!("{}/{}", r.namespace, r.name);
+        for (k, v) in pairs {
+            key.push_str(&format!("\n{k}={v}"));
+        }
+        key
     }
 
-    fn state(&self, r: &ScaledObjectRef) -> Result<Arc<Mutex<TriggerState>>, Status> {
-        let spec = TriggerSpec::from_metadata(&r.scaler_metadata)?;
+    fn millis_since_start(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    fn trigger(&self, r: &ScaledObjectRef) -> Result<Arc<Trigger>, Status> {
         let key = Self::key(r);
         let now = Instant::now();
-        let mut states = self.states.lock().expect("scaler state lock poisoned");
-        // Drop what KEDA stopped asking about (deleted ScaledObjects).
-        let ttl = self.config.state_ttl;
-        states.retain(|k, s| {
-            let keep = *k == key
-                || s.try_lock()
-                    .map_or(true, |s| now.saturating_duration_since(s.used) < ttl);
+        let now_ms = self.millis_since_start(now);
+        let mut triggers = self
+            .triggers
+            .lock()
+            .expect("scaler trigger map lock poisoned");
+        // Drop what KEDA stopped asking about (deleted or edited triggers).
+        let ttl = self.config.state_ttl.as_millis() as u64;
+        triggers.retain(|k, t| {
+            let keep = *k == key || now_ms.saturating_sub(t.used_ms.load(Ordering::Relaxed)) < ttl;
             if !keep {
-                tracing::info!(scaled_object = %k, "dropping the state of a ScaledObject not asked about");
-                self.metrics.forget(k);
+                tracing::info!(scaled_object = %t.labels.scaled_object, metric = %t.labels.metric, "dropping the state of a trigger not asked about");
+                self.metrics.forget(&t.labels);
             }
             keep
         });
-        self.metrics.scaled_objects.set(states.len() as i64);
-        if let Some(s) = states.get(&key) {
-            let same = s.lock().expect("trigger state lock poisoned").spec == spec;
-            if same {
-                return Ok(s.clone());
-            }
-            // An edited ScaledObject starts afresh; its old client goes.
-            tracing::info!(scaled_object = %key, "trigger metadata changed; starting afresh");
-            states.remove(&key);
+        if let Some(t) = triggers.get(&key) {
+            t.used_ms.store(now_ms, Ordering::Relaxed);
+            return Ok(t.clone());
         }
+        drop(triggers);
+        // A new trigger: checked and given its client outside the map's lock.
+        let spec = TriggerSpec::from_metadata(&r.scaler_metadata)?;
         let kafka = cluster_for(&self.kafka, spec.bootstrap_servers.as_deref())?;
         let topic = spec.topic.as_deref().unwrap_or_default();
         let mut reader = LagReader::new(&kafka, &spec.group, topic, Duration::from_secs(10))
@@ -566,43 +625,77 @@ impl Scaler {
             // One record per partition with lag, for microbatch_scaler_lag_seconds.
             reader = reader.with_record_ages();
         }
-        let state = Arc::new(Mutex::new(TriggerState::new(spec, reader, now)));
-        states.insert(key, state.clone());
-        self.metrics.scaled_objects.set(states.len() as i64);
-        Ok(state)
+        let trigger = Arc::new(Trigger {
+            labels: ObjectLabel {
+                scaled_object: format!("{}/{}", r.namespace, r.name),
+                metric: spec.metric_name(),
+            },
+            used_ms: AtomicU64::new(now_ms),
+            answer: Mutex::new(None),
+            failures: Mutex::new(0),
+            work: Mutex::new(TriggerState::new(spec, reader)),
+        });
+        let mut triggers = self
+            .triggers
+            .lock()
+            .expect("scaler trigger map lock poisoned");
+        // Two first calls at once: the one in the map wins.
+        let trigger = triggers.entry(key).or_insert(trigger).clone();
+        self.metrics.scaled_objects.set(triggers.len() as i64);
+        Ok(trigger)
     }
 
-    /// Evaluates a ScaledObject (or reuses its evaluation of the polling
-    /// interval).
+    /// Evaluates a trigger, or answers from its last evaluation while that
+    /// stands (the polling interval; an error's back-off). Waits at most
+    /// [`EVALUATION_TIMEOUT`]; the evaluation itself runs in a blocking
+    /// thread, so a slow cluster holds up only the calls for its triggers.
     pub async fn evaluate(self: &Arc<Self>, r: &ScaledObjectRef) -> Result<Evaluation, Status> {
-        let state = self.state(r)?;
+        let trigger = self.trigger(r)?;
+        if let Some(answer) = trigger.standing(Instant::now()) {
+            self.count(if answer.is_ok() { "cached" } else { "error" });
+            return answer;
+        }
         let interval = self.config.polling_interval;
         let this = self.clone();
-        let key = Self::key(r);
-        tokio::task::spawn_blocking(move || {
-            let result = state
-                .lock()
-                .expect("trigger state lock poisoned")
-                .evaluate(interval);
-            let outcome = match &result {
-                Ok((e, cached)) => {
-                    this.metrics.observe(&key, e);
-                    if *cached {
-                        "cached"
-                    } else {
-                        "evaluated"
-                    }
+        let task = tokio::task::spawn_blocking(move || {
+            let mut work = trigger.work.lock().expect("trigger state lock poisoned");
+            // Whoever held the lock before may have just answered.
+            if let Some(answer) = trigger.standing(Instant::now()) {
+                this.count(if answer.is_ok() { "cached" } else { "error" });
+                return answer;
+            }
+            let result = work.evaluate();
+            drop(work);
+            trigger.keep(&result, interval);
+            match &result {
+                Ok(e) => {
+                    this.metrics.observe(&trigger.labels, e);
+                    this.count("evaluated");
                 }
-                Err(_) => "error",
-            };
-            this.metrics
-                .evaluations
-                .get_or_create(&OutcomeLabel { outcome })
-                .inc();
-            result.map(|(e, _)| e)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("evaluation task failed: {e}")))?
+                Err(_) => this.count("error"),
+            }
+            result
+        });
+        match tokio::time::timeout(EVALUATION_TIMEOUT, task).await {
+            Ok(joined) => {
+                joined.map_err(|e| Status::internal(format!("evaluation task failed: {e}")))?
+            }
+            Err(_) => {
+                self.count("timeout");
+                Err(Status::deadline_exceeded(format!(
+                    "reading lag of {} took over {} s; the reading goes on for later calls",
+                    r.name,
+                    EVALUATION_TIMEOUT.as_secs()
+                )))
+            }
+        }
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.metrics
+            .evaluations
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 }
 
@@ -656,7 +749,7 @@ impl ExternalScaler for Arc<Scaler> {
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let object = request.into_inner();
         // Validate up front so a bad trigger fails the call, not the stream.
-        self.state(&object)?;
+        self.trigger(&object)?;
         tracing::debug!(scaled_object = %object.name, namespace = %object.namespace, "StreamIsActive");
         let scaler = self.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -748,7 +841,7 @@ mod tests {
     }
 
     #[test]
-    fn state_is_replaced_on_edit_and_dropped_once_not_asked_about() {
+    fn each_trigger_has_its_own_state_and_what_is_not_asked_about_is_dropped() {
         // No broker is needed: a lag reader connects only when it reads.
         let scaler = Scaler::new(
             KafkaConfig::plaintext("127.0.0.1:1"),
@@ -758,44 +851,75 @@ mod tests {
             },
         );
         let a = object("a", &[("topic", "t"), ("consumerGroup", "g")]);
-        let first = scaler.state(&a).unwrap();
+        let first = scaler.trigger(&a).unwrap();
         assert!(
-            Arc::ptr_eq(&first, &scaler.state(&a).unwrap()),
+            Arc::ptr_eq(&first, &scaler.trigger(&a).unwrap()),
             "kept while unchanged"
         );
-        let edited = object(
-            "a",
-            &[
-                ("topic", "t"),
-                ("consumerGroup", "g"),
-                ("lagThreshold", "5"),
-            ],
-        );
-        let second = scaler.state(&edited).unwrap();
-        assert!(!Arc::ptr_eq(&first, &second), "an edit starts afresh");
-        assert_eq!(
-            scaler.scaled_objects(),
-            1,
-            "the edited object's old state is gone"
-        );
-        assert_eq!(
-            Arc::strong_count(&first),
-            1,
-            "and nothing but this test holds it"
-        );
-        drop(second);
+        // KEDA sends a second trigger of the same object under the same
+        // name: it has a state of its own, and so does an edited one.
+        let second_topic = object("a", &[("topic", "u"), ("consumerGroup", "g")]);
+        let other = scaler.trigger(&second_topic).unwrap();
+        assert!(!Arc::ptr_eq(&first, &other), "two triggers, two states");
+        assert_ne!(first.labels, other.labels, "and their own metric series");
+        assert!(Arc::ptr_eq(&first, &scaler.trigger(&a).unwrap()));
+        assert_eq!(scaler.scaled_objects(), 2);
+        drop((first, other));
         std::thread::sleep(Duration::from_millis(250));
         scaler
-            .state(&object("b", &[("topic", "t"), ("consumerGroup", "g")]))
+            .trigger(&object("b", &[("topic", "t"), ("consumerGroup", "g")]))
             .unwrap();
         assert_eq!(
             scaler.scaled_objects(),
             1,
-            "a, not asked about for the TTL, is dropped"
+            "a's triggers, not asked about for the TTL, are dropped"
         );
         assert!(scaler
             .encode_metrics()
             .contains("microbatch_scaler_scaled_objects 1"));
+    }
+
+    #[test]
+    fn a_failed_evaluation_is_answered_from_memory_for_a_growing_back_off() {
+        let scaler = Scaler::new(
+            KafkaConfig::plaintext("127.0.0.1:1"),
+            ScalerConfig::default(),
+        );
+        let t = scaler
+            .trigger(&object("a", &[("topic", "t"), ("consumerGroup", "g")]))
+            .unwrap();
+        let failed: Result<Evaluation, Status> = Err(Status::unavailable("no cluster"));
+        let interval = Duration::from_secs(5);
+        let mut stands = Vec::new();
+        for _ in 0..8 {
+            let before = Instant::now();
+            t.keep(&failed, interval);
+            let until = t.answer.lock().unwrap().as_ref().unwrap().until;
+            stands.push(until.duration_since(before).as_secs());
+        }
+        assert_eq!(stands, [5, 10, 20, 40, 60, 60, 60, 60]);
+        let answer = t.standing(Instant::now()).expect("the error stands");
+        assert_eq!(answer.unwrap_err().code(), tonic::Code::Unavailable);
+        // A success resets the back-off and stands for the interval.
+        let ok = Ok(Evaluation {
+            metric_name: "m".into(),
+            metric_value: 1,
+            target: 1,
+            active: true,
+            total_lag: 1,
+            lag_seconds: None,
+            desired: 1,
+            current: 1,
+            capacity_per_replica: None,
+            scale_up_held: false,
+        });
+        t.keep(&ok, interval);
+        t.keep(&failed, interval);
+        let until = t.answer.lock().unwrap().as_ref().unwrap().until;
+        assert!(until.duration_since(Instant::now()) <= Duration::from_secs(5));
+        assert!(t
+            .standing(Instant::now() + Duration::from_secs(6))
+            .is_none());
     }
 
     #[test]

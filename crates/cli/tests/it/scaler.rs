@@ -145,9 +145,10 @@ async fn exercise(
     let text = http_get(http, "/metrics")
         .expect("the scaler serves /metrics")
         .1;
-    let seconds = labelled_metric(
+    let seconds = metric_labelled_with(
         &text,
-        "microbatch_scaler_lag_seconds{scaled_object=\"microbatch/orders\"}",
+        "microbatch_scaler_lag_seconds",
+        "scaled_object=\"microbatch/orders\"",
     )
     .unwrap_or_else(|| panic!("no lag seconds:\n{text}"));
     let most = before_produce.elapsed().as_secs_f64();
@@ -352,11 +353,139 @@ fn paired_calls_get_the_decisions_single_calls_get_and_metrics_are_real() {
         "{text}"
     );
     assert_eq!(
-        labelled_metric(
+        metric_labelled_with(
             &text,
-            "microbatch_scaler_desired_replicas{scaled_object=\"microbatch/paired\"}"
+            "microbatch_scaler_desired_replicas",
+            "scaled_object=\"microbatch/paired\""
         ),
         Some(1.0),
         "{text}"
+    );
+}
+
+/// Two triggers on one ScaledObject (KEDA sends both under its name) keep
+/// their own state and their own metric series; 50 calls at once for a
+/// ScaledObject whose cluster never answers each get an error (never a 0),
+/// while another ScaledObject is served and `/healthz` answers. Before,
+/// the two triggers replaced each other's state on every call (one series,
+/// "starting afresh" each time), and a slow reading held the lock of every
+/// ScaledObject, so the other one and `/healthz` waited for all 50.
+#[test]
+fn triggers_keep_their_own_state_and_a_dead_cluster_holds_up_only_its_own() {
+    if !broker().is_real() {
+        eprintln!("skipped: the scaler test needs a real broker (group listing)");
+        return;
+    }
+    let sc = Scenario::new("scaler-triggers", 2);
+    let Scenario { dir, topic, group } = &sc;
+    let second = unique("scaler-triggers-b");
+    create_topic(&second, 2);
+    sc.produce(300, &[]);
+    produce(&second, 40, &[]);
+    // A listener that takes connections and never answers: a cluster that
+    // is unreachable in the slowest way.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming() {
+            held.push(stream);
+        }
+    });
+    let (grpc, http) = (free_port(), free_port());
+    let mut scaler = spawn_scaler(dir, grpc, http, &["--polling-interval-ms", "1000"]);
+    // lagThreshold past the lag: the metric is the lag, not KEDA's cap.
+    let uncapped = [("lagThreshold", "1000")];
+    let first_trigger = named("orders", topic, group, &uncapped);
+    let second_trigger = named("orders", &second, group, &uncapped);
+    let dead = named("dead", topic, group, &[("bootstrapServers", &silent_addr)]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (lags, dead_answers, healthy_while_dead, health_while_dead) = rt.block_on(async {
+        let channel = connect(grpc).await;
+        let value = |o: &ScaledObjectRef| {
+            let mut client = ExternalScalerClient::new(channel.clone());
+            let request = GetMetricsRequest {
+                scaled_object_ref: Some(o.clone()),
+                metric_name: String::new(),
+            };
+            async move {
+                client
+                    .get_metrics(request)
+                    .await
+                    .map(|r| r.into_inner().metric_values[0].metric_value)
+            }
+        };
+        let mut lags = Vec::new();
+        for _ in 0..3 {
+            lags.push((
+                value(&first_trigger).await.unwrap(),
+                value(&second_trigger).await.unwrap(),
+            ));
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let calls: Vec<_> = (0..50).map(|_| tokio::spawn(value(&dead))).collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // While the 50 wait on the silent cluster: the other object and
+        // /healthz answer (within a bound far past a reading, so only a
+        // stall fails it).
+        let healthy = tokio::time::timeout(Duration::from_secs(8), value(&first_trigger)).await;
+        let health = tokio::task::spawn_blocking(move || http_get(http, "/healthz"))
+            .await
+            .unwrap();
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await.unwrap());
+        }
+        (lags, answers, healthy, health)
+    });
+    let text = http_get(http, "/metrics").expect("/metrics").1;
+    scaler.terminate();
+    eprintln!("lags (first, second trigger): {lags:?}");
+    for (a, b) in &lags {
+        assert_eq!((*a, *b), (300, 40), "each trigger reads its own topic");
+    }
+    let codes: Vec<tonic::Code> = dead_answers
+        .iter()
+        .map(|a| match a {
+            Ok(v) => panic!("an unreachable cluster answered {v}"),
+            Err(status) => status.code(),
+        })
+        .collect();
+    eprintln!(
+        "dead cluster: {codes:?}; meanwhile the other object: {:?}, /healthz: {:?}",
+        healthy_while_dead
+            .as_ref()
+            .map(|r| r.as_ref().map_err(|s| s.code())),
+        health_while_dead.as_ref().map(|(status, _)| status)
+    );
+    assert_eq!(codes.len(), 50);
+    let healthy = healthy_while_dead.expect("the other ScaledObject waited on the dead one");
+    assert_eq!(
+        healthy.map_err(|s| s.message().to_string()),
+        Ok(300),
+        "the other ScaledObject is served"
+    );
+    assert_eq!(
+        health_while_dead.map(|(status, _)| status),
+        Some(200),
+        "/healthz answers"
+    );
+    let series = |t: &str| {
+        metric_labelled_with(
+            &text,
+            "microbatch_scaler_total_lag",
+            &format!(
+                "metric=\"microbatch-keda-{}-{}\"",
+                t.to_lowercase(),
+                group.to_lowercase()
+            )
+            .replace('_', "-"),
+        )
+    };
+    assert_eq!(series(topic), Some(300.0), "{text}");
+    assert_eq!(series(&second), Some(40.0), "{text}");
+    assert!(
+        !scaler.stderr().contains("starting afresh"),
+        "the triggers replaced each other's state"
     );
 }

@@ -646,6 +646,19 @@ pub fn restart_broker(down_for: Duration) {
     }
 }
 
+/// The value of the first sample of `name` whose labels include `label`
+/// (`key="value"`).
+pub fn metric_labelled_with(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+        let (labels, value) = rest.split_once("} ")?;
+        labels
+            .split(',')
+            .any(|l| l == label)
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
 /// A labelled metric sample, e.g. `microbatch_commits_total{result="error"}`.
 pub fn labelled_metric(text: &str, name_with_labels: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
