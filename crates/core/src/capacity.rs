@@ -73,13 +73,18 @@ impl CapacityMeter {
         }
     }
 
-    /// A name for this process that no other worker shares: pid and start
-    /// time, so a restarted worker counts as a new one.
+    /// A name for this process that no other worker shares: its host (the
+    /// pod's name under Kubernetes), its pid and a random part. In
+    /// containers every worker is PID 1 and many start in the same
+    /// millisecond, so pid and start time alone named different workers
+    /// alike and the scaler counted them as one.
     pub fn process_worker_id() -> String {
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
+        let host = ["POD_NAME", "HOSTNAME"]
+            .iter()
+            .find_map(|name| std::env::var(name).ok())
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
             .unwrap_or_default();
-        format!("{}-{:x}", std::process::id(), started.as_millis() as u64)
+        worker_id(&host, std::process::id(), random_u32())
     }
 
     /// Slots the worker could use: busy slots it was not told about still
@@ -170,6 +175,36 @@ impl CapacityMeter {
         }
         self.last.as_ref()
     }
+}
+
+/// `host-pid-random`, the host cut to what commit metadata and logs take
+/// well (letters, digits, `-` and `.`, at most 63 of them).
+fn worker_id(host: &str, pid: u32, random: u32) -> String {
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(63)
+        .collect();
+    if host.is_empty() {
+        format!("{pid}-{random:08x}")
+    } else {
+        format!("{host}-{pid}-{random:08x}")
+    }
+}
+
+/// 32 random bits from the standard library's per-process random keys,
+/// mixed with the time.
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    hasher.finish() as u32
 }
 
 #[cfg(test)]
@@ -331,5 +366,22 @@ mod tests {
         let r = m.report(t0 + ms(6000), 0).cloned().unwrap();
         assert_eq!(r.window, ms(1000));
         assert!((r.capacity_per_sec().unwrap() - 20.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn worker_ids_differ_for_workers_that_are_all_pid_1() {
+        // Two pods, both PID 1, both started in the same millisecond.
+        assert_eq!(
+            worker_id("orders-7d9f-abcde", 1, 0xab),
+            "orders-7d9f-abcde-1-000000ab"
+        );
+        assert_eq!(worker_id(" a b=c\n", 1, 1), "abc-1-00000001");
+        assert_eq!(worker_id("", 7, 2), "7-00000002");
+        assert_eq!(worker_id(&"x".repeat(100), 1, 1).len(), 63 + 11);
+        let ids: std::collections::HashSet<String> = (0..100)
+            .map(|_| CapacityMeter::process_worker_id())
+            .collect();
+        assert_eq!(ids.len(), 100, "one process, 100 different ids");
+        assert!(!CapacityMeter::process_worker_id().contains(' '));
     }
 }
