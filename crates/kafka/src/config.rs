@@ -337,6 +337,27 @@ impl KafkaConfig {
             .then(|| self.sasl_mechanism.unwrap_or(SaslMechanism::ScramSha512))
     }
 
+    /// Whether clients made from this config prove who they are to the
+    /// brokers they reach: any SASL mechanism (a password, an MSK IAM or
+    /// OAUTHBEARER token), a client certificate or key, or any property that
+    /// holds a secret. Such a config must only ever be used against its own
+    /// brokers: whoever names others would collect what it sends.
+    pub fn presents_credentials(&self) -> bool {
+        self.password.is_some()
+            || self.sasl_mechanism.is_some()
+            || self.msk_iam.is_some()
+            || self.properties.iter().any(|(k, _)| {
+                let k = k.to_ascii_lowercase();
+                is_secret_property(&k)
+                    || k.starts_with("sasl.")
+                    || k.starts_with("ssl.key")
+                    || k.starts_with("ssl.certificate")
+                    || k.starts_with("ssl.keystore")
+                    || k.starts_with("ssl.engine")
+                    || k == "ssl.providers"
+            })
+    }
+
     /// A local plaintext broker, for tests and examples.
     pub fn plaintext(bootstrap_servers: impl Into<String>) -> Self {
         Self {

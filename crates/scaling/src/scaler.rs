@@ -713,12 +713,7 @@ fn cluster_for(own: &KafkaConfig, servers: Option<&str>) -> Result<KafkaConfig, 
     let Some(servers) = servers.filter(|s| set(s) != set(&own.bootstrap_servers)) else {
         return Ok(kafka);
     };
-    let has_credentials = own.password.is_some()
-        || own
-            .properties
-            .iter()
-            .any(|(k, _)| microbatch_kafka::config::is_secret_property(k));
-    if has_credentials {
+    if own.presents_credentials() {
         return Err(Status::invalid_argument(format!(
             "scalerMetadata.bootstrapServers: {servers} is not the scaler's own cluster ({}), and the scaler sends its credentials only there",
             own.bootstrap_servers
@@ -1006,6 +1001,36 @@ mod tests {
             err.message()
         );
         assert!(!err.message().contains("s3cr3t"));
+        // Every way the scaler proves who it is stays home: MSK IAM has no
+        // password, OAUTHBEARER lives in properties, mTLS has no SASL.
+        use microbatch_kafka::config::{SaslMechanism, SecurityProtocol};
+        for mechanism in [SaslMechanism::AwsMskIam, SaslMechanism::Plain] {
+            let mut tokens = own.clone();
+            tokens.security_protocol = SecurityProtocol::SaslSsl;
+            tokens.sasl_mechanism = Some(mechanism);
+            assert!(
+                cluster_for(&tokens, Some("evil:9092")).is_err(),
+                "{mechanism:?}"
+            );
+        }
+        for property in [
+            "ssl.key.location",
+            "ssl.certificate.location",
+            "ssl.keystore.location",
+            "sasl.mechanism",
+            "sasl.oauthbearer.client.id",
+        ] {
+            let mut mtls = own.clone();
+            mtls.properties.push((property.into(), "x".into()));
+            assert!(cluster_for(&mtls, Some("evil:9092")).is_err(), "{property}");
+        }
+        let mut ca_only = own.clone();
+        ca_only.security_protocol = SecurityProtocol::Ssl;
+        ca_only.ssl_ca_location = Some("/ca.pem".into());
+        assert!(
+            cluster_for(&ca_only, Some("other:9093")).is_ok(),
+            "a CA proves the brokers, not the scaler"
+        );
     }
 
     #[test]

@@ -682,3 +682,94 @@ fn demo_runs_end_to_end_through_msk_iam() {
     );
     assert_no_secrets(&[&out], &iam_secrets(&env));
 }
+
+/// A ScaledObject whose trigger names other `bootstrapServers` gets an
+/// error from a scaler that proves who it is (AWS_MSK_IAM, SCRAM), and no
+/// connection is made to those servers: a listener there records none.
+/// Before, the check looked only for a password, so a scaler under
+/// AWS_MSK_IAM sent signed tokens to any listener a ScaledObject named.
+#[test]
+fn a_scaler_with_credentials_never_connects_to_servers_a_trigger_names() {
+    use microbatch_scaling::scaler::proto::external_scaler_client::ExternalScalerClient;
+    use microbatch_scaling::scaler::proto::GetMetricsRequest;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let Some(iam) = iam_env() else {
+        return;
+    };
+    let Some(scram) = scram_listener() else {
+        return;
+    };
+    let dir = TestDir::new("scaler-foreign");
+    let topic = unique("scaler-foreign");
+    create_topic(&topic, 1);
+    let recorder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let foreign = recorder.local_addr().unwrap().to_string();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let seen = attempts.clone();
+    std::thread::spawn(move || {
+        for stream in recorder.incoming() {
+            seen.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    let mut with_scram = command();
+    for key in [
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "KAFKA_USERNAME",
+        "KAFKA_PASSWORD",
+        "KAFKA_SSL_CA_LOCATION",
+    ] {
+        with_scram.env(key, &scram[key]);
+    }
+    with_scram
+        .env("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+        .env("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (mechanism, mut cmd) in [
+        ("AWS_MSK_IAM", iam_command(&dir, &iam)),
+        ("SCRAM", with_scram),
+    ] {
+        let (grpc, http) = (free_port(), free_port());
+        cmd.args(["scaler", "--host", "127.0.0.1"]);
+        cmd.args([
+            "--grpc-port",
+            &grpc.to_string(),
+            "--http-port",
+            &http.to_string(),
+        ]);
+        let mut scaler = Proc::spawn(cmd, dir.path(&format!("scaler-{mechanism}.stderr")));
+        let own = crate::scaler::object(&topic, "g", &[]);
+        let elsewhere = crate::scaler::object(&topic, "g", &[("bootstrapServers", &foreign)]);
+        let (own_answer, foreign_answer) = rt.block_on(async {
+            let mut client = ExternalScalerClient::new(crate::scaler::connect(grpc).await);
+            let request =
+                |o: &microbatch_scaling::scaler::proto::ScaledObjectRef| GetMetricsRequest {
+                    scaled_object_ref: Some(o.clone()),
+                    metric_name: String::new(),
+                };
+            (
+                client.get_metrics(request(&own)).await,
+                client.get_metrics(request(&elsewhere)).await,
+            )
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        scaler.terminate();
+        assert!(
+            own_answer.is_ok(),
+            "{mechanism}: the scaler reads its own cluster: {own_answer:?}\n{}",
+            scaler.stderr()
+        );
+        let refused = foreign_answer.expect_err("the foreign servers were read");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{mechanism}");
+        assert!(
+            refused.message().contains("bootstrapServers"),
+            "{refused:?}"
+        );
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            0,
+            "{mechanism}: a connection reached the servers a trigger named"
+        );
+    }
+}

@@ -9,7 +9,7 @@ use microbatch_scaling::scaler::proto::external_scaler_client::ExternalScalerCli
 use microbatch_scaling::scaler::proto::{GetMetricsRequest, ScaledObjectRef};
 use tonic::transport::Channel;
 
-fn object(topic: &str, group: &str, extra: &[(&str, &str)]) -> ScaledObjectRef {
+pub(crate) fn object(topic: &str, group: &str, extra: &[(&str, &str)]) -> ScaledObjectRef {
     let mut scaler_metadata: HashMap<String, String> = [("topic", topic), ("consumerGroup", group)]
         .iter()
         .chain(extra)
@@ -43,7 +43,7 @@ fn spawn_scaler(dir: &TestDir, grpc: u16, http: u16, extra: &[&str]) -> Proc {
     Proc::spawn(cmd, dir.path("scaler.stderr"))
 }
 
-async fn connect(port: u16) -> Channel {
+pub(crate) async fn connect(port: u16) -> Channel {
     let endpoint = format!("http://127.0.0.1:{port}");
     for _ in 0..100 {
         if let Ok(ch) = Channel::from_shared(endpoint.clone())
