@@ -426,6 +426,10 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
             next_report += cfg.report_window.as_secs_f64();
             let window = cfg.report_window.as_secs_f64();
             let reported = cfg.capacity_per_replica * cfg.reported_capacity_factor;
+            if in_outage(t) {
+                // The window's work so far is never reported.
+                replicas.iter_mut().for_each(|r| r.done_in_window = 0.0);
+            }
             let reporting = replicas
                 .iter_mut()
                 .filter(|r| r.works_from <= t && !in_outage(t));

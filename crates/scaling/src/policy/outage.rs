@@ -31,8 +31,9 @@ pub struct Hold {
     /// How long readings have found records waiting and no committed
     /// offset moving.
     pub stalled_for: Duration,
-    /// Replicas running when the hold began: the count may fall to this,
-    /// not below (they are what drains the backlog once it ends).
+    /// Replicas running when the hold began: the count while it lasts. Not
+    /// more (each would only probe the failing downstream), not fewer
+    /// (they drain the backlog once it answers).
     pub floor: u32,
 }
 
@@ -61,8 +62,11 @@ impl ProgressWatch {
         // Nothing waiting, or nobody to make progress: no outage to see.
         // After an idle reading the clock starts at the next one that finds
         // records waiting: a burst that lands between two readings has had
-        // no time to be worked on.
-        if lag.total_lag <= 0 || current == 0 {
+        // no time to be worked on. No replica seen during a hold is no news
+        // (every worker crashed, or the count could not be read): the hold
+        // stays, and with it the count to return to.
+        let holding = self.hold_floor.is_some();
+        if lag.total_lag <= 0 || (current == 0 && !holding) {
             self.stalled_since = None;
             self.hold_floor = None;
             return None;
@@ -77,10 +81,7 @@ impl ProgressWatch {
             return None;
         }
         let floor = *self.hold_floor.get_or_insert(current);
-        Some(Hold {
-            stalled_for,
-            floor: floor.min(current),
-        })
+        Some(Hold { stalled_for, floor })
     }
 }
 
@@ -114,19 +115,12 @@ mod tests {
         let hold = w.observe(at(6), &lag(&[(Some(10), 1000)]), 3).unwrap();
         assert_eq!(hold.floor, 3);
         assert_eq!(hold.stalled_for, Duration::from_secs(5));
-        // The floor is what ran when the hold began, even after a scale-down.
-        assert_eq!(
-            w.observe(at(20), &lag(&[(Some(10), 1500)]), 2)
-                .unwrap()
-                .floor,
-            2
-        );
-        assert_eq!(
-            w.observe(at(25), &lag(&[(Some(10), 1500)]), 4)
-                .unwrap()
-                .floor,
-            3
-        );
+        // The floor is what ran when the hold began, whatever runs since:
+        // a crashed replica, more members than pods, none seen at all.
+        for (s, seen) in [(20, 2), (25, 4), (30, 0), (35, 1)] {
+            let hold = w.observe(at(s), &lag(&[(Some(10), 1500)]), seen);
+            assert_eq!(hold.map(|h| h.floor), Some(3), "{seen} seen");
+        }
         // One commit ends it.
         assert_eq!(w.observe(at(26), &lag(&[(Some(11), 1500)]), 3), None);
     }

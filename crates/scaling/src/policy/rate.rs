@@ -405,7 +405,20 @@ impl Policy for RatePolicy {
             ));
         }
         let current = o.current;
-        if self.source == CapacitySource::Guess && desired > current {
+        if let Some(hold) = hold {
+            // Held: what ran when the hold began, no more (a scale-up would
+            // only probe the failing downstream) and no less (those
+            // replicas drain the backlog once it answers; one that crashed
+            // meanwhile is replaced). Neither the guess's step nor the
+            // tolerance applies to a count that is not the need's.
+            reason.push_str(&format!(
+                "; scale-up held: no committed offset moved for {} s while records wait (a downstream outage?): {desired} asked, {} kept",
+                hold.stalled_for.as_secs(),
+                hold.floor
+            ));
+            desired = hold.floor;
+        }
+        if hold.is_none() && self.source == CapacitySource::Guess && desired > current {
             let recent = self
                 .guess_step_at
                 .is_some_and(|t| now.saturating_duration_since(t) < GUESS_STEP);
@@ -427,25 +440,11 @@ impl Policy for RatePolicy {
                 self.guess_step_at = Some(now);
             }
         }
-        if current > 0 && desired != current && lag > 0 {
+        if hold.is_none() && current > 0 && desired != current && lag > 0 {
             let change = (f64::from(desired) - f64::from(current)).abs() / f64::from(current);
             if change <= p.tolerance {
                 desired = current;
                 reason.push_str("; within tolerance");
-            }
-        }
-        if let Some(hold) = hold {
-            reason.push_str(&format!(
-                "; scale-up held: no committed offset moved for {} s while records wait (a downstream outage?)",
-                hold.stalled_for.as_secs()
-            ));
-            if desired > current {
-                reason.push_str(&format!(": {desired} asked, {current} kept"));
-                desired = current;
-            }
-            if desired < hold.floor {
-                desired = hold.floor;
-                reason.push_str("; no lower than what ran when the hold began");
             }
         }
         let (held, stabilized) =
@@ -603,6 +602,64 @@ mod tests {
         );
         assert!(!d.scale_up_held, "{}", d.reason);
         assert!(d.desired >= 3, "{}", d.reason);
+    }
+
+    #[test]
+    fn a_hold_keeps_what_ran_when_it_began_and_spends_no_guess_step() {
+        // Found in review: the hold capped the count at what ran *now*, so
+        // a worker that crashed during the outage was never replaced, and
+        // a count read high (more group members than pods) climbed one by
+        // one; and held readings on the guess spent its doubling step, so
+        // the backlog waited 15 s more once the downstream answered.
+        let mut r = RatePolicy::new(RateParams {
+            max_replicas: 8,
+            initial_rate_per_replica: 100.0,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        decide(
+            &mut r,
+            at(0),
+            &lag_of(&[(0, 10); 8]),
+            rates(0.0, 0.0),
+            None,
+            3,
+        );
+        decide(
+            &mut r,
+            at(1),
+            &lag_of(&[(5, 10); 8]),
+            rates(0.0, 0.0),
+            None,
+            3,
+        );
+        let stuck = |s: i64| lag_of(&[(5, 10 + 50 * s); 8]);
+        let mut asked = Vec::new();
+        for (s, seen) in [(6, 3), (10, 2), (20, 4), (30, 0), (40, 5), (50, 3)] {
+            let d = decide(
+                &mut r,
+                at(s),
+                &stuck(s as i64),
+                rates(400.0, 0.0),
+                None,
+                seen,
+            );
+            assert!(d.scale_up_held, "second {s}: {}", d.reason);
+            asked.push(d.desired);
+        }
+        assert_eq!(asked, [3, 3, 3, 3, 3, 3], "what ran when the hold began");
+        // Back: the guess's doubling is there to be spent at once.
+        let d = decide(
+            &mut r,
+            at(51),
+            &lag_of(&[(50, 10 + 50 * 51); 8]),
+            rates(400.0, 800.0),
+            None,
+            3,
+        );
+        assert!(!d.scale_up_held, "{}", d.reason);
+        assert_eq!(d.desired, 6, "{}", d.reason);
     }
 
     #[test]
