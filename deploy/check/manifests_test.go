@@ -13,6 +13,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -1113,6 +1114,49 @@ func checkExternalScaler(t *testing.T, r rendered) {
 	}
 	if cm.Data["KAFKA_SECURITY_PROTOCOL"] != "SASL_SSL" {
 		t.Errorf("external-scaler: builds on msk-scram, want SASL_SSL")
+	}
+	checkScalerNetworkPolicy(t, r, sd)
+}
+
+// checkScalerNetworkPolicy: a NetworkPolicy selects the scaler's pods and
+// admits its gRPC port (a group's lag) only from KEDA's namespace.
+func checkScalerNetworkPolicy(t *testing.T, r rendered, sd *appsv1.Deployment) {
+	t.Helper()
+	o, ok := r.get("NetworkPolicy", scalerName)
+	if !ok {
+		t.Fatalf("external-scaler: no NetworkPolicy %s: any pod could read any group's lag", scalerName)
+	}
+	np := o.Obj.(*networkingv1.NetworkPolicy)
+	for k, v := range np.Spec.PodSelector.MatchLabels {
+		if sd.Spec.Template.Labels[k] != v {
+			t.Errorf("external-scaler: the NetworkPolicy selects %s=%s, not the scaler's pods", k, v)
+		}
+	}
+	if len(np.Spec.PodSelector.MatchLabels) == 0 {
+		t.Errorf("external-scaler: the NetworkPolicy selects every pod")
+	}
+	grpcRules := 0
+	for _, rule := range np.Spec.Ingress {
+		for _, p := range rule.Ports {
+			if p.Port == nil || p.Port.String() != "grpc" {
+				continue
+			}
+			grpcRules++
+			if len(rule.From) == 0 {
+				t.Errorf("external-scaler: the gRPC port is open to every pod")
+			}
+			for _, peer := range rule.From {
+				if peer.NamespaceSelector == nil || peer.NamespaceSelector.MatchLabels["kubernetes.io/metadata.name"] != "keda" || peer.PodSelector != nil || peer.IPBlock != nil {
+					t.Errorf("external-scaler: the gRPC port admits %+v, want only KEDA's namespace", peer)
+				}
+			}
+		}
+		if len(rule.Ports) == 0 {
+			t.Errorf("external-scaler: a NetworkPolicy rule admits every port")
+		}
+	}
+	if grpcRules != 1 {
+		t.Errorf("external-scaler: %d rules for the gRPC port, want 1", grpcRules)
 	}
 }
 

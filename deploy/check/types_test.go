@@ -10,6 +10,7 @@ import (
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -195,6 +196,7 @@ var kinds = map[string]struct {
 	"ScaledObject":          {"keda.sh/v1alpha1", func() any { return &ScaledObject{} }},
 	"TriggerAuthentication": {"keda.sh/v1alpha1", func() any { return &TriggerAuthentication{} }},
 	"ServiceMonitor":        {"monitoring.coreos.com/v1", func() any { return &ServiceMonitor{} }},
+	"NetworkPolicy":         {"networking.k8s.io/v1", func() any { return &networkingv1.NetworkPolicy{} }},
 }
 
 // decodeStrict decodes one YAML document as its kind's Go type: duplicate
@@ -253,6 +255,8 @@ func metaOf(o any) *metav1.ObjectMeta {
 	case *TriggerAuthentication:
 		return &v.ObjectMeta
 	case *ServiceMonitor:
+		return &v.ObjectMeta
+	case *networkingv1.NetworkPolicy:
 		return &v.ObjectMeta
 	}
 	panic(fmt.Sprintf("no metadata for %T", o))

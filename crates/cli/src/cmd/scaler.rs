@@ -2,6 +2,7 @@
 //! reflection, plus /healthz and /metrics over HTTP.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use microbatch_scaling::scaler::proto::external_scaler_server::ExternalScalerSer
 use microbatch_scaling::scaler::{proto, Scaler, ScalerConfig};
 
 use serde::{Deserialize, Serialize};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::args::KafkaArgs;
 use crate::config_file::FromFile;
@@ -34,15 +36,56 @@ pub struct Args {
     /// How often StreamIsActive re-checks lag (it pushes only changes).
     #[arg(long, env = "MICROBATCH_STREAM_INTERVAL_MS", default_value_t = defaults::SCALER_STREAM_INTERVAL_MS)]
     pub stream_interval_ms: u64,
-    /// Reuse a ScaledObject's evaluation for this long: KEDA asks IsActive
-    /// and GetMetrics a few ms apart, and every caller within the interval
-    /// gets the same answer.
+    /// Reuse a trigger's evaluation for this long: KEDA asks IsActive and
+    /// GetMetrics a few ms apart, and every caller within the interval gets
+    /// the same answer.
     #[arg(long, env = "MICROBATCH_POLLING_INTERVAL_MS", default_value_t = defaults::SCALER_POLLING_INTERVAL_MS)]
     pub polling_interval_ms: u64,
-    /// Drop the state (and Kafka client) of a ScaledObject KEDA has not
-    /// asked about for this long.
+    /// Drop the state (and Kafka client) of a trigger KEDA has not asked
+    /// about for this long (an edited trigger is a new one).
     #[arg(long, env = "MICROBATCH_STATE_TTL_SECONDS", default_value_t = defaults::SCALER_STATE_TTL_SECONDS)]
     pub state_ttl_seconds: u64,
+    /// Serve gRPC over TLS with this certificate (PEM, the chain after it);
+    /// needs --tls-key. KEDA's trigger then sets `enableTLS: "true"` and
+    /// `caCert` (the CA that signed it).
+    #[arg(long, env = "MICROBATCH_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "MICROBATCH_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Require a client certificate signed by this CA (PEM): only callers
+    /// holding one (KEDA's `tlsClientCert`/`tlsClientKey`) are served.
+    /// Needs --tls-cert.
+    #[arg(long, env = "MICROBATCH_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// The gRPC server's TLS, from the flags: none, server-only, or mutual.
+fn tls_config(args: &Args) -> Result<Option<ServerTlsConfig>, microbatch_kafka::ConfigError> {
+    use microbatch_kafka::ConfigError;
+    let read = |flag: &'static str, path: &PathBuf| {
+        std::fs::read(path)
+            .map_err(|e| ConfigError::new(flag, format!("cannot read {}: {e}", path.display())))
+    };
+    let (cert, key) = match (&args.tls_cert, &args.tls_key) {
+        (None, None) => {
+            if args.tls_client_ca.is_some() {
+                return Err(ConfigError::new(
+                    "--tls-client-ca",
+                    "needs --tls-cert and --tls-key: client certificates are checked over TLS",
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(cert), Some(key)) => (read("--tls-cert", cert)?, read("--tls-key", key)?),
+        (Some(_), None) => return Err(ConfigError::new("--tls-key", "is needed with --tls-cert")),
+        (None, Some(_)) => return Err(ConfigError::new("--tls-cert", "is needed with --tls-key")),
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
+    }
+    Ok(Some(tls))
 }
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
@@ -50,6 +93,7 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let host: std::net::IpAddr = args.host.parse().map_err(|_| {
         microbatch_kafka::ConfigError::new("--host", format!("not an IP address: {}", args.host))
     })?;
+    let tls = tls_config(&args)?;
     let kafka = kafka.start_msk_iam()?;
     let scaler = Arc::new(Scaler::new(
         kafka,
@@ -79,6 +123,11 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     tracing::info!(
         grpc = %grpc_listener.local_addr()?,
         http = %http_listener.local_addr()?,
+        tls = match (&tls, &args.tls_client_ca) {
+            (None, _) => "off",
+            (Some(_), None) => "server certificate",
+            (Some(_), Some(_)) => "mutual (client certificates required)",
+        },
         "KEDA external scaler serving externalscaler.ExternalScaler, grpc.health.v1 and reflection"
     );
     let app = axum::Router::new()
@@ -95,7 +144,13 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             .with_graceful_shutdown(super::shutdown_signal())
             .await;
     });
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls)
+            .context("the TLS certificate, key or client CA")?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ExternalScalerServer::new(scaler))

@@ -489,3 +489,163 @@ fn triggers_keep_their_own_state_and_a_dead_cluster_holds_up_only_its_own() {
         "the triggers replaced each other's state"
     );
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made
+/// with the `openssl` command in `dir`.
+fn certificates(dir: &TestDir) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir.0)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.path("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for who in ["server", "client"] {
+        let (key, csr, pem, ext) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.pem"),
+            format!("{who}.ext"),
+        );
+        run(&[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={who}"),
+            ],
+        ]
+        .concat());
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+        ]);
+    }
+}
+
+/// `--tls-cert`/`--tls-key`/`--tls-client-ca`: what KEDA sends with
+/// `enableTLS`, `caCert`, `tlsClientCert` and `tlsClientKey` is served; a
+/// caller without a client certificate, or without TLS, is not.
+#[test]
+fn the_scaler_serves_grpc_over_tls_only_to_callers_with_a_client_certificate() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let sc = Scenario::new("scaler-tls", 1);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(7, &[]);
+    certificates(dir);
+    let pem = |f: &str| std::fs::read(dir.path(f)).unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let path = |f: &str| dir.path(f).to_str().unwrap().to_string();
+    let mut scaler = spawn_scaler(
+        dir,
+        grpc,
+        http,
+        &[
+            "--tls-cert",
+            &path("server.pem"),
+            "--tls-key",
+            &path("server.key"),
+            "--tls-client-ca",
+            &path("ca.pem"),
+        ],
+    );
+    wait_until(Duration::from_secs(30), "the scaler's /healthz", || {
+        http_get(http, "/healthz").is_some()
+    });
+    let trigger = object(topic, group, &[("lagThreshold", "1000")]);
+    let request = GetMetricsRequest {
+        scaled_object_ref: Some(trigger),
+        metric_name: String::new(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ask = |tls: Option<ClientTlsConfig>| {
+        let request = request.clone();
+        rt.block_on(async move {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut endpoint =
+                Channel::from_shared(format!("{scheme}://127.0.0.1:{grpc}")).unwrap();
+            if let Some(tls) = tls {
+                endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
+            }
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            ExternalScalerClient::new(channel)
+                .get_metrics(request)
+                .await
+                .map(|r| r.into_inner().metric_values[0].metric_value)
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        })
+    };
+    let server_only = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pem("ca.pem")))
+        .domain_name("localhost");
+    let mutual = server_only
+        .clone()
+        .identity(Identity::from_pem(pem("client.pem"), pem("client.key")));
+    let with_certificate = ask(Some(mutual));
+    let without_certificate = ask(Some(server_only));
+    let plaintext = ask(None);
+    scaler.terminate();
+    eprintln!("mutual: {with_certificate:?}; no client certificate: {without_certificate:?}; plaintext: {plaintext:?}");
+    assert_eq!(with_certificate, Ok(7), "{}", scaler.stderr());
+    assert!(
+        without_certificate.is_err(),
+        "served without a client certificate"
+    );
+    assert!(plaintext.is_err(), "served without TLS");
+    assert!(scaler
+        .stderr()
+        .contains("mutual (client certificates required)"));
+}
