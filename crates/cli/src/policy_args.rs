@@ -94,8 +94,9 @@ pub struct PolicyArgs {
     /// rate: drain the lag within this many seconds.
     #[arg(long, default_value_t = defaults::TARGET_DRAIN_SECONDS)]
     pub target_drain_seconds: u64,
-    /// rate: while the oldest record not committed is older than this,
-    /// ask for one replica more (reads lag in seconds: one record per
+    /// rate: a partition whose oldest record not committed is older than
+    /// this drains within it (not --target-drain-seconds), and at least one
+    /// replica more is asked for (reads lag in seconds: one record per
     /// lagging partition per poll).
     #[arg(long, value_name = "SECONDS")]
     pub max_lag_seconds: Option<u64>,

@@ -230,6 +230,9 @@ struct TriggerState {
     /// For a `keda` trigger without a topic: the policy over all the
     /// group's topics.
     group_topics: Option<KedaPolicy>,
+    /// The policy's last answer: the replica count taken as running when
+    /// the group tells none (no member list, no worker reports).
+    last_desired: u32,
 }
 
 /// One evaluation for a trigger.
@@ -296,6 +299,7 @@ impl TriggerState {
             spec,
             policy,
             group_topics,
+            last_desired: 0,
         }
     }
 
@@ -313,12 +317,15 @@ impl TriggerState {
             crate::keda_trigger::check_partitions(p, &reading.lag)
                 .map_err(|e| Status::failed_precondition(format!("scalerMetadata.{e}")))?;
         }
-        // The replicas running, as the group tells: never the policy's own
-        // last answer, which the HPA may not have applied.
-        let current = reading.replicas_seen().unwrap_or(0);
+        // The replicas running, as the group tells: the policy's own last
+        // answer (which the HPA may not have applied) only when it tells
+        // none. Taken as 0, the guess's doubling from 0 pinned the answer
+        // at 1 for ever.
+        let current = reading.replicas_seen().unwrap_or(self.last_desired);
         let decision = self
             .policy
             .decide(reading.at, &reading.observation(current));
+        self.last_desired = decision.desired;
         let (metric_value, active) = if rate {
             // Active while records wait or arrive: idle, KEDA takes it to
             // zero after its cooldown (when minReplicaCount is 0).

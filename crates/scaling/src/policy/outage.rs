@@ -25,6 +25,12 @@ use crate::lag::GroupLag;
 /// the readings just after its commits, never refused.
 pub const NO_PROGRESS_HOLD_AFTER: Duration = Duration::from_secs(5);
 
+/// A partition with records waiting whose committed offset has not moved
+/// for this long, while others' did, is stuck (a record retried, a lane
+/// blocked): replicas cannot speed it up, so its backlog asks for none (as
+/// KEDA's `excludePersistentLag`).
+pub const STUCK_AFTER: Duration = Duration::from_secs(10);
+
 /// A hold on scale-ups in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hold {
@@ -41,6 +47,9 @@ pub struct Hold {
 #[derive(Debug, Default)]
 pub struct ProgressWatch {
     committed: HashMap<i32, i64>,
+    /// Per partition with records waiting: since which reading its
+    /// committed offset has not moved.
+    partition_stalled_since: HashMap<i32, Instant>,
     /// Since when nothing can have moved: the last reading that saw a
     /// committed offset move, or the first that found records waiting
     /// after an idle one. `None` while idle or with no replica.
@@ -49,16 +58,46 @@ pub struct ProgressWatch {
 }
 
 impl ProgressWatch {
+    /// Partitions stuck at the last reading (see [`STUCK_AFTER`]), in
+    /// order; none while the whole group is held (that is an outage, not
+    /// a stuck partition).
+    pub fn stuck(&self, now: Instant) -> Vec<i32> {
+        if self.hold_floor.is_some() {
+            return Vec::new();
+        }
+        let mut stuck: Vec<i32> = self
+            .partition_stalled_since
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= STUCK_AFTER)
+            .map(|(p, _)| *p)
+            .collect();
+        stuck.sort_unstable();
+        stuck
+    }
+
     /// Takes one reading; `Some` while scale-ups are held.
     pub fn observe(&mut self, now: Instant, lag: &GroupLag, current: u32) -> Option<Hold> {
         let mut moved = false;
         for p in &lag.partitions {
+            let mut this_moved = false;
             if let Some(c) = p.committed {
                 let seen = self.committed.insert(p.partition, c);
                 // A first commit is progress; a reset backwards is not.
-                moved |= seen.is_none_or(|before| c > before);
+                this_moved = seen.is_none_or(|before| c > before);
+            }
+            moved |= this_moved;
+            if this_moved || p.lag <= 0 {
+                self.partition_stalled_since.remove(&p.partition);
+            } else {
+                self.partition_stalled_since
+                    .entry(p.partition)
+                    .or_insert(now);
             }
         }
+        let present: std::collections::HashSet<i32> =
+            lag.partitions.iter().map(|p| p.partition).collect();
+        self.partition_stalled_since
+            .retain(|p, _| present.contains(p));
         // Nothing waiting, or nobody to make progress: no outage to see.
         // After an idle reading the clock starts at the next one that finds
         // records waiting: a burst that lands between two readings has had
@@ -157,5 +196,26 @@ mod tests {
         assert_eq!(w.observe(at(15), &lag(&[(Some(0), 30_000)]), 1), None);
         assert_eq!(w.observe(at(19), &lag(&[(Some(0), 30_000)]), 1), None);
         assert!(w.observe(at(20), &lag(&[(Some(0), 30_000)]), 1).is_some());
+    }
+
+    #[test]
+    fn a_partition_that_stops_while_others_move_is_stuck() {
+        let mut w = ProgressWatch::default();
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        for s in 0..=25u64 {
+            let moving = 100 + s as i64;
+            // Partition 0 stuck with lag from the start; partition 1 moves;
+            // partition 2 has nothing waiting.
+            let l = lag(&[(Some(5), 900), (Some(moving), moving + 10), (Some(50), 50)]);
+            assert_eq!(w.observe(at(s), &l, 2), None);
+            // Its first reading is its first commit (progress): 10 s from the next.
+            let expected: Vec<i32> = if s >= 11 { vec![0] } else { vec![] };
+            assert_eq!(w.stuck(at(s)), expected, "second {s}");
+        }
+        // It moves: no longer stuck.
+        let l = lag(&[(Some(6), 900), (Some(200), 210), (Some(50), 50)]);
+        w.observe(at(26), &l, 2);
+        assert!(w.stuck(at(26)).is_empty());
     }
 }

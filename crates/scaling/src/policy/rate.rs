@@ -341,16 +341,34 @@ impl Policy for RatePolicy {
         let arrivals = self.sustained_arrivals(now, o.lag, idle);
         let sustained: f64 = arrivals.iter().sum();
         let hold = self.progress.observe(now, o.lag, o.current);
+        let stuck = self.progress.stuck(now);
         self.measure(now, o, sustained, hold.is_none());
         let p = &self.params;
         let rate = self.capacity_per_replica().max(1e-6);
         let drain = p.target_drain.as_secs_f64().max(0.001);
+        // A partition whose oldest record is past --max-lag-seconds drains
+        // within that limit, not the (longer) target: the need grows with
+        // the backlog at any replica count.
+        let too_old_at = |part: &crate::lag::PartitionLag| match (p.max_lag, part.lag_ms) {
+            (Some(limit), Some(age_ms)) => age_ms as u128 > limit.as_millis(),
+            _ => false,
+        };
         let needs: Vec<f64> = o
             .lag
             .partitions
             .iter()
             .zip(&arrivals)
-            .map(|(part, arrival)| arrival + part.lag.max(0) as f64 / drain)
+            .map(|(part, arrival)| {
+                // More replicas cannot move a stuck partition.
+                if stuck.contains(&part.partition) {
+                    return 0.0;
+                }
+                let within = match p.max_lag {
+                    Some(limit) if too_old_at(part) => drain.min(limit.as_secs_f64().max(0.001)),
+                    _ => drain,
+                };
+                arrival + part.lag.max(0) as f64 / within
+            })
             .collect();
         let need: f64 = needs.iter().sum();
         let mut raw = replicas_for(&needs, rate);
@@ -359,6 +377,7 @@ impl Policy for RatePolicy {
             _ => false,
         };
         if too_old {
+            // The capacity may be read high: at least one more than runs.
             raw = raw.max(o.current + 1);
         }
         let partitions = o.lag.partitions.len() as u32;
@@ -395,8 +414,16 @@ impl Policy for RatePolicy {
         if idle {
             reason.push_str("; idle");
         }
+        if !stuck.is_empty() {
+            reason.push_str(&format!(
+                "; partitions {stuck:?} stuck (no commit for {} s while others move): their lag asks for no replica",
+                super::outage::STUCK_AFTER.as_secs()
+            ));
+        }
         if too_old {
-            reason.push_str("; records wait longer than --max-lag-seconds: one more");
+            reason.push_str(
+                "; records wait longer than --max-lag-seconds: those partitions drain within it, and at least one more replica",
+            );
         }
         if desired < reachable {
             reason.push_str(&format!(
@@ -440,7 +467,8 @@ impl Policy for RatePolicy {
                 self.guess_step_at = Some(now);
             }
         }
-        if hold.is_none() && current > 0 && desired != current && lag > 0 {
+        // Records past --max-lag-seconds are not a small change to ignore.
+        if hold.is_none() && !too_old && current > 0 && desired != current && lag > 0 {
             let change = (f64::from(desired) - f64::from(current)).abs() / f64::from(current);
             if change <= p.tolerance {
                 desired = current;
@@ -660,6 +688,96 @@ mod tests {
         );
         assert!(!d.scale_up_held, "{}", d.reason);
         assert_eq!(d.desired, 6, "{}", d.reason);
+    }
+
+    #[test]
+    fn records_past_max_lag_seconds_get_more_replicas_at_any_count() {
+        // Before: one replica more per reading, which the 10% tolerance
+        // cancelled from 10 replicas up: 12 replicas on 24 partitions with
+        // records a minute old stayed 12 for ever.
+        let mut r = RatePolicy::new(RateParams {
+            max_replicas: 24,
+            target_drain: Duration::from_secs(300),
+            max_lag: Some(Duration::from_secs(30)),
+            ..RateParams::default()
+        });
+        let aged = |age_ms: i64| {
+            let ps = (0..24)
+                .map(|i| {
+                    let mut p =
+                        PartitionLag::compute(i, Some(0), 0, 3000, InvalidOffsetPolicy::Earliest);
+                    p.lag_ms = Some(age_ms);
+                    p
+                })
+                .collect();
+            GroupLag::new("g", "t", ps)
+        };
+        let report = workers(12, 600.0, 1.0);
+        let t0 = Instant::now();
+        // Young records: 72,000 over 300 s is 240/s, well within 12 x 600/s.
+        let young = decide(
+            &mut r,
+            t0,
+            &aged(5_000),
+            rates(0.0, 7200.0),
+            Some(&report),
+            12,
+        );
+        assert!(young.desired <= 12, "{}", young.reason);
+        // A minute old: drained within 30 s that is 2,400/s, 4 replicas' worth
+        // at the measured rate; at least one more than runs, whatever the
+        // tolerance.
+        let old = decide(
+            &mut r,
+            t0 + Duration::from_secs(1),
+            &aged(60_000),
+            rates(0.0, 7200.0),
+            Some(&report),
+            12,
+        );
+        assert_eq!(old.desired, 13, "{}", old.reason);
+        // Where replicas do 100/s each, the drain term decides: 24
+        // partitions of 3,000 within 30 s need 100/s each, a replica each.
+        let mut slow = RatePolicy::new(r.params.clone());
+        let d = decide(
+            &mut slow,
+            t0,
+            &aged(60_000),
+            rates(0.0, 1200.0),
+            Some(&workers(12, 100.0, 1.0)),
+            12,
+        );
+        assert_eq!(d.desired, 24, "{}", d.reason);
+    }
+
+    #[test]
+    fn a_stuck_partition_asks_for_no_replica() {
+        // Before: one partition stuck behind a retried record, with a large
+        // backlog, filled a replica of its own in the arithmetic, which then
+        // asked for a replica per partition (8) while one served the rest.
+        let mut r = RatePolicy::new(RateParams {
+            max_replicas: 8,
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        let report = workers(1, 400.0, 0.25);
+        let mut last = None;
+        for s in 0..=20i64 {
+            let moving = 50 * s;
+            let mut parts = vec![(moving, moving + 10); 8];
+            parts[3] = (7, 7 + 200_000);
+            last = Some(decide(
+                &mut r,
+                t0 + Duration::from_secs(s as u64),
+                &lag_of(&parts),
+                rates(400.0, 400.0),
+                Some(&report),
+                1,
+            ));
+        }
+        let d = last.unwrap();
+        assert_eq!(d.desired, 1, "{}", d.reason);
+        assert!(d.reason.contains("partitions [3] stuck"), "{}", d.reason);
     }
 
     #[test]
