@@ -240,6 +240,10 @@ func (s *session) kedaPolicyArgs(ctx context.Context) []string {
 	if meta["allowIdleConsumers"] == "true" {
 		args = append(args, "--allow-idle-consumers")
 	}
+	// A behavior spelled out selects the HPA's other scale-up algorithm.
+	if _, set, _ := unstructured.NestedMap(so.Object, "spec", "advanced", "horizontalPodAutoscalerConfig", "behavior"); set {
+		args = append(args, "--hpa-behavior")
+	}
 	return args
 }
 

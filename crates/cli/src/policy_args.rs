@@ -8,7 +8,8 @@ use microbatch_scaling::defaults;
 use microbatch_scaling::keda_trigger::{self, TriggerError};
 use microbatch_scaling::lag::InvalidOffsetPolicy;
 use microbatch_scaling::policy::{
-    KedaParams, KedaPolicy, KedaVersion, Policy, RateParams, RatePolicy, HPA_TOLERANCE,
+    HpaAlgorithm, KedaParams, KedaPolicy, KedaVersion, Policy, RateParams, RatePolicy,
+    HPA_TOLERANCE,
 };
 use serde::{Deserialize, Serialize};
 
@@ -128,6 +129,13 @@ pub struct PolicyArgs {
     /// keda: the KEDA release to reproduce.
     #[arg(long, value_enum, default_value_t = KedaRelease::from(KedaVersion::default()))]
     pub keda_version: KedaRelease,
+    /// keda: the ScaledObject spells out
+    /// `advanced.horizontalPodAutoscalerConfig.behavior` (even restating
+    /// the defaults), which switches the HPA to its other algorithm: at most
+    /// max(+100%, +4) per 15 s period instead of max(2 x current, 4) at
+    /// every sync.
+    #[arg(long)]
+    pub hpa_behavior: bool,
 }
 
 /// KEDA's metadata keys and the flags that set them, for error messages.
@@ -194,6 +202,11 @@ impl PolicyArgs {
             scale_down_stabilization: Duration::from_secs(self.scale_down_seconds),
             cooldown: Duration::from_secs(self.cooldown_seconds),
             version: self.keda_version.into(),
+            hpa: if self.hpa_behavior {
+                HpaAlgorithm::WithBehavior
+            } else {
+                HpaAlgorithm::WithoutBehavior
+            },
         };
         keda_trigger::validate(&params, true).map_err(to_config_error)?;
         Ok(params)

@@ -95,6 +95,23 @@ pub enum KedaVersion {
     V2_21,
 }
 
+/// Which of the HPA's two scaling algorithms KEDA's HPA runs: the
+/// Kubernetes controller picks by whether the HPA has a `behavior`, which
+/// KEDA copies from the ScaledObject's
+/// `advanced.horizontalPodAutoscalerConfig.behavior`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HpaAlgorithm {
+    /// No `behavior` (what most ScaledObjects have): a scale-up goes to at
+    /// most max(2 × current, 4), from the count now, with no memory of
+    /// earlier steps.
+    #[default]
+    WithoutBehavior,
+    /// A `behavior` spelled out, even one restating the defaults: at most
+    /// max(+100%, +4 pods) per 15 s period, counted from the replicas at the
+    /// period's start (scale-ups within it taken off, scale-downs added back).
+    WithBehavior,
+}
+
 /// KEDA kafka trigger metadata and the ScaledObject's replica bounds.
 ///
 /// The rules for which combinations KEDA accepts are in
@@ -122,6 +139,7 @@ pub struct KedaParams {
     /// KEDA `cooldownPeriod`: only for going to zero (default 300 s).
     pub cooldown: Duration,
     pub version: KedaVersion,
+    pub hpa: HpaAlgorithm,
 }
 
 impl Default for KedaParams {
@@ -141,6 +159,7 @@ impl Default for KedaParams {
             scale_down_stabilization: defaults::secs(defaults::SCALE_DOWN_SECONDS),
             cooldown: defaults::secs(defaults::COOLDOWN_SECONDS),
             version: KedaVersion::default(),
+            hpa: HpaAlgorithm::default(),
         }
     }
 }
@@ -153,9 +172,10 @@ pub struct KedaPolicy {
     /// `excludePersistentLag`).
     previous_offsets: HashMap<(String, i32), i64>,
     scale_down: ScaleDownWindow,
-    /// Replicas added by scale-ups within the last period, as observed in
-    /// the current count (what was applied, not what was asked for).
-    scale_events: VecDeque<(Instant, u32)>,
+    /// Replicas added (positive) or removed (negative) within the last
+    /// period, as observed in the current count (what was applied, not
+    /// what was asked for).
+    scale_events: VecDeque<(Instant, i64)>,
     last_current: Option<u32>,
     last_active: Option<Instant>,
 }
@@ -264,11 +284,12 @@ impl KedaPolicy {
     /// the current replica count.
     pub fn evaluate(&mut self, now: Instant, lag: &GroupLag, current: u32) -> Decision {
         if let Some(previous) = self.last_current.replace(current) {
-            // From zero the replicas are KEDA's activation (or the
-            // Deployment's own start), not a scale event the HPA recorded:
-            // its scale-up limit counts from the replicas it found.
-            if previous > 0 && current > previous {
-                self.scale_events.push_back((now, current - previous));
+            // From or to zero the replicas are KEDA's (activation, or
+            // the Deployment's own start), not a scale event the HPA
+            // recorded: its scale-up limit counts from the replicas it found.
+            if previous > 0 && current > 0 && current != previous {
+                self.scale_events
+                    .push_back((now, i64::from(current) - i64::from(previous)));
             }
         }
         let (metric, with_persistent) = self.total_lag(lag);
@@ -323,22 +344,34 @@ impl KedaPolicy {
             reason.push_str(&format!("; held at {held} by the scale-down window"));
         }
         desired = held;
-        // Scale-up limit: max(double, +4) per 15 s period.
+        while self
+            .scale_events
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= HPA_SCALE_UP_PERIOD)
+        {
+            self.scale_events.pop_front();
+        }
         if desired > current {
-            while self
-                .scale_events
-                .front()
-                .is_some_and(|(t, _)| now.duration_since(*t) >= HPA_SCALE_UP_PERIOD)
-            {
-                self.scale_events.pop_front();
-            }
-            // As the HPA: the count at the period's start is the current
-            // count less what was added within the period.
-            let added: u32 = self.scale_events.iter().map(|(_, n)| *n).sum();
-            let base = current.saturating_sub(added);
-            let limit = (base * 2).max(base + 4);
+            let limit = match p.hpa {
+                // calculateScaleUpLimit: from the count now.
+                HpaAlgorithm::WithoutBehavior => (current * 2).max(4),
+                // calculateScaleUpLimitWithScalingRules: from the count at
+                // the period's start, scale-ups taken off and scale-downs
+                // added back (10 -> 4 within the period: 20 allowed, not 8).
+                HpaAlgorithm::WithBehavior => {
+                    let changed: i64 = self.scale_events.iter().map(|(_, n)| *n).sum();
+                    let base = (i64::from(current) - changed).max(0) as u32;
+                    (base * 2).max(base + 4)
+                }
+            };
             if desired > limit {
-                reason.push_str(&format!("; limited to {limit} by the HPA scale-up policy"));
+                reason.push_str(&format!(
+                    "; limited to {limit} by the HPA scale-up policy ({})",
+                    match p.hpa {
+                        HpaAlgorithm::WithoutBehavior => "no behavior: max(2 x current, 4)",
+                        HpaAlgorithm::WithBehavior => "behavior: max(+100%, +4) per 15 s",
+                    }
+                ));
                 desired = limit;
             }
         }
@@ -603,6 +636,7 @@ mod tests {
         k.params.allow_idle_consumers = true;
         k.params.scale_down_stabilization = Duration::from_secs(300);
         k.params.cooldown = Duration::from_secs(60);
+        k.params.hpa = HpaAlgorithm::WithBehavior;
         let t0 = Instant::now();
         assert_eq!(k.evaluate(t0, &lag_of(&[(Some(0), 50)]), 1).desired, 5);
         let idle = lag_of(&[(Some(50), 50)]);
@@ -638,6 +672,7 @@ mod tests {
         // zero, then a burst: the HPA found 1 replica, so it may go to 5.
         let mut k = keda(3);
         k.params.max_replicas = 6;
+        k.params.hpa = HpaAlgorithm::WithBehavior;
         let t0 = Instant::now();
         let idle = lag_of(&[(Some(0), 0); 8]);
         k.evaluate(t0, &idle, 0);
@@ -652,6 +687,7 @@ mod tests {
         let mut k = keda(1);
         k.params.allow_idle_consumers = true;
         k.params.max_replicas = 100;
+        k.params.hpa = HpaAlgorithm::WithBehavior;
         let t0 = Instant::now();
         let lag = lag_of(&[(Some(0), 100)]);
         let d = k.evaluate(t0, &lag, 2);
@@ -663,5 +699,42 @@ mod tests {
             k.evaluate(t0 + Duration::from_secs(21), &lag, 6).desired,
             12
         );
+    }
+
+    #[test]
+    fn keda_runs_the_hpa_algorithm_the_scaled_object_selects() {
+        let lag = lag_of(&[(Some(0), 1000)]);
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut without = keda(1);
+        without.params.allow_idle_consumers = true;
+        without.params.max_replicas = 100;
+        // No behavior: max(2 x current, 4) from the count now: 1 -> 4,
+        // 2 -> 4, 3 -> 6; and again at once, with no period memory.
+        assert_eq!(without.evaluate(at(0), &lag, 1).desired, 4);
+        assert_eq!(without.evaluate(at(1), &lag, 2).desired, 4);
+        assert_eq!(without.evaluate(at(2), &lag, 3).desired, 6);
+        assert_eq!(without.evaluate(at(3), &lag, 6).desired, 12);
+        // A behavior spelled out: max(+100%, +4) per 15 s from the
+        // period's start: 1 -> 5 and 2 -> 6.
+        let mut with = keda(1);
+        with.params.allow_idle_consumers = true;
+        with.params.max_replicas = 100;
+        with.params.hpa = HpaAlgorithm::WithBehavior;
+        assert_eq!(with.evaluate(at(0), &lag, 1).desired, 5);
+        let mut with2 = keda(1);
+        with2.params = with.params.clone();
+        assert_eq!(with2.evaluate(at(0), &lag, 2).desired, 6);
+        // 10 -> 4 within the period, then a burst: the period started at
+        // 10, so 20 are allowed (not 8, as the base without scale-downs).
+        let mut down = keda(1);
+        down.params = with.params.clone();
+        let idle = lag_of(&[(Some(1000), 1000)]);
+        down.evaluate(at(100), &idle, 10);
+        down.evaluate(at(105), &idle, 4);
+        let d = down.evaluate(at(110), &lag, 4);
+        assert_eq!(d.desired, 20, "{}", d.reason);
+        // Past the period the base is the count now again.
+        assert_eq!(down.evaluate(at(125), &lag, 4).desired, 8);
     }
 }

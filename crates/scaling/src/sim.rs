@@ -32,7 +32,9 @@ use serde::Serialize;
 
 use crate::capacity::WorkerCapacity;
 use crate::lag::{GroupLag, InvalidOffsetPolicy, PartitionLag, RateTracker};
-use crate::policy::{KedaParams, KedaPolicy, Observation, Policy, RateParams, RatePolicy};
+use crate::policy::{
+    HpaAlgorithm, KedaParams, KedaPolicy, Observation, Policy, RateParams, RatePolicy,
+};
 
 /// The group and the platform being simulated.
 #[derive(Debug, Clone)]
@@ -573,6 +575,8 @@ impl PolicyCase {
                 min_replicas: cfg.min_replicas,
                 max_replicas: cfg.max_replicas,
                 offset_reset_latest: false,
+                // As the kit's ScaledObject, which spells out a behavior.
+                hpa: HpaAlgorithm::WithBehavior,
                 ..KedaParams::default()
             })) as Box<dyn Policy>
         };

@@ -24,7 +24,7 @@ use microbatch_kafka::client::QuietContext;
 use microbatch_kafka::{ConfigError, KafkaConfig};
 use microbatch_scaling::lag::{InvalidOffsetPolicy, LagReader};
 use microbatch_scaling::policy::{
-    KedaParams, KedaPolicy, Policy, RateParams, RatePolicy, HPA_TOLERANCE,
+    HpaAlgorithm, KedaParams, KedaPolicy, Policy, RateParams, RatePolicy, HPA_TOLERANCE,
 };
 use microbatch_scaling::supervisor::{Supervisor, SupervisorConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -291,6 +291,8 @@ fn demo_policy(kind: PolicyKind, args: &Args, plan: &Plan) -> Box<dyn Policy> {
             scale_down_stabilization: plan.window,
             cooldown: plan.window,
             offset_reset_latest: false,
+            // As the kit's ScaledObject, which spells out a behavior.
+            hpa: HpaAlgorithm::WithBehavior,
             ..KedaParams::default()
         })),
         PolicyKind::Rate => {
