@@ -1138,7 +1138,7 @@ func checkScalerNetworkPolicy(t *testing.T, r rendered, sd *appsv1.Deployment) {
 	grpcRules := 0
 	for _, rule := range np.Spec.Ingress {
 		for _, p := range rule.Ports {
-			if p.Port == nil || p.Port.String() != "grpc" {
+			if p.Port == nil || (p.Port.String() != "grpc" && p.Port.String() != "9090") {
 				continue
 			}
 			grpcRules++

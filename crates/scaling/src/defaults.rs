@@ -46,6 +46,8 @@ pub const SCALER_STREAM_INTERVAL_MS: u64 = 5000;
 pub const SCALER_POLLING_INTERVAL_MS: u64 = 5000;
 /// `scaler`: state of a ScaledObject nobody asked about for this long is dropped.
 pub const SCALER_STATE_TTL_SECONDS: u64 = 600;
+/// `scaler`: at most this many triggers (each with a Kafka client) held.
+pub const SCALER_MAX_TRIGGERS: usize = 256;
 
 pub(crate) const fn secs(s: u64) -> Duration {
     Duration::from_secs(s)

@@ -379,6 +379,9 @@ struct Trigger {
     /// When KEDA last asked, in ms since the scaler started.
     used_ms: AtomicU64,
     answer: Mutex<Option<Answer>>,
+    /// An evaluation is running: later callers wait for its answer without
+    /// a thread of their own.
+    in_flight: std::sync::atomic::AtomicBool,
     /// Consecutive failed evaluations.
     failures: Mutex<u32>,
     work: Mutex<TriggerState>,
@@ -425,9 +428,20 @@ impl Trigger {
 struct ObjectLabel {
     /// namespace/name
     scaled_object: String,
-    /// The trigger's metric name (policy, topic and group): one object's
-    /// triggers each have their own series.
+    /// The trigger's metric name (policy, topic and group).
     metric: String,
+    /// Tells apart triggers whose metric names read alike (a hash of the
+    /// object and its metadata): each trigger has its own series, and
+    /// dropping one never removes another's.
+    trigger: String,
+}
+
+/// Eight hex digits of a hash of `text`, stable within the process.
+fn short_hash(text: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    format!("{:08x}", h.finish() as u32)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -521,7 +535,7 @@ impl ScalerMetrics {
 }
 
 /// How the scaler paces and keeps its state.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ScalerConfig {
     /// StreamIsActive re-checks this often.
     pub stream_interval: Duration,
@@ -529,6 +543,11 @@ pub struct ScalerConfig {
     pub polling_interval: Duration,
     /// State of a ScaledObject nobody asked about for this long is dropped.
     pub state_ttl: Duration,
+    /// At most this many triggers are held; a new one past it is refused
+    /// (each holds a Kafka client).
+    pub max_triggers: usize,
+    /// Namespaces whose ScaledObjects are served; empty: all.
+    pub allowed_namespaces: Vec<String>,
 }
 
 impl Default for ScalerConfig {
@@ -537,6 +556,8 @@ impl Default for ScalerConfig {
             stream_interval: Duration::from_millis(defaults::SCALER_STREAM_INTERVAL_MS),
             polling_interval: Duration::from_millis(defaults::SCALER_POLLING_INTERVAL_MS),
             state_ttl: defaults::secs(defaults::SCALER_STATE_TTL_SECONDS),
+            max_triggers: defaults::SCALER_MAX_TRIGGERS,
+            allowed_namespaces: Vec::new(),
         }
     }
 }
@@ -584,15 +605,12 @@ impl Scaler {
             .len()
     }
 
-    /// A trigger's identity: its object and its metadata, in key order.
+    /// A trigger's identity: its object and its metadata, in key order, as
+    /// JSON (escaped, so no two different maps read alike).
     fn key(r: &ScaledObjectRef) -> String {
-        let mut pairs: Vec<_> = r.scaler_metadata.iter().collect();
-        pairs.sort_unstable();
-        let mut key = format!("{}/{}", r.namespace, r.name);
-        for (k, v) in pairs {
-            key.push_str(&format!("\n{k}={v}"));
-        }
-        key
+        let metadata: std::collections::BTreeMap<&String, &String> =
+            r.scaler_metadata.iter().collect();
+        serde_json::json!([r.namespace, r.name, metadata]).to_string()
     }
 
     fn millis_since_start(&self, at: Instant) -> u64 {
@@ -600,6 +618,13 @@ impl Scaler {
     }
 
     fn trigger(&self, r: &ScaledObjectRef) -> Result<Arc<Trigger>, Status> {
+        let allowed = &self.config.allowed_namespaces;
+        if !allowed.is_empty() && !allowed.contains(&r.namespace) {
+            return Err(Status::permission_denied(format!(
+                "namespace {:?} is not among the scaler's --allowed-namespaces",
+                r.namespace
+            )));
+        }
         let key = Self::key(r);
         let now = Instant::now();
         let now_ms = self.millis_since_start(now);
@@ -609,19 +634,39 @@ impl Scaler {
             .expect("scaler trigger map lock poisoned");
         // Drop what KEDA stopped asking about (deleted or edited triggers).
         let ttl = self.config.state_ttl.as_millis() as u64;
-        triggers.retain(|k, t| {
-            let keep = *k == key || now_ms.saturating_sub(t.used_ms.load(Ordering::Relaxed)) < ttl;
-            if !keep {
+        let expired: Vec<String> = triggers
+            .iter()
+            .filter(|(k, t)| {
+                **k != key && now_ms.saturating_sub(t.used_ms.load(Ordering::Relaxed)) >= ttl
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut dropped = Vec::with_capacity(expired.len());
+        for k in expired {
+            if let Some(t) = triggers.remove(&k) {
                 tracing::info!(scaled_object = %t.labels.scaled_object, metric = %t.labels.metric, "dropping the state of a trigger not asked about");
                 self.metrics.forget(&t.labels);
+                dropped.push(t);
             }
-            keep
-        });
-        if let Some(t) = triggers.get(&key) {
-            t.used_ms.store(now_ms, Ordering::Relaxed);
-            return Ok(t.clone());
         }
+        self.metrics.scaled_objects.set(triggers.len() as i64);
+        let found = triggers.get(&key).cloned();
+        let held = triggers.len();
         drop(triggers);
+        if !dropped.is_empty() {
+            // Closing a Kafka client waits for its threads: never under the
+            // map's lock, nor on the runtime's threads.
+            std::thread::spawn(move || drop(dropped));
+        }
+        if let Some(t) = found {
+            t.used_ms.store(now_ms, Ordering::Relaxed);
+            return Ok(t);
+        }
+        if held >= self.config.max_triggers {
+            return Err(Status::resource_exhausted(format!(
+                "the scaler holds {held} triggers, its --max-triggers; a new one waits until one is dropped"
+            )));
+        }
         // A new trigger: checked and given its client outside the map's lock.
         let spec = TriggerSpec::from_metadata(&r.scaler_metadata)?;
         let kafka = cluster_for(&self.kafka, spec.bootstrap_servers.as_deref())?;
@@ -636,9 +681,11 @@ impl Scaler {
             labels: ObjectLabel {
                 scaled_object: format!("{}/{}", r.namespace, r.name),
                 metric: spec.metric_name(),
+                trigger: short_hash(&key),
             },
             used_ms: AtomicU64::new(now_ms),
             answer: Mutex::new(None),
+            in_flight: std::sync::atomic::AtomicBool::new(false),
             failures: Mutex::new(0),
             work: Mutex::new(TriggerState::new(spec, reader)),
         });
@@ -663,17 +710,32 @@ impl Scaler {
             return answer;
         }
         let interval = self.config.polling_interval;
+        let deadline = tokio::time::Instant::now() + EVALUATION_TIMEOUT;
+        if trigger.in_flight.swap(true, Ordering::AcqRel) {
+            // Another call is reading: wait for its answer, threadless.
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Some(answer) = trigger.standing(Instant::now()) {
+                    self.count(if answer.is_ok() { "cached" } else { "error" });
+                    return answer;
+                }
+                if !trigger.in_flight.load(Ordering::Acquire) {
+                    // It finished without an answer that still stands.
+                    return Box::pin(self.evaluate(r)).await;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    self.count("timeout");
+                    return Err(timed_out(r));
+                }
+            }
+        }
         let this = self.clone();
         let task = tokio::task::spawn_blocking(move || {
             let mut work = trigger.work.lock().expect("trigger state lock poisoned");
-            // Whoever held the lock before may have just answered.
-            if let Some(answer) = trigger.standing(Instant::now()) {
-                this.count(if answer.is_ok() { "cached" } else { "error" });
-                return answer;
-            }
             let result = work.evaluate();
             drop(work);
             trigger.keep(&result, interval);
+            trigger.in_flight.store(false, Ordering::Release);
             match &result {
                 Ok(e) => {
                     this.metrics.observe(&trigger.labels, e);
@@ -689,11 +751,7 @@ impl Scaler {
             }
             Err(_) => {
                 self.count("timeout");
-                Err(Status::deadline_exceeded(format!(
-                    "reading lag of {} took over {} s; the reading goes on for later calls",
-                    r.name,
-                    EVALUATION_TIMEOUT.as_secs()
-                )))
+                Err(timed_out(r))
             }
         }
     }
@@ -704,6 +762,14 @@ impl Scaler {
             .get_or_create(&OutcomeLabel { outcome })
             .inc();
     }
+}
+
+fn timed_out(r: &ScaledObjectRef) -> Status {
+    Status::deadline_exceeded(format!(
+        "reading lag of {} took over {} s; the reading goes on for later calls",
+        r.name,
+        EVALUATION_TIMEOUT.as_secs()
+    ))
 }
 
 /// The cluster a trigger is read from: its `bootstrapServers` if it names
@@ -788,7 +854,17 @@ impl ExternalScaler for Arc<Scaler> {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
+        let allowed = &self.config.allowed_namespaces;
+        let namespace = &request.get_ref().namespace;
+        if !allowed.is_empty() && !allowed.contains(namespace) {
+            return Err(Status::permission_denied(format!(
+                "namespace {namespace:?} is not among the scaler's --allowed-namespaces"
+            )));
+        }
         let spec = TriggerSpec::from_metadata(&request.get_ref().scaler_metadata)?;
+        // Refused here too: KEDA would otherwise make an HPA metric that
+        // fails on every read.
+        cluster_for(&self.kafka, spec.bootstrap_servers.as_deref())?;
         tracing::debug!(metric = %spec.metric_name(), target = spec.target(), "GetMetricSpec");
         Ok(Response::new(GetMetricSpecResponse {
             metric_specs: vec![MetricSpec {
@@ -879,6 +955,41 @@ mod tests {
         assert!(scaler
             .encode_metrics()
             .contains("microbatch_scaler_scaled_objects 1"));
+    }
+
+    #[test]
+    fn keys_cannot_collide_and_only_allowed_triggers_are_held() {
+        // Found in review: joined as "\nkey=value", a value holding a
+        // newline read like two keys, so one caller's trigger could take
+        // another's place.
+        let real = object("a", &[("consumerGroup", "g"), ("topic", "t")]);
+        let forged = object("a", &[("consumerGroup", "g\ntopic=t")]);
+        assert_ne!(Scaler::key(&real), Scaler::key(&forged));
+        let scaler = Scaler::new(
+            KafkaConfig::plaintext("127.0.0.1:1"),
+            ScalerConfig {
+                max_triggers: 2,
+                allowed_namespaces: vec!["ns".into()],
+                ..ScalerConfig::default()
+            },
+        );
+        let first = scaler.trigger(&real).unwrap();
+        let second = scaler.trigger(&forged).unwrap();
+        assert_ne!(first.labels, second.labels, "each its own series");
+        let third = object("c", &[("consumerGroup", "g"), ("topic", "t")]);
+        let err = scaler.trigger(&third).err().expect("past --max-triggers");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(scaler.trigger(&real).is_ok(), "held ones are still served");
+        let elsewhere = ScaledObjectRef {
+            namespace: "tenant".into(),
+            ..real.clone()
+        };
+        let err = scaler
+            .trigger(&elsewhere)
+            .err()
+            .expect("not an allowed namespace");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert_eq!(scaler.scaled_objects(), 2);
     }
 
     #[test]

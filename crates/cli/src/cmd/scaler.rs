@@ -45,6 +45,21 @@ pub struct Args {
     /// about for this long (an edited trigger is a new one).
     #[arg(long, env = "MICROBATCH_STATE_TTL_SECONDS", default_value_t = defaults::SCALER_STATE_TTL_SECONDS)]
     pub state_ttl_seconds: u64,
+    /// Hold at most this many triggers (each with a Kafka client); a new
+    /// trigger past it gets RESOURCE_EXHAUSTED until one is dropped.
+    #[arg(long, env = "MICROBATCH_MAX_TRIGGERS", default_value_t = defaults::SCALER_MAX_TRIGGERS)]
+    pub max_triggers: usize,
+    /// Serve only ScaledObjects in these namespaces (comma-separated); all
+    /// when empty. KEDA calls the scaler for any namespace's ScaledObject,
+    /// so on a shared cluster this keeps other tenants from reading groups
+    /// with the scaler's credentials.
+    #[arg(
+        long,
+        env = "MICROBATCH_ALLOWED_NAMESPACES",
+        value_delimiter = ',',
+        value_name = "NS,..."
+    )]
+    pub allowed_namespaces: Vec<String>,
     /// Serve gRPC over TLS with this certificate (PEM, the chain after it);
     /// needs --tls-key. KEDA's trigger then sets `enableTLS: "true"` and
     /// `caCert` (the CA that signed it).
@@ -81,7 +96,10 @@ fn tls_config(args: &Args) -> Result<Option<ServerTlsConfig>, microbatch_kafka::
         (Some(_), None) => return Err(ConfigError::new("--tls-key", "is needed with --tls-cert")),
         (None, Some(_)) => return Err(ConfigError::new("--tls-cert", "is needed with --tls-key")),
     };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    // A handshake never finished must not hold a connection for ever.
+    let mut tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .timeout(Duration::from_secs(10));
     if let Some(ca) = &args.tls_client_ca {
         tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
     }
@@ -101,6 +119,13 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             stream_interval: Duration::from_millis(args.stream_interval_ms.max(100)),
             polling_interval: Duration::from_millis(args.polling_interval_ms),
             state_ttl: Duration::from_secs(args.state_ttl_seconds.max(1)),
+            max_triggers: args.max_triggers.max(1),
+            allowed_namespaces: args
+                .allowed_namespaces
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect(),
         },
     ));
 
