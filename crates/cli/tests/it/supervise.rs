@@ -171,12 +171,14 @@ fn rate_policy_adds_no_replica_while_the_downstream_is_down() {
     let Scenario { dir, topic, group } = &sc;
     let downstream_port = free_port();
     let accepted = dir.path("accepted.txt");
-    // 200/s arrive; one replica does several times that. Drained within
-    // 5 s, the lag of the outage's first 5 s (1,000) asks 400/s, which one
-    // replica serves; 50 s of it (10,000) asks 2,200/s, which it does not.
+    // 100/s arrive; one replica does 300-500/s on a busy machine. Drained
+    // within 10 s, the lag of the outage's first seconds before the hold
+    // (5 s of readings without a commit; the first reading interval is not
+    // guarded) asks about 170/s, which one replica serves; 50 s of it
+    // (5,000) asks 600/s, which it does not.
     let delay = Duration::from_millis(2);
     let up = downstream_on(downstream_port, delay, accepted.clone());
-    let mut producer = sc.produce_steadily(20_000, 200, &["--keys", "100"]);
+    let mut producer = sc.produce_steadily(10_000, 100, &["--keys", "100"]);
     let metrics_port = free_port();
     let mut cmd = supervise_command(dir, topic, group);
     cmd.args([
@@ -187,7 +189,7 @@ fn rate_policy_adds_no_replica_while_the_downstream_is_down() {
         "--max",
         "4",
         "--target-drain-seconds",
-        "5",
+        "10",
         "--rate-per-replica",
         "400",
         "--scale-down-seconds",
@@ -237,7 +239,7 @@ fn rate_policy_adds_no_replica_while_the_downstream_is_down() {
     eprintln!(
         "outage: {running_at_outage} replicas when it began, at most {most} during it, lag {lag_then} at its end"
     );
-    assert!(lag_then > 5_000, "the outage held records back: {lag_then}");
+    assert!(lag_then > 3_000, "the outage held records back: {lag_then}");
     assert!(
         most <= running_at_outage,
         "a replica was added while the downstream refused connections: {running_at_outage} -> {most}; {}",
@@ -261,7 +263,7 @@ fn rate_policy_adds_no_replica_while_the_downstream_is_down() {
     sup.wait_for_exit(Duration::from_secs(60))
         .expect("supervise exits on SIGTERM");
     let (expected, _) = assert_recorded_or_dead(topic, group, &[accepted], &Default::default());
-    assert_eq!(expected, 20_000);
+    assert_eq!(expected, 10_000);
     assert!(
         timeline(&tl).last().unwrap()["scale_up_held"] == false,
         "the hold ends with the outage"
