@@ -89,6 +89,24 @@ fn scaler_serves_keda_metrics_that_agree_with_lag() {
     runtime.block_on(exercise(dir, topic, group, grpc, (http, before_produce)));
 }
 
+/// The first value GetMetrics answers for `object`.
+async fn metric_value(
+    client: &mut ExternalScalerClient<Channel>,
+    object: ScaledObjectRef,
+    metric_name: &str,
+) -> i64 {
+    client
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(object),
+            metric_name: metric_name.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .metric_values[0]
+        .metric_value
+}
+
 async fn exercise(
     dir: &TestDir,
     topic: &str,
@@ -127,20 +145,15 @@ async fn exercise(
         .unwrap()
         .into_inner();
     assert_eq!(spec.metric_specs[0].target_size, 50);
-    let metrics = client
-        .get_metrics(GetMetricsRequest {
-            scaled_object_ref: Some(uncapped.clone()),
-            metric_name: spec.metric_specs[0].metric_name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let value = metric_value(
+        &mut client,
+        uncapped.clone(),
+        &spec.metric_specs[0].metric_name,
+    )
+    .await;
     let lag = lag_policy_json(&topic, &group, "50");
-    assert_eq!(
-        metrics.metric_values[0].metric_value,
-        lag["total_lag"].as_i64().unwrap()
-    );
-    assert_eq!(metrics.metric_values[0].metric_value, 400);
+    assert_eq!(value, lag["total_lag"].as_i64().unwrap());
+    assert_eq!(value, 400);
     // Beside the count, the age of the oldest waiting record.
     let text = http_get(http, "/metrics")
         .expect("the scaler serves /metrics")
@@ -159,16 +172,7 @@ async fn exercise(
 
     // Capped at partitions × lagThreshold, as KEDA does; `lag --policy keda` agrees.
     let capped = object(&topic, &group, &[("lagThreshold", "50")]);
-    let value = client
-        .get_metrics(GetMetricsRequest {
-            scaled_object_ref: Some(capped),
-            metric_name: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .metric_values[0]
-        .metric_value;
+    let value = metric_value(&mut client, capped, "").await;
     assert_eq!(value, 4 * 50);
     assert_eq!(lag["policy"]["metric_value"].as_i64().unwrap(), value);
 
@@ -222,16 +226,7 @@ async fn exercise(
         .unwrap()
         .into_inner();
     assert_eq!(spec.metric_specs[0].target_size, 1);
-    let replicas = client
-        .get_metrics(GetMetricsRequest {
-            scaled_object_ref: Some(rate),
-            metric_name: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .metric_values[0]
-        .metric_value;
+    let replicas = metric_value(&mut client, rate, "").await;
     assert!(
         replicas >= 1,
         "the rate policy asks for at least its minimum: {replicas}"

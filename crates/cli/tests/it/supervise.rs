@@ -14,6 +14,20 @@ fn timeline(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The lag drains, then the timeline's last point has one replica and no lag.
+fn drained_and_back_to_one(sc: &Scenario, tl: &std::path::Path) {
+    sc.wait_for_lag_zero(Duration::from_secs(180));
+    wait_until(
+        Duration::from_secs(60),
+        "replicas back to the minimum",
+        || {
+            timeline(tl)
+                .last()
+                .is_some_and(|p| p["replicas"] == 1 && p["total_lag"] == 0)
+        },
+    );
+}
+
 /// `supervise` against the test broker, its timeline and logs in `dir`.
 fn supervise_command(dir: &TestDir, topic: &str, group: &str) -> std::process::Command {
     supervise_command_logging_to(dir, topic, group, &dir.0)
@@ -120,16 +134,7 @@ fn rate_policy_scales_up_drains_and_scales_back_and_a_killed_child_loses_nothing
     unsafe {
         libc::kill(children[0] as i32, 9);
     }
-    sc.wait_for_lag_zero(Duration::from_secs(180));
-    wait_until(
-        Duration::from_secs(60),
-        "replicas back to the minimum",
-        || {
-            timeline(&tl)
-                .last()
-                .is_some_and(|p| p["replicas"] == 1 && p["total_lag"] == 0)
-        },
-    );
+    drained_and_back_to_one(&sc, &tl);
     let points = timeline(&tl);
     for key in [
         "t_ms",
@@ -282,16 +287,7 @@ fn keda_policy_caps_at_partitions_and_scales_back() {
         &["--policy", "keda", "--lag-threshold", "3"],
     );
     let tl = dir.path("timeline.jsonl");
-    sc.wait_for_lag_zero(Duration::from_secs(180));
-    wait_until(
-        Duration::from_secs(60),
-        "replicas back to the minimum",
-        || {
-            timeline(&tl)
-                .last()
-                .is_some_and(|p| p["replicas"] == 1 && p["total_lag"] == 0)
-        },
-    );
+    drained_and_back_to_one(&sc, &tl);
     let points = timeline(&tl);
     let peak = points
         .iter()
