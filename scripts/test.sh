@@ -9,8 +9,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Build: libssl-dev zlib1g-dev pkg-config (librdkafka); Kafka: openssl unzip
 # (and Java 17+ with Maven); tests: shellcheck, chromium (report rendering),
-# tmux (terminal dashboard).
-packages=(libssl-dev zlib1g-dev pkg-config openssl unzip shellcheck chromium tmux)
+# tmux (terminal dashboard); the image: podman mmdebstrap python3.
+packages=(libssl-dev zlib1g-dev pkg-config openssl unzip shellcheck chromium tmux podman mmdebstrap python3)
 missing=()
 for pkg in "${packages[@]}"; do
 	dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -57,10 +57,26 @@ MICROBATCH_TEST_GROUP_PROTOCOL=consumer cargo test -p microbatch --no-fail-fast 
 	edges:: delivery:: fetch:: supervise:: worker::
 echo "== deploy/check (kustomize overlays, manifests, scripts)"
 (cd deploy/check && go test -count=1 ./...)
+# The image: deploy/Dockerfile's runtime stage, on a base made from Debian
+# packages, around the binary the tests built (deploy/image/build.sh; the
+# whole Dockerfile is built the same way without --binary).
+echo "== deploy/image (deploy/Dockerfile with podman, around target/debug/microbatch)"
+cargo build --locked -p microbatch
+e2e_env=() e2e_wrap=()
+if [ "$(id -u)" = 0 ] && command -v podman >/dev/null && command -v mmdebstrap >/dev/null; then
+	e2e_env=("MICROBATCH_E2E_IMAGE=$(deploy/image/build.sh --binary target/debug/microbatch)")
+	# The pods' mounts live in a mount namespace of the test's own: none
+	# outlives it, whatever happens to the test.
+	e2e_wrap=(unshare --mount --propagation private)
+elif [ "${CI:-}" = true ]; then
+	echo "the image needs root, podman and mmdebstrap (apt-get install podman mmdebstrap), and CI=true" >&2
+	exit 1
+else
+	echo "note: the image is not built (it needs root, podman and mmdebstrap): the e2e pods run the local binary" >&2
+fi
 # The kit applied to a local control plane (etcd, kube-apiserver,
 # kube-controller-manager, KEDA), built once from source and cached outside
-# the clone (deploy/e2e/README.md); the workers are target/debug/microbatch.
+# the clone (deploy/e2e/README.md); every pod runs from the image.
 echo "== deploy/e2e (the overlays on a live control plane, scaled by KEDA)"
-cargo build -p microbatch
 deploy/e2e/build.sh
-(cd deploy/e2e && go test -v -count=1 -timeout 45m ./...)
+(cd deploy/e2e && env "${e2e_env[@]}" "${e2e_wrap[@]}" go test -v -count=1 -timeout 45m ./...)

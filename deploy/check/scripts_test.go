@@ -61,11 +61,17 @@ func TestScriptsPassShellcheck(t *testing.T) {
 		}
 		t.Skip("shellcheck is not installed (apt-get install -y shellcheck); in CI (CI=true) this fails instead")
 	}
-	// The e2e's control-plane scripts too (deploy/e2e runs them).
+	// The e2e's control-plane scripts and the image build too (the test
+	// command runs them).
 	e2e, _ := filepath.Glob(filepath.Join(repoRoot(t), "deploy", "e2e", "*.sh"))
 	if len(e2e) == 0 {
 		t.Error("no scripts in deploy/e2e")
 	}
+	image, _ := filepath.Glob(filepath.Join(repoRoot(t), "deploy", "image", "*.sh"))
+	if len(image) == 0 {
+		t.Error("no scripts in deploy/image")
+	}
+	e2e = append(e2e, image...)
 	for _, s := range append(scripts(t), e2e...) {
 		out, err := exec.Command(sc, "--external-sources", s).CombinedOutput()
 		if err != nil {
@@ -704,7 +710,7 @@ func TestDocsCoverTheKit(t *testing.T) {
 			t.Errorf("script %s is not described in docs/deploy.md and deploy/README.md", name)
 		}
 	}
-	for _, must := range []string{"no Kubernetes cluster", "no Docker engine", "no AWS", "not built in CI", "allowIdleConsumers"} {
+	for _, must := range []string{"no Kubernetes cluster", "no Docker engine", "no AWS", "deploy/image/build.sh", "allowIdleConsumers"} {
 		if !strings.Contains(doc, must) {
 			t.Errorf("docs/deploy.md does not say %q", must)
 		}

@@ -51,7 +51,7 @@ func newSession(t *testing.T, o testOverlay, admin kafka, fixedPorts map[string]
 		t.Fatal(err)
 	}
 	s := &session{t: t, e: e, o: o, dir: dir, admin: admin}
-	s.standIn = startStandIn(e.cs, namespace, e.microbatch, logDir, fixedPorts, t.Logf)
+	s.standIn = startStandIn(e.cs, namespace, e.microbatch, e.image, logDir, t.TempDir(), fixedPorts, t.Logf)
 	t.Cleanup(s.standIn.stop)
 	return s
 }
@@ -128,6 +128,36 @@ func (s *session) down() {
 		return nil
 	}); err != nil {
 		s.t.Error(err)
+	}
+	// Every pod the HPA or cleanup.sh removed drained and exited 0.
+	for _, p := range s.standIn.stopProblems() {
+		s.t.Errorf("%s", p)
+	}
+	s.checkImageRun(false)
+}
+
+// checkImageRun: with an image, every pod ran from it as the kit's
+// securityContext says (user 65532, read-only root), as /proc showed;
+// some did, if some had to.
+func (s *session) checkImageRun(someMust bool) {
+	if s.e.image == nil {
+		return
+	}
+	// The image itself runs as 65532, not only the pods' securityContext.
+	if u, _, _ := strings.Cut(s.e.image.config.User, ":"); u != "65532" {
+		s.t.Errorf("the image's USER is %q, want 65532", s.e.image.config.User)
+	}
+	evidence := s.standIn.imageEvidence()
+	if someMust && len(evidence) == 0 {
+		s.t.Errorf("no pod was seen running from the image")
+	}
+	for pod, what := range evidence {
+		if someMust { // once per test: down() checks again, silently
+			s.t.Logf("pod %s ran from the image: %s", pod, what)
+		}
+		if what != "uid 65532, root read-only true" {
+			s.t.Errorf("pod %s: %s, want uid 65532 and a read-only root", pod, what)
+		}
 	}
 }
 
@@ -479,6 +509,7 @@ func TestPlaintextOverlay(t *testing.T) {
 	s.checkKeda()
 	s.kafkaTriggerScenario()
 	s.checkMonitor()
+	s.checkImageRun(true)
 }
 
 // TestMskScramOverlay: the msk-scram overlay against the SASL_SSL/SCRAM-SHA-512
@@ -491,6 +522,7 @@ func TestMskScramOverlay(t *testing.T) {
 	s.checkKeda()
 	s.kafkaTriggerScenario()
 	s.checkMonitor()
+	s.checkImageRun(true)
 }
 
 // scalerLog is one JSON log line of `microbatch scaler`.
@@ -638,6 +670,7 @@ func TestExternalScalerOverlay(t *testing.T) {
 	for _, b := range bad {
 		t.Errorf("rate policy and HPA disagree: %s", b)
 	}
+	s.checkImageRun(true)
 }
 
 // TestBrokenManifests: a deliberately broken overlay makes the e2e fail

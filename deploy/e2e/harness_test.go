@@ -29,6 +29,7 @@ type env struct {
 	hpaSync     time.Duration
 	clusterLogs string
 	microbatch  string
+	image       *containerImage   // every pod runs from it, when set (MICROBATCH_E2E_IMAGE)
 	bootstrap   string            // PLAINTEXT listener
 	scram       map[string]string // the SASL_SSL/SCRAM listener's client settings
 	cs          kubernetes.Interface
@@ -137,6 +138,17 @@ func loadEnv(repo, envFile string) (*env, error) {
 	}
 	if _, err := os.Stat(e.microbatch); err != nil {
 		return nil, fmt.Errorf("the microbatch binary %s: %w (build it with `cargo build -p microbatch`, or set MICROBATCH_BIN)", e.microbatch, err)
+	}
+	// The image deploy/image/build.sh exported: the pods run from it, as
+	// on a cluster. Without it (never under CI) they run the local binary.
+	if dir := os.Getenv("MICROBATCH_E2E_IMAGE"); dir != "" {
+		if e.image, err = loadImage(dir); err != nil {
+			return nil, err
+		}
+	} else if os.Getenv("CI") == "true" {
+		return nil, fmt.Errorf("MICROBATCH_E2E_IMAGE is not set: under CI the pods run from the image (deploy/image/build.sh --binary %s prints its directory)", e.microbatch)
+	} else {
+		fmt.Fprintln(os.Stderr, "e2e: MICROBATCH_E2E_IMAGE is not set: the pods run the local binary, not the image")
 	}
 	e.bootstrap = os.Getenv("MICROBATCH_TEST_BOOTSTRAP")
 	if e.bootstrap == "" {

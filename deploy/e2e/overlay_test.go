@@ -33,6 +33,12 @@ const (
 	pollingSeconds      = 5
 )
 
+// Where the pods find the broker's CA: a ConfigMap volume.
+const (
+	caMountPath = "/etc/microbatch/kafka-ca"
+	caFile      = "ca.pem"
+)
+
 // testOverlay is a kustomization on top of one of the kit's overlays that
 // points it at the local broker and a topic of its own, the way a user's
 // own overlay would: the kit's overlay is a resource, unchanged.
@@ -62,11 +68,17 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 	p("configMapGenerator:\n  - name: microbatch-config\n    behavior: merge\n    literals:")
 	p("      - KAFKA_TOPIC=%s\n      - CONSUMER_GROUP=%s", o.topic, o.group)
 	p("      - KAFKA_BOOTSTRAP_SERVERS=%s", o.worker["KAFKA_BOOTSTRAP_SERVERS"])
-	if ca := o.worker["KAFKA_SSL_CA_LOCATION"]; ca != "" {
-		p("      - KAFKA_SSL_CA_LOCATION=%s", ca)
+	// A private CA reaches the pods as a user's would: a ConfigMap mounted
+	// as a volume, its path in KAFKA_SSL_CA_LOCATION.
+	ca := o.worker["KAFKA_SSL_CA_LOCATION"]
+	if ca != "" {
+		p("      - KAFKA_SSL_CA_LOCATION=%s/%s", caMountPath, caFile)
 	}
 	// A scale-down's SIGTERM drains within this; the pods' grace is 45 s.
 	p("      - MICROBATCH_DRAIN_TIMEOUT_MS=5000")
+	if ca != "" {
+		p("  - name: kafka-ca\n    namespace: %s\n    files:\n      - %s\n    options:\n      disableNameSuffixHash: true", namespace, caFile)
+	}
 	p("patches:")
 	so := []string{
 		fmt.Sprintf(`{"op": "replace", "path": "/spec/pollingInterval", "value": %d}`, pollingSeconds),
@@ -92,6 +104,32 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 		so = append(so, fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/bootstrapServers", "value": %q}`, o.worker["KAFKA_BOOTSTRAP_SERVERS"]))
 	}
 	p("  - target: {group: keda.sh, kind: ScaledObject, name: microbatch}\n    patch: |-\n      [%s]", strings.Join(so, ", "))
+	if ca != "" {
+		deployments := map[string]string{"microbatch": "worker"} // Deployment -> container
+		if o.base == "external-scaler" {
+			deployments["microbatch-scaler"] = "scaler"
+		}
+		for d, container := range deployments {
+			p(`  - patch: |-
+      apiVersion: apps/v1
+      kind: Deployment
+      metadata:
+        name: %s
+      spec:
+        template:
+          spec:
+            volumes:
+              - name: kafka-ca
+                configMap:
+                  name: kafka-ca
+            containers:
+              - name: %s
+                volumeMounts:
+                  - name: kafka-ca
+                    mountPath: %s
+                    readOnly: true`, d, container, caMountPath)
+		}
+	}
 	if o.base == "external-scaler" {
 		// The scaler logs each call KEDA makes (debug), and re-checks lag
 		// for StreamIsActive every second.
@@ -99,10 +137,10 @@ func (o testOverlay) write(repo, dir string) (string, error) {
     patch: |-
       [{"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "MICROBATCH_LOG", "value": "info,microbatch_scaling=debug"}},
        {"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "MICROBATCH_STREAM_INTERVAL_MS", "value": "1000"}}]`)
-		if ca := o.worker["KAFKA_SSL_CA_LOCATION"]; ca != "" {
+		if ca != "" {
 			p(`  - target: {group: apps, kind: Deployment, name: microbatch-scaler}
     patch: |-
-      [{"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "KAFKA_SSL_CA_LOCATION", "value": %q}}]`, ca)
+      [{"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "KAFKA_SSL_CA_LOCATION", "value": "%s/%s"}}]`, caMountPath, caFile)
 		}
 	}
 	if o.triggerAuthPasswordKey != "" {
@@ -131,6 +169,15 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err
+	}
+	if ca != "" {
+		pem, err := os.ReadFile(ca)
+		if err != nil {
+			return "", fmt.Errorf("the broker's CA: %w", err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, caFile), pem, 0o644); err != nil {
+			return "", err
+		}
 	}
 	return dir, os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(b.String()), 0o644)
 }

@@ -12,8 +12,12 @@ package e2e
 // SIGKILL. So the number of processes is the number of pods, which the
 // Deployment's spec.replicas decides.
 //
-// What it does not emulate: images (every container runs the local binary
-// with the container's args), pod networking (each container port is a local
+// Images: with MICROBATCH_E2E_IMAGE, each container runs from the image the
+// test command built, as user, root filesystem and volumes say
+// (runtime_test.go); without it, every container runs the local binary with
+// the container's args.
+//
+// What it does not emulate: pod networking (each container port is a local
 // port; flags and variables that carry the port are rewritten to it),
 // restarts with back-off (a process that exits is restarted after a fixed
 // pause), and liveness probes.
@@ -47,8 +51,11 @@ import (
 type standIn struct {
 	cs     kubernetes.Interface
 	ns     string
-	bin    string // the microbatch binary every container runs
+	bin    string          // the microbatch binary every container runs, without an image
+	image  *containerImage // the image every container runs from, if set
 	logDir string
+	// podDir holds each pod's volumes and, with an image, its root.
+	podDir string
 	// fixedPorts pins the local port of a container port, keyed
 	// "<app.kubernetes.io/component>/<port name>": the external scaler's gRPC
 	// port must be known before its pod exists (it is in the trigger).
@@ -58,8 +65,16 @@ type standIn struct {
 	mu       sync.Mutex
 	procs    map[types.UID]*podProcess
 	problems map[string]string // pod name -> why it cannot start (as the kubelet reports it)
-	stopped  chan struct{}
-	cancel   context.CancelFunc
+	// evidence is what /proc says of each image-run process (uid, root);
+	// stopFailures the processes that did not exit 0 on SIGTERM.
+	evidence     map[string]string
+	stopFailures []string
+	// dying are the processes of removed pods, between SIGTERM and their
+	// exit: they still run, and their exit is still to be judged.
+	dying   map[*podProcess]bool
+	dyingWG sync.WaitGroup
+	stopped chan struct{}
+	cancel  context.CancelFunc
 }
 
 type podProcess struct {
@@ -71,6 +86,13 @@ type podProcess struct {
 	args      []string
 	ports     map[int32]int // container port -> local port
 	logPath   string
+	// With an image: the whole argv, the identity, the working directory and
+	// the root filesystem's mounts.
+	argv     []string
+	uid, gid uint32
+	workDir  string
+	readOnly bool
+	volumes  []podVolume
 
 	cmd      *exec.Cmd
 	exited   chan struct{}
@@ -80,12 +102,12 @@ type podProcess struct {
 	lastExit string
 }
 
-func startStandIn(cs kubernetes.Interface, ns, bin, logDir string, fixedPorts map[string]int, logf func(string, ...any)) *standIn {
+func startStandIn(cs kubernetes.Interface, ns, bin string, image *containerImage, logDir, podDir string, fixedPorts map[string]int, logf func(string, ...any)) *standIn {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &standIn{
-		cs: cs, ns: ns, bin: bin, logDir: logDir, fixedPorts: fixedPorts, logf: logf,
-		procs: map[types.UID]*podProcess{}, problems: map[string]string{},
-		stopped: make(chan struct{}), cancel: cancel,
+		cs: cs, ns: ns, bin: bin, image: image, logDir: logDir, podDir: podDir, fixedPorts: fixedPorts, logf: logf,
+		procs: map[types.UID]*podProcess{}, problems: map[string]string{}, evidence: map[string]string{},
+		dying: map[*podProcess]bool{}, stopped: make(chan struct{}), cancel: cancel,
 	}
 	go s.loop(ctx)
 	return s
@@ -99,15 +121,14 @@ func (s *standIn) stop() {
 	procs := s.procs
 	s.procs = map[types.UID]*podProcess{}
 	s.mu.Unlock()
-	var wg sync.WaitGroup
 	for _, p := range procs {
-		wg.Add(1)
-		go func() { defer wg.Done(); s.terminate(p) }()
+		s.stopProcess(p)
 	}
-	wg.Wait()
+	s.dyingWG.Wait()
 }
 
-// running counts the live processes of pods with this component label.
+// running counts the live processes of pods with this component label,
+// those of removed pods still draining included.
 func (s *standIn) running(component string) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -117,7 +138,28 @@ func (s *standIn) running(component string) int {
 			n++
 		}
 	}
+	for p := range s.dying {
+		if p.component == component {
+			n++
+		}
+	}
 	return n
+}
+
+// stopProcess terminates p in the background; running counts it, and
+// dyingWG waits for it, until it has exited.
+func (s *standIn) stopProcess(p *podProcess) {
+	s.mu.Lock()
+	s.dying[p] = true
+	s.mu.Unlock()
+	s.dyingWG.Add(1)
+	go func() {
+		defer s.dyingWG.Done()
+		s.terminate(p)
+		s.mu.Lock()
+		delete(s.dying, p)
+		s.mu.Unlock()
+	}()
 }
 
 // problemsText is what the stand-in could not run, one line per pod.
@@ -195,7 +237,7 @@ func (s *standIn) sync(ctx context.Context) {
 	s.mu.Unlock()
 	for _, p := range gone {
 		s.logf("stand-in: pod %s is gone: stopping its process (grace %s)", p.pod, p.grace)
-		go s.terminate(p)
+		s.stopProcess(p)
 	}
 }
 
@@ -239,8 +281,15 @@ func (s *standIn) prepare(ctx context.Context, pod *corev1.Pod) (*podProcess, er
 			}
 		}
 	}
+	if p.volumes, err = s.volumes(pod, c); err != nil {
+		return nil, err
+	}
 	portFlag := regexp.MustCompile(`^(--[a-z-]*port=)([0-9]+)$`)
-	for _, a := range append(append([]string{}, c.Command...), c.Args...) {
+	argv := append(append([]string{}, c.Command...), c.Args...)
+	if s.image != nil {
+		argv = s.image.argv(c)
+	}
+	for _, a := range argv {
 		if m := portFlag.FindStringSubmatch(a); m != nil {
 			n, _ := strconv.Atoi(m[2])
 			if local, ok := p.ports[int32(n)]; ok {
@@ -248,6 +297,31 @@ func (s *standIn) prepare(ctx context.Context, pod *corev1.Pod) (*podProcess, er
 			}
 		}
 		p.args = append(p.args, a)
+	}
+	if s.image != nil {
+		p.argv, p.args = p.args, p.args[1:]
+		if p.uid, p.gid, err = s.image.identity(pod, c); err != nil {
+			return nil, err
+		}
+		p.workDir = s.image.config.WorkingDir
+		if c.WorkingDir != "" {
+			p.workDir = c.WorkingDir
+		}
+		p.readOnly = c.SecurityContext != nil && c.SecurityContext.ReadOnlyRootFilesystem != nil && *c.SecurityContext.ReadOnlyRootFilesystem
+		// The runtime sets HOSTNAME to the pod's name (the UTS name is not
+		// emulated).
+		p.env = s.image.env(append([]string{"HOSTNAME=" + pod.Name}, env...), s.image.homeOf(p.uid))
+		p.logPath = filepath.Join(s.logDir, fmt.Sprintf("%s-%s.log", p.component, pod.Name))
+		return p, nil
+	}
+	// No image: a path under a volume's mount path is its host directory.
+	for _, v := range p.volumes {
+		for i, kv := range env {
+			name, value, _ := strings.Cut(kv, "=")
+			if strings.HasPrefix(value, v.mountPath+"/") {
+				env[i] = name + "=" + v.hostDir + strings.TrimPrefix(value, v.mountPath)
+			}
+		}
 	}
 	if len(c.Command) > 0 {
 		// The image's entrypoint is the binary; a command replaces it.
@@ -440,6 +514,9 @@ func (s *standIn) tend(ctx context.Context, pod *corev1.Pod, p *podProcess) {
 		}
 	}
 	ready := !exited && s.probe(p)
+	if ready && s.image != nil {
+		s.recordEvidence(p)
+	}
 	changed := ready != p.ready || pod.Status.Phase != corev1.PodRunning ||
 		len(pod.Status.ContainerStatuses) == 0 || pod.Status.ContainerStatuses[0].RestartCount != p.restarts
 	p.ready = ready
@@ -477,19 +554,135 @@ func (s *standIn) launch(p *podProcess) error {
 		return err
 	}
 	cmd := exec.Command(s.bin, p.args...)
+	var root *containerRoot
+	if s.image != nil {
+		dir := filepath.Join(s.podDir, fmt.Sprintf("%s-root-%d", p.pod, p.restarts))
+		if root, err = s.image.mountRoot(dir, p.readOnly, p.volumes); err != nil {
+			f.Close()
+			return err
+		}
+		cmd = &exec.Cmd{Path: p.argv[0], Args: p.argv, Dir: p.workDir, SysProcAttr: &syscall.SysProcAttr{
+			Chroot: root.root, Credential: &syscall.Credential{Uid: p.uid, Gid: p.gid},
+		}}
+	}
 	cmd.Env = p.env
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		f.Close()
-		return fmt.Errorf("starting %s: %w", s.bin, err)
+		if root != nil {
+			root.unmount()
+		}
+		return fmt.Errorf("starting %s: %w", cmd.Path, err)
 	}
 	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); f.Close(); close(exited) }()
+	go func() {
+		_ = cmd.Wait()
+		f.Close()
+		if root != nil {
+			root.unmount()
+		}
+		close(exited)
+	}()
 	s.mu.Lock()
 	p.cmd, p.exited, p.started = cmd, exited, time.Now()
 	s.mu.Unlock()
-	s.logf("stand-in: pod %s: started `microbatch %s` (pid %d, ports %v)", p.pod, strings.Join(p.args, " "), cmd.Process.Pid, p.ports)
+	how := ""
+	if s.image != nil {
+		how = fmt.Sprintf(" from the image as %d:%d, root read-only %v", p.uid, p.gid, p.readOnly)
+	}
+	s.logf("stand-in: pod %s: started `microbatch %s`%s (pid %d, ports %v)", p.pod, strings.Join(p.args, " "), how, cmd.Process.Pid, p.ports)
 	return nil
+}
+
+// volumes resolves the container's volume mounts: emptyDir as a tmpfs (a
+// host directory without an image), configMap and secret as their files.
+func (s *standIn) volumes(pod *corev1.Pod, c corev1.Container) ([]podVolume, error) {
+	byName := map[string]corev1.Volume{}
+	for _, v := range pod.Spec.Volumes {
+		byName[v.Name] = v
+	}
+	var out []podVolume
+	for _, m := range c.VolumeMounts {
+		v, ok := byName[m.Name]
+		if !ok {
+			return nil, fmt.Errorf("volume mount %s: no volume of that name", m.Name)
+		}
+		pv := podVolume{mountPath: m.MountPath, readOnly: m.ReadOnly}
+		var files map[string]string
+		switch {
+		case v.EmptyDir != nil:
+			pv.tmpfsSize = 256 << 20
+			if v.EmptyDir.SizeLimit != nil {
+				pv.tmpfsSize = v.EmptyDir.SizeLimit.Value()
+			}
+		case v.ConfigMap != nil:
+			data, err := s.data(context.Background(), pod.Namespace, "ConfigMap", v.ConfigMap.Name)
+			if err != nil {
+				return nil, err
+			}
+			files, pv.readOnly = data, true
+		case v.Secret != nil:
+			data, err := s.data(context.Background(), pod.Namespace, "Secret", v.Secret.SecretName)
+			if err != nil {
+				return nil, err
+			}
+			files, pv.readOnly = data, true
+		default:
+			return nil, fmt.Errorf("volume %s: the stand-in mounts emptyDir, configMap and secret volumes only", m.Name)
+		}
+		if files != nil || s.image == nil {
+			dir := filepath.Join(s.podDir, pod.Name+"-volumes", m.Name)
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				return nil, err
+			}
+			for k, val := range files {
+				if err := os.WriteFile(filepath.Join(dir, k), []byte(val), 0o644); err != nil {
+					return nil, err
+				}
+			}
+			pv.hostDir = dir
+		}
+		out = append(out, pv)
+	}
+	return out, nil
+}
+
+// imageEvidence is what /proc said of each process run from the image.
+func (s *standIn) imageEvidence() map[string]string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[string]string{}
+	for k, v := range s.evidence {
+		out[k] = v
+	}
+	return out
+}
+
+// stopProblems lists the processes that did not exit 0 on SIGTERM.
+func (s *standIn) stopProblems() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string{}, s.stopFailures...)
+}
+
+// recordEvidence notes, once per pod, the uid and the root's flags that
+// /proc shows for its process.
+func (s *standIn) recordEvidence(p *podProcess) {
+	s.mu.Lock()
+	_, done := s.evidence[p.pod]
+	cmd := p.cmd
+	s.mu.Unlock()
+	if done || cmd == nil {
+		return
+	}
+	uid, ro, err := rootOf(cmd.Process.Pid)
+	if err != nil {
+		return // exited meanwhile: read it when the next process is ready
+	}
+	what := fmt.Sprintf("uid %s, root read-only %v", uid, ro)
+	s.mu.Lock()
+	s.evidence[p.pod] = what
+	s.mu.Unlock()
 }
 
 // probe runs the container's readiness probe once (httpGet or grpc).
@@ -577,13 +770,26 @@ func (s *standIn) terminate(p *podProcess) {
 	if cmd == nil {
 		return
 	}
+	select {
+	case <-exited:
+		return // it exited before this stop: tend logged it
+	default:
+	}
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-exited:
+		if code := cmd.ProcessState.ExitCode(); code != 0 {
+			s.mu.Lock()
+			s.stopFailures = append(s.stopFailures, fmt.Sprintf("pod %s: %s on SIGTERM", p.pod, cmd.ProcessState))
+			s.mu.Unlock()
+		}
 	case <-time.After(p.grace):
 		s.logf("stand-in: pod %s: still running after its grace period %s: SIGKILL", p.pod, p.grace)
 		_ = cmd.Process.Kill()
 		<-exited
+		s.mu.Lock()
+		s.stopFailures = append(s.stopFailures, fmt.Sprintf("pod %s: still running after its grace period %s", p.pod, p.grace))
+		s.mu.Unlock()
 	}
 }
 
