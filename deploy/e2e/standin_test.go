@@ -258,6 +258,7 @@ func (s *standIn) prepare(ctx context.Context, pod *corev1.Pod) (*podProcess, er
 		container: c,
 		grace:     30 * time.Second,
 		ports:     map[int32]int{},
+		logPath:   filepath.Join(s.logDir, fmt.Sprintf("%s-%s.log", pod.Labels["app.kubernetes.io/component"], pod.Name)),
 	}
 	if g := pod.Spec.TerminationGracePeriodSeconds; g != nil {
 		p.grace = time.Duration(*g) * time.Second
@@ -311,7 +312,6 @@ func (s *standIn) prepare(ctx context.Context, pod *corev1.Pod) (*podProcess, er
 		// The runtime sets HOSTNAME to the pod's name (the UTS name is not
 		// emulated).
 		p.env = s.image.env(append([]string{"HOSTNAME=" + pod.Name}, env...), s.image.homeOf(p.uid))
-		p.logPath = filepath.Join(s.logDir, fmt.Sprintf("%s-%s.log", p.component, pod.Name))
 		return p, nil
 	}
 	// No image: a path under a volume's mount path is its host directory.
@@ -331,7 +331,6 @@ func (s *standIn) prepare(ctx context.Context, pod *corev1.Pod) (*podProcess, er
 		p.args = p.args[1:]
 	}
 	p.env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.TempDir()}, env...)
-	p.logPath = filepath.Join(s.logDir, fmt.Sprintf("%s-%s.log", p.component, pod.Name))
 	return p, nil
 }
 
