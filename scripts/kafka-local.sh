@@ -8,7 +8,7 @@ set -euo pipefail
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd -- "$SCRIPT_DIR/.." && pwd)
 
-KAFKA_VERSION=${KAFKA_VERSION:-4.1.1}
+KAFKA_VERSION=${KAFKA_VERSION:-4.3.2}
 LOG4J_VERSION=${LOG4J_VERSION:-2.24.3}
 DEPENDENCY_PLUGIN=${KAFKA_LOCAL_DEPENDENCY_PLUGIN:-org.apache.maven.plugins:maven-dependency-plugin:3.8.1}
 
@@ -33,6 +33,11 @@ SCRAM_USER=${KAFKA_SCRAM_USER:-microbatch}
 AUTO_CREATE_TOPICS=${KAFKA_AUTO_CREATE_TOPICS:-false}
 CONSUMER_SESSION_TIMEOUT_MS=${KAFKA_CONSUMER_SESSION_TIMEOUT_MS:-10000}
 CONSUMER_HEARTBEAT_MS=${KAFKA_CONSUMER_HEARTBEAT_MS:-500}
+SHARE_SESSION_TIMEOUT_MS=${KAFKA_SHARE_SESSION_TIMEOUT_MS:-10000}
+SHARE_HEARTBEAT_MS=${KAFKA_SHARE_HEARTBEAT_MS:-1000}
+# The broker's default acquisition lock stays (30 s); the minimum is lowered so
+# a test can shorten it for its own group (share.record.lock.duration.ms).
+SHARE_MIN_LOCK_MS=${KAFKA_SHARE_MIN_RECORD_LOCK_MS:-1000}
 HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xmx512m -Xms256m}
 TOOL_HEAP_OPTS=${KAFKA_TOOL_HEAP_OPTS:--Xmx512m}
 START_TIMEOUT=${KAFKA_LOCAL_START_TIMEOUT:-90}
@@ -88,7 +93,8 @@ Commands:
                      topics, configs, consumer-groups, consumer-perf-test,
                      producer-perf-test, console-producer, console-consumer,
                      get-offsets, delete-records, acls, metadata-quorum,
-                     broker-api-versions, storage
+                     broker-api-versions, storage, features, share-groups,
+                     share-consumer-perf-test, console-share-consumer
                    or a fully qualified Java main class.
   help, --help     This text.
 
@@ -107,8 +113,11 @@ Broker settings worth knowing:
   explicitly (e.g. with 'tool topics --create'). Set KAFKA_AUTO_CREATE_TOPICS=true
   before 'start' to change that. Replication factor 1 everywhere,
   num.partitions=1, group.initial.rebalance.delay.ms=0, no authorizer.
-  Both group protocols: classic and consumer (KIP-848), the latter with a
-  session of ${CONSUMER_SESSION_TIMEOUT_MS} ms and heartbeats every ${CONSUMER_HEARTBEAT_MS} ms.
+  Every group protocol: classic, consumer (KIP-848) with a session of
+  ${CONSUMER_SESSION_TIMEOUT_MS} ms and heartbeats every ${CONSUMER_HEARTBEAT_MS} ms, and share groups (KIP-932)
+  with a session of ${SHARE_SESSION_TIMEOUT_MS} ms, heartbeats every ${SHARE_HEARTBEAT_MS} ms and the broker's
+  30 s acquisition lock (a group may lower it to ${SHARE_MIN_LOCK_MS} ms). Data formatted by
+  an older Kafka without share.version is upgraded to this release's features.
 
 Files written by 'start' (in .kafka-local/):
   scram.env                 KAFKA_BOOTSTRAP_SERVERS, KAFKA_SECURITY_PROTOCOL,
@@ -141,6 +150,8 @@ Environment overrides (defaults in brackets):
   KAFKA_MSK_IAM_TOKEN_MAX_AGE_S [60] (0: honour a token until it expires)
   KAFKA_AUTO_CREATE_TOPICS [false]  KAFKA_SCRAM_USER [microbatch]
   KAFKA_CONSUMER_SESSION_TIMEOUT_MS [10000]  KAFKA_CONSUMER_HEARTBEAT_MS [500]
+  KAFKA_SHARE_SESSION_TIMEOUT_MS [10000]  KAFKA_SHARE_HEARTBEAT_MS [1000]
+  KAFKA_SHARE_MIN_RECORD_LOCK_MS [1000]
   KAFKA_HEAP_OPTS [-Xmx512m -Xms256m]  KAFKA_TOOL_HEAP_OPTS [-Xmx512m]
   KAFKA_LOCAL_START_TIMEOUT [90]  KAFKA_LOCAL_STOP_TIMEOUT [30]  JAVA_HOME
 
@@ -175,6 +186,9 @@ check_settings() {
 	check_port_number KAFKA_CONTROLLER_PORT "$CONTROLLER_PORT"
 	[[ $CONSUMER_SESSION_TIMEOUT_MS =~ ^[0-9]+$ ]] || die "KAFKA_CONSUMER_SESSION_TIMEOUT_MS must be a number of milliseconds"
 	[[ $CONSUMER_HEARTBEAT_MS =~ ^[0-9]+$ ]] || die "KAFKA_CONSUMER_HEARTBEAT_MS must be a number of milliseconds"
+	[[ $SHARE_SESSION_TIMEOUT_MS =~ ^[0-9]+$ ]] || die "KAFKA_SHARE_SESSION_TIMEOUT_MS must be a number of milliseconds"
+	[[ $SHARE_HEARTBEAT_MS =~ ^[0-9]+$ ]] || die "KAFKA_SHARE_HEARTBEAT_MS must be a number of milliseconds"
+	[[ $SHARE_MIN_LOCK_MS =~ ^[0-9]+$ ]] || die "KAFKA_SHARE_MIN_RECORD_LOCK_MS must be a number of milliseconds"
 	check_port_number KAFKA_MSK_IAM_PORT "$MSK_IAM_PORT"
 	if [[ $(printf '%s\n' "$PLAINTEXT_PORT" "$SCRAM_PORT" "$CONTROLLER_PORT" "$MSK_IAM_PORT" | sort -u | wc -l) != 4 ]]; then
 		die "KAFKA_PLAINTEXT_PORT, KAFKA_SCRAM_PORT, KAFKA_CONTROLLER_PORT and KAFKA_MSK_IAM_PORT must differ"
@@ -184,7 +198,9 @@ check_settings() {
 	[[ $AUTO_CREATE_TOPICS == true || $AUTO_CREATE_TOPICS == false ]] ||
 		die "KAFKA_AUTO_CREATE_TOPICS must be true or false"
 	[[ $SCRAM_USER =~ ^[A-Za-z0-9._-]+$ ]] || die "KAFKA_SCRAM_USER may only contain [A-Za-z0-9._-]"
-	[[ $KAFKA_VERSION =~ ^4\. ]] || log "warning: KAFKA_VERSION=$KAFKA_VERSION is not 4.x; this script targets Kafka 4.x"
+	# Share groups (KIP-932) are generally available from 4.2 on.
+	[[ $KAFKA_VERSION =~ ^4\.([2-9]|[1-9][0-9])\. ]] ||
+		log "warning: KAFKA_VERSION=$KAFKA_VERSION is older than 4.2: share groups will not work; this script targets Kafka 4.2 or later"
 }
 
 check_java() {
@@ -473,14 +489,22 @@ transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
-# The consumer group protocol (KIP-848) beside the classic one, with the
-# session and heartbeat of an autoscaled group rather than the broker's
+# Every group protocol is on (classic, consumer, share, streams), each
+# enabled by its feature version. The consumer group protocol (KIP-848) has
+# the session and heartbeat of an autoscaled group rather than the broker's
 # defaults (45 s and 5 s); the minimums are lowered to allow them.
-group.coordinator.rebalance.protocols=classic,consumer
 group.consumer.session.timeout.ms=$CONSUMER_SESSION_TIMEOUT_MS
 group.consumer.min.session.timeout.ms=$CONSUMER_SESSION_TIMEOUT_MS
 group.consumer.heartbeat.interval.ms=$CONSUMER_HEARTBEAT_MS
 group.consumer.min.heartbeat.interval.ms=$CONSUMER_HEARTBEAT_MS
+# Share groups (KIP-932): the same short session and heartbeat, so a member
+# that dies gives its partitions' share back in seconds; acquisition locks
+# keep the broker's 30 s default, and a group may set a shorter one.
+group.share.session.timeout.ms=$SHARE_SESSION_TIMEOUT_MS
+group.share.min.session.timeout.ms=$SHARE_SESSION_TIMEOUT_MS
+group.share.heartbeat.interval.ms=$SHARE_HEARTBEAT_MS
+group.share.min.heartbeat.interval.ms=$SHARE_HEARTBEAT_MS
+group.share.min.record.lock.duration.ms=$SHARE_MIN_LOCK_MS
 num.network.threads=2
 num.io.threads=4
 num.recovery.threads.per.data.dir=1
@@ -599,6 +623,41 @@ format_storage() {
 	fi
 }
 
+# Print the finalized level of a feature (0 when it is not finalized).
+feature_level() {
+	local out
+	out=$(run_java_tool org.apache.kafka.tools.FeatureCommand --bootstrap-server "$HOST:$PLAINTEXT_PORT" describe) ||
+		die "kafka-features describe failed: $out"
+	awk -v f="$1" '$1 == "Feature:" && $2 == f {
+		for (i = 3; i < NF; i++) if ($i == "FinalizedVersionLevel:") { print $(i + 1); exit }
+	}' <<<"$out"
+}
+
+# Storage formatted by Kafka 4.1 or older finalized share.version=0, and the
+# broker then refuses share groups. Upgrade such a cluster to the running
+# release's feature levels (as an operator would after a rolling upgrade)
+# instead of leaving it silently without share groups.
+ensure_share_groups() {
+	local level release
+	level=$(feature_level share.version)
+	[[ -n $level && $level != 0 ]] && return 0
+	release=$(sed -E 's/^([0-9]+\.[0-9]+).*/\1/' <<<"$KAFKA_VERSION")
+	log "the data in $DATA_DIR has share.version=${level:-unknown} (formatted by an older Kafka); upgrading its features to release $release"
+	run_java_tool org.apache.kafka.tools.FeatureCommand --bootstrap-server "$HOST:$PLAINTEXT_PORT" \
+		upgrade --release-version "$release" >&2 || die "kafka-features upgrade --release-version $release failed"
+	level=$(feature_level share.version)
+	[[ -n $level && $level != 0 ]] ||
+		die "share.version is still ${level:-unknown} after the upgrade; run 'scripts/kafka-local.sh reset' to remake the data"
+}
+
+# Run a Kafka tool class in the foreground (cmd_tool execs instead).
+run_java_tool() {
+	local -a heap
+	read -r -a heap <<<"$TOOL_HEAP_OPTS"
+	"$JAVA" "${heap[@]}" -Djava.awt.headless=true \
+		-Dlog4j2.configurationFile="$TOOLS_LOG4J" -cp "$(classpath)" "$@" 2>&1
+}
+
 # ---------------------------------------------------------------- commands
 
 print_connection_info() {
@@ -677,6 +736,7 @@ cmd_start() {
 			fi
 		fi
 		if $ready_log && port_open "$PLAINTEXT_PORT" && port_open "$SCRAM_PORT" && port_open "$MSK_IAM_PORT"; then
+			ensure_share_groups
 			echo "kafka-local: Kafka $KAFKA_VERSION started (pid $pid) in $((SECONDS - started))s"
 			print_connection_info
 			return 0
@@ -773,6 +833,10 @@ tool_candidates() {
 	acls) echo org.apache.kafka.tools.AclCommand kafka.admin.AclCommand ;;
 	metadata-quorum) echo org.apache.kafka.tools.MetadataQuorumCommand ;;
 	broker-api-versions) echo org.apache.kafka.tools.BrokerApiVersionsCommand kafka.admin.BrokerApiVersionsCommand ;;
+	features) echo org.apache.kafka.tools.FeatureCommand ;;
+	share-groups) echo org.apache.kafka.tools.consumer.group.ShareGroupCommand ;;
+	share-consumer-perf-test) echo org.apache.kafka.tools.ShareConsumerPerformance ;;
+	console-share-consumer) echo org.apache.kafka.tools.consumer.ConsoleShareConsumer ;;
 	storage) echo kafka.tools.StorageTool ;;
 	*.*) echo "$1" ;;
 	*) return 1 ;;
