@@ -16,6 +16,7 @@
 //! - [`capacity_report`]: the capacity report a worker writes into its
 //!   commit metadata and the scaling side reads back.
 //! - [`log_throttle`]: one line per back-off step for a repeating problem.
+//! - [`share`]: the share-group (KIP-932) consumer, on `kafka-protocol`.
 
 pub mod admin;
 pub mod aws_iam;
@@ -24,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod log_throttle;
 pub mod secret;
+pub mod share;
 
 pub use client::ClientError;
 pub use config::{ConfigError, KafkaConfig};

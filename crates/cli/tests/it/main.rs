@@ -11,7 +11,7 @@
 //!   [`delivery`] (poison, outages, ordering), [`edges`], [`handlers`],
 //!   [`fetch`], [`faults`] (librdkafka's mock cluster), [`msk_iam`], [`lag`],
 //!   [`supervise`], [`scaler`], [`keda_parity`] (KEDA's own scaler),
-//!   [`demo`], [`top`], [`topic`].
+//!   [`demo`], [`top`], [`topic`], [`share`] (the share-group client).
 //!
 //! `tests/chaos.rs` is the one test outside: it restarts the broker, so it
 //! runs in its own binary, which cargo runs after this one, never beside it.
@@ -28,6 +28,7 @@ mod keda_parity;
 mod lag;
 mod msk_iam;
 mod scaler;
+mod share;
 mod supervise;
 mod top;
 mod topic;

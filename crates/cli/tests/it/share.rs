@@ -1,0 +1,376 @@
+//! The share-group client (`microbatch_kafka::share`) against the real
+//! broker: membership, fetch, acknowledgement, release, lock expiry, clean
+//! leave. What was handled is the consumers' own record; what the group has
+//! left is read with Kafka's own share-groups tool.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use microbatch_kafka::share::{AckType, ShareConsumer, ShareConsumerConfig};
+
+use crate::harness::{broker, create_topic, produce, scripts_dir, unique};
+
+/// The share client needs Kafka 4.2+; librdkafka's mock cluster has no share
+/// groups, so without a real broker these tests skip (never under CI).
+fn real_broker() -> Option<String> {
+    let b = broker();
+    if !b.is_real() {
+        eprintln!("skipped: share groups need a real broker (run scripts/test.sh)");
+        return None;
+    }
+    Some(b.bootstrap().to_string())
+}
+
+fn config(bootstrap: &str, group: &str, topic: &str) -> ShareConsumerConfig {
+    let mut cfg =
+        ShareConsumerConfig::new(vec![bootstrap.to_string()], group, vec![topic.to_string()]);
+    cfg.max_wait = Duration::from_millis(200);
+    cfg.max_records = 20;
+    cfg
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `kafka-share-groups --describe --offsets`: partition -> lag, as Kafka's
+/// own admin client reads the group.
+fn share_group_lag(bootstrap: &str, group: &str) -> BTreeMap<i32, i64> {
+    let out = std::process::Command::new(scripts_dir().join("kafka-local.sh"))
+        .args([
+            "tool",
+            "share-groups",
+            "--bootstrap-server",
+            bootstrap,
+            "--describe",
+            "--offsets",
+            "--group",
+            group,
+        ])
+        .output()
+        .expect("running kafka-share-groups");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kafka-share-groups failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines.next().expect("a header").split_whitespace().collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no {name} in {header:?}"))
+    };
+    let (partition, lag) = (col("PARTITION"), col("LAG"));
+    lines
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .map(|f| (f[partition].parse().unwrap(), f[lag].parse().unwrap_or(-1)))
+        .collect()
+}
+
+/// Three members on two partitions: more members than partitions, which a
+/// consumer group cannot use. Every record is handled exactly once (no
+/// failure was injected), every member got work, and Kafka's tool then sees
+/// no backlog.
+#[test]
+fn three_members_on_two_partitions_share_the_work_and_leave_no_backlog() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let topic = unique("share-split");
+    let group = unique("share-split-g");
+    create_topic(&topic, 2);
+    const N: usize = 600;
+
+    let handled: Arc<Mutex<Vec<(i32, i64, usize)>>> = Arc::default();
+    runtime().block_on(async {
+        ShareConsumer::configure_group(
+            &config(&bootstrap, &group, &topic),
+            &[("share.auto.offset.reset", "earliest")],
+        )
+        .await
+        .expect("setting share.auto.offset.reset");
+        // Records arrive once all three hold an assignment, so that the
+        // first to join cannot take them all before the others are in.
+        let all_in = Arc::new(tokio::sync::Barrier::new(4));
+        let mut members = Vec::new();
+        for m in 0..3 {
+            let cfg = config(&bootstrap, &group, &topic);
+            let handled = handled.clone();
+            let all_in = all_in.clone();
+            members.push(tokio::spawn(async move {
+                let mut c = ShareConsumer::join(cfg).await.expect("joining");
+                while c.assignment().is_empty() {
+                    assert!(c.poll().await.expect("poll").records.is_empty());
+                }
+                all_in.wait().await;
+                let deadline = Instant::now() + Duration::from_secs(90);
+                let mut idle_since = Instant::now();
+                while Instant::now() < deadline {
+                    let fetched = c.poll().await.expect("poll");
+                    if fetched.records.is_empty() {
+                        if handled.lock().unwrap().len() >= N
+                            && idle_since.elapsed() > Duration::from_secs(2)
+                        {
+                            break;
+                        }
+                        continue;
+                    }
+                    idle_since = Instant::now();
+                    for r in &fetched.records {
+                        handled.lock().unwrap().push((r.partition, r.offset, m));
+                        c.acknowledge(r, AckType::Accept)
+                            .expect("acknowledging a held record");
+                    }
+                    // Work that takes a while, as a handler's does.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                c.flush().await.expect("flush");
+                let refused: Vec<_> = c
+                    .take_outcomes()
+                    .into_iter()
+                    .filter(|o| o.error.is_some())
+                    .collect();
+                assert!(refused.is_empty(), "verdicts refused: {refused:?}");
+                c.close().await.expect("close");
+            }));
+        }
+        all_in.wait().await;
+        let producing = topic.clone();
+        // Small batches: a share fetch acquires whole batches (record-limit
+        // mode is ShareFetch v2), so one big batch would go to one member.
+        tokio::task::spawn_blocking(move || {
+            produce(
+                &producing,
+                N as u64,
+                &["--kafka-property", "batch.num.messages=10"],
+            )
+        })
+        .await
+        .unwrap();
+        for m in members {
+            m.await.unwrap();
+        }
+    });
+
+    let handled = handled.lock().unwrap().clone();
+    let unique_records: BTreeSet<(i32, i64)> = handled.iter().map(|&(p, o, _)| (p, o)).collect();
+    assert_eq!(unique_records.len(), N, "every record handled");
+    assert_eq!(handled.len(), N, "none handled twice without a failure");
+    let members: BTreeSet<usize> = handled.iter().map(|&(_, _, m)| m).collect();
+    assert_eq!(members.len(), 3, "all three members got work: {members:?}");
+    let lag = share_group_lag(&bootstrap, &group);
+    assert_eq!(lag.len(), 2, "both partitions in the group: {lag:?}");
+    assert!(lag.values().all(|&l| l == 0), "no backlog left: {lag:?}");
+}
+
+/// Released records come back with a higher delivery count; rejected ones
+/// never do; an acknowledgement for a record not held is refused.
+#[test]
+fn released_records_return_and_rejected_ones_do_not() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let topic = unique("share-release");
+    let group = unique("share-release-g");
+    create_topic(&topic, 1);
+    produce(&topic, 20, &[]);
+    runtime().block_on(async {
+        let cfg = config(&bootstrap, &group, &topic);
+        ShareConsumer::configure_group(&cfg, &[("share.auto.offset.reset", "earliest")])
+            .await
+            .unwrap();
+        let mut c = ShareConsumer::join(cfg).await.expect("joining");
+        let mut first = Vec::new();
+        while first.len() < 20 {
+            first.extend(c.poll().await.unwrap().records);
+        }
+        assert!(first.iter().all(|r| r.delivery_count == 1));
+        for r in &first {
+            let verdict = match r.offset % 3 {
+                0 => AckType::Release,
+                1 => AckType::Reject,
+                _ => AckType::Accept,
+            };
+            c.acknowledge(r, verdict).unwrap();
+        }
+        assert!(
+            c.acknowledge(&first[0], AckType::Accept).is_err(),
+            "a second verdict on one delivery is refused"
+        );
+        let mut again = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while again.len() < 7 && Instant::now() < deadline {
+            again.extend(c.poll().await.unwrap().records);
+        }
+        let offsets: Vec<i64> = again.iter().map(|r| r.offset).collect();
+        assert_eq!(
+            offsets,
+            (0..20).filter(|o| o % 3 == 0).collect::<Vec<_>>(),
+            "only the released come back"
+        );
+        assert!(
+            again.iter().all(|r| r.delivery_count == 2),
+            "delivered a second time"
+        );
+        for r in &again {
+            c.acknowledge(r, AckType::Accept).unwrap();
+        }
+        c.flush().await.unwrap();
+        let outcomes = c.take_outcomes();
+        assert!(
+            outcomes.iter().all(|o| o.error.is_none()),
+            "every verdict taken: {outcomes:?}"
+        );
+        // Nothing more comes: rejected records are archived.
+        let extra = c.poll().await.unwrap().records;
+        assert!(
+            extra.is_empty(),
+            "nothing after every record is done: {extra:?}"
+        );
+        c.close().await.unwrap();
+    });
+}
+
+/// A member that vanishes without a word (its connections cut, no leave):
+/// the records it held go to another member, delivered a second time.
+/// Nothing lost.
+#[test]
+fn records_of_a_member_that_vanishes_go_to_another_after_the_lock() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let topic = unique("share-vanish");
+    let group = unique("share-vanish-g");
+    create_topic(&topic, 1);
+    produce(&topic, 30, &[]);
+    runtime().block_on(async {
+        let cfg = config(&bootstrap, &group, &topic);
+        ShareConsumer::configure_group(
+            &cfg,
+            &[
+                ("share.auto.offset.reset", "earliest"),
+                ("share.record.lock.duration.ms", "3000"),
+            ],
+        )
+        .await
+        .unwrap();
+        let mut a = ShareConsumer::join(cfg.clone()).await.expect("joining");
+        let mut taken = Vec::new();
+        while taken.is_empty() {
+            taken = a.poll().await.unwrap().records;
+        }
+        let taken_offsets: BTreeSet<i64> = taken.iter().map(|r| r.offset).collect();
+        // No verdicts, no close, no leave: as a process killed mid-batch
+        // (dropping the consumer cuts its connections and stops its
+        // heartbeats).
+        drop(a);
+        let vanished = Instant::now();
+
+        let mut b = ShareConsumer::join(cfg).await.expect("joining");
+        let mut seen = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while seen.len() < 30 && Instant::now() < deadline {
+            for r in b.poll().await.unwrap().records {
+                seen.insert(r.offset, r.delivery_count);
+                b.acknowledge(&r, AckType::Accept).unwrap();
+            }
+        }
+        assert_eq!(seen.len(), 30, "every record reached the survivor");
+        eprintln!(
+            "the vanished member's records were all handled {:?} after it vanished",
+            vanished.elapsed()
+        );
+        for o in &taken_offsets {
+            assert_eq!(
+                seen[o], 2,
+                "offset {o} was the vanished member's and came back once"
+            );
+        }
+        b.close().await.unwrap();
+    });
+    let lag = share_group_lag(&bootstrap, &group);
+    assert_eq!(lag.get(&0), Some(&0), "no backlog left: {lag:?}");
+}
+
+/// A member that holds records and goes quiet (a handler stuck, connections
+/// alive): when the acquisition lock runs out its records go to another
+/// member; while that member holds them, the stuck member's late verdicts
+/// are refused by the broker, so it cannot mark done what another holds.
+#[test]
+fn a_stuck_members_records_move_after_the_lock_and_its_late_verdicts_are_refused() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let topic = unique("share-stuck");
+    let group = unique("share-stuck-g");
+    create_topic(&topic, 1);
+    produce(&topic, 10, &[]);
+    runtime().block_on(async {
+        let cfg = config(&bootstrap, &group, &topic);
+        ShareConsumer::configure_group(
+            &cfg,
+            &[
+                ("share.auto.offset.reset", "earliest"),
+                ("share.record.lock.duration.ms", "2000"),
+            ],
+        )
+        .await
+        .unwrap();
+        let mut stuck = ShareConsumer::join(cfg.clone()).await.expect("joining");
+        let mut held = Vec::new();
+        while held.len() < 10 {
+            held.extend(stuck.poll().await.unwrap().records);
+        }
+        let stuck_since = Instant::now();
+        let mut other = ShareConsumer::join(cfg).await.expect("joining");
+        let mut taken = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while taken.len() < 10 && Instant::now() < deadline {
+            taken.extend(other.poll().await.unwrap().records);
+        }
+        eprintln!(
+            "a stuck member's records moved {:?} after it stopped",
+            stuck_since.elapsed()
+        );
+        assert_eq!(taken.len(), 10, "every record reached the other member");
+        assert!(
+            taken.iter().all(|r| r.delivery_count == 2),
+            "each delivered a second time"
+        );
+
+        // The stuck member wakes up and says its records are done, while
+        // the other member holds them.
+        for r in &held {
+            stuck.acknowledge(r, AckType::Accept).unwrap();
+        }
+        stuck.flush().await.unwrap();
+        let outcomes = stuck.take_outcomes();
+        assert!(!outcomes.is_empty());
+        assert!(
+            outcomes.iter().all(|o| o.error.is_some()),
+            "late verdicts refused: {outcomes:?}"
+        );
+
+        for r in &taken {
+            other.acknowledge(r, AckType::Accept).unwrap();
+        }
+        other.flush().await.unwrap();
+        let outcomes = other.take_outcomes();
+        assert!(
+            outcomes.iter().all(|o| o.error.is_none()),
+            "the holder's verdicts taken: {outcomes:?}"
+        );
+        stuck.close().await.unwrap();
+        other.close().await.unwrap();
+    });
+    let lag = share_group_lag(&bootstrap, &group);
+    assert_eq!(lag.get(&0), Some(&0), "no backlog left: {lag:?}");
+}

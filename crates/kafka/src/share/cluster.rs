@@ -1,0 +1,283 @@
+//! The brokers as the share consumer sees them: how to open a connection,
+//! one open connection per broker and lane, metadata and the coordinator.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kafka_protocol::messages::incremental_alter_configs_request::{
+    AlterConfigsResource, AlterableConfig,
+};
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::{
+    FindCoordinatorRequest, FindCoordinatorResponse, MetadataRequest, MetadataResponse, TopicName,
+};
+use kafka_protocol::messages::{IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse};
+use kafka_protocol::protocol::StrBytes;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use super::wire::{Connection, Stream};
+use super::ShareError;
+
+/// Opens the byte stream to a broker (TCP, or TLS around it) and, once the
+/// connection speaks Kafka, authenticates it.
+#[async_trait]
+pub trait Connector: Send + Sync + 'static {
+    async fn connect(&self, addr: &str) -> Result<Box<dyn Stream>, ShareError>;
+    /// SASL, run over the open connection before any other request.
+    async fn authenticate(&self, _conn: &Connection) -> Result<(), ShareError> {
+        Ok(())
+    }
+}
+
+/// PLAINTEXT: TCP, no authentication.
+pub struct PlainTcp;
+
+#[async_trait]
+impl Connector for PlainTcp {
+    async fn connect(&self, addr: &str) -> Result<Box<dyn Stream>, ShareError> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| ShareError::io(addr, e))?;
+        let _ = stream.set_nodelay(true);
+        Ok(Box::new(stream))
+    }
+}
+
+/// Connections are kept apart by what they carry: the coordinator's
+/// heartbeats must not queue behind a long-polling fetch (a broker answers
+/// one request per connection at a time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Coordinator,
+    Fetch,
+}
+
+/// A partition's leader as metadata last said.
+#[derive(Debug, Clone)]
+pub struct TopicMeta {
+    pub name: Arc<str>,
+    pub id: Uuid,
+    /// partition -> leader node id (-1: none right now).
+    pub leaders: HashMap<i32, i32>,
+}
+
+pub struct Cluster {
+    connector: Arc<dyn Connector>,
+    bootstrap: Vec<String>,
+    client_id: String,
+    request_timeout: Duration,
+    conns: Mutex<HashMap<(String, Lane), Arc<Connection>>>,
+    nodes: std::sync::Mutex<HashMap<i32, String>>,
+}
+
+impl Cluster {
+    pub fn new(
+        connector: Arc<dyn Connector>,
+        bootstrap: Vec<String>,
+        client_id: String,
+        request_timeout: Duration,
+    ) -> Self {
+        Self {
+            connector,
+            bootstrap,
+            client_id,
+            request_timeout,
+            conns: Mutex::default(),
+            nodes: std::sync::Mutex::default(),
+        }
+    }
+
+    /// An open connection to `addr` on `lane`, reused while it lives.
+    pub async fn conn(&self, addr: &str, lane: Lane) -> Result<Arc<Connection>, ShareError> {
+        let key = (addr.to_string(), lane);
+        if let Some(c) = self.conns.lock().await.get(&key) {
+            if c.is_open() {
+                return Ok(c.clone());
+            }
+        }
+        let stream = tokio::time::timeout(self.request_timeout, self.connector.connect(addr))
+            .await
+            .map_err(|_| ShareError::Io {
+                broker: addr.to_string(),
+                reason: format!("no connection within {:?}", self.request_timeout),
+            })??;
+        let conn = Connection::open(
+            addr.to_string(),
+            stream,
+            &self.client_id,
+            self.request_timeout,
+        )
+        .await?;
+        self.connector.authenticate(&conn).await?;
+        let conn = Arc::new(conn);
+        self.conns.lock().await.insert(key, conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops a connection that failed, so the next use opens a new one.
+    pub async fn forget(&self, addr: &str, lane: Lane) {
+        self.conns.lock().await.remove(&(addr.to_string(), lane));
+    }
+
+    /// The address of a node metadata named.
+    pub fn node(&self, id: i32) -> Option<String> {
+        self.nodes.lock().expect("nodes").get(&id).cloned()
+    }
+
+    /// A connection to any broker: the known ones first, then bootstrap.
+    async fn any(&self) -> Result<Arc<Connection>, ShareError> {
+        let mut candidates: Vec<String> = self
+            .nodes
+            .lock()
+            .expect("nodes")
+            .values()
+            .cloned()
+            .collect();
+        candidates.sort();
+        candidates.extend(self.bootstrap.iter().cloned());
+        let mut errors = Vec::new();
+        for addr in candidates {
+            match self.conn(&addr, Lane::Coordinator).await {
+                Ok(c) => return Ok(c),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        Err(ShareError::NoBroker(errors.join("; ")))
+    }
+
+    /// Metadata for `topics`: ids and leaders; also learns the brokers.
+    pub async fn metadata(&self, topics: &[String]) -> Result<Vec<TopicMeta>, ShareError> {
+        let conn = self.any().await?;
+        let request = MetadataRequest::default().with_topics(Some(
+            topics
+                .iter()
+                .map(|t| {
+                    MetadataRequestTopic::default()
+                        .with_name(Some(TopicName(StrBytes::from_string(t.clone()))))
+                })
+                .collect(),
+        ));
+        let response: MetadataResponse = match conn.call(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.forget(conn.addr(), Lane::Coordinator).await;
+                return Err(e);
+            }
+        };
+        {
+            let mut nodes = self.nodes.lock().expect("nodes");
+            for b in &response.brokers {
+                nodes.insert(b.node_id.0, format!("{}:{}", b.host, b.port));
+            }
+        }
+        let mut out = Vec::new();
+        for t in response.topics {
+            let name = t.name.map(|n| n.0.to_string()).unwrap_or_default();
+            if t.error_code != 0 {
+                return Err(ShareError::broker(
+                    "Metadata",
+                    t.error_code,
+                    Some(format!("topic {name}")),
+                ));
+            }
+            out.push(TopicMeta {
+                name: name.into(),
+                id: t.topic_id,
+                leaders: t
+                    .partitions
+                    .iter()
+                    .map(|p| (p.partition_index, p.leader_id.0))
+                    .collect(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The address of `group`'s coordinator.
+    pub async fn coordinator(&self, group: &str) -> Result<String, ShareError> {
+        let conn = self.any().await?;
+        let key = StrBytes::from_string(group.to_string());
+        let version = conn.version::<FindCoordinatorRequest>()?;
+        // Version 4 and later ask for a list of keys, older ones for one.
+        let request = if version >= 4 {
+            FindCoordinatorRequest::default().with_coordinator_keys(vec![key])
+        } else {
+            FindCoordinatorRequest::default().with_key(key)
+        }
+        .with_key_type(0);
+        let response: FindCoordinatorResponse = match conn.call_version(request, version).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.forget(conn.addr(), Lane::Coordinator).await;
+                return Err(e);
+            }
+        };
+        // Version 4 and later answer in `coordinators`, older ones inline.
+        let (code, message, host, port) = match response.coordinators.first() {
+            Some(c) => (
+                c.error_code,
+                c.error_message.clone(),
+                c.host.clone(),
+                c.port,
+            ),
+            None => (
+                response.error_code,
+                response.error_message.clone(),
+                response.host.clone(),
+                response.port,
+            ),
+        };
+        if code != 0 {
+            return Err(ShareError::broker(
+                "FindCoordinator",
+                code,
+                message.map(|m| m.to_string()),
+            ));
+        }
+        Ok(format!("{host}:{port}"))
+    }
+
+    /// Sets group configs (`share.auto.offset.reset`,
+    /// `share.record.lock.duration.ms`), as `kafka-configs --entity-type
+    /// groups` does. The group need not exist yet.
+    pub async fn set_group_configs(
+        &self,
+        group: &str,
+        configs: &[(&str, &str)],
+    ) -> Result<(), ShareError> {
+        /// ConfigResource.Type.GROUP.
+        const GROUP_RESOURCE: i8 = 32;
+        const SET: i8 = 0;
+        let conn = self.any().await?;
+        let request = IncrementalAlterConfigsRequest::default().with_resources(vec![
+            AlterConfigsResource::default()
+                .with_resource_type(GROUP_RESOURCE)
+                .with_resource_name(StrBytes::from_string(group.to_string()))
+                .with_configs(
+                    configs
+                        .iter()
+                        .map(|(k, v)| {
+                            AlterableConfig::default()
+                                .with_name(StrBytes::from_string(k.to_string()))
+                                .with_config_operation(SET)
+                                .with_value(Some(StrBytes::from_string(v.to_string())))
+                        })
+                        .collect(),
+                ),
+        ]);
+        let response: IncrementalAlterConfigsResponse = conn.call(request).await?;
+        for r in response.responses {
+            if r.error_code != 0 {
+                return Err(ShareError::broker(
+                    "IncrementalAlterConfigs",
+                    r.error_code,
+                    r.error_message.map(|m| format!("group {group}: {m}")),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,774 @@
+//! [`ShareConsumer`]: fetches the records the broker hands this member,
+//! carries the caller's verdicts back (piggy-backed on the next fetch, or on
+//! their own with [`ShareConsumer::flush`]), and leaves cleanly.
+//!
+//! Share sessions: each partition leader keeps one session per member. The
+//! first request opens it (epoch 0, which may not carry acknowledgements);
+//! each later one carries the next epoch, the partitions wanted, and the
+//! partitions no longer wanted; the last (epoch -1) closes it, releasing
+//! whatever this member still holds there.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use kafka_protocol::messages::share_acknowledge_request::{
+    AcknowledgePartition, AcknowledgeTopic, AcknowledgementBatch as AckBatchAck,
+};
+use kafka_protocol::messages::share_fetch_request::{
+    AcknowledgementBatch as FetchAckBatch, FetchPartition, FetchTopic, ForgottenTopic,
+};
+use kafka_protocol::messages::{
+    GroupId, ShareAcknowledgeRequest, ShareAcknowledgeResponse, ShareFetchRequest,
+    ShareFetchResponse,
+};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::ResponseError;
+use uuid::Uuid;
+
+use super::acks::{AckBatch, AckError, AckType, PartitionAcks};
+use super::cluster::{Cluster, Connector, Lane, TopicMeta};
+use super::membership::{MemberState, Membership};
+use super::records::{self, Acquired, ShareRecord};
+use super::ShareError;
+
+/// How the consumer reaches the brokers and how much it asks for.
+#[derive(Clone)]
+pub struct ShareConsumerConfig {
+    pub bootstrap: Vec<String>,
+    pub group: String,
+    pub topics: Vec<String>,
+    pub client_id: String,
+    pub connector: Arc<dyn Connector>,
+    /// How long a fetch waits at the broker for records.
+    pub max_wait: Duration,
+    /// The most records one fetch acquires (per leader).
+    pub max_records: i32,
+    pub max_bytes: i32,
+    pub request_timeout: Duration,
+}
+
+impl ShareConsumerConfig {
+    pub fn new(bootstrap: Vec<String>, group: impl Into<String>, topics: Vec<String>) -> Self {
+        Self {
+            bootstrap,
+            group: group.into(),
+            topics,
+            client_id: "microbatch".into(),
+            connector: Arc::new(super::cluster::PlainTcp),
+            max_wait: Duration::from_millis(500),
+            max_records: 500,
+            max_bytes: 50 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What one [`ShareConsumer::poll`] brought.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    pub records: Vec<ShareRecord>,
+    /// When the locks on these records run out, as the broker said
+    /// (`acquisition_lock_timeout_ms` from the moment the fetch was sent).
+    pub lock_deadline: Option<Instant>,
+}
+
+/// How the broker took a batch of verdicts. An error means the verdicts did
+/// not count: the records return to the group (their locks ran out, or the
+/// session was lost) and are delivered again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckOutcome {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub batch: AckBatch,
+    pub error: Option<ResponseError>,
+}
+
+/// The verdicts a request carried, per partition: restored if it fails.
+type SentAcks = Vec<((Uuid, i32), Vec<AckBatch>)>;
+
+#[derive(Default)]
+struct Session {
+    /// The epoch the next request carries: 0 opens a session.
+    epoch: i32,
+    /// Partitions the session holds, to name the forgotten ones.
+    partitions: BTreeSet<(Uuid, i32)>,
+}
+
+impl Session {
+    fn advance(&mut self) {
+        self.epoch = if self.epoch == i32::MAX {
+            1
+        } else {
+            self.epoch + 1
+        };
+    }
+}
+
+pub struct ShareConsumer {
+    cfg: ShareConsumerConfig,
+    member_id: String,
+    cluster: Arc<Cluster>,
+    membership: Membership,
+    member: tokio::sync::watch::Receiver<MemberState>,
+    topics: HashMap<Uuid, TopicMeta>,
+    /// Per leader node.
+    sessions: HashMap<i32, Session>,
+    acks: BTreeMap<(Uuid, i32), PartitionAcks>,
+    outcomes: Vec<AckOutcome>,
+    closed: bool,
+}
+
+impl ShareConsumer {
+    /// Joins the share group. Returns once the coordinator has accepted the
+    /// member (or membership failed for good); partitions may come later.
+    pub async fn join(cfg: ShareConsumerConfig) -> Result<Self, ShareError> {
+        let member_id = random_member_id();
+        let cluster = Arc::new(Cluster::new(
+            cfg.connector.clone(),
+            cfg.bootstrap.clone(),
+            cfg.client_id.clone(),
+            cfg.request_timeout,
+        ));
+        // Fail fast on a broker without share groups or an unknown topic.
+        let metas = cluster.metadata(&cfg.topics).await?;
+        let membership = Membership::start(
+            cluster.clone(),
+            cfg.group.clone(),
+            member_id.clone(),
+            cfg.topics.clone(),
+        );
+        let mut member = membership.state();
+        let accepted = member
+            .wait_for(|s| s.epoch > 0 || s.fatal.is_some())
+            .await
+            .map_err(|_| ShareError::Closed)?
+            .clone();
+        if let Some(e) = accepted.fatal {
+            return Err(e);
+        }
+        Ok(Self {
+            cfg,
+            member_id,
+            cluster,
+            membership,
+            member,
+            topics: metas.into_iter().map(|m| (m.id, m)).collect(),
+            sessions: HashMap::new(),
+            acks: BTreeMap::new(),
+            outcomes: Vec::new(),
+            closed: false,
+        })
+    }
+
+    /// Sets the share group's configs before (or while) members run, e.g.
+    /// `share.auto.offset.reset=earliest`: a new share group starts at the
+    /// log end otherwise.
+    pub async fn configure_group(
+        cfg: &ShareConsumerConfig,
+        configs: &[(&str, &str)],
+    ) -> Result<(), ShareError> {
+        Cluster::new(
+            cfg.connector.clone(),
+            cfg.bootstrap.clone(),
+            cfg.client_id.clone(),
+            cfg.request_timeout,
+        )
+        .set_group_configs(&cfg.group, configs)
+        .await
+    }
+
+    pub fn member_id(&self) -> &str {
+        &self.member_id
+    }
+
+    /// The partitions the broker assigned, by topic name.
+    pub fn assignment(&self) -> Vec<(Arc<str>, i32)> {
+        let state = self.member.borrow();
+        let mut out = Vec::new();
+        for (id, parts) in &state.assignment {
+            let name = self.topic_name(id);
+            out.extend(parts.iter().map(|&p| (name.clone(), p)));
+        }
+        out
+    }
+
+    /// Records held (acquired, no verdict yet).
+    pub fn held(&self) -> usize {
+        self.acks.values().map(|a| a.held_count()).sum()
+    }
+
+    /// The verdict on a record this member holds, sent with the next poll
+    /// or flush. Naming a record not held is refused.
+    pub fn acknowledge(&mut self, record: &ShareRecord, ack: AckType) -> Result<(), AckError> {
+        let id = self
+            .topics
+            .values()
+            .find(|t| t.name == record.topic)
+            .map(|t| t.id)
+            .ok_or(AckError::NotHeld {
+                offset: record.offset,
+            })?;
+        self.acks
+            .get_mut(&(id, record.partition))
+            .ok_or(AckError::NotHeld {
+                offset: record.offset,
+            })?
+            .acknowledge(record.offset, ack)
+    }
+
+    /// How the broker took the verdicts sent so far (drained).
+    pub fn take_outcomes(&mut self) -> Vec<AckOutcome> {
+        std::mem::take(&mut self.outcomes)
+    }
+
+    /// One fetch from every leader of an assigned partition, carrying the
+    /// verdicts waiting for those partitions. Waits at most `max_wait` at the
+    /// brokers (longer if a broker is slow to answer).
+    pub async fn poll(&mut self) -> Result<Fetched, ShareError> {
+        if self.closed {
+            return Err(ShareError::Closed);
+        }
+        let state = self.member.borrow().clone();
+        if let Some(e) = state.fatal {
+            return Err(e);
+        }
+        if state
+            .assignment
+            .keys()
+            .any(|id| !self.topics.contains_key(id))
+            || self.needs_leaders(&state)
+        {
+            self.refresh_metadata().await?;
+        }
+        // Verdicts on partitions no longer assigned go on their own.
+        self.flush_unassigned(&state).await;
+
+        let mut by_leader: BTreeMap<i32, Vec<(Uuid, i32)>> = BTreeMap::new();
+        for (id, parts) in &state.assignment {
+            for &p in parts {
+                let leader = self
+                    .topics
+                    .get(id)
+                    .and_then(|t| t.leaders.get(&p))
+                    .copied()
+                    .unwrap_or(-1);
+                by_leader.entry(leader).or_default().push((*id, p));
+            }
+        }
+        by_leader.remove(&-1);
+        // Leaders that lost every partition close their session's wanted set.
+        for (&node, session) in &self.sessions {
+            if !session.partitions.is_empty() && !by_leader.contains_key(&node) {
+                by_leader.entry(node).or_default();
+            }
+        }
+        if by_leader.is_empty() {
+            // Nothing assigned yet: wait for the coordinator, not a busy loop.
+            let mut member = self.member.clone();
+            let _ = tokio::time::timeout(self.cfg.max_wait, member.changed()).await;
+            return Ok(Fetched::default());
+        }
+
+        let sent_at = Instant::now();
+        let mut requests = Vec::new();
+        for (node, wanted) in by_leader {
+            let (request, sent_acks) = self.fetch_request(node, &wanted);
+            requests.push((node, wanted, request, sent_acks));
+        }
+        let cluster = self.cluster.clone();
+        let calls = requests
+            .into_iter()
+            .map(|(node, wanted, request, sent_acks)| {
+                let cluster = cluster.clone();
+                async move {
+                    let result = match cluster.node(node) {
+                        Some(addr) => match cluster.conn(&addr, Lane::Fetch).await {
+                            Ok(conn) => {
+                                let r = conn.call(request).await;
+                                if r.is_err() {
+                                    cluster.forget(&addr, Lane::Fetch).await;
+                                }
+                                r
+                            }
+                            Err(e) => Err(e),
+                        },
+                        None => Err(ShareError::NoBroker(format!(
+                            "node {node} is not in metadata"
+                        ))),
+                    };
+                    (node, wanted, sent_acks, result)
+                }
+            });
+        let results = futures::future::join_all(calls).await;
+
+        let mut fetched = Fetched::default();
+        let mut first_error = None;
+        for (node, wanted, sent_acks, result) in results {
+            match result {
+                Ok(response) => {
+                    if let Err(e) =
+                        self.absorb_fetch(node, &wanted, sent_acks, response, sent_at, &mut fetched)
+                    {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                Err(e) => {
+                    self.session_lost(node, sent_acks);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) if fetched.records.is_empty() && !e.is_retriable() => Err(e),
+            Some(e) => {
+                tracing::debug!(error = %e, "share fetch: a leader failed; retrying next poll");
+                if fetched.records.is_empty() {
+                    // Do not spin on a broker that is down.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(fetched)
+            }
+            None => Ok(fetched),
+        }
+    }
+
+    /// Sends every verdict waiting, without fetching more records.
+    pub async fn flush(&mut self) -> Result<(), ShareError> {
+        let mut by_leader: BTreeMap<i32, Vec<(Uuid, i32)>> = BTreeMap::new();
+        for (&(id, p), acks) in &self.acks {
+            if acks.has_pending() {
+                let leader = self
+                    .topics
+                    .get(&id)
+                    .and_then(|t| t.leaders.get(&p))
+                    .copied()
+                    .unwrap_or(-1);
+                by_leader.entry(leader).or_default().push((id, p));
+            }
+        }
+        let mut first_error = None;
+        for (node, parts) in by_leader {
+            if let Err(e) = self.acknowledge_on(node, &parts, false).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Sends the verdicts waiting, closes every share session (the broker
+    /// releases what this member still holds) and leaves the group.
+    pub async fn close(mut self) -> Result<(), ShareError> {
+        self.closed = true;
+        let nodes: Vec<i32> = self.sessions.keys().copied().collect();
+        let mut first_error = None;
+        for node in nodes {
+            let parts: Vec<(Uuid, i32)> = self
+                .acks
+                .iter()
+                .filter(|(&(id, p), a)| {
+                    a.has_pending()
+                        && self.topics.get(&id).and_then(|t| t.leaders.get(&p)) == Some(&node)
+                })
+                .map(|(&k, _)| k)
+                .collect();
+            if let Err(e) = self.acknowledge_on(node, &parts, true).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        self.membership.leave(self.cfg.request_timeout).await;
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn needs_leaders(&self, state: &MemberState) -> bool {
+        state.assignment.iter().any(|(id, parts)| {
+            self.topics.get(id).is_none_or(|t| {
+                parts.iter().any(|p| {
+                    t.leaders
+                        .get(p)
+                        .is_none_or(|&l| l < 0 || self.cluster.node(l).is_none())
+                })
+            })
+        })
+    }
+
+    async fn refresh_metadata(&mut self) -> Result<(), ShareError> {
+        let metas = self.cluster.metadata(&self.cfg.topics).await?;
+        for m in metas {
+            self.topics.insert(m.id, m);
+        }
+        Ok(())
+    }
+
+    async fn flush_unassigned(&mut self, state: &MemberState) {
+        let assigned: BTreeSet<(Uuid, i32)> = state
+            .assignment
+            .iter()
+            .flat_map(|(id, ps)| ps.iter().map(move |&p| (*id, p)))
+            .collect();
+        let mut by_leader: BTreeMap<i32, Vec<(Uuid, i32)>> = BTreeMap::new();
+        for (&key, acks) in &self.acks {
+            if acks.has_pending() && !assigned.contains(&key) {
+                let leader = self
+                    .topics
+                    .get(&key.0)
+                    .and_then(|t| t.leaders.get(&key.1))
+                    .copied()
+                    .unwrap_or(-1);
+                by_leader.entry(leader).or_default().push(key);
+            }
+        }
+        for (node, parts) in by_leader {
+            if let Err(e) = self.acknowledge_on(node, &parts, false).await {
+                tracing::debug!(error = %e, "share acknowledge for unassigned partitions failed");
+            }
+        }
+    }
+
+    /// Builds a leader's fetch request, taking the verdicts it carries
+    /// (none on a session's first request: epoch 0 may not carry them).
+    fn fetch_request(
+        &mut self,
+        node: i32,
+        wanted: &[(Uuid, i32)],
+    ) -> (ShareFetchRequest, SentAcks) {
+        let session = self.sessions.entry(node).or_default();
+        let epoch = session.epoch;
+        let wanted_set: BTreeSet<(Uuid, i32)> = wanted.iter().copied().collect();
+        let forgotten: BTreeMap<Uuid, Vec<i32>> = if epoch == 0 {
+            BTreeMap::new()
+        } else {
+            session
+                .partitions
+                .difference(&wanted_set)
+                .fold(BTreeMap::new(), |mut m, (id, p)| {
+                    m.entry(*id).or_insert_with(Vec::new).push(*p);
+                    m
+                })
+        };
+        let mut sent = Vec::new();
+        let mut topics: BTreeMap<Uuid, Vec<FetchPartition>> = BTreeMap::new();
+        for &(id, p) in wanted {
+            let batches = if epoch == 0 {
+                Vec::new()
+            } else {
+                self.acks
+                    .get_mut(&(id, p))
+                    .map(|a| a.take_pending())
+                    .unwrap_or_default()
+            };
+            let partition = FetchPartition::default()
+                .with_partition_index(p)
+                .with_partition_max_bytes(self.cfg.max_bytes)
+                .with_acknowledgement_batches(batches.iter().map(to_fetch_batch).collect());
+            if !batches.is_empty() {
+                sent.push(((id, p), batches));
+            }
+            topics.entry(id).or_default().push(partition);
+        }
+        let request = ShareFetchRequest::default()
+            .with_group_id(Some(GroupId(StrBytes::from_string(self.cfg.group.clone()))))
+            .with_member_id(Some(StrBytes::from_string(self.member_id.clone())))
+            .with_share_session_epoch(epoch)
+            .with_max_wait_ms(duration_ms(self.cfg.max_wait))
+            .with_min_bytes(1)
+            .with_max_bytes(self.cfg.max_bytes)
+            .with_max_records(self.cfg.max_records)
+            .with_batch_size(self.cfg.max_records)
+            .with_topics(
+                topics
+                    .into_iter()
+                    .map(|(id, partitions)| {
+                        FetchTopic::default()
+                            .with_topic_id(id)
+                            .with_partitions(partitions)
+                    })
+                    .collect(),
+            )
+            .with_forgotten_topics_data(
+                forgotten
+                    .into_iter()
+                    .map(|(id, partitions)| {
+                        ForgottenTopic::default()
+                            .with_topic_id(id)
+                            .with_partitions(partitions)
+                    })
+                    .collect(),
+            );
+        (request, sent)
+    }
+
+    fn absorb_fetch(
+        &mut self,
+        node: i32,
+        wanted: &[(Uuid, i32)],
+        sent_acks: SentAcks,
+        response: ShareFetchResponse,
+        sent_at: Instant,
+        fetched: &mut Fetched,
+    ) -> Result<(), ShareError> {
+        if response.error_code != 0 {
+            let error = ShareError::broker(
+                "ShareFetch",
+                response.error_code,
+                response.error_message.map(|m| m.to_string()),
+            );
+            self.session_lost(node, sent_acks);
+            return Err(error);
+        }
+        let session = self.sessions.entry(node).or_default();
+        session.advance();
+        session.partitions = wanted.iter().copied().collect();
+        if response.acquisition_lock_timeout_ms > 0 {
+            let deadline =
+                sent_at + Duration::from_millis(response.acquisition_lock_timeout_ms as u64);
+            fetched.lock_deadline =
+                Some(fetched.lock_deadline.map_or(deadline, |d| d.min(deadline)));
+        }
+        let mut acked: HashMap<(Uuid, i32), Vec<AckBatch>> = sent_acks.into_iter().collect();
+        let mut stale_leaders = false;
+        let mut first_error = None;
+        for topic in response.responses {
+            let id = topic.topic_id;
+            let name = self.topic_name(&id);
+            for part in topic.partitions {
+                let key = (id, part.partition_index);
+                if let Some(batches) = acked.remove(&key) {
+                    let error = ResponseError::try_from_code(part.acknowledge_error_code);
+                    for batch in batches {
+                        self.outcomes.push(AckOutcome {
+                            topic: name.clone(),
+                            partition: key.1,
+                            batch,
+                            error,
+                        });
+                    }
+                }
+                if let Some(error) = ResponseError::try_from_code(part.error_code) {
+                    if matches!(
+                        error,
+                        ResponseError::NotLeaderOrFollower
+                            | ResponseError::UnknownTopicOrPartition
+                            | ResponseError::UnknownTopicId
+                            | ResponseError::FencedLeaderEpoch
+                    ) {
+                        stale_leaders = true;
+                    } else {
+                        first_error.get_or_insert(ShareError::broker(
+                            "ShareFetch",
+                            part.error_code,
+                            part.error_message.map(|m| format!("{name}-{}: {m}", key.1)),
+                        ));
+                    }
+                    continue;
+                }
+                if part.acquired_records.is_empty() {
+                    continue;
+                }
+                let acquired: Vec<Acquired> = part
+                    .acquired_records
+                    .iter()
+                    .map(|a| Acquired {
+                        first_offset: a.first_offset,
+                        last_offset: a.last_offset,
+                        delivery_count: a.delivery_count,
+                    })
+                    .collect();
+                let decoded = records::decode(&name, key.1, part.records, &acquired)
+                    .map_err(|e| ShareError::Decode(e.to_string()))?;
+                let ledger = self.acks.entry(key).or_default();
+                for a in &acquired {
+                    ledger.acquired(
+                        a.first_offset,
+                        a.last_offset,
+                        a.delivery_count,
+                        &decoded.gaps,
+                    );
+                }
+                for offset in decoded.missing {
+                    // Not delivered in this response: give it back now.
+                    let _ = ledger.acknowledge(offset, AckType::Release);
+                }
+                fetched.records.extend(decoded.records);
+            }
+        }
+        // Verdicts the response did not mention were not applied.
+        self.unanswered(acked);
+        if stale_leaders {
+            for t in self.topics.values_mut() {
+                for (&p, leader) in t.leaders.iter_mut() {
+                    if wanted.contains(&(t.id, p)) {
+                        *leader = -1;
+                    }
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Verdicts a response did not mention were not applied: the records
+    /// come back, and the caller learns it.
+    fn unanswered(&mut self, acked: HashMap<(Uuid, i32), Vec<AckBatch>>) {
+        for ((id, p), batches) in acked {
+            let topic = self.topic_name(&id);
+            self.outcomes
+                .extend(batches.into_iter().map(|batch| AckOutcome {
+                    topic: topic.clone(),
+                    partition: p,
+                    batch,
+                    error: Some(ResponseError::UnknownServerError),
+                }));
+        }
+    }
+
+    fn topic_name(&self, id: &Uuid) -> Arc<str> {
+        self.topics
+            .get(id)
+            .map(|t| t.name.clone())
+            .unwrap_or_else(|| id.to_string().into())
+    }
+
+    /// A request to `node` failed before its answer: the session there is
+    /// gone or unknown. The verdicts it carried go again on a new session;
+    /// the broker rejects them if the records' locks were lost, and the
+    /// records come back.
+    fn session_lost(&mut self, node: i32, sent_acks: SentAcks) {
+        if let Some(s) = self.sessions.get_mut(&node) {
+            s.epoch = 0;
+            s.partitions.clear();
+        }
+        for (key, batches) in sent_acks {
+            self.acks.entry(key).or_default().restore(&batches);
+        }
+    }
+
+    /// ShareAcknowledge for `parts` on `node`'s session; `last` closes it.
+    async fn acknowledge_on(
+        &mut self,
+        node: i32,
+        parts: &[(Uuid, i32)],
+        last: bool,
+    ) -> Result<(), ShareError> {
+        let epoch = match self.sessions.get(&node) {
+            Some(s) if s.epoch > 0 => {
+                if last {
+                    -1
+                } else {
+                    s.epoch
+                }
+            }
+            // No session there: nothing acquired under it can be acknowledged.
+            _ => return Ok(()),
+        };
+        let mut sent = Vec::new();
+        let mut topics: BTreeMap<Uuid, Vec<AcknowledgePartition>> = BTreeMap::new();
+        for &(id, p) in parts {
+            let batches = self
+                .acks
+                .get_mut(&(id, p))
+                .map(|a| a.take_pending())
+                .unwrap_or_default();
+            if batches.is_empty() {
+                continue;
+            }
+            topics.entry(id).or_default().push(
+                AcknowledgePartition::default()
+                    .with_partition_index(p)
+                    .with_acknowledgement_batches(batches.iter().map(to_ack_batch).collect()),
+            );
+            sent.push(((id, p), batches));
+        }
+        if topics.is_empty() && !last {
+            return Ok(());
+        }
+        let request = ShareAcknowledgeRequest::default()
+            .with_group_id(Some(GroupId(StrBytes::from_string(self.cfg.group.clone()))))
+            .with_member_id(Some(StrBytes::from_string(self.member_id.clone())))
+            .with_share_session_epoch(epoch)
+            .with_topics(
+                topics
+                    .into_iter()
+                    .map(|(id, partitions)| {
+                        AcknowledgeTopic::default()
+                            .with_topic_id(id)
+                            .with_partitions(partitions)
+                    })
+                    .collect(),
+            );
+        let addr = self
+            .cluster
+            .node(node)
+            .ok_or_else(|| ShareError::NoBroker(format!("node {node} is not in metadata")))?;
+        let result: Result<ShareAcknowledgeResponse, ShareError> =
+            match self.cluster.conn(&addr, Lane::Fetch).await {
+                Ok(conn) => conn.call(request).await,
+                Err(e) => Err(e),
+            };
+        let response = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.cluster.forget(&addr, Lane::Fetch).await;
+                self.session_lost(node, sent);
+                return Err(e);
+            }
+        };
+        if response.error_code != 0 {
+            self.session_lost(node, sent);
+            return Err(ShareError::broker(
+                "ShareAcknowledge",
+                response.error_code,
+                response.error_message.map(|m| m.to_string()),
+            ));
+        }
+        if last {
+            self.sessions.remove(&node);
+        } else if let Some(s) = self.sessions.get_mut(&node) {
+            s.advance();
+        }
+        let mut acked: HashMap<(Uuid, i32), Vec<AckBatch>> = sent.into_iter().collect();
+        for topic in response.responses {
+            let name = self.topic_name(&topic.topic_id);
+            for part in topic.partitions {
+                if let Some(batches) = acked.remove(&(topic.topic_id, part.partition_index)) {
+                    let error = ResponseError::try_from_code(part.error_code);
+                    for batch in batches {
+                        self.outcomes.push(AckOutcome {
+                            topic: name.clone(),
+                            partition: part.partition_index,
+                            batch,
+                            error,
+                        });
+                    }
+                }
+            }
+        }
+        self.unanswered(acked);
+        Ok(())
+    }
+}
+
+fn to_fetch_batch(b: &AckBatch) -> FetchAckBatch {
+    FetchAckBatch::default()
+        .with_first_offset(b.first_offset)
+        .with_last_offset(b.last_offset)
+        .with_acknowledge_types(vec![b.ack.code()])
+}
+
+fn to_ack_batch(b: &AckBatch) -> AckBatchAck {
+    AckBatchAck::default()
+        .with_first_offset(b.first_offset)
+        .with_last_offset(b.last_offset)
+        .with_acknowledge_types(vec![b.ack.code()])
+}
+
+fn duration_ms(d: Duration) -> i32 {
+    i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
+}
+
+/// Share-group members name themselves (KIP-1082): 16 random bytes, as
+/// Kafka's own clients print a Uuid.
+fn random_member_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}

@@ -1,0 +1,242 @@
+//! Share-group membership: ShareGroupHeartbeat with the group coordinator,
+//! in a task of its own. The broker assigns partitions; the task publishes
+//! the assignment, rejoins when fenced, and leaves when asked.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kafka_protocol::messages::{
+    GroupId, ShareGroupHeartbeatRequest, ShareGroupHeartbeatResponse, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::ResponseError;
+use tokio::sync::{oneshot, watch};
+use uuid::Uuid;
+
+use super::cluster::{Cluster, Lane};
+use super::ShareError;
+
+/// What the member knows of its place in the group.
+#[derive(Debug, Clone, Default)]
+pub struct MemberState {
+    /// 0 until the coordinator accepts the member.
+    pub epoch: i32,
+    /// topic id -> partitions this member may fetch from.
+    pub assignment: BTreeMap<Uuid, Vec<i32>>,
+    /// Set when membership failed for good (authorization, a broker
+    /// without share groups): the consumer reports it and stops.
+    pub fatal: Option<ShareError>,
+}
+
+pub struct Membership {
+    state: watch::Receiver<MemberState>,
+    leave: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// How long to wait before asking again after a retriable error.
+const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Membership {
+    pub fn start(
+        cluster: Arc<Cluster>,
+        group: String,
+        member_id: String,
+        topics: Vec<String>,
+    ) -> Self {
+        let (tx, rx) = watch::channel(MemberState::default());
+        let (leave_tx, leave_rx) = oneshot::channel();
+        let task = tokio::spawn(run(cluster, group, member_id, topics, tx, leave_rx));
+        Self {
+            state: rx,
+            leave: Some(leave_tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn state(&self) -> watch::Receiver<MemberState> {
+        self.state.clone()
+    }
+
+    /// Leaves the group (epoch -1) and waits for the coordinator's answer,
+    /// at most `within`.
+    pub async fn leave(&mut self, within: Duration) {
+        if let Some(tx) = self.leave.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(within, task).await;
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+fn request(
+    group: &str,
+    member_id: &str,
+    epoch: i32,
+    topics: Option<&[String]>,
+) -> ShareGroupHeartbeatRequest {
+    ShareGroupHeartbeatRequest::default()
+        .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+        .with_member_id(StrBytes::from_string(member_id.to_string()))
+        .with_member_epoch(epoch)
+        .with_subscribed_topic_names(topics.map(|t| {
+            t.iter()
+                .map(|n| TopicName(StrBytes::from_string(n.clone())))
+                .collect()
+        }))
+}
+
+async fn run(
+    cluster: Arc<Cluster>,
+    group: String,
+    member_id: String,
+    topics: Vec<String>,
+    state: watch::Sender<MemberState>,
+    mut leave: oneshot::Receiver<()>,
+) {
+    let mut coordinator: Option<String> = None;
+    let mut epoch = 0;
+    let mut backoff = RETRY_BACKOFF;
+    loop {
+        let outcome = heartbeat(
+            &cluster,
+            &group,
+            &member_id,
+            epoch,
+            &topics,
+            &mut coordinator,
+        )
+        .await;
+        let wait = match outcome {
+            Ok(response) => {
+                backoff = RETRY_BACKOFF;
+                epoch = response.member_epoch;
+                let interval =
+                    Duration::from_millis(response.heartbeat_interval_ms.max(100) as u64);
+                if let Some(assignment) = response.assignment {
+                    let mut map: BTreeMap<Uuid, Vec<i32>> = BTreeMap::new();
+                    for tp in assignment.topic_partitions {
+                        let mut parts = tp.partitions;
+                        parts.sort_unstable();
+                        map.insert(tp.topic_id, parts);
+                    }
+                    state.send_modify(|s| {
+                        s.epoch = epoch;
+                        s.assignment = map;
+                    });
+                } else {
+                    state.send_modify(|s| s.epoch = epoch);
+                }
+                interval
+            }
+            Err(HeartbeatError::Rejoin(why)) => {
+                tracing::info!(group, %why, "share group: rejoining");
+                epoch = 0;
+                state.send_modify(|s| {
+                    s.epoch = 0;
+                    s.assignment.clear();
+                });
+                Duration::ZERO
+            }
+            Err(HeartbeatError::Retry(e)) => {
+                tracing::debug!(group, error = %e, "share group heartbeat: retrying");
+                coordinator = None;
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                wait
+            }
+            Err(HeartbeatError::Fatal(e)) => {
+                tracing::error!(group, error = %e, "share group membership failed");
+                state.send_modify(|s| {
+                    s.fatal = Some(e);
+                    s.assignment.clear();
+                });
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = &mut leave => {
+                if epoch > 0 {
+                    // Leaving hands this member's share back at once rather
+                    // than after the session timeout.
+                    let _ = heartbeat(&cluster, &group, &member_id, -1, &topics, &mut coordinator).await;
+                }
+                state.send_modify(|s| s.assignment.clear());
+                return;
+            }
+        }
+    }
+}
+
+enum HeartbeatError {
+    Rejoin(ResponseError),
+    Retry(ShareError),
+    Fatal(ShareError),
+}
+
+async fn heartbeat(
+    cluster: &Cluster,
+    group: &str,
+    member_id: &str,
+    epoch: i32,
+    topics: &[String],
+    coordinator: &mut Option<String>,
+) -> Result<ShareGroupHeartbeatResponse, HeartbeatError> {
+    let addr = match coordinator {
+        Some(a) => a.clone(),
+        None => {
+            let a = cluster.coordinator(group).await.map_err(classify)?;
+            *coordinator = Some(a.clone());
+            a
+        }
+    };
+    let conn = cluster
+        .conn(&addr, Lane::Coordinator)
+        .await
+        .map_err(HeartbeatError::Retry)?;
+    // The subscription goes with every join; after that, only changes do.
+    let subscription = (epoch == 0).then_some(topics);
+    let response = match conn
+        .call(request(group, member_id, epoch, subscription))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            cluster.forget(&addr, Lane::Coordinator).await;
+            return Err(classify(e));
+        }
+    };
+    match ResponseError::try_from_code(response.error_code) {
+        None => Ok(response),
+        Some(ResponseError::UnknownMemberId | ResponseError::FencedMemberEpoch) if epoch >= 0 => {
+            Err(HeartbeatError::Rejoin(
+                ResponseError::try_from_code(response.error_code).expect("error"),
+            ))
+        }
+        Some(_) => Err(classify(ShareError::broker(
+            "ShareGroupHeartbeat",
+            response.error_code,
+            response.error_message.map(|m| m.to_string()),
+        ))),
+    }
+}
+
+fn classify(e: ShareError) -> HeartbeatError {
+    if e.is_retriable() {
+        HeartbeatError::Retry(e)
+    } else {
+        HeartbeatError::Fatal(e)
+    }
+}

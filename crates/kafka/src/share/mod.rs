@@ -1,0 +1,91 @@
+//! A share-group consumer (KIP-932) on the `kafka-protocol` crate: any
+//! number of members read the same partitions, each record acquired by one
+//! member under a time-limited lock and acknowledged on its own.
+//!
+//! - [`acks`]: the acknowledgement ledger, pure.
+//! - [`records`]: decoding fetched batches into acquired records, pure.
+//! - [`wire`]: one connection to one broker.
+//! - [`membership`]: ShareGroupHeartbeat with the group coordinator, in a
+//!   task of its own; the broker assigns.
+//! - [`consumer`]: [`ShareConsumer`], fetching from partition leaders with
+//!   acknowledgements piggy-backed, and closing cleanly.
+
+pub mod acks;
+pub mod cluster;
+pub mod consumer;
+pub mod membership;
+pub mod records;
+pub mod wire;
+
+use std::time::Duration;
+
+use kafka_protocol::ResponseError;
+use thiserror::Error;
+
+pub use acks::{AckBatch, AckType};
+pub use consumer::{AckOutcome, Fetched, ShareConsumer, ShareConsumerConfig};
+pub use records::ShareRecord;
+
+/// What went wrong talking to the brokers about a share group.
+#[derive(Debug, Clone, Error)]
+pub enum ShareError {
+    #[error("cannot reach {broker}: {reason}")]
+    Io { broker: String, reason: String },
+    #[error("{0} closed the connection")]
+    Disconnected(String),
+    #[error("{api} to {broker} had no answer within {after:?}")]
+    Timeout {
+        api: &'static str,
+        broker: String,
+        after: Duration,
+    },
+    #[error("{api} is not usable with {broker}: {detail}")]
+    Unsupported {
+        api: &'static str,
+        broker: String,
+        detail: String,
+    },
+    #[error("{api} failed: {error}{}", message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default())]
+    Broker {
+        api: &'static str,
+        error: ResponseError,
+        message: Option<String>,
+    },
+    #[error("cannot encode {0}")]
+    Encode(String),
+    #[error("cannot decode {0}")]
+    Decode(String),
+    #[error("none of the bootstrap servers answered: {0}")]
+    NoBroker(String),
+    #[error("the consumer is closed")]
+    Closed,
+}
+
+impl ShareError {
+    pub fn io(broker: &str, e: std::io::Error) -> Self {
+        Self::Io {
+            broker: broker.to_string(),
+            reason: e.to_string(),
+        }
+    }
+
+    pub fn broker(api: &'static str, code: i16, message: Option<String>) -> Self {
+        Self::Broker {
+            api,
+            error: ResponseError::try_from_code(code).unwrap_or(ResponseError::Unknown(code)),
+            message,
+        }
+    }
+
+    /// Whether trying again (after a reconnect or a metadata refresh) can
+    /// succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::Io { .. } | Self::Disconnected(_) | Self::Timeout { .. } | Self::NoBroker(_) => {
+                true
+            }
+            Self::Broker { error, .. } => error.is_retriable(),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Turning a share partition's fetched bytes into the records this member
+//! acquired, without I/O. The broker returns whole record batches; only the
+//! offsets in its `AcquiredRecords` ranges belong to this member, and
+//! acquired offsets with no record behind them (control records, compacted
+//! records) must be acknowledged as gaps or they come back after the lock.
+
+use bytes::{Buf, Bytes};
+use kafka_protocol::records::RecordBatchDecoder;
+use thiserror::Error;
+
+/// One record this member acquired.
+#[derive(Debug, Clone)]
+pub struct ShareRecord {
+    pub topic: std::sync::Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    /// How many times the broker has delivered it, this time included.
+    pub delivery_count: i16,
+    /// Milliseconds since the epoch, as the producer or the log set it.
+    pub timestamp: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    /// In order, duplicates kept as far as the decoder keeps them.
+    pub headers: Vec<(String, Option<Bytes>)>,
+}
+
+/// A range the broker says this member acquired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acquired {
+    pub first_offset: i64,
+    pub last_offset: i64,
+    pub delivery_count: i16,
+}
+
+#[derive(Debug, Error)]
+#[error("undecodable record batch at byte {position} of a share fetch for partition {partition}: {reason}")]
+pub struct DecodeError {
+    pub partition: i32,
+    pub position: usize,
+    pub reason: String,
+}
+
+/// The records in `acquired`, in offset order; the acquired offsets that a
+/// complete batch covers without a record (gaps: control or compacted
+/// records); and the acquired offsets past the last complete batch
+/// (`missing`: a batch cut short by the size limit), which must be released,
+/// never called gaps, or their records would be lost.
+#[derive(Debug)]
+pub struct Decoded {
+    pub records: Vec<ShareRecord>,
+    pub gaps: Vec<i64>,
+    pub missing: Vec<i64>,
+}
+
+pub fn decode(
+    topic: &std::sync::Arc<str>,
+    partition: i32,
+    bytes: Option<Bytes>,
+    acquired: &[Acquired],
+) -> Result<Decoded, DecodeError> {
+    let mut records = Vec::new();
+    let mut present = std::collections::BTreeSet::new();
+    // The last offset a complete batch covers (records or not).
+    let mut covered_to = i64::MIN;
+    if let Some(mut buf) = bytes {
+        let total = buf.len();
+        // Batch header: base offset (8), length (4), then `length` bytes.
+        while buf.remaining() >= 12 {
+            let length = i32::from_be_bytes(buf[8..12].try_into().expect("4 bytes"));
+            let size = 12
+                + usize::try_from(length).map_err(|_| DecodeError {
+                    partition,
+                    position: total - buf.remaining(),
+                    reason: format!("negative batch length {length}"),
+                })?;
+            if buf.remaining() < size {
+                break; // cut short by the size limit; the broker resends it
+            }
+            if size < 27 {
+                return Err(DecodeError {
+                    partition,
+                    position: total - buf.remaining(),
+                    reason: format!("batch length {length} is shorter than a batch header"),
+                });
+            }
+            let base = i64::from_be_bytes(buf[0..8].try_into().expect("8 bytes"));
+            let last_delta = i32::from_be_bytes(buf[23..27].try_into().expect("4 bytes"));
+            let mut one = buf.split_to(size);
+            let position = total - buf.remaining() - size;
+            let set = RecordBatchDecoder::decode(&mut one).map_err(|e| DecodeError {
+                partition,
+                position,
+                reason: e.to_string(),
+            })?;
+            covered_to = covered_to.max(base.saturating_add(i64::from(last_delta)));
+            for r in set.records {
+                if r.control {
+                    continue;
+                }
+                let Some(range) = acquired
+                    .iter()
+                    .find(|a| a.first_offset <= r.offset && r.offset <= a.last_offset)
+                else {
+                    continue;
+                };
+                if !present.insert(r.offset) {
+                    continue;
+                }
+                records.push(ShareRecord {
+                    topic: topic.clone(),
+                    partition,
+                    offset: r.offset,
+                    delivery_count: range.delivery_count,
+                    timestamp: r.timestamp,
+                    key: r.key,
+                    value: r.value,
+                    headers: r
+                        .headers
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                });
+            }
+        }
+    }
+    records.sort_by_key(|r| r.offset);
+    let (gaps, missing) = acquired
+        .iter()
+        .flat_map(|a| a.first_offset..=a.last_offset)
+        .filter(|o| !present.contains(o))
+        .partition(|&o| o <= covered_to);
+    Ok(Decoded {
+        records,
+        gaps,
+        missing,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use kafka_protocol::indexmap::IndexMap;
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+
+    fn record(offset: i64, control: bool) -> Record {
+        Record {
+            transactional: false,
+            control,
+            delete_horizon: false,
+            partition_leader_epoch: 0,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset,
+            sequence: -1,
+            timestamp: 1_000 + offset,
+            key: None,
+            value: Some(Bytes::from(format!("v{offset}"))),
+            headers: IndexMap::new(),
+        }
+    }
+
+    fn batch(records: &[Record]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            records,
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
+        )
+        .unwrap();
+        buf
+    }
+
+    #[test]
+    fn keeps_only_acquired_records_and_names_the_gaps() {
+        let topic: std::sync::Arc<str> = "t".into();
+        let mut bytes = batch(&[record(0, false), record(1, false), record(2, false)]);
+        bytes.extend_from_slice(&batch(&[record(3, true)]));
+        bytes.extend_from_slice(&batch(&[record(5, false), record(6, false)]));
+        let acquired = [
+            Acquired {
+                first_offset: 1,
+                last_offset: 4,
+                delivery_count: 2,
+            },
+            Acquired {
+                first_offset: 6,
+                last_offset: 6,
+                delivery_count: 1,
+            },
+        ];
+        let d = decode(&topic, 0, Some(bytes.freeze()), &acquired).unwrap();
+        let got: Vec<(i64, i16)> = d
+            .records
+            .iter()
+            .map(|r| (r.offset, r.delivery_count))
+            .collect();
+        assert_eq!(got, vec![(1, 2), (2, 2), (6, 1)]);
+        // 3 is a control record, 4 was compacted away: both gaps.
+        assert_eq!(d.gaps, vec![3, 4]);
+        assert!(d.missing.is_empty());
+        // Offsets past every complete batch are missing, not gaps.
+        let acquired = [Acquired {
+            first_offset: 6,
+            last_offset: 8,
+            delivery_count: 1,
+        }];
+        let bytes = batch(&[record(5, false), record(6, false)]);
+        let d = decode(&topic, 0, Some(bytes.freeze()), &acquired).unwrap();
+        assert!(d.gaps.is_empty());
+        assert_eq!(d.missing, vec![7, 8]);
+    }
+
+    #[test]
+    fn a_batch_cut_short_is_left_out_not_an_error() {
+        let topic: std::sync::Arc<str> = "t".into();
+        let mut bytes = batch(&[record(0, false)]);
+        let second = batch(&[record(1, false)]);
+        bytes.extend_from_slice(&second[..second.len() - 3]);
+        let acquired = [Acquired {
+            first_offset: 0,
+            last_offset: 1,
+            delivery_count: 1,
+        }];
+        let d = decode(&topic, 0, Some(bytes.freeze()), &acquired).unwrap();
+        assert_eq!(d.records.len(), 1);
+        assert!(
+            d.gaps.is_empty(),
+            "a record cut short is not a gap: {:?}",
+            d.gaps
+        );
+        assert_eq!(d.missing, vec![1]);
+    }
+
+    #[test]
+    fn garbage_is_an_error_naming_where() {
+        let topic: std::sync::Arc<str> = "t".into();
+        let mut bytes = BytesMut::from(&[0u8; 12][..]);
+        bytes[11] = 20;
+        bytes.extend_from_slice(&[0xff; 20]);
+        let acquired = [Acquired {
+            first_offset: 0,
+            last_offset: 0,
+            delivery_count: 1,
+        }];
+        let err = decode(&topic, 3, Some(bytes.freeze()), &acquired)
+            .err()
+            .unwrap();
+        assert_eq!(err.partition, 3);
+        assert_eq!(err.position, 0);
+    }
+
+    proptest::proptest! {
+        /// Any bytes: decoding never panics, and whatever it returns lies
+        /// inside the acquired ranges.
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let topic: std::sync::Arc<str> = "t".into();
+            let acquired = [Acquired { first_offset: 0, last_offset: 9, delivery_count: 1 }];
+            if let Ok(d) = decode(&topic, 0, Some(Bytes::from(data)), &acquired) {
+                for r in &d.records {
+                    proptest::prop_assert!((0..=9).contains(&r.offset));
+                }
+            }
+        }
+    }
+}
