@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 
 /// The MSK_IAM listener's client settings (`.kafka-local/msk-iam.env`).
-fn iam_env() -> Option<BTreeMap<String, String>> {
+pub(crate) fn iam_env() -> Option<BTreeMap<String, String>> {
     let env = std::env::var("MICROBATCH_TEST_MSK_IAM_ENV")
         .ok()
         .and_then(|path| std::fs::read_to_string(path).ok())

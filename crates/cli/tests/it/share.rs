@@ -75,6 +75,19 @@ fn share_group_lag(bootstrap: &str, group: &str) -> BTreeMap<i32, i64> {
         .collect()
 }
 
+/// The offsets a set of verdict outcomes covers, and those refused.
+fn covered(outcomes: &[microbatch_kafka::share::AckOutcome]) -> (Vec<(i32, i64)>, usize) {
+    let mut offsets = Vec::new();
+    for o in outcomes {
+        offsets.extend((o.batch.first_offset..=o.batch.last_offset).map(|x| (o.partition, x)));
+    }
+    offsets.sort_unstable();
+    (
+        offsets,
+        outcomes.iter().filter(|o| o.error.is_some()).count(),
+    )
+}
+
 /// Three members on two partitions: more members than partitions, which a
 /// consumer group cannot use. Every record is handled exactly once (no
 /// failure was injected), every member got work, and Kafka's tool then sees
@@ -90,6 +103,7 @@ fn three_members_on_two_partitions_share_the_work_and_leave_no_backlog() {
     const N: usize = 600;
 
     let handled: Arc<Mutex<Vec<(i32, i64, usize)>>> = Arc::default();
+    let answered: Arc<Mutex<Vec<(i32, i64)>>> = Arc::default();
     runtime().block_on(async {
         ShareConsumer::configure_group(
             &config(&bootstrap, &group, &topic),
@@ -104,10 +118,13 @@ fn three_members_on_two_partitions_share_the_work_and_leave_no_backlog() {
         for m in 0..3 {
             let cfg = config(&bootstrap, &group, &topic);
             let handled = handled.clone();
+            let answered = answered.clone();
             let all_in = all_in.clone();
             members.push(tokio::spawn(async move {
                 let mut c = ShareConsumer::join(cfg).await.expect("joining");
+                let assigned_by = Instant::now() + Duration::from_secs(30);
                 while c.assignment().is_empty() {
+                    assert!(Instant::now() < assigned_by, "member {m} got no partition");
                     assert!(c.poll().await.expect("poll").records.is_empty());
                 }
                 all_in.wait().await;
@@ -133,13 +150,11 @@ fn three_members_on_two_partitions_share_the_work_and_leave_no_backlog() {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 c.flush().await.expect("flush");
-                let refused: Vec<_> = c
-                    .take_outcomes()
-                    .into_iter()
-                    .filter(|o| o.error.is_some())
-                    .collect();
-                assert!(refused.is_empty(), "verdicts refused: {refused:?}");
-                c.close().await.expect("close");
+                let mut outcomes = c.take_outcomes();
+                outcomes.extend(c.close().await.expect("close"));
+                let (offsets, refused) = covered(&outcomes);
+                assert_eq!(refused, 0, "verdicts refused: {outcomes:?}");
+                answered.lock().unwrap().extend(offsets);
             }));
         }
         all_in.wait().await;
@@ -164,6 +179,13 @@ fn three_members_on_two_partitions_share_the_work_and_leave_no_backlog() {
     let unique_records: BTreeSet<(i32, i64)> = handled.iter().map(|&(p, o, _)| (p, o)).collect();
     assert_eq!(unique_records.len(), N, "every record handled");
     assert_eq!(handled.len(), N, "none handled twice without a failure");
+    let mut answered = answered.lock().unwrap().clone();
+    answered.sort_unstable();
+    assert_eq!(
+        answered,
+        unique_records.iter().copied().collect::<Vec<_>>(),
+        "the broker answered one verdict for every record handled"
+    );
     let members: BTreeSet<usize> = handled.iter().map(|&(_, _, m)| m).collect();
     assert_eq!(members.len(), 3, "all three members got work: {members:?}");
     let lag = share_group_lag(&bootstrap, &group);
@@ -189,9 +211,11 @@ fn released_records_return_and_rejected_ones_do_not() {
             .unwrap();
         let mut c = ShareConsumer::join(cfg).await.expect("joining");
         let mut first = Vec::new();
-        while first.len() < 20 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while first.len() < 20 && Instant::now() < deadline {
             first.extend(c.poll().await.unwrap().records);
         }
+        assert_eq!(first.len(), 20);
         assert!(first.iter().all(|r| r.delivery_count == 1));
         for r in &first {
             let verdict = match r.offset % 3 {
@@ -225,18 +249,28 @@ fn released_records_return_and_rejected_ones_do_not() {
         }
         c.flush().await.unwrap();
         let outcomes = c.take_outcomes();
-        assert!(
-            outcomes.iter().all(|o| o.error.is_none()),
-            "every verdict taken: {outcomes:?}"
-        );
-        // Nothing more comes: rejected records are archived.
-        let extra = c.poll().await.unwrap().records;
-        assert!(
-            extra.is_empty(),
-            "nothing after every record is done: {extra:?}"
-        );
-        c.close().await.unwrap();
+        let (offsets, refused) = covered(&outcomes);
+        assert_eq!(refused, 0, "every verdict taken: {outcomes:?}");
+        let mut expected: Vec<(i32, i64)> = (0..20)
+            .chain((0..20).filter(|o| o % 3 == 0))
+            .map(|o| (0, o))
+            .collect();
+        expected.sort_unstable();
+        assert_eq!(offsets, expected, "one answered verdict per delivery");
+        // Nothing more comes: rejected records are archived, not released
+        // (a released one would be back within a poll; their 30 s lock is
+        // not what holds them).
+        for _ in 0..5 {
+            let extra = c.poll().await.unwrap().records;
+            assert!(
+                extra.is_empty(),
+                "nothing after every record is done: {extra:?}"
+            );
+        }
+        assert!(c.close().await.unwrap().is_empty());
     });
+    let lag = share_group_lag(&bootstrap, &group);
+    assert_eq!(lag.get(&0), Some(&0), "no backlog left: {lag:?}");
 }
 
 /// A member that vanishes without a word (its connections cut, no leave):
@@ -264,9 +298,11 @@ fn records_of_a_member_that_vanishes_go_to_another_after_the_lock() {
         .unwrap();
         let mut a = ShareConsumer::join(cfg.clone()).await.expect("joining");
         let mut taken = Vec::new();
-        while taken.is_empty() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while taken.is_empty() && Instant::now() < deadline {
             taken = a.poll().await.unwrap().records;
         }
+        assert!(!taken.is_empty());
         let taken_offsets: BTreeSet<i64> = taken.iter().map(|r| r.offset).collect();
         // No verdicts, no close, no leave: as a process killed mid-batch
         // (dropping the consumer cuts its connections and stops its
@@ -294,7 +330,10 @@ fn records_of_a_member_that_vanishes_go_to_another_after_the_lock() {
                 "offset {o} was the vanished member's and came back once"
             );
         }
-        b.close().await.unwrap();
+        b.flush().await.unwrap();
+        let (_, refused) = covered(&b.take_outcomes());
+        assert_eq!(refused, 0);
+        assert!(b.close().await.unwrap().is_empty());
     });
     let lag = share_group_lag(&bootstrap, &group);
     assert_eq!(lag.get(&0), Some(&0), "no backlog left: {lag:?}");
@@ -326,9 +365,11 @@ fn a_stuck_members_records_move_after_the_lock_and_its_late_verdicts_are_refused
         .unwrap();
         let mut stuck = ShareConsumer::join(cfg.clone()).await.expect("joining");
         let mut held = Vec::new();
-        while held.len() < 10 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while held.len() < 10 && Instant::now() < deadline {
             held.extend(stuck.poll().await.unwrap().records);
         }
+        assert_eq!(held.len(), 10);
         let stuck_since = Instant::now();
         let mut other = ShareConsumer::join(cfg).await.expect("joining");
         let mut taken = Vec::new();
@@ -368,9 +409,167 @@ fn a_stuck_members_records_move_after_the_lock_and_its_late_verdicts_are_refused
             outcomes.iter().all(|o| o.error.is_none()),
             "the holder's verdicts taken: {outcomes:?}"
         );
-        stuck.close().await.unwrap();
-        other.close().await.unwrap();
+        assert!(stuck.close().await.unwrap().is_empty());
+        assert!(other.close().await.unwrap().is_empty());
     });
     let lag = share_group_lag(&bootstrap, &group);
     assert_eq!(lag.get(&0), Some(&0), "no backlog left: {lag:?}");
+}
+
+/// A [`KafkaConfig`](microbatch_kafka::KafkaConfig) from a listener's env file
+/// (`scram.env`, `msk-iam.env`).
+fn kafka_config(env: &BTreeMap<String, String>) -> microbatch_kafka::KafkaConfig {
+    let get = |k: &str| env.get(k).cloned();
+    microbatch_kafka::KafkaConfig {
+        bootstrap_servers: get("KAFKA_BOOTSTRAP_SERVERS").expect("bootstrap"),
+        security_protocol: get("KAFKA_SECURITY_PROTOCOL")
+            .expect("protocol")
+            .parse()
+            .unwrap(),
+        sasl_mechanism: get("KAFKA_SASL_MECHANISM").map(|m| m.parse().unwrap()),
+        username: get("KAFKA_USERNAME"),
+        password: get("KAFKA_PASSWORD").map(microbatch_kafka::Secret::new),
+        ssl_ca_location: get("KAFKA_SSL_CA_LOCATION").map(Into::into),
+        properties: Vec::new(),
+        aws_region: get("AWS_REGION"),
+        msk_iam_token_lifetime: Duration::from_secs(30),
+        msk_iam: None,
+    }
+}
+
+/// Consumes `count` records of `topic` through `cfg`, holding the first ones
+/// for `hold` before their verdicts, and returns every verdict's outcome.
+async fn consume_through(
+    cfg: ShareConsumerConfig,
+    count: usize,
+    hold: Duration,
+) -> Vec<microbatch_kafka::share::AckOutcome> {
+    ShareConsumer::configure_group(
+        &cfg,
+        &[
+            ("share.auto.offset.reset", "earliest"),
+            ("share.record.lock.duration.ms", "55000"),
+        ],
+    )
+    .await
+    .expect("setting group configs through the listener");
+    let mut c = ShareConsumer::join(cfg)
+        .await
+        .expect("joining through the listener");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < count && Instant::now() < deadline {
+        got.extend(c.poll().await.expect("poll").records);
+    }
+    assert_eq!(got.len(), count, "every record came through the listener");
+    // Keep polling (heartbeats and fetches go on) while the records are held.
+    let until = Instant::now() + hold;
+    while Instant::now() < until {
+        assert!(c
+            .poll()
+            .await
+            .expect("poll while holding")
+            .records
+            .is_empty());
+    }
+    for r in &got {
+        c.acknowledge(r, AckType::Accept).unwrap();
+    }
+    c.flush().await.expect("flush");
+    let mut outcomes = c.take_outcomes();
+    outcomes.extend(c.close().await.expect("close"));
+    outcomes
+}
+
+/// The SASL_SSL listener (SCRAM-SHA-512 over TLS, MSK's port 9096) serves
+/// share groups: joined, fetched, acknowledged, nothing left.
+#[test]
+fn the_scram_tls_listener_serves_share_groups() {
+    let Some(_) = real_broker() else { return };
+    let Some(env) = crate::harness::scram_listener() else {
+        return;
+    };
+    let topic = unique("share-scram");
+    let group = unique("share-scram-g");
+    create_topic(&topic, 2);
+    produce(&topic, 40, &[]);
+    let kafka = kafka_config(&env);
+    let cfg = ShareConsumerConfig::from_kafka(&kafka, &group, vec![topic.clone()]).unwrap();
+    let outcomes = runtime().block_on(consume_through(cfg, 40, Duration::ZERO));
+    let (offsets, refused) = covered(&outcomes);
+    assert_eq!((offsets.len(), refused), (40, 0), "{outcomes:?}");
+    let lag = share_group_lag(broker().bootstrap(), &group);
+    assert!(lag.len() == 2 && lag.values().all(|&l| l == 0), "{lag:?}");
+
+    // A wrong password is refused with a clear error, never a hang.
+    let mut wrong = kafka_config(&env);
+    wrong.password = Some(microbatch_kafka::Secret::new("not-the-password"));
+    let cfg = ShareConsumerConfig::from_kafka(&wrong, &group, vec![topic]).unwrap();
+    let err = runtime()
+        .block_on(ShareConsumer::join(cfg))
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+}
+
+/// The MSK_IAM listener (SASL_SSL + OAUTHBEARER with SigV4-signed tokens)
+/// serves share groups, and a member outlives its token: the listener ends a
+/// session with its token (30 s here), so the client authenticates again on
+/// the same connections (KIP-368). Proof: records acquired before the first
+/// token ran out are acknowledged after it, on the same share session (a
+/// closed connection would have released them and refused the verdicts).
+#[test]
+fn the_msk_iam_listener_serves_share_groups_past_a_token_lifetime() {
+    let Some(_) = real_broker() else { return };
+    let Some(env) = crate::msk_iam::iam_env() else {
+        return;
+    };
+    let topic = unique("share-iam");
+    let group = unique("share-iam-g");
+    create_topic(&topic, 1);
+    produce(&topic, 20, &[]);
+    let kafka = kafka_config(&env);
+    let (key, secret, region) = (
+        env["AWS_ACCESS_KEY_ID"].clone(),
+        env["AWS_SECRET_ACCESS_KEY"].clone(),
+        env["AWS_REGION"].clone(),
+    );
+    let signed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = signed.clone();
+    let tokens: microbatch_kafka::share::security::TokenSource = Arc::new(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let credentials = aws_credential_types::Credentials::new(&key, &secret, None, None, "test");
+        microbatch_kafka::aws_iam::sign_token(
+            &region,
+            &credentials,
+            std::time::SystemTime::now(),
+            Duration::from_secs(30),
+        )
+        .map(|t| t.token.expose().to_string())
+        .map_err(|e| e.to_string())
+    });
+    let mut cfg = ShareConsumerConfig::new(
+        vec![env["KAFKA_BOOTSTRAP_SERVERS"].clone()],
+        &group,
+        vec![topic],
+    );
+    cfg.connector =
+        microbatch_kafka::share::security::connector_with_tokens(&kafka, Some(tokens)).unwrap();
+    cfg.max_wait = Duration::from_millis(200);
+    let outcomes = runtime().block_on(consume_through(cfg, 20, Duration::from_secs(40)));
+    let (offsets, refused) = covered(&outcomes);
+    assert_eq!(
+        (offsets.len(), refused),
+        (20, 0),
+        "verdicts after the token ran out: {outcomes:?}"
+    );
+    // Three connections (bootstrap, coordinator, fetch) signed once each at
+    // the start; more signatures mean sessions renewed.
+    let signatures = signed.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        signatures > 3,
+        "sessions were renewed: {signatures} tokens signed"
+    );
+    let lag = share_group_lag(broker().bootstrap(), &group);
+    assert_eq!(lag.get(&0), Some(&0), "{lag:?}");
 }

@@ -47,6 +47,8 @@ pub struct AckBatch {
 pub enum AckError {
     #[error("offset {offset} is not held by this member (never acquired here, already acknowledged, or its lock was lost)")]
     NotHeld { offset: i64 },
+    #[error("offset {offset} was delivered again (delivery {held}) since the delivery {named} this verdict is about")]
+    StaleDelivery { offset: i64, named: i16, held: i16 },
 }
 
 /// One share partition's records held by this member and the verdicts that
@@ -64,7 +66,13 @@ impl PartitionAcks {
     /// delivered `delivery_count` times so far. Offsets in the range
     /// without a record in the fetched batches are passed in `gaps` and
     /// acknowledged as such right away.
-    pub fn acquired(&mut self, first: i64, last: i64, delivery_count: i16, gaps: &[i64]) {
+    pub fn acquired(
+        &mut self,
+        first: i64,
+        last: i64,
+        delivery_count: i16,
+        gaps: &std::collections::BTreeSet<i64>,
+    ) {
         for offset in first..=last {
             if gaps.contains(&offset) {
                 self.pending.insert(offset, AckType::Gap);
@@ -78,13 +86,36 @@ impl PartitionAcks {
         }
     }
 
-    /// The caller's verdict on a record it holds.
-    pub fn acknowledge(&mut self, offset: i64, ack: AckType) -> Result<(), AckError> {
-        if ack == AckType::Gap || self.held.remove(&offset).is_none() {
-            return Err(AckError::NotHeld { offset });
+    /// The caller's verdict on delivery `delivery_count` of a record it
+    /// holds. A verdict about an earlier delivery of a record delivered
+    /// again is refused: it is about work the broker already gave away.
+    pub fn acknowledge(
+        &mut self,
+        offset: i64,
+        delivery_count: i16,
+        ack: AckType,
+    ) -> Result<(), AckError> {
+        let held = match self.held.get(&offset) {
+            Some(&held) if ack != AckType::Gap => held,
+            _ => return Err(AckError::NotHeld { offset }),
+        };
+        if held != delivery_count {
+            return Err(AckError::StaleDelivery {
+                offset,
+                named: delivery_count,
+                held,
+            });
         }
+        self.held.remove(&offset);
         self.pending.insert(offset, ack);
         Ok(())
+    }
+
+    /// Gives back a record the client could not hand to the caller.
+    pub fn release(&mut self, offset: i64) {
+        if self.held.remove(&offset).is_some() {
+            self.pending.insert(offset, AckType::Release);
+        }
     }
 
     /// Offsets held and not yet acknowledged.
@@ -117,14 +148,6 @@ impl PartitionAcks {
                 }
             }
         }
-    }
-
-    /// Forgets every record held: their locks are gone (the session was
-    /// lost), so the broker delivers them again, to this member or another.
-    pub fn forget_held(&mut self) -> usize {
-        let n = self.held.len();
-        self.held.clear();
-        n
     }
 }
 
@@ -184,27 +207,27 @@ mod tests {
     #[test]
     fn only_held_records_are_acknowledged_and_each_once() {
         let mut p = PartitionAcks::default();
-        p.acquired(10, 14, 1, &[12]);
+        p.acquired(10, 14, 1, &[12].into());
         assert_eq!(p.held_count(), 4);
-        p.acknowledge(10, AckType::Accept).unwrap();
-        p.acknowledge(11, AckType::Accept).unwrap();
+        p.acknowledge(10, 1, AckType::Accept).unwrap();
+        p.acknowledge(11, 1, AckType::Accept).unwrap();
         assert_eq!(
-            p.acknowledge(11, AckType::Accept),
+            p.acknowledge(11, 1, AckType::Accept),
             Err(AckError::NotHeld { offset: 11 })
         );
         assert_eq!(
-            p.acknowledge(12, AckType::Accept),
+            p.acknowledge(12, 1, AckType::Accept),
             Err(AckError::NotHeld { offset: 12 })
         );
         assert_eq!(
-            p.acknowledge(99, AckType::Release),
+            p.acknowledge(99, 1, AckType::Release),
             Err(AckError::NotHeld { offset: 99 })
         );
         assert_eq!(
-            p.acknowledge(13, AckType::Gap),
+            p.acknowledge(13, 1, AckType::Gap),
             Err(AckError::NotHeld { offset: 13 })
         );
-        p.acknowledge(13, AckType::Release).unwrap();
+        p.acknowledge(13, 1, AckType::Release).unwrap();
         assert_eq!(
             p.take_pending(),
             vec![
@@ -232,12 +255,12 @@ mod tests {
     #[test]
     fn a_redelivered_record_drops_its_unsent_verdict_and_restore_keeps_it_dropped() {
         let mut p = PartitionAcks::default();
-        p.acquired(0, 1, 1, &[]);
-        p.acknowledge(0, AckType::Accept).unwrap();
-        p.acknowledge(1, AckType::Accept).unwrap();
+        p.acquired(0, 1, 1, &Default::default());
+        p.acknowledge(0, 1, AckType::Accept).unwrap();
+        p.acknowledge(1, 1, AckType::Accept).unwrap();
         let sent = p.take_pending();
         // Offset 1's lock ran out meanwhile and it came back.
-        p.acquired(1, 1, 2, &[]);
+        p.acquired(1, 1, 2, &Default::default());
         p.restore(&sent);
         assert_eq!(
             p.take_pending(),
@@ -248,5 +271,23 @@ mod tests {
             }]
         );
         assert_eq!(p.held().collect::<Vec<_>>(), vec![(1, 2)]);
+    }
+
+    #[test]
+    fn a_verdict_about_an_earlier_delivery_is_refused() {
+        let mut p = PartitionAcks::default();
+        p.acquired(5, 5, 1, &Default::default());
+        // Its lock ran out before any verdict; it came back to this member.
+        p.acquired(5, 5, 2, &Default::default());
+        assert_eq!(
+            p.acknowledge(5, 1, AckType::Accept),
+            Err(AckError::StaleDelivery {
+                offset: 5,
+                named: 1,
+                held: 2
+            })
+        );
+        p.acknowledge(5, 2, AckType::Accept).unwrap();
+        assert_eq!(p.take_pending().len(), 1);
     }
 }

@@ -26,24 +26,37 @@ use super::ShareError;
 #[async_trait]
 pub trait Connector: Send + Sync + 'static {
     async fn connect(&self, addr: &str) -> Result<Box<dyn Stream>, ShareError>;
-    /// SASL, run over the open connection before any other request.
-    async fn authenticate(&self, _conn: &Connection) -> Result<(), ShareError> {
-        Ok(())
+    /// SASL, run over the open connection before any other request, and
+    /// again before the session it returns runs out (KIP-368).
+    async fn authenticate(&self, _conn: &Connection) -> Result<Option<Duration>, ShareError> {
+        Ok(None)
     }
 }
 
 /// PLAINTEXT: TCP, no authentication.
 pub struct PlainTcp;
 
-#[async_trait]
-impl Connector for PlainTcp {
-    async fn connect(&self, addr: &str) -> Result<Box<dyn Stream>, ShareError> {
+impl PlainTcp {
+    pub async fn connect_tcp(&self, addr: &str) -> Result<tokio::net::TcpStream, ShareError> {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| ShareError::io(addr, e))?;
         let _ = stream.set_nodelay(true);
-        Ok(Box::new(stream))
+        Ok(stream)
     }
+}
+
+#[async_trait]
+impl Connector for PlainTcp {
+    async fn connect(&self, addr: &str) -> Result<Box<dyn Stream>, ShareError> {
+        Ok(Box::new(self.connect_tcp(addr).await?))
+    }
+}
+
+/// When to authenticate again: at 80% of the session, as Kafka's clients
+/// do, so that a slow answer still lands inside it.
+fn reauth_at(lifetime: Duration) -> std::time::Instant {
+    std::time::Instant::now() + lifetime.mul_f64(0.8)
 }
 
 /// Connections are kept apart by what they carry: the coordinator's
@@ -93,10 +106,28 @@ impl Cluster {
     /// An open connection to `addr` on `lane`, reused while it lives.
     pub async fn conn(&self, addr: &str, lane: Lane) -> Result<Arc<Connection>, ShareError> {
         let key = (addr.to_string(), lane);
-        if let Some(c) = self.conns.lock().await.get(&key) {
-            if c.is_open() {
-                return Ok(c.clone());
+        let open = self
+            .conns
+            .lock()
+            .await
+            .get(&key)
+            .filter(|c| c.is_open())
+            .cloned();
+        if let Some(c) = open {
+            if c.reauth_due() {
+                // One task authenticates again; the others find it done.
+                let _turn = c.reauth_turn().await;
+                if c.reauth_due() {
+                    match self.connector.authenticate(&c).await {
+                        Ok(lifetime) => c.set_reauth(lifetime.map(reauth_at)),
+                        Err(e) => {
+                            self.forget(addr, lane).await;
+                            return Err(e);
+                        }
+                    }
+                }
             }
+            return Ok(c);
         }
         let stream = tokio::time::timeout(self.request_timeout, self.connector.connect(addr))
             .await
@@ -111,7 +142,8 @@ impl Cluster {
             self.request_timeout,
         )
         .await?;
-        self.connector.authenticate(&conn).await?;
+        let lifetime = self.connector.authenticate(&conn).await?;
+        conn.set_reauth(lifetime.map(reauth_at));
         let conn = Arc::new(conn);
         self.conns.lock().await.insert(key, conn.clone());
         Ok(conn)
@@ -120,6 +152,11 @@ impl Cluster {
     /// Drops a connection that failed, so the next use opens a new one.
     pub async fn forget(&self, addr: &str, lane: Lane) {
         self.conns.lock().await.remove(&(addr.to_string(), lane));
+    }
+
+    /// Brokers a response named (a ShareFetch names the new leader's).
+    pub fn learn_nodes(&self, nodes: impl Iterator<Item = (i32, String)>) {
+        self.nodes.lock().expect("nodes").extend(nodes);
     }
 
     /// The address of a node metadata named.
@@ -151,15 +188,17 @@ impl Cluster {
     /// Metadata for `topics`: ids and leaders; also learns the brokers.
     pub async fn metadata(&self, topics: &[String]) -> Result<Vec<TopicMeta>, ShareError> {
         let conn = self.any().await?;
-        let request = MetadataRequest::default().with_topics(Some(
-            topics
-                .iter()
-                .map(|t| {
-                    MetadataRequestTopic::default()
-                        .with_name(Some(TopicName(StrBytes::from_string(t.clone()))))
-                })
-                .collect(),
-        ));
+        let request = MetadataRequest::default()
+            .with_allow_auto_topic_creation(false)
+            .with_topics(Some(
+                topics
+                    .iter()
+                    .map(|t| {
+                        MetadataRequestTopic::default()
+                            .with_name(Some(TopicName(StrBytes::from_string(t.clone()))))
+                    })
+                    .collect(),
+            ));
         let response: MetadataResponse = match conn.call(request).await {
             Ok(r) => r,
             Err(e) => {
@@ -167,12 +206,13 @@ impl Cluster {
                 return Err(e);
             }
         };
-        {
-            let mut nodes = self.nodes.lock().expect("nodes");
-            for b in &response.brokers {
-                nodes.insert(b.node_id.0, format!("{}:{}", b.host, b.port));
-            }
-        }
+        // The brokers metadata names now replace those it named before: a
+        // broker gone is not tried again.
+        *self.nodes.lock().expect("nodes") = response
+            .brokers
+            .iter()
+            .map(|b| (b.node_id.0, format!("{}:{}", b.host, b.port)))
+            .collect();
         let mut out = Vec::new();
         for t in response.topics {
             let name = t.name.map(|n| n.0.to_string()).unwrap_or_default();

@@ -50,6 +50,25 @@ pub struct ShareConsumerConfig {
 }
 
 impl ShareConsumerConfig {
+    /// The brokers and security of `kafka` (its TLS and SASL settings; MSK
+    /// IAM with the refresher it carries), with this client's defaults.
+    pub fn from_kafka(
+        kafka: &crate::KafkaConfig,
+        group: impl Into<String>,
+        topics: Vec<String>,
+    ) -> Result<Self, ShareError> {
+        let bootstrap = kafka
+            .bootstrap_servers
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        let mut cfg = Self::new(bootstrap, group, topics);
+        cfg.connector = super::security::connector(kafka)?;
+        Ok(cfg)
+    }
+
     pub fn new(bootstrap: Vec<String>, group: impl Into<String>, topics: Vec<String>) -> Self {
         Self {
             bootstrap,
@@ -69,14 +88,26 @@ impl ShareConsumerConfig {
 #[derive(Debug, Default)]
 pub struct Fetched {
     pub records: Vec<ShareRecord>,
+    /// Partitions whose bytes could not be decoded: their records were
+    /// released (the broker archives them after its delivery limit).
+    pub undecodable: Vec<String>,
+    /// A leader said it no longer leads a partition asked for.
+    pub leaders_moved: bool,
     /// When the locks on these records run out, as the broker said
     /// (`acquisition_lock_timeout_ms` from the moment the fetch was sent).
     pub lock_deadline: Option<Instant>,
 }
 
-/// How the broker took a batch of verdicts. An error means the verdicts did
-/// not count: the records return to the group (their locks ran out, or the
-/// session was lost) and are delivered again.
+/// How the broker took a batch of verdicts.
+///
+/// - No error: the broker refused nothing. That includes a late verdict on
+///   records another member has already finished (nothing is left to change).
+/// - An error: as far as this member can tell the verdicts did not count, and
+///   the records return to the group (their locks ran out, or the session was
+///   lost) to be delivered again. One exception: verdicts sent again after a
+///   request timed out may already have been applied the first time, and the
+///   second answer is then `INVALID_RECORD_STATE`. Either way no record is
+///   lost; at worst it is handled twice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AckOutcome {
     pub topic: Arc<str>,
@@ -116,6 +147,9 @@ pub struct ShareConsumer {
     /// Per leader node.
     sessions: HashMap<i32, Session>,
     acks: BTreeMap<(Uuid, i32), PartitionAcks>,
+    /// The leader whose share session handed out each partition's records:
+    /// verdicts go back there, wherever the leadership has moved since.
+    acquired_from: HashMap<(Uuid, i32), i32>,
     outcomes: Vec<AckOutcome>,
     closed: bool,
 }
@@ -124,6 +158,12 @@ impl ShareConsumer {
     /// Joins the share group. Returns once the coordinator has accepted the
     /// member (or membership failed for good); partitions may come later.
     pub async fn join(cfg: ShareConsumerConfig) -> Result<Self, ShareError> {
+        if cfg.max_wait >= cfg.request_timeout {
+            return Err(ShareError::Config(format!(
+                "max_wait ({:?}) must be shorter than request_timeout ({:?}): every idle fetch would time out",
+                cfg.max_wait, cfg.request_timeout
+            )));
+        }
         let member_id = random_member_id();
         let cluster = Arc::new(Cluster::new(
             cfg.connector.clone(),
@@ -140,11 +180,18 @@ impl ShareConsumer {
             cfg.topics.clone(),
         );
         let mut member = membership.state();
-        let accepted = member
-            .wait_for(|s| s.epoch > 0 || s.fatal.is_some())
-            .await
-            .map_err(|_| ShareError::Closed)?
-            .clone();
+        let accepted = tokio::time::timeout(
+            cfg.request_timeout,
+            member.wait_for(|s| s.epoch > 0 || s.fatal.is_some()),
+        )
+        .await
+        .map_err(|_| ShareError::Timeout {
+            api: "ShareGroupHeartbeat",
+            broker: format!("the coordinator of {}", cfg.group),
+            after: cfg.request_timeout,
+        })?
+        .map_err(|_| ShareError::Closed)?
+        .clone();
         if let Some(e) = accepted.fatal {
             return Err(e);
         }
@@ -157,6 +204,7 @@ impl ShareConsumer {
             topics: metas.into_iter().map(|m| (m.id, m)).collect(),
             sessions: HashMap::new(),
             acks: BTreeMap::new(),
+            acquired_from: HashMap::new(),
             outcomes: Vec::new(),
             closed: false,
         })
@@ -215,7 +263,7 @@ impl ShareConsumer {
             .ok_or(AckError::NotHeld {
                 offset: record.offset,
             })?
-            .acknowledge(record.offset, ack)
+            .acknowledge(record.offset, record.delivery_count, ack)
     }
 
     /// How the broker took the verdicts sent so far (drained).
@@ -230,7 +278,8 @@ impl ShareConsumer {
         if self.closed {
             return Err(ShareError::Closed);
         }
-        let state = self.member.borrow().clone();
+        // Marked seen, so that waiting for a change below waits for one.
+        let state = self.member.borrow_and_update().clone();
         if let Some(e) = state.fatal {
             return Err(e);
         }
@@ -242,9 +291,6 @@ impl ShareConsumer {
         {
             self.refresh_metadata().await?;
         }
-        // Verdicts on partitions no longer assigned go on their own.
-        self.flush_unassigned(&state).await;
-
         let mut by_leader: BTreeMap<i32, Vec<(Uuid, i32)>> = BTreeMap::new();
         for (id, parts) in &state.assignment {
             for &p in parts {
@@ -264,10 +310,25 @@ impl ShareConsumer {
                 by_leader.entry(node).or_default();
             }
         }
+        // Verdicts that will not ride a fetch to the session that handed
+        // their records out go on their own.
+        let riding: BTreeSet<(Uuid, i32)> = by_leader
+            .iter()
+            .flat_map(|(node, parts)| {
+                parts
+                    .iter()
+                    .filter(|k| self.acquired_from.get(k) == Some(node))
+                    .copied()
+            })
+            .collect();
+        for (node, parts) in self.route_pending(|k| !riding.contains(k)) {
+            if let Err(e) = self.acknowledge_on(node, &parts, false).await {
+                tracing::debug!(error = %e, "share acknowledge: verdicts kept for the next poll");
+            }
+        }
         if by_leader.is_empty() {
             // Nothing assigned yet: wait for the coordinator, not a busy loop.
-            let mut member = self.member.clone();
-            let _ = tokio::time::timeout(self.cfg.max_wait, member.changed()).await;
+            let _ = tokio::time::timeout(self.cfg.max_wait, self.member.changed()).await;
             return Ok(Fetched::default());
         }
 
@@ -330,26 +391,22 @@ impl ShareConsumer {
                 }
                 Ok(fetched)
             }
-            None => Ok(fetched),
+            None => {
+                if fetched.records.is_empty() && fetched.leaders_moved {
+                    // Metadata may still name the old leader for a moment.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(fetched)
+            }
         }
     }
 
-    /// Sends every verdict waiting, without fetching more records.
+    /// Sends every verdict waiting, without fetching more records. Verdicts
+    /// whose share session is being reopened stay for the next poll, and
+    /// the answer says how many ([`ShareError::Unsent`]).
     pub async fn flush(&mut self) -> Result<(), ShareError> {
-        let mut by_leader: BTreeMap<i32, Vec<(Uuid, i32)>> = BTreeMap::new();
-        for (&(id, p), acks) in &self.acks {
-            if acks.has_pending() {
-                let leader = self
-                    .topics
-                    .get(&id)
-                    .and_then(|t| t.leaders.get(&p))
-                    .copied()
-                    .unwrap_or(-1);
-                by_leader.entry(leader).or_default().push((id, p));
-            }
-        }
         let mut first_error = None;
-        for (node, parts) in by_leader {
+        for (node, parts) in self.route_pending(|_| true) {
             if let Err(e) = self.acknowledge_on(node, &parts, false).await {
                 first_error.get_or_insert(e);
             }
@@ -359,26 +416,59 @@ impl ShareConsumer {
 
     /// Sends the verdicts waiting, closes every share session (the broker
     /// releases what this member still holds) and leaves the group.
-    pub async fn close(mut self) -> Result<(), ShareError> {
+    /// Verdicts that cannot be sent (their session is gone) come back as
+    /// refused outcomes in the answer's error, never silently.
+    pub async fn close(mut self) -> Result<Vec<AckOutcome>, ShareError> {
         self.closed = true;
-        let nodes: Vec<i32> = self.sessions.keys().copied().collect();
+        let mut routes = self.route_pending(|_| true);
+        for &node in self.sessions.keys() {
+            routes.entry(node).or_default();
+        }
         let mut first_error = None;
-        for node in nodes {
-            let parts: Vec<(Uuid, i32)> = self
-                .acks
-                .iter()
-                .filter(|(&(id, p), a)| {
-                    a.has_pending()
-                        && self.topics.get(&id).and_then(|t| t.leaders.get(&p)) == Some(&node)
-                })
-                .map(|(&k, _)| k)
-                .collect();
+        for (node, parts) in routes {
             if let Err(e) = self.acknowledge_on(node, &parts, true).await {
                 first_error.get_or_insert(e);
             }
         }
+        // Whatever is still pending had no session to go to.
+        let keys: Vec<(Uuid, i32)> = self.acks.keys().copied().collect();
+        for key in keys {
+            let batches = self
+                .acks
+                .get_mut(&key)
+                .map(|a| a.take_pending())
+                .unwrap_or_default();
+            let topic = self.topic_name(&key.0);
+            self.outcomes
+                .extend(batches.into_iter().map(|batch| AckOutcome {
+                    topic: topic.clone(),
+                    partition: key.1,
+                    batch,
+                    error: Some(ResponseError::ShareSessionNotFound),
+                }));
+        }
         self.membership.leave(self.cfg.request_timeout).await;
-        first_error.map_or(Ok(()), Err)
+        let outcomes = std::mem::take(&mut self.outcomes);
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(outcomes),
+        }
+    }
+
+    /// Partitions with verdicts waiting that `include` picks, by the leader
+    /// whose session handed their records out.
+    fn route_pending(
+        &self,
+        include: impl Fn(&(Uuid, i32)) -> bool,
+    ) -> BTreeMap<i32, Vec<(Uuid, i32)>> {
+        let mut routes: BTreeMap<i32, Vec<(Uuid, i32)>> = BTreeMap::new();
+        for (key, acks) in &self.acks {
+            if acks.has_pending() && include(key) {
+                let node = self.acquired_from.get(key).copied().unwrap_or(-1);
+                routes.entry(node).or_default().push(*key);
+            }
+        }
+        routes
     }
 
     fn needs_leaders(&self, state: &MemberState) -> bool {
@@ -399,31 +489,6 @@ impl ShareConsumer {
             self.topics.insert(m.id, m);
         }
         Ok(())
-    }
-
-    async fn flush_unassigned(&mut self, state: &MemberState) {
-        let assigned: BTreeSet<(Uuid, i32)> = state
-            .assignment
-            .iter()
-            .flat_map(|(id, ps)| ps.iter().map(move |&p| (*id, p)))
-            .collect();
-        let mut by_leader: BTreeMap<i32, Vec<(Uuid, i32)>> = BTreeMap::new();
-        for (&key, acks) in &self.acks {
-            if acks.has_pending() && !assigned.contains(&key) {
-                let leader = self
-                    .topics
-                    .get(&key.0)
-                    .and_then(|t| t.leaders.get(&key.1))
-                    .copied()
-                    .unwrap_or(-1);
-                by_leader.entry(leader).or_default().push(key);
-            }
-        }
-        for (node, parts) in by_leader {
-            if let Err(e) = self.acknowledge_on(node, &parts, false).await {
-                tracing::debug!(error = %e, "share acknowledge for unassigned partitions failed");
-            }
-        }
     }
 
     /// Builds a leader's fetch request, taking the verdicts it carries
@@ -450,7 +515,7 @@ impl ShareConsumer {
         let mut sent = Vec::new();
         let mut topics: BTreeMap<Uuid, Vec<FetchPartition>> = BTreeMap::new();
         for &(id, p) in wanted {
-            let batches = if epoch == 0 {
+            let batches = if epoch == 0 || self.acquired_from.get(&(id, p)) != Some(&node) {
                 Vec::new()
             } else {
                 self.acks
@@ -527,8 +592,16 @@ impl ShareConsumer {
                 Some(fetched.lock_deadline.map_or(deadline, |d| d.min(deadline)));
         }
         let mut acked: HashMap<(Uuid, i32), Vec<AckBatch>> = sent_acks.into_iter().collect();
-        let mut stale_leaders = false;
+        // Partitions this leader no longer leads: partition -> the leader it
+        // names (-1: unknown, ask metadata).
+        let mut moved: Vec<((Uuid, i32), i32)> = Vec::new();
         let mut first_error = None;
+        self.cluster.learn_nodes(
+            response
+                .node_endpoints
+                .iter()
+                .map(|n| (n.node_id.0, format!("{}:{}", n.host, n.port))),
+        );
         for topic in response.responses {
             let id = topic.topic_id;
             let name = self.topic_name(&id);
@@ -553,7 +626,7 @@ impl ShareConsumer {
                             | ResponseError::UnknownTopicId
                             | ResponseError::FencedLeaderEpoch
                     ) {
-                        stale_leaders = true;
+                        moved.push((key, part.current_leader.leader_id));
                     } else {
                         first_error.get_or_insert(ShareError::broker(
                             "ShareFetch",
@@ -575,34 +648,54 @@ impl ShareConsumer {
                         delivery_count: a.delivery_count,
                     })
                     .collect();
-                let decoded = records::decode(&name, key.1, part.records, &acquired)
-                    .map_err(|e| ShareError::Decode(e.to_string()))?;
+                self.acquired_from.insert(key, node);
                 let ledger = self.acks.entry(key).or_default();
-                for a in &acquired {
-                    ledger.acquired(
-                        a.first_offset,
-                        a.last_offset,
-                        a.delivery_count,
-                        &decoded.gaps,
-                    );
+                match records::decode(&name, key.1, part.records, &acquired) {
+                    Ok(decoded) => {
+                        for a in &acquired {
+                            ledger.acquired(
+                                a.first_offset,
+                                a.last_offset,
+                                a.delivery_count,
+                                &decoded.gaps,
+                            );
+                        }
+                        for offset in decoded.missing {
+                            // Not delivered in this response: give it back now.
+                            ledger.release(offset);
+                        }
+                        fetched.records.extend(decoded.records);
+                    }
+                    Err(e) => {
+                        // Released, never dropped: after the broker's
+                        // delivery limit it archives them itself.
+                        tracing::warn!(error = %e, "share fetch: records released undelivered");
+                        for a in acquired.iter().filter(|a| {
+                            a.first_offset <= a.last_offset
+                                && a.last_offset - a.first_offset < records::MAX_ACQUIRED_SPAN
+                        }) {
+                            ledger.acquired(
+                                a.first_offset,
+                                a.last_offset,
+                                a.delivery_count,
+                                &Default::default(),
+                            );
+                            for offset in a.first_offset..=a.last_offset {
+                                ledger.release(offset);
+                            }
+                        }
+                        fetched.undecodable.push(e.to_string());
+                    }
                 }
-                for offset in decoded.missing {
-                    // Not delivered in this response: give it back now.
-                    let _ = ledger.acknowledge(offset, AckType::Release);
-                }
-                fetched.records.extend(decoded.records);
             }
         }
         // Verdicts the response did not mention were not applied.
         self.unanswered(acked);
-        if stale_leaders {
-            for t in self.topics.values_mut() {
-                for (&p, leader) in t.leaders.iter_mut() {
-                    if wanted.contains(&(t.id, p)) {
-                        *leader = -1;
-                    }
-                }
+        for ((id, p), leader) in moved {
+            if let Some(t) = self.topics.get_mut(&id) {
+                t.leaders.insert(p, leader.max(-1));
             }
+            fetched.leaders_moved = true;
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -650,6 +743,12 @@ impl ShareConsumer {
         parts: &[(Uuid, i32)],
         last: bool,
     ) -> Result<(), ShareError> {
+        let waiting = |acks: &BTreeMap<(Uuid, i32), PartitionAcks>| {
+            parts
+                .iter()
+                .filter(|k| acks.get(k).is_some_and(|a| a.has_pending()))
+                .count()
+        };
         let epoch = match self.sessions.get(&node) {
             Some(s) if s.epoch > 0 => {
                 if last {
@@ -658,9 +757,20 @@ impl ShareConsumer {
                     s.epoch
                 }
             }
-            // No session there: nothing acquired under it can be acknowledged.
-            _ => return Ok(()),
+            // The session is being opened again (its first request may not
+            // carry verdicts), or never was: the verdicts stay.
+            _ => {
+                return match waiting(&self.acks) {
+                    0 => Ok(()),
+                    count => Err(ShareError::Unsent { count }),
+                }
+            }
         };
+        // Known before any verdict is taken, so a missing address loses none.
+        let addr = self
+            .cluster
+            .node(node)
+            .ok_or_else(|| ShareError::NoBroker(format!("node {node} is not in metadata")))?;
         let mut sent = Vec::new();
         let mut topics: BTreeMap<Uuid, Vec<AcknowledgePartition>> = BTreeMap::new();
         for &(id, p) in parts {
@@ -696,10 +806,6 @@ impl ShareConsumer {
                     })
                     .collect(),
             );
-        let addr = self
-            .cluster
-            .node(node)
-            .ok_or_else(|| ShareError::NoBroker(format!("node {node} is not in metadata")))?;
         let result: Result<ShareAcknowledgeResponse, ShareError> =
             match self.cluster.conn(&addr, Lane::Fetch).await {
                 Ok(conn) => conn.call(request).await,

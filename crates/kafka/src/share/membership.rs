@@ -131,23 +131,35 @@ async fn run(
                         parts.sort_unstable();
                         map.insert(tp.topic_id, parts);
                     }
-                    state.send_modify(|s| {
+                    state.send_if_modified(|s| {
+                        let changed = s.epoch != epoch || s.assignment != map;
                         s.epoch = epoch;
                         s.assignment = map;
+                        changed
                     });
                 } else {
-                    state.send_modify(|s| s.epoch = epoch);
+                    // Only a change wakes a poll waiting for one.
+                    state.send_if_modified(|s| std::mem::replace(&mut s.epoch, epoch) != epoch);
                 }
                 interval
             }
             Err(HeartbeatError::Rejoin(why)) => {
                 tracing::info!(group, %why, "share group: rejoining");
+                // A join refused as such waits like any retry; a member
+                // fenced after it joined rejoins at once.
+                let wait = if epoch == 0 {
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    wait
+                } else {
+                    Duration::ZERO
+                };
                 epoch = 0;
                 state.send_modify(|s| {
                     s.epoch = 0;
                     s.assignment.clear();
                 });
-                Duration::ZERO
+                wait
             }
             Err(HeartbeatError::Retry(e)) => {
                 tracing::debug!(group, error = %e, "share group heartbeat: retrying");

@@ -9,12 +9,16 @@
 //!   task of its own; the broker assigns.
 //! - [`consumer`]: [`ShareConsumer`], fetching from partition leaders with
 //!   acknowledgements piggy-backed, and closing cleanly.
+//! - [`security`]: TLS and SASL (PLAIN, SCRAM, MSK IAM) from a
+//!   [`crate::KafkaConfig`]; [`scram`]: the SCRAM exchange, pure.
 
 pub mod acks;
 pub mod cluster;
 pub mod consumer;
 pub mod membership;
 pub mod records;
+pub mod scram;
+pub mod security;
 pub mod wire;
 
 use std::time::Duration;
@@ -59,6 +63,14 @@ pub enum ShareError {
     NoBroker(String),
     #[error("the consumer is closed")]
     Closed,
+    #[error("invalid share consumer setting: {0}")]
+    Config(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// Verdicts kept for the next poll: the share session they belong to is
+    /// being opened again (a session's first request may not carry them).
+    #[error("{count} verdicts wait for their share session to reopen; they go with the next poll")]
+    Unsent { count: usize },
 }
 
 impl ShareError {
@@ -81,9 +93,11 @@ impl ShareError {
     /// succeed.
     pub fn is_retriable(&self) -> bool {
         match self {
-            Self::Io { .. } | Self::Disconnected(_) | Self::Timeout { .. } | Self::NoBroker(_) => {
-                true
-            }
+            Self::Io { .. }
+            | Self::Disconnected(_)
+            | Self::Timeout { .. }
+            | Self::NoBroker(_)
+            | Self::Unsent { .. } => true,
             Self::Broker { error, .. } => error.is_retriable(),
             _ => false,
         }

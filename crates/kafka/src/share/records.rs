@@ -4,6 +4,8 @@
 //! acquired offsets with no record behind them (control records, compacted
 //! records) must be acknowledged as gaps or they come back after the lock.
 
+use std::collections::BTreeSet;
+
 use bytes::{Buf, Bytes};
 use kafka_protocol::records::RecordBatchDecoder;
 use thiserror::Error;
@@ -48,9 +50,15 @@ pub struct DecodeError {
 #[derive(Debug)]
 pub struct Decoded {
     pub records: Vec<ShareRecord>,
-    pub gaps: Vec<i64>,
-    pub missing: Vec<i64>,
+    pub gaps: BTreeSet<i64>,
+    pub missing: BTreeSet<i64>,
 }
+
+/// The widest acquired range believed: a broker hands out at most a fetch's
+/// worth of batches, and a compacted stretch wider than this would cost a
+/// loop over every offset. A wider range is answered as undecodable (its
+/// records are released), not looped over.
+pub const MAX_ACQUIRED_SPAN: i64 = 1 << 20;
 
 pub fn decode(
     topic: &std::sync::Arc<str>,
@@ -58,8 +66,20 @@ pub fn decode(
     bytes: Option<Bytes>,
     acquired: &[Acquired],
 ) -> Result<Decoded, DecodeError> {
+    if let Some(bad) = acquired.iter().find(|a| {
+        a.last_offset < a.first_offset || a.last_offset - a.first_offset >= MAX_ACQUIRED_SPAN
+    }) {
+        return Err(DecodeError {
+            partition,
+            position: 0,
+            reason: format!(
+                "acquired range {}..={} is empty or wider than {MAX_ACQUIRED_SPAN} offsets",
+                bad.first_offset, bad.last_offset
+            ),
+        });
+    }
     let mut records = Vec::new();
-    let mut present = std::collections::BTreeSet::new();
+    let mut present = BTreeSet::new();
     // The last offset a complete batch covers (records or not).
     let mut covered_to = i64::MIN;
     if let Some(mut buf) = bytes {
@@ -124,7 +144,7 @@ pub fn decode(
         }
     }
     records.sort_by_key(|r| r.offset);
-    let (gaps, missing) = acquired
+    let (gaps, missing): (BTreeSet<i64>, BTreeSet<i64>) = acquired
         .iter()
         .flat_map(|a| a.first_offset..=a.last_offset)
         .filter(|o| !present.contains(o))
@@ -203,7 +223,7 @@ mod tests {
             .collect();
         assert_eq!(got, vec![(1, 2), (2, 2), (6, 1)]);
         // 3 is a control record, 4 was compacted away: both gaps.
-        assert_eq!(d.gaps, vec![3, 4]);
+        assert_eq!(d.gaps, [3, 4].into());
         assert!(d.missing.is_empty());
         // Offsets past every complete batch are missing, not gaps.
         let acquired = [Acquired {
@@ -214,7 +234,7 @@ mod tests {
         let bytes = batch(&[record(5, false), record(6, false)]);
         let d = decode(&topic, 0, Some(bytes.freeze()), &acquired).unwrap();
         assert!(d.gaps.is_empty());
-        assert_eq!(d.missing, vec![7, 8]);
+        assert_eq!(d.missing, [7, 8].into());
     }
 
     #[test]
@@ -235,7 +255,7 @@ mod tests {
             "a record cut short is not a gap: {:?}",
             d.gaps
         );
-        assert_eq!(d.missing, vec![1]);
+        assert_eq!(d.missing, [1].into());
     }
 
     #[test]
@@ -254,6 +274,22 @@ mod tests {
             .unwrap();
         assert_eq!(err.partition, 3);
         assert_eq!(err.position, 0);
+    }
+
+    #[test]
+    fn an_absurd_acquired_range_is_refused_not_looped_over() {
+        let topic: std::sync::Arc<str> = "t".into();
+        for (first, last) in [(0, i64::MAX), (10, 9)] {
+            let acquired = [Acquired {
+                first_offset: first,
+                last_offset: last,
+                delivery_count: 1,
+            }];
+            assert!(
+                decode(&topic, 0, None, &acquired).is_err(),
+                "{first}..={last}"
+            );
+        }
     }
 
     proptest::proptest! {

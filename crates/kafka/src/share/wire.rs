@@ -24,7 +24,15 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 /// The largest response accepted: a guard against a peer that is not Kafka.
 const MAX_FRAME: usize = 256 * 1024 * 1024;
 
-type Pending = Arc<Mutex<HashMap<i32, oneshot::Sender<Result<Bytes, ShareError>>>>>;
+/// Requests waiting for their answer. Once the reader has stopped, `closed`
+/// says why and no request waits any more.
+#[derive(Default)]
+struct Waiting {
+    by_id: HashMap<i32, oneshot::Sender<Result<Bytes, ShareError>>>,
+    closed: Option<ShareError>,
+}
+
+type Pending = Arc<Mutex<Waiting>>;
 
 pub struct Connection {
     addr: String,
@@ -35,6 +43,12 @@ pub struct Connection {
     versions: HashMap<i16, (i16, i16)>,
     reader: tokio::task::JoinHandle<()>,
     request_timeout: Duration,
+    /// Set while a request is being written: a write cut off (its future
+    /// dropped) leaves half a frame behind, and the connection is done.
+    writing: std::sync::atomic::AtomicBool,
+    /// When the SASL session must be renewed (KIP-368); none without one.
+    reauth_at: Mutex<Option<std::time::Instant>>,
+    reauthing: tokio::sync::Mutex<()>,
 }
 
 impl Drop for Connection {
@@ -63,6 +77,9 @@ impl Connection {
             versions: HashMap::new(),
             reader,
             request_timeout,
+            writing: std::sync::atomic::AtomicBool::new(false),
+            reauth_at: Mutex::new(None),
+            reauthing: tokio::sync::Mutex::new(()),
         };
         let response: ApiVersionsResponse = conn
             .call_version(
@@ -143,27 +160,38 @@ impl Connection {
         frame[0..4].copy_from_slice(&len.to_be_bytes());
 
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending").insert(id, tx);
+        {
+            let mut waiting = self.pending.lock().expect("pending");
+            if let Some(e) = &waiting.closed {
+                return Err(e.clone());
+            }
+            waiting.by_id.insert(id, tx);
+        }
         let sent = async {
             let mut w = self.writer.lock().await;
+            if self.writing.load(Ordering::Acquire) {
+                return Err(std::io::Error::other(
+                    "an earlier request was cut off mid-write",
+                ));
+            }
+            self.writing.store(true, Ordering::Release);
             w.write_all(&frame).await?;
-            w.flush().await
+            w.flush().await?;
+            self.writing.store(false, Ordering::Release);
+            Ok(())
         };
-        if let Err(e) = sent.await {
-            self.pending.lock().expect("pending").remove(&id);
-            return Err(ShareError::io(&self.addr, e));
+        match tokio::time::timeout(self.request_timeout, sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.pending.lock().expect("pending").by_id.remove(&id);
+                return Err(ShareError::io(&self.addr, e));
+            }
+            Err(_) => return Err(self.gave_up::<R>(id)),
         }
         let mut body = match tokio::time::timeout(self.request_timeout, rx).await {
             Ok(Ok(result)) => result?,
             Ok(Err(_)) => return Err(ShareError::Disconnected(self.addr.clone())),
-            Err(_) => {
-                self.pending.lock().expect("pending").remove(&id);
-                return Err(ShareError::Timeout {
-                    api: api_name(R::KEY),
-                    broker: self.addr.clone(),
-                    after: self.request_timeout,
-                });
-            }
+            Err(_) => return Err(self.gave_up::<R>(id)),
         };
         let decode_err = |e: anyhow::Error| {
             ShareError::Decode(format!(
@@ -177,9 +205,38 @@ impl Connection {
         R::Response::decode(&mut body, version).map_err(decode_err)
     }
 
-    /// False once the reader has seen the connection end.
+    pub fn set_reauth(&self, at: Option<std::time::Instant>) {
+        *self.reauth_at.lock().expect("reauth") = at;
+    }
+
+    pub fn reauth_due(&self) -> bool {
+        self.reauth_at
+            .lock()
+            .expect("reauth")
+            .is_some_and(|at| std::time::Instant::now() >= at)
+    }
+
+    /// Held while authenticating again, so that one task does it.
+    pub async fn reauth_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reauthing.lock().await
+    }
+
+    /// A request that had no answer in time: forgotten, and said so.
+    fn gave_up<R: Request>(&self, id: i32) -> ShareError {
+        self.pending.lock().expect("pending").by_id.remove(&id);
+        ShareError::Timeout {
+            api: api_name(R::KEY),
+            broker: self.addr.clone(),
+            after: self.request_timeout,
+        }
+    }
+
+    /// False once the reader has seen the connection end, or a write was
+    /// cut off.
     pub fn is_open(&self) -> bool {
-        !self.reader.is_finished()
+        // `writing` with no one holding the writer: a write was cut off.
+        let cut_off = self.writing.load(Ordering::Acquire) && self.writer.try_lock().is_ok();
+        !self.reader.is_finished() && !cut_off
     }
 }
 
@@ -218,13 +275,17 @@ async fn read_loop(mut read: impl AsyncRead + Unpin, pending: Pending, addr: Str
         }
         let body = Bytes::from(buf);
         let id = (&body[..4]).get_i32();
-        let waiter = pending.lock().expect("pending").remove(&id);
+        let waiter = pending.lock().expect("pending").by_id.remove(&id);
         if let Some(tx) = waiter {
             let _ = tx.send(Ok(body));
         }
     };
-    // Everyone still waiting learns why.
-    let waiters: Vec<_> = pending.lock().expect("pending").drain().collect();
+    // Everyone still waiting learns why, and no one waits from now on.
+    let waiters: Vec<_> = {
+        let mut waiting = pending.lock().expect("pending");
+        waiting.closed = Some(error.clone());
+        waiting.by_id.drain().collect()
+    };
     for (_, tx) in waiters {
         let _ = tx.send(Err(error.clone()));
     }
