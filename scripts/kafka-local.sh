@@ -96,6 +96,10 @@ Commands:
                      broker-api-versions, storage, features, share-groups,
                      share-consumer-perf-test, console-share-consumer
                    or a fully qualified Java main class.
+  java-source FILE ARGS
+                   Run a single-file Java program (e.g. scripts/kafka-local/SharePeer.java,
+                   Kafka's KafkaShareConsumer as a share-group peer) with the
+                   broker's jars on the class path.
   help, --help     This text.
 
 Listeners (all on 127.0.0.1 only):
@@ -867,6 +871,23 @@ cmd_tool() {
 		-Dlog4j2.configurationFile="$TOOLS_LOG4J" -cp "$(classpath)" "$class" "$@"
 }
 
+# Runs a single-file Java program against the broker's jars (kafka-clients
+# and all), compiled in memory by the java launcher.
+cmd_java_source() {
+	[[ $# -ge 1 ]] || die "java-source: missing the .java file (see --help)"
+	local source=$1
+	shift
+	[[ -f $source ]] || die "java-source: no file $source"
+	check_java
+	ensure_jars
+	mkdir -p "$CONFIG_DIR"
+	[[ -f $TOOLS_LOG4J ]] || write_tools_log4j
+	local -a heap
+	read -r -a heap <<<"$TOOL_HEAP_OPTS"
+	exec "$JAVA" "${heap[@]}" -Djava.awt.headless=true \
+		-Dlog4j2.configurationFile="$TOOLS_LOG4J" -cp "$(classpath)" "$source" "$@"
+}
+
 main() {
 	local cmd=${1:-}
 	[[ $# -gt 0 ]] && shift
@@ -877,6 +898,7 @@ main() {
 	logs) cmd_logs "$@" ;;
 	reset) cmd_reset "$@" ;;
 	tool) cmd_tool "$@" ;;
+	java-source) cmd_java_source "$@" ;;
 	help | -h | --help) usage ;;
 	"")
 		usage >&2

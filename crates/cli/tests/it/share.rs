@@ -573,3 +573,161 @@ fn the_msk_iam_listener_serves_share_groups_past_a_token_lifetime() {
     let lag = share_group_lag(broker().bootstrap(), &group);
     assert_eq!(lag.get(&0), Some(&0), "{lag:?}");
 }
+
+/// Members of `group` as Kafka's share-groups tool lists them.
+fn share_group_members(bootstrap: &str, group: &str) -> usize {
+    let out = std::process::Command::new(scripts_dir().join("kafka-local.sh"))
+        .args([
+            "tool",
+            "share-groups",
+            "--bootstrap-server",
+            bootstrap,
+            "--describe",
+            "--members",
+            "--group",
+            group,
+        ])
+        .output()
+        .expect("running kafka-share-groups");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // A header, then one line per member.
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+        .saturating_sub(1)
+}
+
+/// Interoperation: two members of ours and Kafka's own Java
+/// `KafkaShareConsumer` in one share group split the records; each record is
+/// handled once, both kinds of member get work, and the group ends with no
+/// backlog.
+#[test]
+fn our_members_and_javas_share_consumer_split_one_group() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let dir = crate::harness::TestDir::new("share-java");
+    let topic = unique("share-java");
+    let group = unique("share-java-g");
+    create_topic(&topic, 2);
+    const N: usize = 400;
+    let java_out = dir.0.join("java.txt");
+    let cfg = config(&bootstrap, &group, &topic);
+    runtime()
+        .block_on(ShareConsumer::configure_group(
+            &cfg,
+            &[("share.auto.offset.reset", "earliest")],
+        ))
+        .unwrap();
+    let mut cmd = std::process::Command::new(scripts_dir().join("kafka-local.sh"));
+    cmd.args(["java-source"])
+        .arg(scripts_dir().join("kafka-local/SharePeer.java"))
+        .args([bootstrap.as_str(), group.as_str(), topic.as_str()])
+        .arg(&java_out)
+        .arg("8000");
+    let mut java = crate::harness::Proc::spawn(cmd, dir.0.join("java.err"));
+
+    let handled: Arc<Mutex<Vec<(i32, i64)>>> = Arc::default();
+    runtime().block_on(async {
+        let mut ours = Vec::new();
+        for _ in 0..2 {
+            ours.push(
+                ShareConsumer::join(config(&bootstrap, &group, &topic))
+                    .await
+                    .expect("joining"),
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while share_group_members(&bootstrap, &group) < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "the Java peer never joined: {}",
+                java.stderr()
+            );
+            for c in &mut ours {
+                c.poll().await.unwrap();
+            }
+        }
+        let producing = topic.clone();
+        tokio::task::spawn_blocking(move || {
+            produce(
+                &producing,
+                N as u64,
+                &["--kafka-property", "batch.num.messages=10"],
+            )
+        })
+        .await
+        .unwrap();
+        let java_count = || {
+            std::fs::read_to_string(&java_out)
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut idle_since = Instant::now();
+        while Instant::now() < deadline {
+            let mut any = false;
+            for c in &mut ours {
+                let fetched = c.poll().await.unwrap();
+                any |= !fetched.records.is_empty();
+                for r in &fetched.records {
+                    handled.lock().unwrap().push((r.partition, r.offset));
+                    c.acknowledge(r, AckType::Accept).unwrap();
+                }
+            }
+            if any {
+                idle_since = Instant::now();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            } else if handled.lock().unwrap().len() + java_count() >= N
+                && idle_since.elapsed() > Duration::from_secs(2)
+            {
+                break;
+            }
+        }
+        for mut c in ours {
+            c.flush().await.unwrap();
+            let mut outcomes = c.take_outcomes();
+            outcomes.extend(c.close().await.unwrap());
+            assert_eq!(covered(&outcomes).1, 0, "verdicts refused: {outcomes:?}");
+        }
+    });
+    let status = java
+        .wait_for_exit(Duration::from_secs(60))
+        .expect("the Java peer stops when idle");
+    assert!(status.success(), "the Java peer failed: {}", java.stderr());
+
+    let ours = handled.lock().unwrap().clone();
+    let theirs: Vec<(i32, i64)> = std::fs::read_to_string(&java_out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<i64> = l.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            (f[0] as i32, f[1])
+        })
+        .collect();
+    let all: BTreeSet<(i32, i64)> = ours.iter().chain(&theirs).copied().collect();
+    assert_eq!(all.len(), N, "every record handled");
+    assert_eq!(
+        ours.len() + theirs.len(),
+        N,
+        "none handled twice ({} ours, {} Java's)",
+        ours.len(),
+        theirs.len()
+    );
+    assert!(
+        !ours.is_empty() && !theirs.is_empty(),
+        "both got work: {} ours, {} Java's",
+        ours.len(),
+        theirs.len()
+    );
+    eprintln!(
+        "split: {} records ours, {} Java's",
+        ours.len(),
+        theirs.len()
+    );
+    let lag = share_group_lag(&bootstrap, &group);
+    assert!(
+        lag.len() == 2 && lag.values().all(|&l| l == 0),
+        "no backlog left: {lag:?}"
+    );
+}
