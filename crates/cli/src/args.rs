@@ -217,16 +217,27 @@ pub struct LagTarget {
     /// Topic.
     #[arg(long, env = "KAFKA_TOPIC")]
     pub topic: String,
-    /// Consumer group.
+    /// Consumer group (`lag` takes --share-group instead for a share group).
     #[arg(long, env = "CONSUMER_GROUP")]
-    pub group: String,
+    pub group: Option<String>,
 }
 
 impl LagTarget {
+    /// The consumer group, which every reader but a share group's needs.
+    pub fn group(&self) -> Result<&str, ConfigError> {
+        self.group.as_deref().ok_or_else(|| {
+            ConfigError::new(
+                "--group",
+                "is required (flag, CONSUMER_GROUP, or the config file)",
+            )
+        })
+    }
+
     /// A lag reader for the group, its broker calls bounded by `timeout`.
     pub fn reader(&self, timeout: std::time::Duration) -> anyhow::Result<LagReader> {
+        let group = self.group()?;
         let kafka = self.kafka.resolve()?.start_msk_iam()?;
-        Ok(LagReader::new(&kafka, &self.group, &self.topic, timeout)?)
+        Ok(LagReader::new(&kafka, group, &self.topic, timeout)?)
     }
 }
 

@@ -20,6 +20,16 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     pub target: LagTarget,
+    /// Read a share group's backlog instead of a consumer group's lag: per
+    /// partition the records not yet finished, in-flight ones included, as
+    /// the broker counts them (Kafka 4.2+; older brokers: high watermark
+    /// minus the share-partition start offset, which can overstate it), "-"
+    /// before the group has state for a partition. JSON:
+    /// {"share_group","topic","members","total_backlog","backlog_source":"broker_lag"|"high_watermark_minus_start_offset","partitions":[{"partition","start_offset","high","backlog"}]}.
+    /// Not with --group or --policy.
+    #[arg(long, env = "SHARE_GROUP", conflicts_with = "policy")]
+    #[serde(default)]
+    pub share_group: Option<String>,
     /// Print JSON: {"group","topic","total_lag","lag_seconds","partitions":[{"partition","committed","low","high","lag","lag_seconds"}]};
     /// lag_seconds is the age of the oldest record not committed (null when
     /// unknown), the group's is the oldest partition's.
@@ -49,6 +59,9 @@ impl FromFile for Args {
 }
 
 pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(share_group) = args.share_group.clone() {
+        return share_backlog(&args, &share_group).await;
+    }
     // KEDA's default, so `lag --policy keda` previews KEDA with no flags.
     args.policy_args
         .offset_reset_policy
@@ -129,6 +142,76 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
         out.flush()?;
         drop(out);
         if !watch {
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = super::shutdown_signal() => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}
+
+/// `lag --share-group`: the share group's backlog, once or every interval.
+async fn share_backlog(args: &Args, share_group: &str) -> anyhow::Result<ExitCode> {
+    use microbatch_kafka::share::{backlog, security, ShareConsumerConfig};
+    if args.target.group.is_some() {
+        return Err(microbatch_kafka::ConfigError::new(
+            "--share-group",
+            "names a share group; --group (or CONSUMER_GROUP) names a consumer group: give one",
+        )
+        .into());
+    }
+    let kafka = args.target.kafka.resolve()?.start_msk_iam()?;
+    let bootstrap = ShareConsumerConfig::from_kafka(&kafka, share_group, vec![])?.bootstrap;
+    let connector = security::connector(&kafka)?;
+    let interval = Duration::from_millis(args.interval_ms.max(100));
+    loop {
+        let reading = backlog::read(
+            connector.clone(),
+            bootstrap.clone(),
+            share_group,
+            &args.target.topic,
+            Duration::from_secs(10),
+        )
+        .await?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string(&reading)?)?;
+        } else {
+            if args.watch {
+                write!(out, "\x1b[2J\x1b[H")?;
+            }
+            writeln!(
+                out,
+                "SHARE GROUP {}  TOPIC {}  MEMBERS {}",
+                reading.share_group, reading.topic, reading.members
+            )?;
+            writeln!(
+                out,
+                "{:>9} {:>12} {:>12} {:>10}",
+                "PARTITION", "START", "HIGH", "BACKLOG"
+            )?;
+            let dash = |v: Option<i64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+            for p in &reading.partitions {
+                writeln!(
+                    out,
+                    "{:>9} {:>12} {:>12} {:>10}",
+                    p.partition,
+                    dash(p.start_offset),
+                    p.high,
+                    dash(p.backlog)
+                )?;
+            }
+            writeln!(
+                out,
+                "{:>9} {:>12} {:>12} {:>10}",
+                "TOTAL", "", "", reading.total_backlog
+            )?;
+            writeln!(out, "(backlog: {})", reading.backlog_source)?;
+        }
+        out.flush()?;
+        drop(out);
+        if !args.watch {
             return Ok(ExitCode::SUCCESS);
         }
         tokio::select! {

@@ -89,7 +89,7 @@ fn draw(frame: &mut Frame<'_>, args: &Args, snap: &Snapshot, history: &VecDeque<
     let total = snap.lag.as_ref().map(|l| l.total_lag).unwrap_or(0);
     let mut lines = vec![Line::from(format!(
         "group {}   topic {}   members {}",
-        args.target.group,
+        args.target.group.as_deref().unwrap_or_default(),
         args.target.topic,
         members_text(snap.members)
     ))];

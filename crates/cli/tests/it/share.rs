@@ -731,3 +731,113 @@ fn our_members_and_javas_share_consumer_split_one_group() {
         "no backlog left: {lag:?}"
     );
 }
+
+/// `microbatch lag --share-group --json`.
+fn share_backlog_json(bootstrap: &str, group: &str, topic: &str) -> serde_json::Value {
+    let (status, out, err) = crate::harness::run_to_end(&[
+        "lag",
+        "--bootstrap-servers",
+        bootstrap,
+        "--topic",
+        topic,
+        "--share-group",
+        group,
+        "--json",
+    ]);
+    assert!(status.success(), "lag --share-group failed: {out}\n{err}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// `lag --share-group` reads the backlog the broker holds: unknown before
+/// the group's first verdict, then records in flight count until their
+/// verdicts and finished ones do not; it agrees with Kafka's own tool once
+/// the group is done.
+#[test]
+fn lag_reads_a_share_groups_backlog() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let topic = unique("share-lag");
+    let group = unique("share-lag-g");
+    create_topic(&topic, 2);
+    produce(&topic, 100, &["--kafka-property", "batch.num.messages=10"]);
+    runtime().block_on(async {
+        let cfg = config(&bootstrap, &group, &topic);
+        ShareConsumer::configure_group(&cfg, &[("share.auto.offset.reset", "earliest")])
+            .await
+            .unwrap();
+        let mut c = ShareConsumer::join(cfg).await.expect("joining");
+        let mut held = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while held.len() < 100 && Instant::now() < deadline {
+            held.extend(c.poll().await.unwrap().records);
+        }
+        assert_eq!(held.len(), 100);
+        // Before the group's first verdict the broker has no share-partition
+        // state to report: the start offset is unknown, and lag says so
+        // rather than guessing (see docs/share-groups.md).
+        let b = tokio::task::block_in_place(|| share_backlog_json(&bootstrap, &group, &topic));
+        assert_eq!(b["members"], 1, "{b}");
+        for p in b["partitions"].as_array().unwrap() {
+            assert!(p["start_offset"].is_null() && p["backlog"].is_null(), "{b}");
+        }
+        // Finish the first 20 records of partition 0 (two whole producer
+        // batches): its other records, still in flight, stay backlog.
+        for r in held.iter().filter(|r| r.partition == 0 && r.offset < 20) {
+            c.acknowledge(r, AckType::Accept).unwrap();
+        }
+        c.flush().await.unwrap();
+        assert_eq!(covered(&c.take_outcomes()).1, 0);
+        let in_flight = held
+            .iter()
+            .filter(|r| r.partition == 0 && r.offset >= 20)
+            .count() as i64;
+        let mut b = serde_json::Value::Null;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            b = tokio::task::block_in_place(|| share_backlog_json(&bootstrap, &group, &topic));
+            if b["partitions"][0]["backlog"] == in_flight {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_eq!(b["backlog_source"], "broker_lag", "{b}");
+        assert_eq!(
+            b["partitions"][0]["backlog"], in_flight,
+            "in flight counts as backlog: {b}"
+        );
+        assert!(
+            b["partitions"][1]["backlog"].is_null(),
+            "no state yet for partition 1: {b}"
+        );
+        for r in held.iter().filter(|r| r.partition == 0 && r.offset >= 20) {
+            c.acknowledge(r, AckType::Accept).unwrap();
+        }
+        for r in held.iter().filter(|r| r.partition == 1) {
+            c.acknowledge(r, AckType::Accept).unwrap();
+        }
+        c.flush().await.unwrap();
+        let outcomes = c.close().await.unwrap();
+        assert_eq!(covered(&outcomes).1, 0, "{outcomes:?}");
+        assert_eq!(
+            covered(&outcomes).0.len(),
+            80,
+            "every other verdict answered"
+        );
+    });
+    let mut b = share_backlog_json(&bootstrap, &group, &topic);
+    crate::harness::wait_until(Duration::from_secs(20), "the backlog reaches 0", || {
+        b = share_backlog_json(&bootstrap, &group, &topic);
+        b["total_backlog"] == 0
+    });
+    assert_eq!(b["members"], 0, "{b}");
+    let theirs = share_group_lag(&bootstrap, &group);
+    for p in b["partitions"].as_array().unwrap() {
+        let partition = p["partition"].as_i64().unwrap() as i32;
+        assert_eq!(
+            p["backlog"].as_i64(),
+            theirs.get(&partition).copied(),
+            "ours {b} vs Kafka's tool {theirs:?}"
+        );
+    }
+}

@@ -9,10 +9,12 @@
 //!   task of its own; the broker assigns.
 //! - [`consumer`]: [`ShareConsumer`], fetching from partition leaders with
 //!   acknowledgements piggy-backed, and closing cleanly.
+//! - [`backlog`]: a share group's backlog per partition, for `lag`.
 //! - [`security`]: TLS and SASL (PLAIN, SCRAM, MSK IAM) from a
 //!   [`crate::KafkaConfig`]; [`scram`]: the SCRAM exchange, pure.
 
 pub mod acks;
+pub mod backlog;
 pub mod cluster;
 pub mod consumer;
 pub mod membership;

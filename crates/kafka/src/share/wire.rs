@@ -253,6 +253,7 @@ fn api_name(key: i16) -> &'static str {
         Ok(ApiKey::ShareAcknowledge) => "ShareAcknowledge",
         Ok(ApiKey::DescribeShareGroupOffsets) => "DescribeShareGroupOffsets",
         Ok(ApiKey::IncrementalAlterConfigs) => "IncrementalAlterConfigs",
+        Ok(ApiKey::ListOffsets) => "ListOffsets",
         _ => "request",
     }
 }
