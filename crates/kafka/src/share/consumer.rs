@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use super::acks::{AckBatch, AckError, AckType, PartitionAcks};
 use super::cluster::{Cluster, Connector, Lane, TopicMeta};
+use super::fetch_v2::{self, AcquireMode};
 use super::membership::{MemberState, Membership};
 use super::records::{self, Acquired, ShareRecord};
 use super::ShareError;
@@ -43,8 +44,12 @@ pub struct ShareConsumerConfig {
     pub connector: Arc<dyn Connector>,
     /// How long a fetch waits at the broker for records.
     pub max_wait: Duration,
-    /// The most records one fetch acquires (per leader).
+    /// The most records one fetch acquires (per leader): a strict limit in
+    /// [`AcquireMode::RecordLimit`], a hint in batch-optimized mode.
     pub max_records: i32,
+    /// How fetches acquire records; brokers older than 4.2 (ShareFetch v1)
+    /// always acquire whole batches.
+    pub acquire_mode: AcquireMode,
     pub max_bytes: i32,
     pub request_timeout: Duration,
 }
@@ -78,6 +83,7 @@ impl ShareConsumerConfig {
             connector: Arc::new(super::cluster::PlainTcp),
             max_wait: Duration::from_millis(500),
             max_records: 500,
+            acquire_mode: AcquireMode::default(),
             max_bytes: 50 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
         }
@@ -250,20 +256,35 @@ impl ShareConsumer {
     /// The verdict on a record this member holds, sent with the next poll
     /// or flush. Naming a record not held is refused.
     pub fn acknowledge(&mut self, record: &ShareRecord, ack: AckType) -> Result<(), AckError> {
+        self.acknowledge_at(
+            &record.topic,
+            record.partition,
+            record.offset,
+            record.delivery_count,
+            ack,
+        )
+    }
+
+    /// [`Self::acknowledge`], by the record's topic, partition, offset and
+    /// delivery count.
+    pub fn acknowledge_at(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        delivery_count: i16,
+        ack: AckType,
+    ) -> Result<(), AckError> {
         let id = self
             .topics
             .values()
-            .find(|t| t.name == record.topic)
+            .find(|t| &*t.name == topic)
             .map(|t| t.id)
-            .ok_or(AckError::NotHeld {
-                offset: record.offset,
-            })?;
+            .ok_or(AckError::NotHeld { offset })?;
         self.acks
-            .get_mut(&(id, record.partition))
-            .ok_or(AckError::NotHeld {
-                offset: record.offset,
-            })?
-            .acknowledge(record.offset, record.delivery_count, ack)
+            .get_mut(&(id, partition))
+            .ok_or(AckError::NotHeld { offset })?
+            .acknowledge(offset, delivery_count, ack)
     }
 
     /// How the broker took the verdicts sent so far (drained).
@@ -339,6 +360,7 @@ impl ShareConsumer {
             requests.push((node, wanted, request, sent_acks));
         }
         let cluster = self.cluster.clone();
+        let mode = self.cfg.acquire_mode;
         let calls = requests
             .into_iter()
             .map(|(node, wanted, request, sent_acks)| {
@@ -347,7 +369,13 @@ impl ShareConsumer {
                     let result = match cluster.node(node) {
                         Some(addr) => match cluster.conn(&addr, Lane::Fetch).await {
                             Ok(conn) => {
-                                let r = conn.call(request).await;
+                                let r = conn
+                                    .call(fetch_v2::Request {
+                                        fetch: request,
+                                        mode,
+                                    })
+                                    .await
+                                    .map(|answer| answer.0);
                                 if r.is_err() {
                                     cluster.forget(&addr, Lane::Fetch).await;
                                 }

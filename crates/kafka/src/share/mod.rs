@@ -17,6 +17,7 @@ pub mod acks;
 pub mod backlog;
 pub mod cluster;
 pub mod consumer;
+pub mod fetch_v2;
 pub mod membership;
 pub mod records;
 pub mod scram;
@@ -30,6 +31,7 @@ use thiserror::Error;
 
 pub use acks::{AckBatch, AckType};
 pub use consumer::{AckOutcome, Fetched, ShareConsumer, ShareConsumerConfig};
+pub use fetch_v2::AcquireMode;
 pub use records::ShareRecord;
 
 /// What went wrong talking to the brokers about a share group.
