@@ -297,6 +297,11 @@ impl Batcher {
         }
     }
 
+    /// The highest offset in the open batch, if one is open.
+    pub fn open_last_offset(&self) -> Option<i64> {
+        self.open.as_ref().and_then(|(b, _)| b.last_offset())
+    }
+
     /// Closes the open batch whatever its age.
     pub fn take(&mut self) -> Option<Batch> {
         self.open.take().map(|(b, _)| b)

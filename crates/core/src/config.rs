@@ -170,6 +170,10 @@ const CLASSIC_ONLY_PROPERTIES: &[&str] = &[
     "partition.assignment.strategy",
 ];
 
+/// The most `share.delivery.count.limit` Kafka accepts for a share group
+/// (`group.share.max.delivery.count.limit`'s default and upper bound).
+pub const SHARE_DELIVERY_LIMIT_MAX: u32 = 10;
+
 /// Everything one worker needs, validated.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -210,6 +214,10 @@ pub struct WorkerConfig {
     pub offset_reset: OffsetReset,
     /// The group protocol; a `group.protocol` pass-through property wins.
     pub group_protocol: GroupProtocol,
+    /// `group` names a share group (KIP-932): any number of members take
+    /// records of the same partitions, each acquired under a lock and
+    /// accepted one by one, in no order (docs/share-groups.md).
+    pub share_group: bool,
 }
 
 /// What the pipeline needs: batching, ordering, slots, caps and deadlines
@@ -377,7 +385,45 @@ impl WorkerConfig {
             audit_log: None,
             offset_reset: defaults::OFFSET_RESET,
             group_protocol: defaults::GROUP_PROTOCOL,
+            share_group: false,
         }
+    }
+
+    /// A share group's rules: no order to keep, and the broker's delivery
+    /// limit (set to one past --max-attempts) within what Kafka allows.
+    fn validate_share_group(&self) -> Result<(), ConfigError> {
+        if self.ordering != Ordering::None {
+            return Err(ConfigError::new(
+                "--ordering",
+                format!(
+                    "{} cannot be kept with a share group: the broker hands any record \
+                     to any member, in no order; use --ordering none, or a consumer \
+                     group (--group) for partition or key order",
+                    self.ordering
+                ),
+            ));
+        }
+        if self.retry.max_attempts + 1 > SHARE_DELIVERY_LIMIT_MAX {
+            return Err(ConfigError::new(
+                "--max-attempts",
+                format!(
+                    "must be at most {} with a share group: the worker sets the group's \
+                     share.delivery.count.limit to one more, and Kafka allows at most {}",
+                    SHARE_DELIVERY_LIMIT_MAX - 1,
+                    SHARE_DELIVERY_LIMIT_MAX
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The share group's `share.delivery.count.limit`: one delivery more
+    /// than --max-attempts, so that the worker, not the broker, decides a
+    /// record's end: a record delivered more often is dead-lettered
+    /// ([`crate::pipeline::Pipeline::handle_delivered_too_often`]), never
+    /// archived silently.
+    pub fn share_delivery_limit(&self) -> u32 {
+        self.retry.max_attempts + 1
     }
 
     pub fn validate(mut self) -> Result<Self, ConfigError> {
@@ -412,8 +458,16 @@ impl WorkerConfig {
         if self.topic.trim().is_empty() {
             return Err(ConfigError::new("--topic", "must not be empty"));
         }
+        let group_flag = if self.share_group {
+            "--share-group"
+        } else {
+            "--group"
+        };
         if self.group.trim().is_empty() {
-            return Err(ConfigError::new("--group", "must not be empty"));
+            return Err(ConfigError::new(group_flag, "must not be empty"));
+        }
+        if self.share_group {
+            self.validate_share_group()?;
         }
         if self.concurrency == 0 {
             return Err(ConfigError::new("--concurrency", "must be at least 1"));

@@ -127,9 +127,12 @@ pub struct Args {
     pub handler_startup_ms: u64,
 
     /// partition: one batch in flight per partition; key: per-key order, many
-    /// slots per partition; none: any record on any slot.
-    #[arg(long, env = "MICROBATCH_ORDERING", default_value_t = defaults::ORDERING, value_parser = parse_ordering, help_heading = "Parallelism")]
-    pub ordering: Ordering,
+    /// slots per partition; none: any record on any slot. A share group
+    /// keeps no order (the broker hands any record to any member), so with
+    /// --share-group only none is accepted. [default: key; none with
+    /// --share-group]
+    #[arg(long, env = "MICROBATCH_ORDERING", value_parser = parse_ordering, help_heading = "Parallelism")]
+    pub ordering: Option<Ordering>,
     /// Batches in flight at once in this worker.
     #[arg(long, env = "MICROBATCH_CONCURRENCY", default_value_t = defaults::CONCURRENCY as u64, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Parallelism")]
     pub concurrency: u64,
@@ -220,7 +223,23 @@ pub struct Args {
     /// moves only the partitions that change owner; Kafka 4.0+).
     #[arg(long, env = "MICROBATCH_GROUP_PROTOCOL", default_value_t = defaults::GROUP_PROTOCOL, value_parser = parse_group_protocol, help_heading = "Delivery")]
     pub group_protocol: GroupProtocol,
-    /// Where to start without a committed offset: earliest or latest.
+    /// Join this share group (KIP-932, Kafka 4.2+) instead of a consumer
+    /// group: any number of workers take records of the same partitions,
+    /// each record acquired under a lock and accepted once done, in no
+    /// order. The worker sets the group's share.auto.offset.reset
+    /// (--offset-reset) and share.delivery.count.limit (--max-attempts + 1).
+    /// See docs/share-groups.md.
+    #[arg(
+        long,
+        env = "SHARE_GROUP",
+        value_name = "NAME",
+        conflicts_with = "group",
+        help_heading = "Delivery"
+    )]
+    pub share_group: Option<String>,
+    /// Where to start without a committed offset: earliest or latest. With
+    /// --share-group: where a new share group starts (set as the group's
+    /// share.auto.offset.reset).
     #[arg(long, env = "MICROBATCH_OFFSET_RESET", default_value_t = defaults::OFFSET_RESET, value_parser = parse_reset, help_heading = "Delivery")]
     pub offset_reset: OffsetReset,
     /// Append `partition offset` per processed record to FILE (for verification).
@@ -260,14 +279,25 @@ fn ms(v: u64) -> Duration {
 impl Args {
     pub fn resolve(&self) -> anyhow::Result<Resolved> {
         let kafka = self.kafka.resolve()?;
-        let (topic, group) = self.workers.resolve()?;
+        let (topic, group) = match &self.share_group {
+            Some(share_group) => (
+                require(self.workers.topic.clone(), "--topic", "KAFKA_TOPIC")?,
+                share_group.clone(),
+            ),
+            None => self.workers.resolve()?,
+        };
         let mut config = WorkerConfig::new(kafka, topic.clone(), group);
+        config.share_group = self.share_group.is_some();
         config.batch = BatchLimits::new(
             self.max_records as usize,
             self.max_bytes as usize,
             ms(self.max_wait_ms),
         )?;
-        config.ordering = self.ordering;
+        config.ordering = self.ordering.unwrap_or(if config.share_group {
+            Ordering::None
+        } else {
+            defaults::ORDERING
+        });
         config.concurrency = self.concurrency as usize;
         config.commit_interval = ms(self.commit_interval_ms);
         config.max_uncommitted = self.max_uncommitted_ms.map(ms);

@@ -188,7 +188,10 @@ fn a_flag_beats_the_file_which_beats_the_default() {
     );
     assert_eq!(a.max_records, 7, "the flag wins");
     assert_eq!(a.concurrency, 5, "the file fills what the line left unset");
-    assert_eq!(a.ordering, microbatch_core::config::Ordering::Partition);
+    assert_eq!(
+        a.ordering,
+        Some(microbatch_core::config::Ordering::Partition)
+    );
     assert_eq!(
         a.max_wait_ms,
         microbatch_core::config::defaults::MAX_WAIT_MS,

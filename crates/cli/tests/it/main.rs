@@ -29,6 +29,7 @@ mod lag;
 mod msk_iam;
 mod scaler;
 mod share;
+mod share_worker;
 mod supervise;
 mod top;
 mod topic;

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use microbatch_kafka::share::{AckType, ShareConsumer, ShareConsumerConfig};
 
-use crate::harness::{broker, create_topic, produce, scripts_dir, unique};
+use crate::harness::{broker, create_topic, produce, scripts_dir, share_group_lag, unique};
 
 /// The share client needs Kafka 4.2+; librdkafka's mock cluster has no share
 /// groups, so without a real broker these tests skip (never under CI).
-fn real_broker() -> Option<String> {
+pub(crate) fn real_broker() -> Option<String> {
     let b = broker();
     if !b.is_real() {
         eprintln!("skipped: share groups need a real broker (run scripts/test.sh)");
@@ -36,43 +36,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// `kafka-share-groups --describe --offsets`: partition -> lag, as Kafka's
-/// own admin client reads the group.
-fn share_group_lag(bootstrap: &str, group: &str) -> BTreeMap<i32, i64> {
-    let out = std::process::Command::new(scripts_dir().join("kafka-local.sh"))
-        .args([
-            "tool",
-            "share-groups",
-            "--bootstrap-server",
-            bootstrap,
-            "--describe",
-            "--offsets",
-            "--group",
-            group,
-        ])
-        .output()
-        .expect("running kafka-share-groups");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "kafka-share-groups failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines.next().expect("a header").split_whitespace().collect();
-    let col = |name: &str| {
-        header
-            .iter()
-            .position(|h| *h == name)
-            .unwrap_or_else(|| panic!("no {name} in {header:?}"))
-    };
-    let (partition, lag) = (col("PARTITION"), col("LAG"));
-    lines
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .map(|f| (f[partition].parse().unwrap(), f[lag].parse().unwrap_or(-1)))
-        .collect()
 }
 
 /// The offsets a set of verdict outcomes covers, and those refused.

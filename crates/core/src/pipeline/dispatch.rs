@@ -10,6 +10,7 @@ use crate::batch::Batch;
 
 use super::partition::{Gate, Lane, PartitionState};
 use super::{Intent, Phase, Pipeline, Slot};
+use crate::config::Ordering;
 
 /// Logged when one batch passes `--max-uncommitted-records` plus one set
 /// of slots, the only way on.
@@ -287,6 +288,11 @@ impl Pipeline {
                 // order, the first lanes ran dry early and the last ones
                 // ran alone at the end of a backlog (a tenth of a drain
                 // with 4 slots on 2 partitions).
+                if self.config.ordering == Ordering::None {
+                    ps.spread_ready(|lane| {
+                        !self.zombies.is_empty() && self.zombies.contains_key(&(*p, lane))
+                    });
+                }
                 self.lane_order.clear();
                 self.lane_order.extend(
                     ps.lanes

@@ -129,6 +129,28 @@ pub enum Intent {
     /// Read the consumer's position of these partitions, which have nothing
     /// outstanding; answer with [`Pipeline::handle_position`].
     ReadPositions(Vec<i32>),
+    /// Per-record acknowledgement (a share group): these records are done
+    /// (processed, or their dead letter acknowledged); accept them.
+    Accept {
+        partition: i32,
+        offsets: Vec<i64>,
+    },
+}
+
+/// How finished work is acknowledged to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Acknowledgement {
+    /// A consumer group: one committed offset per partition, below which
+    /// everything is done ([`crate::offsets`]).
+    #[default]
+    Watermark,
+    /// A share group: each record accepted as soon as it is done, in any
+    /// order ([`Intent::Accept`]). Partitions come with their records (the
+    /// broker hands records out, not partitions), offsets may arrive in any
+    /// order and again (a redelivery), nothing is committed and no position
+    /// is read. What is never accepted returns to the group when this
+    /// member leaves or its locks run out.
+    PerRecord,
 }
 
 /// Where the pipeline is in its life.
@@ -168,6 +190,7 @@ pub struct Options {
     pub keep_headers: bool,
     /// Seeds the back-off jitter.
     pub seed: u64,
+    pub acknowledgement: Acknowledgement,
 }
 
 /// The pipeline of one worker. See the module docs.
@@ -175,6 +198,7 @@ pub struct Pipeline {
     config: PipelineConfig,
     topic: Arc<str>,
     dlq_enabled: bool,
+    acknowledgement: Acknowledgement,
     audit: bool,
     keep_headers: bool,
     rng: StdRng,
@@ -246,6 +270,7 @@ impl Pipeline {
             audit,
             keep_headers,
             seed,
+            acknowledgement,
         } = options;
         Self {
             topic: Arc::from(config.topic.as_str()),
@@ -254,6 +279,7 @@ impl Pipeline {
             final_commit_retry_at: None,
             config,
             dlq_enabled,
+            acknowledgement,
             audit,
             keep_headers,
             rng: StdRng::seed_from_u64(seed),
@@ -447,6 +473,76 @@ impl Pipeline {
         )
     }
 
+    /// A share group's partition seen for the first time: records are
+    /// handed out per record, so a partition is ours while we hold any of
+    /// it, with no assignment or revoke to wait for.
+    fn adopt(&mut self, partition: i32) {
+        let state = self.new_partition();
+        self.partitions.insert(partition, state);
+        self.capacity.set_slots(self.clock, self.usable_slots());
+        self.assigned.clear();
+        self.assigned.extend(self.partitions.keys());
+    }
+
+    /// A record the broker has delivered more often than `--max-attempts`
+    /// (every earlier delivery ended without a verdict: its holder crashed,
+    /// left, or ran past its lock): dead-lettered without handling it again,
+    /// never left for the broker to archive. A share group's only.
+    pub fn handle_delivered_too_often(
+        &mut self,
+        msg: &impl ConsumedRecord,
+        deliveries: u32,
+        now: Instant,
+    ) {
+        if self.phase != Phase::Consuming || self.acknowledgement != Acknowledgement::PerRecord {
+            return;
+        }
+        let partition = msg.partition();
+        if !self.partitions.contains_key(&partition) {
+            self.adopt(partition);
+        }
+        let Some(ps) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        let epoch = ps.epoch;
+        let bytes = msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len);
+        ps.held += 1;
+        ps.held_bytes += bytes;
+        self.held += 1;
+        self.held_bytes += bytes;
+        self.next_batch_id += 1;
+        let mut batch = Batch::new(self.next_batch_id, self.topic.clone(), partition);
+        batch.push(
+            msg.offset(),
+            msg.timestamp_ms(),
+            msg.key(),
+            msg.payload(),
+            msg.headers(),
+        );
+        batch.attempt = deliveries;
+        let failure = Failure::permanent(format!(
+            "delivered {deliveries} times, more than --max-attempts {}: \
+             earlier deliveries ended without a verdict (a crashed or stopped \
+             member, or a handler slower than the acquisition lock)",
+            self.config.retry.max_attempts
+        ));
+        if !self.dlq_enabled {
+            tracing::error!(partition, offset = msg.offset(), error = %failure.error, "record failed for good and --dlq is off; stopping");
+            self.fatal.get_or_insert(Undeliverable {
+                partition,
+                offset: msg.offset(),
+                error: failure.error,
+            });
+            return;
+        }
+        let slot = Slot {
+            partition,
+            epoch,
+            lane: 0,
+        };
+        self.queue_dead_letter(slot, batch, vec![(msg.offset(), failure)], now);
+    }
+
     /// Slots this member can fill: its concurrency, or fewer when its
     /// partitions have fewer lanes.
     fn usable_slots(&self) -> usize {
@@ -460,13 +556,17 @@ impl Pipeline {
         }
         let partition = msg.partition();
         let offset = msg.offset();
+        let per_record = self.acknowledgement == Acknowledgement::PerRecord;
+        if per_record && !self.partitions.contains_key(&partition) {
+            self.adopt(partition);
+        }
         let Some(ps) = self.partitions.get_mut(&partition) else {
             return;
         };
         if ps.finishing() {
             return;
         }
-        if ps.offsets.last_seen().is_some_and(|last| offset <= last) {
+        if !per_record && ps.offsets.last_seen().is_some_and(|last| offset <= last) {
             // The consumer's position moved back (an offset reset after the
             // log was truncated, or a seek): what was tracked is void.
             tracing::warn!(
@@ -491,11 +591,33 @@ impl Pipeline {
             .partitions
             .get_mut(&partition)
             .expect("partition present");
-        ps.offsets.track(offset);
-        if let Some(ts) = msg.timestamp_ms() {
-            ps.timestamps.push_back((offset, ts));
+        if !per_record {
+            ps.offsets.track(offset);
+            if let Some(ts) = msg.timestamp_ms() {
+                ps.timestamps.push_back((offset, ts));
+            }
         }
-        let lane_idx = ps.lane_for(ordering, msg.key(), offset);
+        let mut lane_idx = ps.lane_for(ordering, msg.key(), offset);
+        if per_record {
+            // A share group hands out records in any order, and one again
+            // after its lock ran out: a batch's offsets rise and are unique,
+            // so one that does not fit closes the open batch first, and
+            // (in no order) fills the next lane.
+            let lane = &mut ps.lanes[lane_idx];
+            if lane
+                .batcher
+                .open_last_offset()
+                .is_some_and(|last| offset <= last)
+            {
+                if let Some(batch) = lane.batcher.take() {
+                    lane.ready.push_back(batch);
+                }
+                if ordering == Ordering::None {
+                    ps.fill_lane = (ps.fill_lane + 1) % ps.lanes.len();
+                    lane_idx = ps.lane_for(ordering, msg.key(), offset);
+                }
+            }
+        }
         let mut opened = false;
         let closed = ps.lanes[lane_idx].batcher.push(
             now,
@@ -675,6 +797,9 @@ impl Pipeline {
             self.next_commit = now + self.config.commit_interval;
             self.commit(false, |ps| !ps.revoked());
             self.update_lag_ages();
+            if self.acknowledgement == Acknowledgement::PerRecord {
+                return;
+            }
             let idle: Vec<i32> = self
                 .partitions
                 .iter()
@@ -918,11 +1043,23 @@ impl Pipeline {
         let Some(ps) = self.partitions.get_mut(&partition) else {
             return;
         };
+        let per_record = self.acknowledgement == Acknowledgement::PerRecord;
         let watermark_before = ps.offsets.watermark();
         let mut n = 0;
+        let mut accepted = Vec::new();
         for o in offsets {
-            ps.offsets.mark_done(o);
+            if per_record {
+                accepted.push(o);
+            } else {
+                ps.offsets.mark_done(o);
+            }
             n += 1;
+        }
+        if !accepted.is_empty() {
+            self.intents.push_back(Intent::Accept {
+                partition,
+                offsets: accepted,
+            });
         }
         if let Some(wm) = ps.offsets.watermark() {
             while ps.timestamps.front().is_some_and(|(o, _)| *o < wm) {

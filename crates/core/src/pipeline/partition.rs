@@ -241,6 +241,40 @@ impl PartitionState {
         batch.select(batch.id(), |o| o < bound)
     }
 
+    /// In no order, a closed batch waits in whichever lane was being filled,
+    /// which may be busy with a slow batch while others are idle: each idle
+    /// lane takes the waiting batch of the lane with most of them, so no
+    /// batch waits behind another (for a share group, past its lock).
+    /// `blocked`: lanes that cannot start anything (a zombie runs there).
+    pub fn spread_ready(&mut self, blocked: impl Fn(usize) -> bool) {
+        for idle in 0..self.lanes.len() {
+            let lane = &self.lanes[idle];
+            if lane.busy() || !lane.ready.is_empty() || !lane.retry.is_empty() || blocked(idle) {
+                continue;
+            }
+            let Some(from) = (0..self.lanes.len())
+                .filter(|&i| {
+                    i != idle
+                        && self.lanes[i].ready.len()
+                            > usize::from(!self.lanes[i].busy() && !blocked(i))
+                })
+                .max_by_key(|&i| self.lanes[i].ready.len())
+            else {
+                return;
+            };
+            // The oldest from a lane that cannot start it; a free lane keeps
+            // its front batch for itself.
+            let source = &mut self.lanes[from];
+            let batch = if source.busy() || blocked(from) {
+                source.ready.pop_front()
+            } else {
+                source.ready.pop_back()
+            }
+            .expect("checked non-empty");
+            self.lanes[idle].ready.push_back(batch);
+        }
+    }
+
     /// Whether a lane's next batch still fills a hole.
     pub fn next_is_hole(&self, lane: &Lane) -> bool {
         let next = lane.retry.front().map(|(b, _)| b).or(lane.ready.front());

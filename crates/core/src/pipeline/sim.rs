@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{DeadLetterSlot, Intent, Options, Pipeline, Sabotage, Slot};
+use super::{Acknowledgement, DeadLetterSlot, Intent, Options, Pipeline, Sabotage, Slot};
 use crate::batch::{Batch, Header};
 use crate::config::{BatchLimits, Ordering, RetryPolicy, WorkerConfig};
 use crate::fetch::ConsumedRecord;
@@ -226,6 +226,7 @@ impl Sim {
             audit: false,
             keep_headers: false,
             seed,
+            acknowledgement: Acknowledgement::Watermark,
         };
         let mut pipeline = Pipeline::new(config.pipeline(), options, "sim".into(), base, 10_000);
         pipeline.sabotage = sabotage;
@@ -335,6 +336,7 @@ impl Sim {
                     .iter()
                     .for_each(|p| self.parts[*p as usize].paused = false),
                 Intent::Processed { .. } => {}
+                Intent::Accept { .. } => panic!("a consumer group's pipeline accepted per record"),
                 Intent::ReadPositions(ps) => {
                     for p in ps {
                         let part = &self.parts[p as usize];

@@ -52,6 +52,7 @@ fn with_config(c: WorkerConfig, t0: Instant) -> Pipeline {
         audit: false,
         keep_headers: false,
         seed: 1,
+        acknowledgement: Acknowledgement::Watermark,
     };
     Pipeline::new(c.pipeline(), options, "w".into(), t0, 0)
 }
@@ -379,6 +380,7 @@ fn lag_in_seconds_is_the_age_of_the_oldest_record_not_done() {
         audit: false,
         keep_headers: false,
         seed: 1,
+        acknowledgement: Acknowledgement::Watermark,
     };
     // The wall clock reads 31 s when the record stamped 1 s arrives.
     let mut p = Pipeline::new(c.pipeline(), options, "w".into(), t0, 31_000);
@@ -671,27 +673,32 @@ fn a_revoke_fills_holes_while_the_broker_refuses_commits() {
         p.handle_record(&Rec(0, o), t0);
     }
     p.handle_tick(t0);
+    // Offsets 1 and 4 run long, one per slot: 3 waits for a free slot.
     let mut slow = None;
+    let mut slow_too = None;
     let mut pending: VecDeque<(Slot, Batch)> = starts(&mut p).into();
     while let Some((slot, batch)) = pending.pop_front() {
-        if batch.first_offset() == Some(1) {
-            slow = Some((slot, batch));
-            continue;
+        match batch.first_offset() {
+            Some(1) => slow = Some((slot, batch)),
+            Some(4) => slow_too = Some((slot, batch)),
+            _ => {
+                p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
+                p.handle_tick(t0);
+                pending.extend(starts(&mut p));
+            }
         }
-        p.handle_verdict(slot, batch, BatchOutcome::Success, t0);
-        p.handle_tick(t0);
-        pending.extend(starts(&mut p));
     }
-    assert_eq!(
-        p.watermark(0),
-        Some(1),
-        "offset 1 runs; others wait behind it"
-    );
+    assert_eq!(p.watermark(0), Some(1), "offset 1 runs");
     let late = t0 + p.config.uncommitted_limit().unwrap() + secs(0.01);
     p.handle_tick(late);
     assert!(intents(&mut p)
         .iter()
         .any(|i| matches!(i, Intent::Commit { .. })));
+    // 4 ends; the commit is overdue, so 3 does not start in the free slot.
+    let (slot4, batch4) = slow_too.expect("offset 4 in flight");
+    p.handle_verdict(slot4, batch4, BatchOutcome::Success, late);
+    p.handle_tick(late);
+    assert!(starts(&mut p).is_empty(), "{}", p.debug_state(late));
     // The commit is never acknowledged; the revoke begins.
     assert!(p.begin_revoke(&[0], late));
     let (slot, batch) = slow.expect("offset 1 in flight");
@@ -1105,4 +1112,234 @@ fn dead_letters_are_not_reported_as_processed() {
     assert_eq!(commits(&mut p), vec![(0, 2)], "both done and committed");
     let report = p.stats().capacity.cloned().expect("the window closed");
     assert_eq!(report.processed_per_sec, 0.0, "{report:?}");
+}
+
+// ------------------------------------------------------------ share groups
+
+/// A share group's pipeline: per-record acknowledgement, no ordering.
+fn share_pipeline(t0: Instant, max_attempts: u32) -> Pipeline {
+    let mut c = WorkerConfig::new(KafkaConfig::plaintext("t:9092"), "t", "g");
+    c.batch = BatchLimits::new(2, 1 << 20, Duration::from_millis(10)).unwrap();
+    c.ordering = Ordering::None;
+    c.concurrency = 4;
+    c.retry.max_attempts = max_attempts;
+    c.retry.initial = Duration::from_millis(10);
+    c.retry.max = Duration::from_millis(10);
+    let options = Options {
+        dead_letters: true,
+        audit: false,
+        keep_headers: false,
+        seed: 1,
+        acknowledgement: Acknowledgement::PerRecord,
+    };
+    Pipeline::new(c.pipeline(), options, "w".into(), t0, 0)
+}
+
+/// Every record accepted, by partition, in the order asked.
+fn accepts(all: &[Intent]) -> Vec<(i32, i64)> {
+    all.iter()
+        .filter_map(|i| match i {
+            Intent::Accept { partition, offsets } => {
+                Some(offsets.iter().map(|o| (*partition, *o)).collect::<Vec<_>>())
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// Records come without an assignment, in any order and again (a record
+/// released elsewhere comes back below what was seen); each is accepted
+/// once its batch succeeds, and nothing is committed or read back.
+#[test]
+fn a_share_group_accepts_each_record_when_done_in_any_order() {
+    let t0 = Instant::now();
+    let mut p = share_pipeline(t0, 3);
+    for (partition, offset) in [(0, 7), (0, 3), (1, 5), (0, 1)] {
+        p.handle_record(&Rec(partition, offset), t0);
+    }
+    let t1 = t0 + Duration::from_millis(20);
+    p.handle_tick(t1);
+    let started = starts(&mut p);
+    let mut held: Vec<(i32, i64)> = started
+        .iter()
+        .flat_map(|(s, b)| b.offsets().map(move |o| (s.partition, o)))
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        [(0, 1), (0, 3), (0, 7), (1, 5)],
+        "every record started, none reset away"
+    );
+    let mut accepted = Vec::new();
+    for (slot, batch) in started {
+        p.handle_verdict(slot, batch, BatchOutcome::Success, t1);
+        accepted.extend(accepts(&intents(&mut p)));
+    }
+    accepted.sort();
+    assert_eq!(accepted, held);
+    p.handle_tick(t1 + Duration::from_secs(5));
+    let later = intents(&mut p);
+    assert!(
+        later.iter().all(|i| !matches!(
+            i,
+            Intent::Commit { .. } | Intent::ReadPositions(_) | Intent::Accept { .. }
+        )),
+        "nothing to commit, read or accept again: {later:?}"
+    );
+    assert_eq!(p.held(), 0);
+}
+
+/// In a partly failed batch the good records are accepted at once; the
+/// failed one only when its dead letter is acknowledged, never before.
+#[test]
+fn a_share_group_accepts_a_failed_record_only_after_its_dead_letter() {
+    let t0 = Instant::now();
+    let mut p = share_pipeline(t0, 1);
+    p.handle_record(&Rec(2, 10), t0);
+    p.handle_record(&Rec(2, 11), t0);
+    p.handle_tick(t0);
+    let (slot, batch) = starts(&mut p).pop().expect("a batch");
+    p.handle_verdict(
+        slot,
+        batch,
+        BatchOutcome::Partial(vec![(11, Failure::permanent("bad"))]),
+        t0,
+    );
+    let now = intents(&mut p);
+    assert_eq!(accepts(&now), [(2, 10)]);
+    let dead = now
+        .iter()
+        .find_map(|i| match i {
+            Intent::DeadLetter { slot, batch, .. } => {
+                Some((*slot, batch.offsets().collect::<Vec<_>>()))
+            }
+            _ => None,
+        })
+        .or_else(|| {
+            p.handle_tick(t0);
+            Some((dead_letter_slot(&mut p), vec![11]))
+        })
+        .unwrap();
+    assert_eq!(dead.1, [11]);
+    // A failed write accepts nothing.
+    p.handle_dead_lettered(dead.0, &[], Some("broker down".into()), t0);
+    assert!(accepts(&intents(&mut p)).is_empty());
+    p.handle_tick(t0 + Duration::from_secs(1));
+    let again = dead_letter_slot(&mut p);
+    p.handle_dead_lettered(again, &[11], None, t0 + Duration::from_secs(1));
+    assert_eq!(accepts(&intents(&mut p)), [(2, 11)]);
+    assert_eq!(p.held(), 0);
+}
+
+/// A record the broker delivered more often than --max-attempts goes to the
+/// dead-letter topic without a handler seeing it, then is accepted.
+#[test]
+fn a_share_record_delivered_too_often_is_dead_lettered_unhandled() {
+    let t0 = Instant::now();
+    let mut p = share_pipeline(t0, 3);
+    p.handle_delivered_too_often(&Rec(4, 99), 4, t0);
+    p.handle_tick(t0);
+    let all = intents(&mut p);
+    assert!(
+        !all.iter().any(|i| matches!(i, Intent::Start { .. })),
+        "not handled again: {all:?}"
+    );
+    let (slot, attempts) = all
+        .iter()
+        .find_map(|i| match i {
+            Intent::DeadLetter {
+                slot,
+                attempts,
+                batch,
+                ..
+            } => {
+                assert_eq!(batch.offsets().collect::<Vec<_>>(), [99]);
+                Some((*slot, *attempts))
+            }
+            _ => None,
+        })
+        .expect("a dead letter");
+    assert_eq!(
+        attempts, 4,
+        "the dead letter says how often it was delivered"
+    );
+    p.handle_dead_lettered(slot, &[99], None, t0);
+    assert_eq!(accepts(&intents(&mut p)), [(4, 99)]);
+    assert_eq!(p.report().records_dead_lettered, 1);
+}
+
+/// Draining, a share group's pipeline starts nothing more: what it has not
+/// started is left unaccepted, for the broker to release when it leaves.
+#[test]
+fn a_draining_share_group_starts_nothing_and_accepts_only_what_finished() {
+    let t0 = Instant::now();
+    let mut p = share_pipeline(t0, 3);
+    for o in 0..20 {
+        p.handle_record(&Rec(0, o), t0);
+    }
+    p.handle_tick(t0 + Duration::from_millis(20));
+    let started = starts(&mut p);
+    assert_eq!(started.len(), 4, "one batch per slot");
+    p.shutdown(t0 + Duration::from_millis(20));
+    let (slot, batch) = started.into_iter().next().unwrap();
+    let done: Vec<i64> = batch.offsets().collect();
+    p.handle_verdict(
+        slot,
+        batch,
+        BatchOutcome::Success,
+        t0 + Duration::from_millis(30),
+    );
+    p.handle_tick(t0 + Duration::from_millis(40));
+    let all = intents(&mut p);
+    assert!(
+        !all.iter().any(|i| matches!(i, Intent::Start { .. })),
+        "{all:?}"
+    );
+    assert_eq!(
+        accepts(&all)
+            .into_iter()
+            .map(|(_, o)| o)
+            .collect::<Vec<_>>(),
+        done
+    );
+}
+
+/// In no order, a batch never waits behind a slow one while a slot is free:
+/// every batch closed starts at once, whichever lane it was filled in (for
+/// a share group, a batch left waiting outlives its records' locks).
+#[test]
+fn in_no_order_no_batch_waits_behind_a_slow_one_while_a_slot_is_free() {
+    let t0 = Instant::now();
+    let mut p = share_pipeline(t0, 3);
+    // Four slots; batches of two close as they fill, one lane after another.
+    for offset in 0..2 {
+        p.handle_record(&Rec(0, offset), t0);
+    }
+    p.handle_tick(t0);
+    let slow = starts(&mut p);
+    assert_eq!(slow.len(), 1, "the first batch starts");
+    let mut now = t0;
+    let mut finished = 0;
+    // The first batch hangs; sixteen more batches come, one after another,
+    // each done before the next closes: three slots stay free throughout.
+    for round in 1..=16 {
+        now += Duration::from_millis(1);
+        p.handle_record(&Rec(0, 2 * round), now);
+        p.handle_record(&Rec(0, 2 * round + 1), now);
+        p.handle_tick(now);
+        let started = starts(&mut p);
+        assert_eq!(
+            started.len(),
+            1,
+            "batch {round} starts at once beside the slow one: {}",
+            p.debug_state(now)
+        );
+        for (slot, batch) in started {
+            p.handle_verdict(slot, batch, BatchOutcome::Success, now);
+            finished += 1;
+        }
+    }
+    assert_eq!(finished, 16);
+    assert_eq!(p.held(), 2, "only the slow batch's records are held");
 }

@@ -43,38 +43,117 @@ pub(super) enum Event {
 
 /// Sends a failure if dropped before a verdict (a cancelled handler task),
 /// so a batch can never vanish and never be counted as done.
-pub(super) struct Verdict {
-    pub(super) tx: Sender<Event>,
+pub(super) struct Verdict<T: From<Event>> {
+    pub(super) tx: Sender<T>,
     pub(super) slot: Slot,
     pub(super) batch: Option<Batch>,
     pub(super) started: Instant,
 }
 
-impl Verdict {
+impl<T: From<Event>> Verdict<T> {
     pub(super) fn deliver(mut self, outcome: BatchOutcome) {
         let batch = self.batch.take().expect("a verdict is delivered once");
-        let _ = self.tx.send(Event::Handled {
+        let _ = self.tx.send(T::from(Event::Handled {
             slot: self.slot,
             batch,
             outcome,
             elapsed: self.started.elapsed(),
-        });
+        }));
     }
 }
 
-impl Drop for Verdict {
+impl<T: From<Event>> Drop for Verdict<T> {
     fn drop(&mut self) {
         if let Some(batch) = self.batch.take() {
-            let _ = self.tx.send(Event::Handled {
+            let _ = self.tx.send(T::from(Event::Handled {
                 slot: self.slot,
                 batch,
                 outcome: BatchOutcome::Failed(Failure::retryable(
                     "handler task ended without a verdict",
                 )),
                 elapsed: self.started.elapsed(),
-            });
+            }));
         }
     }
+}
+
+/// Runs one batch on the handler in a task of `runtime`; its verdict (a
+/// timeout and a panic are retryable failures) arrives on `tx`.
+pub(super) fn spawn_batch<T: From<Event> + Send + 'static>(
+    runtime: &Handle,
+    handler: Arc<dyn Handler>,
+    handler_timeout: Duration,
+    tx: Sender<T>,
+    slot: Slot,
+    batch: Batch,
+) {
+    let timeout = handler.max_time(handler_timeout);
+    let mut verdict = Verdict {
+        tx,
+        slot,
+        batch: None,
+        started: Instant::now(),
+    };
+    runtime.spawn(async move {
+        // A panicking handler fails its batch like any other error, in
+        // `ready` as in `handle`.
+        let handled = AssertUnwindSafe(async {
+            // A handler's own back-off is not part of its time on the
+            // batch; it too is bounded by the timeout.
+            let _ = tokio::time::timeout(timeout, handler.ready()).await;
+            let started = Instant::now();
+            (
+                started,
+                tokio::time::timeout(timeout, handler.handle(&batch)).await,
+            )
+        })
+        .catch_unwind()
+        .await;
+        let outcome = match handled {
+            Ok((started, Ok(outcome))) => {
+                verdict.started = started;
+                outcome
+            }
+            Ok((started, Err(_))) => {
+                verdict.started = started;
+                BatchOutcome::Failed(Failure::retryable(format!(
+                    "handler timed out after {} ms",
+                    timeout.as_millis()
+                )))
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                BatchOutcome::Failed(Failure::retryable(format!("handler panicked: {what}")))
+            }
+        };
+        verdict.batch = Some(batch);
+        verdict.deliver(outcome);
+    });
+}
+
+/// Writes dead letters in a task of `runtime`; the broker's answer arrives
+/// on `tx`.
+pub(super) fn spawn_dead_letter<T: From<Event> + Send + 'static>(
+    runtime: &Handle,
+    writer: DeadLetterWriter,
+    tx: Sender<T>,
+    slot: DeadLetterSlot,
+    batch: Batch,
+    failures: Vec<(i64, Failure)>,
+    attempts: u32,
+) {
+    runtime.spawn(async move {
+        let (written, error) = writer.write(&batch, &failures, attempts).await;
+        let _ = tx.send(T::from(Event::DeadLettered {
+            slot,
+            written,
+            error,
+        }));
+    });
 }
 
 pub(super) struct Adapter {
@@ -115,15 +194,15 @@ impl Adapter {
                     attempts,
                 } => {
                     let writer = self.dlq.clone().expect("dead letters only with a writer");
-                    let tx = self.events_tx.clone();
-                    self.runtime.spawn(async move {
-                        let (written, error) = writer.write(&batch, &failures, attempts).await;
-                        let _ = tx.send(Event::DeadLettered {
-                            slot,
-                            written,
-                            error,
-                        });
-                    });
+                    spawn_dead_letter(
+                        &self.runtime,
+                        writer,
+                        self.events_tx.clone(),
+                        slot,
+                        batch,
+                        failures,
+                        attempts,
+                    );
                 }
                 Intent::Commit {
                     offsets,
@@ -141,6 +220,13 @@ impl Adapter {
                     }
                 }
                 Intent::Processed { partition, offsets } => self.audit(partition, &offsets),
+                Intent::Accept { partition, .. } => {
+                    // Only a share group's pipeline acknowledges per record.
+                    tracing::error!(
+                        partition,
+                        "per-record acknowledgement asked of a consumer group; ignored"
+                    );
+                }
                 Intent::ReadPositions(partitions) => {
                     if let Ok(positions) = consumer.position() {
                         for e in positions.elements_for_topic(&self.topic) {
@@ -169,53 +255,14 @@ impl Adapter {
             .metrics
             .batch_size
             .observe(batch.len() as f64);
-        let handler = self.handler.clone();
-        let timeout = self.handler.max_time(self.handler_timeout);
-        let mut verdict = Verdict {
-            tx: self.events_tx.clone(),
+        spawn_batch(
+            &self.runtime,
+            self.handler.clone(),
+            self.handler_timeout,
+            self.events_tx.clone(),
             slot,
-            batch: None,
-            started: Instant::now(),
-        };
-        self.runtime.spawn(async move {
-            // A panicking handler fails its batch like any other error, in
-            // `ready` as in `handle`.
-            let handled = AssertUnwindSafe(async {
-                // A handler's own back-off is not part of its time on the
-                // batch; it too is bounded by the timeout.
-                let _ = tokio::time::timeout(timeout, handler.ready()).await;
-                let started = Instant::now();
-                (
-                    started,
-                    tokio::time::timeout(timeout, handler.handle(&batch)).await,
-                )
-            })
-            .catch_unwind()
-            .await;
-            let outcome = match handled {
-                Ok((started, Ok(outcome))) => {
-                    verdict.started = started;
-                    outcome
-                }
-                Ok((started, Err(_))) => {
-                    verdict.started = started;
-                    BatchOutcome::Failed(Failure::retryable(format!(
-                        "handler timed out after {} ms",
-                        timeout.as_millis()
-                    )))
-                }
-                Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    BatchOutcome::Failed(Failure::retryable(format!("handler panicked: {what}")))
-                }
-            };
-            verdict.batch = Some(batch);
-            verdict.deliver(outcome);
-        });
+            batch,
+        );
     }
 
     pub(super) fn on_event(&mut self, event: Event) {
@@ -252,12 +299,7 @@ impl Adapter {
 
     pub(super) fn audit(&mut self, partition: i32, offsets: &[i64]) {
         if let Some(out) = self.audit.as_mut() {
-            for o in offsets {
-                let _ = writeln!(out, "{partition} {o}");
-            }
-            if let Err(e) = out.flush() {
-                tracing::error!(error = %e, "audit log write failed");
-            }
+            write_audit(out, partition, offsets);
         }
     }
 
@@ -412,6 +454,16 @@ const REVOKE_TURN: Duration = Duration::from_millis(50);
 
 /// How the pipeline sees a commit error: a group between generations (or a
 /// coordinator moving) accepts the same commit once it settles.
+/// Appends `partition offset` per processed record to the audit log.
+pub(super) fn write_audit(out: &mut BufWriter<File>, partition: i32, offsets: &[i64]) {
+    for o in offsets {
+        let _ = writeln!(out, "{partition} {o}");
+    }
+    if let Err(e) = out.flush() {
+        tracing::error!(error = %e, "audit log write failed");
+    }
+}
+
 fn refusal(code: RDKafkaErrorCode) -> CommitRefusal {
     use RDKafkaErrorCode::*;
     match code {

@@ -38,6 +38,9 @@
 mod adapter;
 mod context;
 mod driver;
+mod share;
+
+pub use share::ACCEPT_FLUSH;
 
 use std::fs::{File, OpenOptions};
 use std::io::BufWriter;
@@ -58,7 +61,7 @@ use crate::config::{DeadLetterConfig, GroupProtocol, WorkerConfig};
 use crate::dlq::{DeadLetterWriter, DlqError};
 use crate::fetch::{ConsumedRecord, FetchQueue, FetchedMessage};
 use crate::handler::Handler;
-use crate::pipeline::{Options, Phase, Pipeline};
+use crate::pipeline::{Acknowledgement, Options, Phase, Pipeline};
 use crate::telemetry::{StatsExporter, Telemetry};
 use microbatch_kafka::admin::{TopicLookup, TopicState};
 use microbatch_kafka::aws_iam::WithTokens;
@@ -105,6 +108,8 @@ pub enum WorkerError {
     Panicked,
     #[error("the handler is misconfigured: {0}")]
     HandlerMisconfigured(String),
+    #[error("share group: {0}")]
+    Share(String),
 }
 
 /// What a worker did, returned when it stops.
@@ -160,14 +165,46 @@ impl Worker {
             None => None,
         };
         let handler = self.handler.clone();
+        // A share group's member joins before the handler starts: a group
+        // that cannot be set up fails the worker at once.
+        let share_consumer = if self.config.share_group {
+            match self.join_share_group().await {
+                Ok(consumer) => Some(consumer),
+                Err(e) => {
+                    signal_task.abort();
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         handler.prepare(self.config.concurrency).await;
         let runtime = Handle::current();
-        let result = tokio::task::spawn_blocking(move || poll_loop(self, dlq, runtime, stop))
-            .await
-            .unwrap_or(Err(WorkerError::Panicked));
+        let result = tokio::task::spawn_blocking(move || match share_consumer {
+            Some(consumer) => share::poll_loop(self, consumer, dlq, runtime, stop),
+            None => poll_loop(self, dlq, runtime, stop),
+        })
+        .await
+        .unwrap_or(Err(WorkerError::Panicked));
         signal_task.abort();
         handler.shutdown().await;
         result
+    }
+
+    /// Sets the share group's configs the worker owns and joins it.
+    async fn join_share_group(
+        &self,
+    ) -> Result<microbatch_kafka::share::ShareConsumer, WorkerError> {
+        let share = share::consumer_config(self)?;
+        share::configure_group(self, &share).await?;
+        microbatch_kafka::share::ShareConsumer::join(share)
+            .await
+            .map_err(|e| {
+                WorkerError::Share(format!(
+                    "could not join share group {:?}: {e}",
+                    self.config.group
+                ))
+            })
     }
 
     /// The dead-letter writer, once its topic is ready; `None` if shutdown
@@ -411,6 +448,7 @@ fn poll_loop(
         audit: audit.is_some(),
         keep_headers,
         seed,
+        acknowledgement: Acknowledgement::Watermark,
     };
     let pipeline = Pipeline::new(
         cfg.pipeline(),

@@ -355,11 +355,45 @@ pub fn spawn_worker(
 /// `spawn_worker` from a prepared command (`run` and its connection flags
 /// or environment already set).
 pub fn spawn_worker_with(
-    mut cmd: Command,
+    cmd: Command,
     dir: &TestDir,
     name: &str,
     topic: &str,
     group: &str,
+    port: u16,
+    extra: &[&str],
+) -> Proc {
+    spawn_member(cmd, dir, name, topic, ("--group", group), port, extra)
+}
+
+/// `spawn_worker` in a share group (`--share-group`).
+pub fn spawn_share_worker(
+    dir: &TestDir,
+    name: &str,
+    topic: &str,
+    share_group: &str,
+    port: u16,
+    extra: &[&str],
+) -> Proc {
+    let mut cmd = command();
+    cmd.args(["run", "--bootstrap-servers", broker().bootstrap()]);
+    spawn_member(
+        cmd,
+        dir,
+        name,
+        topic,
+        ("--share-group", share_group),
+        port,
+        extra,
+    )
+}
+
+fn spawn_member(
+    mut cmd: Command,
+    dir: &TestDir,
+    name: &str,
+    topic: &str,
+    (group_flag, group): (&str, &str),
     port: u16,
     extra: &[&str],
 ) -> Proc {
@@ -368,7 +402,7 @@ pub fn spawn_worker_with(
     cmd.args([
         "--topic",
         topic,
-        "--group",
+        group_flag,
         group,
         "--http-host",
         "127.0.0.1",
@@ -970,4 +1004,41 @@ pub fn handled_by(path: &Path) -> String {
         .unwrap_or_default();
     let rest = name.strip_prefix("handled-").unwrap_or(name);
     rest.rsplit_once('-').map_or(rest, |(w, _)| w).to_string()
+}
+
+/// `kafka-share-groups --describe --offsets`: partition -> lag, as Kafka's
+/// own admin client reads the group.
+pub fn share_group_lag(bootstrap: &str, group: &str) -> BTreeMap<i32, i64> {
+    let out = Command::new(scripts_dir().join("kafka-local.sh"))
+        .args([
+            "tool",
+            "share-groups",
+            "--bootstrap-server",
+            bootstrap,
+            "--describe",
+            "--offsets",
+            "--group",
+            group,
+        ])
+        .output()
+        .expect("running kafka-share-groups");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kafka-share-groups failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines.next().expect("a header").split_whitespace().collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no {name} in {header:?}"))
+    };
+    let (partition, lag) = (col("PARTITION"), col("LAG"));
+    lines
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .map(|f| (f[partition].parse().unwrap(), f[lag].parse().unwrap_or(-1)))
+        .collect()
 }

@@ -1,0 +1,551 @@
+//! A share group's member (KIP-932): the same pipeline as a consumer
+//! group's, acknowledging each record as it is done instead of committing
+//! a watermark ([`Acknowledgement::PerRecord`]).
+//!
+//! ```text
+//! fetcher task: ShareConsumer --records--> poll thread: Pipeline --intents-->
+//!      ^                                        ^        handler tasks, dead letters
+//!      +----------- accepts, poll, close -------+---- verdicts <-----+
+//! ```
+//!
+//! The poll thread owns the pipeline, as for a consumer group; the fetcher
+//! task owns the [`ShareConsumer`] (its calls are async and not
+//! cancel-safe: records acquired in a fetch that was dropped would wait for
+//! their lock). The thread asks for a fetch only while it holds less than
+//! one round of slots (`--concurrency` × `--max-records`), so it never
+//! acquires more than it can start soon: what waits, waits under a lock
+//! that runs out (`share.record.lock.duration.ms`).
+//!
+//! What the worker tells the broker:
+//! - ACCEPT: the handler succeeded on the record, or its dead letter was
+//!   acknowledged by the broker (sent with the next fetch, or within
+//!   [`ACCEPT_FLUSH`] while no fetch goes out).
+//! - Nothing: records not done when the worker stops are released by the
+//!   broker when the member's share sessions close; a crashed worker's
+//!   return when their locks run out.
+//! - A record delivered more often than `--max-attempts` is dead-lettered
+//!   before any handler sees it again; the group's
+//!   `share.delivery.count.limit` is one more, so the broker never archives
+//!   a record the worker has not dead-lettered.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use microbatch_kafka::share::{
+    AckOutcome, AckType, Fetched, ShareConsumer, ShareConsumerConfig, ShareError, ShareRecord,
+};
+use microbatch_kafka::LogThrottle;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc as async_mpsc;
+
+use crate::batch::Header;
+use crate::capacity::CapacityMeter;
+use crate::dlq::DeadLetterWriter;
+use crate::fetch::ConsumedRecord;
+use crate::pipeline::{Acknowledgement, Intent, Options, Phase, Pipeline};
+use crate::telemetry::StatsExporter;
+
+use super::adapter::{spawn_batch, spawn_dead_letter, write_audit, Event};
+use super::driver::{turn_until, Next};
+use super::{open_audit, wall_ms, Worker, WorkerError, WorkerReport, CLOSE_TIMEOUT};
+
+/// Accepts wait at most this long for a fetch to carry them.
+pub const ACCEPT_FLUSH: Duration = Duration::from_millis(50);
+
+/// A fetch that failed on a retriable error is tried again after this.
+const FETCH_RETRY: Duration = Duration::from_millis(500);
+
+/// What reaches the poll thread.
+pub(super) enum Input {
+    Task(Event),
+    Fetched(Fetched),
+    /// Verdicts the broker refused: their records return to the group.
+    Refused(Vec<AckOutcome>),
+    /// The consumer failed for good (membership lost, not authorised).
+    Failed(ShareError),
+    /// The consumer closed (the member left the group).
+    Closed,
+}
+
+impl From<Event> for Input {
+    fn from(event: Event) -> Self {
+        Self::Task(event)
+    }
+}
+
+/// What the fetcher task is asked to do.
+enum Command {
+    Accept(Vec<Held>),
+    Fetch,
+    Close,
+}
+
+/// A record the worker holds, as the broker knows it.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    partition: i32,
+    offset: i64,
+    delivery_count: i16,
+}
+
+/// A share record as the pipeline reads it.
+struct Record<'a>(&'a ShareRecord);
+
+impl ConsumedRecord for Record<'_> {
+    fn partition(&self) -> i32 {
+        self.0.partition
+    }
+
+    fn offset(&self) -> i64 {
+        self.0.offset
+    }
+
+    fn timestamp_ms(&self) -> Option<i64> {
+        (self.0.timestamp >= 0).then_some(self.0.timestamp)
+    }
+
+    fn key(&self) -> Option<&[u8]> {
+        self.0.key.as_deref()
+    }
+
+    fn payload(&self) -> Option<&[u8]> {
+        self.0.value.as_deref()
+    }
+
+    fn headers(&self) -> Vec<Header> {
+        self.0
+            .headers
+            .iter()
+            .map(|(k, v)| Header {
+                name: k.clone(),
+                value: v.as_ref().map(|b| b.to_vec()),
+            })
+            .collect()
+    }
+}
+
+/// The share group's settings the worker owns: where a new group starts,
+/// and the delivery limit that leaves a record's end to the worker.
+pub(super) async fn configure_group(
+    worker: &Worker,
+    share: &ShareConsumerConfig,
+) -> Result<(), WorkerError> {
+    let cfg = &worker.config;
+    let reset = cfg.offset_reset.as_str();
+    let limit = cfg.share_delivery_limit().to_string();
+    ShareConsumer::configure_group(
+        share,
+        &[
+            ("share.auto.offset.reset", reset),
+            ("share.delivery.count.limit", &limit),
+        ],
+    )
+    .await
+    .map_err(|e| {
+        WorkerError::Share(format!(
+            "could not set share group {:?}'s configs (share.auto.offset.reset={reset}, \
+             share.delivery.count.limit={limit}); the principal needs ALTER_CONFIGS on \
+             the group: {e}",
+            cfg.group
+        ))
+    })
+}
+
+/// The consumer's settings: the brokers and security of `--bootstrap-servers`
+/// and friends, fetches of at most one round of slots.
+pub(super) fn consumer_config(worker: &Worker) -> Result<ShareConsumerConfig, WorkerError> {
+    let cfg = &worker.config;
+    let mut share =
+        ShareConsumerConfig::from_kafka(&cfg.kafka, cfg.group.clone(), vec![cfg.topic.clone()])
+            .map_err(|e| WorkerError::Share(e.to_string()))?;
+    share.max_records = i32::try_from(round_of_slots(worker)).unwrap_or(i32::MAX);
+    Ok(share)
+}
+
+/// Records the worker can start at once: what it fetches at most.
+fn round_of_slots(worker: &Worker) -> usize {
+    let cfg = &worker.config;
+    (cfg.concurrency * cfg.batch.max_records).min(cfg.max_records_held)
+}
+
+/// The fetcher task: serves the poll thread's commands on the consumer.
+async fn fetcher(
+    mut consumer: ShareConsumer,
+    topic: String,
+    mut commands: async_mpsc::UnboundedReceiver<Command>,
+    out: Sender<Input>,
+) {
+    let mut unsent = false;
+    let failure_log = LogThrottle::default();
+    let refused = |consumer: &mut ShareConsumer, out: &Sender<Input>| {
+        let refused: Vec<AckOutcome> = consumer
+            .take_outcomes()
+            .into_iter()
+            .filter(|o| o.error.is_some())
+            .collect();
+        if !refused.is_empty() {
+            let _ = out.send(Input::Refused(refused));
+        }
+    };
+    loop {
+        let command = if unsent {
+            match tokio::time::timeout(ACCEPT_FLUSH, commands.recv()).await {
+                Ok(c) => c,
+                Err(_) => {
+                    unsent = consumer.flush().await.is_err();
+                    refused(&mut consumer, &out);
+                    continue;
+                }
+            }
+        } else {
+            commands.recv().await
+        };
+        match command {
+            Some(Command::Accept(records)) => {
+                for r in records {
+                    if let Err(e) = consumer.acknowledge_at(
+                        &topic,
+                        r.partition,
+                        r.offset,
+                        r.delivery_count,
+                        AckType::Accept,
+                    ) {
+                        // Its lock ran out and the record went to another
+                        // member (or came back to this one, newer).
+                        tracing::debug!(partition = r.partition, offset = r.offset, error = %e, "accept not taken: the record is no longer held");
+                    }
+                }
+                unsent = true;
+            }
+            Some(Command::Fetch) => {
+                let fetched = consumer.poll().await;
+                unsent = false;
+                refused(&mut consumer, &out);
+                match fetched {
+                    Ok(f) => {
+                        let _ = out.send(Input::Fetched(f));
+                    }
+                    Err(e) if e.is_retriable() => {
+                        if let Some(suppressed) = failure_log.allow(Instant::now()) {
+                            tracing::warn!(error = %e, suppressed, "share fetch failed; trying again");
+                        }
+                        tokio::time::sleep(FETCH_RETRY).await;
+                        let _ = out.send(Input::Fetched(Fetched::default()));
+                    }
+                    Err(e) => {
+                        let _ = out.send(Input::Failed(e));
+                    }
+                }
+            }
+            Some(Command::Close) | None => break,
+        }
+    }
+    match consumer.close().await {
+        Ok(outcomes) => {
+            let refused: Vec<AckOutcome> =
+                outcomes.into_iter().filter(|o| o.error.is_some()).collect();
+            if !refused.is_empty() {
+                let _ = out.send(Input::Refused(refused));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "leaving the share group failed; the broker releases this member's records when its session times out")
+        }
+    }
+    let _ = out.send(Input::Closed);
+}
+
+/// The poll thread's state.
+struct Member {
+    pipeline: Pipeline,
+    worker: Worker,
+    runtime: Handle,
+    inputs_tx: Sender<Input>,
+    commands: async_mpsc::UnboundedSender<Command>,
+    dlq: Option<DeadLetterWriter>,
+    audit: Option<std::io::BufWriter<std::fs::File>>,
+    /// The delivery counts of the records the pipeline holds.
+    held: HashMap<(i32, i64), i16>,
+    fetching: bool,
+    round: usize,
+    failed: Option<ShareError>,
+    closed: bool,
+    refused_log: LogThrottle,
+    stats: StatsExporter,
+}
+
+impl Member {
+    fn on_input(&mut self, input: Input) {
+        let now = Instant::now();
+        match input {
+            Input::Task(Event::Handled {
+                slot,
+                batch,
+                outcome,
+                elapsed,
+            }) => {
+                self.worker
+                    .telemetry
+                    .metrics
+                    .batch_duration
+                    .observe(elapsed.as_secs_f64());
+                self.pipeline.handle_verdict(slot, batch, outcome, now);
+            }
+            Input::Task(Event::DeadLettered {
+                slot,
+                written,
+                error,
+            }) => self
+                .pipeline
+                .handle_dead_lettered(slot, &written, error, now),
+            Input::Fetched(fetched) => {
+                self.fetching = false;
+                for partition in &fetched.undecodable {
+                    tracing::warn!(partition = %partition, "undecodable records released to the group");
+                }
+                let max_attempts = self.worker.config.retry.max_attempts;
+                for record in &fetched.records {
+                    self.held
+                        .insert((record.partition, record.offset), record.delivery_count);
+                    let deliveries = u32::try_from(record.delivery_count).unwrap_or(0);
+                    if deliveries > max_attempts {
+                        self.pipeline
+                            .handle_delivered_too_often(&Record(record), deliveries, now);
+                    } else {
+                        self.pipeline.handle_record(&Record(record), now);
+                    }
+                }
+            }
+            Input::Refused(outcomes) => {
+                let records: i64 = outcomes
+                    .iter()
+                    .map(|o| o.batch.last_offset - o.batch.first_offset + 1)
+                    .sum();
+                if let Some(suppressed) = self.refused_log.allow(now) {
+                    let first = outcomes.first().and_then(|o| o.error);
+                    tracing::warn!(records, error = ?first, suppressed, "the broker refused accepts (locks ran out, or the session was lost): those records are delivered again");
+                }
+            }
+            Input::Failed(e) => {
+                tracing::error!(error = %e, "the share consumer failed; stopping");
+                self.fetching = false;
+                self.failed.get_or_insert(e);
+            }
+            Input::Closed => self.closed = true,
+        }
+    }
+
+    /// Carries out the pipeline's intents.
+    fn carry_out(&mut self) {
+        while let Some(intent) = self.pipeline.poll_intent() {
+            match intent {
+                Intent::Start { slot, batch } => {
+                    self.worker
+                        .telemetry
+                        .metrics
+                        .batch_size
+                        .observe(batch.len() as f64);
+                    spawn_batch(
+                        &self.runtime,
+                        self.worker.handler.clone(),
+                        self.worker.config.handler_timeout,
+                        self.inputs_tx.clone(),
+                        slot,
+                        batch,
+                    );
+                }
+                Intent::DeadLetter {
+                    slot,
+                    batch,
+                    failures,
+                    attempts,
+                } => {
+                    let writer = self.dlq.clone().expect("dead letters only with a writer");
+                    spawn_dead_letter(
+                        &self.runtime,
+                        writer,
+                        self.inputs_tx.clone(),
+                        slot,
+                        batch,
+                        failures,
+                        attempts,
+                    );
+                }
+                Intent::Accept { partition, offsets } => {
+                    let records: Vec<Held> = offsets
+                        .iter()
+                        .filter_map(|&offset| {
+                            let delivery_count = self.held.remove(&(partition, offset))?;
+                            Some(Held {
+                                partition,
+                                offset,
+                                delivery_count,
+                            })
+                        })
+                        .collect();
+                    if !records.is_empty() {
+                        let _ = self.commands.send(Command::Accept(records));
+                    }
+                }
+                Intent::Processed { partition, offsets } => {
+                    if let Some(out) = self.audit.as_mut() {
+                        write_audit(out, partition, &offsets);
+                    }
+                }
+                // Nothing to commit, pause or read: the broker hands out
+                // records, and the fetcher asks only while there is room.
+                Intent::Commit { .. }
+                | Intent::Pause(_)
+                | Intent::Resume(_)
+                | Intent::ReadPositions(_) => {}
+            }
+        }
+        self.stats.export(
+            &self.pipeline.stats(),
+            &self.worker.config.topic,
+            &self.worker.telemetry,
+        );
+    }
+
+    fn fetch_if_room(&mut self) {
+        if !self.fetching
+            && self.failed.is_none()
+            && self.pipeline.phase() == Phase::Consuming
+            && self.pipeline.held() < self.round
+            && !self.pipeline.is_full()
+        {
+            self.fetching = self.commands.send(Command::Fetch).is_ok();
+        }
+    }
+}
+
+/// Runs a share group's member until `stop`; see the module docs.
+pub(super) fn poll_loop(
+    worker: Worker,
+    consumer: ShareConsumer,
+    dlq: Option<DeadLetterWriter>,
+    runtime: Handle,
+    stop: Arc<AtomicBool>,
+) -> Result<WorkerReport, WorkerError> {
+    let cfg = worker.config.clone();
+    let audit = cfg.audit_log.as_deref().map(open_audit).transpose()?;
+    let (inputs_tx, inputs_rx): (Sender<Input>, Receiver<Input>) = mpsc::channel();
+    let (commands, commands_rx) = async_mpsc::unbounded_channel();
+    runtime.spawn(fetcher(
+        consumer,
+        cfg.topic.clone(),
+        commands_rx,
+        inputs_tx.clone(),
+    ));
+    let options = Options {
+        dead_letters: dlq.is_some(),
+        audit: audit.is_some(),
+        keep_headers: worker.handler.reads_headers() || dlq.is_some(),
+        seed: wall_ms() as u64 ^ u64::from(std::process::id()),
+        acknowledgement: Acknowledgement::PerRecord,
+    };
+    let pipeline = Pipeline::new(
+        cfg.pipeline(),
+        options,
+        CapacityMeter::process_worker_id(),
+        Instant::now(),
+        wall_ms(),
+    );
+    let round = round_of_slots(&worker).max(1);
+    worker.telemetry.readiness.set_brokers_up(true);
+    worker.telemetry.readiness.set_joined(true);
+    tracing::info!(topic = %cfg.topic, share_group = %cfg.group, concurrency = cfg.concurrency, max_attempts = cfg.retry.max_attempts, "worker started (share group)");
+    let mut member = Member {
+        pipeline,
+        worker,
+        runtime,
+        inputs_tx,
+        commands,
+        dlq,
+        audit,
+        held: HashMap::new(),
+        fetching: false,
+        round,
+        failed: None,
+        closed: false,
+        refused_log: LogThrottle::default(),
+        stats: StatsExporter::default(),
+    };
+    turn_until(
+        &mut member,
+        |m, now| {
+            while let Ok(input) = inputs_rx.try_recv() {
+                m.on_input(input);
+            }
+            let p = &mut m.pipeline;
+            if p.phase() == Phase::Consuming
+                && (stop.load(AtomicOrdering::SeqCst)
+                    || p.fatal().is_some()
+                    || m.failed.is_some()
+                    || m.worker.handler.misconfigured().is_some())
+            {
+                p.shutdown(now);
+            }
+            p.handle_tick(now);
+            m.carry_out();
+            if m.pipeline.drained(now) {
+                return Next::Done;
+            }
+            m.fetch_if_room();
+            let cap = if m.pipeline.in_flight() > 0 {
+                Duration::from_millis(5)
+            } else {
+                Duration::from_millis(100)
+            };
+            Next::TurnBy(m.pipeline.poll_timeout().min(now + cap))
+        },
+        |m, left| {
+            if let Ok(input) = inputs_rx.recv_timeout(left) {
+                m.on_input(input);
+            }
+        },
+    );
+    member.pipeline.close();
+    member.carry_out();
+    let _ = member.commands.send(Command::Close);
+    // The fetcher sends the last accepts, closes its share sessions (the
+    // broker releases what is still held) and leaves the group.
+    let deadline = Instant::now() + CLOSE_TIMEOUT;
+    while !member.closed {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match inputs_rx.recv_timeout(left) {
+            Ok(Input::Task(_)) => {} // a batch abandoned at the drain deadline
+            Ok(input) => member.on_input(input),
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = CLOSE_TIMEOUT.as_millis() as u64,
+                    "the share consumer did not close in time; leaving without it"
+                );
+                break;
+            }
+        }
+    }
+    let report = member.pipeline.report().clone();
+    tracing::info!(
+        processed = report.records_processed,
+        dead_lettered = report.records_dead_lettered,
+        "worker stopped"
+    );
+    if let Some(u) = member.pipeline.fatal() {
+        return Err(WorkerError::Undeliverable {
+            partition: u.partition,
+            offset: u.offset,
+            error: u.error.clone(),
+        });
+    }
+    if let Some(e) = member.worker.handler.misconfigured() {
+        return Err(WorkerError::HandlerMisconfigured(e));
+    }
+    if let Some(e) = member.failed {
+        return Err(WorkerError::Share(e.to_string()));
+    }
+    Ok(report)
+}
