@@ -3,7 +3,7 @@
 //! be sent, and how they are packed into the protocol's acknowledgement
 //! batches. One ledger per share partition.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
@@ -19,6 +19,9 @@ pub enum AckType {
     Release,
     /// The record is unprocessable and archived without delivery.
     Reject,
+    /// Still working on it: the lock is renewed and the record stays held
+    /// (KIP-1222, ShareAcknowledge v2). Not a verdict.
+    Renew,
 }
 
 impl AckType {
@@ -29,6 +32,7 @@ impl AckType {
             Self::Accept => 1,
             Self::Release => 2,
             Self::Reject => 3,
+            Self::Renew => 4,
         }
     }
 }
@@ -59,6 +63,8 @@ pub struct PartitionAcks {
     held: BTreeMap<i64, i16>,
     /// Acknowledged by the caller, not yet sent.
     pending: BTreeMap<i64, AckType>,
+    /// Held records whose locks the caller asked to renew, not yet sent.
+    renewals: BTreeSet<i64>,
 }
 
 impl PartitionAcks {
@@ -77,11 +83,13 @@ impl PartitionAcks {
             if gaps.contains(&offset) {
                 self.pending.insert(offset, AckType::Gap);
                 self.held.remove(&offset);
+                self.renewals.remove(&offset);
             } else {
                 self.held.insert(offset, delivery_count);
                 // A record delivered again (after a lost lock) replaces any
                 // verdict not yet sent for its earlier delivery.
                 self.pending.remove(&offset);
+                self.renewals.remove(&offset);
             }
         }
     }
@@ -89,6 +97,8 @@ impl PartitionAcks {
     /// The caller's verdict on delivery `delivery_count` of a record it
     /// holds. A verdict about an earlier delivery of a record delivered
     /// again is refused: it is about work the broker already gave away.
+    /// [`AckType::Renew`] keeps the record held and asks for its lock to be
+    /// renewed ([`Self::take_renewals`]).
     pub fn acknowledge(
         &mut self,
         offset: i64,
@@ -106,7 +116,12 @@ impl PartitionAcks {
                 held,
             });
         }
+        if ack == AckType::Renew {
+            self.renewals.insert(offset);
+            return Ok(());
+        }
         self.held.remove(&offset);
+        self.renewals.remove(&offset);
         self.pending.insert(offset, ack);
         Ok(())
     }
@@ -114,6 +129,7 @@ impl PartitionAcks {
     /// Gives back a record the client could not hand to the caller.
     pub fn release(&mut self, offset: i64) {
         if self.held.remove(&offset).is_some() {
+            self.renewals.remove(&offset);
             self.pending.insert(offset, AckType::Release);
         }
     }
@@ -137,13 +153,28 @@ impl PartitionAcks {
         pack(pending.into_iter())
     }
 
-    /// Puts back verdicts that could not be sent (the request failed
-    /// before the broker saw it), unless the record was delivered again
-    /// since.
+    pub fn has_renewals(&self) -> bool {
+        !self.renewals.is_empty()
+    }
+
+    /// Takes the renewals waiting to be sent, packed into batches.
+    pub fn take_renewals(&mut self) -> Vec<AckBatch> {
+        let renewals = std::mem::take(&mut self.renewals);
+        pack(renewals.into_iter().map(|o| (o, AckType::Renew)))
+    }
+
+    /// Puts back what could not be sent (the request failed before the
+    /// broker saw it): verdicts unless the record was delivered again
+    /// since, renewals while the record is still held.
     pub fn restore(&mut self, batches: &[AckBatch]) {
         for batch in batches {
             for offset in batch.first_offset..=batch.last_offset {
-                if !self.held.contains_key(&offset) {
+                let held = self.held.contains_key(&offset);
+                if batch.ack == AckType::Renew {
+                    if held {
+                        self.renewals.insert(offset);
+                    }
+                } else if !held {
                     self.pending.entry(offset).or_insert(batch.ack);
                 }
             }
@@ -289,5 +320,73 @@ mod tests {
         );
         p.acknowledge(5, 2, AckType::Accept).unwrap();
         assert_eq!(p.take_pending().len(), 1);
+    }
+
+    /// RENEW keeps the record held and is sent apart from verdicts; a
+    /// verdict or a redelivery drops a renewal not yet sent; a renewal that
+    /// could not be sent comes back only while the record is held.
+    #[test]
+    fn a_renewal_keeps_the_record_held_and_never_rides_with_verdicts() {
+        let mut p = PartitionAcks::default();
+        p.acquired(0, 3, 1, &Default::default());
+        for o in 0..4 {
+            p.acknowledge(o, 1, AckType::Renew).unwrap();
+        }
+        assert_eq!(p.held_count(), 4, "renewing is not a verdict");
+        assert!(!p.has_pending(), "nothing for a fetch to carry");
+        p.acknowledge(1, 1, AckType::Accept).unwrap();
+        p.acquired(2, 2, 2, &Default::default());
+        assert_eq!(
+            p.acknowledge(2, 1, AckType::Renew),
+            Err(AckError::StaleDelivery {
+                offset: 2,
+                named: 1,
+                held: 2
+            })
+        );
+        let renewals = p.take_renewals();
+        assert_eq!(
+            renewals,
+            vec![
+                AckBatch {
+                    first_offset: 0,
+                    last_offset: 0,
+                    ack: AckType::Renew
+                },
+                AckBatch {
+                    first_offset: 3,
+                    last_offset: 3,
+                    ack: AckType::Renew
+                },
+            ]
+        );
+        assert_eq!(
+            p.take_pending(),
+            vec![AckBatch {
+                first_offset: 1,
+                last_offset: 1,
+                ack: AckType::Accept
+            }]
+        );
+        // The renewal request failed; record 3 was accepted meanwhile.
+        p.acknowledge(3, 1, AckType::Accept).unwrap();
+        p.restore(&renewals);
+        assert_eq!(
+            p.take_renewals(),
+            vec![AckBatch {
+                first_offset: 0,
+                last_offset: 0,
+                ack: AckType::Renew
+            }]
+        );
+        assert_eq!(
+            p.take_pending(),
+            vec![AckBatch {
+                first_offset: 3,
+                last_offset: 3,
+                ack: AckType::Accept
+            }],
+            "a failed renewal never turns into a verdict"
+        );
     }
 }

@@ -229,9 +229,9 @@ pub mod v1 {
     use bytes::Buf;
     use kafka_protocol::messages::DescribeShareGroupOffsetsRequest;
     use kafka_protocol::protocol::buf::{ByteBuf, ByteBufMut};
-    use kafka_protocol::protocol::{
-        Decodable, Encodable, HeaderVersion, Message, Request as KafkaRequest, VersionRange,
-    };
+    use kafka_protocol::protocol::{Decodable, Encodable};
+
+    super::super::hand_encoded::client_message!(Request, Response, 90, 1..=1);
 
     pub struct Request(pub DescribeShareGroupOffsetsRequest);
 
@@ -260,25 +260,6 @@ pub mod v1 {
         pub error_message: Option<String>,
     }
 
-    impl Message for Request {
-        const VERSIONS: VersionRange = VersionRange { min: 1, max: 1 };
-        const DEPRECATED_VERSIONS: Option<VersionRange> = None;
-    }
-    impl Message for Response {
-        const VERSIONS: VersionRange = VersionRange { min: 1, max: 1 };
-        const DEPRECATED_VERSIONS: Option<VersionRange> = None;
-    }
-    /// Flexible versions: request header v2, response header v1.
-    impl HeaderVersion for Request {
-        fn header_version(_: i16) -> i16 {
-            2
-        }
-    }
-    impl HeaderVersion for Response {
-        fn header_version(_: i16) -> i16 {
-            1
-        }
-    }
     impl Encodable for Request {
         fn encode<B: ByteBufMut>(&self, buf: &mut B, _: i16) -> anyhow::Result<()> {
             self.0.encode(buf, 0)
@@ -286,23 +267,6 @@ pub mod v1 {
         fn compute_size(&self, _: i16) -> anyhow::Result<usize> {
             self.0.compute_size(0)
         }
-    }
-    impl Decodable for Request {
-        fn decode<B: ByteBuf>(_: &mut B, _: i16) -> anyhow::Result<Self> {
-            anyhow::bail!("a client never decodes requests")
-        }
-    }
-    impl Encodable for Response {
-        fn encode<B: ByteBufMut>(&self, _: &mut B, _: i16) -> anyhow::Result<()> {
-            anyhow::bail!("a client never encodes responses")
-        }
-        fn compute_size(&self, _: i16) -> anyhow::Result<usize> {
-            anyhow::bail!("a client never encodes responses")
-        }
-    }
-    impl KafkaRequest for Request {
-        const KEY: i16 = 90;
-        type Response = Response;
     }
 
     fn need<B: ByteBuf>(buf: &B, n: usize) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@
 //! whatever this member still holds there.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
 use uuid::Uuid;
 
+use super::ack_v2;
 use super::acks::{AckBatch, AckError, AckType, PartitionAcks};
 use super::cluster::{Cluster, Connector, Lane, TopicMeta};
 use super::fetch_v2::{self, AcquireMode};
@@ -124,6 +126,20 @@ pub struct AckOutcome {
 
 /// The verdicts a request carried, per partition: restored if it fails.
 type SentAcks = Vec<((Uuid, i32), Vec<AckBatch>)>;
+
+/// Whether the fall-back to whole-batch acquisition was logged (once per
+/// process: every poll would say it again).
+static WHOLE_BATCHES_SAID: AtomicBool = AtomicBool::new(false);
+
+/// What a ShareAcknowledge carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    Verdicts,
+    /// Verdicts, and the session closes.
+    Last,
+    /// Renewals only (`IsRenewAck`).
+    Renewals,
+}
 
 #[derive(Default)]
 struct Session {
@@ -253,6 +269,11 @@ impl ShareConsumer {
         self.acks.values().map(|a| a.held_count()).sum()
     }
 
+    /// Whether verdicts wait to be sent.
+    pub fn has_unsent(&self) -> bool {
+        self.acks.values().any(|a| a.has_pending())
+    }
+
     /// The verdict on a record this member holds, sent with the next poll
     /// or flush. Naming a record not held is refused.
     pub fn acknowledge(&mut self, record: &ShareRecord, ack: AckType) -> Result<(), AckError> {
@@ -343,7 +364,7 @@ impl ShareConsumer {
             })
             .collect();
         for (node, parts) in self.route_pending(|k| !riding.contains(k)) {
-            if let Err(e) = self.acknowledge_on(node, &parts, false).await {
+            if let Err(e) = self.acknowledge_on(node, &parts, Sending::Verdicts).await {
                 tracing::debug!(error = %e, "share acknowledge: verdicts kept for the next poll");
             }
         }
@@ -354,9 +375,13 @@ impl ShareConsumer {
         }
 
         let sent_at = Instant::now();
+        // max_records is per request: split among the leaders asked, so
+        // that one poll acquires no more than it in all.
+        let leaders = i32::try_from(by_leader.len()).unwrap_or(i32::MAX).max(1);
+        let per_leader = (self.cfg.max_records / leaders).max(1);
         let mut requests = Vec::new();
         for (node, wanted) in by_leader {
-            let (request, sent_acks) = self.fetch_request(node, &wanted);
+            let (request, sent_acks) = self.fetch_request(node, &wanted, per_leader);
             requests.push((node, wanted, request, sent_acks));
         }
         let cluster = self.cluster.clone();
@@ -369,6 +394,12 @@ impl ShareConsumer {
                     let result = match cluster.node(node) {
                         Some(addr) => match cluster.conn(&addr, Lane::Fetch).await {
                             Ok(conn) => {
+                                if mode == AcquireMode::RecordLimit
+                                    && conn.version::<fetch_v2::Request>().is_ok_and(|v| v < 2)
+                                    && !WHOLE_BATCHES_SAID.swap(true, AtomicOrdering::Relaxed)
+                                {
+                                    tracing::warn!(broker = %addr, "this broker has no record-limit share fetch (ShareFetch v2, Kafka 4.2+): fetches acquire whole producer batches, which may hold more records than the worker starts within their lock");
+                                }
                                 let r = conn
                                     .call(fetch_v2::Request {
                                         fetch: request,
@@ -435,7 +466,29 @@ impl ShareConsumer {
     pub async fn flush(&mut self) -> Result<(), ShareError> {
         let mut first_error = None;
         for (node, parts) in self.route_pending(|_| true) {
-            if let Err(e) = self.acknowledge_on(node, &parts, false).await {
+            if let Err(e) = self.acknowledge_on(node, &parts, Sending::Verdicts).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Sends the renewals waiting ([`AckType::Renew`]) with ShareAcknowledge
+    /// v2, apart from verdicts as KIP-1222 wants. Each comes back as an
+    /// [`AckOutcome`]: refused means the lock was already lost. A broker
+    /// without v2 (before Kafka 4.2) cannot renew: the answer is
+    /// [`ShareError::Unsupported`] and the renewals are dropped.
+    pub async fn renew(&mut self) -> Result<(), ShareError> {
+        let mut routes: BTreeMap<i32, Vec<(Uuid, i32)>> = BTreeMap::new();
+        for (key, acks) in &self.acks {
+            if acks.has_renewals() {
+                let node = self.acquired_from.get(key).copied().unwrap_or(-1);
+                routes.entry(node).or_default().push(*key);
+            }
+        }
+        let mut first_error = None;
+        for (node, parts) in routes {
+            if let Err(e) = self.acknowledge_on(node, &parts, Sending::Renewals).await {
                 first_error.get_or_insert(e);
             }
         }
@@ -454,7 +507,7 @@ impl ShareConsumer {
         }
         let mut first_error = None;
         for (node, parts) in routes {
-            if let Err(e) = self.acknowledge_on(node, &parts, true).await {
+            if let Err(e) = self.acknowledge_on(node, &parts, Sending::Last).await {
                 first_error.get_or_insert(e);
             }
         }
@@ -525,6 +578,7 @@ impl ShareConsumer {
         &mut self,
         node: i32,
         wanted: &[(Uuid, i32)],
+        max_records: i32,
     ) -> (ShareFetchRequest, SentAcks) {
         let session = self.sessions.entry(node).or_default();
         let epoch = session.epoch;
@@ -567,8 +621,8 @@ impl ShareConsumer {
             .with_max_wait_ms(duration_ms(self.cfg.max_wait))
             .with_min_bytes(1)
             .with_max_bytes(self.cfg.max_bytes)
-            .with_max_records(self.cfg.max_records)
-            .with_batch_size(self.cfg.max_records)
+            .with_max_records(max_records)
+            .with_batch_size(max_records)
             .with_topics(
                 topics
                     .into_iter()
@@ -698,10 +752,7 @@ impl ShareConsumer {
                         // Released, never dropped: after the broker's
                         // delivery limit it archives them itself.
                         tracing::warn!(error = %e, "share fetch: records released undelivered");
-                        for a in acquired.iter().filter(|a| {
-                            a.first_offset <= a.last_offset
-                                && a.last_offset - a.first_offset < records::MAX_ACQUIRED_SPAN
-                        }) {
+                        for a in acquired.iter().filter(|a| records::span_ok(a)) {
                             ledger.acquired(
                                 a.first_offset,
                                 a.last_offset,
@@ -764,17 +815,28 @@ impl ShareConsumer {
         }
     }
 
-    /// ShareAcknowledge for `parts` on `node`'s session; `last` closes it.
+    /// ShareAcknowledge for `parts` on `node`'s session: their verdicts
+    /// (and closing the session, when `Last`), or their renewals.
     async fn acknowledge_on(
         &mut self,
         node: i32,
         parts: &[(Uuid, i32)],
-        last: bool,
+        sending: Sending,
     ) -> Result<(), ShareError> {
+        let last = sending == Sending::Last;
+        let renew = sending == Sending::Renewals;
         let waiting = |acks: &BTreeMap<(Uuid, i32), PartitionAcks>| {
             parts
                 .iter()
-                .filter(|k| acks.get(k).is_some_and(|a| a.has_pending()))
+                .filter(|k| {
+                    acks.get(k).is_some_and(|a| {
+                        if renew {
+                            a.has_renewals()
+                        } else {
+                            a.has_pending()
+                        }
+                    })
+                })
                 .count()
         };
         let epoch = match self.sessions.get(&node) {
@@ -805,7 +867,13 @@ impl ShareConsumer {
             let batches = self
                 .acks
                 .get_mut(&(id, p))
-                .map(|a| a.take_pending())
+                .map(|a| {
+                    if renew {
+                        a.take_renewals()
+                    } else {
+                        a.take_pending()
+                    }
+                })
                 .unwrap_or_default();
             if batches.is_empty() {
                 continue;
@@ -834,9 +902,21 @@ impl ShareConsumer {
                     })
                     .collect(),
             );
+        let request = ack_v2::Request {
+            ack: request,
+            renew,
+        };
         let result: Result<ShareAcknowledgeResponse, ShareError> =
             match self.cluster.conn(&addr, Lane::Fetch).await {
-                Ok(conn) => conn.call(request).await,
+                Ok(conn) if renew && conn.version::<ack_v2::Request>()? < 2 => {
+                    // Nothing was sent: the session stays as it was.
+                    return Err(ShareError::Unsupported {
+                        api: "ShareAcknowledge",
+                        broker: addr,
+                        detail: "renewing locks needs v2 (Kafka 4.2 or later)".into(),
+                    });
+                }
+                Ok(conn) => conn.call(request).await.map(|answer| answer.ack),
                 Err(e) => Err(e),
             };
         let response = match result {

@@ -6,9 +6,7 @@
 use bytes::BytesMut;
 use kafka_protocol::messages::{ShareFetchRequest, ShareFetchResponse};
 use kafka_protocol::protocol::buf::{ByteBuf, ByteBufMut};
-use kafka_protocol::protocol::{
-    Decodable, Encodable, HeaderVersion, Message, Request as KafkaRequest, VersionRange,
-};
+use kafka_protocol::protocol::{Decodable, Encodable};
 
 /// How a fetch acquires records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,6 +29,8 @@ impl AcquireMode {
     }
 }
 
+super::hand_encoded::client_message!(Request, Response, 78, 1..=2);
+
 /// A ShareFetch at v1 or v2, whichever the connection picks.
 pub struct Request {
     pub fetch: ShareFetchRequest,
@@ -40,28 +40,8 @@ pub struct Request {
 /// The answer: v1's and v2's are the same.
 pub struct Response(pub ShareFetchResponse);
 
-impl Message for Request {
-    const VERSIONS: VersionRange = VersionRange { min: 1, max: 2 };
-    const DEPRECATED_VERSIONS: Option<VersionRange> = None;
-}
-impl Message for Response {
-    const VERSIONS: VersionRange = VersionRange { min: 1, max: 2 };
-    const DEPRECATED_VERSIONS: Option<VersionRange> = None;
-}
-/// Flexible versions: request header v2, response header v1.
-impl HeaderVersion for Request {
-    fn header_version(_: i16) -> i16 {
-        2
-    }
-}
-impl HeaderVersion for Response {
-    fn header_version(_: i16) -> i16 {
-        1
-    }
-}
-
 /// Bytes of a compact nullable string: its length + 1 as a varint, then it.
-fn compact_string_len(s: Option<&str>) -> usize {
+pub(super) fn compact_string_len(s: Option<&str>) -> usize {
     let n = s.map_or(0, str::len);
     let mut prefix = n + 1;
     let mut bytes = 1;
@@ -105,27 +85,10 @@ impl Encodable for Request {
         Ok(self.fetch.compute_size(1)? + if version < 2 { 0 } else { 2 })
     }
 }
-impl Decodable for Request {
-    fn decode<B: ByteBuf>(_: &mut B, _: i16) -> anyhow::Result<Self> {
-        anyhow::bail!("a client never decodes requests")
-    }
-}
-impl Encodable for Response {
-    fn encode<B: ByteBufMut>(&self, _: &mut B, _: i16) -> anyhow::Result<()> {
-        anyhow::bail!("a client never encodes responses")
-    }
-    fn compute_size(&self, _: i16) -> anyhow::Result<usize> {
-        anyhow::bail!("a client never encodes responses")
-    }
-}
 impl Decodable for Response {
     fn decode<B: ByteBuf>(buf: &mut B, _: i16) -> anyhow::Result<Self> {
         Ok(Self(ShareFetchResponse::decode(buf, 1)?))
     }
-}
-impl KafkaRequest for Request {
-    const KEY: i16 = 78;
-    type Response = Response;
 }
 
 #[cfg(test)]

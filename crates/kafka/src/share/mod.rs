@@ -13,11 +13,13 @@
 //! - [`security`]: TLS and SASL (PLAIN, SCRAM, MSK IAM) from a
 //!   [`crate::KafkaConfig`]; [`scram`]: the SCRAM exchange, pure.
 
+pub mod ack_v2;
 pub mod acks;
 pub mod backlog;
 pub mod cluster;
 pub mod consumer;
 pub mod fetch_v2;
+mod hand_encoded;
 pub mod membership;
 pub mod records;
 pub mod scram;
@@ -105,5 +107,29 @@ impl ShareError {
             Self::Broker { error, .. } => error.is_retriable(),
             _ => false,
         }
+    }
+
+    /// The broker refused for want of an ACL.
+    pub fn is_authorization(&self) -> bool {
+        matches!(
+            self,
+            Self::Broker {
+                error: ResponseError::GroupAuthorizationFailed
+                    | ResponseError::ClusterAuthorizationFailed
+                    | ResponseError::TopicAuthorizationFailed,
+                ..
+            }
+        )
+    }
+
+    /// The broker refused a config value.
+    pub fn is_invalid_config(&self) -> bool {
+        matches!(
+            self,
+            Self::Broker {
+                error: ResponseError::InvalidConfig | ResponseError::InvalidRequest,
+                ..
+            }
+        )
     }
 }

@@ -60,20 +60,29 @@ pub struct Decoded {
 /// records are released), not looped over.
 pub const MAX_ACQUIRED_SPAN: i64 = 1 << 20;
 
+/// Whether an acquired range is one to loop over: not empty, not negative,
+/// and at most [`MAX_ACQUIRED_SPAN`] wide (its width computed without
+/// overflow, whatever the broker sent).
+pub fn span_ok(a: &Acquired) -> bool {
+    a.first_offset >= 0
+        && a.last_offset >= a.first_offset
+        && a.last_offset
+            .checked_sub(a.first_offset)
+            .is_some_and(|span| span < MAX_ACQUIRED_SPAN)
+}
+
 pub fn decode(
     topic: &std::sync::Arc<str>,
     partition: i32,
     bytes: Option<Bytes>,
     acquired: &[Acquired],
 ) -> Result<Decoded, DecodeError> {
-    if let Some(bad) = acquired.iter().find(|a| {
-        a.last_offset < a.first_offset || a.last_offset - a.first_offset >= MAX_ACQUIRED_SPAN
-    }) {
+    if let Some(bad) = acquired.iter().find(|a| !span_ok(a)) {
         return Err(DecodeError {
             partition,
             position: 0,
             reason: format!(
-                "acquired range {}..={} is empty or wider than {MAX_ACQUIRED_SPAN} offsets",
+                "acquired range {}..={} is empty, negative or wider than {MAX_ACQUIRED_SPAN} offsets",
                 bad.first_offset, bad.last_offset
             ),
         });
@@ -164,6 +173,31 @@ mod tests {
     use kafka_protocol::records::{
         Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
     };
+
+    /// Ranges a hostile broker could send are refused before any loop or
+    /// subtraction overflows.
+    #[test]
+    fn hostile_acquired_ranges_are_refused_without_overflow() {
+        let range = |first, last| Acquired {
+            first_offset: first,
+            last_offset: last,
+            delivery_count: 1,
+        };
+        assert!(span_ok(&range(0, 0)));
+        assert!(span_ok(&range(10, 10 + MAX_ACQUIRED_SPAN - 1)));
+        for bad in [
+            range(10, 9),
+            range(0, MAX_ACQUIRED_SPAN),
+            range(i64::MIN, 0),
+            range(i64::MIN, i64::MAX),
+            range(-1, 5),
+            range(0, i64::MAX),
+        ] {
+            assert!(!span_ok(&bad), "{bad:?}");
+        }
+        let topic: std::sync::Arc<str> = "t".into();
+        assert!(decode(&topic, 0, None, &[range(i64::MIN, i64::MAX)]).is_err());
+    }
 
     fn record(offset: i64, control: bool) -> Record {
         Record {
