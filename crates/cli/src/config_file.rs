@@ -22,7 +22,10 @@ const TABLES: &[&str] = &["kafka_properties"];
 
 /// Flags that set one value in two spellings: a file key yields to its
 /// twin given on the command line or in the environment.
-const TWINS: &[(&str, &str)] = &[("process_time_ms", "process_time_seconds")];
+const TWINS: &[(&str, &str)] = &[
+    ("process_time_ms", "process_time_seconds"),
+    ("group", "share_group"),
+];
 
 /// Keys whose values may hold credentials: an error about them does not
 /// quote the value (serde's messages do).

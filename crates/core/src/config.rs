@@ -403,27 +403,39 @@ impl WorkerConfig {
                 ),
             ));
         }
-        if self.retry.max_attempts + 1 > SHARE_DELIVERY_LIMIT_MAX {
+        // At least one delivery past the dead letter's: a worker stopped or
+        // killed while writing it leaves the record to the next delivery,
+        // not to the broker's archive.
+        if self.retry.max_attempts + 2 > SHARE_DELIVERY_LIMIT_MAX {
             return Err(ConfigError::new(
                 "--max-attempts",
                 format!(
-                    "must be at most {} with a share group: the worker sets the group's \
-                     share.delivery.count.limit to one more, and Kafka allows at most {}",
-                    SHARE_DELIVERY_LIMIT_MAX - 1,
+                    "must be at most {} with a share group: a record delivered more often \
+                     is dead-lettered, and Kafka archives it unseen after {} deliveries",
+                    SHARE_DELIVERY_LIMIT_MAX - 2,
                     SHARE_DELIVERY_LIMIT_MAX
                 ),
+            ));
+        }
+        if self.dlq.is_none() {
+            return Err(ConfigError::new(
+                "--dlq",
+                "off cannot be used with a share group: a record that fails for good \
+                 would stop worker after worker until the broker archives it unseen; \
+                 keep --dlq on, or use a consumer group (--group)",
             ));
         }
         Ok(())
     }
 
-    /// The share group's `share.delivery.count.limit`: one delivery more
-    /// than --max-attempts, so that the worker, not the broker, decides a
-    /// record's end: a record delivered more often is dead-lettered
-    /// ([`crate::pipeline::Pipeline::handle_delivered_too_often`]), never
-    /// archived silently.
+    /// The share group's `share.delivery.count.limit`: Kafka's most, so that
+    /// the worker, not the broker, decides a record's end: a record
+    /// delivered more than --max-attempts times is dead-lettered
+    /// ([`crate::pipeline::Pipeline::handle_delivered_too_often`]) with
+    /// deliveries to spare, never archived silently. The same for every
+    /// worker, whatever its --max-attempts.
     pub fn share_delivery_limit(&self) -> u32 {
-        self.retry.max_attempts + 1
+        SHARE_DELIVERY_LIMIT_MAX
     }
 
     pub fn validate(mut self) -> Result<Self, ConfigError> {

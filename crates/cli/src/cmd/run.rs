@@ -226,9 +226,11 @@ pub struct Args {
     /// Join this share group (KIP-932, Kafka 4.2+) instead of a consumer
     /// group: any number of workers take records of the same partitions,
     /// each record acquired under a lock and accepted once done, in no
-    /// order. The worker sets the group's share.auto.offset.reset
-    /// (--offset-reset) and share.delivery.count.limit (--max-attempts + 1).
-    /// See docs/share-groups.md.
+    /// order. Locks are renewed while records are held; a record delivered
+    /// more than --max-attempts (at most 8) times is dead-lettered unhandled;
+    /// --dlq must stay on. The worker sets the group's
+    /// share.auto.offset.reset (--offset-reset) and
+    /// share.delivery.count.limit (10). See docs/share-groups.md.
     #[arg(
         long,
         env = "SHARE_GROUP",
@@ -279,6 +281,15 @@ fn ms(v: u64) -> Duration {
 impl Args {
     pub fn resolve(&self) -> anyhow::Result<Resolved> {
         let kafka = self.kafka.resolve()?;
+        if self.share_group.is_some() && self.workers.group.is_some() {
+            // Both from the config file (clap sees only flags and the
+            // environment): which group is meant cannot be guessed.
+            return Err(ConfigError::new(
+                "--share-group",
+                "cannot be used with --group: a worker is a member of one group",
+            )
+            .into());
+        }
         let (topic, group) = match &self.share_group {
             Some(share_group) => (
                 require(self.workers.topic.clone(), "--topic", "KAFKA_TOPIC")?,

@@ -138,8 +138,17 @@ fn every_flag_of_every_command_is_a_key_of_the_file() {
         let mut keys = 0;
         for arg in command.get_arguments() {
             let Some(long) = arg.get_long() else { continue };
-            // The line's own flags beat the file (tested below).
-            if ["config", "help"].contains(&long) || line.contains(&format!("--{long} ")) {
+            // The line's own flags beat the file (tested below), and so do
+            // their twins (a_given_twin_beats…).
+            let given_twin = super::TWINS.iter().any(|&(a, b)| {
+                let (a, b) = (a.replace('_', "-"), b.replace('_', "-"));
+                (long == a && line.contains(&format!("--{b} ")))
+                    || (long == b && line.contains(&format!("--{a} ")))
+            });
+            if ["config", "help"].contains(&long)
+                || line.contains(&format!("--{long} "))
+                || given_twin
+            {
                 continue;
             }
             let key = long.replace('-', "_");
@@ -245,6 +254,22 @@ fn a_given_twin_beats_the_files_spelling() {
     assert_eq!(a.process_time_ms, Some(7));
     let a = run("", "process_time_ms = 5\n");
     assert_eq!(a.process_time_ms, Some(5), "alone, the file fills it");
+}
+
+/// The group given on the command line beats the file's other kind of
+/// group; both in the file is refused, naming --share-group (the flags'
+/// own conflict never sees the file).
+#[test]
+fn a_group_given_beats_the_files_share_group_and_both_in_the_file_are_refused() {
+    let a = run("--group g --topic t", "share_group = \"s\"\n");
+    assert_eq!(a.share_group, None, "the file's share group yields");
+    assert_eq!(a.workers.group.as_deref(), Some("g"));
+    let a = run("--share-group s --topic t", "group = \"g\"\n");
+    assert_eq!(a.workers.group, None, "the file's group yields");
+    assert_eq!(a.share_group.as_deref(), Some("s"));
+    let a = run("--topic t", "group = \"g\"\nshare_group = \"s\"\n");
+    let err = a.resolve().err().expect("both refused").to_string();
+    assert!(err.contains("--share-group"), "{err}");
 }
 
 /// A file written for `supervise` (policy, lag threshold) is also the

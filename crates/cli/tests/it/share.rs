@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use microbatch_kafka::share::{AckType, ShareConsumer, ShareConsumerConfig};
+use microbatch_kafka::share::{AckType, ShareConsumer, ShareConsumerConfig, ShareRecord};
 
 use crate::harness::{broker, create_topic, produce, scripts_dir, share_group_lag, unique};
 
@@ -302,6 +302,38 @@ fn records_of_a_member_that_vanishes_go_to_another_after_the_lock() {
     assert_eq!(lag.get(&0), Some(&0), "no backlog left: {lag:?}");
 }
 
+/// A one-partition topic of ten records and a group with a 2 s lock, all
+/// ten held by a first member: the group's config, the member, its records.
+fn ten_held_under_a_2s_lock(
+    rt: &tokio::runtime::Runtime,
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+) -> (ShareConsumerConfig, ShareConsumer, Vec<ShareRecord>) {
+    create_topic(topic, 1);
+    produce(topic, 10, &[]);
+    let cfg = config(bootstrap, group, topic);
+    rt.block_on(async {
+        ShareConsumer::configure_group(
+            &cfg,
+            &[
+                ("share.auto.offset.reset", "earliest"),
+                ("share.record.lock.duration.ms", "2000"),
+            ],
+        )
+        .await
+        .unwrap();
+        let mut member = ShareConsumer::join(cfg.clone()).await.expect("joining");
+        let mut held = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while held.len() < 10 && Instant::now() < deadline {
+            held.extend(member.poll().await.unwrap().records);
+        }
+        assert_eq!(held.len(), 10);
+        (cfg, member, held)
+    })
+}
+
 /// A member that holds records and goes quiet (a handler stuck, connections
 /// alive): when the acquisition lock runs out its records go to another
 /// member; while that member holds them, the stuck member's late verdicts
@@ -313,26 +345,9 @@ fn a_stuck_members_records_move_after_the_lock_and_its_late_verdicts_are_refused
     };
     let topic = unique("share-stuck");
     let group = unique("share-stuck-g");
-    create_topic(&topic, 1);
-    produce(&topic, 10, &[]);
-    runtime().block_on(async {
-        let cfg = config(&bootstrap, &group, &topic);
-        ShareConsumer::configure_group(
-            &cfg,
-            &[
-                ("share.auto.offset.reset", "earliest"),
-                ("share.record.lock.duration.ms", "2000"),
-            ],
-        )
-        .await
-        .unwrap();
-        let mut stuck = ShareConsumer::join(cfg.clone()).await.expect("joining");
-        let mut held = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while held.len() < 10 && Instant::now() < deadline {
-            held.extend(stuck.poll().await.unwrap().records);
-        }
-        assert_eq!(held.len(), 10);
+    let rt = runtime();
+    let (cfg, mut stuck, held) = ten_held_under_a_2s_lock(&rt, &bootstrap, &group, &topic);
+    rt.block_on(async {
         let stuck_since = Instant::now();
         let mut other = ShareConsumer::join(cfg).await.expect("joining");
         let mut taken = Vec::new();
@@ -373,6 +388,71 @@ fn a_stuck_members_records_move_after_the_lock_and_its_late_verdicts_are_refused
             "the holder's verdicts taken: {outcomes:?}"
         );
         assert!(stuck.close().await.unwrap().is_empty());
+        assert!(other.close().await.unwrap().is_empty());
+    });
+    let lag = share_group_lag(&bootstrap, &group);
+    assert_eq!(lag.get(&0), Some(&0), "no backlog left: {lag:?}");
+}
+
+/// A member that renews its locks (RENEW, KIP-1222) keeps its records
+/// past the lock's duration: another member asking all along gets none of
+/// them, and every renewal is taken. Without the renewals (the same test
+/// with `renew` skipped) the other member takes all ten after the lock.
+#[test]
+fn renewed_records_stay_with_their_member_past_the_lock() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let topic = unique("share-renew");
+    let group = unique("share-renew-g");
+    let rt = runtime();
+    let (cfg, mut slow, held) = ten_held_under_a_2s_lock(&rt, &bootstrap, &group, &topic);
+    rt.block_on(async {
+        let mut other = ShareConsumer::join(cfg).await.expect("joining");
+        // Three lock durations, renewing every half lock; the other member
+        // polls throughout (its polls wait 200 ms at most).
+        let mut taken = Vec::new();
+        let until = Instant::now() + Duration::from_secs(6);
+        let mut next_renewal = Instant::now();
+        while Instant::now() < until {
+            if Instant::now() >= next_renewal {
+                for r in &held {
+                    slow.acknowledge(r, AckType::Renew).unwrap();
+                }
+                slow.renew().await.expect("renewing");
+                next_renewal += Duration::from_secs(1);
+            }
+            taken.extend(other.poll().await.unwrap().records);
+        }
+        assert!(
+            taken.is_empty(),
+            "the other member got {} records",
+            taken.len()
+        );
+        let renewals = slow.take_outcomes();
+        assert!(renewals.len() >= 6, "renewed all along: {renewals:?}");
+        assert!(
+            renewals
+                .iter()
+                .all(|o| o.error.is_none() && o.batch.ack == AckType::Renew),
+            "every renewal taken: {renewals:?}"
+        );
+        assert!(
+            taken.is_empty(),
+            "the other member got {} records",
+            taken.len()
+        );
+        assert_eq!(slow.held(), 10, "renewing is not a verdict");
+        for r in &held {
+            slow.acknowledge(r, AckType::Accept).unwrap();
+        }
+        slow.flush().await.unwrap();
+        let outcomes = slow.take_outcomes();
+        assert!(
+            outcomes.iter().all(|o| o.error.is_none()),
+            "accepted after 6 s under a 2 s lock: {outcomes:?}"
+        );
+        assert!(slow.close().await.unwrap().is_empty());
         assert!(other.close().await.unwrap().is_empty());
     });
     let lag = share_group_lag(&bootstrap, &group);

@@ -15,15 +15,27 @@ use crate::harness::{
 };
 use crate::share::real_broker;
 
-/// Sets share-group configs ahead of the workers (as an operator would).
-fn set_group_configs(bootstrap: &str, group: &str, topic: &str, configs: &[(&str, &str)]) {
-    let cfg = ShareConsumerConfig::new(vec![bootstrap.to_string()], group, vec![topic.into()]);
+/// A scenario's topic and a share group for it whose records are locked
+/// for `lock_ms` (set ahead of the workers, as an operator would).
+fn scenario_with_lock(
+    bootstrap: &str,
+    name: &str,
+    partitions: i32,
+    lock_ms: u64,
+) -> (Scenario, String) {
+    let s = Scenario::new(name, partitions);
+    let group = unique(&format!("{name}-group"));
+    let cfg = ShareConsumerConfig::new(vec![bootstrap.to_string()], &group, vec![s.topic.clone()]);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
-        .block_on(ShareConsumer::configure_group(&cfg, configs))
-        .expect("setting the share group's configs");
+        .block_on(ShareConsumer::configure_group(
+            &cfg,
+            &[("share.record.lock.duration.ms", &lock_ms.to_string())],
+        ))
+        .expect("setting the share group's lock");
+    (s, group)
 }
 
 /// Waits until Kafka's tool says the group has nothing left on any partition.
@@ -165,14 +177,7 @@ fn a_share_worker_killed_mid_batch_loses_nothing() {
     let Some(bootstrap) = real_broker() else {
         return;
     };
-    let s = Scenario::new("share-kill", 4);
-    let group = unique("share-kill-group");
-    set_group_configs(
-        &bootstrap,
-        &group,
-        &s.topic,
-        &[("share.record.lock.duration.ms", "3000")],
-    );
+    let (s, group) = scenario_with_lock(&bootstrap, "share-kill", 4, 3000);
     let handler = recording_handler(
         &s.dir,
         HandlerBehaviour {
@@ -233,48 +238,33 @@ fn a_share_worker_killed_mid_batch_loses_nothing() {
     assert!(duplicates <= 80, "{duplicates} handled twice");
 }
 
-/// A record whose handler outlasts its lock (1 s here) goes from member to
-/// member; on the delivery past --max-attempts the worker dead-letters it
-/// without handing it to a handler again, well before any handler gives up
-/// on it, so the broker never archives it unseen. The other records are
-/// handled as usual.
+/// A handler slower than the lock (each batch takes 1.5 s, the lock is
+/// 1 s) keeps its records: the worker renews their locks (RENEW) while it
+/// works, so no record goes to the other worker and none is handled twice.
+/// Without renewals every batch is handed out again before it is done.
 #[test]
-fn a_record_that_outlasts_its_lock_is_dead_lettered_by_delivery_count() {
+fn a_handler_slower_than_the_lock_keeps_its_records() {
     let Some(bootstrap) = real_broker() else {
         return;
     };
-    let s = Scenario::new("share-hang", 2);
-    let group = unique("share-hang-group");
-    set_group_configs(
-        &bootstrap,
-        &group,
-        &s.topic,
-        &[("share.record.lock.duration.ms", "1000")],
-    );
+    let (s, group) = scenario_with_lock(&bootstrap, "share-slow", 2, 1000);
     let log = s.dir.path("handled.txt");
-    // A batch with a POISON record hangs for 8 s, then fails it for good.
     let handler = crate::harness::logging_handler_with(
         &s.dir,
         &log,
         "import time\n",
-        "\x20   if bad:\n\x20       time.sleep(8)\n",
+        "\x20   time.sleep(1.5)\n",
     );
-    s.produce(100, &["--poison-every", "50"]);
-    let poison = poison_offsets(&s.topic);
-    assert_eq!(poison.len(), 2);
+    s.produce(40, &[]);
     let args = [
         "--handler",
         "exec",
         "--command",
         &handler,
         "--concurrency",
-        "3",
-        "--max-records",
-        "1",
-        "--max-attempts",
         "2",
-        "--drain-timeout-ms",
-        "1000",
+        "--max-records",
+        "5",
     ];
     let mut workers: Vec<Proc> = (0..2)
         .map(|i| {
@@ -288,20 +278,96 @@ fn a_record_that_outlasts_its_lock_is_dead_lettered_by_delivery_count() {
             )
         })
         .collect();
-    let dlq = format!("{}.dlq", s.topic);
-    // Delivery 1 hangs, delivery 2 (1 s later, the lock gone) hangs, delivery
-    // 3 is past --max-attempts 2: dead-lettered about 2 s in, long before
-    // the first hang (8 s) ends and the in-worker retries could.
-    let started = std::time::Instant::now();
-    wait_until(
-        Duration::from_secs(30),
-        "both poison records dead-lettered",
-        || poison.is_subset(&dead_lettered(&dlq)),
+    wait_for_share_backlog_zero(&bootstrap, &group, 2, Duration::from_secs(90));
+    for w in &mut workers {
+        w.terminate();
+    }
+    let handled = audited(std::slice::from_ref(&log));
+    let twice: Vec<_> = handled.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "handled twice: {twice:?}");
+    assert_eq!(handled.len(), 40, "every record handled");
+    assert!(dead_lettered(&format!("{}.dlq", s.topic)).is_empty());
+}
+
+/// A record that crashes its worker (the handler SIGKILLs the worker, as
+/// an out-of-memory kill would) is delivered again and again, each delivery
+/// ending without a verdict; the delivery past --max-attempts (2) is
+/// dead-lettered without reaching a handler, long before the broker's own
+/// limit (10) would archive it unseen. Workers are restarted as a Deployment
+/// would; every other record is handled, none dead-lettered.
+#[test]
+fn a_record_that_crashes_its_worker_is_dead_lettered_by_delivery_count() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let (s, group) = scenario_with_lock(&bootstrap, "share-crash", 1, 5000);
+    let log = s.dir.path("handled.txt");
+    // On a POISON record: find the worker among the handler's ancestors and
+    // kill it.
+    let prelude = "import signal\n\
+        def worker_pid():\n\
+        \x20   pid = os.getppid()\n\
+        \x20   while pid > 1:\n\
+        \x20       if open('/proc/%d/comm' % pid).read().strip() == 'microbatch':\n\
+        \x20           return pid\n\
+        \x20       pid = int(open('/proc/%d/stat' % pid).read().rsplit(')', 1)[1].split()[1])\n\
+        \x20   raise SystemExit('no worker above this handler')\n";
+    let handler = crate::harness::logging_handler_with(
+        &s.dir,
+        &log,
+        prelude,
+        "\x20   if bad:\n\x20       os.kill(worker_pid(), signal.SIGKILL)\n",
     );
-    let took = started.elapsed();
-    let letters: Vec<_> = read_topic(&dlq, broker().bootstrap());
-    // Each poison record has a dead letter written by delivery count (the
-    // hung handler's own verdict may add a second: at least once).
+    s.produce(40, &["--poison-every", "20"]);
+    let poison = poison_offsets(&s.topic);
+    assert_eq!(poison.len(), 2);
+    // One record at a time: a crash takes only the poison record with it.
+    let args = [
+        "--handler",
+        "exec",
+        "--command",
+        &handler,
+        "--concurrency",
+        "1",
+        "--max-records",
+        "1",
+        "--max-attempts",
+        "2",
+    ];
+    let dlq = format!("{}.dlq", s.topic);
+    let spawn = |n: usize| {
+        spawn_share_worker(
+            &s.dir,
+            &format!("w{n}"),
+            &s.topic,
+            &group,
+            free_port(),
+            &args,
+        )
+    };
+    let mut started = 2;
+    let mut workers: Vec<Proc> = (0..started).map(spawn).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !(poison.is_subset(&dead_lettered(&dlq))
+        && audited(std::slice::from_ref(&log)).len() >= 38)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not done in 2 minutes; {} workers started",
+            started
+        );
+        for w in &mut workers {
+            if w.wait_for_exit(Duration::ZERO).is_some() {
+                *w = spawn(started);
+                started += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for w in &mut workers {
+        w.terminate();
+    }
+    let letters = read_topic(&dlq, broker().bootstrap());
     let by_count: BTreeSet<Place> = letters
         .iter()
         .filter(|r| r.4["microbatch.error"].contains("delivered 3 times"))
@@ -312,23 +378,8 @@ fn a_record_that_outlasts_its_lock_is_dead_lettered_by_delivery_count() {
             )
         })
         .collect();
-    assert_eq!(
-        by_count,
-        poison,
-        "dead-lettered by delivery count: {:?}",
-        letters
-            .iter()
-            .map(|r| &r.4["microbatch.error"])
-            .collect::<Vec<_>>()
-    );
-    wait_until(
-        Duration::from_secs(30),
-        "every other record handled",
-        || audited(std::slice::from_ref(&log)).len() >= 98,
-    );
-    for w in &mut workers {
-        w.terminate();
-    }
+    assert_eq!(by_count, poison, "dead-lettered by delivery count");
+    assert_eq!(dead_lettered(&dlq), poison, "nothing else dead-lettered");
     let handled = audited(std::slice::from_ref(&log));
     for r in all_records(&s.topic) {
         assert!(
@@ -340,5 +391,10 @@ fn a_record_that_outlasts_its_lock_is_dead_lettered_by_delivery_count() {
             poison.contains(&r)
         );
     }
-    eprintln!("records outlasting their lock dead-lettered after {took:?}");
+    // Two crashes per poison record: deliveries 1 and 2.
+    eprintln!(
+        "crash loop: {} workers started for 2 poison records",
+        started
+    );
+    assert_eq!(started, 2 + 2 * poison.len(), "one restart per crash");
 }

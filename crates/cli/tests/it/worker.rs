@@ -281,6 +281,41 @@ fn bad_input_exits_2_and_names_the_flag() {
             ],
             "--bootstrap-servers",
         ),
+        // A share group orders nothing, needs its dead letters, and leaves
+        // deliveries to spare below Kafka's limit of 10.
+        (
+            &[
+                "run",
+                "--topic",
+                "t",
+                "--share-group",
+                "s",
+                "--ordering",
+                "key",
+            ],
+            "--ordering",
+        ),
+        (
+            &[
+                "run",
+                "--topic",
+                "t",
+                "--share-group",
+                "s",
+                "--max-attempts",
+                "9",
+            ],
+            "--max-attempts",
+        ),
+        (
+            &["run", "--topic", "t", "--share-group", "s", "--dlq", "off"],
+            "--dlq",
+        ),
+        (
+            &["run", "--topic", "t", "--share-group", "s", "--group", "g"],
+            "--group",
+        ),
+        (&["run", "--share-group", "s"], "--topic"),
     ];
     for (args, flag) in cases {
         let started = Instant::now();

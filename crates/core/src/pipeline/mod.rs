@@ -494,12 +494,19 @@ impl Pipeline {
         deliveries: u32,
         now: Instant,
     ) {
-        if self.phase != Phase::Consuming || self.acknowledgement != Acknowledgement::PerRecord {
+        // Also while draining: dropped, the record would go back to the
+        // broker one delivery nearer to being archived unseen.
+        if self.phase == Phase::Closed || self.acknowledgement != Acknowledgement::PerRecord {
             return;
         }
         let partition = msg.partition();
         if !self.partitions.contains_key(&partition) {
             self.adopt(partition);
+            if self.phase != Phase::Consuming {
+                if let Some(ps) = self.partitions.get_mut(&partition) {
+                    ps.start_finishing(now, None);
+                }
+            }
         }
         let Some(ps) = self.partitions.get_mut(&partition) else {
             return;

@@ -1305,6 +1305,23 @@ fn a_draining_share_group_starts_nothing_and_accepts_only_what_finished() {
     );
 }
 
+/// A record past --max-attempts that arrives while the worker drains (its
+/// fetch was under way) is still dead-lettered, on a partition new to the
+/// worker too, and the drain waits for the dead letter: dropped, it would
+/// return to the broker one delivery nearer to being archived unseen.
+#[test]
+fn a_record_delivered_too_often_while_draining_is_still_dead_lettered() {
+    let t0 = Instant::now();
+    let mut p = share_pipeline(t0, 3);
+    p.shutdown(t0);
+    p.handle_delivered_too_often(&Rec(7, 40), 4, t0);
+    let slot = dead_letter_slot(&mut p);
+    assert!(!p.drained(t0), "the drain waits for the dead letter");
+    p.handle_dead_lettered(slot, &[40], None, t0);
+    assert_eq!(accepts(&intents(&mut p)), [(7, 40)]);
+    assert!(p.drained(t0));
+}
+
 /// In no order, a batch never waits behind a slow one while a slot is free:
 /// every batch closed starts at once, whichever lane it was filled in (for
 /// a share group, a batch left waiting outlives its records' locks).

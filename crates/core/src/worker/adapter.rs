@@ -452,8 +452,6 @@ impl Adapter {
 /// A revocation's drain turns at least this often (the stop flag).
 const REVOKE_TURN: Duration = Duration::from_millis(50);
 
-/// How the pipeline sees a commit error: a group between generations (or a
-/// coordinator moving) accepts the same commit once it settles.
 /// Appends `partition offset` per processed record to the audit log.
 pub(super) fn write_audit(out: &mut BufWriter<File>, partition: i32, offsets: &[i64]) {
     for o in offsets {
@@ -464,6 +462,8 @@ pub(super) fn write_audit(out: &mut BufWriter<File>, partition: i32, offsets: &[
     }
 }
 
+/// How the pipeline sees a commit error: a group between generations (or a
+/// coordinator moving) accepts the same commit once it settles.
 fn refusal(code: RDKafkaErrorCode) -> CommitRefusal {
     use RDKafkaErrorCode::*;
     match code {

@@ -20,9 +20,13 @@
 //! - ACCEPT: the handler succeeded on the record, or its dead letter was
 //!   acknowledged by the broker (sent with the next fetch, or within
 //!   [`ACCEPT_FLUSH`] while no fetch goes out).
-//! - Nothing: records not done when the worker stops are released by the
-//!   broker when the member's share sessions close; a crashed worker's
-//!   return when their locks run out.
+//! - RENEW (KIP-1222, Kafka 4.2+): every record it holds, at half the
+//!   lock's duration, so that a slow handler, a retry's back-off or a wait
+//!   for a slot never loses a record to another member ([`Locks`]).
+//! - Nothing else: records not done when the worker stops are released by
+//!   the broker when the member's share sessions close; a crashed worker's
+//!   return when the broker sees its connections go, or their locks run
+//!   out.
 //! - A record delivered more often than `--max-attempts` is dead-lettered
 //!   before any handler sees it again; the group's
 //!   `share.delivery.count.limit` is one more, so the broker never archives
@@ -68,6 +72,10 @@ pub(super) enum Input {
     Failed(ShareError),
     /// The consumer closed (the member left the group).
     Closed,
+    /// The brokers cannot renew locks (before Kafka 4.2): why.
+    CannotRenew(String),
+    /// The fetcher task ended abnormally (a panic): the consumer is gone.
+    FetcherDied(String),
 }
 
 impl From<Event> for Input {
@@ -79,6 +87,7 @@ impl From<Event> for Input {
 /// What the fetcher task is asked to do.
 enum Command {
     Accept(Vec<Held>),
+    Renew(Vec<Held>),
     Fetch,
     Close,
 }
@@ -89,6 +98,87 @@ struct Held {
     partition: i32,
     offset: i64,
     delivery_count: i16,
+}
+
+/// The locks on the records the worker holds, and when to renew them:
+/// pure, on the caller's clock.
+#[derive(Debug, Default)]
+struct Locks {
+    records: HashMap<(i32, i64), HeldLock>,
+    /// The lock's duration, as the broker last said.
+    duration: Option<Duration>,
+    /// The broker cannot renew (before Kafka 4.2): stop asking.
+    unsupported: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HeldLock {
+    delivery_count: i16,
+    renew_at: Option<Instant>,
+}
+
+impl Locks {
+    /// A record acquired now; `lock_deadline` is when the broker said the
+    /// fetch's locks run out. Returns whether the worker still held an
+    /// earlier delivery of it (a renewal came too late): that copy's verdict
+    /// now answers for this delivery.
+    fn acquired(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        delivery_count: i16,
+        now: Instant,
+        lock_deadline: Option<Instant>,
+    ) -> bool {
+        if let Some(deadline) = lock_deadline {
+            let left = deadline.saturating_duration_since(now);
+            if !left.is_zero() {
+                self.duration = Some(self.duration.map_or(left, |d| d.max(left)));
+            }
+        }
+        // Half of what is left of this fetch's lock, so that a renewal has
+        // the other half to reach the broker.
+        let renew_at = lock_deadline
+            .map(|d| now + d.saturating_duration_since(now) / 2)
+            .or_else(|| self.duration.map(|d| now + d / 2));
+        self.records
+            .insert(
+                (partition, offset),
+                HeldLock {
+                    delivery_count,
+                    renew_at,
+                },
+            )
+            .is_some()
+    }
+
+    /// A record done (or given up): its delivery count, if it was held.
+    fn done(&mut self, partition: i32, offset: i64) -> Option<i16> {
+        self.records
+            .remove(&(partition, offset))
+            .map(|h| h.delivery_count)
+    }
+
+    /// The records whose renewal is due now; each is due again half a lock
+    /// later.
+    fn due(&mut self, now: Instant) -> Vec<Held> {
+        let Some(duration) = self.duration.filter(|_| !self.unsupported) else {
+            return Vec::new();
+        };
+        let mut due = Vec::new();
+        for (&(partition, offset), lock) in &mut self.records {
+            if lock.renew_at.is_some_and(|at| at <= now) {
+                lock.renew_at = Some(now + duration / 2);
+                due.push(Held {
+                    partition,
+                    offset,
+                    delivery_count: lock.delivery_count,
+                });
+            }
+        }
+        due.sort_unstable_by_key(|h| (h.partition, h.offset));
+        due
+    }
 }
 
 /// A share record as the pipeline reads it.
@@ -145,10 +235,17 @@ pub(super) async fn configure_group(
     )
     .await
     .map_err(|e| {
+        let hint = if e.is_authorization() {
+            "; the principal needs ALTER_CONFIGS on the group"
+        } else if e.is_invalid_config() {
+            "; the brokers may bound share.delivery.count.limit lower \
+             (group.share.max.delivery.count.limit)"
+        } else {
+            ""
+        };
         WorkerError::Share(format!(
             "could not set share group {:?}'s configs (share.auto.offset.reset={reset}, \
-             share.delivery.count.limit={limit}); the principal needs ALTER_CONFIGS on \
-             the group: {e}",
+             share.delivery.count.limit={limit}): {e}{hint}",
             cfg.group
         ))
     })
@@ -178,7 +275,14 @@ async fn fetcher(
     mut commands: async_mpsc::UnboundedReceiver<Command>,
     out: Sender<Input>,
 ) {
-    let mut unsent = false;
+    // When the oldest accept not yet sent must go: set once, not pushed back
+    // by every command that comes in meanwhile.
+    let mut flush_at: Option<tokio::time::Instant> = None;
+    let due = |consumer: &ShareConsumer| {
+        consumer
+            .has_unsent()
+            .then(|| tokio::time::Instant::now() + ACCEPT_FLUSH)
+    };
     let failure_log = LogThrottle::default();
     let refused = |consumer: &mut ShareConsumer, out: &Sender<Input>| {
         let refused: Vec<AckOutcome> = consumer
@@ -191,17 +295,17 @@ async fn fetcher(
         }
     };
     loop {
-        let command = if unsent {
-            match tokio::time::timeout(ACCEPT_FLUSH, commands.recv()).await {
+        let command = match flush_at {
+            Some(at) => match tokio::time::timeout_at(at, commands.recv()).await {
                 Ok(c) => c,
                 Err(_) => {
-                    unsent = consumer.flush().await.is_err();
+                    let _ = consumer.flush().await;
+                    flush_at = due(&consumer);
                     refused(&mut consumer, &out);
                     continue;
                 }
-            }
-        } else {
-            commands.recv().await
+            },
+            None => commands.recv().await,
         };
         match command {
             Some(Command::Accept(records)) => {
@@ -218,11 +322,37 @@ async fn fetcher(
                         tracing::debug!(partition = r.partition, offset = r.offset, error = %e, "accept not taken: the record is no longer held");
                     }
                 }
-                unsent = true;
+                if flush_at.is_none() {
+                    flush_at = due(&consumer);
+                }
+            }
+            Some(Command::Renew(records)) => {
+                for r in records {
+                    // Not held any more: done, or its lock already lost.
+                    let _ = consumer.acknowledge_at(
+                        &topic,
+                        r.partition,
+                        r.offset,
+                        r.delivery_count,
+                        AckType::Renew,
+                    );
+                }
+                match consumer.renew().await {
+                    Ok(()) => {}
+                    Err(ShareError::Unsupported { detail, .. }) => {
+                        let _ = out.send(Input::CannotRenew(detail));
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "renewing locks failed; tried again at the next renewal");
+                    }
+                }
+                refused(&mut consumer, &out);
             }
             Some(Command::Fetch) => {
                 let fetched = consumer.poll().await;
-                unsent = false;
+                // What the fetch could not carry (a session being opened
+                // again) waits for the next flush.
+                flush_at = due(&consumer);
                 refused(&mut consumer, &out);
                 match fetched {
                     Ok(f) => {
@@ -267,11 +397,12 @@ struct Member {
     commands: async_mpsc::UnboundedSender<Command>,
     dlq: Option<DeadLetterWriter>,
     audit: Option<std::io::BufWriter<std::fs::File>>,
-    /// The delivery counts of the records the pipeline holds.
-    held: HashMap<(i32, i64), i16>,
+    /// The records the pipeline holds, with their locks.
+    locks: Locks,
     fetching: bool,
     round: usize,
     failed: Option<ShareError>,
+    fetcher_died: Option<String>,
     closed: bool,
     refused_log: LogThrottle,
     stats: StatsExporter,
@@ -303,13 +434,23 @@ impl Member {
                 .handle_dead_lettered(slot, &written, error, now),
             Input::Fetched(fetched) => {
                 self.fetching = false;
-                for partition in &fetched.undecodable {
-                    tracing::warn!(partition = %partition, "undecodable records released to the group");
+                for error in &fetched.undecodable {
+                    tracing::warn!(error = %error, "undecodable records released to the group");
                 }
                 let max_attempts = self.worker.config.retry.max_attempts;
                 for record in &fetched.records {
-                    self.held
-                        .insert((record.partition, record.offset), record.delivery_count);
+                    let held_already = self.locks.acquired(
+                        record.partition,
+                        record.offset,
+                        record.delivery_count,
+                        now,
+                        fetched.lock_deadline,
+                    );
+                    if held_already {
+                        // Still in the pipeline: handling it twice here
+                        // would be a duplicate of our own.
+                        continue;
+                    }
                     let deliveries = u32::try_from(record.delivery_count).unwrap_or(0);
                     if deliveries > max_attempts {
                         self.pipeline
@@ -326,8 +467,19 @@ impl Member {
                     .sum();
                 if let Some(suppressed) = self.refused_log.allow(now) {
                     let first = outcomes.first().and_then(|o| o.error);
-                    tracing::warn!(records, error = ?first, suppressed, "the broker refused accepts (locks ran out, or the session was lost): those records are delivered again");
+                    let what = if outcomes.iter().all(|o| o.batch.ack == AckType::Renew) {
+                        "renewals"
+                    } else {
+                        "accepts"
+                    };
+                    tracing::warn!(records, error = ?first, suppressed, "the broker refused {what} (locks ran out, or the session was lost): those records are delivered again");
                 }
+            }
+            Input::CannotRenew(why) => {
+                if !self.locks.unsupported {
+                    tracing::warn!(reason = %why, "the brokers cannot renew locks: a record held longer than share.record.lock.duration.ms goes to another member and is handled twice");
+                }
+                self.locks.unsupported = true;
             }
             Input::Failed(e) => {
                 tracing::error!(error = %e, "the share consumer failed; stopping");
@@ -335,6 +487,12 @@ impl Member {
                 self.failed.get_or_insert(e);
             }
             Input::Closed => self.closed = true,
+            Input::FetcherDied(why) => {
+                tracing::error!(error = %why, "the share consumer's task died; stopping");
+                self.fetching = false;
+                self.closed = true;
+                self.fetcher_died.get_or_insert(why);
+            }
         }
     }
 
@@ -378,7 +536,7 @@ impl Member {
                     let records: Vec<Held> = offsets
                         .iter()
                         .filter_map(|&offset| {
-                            let delivery_count = self.held.remove(&(partition, offset))?;
+                            let delivery_count = self.locks.done(partition, offset)?;
                             Some(Held {
                                 partition,
                                 offset,
@@ -410,9 +568,17 @@ impl Member {
         );
     }
 
+    fn renew_due(&mut self, now: Instant) {
+        let due = self.locks.due(now);
+        if !due.is_empty() {
+            let _ = self.commands.send(Command::Renew(due));
+        }
+    }
+
     fn fetch_if_room(&mut self) {
         if !self.fetching
             && self.failed.is_none()
+            && self.fetcher_died.is_none()
             && self.pipeline.phase() == Phase::Consuming
             && self.pipeline.held() < self.round
             && !self.pipeline.is_full()
@@ -434,12 +600,20 @@ pub(super) fn poll_loop(
     let audit = cfg.audit_log.as_deref().map(open_audit).transpose()?;
     let (inputs_tx, inputs_rx): (Sender<Input>, Receiver<Input>) = mpsc::channel();
     let (commands, commands_rx) = async_mpsc::unbounded_channel();
-    runtime.spawn(fetcher(
+    let fetcher_task = runtime.spawn(fetcher(
         consumer,
         cfg.topic.clone(),
         commands_rx,
         inputs_tx.clone(),
     ));
+    // A fetcher that panics would leave the thread waiting for a fetch
+    // forever, and still ready: it stops the worker instead.
+    let died = inputs_tx.clone();
+    runtime.spawn(async move {
+        if let Err(e) = fetcher_task.await {
+            let _ = died.send(Input::FetcherDied(e.to_string()));
+        }
+    });
     let options = Options {
         dead_letters: dlq.is_some(),
         audit: audit.is_some(),
@@ -466,10 +640,11 @@ pub(super) fn poll_loop(
         commands,
         dlq,
         audit,
-        held: HashMap::new(),
+        locks: Locks::default(),
         fetching: false,
         round,
         failed: None,
+        fetcher_died: None,
         closed: false,
         refused_log: LogThrottle::default(),
         stats: StatsExporter::default(),
@@ -485,6 +660,7 @@ pub(super) fn poll_loop(
                 && (stop.load(AtomicOrdering::SeqCst)
                     || p.fatal().is_some()
                     || m.failed.is_some()
+                    || m.fetcher_died.is_some()
                     || m.worker.handler.misconfigured().is_some())
             {
                 p.shutdown(now);
@@ -494,6 +670,7 @@ pub(super) fn poll_loop(
             if m.pipeline.drained(now) {
                 return Next::Done;
             }
+            m.renew_due(now);
             m.fetch_if_room();
             let cap = if m.pipeline.in_flight() > 0 {
                 Duration::from_millis(5)
@@ -547,5 +724,51 @@ pub(super) fn poll_loop(
     if let Some(e) = member.failed {
         return Err(WorkerError::Share(e.to_string()));
     }
+    if let Some(why) = member.fetcher_died {
+        return Err(WorkerError::Share(format!(
+            "the share consumer's task died: {why}"
+        )));
+    }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Each held record is renewed at half the lock, again every half lock
+    /// after, until it is done; nothing is renewed before the broker said
+    /// how long the lock is, or once it said it cannot renew.
+    #[test]
+    fn held_records_are_renewed_every_half_lock_until_done() {
+        let t0 = Instant::now();
+        let mut locks = Locks::default();
+        assert!(!locks.acquired(0, 5, 1, t0, None));
+        assert!(locks.due(t0 + ms(60_000)).is_empty(), "lock unknown");
+        assert!(!locks.acquired(0, 6, 1, t0, Some(t0 + ms(1_000))));
+        assert!(
+            locks.acquired(0, 6, 2, t0, Some(t0 + ms(1_000))),
+            "delivered again while held"
+        );
+        locks.acquired(1, 7, 1, t0 + ms(200), Some(t0 + ms(1_000)));
+        assert!(locks.due(t0 + ms(499)).is_empty());
+        let due: Vec<_> = locks
+            .due(t0 + ms(600))
+            .iter()
+            .map(|h| (h.partition, h.offset, h.delivery_count))
+            .collect();
+        assert_eq!(due, [(0, 6, 2), (1, 7, 1)], "halfway through each lock");
+        assert!(locks.due(t0 + ms(1_000)).is_empty(), "renewed: not due");
+        assert_eq!(locks.due(t0 + ms(1_100)).len(), 2, "half a lock later");
+        assert_eq!(locks.done(0, 6), Some(2));
+        assert_eq!(locks.done(0, 6), None);
+        let due: Vec<_> = locks.due(t0 + ms(1_600)).iter().map(|h| h.offset).collect();
+        assert_eq!(due, [7], "a record done is never renewed");
+        locks.unsupported = true;
+        assert!(locks.due(t0 + ms(60_000)).is_empty());
+    }
 }
