@@ -41,7 +41,7 @@ fn share_workers_lose_nothing_through_a_broker_restart() {
                 &format!("w{i}"),
                 &s.topic,
                 &group,
-                free_port(),
+                0,
                 &[
                     "--handler",
                     "exec",

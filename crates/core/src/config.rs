@@ -389,8 +389,8 @@ impl WorkerConfig {
         }
     }
 
-    /// A share group's rules: no order to keep, and the broker's delivery
-    /// limit (set to one past --max-attempts) within what Kafka allows.
+    /// A share group's rules: no order to keep, dead letters on, and
+    /// --max-attempts far enough below Kafka's delivery limit.
     fn validate_share_group(&self) -> Result<(), ConfigError> {
         if self.ordering != Ordering::None {
             return Err(ConfigError::new(
@@ -406,7 +406,7 @@ impl WorkerConfig {
         // At least one delivery past the dead letter's: a worker stopped or
         // killed while writing it leaves the record to the next delivery,
         // not to the broker's archive.
-        if self.retry.max_attempts + 2 > SHARE_DELIVERY_LIMIT_MAX {
+        if self.retry.max_attempts > SHARE_DELIVERY_LIMIT_MAX - 2 {
             return Err(ConfigError::new(
                 "--max-attempts",
                 format!(

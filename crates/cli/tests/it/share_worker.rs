@@ -9,9 +9,9 @@ use std::time::Duration;
 use microbatch_kafka::share::{ShareConsumer, ShareConsumerConfig};
 
 use crate::harness::{
-    audited, broker, dead_lettered, free_port, handled_by, handled_files, poison_offsets,
-    read_topic, recording_handler, share_group_lag, spawn_share_worker, unique, wait_until,
-    HandlerBehaviour, Proc, Scenario,
+    audited, broker, dead_lettered, handled_by, handled_files, poison_offsets, read_topic,
+    recording_handler, share_group_lag, spawn_share_worker, unique, wait_until, HandlerBehaviour,
+    Proc, Scenario,
 };
 use crate::share::real_broker;
 
@@ -103,7 +103,7 @@ fn twenty_four_workers_on_eight_partitions_all_work_and_drain() {
                 &format!("w{i:02}"),
                 &s.topic,
                 &group,
-                free_port(),
+                0,
                 &[
                     "--handler",
                     "exec",
@@ -195,18 +195,9 @@ fn a_share_worker_killed_mid_batch_loses_nothing() {
         "--max-records",
         "20",
     ];
-    let mut victim = spawn_share_worker(&s.dir, "victim", &s.topic, &group, free_port(), &args);
+    let mut victim = spawn_share_worker(&s.dir, "victim", &s.topic, &group, 0, &args);
     let mut others: Vec<Proc> = (0..2)
-        .map(|i| {
-            spawn_share_worker(
-                &s.dir,
-                &format!("w{i}"),
-                &s.topic,
-                &group,
-                free_port(),
-                &args,
-            )
-        })
+        .map(|i| spawn_share_worker(&s.dir, &format!("w{i}"), &s.topic, &group, 0, &args))
         .collect();
     s.produce(1_500, &[]);
     // Mid-run: the victim has finished some batches and holds more.
@@ -267,16 +258,7 @@ fn a_handler_slower_than_the_lock_keeps_its_records() {
         "5",
     ];
     let mut workers: Vec<Proc> = (0..2)
-        .map(|i| {
-            spawn_share_worker(
-                &s.dir,
-                &format!("w{i}"),
-                &s.topic,
-                &group,
-                free_port(),
-                &args,
-            )
-        })
+        .map(|i| spawn_share_worker(&s.dir, &format!("w{i}"), &s.topic, &group, 0, &args))
         .collect();
     wait_for_share_backlog_zero(&bootstrap, &group, 2, Duration::from_secs(90));
     for w in &mut workers {
@@ -335,16 +317,7 @@ fn a_record_that_crashes_its_worker_is_dead_lettered_by_delivery_count() {
         "2",
     ];
     let dlq = format!("{}.dlq", s.topic);
-    let spawn = |n: usize| {
-        spawn_share_worker(
-            &s.dir,
-            &format!("w{n}"),
-            &s.topic,
-            &group,
-            free_port(),
-            &args,
-        )
-    };
+    let spawn = |n: usize| spawn_share_worker(&s.dir, &format!("w{n}"), &s.topic, &group, 0, &args);
     let mut started = 2;
     let mut workers: Vec<Proc> = (0..started).map(spawn).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);

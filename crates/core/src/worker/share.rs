@@ -29,8 +29,9 @@
 //!   out.
 //! - A record delivered more often than `--max-attempts` is dead-lettered
 //!   before any handler sees it again; the group's
-//!   `share.delivery.count.limit` is one more, so the broker never archives
-//!   a record the worker has not dead-lettered.
+//!   `share.delivery.count.limit` is 10 and `--max-attempts` at most 8, so
+//!   the broker never archives a record the worker has not tried to
+//!   dead-letter, with a delivery to spare.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
@@ -76,6 +77,9 @@ pub(super) enum Input {
     CannotRenew(String),
     /// The fetcher task ended abnormally (a panic): the consumer is gone.
     FetcherDied(String),
+    /// Verdicts or renewals wait for a share session to be opened again,
+    /// which only a fetch does.
+    NeedSession,
 }
 
 impl From<Event> for Input {
@@ -88,6 +92,9 @@ impl From<Event> for Input {
 enum Command {
     Accept(Vec<Held>),
     Renew(Vec<Held>),
+    /// Each alone: a renewal of several was refused, and the broker applies
+    /// a partition's renewals all or none.
+    RenewEach(Vec<Held>),
     Fetch,
     Close,
 }
@@ -101,27 +108,40 @@ struct Held {
 }
 
 /// The locks on the records the worker holds, and when to renew them:
-/// pure, on the caller's clock.
+/// pure, on the caller's clock. A lock is renewed every third of its
+/// duration, so that one renewal lost or late (a connection reset, a long
+/// poll ahead of it) leaves another before the lock runs out.
 #[derive(Debug, Default)]
 struct Locks {
     records: HashMap<(i32, i64), HeldLock>,
     /// The lock's duration, as the broker last said.
     duration: Option<Duration>,
-    /// The broker cannot renew (before Kafka 4.2): stop asking.
-    unsupported: bool,
+    /// A broker said it cannot renew (before Kafka 4.2): not asked again
+    /// until then (brokers may be part-way through an upgrade).
+    unsupported_until: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct HeldLock {
     delivery_count: i16,
+    /// `None`: at once, once the lock's duration is known.
     renew_at: Option<Instant>,
+    /// The broker refused to renew it alone: another member has it.
+    lost: bool,
 }
 
+/// How long a broker that cannot renew is left alone.
+const RENEW_UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
+
 impl Locks {
-    /// A record acquired now; `lock_deadline` is when the broker said the
-    /// fetch's locks run out. Returns whether the worker still held an
-    /// earlier delivery of it (a renewal came too late): that copy's verdict
-    /// now answers for this delivery.
+    /// Whether an earlier delivery of this record is still held.
+    fn holds(&self, partition: i32, offset: i64) -> bool {
+        self.records.contains_key(&(partition, offset))
+    }
+
+    /// A record acquired now (again, if held: the newest delivery is the
+    /// one a verdict answers for); `lock_deadline` is when the broker said
+    /// the fetch's locks run out.
     fn acquired(
         &mut self,
         partition: i32,
@@ -129,27 +149,22 @@ impl Locks {
         delivery_count: i16,
         now: Instant,
         lock_deadline: Option<Instant>,
-    ) -> bool {
+    ) {
         if let Some(deadline) = lock_deadline {
             let left = deadline.saturating_duration_since(now);
             if !left.is_zero() {
-                self.duration = Some(self.duration.map_or(left, |d| d.max(left)));
+                self.duration = Some(left);
             }
         }
-        // Half of what is left of this fetch's lock, so that a renewal has
-        // the other half to reach the broker.
-        let renew_at = lock_deadline
-            .map(|d| now + d.saturating_duration_since(now) / 2)
-            .or_else(|| self.duration.map(|d| now + d / 2));
-        self.records
-            .insert(
-                (partition, offset),
-                HeldLock {
-                    delivery_count,
-                    renew_at,
-                },
-            )
-            .is_some()
+        let renew_at = lock_deadline.map(|d| now + d.saturating_duration_since(now) / 3);
+        self.records.insert(
+            (partition, offset),
+            HeldLock {
+                delivery_count,
+                renew_at,
+                lost: false,
+            },
+        );
     }
 
     /// A record done (or given up): its delivery count, if it was held.
@@ -159,16 +174,48 @@ impl Locks {
             .map(|h| h.delivery_count)
     }
 
-    /// The records whose renewal is due now; each is due again half a lock
-    /// later.
+    /// The broker refused to renew this record alone: it is another
+    /// member's now, and renewing it again would fail the renewals it is
+    /// sent with.
+    fn lost(&mut self, partition: i32, offset: i64) {
+        if let Some(lock) = self.records.get_mut(&(partition, offset)) {
+            lock.lost = true;
+        }
+    }
+
+    /// Of `first..=last` in a partition, the records held and not lost.
+    fn held_in(&self, partition: i32, first: i64, last: i64) -> Vec<Held> {
+        let mut held: Vec<Held> = self
+            .records
+            .iter()
+            .filter(|(&(p, o), lock)| p == partition && (first..=last).contains(&o) && !lock.lost)
+            .map(|(&(partition, offset), lock)| Held {
+                partition,
+                offset,
+                delivery_count: lock.delivery_count,
+            })
+            .collect();
+        held.sort_unstable_by_key(|h| h.offset);
+        held
+    }
+
+    fn cannot_renew(&mut self, now: Instant) {
+        self.unsupported_until = Some(now + RENEW_UNSUPPORTED_RETRY);
+    }
+
+    /// The records whose renewal is due now; each is due again a third of
+    /// a lock later.
     fn due(&mut self, now: Instant) -> Vec<Held> {
-        let Some(duration) = self.duration.filter(|_| !self.unsupported) else {
+        let Some(duration) = self.duration else {
             return Vec::new();
         };
+        if self.unsupported_until.is_some_and(|until| now < until) {
+            return Vec::new();
+        }
         let mut due = Vec::new();
         for (&(partition, offset), lock) in &mut self.records {
-            if lock.renew_at.is_some_and(|at| at <= now) {
-                lock.renew_at = Some(now + duration / 2);
+            if !lock.lost && lock.renew_at.is_none_or(|at| at <= now) {
+                lock.renew_at = Some(now + duration / 3);
                 due.push(Held {
                     partition,
                     offset,
@@ -268,6 +315,32 @@ fn round_of_slots(worker: &Worker) -> usize {
     (cfg.concurrency * cfg.batch.max_records).min(cfg.max_records_held)
 }
 
+/// Renews `records`' locks in one ShareAcknowledge per leader.
+async fn renew(consumer: &mut ShareConsumer, topic: &str, records: &[Held], out: &Sender<Input>) {
+    for r in records {
+        // Not held any more: done, or delivered again.
+        let _ = consumer.acknowledge_at(
+            topic,
+            r.partition,
+            r.offset,
+            r.delivery_count,
+            AckType::Renew,
+        );
+    }
+    match consumer.renew().await {
+        Ok(()) => {}
+        Err(ShareError::Unsupported { detail, .. }) => {
+            let _ = out.send(Input::CannotRenew(detail));
+        }
+        Err(ShareError::Unsent { .. }) => {
+            let _ = out.send(Input::NeedSession);
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "renewing locks failed; tried again at the next renewal");
+        }
+    }
+}
+
 /// The fetcher task: serves the poll thread's commands on the consumer.
 async fn fetcher(
     mut consumer: ShareConsumer,
@@ -299,7 +372,9 @@ async fn fetcher(
             Some(at) => match tokio::time::timeout_at(at, commands.recv()).await {
                 Ok(c) => c,
                 Err(_) => {
-                    let _ = consumer.flush().await;
+                    if let Err(ShareError::Unsent { .. }) = consumer.flush().await {
+                        let _ = out.send(Input::NeedSession);
+                    }
                     flush_at = due(&consumer);
                     refused(&mut consumer, &out);
                     continue;
@@ -327,26 +402,14 @@ async fn fetcher(
                 }
             }
             Some(Command::Renew(records)) => {
-                for r in records {
-                    // Not held any more: done, or its lock already lost.
-                    let _ = consumer.acknowledge_at(
-                        &topic,
-                        r.partition,
-                        r.offset,
-                        r.delivery_count,
-                        AckType::Renew,
-                    );
-                }
-                match consumer.renew().await {
-                    Ok(()) => {}
-                    Err(ShareError::Unsupported { detail, .. }) => {
-                        let _ = out.send(Input::CannotRenew(detail));
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "renewing locks failed; tried again at the next renewal");
-                    }
-                }
+                renew(&mut consumer, &topic, &records, &out).await;
                 refused(&mut consumer, &out);
+            }
+            Some(Command::RenewEach(records)) => {
+                for r in records {
+                    renew(&mut consumer, &topic, &[r], &out).await;
+                    refused(&mut consumer, &out);
+                }
             }
             Some(Command::Fetch) => {
                 let fetched = consumer.poll().await;
@@ -403,8 +466,12 @@ struct Member {
     round: usize,
     failed: Option<ShareError>,
     fetcher_died: Option<String>,
+    /// A fetch is due whatever the room: only it opens a share session
+    /// again, which verdicts and renewals wait for.
+    need_session: bool,
     closed: bool,
     refused_log: LogThrottle,
+    cannot_renew_log: LogThrottle,
     stats: StatsExporter,
 }
 
@@ -438,20 +505,29 @@ impl Member {
                     tracing::warn!(error = %error, "undecodable records released to the group");
                 }
                 let max_attempts = self.worker.config.retry.max_attempts;
+                let consuming = self.pipeline.phase() == Phase::Consuming;
                 for record in &fetched.records {
-                    let held_already = self.locks.acquired(
-                        record.partition,
-                        record.offset,
+                    let (partition, offset) = (record.partition, record.offset);
+                    let deliveries = u32::try_from(record.delivery_count).unwrap_or(0);
+                    let held_already = self.locks.holds(partition, offset);
+                    if !held_already && !consuming && deliveries <= max_attempts {
+                        // Draining: left to the broker when the session
+                        // closes, neither handled nor renewed.
+                        continue;
+                    }
+                    self.locks.acquired(
+                        partition,
+                        offset,
                         record.delivery_count,
                         now,
                         fetched.lock_deadline,
                     );
                     if held_already {
-                        // Still in the pipeline: handling it twice here
-                        // would be a duplicate of our own.
+                        // Still in the pipeline (a renewal came too late):
+                        // that copy's verdict answers for this delivery;
+                        // handling it again here would be our own duplicate.
                         continue;
                     }
-                    let deliveries = u32::try_from(record.delivery_count).unwrap_or(0);
                     if deliveries > max_attempts {
                         self.pipeline
                             .handle_delivered_too_often(&Record(record), deliveries, now);
@@ -461,6 +537,22 @@ impl Member {
                 }
             }
             Input::Refused(outcomes) => {
+                // A refused renewal of several records may hide one lost
+                // lock among good ones: each is tried alone; one refused
+                // alone is another member's now.
+                let mut each = Vec::new();
+                for o in outcomes.iter().filter(|o| o.batch.ack == AckType::Renew) {
+                    let held =
+                        self.locks
+                            .held_in(o.partition, o.batch.first_offset, o.batch.last_offset);
+                    match held.as_slice() {
+                        [one] => self.locks.lost(one.partition, one.offset),
+                        _ => each.extend(held),
+                    }
+                }
+                if !each.is_empty() {
+                    let _ = self.commands.send(Command::RenewEach(each));
+                }
                 let records: i64 = outcomes
                     .iter()
                     .map(|o| o.batch.last_offset - o.batch.first_offset + 1)
@@ -476,11 +568,12 @@ impl Member {
                 }
             }
             Input::CannotRenew(why) => {
-                if !self.locks.unsupported {
-                    tracing::warn!(reason = %why, "the brokers cannot renew locks: a record held longer than share.record.lock.duration.ms goes to another member and is handled twice");
+                if let Some(suppressed) = self.cannot_renew_log.allow(now) {
+                    tracing::warn!(reason = %why, suppressed, "a broker cannot renew locks: a record held longer than share.record.lock.duration.ms goes to another member and is handled twice");
                 }
-                self.locks.unsupported = true;
+                self.locks.cannot_renew(now);
             }
+            Input::NeedSession => self.need_session = true,
             Input::Failed(e) => {
                 tracing::error!(error = %e, "the share consumer failed; stopping");
                 self.fetching = false;
@@ -576,14 +669,17 @@ impl Member {
     }
 
     fn fetch_if_room(&mut self) {
+        let room = self.pipeline.phase() == Phase::Consuming
+            && self.pipeline.held() < self.round
+            && !self.pipeline.is_full();
         if !self.fetching
             && self.failed.is_none()
             && self.fetcher_died.is_none()
-            && self.pipeline.phase() == Phase::Consuming
-            && self.pipeline.held() < self.round
-            && !self.pipeline.is_full()
+            && !self.closed
+            && (room || self.need_session)
         {
             self.fetching = self.commands.send(Command::Fetch).is_ok();
+            self.need_session &= !self.fetching;
         }
     }
 }
@@ -645,8 +741,10 @@ pub(super) fn poll_loop(
         round,
         failed: None,
         fetcher_died: None,
+        need_session: false,
         closed: false,
         refused_log: LogThrottle::default(),
+        cannot_renew_log: LogThrottle::default(),
         stats: StatsExporter::default(),
     };
     turn_until(
@@ -740,35 +838,51 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    /// Each held record is renewed at half the lock, again every half lock
-    /// after, until it is done; nothing is renewed before the broker said
-    /// how long the lock is, or once it said it cannot renew.
+    /// Each held record is renewed at a third of the lock, again every
+    /// third after, until it is done; a record acquired before the lock's
+    /// duration was known is renewed once it is; a record lost to another
+    /// member is not renewed again; nothing is renewed for a while after a
+    /// broker said it cannot.
     #[test]
-    fn held_records_are_renewed_every_half_lock_until_done() {
+    fn held_records_are_renewed_every_third_of_a_lock_until_done() {
         let t0 = Instant::now();
         let mut locks = Locks::default();
-        assert!(!locks.acquired(0, 5, 1, t0, None));
+        locks.acquired(0, 5, 1, t0, None);
         assert!(locks.due(t0 + ms(60_000)).is_empty(), "lock unknown");
-        assert!(!locks.acquired(0, 6, 1, t0, Some(t0 + ms(1_000))));
-        assert!(
-            locks.acquired(0, 6, 2, t0, Some(t0 + ms(1_000))),
-            "delivered again while held"
-        );
-        locks.acquired(1, 7, 1, t0 + ms(200), Some(t0 + ms(1_000)));
-        assert!(locks.due(t0 + ms(499)).is_empty());
+        assert!(!locks.holds(0, 6));
+        locks.acquired(0, 6, 1, t0, Some(t0 + ms(900)));
+        assert!(locks.holds(0, 6));
+        locks.acquired(0, 6, 2, t0, Some(t0 + ms(900)));
+        locks.acquired(1, 7, 1, t0 + ms(300), Some(t0 + ms(1_200)));
         let due: Vec<_> = locks
-            .due(t0 + ms(600))
+            .due(t0 + ms(300))
             .iter()
             .map(|h| (h.partition, h.offset, h.delivery_count))
             .collect();
-        assert_eq!(due, [(0, 6, 2), (1, 7, 1)], "halfway through each lock");
-        assert!(locks.due(t0 + ms(1_000)).is_empty(), "renewed: not due");
-        assert_eq!(locks.due(t0 + ms(1_100)).len(), 2, "half a lock later");
+        assert_eq!(
+            due,
+            [(0, 5, 1), (0, 6, 2)],
+            "the lock now known; a third into 0/6's lock, the newest delivery"
+        );
+        assert!(locks.due(t0 + ms(599)).is_empty(), "renewed: not due");
+        let due: Vec<_> = locks.due(t0 + ms(600)).iter().map(|h| h.offset).collect();
+        assert_eq!(due, [5, 6, 7], "a third later; 1/7 a third into its own");
         assert_eq!(locks.done(0, 6), Some(2));
         assert_eq!(locks.done(0, 6), None);
-        let due: Vec<_> = locks.due(t0 + ms(1_600)).iter().map(|h| h.offset).collect();
-        assert_eq!(due, [7], "a record done is never renewed");
-        locks.unsupported = true;
-        assert!(locks.due(t0 + ms(60_000)).is_empty());
+        locks.lost(1, 7);
+        assert_eq!(
+            locks
+                .held_in(0, 0, 10)
+                .iter()
+                .map(|h| h.offset)
+                .collect::<Vec<_>>(),
+            [5]
+        );
+        assert!(locks.held_in(1, 0, 10).is_empty(), "lost: not held");
+        let due: Vec<_> = locks.due(t0 + ms(900)).iter().map(|h| h.offset).collect();
+        assert_eq!(due, [5], "done and lost records are never renewed");
+        locks.cannot_renew(t0 + ms(900));
+        assert!(locks.due(t0 + ms(30_000)).is_empty());
+        assert_eq!(locks.due(t0 + ms(61_000)).len(), 1, "asked again later");
     }
 }

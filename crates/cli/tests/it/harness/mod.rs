@@ -366,7 +366,8 @@ pub fn spawn_worker_with(
     spawn_member(cmd, dir, name, topic, ("--group", group), port, extra)
 }
 
-/// `spawn_worker` in a share group (`--share-group`).
+/// `spawn_worker` in a share group (`--share-group`). `port` 0: any free
+/// one (a port picked ahead can be taken by an outgoing connection first).
 pub fn spawn_share_worker(
     dir: &TestDir,
     name: &str,
