@@ -14,7 +14,8 @@ PARTITIONS=${PARTITIONS:-8}
 RUNS=${RUNS:-3}
 KEYS=${KEYS:-1000}
 BATCH_SIZE=${BATCH_SIZE:-500}
-CONTENDERS=${CONTENDERS:-microbatch java python}
+SHARE=${SHARE:-0}
+CONTENDERS=${CONTENDERS:-}
 MB_ARGS=${MB_ARGS:---handler simulate --process-time-ms 0 --max-records 500 --commit-interval-ms 100}
 # The settings before the fetch-queue change, as a control when asked for;
 # set but empty means no extra arguments.
@@ -31,6 +32,10 @@ then consumes them RUNS times with each contender, in rotating order, each
 time with a fresh consumer group, and writes
 bench/results/<date>-throughput.md and .json.
 
+With --share (SHARE=1) every contender reads through a fresh share group
+(KIP-932) instead: microbatch with --share-group, Java with Kafka's
+kafka-share-consumer-perf-test; results in <date>-share-throughput.*.
+
 Contenders (CONTENDERS, space-separated):
   microbatch        microbatch run \$MB_ARGS
   microbatch-tuned  microbatch run \$MB_ARGS \$MB_TUNED_ARGS (not run unless
@@ -39,6 +44,7 @@ Contenders (CONTENDERS, space-separated):
                     another build, e.g. the commit before a change, compared
                     with MICROBATCH_BIN in the same run)
   java              scripts/kafka-local.sh tool consumer-perf-test
+                    (with --share: share-consumer-perf-test)
   python            bench/python_consumer.py (confluent-kafka, BATCH_SIZE per
                     consume(), synchronous commit after each batch)
 
@@ -49,7 +55,9 @@ Options (environment variable in brackets, default after it):
   --runs N          [RUNS]        $RUNS
   --keys N          [KEYS]        $KEYS distinct keys (microbatch produce --keys)
   --batch-size N    [BATCH_SIZE]  $BATCH_SIZE (Python baseline)
-  --contenders LIST [CONTENDERS]  "$CONTENDERS"
+  --contenders LIST [CONTENDERS]  "microbatch java python"; with --share
+                                  "microbatch java"
+  --share           [SHARE=1]     read through share groups
   --topic NAME      [TOPIC]       reuse an existing topic holding exactly
                                   RECORDS records instead of producing
   -h, --help
@@ -76,6 +84,7 @@ while [[ $# -gt 0 ]]; do
 	--keys) KEYS=$2 && shift 2 ;;
 	--batch-size) BATCH_SIZE=$2 && shift 2 ;;
 	--contenders) CONTENDERS=$2 && shift 2 ;;
+	--share) SHARE=1 && shift ;;
 	--topic) TOPIC=$2 && shift 2 ;;
 	-h | --help) usage && exit 0 ;;
 	*) usage >&2 && die "unknown option $1" ;;
@@ -86,9 +95,15 @@ for v in RECORDS SIZE PARTITIONS RUNS KEYS BATCH_SIZE; do
 		die "$v must be a positive integer, got '${!v}'"
 	fi
 done
+if [[ -z $CONTENDERS ]]; then
+	if [[ $SHARE == 1 ]]; then CONTENDERS="microbatch java"; else CONTENDERS="microbatch java python"; fi
+fi
+share_flag=()
+[[ $SHARE == 1 ]] && share_flag=(--share)
 read -r -a contenders <<<"$CONTENDERS"
 for c in "${contenders[@]}"; do
-	case $c in microbatch | microbatch-tuned | java | python) ;;
+	case $c in microbatch | microbatch-tuned | java) ;;
+	python) [[ $SHARE != 1 ]] || die "the python contender has no share group (--share)" ;;
 	microbatch-base) [[ -x ${MICROBATCH_BASE_BIN:-} ]] || die "microbatch-base needs MICROBATCH_BASE_BIN, an executable" ;;
 	*) die "unknown contender '$c'" ;;
 	esac
@@ -149,7 +164,7 @@ run_one() { # contender run
 	esac
 	log "run $run/$RUNS: $c"
 	# Arguments after `--` go to the contender itself.
-	if ! "$PY" "$BENCH_DIR/lib/measure.py" "${pre[@]}" --bin "$bin" --bootstrap "$BOOTSTRAP" \
+	if ! "$PY" "$BENCH_DIR/lib/measure.py" "${pre[@]}" "${share_flag[@]}" --bin "$bin" --bootstrap "$BOOTSTRAP" \
 		--topic "$TOPIC" --group "bench-$c-r$run-$STAMP" --records "$RECORDS" --size "$SIZE" \
 		--run "$run" -- "${post[@]}" >>"$RUNS_FILE"; then
 		log "warning: $c run $run reported an error (see ${RUNS_FILE#"$ROOT"/})"
@@ -165,13 +180,13 @@ for ((run = 1; run <= RUNS; run++)); do
 	done
 done
 
-base=$RESULTS_DIR/$DATE_UTC-throughput
+if [[ $SHARE == 1 ]]; then base=$RESULTS_DIR/$DATE_UTC-share-throughput; else base=$RESULTS_DIR/$DATE_UTC-throughput; fi
 params=$(jq -n --arg topic "$TOPIC" --argjson records "$RECORDS" --argjson size "$SIZE" \
 	--argjson partitions "$PARTITIONS" --argjson runs "$RUNS" --argjson keys "$KEYS" \
 	--argjson batch_size "$BATCH_SIZE" --arg mb_args "$MB_ARGS" --arg mb_tuned_args "$MB_TUNED_ARGS" \
 	--arg contenders "$CONTENDERS" --arg loadavg_end "$(cut -d' ' -f1-3 /proc/loadavg)" \
-	--arg base_commit "${BASE_COMMIT:-}" \
-	'{topic: $topic, records: $records, size: $size, partitions: $partitions, runs: $runs,
+	--arg base_commit "${BASE_COMMIT:-}" --argjson share "$([[ $SHARE == 1 ]] && echo true || echo false)" \
+	'{topic: $topic, records: $records, size: $size, partitions: $partitions, runs: $runs, share: $share,
 	  keys: $keys, python_batch_size: $batch_size, microbatch_args: $mb_args,
 	  microbatch_tuned_args: $mb_tuned_args, contenders: $contenders, loadavg_at_end: $loadavg_end,
 	  base_commit: $base_commit}')

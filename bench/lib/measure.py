@@ -114,16 +114,18 @@ def wait_rusage(proc, timeout):
         time.sleep(0.01)
 
 
-def total_lag(mb_bin, topic, group, bootstrap):
+def total_lag(mb_bin, topic, group, bootstrap, share=False):
+    """Records left: a consumer group's lag, or a share group's backlog."""
+    flag, key = ("--share-group", "total_backlog") if share else ("--group", "total_lag")
     try:
         out = subprocess.run(
-            [mb_bin, "lag", "--bootstrap-servers", bootstrap, "--topic", topic, "--group", group, "--json"],
+            [mb_bin, "lag", "--bootstrap-servers", bootstrap, "--topic", topic, flag, group, "--json"],
             capture_output=True,
             text=True,
             timeout=60,
             check=True,
         ).stdout
-        return json.loads(out)["total_lag"]
+        return json.loads(out)[key]
     except (subprocess.SubprocessError, ValueError, KeyError):
         return None
 
@@ -172,7 +174,7 @@ def run_microbatch(a):
         a.bin, "run",
         "--bootstrap-servers", a.bootstrap,
         "--topic", a.topic,
-        "--group", a.group,
+        "--share-group" if a.share else "--group", a.group,
         "--http-port", "0",
         "--http-host", "127.0.0.1",
     ] + a.extra
@@ -235,7 +237,8 @@ def run_microbatch(a):
     broker_errors = 0
     with open(log_path, errors="replace") as f:
         for line in f:
-            if t_assigned is None and "partitions assigned" in line:
+            # A share group assigns no partitions: joined is when work can come.
+            if t_assigned is None and ("partitions assigned" in line or "worker started (share group)" in line):
                 t_assigned = parse_log_time(line)
             if BROKER_DOWN in line:
                 broker_errors += 1
@@ -284,7 +287,68 @@ def run_sampled(cmd, a, stderr):
     return t0, code, usage, sampler, b"".join(out_chunks).decode(errors="replace")
 
 
+SHARE_JAVA_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} [+-]\d{4}), (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} [+-]\d{4}), "
+    r"([\d.]+), ([\d.]+), ([\d.]+), (\d+), (\d+)$",
+    re.M,
+)
+
+
+def run_java_share(a):
+    """Kafka's kafka-share-consumer-perf-test (implicit acknowledgement:
+    each poll accepts the records of the one before)."""
+    fmt = "yyyy-MM-dd HH:mm:ss.SSS Z"
+    # A new share group starts at the log end unless told otherwise; not timed.
+    subprocess.run(
+        [a.kafka_local, "tool", "configs", "--bootstrap-server", a.bootstrap, "--alter",
+         "--entity-type", "groups", "--entity-name", a.group,
+         "--add-config", "share.auto.offset.reset=earliest"],
+        check=True, capture_output=True, timeout=120,
+    )
+    cmd = [
+        a.kafka_local, "tool", "share-consumer-perf-test",
+        "--bootstrap-server", a.bootstrap,
+        "--topic", a.topic,
+        "--group", a.group,
+        "--num-records", str(a.records),
+        "--timeout", "30000",
+        "--date-format", fmt,
+    ] + a.extra
+    t0, code, usage, sampler, out = run_sampled(cmd, a, subprocess.STDOUT)
+    res = {"contender": "java", "t0": t0, "cmd": " ".join(cmd[1:]), "exit_code": code}
+    m = SHARE_JAVA_LINE.search(out)
+    if not m:
+        res["error"] = "no result line from kafka-share-consumer-perf-test: " + out[-500:]
+        return res
+
+    def ts(s):
+        return dt.datetime.strptime(s, "%Y-%m-%d %H:%M:%S.%f %z").timestamp()
+
+    start, end = ts(m.group(1)), ts(m.group(2))
+    consumed = int(m.group(6))
+    res.update(
+        records_processed=consumed,
+        tool_line=m.group(0),
+        # The tool subscribes at its start.time; the broker assigns later.
+        t_assigned=start,
+        t_ready=None,
+        t_first=None,
+        t_done=end,
+        cpu_done=sampler.cpu_at(end),
+        cpu_assigned=sampler.cpu_at(start),
+        cpu_total=usage.ru_utime + usage.ru_stime,
+        max_rss_kib=usage.ru_maxrss,
+    )
+    if res["cpu_done"] is None:
+        res["cpu_done"] = res["cpu_total"]
+    if consumed < a.records:
+        res["error"] = f"only {consumed} of {a.records} records consumed"
+    return res
+
+
 def run_java(a):
+    if a.share:
+        return run_java_share(a)
     fmt = "yyyy-MM-dd HH:mm:ss.SSS Z"
     cmd = [
         a.kafka_local, "tool", "consumer-perf-test",
@@ -383,6 +447,8 @@ def main():
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--poll-ms", type=float, default=20, help="microbatch: /metrics poll interval")
     ap.add_argument("--sample-ms", type=float, default=20, help="CPU sample interval")
+    ap.add_argument("--share", action="store_true",
+                    help="a share group: microbatch run --share-group, Java's kafka-share-consumer-perf-test")
     a, extra = passthrough.parse(ap)
     a.extra = extra  # arguments after `--` go to the contender
     runner = {"microbatch": run_microbatch, "java": run_java, "python": run_python}[a.contender]
@@ -392,7 +458,7 @@ def main():
     res["loadavg_before"] = load_before
     res.update(label=a.label or a.contender, run=a.run, records=a.records, size=a.size, topic=a.topic, group=a.group)
     if "error" not in res or res.get("t_done"):
-        res["lag_after"] = total_lag(a.bin, a.topic, a.group, a.bootstrap)
+        res["lag_after"] = total_lag(a.bin, a.topic, a.group, a.bootstrap, a.share)
     print(json.dumps(res), flush=True)
     return 0 if "error" not in res else 1
 

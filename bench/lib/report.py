@@ -11,6 +11,8 @@ ORDER = ["microbatch", "microbatch-tuned", "microbatch-base", "java", "python"]
 GOAL_RSS_MIB = 64
 GOAL_READY_S = 1.0
 GOAL_PYTHON_RATIO = 20
+# Share groups (issue 26): at most half Java's share consumer's CPU per record.
+GOAL_SHARE_CPU_RATIO = 0.5
 
 
 def stat(values):
@@ -100,6 +102,7 @@ def throughput(a):
     runs = [json.loads(line) for line in open(a.runs) if line.strip()]
     machine = json.loads(a.machine)
     params = json.loads(a.params)
+    share = params.get("share", False)
     labels = [c for c in ORDER if any(r["label"] == c for r in runs)]
     derived = {c: [per_run(r) for r in runs if r["label"] == c] for c in labels}
     summary = {c: {k: stat([d[k] for d in derived[c]]) for k, *_ in METRICS} for c in labels}
@@ -138,10 +141,17 @@ def throughput(a):
         r_py = ratios.get(f"{mb}/python", {})
         v = r_java.get("records_per_s")
         check("throughput ≥ Java perf test", None if v is None else v >= 1, "n/a" if v is None else f"{v:.2f}× Java")
+        if share:
+            v = r_java.get("cpu_s_per_million")
+            check(f"CPU / 1M records ≤ {GOAL_SHARE_CPU_RATIO}× Java", None if v is None else v <= GOAL_SHARE_CPU_RATIO,
+                  "n/a" if v is None else f"{v:.2f}× Java")
         v = r_py.get("records_per_s")
-        check(f"throughput ≥ {GOAL_PYTHON_RATIO}× Python", None if v is None else v >= GOAL_PYTHON_RATIO,
-              "n/a" if v is None else f"{v:.1f}× Python")
+        if "python" in summary:
+            check(f"throughput ≥ {GOAL_PYTHON_RATIO}× Python", None if v is None else v >= GOAL_PYTHON_RATIO,
+                  "n/a" if v is None else f"{v:.1f}× Python")
         for other, rr in (("Java", r_java), ("Python", r_py)):
+            if other.lower() not in summary:
+                continue
             v = rr.get("cpu_s_per_million")
             w = rr.get("cpu_s_per_million_after_assign")
             check(f"CPU / 1M records < {other}", None if v is None else v < 1,
@@ -153,7 +163,7 @@ def throughput(a):
         check(f"ready < {GOAL_READY_S:g} s (/readyz)", None if v is None else v < GOAL_READY_S,
               "n/a" if v is None else f"/readyz {v:.3f} s; first record {w:.3f} s" if w else f"{v:.3f} s")
 
-    title = f"Throughput benchmark, {a.date}"
+    title = f"{'Share-group throughput' if share else 'Throughput'} benchmark, {a.date}"
     text = [title, "", text_table(header, rows), "", text_table(rheader, rrows), "", text_table(
         ["contender", "goal", "verdict", "measured"], goals)]
     print("\n".join(text))
@@ -162,7 +172,7 @@ def throughput(a):
     md.append(
         f"{params['records']:,} records of {params['size']} bytes ({params['keys']} keys) on "
         f"{params['partitions']} partitions, {params['runs']} run(s) per contender, rotating order, "
-        f"fresh group each run; local Kafka broker on 127.0.0.1."
+        f"fresh {'share ' if share else ''}group each run; local Kafka broker on 127.0.0.1."
     )
     md.append("")
     md.append(
@@ -172,18 +182,27 @@ def throughput(a):
         "work share the CPUs)."
     )
     md.append("")
-    md.append(f"- microbatch: `microbatch run {params['microbatch_args']}` (defaults otherwise)")
+    share_flag = " --share-group G" if share else ""
+    md.append(f"- microbatch: `microbatch run{share_flag} {params['microbatch_args']}` (defaults otherwise)")
     if "microbatch-tuned" in labels:
         md.append(f"- microbatch-tuned: the same plus `{params['microbatch_tuned_args']}`")
     if "microbatch-base" in labels:
         md.append(
             f"- microbatch-base: the same flags, another build (commit {params.get('base_commit') or 'not named'})"
         )
-    md.append("- java: `kafka-consumer-perf-test` (Kafka 4.1.1, default consumer settings)")
-    md.append(
-        f"- python: `bench/python_consumer.py --batch-size {params['python_batch_size']}` "
-        "(confluent-kafka, commit(asynchronous=False) after each batch)"
-    )
+    if share:
+        md.append(
+            "- java: `kafka-share-consumer-perf-test` (Kafka 4.3.2, one KafkaShareConsumer, implicit "
+            "acknowledgement: each poll accepts the records of the one before; the group's "
+            "share.auto.offset.reset set to earliest first, untimed)"
+        )
+    else:
+        md.append("- java: `kafka-consumer-perf-test` (Kafka 4.3.2, default consumer settings)")
+    if "python" in labels:
+        md.append(
+            f"- python: `bench/python_consumer.py --batch-size {params['python_batch_size']}` "
+            "(confluent-kafka, commit(asynchronous=False) after each batch)"
+        )
     md.append("")
     md.append(md_table(header, rows))
     md.append("")

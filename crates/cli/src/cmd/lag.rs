@@ -25,7 +25,7 @@ pub struct Args {
     /// the broker counts them (Kafka 4.2+; older brokers: high watermark
     /// minus the share-partition start offset, which can overstate it), "-"
     /// before the group has state for a partition. JSON:
-    /// {"share_group","topic","members","total_backlog","backlog_source":"broker_lag"|"high_watermark_minus_start_offset","partitions":[{"partition","start_offset","high","backlog"}]}.
+    /// {"share_group","topic","members","total_backlog","partitions_unknown","backlog_source":"broker_lag"|"high_watermark_minus_start_offset","partitions":[{"partition","start_offset","high","backlog"}]}.
     /// Not with --group or --policy.
     #[arg(long, env = "SHARE_GROUP", conflicts_with = "policy")]
     #[serde(default)]
@@ -166,14 +166,26 @@ async fn share_backlog(args: &Args, share_group: &str) -> anyhow::Result<ExitCod
     let connector = security::connector(&kafka)?;
     let interval = Duration::from_millis(args.interval_ms.max(100));
     loop {
-        let reading = backlog::read(
+        let read = backlog::read(
             connector.clone(),
             bootstrap.clone(),
             share_group,
             &args.target.topic,
             Duration::from_secs(10),
         )
-        .await?;
+        .await;
+        let reading = match read {
+            Ok(reading) => reading,
+            // Watching outlives a broker restart: said, and read again.
+            Err(e) if args.watch => {
+                eprintln!("reading the backlog failed (trying again): {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => continue,
+                    _ = super::shutdown_signal() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut out = std::io::stdout().lock();
         if args.json {
             writeln!(out, "{}", serde_json::to_string(&reading)?)?;
@@ -207,7 +219,15 @@ async fn share_backlog(args: &Args, share_group: &str) -> anyhow::Result<ExitCod
                 "{:>9} {:>12} {:>12} {:>10}",
                 "TOTAL", "", "", reading.total_backlog
             )?;
-            writeln!(out, "(backlog: {})", reading.backlog_source)?;
+            if reading.partitions_unknown > 0 {
+                writeln!(
+                    out,
+                    "(backlog: {}; {} partitions unknown, not in the total)",
+                    reading.backlog_source, reading.partitions_unknown
+                )?;
+            } else {
+                writeln!(out, "(backlog: {})", reading.backlog_source)?;
+            }
         }
         out.flush()?;
         drop(out);

@@ -6,7 +6,14 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use microbatch_scaling::lag::{GroupLag, InvalidOffsetPolicy, LagReader, RateTracker, Rates};
+use std::sync::Arc;
+
+use microbatch_kafka::share::backlog::{self, ShareBacklog};
+use microbatch_kafka::share::cluster::Connector;
+use microbatch_kafka::share::{security, ShareConsumerConfig};
+use microbatch_scaling::lag::{
+    GroupLag, InvalidOffsetPolicy, LagReader, PartitionLag, RateTracker, Rates,
+};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Style};
@@ -25,6 +32,16 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     pub target: LagTarget,
+    /// Watch a share group's backlog instead of a consumer group's lag
+    /// (what `lag --share-group` reads): records not yet acknowledged,
+    /// in flight included; "processed" is records acknowledged.
+    #[arg(
+        long,
+        env = "SHARE_GROUP",
+        value_name = "NAME",
+        conflicts_with = "group"
+    )]
+    pub share_group: Option<String>,
     /// Refresh interval.
     #[arg(long, default_value_t = 1000)]
     pub interval_ms: u64,
@@ -40,35 +57,96 @@ struct Snapshot {
     error: Option<String>,
     rates: Rates,
     members: Option<usize>,
+    /// Share groups: partitions whose backlog the broker cannot say yet.
+    unknown: usize,
+}
+
+/// Where the numbers come from.
+enum Source {
+    Group(Box<LagReader>),
+    Share {
+        connector: Arc<dyn Connector>,
+        bootstrap: Vec<String>,
+        group: String,
+        topic: String,
+        runtime: tokio::runtime::Handle,
+    },
 }
 
 struct Dashboard {
-    reader: LagReader,
+    source: Source,
     rates: RateTracker,
     history: VecDeque<u64>,
 }
 
+/// A share group's backlog in the dashboard's terms: a partition's "lag"
+/// is its backlog, and what is done is the high watermark less it (0 and
+/// unmeasured while the broker has no state for the partition).
+fn share_as_lag(b: &ShareBacklog) -> GroupLag {
+    let partitions = b
+        .partitions
+        .iter()
+        .map(|p| PartitionLag {
+            partition: p.partition,
+            committed: p.backlog.map(|backlog| p.high.saturating_sub(backlog)),
+            low: 0,
+            high: p.high,
+            lag: p.backlog.unwrap_or(0),
+            lag_ms: None,
+        })
+        .collect();
+    GroupLag::new(&b.share_group, &b.topic, partitions)
+}
+
 impl Dashboard {
     fn refresh(&mut self) -> Snapshot {
-        match self.reader.read(InvalidOffsetPolicy::Earliest) {
-            Ok(lag) => {
+        let read = match &mut self.source {
+            Source::Group(reader) => reader
+                .read(InvalidOffsetPolicy::Earliest)
+                .map(|lag| (lag, reader.members(), 0))
+                .map_err(|e| e.to_string()),
+            Source::Share {
+                connector,
+                bootstrap,
+                group,
+                topic,
+                runtime,
+            } => {
+                let read = backlog::read(
+                    connector.clone(),
+                    bootstrap.clone(),
+                    group,
+                    topic,
+                    Duration::from_secs(5),
+                );
+                // Called outside the runtime, or inside block_in_place.
+                runtime
+                    .block_on(read)
+                    .map(|b| (share_as_lag(&b), Some(b.members), b.partitions_unknown))
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match read {
+            Ok((lag, members, unknown)) => {
                 let rates = self.rates.observe(Instant::now(), &lag);
                 self.history.push_back(lag.total_lag.max(0) as u64);
                 while self.history.len() > 240 {
                     self.history.pop_front();
                 }
                 Snapshot {
-                    members: self.reader.members(),
+                    members,
                     lag: Some(lag),
                     error: None,
                     rates,
+                    unknown,
                 }
             }
             Err(e) => Snapshot {
                 lag: None,
-                error: Some(e.to_string()),
+                error: Some(e),
                 rates: Rates::default(),
                 members: None,
+                unknown: 0,
             },
         }
     }
@@ -87,18 +165,38 @@ fn draw(frame: &mut Frame<'_>, args: &Args, snap: &Snapshot, history: &VecDeque<
     ])
     .areas(frame.area());
     let total = snap.lag.as_ref().map(|l| l.total_lag).unwrap_or(0);
+    let share = args.share_group.is_some();
+    let (kind, lag_word, done_word) = if share {
+        ("share group", "backlog", "acknowledged")
+    } else {
+        ("group", "lag", "committed")
+    };
     let mut lines = vec![Line::from(format!(
-        "group {}   topic {}   members {}",
-        args.target.group.as_deref().unwrap_or_default(),
+        "{kind} {}   topic {}   members {}",
+        args.share_group
+            .as_deref()
+            .or(args.target.group.as_deref())
+            .unwrap_or_default(),
         args.target.topic,
         members_text(snap.members)
     ))];
-    let oldest = seconds(snap.lag.as_ref().and_then(|l| l.lag_ms));
-    lines.push(Line::from(format!(
-        "total lag {total}   oldest waiting {oldest} s   arriving {:.0}/s   committed {:.0}/s",
-        snap.rates.arrival_per_sec, snap.rates.processed_per_sec
-    )));
-    if let Some(lag) = &snap.lag {
+    if share {
+        let unknown = match snap.unknown {
+            0 => String::new(),
+            n => format!(" (+ {n} partitions unknown)"),
+        };
+        lines.push(Line::from(format!(
+            "total backlog {total}{unknown}   arriving {:.0}/s   {done_word} {:.0}/s",
+            snap.rates.arrival_per_sec, snap.rates.processed_per_sec
+        )));
+    } else {
+        let oldest = seconds(snap.lag.as_ref().and_then(|l| l.lag_ms));
+        lines.push(Line::from(format!(
+            "total lag {total}   oldest waiting {oldest} s   arriving {:.0}/s   {done_word} {:.0}/s",
+            snap.rates.arrival_per_sec, snap.rates.processed_per_sec
+        )));
+    }
+    if let Some(lag) = snap.lag.as_ref().filter(|_| !share) {
         let ages: Vec<String> = lag
             .partitions
             .iter()
@@ -119,7 +217,7 @@ fn draw(frame: &mut Frame<'_>, args: &Args, snap: &Snapshot, history: &VecDeque<
     let data: Vec<u64> = history.iter().copied().collect();
     frame.render_widget(
         Sparkline::default()
-            .block(Block::bordered().title(" total lag over time "))
+            .block(Block::bordered().title(format!(" total {lag_word} over time ")))
             .data(&data)
             .style(Style::default().fg(Color::Red)),
         spark,
@@ -137,7 +235,7 @@ fn draw(frame: &mut Frame<'_>, args: &Args, snap: &Snapshot, history: &VecDeque<
             .collect();
         frame.render_widget(
             BarChart::default()
-                .block(Block::bordered().title(" lag per partition "))
+                .block(Block::bordered().title(format!(" {lag_word} per partition ")))
                 .data(BarGroup::default().bars(&group))
                 .bar_width(6)
                 .bar_gap(1)
@@ -148,8 +246,27 @@ fn draw(frame: &mut Frame<'_>, args: &Args, snap: &Snapshot, history: &VecDeque<
     frame.render_widget(Paragraph::new("q or Esc quits"), footer);
 }
 
-fn plain_line(snap: &Snapshot) -> String {
+fn plain_line(snap: &Snapshot, share: bool) -> String {
     match &snap.lag {
+        Some(lag) if share => {
+            let parts: Vec<String> = lag
+                .partitions
+                .iter()
+                .map(|p| match p.committed {
+                    Some(_) => format!("p{}={}", p.partition, p.lag),
+                    None => format!("p{}=-", p.partition),
+                })
+                .collect();
+            format!(
+                "total_backlog={} partitions_unknown={} arriving/s={:.0} acknowledged/s={:.0} members={} {}",
+                lag.total_lag,
+                snap.unknown,
+                snap.rates.arrival_per_sec,
+                snap.rates.processed_per_sec,
+                members_text(snap.members),
+                parts.join(" ")
+            )
+        }
         Some(lag) => {
             let parts: Vec<String> = lag
                 .partitions
@@ -171,12 +288,27 @@ fn plain_line(snap: &Snapshot) -> String {
 }
 
 pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<ExitCode> {
-    let reader = args
-        .target
-        .reader(Duration::from_secs(5))?
-        .with_record_ages();
+    let share = args.share_group.is_some();
+    let source = match &args.share_group {
+        Some(group) => {
+            let kafka = args.target.kafka.resolve()?.start_msk_iam()?;
+            Source::Share {
+                connector: security::connector(&kafka)?,
+                bootstrap: ShareConsumerConfig::from_kafka(&kafka, group.as_str(), vec![])?
+                    .bootstrap,
+                group: group.clone(),
+                topic: args.target.topic.clone(),
+                runtime: runtime.handle().clone(),
+            }
+        }
+        None => Source::Group(Box::new(
+            args.target
+                .reader(Duration::from_secs(5))?
+                .with_record_ages(),
+        )),
+    };
     let mut dash = Dashboard {
-        reader,
+        source,
         rates: RateTracker::default(),
         history: VecDeque::new(),
     };
@@ -186,7 +318,7 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
             let mut stop = std::pin::pin!(super::shutdown_signal());
             loop {
                 let snap = tokio::task::block_in_place(|| dash.refresh());
-                println!("{}", plain_line(&snap));
+                println!("{}", plain_line(&snap, share));
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}
                     _ = &mut stop => break,

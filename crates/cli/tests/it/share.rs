@@ -615,6 +615,37 @@ fn the_msk_iam_listener_serves_share_groups_past_a_token_lifetime() {
     );
     let lag = share_group_lag(broker().bootstrap(), &group);
     assert_eq!(lag.get(&0), Some(&0), "{lag:?}");
+
+    // A token signed with the wrong secret: the listener answers with an
+    // error challenge and no error code (RFC 7628), which must fail the
+    // join, never count as authenticated.
+    let (key, region) = (env["AWS_ACCESS_KEY_ID"].clone(), env["AWS_REGION"].clone());
+    let forged: microbatch_kafka::share::security::TokenSource = Arc::new(move || {
+        let credentials =
+            aws_credential_types::Credentials::new(&key, "not-the-secret", None, None, "test");
+        microbatch_kafka::aws_iam::sign_token(
+            &region,
+            &credentials,
+            std::time::SystemTime::now(),
+            Duration::from_secs(30),
+        )
+        .map(|t| t.token.expose().to_string())
+        .map_err(|e| e.to_string())
+    });
+    let mut cfg = ShareConsumerConfig::new(
+        vec![env["KAFKA_BOOTSTRAP_SERVERS"].clone()],
+        unique("share-iam-forged"),
+        vec![unique("share-iam-none")],
+    );
+    cfg.connector =
+        microbatch_kafka::share::security::connector_with_tokens(&kafka, Some(forged)).unwrap();
+    cfg.request_timeout = Duration::from_secs(10);
+    let err = runtime()
+        .block_on(ShareConsumer::join(cfg))
+        .err()
+        .expect("a forged token is refused")
+        .to_string();
+    assert!(err.contains("refused the MSK IAM token"), "{err}");
 }
 
 /// Members of `group` as Kafka's share-groups tool lists them.
@@ -791,6 +822,35 @@ fn share_backlog_json(bootstrap: &str, group: &str, topic: &str) -> serde_json::
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
+/// The first line `microbatch top --share-group --plain` prints.
+fn top_share_line(bootstrap: &str, group: &str, topic: &str) -> String {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_microbatch"))
+        .args([
+            "top",
+            "--plain",
+            "--interval-ms",
+            "200",
+            "--bootstrap-servers",
+            bootstrap,
+            "--topic",
+            topic,
+            "--share-group",
+            group,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("running top");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    line
+}
+
 /// `lag --share-group` reads the backlog the broker holds: unknown before
 /// the group's first verdict, then records in flight count until their
 /// verdicts and finished ones do not; it agrees with Kafka's own tool once
@@ -824,6 +884,7 @@ fn lag_reads_a_share_groups_backlog() {
         for p in b["partitions"].as_array().unwrap() {
             assert!(p["start_offset"].is_null() && p["backlog"].is_null(), "{b}");
         }
+        assert_eq!(b["partitions_unknown"], 2, "the total is a floor: {b}");
         // Finish the first 20 records of partition 0 (two whole producer
         // batches): its other records, still in flight, stay backlog.
         for r in held.iter().filter(|r| r.partition == 0 && r.offset < 20) {
@@ -852,6 +913,15 @@ fn lag_reads_a_share_groups_backlog() {
         assert!(
             b["partitions"][1]["backlog"].is_null(),
             "no state yet for partition 1: {b}"
+        );
+        assert_eq!(b["partitions_unknown"], 1, "{b}");
+        assert_eq!(b["total_backlog"], in_flight, "{b}");
+        // `top --share-group` shows the same reading.
+        let line = tokio::task::block_in_place(|| top_share_line(&bootstrap, &group, &topic));
+        assert!(
+            line.contains(&format!("total_backlog={in_flight} partitions_unknown=1"))
+                && line.contains("p1=-"),
+            "{line}"
         );
         for r in held.iter().filter(|r| r.partition == 0 && r.offset >= 20) {
             c.acknowledge(r, AckType::Accept).unwrap();

@@ -56,6 +56,10 @@ pub struct ShareBacklog {
     pub members: usize,
     /// The sum over partitions whose backlog is known.
     pub total_backlog: i64,
+    /// Partitions whose backlog is unknown (no state at the broker yet):
+    /// `total_backlog` does not count them, so it is a floor, not zero,
+    /// while this is above 0.
+    pub partitions_unknown: usize,
     pub backlog_source: &'static str,
     pub partitions: Vec<PartitionBacklog>,
 }
@@ -72,7 +76,7 @@ pub fn partition_backlog(
     let start_offset = (start >= 0).then_some(start);
     let backlog = match lag {
         Some(lag) => (lag >= 0).then_some(lag),
-        None => start_offset.map(|s| (high - s).max(0)),
+        None => start_offset.map(|s| high.saturating_sub(s).max(0)),
     };
     PartitionBacklog {
         partition,
@@ -206,7 +210,11 @@ pub async fn read(
         share_group: group.to_string(),
         topic: topic.to_string(),
         members,
-        total_backlog: partitions.iter().filter_map(|p| p.backlog).sum(),
+        total_backlog: partitions
+            .iter()
+            .filter_map(|p| p.backlog)
+            .fold(0i64, i64::saturating_add),
+        partitions_unknown: partitions.iter().filter(|p| p.backlog.is_none()).count(),
         backlog_source: source,
         partitions,
     })

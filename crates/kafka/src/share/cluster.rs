@@ -121,7 +121,7 @@ impl Cluster {
                     match self.connector.authenticate(&c).await {
                         Ok(lifetime) => c.set_reauth(lifetime.map(reauth_at)),
                         Err(e) => {
-                            self.forget(addr, lane).await;
+                            self.forget(&c, lane).await;
                             return Err(e);
                         }
                     }
@@ -149,9 +149,14 @@ impl Cluster {
         Ok(conn)
     }
 
-    /// Drops a connection that failed, so the next use opens a new one.
-    pub async fn forget(&self, addr: &str, lane: Lane) {
-        self.conns.lock().await.remove(&(addr.to_string(), lane));
+    /// Drops a connection that failed, so the next use opens a new one;
+    /// only that one: another task may have opened its successor already.
+    pub async fn forget(&self, conn: &Arc<Connection>, lane: Lane) {
+        let mut conns = self.conns.lock().await;
+        let key = (conn.addr().to_string(), lane);
+        if conns.get(&key).is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            conns.remove(&key);
+        }
     }
 
     /// Brokers a response named (a ShareFetch names the new leader's).
@@ -202,7 +207,7 @@ impl Cluster {
         let response: MetadataResponse = match conn.call(request).await {
             Ok(r) => r,
             Err(e) => {
-                self.forget(conn.addr(), Lane::Coordinator).await;
+                self.forget(&conn, Lane::Coordinator).await;
                 return Err(e);
             }
         };
@@ -251,7 +256,7 @@ impl Cluster {
         let response: FindCoordinatorResponse = match conn.call_version(request, version).await {
             Ok(r) => r,
             Err(e) => {
-                self.forget(conn.addr(), Lane::Coordinator).await;
+                self.forget(&conn, Lane::Coordinator).await;
                 return Err(e);
             }
         };

@@ -376,9 +376,10 @@ impl ShareConsumer {
 
         let sent_at = Instant::now();
         // max_records is per request: split among the leaders asked, so
-        // that one poll acquires no more than it in all.
-        let leaders = i32::try_from(by_leader.len()).unwrap_or(i32::MAX).max(1);
-        let per_leader = (self.cfg.max_records / leaders).max(1);
+        // that one poll acquires about it in all (rounded up per leader).
+        let leaders = u32::try_from(by_leader.len()).unwrap_or(u32::MAX).max(1);
+        let max_records = u32::try_from(self.cfg.max_records.max(1)).unwrap_or(1);
+        let per_leader = i32::try_from(max_records.div_ceil(leaders)).unwrap_or(i32::MAX);
         let mut requests = Vec::new();
         for (node, wanted) in by_leader {
             let (request, sent_acks) = self.fetch_request(node, &wanted, per_leader);
@@ -408,7 +409,7 @@ impl ShareConsumer {
                                     .await
                                     .map(|answer| answer.0);
                                 if r.is_err() {
-                                    cluster.forget(&addr, Lane::Fetch).await;
+                                    cluster.forget(&conn, Lane::Fetch).await;
                                 }
                                 r
                             }
@@ -916,13 +917,18 @@ impl ShareConsumer {
                         detail: "renewing locks needs v2 (Kafka 4.2 or later)".into(),
                     });
                 }
-                Ok(conn) => conn.call(request).await.map(|answer| answer.ack),
+                Ok(conn) => {
+                    let answer = conn.call(request).await.map(|answer| answer.ack);
+                    if answer.is_err() {
+                        self.cluster.forget(&conn, Lane::Fetch).await;
+                    }
+                    answer
+                }
                 Err(e) => Err(e),
             };
         let response = match result {
             Ok(r) => r,
             Err(e) => {
-                self.cluster.forget(&addr, Lane::Fetch).await;
                 self.session_lost(node, sent);
                 return Err(e);
             }

@@ -226,7 +226,7 @@ async fn heartbeat(
     {
         Ok(r) => r,
         Err(e) => {
-            cluster.forget(&addr, Lane::Coordinator).await;
+            cluster.forget(&conn, Lane::Coordinator).await;
             return Err(classify(e));
         }
     };

@@ -48,11 +48,19 @@ pub enum ScramError {
     Malformed(&'static str),
     #[error("the server's nonce does not extend ours")]
     Nonce,
-    #[error("the server's iteration count {0} is outside 4096..=1048576 (too weak, or a stall)")]
+    #[error("the server's iteration count {0} is outside 4096..=16384, Kafka's own bounds (too weak, or a stall)")]
     Iterations(u32),
+    #[error("the server asks for a mandatory extension (m=) this client does not know")]
+    MandatoryExtension,
     #[error("the server could not prove it knows the password")]
     ServerSignature,
 }
+
+/// Kafka's own bounds on a SCRAM credential's iterations: below is weak,
+/// above a broker (or an impostor) could make each connection cost seconds
+/// of CPU.
+const MIN_ITERATIONS: u32 = 4096;
+const MAX_ITERATIONS: u32 = 16384;
 
 /// A SCRAM exchange in progress.
 pub struct Scram {
@@ -96,6 +104,11 @@ impl Scram {
         if let Some(e) = server_first.strip_prefix("e=") {
             return Err(ScramError::Refused(e.to_string()));
         }
+        // RFC 5802: a client that does not know a mandatory extension must
+        // fail the exchange.
+        if server_first.starts_with("m=") {
+            return Err(ScramError::MandatoryExtension);
+        }
         let mut nonce = None;
         let mut salt = None;
         let mut iterations = None;
@@ -118,7 +131,7 @@ impl Scram {
             .ok_or(ScramError::Malformed("no iteration count"))?
             .parse()
             .map_err(|_| ScramError::Malformed("iteration count is not a number"))?;
-        if !(4096..=1 << 20).contains(&iterations) {
+        if !(MIN_ITERATIONS..=MAX_ITERATIONS).contains(&iterations) {
             return Err(ScramError::Iterations(iterations));
         }
 
@@ -228,6 +241,14 @@ mod tests {
         assert_eq!(
             s.client_final("r=abcd,s=AAAA,i=4000000000"),
             Err(ScramError::Iterations(4_000_000_000))
+        );
+        assert_eq!(
+            s.client_final("r=abcd,s=AAAA,i=16385"),
+            Err(ScramError::Iterations(16_385))
+        );
+        assert_eq!(
+            s.client_final("m=ext,r=abcd,s=AAAA,i=4096"),
+            Err(ScramError::MandatoryExtension)
         );
         assert_eq!(
             s.client_final("e=invalid-proof"),

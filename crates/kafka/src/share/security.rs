@@ -49,6 +49,19 @@ pub fn connector_with_tokens(
     config: &KafkaConfig,
     tokens: Option<TokenSource>,
 ) -> Result<Arc<dyn Connector>, ShareError> {
+    // librdkafka would take these; this client has its own flags for them,
+    // and silently connecting another way than the rest of the worker is
+    // worse than refusing.
+    if let Some((key, _)) = config.properties.iter().find(|(k, _)| {
+        let k = k.to_ascii_lowercase();
+        k.starts_with("ssl.") || k.starts_with("sasl.") || k == "security.protocol"
+    }) {
+        return Err(ShareError::Config(format!(
+            "--kafka-property {key}: the share-group client takes TLS and SASL settings \
+             only from their own flags (--security-protocol, --sasl-mechanism, \
+             --ssl-ca-location, ...)"
+        )));
+    }
     let tls = if config.security_protocol.uses_tls() {
         Some(Arc::new(tls_config(config)?))
     } else {
@@ -56,7 +69,7 @@ pub fn connector_with_tokens(
     };
     let sasl = if config.security_protocol.uses_sasl() {
         let mechanism = config
-            .sasl_mechanism
+            .effective_mechanism()
             .ok_or_else(|| ShareError::Config("SASL needs --sasl-mechanism".into()))?;
         Some(match mechanism {
             SaslMechanism::AwsMskIam => Sasl::MskIam(tokens.ok_or_else(|| {
@@ -194,7 +207,7 @@ impl Connector for Secured {
             return Ok(None);
         };
         let handshake: SaslHandshakeResponse = conn
-            .call(
+            .call_authenticating(
                 SaslHandshakeRequest::default()
                     .with_mechanism(StrBytes::from_static_str(sasl.mechanism())),
             )
@@ -216,12 +229,22 @@ impl Connector for Secured {
             Sasl::MskIam(tokens) => {
                 let token =
                     tokens().map_err(|e| ShareError::Auth(format!("no MSK IAM token: {e}")))?;
-                step(
+                let (challenge, lifetime) = step(
                     conn,
                     format!("n,,\x01auth=Bearer {token}\x01\x01").into_bytes(),
                 )
-                .await?
-                .1
+                .await?;
+                // RFC 7628: a refused token comes back as an error challenge
+                // with no error code; the client answers %x01 and the server
+                // then fails the exchange. Never a success.
+                if !challenge.is_empty() {
+                    let detail = String::from_utf8_lossy(&challenge).into_owned();
+                    let _ = step(conn, vec![0x01]).await;
+                    return Err(ShareError::Auth(format!(
+                        "the broker refused the MSK IAM token: {detail}"
+                    )));
+                }
+                lifetime
             }
             Sasl::Scram {
                 hash,
@@ -251,7 +274,7 @@ fn scram_error(e: super::scram::ScramError) -> ShareError {
 /// session may live before it must authenticate again (KIP-368).
 async fn step(conn: &Connection, bytes: Vec<u8>) -> Result<(Bytes, Option<Duration>), ShareError> {
     let response: SaslAuthenticateResponse = conn
-        .call(SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from(bytes)))
+        .call_authenticating(SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from(bytes)))
         .await?;
     if response.error_code != 0 {
         return Err(ShareError::Auth(format!(
@@ -268,4 +291,36 @@ async fn step(conn: &Connection, bytes: Vec<u8>) -> Result<(Bytes, Option<Durati
     let lifetime = (response.session_lifetime_ms > 0)
         .then(|| Duration::from_millis(response.session_lifetime_ms as u64));
     Ok((response.auth_bytes, lifetime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TLS or SASL setting given as a librdkafka property would reach the
+    /// dead-letter producer but not this client: refused, naming the flag
+    /// and the key, never quoting its value.
+    #[test]
+    fn tls_and_sasl_properties_are_refused_naming_the_key() {
+        for key in ["ssl.key.location", "SASL.jaas.config", "security.protocol"] {
+            let mut config = KafkaConfig::plaintext("127.0.0.1:9092");
+            config
+                .properties
+                .push((key.to_string(), "s3cr3t-value".to_string()));
+            let err = connector(&config).err().expect("refused").to_string();
+            assert!(
+                err.contains("--kafka-property") && err.contains(key),
+                "{err}"
+            );
+            assert!(!err.contains("s3cr3t-value"), "{err}");
+        }
+        let mut config = KafkaConfig::plaintext("127.0.0.1:9092");
+        config
+            .properties
+            .push(("fetch.max.bytes".to_string(), "1".to_string()));
+        assert!(
+            connector(&config).is_ok(),
+            "other properties are not TLS or SASL"
+        );
+    }
 }

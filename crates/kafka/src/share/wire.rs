@@ -48,7 +48,10 @@ pub struct Connection {
     writing: std::sync::atomic::AtomicBool,
     /// When the SASL session must be renewed (KIP-368); none without one.
     reauth_at: Mutex<Option<std::time::Instant>>,
-    reauthing: tokio::sync::Mutex<()>,
+    /// Held shared by every request from its write to its answer, and
+    /// exclusively while authenticating again: KIP-368 wants no other
+    /// request on the connection meanwhile.
+    auth: tokio::sync::RwLock<()>,
 }
 
 impl Drop for Connection {
@@ -79,7 +82,7 @@ impl Connection {
             request_timeout,
             writing: std::sync::atomic::AtomicBool::new(false),
             reauth_at: Mutex::new(None),
-            reauthing: tokio::sync::Mutex::new(()),
+            auth: tokio::sync::RwLock::new(()),
         };
         let response: ApiVersionsResponse = conn
             .call_version(
@@ -144,6 +147,21 @@ impl Connection {
         request: R,
         version: i16,
     ) -> Result<R::Response, ShareError> {
+        let _shared = self.auth.read().await;
+        self.send(request, version).await
+    }
+
+    /// [`Self::call`] for the SASL exchange itself, which runs while
+    /// [`Self::reauth_turn`] holds the connection.
+    pub async fn call_authenticating<R: Request>(
+        &self,
+        request: R,
+    ) -> Result<R::Response, ShareError> {
+        let version = self.version::<R>()?;
+        self.send(request, version).await
+    }
+
+    async fn send<R: Request>(&self, request: R, version: i16) -> Result<R::Response, ShareError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let header = RequestHeader::default()
             .with_request_api_key(R::KEY)
@@ -216,9 +234,11 @@ impl Connection {
             .is_some_and(|at| std::time::Instant::now() >= at)
     }
 
-    /// Held while authenticating again, so that one task does it.
-    pub async fn reauth_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.reauthing.lock().await
+    /// Held while authenticating again: one task does it, and no other
+    /// request is on the connection meanwhile (those under way are
+    /// answered first).
+    pub async fn reauth_turn(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.auth.write().await
     }
 
     /// A request that had no answer in time: forgotten, and said so.
