@@ -222,11 +222,11 @@ fn a_share_worker_killed_mid_batch_loses_nothing() {
     assert_eq!(handled.len(), 1_500, "every record handled");
     let duplicates: u32 = handled.values().map(|n| n - 1).sum();
     eprintln!("killed worker: 1500 handled, {duplicates} twice");
-    // Handled twice: at most what the victim held, under two rounds of
+    // Handled twice: at most what the victim held, under three rounds of
     // slots (it fetches a round, record-limit, only while holding less
-    // than one): 2 x 2 slots x 20 records. Whole-batch acquisition
-    // measured 340 here.
-    assert!(duplicates <= 80, "{duplicates} handled twice");
+    // than two and while less than one waits for a slot): 3 x 2 slots x
+    // 20 records. Whole-batch acquisition measured 340 here.
+    assert!(duplicates <= 120, "{duplicates} handled twice");
 }
 
 /// A handler slower than the lock (each batch takes 1.5 s, the lock is

@@ -345,6 +345,12 @@ impl Pipeline {
         self.in_flight
     }
 
+    /// Records held that are not in a handler: waiting for a slot, a
+    /// retry, or their dead letter.
+    pub fn waiting(&self) -> usize {
+        self.held.saturating_sub(self.in_flight_records)
+    }
+
     pub fn report(&self) -> &Report {
         &self.report
     }

@@ -60,6 +60,13 @@ use super::{open_audit, wall_ms, Worker, WorkerError, WorkerReport, CLOSE_TIMEOU
 /// Accepts wait at most this long for a fetch to carry them.
 pub const ACCEPT_FLUSH: Duration = Duration::from_millis(50);
 
+/// How long a fetch waits at the broker while the worker holds nothing.
+const IDLE_FETCH_WAIT: Duration = Duration::from_millis(500);
+
+/// The first wait of a fetch while the worker holds records (see
+/// `Member::fetch_wait`).
+const BUSY_FETCH_WAIT: Duration = Duration::from_millis(10);
+
 /// A fetch that failed on a retriable error is tried again after this.
 const FETCH_RETRY: Duration = Duration::from_millis(500);
 
@@ -95,7 +102,8 @@ enum Command {
     /// Each alone: a renewal of several was refused, and the broker applies
     /// a partition's renewals all or none.
     RenewEach(Vec<Held>),
-    Fetch,
+    /// Waiting at most this long at the broker for records.
+    Fetch(Duration),
     Close,
 }
 
@@ -119,6 +127,8 @@ struct Locks {
     /// A broker said it cannot renew (before Kafka 4.2): not asked again
     /// until then (brokers may be part-way through an upgrade).
     unsupported_until: Option<Instant>,
+    /// Held records delivered more than once.
+    redelivered: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -157,7 +167,7 @@ impl Locks {
             }
         }
         let renew_at = lock_deadline.map(|d| now + d.saturating_duration_since(now) / 3);
-        self.records.insert(
+        let before = self.records.insert(
             (partition, offset),
             HeldLock {
                 delivery_count,
@@ -165,13 +175,31 @@ impl Locks {
                 lost: false,
             },
         );
+        self.count_redelivered(before.map(|h| h.delivery_count), Some(delivery_count));
+    }
+
+    fn count_redelivered(&mut self, gone: Option<i16>, come: Option<i16>) {
+        if gone.is_some_and(|d| d > 1) {
+            self.redelivered = self.redelivered.saturating_sub(1);
+        }
+        if come.is_some_and(|d| d > 1) {
+            self.redelivered += 1;
+        }
+    }
+
+    /// Whether any record held was delivered before.
+    fn holds_redelivered(&self) -> bool {
+        self.redelivered > 0
     }
 
     /// A record done (or given up): its delivery count, if it was held.
     fn done(&mut self, partition: i32, offset: i64) -> Option<i16> {
-        self.records
+        let gone = self
+            .records
             .remove(&(partition, offset))
-            .map(|h| h.delivery_count)
+            .map(|h| h.delivery_count);
+        self.count_redelivered(gone, None);
+        gone
     }
 
     /// The broker refused to renew this record alone: it is another
@@ -306,6 +334,7 @@ pub(super) fn consumer_config(worker: &Worker) -> Result<ShareConsumerConfig, Wo
         ShareConsumerConfig::from_kafka(&cfg.kafka, cfg.group.clone(), vec![cfg.topic.clone()])
             .map_err(|e| WorkerError::Share(e.to_string()))?;
     share.max_records = i32::try_from(round_of_slots(worker)).unwrap_or(i32::MAX);
+    share.max_wait = IDLE_FETCH_WAIT;
     Ok(share)
 }
 
@@ -411,8 +440,8 @@ async fn fetcher(
                     refused(&mut consumer, &out);
                 }
             }
-            Some(Command::Fetch) => {
-                let fetched = consumer.poll().await;
+            Some(Command::Fetch(max_wait)) => {
+                let fetched = consumer.poll_waiting(max_wait).await;
                 // What the fetch could not carry (a session being opened
                 // again) waits for the next flush.
                 flush_at = due(&consumer);
@@ -469,6 +498,8 @@ struct Member {
     /// A fetch is due whatever the room: only it opens a share session
     /// again, which verdicts and renewals wait for.
     need_session: bool,
+    /// Fetches in a row that brought nothing.
+    empty_fetches: u32,
     closed: bool,
     refused_log: LogThrottle,
     cannot_renew_log: LogThrottle,
@@ -501,6 +532,11 @@ impl Member {
                 .handle_dead_lettered(slot, &written, error, now),
             Input::Fetched(fetched) => {
                 self.fetching = false;
+                self.empty_fetches = if fetched.records.is_empty() {
+                    self.empty_fetches.saturating_add(1)
+                } else {
+                    0
+                };
                 for error in &fetched.undecodable {
                     tracing::warn!(error = %error, "undecodable records released to the group");
                 }
@@ -626,6 +662,8 @@ impl Member {
                     );
                 }
                 Intent::Accept { partition, offsets } => {
+                    // What these free may be handed out at once.
+                    self.empty_fetches = 0;
                     let records: Vec<Held> = offsets
                         .iter()
                         .filter_map(|&offset| {
@@ -668,17 +706,46 @@ impl Member {
         }
     }
 
+    /// How long a fetch may wait at the broker. Long when the worker holds
+    /// nothing (the broker answers as soon as records come). Short while it
+    /// holds records: their accepts can only ride on the next request, and
+    /// a partition at its limit of records in flight hands out nothing
+    /// until they do (a long wait there stalled a drain for 500 ms a
+    /// time); doubled after each empty answer, so that a slow handler does
+    /// not make the worker poll fast for nothing.
+    fn fetch_wait(&self) -> Duration {
+        let long = IDLE_FETCH_WAIT;
+        if self.pipeline.held() == 0 {
+            return long;
+        }
+        BUSY_FETCH_WAIT
+            .saturating_mul(1 << self.empty_fetches.min(8))
+            .min(long)
+    }
+
+    /// Fetches the next round while the last one runs, once less than a
+    /// round waits for a slot, so that the handlers need not wait for the
+    /// broker (measured 0.70x Java's share consumer without, about 0.9x
+    /// with). Not while the worker holds a record delivered before (a
+    /// suspect: its last holder may have died of it): records delivered
+    /// alongside one that kills its worker share its delivery count, and
+    /// fetching ahead would double them. Then it fetches only while it
+    /// holds less than a round.
     fn fetch_if_room(&mut self) {
-        let room = self.pipeline.phase() == Phase::Consuming
-            && self.pipeline.held() < self.round
-            && !self.pipeline.is_full();
+        let ahead = if self.locks.holds_redelivered() {
+            self.pipeline.held() < self.round
+        } else {
+            self.pipeline.waiting() < self.round && self.pipeline.held() < 2 * self.round
+        };
+        let room = self.pipeline.phase() == Phase::Consuming && ahead && !self.pipeline.is_full();
         if !self.fetching
             && self.failed.is_none()
             && self.fetcher_died.is_none()
             && !self.closed
             && (room || self.need_session)
         {
-            self.fetching = self.commands.send(Command::Fetch).is_ok();
+            let max_wait = self.fetch_wait();
+            self.fetching = self.commands.send(Command::Fetch(max_wait)).is_ok();
             self.need_session &= !self.fetching;
         }
     }
@@ -742,6 +809,7 @@ pub(super) fn poll_loop(
         failed: None,
         fetcher_died: None,
         need_session: false,
+        empty_fetches: 0,
         closed: false,
         refused_log: LogThrottle::default(),
         cannot_renew_log: LogThrottle::default(),
@@ -852,7 +920,9 @@ mod tests {
         assert!(!locks.holds(0, 6));
         locks.acquired(0, 6, 1, t0, Some(t0 + ms(900)));
         assert!(locks.holds(0, 6));
+        assert!(!locks.holds_redelivered());
         locks.acquired(0, 6, 2, t0, Some(t0 + ms(900)));
+        assert!(locks.holds_redelivered(), "0/6 delivered a second time");
         locks.acquired(1, 7, 1, t0 + ms(300), Some(t0 + ms(1_200)));
         let due: Vec<_> = locks
             .due(t0 + ms(300))
@@ -869,6 +939,7 @@ mod tests {
         assert_eq!(due, [5, 6, 7], "a third later; 1/7 a third into its own");
         assert_eq!(locks.done(0, 6), Some(2));
         assert_eq!(locks.done(0, 6), None);
+        assert!(!locks.holds_redelivered(), "done");
         locks.lost(1, 7);
         assert_eq!(
             locks

@@ -317,6 +317,14 @@ impl ShareConsumer {
     /// verdicts waiting for those partitions. Waits at most `max_wait` at the
     /// brokers (longer if a broker is slow to answer).
     pub async fn poll(&mut self) -> Result<Fetched, ShareError> {
+        self.poll_waiting(self.cfg.max_wait).await
+    }
+
+    /// [`Self::poll`] waiting at most `max_wait` at the brokers for records:
+    /// short while verdicts are about to come (they can only ride on the
+    /// next request, and a partition at its limit of records in flight
+    /// hands out nothing until they do).
+    pub async fn poll_waiting(&mut self, max_wait: Duration) -> Result<Fetched, ShareError> {
         if self.closed {
             return Err(ShareError::Closed);
         }
@@ -382,7 +390,7 @@ impl ShareConsumer {
         let per_leader = i32::try_from(max_records.div_ceil(leaders)).unwrap_or(i32::MAX);
         let mut requests = Vec::new();
         for (node, wanted) in by_leader {
-            let (request, sent_acks) = self.fetch_request(node, &wanted, per_leader);
+            let (request, sent_acks) = self.fetch_request(node, &wanted, per_leader, max_wait);
             requests.push((node, wanted, request, sent_acks));
         }
         let cluster = self.cluster.clone();
@@ -580,6 +588,7 @@ impl ShareConsumer {
         node: i32,
         wanted: &[(Uuid, i32)],
         max_records: i32,
+        max_wait: Duration,
     ) -> (ShareFetchRequest, SentAcks) {
         let session = self.sessions.entry(node).or_default();
         let epoch = session.epoch;
@@ -619,7 +628,7 @@ impl ShareConsumer {
             .with_group_id(Some(GroupId(StrBytes::from_string(self.cfg.group.clone()))))
             .with_member_id(Some(StrBytes::from_string(self.member_id.clone())))
             .with_share_session_epoch(epoch)
-            .with_max_wait_ms(duration_ms(self.cfg.max_wait))
+            .with_max_wait_ms(duration_ms(max_wait))
             .with_min_bytes(1)
             .with_max_bytes(self.cfg.max_bytes)
             .with_max_records(max_records)
