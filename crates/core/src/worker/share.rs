@@ -11,18 +11,17 @@
 //! The poll thread owns the pipeline, as for a consumer group; the fetcher
 //! task owns the [`ShareConsumer`] (its calls are async and not
 //! cancel-safe: records acquired in a fetch that was dropped would wait for
-//! their lock). The thread asks for a fetch only while it holds less than
-//! one round of slots (`--concurrency` × `--max-records`), so it never
-//! acquires more than it can start soon: what waits, waits under a lock
-//! that runs out (`share.record.lock.duration.ms`).
+//! their lock). A fetch acquires about one round of slots (`--concurrency`
+//! × `--max-records`); the thread asks for the next while the last runs,
+//! never holding three (see `Member::fetch_if_room`).
 //!
 //! What the worker tells the broker:
 //! - ACCEPT: the handler succeeded on the record, or its dead letter was
 //!   acknowledged by the broker (sent with the next fetch, or within
 //!   [`ACCEPT_FLUSH`] while no fetch goes out).
-//! - RENEW (KIP-1222, Kafka 4.2+): every record it holds, at half the
-//!   lock's duration, so that a slow handler, a retry's back-off or a wait
-//!   for a slot never loses a record to another member ([`Locks`]).
+//! - RENEW (KIP-1222, Kafka 4.2+): every record it holds, every third of
+//!   the lock's duration, so that a slow handler, a retry's back-off or a
+//!   wait for a slot never loses a record to another member ([`Locks`]).
 //! - Nothing else: records not done when the worker stops are released by
 //!   the broker when the member's share sessions close; a crashed worker's
 //!   return when the broker sees its connections go, or their locks run
