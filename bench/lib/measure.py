@@ -294,88 +294,36 @@ SHARE_JAVA_LINE = re.compile(
 )
 
 
-def run_java_share(a):
-    """Kafka's kafka-share-consumer-perf-test (implicit acknowledgement:
-    each poll accepts the records of the one before)."""
-    fmt = "yyyy-MM-dd HH:mm:ss.SSS Z"
-    # A new share group starts at the log end unless told otherwise; not timed.
-    subprocess.run(
-        [a.kafka_local, "tool", "configs", "--bootstrap-server", a.bootstrap, "--alter",
-         "--entity-type", "groups", "--entity-name", a.group,
-         "--add-config", "share.auto.offset.reset=earliest"],
-        check=True, capture_output=True, timeout=120,
-    )
+JAVA_DATE_FORMAT = "yyyy-MM-dd HH:mm:ss.SSS Z"
+
+
+def java_time(s):
+    return dt.datetime.strptime(s, "%Y-%m-%d %H:%M:%S.%f %z").timestamp()
+
+
+def run_java_tool(a, tool, count_flag, line, read):
+    """Runs one of Kafka's perf tools to its end; `read(match)` gives the
+    records it consumed, its start-of-work and end times, and extra fields
+    from its result line."""
     cmd = [
-        a.kafka_local, "tool", "share-consumer-perf-test",
+        a.kafka_local, "tool", tool,
         "--bootstrap-server", a.bootstrap,
         "--topic", a.topic,
         "--group", a.group,
-        "--num-records", str(a.records),
+        count_flag, str(a.records),
         "--timeout", "30000",
-        "--date-format", fmt,
+        "--date-format", JAVA_DATE_FORMAT,
     ] + a.extra
     t0, code, usage, sampler, out = run_sampled(cmd, a, subprocess.STDOUT)
     res = {"contender": "java", "t0": t0, "cmd": " ".join(cmd[1:]), "exit_code": code}
-    m = SHARE_JAVA_LINE.search(out)
+    m = line.search(out)
     if not m:
-        res["error"] = "no result line from kafka-share-consumer-perf-test: " + out[-500:]
+        res["error"] = f"no result line from kafka-{tool}: " + out[-500:]
         return res
-
-    def ts(s):
-        return dt.datetime.strptime(s, "%Y-%m-%d %H:%M:%S.%f %z").timestamp()
-
-    start, end = ts(m.group(1)), ts(m.group(2))
-    consumed = int(m.group(6))
+    consumed, t_assigned, end, extra = read(m)
     res.update(
         records_processed=consumed,
         tool_line=m.group(0),
-        # The tool subscribes at its start.time; the broker assigns later.
-        t_assigned=start,
-        t_ready=None,
-        t_first=None,
-        t_done=end,
-        cpu_done=sampler.cpu_at(end),
-        cpu_assigned=sampler.cpu_at(start),
-        cpu_total=usage.ru_utime + usage.ru_stime,
-        max_rss_kib=usage.ru_maxrss,
-    )
-    if res["cpu_done"] is None:
-        res["cpu_done"] = res["cpu_total"]
-    if consumed < a.records:
-        res["error"] = f"only {consumed} of {a.records} records consumed"
-    return res
-
-
-def run_java(a):
-    if a.share:
-        return run_java_share(a)
-    fmt = "yyyy-MM-dd HH:mm:ss.SSS Z"
-    cmd = [
-        a.kafka_local, "tool", "consumer-perf-test",
-        "--bootstrap-server", a.bootstrap,
-        "--topic", a.topic,
-        "--group", a.group,
-        "--messages", str(a.records),
-        "--timeout", "30000",
-        "--date-format", fmt,
-    ] + a.extra
-    t0, code, usage, sampler, out = run_sampled(cmd, a, subprocess.STDOUT)
-    res = {"contender": "java", "t0": t0, "cmd": " ".join(cmd[1:]), "exit_code": code}
-    m = JAVA_LINE.search(out)
-    if not m:
-        res["error"] = "no result line from kafka-consumer-perf-test: " + out[-500:]
-        return res
-
-    def ts(s):
-        return dt.datetime.strptime(s, "%Y-%m-%d %H:%M:%S.%f %z").timestamp()
-
-    start, end = ts(m.group(1)), ts(m.group(2))
-    rebalance_ms = int(m.group(7))
-    t_assigned = start + rebalance_ms / 1000
-    res.update(
-        records_processed=int(m.group(5)),
-        tool_line=m.group(0),
-        tool_fetch_records_per_s=float(m.group(10)),
         t_assigned=t_assigned,
         t_ready=None,
         t_first=None,
@@ -384,12 +332,45 @@ def run_java(a):
         cpu_assigned=sampler.cpu_at(t_assigned),
         cpu_total=usage.ru_utime + usage.ru_stime,
         max_rss_kib=usage.ru_maxrss,
+        **extra,
     )
     if res["cpu_done"] is None:
         res["cpu_done"] = res["cpu_total"]
-    if int(m.group(5)) < a.records:
-        res["error"] = f"only {m.group(5)} of {a.records} records consumed"
+    if consumed < a.records:
+        res["error"] = f"only {consumed} of {a.records} records consumed"
     return res
+
+
+def run_java_share(a):
+    """Kafka's kafka-share-consumer-perf-test (implicit acknowledgement:
+    each poll accepts the records of the one before)."""
+    # A new share group starts at the log end unless told otherwise; not timed.
+    subprocess.run(
+        [a.kafka_local, "tool", "configs", "--bootstrap-server", a.bootstrap, "--alter",
+         "--entity-type", "groups", "--entity-name", a.group,
+         "--add-config", "share.auto.offset.reset=earliest"],
+        check=True, capture_output=True, timeout=120,
+    )
+
+    def read(m):
+        # The tool subscribes at its start.time; the broker assigns later.
+        start, end = java_time(m.group(1)), java_time(m.group(2))
+        return int(m.group(6)), start, end, {}
+
+    return run_java_tool(a, "share-consumer-perf-test", "--num-records", SHARE_JAVA_LINE, read)
+
+
+def run_java(a):
+    if a.share:
+        return run_java_share(a)
+
+    def read(m):
+        start, end = java_time(m.group(1)), java_time(m.group(2))
+        rebalance_ms = int(m.group(7))
+        return int(m.group(5)), start + rebalance_ms / 1000, end, {
+            "tool_fetch_records_per_s": float(m.group(10))}
+
+    return run_java_tool(a, "consumer-perf-test", "--messages", JAVA_LINE, read)
 
 
 def run_python(a):

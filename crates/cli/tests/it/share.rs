@@ -572,32 +572,15 @@ fn the_msk_iam_listener_serves_share_groups_past_a_token_lifetime() {
     create_topic(&topic, 1);
     produce(&topic, 20, &[]);
     let kafka = kafka_config(&env);
-    let (key, secret, region) = (
-        env["AWS_ACCESS_KEY_ID"].clone(),
-        env["AWS_SECRET_ACCESS_KEY"].clone(),
-        env["AWS_REGION"].clone(),
-    );
     let signed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = signed.clone();
-    let tokens: microbatch_kafka::share::security::TokenSource = Arc::new(move || {
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let credentials = aws_credential_types::Credentials::new(&key, &secret, None, None, "test");
-        microbatch_kafka::aws_iam::sign_token(
-            &region,
-            &credentials,
-            std::time::SystemTime::now(),
-            Duration::from_secs(30),
-        )
-        .map(|t| t.token.expose().to_string())
-        .map_err(|e| e.to_string())
-    });
-    let mut cfg = ShareConsumerConfig::new(
-        vec![env["KAFKA_BOOTSTRAP_SERVERS"].clone()],
+    let mut cfg = iam_config(
+        &env,
+        &kafka,
         &group,
-        vec![topic],
+        &topic,
+        &env["AWS_SECRET_ACCESS_KEY"],
+        signed.clone(),
     );
-    cfg.connector =
-        microbatch_kafka::share::security::connector_with_tokens(&kafka, Some(tokens)).unwrap();
     cfg.max_wait = Duration::from_millis(200);
     let outcomes = runtime().block_on(consume_through(cfg, 20, Duration::from_secs(40)));
     let (offsets, refused) = covered(&outcomes);
@@ -619,10 +602,42 @@ fn the_msk_iam_listener_serves_share_groups_past_a_token_lifetime() {
     // A token signed with the wrong secret: the listener answers with an
     // error challenge and no error code (RFC 7628), which must fail the
     // join, never count as authenticated.
-    let (key, region) = (env["AWS_ACCESS_KEY_ID"].clone(), env["AWS_REGION"].clone());
-    let forged: microbatch_kafka::share::security::TokenSource = Arc::new(move || {
-        let credentials =
-            aws_credential_types::Credentials::new(&key, "not-the-secret", None, None, "test");
+    let mut cfg = iam_config(
+        &env,
+        &kafka,
+        &unique("share-iam-forged"),
+        &unique("share-iam-none"),
+        "not-the-secret",
+        Arc::default(),
+    );
+    cfg.request_timeout = Duration::from_secs(10);
+    let err = runtime()
+        .block_on(ShareConsumer::join(cfg))
+        .err()
+        .expect("a forged token is refused")
+        .to_string();
+    assert!(err.contains("refused the MSK IAM token"), "{err}");
+}
+
+/// A share consumer's config for the MSK IAM listener whose tokens are
+/// signed with `secret` (counted in `signed`), as the token refresher
+/// would sign them.
+fn iam_config(
+    env: &BTreeMap<String, String>,
+    kafka: &microbatch_kafka::KafkaConfig,
+    group: &str,
+    topic: &str,
+    secret: &str,
+    signed: Arc<std::sync::atomic::AtomicUsize>,
+) -> ShareConsumerConfig {
+    let (key, secret, region) = (
+        env["AWS_ACCESS_KEY_ID"].clone(),
+        secret.to_string(),
+        env["AWS_REGION"].clone(),
+    );
+    let tokens: microbatch_kafka::share::security::TokenSource = Arc::new(move || {
+        signed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let credentials = aws_credential_types::Credentials::new(&key, &secret, None, None, "test");
         microbatch_kafka::aws_iam::sign_token(
             &region,
             &credentials,
@@ -634,18 +649,12 @@ fn the_msk_iam_listener_serves_share_groups_past_a_token_lifetime() {
     });
     let mut cfg = ShareConsumerConfig::new(
         vec![env["KAFKA_BOOTSTRAP_SERVERS"].clone()],
-        unique("share-iam-forged"),
-        vec![unique("share-iam-none")],
+        group,
+        vec![topic.to_string()],
     );
     cfg.connector =
-        microbatch_kafka::share::security::connector_with_tokens(&kafka, Some(forged)).unwrap();
-    cfg.request_timeout = Duration::from_secs(10);
-    let err = runtime()
-        .block_on(ShareConsumer::join(cfg))
-        .err()
-        .expect("a forged token is refused")
-        .to_string();
-    assert!(err.contains("refused the MSK IAM token"), "{err}");
+        microbatch_kafka::share::security::connector_with_tokens(kafka, Some(tokens)).unwrap();
+    cfg
 }
 
 /// Members of `group` as Kafka's share-groups tool lists them.

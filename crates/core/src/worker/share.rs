@@ -128,6 +128,10 @@ struct Locks {
     unsupported_until: Option<Instant>,
     /// Held records delivered more than once.
     redelivered: usize,
+    /// No renewal is due before this (`None`: none held): [`Locks::due`]
+    /// runs every turn of the poll thread, and looks at each record only
+    /// when one may be due.
+    next_due: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -166,6 +170,8 @@ impl Locks {
             }
         }
         let renew_at = lock_deadline.map(|d| now + d.saturating_duration_since(now) / 3);
+        let at = renew_at.unwrap_or(now);
+        self.next_due = Some(self.next_due.map_or(at, |next| next.min(at)));
         let before = self.records.insert(
             (partition, offset),
             HeldLock {
@@ -236,12 +242,18 @@ impl Locks {
         let Some(duration) = self.duration else {
             return Vec::new();
         };
-        if self.unsupported_until.is_some_and(|until| now < until) {
+        if self.unsupported_until.is_some_and(|until| now < until)
+            || self.next_due.is_none_or(|next| now < next)
+        {
             return Vec::new();
         }
         let mut due = Vec::new();
+        let mut next_due: Option<Instant> = None;
         for (&(partition, offset), lock) in &mut self.records {
-            if !lock.lost && lock.renew_at.is_none_or(|at| at <= now) {
+            if lock.lost {
+                continue;
+            }
+            if lock.renew_at.is_none_or(|at| at <= now) {
                 lock.renew_at = Some(now + duration / 3);
                 due.push(Held {
                     partition,
@@ -249,7 +261,10 @@ impl Locks {
                     delivery_count: lock.delivery_count,
                 });
             }
+            let at = lock.renew_at.unwrap_or(now);
+            next_due = Some(next_due.map_or(at, |next| next.min(at)));
         }
+        self.next_due = next_due;
         due.sort_unstable_by_key(|h| (h.partition, h.offset));
         due
     }
