@@ -10,6 +10,14 @@
 //! lower the count (down to what ran when the hold began), never raise it.
 //! One partition moving is progress: a stuck partition beside healthy ones
 //! is not an outage.
+//!
+//! Before the hold, in an outage's first seconds, a scale-up waits for a
+//! committed offset to move: when the last reading already found records
+//! waiting and no offset has moved since, the lag grew by arrivals alone,
+//! which says nothing of what another replica would add
+//! ([`ProgressWatch::quiet`]). A burst on an idle group is not delayed (the
+//! reading before it found nothing waiting); a healthy group's scale-ups
+//! wait at most until its next commit.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -55,6 +63,10 @@ pub struct ProgressWatch {
     /// after an idle one. `None` while idle or with no replica.
     stalled_since: Option<Instant>,
     hold_floor: Option<u32>,
+    /// The last reading found records waiting.
+    waiting: bool,
+    /// See [`Self::quiet`].
+    quiet: bool,
 }
 
 impl ProgressWatch {
@@ -75,8 +87,16 @@ impl ProgressWatch {
         stuck
     }
 
+    /// At the last reading: replicas ran, records waited at it and at the
+    /// one before, and no committed offset moved in between. A scale-up
+    /// then waits (see the module docs).
+    pub fn quiet(&self) -> bool {
+        self.quiet
+    }
+
     /// Takes one reading; `Some` while scale-ups are held.
     pub fn observe(&mut self, now: Instant, lag: &GroupLag, current: u32) -> Option<Hold> {
+        let waited_before = std::mem::replace(&mut self.waiting, lag.total_lag > 0);
         let mut moved = false;
         for p in &lag.partitions {
             let mut this_moved = false;
@@ -94,6 +114,7 @@ impl ProgressWatch {
                     .or_insert(now);
             }
         }
+        self.quiet = waited_before && lag.total_lag > 0 && !moved && current > 0;
         let present: std::collections::HashSet<i32> =
             lag.partitions.iter().map(|p| p.partition).collect();
         self.partition_stalled_since

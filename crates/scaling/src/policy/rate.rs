@@ -445,6 +445,14 @@ impl Policy for RatePolicy {
             ));
             desired = hold.floor;
         }
+        if hold.is_none() && desired > current && self.progress.quiet() {
+            // Perhaps an outage's first seconds: the lag grew by arrivals
+            // alone since the last reading. The next commit lets it through.
+            desired = current;
+            reason.push_str(
+                "; scale-up waits: no committed offset moved since the last reading while records waited",
+            );
+        }
         if hold.is_none() && self.source == CapacitySource::Guess && desired > current {
             let recent = self
                 .guess_step_at
@@ -633,6 +641,76 @@ mod tests {
     }
 
     #[test]
+    fn an_outages_first_seconds_ask_for_no_replica_and_a_burst_is_not_delayed() {
+        // Found when a loaded machine measured 143/s per replica: in the
+        // 5 s before the hold the lag grew by arrivals alone, asked for a
+        // second replica, and the hold then kept it.
+        let mut r = RatePolicy::new(RateParams {
+            max_replicas: 8,
+            target_drain: Duration::from_secs(5),
+            ..RateParams::default()
+        });
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        // 400/s arrive at 500/s per replica; healthy, it keeps up.
+        let report = workers(1, 400.0, 0.8);
+        let mut committed = 0i64;
+        for s in 0..10 {
+            committed = 50 * s as i64;
+            let d = decide(
+                &mut r,
+                at(s),
+                &lag_of(&[(committed, committed + 2); 8]),
+                rates(400.0, 400.0),
+                Some(&report),
+                1,
+            );
+            assert_eq!(d.desired, 1, "second {s}: {}", d.reason);
+        }
+        // The downstream goes: from the second reading without a commit
+        // the need passes 500/s (400 + 810 / 5), well before the hold.
+        let mut high = committed + 2;
+        for s in 10..20 {
+            high += 50;
+            let d = decide(
+                &mut r,
+                at(s),
+                &lag_of(&[(committed, high); 8]),
+                rates(400.0, 0.0),
+                Some(&report),
+                1,
+            );
+            assert_eq!(d.desired, 1, "second {s}: {}", d.reason);
+            if s == 12 {
+                assert!(d.reason.contains("scale-up waits"), "{}", d.reason);
+            }
+        }
+        // An idle group's burst scales at the reading that finds it.
+        let mut r = RatePolicy::new(RateParams {
+            max_replicas: 8,
+            target_drain: Duration::from_secs(5),
+            ..RateParams::default()
+        });
+        decide(
+            &mut r,
+            at(0),
+            &lag_of(&[(100, 100); 8]),
+            rates(0.0, 0.0),
+            Some(&report),
+            1,
+        );
+        let d = decide(
+            &mut r,
+            at(1),
+            &lag_of(&[(100, 2_100); 8]),
+            rates(16_000.0, 0.0),
+            Some(&report),
+            1,
+        );
+        assert!(d.desired > 1, "{}", d.reason);
+    }
+
+    #[test]
     fn a_hold_keeps_what_ran_when_it_began_and_spends_no_guess_step() {
         // Found in review: the hold capped the count at what ran *now*, so
         // a worker that crashed during the outage was never replaced, and
@@ -704,8 +782,15 @@ mod tests {
         let aged = |age_ms: i64| {
             let ps = (0..24)
                 .map(|i| {
-                    let mut p =
-                        PartitionLag::compute(i, Some(0), 0, 3000, InvalidOffsetPolicy::Earliest);
+                    // Healthy replicas: the committed offset moves.
+                    let c = age_ms / 1000;
+                    let mut p = PartitionLag::compute(
+                        i,
+                        Some(c),
+                        0,
+                        3000 + c,
+                        InvalidOffsetPolicy::Earliest,
+                    );
                     p.lag_ms = Some(age_ms);
                     p
                 })
@@ -840,7 +925,7 @@ mod tests {
         }
         let d = d.unwrap();
         assert_eq!(d.desired, 4, "{}", d.reason);
-        let huge = lag_of(&[(450 * 300, 1_000_000); 8]);
+        let huge = lag_of(&[(450 * 301, 1_000_000); 8]);
         let d = decide(
             &mut r,
             t0 + Duration::from_secs(301),
@@ -911,6 +996,7 @@ mod tests {
             4
         );
         // Measured, the demand decides at once: 8,000/s of drain at 1,600/s.
+        let burst = lag_of(&[(200, 30_000); 8]);
         let two = workers(2, 1600.0, 1.0);
         let d = decide(
             &mut r,
