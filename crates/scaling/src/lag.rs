@@ -115,6 +115,10 @@ pub struct GroupLag {
     /// The committed offsets' metadata strings (workers' capacity reports).
     #[serde(skip)]
     pub commit_metadata: Vec<String>,
+    /// A share group's backlog: every member takes from every partition,
+    /// so replicas are not capped by the partition count.
+    #[serde(skip)]
+    pub shared: bool,
 }
 
 impl GroupLag {
@@ -126,6 +130,7 @@ impl GroupLag {
             lag_ms: None,
             partitions,
             commit_metadata: Vec::new(),
+            shared: false,
         };
         lag.lag_ms = lag.oldest_ms();
         lag

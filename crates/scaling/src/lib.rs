@@ -8,6 +8,8 @@
 //! - [`capacity`]: the workers' capacity reports, read from commit metadata.
 //! - [`observe`]: one look at a group (lag, rates, capacity, members) for
 //!   every policy user.
+//! - [`share_lag`]: a share group's backlog read as lag, with no partition
+//!   cap.
 //! - [`watermarks`]: every partition's watermarks in one request each.
 //! - [`policy`]: the `keda` policy (KEDA's kafka scaler and HPA arithmetic)
 //!   and the `rate` policy (time to drain, capacity from the workers), behind
@@ -25,6 +27,7 @@ pub mod lag;
 pub mod observe;
 pub mod policy;
 pub mod scaler;
+pub mod share_lag;
 pub mod sim;
 pub mod supervisor;
 pub mod watermarks;

@@ -1,15 +1,33 @@
 //! One way to look at a group, shared by `supervise`, `scaler` and `lag`:
 //! lag, time-weighted rates, the workers' capacity reports and (where asked)
-//! the group's member count, turned into a policy [`Observation`].
+//! the group's member count, turned into a policy [`Observation`]. A
+//! consumer group's lag, or a share group's backlog ([`crate::share_lag`]).
 
 use std::time::Instant;
 
 use microbatch_kafka::capacity_report::unix_ms_now;
+use microbatch_kafka::share::ShareError;
 use microbatch_kafka::ClientError;
 
 use crate::capacity::WorkerCapacity;
 use crate::lag::{GroupLag, InvalidOffsetPolicy, LagReader, RateTracker, Rates};
 use crate::policy::Observation;
+use crate::share_lag::{backlog_as_lag, ShareLagReader};
+
+/// Why a reading failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Group(#[from] ClientError),
+    #[error("reading the share group's backlog: {0}")]
+    Share(#[from] ShareError),
+}
+
+/// Where the lag comes from.
+enum Source {
+    Group(LagReader),
+    Share(ShareLagReader),
+}
 
 /// What one look at the group found.
 #[derive(Debug, Clone)]
@@ -43,39 +61,64 @@ impl Reading {
 
 /// Reads a group's lag and keeps what turns readings into rates.
 pub struct Observer {
-    reader: LagReader,
+    source: Source,
     rates: RateTracker,
     invalid_offset: InvalidOffsetPolicy,
 }
 
 impl Observer {
     pub fn new(reader: LagReader, invalid_offset: InvalidOffsetPolicy) -> Self {
+        Self::with_source(Source::Group(reader), invalid_offset)
+    }
+
+    /// A share group's backlog; `invalid_offset` is what a partition the
+    /// broker has no state for yet counts as.
+    pub fn share(reader: ShareLagReader, invalid_offset: InvalidOffsetPolicy) -> Self {
+        Self::with_source(Source::Share(reader), invalid_offset)
+    }
+
+    fn with_source(source: Source, invalid_offset: InvalidOffsetPolicy) -> Self {
         Self {
-            reader,
+            source,
             rates: RateTracker::default(),
             invalid_offset,
         }
     }
 
-    /// The lag reader, for look-ups beyond one topic's reading.
-    pub fn reader(&self) -> &LagReader {
-        &self.reader
+    /// A consumer group's lag reader, for look-ups beyond one topic's
+    /// reading; `None` for a share group.
+    pub fn reader(&self) -> Option<&LagReader> {
+        match &self.source {
+            Source::Group(reader) => Some(reader),
+            Source::Share(_) => None,
+        }
     }
 
-    /// Reads now; `members` also asks the broker for the group's members.
-    pub fn read(&mut self, members: bool) -> Result<Reading, ClientError> {
-        let lag = self.reader.read(self.invalid_offset)?;
+    /// Reads now; `members` also asks the broker for the group's members
+    /// (a share group's come with every reading).
+    pub fn read(&mut self, members: bool) -> Result<Reading, ReadError> {
+        let (lag, members) = match &self.source {
+            Source::Group(reader) => {
+                let lag = reader.read(self.invalid_offset)?;
+                let members = if members {
+                    reader.members().map(|n| n as u32)
+                } else {
+                    None
+                };
+                (lag, members)
+            }
+            Source::Share(reader) => {
+                let backlog = reader.read()?;
+                let members = u32::try_from(backlog.members).ok();
+                (backlog_as_lag(&backlog, self.invalid_offset), members)
+            }
+        };
         let at = Instant::now();
         let rates = self.rates.observe(at, &lag);
         let capacity = WorkerCapacity::from_metadata(
             lag.commit_metadata.iter().map(String::as_str),
             unix_ms_now(),
         );
-        let members = if members {
-            self.reader.members().map(|n| n as u32)
-        } else {
-            None
-        };
         Ok(Reading {
             at,
             lag,

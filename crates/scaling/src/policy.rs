@@ -256,9 +256,13 @@ impl KedaPolicy {
             }
         }
         let params = &self.params;
-        if !params.allow_idle_consumers
-            || params.limit_to_partitions_with_lag
-            || params.ensure_even_distribution_of_partitions
+        // A share group's members all take from every partition: nothing
+        // idles past the partition count, so there is nothing to cap.
+        let shared = topics.iter().any(|t| t.shared);
+        if !shared
+            && (!params.allow_idle_consumers
+                || params.limit_to_partitions_with_lag
+                || params.ensure_even_distribution_of_partitions)
         {
             if params.ensure_even_distribution_of_partitions {
                 total = next_factor_at_or_above(partitions, total, params.lag_threshold)
@@ -426,6 +430,18 @@ mod tests {
             max_replicas: 24,
             ..KedaParams::default()
         })
+    }
+
+    #[test]
+    fn keda_on_a_share_groups_backlog_is_not_capped_by_partitions() {
+        // 8 partitions of 3,000 at lagThreshold 100: 240 asked, 24 allowed.
+        // A consumer group stops at 8 (allowIdleConsumers false).
+        let mut lag = lag_of(&[(Some(0), 3000); 8]);
+        let t0 = Instant::now();
+        assert_eq!(keda(100).evaluate(t0, &lag, 12).desired, 8);
+        lag.shared = true;
+        let d = keda(100).evaluate(t0, &lag, 12);
+        assert_eq!((d.desired, d.metric_value), (24, 24_000), "{}", d.reason);
     }
 
     #[test]

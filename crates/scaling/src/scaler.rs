@@ -260,7 +260,11 @@ impl TriggerState {
         let unavailable = |e: ClientError| {
             Status::unavailable(format!("reading lag of {}: {e}", self.spec.group))
         };
-        let reader = self.observer.reader();
+        let Some(reader) = self.observer.reader() else {
+            return Err(Status::invalid_argument(
+                "a trigger without a topic needs a consumer group",
+            ));
+        };
         let topics = reader.committed_topics().map_err(unavailable)?;
         let lags = topics
             .iter()

@@ -23,7 +23,6 @@ use microbatch_kafka::LogThrottle;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::lag::{InvalidOffsetPolicy, LagReader};
 use crate::observe::Observer;
 use crate::policy::Policy;
 
@@ -135,7 +134,6 @@ pub struct SupervisorConfig {
     pub log_dir: Option<PathBuf>,
     /// JSON lines, one per tick.
     pub timeline: Option<PathBuf>,
-    pub invalid_offset: InvalidOffsetPolicy,
     /// Environment for the children (connection settings, so secrets stay
     /// out of command lines).
     pub env: Vec<(String, String)>,
@@ -205,7 +203,7 @@ impl Supervisor {
     pub fn new(
         config: SupervisorConfig,
         policy: Box<dyn Policy>,
-        reader: LagReader,
+        observer: Observer,
     ) -> Result<Self, SupervisorError> {
         let timeline = match &config.timeline {
             Some(path) => Some(std::io::BufWriter::new(
@@ -217,7 +215,6 @@ impl Supervisor {
             None => None,
         };
         let now = Instant::now();
-        let observer = Observer::new(reader, config.invalid_offset);
         Ok(Self {
             config,
             policy,

@@ -23,6 +23,7 @@ use microbatch_kafka::aws_iam::WithTokens;
 use microbatch_kafka::client::QuietContext;
 use microbatch_kafka::{ConfigError, KafkaConfig};
 use microbatch_scaling::lag::{InvalidOffsetPolicy, LagReader};
+use microbatch_scaling::observe::Observer;
 use microbatch_scaling::policy::{
     HpaAlgorithm, KedaParams, KedaPolicy, Policy, RateParams, RatePolicy, HPA_TOLERANCE,
 };
@@ -428,12 +429,12 @@ fn run_policy(
         kill_after: Duration::from_secs(10),
         log_dir: Some(dir.to_path_buf()),
         timeline: None,
-        invalid_offset: InvalidOffsetPolicy::Earliest,
         env: kafka_env(kafka, &kafka.properties),
     };
     let reader = LagReader::new(kafka, &group, topic, Duration::from_secs(10))?;
     let dlq_watch = watermark_reader(kafka)?;
-    let mut sup = Supervisor::new(config, demo_policy(kind, args, plan), reader)?;
+    let observer = Observer::new(reader, InvalidOffsetPolicy::Earliest);
+    let mut sup = Supervisor::new(config, demo_policy(kind, args, plan), observer)?;
     let scenarios: Vec<Scenario> = match args.scenario {
         Scenario::All => vec![
             Scenario::Fanout,

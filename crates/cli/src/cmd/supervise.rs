@@ -9,14 +9,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::routing::get;
+use microbatch_kafka::share::{security, ShareConsumerConfig};
 use microbatch_kafka::{ConfigError, KafkaConfig};
 use microbatch_scaling::defaults;
 use microbatch_scaling::lag::LagReader;
+use microbatch_scaling::observe::Observer;
+use microbatch_scaling::share_lag::ShareLagReader;
 use microbatch_scaling::supervisor::{Supervisor, SupervisorConfig};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::args::{properties_to_env, GroupArgs, KafkaArgs, KAFKA_PROPERTIES_ENV};
+use crate::args::{properties_to_env, require, GroupArgs, KafkaArgs, KAFKA_PROPERTIES_ENV};
 use serde::{Deserialize, Serialize};
 
 use crate::config_file::FromFile;
@@ -30,6 +33,17 @@ pub struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     pub workers: GroupArgs,
+    /// Run the workers as members of this share group (KIP-932, Kafka 4.2+)
+    /// and scale on its backlog instead of a consumer group's lag. Every
+    /// worker takes records from every partition, so --max is not capped
+    /// by the partition count. See docs/share-groups.md.
+    #[arg(
+        long,
+        env = "SHARE_GROUP",
+        value_name = "NAME",
+        conflicts_with = "group"
+    )]
+    pub share_group: Option<String>,
     /// Scaling policy.
     #[arg(long, value_enum, default_value_t = PolicyKind::Rate)]
     pub policy: PolicyKind,
@@ -156,7 +170,7 @@ const KILL_MARGIN: Duration =
     Duration::from_secs(microbatch_core::worker::CLOSE_TIMEOUT.as_secs() + 5);
 
 /// Flags that belong to supervise itself, which hands them to every worker.
-const SUPERVISE_ONLY_FLAGS: [&str; 8] = [
+const SUPERVISE_ONLY_FLAGS: [&str; 9] = [
     "--bootstrap-servers",
     "--security-protocol",
     "--sasl-mechanism",
@@ -165,6 +179,7 @@ const SUPERVISE_ONLY_FLAGS: [&str; 8] = [
     "--ssl-ca-location",
     "--topic",
     "--group",
+    "--share-group",
 ];
 
 /// Refuses a connection, topic or group flag given after `--`, where it
@@ -206,16 +221,33 @@ fn workers_drain_timeout_ms(user: &[String], own: u64) -> u64 {
     given.map_or(own, |given| given.max(own))
 }
 
+/// Which kind of group the workers join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GroupKind {
+    Consumer,
+    Share,
+}
+
 /// The arguments after `run` for every child: the user's, then the group,
 /// and what the supervisor needs unless the user chose it: a port of its
 /// own per child, and the supervisor's drain deadline (so a stopped child
 /// drains within what the supervisor waits before SIGKILL).
-fn child_args(user: &[String], topic: &str, group: &str, drain_timeout_ms: u64) -> Vec<String> {
+fn child_args(
+    user: &[String],
+    topic: &str,
+    group: &str,
+    kind: GroupKind,
+    drain_timeout_ms: u64,
+) -> Vec<String> {
     let mut run_args = user.to_vec();
+    let group_flag = match kind {
+        GroupKind::Consumer => "--group",
+        GroupKind::Share => "--share-group",
+    };
     run_args.extend([
         "--topic".into(),
         topic.to_string(),
-        "--group".into(),
+        group_flag.into(),
         group.to_string(),
     ]);
     if !has_flag(user, "--http-port") {
@@ -232,16 +264,37 @@ fn child_args(user: &[String], topic: &str, group: &str, drain_timeout_ms: u64) 
     run_args
 }
 
+/// The topic, the group and its kind: `--share-group` or `--group`, never
+/// both (the config file can hold both; clap sees only flags and the
+/// environment).
+fn resolve_group(args: &Args) -> Result<(String, String, GroupKind), ConfigError> {
+    match &args.share_group {
+        Some(_) if args.workers.group.is_some() => Err(ConfigError::new(
+            "--share-group",
+            "cannot be used with --group: the workers join one group",
+        )),
+        Some(share_group) => Ok((
+            require(args.workers.topic.clone(), "--topic", "KAFKA_TOPIC")?,
+            share_group.clone(),
+            GroupKind::Share,
+        )),
+        None => {
+            let (topic, group) = args.workers.resolve()?;
+            Ok((topic, group, GroupKind::Consumer))
+        }
+    }
+}
+
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     reject_misplaced_flags(&args.run_args)?;
     args.policy_args.keda_params()?;
     let kafka = args.kafka.resolve()?;
-    let (topic, group) = args.workers.resolve()?;
+    let (topic, group, kind) = resolve_group(&args)?;
     if args.policy_args.min_replicas > args.policy_args.max_replicas {
         return Err(ConfigError::new("--min", "must not exceed --max").into());
     }
     let kafka = kafka.start_msk_iam()?;
-    let run_args = child_args(&args.run_args, &topic, &group, args.drain_timeout_ms);
+    let run_args = child_args(&args.run_args, &topic, &group, kind, args.drain_timeout_ms);
     if let Some(dir) = &args.log_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating --log-dir {}", dir.display()))?;
@@ -259,17 +312,40 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         )) + KILL_MARGIN,
         log_dir: args.log_dir.clone(),
         timeline: args.timeline.clone(),
-        invalid_offset: args.policy_args.invalid_offset(),
         env: child_env(
             &kafka,
             &args.kafka.properties_to_hand_down()?,
             args.kafka.config_file(),
         )?,
     };
-    let mut reader = LagReader::new(&kafka, &group, &topic, Duration::from_secs(10))?;
-    if args.policy_args.max_lag_seconds.is_some() {
-        reader = reader.with_record_ages();
-    }
+    let observer = match kind {
+        GroupKind::Consumer => {
+            let mut reader = LagReader::new(&kafka, &group, &topic, Duration::from_secs(10))?;
+            if args.policy_args.max_lag_seconds.is_some() {
+                reader = reader.with_record_ages();
+            }
+            Observer::new(reader, args.policy_args.invalid_offset())
+        }
+        GroupKind::Share => {
+            if args.policy_args.max_lag_seconds.is_some() {
+                return Err(ConfigError::new(
+                    "--max-lag-seconds",
+                    "is not measured for a share group yet (its backlog has no record ages)",
+                )
+                .into());
+            }
+            let bootstrap = ShareConsumerConfig::from_kafka(&kafka, &group, vec![])?.bootstrap;
+            let reader = ShareLagReader::new(
+                security::connector(&kafka)?,
+                bootstrap,
+                &group,
+                &topic,
+                Duration::from_secs(10),
+                tokio::runtime::Handle::current(),
+            );
+            Observer::share(reader, args.policy_args.invalid_offset())
+        }
+    };
     let policy = make_policy(args.policy, &args.policy_args);
 
     let mut registry = Registry::default();
@@ -325,7 +401,7 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let handle = std::thread::Builder::new()
         .name("supervisor".into())
         .spawn(move || -> anyhow::Result<()> {
-            let mut sup = Supervisor::new(config, policy, reader)?;
+            let mut sup = Supervisor::new(config, policy, observer)?;
             tracing::info!(policy = sup.policy_name(), "supervisor started");
             while !stop.load(Ordering::SeqCst) {
                 let started = Instant::now();
@@ -379,7 +455,13 @@ mod tests {
 
     #[test]
     fn children_get_the_drain_deadline_and_a_port_unless_given() {
-        let args = child_args(&strings(&["--process-time-ms", "2"]), "t", "g", 7000);
+        let args = child_args(
+            &strings(&["--process-time-ms", "2"]),
+            "t",
+            "g",
+            GroupKind::Consumer,
+            7000,
+        );
         assert_eq!(
             args,
             strings(&[
@@ -405,7 +487,8 @@ mod tests {
             strings(&["--http-port=9200", "--drain-timeout-ms=100"]),
             strings(&["--http-port", "9200", "--drain-timeout-ms", "100"]),
         ] {
-            let args = child_args(&user, "t", "g", 7000);
+            let args = child_args(&user, "t", "g", GroupKind::Share, 7000);
+            assert!(args.contains(&"--share-group".to_string()), "{args:?}");
             assert_eq!(
                 args.iter().filter(|a| a.starts_with("--http-port")).count(),
                 1,

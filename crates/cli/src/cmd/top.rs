@@ -11,9 +11,8 @@ use std::sync::Arc;
 use microbatch_kafka::share::backlog::{self, ShareBacklog};
 use microbatch_kafka::share::cluster::Connector;
 use microbatch_kafka::share::{security, ShareConsumerConfig};
-use microbatch_scaling::lag::{
-    GroupLag, InvalidOffsetPolicy, LagReader, PartitionLag, RateTracker, Rates,
-};
+use microbatch_scaling::lag::{GroupLag, InvalidOffsetPolicy, LagReader, RateTracker, Rates};
+use microbatch_scaling::share_lag::backlog_as_lag;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Style};
@@ -80,22 +79,13 @@ struct Dashboard {
 }
 
 /// A share group's backlog in the dashboard's terms: a partition's "lag"
-/// is its backlog, and what is done is the high watermark less it (0 and
-/// unmeasured while the broker has no state for the partition).
+/// is its backlog (0 while the broker has no state for it: those are
+/// counted apart).
 fn share_as_lag(b: &ShareBacklog) -> GroupLag {
-    let partitions = b
-        .partitions
-        .iter()
-        .map(|p| PartitionLag {
-            partition: p.partition,
-            committed: p.backlog.map(|backlog| p.high.saturating_sub(backlog)),
-            low: 0,
-            high: p.high,
-            lag: p.backlog.unwrap_or(0),
-            lag_ms: None,
-        })
-        .collect();
-    GroupLag::new(&b.share_group, &b.topic, partitions)
+    let unknown_counts_none = InvalidOffsetPolicy::Latest {
+        scale_to_zero: true,
+    };
+    backlog_as_lag(b, unknown_counts_none)
 }
 
 impl Dashboard {

@@ -371,3 +371,104 @@ fn a_record_that_crashes_its_worker_is_dead_lettered_by_delivery_count() {
     );
     assert_eq!(started, 2 + 2 * poison.len(), "one restart per crash");
 }
+
+/// The seed's story under `supervise --share-group`: records arrive faster
+/// than 8 workers can take them on 8 partitions; the supervisor scales the
+/// share group past the partition count (a consumer group stops at 8),
+/// the workers all do a share, the backlog (read by Kafka's own tool)
+/// drains, nothing is lost, and the replicas return to the floor.
+#[test]
+fn supervise_scales_a_share_group_past_its_partitions_and_back() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let s = Scenario::new("share-supervise", 8);
+    let group = unique("share-supervise-group");
+    let dlq = s.dead_letter_topic(1);
+    // 10 ms a record: about 100/s for a worker with one slot.
+    let handler = recording_handler(
+        &s.dir,
+        HandlerBehaviour {
+            ms_per_record: 10,
+            ..HandlerBehaviour::default()
+        },
+    );
+    let tl = s.dir.path("timeline.jsonl");
+    let mut cmd = crate::harness::command();
+    cmd.args(["supervise", "--bootstrap-servers", &bootstrap]);
+    cmd.args(["--topic", &s.topic, "--share-group", &group]);
+    cmd.args(["--timeline", tl.to_str().unwrap()]);
+    cmd.args(["--log-dir", s.dir.0.to_str().unwrap()]);
+    cmd.args(["--policy", "rate", "--min", "1", "--max", "24"]);
+    cmd.args(["--rate-per-replica", "100", "--target-drain-seconds", "10"]);
+    cmd.args(["--scale-down-seconds", "5", "--polling-interval-ms", "500"]);
+    cmd.args(["--http-port", "0", "--drain-timeout-ms", "5000"]);
+    cmd.arg("--");
+    cmd.args(["--handler", "exec", "--command", &handler]);
+    cmd.args(["--concurrency", "1", "--max-records", "10"]);
+    cmd.args(["--dlq-topic", &dlq]);
+    let mut sup = Proc::spawn(cmd, s.dir.path("supervise.stderr"));
+    // 1,000/s for 30 s: ten workers' worth arriving, and a backlog that
+    // waits for more.
+    s.produce_steadily(30_000, 1_000, &[])
+        .wait_for_exit(Duration::from_secs(120))
+        .expect("the producer finished");
+    wait_for_share_backlog_zero(&bootstrap, &group, 8, Duration::from_secs(240));
+    let read_timeline = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&tl)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    wait_until(Duration::from_secs(90), "replicas back to 1", || {
+        read_timeline()
+            .last()
+            .is_some_and(|p| p["replicas"].as_u64() == Some(1))
+    });
+    sup.terminate();
+    let points = read_timeline();
+    let peak = points
+        .iter()
+        .filter_map(|p| p["replicas"].as_u64())
+        .max()
+        .unwrap();
+    let widest = points
+        .iter()
+        .find(|p| p["replicas"].as_u64() == Some(peak))
+        .unwrap();
+    eprintln!(
+        "share supervise: peak {peak} replicas on 8 partitions; {}",
+        widest["reason"]
+    );
+    assert!(
+        peak > 8 && peak <= 24,
+        "scaled past the 8 partitions, within --max: {peak}"
+    );
+    assert!(
+        points.iter().any(|p| p["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no partition cap")),
+        "the reason says why the partitions do not cap it"
+    );
+    // Each handler process is one worker's (it names its file by pid).
+    let files = handled_files(&s.dir);
+    let (handled, dead) = assert_nothing_lost(&s.topic, &dlq, &files);
+    assert!(dead.is_empty(), "nothing dead-lettered: {dead:?}");
+    let per_worker: Vec<usize> = files
+        .iter()
+        .map(|f| audited(std::slice::from_ref(f)).len())
+        .collect();
+    let working = per_worker.iter().filter(|n| **n > 0).count();
+    let duplicates: u32 = handled.values().map(|n| n - 1).sum();
+    eprintln!(
+        "share supervise: {} handled, {duplicates} twice, {working} of {} workers did work: {per_worker:?}",
+        handled.len(),
+        files.len()
+    );
+    assert!(
+        working > 8,
+        "more workers than partitions did work: {per_worker:?}"
+    );
+}

@@ -316,6 +316,35 @@ fn bad_input_exits_2_and_names_the_flag() {
             "--group",
         ),
         (&["run", "--share-group", "s"], "--topic"),
+        (
+            &[
+                "supervise",
+                "--topic",
+                "t",
+                "--share-group",
+                "s",
+                "--group",
+                "g",
+            ],
+            "--group",
+        ),
+        (&["supervise", "--share-group", "s"], "--topic"),
+        (
+            &[
+                "supervise",
+                "--topic",
+                "t",
+                "--share-group",
+                "s",
+                "--max-lag-seconds",
+                "5",
+            ],
+            "--max-lag-seconds",
+        ),
+        (
+            &["supervise", "--group", "g", "--", "--share-group", "s"],
+            "--share-group",
+        ),
     ];
     for (args, flag) in cases {
         let started = Instant::now();

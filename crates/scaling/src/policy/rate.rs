@@ -371,7 +371,14 @@ impl Policy for RatePolicy {
             })
             .collect();
         let need: f64 = needs.iter().sum();
-        let mut raw = replicas_for(&needs, rate);
+        // A share group's members all take from every partition: the need
+        // is one pool, and no partition bounds it.
+        let shared = o.lag.shared;
+        let mut raw = if shared {
+            (need / rate - 1e-9).ceil().max(0.0) as u32
+        } else {
+            replicas_for(&needs, rate)
+        };
         let too_old = match (p.max_lag, o.lag.lag_ms) {
             (Some(limit), Some(age_ms)) => age_ms as u128 > limit.as_millis(),
             _ => false,
@@ -383,8 +390,8 @@ impl Policy for RatePolicy {
         let partitions = o.lag.partitions.len() as u32;
         // Replicas past the partition count get no partition. On the guess
         // alone, the slots bound it further (a guess is not a demand).
-        let mut cap = partitions.max(1);
-        if self.source == CapacitySource::Guess {
+        let mut cap = if shared { u32::MAX } else { partitions.max(1) };
+        if self.source == CapacitySource::Guess && !shared {
             let slots = (partitions * p.slots_per_partition).div_ceil(p.slots_per_replica.max(1));
             cap = cap.min(slots.max(1));
         }
@@ -393,7 +400,7 @@ impl Policy for RatePolicy {
             .clamp(p.min_replicas, p.max_replicas.max(p.min_replicas));
         // Held short of the need: only replicas that shrink the busiest
         // one's share of partitions help.
-        let mut desired = if reachable < raw {
+        let mut desired = if reachable < raw && !shared {
             fewest_with_the_same_share(partitions, reachable).max(p.min_replicas)
         } else {
             reachable
@@ -402,14 +409,20 @@ impl Policy for RatePolicy {
             desired = 1;
         }
         let mut reason = format!(
-            "need {need:.0}/s ({sustained:.0}/s arriving + lag {lag} / {}s) at {rate:.0}/s per replica ({}): {raw} (ceil of the total: {}), cap {cap}",
+            "need {need:.0}/s ({sustained:.0}/s arriving + {} {lag} / {}s) at {rate:.0}/s per replica ({}): {raw} (ceil of the total: {}), {}",
+            if shared { "backlog" } else { "lag" },
             p.target_drain.as_secs(),
             match self.source {
                 CapacitySource::Guess => "guess",
                 CapacitySource::LagGrowth => "from lag growth",
                 CapacitySource::Workers => "workers' capacity",
             },
-            (need / rate).ceil()
+            (need / rate).ceil(),
+            if shared {
+                "no partition cap (a share group)".to_string()
+            } else {
+                format!("cap {cap}")
+            }
         );
         if idle {
             reason.push_str("; idle");
@@ -544,6 +557,58 @@ mod tests {
 
     fn workers(n: u32, processed_each: f64, busy: f64) -> WorkerCapacity {
         WorkerCapacity::from_parts(n, processed_each * f64::from(n), busy)
+    }
+
+    #[test]
+    fn a_share_groups_backlog_asks_past_the_partition_count() {
+        // 8 partitions of 3,000 waiting, drained within 10 s: 2,400/s at
+        // 100/s per replica. A consumer group gets at most one replica per
+        // partition; a share group's members all take from every one.
+        let params = RateParams {
+            max_replicas: 24,
+            target_drain: Duration::from_secs(10),
+            tolerance: 0.0,
+            ..RateParams::default()
+        };
+        let t0 = Instant::now();
+        let report = workers(8, 100.0, 1.0);
+        let mut lag = lag_of(&[(0, 3000); 8]);
+        let group = decide(
+            &mut RatePolicy::new(params.clone()),
+            t0,
+            &lag,
+            rates(0.0, 0.0),
+            Some(&report),
+            8,
+        );
+        assert_eq!(group.desired, 8, "{}", group.reason);
+        lag.shared = true;
+        let share = decide(
+            &mut RatePolicy::new(params.clone()),
+            t0,
+            &lag,
+            rates(0.0, 0.0),
+            Some(&report),
+            8,
+        );
+        assert_eq!(share.desired, 24, "{}", share.reason);
+        assert!(
+            share.reason.contains("no partition cap"),
+            "{}",
+            share.reason
+        );
+        // 1,000 waiting asks for 1, whatever the partitions.
+        let mut small = lag_of(&[(0, 125); 8]);
+        small.shared = true;
+        let d = decide(
+            &mut RatePolicy::new(params),
+            t0,
+            &small,
+            rates(0.0, 0.0),
+            Some(&report),
+            8,
+        );
+        assert_eq!(d.desired, 1, "{}", d.reason);
     }
 
     #[test]
