@@ -1,7 +1,8 @@
 //! `microbatch scaler`: KEDA's external scaler (`externalscaler.ExternalScaler`)
 //! serving our policies.
 //!
-//! The trigger's metadata names the group, topic and policy with its
+//! The trigger's metadata names the group (`consumerGroup`, or
+//! `shareGroup` for a share group's backlog), topic and policy with its
 //! parameters, takes KEDA's kafka trigger options (checked as KEDA checks
 //! them, [`crate::keda_trigger`]) and may name the cluster
 //! (`bootstrapServers`, [`cluster_for`]); Kafka credentials come from the scaler's own
@@ -43,6 +44,7 @@ use crate::defaults;
 use crate::lag::{InvalidOffsetPolicy, LagReader};
 use crate::observe::Observer;
 use crate::policy::{KedaParams, KedaPolicy, Policy, RateParams, RatePolicy};
+use crate::share_lag::ShareLagReader;
 use microbatch_kafka::ClientError;
 
 /// Generated from `proto/externalscaler.proto`.
@@ -76,6 +78,9 @@ struct TriggerSpec {
     /// kafka trigger without `topic`; `keda` policy only).
     topic: Option<String>,
     group: String,
+    /// `shareGroup` (a share group's backlog, no partition cap) rather
+    /// than `consumerGroup`.
+    share: bool,
     policy: PolicySpec,
     activation_lag_threshold: i64,
     invalid_offset: InvalidOffsetPolicy,
@@ -106,9 +111,25 @@ impl TriggerSpec {
                 "scalerMetadata.topic is required unless the policy is keda",
             ));
         }
-        let group = get(meta, "consumerGroup")
-            .ok_or_else(|| Status::invalid_argument("scalerMetadata.consumerGroup is required"))?
-            .to_string();
+        let (group, share) = match (get(meta, "consumerGroup"), get(meta, "shareGroup")) {
+            (Some(group), None) => (group.to_string(), false),
+            (None, Some(group)) if topic.is_some() => (group.to_string(), true),
+            (None, Some(_)) => {
+                return Err(Status::invalid_argument(
+                    "scalerMetadata.topic is required with shareGroup",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(Status::invalid_argument(
+                    "scalerMetadata.shareGroup: give consumerGroup or shareGroup, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(Status::invalid_argument(
+                    "scalerMetadata.consumerGroup (or shareGroup) is required",
+                ))
+            }
+        };
         // `sasl: none` and `tls: disable`, as copied from a kafka trigger,
         // hand over nothing and are fine.
         for (secret, harmless) in [
@@ -189,6 +210,7 @@ impl TriggerSpec {
             bootstrap_servers: get(meta, "bootstrapServers").map(str::to_string),
             topic,
             group,
+            share,
             policy,
             activation_lag_threshold,
             invalid_offset,
@@ -201,7 +223,8 @@ impl TriggerSpec {
             PolicySpec::Rate(_) => "rate",
         };
         let topics = self.topic.as_deref().unwrap_or("topics");
-        let raw = format!("microbatch-{policy}-{topics}-{}", self.group);
+        let kind = if self.share { "share-" } else { "" };
+        let raw = format!("microbatch-{policy}-{topics}-{kind}{}", self.group);
         raw.chars()
             .map(|c| {
                 if c.is_ascii_alphanumeric() {
@@ -289,7 +312,7 @@ impl TriggerState {
         })
     }
 
-    fn new(spec: TriggerSpec, reader: LagReader) -> Self {
+    fn new(spec: TriggerSpec, observer: Observer) -> Self {
         let policy: Box<dyn Policy> = match &spec.policy {
             PolicySpec::Keda(p) => Box::new(KedaPolicy::new(p.clone())),
             PolicySpec::Rate(p) => Box::new(RatePolicy::new(p.clone())),
@@ -299,7 +322,7 @@ impl TriggerState {
             _ => None,
         };
         Self {
-            observer: Observer::new(reader, spec.invalid_offset),
+            observer,
             spec,
             policy,
             group_topics,
@@ -675,12 +698,17 @@ impl Scaler {
         let spec = TriggerSpec::from_metadata(&r.scaler_metadata)?;
         let kafka = cluster_for(&self.kafka, spec.bootstrap_servers.as_deref())?;
         let topic = spec.topic.as_deref().unwrap_or_default();
-        let mut reader = LagReader::new(&kafka, &spec.group, topic, Duration::from_secs(10))
-            .map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
-        if spec.topic.is_some() {
-            // One record per partition with lag, for microbatch_scaler_lag_seconds.
-            reader = reader.with_record_ages();
-        }
+        let observer = if spec.share {
+            share_observer(&kafka, &spec.group, topic, spec.invalid_offset)?
+        } else {
+            let mut reader = LagReader::new(&kafka, &spec.group, topic, Duration::from_secs(10))
+                .map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
+            if spec.topic.is_some() {
+                // One record per partition with lag, for microbatch_scaler_lag_seconds.
+                reader = reader.with_record_ages();
+            }
+            Observer::new(reader, spec.invalid_offset)
+        };
         let trigger = Arc::new(Trigger {
             labels: ObjectLabel {
                 scaled_object: format!("{}/{}", r.namespace, r.name),
@@ -691,7 +719,7 @@ impl Scaler {
             answer: Mutex::new(None),
             in_flight: std::sync::atomic::AtomicBool::new(false),
             failures: Mutex::new(0),
-            work: Mutex::new(TriggerState::new(spec, reader)),
+            work: Mutex::new(TriggerState::new(spec, observer)),
         });
         let mut triggers = self
             .triggers
@@ -766,6 +794,30 @@ impl Scaler {
             .get_or_create(&OutcomeLabel { outcome })
             .inc();
     }
+}
+
+/// A share group's backlog reader; its reads run on the scaler's runtime
+/// from the evaluation's blocking thread.
+fn share_observer(
+    kafka: &KafkaConfig,
+    group: &str,
+    topic: &str,
+    invalid_offset: InvalidOffsetPolicy,
+) -> Result<Observer, Status> {
+    use microbatch_kafka::share::{security, ShareConsumerConfig};
+    let config = ShareConsumerConfig::from_kafka(kafka, group, vec![])
+        .map_err(|e| Status::invalid_argument(format!("kafka: {e}")))?;
+    let connector =
+        security::connector(kafka).map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
+    let reader = ShareLagReader::new(
+        connector,
+        config.bootstrap,
+        group,
+        topic,
+        Duration::from_secs(10),
+        tokio::runtime::Handle::current(),
+    );
+    Ok(Observer::share(reader, invalid_offset))
 }
 
 fn timed_out(r: &ScaledObjectRef) -> Status {

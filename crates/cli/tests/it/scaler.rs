@@ -644,3 +644,68 @@ fn the_scaler_serves_grpc_over_tls_only_to_callers_with_a_client_certificate() {
         .stderr()
         .contains("mutual (client certificates required)"));
 }
+
+/// A `shareGroup` trigger scales on the share group's backlog with no
+/// partition cap: 24,000 records waiting on 8 partitions at lagThreshold
+/// 100 give KEDA a metric of 24,000 (240 replicas' worth, which
+/// maxReplicaCount bounds), where the same records under `consumerGroup`
+/// are capped at 8 replicas' worth (800). Metadata mistakes are refused.
+#[test]
+fn a_share_group_trigger_is_not_capped_by_partitions() {
+    if crate::share::real_broker().is_none() {
+        return;
+    }
+    let sc = Scenario::new("scaler-share", 8);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(24_000, &[]);
+    let (grpc, http) = (free_port(), free_port());
+    let _scaler = spawn_scaler(dir, grpc, http, &[]);
+    let share_group = unique("scaler-share-group");
+    let keda = [("policy", "keda"), ("lagThreshold", "100")];
+    let share_meta = |extra: &[(&str, &str)]| {
+        let mut o = object(topic, group, extra);
+        o.scaler_metadata.remove("consumerGroup");
+        o.scaler_metadata
+            .insert("shareGroup".into(), share_group.clone());
+        o
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = ExternalScalerClient::new(connect(grpc).await);
+        let share = ScaledObjectRef {
+            name: "share".into(),
+            ..share_meta(&keda)
+        };
+        let spec = client
+            .get_metric_spec(share.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        let name = spec.metric_specs[0].metric_name.clone();
+        assert!(name.contains("share"), "{name}");
+        let shared = metric_value(&mut client, share.clone(), &name).await;
+        assert_eq!(shared, 24_000, "the whole backlog, no partition cap");
+        assert!(client.is_active(share).await.unwrap().into_inner().result);
+        let consumer = named("consumer", topic, group, &keda);
+        let spec = client
+            .get_metric_spec(consumer.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        let capped = metric_value(&mut client, consumer, &spec.metric_specs[0].metric_name).await;
+        assert_eq!(capped, 800, "a consumer group is capped at its partitions");
+        // The topic is required, and one group only.
+        let mut no_topic = share_meta(&keda);
+        no_topic.name = "no-topic".into();
+        no_topic.scaler_metadata.remove("topic");
+        let mut both = share_meta(&keda);
+        both.name = "both".into();
+        both.scaler_metadata
+            .insert("consumerGroup".into(), group.to_string());
+        for (o, says) in [(no_topic, "topic"), (both, "not both")] {
+            let err = client.get_metric_spec(o).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+            assert!(err.message().contains(says), "{err}");
+        }
+    });
+}
