@@ -36,7 +36,7 @@ const (
 
 // Every overlay the kit ships (the test fails if a directory is added
 // without being listed here, so each gets its specific checks).
-var overlays = []string{"msk-scram", "msk-iam", "external-scaler", "plaintext"}
+var overlays = []string{"msk-scram", "msk-iam", "external-scaler", "plaintext", "share-group"}
 
 // KEDA kafka trigger metadata keys (keda.sh docs, scalers/apache-kafka).
 var kafkaTriggerKeys = []string{
@@ -217,6 +217,9 @@ func TestOverlays(t *testing.T) {
 				checkMSKIAM(t, r, filepath.Join(root, overlaysDirName, name))
 			case "external-scaler":
 				checkExternalScaler(t, r)
+			case "share-group":
+				checkExternalScaler(t, r)
+				checkShareGroup(t, r)
 			case "plaintext":
 				checkPlaintext(t, r)
 			}
@@ -398,8 +401,18 @@ func checkCommon(t *testing.T, r rendered, f *binaryFacts, secret *corev1.Secret
 	cfg := workerEnv
 	trig := so.Spec.Triggers[0]
 	md := trig.Metadata
-	for _, k := range []string{"topic", "consumerGroup"} {
-		want := map[string]string{"topic": cfg["KAFKA_TOPIC"], "consumerGroup": cfg["CONSUMER_GROUP"]}[k]
+	// A share group's workers read SHARE_GROUP, and its trigger names it
+	// as shareGroup; a worker given both groups refuses to start.
+	groupKey, groupVar := "consumerGroup", "CONSUMER_GROUP"
+	if _, share := md["shareGroup"]; share {
+		groupKey, groupVar = "shareGroup", "SHARE_GROUP"
+		if md["consumerGroup"] != "" || cfg["CONSUMER_GROUP"] != "" {
+			t.Errorf("a share-group trigger beside consumerGroup %q / CONSUMER_GROUP %q: one group only",
+				md["consumerGroup"], cfg["CONSUMER_GROUP"])
+		}
+	}
+	for _, k := range []string{"topic", groupKey} {
+		want := map[string]string{"topic": cfg["KAFKA_TOPIC"], groupKey: cfg[groupVar]}[k]
 		if md[k] == "" || md[k] != want {
 			t.Errorf("trigger %s %q, the workers use %q", k, md[k], want)
 		}
@@ -830,7 +843,11 @@ func checkWorker(t *testing.T, d *appsv1.Deployment, env map[string]string, f *b
 	if env["MICROBATCH_LOG_FORMAT"] != "json" {
 		t.Errorf("Deployment/%s: MICROBATCH_LOG_FORMAT %q, want json in Kubernetes", d.Name, env["MICROBATCH_LOG_FORMAT"])
 	}
-	for _, k := range []string{"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SECURITY_PROTOCOL", "KAFKA_TOPIC", "CONSUMER_GROUP",
+	group := "CONSUMER_GROUP"
+	if env["SHARE_GROUP"] != "" {
+		group = "SHARE_GROUP"
+	}
+	for _, k := range []string{"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SECURITY_PROTOCOL", "KAFKA_TOPIC", group,
 		"BATCH_SIZE", "PROCESS_TIME_SECONDS", "MICROBATCH_OFFSET_RESET", "MICROBATCH_CONCURRENCY", "MICROBATCH_ORDERING"} {
 		if env[k] == "" {
 			t.Errorf("Deployment/%s: %s is not set", d.Name, k)
@@ -1070,6 +1087,34 @@ func checkMSKIAM(t *testing.T, r rendered, dir string) {
 	checkIAMPolicy(t, filepath.Join(dir, "iam-policy.json"), mskIAMWorkerActions, nil)
 	checkIAMPolicy(t, filepath.Join(dir, "keda-iam-policy.json"), mskIAMKedaActions,
 		[]string{"kafka-cluster:ReadData", "kafka-cluster:WriteData", "kafka-cluster:AlterGroup"})
+}
+
+// checkShareGroup: the workers join a share group (no ordering, no
+// consumer group), and the trigger scales on its backlog past the
+// partition count.
+func checkShareGroup(t *testing.T, r rendered) {
+	t.Helper()
+	cm := r.all("ConfigMap")[0].Obj.(*corev1.ConfigMap)
+	if cm.Data["SHARE_GROUP"] == "" {
+		t.Errorf("share-group: the workers get no SHARE_GROUP")
+	}
+	if _, ok := cm.Data["CONSUMER_GROUP"]; ok {
+		t.Errorf("share-group: CONSUMER_GROUP is left in the ConfigMap (a worker given both refuses to start)")
+	}
+	if o := cm.Data["MICROBATCH_ORDERING"]; o != "none" {
+		t.Errorf("share-group: MICROBATCH_ORDERING %q; a share group orders nothing, and the worker refuses key and partition", o)
+	}
+	so := r.all("ScaledObject")[0].Obj.(*ScaledObject)
+	md := so.Spec.Triggers[0].Metadata
+	if md["shareGroup"] != cm.Data["SHARE_GROUP"] {
+		t.Errorf("share-group: trigger shareGroup %q, the workers' SHARE_GROUP %q", md["shareGroup"], cm.Data["SHARE_GROUP"])
+	}
+	if so.Spec.MaxReplicaCount == nil || *so.Spec.MaxReplicaCount <= 8 {
+		t.Errorf("share-group: maxReplicaCount should pass the 8 partitions of the kit's topic")
+	}
+	if md["maxReplicas"] != strconv.Itoa(int(*so.Spec.MaxReplicaCount)) {
+		t.Errorf("share-group: trigger maxReplicas %q, ScaledObject maxReplicaCount %d", md["maxReplicas"], *so.Spec.MaxReplicaCount)
+	}
 }
 
 func checkExternalScaler(t *testing.T, r rendered) {

@@ -237,6 +237,7 @@ type sample struct {
 	hpaWant   int32         // the HPA's status.desiredReplicas
 	lag       int64
 	predicted int32 // `microbatch lag --policy keda` (kafka trigger) at this step; -1 if none
+	members   int   // a share group's members, as the broker counts them; -1 for a consumer group
 }
 
 func (s *session) replicas(ctx context.Context) (int32, int32, error) {
@@ -304,18 +305,26 @@ func (s *session) watch(within time.Duration, predict bool, kick func(), done fu
 		if err != nil {
 			return steps, err
 		}
-		st := sample{at: time.Since(start), replicas: r, running: s.standIn.running("worker"), hpaWant: want, predicted: -1}
-		args := append([]string{}, policyArgs...)
-		if predict {
-			args = append(args, "--replicas", strconv.Itoa(int(r)))
-		}
-		l, err := s.e.lag(ctx, s.admin, s.o.topic, s.o.group, args...)
-		if err != nil {
-			return steps, err
-		}
-		st.lag = l.TotalLag
-		if l.Policy != nil {
-			st.predicted = l.Policy.DesiredReplicas
+		st := sample{at: time.Since(start), replicas: r, running: s.standIn.running("worker"), hpaWant: want, predicted: -1, members: -1}
+		if s.o.share() {
+			l, err := s.e.shareLag(ctx, s.admin, s.o.topic, s.o.group)
+			if err != nil {
+				return steps, err
+			}
+			st.lag, st.members = l.TotalBacklog, l.Members
+		} else {
+			args := append([]string{}, policyArgs...)
+			if predict {
+				args = append(args, "--replicas", strconv.Itoa(int(r)))
+			}
+			l, err := s.e.lag(ctx, s.admin, s.o.topic, s.o.group, args...)
+			if err != nil {
+				return steps, err
+			}
+			st.lag = l.TotalLag
+			if l.Policy != nil {
+				st.predicted = l.Policy.DesiredReplicas
+			}
 		}
 		steps = append(steps, st)
 		if kick != nil {
@@ -671,6 +680,64 @@ func TestExternalScalerOverlay(t *testing.T) {
 		t.Errorf("rate policy and HPA disagree: %s", b)
 	}
 	s.checkImageRun(true)
+}
+
+// TestShareGroupOverlay: the share-group overlay, workers in a share group
+// on 4 partitions, scaled by KEDA's operator through `microbatch scaler`
+// on the group's backlog: a burst takes the Deployment past the partition
+// count, the broker counts more members than partitions, the backlog
+// drains and the replicas return to the minimum.
+func TestShareGroupOverlay(t *testing.T) {
+	port, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := testOverlay{base: "share-group", worker: cluster.scramKafka(), minReplica: 1, scalerAddr: fmt.Sprintf("127.0.0.1:%d", port)}
+	s, err := deployKit(t, o, map[string]int{"scaler/grpc": port}, 3*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.checkKeda()
+	// Three bursts' worth: at the scaler's first guess (50/s per replica,
+	// at most doubling per 15 s) the count passes 4 before one worker
+	// (80/s) and its helpers have drained it.
+	const records = 3 * burst
+	var top int32
+	var peak time.Duration
+	mostMembers := 0
+	steps, err := s.watch(6*time.Minute, false, func() {
+		s.produce(records)
+		t.Logf("burst: %d records produced at once", records)
+	}, func(st []sample) bool {
+		l := st[len(st)-1]
+		if l.replicas > top {
+			top, peak = l.replicas, l.at
+		}
+		mostMembers = max(mostMembers, l.members)
+		return top > partitions && l.lag == 0 && l.replicas == int32(o.minReplica) && l.running == o.minReplica
+	})
+	table := shareTimeline(steps)
+	writeArtifact(t, "timeline.md", table)
+	t.Logf("timeline (t from the burst):\n%s", table)
+	if err != nil {
+		t.Fatalf("the burst was not scaled past the partitions, drained and scaled back: %v", err)
+	}
+	t.Logf("peak %d replicas at +%.0fs on %d partitions; the broker counted up to %d members; back to %d at +%.0fs",
+		top, peak.Seconds(), partitions, mostMembers, o.minReplica, steps[len(steps)-1].at.Seconds())
+	if mostMembers <= partitions {
+		t.Errorf("the broker never counted more members (%d) than partitions (%d)", mostMembers, partitions)
+	}
+	s.checkImageRun(true)
+}
+
+// shareTimeline: the steps of a share-group session.
+func shareTimeline(steps []sample) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "| t (s) | backlog | share-group members | Deployment replicas (HPA/KEDA) | HPA desired | worker processes |\n|---|---|---|---|---|---|\n")
+	for _, st := range steps {
+		fmt.Fprintf(&b, "| %.0f | %d | %d | %d | %d | %d |\n", st.at.Seconds(), st.lag, st.members, st.replicas, st.hpaWant, st.running)
+	}
+	return b.String()
 }
 
 // TestBrokenManifests: a deliberately broken overlay makes the e2e fail

@@ -283,6 +283,25 @@ type lagJSON struct {
 	} `json:"policy"`
 }
 
+// shareLagJSON is `microbatch lag --share-group --json`.
+type shareLagJSON struct {
+	TotalBacklog int64 `json:"total_backlog"`
+	Members      int   `json:"members"`
+}
+
+// shareLag reads a share group's backlog and members as Kafka reports them.
+func (e *env) shareLag(ctx context.Context, k kafka, topic, group string) (shareLagJSON, error) {
+	out, err := e.runMicrobatch(ctx, k, "lag", "--topic", topic, "--share-group", group, "--json")
+	var l shareLagJSON
+	if err != nil {
+		return l, err
+	}
+	if err := json.Unmarshal([]byte(strings.TrimSpace(out)), &l); err != nil {
+		return l, fmt.Errorf("microbatch lag --share-group --json: %w: %q", err, out)
+	}
+	return l, nil
+}
+
 func (e *env) lag(ctx context.Context, k kafka, topic, group string, extra ...string) (lagJSON, error) {
 	args := append([]string{"lag", "--topic", topic, "--group", group, "--json"}, extra...)
 	out, err := e.runMicrobatch(ctx, k, args...)

@@ -43,7 +43,7 @@ const (
 // points it at the local broker and a topic of its own, the way a user's
 // own overlay would: the kit's overlay is a resource, unchanged.
 type testOverlay struct {
-	base       string // plaintext, msk-scram or external-scaler
+	base       string // plaintext, msk-scram, external-scaler or share-group
 	topic      string
 	group      string
 	worker     kafka  // the workers' Kafka settings (ConfigMap + Secret)
@@ -53,6 +53,13 @@ type testOverlay struct {
 	triggerAuthPasswordKey string // the key the TriggerAuthentication reads the password from
 	podPasswordKey         string // the key the worker's KAFKA_PASSWORD comes from
 }
+
+// share: the workers join a share group (the share-group overlay).
+func (o testOverlay) share() bool { return o.base == "share-group" }
+
+// external: KEDA asks `microbatch scaler` (external-scaler and the overlays
+// built on it).
+func (o testOverlay) external() bool { return o.base == "external-scaler" || o.share() }
 
 // write renders the kustomization into dir and returns dir.
 func (o testOverlay) write(repo, dir string) (string, error) {
@@ -66,7 +73,11 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 	p("kind: Kustomization")
 	p("resources:\n  - %s", rel)
 	p("configMapGenerator:\n  - name: microbatch-config\n    behavior: merge\n    literals:")
-	p("      - KAFKA_TOPIC=%s\n      - CONSUMER_GROUP=%s", o.topic, o.group)
+	groupVar, groupKey := "CONSUMER_GROUP", "consumerGroup"
+	if o.share() {
+		groupVar, groupKey = "SHARE_GROUP", "shareGroup"
+	}
+	p("      - KAFKA_TOPIC=%s\n      - %s=%s", o.topic, groupVar, o.group)
 	p("      - KAFKA_BOOTSTRAP_SERVERS=%s", o.worker["KAFKA_BOOTSTRAP_SERVERS"])
 	// A private CA reaches the pods as a user's would: a ConfigMap mounted
 	// as a volume, its path in KAFKA_SSL_CA_LOCATION.
@@ -88,9 +99,9 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 		// The kit's overlays copy these from the ConfigMap with replacements
 		// that ran before this layer changed it: copy them again.
 		fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/topic", "value": %q}`, o.topic),
-		fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/consumerGroup", "value": %q}`, o.group),
+		fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/%s", "value": %q}`, groupKey, o.group),
 	}
-	if o.base == "external-scaler" {
+	if o.external() {
 		so = append(so, fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/scalerAddress", "value": %q}`, o.scalerAddr),
 			// Drain a burst within 10 s instead of 60: the test's burst then
 			// asks for more than one replica.
@@ -106,7 +117,7 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 	p("  - target: {group: keda.sh, kind: ScaledObject, name: microbatch}\n    patch: |-\n      [%s]", strings.Join(so, ", "))
 	if ca != "" {
 		deployments := map[string]string{"microbatch": "worker"} // Deployment -> container
-		if o.base == "external-scaler" {
+		if o.external() {
 			deployments["microbatch-scaler"] = "scaler"
 		}
 		for d, container := range deployments {
@@ -130,7 +141,7 @@ func (o testOverlay) write(repo, dir string) (string, error) {
                     readOnly: true`, d, container, caMountPath)
 		}
 	}
-	if o.base == "external-scaler" {
+	if o.external() {
 		// The scaler logs each call KEDA makes (debug), and re-checks lag
 		// for StreamIsActive every second.
 		p(`  - target: {group: apps, kind: Deployment, name: microbatch-scaler}

@@ -315,12 +315,19 @@ func (s *standIn) prepare(ctx context.Context, pod *corev1.Pod) (*podProcess, er
 		return p, nil
 	}
 	// No image: a path under a volume's mount path is its host directory.
-	for _, v := range p.volumes {
-		for i, kv := range env {
-			name, value, _ := strings.Cut(kv, "=")
-			if strings.HasPrefix(value, v.mountPath+"/") {
-				env[i] = name + "=" + v.hostDir + strings.TrimPrefix(value, v.mountPath)
+	// Each value is rewritten once, by its longest mount path: a host
+	// directory under /tmp must not be rewritten again by a /tmp mount.
+	for i, kv := range env {
+		name, value, _ := strings.Cut(kv, "=")
+		var best *podVolume
+		for j := range p.volumes {
+			v := &p.volumes[j]
+			if strings.HasPrefix(value, v.mountPath+"/") && (best == nil || len(v.mountPath) > len(best.mountPath)) {
+				best = v
 			}
+		}
+		if best != nil {
+			env[i] = name + "=" + best.hostDir + strings.TrimPrefix(value, best.mountPath)
 		}
 	}
 	if len(c.Command) > 0 {

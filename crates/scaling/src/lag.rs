@@ -46,6 +46,11 @@ pub struct PartitionLag {
     /// commit (the group would start at the end: no record waits).
     #[serde(rename = "lag_seconds", serialize_with = "as_seconds")]
     pub lag_ms: Option<i64>,
+    /// How far below `committed` the position may really be: 0 for a
+    /// consumer group; for a share group's backlog, the records that
+    /// arrived while it was read (see `crate::share_lag`).
+    #[serde(skip)]
+    pub committed_slack: i64,
 }
 
 fn as_seconds<S: serde::Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
@@ -98,6 +103,7 @@ impl PartitionLag {
             high,
             lag,
             lag_ms: (lag == 0).then_some(0),
+            committed_slack: 0,
         }
     }
 }
@@ -416,6 +422,10 @@ pub struct RateTracker {
     /// The reading the current interval started from: time, Σ high, Σ committed.
     base: Option<(Instant, i64, i64)>,
     smoothed: Option<Rates>,
+    /// Share groups: per partition, the most records known done (the lower
+    /// bound of each reading), and their sum's increments so far.
+    shared_done: HashMap<i32, i64>,
+    shared_total: i64,
 }
 
 /// Readings closer together than this add no interval.
@@ -428,9 +438,36 @@ pub const RATE_SMOOTHING: Duration = Duration::from_secs(5);
 const IDLE_RATE: f64 = 0.5;
 
 impl RateTracker {
+    /// Where the group is, in records done. A share group's position is
+    /// known only within the arrivals during its reading: it counts a
+    /// partition's progress only once the lower bound passes the most seen
+    /// (the noise of the bounds never reads as records processed), and a
+    /// partition the broker starts keeping state for is a base, not
+    /// progress (a new group's start at the high watermark).
+    fn consumed_position(&mut self, lag: &GroupLag) -> i64 {
+        if !lag.shared {
+            return lag.total_consumed_position();
+        }
+        for p in &lag.partitions {
+            let Some(c) = p.committed else { continue };
+            let lower = c.saturating_sub(p.committed_slack);
+            match self.shared_done.get_mut(&p.partition) {
+                Some(seen) if lower > *seen => {
+                    self.shared_total = self.shared_total.saturating_add(lower - *seen);
+                    *seen = lower;
+                }
+                Some(_) => {}
+                None => {
+                    self.shared_done.insert(p.partition, lower);
+                }
+            }
+        }
+        self.shared_total
+    }
+
     pub fn observe(&mut self, at: Instant, lag: &GroupLag) -> Rates {
         let high = lag.total_high();
-        let consumed = lag.total_consumed_position();
+        let consumed = self.consumed_position(lag);
         let Some((t0, h0, c0)) = self.base else {
             self.base = Some((at, high, consumed));
             return Rates::default();

@@ -223,8 +223,13 @@ impl TriggerSpec {
             PolicySpec::Rate(_) => "rate",
         };
         let topics = self.topic.as_deref().unwrap_or("topics");
-        let kind = if self.share { "share-" } else { "" };
-        let raw = format!("microbatch-{policy}-{topics}-{kind}{}", self.group);
+        // `share` stands where a consumer group's policy does, so no two
+        // triggers' names can meet.
+        let raw = if self.share {
+            format!("microbatch-share-{policy}-{topics}-{}", self.group)
+        } else {
+            format!("microbatch-{policy}-{topics}-{}", self.group)
+        };
         raw.chars()
             .map(|c| {
                 if c.is_ascii_alphanumeric() {

@@ -22,15 +22,25 @@ use crate::lag::{GroupLag, InvalidOffsetPolicy, PartitionLag};
 
 /// `b` in a policy's terms. A partition the broker has no state for yet
 /// (no member fetched from it) counts as `policy` says a partition without
-/// a committed offset does; its low watermark is not read, so `earliest`
-/// counts every record below the high watermark.
+/// a committed offset does (`earliest`: the records retained).
 pub fn backlog_as_lag(b: &ShareBacklog, policy: InvalidOffsetPolicy) -> GroupLag {
     let partitions = b
         .partitions
         .iter()
         .map(|p| {
+            // What is done lies between the high watermark read before the
+            // backlog and the one read after, less the backlog: the upper
+            // bound makes the lag the backlog itself, the slack keeps the
+            // arrivals of the reading from passing for progress.
             let done = p.backlog.map(|backlog| p.high.saturating_sub(backlog));
-            PartitionLag::compute(p.partition, done, 0, p.high, policy)
+            let mut lag = PartitionLag::compute(p.partition, done, p.low, p.high, policy);
+            if done.is_some() {
+                lag.committed_slack = p.high.saturating_sub(p.high_before).max(0);
+            }
+            // No record ages are read: none is known, not even 0 (a
+            // partition with nothing waiting would make the oldest 0).
+            lag.lag_ms = None;
+            lag
         })
         .collect();
     let mut lag = GroupLag::new(&b.share_group, &b.topic, partitions);
@@ -82,11 +92,99 @@ impl ShareLagReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use microbatch_kafka::share::backlog::partition_backlog;
+    use crate::lag::RateTracker;
+    use crate::policy::{Observation, Policy, RateParams, RatePolicy};
+    use microbatch_kafka::share::backlog::{partition_backlog, partition_backlog_between};
+    use std::time::Instant;
+
+    /// One reading of 8 partitions: `done` records finished on each, the
+    /// high watermark `high` when the reading began, and `noise` the
+    /// records arriving during it (before and after the group's offsets).
+    fn reading(done: i64, high: i64, noise: &mut impl FnMut() -> i64) -> ShareBacklog {
+        let partitions: Vec<_> = (0..8)
+            .map(|p| {
+                let (before, after) = (noise(), noise());
+                let at_describe = high + before;
+                partition_backlog_between(
+                    p,
+                    done,
+                    Some(at_describe - done),
+                    0,
+                    high,
+                    at_describe + after,
+                )
+            })
+            .collect();
+        ShareBacklog {
+            share_group: "s".into(),
+            topic: "t".into(),
+            members: 1,
+            total_backlog: partitions.iter().filter_map(|p| p.backlog).sum(),
+            partitions_unknown: 0,
+            backlog_source: backlog::SOURCE_BROKER_LAG,
+            partitions,
+        }
+    }
+
+    /// Found in review: the high watermark, read after the backlog, made
+    /// the arrivals of each reading look like records done, so a share
+    /// group in a downstream outage was never held, and learned a capacity
+    /// of a few records a second per replica from that noise: it asked for
+    /// --max. Now the position counts only what even its lowest bound
+    /// shows.
+    #[test]
+    fn the_arrivals_of_a_reading_are_not_progress() {
+        let mut seed = 7u64;
+        let mut noise = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) % 3) as i64
+        };
+        let mut policy = RatePolicy::new(RateParams {
+            max_replicas: 24,
+            target_drain: Duration::from_secs(30),
+            initial_rate_per_replica: 100.0,
+            ..RateParams::default()
+        });
+        let mut rates = RateTracker::default();
+        let t0 = Instant::now();
+        let (mut done, mut high) = (0i64, 0i64);
+        let mut held = false;
+        for s in 0..120u64 {
+            // 60/s arrive; for 20 s one replica keeps up, then its
+            // downstream is gone and nothing is acknowledged.
+            high += 60 / 8;
+            if s < 20 {
+                done = high;
+            }
+            let b = reading(done, high, &mut noise);
+            let lag = backlog_as_lag(&b, InvalidOffsetPolicy::Earliest);
+            let at = t0 + Duration::from_secs(s);
+            let observed = rates.observe(at, &lag);
+            let d = policy.decide(
+                at,
+                &Observation {
+                    lag: &lag,
+                    rates: observed,
+                    capacity: None,
+                    current: 1,
+                },
+            );
+            // Decayed from the healthy 60/s (5 s time constant): no noise
+            // keeps it up.
+            if s >= 60 {
+                assert!(observed.processed_per_sec < 1.0, "second {s}: {observed:?}");
+            }
+            assert_eq!(d.desired, 1, "second {s}: {}", d.reason);
+            held |= d.scale_up_held;
+        }
+        assert!(held, "the outage is held");
+    }
 
     #[test]
     fn backlog_reads_as_lag_and_unknown_partitions_follow_the_reset_policy() {
-        let b = ShareBacklog {
+        let mut b = ShareBacklog {
             share_group: "s".into(),
             topic: "t".into(),
             members: 3,
@@ -111,5 +209,15 @@ mod tests {
             scale_to_zero: true,
         };
         assert_eq!(backlog_as_lag(&b, latest).total_lag, 40);
+        // Records arriving while it was read: the position is known within
+        // them; a low watermark bounds a new partition's records.
+        b.partitions = vec![
+            partition_backlog_between(0, 100, Some(40), 0, 495, 500),
+            partition_backlog_between(1, -1, None, 50, 70, 70),
+        ];
+        let lag = backlog_as_lag(&b, InvalidOffsetPolicy::Earliest);
+        assert_eq!(lag.partitions[0].committed_slack, 5);
+        assert_eq!(lag.partitions[0].lag, 40);
+        assert_eq!(lag.partitions[1].lag, 20, "retention took the first 50");
     }
 }

@@ -661,6 +661,7 @@ fn a_share_group_trigger_is_not_capped_by_partitions() {
     let (grpc, http) = (free_port(), free_port());
     let _scaler = spawn_scaler(dir, grpc, http, &[]);
     let share_group = unique("scaler-share-group");
+    let dlq = sc.dead_letter_topic(1);
     let keda = [("policy", "keda"), ("lagThreshold", "100")];
     let share_meta = |extra: &[(&str, &str)]| {
         let mut o = object(topic, group, extra);
@@ -694,6 +695,46 @@ fn a_share_group_trigger_is_not_capped_by_partitions() {
             .into_inner();
         let capped = metric_value(&mut client, consumer, &spec.metric_specs[0].metric_name).await;
         assert_eq!(capped, 800, "a consumer group is capped at its partitions");
+        // Once the group has state for every partition (a worker fetched
+        // from each and acknowledged some), the metric is the backlog as
+        // Kafka's own admin client reads it, still uncapped.
+        let mut worker = spawn_share_worker(
+            dir,
+            "w",
+            topic,
+            &share_group,
+            0,
+            &["--process-time-ms", "20", "--dlq-topic", &dlq],
+        );
+        let bootstrap = broker().bootstrap().to_string();
+        // Kafka's tool shows a partition without state as "-".
+        let unknown = || {
+            let out = command()
+                .args(["lag", "--bootstrap-servers", &bootstrap, "--topic", topic])
+                .args(["--share-group", &share_group, "--json"])
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["partitions_unknown"].as_u64().unwrap()
+        };
+        let started = Instant::now();
+        while unknown() > 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the group has no state for some partitions after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        worker.signal(9);
+        let _ = worker.wait_for_exit(Duration::from_secs(10));
+        let backlog: i64 = share_group_lag(&bootstrap, &share_group).values().sum();
+        let later = ScaledObjectRef {
+            name: "share-later".into(),
+            ..share_meta(&keda)
+        };
+        let value = metric_value(&mut client, later, &name).await;
+        assert_eq!(value, backlog, "the backlog Kafka's tool reads");
+        assert!(backlog > 800, "more than 8 replicas' worth: {backlog}");
         // The topic is required, and one group only.
         let mut no_topic = share_meta(&keda);
         no_topic.name = "no-topic".into();

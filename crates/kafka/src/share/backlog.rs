@@ -42,7 +42,15 @@ pub struct PartitionBacklog {
     /// The share-partition start offset; `None` before the group has state
     /// for the partition (no member has fetched from it yet).
     pub start_offset: Option<i64>,
+    /// The log start offset (what `earliest` starts a new group at).
+    pub low: i64,
+    /// The high watermark read after the group's offsets.
     pub high: i64,
+    /// The high watermark read before them: records arriving between the
+    /// two reads may or may not be in the backlog, so what is done lies
+    /// between `high_before - backlog` and `high - backlog`.
+    #[serde(skip)]
+    pub high_before: i64,
     /// The broker's lag, or `high - start_offset` (see `backlog_source`);
     /// `None` when the broker has no state for the partition yet.
     pub backlog: Option<i64>,
@@ -52,7 +60,7 @@ pub struct PartitionBacklog {
 pub struct ShareBacklog {
     pub share_group: String,
     pub topic: String,
-    /// Members of the group, on any topic.
+    /// Members of the group that subscribe to the topic.
     pub members: usize,
     /// The sum over partitions whose backlog is known.
     pub total_backlog: i64,
@@ -73,6 +81,19 @@ pub fn partition_backlog(
     lag: Option<i64>,
     high: i64,
 ) -> PartitionBacklog {
+    partition_backlog_between(partition, start, lag, 0, high, high)
+}
+
+/// [`partition_backlog`] with the log start offset and the high watermark
+/// read before and after the group's offsets.
+pub fn partition_backlog_between(
+    partition: i32,
+    start: i64,
+    lag: Option<i64>,
+    low: i64,
+    high_before: i64,
+    high: i64,
+) -> PartitionBacklog {
     let start_offset = (start >= 0).then_some(start);
     let backlog = match lag {
         Some(lag) => (lag >= 0).then_some(lag),
@@ -81,7 +102,9 @@ pub fn partition_backlog(
     PartitionBacklog {
         partition,
         start_offset,
+        low,
         high,
+        high_before: high_before.min(high),
         backlog,
     }
 }
@@ -103,6 +126,10 @@ pub async fn read(
     let mut partitions: Vec<i32> = meta.leaders.keys().copied().collect();
     partitions.sort_unstable();
 
+    // The high watermark before and after the group's offsets bound what
+    // is done (see PartitionBacklog::high_before).
+    let lows = list_offsets(&cluster, &meta.leaders, topic, EARLIEST).await?;
+    let highs_before = list_offsets(&cluster, &meta.leaders, topic, LATEST).await?;
     let coordinator = cluster.coordinator(group).await?;
     let conn = cluster.conn(&coordinator, Lane::Coordinator).await?;
     let gid = GroupId(StrBytes::from_string(group.to_string()));
@@ -148,19 +175,84 @@ pub async fn read(
     let described: ShareGroupDescribeResponse = conn
         .call(ShareGroupDescribeRequest::default().with_group_ids(vec![gid]))
         .await?;
-    let members = described
-        .groups
-        .iter()
-        .filter(|g| g.error_code == 0)
-        .map(|g| g.members.len())
-        .sum();
+    // Members that subscribe to this topic: a group can read other topics
+    // with other Deployments. A group the broker cannot describe is an
+    // error, not no members.
+    let mut members = 0;
+    for g in &described.groups {
+        // No member has joined yet: none.
+        let not_found = kafka_protocol::ResponseError::GroupIdNotFound.code();
+        if g.error_code == not_found {
+            continue;
+        }
+        if g.error_code != 0 {
+            return Err(ShareError::broker(
+                "ShareGroupDescribe",
+                g.error_code,
+                g.error_message.as_ref().map(|m| m.to_string()),
+            ));
+        }
+        members += g
+            .members
+            .iter()
+            .filter(|m| {
+                m.subscribed_topic_names
+                    .iter()
+                    .any(|t| t.0.as_str() == topic)
+            })
+            .count();
+    }
 
-    // High watermarks, asked of each partition's leader.
+    let highs = list_offsets(&cluster, &meta.leaders, topic, LATEST).await?;
+    let partitions: Vec<PartitionBacklog> = partitions
+        .into_iter()
+        .map(|p| {
+            let (start, lag) = starts.get(&p).copied().unwrap_or((-1, Some(-1)));
+            let offset = |of: &std::collections::HashMap<i32, i64>, what: &str| {
+                of.get(&p).copied().ok_or_else(|| {
+                    ShareError::NoBroker(format!("ListOffsets gave no {what} for {topic}-{p}"))
+                })
+            };
+            Ok(partition_backlog_between(
+                p,
+                start,
+                lag,
+                offset(&lows, "log start offset")?,
+                offset(&highs_before, "high watermark")?,
+                offset(&highs, "high watermark")?,
+            ))
+        })
+        .collect::<Result<_, ShareError>>()?;
+    Ok(ShareBacklog {
+        share_group: group.to_string(),
+        topic: topic.to_string(),
+        members,
+        total_backlog: partitions
+            .iter()
+            .filter_map(|p| p.backlog)
+            .fold(0i64, i64::saturating_add),
+        partitions_unknown: partitions.iter().filter(|p| p.backlog.is_none()).count(),
+        backlog_source: source,
+        partitions,
+    })
+}
+
+/// ListOffsets' timestamps for the log start and the high watermark.
+const EARLIEST: i64 = -2;
+const LATEST: i64 = -1;
+
+/// Every partition's offset at `timestamp`, asked of its leader.
+async fn list_offsets(
+    cluster: &Cluster,
+    leaders: &std::collections::HashMap<i32, i32>,
+    topic: &str,
+    timestamp: i64,
+) -> Result<std::collections::HashMap<i32, i64>, ShareError> {
     let mut by_leader: std::collections::BTreeMap<i32, Vec<i32>> = Default::default();
-    for (&p, &leader) in &meta.leaders {
+    for (&p, &leader) in leaders {
         by_leader.entry(leader).or_default().push(p);
     }
-    let mut highs = std::collections::HashMap::new();
+    let mut offsets = std::collections::HashMap::new();
     for (leader, parts) in by_leader {
         let addr = cluster.node(leader).ok_or_else(|| {
             ShareError::NoBroker(format!("no leader for {topic} partitions {parts:?}"))
@@ -179,7 +271,7 @@ pub async fn read(
                                     ListOffsetsPartition::default()
                                         .with_partition_index(p)
                                         .with_current_leader_epoch(-1)
-                                        .with_timestamp(-1)
+                                        .with_timestamp(timestamp)
                                 })
                                 .collect(),
                         )]),
@@ -194,30 +286,11 @@ pub async fn read(
                         Some(format!("{topic}-{}", p.partition_index)),
                     ));
                 }
-                highs.insert(p.partition_index, p.offset);
+                offsets.insert(p.partition_index, p.offset);
             }
         }
     }
-
-    let partitions: Vec<PartitionBacklog> = partitions
-        .into_iter()
-        .map(|p| {
-            let (start, lag) = starts.get(&p).copied().unwrap_or((-1, Some(-1)));
-            partition_backlog(p, start, lag, highs.get(&p).copied().unwrap_or(0))
-        })
-        .collect();
-    Ok(ShareBacklog {
-        share_group: group.to_string(),
-        topic: topic.to_string(),
-        members,
-        total_backlog: partitions
-            .iter()
-            .filter_map(|p| p.backlog)
-            .fold(0i64, i64::saturating_add),
-        partitions_unknown: partitions.iter().filter(|p| p.backlog.is_none()).count(),
-        backlog_source: source,
-        partitions,
-    })
+    Ok(offsets)
 }
 
 fn check(code: i16, message: Option<String>, topic: &str) -> Result<(), ShareError> {

@@ -102,8 +102,11 @@ impl ProgressWatch {
             let mut this_moved = false;
             if let Some(c) = p.committed {
                 let seen = self.committed.insert(p.partition, c);
-                // A first commit is progress; a reset backwards is not.
-                this_moved = seen.is_none_or(|before| c > before);
+                // A first commit is progress; a reset backwards is not. A
+                // share group's position is known within a slack: it moved
+                // only if even its lowest reading passes the last one.
+                let lowest = c.saturating_sub(p.committed_slack);
+                this_moved = seen.is_none_or(|before| lowest > before);
             }
             moved |= this_moved;
             if this_moved || p.lag <= 0 {
