@@ -20,6 +20,13 @@
 //! - every [`SimConfig::poll_interval`] (the HPA's sync period) the policy
 //!   decides and the replica count is set to its answer at once.
 //!
+//! With [`SimConfig::share`] the group is a share group: every working
+//! replica takes from every partition, joins pause nothing, the policies
+//! see the backlog with no partition cap, and no worker reports capacity.
+//! Records held by a replica that crashes would return after the lock
+//! (30 s by default); the shapes crash no replica, and a scale-down's
+//! SIGTERM releases what it holds, so locks are not modelled.
+//!
 //! Figures per run: replica-seconds, the worst lag in seconds (age of the
 //! oldest uncommitted record on any partition), the time to drain a burst,
 //! and the replicas held after a warm-up.
@@ -55,6 +62,25 @@ pub struct SimConfig {
     /// A burst counts as drained once no partition's oldest uncommitted
     /// record is older than this.
     pub drained_below: Duration,
+    /// A share group (KIP-932): every working replica takes records from
+    /// every partition (no assignment, no rebalance pause), nothing caps
+    /// replicas at the partitions, and no capacity report reaches the
+    /// policy (a share group has no commit metadata).
+    pub share: bool,
+}
+
+impl SimConfig {
+    /// The seed's workers (8 slots, 0.1 s per record of batches of 10:
+    /// 80 records/s each) on 8 partitions, up to `max_replicas`, in a share
+    /// group or a consumer group.
+    pub fn seed(share: bool, max_replicas: u32) -> Self {
+        Self {
+            capacity_per_replica: 80.0,
+            max_replicas,
+            share,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -72,6 +98,7 @@ impl Default for SimConfig {
             min_replicas: 1,
             max_replicas: 8,
             drained_below: Duration::from_secs(5),
+            share: false,
         }
     }
 }
@@ -169,7 +196,7 @@ impl Shape {
     }
 
     /// A burst: when, and how many records.
-    fn burst(self) -> Option<(f64, f64)> {
+    pub fn burst(self) -> Option<(f64, f64)> {
         match self {
             Shape::BurstOnIdle => Some((300.0, 30_000.0)),
             Shape::BurstOnSteady => Some((600.0, 60_000.0)),
@@ -359,7 +386,16 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
             .map(|r| r.id)
             .collect();
         working.sort_unstable();
-        if working != working_ids {
+        if cfg.share {
+            // Every member takes from every partition; joining pauses no one.
+            if working != working_ids {
+                working_ids = working.clone();
+                owned = working
+                    .iter()
+                    .map(|id| (*id, (0..parts.len()).collect()))
+                    .collect();
+            }
+        } else if working != working_ids {
             working_ids = working.clone();
             let owners =
                 sticky_assignment(&parts.iter().map(|p| p.owner).collect::<Vec<_>>(), &working);
@@ -434,7 +470,7 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
             }
             let reporting = replicas
                 .iter_mut()
-                .filter(|r| r.works_from <= t && !in_outage(t));
+                .filter(|r| r.works_from <= t && !in_outage(t) && !cfg.share);
             for r in reporting {
                 let rate = r.done_in_window / window;
                 r.report = Some(CapacityReport {
@@ -488,7 +524,7 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
         if t >= next_poll {
             next_poll += cfg.poll_interval.as_secs_f64();
             let now = origin + Duration::from_secs_f64(t);
-            let lag = GroupLag::new(
+            let mut lag = GroupLag::new(
                 "sim",
                 "sim",
                 parts
@@ -505,6 +541,7 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
                     })
                     .collect(),
             );
+            lag.shared = cfg.share;
             let rates = tracker.observe(now, &lag);
             let metadata: Vec<String> = replicas
                 .iter()
