@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use microbatch_kafka::capacity_report::unix_ms_now;
+use microbatch_kafka::share::backlog::SOURCE_START_OFFSET;
 use microbatch_kafka::share::ShareError;
 use microbatch_kafka::ClientError;
 
@@ -64,6 +65,8 @@ pub struct Observer {
     source: Source,
     rates: RateTracker,
     invalid_offset: InvalidOffsetPolicy,
+    /// A share group's backlog came from the fallback (said once).
+    fallback_said: bool,
 }
 
 impl Observer {
@@ -82,6 +85,7 @@ impl Observer {
             source,
             rates: RateTracker::default(),
             invalid_offset,
+            fallback_said: false,
         }
     }
 
@@ -109,6 +113,14 @@ impl Observer {
             }
             Source::Share(reader) => {
                 let backlog = reader.read()?;
+                if backlog.backlog_source == SOURCE_START_OFFSET && !self.fallback_said {
+                    self.fallback_said = true;
+                    tracing::warn!(
+                        "the broker reports no share-group lag (DescribeShareGroupOffsets v1, Kafka 4.2+): \
+                         the backlog is read as the high watermark less the start offset, which can stay \
+                         above 0 after every record is done, so the count may not fall to the minimum"
+                    );
+                }
                 let members = u32::try_from(backlog.members).ok();
                 (backlog_as_lag(&backlog, self.invalid_offset), members)
             }
