@@ -41,8 +41,13 @@ pub struct ScenarioResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyRun {
     pub policy: String,
+    /// "consumer" or "share": the kind of group the workers joined.
+    pub group_kind: String,
     pub topic: String,
     pub group: String,
+    /// Records each worker handled, most first: with a share group, more
+    /// workers than partitions each doing a share.
+    pub records_per_worker: Vec<u64>,
     pub produced: u64,
     /// Distinct records finished: handled successfully or dead-lettered.
     pub processed: u64,
@@ -197,8 +202,9 @@ fn run_section(run: &PolicyRun) -> String {
     let mut html = String::new();
     let _ = write!(
         html,
-        "<section><h2>policy <code>{}</code></h2><table><tr><th>produced</th><th>processed</th><th>dead-lettered</th><th>duplicates</th><th>lost</th><th>peak replicas</th><th>replica-seconds</th></tr><tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{:.0}</td></tr></table>",
+        "<section><h2>policy <code>{}</code>, {} group</h2><table><tr><th>produced</th><th>processed</th><th>dead-lettered</th><th>duplicates</th><th>lost</th><th>peak replicas</th><th>replica-seconds</th></tr><tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{:.0}</td></tr></table>",
         esc(&run.policy),
+        esc(&run.group_kind),
         run.produced,
         run.processed,
         run.dead_lettered,
@@ -207,6 +213,16 @@ fn run_section(run: &PolicyRun) -> String {
         run.lost,
         run.peak_replicas,
         run.replica_seconds
+    );
+    let _ = write!(
+        html,
+        "<p>Records per worker ({} workers): {}</p>",
+        run.records_per_worker.len(),
+        run.records_per_worker
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     html.push_str("<table><tr><th>scenario</th><th>produced</th><th>time to drain</th><th>longest stall</th><th>peak replicas</th><th>replicas at end</th><th>result</th></tr>");
     for s in &run.scenarios {

@@ -91,6 +91,18 @@ impl CapacityReport {
     }
 }
 
+/// The consumer group whose commit metadata carries a share group's
+/// capacity reports. A share group has no commit metadata of its own, so
+/// each of its workers commits its report for this companion group (on a
+/// partition it takes records from, at the offset after the last it
+/// accepted there); it never has members. Workers beyond the partition
+/// count share partitions and overwrite each other's report: the reports
+/// read back are a sample of the workers, which is what a capacity per
+/// replica needs.
+pub fn share_capacity_group(share_group: &str) -> String {
+    format!("microbatch-capacity.{share_group}")
+}
+
 /// Wall clock now in Unix milliseconds (0 if the clock is before 1970).
 pub fn unix_ms_now() -> u64 {
     std::time::SystemTime::now()

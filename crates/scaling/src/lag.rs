@@ -225,7 +225,7 @@ impl LagReader {
     /// fetching only those partitions, one record each (each is paused once
     /// its record is in). Partitions whose record does not come within the
     /// timeout, or has no timestamp, are left out.
-    fn oldest_timestamps(
+    pub fn oldest_timestamps(
         &self,
         topic: &str,
         wanted: &[(i32, i64)],

@@ -27,7 +27,7 @@ pub enum ReadError {
 /// Where the lag comes from.
 enum Source {
     Group(LagReader),
-    Share(ShareLagReader),
+    Share(Box<ShareLagReader>),
 }
 
 /// What one look at the group found.
@@ -77,7 +77,7 @@ impl Observer {
     /// A share group's backlog; `invalid_offset` is what a partition the
     /// broker has no state for yet counts as.
     pub fn share(reader: ShareLagReader, invalid_offset: InvalidOffsetPolicy) -> Self {
-        Self::with_source(Source::Share(reader), invalid_offset)
+        Self::with_source(Source::Share(Box::new(reader)), invalid_offset)
     }
 
     fn with_source(source: Source, invalid_offset: InvalidOffsetPolicy) -> Self {
@@ -122,7 +122,10 @@ impl Observer {
                     );
                 }
                 let members = u32::try_from(backlog.members).ok();
-                (backlog_as_lag(&backlog, self.invalid_offset), members)
+                let mut lag = backlog_as_lag(&backlog, self.invalid_offset);
+                reader.set_ages(&backlog, &mut lag);
+                lag.commit_metadata = reader.worker_reports();
+                (lag, members)
             }
         };
         let at = Instant::now();

@@ -814,6 +814,7 @@ fn share_observer(
         .map_err(|e| Status::invalid_argument(format!("kafka: {e}")))?;
     let connector =
         security::connector(kafka).map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
+    // One record per partition with a backlog, for microbatch_scaler_lag_seconds.
     let reader = ShareLagReader::new(
         connector,
         config.bootstrap,
@@ -821,7 +822,10 @@ fn share_observer(
         topic,
         Duration::from_secs(10),
         tokio::runtime::Handle::current(),
-    );
+    )
+    .with_record_ages(kafka)
+    .and_then(|r| r.with_worker_reports(kafka))
+    .map_err(|e| Status::unavailable(format!("kafka: {e}")))?;
     Ok(Observer::share(reader, invalid_offset))
 }
 

@@ -7,9 +7,11 @@
 //! records are acknowledged, so progress (and an outage's lack of it) and
 //! the processed rate read as they do for a consumer group.
 //!
-//! There is no commit metadata in a share group, so the workers' capacity
-//! reports do not reach the policy: `rate` learns capacity from progress
-//! while the backlog grows.
+//! There is no commit metadata in a share group, so its workers commit
+//! their capacity reports for a companion consumer group
+//! ([`share_capacity_group`]), which [`ShareLagReader::with_worker_reports`]
+//! reads back; without them `rate` learns capacity from progress while the
+//! backlog grows.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +20,10 @@ use microbatch_kafka::share::backlog::{self, ShareBacklog};
 use microbatch_kafka::share::cluster::Connector;
 use microbatch_kafka::share::ShareError;
 
-use crate::lag::{GroupLag, InvalidOffsetPolicy, PartitionLag};
+use microbatch_kafka::capacity_report::share_capacity_group;
+use microbatch_kafka::{ClientError, KafkaConfig};
+
+use crate::lag::{GroupLag, InvalidOffsetPolicy, LagReader, PartitionLag};
 
 /// `b` in a policy's terms. A partition the broker has no state for yet
 /// (no member fetched from it) counts as `policy` says a partition without
@@ -48,6 +53,9 @@ pub fn backlog_as_lag(b: &ShareBacklog, policy: InvalidOffsetPolicy) -> GroupLag
     lag
 }
 
+/// How long a reading waits for the records whose ages it reads.
+const AGES_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Reads one share group's backlog on one topic, from synchronous code.
 pub struct ShareLagReader {
     connector: Arc<dyn Connector>,
@@ -56,6 +64,12 @@ pub struct ShareLagReader {
     topic: String,
     timeout: Duration,
     runtime: tokio::runtime::Handle,
+    /// Reads the oldest waiting record of each partition, when ages are
+    /// measured.
+    ages: Option<LagReader>,
+    /// Reads the workers' capacity reports: the commit metadata of the
+    /// share group's companion consumer group.
+    reports: Option<LagReader>,
 }
 
 impl ShareLagReader {
@@ -75,6 +89,92 @@ impl ShareLagReader {
             topic: topic.to_string(),
             timeout,
             runtime,
+            ages: None,
+            reports: None,
+        }
+    }
+
+    /// Also reads the workers' capacity reports, which they commit as
+    /// metadata for the share group's companion consumer group
+    /// ([`share_capacity_group`]).
+    pub fn with_worker_reports(mut self, kafka: &KafkaConfig) -> Result<Self, ClientError> {
+        let group = share_capacity_group(&self.group);
+        self.reports = Some(LagReader::new(kafka, &group, &self.topic, self.timeout)?);
+        Ok(self)
+    }
+
+    /// The workers' capacity reports as commit metadata strings; none when
+    /// they are not read or cannot be (a report is help, not a need: the
+    /// policy then learns capacity from progress).
+    pub fn worker_reports(&self) -> Vec<String> {
+        let Some(reader) = &self.reports else {
+            return Vec::new();
+        };
+        match reader.read(InvalidOffsetPolicy::Earliest) {
+            Ok(lag) => lag.commit_metadata,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the workers' capacity reports failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Also measures the age of each partition's oldest record not done
+    /// (the record at the share-partition start offset): one fetch of one
+    /// record per partition with a backlog, per reading. Its reader never
+    /// joins or commits; its id is the group's with `-ages` (a consumer
+    /// group may not share a share group's id).
+    pub fn with_record_ages(mut self, kafka: &KafkaConfig) -> Result<Self, ClientError> {
+        let id = format!("{}-ages", self.group);
+        // Best effort and short: a reading waits at most this for ages.
+        self.ages = Some(LagReader::new(kafka, &id, &self.topic, AGES_TIMEOUT)?);
+        Ok(self)
+    }
+
+    /// Sets `lag`'s ages from `b` when ages are measured, best effort: a
+    /// partition with nothing waiting is 0 old; one with a backlog gets the
+    /// age of the record at `max(start offset, high − backlog)`. The start
+    /// offset the broker keeps can stay behind records already done
+    /// (measured on 4.3.2), and the record at `high − backlog` is never
+    /// older than the oldest waiting, so the age can read low, never high.
+    /// When a partition with a backlog gets no age (its fetch timed out),
+    /// the group's age is unknown, not the others' maximum.
+    pub fn set_ages(&self, b: &ShareBacklog, lag: &mut GroupLag) {
+        let Some(reader) = &self.ages else {
+            return;
+        };
+        let wanted: Vec<(i32, i64)> = b
+            .partitions
+            .iter()
+            .filter_map(|p| {
+                let backlog = p.backlog.filter(|n| *n > 0)?;
+                let done = p.high.saturating_sub(backlog);
+                let start = p.start_offset.unwrap_or(done).max(done).max(p.low);
+                Some((p.partition, start))
+            })
+            .collect();
+        for p in &mut lag.partitions {
+            if p.lag == 0 {
+                p.lag_ms = Some(0);
+            }
+        }
+        let timestamps = match reader.oldest_timestamps(&self.topic, &wanted) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the share group's record ages failed");
+                Default::default()
+            }
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        lag.set_ages(now_ms, &timestamps);
+        if lag
+            .partitions
+            .iter()
+            .any(|p| p.lag > 0 && p.lag_ms.is_none())
+        {
+            lag.lag_ms = None;
         }
     }
 

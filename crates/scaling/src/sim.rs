@@ -22,7 +22,9 @@
 //!
 //! With [`SimConfig::share`] the group is a share group: every working
 //! replica takes from every partition, joins pause nothing, the policies
-//! see the backlog with no partition cap, and no worker reports capacity.
+//! see the backlog with no partition cap, and at most one capacity report
+//! per partition is read (the workers overwrite each other's on the
+//! companion consumer group's partitions).
 //! Records held by a replica that crashes would return after the lock
 //! (30 s by default); the shapes crash no replica, and a scale-down's
 //! SIGTERM releases what it holds, so locks are not modelled.
@@ -64,8 +66,8 @@ pub struct SimConfig {
     pub drained_below: Duration,
     /// A share group (KIP-932): every working replica takes records from
     /// every partition (no assignment, no rebalance pause), nothing caps
-    /// replicas at the partitions, and no capacity report reaches the
-    /// policy (a share group has no commit metadata).
+    /// replicas at the partitions, and at most one capacity report per
+    /// partition reaches the policy.
     pub share: bool,
 }
 
@@ -470,7 +472,7 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
             }
             let reporting = replicas
                 .iter_mut()
-                .filter(|r| r.works_from <= t && !in_outage(t) && !cfg.share);
+                .filter(|r| r.works_from <= t && !in_outage(t));
             for r in reporting {
                 let rate = r.done_in_window / window;
                 r.report = Some(CapacityReport {
@@ -543,9 +545,17 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
             );
             lag.shared = cfg.share;
             let rates = tracker.observe(now, &lag);
+            // A share group's workers overwrite each other's reports on the
+            // companion group's partitions: at most one per partition.
+            let visible = if cfg.share {
+                cfg.partitions
+            } else {
+                usize::MAX
+            };
             let metadata: Vec<String> = replicas
                 .iter()
                 .filter_map(|r| r.report.as_ref().map(CapacityReport::encode))
+                .take(visible)
                 .collect();
             let capacity = WorkerCapacity::from_metadata(
                 metadata.iter().map(String::as_str),

@@ -108,14 +108,14 @@ fn the_simulation_is_deterministic() {
 
 /// The seed's story: workers of 80 records/s on 8 partitions. A consumer
 /// group is capped at 8 replicas (640/s); a share group scales on its
-/// backlog up to the seed's 24. Under the rate policy the share group
-/// keeps up with 1,000/s, which the consumer group cannot, and drains a
-/// burst on that load within the drain target's reach where the consumer
-/// group never does. A burst on an idle group it drains no sooner: no
-/// worker reports capacity to a share group's policy, so it climbs on its
-/// guess (at most doubling per 15 s) while the consumer group's workers
-/// report theirs and it goes to 8 at once; the test holds it to within
-/// 10% of the consumer group's time and replica-seconds there.
+/// backlog up to the seed's 24, sized by the workers' reports (at most one
+/// per partition reaches the policy). Under the rate policy the share group
+/// keeps up with 1,000/s, which the consumer group cannot, drains a burst
+/// on that load where the consumer group never does, and drains a burst on
+/// an idle group sooner, within 1.25 times the drain target (30 s) plus the
+/// replicas' start. It pays for that in replica-seconds, bounded here at
+/// 2.5 times the consumer group's: the replicas it adds are held through
+/// the scale-down window (300 s).
 #[test]
 fn a_share_group_passes_the_partition_cap_where_the_load_needs_it() {
     let classic = SimConfig::seed(false, 8);
@@ -153,7 +153,11 @@ fn a_share_group_passes_the_partition_cap_where_the_load_needs_it() {
         let drain = |o: &microbatch_scaling::sim::Outcome| o.drain_seconds.unwrap_or(f64::INFINITY);
         match shape {
             Shape::BurstOnIdle => {
-                if drain(&s) > drain(&c) * 1.1 || s.replica_seconds > c.replica_seconds * 1.15 {
+                let target = TARGET_DRAIN.as_secs_f64() * 1.25 + 5.0;
+                if drain(&s) >= drain(&c)
+                    || drain(&s) > target
+                    || s.replica_seconds > c.replica_seconds * 2.5
+                {
                     failures.push(format!(
                         "{}: share drained in {:.0} s for {:.0} replica-seconds, consumer in {:.0} s for {:.0}",
                         shape.name(),

@@ -5,6 +5,11 @@
 //! to any Kafka. A supervisor scales `microbatch run` children on lag through
 //! four scenarios; every processed offset is audited, and the dead-letter
 //! topic is read back, so the closing "lost" figure is checked, not assumed.
+//!
+//! With `--share-group` (a real Kafka 4.2+ broker only: the mock cluster has
+//! no share groups) the workers join a share group and the supervisor scales
+//! them on its backlog past the partition count; the same load then runs on
+//! a consumer group, so the report compares the two.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
@@ -21,12 +26,14 @@ use microbatch_core::config::GroupProtocol;
 use microbatch_core::dlq::headers;
 use microbatch_kafka::aws_iam::WithTokens;
 use microbatch_kafka::client::QuietContext;
+use microbatch_kafka::share::{security, ShareConsumerConfig};
 use microbatch_kafka::{ConfigError, KafkaConfig};
 use microbatch_scaling::lag::{InvalidOffsetPolicy, LagReader};
 use microbatch_scaling::observe::Observer;
 use microbatch_scaling::policy::{
     HpaAlgorithm, KedaParams, KedaPolicy, Policy, RateParams, RatePolicy, HPA_TOLERANCE,
 };
+use microbatch_scaling::share_lag::ShareLagReader;
 use microbatch_scaling::supervisor::{Supervisor, SupervisorConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -66,6 +73,13 @@ pub struct Args {
     /// Which scenario to run.
     #[arg(long, value_enum, default_value = "all")]
     pub scenario: Scenario,
+    /// Run the workers in a share group (KIP-932): every worker takes from
+    /// every partition, so the supervisor scales past the 8 partitions up
+    /// to --max-replicas (try 24); then the same load runs on a consumer
+    /// group, capped at 8, and the report compares them. Needs a Kafka
+    /// 4.2+ broker named with --bootstrap-servers.
+    #[arg(long)]
+    pub share_group: bool,
     /// Scaling policy.
     #[arg(long, value_enum, default_value = "rate")]
     pub policy: PolicyKind,
@@ -182,6 +196,15 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
     if args.concurrency == 0 {
         return Err(ConfigError::new("--concurrency", "must be at least 1").into());
     }
+    if args.share_group && !named {
+        return Err(ConfigError::new(
+            "--share-group",
+            "the embedded broker (librdkafka's mock cluster) has no share groups; start a \
+             Kafka 4.2+ broker (scripts/kafka-local.sh start runs one) and name it with \
+             --bootstrap-servers 127.0.0.1:9092",
+        )
+        .into());
+    }
     let broker = if named {
         DemoBroker::External(args.kafka.resolve()?.start_msk_iam()?)
     } else {
@@ -233,11 +256,23 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    // With --share-group each policy runs on a share group, then on a
+    // consumer group for comparison.
+    let kinds: &[bool] = if args.share_group {
+        &[true, false]
+    } else {
+        &[false]
+    };
     let mut runs = Vec::new();
-    for kind in policies {
-        let name = match kind {
-            PolicyKind::Keda => "keda",
-            PolicyKind::Rate => "rate",
+    for (kind, share) in policies
+        .iter()
+        .flat_map(|k| kinds.iter().map(move |share| (*k, *share)))
+    {
+        let name = match (kind, share) {
+            (PolicyKind::Keda, false) => "keda",
+            (PolicyKind::Rate, false) => "rate",
+            (PolicyKind::Keda, true) => "keda-share",
+            (PolicyKind::Rate, true) => "rate-share",
         };
         let topic = format!("microbatch-demo-{stamp}-{name}");
         let dlq = format!("{topic}.dlq");
@@ -245,7 +280,17 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
         broker.create_topic(runtime, &dlq, 1)?;
         let run_dir = work.join(name);
         std::fs::create_dir_all(&run_dir)?;
-        let run = run_policy(&args, &plan, &broker, kind, &topic, &run_dir, &interrupted)?;
+        let group = Group { share };
+        let run = run_policy(
+            &args,
+            &plan,
+            &broker,
+            (kind, group),
+            &topic,
+            &run_dir,
+            &interrupted,
+            runtime.handle(),
+        )?;
         runs.push(run);
         if interrupted.load(Ordering::SeqCst) {
             break;
@@ -344,25 +389,38 @@ fn start_burst(
     )
 }
 
+/// Which kind of group a run's workers join.
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    share: bool,
+}
+
 /// Runs the scenarios under one policy and checks the outcome.
+#[allow(clippy::too_many_arguments)]
 fn run_policy(
     args: &Args,
     plan: &Plan,
     broker: &DemoBroker,
-    kind: PolicyKind,
+    (kind, group_kind): (PolicyKind, Group),
     topic: &str,
     dir: &Path,
     interrupted: &AtomicBool,
+    runtime: &tokio::runtime::Handle,
 ) -> anyhow::Result<PolicyRun> {
     let kafka = &broker.kafka();
     let embedded = matches!(broker, DemoBroker::Embedded(_));
-    let group = format!("{topic}-group");
+    let share = group_kind.share;
+    let group = if share {
+        format!("{topic}-share")
+    } else {
+        format!("{topic}-group")
+    };
     let dlq = format!("{topic}.dlq");
     let audit = dir.join("w{n}.audit");
     let run_args: Vec<String> = [
         "--topic",
         topic,
-        "--group",
+        if share { "--share-group" } else { "--group" },
         &group,
         "--handler",
         "simulate",
@@ -375,7 +433,8 @@ fn run_policy(
         "--max-wait-ms",
         "50",
         "--ordering",
-        "key",
+        // A share group orders nothing.
+        if share { "none" } else { "key" },
         "--concurrency",
         &args.concurrency.to_string(),
         "--commit-interval-ms",
@@ -410,6 +469,8 @@ fn run_policy(
     let session_timeout = format!("session.timeout.ms={session_ms}");
     let mut run_args = run_args;
     match args.group_protocol {
+        // No consumer-group protocol in a share group.
+        _ if share => {}
         // Notice the killed worker sooner (see the constants); the worker's
         // own heartbeat (500 ms) fits either session.
         GroupProtocol::Classic => {
@@ -431,9 +492,51 @@ fn run_policy(
         timeline: None,
         env: kafka_env(kafka, &kafka.properties),
     };
-    let reader = LagReader::new(kafka, &group, topic, Duration::from_secs(10))?;
     let dlq_watch = watermark_reader(kafka)?;
-    let observer = Observer::new(reader, InvalidOffsetPolicy::Earliest);
+    let observer = if share {
+        let bootstrap = ShareConsumerConfig::from_kafka(kafka, &group, vec![])?.bootstrap;
+        // A broker without share groups (or without their lag, Kafka
+        // 4.2+) would leave workers restarting and every reading failing
+        // until the scenarios time out: asked once, before any worker.
+        let probe = runtime.block_on(microbatch_kafka::share::backlog::read(
+            security::connector(kafka)?,
+            bootstrap.clone(),
+            &group,
+            topic,
+            Duration::from_secs(10),
+        ));
+        let refused = match probe {
+            Err(e) => Some(e.to_string()),
+            Ok(b) if b.backlog_source != microbatch_kafka::share::backlog::SOURCE_BROKER_LAG => {
+                Some("it reports no share-group lag".to_string())
+            }
+            Ok(_) => None,
+        };
+        if let Some(why) = refused {
+            return Err(ConfigError::new(
+                "--share-group",
+                format!(
+                    "the broker at {} cannot serve the demo's share group ({why}); it needs \
+                     Kafka 4.2+ with share groups enabled (scripts/kafka-local.sh start runs one)",
+                    kafka.bootstrap_servers
+                ),
+            )
+            .into());
+        }
+        let reader = ShareLagReader::new(
+            security::connector(kafka)?,
+            bootstrap,
+            &group,
+            topic,
+            Duration::from_secs(10),
+            runtime.clone(),
+        )
+        .with_worker_reports(kafka)?;
+        Observer::share(reader, InvalidOffsetPolicy::Earliest)
+    } else {
+        let reader = LagReader::new(kafka, &group, topic, Duration::from_secs(10))?;
+        Observer::new(reader, InvalidOffsetPolicy::Earliest)
+    };
     let mut sup = Supervisor::new(config, demo_policy(kind, args, plan), observer)?;
     let scenarios: Vec<Scenario> = match args.scenario {
         Scenario::All => vec![
@@ -444,7 +547,7 @@ fn run_policy(
         ],
         s => vec![s],
     };
-    let classic = args.group_protocol == GroupProtocol::Classic;
+    let classic = !share && args.group_protocol == GroupProtocol::Classic;
     if classic {
         wait_for_first_assignment(&mut sup, &dlq_watch, &group, interrupted);
     }
@@ -587,7 +690,7 @@ fn run_policy(
     let policy = sup.policy_name().to_string();
     drop(sup); // stops every worker: SIGTERM, drain, SIGKILL only past the deadline
 
-    let verification = verify(kafka, topic, &group, dir, &dlq)?;
+    let verification = verify(kafka, topic, dir, &dlq)?;
     let peak_replicas = timeline.iter().map(|s| s.replicas).max().unwrap_or(0);
     let rose = results
         .iter()
@@ -600,8 +703,10 @@ fn run_policy(
         .unwrap_or(true);
     Ok(PolicyRun {
         policy,
+        group_kind: if share { "share" } else { "consumer" }.to_string(),
         topic: topic.to_string(),
         group,
+        records_per_worker: verification.per_worker,
         produced: produced_total,
         processed: verification.succeeded + verification.dead_lettered,
         succeeded: verification.succeeded,
@@ -624,6 +729,8 @@ struct Verification {
     dead_lettered: u64,
     duplicates: u64,
     lost: u64,
+    /// Records each worker handled (its audit log), most first.
+    per_worker: Vec<u64>,
 }
 
 /// Brokers hold a new classic group's first join for
@@ -667,18 +774,15 @@ fn dlq_total(consumer: &BaseConsumer<QuietContext>, dlq: &str) -> i64 {
 }
 
 /// Checks every offset of the topic was processed or dead-lettered.
-fn verify(
-    kafka: &KafkaConfig,
-    topic: &str,
-    group: &str,
-    dir: &Path,
-    dlq: &str,
-) -> anyhow::Result<Verification> {
+fn verify(kafka: &KafkaConfig, topic: &str, dir: &Path, dlq: &str) -> anyhow::Result<Verification> {
     let mut seen: BTreeMap<(i32, i64), u64> = BTreeMap::new();
+    let mut per_worker = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "audit") {
-            for line in std::fs::read_to_string(&path)?.lines() {
+            let text = std::fs::read_to_string(&path)?;
+            per_worker.push(text.lines().count() as u64);
+            for line in text.lines() {
                 let mut it = line.split_whitespace();
                 if let (Some(p), Some(o)) = (it.next(), it.next()) {
                     if let (Ok(p), Ok(o)) = (p.parse(), o.parse()) {
@@ -688,8 +792,16 @@ fn verify(
             }
         }
     }
+    per_worker.sort_unstable_by(|a, b| b.cmp(a));
     let dead = read_dead_letters(kafka, dlq)?;
-    let reader = LagReader::new(kafka, group, topic, Duration::from_secs(10))?;
+    // Only the watermarks are read (every offset in them must be
+    // accounted for), whatever group the workers were in.
+    let reader = LagReader::new(
+        kafka,
+        &format!("{topic}-verify"),
+        topic,
+        Duration::from_secs(10),
+    )?;
     let lag = reader.read(InvalidOffsetPolicy::Earliest)?;
     let mut lost = 0;
     for p in &lag.partitions {
@@ -704,6 +816,7 @@ fn verify(
         dead_lettered: dead.len() as u64,
         duplicates: seen.values().map(|n| n - 1).sum(),
         lost,
+        per_worker,
     })
 }
 
@@ -829,8 +942,9 @@ fn print_summary(report: &Report) {
     println!();
     for run in &report.runs {
         println!(
-            "policy {:<5} produced {:>7}  processed {:>7}  dead-lettered {:>4}  duplicates {:>5}  lost {}  peak replicas {}  replica-seconds {:.0}",
+            "policy {:<5} {:<8} group  produced {:>7}  processed {:>7}  dead-lettered {:>4}  duplicates {:>5}  lost {}  peak replicas {}  replica-seconds {:.0}",
             run.policy,
+            run.group_kind,
             run.produced,
             run.processed,
             run.dead_lettered,
@@ -838,6 +952,11 @@ fn print_summary(report: &Report) {
             run.lost,
             run.peak_replicas,
             run.replica_seconds
+        );
+        println!(
+            "  records per worker ({} workers): {:?}",
+            run.records_per_worker.len(),
+            run.records_per_worker
         );
         for s in &run.scenarios {
             println!(

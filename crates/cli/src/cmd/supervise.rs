@@ -327,15 +327,8 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             Observer::new(reader, args.policy_args.invalid_offset())
         }
         GroupKind::Share => {
-            if args.policy_args.max_lag_seconds.is_some() {
-                return Err(ConfigError::new(
-                    "--max-lag-seconds",
-                    "is not measured for a share group yet (its backlog has no record ages)",
-                )
-                .into());
-            }
             let bootstrap = ShareConsumerConfig::from_kafka(&kafka, &group, vec![])?.bootstrap;
-            let reader = ShareLagReader::new(
+            let mut reader = ShareLagReader::new(
                 security::connector(&kafka)?,
                 bootstrap,
                 &group,
@@ -343,6 +336,10 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 Duration::from_secs(10),
                 tokio::runtime::Handle::current(),
             );
+            reader = reader.with_worker_reports(&kafka)?;
+            if args.policy_args.max_lag_seconds.is_some() {
+                reader = reader.with_record_ages(&kafka)?;
+            }
             Observer::share(reader, args.policy_args.invalid_offset())
         }
     };

@@ -7,6 +7,24 @@ use std::time::Duration;
 
 use crate::harness::*;
 
+/// Runs `microbatch demo` in `dir` with `args`, asserts it succeeded and
+/// returns its standard output.
+fn run_demo(dir: &TestDir, args: &[&str]) -> String {
+    let out = command()
+        .current_dir(&dir.0)
+        .arg("demo")
+        .args(args)
+        .output()
+        .expect("running the demo");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 fn check_report(json: &Path) -> serde_json::Value {
     let report: serde_json::Value =
         serde_json::from_str(&read(json)).expect("the JSON report parses");
@@ -127,23 +145,15 @@ fn check_html_renders(dir: &TestDir, html: &Path) {
 fn demo_quick_on_the_embedded_broker() {
     let dir = TestDir::new("demo-embedded");
     let (json, html) = (dir.path("report.json"), dir.path("report.html"));
-    let out = command()
-        .current_dir(&dir.0)
-        .args([
-            "demo",
+    let stdout = run_demo(
+        &dir,
+        &[
             "--quick",
             "--report-json",
             json.to_str().unwrap(),
             "--report-html",
             html.to_str().unwrap(),
-        ])
-        .output()
-        .expect("running the demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     assert!(stdout.contains("lost = 0"), "{stdout}");
     assert!(
@@ -163,24 +173,17 @@ fn demo_quick_on_real_kafka() {
     }
     let dir = TestDir::new("demo-real");
     let json = dir.path("report.json");
-    let out = command()
-        .current_dir(&dir.0)
-        .args([
-            "demo",
+    run_demo(
+        &dir,
+        &[
             "--quick",
             "--bootstrap-servers",
             broker().bootstrap(),
             "--report-json",
             json.to_str().unwrap(),
-        ])
-        .args(["--report-html", dir.path("report.html").to_str().unwrap()])
-        .output()
-        .expect("running the demo");
-    assert!(
-        out.status.success(),
-        "demo failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+            "--report-html",
+            dir.path("report.html").to_str().unwrap(),
+        ],
     );
     check_report(&json);
 }
@@ -216,4 +219,86 @@ fn ctrl_c_leaves_no_child_behind() {
     wait_until(Duration::from_secs(30), "every worker to be gone", || {
         workers.iter().all(|p| !alive(*p))
     });
+}
+
+/// The seed's story in the demo: a burst on 8 partitions with workers of
+/// about 80 records/s. In a share group the supervisor takes them past the
+/// 8 partitions and every worker does a share; the same burst on a
+/// consumer group stops at 8. Nothing is lost in either.
+#[test]
+fn demo_share_group_scales_past_the_partitions() {
+    if crate::share::real_broker().is_none() {
+        return;
+    }
+    let dir = TestDir::new("demo-share");
+    let json = dir.path("report.json");
+    let html = dir.path("report.html");
+    let stdout = run_demo(
+        &dir,
+        &[
+            "--quick",
+            "--share-group",
+            "--scenario",
+            "fanout",
+            "--bootstrap-servers",
+            broker().bootstrap(),
+            "--burst",
+            "12000",
+            "--process-time-ms",
+            "50",
+            "--max-replicas",
+            "24",
+            "--report-json",
+            json.to_str().unwrap(),
+            "--report-html",
+            html.to_str().unwrap(),
+        ],
+    );
+    eprintln!("{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&read(&json)).unwrap();
+    assert_eq!(report["lost"], 0);
+    let runs = report["runs"].as_array().unwrap();
+    let kinds: Vec<&str> = runs
+        .iter()
+        .map(|r| r["group_kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["share", "consumer"]);
+    let (share, consumer) = (&runs[0], &runs[1]);
+    let peak = |r: &serde_json::Value| r["peak_replicas"].as_u64().unwrap();
+    assert!(peak(share) > 8, "the share group passed 8: {}", peak(share));
+    assert!(
+        peak(consumer) <= 8,
+        "the consumer group stops at its partitions"
+    );
+    let working = share["records_per_worker"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n.as_u64().unwrap() > 0)
+        .count();
+    assert!(
+        working > 8,
+        "more workers than partitions did work: {share}"
+    );
+    for r in runs {
+        assert_eq!(r["lost"], 0, "{r}");
+        assert_eq!(r["scenarios"][0]["passed"], true, "{}", r["scenarios"][0]);
+    }
+}
+
+/// The embedded broker has no share groups: said, with how to get one.
+#[test]
+fn demo_share_group_on_the_embedded_broker_says_what_to_start() {
+    let dir = TestDir::new("demo-share-embedded");
+    let out = command()
+        .current_dir(&dir.0)
+        .args(["demo", "--quick", "--share-group"])
+        .output()
+        .expect("running the demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--share-group") && stderr.contains("scripts/kafka-local.sh start"),
+        "{stderr}"
+    );
 }

@@ -657,6 +657,7 @@ fn a_share_group_trigger_is_not_capped_by_partitions() {
     }
     let sc = Scenario::new("scaler-share", 8);
     let Scenario { dir, topic, group } = &sc;
+    let produced_at = Instant::now();
     sc.produce(24_000, &[]);
     let (grpc, http) = (free_port(), free_port());
     let _scaler = spawn_scaler(dir, grpc, http, &[]);
@@ -735,6 +736,20 @@ fn a_share_group_trigger_is_not_capped_by_partitions() {
         let value = metric_value(&mut client, later, &name).await;
         assert_eq!(value, backlog, "the backlog Kafka's tool reads");
         assert!(backlog > 800, "more than 8 replicas' worth: {backlog}");
+        // The oldest record not done is as old as the burst: its age is
+        // read at the share-partition start offset.
+        let (_, text) = http_get(http, "/metrics").expect("the scaler's /metrics");
+        let age = metric_labelled_with(
+            &text,
+            "microbatch_scaler_lag_seconds",
+            &format!("metric=\"{name}\""),
+        )
+        .expect("a lag_seconds series for the share trigger");
+        let since_produce = produced_at.elapsed().as_secs_f64();
+        assert!(
+            age > 1.0 && age <= since_produce + 1.0,
+            "the oldest record waits {age} s; produced {since_produce:.1} s ago"
+        );
         // The topic is required, and one group only.
         let mut no_topic = share_meta(&keda);
         no_topic.name = "no-topic".into();

@@ -452,6 +452,21 @@ fn supervise_scales_a_share_group_past_its_partitions_and_back() {
             .contains("no partition cap")),
         "the reason says why the partitions do not cap it"
     );
+    // The workers' capacity reports (commit metadata of the companion
+    // consumer group) reach the supervisor, and the policy sizes by them.
+    let reporting = points
+        .iter()
+        .filter_map(|p| p["workers_reporting"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(reporting > 0, "no worker's capacity report was read");
+    assert!(
+        points.iter().any(|p| p["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("workers' capacity")),
+        "the policy sized by the workers' reports"
+    );
     // Each handler process is one worker's (it names its file by pid).
     let files = handled_files(&s.dir);
     let (handled, dead) = assert_nothing_lost(&s.topic, &dlq, &files);

@@ -330,18 +330,6 @@ fn bad_input_exits_2_and_names_the_flag() {
         ),
         (&["supervise", "--share-group", "s"], "--topic"),
         (
-            &[
-                "supervise",
-                "--topic",
-                "t",
-                "--share-group",
-                "s",
-                "--max-lag-seconds",
-                "5",
-            ],
-            "--max-lag-seconds",
-        ),
-        (
             &["supervise", "--group", "g", "--", "--share-group", "s"],
             "--share-group",
         ),

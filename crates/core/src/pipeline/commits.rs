@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use super::partition::PartitionState;
-use super::{Intent, Phase, Pipeline};
+use super::{Acknowledgement, Intent, Phase, Pipeline};
 
 /// How long after a refusal a final commit is tried again.
 pub const FINAL_COMMIT_RETRY: Duration = Duration::from_millis(100);
@@ -116,11 +116,15 @@ impl Pipeline {
             })
             .collect();
         if !offsets.is_empty() {
-            let metadata = self
-                .capacity
-                .report(now, self.wall_ms(now) as u64)
-                .map(|r| r.encode())
-                .unwrap_or_default();
+            // A share group's reports go out on their own (ReportCapacity).
+            let metadata = if self.acknowledgement == Acknowledgement::PerRecord {
+                String::new()
+            } else {
+                self.capacity
+                    .report(now, self.wall_ms(now) as u64)
+                    .map(|r| r.encode())
+                    .unwrap_or_default()
+            };
             self.intents.push_back(Intent::Commit {
                 offsets,
                 sync,

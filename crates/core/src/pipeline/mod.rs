@@ -135,6 +135,10 @@ pub enum Intent {
         partition: i32,
         offsets: Vec<i64>,
     },
+    /// A share group's worker: its capacity report for the window that
+    /// just closed (see [`crate::capacity`]), which has no offset commit
+    /// to ride on; send it where the scaler reads it.
+    ReportCapacity(String),
 }
 
 /// How finished work is acknowledged to the broker.
@@ -250,6 +254,8 @@ pub struct Pipeline {
     failure_log: LogThrottle,
     /// How busy the slots are and how much gets done: sent with commits.
     capacity: CapacityMeter,
+    /// A share group's last capacity report sent (its window's end).
+    last_report_at: Option<u64>,
     /// The latest time an event brought.
     clock: Instant,
     /// Planted defects, for the simulation's self-test (empty outside tests).
@@ -309,6 +315,7 @@ impl Pipeline {
             lag_seconds: Vec::new(),
             failure_log: LogThrottle::default(),
             capacity: CapacityMeter::new(worker_id, DEFAULT_WINDOW, now),
+            last_report_at: None,
             clock: now,
             sabotage: Sabotage::default(),
         }
@@ -811,6 +818,16 @@ impl Pipeline {
             self.commit(false, |ps| !ps.revoked());
             self.update_lag_ages();
             if self.acknowledgement == Acknowledgement::PerRecord {
+                // Each window's report once: the meter answers the last
+                // one again until the next closes.
+                let wall = self.wall_ms(now) as u64;
+                if let Some(report) = self.capacity.report(now, wall) {
+                    if self.last_report_at != Some(report.at_unix_ms) {
+                        self.last_report_at = Some(report.at_unix_ms);
+                        self.intents
+                            .push_back(Intent::ReportCapacity(report.encode()));
+                    }
+                }
                 return;
             }
             let idle: Vec<i32> = self

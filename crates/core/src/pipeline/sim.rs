@@ -337,6 +337,9 @@ impl Sim {
                     .for_each(|p| self.parts[*p as usize].paused = false),
                 Intent::Processed { .. } => {}
                 Intent::Accept { .. } => panic!("a consumer group's pipeline accepted per record"),
+                Intent::ReportCapacity(_) => {
+                    panic!("a consumer group's report rides on its commits")
+                }
                 Intent::ReadPositions(ps) => {
                     for p in ps {
                         let part = &self.parts[p as usize];

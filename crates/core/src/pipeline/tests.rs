@@ -1190,6 +1190,55 @@ fn a_share_group_accepts_each_record_when_done_in_any_order() {
     assert_eq!(p.held(), 0);
 }
 
+/// A share group's worker has no offset commit for its capacity report to
+/// ride on: the report comes out on its own, at the commit interval, once
+/// a window closes, and says what was done.
+#[test]
+fn a_share_groups_capacity_report_comes_out_on_its_own() {
+    let t0 = Instant::now();
+    let mut p = share_pipeline(t0, 3);
+    let mut now = t0;
+    let mut reports = Vec::new();
+    // Busy enough (a 300 ms batch of every 4 slots' 420 ms) for whole
+    // 5 s windows, so commit intervals (1 s) come between reports.
+    for round in 0..60i64 {
+        for i in 0..2 {
+            p.handle_record(&Rec(0, round * 2 + i), now);
+        }
+        now += Duration::from_millis(20);
+        p.handle_tick(now);
+        for (slot, batch) in starts(&mut p) {
+            now += Duration::from_millis(300);
+            p.handle_verdict(slot, batch, BatchOutcome::Success, now);
+        }
+        now += Duration::from_millis(100);
+        p.handle_tick(now);
+        for i in intents(&mut p) {
+            match i {
+                Intent::ReportCapacity(text) => reports.push(text),
+                Intent::Commit { metadata, .. } => {
+                    assert!(metadata.is_empty(), "a report on a commit: {metadata}")
+                }
+                _ => {}
+            }
+        }
+    }
+    let report = reports
+        .iter()
+        .find_map(|r| microbatch_kafka::capacity_report::CapacityReport::decode(r))
+        .unwrap_or_else(|| panic!("a capacity report in {reports:?}"));
+    // The meter answers the last window's report until the next closes:
+    // each is sent once, not at every commit interval.
+    let distinct: std::collections::BTreeSet<&String> = reports.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        reports.len(),
+        "a report sent twice: {reports:?}"
+    );
+    assert!(report.processed_per_sec > 0.0, "{report:?}");
+    assert!(report.busy_fraction > 0.0, "{report:?}");
+}
+
 /// In a partly failed batch the good records are accepted at once; the
 /// failed one only when its dead letter is acknowledged, never before.
 #[test]

@@ -220,6 +220,8 @@ impl Adapter {
                     }
                 }
                 Intent::Processed { partition, offsets } => self.audit(partition, &offsets),
+                // A consumer group's reports ride on its commits.
+                Intent::ReportCapacity(_) => {}
                 Intent::Accept { partition, .. } => {
                     // Only a share group's pipeline acknowledges per record.
                     tracing::error!(

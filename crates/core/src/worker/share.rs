@@ -38,10 +38,15 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use microbatch_kafka::aws_iam::WithTokens;
+use microbatch_kafka::capacity_report::share_capacity_group;
+use microbatch_kafka::client::QuietContext;
 use microbatch_kafka::share::{
     AckOutcome, AckType, Fetched, ShareConsumer, ShareConsumerConfig, ShareError, ShareRecord,
 };
 use microbatch_kafka::LogThrottle;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc as async_mpsc;
 
@@ -494,6 +499,105 @@ async fn fetcher(
     let _ = out.send(Input::Closed);
 }
 
+/// Sends a share group's capacity reports as commit metadata of its
+/// companion consumer group
+/// ([`microbatch_kafka::capacity_report::share_capacity_group`]), where
+/// `supervise` and `scaler` read them. Best effort: a failed commit (an ACL
+/// that does not cover the companion group) is logged, now and then, and
+/// costs nothing else.
+struct CapacityChannel {
+    consumer: Arc<WithTokens<BaseConsumer<QuietContext>>>,
+    topic: String,
+    /// The offset after the last record accepted, per partition.
+    accepted: std::collections::BTreeMap<i32, i64>,
+    /// This worker's partition among those it accepted from.
+    pick: usize,
+    log: LogThrottle,
+}
+
+impl CapacityChannel {
+    fn new(worker: &Worker) -> Option<Self> {
+        let cfg = &worker.config;
+        let group = share_capacity_group(&cfg.group);
+        let consumer = cfg
+            .kafka
+            .create_client(
+                cfg.kafka
+                    .client_config()
+                    .set("group.id", &group)
+                    .set("enable.auto.commit", "false"),
+                QuietContext::new(&cfg.kafka),
+            )
+            .map_err(
+                |e| tracing::warn!(error = %e, "no capacity reports: creating their client failed"),
+            )
+            .ok()?;
+        let pick = CapacityMeter::process_worker_id()
+            .bytes()
+            .fold(0usize, |h, b| {
+                h.wrapping_mul(31).wrapping_add(usize::from(b))
+            });
+        Some(Self {
+            consumer: Arc::new(consumer),
+            topic: cfg.topic.clone(),
+            accepted: Default::default(),
+            pick,
+            log: LogThrottle::default(),
+        })
+    }
+
+    fn accepted(&mut self, partition: i32, offsets: &[i64]) {
+        if let Some(last) = offsets.iter().max() {
+            let next = self.accepted.entry(partition).or_insert(0);
+            *next = (*next).max(last + 1);
+        }
+    }
+
+    /// Commits `report` on one partition this worker accepted from (none
+    /// yet: nothing to say). Asynchronously: the call only queues it, so a
+    /// coordinator that does not answer holds up nothing (a sync commit
+    /// would tie up a thread for up to the session timeout, one per
+    /// report).
+    fn send(&self, report: String) {
+        if self.accepted.is_empty() {
+            return;
+        }
+        let (partition, offset) = self
+            .accepted
+            .iter()
+            .nth(self.pick % self.accepted.len())
+            .map(|(p, o)| (*p, *o))
+            .expect("not empty");
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut elem = tpl.add_partition(&self.topic, partition);
+            if elem.set_offset(Offset::Offset(offset)).is_err() {
+                return;
+            }
+            elem.set_metadata(report);
+        }
+        // Serves the client's queued events (the answers to earlier
+        // commits) so they do not pile up.
+        let _ = self.consumer.poll(Duration::ZERO);
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            if let Some(suppressed) = self.log.allow(Instant::now()) {
+                tracing::warn!(error = %e, suppressed, "sending a capacity report failed (the scaler then learns capacity from progress)");
+            }
+        }
+    }
+}
+
+impl Drop for CapacityChannel {
+    /// Closing the client may wait for commits still queued: elsewhere, so
+    /// the worker's exit does not.
+    fn drop(&mut self) {
+        let consumer = self.consumer.clone();
+        let _ = std::thread::Builder::new()
+            .name("capacity-close".into())
+            .spawn(move || drop(consumer));
+    }
+}
+
 /// The poll thread's state.
 struct Member {
     pipeline: Pipeline,
@@ -518,6 +622,7 @@ struct Member {
     refused_log: LogThrottle,
     cannot_renew_log: LogThrottle,
     stats: StatsExporter,
+    capacity: Option<CapacityChannel>,
 }
 
 impl Member {
@@ -676,6 +781,9 @@ impl Member {
                     );
                 }
                 Intent::Accept { partition, offsets } => {
+                    if let Some(c) = self.capacity.as_mut() {
+                        c.accepted(partition, &offsets);
+                    }
                     // What these free may be handed out at once.
                     self.empty_fetches = 0;
                     let records: Vec<Held> = offsets
@@ -696,6 +804,11 @@ impl Member {
                 Intent::Processed { partition, offsets } => {
                     if let Some(out) = self.audit.as_mut() {
                         write_audit(out, partition, &offsets);
+                    }
+                }
+                Intent::ReportCapacity(report) => {
+                    if let Some(c) = &self.capacity {
+                        c.send(report);
                     }
                 }
                 // Nothing to commit, pause or read: the broker hands out
@@ -806,6 +919,7 @@ pub(super) fn poll_loop(
         wall_ms(),
     );
     let round = round_of_slots(&worker).max(1);
+    let capacity = CapacityChannel::new(&worker);
     worker.telemetry.readiness.set_brokers_up(true);
     worker.telemetry.readiness.set_joined(true);
     tracing::info!(topic = %cfg.topic, share_group = %cfg.group, concurrency = cfg.concurrency, max_attempts = cfg.retry.max_attempts, "worker started (share group)");
@@ -828,6 +942,7 @@ pub(super) fn poll_loop(
         refused_log: LogThrottle::default(),
         cannot_renew_log: LogThrottle::default(),
         stats: StatsExporter::default(),
+        capacity,
     };
     turn_until(
         &mut member,
