@@ -25,9 +25,17 @@
 //! see the backlog with no partition cap, and at most one capacity report
 //! per partition is read (the workers overwrite each other's on the
 //! companion consumer group's partitions).
-//! Records held by a replica that crashes would return after the lock
-//! (30 s by default); the shapes crash no replica, and a scale-down's
-//! SIGTERM releases what it holds, so locks are not modelled.
+//!
+//! Crashes ([`Shape::crash`]): the Deployment replaces each crashed pod
+//! (billed on, working after [`SimConfig::startup`]). In a share group the
+//! records it held ([`SimConfig::held_per_replica`], spread over the
+//! partitions) stay locked for [`SimConfig::lock_duration`]: the share-
+//! partition start offset stays below them, others take newer records, and
+//! after the lock they are done again first. In a consumer group the dead
+//! member keeps its partitions until [`SimConfig::session_timeout`], then
+//! they move (paused for the rebalance) and their uncommitted records are
+//! done again. A scale-down's SIGTERM releases what a replica holds, so
+//! only crashes lock.
 //!
 //! Figures per run: replica-seconds, the worst lag in seconds (age of the
 //! oldest uncommitted record on any partition), the time to drain a burst,
@@ -69,6 +77,14 @@ pub struct SimConfig {
     /// replicas at the partitions, and at most one capacity report per
     /// partition reaches the policy.
     pub share: bool,
+    /// Records a share-group worker holds unacknowledged (acquired, in its
+    /// batches): what a crash locks.
+    pub held_per_replica: f64,
+    /// `share.record.lock.duration.ms`.
+    pub lock_duration: Duration,
+    /// `session.timeout.ms` of a consumer group: how long a dead member
+    /// keeps its partitions.
+    pub session_timeout: Duration,
 }
 
 impl SimConfig {
@@ -80,6 +96,8 @@ impl SimConfig {
             capacity_per_replica: 80.0,
             max_replicas,
             share,
+            // 8 slots of batches of 10.
+            held_per_replica: 80.0,
             ..Self::default()
         }
     }
@@ -101,6 +119,9 @@ impl Default for SimConfig {
             max_replicas: 8,
             drained_below: Duration::from_secs(5),
             share: false,
+            held_per_replica: 1600.0,
+            lock_duration: Duration::from_secs(30),
+            session_timeout: Duration::from_secs(45),
         }
     }
 }
@@ -126,6 +147,9 @@ pub enum Shape {
     /// 2,400/s for 30 min; from 10 min to 12 min the downstream is down:
     /// nothing finishes, nothing is committed, no worker reports.
     OutageOnSteady,
+    /// [`Shape::BurstOnIdle`], and a third of the members crash 25 s after
+    /// the burst (not in [`Shape::ALL`]: the share-group comparison's).
+    CrashInBurst,
 }
 
 impl Shape {
@@ -150,6 +174,7 @@ impl Shape {
             Shape::BurstOnSteady => "burst of 60,000 on 1,000/s",
             Shape::HotPartition => "one hot partition (1,200/s + 7 x 50/s)",
             Shape::OutageOnSteady => "2 min downstream outage under 2,400/s",
+            Shape::CrashInBurst => "burst of 30,000 on idle, a third crash 25 s in",
         }
     }
 
@@ -157,7 +182,7 @@ impl Shape {
         Duration::from_secs(match self {
             Shape::Diurnal => 24 * 3600,
             Shape::Ramp => 5400,
-            Shape::BurstOnIdle => 1800,
+            Shape::BurstOnIdle | Shape::CrashInBurst => 1800,
             Shape::BurstOnSteady => 2400,
             Shape::OutageOnSteady => 1800,
             _ => 3600,
@@ -185,7 +210,7 @@ impl Shape {
                 even(3000.0 - 2800.0 * phase.cos())
             }
             Shape::Ramp => even(500.0 + 8500.0 * (t / 3600.0).min(1.0)),
-            Shape::BurstOnIdle => 0.0,
+            Shape::BurstOnIdle | Shape::CrashInBurst => 0.0,
             Shape::OutageOnSteady => even(2400.0),
             Shape::HotPartition => {
                 if partition == 0 {
@@ -200,7 +225,7 @@ impl Shape {
     /// A burst: when, and how many records.
     pub fn burst(self) -> Option<(f64, f64)> {
         match self {
-            Shape::BurstOnIdle => Some((300.0, 30_000.0)),
+            Shape::BurstOnIdle | Shape::CrashInBurst => Some((300.0, 30_000.0)),
             Shape::BurstOnSteady => Some((600.0, 60_000.0)),
             _ => None,
         }
@@ -210,6 +235,15 @@ impl Shape {
     pub fn outage(self) -> Option<(f64, f64)> {
         match self {
             Shape::OutageOnSteady => Some((600.0, 720.0)),
+            _ => None,
+        }
+    }
+
+    /// A crash: when (seconds), and the fraction of the replicas (rounded
+    /// up) that crash then.
+    pub fn crash(self) -> Option<(f64, f64)> {
+        match self {
+            Shape::CrashInBurst => Some((325.0, 1.0 / 3.0)),
             _ => None,
         }
     }
@@ -238,6 +272,9 @@ pub struct Outcome {
     /// Replicas asked for during the outage beyond those running when it
     /// began (shapes with an outage).
     pub added_during_outage: Option<u32>,
+    /// Records done a second time after a crash (locked records of a share
+    /// group, uncommitted records of a consumer group).
+    pub redone_records: f64,
 }
 
 struct Replica {
@@ -256,9 +293,24 @@ struct PartitionState {
     paused_until: f64,
     /// (time, cumulative high) after each step's arrivals, oldest first.
     arrivals: VecDeque<(f64, f64)>,
+    /// Records a crashed share-group member held: to be done again, from
+    /// `redo_from` on; until then nothing at or above `redo_floor` counts
+    /// as acknowledged.
+    redo: f64,
+    redo_from: f64,
+    redo_floor: f64,
 }
 
 impl PartitionState {
+    /// Locked records that are available again at `now`.
+    fn redoable(&self, now: f64) -> f64 {
+        if now >= self.redo_from {
+            self.redo
+        } else {
+            0.0
+        }
+    }
+
     /// Age of the oldest record not committed.
     fn lag_seconds(&self, now: f64) -> f64 {
         if self.committed as f64 >= self.high.floor() {
@@ -335,6 +387,9 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
             owner: None,
             paused_until: 0.0,
             arrivals: VecDeque::new(),
+            redo: 0.0,
+            redo_from: 0.0,
+            redo_floor: 0.0,
         })
         .collect();
     let mut replicas: Vec<Replica> = Vec::new();
@@ -365,7 +420,11 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
         max_replicas_after_warmup: 0,
         worst_lag_seconds_after_warmup: 0.0,
         added_during_outage: None,
+        redone_records: 0.0,
     };
+    // Crashed consumer-group members and when their session expires.
+    let mut dead: Vec<(u32, f64)> = Vec::new();
+    let mut crashed = false;
     let burst = shape.burst();
     let outage = shape.outage();
     let in_outage = |t: f64| outage.is_some_and(|(from, to)| t >= from && t < to);
@@ -381,11 +440,52 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
         (0.0, 0.0, cfg.commit_interval.as_secs_f64() / 2.0);
     let mut t = 0.0;
     while t < end {
-        // Membership and assignment.
+        if let Some((at, fraction)) = shape.crash() {
+            if !crashed && t >= at {
+                crashed = true;
+                // Of the members (replicas that have started).
+                let members: Vec<u32> = replicas
+                    .iter()
+                    .filter(|r| r.works_from <= t)
+                    .map(|r| r.id)
+                    .collect();
+                let n = (members.len() as f64 * fraction).ceil() as usize;
+                let gone: Vec<u32> = members.iter().rev().take(n).copied().collect();
+                replicas.retain(|r| !gone.contains(&r.id));
+                for id in &gone {
+                    if cfg.share {
+                        let held = cfg.held_per_replica / parts.len() as f64;
+                        for p in parts.iter_mut() {
+                            p.redo_floor = if p.redo > 0.0 {
+                                p.redo_floor
+                            } else {
+                                (p.done - held).max(p.committed as f64)
+                            };
+                            p.redo += held;
+                            p.redo_from = t + cfg.lock_duration.as_secs_f64();
+                        }
+                    } else {
+                        // What it did since its last commit is lost: the
+                        // next owner starts at the committed offset.
+                        for p in parts.iter_mut().filter(|p| p.owner == Some(*id)) {
+                            out.redone_records += p.done - p.committed as f64;
+                            p.done = p.committed as f64;
+                        }
+                        dead.push((*id, t + cfg.session_timeout.as_secs_f64()));
+                    }
+                }
+                // The Deployment replaces each crashed pod.
+                add(&mut replicas, &mut next_id, t, n as u32);
+            }
+        }
+        dead.retain(|(_, until)| *until > t);
+        // Membership and assignment: a dead member of a consumer group
+        // holds its partitions until its session expires.
         let mut working: Vec<u32> = replicas
             .iter()
             .filter(|r| r.works_from <= t)
             .map(|r| r.id)
+            .chain(dead.iter().map(|(id, _)| *id))
             .collect();
         working.sort_unstable();
         if cfg.share {
@@ -426,7 +526,7 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
                     .copied()
                     .filter(|i| {
                         let p = &parts[*i];
-                        p.paused_until <= t && p.high - p.done > 1e-9
+                        p.paused_until <= t && (p.redoable(t) > 1e-9 || p.high - p.done > 1e-9)
                     })
                     .collect();
                 if open.is_empty() || budget <= 1e-9 {
@@ -435,10 +535,14 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
                 let share = budget / open.len() as f64;
                 for i in open {
                     let p = &mut parts[i];
-                    let take = share.min(p.high - p.done);
+                    // Records back from a lock are delivered first.
+                    let again = share.min(p.redoable(t));
+                    p.redo -= again;
+                    out.redone_records += again;
+                    let take = (share - again).min(p.high - p.done);
                     p.done += take;
-                    budget -= take;
-                    r.done_in_window += take;
+                    budget -= again + take;
+                    r.done_in_window += again + take;
                 }
             }
         }
@@ -489,7 +593,15 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
         if t >= next_commit {
             next_commit += cfg.commit_interval.as_secs_f64();
             for p in parts.iter_mut() {
-                p.committed = p.done.floor() as i64;
+                if p.redo <= 1e-9 {
+                    p.redo = 0.0;
+                }
+                let acked = if p.redo > 0.0 {
+                    p.done.min(p.redo_floor)
+                } else {
+                    p.done
+                };
+                p.committed = acked.floor() as i64;
                 let c = p.committed as f64;
                 while p.arrivals.len() > 1 && p.arrivals[1].1 <= c {
                     p.arrivals.pop_front();

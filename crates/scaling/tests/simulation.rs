@@ -115,7 +115,9 @@ fn the_simulation_is_deterministic() {
 /// an idle group sooner, within 1.25 times the drain target (30 s) plus the
 /// replicas' start. It pays for that in replica-seconds, bounded here at
 /// 2.5 times the consumer group's: the replicas it adds are held through
-/// the scale-down window (300 s).
+/// the scale-down window (300 s). A crash of a third of the members costs
+/// it one record lock (the held records return after 30 s) where the
+/// consumer group waits out a session.
 #[test]
 fn a_share_group_passes_the_partition_cap_where_the_load_needs_it() {
     let classic = SimConfig::seed(false, 8);
@@ -123,10 +125,11 @@ fn a_share_group_passes_the_partition_cap_where_the_load_needs_it() {
     let run = |shape, cfg: &SimConfig| {
         microbatch_scaling::sim::run(shape, PolicyCase::Rate.policy(cfg).as_mut(), cfg)
     };
-    println!("| load shape (80/s workers, 8 partitions) | group | replica-seconds | peak replicas | worst lag (s) | time to drain (s) |\n|---|---|---:|---:|---:|---:|");
+    println!("| load shape (80/s workers, 8 partitions) | group | replica-seconds | peak replicas | worst lag (s) | time to drain (s) | records done again |\n|---|---|---:|---:|---:|---:|---:|");
     let mut failures = Vec::new();
     for shape in [
         Shape::BurstOnIdle,
+        Shape::CrashInBurst,
         Shape::BurstOnSteady,
         Shape::SteadyBelowOne,
     ] {
@@ -134,13 +137,14 @@ fn a_share_group_passes_the_partition_cap_where_the_load_needs_it() {
         let s = run(shape, &share);
         for (name, o) in [("consumer, max 8", &c), ("share, max 24", &s)] {
             println!(
-                "| {} | {name} | {:.0} | {} | {:.1} | {} |",
+                "| {} | {name} | {:.0} | {} | {:.1} | {} | {:.0} |",
                 shape.name(),
                 o.replica_seconds,
                 o.peak_replicas,
                 o.worst_lag_seconds,
                 o.drain_seconds
-                    .map_or_else(|| "-".to_string(), |d| format!("{d:.0}"))
+                    .map_or_else(|| "-".to_string(), |d| format!("{d:.0}")),
+                o.redone_records
             );
         }
         if s.peak_replicas <= 8 {
@@ -165,6 +169,33 @@ fn a_share_group_passes_the_partition_cap_where_the_load_needs_it() {
                         s.replica_seconds,
                         drain(&c),
                         c.replica_seconds
+                    ));
+                }
+            }
+            Shape::CrashInBurst => {
+                // A crash costs a share group at most one lock (30 s) and
+                // a replacement's start beyond the same burst without it,
+                // and a consumer group more: its dead member's partitions
+                // wait out the session (45 s).
+                let s0 = run(Shape::BurstOnIdle, &share);
+                let c0 = run(Shape::BurstOnIdle, &classic);
+                let lock = share.lock_duration.as_secs_f64() + share.startup.as_secs_f64();
+                if s.redone_records <= 0.0
+                    || c.redone_records <= 0.0
+                    || drain(&s) <= drain(&s0)
+                    || drain(&s) > drain(&s0) + lock
+                    || drain(&c) <= drain(&c0)
+                    || drain(&s) >= drain(&c)
+                {
+                    failures.push(format!(
+                        "{}: share drained in {:.0} s ({:.0} without the crash, {:.0} records again), consumer in {:.0} s ({:.0} without, {:.0} again)",
+                        shape.name(),
+                        drain(&s),
+                        drain(&s0),
+                        s.redone_records,
+                        drain(&c),
+                        drain(&c0),
+                        c.redone_records
                     ));
                 }
             }
