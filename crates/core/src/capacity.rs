@@ -165,6 +165,7 @@ impl CapacityMeter {
                 busy_fraction: busy,
                 processed_per_sec: self.processed as f64 / secs,
                 slots: self.slots,
+                held: None,
             });
             self.window_start = now;
             self.busy_slot_secs = 0.0;

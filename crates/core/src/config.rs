@@ -478,6 +478,11 @@ impl WorkerConfig {
         if self.group.trim().is_empty() {
             return Err(ConfigError::new(group_flag, "must not be empty"));
         }
+        if !self.share_group {
+            if let Some(why) = microbatch_kafka::capacity_report::reserved_group_name(&self.group) {
+                return Err(ConfigError::new("--group", why));
+            }
+        }
         if self.share_group {
             self.validate_share_group()?;
         }

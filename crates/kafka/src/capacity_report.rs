@@ -28,6 +28,10 @@ pub struct CapacityReport {
     pub processed_per_sec: f64,
     /// Slots the worker could use at the end of the window.
     pub slots: u32,
+    /// Records the worker held at the end of the window, taken but not
+    /// yet acknowledged (a share-group worker's in-flight records); `None`
+    /// when not reported.
+    pub held: Option<u64>,
 }
 
 impl CapacityReport {
@@ -54,6 +58,9 @@ impl CapacityReport {
             self.processed_per_sec,
             self.slots
         );
+        if let Some(held) = self.held {
+            let _ = write!(s, " held={held}");
+        }
         s
     }
 
@@ -66,6 +73,7 @@ impl CapacityReport {
         }
         let (mut worker, mut at, mut window, mut busy, mut rate, mut slots) =
             (None, None, None, None, None, None);
+        let mut held = None;
         for field in fields {
             let (key, value) = field.split_once('=')?;
             match key {
@@ -75,6 +83,7 @@ impl CapacityReport {
                 "busy" => busy = Some(value.parse::<f64>().ok()?),
                 "rate" => rate = Some(value.parse::<f64>().ok()?),
                 "slots" => slots = Some(value.parse().ok()?),
+                "held" => held = Some(value.parse().ok()?),
                 _ => {} // fields a later version adds
             }
         }
@@ -87,6 +96,7 @@ impl CapacityReport {
             busy_fraction: busy,
             processed_per_sec: rate,
             slots: slots?,
+            held,
         })
     }
 }
@@ -100,7 +110,22 @@ impl CapacityReport {
 /// read back are a sample of the workers, which is what a capacity per
 /// replica needs.
 pub fn share_capacity_group(share_group: &str) -> String {
-    format!("microbatch-capacity.{share_group}")
+    format!("{CAPACITY_GROUP_PREFIX}{share_group}")
+}
+
+/// Names of consumer groups reserved for [`share_capacity_group`]: a worker
+/// group by such a name would have its offsets moved by share workers'
+/// reports, and its own reports read as a share group's.
+pub const CAPACITY_GROUP_PREFIX: &str = "microbatch-capacity.";
+
+/// Why a consumer group may not be named `group`, if it may not.
+pub fn reserved_group_name(group: &str) -> Option<String> {
+    group.starts_with(CAPACITY_GROUP_PREFIX).then(|| {
+        format!(
+            "names starting {CAPACITY_GROUP_PREFIX:?} are reserved for share groups' capacity \
+             reports; choose another name"
+        )
+    })
 }
 
 /// Wall clock now in Unix milliseconds (0 if the clock is before 1970).
@@ -128,13 +153,21 @@ mod tests {
             busy_fraction: 0.4213,
             processed_per_sec: 812.5,
             slots: 4,
+            held: None,
         };
         let s = r.encode();
         assert!(
             s.len() < 256,
             "fits any broker's offset.metadata.max.bytes: {s}"
         );
-        assert_eq!(CapacityReport::decode(&s), Some(r));
+        assert_eq!(CapacityReport::decode(&s), Some(r.clone()));
+        let share = CapacityReport {
+            held: Some(u64::MAX),
+            ..r
+        };
+        let s = share.encode();
+        assert!(s.ends_with(&format!(" held={}", u64::MAX)) && s.len() < 256);
+        assert_eq!(CapacityReport::decode(&s), Some(share));
         for foreign in [
             "",
             "checkpoint 17",
@@ -143,6 +176,7 @@ mod tests {
             "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=-1 slots=1",
             "microbatch-capacity/1 worker=a at=x window_ms=5 busy=0.5 rate=1 slots=1",
             "microbatch-capacity/1 at=1 window_ms=5 busy=0.5 rate=1 slots=1",
+            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held=-3",
         ] {
             assert_eq!(CapacityReport::decode(foreign), None, "{foreign:?}");
         }
@@ -177,6 +211,7 @@ mod tests {
                     Just("busy"),
                     Just("rate"),
                     Just("slots"),
+                    Just("held"),
                     Just("x"),
                 ],
                 value,

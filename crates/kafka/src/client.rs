@@ -209,6 +209,62 @@ impl rdkafka::producer::ProducerContext for QuietContext {
     fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
 }
 
+/// A context for a helper client whose commits are its only output (the
+/// share workers' capacity reports): as [`QuietContext`], and a commit the
+/// broker refuses (an ACL, a group in use by others, metadata too large)
+/// is logged, now and then, with `what` saying what is lost. librdkafka
+/// reports an asynchronous commit's fate only here.
+#[derive(Debug)]
+pub struct CommitLoggingContext {
+    oauth: OauthHook,
+    what: &'static str,
+    log: crate::log_throttle::LogThrottle,
+}
+
+impl CommitLoggingContext {
+    pub fn new(kafka: &KafkaConfig, what: &'static str) -> Self {
+        Self {
+            oauth: kafka.oauth_hook(),
+            what,
+            log: Default::default(),
+        }
+    }
+
+    /// The first error of a commit's answer: the request's, else a
+    /// partition's.
+    pub fn refusal(
+        result: &KafkaResult<()>,
+        offsets: &rdkafka::TopicPartitionList,
+    ) -> Option<KafkaError> {
+        match result {
+            Err(e) => Some(e.clone()),
+            Ok(()) => offsets.elements().iter().find_map(|e| e.error().err()),
+        }
+    }
+}
+
+impl rdkafka::ClientContext for CommitLoggingContext {
+    crate::delegate_oauth_token!(oauth);
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        forward_log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(target: "kafka", error = %error, "{reason}");
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for CommitLoggingContext {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &rdkafka::TopicPartitionList) {
+        if let Some(error) = Self::refusal(&result, offsets) {
+            if let Some(suppressed) = self.log.allow(std::time::Instant::now()) {
+                tracing::warn!(error = %error, suppressed, "{}", self.what);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,9 @@ pub struct WorkerCapacity {
     /// Records/s one fully busy worker does: Σ processed ÷ Σ busy fraction;
     /// `None` while the workers are too idle to tell.
     pub capacity_per_replica: Option<f64>,
+    /// Records a worker holds taken but not acknowledged, the mean of the
+    /// reports that say (share-group workers'); `None` when none does.
+    pub held_per_worker: Option<f64>,
 }
 
 impl WorkerCapacity {
@@ -63,7 +66,24 @@ impl WorkerCapacity {
         }
         let processed: f64 = newest.values().map(|r| r.processed_per_sec).sum();
         let busy: f64 = newest.values().map(|r| r.busy_fraction).sum();
-        Some(Self::from_sums(newest.len() as u32, processed, busy))
+        let held: Vec<f64> = newest
+            .values()
+            .filter_map(|r| r.held)
+            .map(|h| h as f64)
+            .collect();
+        Some(Self {
+            held_per_worker: (!held.is_empty())
+                .then(|| held.iter().sum::<f64>() / held.len() as f64),
+            ..Self::from_sums(newest.len() as u32, processed, busy)
+        })
+    }
+
+    /// Records in flight in a group of `members` workers: the mean held
+    /// by a reporting worker times the members (the reports are a sample:
+    /// a share group's workers overwrite each other's).
+    pub fn in_flight(&self, members: u32) -> Option<u64> {
+        self.held_per_worker
+            .map(|held| (held * f64::from(members)).round() as u64)
     }
 
     /// From totals: `workers` workers doing `processed_per_sec` together,
@@ -83,6 +103,7 @@ impl WorkerCapacity {
             processed_per_sec,
             busy_workers,
             capacity_per_replica,
+            held_per_worker: None,
         }
     }
 }
@@ -122,6 +143,7 @@ mod tests {
             busy_fraction: busy,
             processed_per_sec: rate,
             slots: 4,
+            held: None,
         }
         .encode()
     }
@@ -145,6 +167,32 @@ mod tests {
         // (800 + 600) / (0.5 + 0.3) = 1,750/s per fully busy worker.
         assert!((c.capacity_per_replica.unwrap() - 1750.0).abs() < 1e-6);
         assert_eq!(WorkerCapacity::from_metadata(["x"], now), None);
+    }
+
+    /// A share group's reports say what each worker holds; the group's
+    /// in-flight count is their mean times the members, unknown without one.
+    #[test]
+    fn held_records_scale_to_the_members() {
+        let now = 1_700_000_000_000;
+        let with = |worker: &str, held: Option<u64>| {
+            CapacityReport {
+                worker: worker.into(),
+                at_unix_ms: now,
+                window: Duration::from_secs(5),
+                busy_fraction: 0.5,
+                processed_per_sec: 10.0,
+                slots: 1,
+                held,
+            }
+            .encode()
+        };
+        let meta = [with("a", Some(10)), with("b", Some(30)), with("c", None)];
+        let c = WorkerCapacity::from_metadata(meta.iter().map(String::as_str), now).unwrap();
+        assert_eq!(c.held_per_worker, Some(20.0));
+        assert_eq!(c.in_flight(24), Some(480));
+        let old = [with("a", None)];
+        let c = WorkerCapacity::from_metadata(old.iter().map(String::as_str), now).unwrap();
+        assert_eq!(c.in_flight(24), None, "no report says: unknown, not 0");
     }
 
     #[test]

@@ -112,7 +112,14 @@ impl TriggerSpec {
             ));
         }
         let (group, share) = match (get(meta, "consumerGroup"), get(meta, "shareGroup")) {
-            (Some(group), None) => (group.to_string(), false),
+            (Some(group), None) => {
+                if let Some(why) = microbatch_kafka::capacity_report::reserved_group_name(group) {
+                    return Err(Status::invalid_argument(format!(
+                        "scalerMetadata.consumerGroup: {why}"
+                    )));
+                }
+                (group.to_string(), false)
+            }
             (None, Some(group)) if topic.is_some() => (group.to_string(), true),
             (None, Some(_)) => {
                 return Err(Status::invalid_argument(

@@ -53,8 +53,10 @@ pub fn backlog_as_lag(b: &ShareBacklog, policy: InvalidOffsetPolicy) -> GroupLag
     lag
 }
 
-/// How long a reading waits for the records whose ages it reads.
+/// How long a reading waits for the records whose ages it reads, and for
+/// the workers' reports: both are help, and a scaler's evaluation has 12 s.
 const AGES_TIMEOUT: Duration = Duration::from_secs(2);
+const REPORTS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Reads one share group's backlog on one topic, from synchronous code.
 pub struct ShareLagReader {
@@ -99,7 +101,7 @@ impl ShareLagReader {
     /// ([`share_capacity_group`]).
     pub fn with_worker_reports(mut self, kafka: &KafkaConfig) -> Result<Self, ClientError> {
         let group = share_capacity_group(&self.group);
-        self.reports = Some(LagReader::new(kafka, &group, &self.topic, self.timeout)?);
+        self.reports = Some(LagReader::new(kafka, &group, &self.topic, REPORTS_TIMEOUT)?);
         Ok(self)
     }
 
@@ -139,10 +141,17 @@ impl ShareLagReader {
     /// older than the oldest waiting, so the age can read low, never high.
     /// When a partition with a backlog gets no age (its fetch timed out),
     /// the group's age is unknown, not the others' maximum.
+    /// Only when the broker counts the backlog: with the fallback (high
+    /// watermark − start offset) `high − backlog` is the start offset, and
+    /// the start offset can stay behind records long done, so the age
+    /// would grow without bound while nothing waits.
     pub fn set_ages(&self, b: &ShareBacklog, lag: &mut GroupLag) {
         let Some(reader) = &self.ages else {
             return;
         };
+        if b.backlog_source != backlog::SOURCE_BROKER_LAG {
+            return;
+        }
         let wanted: Vec<(i32, i64)> = b
             .partitions
             .iter()

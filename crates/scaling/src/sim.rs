@@ -586,6 +586,7 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
                     busy_fraction: (rate / reported).min(1.0),
                     processed_per_sec: rate,
                     slots: 4,
+                    held: None,
                 });
                 r.done_in_window = 0.0;
             }

@@ -8,6 +8,7 @@ use microbatch_scaling::defaults;
 use microbatch_scaling::keda_trigger;
 use microbatch_scaling::observe::Observer;
 use microbatch_scaling::policy::Decision;
+use microbatch_scaling::share_lag::{backlog_as_lag, ShareLagReader};
 
 use serde::{Deserialize, Serialize};
 
@@ -24,8 +25,11 @@ pub struct Args {
     /// partition the records not yet finished, in-flight ones included, as
     /// the broker counts them (Kafka 4.2+; older brokers: high watermark
     /// minus the share-partition start offset, which can overstate it), "-"
-    /// before the group has state for a partition. JSON:
-    /// {"share_group","topic","members","total_backlog","partitions_unknown","backlog_source":"broker_lag"|"high_watermark_minus_start_offset","partitions":[{"partition","start_offset","high","backlog"}]}.
+    /// before the group has state for a partition; the age of the oldest
+    /// record not done (read at the start offset); and the records in
+    /// flight, estimated from the workers' reports (the mean a reporting
+    /// worker holds × members). JSON:
+    /// {"share_group","topic","members","total_backlog","partitions_unknown","backlog_source":"broker_lag"|"high_watermark_minus_start_offset","lag_seconds","workers_reporting","in_flight","partitions":[{"partition","start_offset","high","backlog","lag_seconds"}]}.
     /// Not with --group or --policy.
     #[arg(long, env = "SHARE_GROUP", conflicts_with = "policy")]
     #[serde(default)]
@@ -165,6 +169,19 @@ async fn share_backlog(args: &Args, share_group: &str) -> anyhow::Result<ExitCod
     let bootstrap = ShareConsumerConfig::from_kafka(&kafka, share_group, vec![])?.bootstrap;
     let connector = security::connector(&kafka)?;
     let interval = Duration::from_millis(args.interval_ms.max(100));
+    // Ages and reports come through librdkafka clients, off the runtime.
+    let extras = std::sync::Arc::new(
+        ShareLagReader::new(
+            connector.clone(),
+            bootstrap.clone(),
+            share_group,
+            &args.target.topic,
+            Duration::from_secs(10),
+            tokio::runtime::Handle::current(),
+        )
+        .with_record_ages(&kafka)?
+        .with_worker_reports(&kafka)?,
+    );
     loop {
         let read = backlog::read(
             connector.clone(),
@@ -186,9 +203,26 @@ async fn share_backlog(args: &Args, share_group: &str) -> anyhow::Result<ExitCod
             }
             Err(e) => return Err(e.into()),
         };
+        let (reading, extra) = {
+            let extras = extras.clone();
+            tokio::task::spawn_blocking(move || {
+                let extra = share_extras(&extras, &reading);
+                (reading, extra)
+            })
+            .await?
+        };
         let mut out = std::io::stdout().lock();
         if args.json {
-            writeln!(out, "{}", serde_json::to_string(&reading)?)?;
+            let mut json = serde_json::to_value(&reading)?;
+            json["lag_seconds"] = serde_json::json!(extra.ages.lag_ms.map(|ms| ms as f64 / 1000.0));
+            json["workers_reporting"] = serde_json::json!(extra.workers_reporting);
+            json["in_flight"] = serde_json::json!(extra.in_flight);
+            if let Some(parts) = json["partitions"].as_array_mut() {
+                for (p, lag) in parts.iter_mut().zip(&extra.ages.partitions) {
+                    p["lag_seconds"] = serde_json::json!(lag.lag_ms.map(|ms| ms as f64 / 1000.0));
+                }
+            }
+            writeln!(out, "{json}")?;
         } else {
             if args.watch {
                 write!(out, "\x1b[2J\x1b[H")?;
@@ -200,25 +234,38 @@ async fn share_backlog(args: &Args, share_group: &str) -> anyhow::Result<ExitCod
             )?;
             writeln!(
                 out,
-                "{:>9} {:>12} {:>12} {:>10}",
-                "PARTITION", "START", "HIGH", "BACKLOG"
+                "{:>9} {:>12} {:>12} {:>10} {:>9}",
+                "PARTITION", "START", "HIGH", "BACKLOG", "AGE(s)"
             )?;
             let dash = |v: Option<i64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
-            for p in &reading.partitions {
+            for (p, lag) in reading.partitions.iter().zip(&extra.ages.partitions) {
                 writeln!(
                     out,
-                    "{:>9} {:>12} {:>12} {:>10}",
+                    "{:>9} {:>12} {:>12} {:>10} {:>9}",
                     p.partition,
                     dash(p.start_offset),
                     p.high,
-                    dash(p.backlog)
+                    dash(p.backlog),
+                    seconds(lag.lag_ms)
                 )?;
             }
             writeln!(
                 out,
-                "{:>9} {:>12} {:>12} {:>10}",
-                "TOTAL", "", "", reading.total_backlog
+                "{:>9} {:>12} {:>12} {:>10} {:>9}",
+                "TOTAL",
+                "",
+                "",
+                reading.total_backlog,
+                seconds(extra.ages.lag_ms)
             )?;
+            match extra.in_flight {
+                Some(n) => writeln!(
+                    out,
+                    "(in flight: about {n}, from {} workers' reports)",
+                    extra.workers_reporting
+                )?,
+                None => writeln!(out, "(in flight: unknown, no worker reports)")?,
+            }
             if reading.partitions_unknown > 0 {
                 writeln!(
                     out,
@@ -238,6 +285,38 @@ async fn share_backlog(args: &Args, share_group: &str) -> anyhow::Result<ExitCod
             _ = tokio::time::sleep(interval) => {}
             _ = super::shutdown_signal() => return Ok(ExitCode::SUCCESS),
         }
+    }
+}
+
+/// What a share-group reading adds beyond the broker's backlog.
+struct ShareExtras {
+    /// The backlog as lag, with record ages when they could be read.
+    ages: microbatch_scaling::lag::GroupLag,
+    workers_reporting: u32,
+    /// Records taken and not yet acknowledged, estimated.
+    in_flight: Option<u64>,
+}
+
+/// Reads the ages and the workers' reports (blocking: librdkafka).
+fn share_extras(
+    reader: &ShareLagReader,
+    reading: &microbatch_kafka::share::backlog::ShareBacklog,
+) -> ShareExtras {
+    use microbatch_scaling::capacity::WorkerCapacity;
+    use microbatch_scaling::lag::InvalidOffsetPolicy;
+    let mut ages = backlog_as_lag(reading, InvalidOffsetPolicy::Earliest);
+    reader.set_ages(reading, &mut ages);
+    let reports = reader.worker_reports();
+    let capacity = WorkerCapacity::from_metadata(
+        reports.iter().map(String::as_str),
+        microbatch_kafka::capacity_report::unix_ms_now(),
+    );
+    ShareExtras {
+        ages,
+        workers_reporting: capacity.as_ref().map_or(0, |c| c.workers),
+        in_flight: capacity
+            .as_ref()
+            .and_then(|c| c.in_flight(reading.members as u32)),
     }
 }
 

@@ -280,6 +280,9 @@ fn resolve_group(args: &Args) -> Result<(String, String, GroupKind), ConfigError
         )),
         None => {
             let (topic, group) = args.workers.resolve()?;
+            if let Some(why) = microbatch_kafka::capacity_report::reserved_group_name(&group) {
+                return Err(ConfigError::new("--group", why));
+            }
             Ok((topic, group, GroupKind::Consumer))
         }
     }

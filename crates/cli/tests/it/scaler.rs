@@ -758,7 +758,19 @@ fn a_share_group_trigger_is_not_capped_by_partitions() {
         both.name = "both".into();
         both.scaler_metadata
             .insert("consumerGroup".into(), group.to_string());
-        for (o, says) in [(no_topic, "topic"), (both, "not both")] {
+        // A consumer group may not take the companion group's name.
+        let mut reserved = share_meta(&keda);
+        reserved.name = "reserved".into();
+        reserved.scaler_metadata.remove("shareGroup");
+        reserved.scaler_metadata.insert(
+            "consumerGroup".into(),
+            format!("microbatch-capacity.{share_group}"),
+        );
+        for (o, says) in [
+            (no_topic, "topic"),
+            (both, "not both"),
+            (reserved, "reserved"),
+        ] {
             let err = client.get_metric_spec(o).await.unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
             assert!(err.message().contains(says), "{err}");

@@ -816,7 +816,7 @@ fn our_members_and_javas_share_consumer_split_one_group() {
 }
 
 /// `microbatch lag --share-group --json`.
-fn share_backlog_json(bootstrap: &str, group: &str, topic: &str) -> serde_json::Value {
+pub(crate) fn share_backlog_json(bootstrap: &str, group: &str, topic: &str) -> serde_json::Value {
     let (status, out, err) = crate::harness::run_to_end(&[
         "lag",
         "--bootstrap-servers",
@@ -925,6 +925,14 @@ fn lag_reads_a_share_groups_backlog() {
         );
         assert_eq!(b["partitions_unknown"], 1, "{b}");
         assert_eq!(b["total_backlog"], in_flight, "{b}");
+        // The oldest record not done is aged; a partition without state has
+        // no age, so the group's is unknown; no worker reports (a bare
+        // consumer here), so in flight is unknown, not 0.
+        let age = b["partitions"][0]["lag_seconds"].as_f64();
+        assert!(age.is_some_and(|a| a >= 0.0), "{b}");
+        assert!(b["lag_seconds"].is_null(), "{b}");
+        assert_eq!(b["workers_reporting"], 0, "{b}");
+        assert!(b["in_flight"].is_null(), "{b}");
         // `top --share-group` shows the same reading.
         let line = tokio::task::block_in_place(|| top_share_line(&bootstrap, &group, &topic));
         assert!(

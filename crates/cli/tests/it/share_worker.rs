@@ -4,7 +4,7 @@
 //! with Kafka's own share-groups tool; the dead letters with another client.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use microbatch_kafka::share::{ShareConsumer, ShareConsumerConfig};
 
@@ -320,12 +320,12 @@ fn a_record_that_crashes_its_worker_is_dead_lettered_by_delivery_count() {
     let spawn = |n: usize| spawn_share_worker(&s.dir, &format!("w{n}"), &s.topic, &group, 0, &args);
     let mut started = 2;
     let mut workers: Vec<Proc> = (0..started).map(spawn).collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while !(poison.is_subset(&dead_lettered(&dlq))
         && audited(std::slice::from_ref(&log)).len() >= 38)
     {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "not done in 2 minutes; {} workers started",
             started
         );
@@ -410,7 +410,32 @@ fn supervise_scales_a_share_group_past_its_partitions_and_back() {
     let mut sup = Proc::spawn(cmd, s.dir.path("supervise.stderr"));
     // 1,000/s for 30 s: ten workers' worth arriving, and a backlog that
     // waits for more.
-    s.produce_steadily(30_000, 1_000, &[])
+    let mut producer = s.produce_steadily(30_000, 1_000, &[]);
+    // While the load arrives, `lag --share-group` sees the workers' records
+    // in flight (their reports' held counts) and the oldest one's age.
+    let mut busy = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let b = crate::share::share_backlog_json(&bootstrap, &group, &s.topic);
+        if b["workers_reporting"].as_u64() > Some(0)
+            && b["total_backlog"].as_i64() > Some(0)
+            && b["in_flight"].as_u64() > Some(0)
+        {
+            busy = b;
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!("share supervise: lag while busy: {busy}");
+    assert!(
+        busy["in_flight"].as_u64() > Some(0),
+        "in-flight records from the workers' reports while busy: {busy}"
+    );
+    assert!(
+        busy["in_flight"].as_i64() <= busy["total_backlog"].as_i64().map(|b| b + 2_000),
+        "in flight is a part of the backlog, give or take the sample: {busy}"
+    );
+    producer
         .wait_for_exit(Duration::from_secs(120))
         .expect("the producer finished");
     wait_for_share_backlog_zero(&bootstrap, &group, 8, Duration::from_secs(240));
@@ -485,5 +510,94 @@ fn supervise_scales_a_share_group_past_its_partitions_and_back() {
     assert!(
         working > 8,
         "more workers than partitions did work: {per_worker:?}"
+    );
+}
+
+/// Another client's consumer group that holds the companion group's name,
+/// with a live member, refuses the share worker's capacity reports: the
+/// worker says so (now and then) and goes on; every record is handled and
+/// the other group's offsets are not touched. Before the refusal was read
+/// from the commit's answer, nothing was said.
+#[test]
+fn a_refused_capacity_report_is_logged_and_costs_nothing_else() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let s = Scenario::new("share-refused", 2);
+    let group = unique("share-refused-group");
+    let dlq = s.dead_letter_topic(2);
+    let companion = microbatch_kafka::capacity_report::share_capacity_group(&group);
+    let member: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", &companion)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a member of the companion-named group");
+    member.subscribe(&[&s.topic]).expect("subscribing");
+    let stop = Arc::new(AtomicBool::new(false));
+    let polling = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = member.poll(Duration::from_millis(100));
+            }
+            member
+        })
+    };
+    let handler = recording_handler(
+        &s.dir,
+        HandlerBehaviour {
+            failure_rate: 0.0,
+            ms_per_record: 20,
+        },
+    );
+    let mut worker = spawn_share_worker(
+        &s.dir,
+        "w0",
+        &s.topic,
+        &group,
+        0,
+        &[
+            "--handler",
+            "exec",
+            "--command",
+            &handler,
+            "--concurrency",
+            "1",
+            "--max-records",
+            "10",
+            "--dlq-topic",
+            &dlq,
+        ],
+    );
+    s.produce_steadily(600, 40, &[])
+        .wait_for_exit(Duration::from_secs(60))
+        .expect("the producer finished");
+    wait_for_share_backlog_zero(&bootstrap, &group, 2, Duration::from_secs(90));
+    wait_until(Duration::from_secs(30), "the refusal said", || {
+        worker.stderr().contains("a capacity report was refused")
+    });
+    worker.terminate();
+    stop.store(true, Ordering::Relaxed);
+    let member = polling.join().expect("the member's thread");
+    let (handled, dead) = assert_nothing_lost(&s.topic, &dlq, &handled_files(&s.dir));
+    assert_eq!(handled.len(), 600, "every record handled");
+    assert!(dead.is_empty(), "{dead:?}");
+    let committed = member
+        .committed(Duration::from_secs(10))
+        .expect("reading the group's offsets");
+    let moved: Vec<_> = committed
+        .elements()
+        .iter()
+        .filter(|e| e.offset() != rdkafka::Offset::Invalid)
+        .map(|e| (e.partition(), e.offset()))
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "the other group's offsets moved: {moved:?}"
     );
 }

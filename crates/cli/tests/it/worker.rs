@@ -333,6 +333,21 @@ fn bad_input_exits_2_and_names_the_flag() {
             &["supervise", "--group", "g", "--", "--share-group", "s"],
             "--share-group",
         ),
+        // Reserved for share groups' capacity reports.
+        (
+            &["run", "--topic", "t", "--group", "microbatch-capacity.s"],
+            "--group",
+        ),
+        (
+            &[
+                "supervise",
+                "--topic",
+                "t",
+                "--group",
+                "microbatch-capacity.s",
+            ],
+            "--group",
+        ),
     ];
     for (args, flag) in cases {
         let started = Instant::now();

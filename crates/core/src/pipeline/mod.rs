@@ -63,6 +63,7 @@ use crate::config::{Ordering, PipelineConfig};
 use crate::failure::{self, Circuit, Plan, Signal, Transition};
 use crate::fetch::ConsumedRecord;
 use crate::handler::{BatchOutcome, Failure};
+use microbatch_kafka::capacity_report::CapacityReport;
 use microbatch_kafka::LogThrottle;
 
 pub use commits::{CommitRefusal, FINAL_COMMIT_RETRY};
@@ -824,6 +825,12 @@ impl Pipeline {
                 if let Some(report) = self.capacity.report(now, wall) {
                     if self.last_report_at != Some(report.at_unix_ms) {
                         self.last_report_at = Some(report.at_unix_ms);
+                        // With the records held now: the group's in-flight
+                        // count, sampled.
+                        let report = CapacityReport {
+                            held: Some(self.held as u64),
+                            ..report.clone()
+                        };
                         self.intents
                             .push_back(Intent::ReportCapacity(report.encode()));
                     }

@@ -1237,6 +1237,24 @@ fn a_share_groups_capacity_report_comes_out_on_its_own() {
     );
     assert!(report.processed_per_sec > 0.0, "{report:?}");
     assert!(report.busy_fraction > 0.0, "{report:?}");
+    // Records taken and not finished are reported as held: the group's
+    // in-flight count, sampled by the scaling side.
+    for i in 0..5 {
+        p.handle_record(&Rec(1, i), now);
+    }
+    let mut last = None;
+    for _ in 0..100 {
+        now += Duration::from_millis(100);
+        p.handle_tick(now);
+        for i in intents(&mut p) {
+            if let Intent::ReportCapacity(text) = i {
+                last = microbatch_kafka::capacity_report::CapacityReport::decode(&text);
+            }
+        }
+    }
+    let last = last.expect("a report while the records are held");
+    assert_eq!(p.held(), 5);
+    assert_eq!(last.held, Some(5), "{last:?}");
 }
 
 /// In a partly failed batch the good records are accepted at once; the

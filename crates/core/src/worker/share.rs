@@ -40,12 +40,12 @@ use std::time::{Duration, Instant};
 
 use microbatch_kafka::aws_iam::WithTokens;
 use microbatch_kafka::capacity_report::share_capacity_group;
-use microbatch_kafka::client::QuietContext;
+use microbatch_kafka::client::CommitLoggingContext;
 use microbatch_kafka::share::{
     AckOutcome, AckType, Fetched, ShareConsumer, ShareConsumerConfig, ShareError, ShareRecord,
 };
 use microbatch_kafka::LogThrottle;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc as async_mpsc;
@@ -506,13 +506,15 @@ async fn fetcher(
 /// that does not cover the companion group) is logged, now and then, and
 /// costs nothing else.
 struct CapacityChannel {
-    consumer: Arc<WithTokens<BaseConsumer<QuietContext>>>,
+    /// Taken by `drop`, which closes it on another thread.
+    consumer: Option<Arc<WithTokens<BaseConsumer<CommitLoggingContext>>>>,
+    /// A report's commit is under way on its own thread.
+    sending: Arc<AtomicBool>,
     topic: String,
     /// The offset after the last record accepted, per partition.
     accepted: std::collections::BTreeMap<i32, i64>,
     /// This worker's partition among those it accepted from.
     pick: usize,
-    log: LogThrottle,
 }
 
 impl CapacityChannel {
@@ -525,8 +527,15 @@ impl CapacityChannel {
                 cfg.kafka
                     .client_config()
                     .set("group.id", &group)
-                    .set("enable.auto.commit", "false"),
-                QuietContext::new(&cfg.kafka),
+                    .set("enable.auto.commit", "false")
+                    // Its queue is served a few events per report.
+                    .set("statistics.interval.ms", "0"),
+                CommitLoggingContext::new(
+                    &cfg.kafka,
+                    "a capacity report was refused (grant the worker Read on the group \
+                     microbatch-capacity.<share group>; the scaler meanwhile learns \
+                     capacity from progress)",
+                ),
             )
             .map_err(
                 |e| tracing::warn!(error = %e, "no capacity reports: creating their client failed"),
@@ -538,11 +547,11 @@ impl CapacityChannel {
                 h.wrapping_mul(31).wrapping_add(usize::from(b))
             });
         Some(Self {
-            consumer: Arc::new(consumer),
+            consumer: Some(Arc::new(consumer)),
+            sending: Arc::new(AtomicBool::new(false)),
             topic: cfg.topic.clone(),
             accepted: Default::default(),
             pick,
-            log: LogThrottle::default(),
         })
     }
 
@@ -554,14 +563,20 @@ impl CapacityChannel {
     }
 
     /// Commits `report` on one partition this worker accepted from (none
-    /// yet: nothing to say). Asynchronously: the call only queues it, so a
-    /// coordinator that does not answer holds up nothing (a sync commit
-    /// would tie up a thread for up to the session timeout, one per
-    /// report).
+    /// yet: nothing to say), on a thread of its own: a coordinator that does
+    /// not answer holds up nothing, and the answer is the commit's result
+    /// (an asynchronous commit's answer never reached the context here,
+    /// measured on Kafka 4.3.2: refusals went unsaid). While one report is
+    /// under way the next is skipped.
     fn send(&self, report: String) {
-        if self.accepted.is_empty() {
+        let Some(consumer) = &self.consumer else {
+            return;
+        };
+        if self.accepted.is_empty() || self.sending.swap(true, AtomicOrdering::AcqRel) {
             return;
         }
+        let sending = self.sending.clone();
+        let done = move || sending.store(false, AtomicOrdering::Release);
         let (partition, offset) = self
             .accepted
             .iter()
@@ -572,17 +587,24 @@ impl CapacityChannel {
         {
             let mut elem = tpl.add_partition(&self.topic, partition);
             if elem.set_offset(Offset::Offset(offset)).is_err() {
+                done();
                 return;
             }
             elem.set_metadata(report);
         }
-        // Serves the client's queued events (the answers to earlier
-        // commits) so they do not pile up.
-        let _ = self.consumer.poll(Duration::ZERO);
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-            if let Some(suppressed) = self.log.allow(Instant::now()) {
-                tracing::warn!(error = %e, suppressed, "sending a capacity report failed (the scaler then learns capacity from progress)");
-            }
+        let consumer = consumer.clone();
+        let spawned = std::thread::Builder::new()
+            .name("capacity-report".into())
+            .spawn(move || {
+                // Served, so events (errors) do not pile up.
+                let _ = consumer.poll(Duration::ZERO);
+                if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                    consumer.context().commit_callback(Err(e), &tpl);
+                }
+                done();
+            });
+        if spawned.is_err() {
+            self.sending.store(false, AtomicOrdering::Release);
         }
     }
 }
@@ -591,10 +613,20 @@ impl Drop for CapacityChannel {
     /// Closing the client may wait for commits still queued: elsewhere, so
     /// the worker's exit does not.
     fn drop(&mut self) {
-        let consumer = self.consumer.clone();
-        let _ = std::thread::Builder::new()
+        let Some(consumer) = self.consumer.take() else {
+            return;
+        };
+        let handover = Arc::new(std::sync::Mutex::new(Some(consumer)));
+        let theirs = handover.clone();
+        let spawned = std::thread::Builder::new()
             .name("capacity-close".into())
-            .spawn(move || drop(consumer));
+            .spawn(move || drop(theirs.lock().map(|mut c| c.take())));
+        if spawned.is_err() {
+            // No thread: leak it rather than wait here.
+            if let Ok(mut c) = handover.lock() {
+                std::mem::forget(c.take());
+            }
+        }
     }
 }
 
