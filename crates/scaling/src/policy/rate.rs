@@ -138,6 +138,12 @@ impl PartitionArrivals {
 /// Time constant of the learned capacity.
 const CAPACITY_SMOOTHING: Duration = Duration::from_secs(30);
 
+/// The workers' figure stands against lag growth while it was renewed this
+/// recently; past that their reports stopped (a share group's report
+/// channel refused, say, while records still flow) and lag growth may
+/// replace it.
+const WORKERS_FIGURE_STANDS: Duration = Duration::from_secs(90);
+
 /// Lag below this many seconds of arrivals is records in flight (fetched,
 /// batched, waiting for the next commit), not a backlog that proves the
 /// replicas saturated.
@@ -241,8 +247,13 @@ impl RatePolicy {
             return;
         }
         let smoothed = match (self.capacity, self.source, source) {
-            // The workers' own figure stands against an inference.
-            (_, CapacitySource::Workers, CapacitySource::LagGrowth) => return,
+            // The workers' own figure stands against an inference, while
+            // they keep reporting.
+            (Some((_, then)), CapacitySource::Workers, CapacitySource::LagGrowth)
+                if now.saturating_duration_since(then) < WORKERS_FIGURE_STANDS =>
+            {
+                return
+            }
             (Some((c, then)), held, new) if held == new => smooth(
                 c,
                 sample,
@@ -1179,6 +1190,25 @@ mod tests {
         );
         assert_eq!(r.capacity_source(), CapacitySource::Workers);
         assert!((r.capacity_per_replica() - 1800.0).abs() < 1.0);
+        // Lag growth does not replace it while it is fresh, and does once
+        // the reports have stopped past WORKERS_FIGURE_STANDS.
+        let grow = |r: &mut RatePolicy, from: u64| {
+            for s in from..from + 10 {
+                decide(
+                    r,
+                    t0 + Duration::from_secs(s),
+                    &lag_of(&[(s as i64 * 1500, 10_000 + s as i64 * 2500)]),
+                    rates(2500.0, 1500.0),
+                    None,
+                    2,
+                );
+            }
+        };
+        grow(&mut r, 32);
+        assert_eq!(r.capacity_source(), CapacitySource::Workers);
+        grow(&mut r, 31 + WORKERS_FIGURE_STANDS.as_secs());
+        assert_eq!(r.capacity_source(), CapacitySource::LagGrowth);
+        assert!((r.capacity_per_replica() - 750.0).abs() < 1.0);
     }
 
     #[test]
