@@ -26,7 +26,7 @@ pub struct Args {
     /// the broker counts them (Kafka 4.2+; older brokers: high watermark
     /// minus the share-partition start offset, which can overstate it), "-"
     /// before the group has state for a partition; the age of the oldest
-    /// record not done (read at the start offset); and the records in
+    /// record not done (when the broker counts the backlog); and the records in
     /// flight, estimated from the workers' reports (the mean a reporting
     /// worker holds × members). JSON:
     /// {"share_group","topic","members","total_backlog","partitions_unknown","backlog_source":"broker_lag"|"high_watermark_minus_start_offset","lag_seconds","workers_reporting","in_flight","partitions":[{"partition","start_offset","high","backlog","lag_seconds"}]}.
