@@ -55,8 +55,7 @@ pub fn backlog_as_lag(b: &ShareBacklog, policy: InvalidOffsetPolicy) -> GroupLag
 
 /// How long a reading waits for the records whose ages it reads, and for
 /// the workers' reports: both are help, and a scaler's evaluation has 12 s.
-const AGES_TIMEOUT: Duration = Duration::from_secs(2);
-const REPORTS_TIMEOUT: Duration = Duration::from_secs(2);
+const HELP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Reads one share group's backlog on one topic, from synchronous code.
 pub struct ShareLagReader {
@@ -101,7 +100,7 @@ impl ShareLagReader {
     /// ([`share_capacity_group`]).
     pub fn with_worker_reports(mut self, kafka: &KafkaConfig) -> Result<Self, ClientError> {
         let group = share_capacity_group(&self.group);
-        self.reports = Some(LagReader::new(kafka, &group, &self.topic, REPORTS_TIMEOUT)?);
+        self.reports = Some(LagReader::new(kafka, &group, &self.topic, HELP_TIMEOUT)?);
         Ok(self)
     }
 
@@ -129,7 +128,7 @@ impl ShareLagReader {
     pub fn with_record_ages(mut self, kafka: &KafkaConfig) -> Result<Self, ClientError> {
         let id = format!("{}-ages", self.group);
         // Best effort and short: a reading waits at most this for ages.
-        self.ages = Some(LagReader::new(kafka, &id, &self.topic, AGES_TIMEOUT)?);
+        self.ages = Some(LagReader::new(kafka, &id, &self.topic, HELP_TIMEOUT)?);
         Ok(self)
     }
 
