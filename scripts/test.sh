@@ -9,8 +9,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Build: libssl-dev zlib1g-dev pkg-config (librdkafka); Kafka: openssl unzip
 # (and Java 17+ with Maven); tests: shellcheck, chromium (report rendering),
-# tmux (terminal dashboard); the image: podman mmdebstrap python3.
-packages=(libssl-dev zlib1g-dev pkg-config openssl unzip shellcheck chromium tmux podman mmdebstrap python3)
+# tmux (terminal dashboard); the schema tests: curl (the registry's
+# script), python3-venv (confluent-kafka's serializers); the image: podman
+# mmdebstrap python3.
+packages=(libssl-dev zlib1g-dev pkg-config openssl unzip shellcheck chromium tmux curl python3-venv podman mmdebstrap python3)
 missing=()
 for pkg in "${packages[@]}"; do
 	dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -30,10 +32,33 @@ if ! scripts/kafka-local.sh status >/dev/null 2>&1; then
 	scripts/kafka-local.sh start
 	started_kafka=true
 fi
+# A real schema registry (Apicurio, Java 21+, fetched once and cached
+# outside the clone) for the schema tests.
+started_registry=false
+if ! scripts/registry-local.sh status >/dev/null 2>&1; then
+	scripts/registry-local.sh start >/dev/null
+	started_registry=true
+fi
 cleanup() {
+	if $started_registry; then scripts/registry-local.sh stop || true; fi
 	if $started_kafka; then scripts/kafka-local.sh stop || true; fi
 }
 trap cleanup EXIT
+
+# confluent-kafka's own serializers write the schema tests' records: a
+# venv cached outside the clone, keyed by its requirements.
+requirements=crates/cli/tests/it/schemas/requirements.txt
+venv="${XDG_CACHE_HOME:-$HOME/.cache}/microbatch-test-python/$(sha256sum "$requirements" | cut -c1-16)"
+if [ ! -x "$venv/bin/python" ] || ! cmp -s "$requirements" "$venv/.requirements"; then
+	echo "== creating the serializers' Python venv"
+	rm -rf "$venv"
+	python3 -m venv "$venv"
+	"$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+	cp "$requirements" "$venv/.requirements"
+fi
+export MICROBATCH_TEST_PYTHON="$venv/bin/python"
+MICROBATCH_TEST_SCHEMA_REGISTRY=$(scripts/registry-local.sh url)
+export MICROBATCH_TEST_SCHEMA_REGISTRY
 
 export MICROBATCH_TEST_BOOTSTRAP="127.0.0.1:${KAFKA_PLAINTEXT_PORT:-9092}"
 export MICROBATCH_TEST_SCRAM_ENV="$PWD/.kafka-local/scram.env"

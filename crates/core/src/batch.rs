@@ -50,6 +50,18 @@ pub struct Batch {
     pub attempt: u32,
     /// Where these records were first batched, for failure decisions.
     pub lineage: Lineage,
+    /// Each record's key and value decoded by their formats, when the
+    /// decoding handler made this batch for the handler it wraps; empty
+    /// otherwise (and in batches made from this one).
+    decoded: Vec<DecodedFields>,
+}
+
+/// A record's key and value as JSON, decoded by their formats (see
+/// [`crate::handler::DecodingHandler`]); `None` where the side is raw or null.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DecodedFields {
+    pub key: Option<microbatch_schema::Decoded>,
+    pub value: Option<microbatch_schema::Decoded>,
 }
 
 /// The history of a batch's records that failure handling needs (see
@@ -78,6 +90,7 @@ pub struct Record<'a> {
     pub key: Option<&'a [u8]>,
     pub value: Option<&'a [u8]>,
     pub headers: &'a [Header],
+    pub decoded: Option<&'a DecodedFields>,
 }
 
 impl Batch {
@@ -94,7 +107,15 @@ impl Batch {
                 root: id,
                 ..Lineage::default()
             },
+            decoded: Vec::new(),
         }
+    }
+
+    /// Attaches each record's decoded key and value, in record order.
+    pub fn with_decoded(mut self, decoded: Vec<DecodedFields>) -> Self {
+        assert_eq!(decoded.len(), self.len(), "one decoded entry per record");
+        self.decoded = decoded;
+        self
     }
 
     fn push_bytes(&mut self, bytes: Option<&[u8]>) -> Option<Span> {
@@ -173,7 +194,7 @@ impl Batch {
         span.map(|s| &self.data[s.start as usize..(s.start + s.len) as usize])
     }
 
-    fn view(&self, meta: &Meta) -> Record<'_> {
+    fn view(&self, index: usize, meta: &Meta) -> Record<'_> {
         Record {
             topic: &self.topic,
             partition: self.partition,
@@ -182,11 +203,12 @@ impl Batch {
             key: self.slice(meta.key),
             value: self.slice(meta.value),
             headers: &self.headers[meta.headers.0 as usize..meta.headers.1 as usize],
+            decoded: self.decoded.get(index),
         }
     }
 
     pub fn records(&self) -> impl ExactSizeIterator<Item = Record<'_>> + '_ {
-        self.metas.iter().map(|m| self.view(m))
+        self.metas.iter().enumerate().map(|(i, m)| self.view(i, m))
     }
 
     pub fn offsets(&self) -> impl ExactSizeIterator<Item = i64> + '_ {
@@ -206,8 +228,13 @@ impl Batch {
         let mut out = Batch::new(id, self.topic.clone(), self.partition);
         out.attempt = self.attempt;
         out.lineage = self.lineage;
-        for meta in self.metas.iter().filter(|m| keep(m.offset)) {
-            let r = self.view(meta);
+        for (i, meta) in self
+            .metas
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| keep(m.offset))
+        {
+            let r = self.view(i, meta);
             out.push(
                 r.offset,
                 r.timestamp_ms,

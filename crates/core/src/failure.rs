@@ -28,6 +28,10 @@
 //!    is isolated whatever the circuit does, and rule 3 keeps an outage from
 //!    dead-lettering anything. Any success closes it. (Readiness reports
 //!    an open circuit only while records are held: see the pipeline.)
+//! 5. A batch that could not be handed over because something the worker
+//!    needs for it is out (the schema registry) is held whole: no attempt
+//!    spent, no bisection, no dead letter, retried after the longest
+//!    back-off, and the circuit opens as for rule 3.
 
 use std::time::{Duration, Instant};
 
@@ -121,6 +125,18 @@ pub fn whole_batch_failed(
     }
     // Rule 3: no proof that the downstream works for anything else.
     batch.attempt = policy.max_attempts.saturating_sub(1);
+    batch.lineage.suspect = true;
+    let at = ctx.now + backoff(policy, policy.max_attempts, rng);
+    (Plan::Retry { batch, at }, Signal::Suspect)
+}
+
+/// Decides for a batch that could not be handed over (rule 5).
+pub fn batch_unavailable(
+    mut batch: Batch,
+    policy: &RetryPolicy,
+    ctx: Context,
+    rng: &mut impl Rng,
+) -> (Plan, Signal) {
     batch.lineage.suspect = true;
     let at = ctx.now + backoff(policy, policy.max_attempts, rng);
     (Plan::Retry { batch, at }, Signal::Suspect)
@@ -415,6 +431,29 @@ mod tests {
         assert!(matches!(plans[..], [Plan::Retry { .. }]));
         let plans = records_failed(batch(1, 0..1), failures, &p, ctx(0, false), &mut rng);
         assert!(matches!(plans[..], [Plan::DeadLetter { .. }]));
+    }
+
+    #[test]
+    fn an_unavailable_batch_is_held_whole_however_long_it_waits() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let p = RetryPolicy {
+            max_record_age: Some(Duration::from_millis(1)),
+            ..policy()
+        };
+        let mut b = batch(1, 0..4);
+        for _ in 0..3 * p.max_attempts {
+            let (plan, signal) = batch_unavailable(b, &p, ctx(1_000, false), &mut rng);
+            assert_eq!(signal, Signal::Suspect);
+            match plan {
+                Plan::Retry { batch, .. } => {
+                    assert_eq!(batch.attempt, 0, "no attempt spent");
+                    assert_eq!(batch.len(), 4, "not bisected");
+                    assert!(batch.lineage.suspect);
+                    b = batch;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub records_failed: Counter,
     pub records_retried: Counter,
     pub records_dead_lettered: Counter,
+    /// Records a --filter left out: done without the handler.
+    pub records_filtered: Counter,
     pub batches_processed: Counter,
     pub batches_failed: Counter,
     pub batch_size: Histogram,
@@ -72,6 +74,7 @@ impl Metrics {
             records_failed: Counter::default(),
             records_retried: Counter::default(),
             records_dead_lettered: Counter::default(),
+            records_filtered: Counter::default(),
             batches_processed: Counter::default(),
             batches_failed: Counter::default(),
             batch_size: Histogram::new([
@@ -122,6 +125,11 @@ impl Metrics {
             "records_dead_lettered",
             "Records written to the dead-letter topic",
             m.records_dead_lettered.clone(),
+        );
+        r.register(
+            "records_filtered",
+            "Records no --filter pattern matched: done (and committed) without the handler",
+            m.records_filtered.clone(),
         );
         r.register(
             "batches_processed",

@@ -13,10 +13,13 @@ use microbatch_core::config::{
     WorkerConfig,
 };
 use microbatch_core::handler::{
-    ExecHandler, Handler, HttpHandler, HttpHandlerError, SimulateHandler,
+    DecodingHandler, ExecHandler, Handler, HttpHandler, HttpHandlerError, SimulateHandler,
 };
 use microbatch_core::{Telemetry, Worker};
 use microbatch_kafka::ConfigError;
+use microbatch_schema::{
+    Auth, Decoder, Filter, Format, Registry, RegistryConfig, RegistryError, Schemas,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +58,12 @@ fn parse_reset(s: &str) -> Result<OffsetReset, String> {
 
 fn parse_group_protocol(s: &str) -> Result<GroupProtocol, String> {
     s.parse()
+}
+
+fn format_parser() -> impl clap::builder::TypedValueParser<Value = Format> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Format::ALL.map(Format::name))
+        .map(|name| name.parse::<Format>().expect("one of the possible values"))
 }
 
 #[derive(Debug, clap::Args, Serialize, Deserialize)]
@@ -253,6 +262,43 @@ pub struct Args {
     )]
     pub audit_log: Option<PathBuf>,
 
+    /// How record keys are written: raw (handed on as text, or base64),
+    /// json, or avro, protobuf, json-schema (a schema registry's wire
+    /// format; needs --schema-registry-url). Decoded keys reach the
+    /// handler as JSON. See docs/schemas.md.
+    #[arg(long, env = "MICROBATCH_KEY_FORMAT", value_parser = format_parser(), default_value = "raw", help_heading = "Schemas")]
+    pub key_format: Format,
+    /// How record values are written (as --key-format). A value that
+    /// cannot be decoded is dead-lettered with the reason; a registry
+    /// without an answer holds its batch, nothing dead-lettered.
+    #[arg(long, env = "MICROBATCH_VALUE_FORMAT", value_parser = format_parser(), default_value = "raw", help_heading = "Schemas")]
+    pub value_format: Format,
+    /// The schema registry's API (Confluent's, or Apicurio's
+    /// http://HOST:PORT/apis/ccompat/v7). Credentials come from
+    /// SCHEMA_REGISTRY_USER and SCHEMA_REGISTRY_PASSWORD (basic) or
+    /// SCHEMA_REGISTRY_TOKEN (bearer), never from the URL. Redirects are
+    /// not followed.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL", help_heading = "Schemas")]
+    pub schema_registry_url: Option<String>,
+    /// PEM certificates to trust for the schema registry, besides the
+    /// system's.
+    #[arg(
+        long,
+        env = "SCHEMA_REGISTRY_CA",
+        value_name = "FILE",
+        help_heading = "Schemas"
+    )]
+    pub schema_registry_ca: Option<PathBuf>,
+    /// Hand on only records this pattern matches (AWS Lambda's filter
+    /// syntax, on the decoded `key` and `value`, `headers`, `topic`,
+    /// `partition`, `offset`, `timestamp_ms`), e.g.
+    /// '{"value":{"kind":["order"],"total":[{"numeric":[">",100]}]}}'.
+    /// Repeat: a record passes when any pattern matches. Others are done
+    /// and committed without the handler
+    /// (microbatch_records_filtered_total).
+    #[arg(long, value_name = "PATTERN", help_heading = "Schemas")]
+    pub filter: Vec<String>,
+
     /// Port for /healthz, /readyz and /metrics; 0 picks a free one.
     #[arg(long, env = "MICROBATCH_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT, help_heading = "Operations")]
     pub http_port: u16,
@@ -272,6 +318,109 @@ pub struct Resolved {
     pub config: WorkerConfig,
     pub handler: Arc<dyn Handler>,
     pub http: SocketAddr,
+    /// Decoding and filtering before the handler, when asked for.
+    pub decoding: Option<Decoding>,
+}
+
+/// What the decoding handler wraps the handler with.
+pub struct Decoding {
+    pub key: Format,
+    pub value: Format,
+    pub schemas: Option<Arc<Schemas>>,
+    pub filter: Option<Filter>,
+}
+
+impl Decoding {
+    fn resolve(args: &Args) -> Result<Option<Self>, ConfigError> {
+        let uses_registry = args.key_format.uses_registry() || args.value_format.uses_registry();
+        if !uses_registry
+            && args.key_format == Format::Raw
+            && args.value_format == Format::Raw
+            && args.filter.is_empty()
+        {
+            return Ok(None);
+        }
+        let filter = if args.filter.is_empty() {
+            None
+        } else {
+            Some(Filter::parse(&args.filter).map_err(|e| {
+                ConfigError::new("--filter", e.to_string().trim_start_matches("--filter: "))
+            })?)
+        };
+        let schemas = match (&args.schema_registry_url, uses_registry) {
+            (None, true) => {
+                let flag = if args.value_format.uses_registry() {
+                    "--value-format"
+                } else {
+                    "--key-format"
+                };
+                return Err(ConfigError::new(
+                    flag,
+                    "avro, protobuf and json-schema need --schema-registry-url (SCHEMA_REGISTRY_URL)",
+                ));
+            }
+            (Some(url), true) => Some(Arc::new(Schemas::new(registry(url, args)?))),
+            (_, false) => None,
+        };
+        Ok(Some(Self {
+            key: args.key_format,
+            value: args.value_format,
+            schemas,
+            filter,
+        }))
+    }
+}
+
+/// The registry client, with credentials from the environment only.
+fn registry(url: &str, args: &Args) -> Result<Registry, ConfigError> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let auth = match (
+        var("SCHEMA_REGISTRY_USER"),
+        var("SCHEMA_REGISTRY_PASSWORD"),
+        var("SCHEMA_REGISTRY_TOKEN"),
+    ) {
+        (Some(_), _, Some(_)) => {
+            return Err(ConfigError::new(
+                "SCHEMA_REGISTRY_TOKEN",
+                "set it or SCHEMA_REGISTRY_USER, not both",
+            ))
+        }
+        (Some(user), password, None) => Some(Auth::Basic {
+            user,
+            password: password.unwrap_or_default(),
+        }),
+        (None, Some(_), _) => {
+            return Err(ConfigError::new(
+                "SCHEMA_REGISTRY_PASSWORD",
+                "set without SCHEMA_REGISTRY_USER",
+            ))
+        }
+        (None, None, token) => token.map(Auth::Bearer),
+    };
+    let ca_pem = match &args.schema_registry_ca {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            ConfigError::new(
+                "--schema-registry-ca",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?),
+        None => None,
+    };
+    let config = RegistryConfig {
+        url: url.to_string(),
+        auth,
+        ca_pem,
+        timeout: microbatch_schema::registry::DEFAULT_TIMEOUT,
+    };
+    Registry::new(&config).map_err(|e| {
+        let why = e.to_string();
+        let flag = if why.starts_with("--schema-registry-ca") {
+            "--schema-registry-ca"
+        } else {
+            "--schema-registry-url"
+        };
+        ConfigError::new(flag, why.trim_start_matches(flag).trim_start_matches(": "))
+    })
 }
 
 fn ms(v: u64) -> Duration {
@@ -395,10 +544,12 @@ impl Args {
         let http: SocketAddr = format!("{host}:{}", self.http_port)
             .parse()
             .map_err(|_| ConfigError::new("--http-host", format!("not an IP address: {host}")))?;
+        let decoding = Decoding::resolve(self)?;
         Ok(Resolved {
             config,
             handler,
             http,
+            decoding,
         })
     }
 }
@@ -416,10 +567,26 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         config,
         handler,
         http,
+        decoding,
     } = args.resolve()?;
     let mut config = config;
     config.kafka = config.kafka.start_msk_iam()?;
     let telemetry = Arc::new(Telemetry::default());
+    let handler = match decoding {
+        None => handler,
+        Some(decoding) => {
+            if let Some(schemas) = &decoding.schemas {
+                check_registry(schemas.registry()).await?;
+            }
+            Arc::new(DecodingHandler::new(
+                handler,
+                Decoder::new(decoding.key, decoding.value, decoding.schemas),
+                decoding.filter,
+                telemetry.metrics.records_filtered.clone(),
+                config.handler_timeout,
+            ))
+        }
+    };
     if let Some(tokens) = config.kafka.msk_iam.clone() {
         telemetry
             .readiness
@@ -449,6 +616,23 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses to start on a registry that refuses the worker (credentials, a
+/// URL that is not the API); one that does not answer yet is only logged:
+/// batches wait for it like for any outage.
+async fn check_registry(registry: &Registry) -> anyhow::Result<()> {
+    match registry.check().await {
+        Ok(()) => {
+            tracing::info!(url = registry.url(), "schema registry reachable");
+            Ok(())
+        }
+        Err(RegistryError::Unavailable(why)) => {
+            tracing::warn!(url = registry.url(), error = %why, "schema registry unavailable at start; batches that need it wait");
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!("schema registry {}: {e}", registry.url())),
+    }
 }
 
 /// A repeat of the first signal sooner than this after it is not a request

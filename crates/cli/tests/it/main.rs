@@ -28,6 +28,7 @@ mod keda_parity;
 mod lag;
 mod msk_iam;
 mod scaler;
+mod schemas;
 mod share;
 mod share_worker;
 mod supervise;

@@ -98,6 +98,8 @@ pub const SCRUBBED_ENV: &[&str] = &[
     "AWS_SESSION_TOKEN",
     "AWS_SECURITY_TOKEN",
     "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "SCHEMA_REGISTRY_PASSWORD",
+    "SCHEMA_REGISTRY_TOKEN",
     // Kafka properties handed down by `supervise` (passwords, keys).
     "MICROBATCH_KAFKA_PROPERTIES",
 ];

@@ -6,7 +6,8 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
 use super::{BatchOutcome, Failure};
-use crate::batch::{Batch, Header, Record};
+use crate::batch::{Batch, DecodedFields, Header, Record};
+use microbatch_schema::Decoded;
 
 struct JsonRecord<'a>(Record<'a>);
 struct JsonHeaders<'a>(&'a [Header], bool);
@@ -41,7 +42,19 @@ impl Serialize for JsonRecord<'_> {
         map.serialize_entry("topic", r.topic)?;
         map.serialize_entry("partition", &r.partition)?;
         map.serialize_entry("offset", &r.offset)?;
-        for (name, bytes) in [("key", r.key), ("value", r.value)] {
+        let decoded =
+            |side: fn(&DecodedFields) -> &Option<Decoded>| r.decoded.and_then(|d| side(d).as_ref());
+        for (name, bytes, decoded, schema_name) in [
+            ("key", r.key, decoded(|d| &d.key), "key_schema"),
+            ("value", r.value, decoded(|d| &d.value), "value_schema"),
+        ] {
+            if let Some(decoded) = decoded {
+                map.serialize_entry(name, &decoded.json)?;
+                if let Some(schema) = &decoded.schema {
+                    map.serialize_entry(schema_name, &**schema)?;
+                }
+                continue;
+            }
             match bytes {
                 None => map.serialize_entry(name, &())?,
                 Some(b) => match utf8(b) {

@@ -5,6 +5,7 @@
 //! whether trying again may help. The worker owns retries, timeouts and dead
 //! letters; a handler only reports.
 
+mod decode;
 mod exec;
 mod http;
 mod json;
@@ -12,6 +13,7 @@ mod simulate;
 
 use async_trait::async_trait;
 
+pub use decode::DecodingHandler;
 pub use exec::{kill_children, ExecHandler, SCRUBBED_ENV};
 pub use http::{redact_url, HttpHandler, HttpHandlerError, MAX_ANSWER_BYTES};
 pub use json::{batch_id, encode_batch, FailureReport, Line};
@@ -52,6 +54,11 @@ pub enum BatchOutcome {
     Partial(Vec<(i64, Failure)>),
     /// No record is done.
     Failed(Failure),
+    /// No record was tried: something the worker itself needs to hand the
+    /// batch over (the schema registry) gave no answer. Not the records'
+    /// fault nor the handler's: the batch waits whole, spends no attempt,
+    /// is never bisected nor dead-lettered, and the circuit opens.
+    Unavailable(String),
 }
 
 /// Processes microbatches. Implement this to plug native Rust code into the

@@ -780,6 +780,15 @@ impl Pipeline {
                 self.observe(signal, now);
                 self.carry_out(slot, plan, now);
             }
+            BatchOutcome::Unavailable(why) => {
+                if let Some(suppressed) = self.failure_log.allow(now) {
+                    tracing::warn!(partition = slot.partition, records = batch.len(), error = %why, suppressed, "the batch could not be handed over; it waits");
+                }
+                let (plan, signal) =
+                    failure::batch_unavailable(batch, &self.config.retry, ctx, &mut self.rng);
+                self.observe(signal, now);
+                self.carry_out(slot, plan, now);
+            }
         }
     }
 

@@ -535,6 +535,8 @@ impl Sim {
             match self.rng.random_range(0..100) {
                 0..=2 => return BatchOutcome::Failed(Failure::retryable("handler timed out")),
                 3..=4 => return BatchOutcome::Failed(Failure::retryable("handler panicked")),
+                // The schema registry out: no record tried, none failed.
+                5..=6 => return BatchOutcome::Unavailable("schema registry unavailable".into()),
                 _ => {}
             }
         }
@@ -602,6 +604,7 @@ impl Sim {
                     *self.failures.entry((p, o)).or_insert(0) += 1;
                 }
             }
+            BatchOutcome::Unavailable(_) => {}
         }
         self.pipeline.handle_verdict(slot, batch, outcome, self.now);
         self.execute()

@@ -213,6 +213,7 @@ pub fn command() -> Command {
     for (k, _) in std::env::vars() {
         if k.starts_with("KAFKA_")
             || k.starts_with("MICROBATCH_")
+            || k.starts_with("SCHEMA_REGISTRY_")
             || ["BATCH_SIZE", "PROCESS_TIME_SECONDS", "CONSUMER_GROUP"].contains(&k.as_str())
         {
             cmd.env_remove(k);
