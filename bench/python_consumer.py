@@ -41,7 +41,20 @@ def main() -> int:
     ap.add_argument("--messages", type=int, required=True)
     ap.add_argument("--batch-size", type=int, default=int(os.environ.get("BATCH_SIZE", "500")))
     ap.add_argument("--timeout", type=float, default=30.0, help="give up after this many idle seconds")
+    ap.add_argument("--avro-registry", help="decode each value with AvroDeserializer against this registry URL")
     args = ap.parse_args()
+
+    decode = None
+    if args.avro_registry:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+        from confluent_kafka.schema_registry.avro import AvroDeserializer
+        from confluent_kafka.serialization import MessageField, SerializationContext
+
+        deserializer = AvroDeserializer(SchemaRegistryClient({"url": args.avro_registry}))
+        context = SerializationContext(args.topic, MessageField.VALUE)
+
+        def decode(value):
+            return deserializer(value, context)
 
     assigned = []
 
@@ -80,6 +93,8 @@ def main() -> int:
                 if err.fatal():
                     raise KafkaException(err)
                 continue
+            if decode is not None:
+                decode(m.value())
             good += 1
         records += good
         if good:

@@ -18,6 +18,7 @@ mod config_file;
 mod logging;
 mod policy_args;
 mod report;
+mod schema_args;
 
 use std::process::ExitCode;
 

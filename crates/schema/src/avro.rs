@@ -57,6 +57,16 @@ impl AvroSchema {
 
     /// Decodes one datum; every byte must belong to it.
     pub fn decode(&self, data: &[u8]) -> Result<Json, String> {
+        // The record's bytes are outside input: walk them first, bounded,
+        // so that the decoder below never meets a nesting that overflows
+        // the stack or a block count that allocates gigabytes.
+        Walk {
+            data,
+            pos: 0,
+            items_left: data.len() + MAX_EMPTY_ITEMS,
+            names: &self.names,
+        }
+        .walk(&self.schema, 0)?;
         let mut reader = data;
         let schemata: Vec<&Schema> = self
             .references
@@ -77,7 +87,277 @@ impl AvroSchema {
     }
 }
 
+impl AvroSchema {
+    /// A datum for record number `seq`, for `produce`: every field gets a
+    /// value that varies with `seq` (numbers count, strings carry it, enums
+    /// and unions take turns over their first choices), encoded with the
+    /// schema. Not for `big-decimal`.
+    pub fn sample(&self, seq: u64) -> Result<Vec<u8>, String> {
+        let value = sample(&self.schema, &self.names, seq, 0)?;
+        let schemata: Vec<&Schema> = self
+            .references
+            .iter()
+            .chain(std::iter::once(&self.schema))
+            .collect();
+        apache_avro::to_avro_datum_schemata(&self.schema, schemata, value)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// How deep a sample goes into a recursive schema before it takes a
+/// union's null branch (or an empty array or map).
+const SAMPLE_DEPTH: usize = 8;
+
+fn sample(schema: &Schema, names: &Names, seq: u64, depth: usize) -> Result<Value, String> {
+    let schema = resolve(schema, names)?;
+    let n = seq as i64;
+    Ok(match schema {
+        Schema::Null => Value::Null,
+        Schema::Boolean => Value::Boolean(seq.is_multiple_of(2)),
+        Schema::Int => Value::Int((seq % i32::MAX as u64) as i32),
+        Schema::Long => Value::Long(n),
+        Schema::Float => Value::Float(seq as f32 / 4.0),
+        Schema::Double => Value::Double(seq as f64 / 4.0),
+        Schema::Bytes => Value::Bytes(seq.to_string().into_bytes()),
+        Schema::String => Value::String(format!("s{seq}")),
+        Schema::Array(a) if depth < SAMPLE_DEPTH => {
+            Value::Array(vec![sample(&a.items, names, seq, depth + 1)?])
+        }
+        Schema::Array(_) => Value::Array(Vec::new()),
+        Schema::Map(m) if depth < SAMPLE_DEPTH => {
+            Value::Map([("k".to_string(), sample(&m.types, names, seq, depth + 1)?)].into())
+        }
+        Schema::Map(_) => Value::Map(Default::default()),
+        Schema::Union(u) => {
+            let variants = u.variants();
+            let non_null: Vec<usize> = (0..variants.len())
+                .filter(|&i| variants[i] != Schema::Null)
+                .collect();
+            let null = variants.iter().position(|v| *v == Schema::Null);
+            let index = match (non_null.is_empty(), null) {
+                (false, Some(null)) if depth >= SAMPLE_DEPTH || seq % 4 == 3 => null,
+                (false, _) => non_null[(seq as usize) % non_null.len()],
+                (true, _) => 0,
+            };
+            Value::Union(
+                index as u32,
+                Box::new(sample(&variants[index], names, seq, depth + 1)?),
+            )
+        }
+        Schema::Record(r) => Value::Record(
+            r.fields
+                .iter()
+                .map(|f| Ok((f.name.clone(), sample(&f.schema, names, seq, depth + 1)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        Schema::Enum(e) => {
+            let i = (seq as usize) % e.symbols.len().max(1);
+            Value::Enum(i as u32, e.symbols.get(i).cloned().unwrap_or_default())
+        }
+        Schema::Fixed(f) => {
+            let digits = seq.to_be_bytes();
+            let mut bytes = vec![0u8; f.size];
+            for (i, b) in digits.iter().rev().enumerate().take(f.size) {
+                bytes[f.size - 1 - i] = *b;
+            }
+            Value::Fixed(f.size, bytes)
+        }
+        Schema::Decimal(d) => {
+            let digits = d.precision.min(18) as u32;
+            let unscaled = (seq % 10u64.pow(digits)) as i64;
+            let size = match &*d.inner {
+                Schema::Fixed(f) => f.size,
+                _ => decimal_bytes(d.precision).min(8),
+            };
+            let mut bytes = vec![0u8; size];
+            let be = unscaled.to_be_bytes();
+            for (i, b) in be.iter().rev().enumerate().take(size) {
+                bytes[size - 1 - i] = *b;
+            }
+            Value::Decimal(apache_avro::Decimal::from(bytes))
+        }
+        Schema::Uuid => Value::Uuid(uuid_of(seq)),
+        Schema::Date => Value::Date(19_000 + (seq % 1_000) as i32),
+        Schema::TimeMillis => Value::TimeMillis((seq % 86_400_000) as i32),
+        Schema::TimeMicros => Value::TimeMicros(n % 86_400_000_000),
+        Schema::TimestampMillis => Value::TimestampMillis(1_700_000_000_000 + n),
+        Schema::TimestampMicros => Value::TimestampMicros(1_700_000_000_000_000 + n),
+        Schema::TimestampNanos => Value::TimestampNanos(1_700_000_000_000_000_000 + n),
+        Schema::LocalTimestampMillis => Value::LocalTimestampMillis(1_700_000_000_000 + n),
+        Schema::LocalTimestampMicros => Value::LocalTimestampMicros(1_700_000_000_000_000 + n),
+        Schema::LocalTimestampNanos => Value::LocalTimestampNanos(1_700_000_000_000_000_000 + n),
+        Schema::Duration => Value::Duration(apache_avro::Duration::new(
+            apache_avro::Months::new(1),
+            apache_avro::Days::new((seq % 28) as u32),
+            apache_avro::Millis::new((seq % 1000) as u32),
+        )),
+        other => return Err(format!("produce cannot make a sample of {other:?}")),
+    })
+}
+
+fn uuid_of(seq: u64) -> apache_avro::Uuid {
+    // Version 4, variant 1 bits set; the rest counts.
+    apache_avro::Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0000 | u128::from(seq))
+}
+
 type Names = std::collections::HashMap<Name, Schema>;
+
+/// The deepest nesting of records, arrays, maps and unions a record may
+/// have (a recursive schema nests one level per byte).
+pub const MAX_DEPTH: usize = 64;
+
+/// Array and map items that take no bytes (nulls, empty records) a record
+/// may hold beyond one per byte of it.
+const MAX_EMPTY_ITEMS: usize = 4096;
+
+/// A bounded pass over a datum's bytes that checks their shape against
+/// the schema without building anything: nesting at most [`MAX_DEPTH`],
+/// array and map items at most one per byte (plus [`MAX_EMPTY_ITEMS`]),
+/// each length within the bytes left, union branches and enum symbols
+/// that exist, decimals within their precision.
+struct Walk<'a> {
+    data: &'a [u8],
+    pos: usize,
+    items_left: usize,
+    names: &'a Names,
+}
+
+impl Walk<'_> {
+    fn long(&mut self) -> Result<i64, String> {
+        let mut value: u64 = 0;
+        for i in 0..10 {
+            let byte = *self
+                .data
+                .get(self.pos)
+                .ok_or("the datum ends inside a number")?;
+            self.pos += 1;
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(((value >> 1) as i64) ^ -((value & 1) as i64));
+            }
+        }
+        Err("a number longer than 10 bytes".into())
+    }
+
+    fn skip(&mut self, n: usize) -> Result<(), String> {
+        if self.data.len() - self.pos < n {
+            return Err(format!(
+                "the datum ends {} bytes short",
+                n - (self.data.len() - self.pos)
+            ));
+        }
+        self.pos += n;
+        Ok(())
+    }
+
+    fn length(&mut self) -> Result<usize, String> {
+        let n = self.long()?;
+        usize::try_from(n).map_err(|_| format!("a negative length {n}"))
+    }
+
+    fn walk(&mut self, schema: &Schema, depth: usize) -> Result<(), String> {
+        if depth > MAX_DEPTH {
+            return Err(format!("nested deeper than {MAX_DEPTH}"));
+        }
+        match resolve(schema, self.names)? {
+            Schema::Null => Ok(()),
+            Schema::Boolean => self.skip(1),
+            Schema::Int
+            | Schema::Long
+            | Schema::Date
+            | Schema::TimeMillis
+            | Schema::TimeMicros
+            | Schema::TimestampMillis
+            | Schema::TimestampMicros
+            | Schema::TimestampNanos
+            | Schema::LocalTimestampMillis
+            | Schema::LocalTimestampMicros
+            | Schema::LocalTimestampNanos => self.long().map(drop),
+            Schema::Float => self.skip(4),
+            Schema::Double => self.skip(8),
+            Schema::Duration => self.skip(12),
+            Schema::Bytes | Schema::String | Schema::Uuid | Schema::BigDecimal => {
+                let n = self.length()?;
+                self.skip(n)
+            }
+            Schema::Fixed(f) => self.skip(f.size),
+            Schema::Decimal(d) => {
+                let n = match &*d.inner {
+                    Schema::Fixed(f) => f.size,
+                    _ => self.length()?,
+                };
+                if n > decimal_bytes(d.precision) {
+                    return Err(format!(
+                        "a decimal of {n} bytes: more than precision {} allows",
+                        d.precision
+                    ));
+                }
+                self.skip(n)
+            }
+            Schema::Enum(e) => {
+                let i = self.long()?;
+                if i < 0 || i as usize >= e.symbols.len() {
+                    return Err(format!("enum {} has no symbol {i}", e.name.name));
+                }
+                Ok(())
+            }
+            Schema::Union(u) => {
+                let i = self.long()?;
+                let branch = usize::try_from(i)
+                    .ok()
+                    .and_then(|i| u.variants().get(i))
+                    .ok_or_else(|| format!("the union has no branch {i}"))?;
+                self.walk(branch, depth + 1)
+            }
+            Schema::Record(r) => r
+                .fields
+                .iter()
+                .try_for_each(|f| self.walk(&f.schema, depth + 1)),
+            Schema::Array(a) => self.blocks(depth, |w, depth| w.walk(&a.items, depth + 1)),
+            Schema::Map(m) => self.blocks(depth, |w, depth| {
+                let n = w.length()?;
+                w.skip(n)?;
+                w.walk(&m.types, depth + 1)
+            }),
+            Schema::Ref { name } => Err(format!("unresolved reference {}", name.fullname(None))),
+        }
+    }
+
+    /// Array and map blocks: a count (negative: followed by the block's
+    /// size in bytes), that many items, until a count of 0.
+    fn blocks(
+        &mut self,
+        depth: usize,
+        mut item: impl FnMut(&mut Self, usize) -> Result<(), String>,
+    ) -> Result<(), String> {
+        loop {
+            let count = self.long()?;
+            if count == 0 {
+                return Ok(());
+            }
+            if count < 0 {
+                self.long()?;
+            }
+            let count = count.unsigned_abs();
+            if count > self.items_left as u64 {
+                return Err(format!(
+                    "a block of {count} items: more than the datum's {} bytes can hold",
+                    self.data.len()
+                ));
+            }
+            self.items_left -= count as usize;
+            for _ in 0..count {
+                item(self, depth)?;
+            }
+        }
+    }
+}
+
+/// The most bytes a two's-complement decimal of `precision` digits takes.
+fn decimal_bytes(precision: usize) -> usize {
+    // 10^p < 2^(8n - 1)  <=>  n > (p * log2(10) + 1) / 8
+    ((precision as f64 * std::f64::consts::LOG2_10 + 1.0) / 8.0).floor() as usize + 1
+}
 
 fn base64(bytes: &[u8]) -> Json {
     Json::String(base64::engine::general_purpose::STANDARD.encode(bytes))
@@ -173,6 +453,9 @@ fn to_json(value: Value, schema: &Schema, names: &Names) -> Result<Json, String>
         (Value::BigDecimal(d), _) => Json::String(d.to_string()),
         (Value::Uuid(u), _) => Json::String(u.to_string()),
         (Value::Date(days), _) => Json::String(format_date(i64::from(days))),
+        // A time of day outside the day (the schema allows it) stays a number.
+        (Value::TimeMillis(ms), _) if !(0..86_400_000).contains(&ms) => Json::from(ms),
+        (Value::TimeMicros(us), _) if !(0..86_400_000_000).contains(&us) => Json::from(us),
         (Value::TimeMillis(ms), _) => {
             Json::String(format_time_of_day(i64::from(ms) * 1_000_000, 3))
         }
@@ -280,7 +563,93 @@ mod tests {
     }
 
     #[test]
+    fn samples_round_trip_through_the_decoder() {
+        let schema = AvroSchema::compile(ORDER, &[]).unwrap();
+        for seq in [0, 1, 3, 12_345] {
+            let json = schema.decode(&schema.sample(seq).unwrap()).unwrap();
+            assert_eq!(json["id"], seq);
+        }
+        let recursive =
+            r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"]}]}"#;
+        let schema = AvroSchema::compile(recursive, &[]).unwrap();
+        assert!(
+            schema.decode(&schema.sample(5).unwrap()).is_ok(),
+            "stops at its depth"
+        );
+    }
+
+    #[test]
+    fn hostile_bytes_are_refused_before_anything_is_built() {
+        // A map claiming 2^29 entries in 5 bytes.
+        let map = AvroSchema::compile(
+            r#"{"type":"record","name":"R","fields":[{"name":"tags","type":{"type":"map","values":"string"}}]}"#,
+            &[],
+        )
+        .unwrap();
+        let err = map.decode(&[0x80, 0x80, 0x80, 0x80, 0x04]).unwrap_err();
+        assert!(err.contains("more than the datum"), "{err}");
+        // 2^29 nulls.
+        let nulls = AvroSchema::compile(r#"{"type":"array","items":"null"}"#, &[]).unwrap();
+        assert!(nulls.decode(&[0x80, 0x80, 0x80, 0x80, 0x04, 0]).is_err());
+        assert_eq!(
+            nulls.decode(&[0x06, 0]).unwrap(),
+            serde_json::json!([null, null, null])
+        );
+        // A recursive schema nested one level per byte.
+        let node = AvroSchema::compile(
+            r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"]}]}"#,
+            &[],
+        )
+        .unwrap();
+        let mut deep = vec![0x02; 10_000];
+        deep.push(0);
+        let err = node.decode(&deep).unwrap_err();
+        assert!(err.contains("nested deeper"), "{err}");
+        let mut fine = vec![0x02; 20];
+        fine.push(0);
+        assert!(node.decode(&fine).is_ok());
+        // A decimal far longer than its precision.
+        let dec = AvroSchema::compile(
+            r#"{"type":"bytes","logicalType":"decimal","precision":4,"scale":2}"#,
+            &[],
+        )
+        .unwrap();
+        let mut long = vec![0x80, 0x10];
+        long.extend(vec![1u8; 1024]);
+        assert!(dec.decode(&long).unwrap_err().contains("precision"));
+        assert_eq!(
+            dec.decode(&[0x04, 0x04, 0xd2]).unwrap(),
+            serde_json::json!("12.34")
+        );
+        // Enum and union indexes out of range.
+        let e = AvroSchema::compile(r#"{"type":"enum","name":"E","symbols":["A"]}"#, &[]).unwrap();
+        assert!(e.decode(&[0x02]).is_err());
+        let u = AvroSchema::compile(r#"["null","long"]"#, &[]).unwrap();
+        assert!(u.decode(&[0x04]).is_err());
+        let t = AvroSchema::compile(r#"{"type":"long","logicalType":"time-micros"}"#, &[]).unwrap();
+        assert_eq!(
+            t.decode(&[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01])
+                .unwrap(),
+            serde_json::json!(i64::MAX)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_bytes_make_the_decoder_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            for schema in [ORDER, r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"]},{"name":"m","type":{"type":"map","values":{"type":"array","items":"null"}}}]}"#] {
+                let schema = AvroSchema::compile(schema, &[]).unwrap();
+                let _ = schema.decode(&bytes);
+            }
+        }
+    }
+
+    #[test]
     fn decimals_keep_their_digits() {
+        assert_eq!(decimal_bytes(4), 2);
+        assert_eq!(decimal_bytes(9), 4);
+        assert_eq!(decimal_bytes(18), 8);
+        assert_eq!(decimal_bytes(38), 16);
         assert_eq!(decimal(&[0x04, 0xd2], 2), "12.34");
         assert_eq!(decimal(&[0x05], 3), "0.005");
         assert_eq!(decimal(&[0xff], 1), "-0.1");

@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,10 +24,18 @@ use crate::protobuf::{ProtobufSchema, Source};
 use crate::registry::{RegisteredSchema, Registry, RegistryError};
 use crate::wire::{self, SchemaId};
 
-/// How long a schema the registry does not have (or one that does not
-/// compile) is remembered as such: records naming it are dead-lettered
-/// without a request each, and one registered later is found after this.
+/// How long a schema the registry does not have (after
+/// [`NOT_FOUND_GRACE`]), or one that does not compile, is remembered as
+/// such: records naming it are dead-lettered without a request each, and
+/// one registered later is found after this.
 pub const MISSING_SCHEMA_TTL: Duration = Duration::from_secs(30);
+
+/// How long a schema id the registry does not know is waited for before
+/// records naming it are the records' fault.
+pub const NOT_FOUND_GRACE: Duration = Duration::from_secs(10);
+
+/// The most unknown schema ids remembered at once.
+const MAX_MISSING: usize = 10_000;
 
 /// The deepest chain of references followed, and the most schemas one
 /// schema may pull in: more is a cycle or a mistake.
@@ -175,25 +184,38 @@ struct Compiled {
     info: Arc<Value>,
 }
 
-enum Entry {
-    Ready(Arc<Compiled>),
-    Missing { why: String, until: Instant },
-}
-
 /// The registry and the schemas fetched from it so far.
 pub struct Schemas {
     registry: Registry,
-    cache: Mutex<HashMap<SchemaId, Entry>>,
+    ready: Mutex<HashMap<SchemaId, Arc<Compiled>>>,
+    missing: Mutex<HashMap<SchemaId, Missing>>,
+    /// Whether any schema has been found: until one is, a registry that
+    /// knows none of the ids may be the wrong registry, and nothing is
+    /// dead-lettered for it.
+    found_any: AtomicBool,
     /// One fetch at a time: batches that need the same new schema wait for
     /// the first one's fetch instead of each asking the registry.
     fetching: tokio::sync::Mutex<()>,
+}
+
+/// A schema id the registry did not know.
+struct Missing {
+    /// When it was first missed: it is an outage, not the record's fault,
+    /// until [`NOT_FOUND_GRACE`] has passed (a schema registered a moment
+    /// ago may not have reached the registry's node the worker asks).
+    first: Instant,
+    /// Once the record's fault: why, and until when that answer stands
+    /// without asking again.
+    settled: Option<(String, Instant)>,
 }
 
 impl Schemas {
     pub fn new(registry: Registry) -> Self {
         Self {
             registry,
-            cache: Mutex::new(HashMap::new()),
+            ready: Mutex::new(HashMap::new()),
+            missing: Mutex::new(HashMap::new()),
+            found_any: AtomicBool::new(false),
             fetching: tokio::sync::Mutex::new(()),
         }
     }
@@ -202,14 +224,21 @@ impl Schemas {
         &self.registry
     }
 
+    /// Takes a subject the registry knows (the topic's `<topic>-value`,
+    /// checked at start) as proof that it is the producers' registry, so
+    /// that unknown ids are the records' fault from the start.
+    pub fn confirm_registry(&self) {
+        self.found_any.store(true, Ordering::Relaxed);
+    }
+
     fn cached(&self, id: &SchemaId, now: Instant) -> Option<Result<Arc<Compiled>, DecodeError>> {
-        let cache = self.cache.lock().expect("schema cache lock");
-        match cache.get(id)? {
-            Entry::Ready(compiled) => Some(Ok(compiled.clone())),
-            Entry::Missing { why, until } if *until > now => {
-                Some(Err(DecodeError::Record(why.clone())))
-            }
-            Entry::Missing { .. } => None,
+        if let Some(ready) = self.ready.lock().expect("schema cache lock").get(id) {
+            return Some(Ok(ready.clone()));
+        }
+        let missing = self.missing.lock().expect("schema cache lock");
+        match missing.get(id)?.settled.as_ref() {
+            Some((why, until)) if *until > now => Some(Err(DecodeError::Record(why.clone()))),
+            _ => None,
         }
     }
 
@@ -221,44 +250,92 @@ impl Schemas {
         if let Some(found) = self.cached(id, Instant::now()) {
             return found;
         }
-        let entry = match self.fetch(id).await {
-            Ok(compiled) => Entry::Ready(Arc::new(compiled)),
-            Err(DecodeError::Record(why)) => Entry::Missing {
-                why,
-                until: Instant::now() + MISSING_SCHEMA_TTL,
-            },
-            Err(other) => return Err(other),
-        };
-        let result = match &entry {
-            Entry::Ready(compiled) => Ok(compiled.clone()),
-            Entry::Missing { why, .. } => Err(DecodeError::Record(why.clone())),
-        };
-        self.cache
-            .lock()
-            .expect("schema cache lock")
-            .insert(id.clone(), entry);
-        result
+        match self.fetch(id).await {
+            Ok(compiled) => {
+                let compiled = Arc::new(compiled);
+                self.found_any.store(true, Ordering::Relaxed);
+                self.missing.lock().expect("schema cache lock").remove(id);
+                self.ready
+                    .lock()
+                    .expect("schema cache lock")
+                    .insert(id.clone(), compiled.clone());
+                Ok(compiled)
+            }
+            Err(Fetch::NotFound(why)) => Err(self.not_found(id, why, Instant::now())),
+            Err(Fetch::Unusable(why)) => {
+                self.settle(id, why.clone(), Instant::now());
+                Err(DecodeError::Record(why))
+            }
+            Err(Fetch::Failed(e)) => Err(e),
+        }
     }
 
-    async fn fetch(&self, id: &SchemaId) -> Result<Compiled, DecodeError> {
-        let registered = self.registry.schema(id).await.map_err(registry_error)?;
+    /// The entry of an id the registry does not know, made if new.
+    fn missing_entry<R>(
+        &self,
+        id: &SchemaId,
+        now: Instant,
+        f: impl FnOnce(&mut Missing) -> R,
+    ) -> R {
+        let mut missing = self.missing.lock().expect("schema cache lock");
+        if missing.len() >= MAX_MISSING && !missing.contains_key(id) {
+            // Ids made up by a broken producer must not grow this for ever.
+            missing.clear();
+        }
+        f(missing.entry(id.clone()).or_insert(Missing {
+            first: now,
+            settled: None,
+        }))
+    }
+
+    /// What a schema the registry does not know means now (see [`Missing`]).
+    fn not_found(&self, id: &SchemaId, why: String, now: Instant) -> DecodeError {
+        let first = self.missing_entry(id, now, |m| m.first);
+        if !self.found_any.load(Ordering::Relaxed) {
+            return DecodeError::Outage(format!(
+                "{why}, and no schema was found there yet: is --schema-registry-url the \
+                 registry the producers use? Waiting"
+            ));
+        }
+        if now.saturating_duration_since(first) < NOT_FOUND_GRACE {
+            return DecodeError::Outage(format!(
+                "{why} (yet): waiting up to {} s for it to be known",
+                NOT_FOUND_GRACE.as_secs()
+            ));
+        }
+        self.settle(id, why.clone(), now);
+        DecodeError::Record(why)
+    }
+
+    fn settle(&self, id: &SchemaId, why: String, now: Instant) {
+        self.missing_entry(id, now, |m| {
+            m.settled = Some((why, now + MISSING_SCHEMA_TTL))
+        });
+    }
+
+    async fn fetch(&self, id: &SchemaId) -> Result<Compiled, Fetch> {
+        let registered = self.registry.schema(id).await.map_err(Fetch::from)?;
         let references = self.references(&registered).await?;
         let mut info = serde_json::Map::new();
         match id {
             SchemaId::Id(n) => info.insert("id".into(), Value::from(*n)),
             SchemaId::Guid(g) => info.insert("guid".into(), Value::from(g.clone())),
         };
+        // Where it is registered is for the handler's information only:
+        // any trouble asking leaves it out.
         match self.registry.subject_version(id).await {
             Ok(Some(found)) => {
                 info.insert("subject".into(), Value::from(found.subject));
                 info.insert("version".into(), Value::from(found.version));
             }
-            Ok(None) | Err(RegistryError::NotFound(_)) => {}
-            Err(e) => return Err(registry_error(e)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(schema = %id, error = %e, "where the schema is registered is unknown")
+            }
         }
         let schema_type = registered.kind().to_string();
         let kind = compile(id, &registered, &references)
-            .map_err(|e| DecodeError::Record(format!("schema {id} ({schema_type}): {e}")))?;
+            .map_err(|e| Fetch::Unusable(format!("schema {id} ({schema_type}): {e}")))?;
         tracing::info!(schema = %id, schema_type, "schema fetched from the registry");
         Ok(Compiled {
             kind,
@@ -269,64 +346,80 @@ impl Schemas {
 
     /// Every schema `root` references, directly or not, dependencies first,
     /// each with the name it is imported by.
-    async fn references(
-        &self,
-        root: &RegisteredSchema,
-    ) -> Result<Vec<(String, String)>, DecodeError> {
+    async fn references(&self, root: &RegisteredSchema) -> Result<Vec<(String, String)>, Fetch> {
+        type Pending = (crate::registry::Reference, Option<RegisteredSchema>, usize);
         let mut out = Vec::new();
         let mut seen = HashSet::new();
+        let mut fetched = 0usize;
         // Depth-first, post-order, without recursion in async code: a stack
-        // of (reference, its schema once fetched, children pushed).
-        let mut stack: Vec<(crate::registry::Reference, Option<RegisteredSchema>)> = root
+        // of (reference, its schema once fetched, its depth).
+        let mut stack: Vec<Pending> = root
             .references
             .iter()
             .rev()
-            .map(|r| (r.clone(), None))
+            .map(|r| (r.clone(), None, 1))
             .collect();
-        while let Some((reference, fetched)) = stack.pop() {
+        while let Some((reference, schema, depth)) = stack.pop() {
             let key = (reference.subject.clone(), reference.version);
-            match fetched {
-                Some(schema) => {
-                    if seen.insert(key) {
-                        out.push((reference.name.clone(), schema.schema));
-                    }
+            if let Some(schema) = schema {
+                if seen.insert(key) {
+                    out.push((reference.name.clone(), schema.schema));
                 }
-                None => {
-                    if seen.contains(&key) {
-                        continue;
-                    }
-                    if stack.len() > MAX_REFERENCE_DEPTH || out.len() > MAX_REFERENCES {
-                        return Err(DecodeError::Record(format!(
-                            "schema references go deeper than {MAX_REFERENCE_DEPTH} or number \
-                             more than {MAX_REFERENCES}"
-                        )));
-                    }
-                    let schema = self
-                        .registry
-                        .version(&reference)
-                        .await
-                        .map_err(registry_error)?;
-                    let children: Vec<_> = schema.references.clone();
-                    stack.push((reference, Some(schema)));
-                    for child in children.into_iter().rev() {
-                        stack.push((child, None));
-                    }
-                }
+                continue;
+            }
+            if seen.contains(&key) {
+                continue;
+            }
+            if depth > MAX_REFERENCE_DEPTH || fetched >= MAX_REFERENCES {
+                return Err(Fetch::Unusable(format!(
+                    "schema references go deeper than {MAX_REFERENCE_DEPTH} or number more \
+                     than {MAX_REFERENCES} (a cycle?)"
+                )));
+            }
+            let schema = self
+                .registry
+                .version(&reference)
+                .await
+                .map_err(Fetch::from)?;
+            fetched += 1;
+            let children = schema.references.clone();
+            stack.push((reference, Some(schema), depth));
+            for child in children.into_iter().rev() {
+                stack.push((child, None, depth + 1));
             }
         }
         Ok(out)
     }
 }
 
-fn registry_error(e: RegistryError) -> DecodeError {
-    match e {
-        RegistryError::NotFound(what) => {
-            DecodeError::Record(format!("the schema registry has no schema {what}"))
+/// Why a schema could not be had.
+enum Fetch {
+    /// The registry does not know it (or a schema it references).
+    NotFound(String),
+    /// Fetched, but it cannot be used: the record's fault.
+    Unusable(String),
+    /// An outage or the worker's settings.
+    Failed(DecodeError),
+}
+
+impl From<RegistryError> for Fetch {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NotFound(what) => {
+                Fetch::NotFound(format!("the schema registry has no schema {what}"))
+            }
+            // The registry's own refusal of this lookup (400, 422): the id.
+            RegistryError::Rejected(why) => Fetch::Unusable(why),
+            RegistryError::Unavailable(why) => Fetch::Failed(DecodeError::Outage(format!(
+                "the schema registry is unavailable: {why}"
+            ))),
+            // After a good start, an answer that is not a registry's (a
+            // proxy's page, a redirect) says nothing about the record: wait.
+            RegistryError::Unexpected(why) => Fetch::Failed(DecodeError::Outage(why)),
+            RegistryError::Refused(why) | RegistryError::Misconfigured(why) => {
+                Fetch::Failed(DecodeError::Misconfigured(why))
+            }
         }
-        RegistryError::Unavailable(why) => {
-            DecodeError::Outage(format!("the schema registry is unavailable: {why}"))
-        }
-        RegistryError::Misconfigured(why) => DecodeError::Misconfigured(why),
     }
 }
 
@@ -417,6 +510,11 @@ impl Decoder {
                     ),
                     None => wire::split_framed(bytes).map_err(|e| record(e.to_string()))?,
                 };
+                if matches!(id, SchemaId::Id(n) if n > i32::MAX as u32) {
+                    return Err(record(format!(
+                        "schema id {id} is out of range (registries number schemas below 2^31)"
+                    )));
+                }
                 let schemas = self.schemas.as_ref().ok_or_else(|| {
                     DecodeError::Misconfigured(format!(
                         "--{}-format {format} needs --schema-registry-url",
@@ -472,6 +570,79 @@ mod tests {
             .unwrap_err();
         assert!(
             matches!(&err, DecodeError::Record(why) if why.starts_with("value (json): not JSON")),
+            "{err:?}"
+        );
+    }
+
+    fn schemas() -> Schemas {
+        Schemas::new(
+            Registry::new(&crate::RegistryConfig {
+                url: "http://127.0.0.1:9".into(),
+                auth: None,
+                ca_pem: None,
+                timeout: Duration::from_secs(1),
+            })
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn an_unknown_schema_waits_until_the_registry_is_proven_and_the_grace_is_over() {
+        let s = schemas();
+        let id = SchemaId::Id(42);
+        let t0 = Instant::now();
+        let why = || "the schema registry has no schema 42".to_string();
+        // No schema ever found there: perhaps the wrong registry.
+        assert!(
+            matches!(s.not_found(&id, why(), t0 + NOT_FOUND_GRACE * 2), DecodeError::Outage(w) if w.contains("no schema was found there yet"))
+        );
+        s.confirm_registry();
+        let other = SchemaId::Id(43);
+        assert!(
+            matches!(s.not_found(&other, why(), t0), DecodeError::Outage(w) if w.contains("waiting up to"))
+        );
+        assert!(matches!(
+            s.not_found(&other, why(), t0 + NOT_FOUND_GRACE / 2),
+            DecodeError::Outage(_)
+        ));
+        assert_eq!(
+            s.not_found(&other, why(), t0 + NOT_FOUND_GRACE),
+            DecodeError::Record(why())
+        );
+        // Settled: answered from the cache until the TTL is over.
+        assert!(matches!(
+            s.cached(&other, t0 + NOT_FOUND_GRACE),
+            Some(Err(DecodeError::Record(_)))
+        ));
+        assert!(s
+            .cached(&other, t0 + NOT_FOUND_GRACE + MISSING_SCHEMA_TTL)
+            .is_none());
+        // The first miss of 42 counts from when it was first seen.
+        assert!(matches!(
+            s.not_found(&id, why(), t0 + NOT_FOUND_GRACE * 3),
+            DecodeError::Record(_)
+        ));
+    }
+
+    #[test]
+    fn unknown_ids_are_remembered_up_to_a_bound() {
+        let s = schemas();
+        let t0 = Instant::now();
+        for n in 0..(MAX_MISSING as u32 + 10) {
+            s.settle(&SchemaId::Id(n), "x".into(), t0);
+        }
+        assert!(s.missing.lock().unwrap().len() <= MAX_MISSING);
+    }
+
+    #[tokio::test]
+    async fn ids_out_of_a_registrys_range_are_refused_without_asking() {
+        let decoder = Decoder::new(Format::Raw, Format::Avro, Some(Arc::new(schemas())));
+        let err = decoder
+            .decode(Side::Value, Some(&[0, 0xff, 0xff, 0xff, 0xff, 1]), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DecodeError::Record(w) if w.contains("out of range")),
             "{err:?}"
         );
     }

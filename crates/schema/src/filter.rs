@@ -7,7 +7,9 @@
 //! Each leaf is an array of conditions, any of which may match: a literal
 //! (string, number, true, false, null: equality, numbers compared as
 //! numbers), `{"prefix": "a"}`, `{"suffix": "z"}`,
-//! `{"equals-ignore-case": "A"}`, `{"numeric": [">", 0, "<=", 5]}`,
+//! `{"equals-ignore-case": "A"}`, `{"numeric": [">", 0, "<=", 5]}` (on
+//! numbers, and on strings that are numbers: decoded decimals and 64-bit
+//! integers),
 //! `{"exists": true|false}`, `{"anything-but": x}` (x a literal, an array
 //! of literals, or `{"prefix"|"suffix": s}`). All fields of an object must
 //! match; `"$or": [pattern, ...]` needs one of its patterns. Where the
@@ -288,6 +290,17 @@ fn equal(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// A leaf as a number: a JSON number, or a string that is one (decoded
+/// Avro decimals and Protobuf 64-bit integers are strings, to keep every
+/// digit).
+fn number(leaf: &Value) -> Option<f64> {
+    match leaf {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.parse::<f64>().ok().filter(|n| n.is_finite()),
+        _ => None,
+    }
+}
+
 fn condition_matches(condition: &Condition, leaf: &Value) -> bool {
     let s = leaf.as_str();
     match condition {
@@ -295,7 +308,7 @@ fn condition_matches(condition: &Condition, leaf: &Value) -> bool {
         Condition::Prefix(p) => s.is_some_and(|s| s.starts_with(p.as_str())),
         Condition::Suffix(p) => s.is_some_and(|s| s.ends_with(p.as_str())),
         Condition::EqualsIgnoreCase(p) => s.is_some_and(|s| s.to_lowercase() == *p),
-        Condition::Numeric(ops) => leaf.as_f64().is_some_and(|n| {
+        Condition::Numeric(ops) => number(leaf).is_some_and(|n| {
             ops.iter().all(|(op, v)| match op {
                 Op::Lt => n < *v,
                 Op::Le => n <= *v,

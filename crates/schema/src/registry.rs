@@ -2,13 +2,16 @@
 //! Apicurio's `/apis/ccompat/v7`, Karapace, AWS-compatible proxies): the
 //! few reads a decoder needs, each answer classified.
 //!
-//! **What an answer means.** A schema the registry says it does not have
-//! (404 with error code 40403, 40401 or 40402) is the record's fault: the
-//! record names a schema that does not exist. No answer, a timeout, 408,
-//! 429 or 5xx is an outage: try again later, never blame the record. 401
-//! and 403, a redirect, a 404 without a registry's error code, another
-//! 4xx or a body that is not the API's JSON mean the worker is pointed at
-//! the wrong place or with the wrong credentials: a configuration error.
+//! **What an answer means** ([`RegistryError`]). A schema the registry
+//! says it does not have (404 with error code 40403, 40401 or 40402):
+//! [`RegistryError::NotFound`]. No answer, a timeout, 408, 429 or 5xx: an
+//! outage, [`RegistryError::Unavailable`]. 401 and 403: the credentials,
+//! [`RegistryError::Refused`]. A redirect, a 404 without a registry's
+//! error code, a body that is not the API's JSON or one too large: not a
+//! registry's answer, [`RegistryError::Unexpected`]. Another 4xx with a
+//! registry's answer: [`RegistryError::Rejected`]. What each means for a
+//! record is the decoder's decision; at start, all but an outage stop the
+//! worker.
 
 use std::time::Duration;
 
@@ -54,13 +57,23 @@ pub struct RegistryConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum RegistryError {
-    /// The registry does not know the schema: the record's fault.
+    /// The registry does not know the schema.
     #[error("the schema registry has no schema {0}")]
     NotFound(String),
-    /// No usable answer now: an outage, to be retried.
+    /// No answer now: an outage, to be retried.
     #[error("the schema registry is unavailable: {0}")]
     Unavailable(String),
-    /// The worker's registry settings are wrong.
+    /// 401 or 403: the credentials.
+    #[error("{0}")]
+    Refused(String),
+    /// Not a schema registry's answer (a redirect, a 404 without a
+    /// registry error code, a body that is not the API's JSON).
+    #[error("{0}")]
+    Unexpected(String),
+    /// Another 4xx, in a registry's words.
+    #[error("{0}")]
+    Rejected(String),
+    /// The client's own settings (URL, CA file).
     #[error("{0}")]
     Misconfigured(String),
 }
@@ -184,6 +197,16 @@ impl Registry {
         Ok(found.into_iter().next())
     }
 
+    /// Whether `subject` has a schema registered.
+    pub async fn has_subject(&self, subject: &str) -> Result<bool, RegistryError> {
+        let path = format!("/subjects/{}/versions/latest", encode(subject));
+        match self.get::<serde_json::Value>(&path).await {
+            Ok(_) => Ok(true),
+            Err(RegistryError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A referenced schema.
     pub async fn version(&self, reference: &Reference) -> Result<RegisteredSchema, RegistryError> {
         self.get(&format!(
@@ -194,8 +217,47 @@ impl Registry {
         .await
     }
 
+    /// Registers a schema under `subject` (or finds it registered): its id.
+    /// `schema_type` is AVRO, PROTOBUF or JSON.
+    pub async fn register(
+        &self,
+        subject: &str,
+        schema_type: &str,
+        schema: &str,
+    ) -> Result<u32, RegistryError> {
+        #[derive(Deserialize)]
+        struct Registered {
+            id: u32,
+        }
+        let mut body = serde_json::json!({ "schema": schema });
+        if schema_type != "AVRO" {
+            body["schemaType"] = schema_type.into();
+        }
+        let path = format!("/subjects/{}/versions", encode(subject));
+        let registered: Registered = self.request(&path, Some(body)).await?;
+        Ok(registered.id)
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, RegistryError> {
-        let mut request = self.http.get(format!("{}{path}", self.base)).header(
+        self.request(path, None).await
+    }
+
+    /// GET `path`, or POST `body` to it.
+    async fn request<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, RegistryError> {
+        let url = format!("{}{path}", self.base);
+        let mut request = match body {
+            None => self.http.get(url),
+            Some(body) => self
+                .http
+                .post(url)
+                .header("content-type", "application/vnd.schemaregistry.v1+json")
+                .body(body.to_string()),
+        }
+        .header(
             "accept",
             "application/vnd.schemaregistry.v1+json, application/json",
         );
@@ -216,8 +278,8 @@ impl Registry {
             .map_err(|e| RegistryError::Unavailable(without_url(&e)))?
         {
             if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(RegistryError::Misconfigured(format!(
-                    "the schema registry's answer to GET {path} is over {MAX_ANSWER_BYTES} bytes"
+                return Err(RegistryError::Unexpected(format!(
+                    "the schema registry's answer to {path} is over {MAX_ANSWER_BYTES} bytes"
                 )));
             }
             body.extend_from_slice(&chunk);
@@ -260,8 +322,8 @@ pub fn classify<T: DeserializeOwned>(
 ) -> Result<T, RegistryError> {
     match status {
         200 => serde_json::from_slice(body).map_err(|e| {
-            RegistryError::Misconfigured(format!(
-                "the answer to GET {path} is not the schema-registry API's JSON ({e}): \
+            RegistryError::Unexpected(format!(
+                "the answer to {path} is not the schema-registry API's JSON ({e}): \
                  is --schema-registry-url the API's base URL?"
             ))
         }),
@@ -278,25 +340,25 @@ pub fn classify<T: DeserializeOwned>(
                     },
                 ),
             )),
-            _ => Err(RegistryError::Misconfigured(format!(
-                "GET {path} answered 404 without a registry error code: is \
+            _ => Err(RegistryError::Unexpected(format!(
+                "{path} answered 404 without a registry error code: is \
                  --schema-registry-url the API's base URL (for Apicurio \
                  http://HOST:PORT/apis/ccompat/v7)?"
             ))),
         },
-        401 | 403 => Err(RegistryError::Misconfigured(format!(
-            "the schema registry refused the credentials ({status} on GET {path}): set \
+        401 | 403 => Err(RegistryError::Refused(format!(
+            "the schema registry refused the credentials ({status} on {path}): set \
              SCHEMA_REGISTRY_USER and SCHEMA_REGISTRY_PASSWORD, or SCHEMA_REGISTRY_TOKEN"
         ))),
-        300..=399 => Err(RegistryError::Misconfigured(format!(
-            "GET {path} answered {status} (a redirect, not followed): give the registry's \
+        300..=399 => Err(RegistryError::Unexpected(format!(
+            "{path} answered {status} (a redirect, not followed): give the registry's \
              final URL as --schema-registry-url"
         ))),
         408 | 429 | 500..=599 => Err(RegistryError::Unavailable(format!(
-            "GET {path} answered {status}"
+            "{path} answered {status}"
         ))),
-        _ => Err(RegistryError::Misconfigured(format!(
-            "GET {path} answered {status}: {}",
+        _ => Err(RegistryError::Rejected(format!(
+            "{path} answered {status}: {}",
             String::from_utf8_lossy(&body[..body.len().min(200)])
         ))),
     }
@@ -325,15 +387,19 @@ mod tests {
             schema(404, r#"{"error_code":40403,"message":"Schema not found"}"#),
             Err(RegistryError::NotFound("7".into()))
         );
-        for status in [404, 401, 403, 302, 400] {
+        for status in [401, 403] {
+            assert!(matches!(schema(status, ""), Err(RegistryError::Refused(_))));
+        }
+        for status in [404, 302] {
             assert!(
-                matches!(
-                    schema(status, "<html>"),
-                    Err(RegistryError::Misconfigured(_))
-                ),
+                matches!(schema(status, "<html>"), Err(RegistryError::Unexpected(_))),
                 "{status}"
             );
         }
+        assert!(matches!(
+            schema(422, r#"{"error_code":42201}"#),
+            Err(RegistryError::Rejected(_))
+        ));
         for status in [408, 429, 500, 502, 503] {
             assert!(
                 matches!(schema(status, ""), Err(RegistryError::Unavailable(_))),
@@ -342,7 +408,7 @@ mod tests {
         }
         assert!(matches!(
             schema(200, "<html>login</html>"),
-            Err(RegistryError::Misconfigured(_))
+            Err(RegistryError::Unexpected(_))
         ));
     }
 

@@ -378,15 +378,20 @@ fn start_burst(
         poison_every,
         start_seq,
     };
-    std::thread::spawn(
-        move || match produce_blocking(&kafka, &load, &ProgressBar::hidden()) {
+    std::thread::spawn(move || {
+        match produce_blocking(
+            &kafka,
+            &load,
+            &produce::Values::Padded,
+            &ProgressBar::hidden(),
+        ) {
             Ok(s) => s.delivered,
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "producing the burst failed");
                 0
             }
-        },
-    )
+        }
+    })
 }
 
 /// Which kind of group a run's workers join.

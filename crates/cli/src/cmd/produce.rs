@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::args::KafkaArgs;
 use crate::config_file::FromFile;
+use crate::schema_args::{registry_from_env, RegistryArgs};
 
 /// How long `produce` looks for a topic that its metadata does not show yet.
 const NEW_TOPIC_WAIT: Duration = Duration::from_secs(5);
@@ -35,6 +36,58 @@ pub struct Args {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// raw: values padded to --size; json: `{"seq":N,"pad":"…"}` padded to
+    /// --size; avro: a record of --schema per value, with values that
+    /// vary with the sequence number, in the schema registry's wire format
+    /// (the schema registered under `<topic>-value` at
+    /// --schema-registry-url; --size is ignored).
+    #[arg(long, default_value = "raw", value_parser = ["raw", "json", "avro"], help_heading = "Schemas")]
+    pub value_format: String,
+    /// avro: the Avro schema (JSON) of the values.
+    #[arg(long, value_name = "FILE", help_heading = "Schemas")]
+    pub schema: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// What the values of produced records are.
+pub enum Values {
+    /// `{seq} xxxxxx…`, padded to --size (and POISON when asked).
+    Padded,
+    /// `{"seq":N,"pad":"…"}`, padded to --size.
+    Json,
+    /// A sample record of the schema, framed with its registry id.
+    Avro {
+        id: u32,
+        schema: Box<microbatch_schema::avro::AvroSchema>,
+    },
+}
+
+impl Values {
+    /// The value of record `seq` into `out` (Padded keeps its buffer).
+    fn write(&self, seq: u64, size: usize, out: &mut Vec<u8>) -> anyhow::Result<()> {
+        match self {
+            Values::Padded => unreachable!("written in place"),
+            Values::Json => {
+                out.clear();
+                out.extend_from_slice(format!("{{\"seq\":{seq},\"pad\":\"").as_bytes());
+                let pad = size.saturating_sub(out.len() + 2);
+                out.resize(out.len() + pad, b'x');
+                out.extend_from_slice(b"\"}");
+            }
+            Values::Avro { id, schema } => {
+                out.clear();
+                out.push(0);
+                out.extend_from_slice(&id.to_be_bytes());
+                let datum = schema
+                    .sample(seq)
+                    .map_err(|e| anyhow::anyhow!("--schema: record {seq}: {e}"))?;
+                out.extend_from_slice(&datum);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What to produce: shared by `produce` and the demo's bursts.
@@ -114,6 +167,8 @@ impl ProducerContext for Deliveries {
 /// What a produce run did.
 pub struct ProduceSummary {
     pub delivered: u64,
+    /// Value bytes handed to the producer.
+    pub value_bytes: u64,
     pub failed: u64,
     pub elapsed: Duration,
 }
@@ -122,6 +177,7 @@ pub struct ProduceSummary {
 pub fn produce_blocking(
     kafka: &KafkaConfig,
     args: &Load,
+    values: &Values,
     bar: &ProgressBar,
 ) -> anyhow::Result<ProduceSummary> {
     let producer: WithTokens<ThreadedProducer<Deliveries>> = kafka
@@ -183,6 +239,8 @@ pub fn produce_blocking(
     let mut value = vec![b'x'; args.size.max(20)];
     value.truncate(args.size.max(1));
     let mut key = String::new();
+    let mut encoded = Vec::new();
+    let mut value_bytes = 0u64;
     for i in 0..args.count {
         let seq = args.start_seq + i;
         if args.rate > 0 {
@@ -204,8 +262,16 @@ pub fn produce_blocking(
             let filler: &[u8] = if poison { POISON } else { b"xxxxxx" };
             value[marker_at..marker_at + POISON.len()].copy_from_slice(filler);
         }
+        let payload = match values {
+            Values::Padded => &value[..],
+            other => {
+                other.write(seq, args.size, &mut encoded)?;
+                &encoded[..]
+            }
+        };
+        value_bytes += payload.len() as u64;
         let mut record: BaseRecord<'_, str, [u8], ()> =
-            BaseRecord::to(&args.topic).payload(&value[..]);
+            BaseRecord::to(&args.topic).payload(payload);
         if args.keys > 0 {
             key.clear();
             use std::fmt::Write;
@@ -249,6 +315,7 @@ pub fn produce_blocking(
     }
     Ok(ProduceSummary {
         delivered: context.ok.load(Ordering::Relaxed),
+        value_bytes,
         failed: failed + producer.in_flight_count() as u64,
         elapsed: started.elapsed(),
     })
@@ -256,6 +323,7 @@ pub fn produce_blocking(
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let kafka = args.kafka.resolve()?;
+    let values = values(&args, &args.load.topic).await?;
     let load = args.load;
     if load.size == 0 {
         return Err(ConfigError::new("--size", "must be at least 1").into());
@@ -279,12 +347,14 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     );
     let task_bar = bar.clone();
     let task_load = load.clone();
-    let s = tokio::task::spawn_blocking(move || produce_blocking(&kafka, &task_load, &task_bar))
-        .await
-        .context("producer thread")??;
+    let s = tokio::task::spawn_blocking(move || {
+        produce_blocking(&kafka, &task_load, &values, &task_bar)
+    })
+    .await
+    .context("producer thread")??;
     bar.finish_and_clear();
     let secs = s.elapsed.as_secs_f64().max(1e-9);
-    let mb = s.delivered as f64 * load.size as f64 / 1e6;
+    let mb = s.value_bytes as f64 / 1e6;
     println!(
         "produced {} records ({mb:.1} MB) to {} in {secs:.2}s: {:.0} records/s, {:.1} MB/s; {} failed",
         s.delivered,
@@ -298,6 +368,53 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The values `--value-format` asks for: with avro, the schema compiled
+/// and registered under `<topic>-value`.
+async fn values(args: &Args, topic: &str) -> anyhow::Result<Values> {
+    match args.value_format.as_str() {
+        "json" => Ok(Values::Json),
+        "avro" => {
+            let path = args.schema.as_deref().ok_or_else(|| {
+                ConfigError::new("--schema", "--value-format avro needs a schema file")
+            })?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new("--schema", format!("cannot read {}: {e}", path.display()))
+            })?;
+            let schema = microbatch_schema::avro::AvroSchema::compile(&text, &[])
+                .map_err(|e| ConfigError::new("--schema", format!("not an Avro schema: {e}")))?;
+            schema
+                .sample(0)
+                .map_err(|e| ConfigError::new("--schema", e))?;
+            let url = args
+                .registry
+                .schema_registry_url
+                .as_deref()
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "--schema-registry-url",
+                        "--value-format avro needs the registry",
+                    )
+                })?;
+            let registry = registry_from_env(url, args.registry.schema_registry_ca.as_deref())?;
+            let subject = format!("{topic}-value");
+            let id = registry
+                .register(&subject, "AVRO", &text)
+                .await
+                .with_context(|| {
+                    format!(
+                        "registering the schema under {subject} at {}",
+                        registry.url()
+                    )
+                })?;
+            Ok(Values::Avro {
+                id,
+                schema: Box::new(schema),
+            })
+        }
+        _ => Ok(Values::Padded),
+    }
 }
 
 impl FromFile for Args {

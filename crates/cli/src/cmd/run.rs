@@ -17,14 +17,13 @@ use microbatch_core::handler::{
 };
 use microbatch_core::{Telemetry, Worker};
 use microbatch_kafka::ConfigError;
-use microbatch_schema::{
-    Auth, Decoder, Filter, Format, Registry, RegistryConfig, RegistryError, Schemas,
-};
+use microbatch_schema::{Decoder, Filter, Format, RegistryError, Schemas};
 
 use serde::{Deserialize, Serialize};
 
 use crate::args::{require, GroupArgs, KafkaArgs};
 use crate::config_file::FromFile;
+use crate::schema_args::{registry_from_env, RegistryArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum HandlerKind {
@@ -273,22 +272,9 @@ pub struct Args {
     /// without an answer holds its batch, nothing dead-lettered.
     #[arg(long, env = "MICROBATCH_VALUE_FORMAT", value_parser = format_parser(), default_value = "raw", help_heading = "Schemas")]
     pub value_format: Format,
-    /// The schema registry's API (Confluent's, or Apicurio's
-    /// http://HOST:PORT/apis/ccompat/v7). Credentials come from
-    /// SCHEMA_REGISTRY_USER and SCHEMA_REGISTRY_PASSWORD (basic) or
-    /// SCHEMA_REGISTRY_TOKEN (bearer), never from the URL. Redirects are
-    /// not followed.
-    #[arg(long, env = "SCHEMA_REGISTRY_URL", help_heading = "Schemas")]
-    pub schema_registry_url: Option<String>,
-    /// PEM certificates to trust for the schema registry, besides the
-    /// system's.
-    #[arg(
-        long,
-        env = "SCHEMA_REGISTRY_CA",
-        value_name = "FILE",
-        help_heading = "Schemas"
-    )]
-    pub schema_registry_ca: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub registry: RegistryArgs,
     /// Hand on only records this pattern matches (AWS Lambda's filter
     /// syntax, on the decoded `key` and `value`, `headers`, `topic`,
     /// `partition`, `offset`, `timestamp_ms`), e.g.
@@ -347,7 +333,7 @@ impl Decoding {
                 ConfigError::new("--filter", e.to_string().trim_start_matches("--filter: "))
             })?)
         };
-        let schemas = match (&args.schema_registry_url, uses_registry) {
+        let schemas = match (&args.registry.schema_registry_url, uses_registry) {
             (None, true) => {
                 let flag = if args.value_format.uses_registry() {
                     "--value-format"
@@ -359,7 +345,10 @@ impl Decoding {
                     "avro, protobuf and json-schema need --schema-registry-url (SCHEMA_REGISTRY_URL)",
                 ));
             }
-            (Some(url), true) => Some(Arc::new(Schemas::new(registry(url, args)?))),
+            (Some(url), true) => Some(Arc::new(Schemas::new(registry_from_env(
+                url,
+                args.registry.schema_registry_ca.as_deref(),
+            )?))),
             (_, false) => None,
         };
         Ok(Some(Self {
@@ -369,58 +358,6 @@ impl Decoding {
             filter,
         }))
     }
-}
-
-/// The registry client, with credentials from the environment only.
-fn registry(url: &str, args: &Args) -> Result<Registry, ConfigError> {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let auth = match (
-        var("SCHEMA_REGISTRY_USER"),
-        var("SCHEMA_REGISTRY_PASSWORD"),
-        var("SCHEMA_REGISTRY_TOKEN"),
-    ) {
-        (Some(_), _, Some(_)) => {
-            return Err(ConfigError::new(
-                "SCHEMA_REGISTRY_TOKEN",
-                "set it or SCHEMA_REGISTRY_USER, not both",
-            ))
-        }
-        (Some(user), password, None) => Some(Auth::Basic {
-            user,
-            password: password.unwrap_or_default(),
-        }),
-        (None, Some(_), _) => {
-            return Err(ConfigError::new(
-                "SCHEMA_REGISTRY_PASSWORD",
-                "set without SCHEMA_REGISTRY_USER",
-            ))
-        }
-        (None, None, token) => token.map(Auth::Bearer),
-    };
-    let ca_pem = match &args.schema_registry_ca {
-        Some(path) => Some(std::fs::read(path).map_err(|e| {
-            ConfigError::new(
-                "--schema-registry-ca",
-                format!("cannot read {}: {e}", path.display()),
-            )
-        })?),
-        None => None,
-    };
-    let config = RegistryConfig {
-        url: url.to_string(),
-        auth,
-        ca_pem,
-        timeout: microbatch_schema::registry::DEFAULT_TIMEOUT,
-    };
-    Registry::new(&config).map_err(|e| {
-        let why = e.to_string();
-        let flag = if why.starts_with("--schema-registry-ca") {
-            "--schema-registry-ca"
-        } else {
-            "--schema-registry-url"
-        };
-        ConfigError::new(flag, why.trim_start_matches(flag).trim_start_matches(": "))
-    })
 }
 
 fn ms(v: u64) -> Duration {
@@ -576,7 +513,13 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         None => handler,
         Some(decoding) => {
             if let Some(schemas) = &decoding.schemas {
-                check_registry(schemas.registry()).await?;
+                let topic = &config.topic;
+                let subjects: Vec<String> = [(decoding.value, "value"), (decoding.key, "key")]
+                    .into_iter()
+                    .filter(|(format, _)| format.uses_registry())
+                    .map(|(_, side)| format!("{topic}-{side}"))
+                    .collect();
+                check_registry(schemas, &subjects).await?;
             }
             Arc::new(DecodingHandler::new(
                 handler,
@@ -620,19 +563,38 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
 
 /// Refuses to start on a registry that refuses the worker (credentials, a
 /// URL that is not the API); one that does not answer yet is only logged:
-/// batches wait for it like for any outage.
-async fn check_registry(registry: &Registry) -> anyhow::Result<()> {
+/// batches wait for it like for any outage. A subject of the topic's
+/// (`<topic>-value`, `<topic>-key`) found there proves it is the
+/// producers' registry.
+async fn check_registry(schemas: &Schemas, subjects: &[String]) -> anyhow::Result<()> {
+    let registry = schemas.registry();
     match registry.check().await {
-        Ok(()) => {
-            tracing::info!(url = registry.url(), "schema registry reachable");
-            Ok(())
-        }
+        Ok(()) => tracing::info!(url = registry.url(), "schema registry reachable"),
         Err(RegistryError::Unavailable(why)) => {
             tracing::warn!(url = registry.url(), error = %why, "schema registry unavailable at start; batches that need it wait");
-            Ok(())
+            return Ok(());
         }
-        Err(e) => Err(anyhow::anyhow!("schema registry {}: {e}", registry.url())),
+        Err(e) => return Err(anyhow::anyhow!("schema registry {}: {e}", registry.url())),
     }
+    for subject in subjects {
+        match registry.has_subject(subject).await {
+            Ok(true) => {
+                schemas.confirm_registry();
+                return Ok(());
+            }
+            Ok(false) => {}
+            Err(RegistryError::Refused(why)) => {
+                return Err(anyhow::anyhow!("schema registry {}: {why}", registry.url()))
+            }
+            Err(e) => tracing::debug!(subject, error = %e, "subject lookup"),
+        }
+    }
+    tracing::info!(
+        url = registry.url(),
+        ?subjects,
+        "no subject of the topic in the registry (another naming strategy?): records naming unknown schemas wait until some schema is found"
+    );
+    Ok(())
 }
 
 /// A repeat of the first signal sooner than this after it is not a request

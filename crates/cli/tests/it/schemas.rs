@@ -47,8 +47,9 @@ fn setup() -> Option<Setup> {
     })
 }
 
-/// Writes a scenario's records with confluent-kafka's serializers.
-fn write_records(setup: &Setup, topic: &str, scenario: &str, extra: &[&str]) {
+/// Writes a scenario's records with confluent-kafka's serializers; its
+/// standard output.
+fn write_records(setup: &Setup, topic: &str, scenario: &str, extra: &[&str]) -> String {
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/schemas/write_records.py");
     let out = Command::new(&setup.python)
@@ -63,6 +64,7 @@ fn write_records(setup: &Setup, topic: &str, scenario: &str, extra: &[&str]) {
         "write_records.py {scenario}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// An exec handler that appends each record it is handed, as JSON, to
@@ -329,6 +331,66 @@ fn registry_script_ok(action: &str) -> bool {
         .stdout(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// `produce --value-format avro` writes records that confluent-kafka's
+/// AvroDeserializer reads, and that the worker decodes.
+#[test]
+fn produce_writes_avro_that_both_readers_decode() {
+    let Some(setup) = setup() else { return };
+    let _shared = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
+    let dir = TestDir::new("schemas-produce");
+    let topic = unique("schemas-produce");
+    let group = unique("schemas");
+    create_topic(&topic, 1);
+    let schema =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/lib/order.avsc");
+    let (status, out, err) = run_to_end(&[
+        "produce",
+        "--bootstrap-servers",
+        broker().bootstrap(),
+        "--topic",
+        &topic,
+        "--count",
+        "300",
+        "--value-format",
+        "avro",
+        "--schema",
+        schema.to_str().unwrap(),
+        "--schema-registry-url",
+        &setup.registry,
+        "--quiet",
+    ]);
+    assert!(status.success(), "{out}{err}");
+    let ids: Vec<u64> = write_records(&setup, &topic, "read-avro", &["300"])
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (0..300).collect::<Vec<_>>(),
+        "confluent-kafka reads them in order"
+    );
+    let mut worker = spawn_recorded_worker(
+        &dir,
+        &topic,
+        &group,
+        0,
+        &[
+            "--value-format",
+            "avro",
+            "--schema-registry-url",
+            &setup.registry,
+        ],
+    );
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(60));
+    worker.terminate();
+    let records = handed(&dir);
+    assert_eq!(records.len(), 300);
+    for (offset, record) in &records {
+        assert_eq!(record["value"]["id"], *offset);
+        assert_eq!(record["value_schema"]["subject"], format!("{topic}-value"));
+    }
 }
 
 /// Filters on decoded JSON pass exactly the records their patterns name;

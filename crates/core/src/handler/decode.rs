@@ -30,6 +30,9 @@ use crate::batch::{Batch, DecodedFields, Record};
 /// then the batch is unavailable, not failed.
 pub const DECODE_BUDGET: Duration = Duration::from_secs(30);
 
+/// Records decoded between two yields to the runtime.
+const YIELD_EVERY: usize = 64;
+
 /// The prefix of the reason an undecodable record is dead-lettered with.
 pub const UNDECODABLE: &str = "undecodable";
 
@@ -93,7 +96,12 @@ impl DecodingHandler {
         let mut keep = Vec::with_capacity(batch.len());
         let mut failures = Vec::new();
         let mut filtered = 0;
-        for record in batch.records() {
+        for (i, record) in batch.records().enumerate() {
+            if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                // Decoding with known schemas never waits: let the timers
+                // (the decode budget among them) and other batches run.
+                tokio::task::yield_now().await;
+            }
             let fields = match self.decode(&record).await {
                 Ok(fields) => fields,
                 Err(DecodeError::Record(why)) => {
@@ -171,6 +179,9 @@ impl Handler for DecodingHandler {
             }
         };
         let (keep, mut failures, filtered) = decoded;
+        // Whether the handler finished any record: filtered records alone
+        // prove nothing about the downstream.
+        let mut handled = false;
         if !keep.is_empty() {
             let offsets: Vec<i64> = keep.iter().map(|(o, _)| *o).collect();
             let fields = keep.into_iter().map(|(_, f)| f).collect();
@@ -179,12 +190,15 @@ impl Handler for DecodingHandler {
                 .with_decoded(fields);
             let limit = self.inner.max_time(self.handler_timeout);
             match tokio::time::timeout(limit, self.inner.handle(&handed)).await {
-                Ok(BatchOutcome::Success) => {}
-                Ok(BatchOutcome::Partial(failed)) => failures.extend(
-                    failed
+                Ok(BatchOutcome::Success) => handled = true,
+                Ok(BatchOutcome::Partial(failed) | BatchOutcome::Unhandled(failed)) => {
+                    let failed: Vec<_> = failed
                         .into_iter()
-                        .filter(|(o, _)| offsets.binary_search(o).is_ok()),
-                ),
+                        .filter(|(o, _)| offsets.binary_search(o).is_ok())
+                        .collect();
+                    handled = failed.len() < offsets.len();
+                    failures.extend(failed);
+                }
                 // Undecodable records in it are isolated by bisection, and
                 // failed for good once they stand alone.
                 Ok(whole @ (BatchOutcome::Failed(_) | BatchOutcome::Unavailable(_))) => {
@@ -199,10 +213,10 @@ impl Handler for DecodingHandler {
             }
         }
         self.filtered.inc_by(filtered);
-        if failures.is_empty() {
-            BatchOutcome::Success
-        } else {
-            BatchOutcome::Partial(failures)
+        match (handled, failures.is_empty()) {
+            (true, true) => BatchOutcome::Success,
+            (true, false) => BatchOutcome::Partial(failures),
+            (false, _) => BatchOutcome::Unhandled(failures),
         }
     }
 
@@ -316,6 +330,38 @@ mod tests {
         );
         assert_eq!(filtered.get(), 1, "offset 0");
         assert!(handler.reads_headers());
+    }
+
+    #[tokio::test]
+    async fn filtered_records_alone_prove_nothing_about_the_downstream() {
+        let inner = Arc::new(Recorder {
+            seen: Mutex::new(Vec::new()),
+            fail: vec![1],
+        });
+        let handler = DecodingHandler::new(
+            inner.clone(),
+            Decoder::new(Format::Raw, Format::Json, None),
+            Some(Filter::parse(&[r#"{"value":{"n":[1]}}"#]).unwrap()),
+            Counter::default(),
+            Duration::from_secs(5),
+        );
+        // Only offset 1 is handed on, and it fails: the filtered 0 is done
+        // but nothing was handled.
+        let outcome = handler.handle(&batch(&[r#"{"n":0}"#, r#"{"n":1}"#])).await;
+        assert_eq!(
+            outcome,
+            BatchOutcome::Unhandled(vec![(1, Failure::retryable("busy"))])
+        );
+        // Nothing handed on at all.
+        let outcome = handler.handle(&batch(&[r#"{"n":0}"#, "{"])).await;
+        assert!(
+            matches!(&outcome, BatchOutcome::Unhandled(f) if f.len() == 1 && f[0].0 == 1),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            handler.handle(&batch(&[r#"{"n":5}"#])).await,
+            BatchOutcome::Unhandled(vec![])
+        );
     }
 
     #[tokio::test]

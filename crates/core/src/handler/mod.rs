@@ -52,6 +52,10 @@ pub enum BatchOutcome {
     Success,
     /// The named records failed; all others are done.
     Partial(Vec<(i64, Failure)>),
+    /// As `Partial`, but the handler succeeded on none of the records: the
+    /// others are done without it (a filter left them out). It proves
+    /// nothing about the downstream (failure rule 3 waits for such proof).
+    Unhandled(Vec<(i64, Failure)>),
     /// No record is done.
     Failed(Failure),
     /// No record was tried: something the worker itself needs to hand the

@@ -198,6 +198,13 @@ pub struct Options {
     pub acknowledgement: Acknowledgement,
 }
 
+/// Whether a verdict's done records were done by the handler.
+#[derive(Clone, Copy)]
+enum OutcomeKind {
+    Handled,
+    Unhandled,
+}
+
 /// The pipeline of one worker. See the module docs.
 pub struct Pipeline {
     config: PipelineConfig,
@@ -678,6 +685,7 @@ impl Pipeline {
     }
 
     /// The handler's verdict on a batch started with [`Intent::Start`].
+    /// (`Unhandled` is `Partial` whose done records prove nothing.)
     pub fn handle_verdict(
         &mut self,
         slot: Slot,
@@ -711,6 +719,10 @@ impl Pipeline {
             circuit_open: self.circuit.is_open(),
             successes: self.successes,
         };
+        let outcome_kind = match outcome {
+            BatchOutcome::Unhandled(_) => OutcomeKind::Unhandled,
+            _ => OutcomeKind::Handled,
+        };
         match outcome {
             BatchOutcome::Success => {
                 self.counted.records_processed += batch.len() as u64;
@@ -724,7 +736,8 @@ impl Pipeline {
                     handler_time,
                 );
             }
-            BatchOutcome::Partial(failed) => {
+            BatchOutcome::Partial(failed) | BatchOutcome::Unhandled(failed) => {
+                let handled = matches!(outcome_kind, OutcomeKind::Handled);
                 let failed: HashMap<i64, Failure> = failed
                     .into_iter()
                     .filter(|(o, _)| batch.offsets().any(|b| b == *o))
@@ -737,7 +750,9 @@ impl Pipeline {
                     .collect();
                 self.counted.records_processed += done.len() as u64;
                 self.report.records_processed += done.len() as u64;
-                let signal = if done.is_empty() {
+                let signal = if !handled {
+                    Signal::Nothing
+                } else if done.is_empty() {
                     Signal::Failure {
                         root: batch.lineage.root,
                     }

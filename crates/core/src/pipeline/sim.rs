@@ -558,6 +558,11 @@ impl Sim {
                 _ => {}
             }
         }
+        if !self.calm && self.rng.random_range(0..100) < 3 {
+            // The records not named were left out by a filter: done
+            // without the handler.
+            return BatchOutcome::Unhandled(failed);
+        }
         if failed.is_empty() {
             BatchOutcome::Success
         } else {
@@ -581,7 +586,7 @@ impl Sim {
                     self.done_here.extend(batch.offsets().map(|o| (p, o)));
                 }
             }
-            BatchOutcome::Partial(failed) => {
+            BatchOutcome::Partial(failed) | BatchOutcome::Unhandled(failed) => {
                 for o in batch.offsets() {
                     match failed.iter().find(|(f, _)| *f == o) {
                         None => {

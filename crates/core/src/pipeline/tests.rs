@@ -1427,3 +1427,44 @@ fn in_no_order_no_batch_waits_behind_a_slow_one_while_a_slot_is_free() {
     assert_eq!(finished, 16);
     assert_eq!(p.held(), 2, "only the slow batch's records are held");
 }
+
+/// A batch whose records a filter left out (`Unhandled`, done without the
+/// handler) is no proof that the downstream works: a record that fails as
+/// a whole beside it is held, not dead-lettered (failure rule 3). Counted
+/// as a success, it dead-lettered the record.
+#[test]
+fn records_done_without_the_handler_prove_nothing_to_rule_3() {
+    let t0 = Instant::now();
+    let mut p = with_one_batch(t0);
+    let mut now = t0;
+    let mut dead = Vec::new();
+    for _ in 0..400 {
+        now += Duration::from_millis(50);
+        p.handle_tick(now);
+        for intent in intents(&mut p) {
+            match intent {
+                Intent::Start { slot, batch } => {
+                    let outcome = if batch.offsets().eq([0]) {
+                        BatchOutcome::Unhandled(vec![])
+                    } else {
+                        BatchOutcome::Failed(Failure::retryable("downstream down"))
+                    };
+                    p.handle_verdict(slot, batch, outcome, now);
+                }
+                Intent::DeadLetter { slot, batch, .. } => {
+                    let written: Vec<i64> = batch.offsets().collect();
+                    dead.extend(written.iter().copied());
+                    p.handle_dead_lettered(slot, &written, None, now);
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        dead,
+        Vec::<i64>::new(),
+        "nothing proved the downstream works"
+    );
+    assert_eq!(p.held(), 1, "record 1 waits");
+    assert!(p.circuit_open());
+}

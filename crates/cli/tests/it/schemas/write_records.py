@@ -4,7 +4,9 @@ registry, then a few records no decoder can read.
 
 Usage: write_records.py BOOTSTRAP REGISTRY_URL TOPIC SCENARIO
 SCENARIO: avro | avro-v2 FROM TO | avro-v3 FROM TO | protobuf | json-schema
-Prints nothing; the test holds the expected JSON.
+Prints nothing; the test holds the expected JSON. The scenario read-avro N
+instead reads N records with AvroDeserializer and prints each value's `id`,
+one per line (to check what `microbatch produce` writes).
 """
 import datetime
 import decimal
@@ -146,5 +148,22 @@ elif scenario == "json-schema":
     send(b"plain text, no wire format")
     send(b"\x00\x7f\xff\xff\xf0" + b"{}")
     send(b"\x00" + struct.pack(">I", schema_id) + b'{"id":"not a number","name":"x"}')
+elif scenario == "read-avro":
+    from confluent_kafka import Consumer
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+
+    reader = AvroDeserializer(registry)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{topic}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    wanted, seen, idle = int(sys.argv[5]), 0, 0
+    while seen < wanted and idle < 30:
+        m = consumer.poll(1.0)
+        if m is None or m.error():
+            idle += 1
+            continue
+        print(reader(m.value(), ctx())["id"])
+        seen += 1
+    consumer.close()
 else:
     sys.exit(f"unknown scenario {scenario}")
