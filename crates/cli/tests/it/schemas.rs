@@ -134,7 +134,7 @@ fn dead_letters(topic: &str) -> BTreeMap<i64, String> {
 type Outcome = (BTreeMap<i64, Value>, BTreeMap<i64, String>, TestDir);
 
 /// `None`: skipped (no registry outside CI).
-fn decode_scenario(scenario: &str, format: &str) -> Option<Outcome> {
+fn decode_scenario(scenario: &str, format: &str, extra: &[&str]) -> Option<Outcome> {
     let setup = &setup()?;
     let _shared = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
     let dir = TestDir::new(&format!("schemas-{scenario}"));
@@ -148,11 +148,15 @@ fn decode_scenario(scenario: &str, format: &str) -> Option<Outcome> {
         &group,
         0,
         &[
-            "--value-format",
-            format,
-            "--schema-registry-url",
-            &setup.registry,
-        ],
+            &[
+                "--value-format",
+                format,
+                "--schema-registry-url",
+                &setup.registry,
+            ],
+            extra,
+        ]
+        .concat(),
     );
     wait_for_lag_zero(&topic, &group, Duration::from_secs(60));
     worker.terminate();
@@ -165,7 +169,8 @@ fn value(record: &Value) -> &Value {
 
 #[test]
 fn avro_records_of_two_schema_versions_reach_the_handler_as_json() {
-    let Some((records, dead, _dir)) = decode_scenario("avro", "avro") else {
+    let Some((records, dead, _dir)) = decode_scenario("avro", "avro", &["--key-format", "avro"])
+    else {
         return;
     };
     let order = |i: i64, note: Value| {
@@ -192,6 +197,13 @@ fn avro_records_of_two_schema_versions_reach_the_handler_as_json() {
     assert_eq!(schema(&records[&0])["version"], 1);
     assert_eq!(schema(&records[&7])["version"], 2);
     assert_ne!(schema(&records[&0])["id"], schema(&records[&7])["id"]);
+    // Keys decoded with their own schema; null keys stay null.
+    assert_eq!(records[&0]["key"], json!({"customer": "c1"}));
+    assert!(records[&0]["key_schema"]["subject"]
+        .as_str()
+        .unwrap()
+        .ends_with("-key"));
+    assert_eq!(records[&7]["key"], Value::Null);
     assert!(schema(&records[&0])["subject"]
         .as_str()
         .unwrap()
@@ -212,7 +224,7 @@ fn avro_records_of_two_schema_versions_reach_the_handler_as_json() {
 
 #[test]
 fn protobuf_records_reach_the_handler_by_the_protobuf_json_mapping() {
-    let Some((records, dead, _dir)) = decode_scenario("protobuf", "protobuf") else {
+    let Some((records, dead, _dir)) = decode_scenario("protobuf", "protobuf", &[]) else {
         return;
     };
     assert_eq!(records.keys().copied().collect::<Vec<_>>(), [0, 1, 2]);
@@ -235,7 +247,7 @@ fn protobuf_records_reach_the_handler_by_the_protobuf_json_mapping() {
 
 #[test]
 fn json_schema_records_are_validated_against_their_schema() {
-    let Some((records, dead, _dir)) = decode_scenario("json-schema", "json-schema") else {
+    let Some((records, dead, _dir)) = decode_scenario("json-schema", "json-schema", &[]) else {
         return;
     };
     assert_eq!(value(&records[&0]), &json!({"id": 1, "name": "p1"}));

@@ -52,6 +52,10 @@ ORDER_V3 = ORDER_V2.replace(
 )
 
 
+ORDER_KEY = """{"type":"record","name":"OrderKey","namespace":"shop","fields":[
+ {"name":"customer","type":"string"}]}"""
+
+
 def avro_order(i, **extra):
     order = {
         "id": i,
@@ -78,8 +82,11 @@ if scenario in ("avro", "avro-v2", "avro-v3"):
 
     if scenario == "avro":
         v1 = AvroSerializer(registry, ORDER_V1)
+        # Keys too, with a schema of their own (subject <topic>-key).
+        keys = AvroSerializer(registry, ORDER_KEY)
+        key_ctx = SerializationContext(topic, MessageField.KEY)
         for i in range(1, 4):
-            send(v1(avro_order(i), ctx()))
+            send(v1(avro_order(i), ctx()), key=keys({"customer": f"c{i}"}, key_ctx))
         v1_id = registry.get_latest_version(subject).schema_id
         undecodable(v1_id)
         # The schema id in a header, the payload without the prefix.
