@@ -144,7 +144,7 @@ jq -s --argjson machine "$MACHINE" --arg topic "$TOPIC" --argjson records "$RECO
 	     avro_vs_python_cpu: ($s["microbatch-avro"].cpu_s_per_million / $s["python-avro"].cpu_s_per_million),
 	     avro_vs_raw_records_per_s: ($s["microbatch-avro"].records_per_s / $s["microbatch-raw"].records_per_s)},
 	   decode_cpu_us_per_record: (($s["microbatch-avro"].cpu_s_per_million - $s["microbatch-raw"].cpu_s_per_million)),
-	   failed_runs: map(select(.error != null) | {label, run, error})}' "$RUNS_FILE" >"$base.json"
+	   failed_runs: map(select(.error != null) | {label: .label, run: .run, error: .error})}' "$RUNS_FILE" >"$base.json"
 jq -r '
 	"# Schema decoding benchmark, \(.machine.git_commit // "")",
 	"",

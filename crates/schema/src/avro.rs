@@ -31,6 +31,9 @@ pub struct AvroSchema {
 impl AvroSchema {
     /// `references` are the referenced schemas' texts, dependencies first.
     pub fn compile(text: &str, references: &[String]) -> Result<Self, String> {
+        // apache-avro sizes some buffers from lengths inside a value (a
+        // big-decimal's digits) before reading them: no more than this.
+        apache_avro::util::max_allocation_bytes(MAX_ALLOCATION_BYTES);
         let (schema, references) = if references.is_empty() {
             (
                 Schema::parse_str(text).map_err(|e| e.to_string())?,
@@ -63,7 +66,7 @@ impl AvroSchema {
         Walk {
             data,
             pos: 0,
-            items_left: data.len() + MAX_EMPTY_ITEMS,
+            items_left: data.len().saturating_mul(BUDGET_PER_BYTE) + MAX_EMPTY_ITEMS,
             names: &self.names,
         }
         .walk(&self.schema, 0)?;
@@ -130,14 +133,30 @@ fn sample(schema: &Schema, names: &Names, seq: u64, depth: usize) -> Result<Valu
         Schema::Map(_) => Value::Map(Default::default()),
         Schema::Union(u) => {
             let variants = u.variants();
+            if variants.is_empty() {
+                return Err("an empty union has no value".into());
+            }
             let non_null: Vec<usize> = (0..variants.len())
                 .filter(|&i| variants[i] != Schema::Null)
                 .collect();
             let null = variants.iter().position(|v| *v == Schema::Null);
-            let index = match (non_null.is_empty(), null) {
-                (false, Some(null)) if depth >= SAMPLE_DEPTH || seq % 4 == 3 => null,
-                (false, _) => non_null[(seq as usize) % non_null.len()],
-                (true, _) => 0,
+            // Deep enough: a branch that cannot nest further, if any.
+            let flat = (0..variants.len()).find(|&i| {
+                !matches!(
+                    resolve(&variants[i], names),
+                    Ok(Schema::Record(_) | Schema::Array(_) | Schema::Map(_) | Schema::Union(_))
+                )
+            });
+            let index = match (non_null.is_empty(), null, flat) {
+                (false, Some(null), _) if depth >= SAMPLE_DEPTH || seq % 4 == 3 => null,
+                (_, _, Some(flat)) if depth >= SAMPLE_DEPTH => flat,
+                (_, _, None) if depth >= 4 * SAMPLE_DEPTH => {
+                    return Err(
+                        "the schema has no finite value (a union that only recurses)".into(),
+                    )
+                }
+                (false, _, _) => non_null[(seq as usize) % non_null.len()],
+                (true, _, _) => 0,
             };
             Value::Union(
                 index as u32,
@@ -202,13 +221,19 @@ fn uuid_of(seq: u64) -> apache_avro::Uuid {
 
 type Names = std::collections::HashMap<Name, Schema>;
 
-/// The deepest nesting of records, arrays, maps and unions a record may
-/// have (a recursive schema nests one level per byte).
-pub const MAX_DEPTH: usize = 64;
+/// The largest buffer apache-avro may make for one value.
+const MAX_ALLOCATION_BYTES: usize = 64 << 20;
 
-/// Array and map items that take no bytes (nulls, empty records) a record
-/// may hold beyond one per byte of it.
+/// The deepest nesting a record may have, each record, array, map and
+/// union a level (a recursive schema nests one level per byte).
+pub const MAX_DEPTH: usize = 128;
+
+/// What a datum may build, in units: every value costs one, every record
+/// and map [`OBJECT_COST`] more (a JSON object allocates a tree node); a
+/// datum may spend [`BUDGET_PER_BYTE`] per byte of it, plus this.
 const MAX_EMPTY_ITEMS: usize = 4096;
+const OBJECT_COST: usize = 16;
+const BUDGET_PER_BYTE: usize = 2;
 
 /// A bounded pass over a datum's bytes that checks their shape against
 /// the schema without building anything: nesting at most [`MAX_DEPTH`],
@@ -255,11 +280,29 @@ impl Walk<'_> {
         usize::try_from(n).map_err(|_| format!("a negative length {n}"))
     }
 
+    /// Spends `units` of the datum's budget.
+    fn spend(&mut self, units: usize) -> Result<(), String> {
+        self.items_left = self.items_left.checked_sub(units).ok_or_else(|| {
+            format!(
+                "more values than {} bytes can hold (at most {BUDGET_PER_BYTE} units a byte, \
+                 a record or map {OBJECT_COST})",
+                self.data.len()
+            )
+        })?;
+        Ok(())
+    }
+
     fn walk(&mut self, schema: &Schema, depth: usize) -> Result<(), String> {
         if depth > MAX_DEPTH {
             return Err(format!("nested deeper than {MAX_DEPTH}"));
         }
-        match resolve(schema, self.names)? {
+        let schema = resolve(schema, self.names)?;
+        let cost = match schema {
+            Schema::Record(_) | Schema::Map(_) => 1 + OBJECT_COST,
+            _ => 1,
+        };
+        self.spend(cost)?;
+        match schema {
             Schema::Null => Ok(()),
             Schema::Boolean => self.skip(1),
             Schema::Int
@@ -281,19 +324,24 @@ impl Walk<'_> {
                 self.skip(n)
             }
             Schema::Fixed(f) => self.skip(f.size),
-            Schema::Decimal(d) => {
-                let n = match &*d.inner {
-                    Schema::Fixed(f) => f.size,
-                    _ => self.length()?,
-                };
-                if n > decimal_bytes(d.precision) {
-                    return Err(format!(
-                        "a decimal of {n} bytes: more than precision {} allows",
-                        d.precision
-                    ));
+            // A fixed decimal's size is the schema's (it may be larger than
+            // the precision needs); a bytes decimal's is the record's.
+            Schema::Decimal(d) => match &*d.inner {
+                Schema::Fixed(f) => self.skip(f.size),
+                _ => {
+                    let n = self.length()?;
+                    let start = self.pos;
+                    self.skip(n)?;
+                    let digits = significant(&self.data[start..start + n]);
+                    if digits > decimal_bytes(d.precision) {
+                        return Err(format!(
+                            "a decimal of {digits} bytes: more than precision {} allows",
+                            d.precision
+                        ));
+                    }
+                    Ok(())
                 }
-                self.skip(n)
-            }
+            },
             Schema::Enum(e) => {
                 let i = self.long()?;
                 if i < 0 || i as usize >= e.symbols.len() {
@@ -345,12 +393,22 @@ impl Walk<'_> {
                     self.data.len()
                 ));
             }
-            self.items_left -= count as usize;
             for _ in 0..count {
                 item(self, depth)?;
             }
         }
     }
+}
+
+/// The bytes of a two's-complement number without its redundant sign
+/// extension (leading 0x00 before a clear top bit, 0xFF before a set one).
+fn significant(bytes: &[u8]) -> usize {
+    let mut b = bytes;
+    while b.len() > 1 && ((b[0] == 0x00 && b[1] & 0x80 == 0) || (b[0] == 0xff && b[1] & 0x80 != 0))
+    {
+        b = &b[1..];
+    }
+    b.len()
 }
 
 /// The most bytes a two's-complement decimal of `precision` digits takes.

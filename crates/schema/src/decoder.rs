@@ -158,6 +158,11 @@ pub enum DecodeError {
     /// The registry gave no answer: try again later.
     #[error("{0}")]
     Outage(String),
+    /// The registry does not know the schema yet (see [`NOT_FOUND_GRACE`]):
+    /// the record waits, as in an outage, but the registry answers, so the
+    /// rest of its batch may be decoded meanwhile.
+    #[error("{0}")]
+    Unknown(String),
     /// The worker's registry settings are wrong: stop.
     #[error("{0}")]
     Misconfigured(String),
@@ -189,6 +194,13 @@ pub struct Schemas {
     registry: Registry,
     ready: Mutex<HashMap<SchemaId, Arc<Compiled>>>,
     missing: Mutex<HashMap<SchemaId, Missing>>,
+    /// Referenced schemas fetched, by (subject, version): kept across
+    /// attempts, so a schema with many references fetched by a slow
+    /// registry gets there over several.
+    referenced: Mutex<HashMap<(String, i64), RegisteredSchema>>,
+    /// The topic's own subjects, named first where a schema is registered
+    /// under several.
+    subjects: Vec<String>,
     /// Whether any schema has been found: until one is, a registry that
     /// knows none of the ids may be the wrong registry, and nothing is
     /// dead-lettered for it.
@@ -215,6 +227,8 @@ impl Schemas {
             registry,
             ready: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
+            referenced: Mutex::new(HashMap::new()),
+            subjects: Vec::new(),
             found_any: AtomicBool::new(false),
             fetching: tokio::sync::Mutex::new(()),
         }
@@ -222,6 +236,17 @@ impl Schemas {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The topic's subjects (`<topic>-value`, `<topic>-key`): named in
+    /// `value_schema` where a schema is registered under several.
+    pub fn with_subjects(mut self, subjects: Vec<String>) -> Self {
+        self.subjects = subjects;
+        self
+    }
+
+    pub fn subjects(&self) -> &[String] {
+        &self.subjects
     }
 
     /// Takes a subject the registry knows (the topic's `<topic>-value`,
@@ -266,7 +291,25 @@ impl Schemas {
                 self.settle(id, why.clone(), Instant::now());
                 Err(DecodeError::Record(why))
             }
+            Err(Fetch::Refused(why)) => Err(self.refused(id, why).await),
             Err(Fetch::Failed(e)) => Err(e),
+        }
+    }
+
+    /// 401 or 403 for one schema: the worker's credentials, if the
+    /// registry refuses them for everything; otherwise this schema is
+    /// not for these credentials (a registry with per-subject access
+    /// rules), which is the record's fault.
+    async fn refused(&self, id: &SchemaId, why: String) -> DecodeError {
+        match self.registry.check().await {
+            Ok(()) => {
+                let why =
+                    format!("the schema registry refuses schema {id} to these credentials: {why}");
+                self.settle(id, why.clone(), Instant::now());
+                DecodeError::Record(why)
+            }
+            Err(RegistryError::Refused(why)) => DecodeError::Misconfigured(why),
+            Err(e) => DecodeError::Outage(e.to_string()),
         }
     }
 
@@ -292,13 +335,13 @@ impl Schemas {
     fn not_found(&self, id: &SchemaId, why: String, now: Instant) -> DecodeError {
         let first = self.missing_entry(id, now, |m| m.first);
         if !self.found_any.load(Ordering::Relaxed) {
-            return DecodeError::Outage(format!(
+            return DecodeError::Unknown(format!(
                 "{why}, and no schema was found there yet: is --schema-registry-url the \
                  registry the producers use? Waiting"
             ));
         }
         if now.saturating_duration_since(first) < NOT_FOUND_GRACE {
-            return DecodeError::Outage(format!(
+            return DecodeError::Unknown(format!(
                 "{why} (yet): waiting up to {} s for it to be known",
                 NOT_FOUND_GRACE.as_secs()
             ));
@@ -323,7 +366,7 @@ impl Schemas {
         };
         // Where it is registered is for the handler's information only:
         // any trouble asking leaves it out.
-        match self.registry.subject_version(id).await {
+        match self.registry.subject_version(id, &self.subjects).await {
             Ok(Some(found)) => {
                 info.insert("subject".into(), Value::from(found.subject));
                 info.insert("version".into(), Value::from(found.version));
@@ -376,11 +419,27 @@ impl Schemas {
                      than {MAX_REFERENCES} (a cycle?)"
                 )));
             }
-            let schema = self
-                .registry
-                .version(&reference)
-                .await
-                .map_err(Fetch::from)?;
+            let known = self
+                .referenced
+                .lock()
+                .expect("schema cache lock")
+                .get(&key)
+                .cloned();
+            let schema = match known {
+                Some(schema) => schema,
+                None => {
+                    let schema = self
+                        .registry
+                        .version(&reference)
+                        .await
+                        .map_err(Fetch::from)?;
+                    self.referenced
+                        .lock()
+                        .expect("schema cache lock")
+                        .insert(key.clone(), schema.clone());
+                    schema
+                }
+            };
             fetched += 1;
             let children = schema.references.clone();
             stack.push((reference, Some(schema), depth));
@@ -398,6 +457,8 @@ enum Fetch {
     NotFound(String),
     /// Fetched, but it cannot be used: the record's fault.
     Unusable(String),
+    /// 401 or 403 (see `Schemas::refused`).
+    Refused(String),
     /// An outage or the worker's settings.
     Failed(DecodeError),
 }
@@ -416,9 +477,8 @@ impl From<RegistryError> for Fetch {
             // After a good start, an answer that is not a registry's (a
             // proxy's page, a redirect) says nothing about the record: wait.
             RegistryError::Unexpected(why) => Fetch::Failed(DecodeError::Outage(why)),
-            RegistryError::Refused(why) | RegistryError::Misconfigured(why) => {
-                Fetch::Failed(DecodeError::Misconfigured(why))
-            }
+            RegistryError::Refused(why) => Fetch::Refused(why),
+            RegistryError::Misconfigured(why) => Fetch::Failed(DecodeError::Misconfigured(why)),
         }
     }
 }
@@ -594,16 +654,16 @@ mod tests {
         let why = || "the schema registry has no schema 42".to_string();
         // No schema ever found there: perhaps the wrong registry.
         assert!(
-            matches!(s.not_found(&id, why(), t0 + NOT_FOUND_GRACE * 2), DecodeError::Outage(w) if w.contains("no schema was found there yet"))
+            matches!(s.not_found(&id, why(), t0 + NOT_FOUND_GRACE * 2), DecodeError::Unknown(w) if w.contains("no schema was found there yet"))
         );
         s.confirm_registry();
         let other = SchemaId::Id(43);
         assert!(
-            matches!(s.not_found(&other, why(), t0), DecodeError::Outage(w) if w.contains("waiting up to"))
+            matches!(s.not_found(&other, why(), t0), DecodeError::Unknown(w) if w.contains("waiting up to"))
         );
         assert!(matches!(
             s.not_found(&other, why(), t0 + NOT_FOUND_GRACE / 2),
-            DecodeError::Outage(_)
+            DecodeError::Unknown(_)
         ));
         assert_eq!(
             s.not_found(&other, why(), t0 + NOT_FOUND_GRACE),

@@ -184,17 +184,23 @@ impl Registry {
         }
     }
 
-    /// Where the schema with this id is registered (several places: the
-    /// first the registry names).
+    /// Where the schema with this id is registered: one of `preferred`
+    /// subjects if it is under one, else the first the registry names (the
+    /// same schema text registered under several subjects has one id).
     pub async fn subject_version(
         &self,
         id: &SchemaId,
+        preferred: &[String],
     ) -> Result<Option<SubjectVersion>, RegistryError> {
         let SchemaId::Id(id) = id else {
             return Ok(None);
         };
         let found: Vec<SubjectVersion> = self.get(&format!("/schemas/ids/{id}/versions")).await?;
-        Ok(found.into_iter().next())
+        let chosen = found
+            .iter()
+            .position(|sv| preferred.contains(&sv.subject))
+            .unwrap_or(0);
+        Ok(found.into_iter().nth(chosen))
     }
 
     /// Whether `subject` has a schema registered.

@@ -323,6 +323,13 @@ pub fn produce_blocking(
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let kafka = args.kafka.resolve()?;
+    if args.load.poison_every > 0 && args.value_format != "raw" {
+        return Err(ConfigError::new(
+            "--poison-every",
+            "marks raw values only (--value-format raw)",
+        )
+        .into());
+    }
     let values = values(&args, &args.load.topic).await?;
     let load = args.load;
     if load.size == 0 {

@@ -345,10 +345,16 @@ impl Decoding {
                     "avro, protobuf and json-schema need --schema-registry-url (SCHEMA_REGISTRY_URL)",
                 ));
             }
-            (Some(url), true) => Some(Arc::new(Schemas::new(registry_from_env(
-                url,
-                args.registry.schema_registry_ca.as_deref(),
-            )?))),
+            (Some(url), true) => {
+                let registry = registry_from_env(url, args.registry.schema_registry_ca.as_deref())?;
+                let topic = args.workers.topic.clone().unwrap_or_default();
+                let subjects = [(args.value_format, "value"), (args.key_format, "key")]
+                    .into_iter()
+                    .filter(|(format, _)| format.uses_registry())
+                    .map(|(_, side)| format!("{topic}-{side}"))
+                    .collect();
+                Some(Arc::new(Schemas::new(registry).with_subjects(subjects)))
+            }
             (_, false) => None,
         };
         Ok(Some(Self {
@@ -513,13 +519,7 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         None => handler,
         Some(decoding) => {
             if let Some(schemas) = &decoding.schemas {
-                let topic = &config.topic;
-                let subjects: Vec<String> = [(decoding.value, "value"), (decoding.key, "key")]
-                    .into_iter()
-                    .filter(|(format, _)| format.uses_registry())
-                    .map(|(_, side)| format!("{topic}-{side}"))
-                    .collect();
-                check_registry(schemas, &subjects).await?;
+                check_registry(schemas).await?;
             }
             Arc::new(DecodingHandler::new(
                 handler,
@@ -566,8 +566,9 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
 /// batches wait for it like for any outage. A subject of the topic's
 /// (`<topic>-value`, `<topic>-key`) found there proves it is the
 /// producers' registry.
-async fn check_registry(schemas: &Schemas, subjects: &[String]) -> anyhow::Result<()> {
+async fn check_registry(schemas: &Schemas) -> anyhow::Result<()> {
     let registry = schemas.registry();
+    let subjects = schemas.subjects();
     match registry.check().await {
         Ok(()) => tracing::info!(url = registry.url(), "schema registry reachable"),
         Err(RegistryError::Unavailable(why)) => {

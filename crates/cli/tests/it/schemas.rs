@@ -548,3 +548,96 @@ fn bad_registry_settings_stop_the_worker_at_start() {
         assert!(!err.contains("u:p@"), "credentials quoted: {err}");
     }
 }
+
+/// A registry that answers anything after reading a request: the
+/// requests it read, one string each.
+fn recording_registry(answers: Vec<String>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/apis/ccompat/v7", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for answer in answers {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut buf = vec![0u8; 8192];
+            let n = stream.read(&mut buf).unwrap_or(0);
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let _ = stream.write_all(answer.as_bytes());
+        }
+        seen
+    });
+    (url, server)
+}
+
+fn answer(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Credentials reach the registry from the environment only, as basic
+/// auth or a bearer token, and never the worker's log.
+#[test]
+fn registry_credentials_come_from_the_environment() {
+    for (env, expected) in [
+        (
+            vec![
+                ("SCHEMA_REGISTRY_USER", "reader"),
+                ("SCHEMA_REGISTRY_PASSWORD", "s3cret-pw"),
+            ],
+            "authorization: Basic cmVhZGVyOnMzY3JldC1wdw==",
+        ),
+        (
+            vec![("SCHEMA_REGISTRY_TOKEN", "s3cret-token")],
+            "authorization: Bearer s3cret-token",
+        ),
+    ] {
+        let (url, server) = recording_registry(vec![
+            answer("200 OK", r#"["AVRO"]"#),
+            answer(
+                "404 Not Found",
+                r#"{"error_code":40401,"message":"Subject not found"}"#,
+            ),
+        ]);
+        let dir = TestDir::new("schemas-auth");
+        let topic = unique("schemas-auth");
+        create_topic(&topic, 1);
+        let mut cmd = command();
+        cmd.args(["run", "--bootstrap-servers", broker().bootstrap()]);
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        let port = free_port();
+        let mut worker = spawn_worker_with(
+            cmd,
+            &dir,
+            "w",
+            &topic,
+            &unique("schemas"),
+            port,
+            &["--value-format", "avro", "--schema-registry-url", &url],
+        );
+        let seen = server.join().unwrap();
+        wait_until(Duration::from_secs(30), "the worker to be ready", || {
+            http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
+        });
+        worker.terminate();
+        assert_eq!(seen.len(), 2);
+        for request in &seen {
+            assert!(
+                request.to_lowercase().contains(&expected.to_lowercase()),
+                "{request}"
+            );
+        }
+        assert!(
+            seen[0].starts_with("GET /apis/ccompat/v7/schemas/types "),
+            "{}",
+            seen[0]
+        );
+        let log = worker.stderr();
+        assert!(!log.contains("s3cret"), "a credential in the log: {log}");
+    }
+}

@@ -96,6 +96,10 @@ impl DecodingHandler {
         let mut keep = Vec::with_capacity(batch.len());
         let mut failures = Vec::new();
         let mut filtered = 0;
+        // A schema the registry does not know yet holds the batch, but the
+        // rest is decoded: schemas it knows prove it is the right registry,
+        // and other unknown ids start their wait now, not one per attempt.
+        let mut waiting = None;
         for (i, record) in batch.records().enumerate() {
             if i % YIELD_EVERY == YIELD_EVERY - 1 {
                 // Decoding with known schemas never waits: let the timers
@@ -111,6 +115,10 @@ impl DecodingHandler {
                     ));
                     continue;
                 }
+                Err(DecodeError::Unknown(why)) => {
+                    waiting.get_or_insert(why);
+                    continue;
+                }
                 Err(other) => return Err(other),
             };
             if let Some(filter) = &self.filter {
@@ -121,7 +129,10 @@ impl DecodingHandler {
             }
             keep.push((record.offset, fields));
         }
-        Ok((keep, failures, filtered))
+        match waiting {
+            Some(why) => Err(DecodeError::Outage(why)),
+            None => Ok((keep, failures, filtered)),
+        }
     }
 }
 
@@ -170,7 +181,9 @@ impl Handler for DecodingHandler {
                     .get_or_insert_with(|| why.clone());
                 return BatchOutcome::Unavailable(why);
             }
-            Ok(Err(DecodeError::Record(_))) => unreachable!("record errors are failures"),
+            Ok(Err(DecodeError::Record(_) | DecodeError::Unknown(_))) => {
+                unreachable!("record errors are failures; unknown schemas an outage")
+            }
             Err(_) => {
                 return BatchOutcome::Unavailable(format!(
                     "the schema registry did not answer within {} s",
@@ -182,6 +195,7 @@ impl Handler for DecodingHandler {
         // Whether the handler finished any record: filtered records alone
         // prove nothing about the downstream.
         let mut handled = false;
+        let tried = !keep.is_empty();
         if !keep.is_empty() {
             let offsets: Vec<i64> = keep.iter().map(|(o, _)| *o).collect();
             let fields = keep.into_iter().map(|(_, f)| f).collect();
@@ -191,7 +205,7 @@ impl Handler for DecodingHandler {
             let limit = self.inner.max_time(self.handler_timeout);
             match tokio::time::timeout(limit, self.inner.handle(&handed)).await {
                 Ok(BatchOutcome::Success) => handled = true,
-                Ok(BatchOutcome::Partial(failed) | BatchOutcome::Unhandled(failed)) => {
+                Ok(BatchOutcome::Partial(failed) | BatchOutcome::Unhandled { failed, .. }) => {
                     let failed: Vec<_> = failed
                         .into_iter()
                         .filter(|(o, _)| offsets.binary_search(o).is_ok())
@@ -216,7 +230,10 @@ impl Handler for DecodingHandler {
         match (handled, failures.is_empty()) {
             (true, true) => BatchOutcome::Success,
             (true, false) => BatchOutcome::Partial(failures),
-            (false, _) => BatchOutcome::Unhandled(failures),
+            (false, _) => BatchOutcome::Unhandled {
+                failed: failures,
+                tried,
+            },
         }
     }
 
@@ -350,17 +367,23 @@ mod tests {
         let outcome = handler.handle(&batch(&[r#"{"n":0}"#, r#"{"n":1}"#])).await;
         assert_eq!(
             outcome,
-            BatchOutcome::Unhandled(vec![(1, Failure::retryable("busy"))])
+            BatchOutcome::Unhandled {
+                failed: vec![(1, Failure::retryable("busy"))],
+                tried: true
+            }
         );
         // Nothing handed on at all.
         let outcome = handler.handle(&batch(&[r#"{"n":0}"#, "{"])).await;
         assert!(
-            matches!(&outcome, BatchOutcome::Unhandled(f) if f.len() == 1 && f[0].0 == 1),
+            matches!(&outcome, BatchOutcome::Unhandled { failed: f, tried: false } if f.len() == 1 && f[0].0 == 1),
             "{outcome:?}"
         );
         assert_eq!(
             handler.handle(&batch(&[r#"{"n":5}"#])).await,
-            BatchOutcome::Unhandled(vec![])
+            BatchOutcome::Unhandled {
+                failed: vec![],
+                tried: false
+            }
         );
     }
 

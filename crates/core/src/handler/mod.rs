@@ -54,8 +54,13 @@ pub enum BatchOutcome {
     Partial(Vec<(i64, Failure)>),
     /// As `Partial`, but the handler succeeded on none of the records: the
     /// others are done without it (a filter left them out). It proves
-    /// nothing about the downstream (failure rule 3 waits for such proof).
-    Unhandled(Vec<(i64, Failure)>),
+    /// nothing about the downstream (failure rule 3 waits for such proof);
+    /// `tried`: the handler was given records and failed them all, which
+    /// counts against the downstream as a batch failed as a whole would.
+    Unhandled {
+        failed: Vec<(i64, Failure)>,
+        tried: bool,
+    },
     /// No record is done.
     Failed(Failure),
     /// No record was tried: something the worker itself needs to hand the

@@ -202,7 +202,10 @@ pub struct Options {
 #[derive(Clone, Copy)]
 enum OutcomeKind {
     Handled,
-    Unhandled,
+    /// None done by the handler, which was not given any.
+    Untouched,
+    /// None done by the handler, which failed all it was given.
+    FailedByHandler,
 }
 
 /// The pipeline of one worker. See the module docs.
@@ -720,7 +723,8 @@ impl Pipeline {
             successes: self.successes,
         };
         let outcome_kind = match outcome {
-            BatchOutcome::Unhandled(_) => OutcomeKind::Unhandled,
+            BatchOutcome::Unhandled { tried: false, .. } => OutcomeKind::Untouched,
+            BatchOutcome::Unhandled { tried: true, .. } => OutcomeKind::FailedByHandler,
             _ => OutcomeKind::Handled,
         };
         match outcome {
@@ -736,13 +740,15 @@ impl Pipeline {
                     handler_time,
                 );
             }
-            BatchOutcome::Partial(failed) | BatchOutcome::Unhandled(failed) => {
-                let handled = matches!(outcome_kind, OutcomeKind::Handled);
+            BatchOutcome::Partial(failed) | BatchOutcome::Unhandled { failed, .. } => {
                 let failed: HashMap<i64, Failure> = failed
                     .into_iter()
                     .filter(|(o, _)| batch.offsets().any(|b| b == *o))
                     .collect();
-                self.counted.batches_failed += 1;
+                // A batch a filter left wholly out did not fail.
+                if !failed.is_empty() || matches!(outcome_kind, OutcomeKind::Handled) {
+                    self.counted.batches_failed += 1;
+                }
                 self.counted.records_failed += failed.len() as u64;
                 let done: Vec<i64> = batch
                     .offsets()
@@ -750,14 +756,14 @@ impl Pipeline {
                     .collect();
                 self.counted.records_processed += done.len() as u64;
                 self.report.records_processed += done.len() as u64;
-                let signal = if !handled {
-                    Signal::Nothing
-                } else if done.is_empty() {
-                    Signal::Failure {
-                        root: batch.lineage.root,
-                    }
-                } else {
-                    Signal::Success
+                let failure = Signal::Failure {
+                    root: batch.lineage.root,
+                };
+                let signal = match outcome_kind {
+                    OutcomeKind::Untouched => Signal::Nothing,
+                    OutcomeKind::FailedByHandler => failure,
+                    OutcomeKind::Handled if done.is_empty() => failure,
+                    OutcomeKind::Handled => Signal::Success,
                 };
                 self.observe(signal, now);
                 let bytes = batch.payload_bytes_where(|o| !failed.contains_key(&o));

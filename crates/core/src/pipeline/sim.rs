@@ -561,7 +561,8 @@ impl Sim {
         if !self.calm && self.rng.random_range(0..100) < 3 {
             // The records not named were left out by a filter: done
             // without the handler.
-            return BatchOutcome::Unhandled(failed);
+            let tried = !failed.is_empty() && failed.len() < batch.len();
+            return BatchOutcome::Unhandled { failed, tried };
         }
         if failed.is_empty() {
             BatchOutcome::Success
@@ -586,7 +587,7 @@ impl Sim {
                     self.done_here.extend(batch.offsets().map(|o| (p, o)));
                 }
             }
-            BatchOutcome::Partial(failed) | BatchOutcome::Unhandled(failed) => {
+            BatchOutcome::Partial(failed) | BatchOutcome::Unhandled { failed, .. } => {
                 for o in batch.offsets() {
                     match failed.iter().find(|(f, _)| *f == o) {
                         None => {

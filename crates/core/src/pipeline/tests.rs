@@ -1445,7 +1445,10 @@ fn records_done_without_the_handler_prove_nothing_to_rule_3() {
             match intent {
                 Intent::Start { slot, batch } => {
                     let outcome = if batch.offsets().eq([0]) {
-                        BatchOutcome::Unhandled(vec![])
+                        BatchOutcome::Unhandled {
+                            failed: vec![],
+                            tried: false,
+                        }
                     } else {
                         BatchOutcome::Failed(Failure::retryable("downstream down"))
                     };
@@ -1467,4 +1470,48 @@ fn records_done_without_the_handler_prove_nothing_to_rule_3() {
     );
     assert_eq!(p.held(), 1, "record 1 waits");
     assert!(p.circuit_open());
+}
+
+/// A handler that failed every record it was given, beside records a
+/// filter left out, counts against the downstream as a whole failure
+/// does: the circuit opens, and records wait instead of spending their
+/// attempts one by one (counted as nothing, every record was dead-lettered
+/// after its attempts).
+#[test]
+fn a_handler_failing_all_it_was_given_opens_the_circuit() {
+    let t0 = Instant::now();
+    let mut p = pipeline_with(t0, |c| c.retry.max_attempts = 3);
+    p.handle_assign(&[0, 1]);
+    for o in 0..40 {
+        p.handle_record(&Rec(0, o), t0);
+        p.handle_record(&Rec(1, o), t0);
+    }
+    let mut now = t0;
+    let mut opened = false;
+    for _ in 0..200 {
+        now += Duration::from_millis(50);
+        p.handle_tick(now);
+        opened |= p.circuit_open();
+        for intent in intents(&mut p) {
+            if let Intent::Start { slot, batch } = intent {
+                let failed = batch
+                    .offsets()
+                    .map(|o| (o, Failure::retryable("down")))
+                    .collect();
+                p.handle_verdict(
+                    slot,
+                    batch,
+                    BatchOutcome::Unhandled {
+                        failed,
+                        tried: true,
+                    },
+                    now,
+                );
+            }
+        }
+    }
+    assert!(
+        opened,
+        "the downstream failing everything opens the circuit"
+    );
 }
