@@ -641,3 +641,123 @@ fn registry_credentials_come_from_the_environment() {
         assert!(!log.contains("s3cret"), "a credential in the log: {log}");
     }
 }
+
+/// `--schema-registry-ca` makes a registry whose certificate a private CA
+/// signed trusted; without it the worker does not reach the registry (it
+/// starts, batches would wait); a CA file it cannot read exits 2 naming
+/// the flag.
+#[test]
+fn a_private_ca_makes_an_https_registry_trusted() {
+    let Some(scram) = scram_listener() else {
+        return;
+    };
+    // The local broker's certificate (127.0.0.1, signed by its CA).
+    let tls = std::path::Path::new(&scram["KAFKA_SSL_CA_LOCATION"])
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let dir = TestDir::new("schemas-tls");
+    let requests = dir.path("requests.log");
+    let server = dir.path("https_registry.py");
+    std::fs::write(
+        &server,
+        format!(
+            "import http.server, ssl, sys\n\
+             class H(http.server.BaseHTTPRequestHandler):\n\
+             \x20   def do_GET(self):\n\
+             \x20       open({requests:?}, 'a').write(self.path + '\\n')\n\
+             \x20       ok = self.path.endswith('/schemas/types')\n\
+             \x20       body = b'[\"AVRO\"]' if ok else b'{{\"error_code\":40401}}'\n\
+             \x20       self.send_response(200 if ok else 404)\n\
+             \x20       self.send_header('Content-Length', str(len(body)))\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(body)\n\
+             \x20   def log_message(self, *a):\n\
+             \x20       pass\n\
+             srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), H)\n\
+             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+             ctx.load_cert_chain({cert:?}, {key:?})\n\
+             srv.socket = ctx.wrap_socket(srv.socket, server_side=True)\n\
+             print(srv.server_address[1], flush=True)\n\
+             srv.serve_forever()\n",
+            cert = tls.join("broker.pem"),
+            key = tls.join("broker.key"),
+        ),
+    )
+    .unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new("python3")
+            .arg(&server)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let url = format!("https://127.0.0.1:{}/apis/ccompat/v7", line.trim());
+    let topic = unique("schemas-tls");
+    create_topic(&topic, 1);
+    let ca = tls.join("ca.pem");
+    let run = |extra: &[&str]| {
+        let port = free_port();
+        let mut worker = spawn_worker(
+            &dir,
+            &format!("w{port}"),
+            &topic,
+            &unique("schemas"),
+            port,
+            &[
+                &["--value-format", "avro", "--schema-registry-url", &url],
+                extra,
+            ]
+            .concat(),
+        );
+        wait_until(Duration::from_secs(30), "the worker to be ready", || {
+            http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
+        });
+        worker.terminate();
+        worker.stderr()
+    };
+    let log = run(&["--schema-registry-ca", ca.to_str().unwrap()]);
+    let seen = std::fs::read_to_string(&requests).unwrap_or_default();
+    assert!(
+        seen.contains("/apis/ccompat/v7/schemas/types"),
+        "{seen}\n{log}"
+    );
+    assert!(log.contains("schema registry reachable"), "{log}");
+    std::fs::remove_file(&requests).unwrap();
+    let log = run(&[]);
+    assert!(!requests.exists(), "no request without trusting the CA");
+    assert!(log.contains("unavailable at start"), "{log}");
+    let (code, _, err) = run_to_end(&[
+        "run",
+        "--bootstrap-servers",
+        "127.0.0.1:1",
+        "--topic",
+        "t",
+        "--group",
+        "g",
+        "--value-format",
+        "avro",
+        "--schema-registry-url",
+        &url,
+        "--schema-registry-ca",
+        dir.path("missing.pem").to_str().unwrap(),
+    ]);
+    assert_eq!(code.code(), Some(2), "{err}");
+    assert!(err.contains("--schema-registry-ca"), "{err}");
+}
+
+/// A child process killed when the test ends, also when it fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -206,10 +206,12 @@ impl Handler for DecodingHandler {
             match tokio::time::timeout(limit, self.inner.handle(&handed)).await {
                 Ok(BatchOutcome::Success) => handled = true,
                 Ok(BatchOutcome::Partial(failed) | BatchOutcome::Unhandled { failed, .. }) => {
-                    let failed: Vec<_> = failed
+                    let mut failed: Vec<_> = failed
                         .into_iter()
                         .filter(|(o, _)| offsets.binary_search(o).is_ok())
                         .collect();
+                    failed.sort_by_key(|(o, _)| *o);
+                    failed.dedup_by_key(|(o, _)| *o);
                     handled = failed.len() < offsets.len();
                     failures.extend(failed);
                 }
