@@ -67,6 +67,13 @@ fn write_records(setup: &Setup, topic: &str, scenario: &str, extra: &[&str]) -> 
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A test directory, a fresh one-partition topic and a group name.
+fn one_partition_topic(name: &str) -> (TestDir, String, String) {
+    let topic = unique(name);
+    create_topic(&topic, 1);
+    (TestDir::new(name), topic, unique("schemas"))
+}
+
 /// An exec handler that appends each record it is handed, as JSON, to
 /// `records.jsonl`.
 fn json_recorder(dir: &TestDir) -> String {
@@ -137,10 +144,7 @@ type Outcome = (BTreeMap<i64, Value>, BTreeMap<i64, String>, TestDir);
 fn decode_scenario(scenario: &str, format: &str, extra: &[&str]) -> Option<Outcome> {
     let setup = &setup()?;
     let _shared = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
-    let dir = TestDir::new(&format!("schemas-{scenario}"));
-    let topic = unique(&format!("schemas-{scenario}"));
-    let group = unique("schemas");
-    create_topic(&topic, 1);
+    let (dir, topic, group) = one_partition_topic(&format!("schemas-{scenario}"));
     write_records(setup, &topic, scenario, &[]);
     let mut worker = spawn_recorded_worker(
         &dir,
@@ -268,10 +272,7 @@ fn json_schema_records_are_validated_against_their_schema() {
 fn a_registry_stopped_mid_run_holds_records_and_nothing_is_dead_lettered() {
     let Some(setup) = setup() else { return };
     let _alone = REGISTRY.write().unwrap_or_else(|e| e.into_inner());
-    let dir = TestDir::new("schemas-outage");
-    let topic = unique("schemas-outage");
-    let group = unique("schemas");
-    create_topic(&topic, 1);
+    let (dir, topic, group) = one_partition_topic("schemas-outage");
     write_records(&setup, &topic, "avro-v2", &["0", "40"]);
     let port = free_port();
     let mut worker = spawn_recorded_worker(
@@ -351,10 +352,7 @@ fn registry_script_ok(action: &str) -> bool {
 fn produce_writes_avro_that_both_readers_decode() {
     let Some(setup) = setup() else { return };
     let _shared = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
-    let dir = TestDir::new("schemas-produce");
-    let topic = unique("schemas-produce");
-    let group = unique("schemas");
-    create_topic(&topic, 1);
+    let (dir, topic, group) = one_partition_topic("schemas-produce");
     let schema =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/lib/order.avsc");
     let (status, out, err) = run_to_end(&[
@@ -409,10 +407,7 @@ fn produce_writes_avro_that_both_readers_decode() {
 /// the others are committed without the handler and counted.
 #[test]
 fn filters_select_exactly_the_records_the_pattern_names() {
-    let dir = TestDir::new("schemas-filter");
-    let topic = unique("schemas-filter");
-    let group = unique("schemas");
-    create_topic(&topic, 1);
+    let (dir, topic, group) = one_partition_topic("schemas-filter");
     let kinds = ["order", "refund", "ping"];
     let mut lines = String::new();
     let mut expected = std::collections::BTreeSet::new();
