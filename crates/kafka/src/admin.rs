@@ -156,6 +156,33 @@ pub async fn delete_topic(
     }
 }
 
+/// Deletes groups, consumer or share groups alike (DeleteGroups serves
+/// both on Kafka 4.2+). Each group's answer: `Ok(true)` deleted, `Ok(false)`
+/// there was none, `Err` the broker's reason (a group with members is
+/// `NonEmptyGroup`).
+pub async fn delete_groups(
+    kafka: &KafkaConfig,
+    groups: &[&str],
+    timeout: Duration,
+) -> Result<Vec<(String, Result<bool, RDKafkaErrorCode>)>, ClientError> {
+    let admin = admin_client(kafka)?;
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    let results = admin
+        .delete_groups(groups, &opts)
+        .await
+        .map_err(|e| ClientError::classify(e, &kafka.bootstrap_servers))?;
+    Ok(results
+        .into_iter()
+        .map(|r| match r {
+            Ok(group) => (group, Ok(true)),
+            Err((group, RDKafkaErrorCode::GroupIdNotFound)) => (group, Ok(false)),
+            Err((group, code)) => (group, Err(code)),
+        })
+        .collect())
+}
+
 /// How long one metadata lookup of a topic may take.
 pub const TOPIC_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 

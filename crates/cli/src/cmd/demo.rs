@@ -115,6 +115,10 @@ pub struct Args {
     /// serves classic).
     #[arg(long, env = "MICROBATCH_GROUP_PROTOCOL", default_value_t = microbatch_core::config::defaults::GROUP_PROTOCOL, value_parser = parse_group_protocol)]
     pub group_protocol: GroupProtocol,
+    /// Leave the demo's topics and groups on the broker named with
+    /// --bootstrap-servers (by default they are deleted when it ends).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 fn parse_group_protocol(s: &str) -> Result<GroupProtocol, String> {
@@ -176,6 +180,99 @@ impl DemoBroker {
                     .with_context(|| format!("creating {topic}"))?;
                 Ok(())
             }
+        }
+    }
+}
+
+/// The groups a run on `topic` uses: the workers' group first, then (for a
+/// share group) the companion group of its capacity reports.
+fn demo_groups(topic: &str, share: bool) -> Vec<String> {
+    if share {
+        let group = format!("{topic}-share");
+        let reports = microbatch_kafka::capacity_report::share_capacity_group(&group);
+        vec![group, reports]
+    } else {
+        vec![format!("{topic}-group")]
+    }
+}
+
+/// What the demo made on a broker it was given, removed when it ends (on
+/// success, error or Ctrl-C) unless `--keep`: its topics, then its groups,
+/// whose members have left by then (a SIGKILLed worker's session can take
+/// a little longer: waited for, then said).
+struct Leftovers<'a> {
+    runtime: &'a tokio::runtime::Runtime,
+    /// `None`: nothing to remove (the embedded broker, or `--keep`).
+    kafka: Option<KafkaConfig>,
+    topics: Vec<String>,
+    groups: Vec<String>,
+}
+
+/// How long a group whose members are still leaving is waited for.
+const GROUP_DELETE_PATIENCE: Duration = Duration::from_secs(60);
+
+impl Drop for Leftovers<'_> {
+    fn drop(&mut self) {
+        let Some(kafka) = self.kafka.take() else {
+            return;
+        };
+        if self.topics.is_empty() && self.groups.is_empty() {
+            return;
+        }
+        let timeout = Duration::from_secs(30);
+        let mut left = Vec::new();
+        for topic in &self.topics {
+            let deleted = self.runtime.block_on(microbatch_kafka::admin::delete_topic(
+                &kafka, topic, timeout,
+            ));
+            if let Err(e) = deleted {
+                left.push(format!("topic {topic} ({e})"));
+            }
+        }
+        let mut groups: Vec<&str> = self.groups.iter().map(String::as_str).collect();
+        let deadline = Instant::now() + GROUP_DELETE_PATIENCE;
+        while !groups.is_empty() {
+            let answers = self
+                .runtime
+                .block_on(microbatch_kafka::admin::delete_groups(
+                    &kafka, &groups, timeout,
+                ));
+            let waiting: Vec<(String, String)> = match answers {
+                Ok(answers) => answers
+                    .into_iter()
+                    .filter_map(|(group, r)| Some((group, format!("{:?}", r.err()?))))
+                    .collect(),
+                Err(e) => groups
+                    .iter()
+                    .map(|g| (g.to_string(), e.to_string()))
+                    .collect(),
+            };
+            groups.retain(|g| waiting.iter().any(|(w, _)| w == g));
+            if groups.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                left.extend(
+                    waiting
+                        .into_iter()
+                        .map(|(g, why)| format!("group {g} ({why})")),
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        if left.is_empty() {
+            eprintln!(
+                "removed the demo's topics and groups from {} (--keep leaves them)",
+                kafka.bootstrap_servers
+            );
+        } else {
+            eprintln!(
+                "could not remove from {}: {}; delete them with Kafka's kafka-topics.sh, \
+                 kafka-consumer-groups.sh and kafka-share-groups.sh --delete",
+                kafka.bootstrap_servers,
+                left.join(", ")
+            );
         }
     }
 }
@@ -263,6 +360,15 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
     } else {
         &[false]
     };
+    let mut leftovers = Leftovers {
+        runtime,
+        kafka: match &broker {
+            DemoBroker::External(k) if !args.keep => Some(k.clone()),
+            _ => None,
+        },
+        topics: Vec::new(),
+        groups: Vec::new(),
+    };
     let mut runs = Vec::new();
     for (kind, share) in policies
         .iter()
@@ -274,8 +380,12 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
             (PolicyKind::Keda, true) => "keda-share",
             (PolicyKind::Rate, true) => "rate-share",
         };
-        let topic = format!("microbatch-demo-{stamp}-{name}");
+        // The pid too: two demos started within a second share no topic.
+        let topic = format!("microbatch-demo-{stamp}-{}-{name}", std::process::id());
         let dlq = format!("{topic}.dlq");
+        // Named before they exist: whatever happens next, they go.
+        leftovers.topics.extend([topic.clone(), dlq.clone()]);
+        leftovers.groups.extend(demo_groups(&topic, share));
         broker.create_topic(runtime, &topic, 8)?;
         broker.create_topic(runtime, &dlq, 1)?;
         let run_dir = work.join(name);
@@ -308,6 +418,7 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
     std::fs::write(&html_path, report::html(&report))
         .with_context(|| format!("writing {}", html_path.display()))?;
     print_summary(&report);
+    drop(leftovers);
     println!(
         "report: {} (JSON: {})",
         html_path.display(),
@@ -415,11 +526,7 @@ fn run_policy(
     let kafka = &broker.kafka();
     let embedded = matches!(broker, DemoBroker::Embedded(_));
     let share = group_kind.share;
-    let group = if share {
-        format!("{topic}-share")
-    } else {
-        format!("{topic}-group")
-    };
+    let group = demo_groups(topic, share).swap_remove(0);
     let dlq = format!("{topic}.dlq");
     let audit = dir.join("w{n}.audit");
     let run_args: Vec<String> = [

@@ -284,6 +284,43 @@ fn demo_share_group_scales_past_the_partitions() {
         assert_eq!(r["lost"], 0, "{r}");
         assert_eq!(r["scenarios"][0]["passed"], true, "{}", r["scenarios"][0]);
     }
+    // It leaves nothing behind on the broker it was given, as Kafka's own
+    // tools list it: its topics, both groups, the reports' companion group.
+    let stamp = runs[0]["topic"]
+        .as_str()
+        .unwrap()
+        .rsplit_once('-')
+        .unwrap()
+        .0;
+    for (tool, what) in [
+        ("topics", "topic"),
+        ("share-groups", "share group"),
+        ("consumer-groups", "consumer group"),
+    ] {
+        let listed = kafka_tool_list(tool);
+        let left: Vec<&str> = listed.lines().filter(|l| l.contains(stamp)).collect();
+        assert!(left.is_empty(), "the demo left a {what} behind: {left:?}");
+    }
+}
+
+/// What `kafka-<tool>.sh --list` lists on the test broker.
+fn kafka_tool_list(tool: &str) -> String {
+    let out = Command::new(scripts_dir().join("kafka-local.sh"))
+        .args([
+            "tool",
+            tool,
+            "--bootstrap-server",
+            broker().bootstrap(),
+            "--list",
+        ])
+        .output()
+        .expect("running Kafka's tool");
+    assert!(
+        out.status.success(),
+        "{tool}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The embedded broker has no share groups: said, with how to get one.
