@@ -19,6 +19,7 @@ use microbatch_kafka::aws_iam::WithTokens;
 use microbatch_kafka::client::{ClientError, QuietContext};
 use microbatch_kafka::KafkaConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -246,8 +247,24 @@ impl LagReader {
         let deadline = Instant::now() + self.timeout;
         let mut seen = 0;
         while seen < wanted.len() && Instant::now() < deadline {
-            let Some(Ok(message)) = self.consumer.poll(Duration::from_millis(100)) else {
-                continue;
+            let message = match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => message,
+                // Refused (Describe without Read): no answer will come, so
+                // none is waited for.
+                Some(Err(e))
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::TopicAuthorizationFailed
+                                | RDKafkaErrorCode::GroupAuthorizationFailed
+                                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                        )
+                    ) =>
+                {
+                    let _ = self.consumer.unassign();
+                    return Err(ClientError::Kafka(e));
+                }
+                _ => continue,
             };
             let partition = message.partition();
             if found.contains_key(&partition) {
