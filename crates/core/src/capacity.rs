@@ -166,6 +166,7 @@ impl CapacityMeter {
                 processed_per_sec: self.processed as f64 / secs,
                 slots: self.slots,
                 held: None,
+                held_by: None,
             });
             self.window_start = now;
             self.busy_slot_secs = 0.0;

@@ -32,7 +32,16 @@ pub struct CapacityReport {
     /// yet acknowledged (a share-group worker's in-flight records); `None`
     /// when not reported.
     pub held: Option<u64>,
+    /// [`Self::held`] per partition (partitions holding none left out),
+    /// ascending; `None` when not reported, or too many to fit the
+    /// metadata (see [`MAX_HELD_BY_LEN`]).
+    pub held_by: Option<Vec<(i32, u64)>>,
 }
+
+/// The longest `held_by` value encoded: brokers keep at most
+/// `offset.metadata.max.bytes` (4096 by default) of a commit's metadata, so
+/// a worker holding records of very many partitions says only its total.
+pub const MAX_HELD_BY_LEN: usize = 2048;
 
 impl CapacityReport {
     /// Records/s this worker could do with every slot busy, when the window
@@ -61,6 +70,15 @@ impl CapacityReport {
         if let Some(held) = self.held {
             let _ = write!(s, " held={held}");
         }
+        if let Some(by) = &self.held_by {
+            let mut value = String::new();
+            for (i, (partition, n)) in by.iter().enumerate() {
+                let _ = write!(value, "{}{partition}:{n}", if i > 0 { "," } else { "" });
+            }
+            if value.len() <= MAX_HELD_BY_LEN {
+                let _ = write!(s, " held_by={value}");
+            }
+        }
         s
     }
 
@@ -73,7 +91,7 @@ impl CapacityReport {
         }
         let (mut worker, mut at, mut window, mut busy, mut rate, mut slots) =
             (None, None, None, None, None, None);
-        let mut held = None;
+        let (mut held, mut held_by) = (None, None);
         for field in fields {
             let (key, value) = field.split_once('=')?;
             match key {
@@ -84,6 +102,7 @@ impl CapacityReport {
                 "rate" => rate = Some(value.parse::<f64>().ok()?),
                 "slots" => slots = Some(value.parse().ok()?),
                 "held" => held = Some(value.parse().ok()?),
+                "held_by" => held_by = Some(decode_held_by(value)?),
                 _ => {} // fields a later version adds
             }
         }
@@ -97,8 +116,27 @@ impl CapacityReport {
             processed_per_sec: rate,
             slots: slots?,
             held,
+            held_by,
         })
     }
+}
+
+/// `0:3,5:2` (or empty: nothing held): partitions ascending, each once,
+/// none negative.
+fn decode_held_by(value: &str) -> Option<Vec<(i32, u64)>> {
+    if value.len() > MAX_HELD_BY_LEN {
+        return None;
+    }
+    let mut by: Vec<(i32, u64)> = Vec::new();
+    for entry in value.split(',').filter(|e| !e.is_empty()) {
+        let (partition, n) = entry.split_once(':')?;
+        let partition: i32 = partition.parse().ok().filter(|p| *p >= 0)?;
+        if by.last().is_some_and(|(last, _)| *last >= partition) {
+            return None;
+        }
+        by.push((partition, n.parse().ok()?));
+    }
+    Some(by)
 }
 
 /// The consumer group whose commit metadata carries a share group's
@@ -154,6 +192,7 @@ mod tests {
             processed_per_sec: 812.5,
             slots: 4,
             held: None,
+            held_by: None,
         };
         let s = r.encode();
         assert!(
@@ -167,7 +206,31 @@ mod tests {
         };
         let s = share.encode();
         assert!(s.ends_with(&format!(" held={}", u64::MAX)) && s.len() < 256);
-        assert_eq!(CapacityReport::decode(&s), Some(share));
+        assert_eq!(CapacityReport::decode(&s), Some(share.clone()));
+        let by_partition = CapacityReport {
+            held: Some(5),
+            held_by: Some(vec![(0, 3), (7, 2)]),
+            ..share.clone()
+        };
+        let s = by_partition.encode();
+        assert!(s.ends_with(" held=5 held_by=0:3,7:2"), "{s}");
+        assert_eq!(CapacityReport::decode(&s), Some(by_partition));
+        let nothing_held = CapacityReport {
+            held: Some(0),
+            held_by: Some(vec![]),
+            ..share.clone()
+        };
+        assert_eq!(
+            CapacityReport::decode(&nothing_held.encode()),
+            Some(nothing_held)
+        );
+        // Too many partitions for the broker's metadata limit: the total only.
+        let wide = CapacityReport {
+            held_by: Some((0..1000).map(|p| (p, 1_000_000)).collect()),
+            ..share
+        };
+        let s = wide.encode();
+        assert!(!s.contains("held_by") && s.len() < 256, "{s}");
         for foreign in [
             "",
             "checkpoint 17",
@@ -177,6 +240,11 @@ mod tests {
             "microbatch-capacity/1 worker=a at=x window_ms=5 busy=0.5 rate=1 slots=1",
             "microbatch-capacity/1 at=1 window_ms=5 busy=0.5 rate=1 slots=1",
             "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held=-3",
+            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held_by=3:1,1:1",
+            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held_by=1:1,1:1",
+            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held_by=-1:1",
+            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held_by=1:-1",
+            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held_by=1",
         ] {
             assert_eq!(CapacityReport::decode(foreign), None, "{foreign:?}");
         }
@@ -202,6 +270,7 @@ mod tests {
                 Just("inf".to_string()),
                 Just("-1".to_string()),
                 "[a-z=]{0,6}",
+                "([0-9]{1,2}:[0-9]{1,3},?){0,4}",
             ];
             (
                 prop_oneof![
@@ -212,6 +281,7 @@ mod tests {
                     Just("rate"),
                     Just("slots"),
                     Just("held"),
+                    Just("held_by"),
                     Just("x"),
                 ],
                 value,
@@ -235,6 +305,10 @@ mod tests {
                     prop_assert!((0.0..=1.0).contains(&r.busy_fraction));
                     prop_assert!(r.processed_per_sec.is_finite() && r.processed_per_sec >= 0.0);
                     prop_assert!(!r.worker.is_empty());
+                    if let Some(by) = &r.held_by {
+                        prop_assert!(by.windows(2).all(|w| w[0].0 < w[1].0));
+                        prop_assert!(by.iter().all(|(p, _)| *p >= 0));
+                    }
                 }
             }
         }

@@ -7,7 +7,7 @@
 //! of each worker, drops stale ones (a worker that stopped, or that idles and
 //! so commits nothing), and sums them up.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use microbatch_kafka::capacity_report::{CapacityReport, MIN_BUSY_FOR_CAPACITY};
@@ -36,6 +36,9 @@ pub struct WorkerCapacity {
     /// Records a worker holds taken but not acknowledged, the mean of the
     /// reports that say (share-group workers'); `None` when none does.
     pub held_per_worker: Option<f64>,
+    /// [`Self::held_per_worker`] per partition, from the reports that say
+    /// (a partition none of them holds is 0); `None` when none does.
+    pub held_per_worker_by_partition: Option<BTreeMap<i32, f64>>,
 }
 
 impl WorkerCapacity {
@@ -71,10 +74,31 @@ impl WorkerCapacity {
             .filter_map(|r| r.held)
             .map(|h| h as f64)
             .collect();
+        let by: Vec<&Vec<(i32, u64)>> =
+            newest.values().filter_map(|r| r.held_by.as_ref()).collect();
+        let held_per_worker_by_partition = (!by.is_empty()).then(|| {
+            let mut sums: BTreeMap<i32, f64> = BTreeMap::new();
+            for (partition, n) in by.iter().flat_map(|b| b.iter()) {
+                *sums.entry(*partition).or_default() += *n as f64;
+            }
+            sums.values_mut().for_each(|v| *v /= by.len() as f64);
+            sums
+        });
         Some(Self {
             held_per_worker: (!held.is_empty())
                 .then(|| held.iter().sum::<f64>() / held.len() as f64),
+            held_per_worker_by_partition,
             ..Self::from_sums(newest.len() as u32, processed, busy)
+        })
+    }
+
+    /// Records in flight on `partition` in a group of `members` workers,
+    /// estimated as [`Self::in_flight`] is: 0 when the reports that say
+    /// hold none of it, `None` when no report says.
+    pub fn in_flight_on(&self, partition: i32, members: u32) -> Option<u64> {
+        self.held_per_worker_by_partition.as_ref().map(|by| {
+            let held = by.get(&partition).copied().unwrap_or(0.0);
+            (held * f64::from(members)).round() as u64
         })
     }
 
@@ -104,6 +128,7 @@ impl WorkerCapacity {
             busy_workers,
             capacity_per_replica,
             held_per_worker: None,
+            held_per_worker_by_partition: None,
         }
     }
 }
@@ -144,6 +169,7 @@ mod tests {
             processed_per_sec: rate,
             slots: 4,
             held: None,
+            held_by: None,
         }
         .encode()
     }
@@ -174,7 +200,7 @@ mod tests {
     #[test]
     fn held_records_scale_to_the_members() {
         let now = 1_700_000_000_000;
-        let with = |worker: &str, held: Option<u64>| {
+        let with = |worker: &str, held: Option<u64>, held_by: Option<Vec<(i32, u64)>>| {
             CapacityReport {
                 worker: worker.into(),
                 at_unix_ms: now,
@@ -183,16 +209,27 @@ mod tests {
                 processed_per_sec: 10.0,
                 slots: 1,
                 held,
+                held_by,
             }
             .encode()
         };
-        let meta = [with("a", Some(10)), with("b", Some(30)), with("c", None)];
+        let meta = [
+            with("a", Some(10), Some(vec![(0, 4), (3, 6)])),
+            with("b", Some(30), Some(vec![(0, 30)])),
+            with("c", None, None),
+        ];
         let c = WorkerCapacity::from_metadata(meta.iter().map(String::as_str), now).unwrap();
         assert_eq!(c.held_per_worker, Some(20.0));
         assert_eq!(c.in_flight(24), Some(480));
-        let old = [with("a", None)];
+        // Per partition, the same estimate: (4 + 30) / 2 and 6 / 2 per
+        // worker, times 24; what no report holds is 0; they sum to the total.
+        assert_eq!(c.in_flight_on(0, 24), Some(408));
+        assert_eq!(c.in_flight_on(3, 24), Some(72));
+        assert_eq!(c.in_flight_on(5, 24), Some(0));
+        let old = [with("a", None, None)];
         let c = WorkerCapacity::from_metadata(old.iter().map(String::as_str), now).unwrap();
         assert_eq!(c.in_flight(24), None, "no report says: unknown, not 0");
+        assert_eq!(c.in_flight_on(0, 24), None);
     }
 
     #[test]

@@ -587,6 +587,7 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
                     processed_per_sec: rate,
                     slots: 4,
                     held: None,
+                    held_by: None,
                 });
                 r.done_in_window = 0.0;
             }

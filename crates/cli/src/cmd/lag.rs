@@ -29,7 +29,7 @@ pub struct Args {
     /// record not done (when the broker counts the backlog); and the records in
     /// flight, estimated from the workers' reports (the mean a reporting
     /// worker holds × members). JSON:
-    /// {"share_group","topic","members","total_backlog","partitions_unknown","backlog_source":"broker_lag"|"high_watermark_minus_start_offset","lag_seconds","workers_reporting","in_flight","partitions":[{"partition","start_offset","high","backlog","lag_seconds"}]}.
+    /// {"share_group","topic","members","total_backlog","partitions_unknown","backlog_source":"broker_lag"|"high_watermark_minus_start_offset","lag_seconds","workers_reporting","in_flight","partitions":[{"partition","start_offset","high","backlog","lag_seconds","in_flight"}]}.
     /// Not with --group or --policy.
     #[arg(long, env = "SHARE_GROUP", conflicts_with = "policy")]
     #[serde(default)]
@@ -218,8 +218,13 @@ async fn share_backlog(args: &Args, share_group: &str) -> anyhow::Result<ExitCod
             json["workers_reporting"] = serde_json::json!(extra.workers_reporting);
             json["in_flight"] = serde_json::json!(extra.in_flight);
             if let Some(parts) = json["partitions"].as_array_mut() {
-                for (p, lag) in parts.iter_mut().zip(&extra.ages.partitions) {
+                for ((p, lag), in_flight) in parts
+                    .iter_mut()
+                    .zip(&extra.ages.partitions)
+                    .zip(&extra.in_flight_by_partition)
+                {
                     p["lag_seconds"] = serde_json::json!(lag.lag_ms.map(|ms| ms as f64 / 1000.0));
+                    p["in_flight"] = serde_json::json!(in_flight);
                 }
             }
             writeln!(out, "{json}")?;
@@ -234,29 +239,37 @@ async fn share_backlog(args: &Args, share_group: &str) -> anyhow::Result<ExitCod
             )?;
             writeln!(
                 out,
-                "{:>9} {:>12} {:>12} {:>10} {:>9}",
-                "PARTITION", "START", "HIGH", "BACKLOG", "AGE(s)"
+                "{:>9} {:>12} {:>12} {:>10} {:>9} {:>10}",
+                "PARTITION", "START", "HIGH", "BACKLOG", "AGE(s)", "IN FLIGHT"
             )?;
             let dash = |v: Option<i64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
-            for (p, lag) in reading.partitions.iter().zip(&extra.ages.partitions) {
+            let about = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| format!("~{v}"));
+            for ((p, lag), in_flight) in reading
+                .partitions
+                .iter()
+                .zip(&extra.ages.partitions)
+                .zip(&extra.in_flight_by_partition)
+            {
                 writeln!(
                     out,
-                    "{:>9} {:>12} {:>12} {:>10} {:>9}",
+                    "{:>9} {:>12} {:>12} {:>10} {:>9} {:>10}",
                     p.partition,
                     dash(p.start_offset),
                     p.high,
                     dash(p.backlog),
-                    seconds(lag.lag_ms)
+                    seconds(lag.lag_ms),
+                    about(*in_flight)
                 )?;
             }
             writeln!(
                 out,
-                "{:>9} {:>12} {:>12} {:>10} {:>9}",
+                "{:>9} {:>12} {:>12} {:>10} {:>9} {:>10}",
                 "TOTAL",
                 "",
                 "",
                 reading.total_backlog,
-                seconds(extra.ages.lag_ms)
+                seconds(extra.ages.lag_ms),
+                about(extra.in_flight)
             )?;
             match extra.in_flight {
                 Some(n) => writeln!(
@@ -295,6 +308,8 @@ struct ShareExtras {
     workers_reporting: u32,
     /// Records taken and not yet acknowledged, estimated.
     in_flight: Option<u64>,
+    /// The same per partition, in the reading's order.
+    in_flight_by_partition: Vec<Option<u64>>,
 }
 
 /// Reads the ages and the workers' reports (blocking: librdkafka).
@@ -311,12 +326,20 @@ fn share_extras(
         reports.iter().map(String::as_str),
         microbatch_kafka::capacity_report::unix_ms_now(),
     );
+    let members = reading.members as u32;
     ShareExtras {
         ages,
         workers_reporting: capacity.as_ref().map_or(0, |c| c.workers),
-        in_flight: capacity
-            .as_ref()
-            .and_then(|c| c.in_flight(reading.members as u32)),
+        in_flight: capacity.as_ref().and_then(|c| c.in_flight(members)),
+        in_flight_by_partition: reading
+            .partitions
+            .iter()
+            .map(|p| {
+                capacity
+                    .as_ref()
+                    .and_then(|c| c.in_flight_on(p.partition, members))
+            })
+            .collect(),
     }
 }
 

@@ -933,6 +933,7 @@ fn lag_reads_a_share_groups_backlog() {
         assert!(b["lag_seconds"].is_null(), "{b}");
         assert_eq!(b["workers_reporting"], 0, "{b}");
         assert!(b["in_flight"].is_null(), "{b}");
+        assert!(b["partitions"][0]["in_flight"].is_null(), "{b}");
         // `top --share-group` shows the same reading.
         let line = tokio::task::block_in_place(|| top_share_line(&bootstrap, &group, &topic));
         assert!(

@@ -420,6 +420,7 @@ fn supervise_scales_a_share_group_past_its_partitions_and_back() {
         if b["workers_reporting"].as_u64() > Some(0)
             && b["total_backlog"].as_i64() > Some(0)
             && b["in_flight"].as_u64() > Some(0)
+            && b["partitions"][0]["in_flight"].is_u64()
         {
             busy = b;
             break;
@@ -434,6 +435,20 @@ fn supervise_scales_a_share_group_past_its_partitions_and_back() {
     assert!(
         busy["in_flight"].as_i64() <= busy["total_backlog"].as_i64().map(|b| b + 2_000),
         "in flight is a part of the backlog, give or take the sample: {busy}"
+    );
+    // Per partition, the same estimate: the reports say which partitions
+    // their records came from, so the partitions' counts add up to the
+    // group's (each rounded on its own), and some partition holds some.
+    let parts = busy["partitions"].as_array().unwrap();
+    let by_partition: Vec<u64> = parts
+        .iter()
+        .map(|p| p["in_flight"].as_u64().unwrap_or_else(|| panic!("{busy}")))
+        .collect();
+    let total = busy["in_flight"].as_u64().unwrap();
+    let sum: u64 = by_partition.iter().sum();
+    assert!(
+        sum.abs_diff(total) <= 8 && by_partition.iter().any(|n| *n > 0),
+        "in flight per partition {by_partition:?} against {total}: {busy}"
     );
     producer
         .wait_for_exit(Duration::from_secs(120))

@@ -859,6 +859,13 @@ impl Pipeline {
                         // count, sampled.
                         let report = CapacityReport {
                             held: Some(self.held as u64),
+                            held_by: Some(
+                                self.partitions
+                                    .iter()
+                                    .filter(|(_, ps)| ps.held > 0)
+                                    .map(|(p, ps)| (*p, ps.held as u64))
+                                    .collect(),
+                            ),
                             ..report.clone()
                         };
                         self.intents

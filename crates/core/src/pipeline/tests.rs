@@ -1255,6 +1255,8 @@ fn a_share_groups_capacity_report_comes_out_on_its_own() {
     let last = last.expect("a report while the records are held");
     assert_eq!(p.held(), 5);
     assert_eq!(last.held, Some(5), "{last:?}");
+    // Per partition: all five on partition 1, none left on 0.
+    assert_eq!(last.held_by, Some(vec![(1, 5)]), "{last:?}");
 }
 
 /// In a partly failed batch the good records are accepted at once; the
