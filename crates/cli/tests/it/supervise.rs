@@ -172,7 +172,32 @@ fn rate_policy_scales_up_drains_and_scales_back_and_a_killed_child_loses_nothing
 /// refusing downstream.
 #[test]
 fn rate_policy_adds_no_replica_while_the_downstream_is_down() {
-    let sc = Scenario::new("supervise-outage", 8);
+    downstream_outage_holds_scale_ups(false);
+}
+
+/// The same on a share group: its progress is the backlog acknowledged
+/// (the high watermark less the backlog), which an outage stops while the
+/// records it holds stay in the backlog; the hold reads it as it reads a
+/// consumer group's commits. Nothing lost is read from the downstream's log
+/// against every record of the topic (another client) and the backlog by
+/// Kafka's own tool.
+#[test]
+fn rate_policy_adds_no_replica_to_a_share_group_while_the_downstream_is_down() {
+    if crate::share::real_broker().is_none() {
+        return;
+    }
+    downstream_outage_holds_scale_ups(true);
+}
+
+fn downstream_outage_holds_scale_ups(share: bool) {
+    let sc = Scenario::new(
+        if share {
+            "supervise-share-outage"
+        } else {
+            "supervise-outage"
+        },
+        8,
+    );
     let Scenario { dir, topic, group } = &sc;
     let downstream_port = free_port();
     let accepted = dir.path("accepted.txt");
@@ -190,7 +215,16 @@ fn rate_policy_adds_no_replica_while_the_downstream_is_down() {
     let up = downstream_on(downstream_port, delay, accepted.clone());
     let mut producer = sc.produce_steadily(6_000, 60, &["--keys", "100"]);
     let metrics_port = free_port();
-    let mut cmd = supervise_command(dir, topic, group);
+    let mut cmd = if share {
+        let mut cmd = command();
+        cmd.args(["supervise", "--bootstrap-servers", broker().bootstrap()]);
+        cmd.args(["--topic", topic, "--share-group", group]);
+        cmd.args(["--timeline", dir.path("timeline.jsonl").to_str().unwrap()]);
+        cmd.args(["--log-dir", dir.0.to_str().unwrap()]);
+        cmd
+    } else {
+        supervise_command(dir, topic, group)
+    };
     cmd.args([
         "--policy",
         "rate",
@@ -285,11 +319,34 @@ fn rate_policy_adds_no_replica_while_the_downstream_is_down() {
     producer
         .wait_for_exit(Duration::from_secs(120))
         .expect("the producer finishes");
-    sc.wait_for_lag_zero(Duration::from_secs(180));
+    if share {
+        wait_until(
+            Duration::from_secs(180),
+            "the share group's backlog to reach 0",
+            || {
+                let lag = share_group_lag(broker().bootstrap(), group);
+                lag.len() == 8 && lag.values().all(|l| *l == 0)
+            },
+        );
+    } else {
+        sc.wait_for_lag_zero(Duration::from_secs(180));
+    }
     sup.signal(15);
     sup.wait_for_exit(Duration::from_secs(60))
         .expect("supervise exits on SIGTERM");
-    let (expected, _) = assert_recorded_or_dead(topic, group, &[accepted], &Default::default());
+    let expected = if share {
+        let seen = audited(std::slice::from_ref(&accepted));
+        let all = read_topic(topic, broker().bootstrap());
+        let lost: Vec<(i32, i64)> = all
+            .iter()
+            .map(|r| (r.0, r.1))
+            .filter(|r| !seen.contains_key(r))
+            .collect();
+        assert!(lost.is_empty(), "never reached the downstream: {lost:?}");
+        all.len()
+    } else {
+        assert_recorded_or_dead(topic, group, &[accepted], &Default::default()).0
+    };
     assert_eq!(expected, 6_000);
     assert!(
         timeline(&tl).last().unwrap()["scale_up_held"] == false,
