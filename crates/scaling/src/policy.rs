@@ -171,13 +171,120 @@ pub struct KedaPolicy {
     /// Previous committed offset per topic and partition (for
     /// `excludePersistentLag`).
     previous_offsets: HashMap<(String, i32), i64>,
+    hpa: Hpa,
+    last_active: Option<Instant>,
+}
+
+/// The HPA controller between a scaler's metric and the Deployment, as
+/// Kubernetes runs it: the tolerance, the replica bounds, the scale-down
+/// stabilization window and the scale-up limit of its algorithm. KEDA's
+/// kafka trigger reaches the Deployment through it, and so does any
+/// policy `microbatch scaler` serves ([`ThroughHpa`]).
+#[derive(Debug, Default)]
+pub struct Hpa {
     scale_down: ScaleDownWindow,
     /// Replicas added (positive) or removed (negative) within the last
     /// period, as observed in the current count (what was applied, not
     /// what was asked for).
     scale_events: VecDeque<(Instant, i64)>,
     last_current: Option<u32>,
-    last_active: Option<Instant>,
+}
+
+/// What one HPA sync made of a metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HpaStep {
+    /// ceil(metric ÷ target), or the count now within the tolerance.
+    pub raw: u32,
+    pub usage_ratio: f64,
+    pub desired: u32,
+    /// What bound `desired` besides `raw` and the bounds, for a reason:
+    /// "; held at … by the scale-down window", "; limited to … by …".
+    pub notes: String,
+}
+
+impl Hpa {
+    /// The replicas running at `now`; a change from the last count (away
+    /// from or to zero excepted) is a scale event of the period.
+    pub fn saw(&mut self, now: Instant, current: u32) {
+        if let Some(previous) = self.last_current.replace(current) {
+            // From or to zero the replicas are KEDA's (activation, or
+            // the Deployment's own start), not a scale event the HPA
+            // recorded: its scale-up limit counts from the replicas it found.
+            if previous > 0 && current > 0 && current != previous {
+                self.scale_events
+                    .push_back((now, i64::from(current) - i64::from(previous)));
+            }
+        }
+    }
+
+    /// KEDA took over (to or at zero): the window's recommendations go.
+    pub fn forget_recommendations(&mut self) {
+        self.scale_down.clear();
+    }
+
+    /// One sync: `metric` against `target` per replica (AverageValue) with
+    /// `current` running, within `min..=max`.
+    pub fn step(
+        &mut self,
+        now: Instant,
+        algorithm: HpaAlgorithm,
+        (metric, target): (i64, i64),
+        current: u32,
+        (min, max): (u32, u32),
+        stabilization: Duration,
+    ) -> HpaStep {
+        let target = target.max(1) as f64;
+        let usage_ratio = metric as f64 / (target * f64::from(current.max(1)));
+        let raw = if within_hpa_tolerance(usage_ratio) {
+            current
+        } else {
+            (metric as f64 / target).ceil().max(0.0) as u32
+        };
+        let mut desired = raw.clamp(min, max.max(min));
+        let mut notes = String::new();
+        let (held, stabilized) = self.scale_down.apply(now, stabilization, desired, current);
+        if stabilized {
+            notes.push_str(&format!("; held at {held} by the scale-down window"));
+        }
+        desired = held;
+        while self
+            .scale_events
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= HPA_SCALE_UP_PERIOD)
+        {
+            self.scale_events.pop_front();
+        }
+        if desired > current {
+            let limit = match algorithm {
+                // calculateScaleUpLimit: from the count now.
+                HpaAlgorithm::WithoutBehavior => (current * 2).max(4),
+                // calculateScaleUpLimitWithScalingRules: from the count at
+                // the period's start, scale-ups taken off and scale-downs
+                // added back (10 -> 4 within the period: 20 allowed, not 8).
+                HpaAlgorithm::WithBehavior => {
+                    let changed: i64 = self.scale_events.iter().map(|(_, n)| *n).sum();
+                    let base = (i64::from(current) - changed).max(0) as u32;
+                    (base * 2).max(base + 4)
+                }
+            };
+            if desired > limit {
+                notes.push_str(&format!(
+                    "; limited to {limit} by the HPA scale-up policy ({})",
+                    match algorithm {
+                        HpaAlgorithm::WithoutBehavior => "no behavior: max(2 x current, 4)",
+                        HpaAlgorithm::WithBehavior => "behavior: max(+100%, +4) per 15 s",
+                    }
+                ));
+                desired = limit;
+            }
+        }
+        HpaStep {
+            raw,
+            usage_ratio,
+            desired,
+            notes,
+        }
+    }
 }
 
 impl KedaPolicy {
@@ -185,9 +292,7 @@ impl KedaPolicy {
         Self {
             params,
             previous_offsets: HashMap::new(),
-            scale_down: ScaleDownWindow::default(),
-            scale_events: VecDeque::new(),
-            last_current: None,
+            hpa: Hpa::default(),
             last_active: None,
         }
     }
@@ -287,15 +392,7 @@ impl KedaPolicy {
     /// One evaluation: what KEDA and the HPA would set replicas to, given
     /// the current replica count.
     pub fn evaluate(&mut self, now: Instant, lag: &GroupLag, current: u32) -> Decision {
-        if let Some(previous) = self.last_current.replace(current) {
-            // From or to zero the replicas are KEDA's (activation, or
-            // the Deployment's own start), not a scale event the HPA
-            // recorded: its scale-up limit counts from the replicas it found.
-            if previous > 0 && current > 0 && current != previous {
-                self.scale_events
-                    .push_back((now, i64::from(current) - i64::from(previous)));
-            }
-        }
+        self.hpa.saw(now, current);
         let (metric, with_persistent) = self.total_lag(lag);
         let p = self.params.clone();
         let active = with_persistent > p.activation_lag_threshold;
@@ -309,7 +406,7 @@ impl KedaPolicy {
                 .last_active
                 .is_none_or(|t| now.duration_since(t) >= p.cooldown);
             if current == 0 || cooled {
-                self.scale_down.clear();
+                self.hpa.forget_recommendations();
                 return Decision {
                     desired: 0,
                     metric_value: metric,
@@ -329,63 +426,97 @@ impl KedaPolicy {
                 scale_up_held: false,
             };
         }
-        let target = p.lag_threshold as f64;
-        let usage_ratio = metric as f64 / (target * f64::from(current));
-        let raw = if within_hpa_tolerance(usage_ratio) {
-            current
-        } else {
-            (metric as f64 / target).ceil().max(0.0) as u32
-        };
-        let mut desired = raw.clamp(hpa_min, p.max_replicas.max(hpa_min));
-        let mut reason = format!(
-            "ceil(lag {metric} / lagThreshold {}) = {raw}, usage ratio {usage_ratio:.2}",
-            p.lag_threshold
+        let step = self.hpa.step(
+            now,
+            p.hpa,
+            (metric, p.lag_threshold),
+            current,
+            (hpa_min, p.max_replicas),
+            p.scale_down_stabilization,
         );
-        let (held, stabilized) =
-            self.scale_down
-                .apply(now, p.scale_down_stabilization, desired, current);
-        if stabilized {
-            reason.push_str(&format!("; held at {held} by the scale-down window"));
-        }
-        desired = held;
-        while self
-            .scale_events
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) >= HPA_SCALE_UP_PERIOD)
-        {
-            self.scale_events.pop_front();
-        }
-        if desired > current {
-            let limit = match p.hpa {
-                // calculateScaleUpLimit: from the count now.
-                HpaAlgorithm::WithoutBehavior => (current * 2).max(4),
-                // calculateScaleUpLimitWithScalingRules: from the count at
-                // the period's start, scale-ups taken off and scale-downs
-                // added back (10 -> 4 within the period: 20 allowed, not 8).
-                HpaAlgorithm::WithBehavior => {
-                    let changed: i64 = self.scale_events.iter().map(|(_, n)| *n).sum();
-                    let base = (i64::from(current) - changed).max(0) as u32;
-                    (base * 2).max(base + 4)
-                }
-            };
-            if desired > limit {
-                reason.push_str(&format!(
-                    "; limited to {limit} by the HPA scale-up policy ({})",
-                    match p.hpa {
-                        HpaAlgorithm::WithoutBehavior => "no behavior: max(2 x current, 4)",
-                        HpaAlgorithm::WithBehavior => "behavior: max(+100%, +4) per 15 s",
-                    }
-                ));
-                desired = limit;
-            }
-        }
+        let reason = format!(
+            "ceil(lag {metric} / lagThreshold {}) = {}, usage ratio {:.2}{}",
+            p.lag_threshold, step.raw, step.usage_ratio, step.notes
+        );
         Decision {
-            desired,
+            desired: step.desired,
             metric_value: metric,
             active,
             reason,
             scale_up_held: false,
         }
+    }
+}
+
+/// A policy whose answer reaches the Deployment as `microbatch scaler`'s
+/// does: as a metric (its desired count, target 1 per replica) that KEDA
+/// hands the HPA, which applies its tolerance, bounds, scale-down window
+/// and scale-up limit before anything runs. `supervise` applies answers
+/// as they are; the simulator runs both.
+pub struct ThroughHpa {
+    pub inner: Box<dyn Policy>,
+    pub algorithm: HpaAlgorithm,
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// The HPA's `behavior.scaleDown.stabilizationWindowSeconds`.
+    pub scale_down_stabilization: Duration,
+    hpa: Hpa,
+}
+
+impl ThroughHpa {
+    pub fn new(inner: Box<dyn Policy>, algorithm: HpaAlgorithm, bounds: (u32, u32)) -> Self {
+        Self {
+            inner,
+            algorithm,
+            min_replicas: bounds.0,
+            max_replicas: bounds.1,
+            scale_down_stabilization: defaults::secs(defaults::SCALE_DOWN_SECONDS),
+            hpa: Hpa::default(),
+        }
+    }
+}
+
+impl Policy for ThroughHpa {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn decide(&mut self, now: Instant, observation: &Observation<'_>) -> Decision {
+        let current = observation.current;
+        self.hpa.saw(now, current);
+        let mut d = self.inner.decide(now, observation);
+        if current == 0 {
+            // KEDA's activation owns 0 <-> 1.
+            self.hpa.forget_recommendations();
+            return d;
+        }
+        let step = self.hpa.step(
+            now,
+            self.algorithm,
+            (i64::from(d.desired), 1),
+            current,
+            (self.min_replicas.max(1), self.max_replicas),
+            self.scale_down_stabilization,
+        );
+        if step.desired != d.desired {
+            d.reason.push_str(&format!(
+                "; the HPA sets {} (usage ratio {:.2}{}{})",
+                step.desired,
+                step.usage_ratio,
+                if step.raw == current && d.desired != current {
+                    ", within its tolerance"
+                } else {
+                    ""
+                },
+                step.notes
+            ));
+        }
+        d.desired = step.desired;
+        d
+    }
+
+    fn rate_per_replica(&self) -> Option<f64> {
+        self.inner.rate_per_replica()
     }
 }
 

@@ -184,28 +184,33 @@ impl TriggerSpec {
                         "scalerMetadata.targetDrainSeconds must be at least 1",
                     ));
                 }
-                PolicySpec::Rate(RateParams {
-                    target_drain: Duration::from_secs(target),
-                    min_replicas,
-                    max_replicas,
-                    slots_per_partition: parse(
-                        meta,
-                        "slotsPerPartition",
-                        defaults::SLOTS_PER_PARTITION,
-                    )?
-                    .max(1),
-                    slots_per_replica: parse(meta, "slotsPerReplica", defaults::SLOTS_PER_REPLICA)?
+                PolicySpec::Rate(
+                    RateParams {
+                        target_drain: Duration::from_secs(target),
+                        min_replicas,
+                        max_replicas,
+                        slots_per_partition: parse(
+                            meta,
+                            "slotsPerPartition",
+                            defaults::SLOTS_PER_PARTITION,
+                        )?
                         .max(1),
-                    initial_rate_per_replica: parse(
-                        meta,
-                        "ratePerReplica",
-                        defaults::RATE_PER_REPLICA,
-                    )?,
-                    // The HPA keeps its own scale-down window.
-                    scale_down_stabilization: Duration::ZERO,
-                    tolerance: 0.0,
-                    max_lag: None,
-                })
+                        slots_per_replica: parse(
+                            meta,
+                            "slotsPerReplica",
+                            defaults::SLOTS_PER_REPLICA,
+                        )?
+                        .max(1),
+                        initial_rate_per_replica: parse(
+                            meta,
+                            "ratePerReplica",
+                            defaults::RATE_PER_REPLICA,
+                        )?,
+                        max_lag: None,
+                        ..RateParams::default()
+                    }
+                    .served_through_hpa(),
+                )
             }
             other => {
                 return Err(Status::invalid_argument(format!(

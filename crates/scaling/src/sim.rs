@@ -50,7 +50,7 @@ use serde::Serialize;
 use crate::capacity::WorkerCapacity;
 use crate::lag::{GroupLag, InvalidOffsetPolicy, PartitionLag, RateTracker};
 use crate::policy::{
-    HpaAlgorithm, KedaParams, KedaPolicy, Observation, Policy, RateParams, RatePolicy,
+    HpaAlgorithm, KedaParams, KedaPolicy, Observation, Policy, RateParams, RatePolicy, ThroughHpa,
 };
 
 /// The group and the platform being simulated.
@@ -702,7 +702,12 @@ pub fn run(shape: Shape, policy: &mut dyn Policy, cfg: &SimConfig) -> Outcome {
 /// The policies the simulator compares, as the README names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum PolicyCase {
+    /// `rate` applied as it answers (`supervise`).
     Rate,
+    /// `rate` through KEDA and the HPA (`microbatch scaler`): its answer is
+    /// a metric the HPA applies with its tolerance, scale-down window and
+    /// scale-up limit, as the kit's ScaledObject selects them.
+    RateThroughHpa,
     /// KEDA with the replaced system's lagThreshold 3.
     KedaThreshold3,
     /// KEDA with lagThreshold = [`TUNED_LAG_THRESHOLD`].
@@ -713,8 +718,9 @@ pub enum PolicyCase {
 pub const TUNED_LAG_THRESHOLD: i64 = 1600;
 
 impl PolicyCase {
-    pub const ALL: [PolicyCase; 3] = [
+    pub const ALL: [PolicyCase; 4] = [
         PolicyCase::Rate,
+        PolicyCase::RateThroughHpa,
         PolicyCase::KedaThreshold3,
         PolicyCase::KedaTuned,
     ];
@@ -722,6 +728,7 @@ impl PolicyCase {
     pub fn name(self) -> String {
         match self {
             PolicyCase::Rate => "rate".into(),
+            PolicyCase::RateThroughHpa => "rate via the HPA".into(),
             PolicyCase::KedaThreshold3 => "keda lagThreshold 3".into(),
             PolicyCase::KedaTuned => format!("keda lagThreshold {TUNED_LAG_THRESHOLD}"),
         }
@@ -741,14 +748,22 @@ impl PolicyCase {
                 ..KedaParams::default()
             })) as Box<dyn Policy>
         };
+        let rate = RateParams {
+            target_drain: TARGET_DRAIN,
+            min_replicas: cfg.min_replicas,
+            max_replicas: cfg.max_replicas,
+            scale_down_stabilization: Duration::from_secs(300),
+            ..RateParams::default()
+        };
         match self {
-            PolicyCase::Rate => Box::new(RatePolicy::new(RateParams {
-                target_drain: TARGET_DRAIN,
-                min_replicas: cfg.min_replicas,
-                max_replicas: cfg.max_replicas,
-                scale_down_stabilization: Duration::from_secs(300),
-                ..RateParams::default()
-            })),
+            PolicyCase::Rate => Box::new(RatePolicy::new(rate)),
+            PolicyCase::RateThroughHpa => Box::new(ThroughHpa::new(
+                // As `microbatch scaler` serves it.
+                Box::new(RatePolicy::new(rate.served_through_hpa())),
+                // As the kit's ScaledObject, which spells out a behavior.
+                HpaAlgorithm::WithBehavior,
+                (cfg.min_replicas, cfg.max_replicas),
+            )),
             PolicyCase::KedaThreshold3 => keda(3),
             PolicyCase::KedaTuned => keda(TUNED_LAG_THRESHOLD),
         }

@@ -70,6 +70,20 @@ impl Default for RateParams {
     }
 }
 
+impl RateParams {
+    /// As `microbatch scaler` serves the policy: its answer reaches the
+    /// Deployment through the HPA, which keeps its own scale-down window
+    /// and tolerance, so the policy keeps neither (both would stack: a
+    /// scale-down 600 s late, found by the simulator).
+    pub fn served_through_hpa(self) -> Self {
+        Self {
+            scale_down_stabilization: Duration::ZERO,
+            tolerance: 0.0,
+            ..self
+        }
+    }
+}
+
 /// Where the capacity per replica in use comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
