@@ -38,10 +38,12 @@ pub struct CapacityReport {
     pub held_by: Option<Vec<(i32, u64)>>,
 }
 
-/// The longest `held_by` value encoded: brokers keep at most
-/// `offset.metadata.max.bytes` (4096 by default) of a commit's metadata, so
-/// a worker holding records of very many partitions says only its total.
-pub const MAX_HELD_BY_LEN: usize = 2048;
+/// The longest `held_by` value encoded (about 100 partitions): a broker
+/// refuses a commit whose metadata passes `offset.metadata.max.bytes`
+/// (4096 by default, sometimes set lower), and the report would go with
+/// it, so a worker holding records of very many partitions says only its
+/// total.
+pub const MAX_HELD_BY_LEN: usize = 1024;
 
 impl CapacityReport {
     /// Records/s this worker could do with every slot busy, when the window
@@ -102,7 +104,8 @@ impl CapacityReport {
                 "rate" => rate = Some(value.parse::<f64>().ok()?),
                 "slots" => slots = Some(value.parse().ok()?),
                 "held" => held = Some(value.parse().ok()?),
-                "held_by" => held_by = Some(decode_held_by(value)?),
+                // Optional detail: damaged, the rest of the report stands.
+                "held_by" => held_by = decode_held_by(value),
                 _ => {} // fields a later version adds
             }
         }
@@ -227,10 +230,17 @@ mod tests {
         // Too many partitions for the broker's metadata limit: the total only.
         let wide = CapacityReport {
             held_by: Some((0..1000).map(|p| (p, 1_000_000)).collect()),
-            ..share
+            ..share.clone()
         };
         let s = wide.encode();
         assert!(!s.contains("held_by") && s.len() < 256, "{s}");
+        // The longest that is kept stays well inside 4096 bytes.
+        let widest = CapacityReport {
+            held_by: Some((0..100).map(|p| (p, 999)).collect()),
+            ..share
+        };
+        let s = widest.encode();
+        assert!(s.contains("held_by") && s.len() < 1400, "{}", s.len());
         for foreign in [
             "",
             "checkpoint 17",
@@ -240,13 +250,16 @@ mod tests {
             "microbatch-capacity/1 worker=a at=x window_ms=5 busy=0.5 rate=1 slots=1",
             "microbatch-capacity/1 at=1 window_ms=5 busy=0.5 rate=1 slots=1",
             "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held=-3",
-            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held_by=3:1,1:1",
-            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held_by=1:1,1:1",
-            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held_by=-1:1",
-            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held_by=1:-1",
-            "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held_by=1",
         ] {
             assert_eq!(CapacityReport::decode(foreign), None, "{foreign:?}");
+        }
+        // A damaged breakdown costs the breakdown, not the report.
+        for bad in ["3:1,1:1", "1:1,1:1", "-1:1", "1:-1", "1", "x:y"] {
+            let text = format!(
+                "microbatch-capacity/1 worker=a at=1 window_ms=5 busy=0.5 rate=1 slots=1 held=2 held_by={bad}"
+            );
+            let r = CapacityReport::decode(&text).unwrap_or_else(|| panic!("{text}"));
+            assert_eq!((r.held, r.held_by), (Some(2), None), "{text}");
         }
         let newer = format!("{s} queue=7");
         assert!(

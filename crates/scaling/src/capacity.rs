@@ -74,9 +74,15 @@ impl WorkerCapacity {
             .filter_map(|r| r.held)
             .map(|h| h as f64)
             .collect();
+        // Over the same reports as the total, or not at all: a report that
+        // says what it holds but not where (too many partitions, an older
+        // worker) would make the partitions not add up to the group.
         let by: Vec<&Vec<(i32, u64)>> =
             newest.values().filter_map(|r| r.held_by.as_ref()).collect();
-        let held_per_worker_by_partition = (!by.is_empty()).then(|| {
+        let every_holder_says_where = newest
+            .values()
+            .all(|r| r.held.is_none() || r.held_by.is_some());
+        let held_per_worker_by_partition = (!by.is_empty() && every_holder_says_where).then(|| {
             let mut sums: BTreeMap<i32, f64> = BTreeMap::new();
             for (partition, n) in by.iter().flat_map(|b| b.iter()) {
                 *sums.entry(*partition).or_default() += *n as f64;
@@ -226,6 +232,15 @@ mod tests {
         assert_eq!(c.in_flight_on(0, 24), Some(408));
         assert_eq!(c.in_flight_on(3, 24), Some(72));
         assert_eq!(c.in_flight_on(5, 24), Some(0));
+        // One that says what it holds but not where: no breakdown, rather
+        // than one that does not add up to the total.
+        let mixed = [
+            with("a", Some(10), Some(vec![(0, 10)])),
+            with("b", Some(1000), None),
+        ];
+        let c = WorkerCapacity::from_metadata(mixed.iter().map(String::as_str), now).unwrap();
+        assert_eq!(c.in_flight(2), Some(1010));
+        assert_eq!(c.in_flight_on(0, 2), None);
         let old = [with("a", None, None)];
         let c = WorkerCapacity::from_metadata(old.iter().map(String::as_str), now).unwrap();
         assert_eq!(c.in_flight(24), None, "no report says: unknown, not 0");

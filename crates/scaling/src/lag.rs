@@ -186,6 +186,56 @@ pub struct LagReader {
     timeout: Duration,
     /// Whether [`Self::read`] also measures lag in seconds.
     record_ages: bool,
+    /// When ages are read (see [`AgesBackoff`]).
+    ages_backoff: std::sync::Mutex<AgesBackoff>,
+}
+
+/// When record ages are read. A read that fails (refused: an identity
+/// with Describe but not Read on the topic; or not one record back within
+/// the reader's timeout) skips ages for a while, doubling from
+/// [`AGES_BACKOFF_FIRST`] to [`AGES_BACKOFF_MAX`], with a warning each
+/// time: a reader that cannot read them does not spend its timeout on every
+/// reading finding that out, and the lag itself is still read.
+#[derive(Debug, Default)]
+pub struct AgesBackoff {
+    failures: u32,
+    skip_until: Option<Instant>,
+}
+
+pub const AGES_BACKOFF_FIRST: Duration = Duration::from_secs(30);
+pub const AGES_BACKOFF_MAX: Duration = Duration::from_secs(600);
+
+impl AgesBackoff {
+    /// Whether ages are read at `now`.
+    pub fn due(&self, now: Instant) -> bool {
+        self.skip_until.is_none_or(|until| now >= until)
+    }
+
+    /// A failed read at `now`: how long ages are skipped.
+    pub fn failed(&mut self, now: Instant) -> Duration {
+        let pause = AGES_BACKOFF_FIRST
+            .saturating_mul(1 << self.failures.min(5))
+            .min(AGES_BACKOFF_MAX);
+        self.failures = self.failures.saturating_add(1);
+        self.skip_until = Some(now + pause);
+        pause
+    }
+
+    pub fn succeeded(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// Whether a fetch error is a refusal: no answer will come.
+fn refused(e: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+        )
+    )
 }
 
 impl LagReader {
@@ -195,17 +245,29 @@ impl LagReader {
         topic: &str,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let consumer = kafka.create_client(
-            kafka
-                .client_config()
-                .set("group.id", group)
-                .set("enable.auto.commit", "false")
-                // Ages need one record per partition: fetch one batch, not 1 MiB.
-                .set("max.partition.fetch.bytes", "1024")
-                // A record deleted meanwhile: take the next one still there.
-                .set("auto.offset.reset", "earliest"),
-            QuietContext::new(kafka),
-        )?;
+        Self::new_with(kafka, group, topic, timeout, &[])
+    }
+
+    /// [`Self::new`] with client properties of its own (`isolation.level`).
+    pub fn new_with(
+        kafka: &KafkaConfig,
+        group: &str,
+        topic: &str,
+        timeout: Duration,
+        properties: &[(&str, &str)],
+    ) -> Result<Self, ClientError> {
+        let mut config = kafka.client_config();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            // Ages need one record per partition: fetch one batch, not 1 MiB.
+            .set("max.partition.fetch.bytes", "1024")
+            // A record deleted meanwhile: take the next one still there.
+            .set("auto.offset.reset", "earliest");
+        for (key, value) in properties {
+            config.set(*key, *value);
+        }
+        let consumer = kafka.create_client(&config, QuietContext::new(kafka))?;
         Ok(Self {
             consumer,
             servers: kafka.bootstrap_servers.clone(),
@@ -213,6 +275,7 @@ impl LagReader {
             topic: topic.to_string(),
             timeout,
             record_ages: false,
+            ages_backoff: Default::default(),
         })
     }
 
@@ -226,15 +289,55 @@ impl LagReader {
     /// fetching only those partitions, one record each (each is paused once
     /// its record is in). Partitions whose record does not come within the
     /// timeout, or has no timestamp, are left out.
+    ///
+    /// Best effort: a refusal or nothing back at all is said (a warning)
+    /// and answers no timestamps, and ages are then skipped for a while
+    /// ([`AgesBackoff`]); errors of the client itself are errors.
     pub fn oldest_timestamps(
         &self,
         topic: &str,
         wanted: &[(i32, i64)],
     ) -> Result<HashMap<i32, i64>, ClientError> {
-        let mut found = HashMap::new();
         if wanted.is_empty() {
-            return Ok(found);
+            return Ok(HashMap::new());
         }
+        let mut backoff = self
+            .ages_backoff
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        if !backoff.due(now) {
+            return Ok(HashMap::new());
+        }
+        let why = match self.fetch_oldest(topic, wanted)? {
+            Ok(found) if !found.is_empty() => {
+                backoff.succeeded();
+                return Ok(found);
+            }
+            Ok(_) => format!(
+                "not one record came back within {:?} (records deleted meanwhile, or a \
+                 transaction left open past a read_committed reader)",
+                self.timeout
+            ),
+            Err(e) => format!("the fetch was refused ({e}): the reader needs Read on the topic"),
+        };
+        let pause = backoff.failed(now);
+        tracing::warn!(
+            topic,
+            group = %self.group,
+            "record ages could not be read: {why}; lag is read without them for the next {} s",
+            pause.as_secs()
+        );
+        Ok(HashMap::new())
+    }
+
+    /// One age read: `Ok(Err)` when the broker refused the fetch.
+    fn fetch_oldest(
+        &self,
+        topic: &str,
+        wanted: &[(i32, i64)],
+    ) -> Result<Result<HashMap<i32, i64>, rdkafka::error::KafkaError>, ClientError> {
+        let mut found = HashMap::new();
         let mut tpl = TopicPartitionList::new();
         for (partition, offset) in wanted {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
@@ -251,18 +354,9 @@ impl LagReader {
                 Some(Ok(message)) => message,
                 // Refused (Describe without Read): no answer will come, so
                 // none is waited for.
-                Some(Err(e))
-                    if matches!(
-                        e.rdkafka_error_code(),
-                        Some(
-                            RDKafkaErrorCode::TopicAuthorizationFailed
-                                | RDKafkaErrorCode::GroupAuthorizationFailed
-                                | RDKafkaErrorCode::ClusterAuthorizationFailed
-                        )
-                    ) =>
-                {
-                    let _ = self.consumer.unassign();
-                    return Err(ClientError::Kafka(e));
+                Some(Err(e)) if refused(&e) => {
+                    self.consumer.unassign().map_err(|e| self.classify(e))?;
+                    return Ok(Err(e));
                 }
                 _ => continue,
             };
@@ -279,7 +373,7 @@ impl LagReader {
             let _ = self.consumer.pause(&one);
         }
         self.consumer.unassign().map_err(|e| self.classify(e))?;
-        Ok(found)
+        Ok(Ok(found))
     }
 
     fn classify(&self, e: rdkafka::error::KafkaError) -> ClientError {
@@ -531,6 +625,30 @@ impl RateTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found in review: a share-group reader allowed Describe but not Read
+    /// spent the whole 2 s on every reading finding the ages unreadable. A failure
+    /// now skips them, for longer each time up to a cap; a success starts
+    /// over.
+    #[test]
+    fn unreadable_ages_are_skipped_for_longer_each_time() {
+        let t0 = Instant::now();
+        let mut b = AgesBackoff::default();
+        assert!(b.due(t0));
+        let mut at = t0;
+        let mut pauses = Vec::new();
+        for _ in 0..7 {
+            let pause = b.failed(at);
+            assert!(!b.due(at + pause - Duration::from_millis(1)));
+            assert!(b.due(at + pause));
+            pauses.push(pause.as_secs());
+            at += pause;
+        }
+        assert_eq!(pauses, [30, 60, 120, 240, 480, 600, 600]);
+        b.succeeded();
+        assert!(b.due(at));
+        assert_eq!(b.failed(at), AGES_BACKOFF_FIRST);
+    }
 
     #[test]
     fn an_idle_group_reads_zero_arrivals_soon() {

@@ -14,7 +14,7 @@
 //! backlog grows.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use microbatch_kafka::share::backlog::{self, ShareBacklog};
 use microbatch_kafka::share::cluster::Connector;
@@ -57,41 +57,6 @@ pub fn backlog_as_lag(b: &ShareBacklog, policy: InvalidOffsetPolicy) -> GroupLag
 /// the workers' reports: both are help, and a scaler's evaluation has 12 s.
 const HELP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// When record ages are read. A reading whose age read failed (refused:
-/// an identity with Describe but not Read on the topic; or not one record
-/// came back in [`HELP_TIMEOUT`]) skips ages for a while, doubling from
-/// [`AGES_BACKOFF_FIRST`] to [`AGES_BACKOFF_MAX`], so a scaler that cannot
-/// read them does not spend 2 s of every evaluation finding that out.
-#[derive(Debug, Default)]
-pub struct AgesBackoff {
-    failures: u32,
-    skip_until: Option<Instant>,
-}
-
-pub const AGES_BACKOFF_FIRST: Duration = Duration::from_secs(30);
-pub const AGES_BACKOFF_MAX: Duration = Duration::from_secs(600);
-
-impl AgesBackoff {
-    /// Whether ages are read at `now`.
-    pub fn due(&self, now: Instant) -> bool {
-        self.skip_until.is_none_or(|until| now >= until)
-    }
-
-    /// A failed read at `now`: how long ages are skipped.
-    pub fn failed(&mut self, now: Instant) -> Duration {
-        let pause = AGES_BACKOFF_FIRST
-            .saturating_mul(1 << self.failures.min(5))
-            .min(AGES_BACKOFF_MAX);
-        self.failures = self.failures.saturating_add(1);
-        self.skip_until = Some(now + pause);
-        pause
-    }
-
-    pub fn succeeded(&mut self) {
-        *self = Self::default();
-    }
-}
-
 /// Reads one share group's backlog on one topic, from synchronous code.
 pub struct ShareLagReader {
     connector: Arc<dyn Connector>,
@@ -106,7 +71,6 @@ pub struct ShareLagReader {
     /// Reads the workers' capacity reports: the commit metadata of the
     /// share group's companion consumer group.
     reports: Option<LagReader>,
-    ages_backoff: std::sync::Mutex<AgesBackoff>,
 }
 
 impl ShareLagReader {
@@ -128,7 +92,6 @@ impl ShareLagReader {
             runtime,
             ages: None,
             reports: None,
-            ages_backoff: Default::default(),
         }
     }
 
@@ -164,8 +127,16 @@ impl ShareLagReader {
     /// group may not share a share group's id).
     pub fn with_record_ages(mut self, kafka: &KafkaConfig) -> Result<Self, ClientError> {
         let id = format!("{}-ages", self.group);
-        // Best effort and short: a reading waits at most this for ages.
-        self.ages = Some(LagReader::new(kafka, &id, &self.topic, HELP_TIMEOUT)?);
+        // Best effort and short: a reading waits at most this for ages. A
+        // share group reads uncommitted records (share.isolation.level's
+        // default), so its oldest may lie past an open transaction.
+        self.ages = Some(LagReader::new_with(
+            kafka,
+            &id,
+            &self.topic,
+            HELP_TIMEOUT,
+            &[("isolation.level", "read_uncommitted")],
+        )?);
         Ok(self)
     }
 
@@ -203,38 +174,13 @@ impl ShareLagReader {
                 p.lag_ms = Some(0);
             }
         }
-        let mut backoff = self
-            .ages_backoff
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
-        let timestamps = if wanted.is_empty() || !backoff.due(now) {
-            Default::default()
-        } else {
-            let read = reader.oldest_timestamps(&self.topic, &wanted);
-            match read {
-                Ok(t) if !t.is_empty() => {
-                    backoff.succeeded();
-                    t
-                }
-                failed => {
-                    let why = match failed {
-                        Err(e) => e.to_string(),
-                        Ok(_) => format!("no record came back within {HELP_TIMEOUT:?}"),
-                    };
-                    let pause = backoff.failed(now);
-                    tracing::warn!(
-                        topic = %self.topic,
-                        error = %why,
-                        "the share group's record ages could not be read (the reader needs \
-                         Read on the topic); skipping them for {} s",
-                        pause.as_secs()
-                    );
-                    Default::default()
-                }
+        let timestamps = match reader.oldest_timestamps(&self.topic, &wanted) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the share group's record ages failed");
+                Default::default()
             }
         };
-        drop(backoff);
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -265,6 +211,7 @@ mod tests {
     use crate::lag::RateTracker;
     use crate::policy::{Observation, Policy, RateParams, RatePolicy};
     use microbatch_kafka::share::backlog::{partition_backlog, partition_backlog_between};
+    use std::time::Instant;
 
     /// One reading of 8 partitions: `done` records finished on each, the
     /// high watermark `high` when the reading began, and `noise` the
@@ -349,30 +296,6 @@ mod tests {
             held |= d.scale_up_held;
         }
         assert!(held, "the outage is held");
-    }
-
-    /// Found in review: a reader allowed Describe but not Read spent the
-    /// whole 2 s on every reading finding the ages unreadable. A failure
-    /// now skips them, for longer each time up to a cap; a success starts
-    /// over.
-    #[test]
-    fn unreadable_ages_are_skipped_for_longer_each_time() {
-        let t0 = Instant::now();
-        let mut b = AgesBackoff::default();
-        assert!(b.due(t0));
-        let mut at = t0;
-        let mut pauses = Vec::new();
-        for _ in 0..7 {
-            let pause = b.failed(at);
-            assert!(!b.due(at + pause - Duration::from_millis(1)));
-            assert!(b.due(at + pause));
-            pauses.push(pause.as_secs());
-            at += pause;
-        }
-        assert_eq!(pauses, [30, 60, 120, 240, 480, 600, 600]);
-        b.succeeded();
-        assert!(b.due(at));
-        assert_eq!(b.failed(at), AGES_BACKOFF_FIRST);
     }
 
     #[test]

@@ -36,6 +36,7 @@ use microbatch_scaling::policy::{
 use microbatch_scaling::share_lag::ShareLagReader;
 use microbatch_scaling::supervisor::{Supervisor, SupervisorConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::{Offset, TopicPartitionList};
@@ -158,6 +159,9 @@ impl DemoBroker {
         }
     }
 
+    /// Creates a topic of the demo's own: on a broker it was given, a topic
+    /// that already exists is someone else's (it would be read, counted and
+    /// deleted as the demo's), so it is an error.
     fn create_topic(
         &self,
         runtime: &tokio::runtime::Runtime,
@@ -169,7 +173,7 @@ impl DemoBroker {
                 .create_topic(topic, partitions, 1)
                 .with_context(|| format!("creating {topic} on the embedded broker")),
             DemoBroker::External(k) => {
-                runtime
+                let created = runtime
                     .block_on(microbatch_kafka::admin::create_topic(
                         k,
                         topic,
@@ -178,6 +182,11 @@ impl DemoBroker {
                         Duration::from_secs(30),
                     ))
                     .with_context(|| format!("creating {topic}"))?;
+                anyhow::ensure!(
+                    created,
+                    "topic {topic} already exists on {}: not the demo's to use",
+                    k.bootstrap_servers
+                );
                 Ok(())
             }
         }
@@ -208,8 +217,10 @@ struct Leftovers<'a> {
     groups: Vec<String>,
 }
 
-/// How long a group whose members are still leaving is waited for.
-const GROUP_DELETE_PATIENCE: Duration = Duration::from_secs(60);
+/// How long the whole clean-up may take: a group whose members are still
+/// leaving is waited for within it, and a broker that does not answer
+/// holds the demo's exit no longer.
+const CLEANUP_PATIENCE: Duration = Duration::from_secs(20);
 
 impl Drop for Leftovers<'_> {
     fn drop(&mut self) {
@@ -219,43 +230,51 @@ impl Drop for Leftovers<'_> {
         if self.topics.is_empty() && self.groups.is_empty() {
             return;
         }
-        let timeout = Duration::from_secs(30);
+        let deadline = Instant::now() + CLEANUP_PATIENCE;
+        let left_time = || deadline.saturating_duration_since(Instant::now());
         let mut left = Vec::new();
         for topic in &self.topics {
             let deleted = self.runtime.block_on(microbatch_kafka::admin::delete_topic(
-                &kafka, topic, timeout,
+                &kafka,
+                topic,
+                left_time().max(Duration::from_secs(1)),
             ));
             if let Err(e) = deleted {
                 left.push(format!("topic {topic} ({e})"));
             }
         }
         let mut groups: Vec<&str> = self.groups.iter().map(String::as_str).collect();
-        let deadline = Instant::now() + GROUP_DELETE_PATIENCE;
         while !groups.is_empty() {
             let answers = self
                 .runtime
                 .block_on(microbatch_kafka::admin::delete_groups(
-                    &kafka, &groups, timeout,
+                    &kafka,
+                    &groups,
+                    left_time().max(Duration::from_secs(1)),
                 ));
-            let waiting: Vec<(String, String)> = match answers {
+            let failed: Vec<(String, Option<RDKafkaErrorCode>, String)> = match answers {
                 Ok(answers) => answers
                     .into_iter()
-                    .filter_map(|(group, r)| Some((group, format!("{:?}", r.err()?))))
+                    .filter_map(|(group, r)| {
+                        let code = r.err()?;
+                        Some((group, Some(code), format!("{code:?}")))
+                    })
                     .collect(),
                 Err(e) => groups
                     .iter()
-                    .map(|g| (g.to_string(), e.to_string()))
+                    .map(|g| (g.to_string(), None, e.to_string()))
                     .collect(),
             };
-            groups.retain(|g| waiting.iter().any(|(w, _)| w == g));
-            if groups.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
+            groups.retain(|g| failed.iter().any(|(f, _, _)| f == g));
+            // Only members still leaving are worth waiting for.
+            let waiting = failed
+                .iter()
+                .all(|(_, code, _)| *code == Some(RDKafkaErrorCode::NonEmptyGroup));
+            if groups.is_empty() || !waiting || left_time() < Duration::from_secs(1) {
                 left.extend(
-                    waiting
+                    failed
                         .into_iter()
-                        .map(|(g, why)| format!("group {g} ({why})")),
+                        .map(|(g, _, why)| format!("group {g} ({why})")),
                 );
                 break;
             }
@@ -369,6 +388,7 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
         topics: Vec::new(),
         groups: Vec::new(),
     };
+    let run_id: u32 = rand::random();
     let mut runs = Vec::new();
     for (kind, share) in policies
         .iter()
@@ -380,14 +400,17 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
             (PolicyKind::Keda, true) => "keda-share",
             (PolicyKind::Rate, true) => "rate-share",
         };
-        // The pid too: two demos started within a second share no topic.
-        let topic = format!("microbatch-demo-{stamp}-{}-{name}", std::process::id());
+        // A random part too: two demos started within a second (in
+        // containers, both PID 1) share no topic and no group.
+        let topic = format!("microbatch-demo-{stamp}-{run_id:08x}-{name}");
         let dlq = format!("{topic}.dlq");
-        // Named before they exist: whatever happens next, they go.
-        leftovers.topics.extend([topic.clone(), dlq.clone()]);
-        leftovers.groups.extend(demo_groups(&topic, share));
+        // Each as soon as it exists: whatever happens next, it goes; what
+        // was never made (or was someone else's) is never deleted.
         broker.create_topic(runtime, &topic, 8)?;
+        leftovers.topics.push(topic.clone());
         broker.create_topic(runtime, &dlq, 1)?;
+        leftovers.topics.push(dlq.clone());
+        leftovers.groups.extend(demo_groups(&topic, share));
         let run_dir = work.join(name);
         std::fs::create_dir_all(&run_dir)?;
         let group = Group { share };
