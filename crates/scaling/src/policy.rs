@@ -41,6 +41,86 @@ pub struct Decision {
     /// Scale-ups held: replicas run and records wait, but no committed
     /// offset has moved for a while (see [`outage`]).
     pub scale_up_held: bool,
+    /// The term that decided `desired` last (the reason tells the rest).
+    pub bound_by: Bound,
+}
+
+/// Which term of a policy bound its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    /// `rate`: keeping up with the records arriving.
+    Arrivals,
+    /// `rate`: draining the lag within `--target-drain-seconds`.
+    DrainTarget,
+    /// `rate`: records older than `--max-lag-seconds`.
+    MaxLagSeconds,
+    /// `keda`: the lag over `lagThreshold`.
+    LagThreshold,
+    /// Nothing waits or arrives.
+    Idle,
+    /// KEDA's activation owns 0 ↔ 1 (activation threshold, cooldown).
+    Activation,
+    /// Replicas past the partition count would get no partition.
+    PartitionCap,
+    /// `rate` on its guess alone: the slots bound it.
+    GuessSlots,
+    /// `rate` on its guess alone: at most double per 15 s.
+    GuessStep,
+    MaxReplicas,
+    MinReplicas,
+    /// An outage: no committed offset moved while records wait.
+    OutageHold,
+    /// Perhaps an outage's first seconds: waits for the next commit.
+    OutageWait,
+    /// A change within the tolerance is not made.
+    Tolerance,
+    /// The scale-down window keeps a higher recent recommendation.
+    ScaleDownWindow,
+    /// The HPA's scale-up limit.
+    HpaScaleUpLimit,
+}
+
+impl Bound {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bound::Arrivals => "arrivals",
+            Bound::DrainTarget => "drain_target",
+            Bound::MaxLagSeconds => "max_lag_seconds",
+            Bound::LagThreshold => "lag_threshold",
+            Bound::Idle => "idle",
+            Bound::Activation => "activation",
+            Bound::PartitionCap => "partition_cap",
+            Bound::GuessSlots => "guess_slots",
+            Bound::GuessStep => "guess_step",
+            Bound::MaxReplicas => "max_replicas",
+            Bound::MinReplicas => "min_replicas",
+            Bound::OutageHold => "outage_hold",
+            Bound::OutageWait => "outage_wait",
+            Bound::Tolerance => "tolerance",
+            Bound::ScaleDownWindow => "scale_down_window",
+            Bound::HpaScaleUpLimit => "hpa_scale_up_limit",
+        }
+    }
+
+    pub const ALL: [Bound; 16] = [
+        Bound::Arrivals,
+        Bound::DrainTarget,
+        Bound::MaxLagSeconds,
+        Bound::LagThreshold,
+        Bound::Idle,
+        Bound::Activation,
+        Bound::PartitionCap,
+        Bound::GuessSlots,
+        Bound::GuessStep,
+        Bound::MaxReplicas,
+        Bound::MinReplicas,
+        Bound::OutageHold,
+        Bound::OutageWait,
+        Bound::Tolerance,
+        Bound::ScaleDownWindow,
+        Bound::HpaScaleUpLimit,
+    ];
 }
 
 /// The HPA's scale-down stabilization: a count below the current one is
@@ -200,6 +280,8 @@ pub struct HpaStep {
     /// What bound `desired` besides `raw` and the bounds, for a reason:
     /// "; held at … by the scale-down window", "; limited to … by …".
     pub notes: String,
+    /// The HPA's own term that decided `desired`, if one did.
+    pub bound: Option<Bound>,
 }
 
 impl Hpa {
@@ -235,16 +317,27 @@ impl Hpa {
     ) -> HpaStep {
         let target = target.max(1) as f64;
         let usage_ratio = metric as f64 / (target * f64::from(current.max(1)));
+        let wanted = (metric as f64 / target).ceil().max(0.0) as u32;
+        let mut bound = None;
         let raw = if within_hpa_tolerance(usage_ratio) {
+            if wanted != current {
+                bound = Some(Bound::Tolerance);
+            }
             current
         } else {
-            (metric as f64 / target).ceil().max(0.0) as u32
+            wanted
         };
         let mut desired = raw.clamp(min, max.max(min));
+        if desired > raw {
+            bound = Some(Bound::MinReplicas);
+        } else if desired < raw {
+            bound = Some(Bound::MaxReplicas);
+        }
         let mut notes = String::new();
         let (held, stabilized) = self.scale_down.apply(now, stabilization, desired, current);
         if stabilized {
             notes.push_str(&format!("; held at {held} by the scale-down window"));
+            bound = Some(Bound::ScaleDownWindow);
         }
         desired = held;
         while self
@@ -276,6 +369,7 @@ impl Hpa {
                     }
                 ));
                 desired = limit;
+                bound = Some(Bound::HpaScaleUpLimit);
             }
         }
         HpaStep {
@@ -283,6 +377,7 @@ impl Hpa {
             usage_ratio,
             desired,
             notes,
+            bound,
         }
     }
 }
@@ -413,6 +508,7 @@ impl KedaPolicy {
                     active,
                     reason: "inactive: KEDA scales to zero after its cooldown".into(),
                     scale_up_held: false,
+                    bound_by: Bound::Activation,
                 };
             }
         }
@@ -424,6 +520,7 @@ impl KedaPolicy {
                 active,
                 reason: "KEDA activates from zero".into(),
                 scale_up_held: false,
+                bound_by: Bound::Activation,
             };
         }
         let step = self.hpa.step(
@@ -444,6 +541,7 @@ impl KedaPolicy {
             active,
             reason,
             scale_up_held: false,
+            bound_by: step.bound.unwrap_or(Bound::LagThreshold),
         }
     }
 }
@@ -510,6 +608,11 @@ impl Policy for ThroughHpa {
                 },
                 step.notes
             ));
+        }
+        if step.desired != d.desired {
+            if let Some(bound) = step.bound {
+                d.bound_by = bound;
+            }
         }
         d.desired = step.desired;
         d
@@ -882,6 +985,81 @@ mod tests {
         let d = down.evaluate(at(110), &lag, 4);
         assert_eq!(d.desired, 20, "{}", d.reason);
         // Past the period the base is the count now again.
-        assert_eq!(down.evaluate(at(125), &lag, 4).desired, 8);
+        let d = down.evaluate(at(125), &lag, 4);
+        assert_eq!(d.desired, 8);
+        assert_eq!(d.bound_by, Bound::HpaScaleUpLimit, "{}", d.reason);
+    }
+
+    /// A policy that asks for a fixed count, to see what the HPA makes of it.
+    struct Asks(u32);
+
+    impl Policy for Asks {
+        fn name(&self) -> &'static str {
+            "asks"
+        }
+
+        fn decide(&mut self, _: Instant, _: &Observation<'_>) -> Decision {
+            Decision {
+                desired: self.0,
+                metric_value: 0,
+                active: true,
+                reason: format!("asks {}", self.0),
+                scale_up_held: false,
+                bound_by: Bound::DrainTarget,
+            }
+        }
+    }
+
+    /// `rate` as the scaler serves it reaches the Deployment through the
+    /// HPA: a change within its tolerance is not made, a jump is limited,
+    /// a fall waits out the window; each says so.
+    #[test]
+    fn through_the_hpa_an_answer_meets_its_tolerance_window_and_limit() {
+        let lag = lag_of(&[(Some(0), 10)]);
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let hpa =
+            |asks| ThroughHpa::new(Box::new(Asks(asks)), HpaAlgorithm::WithBehavior, (1, 100));
+        let observe = |current| Observation {
+            lag: &lag,
+            rates: crate::lag::Rates::default(),
+            capacity: None,
+            current,
+        };
+        // 11 asked of 10 running: a usage ratio of 1.1, within tolerance.
+        let d = hpa(11).decide(at(0), &observe(10));
+        assert_eq!(
+            (d.desired, d.bound_by),
+            (10, Bound::Tolerance),
+            "{}",
+            d.reason
+        );
+        // 30 asked of 2: at most max(+100%, +4) = 6.
+        let d = hpa(30).decide(at(0), &observe(2));
+        assert_eq!(
+            (d.desired, d.bound_by),
+            (6, Bound::HpaScaleUpLimit),
+            "{}",
+            d.reason
+        );
+        // Asked to fall from 8 to 2 right after asking 8: the window keeps 8.
+        let mut p = hpa(8);
+        p.decide(at(0), &observe(8));
+        p.inner = Box::new(Asks(2));
+        let d = p.decide(at(15), &observe(8));
+        assert_eq!(
+            (d.desired, d.bound_by),
+            (8, Bound::ScaleDownWindow),
+            "{}",
+            d.reason
+        );
+        // Within all of them: the policy's own answer and bound.
+        let d = hpa(4).decide(at(0), &observe(2));
+        assert_eq!(
+            (d.desired, d.bound_by),
+            (4, Bound::DrainTarget),
+            "{}",
+            d.reason
+        );
     }
 }

@@ -43,7 +43,7 @@ use tonic::{Request, Response, Status};
 use crate::defaults;
 use crate::lag::{InvalidOffsetPolicy, LagReader};
 use crate::observe::Observer;
-use crate::policy::{KedaParams, KedaPolicy, Policy, RateParams, RatePolicy};
+use crate::policy::{Bound, KedaParams, KedaPolicy, Policy, RateParams, RatePolicy};
 use crate::share_lag::ShareLagReader;
 use microbatch_kafka::ClientError;
 
@@ -291,6 +291,11 @@ pub struct Evaluation {
     pub capacity_per_replica: Option<f64>,
     /// Scale-ups held while the workers get nowhere (`rate` only).
     pub scale_up_held: bool,
+    /// The term that bound `desired`; `None` for a `keda` trigger without
+    /// a topic, which serves KEDA's lag alone.
+    pub bound_by: Option<Bound>,
+    /// The policy's reason, as `lag --policy` prints it.
+    pub reason: String,
 }
 
 impl TriggerState {
@@ -326,6 +331,8 @@ impl TriggerState {
             current: 0,
             capacity_per_replica: None,
             scale_up_held: false,
+            bound_by: None,
+            reason: "KEDA's lag over every topic the group commits".into(),
         })
     }
 
@@ -392,6 +399,8 @@ impl TriggerState {
             current,
             capacity_per_replica: self.policy.rate_per_replica(),
             scale_up_held: decision.scale_up_held,
+            bound_by: Some(decision.bound_by),
+            reason: decision.reason,
         };
         Ok(e)
     }
@@ -505,6 +514,33 @@ struct ScalerMetrics {
     desired: Family<ObjectLabel, Gauge>,
     current: Family<ObjectLabel, Gauge>,
     scale_up_held: Family<ObjectLabel, Gauge>,
+    bound_by: Family<BoundLabel, Gauge>,
+}
+
+/// A trigger's series of `microbatch_scaler_bound_by`: one per term, 1 for
+/// the term that bound the last answer (a state set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BoundLabel {
+    scaled_object: String,
+    metric: String,
+    trigger: String,
+    term: &'static str,
+}
+
+impl BoundLabel {
+    fn each(l: &ObjectLabel) -> impl Iterator<Item = (Bound, BoundLabel)> + '_ {
+        Bound::ALL.into_iter().map(move |b| {
+            (
+                b,
+                BoundLabel {
+                    scaled_object: l.scaled_object.clone(),
+                    metric: l.metric.clone(),
+                    trigger: l.trigger.clone(),
+                    term: b.as_str(),
+                },
+            )
+        })
+    }
 }
 
 impl ScalerMetrics {
@@ -551,6 +587,11 @@ impl ScalerMetrics {
             "1 while scale-ups are held: records wait and no committed offset moves (a downstream outage)",
             self.scale_up_held.clone(),
         );
+        r.register(
+            "bound_by",
+            "1 for the term that bound the policy's last answer per trigger (arrivals, drain_target, max_lag_seconds, lag_threshold, partition_cap, tolerance, scale_down_window, outage_hold, ...), 0 for the others",
+            self.bound_by.clone(),
+        );
     }
 
     fn observe(&self, l: &ObjectLabel, e: &Evaluation) {
@@ -565,6 +606,13 @@ impl ScalerMetrics {
         self.scale_up_held
             .get_or_create(l)
             .set(i64::from(e.scale_up_held));
+        if let Some(bound) = e.bound_by {
+            for (b, label) in BoundLabel::each(l) {
+                self.bound_by
+                    .get_or_create(&label)
+                    .set(i64::from(b == bound));
+            }
+        }
     }
 
     fn forget(&self, l: &ObjectLabel) {
@@ -575,6 +623,9 @@ impl ScalerMetrics {
         self.desired.remove(l);
         self.current.remove(l);
         self.scale_up_held.remove(l);
+        for (_, label) in BoundLabel::each(l) {
+            self.bound_by.remove(&label);
+        }
     }
 }
 
@@ -961,7 +1012,7 @@ impl ExternalScaler for Arc<Scaler> {
             .scaled_object_ref
             .ok_or_else(|| Status::invalid_argument("scaledObjectRef is required"))?;
         let e = self.evaluate(&object).await?;
-        tracing::debug!(metric = %e.metric_name, value = e.metric_value, lag = e.total_lag, "GetMetrics");
+        tracing::debug!(metric = %e.metric_name, value = e.metric_value, lag = e.total_lag, bound_by = e.bound_by.map_or("lag", Bound::as_str), reason = %e.reason, "GetMetrics");
         Ok(Response::new(GetMetricsResponse {
             metric_values: vec![MetricValue {
                 metric_name: if req.metric_name.is_empty() {
@@ -1102,6 +1153,8 @@ mod tests {
             current: 1,
             capacity_per_replica: None,
             scale_up_held: false,
+            bound_by: None,
+            reason: String::new(),
         });
         t.keep(&ok, interval);
         t.keep(&failed, interval);

@@ -163,6 +163,8 @@ pub struct TimelinePoint {
     /// Scale-ups held: replicas run and records wait, but no committed
     /// offset moves (a downstream outage); the reason says for how long.
     pub scale_up_held: bool,
+    /// The term that bound `desired` (see [`crate::policy::Bound`]).
+    pub bound_by: crate::policy::Bound,
 }
 
 struct Running {
@@ -435,6 +437,7 @@ impl Supervisor {
             partition_lag: reading.lag.partitions.iter().map(|p| p.lag).collect(),
             reason: decision.reason,
             scale_up_held: decision.scale_up_held,
+            bound_by: decision.bound_by,
             restarts: self.restarts,
             restart_backoff_ms: self.backoff.current_delay(now).as_millis() as u64,
             workers_reporting: reading.capacity.as_ref().map_or(0, |c| c.workers),

@@ -51,6 +51,12 @@ pub struct Args {
     /// Current replicas, for --policy.
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
+    /// With --policy: say which term bound the answer (arrivals, drain
+    /// target, lag seconds, partition cap, hold, tolerance, scale-down
+    /// window, ...) and each step of the reason on a line of its own.
+    /// The JSON always carries it as policy.bound_by.
+    #[arg(long, requires = "policy")]
+    pub explain: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub policy_args: PolicyArgs,
@@ -100,7 +106,7 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
         if json {
             let mut v = serde_json::to_value(lag)?;
             if let Some((name, d)) = &decision {
-                v["policy"] = serde_json::json!({"name": name, "desired_replicas": d.desired, "metric_value": d.metric_value, "active": d.active, "reason": d.reason, "scale_up_held": d.scale_up_held});
+                v["policy"] = serde_json::json!({"name": name, "desired_replicas": d.desired, "metric_value": d.metric_value, "active": d.active, "reason": d.reason, "scale_up_held": d.scale_up_held, "bound_by": d.bound_by});
             }
             writeln!(out, "{}", serde_json::to_string(&v)?)?;
         } else {
@@ -139,8 +145,22 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
                 lag.total_lag,
                 seconds(lag.lag_ms)
             )?;
-            if let Some((name, d)) = &decision {
-                writeln!(out, "policy {name}: {} replicas ({})", d.desired, d.reason)?;
+            match &decision {
+                Some((name, d)) if args.explain => {
+                    writeln!(
+                        out,
+                        "policy {name}: {} replicas, bound by {}",
+                        d.desired,
+                        d.bound_by.as_str()
+                    )?;
+                    for step in d.reason.split("; ") {
+                        writeln!(out, "  {step}")?;
+                    }
+                }
+                Some((name, d)) => {
+                    writeln!(out, "policy {name}: {} replicas ({})", d.desired, d.reason)?
+                }
+                None => {}
             }
         }
         out.flush()?;

@@ -175,6 +175,23 @@ async fn exercise(
     let value = metric_value(&mut client, capped, "").await;
     assert_eq!(value, 4 * 50);
     assert_eq!(lag["policy"]["metric_value"].as_i64().unwrap(), value);
+    // Which term bound the answer: the lag over lagThreshold (200 / 50 = 4,
+    // within the HPA's limit from 1); --explain prints it with each step.
+    assert_eq!(lag["policy"]["bound_by"], "lag_threshold", "{lag}");
+    let (status, out, err) = run_lag(
+        &topic,
+        &group,
+        &["--policy", "keda", "--lag-threshold", "50", "--explain"],
+    );
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains("policy keda: 4 replicas, bound by lag_threshold")
+            && out.contains("\n  ceil(lag 200 / lagThreshold 50) = 4"),
+        "{out}"
+    );
+    let (status, _, err) = run_lag(&topic, &group, &["--explain"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--policy"), "{err}");
 
     // IsActive flips with activationLagThreshold.
     let high = object(&topic, &group, &[("activationLagThreshold", "1000")]);
@@ -356,6 +373,17 @@ fn paired_calls_get_the_decisions_single_calls_get_and_metrics_are_real() {
         Some(1.0),
         "{text}"
     );
+    // The term that bound the answer, as a state set: one series per
+    // term, exactly one of them 1.
+    let bound: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("microbatch_scaler_bound_by{")
+                && l.contains("scaled_object=\"microbatch/paired\"")
+        })
+        .collect();
+    let set: Vec<&&str> = bound.iter().filter(|l| l.ends_with(" 1")).collect();
+    assert!(bound.len() >= 16 && set.len() == 1, "{bound:#?}");
 }
 
 /// Two triggers on one ScaledObject (KEDA sends both under its name) keep

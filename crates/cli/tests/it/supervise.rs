@@ -297,6 +297,12 @@ fn downstream_outage_holds_scale_ups(share: bool) {
         held["reason"]
     );
     assert_eq!(held_metric, Some(1.0), "/metrics shows the hold");
+    // The timeline names the hold as what bound the answer.
+    assert!(
+        during.iter().any(|p| p["bound_by"] == "outage_hold"),
+        "no point bound by the hold: {}",
+        during.last().unwrap()
+    );
     // The hold mattered: by the outage's end the need asked for more.
     let last_reason = during.last().unwrap()["reason"]
         .as_str()

@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use super::decide::{Observation, Policy};
 use super::outage::ProgressWatch;
-use super::{Decision, ScaleDownWindow};
+use super::{Bound, Decision, ScaleDownWindow};
 use crate::defaults;
 use crate::lag::{GroupLag, RATE_MIN_INTERVAL};
 
@@ -408,6 +408,19 @@ impl Policy for RatePolicy {
             (Some(limit), Some(age_ms)) => age_ms as u128 > limit.as_millis(),
             _ => false,
         };
+        let mut bound = if idle {
+            Bound::Idle
+        } else if too_old {
+            Bound::MaxLagSeconds
+        } else if need - sustained > sustained {
+            Bound::DrainTarget
+        } else {
+            Bound::Arrivals
+        };
+        if !shared && !idle && (need / rate - 1e-9).ceil() > f64::from(raw) {
+            // One replica per partition at most: the need asks for more.
+            bound = Bound::PartitionCap;
+        }
         if too_old {
             // The capacity may be read high: at least one more than runs.
             raw = raw.max(o.current + 1);
@@ -423,6 +436,17 @@ impl Policy for RatePolicy {
         let reachable = raw
             .min(cap)
             .clamp(p.min_replicas, p.max_replicas.max(p.min_replicas));
+        if reachable < raw {
+            bound = if reachable == p.max_replicas.max(p.min_replicas) && p.max_replicas < cap {
+                Bound::MaxReplicas
+            } else if self.source == CapacitySource::Guess && !shared && cap < partitions {
+                Bound::GuessSlots
+            } else {
+                Bound::PartitionCap
+            };
+        } else if reachable > raw && !idle {
+            bound = Bound::MinReplicas;
+        }
         // Held short of the need: only replicas that shrink the busiest
         // one's share of partitions help.
         let mut desired = if reachable < raw && !shared {
@@ -481,12 +505,16 @@ impl Policy for RatePolicy {
                 hold.stalled_for.as_secs(),
                 hold.floor
             ));
+            if desired != hold.floor {
+                bound = Bound::OutageHold;
+            }
             desired = hold.floor;
         }
         if hold.is_none() && desired > current && self.progress.quiet() {
             // Perhaps an outage's first seconds: the lag grew by arrivals
             // alone since the last reading. The next commit lets it through.
             desired = current;
+            bound = Bound::OutageWait;
             reason.push_str(
                 "; scale-up waits: no committed offset moved since the last reading while records waited",
             );
@@ -502,6 +530,7 @@ impl Policy for RatePolicy {
             };
             if desired > allowed {
                 desired = allowed.max(p.min_replicas);
+                bound = Bound::GuessStep;
                 reason.push_str("; on the guess alone: at most double per 15 s");
             }
             // Starting the first replicas counts as the guess's step too:
@@ -518,6 +547,7 @@ impl Policy for RatePolicy {
             let change = (f64::from(desired) - f64::from(current)).abs() / f64::from(current);
             if change <= p.tolerance {
                 desired = current;
+                bound = Bound::Tolerance;
                 reason.push_str("; within tolerance");
             }
         }
@@ -525,6 +555,7 @@ impl Policy for RatePolicy {
             self.scale_down
                 .apply(now, p.scale_down_stabilization, desired, current);
         if stabilized {
+            bound = Bound::ScaleDownWindow;
             reason.push_str("; held by the scale-down window");
         }
         Decision {
@@ -533,6 +564,7 @@ impl Policy for RatePolicy {
             active: held > 0,
             reason,
             scale_up_held: hold.is_some(),
+            bound_by: bound,
         }
     }
 }
@@ -607,6 +639,7 @@ mod tests {
             8,
         );
         assert_eq!(group.desired, 8, "{}", group.reason);
+        assert_eq!(group.bound_by, Bound::PartitionCap, "{}", group.reason);
         lag.shared = true;
         let share = decide(
             &mut RatePolicy::new(params.clone()),
@@ -617,6 +650,7 @@ mod tests {
             8,
         );
         assert_eq!(share.desired, 24, "{}", share.reason);
+        assert_eq!(share.bound_by, Bound::DrainTarget, "{}", share.reason);
         assert!(
             share.reason.contains("no partition cap"),
             "{}",
@@ -699,6 +733,7 @@ mod tests {
             assert_eq!(d.desired, 1, "second {s}: {}", d.reason);
         }
         let mut held_seen = false;
+        let mut hold_bound_seen = false;
         let mut high = committed + 10;
         for s in 60..210 {
             high += 60;
@@ -714,8 +749,18 @@ mod tests {
             );
             assert_eq!(d.desired, 1, "second {s} of the outage: {}", d.reason);
             held_seen |= d.scale_up_held;
+            // What the hold kept down is named as the bound, once the need
+            // asks for more than the hold keeps.
+            if d.scale_up_held
+                && d.reason.contains("asked, 1 kept")
+                && !d.reason.contains(": 1 asked")
+            {
+                assert_eq!(d.bound_by, Bound::OutageHold, "{}", d.reason);
+                hold_bound_seen = true;
+            }
         }
         assert!(held_seen, "the hold is visible in the decision");
+        assert!(hold_bound_seen, "the hold is named as the bound");
         // The downstream is back: 72,000 waiting, drained within 30 s, needs
         // 2,880/s at 1,000/s per replica.
         let d = decide(
@@ -911,6 +956,7 @@ mod tests {
             12,
         );
         assert_eq!(old.desired, 13, "{}", old.reason);
+        assert_eq!(old.bound_by, Bound::MaxLagSeconds, "{}", old.reason);
         // Where replicas do 100/s each, the drain term decides: 24
         // partitions of 3,000 within 30 s need 100/s each, a replica each.
         let mut slow = RatePolicy::new(r.params.clone());
@@ -1075,6 +1121,7 @@ mod tests {
         let at = |ms| t0 + Duration::from_millis(ms);
         let d = decide(&mut r, at(0), &burst, rates(0.0, 0.0), None, 1);
         assert_eq!(d.desired, 2, "{}", d.reason);
+        assert_eq!(d.bound_by, Bound::GuessStep, "{}", d.reason);
         assert_eq!(
             decide(&mut r, at(1000), &burst, rates(0.0, 0.0), None, 2).desired,
             2
@@ -1312,10 +1359,9 @@ mod tests {
         );
         let idle = lag_of(&[(100, 100); 10]);
         let at = |s| t0 + Duration::from_secs(s);
-        assert_eq!(
-            decide(&mut r, at(5), &idle, rates(0.0, 0.0), None, 10).desired,
-            10
-        );
+        let d = decide(&mut r, at(5), &idle, rates(0.0, 0.0), None, 10);
+        assert_eq!(d.desired, 10);
+        assert_eq!(d.bound_by, Bound::ScaleDownWindow, "{}", d.reason);
         assert_eq!(
             decide(&mut r, at(11), &idle, rates(0.0, 0.0), None, 10).desired,
             1
@@ -1329,5 +1375,6 @@ mod tests {
         let lag = lag_of(&[(0, 1800); 11]); // 60/s per partition: 11 replicas
         let d = decide(&mut r, t0, &lag, rates(0.0, 0.0), None, 10);
         assert_eq!(d.desired, 10, "{}", d.reason);
+        assert_eq!(d.bound_by, Bound::Tolerance, "{}", d.reason);
     }
 }
