@@ -14,6 +14,9 @@ pub struct Sample {
     pub replicas: u32,
     pub desired: u32,
     pub processed_per_sec: f64,
+    /// Records done so far over the topic's partitions (each partition's
+    /// high watermark less its lag): its steps are the throughput.
+    pub done: i64,
     pub dead_lettered: i64,
     pub partition_lag: Vec<i64>,
 }
@@ -86,17 +89,68 @@ fn esc(s: &str) -> String {
 type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
 
 /// A line chart: one or more series over time, phase boundaries marked.
+/// The y axis's ticks for values up to `max`: 0 and four more at round
+/// steps (1, 2 or 5 × a power of ten), whole numbers when the values are
+/// counts (replicas: 1, 2, 3, never 1.1, 2.2, 3.3). The last tick is the
+/// axis's top, at or above `max`.
+fn y_ticks(max: f64, whole: bool) -> Vec<f64> {
+    let max = if max.is_finite() && max > 0.0 {
+        max
+    } else {
+        1.0
+    };
+    let rough = max / 4.0;
+    let magnitude = 10f64.powf(rough.log10().floor());
+    let mut step = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * magnitude)
+        .find(|s| *s >= rough)
+        .unwrap_or(10.0 * magnitude);
+    if whole {
+        step = step.ceil().max(1.0);
+    }
+    let n = (max / step).ceil().max(1.0) as usize;
+    (0..=n).map(|i| i as f64 * step).collect()
+}
+
+/// A tick's label: no decimals on whole numbers.
+fn tick_label(y: f64) -> String {
+    if (y - y.round()).abs() < 1e-9 {
+        format!("{y:.0}")
+    } else {
+        format!("{y}")
+    }
+}
+
 fn chart(title: &str, unit: &str, series: &[Series<'_>], phases: &[(f64, String)]) -> String {
+    chart_with(title, unit, series, phases, false)
+}
+
+/// A chart of counts (whole numbers on the y axis).
+fn count_chart(title: &str, unit: &str, series: &[Series<'_>], phases: &[(f64, String)]) -> String {
+    chart_with(title, unit, series, phases, true)
+}
+
+fn chart_with(
+    title: &str,
+    unit: &str,
+    series: &[Series<'_>],
+    phases: &[(f64, String)],
+    whole: bool,
+) -> String {
     let (w, h, left, right, top, bottom) = (760.0, 220.0, 60.0, 20.0, 28.0, 30.0);
     let max_x = series
         .iter()
         .flat_map(|(_, _, pts)| pts.iter().map(|p| p.0))
         .fold(1.0f64, f64::max);
-    let max_y = series
-        .iter()
-        .flat_map(|(_, _, pts)| pts.iter().map(|p| p.1))
-        .fold(1.0f64, f64::max)
-        * 1.1;
+    let ticks = y_ticks(
+        series
+            .iter()
+            .flat_map(|(_, _, pts)| pts.iter().map(|p| p.1))
+            .fold(0.0f64, f64::max),
+        whole,
+    );
+    let max_y = *ticks.last().expect("at least two ticks");
     let sx = |x: f64| left + x / max_x * (w - left - right);
     let sy = |y: f64| h - bottom - y / max_y * (h - top - bottom);
     let mut svg = String::new();
@@ -111,19 +165,14 @@ fn chart(title: &str, unit: &str, series: &[Series<'_>], phases: &[(f64, String)
         esc(title),
         esc(unit)
     );
-    for i in 0..=4 {
-        let y = max_y * f64::from(i) / 4.0;
+    for &y in &ticks {
         let _ = write!(
             svg,
             r##"<line x1="{left}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" font-size="10" text-anchor="end">{}</text>"##,
             w - right,
             left - 4.0,
             sy(y) + 3.0,
-            if y >= 10.0 {
-                format!("{y:.0}")
-            } else {
-                format!("{y:.1}")
-            },
+            tick_label(y),
             py = sy(y)
         );
     }
@@ -186,11 +235,7 @@ fn run_section(run: &PolicyRun) -> String {
         .iter()
         .map(|s| (secs(s.t_ms), f64::from(s.desired)))
         .collect();
-    let rate: Vec<(f64, f64)> = run
-        .timeline
-        .iter()
-        .map(|s| (secs(s.t_ms), s.processed_per_sec))
-        .collect();
+    let rate = per_interval_throughput(&run.timeline);
     let mut phases = Vec::new();
     let mut last = "";
     for s in &run.timeline {
@@ -251,7 +296,7 @@ fn run_section(run: &PolicyRun) -> String {
         &[("lag", "#c0392b", lag)],
         &phases,
     ));
-    html.push_str(&chart(
+    html.push_str(&count_chart(
         "Replicas",
         "workers",
         &[
@@ -263,11 +308,27 @@ fn run_section(run: &PolicyRun) -> String {
     html.push_str(&chart(
         "Throughput",
         "records/s",
-        &[("committed/s", "#27ae60", rate)],
+        &[("done/s in each interval", "#27ae60", rate)],
         &phases,
     ));
     html.push_str("</section>");
     html
+}
+
+/// Records done per second within each sample interval (the records done
+/// between two samples over the time between them), so the line falls to
+/// 0 the moment the work stops, where a smoothed rate trails off.
+fn per_interval_throughput(timeline: &[Sample]) -> Vec<(f64, f64)> {
+    timeline
+        .windows(2)
+        .filter_map(|w| {
+            let dt = w[1].t_ms.saturating_sub(w[0].t_ms) as f64 / 1000.0;
+            (dt > 0.0).then(|| {
+                let done = (w[1].done - w[0].done).max(0) as f64;
+                (w[1].t_ms as f64 / 1000.0, done / dt)
+            })
+        })
+        .collect()
 }
 
 /// The whole report as one HTML file.
@@ -320,6 +381,48 @@ mod tests {
             .next()
             .unwrap();
         assert_eq!(points.split(' ').count(), 3);
+    }
+
+    /// Found in use: the replicas axis read 1.1, 2.2, 3.3.
+    #[test]
+    fn count_axes_tick_at_whole_numbers() {
+        assert_eq!(y_ticks(3.0, true), [0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(y_ticks(6.0, true), [0.0, 2.0, 4.0, 6.0]);
+        assert_eq!(y_ticks(24.0, true), [0.0, 10.0, 20.0, 30.0]);
+        assert_eq!(y_ticks(0.0, true), [0.0, 1.0]);
+        for max in [1.0, 2.0, 7.0, 13.0, 99.0, 1234.0] {
+            let t = y_ticks(max, true);
+            assert!(t.iter().all(|y| y.fract() == 0.0), "{max}: {t:?}");
+            assert!(*t.last().unwrap() >= max && t.len() <= 7, "{max}: {t:?}");
+        }
+        let t = y_ticks(0.3, false);
+        assert!(*t.last().unwrap() >= 0.3 && t.len() <= 7, "{t:?}");
+        let svg = count_chart(
+            "r",
+            "workers",
+            &[("s", "#000", vec![(0.0, 1.0), (1.0, 3.0)])],
+            &[],
+        );
+        assert!(!svg.contains(">1.1<") && svg.contains(">3<"), "{svg}");
+    }
+
+    /// Found in use: a smoothed rate kept falling through the idle
+    /// scenario long after the lag reached 0.
+    #[test]
+    fn throughput_is_per_interval_and_stops_with_the_work() {
+        let at = |t_ms, done| Sample {
+            t_ms,
+            scenario: "s".into(),
+            total_lag: 0,
+            replicas: 1,
+            desired: 1,
+            processed_per_sec: 0.0,
+            done,
+            dead_lettered: 0,
+            partition_lag: vec![0],
+        };
+        let t = per_interval_throughput(&[at(0, 0), at(500, 400), at(1000, 1000), at(1500, 1000)]);
+        assert_eq!(t, [(0.5, 800.0), (1.0, 1200.0), (1.5, 0.0)]);
     }
 }
 
@@ -499,6 +602,7 @@ mod plateau_tests {
             replicas: 1,
             desired: 1,
             processed_per_sec: 0.0,
+            done: 0,
             dead_lettered: 0,
             partition_lag: lags.to_vec(),
         }

@@ -151,6 +151,9 @@ pub struct TimelinePoint {
     pub arrival_per_sec: f64,
     pub processed_per_sec: f64,
     pub partition_lag: Vec<i64>,
+    /// Records done so far: each partition's high watermark less its lag
+    /// (the committed offset, or a share group's acknowledged position).
+    pub done: i64,
     pub reason: String,
     /// Children that died or could not be started, so far.
     pub restarts: u32,
@@ -435,6 +438,7 @@ impl Supervisor {
             arrival_per_sec: reading.rates.arrival_per_sec,
             processed_per_sec: reading.rates.processed_per_sec,
             partition_lag: reading.lag.partitions.iter().map(|p| p.lag).collect(),
+            done: reading.lag.partitions.iter().map(|p| p.high - p.lag).sum(),
             reason: decision.reason,
             scale_up_held: decision.scale_up_held,
             bound_by: decision.bound_by,

@@ -734,6 +734,7 @@ fn run_policy(
                     replicas: p.replicas,
                     desired: p.desired,
                     processed_per_sec: p.processed_per_sec,
+                    done: p.done,
                     dead_lettered: dead,
                     partition_lag: p.partition_lag.clone(),
                 });
