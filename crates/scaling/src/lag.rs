@@ -52,6 +52,12 @@ pub struct PartitionLag {
     /// arrived while it was read (see `crate::share_lag`).
     #[serde(skip)]
     pub committed_slack: i64,
+    /// The broker's error for this partition's entry in the committed
+    /// offsets answer (the group's offset could not be read): read as no
+    /// commit here, while KEDA's kafka trigger fails the whole reading on
+    /// it, so the scaler does too (see [`GroupLag::commit_error`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit_error: Option<String>,
 }
 
 fn as_seconds<S: serde::Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
@@ -105,6 +111,7 @@ impl PartitionLag {
             lag,
             lag_ms: (lag == 0).then_some(0),
             committed_slack: 0,
+            commit_error: None,
         }
     }
 }
@@ -156,6 +163,14 @@ impl GroupLag {
             }
         }
         self.lag_ms = self.oldest_ms();
+    }
+
+    /// The first partition whose committed offset the broker answered
+    /// with an error, and that error.
+    pub fn commit_error(&self) -> Option<(i32, &str)> {
+        self.partitions
+            .iter()
+            .find_map(|p| Some((p.partition, p.commit_error.as_deref()?)))
     }
 
     pub fn partitions_with_lag(&self) -> usize {
@@ -489,13 +504,14 @@ impl LagReader {
         let mut partitions = Vec::with_capacity(ids.len());
         for p in ids {
             let (low, high) = watermarks[&p];
-            let c = committed
-                .find_partition(topic, p)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) if o >= 0 => Some(o),
-                    _ => None,
-                });
-            partitions.push(PartitionLag::compute(p, c, low, high, policy));
+            let entry = committed.find_partition(topic, p);
+            let c = entry.as_ref().and_then(|e| match e.offset() {
+                Offset::Offset(o) if o >= 0 => Some(o),
+                _ => None,
+            });
+            let mut lag = PartitionLag::compute(p, c, low, high, policy);
+            lag.commit_error = entry.and_then(|e| e.error().err()).map(|e| e.to_string());
+            partitions.push(lag);
         }
         let mut lag = GroupLag::new(&self.group, topic, partitions);
         lag.commit_metadata = crate::capacity::commit_metadata(&committed);

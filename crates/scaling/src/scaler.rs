@@ -316,6 +316,9 @@ impl TriggerState {
             .map(|t| reader.read_topic(t, self.spec.invalid_offset))
             .collect::<Result<Vec<_>, _>>()
             .map_err(unavailable)?;
+        if let Some(failed) = lags.iter().find_map(unreadable_commit) {
+            return Err(failed);
+        }
         let Some(k) = self.group_topics.as_mut() else {
             return Err(Status::invalid_argument("scalerMetadata.topic is required"));
         };
@@ -364,6 +367,9 @@ impl TriggerState {
             .observer
             .read(rate)
             .map_err(|e| Status::unavailable(format!("reading lag of {}: {e}", self.spec.group)))?;
+        if let Some(failed) = unreadable_commit(&reading.lag) {
+            return Err(failed);
+        }
         if let PolicySpec::Keda(p) = &self.spec.policy {
             crate::keda_trigger::check_partitions(p, &reading.lag)
                 .map_err(|e| Status::failed_precondition(format!("scalerMetadata.{e}")))?;
@@ -404,6 +410,20 @@ impl TriggerState {
         };
         Ok(e)
     }
+}
+
+/// A reading with a partition whose committed offset the broker answered
+/// with an error is an error, as KEDA's kafka trigger makes it (it fails
+/// the whole reading and KEDA applies its `fallback`): counted as "no
+/// commit" it could read as lag 0 (`scaleToZeroOnInvalidOffset`) or as
+/// all the retained records.
+fn unreadable_commit(lag: &crate::lag::GroupLag) -> Option<Status> {
+    let (partition, error) = lag.commit_error()?;
+    Some(Status::unavailable(format!(
+        "the committed offset of {} partition {partition} for group {} could not be read \
+         ({error}); as KEDA's kafka trigger does, the reading fails and KEDA applies its fallback",
+        lag.topic, lag.group
+    )))
 }
 
 /// A failed evaluation is answered from memory for this long after the
@@ -1030,6 +1050,36 @@ impl ExternalScaler for Arc<Scaler> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found in review: a partition whose committed-offset entry carries
+    /// an error was read as "no commit" (lag 0 under
+    /// scaleToZeroOnInvalidOffset) where KEDA fails the reading.
+    #[test]
+    fn a_partition_whose_commit_cannot_be_read_fails_the_reading() {
+        use crate::lag::{GroupLag, InvalidOffsetPolicy, PartitionLag};
+        let part = |p, error: Option<&str>| {
+            let mut l = PartitionLag::compute(p, None, 0, 10, InvalidOffsetPolicy::Earliest);
+            l.commit_error = error.map(String::from);
+            l
+        };
+        let fine = GroupLag::new("g", "t", vec![part(0, None), part(1, None)]);
+        assert!(unreadable_commit(&fine).is_none());
+        let broken = GroupLag::new(
+            "g",
+            "t",
+            vec![
+                part(0, None),
+                part(1, Some("Broker: Unknown topic or partition")),
+            ],
+        );
+        let status = unreadable_commit(&broken).expect("an error");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("partition 1") && status.message().contains("fallback"),
+            "{}",
+            status.message()
+        );
+    }
 
     fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

@@ -162,6 +162,14 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
                 }
                 None => {}
             }
+            if let Some((partition, error)) = lag.commit_error() {
+                writeln!(
+                    out,
+                    "partition {partition}'s committed offset could not be read ({error}): \
+                     KEDA's kafka trigger fails the whole reading on this (its fallback \
+                     applies), and so does microbatch scaler"
+                )?;
+            }
         }
         out.flush()?;
         drop(out);
