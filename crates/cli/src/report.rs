@@ -109,8 +109,16 @@ fn y_ticks(max: f64, whole: bool) -> Vec<f64> {
     if whole {
         step = step.ceil().max(1.0);
     }
-    let n = (max / step).ceil().max(1.0) as usize;
-    (0..=n).map(|i| i as f64 * step).collect()
+    if !step.is_normal() {
+        return vec![0.0, max];
+    }
+    let n = ((max / step).ceil().max(1.0) as usize).min(10);
+    // Rounded to the step's precision: 0.6, not 0.6000000000000001.
+    let digits = (-step.log10().floor()).max(0.0) as i32;
+    let scale = 10f64.powi(digits);
+    (0..=n)
+        .map(|i| (i as f64 * step * scale).round() / scale)
+        .collect()
 }
 
 /// A tick's label: no decimals on whole numbers.
@@ -319,16 +327,23 @@ fn run_section(run: &PolicyRun) -> String {
 /// between two samples over the time between them), so the line falls to
 /// 0 the moment the work stops, where a smoothed rate trails off.
 fn per_interval_throughput(timeline: &[Sample]) -> Vec<(f64, f64)> {
-    timeline
-        .windows(2)
-        .filter_map(|w| {
-            let dt = w[1].t_ms.saturating_sub(w[0].t_ms) as f64 / 1000.0;
-            (dt > 0.0).then(|| {
-                let done = (w[1].done - w[0].done).max(0) as f64;
-                (w[1].t_ms as f64 / 1000.0, done / dt)
-            })
-        })
-        .collect()
+    // Against the most done so far: a dip (records released back to a
+    // share group, a partition missing from one answer) is not counted
+    // again when it comes back.
+    let mut most = timeline.first().map_or(0, |s| s.done);
+    let mut previous_t = timeline.first().map_or(0, |s| s.t_ms);
+    let mut out = Vec::new();
+    for s in timeline.iter().skip(1) {
+        let dt = s.t_ms.saturating_sub(previous_t) as f64 / 1000.0;
+        if dt <= 0.0 {
+            continue;
+        }
+        let done = (s.done - most).max(0) as f64;
+        most = most.max(s.done);
+        previous_t = s.t_ms;
+        out.push((s.t_ms as f64 / 1000.0, done / dt));
+    }
+    out
 }
 
 /// The whole report as one HTML file.
@@ -397,6 +412,10 @@ mod tests {
         }
         let t = y_ticks(0.3, false);
         assert!(*t.last().unwrap() >= 0.3 && t.len() <= 7, "{t:?}");
+        assert_eq!(y_ticks(0.7, false), [0.0, 0.2, 0.4, 0.6, 0.8]);
+        assert_eq!(tick_label(0.6), "0.6");
+        assert!(y_ticks(1e-320, false).len() <= 11);
+        assert!(y_ticks(f64::MAX, true).len() <= 11);
         let svg = count_chart(
             "r",
             "workers",
@@ -423,6 +442,9 @@ mod tests {
         };
         let t = per_interval_throughput(&[at(0, 0), at(500, 400), at(1000, 1000), at(1500, 1000)]);
         assert_eq!(t, [(0.5, 800.0), (1.0, 1200.0), (1.5, 0.0)]);
+        // A dip and its return are not work done twice.
+        let t = per_interval_throughput(&[at(0, 100), at(1000, 50), at(2000, 100), at(3000, 300)]);
+        assert_eq!(t, [(1.0, 0.0), (2.0, 0.0), (3.0, 200.0)]);
     }
 }
 

@@ -64,6 +64,8 @@ impl Reading {
 pub struct Observer {
     source: Source,
     rates: RateTracker,
+    /// The rates of the last reading, kept through one that cannot count.
+    last_rates: Rates,
     invalid_offset: InvalidOffsetPolicy,
     /// A share group's backlog came from the fallback (said once).
     fallback_said: bool,
@@ -84,6 +86,7 @@ impl Observer {
         Self {
             source,
             rates: RateTracker::default(),
+            last_rates: Rates::default(),
             invalid_offset,
             fallback_said: false,
         }
@@ -129,7 +132,16 @@ impl Observer {
             }
         };
         let at = Instant::now();
-        let rates = self.rates.observe(at, &lag);
+        // A partition whose committed offset could not be read would count
+        // from the start of its log, and the next good reading would look
+        // like a burst of progress: such a reading leaves the rates as
+        // they were (its users fail it: `GroupLag::commit_error`).
+        let rates = if lag.commit_error().is_some() {
+            self.last_rates
+        } else {
+            self.rates.observe(at, &lag)
+        };
+        self.last_rates = rates;
         let capacity = WorkerCapacity::from_metadata(
             lag.commit_metadata.iter().map(String::as_str),
             unix_ms_now(),

@@ -139,7 +139,7 @@ impl ScaleDownWindow {
         while self
             .recommendations
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > window)
+            .is_some_and(|(t, _)| now.duration_since(*t) >= window)
         {
             self.recommendations.pop_front();
         }
@@ -253,6 +253,9 @@ pub struct KedaPolicy {
     previous_offsets: HashMap<(String, i32), i64>,
     hpa: Hpa,
     last_active: Option<Instant>,
+    /// Whether the last total was changed by the partition rules (the cap
+    /// of `allowIdleConsumers: false`, or `ensureEvenDistribution…`).
+    partition_rule_applied: bool,
 }
 
 /// The HPA controller between a scaler's metric and the Deployment, as
@@ -268,6 +271,9 @@ pub struct Hpa {
     /// what was asked for).
     scale_events: VecDeque<(Instant, i64)>,
     last_current: Option<u32>,
+    /// When the last sync decided: a change seen at the next one was made
+    /// then, and Kubernetes stamps its scale event then.
+    last_step_at: Option<Instant>,
 }
 
 /// What one HPA sync made of a metric.
@@ -293,8 +299,12 @@ impl Hpa {
             // the Deployment's own start), not a scale event the HPA
             // recorded: its scale-up limit counts from the replicas it found.
             if previous > 0 && current > 0 && current != previous {
+                // Stamped when the sync that made it decided (Kubernetes'
+                // storeScaleEvent), not when it is seen: a 15 s period
+                // counted from the sighting would halve the scale-up rate.
+                let at = self.last_step_at.unwrap_or(now);
                 self.scale_events
-                    .push_back((now, i64::from(current) - i64::from(previous)));
+                    .push_back((at, i64::from(current) - i64::from(previous)));
             }
         }
     }
@@ -315,6 +325,7 @@ impl Hpa {
         (min, max): (u32, u32),
         stabilization: Duration,
     ) -> HpaStep {
+        self.last_step_at = Some(now);
         let target = target.max(1) as f64;
         let usage_ratio = metric as f64 / (target * f64::from(current.max(1)));
         let wanted = (metric as f64 / target).ceil().max(0.0) as u32;
@@ -389,6 +400,7 @@ impl KedaPolicy {
             previous_offsets: HashMap::new(),
             hpa: Hpa::default(),
             last_active: None,
+            partition_rule_applied: false,
         }
     }
 
@@ -456,6 +468,7 @@ impl KedaPolicy {
             }
         }
         let params = &self.params;
+        let uncapped = total;
         // A share group's members all take from every partition: nothing
         // idles past the partition count, so there is nothing to cap.
         let shared = topics.iter().any(|t| t.shared);
@@ -479,6 +492,7 @@ impl KedaPolicy {
                 total = upper * params.lag_threshold;
             }
         }
+        self.partition_rule_applied = total != uncapped;
         // Commits past the end make lag negative; KEDA reports the metric
         // as 0 then (activation still sees the sum).
         (total.max(0), with_persistent)
@@ -541,7 +555,11 @@ impl KedaPolicy {
             active,
             reason,
             scale_up_held: false,
-            bound_by: step.bound.unwrap_or(Bound::LagThreshold),
+            bound_by: step.bound.unwrap_or(if self.partition_rule_applied {
+                Bound::PartitionCap
+            } else {
+                Bound::LagThreshold
+            }),
         }
     }
 }
@@ -583,9 +601,14 @@ impl Policy for ThroughHpa {
         let current = observation.current;
         self.hpa.saw(now, current);
         let mut d = self.inner.decide(now, observation);
-        if current == 0 {
-            // KEDA's activation owns 0 <-> 1.
+        if current == 0 || (d.desired == 0 && self.min_replicas == 0) {
+            // KEDA's activation owns 0 <-> 1: from zero it starts the
+            // HPA's minimum, and to zero it goes when the policy asks none.
             self.hpa.forget_recommendations();
+            if d.desired > 0 {
+                d.desired = self.min_replicas.max(1);
+                d.bound_by = Bound::Activation;
+            }
             return d;
         }
         let step = self.hpa.step(
@@ -988,6 +1011,54 @@ mod tests {
         let d = down.evaluate(at(125), &lag, 4);
         assert_eq!(d.desired, 8);
         assert_eq!(d.bound_by, Bound::HpaScaleUpLimit, "{}", d.reason);
+    }
+
+    /// Found in review: the scale event was stamped when the next sync saw
+    /// the new count, so with 15 s syncs each step's event still counted
+    /// at the next one and the model grew every 30 s. Kubernetes stamps it
+    /// when it scales: 1 -> 5 at 0 s, 5 -> 10 at 15 s.
+    #[test]
+    fn the_hpa_counts_a_scale_event_from_the_sync_that_made_it() {
+        let lag = lag_of(&[(Some(0), 1000)]);
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut k = keda(1);
+        k.params.allow_idle_consumers = true;
+        k.params.max_replicas = 100;
+        k.params.hpa = HpaAlgorithm::WithBehavior;
+        let mut current = 1;
+        let mut steps = Vec::new();
+        for s in [0, 15, 30, 45] {
+            current = k.evaluate(at(s), &lag, current).desired;
+            steps.push(current);
+        }
+        assert_eq!(steps, [5, 10, 20, 40]);
+    }
+
+    /// `allowIdleConsumers: false` caps the metric at partitions ×
+    /// lagThreshold: the answer names the cap.
+    #[test]
+    fn keda_names_the_partition_cap() {
+        let lag = lag_of(&[(Some(0), 3000); 8]);
+        let mut k = keda(3);
+        k.params.max_replicas = 24;
+        let d = k.evaluate(Instant::now(), &lag, 8);
+        assert_eq!(
+            (d.desired, d.bound_by),
+            (8, Bound::PartitionCap),
+            "{}",
+            d.reason
+        );
+        let mut open = keda(3);
+        open.params.allow_idle_consumers = true;
+        open.params.max_replicas = 24;
+        let d = open.evaluate(Instant::now(), &lag, 8);
+        assert_eq!(
+            (d.desired, d.bound_by),
+            (16, Bound::HpaScaleUpLimit),
+            "{}",
+            d.reason
+        );
     }
 
     /// A policy that asks for a fixed count, to see what the HPA makes of it.

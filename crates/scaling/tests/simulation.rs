@@ -71,8 +71,11 @@ fn rate_costs_no_more_than_keda_serves_in_time_and_holds_steady_load() {
                 TARGET_DRAIN.as_secs()
             ));
         }
-        if shape.outage().is_some() && case == PolicyCase::Rate {
-            for policy in PolicyCase::ALL {
+        if shape.outage().is_some() {
+            for policy in PolicyCase::ALL
+                .into_iter()
+                .filter(|_| case == PolicyCase::Rate)
+            {
                 let o = &find(&rows, shape, policy).outcome;
                 println!(
                     "{}: {} added {:?} replicas during the outage",

@@ -234,23 +234,34 @@ impl Drop for Leftovers<'_> {
         let left_time = || deadline.saturating_duration_since(Instant::now());
         let mut left = Vec::new();
         for topic in &self.topics {
+            if left_time().is_zero() {
+                left.push(format!("topic {topic} (no time left)"));
+                continue;
+            }
             let deleted = self.runtime.block_on(microbatch_kafka::admin::delete_topic(
                 &kafka,
                 topic,
-                left_time().max(Duration::from_secs(1)),
+                left_time(),
             ));
             if let Err(e) = deleted {
                 left.push(format!("topic {topic} ({e})"));
             }
         }
         let mut groups: Vec<&str> = self.groups.iter().map(String::as_str).collect();
+        if left_time().is_zero() {
+            left.extend(
+                groups
+                    .drain(..)
+                    .map(|g| format!("group {g} (no time left)")),
+            );
+        }
         while !groups.is_empty() {
             let answers = self
                 .runtime
                 .block_on(microbatch_kafka::admin::delete_groups(
                     &kafka,
                     &groups,
-                    left_time().max(Duration::from_secs(1)),
+                    left_time(),
                 ));
             let failed: Vec<(String, Option<RDKafkaErrorCode>, String)> = match answers {
                 Ok(answers) => answers

@@ -423,6 +423,9 @@ impl Policy for RatePolicy {
         }
         if too_old {
             // The capacity may be read high: at least one more than runs.
+            if o.current + 1 > raw {
+                bound = Bound::MaxLagSeconds;
+            }
             raw = raw.max(o.current + 1);
         }
         let partitions = o.lag.partitions.len() as u32;
