@@ -69,6 +69,11 @@ func deployKit(t *testing.T, o testOverlay, fixedPorts map[string]int, timeout t
 		if err := cluster.createSecret(ctx, o.worker); err != nil {
 			t.Fatal(err)
 		}
+		if o.tls != nil {
+			if err := o.tls.createSecrets(ctx, cluster); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
 	t.Cleanup(s.down)
 	return s, s.up(timeout)
@@ -96,13 +101,13 @@ func (s *session) up(timeout time.Duration) error {
 	out, err := s.e.deploy(ctx, s.dir, timeout)
 	s.t.Logf("deploy.sh %s (%s):\n%s", s.o.base, time.Since(start).Round(time.Second), indent(out))
 	if err == nil {
-		err = s.e.diagnose(ctx, s.standIn)
+		err = s.e.diagnose(ctx, s.standIn, s.o.tls)
 		if err == nil {
 			return nil
 		}
 		return fmt.Errorf("deploy.sh succeeded, but:\n%w", err)
 	}
-	if d := s.e.diagnose(ctx, s.standIn); d != nil {
+	if d := s.e.diagnose(ctx, s.standIn, s.o.tls); d != nil {
 		return fmt.Errorf("deploy.sh failed:\n%w", d)
 	}
 	return fmt.Errorf("deploy.sh failed, and no cause was found:\n%s", out)

@@ -52,7 +52,23 @@ type testOverlay struct {
 	// Deliberate breakage, for the tests that must fail.
 	triggerAuthPasswordKey string // the key the TriggerAuthentication reads the password from
 	podPasswordKey         string // the key the worker's KAFKA_PASSWORD comes from
+	// external-scaler: a second trigger on the same ScaledObject, the keda
+	// policy on this topic (its metric is the topic's lag).
+	secondTopic string
+	// external-scaler: KEDA calls the scaler over TLS with a client
+	// certificate (the scaler's and KEDA's Secrets come from scalerTLS).
+	tls *scalerTLS
 }
+
+// The Secrets of a scaler served over TLS: the scaler's certificate, key
+// and the CA its clients must be signed by; KEDA's client certificate, key
+// and the CA of the scaler's certificate (a TriggerAuthentication's
+// caCert, tlsClientCert, tlsClientKey).
+const (
+	scalerTLSSecret = "microbatch-scaler-tls"
+	kedaTLSSecret   = "keda-scaler-client"
+	scalerTLSMount  = "/etc/microbatch/scaler-tls"
+)
 
 // share: the workers join a share group (the share-group overlay).
 func (o testOverlay) share() bool { return o.base == "share-group" }
@@ -72,6 +88,9 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 	p("apiVersion: kustomize.config.k8s.io/v1beta1")
 	p("kind: Kustomization")
 	p("resources:\n  - %s", rel)
+	if o.tls != nil {
+		p("  - scaler-tls-auth.yaml")
+	}
 	p("configMapGenerator:\n  - name: microbatch-config\n    behavior: merge\n    literals:")
 	groupVar, groupKey := "CONSUMER_GROUP", "consumerGroup"
 	if o.share() {
@@ -100,6 +119,17 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 		// that ran before this layer changed it: copy them again.
 		fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/topic", "value": %q}`, o.topic),
 		fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/%s", "value": %q}`, groupKey, o.group),
+	}
+	if o.secondTopic != "" {
+		auth := ""
+		if o.tls != nil {
+			auth = `, "authenticationRef": {"name": "microbatch-scaler-tls"}`
+		}
+		so = append(so, fmt.Sprintf(`{"op": "add", "path": "/spec/triggers/-", "value": {"type": "external", "name": "second-topic", "metadata": {"scalerAddress": %q, "topic": %q, "consumerGroup": %q, "offsetResetPolicy": "earliest", "policy": "keda", "lagThreshold": "1000", "activationLagThreshold": "1", "allowIdleConsumers": "false"}%s}}`,
+			o.scalerAddr, o.secondTopic, o.group, auth))
+	}
+	if o.tls != nil {
+		so = append(so, `{"op": "add", "path": "/spec/triggers/0/authenticationRef", "value": {"name": "microbatch-scaler-tls"}}`)
 	}
 	if o.external() {
 		so = append(so, fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/scalerAddress", "value": %q}`, o.scalerAddr),
@@ -154,6 +184,36 @@ func (o testOverlay) write(repo, dir string) (string, error) {
       [{"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "KAFKA_SSL_CA_LOCATION", "value": "%s/%s"}}]`, caMountPath, caFile)
 		}
 	}
+	if o.tls != nil {
+		// The scaler serves gRPC over TLS only to clients with a certificate
+		// its CA signed (files of a Secret volume, named in its environment);
+		// the kubelet's gRPC probe speaks plain text, so readiness asks
+		// /healthz (as the kit's comment says to).
+		p(`  - target: {group: apps, kind: Deployment, name: microbatch-scaler}
+    patch: |-
+      [{"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "MICROBATCH_TLS_CERT", "value": "%[1]s/tls.crt"}},
+       {"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "MICROBATCH_TLS_KEY", "value": "%[1]s/tls.key"}},
+       {"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "MICROBATCH_TLS_CLIENT_CA", "value": "%[1]s/ca.crt"}},
+       {"op": "replace", "path": "/spec/template/spec/containers/0/readinessProbe", "value": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2}}]`, scalerTLSMount)
+		p(`  - patch: |-
+      apiVersion: apps/v1
+      kind: Deployment
+      metadata:
+        name: microbatch-scaler
+      spec:
+        template:
+          spec:
+            volumes:
+              - name: scaler-tls
+                secret:
+                  secretName: %s
+            containers:
+              - name: scaler
+                volumeMounts:
+                  - name: scaler-tls
+                    mountPath: %s
+                    readOnly: true`, scalerTLSSecret, scalerTLSMount)
+	}
 	if o.triggerAuthPasswordKey != "" {
 		p(`  - target: {group: keda.sh, kind: TriggerAuthentication, name: microbatch-kafka}
     patch: |-
@@ -180,6 +240,28 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err
+	}
+	if o.tls != nil {
+		auth := fmt.Sprintf(`apiVersion: keda.sh/v1alpha1
+kind: TriggerAuthentication
+metadata:
+  name: microbatch-scaler-tls
+  namespace: %s
+spec:
+  secretTargetRef:
+    - parameter: caCert
+      name: %s
+      key: ca.crt
+    - parameter: tlsClientCert
+      name: %s
+      key: tls.crt
+    - parameter: tlsClientKey
+      name: %s
+      key: tls.key
+`, namespace, kedaTLSSecret, kedaTLSSecret, kedaTLSSecret)
+		if err := os.WriteFile(filepath.Join(dir, "scaler-tls-auth.yaml"), []byte(auth), 0o644); err != nil {
+			return "", err
+		}
 	}
 	if ca != "" {
 		pem, err := os.ReadFile(ca)
@@ -223,7 +305,8 @@ func (e *env) cleanup(ctx context.Context, dir string) (string, error) {
 // object and field: what KEDA reports on the ScaledObject, and the checks
 // KEDA does not make itself (it reads a missing Secret key as an empty
 // string, and reports an unreachable scaler only as a failed call).
-func (e *env) diagnose(ctx context.Context, si *standIn) error {
+// With tls, the scaler is asked over TLS with KEDA's client certificate.
+func (e *env) diagnose(ctx context.Context, si *standIn, tls *scalerTLS) error {
 	var problems []string
 	sos, err := e.dyn.Resource(scaledObjects).Namespace(namespace).List(ctx, metav1.ListOptions{})
 	if err != nil {
@@ -240,7 +323,11 @@ func (e *env) diagnose(ctx context.Context, si *standIn) error {
 				continue
 			}
 			addr, _, _ := unstructured.NestedString(tm, "metadata", "scalerAddress")
-			if err := grpcServing(ctx, addr); err != nil {
+			health := grpcServing
+			if tls != nil {
+				health = func(ctx context.Context, addr string) error { return tls.healthOverTLS(ctx, addr, true) }
+			}
+			if err := health(ctx, addr); err != nil {
 				problems = append(problems, fmt.Sprintf("ScaledObject %s/%s: trigger %d: scalerAddress %s: %v", namespace, so.GetName(), i, addr, err))
 			}
 		}

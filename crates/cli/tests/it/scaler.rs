@@ -175,9 +175,10 @@ async fn exercise(
     let value = metric_value(&mut client, capped, "").await;
     assert_eq!(value, 4 * 50);
     assert_eq!(lag["policy"]["metric_value"].as_i64().unwrap(), value);
-    // Which term bound the answer: the lag over lagThreshold (200 / 50 = 4,
-    // within the HPA's limit from 1); --explain prints it with each step.
-    assert_eq!(lag["policy"]["bound_by"], "lag_threshold", "{lag}");
+    // Which term bound the answer: the partition cap (the 400 waiting
+    // capped at 4 partitions x 50; 200 / 50 = 4, within the HPA's limit
+    // from 1); --explain prints it with each step.
+    assert_eq!(lag["policy"]["bound_by"], "partition_cap", "{lag}");
     let (status, out, err) = run_lag(
         &topic,
         &group,
@@ -185,7 +186,7 @@ async fn exercise(
     );
     assert!(status.success(), "{err}");
     assert!(
-        out.contains("policy keda: 4 replicas, bound by lag_threshold")
+        out.contains("policy keda: 4 replicas, bound by partition_cap")
             && out.contains("\n  ceil(lag 200 / lagThreshold 50) = 4"),
         "{out}"
     );
