@@ -8,8 +8,8 @@ use microbatch_scaling::defaults;
 use microbatch_scaling::keda_trigger::{self, TriggerError};
 use microbatch_scaling::lag::InvalidOffsetPolicy;
 use microbatch_scaling::policy::{
-    HpaAlgorithm, KedaParams, KedaPolicy, KedaVersion, Policy, RateParams, RatePolicy,
-    HPA_TOLERANCE,
+    HpaAlgorithm, HpaTolerance, KedaParams, KedaPolicy, KedaVersion, Policy, RateParams,
+    RatePolicy, HPA_TOLERANCE,
 };
 use serde::{Deserialize, Serialize};
 
@@ -136,6 +136,28 @@ pub struct PolicyArgs {
     /// every sync.
     #[arg(long)]
     pub hpa_behavior: bool,
+    /// keda: the HPA's tolerance for scaling up: no change while the usage
+    /// ratio is at most 1 + this (Kubernetes 1.33+ reads it from the
+    /// ScaledObject's `behavior.scaleUp.tolerance`; the cluster's default
+    /// otherwise, 0.1).
+    #[arg(long, default_value_t = HPA_TOLERANCE, value_name = "FRACTION")]
+    pub hpa_scale_up_tolerance: f64,
+    /// keda: the same for scaling down (`behavior.scaleDown.tolerance`): no
+    /// change while the ratio is at least 1 − this.
+    #[arg(long, default_value_t = HPA_TOLERANCE, value_name = "FRACTION")]
+    pub hpa_scale_down_tolerance: f64,
+}
+
+/// A tolerance is a fraction: 0 up to (not including) 1.
+fn tolerance(flag: &'static str, value: f64) -> Result<f64, ConfigError> {
+    if (0.0..1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::new(
+            flag,
+            format!("must be a fraction from 0 up to 1 (0.1 is Kubernetes' default), got {value}"),
+        ))
+    }
 }
 
 /// KEDA's metadata keys and the flags that set them, for error messages.
@@ -206,6 +228,10 @@ impl PolicyArgs {
                 HpaAlgorithm::WithBehavior
             } else {
                 HpaAlgorithm::WithoutBehavior
+            },
+            tolerance: HpaTolerance {
+                scale_up: tolerance("--hpa-scale-up-tolerance", self.hpa_scale_up_tolerance)?,
+                scale_down: tolerance("--hpa-scale-down-tolerance", self.hpa_scale_down_tolerance)?,
             },
         };
         keda_trigger::validate(&params, true).map_err(to_config_error)?;
@@ -302,5 +328,13 @@ mod tests {
         assert_eq!(err.field, "--partition-limitation");
         let p = keda_params(&["--partition-limitation", "0,3-4"]).unwrap();
         assert_eq!(p.partition_limitation, Some(vec![0, 3, 4]));
+        for flag in ["--hpa-scale-up-tolerance", "--hpa-scale-down-tolerance"] {
+            let err = keda_params(&[flag, "1.5"]).unwrap_err();
+            assert_eq!(err.field, flag);
+            let err = keda_params(&[&format!("{flag}=-0.1")]).unwrap_err();
+            assert_eq!(err.field, flag);
+        }
+        let p = keda_params(&["--hpa-scale-up-tolerance", "0.5"]).unwrap();
+        assert_eq!((p.tolerance.scale_up, p.tolerance.scale_down), (0.5, 0.1));
     }
 }

@@ -220,6 +220,9 @@ pub struct KedaParams {
     pub cooldown: Duration,
     pub version: KedaVersion,
     pub hpa: HpaAlgorithm,
+    /// The HPA's tolerance (Kubernetes 1.33+ takes one per direction from
+    /// the behavior).
+    pub tolerance: HpaTolerance,
 }
 
 impl Default for KedaParams {
@@ -240,6 +243,7 @@ impl Default for KedaParams {
             cooldown: defaults::secs(defaults::COOLDOWN_SECONDS),
             version: KedaVersion::default(),
             hpa: HpaAlgorithm::default(),
+            tolerance: HpaTolerance::default(),
         }
     }
 }
@@ -274,6 +278,17 @@ pub struct Hpa {
     /// When the last sync decided: a change seen at the next one was made
     /// then, and Kubernetes stamps its scale event then.
     last_step_at: Option<Instant>,
+}
+
+/// What a ScaledObject sets for its HPA.
+#[derive(Debug, Clone, Copy)]
+pub struct HpaSettings {
+    pub algorithm: HpaAlgorithm,
+    pub min: u32,
+    pub max: u32,
+    /// `behavior.scaleDown.stabilizationWindowSeconds`.
+    pub stabilization: Duration,
+    pub tolerance: HpaTolerance,
 }
 
 /// What one HPA sync made of a metric.
@@ -319,18 +334,23 @@ impl Hpa {
     pub fn step(
         &mut self,
         now: Instant,
-        algorithm: HpaAlgorithm,
         (metric, target): (i64, i64),
         current: u32,
-        (min, max): (u32, u32),
-        stabilization: Duration,
+        settings: HpaSettings,
     ) -> HpaStep {
+        let HpaSettings {
+            algorithm,
+            min,
+            max,
+            stabilization,
+            tolerance,
+        } = settings;
         self.last_step_at = Some(now);
         let target = target.max(1) as f64;
         let usage_ratio = metric as f64 / (target * f64::from(current.max(1)));
         let wanted = (metric as f64 / target).ceil().max(0.0) as u32;
         let mut bound = None;
-        let raw = if within_hpa_tolerance(usage_ratio) {
+        let raw = if tolerance.within(usage_ratio) {
             if wanted != current {
                 bound = Some(Bound::Tolerance);
             }
@@ -539,11 +559,15 @@ impl KedaPolicy {
         }
         let step = self.hpa.step(
             now,
-            p.hpa,
             (metric, p.lag_threshold),
             current,
-            (hpa_min, p.max_replicas),
-            p.scale_down_stabilization,
+            HpaSettings {
+                algorithm: p.hpa,
+                min: hpa_min,
+                max: p.max_replicas,
+                stabilization: p.scale_down_stabilization,
+                tolerance: p.tolerance,
+            },
         );
         let reason = format!(
             "ceil(lag {metric} / lagThreshold {}) = {}, usage ratio {:.2}{}",
@@ -576,6 +600,7 @@ pub struct ThroughHpa {
     pub max_replicas: u32,
     /// The HPA's `behavior.scaleDown.stabilizationWindowSeconds`.
     pub scale_down_stabilization: Duration,
+    pub tolerance: HpaTolerance,
     hpa: Hpa,
 }
 
@@ -587,6 +612,7 @@ impl ThroughHpa {
             min_replicas: bounds.0,
             max_replicas: bounds.1,
             scale_down_stabilization: defaults::secs(defaults::SCALE_DOWN_SECONDS),
+            tolerance: HpaTolerance::default(),
             hpa: Hpa::default(),
         }
     }
@@ -613,11 +639,15 @@ impl Policy for ThroughHpa {
         }
         let step = self.hpa.step(
             now,
-            self.algorithm,
             (i64::from(d.desired), 1),
             current,
-            (self.min_replicas.max(1), self.max_replicas),
-            self.scale_down_stabilization,
+            HpaSettings {
+                algorithm: self.algorithm,
+                min: self.min_replicas.max(1),
+                max: self.max_replicas,
+                stabilization: self.scale_down_stabilization,
+                tolerance: self.tolerance,
+            },
         );
         if step.desired != d.desired {
             d.reason.push_str(&format!(
@@ -659,8 +689,29 @@ fn next_factor_at_or_above(partitions: i64, lag: i64, threshold: i64) -> i64 {
 /// bounds included: Kubernetes 1.33 compares the ratio with 1 ± tolerance,
 /// so a ratio of exactly 1.1 holds (before, |1 − ratio| ≤ 0.1 in floating
 /// point scaled at 1.1).
-fn within_hpa_tolerance(usage_ratio: f64) -> bool {
-    ((1.0 - HPA_TOLERANCE)..=(1.0 + HPA_TOLERANCE)).contains(&usage_ratio)
+///
+/// Kubernetes 1.33+ (`HPAConfigurableTolerance`) takes a tolerance per
+/// direction from the HPA's `behavior.scaleUp.tolerance` and
+/// `behavior.scaleDown.tolerance`; the cluster's default (0.1) otherwise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HpaTolerance {
+    pub scale_up: f64,
+    pub scale_down: f64,
+}
+
+impl Default for HpaTolerance {
+    fn default() -> Self {
+        Self {
+            scale_up: HPA_TOLERANCE,
+            scale_down: HPA_TOLERANCE,
+        }
+    }
+}
+
+impl HpaTolerance {
+    pub fn within(&self, usage_ratio: f64) -> bool {
+        ((1.0 - self.scale_down)..=(1.0 + self.scale_up)).contains(&usage_ratio)
+    }
 }
 
 #[cfg(test)]
@@ -1033,6 +1084,38 @@ mod tests {
             steps.push(current);
         }
         assert_eq!(steps, [5, 10, 20, 40]);
+    }
+
+    /// Kubernetes 1.33+: a tolerance per direction from the behavior.
+    #[test]
+    fn the_hpa_tolerance_can_differ_up_and_down() {
+        let t0 = Instant::now();
+        // 14 records over lagThreshold 1 with 10 running: a ratio of 1.4.
+        let lag = lag_of(&[(Some(0), 14)]);
+        let mut k = keda(1);
+        k.params.allow_idle_consumers = true;
+        k.params.max_replicas = 100;
+        assert_eq!(k.evaluate(t0, &lag, 10).desired, 14, "0.1 by default");
+        let mut wide = keda(1);
+        wide.params = k.params.clone();
+        wide.params.tolerance.scale_up = 0.5;
+        let d = wide.evaluate(t0, &lag, 10);
+        assert_eq!(
+            (d.desired, d.bound_by),
+            (10, Bound::Tolerance),
+            "{}",
+            d.reason
+        );
+        // 9 of 10: within 0.1 down; with no scale-down tolerance, 9.
+        let nine = lag_of(&[(Some(0), 9)]);
+        let mut k = keda(1);
+        k.params.allow_idle_consumers = true;
+        k.params.scale_down_stabilization = Duration::ZERO;
+        assert_eq!(k.evaluate(t0, &nine, 10).desired, 10);
+        let mut strict = keda(1);
+        strict.params = k.params.clone();
+        strict.params.tolerance.scale_down = 0.0;
+        assert_eq!(strict.evaluate(t0, &nine, 10).desired, 9);
     }
 
     /// `allowIdleConsumers: false` caps the metric at partitions ×
