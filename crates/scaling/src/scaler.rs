@@ -972,19 +972,26 @@ impl ExternalScaler for Arc<Scaler> {
         tokio::spawn(async move {
             let mut last: Option<bool> = None;
             loop {
-                let item = scaler.evaluate(&object).await.map(|e| e.active);
-                let changed = match &item {
-                    Ok(active) => last != Some(*active),
-                    Err(_) => true,
-                };
-                if changed {
-                    if let Ok(active) = &item {
-                        tracing::debug!(scaled_object = %object.name, active = *active, "StreamIsActive: pushed");
-                        last = Some(*active);
+                // A failed evaluation is not sent: an error item would end
+                // the stream, and KEDA would reconnect only after its
+                // back-off (up to minutes after the cluster is back). The
+                // last state stands; GetMetrics reports the error (KEDA's
+                // fallback).
+                match scaler.evaluate(&object).await {
+                    Ok(e) if last != Some(e.active) => {
+                        tracing::debug!(scaled_object = %object.name, active = e.active, "StreamIsActive: pushed");
+                        last = Some(e.active);
+                        if tx
+                            .send(Ok(IsActiveResponse { result: e.active }))
+                            .await
+                            .is_err()
+                        {
+                            return; // the client went away
+                        }
                     }
-                    let message = item.map(|result| IsActiveResponse { result });
-                    if tx.send(message).await.is_err() {
-                        return; // the client went away
+                    Ok(_) => {}
+                    Err(status) => {
+                        tracing::debug!(scaled_object = %object.name, error = %status.message(), "StreamIsActive: evaluation failed; the stream stays open");
                     }
                 }
                 tokio::select! {

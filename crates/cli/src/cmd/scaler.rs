@@ -101,9 +101,37 @@ fn tls_config(args: &Args) -> Result<Option<ServerTlsConfig>, microbatch_kafka::
         .identity(Identity::from_pem(cert, key))
         .timeout(Duration::from_secs(10));
     if let Some(ca) = &args.tls_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
+        let pem = read("--tls-client-ca", ca)?;
+        let certificates = client_ca_certificates(&pem).map_err(|why| {
+            ConfigError::new("--tls-client-ca", format!("{}: {why}", ca.display()))
+        })?;
+        if certificates > CLIENT_CA_BUNDLE_WARNING {
+            tracing::warn!(
+                certificates,
+                "--tls-client-ca holds {certificates} certificates: a client with a certificate from \
+                 any of them is let in (a system trust store admits anyone with a public \
+                 certificate); give the one CA that signs KEDA's client certificate"
+            );
+        }
+        tls = tls.client_ca_root(Certificate::from_pem(pem));
     }
     Ok(Some(tls))
+}
+
+/// More client CAs than this is likely a trust store, not a CA of one's own.
+const CLIENT_CA_BUNDLE_WARNING: usize = 10;
+
+/// How many PEM certificates a client-CA file holds; a file with none (or a
+/// private key in it) is refused.
+fn client_ca_certificates(pem: &[u8]) -> Result<usize, &'static str> {
+    let text = std::str::from_utf8(pem).map_err(|_| "not PEM text")?;
+    if text.contains("PRIVATE KEY-----") {
+        return Err("holds a private key: give only the CA's certificate");
+    }
+    match text.matches("-----BEGIN CERTIFICATE-----").count() {
+        0 => Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+        n => Ok(n),
+    }
 }
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
@@ -192,5 +220,24 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
 impl FromFile for Args {
     fn config_file(&self) -> Option<&std::path::Path> {
         self.kafka.config_file()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found in review: any file was taken as the client CA.
+    #[test]
+    fn a_client_ca_file_must_hold_certificates_and_no_key() {
+        let cert = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert_eq!(client_ca_certificates(cert.as_bytes()), Ok(1));
+        assert_eq!(client_ca_certificates(cert.repeat(3).as_bytes()), Ok(3));
+        assert!(client_ca_certificates(b"").is_err());
+        assert!(client_ca_certificates(b"not a certificate").is_err());
+        assert!(client_ca_certificates(&[0xff, 0xfe]).is_err());
+        let with_key =
+            format!("{cert}-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
+        assert!(client_ca_certificates(with_key.as_bytes()).is_err());
     }
 }

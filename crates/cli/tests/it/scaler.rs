@@ -460,6 +460,21 @@ fn triggers_keep_their_own_state_and_a_dead_cluster_holds_up_only_its_own() {
         for call in calls {
             answers.push(call.await.unwrap());
         }
+        // StreamIsActive on the dead cluster stays open: an error would end
+        // the stream, and KEDA reconnects only after its back-off (found in
+        // review). Nothing comes within 20 s (each evaluation fails within
+        // 12 s), and the stream is still there.
+        let mut client = ExternalScalerClient::new(channel.clone());
+        let mut stream = client
+            .stream_is_active(dead.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        let next = tokio::time::timeout(Duration::from_secs(20), stream.message()).await;
+        assert!(
+            next.is_err(),
+            "the dead cluster's stream gave {next:?} instead of staying open"
+        );
         (lags, answers, healthy, health)
     });
     let text = http_get(http, "/metrics").expect("/metrics").1;
