@@ -151,7 +151,15 @@ fn three_members_on_two_partitions_share_the_work_and_leave_no_backlog() {
     );
     let members: BTreeSet<usize> = handled.iter().map(|&(_, _, m)| m).collect();
     assert_eq!(members.len(), 3, "all three members got work: {members:?}");
-    let lag = share_group_lag(&bootstrap, &group);
+    // The broker's count can trail the acknowledgements it answered (seen
+    // once in CI: 18 left on one partition just after the members closed):
+    // every verdict was answered above, so the backlog must reach 0 soon.
+    let mut lag = share_group_lag(&bootstrap, &group);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(lag.len() == 2 && lag.values().all(|&l| l == 0)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        lag = share_group_lag(&bootstrap, &group);
+    }
     assert_eq!(lag.len(), 2, "both partitions in the group: {lag:?}");
     assert!(lag.values().all(|&l| l == 0), "no backlog left: {lag:?}");
 }
