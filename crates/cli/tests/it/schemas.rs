@@ -527,17 +527,7 @@ fn bad_registry_settings_stop_the_worker_at_start() {
             "--schema-registry-url",
         ),
     ] {
-        let mut all = vec![
-            "run",
-            "--bootstrap-servers",
-            "127.0.0.1:1",
-            "--topic",
-            "t",
-            "--group",
-            "g",
-        ];
-        all.extend(args.iter().copied());
-        let (code, _, err) = run_to_end(&all);
+        let (code, err) = run_refused(&args);
         assert_eq!(code.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(flag), "{args:?}: {err}");
         assert!(!err.contains("u:p@"), "credentials quoted: {err}");
@@ -728,7 +718,23 @@ fn a_private_ca_makes_an_https_registry_trusted() {
     let log = run(&[]);
     assert!(!requests.exists(), "no request without trusting the CA");
     assert!(log.contains("unavailable at start"), "{log}");
-    let (code, _, err) = run_to_end(&[
+    let missing = dir.path("missing.pem");
+    let (code, err) = run_refused(&[
+        "--value-format",
+        "avro",
+        "--schema-registry-url",
+        &url,
+        "--schema-registry-ca",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(code.code(), Some(2), "{err}");
+    assert!(err.contains("--schema-registry-ca"), "{err}");
+}
+
+/// `run` against no broker with `args` added: for settings refused before
+/// any connection (its exit status and standard error).
+fn run_refused(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut all = vec![
         "run",
         "--bootstrap-servers",
         "127.0.0.1:1",
@@ -736,15 +742,10 @@ fn a_private_ca_makes_an_https_registry_trusted() {
         "t",
         "--group",
         "g",
-        "--value-format",
-        "avro",
-        "--schema-registry-url",
-        &url,
-        "--schema-registry-ca",
-        dir.path("missing.pem").to_str().unwrap(),
-    ]);
-    assert_eq!(code.code(), Some(2), "{err}");
-    assert!(err.contains("--schema-registry-ca"), "{err}");
+    ];
+    all.extend(args.iter().copied());
+    let (code, _, err) = run_to_end(&all);
+    (code, err)
 }
 
 /// A child process killed when the test ends, also when it fails.
