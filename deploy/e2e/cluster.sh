@@ -16,6 +16,8 @@
 #   E2E_STATE_DIR   where state, certificates and logs go [deploy/e2e/.cluster]
 #   E2E_PORT_BASE   first of the 8 local ports used [27100]
 #   E2E_HPA_SYNC_SECONDS  the HPA controller's sync period [5] (Kubernetes: 15)
+#   E2E_HPA_DOWNSCALE_SECONDS  the scale-down window of an HPA without a
+#                   behavior [20] (Kubernetes: 300)
 #   E2E_KEDA_CA_DIR a directory of CA certificates KEDA's scalers trust for
 #                   TLS (KEDA's --ca-dir, e.g. the Kafka broker's CA)
 set -euo pipefail
@@ -42,6 +44,9 @@ PARTS=(etcd kube-apiserver kube-controller-manager keda-operator keda-adapter)
 # The HPA controller's sync period (the default is 15 s): one source for the
 # test, which reads it from the env file.
 HPA_SYNC_SECONDS=${E2E_HPA_SYNC_SECONDS:-5}
+# The window an HPA without a behavior keeps its highest recommendation
+# (the controller's flag; with a behavior the ScaledObject sets it).
+HPA_DOWNSCALE_SECONDS=${E2E_HPA_DOWNSCALE_SECONDS:-20}
 
 log() { printf 'cluster: %s\n' "$*" >&2; }
 die() {
@@ -270,6 +275,7 @@ cmd_start() {
 		--controllers deployment-controller,replicaset-controller,horizontal-pod-autoscaler-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,disruption-controller,root-ca-certificate-publisher-controller \
 		--service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
 		--horizontal-pod-autoscaler-sync-period "${HPA_SYNC_SECONDS}s" \
+		--horizontal-pod-autoscaler-downscale-stabilization "${HPA_DOWNSCALE_SECONDS}s" \
 		--profiling=false --v 1
 	# Its ServiceAccount controller makes every namespace's "default" account.
 	wait_for kube-controller-manager 120 "${kubectl[@]}" -n default get serviceaccount default
@@ -309,6 +315,7 @@ KUBECONFIG=$STATE/kubeconfig
 E2E_KUBECTL=$KUBE_BIN/kubectl
 E2E_KUBE_BIN=$KUBE_BIN
 E2E_HPA_SYNC_SECONDS=$HPA_SYNC_SECONDS
+E2E_HPA_DOWNSCALE_SECONDS=$HPA_DOWNSCALE_SECONDS
 E2E_LOGS=$STATE/logs
 EOF
 	log "ready: export KUBECONFIG=$STATE/kubeconfig (logs in $STATE/logs)"

@@ -16,8 +16,9 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 )
 
-// Partitions of each test topic: the kafka trigger caps replicas here
-// (allowIdleConsumers "false"), so a burst scales 1 -> 4 workers.
+// Partitions of each test topic unless its overlay says: the kafka
+// trigger caps replicas here (allowIdleConsumers "false"), so a burst
+// scales 1 -> 4 workers.
 const partitions = 4
 
 // burst is the number of records produced at once: at 80 records/s per
@@ -87,7 +88,7 @@ func (s *session) createTopic() {
 	ctx, cancel := s.ctx(time.Minute)
 	defer cancel()
 	if _, err := s.e.runMicrobatch(ctx, s.admin, "topic", "create", "--topic", s.o.topic,
-		"--partitions", strconv.Itoa(partitions), "--replication-factor", "1"); err != nil {
+		"--partitions", strconv.Itoa(s.o.topicPartitions()), "--replication-factor", "1"); err != nil {
 		s.t.Fatal(err)
 	}
 }
@@ -434,6 +435,28 @@ func (s *session) kafkaTriggerScenario() {
 	}); err != nil {
 		t.Fatalf("before the burst, replicas did not settle at %d: %v", minR, err)
 	}
+	// The HPA KEDA made has a behavior exactly when the ScaledObject has
+	// one: which of the HPA's two algorithms the preview must follow.
+	window := time.Duration(scaleDownWindowSecs) * time.Second
+	{
+		ctx, cancel := s.ctx(30 * time.Second)
+		hpa, err := s.e.cs.AutoscalingV2().HorizontalPodAutoscalers(namespace).Get(ctx, "keda-hpa-microbatch", metav1.GetOptions{})
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case s.o.withoutBehavior && hpa.Spec.Behavior != nil:
+			t.Fatalf("the ScaledObject has no behavior, yet KEDA's HPA has one: %+v", *hpa.Spec.Behavior)
+		case !s.o.withoutBehavior && hpa.Spec.Behavior == nil:
+			t.Fatal("the ScaledObject spells out a behavior, yet KEDA's HPA has none")
+		case s.o.withoutBehavior:
+			window = s.e.hpaWindow
+			t.Logf("HPA without a behavior: scale-up at most max(2 x current, 4) per sync, the controller's scale-down window %s", window)
+		default:
+			t.Logf("HPA with a behavior: scale-up at most max(+100%%, +4) per period, scale-down window %s", window)
+		}
+	}
 	var peak int32
 	var peakAt, drainedAt, backAt time.Duration
 	steps, err := s.watch(4*time.Minute, true, func() {
@@ -459,17 +482,31 @@ func (s *session) kafkaTriggerScenario() {
 	if err != nil {
 		t.Fatalf("the burst was not scaled up, drained and scaled back: %v", err)
 	}
-	t.Logf("replicas rose to %d at +%.0fs; lag drained at +%.0fs; back to %d at +%.0fs (scale-down window %ds, HPA sync %s)",
-		peak, peakAt.Seconds(), drainedAt.Seconds(), minR, backAt.Seconds(), scaleDownWindowSecs, s.e.hpaSync)
-	if peak != partitions {
-		t.Errorf("peak replicas %d, want %d (the partition cap of the kafka trigger)", peak, partitions)
+	t.Logf("replicas rose to %d at +%.0fs; lag drained at +%.0fs; back to %d at +%.0fs (scale-down window %.0fs, HPA sync %s)",
+		peak, peakAt.Seconds(), drainedAt.Seconds(), minR, backAt.Seconds(), window.Seconds(), s.e.hpaSync)
+	if want := int32(s.o.topicPartitions()); peak != want {
+		t.Errorf("peak replicas %d, want %d (the partition cap of the kafka trigger)", peak, want)
 	}
 	for _, st := range steps {
 		if st.running > int(st.replicas)+int(peak) { // sanity: never more processes than pods could be
 			t.Errorf("t=%.0fs: %d processes for %d replicas", st.at.Seconds(), st.running, st.replicas)
 		}
 	}
-	exact, checked, bad := agreement(steps, predictionsOf(steps), s.e.hpaSync, scaleDownWindowSecs*time.Second)
+	// Without a behavior the HPA's first step is at most max(2 x current,
+	// 4): from 1 that is 4 on 8 partitions, where the behavior algorithm
+	// allows 5.
+	if s.o.withoutBehavior {
+		want := min(max(2*minR, 4), int32(s.o.topicPartitions()))
+		for _, st := range steps {
+			if st.replicas > minR {
+				if st.replicas != want {
+					t.Errorf("the HPA's first step went from %d to %d replicas, want %d (no behavior)", minR, st.replicas, want)
+				}
+				break
+			}
+		}
+	}
+	exact, checked, bad := agreement(steps, predictionsOf(steps), s.e.hpaSync, window)
 	t.Logf("keda policy vs the real HPA: %d of %d steps equal to the latest prediction; %d outside one sync period", exact, checked, len(bad))
 	for _, b := range bad {
 		t.Errorf("keda policy and HPA disagree: %s", b)
@@ -514,7 +551,8 @@ func indent(s string) string {
 	return "    " + strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n    ")
 }
 
-// TestPlaintextOverlay: the kit's plaintext overlay, KEDA's kafka trigger.
+// TestPlaintextOverlay: the kit's plaintext overlay, KEDA's kafka trigger,
+// the kit's behavior (the HPA's behavior algorithm).
 func TestPlaintextOverlay(t *testing.T) {
 	s, err := deployKit(t, testOverlay{base: "plaintext", worker: cluster.plaintext(), minReplica: 1}, nil, 3*time.Minute)
 	if err != nil {
@@ -528,8 +566,13 @@ func TestPlaintextOverlay(t *testing.T) {
 
 // TestMskScramOverlay: the msk-scram overlay against the SASL_SSL/SCRAM-SHA-512
 // listener; KEDA reads the credentials through the TriggerAuthentication.
+// Its ScaledObject has no behavior (as most users write theirs): the keda
+// preview follows the HPA's older algorithm step by step, on 8 partitions,
+// where the two algorithms part at the first step (1 -> 4 without a
+// behavior, 1 -> 5 with one; 4 partitions would cap both alike).
 func TestMskScramOverlay(t *testing.T) {
-	s, err := deployKit(t, testOverlay{base: "msk-scram", worker: cluster.scramKafka(), minReplica: 1}, nil, 3*time.Minute)
+	o := testOverlay{base: "msk-scram", worker: cluster.scramKafka(), minReplica: 1, withoutBehavior: true, partitions: 8}
+	s, err := deployKit(t, o, nil, 3*time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,7 @@ type env struct {
 	kubeconfig  string
 	kubeBin     string // kubectl's directory, put first on PATH for the scripts
 	hpaSync     time.Duration
+	hpaWindow   time.Duration // the scale-down window of an HPA without a behavior
 	clusterLogs string
 	microbatch  string
 	image       *containerImage   // every pod runs from it, when set (MICROBATCH_E2E_IMAGE)
@@ -132,6 +133,11 @@ func loadEnv(repo, envFile string) (*env, error) {
 		return nil, fmt.Errorf("E2E_HPA_SYNC_SECONDS in %s: %w", envFile, err)
 	}
 	e.hpaSync = sync
+	window, err := time.ParseDuration(vars["E2E_HPA_DOWNSCALE_SECONDS"] + "s")
+	if err != nil {
+		return nil, fmt.Errorf("E2E_HPA_DOWNSCALE_SECONDS in %s (a cluster started by an older cluster.sh? stop it): %w", envFile, err)
+	}
+	e.hpaWindow = window
 	e.microbatch = os.Getenv("MICROBATCH_BIN")
 	if e.microbatch == "" {
 		e.microbatch = filepath.Join(repo, "target", "debug", "microbatch")

@@ -58,6 +58,19 @@ type testOverlay struct {
 	// external-scaler: KEDA calls the scaler over TLS with a client
 	// certificate (the scaler's and KEDA's Secrets come from scalerTLS).
 	tls *scalerTLS
+	// The ScaledObject spells out no behavior (the kit's does), as most
+	// users' do not: the HPA then takes its other scale-up algorithm, and
+	// the controller's own scale-down window.
+	withoutBehavior bool
+	// The topic's partitions; 0: the tests' usual 4.
+	partitions int
+}
+
+func (o testOverlay) topicPartitions() int {
+	if o.partitions > 0 {
+		return o.partitions
+	}
+	return partitions
 }
 
 // The Secrets of a scaler served over TLS: the scaler's certificate, key
@@ -69,6 +82,15 @@ const (
 	kedaTLSSecret   = "keda-scaler-client"
 	scalerTLSMount  = "/etc/microbatch/scaler-tls"
 )
+
+// behaviorPatch shortens the kit's scale-down window for the test, or
+// takes the behavior away.
+func behaviorPatch(without bool) string {
+	if without {
+		return `{"op": "remove", "path": "/spec/advanced/horizontalPodAutoscalerConfig/behavior"}`
+	}
+	return fmt.Sprintf(`{"op": "replace", "path": "/spec/advanced/horizontalPodAutoscalerConfig/behavior/scaleDown/stabilizationWindowSeconds", "value": %d}`, scaleDownWindowSecs)
+}
 
 // share: the workers join a share group (the share-group overlay).
 func (o testOverlay) share() bool { return o.base == "share-group" }
@@ -114,7 +136,7 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 		fmt.Sprintf(`{"op": "replace", "path": "/spec/pollingInterval", "value": %d}`, pollingSeconds),
 		fmt.Sprintf(`{"op": "replace", "path": "/spec/cooldownPeriod", "value": %d}`, cooldownSeconds),
 		fmt.Sprintf(`{"op": "replace", "path": "/spec/minReplicaCount", "value": %d}`, o.minReplica),
-		fmt.Sprintf(`{"op": "replace", "path": "/spec/advanced/horizontalPodAutoscalerConfig/behavior/scaleDown/stabilizationWindowSeconds", "value": %d}`, scaleDownWindowSecs),
+		behaviorPatch(o.withoutBehavior),
 		// The kit's overlays copy these from the ConfigMap with replacements
 		// that ran before this layer changed it: copy them again.
 		fmt.Sprintf(`{"op": "replace", "path": "/spec/triggers/0/metadata/topic", "value": %q}`, o.topic),
