@@ -19,6 +19,8 @@ pub struct Sample {
     pub done: i64,
     pub dead_lettered: i64,
     pub partition_lag: Vec<i64>,
+    /// The outage scenario had the handler's downstream down.
+    pub downstream_down: bool,
 }
 
 /// What one scenario did.
@@ -73,6 +75,8 @@ pub struct PolicyRun {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub broker: String,
+    /// The consumer groups' protocol (`classic` or `consumer`).
+    pub group_protocol: String,
     pub quick: bool,
     pub lost: u64,
     pub runs: Vec<PolicyRun>,
@@ -130,20 +134,55 @@ fn tick_label(y: f64) -> String {
     }
 }
 
-fn chart(title: &str, unit: &str, series: &[Series<'_>], phases: &[(f64, String)]) -> String {
-    chart_with(title, unit, series, phases, false)
+/// What every chart of a run marks: where each scenario began, and the
+/// spans (seconds) the downstream was down.
+#[derive(Default)]
+struct Marks {
+    phases: Vec<(f64, String)>,
+    outages: Vec<(f64, f64)>,
 }
 
-/// A chart of counts (whole numbers on the y axis).
-fn count_chart(title: &str, unit: &str, series: &[Series<'_>], phases: &[(f64, String)]) -> String {
-    chart_with(title, unit, series, phases, true)
+impl Marks {
+    fn of(timeline: &[Sample]) -> Self {
+        let secs = |t: u64| t as f64 / 1000.0;
+        let mut marks = Self::default();
+        let mut last = "";
+        let mut down_since = None;
+        for s in timeline {
+            if s.scenario != last {
+                marks.phases.push((secs(s.t_ms), s.scenario.clone()));
+                last = &s.scenario;
+            }
+            match (down_since, s.downstream_down) {
+                (None, true) => down_since = Some(secs(s.t_ms)),
+                (Some(from), false) => {
+                    marks.outages.push((from, secs(s.t_ms)));
+                    down_since = None;
+                }
+                _ => {}
+            }
+        }
+        if let (Some(from), Some(end)) = (down_since, timeline.last()) {
+            marks.outages.push((from, secs(end.t_ms)));
+        }
+        marks
+    }
+}
+
+#[cfg(test)]
+fn chart(title: &str, unit: &str, series: &[Series<'_>], phases: &[(f64, String)]) -> String {
+    let marks = Marks {
+        phases: phases.to_vec(),
+        outages: Vec::new(),
+    };
+    chart_with(title, unit, series, &marks, false)
 }
 
 fn chart_with(
     title: &str,
     unit: &str,
     series: &[Series<'_>],
-    phases: &[(f64, String)],
+    marks: &Marks,
     whole: bool,
 ) -> String {
     let (w, h, left, right, top, bottom) = (760.0, 220.0, 60.0, 20.0, 28.0, 30.0);
@@ -184,7 +223,18 @@ fn chart_with(
             py = sy(y)
         );
     }
-    for (x, name) in phases {
+    for (from, to) in &marks.outages {
+        let _ = write!(
+            svg,
+            r##"<rect class="outage" x="{:.1}" y="{top}" width="{:.1}" height="{}" fill="#c0392b" fill-opacity="0.12"/><text x="{:.1}" y="{}" font-size="10" fill="#c0392b">downstream down</text>"##,
+            sx(*from),
+            (sx(*to) - sx(*from)).max(1.0),
+            h - top - bottom,
+            sx(*from) + 3.0,
+            top + 22.0,
+        );
+    }
+    for (x, name) in &marks.phases {
         let _ = write!(
             svg,
             r##"<line x1="{px:.1}" x2="{px:.1}" y1="{top}" y2="{}" stroke="#999" stroke-dasharray="3,3"/><text x="{:.1}" y="{}" font-size="10" fill="#555">{}</text>"##,
@@ -244,14 +294,7 @@ fn run_section(run: &PolicyRun) -> String {
         .map(|s| (secs(s.t_ms), f64::from(s.desired)))
         .collect();
     let rate = per_interval_throughput(&run.timeline);
-    let mut phases = Vec::new();
-    let mut last = "";
-    for s in &run.timeline {
-        if s.scenario != last {
-            phases.push((secs(s.t_ms), s.scenario.clone()));
-            last = &s.scenario;
-        }
-    }
+    let marks = Marks::of(&run.timeline);
     let mut html = String::new();
     let _ = write!(
         html,
@@ -298,26 +341,29 @@ fn run_section(run: &PolicyRun) -> String {
         );
     }
     html.push_str("</table>");
-    html.push_str(&chart(
+    html.push_str(&chart_with(
         "Total lag",
         "records",
         &[("lag", "#c0392b", lag)],
-        &phases,
+        &marks,
+        false,
     ));
-    html.push_str(&count_chart(
+    html.push_str(&chart_with(
         "Replicas",
         "workers",
         &[
             ("running", "#2471a3", replicas),
             ("desired", "#f39c12", desired),
         ],
-        &phases,
+        &marks,
+        true,
     ));
-    html.push_str(&chart(
+    html.push_str(&chart_with(
         "Throughput",
         "records/s",
         &[("done/s in each interval", "#27ae60", rate)],
-        &phases,
+        &marks,
+        false,
     ));
     html.push_str("</section>");
     html
@@ -365,11 +411,12 @@ svg.chart {{ display: block; margin: 0.8em 0; border: 1px solid #eee; }}
 </style></head>
 <body>
 <h1>microbatch demo</h1>
-<p>Broker: {broker}. Lost records across all runs: <span class="{lost_class}">{lost}</span>.</p>
+<p>Broker: {broker}; consumer groups on the {protocol} protocol. Lost records across all runs: <span class="{lost_class}">{lost}</span>.</p>
 {body}
 </body></html>
 "#,
         broker = esc(&report.broker),
+        protocol = esc(&report.group_protocol),
         lost_class = if report.lost == 0 { "ok" } else { "bad" },
         lost = report.lost,
     )
@@ -416,11 +463,12 @@ mod tests {
         assert_eq!(tick_label(0.6), "0.6");
         assert!(y_ticks(1e-320, false).len() <= 11);
         assert!(y_ticks(f64::MAX, true).len() <= 11);
-        let svg = count_chart(
+        let svg = chart_with(
             "r",
             "workers",
             &[("s", "#000", vec![(0.0, 1.0), (1.0, 3.0)])],
-            &[],
+            &Marks::default(),
+            true,
         );
         assert!(!svg.contains(">1.1<") && svg.contains(">3<"), "{svg}");
     }
@@ -439,12 +487,51 @@ mod tests {
             done,
             dead_lettered: 0,
             partition_lag: vec![0],
+            downstream_down: false,
         };
         let t = per_interval_throughput(&[at(0, 0), at(500, 400), at(1000, 1000), at(1500, 1000)]);
         assert_eq!(t, [(0.5, 800.0), (1.0, 1200.0), (1.5, 0.0)]);
         // A dip and its return are not work done twice.
         let t = per_interval_throughput(&[at(0, 100), at(1000, 50), at(2000, 100), at(3000, 300)]);
         assert_eq!(t, [(1.0, 0.0), (2.0, 0.0), (3.0, 200.0)]);
+    }
+
+    /// The outage scenario's down time is shaded on every chart, from the
+    /// first sample that saw it down to the first that saw it back (or the
+    /// end), and a plateau within it is put down to it.
+    #[test]
+    fn outages_are_shaded_and_explain_their_plateau() {
+        let at = |t_ms, scenario: &str, down, lag| Sample {
+            t_ms,
+            scenario: scenario.into(),
+            total_lag: lag,
+            replicas: 1,
+            desired: 1,
+            processed_per_sec: 0.0,
+            done: 0,
+            dead_lettered: 0,
+            partition_lag: vec![lag],
+            downstream_down: down,
+        };
+        let timeline = [
+            at(0, "idle", false, 0),
+            at(1000, "outage", false, 5),
+            at(2000, "outage", true, 40),
+            at(3000, "outage", true, 40),
+            at(8000, "outage", true, 40),
+            at(9000, "outage", false, 10),
+            at(10_000, "failure", true, 7),
+        ];
+        let marks = Marks::of(&timeline);
+        assert_eq!(marks.outages, [(2.0, 9.0), (10.0, 10.0)]);
+        assert_eq!(marks.phases.len(), 3);
+        let svg = chart_with("lag", "records", &[], &marks, false);
+        assert_eq!(svg.matches("class=\"outage\"").count(), 2, "{svg}");
+        let p = longest_plateau(&timeline[..6]).unwrap();
+        assert!(
+            matches!(stall_cause(&timeline, p, 0), StallCause::Outage(t) if t.contains("downstream was down")),
+            "{p:?}"
+        );
     }
 }
 
@@ -512,6 +599,8 @@ pub enum StallCause {
     Rebalance(String),
     /// No scale step near it: its records waited for a batch or a commit.
     Waiting(String),
+    /// The handler's downstream was down meanwhile (the outage scenario).
+    Outage(String),
 }
 
 impl StallCause {
@@ -519,7 +608,7 @@ impl StallCause {
     pub fn text(&self) -> &str {
         match self {
             Self::None => "",
-            Self::Killed(t) | Self::Rebalance(t) | Self::Waiting(t) => t,
+            Self::Killed(t) | Self::Rebalance(t) | Self::Waiting(t) | Self::Outage(t) => t,
         }
     }
 }
@@ -538,6 +627,12 @@ pub fn stall_cause(samples: &[Sample], p: Plateau, killed: u32) -> StallCause {
         .iter()
         .filter(|s| (p.from_ms..=p.to_ms).contains(&s.t_ms))
         .collect();
+    if during.iter().any(|s| s.downstream_down) {
+        return StallCause::Outage(format!(
+            "partition {partition}: the downstream was down; the workers' circuit held its records \
+             and probed until it answered"
+        ));
+    }
     let lo = during.iter().map(|s| s.replicas).min().unwrap_or(0);
     let hi = during.iter().map(|s| s.replicas).max().unwrap_or(0);
     if lo != hi {
@@ -627,6 +722,7 @@ mod plateau_tests {
             done: 0,
             dead_lettered: 0,
             partition_lag: lags.to_vec(),
+            downstream_down: false,
         }
     }
 

@@ -39,6 +39,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::Producer as _;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::produce::{self, produce_blocking};
@@ -60,6 +61,9 @@ pub enum Scenario {
     Hot,
     /// No traffic: replicas fall back to the minimum.
     Idle,
+    /// Steady load while the handler's downstream is down for a while:
+    /// `rate` adds no replica during the outage and drains once it is back.
+    Outage,
     /// A worker killed mid-burst; poison records go to the dead-letter topic.
     Failure,
 }
@@ -112,10 +116,11 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub report_json: Option<PathBuf>,
     /// The workers' consumer group protocol: classic or consumer (KIP-848,
-    /// Kafka 4.0+; with --bootstrap-servers only: the embedded broker
-    /// serves classic).
-    #[arg(long, env = "MICROBATCH_GROUP_PROTOCOL", default_value_t = microbatch_core::config::defaults::GROUP_PROTOCOL, value_parser = parse_group_protocol)]
-    pub group_protocol: GroupProtocol,
+    /// Kafka 4.0+) [default: consumer on the embedded broker, where a scale
+    /// step moves partitions within a second; the workers' own default,
+    /// classic, on a broker named with --bootstrap-servers].
+    #[arg(long, env = "MICROBATCH_GROUP_PROTOCOL", value_parser = parse_group_protocol)]
+    pub group_protocol: Option<GroupProtocol>,
     /// Leave the demo's topics and groups on the broker named with
     /// --bootstrap-servers (by default they are deleted when it ends).
     #[arg(long)]
@@ -126,34 +131,91 @@ fn parse_group_protocol(s: &str) -> Result<GroupProtocol, String> {
     s.parse()
 }
 
+impl Args {
+    /// The workers' group protocol: as asked, or KIP-848 on the embedded
+    /// broker (it serves it, with a short heartbeat: no classic rebalance
+    /// round of seconds in every scale step) and the workers' default on
+    /// a broker of the user's, which may predate Kafka 4.0.
+    fn group_protocol(&self, embedded: bool) -> GroupProtocol {
+        self.group_protocol.unwrap_or(if embedded {
+            GroupProtocol::Consumer
+        } else {
+            microbatch_core::config::defaults::GROUP_PROTOCOL
+        })
+    }
+}
+
 /// The workers' classic session timeout on a real broker: the broker's
 /// minimum, so that a killed worker is noticed soon.
 const DEMO_SESSION_TIMEOUT_MS: u64 = 6_000;
 
 /// The same on the embedded broker, which has no minimum: it waits this
 /// less 1 s for members to rejoin in each classic rebalance round, so a
-/// shorter session shortens every scale step.
+/// shorter session shortens every scale step. Its KIP-848 groups (set on
+/// the broker, where Kafka's default is 45 s) fence a killed worker after
+/// as long.
 const EMBEDDED_SESSION_TIMEOUT_MS: u64 = 3_000;
+
+/// The embedded broker's heartbeat interval for KIP-848 groups (its own
+/// default is 3 s): a member learns of a new assignment at its next
+/// heartbeat, so a scale step's partitions move within about a second.
+const EMBEDDED_HEARTBEAT_MS: i32 = 500;
+
+/// librdkafka's mock cluster, owned by the client it was made with (the
+/// only way to reach the settings `MockCluster` does not wrap).
+struct EmbeddedBroker {
+    owner: rdkafka::producer::BaseProducer,
+}
+
+impl EmbeddedBroker {
+    fn start() -> anyhow::Result<Self> {
+        let owner: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+            .set("test.mock.num.brokers", "3")
+            .create()?;
+        // SAFETY: the client made the cluster and outlives this call; the
+        // setters only store defaults for groups made after them.
+        unsafe {
+            let mock = rdkafka::bindings::rd_kafka_handle_mock_cluster(owner.client().native_ptr());
+            anyhow::ensure!(!mock.is_null(), "librdkafka made no mock cluster");
+            rdkafka::bindings::rd_kafka_mock_set_group_consumer_heartbeat_interval_ms(
+                mock,
+                EMBEDDED_HEARTBEAT_MS,
+            );
+            rdkafka::bindings::rd_kafka_mock_set_group_consumer_session_timeout_ms(
+                mock,
+                EMBEDDED_SESSION_TIMEOUT_MS as i32,
+            );
+        }
+        Ok(Self { owner })
+    }
+
+    fn mock(&self) -> MockCluster<'_, rdkafka::producer::DefaultProducerContext> {
+        self.owner
+            .client()
+            .mock_cluster()
+            .expect("the client was made with test.mock.num.brokers")
+    }
+}
 
 /// The broker the demo runs on.
 enum DemoBroker {
-    Embedded(MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+    Embedded(EmbeddedBroker),
     External(KafkaConfig),
 }
 
 impl DemoBroker {
     fn kafka(&self) -> KafkaConfig {
         match self {
-            DemoBroker::Embedded(mock) => KafkaConfig::plaintext(mock.bootstrap_servers()),
+            DemoBroker::Embedded(b) => KafkaConfig::plaintext(b.mock().bootstrap_servers()),
             DemoBroker::External(k) => k.clone(),
         }
     }
 
     fn describe(&self) -> String {
         match self {
-            DemoBroker::Embedded(m) => format!(
+            DemoBroker::Embedded(b) => format!(
                 "embedded (librdkafka mock cluster, 3 brokers at {})",
-                m.bootstrap_servers()
+                b.mock().bootstrap_servers()
             ),
             DemoBroker::External(k) => k.bootstrap_servers.clone(),
         }
@@ -169,7 +231,8 @@ impl DemoBroker {
         partitions: i32,
     ) -> anyhow::Result<()> {
         match self {
-            DemoBroker::Embedded(mock) => mock
+            DemoBroker::Embedded(b) => b
+                .mock()
                 .create_topic(topic, partitions, 1)
                 .with_context(|| format!("creating {topic} on the embedded broker")),
             DemoBroker::External(k) => {
@@ -313,6 +376,26 @@ struct Plan {
     window: Duration,
     tick: Duration,
     phase_timeout: Duration,
+    outage: OutagePlan,
+}
+
+/// The outage scenario: `rate` records/s for `load`, the downstream down
+/// from `down_from` for `down_for` (times from the scenario's start).
+struct OutagePlan {
+    rate: u64,
+    load: Duration,
+    down_from: Duration,
+    down_for: Duration,
+}
+
+impl OutagePlan {
+    fn down_at(&self, elapsed: Duration) -> bool {
+        elapsed >= self.down_from && elapsed < self.down_from + self.down_for
+    }
+
+    fn over_at(&self, elapsed: Duration) -> bool {
+        elapsed >= self.down_from + self.down_for
+    }
 }
 
 pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<ExitCode> {
@@ -335,13 +418,22 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
     let broker = if named {
         DemoBroker::External(args.kafka.resolve()?.start_msk_iam()?)
     } else {
-        DemoBroker::Embedded(MockCluster::new(3).context("starting the embedded broker")?)
+        DemoBroker::Embedded(EmbeddedBroker::start().context("starting the embedded broker")?)
     };
     let plan = Plan {
         burst: args.burst.unwrap_or(if args.quick { 4000 } else { 16_000 }),
         window: Duration::from_secs(if args.quick { 4 } else { 10 }),
         tick: Duration::from_millis(500),
         phase_timeout: Duration::from_secs(if args.quick { 60 } else { 90 }),
+        // About half a replica's work (4 slots at 5 ms a record do 800/s),
+        // so one replica suffices before and after, and any added during
+        // the outage is the policy's mistake.
+        outage: OutagePlan {
+            rate: 400,
+            load: Duration::from_secs(if args.quick { 16 } else { 30 }),
+            down_from: Duration::from_secs(if args.quick { 3 } else { 5 }),
+            down_for: Duration::from_secs(if args.quick { 8 } else { 15 }),
+        },
     };
     let out_dir = PathBuf::from("microbatch-demo");
     let html_path = args
@@ -357,7 +449,13 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
     }
-    let work = std::env::temp_dir().join(format!("microbatch-demo-{}", std::process::id()));
+    let run_id: u32 = rand::random();
+    // A random part too: in a container restarted with its files kept the
+    // pid comes back, with a run's leftovers (an outage file) beside it.
+    let work = std::env::temp_dir().join(format!(
+        "microbatch-demo-{}-{run_id:08x}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&work)?;
 
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -372,7 +470,7 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
     eprintln!(
         "microbatch demo on {}, group protocol {}",
         broker.describe(),
-        args.group_protocol
+        args.group_protocol(!named)
     );
     let policies: Vec<PolicyKind> = if args.compare {
         vec![PolicyKind::Keda, PolicyKind::Rate]
@@ -399,7 +497,6 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
         topics: Vec::new(),
         groups: Vec::new(),
     };
-    let run_id: u32 = rand::random();
     let mut runs = Vec::new();
     for (kind, share) in policies
         .iter()
@@ -443,6 +540,7 @@ pub fn execute(args: Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<
     let lost = runs.iter().map(|r| r.lost).sum();
     let report = Report {
         broker: broker.describe(),
+        group_protocol: args.group_protocol(!named).to_string(),
         quick: args.quick,
         lost,
         runs,
@@ -504,10 +602,12 @@ fn demo_policy(kind: PolicyKind, args: &Args, plan: &Plan) -> Box<dyn Policy> {
     }
 }
 
-fn start_burst(
+/// Produces `count` records in the background, at `rate` records/s (0:
+/// at once).
+fn start_load(
     kafka: &KafkaConfig,
     topic: &str,
-    count: u64,
+    (count, rate): (u64, u64),
     partitions: Vec<i32>,
     poison_every: u64,
     start_seq: u64,
@@ -516,7 +616,7 @@ fn start_burst(
     let load = produce::Load {
         topic: topic.to_string(),
         count,
-        rate: 0,
+        rate,
         size: 100,
         keys: 1000,
         partitions,
@@ -537,6 +637,16 @@ fn start_burst(
             }
         }
     })
+}
+
+/// What the outage scenario saw while the downstream was down.
+#[derive(Debug, Default, Clone, Copy)]
+struct OutageSeen {
+    at_start: u32,
+    most_running: u32,
+    most_desired: u32,
+    /// Ticks since it went down.
+    ticks: u32,
 }
 
 /// Which kind of group a run's workers join.
@@ -563,6 +673,9 @@ fn run_policy(
     let group = demo_groups(topic, share).swap_remove(0);
     let dlq = format!("{topic}.dlq");
     let audit = dir.join("w{n}.audit");
+    // The workers' handler fails every batch while it exists (the outage
+    // scenario).
+    let outage_file = dir.join("downstream-down");
     let run_args: Vec<String> = [
         "--topic",
         topic,
@@ -574,6 +687,10 @@ fn run_policy(
         &args.process_time_ms.to_string(),
         "--poison-marker",
         "POISON",
+        "--simulate-outage-file",
+        outage_file
+            .to_str()
+            .context("the work directory is not UTF-8")?,
         "--max-records",
         "10",
         "--max-wait-ms",
@@ -614,7 +731,7 @@ fn run_policy(
     };
     let session_timeout = format!("session.timeout.ms={session_ms}");
     let mut run_args = run_args;
-    match args.group_protocol {
+    match args.group_protocol(embedded) {
         // No consumer-group protocol in a share group.
         _ if share => {}
         // Notice the killed worker sooner (see the constants); the worker's
@@ -689,11 +806,12 @@ fn run_policy(
             Scenario::Fanout,
             Scenario::Hot,
             Scenario::Idle,
+            Scenario::Outage,
             Scenario::Failure,
         ],
         s => vec![s],
     };
-    let classic = !share && args.group_protocol == GroupProtocol::Classic;
+    let classic = !share && args.group_protocol(embedded) == GroupProtocol::Classic;
     if classic {
         wait_for_first_assignment(&mut sup, &dlq_watch, &group, interrupted);
     }
@@ -712,24 +830,58 @@ fn run_policy(
         let name = format!("{scenario:?}").to_lowercase();
         let phase_start = Instant::now();
         let (partitions, poison_every, count) = match scenario {
-            Scenario::Fanout => (Vec::new(), 0, plan.burst),
-            Scenario::Hot => (vec![0, 1], 0, plan.burst / 2),
-            Scenario::Failure => (Vec::new(), 200, plan.burst),
-            Scenario::Idle | Scenario::All => (Vec::new(), 0, 0),
+            Scenario::Fanout => (Vec::new(), 0, (plan.burst, 0)),
+            Scenario::Hot => (vec![0, 1], 0, (plan.burst / 2, 0)),
+            Scenario::Failure => (Vec::new(), 200, (plan.burst, 0)),
+            Scenario::Outage => (
+                Vec::new(),
+                0,
+                (
+                    plan.outage.rate * plan.outage.load.as_secs(),
+                    plan.outage.rate,
+                ),
+            ),
+            Scenario::Idle | Scenario::All => (Vec::new(), 0, (0, 0)),
         };
+        let outage = (scenario == Scenario::Outage).then_some(&plan.outage);
         let mut producer =
-            (count > 0).then(|| start_burst(kafka, topic, count, partitions, poison_every, seq));
+            (count.0 > 0).then(|| start_load(kafka, topic, count, partitions, poison_every, seq));
+        let count = count.0;
         seq += count;
         let mut produced = 0;
         let mut peak = sup.replicas();
         let mut killed = 0;
         let mut drained_at = None;
         let mut saw_lag = false;
+        // While the downstream is down: the replicas when it went down,
+        // the most running and the most the policy asked for after that
+        // (the tick it went down decided on readings from before), and
+        // when it came back.
+        let mut outage_seen: Option<OutageSeen> = None;
+        let mut back_at = None;
+        let dead_at_start = dlq_total(&dlq_watch, &dlq);
+        let mut dead_at_end = dead_at_start;
         loop {
             if interrupted.load(Ordering::SeqCst) {
                 break;
             }
             let tick_start = Instant::now();
+            let down = outage.is_some_and(|o| o.down_at(phase_start.elapsed()));
+            if down != outage_file.exists() {
+                if down {
+                    std::fs::write(&outage_file, b"")
+                        .with_context(|| format!("writing {}", outage_file.display()))?;
+                    outage_seen = Some(OutageSeen {
+                        at_start: sup.replicas(),
+                        most_running: sup.replicas(),
+                        most_desired: 0,
+                        ticks: 0,
+                    });
+                } else {
+                    let _ = std::fs::remove_file(&outage_file);
+                    back_at = Some(phase_start.elapsed());
+                }
+            }
             let point = sup.tick();
             if let Some(h) = producer.take_if(|h| h.is_finished()) {
                 produced = h.join().unwrap_or(0);
@@ -748,7 +900,17 @@ fn run_policy(
                     done: p.done,
                     dead_lettered: dead,
                     partition_lag: p.partition_lag.clone(),
+                    downstream_down: down,
                 });
+                if let Some(o) = outage_seen.as_mut().filter(|_| down) {
+                    if o.ticks > 0 {
+                        o.most_running = o.most_running.max(p.replicas);
+                        o.most_desired = o.most_desired.max(p.desired);
+                    }
+                    o.ticks += 1;
+                }
+                // The most seen: a failed read counts 0.
+                dead_at_end = dead_at_end.max(dead);
                 view.draw(&name, phase_start.elapsed(), p, dead);
                 // Kill a worker once the burst is being worked on by several
                 // (or, failing that, a few seconds in, whatever runs).
@@ -762,7 +924,8 @@ fn run_policy(
                     killed += 1;
                 }
                 let burst_done = producer.is_none() && count > 0;
-                if burst_done && p.total_lag == 0 && saw_lag {
+                let outage_over = outage.is_none_or(|o| o.over_at(phase_start.elapsed()));
+                if burst_done && outage_over && p.total_lag == 0 && saw_lag {
                     drained_at = Some(phase_start.elapsed());
                     break;
                 }
@@ -781,6 +944,9 @@ fn run_policy(
                 std::thread::sleep(plan.tick - spent);
             }
         }
+        // Whatever ended the scenario (a timeout, Ctrl-C), the downstream
+        // is back for the next.
+        let _ = std::fs::remove_file(&outage_file);
         if let Some(h) = producer.take() {
             produced = h.join().unwrap_or(0);
         }
@@ -795,6 +961,39 @@ fn run_policy(
                 drained_at.is_some() && killed > 0,
                 format!("{killed} worker killed with SIGKILL; drained"),
             ),
+            Scenario::Outage => {
+                let OutageSeen {
+                    at_start,
+                    most_running,
+                    most_desired,
+                    ..
+                } = outage_seen.unwrap_or_default();
+                let most = most_running.max(most_desired);
+                let dead = (dead_at_end - dead_at_start).max(0);
+                let recovered = match (drained_at, back_at) {
+                    (Some(d), Some(b)) => {
+                        format!(
+                            "drained {:.1} s after it",
+                            d.saturating_sub(b).as_secs_f64()
+                        )
+                    }
+                    _ => "not drained".to_string(),
+                };
+                let note = format!(
+                    "downstream down {} s: replicas {at_start} when it went down, at most \
+                     {most_running} running and {most_desired} asked for during it; {recovered}; \
+                     {dead} dead-lettered",
+                    plan.outage.down_for.as_secs()
+                );
+                // The hold is `rate`'s promise; keda's own trigger scales
+                // on the growing lag, and the report shows it doing so.
+                let held = kind != PolicyKind::Rate || most <= at_start;
+                // No record of it is bad: an outage dead-letters nothing.
+                (
+                    drained_at.is_some() && outage_seen.is_some() && held && dead == 0,
+                    note,
+                )
+            }
             _ => (drained_at.is_some(), "drained".to_string()),
         };
         let own: Vec<Sample> = timeline

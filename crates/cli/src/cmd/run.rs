@@ -104,6 +104,17 @@ pub struct Args {
     /// simulate: records whose value contains this text fail for good (poison).
     #[arg(long, env = "MICROBATCH_POISON_MARKER", help_heading = "Handler")]
     pub poison_marker: Option<String>,
+    /// simulate: while this file exists, every batch fails whole
+    /// (retryable), as with a downstream refusing connections: the
+    /// worker's circuit opens, nothing is dead-lettered, and scaling holds
+    /// (`demo`'s outage scenario creates and removes it).
+    #[arg(
+        long,
+        env = "MICROBATCH_SIMULATE_OUTAGE_FILE",
+        value_name = "FILE",
+        help_heading = "Handler"
+    )]
+    pub simulate_outage_file: Option<PathBuf>,
     /// exec: shell command to start once per slot (`sh -c`), when the worker
     /// starts.
     #[arg(long, env = "MICROBATCH_COMMAND", help_heading = "Handler")]
@@ -463,6 +474,7 @@ impl Args {
                     process_time: per_record,
                     failure_rate: self.failure_rate,
                     poison_marker: self.poison_marker.clone().filter(|m| !m.is_empty()),
+                    outage_file: self.simulate_outage_file.clone(),
                 })
             }
             HandlerKind::Exec => {

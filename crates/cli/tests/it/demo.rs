@@ -162,7 +162,49 @@ fn demo_quick_on_the_embedded_broker() {
     );
     let report = check_report(&json);
     assert!(report["broker"].as_str().unwrap().starts_with("embedded"));
+    // KIP-848 on the embedded broker: a scale step moves partitions at
+    // the next heartbeat, with no classic rebalance round of seconds.
+    assert_eq!(report["group_protocol"], "consumer");
+    check_outage(&report);
     check_html_renders(&dir, &html);
+    assert!(
+        read(&html).contains("class=\"outage\""),
+        "the outage is shaded on the charts"
+    );
+}
+
+/// The outage scenario, from the report's samples: the downstream was down
+/// for a while, `rate` added no replica meanwhile, and the backlog it left
+/// drained (the scenario passed, which `check_report` asserts).
+fn check_outage(report: &serde_json::Value) {
+    for run in report["runs"].as_array().unwrap() {
+        let down: Vec<&serde_json::Value> = run["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["scenario"] == "outage" && s["downstream_down"] == true)
+            .collect();
+        assert!(
+            down.len() >= 4,
+            "the downstream was down for several samples: {}",
+            down.len()
+        );
+        let at_start = down[0]["replicas"].as_u64().unwrap();
+        let most = down
+            .iter()
+            .map(|s| s["replicas"].as_u64().unwrap())
+            .max()
+            .unwrap();
+        assert!(
+            run["policy"] != "rate" || most <= at_start,
+            "rate added replicas during the outage: {at_start} -> {most}"
+        );
+        let lag = |s: &serde_json::Value| s["total_lag"].as_i64().unwrap();
+        assert!(
+            lag(down[down.len() - 1]) > lag(down[0]),
+            "records waited while the downstream was down"
+        );
+    }
 }
 
 #[test]
