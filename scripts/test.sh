@@ -79,7 +79,7 @@ cargo test --all-targets --no-fail-fast "$@"
 echo "== cargo test (rebalancing tests, --group-protocol consumer)"
 MICROBATCH_TEST_GROUP_PROTOCOL=consumer cargo test -p microbatch --no-fail-fast --test chaos "$@"
 MICROBATCH_TEST_GROUP_PROTOCOL=consumer cargo test -p microbatch --no-fail-fast --test it "$@" -- \
-	edges:: delivery:: fetch:: supervise:: worker::
+	edges:: delivery:: fetch:: supervise:: worker:: lag::members_are_counted_per_topic
 echo "== deploy/check (kustomize overlays, manifests, scripts)"
 (cd deploy/check && go test -count=1 ./...)
 # The image: deploy/Dockerfile's runtime stage, on a base made from Debian

@@ -470,6 +470,9 @@ impl WorkerConfig {
         if self.topic.trim().is_empty() {
             return Err(ConfigError::new("--topic", "must not be empty"));
         }
+        if let Err(why) = one_topic(&self.topic) {
+            return Err(ConfigError::new("--topic", why));
+        }
         let group_flag = if self.share_group {
             "--share-group"
         } else {
@@ -619,9 +622,53 @@ impl WorkerConfig {
     }
 }
 
+/// A worker consumes one topic, named exactly: its capacity reports, its
+/// dead-letter topic and the scaler's triggers are all per topic. A list,
+/// or a pattern (librdkafka subscribes to every topic matching a name that
+/// starts with `^`), would mix topics under one of each.
+fn one_topic(topic: &str) -> Result<(), String> {
+    if topic.contains(',') || topic.starts_with('^') {
+        return Err(format!(
+            "one topic per worker, got {topic:?}: a list or a pattern would put several topics' \
+             work under one capacity report and one dead-letter topic; run a worker per topic"
+        ));
+    }
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if topic.len() > 249 || topic == "." || topic == ".." || !topic.chars().all(legal) {
+        return Err(format!(
+            "{topic:?} is not a Kafka topic name (letters, digits, '.', '_' and '-', at most 249)"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker's capacity reports and dead-letter topic are per topic:
+    /// a list or a pattern in --topic is refused, naming the flag.
+    #[test]
+    fn one_topic_per_worker() {
+        for bad in [
+            "a,b",
+            "^events-.*",
+            "has space",
+            "x/y",
+            "..",
+            &"t".repeat(250),
+        ] {
+            let c = WorkerConfig::new(KafkaConfig::plaintext("localhost:9092"), bad, "g");
+            let e = c.validate().expect_err(bad);
+            assert_eq!(e.field, "--topic", "{bad}: {e}");
+        }
+        let fine = WorkerConfig::new(
+            KafkaConfig::plaintext("localhost:9092"),
+            "orders.v2_eu-1",
+            "g",
+        );
+        assert!(fine.validate().is_ok());
+    }
 
     #[test]
     fn a_records_cap_below_the_slots_is_warned_about() {

@@ -15,6 +15,8 @@
 //!   pure refresh schedule, signing, and the background refresher.
 //! - [`capacity_report`]: the capacity report a worker writes into its
 //!   commit metadata and the scaling side reads back.
+//! - [`group_member`]: whether a classic consumer-group member subscribed
+//!   to a topic, from DescribeGroups' member metadata.
 //! - [`log_throttle`]: one line per back-off step for a repeating problem.
 //! - [`share`]: the share-group (KIP-932) consumer, on `kafka-protocol`.
 
@@ -23,6 +25,7 @@ pub mod aws_iam;
 pub mod capacity_report;
 pub mod client;
 pub mod config;
+pub mod group_member;
 pub mod log_throttle;
 pub mod secret;
 pub mod share;

@@ -448,15 +448,36 @@ impl LagReader {
         Ok(ids)
     }
 
-    /// Members of the group now (None when the broker cannot list groups,
-    /// as librdkafka's mock cluster cannot).
+    /// Members of the group on this reader's topic now; `None` when that
+    /// cannot be told:
+    /// - the broker cannot list groups (librdkafka's mock cluster);
+    /// - a KIP-848 group: the classic DescribeGroups librdkafka sends
+    ///   answers it as "Dead" with no members, which read as 0 replicas
+    ///   running while its workers worked;
+    /// - a rebalance: the broker leaves out every member's metadata until
+    ///   the group is stable again.
+    ///
+    /// Callers then count the workers that report. One group may serve
+    /// several topics (a Deployment per topic, one group id): a member
+    /// subscribed only to other topics is not one of this topic's
+    /// replicas; one whose subscription cannot be read is counted.
     pub fn members(&self) -> Option<usize> {
         let list = self
             .consumer
             .fetch_group_list(Some(&self.group), self.timeout)
             .ok()?;
         let group = list.groups().iter().find(|g| g.name() == self.group)?;
-        Some(group.members().len())
+        match group.state() {
+            "Empty" => Some(0),
+            "Stable" if group.protocol_type() == "consumer" => Some(
+                group
+                    .members()
+                    .iter()
+                    .filter(|m| member_on_topic(m.metadata(), &self.topic))
+                    .count(),
+            ),
+            _ => None,
+        }
     }
 
     /// Measures lag now.
@@ -646,9 +667,40 @@ impl RateTracker {
     }
 }
 
+/// Whether a member with this metadata counts as one of `topic`'s:
+/// unless its subscription names other topics only.
+fn member_on_topic(metadata: Option<&[u8]>, topic: &str) -> bool {
+    use microbatch_kafka::group_member::{subscription_to, Subscribed};
+    metadata.and_then(|m| subscription_to(m, topic)) != Some(Subscribed::Elsewhere)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One group id serving two topics: a member subscribed only to the
+    /// other topic is not one of this topic's replicas; one whose
+    /// subscription cannot be read still is.
+    #[test]
+    fn members_count_on_their_own_topic() {
+        // Kafka's ConsumerProtocolSubscription v0: one topic, no user data.
+        let to = |topic: &str| {
+            let mut b = vec![0, 0, 0, 0, 0, 1];
+            b.extend((topic.len() as i16).to_be_bytes());
+            b.extend(topic.as_bytes());
+            b.extend((-1i32).to_be_bytes());
+            b
+        };
+        assert!(member_on_topic(Some(&to("a")), "a"));
+        assert!(!member_on_topic(Some(&to("b")), "a"));
+        assert!(member_on_topic(None, "a"));
+        assert!(member_on_topic(Some(&[]), "a"));
+        assert!(
+            member_on_topic(Some(&[0, 0, 0, 0, 0, 0]), "a"),
+            "no topic named"
+        );
+        assert!(member_on_topic(Some(b"garbage"), "a"));
+    }
 
     /// Found in review: a share-group reader allowed Describe but not Read
     /// spent the whole 2 s on every reading finding the ages unreadable. A failure

@@ -90,7 +90,9 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
     let watch = args.watch;
     let interval = Duration::from_millis(args.interval_ms.max(100));
     loop {
-        let reading = tokio::task::block_in_place(|| observer.read(false))?;
+        // With the group's members on this topic: one group id may serve
+        // several topics (a Deployment per topic), each its own replicas.
+        let reading = tokio::task::block_in_place(|| observer.read(true))?;
         let lag = &reading.lag;
         if args.policy == Some(PolicyKind::Keda) {
             keda_trigger::check_partitions(&keda_params, lag)
@@ -105,6 +107,7 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
         let mut out = std::io::stdout().lock();
         if json {
             let mut v = serde_json::to_value(lag)?;
+            v["members"] = serde_json::json!(reading.members);
             if let Some((name, d)) = &decision {
                 v["policy"] = serde_json::json!({"name": name, "desired_replicas": d.desired, "metric_value": d.metric_value, "active": d.active, "reason": d.reason, "scale_up_held": d.scale_up_held, "bound_by": d.bound_by});
             }
@@ -113,7 +116,10 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
             if watch {
                 write!(out, "\x1b[2J\x1b[H")?;
             }
-            writeln!(out, "GROUP {}  TOPIC {}", lag.group, lag.topic)?;
+            match reading.members {
+                Some(n) => writeln!(out, "GROUP {}  TOPIC {}  MEMBERS {n}", lag.group, lag.topic)?,
+                None => writeln!(out, "GROUP {}  TOPIC {}", lag.group, lag.topic)?,
+            }
             writeln!(
                 out,
                 "{:>9} {:>12} {:>12} {:>12} {:>10} {:>11}",

@@ -1,7 +1,7 @@
 //! `microbatch lag`: lag in records and in seconds, checked against records
 //! produced with known timestamps on a real broker.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::harness::admin::*;
 use crate::harness::*;
@@ -103,4 +103,44 @@ fn lag_seconds_is_the_age_of_the_oldest_record_not_committed() {
         .find(|l| l.trim_start().starts_with("2 "))
         .unwrap_or_else(|| panic!("partition 2's row: {table}"));
     assert!(p2.trim_end().ends_with(" 0.0"), "{p2}");
+}
+
+/// One group id serving two topics (a Deployment per topic, as teams do):
+/// each topic's replicas are the members assigned it, not every member of
+/// the group, so a policy on topic a does not take b's workers for its
+/// own. JSON: "members" beside the lag.
+#[test]
+fn members_are_counted_per_topic_when_a_group_serves_two() {
+    if !broker().is_real() {
+        eprintln!("skipped: the embedded broker lists no group members");
+        return;
+    }
+    let dir = TestDir::new("lag-members-per-topic");
+    let (a, b) = (unique("members-a"), unique("members-b"));
+    let group = unique("members-g");
+    create_topic(&a, 2);
+    create_topic(&b, 2);
+    let mut workers = vec![spawn_worker(&dir, "a1", &a, &group, 0, &["--dlq", "off"])];
+    for name in ["b1", "b2"] {
+        workers.push(spawn_worker(&dir, name, &b, &group, 0, &["--dlq", "off"]));
+    }
+    let members = |topic: &str| lag(topic, &group, &[])["members"].clone();
+    if classic_protocol() {
+        wait_until(
+            Duration::from_secs(60),
+            "a stable group of 3 on two topics",
+            || members(&a) == 1 && members(&b) == 2,
+        );
+    } else {
+        // A KIP-848 group is "Dead" to the classic DescribeGroups: its
+        // members are unknown (null, and the scaler counts the workers
+        // that report), never 0 while its workers work.
+        produce(&a, 20, &[]);
+        wait_for_lag_zero(&a, &group, Duration::from_secs(60));
+        assert_eq!(members(&a), serde_json::Value::Null);
+        assert_eq!(members(&b), serde_json::Value::Null);
+    }
+    for w in &mut workers {
+        w.terminate();
+    }
 }
