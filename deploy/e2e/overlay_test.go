@@ -64,6 +64,9 @@ type testOverlay struct {
 	withoutBehavior bool
 	// The topic's partitions; 0: the tests' usual 4.
 	partitions int
+	// The workers' handler POSTs batches here (the http handler) instead
+	// of the kit's simulated one.
+	handlerURL string
 }
 
 func (o testOverlay) topicPartitions() int {
@@ -128,6 +131,9 @@ func (o testOverlay) write(repo, dir string) (string, error) {
 	}
 	// A scale-down's SIGTERM drains within this; the pods' grace is 45 s.
 	p("      - MICROBATCH_DRAIN_TIMEOUT_MS=5000")
+	if o.handlerURL != "" {
+		p("      - MICROBATCH_HANDLER=http\n      - MICROBATCH_URL=%s", o.handlerURL)
+	}
 	if ca != "" {
 		p("  - name: kafka-ca\n    namespace: %s\n    files:\n      - %s\n    options:\n      disableNameSuffixHash: true", namespace, caFile)
 	}
