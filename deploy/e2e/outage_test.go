@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -64,6 +65,11 @@ func (d *downstream) handle(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	time.Sleep(d.perRecord * time.Duration(len(batch.Records)))
+	// Stopped meanwhile: the worker saw this batch fail, so it was not
+	// delivered.
+	if r.Context().Err() != nil {
+		return
+	}
 	d.mu.Lock()
 	for _, rec := range batch.Records {
 		d.seen[[2]int64{rec.Partition, rec.Offset}]++
@@ -145,6 +151,7 @@ func TestExternalScalerOutage(t *testing.T) {
 
 	count := int(outageRate * outageLoad / time.Second)
 	produced := make(chan error, 1)
+	var loadDone atomic.Bool
 	ctx, cancel := s.ctx(outageLoad + 2*time.Minute)
 	defer cancel()
 	var loadStart time.Time
@@ -154,6 +161,7 @@ func TestExternalScalerOutage(t *testing.T) {
 		go func() {
 			_, err := s.e.runMicrobatch(ctx, s.admin, "produce", "--topic", s.o.topic,
 				"--count", strconv.Itoa(count), "--rate", strconv.Itoa(outageRate), "--keys", "64", "--quiet")
+			loadDone.Store(true)
 			produced <- err
 		}()
 	}, func(st []sample) bool {
@@ -169,7 +177,7 @@ func TestExternalScalerOutage(t *testing.T) {
 			t.Logf("downstream back at +%.0fs", elapsed.Seconds())
 		}
 		l := st[len(st)-1]
-		return !upAt.IsZero() && elapsed > outageLoad && l.lag == 0
+		return !upAt.IsZero() && loadDone.Load() && l.lag == 0
 	})
 	table := timeline(steps)
 	writeArtifact(t, "timeline.md", table)
@@ -207,7 +215,10 @@ func TestExternalScalerOutage(t *testing.T) {
 		if l.message() != "GetMetrics" || l.Timestamp.Before(downAt) || l.Timestamp.After(upAt) {
 			continue
 		}
-		v, _ := l.Fields["value"].(float64)
+		v, ok := l.Fields["value"].(float64)
+		if !ok {
+			t.Fatalf("a GetMetrics line without a value: %s", l.Raw)
+		}
 		asked = append(asked, fmt.Sprintf("%.0f", v))
 		if int32(v) > atDown {
 			t.Errorf("the scaler asked KEDA for %.0f replicas while the downstream was down: %s", v, l.Raw)
@@ -230,6 +241,17 @@ func TestExternalScalerOutage(t *testing.T) {
 	t.Logf("the downstream was given %d distinct records of %d produced (%d more than once)", distinct, count, again)
 	if distinct != count {
 		t.Errorf("the downstream has %d distinct records, want %d", distinct, count)
+	}
+	// Once it answers, the hold lets go: the backlog asks for more.
+	var askedAfter float64
+	for _, l := range readScalerLog(s.standIn.logsOf("scaler")) {
+		if l.message() == "GetMetrics" && l.Timestamp.After(upAt) {
+			v, _ := l.Fields["value"].(float64)
+			askedAfter = max(askedAfter, v)
+		}
+	}
+	if int32(askedAfter) <= atDown {
+		t.Errorf("after the downstream came back the scaler asked for at most %.0f replicas: the hold did not let go", askedAfter)
 	}
 	var peakAfter int32
 	for _, st := range steps {
