@@ -11,6 +11,7 @@
 //! - `policy_args`: the scaling policies' flags (`lag`, `supervise`, `demo`).
 //! - `report`: the demo's HTML and JSON report.
 //! - `logging`: `--log-format` and `--log-level`.
+//! - `server_tls`: the scaler's gRPC TLS, reloaded when its files change.
 
 mod args;
 mod cmd;
@@ -19,6 +20,7 @@ mod logging;
 mod policy_args;
 mod report;
 mod schema_args;
+mod server_tls;
 
 use std::process::ExitCode;
 

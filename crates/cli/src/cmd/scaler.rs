@@ -14,10 +14,10 @@ use microbatch_scaling::scaler::proto::external_scaler_server::ExternalScalerSer
 use microbatch_scaling::scaler::{proto, Scaler, ScalerConfig};
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::args::KafkaArgs;
 use crate::config_file::FromFile;
+use crate::server_tls::{ReloadingTls, TlsFiles};
 
 #[derive(Debug, clap::Args, Serialize, Deserialize)]
 pub struct Args {
@@ -75,13 +75,11 @@ pub struct Args {
     pub tls_client_ca: Option<PathBuf>,
 }
 
-/// The gRPC server's TLS, from the flags: none, server-only, or mutual.
-fn tls_config(args: &Args) -> Result<Option<ServerTlsConfig>, microbatch_kafka::ConfigError> {
+/// The gRPC server's TLS files, from the flags: none, server-only, or
+/// mutual. Their contents are checked when the configuration is built
+/// (`server_tls`), where a mistake names its flag.
+fn tls_files(args: &Args) -> Result<Option<TlsFiles>, microbatch_kafka::ConfigError> {
     use microbatch_kafka::ConfigError;
-    let read = |flag: &'static str, path: &PathBuf| {
-        std::fs::read(path)
-            .map_err(|e| ConfigError::new(flag, format!("cannot read {}: {e}", path.display())))
-    };
     let (cert, key) = match (&args.tls_cert, &args.tls_key) {
         (None, None) => {
             if args.tls_client_ca.is_some() {
@@ -92,46 +90,15 @@ fn tls_config(args: &Args) -> Result<Option<ServerTlsConfig>, microbatch_kafka::
             }
             return Ok(None);
         }
-        (Some(cert), Some(key)) => (read("--tls-cert", cert)?, read("--tls-key", key)?),
+        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
         (Some(_), None) => return Err(ConfigError::new("--tls-key", "is needed with --tls-cert")),
         (None, Some(_)) => return Err(ConfigError::new("--tls-cert", "is needed with --tls-key")),
     };
-    // A handshake never finished must not hold a connection for ever.
-    let mut tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .timeout(Duration::from_secs(10));
-    if let Some(ca) = &args.tls_client_ca {
-        let pem = read("--tls-client-ca", ca)?;
-        let certificates = client_ca_certificates(&pem).map_err(|why| {
-            ConfigError::new("--tls-client-ca", format!("{}: {why}", ca.display()))
-        })?;
-        if certificates > CLIENT_CA_BUNDLE_WARNING {
-            tracing::warn!(
-                certificates,
-                "--tls-client-ca holds {certificates} certificates: a client with a certificate from \
-                 any of them is let in (a system trust store admits anyone with a public \
-                 certificate); give the one CA that signs KEDA's client certificate"
-            );
-        }
-        tls = tls.client_ca_root(Certificate::from_pem(pem));
-    }
-    Ok(Some(tls))
-}
-
-/// More client CAs than this is likely a trust store, not a CA of one's own.
-const CLIENT_CA_BUNDLE_WARNING: usize = 10;
-
-/// How many PEM certificates a client-CA file holds; a file with none (or a
-/// private key in it) is refused.
-fn client_ca_certificates(pem: &[u8]) -> Result<usize, &'static str> {
-    let text = std::str::from_utf8(pem).map_err(|_| "not PEM text")?;
-    if text.contains("PRIVATE KEY-----") {
-        return Err("holds a private key: give only the CA's certificate");
-    }
-    match text.matches("-----BEGIN CERTIFICATE-----").count() {
-        0 => Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
-        n => Ok(n),
-    }
+    Ok(Some(TlsFiles {
+        cert,
+        key,
+        client_ca: args.tls_client_ca.clone(),
+    }))
 }
 
 pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
@@ -139,7 +106,11 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let host: std::net::IpAddr = args.host.parse().map_err(|_| {
         microbatch_kafka::ConfigError::new("--host", format!("not an IP address: {}", args.host))
     })?;
-    let tls = tls_config(&args)?;
+    let tls = tls_files(&args)?
+        .map(ReloadingTls::new)
+        .transpose()
+        .map_err(|e| microbatch_kafka::ConfigError::new(e.flag(), e.to_string()))?
+        .map(Arc::new);
     let kafka = kafka.start_msk_iam()?;
     let scaler = Arc::new(Scaler::new(
         kafka,
@@ -197,22 +168,28 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             .with_graceful_shutdown(super::shutdown_signal())
             .await;
     });
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server
-            .tls_config(tls)
-            .context("the TLS certificate, key or client CA")?;
-    }
-    server
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ExternalScalerServer::new(scaler))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            super::shutdown_signal(),
-        )
-        .await
-        .context("serving gRPC")?;
+        .add_service(ExternalScalerServer::new(scaler));
+    match tls {
+        Some(tls) => {
+            // Rotated certificates are taken up without a restart.
+            tokio::spawn(tls.clone().watch());
+            router
+                .serve_with_incoming_shutdown(tls.incoming(grpc_listener), super::shutdown_signal())
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    super::shutdown_signal(),
+                )
+                .await
+        }
+    }
+    .context("serving gRPC")?;
     let _ = http.await;
     Ok(ExitCode::SUCCESS)
 }
@@ -220,24 +197,5 @@ pub async fn execute(args: Args) -> anyhow::Result<ExitCode> {
 impl FromFile for Args {
     fn config_file(&self) -> Option<&std::path::Path> {
         self.kafka.config_file()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Found in review: any file was taken as the client CA.
-    #[test]
-    fn a_client_ca_file_must_hold_certificates_and_no_key() {
-        let cert = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        assert_eq!(client_ca_certificates(cert.as_bytes()), Ok(1));
-        assert_eq!(client_ca_certificates(cert.repeat(3).as_bytes()), Ok(3));
-        assert!(client_ca_certificates(b"").is_err());
-        assert!(client_ca_certificates(b"not a certificate").is_err());
-        assert!(client_ca_certificates(&[0xff, 0xfe]).is_err());
-        let with_key =
-            format!("{cert}-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
-        assert!(client_ca_certificates(with_key.as_bytes()).is_err());
     }
 }

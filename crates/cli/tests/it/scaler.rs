@@ -673,10 +673,9 @@ fn the_scaler_serves_grpc_over_tls_only_to_callers_with_a_client_certificate() {
     let mutual = server_only
         .clone()
         .identity(Identity::from_pem(pem("client.pem"), pem("client.key")));
-    let with_certificate = ask(Some(mutual));
+    let with_certificate = ask(Some(mutual.clone()));
     let without_certificate = ask(Some(server_only));
     let plaintext = ask(None);
-    scaler.terminate();
     eprintln!("mutual: {with_certificate:?}; no client certificate: {without_certificate:?}; plaintext: {plaintext:?}");
     assert_eq!(with_certificate, Ok(7), "{}", scaler.stderr());
     assert!(
@@ -687,6 +686,71 @@ fn the_scaler_serves_grpc_over_tls_only_to_callers_with_a_client_certificate() {
     assert!(scaler
         .stderr()
         .contains("mutual (client certificates required)"));
+
+    // A rotation under the running scaler (cert-manager renewing the
+    // Secret): a new CA, server and client certificates, swapped in place.
+    // First a key that does not fit the certificate: the last good files
+    // keep serving. Then the whole set: taken up without a restart, and
+    // the old client certificate (from the old CA) is no longer served.
+    let rotated = TestDir::new("scaler-tls-rotated");
+    certificates(&rotated);
+    let swap = |file: &str, from: &std::path::Path| {
+        let staged = dir.path(&format!("{file}.new"));
+        std::fs::copy(from, &staged).unwrap();
+        std::fs::rename(&staged, dir.path(file)).unwrap();
+    };
+    swap("server.key", &rotated.path("server.key"));
+    wait_until(
+        Duration::from_secs(30),
+        "the broken rotation logged",
+        || {
+            scaler
+                .stderr()
+                .contains("cannot be used; serving the last good ones")
+        },
+    );
+    assert_eq!(
+        ask(Some(mutual.clone())),
+        Ok(7),
+        "a key that does not fit its certificate replaced the good files"
+    );
+    swap("server.pem", &rotated.path("server.pem"));
+    swap("ca.pem", &rotated.path("ca.pem"));
+    let new_pem = |f: &str| std::fs::read(rotated.path(f)).unwrap();
+    let renewed = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(new_pem("ca.pem")))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(
+            new_pem("client.pem"),
+            new_pem("client.key"),
+        ));
+    let mut after = Err(String::new());
+    wait_until(
+        Duration::from_secs(30),
+        "the rotated certificates served",
+        || {
+            after = ask(Some(renewed.clone()));
+            after == Ok(7)
+        },
+    );
+    // The server's new certificate trusted, the old CA's client
+    // certificate offered: the client CA was rotated too.
+    let old_client = ask(Some(
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(new_pem("ca.pem")))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(pem("client.pem"), pem("client.key"))),
+    ));
+    drop(mutual);
+    scaler.terminate();
+    eprintln!("the old CA's client certificate after the rotation: {old_client:?}");
+    assert!(
+        old_client.is_err(),
+        "the old CA's client certificate is still served after the rotation"
+    );
+    assert!(scaler
+        .stderr()
+        .contains("TLS certificate files changed: new connections use them"));
 }
 
 /// A `shareGroup` trigger scales on the share group's backlog with no
