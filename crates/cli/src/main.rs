@@ -11,11 +11,13 @@
 //! - `policy_args`: the scaling policies' flags (`lag`, `supervise`, `demo`).
 //! - `report`: the demo's HTML and JSON report.
 //! - `logging`: `--log-format` and `--log-level`.
+//! - `init`: PID 1's duties (reaping orphans) when the binary is PID 1.
 //! - `server_tls`: the scaler's gRPC TLS, reloaded when its files change.
 
 mod args;
 mod cmd;
 mod config_file;
+mod init;
 mod logging;
 mod policy_args;
 mod report;
@@ -33,6 +35,15 @@ use clap::{CommandFactory, FromArgMatches};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // First, before any thread: as PID 1 the work runs in a child and this
+    // process reaps the orphans the kernel gives it.
+    if init::wanted() {
+        if let Err(e) = init::become_init() {
+            eprintln!(
+                "warning: cannot stand as init (PID 1): {e}; orphaned processes will not be reaped"
+            );
+        }
+    }
     let matches = match cmd::Cli::command().try_get_matches() {
         Ok(matches) => matches,
         Err(e) => exit_quietly(e),

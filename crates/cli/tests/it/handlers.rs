@@ -722,3 +722,79 @@ fn no_secret_reaches_a_dead_letter_a_log_or_a_metric() {
         }
     }
 }
+
+/// Run as PID 1 (a bare `docker run`; here a PID namespace of its own):
+/// the orphans a handler leaves behind (`sh -c` backgrounding, a child
+/// killed with its group) are reaped, not left as zombies for ever, and a
+/// SIGTERM sent to PID 1 reaches the worker, which drains and exits 0.
+#[test]
+fn as_pid_1_the_worker_reaps_orphans_and_passes_sigterm_on() {
+    let unshare = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !unshare {
+        assert!(
+            !in_ci(),
+            "CI must run tests as root with unshare (util-linux)"
+        );
+        eprintln!("skipped: no PID namespace here (unshare needs root)");
+        return;
+    }
+    let dir = TestDir::new("pid-1");
+    let topic = unique("pid1");
+    let group = unique("pid1-g");
+    create_topic(&topic, 2);
+    let log = dir.path("handled.log");
+    // Each handler start leaves three orphans that exit at once.
+    let command = format!(
+        "for i in 1 2 3; do (sleep 0.1 &); done; exec {}",
+        logging_handler(&dir, &log, "")
+    );
+    let mut cmd = command_through(
+        "unshare",
+        &["--pid", "--fork", "--mount-proc", "--kill-child"],
+    );
+    cmd.args(["run", "--bootstrap-servers", broker().bootstrap()]);
+    let mut worker = spawn_worker_with(
+        cmd,
+        &dir,
+        "w",
+        &topic,
+        &group,
+        free_port(),
+        &[
+            "--handler",
+            "exec",
+            "--command",
+            &command,
+            "--concurrency",
+            "2",
+            "--dlq",
+            "off",
+        ],
+    );
+    produce(&topic, 20, &[]);
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(60));
+    // The namespace's PID 1 is unshare's child.
+    let init = children_of(worker.child.id())
+        .first()
+        .copied()
+        .expect("unshare runs the binary");
+    std::thread::sleep(Duration::from_secs(2));
+    let zombies = zombie_children_of(init);
+    // SAFETY: kill(2) on a process this test started.
+    unsafe { libc::kill(init as i32, libc::SIGTERM) };
+    let status = worker.wait_for_exit(Duration::from_secs(30));
+    assert!(
+        zombies.is_empty(),
+        "PID 1 left {} orphans unreaped: {zombies:?}",
+        zombies.len()
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM to PID 1 did not end the worker cleanly: {status:?}\n{}",
+        worker.stderr()
+    );
+    assert_eq!(read(&log).lines().count(), 20, "every record handled");
+}

@@ -209,7 +209,17 @@ pub fn classic_protocol() -> bool {
 /// The binary with an environment cleared of our variables, so a developer's
 /// shell cannot change what a test means.
 pub fn command() -> Command {
-    let mut cmd = Command::new(BIN);
+    command_through(BIN, &[])
+}
+
+/// [`command`] started through `program` with `args` before the binary
+/// (`unshare --pid --fork`, say).
+pub fn command_through(program: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    if program != BIN {
+        cmd.arg(BIN);
+    }
     for (k, _) in std::env::vars() {
         if k.starts_with("KAFKA_")
             || k.starts_with("MICROBATCH_")
@@ -713,6 +723,15 @@ pub fn wait_for_lag_zero(topic: &str, group: &str, limit: Duration) {
 
 /// Live (not zombie) children of a process, from /proc.
 pub fn children_of(pid: u32) -> Vec<u32> {
+    children_where(pid, |state| state != "Z")
+}
+
+/// Zombie children of a process (exited, never reaped), from /proc.
+pub fn zombie_children_of(pid: u32) -> Vec<u32> {
+    children_where(pid, |state| state == "Z")
+}
+
+fn children_where(pid: u32, keep: impl Fn(&str) -> bool) -> Vec<u32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -726,7 +745,7 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         let mut fields = rest.split_whitespace();
         let state = fields.next().unwrap_or("");
         let ppid: u32 = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        if ppid == pid && state != "Z" {
+        if ppid == pid && keep(state) {
             out.push(p);
         }
     }
