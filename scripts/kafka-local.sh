@@ -116,7 +116,9 @@ Broker settings worth knowing:
   auto.create.topics.enable=$AUTO_CREATE_TOPICS: tests must create their topics
   explicitly (e.g. with 'tool topics --create'). Set KAFKA_AUTO_CREATE_TOPICS=true
   before 'start' to change that. Replication factor 1 everywhere,
-  num.partitions=1, group.initial.rebalance.delay.ms=0, no authorizer.
+  num.partitions=1, group.initial.rebalance.delay.ms=0. The StandardAuthorizer
+  with allow.everyone.if.no.acl.found=true and ANONYMOUS (PLAINTEXT) as super
+  user: open to all until a test adds an ACL ('tool acls --add ...').
   Every group protocol: classic, consumer (KIP-848) with a session of
   ${CONSUMER_SESSION_TIMEOUT_MS} ms and heartbeats every ${CONSUMER_HEARTBEAT_MS} ms, and share groups (KIP-932)
   with a session of ${SHARE_SESSION_TIMEOUT_MS} ms, heartbeats every ${SHARE_HEARTBEAT_MS} ms and the broker's
@@ -473,6 +475,15 @@ listener.name.msk_iam.sasl.enabled.mechanisms=OAUTHBEARER
 listener.name.msk_iam.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required unsecuredLoginStringClaim_sub="broker" accessKeyId="$MSK_IAM_ACCESS_KEY_ID" secretAccessKey="$MSK_IAM_SECRET_ACCESS_KEY" region="$MSK_IAM_REGION" tokenMaxAgeSeconds="$MSK_IAM_TOKEN_MAX_AGE";
 listener.name.msk_iam.oauthbearer.sasl.server.callback.handler.class=$MSK_IAM_CLASS
 listener.name.msk_iam.oauthbearer.connections.max.reauth.ms=3600000
+
+# An authorizer, so that a test can deny a principal something (a
+# dead-letter topic without WRITE, which the worker must see at start
+# through KIP-430's authorized operations). A resource without ACLs is open
+# to all, and ANONYMOUS (the PLAINTEXT listener, the controller and the
+# test tools) is a super user, so everything else runs as without one.
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=true
+super.users=User:ANONYMOUS
 
 ssl.keystore.type=PKCS12
 ssl.keystore.location=$TLS_DIR/broker.p12

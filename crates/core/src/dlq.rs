@@ -14,6 +14,12 @@
 //! created (as Kafka Connect does for its DLQ: the source topic's partition
 //! count unless `--dlq-partitions`). When it cannot be created, or may not
 //! be read, the worker stops before consuming, naming the topic and the fix.
+//! So it does when the broker says the worker's principal may not WRITE to
+//! it (KIP-430: the authorized operations Metadata returns): a missing ACL
+//! would otherwise show only at the first poison record, as a partition
+//! that stops. A broker that does not say (before Kafka 2.3, librdkafka's
+//! mock), or no answer within [`ACL_CHECK_TIMEOUT`], is logged and the
+//! start goes on.
 //!
 //! **As durable as the source, and room for every record it accepts.** An
 //! acknowledged dead letter lets the source offset be committed, so the
@@ -113,6 +119,38 @@ pub mod headers {
 /// How long the settings of a source topic may take to read before its
 /// dead-letter topic is made with the broker's defaults.
 const SETTINGS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the start waits for the broker to say what the worker may do
+/// with the dead-letter topic.
+pub const ACL_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Refuses a dead-letter topic this principal may not WRITE to, as the
+/// broker reports (see the module docs).
+async fn may_write(kafka: &KafkaConfig, topic: &str) -> Result<(), DlqError> {
+    match microbatch_kafka::admin::topic_operations(kafka, topic, ACL_CHECK_TIMEOUT).await {
+        Ok(Some(ops)) if !ops.allows_write() => Err(DlqError::NotAuthorized {
+            topic: topic.to_string(),
+            reason: format!(
+                "the broker says this principal may not WRITE to it, only {}",
+                if ops.names().is_empty() {
+                    "nothing".to_string()
+                } else {
+                    ops.names().join(", ")
+                }
+            ),
+        }),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::warn!(
+                dlq_topic = topic,
+                error = %e,
+                "could not ask the broker whether this principal may write the dead-letter topic \
+                 (KIP-430); a missing WRITE would show only at the first dead letter"
+            );
+            Ok(())
+        }
+    }
+}
 
 /// Warns when the existing dead-letter topic takes smaller records than
 /// its source topic, with the command that fixes it.
@@ -316,6 +354,7 @@ impl DeadLetterWriter {
                 }
             }
         }
+        may_write(kafka, &dlq.topic).await?;
         Ok(Self::new(kafka, &dlq.topic, group, 0)?)
     }
 

@@ -604,3 +604,104 @@ fn a_second_sigterm_stops_at_once_and_loses_nothing() {
     let (n, _) = assert_recorded_or_dead(topic, group, &[log], &BTreeSet::new());
     assert_eq!(n, 100);
 }
+
+/// A principal that may not WRITE to the dead-letter topic is refused at
+/// start, before it takes a record, naming the ACL (KIP-430's authorized
+/// operations), where it showed only at the first poison record as a
+/// partition that stopped. The broker's authorizer lets the SCRAM user
+/// only DESCRIBE this one topic (an ACL on a topic ends "allowed when no
+/// ACL is found" for it); everything else stays open.
+#[test]
+fn a_dead_letter_topic_without_write_stops_the_worker_before_consuming() {
+    let Some(env) = scram_listener() else {
+        return;
+    };
+    let sc = Scenario::new("dlq-no-write", 1);
+    let Scenario { dir, topic, group } = &sc;
+    let dlq = sc.dead_letter_topic(1);
+    sc.produce(20, &["--poison-every", "5"]);
+    /// The ACL, removed when the test ends however it ends.
+    struct DescribeOnly(Vec<String>);
+    impl DescribeOnly {
+        fn run(&self, action: &str) -> std::process::Output {
+            std::process::Command::new(scripts_dir().join("kafka-local.sh"))
+                .args([
+                    "tool",
+                    "acls",
+                    "--bootstrap-server",
+                    broker().bootstrap(),
+                    action,
+                ])
+                .args(&self.0)
+                .output()
+                .expect("running kafka-acls")
+        }
+    }
+    impl Drop for DescribeOnly {
+        fn drop(&mut self) {
+            let _ = self.run("--remove");
+        }
+    }
+    let acl = DescribeOnly(
+        [
+            "--force",
+            "--allow-principal",
+            &format!("User:{}", env["KAFKA_USERNAME"]),
+            "--operation",
+            "Describe",
+            "--topic",
+            &dlq,
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    let added = acl.run("--add");
+    assert!(
+        added.status.success(),
+        "kafka-acls --add: {}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let log = dir.path("handled.txt");
+    let mut cmd = command();
+    cmd.arg("run")
+        .env("KAFKA_BOOTSTRAP_SERVERS", &env["KAFKA_BOOTSTRAP_SERVERS"])
+        .env("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+        .env("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+        .env("KAFKA_USERNAME", &env["KAFKA_USERNAME"])
+        .env("KAFKA_PASSWORD", &env["KAFKA_PASSWORD"])
+        .env("KAFKA_SSL_CA_LOCATION", &env["KAFKA_SSL_CA_LOCATION"]);
+    let handler = logging_handler(dir, &log, "");
+    let mut w = spawn_worker_with(
+        cmd,
+        dir,
+        "w",
+        topic,
+        group,
+        free_port(),
+        &[
+            "--handler",
+            "exec",
+            "--command",
+            &handler,
+            "--dlq-topic",
+            &dlq,
+        ],
+    );
+    let status = w.wait_for_exit(Duration::from_secs(60));
+    let err = w.stderr();
+    drop(acl);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "the worker stops by itself: {err}"
+    );
+    assert!(
+        err.contains("may not WRITE to it, only DESCRIBE"),
+        "names the ACL: {err}"
+    );
+    assert!(err.contains(&dlq), "names the topic: {err}");
+    assert!(!log.exists(), "the handler never saw a record");
+    for p in lag_json(topic, group)["partitions"].as_array().unwrap() {
+        assert!(p["committed"].is_null(), "nothing committed: {p}");
+    }
+}

@@ -241,6 +241,40 @@ impl Cluster {
         Ok(out)
     }
 
+    /// What this connection's principal may do with `topic` (KIP-430: the
+    /// authorized operations Metadata returns when asked), as a bit field
+    /// of ACL operation codes; `None` when the broker does not say (before
+    /// Kafka 2.3) or the topic is missing.
+    pub async fn topic_authorized_operations(
+        &self,
+        topic: &str,
+    ) -> Result<Option<i32>, ShareError> {
+        let conn = self.any().await?;
+        let request = MetadataRequest::default()
+            .with_allow_auto_topic_creation(false)
+            .with_include_topic_authorized_operations(true)
+            .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(
+                TopicName(StrBytes::from_string(topic.to_string())),
+            ))]));
+        let response: MetadataResponse = match conn.call(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.forget(&conn, Lane::Coordinator).await;
+                return Err(e);
+            }
+        };
+        Ok(response
+            .topics
+            .iter()
+            .find(|t| t.error_code == 0 && t.name.as_ref().is_some_and(|n| n.0.as_str() == topic))
+            .map(|t| t.topic_authorized_operations)
+            // i32::MIN: not asked for, or not supported. A topic answered
+            // without error is one the principal may DESCRIBE (code 8): a
+            // field without that bit (a proxy that leaves it 0) says
+            // nothing.
+            .filter(|ops| *ops != i32::MIN && ops & (1 << 8) != 0))
+    }
+
     /// The address of `group`'s coordinator.
     pub async fn coordinator(&self, group: &str) -> Result<String, ShareError> {
         let conn = self.any().await?;
