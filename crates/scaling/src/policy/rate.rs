@@ -158,6 +158,12 @@ const CAPACITY_SMOOTHING: Duration = Duration::from_secs(30);
 /// replace it.
 const WORKERS_FIGURE_STANDS: Duration = Duration::from_secs(90);
 
+/// Past its stand the workers' figure gives way to lag growth gradually: the
+/// first sample moves it as a sample this long after it would, and the
+/// next ones as usual ([`CAPACITY_SMOOTHING`]). A single reading of lag
+/// growth is noisy; it replaced the figure whole before.
+const FIRST_INFERENCE_STEP: Duration = Duration::from_secs(1);
+
 /// Lag below this many seconds of arrivals is records in flight (fetched,
 /// batched, waiting for the next commit), not a backlog that proves the
 /// replicas saturated.
@@ -274,6 +280,9 @@ impl RatePolicy {
                 now.saturating_duration_since(then),
                 CAPACITY_SMOOTHING,
             ),
+            (Some((c, _)), CapacitySource::Workers, CapacitySource::LagGrowth) => {
+                smooth(c, sample, FIRST_INFERENCE_STEP, CAPACITY_SMOOTHING)
+            }
             // A first measurement, or a better kind, replaces what was held.
             _ => sample,
         };
@@ -1270,9 +1279,32 @@ mod tests {
         };
         grow(&mut r, 32);
         assert_eq!(r.capacity_source(), CapacitySource::Workers);
-        grow(&mut r, 31 + WORKERS_FIGURE_STANDS.as_secs());
+        // Past the stand, the first sample of lag growth moves the figure a
+        // little (found in review: it replaced it whole), and two minutes
+        // of them take it within 3% (four time constants).
+        let past = 31 + WORKERS_FIGURE_STANDS.as_secs();
+        decide(
+            &mut r,
+            t0 + Duration::from_secs(past),
+            &lag_of(&[(past as i64 * 1500, 10_000 + past as i64 * 2500)]),
+            rates(2500.0, 1500.0),
+            None,
+            2,
+        );
         assert_eq!(r.capacity_source(), CapacitySource::LagGrowth);
-        assert!((r.capacity_per_replica() - 750.0).abs() < 1.0);
+        let after_one = r.capacity_per_replica();
+        assert!(
+            after_one > 1700.0 && after_one < 1800.0,
+            "one sample moved 1,800 to {after_one}"
+        );
+        for minute in 0..12 {
+            grow(&mut r, past + 1 + minute * 10);
+        }
+        assert!(
+            (r.capacity_per_replica() - 750.0).abs() < 25.0,
+            "{}",
+            r.capacity_per_replica()
+        );
     }
 
     #[test]
