@@ -73,9 +73,10 @@ pub struct Lineage {
     /// A piece made by bisection: a failure is being narrowed down to the
     /// record that causes it.
     pub isolating: bool,
-    /// The pipeline's count of successful batches when these records first
-    /// failed: a later count proves the downstream works for other records.
-    pub successes_at_first_failure: Option<u64>,
+    /// The highest batch id the pipeline had handed out when these records
+    /// first failed: a batch with a higher id that succeeds was handed over
+    /// after the failure, and proves the downstream works for other records.
+    pub dispatched_at_first_failure: Option<u64>,
     /// Held back as a suspected outage rather than a bad record.
     pub suspect: bool,
 }

@@ -15,7 +15,9 @@
 //!    record is isolated and its neighbours are processed.
 //! 3. A single record that fails as a whole with its attempts spent is
 //!    dead-lettered only when the downstream was seen to succeed on some other
-//!    batch since the record first failed. Without that proof the failure is
+//!    batch handed to it after the record first failed (a batch already in
+//!    flight when an outage began can still succeed after it: found when the
+//!    demo's outage dead-lettered a record). Without that proof the failure is
 //!    as likely an outage as a bad record: the record is held (retried with
 //!    the longest back-off, never dead-lettered) and the circuit opens.
 //! 4. The circuit opens when [`CIRCUIT_THRESHOLD`] batches in a row fail as a
@@ -84,8 +86,12 @@ pub struct Context {
     /// Milliseconds since the Unix epoch at `now`, for record ages.
     pub wall_ms: i64,
     pub circuit_open: bool,
-    /// Successful batches so far (rule 3's proof of health).
-    pub successes: u64,
+    /// The highest id of a batch that succeeded (rule 3's proof of health).
+    /// Batches are numbered as they are handed to the handler.
+    pub last_success_id: u64,
+    /// The highest id handed out so far: a batch that succeeds with a
+    /// higher one was handed over after this moment.
+    pub dispatched: u64,
 }
 
 /// Decides for a batch that failed as a whole (rules 2 and 3).
@@ -98,8 +104,8 @@ pub fn whole_batch_failed(
 ) -> (Plan, Signal) {
     let lineage = &mut batch.lineage;
     let first_failure = *lineage
-        .successes_at_first_failure
-        .get_or_insert(ctx.successes);
+        .dispatched_at_first_failure
+        .get_or_insert(ctx.dispatched);
     let isolating = lineage.isolating;
     let signal = if isolating {
         Signal::Nothing
@@ -119,7 +125,7 @@ pub fn whole_batch_failed(
         let (a, b) = batch.halves();
         return (Plan::Bisect(a, b), signal);
     }
-    if !failure.retryable || ctx.successes > first_failure {
+    if !failure.retryable || ctx.last_success_id > first_failure {
         let failures = batch.offsets().map(|o| (o, failure.clone())).collect();
         return (Plan::DeadLetter { batch, failures }, Signal::Nothing);
     }
@@ -304,12 +310,13 @@ mod tests {
         b
     }
 
-    fn ctx(successes: u64, circuit_open: bool) -> Context {
+    fn ctx(last_success_id: u64, circuit_open: bool) -> Context {
         Context {
             now: Instant::now(),
             wall_ms: 2_000,
             circuit_open,
-            successes,
+            last_success_id,
+            dispatched: last_success_id,
         }
     }
 
@@ -362,7 +369,7 @@ mod tests {
         let mut single = batch(1, 0..1);
         single.attempt = 4;
         single.lineage.isolating = true;
-        single.lineage.successes_at_first_failure = Some(10);
+        single.lineage.dispatched_at_first_failure = Some(10);
         let (plan, signal) =
             whole_batch_failed(single.clone(), &retry, &policy(), ctx(10, false), &mut rng);
         match plan {

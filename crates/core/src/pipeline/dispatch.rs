@@ -281,7 +281,7 @@ impl Pipeline {
                 let gate = if ps.finishing() {
                     Gate::Open
                 } else {
-                    ps.gate(now, uncommitted_limit, self.successes)
+                    ps.gate(now, uncommitted_limit, self.last_success_id)
                 };
                 // Oldest first: the lane holding the partition's lowest
                 // waiting offset holds its commit back. Taken in index
@@ -386,7 +386,7 @@ impl Pipeline {
             && self
                 .partitions
                 .values()
-                .all(|ps| !ps.watermark_unacked() && !ps.has_waits_that_move(self.successes))
+                .all(|ps| !ps.watermark_unacked() && !ps.has_waits_that_move(self.last_success_id))
     }
 
     /// Pauses partitions that hold too much (or all, while draining);

@@ -245,7 +245,7 @@ pub struct Pipeline {
     held: usize,
     /// Key and value bytes of the records held (`--max-held-bytes`).
     held_bytes: usize,
-    successes: u64,
+    last_success_id: u64,
     circuit: Circuit,
     phase: Phase,
     /// After `close`: until when a final commit the broker refused is
@@ -316,7 +316,7 @@ impl Pipeline {
             waiting_for_ack: false,
             held: 0,
             held_bytes: 0,
-            successes: 0,
+            last_success_id: 0,
             circuit: Circuit::new(now),
             phase: Phase::Consuming,
             fatal: None,
@@ -449,7 +449,7 @@ impl Pipeline {
     pub(crate) fn awaits_proof(&self) -> bool {
         self.partitions
             .values()
-            .any(|ps| ps.awaits_proof(self.successes))
+            .any(|ps| ps.awaits_proof(self.last_success_id))
     }
 
     // ------------------------------------------------------------ events
@@ -716,11 +716,13 @@ impl Pipeline {
             .take()
             .map(|started| now.saturating_duration_since(started))
             .unwrap_or_default();
+        let batch_id = batch.id();
         let ctx = failure::Context {
             now,
             wall_ms: self.wall_ms(now),
             circuit_open: self.circuit.is_open(),
-            successes: self.successes,
+            last_success_id: self.last_success_id,
+            dispatched: self.next_batch_id,
         };
         let outcome_kind = match outcome {
             BatchOutcome::Unhandled { tried: false, .. } => OutcomeKind::Untouched,
@@ -732,7 +734,7 @@ impl Pipeline {
                 self.counted.records_processed += batch.len() as u64;
                 self.counted.batches_processed += 1;
                 self.report.records_processed += batch.len() as u64;
-                self.observe(Signal::Success, now);
+                self.observe(Signal::Success, batch_id, now);
                 self.processed(
                     slot.partition,
                     batch.offsets().collect(),
@@ -765,7 +767,7 @@ impl Pipeline {
                     OutcomeKind::Handled if done.is_empty() => failure,
                     OutcomeKind::Handled => Signal::Success,
                 };
-                self.observe(signal, now);
+                self.observe(signal, batch_id, now);
                 let bytes = batch.payload_bytes_where(|o| !failed.contains_key(&o));
                 self.processed(slot.partition, done, bytes, handler_time);
                 let Some((offset, first)) = failed.iter().next() else {
@@ -798,7 +800,7 @@ impl Pipeline {
                         "batch failed as a whole; bisecting to isolate the failing record"
                     );
                 }
-                self.observe(signal, now);
+                self.observe(signal, batch_id, now);
                 self.carry_out(slot, plan, now);
             }
             BatchOutcome::Unavailable(why) => {
@@ -807,7 +809,7 @@ impl Pipeline {
                 }
                 let (plan, signal) =
                     failure::batch_unavailable(batch, &self.config.retry, ctx, &mut self.rng);
-                self.observe(signal, now);
+                self.observe(signal, batch_id, now);
                 self.carry_out(slot, plan, now);
             }
         }
@@ -1080,9 +1082,11 @@ impl Pipeline {
         }
     }
 
-    fn observe(&mut self, signal: Signal, now: Instant) {
+    /// What a batch's outcome tells the circuit; a success also moves the
+    /// proof of health to its batch's id.
+    fn observe(&mut self, signal: Signal, batch_id: u64, now: Instant) {
         if signal == Signal::Success {
-            self.successes += 1;
+            self.last_success_id = self.last_success_id.max(batch_id);
         }
         match self.circuit.observe(signal, now) {
             Some(Transition::Opened) => {

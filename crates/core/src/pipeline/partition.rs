@@ -310,12 +310,12 @@ impl PartitionState {
     /// What the partition may start while finished work a crash would
     /// replay has waited longer than `limit` for its commit. Open while a
     /// record waits for a success to prove it bad.
-    pub fn gate(&self, now: Instant, limit: Option<Duration>, successes: u64) -> Gate {
+    pub fn gate(&self, now: Instant, limit: Option<Duration>, last_success_id: u64) -> Gate {
         let Some(max) = limit else {
             return Gate::Open;
         };
         let overdue = self.ledger.waited_too_long(now, max);
-        if !overdue.unacked && !overdue.held_back || self.awaits_proof(successes) {
+        if !overdue.unacked && !overdue.held_back || self.awaits_proof(last_success_id) {
             return Gate::Open;
         }
         match self.offsets.watermark() {
@@ -329,19 +329,19 @@ impl PartitionState {
     /// Whether a record held as a suspected outage waits for a batch to
     /// succeed after it first failed (the proof it is the record, not the
     /// downstream): then fresh batches must start, exposed or not.
-    pub fn awaits_proof(&self, successes: u64) -> bool {
+    pub fn awaits_proof(&self, last_success_id: u64) -> bool {
         self.lanes
             .iter()
             .flat_map(|l| &l.retry)
-            .any(|(b, _)| Self::batch_awaits_proof(b, successes))
+            .any(|(b, _)| Self::batch_awaits_proof(b, last_success_id))
     }
 
-    fn batch_awaits_proof(batch: &Batch, successes: u64) -> bool {
+    fn batch_awaits_proof(batch: &Batch, last_success_id: u64) -> bool {
         batch.lineage.suspect
             && batch
                 .lineage
-                .successes_at_first_failure
-                .is_some_and(|at| successes <= at)
+                .dispatched_at_first_failure
+                .is_some_and(|at| last_success_id <= at)
     }
 
     /// Records taken to the handler that are neither in flight nor done:
@@ -360,13 +360,13 @@ impl PartitionState {
     /// Whether a waiting record moves on by itself (a retry after its
     /// backoff, a dead letter being written), not only after a fresh batch
     /// succeeds.
-    pub fn has_waits_that_move(&self, successes: u64) -> bool {
+    pub fn has_waits_that_move(&self, last_success_id: u64) -> bool {
         self.dead_letter_backlog() > 0
             || self
                 .lanes
                 .iter()
                 .flat_map(|l| &l.retry)
-                .any(|(b, _)| !Self::batch_awaits_proof(b, successes))
+                .any(|(b, _)| !Self::batch_awaits_proof(b, last_success_id))
     }
 
     pub fn dead_letter_backlog(&self) -> usize {

@@ -64,7 +64,7 @@ impl Pipeline {
                 .partitions
                 .values()
                 .filter(|p| {
-                    p.gate(self.clock, limit, self.successes) != Gate::Open
+                    p.gate(self.clock, limit, self.last_success_id) != Gate::Open
                         || self.waiting_for_ack && p.replayable() > 0
                 })
                 .count(),

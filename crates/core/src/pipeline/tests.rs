@@ -1517,3 +1517,81 @@ fn a_handler_failing_all_it_was_given_opens_the_circuit() {
         "the downstream failing everything opens the circuit"
     );
 }
+
+/// Rule 3's proof of health is a success of a batch handed over after the
+/// record first failed. Found when the demo's outage dead-lettered a
+/// record: a batch already in the handler when the downstream went down
+/// finished well after another's first failure, and counted as proof.
+#[test]
+fn a_batch_in_flight_before_a_failure_is_no_proof_of_health() {
+    let t0 = Instant::now();
+    let mut p = pipeline_with(t0, |c| {
+        c.retry.initial = Duration::from_millis(10);
+        c.retry.max = Duration::from_millis(100);
+    });
+    p.handle_assign(&[0, 1]);
+    // Partition 1's batch goes to the handler first and stays there.
+    p.handle_record(&Rec(1, 0), t0);
+    p.handle_record(&Rec(1, 1), t0);
+    p.handle_tick(t0);
+    let mut early = starts(&mut p);
+    assert_eq!(early.len(), 1);
+    let (early_slot, early_batch) = early.pop().unwrap();
+    // Then the downstream goes down for everything handed over after.
+    p.handle_record(&Rec(0, 0), t0);
+    p.handle_record(&Rec(0, 1), t0);
+    let mut now = t0;
+    let mut dead: Vec<(i32, i64)> = Vec::new();
+    let mut early = Some((early_slot, early_batch));
+    let mut fresh_sent = false;
+    for step in 0..600 {
+        now += Duration::from_millis(20);
+        p.handle_tick(now);
+        for intent in intents(&mut p) {
+            match intent {
+                Intent::Start { slot, batch } => {
+                    let outcome = if fresh_sent {
+                        // A batch handed over once the downstream is back.
+                        BatchOutcome::Success
+                    } else {
+                        BatchOutcome::Failed(Failure::retryable("connection refused"))
+                    };
+                    p.handle_verdict(slot, batch, outcome, now);
+                }
+                Intent::DeadLetter { slot, batch, .. } => {
+                    let written: Vec<i64> = batch.offsets().collect();
+                    dead.extend(written.iter().map(|o| (batch.partition(), *o)));
+                    p.handle_dead_lettered(slot, &written, None, now);
+                }
+                Intent::Commit { offsets, .. } => {
+                    for (partition, offset) in offsets {
+                        p.handle_committed(partition, offset);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Partition 1's early batch finishes well after the failures.
+        if step == 50 {
+            let (slot, batch) = early.take().unwrap();
+            p.handle_verdict(slot, batch, BatchOutcome::Success, now);
+        }
+        if step == 150 {
+            assert!(
+                dead.is_empty(),
+                "dead-lettered on the proof of a batch handed over before the failure: {dead:?}"
+            );
+            assert_eq!(p.held(), 2, "partition 0's records are held");
+            // A fresh batch succeeds: real proof that the rest works.
+            fresh_sent = true;
+            p.handle_record(&Rec(1, 2), now);
+            p.handle_record(&Rec(1, 3), now);
+        }
+    }
+    assert!(fresh_sent);
+    assert_eq!(
+        p.held(),
+        0,
+        "once the downstream answers, everything is done"
+    );
+}
