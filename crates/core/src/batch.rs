@@ -74,9 +74,10 @@ pub struct Lineage {
     /// record that causes it.
     pub isolating: bool,
     /// The highest batch id the pipeline had handed out when these records
-    /// first failed: a batch with a higher id that succeeds was handed over
-    /// after the failure, and proves the downstream works for other records.
-    pub dispatched_at_first_failure: Option<u64>,
+    /// last failed as a whole: a batch with a higher id that succeeds was
+    /// handed over after that failure was reported, and proves the
+    /// downstream works for other records.
+    pub dispatched_at_last_failure: Option<u64>,
     /// Held back as a suspected outage rather than a bad record.
     pub suspect: bool,
 }

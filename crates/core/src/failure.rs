@@ -15,9 +15,11 @@
 //!    record is isolated and its neighbours are processed.
 //! 3. A single record that fails as a whole with its attempts spent is
 //!    dead-lettered only when the downstream was seen to succeed on some other
-//!    batch handed to it after the record first failed (a batch already in
-//!    flight when an outage began can still succeed after it: found when the
-//!    demo's outage dead-lettered a record). Without that proof the failure is
+//!    batch handed to it after the record's previous failure was reported (a
+//!    batch already in flight when an outage began can still succeed after
+//!    it: found when the demo's outage dead-lettered a record; and a success
+//!    between a passing fault and a later outage proves nothing about the
+//!    outage: found in review). Without that proof the failure is
 //!    as likely an outage as a bad record: the record is held (retried with
 //!    the longest back-off, never dead-lettered) and the circuit opens.
 //! 4. The circuit opens when [`CIRCUIT_THRESHOLD`] batches in a row fail as a
@@ -103,9 +105,10 @@ pub fn whole_batch_failed(
     rng: &mut impl Rng,
 ) -> (Plan, Signal) {
     let lineage = &mut batch.lineage;
-    let first_failure = *lineage
-        .dispatched_at_first_failure
-        .get_or_insert(ctx.dispatched);
+    // Stamped again at every whole failure: a success between a passing
+    // fault and a later outage proves nothing about the outage (found in
+    // review).
+    let previous_failure = lineage.dispatched_at_last_failure.replace(ctx.dispatched);
     let isolating = lineage.isolating;
     let signal = if isolating {
         Signal::Nothing
@@ -125,7 +128,8 @@ pub fn whole_batch_failed(
         let (a, b) = batch.halves();
         return (Plan::Bisect(a, b), signal);
     }
-    if !failure.retryable || ctx.last_success_id > first_failure {
+    let proven = previous_failure.is_some_and(|at| ctx.last_success_id > at);
+    if !failure.retryable || proven {
         let failures = batch.offsets().map(|o| (o, failure.clone())).collect();
         return (Plan::DeadLetter { batch, failures }, Signal::Nothing);
     }
@@ -369,7 +373,7 @@ mod tests {
         let mut single = batch(1, 0..1);
         single.attempt = 4;
         single.lineage.isolating = true;
-        single.lineage.dispatched_at_first_failure = Some(10);
+        single.lineage.dispatched_at_last_failure = Some(10);
         let (plan, signal) =
             whole_batch_failed(single.clone(), &retry, &policy(), ctx(10, false), &mut rng);
         match plan {
@@ -384,6 +388,40 @@ mod tests {
             whole_batch_failed(single, &retry, &policy(), ctx(11, false), &mut rng);
         assert!(matches!(plan, Plan::DeadLetter { .. }), "{plan:?}");
         assert_eq!(signal, Signal::Nothing);
+    }
+
+    /// Found in review: the proof was measured from the record's first
+    /// failure, so a success between a passing fault and a later outage
+    /// let the outage dead-letter it.
+    #[test]
+    fn only_a_success_since_the_last_failure_is_proof() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let retry = Failure::retryable("down");
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        };
+        let at = |last_success_id, dispatched| Context {
+            dispatched,
+            ..ctx(last_success_id, false)
+        };
+        let single = batch(1, 0..1);
+        // A passing fault when 5 batches were out; batch 7 then succeeds.
+        let (plan, _) = whole_batch_failed(single, &retry, &policy, at(4, 5), &mut rng);
+        let Plan::Retry { batch: single, .. } = plan else {
+            panic!("{plan:?}")
+        };
+        // The outage: two more failures, nothing handed over since succeeds.
+        let (plan, _) = whole_batch_failed(single, &retry, &policy, at(7, 8), &mut rng);
+        let Plan::Retry { batch: single, .. } = plan else {
+            panic!("{plan:?}")
+        };
+        let (plan, signal) = whole_batch_failed(single, &retry, &policy, at(7, 9), &mut rng);
+        assert!(
+            matches!(plan, Plan::Retry { ref batch, .. } if batch.lineage.suspect),
+            "held, not dead-lettered: {plan:?}"
+        );
+        assert_eq!(signal, Signal::Suspect);
     }
 
     #[test]

@@ -205,14 +205,22 @@ impl Handler for DecodingHandler {
             let limit = self.inner.max_time(self.handler_timeout);
             match tokio::time::timeout(limit, self.inner.handle(&handed)).await {
                 Ok(BatchOutcome::Success) => handled = true,
-                Ok(BatchOutcome::Partial(failed) | BatchOutcome::Unhandled { failed, .. }) => {
+                Ok(outcome @ (BatchOutcome::Partial(_) | BatchOutcome::Unhandled { .. })) => {
+                    // An inner `Unhandled` succeeded on nothing (its records
+                    // were filtered out, or all failed): no proof of health
+                    // to pass on (found in review).
+                    let (failed, any_handled) = match outcome {
+                        BatchOutcome::Partial(failed) => (failed, true),
+                        BatchOutcome::Unhandled { failed, .. } => (failed, false),
+                        _ => unreachable!("matched above"),
+                    };
                     let mut failed: Vec<_> = failed
                         .into_iter()
                         .filter(|(o, _)| offsets.binary_search(o).is_ok())
                         .collect();
                     failed.sort_by_key(|(o, _)| *o);
                     failed.dedup_by_key(|(o, _)| *o);
-                    handled = failed.len() < offsets.len();
+                    handled = any_handled && failed.len() < offsets.len();
                     failures.extend(failed);
                 }
                 // Undecodable records in it are isolated by bisection, and
@@ -349,6 +357,35 @@ mod tests {
         );
         assert_eq!(filtered.get(), 1, "offset 0");
         assert!(handler.reads_headers());
+    }
+
+    /// Found in review: an inner handler that succeeded on nothing
+    /// (`Unhandled`, its records filtered out by a layer of its own) made
+    /// the whole batch a success, a proof of health for rule 3.
+    #[tokio::test]
+    async fn an_inner_handler_that_handled_nothing_proves_nothing() {
+        struct Nothing;
+        #[async_trait]
+        impl Handler for Nothing {
+            async fn handle(&self, _: &Batch) -> BatchOutcome {
+                BatchOutcome::Unhandled {
+                    failed: Vec::new(),
+                    tried: false,
+                }
+            }
+        }
+        let handler = DecodingHandler::new(
+            Arc::new(Nothing),
+            Decoder::new(Format::Raw, Format::Raw, None),
+            None,
+            Counter::default(),
+            Duration::from_secs(5),
+        );
+        let outcome = handler.handle(&batch(&["a", "b"])).await;
+        assert!(
+            matches!(outcome, BatchOutcome::Unhandled { .. }),
+            "{outcome:?}"
+        );
     }
 
     #[tokio::test]

@@ -340,7 +340,7 @@ impl PartitionState {
         batch.lineage.suspect
             && batch
                 .lineage
-                .dispatched_at_first_failure
+                .dispatched_at_last_failure
                 .is_some_and(|at| last_success_id <= at)
     }
 

@@ -164,6 +164,10 @@ const WORKERS_FIGURE_STANDS: Duration = Duration::from_secs(90);
 /// growth is noisy; it replaced the figure whole before.
 const FIRST_INFERENCE_STEP: Duration = Duration::from_secs(1);
 
+/// The most a later lag-growth sample weighs, as time since the last: KEDA's
+/// polling interval (15 s), the spacing of samples in a scaler.
+const LAG_GROWTH_MAX_STEP: Duration = Duration::from_secs(15);
+
 /// Lag below this many seconds of arrivals is records in flight (fetched,
 /// batched, waiting for the next commit), not a backlog that proves the
 /// replicas saturated.
@@ -274,12 +278,17 @@ impl RatePolicy {
             {
                 return
             }
-            (Some((c, then)), held, new) if held == new => smooth(
-                c,
-                sample,
-                now.saturating_duration_since(then),
-                CAPACITY_SMOOTHING,
-            ),
+            // A lag-growth sample weighs at most one polling interval's
+            // worth, however long since the last (found in review: after a
+            // gap one noisy reading took nearly all of the figure).
+            (Some((c, then)), held, new) if held == new => {
+                let since = now.saturating_duration_since(then);
+                let weight = match new {
+                    CapacitySource::LagGrowth => since.min(LAG_GROWTH_MAX_STEP),
+                    _ => since,
+                };
+                smooth(c, sample, weight, CAPACITY_SMOOTHING)
+            }
             (Some((c, _)), CapacitySource::Workers, CapacitySource::LagGrowth) => {
                 smooth(c, sample, FIRST_INFERENCE_STEP, CAPACITY_SMOOTHING)
             }
@@ -1304,6 +1313,24 @@ mod tests {
             (r.capacity_per_replica() - 750.0).abs() < 25.0,
             "{}",
             r.capacity_per_replica()
+        );
+        // After two minutes without a sample, one reading of 1,500/s per
+        // replica weighs as one 15 s later would (39%), not as two minutes
+        // (98%).
+        let before = r.capacity_per_replica();
+        let later = past + 1 + 120 + 120;
+        decide(
+            &mut r,
+            t0 + Duration::from_secs(later),
+            &lag_of(&[(later as i64 * 3000, 10_000_000 + later as i64 * 5000)]),
+            rates(5000.0, 3000.0),
+            None,
+            2,
+        );
+        let moved = (r.capacity_per_replica() - before) / (1500.0 - before);
+        assert!(
+            moved < 0.45,
+            "one sample after a gap moved {moved:.2} of the way"
         );
     }
 
