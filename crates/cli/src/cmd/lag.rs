@@ -34,9 +34,11 @@ pub struct Args {
     #[arg(long, env = "SHARE_GROUP", conflicts_with = "policy")]
     #[serde(default)]
     pub share_group: Option<String>,
-    /// Print JSON: {"group","topic","total_lag","lag_seconds","partitions":[{"partition","committed","low","high","lag","lag_seconds"}]};
+    /// Print JSON: {"group","topic","total_lag","lag_seconds","members","partitions":[{"partition","committed","low","high","lag","lag_seconds"}]};
     /// lag_seconds is the age of the oldest record not committed (null when
-    /// unknown), the group's is the oldest partition's.
+    /// unknown), the group's is the oldest partition's; members are the
+    /// group's members subscribed to the topic (null when the broker cannot
+    /// tell: mid-rebalance, a KIP-848 group).
     #[arg(long)]
     pub json: bool,
     /// Refresh every --interval-ms until interrupted.
