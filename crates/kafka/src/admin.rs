@@ -69,18 +69,11 @@ pub async fn topic_operations(
     timeout: Duration,
 ) -> Result<Option<TopicOperations>, String> {
     let connector = crate::share::security::connector(kafka).map_err(|e| e.to_string())?;
-    let bootstrap = kafka
-        .bootstrap_servers
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect();
     // Each broker gets a part of the time: a first bootstrap broker that
     // drops packets must not use all of it.
     let cluster = crate::share::cluster::Cluster::new(
         connector,
-        bootstrap,
+        kafka.bootstrap_list(),
         "microbatch-acl-check".into(),
         (timeout / 3).max(Duration::from_secs(1)),
     );

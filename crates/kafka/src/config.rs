@@ -358,6 +358,17 @@ impl KafkaConfig {
             })
     }
 
+    /// The bootstrap brokers, one `host:port` each (for the project's own
+    /// protocol client; librdkafka takes the list as it is).
+    pub fn bootstrap_list(&self) -> Vec<String> {
+        self.bootstrap_servers
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
     /// A local plaintext broker, for tests and examples.
     pub fn plaintext(bootstrap_servers: impl Into<String>) -> Self {
         Self {

@@ -64,14 +64,7 @@ impl ShareConsumerConfig {
         group: impl Into<String>,
         topics: Vec<String>,
     ) -> Result<Self, ShareError> {
-        let bootstrap = kafka
-            .bootstrap_servers
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect();
-        let mut cfg = Self::new(bootstrap, group, topics);
+        let mut cfg = Self::new(kafka.bootstrap_list(), group, topics);
         cfg.connector = super::security::connector(kafka)?;
         Ok(cfg)
     }
