@@ -80,6 +80,10 @@ pub struct Lineage {
     pub dispatched_at_last_failure: Option<u64>,
     /// Held back as a suspected outage rather than a bad record.
     pub suspect: bool,
+    /// Held for its scope's own proof of health (see [`crate::health`])
+    /// since then (with the worker working), until then at most; meanwhile
+    /// it asks for no proof of the worker's.
+    pub scope_hold: Option<(Instant, Instant)>,
 }
 
 /// A view of one record of a batch.

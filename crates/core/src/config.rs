@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use microbatch_kafka::{ConfigError, KafkaConfig};
 
+use crate::health::HealthScope;
+
 /// Every default of a worker, in one place: [`WorkerConfig::new`] and the
 /// binary's flags (and so `--help`) read them from here.
 pub mod defaults {
@@ -31,6 +33,9 @@ pub mod defaults {
     pub const RETRY_INITIAL_MS: u64 = 100;
     pub const RETRY_MAX_MS: u64 = 10_000;
     pub const MAX_ATTEMPTS: u32 = 5;
+    /// How long a record is held for its key's (or tenant's) own proof of
+    /// health before the worker's proof decides (see `crate::health`).
+    pub const HEALTH_SCOPE_HOLD_MS: u64 = 300_000;
     /// Raised to one batch (`MAX_RECORDS` as set) when that is larger.
     pub const MAX_RECORDS_PER_PARTITION: usize = 10_000;
     pub const MAX_RECORDS_HELD: usize = 50_000;
@@ -61,7 +66,7 @@ macro_rules! serde_as_str {
     )+};
 }
 
-serde_as_str!(Ordering, OffsetReset, GroupProtocol);
+serde_as_str!(Ordering, OffsetReset, GroupProtocol, HealthScope);
 
 /// How records of one partition may be spread over processing slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +202,10 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     pub handler_timeout: Duration,
     pub retry: RetryPolicy,
+    /// What a record's downstream health is judged by (see [`crate::health`]).
+    pub health_scope: HealthScope,
+    /// How long a record waits for its scope's proof at most.
+    pub health_scope_hold: Duration,
     /// Dead-letter topic; `None` stops the worker on a record that fails for good.
     pub dlq: Option<DeadLetterConfig>,
     /// Records held per partition (queued and in flight) before it is paused.
@@ -233,6 +242,8 @@ pub struct PipelineConfig {
     pub max_uncommitted_records: usize,
     pub drain_timeout: Duration,
     pub retry: RetryPolicy,
+    pub health_scope: HealthScope,
+    pub health_scope_hold: Duration,
     pub max_records_per_partition: usize,
     pub max_records_held: usize,
     pub max_held_bytes: usize,
@@ -378,6 +389,8 @@ impl WorkerConfig {
             drain_timeout: Duration::from_millis(defaults::DRAIN_TIMEOUT_MS),
             handler_timeout: Duration::from_millis(defaults::HANDLER_TIMEOUT_MS),
             retry: RetryPolicy::default(),
+            health_scope: HealthScope::default(),
+            health_scope_hold: Duration::from_millis(defaults::HEALTH_SCOPE_HOLD_MS),
             dlq: None,
             max_records_per_partition: defaults::MAX_RECORDS_PER_PARTITION,
             max_records_held: defaults::MAX_RECORDS_HELD,
@@ -569,6 +582,8 @@ impl WorkerConfig {
             max_uncommitted_records: self.max_uncommitted_records,
             drain_timeout: self.drain_timeout,
             retry: self.retry,
+            health_scope: self.health_scope.clone(),
+            health_scope_hold: self.health_scope_hold,
             max_records_per_partition: self.max_records_per_partition,
             max_records_held: self.max_records_held,
             max_held_bytes: self.max_held_bytes,

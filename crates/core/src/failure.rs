@@ -22,6 +22,9 @@
 //!    outage: found in review). Without that proof the failure is
 //!    as likely an outage as a bad record: the record is held (retried with
 //!    the longest back-off, never dead-lettered) and the circuit opens.
+//!    The proof is asked of the record's own key or tenant first (the
+//!    scope rule, [`crate::health`]): one tenant out while others succeed
+//!    holds its records, with the circuit closed.
 //! 4. The circuit opens when [`CIRCUIT_THRESHOLD`] batches in a row fail as a
 //!    whole and they are of at least two different batches' records (several
 //!    partitions or lanes failing, not one batch retried), or when rule 3
@@ -44,6 +47,7 @@ use rand::Rng;
 use crate::batch::Batch;
 use crate::config::RetryPolicy;
 use crate::handler::Failure;
+use crate::health::ScopeEvidence;
 
 /// Whole-batch failures in a row (of at least two batches) that open the circuit.
 pub const CIRCUIT_THRESHOLD: u32 = 5;
@@ -94,6 +98,11 @@ pub struct Context {
     /// The highest id handed out so far: a batch that succeeds with a
     /// higher one was handed over after this moment.
     pub dispatched: u64,
+    /// For a single record: what is known of its health scope (its key or
+    /// tenant, see [`crate::health`]); `None`: judged by the worker alone.
+    pub scope: Option<ScopeEvidence>,
+    /// How long a record is held for its scope's proof at most.
+    pub scope_hold: Duration,
 }
 
 /// Decides for a batch that failed as a whole (rules 2 and 3).
@@ -128,16 +137,44 @@ pub fn whole_batch_failed(
         let (a, b) = batch.halves();
         return (Plan::Bisect(a, b), signal);
     }
-    let proven = previous_failure.is_some_and(|at| ctx.last_success_id > at);
+    let proven_since = |success: u64| previous_failure.is_some_and(|at| success > at);
+    let worker_proven = proven_since(ctx.last_success_id);
+    let hold = batch.lineage.scope_hold;
+    // Held for its scope for a longest back-off at least: time for the
+    // scope's other records to fail too, if it is out.
+    let waited = hold.is_some_and(|(since, _)| ctx.now >= since + policy.max);
+    let hold_over = hold.is_some_and(|(_, until)| ctx.now >= until);
+    let proven = match ctx.scope {
+        None => worker_proven,
+        // The scope rule (see crate::health).
+        Some(scope) => {
+            proven_since(scope.last_success)
+                || (worker_proven && (waited && !scope.others_failing || hold_over))
+        }
+    };
     if !failure.retryable || proven {
         let failures = batch.offsets().map(|o| (o, failure.clone())).collect();
         return (Plan::DeadLetter { batch, failures }, Signal::Nothing);
     }
-    // Rule 3: no proof that the downstream works for anything else.
+    // Rule 3: no proof that the downstream works for anything else. When
+    // it works for others, only this record's scope may be out: the
+    // circuit stays closed.
     batch.attempt = policy.max_attempts.saturating_sub(1);
     batch.lineage.suspect = true;
+    if ctx.scope.is_some() && worker_proven && batch.lineage.scope_hold.is_none() {
+        batch.lineage.scope_hold = Some((ctx.now, ctx.now + ctx.scope_hold));
+    }
     let at = ctx.now + backoff(policy, policy.max_attempts, rng);
-    (Plan::Retry { batch, at }, Signal::Suspect)
+    let held_for_scope = batch
+        .lineage
+        .scope_hold
+        .is_some_and(|(_, until)| ctx.now < until);
+    let signal = if worker_proven || held_for_scope {
+        Signal::Nothing
+    } else {
+        Signal::Suspect
+    };
+    (Plan::Retry { batch, at }, signal)
 }
 
 /// Decides for a batch that could not be handed over (rule 5).
@@ -321,6 +358,8 @@ mod tests {
             circuit_open,
             last_success_id,
             dispatched: last_success_id,
+            scope: None,
+            scope_hold: Duration::from_secs(300),
         }
     }
 
@@ -518,5 +557,78 @@ mod tests {
         assert_eq!(c.observe(Signal::Success, now), Some(Transition::Closed));
         assert_eq!(c.streak(), 0);
         assert_eq!(c.observe(Signal::Suspect, now), Some(Transition::Opened));
+    }
+
+    /// The scope rule (crate::health): with other tenants succeeding, a
+    /// record whose own scope has not succeeded since its failure is held,
+    /// without opening the circuit, while its scope has other failing
+    /// records; a lone one is dead-lettered after one hold.
+    #[test]
+    fn a_record_is_judged_by_its_scope() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let retry = Failure::retryable("503 for tenant a");
+        let policy = RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        };
+        let scoped = |last_success_id, scope_success, others_failing| Context {
+            dispatched: 10,
+            scope: Some(ScopeEvidence {
+                last_success: scope_success,
+                others_failing,
+            }),
+            ..ctx(last_success_id, false)
+        };
+        let fail = |b, c, rng: &mut StdRng| whole_batch_failed(b, &retry, &policy, c, rng);
+        // Its batch fails (stamped 10) and is bisected; the worker is then
+        // proven (batch 20), its scope is not: held, circuit untouched.
+        let (plan, _) = fail(batch(1, 0..2), scoped(0, 0, false), &mut rng);
+        let Plan::Bisect(b, _) = plan else {
+            panic!("{plan:?}")
+        };
+        let (plan, signal) = fail(b, scoped(20, 0, false), &mut rng);
+        let Plan::Retry { batch: b, .. } = plan else {
+            panic!("{plan:?}")
+        };
+        assert!(b.lineage.suspect);
+        assert_eq!(signal, Signal::Nothing, "the rest works: no circuit");
+        // Held once; others of its scope fail too: held again.
+        let (plan, _) = fail(b, scoped(20, 0, true), &mut rng);
+        let Plan::Retry { batch: b, .. } = plan else {
+            panic!("{plan:?}")
+        };
+        // Alone in its scope but not held a longest back-off yet: held.
+        let (plan, _) = fail(b.clone(), scoped(20, 0, false), &mut rng);
+        assert!(matches!(plan, Plan::Retry { .. }), "{plan:?}");
+        // Held that long and alone in its scope: dead-lettered.
+        let (since, until) = b.lineage.scope_hold.expect("held for its scope");
+        let waited = Context {
+            now: since + policy.max,
+            ..scoped(20, 0, false)
+        };
+        let (plan, _) = fail(b.clone(), waited, &mut rng);
+        assert!(matches!(plan, Plan::DeadLetter { .. }), "{plan:?}");
+        // Its scope succeeded after the failure: dead-lettered at once, even
+        // with others failing.
+        let (plan, _) = fail(b.clone(), scoped(20, 15, true), &mut rng);
+        assert!(matches!(plan, Plan::DeadLetter { .. }), "{plan:?}");
+        // Its hold over, the worker's proof decides, others failing or not.
+        let over = Context {
+            now: until,
+            ..scoped(20, 0, true)
+        };
+        let (plan, _) = fail(b, over, &mut rng);
+        assert!(matches!(plan, Plan::DeadLetter { .. }), "{plan:?}");
+        // Without the worker's proof it is rule 3: held, and suspect.
+        let (plan, _) = fail(batch(2, 0..2), scoped(0, 0, false), &mut rng);
+        let Plan::Bisect(b, _) = plan else {
+            panic!("{plan:?}")
+        };
+        let (plan, signal) = fail(b, scoped(0, 0, false), &mut rng);
+        let Plan::Retry { batch: b, .. } = plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(signal, Signal::Suspect);
+        assert_eq!(b.lineage.scope_hold, None, "an outage, not its scope");
     }
 }

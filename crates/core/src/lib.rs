@@ -34,6 +34,7 @@ pub mod dlq;
 pub mod failure;
 pub mod fetch;
 pub mod handler;
+pub mod health;
 pub mod http;
 pub mod offsets;
 pub mod pipeline;

@@ -15,6 +15,7 @@ use microbatch_core::config::{
 use microbatch_core::handler::{
     DecodingHandler, ExecHandler, Handler, HttpHandler, HttpHandlerError, SimulateHandler,
 };
+use microbatch_core::health::HealthScope;
 use microbatch_core::{Telemetry, Worker};
 use microbatch_kafka::ConfigError;
 use microbatch_schema::{Decoder, Filter, Format, RegistryError, Schemas};
@@ -214,6 +215,28 @@ pub struct Args {
     /// Dead-letter a failing record older than this instead of retrying.
     #[arg(long, env = "MICROBATCH_MAX_RECORD_AGE_MS", help_heading = "Delivery")]
     pub max_record_age_ms: Option<u64>,
+    /// What proves the downstream works for a record that fails alone:
+    /// key (a success of a record with the same key: one tenant's outage,
+    /// keyed by tenant, holds its records instead of dead-lettering them
+    /// while the others succeed), header:NAME (the same with a tenant
+    /// header), or worker (any success). Records without a key (header)
+    /// are judged by the worker.
+    #[arg(
+        long,
+        env = "MICROBATCH_HEALTH_SCOPE",
+        default_value_t = HealthScope::default(),
+        help_heading = "Delivery"
+    )]
+    pub health_scope: HealthScope,
+    /// The longest a record is held for its key's (tenant's) own proof;
+    /// past it a success of any record decides, and it is dead-lettered.
+    #[arg(
+        long,
+        env = "MICROBATCH_HEALTH_SCOPE_HOLD_MS",
+        default_value_t = defaults::HEALTH_SCOPE_HOLD_MS,
+        help_heading = "Delivery"
+    )]
+    pub health_scope_hold_ms: u64,
     /// on: failed records go to --dlq-topic; off: the worker stops instead.
     #[arg(long, env = "MICROBATCH_DLQ", value_enum, default_value_t = DlqMode::On, help_heading = "Delivery")]
     pub dlq: DlqMode,
@@ -424,6 +447,8 @@ impl Args {
             max_attempts: self.max_attempts,
             max_record_age: self.max_record_age_ms.map(ms),
         };
+        config.health_scope = self.health_scope.clone();
+        config.health_scope_hold = ms(self.health_scope_hold_ms);
         config.dlq = match self.dlq {
             DlqMode::On => {
                 let mut dlq = DeadLetterConfig::for_topic(&topic);

@@ -383,10 +383,9 @@ impl Pipeline {
     /// record that moves by itself could lift the records cap.
     fn nothing_else_moves(&self) -> bool {
         self.in_flight == 0
-            && self
-                .partitions
-                .values()
-                .all(|ps| !ps.watermark_unacked() && !ps.has_waits_that_move(self.last_success_id))
+            && self.partitions.values().all(|ps| {
+                !ps.watermark_unacked() && !ps.has_waits_that_move(self.last_success_id, self.clock)
+            })
     }
 
     /// Pauses partitions that hold too much (or all, while draining);

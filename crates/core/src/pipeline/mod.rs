@@ -63,6 +63,7 @@ use crate::config::{Ordering, PipelineConfig};
 use crate::failure::{self, Circuit, Plan, Signal, Transition};
 use crate::fetch::ConsumedRecord;
 use crate::handler::{BatchOutcome, Failure};
+use crate::health::{self, ScopeHealth};
 use microbatch_kafka::capacity_report::CapacityReport;
 use microbatch_kafka::LogThrottle;
 
@@ -246,6 +247,8 @@ pub struct Pipeline {
     /// Key and value bytes of the records held (`--max-held-bytes`).
     held_bytes: usize,
     last_success_id: u64,
+    /// Rule 3's proof per key or tenant (see [`crate::health`]).
+    health: ScopeHealth,
     circuit: Circuit,
     phase: Phase,
     /// After `close`: until when a final commit the broker refused is
@@ -289,6 +292,10 @@ impl Pipeline {
             seed,
             acknowledgement,
         } = options;
+        let health = ScopeHealth::new(
+            config.health_scope.clone(),
+            health::window(config.retry.max),
+        );
         Self {
             topic: Arc::from(config.topic.as_str()),
             next_commit: now + config.commit_interval,
@@ -317,6 +324,7 @@ impl Pipeline {
             held: 0,
             held_bytes: 0,
             last_success_id: 0,
+            health,
             circuit: Circuit::new(now),
             phase: Phase::Consuming,
             fatal: None,
@@ -449,7 +457,7 @@ impl Pipeline {
     pub(crate) fn awaits_proof(&self) -> bool {
         self.partitions
             .values()
-            .any(|ps| ps.awaits_proof(self.last_success_id))
+            .any(|ps| ps.awaits_proof(self.last_success_id, self.clock))
     }
 
     // ------------------------------------------------------------ events
@@ -723,6 +731,8 @@ impl Pipeline {
             circuit_open: self.circuit.is_open(),
             last_success_id: self.last_success_id,
             dispatched: self.next_batch_id,
+            scope: None,
+            scope_hold: self.config.health_scope_hold,
         };
         let outcome_kind = match outcome {
             BatchOutcome::Unhandled { tried: false, .. } => OutcomeKind::Untouched,
@@ -735,6 +745,7 @@ impl Pipeline {
                 self.counted.batches_processed += 1;
                 self.report.records_processed += batch.len() as u64;
                 self.observe(Signal::Success, batch_id, now);
+                self.scope_succeeded(&batch, batch_id, now, |_| true);
                 self.processed(
                     slot.partition,
                     batch.offsets().collect(),
@@ -768,6 +779,9 @@ impl Pipeline {
                     OutcomeKind::Handled => Signal::Success,
                 };
                 self.observe(signal, batch_id, now);
+                if signal == Signal::Success {
+                    self.scope_succeeded(&batch, batch_id, now, |o| !failed.contains_key(&o));
+                }
                 let bytes = batch.payload_bytes_where(|o| !failed.contains_key(&o));
                 self.processed(slot.partition, done, bytes, handler_time);
                 let Some((offset, first)) = failed.iter().next() else {
@@ -790,8 +804,23 @@ impl Pipeline {
                 if let Some(suppressed) = self.failure_log.allow(now) {
                     tracing::warn!(partition = slot.partition, records = batch.len(), error = %f.error, retryable = f.retryable, suppressed, "the batch failed as a whole");
                 }
+                self.health.note_whole_failure(now);
+                let scope = self.scope_of_single(&batch);
+                let ctx = failure::Context {
+                    scope: scope.map(|(bucket, record)| self.health.evidence(bucket, record, now)),
+                    ..ctx
+                };
                 let (plan, signal) =
                     failure::whole_batch_failed(batch, &f, &self.config.retry, ctx, &mut self.rng);
+                if let Some((bucket, record)) = scope {
+                    match &plan {
+                        Plan::Retry { batch, .. } if batch.lineage.suspect => {
+                            self.health.note_held(bucket, record, now)
+                        }
+                        Plan::DeadLetter { .. } => self.health.note_gone(bucket, record),
+                        _ => {}
+                    }
+                }
                 if let Plan::Bisect(ref a, _) = plan {
                     tracing::info!(
                         partition = slot.partition,
@@ -1080,6 +1109,35 @@ impl Pipeline {
                 *self.zombies.entry((partition, i)).or_insert(0) += 1;
             }
         }
+    }
+
+    /// A batch's records in `done` succeeded: evidence for their scopes,
+    /// while any is wanted.
+    fn scope_succeeded(
+        &mut self,
+        batch: &Batch,
+        batch_id: u64,
+        now: Instant,
+        done: impl Fn(i64) -> bool,
+    ) {
+        if !self.health.recording(now) {
+            return;
+        }
+        for record in batch.records().filter(|r| done(r.offset)) {
+            if let Some(bucket) = self.health.bucket_of(&record) {
+                self.health.note_success(bucket, batch_id);
+            }
+        }
+    }
+
+    /// A single record's scope bucket and identity, for the scope rule.
+    fn scope_of_single(&self, batch: &Batch) -> Option<(usize, (i32, i64))> {
+        if batch.len() != 1 {
+            return None;
+        }
+        let record = batch.records().next()?;
+        let bucket = self.health.bucket_of(&record)?;
+        Some((bucket, (record.partition, record.offset)))
     }
 
     /// What a batch's outcome tells the circuit; a success also moves the

@@ -315,7 +315,7 @@ impl PartitionState {
             return Gate::Open;
         };
         let overdue = self.ledger.waited_too_long(now, max);
-        if !overdue.unacked && !overdue.held_back || self.awaits_proof(last_success_id) {
+        if !overdue.unacked && !overdue.held_back || self.awaits_proof(last_success_id, now) {
             return Gate::Open;
         }
         match self.offsets.watermark() {
@@ -329,19 +329,27 @@ impl PartitionState {
     /// Whether a record held as a suspected outage waits for a batch to
     /// succeed after it first failed (the proof it is the record, not the
     /// downstream): then fresh batches must start, exposed or not.
-    pub fn awaits_proof(&self, last_success_id: u64) -> bool {
+    pub fn awaits_proof(&self, last_success_id: u64, now: Instant) -> bool {
         self.lanes
             .iter()
             .flat_map(|l| &l.retry)
-            .any(|(b, _)| Self::batch_awaits_proof(b, last_success_id))
+            .any(|(b, _)| Self::batch_awaits_proof(b, last_success_id, now))
     }
 
-    fn batch_awaits_proof(batch: &Batch, last_success_id: u64) -> bool {
+    /// A record held for its scope's own proof asks for none of the
+    /// worker's until its hold is over: only a success of its scope (or the
+    /// hold's end) lets it go, and asking would let fresh batches past the
+    /// records cap again and again (found by the simulation).
+    fn batch_awaits_proof(batch: &Batch, last_success_id: u64, now: Instant) -> bool {
         batch.lineage.suspect
             && batch
                 .lineage
                 .dispatched_at_last_failure
                 .is_some_and(|at| last_success_id <= at)
+            && batch
+                .lineage
+                .scope_hold
+                .is_none_or(|(_, until)| now >= until)
     }
 
     /// Records taken to the handler that are neither in flight nor done:
@@ -360,13 +368,13 @@ impl PartitionState {
     /// Whether a waiting record moves on by itself (a retry after its
     /// backoff, a dead letter being written), not only after a fresh batch
     /// succeeds.
-    pub fn has_waits_that_move(&self, last_success_id: u64) -> bool {
+    pub fn has_waits_that_move(&self, last_success_id: u64, now: Instant) -> bool {
         self.dead_letter_backlog() > 0
             || self
                 .lanes
                 .iter()
                 .flat_map(|l| &l.retry)
-                .any(|(b, _)| !Self::batch_awaits_proof(b, last_success_id))
+                .any(|(b, _)| !Self::batch_awaits_proof(b, last_success_id, now))
     }
 
     pub fn dead_letter_backlog(&self) -> usize {

@@ -40,6 +40,7 @@ use crate::batch::{Batch, Header};
 use crate::config::{BatchLimits, Ordering, RetryPolicy, WorkerConfig};
 use crate::fetch::ConsumedRecord;
 use crate::handler::{BatchOutcome, Failure};
+use crate::health::HealthScope;
 use microbatch_kafka::KafkaConfig;
 
 /// Seeds that once failed; each runs on every test run.
@@ -181,6 +182,15 @@ fn config(rng: &mut StdRng) -> WorkerConfig {
     };
     c.max_records_per_partition = (max_records * c.slots_per_partition()).max(8);
     c.max_records_held = c.max_records_per_partition * 2;
+    // Drawn from a copy, so the main stream (and every regression seed's
+    // schedule) stays as it was.
+    let mut side = rng.clone();
+    c.health_scope = if side.random_bool(0.75) {
+        HealthScope::Key
+    } else {
+        HealthScope::Worker
+    };
+    c.health_scope_hold = Duration::from_millis(side.random_range(50..=2_000));
     c
 }
 

@@ -4,6 +4,7 @@ use super::*;
 use crate::batch::Header;
 use crate::config::BatchLimits;
 use crate::config::WorkerConfig;
+use crate::health::HealthScope;
 use crate::telemetry::{StatsExporter, Telemetry};
 use microbatch_kafka::KafkaConfig;
 
@@ -1593,5 +1594,89 @@ fn a_batch_in_flight_before_a_failure_is_no_proof_of_health() {
         p.held(),
         0,
         "once the downstream answers, everything is done"
+    );
+}
+
+/// One tenant's downstream is out while the others work: judged per key,
+/// its records are held until it is back and none is dead-lettered; judged
+/// per worker (the old rule), the others' successes prove them bad and
+/// they are dead-lettered within seconds. A record bad in a healthy tenant
+/// is dead-lettered meanwhile either way.
+#[test]
+fn a_tenant_outage_holds_its_records_while_other_tenants_succeed() {
+    fn run(scope: HealthScope) -> (Vec<i64>, usize, usize) {
+        let t0 = Instant::now();
+        let mut p = pipeline_with(t0, |c| {
+            c.batch = BatchLimits::new(4, 1 << 20, Duration::from_millis(5)).unwrap();
+            c.ordering = Ordering::None;
+            c.concurrency = 2;
+            c.retry.initial = Duration::from_millis(10);
+            c.retry.max = Duration::from_millis(200);
+            c.retry.max_attempts = 2;
+            c.health_scope = scope;
+        });
+        p.handle_assign(&[0]);
+        // Tenant a every third record; record 10 (tenant b) is bad.
+        let key = |o: i64| -> &'static [u8] {
+            if o % 3 == 0 {
+                b"tenant-a"
+            } else {
+                b"tenant-b"
+            }
+        };
+        let mut next = 0;
+        let mut now = t0;
+        let mut dead = Vec::new();
+        let mut held_during_outage = 0;
+        let outage_ends = t0 + Duration::from_secs(20);
+        for _ in 0..3_000 {
+            now += Duration::from_millis(10);
+            // Records keep arriving, 1 per 10 ms for the first 10 s.
+            if next < 1_000 {
+                p.handle_record(&Keyed(next, key(next)), now);
+                next += 1;
+            }
+            p.handle_tick(now);
+            for intent in intents(&mut p) {
+                match intent {
+                    Intent::Start { slot, batch } => {
+                        let tenant_a = batch.records().any(|r| r.key == Some(b"tenant-a"));
+                        let outcome = if batch.offsets().any(|o| o == 10) {
+                            BatchOutcome::Failed(Failure::retryable("500: cannot parse"))
+                        } else if tenant_a && now < outage_ends {
+                            BatchOutcome::Failed(Failure::retryable("503 from tenant a's shard"))
+                        } else {
+                            BatchOutcome::Success
+                        };
+                        p.handle_verdict(slot, batch, outcome, now);
+                    }
+                    Intent::DeadLetter { slot, batch, .. } => {
+                        let written: Vec<i64> = batch.offsets().collect();
+                        dead.extend(written.iter().copied());
+                        p.handle_dead_lettered(slot, &written, None, now);
+                    }
+                    Intent::Commit { offsets, .. } => {
+                        for (partition, offset) in offsets {
+                            p.handle_committed(partition, offset);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if now < outage_ends {
+                held_during_outage = held_during_outage.max(p.held());
+            }
+        }
+        dead.sort();
+        (dead, held_during_outage, p.held())
+    }
+    let (dead, held, left) = run(HealthScope::Key);
+    assert_eq!(dead, vec![10], "only the bad record of the healthy tenant");
+    assert!(held > 0, "tenant a's records were held during its outage");
+    assert_eq!(left, 0, "all done once tenant a is back");
+    let (dead, _, _) = run(HealthScope::Worker);
+    assert!(
+        dead.iter().filter(|o| *o % 3 == 0).count() >= 5,
+        "judged per worker, tenant a's records are dead-lettered: {dead:?}"
     );
 }
