@@ -4,8 +4,14 @@
 //! random (retryable), and the dead-letter topic does not exist beforehand.
 //! At the end every record was recorded by the handler process itself or is
 //! in the dead-letter topic, which holds exactly the poison records, and the
-//! committed lag is 0. The only test in its binary, because it restarts the
-//! broker (test binaries run one after another).
+//! committed lag is 0.
+//!
+//! A second run puts what real deployments add on top: records of mixed
+//! sizes up to 1 MB, an HTTP downstream that redirects for a while and
+//! recovers, and one tenant's keys failing (503) while the rest succeed.
+//!
+//! Both restart the broker, so they hold one lock and run one at a time;
+//! test binaries run one after another.
 
 // The harness of `tests/it`; this binary uses part of it.
 #[allow(dead_code, unused_imports)]
@@ -13,8 +19,15 @@
 mod harness;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::TcpListener;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
 
 use harness::*;
 
@@ -30,8 +43,27 @@ const RATE: u64 = 1_000;
 /// (`--max-uncommitted-records`).
 const REPLAY_CAP: u64 = RATE * COMMIT_INTERVAL_MS / 1000 / WORKERS as u64;
 
+/// The broker is restarted by each test: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// A dead worker's partitions move on sooner: the client's setting under
+/// the classic protocol; the broker's (scripts/kafka-local.sh) under KIP-848.
+fn short_session() -> &'static [&'static str] {
+    if classic_protocol() {
+        &[
+            "--kafka-property",
+            "session.timeout.ms=6000",
+            "--kafka-property",
+            "heartbeat.interval.ms=1500",
+        ]
+    } else {
+        &[]
+    }
+}
+
 #[test]
 fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TestDir::new("chaos");
     let topic = unique("chaos");
     let dlq = format!("{topic}.dlq");
@@ -69,18 +101,7 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
         "--max-uncommitted-records",
         &replay_cap,
     ];
-    // A dead worker's partitions move on sooner: the client's setting under
-    // the classic protocol; the broker's (scripts/kafka-local.sh) under KIP-848.
-    let session: &[&str] = if classic_protocol() {
-        &[
-            "--kafka-property",
-            "session.timeout.ms=6000",
-            "--kafka-property",
-            "heartbeat.interval.ms=1500",
-        ]
-    } else {
-        &[]
-    };
+    let session = short_session();
     let extra: Vec<&str> = extra.iter().chain(session).copied().collect();
     let mut incarnation = 0;
     let spawn = |incarnation: &mut usize| {
@@ -256,6 +277,269 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
         over.is_empty(),
         "SIGKILLs replayed more of the dead worker's finished records than in flight + the \
          records cap ((worker, replayed, bound)): {over:?}"
+    );
+}
+
+/// Records of the second run, and their rate: about 40 s of them.
+const MIXED_RECORDS: u64 = 3_000;
+const MIXED_RATE: u64 = 75;
+const TENANTS: u64 = 10;
+/// Keys are `tenant-N/kM`: this tenant's keys fail while its shard is out.
+const FAILING_TENANT: &str = "tenant-3/";
+/// While the downstream redirects, and while the tenant's shard is out,
+/// from the first record produced.
+const REDIRECTING: (f64, f64) = (6.0, 12.0);
+const TENANT_OUT: (f64, f64) = (15.0, 33.0);
+
+/// Record `i`: its key and value. Every 100th is poison (its value holds
+/// POISON, which the downstream refuses for good); sizes are mixed: most
+/// 300 bytes, every 13th 100 kB, every 97th and every third poison record
+/// 1 MB.
+fn mixed_record(i: u64) -> (String, Vec<u8>) {
+    let poison = i % 100 == 42;
+    let size = if i % 97 == 5 || i % 300 == 42 {
+        1_000_000
+    } else if i.is_multiple_of(13) {
+        100_000
+    } else {
+        300
+    };
+    let mut value = format!("{i} {}", if poison { "POISON " } else { "" }).into_bytes();
+    value.resize(size, b'x');
+    (format!("tenant-{}/k{}", i % TENANTS, i % 500), value)
+}
+
+/// What the test's HTTP downstream did.
+#[derive(Default)]
+struct DownstreamCounts {
+    redirected: AtomicU64,
+    refused_for_the_tenant: AtomicU64,
+    accepted: AtomicU64,
+}
+
+/// An HTTP downstream on a free port that answers 301 to everything while
+/// `REDIRECTING`, 503 to any batch holding a record of `FAILING_TENANT`
+/// while `TENANT_OUT`, refuses poison records for good, and writes every
+/// record it accepts to `log` (its own record, outside the worker).
+fn mixed_downstream(t0: Instant, log: PathBuf) -> (u16, Arc<DownstreamCounts>) {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let counts = Arc::new(DownstreamCounts::default());
+    let shared = counts.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let counts = shared.clone();
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let Some(body) = read_http_body(&stream) else {
+                    return;
+                };
+                let now = t0.elapsed().as_secs_f64();
+                let within = |(from, to): (f64, f64)| now >= from && now < to;
+                let batch: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let records = batch["records"].as_array().cloned().unwrap_or_default();
+                let (status, extra, answer) = if within(REDIRECTING) {
+                    counts.redirected.fetch_add(1, Ordering::SeqCst);
+                    let to = format!("Location: http://127.0.0.1:{port}/moved\r\n");
+                    ("301 Moved Permanently", to, String::new())
+                } else if within(TENANT_OUT)
+                    && records.iter().any(|r| {
+                        r["key"]
+                            .as_str()
+                            .is_some_and(|k| k.starts_with(FAILING_TENANT))
+                    })
+                {
+                    counts.refused_for_the_tenant.fetch_add(1, Ordering::SeqCst);
+                    ("503 Service Unavailable", String::new(), String::new())
+                } else {
+                    let poison = |r: &serde_json::Value| {
+                        r["value"].as_str().is_some_and(|v| v.contains("POISON"))
+                    };
+                    let failed: Vec<serde_json::Value> = records
+                        .iter()
+                        .filter(|r| poison(r))
+                        .map(|r| {
+                            serde_json::json!({"partition": r["partition"], "offset": r["offset"],
+                                "error": "poison", "retryable": false})
+                        })
+                        .collect();
+                    let accepted: String = records
+                        .iter()
+                        .filter(|r| !poison(r))
+                        .map(|r| format!("{} {}\n", r["partition"], r["offset"]))
+                        .collect();
+                    let mut file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&log)
+                        .unwrap();
+                    file.write_all(accepted.as_bytes()).unwrap();
+                    counts.accepted.fetch_add(1, Ordering::SeqCst);
+                    let answer = serde_json::json!({ "failed": failed }).to_string();
+                    ("200 OK", String::new(), answer)
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+            });
+        }
+    });
+    (port, counts)
+}
+
+/// Produces [`mixed_record`]s at `MIXED_RATE` from another thread, with
+/// Kafka's own client settings for 1 MB records; returns when the first
+/// is sent.
+fn produce_mixed(topic: &str) -> std::thread::JoinHandle<()> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker().bootstrap())
+        .set("message.max.bytes", "2000000")
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
+    let topic = topic.to_owned();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        for i in 0..MIXED_RECORDS {
+            let due = started + Duration::from_secs_f64(i as f64 / MIXED_RATE as f64);
+            while Instant::now() < due {
+                producer.poll(due.saturating_duration_since(Instant::now()));
+            }
+            let (key, value) = mixed_record(i);
+            let mut record = BaseRecord::<String, Vec<u8>>::to(&topic)
+                .key(&key)
+                .payload(&value);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        record = back;
+                        producer.poll(Duration::from_millis(50));
+                    }
+                }
+            }
+        }
+        producer
+            .flush(Duration::from_secs(180))
+            .expect("every record produced");
+    })
+}
+
+/// Mixed sizes up to 1 MB, a downstream that redirects for 6 s, one
+/// tenant's shard out for 18 s while the other nine succeed, SIGKILLs and a
+/// broker restart: lag 0, every record accepted by the downstream or
+/// dead-lettered, and the dead-letter topic holds exactly the poison
+/// records: nothing dead-lettered for the redirect or the tenant's outage.
+#[test]
+fn mixed_sizes_a_redirecting_downstream_and_a_failing_tenant_lose_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TestDir::new("chaos-mixed");
+    let topic = unique("chaos-mixed");
+    let dlq = format!("{topic}.dlq");
+    let group = unique("g");
+    create_topic_with_configs(&topic, 8, &[("max.message.bytes", "2097152")]);
+    let log = dir.path("downstream.txt");
+    let t0 = Instant::now();
+    let (port, counts) = mixed_downstream(t0, log.clone());
+    let url = format!("http://127.0.0.1:{port}/batch");
+    let producer = produce_mixed(&topic);
+    let session = short_session();
+    let mut extra = vec![
+        "--handler",
+        "http",
+        "--url",
+        &url,
+        "--health-scope",
+        "key-prefix:/",
+        "--max-records",
+        "20",
+        "--concurrency",
+        "4",
+        "--retry-initial-ms",
+        "20",
+    ];
+    extra.extend_from_slice(session);
+    let mut incarnation = 0;
+    let mut spawn = || {
+        incarnation += 1;
+        let name = format!("w{incarnation}");
+        spawn_worker(&dir, &name, &topic, &group, free_port(), &extra)
+    };
+    let mut workers: Vec<Proc> = (0..3).map(|_| spawn()).collect();
+    let at = |secs: f64| {
+        let due = t0 + Duration::from_secs_f64(secs);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    };
+    // SIGKILLs before, inside the redirect and inside the tenant's outage,
+    // and the broker restarted inside the tenant's outage.
+    for (when, victim) in [(4.0, 0), (9.0, 1), (18.0, 2)] {
+        at(when);
+        eprintln!(
+            "chaos-mixed: SIGKILL at +{:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        workers[victim].signal(9);
+        workers[victim]
+            .wait_for_exit(Duration::from_secs(30))
+            .expect("SIGKILL ends a worker");
+        workers[victim] = spawn();
+    }
+    at(22.0);
+    eprintln!(
+        "chaos-mixed: broker restart at +{:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    restart_broker(Duration::from_secs(2));
+    at(27.0);
+    workers[0].signal(9);
+    workers[0]
+        .wait_for_exit(Duration::from_secs(30))
+        .expect("SIGKILL ends a worker");
+    workers[0] = spawn();
+    producer.join().expect("the producer finishes");
+    wait_for_lag_zero(&topic, &group, Duration::from_secs(300));
+    for w in &workers {
+        w.signal(15);
+    }
+    for w in &mut workers {
+        let status = w
+            .wait_for_exit(Duration::from_secs(60))
+            .expect("workers exit on SIGTERM");
+        assert!(status.success(), "{}", w.stderr());
+    }
+    let redirected = counts.redirected.load(Ordering::SeqCst);
+    let refused = counts.refused_for_the_tenant.load(Ordering::SeqCst);
+    eprintln!(
+        "chaos-mixed: {redirected} batches redirected, {refused} refused for {FAILING_TENANT}, {} accepted",
+        counts.accepted.load(Ordering::SeqCst)
+    );
+    assert!(
+        redirected > 0,
+        "the downstream redirected while the run went on"
+    );
+    assert!(
+        refused > 0,
+        "the tenant's shard refused batches while the run went on"
+    );
+    let poison = poison_offsets(&topic);
+    assert_eq!(poison.len() as u64, MIXED_RECORDS / 100);
+    assert_eq!(
+        dead_lettered(&dlq),
+        poison,
+        "exactly the poison records are dead-lettered: none for the redirect or the tenant's outage"
+    );
+    let (expected, duplicates) = assert_recorded_or_dead(&topic, &group, &[log], &poison);
+    assert_eq!(
+        expected as u64, MIXED_RECORDS,
+        "every record was produced once"
+    );
+    eprintln!(
+        "chaos-mixed: {expected} records, {} poison dead-lettered, {duplicates} duplicates ({:.2}%), lag 0",
+        poison.len(),
+        duplicates as f64 * 100.0 / expected as f64
     );
 }
 

@@ -80,10 +80,22 @@ pub struct Lineage {
     pub dispatched_at_last_failure: Option<u64>,
     /// Held back as a suspected outage rather than a bad record.
     pub suspect: bool,
-    /// Held for its scope's own proof of health (see [`crate::health`])
-    /// since then (with the worker working), until then at most; meanwhile
-    /// it asks for no proof of the worker's.
-    pub scope_hold: Option<(Instant, Instant)>,
+    /// Held for its scope's own proof of health (see [`crate::health`]);
+    /// meanwhile it asks for no proof of the worker's.
+    pub scope_hold: Option<ScopeHold>,
+}
+
+/// When a record's hold for its scope began and ends (see [`Lineage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScopeHold {
+    pub since: Instant,
+    pub until: Instant,
+    /// The highest batch id handed out when it began: a success of a later
+    /// one shows the rest of the downstream worked during the hold.
+    pub dispatched: u64,
+    /// Whether the rest of the downstream was seen to work since the
+    /// record's failure before its hold began.
+    pub proven: bool,
 }
 
 /// A view of one record of a batch.

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use crate::batch::Batch;
+use crate::batch::{Batch, ScopeHold};
 use crate::config::RetryPolicy;
 use crate::handler::Failure;
 use crate::health::ScopeEvidence;
@@ -141,15 +141,29 @@ pub fn whole_batch_failed(
     let worker_proven = proven_since(ctx.last_success_id);
     let hold = batch.lineage.scope_hold;
     // Held for its scope for a longest back-off at least: time for the
-    // scope's other records to fail too, if it is out.
-    let waited = hold.is_some_and(|(since, _)| ctx.now >= since + policy.max);
-    let hold_over = hold.is_some_and(|(_, until)| ctx.now >= until);
+    // scope's other records to fail too, if it is out. Alone in its scope,
+    // with the circuit closed, the worker's proof from when its hold began
+    // is enough: on an idle topic no later success comes, and the record
+    // waited out its whole hold (found by the killer-record test).
+    let waited = hold.is_some_and(|h| ctx.now >= h.since + policy.max);
+    let hold_over = hold.is_some_and(|h| ctx.now >= h.until);
+    // Its hold over, the rest having worked during it is enough: on an idle
+    // topic, or under a full records cap, no later success may come, and
+    // asking for one again and again let fresh batches past the cap (both
+    // found by the simulation). A whole outage that begins in the last
+    // moments of a hold can then dead-letter that record: the hold is
+    // minutes long, the window of that risk one retry.
+    let worked_during_hold = hold.is_some_and(|h| ctx.last_success_id > h.dispatched);
     let proven = match ctx.scope {
         None => worker_proven,
         // The scope rule (see crate::health).
         Some(scope) => {
             proven_since(scope.last_success)
-                || (worker_proven && (waited && !scope.others_failing || hold_over))
+                || (waited
+                    && !scope.others_failing
+                    && !ctx.circuit_open
+                    && (worker_proven || hold.is_some_and(|h| h.proven)))
+                || (hold_over && (worker_proven || worked_during_hold))
         }
     };
     if !failure.retryable || proven {
@@ -161,15 +175,29 @@ pub fn whole_batch_failed(
     // circuit stays closed.
     batch.attempt = policy.max_attempts.saturating_sub(1);
     batch.lineage.suspect = true;
-    if ctx.scope.is_some() && worker_proven && batch.lineage.scope_hold.is_none() {
-        batch.lineage.scope_hold = Some((ctx.now, ctx.now + ctx.scope_hold));
+    // Its scope's outage explains it when the rest was seen to work, or
+    // when other records of its scope are already held for it.
+    let scope_explains = ctx.scope.is_some_and(|s| worker_proven || s.others_failing);
+    if scope_explains && batch.lineage.scope_hold.is_none() {
+        batch.lineage.scope_hold = Some(ScopeHold {
+            since: ctx.now,
+            until: ctx.now + ctx.scope_hold,
+            dispatched: ctx.dispatched,
+            proven: worker_proven,
+        });
     }
     let at = ctx.now + backoff(policy, policy.max_attempts, rng);
-    let held_for_scope = batch
-        .lineage
-        .scope_hold
-        .is_some_and(|(_, until)| ctx.now < until);
-    let signal = if worker_proven || held_for_scope {
+    // The circuit opens unless the rest of the downstream was seen to work:
+    // since this failure, or when its hold for its scope began (it is
+    // retried again and again while its tenant is out, often with no
+    // success in between: opening then starved every tenant, found in the
+    // pipeline test). A whole outage that begins later still opens it,
+    // through the other tenants' batches failing and their records held.
+    // Once its hold is over it is a held record like any other: the circuit
+    // opens and its probes bring the worker's proof (found by the
+    // simulation: a lane retried it for ever).
+    let rest_works = worker_proven || batch.lineage.scope_hold.is_some_and(|h| ctx.now < h.until);
+    let signal = if rest_works {
         Signal::Nothing
     } else {
         Signal::Suspect
@@ -601,13 +629,40 @@ mod tests {
         let (plan, _) = fail(b.clone(), scoped(20, 0, false), &mut rng);
         assert!(matches!(plan, Plan::Retry { .. }), "{plan:?}");
         // Held that long and alone in its scope: dead-lettered.
-        let (since, until) = b.lineage.scope_hold.expect("held for its scope");
+        let ScopeHold { since, until, .. } = b.lineage.scope_hold.expect("held for its scope");
         let waited = Context {
             now: since + policy.max,
             ..scoped(20, 0, false)
         };
         let (plan, _) = fail(b.clone(), waited, &mut rng);
         assert!(matches!(plan, Plan::DeadLetter { .. }), "{plan:?}");
+        // On an idle topic no success follows its last failure (stamped 30
+        // here): the proof from its hold's start is enough once it waited
+        // alone, but not while the circuit is open.
+        let (plan, _) = fail(
+            b.clone(),
+            Context {
+                dispatched: 30,
+                ..scoped(20, 0, true)
+            },
+            &mut rng,
+        );
+        let Plan::Retry { batch: idle, .. } = plan else {
+            panic!("{plan:?}")
+        };
+        let idle_ctx = Context {
+            now: since + policy.max,
+            dispatched: 30,
+            ..scoped(20, 0, false)
+        };
+        let (plan, _) = fail(idle.clone(), idle_ctx, &mut rng);
+        assert!(matches!(plan, Plan::DeadLetter { .. }), "{plan:?}");
+        let open = Context {
+            circuit_open: true,
+            ..idle_ctx
+        };
+        let (plan, _) = fail(idle, open, &mut rng);
+        assert!(matches!(plan, Plan::Retry { .. }), "{plan:?}");
         // Its scope succeeded after the failure: dead-lettered at once, even
         // with others failing.
         let (plan, _) = fail(b.clone(), scoped(20, 15, true), &mut rng);
@@ -617,6 +672,21 @@ mod tests {
             now: until,
             ..scoped(20, 0, true)
         };
+        let unproven = Context {
+            now: until,
+            circuit_open: true,
+            ..scoped(0, 0, false)
+        };
+        let (plan, signal) = fail(b.clone(), unproven, &mut rng);
+        assert!(
+            matches!(plan, Plan::Retry { .. }),
+            "never dead-lettered without the worker's proof: {plan:?}"
+        );
+        assert_eq!(
+            signal,
+            Signal::Suspect,
+            "its hold over, the circuit opens for the worker's proof"
+        );
         let (plan, _) = fail(b, over, &mut rng);
         assert!(matches!(plan, Plan::DeadLetter { .. }), "{plan:?}");
         // Without the worker's proof it is rule 3: held, and suspect.

@@ -216,11 +216,15 @@ pub struct Args {
     #[arg(long, env = "MICROBATCH_MAX_RECORD_AGE_MS", help_heading = "Delivery")]
     pub max_record_age_ms: Option<u64>,
     /// What proves the downstream works for a record that fails alone:
-    /// key (a success of a record with the same key: one tenant's outage,
-    /// keyed by tenant, holds its records instead of dead-lettering them
-    /// while the others succeed), header:NAME (the same with a tenant
-    /// header), or worker (any success). Records without a key (header)
-    /// are judged by the worker.
+    /// key (a success of a record with the same key), key-prefix:SEP (of
+    /// a key with the same prefix up to SEP: a tenant in keys like
+    /// tenant-7/order-42), header:NAME (of a record with the same header
+    /// value), or worker (any success). One tenant's outage then holds its
+    /// records instead of dead-lettering them while other tenants succeed
+    /// (for whole-batch failures: 5xx, timeouts; records the handler names
+    /// as failed are dead-lettered after --max-attempts). Fresh batches go
+    /// ahead of a held record. Records without a key (header) are judged by
+    /// the worker.
     #[arg(
         long,
         env = "MICROBATCH_HEALTH_SCOPE",

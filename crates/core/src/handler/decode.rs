@@ -252,6 +252,10 @@ impl Handler for DecodingHandler {
         self.inner.reads_headers() || !self.decoder.is_raw() || self.filter.is_some()
     }
 
+    fn skips_records(&self) -> bool {
+        self.filter.is_some() || self.inner.skips_records()
+    }
+
     async fn prepare(&self, slots: usize) {
         self.inner.prepare(slots).await
     }

@@ -84,6 +84,13 @@ pub trait Handler: Send + Sync + 'static {
         true
     }
 
+    /// Whether a batch's `Success` may include records done without the
+    /// handler (a filter left them out): then no record of it is evidence
+    /// for its key's health (see [`crate::health`]).
+    fn skips_records(&self) -> bool {
+        false
+    }
+
     /// Called once when the worker starts, before it joins its group, with
     /// the number of batches it may run at once. A handler whose start-up
     /// is slow (a child process) begins it here: the partitions a scale

@@ -142,7 +142,7 @@ impl RecordsCap {
 }
 
 /// Which batch a lane would start next, if any.
-#[derive(PartialEq, Eq)]
+#[derive(PartialEq, Eq, Debug)]
 enum Next {
     Retry,
     Ready,
@@ -203,6 +203,9 @@ impl Pipeline {
             records_cap.waiting = 0;
         }
         let starts = self.pick_starts(now, rounds, limit, &mut records_cap);
+        if probing && !starts.is_empty() {
+            self.probe_turn = self.probe_turn.wrapping_add(1);
+        }
         if let Some((last, _)) = starts.last() {
             self.dispatch_cursor = last.partition + 1;
         }
@@ -266,6 +269,7 @@ impl Pipeline {
         starts: &mut Vec<(Slot, Batch)>,
     ) {
         let uncommitted_limit = self.config.uncommitted_limit();
+        let scope_retry_spacing = self.config.retry.max / 4;
         let cursor = self.dispatch_cursor;
         let passes = [
             (Bound::Included(cursor), Bound::Unbounded),
@@ -301,6 +305,10 @@ impl Pipeline {
                         .filter_map(|(i, lane)| Some((lane.oldest_waiting()?, i))),
                 );
                 self.lane_order.sort_unstable();
+                if prefer != Prefer::Any && !self.lane_order.is_empty() {
+                    let turn = self.probe_turn % self.lane_order.len();
+                    self.lane_order.rotate_left(turn);
+                }
                 for k in 0..self.lane_order.len() {
                     let i = self.lane_order[k].1;
                     if self.in_flight + starts.len() >= limit {
@@ -321,6 +329,9 @@ impl Pipeline {
                         Next::Ready | Next::Wait | Next::Nothing => None,
                     };
                     if let Some(mut batch) = batch {
+                        if batch.lineage.scope_hold.is_some_and(|h| now < h.until) {
+                            ps.lanes[i].scope_retry_at = Some(now + scope_retry_spacing);
+                        }
                         records_cap.started(batch.len(), next == Next::Retry);
                         ps.max_started = ps.max_started.max(batch.last_offset());
                         ps.lanes[i].in_flight_since = Some(now);
@@ -362,9 +373,33 @@ impl Pipeline {
         next
     }
 
+    /// Whether what a crash would replay fills `--max-uncommitted-records`.
+    pub(super) fn records_cap_full(&self) -> bool {
+        let cap = self.config.max_uncommitted_records;
+        cap > 0
+            && RecordsCap::new(cap, 0, &self.partitions, self.in_flight_records, false).exposed()
+                >= cap
+    }
+
     fn next_ungated(lane: &Lane, now: Instant, prefer: Prefer) -> Next {
         let suspect = lane.retry.front().is_some_and(|(b, _)| b.lineage.suspect);
+        // Held for its key's (tenant's) proof while the rest works: until
+        // its retry is due, fresh batches go ahead of it, as a probe's do,
+        // or one tenant's outage would stop every lane it reaches (found in
+        // review).
+        let held_for_scope = lane
+            .retry
+            .front()
+            .is_some_and(|(b, _)| b.lineage.scope_hold.is_some_and(|h| now < h.until));
+        let spaced = lane.scope_retry_at.is_some_and(|at| now < at);
         match (lane.retry.front(), prefer) {
+            (Some((_, due)), Prefer::Any) if held_for_scope && (*due > now || spaced) => {
+                if lane.ready.is_empty() {
+                    Next::Wait
+                } else {
+                    Next::Ready
+                }
+            }
             (_, Prefer::Fresh) if lane.ready.is_empty() => Next::Nothing,
             // A fresh batch overtakes a held record, never a plain retry,
             // which keeps its lane's order.

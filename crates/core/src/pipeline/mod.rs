@@ -197,6 +197,9 @@ pub struct Options {
     /// Seeds the back-off jitter.
     pub seed: u64,
     pub acknowledgement: Acknowledgement,
+    /// Whether a batch's done records are evidence for their keys' health:
+    /// not when the handler may skip records (a filter).
+    pub scope_successes: bool,
 }
 
 /// Whether a verdict's done records were done by the handler.
@@ -234,6 +237,10 @@ pub struct Pipeline {
     next_dead_letter_id: u64,
     /// The partition dispatch starts from next (round-robin).
     dispatch_cursor: i32,
+    /// Probes start from a different lane each time: oldest first, a lane
+    /// of one failing tenant took every probe and kept the circuit open
+    /// while the other tenants' lanes waited (found in the pipeline test).
+    probe_turn: usize,
     /// Scratch for [`Pipeline::pick_round`]: a partition's lanes with work
     /// waiting, by their oldest offset.
     lane_order: Vec<(i64, usize)>,
@@ -249,6 +256,8 @@ pub struct Pipeline {
     last_success_id: u64,
     /// Rule 3's proof per key or tenant (see [`crate::health`]).
     health: ScopeHealth,
+    /// See [`Options::scope_successes`].
+    scope_successes_count: bool,
     circuit: Circuit,
     phase: Phase,
     /// After `close`: until when a final commit the broker refused is
@@ -291,6 +300,7 @@ impl Pipeline {
             keep_headers,
             seed,
             acknowledgement,
+            scope_successes,
         } = options;
         let health = ScopeHealth::new(
             config.health_scope.clone(),
@@ -317,6 +327,7 @@ impl Pipeline {
             next_batch_id: 0,
             next_dead_letter_id: 0,
             dispatch_cursor: 0,
+            probe_turn: 0,
             lane_order: Vec::new(),
             in_flight: 0,
             in_flight_records: 0,
@@ -325,6 +336,7 @@ impl Pipeline {
             held_bytes: 0,
             last_success_id: 0,
             health,
+            scope_successes_count: scope_successes,
             circuit: Circuit::new(now),
             phase: Phase::Consuming,
             fatal: None,
@@ -804,20 +816,35 @@ impl Pipeline {
                 if let Some(suppressed) = self.failure_log.allow(now) {
                     tracing::warn!(partition = slot.partition, records = batch.len(), error = %f.error, retryable = f.retryable, suppressed, "the batch failed as a whole");
                 }
-                self.health.note_whole_failure(now);
-                let scope = self.scope_of_single(&batch);
+                // Under a full records cap a key's (tenant's) hold yields:
+                // the worker's rule judges the record, or held records
+                // would keep the cap full and last resorts pile up past it
+                // (found by the simulation).
+                let scope = if self.records_cap_full() {
+                    None
+                } else {
+                    self.scope_of_single(&batch)
+                };
+                let explained = self.health.explains(&batch, now);
                 let ctx = failure::Context {
-                    scope: scope.map(|(bucket, record)| self.health.evidence(bucket, record, now)),
+                    scope: scope.map(|(scope, record)| self.health.evidence(scope, record, now)),
                     ..ctx
                 };
                 let (plan, signal) =
                     failure::whole_batch_failed(batch, &f, &self.config.retry, ctx, &mut self.rng);
-                if let Some((bucket, record)) = scope {
+                // A batch holding a record of a tenant known to be out fails
+                // for that tenant: the circuit does not count it, or one
+                // tenant's outage would stop every tenant (found in review).
+                let signal = match signal {
+                    Signal::Failure { .. } if explained => Signal::Nothing,
+                    other => other,
+                };
+                if let Some((scope, record)) = scope {
                     match &plan {
-                        Plan::Retry { batch, .. } if batch.lineage.suspect => {
-                            self.health.note_held(bucket, record, now)
-                        }
-                        Plan::DeadLetter { .. } => self.health.note_gone(bucket, record),
+                        Plan::Retry { batch, .. } if batch.lineage.scope_hold.is_some() => self
+                            .health
+                            .note_held(scope, record, now, self.next_batch_id),
+                        Plan::DeadLetter { .. } => self.health.note_gone(scope, record),
                         _ => {}
                     }
                 }
@@ -1102,6 +1129,12 @@ impl Pipeline {
     /// its lanes still running become zombies.
     fn forget(&mut self, partition: i32, ps: PartitionState) {
         self.lag_seconds.retain(|(p, _)| *p != partition);
+        // Its held records no longer count as their scopes failing.
+        for (batch, _) in ps.lanes.iter().flat_map(|l| &l.retry) {
+            if let Some((scope, record)) = self.scope_of_single(batch) {
+                self.health.note_gone(scope, record);
+            }
+        }
         self.held -= ps.held;
         self.held_bytes = self.held_bytes.saturating_sub(ps.held_bytes);
         for (i, lane) in ps.lanes.iter().enumerate() {
@@ -1120,24 +1153,51 @@ impl Pipeline {
         now: Instant,
         done: impl Fn(i64) -> bool,
     ) {
-        if !self.health.recording(now) {
+        if !self.health.recording() || !self.scope_successes_count {
             return;
         }
+        let mut back = Vec::new();
         for record in batch.records().filter(|r| done(r.offset)) {
-            if let Some(bucket) = self.health.bucket_of(&record) {
-                self.health.note_success(bucket, batch_id);
+            if let Some(scope) = self.health.scope_of(&record) {
+                if self.health.note_success(scope, batch_id) {
+                    back.push(scope);
+                }
+            }
+        }
+        if !back.is_empty() {
+            self.release_held_for(&back, now);
+        }
+    }
+
+    /// Scopes that are back: their records held for them are retried now,
+    /// as plain held records (a bad one among them is then proven bad by
+    /// the success), not one per lane per spacing.
+    fn release_held_for(&mut self, scopes: &[u64], now: Instant) {
+        let health = &self.health;
+        for ps in self.partitions.values_mut() {
+            for lane in &mut ps.lanes {
+                for (batch, due) in &mut lane.retry {
+                    if batch.lineage.scope_hold.is_none() || batch.len() != 1 {
+                        continue;
+                    }
+                    let scope = batch.records().next().and_then(|r| health.scope_of(&r));
+                    if scope.is_some_and(|s| scopes.contains(&s)) {
+                        batch.lineage.scope_hold = None;
+                        *due = now;
+                    }
+                }
             }
         }
     }
 
     /// A single record's scope bucket and identity, for the scope rule.
-    fn scope_of_single(&self, batch: &Batch) -> Option<(usize, (i32, i64))> {
+    fn scope_of_single(&self, batch: &Batch) -> Option<(u64, (i32, i64))> {
         if batch.len() != 1 {
             return None;
         }
         let record = batch.records().next()?;
-        let bucket = self.health.bucket_of(&record)?;
-        Some((bucket, (record.partition, record.offset)))
+        let scope = self.health.scope_of(&record)?;
+        Some((scope, (record.partition, record.offset)))
     }
 
     /// What a batch's outcome tells the circuit; a success also moves the

@@ -22,6 +22,10 @@ pub(super) struct Lane {
     pub retry: VecDeque<(Batch, Instant)>,
     /// When the batch in this lane's slot started, while one is in flight.
     pub in_flight_since: Option<Instant>,
+    /// A record held for its key's proof is retried here no sooner than
+    /// this: a tenant's held records, each retried on its own timer,
+    /// took every slot from the other tenants (found in the pipeline test).
+    pub scope_retry_at: Option<Instant>,
 }
 
 impl Lane {
@@ -115,6 +119,7 @@ impl PartitionState {
                 ready: VecDeque::new(),
                 retry: VecDeque::new(),
                 in_flight_since: None,
+                scope_retry_at: None,
             })
             .collect();
         Self {
@@ -309,13 +314,19 @@ impl PartitionState {
 
     /// What the partition may start while finished work a crash would
     /// replay has waited longer than `limit` for its commit. Open while a
-    /// record waits for a success to prove it bad.
+    /// record waits for a success to prove it bad, the worker's or its
+    /// key's (tenant's): closed, one tenant's outage would stop its
+    /// partitions for every tenant (found in the pipeline test), at the
+    /// cost of more to replay while it lasts.
     pub fn gate(&self, now: Instant, limit: Option<Duration>, last_success_id: u64) -> Gate {
         let Some(max) = limit else {
             return Gate::Open;
         };
         let overdue = self.ledger.waited_too_long(now, max);
-        if !overdue.unacked && !overdue.held_back || self.awaits_proof(last_success_id, now) {
+        if !overdue.unacked && !overdue.held_back
+            || self.awaits_proof(last_success_id, now)
+            || !overdue.unacked && self.holds_for_scope(now)
+        {
             return Gate::Open;
         }
         match self.offsets.watermark() {
@@ -336,6 +347,14 @@ impl PartitionState {
             .any(|(b, _)| Self::batch_awaits_proof(b, last_success_id, now))
     }
 
+    /// Whether a record is held for its key's (tenant's) proof of health.
+    fn holds_for_scope(&self, now: Instant) -> bool {
+        self.lanes
+            .iter()
+            .flat_map(|l| &l.retry)
+            .any(|(b, _)| b.lineage.scope_hold.is_some_and(|h| now < h.until))
+    }
+
     /// A record held for its scope's own proof asks for none of the
     /// worker's until its hold is over: only a success of its scope (or the
     /// hold's end) lets it go, and asking would let fresh batches past the
@@ -346,10 +365,7 @@ impl PartitionState {
                 .lineage
                 .dispatched_at_last_failure
                 .is_some_and(|at| last_success_id <= at)
-            && batch
-                .lineage
-                .scope_hold
-                .is_none_or(|(_, until)| now >= until)
+            && batch.lineage.scope_hold.is_none_or(|h| now >= h.until)
     }
 
     /// Records taken to the handler that are neither in flight nor done:

@@ -53,7 +53,9 @@ use microbatch_kafka::KafkaConfig;
 /// instead, for ever.
 /// 46080: the last resort past the records cap, then the held record's
 /// retry on top of it.
-const REGRESSION_SEEDS: &[u64] = &[4490, 28, 62709, 64196, 75394, 46080];
+/// 87525: a record held for its key's proof kept the records cap full, and
+/// a second last resort went past the cap on top of the first.
+const REGRESSION_SEEDS: &[u64] = &[4490, 28, 62709, 64196, 75394, 46080, 87525];
 
 /// Records fetched per partition in one fetch step.
 const BURST: usize = 4;
@@ -237,6 +239,7 @@ impl Sim {
             keep_headers: false,
             seed,
             acknowledgement: Acknowledgement::Watermark,
+            scope_successes: true,
         };
         let mut pipeline = Pipeline::new(config.pipeline(), options, "sim".into(), base, 10_000);
         pipeline.sabotage = sabotage;

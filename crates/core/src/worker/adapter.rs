@@ -27,6 +27,9 @@ use microbatch_kafka::LogThrottle;
 
 use super::driver::{turn_until, Next};
 
+// Handled, the large variant, is also the one sent for every batch:
+// boxing it would add an allocation per batch to shrink the rare ones.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Event {
     Handled {
         slot: Slot,

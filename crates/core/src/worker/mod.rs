@@ -61,6 +61,7 @@ use crate::config::{DeadLetterConfig, GroupProtocol, WorkerConfig};
 use crate::dlq::{DeadLetterWriter, DlqError};
 use crate::fetch::{ConsumedRecord, FetchQueue, FetchedMessage};
 use crate::handler::Handler;
+use crate::health::HealthScope;
 use crate::pipeline::{Acknowledgement, Options, Phase, Pipeline};
 use crate::telemetry::{StatsExporter, Telemetry};
 use microbatch_kafka::admin::{TopicLookup, TopicState};
@@ -441,7 +442,9 @@ fn poll_loop(
     let cfg = worker.config.clone();
     let audit = cfg.audit_log.as_deref().map(open_audit).transpose()?;
     let (events_tx, events_rx) = mpsc::channel();
-    let keep_headers = worker.handler.reads_headers() || dlq.is_some();
+    let keep_headers = worker.handler.reads_headers()
+        || dlq.is_some()
+        || matches!(cfg.health_scope, HealthScope::Header(_));
     let seed = wall_ms() as u64 ^ u64::from(std::process::id());
     let options = Options {
         dead_letters: dlq.is_some(),
@@ -449,6 +452,7 @@ fn poll_loop(
         keep_headers,
         seed,
         acknowledgement: Acknowledgement::Watermark,
+        scope_successes: !worker.handler.skips_records(),
     };
     let pipeline = Pipeline::new(
         cfg.pipeline(),

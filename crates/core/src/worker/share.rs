@@ -54,6 +54,7 @@ use crate::batch::Header;
 use crate::capacity::CapacityMeter;
 use crate::dlq::DeadLetterWriter;
 use crate::fetch::ConsumedRecord;
+use crate::health::HealthScope;
 use crate::pipeline::{Acknowledgement, Intent, Options, Phase, Pipeline};
 use crate::telemetry::StatsExporter;
 
@@ -75,6 +76,9 @@ const BUSY_FETCH_WAIT: Duration = Duration::from_millis(10);
 const FETCH_RETRY: Duration = Duration::from_millis(500);
 
 /// What reaches the poll thread.
+// Handled, the large variant, is also the one sent for every batch:
+// boxing it would add an allocation per batch to shrink the rare ones.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Input {
     Task(Event),
     Fetched(Fetched),
@@ -939,9 +943,12 @@ pub(super) fn poll_loop(
     let options = Options {
         dead_letters: dlq.is_some(),
         audit: audit.is_some(),
-        keep_headers: worker.handler.reads_headers() || dlq.is_some(),
+        keep_headers: worker.handler.reads_headers()
+            || dlq.is_some()
+            || matches!(cfg.health_scope, HealthScope::Header(_)),
         seed: wall_ms() as u64 ^ u64::from(std::process::id()),
         acknowledgement: Acknowledgement::PerRecord,
+        scope_successes: !worker.handler.skips_records(),
     };
     let pipeline = Pipeline::new(
         cfg.pipeline(),
