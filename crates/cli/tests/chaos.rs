@@ -290,6 +290,8 @@ const FAILING_TENANT: &str = "tenant-3/";
 /// from the first record produced.
 const REDIRECTING: (f64, f64) = (6.0, 12.0);
 const TENANT_OUT: (f64, f64) = (15.0, 33.0);
+/// The fewest answers of each phase.
+const PHASE_ANSWERS: u64 = 10;
 
 /// Record `i`: its key and value. Every 100th is poison (its value holds
 /// POISON, which the downstream refuses for good); sizes are mixed: most
@@ -320,7 +322,10 @@ struct DownstreamCounts {
 /// An HTTP downstream on a free port that answers 301 to everything while
 /// `REDIRECTING`, 503 to any batch holding a record of `FAILING_TENANT`
 /// while `TENANT_OUT`, refuses poison records for good, and writes every
-/// record it accepts to `log` (its own record, outside the worker).
+/// record it accepts to `log` (its own record, outside the worker). Each
+/// phase lasts until its end and [`PHASE_ANSWERS`] answers at least: a
+/// rebalance after a SIGKILL can leave no batch in a window (a run saw no
+/// request during the 6 s of redirects).
 fn mixed_downstream(t0: Instant, log: PathBuf) -> (u16, Arc<DownstreamCounts>) {
     let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -336,14 +341,16 @@ fn mixed_downstream(t0: Instant, log: PathBuf) -> (u16, Arc<DownstreamCounts>) {
                     return;
                 };
                 let now = t0.elapsed().as_secs_f64();
-                let within = |(from, to): (f64, f64)| now >= from && now < to;
+                let within = |(from, to): (f64, f64), answered: &AtomicU64| {
+                    now >= from && (now < to || answered.load(Ordering::SeqCst) < PHASE_ANSWERS)
+                };
                 let batch: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                 let records = batch["records"].as_array().cloned().unwrap_or_default();
-                let (status, extra, answer) = if within(REDIRECTING) {
+                let (status, extra, answer) = if within(REDIRECTING, &counts.redirected) {
                     counts.redirected.fetch_add(1, Ordering::SeqCst);
                     let to = format!("Location: http://127.0.0.1:{port}/moved\r\n");
                     ("301 Moved Permanently", to, String::new())
-                } else if within(TENANT_OUT)
+                } else if within(TENANT_OUT, &counts.refused_for_the_tenant)
                     && records.iter().any(|r| {
                         r["key"]
                             .as_str()

@@ -92,6 +92,8 @@ pub struct Context {
     /// Milliseconds since the Unix epoch at `now`, for record ages.
     pub wall_ms: i64,
     pub circuit_open: bool,
+    /// Whether the circuit counted a failure since the last success.
+    pub rest_failing: bool,
     /// The highest id of a batch that succeeded (rule 3's proof of health).
     /// Batches are numbered as they are handed to the handler.
     pub last_success_id: u64,
@@ -103,6 +105,10 @@ pub struct Context {
     pub scope: Option<ScopeEvidence>,
     /// How long a record is held for its scope's proof at most.
     pub scope_hold: Duration,
+    /// Whether the batch holds a record of a scope known to be out (one
+    /// with records held): its failure is that scope's, and it is split at
+    /// once, without back-off retries, so the rest of it goes on.
+    pub scope_out: bool,
 }
 
 /// Decides for a batch that failed as a whole (rules 2 and 3).
@@ -127,6 +133,7 @@ pub fn whole_batch_failed(
     batch.attempt += 1;
     let exhausted = !failure.retryable
         || batch.attempt >= policy.max_attempts
+        || (ctx.scope_out && batch.len() > 1)
         || (!ctx.circuit_open && too_old(&batch, policy, ctx.wall_ms));
     if !exhausted {
         let at = ctx.now + backoff(policy, batch.attempt, rng);
@@ -147,12 +154,15 @@ pub fn whole_batch_failed(
     // waited out its whole hold (found by the killer-record test).
     let waited = hold.is_some_and(|h| ctx.now >= h.since + policy.max);
     let hold_over = hold.is_some_and(|h| ctx.now >= h.until);
+    // Proof older than this failure counts only while nothing else fails:
+    // the circuit closed and no failure counted since the last success.
+    // Else a whole outage that began after it would dead-letter the record
+    // (found in review).
+    let rest_calm = !ctx.circuit_open && !ctx.rest_failing;
     // Its hold over, the rest having worked during it is enough: on an idle
     // topic, or under a full records cap, no later success may come, and
     // asking for one again and again let fresh batches past the cap (both
-    // found by the simulation). A whole outage that begins in the last
-    // moments of a hold can then dead-letter that record: the hold is
-    // minutes long, the window of that risk one retry.
+    // found by the simulation).
     let worked_during_hold = hold.is_some_and(|h| ctx.last_success_id > h.dispatched);
     let proven = match ctx.scope {
         None => worker_proven,
@@ -162,8 +172,8 @@ pub fn whole_batch_failed(
                 || (waited
                     && !scope.others_failing
                     && !ctx.circuit_open
-                    && (worker_proven || hold.is_some_and(|h| h.proven)))
-                || (hold_over && (worker_proven || worked_during_hold))
+                    && (worker_proven || rest_calm && hold.is_some_and(|h| h.proven)))
+                || (hold_over && (worker_proven || rest_calm && worked_during_hold))
         }
     };
     if !failure.retryable || proven {
@@ -384,10 +394,12 @@ mod tests {
             now: Instant::now(),
             wall_ms: 2_000,
             circuit_open,
+            rest_failing: false,
             last_success_id,
             dispatched: last_success_id,
             scope: None,
             scope_hold: Duration::from_secs(300),
+            scope_out: false,
         }
     }
 
@@ -661,7 +673,36 @@ mod tests {
             circuit_open: true,
             ..idle_ctx
         };
-        let (plan, _) = fail(idle, open, &mut rng);
+        let (plan, _) = fail(idle.clone(), open, &mut rng);
+        assert!(matches!(plan, Plan::Retry { .. }), "{plan:?}");
+        // Nor once something else failed since the last success: a whole
+        // outage that began after the hold's proof.
+        let failing = Context {
+            rest_failing: true,
+            ..idle_ctx
+        };
+        let (plan, _) = fail(idle.clone(), failing, &mut rng);
+        assert!(matches!(plan, Plan::Retry { .. }), "{plan:?}");
+        // Its hold over, the rest having worked during it decides, but only
+        // while nothing else fails.
+        let worked = Context {
+            now: until,
+            ..idle_ctx
+        };
+        let (plan, _) = fail(idle.clone(), worked, &mut rng);
+        assert!(matches!(plan, Plan::DeadLetter { .. }), "{plan:?}");
+        let (plan, _) = fail(
+            idle,
+            Context {
+                rest_failing: true,
+                scope: Some(ScopeEvidence {
+                    last_success: 0,
+                    others_failing: true,
+                }),
+                ..worked
+            },
+            &mut rng,
+        );
         assert!(matches!(plan, Plan::Retry { .. }), "{plan:?}");
         // Its scope succeeded after the failure: dead-lettered at once, even
         // with others failing.
@@ -700,5 +741,19 @@ mod tests {
         };
         assert_eq!(signal, Signal::Suspect);
         assert_eq!(b.lineage.scope_hold, None, "an outage, not its scope");
+        // A batch holding a record of a scope known to be out is split at
+        // once, attempts left or not: the rest of it goes on.
+        let many = RetryPolicy {
+            max_attempts: 5,
+            ..policy
+        };
+        let out = Context {
+            scope_out: true,
+            ..ctx(0, false)
+        };
+        let (plan, _) = whole_batch_failed(batch(3, 0..4), &retry, &many, out, &mut rng);
+        assert!(matches!(plan, Plan::Bisect(..)), "{plan:?}");
+        let (plan, _) = whole_batch_failed(batch(3, 0..4), &retry, &many, ctx(0, false), &mut rng);
+        assert!(matches!(plan, Plan::Retry { .. }), "{plan:?}");
     }
 }

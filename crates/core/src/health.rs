@@ -9,21 +9,25 @@
 //!   record's previous failure, succeeded; or
 //! - the record has been held for its scope one longest back-off at least,
 //!   no *other* record of its scope is held, the circuit is closed, and the
-//!   downstream as a whole was proven (rule 3), now or when the hold began:
-//!   a scope with one failing record cannot tell a bad record from its own
-//!   outage, and a record must not wait for ever; or
+//!   downstream as a whole was proven (rule 3) now, or when the hold began
+//!   with no failure counted since the last success: a scope with one
+//!   failing record cannot tell a bad record from its own outage, and a
+//!   record must not wait for ever; or
 //! - its hold (`--health-scope-hold-ms`) is over and the downstream as a
-//!   whole was proven, or worked during the hold.
+//!   whole was proven now, or worked during the hold with no failure
+//!   counted since the last success.
 //!
 //! Otherwise the record is held. While it waits for its retry, fresh
 //! batches of its lane go ahead of it (see the pipeline's dispatch), so the
 //! rest works; a success of its scope releases it. Under a full
-//! `--max-uncommitted-records` the worker's rule judges instead.
+//! `--max-uncommitted-records` the worker's rule judges the record that
+//! holds its partition's commit back.
 //!
 //! Only scopes with a record held are tracked, by a 64-bit hash of the
 //! scope (keyed per process): memory follows the held records, and a
-//! healthy worker hashes nothing. Entries not touched for a [`window`] are
-//! dropped (their records were revoked or dead-lettered meanwhile).
+//! healthy worker hashes nothing. An entry goes with its last record when
+//! it holds no proof (dead-lettered, revoked), or, as a safety net, once not
+//! touched for a [`window`], which outlasts a hold.
 
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
@@ -77,10 +81,15 @@ impl std::fmt::Display for HealthScope {
     }
 }
 
-/// How long evidence lasts: a held record is retried at least this often,
-/// so a scope untouched this long has no record held any more.
-pub fn window(longest_backoff: Duration) -> Duration {
-    (longest_backoff * 4).max(Duration::from_secs(30))
+/// How long evidence lasts: a held record is retried at least every
+/// `4 x longest_backoff` while its hold lasts, so a scope untouched for that
+/// plus the hold has no record held any more. The hold counts too: while
+/// the circuit is open, held records are not retried (probes take fresh
+/// batches first), and their key's evidence must outlast that, or its
+/// records were judged alone, and dead-lettered, once it closed (found in
+/// review).
+pub fn window(longest_backoff: Duration, hold: Duration) -> Duration {
+    (longest_backoff * 4).max(Duration::from_secs(30)) + hold
 }
 
 /// A record's identity within the worker.
@@ -178,7 +187,11 @@ impl ScopeHealth {
     /// scope's proof, and its records held before that batch was handed
     /// over no longer count as failing. Returns whether the scope had
     /// records held: it is back, and they may go again at once.
-    pub fn note_success(&mut self, scope: u64, batch_id: u64) -> bool {
+    pub fn note_success(&mut self, scope: u64, batch_id: u64, now: Instant) -> bool {
+        // Pruned here too: entries whose records were released stay until
+        // their window ends, and successes are hashed until then only
+        // (found in review: they stayed for good).
+        self.prune(now);
         let Some(s) = self.scopes.get_mut(&scope) else {
             return false;
         };
@@ -268,6 +281,10 @@ impl ScopeHealth {
                 if h.is_some_and(|h| h.record == record) {
                     *h = None;
                 }
+            }
+            // Its proof (a success of the scope) stays until pruned.
+            if s.held.iter().all(Option::is_none) && s.last_success == 0 {
+                self.scopes.remove(&scope);
             }
         }
     }
@@ -362,13 +379,13 @@ mod tests {
         assert!(s.evidence(7, (0, 1), t0).others_failing);
         // A success of a batch handed over before the holds proves nothing
         // and clears nothing (found in review).
-        s.note_success(7, 9);
+        s.note_success(7, 9, t0);
         assert!(s.evidence(7, (0, 1), t0).others_failing);
         // Forgotten after the window.
         let later = t0 + Duration::from_secs(31);
         assert!(!s.evidence(7, (0, 1), later).others_failing);
         // A later success clears them and is the scope's proof.
-        s.note_success(7, 12);
+        s.note_success(7, 12, t0);
         let e = s.evidence(7, (0, 2), t0);
         assert_eq!(e.last_success, 12);
         assert!(!e.others_failing);
@@ -411,5 +428,22 @@ mod tests {
         s.note_held(1, (0, 1), t0, 1);
         s.note_held(2, (0, 2), t0 + Duration::from_secs(31), 1);
         assert_eq!(s.scopes.len(), 1, "the first one expired");
+        // Released by a success, then untouched: dropped at a later
+        // success, and successes are no longer hashed.
+        assert!(s.note_success(2, 5, t0 + Duration::from_secs(32)));
+        assert!(s.recording());
+        s.note_success(2, 6, t0 + Duration::from_secs(70));
+        assert!(!s.recording(), "a healthy worker hashes nothing");
+        // A record gone (dead-lettered) leaves no entry behind.
+        s.note_held(4, (0, 4), t0, 1);
+        s.note_gone(4, (0, 4));
+        assert!(!s.recording());
+        // Unless its scope's proof is in it: the next bad record of the
+        // scope is judged by it at once (found in review: it waited again).
+        s.note_held(5, (0, 5), t0, 1);
+        s.note_held(5, (0, 6), t0, 1);
+        assert!(s.note_success(5, 50, t0));
+        s.note_gone(5, (0, 5));
+        assert_eq!(s.evidence(5, (0, 6), t0).last_success, 50);
     }
 }

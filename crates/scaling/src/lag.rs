@@ -24,6 +24,22 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+/// How long a lag reading waits before asking a moving coordinator again.
+const COORDINATOR_RETRY: Duration = Duration::from_millis(200);
+
+/// Whether the group's coordinator is moving or loading its offsets: an
+/// answer to ask for again, not an error.
+fn coordinator_moving(e: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+        )
+    )
+}
+
 /// What a partition without a committed offset counts as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum InvalidOffsetPolicy {
@@ -419,6 +435,25 @@ impl LagReader {
         }
     }
 
+    /// The group's committed offsets for `tpl`. Asked again, within the
+    /// timeout, while the group's coordinator moves or loads (a broker
+    /// restarted): librdkafka reports that once, and a lag reading failed
+    /// for it in the chaos run.
+    fn committed(&self, tpl: TopicPartitionList) -> Result<TopicPartitionList, ClientError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.consumer.committed_offsets(tpl.clone(), left) {
+                Err(e)
+                    if coordinator_moving(&e) && Instant::now() + COORDINATOR_RETRY < deadline =>
+                {
+                    std::thread::sleep(COORDINATOR_RETRY);
+                }
+                other => return other.map_err(|e| self.classify(e)),
+            }
+        }
+    }
+
     /// The topic's partition ids.
     pub fn partitions(&self) -> Result<Vec<i32>, ClientError> {
         self.partitions_of(&self.topic)
@@ -498,10 +533,7 @@ impl LagReader {
                 tpl.add_partition(topic.name(), p.id());
             }
         }
-        let committed = self
-            .consumer
-            .committed_offsets(tpl, self.timeout)
-            .map_err(|e| self.classify(e))?;
+        let committed = self.committed(tpl)?;
         let mut topics: Vec<String> = committed
             .elements()
             .iter()
@@ -524,10 +556,7 @@ impl LagReader {
         for p in &ids {
             tpl.add_partition(topic, *p);
         }
-        let committed = self
-            .consumer
-            .committed_offsets(tpl, self.timeout)
-            .map_err(|e| self.classify(e))?;
+        let committed = self.committed(tpl)?;
         let watermarks = crate::watermarks::fetch(&self.consumer, topic, &ids, self.timeout)
             .map_err(|e| self.classify(e))?;
         let mut partitions = Vec::with_capacity(ids.len());

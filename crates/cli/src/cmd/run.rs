@@ -222,9 +222,13 @@ pub struct Args {
     /// value), or worker (any success). One tenant's outage then holds its
     /// records instead of dead-lettering them while other tenants succeed
     /// (for whole-batch failures: 5xx, timeouts; records the handler names
-    /// as failed are dead-lettered after --max-attempts). Fresh batches go
-    /// ahead of a held record. Records without a key (header) are judged by
-    /// the worker.
+    /// as failed are dead-lettered after --max-attempts). A record alone in
+    /// its key, with the rest working, is dead-lettered after one
+    /// --retry-max-ms: keys per entity tell a tenant's outage apart only
+    /// when its keys have several records waiting; prefer key-prefix or
+    /// header for tenants. Fresh batches go ahead of held records. Records
+    /// without a key (header) are judged by the worker. A full
+    /// --max-uncommitted-records hands the judgement back to the worker.
     #[arg(
         long,
         env = "MICROBATCH_HEALTH_SCOPE",
@@ -233,7 +237,8 @@ pub struct Args {
     )]
     pub health_scope: HealthScope,
     /// The longest a record is held for its key's (tenant's) own proof;
-    /// past it a success of any record decides, and it is dead-lettered.
+    /// past it, a success of any key since its last failure, or since the
+    /// hold began with nothing failing since, dead-letters it.
     #[arg(
         long,
         env = "MICROBATCH_HEALTH_SCOPE_HOLD_MS",

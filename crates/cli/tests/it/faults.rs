@@ -158,3 +158,27 @@ fn a_refused_final_commit_is_tried_again_before_the_worker_leaves() {
     let lag = lag_json_on(&bootstrap, &topic, &group);
     assert_eq!(lag["total_lag"], 300, "nothing committed: {lag}");
 }
+
+/// A group coordinator that moves (a broker restarted: NOT_COORDINATOR,
+/// then COORDINATOR_LOAD_IN_PROGRESS while it loads the offsets) is asked
+/// again within `lag`'s timeout, not reported as an error: `lag`, and the
+/// scaler reading the same way, failed in the chaos run after a restart.
+#[test]
+fn lag_asks_again_while_the_group_coordinator_moves() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = mock.bootstrap_servers();
+    let topic = unique("coordinator");
+    let group = unique("g");
+    mock.create_topic(&topic, 2, 1).unwrap();
+    produce_on(&bootstrap, &topic, 40, &[]);
+    mock.request_errors(
+        RDKafkaApiKey::OffsetFetch,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+        ],
+    );
+    let lag = lag_json_on(&bootstrap, &topic, &group);
+    assert_eq!(lag["total_lag"], 40, "{lag}");
+}

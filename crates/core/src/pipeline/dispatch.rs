@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::batch::Batch;
 
@@ -203,9 +203,6 @@ impl Pipeline {
             records_cap.waiting = 0;
         }
         let starts = self.pick_starts(now, rounds, limit, &mut records_cap);
-        if probing && !starts.is_empty() {
-            self.probe_turn = self.probe_turn.wrapping_add(1);
-        }
         if let Some((last, _)) = starts.last() {
             self.dispatch_cursor = last.partition + 1;
         }
@@ -269,7 +266,8 @@ impl Pipeline {
         starts: &mut Vec<(Slot, Batch)>,
     ) {
         let uncommitted_limit = self.config.uncommitted_limit();
-        let scope_retry_spacing = self.config.retry.max / 4;
+        let scope_retry_spacing = self.scope_retry_spacing();
+        let keep_order = self.config.ordering != Ordering::None;
         let cursor = self.dispatch_cursor;
         let passes = [
             (Bound::Included(cursor), Bound::Unbounded),
@@ -306,7 +304,7 @@ impl Pipeline {
                 );
                 self.lane_order.sort_unstable();
                 if prefer != Prefer::Any && !self.lane_order.is_empty() {
-                    let turn = self.probe_turn % self.lane_order.len();
+                    let turn = ps.probe_turn % self.lane_order.len();
                     self.lane_order.rotate_left(turn);
                 }
                 for k in 0..self.lane_order.len() {
@@ -318,7 +316,7 @@ impl Pipeline {
                     if busy || (!self.zombies.is_empty() && self.zombies.contains_key(&(*p, i))) {
                         continue;
                     }
-                    let next = Self::next_for(ps, &ps.lanes[i], now, prefer, gate);
+                    let next = Self::next_for(ps, &ps.lanes[i], now, prefer, gate, keep_order);
                     let batch = match next {
                         Next::Retry => ps.lanes[i].retry.pop_front().map(|(b, _)| b),
                         Next::Ready if records_cap.admits(ps, ps.lanes[i].ready.front()) => ps
@@ -329,6 +327,9 @@ impl Pipeline {
                         Next::Ready | Next::Wait | Next::Nothing => None,
                     };
                     if let Some(mut batch) = batch {
+                        if prefer != Prefer::Any {
+                            ps.probe_turn = ps.probe_turn.wrapping_add(1);
+                        }
                         if batch.lineage.scope_hold.is_some_and(|h| now < h.until) {
                             ps.lanes[i].scope_retry_at = Some(now + scope_retry_spacing);
                         }
@@ -362,15 +363,32 @@ impl Pipeline {
         now: Instant,
         prefer: Prefer,
         gate: Gate,
+        keep_order: bool,
     ) -> Next {
         if ps.finishing() && !ps.next_is_hole(lane) {
             return Next::Nothing;
         }
-        let next = Self::next_ungated(lane, now, prefer);
+        let next = Self::next_ungated(lane, now, prefer, keep_order);
         if next == Next::Ready && !gate.allows(lane.ready.front()) {
             return Next::Nothing;
         }
         next
+    }
+
+    /// How far apart a lane retries records held for their key's proof: a
+    /// tenant's held records never take every slot from the others.
+    pub(super) fn scope_retry_spacing(&self) -> Duration {
+        self.config.retry.max / 4
+    }
+
+    /// Spaces the next scope-held retry of `slot`'s lane from now.
+    pub(super) fn space_scope_retries(&mut self, slot: Slot, now: Instant) {
+        let spacing = self.scope_retry_spacing();
+        if let Some(ps) = self.partitions.get_mut(&slot.partition) {
+            if ps.epoch == slot.epoch {
+                ps.lanes[slot.lane].scope_retry_at = Some(now + spacing);
+            }
+        }
     }
 
     /// Whether what a crash would replay fills `--max-uncommitted-records`.
@@ -381,19 +399,16 @@ impl Pipeline {
                 >= cap
     }
 
-    fn next_ungated(lane: &Lane, now: Instant, prefer: Prefer) -> Next {
+    fn next_ungated(lane: &Lane, now: Instant, prefer: Prefer, keep_order: bool) -> Next {
         let suspect = lane.retry.front().is_some_and(|(b, _)| b.lineage.suspect);
-        // Held for its key's (tenant's) proof while the rest works: until
-        // its retry is due, fresh batches go ahead of it, as a probe's do,
-        // or one tenant's outage would stop every lane it reaches (found in
-        // review).
-        let held_for_scope = lane
-            .retry
-            .front()
-            .is_some_and(|(b, _)| b.lineage.scope_hold.is_some_and(|h| now < h.until));
-        let spaced = lane.scope_retry_at.is_some_and(|at| now < at);
+        // Held for their key's (tenant's) proof while the rest works: until
+        // a retry may start, fresh batches go ahead of them, as a probe's
+        // do, or one tenant's outage would stop every lane it reaches
+        // (found in review).
+        let held_for_scope = lane.only_held_for_scope(now, keep_order);
+        let retry_at = lane.front_retry_at(now, keep_order);
         match (lane.retry.front(), prefer) {
-            (Some((_, due)), Prefer::Any) if held_for_scope && (*due > now || spaced) => {
+            (Some(_), Prefer::Any) if held_for_scope && retry_at.is_some_and(|at| at > now) => {
                 if lane.ready.is_empty() {
                     Next::Wait
                 } else {

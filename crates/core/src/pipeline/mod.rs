@@ -237,10 +237,6 @@ pub struct Pipeline {
     next_dead_letter_id: u64,
     /// The partition dispatch starts from next (round-robin).
     dispatch_cursor: i32,
-    /// Probes start from a different lane each time: oldest first, a lane
-    /// of one failing tenant took every probe and kept the circuit open
-    /// while the other tenants' lanes waited (found in the pipeline test).
-    probe_turn: usize,
     /// Scratch for [`Pipeline::pick_round`]: a partition's lanes with work
     /// waiting, by their oldest offset.
     lane_order: Vec<(i64, usize)>,
@@ -304,7 +300,7 @@ impl Pipeline {
         } = options;
         let health = ScopeHealth::new(
             config.health_scope.clone(),
-            health::window(config.retry.max),
+            health::window(config.retry.max, config.health_scope_hold),
         );
         Self {
             topic: Arc::from(config.topic.as_str()),
@@ -327,7 +323,6 @@ impl Pipeline {
             next_batch_id: 0,
             next_dead_letter_id: 0,
             dispatch_cursor: 0,
-            probe_turn: 0,
             lane_order: Vec::new(),
             in_flight: 0,
             in_flight_records: 0,
@@ -741,10 +736,12 @@ impl Pipeline {
             now,
             wall_ms: self.wall_ms(now),
             circuit_open: self.circuit.is_open(),
+            rest_failing: self.circuit.streak() > 0,
             last_success_id: self.last_success_id,
             dispatched: self.next_batch_id,
             scope: None,
             scope_hold: self.config.health_scope_hold,
+            scope_out: false,
         };
         let outcome_kind = match outcome {
             BatchOutcome::Unhandled { tried: false, .. } => OutcomeKind::Untouched,
@@ -816,18 +813,29 @@ impl Pipeline {
                 if let Some(suppressed) = self.failure_log.allow(now) {
                     tracing::warn!(partition = slot.partition, records = batch.len(), error = %f.error, retryable = f.retryable, suppressed, "the batch failed as a whole");
                 }
-                // Under a full records cap a key's (tenant's) hold yields:
-                // the worker's rule judges the record, or held records
-                // would keep the cap full and last resorts pile up past it
-                // (found by the simulation).
-                let scope = if self.records_cap_full() {
-                    None
-                } else {
-                    self.scope_of_single(&batch)
-                };
+                // Under a full records cap a key's (tenant's) hold yields
+                // for the record that holds its partition's commit back:
+                // the worker's rule judges it and it waits for the worker's
+                // proof, which the cap lets through, or it would keep the
+                // cap full, fresh batches refused, until its hold ends
+                // (found by the simulation and in review). A record above
+                // the watermark does not keep the cap full: it stays held
+                // (found in review: a cap filled by the other tenants
+                // dead-lettered it).
+                let mut batch = batch;
+                let scope = self.scope_of_single(&batch);
+                let cap_full = scope.is_some_and(|(_, (partition, offset))| {
+                    self.watermark(partition) == Some(offset) && self.records_cap_full()
+                });
+                if cap_full {
+                    batch.lineage.scope_hold = None;
+                }
                 let explained = self.health.explains(&batch, now);
                 let ctx = failure::Context {
-                    scope: scope.map(|(scope, record)| self.health.evidence(scope, record, now)),
+                    scope: scope
+                        .filter(|_| !cap_full)
+                        .map(|(scope, record)| self.health.evidence(scope, record, now)),
+                    scope_out: explained && !cap_full,
                     ..ctx
                 };
                 let (plan, signal) =
@@ -841,11 +849,15 @@ impl Pipeline {
                 };
                 if let Some((scope, record)) = scope {
                     match &plan {
-                        Plan::Retry { batch, .. } if batch.lineage.scope_hold.is_some() => self
-                            .health
-                            .note_held(scope, record, now, self.next_batch_id),
-                        Plan::DeadLetter { .. } => self.health.note_gone(scope, record),
-                        _ => {}
+                        Plan::Retry { batch, .. } if batch.lineage.scope_hold.is_some() => {
+                            self.health
+                                .note_held(scope, record, now, self.next_batch_id);
+                            // Spaced from its verdict, not its start: a slow
+                            // failure (a hanging shard) let the next held
+                            // record go at once (found in review).
+                            self.space_scope_retries(slot, now);
+                        }
+                        _ => self.health.note_gone(scope, record),
                     }
                 }
                 if let Plan::Bisect(ref a, _) = plan {
@@ -1100,9 +1112,11 @@ impl Pipeline {
                     consider(d);
                 }
                 let blocked = lane.busy() || self.zombies.contains_key(&(*p, i));
-                if let (Some((_, due)), true) = (lane.retry.front(), retries_can_start && !blocked)
-                {
-                    consider(*due);
+                if let (Some(at), true) = (
+                    lane.front_retry_at(self.clock, self.config.ordering != Ordering::None),
+                    retries_can_start && !blocked,
+                ) {
+                    consider(at);
                 }
             }
         }
@@ -1159,7 +1173,7 @@ impl Pipeline {
         let mut back = Vec::new();
         for record in batch.records().filter(|r| done(r.offset)) {
             if let Some(scope) = self.health.scope_of(&record) {
-                if self.health.note_success(scope, batch_id) {
+                if self.health.note_success(scope, batch_id, now) {
                     back.push(scope);
                 }
             }

@@ -29,6 +29,31 @@ pub(super) struct Lane {
 }
 
 impl Lane {
+    /// Whether fresh batches may go ahead of the retries waiting in this
+    /// lane: those held for their key's (tenant's) proof, their hold not
+    /// over. The one at the front under `--ordering none`; every one where
+    /// order is kept, or a healthy key's retried record would be overtaken
+    /// by its own later records (found in review).
+    pub fn only_held_for_scope(&self, now: Instant, keep_order: bool) -> bool {
+        let held = |(b, _): &(Batch, Instant)| b.lineage.scope_hold.is_some_and(|h| now < h.until);
+        if keep_order {
+            !self.retry.is_empty() && self.retry.iter().all(held)
+        } else {
+            self.retry.front().is_some_and(held)
+        }
+    }
+
+    /// When the retry at the front may start: when it is due, and while
+    /// only records held for their key's proof wait, no sooner than the
+    /// lane's spacing.
+    pub fn front_retry_at(&self, now: Instant, keep_order: bool) -> Option<Instant> {
+        let (_, due) = self.retry.front()?;
+        Some(match self.scope_retry_at {
+            Some(at) if self.only_held_for_scope(now, keep_order) => at.max(*due),
+            _ => *due,
+        })
+    }
+
     /// A batch of this lane is in the handler.
     pub fn busy(&self) -> bool {
         self.in_flight_since.is_some()
@@ -78,6 +103,12 @@ pub(super) struct PartitionState {
     pub fill_lane: usize,
     /// The highest offset of any batch started.
     pub max_started: Option<i64>,
+    /// Probes start from a different lane of the partition each time:
+    /// oldest first, a lane of one failing tenant took every probe and kept
+    /// the circuit open while the other tenants' lanes waited (found in the
+    /// pipeline test); counted per partition, as the dispatch alternates
+    /// between partitions (found in review).
+    pub probe_turn: usize,
     /// Dead letters waiting for their (next) write.
     pub dead_letters: VecDeque<PendingDeadLetter>,
     /// Dead-letter writes under way.
@@ -133,6 +164,7 @@ impl PartitionState {
             paused: false,
             fill_lane: 0,
             max_started: None,
+            probe_turn: 0,
             dead_letters: VecDeque::new(),
             dead_letters_in_flight: HashMap::new(),
             timestamps: VecDeque::new(),
