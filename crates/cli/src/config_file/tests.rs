@@ -114,10 +114,14 @@ fn samples(arg: &clap::Arg) -> Vec<toml::Value> {
             return vec![toml::Value::Float(x + 0.5)];
         }
     }
-    vec![
+    // A default the flag parses itself (`key` for --health-scope) is a
+    // value it accepts.
+    let mut values = vec![
         toml::Value::Integer(1),
         toml::Value::String("1.2.3.4".into()),
-    ]
+    ];
+    values.extend(default.map(toml::Value::String));
+    values
 }
 
 /// Equal as the flag sees it (an integer in the file fills a float).
