@@ -85,6 +85,14 @@ pub struct Lineage {
     pub scope_hold: Option<ScopeHold>,
 }
 
+impl Lineage {
+    /// Whether these records are held for their scope's proof at `now`:
+    /// held, and the hold not over.
+    pub fn held_for_scope(&self, now: Instant) -> bool {
+        self.scope_hold.is_some_and(|h| now < h.until)
+    }
+}
+
 /// When a record's hold for its scope began and ends (see [`Lineage`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScopeHold {

@@ -206,7 +206,7 @@ pub fn whole_batch_failed(
     // Once its hold is over it is a held record like any other: the circuit
     // opens and its probes bring the worker's proof (found by the
     // simulation: a lane retried it for ever).
-    let rest_works = worker_proven || batch.lineage.scope_hold.is_some_and(|h| ctx.now < h.until);
+    let rest_works = worker_proven || batch.lineage.held_for_scope(ctx.now);
     let signal = if rest_works {
         Signal::Nothing
     } else {

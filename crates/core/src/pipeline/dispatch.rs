@@ -330,7 +330,7 @@ impl Pipeline {
                         if prefer != Prefer::Any {
                             ps.probe_turn = ps.probe_turn.wrapping_add(1);
                         }
-                        if batch.lineage.scope_hold.is_some_and(|h| now < h.until) {
+                        if batch.lineage.held_for_scope(now) {
                             ps.lanes[i].scope_retry_at = Some(now + scope_retry_spacing);
                         }
                         records_cap.started(batch.len(), next == Next::Retry);
@@ -405,10 +405,9 @@ impl Pipeline {
         // a retry may start, fresh batches go ahead of them, as a probe's
         // do, or one tenant's outage would stop every lane it reaches
         // (found in review).
-        let held_for_scope = lane.only_held_for_scope(now, keep_order);
-        let retry_at = lane.front_retry_at(now, keep_order);
+        let scope_wait = lane.scope_wait(now, keep_order);
         match (lane.retry.front(), prefer) {
-            (Some(_), Prefer::Any) if held_for_scope && retry_at.is_some_and(|at| at > now) => {
+            (Some(_), Prefer::Any) if scope_wait.is_some_and(|at| at > now) => {
                 if lane.ready.is_empty() {
                     Next::Wait
                 } else {

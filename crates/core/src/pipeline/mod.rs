@@ -1112,11 +1112,12 @@ impl Pipeline {
                     consider(d);
                 }
                 let blocked = lane.busy() || self.zombies.contains_key(&(*p, i));
-                if let (Some(at), true) = (
-                    lane.front_retry_at(self.clock, self.config.ordering != Ordering::None),
-                    retries_can_start && !blocked,
-                ) {
-                    consider(at);
+                if retries_can_start && !blocked {
+                    let keep_order = self.config.ordering != Ordering::None;
+                    let next_retry = lane.scope_wait(self.clock, keep_order);
+                    if let Some(at) = next_retry.or(lane.retry.front().map(|(_, due)| *due)) {
+                        consider(at);
+                    }
                 }
             }
         }

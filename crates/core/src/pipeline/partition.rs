@@ -29,29 +29,23 @@ pub(super) struct Lane {
 }
 
 impl Lane {
-    /// Whether fresh batches may go ahead of the retries waiting in this
-    /// lane: those held for their key's (tenant's) proof, their hold not
-    /// over. The one at the front under `--ordering none`; every one where
-    /// order is kept, or a healthy key's retried record would be overtaken
-    /// by its own later records (found in review).
-    pub fn only_held_for_scope(&self, now: Instant, keep_order: bool) -> bool {
-        let held = |(b, _): &(Batch, Instant)| b.lineage.scope_hold.is_some_and(|h| now < h.until);
-        if keep_order {
-            !self.retry.is_empty() && self.retry.iter().all(held)
+    /// While fresh batches may go ahead of the retries waiting in this
+    /// lane, when the next of them may start: when it is due, and no sooner
+    /// than the lane's spacing. They may while those retries are records
+    /// held for their key's (tenant's) proof: the one at the front under
+    /// `--ordering none`; every one where order is kept, or a healthy key's
+    /// retried record would be overtaken by its own later records (found in
+    /// review).
+    pub fn scope_wait(&self, now: Instant, keep_order: bool) -> Option<Instant> {
+        let (front, due) = self.retry.front()?;
+        let only_held = if keep_order {
+            self.retry
+                .iter()
+                .all(|(b, _)| b.lineage.held_for_scope(now))
         } else {
-            self.retry.front().is_some_and(held)
-        }
-    }
-
-    /// When the retry at the front may start: when it is due, and while
-    /// only records held for their key's proof wait, no sooner than the
-    /// lane's spacing.
-    pub fn front_retry_at(&self, now: Instant, keep_order: bool) -> Option<Instant> {
-        let (_, due) = self.retry.front()?;
-        Some(match self.scope_retry_at {
-            Some(at) if self.only_held_for_scope(now, keep_order) => at.max(*due),
-            _ => *due,
-        })
+            front.lineage.held_for_scope(now)
+        };
+        only_held.then(|| self.scope_retry_at.map_or(*due, |at| at.max(*due)))
     }
 
     /// A batch of this lane is in the handler.
@@ -384,7 +378,7 @@ impl PartitionState {
         self.lanes
             .iter()
             .flat_map(|l| &l.retry)
-            .any(|(b, _)| b.lineage.scope_hold.is_some_and(|h| now < h.until))
+            .any(|(b, _)| b.lineage.held_for_scope(now))
     }
 
     /// A record held for its scope's own proof asks for none of the
@@ -397,7 +391,7 @@ impl PartitionState {
                 .lineage
                 .dispatched_at_last_failure
                 .is_some_and(|at| last_success_id <= at)
-            && batch.lineage.scope_hold.is_none_or(|h| now >= h.until)
+            && !batch.lineage.held_for_scope(now)
     }
 
     /// Records taken to the handler that are neither in flight nor done:
