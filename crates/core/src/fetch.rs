@@ -65,11 +65,27 @@ impl FetchQueue {
         topic: &str,
         partition: i32,
     ) {
+        self.reroute(consumer, topic, partition);
+    }
+
+    /// Routes a partition here again, and says whether records of it were
+    /// waiting in its own queue, unrouted. librdkafka clears a route when
+    /// it stops fetching a partition and never restores one an application
+    /// set, so a stop served after an assignment's [`route`](Self::route)
+    /// would strand the partition's records where nobody reads them (a
+    /// partition that came back once stayed unread, rarely, under load).
+    /// Routing again is harmless: records already queued move here in
+    /// order, and a routed queue holds none of its own.
+    pub fn reroute<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        topic: &str,
+        partition: i32,
+    ) -> bool {
         let Ok(topic) = CString::new(topic) else {
-            return;
+            return false;
         };
-        // SAFETY: valid client and C string; the partition queue handle is
-        // released right after forwarding, which outlives the handle.
+        // SAFETY: as in `route`; the lengths are read under the queues' locks.
         unsafe {
             let partition_queue = rd::rd_kafka_queue_get_partition(
                 consumer.client().native_ptr(),
@@ -77,10 +93,16 @@ impl FetchQueue {
                 partition,
             );
             if partition_queue.is_null() {
-                return;
+                return false;
             }
+            // A routed queue reports the length of the queue it feeds, which
+            // only this thread drains: records there while this one is empty
+            // are surely stranded.
+            let stranded = rd::rd_kafka_queue_length(partition_queue) > 0
+                && rd::rd_kafka_queue_length(self.queue.as_ptr()) == 0;
             rd::rd_kafka_queue_forward(partition_queue, self.queue.as_ptr());
             rd::rd_kafka_queue_destroy(partition_queue);
+            stranded
         }
     }
 

@@ -1,5 +1,6 @@
 //! The worker's own fetch queue against a real broker: partitions that come
-//! back after a rebalance are fetched again, headers still reach handlers
+//! back after a rebalance are fetched again (and one whose route was dropped
+//! is routed again), headers still reach handlers
 //! that read them, and `--max-records-held` bounds what is taken in.
 
 use std::time::Duration;
@@ -55,6 +56,69 @@ fn partitions_given_back_after_a_rebalance_are_fetched_again() {
     a.terminate();
     let (expected, _) = sc.assert_all_handled();
     assert_eq!(expected, 6_000);
+}
+
+/// A partition whose route librdkafka dropped (a fetch stop served after the
+/// assignment routed it does that) is found and routed again: its records,
+/// stranded in its own queue, reach the fetch queue, in order. Without the
+/// check none would ever be read.
+#[test]
+fn a_partition_whose_route_was_dropped_is_found_and_routed_again() {
+    use microbatch_core::fetch::{ConsumedRecord, FetchQueue};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let sc = Scenario::new("reroute", 1);
+    let topic = sc.topic.as_str();
+    sc.produce(100, &[]);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker().bootstrap())
+        .set("group.id", sc.group.as_str())
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut queue = FetchQueue::new(&consumer, 64);
+    queue.route(&consumer, topic, 0);
+    // What librdkafka's fetch stop does to the partition's queue.
+    let name = std::ffi::CString::new(topic).unwrap();
+    // SAFETY: a valid client and C string; the handle is released at once.
+    unsafe {
+        use rdkafka::bindings as rd;
+        let pq = rd::rd_kafka_queue_get_partition(consumer.client().native_ptr(), name.as_ptr(), 0);
+        assert!(!pq.is_null());
+        rd::rd_kafka_queue_forward(pq, std::ptr::null_mut());
+        rd::rd_kafka_queue_destroy(pq);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut got = Vec::new();
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        let _ = consumer.poll(Duration::ZERO);
+        queue.consume(Duration::from_millis(100), &mut got);
+    }
+    assert!(
+        got.is_empty(),
+        "records reached the fetch queue without a route"
+    );
+    assert!(
+        queue.reroute(&consumer, topic, 0),
+        "the stranded records were not found"
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while got.len() < 100 && std::time::Instant::now() < until {
+        let _ = consumer.poll(Duration::ZERO);
+        queue.consume(Duration::from_millis(100), &mut got);
+    }
+    let offsets: Vec<i64> = got.iter().map(ConsumedRecord::offset).collect();
+    assert_eq!(offsets, (0..100).collect::<Vec<i64>>());
+    assert!(
+        !queue.reroute(&consumer, topic, 0),
+        "a routed partition was taken for a stranded one"
+    );
+    drop(got);
+    drop(queue);
 }
 
 /// Record headers reach a handler that reads them (`exec`), byte for byte.

@@ -1112,7 +1112,9 @@ impl Pipeline {
                     consider(d);
                 }
                 let blocked = lane.busy() || self.zombies.contains_key(&(*p, i));
-                if retries_can_start && !blocked {
+                // A partition being given up starts only what fills a hole.
+                let given_up = ps.finishing() && !ps.next_is_hole(lane);
+                if retries_can_start && !blocked && !given_up {
                     let keep_order = self.config.ordering != Ordering::None;
                     let next_retry = lane.scope_wait(self.clock, keep_order);
                     if let Some(at) = next_retry.or(lane.retry.front().map(|(_, due)| *due)) {

@@ -736,6 +736,39 @@ fn first_two(
     started.try_into().expect("two batches start")
 }
 
+/// While a revoke waits for a batch still running, a retry in another lane
+/// that fills no hole is not started, so it is not a reason to wake either:
+/// the poll loop would spin until the revoke ends (found in review).
+#[test]
+fn a_retry_a_revoke_will_not_start_does_not_wake_the_loop() {
+    let t0 = Instant::now();
+    let (mut p, a, b) = two_lanes(t0, |c| {
+        c.retry.max_attempts = 5;
+        c.retry.initial = Duration::from_millis(100);
+        c.retry.max = Duration::from_secs(1);
+        c.commit_interval = Duration::from_secs(60);
+    });
+    let [(slot0, batch0), _running] = first_two(&mut p, t0, &[(0, a), (1, b)]);
+    p.handle_verdict(
+        slot0,
+        batch0,
+        BatchOutcome::Failed(Failure::retryable("busy")),
+        t0,
+    );
+    assert!(p.begin_revoke(&[0], t0));
+    let later = t0 + Duration::from_secs(3);
+    p.handle_tick(later);
+    assert!(
+        starts(&mut p).is_empty(),
+        "0 fills no hole: it goes to the next owner"
+    );
+    assert!(!p.revoke_settled(later), "1 still runs");
+    assert!(
+        p.poll_timeout() > later,
+        "nothing to do before the revoke deadline, yet the loop is woken at once"
+    );
+}
+
 #[test]
 fn a_revoke_fills_the_holes_below_what_was_started_and_no_more() {
     let t0 = Instant::now();

@@ -176,6 +176,8 @@ pub(super) struct Adapter {
     pub(super) commit_log: LogThrottle,
     /// Writes the pipeline's numbers to the metrics.
     pub(super) stats: StatsExporter,
+    /// When the assigned partitions' routes are next checked.
+    pub(super) route_check_at: Instant,
 }
 
 impl Adapter {
@@ -397,6 +399,24 @@ impl Adapter {
         self.collect_commit_results();
         self.pipeline.handle_tick(now);
         self.execute(consumer);
+        if now >= self.route_check_at {
+            self.route_check_at = now + ROUTE_CHECK;
+            self.check_routes(consumer);
+        }
+    }
+
+    /// Routes every assigned partition to the fetch queue again, saying so
+    /// when one's records were stranded (see [`FetchQueue::reroute`]).
+    pub(super) fn check_routes<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        for partition in self.pipeline.assigned() {
+            if self.fetch.reroute(consumer, &self.topic, partition) {
+                tracing::warn!(
+                    partition,
+                    "records of this partition were waiting outside the worker's fetch queue \
+                     (librdkafka dropped its route); routed again"
+                );
+            }
+        }
     }
 
     /// Lost partitions: forgotten at once, neither drained nor committed.
@@ -453,6 +473,9 @@ impl Adapter {
         self.execute(consumer);
     }
 }
+
+/// How often the assigned partitions' fetch routes are checked.
+const ROUTE_CHECK: Duration = Duration::from_secs(2);
 
 /// A revocation's drain turns at least this often (the stop flag).
 const REVOKE_TURN: Duration = Duration::from_millis(50);

@@ -178,6 +178,8 @@ impl ConsumerContext for WorkerContext {
                 self.with_adapter(|a| {
                     a.pipeline.handle_assign(&list);
                     a.execute(consumer);
+                    // A fetch stop served since `pre_rebalance` clears a route.
+                    a.check_routes(consumer);
                 });
                 self.telemetry
                     .metrics

@@ -476,6 +476,7 @@ fn poll_loop(
         fetch: FetchQueue::new(&consumer, MAX_BURST),
         commit_log: LogThrottle::default(),
         stats: StatsExporter::default(),
+        route_check_at: Instant::now(),
     };
     *consumer
         .context()
