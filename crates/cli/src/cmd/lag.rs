@@ -338,18 +338,18 @@ async fn share_backlog(args: &Args, share_group: &str) -> anyhow::Result<ExitCod
 }
 
 /// What a share-group reading adds beyond the broker's backlog.
-struct ShareExtras {
+pub(crate) struct ShareExtras {
     /// The backlog as lag, with record ages when they could be read.
-    ages: microbatch_scaling::lag::GroupLag,
-    workers_reporting: u32,
+    pub ages: microbatch_scaling::lag::GroupLag,
+    pub workers_reporting: u32,
     /// Records taken and not yet acknowledged, estimated.
-    in_flight: Option<u64>,
+    pub in_flight: Option<u64>,
     /// The same per partition, in the reading's order.
-    in_flight_by_partition: Vec<Option<u64>>,
+    pub in_flight_by_partition: Vec<Option<u64>>,
 }
 
 /// Reads the ages and the workers' reports (blocking: librdkafka).
-fn share_extras(
+pub(crate) fn share_extras(
     reader: &ShareLagReader,
     reading: &microbatch_kafka::share::backlog::ShareBacklog,
 ) -> ShareExtras {

@@ -97,6 +97,9 @@ pub fn execute(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 topic::Command::Delete(args) => {
                     topic::Command::Delete(config_file::apply(args, &parser, command, sub)?)
                 }
+                topic::Command::Describe(args) => {
+                    topic::Command::Describe(config_file::apply(args, &parser, command, sub)?)
+                }
             };
             runtime.block_on(topic::execute(cmd))
         }

@@ -825,8 +825,18 @@ fn our_members_and_javas_share_consumer_split_one_group() {
 
 /// `microbatch lag --share-group --json`.
 pub(crate) fn share_backlog_json(bootstrap: &str, group: &str, topic: &str) -> serde_json::Value {
-    let (status, out, err) = crate::harness::run_to_end(&[
-        "lag",
+    share_json(&["lag"], bootstrap, group, topic)
+}
+
+/// `microbatch topic describe --share-group --json`.
+fn topic_describe_json(bootstrap: &str, group: &str, topic: &str) -> serde_json::Value {
+    share_json(&["topic", "describe"], bootstrap, group, topic)
+}
+
+/// What `command` prints with `--share-group --json`.
+fn share_json(command: &[&str], bootstrap: &str, group: &str, topic: &str) -> serde_json::Value {
+    let mut args = command.to_vec();
+    args.extend([
         "--bootstrap-servers",
         bootstrap,
         "--topic",
@@ -835,7 +845,11 @@ pub(crate) fn share_backlog_json(bootstrap: &str, group: &str, topic: &str) -> s
         group,
         "--json",
     ]);
-    assert!(status.success(), "lag --share-group failed: {out}\n{err}");
+    let (status, out, err) = crate::harness::run_to_end(&args);
+    assert!(
+        status.success(),
+        "{command:?} --share-group failed: {out}\n{err}"
+    );
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
@@ -871,7 +885,8 @@ fn top_share_line(bootstrap: &str, group: &str, topic: &str) -> String {
 /// `lag --share-group` reads the backlog the broker holds: unknown before
 /// the group's first verdict, then records in flight count until their
 /// verdicts and finished ones do not; it agrees with Kafka's own tool once
-/// the group is done.
+/// the group is done. `top` and `topic describe` show the same reading,
+/// and `topic describe` the group's configs.
 #[test]
 fn lag_reads_a_share_groups_backlog() {
     let Some(bootstrap) = real_broker() else {
@@ -942,6 +957,34 @@ fn lag_reads_a_share_groups_backlog() {
         assert_eq!(b["workers_reporting"], 0, "{b}");
         assert!(b["in_flight"].is_null(), "{b}");
         assert!(b["partitions"][0]["in_flight"].is_null(), "{b}");
+        // `topic describe --share-group` shows the same reading, with the
+        // group's configs: the one set for the group marked so.
+        let d = tokio::task::block_in_place(|| topic_describe_json(&bootstrap, &group, &topic));
+        let sums: i64 = d["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["high"].as_i64().unwrap() - p["low"].as_i64().unwrap())
+            .sum();
+        assert_eq!(sums, 100, "{d}");
+        assert_eq!(d["partitions"][0]["backlog"], in_flight, "{d}");
+        assert!(d["partitions"][1]["backlog"].is_null(), "{d}");
+        assert_eq!(d["share_group"]["members"], 1, "{d}");
+        assert_eq!(d["share_group"]["total_backlog"], in_flight, "{d}");
+        let config = |name: &str| {
+            d["share_group"]["configs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {name}: {d}"))
+        };
+        assert_eq!(
+            config("share.auto.offset.reset"),
+            serde_json::json!({"name": "share.auto.offset.reset", "value": "earliest", "set_for_group": true})
+        );
+        assert_eq!(config("share.record.lock.duration.ms")["set_for_group"], false, "{d}");
         // `top --share-group` shows the same reading.
         let line = tokio::task::block_in_place(|| top_share_line(&bootstrap, &group, &topic));
         assert!(

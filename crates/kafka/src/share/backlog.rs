@@ -118,11 +118,7 @@ pub async fn read(
     timeout: Duration,
 ) -> Result<ShareBacklog, ShareError> {
     let cluster = Cluster::new(connector, bootstrap, "microbatch-lag".into(), timeout);
-    let meta = cluster
-        .metadata(&[topic.to_string()])
-        .await?
-        .pop()
-        .ok_or_else(|| ShareError::Config(format!("no metadata for topic {topic}")))?;
+    let meta = topic_meta(&cluster, topic).await?;
     let mut partitions: Vec<i32> = meta.leaders.keys().copied().collect();
     partitions.sort_unstable();
 
@@ -235,6 +231,67 @@ pub async fn read(
         backlog_source: source,
         partitions,
     })
+}
+
+/// One partition of a topic: its leader and the offsets its log spans.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PartitionOffsets {
+    pub partition: i32,
+    /// The leader's node id (-1: none right now).
+    pub leader: i32,
+    /// The log start offset.
+    pub low: i64,
+    /// The high watermark.
+    pub high: i64,
+}
+
+/// Every partition of `topic` with its leader, log start offset and high
+/// watermark, in partition order.
+pub async fn topic_offsets(
+    connector: Arc<dyn Connector>,
+    bootstrap: Vec<String>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<PartitionOffsets>, ShareError> {
+    let cluster = Cluster::new(connector, bootstrap, "microbatch-topic".into(), timeout);
+    let meta = topic_meta(&cluster, topic).await?;
+    let lows = list_offsets(&cluster, &meta.leaders, topic, EARLIEST).await?;
+    let highs = list_offsets(&cluster, &meta.leaders, topic, LATEST).await?;
+    let mut partitions: Vec<PartitionOffsets> = meta
+        .leaders
+        .iter()
+        .map(|(&partition, &leader)| PartitionOffsets {
+            partition,
+            leader,
+            low: lows.get(&partition).copied().unwrap_or(-1),
+            high: highs.get(&partition).copied().unwrap_or(-1),
+        })
+        .collect();
+    partitions.sort_by_key(|p| p.partition);
+    Ok(partitions)
+}
+
+/// A share group's configs on the brokers (see [`Cluster::group_configs`]).
+pub async fn group_configs(
+    connector: Arc<dyn Connector>,
+    bootstrap: Vec<String>,
+    group: &str,
+    timeout: Duration,
+) -> Result<Vec<super::cluster::GroupConfig>, ShareError> {
+    Cluster::new(connector, bootstrap, "microbatch-topic".into(), timeout)
+        .group_configs(group)
+        .await
+}
+
+async fn topic_meta(
+    cluster: &Cluster,
+    topic: &str,
+) -> Result<super::cluster::TopicMeta, ShareError> {
+    cluster
+        .metadata(&[topic.to_string()])
+        .await?
+        .pop()
+        .ok_or_else(|| ShareError::Config(format!("no metadata for topic {topic}")))
 }
 
 /// ListOffsets' timestamps for the log start and the high watermark.

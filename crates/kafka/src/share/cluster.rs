@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
 use kafka_protocol::messages::incremental_alter_configs_request::{
     AlterConfigsResource, AlterableConfig,
 };
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::{DescribeConfigsRequest, DescribeConfigsResponse};
 use kafka_protocol::messages::{
     FindCoordinatorRequest, FindCoordinatorResponse, MetadataRequest, MetadataResponse, TopicName,
 };
@@ -75,6 +77,20 @@ pub struct TopicMeta {
     pub id: Uuid,
     /// partition -> leader node id (-1: none right now).
     pub leaders: HashMap<i32, i32>,
+}
+
+/// ConfigResource.Type.GROUP.
+const GROUP_RESOURCE: i8 = 32;
+/// DescribeConfigs' ConfigSource.GROUP_CONFIG: set for the group itself.
+const GROUP_CONFIG_SOURCE: i8 = 8;
+
+/// One of a group's configs (see [`Cluster::group_configs`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupConfig {
+    pub name: String,
+    pub value: Option<String>,
+    /// Set for this group; otherwise the brokers' default.
+    pub set_for_group: bool,
 }
 
 pub struct Cluster {
@@ -322,13 +338,45 @@ impl Cluster {
     /// Sets group configs (`share.auto.offset.reset`,
     /// `share.record.lock.duration.ms`), as `kafka-configs --entity-type
     /// groups` does. The group need not exist yet.
+    /// A group's configs (`share.*` for a share group) as the brokers
+    /// answer them: name, value, and whether the group sets it (otherwise
+    /// the brokers' `group.share.*` default applies). Sensitive values come
+    /// back as `None`.
+    pub async fn group_configs(&self, group: &str) -> Result<Vec<GroupConfig>, ShareError> {
+        let conn = self.any().await?;
+        let request = DescribeConfigsRequest::default().with_resources(vec![
+            DescribeConfigsResource::default()
+                .with_resource_type(GROUP_RESOURCE)
+                .with_resource_name(StrBytes::from_string(group.to_string())),
+        ]);
+        let response: DescribeConfigsResponse = conn.call(request).await?;
+        let mut configs = Vec::new();
+        for r in response.results {
+            if r.error_code != 0 {
+                return Err(ShareError::broker(
+                    "DescribeConfigs",
+                    r.error_code,
+                    Some(format!(
+                        "group {group}: {}",
+                        r.error_message.as_deref().unwrap_or("")
+                    )),
+                ));
+            }
+            configs.extend(r.configs.into_iter().map(|c| GroupConfig {
+                name: c.name.to_string(),
+                value: c.value.map(|v| v.to_string()),
+                set_for_group: c.config_source == GROUP_CONFIG_SOURCE,
+            }));
+        }
+        configs.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(configs)
+    }
+
     pub async fn set_group_configs(
         &self,
         group: &str,
         configs: &[(&str, &str)],
     ) -> Result<(), ShareError> {
-        /// ConfigResource.Type.GROUP.
-        const GROUP_RESOURCE: i8 = 32;
         const SET: i8 = 0;
         let conn = self.any().await?;
         let request = IncrementalAlterConfigsRequest::default().with_resources(vec![
