@@ -31,21 +31,32 @@ pub(super) struct Lane {
 impl Lane {
     /// While fresh batches may go ahead of the retries waiting in this
     /// lane, when the next of them may start: when it is due, and no sooner
-    /// than the lane's spacing. They may while those retries are records
-    /// held for their key's (tenant's) proof: the one at the front under
-    /// `--ordering none`; every one where order is kept, or a healthy key's
-    /// retried record would be overtaken by its own later records (found in
-    /// review).
+    /// than the lane's spacing, or when a hold ends, whichever comes first
+    /// (the record is then judged as any other). They may while those
+    /// retries are records held for their key's (tenant's) proof: the one
+    /// at the front under `--ordering none`; every one where order is kept,
+    /// or a healthy key's retried record would be overtaken by its own later
+    /// records (found in review).
     pub fn scope_wait(&self, now: Instant, keep_order: bool) -> Option<Instant> {
         let (front, due) = self.retry.front()?;
-        let only_held = if keep_order {
-            self.retry
-                .iter()
-                .all(|(b, _)| b.lineage.held_for_scope(now))
-        } else {
-            front.lineage.held_for_scope(now)
+        let hold_ends = |b: &Batch| {
+            b.lineage
+                .scope_hold
+                .filter(|_| b.lineage.held_for_scope(now))
+                .map(|h| h.until)
         };
-        only_held.then(|| self.scope_retry_at.map_or(*due, |at| at.max(*due)))
+        let first_end = if keep_order {
+            let mut first: Option<Instant> = None;
+            for (b, _) in &self.retry {
+                let end = hold_ends(b)?;
+                first = Some(first.map_or(end, |f| f.min(end)));
+            }
+            first?
+        } else {
+            hold_ends(front)?
+        };
+        let spaced = self.scope_retry_at.map_or(*due, |at| at.max(*due));
+        Some(spaced.min(first_end))
     }
 
     /// A batch of this lane is in the handler.

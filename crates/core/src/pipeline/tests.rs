@@ -1758,3 +1758,64 @@ fn a_tenant_outage_holds_its_records_while_other_tenants_succeed() {
         r.dead
     );
 }
+
+/// A record held for its key's proof is looked at again when its hold ends,
+/// not up to a quarter of `--retry-max-ms` later, when the lane's spacing
+/// would next let it start (found in review).
+#[test]
+fn a_held_record_is_retried_when_its_hold_ends() {
+    let t0 = Instant::now();
+    let mut p = pipeline_with(t0, |c| {
+        c.batch = BatchLimits::new(1, 1 << 20, Duration::from_millis(1)).unwrap();
+        c.ordering = Ordering::None;
+        c.concurrency = 1;
+        c.retry.initial = Duration::from_millis(10);
+        c.retry.max = Duration::from_secs(40);
+        c.retry.max_attempts = 2;
+        c.health_scope_hold = Duration::from_secs(1);
+        c.commit_interval = Duration::from_secs(600);
+    });
+    p.handle_assign(&[0]);
+    p.handle_record(&Keyed(0, b"tenant-a"), t0);
+    let mut now = t0;
+    let mut hold_until = None;
+    let mut other = 1;
+    for _ in 0..2_000 {
+        now += Duration::from_millis(5);
+        // A record of another tenant now and then, which succeeds.
+        if other < 50 {
+            p.handle_record(&Keyed(other, b"tenant-b"), now);
+            other += 1;
+        }
+        p.handle_tick(now);
+        for intent in intents(&mut p) {
+            if let Intent::Start { slot, batch } = intent {
+                let outcome = if batch.offsets().any(|o| o == 0) {
+                    BatchOutcome::Failed(Failure::retryable("503 from tenant a's shard"))
+                } else {
+                    BatchOutcome::Success
+                };
+                p.handle_verdict(slot, batch, outcome, now);
+            }
+        }
+        hold_until = p.partitions[&0]
+            .lanes
+            .iter()
+            .flat_map(|l| &l.retry)
+            .find_map(|(b, _)| {
+                b.lineage
+                    .scope_hold
+                    .filter(|_| b.lineage.held_for_scope(now))
+            })
+            .map(|h| h.until);
+        if hold_until.is_some() && other >= 50 && p.in_flight() == 0 {
+            break;
+        }
+    }
+    let until = hold_until.expect("tenant a's record is held for its key");
+    assert!(
+        p.poll_timeout() <= until,
+        "woken {:?} after the hold ends",
+        p.poll_timeout().saturating_duration_since(until)
+    );
+}
