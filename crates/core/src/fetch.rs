@@ -95,11 +95,17 @@ impl FetchQueue {
             if partition_queue.is_null() {
                 return false;
             }
-            // A routed queue reports the length of the queue it feeds, which
-            // only this thread drains: records there while this one is empty
-            // are surely stranded.
-            let stranded = rd::rd_kafka_queue_length(partition_queue) > 0
-                && rd::rd_kafka_queue_length(self.queue.as_ptr()) == 0;
+            // A routed queue reports the length of the queue it feeds. Only
+            // this thread takes records from that one, so between two reads
+            // of it the length only grows, unless librdkafka purged outdated
+            // records meanwhile (a pause, a seek). A partition length
+            // outside that range is the partition's own: stranded records.
+            // Best effort: one that happens to fall inside goes unnoticed,
+            // and is routed all the same.
+            let before = rd::rd_kafka_queue_length(self.queue.as_ptr());
+            let own = rd::rd_kafka_queue_length(partition_queue);
+            let after = rd::rd_kafka_queue_length(self.queue.as_ptr());
+            let stranded = own > 0 && before <= after && !(before..=after).contains(&own);
             rd::rd_kafka_queue_forward(partition_queue, self.queue.as_ptr());
             rd::rd_kafka_queue_destroy(partition_queue);
             stranded

@@ -239,6 +239,7 @@ mod tests {
             partitions_unknown: 0,
             backlog_source: backlog::SOURCE_BROKER_LAG,
             partitions,
+            exists: true,
         }
     }
 
@@ -311,6 +312,7 @@ mod tests {
                 partition_backlog(0, 100, Some(40), 500),
                 partition_backlog(1, -1, None, 70),
             ],
+            exists: true,
         };
         let lag = backlog_as_lag(&b, InvalidOffsetPolicy::Earliest);
         assert!(lag.shared);

@@ -43,11 +43,14 @@ pub struct DescribeArgs {
     #[arg(long, env = "SHARE_GROUP")]
     #[serde(default)]
     pub share_group: Option<String>,
-    /// Print JSON: {"topic","partitions":[{"partition","leader","low","high"}]};
-    /// with --share-group also "share_group":{"name","members","total_backlog",
-    /// "partitions_unknown","backlog_source","in_flight","workers_reporting",
-    /// "configs":[{"name","value","set_for_group"}]} and per partition
-    /// "start_offset","backlog","in_flight".
+    /// Print JSON: {"topic","partitions":[{"partition","leader","low","high"}]}
+    /// (null where unknown: an offline partition has no leader to ask);
+    /// with --share-group each partition also has "share":{"start_offset",
+    /// "backlog","in_flight"}, and "share_group":{"name","exists","members",
+    /// "total_backlog","partitions_unknown","backlog_source","in_flight",
+    /// "workers_reporting","configs":[{"name","value","set_for_group"}]}.
+    /// A part of the share group that cannot be read is said on stderr and
+    /// the exit is 1, the rest printed.
     #[arg(long)]
     pub json: bool,
 }
@@ -113,7 +116,29 @@ pub async fn execute(cmd: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `topic describe`.
+/// One row of `topic describe`.
+#[derive(Debug, Default, Serialize)]
+struct Row {
+    partition: i32,
+    leader: Option<i32>,
+    low: Option<i64>,
+    high: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    share: Option<ShareRow>,
+}
+
+/// A share group on one partition, each figure `None` when unknown.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+struct ShareRow {
+    start_offset: Option<i64>,
+    backlog: Option<i64>,
+    in_flight: Option<u64>,
+}
+
+/// `topic describe`. The topic's part fails the command only when the
+/// topic cannot be read at all (missing, unreachable); each of the share
+/// group's parts that fails is said and makes the exit 1, with the rest
+/// still printed.
 async fn describe(args: DescribeArgs) -> anyhow::Result<ExitCode> {
     use microbatch_kafka::share::{backlog, security};
     let kafka = args.kafka.resolve()?.start_msk_iam()?;
@@ -122,161 +147,198 @@ async fn describe(args: DescribeArgs) -> anyhow::Result<ExitCode> {
     let timeout = Duration::from_secs(30);
     let offsets =
         backlog::topic_offsets(connector.clone(), bootstrap.clone(), &args.topic, timeout).await?;
-    let mut json = serde_json::json!({ "topic": args.topic, "partitions": offsets });
-    let mut share = None;
+    let mut rows: Vec<Row> = offsets
+        .iter()
+        .map(|p| Row {
+            partition: p.partition,
+            leader: p.leader,
+            low: p.low,
+            high: p.high,
+            share: None,
+        })
+        .collect();
+    let mut problems = Vec::new();
+    let mut share_json = serde_json::Value::Null;
+    let mut share_lines = Vec::new();
     if let Some(group) = &args.share_group {
-        let reading = backlog::read(
+        match backlog::read(
             connector.clone(),
             bootstrap.clone(),
             group,
             &args.topic,
             timeout,
         )
-        .await?;
-        let configs: Vec<_> =
-            backlog::group_configs(connector.clone(), bootstrap.clone(), group, timeout)
-                .await?
-                .into_iter()
-                .filter(|c| c.name.starts_with("share."))
-                .collect();
-        // Records in flight come from the workers' reports (librdkafka:
-        // blocking).
-        let reader = microbatch_scaling::share_lag::ShareLagReader::new(
-            connector,
-            bootstrap,
-            group,
-            &args.topic,
-            timeout,
-            tokio::runtime::Handle::current(),
-        )
-        .with_worker_reports(&kafka)?;
-        let (reading, extra) = tokio::task::spawn_blocking(move || {
-            let extra = super::lag::share_extras(&reader, &reading);
-            (reading, extra)
-        })
-        .await?;
-        json["share_group"] = serde_json::json!({
-            "name": reading.share_group,
-            "members": reading.members,
-            "total_backlog": reading.total_backlog,
-            "partitions_unknown": reading.partitions_unknown,
-            "backlog_source": reading.backlog_source,
-            "in_flight": extra.in_flight,
-            "workers_reporting": extra.workers_reporting,
-            "configs": configs,
-        });
-        let by_partition = share_by_partition(&reading, &extra);
-        if let Some(parts) = json["partitions"].as_array_mut() {
-            for p in parts {
-                let partition = p["partition"].as_i64().unwrap_or(-1) as i32;
-                let (start, backlog, in_flight) =
-                    by_partition.get(&partition).copied().unwrap_or_default();
-                p["start_offset"] = serde_json::json!(start);
-                p["backlog"] = serde_json::json!(backlog);
-                p["in_flight"] = serde_json::json!(in_flight);
-            }
-        }
-        share = Some((reading, configs, extra));
-    }
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        writeln!(out, "{json}")?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let records: i64 = offsets.iter().map(|p| p.high - p.low).sum();
-    writeln!(
-        out,
-        "TOPIC {}  PARTITIONS {}  RECORDS {records}",
-        args.topic,
-        offsets.len()
-    )?;
-    let dash = |v: Option<i64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
-    match &share {
-        None => {
-            writeln!(
-                out,
-                "{:>9} {:>7} {:>12} {:>12}",
-                "PARTITION", "LEADER", "LOW", "HIGH"
-            )?;
-            for p in &offsets {
-                writeln!(
-                    out,
-                    "{:>9} {:>7} {:>12} {:>12}",
-                    p.partition, p.leader, p.low, p.high
-                )?;
-            }
-        }
-        Some((reading, configs, extra)) => {
-            writeln!(
-                out,
-                "{:>9} {:>7} {:>12} {:>12} {:>12} {:>10} {:>10}",
-                "PARTITION", "LEADER", "LOW", "HIGH", "SHARE START", "BACKLOG", "IN FLIGHT"
-            )?;
-            let by_partition = share_by_partition(reading, extra);
-            for p in &offsets {
-                let (start, backlog, in_flight) =
-                    by_partition.get(&p.partition).copied().unwrap_or_default();
-                writeln!(
-                    out,
-                    "{:>9} {:>7} {:>12} {:>12} {:>12} {:>10} {:>10}",
-                    p.partition,
-                    p.leader,
-                    p.low,
-                    p.high,
-                    dash(start),
-                    dash(backlog),
-                    in_flight.map_or_else(|| "-".to_string(), |v| format!("~{v}"))
-                )?;
-            }
-            writeln!(
-                out,
-                "SHARE GROUP {}  MEMBERS {}  BACKLOG {}{} (source: {})",
-                reading.share_group,
-                reading.members,
-                reading.total_backlog,
-                if reading.partitions_unknown > 0 {
+        .await
+        {
+            Ok(reading) => {
+                let reader = microbatch_scaling::share_lag::ShareLagReader::new(
+                    connector.clone(),
+                    bootstrap.clone(),
+                    group,
+                    &args.topic,
+                    timeout,
+                    tokio::runtime::Handle::current(),
+                )
+                .with_worker_reports(&kafka);
+                let extra = match reader {
+                    // The workers' reports come through librdkafka: blocking.
+                    Ok(reader) => {
+                        let reading = reading.clone();
+                        Some(
+                            tokio::task::spawn_blocking(move || {
+                                super::lag::share_extras(&reader, &reading)
+                            })
+                            .await?,
+                        )
+                    }
+                    Err(e) => {
+                        problems.push(format!("records in flight: {e}"));
+                        None
+                    }
+                };
+                // Each row's figures from the one reading, so they agree.
+                for (i, b) in reading.partitions.iter().enumerate() {
+                    let share = ShareRow {
+                        start_offset: b.start_offset,
+                        backlog: b.backlog,
+                        in_flight: extra
+                            .as_ref()
+                            .and_then(|x| x.in_flight_by_partition.get(i).copied().flatten()),
+                    };
+                    match rows.iter_mut().find(|r| r.partition == b.partition) {
+                        Some(row) => {
+                            row.low = Some(b.low);
+                            row.high = Some(b.high);
+                            row.share = Some(share);
+                        }
+                        None => rows.push(Row {
+                            partition: b.partition,
+                            low: Some(b.low),
+                            high: Some(b.high),
+                            share: Some(share),
+                            ..Row::default()
+                        }),
+                    }
+                }
+                rows.sort_by_key(|r| r.partition);
+                let configs: Vec<_> =
+                    match backlog::group_configs(connector, bootstrap, group, timeout).await {
+                        Ok(configs) => configs
+                            .into_iter()
+                            .filter(|c| c.name.starts_with("share."))
+                            .collect(),
+                        Err(e) => {
+                            problems.push(format!("share group {group}'s configs: {e}"));
+                            Vec::new()
+                        }
+                    };
+                let unknown = if reading.partitions_unknown > 0 {
                     format!(
                         " and {} partitions without state yet",
                         reading.partitions_unknown
                     )
                 } else {
                     String::new()
-                },
-                reading.backlog_source
-            )?;
-            for c in configs {
-                writeln!(
-                    out,
-                    "  {}={} ({})",
-                    c.name,
-                    c.value.as_deref().unwrap_or("(hidden)"),
-                    if c.set_for_group { "group" } else { "default" }
-                )?;
+                };
+                share_lines.push(format!(
+                    "SHARE GROUP {}  MEMBERS {}  BACKLOG {}{unknown} (source: {})",
+                    reading.share_group,
+                    reading.members,
+                    reading.total_backlog,
+                    reading.backlog_source
+                ));
+                if !reading.exists {
+                    share_lines.push(format!(
+                        "  the brokers know no share group {group:?} yet (a new name, or a typo): \
+                         the configs below are those it would start with"
+                    ));
+                }
+                for c in &configs {
+                    share_lines.push(format!(
+                        "  {}={} ({})",
+                        c.name,
+                        c.value.as_deref().unwrap_or("(hidden)"),
+                        if c.set_for_group { "group" } else { "default" }
+                    ));
+                }
+                share_json = serde_json::json!({
+                    "name": reading.share_group,
+                    "exists": reading.exists,
+                    "members": reading.members,
+                    "total_backlog": reading.total_backlog,
+                    "partitions_unknown": reading.partitions_unknown,
+                    "backlog_source": reading.backlog_source,
+                    "in_flight": extra.as_ref().and_then(|x| x.in_flight),
+                    "workers_reporting": extra.as_ref().map(|x| x.workers_reporting),
+                    "configs": configs,
+                });
             }
+            Err(e) => problems.push(format!("share group {group}: {e}")),
         }
     }
-    Ok(ExitCode::SUCCESS)
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let mut json = serde_json::json!({ "topic": args.topic, "partitions": rows });
+        if args.share_group.is_some() {
+            json["share_group"] = share_json;
+        }
+        writeln!(out, "{json}")?;
+    } else {
+        print_rows(&mut out, &args.topic, &rows)?;
+        for line in &share_lines {
+            writeln!(out, "{line}")?;
+        }
+    }
+    drop(out);
+    for p in &problems {
+        eprintln!("error: {p}");
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
-/// A share group on one partition: start offset, backlog, records in
-/// flight (each `None` when unknown).
-type ShareOnPartition = (Option<i64>, Option<i64>, Option<u64>);
-
-/// Per partition: the share group's start offset, backlog and records in
-/// flight.
-fn share_by_partition(
-    reading: &microbatch_kafka::share::backlog::ShareBacklog,
-    extra: &super::lag::ShareExtras,
-) -> std::collections::HashMap<i32, ShareOnPartition> {
-    reading
-        .partitions
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let in_flight = extra.in_flight_by_partition.get(i).copied().flatten();
-            (b.partition, (b.start_offset, b.backlog, in_flight))
-        })
-        .collect()
+/// The table of `topic describe`; share columns when a row has them.
+fn print_rows(out: &mut impl Write, topic: &str, rows: &[Row]) -> std::io::Result<()> {
+    writeln!(out, "TOPIC {topic}  PARTITIONS {}", rows.len())?;
+    let dash = |v: Option<i64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+    let shared = rows.iter().any(|r| r.share.is_some());
+    let mut header = format!(
+        "{:>9} {:>7} {:>12} {:>12}",
+        "PARTITION", "LEADER", "LOW", "HIGH"
+    );
+    if shared {
+        header += &format!(
+            " {:>12} {:>10} {:>10}",
+            "SHARE START", "BACKLOG", "IN FLIGHT"
+        );
+    }
+    writeln!(out, "{header}")?;
+    for r in rows {
+        let mut line = format!(
+            "{:>9} {:>7} {:>12} {:>12}",
+            r.partition,
+            dash(r.leader.map(i64::from)),
+            dash(r.low),
+            dash(r.high)
+        );
+        if let Some(sh) = r.share {
+            let in_flight = sh
+                .in_flight
+                .map_or_else(|| "-".to_string(), |v| format!("~{v}"));
+            line += &format!(
+                " {:>12} {:>10} {in_flight:>10}",
+                dash(sh.start_offset),
+                dash(sh.backlog)
+            );
+        } else if shared {
+            line += &format!(" {:>12} {:>10} {:>10}", "-", "-", "-");
+        }
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
 }
 
 impl FromFile for DescribeArgs {

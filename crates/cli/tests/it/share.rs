@@ -967,8 +967,10 @@ fn lag_reads_a_share_groups_backlog() {
             .map(|p| p["high"].as_i64().unwrap() - p["low"].as_i64().unwrap())
             .sum();
         assert_eq!(sums, 100, "{d}");
-        assert_eq!(d["partitions"][0]["backlog"], in_flight, "{d}");
-        assert!(d["partitions"][1]["backlog"].is_null(), "{d}");
+        assert!(d["partitions"][0]["leader"].is_i64(), "{d}");
+        assert_eq!(d["partitions"][0]["share"]["backlog"], in_flight, "{d}");
+        assert!(d["partitions"][1]["share"]["backlog"].is_null(), "{d}");
+        assert_eq!(d["share_group"]["exists"], true, "{d}");
         assert_eq!(d["share_group"]["members"], 1, "{d}");
         assert_eq!(d["share_group"]["total_backlog"], in_flight, "{d}");
         let config = |name: &str| {
@@ -985,6 +987,13 @@ fn lag_reads_a_share_groups_backlog() {
             serde_json::json!({"name": "share.auto.offset.reset", "value": "earliest", "set_for_group": true})
         );
         assert_eq!(config("share.record.lock.duration.ms")["set_for_group"], false, "{d}");
+        // A name the brokers do not know reads as no group, with the
+        // configs a new one would get, and says so.
+        let typo = tokio::task::block_in_place(|| {
+            topic_describe_json(&bootstrap, &format!("{group}-typo"), &topic)
+        });
+        assert_eq!(typo["share_group"]["exists"], false, "{typo}");
+        assert_eq!(typo["share_group"]["members"], 0, "{typo}");
         // `top --share-group` shows the same reading.
         let line = tokio::task::block_in_place(|| top_share_line(&bootstrap, &group, &topic));
         assert!(

@@ -70,6 +70,10 @@ pub struct ShareBacklog {
     pub partitions_unknown: usize,
     pub backlog_source: &'static str,
     pub partitions: Vec<PartitionBacklog>,
+    /// Whether the brokers know the group (ShareGroupDescribe did not
+    /// answer GroupIdNotFound): a mistyped name reads as an empty group.
+    #[serde(skip)]
+    pub exists: bool,
 }
 
 /// The pure part: a partition's backlog from the broker's answer (`-1`
@@ -175,12 +179,14 @@ pub async fn read(
     // with other Deployments. A group the broker cannot describe is an
     // error, not no members.
     let mut members = 0;
+    let mut exists = false;
     for g in &described.groups {
         // No member has joined yet: none.
         let not_found = kafka_protocol::ResponseError::GroupIdNotFound.code();
         if g.error_code == not_found {
             continue;
         }
+        exists = true;
         if g.error_code != 0 {
             return Err(ShareError::broker(
                 "ShareGroupDescribe",
@@ -230,6 +236,7 @@ pub async fn read(
         partitions_unknown: partitions.iter().filter(|p| p.backlog.is_none()).count(),
         backlog_source: source,
         partitions,
+        exists,
     })
 }
 
@@ -237,16 +244,17 @@ pub async fn read(
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct PartitionOffsets {
     pub partition: i32,
-    /// The leader's node id (-1: none right now).
-    pub leader: i32,
-    /// The log start offset.
-    pub low: i64,
-    /// The high watermark.
-    pub high: i64,
+    /// The leader's node id; `None` while the partition has none (offline).
+    pub leader: Option<i32>,
+    /// The log start offset; `None` without a leader to ask.
+    pub low: Option<i64>,
+    /// The high watermark; `None` without a leader to ask.
+    pub high: Option<i64>,
 }
 
 /// Every partition of `topic` with its leader, log start offset and high
-/// watermark, in partition order.
+/// watermark, in partition order. A partition without a leader (offline)
+/// is listed with none of them rather than failing the rest.
 pub async fn topic_offsets(
     connector: Arc<dyn Connector>,
     bootstrap: Vec<String>,
@@ -255,16 +263,22 @@ pub async fn topic_offsets(
 ) -> Result<Vec<PartitionOffsets>, ShareError> {
     let cluster = Cluster::new(connector, bootstrap, "microbatch-topic".into(), timeout);
     let meta = topic_meta(&cluster, topic).await?;
-    let lows = list_offsets(&cluster, &meta.leaders, topic, EARLIEST).await?;
-    let highs = list_offsets(&cluster, &meta.leaders, topic, LATEST).await?;
-    let mut partitions: Vec<PartitionOffsets> = meta
+    let led: std::collections::HashMap<i32, i32> = meta
         .leaders
         .iter()
-        .map(|(&partition, &leader)| PartitionOffsets {
+        .filter(|(_, &leader)| leader >= 0 && cluster.node(leader).is_some())
+        .map(|(&p, &leader)| (p, leader))
+        .collect();
+    let lows = list_offsets(&cluster, &led, topic, EARLIEST).await?;
+    let highs = list_offsets(&cluster, &led, topic, LATEST).await?;
+    let mut partitions: Vec<PartitionOffsets> = meta
+        .leaders
+        .keys()
+        .map(|&partition| PartitionOffsets {
             partition,
-            leader,
-            low: lows.get(&partition).copied().unwrap_or(-1),
-            high: highs.get(&partition).copied().unwrap_or(-1),
+            leader: led.get(&partition).copied(),
+            low: lows.get(&partition).copied(),
+            high: highs.get(&partition).copied(),
         })
         .collect();
     partitions.sort_by_key(|p| p.partition);

@@ -335,9 +335,6 @@ impl Cluster {
         Ok(format!("{host}:{port}"))
     }
 
-    /// Sets group configs (`share.auto.offset.reset`,
-    /// `share.record.lock.duration.ms`), as `kafka-configs --entity-type
-    /// groups` does. The group need not exist yet.
     /// A group's configs (`share.*` for a share group) as the brokers
     /// answer them: name, value, and whether the group sets it (otherwise
     /// the brokers' `group.share.*` default applies). Sensitive values come
@@ -372,6 +369,9 @@ impl Cluster {
         Ok(configs)
     }
 
+    /// Sets group configs (`share.auto.offset.reset`,
+    /// `share.record.lock.duration.ms`), as `kafka-configs --entity-type
+    /// groups` does. The group need not exist yet.
     pub async fn set_group_configs(
         &self,
         group: &str,
