@@ -40,6 +40,7 @@
 use std::time::Duration;
 
 use futures::future::join_all;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -230,12 +231,36 @@ fn cut(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// How many of a dead-letter partition's last records a new owner of a
+/// source partition reads at most for dead letters its records already
+/// have (newest first), and how many bytes of them: a crash leaves at most
+/// what it wrote since its last commit, the newest records of that
+/// partition, and a takeover must not read a large topic's history.
+pub const EARLIER_DEAD_LETTERS_SCAN: i64 = 1_000;
+pub const EARLIER_DEAD_LETTERS_BYTES: usize = 16 << 20;
+
+/// Records read per step backwards from the end of the partition.
+const SCAN_CHUNK: i64 = 100;
+
+/// The reader of earlier dead letters: one client, made at first use, for
+/// every look (they take turns).
+type Reader = std::sync::Arc<std::sync::Mutex<Option<WithTokens<BaseConsumer<QuietContext>>>>>;
+
+/// The longest that reading takes before the partition goes on without it.
+pub const EARLIER_DEAD_LETTERS_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Writes dead letters to one topic.
 #[derive(Clone)]
 pub struct DeadLetterWriter {
     producer: std::sync::Arc<WithTokens<FutureProducer<QuietContext>>>,
     topic: String,
     group: String,
+    kafka: KafkaConfig,
+    reader: Reader,
+    /// The topic's partition count when known (0 otherwise): the dead
+    /// letters of source partition `p` go to partition `p mod` it, so a new
+    /// owner of `p` finds those already written in one partition's tail.
+    partitions: i32,
 }
 
 impl DeadLetterWriter {
@@ -249,6 +274,7 @@ impl DeadLetterWriter {
         group: &str,
     ) -> Result<Self, DlqError> {
         let timeout = Duration::from_secs(30);
+        let partitions: i32;
         match lookup
             .state(&dlq.topic)
             .await
@@ -256,7 +282,8 @@ impl DeadLetterWriter {
                 topic: dlq.topic.clone(),
                 reason,
             })? {
-            (TopicState::Exists, _) => {
+            (TopicState::Exists, n) => {
+                partitions = i32::try_from(n).unwrap_or(0);
                 // Only a warning hangs on it, so it does not hold up the
                 // start (a cluster that does not answer DescribeConfigs,
                 // as librdkafka's mock does not, would for the timeout).
@@ -285,7 +312,7 @@ impl DeadLetterWriter {
                         TopicSettings::default()
                     }
                 };
-                let partitions = match dlq.partitions {
+                partitions = match dlq.partitions {
                     Some(p) => p,
                     None => match lookup.state(source_topic).await {
                         Ok((TopicState::Exists, n)) => n as i32,
@@ -355,7 +382,135 @@ impl DeadLetterWriter {
             }
         }
         may_write(kafka, &dlq.topic).await?;
-        Ok(Self::new(kafka, &dlq.topic, group, 0)?)
+        let mut writer = Self::new(kafka, &dlq.topic, group, 0)?;
+        writer.partitions = partitions;
+        Ok(writer)
+    }
+
+    /// The dead-letter partition of source partition `partition`'s records,
+    /// when the topic's partition count is known.
+    fn partition_for(&self, partition: i32) -> Option<i32> {
+        (self.partitions > 0).then(|| partition.rem_euclid(self.partitions))
+    }
+
+    /// Whether [`Self::earlier_dead_letters`] can find anything.
+    pub fn finds_earlier(&self) -> bool {
+        self.partitions > 0
+    }
+
+    /// The offsets of `source_topic`'s `partition` whose dead letter this
+    /// group already wrote, among the newest records of the dead-letter
+    /// partition they go to (at most [`EARLIER_DEAD_LETTERS_SCAN`] records
+    /// and [`EARLIER_DEAD_LETTERS_BYTES`], read backwards a chunk at a
+    /// time): what a member that owned the partition before wrote and did
+    /// not live to commit past. Blocking.
+    pub fn earlier_dead_letters(
+        &self,
+        source_topic: &str,
+        partition: i32,
+        timeout: Duration,
+    ) -> Result<Vec<i64>, String> {
+        use rdkafka::message::{Headers, Message};
+        use rdkafka::{Offset, TopicPartitionList};
+        let Some(dlq_partition) = self.partition_for(partition) else {
+            return Ok(Vec::new());
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        let mut reader = self.reader.lock().map_err(|_| "reader lock poisoned")?;
+        if reader.is_none() {
+            let mut config = self.kafka.client_config();
+            config
+                .set("group.id", format!("{}.dead-letter-reader", self.group))
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "false")
+                // A chunk at a time, not the topic's history ahead of it.
+                .set("queued.max.messages.kbytes", "2048")
+                .set("fetch.max.bytes", "1048576");
+            *reader = Some(
+                self.kafka
+                    .create_client(&config, QuietContext::new(&self.kafka))
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let consumer = reader.as_ref().expect("made above");
+        let (low, high) = consumer
+            .fetch_watermarks(&self.topic, dlq_partition, timeout)
+            .map_err(|e| e.to_string())?;
+        let want_partition = partition.to_string();
+        let mut found = Vec::new();
+        let (mut end, mut bytes) = (high, 0usize);
+        let floor = (high - EARLIER_DEAD_LETTERS_SCAN).max(low);
+        let result = 'chunks: loop {
+            if end <= floor || bytes >= EARLIER_DEAD_LETTERS_BYTES {
+                break Ok(());
+            }
+            let start = (end - SCAN_CHUNK).max(floor);
+            let mut tpl = TopicPartitionList::new();
+            if let Err(e) = tpl
+                .add_partition_offset(&self.topic, dlq_partition, Offset::Offset(start))
+                .and_then(|()| consumer.assign(&tpl))
+            {
+                break Err(e.to_string());
+            }
+            let mut next = start;
+            while next < end {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break 'chunks Err(format!(
+                        "read {} of {} records of {}-{dlq_partition} within {timeout:?}",
+                        high - end + (next - start),
+                        high - floor,
+                        self.topic
+                    ));
+                }
+                let Some(read) = consumer.poll(left.min(Duration::from_millis(200))) else {
+                    // Offsets need not be contiguous (compaction, control
+                    // records): the consumer's position says the chunk ended.
+                    let past = consumer.position().ok().and_then(|tpl| {
+                        tpl.find_partition(&self.topic, dlq_partition)
+                            .and_then(|e| match e.offset() {
+                                Offset::Offset(o) => Some(o),
+                                _ => None,
+                            })
+                    });
+                    if past.is_some_and(|o| o >= end) {
+                        break;
+                    }
+                    continue;
+                };
+                let m = match read {
+                    Ok(m) => m,
+                    Err(e) => break 'chunks Err(e.to_string()),
+                };
+                if m.offset() < next {
+                    continue;
+                }
+                next = m.offset() + 1;
+                bytes += m.payload_len() + m.key().map_or(0, <[u8]>::len);
+                let Some(h) = m.headers() else {
+                    continue;
+                };
+                let header = |name: &str| {
+                    h.iter()
+                        .find(|x| x.key == name)
+                        .and_then(|x| x.value)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                };
+                if header(headers::ORIGINAL_TOPIC) == Some(source_topic)
+                    && header(headers::ORIGINAL_PARTITION) == Some(want_partition.as_str())
+                    && header(headers::CONSUMER_GROUP) == Some(self.group.as_str())
+                {
+                    if let Some(offset) =
+                        header(headers::ORIGINAL_OFFSET).and_then(|o| o.parse().ok())
+                    {
+                        found.push(offset);
+                    }
+                }
+            }
+            end = start;
+        };
+        let _ = consumer.unassign();
+        result.map(|()| found)
     }
 
     /// A writer whose producer takes records up to `max_message_bytes`, or
@@ -386,6 +541,9 @@ impl DeadLetterWriter {
             producer: std::sync::Arc::new(producer),
             topic: topic.to_string(),
             group: group.to_string(),
+            kafka: kafka.clone(),
+            reader: Reader::default(),
+            partitions: 0,
         })
     }
 
@@ -438,6 +596,9 @@ impl DeadLetterWriter {
             }
             let mut rec: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&self.topic).headers(headers);
+            if let Some(p) = self.partition_for(record.partition) {
+                rec = rec.partition(p);
+            }
             if let Some(k) = record.key {
                 rec = rec.key(k);
             }

@@ -62,6 +62,7 @@ pub struct Metrics {
     pub ready: Gauge,
     pub dead_letter_backlog: Gauge,
     pub offset_resets: Counter,
+    pub dead_letters_found: Counter,
     pub slots_busy_ratio: Gauge<f64, AtomicU64>,
     pub processed_per_second: Gauge<f64, AtomicU64>,
     pub capacity_per_second: Gauge<f64, AtomicU64>,
@@ -101,6 +102,7 @@ impl Metrics {
             ready: Gauge::default(),
             dead_letter_backlog: Gauge::default(),
             offset_resets: Counter::default(),
+            dead_letters_found: Counter::default(),
             slots_busy_ratio: Gauge::default(),
             processed_per_second: Gauge::default(),
             capacity_per_second: Gauge::default(),
@@ -221,6 +223,11 @@ impl Metrics {
             "dead_letter_backlog_records",
             "Records waiting for their dead letter to be acknowledged (they hold their partition's commit)",
             m.dead_letter_backlog.clone(),
+        );
+        r.register(
+            "dead_letters_found",
+            "Records not dead-lettered again because the dead-letter topic held theirs already (written before a restart or rebalance, above the last commit)",
+            m.dead_letters_found.clone(),
         );
         r.register(
             "offset_resets",
@@ -434,6 +441,11 @@ impl StatsExporter {
                 last.records_dead_lettered,
             );
             add(&m.offset_resets, now.offset_resets, last.offset_resets);
+            add(
+                &m.dead_letters_found,
+                now.dead_letters_found,
+                last.dead_letters_found,
+            );
             self.last = now;
         }
 

@@ -250,7 +250,10 @@ pub struct Args {
     #[arg(long, env = "MICROBATCH_DLQ", value_enum, default_value_t = DlqMode::On, help_heading = "Delivery")]
     pub dlq: DlqMode,
     /// Dead-letter topic [default: <topic>.dlq]. It is looked up at start
-    /// and created when missing (see --dlq-create).
+    /// and created when missing (see --dlq-create). Source partition p's
+    /// dead letters go to its partition p modulo its count; a worker taking
+    /// a partition reads the newest of them first, so none is written twice
+    /// across a crash (docs/delivery.md).
     #[arg(long, env = "MICROBATCH_DLQ_TOPIC", help_heading = "Delivery")]
     pub dlq_topic: Option<String>,
     /// on: create a missing dead-letter topic at start; off: stop instead,

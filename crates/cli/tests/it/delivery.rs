@@ -77,6 +77,74 @@ fn poison_records_go_to_the_dlq_with_context_and_nothing_else_does() {
     }
 }
 
+/// A dead letter is written once per record, even when the worker that
+/// wrote it is SIGKILLed before its commit passed the record: the next
+/// owner of the partition finds it in the dead-letter topic and does not
+/// write it again. Dead letters go to their source partition's partition
+/// of the dead-letter topic (modulo its count), where that owner looks,
+/// newest first, past records of others (here 150 written before).
+#[test]
+fn a_dead_letter_is_written_once_across_a_sigkill_before_the_commit() {
+    /// (dead-letter partition, source partition, source offset) of each
+    /// dead letter, records without the headers left out.
+    fn letters(dlq: &str) -> Vec<(i32, i32, i64)> {
+        read_topic(dlq, broker().bootstrap())
+            .into_iter()
+            .filter_map(|(dlq_partition, _, _, _, headers)| {
+                let p = headers.get("microbatch.original.partition")?.parse().ok()?;
+                let o = headers.get("microbatch.original.offset")?.parse().ok()?;
+                Some((dlq_partition, p, o))
+            })
+            .collect()
+    }
+    let sc = Scenario::new("dl-once", 4);
+    let Scenario { dir, topic, group } = &sc;
+    let dlq = sc.dead_letter_topic(2);
+    produce(&dlq, 150, &[]);
+    sc.produce(400, &["--poison-every", "2", "--keys", "50"]);
+    let poison = poison_offsets(topic);
+    assert_eq!(poison.len(), 200);
+    let cmd = recording_handler(dir, HandlerBehaviour::default());
+    // A commit interval beyond the test: nothing is committed before the kill.
+    let first_flags = [
+        "--commit-interval-ms",
+        "600000",
+        "--max-records",
+        "20",
+        "--retry-initial-ms",
+        "10",
+    ];
+    let mut first = sc.exec_worker("first", free_port(), &cmd, &first_flags);
+    wait_until(
+        Duration::from_secs(60),
+        "every poison record dead-lettered",
+        || letters(&dlq).len() == poison.len(),
+    );
+    first.signal(9);
+    first
+        .wait_for_exit(Duration::from_secs(30))
+        .expect("killed");
+    assert_eq!(sc.total_lag(), 400, "nothing was committed before the kill");
+    let mut second = sc.exec_worker("second", free_port(), &cmd, &["--retry-initial-ms", "10"]);
+    sc.wait_for_lag_zero(Duration::from_secs(120));
+    second.terminate();
+    let mut written: BTreeMap<(i32, i64), usize> = BTreeMap::new();
+    for (dlq_partition, p, o) in letters(&dlq) {
+        assert_eq!(dlq_partition, p % 2, "{p}/{o} in its source partition's");
+        *written.entry((p, o)).or_default() += 1;
+    }
+    let twice: Vec<_> = written.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "dead-lettered twice: {twice:?}");
+    assert_eq!(written.keys().copied().collect::<BTreeSet<_>>(), poison);
+    assert!(
+        second.stderr().contains("not written again"),
+        "{}",
+        second.stderr()
+    );
+    let (expected, _) = assert_recorded_or_dead(topic, group, &handled_files(dir), &poison);
+    assert_eq!(expected, 400);
+}
+
 /// The handler fails everything for 30 s: no record is dead-lettered, the
 /// circuit opens (consumption pauses, /readyz 503), then it closes and every
 /// record is processed.

@@ -80,11 +80,57 @@ impl Pipeline {
         ps.dead_letters.push_back(pending);
     }
 
-    /// Hands out dead-letter writes that are due.
+    /// What the dead-letter topic already holds of a partition's records
+    /// (see [`Intent::FindDeadLetters`]): they are not written again, and
+    /// the dead letters waiting for the answer go out.
+    pub fn handle_earlier_dead_letters(&mut self, partition: i32, epoch: u64, offsets: &[i64]) {
+        if !self.is_current(partition, epoch) {
+            return;
+        }
+        let ps = self
+            .partitions
+            .get_mut(&partition)
+            .expect("checked current");
+        ps.earlier_dead_letters = Some(offsets.iter().copied().collect());
+        if !offsets.is_empty() {
+            tracing::info!(
+                partition,
+                records = offsets.len(),
+                "dead letters of this partition's uncommitted records found in the dead-letter \
+                 topic (written before a restart or rebalance); they are not written again"
+            );
+        }
+        self.dispatch_dead_letters(self.clock);
+    }
+
+    /// Hands out dead-letter writes that are due; records whose dead
+    /// letter the topic holds already are done without one.
     pub(super) fn dispatch_dead_letters(&mut self, now: Instant) {
+        let mut found: Vec<(i32, Vec<i64>, usize)> = Vec::new();
+        let look = !self.sabotage.ignore_earlier_dead_letters();
         for (p, ps) in self.partitions.iter_mut() {
+            let Some(earlier) = &ps.earlier_dead_letters else {
+                continue;
+            };
             while ps.dead_letters.front().is_some_and(|d| d.at <= now) {
-                let pending = ps.dead_letters.pop_front().expect("checked above");
+                let mut pending = ps.dead_letters.pop_front().expect("checked above");
+                if look && !earlier.is_empty() {
+                    let already: Vec<i64> = pending
+                        .batch
+                        .offsets()
+                        .filter(|o| earlier.contains(o))
+                        .collect();
+                    if !already.is_empty() {
+                        let bytes = pending.batch.payload_bytes_where(|o| earlier.contains(&o));
+                        pending.batch = pending
+                            .batch
+                            .select(pending.batch.id(), |o| !earlier.contains(&o));
+                        found.push((*p, already, bytes));
+                        if pending.batch.is_empty() {
+                            continue;
+                        }
+                    }
+                }
                 self.next_dead_letter_id += 1;
                 let slot = DeadLetterSlot {
                     partition: *p,
@@ -99,6 +145,15 @@ impl Pipeline {
                 });
                 ps.dead_letters_in_flight.insert(slot.id, pending);
             }
+        }
+        for (partition, offsets, bytes) in found {
+            tracing::info!(
+                partition,
+                offsets = ?offsets,
+                "already in the dead-letter topic; not written again"
+            );
+            self.counted.dead_letters_found += offsets.len() as u64;
+            self.mark_done(partition, offsets.into_iter(), bytes);
         }
     }
 

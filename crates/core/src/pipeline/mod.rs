@@ -131,6 +131,15 @@ pub enum Intent {
     /// Read the consumer's position of these partitions, which have nothing
     /// outstanding; answer with [`Pipeline::handle_position`].
     ReadPositions(Vec<i32>),
+    /// Look in the dead-letter topic for dead letters of this partition's
+    /// records already written (by a member that owned it before and
+    /// stopped before its commit passed them); answer with
+    /// [`Pipeline::handle_earlier_dead_letters`], an empty list when they
+    /// cannot be looked for. Its dead letters wait until then.
+    FindDeadLetters {
+        partition: i32,
+        epoch: u64,
+    },
     /// Per-record acknowledgement (a share group): these records are done
     /// (processed, or their dead letter acknowledged); accept them.
     Accept {
@@ -484,6 +493,13 @@ impl Pipeline {
             let mut state = self.new_partition();
             if self.phase == Phase::Consuming {
                 resumed.push(p);
+                if self.dlq_enabled && self.acknowledgement == Acknowledgement::Watermark {
+                    state.earlier_dead_letters = None;
+                    self.intents.push_back(Intent::FindDeadLetters {
+                        partition: p,
+                        epoch: state.epoch,
+                    });
+                }
             } else {
                 // Given while draining (the group rebalances as this member
                 // leaves): it takes nothing in, so nothing of it is
@@ -622,7 +638,18 @@ impl Pipeline {
                 "offsets went backwards; the partition restarts from the new offset"
             );
             self.counted.offset_resets += 1;
-            let state = self.new_partition();
+            let mut state = self.new_partition();
+            // What the dead-letter topic holds of the partition still holds.
+            state.earlier_dead_letters = self
+                .partitions
+                .get_mut(&partition)
+                .and_then(|old| old.earlier_dead_letters.take());
+            if state.earlier_dead_letters.is_none() {
+                self.intents.push_back(Intent::FindDeadLetters {
+                    partition,
+                    epoch: state.epoch,
+                });
+            }
             let old = self
                 .partitions
                 .insert(partition, state)
@@ -1104,8 +1131,12 @@ impl Pipeline {
             if let Some(t) = ps.fill_holes_until() {
                 consider(t);
             }
-            for d in &ps.dead_letters {
-                consider(d.at);
+            // Dead letters waiting for the topic to be looked at wait for
+            // an answer, not a time.
+            if ps.earlier_dead_letters.is_some() {
+                for d in &ps.dead_letters {
+                    consider(d.at);
+                }
             }
             for (i, lane) in ps.lanes.iter().enumerate() {
                 if let Some(d) = lane.batcher.deadline() {

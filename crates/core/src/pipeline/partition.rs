@@ -2,7 +2,7 @@
 //! holds, its dead letters, and whether it is still ours or being given up.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
@@ -118,6 +118,11 @@ pub(super) struct PartitionState {
     pub dead_letters: VecDeque<PendingDeadLetter>,
     /// Dead-letter writes under way.
     pub dead_letters_in_flight: HashMap<u64, PendingDeadLetter>,
+    /// Records of this partition whose dead letter is in the dead-letter
+    /// topic already (a member before this one wrote it and stopped before
+    /// its commit passed the record), so it is not written twice; `None`
+    /// until the topic was looked at, and dead letters wait meanwhile.
+    pub earlier_dead_letters: Option<HashSet<i64>>,
     /// (offset, timestamp) of the records taken in and not yet below the
     /// watermark, oldest first: the front is the age of the lag
     /// (`microbatch_partition_lag_seconds`).
@@ -172,6 +177,7 @@ impl PartitionState {
             probe_turn: 0,
             dead_letters: VecDeque::new(),
             dead_letters_in_flight: HashMap::new(),
+            earlier_dead_letters: Some(HashSet::new()),
             timestamps: VecDeque::new(),
         }
     }

@@ -53,6 +53,8 @@ sabotage!(
     /// An acknowledgement older than one before it is taken for a stale
     /// answer, not for what the broker holds.
     keep_highest_ack,
+    /// Writes dead letters the dead-letter topic holds already.
+    ignore_earlier_dead_letters,
 );
 
 impl Sabotage {

@@ -23,7 +23,10 @@
 //!    finished records at or past the last acknowledged commit and the
 //!    records in flight) stays within the cap plus one set of slots
 //!    (`--concurrency` x `--max-records`), or passes that by at most one
-//!    batch (`--max-records`).
+//!    batch (`--max-records`);
+//! 7. no record is dead-lettered again once the dead-letter topic was found
+//!    to hold its dead letter (a takeover's look at the topic, answered
+//!    at once or a step later).
 //!
 //! `MICROBATCH_SIM_SCHEDULES` sets how many schedules the test runs
 //! (10,000 by default); a failing seed is printed and belongs in
@@ -157,6 +160,15 @@ struct Sim {
     /// In some schedules asynchronous commits land late and in any order;
     /// their own random stream, so the other schedules stay as they were.
     late: Option<StdRng>,
+    /// Answers the pipeline's looks at the dead-letter topic: at once or a
+    /// tick later (its own stream, so older schedules stay as they were).
+    finds_rng: StdRng,
+    /// Looks at the dead-letter topic not answered yet.
+    finds: Vec<(i32, u64)>,
+    /// Records whose dead letter the topic holds.
+    stored: HashSet<(i32, i64)>,
+    /// What each look at the topic found, by (partition, epoch).
+    found: HashMap<(i32, u64), HashSet<i64>>,
     /// Commits sent and not landed yet, while `late` is on.
     outbox: Vec<(i32, i64)>,
     /// While `late` is on: the group coordinator is away, and the commits
@@ -262,6 +274,10 @@ impl Sim {
             flaky_left: HashMap::new(),
             outage: false,
             late,
+            finds_rng: StdRng::seed_from_u64(seed ^ 0xd1e7_7e55),
+            finds: Vec::new(),
+            stored: HashSet::new(),
+            found: HashMap::new(),
             outbox: Vec::new(),
             coordinator_away: false,
             calm: false,
@@ -309,7 +325,20 @@ impl Sim {
                     self.check_records_cap(slot, &batch)?;
                     self.in_flight.push((slot, batch));
                 }
-                Intent::DeadLetter { slot, batch, .. } => self.dead_letters.push((slot, batch)),
+                Intent::DeadLetter { slot, batch, .. } => {
+                    if let Some(found) = self.found.get(&(slot.partition, slot.epoch)) {
+                        if let Some(o) = batch.offsets().find(|o| found.contains(o)) {
+                            return Err(self.violation(
+                                7,
+                                format!(
+                                    "{}/{o} dead-lettered again, though the topic holds it",
+                                    slot.partition
+                                ),
+                            ));
+                        }
+                    }
+                    self.dead_letters.push((slot, batch));
+                }
                 Intent::Commit { offsets, sync, .. } => {
                     for (p, offset) in offsets {
                         let part = &self.parts[p as usize];
@@ -349,6 +378,12 @@ impl Sim {
                     .iter()
                     .for_each(|p| self.parts[*p as usize].paused = false),
                 Intent::Processed { .. } => {}
+                Intent::FindDeadLetters { partition, epoch } => {
+                    self.finds.push((partition, epoch));
+                    if self.finds_rng.random_bool(0.5) {
+                        self.answer_finds();
+                    }
+                }
                 Intent::Accept { .. } => panic!("a consumer group's pipeline accepted per record"),
                 Intent::ReportCapacity(_) => {
                     panic!("a consumer group's report rides on its commits")
@@ -456,7 +491,27 @@ impl Sim {
         Ok(())
     }
 
+    /// Answers every look at the dead-letter topic asked for: the records
+    /// of the partition whose dead letter it holds.
+    fn answer_finds(&mut self) {
+        for (partition, epoch) in std::mem::take(&mut self.finds) {
+            let held: HashSet<i64> = self
+                .stored
+                .iter()
+                .filter(|(p, _)| *p == partition)
+                .map(|(_, o)| *o)
+                .collect();
+            let offsets: Vec<i64> = held.iter().copied().collect();
+            self.found.insert((partition, epoch), held);
+            self.pipeline
+                .handle_earlier_dead_letters(partition, epoch, &offsets);
+        }
+    }
+
     fn tick(&mut self) -> Result<(), Violation> {
+        if !self.finds.is_empty() {
+            self.answer_finds();
+        }
         self.pipeline.handle_tick(self.now);
         self.execute()?;
         let Some(late) = self.late.as_mut() else {
@@ -655,6 +710,7 @@ impl Sim {
                 ));
             }
             self.done.insert((p, *o));
+            self.stored.insert((p, *o));
             if !self.stale.contains(&(p, slot.epoch)) {
                 self.done_here.insert((p, *o));
             }
@@ -1064,6 +1120,17 @@ fn dead_lettering_too_soon_is_caught() {
             ..Sabotage::default()
         },
         4,
+    );
+}
+
+#[test]
+fn writing_a_dead_letter_the_topic_holds_is_caught() {
+    caught(
+        Sabotage {
+            ignore_earlier_dead_letters: true,
+            ..Sabotage::default()
+        },
+        7,
     );
 }
 

@@ -18,6 +18,9 @@ pub struct Counters {
     pub records_dead_lettered: u64,
     /// Partitions restarted because their offsets went backwards.
     pub offset_resets: u64,
+    /// Records done without a dead letter because the dead-letter topic
+    /// held theirs already (written before a restart or rebalance).
+    pub dead_letters_found: u64,
 }
 
 /// What the pipeline counted and holds now.

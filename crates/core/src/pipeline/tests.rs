@@ -76,8 +76,19 @@ fn with_one_batch(t0: Instant) -> Pipeline {
     p
 }
 
+/// The intents the pipeline has; a look at the dead-letter topic is
+/// answered at once, with nothing found.
 fn intents(p: &mut Pipeline) -> Vec<Intent> {
-    std::iter::from_fn(|| p.poll_intent()).collect()
+    let mut out = Vec::new();
+    while let Some(intent) = p.poll_intent() {
+        match intent {
+            Intent::FindDeadLetters { partition, epoch } => {
+                p.handle_earlier_dead_letters(partition, epoch, &[])
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// The offsets of the commits asked for, in order.
@@ -1818,4 +1829,64 @@ fn a_held_record_is_retried_when_its_hold_ends() {
         "woken {:?} after the hold ends",
         p.poll_timeout().saturating_duration_since(until)
     );
+}
+
+/// A partition taken over asks what the dead-letter topic holds of its
+/// records already; its dead letters wait for the answer (without waking
+/// the loop), and a record whose dead letter is there is done without a
+/// second one while the others are written.
+#[test]
+fn dead_letters_written_before_a_takeover_are_not_written_again() {
+    let t0 = Instant::now();
+    let mut p = pipeline_with(t0, |c| {
+        c.batch = BatchLimits::new(4, 1 << 20, Duration::from_millis(1)).unwrap();
+        c.commit_interval = Duration::from_secs(600);
+    });
+    p.handle_assign(&[0]);
+    let asked = std::iter::from_fn(|| p.poll_intent())
+        .find_map(|i| match i {
+            Intent::FindDeadLetters { partition, epoch } => Some((partition, epoch)),
+            _ => None,
+        })
+        .expect("the dead-letter topic is looked at");
+    assert_eq!(asked.0, 0);
+    for o in 0..4 {
+        p.handle_record(&Rec(0, o), t0);
+    }
+    p.handle_tick(t0);
+    let (slot, batch) = starts(&mut p).pop().expect("the batch starts at once");
+    let failed = |o: i64| (o, Failure::permanent("poison"));
+    p.handle_verdict(
+        slot,
+        batch,
+        BatchOutcome::Partial(vec![failed(1), failed(2)]),
+        t0,
+    );
+    let later = t0 + Duration::from_secs(1);
+    p.handle_tick(later);
+    assert!(
+        !intents(&mut p)
+            .iter()
+            .any(|i| matches!(i, Intent::DeadLetter { .. })),
+        "no dead letter before the answer"
+    );
+    assert!(
+        p.poll_timeout() > later,
+        "waiting for the answer is no reason to wake"
+    );
+    assert_eq!(p.watermark(0), Some(1), "1 and 2 hold the commit");
+    // A stale answer (an earlier assignment's) changes nothing.
+    p.handle_earlier_dead_letters(0, asked.1 + 100, &[1, 2]);
+    assert!(intents(&mut p).is_empty());
+    p.handle_earlier_dead_letters(0, asked.1, &[2, 77]);
+    let written: Vec<Vec<i64>> = intents(&mut p)
+        .into_iter()
+        .filter_map(|i| match i {
+            Intent::DeadLetter { batch, .. } => Some(batch.offsets().collect()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(written, [vec![1]], "2's dead letter is there already");
+    assert_eq!(p.stats().counted.dead_letters_found, 1);
+    assert_eq!(p.watermark(0), Some(1), "1 still waits for its write");
 }

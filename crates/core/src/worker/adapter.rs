@@ -42,6 +42,12 @@ pub(super) enum Event {
         written: Vec<i64>,
         error: Option<String>,
     },
+    /// What the dead-letter topic holds of a partition's records already.
+    EarlierDeadLetters {
+        partition: i32,
+        epoch: u64,
+        offsets: Vec<i64>,
+    },
 }
 
 /// Sends a failure if dropped before a verdict (a cancelled handler task),
@@ -159,6 +165,38 @@ pub(super) fn spawn_dead_letter<T: From<Event> + Send + 'static>(
     });
 }
 
+/// Reads what the dead-letter topic holds of `partition`'s records
+/// already, off the poll thread; a failure is said and counts as nothing
+/// found (a dead letter may then be written twice).
+pub(super) fn find_dead_letters<T: From<Event> + Send + 'static>(
+    runtime: &Handle,
+    writer: DeadLetterWriter,
+    topic: String,
+    tx: Sender<T>,
+    partition: i32,
+    epoch: u64,
+) {
+    runtime.spawn_blocking(move || {
+        let offsets = writer
+            .earlier_dead_letters(&topic, partition, crate::dlq::EARLIER_DEAD_LETTERS_TIMEOUT)
+            .unwrap_or_else(|e| {
+                tracing::warn!(
+                    partition,
+                    dlq_topic = writer.topic(),
+                    error = %e,
+                    "could not read the dead-letter topic for this partition's dead letters \
+                     already written; one written before a restart may be written again"
+                );
+                Vec::new()
+            });
+        let _ = tx.send(T::from(Event::EarlierDeadLetters {
+            partition,
+            epoch,
+            offsets,
+        }));
+    });
+}
+
 pub(super) struct Adapter {
     pub(super) pipeline: Pipeline,
     pub(super) topic: Arc<str>,
@@ -225,6 +263,21 @@ impl Adapter {
                     }
                 }
                 Intent::Processed { partition, offsets } => self.audit(partition, &offsets),
+                Intent::FindDeadLetters { partition, epoch } => match self.dlq.clone() {
+                    Some(writer) if writer.finds_earlier() => {
+                        find_dead_letters(
+                            &self.runtime,
+                            writer,
+                            self.topic.to_string(),
+                            self.events_tx.clone(),
+                            partition,
+                            epoch,
+                        );
+                    }
+                    _ => self
+                        .pipeline
+                        .handle_earlier_dead_letters(partition, epoch, &[]),
+                },
                 // A consumer group's reports ride on its commits.
                 Intent::ReportCapacity(_) => {}
                 Intent::Accept { partition, .. } => {
@@ -294,6 +347,13 @@ impl Adapter {
             } => self
                 .pipeline
                 .handle_dead_lettered(slot, &written, error, now),
+            Event::EarlierDeadLetters {
+                partition,
+                epoch,
+                offsets,
+            } => self
+                .pipeline
+                .handle_earlier_dead_letters(partition, epoch, &offsets),
         }
     }
 

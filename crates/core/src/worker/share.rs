@@ -685,6 +685,13 @@ impl Member {
             }) => self
                 .pipeline
                 .handle_dead_lettered(slot, &written, error, now),
+            Input::Task(Event::EarlierDeadLetters {
+                partition,
+                epoch,
+                offsets,
+            }) => self
+                .pipeline
+                .handle_earlier_dead_letters(partition, epoch, &offsets),
             Input::Fetched(fetched) => {
                 self.fetching = false;
                 self.empty_fetches = if fetched.records.is_empty() {
@@ -853,6 +860,11 @@ impl Member {
                 | Intent::Pause(_)
                 | Intent::Resume(_)
                 | Intent::ReadPositions(_) => {}
+                // A share group's records come back by delivery count, not
+                // from a committed offset: nothing to look for.
+                Intent::FindDeadLetters { partition, epoch } => self
+                    .pipeline
+                    .handle_earlier_dead_letters(partition, epoch, &[]),
             }
         }
         self.stats.export(
