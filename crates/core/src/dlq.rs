@@ -244,7 +244,18 @@ const SCAN_CHUNK: i64 = 100;
 
 /// The reader of earlier dead letters: one client, made at first use, for
 /// every look (they take turns).
-type Reader = std::sync::Arc<std::sync::Mutex<Option<WithTokens<BaseConsumer<QuietContext>>>>>;
+type Reader = std::sync::Arc<std::sync::Mutex<ReaderState>>;
+
+#[derive(Default)]
+struct ReaderState {
+    client: Option<WithTokens<BaseConsumer<QuietContext>>>,
+    /// After a look that failed, the next ones skip until then, so a
+    /// takeover of many partitions does not wait a timeout for each.
+    failed_until: Option<std::time::Instant>,
+}
+
+/// How long looks skip after one failed.
+const LOOK_FAILED_PAUSE: Duration = Duration::from_secs(30);
 
 /// The longest that reading takes before the partition goes on without it.
 pub const EARLIER_DEAD_LETTERS_TIMEOUT: Duration = Duration::from_secs(30);
@@ -260,7 +271,10 @@ pub struct DeadLetterWriter {
     /// The topic's partition count when known (0 otherwise): the dead
     /// letters of source partition `p` go to partition `p mod` it, so a new
     /// owner of `p` finds those already written in one partition's tail.
-    partitions: i32,
+    /// Set to 0 for good when the broker says a partition is unknown (the
+    /// topic made again, smaller): then the producer picks, and nothing is
+    /// looked for.
+    partitions: std::sync::Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl DeadLetterWriter {
@@ -382,105 +396,135 @@ impl DeadLetterWriter {
             }
         }
         may_write(kafka, &dlq.topic).await?;
-        let mut writer = Self::new(kafka, &dlq.topic, group, 0)?;
-        writer.partitions = partitions;
+        let writer = Self::new(kafka, &dlq.topic, group, 0)?;
+        writer
+            .partitions
+            .store(partitions, std::sync::atomic::Ordering::Relaxed);
         Ok(writer)
     }
 
     /// The dead-letter partition of source partition `partition`'s records,
     /// when the topic's partition count is known.
     fn partition_for(&self, partition: i32) -> Option<i32> {
-        (self.partitions > 0).then(|| partition.rem_euclid(self.partitions))
+        let n = self.partitions.load(std::sync::atomic::Ordering::Relaxed);
+        (n > 0).then(|| partition.rem_euclid(n))
     }
 
     /// Whether [`Self::earlier_dead_letters`] can find anything.
     pub fn finds_earlier(&self) -> bool {
-        self.partitions > 0
+        self.partitions.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 
-    /// The offsets of `source_topic`'s `partition` whose dead letter this
-    /// group already wrote, among the newest records of the dead-letter
-    /// partition they go to (at most [`EARLIER_DEAD_LETTERS_SCAN`] records
-    /// and [`EARLIER_DEAD_LETTERS_BYTES`], read backwards a chunk at a
-    /// time): what a member that owned the partition before wrote and did
-    /// not live to commit past. Blocking.
+    /// The records of `source_topic`'s `partition` whose dead letter this
+    /// group already wrote, as (offset, the record's timestamp), among the
+    /// newest records of the dead-letter partition they go to (at most
+    /// [`EARLIER_DEAD_LETTERS_SCAN`] records and
+    /// [`EARLIER_DEAD_LETTERS_BYTES`], read backwards a chunk at a time):
+    /// what a member that owned the partition before wrote and did not live
+    /// to commit past. Blocking; looks take turns, and for
+    /// [`LOOK_FAILED_PAUSE`] after one failed the others skip.
     pub fn earlier_dead_letters(
         &self,
         source_topic: &str,
         partition: i32,
         timeout: Duration,
-    ) -> Result<Vec<i64>, String> {
-        use rdkafka::message::{Headers, Message};
-        use rdkafka::{Offset, TopicPartitionList};
+    ) -> Result<Vec<(i64, Option<i64>)>, String> {
         let Some(dlq_partition) = self.partition_for(partition) else {
             return Ok(Vec::new());
         };
-        let deadline = std::time::Instant::now() + timeout;
-        let mut reader = self.reader.lock().map_err(|_| "reader lock poisoned")?;
-        if reader.is_none() {
+        let mut state = self.reader.lock().map_err(|_| "reader lock poisoned")?;
+        let now = std::time::Instant::now();
+        if state.failed_until.is_some_and(|until| now < until) {
+            return Err("skipped: a look moments ago failed".into());
+        }
+        let deadline = now + timeout;
+        if state.client.is_none() {
+            // The worker's own group, which its ACLs cover: librdkafka
+            // assigns only with one. The reader joins nothing (it assigns)
+            // and commits nothing.
             let mut config = self.kafka.client_config();
             config
-                .set("group.id", format!("{}.dead-letter-reader", self.group))
+                .set("group.id", &self.group)
+                .set("group.protocol", "classic")
                 .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
                 .set("enable.partition.eof", "false")
                 // A chunk at a time, not the topic's history ahead of it.
                 .set("queued.max.messages.kbytes", "2048")
                 .set("fetch.max.bytes", "1048576");
-            *reader = Some(
+            state.client = Some(
                 self.kafka
                     .create_client(&config, QuietContext::new(&self.kafka))
                     .map_err(|e| e.to_string())?,
             );
         }
-        let consumer = reader.as_ref().expect("made above");
+        let consumer = state.client.as_ref().expect("made above");
+        let result = self.read_back(consumer, source_topic, partition, dlq_partition, deadline);
+        let _ = consumer.unassign();
+        if result.is_err() {
+            state.failed_until = Some(std::time::Instant::now() + LOOK_FAILED_PAUSE);
+        }
+        result
+    }
+
+    /// [`Self::earlier_dead_letters`]'s reading, chunk by chunk from the end.
+    fn read_back(
+        &self,
+        consumer: &BaseConsumer<QuietContext>,
+        source_topic: &str,
+        partition: i32,
+        dlq_partition: i32,
+        deadline: std::time::Instant,
+    ) -> Result<Vec<(i64, Option<i64>)>, String> {
+        use rdkafka::message::{Headers, Message};
+        use rdkafka::{Offset, TopicPartitionList};
+        let left = || deadline.saturating_duration_since(std::time::Instant::now());
         let (low, high) = consumer
-            .fetch_watermarks(&self.topic, dlq_partition, timeout)
+            .fetch_watermarks(&self.topic, dlq_partition, left())
             .map_err(|e| e.to_string())?;
         let want_partition = partition.to_string();
         let mut found = Vec::new();
         let (mut end, mut bytes) = (high, 0usize);
         let floor = (high - EARLIER_DEAD_LETTERS_SCAN).max(low);
-        let result = 'chunks: loop {
-            if end <= floor || bytes >= EARLIER_DEAD_LETTERS_BYTES {
-                break Ok(());
-            }
+        while end > floor && bytes < EARLIER_DEAD_LETTERS_BYTES {
             let start = (end - SCAN_CHUNK).max(floor);
             let mut tpl = TopicPartitionList::new();
-            if let Err(e) = tpl
-                .add_partition_offset(&self.topic, dlq_partition, Offset::Offset(start))
+            tpl.add_partition_offset(&self.topic, dlq_partition, Offset::Offset(start))
                 .and_then(|()| consumer.assign(&tpl))
-            {
-                break Err(e.to_string());
-            }
+                .map_err(|e| e.to_string())?;
             let mut next = start;
             while next < end {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    break 'chunks Err(format!(
-                        "read {} of {} records of {}-{dlq_partition} within {timeout:?}",
+                if left().is_zero() {
+                    return Err(format!(
+                        "read {} of {} records of {}-{dlq_partition} in time",
                         high - end + (next - start),
                         high - floor,
                         self.topic
                     ));
                 }
-                let Some(read) = consumer.poll(left.min(Duration::from_millis(200))) else {
-                    // Offsets need not be contiguous (compaction, control
-                    // records): the consumer's position says the chunk ended.
-                    let past = consumer.position().ok().and_then(|tpl| {
-                        tpl.find_partition(&self.topic, dlq_partition)
-                            .and_then(|e| match e.offset() {
-                                Offset::Offset(o) => Some(o),
-                                _ => None,
-                            })
-                    });
-                    if past.is_some_and(|o| o >= end) {
-                        break;
+                let m = match consumer.poll(left().min(Duration::from_millis(200))) {
+                    Some(Ok(m)) => m,
+                    // A passing error (a broker reconnecting): the time
+                    // limit ends a look that cannot go on.
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "reading the dead-letter topic");
+                        continue;
                     }
-                    continue;
-                };
-                let m = match read {
-                    Ok(m) => m,
-                    Err(e) => break 'chunks Err(e.to_string()),
+                    None => {
+                        // Offsets need not be contiguous (compaction,
+                        // control records): the position says the chunk ended.
+                        let past = consumer.position().ok().and_then(|tpl| {
+                            tpl.find_partition(&self.topic, dlq_partition)
+                                .and_then(|e| match e.offset() {
+                                    Offset::Offset(o) => Some(o),
+                                    _ => None,
+                                })
+                        });
+                        if past.is_some_and(|o| o >= end) {
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 if m.offset() < next {
                     continue;
@@ -490,9 +534,12 @@ impl DeadLetterWriter {
                 let Some(h) = m.headers() else {
                     continue;
                 };
+                // The last of each name: ours come after the record's own,
+                // which may carry an earlier dead letter's (a redrive).
                 let header = |name: &str| {
                     h.iter()
-                        .find(|x| x.key == name)
+                        .filter(|x| x.key == name)
+                        .last()
                         .and_then(|x| x.value)
                         .and_then(|v| std::str::from_utf8(v).ok())
                 };
@@ -500,17 +547,20 @@ impl DeadLetterWriter {
                     && header(headers::ORIGINAL_PARTITION) == Some(want_partition.as_str())
                     && header(headers::CONSUMER_GROUP) == Some(self.group.as_str())
                 {
-                    if let Some(offset) =
-                        header(headers::ORIGINAL_OFFSET).and_then(|o| o.parse().ok())
-                    {
-                        found.push(offset);
+                    let offset = header(headers::ORIGINAL_OFFSET).and_then(|o| o.parse().ok());
+                    let timestamp = header(headers::ORIGINAL_TIMESTAMP_MS)
+                        .filter(|t| !t.is_empty())
+                        .map(str::parse::<i64>);
+                    match (offset, timestamp) {
+                        (Some(o), None) => found.push((o, None)),
+                        (Some(o), Some(Ok(t))) => found.push((o, Some(t))),
+                        _ => {}
                     }
                 }
             }
             end = start;
-        };
-        let _ = consumer.unassign();
-        result.map(|()| found)
+        }
+        Ok(found)
     }
 
     /// A writer whose producer takes records up to `max_message_bytes`, or
@@ -543,7 +593,7 @@ impl DeadLetterWriter {
             group: group.to_string(),
             kafka: kafka.clone(),
             reader: Reader::default(),
-            partitions: 0,
+            partitions: Default::default(),
         })
     }
 
@@ -612,7 +662,7 @@ impl DeadLetterWriter {
             let send = self
                 .producer
                 .send(rec, Timeout::After(Duration::from_secs(10)));
-            async move { (offset, send.await.map_err(|(e, _)| e.to_string())) }
+            async move { (offset, send.await.map_err(|(e, _)| e)) }
         });
         let mut written = Vec::with_capacity(batch.len());
         let mut error = None;
@@ -620,6 +670,21 @@ impl DeadLetterWriter {
             match result {
                 Ok(_) => written.push(offset),
                 Err(e) => {
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownPartition)
+                        && self
+                            .partitions
+                            .swap(0, std::sync::atomic::Ordering::Relaxed)
+                            > 0
+                    {
+                        // The retry goes where the producer picks.
+                        tracing::warn!(
+                            dlq_topic = %self.topic,
+                            "the dead-letter topic has fewer partitions than at start (made \
+                             again?): dead letters go where the producer picks from now on, \
+                             and a new owner of a partition no longer looks for those \
+                             already written"
+                        );
+                    }
                     error.get_or_insert(format!("dead-letter topic {}: {e}", self.topic));
                 }
             }

@@ -252,8 +252,8 @@ pub struct Args {
     /// Dead-letter topic [default: <topic>.dlq]. It is looked up at start
     /// and created when missing (see --dlq-create). Source partition p's
     /// dead letters go to its partition p modulo its count; a worker taking
-    /// a partition reads the newest of them first, so none is written twice
-    /// across a crash (docs/delivery.md).
+    /// a partition reads the newest of them first (at most 1,000), so those
+    /// are not written twice after a crash (docs/delivery.md).
     #[arg(long, env = "MICROBATCH_DLQ_TOPIC", help_heading = "Delivery")]
     pub dlq_topic: Option<String>,
     /// on: create a missing dead-letter topic at start; off: stop instead,

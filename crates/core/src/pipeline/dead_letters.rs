@@ -83,15 +83,22 @@ impl Pipeline {
     /// What the dead-letter topic already holds of a partition's records
     /// (see [`Intent::FindDeadLetters`]): they are not written again, and
     /// the dead letters waiting for the answer go out.
-    pub fn handle_earlier_dead_letters(&mut self, partition: i32, epoch: u64, offsets: &[i64]) {
-        if !self.is_current(partition, epoch) {
+    pub fn handle_earlier_dead_letters(
+        &mut self,
+        partition: i32,
+        epoch: u64,
+        found: &[(i64, Option<i64>)],
+    ) {
+        // After the final commit nothing more is written.
+        if !self.is_current(partition, epoch) || self.phase == super::Phase::Closed {
             return;
         }
         let ps = self
             .partitions
             .get_mut(&partition)
             .expect("checked current");
-        ps.earlier_dead_letters = Some(offsets.iter().copied().collect());
+        ps.earlier_dead_letters = Some(found.iter().copied().collect());
+        let offsets = found;
         if !offsets.is_empty() {
             tracing::info!(
                 partition,
@@ -115,16 +122,18 @@ impl Pipeline {
             while ps.dead_letters.front().is_some_and(|d| d.at <= now) {
                 let mut pending = ps.dead_letters.pop_front().expect("checked above");
                 if look && !earlier.is_empty() {
+                    // The same record: its offset and its timestamp.
                     let already: Vec<i64> = pending
                         .batch
-                        .offsets()
-                        .filter(|o| earlier.contains(o))
+                        .records()
+                        .filter(|r| earlier.get(&r.offset) == Some(&r.timestamp_ms))
+                        .map(|r| r.offset)
                         .collect();
                     if !already.is_empty() {
-                        let bytes = pending.batch.payload_bytes_where(|o| earlier.contains(&o));
+                        let bytes = pending.batch.payload_bytes_where(|o| already.contains(&o));
                         pending.batch = pending
                             .batch
-                            .select(pending.batch.id(), |o| !earlier.contains(&o));
+                            .select(pending.batch.id(), |o| !already.contains(&o));
                         found.push((*p, already, bytes));
                         if pending.batch.is_empty() {
                             continue;

@@ -134,8 +134,9 @@ pub enum Intent {
     /// Look in the dead-letter topic for dead letters of this partition's
     /// records already written (by a member that owned it before and
     /// stopped before its commit passed them); answer with
-    /// [`Pipeline::handle_earlier_dead_letters`], an empty list when they
-    /// cannot be looked for. Its dead letters wait until then.
+    /// [`Pipeline::handle_earlier_dead_letters`] (offsets with their
+    /// records' timestamps), an empty list when they cannot be looked for.
+    /// Its dead letters wait until then.
     FindDeadLetters {
         partition: i32,
         epoch: u64,
@@ -639,12 +640,10 @@ impl Pipeline {
             );
             self.counted.offset_resets += 1;
             let mut state = self.new_partition();
-            // What the dead-letter topic holds of the partition still holds.
-            state.earlier_dead_letters = self
-                .partitions
-                .get_mut(&partition)
-                .and_then(|old| old.earlier_dead_letters.take());
-            if state.earlier_dead_letters.is_none() {
+            // Offsets moved: what the dead-letter topic holds is looked at
+            // again (the old answer may name other records).
+            if self.dlq_enabled {
+                state.earlier_dead_letters = None;
                 self.intents.push_back(Intent::FindDeadLetters {
                     partition,
                     epoch: state.epoch,

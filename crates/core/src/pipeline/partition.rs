@@ -2,7 +2,7 @@
 //! holds, its dead letters, and whether it is still ours or being given up.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
@@ -120,9 +120,11 @@ pub(super) struct PartitionState {
     pub dead_letters_in_flight: HashMap<u64, PendingDeadLetter>,
     /// Records of this partition whose dead letter is in the dead-letter
     /// topic already (a member before this one wrote it and stopped before
-    /// its commit passed the record), so it is not written twice; `None`
-    /// until the topic was looked at, and dead letters wait meanwhile.
-    pub earlier_dead_letters: Option<HashSet<i64>>,
+    /// its commit passed the record), by offset with the record's timestamp
+    /// (an offset alone may name another record, in a topic made again), so
+    /// it is not written twice; `None` until the topic was looked at, and
+    /// dead letters wait meanwhile.
+    pub earlier_dead_letters: Option<HashMap<i64, Option<i64>>>,
     /// (offset, timestamp) of the records taken in and not yet below the
     /// watermark, oldest first: the front is the age of the lag
     /// (`microbatch_partition_lag_seconds`).
@@ -177,7 +179,7 @@ impl PartitionState {
             probe_turn: 0,
             dead_letters: VecDeque::new(),
             dead_letters_in_flight: HashMap::new(),
-            earlier_dead_letters: Some(HashSet::new()),
+            earlier_dead_letters: Some(HashMap::new()),
             timestamps: VecDeque::new(),
         }
     }
@@ -224,6 +226,9 @@ impl PartitionState {
     /// Closes open batches and marks the partition finishing; holes are
     /// filled for `hole_budget` (None: until the deadline).
     pub fn start_finishing(&mut self, now: Instant, hole_budget: Option<Duration>) {
+        // A look at the dead-letter topic not answered yet holds nothing
+        // back while the partition is given up.
+        self.earlier_dead_letters.get_or_insert_with(HashMap::new);
         if !self.finishing() {
             self.ownership = Ownership::Finishing {
                 holes_below: self.offsets.max_done().max(self.max_started),

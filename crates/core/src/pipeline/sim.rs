@@ -165,8 +165,8 @@ struct Sim {
     finds_rng: StdRng,
     /// Looks at the dead-letter topic not answered yet.
     finds: Vec<(i32, u64)>,
-    /// Records whose dead letter the topic holds.
-    stored: HashSet<(i32, i64)>,
+    /// Records whose dead letter the topic holds, with their timestamps.
+    stored: HashMap<(i32, i64), Option<i64>>,
     /// What each look at the topic found, by (partition, epoch).
     found: HashMap<(i32, u64), HashSet<i64>>,
     /// Commits sent and not landed yet, while `late` is on.
@@ -276,7 +276,7 @@ impl Sim {
             late,
             finds_rng: StdRng::seed_from_u64(seed ^ 0xd1e7_7e55),
             finds: Vec::new(),
-            stored: HashSet::new(),
+            stored: HashMap::new(),
             found: HashMap::new(),
             outbox: Vec::new(),
             coordinator_away: false,
@@ -495,16 +495,16 @@ impl Sim {
     /// of the partition whose dead letter it holds.
     fn answer_finds(&mut self) {
         for (partition, epoch) in std::mem::take(&mut self.finds) {
-            let held: HashSet<i64> = self
+            let held: Vec<(i64, Option<i64>)> = self
                 .stored
                 .iter()
-                .filter(|(p, _)| *p == partition)
-                .map(|(_, o)| *o)
+                .filter(|((p, _), _)| *p == partition)
+                .map(|((_, o), ts)| (*o, *ts))
                 .collect();
-            let offsets: Vec<i64> = held.iter().copied().collect();
-            self.found.insert((partition, epoch), held);
+            self.found
+                .insert((partition, epoch), held.iter().map(|(o, _)| *o).collect());
             self.pipeline
-                .handle_earlier_dead_letters(partition, epoch, &offsets);
+                .handle_earlier_dead_letters(partition, epoch, &held);
         }
     }
 
@@ -710,7 +710,11 @@ impl Sim {
                 ));
             }
             self.done.insert((p, *o));
-            self.stored.insert((p, *o));
+            let ts = batch
+                .records()
+                .find(|r| r.offset == *o)
+                .and_then(|r| r.timestamp_ms);
+            self.stored.insert((p, *o), ts);
             if !self.stale.contains(&(p, slot.epoch)) {
                 self.done_here.insert((p, *o));
             }

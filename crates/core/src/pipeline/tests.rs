@@ -1876,9 +1876,15 @@ fn dead_letters_written_before_a_takeover_are_not_written_again() {
     );
     assert_eq!(p.watermark(0), Some(1), "1 and 2 hold the commit");
     // A stale answer (an earlier assignment's) changes nothing.
-    p.handle_earlier_dead_letters(0, asked.1 + 100, &[1, 2]);
+    p.handle_earlier_dead_letters(0, asked.1 + 100, &[(1, Some(1_000)), (2, Some(1_000))]);
     assert!(intents(&mut p).is_empty());
-    p.handle_earlier_dead_letters(0, asked.1, &[2, 77]);
+    // 1's entry names another record at its offset (another timestamp: the
+    // topic made again); 2's is its own.
+    p.handle_earlier_dead_letters(
+        0,
+        asked.1,
+        &[(1, Some(999)), (2, Some(1_000)), (77, Some(1_000))],
+    );
     let written: Vec<Vec<i64>> = intents(&mut p)
         .into_iter()
         .filter_map(|i| match i {

@@ -46,7 +46,8 @@ pub(super) enum Event {
     EarlierDeadLetters {
         partition: i32,
         epoch: u64,
-        offsets: Vec<i64>,
+        /// (offset, the record's timestamp).
+        found: Vec<(i64, Option<i64>)>,
     },
 }
 
@@ -177,7 +178,7 @@ pub(super) fn find_dead_letters<T: From<Event> + Send + 'static>(
     epoch: u64,
 ) {
     runtime.spawn_blocking(move || {
-        let offsets = writer
+        let found = writer
             .earlier_dead_letters(&topic, partition, crate::dlq::EARLIER_DEAD_LETTERS_TIMEOUT)
             .unwrap_or_else(|e| {
                 tracing::warn!(
@@ -192,7 +193,7 @@ pub(super) fn find_dead_letters<T: From<Event> + Send + 'static>(
         let _ = tx.send(T::from(Event::EarlierDeadLetters {
             partition,
             epoch,
-            offsets,
+            found,
         }));
     });
 }
@@ -350,10 +351,10 @@ impl Adapter {
             Event::EarlierDeadLetters {
                 partition,
                 epoch,
-                offsets,
+                found,
             } => self
                 .pipeline
-                .handle_earlier_dead_letters(partition, epoch, &offsets),
+                .handle_earlier_dead_letters(partition, epoch, &found),
         }
     }
 

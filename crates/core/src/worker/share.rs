@@ -688,10 +688,10 @@ impl Member {
             Input::Task(Event::EarlierDeadLetters {
                 partition,
                 epoch,
-                offsets,
+                found,
             }) => self
                 .pipeline
-                .handle_earlier_dead_letters(partition, epoch, &offsets),
+                .handle_earlier_dead_letters(partition, epoch, &found),
             Input::Fetched(fetched) => {
                 self.fetching = false;
                 self.empty_fetches = if fetched.records.is_empty() {
