@@ -254,8 +254,28 @@ struct ReaderState {
     failed_until: Option<std::time::Instant>,
 }
 
-/// How long looks skip after one failed.
+/// How long looks skip after one ran out of time.
 const LOOK_FAILED_PAUSE: Duration = Duration::from_secs(30);
+
+/// Why a look at earlier dead letters gave up.
+enum LookFailed {
+    TimedOut(String),
+    Other(String),
+}
+
+/// Errors no retry mends: a look stops at once.
+fn fatal(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+        )
+    )
+}
 
 /// The longest that reading takes before the partition goes on without it.
 pub const EARLIER_DEAD_LETTERS_TIMEOUT: Duration = Duration::from_secs(30);
@@ -288,7 +308,7 @@ impl DeadLetterWriter {
         group: &str,
     ) -> Result<Self, DlqError> {
         let timeout = Duration::from_secs(30);
-        let partitions: i32;
+        let mut partitions: i32;
         match lookup
             .state(&dlq.topic)
             .await
@@ -396,6 +416,11 @@ impl DeadLetterWriter {
             }
         }
         may_write(kafka, &dlq.topic).await?;
+        // The count the topic has, not the one asked for: a worker beside
+        // this one may have made it first, with another.
+        if let Ok((TopicState::Exists, n)) = lookup.state(&dlq.topic).await {
+            partitions = i32::try_from(n).unwrap_or(0);
+        }
         let writer = Self::new(kafka, &dlq.topic, group, 0)?;
         writer
             .partitions
@@ -461,10 +486,14 @@ impl DeadLetterWriter {
         let consumer = state.client.as_ref().expect("made above");
         let result = self.read_back(consumer, source_topic, partition, dlq_partition, deadline);
         let _ = consumer.unassign();
-        if result.is_err() {
+        // Only a look that ran out of time makes the next ones skip: a
+        // quick error costs only this partition its look.
+        if let Err(LookFailed::TimedOut(_)) = &result {
             state.failed_until = Some(std::time::Instant::now() + LOOK_FAILED_PAUSE);
         }
-        result
+        result.map_err(|e| match e {
+            LookFailed::TimedOut(e) | LookFailed::Other(e) => e,
+        })
     }
 
     /// [`Self::earlier_dead_letters`]'s reading, chunk by chunk from the end.
@@ -475,13 +504,21 @@ impl DeadLetterWriter {
         partition: i32,
         dlq_partition: i32,
         deadline: std::time::Instant,
-    ) -> Result<Vec<(i64, Option<i64>)>, String> {
+    ) -> Result<Vec<(i64, Option<i64>)>, LookFailed> {
         use rdkafka::message::{Headers, Message};
         use rdkafka::{Offset, TopicPartitionList};
         let left = || deadline.saturating_duration_since(std::time::Instant::now());
-        let (low, high) = consumer
-            .fetch_watermarks(&self.topic, dlq_partition, left())
-            .map_err(|e| e.to_string())?;
+        // A leader moving answers at once with a retriable error: asked
+        // again until the time is up.
+        let (low, high) = loop {
+            match consumer.fetch_watermarks(&self.topic, dlq_partition, left()) {
+                Ok(marks) => break marks,
+                Err(e) if fatal(&e) || left() < Duration::from_millis(200) => {
+                    return Err(LookFailed::Other(e.to_string()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
         let want_partition = partition.to_string();
         let mut found = Vec::new();
         let (mut end, mut bytes) = (high, 0usize);
@@ -491,25 +528,26 @@ impl DeadLetterWriter {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&self.topic, dlq_partition, Offset::Offset(start))
                 .and_then(|()| consumer.assign(&tpl))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| LookFailed::Other(e.to_string()))?;
             let mut next = start;
             while next < end {
                 if left().is_zero() {
-                    return Err(format!(
+                    return Err(LookFailed::TimedOut(format!(
                         "read {} of {} records of {}-{dlq_partition} in time",
                         high - end + (next - start),
                         high - floor,
                         self.topic
-                    ));
+                    )));
                 }
                 let m = match consumer.poll(left().min(Duration::from_millis(200))) {
                     Some(Ok(m)) => m,
                     // A passing error (a broker reconnecting): the time
                     // limit ends a look that cannot go on.
-                    Some(Err(e)) => {
+                    Some(Err(e)) if !fatal(&e) => {
                         tracing::debug!(error = %e, "reading the dead-letter topic");
                         continue;
                     }
+                    Some(Err(e)) => return Err(LookFailed::Other(e.to_string())),
                     None => {
                         // Offsets need not be contiguous (compaction,
                         // control records): the position says the chunk ended.
@@ -655,9 +693,9 @@ impl DeadLetterWriter {
             if let Some(v) = record.value {
                 rec = rec.payload(v);
             }
-            if let Some(ts) = record.timestamp_ms {
-                rec = rec.timestamp(ts);
-            }
+            // The dead letter's own timestamp is when it was written (the
+            // record's is in its header): a dead-letter topic's retention
+            // counts from then, not from when the source record was made.
             let offset = record.offset;
             let send = self
                 .producer

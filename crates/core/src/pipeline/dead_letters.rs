@@ -126,7 +126,12 @@ impl Pipeline {
                     let already: Vec<i64> = pending
                         .batch
                         .records()
-                        .filter(|r| earlier.get(&r.offset) == Some(&r.timestamp_ms))
+                        // A record without one is not matched: a second
+                        // dead letter rather than a record without any.
+                        .filter(|r| {
+                            r.timestamp_ms.is_some()
+                                && earlier.get(&r.offset) == Some(&r.timestamp_ms)
+                        })
                         .map(|r| r.offset)
                         .collect();
                     if !already.is_empty() {
