@@ -145,6 +145,72 @@ fn a_dead_letter_is_written_once_across_a_sigkill_before_the_commit() {
     assert_eq!(expected, 400);
 }
 
+/// A dead-letter topic made again with fewer partitions while the worker
+/// runs: a dead letter for a partition it no longer has is refused as
+/// unknown; the worker says so, lets the producer pick from then on, and
+/// every poison record still reaches the topic, nothing lost.
+#[test]
+fn a_dead_letter_topic_made_again_smaller_still_takes_every_dead_letter() {
+    let sc = Scenario::new("dl-smaller", 4);
+    let Scenario { dir, topic, group } = &sc;
+    let dlq = sc.dead_letter_topic(4);
+    let cmd = recording_handler(dir, HandlerBehaviour::default());
+    let port = free_port();
+    let mut w = sc.exec_worker("w", port, &cmd, &["--retry-initial-ms", "10"]);
+    wait_until(Duration::from_secs(60), "the worker is ready", || {
+        http_get(port, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    let (status, out, err) = run_to_end(&[
+        "topic",
+        "delete",
+        "--bootstrap-servers",
+        broker().bootstrap(),
+        "--topic",
+        &dlq,
+    ]);
+    assert!(status.success(), "{out}{err}");
+    wait_until(Duration::from_secs(30), "the topic is made again", || {
+        let (status, _, _) = run_to_end(&[
+            "topic",
+            "create",
+            "--bootstrap-servers",
+            broker().bootstrap(),
+            "--topic",
+            &dlq,
+            "--partitions",
+            "1",
+        ]);
+        status.success()
+            && read_topic(&dlq, broker().bootstrap()).is_empty()
+            && run_to_end(&[
+                "topic",
+                "describe",
+                "--bootstrap-servers",
+                broker().bootstrap(),
+                "--topic",
+                &dlq,
+                "--json",
+            ])
+            .1
+            .contains(r#""partition":0"#)
+    });
+    sc.produce(200, &["--poison-every", "10", "--keys", "40"]);
+    let poison = poison_offsets(topic);
+    assert!(
+        poison.iter().any(|(p, _)| *p > 0),
+        "poison records on partitions the topic no longer has"
+    );
+    sc.wait_for_lag_zero(Duration::from_secs(120));
+    w.terminate();
+    assert_eq!(dead_lettered(&dlq), poison);
+    assert!(
+        w.stderr().contains("fewer partitions than at start"),
+        "{}",
+        w.stderr()
+    );
+    assert_recorded_or_dead(topic, group, &handled_files(dir), &poison);
+}
+
 /// The handler fails everything for 30 s: no record is dead-lettered, the
 /// circuit opens (consumption pauses, /readyz 503), then it closes and every
 /// record is processed.
