@@ -4,20 +4,6 @@ use std::time::Duration;
 
 use crate::harness::*;
 
-fn topic_cmd(action: &str, topic: &str, extra: &[&str]) -> (bool, String, String) {
-    let mut args = vec![
-        "topic",
-        action,
-        "--bootstrap-servers",
-        broker().bootstrap(),
-        "--topic",
-        topic,
-    ];
-    args.extend_from_slice(extra);
-    let (status, out, err) = run_to_end(&args);
-    (status.success(), out, err)
-}
-
 fn lag_says(topic: &str) -> String {
     let (_, out, err) = run_lag(topic, "g-topic-test", &[]);
     out + &err

@@ -241,6 +241,22 @@ pub fn command_through(program: &str, args: &[&str]) -> Command {
 }
 
 /// Runs the binary to completion; returns (status, stdout, stderr).
+/// `microbatch topic ACTION --topic TOPIC` on the test broker: (success,
+/// stdout, stderr).
+pub fn topic_cmd(action: &str, topic: &str, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
+        "topic",
+        action,
+        "--bootstrap-servers",
+        broker().bootstrap(),
+        "--topic",
+        topic,
+    ];
+    args.extend_from_slice(extra);
+    let (status, out, err) = run_to_end(&args);
+    (status.success(), out, err)
+}
+
 pub fn run_to_end(args: &[&str]) -> (ExitStatus, String, String) {
     let out = command()
         .args(args)
