@@ -72,8 +72,9 @@ impl FetchQueue {
     /// waiting in its own queue, unrouted. librdkafka clears a route when
     /// it stops fetching a partition and never restores one an application
     /// set, so a stop served after an assignment's [`route`](Self::route)
-    /// would strand the partition's records where nobody reads them (a
-    /// partition that came back once stayed unread, rarely, under load).
+    /// would strand the partition's records where nobody reads them (the
+    /// likeliest cause of a partition that came back and stayed unread,
+    /// once, under load).
     /// Routing again is harmless: records already queued move here in
     /// order, and a routed queue holds none of its own.
     pub fn reroute<C: ConsumerContext>(
