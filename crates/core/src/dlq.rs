@@ -437,7 +437,7 @@ impl DeadLetterWriter {
 
     /// Whether [`Self::earlier_dead_letters`] can find anything.
     pub fn finds_earlier(&self) -> bool {
-        self.partitions.load(std::sync::atomic::Ordering::Relaxed) > 0
+        self.partition_for(0).is_some()
     }
 
     /// The records of `source_topic`'s `partition` whose dead letter this

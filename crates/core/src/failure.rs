@@ -662,48 +662,46 @@ mod tests {
         let Plan::Retry { batch: idle, .. } = plan else {
             panic!("{plan:?}")
         };
+        // What a failure of `idle` in `c` comes to.
+        let plan_for = |c: Context, rng: &mut StdRng| match fail(idle.clone(), c, rng).0 {
+            Plan::DeadLetter { .. } => "dead letter",
+            Plan::Retry { .. } => "retry",
+            plan => panic!("{plan:?}"),
+        };
         let idle_ctx = Context {
             now: since + policy.max,
             dispatched: 30,
             ..scoped(20, 0, false)
         };
-        let (plan, _) = fail(idle.clone(), idle_ctx, &mut rng);
-        assert!(matches!(plan, Plan::DeadLetter { .. }), "{plan:?}");
+        assert_eq!(plan_for(idle_ctx, &mut rng), "dead letter");
         let open = Context {
             circuit_open: true,
             ..idle_ctx
         };
-        let (plan, _) = fail(idle.clone(), open, &mut rng);
-        assert!(matches!(plan, Plan::Retry { .. }), "{plan:?}");
+        assert_eq!(plan_for(open, &mut rng), "retry");
         // Nor once something else failed since the last success: a whole
         // outage that began after the hold's proof.
         let failing = Context {
             rest_failing: true,
             ..idle_ctx
         };
-        let (plan, _) = fail(idle.clone(), failing, &mut rng);
-        assert!(matches!(plan, Plan::Retry { .. }), "{plan:?}");
+        assert_eq!(plan_for(failing, &mut rng), "retry");
         // Its hold over, the rest having worked during it decides, but only
         // while nothing else fails.
         let worked = Context {
             now: until,
             ..idle_ctx
         };
-        let (plan, _) = fail(idle.clone(), worked, &mut rng);
-        assert!(matches!(plan, Plan::DeadLetter { .. }), "{plan:?}");
-        let (plan, _) = fail(
-            idle,
-            Context {
-                rest_failing: true,
-                scope: Some(ScopeEvidence {
-                    last_success: 0,
-                    others_failing: true,
-                }),
-                ..worked
-            },
-            &mut rng,
-        );
-        assert!(matches!(plan, Plan::Retry { .. }), "{plan:?}");
+        assert_eq!(plan_for(worked, &mut rng), "dead letter");
+        let others_failing = Context {
+            rest_failing: true,
+            scope: Some(ScopeEvidence {
+                last_success: 0,
+                others_failing: true,
+            }),
+            ..worked
+        };
+        assert_eq!(plan_for(others_failing, &mut rng), "retry");
         // Its scope succeeded after the failure: dead-lettered at once, even
         // with others failing.
         let (plan, _) = fail(b.clone(), scoped(20, 15, true), &mut rng);

@@ -494,13 +494,7 @@ impl Pipeline {
             let mut state = self.new_partition();
             if self.phase == Phase::Consuming {
                 resumed.push(p);
-                if self.dlq_enabled && self.acknowledgement == Acknowledgement::Watermark {
-                    state.earlier_dead_letters = None;
-                    self.intents.push_back(Intent::FindDeadLetters {
-                        partition: p,
-                        epoch: state.epoch,
-                    });
-                }
+                self.look_for_earlier_dead_letters(p, &mut state);
             } else {
                 // Given while draining (the group rebalances as this member
                 // leaves): it takes nothing in, so nothing of it is
@@ -517,6 +511,19 @@ impl Pipeline {
         self.capacity.set_slots(self.clock, self.usable_slots());
         self.assigned.clear();
         self.assigned.extend(self.partitions.keys());
+    }
+
+    /// Asks what the dead-letter topic holds of a fresh partition state's
+    /// records already; its dead letters wait for the answer. Only where
+    /// records come back from a committed offset (not a share group's).
+    fn look_for_earlier_dead_letters(&mut self, partition: i32, state: &mut PartitionState) {
+        if self.dlq_enabled && self.acknowledgement == Acknowledgement::Watermark {
+            state.earlier_dead_letters = None;
+            self.intents.push_back(Intent::FindDeadLetters {
+                partition,
+                epoch: state.epoch,
+            });
+        }
     }
 
     /// A fresh state for a partition assigned (or reset), under a new epoch.
@@ -640,15 +647,8 @@ impl Pipeline {
             );
             self.counted.offset_resets += 1;
             let mut state = self.new_partition();
-            // Offsets moved: what the dead-letter topic holds is looked at
-            // again (the old answer may name other records).
-            if self.dlq_enabled {
-                state.earlier_dead_letters = None;
-                self.intents.push_back(Intent::FindDeadLetters {
-                    partition,
-                    epoch: state.epoch,
-                });
-            }
+            // Offsets moved: the old answer may name other records.
+            self.look_for_earlier_dead_letters(partition, &mut state);
             let old = self
                 .partitions
                 .insert(partition, state)
