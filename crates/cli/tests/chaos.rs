@@ -4,7 +4,9 @@
 //! random (retryable), and the dead-letter topic does not exist beforehand.
 //! At the end every record was recorded by the handler process itself or is
 //! in the dead-letter topic, which holds exactly the poison records, and the
-//! committed lag is 0.
+//! committed lag is 0. Half the workers run with the defaults, half with
+//! a records cap; each SIGKILL's replay is checked against the bound its
+//! worker ran under.
 //!
 //! A second run puts what real deployments add on top: records of mixed
 //! sizes up to 1 MB, an HTTP downstream that redirects for a while and
@@ -39,9 +41,30 @@ const CONCURRENCY: u64 = 4;
 const COMMIT_INTERVAL_MS: u64 = 200;
 const RATE: u64 = 1_000;
 /// One commit interval of a worker's share of the arrival rate: the most
-/// finished records a SIGKILL may replay beside those in flight
-/// (`--max-uncommitted-records`).
+/// finished records a SIGKILL of a capped worker may replay beside those in
+/// flight (`--max-uncommitted-records`).
 const REPLAY_CAP: u64 = RATE * COMMIT_INTERVAL_MS / 1000 / WORKERS as u64;
+
+/// How a worker bounds what a SIGKILL replays: half run with the defaults
+/// (the time limit, `--max-uncommitted-ms` unset: 1.5 commit intervals), half
+/// with the records cap as well, so both bounds are tried in one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    Default,
+    RecordsCap,
+}
+
+impl Bound {
+    /// Workers `w1`, `w3`, ... run with the defaults, `w2`, `w4`, ... capped;
+    /// a replacement keeps its victim's kind.
+    fn of_first(incarnation: usize) -> Self {
+        if incarnation % 2 == 1 {
+            Bound::Default
+        } else {
+            Bound::RecordsCap
+        }
+    }
+}
 
 /// The broker is restarted by each test: one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -98,19 +121,31 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
         &CONCURRENCY.to_string(),
         "--retry-initial-ms",
         "20",
-        "--max-uncommitted-records",
-        &replay_cap,
     ];
     let session = short_session();
     let extra: Vec<&str> = extra.iter().chain(session).copied().collect();
+    let capped: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(["--max-uncommitted-records", replay_cap.as_str()])
+        .collect();
     let mut incarnation = 0;
-    let spawn = |incarnation: &mut usize| {
+    let spawn = |incarnation: &mut usize, bound: Bound| {
         *incarnation += 1;
         let name = format!("w{incarnation}");
-        let worker = spawn_worker(&dir, &name, &topic, &group, free_port(), &extra);
-        (name, worker)
+        let args = match bound {
+            Bound::Default => &extra,
+            Bound::RecordsCap => &capped,
+        };
+        let worker = spawn_worker(&dir, &name, &topic, &group, free_port(), args);
+        (name, bound, worker)
     };
-    let mut workers: Vec<(String, Proc)> = (0..WORKERS).map(|_| spawn(&mut incarnation)).collect();
+    let mut workers: Vec<(String, Bound, Proc)> = (1..=WORKERS)
+        .map(|i| spawn(&mut incarnation, Bound::of_first(i)))
+        .collect();
+    // The bound each worker ran under, by name.
+    let mut bounds: BTreeMap<String, Bound> =
+        workers.iter().map(|(n, b, _)| (n.clone(), *b)).collect();
 
     let started = Instant::now();
     let mut kills = 0;
@@ -134,7 +169,9 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
         if kills == 2 && !scaled_up {
             eprintln!("scaling up to {} at {:?}", WORKERS + 1, started.elapsed());
             events.push((unix_now(), "scale-up".into()));
-            workers.push(spawn(&mut incarnation));
+            let added = spawn(&mut incarnation, Bound::RecordsCap);
+            bounds.insert(added.0.clone(), added.1);
+            workers.push(added);
             scaled_up = true;
             continue;
         }
@@ -147,7 +184,7 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
         }
         if kills == 8 && !scaled_down {
             eprintln!("scaling down to {WORKERS} at {:?}", started.elapsed());
-            let (_, mut leaving) = workers.pop().expect("a worker to stop");
+            let (_, _, mut leaving) = workers.pop().expect("a worker to stop");
             events.push((unix_now(), "scale-down (SIGTERM)".into()));
             leaving.signal(15);
             let status = leaving
@@ -157,17 +194,27 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
             scaled_down = true;
             continue;
         }
-        let victim = (seed >> 33) as usize % workers.len();
+        // Kills alternate between the two kinds of worker.
+        let kind = if kills % 2 == 0 {
+            Bound::Default
+        } else {
+            Bound::RecordsCap
+        };
+        let of_kind: Vec<usize> = (0..workers.len())
+            .filter(|&i| workers[i].1 == kind)
+            .collect();
+        let victim = of_kind[(seed >> 33) as usize % of_kind.len()];
         let at = unix_now();
         events.push((at, format!("SIGKILL {}", kills + 1)));
         killed.push((at, workers[victim].0.clone()));
-        workers[victim].1.signal(9);
+        workers[victim].2.signal(9);
         workers[victim]
-            .1
+            .2
             .wait_for_exit(Duration::from_secs(30))
             .expect("SIGKILL ends a worker");
         kills += 1;
-        workers[victim] = spawn(&mut incarnation);
+        workers[victim] = spawn(&mut incarnation, kind);
+        bounds.insert(workers[victim].0.clone(), kind);
     }
     eprintln!(
         "{kills} kills, a scale-up, a scale-down and a broker restart in {:?}",
@@ -183,10 +230,10 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
         producer.stderr()
     );
     wait_for_lag_zero(&topic, &group, Duration::from_secs(300));
-    for (_, w) in &workers {
+    for (_, _, w) in &workers {
         w.signal(15);
     }
-    for (_, w) in &mut workers {
+    for (_, _, w) in &mut workers {
         let status = w
             .wait_for_exit(Duration::from_secs(60))
             .expect("workers exit on SIGTERM");
@@ -203,13 +250,22 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
         assert_recorded_or_dead(&topic, &group, &handled_files(&dir), &poison);
     assert_eq!(expected as u64, RECORDS);
     assert_eq!(total_lag(&topic, &group), 0);
-    // What a SIGKILL may replay: the batches in flight, plus one commit
-    // interval of a worker's share of the arrival rate, which the worker's
-    // cap on finished records waiting for their commit enforces.
+    // What a SIGKILL may replay.
+    // - A worker with the defaults: the time limit (--max-uncommitted-ms
+    //   unset, 1.5 commit intervals). Once a partition's finished work has
+    //   waited that long for its commit, the partition starts no new batch,
+    //   so what the dead worker had finished and another did again lies in
+    //   one window: the limit from the last acknowledged commit, and once
+    //   more from when the watermark last moved while a record held it,
+    //   plus 0.1 s for the batches in flight. Retries and the batch that
+    //   holds the watermark may always start, so at most one set of slots
+    //   may lie outside it.
+    // - A capped worker: the batches in flight plus the cap, and one batch
+    //   more when it logged the cap's last resort.
     let in_flight = CONCURRENCY * MAX_RECORDS;
     let per_kill = in_flight + REPLAY_CAP;
-    // Past it only by one batch, which the worker logs: the last resort
-    // when nothing else could lift its cap.
+    let limit = COMMIT_INTERVAL_MS as f64 * 1.5 / 1000.0;
+    let window = 2.0 * limit + 0.1;
     let last_resort = |whom: &str| {
         std::fs::read_to_string(dir.path(&format!("{whom}.stderr")))
             .unwrap_or_default()
@@ -231,19 +287,13 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
         );
     }
     // What the dead worker itself had finished and another did again after
-    // the SIGKILL: at most `per_kill`. (Its records done again before it
-    // died were handed over in a rebalance; they count to that, below.)
-    // Printed beside it: how many of them
-    // finished within the time limit's window (--max-uncommitted-ms, 1.5
-    // commit intervals by default; two such windows when a record held the
-    // watermark before the commits stalled).
-    let limit = COMMIT_INTERVAL_MS as f64 * 1.5 / 1000.0;
-    let window = 2.0 * limit + 0.1;
+    // the SIGKILL. (Its records done again before it died were handed over
+    // in a rebalance; they count to that, above.)
     let by_worker = first_handlers(&handled_files(&dir));
     let mut over = Vec::new();
     let mut kill_counts = Vec::new();
     for (at, whom) in &killed {
-        let FirstHandled { replayed, .. } = by_worker.get(whom).cloned().unwrap_or_default();
+        let FirstHandled { replayed, finished } = by_worker.get(whom).cloned().unwrap_or_default();
         let before = replayed.iter().filter(|(_, again)| again < at).count();
         let mut replayed: Vec<f64> = replayed
             .into_iter()
@@ -251,32 +301,56 @@ fn sigkills_scaling_a_broker_restart_and_failures_lose_nothing() {
             .map(|(first, _)| first)
             .collect();
         replayed.sort_by(f64::total_cmp);
-        let inside = densest_window(&replayed, window);
-        let outside = (replayed.len() - inside) as u64;
-        let bound = per_kill + if last_resort(whom) { MAX_RECORDS } else { 0 };
-        let within = replayed.len() as u64 <= bound;
+        let inside = densest_window(&replayed, window) as u64;
+        let outside = replayed.len() as u64 - inside;
+        let n = replayed.len() as u64;
+        let (within, bound) = match bounds[whom] {
+            Bound::Default => {
+                // In records: the most it finished in any such window.
+                let mut finished = finished;
+                finished.sort_by(f64::total_cmp);
+                let at_its_rate = densest_window(&finished, window) as u64 + in_flight;
+                (
+                    outside <= in_flight && n <= at_its_rate,
+                    format!(
+                        "default bound: all but at most {in_flight} within {window:.1} s, \
+                         at its rate at most {at_its_rate} records"
+                    ),
+                )
+            }
+            Bound::RecordsCap => {
+                let cap = per_kill + if last_resort(whom) { MAX_RECORDS } else { 0 };
+                (
+                    n <= cap,
+                    format!("records cap: at most {cap} = in flight {in_flight} + {REPLAY_CAP}"),
+                )
+            }
+        };
         if !within {
-            over.push((whom.clone(), replayed.len(), bound));
+            over.push((whom.clone(), n, outside, bound.clone()));
         }
-        kill_counts.push(replayed.len());
+        kill_counts.push((bounds[whom], n));
         eprintln!(
-            "chaos: SIGKILL of {whom} at +{:.1} s: {} of its records handled again after it \
-             ({inside} finished within {window:.1} s, {outside} outside; within the bound: {within}; \
+            "chaos: SIGKILL of {whom} at +{:.1} s: {n} of its records handled again after it \
+             ({inside} finished within {window:.1} s, {outside} outside; {bound}; within: {within}; \
              {before} handed over and done again before it)",
             at - t0,
-            replayed.len(),
         );
     }
     eprintln!(
         "chaos: {expected} records, {kills} SIGKILLs, 1 scale-up, 1 scale-down, 1 broker restart, \
-         {duplicates} duplicates ({:.2}%); per SIGKILL {kill_counts:?}, each at most {per_kill} \
-         = in flight {in_flight} + one commit interval {REPLAY_CAP} at the arrival rate",
+         {duplicates} duplicates ({:.2}%); per SIGKILL {kill_counts:?}",
         duplicates as f64 * 100.0 / expected as f64,
     );
     assert!(
+        kill_counts.iter().any(|(b, _)| *b == Bound::Default)
+            && kill_counts.iter().any(|(b, _)| *b == Bound::RecordsCap),
+        "both kinds of worker were killed: {kill_counts:?}"
+    );
+    assert!(
         over.is_empty(),
-        "SIGKILLs replayed more of the dead worker's finished records than in flight + the \
-         records cap ((worker, replayed, bound)): {over:?}"
+        "SIGKILLs replayed more of the dead worker's finished records than its bound \
+         ((worker, replayed, outside the window, bound)): {over:?}"
     );
 }
 
