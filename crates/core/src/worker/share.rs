@@ -12,8 +12,10 @@
 //! task owns the [`ShareConsumer`] (its calls are async and not
 //! cancel-safe: records acquired in a fetch that was dropped would wait for
 //! their lock). A fetch acquires about one round of slots (`--concurrency`
-//! × `--max-records`); the thread asks for the next while the last runs,
-//! never holding three (see `Member::fetch_if_room`).
+//! × `--max-records`), or what the worker finished in the last second when
+//! that is more (at most four rounds, see [`FetchSize`]); the thread asks
+//! for the next while the last runs, holding at most two fetches' worth and
+//! a round (see `Member::fetch_if_room`).
 //!
 //! What the worker tells the broker:
 //! - ACCEPT: the handler succeeded on the record, or its dead letter was
@@ -72,6 +74,20 @@ const IDLE_FETCH_WAIT: Duration = Duration::from_millis(500);
 /// `Member::fetch_wait`).
 const BUSY_FETCH_WAIT: Duration = Duration::from_millis(10);
 
+/// A fetch acquires at most what the worker finished in this long (and at
+/// least a round of slots): far inside the lock's 30 s, renewed anyway.
+const ACQUIRE_AHEAD: Duration = Duration::from_secs(1);
+
+/// ... and at most this many rounds of slots.
+const MAX_ROUNDS_AHEAD: usize = 4;
+
+/// The worker's rate is counted in windows of this length, and read over
+/// the last [`RATE_WINDOWS`] of them, never over less than
+/// [`ACQUIRE_AHEAD`]: batches that finish together (a round of slow ones)
+/// do not read as a fast worker.
+const RATE_WINDOW: Duration = Duration::from_millis(250);
+const RATE_WINDOWS: usize = 4;
+
 /// A fetch that failed on a retriable error is tried again after this.
 const FETCH_RETRY: Duration = Duration::from_millis(500);
 
@@ -110,9 +126,96 @@ enum Command {
     /// Each alone: a renewal of several was refused, and the broker applies
     /// a partition's renewals all or none.
     RenewEach(Vec<Held>),
-    /// Waiting at most this long at the broker for records.
-    Fetch(Duration),
+    /// Waiting at most `wait` at the broker for about `records` records.
+    Fetch {
+        wait: Duration,
+        records: usize,
+    },
     Close,
+}
+
+/// How many records a fetch acquires: pure, on the caller's clock. One
+/// round of slots lets a fast handler wait for the broker: each fetch's
+/// round trip (5 to 15 ms for 4,000 records on one broker) bounded a worker
+/// with a handler that does no work to 0.82x Java's share consumer, whose
+/// fetches take whole producer batches. So a fetch asks for what the
+/// worker finished in the last second when that is more than a round, at
+/// most [`MAX_ROUNDS_AHEAD`] rounds: a second of work, far inside the lock
+/// (and renewed anyway); a worker slower than a round a second asks for
+/// one round, as before.
+#[derive(Debug)]
+struct FetchSize {
+    round: usize,
+    /// `--max-records-held`.
+    most: usize,
+    window_start: Instant,
+    in_window: usize,
+    /// (end, length, records finished) of the windows that closed within
+    /// the last second.
+    closed: std::collections::VecDeque<(Instant, Duration, usize)>,
+}
+
+impl FetchSize {
+    fn new(round: usize, most: usize, now: Instant) -> Self {
+        Self {
+            round: round.max(1),
+            most: most.max(1),
+            window_start: now,
+            in_window: 0,
+            closed: std::collections::VecDeque::with_capacity(RATE_WINDOWS + 1),
+        }
+    }
+
+    /// The handler finished `records` (whatever its verdict).
+    fn finished(&mut self, records: usize, now: Instant) {
+        self.roll(now);
+        self.in_window += records;
+    }
+
+    fn roll(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed >= RATE_WINDOW {
+            self.closed.push_back((now, elapsed, self.in_window));
+            self.in_window = 0;
+            self.window_start = now;
+        }
+        while self.closed.len() > RATE_WINDOWS
+            || self
+                .closed
+                .front()
+                .is_some_and(|(end, ..)| now.saturating_duration_since(*end) > ACQUIRE_AHEAD)
+        {
+            self.closed.pop_front();
+        }
+    }
+
+    /// Records finished per second over the last windows, counted over a
+    /// second at least.
+    fn rate(&self) -> f64 {
+        let (length, records) = self
+            .closed
+            .iter()
+            .fold((Duration::ZERO, 0), |(d, n), (_, len, k)| (d + *len, n + k));
+        records as f64 / length.max(ACQUIRE_AHEAD).as_secs_f64()
+    }
+
+    /// Records the next fetch asks for, the worker holding `held`: at
+    /// least one.
+    fn records(&mut self, now: Instant, held: usize) -> usize {
+        self.roll(now);
+        let ahead = (self.rate() * ACQUIRE_AHEAD.as_secs_f64()) as usize;
+        ahead
+            .clamp(self.round, self.round * MAX_ROUNDS_AHEAD)
+            .min(self.most.saturating_sub(held))
+            .max(1)
+    }
+
+    /// Held records past which no fetch goes out ahead: one fetch's worth
+    /// and a round (two rounds when the worker is slower than a round a
+    /// second, as before).
+    fn ahead_limit(&mut self, now: Instant) -> usize {
+        self.records(now, 0) + self.round
+    }
 }
 
 /// A record the worker holds, as the broker knows it.
@@ -463,8 +566,9 @@ async fn fetcher(
                     refused(&mut consumer, &out);
                 }
             }
-            Some(Command::Fetch(max_wait)) => {
-                let fetched = consumer.poll_waiting(max_wait).await;
+            Some(Command::Fetch { wait, records }) => {
+                let records = i32::try_from(records).unwrap_or(i32::MAX);
+                let fetched = consumer.poll_for(wait, records).await;
                 // What the fetch could not carry (a session being opened
                 // again) waits for the next flush.
                 flush_at = due(&consumer);
@@ -647,6 +751,7 @@ struct Member {
     locks: Locks,
     fetching: bool,
     round: usize,
+    fetch_size: FetchSize,
     failed: Option<ShareError>,
     fetcher_died: Option<String>,
     /// A fetch is due whatever the room: only it opens a share session
@@ -676,6 +781,7 @@ impl Member {
                     .metrics
                     .batch_duration
                     .observe(elapsed.as_secs_f64());
+                self.fetch_size.finished(batch.len(), now);
                 self.pipeline.handle_verdict(slot, batch, outcome, now);
             }
             Input::Task(Event::DeadLettered {
@@ -898,29 +1004,42 @@ impl Member {
             .min(long)
     }
 
-    /// Fetches the next round while the last one runs, once less than a
+    /// Fetches the next records while the last ones run, once less than a
     /// round waits for a slot, so that the handlers need not wait for the
     /// broker (measured 0.70x Java's share consumer without, about 0.9x
-    /// with). Not while the worker holds a record delivered before (a
+    /// with), and only while it holds less than one fetch's worth and a
+    /// round (three rounds at most for a worker slower than a round a
+    /// second). Not while the worker holds a record delivered before (a
     /// suspect: its last holder may have died of it): records delivered
     /// alongside one that kills its worker share its delivery count, and
-    /// fetching ahead would double them. Then it fetches only while it
-    /// holds less than a round.
+    /// fetching ahead would double them. Then it fetches only one round,
+    /// while it holds less than a round. While draining it fetches only to
+    /// open a share session again, asking for one record.
     fn fetch_if_room(&mut self) {
-        let ahead = if self.locks.holds_redelivered() {
-            self.pipeline.held() < self.round
+        let now = Instant::now();
+        let held = self.pipeline.held();
+        let consuming = self.pipeline.phase() == Phase::Consuming;
+        let (ahead, records) = if !consuming {
+            // Only to open a session again: what it acquires is left
+            // to the broker, its delivery count raised.
+            (false, 1)
+        } else if self.locks.holds_redelivered() {
+            (held < self.round, self.round)
         } else {
-            self.pipeline.waiting() < self.round && self.pipeline.held() < 2 * self.round
+            (
+                self.pipeline.waiting() < self.round && held < self.fetch_size.ahead_limit(now),
+                self.fetch_size.records(now, held),
+            )
         };
-        let room = self.pipeline.phase() == Phase::Consuming && ahead && !self.pipeline.is_full();
+        let room = consuming && ahead && !self.pipeline.is_full();
         if !self.fetching
             && self.failed.is_none()
             && self.fetcher_died.is_none()
             && !self.closed
             && (room || self.need_session)
         {
-            let max_wait = self.fetch_wait();
-            self.fetching = self.commands.send(Command::Fetch(max_wait)).is_ok();
+            let wait = self.fetch_wait();
+            self.fetching = self.commands.send(Command::Fetch { wait, records }).is_ok();
             self.need_session &= !self.fetching;
         }
     }
@@ -985,6 +1104,7 @@ pub(super) fn poll_loop(
         locks: Locks::default(),
         fetching: false,
         round,
+        fetch_size: FetchSize::new(round, cfg.max_records_held, Instant::now()),
         failed: None,
         fetcher_died: None,
         need_session: false,
@@ -1084,6 +1204,51 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// A fetch asks for one round until the worker is seen finishing more
+    /// than that in a second; then for what it finished in the last second,
+    /// at most four rounds and what `--max-records-held` leaves; back to
+    /// one round when it slows down or stops. A round of slow batches
+    /// finishing together does not read as a fast worker.
+    #[test]
+    fn a_fetch_asks_for_what_the_worker_finishes_in_a_second() {
+        let t0 = Instant::now();
+        let mut size = FetchSize::new(4_000, 50_000, t0);
+        assert_eq!(
+            size.records(t0, 0),
+            4_000,
+            "nothing measured yet: one round"
+        );
+        assert_eq!(size.ahead_limit(t0), 8_000);
+        // 2,000 a quarter second: 8,000/s once a second is seen; before,
+        // counted over a second. (The worker rolls the windows every turn.)
+        size.finished(2_000, t0);
+        assert_eq!(size.records(t0 + ms(200), 0), 4_000, "the window is open");
+        assert_eq!(size.records(t0 + ms(250), 0), 4_000, "2,000 over a second");
+        for q in 1..4 {
+            size.finished(2_000, t0 + ms(250 * q));
+        }
+        assert_eq!(size.records(t0 + ms(1_000), 0), 8_000);
+        assert_eq!(size.ahead_limit(t0 + ms(1_000)), 12_000);
+        assert_eq!(
+            size.records(t0 + ms(1_000), 45_000),
+            5_000,
+            "what --max-records-held leaves"
+        );
+        assert_eq!(size.records(t0 + ms(1_000), 50_000), 1, "at least one");
+        // 40,000/s: four rounds at most.
+        for q in 4..8 {
+            size.finished(10_000, t0 + ms(250 * q));
+        }
+        assert_eq!(size.records(t0 + ms(2_000), 0), 16_000);
+        // Idle: back to one round.
+        assert_eq!(size.records(t0 + ms(5_000), 0), 4_000);
+        // A round of slow batches (5 s each) finishing in one window: 4,000
+        // in a second, one round.
+        let mut slow = FetchSize::new(4_000, 50_000, t0);
+        slow.finished(4_000, t0 + ms(5_000));
+        assert_eq!(slow.records(t0 + ms(5_300), 0), 4_000);
     }
 
     /// Each held record is renewed at a third of the lock, again every

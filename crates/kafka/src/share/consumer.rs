@@ -318,6 +318,17 @@ impl ShareConsumer {
     /// next request, and a partition at its limit of records in flight
     /// hands out nothing until they do).
     pub async fn poll_waiting(&mut self, max_wait: Duration) -> Result<Fetched, ShareError> {
+        self.poll_for(max_wait, self.cfg.max_records).await
+    }
+
+    /// [`Self::poll_waiting`] acquiring about `max_records` in all instead
+    /// of the configured `max_records`: a member that finishes records
+    /// faster than a fetch's round trip asks for more at a time.
+    pub async fn poll_for(
+        &mut self,
+        max_wait: Duration,
+        max_records: i32,
+    ) -> Result<Fetched, ShareError> {
         if self.closed {
             return Err(ShareError::Closed);
         }
@@ -379,7 +390,7 @@ impl ShareConsumer {
         // max_records is per request: split among the leaders asked, so
         // that one poll acquires about it in all (rounded up per leader).
         let leaders = u32::try_from(by_leader.len()).unwrap_or(u32::MAX).max(1);
-        let max_records = u32::try_from(self.cfg.max_records.max(1)).unwrap_or(1);
+        let max_records = u32::try_from(max_records.max(1)).unwrap_or(1);
         let per_leader = i32::try_from(max_records.div_ceil(leaders)).unwrap_or(i32::MAX);
         let mut requests = Vec::new();
         for (node, wanted) in by_leader {
@@ -424,6 +435,11 @@ impl ShareConsumer {
                 }
             });
         let results = futures::future::join_all(calls).await;
+        tracing::trace!(
+            asked = max_records,
+            round_trip_ms = sent_at.elapsed().as_secs_f64() * 1e3,
+            "share fetch answered"
+        );
 
         let mut fetched = Fetched::default();
         let mut first_error = None;
@@ -453,6 +469,7 @@ impl ShareConsumer {
                 Ok(fetched)
             }
             None => {
+                tracing::trace!(records = fetched.records.len(), "share fetch acquired");
                 if fetched.records.is_empty() && fetched.leaders_moved {
                     // Metadata may still name the old leader for a moment.
                     tokio::time::sleep(Duration::from_millis(100)).await;

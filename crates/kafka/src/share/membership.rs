@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::{
     GroupId, ShareGroupHeartbeatRequest, ShareGroupHeartbeatResponse, TopicName,
@@ -38,6 +38,41 @@ pub struct Membership {
 /// How long to wait before asking again after a retriable error.
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A member that holds no partition asks again this often, for at most
+/// [`UNASSIGNED_QUICK_FOR`]: the coordinator answers a join with an empty
+/// assignment and computes the member's partitions apart (at most every
+/// `group.share.assignment.interval.ms`, 1 s by default), so at the
+/// broker's heartbeat interval (5 s by default) every new member stayed
+/// idle that long.
+const UNASSIGNED_WAIT: Duration = Duration::from_millis(200);
+
+/// How long a member without partitions asks at [`UNASSIGNED_WAIT`] before
+/// it keeps to the broker's interval (a member whose topic has no
+/// partitions, or is gone, holds none for good).
+const UNASSIGNED_QUICK_FOR: Duration = Duration::from_secs(5);
+
+/// How long to wait before the next heartbeat: the broker's `interval`,
+/// or [`UNASSIGNED_WAIT`] while the member holds no partition and has
+/// held none for less than [`UNASSIGNED_QUICK_FOR`] (`since`: when it last
+/// held one, or joined; set here).
+fn heartbeat_wait(
+    interval: Duration,
+    holds_partitions: bool,
+    since: &mut Option<Instant>,
+    now: Instant,
+) -> Duration {
+    if holds_partitions {
+        *since = None;
+        return interval;
+    }
+    let since = *since.get_or_insert(now);
+    if now.saturating_duration_since(since) < UNASSIGNED_QUICK_FOR {
+        UNASSIGNED_WAIT.min(interval)
+    } else {
+        interval
+    }
+}
 
 impl Membership {
     pub fn start(
@@ -108,6 +143,8 @@ async fn run(
     let mut coordinator: Option<String> = None;
     let mut epoch = 0;
     let mut backoff = RETRY_BACKOFF;
+    let mut holds_partitions = false;
+    let mut unassigned_since = None;
     loop {
         let outcome = heartbeat(
             &cluster,
@@ -120,6 +157,13 @@ async fn run(
         .await;
         let wait = match outcome {
             Ok(response) => {
+                tracing::trace!(
+                    group,
+                    epoch = response.member_epoch,
+                    interval_ms = response.heartbeat_interval_ms,
+                    assigned = response.assignment.is_some(),
+                    "share group heartbeat answered"
+                );
                 backoff = RETRY_BACKOFF;
                 epoch = response.member_epoch;
                 let interval =
@@ -131,6 +175,9 @@ async fn run(
                         parts.sort_unstable();
                         map.insert(tp.topic_id, parts);
                     }
+                    let partitions: usize = map.values().map(Vec::len).sum();
+                    holds_partitions = partitions > 0;
+                    tracing::debug!(group, epoch, partitions, "share group: assignment");
                     state.send_if_modified(|s| {
                         let changed = s.epoch != epoch || s.assignment != map;
                         s.epoch = epoch;
@@ -141,7 +188,12 @@ async fn run(
                     // Only a change wakes a poll waiting for one.
                     state.send_if_modified(|s| std::mem::replace(&mut s.epoch, epoch) != epoch);
                 }
-                interval
+                heartbeat_wait(
+                    interval,
+                    holds_partitions,
+                    &mut unassigned_since,
+                    Instant::now(),
+                )
             }
             Err(HeartbeatError::Rejoin(why)) => {
                 tracing::info!(group, %why, "share group: rejoining");
@@ -155,6 +207,9 @@ async fn run(
                     Duration::ZERO
                 };
                 epoch = 0;
+                holds_partitions = false;
+                // A rejoin asks quickly again, however long it held none.
+                unassigned_since = None;
                 state.send_modify(|s| {
                     s.epoch = 0;
                     s.assignment.clear();
@@ -250,5 +305,46 @@ fn classify(e: ShareError) -> HeartbeatError {
         HeartbeatError::Retry(e)
     } else {
         HeartbeatError::Fatal(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Without partitions a member asks again every 200 ms for 5 s, then
+    /// at the broker's interval; with partitions, at the interval; the
+    /// quick asks start over when it holds none again.
+    #[test]
+    fn a_member_without_partitions_asks_again_soon() {
+        let interval = ms(5_000);
+        let t0 = Instant::now();
+        let mut since = None;
+        assert_eq!(heartbeat_wait(interval, false, &mut since, t0), ms(200));
+        assert_eq!(
+            heartbeat_wait(interval, false, &mut since, t0 + ms(4_900)),
+            ms(200)
+        );
+        assert_eq!(
+            heartbeat_wait(interval, false, &mut since, t0 + ms(5_000)),
+            interval,
+            "no partitions for good: at the interval"
+        );
+        assert_eq!(
+            heartbeat_wait(interval, true, &mut since, t0 + ms(6_000)),
+            interval
+        );
+        assert_eq!(
+            heartbeat_wait(interval, false, &mut since, t0 + ms(20_000)),
+            ms(200),
+            "partitions gone: quick again"
+        );
+        // Never past a short interval.
+        let mut since = None;
+        assert_eq!(heartbeat_wait(ms(50), false, &mut since, t0), ms(50));
     }
 }
