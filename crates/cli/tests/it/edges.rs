@@ -705,3 +705,81 @@ fn a_dead_letter_topic_without_write_stops_the_worker_before_consuming() {
         assert!(p["committed"].is_null(), "nothing committed: {p}");
     }
 }
+
+/// Large records and a backlog while the handler is stuck: the worker
+/// holds at most `--max-held-bytes` of them, read from outside as the
+/// process's peak resident memory (`VmHWM`), and then handles every one.
+/// Records are capped in bytes as well as in count because 10 KB records
+/// pass a pod's memory limit long before the records cap: with the byte
+/// cap set past the topic's size the peak passed the bound.
+#[test]
+fn large_records_and_a_backlog_stay_within_the_byte_cap() {
+    const RECORDS: u64 = 25_000;
+    let sc = Scenario::new("bytes", 4);
+    let Scenario { dir, topic, group } = &sc;
+    sc.produce(RECORDS, &["--size", "10000"]);
+    let gate = dir.path("gate");
+    let log = dir.path("handled.txt");
+    let wait_for_gate = format!(
+        "    while not os.path.exists({:?}):\n        time.sleep(0.05)\n",
+        gate.display().to_string()
+    );
+    let cmd = logging_handler_with(dir, &log, "import time\n", &wait_for_gate);
+    let cap: u64 = 32 << 20;
+    let port = free_port();
+    let mut w = sc.exec_worker(
+        "w",
+        port,
+        &cmd,
+        &[
+            "--max-held-bytes",
+            &cap.to_string(),
+            "--max-records",
+            "100",
+            "--handler-timeout-ms",
+            "300000",
+        ],
+    );
+    // Until the worker holds about what the cap lets it, and a while after.
+    wait_until(
+        Duration::from_secs(90),
+        "the worker to fill its byte cap",
+        || worker_metric(port, "microbatch_held_bytes").is_some_and(|b| b >= cap as f64 * 0.8),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let held = worker_metric(port, "microbatch_held_bytes").unwrap_or(0.0);
+    let peak = peak_resident_bytes(w.pid());
+    std::fs::write(&gate, b"").unwrap();
+    sc.wait_for_lag_zero(Duration::from_secs(180));
+    w.terminate();
+    let (n, _) = assert_recorded_or_dead(topic, group, &[log], &BTreeSet::new());
+    assert_eq!(n as u64, RECORDS, "every record handled");
+    // The cap, librdkafka's queue (16 MiB) and 100 MiB for the rest (the
+    // program, fetch buffers, a batch's JSON on its way to the handler).
+    let bound = cap + (16 << 20) + (100 << 20);
+    eprintln!(
+        "byte cap {} MiB: {:.0} MiB held, peak resident {} MiB (bound {} MiB; the topic {} MB)",
+        cap >> 20,
+        held / 1048576.0,
+        peak >> 20,
+        bound >> 20,
+        RECORDS * 10_000 / 1_000_000
+    );
+    assert!(
+        peak < bound,
+        "peak resident memory {} MiB past {} MiB",
+        peak >> 20,
+        bound >> 20
+    );
+}
+
+/// A process's peak resident memory (`VmHWM` in `/proc/PID/status`).
+fn peak_resident_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the worker runs");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM in /proc/PID/status")
+        * 1024
+}
