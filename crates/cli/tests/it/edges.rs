@@ -620,59 +620,18 @@ fn a_dead_letter_topic_without_write_stops_the_worker_before_consuming() {
     let Scenario { dir, topic, group } = &sc;
     let dlq = sc.dead_letter_topic(1);
     sc.produce(20, &["--poison-every", "5"]);
-    /// The ACL, removed when the test ends however it ends.
-    struct DescribeOnly(Vec<String>);
-    impl DescribeOnly {
-        fn run(&self, action: &str) -> std::process::Output {
-            std::process::Command::new(scripts_dir().join("kafka-local.sh"))
-                .args([
-                    "tool",
-                    "acls",
-                    "--bootstrap-server",
-                    broker().bootstrap(),
-                    action,
-                ])
-                .args(&self.0)
-                .output()
-                .expect("running kafka-acls")
-        }
-    }
-    impl Drop for DescribeOnly {
-        fn drop(&mut self) {
-            let _ = self.run("--remove");
-        }
-    }
-    let acl = DescribeOnly(
-        [
-            "--force",
-            "--allow-principal",
-            &format!("User:{}", env["KAFKA_USERNAME"]),
-            "--operation",
-            "Describe",
-            "--topic",
-            &dlq,
-        ]
-        .map(String::from)
-        .to_vec(),
-    );
-    let added = acl.run("--add");
-    assert!(
-        added.status.success(),
-        "kafka-acls --add: {}",
-        String::from_utf8_lossy(&added.stderr)
-    );
+    let acl = Acl::add(&[
+        "--allow-principal",
+        &format!("User:{}", env["KAFKA_USERNAME"]),
+        "--operation",
+        "Describe",
+        "--topic",
+        &dlq,
+    ]);
     let log = dir.path("handled.txt");
-    let mut cmd = command();
-    cmd.arg("run")
-        .env("KAFKA_BOOTSTRAP_SERVERS", &env["KAFKA_BOOTSTRAP_SERVERS"])
-        .env("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
-        .env("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
-        .env("KAFKA_USERNAME", &env["KAFKA_USERNAME"])
-        .env("KAFKA_PASSWORD", &env["KAFKA_PASSWORD"])
-        .env("KAFKA_SSL_CA_LOCATION", &env["KAFKA_SSL_CA_LOCATION"]);
     let handler = logging_handler(dir, &log, "");
     let mut w = spawn_worker_with(
-        cmd,
+        run_over_scram(&env),
         dir,
         "w",
         topic,

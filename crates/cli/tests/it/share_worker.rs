@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use microbatch_kafka::share::{ShareConsumer, ShareConsumerConfig};
 
 use crate::harness::{
-    audited, broker, dead_lettered, handled_by, handled_files, poison_offsets, read_topic,
-    recording_handler, share_group_lag, spawn_share_worker, unique, wait_until, HandlerBehaviour,
-    Proc, Scenario,
+    audited, broker, dead_lettered, handled_by, handled_files, logging_handler, poison_offsets,
+    read_topic, recording_handler, run_over_scram, scram_listener, share_group_lag,
+    spawn_member_with, spawn_share_worker, unique, wait_until, Acl, HandlerBehaviour, Proc,
+    Scenario,
 };
 use crate::share::real_broker;
 
@@ -615,4 +616,55 @@ fn a_refused_capacity_report_is_logged_and_costs_nothing_else() {
         moved.is_empty(),
         "the other group's offsets moved: {moved:?}"
     );
+}
+
+/// A principal that may read the share group but not alter its configs:
+/// the worker stops at start, before taking a record, and names the ACL
+/// (it sets `share.auto.offset.reset` and `share.delivery.count.limit` on
+/// the group, or a new group would start at the log end and archive
+/// records the worker never tried to dead-letter).
+#[test]
+fn a_share_worker_that_may_not_alter_its_groups_configs_stops_naming_the_acl() {
+    let Some(env) = scram_listener() else {
+        return;
+    };
+    let s = Scenario::new("share-no-alter", 1);
+    let group = unique("share-no-alter-group");
+    s.produce(20, &[]);
+    let principal = format!("User:{}", env["KAFKA_USERNAME"]);
+    let acl = Acl::add(&[
+        "--allow-principal",
+        &principal,
+        "--operation",
+        "Read",
+        "--operation",
+        "Describe",
+        "--group",
+        &group,
+    ]);
+    let log = s.dir.path("handled.txt");
+    let handler = logging_handler(&s.dir, &log, "");
+    let mut w = spawn_member_with(
+        run_over_scram(&env),
+        &s.dir,
+        "w",
+        &s.topic,
+        ("--share-group", &group),
+        0,
+        &["--handler", "exec", "--command", &handler],
+    );
+    let status = w.wait_for_exit(Duration::from_secs(60));
+    let err = w.stderr();
+    drop(acl);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "the worker stops by itself: {err}"
+    );
+    assert!(
+        err.contains("the principal needs ALTER_CONFIGS on the group"),
+        "names the ACL: {err}"
+    );
+    assert!(err.contains(&group), "names the group: {err}");
+    assert!(!log.exists(), "the handler never saw a record");
 }

@@ -390,7 +390,61 @@ pub fn spawn_worker_with(
     port: u16,
     extra: &[&str],
 ) -> Proc {
-    spawn_member(cmd, dir, name, topic, ("--group", group), port, extra)
+    spawn_member_with(cmd, dir, name, topic, ("--group", group), port, extra)
+}
+
+/// `microbatch run` over the SCRAM/TLS listener of [`scram_listener`]'s
+/// environment, whose user the broker's authorizer may deny things.
+pub fn run_over_scram(env: &BTreeMap<String, String>) -> Command {
+    let mut cmd = command();
+    cmd.arg("run")
+        .env("KAFKA_BOOTSTRAP_SERVERS", &env["KAFKA_BOOTSTRAP_SERVERS"])
+        .env("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+        .env("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+        .env("KAFKA_USERNAME", &env["KAFKA_USERNAME"])
+        .env("KAFKA_PASSWORD", &env["KAFKA_PASSWORD"])
+        .env("KAFKA_SSL_CA_LOCATION", &env["KAFKA_SSL_CA_LOCATION"]);
+    cmd
+}
+
+/// An ACL added with Kafka's `kafka-acls` (`--force` implied) and removed
+/// when dropped, however the test ends. The broker allows everyone what no
+/// ACL names, so an ALLOW for one operation on a resource denies the
+/// others there.
+pub struct Acl(Vec<String>);
+
+impl Acl {
+    pub fn add(spec: &[&str]) -> Self {
+        let acl = Acl(spec.iter().map(|s| s.to_string()).collect());
+        let added = acl.run("--add");
+        assert!(
+            added.status.success(),
+            "kafka-acls --add: {}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+        acl
+    }
+
+    fn run(&self, action: &str) -> std::process::Output {
+        Command::new(scripts_dir().join("kafka-local.sh"))
+            .args([
+                "tool",
+                "acls",
+                "--bootstrap-server",
+                broker().bootstrap(),
+                action,
+                "--force",
+            ])
+            .args(&self.0)
+            .output()
+            .expect("running kafka-acls")
+    }
+}
+
+impl Drop for Acl {
+    fn drop(&mut self) {
+        let _ = self.run("--remove");
+    }
 }
 
 /// `spawn_worker` in a share group (`--share-group`). `port` 0: any free
@@ -405,7 +459,7 @@ pub fn spawn_share_worker(
 ) -> Proc {
     let mut cmd = command();
     cmd.args(["run", "--bootstrap-servers", broker().bootstrap()]);
-    spawn_member(
+    spawn_member_with(
         cmd,
         dir,
         name,
@@ -416,7 +470,10 @@ pub fn spawn_share_worker(
     )
 }
 
-fn spawn_member(
+/// A worker from a prepared command (`run` and its connection flags or
+/// environment set) in a consumer group (`("--group", name)`) or a share
+/// group (`("--share-group", name)`).
+pub fn spawn_member_with(
     mut cmd: Command,
     dir: &TestDir,
     name: &str,
