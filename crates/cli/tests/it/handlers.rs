@@ -411,15 +411,8 @@ fn exec_children_get_none_of_the_workers_credentials() {
     let (secret_key, session_token) = ("aws-secret-7f3e", "aws-session-91ab");
     // As supervise hands properties down (a key's password, unused here).
     let property_secret = "key-pass-52c0";
-    let mut cmd = command();
-    cmd.arg("run")
-        .env("KAFKA_BOOTSTRAP_SERVERS", &env["KAFKA_BOOTSTRAP_SERVERS"])
-        .env("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
-        .env("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
-        .env("KAFKA_USERNAME", &env["KAFKA_USERNAME"])
-        .env("KAFKA_PASSWORD", &env["KAFKA_PASSWORD"])
-        .env("KAFKA_SSL_CA_LOCATION", &env["KAFKA_SSL_CA_LOCATION"])
-        .env("AWS_ACCESS_KEY_ID", "AKIATESTPASSEDON")
+    let mut cmd = run_over_scram(&env);
+    cmd.env("AWS_ACCESS_KEY_ID", "AKIATESTPASSEDON")
         .env("AWS_SECRET_ACCESS_KEY", secret_key)
         .env("AWS_SESSION_TOKEN", session_token)
         .env(
