@@ -12,10 +12,8 @@
 //! task owns the [`ShareConsumer`] (its calls are async and not
 //! cancel-safe: records acquired in a fetch that was dropped would wait for
 //! their lock). A fetch acquires about one round of slots (`--concurrency`
-//! × `--max-records`), or what the worker finished in the last second when
-//! that is more (at most four rounds, see [`FetchSize`]); the thread asks
-//! for the next while the last runs, holding at most two fetches' worth and
-//! a round (see `Member::fetch_if_room`).
+//! × `--max-records`); the thread asks for the next while the last runs,
+//! never holding three (see `Member::fetch_if_room`).
 //!
 //! What the worker tells the broker:
 //! - ACCEPT: the handler succeeded on the record, or its dead letter was
@@ -74,20 +72,6 @@ const IDLE_FETCH_WAIT: Duration = Duration::from_millis(500);
 /// `Member::fetch_wait`).
 const BUSY_FETCH_WAIT: Duration = Duration::from_millis(10);
 
-/// A fetch acquires at most what the worker finished in this long (and at
-/// least a round of slots): far inside the lock's 30 s, renewed anyway.
-const ACQUIRE_AHEAD: Duration = Duration::from_secs(1);
-
-/// ... and at most this many rounds of slots.
-const MAX_ROUNDS_AHEAD: usize = 4;
-
-/// The worker's rate is counted in windows of this length, and read over
-/// the last [`RATE_WINDOWS`] of them, never over less than
-/// [`ACQUIRE_AHEAD`]: batches that finish together (a round of slow ones)
-/// do not read as a fast worker.
-const RATE_WINDOW: Duration = Duration::from_millis(250);
-const RATE_WINDOWS: usize = 4;
-
 /// A fetch that failed on a retriable error is tried again after this.
 const FETCH_RETRY: Duration = Duration::from_millis(500);
 
@@ -100,6 +84,9 @@ pub(super) enum Input {
     Fetched(Fetched),
     /// Verdicts the broker refused: their records return to the group.
     Refused(Vec<AckOutcome>),
+    /// Both halves of a refused renewal were refused again: their locks
+    /// ran out together (records acquired in one fetch share a deadline).
+    LocksLost(Vec<Held>),
     /// The consumer failed for good (membership lost, not authorised).
     Failed(ShareError),
     /// The consumer closed (the member left the group).
@@ -135,93 +122,9 @@ enum Command {
     Close,
 }
 
-/// How many records a fetch acquires: pure, on the caller's clock. One
-/// round of slots lets a fast handler wait for the broker: each fetch's
-/// round trip (5 to 15 ms for 4,000 records on one broker) bounded a worker
-/// with a handler that does no work to 0.82x Java's share consumer, whose
-/// fetches take whole producer batches. So a fetch asks for what the
-/// worker finished in the last second when that is more than a round, at
-/// most [`MAX_ROUNDS_AHEAD`] rounds: a second of work, far inside the lock
-/// (and renewed anyway); a worker slower than a round a second asks for
-/// one round, as before.
-#[derive(Debug)]
-struct FetchSize {
-    round: usize,
-    /// `--max-records-held`.
-    most: usize,
-    window_start: Instant,
-    in_window: usize,
-    /// (end, length, records finished) of the windows that closed within
-    /// the last second.
-    closed: std::collections::VecDeque<(Instant, Duration, usize)>,
-}
-
-impl FetchSize {
-    fn new(round: usize, most: usize, now: Instant) -> Self {
-        Self {
-            round: round.max(1),
-            most: most.max(1),
-            window_start: now,
-            in_window: 0,
-            closed: std::collections::VecDeque::with_capacity(RATE_WINDOWS + 1),
-        }
-    }
-
-    /// The handler finished `records` (whatever its verdict).
-    fn finished(&mut self, records: usize, now: Instant) {
-        self.roll(now);
-        self.in_window += records;
-    }
-
-    fn roll(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.window_start);
-        if elapsed >= RATE_WINDOW {
-            self.closed.push_back((now, elapsed, self.in_window));
-            self.in_window = 0;
-            self.window_start = now;
-        }
-        while self.closed.len() > RATE_WINDOWS
-            || self
-                .closed
-                .front()
-                .is_some_and(|(end, ..)| now.saturating_duration_since(*end) > ACQUIRE_AHEAD)
-        {
-            self.closed.pop_front();
-        }
-    }
-
-    /// Records finished per second over the last windows, counted over a
-    /// second at least.
-    fn rate(&self) -> f64 {
-        let (length, records) = self
-            .closed
-            .iter()
-            .fold((Duration::ZERO, 0), |(d, n), (_, len, k)| (d + *len, n + k));
-        records as f64 / length.max(ACQUIRE_AHEAD).as_secs_f64()
-    }
-
-    /// Records the next fetch asks for, the worker holding `held`: at
-    /// least one.
-    fn records(&mut self, now: Instant, held: usize) -> usize {
-        self.roll(now);
-        let ahead = (self.rate() * ACQUIRE_AHEAD.as_secs_f64()) as usize;
-        ahead
-            .clamp(self.round, self.round * MAX_ROUNDS_AHEAD)
-            .min(self.most.saturating_sub(held))
-            .max(1)
-    }
-
-    /// Held records past which no fetch goes out ahead: one fetch's worth
-    /// and a round (two rounds when the worker is slower than a round a
-    /// second, as before).
-    fn ahead_limit(&mut self, now: Instant) -> usize {
-        self.records(now, 0) + self.round
-    }
-}
-
 /// A record the worker holds, as the broker knows it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Held {
+pub(super) struct Held {
     partition: i32,
     offset: i64,
     delivery_count: i16,
@@ -505,11 +408,19 @@ enum AfterRefusal {
     /// Several, renewed all or none: one lost lock may hide among good
     /// ones, so each half is renewed again in a request of its own. One
     /// lost lock among n costs about two renewals per halving (2 log2 n);
-    /// one renewal per record, as before, kept the fetcher from fetching
-    /// and accepting for seconds when thousands were held.
+    /// both halves refused means their locks ran out together, and they
+    /// are all lost ([`Input::LocksLost`]), which keeps locks that ran out
+    /// together (one fetch's records share a deadline) from costing a
+    /// renewal per record, as renewing each alone did before.
     Halves(Vec<Held>, Vec<Held>),
     /// None held any more.
     Nothing,
+}
+
+/// Whether the halves of a refused renewal, renewed again apart, lost
+/// their locks together: every one of several refused.
+fn lost_together(refused_again: &[bool]) -> bool {
+    refused_again.len() > 1 && refused_again.iter().all(|r| *r)
 }
 
 fn after_refused_renewal(mut held: Vec<Held>) -> AfterRefusal {
@@ -588,9 +499,27 @@ async fn fetcher(
                 refused(&mut consumer, &out);
             }
             Some(Command::RenewApart(groups)) => {
-                for group in groups {
-                    renew(&mut consumer, &topic, &group, &out).await;
-                    refused(&mut consumer, &out);
+                // The halves of one refused renewal: if every one is
+                // refused again, their locks ran out together; else the
+                // refused ones are halved again (see after_refused_renewal).
+                let mut outcomes = Vec::new();
+                let mut lost = Vec::with_capacity(groups.len());
+                for group in &groups {
+                    renew(&mut consumer, &topic, group, &out).await;
+                    let refused: Vec<AckOutcome> = consumer
+                        .take_outcomes()
+                        .into_iter()
+                        .filter(|o| o.error.is_some())
+                        .collect();
+                    lost.push(refused.iter().any(AckOutcome::lock_lost));
+                    outcomes.extend(refused);
+                }
+                if lost_together(&lost) {
+                    let _ = out.send(Input::LocksLost(groups.concat()));
+                    outcomes.retain(|o| !o.lock_lost());
+                }
+                if !outcomes.is_empty() {
+                    let _ = out.send(Input::Refused(outcomes));
                 }
             }
             Some(Command::Fetch { wait, records }) => {
@@ -778,7 +707,6 @@ struct Member {
     locks: Locks,
     fetching: bool,
     round: usize,
-    fetch_size: FetchSize,
     failed: Option<ShareError>,
     fetcher_died: Option<String>,
     /// A fetch is due whatever the room: only it opens a share session
@@ -808,7 +736,6 @@ impl Member {
                     .metrics
                     .batch_duration
                     .observe(elapsed.as_secs_f64());
-                self.fetch_size.finished(batch.len(), now);
                 self.pipeline.handle_verdict(slot, batch, outcome, now);
             }
             Input::Task(Event::DeadLettered {
@@ -869,7 +796,13 @@ impl Member {
             }
             Input::Refused(outcomes) => {
                 let mut apart = Vec::new();
-                for o in outcomes.iter().filter(|o| o.batch.ack == AckType::Renew) {
+                // Only a lost lock is looked for; a renewal refused for
+                // another reason (a leader that moved, an error for the
+                // whole partition) is left to the next regular renewal.
+                for o in outcomes
+                    .iter()
+                    .filter(|o| o.batch.ack == AckType::Renew && o.lock_lost())
+                {
                     let held =
                         self.locks
                             .held_in(o.partition, o.batch.first_offset, o.batch.last_offset);
@@ -894,6 +827,14 @@ impl Member {
                         "accepts"
                     };
                     tracing::warn!(records, error = ?first, suppressed, "the broker refused {what} (locks ran out, or the session was lost): those records are delivered again");
+                }
+            }
+            Input::LocksLost(records) => {
+                if let Some(suppressed) = self.refused_log.allow(now) {
+                    tracing::warn!(records = records.len(), suppressed, "locks ran out together (renewals came too late): those records are delivered again, to this member or another");
+                }
+                for r in records {
+                    self.locks.lost(r.partition, r.offset);
                 }
             }
             Input::CannotRenew(why) => {
@@ -1029,19 +970,18 @@ impl Member {
             .min(long)
     }
 
-    /// Fetches the next records while the last ones run, once less than a
+    /// Fetches the next round while the last one runs, once less than a
     /// round waits for a slot, so that the handlers need not wait for the
     /// broker (measured 0.70x Java's share consumer without, about 0.9x
-    /// with), and only while it holds less than one fetch's worth and a
-    /// round (three rounds at most for a worker slower than a round a
-    /// second). Not while the worker holds a record delivered before (a
-    /// suspect: its last holder may have died of it): records delivered
-    /// alongside one that kills its worker share its delivery count, and
-    /// fetching ahead would double them. Then it fetches only one round,
-    /// while it holds less than a round. While draining it fetches only to
-    /// open a share session again, asking for one record.
+    /// with), never holding three rounds. Not while the worker holds a
+    /// record delivered before (a suspect: its last holder may have died of
+    /// it): records delivered alongside one that kills its worker share its
+    /// delivery count, and fetching ahead would double them. Then it
+    /// fetches only while it holds less than a round. Fetches of more than
+    /// a round were tried (docs/share-groups.md, "Taking") and given up for
+    /// that reason. While draining, or without room (only to open a share
+    /// session again), it asks for one record.
     fn fetch_if_room(&mut self) {
-        let now = Instant::now();
         let held = self.pipeline.held();
         let consuming = self.pipeline.phase() == Phase::Consuming;
         let (ahead, records) = if !consuming {
@@ -1052,11 +992,15 @@ impl Member {
             (held < self.round, self.round)
         } else {
             (
-                self.pipeline.waiting() < self.round && held < self.fetch_size.ahead_limit(now),
-                self.fetch_size.records(now, held),
+                self.pipeline.waiting() < self.round && held < 2 * self.round,
+                self.round,
             )
         };
         let room = consuming && ahead && !self.pipeline.is_full();
+        // A fetch without room only opens a share session again: one
+        // record, not past any cap (a redelivered record's neighbours, the
+        // bytes cap).
+        let records = if room { records } else { 1 };
         if !self.fetching
             && self.failed.is_none()
             && self.fetcher_died.is_none()
@@ -1129,7 +1073,6 @@ pub(super) fn poll_loop(
         locks: Locks::default(),
         fetching: false,
         round,
-        fetch_size: FetchSize::new(round, cfg.max_records_held, Instant::now()),
         failed: None,
         fetcher_died: None,
         need_session: false,
@@ -1231,54 +1174,9 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    /// A fetch asks for one round until the worker is seen finishing more
-    /// than that in a second; then for what it finished in the last second,
-    /// at most four rounds and what `--max-records-held` leaves; back to
-    /// one round when it slows down or stops. A round of slow batches
-    /// finishing together does not read as a fast worker.
-    #[test]
-    fn a_fetch_asks_for_what_the_worker_finishes_in_a_second() {
-        let t0 = Instant::now();
-        let mut size = FetchSize::new(4_000, 50_000, t0);
-        assert_eq!(
-            size.records(t0, 0),
-            4_000,
-            "nothing measured yet: one round"
-        );
-        assert_eq!(size.ahead_limit(t0), 8_000);
-        // 2,000 a quarter second: 8,000/s once a second is seen; before,
-        // counted over a second. (The worker rolls the windows every turn.)
-        size.finished(2_000, t0);
-        assert_eq!(size.records(t0 + ms(200), 0), 4_000, "the window is open");
-        assert_eq!(size.records(t0 + ms(250), 0), 4_000, "2,000 over a second");
-        for q in 1..4 {
-            size.finished(2_000, t0 + ms(250 * q));
-        }
-        assert_eq!(size.records(t0 + ms(1_000), 0), 8_000);
-        assert_eq!(size.ahead_limit(t0 + ms(1_000)), 12_000);
-        assert_eq!(
-            size.records(t0 + ms(1_000), 45_000),
-            5_000,
-            "what --max-records-held leaves"
-        );
-        assert_eq!(size.records(t0 + ms(1_000), 50_000), 1, "at least one");
-        // 40,000/s: four rounds at most.
-        for q in 4..8 {
-            size.finished(10_000, t0 + ms(250 * q));
-        }
-        assert_eq!(size.records(t0 + ms(2_000), 0), 16_000);
-        // Idle: back to one round.
-        assert_eq!(size.records(t0 + ms(5_000), 0), 4_000);
-        // A round of slow batches (5 s each) finishing in one window: 4,000
-        // in a second, one round.
-        let mut slow = FetchSize::new(4_000, 50_000, t0);
-        slow.finished(4_000, t0 + ms(5_000));
-        assert_eq!(slow.records(t0 + ms(5_300), 0), 4_000);
-    }
-
     /// A refused renewal of one record marks it lost; of several, renews
     /// each half apart, so one lost lock among 4,096 is found in 24
-    /// renewals, not 4,096.
+    /// renewals, not 4,096, and locks that ran out together in 2.
     #[test]
     fn a_refused_renewal_is_halved_until_the_lost_lock_is_found() {
         let held = |offsets: std::ops::Range<i64>| -> Vec<Held> {
@@ -1299,28 +1197,43 @@ mod tests {
             after_refused_renewal(held(0..5)),
             AfterRefusal::Halves(held(0..2), held(2..5))
         );
-        // One lost lock (offset 1234) among 4,096: every group holding it
-        // is refused, every other renewed.
-        let lost = 1234;
-        let mut requests = 0;
-        let mut found = Vec::new();
-        let mut refused = vec![held(0..4096)];
-        while let Some(group) = refused.pop() {
-            match after_refused_renewal(group) {
-                AfterRefusal::Lost(one) => found.push(one.offset),
-                AfterRefusal::Halves(a, b) => {
-                    for half in [a, b] {
-                        requests += 1;
-                        if half.iter().any(|h| h.offset == lost) {
-                            refused.push(half);
+        // Renewals of 4,096 held records, `lost` among them, as the
+        // fetcher does them: (requests, records found lost).
+        let renew_all = |lost: &dyn Fn(i64) -> bool| {
+            let mut requests = 0;
+            let mut found = Vec::new();
+            let mut refused = vec![held(0..4096)];
+            while let Some(group) = refused.pop() {
+                match after_refused_renewal(group) {
+                    AfterRefusal::Lost(one) => found.push(one.offset),
+                    AfterRefusal::Halves(a, b) => {
+                        requests += 2;
+                        let again: Vec<bool> = [&a, &b]
+                            .iter()
+                            .map(|half| half.iter().any(|h| lost(h.offset)))
+                            .collect();
+                        if lost_together(&again) {
+                            found.extend(a.iter().chain(&b).map(|h| h.offset));
+                            continue;
+                        }
+                        for (half, refused_again) in [a, b].into_iter().zip(again) {
+                            if refused_again {
+                                refused.push(half);
+                            }
                         }
                     }
+                    AfterRefusal::Nothing => {}
                 }
-                AfterRefusal::Nothing => {}
             }
-        }
-        assert_eq!(found, [lost]);
-        assert_eq!(requests, 24);
+            found.sort_unstable();
+            (requests, found)
+        };
+        // One lost lock (offset 1234): every group holding it is refused.
+        assert_eq!(renew_all(&|o| o == 1234), (24, vec![1234]));
+        // Every lock ran out together (one fetch's deadline): two requests.
+        assert_eq!(renew_all(&|_| true), (2, (0..4096).collect()));
+        // The older fetch's half ran out: found in four.
+        assert_eq!(renew_all(&|o| o < 2048), (4, (0..2048).collect()));
     }
 
     /// Each held record is renewed at a third of the lock, again every

@@ -117,6 +117,15 @@ pub struct AckOutcome {
     pub error: Option<ResponseError>,
 }
 
+impl AckOutcome {
+    /// Refused because the record's lock is gone (INVALID_RECORD_STATE: it
+    /// ran out, and the record may be another member's now), not for a
+    /// reason of the partition or the request.
+    pub fn lock_lost(&self) -> bool {
+        self.error == Some(ResponseError::InvalidRecordState)
+    }
+}
+
 /// The verdicts a request carried, per partition: restored if it fails.
 type SentAcks = Vec<((Uuid, i32), Vec<AckBatch>)>;
 

@@ -422,6 +422,31 @@ impl Acl {
             "kafka-acls --add: {}",
             String::from_utf8_lossy(&added.stderr)
         );
+        // The controller has it; the broker's authorizer applies it a moment
+        // later: until the broker lists it, a request could still pass.
+        let resource: Vec<&str> = spec
+            .windows(2)
+            .filter(|w| matches!(w[0], "--topic" | "--group"))
+            .flat_map(|w| w.iter().copied())
+            .collect();
+        wait_until(
+            Duration::from_secs(30),
+            "the broker to list the ACL",
+            || {
+                let listed = Command::new(scripts_dir().join("kafka-local.sh"))
+                    .args([
+                        "tool",
+                        "acls",
+                        "--bootstrap-server",
+                        broker().bootstrap(),
+                        "--list",
+                    ])
+                    .args(&resource)
+                    .output()
+                    .expect("running kafka-acls");
+                String::from_utf8_lossy(&listed.stdout).contains("principal=User:")
+            },
+        );
         acl
     }
 
