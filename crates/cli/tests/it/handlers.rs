@@ -646,14 +646,8 @@ fn no_secret_reaches_a_dead_letter_a_log_or_a_metric() {
             );
         }
     });
-    let mut cmd = command();
-    cmd.arg("run")
-        .env("KAFKA_BOOTSTRAP_SERVERS", &env["KAFKA_BOOTSTRAP_SERVERS"])
-        .env("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
-        .env("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
-        .env("KAFKA_USERNAME", &env["KAFKA_USERNAME"])
-        .env("KAFKA_PASSWORD", &env["KAFKA_PASSWORD"])
-        .env("KAFKA_SSL_CA_LOCATION", &env["KAFKA_SSL_CA_LOCATION"])
+    let mut cmd = run_over_scram(&env);
+    cmd
         // Set in every pod on AWS: ignored by a SCRAM login, not refused.
         .env("AWS_REGION", "eu-west-1");
     let port = free_port();

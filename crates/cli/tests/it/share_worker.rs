@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use microbatch_kafka::share::{ShareConsumer, ShareConsumerConfig};
 
 use crate::harness::{
-    audited, broker, dead_lettered, handled_by, handled_files, logging_handler, poison_offsets,
-    read_topic, recording_handler, run_over_scram, scram_listener, share_group_lag,
-    spawn_member_with, spawn_share_worker, unique, wait_until, Acl, HandlerBehaviour, Proc,
-    Scenario,
+    assert_stopped_at_start, audited, broker, dead_lettered, handled_by, handled_files,
+    logging_handler, poison_offsets, read_topic, recording_handler, run_over_scram, scram_listener,
+    share_group_lag, spawn_member_with, spawn_share_worker, unique, wait_until, Acl,
+    HandlerBehaviour, Proc, Scenario,
 };
 use crate::share::real_broker;
 
@@ -654,18 +654,11 @@ fn a_share_worker_that_may_not_alter_its_groups_configs_stops_naming_the_acl() {
         0,
         &["--handler", "exec", "--command", &handler],
     );
-    let status = w.wait_for_exit(Duration::from_secs(60));
-    let err = w.stderr();
-    drop(acl);
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(1),
-        "the worker stops by itself: {err}"
+    // Names the ACL and the group.
+    assert_stopped_at_start(
+        &mut w,
+        acl,
+        &["the principal needs ALTER_CONFIGS on the group", &group],
+        &log,
     );
-    assert!(
-        err.contains("the principal needs ALTER_CONFIGS on the group"),
-        "names the ACL: {err}"
-    );
-    assert!(err.contains(&group), "names the group: {err}");
-    assert!(!log.exists(), "the handler never saw a record");
 }

@@ -984,23 +984,17 @@ impl Member {
     fn fetch_if_room(&mut self) {
         let held = self.pipeline.held();
         let consuming = self.pipeline.phase() == Phase::Consuming;
-        let (ahead, records) = if !consuming {
-            // Only to open a session again: what it acquires is left
-            // to the broker, its delivery count raised.
-            (false, 1)
-        } else if self.locks.holds_redelivered() {
-            (held < self.round, self.round)
+        let ahead = if self.locks.holds_redelivered() {
+            held < self.round
         } else {
-            (
-                self.pipeline.waiting() < self.round && held < 2 * self.round,
-                self.round,
-            )
+            self.pipeline.waiting() < self.round && held < 2 * self.round
         };
         let room = consuming && ahead && !self.pipeline.is_full();
-        // A fetch without room only opens a share session again: one
-        // record, not past any cap (a redelivered record's neighbours, the
-        // bytes cap).
-        let records = if room { records } else { 1 };
+        // A fetch without room (draining, or full) only opens a share
+        // session again: one record, not past any cap (a redelivered
+        // record's neighbours, the bytes cap); what it acquires while
+        // draining is left to the broker.
+        let records = if room { self.round } else { 1 };
         if !self.fetching
             && self.failed.is_none()
             && self.fetcher_died.is_none()

@@ -472,6 +472,25 @@ impl Drop for Acl {
     }
 }
 
+/// Asserts that `worker`, refused something by `acl` at start, stopped by
+/// itself (exit 1) within 60 s, saying each of `says`, before its handler
+/// (which appends to `log`) saw a record. The ACL goes first, so that a
+/// failed assertion leaves none behind.
+pub fn assert_stopped_at_start(worker: &mut Proc, acl: Acl, says: &[&str], log: &Path) {
+    let status = worker.wait_for_exit(Duration::from_secs(60));
+    let err = worker.stderr();
+    drop(acl);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "the worker stops by itself: {err}"
+    );
+    for said in says {
+        assert!(err.contains(said), "says {said:?}: {err}");
+    }
+    assert!(!log.exists(), "the handler never saw a record");
+}
+
 /// `spawn_worker` in a share group (`--share-group`). `port` 0: any free
 /// one (a port picked ahead can be taken by an outgoing connection first).
 pub fn spawn_share_worker(
