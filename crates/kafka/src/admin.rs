@@ -285,10 +285,8 @@ impl TopicLookup {
                 .map_err(|e| {
                     // Errors reach the context only when the client is polled.
                     let _ = client.poll(Duration::from_millis(100));
-                    match client.context().auth_error() {
-                        Some(auth) => format!(
-                        "authentication failed: {auth} (check the credentials and --sasl-mechanism)"
-                    ),
+                    match client.context().refusal() {
+                        Some(refusal) => refusal.to_string(),
                         None => e.to_string(),
                     }
                 })?;

@@ -12,8 +12,8 @@ use crate::config::{KafkaConfig, SecurityProtocol};
 /// Errors from talking to the brokers, sorted by what the caller can do.
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("authentication failed: {0} (check the credentials and --sasl-mechanism)")]
-    Authentication(String),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("brokers unreachable at {servers}: {reason}")]
     Unreachable { servers: String, reason: String },
     #[error("topic {topic:?} does not exist")]
@@ -32,7 +32,10 @@ impl ClientError {
         };
         match code {
             Some(RDKafkaErrorCode::Authentication)
-            | Some(RDKafkaErrorCode::SaslAuthenticationFailed) => Self::Authentication(text),
+            | Some(RDKafkaErrorCode::SaslAuthenticationFailed) => {
+                Self::Refused(Refusal::Authentication(text))
+            }
+            Some(RDKafkaErrorCode::SSL) => Self::Refused(Refusal::Tls(text)),
             Some(RDKafkaErrorCode::AllBrokersDown)
             | Some(RDKafkaErrorCode::BrokerTransportFailure)
             | Some(RDKafkaErrorCode::OperationTimedOut)
@@ -45,6 +48,36 @@ impl ClientError {
                 topic: String::new(),
             },
             _ => Self::Kafka(err),
+        }
+    }
+}
+
+/// Why the brokers would not let a client in. The clients' contexts keep
+/// it from librdkafka's error events, because the request that then fails
+/// reports only a transport failure.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Refusal {
+    #[error("authentication failed: {0} (check the credentials and --sasl-mechanism)")]
+    Authentication(String),
+    #[error(
+        "the TLS handshake with the brokers failed: {0} (--ssl-ca-location must hold the CA \
+         that signed the brokers' certificates, and the names in --bootstrap-servers must be \
+         the certificates' names)"
+    )]
+    Tls(String),
+}
+
+impl Refusal {
+    /// The refusal a client error event reports, if it is one. A TLS error
+    /// counts only in the handshake: a connection cut mid-session is not a
+    /// refusal.
+    pub fn of(error: &KafkaError, reason: &str) -> Option<Self> {
+        match error.rdkafka_error_code()? {
+            RDKafkaErrorCode::Authentication => Some(Self::Authentication(reason.to_string())),
+            RDKafkaErrorCode::SSL if reason.contains("handshake") => {
+                Some(Self::Tls(reason.to_string()))
+            }
+            _ => None,
         }
     }
 }
@@ -155,12 +188,13 @@ pub fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
 
 /// A client context for helper clients (dead-letter producer, lag reader,
 /// admin): logs go through [`forward_log`]; errors at debug, because their
-/// callers report the failures that matter, with context. An authentication
-/// failure is kept, since the client itself only ever reports "transport
-/// failure". OAUTHBEARER tokens come from the config's [`OauthHook`].
+/// callers report the failures that matter, with context. A refusal
+/// (authentication, a TLS handshake) is kept, since the client itself only
+/// ever reports "transport failure". OAUTHBEARER tokens come from the
+/// config's [`OauthHook`].
 #[derive(Debug, Default)]
 pub struct QuietContext {
-    auth_error: std::sync::Mutex<Option<String>>,
+    refusal: std::sync::Mutex<Option<Refusal>>,
     oauth: OauthHook,
 }
 
@@ -168,24 +202,21 @@ impl QuietContext {
     /// A context for clients made from `kafka`.
     pub fn new(kafka: &KafkaConfig) -> Self {
         Self {
-            auth_error: Default::default(),
+            refusal: Default::default(),
             oauth: kafka.oauth_hook(),
         }
     }
 
-    /// The last authentication failure, if one happened.
-    pub fn auth_error(&self) -> Option<String> {
-        self.auth_error
-            .lock()
-            .expect("auth error lock poisoned")
-            .clone()
+    /// The last refusal, if one happened.
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.refusal.lock().expect("refusal lock poisoned").clone()
     }
 }
 
-/// Keeps an authentication failure's reason in `slot`.
-pub fn note_auth_error(slot: &std::sync::Mutex<Option<String>>, error: &KafkaError, reason: &str) {
-    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication) {
-        *slot.lock().expect("auth error lock poisoned") = Some(reason.to_string());
+/// Keeps a refusal's reason in `slot`.
+pub fn note_refusal(slot: &std::sync::Mutex<Option<Refusal>>, error: &KafkaError, reason: &str) {
+    if let Some(refusal) = Refusal::of(error, reason) {
+        *slot.lock().expect("refusal lock poisoned") = Some(refusal);
     }
 }
 
@@ -197,7 +228,7 @@ impl rdkafka::ClientContext for QuietContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        note_auth_error(&self.auth_error, &error, reason);
+        note_refusal(&self.refusal, &error, reason);
         tracing::debug!(target: "kafka", error = %error, "{reason}");
     }
 }
@@ -251,8 +282,30 @@ impl rdkafka::ClientContext for CommitLoggingContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // A group the principal may not use fails the coordinator lookup,
+        // before any commit is sent: the commit waits for a coordinator and
+        // never answers, so the refusal is said here.
+        if is_authorization_failure(&error) {
+            if let Some(suppressed) = self.log.allow(std::time::Instant::now()) {
+                tracing::warn!(error = %error, suppressed, "{}", self.what);
+            }
+            return;
+        }
         tracing::debug!(target: "kafka", error = %error, "{reason}");
     }
+}
+
+/// Whether the broker's authorizer refused: no retry mends it until an ACL
+/// changes.
+pub fn is_authorization_failure(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+        )
+    )
 }
 
 impl rdkafka::consumer::ConsumerContext for CommitLoggingContext {
@@ -268,6 +321,30 @@ impl rdkafka::consumer::ConsumerContext for CommitLoggingContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_failed_handshake_or_authentication_is_a_refusal() {
+        let event = |code| KafkaError::Global(code);
+        let auth = Refusal::of(&event(RDKafkaErrorCode::Authentication), "bad password");
+        assert!(auth.unwrap().to_string().contains("check the credentials"));
+        let tls = Refusal::of(
+            &event(RDKafkaErrorCode::SSL),
+            "SSL handshake failed: certificate verify failed",
+        );
+        assert!(tls.unwrap().to_string().contains("--ssl-ca-location"));
+        // A TLS session cut later, or a transport failure, is no refusal.
+        assert_eq!(
+            Refusal::of(&event(RDKafkaErrorCode::SSL), "SSL transport error"),
+            None
+        );
+        assert_eq!(
+            Refusal::of(
+                &event(RDKafkaErrorCode::BrokerTransportFailure),
+                "handshake"
+            ),
+            None
+        );
+    }
 
     #[test]
     fn a_refused_secret_property_is_not_shown() {

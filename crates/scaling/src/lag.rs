@@ -260,18 +260,6 @@ impl AgesBackoff {
     }
 }
 
-/// Whether a fetch error is a refusal: no answer will come.
-fn refused(e: &rdkafka::error::KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::GroupAuthorizationFailed
-                | RDKafkaErrorCode::ClusterAuthorizationFailed
-        )
-    )
-}
-
 impl LagReader {
     pub fn new(
         kafka: &KafkaConfig,
@@ -393,7 +381,7 @@ impl LagReader {
                 Some(Ok(message)) => message,
                 // Refused (Describe without Read): no answer will come, so
                 // none is waited for.
-                Some(Err(e)) if refused(&e) => {
+                Some(Err(e)) if microbatch_kafka::client::is_authorization_failure(&e) => {
                     self.consumer.unassign().map_err(|e| self.classify(e))?;
                     return Ok(Err(e));
                 }
@@ -420,12 +408,12 @@ impl LagReader {
         // failure is told as such, not as a transport failure.
         for _ in 0..20 {
             let _ = self.consumer.poll(Duration::from_millis(5));
-            if self.consumer.context().auth_error().is_some() {
+            if self.consumer.context().refusal().is_some() {
                 break;
             }
         }
-        if let Some(reason) = self.consumer.context().auth_error() {
-            return ClientError::Authentication(reason);
+        if let Some(refusal) = self.consumer.context().refusal() {
+            return ClientError::Refused(refusal);
         }
         match ClientError::classify(e, &self.servers) {
             ClientError::UnknownTopic { .. } => ClientError::UnknownTopic {

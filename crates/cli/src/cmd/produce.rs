@@ -129,7 +129,7 @@ pub struct Deliveries {
     pub ok: AtomicU64,
     pub failed: AtomicU64,
     first_error: std::sync::Mutex<Option<String>>,
-    auth_error: std::sync::Mutex<Option<String>>,
+    refusal: std::sync::Mutex<Option<microbatch_kafka::client::Refusal>>,
     oauth: OauthHook,
 }
 
@@ -141,7 +141,7 @@ impl ClientContext for Deliveries {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        microbatch_kafka::client::note_auth_error(&self.auth_error, &error, reason);
+        microbatch_kafka::client::note_refusal(&self.refusal, &error, reason);
         tracing::debug!(error = %error, "{reason}");
     }
 }
@@ -205,12 +205,12 @@ pub fn produce_blocking(
             .map_err(|e| {
                 match producer
                     .context()
-                    .auth_error
+                    .refusal
                     .lock()
                     .expect("lock poisoned")
                     .clone()
                 {
-                    Some(reason) => microbatch_kafka::ClientError::Authentication(reason),
+                    Some(refusal) => microbatch_kafka::ClientError::Refused(refusal),
                     None => microbatch_kafka::ClientError::classify(e, &kafka.bootstrap_servers),
                 }
             })?;

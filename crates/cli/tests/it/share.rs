@@ -331,15 +331,21 @@ fn ten_held_under_a_2s_lock(
         )
         .await
         .unwrap();
-        let mut member = ShareConsumer::join(cfg.clone()).await.expect("joining");
-        let mut held = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while held.len() < 10 && Instant::now() < deadline {
-            held.extend(member.poll().await.unwrap().records);
-        }
-        assert_eq!(held.len(), 10);
+        let (member, held) = join_holding(cfg.clone(), 10).await;
         (cfg, member, held)
     })
+}
+
+/// A member that has joined and holds `count` records.
+async fn join_holding(cfg: ShareConsumerConfig, count: usize) -> (ShareConsumer, Vec<ShareRecord>) {
+    let mut member = ShareConsumer::join(cfg).await.expect("joining");
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held.len() < count && Instant::now() < deadline {
+        held.extend(member.poll().await.unwrap().records);
+    }
+    assert_eq!(held.len(), count);
+    (member, held)
 }
 
 /// A member that holds records and goes quiet (a handler stuck, connections
@@ -828,6 +834,100 @@ pub(crate) fn share_backlog_json(bootstrap: &str, group: &str, topic: &str) -> s
     share_json(&["lag"], bootstrap, group, topic)
 }
 
+/// A reader allowed to describe the topic but not to read its records (an
+/// ACL): `lag` still reads the backlog, of a share group and of a consumer
+/// group, and says that ages were refused and why, instead of waiting for
+/// records that will not come or failing the reading.
+#[test]
+fn lag_without_read_on_the_topic_reads_the_backlog_and_says_why_no_ages() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let Some(env) = crate::harness::scram_listener() else {
+        return;
+    };
+    let topic = unique("share-lag-acl");
+    let group = unique("share-lag-acl-g");
+    let consumers = unique("lag-acl-cg");
+    create_topic(&topic, 1);
+    produce(&topic, 50, &["--kafka-property", "batch.num.messages=10"]);
+    // State first, while the topic has no ACL: the share group has done 10
+    // records, the consumer group committed offset 10.
+    runtime().block_on(async {
+        let cfg = config(&bootstrap, &group, &topic);
+        ShareConsumer::configure_group(&cfg, &[("share.auto.offset.reset", "earliest")])
+            .await
+            .unwrap();
+        let (mut c, held) = join_holding(cfg, 50).await;
+        for r in held.iter().filter(|r| r.offset < 10) {
+            c.acknowledge(r, AckType::Accept).unwrap();
+        }
+        c.flush().await.unwrap();
+        c.close().await.unwrap();
+    });
+    commit_offset(&bootstrap, &consumers, &topic, 10);
+    wait_until_backlog(&bootstrap, &group, &topic, 40);
+    let principal = format!("User:{}", env["KAFKA_USERNAME"]);
+    let acl = crate::harness::Acl::add(&[
+        "--allow-principal",
+        &principal,
+        "--operation",
+        "Describe",
+        "--topic",
+        &topic,
+    ]);
+    for (flag, name) in [("--share-group", &group), ("--group", &consumers)] {
+        let out = crate::harness::over_scram(&env, &["lag"])
+            .args(["--topic", &topic, flag, name, "--json"])
+            .output()
+            .expect("running lag");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{flag}: {stdout}\n{stderr}");
+        let b: serde_json::Value =
+            serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{flag}: {e}: {stdout}"));
+        let backlog = if flag == "--group" {
+            &b["total_lag"]
+        } else {
+            &b["total_backlog"]
+        };
+        assert_eq!(backlog, 40, "{flag}: the backlog is read: {b}");
+        assert!(b["lag_seconds"].is_null(), "{flag}: no age: {b}");
+        assert!(
+            stderr.contains("the fetch was refused") && stderr.contains("needs Read on the topic"),
+            "{flag}: says why: {stderr}"
+        );
+    }
+    drop(acl);
+}
+
+/// Commits `offset` for `group` on partition 0 of `topic`.
+fn commit_offset(bootstrap: &str, group: &str, topic: &str, offset: i64) {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .expect("a consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(offset))
+        .unwrap();
+    c.commit(&tpl, CommitMode::Sync).expect("committing");
+}
+
+/// Waits until `lag --share-group` reads `backlog` records of `group`.
+fn wait_until_backlog(bootstrap: &str, group: &str, topic: &str, backlog: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = share_backlog_json(bootstrap, group, topic);
+        if b["total_backlog"] == backlog {
+            return;
+        }
+        assert!(Instant::now() < deadline, "backlog never {backlog}: {b}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// `microbatch topic describe --share-group --json`.
 fn topic_describe_json(bootstrap: &str, group: &str, topic: &str) -> serde_json::Value {
     share_json(&["topic", "describe"], bootstrap, group, topic)
@@ -901,13 +1001,7 @@ fn lag_reads_a_share_groups_backlog() {
         ShareConsumer::configure_group(&cfg, &[("share.auto.offset.reset", "earliest")])
             .await
             .unwrap();
-        let mut c = ShareConsumer::join(cfg).await.expect("joining");
-        let mut held = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while held.len() < 100 && Instant::now() < deadline {
-            held.extend(c.poll().await.unwrap().records);
-        }
-        assert_eq!(held.len(), 100);
+        let (mut c, held) = join_holding(cfg, 100).await;
         // Before the group's first verdict the broker has no share-partition
         // state to report: the start offset is unknown, and lag says so
         // rather than guessing (see docs/share-groups.md).

@@ -619,6 +619,73 @@ fn a_refused_capacity_report_is_logged_and_costs_nothing_else() {
     );
 }
 
+/// The companion group refused by the authorizer (an ACL names it, not for
+/// the worker's principal): each report's commit fails with
+/// GROUP_AUTHORIZATION_FAILED, the worker says so, and nothing else is
+/// lost: every record handled and accepted, nothing dead-lettered.
+#[test]
+fn a_capacity_report_an_acl_refuses_is_logged_and_costs_nothing_else() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let Some(env) = scram_listener() else {
+        return;
+    };
+    let s = Scenario::new("share-report-acl", 2);
+    let group = unique("share-report-acl-group");
+    let dlq = s.dead_letter_topic(2);
+    let companion = microbatch_kafka::capacity_report::share_capacity_group(&group);
+    // Only another principal may use the companion group.
+    let acl = Acl::add(&[
+        "--allow-principal",
+        "User:someone-else",
+        "--operation",
+        "Read",
+        "--group",
+        &companion,
+    ]);
+    let handler = recording_handler(
+        &s.dir,
+        HandlerBehaviour {
+            failure_rate: 0.0,
+            ms_per_record: 5,
+        },
+    );
+    let mut worker = spawn_member_with(
+        run_over_scram(&env),
+        &s.dir,
+        "w0",
+        &s.topic,
+        ("--share-group", &group),
+        0,
+        &[
+            "--handler",
+            "exec",
+            "--command",
+            &handler,
+            "--max-records",
+            "10",
+            "--dlq-topic",
+            &dlq,
+        ],
+    );
+    s.produce(400, &[]);
+    wait_for_share_backlog_zero(&bootstrap, &group, 2, Duration::from_secs(90));
+    wait_until(Duration::from_secs(30), "the refusal said", || {
+        worker.stderr().contains("a capacity report was refused")
+    });
+    worker.terminate();
+    let err = worker.stderr();
+    drop(acl);
+    assert!(
+        err.contains("GROUP_AUTHORIZATION_FAILED") || err.contains("uthorization"),
+        "the refusal names its cause: {err}"
+    );
+    let (handled, dead) = assert_nothing_lost(&s.topic, &dlq, &handled_files(&s.dir));
+    assert_eq!(handled.len(), 400, "every record handled");
+    assert!(dead.is_empty(), "{dead:?}");
+}
+
 /// A principal that may read the share group but not alter its configs:
 /// the worker stops at start, before taking a record, and names the ACL
 /// (it sets `share.auto.offset.reset` and `share.delivery.count.limit` on

@@ -527,3 +527,67 @@ fn scram_over_tls_works_and_a_wrong_password_is_clear() {
     let log = bad.stderr();
     assert!(!log.contains(wrong), "the password appeared in the log");
 }
+
+/// A CA that did not sign the brokers' certificate (`--ssl-ca-location`
+/// pointing at the wrong file): the worker says it is the TLS handshake and
+/// names the flag, in its log and on /readyz, instead of "broker transport
+/// failure"; `lag` exits 1 saying the same, through librdkafka (a consumer
+/// group) and through the share client (`--share-group`).
+#[test]
+fn a_ca_that_did_not_sign_the_brokers_certificate_is_named() {
+    let Some(env) = scram_listener() else {
+        return;
+    };
+    let sc = Scenario::new("bad-ca", 1);
+    let wrong_ca = sc.dir.path("wrong-ca.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=not the brokers' CA", "-keyout"])
+        .arg(sc.dir.path("wrong-ca.key"))
+        .arg("-out")
+        .arg(&wrong_ca)
+        .output()
+        .expect("running openssl");
+    assert!(made.status.success(), "{made:?}");
+    let mut env = env;
+    env.insert(
+        "KAFKA_SSL_CA_LOCATION".into(),
+        wrong_ca.to_string_lossy().into_owned(),
+    );
+    let port = free_port();
+    let handler = recording_handler(&sc.dir, HandlerBehaviour::default());
+    let mut w = spawn_worker_with(
+        run_over_scram(&env),
+        &sc.dir,
+        "w",
+        &sc.topic,
+        &sc.group,
+        port,
+        &["--handler", "exec", "--command", &handler],
+    );
+    let says = |text: &str| {
+        text.contains("TLS handshake") && text.contains("--ssl-ca-location must hold the CA")
+    };
+    wait_until(Duration::from_secs(60), "the log to name the CA", || {
+        says(&w.stderr())
+    });
+    let (status, body) = http_get(port, "/readyz").expect("readyz answers");
+    assert!(status == 503 && says(&body), "{status} {body}");
+    w.signal(SIGTERM);
+    assert!(w.wait_for_exit(Duration::from_secs(60)).is_some());
+    assert!(!w.stderr().contains(&env["KAFKA_PASSWORD"]));
+    for group in [["--group", &sc.group], ["--share-group", &sc.group]] {
+        let out = over_scram(&env, &["lag", "--topic", &sc.topic])
+            .args(group)
+            .output()
+            .expect("running lag");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{group:?}: {err}");
+        assert!(
+            err.contains("--ssl-ca-location must hold the CA"),
+            "{group:?}: {err}"
+        );
+    }
+}

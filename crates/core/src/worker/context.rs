@@ -66,14 +66,9 @@ impl ClientContext for WorkerContext {
             _ => {}
         }
         if let Some(suppressed) = self.error_throttle.allow(Instant::now()) {
-            if kind == "authentication" {
-                tracing::error!(
-                    kind,
-                    suppressed,
-                    "authentication failed: {reason} (check the credentials and --sasl-mechanism)"
-                );
-            } else {
-                tracing::error!(kind, suppressed, "kafka client error: {reason}");
+            match microbatch_kafka::client::Refusal::of(&error, reason) {
+                Some(refusal) => tracing::error!(kind, suppressed, "{refusal}"),
+                None => tracing::error!(kind, suppressed, "kafka client error: {reason}"),
             }
         }
     }

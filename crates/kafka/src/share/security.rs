@@ -176,6 +176,23 @@ impl Sasl {
     }
 }
 
+/// A failed TLS handshake, said with the fix when the brokers' certificate
+/// was what failed.
+fn tls_failure(e: &std::io::Error) -> String {
+    let certificate = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|inner| matches!(inner, rustls::Error::InvalidCertificate(_)));
+    if certificate {
+        format!(
+            "TLS: {e} (--ssl-ca-location must hold the CA that signed the brokers' certificates, \
+             and the names in --bootstrap-servers must be the certificates' names)"
+        )
+    } else {
+        format!("TLS: {e}")
+    }
+}
+
 struct Secured {
     tls: Option<Arc<rustls::ClientConfig>>,
     sasl: Option<Sasl>,
@@ -197,7 +214,7 @@ impl Connector for Secured {
             .await
             .map_err(|e| ShareError::Io {
                 broker: addr.to_string(),
-                reason: format!("TLS: {e}"),
+                reason: tls_failure(&e),
             })?;
         Ok(Box::new(stream))
     }

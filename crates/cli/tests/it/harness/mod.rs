@@ -396,8 +396,14 @@ pub fn spawn_worker_with(
 /// `microbatch run` over the SCRAM/TLS listener of [`scram_listener`]'s
 /// environment, whose user the broker's authorizer may deny things.
 pub fn run_over_scram(env: &BTreeMap<String, String>) -> Command {
+    over_scram(env, &["run"])
+}
+
+/// `microbatch <subcommand>` connecting to the SCRAM listener through the
+/// environment, as the kit's pods do.
+pub fn over_scram(env: &BTreeMap<String, String>, subcommand: &[&str]) -> Command {
     let mut cmd = command();
-    cmd.arg("run")
+    cmd.args(subcommand)
         .env("KAFKA_BOOTSTRAP_SERVERS", &env["KAFKA_BOOTSTRAP_SERVERS"])
         .env("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
         .env("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
