@@ -901,6 +901,75 @@ fn lag_without_read_on_the_topic_reads_the_backlog_and_says_why_no_ages() {
     drop(acl);
 }
 
+/// `topic describe --share-group` where the authorizer refuses a part: the
+/// group's configs (Describe without DescribeConfigs on the group), then
+/// the whole group (an ACL for another principal only). Each refusal is
+/// said on stderr with exit 1, and what could be read is still printed.
+#[test]
+fn topic_describe_says_a_refused_share_group_part_and_prints_the_rest() {
+    let Some(_) = real_broker() else {
+        return;
+    };
+    let Some(env) = crate::harness::scram_listener() else {
+        return;
+    };
+    let topic = unique("share-describe-acl");
+    let group = unique("share-describe-acl-g");
+    create_topic(&topic, 2);
+    produce(&topic, 30, &[]);
+    let describe = || {
+        let out = crate::harness::over_scram(&env, &["topic", "describe"])
+            .args(["--topic", &topic, "--share-group", &group, "--json"])
+            .output()
+            .expect("running topic describe");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+        let d: serde_json::Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
+        let records: i64 = d["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["high"].as_i64().unwrap() - p["low"].as_i64().unwrap())
+            .sum();
+        assert_eq!(records, 30, "the topic is still printed: {d}");
+        (d, stderr)
+    };
+    let principal = format!("User:{}", env["KAFKA_USERNAME"]);
+    let configs_refused = crate::harness::Acl::add(&[
+        "--allow-principal",
+        &principal,
+        "--operation",
+        "Describe",
+        "--group",
+        &group,
+    ]);
+    let (d, stderr) = describe();
+    assert!(
+        stderr.contains(&format!("share group {group}'s configs")),
+        "{stderr}"
+    );
+    assert_eq!(d["share_group"]["members"], 0, "the rest is read: {d}");
+    assert_eq!(d["share_group"]["configs"], serde_json::json!([]), "{d}");
+    drop(configs_refused);
+    let group_refused = crate::harness::Acl::add(&[
+        "--allow-principal",
+        "User:someone-else",
+        "--operation",
+        "Describe",
+        "--group",
+        &group,
+    ]);
+    let (d, stderr) = describe();
+    assert!(
+        stderr.contains(&format!("share group {group}:")),
+        "{stderr}"
+    );
+    assert!(d["share_group"].is_null(), "{d}");
+    drop(group_refused);
+}
+
 /// Commits `offset` for `group` on partition 0 of `topic`.
 fn commit_offset(bootstrap: &str, group: &str, topic: &str, offset: i64) {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
