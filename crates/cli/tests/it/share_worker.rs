@@ -686,6 +686,68 @@ fn a_capacity_report_an_acl_refuses_is_logged_and_costs_nothing_else() {
     assert!(dead.is_empty(), "{dead:?}");
 }
 
+/// An operator lowers the group's delivery limit by hand while a worker
+/// runs (`kafka-configs`): below `--max-attempts` + 2 the broker would
+/// archive records the worker never tried to dead-letter. The worker sets
+/// it back, within its check interval (15 s), and says what it found.
+#[test]
+fn a_delivery_limit_lowered_by_hand_is_set_back() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let s = Scenario::new("share-limit-drift", 1);
+    let group = unique("share-limit-drift-group");
+    let log = s.dir.path("handled.txt");
+    let handler = logging_handler(&s.dir, &log, "");
+    let mut worker = spawn_share_worker(
+        &s.dir,
+        "w",
+        &s.topic,
+        &group,
+        0,
+        &["--handler", "exec", "--command", &handler],
+    );
+    s.produce(20, &[]);
+    wait_for_share_backlog_zero(&bootstrap, &group, 1, Duration::from_secs(60));
+    let limit = || {
+        let cfg = ShareConsumerConfig::new(vec![bootstrap.clone()], &group, vec![]);
+        let configs = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(ShareConsumer::group_configs(&cfg))
+            .expect("reading the group's configs");
+        configs
+            .into_iter()
+            .find(|c| c.name == "share.delivery.count.limit")
+            .and_then(|c| c.value)
+    };
+    assert_eq!(limit().as_deref(), Some("10"));
+    let altered = std::process::Command::new(crate::harness::scripts_dir().join("kafka-local.sh"))
+        .args(["tool", "configs", "--bootstrap-server", &bootstrap])
+        .args([
+            "--alter",
+            "--entity-type",
+            "groups",
+            "--entity-name",
+            &group,
+        ])
+        .args(["--add-config", "share.delivery.count.limit=3"])
+        .output()
+        .expect("running kafka-configs");
+    assert!(altered.status.success(), "{altered:?}");
+    assert_eq!(limit().as_deref(), Some("3"), "lowered by hand");
+    wait_until(Duration::from_secs(45), "the limit set back", || {
+        limit().as_deref() == Some("10")
+    });
+    wait_until(Duration::from_secs(10), "the worker to say so", || {
+        worker
+            .stderr()
+            .contains("share.delivery.count.limit=3): set back to")
+    });
+    worker.terminate();
+}
+
 /// A principal that may read the share group but not alter its configs:
 /// the worker stops at start, before taking a record, and names the ACL
 /// (it sets `share.auto.offset.reset` and `share.delivery.count.limit` on

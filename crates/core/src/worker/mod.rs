@@ -168,16 +168,16 @@ impl Worker {
         let handler = self.handler.clone();
         // A share group's member joins before the handler starts: a group
         // that cannot be set up fails the worker at once.
-        let share_consumer = if self.config.share_group {
+        let (share_consumer, config_keeper) = if self.config.share_group {
             match self.join_share_group().await {
-                Ok(consumer) => Some(consumer),
+                Ok((consumer, keeper)) => (Some(consumer), Some(keeper)),
                 Err(e) => {
                     signal_task.abort();
                     return Err(e);
                 }
             }
         } else {
-            None
+            (None, None)
         };
         handler.prepare(self.config.concurrency).await;
         let runtime = Handle::current();
@@ -188,24 +188,40 @@ impl Worker {
         .await
         .unwrap_or(Err(WorkerError::Panicked));
         signal_task.abort();
+        if let Some(keeper) = config_keeper {
+            keeper.abort();
+        }
         handler.shutdown().await;
         result
     }
 
-    /// Sets the share group's configs the worker owns and joins it.
+    /// Sets the share group's configs the worker owns and joins it; the
+    /// task that keeps those configs while the worker runs.
     async fn join_share_group(
         &self,
-    ) -> Result<microbatch_kafka::share::ShareConsumer, WorkerError> {
+    ) -> Result<
+        (
+            microbatch_kafka::share::ShareConsumer,
+            tokio::task::JoinHandle<()>,
+        ),
+        WorkerError,
+    > {
         let share = share::consumer_config(self)?;
         share::configure_group(self, &share).await?;
-        microbatch_kafka::share::ShareConsumer::join(share)
-            .await
-            .map_err(|e| {
-                WorkerError::Share(format!(
+        let keeper = tokio::spawn(share::keep_group_configs(
+            share.clone(),
+            share::owned_configs(self),
+        ));
+        match microbatch_kafka::share::ShareConsumer::join(share).await {
+            Ok(consumer) => Ok((consumer, keeper)),
+            Err(e) => {
+                keeper.abort();
+                Err(WorkerError::Share(format!(
                     "could not join share group {:?}: {e}",
                     self.config.group
-                ))
-            })
+                )))
+            }
+        }
     }
 
     /// The dead-letter writer, once its topic is ready; `None` if shutdown

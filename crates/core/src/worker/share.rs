@@ -30,7 +30,8 @@
 //!   before any handler sees it again; the group's
 //!   `share.delivery.count.limit` is 10 and `--max-attempts` at most 8, so
 //!   the broker never archives a record the worker has not tried to
-//!   dead-letter, with a delivery to spare.
+//!   dead-letter, with a delivery to spare; a limit changed by hand is set
+//!   back ([`keep_group_configs`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
@@ -41,6 +42,7 @@ use std::time::{Duration, Instant};
 use microbatch_kafka::aws_iam::WithTokens;
 use microbatch_kafka::capacity_report::share_capacity_group;
 use microbatch_kafka::client::CommitLoggingContext;
+use microbatch_kafka::share::cluster::GroupConfig;
 use microbatch_kafka::share::{
     AckOutcome, AckType, Fetched, ShareConsumer, ShareConsumerConfig, ShareError, ShareRecord,
 };
@@ -322,8 +324,24 @@ impl ConsumedRecord for Record<'_> {
     }
 }
 
-/// The share group's settings the worker owns: where a new group starts,
-/// and the delivery limit that leaves a record's end to the worker.
+/// The share group's settings the worker owns, as (name, value): where a
+/// new group starts, and the delivery limit that leaves a record's end to
+/// the worker.
+pub(super) fn owned_configs(worker: &Worker) -> Vec<(&'static str, String)> {
+    let cfg = &worker.config;
+    vec![
+        (
+            "share.auto.offset.reset",
+            cfg.offset_reset.as_str().to_string(),
+        ),
+        (
+            "share.delivery.count.limit",
+            cfg.share_delivery_limit().to_string(),
+        ),
+    ]
+}
+
+/// Sets [`owned_configs`] on the group, at start.
 pub(super) async fn configure_group(
     worker: &Worker,
     share: &ShareConsumerConfig,
@@ -331,29 +349,100 @@ pub(super) async fn configure_group(
     let cfg = &worker.config;
     let reset = cfg.offset_reset.as_str();
     let limit = cfg.share_delivery_limit().to_string();
-    ShareConsumer::configure_group(
-        share,
-        &[
-            ("share.auto.offset.reset", reset),
-            ("share.delivery.count.limit", &limit),
-        ],
-    )
-    .await
-    .map_err(|e| {
-        let hint = if e.is_authorization() {
-            "; the principal needs ALTER_CONFIGS on the group"
-        } else if e.is_invalid_config() {
-            "; the brokers may bound share.delivery.count.limit lower \
+    let owned = owned_configs(worker);
+    let pairs: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    ShareConsumer::configure_group(share, &pairs)
+        .await
+        .map_err(|e| {
+            let hint = if e.is_authorization() {
+                "; the principal needs ALTER_CONFIGS on the group"
+            } else if e.is_invalid_config() {
+                "; the brokers may bound share.delivery.count.limit lower \
              (group.share.max.delivery.count.limit)"
-        } else {
-            ""
-        };
-        WorkerError::Share(format!(
-            "could not set share group {:?}'s configs (share.auto.offset.reset={reset}, \
+            } else {
+                ""
+            };
+            WorkerError::Share(format!(
+                "could not set share group {:?}'s configs (share.auto.offset.reset={reset}, \
              share.delivery.count.limit={limit}): {e}{hint}",
-            cfg.group
-        ))
-    })
+                cfg.group
+            ))
+        })
+}
+
+/// How often a running worker checks that the group's configs are still
+/// those it owns: a delivery limit lowered by hand (`kafka-configs`) would
+/// let the broker archive records the worker never tried to dead-letter.
+pub(super) const GROUP_CONFIG_CHECK: Duration = Duration::from_secs(15);
+
+/// The owned configs the brokers apply differently, each with the value
+/// they apply (`None`: not listed).
+pub(super) fn drifted(
+    owned: &[(&'static str, String)],
+    applied: &[GroupConfig],
+) -> Vec<(&'static str, Option<String>)> {
+    owned
+        .iter()
+        .filter_map(|(name, ours)| {
+            let theirs = applied
+                .iter()
+                .find(|c| c.name == *name)
+                .and_then(|c| c.value.clone());
+            (theirs.as_deref() != Some(ours.as_str())).then_some((*name, theirs))
+        })
+        .collect()
+}
+
+/// Every [`GROUP_CONFIG_CHECK`], sets the owned configs back when they
+/// drifted, saying so; runs until aborted. A check that fails is tried
+/// again at the next; one that cannot set them back is an error each time.
+pub(super) async fn keep_group_configs(
+    share: ShareConsumerConfig,
+    owned: Vec<(&'static str, String)>,
+) {
+    let mut ticks = tokio::time::interval(GROUP_CONFIG_CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is now, just after the worker set them.
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let applied = match ShareConsumer::group_configs(&share).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the share group's configs failed");
+                continue;
+            }
+        };
+        let drift = drifted(&owned, &applied);
+        if drift.is_empty() {
+            continue;
+        }
+        let found: Vec<String> = drift
+            .iter()
+            .map(|(name, theirs)| format!("{name}={}", theirs.as_deref().unwrap_or("(unset)")))
+            .collect();
+        let pairs: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let wanted: Vec<String> = owned.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        match ShareConsumer::configure_group(&share, &pairs).await {
+            Ok(()) => tracing::warn!(
+                group = %share.group,
+                "share group configs changed under the worker ({}): set back to {} (the worker \
+                 owns them: a lower delivery limit lets the broker archive records before \
+                 --max-attempts dead-letters them)",
+                found.join(", "),
+                wanted.join(", ")
+            ),
+            Err(e) => tracing::error!(
+                group = %share.group,
+                error = %e,
+                "share group configs changed under the worker ({}) and could not be set back \
+                 to {}: records delivered more often than the limit are archived by the broker \
+                 without a dead letter",
+                found.join(", "),
+                wanted.join(", ")
+            ),
+        }
+    }
 }
 
 /// The consumer's settings: the brokers and security of `--bootstrap-servers`
@@ -1166,6 +1255,44 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// A config the brokers apply with another value, or do not list, is
+    /// drift; the same value, set for the group or as the brokers' default,
+    /// is not.
+    #[test]
+    fn owned_configs_drift_when_the_brokers_apply_another_value() {
+        let owned = vec![
+            ("share.auto.offset.reset", "earliest".to_string()),
+            ("share.delivery.count.limit", "10".to_string()),
+        ];
+        let applied = |reset: &str, limit: Option<&str>| {
+            let mut configs = vec![GroupConfig {
+                name: "share.auto.offset.reset".into(),
+                value: Some(reset.into()),
+                set_for_group: false,
+            }];
+            if let Some(limit) = limit {
+                configs.push(GroupConfig {
+                    name: "share.delivery.count.limit".into(),
+                    value: Some(limit.into()),
+                    set_for_group: true,
+                });
+            }
+            configs
+        };
+        assert!(drifted(&owned, &applied("earliest", Some("10"))).is_empty());
+        assert_eq!(
+            drifted(&owned, &applied("earliest", Some("3"))),
+            vec![("share.delivery.count.limit", Some("3".to_string()))]
+        );
+        assert_eq!(
+            drifted(&owned, &applied("latest", None)),
+            vec![
+                ("share.auto.offset.reset", Some("latest".to_string())),
+                ("share.delivery.count.limit", None)
+            ]
+        );
     }
 
     /// A refused renewal of one record marks it lost; of several, renews

@@ -251,6 +251,20 @@ impl ShareConsumer {
         .await
     }
 
+    /// The share group's configs as the brokers apply them.
+    pub async fn group_configs(
+        cfg: &ShareConsumerConfig,
+    ) -> Result<Vec<super::cluster::GroupConfig>, ShareError> {
+        Cluster::new(
+            cfg.connector.clone(),
+            cfg.bootstrap.clone(),
+            cfg.client_id.clone(),
+            cfg.request_timeout,
+        )
+        .group_configs(&cfg.group)
+        .await
+    }
+
     pub fn member_id(&self) -> &str {
         &self.member_id
     }
