@@ -1097,6 +1097,17 @@ impl Member {
     }
 }
 
+/// A fetcher that panics would leave the poll thread waiting for a fetch
+/// forever, and still ready: its death reaches the thread as
+/// [`Input::FetcherDied`], which stops the worker.
+fn report_death(runtime: &Handle, task: tokio::task::JoinHandle<()>, to: Sender<Input>) {
+    runtime.spawn(async move {
+        if let Err(e) = task.await {
+            let _ = to.send(Input::FetcherDied(e.to_string()));
+        }
+    });
+}
+
 /// Runs a share group's member until `stop`; see the module docs.
 pub(super) fn poll_loop(
     worker: Worker,
@@ -1115,14 +1126,7 @@ pub(super) fn poll_loop(
         commands_rx,
         inputs_tx.clone(),
     ));
-    // A fetcher that panics would leave the thread waiting for a fetch
-    // forever, and still ready: it stops the worker instead.
-    let died = inputs_tx.clone();
-    runtime.spawn(async move {
-        if let Err(e) = fetcher_task.await {
-            let _ = died.send(Input::FetcherDied(e.to_string()));
-        }
-    });
+    report_death(&runtime, fetcher_task, inputs_tx.clone());
     let options = Options {
         dead_letters: dlq.is_some(),
         audit: audit.is_some(),
@@ -1255,6 +1259,26 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// A task that panics is reported dead with its panic's message; one
+    /// that ends is not.
+    #[test]
+    fn a_fetcher_that_panics_is_reported_dead() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let panics = runtime.spawn(async { panic!("decoding went wrong") });
+        report_death(runtime.handle(), panics, tx.clone());
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Input::FetcherDied(why)) => assert!(why.contains("panicked"), "{why}"),
+            Ok(_) => panic!("another input"),
+            Err(e) => panic!("no input: {e}"),
+        }
+        report_death(runtime.handle(), runtime.spawn(async {}), tx);
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
     }
 
     /// A config the brokers apply with another value, or do not list, is
