@@ -15,6 +15,7 @@ RUNS=${RUNS:-3}
 KEYS=${KEYS:-1000}
 BATCH_SIZE=${BATCH_SIZE:-500}
 SHARE=${SHARE:-0}
+SHARE_HEARTBEAT_MS=${SHARE_HEARTBEAT_MS:-}
 CONTENDERS=${CONTENDERS:-}
 MB_ARGS=${MB_ARGS:---handler simulate --process-time-ms 0 --max-records 500 --commit-interval-ms 100}
 # The settings before the fetch-queue change, as a control when asked for;
@@ -58,6 +59,11 @@ Options (environment variable in brackets, default after it):
   --contenders LIST [CONTENDERS]  "microbatch java python"; with --share
                                   "microbatch java"
   --share           [SHARE=1]     read through share groups
+  --share-heartbeat-ms MS [SHARE_HEARTBEAT_MS] with --share: set each fresh
+                                  group's share.heartbeat.interval.ms first
+                                  (untimed), e.g. 5000, Kafka's default, where
+                                  the local broker's is 1000: shows how long a
+                                  new member waits for its first partitions
   --topic NAME      [TOPIC]       reuse an existing topic holding exactly
                                   RECORDS records instead of producing
   -h, --help
@@ -85,6 +91,7 @@ while [[ $# -gt 0 ]]; do
 	--batch-size) BATCH_SIZE=$2 && shift 2 ;;
 	--contenders) CONTENDERS=$2 && shift 2 ;;
 	--share) SHARE=1 && shift ;;
+	--share-heartbeat-ms) SHARE_HEARTBEAT_MS=$2 && shift 2 ;;
 	--topic) TOPIC=$2 && shift 2 ;;
 	-h | --help) usage && exit 0 ;;
 	*) usage >&2 && die "unknown option $1" ;;
@@ -100,6 +107,11 @@ if [[ -z $CONTENDERS ]]; then
 fi
 share_flag=()
 [[ $SHARE == 1 ]] && share_flag=(--share)
+if [[ -n $SHARE_HEARTBEAT_MS ]]; then
+	[[ $SHARE == 1 ]] || die "--share-heartbeat-ms needs --share"
+	is_uint "$SHARE_HEARTBEAT_MS" || die "SHARE_HEARTBEAT_MS must be a number of milliseconds, got '$SHARE_HEARTBEAT_MS'"
+	share_flag+=(--kafka-local "$KAFKA_LOCAL" --group-config "share.heartbeat.interval.ms=$SHARE_HEARTBEAT_MS")
+fi
 read -r -a contenders <<<"$CONTENDERS"
 for c in "${contenders[@]}"; do
 	case $c in microbatch | microbatch-tuned | java) ;;
@@ -186,7 +198,9 @@ params=$(jq -n --arg topic "$TOPIC" --argjson records "$RECORDS" --argjson size 
 	--argjson batch_size "$BATCH_SIZE" --arg mb_args "$MB_ARGS" --arg mb_tuned_args "$MB_TUNED_ARGS" \
 	--arg contenders "$CONTENDERS" --arg loadavg_end "$(cut -d' ' -f1-3 /proc/loadavg)" \
 	--arg base_commit "${BASE_COMMIT:-}" --argjson share "$([[ $SHARE == 1 ]] && echo true || echo false)" \
+	--arg share_heartbeat_ms "$SHARE_HEARTBEAT_MS" \
 	'{topic: $topic, records: $records, size: $size, partitions: $partitions, runs: $runs, share: $share,
+	  share_heartbeat_ms: $share_heartbeat_ms,
 	  keys: $keys, python_batch_size: $batch_size, microbatch_args: $mb_args,
 	  microbatch_tuned_args: $mb_tuned_args, contenders: $contenders, loadavg_at_end: $loadavg_end,
 	  base_commit: $base_commit}')

@@ -430,12 +430,30 @@ def main():
     ap.add_argument("--sample-ms", type=float, default=20, help="CPU sample interval")
     ap.add_argument("--share", action="store_true",
                     help="a share group: microbatch run --share-group, Java's kafka-share-consumer-perf-test")
+    ap.add_argument("--group-config", action="append", default=[], metavar="NAME=VALUE",
+                    help="set on the (share) group before the run, untimed; needs --kafka-local")
     a, extra = passthrough.parse(ap)
     a.extra = extra  # arguments after `--` go to the contender
     runner = {"microbatch": run_microbatch, "java": run_java, "python": run_python}[a.contender]
     with open("/proc/loadavg") as f:
         load_before = " ".join(f.read().split()[:3])
+    if a.group_config:
+        if not a.kafka_local:
+            ap.error("--group-config needs --kafka-local")
+        configured = subprocess.run(
+            [a.kafka_local, "tool", "configs", "--bootstrap-server", a.bootstrap, "--alter",
+             "--entity-type", "groups", "--entity-name", a.group,
+             "--add-config", ",".join(a.group_config)],
+            capture_output=True, text=True, timeout=120,
+        )
+        if configured.returncode != 0:
+            # A line of its own, so this run's figures are never another's.
+            print(json.dumps({"contender": a.contender, "label": a.label or a.contender, "run": a.run,
+                              "error": f"setting {a.group_config}: {configured.stderr.strip()[-500:]}"}),
+                  flush=True)
+            return 1
     res = runner(a)
+    res["group_config"] = a.group_config
     res["loadavg_before"] = load_before
     res.update(label=a.label or a.contender, run=a.run, records=a.records, size=a.size, topic=a.topic, group=a.group)
     if "error" not in res or res.get("t_done"):

@@ -172,7 +172,13 @@ def throughput(a):
     md.append(
         f"{params['records']:,} records of {params['size']} bytes ({params['keys']} keys) on "
         f"{params['partitions']} partitions, {params['runs']} run(s) per contender, rotating order, "
-        f"fresh {'share ' if share else ''}group each run; local Kafka broker on 127.0.0.1."
+        f"fresh {'share ' if share else ''}group each run"
+        + (
+            f" (its share.heartbeat.interval.ms set to {params['share_heartbeat_ms']} first, untimed)"
+            if params.get("share_heartbeat_ms")
+            else ""
+        )
+        + "; local Kafka broker on 127.0.0.1."
     )
     md.append("")
     md.append(

@@ -419,7 +419,7 @@ impl WorkerConfig {
         // At least one delivery past the dead letter's: a worker stopped or
         // killed while writing it leaves the record to the next delivery,
         // not to the broker's archive.
-        if self.retry.max_attempts > SHARE_DELIVERY_LIMIT_MAX - 2 {
+        if self.share_delivery_limit_floor() > SHARE_DELIVERY_LIMIT_MAX {
             return Err(ConfigError::new(
                 "--max-attempts",
                 format!(
@@ -449,6 +449,12 @@ impl WorkerConfig {
     /// worker, whatever its --max-attempts.
     pub fn share_delivery_limit(&self) -> u32 {
         SHARE_DELIVERY_LIMIT_MAX
+    }
+
+    /// The lowest `share.delivery.count.limit` that leaves this worker a
+    /// delivery past the one it dead-letters on (`--max-attempts` + 2).
+    pub fn share_delivery_limit_floor(&self) -> u32 {
+        self.retry.max_attempts.saturating_add(2)
     }
 
     pub fn validate(mut self) -> Result<Self, ConfigError> {

@@ -35,7 +35,6 @@ impl ClientError {
             | Some(RDKafkaErrorCode::SaslAuthenticationFailed) => {
                 Self::Refused(Refusal::Authentication(text))
             }
-            Some(RDKafkaErrorCode::SSL) => Self::Refused(Refusal::Tls(text)),
             Some(RDKafkaErrorCode::AllBrokersDown)
             | Some(RDKafkaErrorCode::BrokerTransportFailure)
             | Some(RDKafkaErrorCode::OperationTimedOut)
@@ -69,16 +68,51 @@ pub enum Refusal {
 
 impl Refusal {
     /// The refusal a client error event reports, if it is one. A TLS error
-    /// counts only in the handshake: a connection cut mid-session is not a
-    /// refusal.
+    /// counts only when the brokers' certificate did not verify: a
+    /// handshake cut short (a broker restarting) or a session cut later is
+    /// no refusal.
     pub fn of(error: &KafkaError, reason: &str) -> Option<Self> {
         match error.rdkafka_error_code()? {
             RDKafkaErrorCode::Authentication => Some(Self::Authentication(reason.to_string())),
-            RDKafkaErrorCode::SSL if reason.contains("handshake") => {
+            RDKafkaErrorCode::SSL if reason.contains("certificate verify failed") => {
                 Some(Self::Tls(reason.to_string()))
             }
             _ => None,
         }
+    }
+}
+
+/// The last refusal a client's error events reported, for as long as it is
+/// recent: a refusal that lasts is reported again as the client reconnects
+/// (at most `reconnect.backoff.max.ms`, 10 s, apart), and one that passed
+/// must not name a later, different failure.
+#[derive(Debug, Default)]
+pub struct RefusalSlot(std::sync::Mutex<Option<(std::time::Instant, Refusal)>>);
+
+impl RefusalSlot {
+    /// How long a refusal names the failures that follow it.
+    pub const RECENT: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Keeps the refusal `error` reports, if it is one.
+    pub fn note(&self, error: &KafkaError, reason: &str) {
+        if let Some(refusal) = Refusal::of(error, reason) {
+            *self.0.lock().expect("refusal lock poisoned") =
+                Some((std::time::Instant::now(), refusal));
+        }
+    }
+
+    /// The refusal noted within [`Self::RECENT`] before `now`.
+    pub fn recent_at(&self, now: std::time::Instant) -> Option<Refusal> {
+        self.0
+            .lock()
+            .expect("refusal lock poisoned")
+            .as_ref()
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= Self::RECENT)
+            .map(|(_, refusal)| refusal.clone())
+    }
+
+    pub fn recent(&self) -> Option<Refusal> {
+        self.recent_at(std::time::Instant::now())
     }
 }
 
@@ -194,7 +228,7 @@ pub fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
 /// config's [`OauthHook`].
 #[derive(Debug, Default)]
 pub struct QuietContext {
-    refusal: std::sync::Mutex<Option<Refusal>>,
+    refusal: RefusalSlot,
     oauth: OauthHook,
 }
 
@@ -207,16 +241,9 @@ impl QuietContext {
         }
     }
 
-    /// The last refusal, if one happened.
+    /// The recent refusal, if one happened ([`RefusalSlot`]).
     pub fn refusal(&self) -> Option<Refusal> {
-        self.refusal.lock().expect("refusal lock poisoned").clone()
-    }
-}
-
-/// Keeps a refusal's reason in `slot`.
-pub fn note_refusal(slot: &std::sync::Mutex<Option<Refusal>>, error: &KafkaError, reason: &str) {
-    if let Some(refusal) = Refusal::of(error, reason) {
-        *slot.lock().expect("refusal lock poisoned") = Some(refusal);
+        self.refusal.recent()
     }
 }
 
@@ -228,7 +255,7 @@ impl rdkafka::ClientContext for QuietContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        note_refusal(&self.refusal, &error, reason);
+        self.refusal.note(&error, reason);
         tracing::debug!(target: "kafka", error = %error, "{reason}");
     }
 }
@@ -323,27 +350,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_failed_handshake_or_authentication_is_a_refusal() {
+    fn only_a_certificate_or_authentication_failure_is_a_refusal() {
         let event = |code| KafkaError::Global(code);
         let auth = Refusal::of(&event(RDKafkaErrorCode::Authentication), "bad password");
         assert!(auth.unwrap().to_string().contains("check the credentials"));
+        // librdkafka's words with OpenSSL 3.
         let tls = Refusal::of(
             &event(RDKafkaErrorCode::SSL),
-            "SSL handshake failed: certificate verify failed",
+            "sasl_ssl://127.0.0.1:9096/bootstrap: SSL handshake failed: error:0A000086:SSL \
+             routines::certificate verify failed: broker certificate could not be verified",
         );
         assert!(tls.unwrap().to_string().contains("--ssl-ca-location"));
-        // A TLS session cut later, or a transport failure, is no refusal.
-        assert_eq!(
-            Refusal::of(&event(RDKafkaErrorCode::SSL), "SSL transport error"),
-            None
-        );
-        assert_eq!(
-            Refusal::of(
-                &event(RDKafkaErrorCode::BrokerTransportFailure),
-                "handshake"
-            ),
-            None
-        );
+        // A handshake cut short, a session cut later, a transport failure:
+        // no refusal.
+        for other in [
+            "ssl://b-1:9096/1: SSL handshake failed: error:0A000126:SSL routines::unexpected \
+             eof while reading",
+            "ssl://b-1:9096/1: SSL transport error: Connection timed out",
+        ] {
+            assert_eq!(Refusal::of(&event(RDKafkaErrorCode::SSL), other), None);
+        }
+        let transport = event(RDKafkaErrorCode::BrokerTransportFailure);
+        assert_eq!(Refusal::of(&transport, "certificate verify failed"), None);
+        // A refusal names the failures that follow it for a while only.
+        let slot = RefusalSlot::default();
+        slot.note(&event(RDKafkaErrorCode::Authentication), "bad password");
+        let now = std::time::Instant::now();
+        assert!(slot.recent_at(now).is_some());
+        let later = now + RefusalSlot::RECENT + std::time::Duration::from_secs(1);
+        assert!(slot.recent_at(later).is_none());
     }
 
     #[test]

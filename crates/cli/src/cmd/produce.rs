@@ -129,7 +129,7 @@ pub struct Deliveries {
     pub ok: AtomicU64,
     pub failed: AtomicU64,
     first_error: std::sync::Mutex<Option<String>>,
-    refusal: std::sync::Mutex<Option<microbatch_kafka::client::Refusal>>,
+    refusal: microbatch_kafka::client::RefusalSlot,
     oauth: OauthHook,
 }
 
@@ -141,7 +141,7 @@ impl ClientContext for Deliveries {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        microbatch_kafka::client::note_refusal(&self.refusal, &error, reason);
+        self.refusal.note(&error, reason);
         tracing::debug!(error = %error, "{reason}");
     }
 }
@@ -202,17 +202,9 @@ pub fn produce_blocking(
         let metadata = producer
             .client()
             .fetch_metadata(Some(&args.topic), Duration::from_secs(15))
-            .map_err(|e| {
-                match producer
-                    .context()
-                    .refusal
-                    .lock()
-                    .expect("lock poisoned")
-                    .clone()
-                {
-                    Some(refusal) => microbatch_kafka::ClientError::Refused(refusal),
-                    None => microbatch_kafka::ClientError::classify(e, &kafka.bootstrap_servers),
-                }
+            .map_err(|e| match producer.context().refusal.recent() {
+                Some(refusal) => microbatch_kafka::ClientError::Refused(refusal),
+                None => microbatch_kafka::ClientError::classify(e, &kafka.bootstrap_servers),
             })?;
         let exists = metadata.topics().iter().any(|t| {
             t.name() == args.topic

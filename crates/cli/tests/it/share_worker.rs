@@ -689,7 +689,8 @@ fn a_capacity_report_an_acl_refuses_is_logged_and_costs_nothing_else() {
 /// An operator lowers the group's delivery limit by hand while a worker
 /// runs (`kafka-configs`): below `--max-attempts` + 2 the broker would
 /// archive records the worker never tried to dead-letter. The worker sets
-/// it back, within its check interval (15 s), and says what it found.
+/// it back, within its check interval (30 s and a spread of up to 5 s), and
+/// says what it found.
 #[test]
 fn a_delivery_limit_lowered_by_hand_is_set_back() {
     let Some(bootstrap) = real_broker() else {
@@ -705,7 +706,14 @@ fn a_delivery_limit_lowered_by_hand_is_set_back() {
         &s.topic,
         &group,
         0,
-        &["--handler", "exec", "--command", &handler],
+        &[
+            "--handler",
+            "exec",
+            "--command",
+            &handler,
+            "--max-attempts",
+            "3",
+        ],
     );
     s.produce(20, &[]);
     wait_for_share_backlog_zero(&bootstrap, &group, 1, Duration::from_secs(60));
@@ -736,15 +744,14 @@ fn a_delivery_limit_lowered_by_hand_is_set_back() {
         .output()
         .expect("running kafka-configs");
     assert!(altered.status.success(), "{altered:?}");
-    assert_eq!(limit().as_deref(), Some("3"), "lowered by hand");
-    wait_until(Duration::from_secs(45), "the limit set back", || {
-        limit().as_deref() == Some("10")
-    });
-    wait_until(Duration::from_secs(10), "the worker to say so", || {
+    // The worker's words prove the lowering was seen (the limit itself may
+    // be set back before it could be read here).
+    wait_until(Duration::from_secs(60), "the worker to say so", || {
         worker
             .stderr()
-            .contains("share.delivery.count.limit=3): set back to")
+            .contains("share.delivery.count.limit was 3, below --max-attempts + 2 (5)")
     });
+    assert_eq!(limit().as_deref(), Some("10"), "set back");
     worker.terminate();
 }
 

@@ -531,7 +531,8 @@ fn scram_over_tls_works_and_a_wrong_password_is_clear() {
 /// A CA that did not sign the brokers' certificate (`--ssl-ca-location`
 /// pointing at the wrong file): the worker says it is the TLS handshake and
 /// names the flag, in its log and on /readyz, instead of "broker transport
-/// failure"; `lag` exits 1 saying the same, through librdkafka (a consumer
+/// failure", with dead letters (their topic is looked up first) and
+/// without; `lag` exits 1 saying the same, through librdkafka (a consumer
 /// group) and through the share client (`--share-group`).
 #[test]
 fn a_ca_that_did_not_sign_the_brokers_certificate_is_named() {
@@ -575,9 +576,27 @@ fn a_ca_that_did_not_sign_the_brokers_certificate_is_named() {
     });
     let (status, body) = http_get(port, "/readyz").expect("readyz answers");
     assert!(status == 503 && says(&body), "{status} {body}");
-    w.signal(SIGTERM);
-    assert!(w.wait_for_exit(Duration::from_secs(60)).is_some());
-    assert!(!w.stderr().contains(&env["KAFKA_PASSWORD"]));
+    // Without dead letters the consumer's own client meets the brokers
+    // first: it says the same.
+    let bare_port = free_port();
+    let mut bare = spawn_worker_with(
+        run_over_scram(&env),
+        &sc.dir,
+        "bare",
+        &sc.topic,
+        &sc.group,
+        bare_port,
+        &["--handler", "exec", "--command", &handler, "--dlq", "off"],
+    );
+    wait_until(Duration::from_secs(60), "/readyz to name the CA", || {
+        http_get(bare_port, "/readyz").is_some_and(|(status, body)| status == 503 && says(&body))
+    });
+    assert!(says(&bare.stderr()), "{}", bare.stderr());
+    for w in [&mut w, &mut bare] {
+        w.signal(SIGTERM);
+        assert!(w.wait_for_exit(Duration::from_secs(60)).is_some());
+        assert!(!w.stderr().contains(&env["KAFKA_PASSWORD"]));
+    }
     for group in [["--group", &sc.group], ["--share-group", &sc.group]] {
         let out = over_scram(&env, &["lag", "--topic", &sc.topic])
             .args(group)

@@ -54,11 +54,17 @@ impl ClientContext for WorkerContext {
             .client_errors
             .get_or_create(&KindLabel { kind })
             .inc();
+        let refusal = microbatch_kafka::client::Refusal::of(&error, reason);
         match kind {
-            "authentication" | "tls" => self
+            "authentication" => self
                 .telemetry
                 .readiness
                 .set_error(format!("{kind}: {reason}")),
+            // With the fix when the brokers' certificate did not verify.
+            "tls" => self.telemetry.readiness.set_error(match &refusal {
+                Some(refusal) => format!("{kind}: {refusal}"),
+                None => format!("{kind}: {reason}"),
+            }),
             "all_brokers_down" => self
                 .telemetry
                 .readiness
@@ -66,7 +72,7 @@ impl ClientContext for WorkerContext {
             _ => {}
         }
         if let Some(suppressed) = self.error_throttle.allow(Instant::now()) {
-            match microbatch_kafka::client::Refusal::of(&error, reason) {
+            match refusal {
                 Some(refusal) => tracing::error!(kind, suppressed, "{refusal}"),
                 None => tracing::error!(kind, suppressed, "kafka client error: {reason}"),
             }

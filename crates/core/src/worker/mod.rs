@@ -208,9 +208,10 @@ impl Worker {
     > {
         let share = share::consumer_config(self)?;
         share::configure_group(self, &share).await?;
-        let keeper = tokio::spawn(share::keep_group_configs(
+        let keeper = tokio::spawn(share::keep_delivery_limit(
             share.clone(),
-            share::owned_configs(self),
+            self.config.share_delivery_limit(),
+            self.config.share_delivery_limit_floor(),
         ));
         match microbatch_kafka::share::ShareConsumer::join(share).await {
             Ok(consumer) => Ok((consumer, keeper)),

@@ -30,8 +30,8 @@
 //!   before any handler sees it again; the group's
 //!   `share.delivery.count.limit` is 10 and `--max-attempts` at most 8, so
 //!   the broker never archives a record the worker has not tried to
-//!   dead-letter, with a delivery to spare; a limit changed by hand is set
-//!   back ([`keep_group_configs`]).
+//!   dead-letter, with a delivery to spare; a limit lowered by hand is set
+//!   back ([`keep_delivery_limit`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use microbatch_kafka::aws_iam::WithTokens;
 use microbatch_kafka::capacity_report::share_capacity_group;
 use microbatch_kafka::client::CommitLoggingContext;
-use microbatch_kafka::share::cluster::GroupConfig;
+use microbatch_kafka::share::cluster::{Cluster, GroupConfig};
 use microbatch_kafka::share::{
     AckOutcome, AckType, Fetched, ShareConsumer, ShareConsumerConfig, ShareError, ShareRecord,
 };
@@ -324,24 +324,8 @@ impl ConsumedRecord for Record<'_> {
     }
 }
 
-/// The share group's settings the worker owns, as (name, value): where a
-/// new group starts, and the delivery limit that leaves a record's end to
-/// the worker.
-pub(super) fn owned_configs(worker: &Worker) -> Vec<(&'static str, String)> {
-    let cfg = &worker.config;
-    vec![
-        (
-            "share.auto.offset.reset",
-            cfg.offset_reset.as_str().to_string(),
-        ),
-        (
-            "share.delivery.count.limit",
-            cfg.share_delivery_limit().to_string(),
-        ),
-    ]
-}
-
-/// Sets [`owned_configs`] on the group, at start.
+/// The share group's settings the worker owns: where a new group starts,
+/// and the delivery limit that leaves a record's end to the worker.
 pub(super) async fn configure_group(
     worker: &Worker,
     share: &ShareConsumerConfig,
@@ -349,98 +333,111 @@ pub(super) async fn configure_group(
     let cfg = &worker.config;
     let reset = cfg.offset_reset.as_str();
     let limit = cfg.share_delivery_limit().to_string();
-    let owned = owned_configs(worker);
-    let pairs: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    ShareConsumer::configure_group(share, &pairs)
-        .await
-        .map_err(|e| {
-            let hint = if e.is_authorization() {
-                "; the principal needs ALTER_CONFIGS on the group"
-            } else if e.is_invalid_config() {
-                "; the brokers may bound share.delivery.count.limit lower \
-             (group.share.max.delivery.count.limit)"
-            } else {
-                ""
-            };
-            WorkerError::Share(format!(
-                "could not set share group {:?}'s configs (share.auto.offset.reset={reset}, \
-             share.delivery.count.limit={limit}): {e}{hint}",
-                cfg.group
-            ))
-        })
+    ShareConsumer::configure_group(
+        share,
+        &[("share.auto.offset.reset", reset), (DELIVERY_LIMIT, &limit)],
+    )
+    .await
+    .map_err(|e| {
+        WorkerError::Share(format!(
+            "could not set share group {:?}'s configs (share.auto.offset.reset={reset}, \
+             {DELIVERY_LIMIT}={limit}): {e}{}",
+            cfg.group,
+            alter_hint(&e)
+        ))
+    })
 }
 
-/// How often a running worker checks that the group's configs are still
-/// those it owns: a delivery limit lowered by hand (`kafka-configs`) would
-/// let the broker archive records the worker never tried to dead-letter.
-pub(super) const GROUP_CONFIG_CHECK: Duration = Duration::from_secs(15);
+/// How often a running worker checks the group's delivery limit: one
+/// lowered by hand (`kafka-configs`) lets the broker archive records the
+/// worker never tried to dead-letter. Each worker adds up to 5 s of its own
+/// so that many do not ask at once.
+pub(super) const GROUP_CONFIG_CHECK: Duration = Duration::from_secs(30);
 
-/// The owned configs the brokers apply differently, each with the value
-/// they apply (`None`: not listed).
-pub(super) fn drifted(
-    owned: &[(&'static str, String)],
-    applied: &[GroupConfig],
-) -> Vec<(&'static str, Option<String>)> {
-    owned
+const DELIVERY_LIMIT: &str = "share.delivery.count.limit";
+
+/// The delivery limit the brokers apply for the group when it is below
+/// `floor` (`--max-attempts` + 2), as found: not listed, or not a number,
+/// counts as below. A higher one, or the worker's, is left alone.
+pub(super) fn delivery_limit_too_low(applied: &[GroupConfig], floor: u32) -> Option<String> {
+    let value = applied
         .iter()
-        .filter_map(|(name, ours)| {
-            let theirs = applied
-                .iter()
-                .find(|c| c.name == *name)
-                .and_then(|c| c.value.clone());
-            (theirs.as_deref() != Some(ours.as_str())).then_some((*name, theirs))
-        })
-        .collect()
+        .find(|c| c.name == DELIVERY_LIMIT)
+        .and_then(|c| c.value.clone());
+    match value.as_deref().map(str::parse::<u32>) {
+        Some(Ok(limit)) if limit >= floor => None,
+        _ => Some(value.unwrap_or_else(|| "(not listed)".into())),
+    }
 }
 
-/// Every [`GROUP_CONFIG_CHECK`], sets the owned configs back when they
-/// drifted, saying so; runs until aborted. A check that fails is tried
-/// again at the next; one that cannot set them back is an error each time.
-pub(super) async fn keep_group_configs(
-    share: ShareConsumerConfig,
-    owned: Vec<(&'static str, String)>,
-) {
-    let mut ticks = tokio::time::interval(GROUP_CONFIG_CHECK);
+/// Why setting the group's configs failed, and what to do.
+fn alter_hint(e: &ShareError) -> &'static str {
+    if e.is_authorization() {
+        "; the principal needs ALTER_CONFIGS on the group"
+    } else if e.is_invalid_config() {
+        "; the brokers may bound share.delivery.count.limit lower \
+         (group.share.max.delivery.count.limit)"
+    } else {
+        ""
+    }
+}
+
+/// Every [`GROUP_CONFIG_CHECK`], sets the delivery limit back to `limit`
+/// when it is below `floor`, saying what it found; runs until aborted, on
+/// one connection. A check that fails, or a limit that cannot be set back,
+/// is said at most once per back-off step.
+pub(super) async fn keep_delivery_limit(share: ShareConsumerConfig, limit: u32, floor: u32) {
+    let cluster = Cluster::new(
+        share.connector.clone(),
+        share.bootstrap.clone(),
+        share.client_id.clone(),
+        share.request_timeout,
+    );
+    let spread = Duration::from_millis(u64::from(std::process::id()) % 5_000);
+    let mut ticks = tokio::time::interval_at(
+        tokio::time::Instant::now() + GROUP_CONFIG_CHECK + spread,
+        GROUP_CONFIG_CHECK,
+    );
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first tick is now, just after the worker set them.
-    ticks.tick().await;
+    let failures = LogThrottle::default();
+    let group = &share.group;
     loop {
         ticks.tick().await;
-        let applied = match ShareConsumer::group_configs(&share).await {
-            Ok(applied) => applied,
+        let found = match cluster.group_configs(group).await {
+            Ok(applied) => match delivery_limit_too_low(&applied, floor) {
+                Some(found) => found,
+                None => continue,
+            },
             Err(e) => {
-                tracing::debug!(error = %e, "reading the share group's configs failed");
+                if let Some(suppressed) = failures.allow(Instant::now()) {
+                    tracing::warn!(%group, error = %e, suppressed, "could not read the share group's configs: a delivery limit lowered by hand goes unseen meanwhile");
+                }
                 continue;
             }
         };
-        let drift = drifted(&owned, &applied);
-        if drift.is_empty() {
-            continue;
-        }
-        let found: Vec<String> = drift
-            .iter()
-            .map(|(name, theirs)| format!("{name}={}", theirs.as_deref().unwrap_or("(unset)")))
-            .collect();
-        let pairs: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let wanted: Vec<String> = owned.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        match ShareConsumer::configure_group(&share, &pairs).await {
+        let value = limit.to_string();
+        match cluster
+            .set_group_configs(group, &[(DELIVERY_LIMIT, &value)])
+            .await
+        {
             Ok(()) => tracing::warn!(
-                group = %share.group,
-                "share group configs changed under the worker ({}): set back to {} (the worker \
-                 owns them: a lower delivery limit lets the broker archive records before \
-                 --max-attempts dead-letters them)",
-                found.join(", "),
-                wanted.join(", ")
+                %group,
+                "{DELIVERY_LIMIT} was {found}, below --max-attempts + 2 ({floor}), so the \
+                 broker would archive records before they are dead-lettered: set back to {limit}"
             ),
-            Err(e) => tracing::error!(
-                group = %share.group,
-                error = %e,
-                "share group configs changed under the worker ({}) and could not be set back \
-                 to {}: records delivered more often than the limit are archived by the broker \
-                 without a dead letter",
-                found.join(", "),
-                wanted.join(", ")
-            ),
+            Err(e) => {
+                if let Some(suppressed) = failures.allow(Instant::now()) {
+                    tracing::error!(
+                        %group,
+                        error = %e,
+                        suppressed,
+                        "{DELIVERY_LIMIT} is {found}, below --max-attempts + 2 ({floor}), and \
+                         could not be set back to {limit}{}: records delivered that often are \
+                         archived by the broker without a dead letter",
+                        alter_hint(&e)
+                    );
+                }
+            }
         }
     }
 }
@@ -725,6 +722,10 @@ impl CapacityChannel {
         let Some(consumer) = &self.consumer else {
             return;
         };
+        // Events served at each report, also while one hangs: a refused
+        // coordinator lookup (an ACL) is said here, and its report's commit
+        // waits for a coordinator without answering.
+        let _ = consumer.poll(Duration::ZERO);
         if self.accepted.is_empty() || self.sending.swap(true, AtomicOrdering::AcqRel) {
             return;
         }
@@ -1281,19 +1282,14 @@ mod tests {
         assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
     }
 
-    /// A config the brokers apply with another value, or do not list, is
-    /// drift; the same value, set for the group or as the brokers' default,
-    /// is not.
+    /// A limit below the floor, not listed or not a number is too low; the
+    /// floor or above, set for the group or the brokers' default, is not.
     #[test]
-    fn owned_configs_drift_when_the_brokers_apply_another_value() {
-        let owned = vec![
-            ("share.auto.offset.reset", "earliest".to_string()),
-            ("share.delivery.count.limit", "10".to_string()),
-        ];
-        let applied = |reset: &str, limit: Option<&str>| {
+    fn a_delivery_limit_below_the_floor_is_too_low() {
+        let applied = |limit: Option<&str>| {
             let mut configs = vec![GroupConfig {
                 name: "share.auto.offset.reset".into(),
-                value: Some(reset.into()),
+                value: Some("latest".into()),
                 set_for_group: false,
             }];
             if let Some(limit) = limit {
@@ -1305,17 +1301,20 @@ mod tests {
             }
             configs
         };
-        assert!(drifted(&owned, &applied("earliest", Some("10"))).is_empty());
+        assert_eq!(delivery_limit_too_low(&applied(Some("10")), 7), None);
+        assert_eq!(delivery_limit_too_low(&applied(Some("7")), 7), None);
+        assert_eq!(delivery_limit_too_low(&applied(Some("20")), 7), None);
         assert_eq!(
-            drifted(&owned, &applied("earliest", Some("3"))),
-            vec![("share.delivery.count.limit", Some("3".to_string()))]
+            delivery_limit_too_low(&applied(Some("6")), 7),
+            Some("6".into())
         );
         assert_eq!(
-            drifted(&owned, &applied("latest", None)),
-            vec![
-                ("share.auto.offset.reset", Some("latest".to_string())),
-                ("share.delivery.count.limit", None)
-            ]
+            delivery_limit_too_low(&applied(Some("ten")), 7),
+            Some("ten".into())
+        );
+        assert_eq!(
+            delivery_limit_too_low(&applied(None), 7),
+            Some("(not listed)".into())
         );
     }
 
