@@ -440,16 +440,21 @@ def main():
     if a.group_config:
         if not a.kafka_local:
             ap.error("--group-config needs --kafka-local")
-        configured = subprocess.run(
-            [a.kafka_local, "tool", "configs", "--bootstrap-server", a.bootstrap, "--alter",
-             "--entity-type", "groups", "--entity-name", a.group,
-             "--add-config", ",".join(a.group_config)],
-            capture_output=True, text=True, timeout=120,
-        )
-        if configured.returncode != 0:
+        try:
+            configured = subprocess.run(
+                [a.kafka_local, "tool", "configs", "--bootstrap-server", a.bootstrap, "--alter",
+                 "--entity-type", "groups", "--entity-name", a.group,
+                 "--add-config", ",".join(a.group_config)],
+                capture_output=True, text=True, timeout=120,
+            )
+            failed = configured.stderr.strip()[-500:] if configured.returncode != 0 else None
+        except (OSError, subprocess.TimeoutExpired) as e:
+            failed = str(e)
+        if failed is not None:
             # A line of its own, so this run's figures are never another's.
             print(json.dumps({"contender": a.contender, "label": a.label or a.contender, "run": a.run,
-                              "error": f"setting {a.group_config}: {configured.stderr.strip()[-500:]}"}),
+                              "t0": time.time(), "records": a.records, "size": a.size, "topic": a.topic,
+                              "group": a.group, "error": f"setting {a.group_config}: {failed}"}),
                   flush=True)
             return 1
     res = runner(a)

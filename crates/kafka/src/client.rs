@@ -84,8 +84,10 @@ impl Refusal {
 
 /// The last refusal a client's error events reported, for as long as it is
 /// recent: a refusal that lasts is reported again as the client reconnects
-/// (at most `reconnect.backoff.max.ms`, 10 s, apart), and one that passed
-/// must not name a later, different failure.
+/// (librdkafka holds back an identical error for 30 s, so about every
+/// 30–45 s), and one that passed must not name a later, different failure.
+/// Recent counts from when the event was served: clients that keep one
+/// (the lag reader) serve their events at every reading.
 #[derive(Debug, Default)]
 pub struct RefusalSlot(std::sync::Mutex<Option<(std::time::Instant, Refusal)>>);
 

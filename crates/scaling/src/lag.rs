@@ -449,8 +449,12 @@ impl LagReader {
 
     fn partitions_of(&self, name: &str) -> Result<Vec<i32>, ClientError> {
         // Serves queued client events: librdkafka asks for a fresh
-        // OAUTHBEARER token there (MSK IAM) before the old one expires.
-        let _ = self.consumer.poll(Duration::ZERO);
+        // OAUTHBEARER token there (MSK IAM) before the old one expires, and
+        // a refusal is kept when it comes, not when a later failure looks
+        // for it. A poll serves one error at most: a few, cheaply.
+        for _ in 0..32 {
+            let _ = self.consumer.poll(Duration::ZERO);
+        }
         let unknown = || ClientError::UnknownTopic {
             topic: name.to_string(),
         };

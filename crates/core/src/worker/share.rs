@@ -393,13 +393,21 @@ pub(super) async fn keep_delivery_limit(share: ShareConsumerConfig, limit: u32, 
         share.client_id.clone(),
         share.request_timeout,
     );
-    let spread = Duration::from_millis(u64::from(std::process::id()) % 5_000);
+    // The worker's id, not its pid: in a container every worker is pid 1.
+    let spread = Duration::from_millis(
+        CapacityMeter::process_worker_id()
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+            % 5_000,
+    );
     let mut ticks = tokio::time::interval_at(
         tokio::time::Instant::now() + GROUP_CONFIG_CHECK + spread,
         GROUP_CONFIG_CHECK,
     );
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let failures = LogThrottle::default();
+    // Against something that keeps lowering it, a warning now and then.
+    let set_backs = LogThrottle::default();
     let group = &share.group;
     loop {
         ticks.tick().await;
@@ -420,11 +428,17 @@ pub(super) async fn keep_delivery_limit(share: ShareConsumerConfig, limit: u32, 
             .set_group_configs(group, &[(DELIVERY_LIMIT, &value)])
             .await
         {
-            Ok(()) => tracing::warn!(
-                %group,
-                "{DELIVERY_LIMIT} was {found}, below --max-attempts + 2 ({floor}), so the \
-                 broker would archive records before they are dead-lettered: set back to {limit}"
-            ),
+            Ok(()) => {
+                if let Some(suppressed) = set_backs.allow(Instant::now()) {
+                    tracing::warn!(
+                        %group,
+                        suppressed,
+                        "{DELIVERY_LIMIT} was {found}, below --max-attempts + 2 ({floor}), so \
+                         the broker would archive records before they are dead-lettered: set \
+                         back to {limit}"
+                    );
+                }
+            }
             Err(e) => {
                 if let Some(suppressed) = failures.allow(Instant::now()) {
                     tracing::error!(

@@ -346,7 +346,15 @@ impl Cluster {
                 .with_resource_type(GROUP_RESOURCE)
                 .with_resource_name(StrBytes::from_string(group.to_string())),
         ]);
-        let response: DescribeConfigsResponse = conn.call(request).await?;
+        let response: DescribeConfigsResponse = match conn.call(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                // A connection that timed out may still look open: the
+                // next call opens another, or tries the next broker.
+                self.forget(&conn, Lane::Coordinator).await;
+                return Err(e);
+            }
+        };
         let mut configs = Vec::new();
         for r in response.results {
             if r.error_code != 0 {
@@ -395,7 +403,13 @@ impl Cluster {
                         .collect(),
                 ),
         ]);
-        let response: IncrementalAlterConfigsResponse = conn.call(request).await?;
+        let response: IncrementalAlterConfigsResponse = match conn.call(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.forget(&conn, Lane::Coordinator).await;
+                return Err(e);
+            }
+        };
         for r in response.responses {
             if r.error_code != 0 {
                 return Err(ShareError::broker(
