@@ -273,6 +273,102 @@ fn a_handler_slower_than_the_lock_keeps_its_records() {
     assert!(dead_lettered(&format!("{}.dlq", s.topic)).is_empty());
 }
 
+/// A worker frozen past its locks (SIGSTOP for four lock durations: a long
+/// GC pause, a throttled CPU) while holding records it has handled and
+/// records it has not started; another worker, its handler held at a gate,
+/// holds what it took meanwhile. Resumed, the frozen worker's renewals and
+/// accepts are refused by the broker for locks that ran out (the renewal
+/// halved until found lost together), it says so and goes on. Nothing
+/// lost, nothing dead-lettered, and the resumed worker alone drains what
+/// comes next (no stall).
+#[test]
+fn a_share_worker_frozen_past_its_locks_resumes_and_loses_nothing() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let (s, group) = scenario_with_lock(&bootstrap, "share-frozen", 1, 2000);
+    let dlq = s.dead_letter_topic(1);
+    let fast = recording_handler(
+        &s.dir,
+        HandlerBehaviour {
+            failure_rate: 0.0,
+            ms_per_record: 20,
+        },
+    );
+    let gate = s.dir.path("gate");
+    let log_b = s.dir.path("b-handled.txt");
+    let gated = crate::harness::logging_handler_with(
+        &s.dir,
+        &log_b,
+        "import time\n",
+        &format!("    while os.path.exists({gate:?}): time.sleep(0.05)\n"),
+    );
+    let args = |handler: &str| -> Vec<String> {
+        [
+            "--handler",
+            "exec",
+            "--command",
+            handler,
+            "--concurrency",
+            "2",
+            "--max-records",
+            "5",
+            "--dlq-topic",
+            &dlq,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let handled_by_a = |dir: &crate::harness::TestDir| audited(&handled_files(dir)).len();
+    let args_a = args(&fast);
+    let args_a: Vec<&str> = args_a.iter().map(String::as_str).collect();
+    let mut a = spawn_share_worker(&s.dir, "a", &s.topic, &group, 0, &args_a);
+    s.produce(300, &[]);
+    wait_until(Duration::from_secs(60), "worker a at work", || {
+        handled_by_a(&s.dir) >= 20
+    });
+    a.signal(libc::SIGSTOP);
+    std::fs::write(&gate, "").unwrap();
+    let args_b = args(&gated);
+    let args_b: Vec<&str> = args_b.iter().map(String::as_str).collect();
+    let mut b = spawn_share_worker(&s.dir, "b", &s.topic, &group, 0, &args_b);
+    std::thread::sleep(Duration::from_secs(8));
+    a.signal(libc::SIGCONT);
+    wait_until(
+        Duration::from_secs(30),
+        "worker a to say its locks ran out",
+        || {
+            let err = a.stderr();
+            err.contains("locks ran out together") || err.contains("the broker refused")
+        },
+    );
+    std::fs::remove_file(&gate).unwrap();
+    wait_for_share_backlog_zero(&bootstrap, &group, 1, Duration::from_secs(90));
+    b.terminate();
+    let before = handled_by_a(&s.dir);
+    s.produce(50, &[]);
+    wait_for_share_backlog_zero(&bootstrap, &group, 1, Duration::from_secs(60));
+    assert!(
+        handled_by_a(&s.dir) >= before + 50,
+        "the resumed worker drained the new records"
+    );
+    a.terminate();
+    let mut files = handled_files(&s.dir);
+    files.push(log_b);
+    let (handled, dead) = assert_nothing_lost(&s.topic, &dlq, &files);
+    assert_eq!(handled.len(), 350, "every record handled");
+    assert!(dead.is_empty(), "nothing dead-lettered: {dead:?}");
+    let twice = handled.values().filter(|n| **n > 1).count();
+    eprintln!(
+        "handled twice: {twice} of 350; worker a said: {}",
+        a.stderr()
+            .lines()
+            .filter(|l| l.contains("WARN") && (l.contains("locks") || l.contains("refused")))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+}
+
 /// A record that crashes its worker (the handler SIGKILLs the worker, as
 /// an out-of-memory kill would) is delivered again and again, each delivery
 /// ending without a verdict; the delivery past --max-attempts (2) is

@@ -735,6 +735,13 @@ impl ShareConsumer {
                 if let Some(batches) = acked.remove(&key) {
                     let error = ResponseError::try_from_code(part.acknowledge_error_code);
                     for batch in batches {
+                        tracing::trace!(
+                            partition = key.1,
+                            first = batch.first_offset,
+                            last = batch.last_offset,
+                            ?error,
+                            "verdicts answered (with a fetch)"
+                        );
                         self.outcomes.push(AckOutcome {
                             topic: name.clone(),
                             partition: key.1,
@@ -995,6 +1002,13 @@ impl ShareConsumer {
                 if let Some(batches) = acked.remove(&(topic.topic_id, part.partition_index)) {
                     let error = ResponseError::try_from_code(part.error_code);
                     for batch in batches {
+                        tracing::trace!(
+                            partition = part.partition_index,
+                            first = batch.first_offset,
+                            last = batch.last_offset,
+                            ?error,
+                            "verdicts answered"
+                        );
                         self.outcomes.push(AckOutcome {
                             topic: name.clone(),
                             partition: part.partition_index,
