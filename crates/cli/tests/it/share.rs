@@ -336,6 +336,21 @@ fn ten_held_under_a_2s_lock(
     })
 }
 
+/// A member of a new group set to start at the beginning, holding the
+/// topic's first `count` records.
+async fn from_the_start_holding(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    count: usize,
+) -> (ShareConsumer, Vec<ShareRecord>) {
+    let cfg = config(bootstrap, group, topic);
+    ShareConsumer::configure_group(&cfg, &[("share.auto.offset.reset", "earliest")])
+        .await
+        .unwrap();
+    join_holding(cfg, count).await
+}
+
 /// A member that has joined and holds `count` records.
 async fn join_holding(cfg: ShareConsumerConfig, count: usize) -> (ShareConsumer, Vec<ShareRecord>) {
     let mut member = ShareConsumer::join(cfg).await.expect("joining");
@@ -854,11 +869,7 @@ fn lag_without_read_on_the_topic_reads_the_backlog_and_says_why_no_ages() {
     // State first, while the topic has no ACL: the share group has done 10
     // records, the consumer group committed offset 10.
     runtime().block_on(async {
-        let cfg = config(&bootstrap, &group, &topic);
-        ShareConsumer::configure_group(&cfg, &[("share.auto.offset.reset", "earliest")])
-            .await
-            .unwrap();
-        let (mut c, held) = join_holding(cfg, 50).await;
+        let (mut c, held) = from_the_start_holding(&bootstrap, &group, &topic, 50).await;
         for r in held.iter().filter(|r| r.offset < 10) {
             c.acknowledge(r, AckType::Accept).unwrap();
         }
@@ -1066,11 +1077,7 @@ fn lag_reads_a_share_groups_backlog() {
     create_topic(&topic, 2);
     produce(&topic, 100, &["--kafka-property", "batch.num.messages=10"]);
     runtime().block_on(async {
-        let cfg = config(&bootstrap, &group, &topic);
-        ShareConsumer::configure_group(&cfg, &[("share.auto.offset.reset", "earliest")])
-            .await
-            .unwrap();
-        let (mut c, held) = join_holding(cfg, 100).await;
+        let (mut c, held) = from_the_start_holding(&bootstrap, &group, &topic, 100).await;
         // Before the group's first verdict the broker has no share-partition
         // state to report: the start offset is unknown, and lag says so
         // rather than guessing (see docs/share-groups.md).

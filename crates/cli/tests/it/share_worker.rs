@@ -819,7 +819,7 @@ fn a_delivery_limit_lowered_by_hand_is_set_back() {
             .enable_all()
             .build()
             .unwrap()
-            .block_on(ShareConsumer::group_configs(&cfg))
+            .block_on(cfg.cluster().group_configs(&group))
             .expect("reading the group's configs");
         configs
             .into_iter()

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use microbatch_kafka::aws_iam::WithTokens;
 use microbatch_kafka::capacity_report::share_capacity_group;
 use microbatch_kafka::client::CommitLoggingContext;
-use microbatch_kafka::share::cluster::{Cluster, GroupConfig};
+use microbatch_kafka::share::cluster::GroupConfig;
 use microbatch_kafka::share::{
     AckOutcome, AckType, Fetched, ShareConsumer, ShareConsumerConfig, ShareError, ShareRecord,
 };
@@ -387,12 +387,7 @@ fn alter_hint(e: &ShareError) -> &'static str {
 /// one connection. A check that fails, or a limit that cannot be set back,
 /// is said at most once per back-off step.
 pub(super) async fn keep_delivery_limit(share: ShareConsumerConfig, limit: u32, floor: u32) {
-    let cluster = Cluster::new(
-        share.connector.clone(),
-        share.bootstrap.clone(),
-        share.client_id.clone(),
-        share.request_timeout,
-    );
+    let cluster = share.cluster();
     // The worker's id, not its pid: in a container every worker is pid 1.
     let spread = Duration::from_millis(
         CapacityMeter::process_worker_id()

@@ -57,6 +57,16 @@ pub struct ShareConsumerConfig {
 }
 
 impl ShareConsumerConfig {
+    /// A cluster client with this config's brokers, security and timeout.
+    pub fn cluster(&self) -> Cluster {
+        Cluster::new(
+            self.connector.clone(),
+            self.bootstrap.clone(),
+            self.client_id.clone(),
+            self.request_timeout,
+        )
+    }
+
     /// The brokers and security of `kafka` (its TLS and SASL settings; MSK
     /// IAM with the refresher it carries), with this client's defaults.
     pub fn from_kafka(
@@ -189,12 +199,7 @@ impl ShareConsumer {
             )));
         }
         let member_id = random_member_id();
-        let cluster = Arc::new(Cluster::new(
-            cfg.connector.clone(),
-            cfg.bootstrap.clone(),
-            cfg.client_id.clone(),
-            cfg.request_timeout,
-        ));
+        let cluster = Arc::new(cfg.cluster());
         // Fail fast on a broker without share groups or an unknown topic.
         let metas = cluster.metadata(&cfg.topics).await?;
         let membership = Membership::start(
@@ -241,28 +246,7 @@ impl ShareConsumer {
         cfg: &ShareConsumerConfig,
         configs: &[(&str, &str)],
     ) -> Result<(), ShareError> {
-        Cluster::new(
-            cfg.connector.clone(),
-            cfg.bootstrap.clone(),
-            cfg.client_id.clone(),
-            cfg.request_timeout,
-        )
-        .set_group_configs(&cfg.group, configs)
-        .await
-    }
-
-    /// The share group's configs as the brokers apply them.
-    pub async fn group_configs(
-        cfg: &ShareConsumerConfig,
-    ) -> Result<Vec<super::cluster::GroupConfig>, ShareError> {
-        Cluster::new(
-            cfg.connector.clone(),
-            cfg.bootstrap.clone(),
-            cfg.client_id.clone(),
-            cfg.request_timeout,
-        )
-        .group_configs(&cfg.group)
-        .await
+        cfg.cluster().set_group_configs(&cfg.group, configs).await
     }
 
     pub fn member_id(&self) -> &str {
