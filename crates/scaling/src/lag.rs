@@ -149,6 +149,11 @@ pub struct GroupLag {
     /// so replicas are not capped by the partition count.
     #[serde(skip)]
     pub shared: bool,
+    /// Partitions without a leader (their broker down, no replica in its
+    /// place): not in `partitions` nor in the total. Like a commit that
+    /// cannot be read, no scaling decision is made on such a reading
+    /// ([`GroupLag::unreadable`]).
+    pub partitions_offline: Vec<i32>,
 }
 
 impl GroupLag {
@@ -161,6 +166,7 @@ impl GroupLag {
             partitions,
             commit_metadata: Vec::new(),
             shared: false,
+            partitions_offline: Vec::new(),
         };
         lag.lag_ms = lag.oldest_ms();
         lag
@@ -187,6 +193,25 @@ impl GroupLag {
         self.partitions
             .iter()
             .find_map(|p| Some((p.partition, p.commit_error.as_deref()?)))
+    }
+
+    /// Why no scaling decision can be made on this reading, if one cannot:
+    /// a partition whose committed offset could not be read, or offline
+    /// partitions. KEDA's kafka trigger fails its whole reading on either.
+    pub fn unreadable(&self) -> Option<String> {
+        if let Some((partition, error)) = self.commit_error() {
+            return Some(format!(
+                "the committed offset of {} partition {partition} for group {} could not be read ({error})",
+                self.topic, self.group
+            ));
+        }
+        if !self.partitions_offline.is_empty() {
+            return Some(format!(
+                "{} partitions {:?} have no leader (offline): their lag cannot be read",
+                self.topic, self.partitions_offline
+            ));
+        }
+        None
     }
 
     pub fn partitions_with_lag(&self) -> usize {
@@ -448,6 +473,11 @@ impl LagReader {
     }
 
     fn partitions_of(&self, name: &str) -> Result<Vec<i32>, ClientError> {
+        self.partitions_and_offline(name).map(|(ids, _)| ids)
+    }
+
+    /// Every partition of `name`, and those of them without a leader.
+    fn partitions_and_offline(&self, name: &str) -> Result<(Vec<i32>, Vec<i32>), ClientError> {
         // Serves queued client events: librdkafka asks for a fresh
         // OAUTHBEARER token there (MSK IAM) before the old one expires, and
         // a refusal is kept when it comes, not when a later failure looks
@@ -472,7 +502,14 @@ impl LagReader {
         }
         let mut ids: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
         ids.sort_unstable();
-        Ok(ids)
+        let mut offline: Vec<i32> = topic
+            .partitions()
+            .iter()
+            .filter(|p| p.leader() < 0)
+            .map(|p| p.id())
+            .collect();
+        offline.sort_unstable();
+        Ok((ids, offline))
     }
 
     /// Members of the group on this reader's topic now; `None` when that
@@ -543,7 +580,10 @@ impl LagReader {
         topic: &str,
         policy: InvalidOffsetPolicy,
     ) -> Result<GroupLag, ClientError> {
-        let ids = self.partitions_of(topic)?;
+        // A partition without a leader has no watermarks to read: it is
+        // left out and named (`partitions_offline`), the rest are read.
+        let (mut ids, offline) = self.partitions_and_offline(topic)?;
+        ids.retain(|p| !offline.contains(p));
         let mut tpl = TopicPartitionList::new();
         for p in &ids {
             tpl.add_partition(topic, *p);
@@ -564,6 +604,7 @@ impl LagReader {
             partitions.push(lag);
         }
         let mut lag = GroupLag::new(&self.group, topic, partitions);
+        lag.partitions_offline = offline;
         lag.commit_metadata = crate::capacity::commit_metadata(&committed);
         if self.record_ages {
             let wanted: Vec<(i32, i64)> = lag

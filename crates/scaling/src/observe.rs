@@ -133,10 +133,11 @@ impl Observer {
         };
         let at = Instant::now();
         // A partition whose committed offset could not be read would count
-        // from the start of its log, and the next good reading would look
-        // like a burst of progress: such a reading leaves the rates as
-        // they were (its users fail it: `GroupLag::commit_error`).
-        let rates = if lag.commit_error().is_some() {
+        // from the start of its log, and an offline one drops out of the
+        // sums, so the next good reading would look like a burst of
+        // progress or arrivals: such a reading leaves the rates as they
+        // were (its users fail it: `GroupLag::unreadable`).
+        let rates = if lag.unreadable().is_some() {
             self.last_rates
         } else {
             self.rates.observe(at, &lag)

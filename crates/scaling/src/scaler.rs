@@ -316,7 +316,7 @@ impl TriggerState {
             .map(|t| reader.read_topic(t, self.spec.invalid_offset))
             .collect::<Result<Vec<_>, _>>()
             .map_err(unavailable)?;
-        if let Some(failed) = lags.iter().find_map(unreadable_commit) {
+        if let Some(failed) = lags.iter().find_map(unreadable_reading) {
             return Err(failed);
         }
         let Some(k) = self.group_topics.as_mut() else {
@@ -367,7 +367,7 @@ impl TriggerState {
             .observer
             .read(rate)
             .map_err(|e| Status::unavailable(format!("reading lag of {}: {e}", self.spec.group)))?;
-        if let Some(failed) = unreadable_commit(&reading.lag) {
+        if let Some(failed) = unreadable_reading(&reading.lag) {
             return Err(failed);
         }
         if let PolicySpec::Keda(p) = &self.spec.policy {
@@ -413,16 +413,15 @@ impl TriggerState {
 }
 
 /// A reading with a partition whose committed offset the broker answered
-/// with an error is an error, as KEDA's kafka trigger makes it (it fails
-/// the whole reading and KEDA applies its `fallback`): counted as "no
-/// commit" it could read as lag 0 (`scaleToZeroOnInvalidOffset`) or as
-/// all the retained records.
-fn unreadable_commit(lag: &crate::lag::GroupLag) -> Option<Status> {
-    let (partition, error) = lag.commit_error()?;
+/// with an error, or with an offline partition, is an error, as KEDA's
+/// kafka trigger makes it (it fails the whole reading and KEDA applies its
+/// `fallback`): counted as "no commit" it could read as lag 0
+/// (`scaleToZeroOnInvalidOffset`) or as all the retained records, and
+/// without the offline partitions as a backlog gone.
+fn unreadable_reading(lag: &crate::lag::GroupLag) -> Option<Status> {
+    let why = lag.unreadable()?;
     Some(Status::unavailable(format!(
-        "the committed offset of {} partition {partition} for group {} could not be read \
-         ({error}); as KEDA's kafka trigger does, the reading fails and KEDA applies its fallback",
-        lag.topic, lag.group
+        "{why}; as KEDA's kafka trigger does, the reading fails and KEDA applies its fallback"
     )))
 }
 
@@ -1070,7 +1069,7 @@ mod tests {
             l
         };
         let fine = GroupLag::new("g", "t", vec![part(0, None), part(1, None)]);
-        assert!(unreadable_commit(&fine).is_none());
+        assert!(unreadable_reading(&fine).is_none());
         let broken = GroupLag::new(
             "g",
             "t",
@@ -1079,13 +1078,46 @@ mod tests {
                 part(1, Some("Broker: Unknown topic or partition")),
             ],
         );
-        let status = unreadable_commit(&broken).expect("an error");
+        let status = unreadable_reading(&broken).expect("an error");
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(
             status.message().contains("partition 1") && status.message().contains("fallback"),
             "{}",
             status.message()
         );
+    }
+
+    #[test]
+    fn a_reading_with_offline_partitions_fails() {
+        use crate::lag::{GroupLag, InvalidOffsetPolicy, PartitionLag};
+        use microbatch_kafka::share::backlog::{partition_backlog, ShareBacklog};
+        let part = |p| PartitionLag::compute(p, Some(10), 0, 10, InvalidOffsetPolicy::Earliest);
+        let mut lag = GroupLag::new("g", "t", vec![part(0), part(2)]);
+        lag.partitions_offline = vec![1, 3];
+        let status = unreadable_reading(&lag).expect("an error");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status
+                .message()
+                .contains("t partitions [1, 3] have no leader (offline)")
+                && status.message().contains("fallback"),
+            "{}",
+            status.message()
+        );
+        // A share group's backlog reads the same way.
+        let backlog = ShareBacklog {
+            share_group: "s".into(),
+            topic: "t".into(),
+            members: 1,
+            total_backlog: 0,
+            partitions_unknown: 0,
+            partitions_offline: vec![1],
+            backlog_source: microbatch_kafka::share::backlog::SOURCE_BROKER_LAG,
+            partitions: vec![partition_backlog(0, 10, Some(0), 10)],
+            exists: true,
+        };
+        let lag = crate::share_lag::backlog_as_lag(&backlog, InvalidOffsetPolicy::Earliest);
+        assert!(unreadable_reading(&lag).is_some());
     }
 
     fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {

@@ -50,6 +50,7 @@ pub fn backlog_as_lag(b: &ShareBacklog, policy: InvalidOffsetPolicy) -> GroupLag
         .collect();
     let mut lag = GroupLag::new(&b.share_group, &b.topic, partitions);
     lag.shared = true;
+    lag.partitions_offline = b.partitions_offline.clone();
     lag
 }
 
@@ -237,6 +238,7 @@ mod tests {
             members: 1,
             total_backlog: partitions.iter().filter_map(|p| p.backlog).sum(),
             partitions_unknown: 0,
+            partitions_offline: Vec::new(),
             backlog_source: backlog::SOURCE_BROKER_LAG,
             partitions,
             exists: true,
@@ -307,6 +309,7 @@ mod tests {
             members: 3,
             total_backlog: 40,
             partitions_unknown: 1,
+            partitions_offline: Vec::new(),
             backlog_source: backlog::SOURCE_BROKER_LAG,
             partitions: vec![
                 partition_backlog(0, 100, Some(40), 500),

@@ -419,16 +419,11 @@ impl Supervisor {
                 return None;
             }
         };
-        if let Some((partition, error)) = reading.lag.commit_error() {
+        if let Some(why) = reading.lag.unreadable() {
             // As KEDA's trigger would: no decision on a reading that cannot
             // tell where a partition is.
             if let Some(suppressed) = self.lag_error_log.allow(now) {
-                tracing::warn!(
-                    partition,
-                    error,
-                    suppressed,
-                    "a partition's committed offset could not be read; keeping the replica count"
-                );
+                tracing::warn!(suppressed, "{why}; keeping the replica count");
             }
             self.spawn_up_to(now, self.config.min_replicas);
             return None;

@@ -29,16 +29,21 @@ pub struct Args {
     /// record not done (when the broker counts the backlog); and the records in
     /// flight, estimated from the workers' reports (the mean a reporting
     /// worker holds × members). JSON:
-    /// {"share_group","topic","members","total_backlog","partitions_unknown","backlog_source":"broker_lag"|"high_watermark_minus_start_offset","lag_seconds","workers_reporting","in_flight","partitions":[{"partition","start_offset","high","backlog","lag_seconds","in_flight"}]}.
+    /// {"share_group","topic","members","total_backlog","partitions_unknown","partitions_offline":[partition],"backlog_source":"broker_lag"|"high_watermark_minus_start_offset","lag_seconds","workers_reporting","in_flight","partitions":[{"partition","start_offset","high","backlog","lag_seconds","in_flight"}]}.
+    /// A partition without a leader (its broker down) is left out of
+    /// "partitions" and the total, named in "partitions_offline" and on
+    /// stderr, and the exit is 1 (with --watch: said, and read again).
     /// Not with --group or --policy.
     #[arg(long, env = "SHARE_GROUP", conflicts_with = "policy")]
     #[serde(default)]
     pub share_group: Option<String>,
-    /// Print JSON: {"group","topic","total_lag","lag_seconds","members","partitions":[{"partition","committed","low","high","lag","lag_seconds"}]};
+    /// Print JSON: {"group","topic","total_lag","lag_seconds","members","partitions":[{"partition","committed","low","high","lag","lag_seconds"}],"partitions_offline":[partition]};
     /// lag_seconds is the age of the oldest record not committed (null when
     /// unknown), the group's is the oldest partition's; members are the
     /// group's members subscribed to the topic (null when the broker cannot
-    /// tell: mid-rebalance, a KIP-848 group).
+    /// tell: mid-rebalance, a KIP-848 group). A partition without a leader
+    /// (its broker down) is left out of "partitions" and the total, named
+    /// in "partitions_offline" and on stderr, and the exit is 1.
     #[arg(long)]
     pub json: bool,
     /// Refresh every --interval-ms until interrupted.
@@ -181,8 +186,20 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
         }
         out.flush()?;
         drop(out);
+        let offline = !lag.partitions_offline.is_empty();
+        if offline {
+            eprintln!(
+                "error: {} partitions {:?} have no leader (offline): their lag is not in the \
+                 total; microbatch scaler fails such a reading (KEDA's fallback applies)",
+                lag.topic, lag.partitions_offline
+            );
+        }
         if !watch {
-            return Ok(ExitCode::SUCCESS);
+            return Ok(if offline {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -327,8 +344,22 @@ async fn share_backlog(args: &Args, share_group: &str) -> anyhow::Result<ExitCod
         }
         out.flush()?;
         drop(out);
+        let offline = !reading.partitions_offline.is_empty();
+        if offline {
+            eprintln!(
+                "error: {}: their backlog is not in the total",
+                microbatch_kafka::share::ShareError::Offline {
+                    topic: reading.topic.clone(),
+                    partitions: reading.partitions_offline.clone(),
+                }
+            );
+        }
         if !args.watch {
-            return Ok(ExitCode::SUCCESS);
+            return Ok(if offline {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

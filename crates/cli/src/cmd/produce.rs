@@ -210,7 +210,12 @@ pub fn produce_blocking(
             t.name() == args.topic
                 && t.error().is_none()
                 && !t.partitions().is_empty()
-                && t.partitions().iter().all(|p| p.leader() >= 0)
+                && t.partitions()
+                    .iter()
+                    // Only the partitions aimed at need a leader: load can go
+                    // to half a topic while the other half's broker is down.
+                    .filter(|p| args.partitions.is_empty() || args.partitions.contains(&p.id()))
+                    .all(|p| p.leader() >= 0)
         });
         if exists {
             break;

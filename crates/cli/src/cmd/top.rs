@@ -112,7 +112,12 @@ impl Dashboard {
                 // Called outside the runtime, or inside block_in_place.
                 runtime
                     .block_on(read)
-                    .map(|b| (share_as_lag(&b), Some(b.members), b.partitions_unknown))
+                    // An offline partition's backlog is as unknown as one
+                    // without state yet: neither is in the total.
+                    .map(|b| {
+                        let unknown = b.partitions_unknown + b.partitions_offline.len();
+                        (share_as_lag(&b), Some(b.members), unknown)
+                    })
                     .map_err(|e| e.to_string())
             }
         };

@@ -47,7 +47,7 @@ pub struct DescribeArgs {
     /// (null where unknown: an offline partition has no leader to ask);
     /// with --share-group each partition also has "share":{"start_offset",
     /// "backlog","in_flight"}, and "share_group":{"name","exists","members",
-    /// "total_backlog","partitions_unknown","backlog_source","in_flight",
+    /// "total_backlog","partitions_unknown","partitions_offline","backlog_source","in_flight",
     /// "workers_reporting","configs":[{"name","value","set_for_group"}]}.
     /// A part of the share group that cannot be read is said on stderr and
     /// the exit is 1, the rest printed.
@@ -221,6 +221,15 @@ async fn describe(args: DescribeArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
                 rows.sort_by_key(|r| r.partition);
+                if !reading.partitions_offline.is_empty() {
+                    problems.push(format!(
+                        "share group {group}: {}: their backlog is not read",
+                        microbatch_kafka::share::ShareError::Offline {
+                            topic: reading.topic.clone(),
+                            partitions: reading.partitions_offline.clone(),
+                        }
+                    ));
+                }
                 let configs: Vec<_> =
                     match backlog::group_configs(connector, bootstrap, group, timeout).await {
                         Ok(configs) => configs
@@ -232,14 +241,19 @@ async fn describe(args: DescribeArgs) -> anyhow::Result<ExitCode> {
                             Vec::new()
                         }
                     };
-                let unknown = if reading.partitions_unknown > 0 {
-                    format!(
+                let mut unknown = String::new();
+                if reading.partitions_unknown > 0 {
+                    unknown += &format!(
                         " and {} partitions without state yet",
                         reading.partitions_unknown
-                    )
-                } else {
-                    String::new()
-                };
+                    );
+                }
+                if !reading.partitions_offline.is_empty() {
+                    unknown += &format!(
+                        " and {} partitions offline",
+                        reading.partitions_offline.len()
+                    );
+                }
                 share_lines.push(format!(
                     "SHARE GROUP {}  MEMBERS {}  BACKLOG {}{unknown} (source: {})",
                     reading.share_group,
@@ -267,6 +281,7 @@ async fn describe(args: DescribeArgs) -> anyhow::Result<ExitCode> {
                     "members": reading.members,
                     "total_backlog": reading.total_backlog,
                     "partitions_unknown": reading.partitions_unknown,
+                    "partitions_offline": reading.partitions_offline,
                     "backlog_source": reading.backlog_source,
                     "in_flight": extra.as_ref().and_then(|x| x.in_flight),
                     "workers_reporting": extra.as_ref().map(|x| x.workers_reporting),

@@ -68,6 +68,10 @@ pub struct ShareBacklog {
     /// `total_backlog` does not count them, so it is a floor, not zero,
     /// while this is above 0.
     pub partitions_unknown: usize,
+    /// Partitions without a leader (their broker down, no replica in its
+    /// place): not in `partitions` nor in `total_backlog`, which is then
+    /// a floor. A scaler makes no decision on such a reading.
+    pub partitions_offline: Vec<i32>,
     pub backlog_source: &'static str,
     pub partitions: Vec<PartitionBacklog>,
     /// Whether the brokers know the group (ShareGroupDescribe did not
@@ -123,13 +127,16 @@ pub async fn read(
 ) -> Result<ShareBacklog, ShareError> {
     let cluster = Cluster::new(connector, bootstrap, "microbatch-lag".into(), timeout);
     let meta = topic_meta(&cluster, topic).await?;
-    let mut partitions: Vec<i32> = meta.leaders.keys().copied().collect();
+    // A partition without a leader has no high watermark to read: it is
+    // left out and named, and the rest are read.
+    let (led, partitions_offline) = split_offline(&cluster, &meta.leaders);
+    let mut partitions: Vec<i32> = led.keys().copied().collect();
     partitions.sort_unstable();
 
     // The high watermark before and after the group's offsets bound what
     // is done (see PartitionBacklog::high_before).
-    let lows = list_offsets(&cluster, &meta.leaders, topic, EARLIEST).await?;
-    let highs_before = list_offsets(&cluster, &meta.leaders, topic, LATEST).await?;
+    let lows = list_offsets(&cluster, &led, topic, EARLIEST).await?;
+    let highs_before = list_offsets(&cluster, &led, topic, LATEST).await?;
     let coordinator = cluster.coordinator(group).await?;
     let conn = cluster.conn(&coordinator, Lane::Coordinator).await?;
     let gid = GroupId(StrBytes::from_string(group.to_string()));
@@ -205,7 +212,7 @@ pub async fn read(
             .count();
     }
 
-    let highs = list_offsets(&cluster, &meta.leaders, topic, LATEST).await?;
+    let highs = list_offsets(&cluster, &led, topic, LATEST).await?;
     let partitions: Vec<PartitionBacklog> = partitions
         .into_iter()
         .map(|p| {
@@ -234,10 +241,30 @@ pub async fn read(
             .filter_map(|p| p.backlog)
             .fold(0i64, i64::saturating_add),
         partitions_unknown: partitions.iter().filter(|p| p.backlog.is_none()).count(),
+        partitions_offline,
         backlog_source: source,
         partitions,
         exists,
     })
+}
+
+/// `leaders` split into the partitions whose leader is in the metadata and
+/// the others (offline: their broker is down and no replica took over),
+/// in partition order.
+fn split_offline(
+    cluster: &Cluster,
+    leaders: &std::collections::HashMap<i32, i32>,
+) -> (std::collections::HashMap<i32, i32>, Vec<i32>) {
+    let (led, offline): (
+        std::collections::HashMap<i32, i32>,
+        std::collections::HashMap<i32, i32>,
+    ) = leaders
+        .iter()
+        .map(|(&p, &leader)| (p, leader))
+        .partition(|&(_, leader)| leader >= 0 && cluster.node(leader).is_some());
+    let mut offline: Vec<i32> = offline.into_keys().collect();
+    offline.sort_unstable();
+    (led, offline)
 }
 
 /// One partition of a topic: its leader and the offsets its log spans.
@@ -263,12 +290,7 @@ pub async fn topic_offsets(
 ) -> Result<Vec<PartitionOffsets>, ShareError> {
     let cluster = Cluster::new(connector, bootstrap, "microbatch-topic".into(), timeout);
     let meta = topic_meta(&cluster, topic).await?;
-    let led: std::collections::HashMap<i32, i32> = meta
-        .leaders
-        .iter()
-        .filter(|(_, &leader)| leader >= 0 && cluster.node(leader).is_some())
-        .map(|(&p, &leader)| (p, leader))
-        .collect();
+    let (led, _) = split_offline(&cluster, &meta.leaders);
     let lows = list_offsets(&cluster, &led, topic, EARLIEST).await?;
     let highs = list_offsets(&cluster, &led, topic, LATEST).await?;
     let mut partitions: Vec<PartitionOffsets> = meta
@@ -325,8 +347,9 @@ async fn list_offsets(
     }
     let mut offsets = std::collections::HashMap::new();
     for (leader, parts) in by_leader {
-        let addr = cluster.node(leader).ok_or_else(|| {
-            ShareError::NoBroker(format!("no leader for {topic} partitions {parts:?}"))
+        let addr = cluster.node(leader).ok_or_else(|| ShareError::Offline {
+            topic: topic.to_string(),
+            partitions: parts.clone(),
         })?;
         let conn = cluster.conn(&addr, Lane::Fetch).await?;
         let response: ListOffsetsResponse = conn

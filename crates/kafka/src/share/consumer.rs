@@ -186,7 +186,18 @@ pub struct ShareConsumer {
     acquired_from: HashMap<(Uuid, i32), i32>,
     outcomes: Vec<AckOutcome>,
     closed: bool,
+    /// When metadata was last asked for a partition without a leader.
+    leaders_asked: Option<Instant>,
+    /// The assigned partitions without a leader last said, as
+    /// `topic-partition`.
+    offline_said: Vec<String>,
 }
+
+/// How often a poll asks for metadata while an assigned partition has no
+/// leader (its broker down): a busy member polls many times a second, and
+/// a lookup per poll would load the brokers left (librdkafka's
+/// `topic.metadata.refresh.fast.interval.ms` is 100 ms too).
+const LEADER_LOOKUP_INTERVAL: Duration = Duration::from_millis(100);
 
 impl ShareConsumer {
     /// Joins the share group. Returns once the coordinator has accepted the
@@ -236,6 +247,8 @@ impl ShareConsumer {
             acquired_from: HashMap::new(),
             outcomes: Vec::new(),
             closed: false,
+            leaders_asked: None,
+            offline_said: Vec::new(),
         })
     }
 
@@ -344,15 +357,19 @@ impl ShareConsumer {
         if let Some(e) = state.fatal {
             return Err(e);
         }
-        if state
+        let topic_unknown = state
             .assignment
             .keys()
-            .any(|id| !self.topics.contains_key(id))
-            || self.needs_leaders(&state)
-        {
+            .any(|id| !self.topics.contains_key(id));
+        let leaders_due = self
+            .leaders_asked
+            .is_none_or(|at| at.elapsed() >= LEADER_LOOKUP_INTERVAL);
+        if topic_unknown || (self.needs_leaders(&state) && leaders_due) {
+            self.leaders_asked = Some(Instant::now());
             self.refresh_metadata().await?;
         }
         let mut by_leader: BTreeMap<i32, Vec<(Uuid, i32)>> = BTreeMap::new();
+        let mut offline = Vec::new();
         for (id, parts) in &state.assignment {
             for &p in parts {
                 let leader = self
@@ -361,10 +378,14 @@ impl ShareConsumer {
                     .and_then(|t| t.leaders.get(&p))
                     .copied()
                     .unwrap_or(-1);
-                by_leader.entry(leader).or_default().push((*id, p));
+                if leader < 0 || self.cluster.node(leader).is_none() {
+                    offline.push((*id, p));
+                } else {
+                    by_leader.entry(leader).or_default().push((*id, p));
+                }
             }
         }
-        by_leader.remove(&-1);
+        self.say_offline(&offline);
         // Leaders that lost every partition close their session's wanted set.
         for (&node, session) in &self.sessions {
             if !session.partitions.is_empty() && !by_leader.contains_key(&node) {
@@ -576,6 +597,33 @@ impl ShareConsumer {
             }
         }
         routes
+    }
+
+    /// Says when assigned partitions lose their leader (their broker down:
+    /// the others are fetched meanwhile, their records wait) and when every
+    /// one has a leader again; once per change, not per poll.
+    fn say_offline(&mut self, offline: &[(Uuid, i32)]) {
+        let mut names: Vec<String> = offline
+            .iter()
+            .map(|(id, p)| {
+                let topic = self.topics.get(id).map_or("?", |t| &t.name);
+                format!("{topic}-{p}")
+            })
+            .collect();
+        names.sort_unstable();
+        if names == self.offline_said {
+            return;
+        }
+        if names.is_empty() {
+            tracing::info!("every assigned partition has a leader again");
+        } else {
+            tracing::warn!(
+                partitions = ?names,
+                "assigned partitions have no leader (their broker is down): the others are \
+                 fetched meanwhile, and these partitions' records wait for a leader"
+            );
+        }
+        self.offline_said = names;
     }
 
     fn needs_leaders(&self, state: &MemberState) -> bool {

@@ -67,6 +67,10 @@ pub enum ShareError {
     Decode(String),
     #[error("none of the bootstrap servers answered: {0}")]
     NoBroker(String),
+    /// Partitions whose leader is unknown or not in the metadata: their
+    /// broker is down and no replica has taken over.
+    #[error("{topic} partitions {partitions:?} have no leader (offline)")]
+    Offline { topic: String, partitions: Vec<i32> },
     #[error("the consumer is closed")]
     Closed,
     #[error("invalid share consumer setting: {0}")]
@@ -103,6 +107,7 @@ impl ShareError {
             | Self::Disconnected(_)
             | Self::Timeout { .. }
             | Self::NoBroker(_)
+            | Self::Offline { .. }
             | Self::Unsent { .. } => true,
             Self::Broker { error, .. } => error.is_retriable(),
             _ => false,
