@@ -1,6 +1,6 @@
 //! Share groups on a cluster of two brokers, each leading half of a topic's
 //! partitions: the workers fetch from both leaders; while one broker is
-//! down they go on with the other's partitions, and `topic describe` lists
+//! down (killed) they go on with the other's partitions, and `topic describe` lists
 //! the offline ones without a leader; when it is back, its records are
 //! handled too. The evidence is the handler's own records and the backlog
 //! Kafka's share-groups tool reads. The test runs a cluster of its own
@@ -21,9 +21,10 @@ use harness::*;
 /// Two PLAINTEXT brokers: node 1 is also the controller and holds every
 /// coordinator; node 2 is a broker only, stopped and started by the test.
 struct TwoBrokers {
-    dir: TestDir,
-    ports: [u16; 2],
+    // Dropped first (killed) so their files are closed when `dir` goes.
     nodes: [Option<Proc>; 2],
+    ports: [u16; 2],
+    dir: TestDir,
 }
 
 impl TwoBrokers {
@@ -69,6 +70,8 @@ impl TwoBrokers {
                  group.share.heartbeat.interval.ms=1000\n\
                  group.share.min.heartbeat.interval.ms=1000\n\
                  group.share.min.record.lock.duration.ms=1000\n\
+                 broker.session.timeout.ms=4000\n\
+                 broker.heartbeat.interval.ms=1000\n\
                  num.network.threads=2\n\
                  num.io.threads=2\n",
                 data = dir.path(&format!("data-{node}")).display(),
@@ -88,9 +91,9 @@ impl TwoBrokers {
             assert!(out.0, "formatting node {node}: {}", out.1);
         }
         TwoBrokers {
-            dir,
-            ports,
             nodes: [None, None],
+            ports,
+            dir,
         }
     }
 
@@ -106,12 +109,14 @@ impl TwoBrokers {
         self.nodes[node - 1] = Some(Proc::spawn(cmd, log));
     }
 
-    /// Stops a node as an operator would (SIGTERM: a controlled shutdown).
-    fn stop_node(&mut self, node: usize) {
+    /// Kills a node (SIGKILL: a crash, no controlled shutdown). Its fetches
+    /// get no answer rather than NotLeader, and its partitions lose their
+    /// leader once the controller fences it (`broker.session.timeout.ms`).
+    fn kill_node(&mut self, node: usize) {
         let mut proc = self.nodes[node - 1].take().expect("the node runs");
-        proc.signal(15);
+        proc.signal(9);
         proc.wait_for_exit(Duration::from_secs(60))
-            .expect("the broker stops within a minute of SIGTERM");
+            .expect("the broker dies on SIGKILL");
     }
 
     /// `kafka-topics --create` retried until the named brokers take it.
@@ -238,6 +243,63 @@ fn describe_json(
     (status.success(), json, err)
 }
 
+/// `lag --json` for a group (`("--group", name)` or `("--share-group",
+/// name)`) while partitions 1 and 3 are offline: asserts the led ones are
+/// printed, the offline ones named on stdout and stderr, and the exit 1.
+fn lag_while_offline(cluster: &TwoBrokers, topic: &str, group: (&str, &str)) -> serde_json::Value {
+    let bootstrap = cluster.bootstrap();
+    let (status, out, err) = run_to_end(&[
+        "lag",
+        "--bootstrap-servers",
+        &bootstrap,
+        "--topic",
+        topic,
+        group.0,
+        group.1,
+        "--json",
+    ]);
+    let lag: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("lag {group:?} printed no JSON ({e}): {out}\n{err}"));
+    assert_eq!(status.code(), Some(1), "{out}\n{err}");
+    assert_eq!(
+        lag["partitions_offline"],
+        serde_json::json!([1, 3]),
+        "{lag}"
+    );
+    let listed: Vec<i64> = lag["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["partition"].as_i64().unwrap())
+        .collect();
+    assert_eq!(listed, [0, 2], "{lag}");
+    assert!(
+        err.contains(&format!(
+            "{topic} partitions [1, 3] have no leader (offline)"
+        )),
+        "the offline partitions said: {err}"
+    );
+    lag
+}
+
+/// Waits until Kafka's share-groups tool reads backlog 0 on all four
+/// partitions.
+fn wait_for_no_backlog(cluster: &TwoBrokers, group: &str, what: &str) {
+    wait_until(Duration::from_secs(90), what, || {
+        let lag = share_group_lag(&cluster.bootstrap(), group);
+        lag.len() == 4 && lag.values().all(|l| *l == 0)
+    });
+}
+
+/// Whether any of `workers` logged `what` past the first `since[i]`
+/// bytes of its log.
+fn said_since(workers: &[Proc], since: &[usize], what: &str) -> bool {
+    workers
+        .iter()
+        .zip(since)
+        .any(|(w, &from)| w.stderr().get(from..).is_some_and(|new| new.contains(what)))
+}
+
 fn assert_no_panic(workers: &[Proc]) {
     for w in workers {
         assert!(
@@ -279,17 +341,25 @@ fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
     produce_to(&cluster, topic, 400, "0,1,2,3", 0);
     let mut expected = offsets(&[0, 1, 2, 3], 0, 100);
     wait_handled(&s, &expected, "400 records handled from both leaders");
-    wait_until(
-        Duration::from_secs(60),
+    wait_for_no_backlog(
+        &cluster,
+        group,
         "the share group's backlog to reach 0 on both brokers",
-        || {
-            let lag = share_group_lag(&cluster.bootstrap(), group);
-            lag.len() == 4 && lag.values().all(|l| *l == 0)
-        },
     );
 
-    // Node 2 stops: its partitions are offline, node 1's go on.
-    cluster.stop_node(2);
+    // Node 2 dies: once fenced, its partitions are offline; node 1's go on.
+    let logged_before: Vec<usize> = workers.iter().map(|w| w.stderr().len()).collect();
+    cluster.kill_node(2);
+    wait_until(
+        Duration::from_secs(60),
+        "node 2's partitions offline",
+        || {
+            let (_, json, _) = describe_json(&cluster, topic, group);
+            json["partitions"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().filter(|p| p["leader"].is_null()).count() == 2)
+        },
+    );
     let (ok, json, err) = describe_json(&cluster, topic, group);
     let partitions = json["partitions"].as_array().expect("partitions");
     assert_eq!(partitions.len(), 4, "every partition listed: {json}");
@@ -318,61 +388,9 @@ fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
     );
     // `lag` and the scaler read the same way: the rest is printed, the
     // offline partitions named, the exit 1.
-    let (status, out, err) = run_to_end(&[
-        "lag",
-        "--bootstrap-servers",
-        &cluster.bootstrap(),
-        "--topic",
-        topic,
-        "--share-group",
-        group,
-        "--json",
-    ]);
-    let lag: serde_json::Value = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("lag printed no JSON ({e}): {out}\n{err}"));
-    assert_eq!(status.code(), Some(1), "{out}\n{err}");
-    assert_eq!(
-        lag["partitions_offline"],
-        serde_json::json!([1, 3]),
-        "{lag}"
-    );
+    let lag = lag_while_offline(&cluster, topic, ("--share-group", group));
     assert_eq!(lag["total_backlog"], 0, "{lag}");
-    let listed: Vec<i64> = lag["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["partition"].as_i64().unwrap())
-        .collect();
-    assert_eq!(listed, [0, 2], "{lag}");
-    let (status, out, err) = run_to_end(&[
-        "lag",
-        "--bootstrap-servers",
-        &cluster.bootstrap(),
-        "--topic",
-        topic,
-        "--group",
-        "a-consumer-group",
-        "--json",
-    ]);
-    let lag: serde_json::Value = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("lag --group printed no JSON ({e}): {out}\n{err}"));
-    assert_eq!(status.code(), Some(1), "{out}\n{err}");
-    assert_eq!(
-        lag["partitions_offline"],
-        serde_json::json!([1, 3]),
-        "{lag}"
-    );
-    let listed: Vec<i64> = lag["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["partition"].as_i64().unwrap())
-        .collect();
-    assert_eq!(listed, [0, 2], "{lag}");
-    assert!(
-        err.contains("split partitions [1, 3] have no leader (offline)"),
-        "the offline partitions said: {err}"
-    );
+    lag_while_offline(&cluster, topic, ("--group", "a-consumer-group"));
 
     produce_to(&cluster, topic, 200, "0,2", 400);
     let on_node_1 = offsets(&[0, 2], 100, 100);
@@ -382,11 +400,15 @@ fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
         "node 1's 200 new records handled while node 2 is down",
     );
     expected.extend(on_node_1);
-    let said = |what: &str| workers.iter().any(|w| w.stderr().contains(what));
     assert!(
-        said("assigned partitions have no leader (their broker is down)"),
+        said_since(
+            &workers,
+            &logged_before,
+            "assigned partitions have no leader known"
+        ),
         "no worker said its partitions lost their leader"
     );
+    let logged_before: Vec<usize> = workers.iter().map(|w| w.stderr().len()).collect();
 
     // Node 2 back: its partitions' records are handled too.
     cluster.run_node(2);
@@ -408,18 +430,18 @@ fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
         "node 2's 200 new records handled after its restart",
     );
     expected.extend(on_node_2);
-    let said = |what: &str| workers.iter().any(|w| w.stderr().contains(what));
     assert!(
-        said("every assigned partition has a leader again"),
+        said_since(
+            &workers,
+            &logged_before,
+            "every assigned partition has a leader again"
+        ),
         "no worker said the leaders came back"
     );
-    wait_until(
-        Duration::from_secs(90),
+    wait_for_no_backlog(
+        &cluster,
+        group,
         "the share group's backlog to reach 0 after node 2's restart",
-        || {
-            let lag = share_group_lag(&cluster.bootstrap(), group);
-            lag.len() == 4 && lag.values().all(|l| *l == 0)
-        },
     );
     assert_no_panic(&workers);
     for w in &mut workers {

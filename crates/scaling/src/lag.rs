@@ -199,16 +199,34 @@ impl GroupLag {
     /// a partition whose committed offset could not be read, or offline
     /// partitions. KEDA's kafka trigger fails its whole reading on either.
     pub fn unreadable(&self) -> Option<String> {
-        if let Some((partition, error)) = self.commit_error() {
+        self.unreadable_within(None)
+    }
+
+    /// [`Self::unreadable`] counting only the partitions in `only` (a KEDA
+    /// trigger's `partitionLimitation`: KEDA reads no other partition).
+    pub fn unreadable_within(&self, only: Option<&[i32]>) -> Option<String> {
+        let counted = |p: &i32| only.is_none_or(|only| only.contains(p));
+        if let Some((partition, error)) = self
+            .partitions
+            .iter()
+            .filter(|p| counted(&p.partition))
+            .find_map(|p| Some((p.partition, p.commit_error.as_deref()?)))
+        {
             return Some(format!(
                 "the committed offset of {} partition {partition} for group {} could not be read ({error})",
                 self.topic, self.group
             ));
         }
-        if !self.partitions_offline.is_empty() {
+        let offline: Vec<i32> = self
+            .partitions_offline
+            .iter()
+            .copied()
+            .filter(counted)
+            .collect();
+        if !offline.is_empty() {
             return Some(format!(
-                "{} partitions {:?} have no leader (offline): their lag cannot be read",
-                self.topic, self.partitions_offline
+                "{} partitions {offline:?} have no leader (offline): their lag cannot be read",
+                self.topic
             ));
         }
         None
@@ -681,6 +699,12 @@ impl RateTracker {
             }
         }
         self.shared_total
+    }
+
+    /// The rates known, without a new reading (one that cannot be
+    /// counted: [`GroupLag::unreadable`]).
+    pub fn rates(&self) -> Rates {
+        self.smoothed.unwrap_or_default()
     }
 
     pub fn observe(&mut self, at: Instant, lag: &GroupLag) -> Rates {

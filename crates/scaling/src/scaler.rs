@@ -316,7 +316,7 @@ impl TriggerState {
             .map(|t| reader.read_topic(t, self.spec.invalid_offset))
             .collect::<Result<Vec<_>, _>>()
             .map_err(unavailable)?;
-        if let Some(failed) = lags.iter().find_map(unreadable_reading) {
+        if let Some(failed) = lags.iter().find_map(|l| unreadable_reading(l, None)) {
             return Err(failed);
         }
         let Some(k) = self.group_topics.as_mut() else {
@@ -367,7 +367,11 @@ impl TriggerState {
             .observer
             .read(rate)
             .map_err(|e| Status::unavailable(format!("reading lag of {}: {e}", self.spec.group)))?;
-        if let Some(failed) = unreadable_reading(&reading.lag) {
+        let only = match &self.spec.policy {
+            PolicySpec::Keda(p) => p.partition_limitation.as_deref(),
+            _ => None,
+        };
+        if let Some(failed) = unreadable_reading(&reading.lag, only) {
             return Err(failed);
         }
         if let PolicySpec::Keda(p) = &self.spec.policy {
@@ -418,8 +422,10 @@ impl TriggerState {
 /// `fallback`): counted as "no commit" it could read as lag 0
 /// (`scaleToZeroOnInvalidOffset`) or as all the retained records, and
 /// without the offline partitions as a backlog gone.
-fn unreadable_reading(lag: &crate::lag::GroupLag) -> Option<Status> {
-    let why = lag.unreadable()?;
+/// `only`: a `keda` trigger's `partitionLimitation`, outside which KEDA
+/// reads nothing.
+fn unreadable_reading(lag: &crate::lag::GroupLag, only: Option<&[i32]>) -> Option<Status> {
+    let why = lag.unreadable_within(only)?;
     Some(Status::unavailable(format!(
         "{why}; as KEDA's kafka trigger does, the reading fails and KEDA applies its fallback"
     )))
@@ -1069,7 +1075,7 @@ mod tests {
             l
         };
         let fine = GroupLag::new("g", "t", vec![part(0, None), part(1, None)]);
-        assert!(unreadable_reading(&fine).is_none());
+        assert!(unreadable_reading(&fine, None).is_none());
         let broken = GroupLag::new(
             "g",
             "t",
@@ -1078,7 +1084,7 @@ mod tests {
                 part(1, Some("Broker: Unknown topic or partition")),
             ],
         );
-        let status = unreadable_reading(&broken).expect("an error");
+        let status = unreadable_reading(&broken, None).expect("an error");
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(
             status.message().contains("partition 1") && status.message().contains("fallback"),
@@ -1094,12 +1100,14 @@ mod tests {
         let part = |p| PartitionLag::compute(p, Some(10), 0, 10, InvalidOffsetPolicy::Earliest);
         let mut lag = GroupLag::new("g", "t", vec![part(0), part(2)]);
         lag.partitions_offline = vec![1, 3];
-        let status = unreadable_reading(&lag).expect("an error");
+        // A KEDA trigger limited to partitions still led reads them.
+        assert!(unreadable_reading(&lag, Some(&[0, 2])).is_none());
+        let status = unreadable_reading(&lag, Some(&[0, 1])).expect("an error");
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(
             status
                 .message()
-                .contains("t partitions [1, 3] have no leader (offline)")
+                .contains("t partitions [1] have no leader (offline)")
                 && status.message().contains("fallback"),
             "{}",
             status.message()
@@ -1117,7 +1125,7 @@ mod tests {
             exists: true,
         };
         let lag = crate::share_lag::backlog_as_lag(&backlog, InvalidOffsetPolicy::Earliest);
-        assert!(unreadable_reading(&lag).is_some());
+        assert!(unreadable_reading(&lag, None).is_some());
     }
 
     fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {

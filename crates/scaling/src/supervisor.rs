@@ -407,10 +407,7 @@ impl Supervisor {
         self.last_tick = now;
         self.reap(now);
         let reading = match self.observer.read(false) {
-            Ok(reading) => {
-                self.lag_error_log.reset();
-                reading
-            }
+            Ok(reading) => reading,
             Err(e) => {
                 if let Some(suppressed) = self.lag_error_log.allow(now) {
                     tracing::warn!(error = %e, suppressed, "reading lag failed; keeping the replica count");
@@ -428,6 +425,7 @@ impl Supervisor {
             self.spawn_up_to(now, self.config.min_replicas);
             return None;
         }
+        self.lag_error_log.reset();
         let current = self.running.len() as u32;
         let decision = self.policy.decide(now, &reading.observation(current));
         let desired = decision.desired.clamp(

@@ -1149,6 +1149,14 @@ fn verify(kafka: &KafkaConfig, topic: &str, dir: &Path, dlq: &str) -> anyhow::Re
         Duration::from_secs(10),
     )?;
     let lag = reader.read(InvalidOffsetPolicy::Earliest)?;
+    // An offline partition's offsets cannot be checked: no verdict.
+    if !lag.partitions_offline.is_empty() {
+        anyhow::bail!(
+            "cannot verify: {} partitions {:?} have no leader (offline)",
+            topic,
+            lag.partitions_offline
+        );
+    }
     let mut lost = 0;
     for p in &lag.partitions {
         for o in p.low..p.high {

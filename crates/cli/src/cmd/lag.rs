@@ -43,7 +43,10 @@ pub struct Args {
     /// group's members subscribed to the topic (null when the broker cannot
     /// tell: mid-rebalance, a KIP-848 group). A partition without a leader
     /// (its broker down) is left out of "partitions" and the total, named
-    /// in "partitions_offline" and on stderr, and the exit is 1.
+    /// in "partitions_offline" and on stderr, and the exit is 1. With
+    /// --policy, "policy" is null on a reading the scaler would fail (an
+    /// offline partition, a committed offset that cannot be read): no
+    /// decision is made on it.
     #[arg(long)]
     pub json: bool,
     /// Refresh every --interval-ms until interrupted.
@@ -101,22 +104,33 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
         // several topics (a Deployment per topic), each its own replicas.
         let reading = tokio::task::block_in_place(|| observer.read(true))?;
         let lag = &reading.lag;
-        if args.policy == Some(PolicyKind::Keda) {
+        let keda = args.policy == Some(PolicyKind::Keda);
+        // As the scaler: no decision on a reading it would fail (an offline
+        // partition, a commit that cannot be read), and the policy is not
+        // fed one.
+        let only = keda
+            .then_some(keda_params.partition_limitation.as_deref())
+            .flatten();
+        let unreadable = lag.unreadable_within(only);
+        if keda && unreadable.is_none() {
             keda_trigger::check_partitions(&keda_params, lag)
                 .map_err(|e| anyhow::anyhow!("--partition-limitation {}", e.rule))?;
         }
-        let decision: Option<(&str, Decision)> = policy.as_mut().map(|p| {
-            (
+        let decision: Option<(&str, Decision)> = match policy.as_mut() {
+            Some(p) if unreadable.is_none() => Some((
                 p.name(),
                 p.decide(reading.at, &reading.observation(replicas)),
-            )
-        });
+            )),
+            _ => None,
+        };
         let mut out = std::io::stdout().lock();
         if json {
             let mut v = serde_json::to_value(lag)?;
             v["members"] = serde_json::json!(reading.members);
             if let Some((name, d)) = &decision {
                 v["policy"] = serde_json::json!({"name": name, "desired_replicas": d.desired, "metric_value": d.metric_value, "active": d.active, "reason": d.reason, "scale_up_held": d.scale_up_held, "bound_by": d.bound_by});
+            } else if policy.is_some() {
+                v["policy"] = serde_json::Value::Null;
             }
             writeln!(out, "{}", serde_json::to_string(&v)?)?;
         } else {
@@ -173,7 +187,15 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
                 Some((name, d)) => {
                     writeln!(out, "policy {name}: {} replicas ({})", d.desired, d.reason)?
                 }
-                None => {}
+                None => {
+                    if let (Some(p), Some(why)) = (&policy, &unreadable) {
+                        writeln!(
+                            out,
+                            "policy {}: no decision on this reading ({why})",
+                            p.name()
+                        )?;
+                    }
+                }
             }
             if let Some((partition, error)) = lag.commit_error() {
                 writeln!(

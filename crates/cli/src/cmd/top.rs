@@ -112,18 +112,19 @@ impl Dashboard {
                 // Called outside the runtime, or inside block_in_place.
                 runtime
                     .block_on(read)
-                    // An offline partition's backlog is as unknown as one
-                    // without state yet: neither is in the total.
-                    .map(|b| {
-                        let unknown = b.partitions_unknown + b.partitions_offline.len();
-                        (share_as_lag(&b), Some(b.members), unknown)
-                    })
+                    .map(|b| (share_as_lag(&b), Some(b.members), b.partitions_unknown))
                     .map_err(|e| e.to_string())
             }
         };
         match read {
             Ok((lag, members, unknown)) => {
-                let rates = self.rates.observe(Instant::now(), &lag);
+                // Offline partitions drop out of the sums, and would come
+                // back as a burst: such a reading leaves the rates as they were.
+                let rates = if lag.unreadable().is_none() {
+                    self.rates.observe(Instant::now(), &lag)
+                } else {
+                    self.rates.rates()
+                };
                 self.history.push_back(lag.total_lag.max(0) as u64);
                 while self.history.len() > 240 {
                     self.history.pop_front();
@@ -191,6 +192,16 @@ fn draw(frame: &mut Frame<'_>, args: &Args, snap: &Snapshot, history: &VecDeque<
             snap.rates.arrival_per_sec, snap.rates.processed_per_sec
         )));
     }
+    if let Some(lag) = snap
+        .lag
+        .as_ref()
+        .filter(|l| !l.partitions_offline.is_empty())
+    {
+        lines.push(Line::from(format!(
+            "partitions {:?} have no leader (offline): not in the total",
+            lag.partitions_offline
+        )));
+    }
     if let Some(lag) = snap.lag.as_ref().filter(|_| !share) {
         let ages: Vec<String> = lag
             .partitions
@@ -241,6 +252,13 @@ fn draw(frame: &mut Frame<'_>, args: &Args, snap: &Snapshot, history: &VecDeque<
     frame.render_widget(Paragraph::new("q or Esc quits"), footer);
 }
 
+/// `pN=offline` for each partition without a leader.
+fn offline_parts(lag: &GroupLag) -> impl Iterator<Item = String> + '_ {
+    lag.partitions_offline
+        .iter()
+        .map(|p| format!("p{p}=offline"))
+}
+
 fn plain_line(snap: &Snapshot, share: bool) -> String {
     match &snap.lag {
         Some(lag) if share => {
@@ -251,6 +269,7 @@ fn plain_line(snap: &Snapshot, share: bool) -> String {
                     Some(_) => format!("p{}={}", p.partition, p.lag),
                     None => format!("p{}=-", p.partition),
                 })
+                .chain(offline_parts(lag))
                 .collect();
             format!(
                 "total_backlog={} partitions_unknown={} arriving/s={:.0} acknowledged/s={:.0} members={} {}",
@@ -267,6 +286,7 @@ fn plain_line(snap: &Snapshot, share: bool) -> String {
                 .partitions
                 .iter()
                 .map(|p| format!("p{}={}/{}s", p.partition, p.lag, seconds(p.lag_ms)))
+                .chain(offline_parts(lag))
                 .collect();
             format!(
                 "total_lag={} lag_seconds={} arriving/s={:.0} committed/s={:.0} members={} {}",

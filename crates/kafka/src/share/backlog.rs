@@ -68,9 +68,10 @@ pub struct ShareBacklog {
     /// `total_backlog` does not count them, so it is a floor, not zero,
     /// while this is above 0.
     pub partitions_unknown: usize,
-    /// Partitions without a leader (their broker down, no replica in its
-    /// place): not in `partitions` nor in `total_backlog`, which is then
-    /// a floor. A scaler makes no decision on such a reading.
+    /// Partitions without a leader that answers (their broker down or
+    /// unreachable, no replica in its place): not in `partitions` nor in
+    /// `total_backlog`, which is then a floor. A scaler makes no decision
+    /// on such a reading.
     pub partitions_offline: Vec<i32>,
     pub backlog_source: &'static str,
     pub partitions: Vec<PartitionBacklog>,
@@ -129,14 +130,19 @@ pub async fn read(
     let meta = topic_meta(&cluster, topic).await?;
     // A partition without a leader has no high watermark to read: it is
     // left out and named, and the rest are read.
-    let (led, partitions_offline) = split_offline(&cluster, &meta.leaders);
-    let mut partitions: Vec<i32> = led.keys().copied().collect();
-    partitions.sort_unstable();
+    let (mut led, mut partitions_offline) = split_offline(&cluster, &meta.leaders);
 
     // The high watermark before and after the group's offsets bound what
-    // is done (see PartitionBacklog::high_before).
-    let lows = list_offsets(&cluster, &led, topic, EARLIEST).await?;
-    let highs_before = list_offsets(&cluster, &led, topic, LATEST).await?;
+    // is done (see PartitionBacklog::high_before). A leader that does not
+    // answer leaves its partitions out as if offline.
+    let (lows, unanswered) = list_offsets(&cluster, &led, topic, EARLIEST).await?;
+    led.retain(|p, _| !unanswered.contains(p));
+    partitions_offline.extend(unanswered);
+    let (highs_before, unanswered) = list_offsets(&cluster, &led, topic, LATEST).await?;
+    led.retain(|p, _| !unanswered.contains(p));
+    partitions_offline.extend(unanswered);
+    let mut partitions: Vec<i32> = led.keys().copied().collect();
+    partitions.sort_unstable();
     let coordinator = cluster.coordinator(group).await?;
     let conn = cluster.conn(&coordinator, Lane::Coordinator).await?;
     let gid = GroupId(StrBytes::from_string(group.to_string()));
@@ -212,7 +218,10 @@ pub async fn read(
             .count();
     }
 
-    let highs = list_offsets(&cluster, &led, topic, LATEST).await?;
+    let (highs, unanswered) = list_offsets(&cluster, &led, topic, LATEST).await?;
+    partitions.retain(|p| !unanswered.contains(p));
+    partitions_offline.extend(unanswered);
+    partitions_offline.sort_unstable();
     let partitions: Vec<PartitionBacklog> = partitions
         .into_iter()
         .map(|p| {
@@ -291,8 +300,9 @@ pub async fn topic_offsets(
     let cluster = Cluster::new(connector, bootstrap, "microbatch-topic".into(), timeout);
     let meta = topic_meta(&cluster, topic).await?;
     let (led, _) = split_offline(&cluster, &meta.leaders);
-    let lows = list_offsets(&cluster, &led, topic, EARLIEST).await?;
-    let highs = list_offsets(&cluster, &led, topic, LATEST).await?;
+    // A leader that does not answer leaves its partitions' offsets unknown.
+    let (lows, _) = list_offsets(&cluster, &led, topic, EARLIEST).await?;
+    let (highs, _) = list_offsets(&cluster, &led, topic, LATEST).await?;
     let mut partitions: Vec<PartitionOffsets> = meta
         .leaders
         .keys()
@@ -334,57 +344,99 @@ async fn topic_meta(
 const EARLIEST: i64 = -2;
 const LATEST: i64 = -1;
 
-/// Every partition's offset at `timestamp`, asked of its leader.
+/// Every partition's offset at `timestamp`, asked of its leader, and the
+/// partitions whose leader did not answer: it could not be reached (killed,
+/// cut off, not yet fenced by the controller) or no longer leads them.
+/// Those are left out rather than failing the rest; a refusal (an ACL, a
+/// failed authentication) is an error.
 async fn list_offsets(
     cluster: &Cluster,
     leaders: &std::collections::HashMap<i32, i32>,
     topic: &str,
     timestamp: i64,
-) -> Result<std::collections::HashMap<i32, i64>, ShareError> {
+) -> Result<(std::collections::HashMap<i32, i64>, Vec<i32>), ShareError> {
     let mut by_leader: std::collections::BTreeMap<i32, Vec<i32>> = Default::default();
     for (&p, &leader) in leaders {
         by_leader.entry(leader).or_default().push(p);
     }
     let mut offsets = std::collections::HashMap::new();
+    let mut unanswered = Vec::new();
     for (leader, parts) in by_leader {
-        let addr = cluster.node(leader).ok_or_else(|| ShareError::Offline {
-            topic: topic.to_string(),
-            partitions: parts.clone(),
-        })?;
-        let conn = cluster.conn(&addr, Lane::Fetch).await?;
-        let response: ListOffsetsResponse = conn
-            .call(
-                ListOffsetsRequest::default()
-                    .with_replica_id(BrokerId(-1))
-                    .with_topics(vec![ListOffsetsTopic::default()
-                        .with_name(TopicName(StrBytes::from_string(topic.to_string())))
-                        .with_partitions(
-                            parts
-                                .iter()
-                                .map(|&p| {
-                                    ListOffsetsPartition::default()
-                                        .with_partition_index(p)
-                                        .with_current_leader_epoch(-1)
-                                        .with_timestamp(timestamp)
-                                })
-                                .collect(),
-                        )]),
-            )
-            .await?;
+        let Some(addr) = cluster.node(leader) else {
+            unanswered.extend(parts);
+            continue;
+        };
+        let response = match list_offsets_of(cluster, &addr, &parts, topic, timestamp).await {
+            Ok(response) => response,
+            Err(e) if e.is_transport() => {
+                tracing::debug!(error = %e, leader, "ListOffsets: the leader did not answer");
+                unanswered.extend(parts);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         for t in response.topics {
             for p in t.partitions {
-                if p.error_code != 0 {
-                    return Err(ShareError::broker(
-                        "ListOffsets",
-                        p.error_code,
-                        Some(format!("{topic}-{}", p.partition_index)),
-                    ));
+                let error = kafka_protocol::ResponseError::try_from_code(p.error_code);
+                match error {
+                    None => {
+                        offsets.insert(p.partition_index, p.offset);
+                    }
+                    // Leadership moving: this leader has no answer now.
+                    Some(
+                        kafka_protocol::ResponseError::NotLeaderOrFollower
+                        | kafka_protocol::ResponseError::LeaderNotAvailable
+                        | kafka_protocol::ResponseError::FencedLeaderEpoch
+                        | kafka_protocol::ResponseError::UnknownLeaderEpoch
+                        | kafka_protocol::ResponseError::ReplicaNotAvailable,
+                    ) => unanswered.push(p.partition_index),
+                    Some(_) => {
+                        return Err(ShareError::broker(
+                            "ListOffsets",
+                            p.error_code,
+                            Some(format!("{topic}-{}", p.partition_index)),
+                        ))
+                    }
                 }
-                offsets.insert(p.partition_index, p.offset);
             }
         }
     }
-    Ok(offsets)
+    unanswered.sort_unstable();
+    Ok((offsets, unanswered))
+}
+
+/// One ListOffsets request to the leader at `addr`.
+async fn list_offsets_of(
+    cluster: &Cluster,
+    addr: &str,
+    parts: &[i32],
+    topic: &str,
+    timestamp: i64,
+) -> Result<ListOffsetsResponse, ShareError> {
+    let conn = cluster.conn(addr, Lane::Fetch).await?;
+    let result = conn
+        .call(
+            ListOffsetsRequest::default()
+                .with_replica_id(BrokerId(-1))
+                .with_topics(vec![ListOffsetsTopic::default()
+                    .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                    .with_partitions(
+                        parts
+                            .iter()
+                            .map(|&p| {
+                                ListOffsetsPartition::default()
+                                    .with_partition_index(p)
+                                    .with_current_leader_epoch(-1)
+                                    .with_timestamp(timestamp)
+                            })
+                            .collect(),
+                    )]),
+        )
+        .await;
+    if result.is_err() {
+        cluster.forget(&conn, Lane::Fetch).await;
+    }
+    result
 }
 
 fn check(code: i16, message: Option<String>, topic: &str) -> Result<(), ShareError> {

@@ -364,7 +364,8 @@ impl ShareConsumer {
         let leaders_due = self
             .leaders_asked
             .is_none_or(|at| at.elapsed() >= LEADER_LOOKUP_INTERVAL);
-        if topic_unknown || (self.needs_leaders(&state) && leaders_due) {
+        let looked_up = topic_unknown || (self.needs_leaders(&state) && leaders_due);
+        if looked_up {
             self.leaders_asked = Some(Instant::now());
             self.refresh_metadata().await?;
         }
@@ -385,7 +386,11 @@ impl ShareConsumer {
                 }
             }
         }
-        self.say_offline(&offline);
+        // Said from the brokers' metadata, not from a leader forgotten
+        // after a failed fetch (the metadata may still name it).
+        if looked_up || offline.is_empty() {
+            self.say_offline(&offline);
+        }
         // Leaders that lost every partition close their session's wanted set.
         for (&node, session) in &self.sessions {
             if !session.partitions.is_empty() && !by_leader.contains_key(&node) {
@@ -482,6 +487,12 @@ impl ShareConsumer {
                 }
                 Err(e) => {
                     self.session_lost(node, sent_acks);
+                    if e.is_transport() {
+                        // A broker killed or cut off answers nothing, not
+                        // NotLeader: look its partitions' leaders up again
+                        // (a replica may lead them now, or none).
+                        self.forget_leaders(&wanted);
+                    }
                     first_error.get_or_insert(e);
                 }
             }
@@ -599,8 +610,8 @@ impl ShareConsumer {
         routes
     }
 
-    /// Says when assigned partitions lose their leader (their broker down:
-    /// the others are fetched meanwhile, their records wait) and when every
+    /// Says when assigned partitions lose their leader (their broker down,
+    /// or an election: the others are fetched meanwhile, their records wait) and when every
     /// one has a leader again; once per change, not per poll.
     fn say_offline(&mut self, offline: &[(Uuid, i32)]) {
         let mut names: Vec<String> = offline
@@ -619,8 +630,9 @@ impl ShareConsumer {
         } else {
             tracing::warn!(
                 partitions = ?names,
-                "assigned partitions have no leader (their broker is down): the others are \
-                 fetched meanwhile, and these partitions' records wait for a leader"
+                "assigned partitions have no leader known (their broker down or unreachable, or \
+                 an election under way): the others are fetched meanwhile, and these partitions' \
+                 records wait for a leader"
             );
         }
         self.offline_said = names;
@@ -887,6 +899,16 @@ impl ShareConsumer {
     /// gone or unknown. The verdicts it carried go again on a new session;
     /// the broker rejects them if the records' locks were lost, and the
     /// records come back.
+    /// Marks `parts`' leaders unknown, so that the next poll looks them up
+    /// (at most every [`LEADER_LOOKUP_INTERVAL`]).
+    fn forget_leaders(&mut self, parts: &[(Uuid, i32)]) {
+        for (id, p) in parts {
+            if let Some(t) = self.topics.get_mut(id) {
+                t.leaders.insert(*p, -1);
+            }
+        }
+    }
+
     fn session_lost(&mut self, node: i32, sent_acks: SentAcks) {
         if let Some(s) = self.sessions.get_mut(&node) {
             s.epoch = 0;

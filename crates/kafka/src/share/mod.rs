@@ -67,8 +67,9 @@ pub enum ShareError {
     Decode(String),
     #[error("none of the bootstrap servers answered: {0}")]
     NoBroker(String),
-    /// Partitions whose leader is unknown or not in the metadata: their
-    /// broker is down and no replica has taken over.
+    /// Partitions whose leader is unknown, not in the metadata or not
+    /// answering: their broker is down or cut off and no replica has taken
+    /// over.
     #[error("{topic} partitions {partitions:?} have no leader (offline)")]
     Offline { topic: String, partitions: Vec<i32> },
     #[error("the consumer is closed")]
@@ -112,6 +113,15 @@ impl ShareError {
             Self::Broker { error, .. } => error.is_retriable(),
             _ => false,
         }
+    }
+
+    /// The broker could not be reached or did not answer: nothing says
+    /// whether it still leads what was asked of it.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            Self::Io { .. } | Self::Disconnected(_) | Self::Timeout { .. } | Self::NoBroker(_)
+        )
     }
 
     /// The broker refused for want of an ACL.
