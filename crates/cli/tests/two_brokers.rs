@@ -167,7 +167,7 @@ fn share_worker(cluster: &TwoBrokers, dir: &TestDir, name: &str, topic: &str, gr
         dir,
         HandlerBehaviour {
             failure_rate: 0.0,
-            ms_per_record: 1,
+            ms_per_record: 10,
         },
     );
     let mut cmd = command();
@@ -338,18 +338,25 @@ fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
     let mut workers: Vec<Proc> = (0..2)
         .map(|i| share_worker(&cluster, &s, &format!("w{i}"), topic, group))
         .collect();
-    produce_to(&cluster, topic, 400, "0,1,2,3", 0);
-    let mut expected = offsets(&[0, 1, 2, 3], 0, 100);
-    wait_handled(&s, &expected, "400 records handled from both leaders");
-    wait_for_no_backlog(
-        &cluster,
-        group,
-        "the share group's backlog to reach 0 on both brokers",
+    produce_to(&cluster, topic, 800, "0,1,2,3", 0);
+    // Records from both leaders handled, most still to come: node 2 dies
+    // with records acquired from it and verdicts on their way.
+    wait_until(
+        Duration::from_secs(90),
+        "records handled from both leaders",
+        || {
+            let seen = handled(&s);
+            (0..4).all(|p| seen.keys().any(|(sp, _)| *sp == p)) && seen.len() >= 100
+        },
     );
-
-    // Node 2 dies: once fenced, its partitions are offline; node 1's go on.
-    let logged_before: Vec<usize> = workers.iter().map(|w| w.stderr().len()).collect();
+    let logged_before_kill: Vec<usize> = workers.iter().map(|w| w.stderr().len()).collect();
     cluster.kill_node(2);
+    let handled_at_kill = handled(&s).len();
+    assert!(
+        handled_at_kill < 700,
+        "{handled_at_kill} of 800 handled before the kill: nothing was in flight"
+    );
+    // Once the controller fences it, its partitions are offline.
     wait_until(
         Duration::from_secs(60),
         "node 2's partitions offline",
@@ -367,16 +374,19 @@ fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
         let id = p["partition"].as_i64().unwrap();
         if id % 2 == 1 {
             assert!(
-                p["leader"].is_null() && p["high"].is_null(),
+                p["leader"].is_null() && p["high"].is_null() && p["share"].is_null(),
                 "offline partition {id} shown without leader or offsets: {json}\n{err}"
             );
         } else {
             assert_eq!(p["leader"], 1, "partition {id}: {json}\n{err}");
-            assert_eq!(p["high"], 100, "partition {id}: {json}");
-            assert_eq!(p["share"]["backlog"], 0, "partition {id}: {json}\n{err}");
+            assert_eq!(p["high"], 200, "partition {id}: {json}");
+            assert!(
+                p["share"]["backlog"].is_i64(),
+                "partition {id}: {json}\n{err}"
+            );
         }
     }
-    assert!(!ok, "a share group part not read makes the exit 1: {json}");
+    assert!(!ok, "partitions not read make the exit 1: {json}");
     assert_eq!(
         json["share_group"]["partitions_offline"],
         serde_json::json!([1, 3]),
@@ -388,29 +398,33 @@ fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
     );
     // `lag` and the scaler read the same way: the rest is printed, the
     // offline partitions named, the exit 1.
-    let lag = lag_while_offline(&cluster, topic, ("--share-group", group));
-    assert_eq!(lag["total_backlog"], 0, "{lag}");
+    lag_while_offline(&cluster, topic, ("--share-group", group));
     lag_while_offline(&cluster, topic, ("--group", "a-consumer-group"));
 
-    produce_to(&cluster, topic, 200, "0,2", 400);
-    let on_node_1 = offsets(&[0, 2], 100, 100);
+    // Node 1's partitions go on: every record on them is handled, old and
+    // new, while node 2 is down.
+    produce_to(&cluster, topic, 200, "0,2", 800);
     wait_handled(
         &s,
-        &on_node_1,
-        "node 1's 200 new records handled while node 2 is down",
+        &offsets(&[0, 2], 0, 300),
+        "every record of node 1's partitions handled while node 2 is down",
     );
-    expected.extend(on_node_1);
     assert!(
         said_since(
             &workers,
-            &logged_before,
+            &logged_before_kill,
             "assigned partitions have no leader known"
         ),
         "no worker said its partitions lost their leader"
     );
-    let logged_before: Vec<usize> = workers.iter().map(|w| w.stderr().len()).collect();
+    assert!(
+        !said_since(&workers, &logged_before_kill, "has a leader again"),
+        "a worker said the leaders came back while node 2 is down"
+    );
 
-    // Node 2 back: its partitions' records are handled too.
+    // Node 2 back: its partitions' records, held at the kill and new, are
+    // handled too.
+    let logged_before_restart: Vec<usize> = workers.iter().map(|w| w.stderr().len()).collect();
     cluster.run_node(2);
     wait_until(
         Duration::from_secs(90),
@@ -422,18 +436,17 @@ fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
                 .is_some_and(|ps| ps.iter().all(|p| !p["leader"].is_null()))
         },
     );
-    produce_to(&cluster, topic, 200, "1,3", 600);
-    let on_node_2 = offsets(&[1, 3], 100, 100);
+    produce_to(&cluster, topic, 200, "1,3", 1000);
+    let expected = offsets(&[0, 1, 2, 3], 0, 300);
     wait_handled(
         &s,
-        &on_node_2,
-        "node 2's 200 new records handled after its restart",
+        &expected,
+        "all 1,200 records handled after node 2's restart",
     );
-    expected.extend(on_node_2);
     assert!(
         said_since(
             &workers,
-            &logged_before,
+            &logged_before_restart,
             "every assigned partition has a leader again"
         ),
         "no worker said the leaders came back"
@@ -448,11 +461,10 @@ fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
         w.terminate();
     }
 
-    // Nothing lost, nothing dead-lettered; duplicates only from node 2's
-    // restart (its in-flight locks are the broker's memory).
+    // Nothing lost, nothing dead-lettered; duplicates only from the
+    // records node 2 held at its death (its locks were in its memory): at
+    // most what the workers had acquired, 2 rounds of 2 slots × 20 each.
     let seen = handled(&s);
-    let missing: Vec<_> = expected.iter().filter(|r| !seen.contains_key(r)).collect();
-    assert!(missing.is_empty(), "records never handled: {missing:?}");
     let duplicates: u32 = seen.values().map(|n| n - 1).sum();
     let by_worker: BTreeSet<String> = handled_files(&s)
         .iter()
@@ -460,12 +472,17 @@ fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
         .map(|f| handled_by(f))
         .collect();
     eprintln!(
-        "two brokers: {} records handled, {duplicates} twice, by {by_worker:?}",
+        "two brokers: {} records handled ({handled_at_kill} before the kill), {duplicates} twice, by {by_worker:?}",
         seen.len()
     );
+    assert_eq!(
+        seen.len(),
+        expected.len(),
+        "records handled that were never produced"
+    );
     assert!(
-        duplicates <= 200,
-        "{duplicates} duplicates: more than node 2's records in flight"
+        duplicates <= 160,
+        "{duplicates} duplicates: more than the workers could hold"
     );
     let dlq = read_topic(&format!("{topic}.dlq"), &cluster.bootstrap());
     assert!(dlq.is_empty(), "{} dead letters", dlq.len());

@@ -43,10 +43,11 @@ pub struct Args {
     /// group's members subscribed to the topic (null when the broker cannot
     /// tell: mid-rebalance, a KIP-848 group). A partition without a leader
     /// (its broker down) is left out of "partitions" and the total, named
-    /// in "partitions_offline" and on stderr, and the exit is 1. With
-    /// --policy, "policy" is null on a reading the scaler would fail (an
-    /// offline partition, a committed offset that cannot be read): no
-    /// decision is made on it.
+    /// in "partitions_offline" and on stderr, and the exit is 1. On a
+    /// reading the scaler would fail (an offline partition within
+    /// --partition-limitation, a committed offset that cannot be read) the
+    /// exit is 1 and, with --policy, "policy" is null: no decision is made
+    /// on it.
     #[arg(long)]
     pub json: bool,
     /// Refresh every --interval-ms until interrupted.
@@ -211,13 +212,19 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
         let offline = !lag.partitions_offline.is_empty();
         if offline {
             eprintln!(
-                "error: {} partitions {:?} have no leader (offline): their lag is not in the \
-                 total; microbatch scaler fails such a reading (KEDA's fallback applies)",
-                lag.topic, lag.partitions_offline
+                "error: {} partitions {:?} have no leader (offline): their lag is not in the total{}",
+                lag.topic,
+                lag.partitions_offline,
+                if unreadable.is_some() {
+                    "; microbatch scaler fails such a reading (KEDA's fallback applies)"
+                } else {
+                    " (outside --partition-limitation: the scaler still decides)"
+                }
             );
         }
         if !watch {
-            return Ok(if offline {
+            // A reading that is not whole, or that the scaler would fail.
+            return Ok(if offline || unreadable.is_some() {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS

@@ -125,7 +125,10 @@ impl Dashboard {
                 } else {
                     self.rates.rates()
                 };
-                self.history.push_back(lag.total_lag.max(0) as u64);
+                // A total without the offline partitions is not the lag.
+                if lag.partitions_offline.is_empty() {
+                    self.history.push_back(lag.total_lag.max(0) as u64);
+                }
                 while self.history.len() > 240 {
                     self.history.pop_front();
                 }

@@ -44,7 +44,9 @@ pub struct DescribeArgs {
     #[serde(default)]
     pub share_group: Option<String>,
     /// Print JSON: {"topic","partitions":[{"partition","leader","low","high"}]}
-    /// (null where unknown: an offline partition has no leader to ask);
+    /// (null where unknown: an offline partition has no leader to ask, and
+    /// one whose leader does not answer has no offsets; either is said on
+    /// stderr and the exit is 1);
     /// with --share-group each partition also has "share":{"start_offset",
     /// "backlog","in_flight"}, and "share_group":{"name","exists","members",
     /// "total_backlog","partitions_unknown","partitions_offline","backlog_source","in_flight",
@@ -145,7 +147,7 @@ async fn describe(args: DescribeArgs) -> anyhow::Result<ExitCode> {
     let connector = security::connector(&kafka)?;
     let bootstrap = kafka.bootstrap_list();
     let timeout = Duration::from_secs(30);
-    let offsets =
+    let (offsets, not_read) =
         backlog::topic_offsets(connector.clone(), bootstrap.clone(), &args.topic, timeout).await?;
     let mut rows: Vec<Row> = offsets
         .iter()
@@ -158,6 +160,15 @@ async fn describe(args: DescribeArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     let mut problems = Vec::new();
+    if !not_read.is_empty() {
+        problems.push(format!(
+            "{}: their offsets are not read",
+            microbatch_kafka::share::ShareError::Offline {
+                topic: args.topic.clone(),
+                partitions: not_read,
+            }
+        ));
+    }
     let mut share_json = serde_json::Value::Null;
     let mut share_lines = Vec::new();
     if let Some(group) = &args.share_group {

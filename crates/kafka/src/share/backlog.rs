@@ -289,20 +289,25 @@ pub struct PartitionOffsets {
 }
 
 /// Every partition of `topic` with its leader, log start offset and high
-/// watermark, in partition order. A partition without a leader (offline)
-/// is listed with none of them rather than failing the rest.
+/// watermark, in partition order, and the partitions whose offsets could
+/// not be read. A partition without a leader (offline), or whose leader
+/// does not answer, is listed without them rather than failing the rest.
 pub async fn topic_offsets(
     connector: Arc<dyn Connector>,
     bootstrap: Vec<String>,
     topic: &str,
     timeout: Duration,
-) -> Result<Vec<PartitionOffsets>, ShareError> {
+) -> Result<(Vec<PartitionOffsets>, Vec<i32>), ShareError> {
     let cluster = Cluster::new(connector, bootstrap, "microbatch-topic".into(), timeout);
     let meta = topic_meta(&cluster, topic).await?;
-    let (led, _) = split_offline(&cluster, &meta.leaders);
+    let (led, mut not_read) = split_offline(&cluster, &meta.leaders);
     // A leader that does not answer leaves its partitions' offsets unknown.
-    let (lows, _) = list_offsets(&cluster, &led, topic, EARLIEST).await?;
-    let (highs, _) = list_offsets(&cluster, &led, topic, LATEST).await?;
+    let (lows, unanswered) = list_offsets(&cluster, &led, topic, EARLIEST).await?;
+    not_read.extend(unanswered);
+    let (highs, unanswered) = list_offsets(&cluster, &led, topic, LATEST).await?;
+    not_read.extend(unanswered);
+    not_read.sort_unstable();
+    not_read.dedup();
     let mut partitions: Vec<PartitionOffsets> = meta
         .leaders
         .keys()
@@ -314,7 +319,7 @@ pub async fn topic_offsets(
         })
         .collect();
     partitions.sort_by_key(|p| p.partition);
-    Ok(partitions)
+    Ok((partitions, not_read))
 }
 
 /// A share group's configs on the brokers (see [`Cluster::group_configs`]).

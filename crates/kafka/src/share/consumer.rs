@@ -191,7 +191,17 @@ pub struct ShareConsumer {
     /// The assigned partitions without a leader last said, as
     /// `topic-partition`.
     offline_said: Vec<String>,
+    /// Leaders whose fetches fail on the connection: since when, and when
+    /// that was last said.
+    unreachable: HashMap<i32, (Instant, Option<Instant>)>,
 }
+
+/// A leader's fetches failing on the connection this long is said (a
+/// broker cut off from this worker while the controller still sees it
+/// keeps its partitions, and the metadata names it again and again).
+const UNREACHABLE_SAID_AFTER: Duration = Duration::from_secs(5);
+/// ... and said again at most this often while it lasts.
+const UNREACHABLE_SAID_EVERY: Duration = Duration::from_secs(60);
 
 /// How often a poll asks for metadata while an assigned partition has no
 /// leader (its broker down): a busy member polls many times a second, and
@@ -249,6 +259,7 @@ impl ShareConsumer {
             closed: false,
             leaders_asked: None,
             offline_said: Vec::new(),
+            unreachable: HashMap::new(),
         })
     }
 
@@ -479,6 +490,9 @@ impl ShareConsumer {
         for (node, wanted, sent_acks, result) in results {
             match result {
                 Ok(response) => {
+                    if let Some((_, Some(_))) = self.unreachable.remove(&node) {
+                        tracing::info!(node, "a partition leader answers again");
+                    }
                     if let Err(e) =
                         self.absorb_fetch(node, &wanted, sent_acks, response, sent_at, &mut fetched)
                     {
@@ -488,6 +502,7 @@ impl ShareConsumer {
                 Err(e) => {
                     self.session_lost(node, sent_acks);
                     if e.is_transport() {
+                        self.say_unreachable(node, &wanted, &e);
                         // A broker killed or cut off answers nothing, not
                         // NotLeader: look its partitions' leaders up again
                         // (a replica may lead them now, or none).
@@ -610,18 +625,41 @@ impl ShareConsumer {
         routes
     }
 
+    /// `parts` as `topic-partition`, sorted.
+    fn partition_names(&self, parts: &[(Uuid, i32)]) -> Vec<String> {
+        let mut names: Vec<String> = parts
+            .iter()
+            .map(|(id, p)| format!("{}-{p}", self.topic_name(id)))
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Says, throttled, that `node`'s fetches keep failing on the
+    /// connection, and which partitions wait for it.
+    fn say_unreachable(&mut self, node: i32, parts: &[(Uuid, i32)], e: &ShareError) {
+        let now = Instant::now();
+        let (since, said) = *self.unreachable.entry(node).or_insert((now, None));
+        let due = said.is_none_or(|at| now.duration_since(at) >= UNREACHABLE_SAID_EVERY);
+        if now.duration_since(since) < UNREACHABLE_SAID_AFTER || !due {
+            return;
+        }
+        self.unreachable.insert(node, (since, Some(now)));
+        tracing::warn!(
+            node,
+            error = %e,
+            for_s = now.duration_since(since).as_secs(),
+            partitions = ?self.partition_names(parts),
+            "a partition leader cannot be reached: its partitions' records wait for it \
+             (or for a new leader); the others are fetched meanwhile"
+        );
+    }
+
     /// Says when assigned partitions lose their leader (their broker down,
     /// or an election: the others are fetched meanwhile, their records wait) and when every
     /// one has a leader again; once per change, not per poll.
     fn say_offline(&mut self, offline: &[(Uuid, i32)]) {
-        let mut names: Vec<String> = offline
-            .iter()
-            .map(|(id, p)| {
-                let topic = self.topics.get(id).map_or("?", |t| &t.name);
-                format!("{topic}-{p}")
-            })
-            .collect();
-        names.sort_unstable();
+        let names = self.partition_names(offline);
         if names == self.offline_said {
             return;
         }
@@ -895,10 +933,6 @@ impl ShareConsumer {
             .unwrap_or_else(|| id.to_string().into())
     }
 
-    /// A request to `node` failed before its answer: the session there is
-    /// gone or unknown. The verdicts it carried go again on a new session;
-    /// the broker rejects them if the records' locks were lost, and the
-    /// records come back.
     /// Marks `parts`' leaders unknown, so that the next poll looks them up
     /// (at most every [`LEADER_LOOKUP_INTERVAL`]).
     fn forget_leaders(&mut self, parts: &[(Uuid, i32)]) {
@@ -909,6 +943,10 @@ impl ShareConsumer {
         }
     }
 
+    /// A request to `node` failed before its answer: the session there is
+    /// gone or unknown. The verdicts it carried go again on a new session;
+    /// the broker rejects them if the records' locks were lost, and the
+    /// records come back.
     fn session_lost(&mut self, node: i32, sent_acks: SentAcks) {
         if let Some(s) = self.sessions.get_mut(&node) {
             s.epoch = 0;

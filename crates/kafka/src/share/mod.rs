@@ -41,6 +41,10 @@ pub use records::ShareRecord;
 pub enum ShareError {
     #[error("cannot reach {broker}: {reason}")]
     Io { broker: String, reason: String },
+    /// The broker's TLS certificate did not verify: a setting to fix, not
+    /// a broker that is down (retried all the same, as librdkafka does).
+    #[error("cannot reach {broker}: {reason}")]
+    Certificate { broker: String, reason: String },
     #[error("{0} closed the connection")]
     Disconnected(String),
     #[error("{api} to {broker} had no answer within {after:?}")]
@@ -105,6 +109,7 @@ impl ShareError {
     pub fn is_retriable(&self) -> bool {
         match self {
             Self::Io { .. }
+            | Self::Certificate { .. }
             | Self::Disconnected(_)
             | Self::Timeout { .. }
             | Self::NoBroker(_)

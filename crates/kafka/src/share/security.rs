@@ -178,18 +178,24 @@ impl Sasl {
 
 /// A failed TLS handshake, said with the fix when the brokers' certificate
 /// was what failed.
-fn tls_failure(e: &std::io::Error) -> String {
+fn tls_failure(addr: &str, e: &std::io::Error) -> ShareError {
     let certificate = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         .is_some_and(|inner| matches!(inner, rustls::Error::InvalidCertificate(_)));
     if certificate {
-        format!(
-            "TLS: {e} (--ssl-ca-location must hold the CA that signed the brokers' certificates, \
-             and the names in --bootstrap-servers must be the certificates' names)"
-        )
+        ShareError::Certificate {
+            broker: addr.to_string(),
+            reason: format!(
+                "TLS: {e} (--ssl-ca-location must hold the CA that signed the brokers' certificates, \
+                 and the names in --bootstrap-servers must be the certificates' names)"
+            ),
+        }
     } else {
-        format!("TLS: {e}")
+        ShareError::Io {
+            broker: addr.to_string(),
+            reason: format!("TLS: {e}"),
+        }
     }
 }
 
@@ -212,10 +218,7 @@ impl Connector for Secured {
         let stream = tokio_rustls::TlsConnector::from(tls.clone())
             .connect(name, tcp)
             .await
-            .map_err(|e| ShareError::Io {
-                broker: addr.to_string(),
-                reason: tls_failure(&e),
-            })?;
+            .map_err(|e| tls_failure(addr, &e))?;
         Ok(Box::new(stream))
     }
 
