@@ -310,17 +310,20 @@ fn assert_no_panic(workers: &[Proc]) {
     }
 }
 
-#[test]
-fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
+/// One cluster at a time: each test starts three JVMs of its own.
+static ONE_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Both nodes running, every coordinator on node 1: node 1 alone first,
+/// and a share group read on it, so that the group's and the share
+/// state's coordinators live there and the group survives node 2's death.
+/// `None` (said) when the test must skip.
+fn cluster_with_coordinators_on_node_1() -> Option<TwoBrokers> {
     if !broker().is_real() {
         assert!(!in_ci(), "the two-broker test needs Kafka's jars under CI");
         eprintln!("skipped: the two-broker test needs Kafka's jars (run scripts/test.sh)");
-        return;
+        return None;
     }
     let mut cluster = TwoBrokers::start();
-    // Node 1 alone first, and a share group read on it, so that the
-    // group's and the share state's coordinators live on node 1 and the
-    // group survives node 2's stop.
     cluster.run_node(1);
     let warm = TestDir::new("two-brokers-warm");
     cluster.create_topic("warm", "1");
@@ -328,34 +331,89 @@ fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
     let mut warmer = share_worker(&cluster, &warm, "warm", "warm", "warm-group");
     wait_handled(&warm, &offsets(&[0], 0, 1), "the warm-up record handled");
     warmer.terminate();
-
     cluster.run_node(2);
-    let s = TestDir::new("two-brokers-split");
-    let topic = "split";
-    let group = "split-group";
-    // Partitions 0 and 2 led by node 1, 1 and 3 by node 2.
-    cluster.create_topic(topic, "1,2,1,2");
-    let mut workers: Vec<Proc> = (0..2)
-        .map(|i| share_worker(&cluster, &s, &format!("w{i}"), topic, group))
+    Some(cluster)
+}
+
+/// `topic` made with `replica_assignment` (four partitions), two share
+/// workers, 800 records; once records of every partition are handled,
+/// with most still to come, node 2 is killed while records acquired from
+/// it are held and verdicts are on their way. Returns the workers, the
+/// length of each one's log before the kill, and the records handled then.
+fn kill_node_2_mid_run(
+    cluster: &mut TwoBrokers,
+    dir: &TestDir,
+    topic: &str,
+    group: &str,
+    replica_assignment: &str,
+) -> (Vec<Proc>, Vec<usize>, usize) {
+    cluster.create_topic(topic, replica_assignment);
+    let workers: Vec<Proc> = (0..2)
+        .map(|i| share_worker(cluster, dir, &format!("w{i}"), topic, group))
         .collect();
-    produce_to(&cluster, topic, 800, "0,1,2,3", 0);
-    // Records from both leaders handled, most still to come: node 2 dies
-    // with records acquired from it and verdicts on their way.
+    produce_to(cluster, topic, 800, "0,1,2,3", 0);
     wait_until(
         Duration::from_secs(90),
         "records handled from both leaders",
         || {
-            let seen = handled(&s);
+            let seen = handled(dir);
             (0..4).all(|p| seen.keys().any(|(sp, _)| *sp == p)) && seen.len() >= 100
         },
     );
     let logged_before_kill: Vec<usize> = workers.iter().map(|w| w.stderr().len()).collect();
     cluster.kill_node(2);
-    let handled_at_kill = handled(&s).len();
+    let handled_at_kill = handled(dir).len();
     assert!(
         handled_at_kill < 700,
         "{handled_at_kill} of 800 handled before the kill: nothing was in flight"
     );
+    (workers, logged_before_kill, handled_at_kill)
+}
+
+/// The handled records' duplicates, said with `what`; asserts every record
+/// was handled, none that was never produced, and nothing dead-lettered.
+fn assert_nothing_lost(
+    cluster: &TwoBrokers,
+    dir: &TestDir,
+    topic: &str,
+    expected: &BTreeSet<(i32, i64)>,
+    what: &str,
+) -> u32 {
+    let seen = handled(dir);
+    let missing: Vec<_> = expected.iter().filter(|r| !seen.contains_key(r)).collect();
+    assert!(missing.is_empty(), "records never handled: {missing:?}");
+    assert_eq!(
+        seen.len(),
+        expected.len(),
+        "records handled that were never produced"
+    );
+    let duplicates: u32 = seen.values().map(|n| n - 1).sum();
+    let by_worker: BTreeSet<String> = handled_files(dir)
+        .iter()
+        .filter(|f| !read(f).is_empty())
+        .map(|f| handled_by(f))
+        .collect();
+    eprintln!(
+        "two brokers, {what}: {} records handled, {duplicates} twice, by {by_worker:?}",
+        seen.len()
+    );
+    let dlq = read_topic(&format!("{topic}.dlq"), &cluster.bootstrap());
+    assert!(dlq.is_empty(), "{} dead letters", dlq.len());
+    duplicates
+}
+
+#[test]
+fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut cluster) = cluster_with_coordinators_on_node_1() else {
+        return;
+    };
+    let s = TestDir::new("two-brokers-split");
+    let topic = "split";
+    let group = "split-group";
+    // Partitions 0 and 2 led by node 1, 1 and 3 by node 2.
+    let (mut workers, logged_before_kill, handled_at_kill) =
+        kill_node_2_mid_run(&mut cluster, &s, topic, group, "1,2,1,2");
     // Once the controller fences it, its partitions are offline.
     wait_until(
         Duration::from_secs(60),
@@ -464,26 +522,58 @@ fn share_workers_fetch_from_both_leaders_and_go_on_while_one_is_down() {
     // Nothing lost, nothing dead-lettered; duplicates only from the
     // records node 2 held at its death (its locks were in its memory): at
     // most what the workers had acquired, 2 rounds of 2 slots × 20 each.
-    let seen = handled(&s);
-    let duplicates: u32 = seen.values().map(|n| n - 1).sum();
-    let by_worker: BTreeSet<String> = handled_files(&s)
-        .iter()
-        .filter(|f| !read(f).is_empty())
-        .map(|f| handled_by(f))
-        .collect();
-    eprintln!(
-        "two brokers: {} records handled ({handled_at_kill} before the kill), {duplicates} twice, by {by_worker:?}",
-        seen.len()
-    );
-    assert_eq!(
-        seen.len(),
-        expected.len(),
-        "records handled that were never produced"
+    let duplicates = assert_nothing_lost(
+        &cluster,
+        &s,
+        topic,
+        &expected,
+        &format!("one killed ({handled_at_kill} handled before) and restarted"),
     );
     assert!(
         duplicates <= 160,
         "{duplicates} duplicates: more than the workers could hold"
     );
-    let dlq = read_topic(&format!("{topic}.dlq"), &cluster.bootstrap());
-    assert!(dlq.is_empty(), "{} dead letters", dlq.len());
+}
+
+/// With replication factor 2, the killed broker's partitions move to the
+/// other: the workers follow the new leader without the dead one coming
+/// back, and the verdicts they held for records from the dead leader are
+/// answered as refused rather than waiting for it.
+#[test]
+fn share_workers_follow_a_partition_leader_that_moves() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut cluster) = cluster_with_coordinators_on_node_1() else {
+        return;
+    };
+    let s = TestDir::new("two-brokers-moving");
+    let topic = "moving";
+    let group = "moving-group";
+    // Every partition on both nodes: 0 and 2 led by node 1, 1 and 3 by node 2.
+    let (mut workers, _, handled_at_kill) =
+        kill_node_2_mid_run(&mut cluster, &s, topic, group, "1:2,2:1,1:2,2:1");
+    // Node 2 stays dead: node 1 takes over its partitions once it is fenced.
+    wait_handled(
+        &s,
+        &offsets(&[0, 1, 2, 3], 0, 200),
+        "all 800 records handled with node 2 dead",
+    );
+    produce_to(&cluster, topic, 200, "0,1,2,3", 800);
+    let expected = offsets(&[0, 1, 2, 3], 0, 250);
+    wait_handled(&s, &expected, "200 more handled from the new leader");
+    wait_for_no_backlog(&cluster, group, "the share group's backlog to reach 0");
+    assert_no_panic(&workers);
+    for w in &mut workers {
+        w.terminate();
+    }
+    let duplicates = assert_nothing_lost(
+        &cluster,
+        &s,
+        topic,
+        &expected,
+        &format!("a leader moved ({handled_at_kill} handled before)"),
+    );
+    assert!(
+        duplicates <= 160,
+        "{duplicates} duplicates: more than the workers could hold"
+    );
 }

@@ -136,6 +136,14 @@ impl AckOutcome {
     }
 }
 
+/// Whether verdicts for records acquired from node `from` can no longer be
+/// sent: its session is lost and another broker leads the partition now.
+/// A partition without a leader waits (its broker may come back, and its
+/// new session then answers them).
+fn stranded(from: i32, session_open: bool, leader: i32) -> bool {
+    !session_open && leader >= 0 && leader != from
+}
+
 /// The verdicts a request carried, per partition: restored if it fails.
 type SentAcks = Vec<((Uuid, i32), Vec<AckBatch>)>;
 
@@ -402,6 +410,7 @@ impl ShareConsumer {
         if looked_up || offline.is_empty() {
             self.say_offline(&offline);
         }
+        self.answer_stranded();
         // Leaders that lost every partition close their session's wanted set.
         for (&node, session) in &self.sessions {
             if !session.partitions.is_empty() && !by_leader.contains_key(&node) {
@@ -933,6 +942,58 @@ impl ShareConsumer {
             .unwrap_or_else(|| id.to_string().into())
     }
 
+    /// Verdicts and renewals for records acquired from a leader whose
+    /// session is lost and which no longer leads their partition (a replica
+    /// took over) can never be sent: the records' locks went with that
+    /// session, and the new leader hands them out again. They are answered
+    /// as refused, so the caller stops waiting on them (before, they waited
+    /// for a session there that never reopened, and the caller asked for
+    /// it every 50 ms).
+    fn answer_stranded(&mut self) {
+        let stranded: Vec<(Uuid, i32)> = self
+            .acks
+            .iter()
+            .filter(|(_, a)| a.has_pending() || a.has_renewals())
+            .filter_map(|(key, _)| {
+                let from = *self.acquired_from.get(key)?;
+                let session_open = self.sessions.get(&from).is_some_and(|s| s.epoch > 0);
+                let leader = self
+                    .topics
+                    .get(&key.0)
+                    .and_then(|t| t.leaders.get(&key.1))
+                    .copied()
+                    .unwrap_or(-1);
+                stranded(from, session_open, leader).then_some(*key)
+            })
+            .collect();
+        for key in stranded {
+            let topic = self.topic_name(&key.0);
+            let Some(acks) = self.acks.get_mut(&key) else {
+                continue;
+            };
+            let verdicts = acks.take_pending().into_iter().map(|batch| AckOutcome {
+                topic: topic.clone(),
+                partition: key.1,
+                batch,
+                error: Some(ResponseError::NotLeaderOrFollower),
+            });
+            // A renewal's lock is gone: lost, as one refused for its state.
+            let renewals = acks.take_renewals().into_iter().map(|batch| AckOutcome {
+                topic: topic.clone(),
+                partition: key.1,
+                batch,
+                error: Some(ResponseError::InvalidRecordState),
+            });
+            let outcomes: Vec<AckOutcome> = verdicts.chain(renewals).collect();
+            tracing::debug!(
+                partition = key.1,
+                batches = outcomes.len(),
+                "verdicts for records from a leader that lost them answered as refused"
+            );
+            self.outcomes.extend(outcomes);
+        }
+    }
+
     /// Marks `parts`' leaders unknown, so that the next poll looks them up
     /// (at most every [`LEADER_LOOKUP_INTERVAL`]).
     fn forget_leaders(&mut self, parts: &[(Uuid, i32)]) {
@@ -1139,4 +1200,23 @@ fn duration_ms(d: Duration) -> i32 {
 fn random_member_id() -> String {
     let bytes: [u8; 16] = rand::random();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stranded;
+
+    #[test]
+    fn verdicts_are_stranded_only_when_another_broker_leads_and_the_session_is_lost() {
+        assert!(stranded(2, false, 1), "a replica took over: never sendable");
+        assert!(
+            !stranded(2, true, 1),
+            "the session is open: sent, and answered there"
+        );
+        assert!(
+            !stranded(2, false, 2),
+            "the same broker back: its new session answers"
+        );
+        assert!(!stranded(2, false, -1), "no leader yet: wait for one");
+    }
 }
