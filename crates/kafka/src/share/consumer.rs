@@ -144,6 +144,25 @@ fn stranded(from: i32, session_open: bool, leader: i32) -> bool {
     !session_open && leader >= 0 && leader != from
 }
 
+/// Whether the verdicts of a request answered with `error` for the whole
+/// request are answered as refused rather than sent again, and the member
+/// goes on: only for UNKNOWN_SERVER_ERROR on a request that carried
+/// verdicts (Kafka 4.3.2's answer when they name records a restarted
+/// broker no longer tracks; sent again, they would fail every request
+/// after it). The session's errors send them again on a new session; every
+/// other error (an ACL's, an invalid or unsupported request, an unknown
+/// member) stops the member, as before.
+fn refuses_verdicts(error: &ShareError, carried_verdicts: bool) -> bool {
+    carried_verdicts
+        && matches!(
+            error,
+            ShareError::Broker {
+                error: ResponseError::UnknownServerError,
+                ..
+            }
+        )
+}
+
 /// The verdicts a request carried, per partition: restored if it fails.
 type SentAcks = Vec<((Uuid, i32), Vec<AckBatch>)>;
 
@@ -795,8 +814,7 @@ impl ShareConsumer {
                 response.error_code,
                 response.error_message.map(|m| m.to_string()),
             );
-            self.session_lost(node, sent_acks);
-            return Err(error);
+            return Err(self.request_failed(node, sent_acks, error));
         }
         let session = self.sessions.entry(node).or_default();
         session.advance();
@@ -977,13 +995,25 @@ impl ShareConsumer {
                 batch,
                 error: Some(ResponseError::NotLeaderOrFollower),
             });
-            // A renewal's lock is gone: lost, as one refused for its state.
-            let renewals = acks.take_renewals().into_iter().map(|batch| AckOutcome {
-                topic: topic.clone(),
-                partition: key.1,
-                batch,
-                error: Some(ResponseError::InvalidRecordState),
-            });
+            // A renewal's lock is gone: lost, as one refused for its state,
+            // one record each, so that none is looked for in halves (each
+            // half would wait for the same lost session).
+            let renewals = acks
+                .take_renewals()
+                .into_iter()
+                .flat_map(|batch| {
+                    (batch.first_offset..=batch.last_offset).map(move |offset| AckBatch {
+                        first_offset: offset,
+                        last_offset: offset,
+                        ack: batch.ack,
+                    })
+                })
+                .map(|batch| AckOutcome {
+                    topic: topic.clone(),
+                    partition: key.1,
+                    batch,
+                    error: Some(ResponseError::InvalidRecordState),
+                });
             let outcomes: Vec<AckOutcome> = verdicts.chain(renewals).collect();
             tracing::debug!(
                 partition = key.1,
@@ -1002,6 +1032,48 @@ impl ShareConsumer {
                 t.leaders.insert(*p, -1);
             }
         }
+    }
+
+    /// `node` answered a request carrying `sent` with `error` for the whole
+    /// request. A retriable error (the session's: not found, wrong epoch)
+    /// loses the session and the verdicts go again on a new one; a refusal
+    /// by ACL stops the member. Any other error is the broker's own failure
+    /// (Kafka 4.3.2 answers UNKNOWN_SERVER_ERROR when verdicts name records
+    /// a restarted broker no longer tracks): the verdicts are answered as
+    /// refused, never sent again (they would fail every request after it),
+    /// their records come back, and the poll goes on.
+    fn request_failed(&mut self, node: i32, sent: SentAcks, error: ShareError) -> ShareError {
+        if !refuses_verdicts(&error, !sent.is_empty()) {
+            self.session_lost(node, sent);
+            return error;
+        }
+        tracing::warn!(
+            node,
+            error = %error,
+            "a broker failed a request carrying verdicts (Kafka 4.3.2 does when they name \
+             records it no longer tracks, after a restart): those verdicts are answered as \
+             refused, their records come back, and fetching goes on"
+        );
+        self.session_lost(node, Vec::new());
+        // Always an error: an outcome without one reads as applied.
+        let code = Some(match &error {
+            ShareError::Broker { error, .. } => *error,
+            _ => ResponseError::UnknownServerError,
+        });
+        let refused: Vec<AckOutcome> = sent
+            .into_iter()
+            .flat_map(|((id, p), batches)| {
+                let topic = self.topic_name(&id);
+                batches.into_iter().map(move |batch| AckOutcome {
+                    topic: topic.clone(),
+                    partition: p,
+                    batch,
+                    error: code,
+                })
+            })
+            .collect();
+        self.outcomes.extend(refused);
+        ShareError::Transient(Box::new(error))
     }
 
     /// A request to `node` failed before its answer: the session there is
@@ -1136,12 +1208,12 @@ impl ShareConsumer {
             }
         };
         if response.error_code != 0 {
-            self.session_lost(node, sent);
-            return Err(ShareError::broker(
+            let error = ShareError::broker(
                 "ShareAcknowledge",
                 response.error_code,
                 response.error_message.map(|m| m.to_string()),
-            ));
+            );
+            return Err(self.request_failed(node, sent, error));
         }
         if last {
             self.sessions.remove(&node);
@@ -1204,7 +1276,29 @@ fn random_member_id() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::stranded;
+    use super::{refuses_verdicts, stranded};
+    use crate::share::ShareError;
+
+    #[test]
+    fn only_the_brokers_own_failure_refuses_the_verdicts_a_request_carried() {
+        let answered = |code: i16| ShareError::broker("ShareFetch", code, None);
+        // UNKNOWN_SERVER_ERROR: Kafka 4.3.2's answer when the verdicts name
+        // records a restarted broker no longer tracks; sent again, they
+        // would fail every request after it.
+        assert!(refuses_verdicts(&answered(-1), true));
+        // ... but a request without verdicts has none to blame: it stops.
+        assert!(!refuses_verdicts(&answered(-1), false));
+        // SHARE_SESSION_NOT_FOUND, INVALID_SHARE_SESSION_EPOCH: sent again
+        // on a new session.
+        assert!(!refuses_verdicts(&answered(122), true));
+        assert!(!refuses_verdicts(&answered(123), true));
+        // GROUP_AUTHORIZATION_FAILED, INVALID_REQUEST, UNSUPPORTED_VERSION,
+        // UNKNOWN_MEMBER_ID: the member stops.
+        for code in [30, 42, 35, 25] {
+            assert!(!refuses_verdicts(&answered(code), true), "{code}");
+        }
+        assert!(ShareError::Transient(Box::new(answered(-1))).is_retriable());
+    }
 
     #[test]
     fn verdicts_are_stranded_only_when_another_broker_leads_and_the_session_is_lost() {

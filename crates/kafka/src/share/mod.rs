@@ -82,6 +82,14 @@ pub enum ShareError {
     Config(String),
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// A request carrying verdicts the broker failed with
+    /// UNKNOWN_SERVER_ERROR: the poll goes on, and the verdicts were
+    /// answered as refused rather than sent again (Kafka 4.3.2 fails a
+    /// whole ShareFetch so when its verdicts name records a restarted
+    /// broker no longer tracks, and sending them again fails every request
+    /// after it).
+    #[error("{0} (the broker's own failure; trying again)")]
+    Transient(Box<ShareError>),
     /// Verdicts kept for the next poll: the share session they belong to is
     /// being opened again (a session's first request may not carry them).
     #[error("{count} verdicts wait for their share session to reopen; they go with the next poll")]
@@ -114,6 +122,7 @@ impl ShareError {
             | Self::Timeout { .. }
             | Self::NoBroker(_)
             | Self::Offline { .. }
+            | Self::Transient(_)
             | Self::Unsent { .. } => true,
             Self::Broker { error, .. } => error.is_retriable(),
             _ => false,
