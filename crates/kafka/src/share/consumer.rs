@@ -684,8 +684,9 @@ impl ShareConsumer {
     }
 
     /// Says when assigned partitions lose their leader (their broker down,
-    /// or an election: the others are fetched meanwhile, their records wait) and when every
-    /// one has a leader again; once per change, not per poll.
+    /// or an election: the others are fetched meanwhile, their records
+    /// wait) and when every one has a leader again; once per change, not
+    /// per poll.
     fn say_offline(&mut self, offline: &[(Uuid, i32)]) {
         let names = self.partition_names(offline);
         if names == self.offline_said {
@@ -1035,13 +1036,12 @@ impl ShareConsumer {
     }
 
     /// `node` answered a request carrying `sent` with `error` for the whole
-    /// request. A retriable error (the session's: not found, wrong epoch)
-    /// loses the session and the verdicts go again on a new one; a refusal
-    /// by ACL stops the member. Any other error is the broker's own failure
-    /// (Kafka 4.3.2 answers UNKNOWN_SERVER_ERROR when verdicts name records
-    /// a restarted broker no longer tracks): the verdicts are answered as
-    /// refused, never sent again (they would fail every request after it),
-    /// their records come back, and the poll goes on.
+    /// request. UNKNOWN_SERVER_ERROR with verdicts carried (see
+    /// [`refuses_verdicts`]): they are answered as refused, never sent again
+    /// (they would fail every request after it), their records come back,
+    /// and the poll goes on. Any other error loses the session and the
+    /// verdicts go again on a new one; the error itself decides whether the
+    /// member goes on (the session's) or stops (an ACL's, and the rest).
     fn request_failed(&mut self, node: i32, sent: SentAcks, error: ShareError) -> ShareError {
         if !refuses_verdicts(&error, !sent.is_empty()) {
             self.session_lost(node, sent);
