@@ -225,8 +225,8 @@ impl GroupLag {
             .collect();
         if !offline.is_empty() {
             return Some(format!(
-                "{} partitions {offline:?} have no leader (offline): their lag cannot be read",
-                self.topic
+                "{}: their lag cannot be read",
+                microbatch_kafka::share::ShareError::offline(&self.topic, &offline)
             ));
         }
         None

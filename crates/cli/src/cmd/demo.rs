@@ -1152,9 +1152,8 @@ fn verify(kafka: &KafkaConfig, topic: &str, dir: &Path, dlq: &str) -> anyhow::Re
     // An offline partition's offsets cannot be checked: no verdict.
     if !lag.partitions_offline.is_empty() {
         anyhow::bail!(
-            "cannot verify: {} partitions {:?} have no leader (offline)",
-            topic,
-            lag.partitions_offline
+            "cannot verify: {}",
+            microbatch_kafka::share::ShareError::offline(topic, &lag.partitions_offline)
         );
     }
     let mut lost = 0;

@@ -212,9 +212,8 @@ pub async fn execute(mut args: Args) -> anyhow::Result<ExitCode> {
         let offline = !lag.partitions_offline.is_empty();
         if offline {
             eprintln!(
-                "error: {} partitions {:?} have no leader (offline): their lag is not in the total{}",
-                lag.topic,
-                lag.partitions_offline,
+                "error: {}: their lag is not in the total{}",
+                microbatch_kafka::share::ShareError::offline(&lag.topic, &lag.partitions_offline),
                 if unreadable.is_some() {
                     "; microbatch scaler fails such a reading (KEDA's fallback applies)"
                 } else {
@@ -377,10 +376,10 @@ async fn share_backlog(args: &Args, share_group: &str) -> anyhow::Result<ExitCod
         if offline {
             eprintln!(
                 "error: {}: their backlog is not in the total",
-                microbatch_kafka::share::ShareError::Offline {
-                    topic: reading.topic.clone(),
-                    partitions: reading.partitions_offline.clone(),
-                }
+                microbatch_kafka::share::ShareError::offline(
+                    &reading.topic,
+                    &reading.partitions_offline
+                )
             );
         }
         if !args.watch {

@@ -163,10 +163,7 @@ async fn describe(args: DescribeArgs) -> anyhow::Result<ExitCode> {
     if !not_read.is_empty() {
         problems.push(format!(
             "{}: their offsets are not read",
-            microbatch_kafka::share::ShareError::Offline {
-                topic: args.topic.clone(),
-                partitions: not_read,
-            }
+            microbatch_kafka::share::ShareError::offline(&args.topic, &not_read)
         ));
     }
     let mut share_json = serde_json::Value::Null;
@@ -235,10 +232,10 @@ async fn describe(args: DescribeArgs) -> anyhow::Result<ExitCode> {
                 if !reading.partitions_offline.is_empty() {
                     problems.push(format!(
                         "share group {group}: {}: their backlog is not read",
-                        microbatch_kafka::share::ShareError::Offline {
-                            topic: reading.topic.clone(),
-                            partitions: reading.partitions_offline.clone(),
-                        }
+                        microbatch_kafka::share::ShareError::offline(
+                            &reading.topic,
+                            &reading.partitions_offline
+                        )
                     ));
                 }
                 let configs: Vec<_> =

@@ -270,7 +270,7 @@ fn split_offline(
     ) = leaders
         .iter()
         .map(|(&p, &leader)| (p, leader))
-        .partition(|&(_, leader)| leader >= 0 && cluster.node(leader).is_some());
+        .partition(|&(_, leader)| cluster.knows_leader(leader));
     let mut offline: Vec<i32> = offline.into_keys().collect();
     offline.sort_unstable();
     (led, offline)

@@ -185,6 +185,12 @@ impl Cluster {
         self.nodes.lock().expect("nodes").get(&id).cloned()
     }
 
+    /// Whether `leader` (a partition's leader id, -1 for none) is a broker
+    /// the metadata names: a partition led by anything else is offline.
+    pub fn knows_leader(&self, leader: i32) -> bool {
+        leader >= 0 && self.node(leader).is_some()
+    }
+
     /// A connection to any broker: the known ones first, then bootstrap.
     async fn any(&self) -> Result<Arc<Connection>, ShareError> {
         let mut candidates: Vec<String> = self

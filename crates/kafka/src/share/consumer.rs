@@ -417,7 +417,7 @@ impl ShareConsumer {
                     .and_then(|t| t.leaders.get(&p))
                     .copied()
                     .unwrap_or(-1);
-                if leader < 0 || self.cluster.node(leader).is_none() {
+                if !self.cluster.knows_leader(leader) {
                     offline.push((*id, p));
                 } else {
                     by_leader.entry(leader).or_default().push((*id, p));
@@ -711,7 +711,7 @@ impl ShareConsumer {
                 parts.iter().any(|p| {
                     t.leaders
                         .get(p)
-                        .is_none_or(|&l| l < 0 || self.cluster.node(l).is_none())
+                        .is_none_or(|&l| !self.cluster.knows_leader(l))
                 })
             })
         })

@@ -129,6 +129,14 @@ impl ShareError {
         }
     }
 
+    /// [`Self::Offline`], the one wording of partitions without a leader.
+    pub fn offline(topic: &str, partitions: &[i32]) -> Self {
+        Self::Offline {
+            topic: topic.to_string(),
+            partitions: partitions.to_vec(),
+        }
+    }
+
     /// The broker could not be reached or did not answer: nothing says
     /// whether it still leads what was asked of it.
     pub fn is_transport(&self) -> bool {
