@@ -11,7 +11,9 @@
 //!   [`delivery`] (poison, outages, ordering), [`edges`], [`handlers`],
 //!   [`fetch`], [`faults`] (librdkafka's mock cluster), [`msk_iam`], [`lag`],
 //!   [`supervise`], [`scaler`], [`keda_parity`] (KEDA's own scaler),
-//!   [`demo`], [`top`], [`topic`], [`share`] (the share-group client).
+//!   [`demo`], [`top`], [`topic`], [`share`] (the share-group client),
+//!   [`share_faults`] (the share client with faults injected between it and
+//!   the broker).
 //!
 //! `tests/chaos.rs` is the one test outside: it restarts the broker, so it
 //! runs in its own binary, which cargo runs after this one, never beside it.
@@ -30,6 +32,7 @@ mod msk_iam;
 mod scaler;
 mod schemas;
 mod share;
+mod share_faults;
 mod share_worker;
 mod supervise;
 mod top;

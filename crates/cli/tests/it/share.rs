@@ -688,20 +688,9 @@ fn iam_config(
 
 /// Members of `group` as Kafka's share-groups tool lists them.
 fn share_group_members(bootstrap: &str, group: &str) -> usize {
-    let out = std::process::Command::new(scripts_dir().join("kafka-local.sh"))
-        .args([
-            "tool",
-            "share-groups",
-            "--bootstrap-server",
-            bootstrap,
-            "--describe",
-            "--members",
-            "--group",
-            group,
-        ])
-        .output()
-        .expect("running kafka-share-groups");
-    let text = String::from_utf8_lossy(&out.stdout);
+    // Before the first member joins the tool says the group does not exist.
+    let text =
+        crate::harness::share_groups_describe(bootstrap, group, "--members").unwrap_or_default();
     // A header, then one line per member.
     text.lines()
         .filter(|l| !l.trim().is_empty())

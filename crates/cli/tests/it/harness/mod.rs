@@ -1152,9 +1152,9 @@ pub fn handled_by(path: &Path) -> String {
     rest.rsplit_once('-').map_or(rest, |(w, _)| w).to_string()
 }
 
-/// `kafka-share-groups --describe --offsets`: partition -> lag, as Kafka's
-/// own admin client reads the group.
-pub fn share_group_lag(bootstrap: &str, group: &str) -> BTreeMap<i32, i64> {
+/// `kafka-share-groups --describe <what>` (`--offsets`, `--members`): its
+/// table as printed, or the tool's complaint (a group not created yet).
+pub fn share_groups_describe(bootstrap: &str, group: &str, what: &str) -> Result<String, String> {
     let out = Command::new(scripts_dir().join("kafka-local.sh"))
         .args([
             "tool",
@@ -1162,18 +1162,35 @@ pub fn share_group_lag(bootstrap: &str, group: &str) -> BTreeMap<i32, i64> {
             "--bootstrap-server",
             bootstrap,
             "--describe",
-            "--offsets",
+            what,
             "--group",
             group,
         ])
         .output()
         .expect("running kafka-share-groups");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "kafka-share-groups failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{text}\n{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// `kafka-share-groups --describe --offsets`: partition -> lag, as Kafka's
+/// own admin client reads the group (-1: unknown, no state yet).
+pub fn share_group_lag(bootstrap: &str, group: &str) -> BTreeMap<i32, i64> {
+    share_group_offsets_column(bootstrap, group, "LAG")
+}
+
+/// One column of `kafka-share-groups --describe --offsets` (`LAG`,
+/// `START-OFFSET`): partition -> its value, -1 where the tool prints none.
+pub fn share_group_offsets_column(
+    bootstrap: &str,
+    group: &str,
+    column: &str,
+) -> BTreeMap<i32, i64> {
+    let text = share_groups_describe(bootstrap, group, "--offsets")
+        .unwrap_or_else(|e| panic!("kafka-share-groups failed: {e}"));
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<&str> = lines.next().expect("a header").split_whitespace().collect();
     let col = |name: &str| {
@@ -1182,9 +1199,14 @@ pub fn share_group_lag(bootstrap: &str, group: &str) -> BTreeMap<i32, i64> {
             .position(|h| *h == name)
             .unwrap_or_else(|| panic!("no {name} in {header:?}"))
     };
-    let (partition, lag) = (col("PARTITION"), col("LAG"));
+    let (partition, value) = (col("PARTITION"), col(column));
     lines
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .map(|f| (f[partition].parse().unwrap(), f[lag].parse().unwrap_or(-1)))
+        .map(|f| {
+            (
+                f[partition].parse().unwrap(),
+                f[value].parse().unwrap_or(-1),
+            )
+        })
         .collect()
 }
