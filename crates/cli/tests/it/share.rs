@@ -490,7 +490,7 @@ fn renewed_records_stay_with_their_member_past_the_lock() {
 
 /// A [`KafkaConfig`](microbatch_kafka::KafkaConfig) from a listener's env file
 /// (`scram.env`, `msk-iam.env`).
-fn kafka_config(env: &BTreeMap<String, String>) -> microbatch_kafka::KafkaConfig {
+pub(crate) fn kafka_config(env: &BTreeMap<String, String>) -> microbatch_kafka::KafkaConfig {
     let get = |k: &str| env.get(k).cloned();
     microbatch_kafka::KafkaConfig {
         bootstrap_servers: get("KAFKA_BOOTSTRAP_SERVERS").expect("bootstrap"),
@@ -651,7 +651,7 @@ fn the_msk_iam_listener_serves_share_groups_past_a_token_lifetime() {
 /// A share consumer's config for the MSK IAM listener whose tokens are
 /// signed with `secret` (counted in `signed`), as the token refresher
 /// would sign them.
-fn iam_config(
+pub(crate) fn iam_config(
     env: &BTreeMap<String, String>,
     kafka: &microbatch_kafka::KafkaConfig,
     group: &str,

@@ -12,14 +12,16 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::{
-    ApiVersionsResponse, BrokerId, MetadataResponse, ResponseHeader, ShareFetchResponse,
+    ApiVersionsResponse, BrokerId, FetchRequest, MetadataResponse, ResponseHeader,
+    ShareFetchResponse,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
 use kafka_protocol::ResponseError;
 use microbatch_kafka::share::backlog::{self, SOURCE_BROKER_LAG, SOURCE_START_OFFSET};
-use microbatch_kafka::share::cluster::{Connector, PlainTcp};
-use microbatch_kafka::share::wire::Stream;
+use microbatch_kafka::share::cluster::{Cluster, Connector, Lane, PlainTcp};
+use microbatch_kafka::share::wire::{Connection, Stream};
 use microbatch_kafka::share::{
     AckOutcome, AckType, ShareConsumer, ShareConsumerConfig, ShareError,
 };
@@ -28,7 +30,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use crate::harness::{create_topic, produce, share_group_lag, share_group_offsets_column, unique};
 use crate::share::real_broker;
 
+const FETCH: i16 = 1;
+const SASL_HANDSHAKE: i16 = 17;
 const API_VERSIONS: i16 = 18;
+const SASL_AUTHENTICATE: i16 = 36;
 const METADATA: i16 = 3;
 const SHARE_FETCH: i16 = 78;
 const SHARE_ACKNOWLEDGE: i16 = 79;
@@ -64,6 +69,13 @@ struct Faults {
     garbled: Vec<i32>,
     /// Answers the connector could not read (passed on as they were).
     errors: Vec<String>,
+    /// Requests sent and not answered yet, by API key.
+    in_flight: HashMap<i16, usize>,
+    /// SASL requests sent beside another request on their connection, or
+    /// the other way round (KIP-368 forbids both).
+    violations: Vec<String>,
+    /// SaslHandshakes after a connection served other requests.
+    reauthentications: usize,
 }
 
 impl Faults {
@@ -75,22 +87,38 @@ impl Faults {
     }
 }
 
-#[derive(Clone, Default)]
-struct FaultyConnector(Arc<Mutex<Faults>>);
+/// Opens connections with `inner` (TCP, or TLS and SASL) and puts itself
+/// between the client and what `inner` opened.
+#[derive(Clone)]
+struct FaultyConnector(Arc<Mutex<Faults>>, Arc<dyn Connector>);
+
+impl Default for FaultyConnector {
+    fn default() -> Self {
+        Self::around(Arc::new(PlainTcp))
+    }
+}
 
 impl FaultyConnector {
+    fn around(inner: Arc<dyn Connector>) -> Self {
+        Self(Arc::default(), inner)
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut Faults) -> T) -> T {
         f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
+fn is_sasl(key: i16) -> bool {
+    key == SASL_HANDSHAKE || key == SASL_AUTHENTICATE
+}
+
 #[async_trait]
 impl Connector for FaultyConnector {
     async fn connect(&self, addr: &str) -> Result<Box<dyn Stream>, ShareError> {
-        let broker = PlainTcp.connect_tcp(addr).await?;
+        let broker = self.1.connect(addr).await?;
         let (client, ours) = tokio::io::duplex(1 << 20);
         let (mut from_client, mut to_client) = tokio::io::split(ours);
-        let (mut from_broker, mut to_broker) = broker.into_split();
+        let (mut from_broker, mut to_broker) = tokio::io::split(broker);
         // Frames for the client; None: the broker closed, so close the
         // client's side too (it sees the end, as from a real socket).
         let (answers, mut to_send) = tokio::sync::mpsc::unbounded_channel::<Option<Bytes>>();
@@ -106,12 +134,26 @@ impl Connector for FaultyConnector {
         let asked: Arc<Mutex<HashMap<i32, (i16, i16)>>> = Arc::default();
         let (faults, asked_too, failing) = (self.clone(), asked.clone(), answers.clone());
         tokio::spawn(async move {
+            // A request other than ApiVersions and SASL went: SASL from now
+            // on is authenticating again (KIP-368).
+            let mut served = false;
             while let Ok(Some(frame)) = read_frame(&mut from_client).await {
                 let key = i16::from_be_bytes([frame[0], frame[1]]);
                 let version = i16::from_be_bytes([frame[2], frame[3]]);
                 let id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+                // SASL never shares the connection with another request.
+                let in_flight: Vec<i16> = asked_too.lock().unwrap().values().map(|v| v.0).collect();
+                let clash = in_flight.iter().any(|&k| is_sasl(k) != is_sasl(key));
                 let fail = faults.with(|f| {
                     f.requests.push((key, version, Instant::now()));
+                    if clash {
+                        f.violations
+                            .push(format!("API {key} sent while {in_flight:?} were in flight"));
+                    }
+                    if key == SASL_HANDSHAKE && served {
+                        f.reauthentications += 1;
+                    }
+                    *f.in_flight.entry(key).or_default() += 1;
                     let fail = key == SHARE_FETCH && f.fail_share_fetches > 0;
                     if fail {
                         f.fail_share_fetches -= 1;
@@ -119,7 +161,9 @@ impl Connector for FaultyConnector {
                     }
                     fail
                 });
+                served |= !is_sasl(key) && key != API_VERSIONS;
                 if fail {
+                    faults.with(|f| *f.in_flight.entry(key).or_default() -= 1);
                     let failed = ShareFetchResponse::default()
                         .with_error_code(ResponseError::UnknownServerError.code())
                         .with_error_message(Some("injected by the test".into()));
@@ -140,6 +184,7 @@ impl Connector for FaultyConnector {
                 let Some((key, version)) = asked.lock().unwrap().remove(&id) else {
                     break;
                 };
+                faults.with(|f| *f.in_flight.entry(key).or_default() -= 1);
                 if let Some(answer) = faults.with(|f| alter(f, key, version, frame)) {
                     let _ = answers.send(Some(answer));
                 }
@@ -147,6 +192,10 @@ impl Connector for FaultyConnector {
             let _ = answers.send(None);
         });
         Ok(Box::new(client))
+    }
+
+    async fn authenticate(&self, conn: &Connection) -> Result<Option<Duration>, ShareError> {
+        self.1.authenticate(conn).await
     }
 }
 
@@ -821,4 +870,97 @@ fn a_partition_without_a_leader_waits_while_the_other_is_fetched() {
     assert!(times.values().all(|&n| n == 1), "handed more than once");
     assert_no_backlog(&bootstrap, &group);
     assert_eq!(faults.with(|f| f.errors.clone()), Vec::<String>::new());
+}
+
+/// Authenticating again (KIP-368) while another request is in flight on the
+/// connection: the MSK IAM listener ends a session with its 30 s token, so
+/// the client authenticates again at 80% of it. A classic Fetch that waits
+/// 3 s at the broker runs back to back on the connection throughout; when
+/// the session is due, the re-authentication waits for the fetch in flight,
+/// and no fetch is sent until it is done. Every fetch succeeds on the same
+/// connection past the first session's end, so the session was renewed.
+#[test]
+fn authenticating_again_waits_for_the_request_in_flight() {
+    if real_broker().is_none() {
+        return;
+    }
+    let Some(env) = crate::msk_iam::iam_env() else {
+        return;
+    };
+    let topic = unique("share-reauth");
+    create_topic(&topic, 1);
+    let kafka = crate::share::kafka_config(&env);
+    let iam = crate::share::iam_config(
+        &env,
+        &kafka,
+        "unused",
+        &topic,
+        &env["AWS_SECRET_ACCESS_KEY"],
+        Arc::default(),
+    );
+    let faults = FaultyConnector::around(iam.connector.clone());
+    let addr = env["KAFKA_BOOTSTRAP_SERVERS"].clone();
+    let cluster = Arc::new(Cluster::new(
+        Arc::new(faults.clone()),
+        vec![addr.clone()],
+        "microbatch-test".into(),
+        Duration::from_secs(10),
+    ));
+    runtime().block_on(async {
+        let meta = cluster.metadata(std::slice::from_ref(&topic)).await.expect("metadata");
+        let topic_id = meta[0].id;
+        let conn = cluster.conn(&addr, Lane::Fetch).await.expect("connecting");
+        let opened = Instant::now();
+        // Fetches that wait 3 s at the log end of an empty partition.
+        let fetching = {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let mut fetches = 0;
+                while opened.elapsed() < Duration::from_secs(36) {
+                    let request = FetchRequest::default()
+                        .with_max_wait_ms(3000)
+                        .with_min_bytes(1)
+                        .with_max_bytes(1 << 20)
+                        .with_topics(vec![FetchTopic::default()
+                            .with_topic_id(topic_id)
+                            .with_partitions(vec![FetchPartition::default()
+                                .with_partition(0)
+                                .with_fetch_offset(0)
+                                .with_partition_max_bytes(1 << 20)])]);
+                    let answer = conn.call(request).await.expect("a fetch");
+                    assert_eq!(answer.error_code, 0, "{answer:?}");
+                    fetches += 1;
+                }
+                fetches
+            })
+        };
+        // When the session is due, ask for the connection while a fetch
+        // is in flight.
+        let by = opened + Duration::from_secs(30);
+        while !conn.reauth_due() || faults.with(|f| f.in_flight.get(&FETCH).copied()) != Some(1) {
+            assert!(Instant::now() < by, "the session never came due");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let asked = Instant::now();
+        let again = cluster
+            .conn(&addr, Lane::Fetch)
+            .await
+            .expect("authenticating again");
+        let waited = asked.elapsed();
+        assert!(Arc::ptr_eq(&conn, &again), "the same connection");
+        assert!(!conn.reauth_due(), "the session was renewed");
+        let fetches = fetching.await.expect("fetching");
+        assert!(fetches >= 10, "{fetches} fetches in 36 s");
+        let (violations, reauths) = faults.with(|f| (f.violations.clone(), f.reauthentications));
+        assert_eq!(
+            violations,
+            Vec::<String>::new(),
+            "SASL beside another request"
+        );
+        assert!(reauths >= 1, "authenticated again");
+        assert!(
+            waited >= Duration::from_millis(100),
+            "the re-authentication waited for the fetch in flight ({waited:?})"
+        );
+    });
 }
