@@ -14,23 +14,27 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::{
-    ApiVersionsResponse, BrokerId, FetchRequest, MetadataResponse, ResponseHeader,
-    ShareFetchResponse,
+    ApiVersionsResponse, BrokerId, FetchRequest, FindCoordinatorResponse, MetadataResponse,
+    ResponseHeader, ShareFetchResponse,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use kafka_protocol::ResponseError;
 use microbatch_kafka::share::backlog::{self, SOURCE_BROKER_LAG, SOURCE_START_OFFSET};
 use microbatch_kafka::share::cluster::{Cluster, Connector, Lane, PlainTcp};
 use microbatch_kafka::share::wire::{Connection, Stream};
 use microbatch_kafka::share::{
-    AckOutcome, AckType, ShareConsumer, ShareConsumerConfig, ShareError,
+    AckOutcome, AckType, ShareConsumer, ShareConsumerConfig, ShareError, ShareRecord,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{create_topic, produce, share_group_lag, share_group_offsets_column, unique};
+use crate::harness::{
+    audited, command, create_topic, dead_lettered, logging_handler, produce, read_topic,
+    share_group_lag, share_group_offsets_column, spawn_member_with, unique, wait_until, Scenario,
+};
 use crate::share::real_broker;
 
 const FETCH: i16 = 1;
+const FIND_COORDINATOR: i16 = 10;
 const SASL_HANDSHAKE: i16 = 17;
 const API_VERSIONS: i16 = 18;
 const SASL_AUTHENTICATE: i16 = 36;
@@ -50,6 +54,11 @@ struct Faults {
     /// ShareFetch answers with records still to be garbled: every batch's
     /// magic byte set to one no Kafka writes.
     garble_share_fetches: usize,
+    /// Partitions whose records are garbled in every ShareFetch answer.
+    garble_partitions: HashSet<i32>,
+    /// Where the answers say the brokers are (host, port): set by a
+    /// [`FaultyProxy`] to itself.
+    advertise: Option<(String, i32)>,
     /// API key -> the highest version the broker is said to speak.
     cap_versions: HashMap<i16, i16>,
     /// APIs whose answers are dropped, as by a broker cut off.
@@ -117,7 +126,19 @@ impl Connector for FaultyConnector {
     async fn connect(&self, addr: &str) -> Result<Box<dyn Stream>, ShareError> {
         let broker = self.1.connect(addr).await?;
         let (client, ours) = tokio::io::duplex(1 << 20);
-        let (mut from_client, mut to_client) = tokio::io::split(ours);
+        self.pipe(ours, broker);
+        Ok(Box::new(client))
+    }
+
+    async fn authenticate(&self, conn: &Connection) -> Result<Option<Duration>, ShareError> {
+        self.1.authenticate(conn).await
+    }
+}
+
+impl FaultyConnector {
+    /// Carries frames between `client` and `broker`, with the faults.
+    fn pipe(&self, client: impl Stream, broker: Box<dyn Stream>) {
+        let (mut from_client, mut to_client) = tokio::io::split(client);
         let (mut from_broker, mut to_broker) = tokio::io::split(broker);
         // Frames for the client; None: the broker closed, so close the
         // client's side too (it sees the end, as from a real socket).
@@ -168,7 +189,9 @@ impl Connector for FaultyConnector {
                         .with_error_code(ResponseError::UnknownServerError.code())
                         .with_error_message(Some("injected by the test".into()));
                     // v2's answer is v1's.
-                    let _ = failing.send(Some(encode(id, &failed, version.min(1))));
+                    let _ = failing.send(Some(
+                        encode(id, &failed, version.min(1)).expect("a failed ShareFetch answer"),
+                    ));
                     continue;
                 }
                 asked_too.lock().unwrap().insert(id, (key, version));
@@ -191,11 +214,49 @@ impl Connector for FaultyConnector {
             }
             let _ = answers.send(None);
         });
-        Ok(Box::new(client))
+    }
+}
+
+/// The connector's faults for whole processes: listens on a port of its
+/// own, carries each connection to the broker through a [`FaultyConnector`]
+/// and rewrites the broker addresses in the answers (metadata, coordinators,
+/// share fetch endpoints; a ShareAcknowledge v2 answer, which names new
+/// leaders only, is left alone) to its own, so that a worker
+/// bootstrapped here, librdkafka in it included, stays behind it.
+struct FaultyProxy {
+    port: u16,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl FaultyProxy {
+    fn start(broker: &str, faults: &FaultyConnector) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("a port for the proxy");
+        let port = listener.local_addr().unwrap().port();
+        faults.with(|f| f.advertise = Some(("127.0.0.1".into(), i32::from(port))));
+        let (faults, broker) = (faults.clone(), broker.to_string());
+        runtime.spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let _ = client.set_nodelay(true);
+                if let Ok(to) = PlainTcp.connect(&broker).await {
+                    faults.pipe(client, to);
+                }
+            }
+        });
+        Self {
+            port,
+            _runtime: runtime,
+        }
     }
 
-    async fn authenticate(&self, conn: &Connection) -> Result<Option<Duration>, ShareError> {
-        self.1.authenticate(conn).await
+    fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 }
 
@@ -227,9 +288,16 @@ fn alter(faults: &mut Faults, key: i16, version: i16, frame: Bytes) -> Option<By
         faults.dropped.push((key, Instant::now()));
         return None;
     }
+    let frame = match &faults.advertise {
+        Some(to) => advertise(key, version, frame, to).unwrap_or_else(|(e, frame)| {
+            faults.errors.push(format!("API {key} v{version}: {e}"));
+            frame
+        }),
+        None => frame,
+    };
     let altered = match key {
         API_VERSIONS if !faults.cap_versions.is_empty() => {
-            decode::<ApiVersionsResponse>(frame.clone(), version).map(|(id, mut answer)| {
+            decode::<ApiVersionsResponse>(frame.clone(), version).and_then(|(id, mut answer)| {
                 for api in &mut answer.api_keys {
                     if let Some(&max) = faults.cap_versions.get(&api.api_key) {
                         api.max_version = api.max_version.min(max);
@@ -239,7 +307,7 @@ fn alter(faults: &mut Faults, key: i16, version: i16, frame: Bytes) -> Option<By
             })
         }
         METADATA if !faults.leaderless.is_empty() => {
-            decode::<MetadataResponse>(frame.clone(), version).map(|(id, mut answer)| {
+            decode::<MetadataResponse>(frame.clone(), version).and_then(|(id, mut answer)| {
                 for topic in &mut answer.topics {
                     for part in &mut topic.partitions {
                         if faults.leaderless.contains(&part.partition_index) {
@@ -253,7 +321,7 @@ fn alter(faults: &mut Faults, key: i16, version: i16, frame: Bytes) -> Option<By
         SHARE_FETCH if !faults.not_leader_once.is_empty() => {
             let v = version.min(1);
             let not_leader = std::mem::take(&mut faults.not_leader_once);
-            decode::<ShareFetchResponse>(frame.clone(), v).map(|(id, mut answer)| {
+            decode::<ShareFetchResponse>(frame.clone(), v).and_then(|(id, mut answer)| {
                 for topic in &mut answer.responses {
                     for part in &mut topic.partitions {
                         if not_leader.contains(&part.partition_index) {
@@ -267,15 +335,20 @@ fn alter(faults: &mut Faults, key: i16, version: i16, frame: Bytes) -> Option<By
                 encode(id, &answer, v)
             })
         }
-        SHARE_FETCH if faults.garble_share_fetches > 0 => {
+        SHARE_FETCH if faults.garble_share_fetches > 0 || !faults.garble_partitions.is_empty() => {
             let v = version.min(1);
-            decode::<ShareFetchResponse>(frame.clone(), v).map(|(id, mut answer)| {
+            decode::<ShareFetchResponse>(frame.clone(), v).and_then(|(id, mut answer)| {
                 let mut garbled = Vec::new();
                 for topic in &mut answer.responses {
                     for part in &mut topic.partitions {
                         let Some(records) = part.records.as_ref().filter(|r| r.len() > 16) else {
                             continue;
                         };
+                        if !faults.garble_partitions.is_empty()
+                            && !faults.garble_partitions.contains(&part.partition_index)
+                        {
+                            continue;
+                        }
                         let mut bytes = BytesMut::from(&records[..]);
                         // Every batch's magic byte: offset 16 of the batch
                         // header, batches found by their length field.
@@ -290,7 +363,7 @@ fn alter(faults: &mut Faults, key: i16, version: i16, frame: Bytes) -> Option<By
                         garbled.push(part.partition_index);
                     }
                 }
-                if !garbled.is_empty() {
+                if !garbled.is_empty() && faults.garble_share_fetches > 0 {
                     faults.garble_share_fetches -= 1;
                     faults.garbled.extend(garbled);
                 }
@@ -305,6 +378,49 @@ fn alter(faults: &mut Faults, key: i16, version: i16, frame: Bytes) -> Option<By
     }))
 }
 
+/// `frame` with every broker address it carries set to `to`; on a frame
+/// that cannot be read, the error and the frame as it was.
+fn advertise(
+    key: i16,
+    version: i16,
+    frame: Bytes,
+    (host, port): &(String, i32),
+) -> Result<Bytes, (anyhow::Error, Bytes)> {
+    let host = || StrBytes::from_string(host.clone());
+    let port = *port;
+    let share_version = version.min(1);
+    let altered = match key {
+        METADATA => decode::<MetadataResponse>(frame.clone(), version).and_then(|(id, mut a)| {
+            for b in &mut a.brokers {
+                (b.host, b.port) = (host(), port);
+            }
+            encode(id, &a, version)
+        }),
+        FIND_COORDINATOR => {
+            decode::<FindCoordinatorResponse>(frame.clone(), version).and_then(|(id, mut a)| {
+                // One coordinator up to v3, a list of them from v4.
+                if version < 4 {
+                    (a.host, a.port) = (host(), port);
+                }
+                for c in &mut a.coordinators {
+                    (c.host, c.port) = (host(), port);
+                }
+                encode(id, &a, version)
+            })
+        }
+        SHARE_FETCH => {
+            decode::<ShareFetchResponse>(frame.clone(), share_version).and_then(|(id, mut a)| {
+                for n in &mut a.node_endpoints {
+                    (n.host, n.port) = (host(), port);
+                }
+                encode(id, &a, share_version)
+            })
+        }
+        _ => return Ok(frame),
+    };
+    altered.map_err(|e| (e, frame))
+}
+
 fn response_id(frame: &[u8]) -> i32 {
     i32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]])
 }
@@ -317,14 +433,17 @@ fn decode<M: Decodable + HeaderVersion>(
     Ok((header.correlation_id, M::decode(&mut frame, version)?))
 }
 
-fn encode<M: Encodable + HeaderVersion>(id: i32, answer: &M, version: i16) -> Bytes {
+fn encode<M: Encodable + HeaderVersion>(
+    id: i32,
+    answer: &M,
+    version: i16,
+) -> anyhow::Result<Bytes> {
     let mut out = BytesMut::new();
     ResponseHeader::default()
         .with_correlation_id(id)
-        .encode(&mut out, M::header_version(version))
-        .unwrap();
-    answer.encode(&mut out, version).unwrap();
-    out.freeze()
+        .encode(&mut out, M::header_version(version))?;
+    answer.encode(&mut out, version)?;
+    Ok(out.freeze())
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -415,7 +534,25 @@ impl Run {
 async fn consume(
     cfg: ShareConsumerConfig,
     done: impl Fn(&Run) -> bool,
+    step: impl FnMut(&Run),
+) -> Run {
+    consume_with(cfg, done, step, |_| {}).await
+}
+
+/// [`consume`], with every record handed also given to `keep`.
+async fn consume_keeping(
+    cfg: ShareConsumerConfig,
+    done: impl Fn(&Run) -> bool,
+    keep: impl FnMut(&ShareRecord),
+) -> Run {
+    consume_with(cfg, done, |_| {}, keep).await
+}
+
+async fn consume_with(
+    cfg: ShareConsumerConfig,
+    done: impl Fn(&Run) -> bool,
     mut step: impl FnMut(&Run),
+    mut keep: impl FnMut(&ShareRecord),
 ) -> Run {
     let mut c = ShareConsumer::join(cfg).await.expect("joining");
     let mut run = Run::default();
@@ -433,6 +570,7 @@ async fn consume(
             .unwrap_or_else(|e| panic!("poll failed: {e}"));
         run.undecodable.extend(fetched.undecodable);
         for r in &fetched.records {
+            keep(r);
             run.handed.push((r.partition, r.offset, r.delivery_count));
             c.acknowledge(r, AckType::Accept)
                 .expect("accepting a held record");
@@ -578,6 +716,46 @@ fn share_records_that_cannot_be_decoded_are_released_and_delivered_again() {
         again > 0,
         "the released records came back with a higher delivery count: {:?}",
         run.handed
+    );
+    assert_no_backlog(&bootstrap, &group);
+}
+
+/// Records that never decode (every answer garbled): released while their
+/// delivery count is at most 2, then handed out without key or value, the
+/// reason in their `microbatch.undecodable` header, for the caller to
+/// dead-letter (the worker does, past --max-attempts) and accept, rather
+/// than left for the broker to archive unseen at its delivery limit (10
+/// here). Each record is handed once, at its third delivery, and Kafka's
+/// tool reads no backlog.
+#[test]
+fn share_records_that_never_decode_are_handed_out_bare_past_the_threshold() {
+    if real_broker().is_none() {
+        return;
+    }
+    const N: usize = 40;
+    let (bootstrap, topic, group) = scenario("share-never", 1, N as u64, 15000);
+    let faults = FaultyConnector::default();
+    faults.with(|f| f.garble_share_fetches = usize::MAX);
+    let mut cfg = faulty_config(&bootstrap, &group, &topic, &faults);
+    cfg.hand_undecodable_after = Some(2);
+    let records: Arc<Mutex<Vec<ShareRecord>>> = Arc::default();
+    let kept = records.clone();
+    let run = runtime().block_on(consume_keeping(cfg, all_handed(N), move |r| {
+        kept.lock().unwrap().push(r.clone())
+    }));
+    let times = run.times_handed();
+    assert_eq!(times.len(), N, "every record handed");
+    assert!(times.values().all(|&n| n == 1), "handed once each");
+    for r in records.lock().unwrap().iter() {
+        assert_eq!(r.delivery_count, 3, "{r:?}");
+        assert!(r.key.is_none() && r.value.is_none(), "{r:?}");
+        let reason = r.undecodable_reason().expect("the reason in a header");
+        assert!(reason.contains("undecodable record batch"), "{reason}");
+    }
+    assert!(
+        run.undecodable.len() >= 3,
+        "said each time: {:?}",
+        run.undecodable
     );
     assert_no_backlog(&bootstrap, &group);
 }
@@ -907,7 +1085,10 @@ fn authenticating_again_waits_for_the_request_in_flight() {
         Duration::from_secs(10),
     ));
     runtime().block_on(async {
-        let meta = cluster.metadata(std::slice::from_ref(&topic)).await.expect("metadata");
+        let meta = cluster
+            .metadata(std::slice::from_ref(&topic))
+            .await
+            .expect("metadata");
         let topic_id = meta[0].id;
         let conn = cluster.conn(&addr, Lane::Fetch).await.expect("connecting");
         let opened = Instant::now();
@@ -963,4 +1144,75 @@ fn authenticating_again_waits_for_the_request_in_flight() {
             "the re-authentication waited for the fetch in flight ({waited:?})"
         );
     });
+}
+
+/// The worker itself, behind a proxy that garbles partition 1's records in
+/// every answer (as a corrupt batch on the broker's disk would read):
+/// partition 0's records are handled; partition 1's are released until
+/// delivered more than `--max-attempts` (2) times, then dead-lettered
+/// unhandled, each dead letter saying its batch cannot be decoded; nothing
+/// else is dead-lettered and Kafka's tool reads no backlog. Before, they were
+/// released until the broker archived them at its delivery limit, unseen.
+#[test]
+fn a_share_worker_dead_letters_records_that_never_decode() {
+    let Some(bootstrap) = real_broker() else {
+        return;
+    };
+    let s = Scenario::new("share-undecodable", 2);
+    let group = unique("share-undecodable-group");
+    let faults = FaultyConnector::default();
+    faults.with(|f| f.garble_partitions.insert(1));
+    let proxy = FaultyProxy::start(&bootstrap, &faults);
+    let log = s.dir.path("handled.txt");
+    let handler = logging_handler(&s.dir, &log, "");
+    s.produce(60, &["--kafka-property", "batch.num.messages=10"]);
+    let produced: BTreeSet<(i32, i64)> = read_topic(&s.topic, &bootstrap)
+        .into_iter()
+        .map(|r| (r.0, r.1))
+        .collect();
+    let (first, second): (BTreeSet<_>, BTreeSet<_>) = produced.iter().partition(|(p, _)| *p == 0);
+    assert!(!first.is_empty() && !second.is_empty(), "{produced:?}");
+    let mut cmd = command();
+    cmd.args(["run", "--bootstrap-servers", &proxy.bootstrap()]);
+    let mut worker = spawn_member_with(
+        cmd,
+        &s.dir,
+        "w",
+        &s.topic,
+        ("--share-group", &group),
+        0,
+        &[
+            "--handler",
+            "exec",
+            "--command",
+            &handler,
+            "--max-attempts",
+            "2",
+        ],
+    );
+    let dlq = format!("{}.dlq", s.topic);
+    let handled = || audited(std::slice::from_ref(&log));
+    wait_until(
+        Duration::from_secs(90),
+        "partition 0 handled and partition 1 dead-lettered",
+        || {
+            handled().keys().copied().collect::<BTreeSet<_>>() == first
+                && dead_lettered(&dlq) == second
+        },
+    );
+    wait_until(Duration::from_secs(30), "no backlog", || {
+        share_group_lag(&bootstrap, &group)
+            .values()
+            .all(|&l| l == 0)
+    });
+    worker.terminate();
+    assert!(handled().values().all(|&n| n == 1), "handled once each");
+    for letter in read_topic(&dlq, &bootstrap) {
+        let error = &letter.4["microbatch.error"];
+        assert!(
+            error.contains("delivered 3 times") && error.contains("cannot be decoded"),
+            "{error}"
+        );
+    }
+    assert_eq!(faults.with(|f| f.errors.clone()), Vec::<String>::new());
 }

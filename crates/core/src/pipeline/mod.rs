@@ -555,6 +555,7 @@ impl Pipeline {
         &mut self,
         msg: &impl ConsumedRecord,
         deliveries: u32,
+        why: Option<&str>,
         now: Instant,
     ) {
         // Also while draining: dropped, the record would go back to the
@@ -590,10 +591,12 @@ impl Pipeline {
             msg.headers(),
         );
         batch.attempt = deliveries;
+        let why = why.unwrap_or(
+            "earlier deliveries ended without a verdict (a crashed or stopped member, \
+             or a handler slower than the acquisition lock)",
+        );
         let failure = Failure::permanent(format!(
-            "delivered {deliveries} times, more than --max-attempts {}: \
-             earlier deliveries ended without a verdict (a crashed or stopped \
-             member, or a handler slower than the acquisition lock)",
+            "delivered {deliveries} times, more than --max-attempts {}: {why}",
             self.config.retry.max_attempts
         ));
         if !self.dlq_enabled {

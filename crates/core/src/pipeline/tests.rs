@@ -1355,7 +1355,7 @@ fn a_share_group_accepts_a_failed_record_only_after_its_dead_letter() {
 fn a_share_record_delivered_too_often_is_dead_lettered_unhandled() {
     let t0 = Instant::now();
     let mut p = share_pipeline(t0, 3);
-    p.handle_delivered_too_often(&Rec(4, 99), 4, t0);
+    p.handle_delivered_too_often(&Rec(4, 99), 4, None, t0);
     p.handle_tick(t0);
     let all = intents(&mut p);
     assert!(
@@ -1384,6 +1384,29 @@ fn a_share_record_delivered_too_often_is_dead_lettered_unhandled() {
     p.handle_dead_lettered(slot, &[99], None, t0);
     assert_eq!(accepts(&intents(&mut p)), [(4, 99)]);
     assert_eq!(p.report().records_dead_lettered, 1);
+}
+
+/// A record whose batch cannot be decoded, delivered too often, is
+/// dead-lettered saying why, not that earlier deliveries went unanswered.
+#[test]
+fn a_share_record_that_cannot_be_decoded_is_dead_lettered_saying_why() {
+    let t0 = Instant::now();
+    let mut p = share_pipeline(t0, 3);
+    let why = "its record batch cannot be decoded: unknown magic 9";
+    p.handle_delivered_too_often(&Rec(4, 99), 4, Some(why), t0);
+    p.handle_tick(t0);
+    let error = intents(&mut p)
+        .into_iter()
+        .find_map(|i| match i {
+            Intent::DeadLetter { failures, .. } => Some(failures[0].1.error.clone()),
+            _ => None,
+        })
+        .expect("a dead letter");
+    assert!(
+        error.contains("delivered 4 times") && error.contains(why),
+        "{error}"
+    );
+    assert!(!error.contains("without a verdict"), "{error}");
 }
 
 /// Draining, a share group's pipeline starts nothing more: what it has not
@@ -1431,7 +1454,7 @@ fn a_record_delivered_too_often_while_draining_is_still_dead_lettered() {
     let t0 = Instant::now();
     let mut p = share_pipeline(t0, 3);
     p.shutdown(t0);
-    p.handle_delivered_too_often(&Rec(7, 40), 4, t0);
+    p.handle_delivered_too_often(&Rec(7, 40), 4, None, t0);
     let slot = dead_letter_slot(&mut p);
     assert!(!p.drained(t0), "the drain waits for the dead letter");
     p.handle_dead_lettered(slot, &[40], None, t0);

@@ -460,6 +460,9 @@ pub(super) fn consumer_config(worker: &Worker) -> Result<ShareConsumerConfig, Wo
             .map_err(|e| WorkerError::Share(e.to_string()))?;
     share.max_records = i32::try_from(round_of_slots(worker)).unwrap_or(i32::MAX);
     share.max_wait = IDLE_FETCH_WAIT;
+    // Undecodable records come to the worker once past --max-attempts, to
+    // be dead-lettered as any record delivered too often.
+    share.hand_undecodable_after = Some(i16::try_from(cfg.retry.max_attempts).unwrap_or(i16::MAX));
     Ok(share)
 }
 
@@ -859,7 +862,7 @@ impl Member {
                     0
                 };
                 for error in &fetched.undecodable {
-                    tracing::warn!(error = %error, "undecodable records released to the group");
+                    tracing::warn!(error = %error, "records that cannot be decoded: released to the group, or dead-lettered once delivered more than --max-attempts times");
                 }
                 let max_attempts = self.worker.config.retry.max_attempts;
                 let consuming = self.pipeline.phase() == Phase::Consuming;
@@ -886,8 +889,15 @@ impl Member {
                         continue;
                     }
                     if deliveries > max_attempts {
-                        self.pipeline
-                            .handle_delivered_too_often(&Record(record), deliveries, now);
+                        let why = record
+                            .undecodable_reason()
+                            .map(|reason| format!("its record batch cannot be decoded: {reason}"));
+                        self.pipeline.handle_delivered_too_often(
+                            &Record(record),
+                            deliveries,
+                            why.as_deref(),
+                            now,
+                        );
                     } else {
                         self.pipeline.handle_record(&Record(record), now);
                     }

@@ -54,6 +54,13 @@ pub struct ShareConsumerConfig {
     pub acquire_mode: AcquireMode,
     pub max_bytes: i32,
     pub request_timeout: Duration,
+    /// Records whose batch cannot be decoded are released (delivered again,
+    /// their delivery count growing) until their delivery count passes
+    /// this; then they are handed out without key or value
+    /// ([`ShareRecord::undecodable`]) for the caller to dead-letter and
+    /// accept, so that the broker does not archive them at its delivery
+    /// limit unseen. `None`: always released.
+    pub hand_undecodable_after: Option<i16>,
 }
 
 impl ShareConsumerConfig {
@@ -91,6 +98,7 @@ impl ShareConsumerConfig {
             acquire_mode: AcquireMode::default(),
             max_bytes: 50 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            hand_undecodable_after: None,
         }
     }
 }
@@ -827,6 +835,7 @@ impl ShareConsumer {
                 Some(fetched.lock_deadline.map_or(deadline, |d| d.min(deadline)));
         }
         let mut acked: HashMap<(Uuid, i32), Vec<AckBatch>> = sent_acks.into_iter().collect();
+        let hand_undecodable_after = self.cfg.hand_undecodable_after;
         // Partitions this leader no longer leads: partition -> the leader it
         // names (-1: unknown, ask metadata).
         let mut moved: Vec<((Uuid, i32), i32)> = Vec::new();
@@ -909,9 +918,12 @@ impl ShareConsumer {
                         fetched.records.extend(decoded.records);
                     }
                     Err(e) => {
-                        // Released, never dropped: after the broker's
-                        // delivery limit it archives them itself.
-                        tracing::warn!(error = %e, "share fetch: records released undelivered");
+                        // Released, never dropped, while another delivery
+                        // may decode; delivered too often, handed out bare
+                        // for the caller to dead-letter rather than left for
+                        // the broker to archive unseen at its limit.
+                        let reason = e.to_string();
+                        let mut handed = 0;
                         for a in acquired.iter().filter(|a| records::span_ok(a)) {
                             ledger.acquired(
                                 a.first_offset,
@@ -919,11 +931,32 @@ impl ShareConsumer {
                                 a.delivery_count,
                                 &Default::default(),
                             );
-                            for offset in a.first_offset..=a.last_offset {
-                                ledger.release(offset);
+                            if hand_undecodable_after.is_some_and(|after| a.delivery_count > after)
+                            {
+                                fetched.records.extend((a.first_offset..=a.last_offset).map(
+                                    |offset| {
+                                        ShareRecord::undecodable(
+                                            &name,
+                                            key.1,
+                                            offset,
+                                            a.delivery_count,
+                                            &reason,
+                                        )
+                                    },
+                                ));
+                                handed += 1;
+                            } else {
+                                for offset in a.first_offset..=a.last_offset {
+                                    ledger.release(offset);
+                                }
                             }
                         }
-                        fetched.undecodable.push(e.to_string());
+                        if handed > 0 {
+                            tracing::warn!(error = %reason, "share fetch: records delivered too often that cannot be decoded handed out without key or value, to be dead-lettered");
+                        } else {
+                            tracing::warn!(error = %reason, "share fetch: records released undelivered");
+                        }
+                        fetched.undecodable.push(reason);
                     }
                 }
             }

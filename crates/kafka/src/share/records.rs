@@ -26,6 +26,45 @@ pub struct ShareRecord {
     pub headers: Vec<(String, Option<Bytes>)>,
 }
 
+/// The header naming why a [`ShareRecord::undecodable`] has no key or value.
+pub const UNDECODABLE_HEADER: &str = "microbatch.undecodable";
+
+impl ShareRecord {
+    /// A record whose batch could not be decoded, handed out without key or
+    /// value (see `ShareConsumerConfig::hand_undecodable_after`), `reason`
+    /// in its [`UNDECODABLE_HEADER`].
+    pub fn undecodable(
+        topic: &std::sync::Arc<str>,
+        partition: i32,
+        offset: i64,
+        delivery_count: i16,
+        reason: &str,
+    ) -> Self {
+        Self {
+            topic: topic.clone(),
+            partition,
+            offset,
+            delivery_count,
+            timestamp: -1,
+            key: None,
+            value: None,
+            headers: vec![(
+                UNDECODABLE_HEADER.to_string(),
+                Some(Bytes::copy_from_slice(reason.as_bytes())),
+            )],
+        }
+    }
+
+    /// Why this record has no key or value, if it is [`Self::undecodable`].
+    pub fn undecodable_reason(&self) -> Option<String> {
+        let (_, value) = self
+            .headers
+            .first()
+            .filter(|(k, _)| k == UNDECODABLE_HEADER)?;
+        Some(String::from_utf8_lossy(value.as_deref().unwrap_or_default()).into_owned())
+    }
+}
+
 /// A range the broker says this member acquired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Acquired {
