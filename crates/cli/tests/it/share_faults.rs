@@ -56,6 +56,9 @@ struct Faults {
     garble_share_fetches: usize,
     /// Partitions whose records are garbled in every ShareFetch answer.
     garble_partitions: HashSet<i32>,
+    /// An offset whose batch is garbled in every ShareFetch answer (only
+    /// that batch; the others in the answer are left alone).
+    garble_offset: Option<i64>,
     /// Where the answers say the brokers are (host, port): set by a
     /// [`FaultyProxy`] to itself.
     advertise: Option<(String, i32)>,
@@ -335,7 +338,11 @@ fn alter(faults: &mut Faults, key: i16, version: i16, frame: Bytes) -> Option<By
                 encode(id, &answer, v)
             })
         }
-        SHARE_FETCH if faults.garble_share_fetches > 0 || !faults.garble_partitions.is_empty() => {
+        SHARE_FETCH
+            if faults.garble_share_fetches > 0
+                || !faults.garble_partitions.is_empty()
+                || faults.garble_offset.is_some() =>
+        {
             let v = version.min(1);
             decode::<ShareFetchResponse>(frame.clone(), v).and_then(|(id, mut answer)| {
                 let mut garbled = Vec::new();
@@ -353,8 +360,16 @@ fn alter(faults: &mut Faults, key: i16, version: i16, frame: Bytes) -> Option<By
                         // Every batch's magic byte: offset 16 of the batch
                         // header, batches found by their length field.
                         let mut at = 0;
-                        while at + 17 <= bytes.len() {
-                            bytes[at + 16] = 9;
+                        while at + 27 <= bytes.len() {
+                            let base = i64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+                            let delta =
+                                i32::from_be_bytes(bytes[at + 23..at + 27].try_into().unwrap());
+                            if faults
+                                .garble_offset
+                                .is_none_or(|o| base <= o && o <= base + i64::from(delta))
+                            {
+                                bytes[at + 16] = 9;
+                            }
                             let len =
                                 i32::from_be_bytes(bytes[at + 8..at + 12].try_into().unwrap());
                             at += 12 + len.max(0) as usize;
@@ -720,22 +735,23 @@ fn share_records_that_cannot_be_decoded_are_released_and_delivered_again() {
     assert_no_backlog(&bootstrap, &group);
 }
 
-/// Records that never decode (every answer garbled): released while their
+/// A batch that never decodes (the one holding offset 20, garbled in every
+/// answer) among batches that do: the others' records are handed as usual,
+/// at their first delivery; the bad batch's are released while their
 /// delivery count is at most 2, then handed out without key or value, the
-/// reason in their `microbatch.undecodable` header, for the caller to
-/// dead-letter (the worker does, past --max-attempts) and accept, rather
-/// than left for the broker to archive unseen at its delivery limit (10
-/// here). Each record is handed once, at its third delivery, and Kafka's
-/// tool reads no backlog.
+/// reason with them, for the caller to dead-letter (the worker does, past
+/// `--max-attempts`) and accept, rather than left for the broker to archive
+/// unseen at its delivery limit (10 here). Each record is handed once, and
+/// Kafka's tool reads no backlog.
 #[test]
-fn share_records_that_never_decode_are_handed_out_bare_past_the_threshold() {
+fn a_batch_that_never_decodes_is_handed_out_bare_past_the_threshold() {
     if real_broker().is_none() {
         return;
     }
     const N: usize = 40;
     let (bootstrap, topic, group) = scenario("share-never", 1, N as u64, 15000);
     let faults = FaultyConnector::default();
-    faults.with(|f| f.garble_share_fetches = usize::MAX);
+    faults.with(|f| f.garble_offset = Some(20));
     let mut cfg = faulty_config(&bootstrap, &group, &topic, &faults);
     cfg.hand_undecodable_after = Some(2);
     let records: Arc<Mutex<Vec<ShareRecord>>> = Arc::default();
@@ -746,11 +762,27 @@ fn share_records_that_never_decode_are_handed_out_bare_past_the_threshold() {
     let times = run.times_handed();
     assert_eq!(times.len(), N, "every record handed");
     assert!(times.values().all(|&n| n == 1), "handed once each");
-    for r in records.lock().unwrap().iter() {
+    let records = records.lock().unwrap();
+    let (bare, whole): (Vec<&ShareRecord>, Vec<&ShareRecord>) =
+        records.iter().partition(|r| r.undecodable.is_some());
+    let bare_offsets: Vec<i64> = bare.iter().map(|r| r.offset).collect();
+    assert!(bare_offsets.contains(&20), "{bare_offsets:?}");
+    assert!(
+        bare_offsets.len() < N / 2,
+        "only the bad batch's records: {bare_offsets:?}"
+    );
+    for r in bare {
         assert_eq!(r.delivery_count, 3, "{r:?}");
-        assert!(r.key.is_none() && r.value.is_none(), "{r:?}");
-        let reason = r.undecodable_reason().expect("the reason in a header");
+        assert!(
+            r.key.is_none() && r.value.is_none() && r.headers.is_empty(),
+            "{r:?}"
+        );
+        let reason = r.undecodable.as_deref().unwrap_or_default();
         assert!(reason.contains("undecodable record batch"), "{reason}");
+    }
+    for r in whole {
+        assert_eq!(r.delivery_count, 1, "{r:?}");
+        assert!(r.value.is_some(), "{r:?}");
     }
     assert!(
         run.undecodable.len() >= 3,
@@ -1201,17 +1233,22 @@ fn a_share_worker_dead_letters_records_that_never_decode() {
         },
     );
     wait_until(Duration::from_secs(30), "no backlog", || {
-        share_group_lag(&bootstrap, &group)
-            .values()
-            .all(|&l| l == 0)
+        let lag = share_group_lag(&bootstrap, &group);
+        !lag.is_empty() && lag.values().all(|&l| l == 0)
     });
     worker.terminate();
     assert!(handled().values().all(|&n| n == 1), "handled once each");
-    for letter in read_topic(&dlq, &bootstrap) {
+    let letters = read_topic(&dlq, &bootstrap);
+    assert_eq!(letters.len(), second.len(), "one dead letter each");
+    for letter in letters {
         let error = &letter.4["microbatch.error"];
         assert!(
             error.contains("delivered 3 times") && error.contains("cannot be decoded"),
             "{error}"
+        );
+        assert!(
+            letter.2.is_none() && letter.3.is_empty(),
+            "no key or value: {letter:?}"
         );
     }
     assert_eq!(faults.with(|f| f.errors.clone()), Vec::<String>::new());

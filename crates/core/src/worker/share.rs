@@ -890,7 +890,8 @@ impl Member {
                     }
                     if deliveries > max_attempts {
                         let why = record
-                            .undecodable_reason()
+                            .undecodable
+                            .as_ref()
                             .map(|reason| format!("its record batch cannot be decoded: {reason}"));
                         self.pipeline.handle_delivered_too_often(
                             &Record(record),

@@ -901,64 +901,58 @@ impl ShareConsumer {
                     .collect();
                 self.acquired_from.insert(key, node);
                 let ledger = self.acks.entry(key).or_default();
-                match records::decode(&name, key.1, part.records, &acquired) {
-                    Ok(decoded) => {
-                        for a in &acquired {
-                            ledger.acquired(
-                                a.first_offset,
-                                a.last_offset,
-                                a.delivery_count,
-                                &decoded.gaps,
-                            );
-                        }
-                        for offset in decoded.missing {
-                            // Not delivered in this response: give it back now.
-                            ledger.release(offset);
-                        }
-                        fetched.records.extend(decoded.records);
-                    }
-                    Err(e) => {
-                        // Released, never dropped, while another delivery
-                        // may decode; delivered too often, handed out bare
-                        // for the caller to dead-letter rather than left for
-                        // the broker to archive unseen at its limit.
-                        let reason = e.to_string();
-                        let mut handed = 0;
-                        for a in acquired.iter().filter(|a| records::span_ok(a)) {
-                            ledger.acquired(
-                                a.first_offset,
-                                a.last_offset,
-                                a.delivery_count,
-                                &Default::default(),
-                            );
-                            if hand_undecodable_after.is_some_and(|after| a.delivery_count > after)
-                            {
-                                fetched.records.extend((a.first_offset..=a.last_offset).map(
-                                    |offset| {
-                                        ShareRecord::undecodable(
-                                            &name,
-                                            key.1,
-                                            offset,
-                                            a.delivery_count,
-                                            &reason,
-                                        )
-                                    },
-                                ));
-                                handed += 1;
-                            } else {
-                                for offset in a.first_offset..=a.last_offset {
-                                    ledger.release(offset);
-                                }
-                            }
-                        }
-                        if handed > 0 {
-                            tracing::warn!(error = %reason, "share fetch: records delivered too often that cannot be decoded handed out without key or value, to be dead-lettered");
-                        } else {
-                            tracing::warn!(error = %reason, "share fetch: records released undelivered");
-                        }
-                        fetched.undecodable.push(reason);
+                let decoded = records::decode(&name, key.1, part.records, &acquired);
+                // A range not span_ok is never looped over: left to its lock.
+                for a in acquired.iter().filter(|a| records::span_ok(a)) {
+                    ledger.acquired(
+                        a.first_offset,
+                        a.last_offset,
+                        a.delivery_count,
+                        &decoded.gaps,
+                    );
+                }
+                for offset in decoded.missing {
+                    // Not delivered in this response: give it back now.
+                    ledger.release(offset);
+                }
+                fetched.records.extend(decoded.records);
+                if decoded.errors.is_empty() {
+                    continue;
+                }
+                // Records of batches that cannot be decoded are released,
+                // never dropped, while another delivery may decode them;
+                // delivered too often, they are handed out bare for the
+                // caller to dead-letter rather than left for the broker to
+                // archive unseen at its limit. The partition's other
+                // batches are read as usual.
+                let reason: Arc<str> = decoded
+                    .errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+                    .into();
+                let mut handed = 0usize;
+                for (offset, delivery_count) in decoded.undecodable {
+                    if hand_undecodable_after.is_some_and(|after| delivery_count > after) {
+                        fetched.records.push(ShareRecord::undecodable(
+                            &name,
+                            key.1,
+                            offset,
+                            delivery_count,
+                            reason.clone(),
+                        ));
+                        handed += 1;
+                    } else {
+                        ledger.release(offset);
                     }
                 }
+                if handed > 0 {
+                    tracing::warn!(error = %reason, handed, "share fetch: records delivered too often whose batch cannot be decoded, handed out without key or value to be dead-lettered");
+                } else {
+                    tracing::warn!(error = %reason, "share fetch: records whose batch cannot be decoded released");
+                }
+                fetched.undecodable.push(reason.to_string());
             }
         }
         // Verdicts the response did not mention were not applied.

@@ -24,21 +24,20 @@ pub struct ShareRecord {
     pub value: Option<Bytes>,
     /// In order, duplicates kept as far as the decoder keeps them.
     pub headers: Vec<(String, Option<Bytes>)>,
+    /// Set when the record's batch could not be decoded: why. Such a record
+    /// has no key, value or headers ([`Self::undecodable`]).
+    pub undecodable: Option<std::sync::Arc<str>>,
 }
-
-/// The header naming why a [`ShareRecord::undecodable`] has no key or value.
-pub const UNDECODABLE_HEADER: &str = "microbatch.undecodable";
 
 impl ShareRecord {
     /// A record whose batch could not be decoded, handed out without key or
-    /// value (see `ShareConsumerConfig::hand_undecodable_after`), `reason`
-    /// in its [`UNDECODABLE_HEADER`].
+    /// value (see `ShareConsumerConfig::hand_undecodable_after`).
     pub fn undecodable(
         topic: &std::sync::Arc<str>,
         partition: i32,
         offset: i64,
         delivery_count: i16,
-        reason: &str,
+        reason: std::sync::Arc<str>,
     ) -> Self {
         Self {
             topic: topic.clone(),
@@ -48,20 +47,9 @@ impl ShareRecord {
             timestamp: -1,
             key: None,
             value: None,
-            headers: vec![(
-                UNDECODABLE_HEADER.to_string(),
-                Some(Bytes::copy_from_slice(reason.as_bytes())),
-            )],
+            headers: Vec::new(),
+            undecodable: Some(reason),
         }
-    }
-
-    /// Why this record has no key or value, if it is [`Self::undecodable`].
-    pub fn undecodable_reason(&self) -> Option<String> {
-        let (_, value) = self
-            .headers
-            .first()
-            .filter(|(k, _)| k == UNDECODABLE_HEADER)?;
-        Some(String::from_utf8_lossy(value.as_deref().unwrap_or_default()).into_owned())
     }
 }
 
@@ -81,22 +69,28 @@ pub struct DecodeError {
     pub reason: String,
 }
 
-/// The records in `acquired`, in offset order; the acquired offsets that a
-/// complete batch covers without a record (gaps: control or compacted
-/// records); and the acquired offsets past the last complete batch
-/// (`missing`: a batch cut short by the size limit), which must be released,
-/// never called gaps, or their records would be lost.
+/// The records in `acquired`, in offset order; the acquired offsets that
+/// decoded batches cover without a record (gaps: control or compacted
+/// records); the acquired offsets outside them (`missing`: past a batch cut
+/// short by the size limit, or before a base offset garbled on the wire),
+/// which must be released, never called gaps, or their records would be
+/// lost; and those of batches that could not be decoded.
 #[derive(Debug)]
 pub struct Decoded {
     pub records: Vec<ShareRecord>,
     pub gaps: BTreeSet<i64>,
     pub missing: BTreeSet<i64>,
+    /// Acquired offsets in batches that could not be decoded, with their
+    /// delivery counts: neither records nor gaps.
+    pub undecodable: Vec<(i64, i16)>,
+    /// Why: one per batch (or acquired range) that could not be read.
+    pub errors: Vec<DecodeError>,
 }
 
 /// The widest acquired range believed: a broker hands out at most a fetch's
 /// worth of batches, and a compacted stretch wider than this would cost a
-/// loop over every offset. A wider range is answered as undecodable (its
-/// records are released), not looped over.
+/// loop over every offset. A wider range is left out and named, never
+/// looped over: its records come back when their lock runs out.
 pub const MAX_ACQUIRED_SPAN: i64 = 1 << 20;
 
 /// Whether an acquired range is one to loop over: not empty, not negative,
@@ -110,14 +104,21 @@ pub fn span_ok(a: &Acquired) -> bool {
             .is_some_and(|span| span < MAX_ACQUIRED_SPAN)
 }
 
+/// Decodes a share partition's fetched bytes batch by batch: a batch that
+/// cannot be decoded costs only its own offsets ([`Decoded::undecodable`]),
+/// the others are read, and bytes whose batch boundaries cannot be found
+/// any more make every acquired offset after them undecodable. An acquired
+/// range that is not [`span_ok`] is left out (never looped over) and named
+/// in [`Decoded::errors`].
 pub fn decode(
     topic: &std::sync::Arc<str>,
     partition: i32,
     bytes: Option<Bytes>,
     acquired: &[Acquired],
-) -> Result<Decoded, DecodeError> {
-    if let Some(bad) = acquired.iter().find(|a| !span_ok(a)) {
-        return Err(DecodeError {
+) -> Decoded {
+    let mut errors = Vec::new();
+    for bad in acquired.iter().filter(|a| !span_ok(a)) {
+        errors.push(DecodeError {
             partition,
             position: 0,
             reason: format!(
@@ -126,41 +127,60 @@ pub fn decode(
             ),
         });
     }
+    let acquired: Vec<Acquired> = acquired.iter().copied().filter(span_ok).collect();
     let mut records = Vec::new();
     let mut present = BTreeSet::new();
-    // The last offset a complete batch covers (records or not).
+    // Offsets of batches that could not be decoded: (first, last).
+    let mut bad_spans: Vec<(i64, i64)> = Vec::new();
+    // The first and last offsets decoded batches cover (records or not):
+    // an acquired offset between them without a record is a gap (control
+    // or compacted); one before them or after is released, never a gap (a
+    // base offset garbled on the wire, which the CRC does not cover, must
+    // not turn records into gaps).
+    let mut first_base = i64::MAX;
     let mut covered_to = i64::MIN;
+    // Where undecodable bytes begin, when the batch boundaries are lost.
+    let mut unreadable_from = None;
     if let Some(mut buf) = bytes {
         let total = buf.len();
         // Batch header: base offset (8), length (4), then `length` bytes.
         while buf.remaining() >= 12 {
+            let position = total - buf.remaining();
             let length = i32::from_be_bytes(buf[8..12].try_into().expect("4 bytes"));
-            let size = 12
-                + usize::try_from(length).map_err(|_| DecodeError {
-                    partition,
-                    position: total - buf.remaining(),
-                    reason: format!("negative batch length {length}"),
-                })?;
+            let size = match usize::try_from(length) {
+                Ok(n) if n >= 15 => 12 + n,
+                _ => {
+                    // No way to the next batch: the rest is unreadable.
+                    errors.push(DecodeError {
+                        partition,
+                        position,
+                        reason: format!("batch length {length} is shorter than a batch header"),
+                    });
+                    unreadable_from = Some(covered_to.saturating_add(1));
+                    break;
+                }
+            };
             if buf.remaining() < size {
                 break; // cut short by the size limit; the broker resends it
             }
-            if size < 27 {
-                return Err(DecodeError {
-                    partition,
-                    position: total - buf.remaining(),
-                    reason: format!("batch length {length} is shorter than a batch header"),
-                });
-            }
             let base = i64::from_be_bytes(buf[0..8].try_into().expect("8 bytes"));
             let last_delta = i32::from_be_bytes(buf[23..27].try_into().expect("4 bytes"));
+            let last = base.saturating_add(i64::from(last_delta.max(0)));
             let mut one = buf.split_to(size);
-            let position = total - buf.remaining() - size;
-            let set = RecordBatchDecoder::decode(&mut one).map_err(|e| DecodeError {
-                partition,
-                position,
-                reason: e.to_string(),
-            })?;
-            covered_to = covered_to.max(base.saturating_add(i64::from(last_delta)));
+            let set = match RecordBatchDecoder::decode(&mut one) {
+                Ok(set) => set,
+                Err(e) => {
+                    errors.push(DecodeError {
+                        partition,
+                        position,
+                        reason: e.to_string(),
+                    });
+                    bad_spans.push((base, last));
+                    continue;
+                }
+            };
+            first_base = first_base.min(base);
+            covered_to = covered_to.max(last);
             for r in set.records {
                 if r.control {
                     continue;
@@ -187,21 +207,39 @@ pub fn decode(
                         .into_iter()
                         .map(|(k, v)| (k.to_string(), v))
                         .collect(),
+                    undecodable: None,
                 });
             }
         }
     }
     records.sort_by_key(|r| r.offset);
-    let (gaps, missing): (BTreeSet<i64>, BTreeSet<i64>) = acquired
-        .iter()
-        .flat_map(|a| a.first_offset..=a.last_offset)
-        .filter(|o| !present.contains(o))
-        .partition(|&o| o <= covered_to);
-    Ok(Decoded {
+    let mut gaps = BTreeSet::new();
+    let mut missing = BTreeSet::new();
+    let mut undecodable = Vec::new();
+    for a in &acquired {
+        for o in a.first_offset..=a.last_offset {
+            if present.contains(&o) {
+                continue;
+            }
+            let in_bad_batch = bad_spans
+                .iter()
+                .any(|&(first, last)| first <= o && o <= last);
+            if in_bad_batch || unreadable_from.is_some_and(|from| o >= from) {
+                undecodable.push((o, a.delivery_count));
+            } else if first_base <= o && o <= covered_to {
+                gaps.insert(o);
+            } else {
+                missing.insert(o);
+            }
+        }
+    }
+    Decoded {
         records,
         gaps,
         missing,
-    })
+        undecodable,
+        errors,
+    }
 }
 
 #[cfg(test)]
@@ -235,7 +273,9 @@ mod tests {
             assert!(!span_ok(&bad), "{bad:?}");
         }
         let topic: std::sync::Arc<str> = "t".into();
-        assert!(decode(&topic, 0, None, &[range(i64::MIN, i64::MAX)]).is_err());
+        assert!(!decode(&topic, 0, None, &[range(i64::MIN, i64::MAX)])
+            .errors
+            .is_empty());
     }
 
     fn record(offset: i64, control: bool) -> Record {
@@ -288,7 +328,7 @@ mod tests {
                 delivery_count: 1,
             },
         ];
-        let d = decode(&topic, 0, Some(bytes.freeze()), &acquired).unwrap();
+        let d = decode(&topic, 0, Some(bytes.freeze()), &acquired);
         let got: Vec<(i64, i16)> = d
             .records
             .iter()
@@ -305,7 +345,7 @@ mod tests {
             delivery_count: 1,
         }];
         let bytes = batch(&[record(5, false), record(6, false)]);
-        let d = decode(&topic, 0, Some(bytes.freeze()), &acquired).unwrap();
+        let d = decode(&topic, 0, Some(bytes.freeze()), &acquired);
         assert!(d.gaps.is_empty());
         assert_eq!(d.missing, [7, 8].into());
     }
@@ -321,7 +361,7 @@ mod tests {
             last_offset: 1,
             delivery_count: 1,
         }];
-        let d = decode(&topic, 0, Some(bytes.freeze()), &acquired).unwrap();
+        let d = decode(&topic, 0, Some(bytes.freeze()), &acquired);
         assert_eq!(d.records.len(), 1);
         assert!(
             d.gaps.is_empty(),
@@ -342,11 +382,11 @@ mod tests {
             last_offset: 0,
             delivery_count: 1,
         }];
-        let err = decode(&topic, 3, Some(bytes.freeze()), &acquired)
-            .err()
-            .unwrap();
-        assert_eq!(err.partition, 3);
-        assert_eq!(err.position, 0);
+        let d = decode(&topic, 3, Some(bytes.freeze()), &acquired);
+        assert_eq!(d.errors[0].partition, 3);
+        assert_eq!(d.errors[0].position, 0);
+        assert_eq!(d.undecodable, [(0, 1)], "neither a record nor a gap");
+        assert!(d.gaps.is_empty() && d.missing.is_empty());
     }
 
     #[test]
@@ -358,11 +398,73 @@ mod tests {
                 last_offset: last,
                 delivery_count: 1,
             }];
-            assert!(
-                decode(&topic, 0, None, &acquired).is_err(),
-                "{first}..={last}"
-            );
+            let d = decode(&topic, 0, None, &acquired);
+            assert!(!d.errors.is_empty(), "{first}..={last}");
+            assert!(d.gaps.is_empty() && d.missing.is_empty() && d.undecodable.is_empty());
         }
+    }
+
+    /// Runs `f` on every batch header in `bytes` (the encoder may split
+    /// records into several batches).
+    fn each_batch(bytes: &mut BytesMut, f: impl Fn(&mut [u8])) {
+        let mut at = 0;
+        while at + 27 <= bytes.len() {
+            let len = i32::from_be_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
+            f(&mut bytes[at..at + 27]);
+            at += 12 + len;
+        }
+    }
+
+    /// One batch that cannot be decoded costs only its own offsets: the
+    /// batches before and after it are read, and its offsets are neither
+    /// records nor gaps.
+    #[test]
+    fn a_bad_batch_costs_only_its_own_records() {
+        let topic: std::sync::Arc<str> = "t".into();
+        let mut bytes = batch(&[record(0, false), record(1, false)]);
+        let mut bad = batch(&[record(2, false), record(3, false)]);
+        each_batch(&mut bad, |b| b[16] = 9); // the magic byte
+        bytes.extend_from_slice(&bad);
+        bytes.extend_from_slice(&batch(&[record(4, false)]));
+        let acquired = [Acquired {
+            first_offset: 0,
+            last_offset: 4,
+            delivery_count: 3,
+        }];
+        let d = decode(&topic, 0, Some(bytes.freeze()), &acquired);
+        let got: Vec<i64> = d.records.iter().map(|r| r.offset).collect();
+        assert_eq!(got, [0, 1, 4]);
+        assert_eq!(d.undecodable, [(2, 3), (3, 3)]);
+        assert!(d.gaps.is_empty() && d.missing.is_empty());
+        // One error per bad batch, the first where the bad bytes begin.
+        assert!(!d.errors.is_empty());
+        assert_eq!(
+            d.errors[0].position,
+            batch(&[record(0, false), record(1, false)]).len()
+        );
+    }
+
+    /// A batch whose base offset was garbled on the wire (the CRC does not
+    /// cover it) decodes with offsets nobody acquired: the acquired offsets
+    /// before it are released, never acknowledged as gaps (which would lose
+    /// their records).
+    #[test]
+    fn acquired_offsets_before_every_batch_are_released_not_gaps() {
+        let topic: std::sync::Arc<str> = "t".into();
+        let mut bytes = batch(&[record(0, false), record(1, false)]);
+        each_batch(&mut bytes, |b| {
+            let base = i64::from_be_bytes(b[0..8].try_into().unwrap());
+            b[0..8].copy_from_slice(&(base + 1000).to_be_bytes());
+        });
+        let acquired = [Acquired {
+            first_offset: 0,
+            last_offset: 1,
+            delivery_count: 1,
+        }];
+        let d = decode(&topic, 0, Some(bytes.freeze()), &acquired);
+        assert!(d.records.is_empty());
+        assert!(d.gaps.is_empty(), "{:?}", d.gaps);
+        assert_eq!(d.missing, [0, 1].into());
     }
 
     proptest::proptest! {
@@ -372,11 +474,18 @@ mod tests {
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
             let topic: std::sync::Arc<str> = "t".into();
             let acquired = [Acquired { first_offset: 0, last_offset: 9, delivery_count: 1 }];
-            if let Ok(d) = decode(&topic, 0, Some(Bytes::from(data)), &acquired) {
-                for r in &d.records {
-                    proptest::prop_assert!((0..=9).contains(&r.offset));
-                }
+            let d = decode(&topic, 0, Some(Bytes::from(data)), &acquired);
+            for r in &d.records {
+                proptest::prop_assert!((0..=9).contains(&r.offset));
             }
+            // Every acquired offset is exactly one of: a record, a gap,
+            // missing or undecodable.
+            let mut seen: Vec<i64> = d.records.iter().map(|r| r.offset).collect();
+            seen.extend(d.gaps.iter().copied());
+            seen.extend(d.missing.iter().copied());
+            seen.extend(d.undecodable.iter().map(|u| u.0));
+            seen.sort_unstable();
+            proptest::prop_assert_eq!(seen, (0..=9).collect::<Vec<i64>>());
         }
     }
 }
