@@ -1,10 +1,13 @@
 //! Share-group faults a healthy broker does not show on demand, injected
 //! between the share client and the real broker: every byte goes to the
 //! broker and back through [`FaultyConnector`], which can fail a ShareFetch
-//! the broker handled, garble the record bytes it answered, hide the
-//! broker's newer versions of an API, and drop the answers to some APIs (a
-//! broker cut off). The broker keeps the truth: what the group has left is
-//! read with Kafka's own share-groups tool.
+//! without sending it, garble record batches, hide the broker's newer
+//! versions of an API, make a partition leaderless, drop the answers to
+//! some APIs (a broker cut off), and checks that SASL never shares a
+//! connection with another request. [`FaultyProxy`] puts the same between
+//! a whole worker process and the broker. The broker keeps the truth: what
+//! the group has left is read with Kafka's own share-groups tool, dead
+//! letters by another client.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
