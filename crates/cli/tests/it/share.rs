@@ -22,7 +22,7 @@ pub(crate) fn real_broker() -> Option<String> {
     Some(b.bootstrap().to_string())
 }
 
-fn config(bootstrap: &str, group: &str, topic: &str) -> ShareConsumerConfig {
+pub(crate) fn config(bootstrap: &str, group: &str, topic: &str) -> ShareConsumerConfig {
     let mut cfg =
         ShareConsumerConfig::new(vec![bootstrap.to_string()], group, vec![topic.to_string()]);
     cfg.max_wait = Duration::from_millis(200);

@@ -31,8 +31,9 @@ use microbatch_kafka::share::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{
-    audited, command, create_topic, dead_lettered, logging_handler, produce, read_topic,
-    share_group_lag, share_group_offsets_column, spawn_member_with, unique, wait_until, Scenario,
+    all_records, audited, command, create_topic, dead_lettered, logging_handler, produce,
+    read_topic, share_group_lag, share_group_offsets_column, spawn_member_with, unique,
+    wait_for_share_backlog_zero, wait_until, Scenario,
 };
 use crate::share::real_broker;
 
@@ -504,11 +505,8 @@ fn faulty_config(
     topic: &str,
     faults: &FaultyConnector,
 ) -> ShareConsumerConfig {
-    let mut cfg =
-        ShareConsumerConfig::new(vec![bootstrap.to_string()], group, vec![topic.to_string()]);
+    let mut cfg = crate::share::config(bootstrap, group, topic);
     cfg.connector = Arc::new(faults.clone());
-    cfg.max_wait = Duration::from_millis(200);
-    cfg.max_records = 20;
     cfg
 }
 
@@ -1213,10 +1211,7 @@ fn a_share_worker_dead_letters_records_that_never_decode() {
     let log = s.dir.path("handled.txt");
     let handler = logging_handler(&s.dir, &log, "");
     s.produce(60, &["--kafka-property", "batch.num.messages=10"]);
-    let produced: BTreeSet<(i32, i64)> = read_topic(&s.topic, &bootstrap)
-        .into_iter()
-        .map(|r| (r.0, r.1))
-        .collect();
+    let produced = all_records(&s.topic);
     let (first, second): (BTreeSet<_>, BTreeSet<_>) = produced.iter().partition(|(p, _)| *p == 0);
     assert!(!first.is_empty() && !second.is_empty(), "{produced:?}");
     let mut cmd = command();
@@ -1247,10 +1242,7 @@ fn a_share_worker_dead_letters_records_that_never_decode() {
                 && dead_lettered(&dlq) == second
         },
     );
-    wait_until(Duration::from_secs(30), "no backlog", || {
-        let lag = share_group_lag(&bootstrap, &group);
-        !lag.is_empty() && lag.values().all(|&l| l == 0)
-    });
+    wait_for_share_backlog_zero(&bootstrap, &group, 2, Duration::from_secs(30));
     worker.terminate();
     assert!(handled().values().all(|&n| n == 1), "handled once each");
     let letters = read_topic(&dlq, &bootstrap);

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use microbatch_kafka::share::{ShareConsumer, ShareConsumerConfig};
 
 use crate::harness::{
-    assert_stopped_at_start, audited, broker, dead_lettered, handled_by, handled_files,
-    logging_handler, poison_offsets, read_topic, recording_handler, run_over_scram, scram_listener,
-    share_group_lag, spawn_member_with, spawn_share_worker, unique, wait_until, Acl,
-    HandlerBehaviour, Proc, Scenario,
+    all_records, assert_stopped_at_start, audited, broker, dead_lettered, handled_by,
+    handled_files, logging_handler, poison_offsets, read_topic, recording_handler, run_over_scram,
+    scram_listener, spawn_member_with, spawn_share_worker, unique, wait_for_share_backlog_zero,
+    wait_until, Acl, HandlerBehaviour, Proc, Scenario,
 };
 use crate::share::real_broker;
 
@@ -37,22 +37,6 @@ fn scenario_with_lock(
         ))
         .expect("setting the share group's lock");
     (s, group)
-}
-
-/// Waits until Kafka's tool says the group has nothing left on any partition.
-fn wait_for_share_backlog_zero(bootstrap: &str, group: &str, partitions: usize, limit: Duration) {
-    wait_until(limit, "the share group's backlog to reach 0", || {
-        let lag = share_group_lag(bootstrap, group);
-        lag.len() == partitions && lag.values().all(|l| *l == 0)
-    });
-}
-
-/// Every record of the topic, from another client: (partition, offset).
-fn all_records(topic: &str) -> BTreeSet<(i32, i64)> {
-    read_topic(topic, broker().bootstrap())
-        .into_iter()
-        .map(|r| (r.0, r.1))
-        .collect()
 }
 
 /// A record's place: (partition, offset).

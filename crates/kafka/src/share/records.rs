@@ -130,7 +130,8 @@ pub fn decode(
     let acquired: Vec<Acquired> = acquired.iter().copied().filter(span_ok).collect();
     let mut records = Vec::new();
     let mut present = BTreeSet::new();
-    // Offsets of batches that could not be decoded: (first, last).
+    // Offsets of batches that could not be decoded, and from where the
+    // batch boundaries were lost: (first, last).
     let mut bad_spans: Vec<(i64, i64)> = Vec::new();
     // The first and last offsets decoded batches cover (records or not):
     // an acquired offset between them without a record is a gap (control
@@ -139,8 +140,6 @@ pub fn decode(
     // not turn records into gaps).
     let mut first_base = i64::MAX;
     let mut covered_to = i64::MIN;
-    // Where undecodable bytes begin, when the batch boundaries are lost.
-    let mut unreadable_from = None;
     if let Some(mut buf) = bytes {
         let total = buf.len();
         // Batch header: base offset (8), length (4), then `length` bytes.
@@ -156,7 +155,7 @@ pub fn decode(
                         position,
                         reason: format!("batch length {length} is shorter than a batch header"),
                     });
-                    unreadable_from = Some(covered_to.saturating_add(1));
+                    bad_spans.push((covered_to.saturating_add(1), i64::MAX));
                     break;
                 }
             };
@@ -221,10 +220,10 @@ pub fn decode(
             if present.contains(&o) {
                 continue;
             }
-            let in_bad_batch = bad_spans
+            if bad_spans
                 .iter()
-                .any(|&(first, last)| first <= o && o <= last);
-            if in_bad_batch || unreadable_from.is_some_and(|from| o >= from) {
+                .any(|&(first, last)| first <= o && o <= last)
+            {
                 undecodable.push((o, a.delivery_count));
             } else if first_base <= o && o <= covered_to {
                 gaps.insert(o);

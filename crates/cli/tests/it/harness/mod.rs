@@ -1152,6 +1152,27 @@ pub fn handled_by(path: &Path) -> String {
     rest.rsplit_once('-').map_or(rest, |(w, _)| w).to_string()
 }
 
+/// Waits until Kafka's tool says the group has nothing left on any partition.
+pub fn wait_for_share_backlog_zero(
+    bootstrap: &str,
+    group: &str,
+    partitions: usize,
+    limit: Duration,
+) {
+    wait_until(limit, "the share group's backlog to reach 0", || {
+        let lag = share_group_lag(bootstrap, group);
+        lag.len() == partitions && lag.values().all(|l| *l == 0)
+    });
+}
+
+/// Every record of the topic, from another client: (partition, offset).
+pub fn all_records(topic: &str) -> BTreeSet<(i32, i64)> {
+    read_topic(topic, broker().bootstrap())
+        .into_iter()
+        .map(|r| (r.0, r.1))
+        .collect()
+}
+
 /// `kafka-share-groups --describe <what>` (`--offsets`, `--members`): its
 /// table as printed, or the tool's complaint (a group not created yet).
 pub fn share_groups_describe(bootstrap: &str, group: &str, what: &str) -> Result<String, String> {
